@@ -1,0 +1,12 @@
+"""The pipeline behind ``compress run``: distill, prune, quantize, export, verify.
+
+It turns a teacher checkpoint into an artifact folder for one target runtime
+(onnx-fp32, onnx-int8, tflite-fp32, tflite-int8, tflite-micro, torch-int8) and
+measures the exported file in that runtime before it writes the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("gatewatch.compress")

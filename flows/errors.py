@@ -1,0 +1,107 @@
+"""The exception tree and exit codes shared by every gatewatch package.
+
+Every error a user can cause or meet derives from :class:`GatewatchError`, so a
+command-line entry point catches one type, prints its message and exits with the
+code the error carries. Third-party errors are translated where they enter and
+chained (``raise ... from exc``)::
+
+    GatewatchError
+    ├── UsageError            wrong flags or settings (exit 2)
+    ├── BadInputError         input that cannot be read at all (exit 3)
+    │   └── PartialInputError input read up to a point; what came before is kept (exit 4)
+    ├── DataMissingError      a dataset file is absent or has the wrong checksum (exit 3)
+    ├── ModelError            a model, checkpoint or artifact cannot be built or loaded (exit 1)
+    │   └── ExportError       a converter failed or crashed for a target (exit 1)
+    ├── GateError             no compressed artifact met the quality gate (exit 5)
+    └── TransportError        the broker cannot be reached or refused us (exit 6)
+
+This module imports nothing outside the standard library: the edge agent uses it.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_PARTIAL_INPUT = 4
+EXIT_GATE = 5
+EXIT_UNAVAILABLE = 6
+EXIT_INTERRUPTED = 130
+
+
+class GatewatchError(Exception):
+    """Root of every error gatewatch raises on purpose."""
+
+    exit_code = EXIT_FAILURE
+
+
+class UsageError(GatewatchError):
+    """A flag, setting or argument that is not allowed."""
+
+    exit_code = EXIT_USAGE
+
+
+class BadInputError(GatewatchError):
+    """Input that cannot be read; names the file, the place and what was expected."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        column: str | None = None,
+        offset: int | None = None,
+    ) -> None:
+        self.path = path
+        self.line = line
+        self.column = column
+        self.offset = offset
+        super().__init__(self._where() + message)
+
+    def _where(self) -> str:
+        parts = []
+        if self.path is not None:
+            parts.append(str(self.path))
+        if self.line is not None:
+            parts.append(f"line {self.line}")
+        if self.offset is not None:
+            parts.append(f"byte offset {self.offset}")
+        if self.column is not None:
+            parts.append(f"column {self.column!r}")
+        return ": ".join([", ".join(parts), ""]) if parts else ""
+
+
+class PartialInputError(BadInputError):
+    """Input damaged part way; the rows or packets read before the damage are kept."""
+
+    exit_code = EXIT_PARTIAL_INPUT
+
+
+class DataMissingError(GatewatchError):
+    """A dataset file is missing or its checksum does not match the registry."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ModelError(GatewatchError):
+    """A model, checkpoint or artifact that cannot be built, loaded or trusted."""
+
+
+class ExportError(ModelError):
+    """A converter failed, or crashed in its subprocess, for one target."""
+
+
+class GateError(GatewatchError):
+    """No compressed artifact met the quality gate."""
+
+    exit_code = EXIT_GATE
+
+
+class TransportError(GatewatchError):
+    """The MQTT broker cannot be reached, or refused a connection or a message."""
+
+    exit_code = EXIT_UNAVAILABLE

@@ -1,0 +1,12 @@
+"""Students: small models that learn from the teacher and fit on a gateway.
+
+Each student takes the teacher's input contract (the teacher's encoder and window,
+``[batch, W, F]``), returns one logit per window (higher means more anomalous) and
+declares the export targets its layers support.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("gatewatch.student")

@@ -1,0 +1,105 @@
+"""Shared fixtures: the data folder, and a real mosquitto broker on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _data_dir() -> Path | None:
+    env = os.environ.get("GATEWATCH_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO.parent / "shared" / "data")
+    for path in candidates:
+        if path.is_dir():
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real data folder (GATEWATCH_DATA); tests that need it skip without it."""
+    path = _data_dir()
+    if path is None:
+        pytest.skip("no data folder: set GATEWATCH_DATA to the shared data directory")
+    return path
+
+
+def data_file(data_dir: Path, rel: str) -> Path:
+    """A file under the data folder, or a skip that names it."""
+    path = data_dir / rel
+    if not path.exists():
+        pytest.skip(f"{rel} is absent from {data_dir}")
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Mosquitto:
+    """A mosquitto process on 127.0.0.1 with a config written by the test."""
+
+    def __init__(self, workdir: Path, port: int | None = None, extra: str = "") -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.extra = extra
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        conf = self.workdir / f"mosquitto-{self.port}.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            "log_dest stdout\n"
+            "max_queued_messages 100000\n" + self.extra
+        )
+        log = open(self.workdir / f"mosquitto-{self.port}.log", "ab")
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not listen on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path):
+    """A running mosquitto broker for one test; skipped where mosquitto is absent."""
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not on PATH (apt-get install mosquitto)")
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    yield broker
+    broker.stop()
