@@ -1,0 +1,326 @@
+"""Teacher checkpoints: one folder, safe formats only, everything needed to score.
+
+A checkpoint folder holds ``model.safetensors`` (weights), ``config.json``
+(:class:`~teacher.model.TeacherConfig`), ``encoder.json`` (the fitted feature
+encoder), ``threshold.json`` (``{"threshold", "rule", "chosen_on"}``),
+``history.json`` (per-epoch losses and metrics), ``metrics.json`` (validation and,
+where computed, test metrics) and ``provenance.json`` (data, seed, versions, commit).
+Nothing is pickled: weights are read with safetensors, the rest is JSON.
+
+:func:`load_teacher` returns a :class:`Teacher`, whose ``predict_proba`` gives the
+probability of anomaly per window (higher means more anomalous).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flows.errors import BadInputError, ModelError
+from teacher import logger
+from teacher.model import TeacherConfig, TeacherNet
+
+__all__ = [
+    "CHECKPOINT_FILES",
+    "Teacher",
+    "load_teacher",
+    "make_provenance",
+    "save_checkpoint",
+    "sha256_file",
+]
+
+CHECKPOINT_FILES = (
+    "model.safetensors",
+    "config.json",
+    "encoder.json",
+    "threshold.json",
+    "history.json",
+    "metrics.json",
+    "provenance.json",
+)
+
+_RULES = ("best-f1", "fpr", "fixed")
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _git_commit() -> str | None:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
+def make_provenance(
+    dataset: str | None,
+    files: dict[str, str] | None = None,
+    seed: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """What made a checkpoint: data (name, files + sha256), seed, versions, commit."""
+    import sklearn
+
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+    try:
+        import safetensors
+
+        versions["safetensors"] = safetensors.__version__
+    except ImportError:  # pragma: no cover - a train install always has it
+        pass
+    out = {
+        "dataset": dataset,
+        "files": dict(files or {}),
+        "seed": seed,
+        "versions": versions,
+        "git_commit": _git_commit(),
+        "argv": list(sys.argv),
+    }
+    out.update(extra)
+    return out
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # DistributedDataParallel and torch.compile wrap the real module.
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def _encoder_text(encoder: Any) -> str:
+    if isinstance(encoder, str):
+        return encoder
+    if hasattr(encoder, "to_json"):
+        return encoder.to_json()
+    raise ModelError("encoder must be an Encoder or its JSON text")
+
+
+def save_checkpoint(
+    out_dir: str | os.PathLike[str],
+    model: torch.nn.Module,
+    *,
+    encoder: Any,
+    threshold: dict[str, Any],
+    history: list[dict[str, Any]] | None = None,
+    metrics: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint folder (created if needed) and return its path.
+
+    ``model`` is a :class:`TeacherNet` (possibly wrapped by DDP); ``encoder`` an
+    ``Encoder`` or its JSON; ``threshold`` a dict with ``threshold``, ``rule`` and
+    ``chosen_on``.
+    """
+    from safetensors.torch import save_file
+
+    net = _unwrap(model)
+    if not isinstance(net, TeacherNet):
+        raise ModelError(f"expected a TeacherNet, got {type(net).__name__}")
+    _check_threshold(threshold)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Weights: contiguous CPU copies, since safetensors refuses shared storage.
+    state = {k: v.detach().to("cpu").contiguous().clone()
+             for k, v in net.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+    # Everything else is JSON.
+    (out / "config.json").write_text(net.config.to_json() + "\n")
+    (out / "encoder.json").write_text(_encoder_text(encoder))
+    _write_json(out / "threshold.json", threshold)
+    _write_json(out / "history.json", history or [])
+    _write_json(out / "metrics.json", metrics or {})
+    _write_json(out / "provenance.json", provenance or make_provenance(None))
+    logger.info("saved teacher checkpoint to %s (%d params)", out, net.n_params())
+    return out
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default)
+                    + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _check_threshold(data: Any) -> None:
+    if not isinstance(data, dict) or "threshold" not in data:
+        raise ModelError("threshold.json must be an object with a 'threshold' key")
+    value = data["threshold"]
+    if not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+        raise ModelError(f"threshold must be a number in [0, 1], got {value!r}")
+    if data.get("rule", "fixed") not in _RULES:
+        raise ModelError(
+            f"threshold rule must be one of {_RULES}, got {data['rule']!r}"
+        )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelError(f"checkpoint file missing: {path}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from exc
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The given device, else CUDA when present, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher: network (eval mode), encoder, threshold and metadata."""
+
+    model: TeacherNet
+    encoder: Any
+    threshold: float
+    config: TeacherConfig
+    threshold_info: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    batch_size: int = 4096
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network's weights live."""
+        return next(self.model.parameters()).device
+
+    def _check(self, windows: Any) -> np.ndarray:
+        arr = np.asarray(windows, dtype=np.float32)
+        want = (self.config.window, self.config.n_features)
+        if arr.ndim != 3 or tuple(arr.shape[1:]) != want:
+            raise BadInputError(
+                f"windows must have shape [B, {want[0]}, {want[1]}], "
+                f"got {list(arr.shape)}"
+            )
+        return arr
+
+    @torch.inference_mode()
+    def logits(self, windows: Any) -> np.ndarray:
+        """Raw logits ``float32 [B]`` for windows ``[B, W, F]``."""
+        arr = self._check(windows)
+        device = self.device
+        out = []
+        for start in range(0, len(arr), self.batch_size):
+            x = torch.from_numpy(arr[start:start + self.batch_size]).to(device)
+            out.append(self.model(x).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def predict_proba(self, windows: Any) -> np.ndarray:
+        """Probability of anomaly ``float32 [B]`` (higher means more anomalous)."""
+        z = self.logits(windows).astype(np.float64)
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+    def predict(self, windows: Any) -> np.ndarray:
+        """Decisions ``int8 [B]``: 1 where the probability is at least the threshold."""
+        return (self.predict_proba(windows) >= self.threshold).astype(np.int8)
+
+
+def load_encoder(text: str) -> Any:
+    """Rebuild the fitted encoder from its JSON (needs ``flows.encoder``)."""
+    try:
+        from flows.encoder import Encoder
+    except ImportError as exc:  # pragma: no cover - flows ships the encoder
+        raise ModelError("flows.encoder is needed to rebuild the encoder") from exc
+    try:
+        return Encoder.from_json(text)
+    except Exception as exc:  # the encoder's own errors, whatever their type
+        if isinstance(exc, ModelError):
+            raise
+        raise ModelError(f"encoder.json cannot be loaded: {exc}") from exc
+
+
+def load_teacher(
+    ckpt_dir: str | os.PathLike[str],
+    device: str | torch.device | None = None,
+) -> Teacher:
+    """Load a checkpoint folder; the network is in eval mode on ``device``.
+
+    ``device`` defaults to CUDA when present, else CPU. Raises ModelError when a
+    file is missing or does not match the config.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(ckpt_dir)
+    if not path.is_dir():
+        raise ModelError(f"checkpoint folder not found: {path}")
+
+    # Config first: it says which network the weights belong to.
+    config = TeacherConfig.from_dict(_read_json(path / "config.json"))
+    net = TeacherNet(config)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"checkpoint file missing: {weights}")
+    try:
+        state = load_file(str(weights))
+        net.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise ModelError(f"weights in {weights} do not fit config.json: {exc}") from exc
+    dev = pick_device(device)
+    net.to(dev).eval()
+
+    # Encoder, threshold and metadata.
+    try:
+        encoder_text = (path / "encoder.json").read_text()
+    except OSError as exc:
+        raise ModelError(f"checkpoint file missing: {path / 'encoder.json'}") from exc
+    encoder = load_encoder(encoder_text)
+    info = _read_json(path / "threshold.json")
+    _check_threshold(info)
+    teacher = Teacher(
+        model=net,
+        encoder=encoder,
+        threshold=float(info["threshold"]),
+        config=config,
+        threshold_info=info,
+        history=_read_json(path / "history.json"),
+        metrics=_read_json(path / "metrics.json"),
+        provenance=_read_json(path / "provenance.json"),
+        path=path,
+    )
+    logger.info("loaded teacher from %s on %s (W=%d, F=%d)",
+                path, dev, config.window, config.n_features)
+    return teacher
