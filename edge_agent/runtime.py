@@ -1,0 +1,494 @@
+"""Load a compressed artifact and score windows with it, on the gateway.
+
+An artifact is a folder written by ``compress run``: a model file (``model.onnx``,
+``model.tflite`` or the ``model.cc`` C array of a TFLite Micro build), ``encoder.json``,
+``thresholds.json`` and ``manifest.json``. :func:`load_artifact` checks the sha256 of
+every file against the manifest before it loads anything, checks that the model's input
+is the one the manifest declares, and returns a :class:`Scorer` whose ``score`` maps
+float32 windows ``[B, W, F]`` to float32 probabilities ``[B]`` (higher means more
+anomalous).
+
+Layering: numpy and one inference runtime only (onnxruntime, or the LiteRT interpreter
+from ``ai-edge-litert``; the ``tflite-micro`` interpreter for C-array builds when it is
+installed). Runtimes are imported when a model needs them. Never torch or tensorflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent import logger
+from flows.errors import BadInputError, ModelError
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+
+_ONNX_TARGETS = {"onnx-fp32", "onnx-int8"}
+_TFLITE_TARGETS = {"tflite-fp32", "tflite-int8"}
+_MICRO_TARGETS = {"tflite-micro"}
+
+_NP_DTYPES = {"float32": np.float32, "int8": np.int8, "uint8": np.uint8}
+_ONNX_DTYPES = {"tensor(float)": "float32", "tensor(int8)": "int8"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a model takes or gives: shape (None = any batch), dtype, int8 params."""
+
+    shape: tuple[int | None, ...]
+    dtype: str
+    scale: float | None = None
+    zero_point: int | None = None
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any], what: str) -> TensorSpec:
+        """Read one ``input``/``output`` entry of a manifest."""
+        try:
+            shape = tuple(None if d is None else int(d) for d in entry.get("shape", []))
+            dtype = str(entry["dtype"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"manifest {what} entry is malformed: {entry!r}") from exc
+        if dtype not in _NP_DTYPES:
+            raise ModelError(f"manifest {what} dtype {dtype!r} is not supported")
+        scale = entry.get("scale")
+        zero_point = entry.get("zero_point")
+        return cls(
+            shape=shape,
+            dtype=dtype,
+            scale=None if scale is None else float(scale),
+            zero_point=None if zero_point is None else int(zero_point),
+        )
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def c_array_bytes(text: str) -> bytes:
+    """The model bytes held in the C array of a ``model.cc`` written by compress."""
+    start = text.find("{")
+    end = text.find("}", start)
+    if start < 0 or end < 0:
+        raise ModelError("model.cc holds no C array initializer { ... }")
+    values = re.findall(r"0x([0-9a-fA-F]{1,2})", text[start:end])
+    if not values:
+        raise ModelError("model.cc holds an empty C array")
+    return bytes(int(v, 16) for v in values)
+
+
+class Scorer:
+    """A loaded artifact: scores windows in the artifact's own runtime.
+
+    Attributes: ``manifest`` (dict), ``model_version``, ``target``, ``thresholds``
+    (``decision``, ``escalate_low``, ``alert``), ``input_spec`` and ``output_spec``
+    (:class:`TensorSpec`), ``encoder`` (the artifact's fitted feature encoder, loaded on
+    first use).
+    """
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], backend: _Backend):
+        self.folder = folder
+        self.manifest = manifest
+        self.target = str(manifest["target"])
+        self.model_version = str(manifest.get("model_version", ""))
+        self.input_spec = TensorSpec.from_manifest(manifest["input"], "input")
+        self.output_spec = TensorSpec.from_manifest(manifest["output"], "output")
+        self.output_kind = str(manifest["output"].get("kind", "probability"))
+        self.thresholds = _read_thresholds(folder / "thresholds.json")
+        self._backend = backend
+        self._encoder = None
+
+    @property
+    def window(self) -> int:
+        """Window length W the model takes."""
+        return int(self.input_spec.shape[1])
+
+    @property
+    def n_features(self) -> int:
+        """Feature count F the model takes."""
+        return int(self.input_spec.shape[2])
+
+    @property
+    def encoder(self):
+        """The artifact's ``flows.encoder.Encoder`` (from ``encoder.json``)."""
+        if self._encoder is None:
+            try:
+                from flows.encoder import Encoder
+            except ImportError as exc:
+                raise ModelError("flows.encoder is not available to load") from exc
+            self._encoder = Encoder.load(self.folder / "encoder.json")
+        return self._encoder
+
+    def score(self, windows: np.ndarray) -> np.ndarray:
+        """Probabilities of anomaly, float32 ``[B]``, for float32 windows ``[B, W, F]``."""
+        x = self._check_windows(windows)
+        if x.shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+
+        # Quantize the input when the model takes int8.
+        spec = self.input_spec
+        if spec.dtype != "float32":
+            x = _quantize(x, spec)
+
+        out = self._backend.run(x).reshape(x.shape[0], -1)[:, 0]
+
+        # Dequantize an integer output, then map a logit to a probability.
+        ospec = self.output_spec
+        if ospec.dtype != "float32":
+            out = (out.astype(np.float32) - np.float32(ospec.zero_point or 0)) * (
+                np.float32(ospec.scale or 1.0)
+            )
+        out = out.astype(np.float32)
+        if self.output_kind == "logit":
+            out = (1.0 / (1.0 + np.exp(-out))).astype(np.float32)
+        return out
+
+    def check_probe(self, atol: float | None = None) -> float:
+        """Score the manifest's probe windows; ModelError if off by more than ``atol``.
+
+        Returns the largest absolute difference from the expected scores. The default
+        tolerance is the manifest's ``probe.atol`` (else 1e-4).
+        """
+        probe = self.manifest.get("probe") or {}
+        windows = np.asarray(probe.get("windows", []), dtype=np.float32)
+        expected = np.asarray(probe.get("expected", []), dtype=np.float32)
+        if windows.size == 0:
+            raise ModelError(f"{self.folder}: manifest has no probe windows")
+        tol = float(atol if atol is not None else probe.get("atol", 1e-4))
+        got = self.score(windows)
+        diff = float(np.max(np.abs(got - expected)))
+        if diff > tol:
+            raise ModelError(
+                f"{self.folder}: probe scores differ from the manifest by {diff:.3g} "
+                f"(tolerance {tol:g}); the model or runtime does not behave as built"
+            )
+        return diff
+
+    def _check_windows(self, windows: np.ndarray) -> np.ndarray:
+        x = np.asarray(windows)
+        want = (self.window, self.n_features)
+        if x.ndim != 3 or tuple(x.shape[1:]) != want:
+            raise BadInputError(
+                f"windows for {self.target} model: expected shape [B, {want[0]}, "
+                f"{want[1]}] float32, received {list(x.shape)} {x.dtype}"
+            )
+        if not np.issubdtype(x.dtype, np.number):
+            raise BadInputError(f"windows must be numeric, received dtype {x.dtype}")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    info = np.iinfo(_NP_DTYPES[spec.dtype])
+    scale = np.float32(spec.scale or 1.0)
+    q = np.round(x / scale) + np.float32(spec.zero_point or 0)
+    return np.clip(q, info.min, info.max).astype(_NP_DTYPES[spec.dtype])
+
+
+def _read_thresholds(path: Path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text())
+        out = {k: float(data[k]) for k in ("decision", "escalate_low", "alert")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path}: thresholds are unreadable ({exc})") from exc
+    if not out["escalate_low"] <= out["alert"]:
+        raise ModelError(f"{path}: escalate_low must not exceed alert: {out}")
+    return out
+
+
+# ---------------------------------------------------------------------------- backends
+
+
+class _Backend:
+    """One inference runtime holding one model; ``run`` takes model-dtype input."""
+
+    name = "?"
+    input_shape: tuple[Any, ...] = ()
+    input_dtype = "float32"
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class _OnnxBackend(_Backend):
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int = 1) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ModelError(
+                "onnxruntime is not installed; install gatewatch[edge]"
+            ) from exc
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ModelError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in inp.shape)
+        self.input_dtype = _ONNX_DTYPES.get(inp.type, inp.type)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        try:
+            return np.asarray(self.session.run(None, {self.input_name: x})[0])
+        except Exception as exc:
+            raise ModelError(f"onnxruntime failed to run the model: {exc}") from exc
+
+
+def _litert_interpreter(content: bytes, threads: int = 1):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError as exc:
+            raise ModelError(
+                "no TFLite interpreter: install ai-edge-litert (gatewatch[edge])"
+            ) from exc
+    try:
+        return Interpreter(model_content=content, num_threads=threads)
+    except Exception as exc:
+        raise ModelError(f"the TFLite interpreter cannot load the model: {exc}") from exc
+
+
+class _TfliteBackend(_Backend):
+    """LiteRT interpreter; a static batch of 1 is resized, or looped over."""
+
+    name = "ai-edge-litert"
+
+    def __init__(self, content: bytes, threads: int = 1) -> None:
+        self.interp = _litert_interpreter(content, threads)
+        try:
+            self.interp.allocate_tensors()
+        except Exception as exc:
+            raise ModelError(f"the TFLite interpreter cannot allocate: {exc}") from exc
+        self.inp = self.interp.get_input_details()[0]
+        self.out = self.interp.get_output_details()[0]
+        sig = self.inp.get("shape_signature", self.inp["shape"])
+        self.input_shape = tuple(None if int(d) < 0 else int(d) for d in sig)
+        self.input_dtype = np.dtype(self.inp["dtype"]).name
+        self.quant = self.inp.get("quantization", (0.0, 0))
+        self.out_quant = self.out.get("quantization", (0.0, 0))
+        self._batch = int(self.inp["shape"][0])
+        self._resizable = True
+
+    def _invoke(self, x: np.ndarray) -> np.ndarray:
+        self.interp.set_tensor(self.inp["index"], x)
+        self.interp.invoke()
+        return np.array(self.interp.get_tensor(self.out["index"]))
+
+    def _resize(self, batch: int) -> bool:
+        if batch == self._batch:
+            return True
+        if not self._resizable:
+            return False
+        shape = [batch, *[int(d) for d in self.inp["shape"][1:]]]
+        try:
+            self.interp.resize_tensor_input(self.inp["index"], shape, strict=False)
+            self.interp.allocate_tensors()
+        except Exception:
+            # Graphs with a batch-1 reshape baked in cannot be resized: loop instead.
+            self._resizable = False
+            self.interp.resize_tensor_input(
+                self.inp["index"], [self._batch, *shape[1:]], strict=False
+            )
+            self.interp.allocate_tensors()
+            logger.debug("TFLite model cannot be resized; scoring one window at a time")
+            return False
+        self._batch = batch
+        return True
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        try:
+            if self._resize(x.shape[0]):
+                out = self._invoke(x)
+                if out.shape[0] == x.shape[0]:
+                    return out
+                self._resizable = False
+            self._resize(1)
+            return np.concatenate([self._invoke(x[i : i + 1]) for i in range(len(x))])
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"the TFLite interpreter failed to run: {exc}") from exc
+
+
+class _MicroBackend(_Backend):
+    """TFLite Micro interpreter on the host (``tflite-micro``), one window a call."""
+
+    name = "tflite-micro"
+
+    def __init__(self, content: bytes, arena_size: int = 256 * 1024) -> None:
+        from tflite_micro import runtime as tflm
+
+        try:
+            self.interp = tflm.Interpreter.from_bytes(content, arena_size=arena_size)
+        except Exception as exc:
+            raise ModelError(f"TFLite Micro cannot load the model: {exc}") from exc
+        detail = self.interp.get_input_details(0)
+        self.input_shape = tuple(int(d) for d in detail["shape"])
+        self.input_dtype = np.dtype(detail["dtype"]).name
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        outs = []
+        try:
+            for i in range(len(x)):
+                self.interp.set_input(x[i : i + 1], 0)
+                self.interp.invoke()
+                outs.append(np.array(self.interp.get_output(0)))
+        except Exception as exc:
+            raise ModelError(f"TFLite Micro failed to run: {exc}") from exc
+        return np.concatenate(outs)
+
+
+def _micro_backend(content: bytes, prefer_micro: bool) -> _Backend:
+    if prefer_micro:
+        try:
+            import tflite_micro  # noqa: F401
+        except ImportError:
+            logger.info("tflite-micro is not installed; running the C array in LiteRT")
+        else:
+            return _MicroBackend(content)
+    return _TfliteBackend(content)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: artifact folder does not exist")
+    try:
+        manifest = json.loads(path.read_text())
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read the manifest ({exc})") from exc
+    except ValueError as exc:
+        raise ModelError(f"{path}: manifest is not valid JSON ({exc})") from exc
+    missing = [
+        k
+        for k in ("target", "model_file", "input", "output", "sha256")
+        if k not in manifest
+    ]
+    if missing:
+        raise ModelError(f"{path}: manifest lacks {', '.join(missing)}")
+    return manifest
+
+
+def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """ModelError unless every file the manifest lists has its recorded sha256."""
+    hashes = manifest["sha256"]
+    if not isinstance(hashes, dict) or not hashes:
+        raise ModelError(f"{folder}: manifest sha256 must map file names to digests")
+    needed = {str(manifest["model_file"]), "encoder.json", "thresholds.json"}
+    if manifest["target"] in _MICRO_TARGETS:
+        needed.add("model.h")
+    unlisted = sorted(needed - set(hashes))
+    if unlisted:
+        raise ModelError(f"{folder}: manifest has no sha256 for {', '.join(unlisted)}")
+    for name, expected in hashes.items():
+        path = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ModelError(f"{folder}: manifest names a file outside it: {name!r}")
+        if not path.is_file():
+            raise ModelError(f"{folder}: {name} is listed in the manifest but absent")
+        actual = sha256_file(path)
+        if actual != str(expected).lower():
+            raise ModelError(
+                f"{folder}: sha256 mismatch for {name}: manifest {expected}, "
+                f"file {actual}; refusing to load a modified artifact"
+            )
+
+
+def _check_input(folder: Path, spec: TensorSpec, backend: _Backend) -> None:
+    got_shape = backend.input_shape
+    want = spec.shape
+    same_rank = len(got_shape) == len(want) == 3
+    # Batch: None in the manifest accepts any; feature dims must match exactly.
+    if not same_rank or tuple(got_shape[1:]) != tuple(want[1:]):
+        raise ModelError(
+            f"{folder}: model input shape {list(got_shape)} does not match the "
+            f"manifest: expected {list(want)}, received {list(got_shape)}"
+        )
+    if want[0] is not None and got_shape[0] not in (None, want[0]):
+        raise ModelError(
+            f"{folder}: model batch {got_shape[0]} does not match the manifest's "
+            f"{want[0]}"
+        )
+    if backend.input_dtype != spec.dtype:
+        raise ModelError(
+            f"{folder}: model input dtype does not match the manifest: expected "
+            f"{spec.dtype}, received {backend.input_dtype}"
+        )
+    quant = getattr(backend, "quant", None)
+    if spec.dtype != "float32" and quant is not None and spec.scale is not None:
+        scale, zero_point = float(quant[0]), int(quant[1])
+        if not np.isclose(scale, spec.scale, rtol=1e-6) or zero_point != spec.zero_point:
+            raise ModelError(
+                f"{folder}: model input quantization does not match the manifest: "
+                f"expected scale {spec.scale} zero point {spec.zero_point}, received "
+                f"scale {scale} zero point {zero_point}"
+            )
+
+
+def load_artifact(
+    folder: str | Path, *, threads: int = 1, prefer_micro: bool = False
+) -> Scorer:
+    """Verify an artifact folder and load its model in the matching runtime.
+
+    Raises :class:`~flows.errors.ModelError` when a file is missing or modified (sha256
+    differs from the manifest), when the model's input does not match the manifest
+    (shape or dtype) or when the runtime cannot load it. ``prefer_micro`` runs a
+    ``tflite-micro`` C array in the TFLite Micro interpreter when it is installed.
+    """
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+
+    # Every byte is checked before any of it reaches a parser.
+    verify_files(folder, manifest)
+
+    target = str(manifest["target"])
+    model_path = folder / str(manifest["model_file"])
+    if target in _ONNX_TARGETS:
+        backend: _Backend = _OnnxBackend(model_path, threads)
+    elif target in _TFLITE_TARGETS:
+        backend = _TfliteBackend(model_path.read_bytes(), threads)
+    elif target in _MICRO_TARGETS:
+        backend = _micro_backend(c_array_bytes(model_path.read_text()), prefer_micro)
+    else:
+        raise ModelError(
+            f"{folder}: target {target!r} has no edge runtime (expected one of "
+            f"{sorted(_ONNX_TARGETS | _TFLITE_TARGETS | _MICRO_TARGETS)})"
+        )
+
+    spec = TensorSpec.from_manifest(manifest["input"], "input")
+    _check_input(folder, spec, backend)
+    if spec.dtype != "float32" and (spec.scale is None or spec.zero_point is None):
+        raise ModelError(f"{folder}: int8 input needs scale and zero_point")
+    scorer = Scorer(folder, manifest, backend)
+    logger.info(
+        "loaded %s (%s, %s, input %s %s)",
+        model_path,
+        target,
+        backend.name,
+        list(spec.shape),
+        spec.dtype,
+    )
+    return scorer

@@ -1,0 +1,255 @@
+"""edge_agent.runtime: artifact checks and scoring, on tiny ONNX models built here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper  # noqa: E402
+
+from edge_agent.runtime import c_array_bytes, load_artifact  # noqa: E402
+from flows.errors import BadInputError, ModelError  # noqa: E402
+
+W, F = 4, 3
+RNG = np.random.default_rng(7)
+WEIGHT = RNG.normal(size=(F, 1)).astype(np.float32)
+BIAS = np.array([0.25], dtype=np.float32)
+
+
+def _expected(windows: np.ndarray) -> np.ndarray:
+    """The tiny model's probability, computed with numpy: sigmoid(mean_t(x) @ w + b)."""
+    z = windows.mean(axis=1) @ WEIGHT + BIAS
+    return (1.0 / (1.0 + np.exp(-z)))[:, 0].astype(np.float32)
+
+
+def _float_model() -> bytes:
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0),
+        helper.make_node("MatMul", ["m", "w"], ["z0"]),
+        helper.make_node("Add", ["z0", "b"], ["z"]),
+        helper.make_node("Sigmoid", ["z"], ["prob"]),
+    ]
+    inits = [
+        helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("w", TensorProto.FLOAT, [F, 1], WEIGHT.ravel()),
+        helper.make_tensor("b", TensorProto.FLOAT, [1], BIAS),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", W, F])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+IN_SCALE, IN_ZP = 0.02, 3
+OUT_SCALE, OUT_ZP = 1.0 / 256.0, -128
+
+
+def _int8_model() -> bytes:
+    """The same model with int8 input and int8 output (Dequantize/Quantize at the ends)."""
+    nodes = [
+        helper.make_node("DequantizeLinear", ["xq", "s_in", "z_in"], ["x"]),
+        helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0),
+        helper.make_node("MatMul", ["m", "w"], ["z0"]),
+        helper.make_node("Add", ["z0", "b"], ["z"]),
+        helper.make_node("Sigmoid", ["z"], ["p"]),
+        helper.make_node("QuantizeLinear", ["p", "s_out", "z_out"], ["prob"]),
+    ]
+    inits = [
+        helper.make_tensor("s_in", TensorProto.FLOAT, [], [IN_SCALE]),
+        helper.make_tensor("z_in", TensorProto.INT8, [], [IN_ZP]),
+        helper.make_tensor("s_out", TensorProto.FLOAT, [], [OUT_SCALE]),
+        helper.make_tensor("z_out", TensorProto.INT8, [], [OUT_ZP]),
+        helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("w", TensorProto.FLOAT, [F, 1], WEIGHT.ravel()),
+        helper.make_tensor("b", TensorProto.FLOAT, [1], BIAS),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_int8",
+        [helper.make_tensor_value_info("xq", TensorProto.INT8, ["batch", W, F])],
+        [helper.make_tensor_value_info("prob", TensorProto.INT8, ["batch", 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_artifact(
+    folder: Path,
+    model: bytes,
+    *,
+    dtype: str = "float32",
+    shape: list | None = None,
+    in_q: tuple[float, int] | None = None,
+    out_q: tuple[float, int] | None = None,
+) -> Path:
+    """An artifact folder by hand: model, encoder, thresholds, manifest with sha256."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.onnx").write_bytes(model)
+    (folder / "encoder.json").write_text(json.dumps({"window": W}))
+    thresholds = {"decision": 0.5, "escalate_low": 0.3, "alert": 0.8}
+    (folder / "thresholds.json").write_text(json.dumps(thresholds))
+    probe = RNG.normal(size=(3, W, F)).astype(np.float32)
+    files = ["model.onnx", "encoder.json", "thresholds.json"]
+    manifest = {
+        "schema_version": 1,
+        "target": "onnx-int8" if dtype == "int8" else "onnx-fp32",
+        "model_file": "model.onnx",
+        "model_version": "test-0001",
+        "input": {
+            "shape": shape or [None, W, F],
+            "dtype": dtype,
+            "scale": in_q[0] if in_q else None,
+            "zero_point": in_q[1] if in_q else None,
+        },
+        "output": {
+            "dtype": dtype,
+            "scale": out_q[0] if out_q else None,
+            "zero_point": out_q[1] if out_q else None,
+            "kind": "probability",
+        },
+        "sha256": {name: _sha(folder / name) for name in files},
+        "probe": {"windows": probe.tolist(), "expected": _expected(probe).tolist()},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_float_artifact_scores_match_numpy(tmp_path: Path) -> None:
+    scorer = load_artifact(write_artifact(tmp_path / "a", _float_model()))
+    windows = RNG.normal(size=(9, W, F)).astype(np.float32)
+
+    got = scorer.score(windows)
+
+    assert got.dtype == np.float32 and got.shape == (9,)
+    np.testing.assert_allclose(got, _expected(windows), atol=1e-6)
+    np.testing.assert_allclose(scorer.score(windows[:1]), got[:1], atol=1e-7)
+    assert scorer.model_version == "test-0001"
+    assert scorer.thresholds == {"decision": 0.5, "escalate_low": 0.3, "alert": 0.8}
+    assert scorer.check_probe() < 1e-5
+    assert scorer.score(np.zeros((0, W, F), np.float32)).shape == (0,)
+
+
+def test_int8_io_is_quantized_and_dequantized(tmp_path: Path) -> None:
+    folder = write_artifact(
+        tmp_path / "q",
+        _int8_model(),
+        dtype="int8",
+        in_q=(IN_SCALE, IN_ZP),
+        out_q=(OUT_SCALE, OUT_ZP),
+    )
+    scorer = load_artifact(folder)
+    windows = RNG.uniform(-2, 2, size=(16, W, F)).astype(np.float32)
+
+    got = scorer.score(windows)
+
+    # Input rounding moves the mean by <= IN_SCALE/2, the output step is 1/256.
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, _expected(windows), atol=OUT_SCALE + 0.01)
+    assert np.all(np.abs(got * 256 - np.round(got * 256)) < 1e-4)
+
+
+def test_modified_file_is_refused(tmp_path: Path) -> None:
+    folder = write_artifact(tmp_path / "a", _float_model())
+    (folder / "thresholds.json").write_text('{"decision": 0.01}')
+
+    with pytest.raises(ModelError, match="sha256 mismatch for thresholds.json"):
+        load_artifact(folder)
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    folder = write_artifact(tmp_path / "a", _float_model())
+    (folder / "encoder.json").unlink()
+
+    with pytest.raises(ModelError, match="encoder.json is listed in the manifest"):
+        load_artifact(folder)
+
+
+def test_unlisted_model_is_refused(tmp_path: Path) -> None:
+    folder = write_artifact(tmp_path / "a", _float_model())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["sha256"]["model.onnx"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(ModelError, match="no sha256 for model.onnx"):
+        load_artifact(folder)
+
+
+def test_manifest_shape_mismatch_names_both(tmp_path: Path) -> None:
+    folder = write_artifact(tmp_path / "a", _float_model(), shape=[None, W, F + 1])
+
+    with pytest.raises(ModelError) as info:
+        load_artifact(folder)
+
+    message = str(info.value)
+    assert f"expected [None, {W}, {F + 1}]" in message
+    assert f"received [None, {W}, {F}]" in message
+
+
+def test_manifest_dtype_mismatch_names_both(tmp_path: Path) -> None:
+    folder = write_artifact(
+        tmp_path / "a", _float_model(), dtype="int8", in_q=(0.1, 0), out_q=(0.1, 0)
+    )
+
+    with pytest.raises(ModelError, match="expected int8, received float32"):
+        load_artifact(folder)
+
+
+def test_bad_window_shape_is_bad_input(tmp_path: Path) -> None:
+    scorer = load_artifact(write_artifact(tmp_path / "a", _float_model()))
+
+    with pytest.raises(BadInputError, match=r"expected shape \[B, 4, 3\]"):
+        scorer.score(np.zeros((2, W + 1, F), np.float32))
+
+
+def test_probe_mismatch_is_reported(tmp_path: Path) -> None:
+    folder = write_artifact(tmp_path / "a", _float_model())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["probe"]["expected"] = [0.0, 0.0, 0.0]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(ModelError, match="probe scores differ"):
+        load_artifact(folder).check_probe()
+
+
+def test_c_array_round_trip() -> None:
+    data = bytes(range(256)) * 3
+    body = ", ".join(f"0x{b:02x}" for b in data)
+    text = f"alignas(16) const unsigned char g_model[] = {{\n  {body}\n}};\n"
+
+    assert c_array_bytes(text) == data
+
+
+def test_runtime_imports_neither_torch_nor_tensorflow() -> None:
+    code = (
+        "import sys, edge_agent.runtime\n"
+        "bad = [m for m in ('torch', 'tensorflow', 'teacher', 'compress') "
+        "if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == ""
