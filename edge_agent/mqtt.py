@@ -1,0 +1,323 @@
+"""The MQTT link: one paho-mqtt 2.x client, MQTT v5 first, 3.1.1 where refused.
+
+:class:`MqttLink` connects with ``CallbackAPIVersion.VERSION2``, tries MQTT v5 and
+falls back to 3.1.1 when the broker answers "unsupported protocol version" (amqtt does),
+sets a retained last will, keeps its subscriptions across reconnects and hands PUBACKs
+and messages to callbacks. paho's return codes and socket errors become
+:class:`~flows.errors.TransportError`; the link never raises a paho type.
+
+Reconnect policy: after a lost connection the client retries after ``reconnect_min``
+seconds, doubling the delay after each failure up to ``reconnect_max`` seconds.
+"""
+
+from __future__ import annotations
+
+import enum
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode
+
+from edge_agent import logger
+from flows.errors import TransportError, UsageError
+
+# CONNACK codes meaning "this broker does not speak that protocol version".
+_REFUSED_VERSION_V5 = 132
+_REFUSED_VERSION_V3 = 1
+
+
+class Protocol(enum.StrEnum):
+    """Which MQTT version to speak."""
+
+    AUTO = "auto"
+    V5 = "5"
+    V311 = "3.1.1"
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker is, from a ``mqtt://`` or ``mqtts://`` URL."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """Parse ``mqtt[s]://[user[:password]@]host[:port]`` (ports 1883 / 8883)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+            raise UsageError(
+                f"broker {url!r} is not a URL like mqtt://HOST:PORT or mqtts://HOST:PORT"
+            )
+        tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise UsageError(f"broker {url!r} has a bad port") from exc
+        return cls(
+            host=parts.hostname,
+            port=port,
+            tls=tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """Files for a TLS connection; ``insecure`` skips the host name check only."""
+
+    ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    insecure: bool = False
+
+
+def _check(rc: MQTTErrorCode | int, what: str) -> None:
+    """Raise TransportError for a paho error code other than success."""
+    if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+        raise TransportError(f"{what} failed: {paho.error_string(rc)}")
+
+
+class MqttLink:
+    """A connection to one broker that reconnects by itself (policy: module docstring).
+
+    Callbacks run on paho's network thread and must be quick: ``on_message(topic,
+    payload)``, ``on_publish(mid, ok)`` (``ok`` is false when the broker refused the
+    message in its PUBACK) and ``on_connect()`` after each successful (re)connect.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: TlsOptions | None = None,
+        keepalive: int = 30,
+        protocol: Protocol | str = Protocol.AUTO,
+        will: tuple[str, bytes] | None = None,
+        reconnect_min: float = 0.5,
+        reconnect_max: float = 30.0,
+        max_inflight: int = 200,
+        on_message: Callable[[str, bytes], None] | None = None,
+        on_publish: Callable[[int, bool], None] | None = None,
+        on_connect: Callable[[], None] | None = None,
+    ) -> None:
+        self.address = BrokerAddress.parse(url)
+        self.url = url
+        self.client_id = client_id
+        self.username = username or self.address.username
+        self.password = password or self.address.password
+        self.tls = tls if tls is not None else (TlsOptions() if self.address.tls else None)
+        self.keepalive = keepalive
+        self.requested = Protocol(protocol)
+        self.will = will
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self.max_inflight = max_inflight
+        self.on_message = on_message
+        self.on_publish = on_publish
+        self.on_connect = on_connect
+        self.protocol: Protocol | None = None
+        self.generation = 0
+        self.refused_publishes = 0
+        self._subscriptions: dict[str, int] = {}
+        self._connected = threading.Event()
+        self._connack = threading.Event()
+        self._connack_rc = 0
+        self._client: paho.Client | None = None
+        self._closing = False
+
+    # -- connection -----------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True while a session with the broker is up."""
+        return self._connected.is_set()
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect, waiting up to ``timeout`` seconds; raise TransportError on failure.
+
+        With protocol ``auto`` a refusal of MQTT v5 is retried once as 3.1.1.
+        """
+        versions = [Protocol.V5, Protocol.V311]
+        if self.requested is not Protocol.AUTO:
+            versions = [self.requested]
+        deadline = time.monotonic() + timeout
+        for version in versions:
+            rc = self._attempt(version, deadline)
+            if rc == 0:
+                return
+            if rc in (_REFUSED_VERSION_V5, _REFUSED_VERSION_V3) and version is Protocol.V5:
+                logger.info("broker %s refused MQTT v5; falling back to 3.1.1", self.url)
+                continue
+            raise TransportError(f"broker {self.url} refused the connection: {rc}")
+        raise TransportError(f"broker {self.url} refused MQTT v5 and 3.1.1")
+
+    def _attempt(self, version: Protocol, deadline: float) -> int | str:
+        """One connection with one protocol version; returns the CONNACK code."""
+        self._teardown()
+        client = self._build(version)
+        self._connack.clear()
+        last_error: Exception | None = None
+        while True:
+            try:
+                client.connect(self.address.host, self.address.port, self.keepalive)
+                break
+            except (OSError, ssl.SSLError) as exc:
+                last_error = exc
+                if time.monotonic() + 0.2 > deadline:
+                    raise TransportError(
+                        f"cannot reach broker {self.url}: {last_error}"
+                    ) from exc
+                time.sleep(0.2)
+        self._client = client
+        client.loop_start()
+        if not self._connack.wait(max(0.1, deadline - time.monotonic())):
+            self._teardown()
+            raise TransportError(f"broker {self.url} did not answer CONNECT in time")
+        if self._connack_rc != 0:
+            self._teardown()
+        else:
+            self.protocol = version
+        return self._connack_rc
+
+    def _build(self, version: Protocol) -> paho.Client:
+        v5 = version is Protocol.V5
+        client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            **({} if v5 else {"clean_session": True}),
+        )
+        client.reconnect_delay_set(
+            min_delay=max(1, round(self.reconnect_min)), max_delay=int(self.reconnect_max)
+        )
+        client.max_inflight_messages_set(self.max_inflight)
+        if self.username is not None:
+            client.username_pw_set(self.username, self.password)
+        if self.tls is not None:
+            try:
+                client.tls_set(
+                    ca_certs=self.tls.ca_certs,
+                    certfile=self.tls.certfile,
+                    keyfile=self.tls.keyfile,
+                )
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise UsageError(f"bad TLS settings: {exc}") from exc
+            client.tls_insecure_set(self.tls.insecure)
+        if self.will is not None:
+            client.will_set(self.will[0], self.will[1], qos=1, retain=True)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_publish = self._handle_publish
+        client.on_message = self._handle_message
+        return client
+
+    def _teardown(self) -> None:
+        client, self._client = self._client, None
+        self._connected.clear()
+        if client is not None:
+            client.loop_stop()
+            try:
+                client.disconnect()
+            except Exception:  # noqa: BLE001 - the socket may already be gone
+                pass
+
+    def close(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
+        """Publish ``final`` (topic, payload; retained) if connected, then disconnect."""
+        self._closing = True
+        client = self._client
+        if client is not None and final is not None and self.connected:
+            info = client.publish(final[0], final[1], qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                pass
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+        self._client = None
+        self._connected.clear()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until connected or ``timeout`` seconds passed; return connected."""
+        return self._connected.wait(timeout)
+
+    # -- paho callbacks (network thread) ----------------------------------------------
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        code = reason_code.value if hasattr(reason_code, "value") else int(reason_code)
+        self._connack_rc = code
+        self._connack.set()
+        if code != 0:
+            logger.warning("broker %s refused CONNECT: %s", self.url, reason_code)
+            return
+        for flt, qos in self._subscriptions.items():
+            client.subscribe(flt, qos)
+        self.generation += 1
+        self._connected.set()
+        logger.info("connected to %s (client %s)", self.url, self.client_id)
+        if self.on_connect is not None:
+            self.on_connect()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties):
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was and not self._closing:
+            logger.warning("lost broker %s (%s); reconnecting", self.url, reason_code)
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        ok = not getattr(reason_code, "is_failure", False)
+        if not ok:
+            self.refused_publishes += 1
+            if self.refused_publishes == 1:
+                logger.warning("broker refused a publish: %s", reason_code)
+        if self.on_publish is not None:
+            self.on_publish(mid, ok)
+
+    def _handle_message(self, client, userdata, msg) -> None:
+        if self.on_message is not None:
+            self.on_message(msg.topic, msg.payload)
+
+    # -- operations -------------------------------------------------------------------
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now (when connected) and again after every reconnect."""
+        if topic_filter.startswith("$share/") and self.protocol is Protocol.V311:
+            raise TransportError(
+                "shared subscriptions need MQTT v5; this broker speaks only 3.1.1"
+            )
+        self._subscriptions[topic_filter] = qos
+        client = self._client
+        if client is not None and self.connected:
+            rc, _ = client.subscribe(topic_filter, qos)
+            if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                _check(rc, f"subscribe to {topic_filter}")
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+        """Queue one message; return its mid (PUBACK arrives through ``on_publish``).
+
+        A connection lost at this moment is not an error: paho keeps the message and
+        sends it again after reconnecting. Other paho failures raise TransportError.
+        """
+        client = self._client
+        if client is None:
+            raise TransportError(f"not connected to broker {self.url}")
+        try:
+            info = client.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as exc:
+            raise TransportError(f"publish to {topic} refused: {exc}") from exc
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            _check(info.rc, f"publish to {topic}")
+        return info.mid

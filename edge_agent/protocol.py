@@ -1,0 +1,377 @@
+"""The gatewatch MQTT protocol: topics, identifiers and JSON payloads (schema v1).
+
+Topics are ``gatewatch/v1/<site>/<gateway>/{escalations,verdicts,status,model}``.
+Every payload is a JSON object with ``schema`` (``"gatewatch/v1"``), ``kind``, ``id``
+(uuid4 hex) and ``sent_at`` (Unix seconds). Delivery is at least once, so consumers
+de-duplicate by ``id``. Site and gateway ids are checked before they enter a topic.
+
+Parsing never trusts the wire: :func:`parse_escalation` and :func:`parse_verdict`
+raise :class:`ProtocolError` whose ``kind`` is a :class:`RejectKind`, and a
+:class:`RejectCounter` counts rejections per kind and logs each kind once.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import re
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from edge_agent import logger
+from flows.errors import BadInputError, UsageError
+from flows.record import CONN_FIELD_NAMES
+
+SCHEMA = "gatewatch/v1"
+TOPIC_ROOT = "gatewatch/v1"
+MAX_ID_LENGTH = 64
+MAX_PAYLOAD_BYTES = 256 * 1024
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class Channel(enum.StrEnum):
+    """The last topic segment: what a message on that topic is."""
+
+    ESCALATIONS = "escalations"
+    VERDICTS = "verdicts"
+    STATUS = "status"
+    MODEL = "model"
+
+
+class Kind(enum.StrEnum):
+    """The ``kind`` field of a payload."""
+
+    ESCALATION = "escalation"
+    VERDICT = "verdict"
+    STATUS = "status"
+
+
+class Decision(enum.StrEnum):
+    """What the agent decided for one flow from its student's score."""
+
+    BENIGN = "benign"
+    ESCALATE = "escalate"
+    ALERT = "alert"
+
+
+class Verdict(enum.StrEnum):
+    """What the re-scorer's teacher decided for one escalation."""
+
+    MALICIOUS = "malicious"
+    BENIGN = "benign"
+
+
+class RejectKind(enum.StrEnum):
+    """Why an incoming message was rejected; rejections are counted per kind."""
+
+    MALFORMED_JSON = "malformed_json"
+    WRONG_SCHEMA = "wrong_schema"
+    OVERSIZED = "oversized"
+    WRONG_WINDOW_SHAPE = "wrong_window_shape"
+    MISSING_FIELD = "missing_field"
+    BAD_VALUE = "bad_value"
+    BAD_TOPIC = "bad_topic"
+
+
+class ProtocolError(BadInputError):
+    """A message that does not follow the gatewatch/v1 protocol."""
+
+    def __init__(self, kind: RejectKind, message: str) -> None:
+        self.kind = kind
+        super().__init__(f"{kind.value}: {message}")
+
+
+# ---------------------------------------------------------------------------------
+# identifiers and topics
+
+
+def validate_id(value: str, what: str = "id") -> str:
+    """Return ``value`` if it can be one topic segment, else raise UsageError.
+
+    Allowed: 1 to 64 characters of letters, digits, ``.``, ``_`` and ``-``, starting
+    with a letter or digit. This excludes the MQTT wildcards ``+`` and ``#``, the level
+    separator ``/``, the ``$`` prefix of broker topics and empty segments.
+    """
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"{what} must be a non-empty string")
+    if len(value) > MAX_ID_LENGTH:
+        raise UsageError(f"{what} {value[:20]!r}... is longer than {MAX_ID_LENGTH}")
+    if not _ID_RE.match(value):
+        raise UsageError(
+            f"{what} {value!r} may only hold letters, digits, '.', '_' and '-' "
+            "and must start with a letter or digit (no '+', '#', '/', '$')"
+        )
+    return value
+
+
+def topic(site: str, gateway: str, channel: Channel | str) -> str:
+    """The topic of one gateway's channel, after validating both ids."""
+    channel = Channel(channel)
+    validate_id(site, "site")
+    validate_id(gateway, "gateway")
+    return f"{TOPIC_ROOT}/{site}/{gateway}/{channel.value}"
+
+
+def subscription(channel: Channel | str, share_group: str | None = None) -> str:
+    """A filter for one channel of every gateway, shared when a group is given."""
+    channel = Channel(channel)
+    base = f"{TOPIC_ROOT}/+/+/{channel.value}"
+    if share_group is None:
+        return base
+    validate_id(share_group, "share group")
+    return f"$share/{share_group}/{base}"
+
+
+def split_topic(name: str) -> tuple[str, str, Channel]:
+    """Return ``(site, gateway, channel)`` of a gatewatch topic or raise ProtocolError."""
+    parts = name.split("/")
+    if len(parts) != 5 or "/".join(parts[:2]) != TOPIC_ROOT:
+        raise ProtocolError(RejectKind.BAD_TOPIC, f"not a gatewatch/v1 topic: {name!r}")
+    try:
+        validate_id(parts[2], "site")
+        validate_id(parts[3], "gateway")
+        channel = Channel(parts[4])
+    except (UsageError, ValueError) as exc:
+        raise ProtocolError(RejectKind.BAD_TOPIC, str(exc)) from exc
+    return parts[2], parts[3], channel
+
+
+# ---------------------------------------------------------------------------------
+# building
+
+
+def new_id() -> str:
+    """A fresh message id (uuid4 hex)."""
+    return uuid.uuid4().hex
+
+
+def _envelope(kind: Kind, msg_id: str | None) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "kind": kind.value,
+        "id": msg_id or new_id(),
+        "sent_at": time.time(),
+    }
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy of a record value: NaN becomes null, numpy scalars plain."""
+    if value is None:
+        return None
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def clean_flow(flow: Mapping[str, Any]) -> dict[str, Any]:
+    """The canonical fields of a flow record, JSON-safe (extra fields dropped)."""
+    return {name: _clean(flow.get(name)) for name in CONN_FIELD_NAMES}
+
+
+def build_escalation(
+    *,
+    flow: Mapping[str, Any],
+    window: Any,
+    score: float,
+    decision: Decision | str,
+    model_version: str,
+    site: str,
+    gateway: str,
+    msg_id: str | None = None,
+) -> dict[str, Any]:
+    """An escalation payload (a dict; :func:`encode` turns it into bytes)."""
+    decision = Decision(decision)
+    if decision is Decision.BENIGN:
+        raise UsageError("benign flows are not escalated")
+    rows = window.tolist() if hasattr(window, "tolist") else [list(r) for r in window]
+    body = _envelope(Kind.ESCALATION, msg_id)
+    body.update(
+        flow=clean_flow(flow),
+        window=rows,
+        score=float(score),
+        decision=decision.value,
+        model_version=str(model_version),
+        site=validate_id(site, "site"),
+        gateway=validate_id(gateway, "gateway"),
+    )
+    return body
+
+
+def build_verdict(
+    *,
+    escalation_id: str,
+    verdict: Verdict | str,
+    score: float,
+    threshold: float,
+    teacher_version: str,
+    msg_id: str | None = None,
+) -> dict[str, Any]:
+    """A verdict payload answering one escalation."""
+    body = _envelope(Kind.VERDICT, msg_id)
+    body.update(
+        escalation_id=str(escalation_id),
+        verdict=Verdict(verdict).value,
+        score=float(score),
+        threshold=float(threshold),
+        teacher_version=str(teacher_version),
+    )
+    return body
+
+
+def build_status(
+    *, state: str, model_version: str | None, counters: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A status payload (published retained; ``state`` is online or offline)."""
+    if state not in ("online", "offline"):
+        raise UsageError(f"status state must be online or offline, not {state!r}")
+    body = _envelope(Kind.STATUS, None)
+    body.update(state=state, model_version=model_version, counters=dict(counters or {}))
+    body.update(extra)
+    return body
+
+
+def encode(payload: Mapping[str, Any]) -> bytes:
+    """Serialize a payload to compact UTF-8 JSON; refuses payloads over the limit."""
+    data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(
+            RejectKind.OVERSIZED, f"{len(data)} bytes > {MAX_PAYLOAD_BYTES} allowed"
+        )
+    return data
+
+
+# ---------------------------------------------------------------------------------
+# parsing
+
+
+def decode(data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
+    """Parse a payload's JSON and envelope; raise ProtocolError on any defect."""
+    if len(data) > max_bytes:
+        raise ProtocolError(RejectKind.OVERSIZED, f"{len(data)} bytes > {max_bytes}")
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(RejectKind.MALFORMED_JSON, str(exc)) from exc
+    if not isinstance(body, dict):
+        raise ProtocolError(RejectKind.MALFORMED_JSON, "payload is not a JSON object")
+    if body.get("schema") != SCHEMA:
+        raise ProtocolError(
+            RejectKind.WRONG_SCHEMA, f"schema {body.get('schema')!r}, expected {SCHEMA}"
+        )
+    msg_id = body.get("id")
+    if not isinstance(msg_id, str) or not 1 <= len(msg_id) <= 64:
+        raise ProtocolError(RejectKind.MISSING_FIELD, "id missing or not a short string")
+    return body
+
+
+def _require(body: Mapping[str, Any], name: str, types: type | tuple) -> Any:
+    if name not in body:
+        raise ProtocolError(RejectKind.MISSING_FIELD, f"field {name!r} is missing")
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise ProtocolError(RejectKind.BAD_VALUE, f"field {name!r} has the wrong type")
+    return value
+
+
+def _number(body: Mapping[str, Any], name: str) -> float:
+    value = float(_require(body, name, (int, float)))
+    if not math.isfinite(value):
+        raise ProtocolError(RejectKind.BAD_VALUE, f"field {name!r} is not finite")
+    return value
+
+
+def check_window(window: Any, shape: Sequence[int] | None) -> list[list[float]]:
+    """Check that ``window`` is a [W][F] list of finite numbers (of ``shape`` if given)."""
+    if not isinstance(window, list) or not window:
+        raise ProtocolError(RejectKind.WRONG_WINDOW_SHAPE, "window is not a 2-D list")
+    width = None
+    for row in window:
+        if not isinstance(row, list) or (width is not None and len(row) != width):
+            raise ProtocolError(RejectKind.WRONG_WINDOW_SHAPE, "window rows differ")
+        width = len(row)
+        for v in row:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ProtocolError(RejectKind.BAD_VALUE, "window holds a non-number")
+            if not math.isfinite(v):
+                raise ProtocolError(RejectKind.BAD_VALUE, "window holds NaN or inf")
+    got = (len(window), width or 0)
+    if shape is not None and got != tuple(shape):
+        raise ProtocolError(
+            RejectKind.WRONG_WINDOW_SHAPE, f"window shape {got}, expected {tuple(shape)}"
+        )
+    return window
+
+
+def parse_escalation(
+    data: bytes | str,
+    *,
+    window_shape: Sequence[int] | None = None,
+    max_bytes: int = MAX_PAYLOAD_BYTES,
+) -> dict[str, Any]:
+    """Validate an escalation payload and return it as a dict."""
+    body = decode(data, max_bytes)
+    if body.get("kind") != Kind.ESCALATION.value:
+        raise ProtocolError(RejectKind.WRONG_SCHEMA, f"kind {body.get('kind')!r}")
+    flow = _require(body, "flow", dict)
+    check_window(_require(body, "window", list), window_shape)
+    body["score"] = _number(body, "score")
+    try:
+        Decision(_require(body, "decision", str))
+        validate_id(_require(body, "site", str), "site")
+        validate_id(_require(body, "gateway", str), "gateway")
+    except (ValueError, UsageError) as exc:
+        raise ProtocolError(RejectKind.BAD_VALUE, str(exc)) from exc
+    if body["decision"] == Decision.BENIGN.value:
+        raise ProtocolError(RejectKind.BAD_VALUE, "a benign flow is not an escalation")
+    _require(body, "model_version", str)
+    body["flow"] = {name: flow.get(name) for name in CONN_FIELD_NAMES}
+    return body
+
+
+def parse_verdict(data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict:
+    """Validate a verdict payload and return it as a dict."""
+    body = decode(data, max_bytes)
+    if body.get("kind") != Kind.VERDICT.value:
+        raise ProtocolError(RejectKind.WRONG_SCHEMA, f"kind {body.get('kind')!r}")
+    _require(body, "escalation_id", str)
+    try:
+        Verdict(_require(body, "verdict", str))
+    except ValueError as exc:
+        raise ProtocolError(RejectKind.BAD_VALUE, str(exc)) from exc
+    body["score"] = _number(body, "score")
+    body["threshold"] = _number(body, "threshold")
+    _require(body, "teacher_version", str)
+    return body
+
+
+class RejectCounter:
+    """Counts rejected messages per :class:`RejectKind`; logs the first of each kind."""
+
+    def __init__(self, who: str = "agent", log=None) -> None:
+        self.who = who
+        self.counts: dict[str, int] = {}
+        self._log = log or logger
+        self._lock = threading.Lock()
+
+    def reject(self, exc: ProtocolError, where: str = "") -> None:
+        """Count one rejection; the first of its kind is logged as a warning."""
+        with self._lock:
+            n = self.counts.get(exc.kind.value, 0) + 1
+            self.counts[exc.kind.value] = n
+        if n == 1:
+            self._log.warning(
+                "%s rejected a message%s (%s); further ones of this kind are only "
+                "counted", self.who, f" on {where}" if where else "", exc,
+            )
+
+    @property
+    def total(self) -> int:
+        """All rejections, of every kind."""
+        return sum(self.counts.values())
