@@ -1,0 +1,244 @@
+"""Readers for every input format gatewatch accepts, behind one function: :func:`read`.
+
+The format is found from the content (magic bytes, a Zeek header, a CSV header's
+column names, the NSL-KDD row shape), not from the file name. Gzip is undone first,
+whatever the name. Conn-like inputs (Zeek TSV and JSON, Argus binetflow, Parquet in
+the canonical schema, pcap/pcapng through the flow meter) become canonical records
+(family ``conn``); NSL-KDD, UNSW-NB15 and CICFlowMeter CSVs keep their own columns
+(families ``nsl-kdd``, ``unsw-nb15``, ``cic``).
+
+Errors: with ``on_error="fail"`` the first bad line raises an error naming the file,
+the line and the column; the rows before it ride on the error as ``exc.result``
+(:class:`~flows.errors.PartialInputError` when there are some). With
+``on_error="skip"`` bad lines are dropped and counted in ``ReadResult.skipped``.
+A cut input (a gzip stream without its end, a last line cut short) keeps every
+complete row before the cut and sets ``ReadResult.partial``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from flows.errors import BadInputError, PartialInputError
+from flows.readers._finish import check_on_error
+from flows.readers._source import Source, load
+from flows.readers.detect import FORMATS, sniff_binary, sniff_text
+from flows.readers.result import ReadResult
+
+__all__ = [
+    "FORMATS",
+    "ReadResult",
+    "detect_format",
+    "iter_records",
+    "read",
+    "write_conn_log",
+    "write_parquet",
+]
+
+
+def detect_format(path: str | Path) -> str:
+    """Name the format of one file from its content (see :data:`FORMATS`)."""
+    kind = _sniff_head(path)
+    if kind is not None:
+        return kind
+    src = load(path)
+    _check_not_empty(src)
+    return sniff_text(src.data, src.path)
+
+
+def read(
+    path_or_paths: str | Path | Iterable[str | Path],
+    on_error: str = "fail",
+    drop_unlabeled: bool = False,
+) -> ReadResult:
+    """Read one file or several (same family) into one table; see the module doc.
+
+    ``drop_unlabeled`` removes rows whose label is null (Background, Unknown); on
+    an input without any label column it is an error, since it would drop all.
+    """
+    check_on_error(on_error)
+    paths = (
+        [path_or_paths]
+        if isinstance(path_or_paths, (str, Path))
+        else list(path_or_paths)
+    )
+    if not paths:
+        raise BadInputError("no input files given")
+
+    results: list[ReadResult] = []
+    for path in paths:
+        try:
+            result = _read_one(path, on_error)
+        except BadInputError as exc:
+            done = getattr(exc, "result", None)
+            if results or done is not None:
+                combined = _combine(results + ([done] if done is not None else []))
+                if drop_unlabeled:
+                    combined = _drop_unlabeled(combined, str(path), strict=False)
+                if len(combined.table) and not isinstance(exc, PartialInputError):
+                    new = PartialInputError(
+                        str(exc)[len(exc._where()):], path=exc.path, line=exc.line,
+                        column=exc.column, offset=exc.offset,
+                    )
+                    new.result = combined
+                    raise new from exc
+                exc.result = combined
+            raise
+        results.append(result)
+
+    combined = _combine(results)
+    if drop_unlabeled:
+        combined = _drop_unlabeled(combined, ", ".join(map(str, paths)))
+    return combined
+
+
+def _read_one(path: str | Path, on_error: str) -> ReadResult:
+    """Read one file in whatever format its content shows."""
+    kind = _sniff_head(path)
+    if kind == "parquet":
+        from flows.readers.parquet import read_parquet
+
+        return read_parquet(str(path))
+    if kind in ("pcap", "pcapng"):
+        return _read_capture(str(path), on_error)
+
+    src = load(path)
+    _check_not_empty(src)
+    if src.compressed and sniff_binary(src.data[:4]) is not None:
+        raise BadInputError(
+            f"gzip-compressed {sniff_binary(src.data[:4])}: gunzip it first",
+            path=src.path,
+        )
+    fmt = sniff_text(src.data, src.path)
+    if fmt == "zeek-tsv":
+        from flows.readers.zeek import read_tsv
+
+        return read_tsv(src, on_error)
+    if fmt == "zeek-json":
+        from flows.readers.zeek import read_json
+
+        return read_json(src, on_error)
+    if fmt == "nsl-kdd":
+        from flows.readers.nslkdd import read_kdd
+
+        return read_kdd(src, on_error)
+    if fmt == "binetflow":
+        from flows.readers.binetflow import read_binetflow
+
+        return read_binetflow(src, on_error)
+    from flows.readers.csvflows import read_cic, read_unsw
+
+    return read_unsw(src, on_error) if fmt == "unsw-nb15" else read_cic(src, on_error)
+
+
+def _sniff_head(path: str | Path) -> str | None:
+    """Magic-byte formats (parquet, pcap, pcapng) from the first four bytes."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except FileNotFoundError:
+        raise BadInputError("no such file", path=str(path)) from None
+    except IsADirectoryError:
+        raise BadInputError("is a folder, expected a file", path=str(path)) from None
+    except OSError as exc:
+        raise BadInputError(f"cannot be read ({exc.strerror})", path=str(path)) from exc
+    return sniff_binary(head)
+
+
+def _check_not_empty(src: Source) -> None:
+    if not src.data.strip():
+        what = "holds no text after gunzip" if src.compressed else "is empty"
+        if src.cut:
+            what += f" ({src.cut})"
+        raise BadInputError(what, path=src.path)
+
+
+def _read_capture(path: str, on_error: str) -> ReadResult:
+    """Hand a pcap/pcapng to the flow meter (helper package ``flows.meter``)."""
+    try:
+        from flows.meter import read_capture
+    except ImportError as exc:
+        raise BadInputError(
+            "is a packet capture, but the flow meter (flows.meter.read_capture) is "
+            f"not available in this install ({exc})",
+            path=path,
+        ) from exc
+    return read_capture(path, on_error=on_error)
+
+
+def _combine(results: list[ReadResult]) -> ReadResult:
+    """Concatenate the results of several files of one family."""
+    if len(results) == 1:
+        return results[0]
+    families = {r.family for r in results}
+    if len(families) > 1:
+        raise BadInputError(
+            "inputs of different families cannot be read together: "
+            + ", ".join(sorted(families))
+        )
+    formats = list(dict.fromkeys(r.format for r in results))
+    try:
+        table = pa.concat_tables([r.table for r in results], promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise BadInputError(f"inputs have columns that do not match ({exc})") from exc
+    stats: dict = {"files": [r.stats for r in results]}
+    labels: dict = {}
+    for r in results:
+        for key, count in r.stats.get("labels", {}).items():
+            labels[key] = labels.get(key, 0) + count
+    stats["labels"] = labels
+    stats["labeled"] = any(r.stats.get("labeled") for r in results)
+    return ReadResult(
+        table,
+        "+".join(formats),
+        families.pop(),
+        skipped=sum(r.skipped for r in results),
+        warnings=[w for r in results for w in r.warnings],
+        partial=any(r.partial for r in results),
+        stats=stats,
+    )
+
+
+def _drop_unlabeled(result: ReadResult, where: str, strict: bool = True) -> ReadResult:
+    """Keep the rows with a 0/1 label; refuse when the input has no labels at all."""
+    table = result.table
+    if "label" not in table.column_names or (
+        strict and not result.stats.get("labeled", True)
+    ):
+        raise BadInputError(
+            "drop_unlabeled was asked for, but the input has no label column "
+            "(every row would be dropped)",
+            path=where,
+        )
+    keep = pc.is_valid(table.column("label"))
+    dropped = len(table) - (pc.sum(keep).as_py() or 0)
+    result.table = table.filter(keep)
+    result.stats["dropped_unlabeled"] = dropped
+    return result
+
+
+def iter_records(
+    path: str | Path, on_error: str = "fail", drop_unlabeled: bool = False
+) -> Iterator[dict]:
+    """Yield the canonical records of a conn-family file one by one, as dicts."""
+    from flows.readers.stream import iter_records as _iter
+
+    yield from _iter(path, on_error=on_error, drop_unlabeled=drop_unlabeled)
+
+
+def write_conn_log(table: pa.Table, path: str | Path) -> None:
+    """Write canonical records as a Zeek-style TSV conn.log (see flows.readers.writers)."""
+    from flows.readers.writers import write_conn_log as _write
+
+    _write(table, path)
+
+
+def write_parquet(table: pa.Table, path: str | Path, family: str = "conn") -> None:
+    """Write a table as Parquet, recording its feature family in the file metadata."""
+    from flows.readers.writers import write_parquet as _write
+
+    _write(table, path, family=family)

@@ -1,0 +1,171 @@
+"""Turning columns of text into typed Arrow columns, remembering which rows were bad.
+
+Readers parse a whole block of rows as strings first (fast, in C), then convert
+each column here. A value that does not convert is not fatal at once: the row is
+noted with its column and value, so that after every column is done the reader can
+either stop at the first bad row (keeping the rows before it) or drop every bad row
+and count them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+_ARROW_TYPES = {"f64": pa.float64(), "i64": pa.int64(), "i8": pa.int8(), "str": pa.string()}
+_INT_TEXT = re.compile(r"[+-]?\d+\Z")
+_HEX_TEXT = re.compile(r"0[xX][0-9a-fA-F]+\Z")
+_ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
+
+
+@dataclass
+class BadRows:
+    """Rows of one block that failed to convert: row index -> (column, what was wrong)."""
+
+    rows: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    def add(self, row: int, column: str, message: str) -> None:
+        """Note the first problem found in ``row`` (later ones in that row are kept out)."""
+        self.rows.setdefault(row, (column, message))
+
+    def mask(self, n: int) -> np.ndarray:
+        """A boolean mask of length ``n``, true for the good rows."""
+        keep = np.ones(n, dtype=bool)
+        if self.rows:
+            keep[np.fromiter(self.rows, dtype=np.int64)] = False
+        return keep
+
+
+def arrow_type(kind: str) -> pa.DataType:
+    """The Arrow type of a record kind (``f64``, ``i64``, ``i8``, ``str``)."""
+    return _ARROW_TYPES[kind]
+
+
+def null_tokens(arr: pa.Array, tokens: tuple[str, ...]) -> pa.Array:
+    """Replace each value equal to one of ``tokens`` by null."""
+    if not tokens or len(arr) == 0:
+        return arr
+    hit = pc.is_in(arr, value_set=pa.array(list(tokens), type=pa.string()))
+    if not pc.any(hit).as_py():
+        return arr
+    return pc.if_else(hit, pa.scalar(None, type=arr.type), arr)
+
+
+def to_number(
+    arr: pa.Array,
+    kind: str,
+    column: str,
+    bad: BadRows,
+    *,
+    hex_ok: bool = False,
+    non_finite_null: bool = False,
+) -> tuple[pa.Array, int]:
+    """Convert a string column to ``kind``; bad values become null and are noted.
+
+    With ``non_finite_null`` the texts Infinity, -Infinity, inf and NaN read as null
+    (the second value returned counts them); otherwise they are bad values in an
+    integer column and accepted as floats only when that flag is set.
+    """
+    target = arrow_type(kind)
+    if non_finite_null:
+        arr, n_non_finite = _null_non_finite(arr)
+    else:
+        n_non_finite = 0
+    try:
+        out = pc.cast(arr, target)
+        if kind == "f64" and not non_finite_null:
+            out = _reject_non_finite(arr, out, column, bad)
+        return out, n_non_finite
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+
+    values = []
+    for row, text in enumerate(arr.to_pylist()):
+        if text is None:
+            values.append(None)
+            continue
+        value = _parse_one(text, kind, hex_ok)
+        if value is None:
+            expected = "an integer" if kind != "f64" else "a number"
+            bad.add(row, column, f"expected {expected}, found {text!r}")
+        values.append(value)
+    return pa.array(values, type=target), n_non_finite
+
+
+def _parse_one(text: str, kind: str, hex_ok: bool) -> int | float | None:
+    """Parse one value the slow way; None when it is not a number of that kind."""
+    text = text.strip()
+    if kind == "f64":
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+        return value if np.isfinite(value) else None
+    if _INT_TEXT.match(text):
+        value = int(text)
+    elif hex_ok and _HEX_TEXT.match(text):
+        value = int(text, 16)
+    else:
+        return None
+    limit = 127 if kind == "i8" else 2**63 - 1
+    return value if -limit - 1 <= value <= limit else None
+
+
+def _null_non_finite(arr: pa.Array) -> tuple[pa.Array, int]:
+    """Null out Infinity/NaN spellings; return the new column and how many there were."""
+    lowered = pc.utf8_lower(pc.utf8_trim_whitespace(arr))
+    hit = pc.is_in(
+        lowered, value_set=pa.array(["inf", "+inf", "-inf", "infinity", "+infinity",
+                                     "-infinity", "nan", ""])
+    )
+    count = pc.sum(hit).as_py() or 0
+    if count:
+        arr = pc.if_else(hit, pa.scalar(None, type=arr.type), arr)
+    return arr, count
+
+
+def _reject_non_finite(
+    text: pa.Array, out: pa.Array, column: str, bad: BadRows
+) -> pa.Array:
+    """Note rows whose float parsed as inf or NaN: a conn record never holds them."""
+    finite = pc.is_finite(out)
+    if pc.all(pc.or_kleene(finite, pc.is_null(out))).as_py() is not False:
+        return out
+    rows = np.flatnonzero(~np.asarray(finite.fill_null(True)))
+    for row in rows:
+        bad.add(int(row), column, f"expected a finite number, found {text[row].as_py()!r}")
+    return pc.if_else(finite, out, pa.scalar(None, type=out.type))
+
+
+def unescape(arr: pa.Array) -> pa.Array:
+    """Undo Zeek's ``\\xHH`` escapes in a string column (only rows that hold one)."""
+    if len(arr) == 0:
+        return arr
+    has = pc.match_substring(arr, "\\x")
+    if not pc.any(has).as_py():
+        return arr
+    values = arr.to_pylist()
+    for row in np.flatnonzero(np.asarray(has.fill_null(False))):
+        raw = values[row].encode("utf-8", "surrogateescape")
+        decoded = _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), raw)
+        values[row] = decoded.decode("utf-8", "backslashreplace")
+    return pa.array(values, type=pa.string())
+
+
+def value_counts(arr: pa.Array | pa.ChunkedArray, null_as: str | None = None) -> dict:
+    """``{value: count}`` of a column, nulls counted under ``null_as`` when given."""
+    counts: dict = {}
+    if len(arr) == 0:
+        return counts
+    for item in pc.value_counts(arr).to_pylist():
+        key = item["values"]
+        if key is None:
+            if null_as is None:
+                continue
+            key = null_as
+        counts[key] = counts.get(key, 0) + item["counts"]
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0]))))

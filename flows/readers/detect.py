@@ -1,0 +1,67 @@
+"""Format detection from a file's first bytes (its name is only a tie-breaker)."""
+
+from __future__ import annotations
+
+from flows.errors import BadInputError
+
+PCAP_MAGICS = (
+    b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4",  # microsecond, both byte orders
+    b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d",  # nanosecond, both byte orders
+)
+PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
+PARQUET_MAGIC = b"PAR1"
+FORMATS = (
+    "zeek-tsv", "zeek-json", "binetflow", "nsl-kdd", "unsw-nb15", "cic-csv",
+    "parquet", "pcap", "pcapng",
+)
+
+_CIC_MARKERS = {"flow duration", "flow bytes/s", "fwd packet length max",
+                "total fwd packets", "flow iat mean"}
+
+
+def sniff_binary(head: bytes) -> str | None:
+    """``parquet``, ``pcap`` or ``pcapng`` from the magic bytes, else None."""
+    if head[:4] == PARQUET_MAGIC:
+        return "parquet"
+    if head[:4] in PCAP_MAGICS:
+        return "pcap"
+    if head[:4] == PCAPNG_MAGIC:
+        return "pcapng"
+    return None
+
+
+def sniff_text(data: bytes, path: str) -> str:
+    """Name the text format of ``data`` (already gunzipped), or raise BadInputError."""
+    from flows.readers.nslkdd import looks_like_kdd
+
+    head = data[:65536]
+    if head.startswith(b"\xef\xbb\xbf"):
+        head = head[3:]
+    text = head.lstrip()
+    if text.startswith(b"#separator") or text.startswith(b"#fields"):
+        return "zeek-tsv"
+    if text.startswith(b"{"):
+        return "zeek-json"
+    if text[:1] in (b"@", b"%") and b"@relation" in text.lower():
+        return "nsl-kdd"
+
+    first = text.split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")
+    if looks_like_kdd(first):
+        return "nsl-kdd"
+    sep = "\t" if first.count("\t") > first.count(",") else ","
+    names = {f.strip().lower() for f in first.split(sep)}
+    if {"starttime", "srcaddr", "dstaddr"} <= names:
+        return "binetflow"
+    if {"attack_cat", "sbytes", "dbytes"} <= names:
+        return "unsw-nb15"
+    if len(names & _CIC_MARKERS) >= 2:
+        return "cic-csv"
+    if b"\x00" in head[:512]:
+        what = "binary data"
+    else:
+        what = f"first line {first[:60]!r}"
+    raise BadInputError(
+        f"unknown format ({what}); expected one of: {', '.join(FORMATS)}",
+        path=path,
+        line=None,
+    )

@@ -1,0 +1,195 @@
+"""NSL-KDD reader: the 43-column text files (plain or gzip) and the ARFF versions.
+
+Columns 1-41 are the KDD features under their standard names, column 42 the label
+(``normal`` or an attack name) and column 43 the difficulty level (0-21). The table
+holds the 41 features, then ``label`` (1 for any attack, 0 for normal),
+``label_detail`` (the attack name as written), ``attack_family`` (normal, DoS,
+Probe, R2L, U2R; null with a warning for a name outside the standard map) and
+``difficulty`` (null in the ARFF files, which lack it; never a feature).
+The ARFF files label rows only ``normal``/``anomaly``: their family is null.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from flows.errors import BadInputError
+from flows.readers._convert import BadRows, to_number, value_counts
+from flows.readers._finish import Problem, finish
+from flows.readers._source import Source
+from flows.readers.labels import ATTACK_FAMILY
+from flows.readers.result import ReadResult
+
+KDD_FEATURES: tuple[str, ...] = (
+    "duration", "protocol_type", "service", "flag", "src_bytes", "dst_bytes",
+    "land", "wrong_fragment", "urgent", "hot", "num_failed_logins", "logged_in",
+    "num_compromised", "root_shell", "su_attempted", "num_root",
+    "num_file_creations", "num_shells", "num_access_files", "num_outbound_cmds",
+    "is_host_login", "is_guest_login", "count", "srv_count", "serror_rate",
+    "srv_serror_rate", "rerror_rate", "srv_rerror_rate", "same_srv_rate",
+    "diff_srv_rate", "srv_diff_host_rate", "dst_host_count", "dst_host_srv_count",
+    "dst_host_same_srv_rate", "dst_host_diff_srv_rate",
+    "dst_host_same_src_port_rate", "dst_host_srv_diff_host_rate",
+    "dst_host_serror_rate", "dst_host_srv_serror_rate", "dst_host_rerror_rate",
+    "dst_host_srv_rerror_rate",
+)
+KDD_TEXT = ("protocol_type", "service", "flag")
+
+
+def kdd_kind(name: str) -> str:
+    """The column kind of a KDD feature: text, rate (float) or count (integer)."""
+    if name in KDD_TEXT:
+        return "str"
+    return "f64" if name.endswith("_rate") else "i64"
+
+
+def kdd_schema() -> pa.Schema:
+    """The Arrow schema of an NSL-KDD table."""
+    types = {"str": pa.string(), "f64": pa.float64(), "i64": pa.int64()}
+    return pa.schema(
+        [pa.field(n, types[kdd_kind(n)]) for n in KDD_FEATURES]
+        + [
+            pa.field("label", pa.int8()),
+            pa.field("label_detail", pa.string()),
+            pa.field("attack_family", pa.string()),
+            pa.field("difficulty", pa.int64()),
+        ]
+    )
+
+
+def looks_like_kdd(first_line: str) -> bool:
+    """Whether a first data line has the NSL-KDD shape (42 or 43 fields, tcp/udp/icmp)."""
+    fields = first_line.strip().split(",")
+    if len(fields) not in (42, 43):
+        return False
+    try:
+        float(fields[0])
+    except ValueError:
+        return False
+    return fields[1].strip().strip("'\"").lower() in ("tcp", "udp", "icmp")
+
+
+def read_kdd(src: Source, on_error: str) -> ReadResult:
+    """Read an NSL-KDD text or ARFF file into the nsl-kdd feature family."""
+    data = src.data.replace(b"\r\n", b"\n") if b"\r" in src.data else src.data
+    start_line = 1
+    arff = data.lstrip()[:1] in (b"@", b"%")
+    if arff:
+        data, start_line = _arff_body(data, src.path)
+
+    invalid: list[tuple[int, int, str]] = []
+
+    def on_invalid(row) -> str:
+        invalid.append((row.number, row.actual_columns, row.text))
+        return "skip"
+
+    names = [f"c{i}" for i in range(43)]
+    first = data.split(b"\n", 1)[0].decode("utf-8", "replace")
+    width = 43 if len(first.split(",")) == 43 else 42
+    names = names[:width]
+    try:
+        strings = pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
+            parse_options=pacsv.ParseOptions(
+                delimiter=",", quote_char="'" if arff else False,
+                ignore_empty_lines=False, invalid_row_handler=on_invalid,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.string() for n in names},
+                strings_can_be_null=False, null_values=[],
+            ),
+        )
+    except pa.ArrowInvalid as exc:
+        raise BadInputError(f"cannot split rows ({exc})", path=src.path) from exc
+
+    n_physical = strings.num_rows + len(invalid)
+    good = np.ones(n_physical, dtype=bool)
+    problems, cut = [], src.cut
+    for number, actual, text in invalid:
+        good[number - 1] = False
+        line = start_line + number - 1
+        if not text.strip():
+            continue
+        if number == n_physical and not data.endswith(b"\n"):
+            cut = cut or f"{src.path}: the last line ({line}) is cut short"
+            continue
+        problems.append(
+            Problem(line, None, f"expected {width} comma-separated fields, found {actual}")
+        )
+    lines = np.flatnonzero(good).astype(np.int64) + start_line
+    blank = np.asarray(pc.equal(strings.column(names[0]), "").combine_chunks()
+                       .fill_null(False)) if strings.num_rows else np.zeros(0, bool)
+    if blank.any():
+        strings = strings.filter(pa.array(~blank))
+        lines = lines[~blank]
+
+    bad = BadRows()
+    arrays = []
+    for i, name in enumerate(KDD_FEATURES):
+        col = strings.column(names[i]).combine_chunks()
+        kind = kdd_kind(name)
+        if kind == "str":
+            arrays.append(pc.utf8_trim(col, "'\" "))
+        else:
+            arrays.append(to_number(pc.utf8_trim_whitespace(col), kind, name, bad)[0])
+
+    label_text = pc.utf8_trim(strings.column(names[41]).combine_chunks(), "'\" .")
+    lowered = pc.utf8_lower(label_text)
+    label = pc.cast(pc.not_equal(lowered, "normal"), pa.int8())
+    family = pc.index_in(lowered, value_set=pa.array(list(ATTACK_FAMILY)))
+    family = pc.take(pa.array(list(ATTACK_FAMILY.values())), family)
+    unknown = value_counts(
+        pc.filter(label_text, pc.and_(pc.is_null(family), pc.not_equal(lowered, "anomaly")))
+    )
+    warnings = []
+    if unknown:
+        warnings.append(f"{src.path}: attack names outside the family map (family "
+                        f"null): {', '.join(sorted(unknown))}")
+    if width == 43:
+        difficulty, _ = to_number(
+            pc.utf8_trim_whitespace(strings.column(names[42]).combine_chunks()),
+            "i64", "difficulty", bad,
+        )
+    else:
+        difficulty = pa.nulls(strings.num_rows, pa.int64())
+
+    table = pa.Table.from_arrays(
+        arrays + [label, label_text, family, difficulty], schema=kdd_schema()
+    )
+    row_problems = {
+        row: Problem(int(lines[row]), column, message)
+        for row, (column, message) in bad.rows.items()
+    }
+    stats = {"labels": value_counts(label_text), "labeled": True, "arff": arff}
+    return finish(
+        table, lines, problems, path=src.path, on_error=on_error, fmt="nsl-kdd",
+        family="nsl-kdd", cut=cut, stats=stats, warnings=warnings,
+        row_problems=row_problems,
+    )
+
+
+def _arff_body(data: bytes, path: str) -> tuple[bytes, int]:
+    """Return the rows after ``@data`` and the line number where they start."""
+    pos, line = 0, 1
+    attributes = 0
+    while pos < len(data):
+        end = data.find(b"\n", pos)
+        end = len(data) if end < 0 else end
+        text = data[pos:end].strip().lower()
+        pos, line = end + 1, line + 1
+        if text.startswith(b"@attribute"):
+            attributes += 1
+        elif text.startswith(b"@data"):
+            if attributes not in (42, 43):
+                raise BadInputError(
+                    f"ARFF header declares {attributes} attributes, expected 42 "
+                    "(41 features and the class) or 43", path=path, line=line - 1,
+                )
+            return data[pos:], line
+    raise BadInputError("ARFF file without an @data line", path=path)

@@ -1,0 +1,520 @@
+"""Zeek conn.log readers: the ASCII (TSV) writer's format and the JSON one.
+
+TSV: the ``#separator``/``#fields``/``#types`` header may list the columns in any
+order and may lack optional ones (they read as null) or carry extra ones (ignored).
+The header's ``#unset_field`` (``-``) reads as null; ``#empty_field`` (``(empty)``)
+reads as the empty string in string columns and as null in the label columns.
+``\\xHH`` escapes are undone. ``#close`` and other ``#`` lines end a block of rows; a
+new ``#fields`` line (concatenated logs) starts one with its own columns.
+The rows of a block are split in C by pyarrow.csv; the exact line of any bad row is
+still known and reported.
+
+Labels: Stratosphere's separate ``label``/``detailedlabel`` columns, and IoT-23's
+layout where ``tunnel_parents   label   detailed-label`` share the last field joined by
+runs of spaces (also found when the header names only ``tunnel_parents`` but its
+values carry the extra parts). ``label_detail`` is the detailed label when set, else
+the label text (``Benign``, ``Background``...). ``stats["labels"]`` counts the label
+values as written in the file.
+
+Zeek's test harness masks times as ``XXXXXXXXXX.XXXXXX``; such a ``ts`` reads as null
+and is counted in ``stats["masked_ts"]``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from flows.errors import BadInputError
+from flows.readers import labels as labelmod
+from flows.readers._convert import BadRows, null_tokens, to_number, unescape, value_counts
+from flows.readers._finish import Problem, finish
+from flows.readers._source import Source
+from flows.readers.result import ReadResult
+from flows.record import CONN_FIELD_KINDS, CONN_FIELD_NAMES, conn_schema
+
+# Zeek conn.log column -> canonical field.
+ZEEK_TO_CANON: dict[str, str] = {
+    "ts": "ts",
+    "uid": "uid",
+    "id.orig_h": "src_ip",
+    "id.orig_p": "src_port",
+    "id.resp_h": "dst_ip",
+    "id.resp_p": "dst_port",
+    "proto": "proto",
+    "service": "service",
+    "duration": "duration",
+    "orig_bytes": "orig_bytes",
+    "resp_bytes": "resp_bytes",
+    "orig_pkts": "orig_pkts",
+    "resp_pkts": "resp_pkts",
+    "orig_ip_bytes": "orig_ip_bytes",
+    "resp_ip_bytes": "resp_ip_bytes",
+    "conn_state": "conn_state",
+    "history": "history",
+    "missed_bytes": "missed_bytes",
+}
+CANON_TO_ZEEK = {canon: zeek for zeek, canon in ZEEK_TO_CANON.items()}
+REQUIRED = ("ts", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto")
+LABEL_NAMES = ("label",)
+DETAIL_NAMES = ("detailedlabel", "detailed-label", "detailed_label")
+_MASKED_TS = re.compile(r"X+\.X+")
+_SPACES = re.compile(r"\s+")
+
+
+class _Header:
+    """The state set by ``#`` lines: separators, null tokens and the column names."""
+
+    def __init__(self) -> None:
+        self.separator = "\t"
+        self.set_separator = ","
+        self.empty = "(empty)"
+        self.unset = "-"
+        self.fields: list[str] | None = None
+        self.fields_line = 0
+
+    def copy(self) -> _Header:
+        other = _Header()
+        other.__dict__.update(self.__dict__)
+        return other
+
+
+def _decode_escapes(text: str) -> str:
+    """Turn the ``\\x09`` spelling used in ``#separator`` into the character."""
+    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
+
+
+def _directive(header: _Header, line: str, line_no: int, path: str) -> _Header:
+    """Apply one ``#`` line to the header state; a new block gets a new state."""
+    if line.startswith("#separator"):
+        header = header.copy()
+        header.separator = _decode_escapes(line[len("#separator") :].strip()) or "\t"
+        header.fields = None
+        return header
+    key, _, value = line[1:].partition(header.separator)
+    if key == "set_separator":
+        header.set_separator = value
+    elif key == "empty_field":
+        header.empty = value
+    elif key == "unset_field":
+        header.unset = value
+    elif key == "fields":
+        header = header.copy()
+        header.fields = value.split(header.separator)
+        header.fields_line = line_no
+    return header
+
+
+def read_tsv(src: Source, on_error: str) -> ReadResult:
+    """Read a Zeek TSV conn.log (already in memory) into canonical records."""
+    data = src.data
+    if b"\r\n" in data:
+        data = data.replace(b"\r\n", b"\n")
+    header = _Header()
+    blocks: list[tuple[_Header, bytes, int]] = []
+    pos, line_no, n = 0, 1, len(data)
+
+    while pos < n:
+        if data[pos] == 0x23:  # '#'
+            end = data.find(b"\n", pos)
+            end = n if end < 0 else end
+            text = data[pos:end].decode("utf-8", "replace")
+            header = _directive(header, text, line_no, src.path)
+            pos, line_no = end + 1, line_no + 1
+            continue
+        nxt = data.find(b"\n#", pos)
+        end = n if nxt < 0 else nxt + 1
+        block = data[pos:end]
+        if block.strip():
+            if header.fields is None:
+                raise BadInputError(
+                    "rows before any #fields line (expected a Zeek header)",
+                    path=src.path,
+                    line=line_no,
+                )
+            blocks.append((header, block, line_no))
+        line_no += block.count(b"\n")
+        pos = end
+
+    if header.fields is None and not blocks:
+        raise BadInputError("no #fields line (expected a Zeek header)", path=src.path)
+
+    tables, line_arrays, problems, row_problems = [], [], [], {}
+    stats: dict = {"labels": {}, "masked_ts": 0, "labeled": False}
+    warnings: list[str] = []
+    offset = 0
+    cut = src.cut
+    ends_clean = data.endswith(b"\n")
+    for block_header, block, start in blocks:
+        part, lines, block_problems, block_rows, block_cut = _read_block(
+            block, block_header, start, src.path, stats, warnings,
+            last=(block is blocks[-1][1]) and not ends_clean,
+        )
+        cut = cut or block_cut
+        tables.append(part)
+        line_arrays.append(lines)
+        problems.extend(block_problems)
+        row_problems.update({offset + r: p for r, p in block_rows.items()})
+        offset += len(part)
+
+    if not blocks:
+        _check_fields(header, src.path)
+    table = pa.concat_tables(tables) if tables else conn_schema().empty_table()
+    lines = np.concatenate(line_arrays) if line_arrays else np.zeros(0, np.int64)
+    if stats["masked_ts"]:
+        warnings.append(
+            f"{src.path}: {stats['masked_ts']} ts value(s) masked as XXXXXXXXXX.XXXXXX "
+            "(Zeek test output) read as null"
+        )
+    return finish(
+        table, lines, problems, path=src.path, on_error=on_error, fmt="zeek-tsv",
+        family="conn", cut=cut, stats=stats, warnings=warnings,
+        row_problems=row_problems,
+    )
+
+
+def _check_fields(header: _Header, path: str) -> None:
+    """Fail with the missing column's name when a required Zeek column is absent."""
+    names = _expand_names(header.fields or [])
+    for name in REQUIRED:
+        if name not in names:
+            raise BadInputError(
+                f"#fields has no {name!r} column (required: {', '.join(REQUIRED)})",
+                path=path,
+                line=header.fields_line,
+                column=name,
+            )
+
+
+def _expand_names(fields: list[str]) -> list[str]:
+    """The column names, with IoT-23's space-joined last field split into parts."""
+    out: list[str] = []
+    for name in fields:
+        out.extend(_SPACES.split(name.strip()) if _SPACES.search(name.strip()) else [name])
+    return out
+
+
+def _read_block(
+    block: bytes,
+    header: _Header,
+    start: int,
+    path: str,
+    stats: dict,
+    warnings: list[str],
+    last: bool,
+) -> tuple[pa.Table, np.ndarray, list[Problem], dict[int, Problem], str | None]:
+    """Split one block of rows, convert it, and say which rows and lines were bad."""
+    _check_fields(header, path)
+    fields = header.fields or []
+    width = len(fields)
+    names = [f"c{i}" for i in range(width)]
+    line_map = None
+    if b"\n\n" in block or block.startswith(b"\n"):
+        kept = [(i, ln) for i, ln in enumerate(block.split(b"\n")) if ln]
+        line_map = np.array([start + i for i, _ in kept], dtype=np.int64)
+        block = b"\n".join(ln for _, ln in kept) + b"\n"
+
+    def line_of(physical: int) -> int:
+        return int(line_map[physical - 1]) if line_map is not None else start + physical - 1
+
+    invalid: list[tuple[int, int]] = []
+
+    def on_invalid(row) -> str:
+        invalid.append((row.number, row.actual_columns))
+        return "skip"
+
+    wanted = [i for i, f in enumerate(fields) if _wanted(f)]
+    try:
+        strings = pacsv.read_csv(
+            io.BytesIO(block),
+            read_options=pacsv.ReadOptions(
+                column_names=names, use_threads=False, block_size=1 << 24
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter=header.separator,
+                quote_char=False,
+                escape_char=False,
+                newlines_in_values=False,
+                ignore_empty_lines=True,
+                invalid_row_handler=on_invalid,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={names[i]: pa.string() for i in range(width)},
+                include_columns=[names[i] for i in wanted],
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+                null_values=[],
+            ),
+        )
+    except pa.ArrowInvalid as exc:
+        raise BadInputError(f"cannot split rows ({exc})", path=path, line=start) from exc
+
+    n_physical = strings.num_rows + len(invalid)
+    good = np.ones(n_physical, dtype=bool)
+    problems: list[Problem] = []
+    cut = None
+    for number, actual in invalid:
+        good[number - 1] = False
+        line = line_of(number)
+        if last and number == n_physical:
+            cut = f"{path}: the last line ({line}) is cut short ({actual} of {width} fields)"
+            continue
+        problems.append(
+            Problem(line, None, f"expected {width} fields separated by "
+                    f"{header.separator!r}, found {actual}")
+        )
+    physical = np.flatnonzero(good) + 1
+    if line_map is not None:
+        lines = line_map[physical - 1]
+    else:
+        lines = physical.astype(np.int64) + (start - 1)
+
+    columns = {fields[i]: strings.column(names[i]).combine_chunks() for i in wanted}
+    bad = BadRows()
+    table = _to_canonical(columns, header, bad, stats, warnings, path)
+    row_problems = {
+        row: Problem(int(lines[row]), column, message)
+        for row, (column, message) in bad.rows.items()
+    }
+    return table, lines, problems, row_problems, cut
+
+
+def _wanted(field: str) -> bool:
+    """Whether a Zeek column feeds the canonical record (or holds a label)."""
+    name = field.strip()
+    return (
+        name in ZEEK_TO_CANON
+        or name.lower() in LABEL_NAMES + DETAIL_NAMES
+        or name == "tunnel_parents"
+        or bool(_SPACES.search(name))
+    )
+
+
+def _split_joined(
+    columns: dict[str, pa.Array], bad: BadRows, warnings: list[str], path: str
+) -> dict[str, pa.Array]:
+    """Split IoT-23's space-joined field (named so, or hidden in tunnel_parents)."""
+    out = dict(columns)
+    for name, arr in columns.items():
+        parts = _SPACES.split(name.strip())
+        if len(parts) > 1:
+            break
+    else:
+        arr = columns.get("tunnel_parents")
+        has_label = any(n.lower() in LABEL_NAMES for n in columns)
+        if arr is None or has_label or not pc.any(
+            pc.match_substring_regex(arr, r"\S\s+\S")
+        ).as_py():
+            return out
+        name, parts = "tunnel_parents", ["tunnel_parents", "label", "detailed-label"]
+        warnings.append(
+            f"{path}: tunnel_parents holds space-joined label parts (IoT-23 layout "
+            "under a plain header); read them as label and detailed-label"
+        )
+    del out[name]
+    arr = columns[name]
+    split = pc.split_pattern_regex(
+        pc.utf8_trim_whitespace(arr), r"\s+", max_splits=len(parts) - 1
+    )
+    sizes = np.asarray(pc.list_value_length(split).fill_null(0))
+    wrong = np.flatnonzero(sizes != len(parts))
+    for row in wrong:
+        bad.add(int(row), name, f"expected {len(parts)} space-separated parts "
+                f"({', '.join(parts)}), found {int(sizes[row])}")
+    padded = pc.if_else(
+        pa.array(sizes == len(parts)), split,
+        pa.scalar([""] * len(parts), type=split.type),
+    )
+    for i, part in enumerate(parts):
+        out[part] = pc.list_element(padded, i)
+    return out
+
+
+def _to_canonical(
+    columns: dict[str, pa.Array],
+    header: _Header,
+    bad: BadRows,
+    stats: dict,
+    warnings: list[str],
+    path: str,
+) -> pa.Table:
+    """Convert string columns named as in Zeek into a canonical Arrow table."""
+    columns = _split_joined(columns, bad, warnings, path)
+    n = len(next(iter(columns.values()))) if columns else 0
+    arrays = {}
+    for zeek_name, canon in ZEEK_TO_CANON.items():
+        arr = columns.get(zeek_name)
+        kind = CONN_FIELD_KINDS[canon]
+        if arr is None:
+            arrays[canon] = pa.nulls(n, type=_type(kind))
+            continue
+        arr = null_tokens(arr, (header.unset,))
+        if kind == "str":
+            if header.empty:
+                hit = pc.equal(arr, header.empty)
+                arr = pc.if_else(hit, pa.scalar("", pa.string()), arr)
+            arrays[canon] = unescape(arr)
+            continue
+        if canon == "ts":
+            masked = pc.match_substring_regex(arr, r"^X+\.X+$")
+            count = pc.sum(masked).as_py() or 0
+            if count:
+                stats["masked_ts"] += count
+                arr = pc.if_else(masked, pa.scalar(None, pa.string()), arr)
+        arrays[canon], _ = to_number(arr, kind, zeek_name, bad)
+
+    label_col = next((c for c in columns if c.lower() in LABEL_NAMES), None)
+    detail_col = next((c for c in columns if c.lower() in DETAIL_NAMES), None)
+    if label_col is None:
+        arrays["label"] = pa.nulls(n, type=pa.int8())
+        arrays["label_detail"] = pa.nulls(n, type=pa.string())
+    else:
+        stats["labeled"] = True
+        raw = unescape(columns[label_col])
+        for key, count in value_counts(raw).items():
+            stats["labels"][key] = stats["labels"].get(key, 0) + count
+        text = null_tokens(raw, (header.unset, header.empty, ""))
+        arrays["label"] = labelmod.zeek_label(text, label_col, bad)
+        detail = (
+            null_tokens(unescape(columns[detail_col]), (header.unset, header.empty, ""))
+            if detail_col is not None
+            else pa.nulls(n, type=pa.string())
+        )
+        arrays["label_detail"] = pc.coalesce(detail, text)
+    return pa.Table.from_arrays(
+        [arrays[name] for name in CONN_FIELD_NAMES], schema=conn_schema()
+    )
+
+
+def _type(kind: str) -> pa.DataType:
+    from flows.readers._convert import arrow_type
+
+    return arrow_type(kind)
+
+
+# ---------------------------------------------------------------------------- JSON
+
+
+def read_json(src: Source, on_error: str) -> ReadResult:
+    """Read a Zeek JSON conn.log (one object per line) into canonical records."""
+    cols: dict[str, list] = {name: [] for name in CONN_FIELD_NAMES}
+    lines: list[int] = []
+    problems: list[Problem] = []
+    stats: dict = {"labels": {}, "labeled": False}
+    data = src.data
+    text_lines = data.split(b"\n")
+    cut = src.cut
+    last = len(text_lines) - 1
+
+    for index, raw in enumerate(text_lines):
+        line_no = index + 1
+        raw = raw.strip()
+        if not raw or raw.startswith(b"#"):
+            continue
+        try:
+            obj = json.loads(raw)
+            if not isinstance(obj, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            if index == last and not data.endswith(b"\n"):
+                cut = cut or f"{src.path}: the last line ({line_no}) is cut short"
+                continue
+            problems.append(Problem(line_no, None, f"expected one JSON object ({exc})"))
+            continue
+        try:
+            record = json_record(obj, stats)
+        except _FieldError as exc:
+            problems.append(Problem(line_no, exc.column, exc.message))
+            continue
+        for name in CONN_FIELD_NAMES:
+            cols[name].append(record[name])
+        lines.append(line_no)
+
+    from flows.record import columns_to_table
+
+    table = columns_to_table(cols)
+    return finish(
+        table, np.array(lines, dtype=np.int64), problems, path=src.path,
+        on_error=on_error, fmt="zeek-json", family="conn", cut=cut, stats=stats,
+    )
+
+
+class _FieldError(Exception):
+    def __init__(self, column: str, message: str) -> None:
+        super().__init__(message)
+        self.column = column
+        self.message = message
+
+
+def json_record(obj: dict, stats: dict | None = None) -> dict:
+    """One Zeek JSON object -> a canonical record dict (omitted keys -> None)."""
+    record: dict = {}
+    for zeek_name, canon in ZEEK_TO_CANON.items():
+        value = obj.get(zeek_name)
+        if value is None and zeek_name.startswith("id."):
+            value = (obj.get("id") or {}).get(zeek_name[3:]) if isinstance(
+                obj.get("id"), dict) else None
+        record[canon] = _json_value(zeek_name, CONN_FIELD_KINDS[canon], value)
+    for name in REQUIRED:
+        canon = ZEEK_TO_CANON[name]
+        if record[canon] is None and name != "proto":
+            raise _FieldError(name, f"required key {name!r} is missing")
+
+    label_key = next((k for k in obj if k.lower() in LABEL_NAMES), None)
+    detail_key = next((k for k in obj if k.lower() in DETAIL_NAMES), None)
+    record["label"] = None
+    record["label_detail"] = None
+    if label_key is not None:
+        text = obj[label_key]
+        if stats is not None:
+            stats["labeled"] = True
+            key = str(text) if text is not None else "-"
+            stats["labels"][key] = stats["labels"].get(key, 0) + 1
+        if text not in (None, "", "-", "(empty)"):
+            mapped = labelmod.ZEEK_LABELS.get(str(text).strip().lower(), "?")
+            if mapped == "?":
+                raise _FieldError(label_key, f"unknown label {text!r} (expected "
+                                  "Malicious, Benign, Background or Unknown)")
+            record["label"] = mapped
+            record["label_detail"] = str(text)
+        detail = obj.get(detail_key) if detail_key else None
+        if detail not in (None, "", "-", "(empty)"):
+            record["label_detail"] = str(detail)
+    return record
+
+
+def _json_value(name: str, kind: str, value):
+    """Check and convert one JSON value to the canonical kind."""
+    if value is None:
+        return None
+    if kind == "str":
+        if isinstance(value, list):
+            return ",".join(map(str, value))
+        return str(value)
+    if name == "ts" and isinstance(value, str):
+        try:
+            stamp = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise _FieldError(name, f"expected epoch seconds or ISO-8601, found {value!r}")
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=timezone.utc)
+        return stamp.timestamp()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        expected = "a number" if kind == "f64" else "an integer"
+        raise _FieldError(name, f"expected {expected}, found {value!r}")
+    if kind == "f64":
+        if not np.isfinite(value):
+            raise _FieldError(name, f"expected a finite number, found {value!r}")
+        return float(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise _FieldError(name, f"expected an integer, found {value!r}")
+        value = int(value)
+    return value
