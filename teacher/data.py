@@ -1,0 +1,243 @@
+"""Turn a dataset or a flow file into what the teacher trains and scores on.
+
+:func:`prepare` loads a registered dataset (``flows.datasets.load_dataset``) or any
+file ``flows.readers.read`` understands, fits the feature encoder on the training rows
+(or applies a given, already fitted one), and works out each row's window of
+predecessors. The result, :class:`Prepared`, keeps the encoded rows once (``X``) and
+the window indices (``idx``); ``windows(rows)`` gathers the ``[n, W, F]`` windows on
+demand, so large sets never hold W copies of every row.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flows.errors import BadInputError, UsageError
+from teacher import logger
+
+__all__ = ["Prepared", "holdout_types", "prepare", "stratified_split"]
+
+_FAMILY_COLUMN = {"nsl-kdd": "attack_family"}
+_BENIGN_DETAILS = {"normal", "benign", "background", ""}
+
+
+@dataclass
+class Prepared:
+    """Encoded rows, their windows, labels and splits for one dataset or file.
+
+    ``y`` is int8 with -1 for unlabeled rows; ``split`` holds "train", "val" or
+    "test"; ``families`` (attack family per row, when the data has one) and
+    ``details`` (the source's label text) feed per-family recall.
+    """
+
+    X: np.ndarray
+    idx: np.ndarray
+    y: np.ndarray
+    split: np.ndarray
+    encoder: Any
+    name: str
+    family: str
+    families: np.ndarray | None = None
+    details: np.ndarray | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def window(self) -> int:
+        """Window length W."""
+        return int(self.idx.shape[1])
+
+    @property
+    def n_features(self) -> int:
+        """Feature count F."""
+        return int(self.X.shape[1])
+
+    def rows(self, split: str | None = None, labeled: bool = True) -> np.ndarray:
+        """Row numbers of one split (all when None), labeled rows only by default."""
+        mask = np.ones(len(self.y), dtype=bool)
+        if split is not None:
+            mask &= self.split == split
+        if labeled:
+            mask &= self.y >= 0
+        return np.flatnonzero(mask)
+
+    def windows(self, rows: Any) -> np.ndarray:
+        """The windows ``float32 [n, W, F]`` of the given rows."""
+        from flows.windows import gather_windows
+
+        return gather_windows(self.X, self.idx[np.asarray(rows, dtype=np.int64)])
+
+
+def stratified_split(
+    y: np.ndarray,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+) -> np.ndarray:
+    """Seeded stratified train/val/test assignment (array of str) by label."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(y), dtype=object)
+    for value in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == value))
+        n_train = int(round(fractions[0] * len(rows)))
+        n_val = int(round(fractions[1] * len(rows)))
+        out[rows[:n_train]] = "train"
+        out[rows[n_train:n_train + n_val]] = "val"
+        out[rows[n_train + n_val:]] = "test"
+    return out
+
+
+def holdout_types(
+    prep: Prepared, fraction: float = 0.3, seed: int = 0, min_rows: int = 20
+) -> list[str]:
+    """Move whole attack types from train to val, so val measures novel attacks.
+
+    Within each attack family, types other than the family's most common one are
+    candidates; a seeded draw holds out about ``fraction`` of them (at least one
+    per family with a candidate). Every row of a held-out type, train or val, ends
+    up in val. Returns the held-out type names. Test rows are never touched.
+    """
+    if prep.details is None:
+        return []
+    details = prep.details.astype(str)
+    fams = prep.families.astype(str) if prep.families is not None else details
+    dev = np.isin(prep.split, ("train", "val")) & (prep.y == 1)
+    rng = np.random.default_rng(seed)
+    held: list[str] = []
+    for fam in sorted(set(fams[dev])):
+        names, counts = np.unique(details[dev & (fams == fam)], return_counts=True)
+        order = np.argsort(-counts, kind="stable")
+        candidates = [str(names[i]) for i in order[1:] if counts[i] >= min_rows]
+        if not candidates:
+            continue
+        k = max(1, int(round(fraction * len(candidates))))
+        held += sorted(rng.choice(candidates, size=k, replace=False).tolist())
+    moving = np.isin(details, held) & np.isin(prep.split, ("train", "val"))
+    prep.split = prep.split.copy()
+    prep.split[moving] = "val"
+    logger.info("held out %d attack types for validation: %s", len(held), held)
+    return held
+
+
+def _load(source: str | os.PathLike[str], data_dir: Any, seed: int) -> dict[str, Any]:
+    from flows.datasets import REGISTRY, load_dataset
+
+    text = str(source)
+    if text in REGISTRY:
+        ds = load_dataset(text, data_dir=data_dir, seed=seed)
+        files = {}
+        for entry in REGISTRY[text].get("files", []) if isinstance(
+                REGISTRY[text], dict) else getattr(REGISTRY[text], "files", []):
+            rel = entry.get("path") if isinstance(entry, dict) else getattr(
+                entry, "path", None)
+            sha = entry.get("sha256") if isinstance(entry, dict) else getattr(
+                entry, "sha256", None)
+            if rel:
+                files[str(rel)] = sha
+        return {
+            "table": ds.table, "family": ds.family, "name": ds.name,
+            "group_by": ds.group_by_default, "window": ds.window_default,
+            "files": files, "warnings": [],
+        }
+
+    from flows.readers import read
+
+    path = Path(text)
+    if not path.exists():
+        raise UsageError(
+            f"{text!r} is neither a dataset name ({', '.join(sorted(REGISTRY))}) "
+            "nor an existing file"
+        )
+    result = read(str(path))
+    from teacher.checkpoint import sha256_file
+
+    return {
+        "table": result.table, "family": result.family, "name": path.name,
+        "group_by": "src_ip" if result.family == "conn" else "stream",
+        "window": None, "files": {str(path): sha256_file(path)},
+        "warnings": list(result.warnings),
+    }
+
+
+def prepare(
+    source: str | os.PathLike[str],
+    encoder: Any = None,
+    *,
+    data_dir: Any = None,
+    window: int | None = None,
+    group_by: str | None = None,
+    seed: int = 0,
+) -> Prepared:
+    """Encode a dataset name or a flow file into a :class:`Prepared`.
+
+    With ``encoder=None`` a new encoder is fitted on the training rows (window
+    ``window`` or the dataset default, grouping ``group_by`` or the default);
+    otherwise the given fitted encoder is applied as is (its window and grouping
+    win, and a family mismatch is a BadInputError). A file without a ``split``
+    column is split 80/10/10 (seeded, stratified) when an encoder is to be fitted,
+    and is all "test" when one is given.
+    """
+    from flows.encoder import Encoder
+    from flows.record import table_to_columns
+    from flows.windows import window_index_for
+
+    loaded = _load(source, data_dir, seed)
+    table = loaded["table"]
+    if table.num_rows == 0:
+        raise BadInputError(f"{source}: no rows to prepare")
+    columns = table_to_columns(table)
+
+    # Labels (-1 = unlabeled), families and label texts.
+    if "label" not in columns:
+        y = np.full(table.num_rows, -1, dtype=np.int8)
+    else:
+        raw = np.asarray(columns["label"], dtype=np.float64)
+        y = np.where(np.isnan(raw), -1, raw).astype(np.int8)
+    details = columns.get("label_detail")
+    fam_col = _FAMILY_COLUMN.get(loaded["family"])
+    families = columns.get(fam_col) if fam_col else None
+    if families is None and details is not None:
+        families = np.array(
+            [None if d is None else str(d) for d in details], dtype=object)
+
+    # Splits: the dataset's own, else a seeded one (or all test for scoring).
+    if "split" in columns:
+        split = np.asarray(columns["split"], dtype=object)
+    elif encoder is None:
+        split = stratified_split(y, seed=seed)
+    else:
+        split = np.full(table.num_rows, "test", dtype=object)
+
+    # Encoder: fit on labeled training rows, or check the given one fits the data.
+    if encoder is None:
+        train = np.flatnonzero(split == "train")
+        if train.size == 0:
+            raise BadInputError(f"{source}: no training rows to fit the encoder on")
+        fit_cols = {k: np.asarray(v)[train] for k, v in columns.items()}
+        encoder = Encoder.fit(
+            fit_cols, loaded["family"],
+            window=window or loaded["window"] or 1,
+            group_by=group_by or loaded["group_by"] or "stream",
+        )
+    elif encoder.family != loaded["family"]:
+        raise BadInputError(
+            f"{source} holds {loaded['family']!r} records but the checkpoint's "
+            f"encoder was fitted on {encoder.family!r}"
+        )
+    X = np.ascontiguousarray(encoder.transform(columns), dtype=np.float32)
+    idx = window_index_for(columns, encoder)
+
+    logger.info("prepared %s: %d rows, %d features, W=%d", loaded["name"],
+                len(X), X.shape[1], encoder.window)
+    return Prepared(
+        X=X, idx=np.asarray(idx, dtype=np.int64), y=y,
+        split=split.astype(str).astype(object), encoder=encoder,
+        name=loaded["name"], family=loaded["family"],
+        families=None if families is None else np.asarray(families, dtype=object),
+        details=None if details is None else np.asarray(details, dtype=object),
+        files=loaded["files"], warnings=loaded["warnings"],
+    )

@@ -1,0 +1,192 @@
+"""Binary detection metrics, threshold rules and latency timing (numpy + sklearn).
+
+One implementation for the teacher, the shallow baselines, the compressed students and
+the benchmarks, so their numbers are comparable. Scores are probabilities of anomaly:
+a flow is flagged when its score is at or above the threshold.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from flows.errors import BadInputError, UsageError
+
+__all__ = [
+    "binary_metrics",
+    "choose_threshold",
+    "time_scorer",
+]
+
+
+def _as_arrays(y: Any, prob: Any) -> tuple[np.ndarray, np.ndarray]:
+    y_arr = np.asarray(y).astype(np.int64).ravel()
+    p_arr = np.asarray(prob, dtype=np.float64).ravel()
+    if y_arr.shape != p_arr.shape:
+        raise BadInputError(
+            f"labels and scores differ in length: {y_arr.size} vs {p_arr.size}"
+        )
+    if y_arr.size and not np.isin(y_arr, (0, 1)).all():
+        raise BadInputError("labels must be 0 or 1 (drop unlabeled rows first)")
+    if np.isnan(p_arr).any():
+        raise BadInputError("scores contain NaN")
+    return y_arr, p_arr
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den else 0.0
+
+
+def binary_metrics(
+    y: Any,
+    prob: Any,
+    threshold: float,
+    families: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """Accuracy, precision, recall, F1, ROC AUC, FPR, confusion and per-family recall.
+
+    ``y`` holds 0/1 labels, ``prob`` the scores; a row is flagged when its score is
+    ``>= threshold``. ``per_family_recall`` (only when ``families`` is given) is, for
+    each family that has malicious rows, the share of those rows that were flagged.
+    ``roc_auc`` is None when only one class is present. Ratios with an empty
+    denominator are 0.
+
+    >>> m = binary_metrics([0, 0, 1, 1], [0.1, 0.6, 0.7, 0.2], 0.5)
+    >>> m["accuracy"], m["confusion"]
+    (0.5, {'tn': 1, 'fp': 1, 'fn': 1, 'tp': 1})
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y_arr, p_arr = _as_arrays(y, prob)
+    pred = (p_arr >= threshold).astype(np.int64)
+
+    # Confusion counts and the ratios built on them.
+    tp = int(((pred == 1) & (y_arr == 1)).sum())
+    tn = int(((pred == 0) & (y_arr == 0)).sum())
+    fp = int(((pred == 1) & (y_arr == 0)).sum())
+    fn = int(((pred == 0) & (y_arr == 1)).sum())
+    precision = _ratio(tp, tp + fp)
+    recall = _ratio(tp, tp + fn)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    both = 0 < y_arr.sum() < y_arr.size
+    out: dict[str, Any] = {
+        "n": int(y_arr.size),
+        "threshold": float(threshold),
+        "accuracy": _ratio(tp + tn, y_arr.size),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "roc_auc": float(roc_auc_score(y_arr, p_arr)) if both else None,
+        "fpr": _ratio(fp, fp + tn),
+        "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+    }
+
+    # Recall of each family of malicious rows.
+    if families is not None:
+        fam = np.asarray(families, dtype=object).ravel()
+        if fam.shape != y_arr.shape:
+            raise BadInputError(
+                f"families and labels differ in length: {fam.size} vs {y_arr.size}"
+            )
+        per: dict[str, float] = {}
+        positive = y_arr == 1
+        for name in sorted({str(f) for f in fam[positive]}):
+            rows = positive & (fam.astype(str) == name)
+            per[name] = _ratio(int(pred[rows].sum()), int(rows.sum()))
+        out["per_family_recall"] = per
+    return out
+
+
+def choose_threshold(
+    y: Any,
+    prob: Any,
+    rule: str = "best-f1",
+    target_fpr: float = 0.01,
+) -> float:
+    """A decision threshold from labeled (validation) scores.
+
+    ``best-f1``: the score cut that maximizes F1 (ties go to the lower cut, which
+    catches more). ``fpr``: the lowest cut whose false-positive rate is at most
+    ``target_fpr``. Call this on validation data only, never on test data.
+
+    >>> choose_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    0.35
+    """
+    y_arr, p_arr = _as_arrays(y, prob)
+    if y_arr.size == 0:
+        raise BadInputError("cannot choose a threshold on no rows")
+    if rule not in ("best-f1", "fpr"):
+        raise UsageError(f"threshold rule must be 'best-f1' or 'fpr', got {rule!r}")
+
+    # Sort scores descending: flagging the top k rows is each possible cut.
+    order = np.argsort(-p_arr, kind="stable")
+    p_sorted, y_sorted = p_arr[order], y_arr[order]
+    tp = np.cumsum(y_sorted)
+    fp = np.cumsum(1 - y_sorted)
+    last = np.r_[p_sorted[1:] != p_sorted[:-1], True]  # end of each group of ties
+    cuts, tp, fp = p_sorted[last], tp[last], fp[last]
+    pos = int(y_arr.sum())
+    neg = y_arr.size - pos
+
+    if rule == "best-f1":
+        if pos == 0:
+            return float(min(1.0, p_arr.max() + 1e-6))
+        f1 = 2 * tp / (tp + fp + pos)
+        best = np.flatnonzero(f1 >= f1.max() - 1e-12)[-1]
+        return float(cuts[best])
+
+    if not 0.0 <= target_fpr <= 1.0:
+        raise UsageError(f"target FPR must be in [0, 1], got {target_fpr}")
+    fpr = fp / neg if neg else np.zeros_like(fp, dtype=np.float64)
+    ok = np.flatnonzero(fpr <= target_fpr)
+    if ok.size == 0:
+        return float(min(1.0, p_arr.max() + 1e-6))
+    return float(cuts[ok[-1]])
+
+
+def time_scorer(
+    score: Callable[[np.ndarray], Any],
+    windows: np.ndarray,
+    n_single: int = 300,
+    batch: int = 256,
+    n_batches: int = 20,
+    warmup: int = 10,
+) -> dict[str, float]:
+    """Latency at batch 1 (p50, p99 in µs) and throughput at batch ``batch``.
+
+    ``score`` maps an array of windows (or rows) to scores; ``windows`` supplies the
+    inputs (cycled when there are fewer than needed). The caller sets the thread
+    count (the contract measures on 1 CPU thread).
+    """
+    arr = np.asarray(windows)
+    if len(arr) == 0:
+        raise BadInputError("no inputs to time the scorer on")
+
+    # Warm up caches and lazy initialisation.
+    for i in range(warmup):
+        score(arr[i % len(arr)][None])
+
+    # One window at a time.
+    single = np.empty(n_single, dtype=np.float64)
+    for i in range(n_single):
+        x = arr[i % len(arr)][None]
+        start = time.perf_counter()
+        score(x)
+        single[i] = (time.perf_counter() - start) * 1e6
+
+    # Full batches.
+    reps = int(np.ceil(batch / len(arr)))
+    big = np.concatenate([arr] * reps)[:batch] if reps > 1 else arr[:batch]
+    score(big)
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        score(big)
+    elapsed = time.perf_counter() - start
+    return {
+        "latency_us_p50": float(np.percentile(single, 50)),
+        "latency_us_p99": float(np.percentile(single, 99)),
+        "throughput_flows_s": float(len(big) * n_batches / elapsed),
+    }

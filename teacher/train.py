@@ -1,0 +1,342 @@
+"""Training the teacher: Adam, early stopping on validation loss, a chosen threshold.
+
+:func:`fit` trains a :class:`~teacher.model.TeacherNet` on the "train" rows of a
+:class:`~teacher.data.Prepared` and watches the "val" rows: up to ``epochs`` epochs,
+stopping after ``patience`` epochs without a lower validation loss, and keeping the
+weights of the best epoch. Mini-batches are drawn class-weighted (each class equally
+likely) so the minority class is seen as often as the majority; SMOTE on the training
+rows is an option. The decision threshold is then chosen on validation scores (best F1
+or a target false-positive rate), never on test data.
+
+Runs are seeded and deterministic on CPU. CUDA is used when present, with mixed
+precision. Started by ``torchrun`` (``WORLD_SIZE`` > 1) the same call trains with
+DistributedDataParallel (gloo on CPU, nccl on GPU): every rank draws the same seeded
+sample order and takes its own slice of each global batch, so replicas stay equal.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flows.errors import BadInputError, ModelError, UsageError
+from teacher import logger
+from teacher.checkpoint import pick_device
+from teacher.data import Prepared
+from teacher.metrics import binary_metrics, choose_threshold
+from teacher.model import TeacherConfig, TeacherNet
+
+__all__ = ["TrainConfig", "TrainResult", "dist_info", "fit", "score_rows"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (model sizes live in TeacherConfig)."""
+
+    epochs: int = 50
+    patience: int = 5
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    balance: bool = True
+    smote: bool = False
+    seed: int = 0
+    threshold_rule: str = "best-f1"
+    target_fpr: float = 0.01
+    samples_per_epoch: int | None = None
+    amp: bool = True
+    device: str | None = None
+    max_minutes: float | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1 or self.patience < 1:
+            problems.append("epochs and patience must be >= 1")
+        if self.lr <= 0 or self.weight_decay < 0:
+            problems.append("lr must be > 0 and weight_decay >= 0")
+        if self.batch_size < 2:
+            problems.append("batch_size must be >= 2 (BatchNorm needs two rows)")
+        if self.threshold_rule not in ("best-f1", "fpr"):
+            problems.append("threshold_rule must be 'best-f1' or 'fpr'")
+        if not 0.0 <= self.target_fpr <= 1.0:
+            problems.append("target_fpr must be in [0, 1]")
+        if problems:
+            raise UsageError("bad training settings: " + "; ".join(problems))
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns: the best model and how it got there."""
+
+    model: TeacherNet
+    history: list[dict[str, Any]]
+    threshold: dict[str, Any]
+    val_metrics: dict[str, Any]
+    best_epoch: int
+    epochs_run: int
+    wall_s: float
+    train_config: dict[str, Any] = field(default_factory=dict)
+    reached_at: dict[str, Any] | None = None
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the torchrun environment (0, 1, 0 alone)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch.cuda.is_available():
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def _init_distributed(device: torch.device) -> bool:
+    import torch.distributed as dist
+
+    _, world, _ = dist_info()
+    if world <= 1:
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return True
+
+
+@torch.inference_mode()
+def score_rows(
+    model: nn.Module,
+    get_windows: Callable[[np.ndarray], np.ndarray],
+    rows: np.ndarray,
+    device: torch.device,
+    batch: int = 4096,
+) -> np.ndarray:
+    """Logits ``float64 [n]`` of the given rows, in eval mode, batch by batch."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(rows), batch):
+        x = torch.from_numpy(get_windows(rows[start:start + batch])).to(device)
+        out.append(model(x).float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _bce(y: np.ndarray, z: np.ndarray) -> float:
+    # Numerically stable mean binary cross-entropy on logits.
+    return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+
+
+def _smote(
+    windows: np.ndarray, y: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    from imblearn.over_sampling import SMOTE
+
+    n, w, f = windows.shape
+    counts = np.bincount(y, minlength=2)
+    k = int(min(5, counts.min() - 1))
+    if k < 1:
+        raise BadInputError("SMOTE needs at least two rows of each class in train")
+    flat, labels = SMOTE(random_state=seed, k_neighbors=k).fit_resample(
+        windows.reshape(n, w * f), y)
+    return flat.reshape(-1, w, f).astype(np.float32), labels.astype(np.int64)
+
+
+def _epoch_order(
+    y: np.ndarray, n: int, balance: bool, seed: int, epoch: int
+) -> np.ndarray:
+    """The seeded sample of training positions for one epoch (same on every rank)."""
+    rng = np.random.default_rng([seed, epoch])
+    if not balance:
+        if n <= len(y):
+            return rng.permutation(len(y))[:n]
+        return rng.integers(0, len(y), n)
+    counts = np.bincount(y, minlength=2).astype(np.float64)
+    weights = np.where(counts[y] > 0, 1.0 / np.maximum(counts[y], 1), 0.0)
+    weights /= weights.sum()
+    return rng.choice(len(y), size=n, replace=True, p=weights)
+
+
+def fit(
+    prep: Prepared,
+    model_config: TeacherConfig | None = None,
+    train_config: TrainConfig | None = None,
+    *,
+    init_state: dict[str, torch.Tensor] | None = None,
+    train_rows: np.ndarray | None = None,
+    val_rows: np.ndarray | None = None,
+    extra_train: tuple[np.ndarray, np.ndarray] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    target_f1: float | None = None,
+) -> TrainResult:
+    """Train a teacher on ``prep`` and return the best epoch's model and threshold.
+
+    ``model_config`` defaults to ``TeacherConfig(n_features, window)``; its
+    ``n_features``/``window`` must match the data. ``init_state`` starts from given
+    weights (transfer, incremental update). ``train_rows``/``val_rows`` override the
+    splits; ``extra_train`` adds ``(windows, labels)`` to the training part (a replay
+    buffer). ``on_epoch`` gets each epoch's history record (for a progress bar).
+    ``target_f1``: note the first epoch whose validation F1 reaches it (benchmarks).
+    """
+    tc = train_config or TrainConfig()
+    mc = model_config or TeacherConfig(n_features=prep.n_features, window=prep.window)
+    if (mc.n_features, mc.window) != (prep.n_features, prep.window):
+        raise ModelError(
+            f"model expects W={mc.window}, F={mc.n_features} but the data has "
+            f"W={prep.window}, F={prep.n_features}"
+        )
+    start_time = time.monotonic()
+    rank, world, local = dist_info()
+    device = pick_device(tc.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    distributed = _init_distributed(device)
+    _seed_everything(tc.seed)
+
+    # Rows of each part.
+    tr = prep.rows("train") if train_rows is None else np.asarray(train_rows)
+    va = prep.rows("val") if val_rows is None else np.asarray(val_rows)
+    if tr.size < 2 or va.size < 1:
+        raise BadInputError(
+            f"need training and validation rows, got {tr.size} and {va.size}")
+    y_tr = prep.y[tr].astype(np.int64)
+    y_va = prep.y[va].astype(np.float64)
+
+    # Training windows: gathered on demand, or materialised for SMOTE and replay.
+    train_x: np.ndarray | None = None
+    if tc.smote or extra_train is not None:
+        train_x = prep.windows(tr)
+        if extra_train is not None:
+            train_x = np.concatenate([train_x, extra_train[0].astype(np.float32)])
+            y_tr = np.concatenate([y_tr, extra_train[1].astype(np.int64)])
+        if tc.smote:
+            train_x, y_tr = _smote(train_x, y_tr, tc.seed)
+            logger.info("SMOTE: %d training windows after resampling", len(y_tr))
+
+    def train_windows(pos: np.ndarray) -> np.ndarray:
+        return train_x[pos] if train_x is not None else prep.windows(tr[pos])
+
+    def val_windows(pos: np.ndarray) -> np.ndarray:
+        return prep.windows(pos)
+
+    # Model, optimiser, mixed precision on CUDA.
+    model = TeacherNet(mc)
+    if init_state is not None:
+        try:
+            model.load_state_dict(init_state, strict=True)
+        except RuntimeError as exc:
+            raise ModelError(f"initial weights do not fit the model: {exc}") from exc
+    model.to(device)
+    net: nn.Module = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.Adam(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    use_amp = tc.amp and device.type == "cuda"
+    bf16 = use_amp and torch.cuda.is_bf16_supported()
+    amp_dtype = torch.bfloat16 if bf16 else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not bf16)
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    # Every rank takes an equal slice of each global batch.
+    per_rank = max(2, tc.batch_size // world)
+    n_samples = tc.samples_per_epoch or len(y_tr)
+    steps = max(1, n_samples // (per_rank * world))
+
+    history: list[dict[str, Any]] = []
+    best_loss, best_epoch, best_state, stale = math.inf, 0, None, 0
+    reached_at = None
+    for epoch in range(1, tc.epochs + 1):
+        t0 = time.monotonic()
+        net.train()
+        order = _epoch_order(y_tr, steps * per_rank * world, tc.balance, tc.seed, epoch)
+        total, seen = 0.0, 0
+        for step in range(steps):
+            chunk = order[step * per_rank * world:(step + 1) * per_rank * world]
+            mine = chunk[rank::world]
+            x = torch.from_numpy(train_windows(mine)).to(device, non_blocking=True)
+            target = torch.from_numpy(y_tr[mine].astype(np.float32)).to(device)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                loss = loss_fn(net(x).float(), target)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            total += float(loss.detach()) * len(mine)
+            seen += len(mine)
+
+        # Validation on every rank (same weights, same numbers, no gather needed).
+        z = score_rows(model, val_windows, va, device)
+        val_loss = _bce(y_va, z)
+        prob = _sigmoid(z)
+        cut = choose_threshold(y_va, prob, tc.threshold_rule, tc.target_fpr)
+        m = binary_metrics(y_va, prob, cut)
+        record = {
+            "epoch": epoch, "train_loss": total / max(seen, 1), "val_loss": val_loss,
+            "val_f1": m["f1"], "val_accuracy": m["accuracy"], "val_auc": m["roc_auc"],
+            "val_threshold": cut, "seconds": time.monotonic() - t0,
+            "elapsed_s": time.monotonic() - start_time,
+        }
+        history.append(record)
+        if target_f1 is not None and reached_at is None and m["f1"] >= target_f1:
+            reached_at = {"epoch": epoch, "elapsed_s": record["elapsed_s"]}
+        if on_epoch is not None and rank == 0:
+            on_epoch(record)
+        logger.debug("epoch %d: %s", epoch, record)
+
+        # Early stopping on validation loss; keep the best weights.
+        if val_loss < best_loss - 1e-6:
+            best_loss, best_epoch, stale = val_loss, epoch, 0
+            best_state = copy.deepcopy({k: v.detach().cpu()
+                                        for k, v in model.state_dict().items()})
+        else:
+            stale += 1
+        over_time = tc.max_minutes is not None and \
+            (time.monotonic() - start_time) / 60 > tc.max_minutes
+        if stale >= tc.patience or over_time:
+            break
+
+    # Best weights, then the threshold on validation scores.
+    model.load_state_dict(best_state)
+    model.eval()
+    prob = _sigmoid(score_rows(model, val_windows, va, device))
+    cut = choose_threshold(y_va, prob, tc.threshold_rule, tc.target_fpr)
+    fams = prep.families[va] if prep.families is not None else None
+    val_metrics = binary_metrics(y_va, prob, cut, families=fams)
+    val_metrics["loss"] = best_loss
+    threshold = {"threshold": cut, "rule": tc.threshold_rule, "chosen_on": "val"}
+    if tc.threshold_rule == "fpr":
+        threshold["target_fpr"] = tc.target_fpr
+    wall = time.monotonic() - start_time
+    logger.info("trained %d epochs (best %d, val loss %.4f, val F1 %.4f) in %.1f s",
+                len(history), best_epoch, best_loss, val_metrics["f1"], wall)
+    return TrainResult(
+        model=model.cpu(), history=history, threshold=threshold,
+        val_metrics=val_metrics, best_epoch=best_epoch, epochs_run=len(history),
+        wall_s=wall, train_config=asdict(tc), reached_at=reached_at,
+    )
