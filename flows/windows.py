@@ -1,0 +1,246 @@
+"""Windows of consecutive flows: the model's input ``[N, W, F]``, in batch or streaming.
+
+A flow's window is the flow itself preceded by the W-1 flows before it *with the same
+key*. The key is the source host (``group_by="src_ip"``) or one key for the whole
+stream (``group_by="stream"``); a ``capture`` column, when present, is part of the key
+so windows never span two capture files. "Before" means time order: rows are sorted
+by ``ts`` with a stable sort when ``ts`` is present (ties and nulls keep file order,
+nulls last), else file order. A window shorter than W (the first flows of a key) is
+padded with zero rows on the left. A window's label is its last flow's label, i.e.
+the label of the row the window belongs to.
+
+The batch form (:func:`window_index` + :func:`gather_windows`) and the streaming form
+(:class:`StreamWindower`, used by the edge agent) give the same windows for the same
+flows in the same order. The streaming form keeps at most ``max_hosts`` keys: past
+that, the least recently seen key is evicted and, when it comes back, it starts again
+from an empty window, exactly as if it were a new host.
+
+numpy only: the edge agent imports this module.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+
+from flows.errors import BadInputError, UsageError
+
+KEY_SEPARATOR = "|"
+
+
+def window_keys(columns: Mapping[str, Any], enc: Any) -> np.ndarray:
+    """The grouping key of each row: an object array of str.
+
+    ``group_by="src_ip"``: the source address (null addresses share the key ``""``);
+    ``"stream"``: ``""`` for every row. With a ``capture`` column the key is
+    ``capture|src_ip`` (or the capture alone for stream order).
+    """
+    n = columns.num_rows if hasattr(columns, "num_rows") else _n_rows(columns)
+    columns = _as_columns(columns)
+    group_by = getattr(enc, "group_by", enc)
+
+    # The part that comes from the grouping setting.
+    if group_by == "src_ip":
+        if "src_ip" not in columns:
+            raise BadInputError(
+                "windows per source host need a src_ip column", column="src_ip"
+            )
+        keys = np.array(["" if v is None else str(v) for v in columns["src_ip"]],
+                        dtype=object)
+    elif group_by == "stream":
+        keys = np.full(n, "", dtype=object)
+    else:
+        raise UsageError(f"group_by must be 'src_ip' or 'stream', got {group_by!r}")
+
+    # The capture file, when the table says which one each row came from.
+    if "capture" in columns:
+        captures = ["" if v is None else str(v) for v in columns["capture"]]
+        keys = np.array(
+            [c + KEY_SEPARATOR + k if group_by == "src_ip" else c
+             for c, k in zip(captures, keys, strict=True)],
+            dtype=object,
+        )
+    return keys
+
+
+def time_order(columns: Mapping[str, Any]) -> np.ndarray | None:
+    """Row order for windows: a stable sort by ``ts``, or None (file order) without ts.
+
+    Null ``ts`` values sort last, in file order.
+    """
+    columns = _as_columns(columns)
+    if "ts" not in columns:
+        return None
+    ts = np.asarray(columns["ts"], dtype=np.float64)
+    return np.argsort(ts, kind="stable")
+
+
+def window_index(keys: Any, W: int, order: Any = None) -> np.ndarray:
+    """Row indices of each row's window: int64 [N, W], -1 where the window is short.
+
+    ``keys`` gives each row's grouping key (any hashable values, e.g. from
+    :func:`window_keys`). ``order`` is a permutation of the rows giving their time
+    order (e.g. :func:`time_order`); None means file order. Column W-1 is the row
+    itself, column W-1-k its k-th predecessor with the same key.
+    """
+    if int(W) < 1:
+        raise UsageError(f"window length W must be at least 1, got {W!r}")
+    W = int(W)
+    codes = _factorize(keys)
+    n = codes.size
+
+    # The processing order, then rows of one key together, keeping that order.
+    if order is None:
+        seq = np.arange(n, dtype=np.int64)
+    else:
+        seq = np.asarray(order, dtype=np.int64)
+        if seq.shape != (n,) or not np.array_equal(np.sort(seq), np.arange(n)):
+            raise UsageError("order must be a permutation of the row indices")
+    grouped = seq[np.argsort(codes[seq], kind="stable")]
+
+    # Position of each grouped row inside its key's run.
+    run_code = codes[grouped]
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = run_code[1:] != run_code[:-1]
+    run_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    rank = np.arange(n) - run_start
+
+    # Predecessor k of grouped position p is grouped position p-k, within the run.
+    idx = np.full((n, W), -1, dtype=np.int64)
+    for k in range(W):
+        ok = rank >= k
+        idx[grouped[ok], W - 1 - k] = grouped[np.flatnonzero(ok) - k]
+    return idx
+
+
+def gather_windows(X: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The windows of rows ``idx`` as float32 [n, W, F]; index -1 gives a zero row."""
+    X = np.asarray(X, dtype=np.float32)
+    if X.ndim != 2:
+        raise UsageError(f"X must be [N, F], got shape {X.shape}")
+    idx = np.asarray(idx, dtype=np.int64)
+    if idx.ndim != 2:
+        raise UsageError(f"idx must be [n, W], got shape {idx.shape}")
+    if idx.size and (idx.max() >= X.shape[0] or idx.min() < -1):
+        raise UsageError(f"window indices out of range for {X.shape[0]} rows")
+    out = X[np.maximum(idx, 0)]
+    out[idx < 0] = 0.0
+    return out
+
+
+def window_index_for(columns: Mapping[str, Any], enc: Any) -> np.ndarray:
+    """Window indices of a table under an encoder's settings (keys, ts order, W)."""
+    columns = _as_columns(columns)
+    return window_index(window_keys(columns, enc), enc.window, time_order(columns))
+
+
+class StreamWindower:
+    """Per-key ring buffers that turn a stream of encoded flows into windows.
+
+    ``push(key, x)`` records flow ``x`` (float32 [F]) for ``key`` and returns its
+    window float32 [W, F], oldest first, zero rows on the left while the key has
+    fewer than W flows. At most ``max_hosts`` keys are kept; pushing a new key past
+    that evicts the least recently pushed key, which starts from an empty window if
+    it returns. ``evictions`` counts them.
+    """
+
+    def __init__(self, W: int, n_features: int, max_hosts: int = 10_000) -> None:
+        if int(W) < 1 or int(n_features) < 1 or int(max_hosts) < 1:
+            raise UsageError(
+                "StreamWindower needs W, n_features and max_hosts of at least 1, got "
+                f"{W!r}, {n_features!r}, {max_hosts!r}"
+            )
+        self.W = int(W)
+        self.n_features = int(n_features)
+        self.max_hosts = int(max_hosts)
+        self.evictions = 0
+        # key -> [ring buffer [W, F], next write slot, number of flows held]
+        self._hosts: OrderedDict[Hashable, list[Any]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._hosts)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._hosts
+
+    def push(self, key: Hashable, x: Any) -> np.ndarray:
+        """Add one encoded flow for ``key``; returns its window float32 [W, F]."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.shape != (self.n_features,):
+            raise UsageError(
+                f"flow vector has shape {x.shape}, expected ({self.n_features},)"
+            )
+
+        # Find or make the key's buffer; evict the least recently used past the cap.
+        state = self._hosts.get(key)
+        if state is None:
+            if len(self._hosts) >= self.max_hosts:
+                self._hosts.popitem(last=False)
+                self.evictions += 1
+            state = [np.zeros((self.W, self.n_features), dtype=np.float32), 0, 0]
+            self._hosts[key] = state
+        else:
+            self._hosts.move_to_end(key)
+
+        # Write the flow, then read the buffer out oldest first.
+        ring, slot, held = state
+        ring[slot] = x
+        slot = (slot + 1) % self.W
+        held = min(held + 1, self.W)
+        state[1], state[2] = slot, held
+        out = np.zeros((self.W, self.n_features), dtype=np.float32)
+        if held < self.W:
+            out[self.W - held :] = ring[:held]
+        else:
+            out[: self.W - slot] = ring[slot:]
+            out[self.W - slot :] = ring[:slot]
+        return out
+
+    def push_many(self, keys: Any, X: Any) -> np.ndarray:
+        """Push rows of X [n, F] in order with their keys; returns float32 [n, W, F]."""
+        X = np.asarray(X, dtype=np.float32)
+        if len(keys) != X.shape[0]:
+            raise UsageError(f"{len(keys)} keys for {X.shape[0]} flows")
+        out = np.empty((X.shape[0], self.W, self.n_features), dtype=np.float32)
+        for i, key in enumerate(keys):
+            out[i] = self.push(key, X[i])
+        return out
+
+    def forget(self, key: Hashable) -> None:
+        """Drop one key's buffer (e.g. when a host leaves)."""
+        self._hosts.pop(key, None)
+
+    def reset(self) -> None:
+        """Drop every buffer."""
+        self._hosts.clear()
+
+
+def _factorize(keys: Any) -> np.ndarray:
+    """Integer codes for arbitrary hashable keys, in order of first appearance."""
+    arr = np.asarray(keys) if not isinstance(keys, np.ndarray) else keys
+    if arr.dtype.kind in "iub":
+        return arr.astype(np.int64, copy=False).reshape(-1)
+    table: dict[Any, int] = {}
+    return np.fromiter(
+        (table.setdefault(k, len(table)) for k in keys), dtype=np.int64, count=len(keys)
+    )
+
+
+def _n_rows(columns: Mapping[str, Any]) -> int:
+    """The row count of a mapping of columns (0 for none)."""
+    for values in columns.values():
+        return len(values)
+    return 0
+
+
+def _as_columns(columns: Any) -> Mapping[str, Any]:
+    """Accept a mapping of columns, or a pyarrow Table (only the columns used here)."""
+    if hasattr(columns, "column_names") and hasattr(columns, "select"):
+        from flows.record import table_to_columns
+
+        used = [n for n in ("ts", "src_ip", "capture") if n in columns.column_names]
+        return table_to_columns(columns.select(used))
+    return columns

@@ -1,0 +1,188 @@
+"""Tests of windows: batch indices, gathering, keys, and the streaming windower."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+from flows.errors import BadInputError, UsageError
+from flows.windows import (
+    StreamWindower,
+    gather_windows,
+    time_order,
+    window_index,
+    window_index_for,
+    window_keys,
+)
+
+
+def naive_index(keys, W, order=None):
+    """Reference: walk rows in order, remember each key's last W rows."""
+    n = len(keys)
+    seq = range(n) if order is None else order
+    history: dict = {}
+    idx = np.full((n, W), -1, dtype=np.int64)
+    for row in seq:
+        past = history.setdefault(keys[row], [])
+        past.append(row)
+        last = past[-W:]
+        idx[row, W - len(last) :] = last
+    return idx
+
+
+def naive_lru_windows(keys, X, W, max_hosts):
+    """Reference for eviction: an evicted key comes back as a fresh key."""
+    hosts: OrderedDict = OrderedDict()
+    out = np.zeros((len(keys), W, X.shape[1]), dtype=np.float32)
+    for i, key in enumerate(keys):
+        if key not in hosts and len(hosts) >= max_hosts:
+            hosts.popitem(last=False)
+        rows = hosts.pop(key, [])
+        rows.append(i)
+        hosts[key] = rows
+        last = rows[-W:]
+        out[i, W - len(last) :] = X[last]
+    return out
+
+
+def test_window_index_by_hand():
+    keys = ["a", "b", "a", "a", "b", "a"]
+    idx = window_index(keys, 3)
+    expected = [
+        [-1, -1, 0],
+        [-1, -1, 1],
+        [-1, 0, 2],
+        [0, 2, 3],
+        [-1, 1, 4],
+        [2, 3, 5],
+    ]
+    np.testing.assert_array_equal(idx, expected)
+    assert idx.dtype == np.int64
+
+
+def test_time_order_sorts_by_ts_stably():
+    # Rows 1 and 3 share a timestamp: file order decides; the null ts goes last.
+    columns = {"ts": [5.0, 2.0, 9.0, 2.0, np.nan, 1.0]}
+    order = time_order(columns)
+    np.testing.assert_array_equal(order, [5, 1, 3, 0, 2, 4])
+    idx = window_index(["h"] * 6, 2, order)
+    np.testing.assert_array_equal(idx[:, 0], [3, 5, 0, 1, 2, -1])
+    assert time_order({"src_ip": ["x"]}) is None
+
+
+@pytest.mark.parametrize("W", [1, 2, 5, 16])
+def test_window_index_matches_reference(W):
+    rng = np.random.default_rng(W)
+    n = 3000
+    keys = rng.integers(0, 40, n).astype(str).tolist()
+    np.testing.assert_array_equal(window_index(keys, W), naive_index(keys, W))
+    order = rng.permutation(n)
+    np.testing.assert_array_equal(
+        window_index(keys, W, order), naive_index(keys, W, order)
+    )
+    # A window's last flow is the row itself, so its label is that row's label.
+    np.testing.assert_array_equal(window_index(keys, W)[:, -1], np.arange(n))
+
+
+def test_gather_pads_with_zeros_on_the_left():
+    X = np.arange(1, 13, dtype=np.float32).reshape(4, 3)
+    idx = window_index(["a", "a", "b", "a"], 3)
+    G = gather_windows(X, idx)
+    assert G.shape == (4, 3, 3) and G.dtype == np.float32
+    np.testing.assert_array_equal(G[0], [[0, 0, 0], [0, 0, 0], X[0]])
+    np.testing.assert_array_equal(G[3], [X[0], X[1], X[3]])
+    np.testing.assert_array_equal(G[2], [[0, 0, 0], [0, 0, 0], X[2]])
+    with pytest.raises(UsageError):
+        gather_windows(X, np.array([[7, 0]]))
+
+
+class Settings:
+    """Stands in for an encoder's window settings."""
+
+    def __init__(self, group_by: str, window: int = 3) -> None:
+        self.group_by = group_by
+        self.window = window
+
+
+def test_window_keys_host_stream_and_capture():
+    cols = {"src_ip": ["10.0.0.1", None, "10.0.0.1"], "ts": [1.0, 2.0, 3.0]}
+    assert list(window_keys(cols, Settings("src_ip"))) == ["10.0.0.1", "", "10.0.0.1"]
+    assert list(window_keys(cols, Settings("stream"))) == ["", "", ""]
+    cols["capture"] = ["a.log", "a.log", "b.log"]
+    assert list(window_keys(cols, Settings("src_ip"))) == [
+        "a.log|10.0.0.1", "a.log|", "b.log|10.0.0.1"
+    ]
+    assert list(window_keys(cols, Settings("stream"))) == ["a.log", "a.log", "b.log"]
+    # The same host in two captures never shares a window.
+    idx = window_index_for(cols, Settings("src_ip"))
+    np.testing.assert_array_equal(idx[2], [-1, -1, 2])
+    with pytest.raises(BadInputError, match="src_ip"):
+        window_keys({"ts": [1.0]}, Settings("src_ip"))
+    with pytest.raises(UsageError):
+        window_keys(cols, Settings("dst_ip"))
+
+
+def test_window_keys_from_an_arrow_table():
+    pa = pytest.importorskip("pyarrow")
+    table = pa.table({"src_ip": ["h1", "h2", "h1"], "ts": [3.0, 2.0, 1.0]})
+    idx = window_index_for(table, Settings("src_ip", window=2))
+    np.testing.assert_array_equal(idx, [[2, 0], [-1, 1], [-1, 2]])
+
+
+def test_stream_windower_equals_batch_windows():
+    rng = np.random.default_rng(7)
+    n, F, W = 2000, 6, 5
+    keys = rng.choice([f"10.0.0.{i}" for i in range(25)], n).tolist()
+    X = rng.random((n, F), dtype=np.float32)
+    batch = gather_windows(X, window_index(keys, W))
+
+    stream = StreamWindower(W, F, max_hosts=25)
+    got = np.stack([stream.push(k, x) for k, x in zip(keys, X, strict=True)])
+    assert got.tobytes() == batch.tobytes()
+    assert stream.evictions == 0 and len(stream) == 25
+
+    again = StreamWindower(W, F, max_hosts=100).push_many(keys, X)
+    assert again.tobytes() == batch.tobytes()
+
+
+def test_eviction_restarts_a_host_with_an_empty_window():
+    F = 2
+    stream = StreamWindower(3, F, max_hosts=2)
+    a1, b1, c1, a2 = (np.full(F, v, np.float32) for v in (1, 2, 3, 4))
+    stream.push("A", a1)
+    stream.push("B", b1)
+    stream.push("C", c1)  # evicts A, the least recently pushed
+    assert stream.evictions == 1 and "A" not in stream
+    window = stream.push("A", a2)  # A is new again: a2 alone, after zeros
+    np.testing.assert_array_equal(window, [[0, 0], [0, 0], [4, 4]])
+    assert "B" not in stream and "C" in stream  # pushing A evicted B
+
+    # Recency is by push: touching B keeps it, so C is the one evicted.
+    stream = StreamWindower(3, F, max_hosts=2)
+    for key in ("B", "C", "B", "A"):
+        stream.push(key, a1)
+    assert "B" in stream and "C" not in stream
+
+
+def test_eviction_matches_reference_on_a_random_stream():
+    rng = np.random.default_rng(8)
+    n, F, W, cap = 3000, 3, 4, 7
+    keys = rng.choice(list("ABCDEFGHIJKL"), n).tolist()
+    X = rng.random((n, F), dtype=np.float32)
+    stream = StreamWindower(W, F, max_hosts=cap)
+    got = stream.push_many(keys, X)
+    np.testing.assert_array_equal(got, naive_lru_windows(keys, X, W, cap))
+    assert stream.evictions > 0
+
+
+def test_bad_settings_are_usage_errors():
+    with pytest.raises(UsageError):
+        window_index(["a"], 0)
+    with pytest.raises(UsageError, match="permutation"):
+        window_index(["a", "b"], 2, order=[0, 0])
+    with pytest.raises(UsageError):
+        StreamWindower(0, 3)
+    with pytest.raises(UsageError, match="shape"):
+        StreamWindower(2, 3).push("h", np.zeros(4))
