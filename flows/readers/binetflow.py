@@ -1,0 +1,168 @@
+"""Argus bidirectional flow files (``.binetflow``, CTU-13 style), comma or tab separated.
+
+Mapping onto the canonical conn record:
+
+* ``StartTime`` (``YYYY/MM/DD HH:MM:SS.ffffff``, read as UTC: the files carry no
+  zone) -> ``ts``; ``Dur`` -> ``duration``; ``Proto`` -> ``proto`` (lower case);
+  ``SrcAddr``/``Sport`` -> ``src_ip``/``src_port`` and ``DstAddr``/``Dport`` ->
+  ``dst_ip``/``dst_port`` (hex ports such as ``0x0035`` are read as numbers);
+  ``State`` -> ``conn_state`` (Argus's state names, not Zeek's).
+* Argus byte counts include IP headers, so ``SrcBytes`` -> ``orig_ip_bytes`` and
+  ``TotBytes - SrcBytes`` -> ``resp_ip_bytes``; ``SrcPkts`` -> ``orig_pkts`` and
+  ``TotPkts - SrcPkts`` -> ``resp_pkts``. Without a ``SrcPkts`` column both packet
+  fields are null: the split is unknown and is not guessed. ``orig_bytes``,
+  ``resp_bytes`` (payload), ``uid``, ``service``, ``history`` and ``missed_bytes``
+  are null.
+* ``Dir`` is *not* used to swap the sides: Argus already names the side that
+  started the flow ``Src``; ``<-`` only says that traffic was seen from Dst alone,
+  and swapping would break the Src* counters. The counts of each ``Dir`` are in
+  ``stats["dir"]``.
+* ``Label``: ``From-Botnet``/``Botnet``/``Malware`` -> 1, ``Normal`` -> 0,
+  ``Background`` or empty -> null; a label naming none of these (Slips data has
+  ``flow=TCP-Established-To-Microsoft-7``) is null too, counted in a warning (see :func:`flows.readers.labels.ctu_label`);
+  ``label_detail`` is the label as written.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from flows.errors import BadInputError
+from flows.readers._convert import BadRows, to_number, value_counts
+from flows.readers._finish import Problem, finish
+from flows.readers._source import Source
+from flows.readers._table import header_and_body, split_rows
+from flows.readers.labels import ctu_label
+from flows.readers.result import ReadResult
+from flows.record import CONN_FIELD_NAMES, conn_schema
+
+REQUIRED = ("StartTime", "Proto", "SrcAddr", "DstAddr")
+
+
+def read_binetflow(src: Source, on_error: str) -> ReadResult:
+    """Read an Argus binetflow file into canonical conn records."""
+    first, body = header_and_body(src.data)
+    delimiter = "\t" if first.count("\t") > first.count(",") else ","
+    names = [n.strip() for n in first.split(delimiter)]
+    index = {n.lower(): i for i, n in enumerate(names)}
+    for name in REQUIRED:
+        if name.lower() not in index:
+            raise BadInputError(
+                f"header has no {name!r} column (required: {', '.join(REQUIRED)})",
+                path=src.path, line=1, column=name,
+            )
+    strings, lines, problems, cut = split_rows(
+        body, names, delimiter, path=src.path, first_line=2
+    )
+    n = strings.num_rows
+    bad = BadRows()
+
+    def col(name: str) -> pa.Array | None:
+        i = index.get(name.lower())
+        if i is None:
+            return None
+        arr = pc.utf8_trim_whitespace(strings.column(f"c{i}").combine_chunks())
+        return pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)
+
+    def number(name: str, kind: str) -> pa.Array:
+        arr = col(name)
+        if arr is None:
+            return pa.nulls(n, pa.float64() if kind == "f64" else pa.int64())
+        return to_number(arr, kind, name, bad, hex_ok=kind == "i64")[0]
+
+    out: dict[str, pa.Array] = {}
+    out["ts"] = _start_time(col("StartTime"), bad)
+    out["duration"] = number("Dur", "f64")
+    out["proto"] = pc.utf8_lower(col("Proto"))
+    out["src_ip"] = col("SrcAddr")
+    out["dst_ip"] = col("DstAddr")
+    out["src_port"] = number("Sport", "i64")
+    out["dst_port"] = number("Dport", "i64")
+    state = col("State")
+    out["conn_state"] = state if state is not None else pa.nulls(n, pa.string())
+
+    tot_bytes, src_bytes = number("TotBytes", "i64"), number("SrcBytes", "i64")
+    tot_pkts, src_pkts = number("TotPkts", "i64"), number("SrcPkts", "i64")
+    out["orig_ip_bytes"] = src_bytes
+    out["resp_ip_bytes"] = _rest(tot_bytes, src_bytes, "SrcBytes", "TotBytes", bad)
+    out["orig_pkts"] = src_pkts
+    out["resp_pkts"] = _rest(tot_pkts, src_pkts, "SrcPkts", "TotPkts", bad)
+
+    warnings: list[str] = []
+    stats: dict = {"labels": {}, "labeled": "label" in index}
+    raw_label = col("Label")
+    if raw_label is not None:
+        written = pc.utf8_trim_whitespace(strings.column(f"c{index['label']}")
+                                          .combine_chunks())
+        stats["labels"] = value_counts(written)
+        out["label"] = _labels(raw_label, warnings, src.path)
+        out["label_detail"] = raw_label
+        stats["labeled"] = bool(pc.any(pc.is_valid(raw_label)).as_py())
+    direction = col("Dir")
+    if direction is not None:
+        stats["dir"] = value_counts(direction, null_as="")
+
+    table = pa.Table.from_arrays(
+        [out.get(name, pa.nulls(n, conn_schema().field(name).type))
+         for name in CONN_FIELD_NAMES],
+        schema=conn_schema(),
+    )
+    row_problems = {
+        row: Problem(int(lines[row]), column, message)
+        for row, (column, message) in bad.rows.items()
+    }
+    return finish(
+        table, lines, problems, path=src.path, on_error=on_error, fmt="binetflow",
+        family="conn", cut=src.cut or cut, stats=stats, warnings=warnings, row_problems=row_problems,
+    )
+
+
+def _start_time(arr: pa.Array, bad: BadRows) -> pa.Array:
+    """``YYYY/MM/DD HH:MM:SS[.ffffff]`` (or with ``-``) as UTC epoch seconds."""
+    text = pc.replace_substring(arr, "-", "/")
+    whole = pc.utf8_slice_codeunits(text, 0, 19)
+    frac = pc.utf8_slice_codeunits(text, 19, 64)
+    secs = pc.strptime(whole, format="%Y/%m/%d %H:%M:%S", unit="s", error_is_null=True)
+    frac_ok = pc.or_(pc.equal(frac, ""), pc.match_substring_regex(frac, r"^\.\d+$"))
+    fraction = pc.cast(
+        pc.if_else(frac_ok, pc.binary_join_element_wise("0", frac, ""), "0"), pa.float64()
+    )
+    wrong = pc.and_(
+        pc.is_valid(arr), pc.or_(pc.is_null(secs), pc.invert(frac_ok))
+    )
+    if pc.any(wrong).as_py():
+        for row in np.flatnonzero(np.asarray(wrong.fill_null(False))):
+            bad.add(int(row), "StartTime",
+                    f"expected YYYY/MM/DD HH:MM:SS.ffffff, found {arr[row].as_py()!r}")
+    seconds = pc.cast(pc.cast(secs, pa.int64()), pa.float64())
+    return pc.add(seconds, fraction)
+
+
+def _rest(total: pa.Array, part: pa.Array, part_name: str, total_name: str,
+          bad: BadRows) -> pa.Array:
+    """``total - part``, noting rows where the part is larger than the total."""
+    rest = pc.subtract(total, part)
+    negative = pc.less(rest, 0)
+    if pc.any(negative).as_py():
+        for row in np.flatnonzero(np.asarray(negative.fill_null(False))):
+            bad.add(int(row), part_name, f"{part_name} {part[row].as_py()} is larger "
+                    f"than {total_name} {total[row].as_py()}")
+    return rest
+
+
+def _labels(text: pa.Array, warnings: list[str], path: str) -> pa.Array:
+    """Map CTU label texts to 1/0/null; texts no rule knows read as null, with a note."""
+    unique = pc.unique(text).to_pylist()
+    mapped = {u: ctu_label(u) for u in unique if u is not None}
+    unknown = sorted(k for k, v in mapped.items() if v == "?")
+    if unknown:
+        count = pc.sum(pc.is_in(text, value_set=pa.array(unknown))).as_py()
+        warnings.append(
+            f"{path}: {count} row(s) carry CTU labels that name neither Botnet/Malware, "
+            f"Normal nor Background; their label is null: {', '.join(unknown[:5])}"
+        )
+    keys = [k for k, v in mapped.items() if v in (0, 1)]
+    values = pa.array([mapped[k] for k in keys], pa.int8())
+    return pc.take(values, pc.index_in(text, value_set=pa.array(keys, pa.string())))

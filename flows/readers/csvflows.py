@@ -1,0 +1,159 @@
+"""CSV feature families: UNSW-NB15 and CICFlowMeter (CIC-IDS2017/2018) exports.
+
+UNSW-NB15: the UTF-8 BOM and CRLF endings are handled; ``id`` is dropped; ``proto``,
+``service`` and ``state`` stay text (``service`` ``-`` means none and reads as
+null); every other feature is float64; ``label`` is checked to be 0 or 1 and
+``attack_cat`` becomes ``label_detail``.
+
+CICFlowMeter: column names are stripped of spaces; a name that repeats (CIC-IDS2017
+has ``Fwd Header Length`` twice) gets ``_2``, ``_3``... and a warning; header rows
+repeated inside the file (files joined with ``cat``) are dropped and counted in
+``stats["repeated_headers"]``. The one rule for unusable numbers: **``Infinity``,
+``-Infinity``, ``NaN`` and empty values in any numeric column read as null**, and
+their count is ``stats["non_finite"]`` (with a warning). The identifying columns
+(flow id, addresses, timestamp) stay text; ``Label`` ``BENIGN`` (any case) -> 0,
+any other text -> 1, empty -> null; ``label_detail`` is the label as written.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from flows.errors import BadInputError
+from flows.readers._convert import BadRows, to_number, value_counts
+from flows.readers._finish import Problem, finish
+from flows.readers._source import Source
+from flows.readers._table import header_and_body, split_rows
+from flows.readers.result import ReadResult
+
+UNSW_TEXT = ("proto", "service", "state")
+CIC_TEXT = {
+    "flow id", "source ip", "src ip", "destination ip", "dst ip", "timestamp",
+    "simillarhttp", "label",
+}
+
+
+def read_unsw(src: Source, on_error: str) -> ReadResult:
+    """Read a UNSW-NB15 CSV into the unsw-nb15 feature family."""
+    first, body = header_and_body(src.data)
+    names = [n.strip() for n in first.split(",")]
+    for name in ("label", "attack_cat"):
+        if name not in names:
+            raise BadInputError(f"header has no {name!r} column", path=src.path,
+                                line=1, column=name)
+    strings, lines, problems, cut = split_rows(
+        body, names, ",", path=src.path, first_line=2, quote='"'
+    )
+    bad = BadRows()
+    arrays, fields = [], []
+    for i, name in enumerate(names):
+        if name in ("id", "label", "attack_cat"):
+            continue
+        arr = pc.utf8_trim_whitespace(strings.column(f"c{i}").combine_chunks())
+        if name in UNSW_TEXT:
+            if name == "service":
+                arr = pc.if_else(pc.equal(arr, "-"), pa.scalar(None, pa.string()), arr)
+            arrays.append(arr)
+            fields.append(pa.field(name, pa.string()))
+        else:
+            arrays.append(to_number(arr, "f64", name, bad)[0])
+            fields.append(pa.field(name, pa.float64()))
+
+    label_text = pc.utf8_trim_whitespace(
+        strings.column(f"c{names.index('label')}").combine_chunks()
+    )
+    label, _ = to_number(label_text, "i8", "label", bad)
+    not_binary = pc.invert(pc.is_in(label, value_set=pa.array([0, 1], pa.int8())))
+    for row in np.flatnonzero(np.asarray(not_binary.fill_null(False))):
+        bad.add(int(row), "label", f"expected 0 or 1, found {label_text[row].as_py()!r}")
+    detail = pc.utf8_trim_whitespace(
+        strings.column(f"c{names.index('attack_cat')}").combine_chunks()
+    )
+    detail = pc.if_else(pc.equal(detail, ""), pa.scalar(None, pa.string()), detail)
+    arrays += [label, detail]
+    fields += [pa.field("label", pa.int8()), pa.field("label_detail", pa.string())]
+
+    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    stats = {"labels": value_counts(detail), "labeled": True}
+    return finish(
+        table, lines, problems, path=src.path, on_error=on_error, fmt="unsw-nb15",
+        family="unsw-nb15", cut=src.cut or cut, stats=stats,
+        row_problems=_row_problems(bad, lines),
+    )
+
+
+def read_cic(src: Source, on_error: str) -> ReadResult:
+    """Read a CICFlowMeter CSV into the cic feature family."""
+    first, body = header_and_body(src.data)
+    raw_names = first.split(",")
+    names, warnings, seen = [], [], {}
+    for raw in raw_names:
+        name = raw.strip()
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            warnings.append(f"{src.path}: column {name!r} repeats; the copy number "
+                            f"{seen[name]} is named {name}_{seen[name]!s}")
+            name = f"{name}_{seen[name]}"
+        names.append(name)
+    label_index = next((i for i, n in enumerate(names) if n.lower() == "label"), None)
+    if label_index is None:
+        raise BadInputError("header has no 'Label' column", path=src.path, line=1,
+                            column="Label")
+
+    strings, lines, problems, cut = split_rows(
+        body, names, ",", path=src.path, first_line=2, quote='"'
+    )
+    first_col = pc.utf8_trim_whitespace(strings.column("c0").combine_chunks())
+    repeated = pc.equal(first_col, names[0])
+    if label_index:
+        label_col = pc.utf8_trim_whitespace(strings.column(f"c{label_index}")
+                                            .combine_chunks())
+        repeated = pc.and_(repeated, pc.equal(label_col, names[label_index]))
+    n_repeated = pc.sum(repeated).as_py() or 0
+    if n_repeated:
+        keep = pc.invert(repeated)
+        strings = strings.filter(keep)
+        lines = lines[np.asarray(keep)]
+        warnings.append(f"{src.path}: dropped {n_repeated} header row(s) repeated "
+                        "inside the file")
+
+    bad = BadRows()
+    arrays, fields, non_finite = [], [], 0
+    for i, name in enumerate(names):
+        if i == label_index:
+            continue
+        arr = pc.utf8_trim_whitespace(strings.column(f"c{i}").combine_chunks())
+        if name.lower() in CIC_TEXT:
+            arrays.append(arr)
+            fields.append(pa.field(name, pa.string()))
+            continue
+        values, count = to_number(arr, "f64", name, bad, non_finite_null=True)
+        non_finite += count
+        arrays.append(values)
+        fields.append(pa.field(name, pa.float64()))
+    if non_finite:
+        warnings.append(f"{src.path}: {non_finite} Infinity/NaN/empty value(s) in "
+                        "numeric columns read as null")
+
+    text = pc.utf8_trim_whitespace(strings.column(f"c{label_index}").combine_chunks())
+    detail = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+    label = pc.cast(pc.not_equal(pc.utf8_lower(detail), "benign"), pa.int8())
+    arrays += [label, detail]
+    fields += [pa.field("label", pa.int8()), pa.field("label_detail", pa.string())]
+    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    stats = {"labels": value_counts(text), "labeled": True,
+             "repeated_headers": n_repeated, "non_finite": non_finite}
+    return finish(
+        table, lines, problems, path=src.path, on_error=on_error, fmt="cic-csv",
+        family="cic", cut=src.cut or cut, stats=stats, warnings=warnings,
+        row_problems=_row_problems(bad, lines),
+    )
+
+
+def _row_problems(bad: BadRows, lines: np.ndarray) -> dict[int, Problem]:
+    return {
+        row: Problem(int(lines[row]), column, message)
+        for row, (column, message) in bad.rows.items()
+    }

@@ -1,0 +1,96 @@
+"""Parquet input: canonical conn tables (and the other families) written by gatewatch.
+
+The family comes from the ``gatewatch.family`` key of the file's metadata, else from
+the columns (the canonical conn fields, or the NSL-KDD/UNSW/CIC labels). A conn
+table is cast to the canonical schema, with any extra columns kept after it.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flows.errors import BadInputError, PartialInputError
+from flows.readers._convert import value_counts
+from flows.readers.result import ReadResult
+from flows.record import CONN_FIELD_NAMES, conn_schema
+
+FAMILY_KEY = b"gatewatch.family"
+
+
+def read_parquet(path: str) -> ReadResult:
+    """Read a Parquet file; damage after some row groups keeps the groups before it."""
+    try:
+        handle = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise BadInputError(f"not a readable Parquet file ({exc})", path=path) from exc
+
+    groups, partial_at = [], None
+    for i in range(handle.num_row_groups):
+        try:
+            groups.append(handle.read_row_group(i))
+        except (pa.ArrowInvalid, OSError) as exc:
+            partial_at = (i, exc)
+            break
+    table = pa.concat_tables(groups) if groups else handle.schema_arrow.empty_table()
+    metadata = handle.schema_arrow.metadata or {}
+    family = metadata.get(FAMILY_KEY, b"").decode() or _family_from_columns(table)
+    if family == "conn":
+        table = to_conn_table(table, path)
+
+    stats = {"labels": {}, "labeled": "label" in table.column_names}
+    if "label_detail" in table.column_names:
+        stats["labels"] = value_counts(table.column("label_detail"))
+    result = ReadResult(table, "parquet", family, stats=stats)
+    if partial_at is not None:
+        index, exc = partial_at
+        note = f"{path}: row group {index} cannot be read ({exc})"
+        result.partial = True
+        result.warnings.append(note)
+        if not groups:
+            raise BadInputError(note, path=path) from exc
+        err = PartialInputError(f"row group {index} cannot be read ({exc})", path=path)
+        err.result = result
+        raise err from exc
+    return result
+
+
+def _family_from_columns(table: pa.Table) -> str:
+    names = set(table.column_names)
+    if {"src_ip", "dst_ip", "ts"} <= names:
+        return "conn"
+    if {"protocol_type", "dst_host_srv_rerror_rate"} <= names:
+        return "nsl-kdd"
+    if {"sbytes", "dbytes", "sttl"} <= names:
+        return "unsw-nb15"
+    if "Flow Duration" in names:
+        return "cic"
+    raise BadInputError(
+        "Parquet columns match no known family (conn, nsl-kdd, unsw-nb15, cic)"
+    )
+
+
+def to_conn_table(table: pa.Table, path: str = "") -> pa.Table:
+    """Cast a table with the canonical columns to the canonical schema, extras after."""
+    schema = conn_schema()
+    missing = [n for n in CONN_FIELD_NAMES if n not in table.column_names]
+    if missing:
+        raise BadInputError(
+            f"Parquet table lacks canonical columns {', '.join(missing)}",
+            path=path or None, column=missing[0],
+        )
+    arrays, fields = [], []
+    for field in schema:
+        try:
+            arrays.append(table.column(field.name).cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise BadInputError(
+                f"column cannot be read as {field.type} ({exc})",
+                path=path or None, column=field.name,
+            ) from exc
+        fields.append(field)
+    for name in table.column_names:
+        if name not in CONN_FIELD_NAMES:
+            arrays.append(table.column(name))
+            fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))

@@ -1,0 +1,239 @@
+"""Record-at-a-time reading of Zeek logs, for the edge agent's streaming sources.
+
+:class:`TsvLineParser` turns one TSV line into a canonical record dict, following
+the ``#`` header lines it was fed, with the same rules as the batch reader
+(:mod:`flows.readers.zeek`); :func:`parse_json_line` does the same for a JSON line.
+:func:`iter_records` reads a file line by line with them; other formats are read
+whole and then yielded row by row.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from flows import logger
+from flows.errors import BadInputError
+from flows.readers._convert import _ESCAPE, _parse_one
+from flows.readers._finish import check_on_error
+from flows.readers._source import GZIP_MAGIC
+from flows.readers.labels import ZEEK_LABELS
+from flows.readers.zeek import (
+    DETAIL_NAMES,
+    LABEL_NAMES,
+    REQUIRED,
+    ZEEK_TO_CANON,
+    _FieldError,
+    _decode_escapes,
+    _expand_names,
+    _Header,
+    json_record,
+)
+from flows.record import CONN_FIELD_KINDS, CONN_FIELD_NAMES
+
+_MASKED = re.compile(r"X+\.X+\Z")
+_SPACES = re.compile(r"\s+")
+
+
+def _unescape(text: str) -> str:
+    if "\\x" not in text:
+        return text
+    raw = text.encode("utf-8", "surrogateescape")
+    decoded = _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), raw)
+    return decoded.decode("utf-8", "backslashreplace")
+
+
+class TsvLineParser:
+    """Parse Zeek TSV lines one at a time; feed it the ``#`` lines as they come."""
+
+    def __init__(self, path: str = "<stream>") -> None:
+        self.path = path
+        self.header = _Header()
+        self._plan: list | None = None
+
+    def header_line(self, line: str, line_no: int = 0) -> None:
+        """Apply one ``#`` line (``#separator``, ``#fields``, ``#close``...)."""
+        if line.startswith("#separator"):
+            self.header.separator = (
+                _decode_escapes(line[len("#separator"):].strip()) or "\t"
+            )
+            self.header.fields = None
+            self._plan = None
+            return
+        key, _, value = line[1:].partition(self.header.separator)
+        if key == "fields":
+            self.header.fields = value.split(self.header.separator)
+            self.header.fields_line = line_no
+            names = _expand_names(self.header.fields)
+            for name in REQUIRED:
+                if name not in names:
+                    raise BadInputError(
+                        f"#fields has no {name!r} column (required: "
+                        f"{', '.join(REQUIRED)})",
+                        path=self.path, line=line_no, column=name,
+                    )
+            self._plan = self.header.fields
+        elif key == "empty_field":
+            self.header.empty = value
+        elif key == "unset_field":
+            self.header.unset = value
+        elif key == "set_separator":
+            self.header.set_separator = value
+
+    def parse(self, line: str, line_no: int = 0) -> dict:
+        """One data line -> canonical record; BadInputError names line and column."""
+        if self._plan is None:
+            raise BadInputError("row before any #fields line", path=self.path,
+                                line=line_no)
+        values = line.rstrip("\r\n").split(self.header.separator)
+        fields = self._plan
+        if len(values) != len(fields):
+            raise BadInputError(
+                f"expected {len(fields)} fields separated by "
+                f"{self.header.separator!r}, found {len(values)}",
+                path=self.path, line=line_no,
+            )
+        row = dict(zip(fields, values))
+        for name in list(row):
+            parts = _SPACES.split(name.strip())
+            if len(parts) > 1 or (
+                name == "tunnel_parents"
+                and not any(f.lower() in LABEL_NAMES for f in fields)
+                and re.search(r"\S\s+\S", row[name].strip())
+            ):
+                if len(parts) == 1:
+                    parts = ["tunnel_parents", "label", "detailed-label"]
+                pieces = _SPACES.split(row.pop(name).strip(), maxsplit=len(parts) - 1)
+                if len(pieces) != len(parts):
+                    raise BadInputError(
+                        f"expected {len(parts)} space-separated parts "
+                        f"({', '.join(parts)}), found {len(pieces)}",
+                        path=self.path, line=line_no, column=name,
+                    )
+                row.update(zip(parts, pieces))
+        return self._record(row, line_no)
+
+    def _record(self, row: dict, line_no: int) -> dict:
+        unset, empty = self.header.unset, self.header.empty
+        record: dict = {}
+        for zeek_name, canon in ZEEK_TO_CANON.items():
+            text = row.get(zeek_name)
+            kind = CONN_FIELD_KINDS[canon]
+            if text is None or text == unset:
+                record[canon] = None
+            elif kind == "str":
+                record[canon] = "" if text == empty else _unescape(text)
+            elif canon == "ts" and _MASKED.match(text):
+                record[canon] = None
+            else:
+                value = _parse_one(text, kind, False)
+                if value is None:
+                    expected = "a number" if kind == "f64" else "an integer"
+                    raise BadInputError(
+                        f"expected {expected}, found {text!r}",
+                        path=self.path, line=line_no, column=zeek_name,
+                    )
+                record[canon] = value
+        label_key = next((k for k in row if k.lower() in LABEL_NAMES), None)
+        detail_key = next((k for k in row if k.lower() in DETAIL_NAMES), None)
+        record["label"] = record["label_detail"] = None
+        nulls = (unset, empty, "")
+        if label_key is not None and row[label_key] not in nulls:
+            text = _unescape(row[label_key])
+            mapped = ZEEK_LABELS.get(text.strip().lower(), "?")
+            if mapped == "?":
+                raise BadInputError(
+                    f"unknown label {text!r} (expected Malicious, Benign, Background "
+                    "or Unknown)", path=self.path, line=line_no, column=label_key,
+                )
+            record["label"] = mapped
+            record["label_detail"] = text
+        if detail_key is not None and row[detail_key] not in nulls:
+            if label_key is not None:
+                record["label_detail"] = _unescape(row[detail_key])
+        return {name: record[name] for name in CONN_FIELD_NAMES}
+
+
+def parse_json_line(line: str, path: str = "<stream>", line_no: int = 0) -> dict:
+    """One Zeek JSON line -> canonical record; BadInputError names line and key."""
+    try:
+        obj = json.loads(line)
+        if not isinstance(obj, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        raise BadInputError(f"expected one JSON object ({exc})", path=path,
+                            line=line_no) from None
+    try:
+        return json_record(obj)
+    except _FieldError as exc:
+        raise BadInputError(exc.message, path=path, line=line_no,
+                            column=exc.column) from None
+
+
+def _lines(path: str) -> Iterator[str]:
+    """The text lines of a plain or gzip file; a cut gzip ends with a warning."""
+    with open(path, "rb") as fh:
+        gz = fh.read(2) == GZIP_MAGIC
+    opener = gzip.open if gz else open
+    with opener(path, "rb") as fh:
+        try:
+            for raw in fh:
+                yield raw.decode("utf-8", "replace")
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            logger.warning("%s: gzip stream cut (%s); stopped there", path, exc)
+
+
+def iter_records(
+    path: str | Path, on_error: str = "fail", drop_unlabeled: bool = False
+) -> Iterator[dict]:
+    """Yield canonical records one by one (Zeek TSV/JSON line by line)."""
+    from flows.readers import detect_format, read
+
+    check_on_error(on_error)
+    name = str(path)
+    fmt = detect_format(name)
+    if fmt not in ("zeek-tsv", "zeek-json"):
+        result = read(name, on_error=on_error, drop_unlabeled=drop_unlabeled)
+        if result.family != "conn":
+            raise BadInputError(f"is {result.format}, not a conn-family input",
+                                path=name)
+        for batch in result.table.to_batches(max_chunksize=4096):
+            yield from batch.to_pylist()
+        return
+
+    parser = TsvLineParser(name)
+    skipped = 0
+    pending: str | None = None
+    for line_no, line in enumerate(_lines(name), start=1):
+        if not line.endswith("\n"):
+            pending = line
+        stripped = line.strip()
+        if not stripped:
+            continue
+        try:
+            if fmt == "zeek-json":
+                if stripped.startswith("#"):
+                    continue
+                record = parse_json_line(stripped, name, line_no)
+            elif line.startswith("#"):
+                parser.header_line(line.rstrip("\r\n"), line_no)
+                continue
+            else:
+                record = parser.parse(line, line_no)
+        except BadInputError as exc:
+            if line is pending:
+                logger.warning("%s: the last line (%d) is cut short", name, line_no)
+                break
+            if on_error == "fail" or exc.column is None and "#fields" in str(exc):
+                raise
+            skipped += 1
+            continue
+        if drop_unlabeled and record["label"] is None:
+            continue
+        yield record
+    if skipped:
+        logger.warning("%s: skipped %d bad line(s)", name, skipped)
