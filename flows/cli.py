@@ -1,0 +1,264 @@
+"""The ``flows`` command: look inside traffic record files and convert them.
+
+``flows inspect FILE...`` says what a file is (format, rows, labels, nulls per
+column, time span; for captures what the flow meter counted) and ``flows convert
+FILE... -o OUT`` writes canonical Parquet or a Zeek-style conn.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from flows.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL_INPUT,
+    EXIT_USAGE,
+    BadInputError,
+    GatewatchError,
+    PartialInputError,
+    UsageError,
+)
+
+EPILOG = f"""\
+exit codes:
+  {EXIT_OK}    ok (with --on-error skip, skipped lines are counted on stderr)
+  {EXIT_USAGE}    usage: bad flags or arguments
+  {EXIT_BAD_INPUT}    bad input: unknown format, a missing required column, a bad
+       value with nothing read before it (--on-error fail)
+  {EXIT_PARTIAL_INPUT}    partial input: damage part way (a cut gzip or last line, or a bad
+       line with --on-error fail); the rows read before it are still
+       shown or written
+  {EXIT_INTERRUPTED}  interrupted
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``flows`` and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="flows",
+        description="Inspect and convert traffic record files (Zeek conn.log TSV/JSON, "
+        "Argus binetflow, NSL-KDD, UNSW-NB15, CICFlowMeter CSV, Parquet, pcap).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("files", nargs="+", metavar="FILE", help="input file(s)")
+    common.add_argument(
+        "--on-error", choices=("fail", "skip"), default="fail",
+        help="stop at the first bad line (fail, default) or drop and count bad "
+        "lines (skip)",
+    )
+    common.add_argument(
+        "--drop-unlabeled", action="store_true",
+        help="leave out rows whose label is unknown (Background, Unknown)",
+    )
+
+    inspect = sub.add_parser(
+        "inspect", parents=[common], epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="format, rows, labels, nulls per column, time span",
+        description="Say what is in a file (or several read together).",
+    )
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+
+    convert = sub.add_parser(
+        "convert", parents=[common], epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="write canonical Parquet or a Zeek-style conn.log",
+        description="Convert input files into one output file.",
+    )
+    convert.add_argument("-o", "--output", required=True, metavar="OUT",
+                         help="output file")
+    convert.add_argument(
+        "--format", choices=("parquet", "zeek"), default=None,
+        help="output format (default: zeek for a .log name, else parquet)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``flows``; returns the exit code (see the epilog)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        if args.command == "inspect":
+            return _inspect(args)
+        return _convert(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our output (``| head``) went away: not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except GatewatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _read(args):
+    """Read the inputs; a partial read returns its rows and the error to report."""
+    from flows.readers import read
+
+    try:
+        result = read(args.files, on_error=args.on_error,
+                      drop_unlabeled=args.drop_unlabeled)
+    except PartialInputError as exc:
+        return exc.result, exc
+    return result, None
+
+
+def summarize(result) -> dict:
+    """The facts ``flows inspect`` reports about a ReadResult, JSON-ready."""
+    table = result.table
+    summary: dict = {
+        "format": result.format,
+        "family": result.family,
+        "rows": table.num_rows,
+        "labels": result.stats.get("labels", {}),
+        "label_values": _label_values(table),
+        "nulls": {
+            name: table.column(name).null_count
+            for name in table.column_names
+            if table.column(name).null_count
+        },
+        "skipped": result.skipped,
+        "partial": result.partial,
+        "warnings": result.warnings,
+    }
+    if "ts" in table.column_names and table.num_rows:
+        low, high = pc.min_max(table.column("ts")).values()
+        low, high = low.as_py(), high.as_py()
+        summary["time_span"] = {
+            "first": low, "last": high,
+            "seconds": (high - low) if low is not None and high is not None else None,
+        }
+    extra = {k: v for k, v in result.stats.items() if k not in ("labels",)}
+    if extra:
+        summary["stats"] = extra
+    return summary
+
+
+def _label_values(table) -> dict:
+    if "label" not in table.column_names:
+        return {}
+    counts = {"1": 0, "0": 0, "null": 0}
+    for item in pc.value_counts(table.column("label")).to_pylist():
+        key = "null" if item["values"] is None else str(item["values"])
+        counts[key] = counts.get(key, 0) + item["counts"]
+    return counts
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):
+        return _jsonable(value.item())
+    return str(value)
+
+
+def _inspect(args) -> int:
+    result, partial = _read(args)
+    summary = summarize(result)
+    if args.json:
+        print(json.dumps(_jsonable(summary), indent=2, sort_keys=False))
+    else:
+        _print_text(summary)
+    return _finish_code(result, partial)
+
+
+def _print_text(summary: dict) -> None:
+    print(f"format:   {summary['format']} (family {summary['family']})")
+    print(f"rows:     {summary['rows']}")
+    if summary.get("time_span"):
+        span = summary["time_span"]
+        print(f"ts:       {span['first']} .. {span['last']} ({span['seconds']} s)")
+    if summary["labels"]:
+        print("labels:")
+        for key, count in summary["labels"].items():
+            print(f"  {key!s:<40} {count}")
+    if summary["label_values"]:
+        values = summary["label_values"]
+        print(f"label:    1={values['1']} 0={values['0']} null={values['null']}")
+    if summary["nulls"]:
+        print("nulls:")
+        for key, count in summary["nulls"].items():
+            print(f"  {key:<40} {count}")
+    for key, value in summary.get("stats", {}).items():
+        if key not in ("files",):
+            print(f"{key}: {value}")
+    if summary["skipped"]:
+        print(f"skipped:  {summary['skipped']} bad line(s)")
+    for note in summary["warnings"]:
+        print(f"warning:  {note}")
+
+
+def _finish_code(result, partial: PartialInputError | None) -> int:
+    if partial is not None:
+        print(f"error: {partial}", file=sys.stderr)
+        return EXIT_PARTIAL_INPUT
+    if result.skipped:
+        print(f"note: skipped {result.skipped} bad line(s)", file=sys.stderr)
+    if result.partial:
+        for note in result.warnings:
+            print(f"warning: {note}", file=sys.stderr)
+        return EXIT_PARTIAL_INPUT
+    return EXIT_OK
+
+
+def _convert(args) -> int:
+    from flows.readers import write_conn_log, write_parquet
+
+    out = Path(args.output)
+    fmt = args.format or ("zeek" if out.suffix == ".log" else "parquet")
+    if out.exists() and out.is_dir():
+        raise UsageError(f"{out} is a folder; -o needs a file name")
+    if any(Path(f).resolve() == out.resolve() for f in args.files):
+        raise UsageError(f"{out} is also an input; choose another output name")
+    result, partial = _read(args)
+    if fmt == "zeek" and result.family != "conn":
+        raise UsageError(
+            f"--format zeek needs conn records; {result.format} is family "
+            f"{result.family!r} (write Parquet instead)"
+        )
+    tmp = out.with_name(out.name + ".part")
+    try:
+        if fmt == "zeek":
+            write_conn_log(result.table, tmp)
+        else:
+            write_parquet(result.table, tmp, family=result.family)
+        os.replace(tmp, out)
+    except BadInputError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BadInputError(f"cannot be written ({exc.strerror})", path=str(out)) from exc
+    print(f"wrote {result.table.num_rows} rows ({result.format} -> {fmt}) to {out}",
+          file=sys.stderr)
+    return _finish_code(result, partial)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
