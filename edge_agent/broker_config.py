@@ -1,0 +1,936 @@
+"""Write a locked-down mosquitto configuration for one gatewatch deployment.
+
+A deployment is a set of gateways, named ``(site, gateway)``, one re-scorer account and
+one operator account. :func:`write_broker_config` makes everything the broker needs: a
+certificate authority, a server certificate for the broker's host names and addresses,
+optional client certificates, a hashed password file, an ACL file and
+``mosquitto.conf`` with one TLS listener and no anonymous access. The ACL lets each
+gateway user ``gw-<site>-<gateway>`` publish only its own escalations and status and
+read only its own verdicts and model updates; the re-scorer reads every escalation
+(also through ``$share/...`` subscriptions) and writes verdicts; the operator
+publishes model updates and reads status.
+
+:func:`check_tls_connect` and :func:`check_broker_login` turn what a wrong CA, a wrong
+host name or a wrong password cause into one :class:`TransportError` with a sentence
+that says what is wrong, instead of a client that retries for ever.
+:func:`check_publish_size` refuses, before anything is sent, a message larger than the
+broker's maximum packet size: with mosquitto 2.0.11 and paho-mqtt 2.2 such a QoS 1
+message otherwise starts an endless reconnect loop (``docs/security-broker.md``).
+
+This module needs only the standard library, ``cryptography`` and (for the login check,
+imported on use) paho-mqtt: it runs on a gateway and on the broker host alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import grp
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_agent import logger
+from edge_agent.protocol import MAX_PAYLOAD_BYTES, Channel, subscription, validate_id
+from edge_agent.protocol import topic as channel_topic
+from flows.errors import GatewatchError, TransportError, UsageError
+
+__all__ = [
+    "CertPair",
+    "Deployment",
+    "BrokerFiles",
+    "MessageTooLargeError",
+    "gateway_user",
+    "make_ca",
+    "make_server_cert",
+    "make_client_cert",
+    "acl_text",
+    "mosquitto_conf_text",
+    "write_password_file",
+    "write_broker_config",
+    "check_tls_connect",
+    "check_broker_login",
+    "publish_packet_size",
+    "check_publish_size",
+    "connack_packet_limit",
+    "main",
+]
+
+GATEWAY_WRITES = (Channel.ESCALATIONS, Channel.STATUS)
+GATEWAY_READS = (Channel.VERDICTS, Channel.MODEL)
+
+# Room on top of the largest payload the protocol allows (protocol.MAX_PAYLOAD_BYTES)
+# for the fixed header, the topic and MQTT v5 properties of one PUBLISH.
+PACKET_HEADROOM = 4096
+DEFAULT_MAX_PACKET_SIZE = MAX_PAYLOAD_BYTES + PACKET_HEADROOM
+DEFAULT_PORT = 8883
+DEFAULT_SHARE_GROUP = "rescorers"
+_CERT_DAYS = 825
+_USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+# OpenSSL verify codes that ssl.SSLCertVerificationError carries.
+_X509_EXPIRED = 10
+_X509_HOSTNAME_MISMATCH = 62
+_X509_IP_MISMATCH = 64
+
+
+class MessageTooLargeError(TransportError):
+    """A message larger than the broker accepts; it was not sent and must not be."""
+
+
+def _check_user(value: str) -> str:
+    """Return ``value`` if it is a safe broker user name, else raise UsageError."""
+    if not isinstance(value, str) or not _USER_RE.fullmatch(value):
+        raise UsageError(
+            f"user name {value!r} is not allowed: use letters, digits, '_', '.' or '-'"
+        )
+    return value
+
+
+def gateway_user(site: str, gateway: str) -> str:
+    """The broker user name of one gateway: ``gw-<site>-<gateway>``."""
+    return f"gw-{validate_id(site, 'site')}-{validate_id(gateway, 'gateway')}"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Who may talk to the broker, and where the broker listens.
+
+    ``gateways`` is a sequence of ``(site, gateway)`` pairs. ``host_names`` and
+    ``ip_addresses`` go into the server certificate's subject alternative names, so
+    clients must connect by one of them. ``bind_address`` is where the listener binds.
+    ``max_packet_size`` bounds every MQTT packet (the broker announces it in CONNACK).
+    """
+
+    gateways: tuple[tuple[str, str], ...]
+    rescorer_user: str = "rescorer"
+    operator_user: str = "operator"
+    host_names: tuple[str, ...] = ("localhost",)
+    ip_addresses: tuple[str, ...] = ("127.0.0.1",)
+    bind_address: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
+    share_group: str = DEFAULT_SHARE_GROUP
+    require_client_cert: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gateways", tuple(tuple(g) for g in self.gateways))
+        object.__setattr__(self, "host_names", tuple(self.host_names))
+        object.__setattr__(self, "ip_addresses", tuple(self.ip_addresses))
+
+        # Names: safe characters, and no two gateways sharing one user name
+        # (site "a-b" gateway "c" and site "a" gateway "b-c" both give gw-a-b-c).
+        if not self.gateways:
+            raise UsageError("a deployment needs at least one gateway")
+        seen: dict[str, tuple[str, str]] = {}
+        for pair in self.gateways:
+            if len(pair) != 2:
+                raise UsageError(f"a gateway is a (site, gateway) pair, not {pair!r}")
+            user = gateway_user(*pair)
+            if user in seen and seen[user] != pair:
+                raise UsageError(
+                    f"gateways {seen[user]} and {pair} would share the user name "
+                    f"{user!r}; rename one of them"
+                )
+            seen[user] = pair
+        for role in (self.rescorer_user, self.operator_user):
+            _check_user(role)
+            if role.startswith("gw-"):
+                raise UsageError(f"user name {role!r} may not start with 'gw-'")
+        if self.rescorer_user == self.operator_user:
+            raise UsageError("the re-scorer and the operator need different users")
+        validate_id(self.share_group, "share group")
+
+        # Where to listen, what the certificate names, how big a packet may be.
+        for addr in (*self.ip_addresses, self.bind_address):
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError as exc:
+                raise UsageError(f"{addr!r} is not an IP address") from exc
+        if not self.host_names and not self.ip_addresses:
+            raise UsageError("the server certificate needs a host name or an address")
+        if not 0 < self.port < 65536:
+            raise UsageError(f"port {self.port} is outside 1..65535")
+        if self.max_packet_size < DEFAULT_MAX_PACKET_SIZE:
+            raise UsageError(
+                f"max_packet_size {self.max_packet_size} is below "
+                f"{DEFAULT_MAX_PACKET_SIZE}: the largest escalation "
+                f"({MAX_PAYLOAD_BYTES} bytes) would not fit"
+            )
+
+    @property
+    def gateway_users(self) -> dict[str, tuple[str, str]]:
+        """Gateway user name -> (site, gateway), in the order given."""
+        return {gateway_user(s, g): (s, g) for s, g in self.gateways}
+
+    @property
+    def users(self) -> list[str]:
+        """Every broker user of the deployment."""
+        return [*self.gateway_users, self.rescorer_user, self.operator_user]
+
+
+# --- certificates -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CertPair:
+    """A PEM certificate and its PEM private key (unencrypted)."""
+
+    cert_pem: bytes
+    key_pem: bytes
+
+    def write(self, cert_path: Path, key_path: Path) -> None:
+        """Write the certificate (mode 0644) and the key (mode 0600)."""
+        _write_private(Path(key_path), self.key_pem)
+        Path(cert_path).write_bytes(self.cert_pem)
+        os.chmod(cert_path, 0o644)
+
+
+def _new_key() -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    # P-256: quick to make on a small machine, and every TLS stack we meet takes it.
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _cert_pem(cert: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _subject(common_name: str) -> Any:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "gatewatch"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _builder(subject: Any, issuer: Any, public_key: Any, days: int) -> Any:
+    from cryptography import x509
+
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
+    )
+
+
+def make_ca(common_name: str = "gatewatch CA", days: int = 3650) -> CertPair:
+    """A self-signed certificate authority that may sign leaf certificates only."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    key = _new_key()
+    name = _subject(common_name)
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    cert = (
+        _builder(name, name, key.public_key(), days)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(usage, critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return CertPair(_cert_pem(cert), _key_pem(key))
+
+
+def _leaf(
+    ca: CertPair, common_name: str, sans: list, usage: Any, days: int
+) -> CertPair:
+    """A leaf certificate for ``common_name`` signed by ``ca``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    key = _new_key()
+    builder = (
+        _builder(_subject(common_name), ca_cert.subject, key.public_key(), days)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return CertPair(_cert_pem(cert), _key_pem(key))
+
+
+def make_server_cert(
+    ca: CertPair,
+    host_names: Sequence[str] = ("localhost",),
+    ip_addresses: Sequence[str] = ("127.0.0.1",),
+    days: int = _CERT_DAYS,
+) -> CertPair:
+    """A broker certificate signed by ``ca``, valid for the given names and addresses.
+
+    Clients check the name they connect to against these subject alternative names,
+    so list every name and address that gateways and re-scorers will use.
+    """
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    sans: list = [x509.DNSName(h) for h in host_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+    if not sans:
+        raise UsageError("a server certificate needs at least one host name or address")
+    first = [*host_names, *ip_addresses][0]
+    return _leaf(ca, first, sans, ExtendedKeyUsageOID.SERVER_AUTH, days)
+
+
+def make_client_cert(ca: CertPair, user: str, days: int = _CERT_DAYS) -> CertPair:
+    """A client certificate whose common name is broker user ``user``, signed by ca."""
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    _check_user(user)
+    return _leaf(ca, user, [], ExtendedKeyUsageOID.CLIENT_AUTH, days)
+
+
+def _write_private(path: Path, data: bytes | str) -> None:
+    """Write a secret file that only its owner can read, at no moment more open."""
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(raw)
+    os.chmod(path, 0o600)
+
+
+# --- ACL, password file, mosquitto.conf ----------------------------------------------
+
+
+def acl_text(dep: Deployment) -> str:
+    """The mosquitto ACL file for ``dep``: nothing is allowed that is not listed here.
+
+    No rule comes before the first ``user`` line, so anonymous clients (refused by the
+    configuration anyway) would be granted nothing.
+    """
+    lines = [
+        "# gatewatch broker ACL, written by edge_agent.broker_config.",
+        "# Anything not granted below is denied. Regenerate it rather than edit it.",
+        "",
+    ]
+
+    # Each gateway: its own topics and nothing else.
+    for user, (site, gw) in dep.gateway_users.items():
+        lines.append(f"user {user}")
+        lines += [f"topic write {channel_topic(site, gw, c)}" for c in GATEWAY_WRITES]
+        lines += [f"topic read {channel_topic(site, gw, c)}" for c in GATEWAY_READS]
+        lines.append("")
+
+    # The re-scorer: every escalation, plain or shared; it answers with verdicts.
+    lines += [
+        f"user {dep.rescorer_user}",
+        f"topic read {subscription(Channel.ESCALATIONS)}",
+        f"topic read {subscription(Channel.ESCALATIONS, dep.share_group)}",
+        f"topic write {subscription(Channel.VERDICTS)}",
+        "",
+    ]
+
+    # The operator: pushes model updates and watches gateway status.
+    lines += [
+        f"user {dep.operator_user}",
+        f"topic write {subscription(Channel.MODEL)}",
+        f"topic read {subscription(Channel.STATUS)}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def mosquitto_conf_text(
+    dep: Deployment,
+    files_dir: str | Path,
+    *,
+    persistence_location: str | Path | None = None,
+    log_dest: str = "stdout",
+) -> str:
+    """``mosquitto.conf`` for ``dep``, naming files as they will lie in ``files_dir``.
+
+    ``files_dir`` is the absolute folder that holds ``ca.crt``, ``server.crt``,
+    ``server.key``, ``passwd`` and ``acl`` on the broker host. Without
+    ``persistence_location`` the broker keeps no state on disk.
+    """
+    d = Path(files_dir)
+    lines = [
+        "# gatewatch locked-down broker for mosquitto 2.0, written by",
+        "# edge_agent.broker_config. One TLS listener, no anonymous clients,",
+        "# a password and an ACL per user. Nothing listens in plain text.",
+        "",
+        "# Authentication and access control apply to every listener.",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"password_file {d / 'passwd'}",
+        f"acl_file {d / 'acl'}",
+        "",
+        "# Every packet is bounded; the broker announces the bound in CONNACK and",
+        "# disconnects a client that sends more. Agents check it before publishing",
+        "# (edge_agent.broker_config.check_publish_size): message_size_limit is not",
+        "# used, as mosquitto 2.0.11 answers it with a PUBACK code paho-mqtt 2.2",
+        "# rejects as malformed, which ends in a reconnect loop.",
+        f"max_packet_size {dep.max_packet_size}",
+        "",
+        "# Client ids are chosen by clients; refuse empty ones.",
+        "allow_zero_length_clientid false",
+        "",
+    ]
+    if persistence_location is None:
+        lines += [
+            "# No state on disk (tests, or a broker that may forget).",
+            "persistence false",
+        ]
+    else:
+        lines += ["persistence true", f"persistence_location {persistence_location}/"]
+    lines += [
+        "",
+        f"log_dest {log_dest}",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "connection_messages true",
+        "",
+        "# The one listener: TLS 1.2 or later with the deployment's CA.",
+        f"listener {dep.port} {dep.bind_address}",
+        "protocol mqtt",
+        f"cafile {d / 'ca.crt'}",
+        f"certfile {d / 'server.crt'}",
+        f"keyfile {d / 'server.key'}",
+        "tls_version tlsv1.2",
+        f"require_certificate {'true' if dep.require_client_cert else 'false'}",
+        "# The MQTT user name, not the certificate, picks the ACL; a client",
+        "# certificate, when required, is a second factor.",
+        "use_identity_as_username false",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _mosquitto_passwd() -> str:
+    path = shutil.which("mosquitto_passwd")
+    if path is None:
+        raise UsageError(
+            "mosquitto_passwd is not on PATH; install mosquitto (it ships the tool) "
+            "on the machine that writes the broker configuration"
+        )
+    return path
+
+
+def write_password_file(path: str | Path, credentials: Mapping[str, str]) -> Path:
+    """Write a mosquitto password file holding only hashes of ``credentials``.
+
+    The plain ``user:password`` lines go to a 0600 file that ``mosquitto_passwd -U``
+    hashes in place, so no password ever appears on a command line.
+    """
+    path = Path(path)
+    for user, password in credentials.items():
+        _check_user(user)
+        if not password or any(c in password for c in "\r\n\0"):
+            raise UsageError(f"the password of {user!r} is empty or holds a line break")
+    tool = _mosquitto_passwd()
+
+    # Plain text first, readable by us only, then hashed in place.
+    _write_private(path, "".join(f"{u}:{p}\n" for u, p in credentials.items()))
+    try:
+        done = subprocess.run(
+            [tool, "-U", str(path)], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired as exc:
+        path.unlink(missing_ok=True)
+        raise GatewatchError("mosquitto_passwd -U did not finish in 60 s") from exc
+    if done.returncode != 0:
+        path.unlink(missing_ok=True)
+        raise GatewatchError(f"mosquitto_passwd -U failed: {done.stderr.strip()}")
+
+    # Every line must now be a hash ($7$ is PBKDF2-SHA512 in mosquitto 2.0).
+    for line in path.read_text().splitlines():
+        user, _, digest = line.partition(":")
+        if user not in credentials or not digest.startswith("$"):
+            path.unlink(missing_ok=True)
+            raise GatewatchError(f"mosquitto_passwd left an unhashed line for {user!r}")
+    return path
+
+
+@dataclass
+class BrokerFiles:
+    """What :func:`write_broker_config` wrote, and the passwords it made or used.
+
+    ``broker_dir`` goes to the broker host; ``ca_key`` stays offline (it signs new
+    certificates); ``clients[user]`` is the folder to hand to that user.
+    """
+
+    root: Path
+    broker_dir: Path
+    conf: Path
+    ca_cert: Path
+    ca_key: Path
+    passwords: dict[str, str]
+    clients: dict[str, Path] = field(default_factory=dict)
+
+
+def _share_with_group(broker: Path, group: str) -> None:
+    """Let ``group`` (the broker's own user) read the broker folder, nobody else."""
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError as exc:
+        raise UsageError(f"group {group!r} does not exist on this machine") from exc
+    os.chown(broker, -1, gid)
+    os.chmod(broker, 0o750)
+    for item in broker.iterdir():
+        os.chown(item, -1, gid)
+        os.chmod(item, 0o640)
+
+
+def write_broker_config(
+    dep: Deployment,
+    out_dir: str | Path,
+    *,
+    passwords: Mapping[str, str] | None = None,
+    install_dir: str | Path | None = None,
+    persistence_location: str | Path | None = None,
+    log_dest: str = "stdout",
+    group: str | None = None,
+    ca: CertPair | None = None,
+) -> BrokerFiles:
+    """Write the broker's files, the CA and each user's client folder under out_dir.
+
+    Layout: ``broker/`` (mosquitto.conf, acl, passwd, ca.crt, server.crt,
+    server.key), ``ca/`` (ca.crt, ca.key: keep it off the broker), and
+    ``clients/<user>/`` (ca.crt, password, and client.crt/client.key when client
+    certificates are required). ``passwords`` maps user -> password; users left out
+    get a fresh random one. ``install_dir`` is where ``broker/`` will be installed
+    (default: where it is written). ``group`` (e.g. ``mosquitto``) gets read access
+    to ``broker/``: mosquitto started as root reads these files after it has dropped
+    to its own user. An existing CA may be passed to keep the clients' trust.
+    """
+    root = Path(out_dir).resolve()
+    broker, ca_dir, clients_dir = root / "broker", root / "ca", root / "clients"
+    for d in (broker, ca_dir, clients_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    os.chmod(ca_dir, 0o700)
+    given = dict(passwords or {})
+    unknown = sorted(set(given) - set(dep.users))
+    if unknown:
+        raise UsageError(f"passwords given for users not in the deployment: {unknown}")
+
+    # Certificates.
+    ca = ca or make_ca()
+    ca.write(ca_dir / "ca.crt", ca_dir / "ca.key")
+    (broker / "ca.crt").write_bytes(ca.cert_pem)
+    server = make_server_cert(ca, dep.host_names, dep.ip_addresses)
+    server.write(broker / "server.crt", broker / "server.key")
+
+    # Credentials, ACL and the configuration itself.
+    creds = {u: given.get(u) or secrets.token_urlsafe(24) for u in dep.users}
+    write_password_file(broker / "passwd", creds)
+    (broker / "acl").write_text(acl_text(dep))
+    conf = broker / "mosquitto.conf"
+    conf.write_text(
+        mosquitto_conf_text(
+            dep,
+            install_dir or broker,
+            persistence_location=persistence_location,
+            log_dest=log_dest,
+        )
+    )
+    if group is not None:
+        _share_with_group(broker, group)
+
+    # One folder per user, to hand over.
+    clients: dict[str, Path] = {}
+    for user in dep.users:
+        cdir = clients_dir / user
+        cdir.mkdir(exist_ok=True)
+        os.chmod(cdir, 0o700)
+        (cdir / "ca.crt").write_bytes(ca.cert_pem)
+        _write_private(cdir / "password", creds[user] + "\n")
+        if dep.require_client_cert:
+            make_client_cert(ca, user).write(cdir / "client.crt", cdir / "client.key")
+        clients[user] = cdir
+    logger.info("wrote broker configuration for %d users under %s", len(creds), root)
+    return BrokerFiles(
+        root, broker, conf, ca_dir / "ca.crt", ca_dir / "ca.key", creds, clients
+    )
+
+
+# --- clear errors at connect time ----------------------------------------------------
+
+
+def _client_context(
+    ca: str | Path, certfile: str | Path | None, keyfile: str | Path | None
+) -> ssl.SSLContext:
+    """A TLS client context that trusts only ``ca`` and checks the host name."""
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the CA file {ca}: {exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if certfile is not None:
+        key = None if keyfile is None else str(keyfile)
+        try:
+            ctx.load_cert_chain(str(certfile), key)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(
+                f"cannot load client certificate {certfile}: {exc}"
+            ) from exc
+    return ctx
+
+
+def _names_in(der: bytes | None) -> str:
+    """The subject alternative names of a DER certificate, for an error message."""
+    if not der:
+        return "unknown"
+    from cryptography import x509
+
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except (ValueError, x509.ExtensionNotFound):
+        return "no subject alternative names"
+    names = [str(n) for n in san.value.get_values_for_type(x509.DNSName)]
+    names += [str(n) for n in san.value.get_values_for_type(x509.IPAddress)]
+    return ", ".join(names) or "no names"
+
+
+def _peer_cert_unverified(
+    host: str, port: int, server_name: str, timeout: float
+) -> bytes | None:
+    """The broker's certificate, fetched unchecked, only to explain an error."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+                return tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError):
+        return None
+
+
+def _explain(
+    exc: BaseException,
+    host: str,
+    port: int,
+    ca: str | Path,
+    server_name: str,
+    timeout: float,
+) -> TransportError:
+    """Translate a socket or TLS failure into a TransportError that says what to fix."""
+    where = f"broker {host}:{port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = getattr(exc, "verify_code", None)
+        reason = getattr(exc, "verify_message", None) or str(exc)
+        if code in (_X509_HOSTNAME_MISMATCH, _X509_IP_MISMATCH):
+            names = _names_in(_peer_cert_unverified(host, port, server_name, timeout))
+            return TransportError(
+                f"{where}: TLS certificate verification failed: the certificate is "
+                f"not valid for {server_name!r} (it names: {names}); connect by one of "
+                "those names or issue a server certificate that lists this one"
+            )
+        if code == _X509_EXPIRED:
+            return TransportError(
+                f"{where}: TLS certificate verification failed: it has expired"
+            )
+        return TransportError(
+            f"{where}: TLS certificate verification failed ({reason}): the broker's "
+            f"certificate is not signed by the CA in {ca}; use the deployment's ca.crt"
+        )
+    if isinstance(exc, ssl.SSLError):
+        text = f"{exc.reason or ''} {exc}".lower()
+        if "certificate required" in text or "handshake failure" in text:
+            return TransportError(
+                f"{where}: TLS handshake refused ({exc.reason}): the broker requires "
+                "a client certificate signed by its CA"
+            )
+        return TransportError(f"{where}: TLS handshake failed: {exc.reason or exc}")
+    if isinstance(exc, ConnectionRefusedError):
+        return TransportError(f"{where}: connection refused (nothing listens there)")
+    if isinstance(exc, TimeoutError):
+        return TransportError(f"{where}: no answer within {timeout:g} s")
+    if isinstance(exc, socket.gaierror):
+        return TransportError(f"{where}: cannot resolve {host!r}: {exc}")
+    return TransportError(f"{where}: {exc}")
+
+
+def check_tls_connect(
+    host: str,
+    port: int,
+    ca: str | Path,
+    *,
+    server_name: str | None = None,
+    certfile: str | Path | None = None,
+    keyfile: str | Path | None = None,
+    timeout: float = 5.0,
+) -> dict[str, str]:
+    """Open one TLS connection to the broker, check its certificate, and close it.
+
+    Returns ``{"tls_version", "cipher", "names"}`` on success. Raises
+    :class:`TransportError` at once, with a sentence naming the cause, when the
+    certificate is not signed by ``ca``, does not name ``server_name`` (default
+    ``host``), has expired, when the broker wants a client certificate, refuses the
+    connection or does not answer within ``timeout`` seconds. Call it before handing
+    the settings to a client that reconnects by itself: a verification error is
+    permanent and retrying it only fills the logs.
+    """
+    name = server_name or host
+    ctx = _client_context(ca, certfile, keyfile)
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=name) as tls:
+                # TLS 1.3 sends the server's verdict on a client certificate after
+                # the handshake: read briefly so that a refusal surfaces here.
+                tls.settimeout(0.3)
+                try:
+                    tls.recv(1)
+                except TimeoutError:
+                    pass
+                info = {
+                    "tls_version": tls.version() or "",
+                    "cipher": (tls.cipher() or ("",))[0],
+                    "names": _names_in(tls.getpeercert(binary_form=True)),
+                }
+    except (OSError, ssl.SSLError) as exc:
+        raise _explain(exc, host, port, ca, name, timeout) from exc
+    logger.info("TLS to %s:%d checked (%s)", host, port, info["tls_version"])
+    return info
+
+
+def check_broker_login(
+    host: str,
+    port: int,
+    ca: str | Path,
+    username: str,
+    password: str,
+    *,
+    server_name: str | None = None,
+    certfile: str | Path | None = None,
+    keyfile: str | Path | None = None,
+    timeout: float = 5.0,
+) -> str:
+    """Log in to the broker once over TLS (MQTT v5) and log out; no retries.
+
+    Returns the CONNACK reason (``"Success"``). Raises :class:`TransportError`
+    naming the cause: a TLS problem (as :func:`check_tls_connect`), a refused login
+    (mosquitto 2.0 answers a wrong password with "Not authorized"), or no CONNACK
+    within ``timeout`` seconds.
+    """
+    import paho.mqtt.client as mqtt
+
+    # TLS first, with its clear messages; then one MQTT CONNECT on the same terms.
+    name = server_name or host
+    check_tls_connect(
+        host,
+        port,
+        ca,
+        server_name=name,
+        certfile=certfile,
+        keyfile=keyfile,
+        timeout=timeout,
+    )
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"gatewatch-check-{secrets.token_hex(4)}",
+        protocol=mqtt.MQTTv5,
+    )
+    client.tls_set_context(_client_context(ca, certfile, keyfile))
+    client.username_pw_set(username, password)
+    client.connect_timeout = timeout
+    result: dict[str, Any] = {}
+    client.on_connect = lambda c, u, f, rc, p: result.setdefault("rc", rc)
+
+    # connect() is synchronous and raises at once; loop() reads the CONNACK.
+    try:
+        client.connect(host, port, keepalive=30)
+    except (OSError, ssl.SSLError) as exc:
+        raise _explain(exc, host, port, ca, name, timeout) from exc
+    deadline = time.monotonic() + timeout
+    try:
+        while "rc" not in result and time.monotonic() < deadline:
+            if client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
+                break
+    finally:
+        client.disconnect()
+    rc = result.get("rc")
+    if rc is None:
+        raise TransportError(f"broker {host}:{port}: no CONNACK within {timeout:g} s")
+    if rc.is_failure:
+        raise TransportError(
+            f"broker {host}:{port} refused user {username!r}: {rc} (wrong user name "
+            "or password, or the user is not in the broker's password file)"
+        )
+    return str(rc)
+
+
+# --- message size -------------------------------------------------------------------
+
+
+def _varint_len(n: int) -> int:
+    """Bytes an MQTT variable byte integer takes for ``n``."""
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+def publish_packet_size(
+    topic: str, payload_len: int, qos: int, *, properties: Any = None, v5: bool = True
+) -> int:
+    """Bytes of the whole PUBLISH packet that paho sends for this message.
+
+    ``properties`` is a paho ``Properties`` object or None (MQTT v5 only).
+    """
+    remaining = 2 + len(topic.encode()) + payload_len + (2 if qos > 0 else 0)
+    if v5:
+        remaining += len(properties.pack()) if properties is not None else 1
+    return 1 + _varint_len(remaining) + remaining
+
+
+def connack_packet_limit(properties: Any) -> int | None:
+    """The Maximum Packet Size a broker announced in CONNACK properties, or None."""
+    return getattr(properties, "MaximumPacketSize", None) if properties else None
+
+
+def check_publish_size(
+    topic: str,
+    payload: bytes,
+    *,
+    qos: int,
+    limit: int | None,
+    properties: Any = None,
+    v5: bool = True,
+) -> int:
+    """Return the packet size of this PUBLISH, or raise MessageTooLargeError.
+
+    ``limit`` is the broker's maximum packet size (:func:`connack_packet_limit`, or
+    the deployment's ``max_packet_size`` for MQTT 3.1.1 where CONNACK cannot say);
+    None means no limit. Call it before ``publish``: a message over the limit makes
+    mosquitto drop the connection, and paho would send it again after each
+    reconnect, for ever.
+    """
+    size = publish_packet_size(topic, len(payload), qos, properties=properties, v5=v5)
+    if limit is not None and size > limit:
+        raise MessageTooLargeError(
+            f"message to {topic} is {size} bytes as an MQTT packet, over the broker's "
+            f"limit of {limit}; it was not sent"
+        )
+    return size
+
+
+# --- command line -------------------------------------------------------------------
+
+
+def _parse_gateway(text: str) -> tuple[str, str]:
+    site, sep, gw = text.partition("/")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a gateway as SITE/GATEWAY")
+    return site, gw
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m edge_agent.broker_config``: write a deployment's broker files."""
+    parser = argparse.ArgumentParser(
+        prog="python -m edge_agent.broker_config",
+        description="Write a locked-down mosquitto configuration for gatewatch.",
+    )
+    add = parser.add_argument
+    add("--out", required=True, type=Path, help="folder to write")
+    add(
+        "--gateway",
+        action="append",
+        type=_parse_gateway,
+        default=[],
+        metavar="SITE/GATEWAY",
+        help="a gateway (repeat for each)",
+    )
+    add("--host", action="append", default=[], help="broker DNS name (repeatable)")
+    add("--ip", action="append", default=[], help="broker IP address (repeatable)")
+    add("--bind", default="127.0.0.1", help="address the listener binds")
+    add("--port", type=int, default=DEFAULT_PORT)
+    add("--install-dir", help="where broker/ will be installed on the broker host")
+    add("--persistence-location", help="folder for the broker's state")
+    add("--log-dest", default="stdout", help="mosquitto log_dest (e.g. syslog)")
+    add("--group", help="group that may read broker/ (e.g. mosquitto)")
+    add("--client-certs", action="store_true", help="require client certificates")
+    add("--max-packet-size", type=int, default=DEFAULT_MAX_PACKET_SIZE)
+    args = parser.parse_args(argv)
+
+    try:
+        if not args.gateway:
+            raise UsageError("give at least one --gateway SITE/GATEWAY")
+        dep = Deployment(
+            gateways=tuple(args.gateway),
+            host_names=tuple(args.host or ([] if args.ip else ["localhost"])),
+            ip_addresses=tuple(args.ip or ([] if args.host else ["127.0.0.1"])),
+            bind_address=args.bind,
+            port=args.port,
+            max_packet_size=args.max_packet_size,
+            require_client_cert=args.client_certs,
+        )
+        files = write_broker_config(
+            dep,
+            args.out,
+            install_dir=args.install_dir,
+            persistence_location=args.persistence_location,
+            log_dest=args.log_dest,
+            group=args.group,
+        )
+    except GatewatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    report = {
+        "broker": str(files.broker_dir),
+        "ca_key": str(files.ca_key),
+        "clients": {u: str(p) for u, p in files.clients.items()},
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
