@@ -22,6 +22,8 @@ from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edge_agent import logger
 from flows.errors import TransportError, UsageError
@@ -109,6 +111,7 @@ class MqttLink:
         reconnect_min: float = 0.5,
         reconnect_max: float = 30.0,
         max_inflight: int = 200,
+        session_expiry: int = 0,
         on_message: Callable[[str, bytes], None] | None = None,
         on_publish: Callable[[int, bool], None] | None = None,
         on_connect: Callable[[], None] | None = None,
@@ -118,13 +121,16 @@ class MqttLink:
         self.client_id = client_id
         self.username = username or self.address.username
         self.password = password or self.address.password
-        self.tls = tls if tls is not None else (TlsOptions() if self.address.tls else None)
+        self.tls = (
+            tls if tls is not None else (TlsOptions() if self.address.tls else None)
+        )
         self.keepalive = keepalive
         self.requested = Protocol(protocol)
         self.will = will
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self.max_inflight = max_inflight
+        self.session_expiry = session_expiry
         self.on_message = on_message
         self.on_publish = on_publish
         self.on_connect = on_connect
@@ -158,8 +164,13 @@ class MqttLink:
             rc = self._attempt(version, deadline)
             if rc == 0:
                 return
-            if rc in (_REFUSED_VERSION_V5, _REFUSED_VERSION_V3) and version is Protocol.V5:
-                logger.info("broker %s refused MQTT v5; falling back to 3.1.1", self.url)
+            if (
+                rc in (_REFUSED_VERSION_V5, _REFUSED_VERSION_V3)
+                and version is Protocol.V5
+            ):
+                logger.info(
+                    "broker %s refused MQTT v5; falling back to 3.1.1", self.url
+                )
                 continue
             raise TransportError(f"broker {self.url} refused the connection: {rc}")
         raise TransportError(f"broker {self.url} refused MQTT v5 and 3.1.1")
@@ -172,7 +183,12 @@ class MqttLink:
         last_error: Exception | None = None
         while True:
             try:
-                client.connect(self.address.host, self.address.port, self.keepalive)
+                client.connect(
+                    self.address.host,
+                    self.address.port,
+                    self.keepalive,
+                    **self._session_args(version),
+                )
                 break
             except (OSError, ssl.SSLError) as exc:
                 last_error = exc
@@ -192,16 +208,27 @@ class MqttLink:
             self.protocol = version
         return self._connack_rc
 
+    def _session_args(self, version: Protocol) -> dict:
+        """CONNECT options of MQTT v5: a session kept ``session_expiry`` seconds."""
+        if version is not Protocol.V5:
+            return {}
+        if self.session_expiry <= 0:
+            return {"clean_start": True}
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = int(self.session_expiry)
+        return {"clean_start": False, "properties": props}
+
     def _build(self, version: Protocol) -> paho.Client:
         v5 = version is Protocol.V5
         client = paho.Client(
             paho.CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-            **({} if v5 else {"clean_session": True}),
+            **({} if v5 else {"clean_session": self.session_expiry <= 0}),
         )
         client.reconnect_delay_set(
-            min_delay=max(1, round(self.reconnect_min)), max_delay=int(self.reconnect_max)
+            min_delay=max(1, round(self.reconnect_min)),
+            max_delay=int(self.reconnect_max),
         )
         client.max_inflight_messages_set(self.max_inflight)
         if self.username is not None:
@@ -234,16 +261,14 @@ class MqttLink:
             except Exception:  # noqa: BLE001 - the socket may already be gone
                 pass
 
-    def close(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
+    def close(
+        self, final: tuple[str, bytes] | None = None, timeout: float = 5.0
+    ) -> None:
         """Publish ``final`` (topic, payload; retained) if connected, then disconnect."""
         self._closing = True
         client = self._client
         if client is not None and final is not None and self.connected:
-            info = client.publish(final[0], final[1], qos=1, retain=True)
-            try:
-                info.wait_for_publish(timeout)
-            except (RuntimeError, ValueError):
-                pass
+            self.publish(final[0], final[1], qos=1, retain=True).wait(timeout)
         if client is not None:
             client.disconnect()
             client.loop_stop()
@@ -302,14 +327,20 @@ class MqttLink:
         client = self._client
         if client is not None and self.connected:
             rc, _ = client.subscribe(topic_filter, qos)
-            if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            if rc not in (
+                MQTTErrorCode.MQTT_ERR_SUCCESS,
+                MQTTErrorCode.MQTT_ERR_NO_CONN,
+            ):
                 _check(rc, f"subscribe to {topic_filter}")
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
-        """Queue one message; return its mid (PUBACK arrives through ``on_publish``).
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> Delivery:
+        """Queue one message; the returned :class:`Delivery` tells when it was acked.
 
-        A connection lost at this moment is not an error: paho keeps the message and
-        sends it again after reconnecting. Other paho failures raise TransportError.
+        A connection lost at this moment is not an error: the delivery reports
+        ``lost`` and the caller publishes the message again after reconnecting. Other
+        paho failures raise TransportError.
         """
         client = self._client
         if client is None:
@@ -318,6 +349,34 @@ class MqttLink:
             info = client.publish(topic, payload, qos=qos, retain=retain)
         except ValueError as exc:
             raise TransportError(f"publish to {topic} refused: {exc}") from exc
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+        if info.rc not in (
+            MQTTErrorCode.MQTT_ERR_SUCCESS,
+            MQTTErrorCode.MQTT_ERR_NO_CONN,
+        ):
             _check(info.rc, f"publish to {topic}")
-        return info.mid
+        return Delivery(info)
+
+
+class Delivery:
+    """The fate of one published message: acknowledged, waiting, or lost."""
+
+    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+        self._info = info
+        self.mid = info.mid
+        self.lost = info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN
+
+    def acked(self) -> bool:
+        """True once the broker acknowledged the message (PUBACK for QoS 1)."""
+        if self.lost:
+            return False
+        return self._info.is_published()
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for the acknowledgement."""
+        if self.lost:
+            return False
+        try:
+            self._info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):
+            return False
+        return self._info.is_published()

@@ -1,0 +1,558 @@
+"""The agent: score each flow with the student, decide, escalate over MQTT.
+
+Per flow the agent encodes the record with the artifact's encoder, appends it to its
+host's window (:class:`flows.windows.StreamWindower`), scores the window with the
+student and decides with the thresholds: *benign* below ``escalate_low``, *escalate*
+in ``[escalate_low, alert)`` (the re-scorer decides), *alert* at or above ``alert``
+(alerted locally and escalated). Flows are scored in micro-batches: a file source is
+read ``max_batch`` flows at a time; a live source scores whatever has arrived as soon
+as the first flow of a batch has waited ``max_wait_ms``, or at once when nothing else
+is queued, so slow traffic is scored one flow at a time.
+
+Local alerts are JSON lines, one object per line::
+
+    {"kind": "alert", "ts": 1655071231.7, "src_ip": "193.201.9.232",
+     "src_port": 46563, "dst_ip": "147.32.81.167", "dst_port": 3933,
+     "proto": "tcp", "score": 0.97, "decision": "alert",
+     "model_version": "...", "escalation_id": "..."}
+
+and, when the re-scorer confirms an escalation as malicious, the same 5-tuple fields
+with ``"kind": "verdict"``, ``"verdict": "malicious"`` and the teacher's ``score``.
+
+Escalation ids are derived from the site, gateway and flow record (32 hex digits), so
+a flow read again after a crash carries the same id and the re-scorer drops the copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from edge_agent import logger
+from edge_agent import protocol as proto
+from edge_agent.mqtt import MqttLink
+from edge_agent.outbox import Outbox
+from flows.errors import BadInputError, TransportError, UsageError
+from flows.windows import StreamWindower
+
+SITE_THRESHOLDS = "site_thresholds.json"
+_FIVE_TUPLE = ("ts", "src_ip", "src_port", "dst_ip", "dst_port", "proto")
+_MAX_TRACKED = 1000
+
+
+@dataclass
+class Counters:
+    """What the agent did in this run (the summary and the status payload)."""
+
+    flows: int = 0
+    benign: int = 0
+    escalate: int = 0
+    alert: int = 0
+    escalations_queued: int = 0
+    escalations_sent: int = 0
+    verdicts_received: int = 0
+    verdicts_malicious: int = 0
+    bad_records: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict copy."""
+        return {
+            k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self).items()
+        }
+
+
+def load_thresholds(scorer: Any) -> tuple[dict[str, float], str]:
+    """The thresholds to use: the site's own when calibrated, else the artifact's."""
+    folder = getattr(scorer, "folder", None)
+    if folder is not None:
+        path = Path(folder) / SITE_THRESHOLDS
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+                out = {k: float(data[k]) for k in ("escalate_low", "alert")}
+                out["decision"] = float(data.get("decision", out["escalate_low"]))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise UsageError(
+                    f"{path}: site thresholds are unreadable ({exc})"
+                ) from exc
+            return out, "site"
+    t = dict(scorer.thresholds)
+    return {k: float(t[k]) for k in ("decision", "escalate_low", "alert")}, "artifact"
+
+
+def decide(scores: np.ndarray, thresholds: dict[str, float]) -> np.ndarray:
+    """Decision codes per score: 0 benign, 1 escalate, 2 alert."""
+    lo, hi = thresholds["escalate_low"], thresholds["alert"]
+    return (scores >= lo).astype(np.int8) + (scores >= hi).astype(np.int8)
+
+
+_DECISIONS = (proto.Decision.BENIGN, proto.Decision.ESCALATE, proto.Decision.ALERT)
+
+
+def flow_id(site: str, gateway: str, flow: dict[str, Any]) -> str:
+    """A message id fixed by the flow: the same flow always gets the same id."""
+    text = json.dumps(
+        [site, gateway, proto.clean_flow(flow)], sort_keys=True, default=str
+    )
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+class Agent:
+    """One gateway's agent around a scorer, an outbox and (optionally) a broker link.
+
+    ``scorer`` has ``.score(windows)``, ``.thresholds``, ``.encoder`` and
+    ``.model_version`` (see :func:`edge_agent.runtime.load_artifact`). Without a link
+    escalations stay in the outbox until an agent with a broker replays them.
+    """
+
+    def __init__(
+        self,
+        scorer: Any,
+        *,
+        site: str,
+        gateway: str,
+        outbox: Outbox,
+        link: MqttLink | None = None,
+        alerts: TextIO | None = None,
+        max_batch: int = 256,
+        max_wait_ms: float = 20.0,
+        thresholds: dict[str, float] | None = None,
+        max_hosts: int = 10_000,
+        track_latency: bool = False,
+    ) -> None:
+        if max_batch < 1 or max_wait_ms < 0:
+            raise UsageError("max_batch must be >= 1 and max_wait_ms >= 0")
+        self.site = proto.validate_id(site, "site")
+        self.gateway = proto.validate_id(gateway, "gateway")
+        self.topics = {ch: proto.topic(site, gateway, ch) for ch in proto.Channel}
+        self.outbox = outbox
+        self.link = link
+        self.alerts = alerts
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_hosts = max_hosts
+        self.counters = Counters()
+        self.rejects = proto.RejectCounter("agent")
+        self.latencies: deque[float] | None = (
+            deque(maxlen=200_000) if track_latency else None
+        )
+        self._fixed_thresholds = thresholds
+        self._lock = threading.Lock()
+        self._out_lock = threading.Lock()
+        self._verdict_ids: set[str] = set()
+        self._tracked: OrderedDict[str, Any] = OrderedDict()
+        self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._sender: threading.Thread | None = None
+        self._install(scorer)
+        self._model_updater = None
+
+    # -- model ------------------------------------------------------------------------
+
+    def _install(self, scorer: Any) -> None:
+        enc = scorer.encoder
+        if self._fixed_thresholds is not None:
+            thresholds, origin = dict(self._fixed_thresholds), "given"
+        else:
+            thresholds, origin = load_thresholds(scorer)
+        windower = StreamWindower(enc.window, enc.n_features, max_hosts=self.max_hosts)
+        with self._lock:
+            self.scorer = scorer
+            self.encoder = enc
+            self.thresholds = thresholds
+            self.windower = windower
+            self.model_version = str(getattr(scorer, "model_version", ""))
+        logger.info(
+            "model %s: thresholds %s (%s), window %d x %d",
+            self.model_version,
+            thresholds,
+            origin,
+            enc.window,
+            enc.n_features,
+        )
+
+    def swap_scorer(self, scorer: Any) -> None:
+        """Replace the running model between two batches; windows restart empty.
+
+        The swap is atomic: a batch is scored either wholly by the old model or wholly
+        by the new one. A new encoder may have another width, so the host windows are
+        rebuilt from nothing.
+        """
+        self._install(scorer)
+        self.publish_status("online")
+
+    # -- connection -------------------------------------------------------------------
+
+    def start(self, connect_timeout: float = 10.0) -> None:
+        """Connect, subscribe to verdicts, publish status online, start sending."""
+        if self.link is not None:
+            self.link.on_message = self._on_message
+            self.link.on_connect = self._wake.set
+            self.link.connect(connect_timeout)
+            self.link.subscribe(self.topics[proto.Channel.VERDICTS], qos=1)
+            self.publish_status("online")
+        self._sender = threading.Thread(
+            target=self._send_loop, name="outbox-sender", daemon=True
+        )
+        self._sender.start()
+        self._wake.set()
+
+    def enable_model_updates(self, updater: Any) -> None:
+        """Pass each message of the model topic to ``updater.handle(payload)``."""
+        self._model_updater = updater
+        if self.link is not None:
+            self.link.subscribe(self.topics[proto.Channel.MODEL], qos=1)
+
+    def publish_status(self, state: str) -> None:
+        """Publish the retained status (state, model version, counters)."""
+        if self.link is None or not self.link.connected:
+            return
+        payload = proto.encode(self.status_payload(state))
+        try:
+            self.link.publish(self.topics[proto.Channel.STATUS], payload, retain=True)
+        except TransportError as exc:
+            logger.warning("status not published: %s", exc)
+
+    def status_payload(self, state: str, **extra: Any) -> dict[str, Any]:
+        """The status message for ``state``."""
+        return proto.build_status(
+            state=state,
+            model_version=self.model_version,
+            counters=self.counters.as_dict(),
+            **extra,
+        )
+
+    def will(self) -> tuple[str, bytes]:
+        """The last will: the retained offline status."""
+        return self.topics[proto.Channel.STATUS], proto.encode(
+            proto.build_status(state="offline", model_version=self.model_version)
+        )
+
+    # -- scoring ----------------------------------------------------------------------
+
+    def process(
+        self, records: list[dict[str, Any]], arrived: list[float] | None = None
+    ) -> np.ndarray:
+        """Score and decide a batch of canonical records; return decision codes."""
+        if not records:
+            return np.zeros(0, dtype=np.int8)
+        with self._lock:
+            scorer, enc, windower = self.scorer, self.encoder, self.windower
+            thresholds, version = self.thresholds, self.model_version
+            try:
+                X = enc.transform_records(records)
+            except (BadInputError, TypeError, ValueError):
+                records, X = self._encode_one_by_one(enc, records, arrived)
+                if not records:
+                    return np.zeros(0, dtype=np.int8)
+            keys = self._keys(records, enc)
+            windows = windower.push_many(keys, X)
+            scores = np.asarray(scorer.score(windows), dtype=np.float32)
+        codes = decide(scores, thresholds)
+        now = time.monotonic()
+        if self.latencies is not None and arrived is not None:
+            self.latencies.extend(now - t for t in arrived[: len(records)])
+        c = self.counters
+        c.flows += len(records)
+        n_esc = int(np.count_nonzero(codes == 1))
+        n_alert = int(np.count_nonzero(codes == 2))
+        c.escalate += n_esc
+        c.alert += n_alert
+        c.benign += len(records) - n_esc - n_alert
+        for i in np.flatnonzero(codes):
+            self._escalate(
+                records[i], windows[i], float(scores[i]), _DECISIONS[codes[i]], version
+            )
+        return codes
+
+    def _encode_one_by_one(self, enc, records, arrived):
+        good, rows = [], []
+        for i, rec in enumerate(records):
+            try:
+                rows.append(enc.transform_record(rec))
+                good.append(rec)
+            except (BadInputError, TypeError, ValueError) as exc:
+                self.counters.bad_records += 1
+                if self.counters.bad_records == 1:
+                    logger.warning(
+                        "flow record rejected (%s); further ones counted", exc
+                    )
+                if arrived is not None:
+                    arrived[i] = -1.0
+        if arrived is not None:
+            arrived[:] = [t for t in arrived if t >= 0]
+        X = np.stack(rows) if rows else np.zeros((0, enc.n_features), np.float32)
+        return good, X
+
+    @staticmethod
+    def _keys(records: list[dict[str, Any]], enc) -> list[Any]:
+        if enc.group_by == "stream":
+            return [0] * len(records)
+        return [r.get("src_ip") for r in records]
+
+    def _escalate(self, flow, window, score, decision, version) -> None:
+        msg_id = flow_id(self.site, self.gateway, flow)
+        body = proto.build_escalation(
+            flow=flow,
+            window=window,
+            score=score,
+            decision=decision,
+            model_version=version,
+            site=self.site,
+            gateway=self.gateway,
+            msg_id=msg_id,
+        )
+        try:
+            payload = proto.encode(body)
+        except proto.ProtocolError as exc:
+            self.rejects.reject(exc, "outgoing escalation")
+            return
+        alert = decision is proto.Decision.ALERT
+        if self.alerts is not None:
+            with self._out_lock:
+                self._recent[msg_id] = {k: flow.get(k) for k in _FIVE_TUPLE}
+                if len(self._recent) > 10_000:
+                    self._recent.popitem(last=False)
+        if self.outbox.add(
+            msg_id, self.topics[proto.Channel.ESCALATIONS], payload, alert
+        ):
+            self.counters.escalations_queued += 1
+            self._wake.set()
+        if alert:
+            self._write_line(
+                flow,
+                kind="alert",
+                score=score,
+                decision=decision.value,
+                model_version=version,
+                escalation_id=msg_id,
+            )
+
+    def _write_line(self, flow: dict[str, Any], **fields: Any) -> None:
+        if self.alerts is None:
+            return
+        row = {"kind": fields.pop("kind")}
+        row.update({k: proto._clean(flow.get(k)) for k in _FIVE_TUPLE})
+        row.update(fields)
+        with self._out_lock:
+            self.alerts.write(json.dumps(row) + "\n")
+            self.alerts.flush()
+
+    # -- sources ----------------------------------------------------------------------
+
+    def run_file(self, records: Iterable[dict[str, Any]]) -> None:
+        """Score a finite source in batches of ``max_batch`` as fast as it reads."""
+        batch: list[dict[str, Any]] = []
+        for rec in records:
+            batch.append(rec)
+            if len(batch) >= self.max_batch:
+                self.process(batch)
+                batch = []
+        self.process(batch)
+
+    def run_live(
+        self, records: Iterable[dict[str, Any]], stop: threading.Event | None = None
+    ) -> None:
+        """Score a live source: micro-batches when fast, single flows when slow."""
+        q: queue.Queue = queue.Queue(maxsize=self.max_batch * 64)
+        done = object()
+        stop = stop or threading.Event()
+
+        def reader() -> None:
+            try:
+                for rec in records:
+                    q.put((time.monotonic(), rec))
+                    if stop.is_set():
+                        break
+            finally:
+                q.put((0.0, done))
+
+        thread = threading.Thread(target=reader, name="source-reader", daemon=True)
+        thread.start()
+        finished = False
+        while not finished and not stop.is_set():
+            try:
+                first = q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if first[1] is done:
+                break
+            batch, arrived = [first[1]], [first[0]]
+            while len(batch) < self.max_batch:
+                try:
+                    t, rec = q.get_nowait()
+                except queue.Empty:
+                    if time.monotonic() - first[0] >= self.max_wait:
+                        break
+                    try:
+                        t, rec = q.get(
+                            timeout=max(
+                                0.0, first[0] + self.max_wait - time.monotonic()
+                            )
+                        )
+                    except queue.Empty:
+                        break
+                if rec is done:
+                    finished = True
+                    break
+                batch.append(rec)
+                arrived.append(t)
+            self.process(batch, arrived)
+
+    # -- sending ----------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        """Publish the outbox in order; replay from the start after each reconnect."""
+        generation, last_seq = -1, 0
+        while not self._stop.is_set():
+            self._wake.wait(0.05)
+            self._wake.clear()
+            self._collect_acks()
+            link = self.link
+            if link is None or not link.connected:
+                continue
+            if link.generation != generation:
+                generation, last_seq = link.generation, 0
+            room = _MAX_TRACKED - len(self._tracked)
+            if room <= 0:
+                continue
+            rows = self.outbox.pending(limit=min(room, 500), after_seq=last_seq)
+            for msg in rows:
+                if not link.connected:
+                    break
+                last_seq = msg.seq
+                if msg.id in self._tracked:
+                    continue
+                try:
+                    delivery = link.publish(msg.topic, msg.payload, qos=1)
+                except TransportError as exc:
+                    logger.warning("escalation not published yet: %s", exc)
+                    break
+                if delivery.lost:
+                    break
+                self._tracked[msg.id] = delivery
+            if rows:
+                self._wake.set()
+
+    def _collect_acks(self) -> None:
+        for msg_id, delivery in list(self._tracked.items()):
+            try:
+                acked = delivery.acked()
+            except (RuntimeError, ValueError):
+                acked = False
+                delivery.lost = True
+            if acked or delivery.lost:
+                del self._tracked[msg_id]
+            if acked and self.outbox.ack(msg_id):
+                self.counters.escalations_sent += 1
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics[proto.Channel.MODEL]:
+            threading.Thread(
+                target=self._model_message,
+                args=(payload,),
+                name="model-update",
+                daemon=True,
+            ).start()
+            return
+        try:
+            verdict = proto.parse_verdict(payload)
+        except proto.ProtocolError as exc:
+            self.rejects.reject(exc, topic)
+            self.counters.rejected = dict(self.rejects.counts)
+            return
+        esc_id = verdict["escalation_id"]
+        with self._out_lock:
+            if esc_id in self._verdict_ids:
+                return
+            self._verdict_ids.add(esc_id)
+        self.counters.verdicts_received += 1
+        if verdict["verdict"] == proto.Verdict.MALICIOUS.value:
+            self.counters.verdicts_malicious += 1
+            with self._out_lock:
+                flow = self._recent.get(esc_id) or {}
+            self._write_line(
+                flow,
+                kind="verdict",
+                verdict="malicious",
+                score=verdict["score"],
+                escalation_id=esc_id,
+                teacher_version=verdict["teacher_version"],
+            )
+
+    def _model_message(self, payload: bytes) -> None:
+        updater = self._model_updater
+        if updater is None:
+            return
+        try:
+            result = updater.handle(payload)
+        except Exception as exc:  # noqa: BLE001 - a bad update must not stop the agent
+            logger.warning("model update failed: %s", exc)
+            self.publish_status_reason(f"model update failed: {exc}")
+            return
+        if getattr(result, "ok", False):
+            self.swap_scorer(result.scorer)
+            logger.info("model updated to %s", result.version)
+        else:
+            reason = getattr(result, "reason", "refused")
+            logger.warning("model update refused: %s", reason)
+            self.publish_status_reason(str(reason))
+
+    def publish_status_reason(self, reason: str) -> None:
+        """Publish status online with the reason an update was refused."""
+        if self.link is None or not self.link.connected:
+            return
+        payload = proto.encode(self.status_payload("online", update_refused=reason))
+        try:
+            self.link.publish(self.topics[proto.Channel.STATUS], payload, retain=True)
+        except TransportError as exc:
+            logger.warning("status not published: %s", exc)
+
+    # -- ending -----------------------------------------------------------------------
+
+    def drain(self, timeout: float, wait_verdicts: bool = True) -> bool:
+        """Wait until the outbox is empty (and verdicts came back); True if so."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._wake.set()
+            acked = len(self.outbox) == 0 and not self._tracked
+            answered = self.counters.verdicts_received >= self.counters.escalations_sent
+            if acked and (answered or not wait_verdicts or self.link is None):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def close(self) -> None:
+        """Publish status offline, stop sending and disconnect; the outbox stays."""
+        self._stop.set()
+        self._wake.set()
+        if self._sender is not None:
+            self._sender.join(5)
+        self._collect_acks()
+        self.counters.rejected = dict(self.rejects.counts)
+        if self.link is not None:
+            status = proto.encode(self.status_payload("offline"))
+            self.link.close(final=(self.topics[proto.Channel.STATUS], status))
+        self.outbox.close()
+
+    def summary(self) -> dict[str, Any]:
+        """Counters plus outbox state and the model in use."""
+        out = self.counters.as_dict()
+        out["rejected"] = dict(self.rejects.counts)
+        out["outbox_pending"] = len(self.outbox)
+        out["outbox_dropped"] = self.outbox.dropped
+        out["model_version"] = self.model_version
+        out["thresholds"] = dict(self.thresholds)
+        return out

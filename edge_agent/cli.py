@@ -1,0 +1,350 @@
+"""``edge-agent``: run the agent on a gateway, calibrate its thresholds, and more.
+
+``edge-agent run`` scores a source and escalates over MQTT; with a file source it
+exits once the file is done and its escalations are acknowledged (or
+``--drain-timeout`` passed) and prints a summary. ``edge-agent calibrate`` sets this
+site's thresholds from its own benign traffic. The bundle, flash and update commands
+come from :mod:`edge_agent.bundle` when it is installed.
+
+Exit codes: 0 ok, 1 failure, 2 usage, 3 bad input, 4 partial input (the flows read
+before the damage were scored and sent), 6 broker unavailable or escalations left
+unacknowledged in the outbox, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent import logger
+from flows.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    GatewatchError,
+    TransportError,
+    UsageError,
+)
+
+_RUN_FLAGS = {
+    "artifact": "artifact folder (model, encoder, thresholds, manifest)",
+    "source": "pcap:FILE, iface:NAME, zeek:PATH, parquet:FILE or - (JSON lines)",
+    "broker": "mqtt://HOST:PORT or mqtts://HOST:PORT",
+    "site": "site id (letters, digits, . _ -)",
+    "gateway": "gateway id (letters, digits, . _ -)",
+    "outbox": "outbox file (default: $XDG_STATE_HOME/gatewatch/outbox-S-G.sqlite)",
+    "alerts": "where local alerts go as JSON lines: FILE or - for stdout (default -)",
+    "summary_json": "also write the summary as JSON to this file",
+    "username": "broker user name",
+    "password_file": "file whose first line is the broker password",
+    "tls_ca": "CA certificate file for TLS",
+    "tls_cert": "client certificate file for TLS",
+    "tls_key": "client key file for TLS",
+    "protocol": "MQTT version: auto (5, else 3.1.1), 5 or 3.1.1",
+    "update_public_key": "Ed25519 public key: accept signed model updates",
+}
+_RUN_NUMBERS = {
+    "drain_timeout": (float, "seconds to wait for acknowledgements at the end (30)"),
+    "connect_timeout": (float, "seconds to wait for the broker at start (10)"),
+    "max_batch": (int, "largest micro-batch (256)"),
+    "max_wait_ms": (float, "longest a flow waits for its batch to fill (20)"),
+    "outbox_max": (int, "most escalations kept unacknowledged (100000)"),
+    "keepalive": (int, "MQTT keepalive in seconds (30)"),
+}
+
+
+def _add_run(subparsers) -> None:
+    p = subparsers.add_parser("run", help="score flows and escalate over MQTT")
+    p.add_argument("--config", type=Path, help="TOML config; flags override it")
+    for name, text in _RUN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, help=text)
+    for name, (kind, text) in _RUN_NUMBERS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
+    p.add_argument(
+        "--follow",
+        action="store_const",
+        const=True,
+        help="tail a growing zeek log (survives rotation)",
+    )
+    p.add_argument(
+        "--no-wait-verdicts",
+        dest="wait_verdicts",
+        action="store_const",
+        const=False,
+        help="at the end wait for PUBACKs only, not verdicts",
+    )
+    p.set_defaults(func=cmd_run)
+
+
+def _add_calibrate(subparsers) -> None:
+    p = subparsers.add_parser("calibrate", help="set site thresholds from benign flows")
+    p.add_argument("--artifact", required=True, type=Path)
+    p.add_argument("--source", required=True)
+    p.add_argument(
+        "--target-fpr",
+        required=True,
+        type=float,
+        help="share of benign flows allowed to escalate, e.g. 0.01",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="file to write (default: site_thresholds.json in the artifact)",
+    )
+    p.set_defaults(func=cmd_calibrate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``edge-agent`` argument parser (with the bundle commands when present)."""
+    parser = argparse.ArgumentParser(
+        prog="edge-agent", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_calibrate(sub)
+    try:
+        from edge_agent import bundle
+    except ImportError:
+        bundle = None
+    if bundle is not None and hasattr(bundle, "register"):
+        bundle.register(sub)
+    return parser
+
+
+# ---------------------------------------------------------------------------------
+# run
+
+
+def _open_alerts(target: str | None):
+    if target in (None, ""):
+        return None, False
+    if target == "-":
+        return sys.stdout, False
+    try:
+        return open(target, "a", encoding="utf-8"), True
+    except OSError as exc:
+        raise UsageError(f"cannot open alerts file {target}: {exc}") from exc
+
+
+def _model_updater(cfg, scorer) -> Any:
+    """The OTA hook of :mod:`edge_agent.ota`, when a public key is configured."""
+    try:
+        from edge_agent.ota import ModelUpdater
+    except ImportError as exc:
+        raise UsageError(
+            "update_public_key is set but edge_agent.ota is not installed"
+        ) from exc
+    return ModelUpdater(
+        public_key=Path(cfg.update_public_key),
+        artifact=Path(cfg.artifact),
+        current_version=scorer.model_version,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``edge-agent run``."""
+    from edge_agent.agent import Agent
+    from edge_agent.config import AgentConfig
+    from edge_agent.mqtt import MqttLink
+    from edge_agent.outbox import Outbox
+    from edge_agent.runtime import load_artifact
+    from edge_agent.sources import open_source
+
+    overrides = {k: getattr(args, k, None) for k in AgentConfig.names()}
+    cfg = AgentConfig.load(args.config, overrides)
+    scorer = load_artifact(cfg.artifact)
+    source = open_source(cfg.source, follow=cfg.follow)
+    alerts, close_alerts = _open_alerts(cfg.alerts)
+    agent = Agent(
+        scorer,
+        site=cfg.site,
+        gateway=cfg.gateway,
+        outbox=Outbox(cfg.outbox_path(), cfg.outbox_max),
+        alerts=alerts,
+        max_batch=cfg.max_batch,
+        max_wait_ms=cfg.max_wait_ms,
+        max_hosts=cfg.max_hosts,
+    )
+    if cfg.broker:
+        agent.link = MqttLink(
+            cfg.broker,
+            f"gatewatch-{cfg.site}-{cfg.gateway}",
+            username=cfg.username,
+            password=cfg.secret(),
+            tls=cfg.tls(),
+            keepalive=cfg.keepalive,
+            protocol=cfg.protocol,
+            will=agent.will(),
+            session_expiry=cfg.session_expiry,
+        )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    failure: GatewatchError | None = None
+    started = time.monotonic()
+    try:
+        agent.start(cfg.connect_timeout)
+        if cfg.update_public_key:
+            agent.enable_model_updates(_model_updater(cfg, scorer))
+        try:
+            if source.finite:
+                agent.run_file(source)
+            else:
+                agent.run_live(source, stop)
+        except GatewatchError as exc:
+            failure = exc  # what was read before the damage is scored and kept
+        except KeyboardInterrupt:
+            stop.set()
+        drained = agent.drain(
+            cfg.drain_timeout if not stop.is_set() else 2.0,
+            wait_verdicts=cfg.wait_verdicts,
+        )
+    finally:
+        summary = agent.summary()
+        agent.close()
+        if close_alerts:
+            alerts.close()
+    summary["source_rejected"] = dict(source.rejected)
+    summary["seconds"] = round(time.monotonic() - started, 3)
+    summary["drained"] = drained
+    _report(summary, cfg.summary_json)
+    if failure is not None:
+        raise failure
+    if cfg.broker and summary["outbox_pending"]:
+        raise TransportError(
+            f"{summary['outbox_pending']} escalations were not acknowledged within "
+            f"{cfg.drain_timeout:g} s; they stay in the outbox {cfg.outbox_path()} "
+            "and are sent by the next run"
+        )
+    if not drained and cfg.broker and cfg.wait_verdicts:
+        print(
+            f"warning: {summary['escalations_sent'] - summary['verdicts_received']} "
+            "verdicts did not arrive in time",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def _report(summary: dict[str, Any], path: str | None) -> None:
+    print(
+        "summary: flows {flows}, benign {benign}, escalate {escalate}, alert {alert}, "
+        "escalations sent {escalations_sent}, verdicts received {verdicts_received}, "
+        "outbox pending {outbox_pending}".format(**summary),
+        file=sys.stderr,
+    )
+    if path:
+        Path(path).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------
+# calibrate
+
+
+def fpr_threshold(scores: np.ndarray, fpr: float) -> float:
+    """The lowest threshold at which at most ``fpr`` of ``scores`` reach it."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    n = len(s)
+    allowed = int(np.floor(fpr * n))
+    if allowed >= n:
+        return float(s[0])
+    return float(np.nextafter(s[n - allowed - 1], np.inf))
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``edge-agent calibrate``: write site thresholds from this site's benign flows."""
+    from edge_agent.agent import SITE_THRESHOLDS
+    from edge_agent.runtime import load_artifact
+    from edge_agent.sources import open_source
+    from flows.windows import StreamWindower
+
+    if not 0.0 < args.target_fpr < 1.0:
+        raise UsageError("--target-fpr must be between 0 and 1, e.g. 0.01")
+    scorer = load_artifact(args.artifact)
+    source = open_source(args.source)
+    if not source.finite:
+        raise UsageError("calibrate needs a file source (pcap:, zeek: or parquet:)")
+    enc = scorer.encoder
+    windower = StreamWindower(enc.window, enc.n_features)
+    scores, labels, batch = [], [], []
+
+    def flush() -> None:
+        if not batch:
+            return
+        X = enc.transform_records(batch)
+        keys = (
+            [0] * len(batch)
+            if enc.group_by == "stream"
+            else [r.get("src_ip") for r in batch]
+        )
+        scores.append(scorer.score(windower.push_many(keys, X)))
+        labels.extend(r.get("label") for r in batch)
+        batch.clear()
+
+    for rec in source:
+        batch.append(rec)
+        if len(batch) >= 1024:
+            flush()
+    flush()
+    if not scores:
+        raise UsageError(f"source {args.source} holds no flows to calibrate on")
+    s = np.concatenate(scores)
+    lab = np.array([-1 if v is None else int(v) for v in labels])
+    benign = s[lab == 0] if np.any(lab == 0) else s[lab != 1]
+    if len(benign) < 100:
+        raise UsageError(
+            f"only {len(benign)} benign flows; calibrate needs 100 or more"
+        )
+    lo = fpr_threshold(benign, args.target_fpr)
+    hi = max(
+        float(scorer.thresholds["alert"]), fpr_threshold(benign, args.target_fpr / 10)
+    )
+    out = {
+        "decision": lo,
+        "escalate_low": lo,
+        "alert": max(hi, lo),
+        "target_fpr": args.target_fpr,
+        "measured_fpr": float(np.mean(benign >= lo)),
+        "flows": int(len(s)),
+        "benign_flows": int(len(benign)),
+        "labeled": bool(np.any(lab >= 0)),
+        "model_version": scorer.model_version,
+        "source": args.source,
+        "created_at": time.time(),
+    }
+    path = args.out or Path(args.artifact) / SITE_THRESHOLDS
+    try:
+        Path(path).write_text(json.dumps(out, indent=2) + "\n")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc} (use --out)") from exc
+    print(
+        f"wrote {path}: escalate_low {lo:.6g}, alert {out['alert']:.6g}, benign "
+        f"flows {len(benign)}, measured fpr {out['measured_fpr']:.4g}"
+    )
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``edge-agent``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except GatewatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The agent's settings: a TOML file (``tomllib``) with command-line flags on top.
+
+A config file holds the same names as the ``edge-agent run`` flags, with underscores,
+at the top level or under an ``[agent]`` table, for example::
+
+    artifact = "/opt/gatewatch/artifact"
+    source = "zeek:/var/log/zeek/current/conn.log"
+    follow = true
+    broker = "mqtts://broker.example:8883"
+    site = "plant-3"
+    gateway = "gw-17"
+    username = "gw-plant-3-gw-17"
+    password_file = "/etc/gatewatch/mqtt.pass"
+    tls_ca = "/etc/gatewatch/ca.pem"
+    update_public_key = "/etc/gatewatch/update.pub"
+
+A flag given on the command line wins over the file; :meth:`AgentConfig.validate`
+checks the result before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from edge_agent.mqtt import BrokerAddress, Protocol, TlsOptions
+from edge_agent.protocol import validate_id
+from flows.errors import UsageError
+
+
+def default_state_dir() -> Path:
+    """Where the outbox lives by default: ``$XDG_STATE_HOME/gatewatch``."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "gatewatch"
+
+
+@dataclass
+class AgentConfig:
+    """Everything ``edge-agent run`` needs; see the module docstring for the file form."""
+
+    artifact: str | None = None
+    source: str | None = None
+    broker: str | None = None
+    site: str | None = None
+    gateway: str | None = None
+    follow: bool = False
+    outbox: str | None = None
+    outbox_max: int = 100_000
+    alerts: str | None = "-"
+    summary_json: str | None = None
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_insecure: bool = False
+    keepalive: int = 30
+    protocol: str = "auto"
+    connect_timeout: float = 10.0
+    drain_timeout: float = 30.0
+    wait_verdicts: bool = True
+    max_batch: int = 256
+    max_wait_ms: float = 20.0
+    max_hosts: int = 10_000
+    session_expiry: int = 3600
+    update_public_key: str | None = None
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The setting names (also the TOML keys)."""
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: dict[str, Any]) -> AgentConfig:
+        """Read ``path`` (if given), then apply the non-None ``overrides``."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            try:
+                data = tomllib.loads(Path(path).read_text())
+            except OSError as exc:
+                raise UsageError(f"cannot read config {path}: {exc}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise UsageError(f"config {path} is not valid TOML: {exc}") from exc
+            data = data.get("agent", data)
+            unknown = sorted(set(data) - set(cls.names()))
+            if unknown:
+                raise UsageError(f"config {path}: unknown settings {unknown}")
+            values.update(data)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values).validate()
+        except TypeError as exc:
+            raise UsageError(f"bad settings: {exc}") from exc
+
+    def validate(self) -> AgentConfig:
+        """Raise UsageError with what is allowed when a setting is wrong."""
+        for name in ("artifact", "source", "site", "gateway"):
+            if not getattr(self, name):
+                raise UsageError(f"--{name} is required (flag or config file)")
+        validate_id(self.site, "site")
+        validate_id(self.gateway, "gateway")
+        if self.broker is not None:
+            BrokerAddress.parse(self.broker)
+        try:
+            Protocol(self.protocol)
+        except ValueError as exc:
+            raise UsageError("protocol must be auto, 5 or 3.1.1") from exc
+        if self.max_batch < 1 or self.max_wait_ms < 0 or self.drain_timeout < 0:
+            raise UsageError("max_batch >= 1, max_wait_ms >= 0, drain_timeout >= 0")
+        if self.outbox_max < 1:
+            raise UsageError("outbox_max must be at least 1")
+        return self
+
+    def outbox_path(self) -> Path:
+        """The outbox file: the setting, else one per site/gateway in the state dir."""
+        if self.outbox:
+            return Path(self.outbox)
+        return default_state_dir() / f"outbox-{self.site}-{self.gateway}.sqlite"
+
+    def secret(self) -> str | None:
+        """The broker password: given, or the first line of ``password_file``."""
+        if self.password is not None or self.password_file is None:
+            return self.password
+        try:
+            return Path(self.password_file).read_text().splitlines()[0]
+        except (OSError, IndexError) as exc:
+            raise UsageError(f"cannot read password_file: {exc}") from exc
+
+    def tls(self) -> TlsOptions | None:
+        """TLS options when any TLS file is set (``mqtts://`` turns TLS on too)."""
+        if not (self.tls_ca or self.tls_cert or self.tls_key or self.tls_insecure):
+            return None
+        return TlsOptions(self.tls_ca, self.tls_cert, self.tls_key, self.tls_insecure)
+
+    def replace(self, **changes: Any) -> AgentConfig:
+        """A copy with some settings changed."""
+        return dataclasses.replace(self, **changes)
