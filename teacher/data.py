@@ -20,7 +20,7 @@ import numpy as np
 from flows.errors import BadInputError, UsageError
 from teacher import logger
 
-__all__ = ["Prepared", "holdout_types", "prepare", "stratified_split"]
+__all__ = ["Prepared", "concat", "holdout_types", "prepare", "stratified_split"]
 
 _FAMILY_COLUMN = {"nsl-kdd": "attack_family"}
 _BENIGN_DETAILS = {"normal", "benign", "background", ""}
@@ -123,25 +123,39 @@ def holdout_types(
     return held
 
 
-def _load(source: str | os.PathLike[str], data_dir: Any, seed: int) -> dict[str, Any]:
-    from flows.datasets import REGISTRY, load_dataset
+def _registry() -> dict[str, Any]:
+    try:
+        from flows.datasets import REGISTRY
+    except ImportError:  # TODO(gap): drop once flows.datasets is always present
+        return {}
+    return REGISTRY
 
+
+def _entry_files(entry: Any) -> dict[str, str]:
+    # Registry entries list their files (relative path + sha256); dicts or objects.
+    files = entry.get("files", []) if isinstance(entry, dict) else getattr(
+        entry, "files", [])
+    out = {}
+    for item in files or []:
+        get = item.get if isinstance(item, dict) else (
+            lambda key, _item=item: getattr(_item, key, None))
+        rel = get("path") or get("relpath") or get("name")
+        if rel:
+            out[str(rel)] = get("sha256")
+    return out
+
+
+def _load(source: str | os.PathLike[str], data_dir: Any, seed: int) -> dict[str, Any]:
+    registry = _registry()
     text = str(source)
-    if text in REGISTRY:
+    if text in registry:
+        from flows.datasets import load_dataset
+
         ds = load_dataset(text, data_dir=data_dir, seed=seed)
-        files = {}
-        for entry in REGISTRY[text].get("files", []) if isinstance(
-                REGISTRY[text], dict) else getattr(REGISTRY[text], "files", []):
-            rel = entry.get("path") if isinstance(entry, dict) else getattr(
-                entry, "path", None)
-            sha = entry.get("sha256") if isinstance(entry, dict) else getattr(
-                entry, "sha256", None)
-            if rel:
-                files[str(rel)] = sha
         return {
             "table": ds.table, "family": ds.family, "name": ds.name,
             "group_by": ds.group_by_default, "window": ds.window_default,
-            "files": files, "warnings": [],
+            "files": _entry_files(registry[text]), "warnings": [],
         }
 
     from flows.readers import read
@@ -149,7 +163,7 @@ def _load(source: str | os.PathLike[str], data_dir: Any, seed: int) -> dict[str,
     path = Path(text)
     if not path.exists():
         raise UsageError(
-            f"{text!r} is neither a dataset name ({', '.join(sorted(REGISTRY))}) "
+            f"{text!r} is neither a dataset name ({', '.join(sorted(registry))}) "
             "nor an existing file"
         )
     result = read(str(path))
@@ -171,6 +185,7 @@ def prepare(
     window: int | None = None,
     group_by: str | None = None,
     seed: int = 0,
+    need_split: bool | None = None,
 ) -> Prepared:
     """Encode a dataset name or a flow file into a :class:`Prepared`.
 
@@ -178,8 +193,8 @@ def prepare(
     ``window`` or the dataset default, grouping ``group_by`` or the default);
     otherwise the given fitted encoder is applied as is (its window and grouping
     win, and a family mismatch is a BadInputError). A file without a ``split``
-    column is split 80/10/10 (seeded, stratified) when an encoder is to be fitted,
-    and is all "test" when one is given.
+    column is split 80/10/10 (seeded, stratified) when ``need_split`` (default:
+    when an encoder is to be fitted), else it is all "test".
     """
     from flows.encoder import Encoder
     from flows.record import table_to_columns
@@ -207,7 +222,7 @@ def prepare(
     # Splits: the dataset's own, else a seeded one (or all test for scoring).
     if "split" in columns:
         split = np.asarray(columns["split"], dtype=object)
-    elif encoder is None:
+    elif need_split or (need_split is None and encoder is None):
         split = stratified_split(y, seed=seed)
     else:
         split = np.full(table.num_rows, "test", dtype=object)
@@ -240,4 +255,38 @@ def prepare(
         families=None if families is None else np.asarray(families, dtype=object),
         details=None if details is None else np.asarray(details, dtype=object),
         files=loaded["files"], warnings=loaded["warnings"],
+    )
+
+
+def concat(parts: list[Prepared], name: str | None = None) -> Prepared:
+    """One Prepared from several encoded with the same encoder (windows kept apart).
+
+    Window indices are shifted so each part's windows still point into its own rows.
+    """
+    if not parts:
+        raise BadInputError("nothing to concatenate")
+    first = parts[0]
+    for part in parts[1:]:
+        if (part.n_features, part.window) != (first.n_features, first.window):
+            raise BadInputError("parts differ in feature count or window length")
+    offsets = np.cumsum([0] + [len(p.X) for p in parts[:-1]])
+    idx = np.concatenate([np.where(p.idx >= 0, p.idx + off, -1)
+                          for p, off in zip(parts, offsets, strict=True)])
+
+    def join(attr: str) -> np.ndarray | None:
+        values = [getattr(p, attr) for p in parts]
+        if any(v is None for v in values):
+            return None
+        return np.concatenate([np.asarray(v, dtype=object) for v in values])
+
+    files: dict[str, str] = {}
+    for part in parts:
+        files.update(part.files)
+    return Prepared(
+        X=np.concatenate([p.X for p in parts]), idx=idx,
+        y=np.concatenate([p.y for p in parts]),
+        split=np.concatenate([p.split for p in parts]), encoder=first.encoder,
+        name=name or "+".join(p.name for p in parts), family=first.family,
+        families=join("families"), details=join("details"), files=files,
+        warnings=[w for p in parts for w in p.warnings],
     )

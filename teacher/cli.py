@@ -1,0 +1,448 @@
+"""The ``teacher`` command: train, eval, baselines, tune and update.
+
+Every subcommand takes its data as ``--dataset NAME`` (a registered dataset, found
+in ``--data-dir`` or ``GATEWATCH_DATA``) or ``--data FILE`` (any file ``flows``
+reads). Errors print ``error: <message>`` and return the documented exit code (see
+``flows/errors.py``); no tracebacks. ``teacher train`` also runs under ``torchrun``
+(DistributedDataParallel; rank 0 writes the checkpoint). When ``teacher.serve`` is
+installed, its ``serve`` and ``alerts`` subcommands are added here too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flows.errors import EXIT_INTERRUPTED, EXIT_OK, GatewatchError, UsageError
+from teacher import logger
+
+__all__ = ["build_parser", "main"]
+
+NSL_KDD_HOLDOUT = 0.5
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        msg = f"expected integers like 64,64: {text}"
+        raise argparse.ArgumentTypeError(msg) from exc
+
+
+def _add_source(p: argparse.ArgumentParser, required: bool = True) -> None:
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("--dataset", help="registered dataset name (e.g. nsl-kdd)")
+    group.add_argument("--data", help="a flow file in any format flows reads")
+    p.add_argument("--data-dir", help="data folder (default: $GATEWATCH_DATA)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+
+
+def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--samples-per-epoch", type=int, default=None,
+                   help="training samples drawn per epoch (default: the train size)")
+    p.add_argument("--no-balance", action="store_true",
+                   help="plain shuffling instead of class-weighted sampling")
+    p.add_argument("--smote", action="store_true",
+                   help="SMOTE-oversample the training part (never val or test)")
+    p.add_argument("--threshold-rule", choices=("best-f1", "fpr"), default="best-f1")
+    p.add_argument("--target-fpr", type=float, default=0.01)
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop training after this many minutes")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``teacher`` command."""
+    parser = argparse.ArgumentParser(
+        prog="teacher", description="Train and evaluate the CNN-BiLSTM teacher.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a teacher checkpoint")
+    _add_source(p)
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--init-from", help="checkpoint to fine-tune (same feature family)")
+    p.add_argument("--window", type=int, default=None, help="window length W")
+    p.add_argument("--group-by", choices=("src_ip", "stream"), default=None)
+    p.add_argument("--holdout-types", type=float, default=None,
+                   help="share of attack types moved whole into validation "
+                        f"(default {NSL_KDD_HOLDOUT} for nsl-kdd, else 0)")
+    p.add_argument("--conv-filters", type=_ints, default=None, help="e.g. 64,64")
+    p.add_argument("--lstm-hidden", type=int, default=None)
+    p.add_argument("--lstm-layers", type=int, default=None)
+    p.add_argument("--dense", type=_ints, default=None, help="e.g. 64")
+    p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--replay-size", type=int, default=5000,
+                   help="training windows kept in the replay buffer (0: none)")
+    _add_training(p)
+    _add_common(p)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    _add_source(p)
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-timing", action="store_true", help="skip latency timing")
+    _add_common(p)
+
+    p = sub.add_parser("baselines", help="RF, SVM and kNN on the same features")
+    _add_source(p)
+    p.add_argument("--window", type=int, default=1)
+    p.add_argument("--holdout-types", type=float, default=None)
+    p.add_argument("--models", default="rf,svm,knn")
+    p.add_argument("--svm-cap", type=int, default=20000,
+                   help="SVM training-sample cap (default 20000)")
+    p.add_argument("--knn-cap", type=int, default=None,
+                   help="kNN training-sample cap (default: none)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", help="also write the JSON here")
+    _add_common(p)
+
+    p = sub.add_parser("tune", help="grid search scored on validation data")
+    _add_source(p)
+    p.add_argument("--budget", type=float, required=True, help="minutes")
+    p.add_argument("--out", default="runs/tune", help="folder for the table")
+    p.add_argument("--windows", type=_ints, default=None, help="e.g. 1,4")
+    p.add_argument("--holdout-types", type=float, default=None)
+    p.add_argument("--lrs", type=_floats, default=None)
+    p.add_argument("--conv-layers", type=_ints, default=None)
+    p.add_argument("--filters", type=_ints, default=None)
+    p.add_argument("--batch-sizes", type=_ints, default=None)
+    p.add_argument("--dropouts", type=_floats, default=None)
+    p.add_argument("--trial-epochs", type=int, default=8)
+    p.add_argument("--trial-samples", type=int, default=40000)
+    _add_common(p)
+
+    p = sub.add_parser("update", help="incremental learning with a replay buffer")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="new data: dataset name or file")
+    p.add_argument("--old-data", default=None,
+                   help="old data to measure forgetting on (default: the "
+                        "checkpoint's dataset)")
+    p.add_argument("--data-dir")
+    p.add_argument("--out", required=True, help="updated checkpoint folder")
+    p.add_argument("--json", action="store_true")
+    _add_training(p, epochs=10)
+    _add_common(p)
+
+    # The re-scorer's subcommands, once teacher.serve exists.
+    if importlib.util.find_spec("teacher.serve") is not None:
+        serve = importlib.import_module("teacher.serve")
+        if hasattr(serve, "register"):
+            serve.register(sub)
+    return parser
+
+
+def _setup(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else (
+        logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _source(args: argparse.Namespace) -> str:
+    return args.dataset or args.data
+
+
+def _holdout(args: argparse.Namespace, prep: Any) -> list[str]:
+    from teacher.data import holdout_types
+
+    frac = args.holdout_types
+    if frac is None:
+        frac = NSL_KDD_HOLDOUT if prep.family == "nsl-kdd" else 0.0
+    if not 0.0 <= frac < 1.0:
+        raise UsageError(f"--holdout-types must be in [0, 1), got {frac}")
+    return holdout_types(prep, frac, seed=args.seed) if frac > 0 else []
+
+
+def _train_config(args: argparse.Namespace, **defaults: Any) -> Any:
+    from teacher.train import TrainConfig
+
+    kw: dict[str, Any] = dict(defaults)
+    kw.update(epochs=args.epochs, patience=args.patience, seed=args.seed,
+              balance=not args.no_balance, smote=args.smote,
+              threshold_rule=args.threshold_rule, target_fpr=args.target_fpr,
+              samples_per_epoch=args.samples_per_epoch, device=args.device,
+              max_minutes=args.max_minutes)
+    for name in ("lr", "weight_decay", "batch_size"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    return TrainConfig(**kw)
+
+
+def _progress(total: int, rank: int, quiet: bool) -> tuple[Any, Any]:
+    if rank != 0 or quiet:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="epochs", unit="epoch", file=sys.stderr)
+
+    def on_epoch(rec: dict[str, Any]) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['train_loss']:.4f}",
+                        val_loss=f"{rec['val_loss']:.4f}",
+                        val_f1=f"{rec['val_f1']:.4f}")
+
+    return bar, on_epoch
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``teacher train``: fit on train, stop and threshold on val, save a folder."""
+    import torch
+
+    from teacher.checkpoint import load_teacher, make_provenance, save_checkpoint
+    from teacher.data import prepare
+    from teacher.evaluate import evaluate
+    from teacher.model import TeacherConfig
+    from teacher.train import dist_info, fit
+    from teacher.update import make_replay, save_replay
+
+    rank, world, _ = dist_info()
+    start = time.monotonic()
+
+    # Fine-tuning keeps the pretrained encoder and network shape.
+    init_state, encoder, base = None, None, None
+    if args.init_from:
+        pre = load_teacher(args.init_from, device="cpu")
+        encoder, base = pre.encoder, pre.config
+        init_state = {k: v.clone() for k, v in pre.model.state_dict().items()}
+    prep = prepare(_source(args), encoder=encoder, data_dir=args.data_dir,
+                   window=args.window, group_by=args.group_by, seed=args.seed,
+                   need_split=True)
+    held = _holdout(args, prep)
+
+    # Network sizes: the pretrained ones, else the flags over the defaults.
+    if base is not None:
+        mc = base
+    else:
+        kw: dict[str, Any] = {"n_features": prep.n_features, "window": prep.window}
+        for flag, key in (("conv_filters", "conv_filters"), ("lstm_hidden", None),
+                          ("lstm_layers", None), ("dense", None), ("dropout", None)):
+            value = getattr(args, flag)
+            if value is not None:
+                kw[key or flag] = tuple(value) if isinstance(value, list) else value
+        mc = TeacherConfig(**kw)
+    tc = _train_config(args)
+
+    bar, on_epoch = _progress(tc.epochs, rank, args.quiet)
+    try:
+        result = fit(prep, mc, tc, init_state=init_state, on_epoch=on_epoch)
+    finally:
+        if bar is not None:
+            bar.close()
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank != 0:
+        torch.distributed.destroy_process_group()
+        return EXIT_OK
+
+    # Metrics: validation, and test where the data has a test split (reported only).
+    from teacher.checkpoint import Teacher
+
+    teacher = Teacher(model=result.model.eval(), encoder=prep.encoder,
+                      threshold=result.threshold["threshold"], config=mc,
+                      threshold_info=result.threshold)
+    metrics: dict[str, Any] = {"val": result.val_metrics}
+    if prep.rows("test").size:
+        metrics["test"] = evaluate(teacher, prep, prep.rows("test"), timing=False)
+    provenance = make_provenance(
+        prep.name, prep.files, args.seed, family=prep.family, world_size=world,
+        held_out_types=held, init_from=args.init_from,
+        train_config=result.train_config, best_epoch=result.best_epoch,
+        epochs_run=result.epochs_run, train_wall_s=result.wall_s,
+        total_wall_s=time.monotonic() - start,
+        device=str(tc.device or ("cuda" if torch.cuda.is_available() else "cpu")),
+    )
+    out = save_checkpoint(args.out, result.model, encoder=prep.encoder,
+                          threshold=result.threshold, history=result.history,
+                          metrics=metrics, provenance=provenance)
+    if args.replay_size > 0:
+        save_replay(out, *make_replay(prep, args.replay_size, seed=args.seed))
+    summary = {"checkpoint": str(out), "epochs": result.epochs_run,
+               "best_epoch": result.best_epoch, "wall_s": round(result.wall_s, 1),
+               "threshold": result.threshold["threshold"],
+               "val_f1": result.val_metrics["f1"]}
+    if "test" in metrics:
+        summary["test_accuracy"] = metrics["test"]["accuracy"]
+        summary["test_f1"] = metrics["test"]["f1"]
+    print(json.dumps(summary))
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``teacher eval``: metrics and CPU latency of a checkpoint on a split or file."""
+    from teacher.checkpoint import load_teacher
+    from teacher.data import prepare
+    from teacher.evaluate import evaluate
+
+    teacher = load_teacher(args.checkpoint)
+    prep = prepare(_source(args), encoder=teacher.encoder, data_dir=args.data_dir,
+                   seed=args.seed, need_split=False)
+    split = None if (args.split == "all" or args.data) else args.split
+    rows = prep.rows(split)
+    if rows.size == 0:
+        raise UsageError(f"{prep.name} has no labeled rows in split {args.split!r}")
+    out = evaluate(teacher, prep, rows, timing=not args.no_timing)
+    out.update({"checkpoint": str(args.checkpoint), "data": prep.name,
+                "split": "all" if split is None else split})
+    if prep.warnings:
+        out["warnings"] = prep.warnings
+    _print(out, args.json)
+    return EXIT_OK
+
+
+def cmd_baselines(args: argparse.Namespace) -> int:
+    """``teacher baselines``: RF, SVM and kNN on the teacher's features and splits."""
+    from teacher.baselines import run_baselines
+    from teacher.data import prepare
+
+    prep = prepare(_source(args), data_dir=args.data_dir, window=args.window,
+                   seed=args.seed, need_split=True)
+    held = _holdout(args, prep)
+    names = tuple(n.strip() for n in args.models.split(",") if n.strip())
+    out = {"data": prep.name, "window": prep.window, "n_features": prep.n_features,
+           "held_out_types": held,
+           "baselines": run_baselines(prep, names, svm_cap=args.svm_cap,
+                                      knn_cap=args.knn_cap, seed=args.seed)}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    _print(out, args.json)
+    return EXIT_OK
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``teacher tune``: grid over lr, layers, filters, batch size on val only."""
+    from teacher.data import prepare
+    from teacher.train import TrainConfig
+    from teacher.tune import DEFAULT_GRID, tune, write_table
+
+    windows = args.windows or [1]
+    preps = {}
+    for w in windows:
+        prep = prepare(_source(args), data_dir=args.data_dir, window=w,
+                       seed=args.seed, need_split=True)
+        _holdout(args, prep)
+        preps[w] = prep
+    grid = {k: list(v) for k, v in DEFAULT_GRID.items()}
+    for key, flag in (("lr", "lrs"), ("conv_layers", "conv_layers"),
+                      ("filters", "filters"), ("batch_size", "batch_sizes"),
+                      ("dropout", "dropouts")):
+        if getattr(args, flag):
+            grid[key] = getattr(args, flag)
+    grid["window"] = windows
+    base = TrainConfig(epochs=args.trial_epochs, patience=3,
+                       samples_per_epoch=args.trial_samples, seed=args.seed)
+
+    def on_trial(row: dict[str, Any]) -> None:
+        print(json.dumps(row), file=sys.stderr, flush=True)
+
+    rows = tune(preps, args.budget, grid, base_train=base, on_trial=on_trial)
+    out = write_table(rows, args.out)
+    print(json.dumps({"table": str(out / "tune.md"), "trials": len(rows),
+                      "best": rows[0] if rows else None}))
+    return EXIT_OK
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    """``teacher update``: fine-tune on new data with replay; F1 before and after."""
+    from teacher.checkpoint import load_teacher, make_provenance, save_checkpoint
+    from teacher.data import prepare
+    from teacher.update import load_replay, save_replay, update
+
+    teacher = load_teacher(args.checkpoint)
+    new = prepare(args.data, encoder=teacher.encoder, data_dir=args.data_dir,
+                  seed=args.seed, need_split=True)
+    old_source = args.old_data or teacher.provenance.get("dataset")
+    old = None
+    if old_source:
+        try:
+            old = prepare(old_source, encoder=teacher.encoder, data_dir=args.data_dir,
+                          seed=args.seed, need_split=True)
+        except GatewatchError as exc:
+            logger.warning("old data %s not available (%s); no forgetting check",
+                           old_source, exc)
+    replay = load_replay(args.checkpoint)
+    tc = _train_config(args, lr=3e-4)
+    result, report = update(teacher, new, old, replay, tc)
+
+    provenance = make_provenance(new.name, new.files, args.seed,
+                                 updated_from=str(args.checkpoint), update=report)
+    metrics = {"val": result.val_metrics, "update": report}
+    out = save_checkpoint(args.out, result.model, encoder=teacher.encoder,
+                          threshold=result.threshold, history=result.history,
+                          metrics=metrics, provenance=provenance)
+    if replay is not None:
+        save_replay(out, *replay)
+    report["checkpoint"] = str(out)
+    _print(report, args.json)
+    return EXIT_OK
+
+
+def _print(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+        return
+    for key, value in data.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        print(f"{key}: {value}")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "baselines": cmd_baselines,
+            "tune": cmd_tune, "update": cmd_update}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``teacher``; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse prints its own usage message
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        if hasattr(args, "func"):  # subcommands registered by teacher.serve
+            return int(args.func(args) or 0)
+        _setup(args)
+        return COMMANDS[args.command](args)
+    except GatewatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

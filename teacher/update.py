@@ -1,0 +1,137 @@
+"""Incremental learning: fine-tune a teacher on new data without forgetting the old.
+
+A checkpoint may carry a replay buffer (``replay.safetensors``: a seeded,
+class-balanced sample of its training windows and labels, written by
+``teacher train``). :func:`update` fine-tunes the checkpoint on the new data's
+training rows plus that buffer, picks the epoch and threshold on the new data's
+validation rows (plus the old data's, when the old data can be prepared again), and
+reports F1 on the old and new test rows before and after, so forgetting shows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flows.errors import BadInputError, ModelError
+from teacher import logger
+from teacher.checkpoint import Teacher
+from teacher.data import Prepared, concat
+from teacher.metrics import binary_metrics
+from teacher.train import TrainConfig, TrainResult, fit
+
+__all__ = ["REPLAY_FILE", "load_replay", "make_replay", "save_replay", "update"]
+
+REPLAY_FILE = "replay.safetensors"
+
+
+def make_replay(
+    prep: Prepared, size: int = 5000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded sample of training windows, half of each class where possible."""
+    rows = prep.rows("train")
+    rng = np.random.default_rng(seed)
+    picked = []
+    for value in (0, 1):
+        part = rows[prep.y[rows] == value]
+        take = min(len(part), size // 2)
+        if take:
+            picked.append(rng.choice(part, size=take, replace=False))
+    chosen = np.sort(np.concatenate(picked)) if picked else rows[:0]
+    return prep.windows(chosen), prep.y[chosen].astype(np.int8)
+
+
+def save_replay(ckpt_dir: str | Path, windows: np.ndarray, labels: np.ndarray) -> Path:
+    """Write the replay buffer next to a checkpoint (safetensors, no pickle)."""
+    from safetensors.numpy import save_file
+
+    path = Path(ckpt_dir) / REPLAY_FILE
+    save_file({"windows": np.ascontiguousarray(windows, dtype=np.float32),
+               "labels": np.ascontiguousarray(labels, dtype=np.int8)}, str(path))
+    return path
+
+
+def load_replay(ckpt_dir: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The checkpoint's replay buffer, or None when it has none."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(ckpt_dir) / REPLAY_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"cannot read the replay buffer {path}: {exc}") from exc
+    return data["windows"], data["labels"]
+
+
+def _f1(teacher_like: Any, prep: Prepared | None, threshold: float) -> float | None:
+    if prep is None:
+        return None
+    rows = prep.rows("test")
+    if rows.size == 0:
+        return None
+    prob = teacher_like(prep.windows(rows))
+    return binary_metrics(prep.y[rows], prob, threshold)["f1"]
+
+
+def update(
+    teacher: Teacher,
+    new: Prepared,
+    old: Prepared | None = None,
+    replay: tuple[np.ndarray, np.ndarray] | None = None,
+    train_config: TrainConfig | None = None,
+) -> tuple[TrainResult, dict[str, Any]]:
+    """Fine-tune ``teacher`` on ``new`` with a replay buffer; returns (result, report).
+
+    ``new`` and ``old`` must be encoded with the teacher's encoder. The report
+    holds F1 on old and new test rows before and after, the replay size and the
+    wall time.
+    """
+    if (new.n_features, new.window) != (teacher.config.n_features,
+                                        teacher.config.window):
+        raise BadInputError("new data was not encoded with the teacher's encoder")
+    tc = train_config or TrainConfig(epochs=10, patience=3, lr=3e-4)
+
+    # Before: the checkpoint as it is.
+    before = {"old_test_f1": _f1(teacher.predict_proba, old, teacher.threshold),
+              "new_test_f1": _f1(teacher.predict_proba, new, teacher.threshold)}
+
+    # Data: new train + replay; validation on new val (and old val when known).
+    parts = [new] if old is None else [new, old]
+    both = concat(parts, name=new.name) if old is not None else new
+    n_new = len(new.X)
+    train_rows = np.flatnonzero((both.split == "train") & (both.y >= 0)
+                                & (np.arange(len(both.y)) < n_new))
+    val_rows = both.rows("val")
+    if replay is None and old is not None:
+        replay = make_replay(old, seed=tc.seed)
+    start = time.monotonic()
+    init = {k: v.detach().cpu().clone() for k, v in teacher.model.state_dict().items()}
+    result = fit(both, teacher.config, replace(tc), init_state=init,
+                 train_rows=train_rows, val_rows=val_rows, extra_train=replay)
+    wall = time.monotonic() - start
+
+    # After: the fine-tuned model with its new threshold.
+    from teacher.checkpoint import Teacher as _Teacher
+
+    after_teacher = _Teacher(model=result.model.eval(), encoder=teacher.encoder,
+                             threshold=result.threshold["threshold"],
+                             config=teacher.config)
+    cut = after_teacher.threshold
+    after = {"old_test_f1": _f1(after_teacher.predict_proba, old, cut),
+             "new_test_f1": _f1(after_teacher.predict_proba, new, cut)}
+    report = {
+        "before": before, "after": after,
+        "replay_size": 0 if replay is None else int(len(replay[1])),
+        "new_train_rows": int(train_rows.size), "val_rows": int(val_rows.size),
+        "epochs": result.epochs_run, "best_epoch": result.best_epoch,
+        "wall_s": wall, "threshold": result.threshold,
+    }
+    logger.info("update: %s -> %s", before, after)
+    return result, report
