@@ -52,7 +52,7 @@ def sniff_text(data: bytes, path: str) -> str:
     names = {f.strip().lower() for f in first.split(sep)}
     if {"starttime", "srcaddr", "dstaddr"} <= names:
         return "binetflow"
-    if {"attack_cat", "sbytes", "dbytes"} <= names:
+    if {"attack_cat", "sbytes"} <= names:
         return "unsw-nb15"
     if len(names & _CIC_MARKERS) >= 2:
         return "cic-csv"

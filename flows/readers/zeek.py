@@ -168,6 +168,12 @@ def read_tsv(src: Source, on_error: str) -> ReadResult:
         _check_fields(header, src.path)
     table = pa.concat_tables(tables) if tables else conn_schema().empty_table()
     lines = np.concatenate(line_arrays) if line_arrays else np.zeros(0, np.int64)
+    if not stats["labeled"] and src.path.endswith(".labeled"):
+        warnings.append(
+            f"{src.path}: the name says labeled, but no label column was found "
+            "(looked for label, detailedlabel and IoT-23's joined field); labels "
+            "are null, not benign"
+        )
     if stats["masked_ts"]:
         warnings.append(
             f"{src.path}: {stats['masked_ts']} ts value(s) masked as XXXXXXXXXX.XXXXXX "

@@ -1,0 +1,512 @@
+"""Reader quirks, each with an input the test writes itself (no shared data)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+import zlib
+
+import pyarrow as pa
+import pytest
+
+from flows.errors import BadInputError, PartialInputError, UsageError
+from flows.readers import detect_format, iter_records, read, write_conn_log, write_parquet
+
+FIELDS = (
+    "ts uid id.orig_h id.orig_p id.resp_h id.resp_p proto service duration "
+    "orig_bytes resp_bytes conn_state local_orig local_resp missed_bytes history "
+    "orig_pkts orig_ip_bytes resp_pkts resp_ip_bytes tunnel_parents"
+).split()
+TYPES = (
+    "time string addr port addr port enum string interval count count string bool "
+    "bool count string count count count count set[string]"
+).split()
+
+ROW_A = ["1600000000.000001", "CabC1", "10.0.0.1", "50000", "10.0.0.2", "80", "tcp",
+         "http", "1.500000", "100", "2000", "SF", "T", "F", "0", "ShADadFf", "5",
+         "400", "6", "2300", "(empty)"]
+ROW_B = ["1600000001.250000", "CabC2", "10.0.0.3", "40000", "8.8.8.8", "53", "udp",
+         "-", "-", "-", "-", "S0", "T", "F", "0", "D", "1", "60", "0", "0", "-"]
+
+
+def zeek_text(rows, fields=FIELDS, types=TYPES, close=True, extra_header=()):
+    """A Zeek TSV conn.log as Zeek's ASCII writer lays it out."""
+    lines = [
+        "#separator \\x09", "#set_separator\t,", "#empty_field\t(empty)",
+        "#unset_field\t-", "#path\tconn", "#open\t2020-09-13-12-26-40",
+        *extra_header,
+        "#fields\t" + "\t".join(fields), "#types\t" + "\t".join(types),
+    ]
+    lines += ["\t".join(r) for r in rows]
+    if close:
+        lines.append("#close\t2020-09-13-12-30-00")
+    return "\n".join(lines) + "\n"
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def only(result, index=0):
+    return result.table.slice(index, 1).to_pylist()[0]
+
+
+# ------------------------------------------------------------------ Zeek TSV
+
+
+def test_zeek_tsv_values_unset_and_empty(tmp_path):
+    path = write(tmp_path, "conn.log", zeek_text([ROW_A, ROW_B]))
+    result = read(path)
+    assert result.format == "zeek-tsv" and result.family == "conn"
+    assert result.table.num_rows == 2 and not result.partial
+    a, b = result.table.to_pylist()
+    assert a["ts"] == 1600000000.000001 and a["src_ip"] == "10.0.0.1"
+    assert a["src_port"] == 50000 and a["dst_port"] == 80 and a["service"] == "http"
+    assert a["orig_bytes"] == 100 and a["resp_ip_bytes"] == 2300
+    assert a["history"] == "ShADadFf" and a["label"] is None
+    # '-' is unset: null, never 0 and never the string "-"
+    assert b["service"] is None and b["duration"] is None and b["orig_bytes"] is None
+    assert b["orig_pkts"] == 1 and b["resp_pkts"] == 0
+
+
+def test_zeek_tsv_any_order_missing_and_extra_columns(tmp_path):
+    order = [FIELDS.index(n) for n in
+             ["proto", "id.resp_p", "ts", "id.orig_h", "id.resp_h", "id.orig_p",
+              "duration", "orig_bytes"]]
+    fields = [FIELDS[i] for i in order] + ["ip_proto"]
+    types = [TYPES[i] for i in order] + ["count"]
+    rows = [[ROW_A[i] for i in order] + ["6"]]
+    result = read(write(tmp_path, "c.log", zeek_text(rows, fields, types)))
+    rec = only(result)
+    assert rec["proto"] == "tcp" and rec["dst_port"] == 80 and rec["src_port"] == 50000
+    assert rec["ts"] == 1600000000.000001 and rec["duration"] == 1.5
+    assert rec["orig_bytes"] == 100
+    for missing in ("uid", "service", "resp_bytes", "conn_state", "history",
+                    "orig_pkts", "missed_bytes"):
+        assert rec[missing] is None
+
+
+def test_zeek_tsv_empty_field_is_empty_string(tmp_path):
+    row = list(ROW_A)
+    row[FIELDS.index("history")] = "(empty)"
+    rec = only(read(write(tmp_path, "c.log", zeek_text([row]))))
+    assert rec["history"] == ""
+
+
+def test_zeek_tsv_missing_required_column_names_it(tmp_path):
+    keep = [i for i, n in enumerate(FIELDS) if n != "id.orig_p"]
+    text = zeek_text([[ROW_A[i] for i in keep]], [FIELDS[i] for i in keep],
+                     [TYPES[i] for i in keep])
+    with pytest.raises(BadInputError) as info:
+        read(write(tmp_path, "c.log", text))
+    assert info.value.column == "id.orig_p" and info.value.line == 7
+    assert "c.log" in str(info.value) and "id.orig_p" in str(info.value)
+
+
+def test_zeek_tsv_escapes_are_undone(tmp_path):
+    row = list(ROW_A)
+    row[FIELDS.index("service")] = "a\\x09b\\x5cc"
+    row[FIELDS.index("uid")] = "C\\xc3\\xa9"
+    rec = only(read(write(tmp_path, "c.log", zeek_text([row]))))
+    assert rec["service"] == "a\tb\\c" and rec["uid"] == "C\u00e9"
+    assert list(iter_records(tmp_path / "c.log")) == [rec]
+
+
+def test_zeek_tsv_close_and_concatenated_logs(tmp_path):
+    other_fields = ["id.orig_h", "ts", "id.orig_p", "id.resp_h", "id.resp_p", "proto"]
+    other_rows = [["192.168.1.9", "1700000000.5", "1234", "1.1.1.1", "443", "tcp"],
+                  ["192.168.1.9", "1700000001.5", "x", "1.1.1.1", "443", "tcp"]]
+    text = zeek_text([ROW_A]) + zeek_text(other_rows, other_fields, ["addr"] * 6)
+    path = write(tmp_path, "cat.log", text)
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    # line: 10 lines in the first log, 8 header lines, then the two rows
+    assert info.value.line == 20 and info.value.column == "id.orig_p"
+    kept = info.value.result.table.to_pylist()
+    assert [r["src_ip"] for r in kept] == ["10.0.0.1", "192.168.1.9"]
+    skipped = read(path, on_error="skip")
+    assert skipped.table.num_rows == 2 and skipped.skipped == 1
+    assert only(skipped, 1)["ts"] == 1700000000.5 and only(skipped, 1)["uid"] is None
+
+
+def test_several_files_and_rotated_gz(tmp_path):
+    plain = write(tmp_path, "conn.log", zeek_text([ROW_A]))
+    rotated = write(tmp_path, "conn.00:00:00-01:00:00.log.gz",
+                    gzip.compress(zeek_text([ROW_B, ROW_A]).encode()))
+    result = read([plain, rotated])
+    assert result.table.num_rows == 3
+    assert [r["uid"] for r in result.table.to_pylist()] == ["CabC1", "CabC2", "CabC1"]
+    assert detect_format(rotated) == "zeek-tsv"
+
+
+def test_gzip_members_concatenated(tmp_path):
+    data = gzip.compress(zeek_text([ROW_A]).encode()) + gzip.compress(
+        zeek_text([ROW_B]).encode())
+    result = read(write(tmp_path, "two.log.gz", data))
+    assert result.table.num_rows == 2 and not result.partial
+
+
+def test_cut_gzip_keeps_complete_rows_and_reports_partial(tmp_path):
+    rows = []
+    for i in range(3000):
+        row = list(ROW_A)
+        row[FIELDS.index("uid")] = f"C{i:06d}"
+        row[FIELDS.index("orig_bytes")] = str(i * 7919 % 100003)
+        rows.append(row)
+    full = gzip.compress(zeek_text(rows).encode())
+    cut = full[: len(full) * 2 // 3]
+    path = write(tmp_path, "cut.log.gz", cut)
+    # what a plain inflate of the cut bytes gives, independently of the reader
+    prefix = zlib.decompressobj(wbits=31).decompress(cut)
+    complete = prefix[: prefix.rfind(b"\n") + 1].decode().splitlines()
+    expected = [ln.split("\t")[1] for ln in complete if not ln.startswith("#")]
+    assert 0 < len(expected) < 3000
+
+    for mode in ("fail", "skip"):
+        result = read(path, on_error=mode)
+        assert result.partial is True
+        assert result.table.column("uid").to_pylist() == expected
+        assert any("cut" in w for w in result.warnings)
+
+
+def test_non_number_fail_names_file_line_column_and_keeps_rows(tmp_path):
+    bad = list(ROW_B)
+    bad[FIELDS.index("orig_pkts")] = "seven"
+    path = write(tmp_path, "bad.log", zeek_text([ROW_A, ROW_A, bad, ROW_B]))
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    err = info.value
+    assert err.line == 11 and err.column == "orig_pkts" and err.exit_code == 4
+    assert "bad.log" in str(err) and "line 11" in str(err) and "'seven'" in str(err)
+    assert err.result.table.num_rows == 2 and err.result.partial
+
+    result = read(path, on_error="skip")
+    assert result.skipped == 1 and result.table.num_rows == 3
+    assert "line 11" in result.warnings[0]
+
+
+def test_bad_first_row_is_bad_input_not_partial(tmp_path):
+    bad = list(ROW_A)
+    bad[FIELDS.index("duration")] = "1.2.3"
+    with pytest.raises(BadInputError) as info:
+        read(write(tmp_path, "b.log", zeek_text([bad])))
+    assert not isinstance(info.value, PartialInputError)
+    assert info.value.exit_code == 3 and info.value.column == "duration"
+
+
+def test_wrong_field_count_and_blank_lines(tmp_path):
+    text = zeek_text([ROW_A, ROW_A[:5], ROW_B]).replace(
+        "\t".join(ROW_B), "\n" + "\t".join(ROW_B))
+    path = write(tmp_path, "short.log", text)
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    assert info.value.line == 10 and "found 5" in str(info.value)
+    result = read(path, on_error="skip")
+    assert result.skipped == 1 and result.table.column("uid").to_pylist() == [
+        "CabC1", "CabC2"]
+
+
+def test_cut_last_line_without_newline_is_partial(tmp_path):
+    text = zeek_text([ROW_A, ROW_B], close=False)
+    path = write(tmp_path, "cut.log", text + "\t".join(ROW_A[:7]))
+    result = read(path)
+    assert result.partial and result.table.num_rows == 2
+
+
+def test_unknown_format(tmp_path):
+    with pytest.raises(BadInputError) as info:
+        read(write(tmp_path, "conn.log", "hello,world\n1,2\n"))
+    assert "unknown format" in str(info.value) and "conn.log" in str(info.value)
+    with pytest.raises(BadInputError):
+        read(write(tmp_path, "empty.log", ""))
+    with pytest.raises(BadInputError, match="no such file"):
+        read(tmp_path / "absent.log")
+    with pytest.raises(UsageError):
+        read(tmp_path / "absent.log", on_error="ignore")
+
+
+def test_detection_uses_content_not_name(tmp_path):
+    path = write(tmp_path, "data.csv", zeek_text([ROW_A]))
+    assert detect_format(path) == "zeek-tsv"
+    json_path = write(tmp_path, "conn.log", json.dumps({"ts": 1.0}) + "\n")
+    assert detect_format(json_path) == "zeek-json"
+
+
+# ------------------------------------------------------------------- labels
+
+LABEL_FIELDS = FIELDS + ["label", "detailedlabel"]
+LABEL_TYPES = TYPES + ["string", "string"]
+
+
+def test_stratosphere_label_columns(tmp_path):
+    rows = [ROW_A + ["Malicious", "C&C"], ROW_B + ["Benign", "Google"],
+            ROW_A + ["Background", "(empty)"], ROW_B + ["Malicious", "-"]]
+    path = write(tmp_path, "s.conn.log.labeled",
+                 zeek_text(rows, LABEL_FIELDS, LABEL_TYPES))
+    result = read(path)
+    assert result.table.column("label").to_pylist() == [1, 0, None, 1]
+    assert result.table.column("label_detail").to_pylist() == [
+        "C&C", "Google", "Background", "Malicious"]
+    assert result.stats["labels"] == {"Malicious": 2, "Benign": 1, "Background": 1}
+    dropped = read(path, drop_unlabeled=True)
+    assert dropped.table.column("label").to_pylist() == [1, 0, 1]
+
+
+def test_iot23_joined_label_field(tmp_path):
+    fields = FIELDS[:-1] + ["tunnel_parents   label   detailed-label"]
+    types = TYPES[:-1] + ["set[string]   string   string"]
+    rows = [ROW_A[:-1] + ["(empty)   Malicious   PartOfAHorizontalPortScan"],
+            ROW_B[:-1] + ["-   Benign   -"],
+            ROW_B[:-1] + ["-\tX"]]
+    text = zeek_text(rows, fields, types).replace("-\tX\n", "-   Background   -\n")
+    path = write(tmp_path, "iot23.conn.log.labeled", text)
+    result = read(path)
+    assert result.table.column("label").to_pylist() == [1, 0, None]
+    assert result.table.column("label_detail").to_pylist() == [
+        "PartOfAHorizontalPortScan", "Benign", "Background"]
+    assert list(iter_records(path)) == result.table.to_pylist()
+
+
+def test_iot23_labels_under_plain_header_are_not_lost(tmp_path):
+    """The classic bug: labels hidden in tunnel_parents read as 'all benign'."""
+    rows = [ROW_A[:-1] + ["(empty)   Malicious   Okiru"],
+            ROW_B[:-1] + ["(empty)   Malicious   DDoS"]]
+    path = write(tmp_path, "hidden.labeled", zeek_text(rows))
+    result = read(path)
+    assert result.table.column("label").to_pylist() == [1, 1]
+    assert any("IoT-23" in w for w in result.warnings)
+
+
+def test_unknown_label_text_is_never_benign(tmp_path):
+    rows = [ROW_A + ["Benign", "-"], ROW_A + ["malware-ish", "-"]]
+    path = write(tmp_path, "l.labeled", zeek_text(rows, LABEL_FIELDS, LABEL_TYPES))
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    assert info.value.column == "label" and "malware-ish" in str(info.value)
+    assert read(path, on_error="skip").table.column("label").to_pylist() == [0]
+
+
+def test_no_label_column_gives_nulls_not_zeros(tmp_path):
+    path = write(tmp_path, "x.conn.log.labeled", zeek_text([ROW_A, ROW_B]))
+    result = read(path)
+    assert result.table.column("label").to_pylist() == [None, None]
+    assert result.stats["labeled"] is False
+    assert any("no label column" in w for w in result.warnings)
+    with pytest.raises(BadInputError, match="no label column"):
+        read(path, drop_unlabeled=True)
+
+
+# --------------------------------------------------------------------- JSON
+
+
+def test_zeek_json_epoch_iso_and_omitted_keys(tmp_path):
+    objs = [
+        {"ts": 1664462456.755299, "uid": "C1", "id.orig_h": "172.16.1.11",
+         "id.orig_p": 40042, "id.resp_h": "8.8.8.8", "id.resp_p": 53, "proto": "udp",
+         "service": "dns", "duration": 0.012166976928710938, "orig_pkts": 1},
+        {"ts": "2022-09-29T14:40:56.755299Z", "uid": "C2", "id.orig_h": "::1",
+         "id.orig_p": 1, "id.resp_h": "::2", "id.resp_p": 2, "proto": "tcp",
+         "label": "Malicious", "detailed-label": "PortScan"},
+    ]
+    path = write(tmp_path, "conn.json", "\n".join(json.dumps(o) for o in objs) + "\n")
+    result = read(path)
+    a, b = result.table.to_pylist()
+    assert result.format == "zeek-json"
+    assert a["duration"] == 0.012166976928710938 and a["resp_bytes"] is None
+    assert a["orig_pkts"] == 1 and a["conn_state"] is None and a["label"] is None
+    assert b["ts"] == 1664462456.755299 and b["service"] is None
+    assert b["label"] == 1 and b["label_detail"] == "PortScan"
+    assert list(iter_records(path)) == [a, b]
+
+
+def test_zeek_json_bad_lines(tmp_path):
+    good = json.dumps({"ts": 1.5, "id.orig_h": "a", "id.orig_p": 1, "id.resp_h": "b",
+                       "id.resp_p": 2, "proto": "tcp"})
+    wrong_type = good.replace('"id.orig_p": 1', '"id.orig_p": "one"')
+    path = write(tmp_path, "j.log", "\n".join([good, "{not json", good, wrong_type]) + "\n")
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    assert info.value.line == 2 and info.value.result.table.num_rows == 1
+    result = read(path, on_error="skip")
+    assert result.skipped == 2 and result.table.num_rows == 2
+    assert "line 2" in result.warnings[0]
+
+
+# ------------------------------------------------------------------ NSL-KDD
+
+KDD_ROW = ("0,tcp,private,REJ,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,229,10,0.00,0.00,"
+           "1.00,1.00,0.04,0.06,0.00,255,10,0.04,0.06,0.00,0.00,0.00,0.00,1.00,1.00")
+
+
+def test_nsl_kdd_text_labels_families_difficulty(tmp_path):
+    lines = [f"{KDD_ROW},{name},{d}" for name, d in
+             [("normal", 21), ("neptune", 20), ("apache2", 18), ("mscan", 7),
+              ("httptunnel", 12), ("buffer_overflow", 3), ("newattack", 5)]]
+    path = write(tmp_path, "KDDTest+.txt", "\n".join(lines) + "\n")
+    result = read(path)
+    t = result.table
+    assert result.format == "nsl-kdd" and result.family == "nsl-kdd"
+    assert t.column_names[:4] == ["duration", "protocol_type", "service", "flag"]
+    assert len(t.column_names) == 45 and t.column_names[40] == "dst_host_srv_rerror_rate"
+    assert t.column("label").to_pylist() == [0, 1, 1, 1, 1, 1, 1]
+    assert t.column("attack_family").to_pylist() == [
+        "normal", "DoS", "DoS", "Probe", "R2L", "U2R", None]
+    assert t.column("difficulty").to_pylist() == [21, 20, 18, 7, 12, 3, 5]
+    assert t.column("count").to_pylist()[0] == 229
+    assert t.column("dst_host_srv_rerror_rate").to_pylist()[0] == 1.0
+    assert any("newattack" in w for w in result.warnings)
+    gz = write(tmp_path, "k.txt.gz", gzip.compress(path.read_bytes()))
+    assert read(gz).table.equals(t)
+
+
+def test_nsl_kdd_arff(tmp_path):
+    from flows.readers.nslkdd import KDD_FEATURES
+
+    head = ["@relation 'KDDTrain'"] + [
+        f"@attribute '{n}' real" for n in KDD_FEATURES] + [
+        "@attribute 'class' {'normal', 'anomaly'}", "", "@data"]
+    rows = [f"{KDD_ROW},normal", f"{KDD_ROW},anomaly"]
+    path = write(tmp_path, "KDDTrain+.arff", "\n".join(head + rows) + "\n")
+    result = read(path)
+    assert result.format == "nsl-kdd"
+    assert result.table.column("label").to_pylist() == [0, 1]
+    assert result.table.column("difficulty").to_pylist() == [None, None]
+    assert result.table.column("protocol_type").to_pylist() == ["tcp", "tcp"]
+
+
+def test_nsl_kdd_bad_number(tmp_path):
+    bad = KDD_ROW.replace("0,tcp,private,REJ,0", "0,tcp,private,REJ,abc", 1)
+    path = write(tmp_path, "k.txt", f"{KDD_ROW},normal,21\n{bad},normal,21\n")
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    assert info.value.line == 2 and info.value.column == "src_bytes"
+    assert read(path, on_error="skip").skipped == 1
+
+
+# ---------------------------------------------------------------- binetflow
+
+BINET_HEAD = ("StartTime,Dur,Proto,SrcAddr,Sport,Dir,DstAddr,Dport,State,sTos,dTos,"
+              "TotPkts,TotBytes,SrcBytes,SrcPkts,Label")
+
+
+def test_binetflow_comma_hex_ports_dir_and_labels(tmp_path):
+    rows = [
+        "2011/08/10 09:46:53.047277,3.5,tcp,147.32.84.165,1027,   ->,1.2.3.4,0x0050,"
+        "S_RA,0,0,4,244,124,2,flow=From-Botnet-V42-TCP-Attempt",
+        "2011/08/10 09:46:54.000000,0.1,UDP,147.32.84.2,0x0035,  <->,147.32.84.3,53,"
+        "CON,0,,2,180,90,1,flow=To-Normal-V42-UDP-DNS",
+        "2011/08/10 09:46:55.5,0,icmp,1.1.1.1,,  <-,2.2.2.2,,ECO,,,1,60,60,1,"
+        "flow=Background-TCP-Attempt",
+        "2011/08/10 09:46:56.000000,0,tcp,1.1.1.1,1,   ->,2.2.2.2,2,REQ,,,1,60,60,1,",
+    ]
+    result = read(write(tmp_path, "c.binetflow", BINET_HEAD + "\n" + "\n".join(rows) + "\n"))
+    t = result.table.to_pylist()
+    assert result.format == "binetflow" and result.family == "conn"
+    assert t[0]["ts"] == 1312969613.047277 and t[0]["dst_port"] == 80
+    assert t[1]["src_port"] == 53 and t[1]["proto"] == "udp"
+    assert t[0]["orig_ip_bytes"] == 124 and t[0]["resp_ip_bytes"] == 120
+    assert t[0]["orig_pkts"] == 2 and t[0]["resp_pkts"] == 2
+    assert t[2]["src_port"] is None and t[2]["ts"] == 1312969615.5
+    assert [r["label"] for r in t] == [1, 0, None, None]
+    assert t[0]["label_detail"] == "flow=From-Botnet-V42-TCP-Attempt"
+    # <- is not swapped: SrcAddr stays the originator
+    assert t[2]["src_ip"] == "1.1.1.1"
+    assert result.stats["dir"] == {"->": 2, "<->": 1, "<-": 1}
+
+
+def test_binetflow_tab_and_missing_srcpkts(tmp_path):
+    head = BINET_HEAD.replace(",SrcPkts", "").replace(",", "\t")
+    row = "\t".join(["2018/09/27 22:40:52.403669", "0.008364", "udp", "192.168.2.12",
+                     "56343", "  <->", "192.168.2.1", "53", "CON", "0", "0", "2", "208",
+                     "72", "flow=Normal"])
+    rec = only(read(write(tmp_path, "t.binetflow", head + "\n" + row + "\n")))
+    assert rec["orig_pkts"] is None and rec["resp_pkts"] is None
+    assert rec["resp_ip_bytes"] == 136 and rec["label"] == 0
+
+
+# -------------------------------------------------------------- UNSW and CIC
+
+
+def test_unsw_bom_crlf(tmp_path):
+    head = "id,dur,proto,service,state,spkts,sbytes,rate,attack_cat,label"
+    rows = ["1,0.000011,udp,-,INT,2,496,90909.0902,Normal,0",
+            "2,1.5,tcp,http,FIN,10,1000,6.6,Exploits,1"]
+    data = b"\xef\xbb\xbf" + "\r\n".join([head] + rows).encode() + b"\r\n"
+    result = read(write(tmp_path, "u.csv", data))
+    assert result.format == "unsw-nb15" and result.family == "unsw-nb15"
+    assert result.table.column_names == [
+        "dur", "proto", "service", "state", "spkts", "sbytes", "rate", "label",
+        "label_detail"]
+    a, b = result.table.to_pylist()
+    assert a["service"] is None and a["rate"] == 90909.0902 and a["label"] == 0
+    assert b["state"] == "FIN" and b["label_detail"] == "Exploits"
+
+
+def test_cic_names_duplicates_repeated_headers_and_non_finite(tmp_path):
+    head = (" Destination Port, Flow Duration, Total Fwd Packets, Flow Bytes/s,"
+            " Flow Packets/s, Fwd Header Length, Fwd Header Length, Label")
+    rows = ["80,100,2,Infinity,NaN,40,40,BENIGN",
+            head,
+            "443,5,1,,20000.5,20,20,DDoS",
+            "22,7,3,-Infinity,1.5,32,32,SSH-Patator"]
+    result = read(write(tmp_path, "cic.csv", "\n".join([head] + rows) + "\n"))
+    t = result.table
+    assert result.format == "cic-csv" and result.family == "cic"
+    assert "Flow Duration" in t.column_names and "Fwd Header Length_2" in t.column_names
+    assert t.num_rows == 3 and result.stats["repeated_headers"] == 1
+    assert t.column("Flow Bytes/s").to_pylist() == [None, None, None]
+    assert t.column("Flow Packets/s").to_pylist() == [None, 20000.5, 1.5]
+    assert result.stats["non_finite"] == 4
+    assert t.column("label").to_pylist() == [0, 1, 1]
+    assert t.column("label_detail").to_pylist() == ["BENIGN", "DDoS", "SSH-Patator"]
+
+
+# ------------------------------------------------- writing and round trips
+
+
+def test_conn_log_and_parquet_round_trip_exact(tmp_path):
+    row = list(ROW_A)
+    row[FIELDS.index("history")] = "a\\x09b"
+    odd = list(ROW_B)
+    odd[FIELDS.index("service")] = "\\x2d"          # a literal "-" string
+    odd[FIELDS.index("duration")] = "0.012166976928710938"
+    rows = [row + ["Malicious", "C&C"], odd + ["Background", "(empty)"],
+            ROW_A + ["Benign", "Google"]]
+    src = read(write(tmp_path, "in.log", zeek_text(rows, LABEL_FIELDS, LABEL_TYPES)))
+    assert only(src, 1)["service"] == "-"
+
+    write_conn_log(src.table, tmp_path / "out.log")
+    again = read(tmp_path / "out.log")
+    assert again.table.equals(src.table)
+    write_parquet(src.table, tmp_path / "out.parquet")
+    back = read(tmp_path / "out.parquet")
+    assert back.format == "parquet" and back.family == "conn"
+    assert list(iter_records(tmp_path / "out.parquet")) == src.table.to_pylist()
+    text = (tmp_path / "out.log").read_text()
+    assert text.startswith("#separator \\x09\n") and "\n#close\t" in text
+    assert "#fields\tts\tuid\tid.orig_h\tid.orig_p" in text
+
+
+def test_parquet_of_other_family_keeps_columns(tmp_path):
+    table = pa.table({"dur": [1.0], "sbytes": [2.0], "dbytes": [3.0], "sttl": [4.0],
+                      "label": pa.array([1], pa.int8())})
+    write_parquet(table, tmp_path / "u.parquet", family="unsw-nb15")
+    result = read(tmp_path / "u.parquet")
+    assert result.family == "unsw-nb15" and result.table.equals(table)
+
+
+# ------------------------------------------------------------------ captures
+
+
+def test_capture_goes_to_the_flow_meter_or_says_it_is_missing(tmp_path, monkeypatch):
+    import struct
+
+    header = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)
+    path = write(tmp_path, "empty.pcap", header)
+    assert detect_format(path) == "pcap"
+    monkeypatch.setitem(sys.modules, "flows.meter", None)
+    with pytest.raises(BadInputError, match="flow meter"):
+        read(path)
