@@ -1,0 +1,141 @@
+"""TeacherNet, its config and the checkpoint folder: shapes, round trips, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flows.errors import BadInputError, ModelError
+from teacher.checkpoint import CHECKPOINT_FILES, load_teacher, save_checkpoint
+from teacher.model import TeacherConfig, TeacherNet
+
+
+def _encoder(n_features: int, window: int):
+    from flows.encoder import Encoder
+
+    rng = np.random.default_rng(0)
+    cols = {f"f{i}": rng.random(50) for i in range(n_features)}
+    enc = Encoder.fit(cols, "unsw-nb15", window=window, group_by="stream")
+    assert enc.n_features == n_features
+    return enc
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 5, 16])
+def test_forward_shape_for_small_and_large_windows(window):
+    net = TeacherNet(TeacherConfig(n_features=6, window=window, conv_filters=(8, 8, 8)))
+    net.eval()
+    out = net(torch.rand(4, window, 6))
+    assert out.shape == (4,)
+    assert torch.isfinite(out).all()
+
+
+def test_layers_follow_the_config():
+    cfg = TeacherConfig(n_features=5, window=8, conv_filters=(16, 32), lstm_hidden=12,
+                        dense=(20, 10), dropout=0.2)
+    net = TeacherNet(cfg)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv1d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size[0]) for c in convs] == [
+        (5, 16, 3), (16, 32, 3)]
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in net.modules()) == 2
+    assert sum(isinstance(m, torch.nn.MaxPool1d) for m in net.modules()) == 2
+    assert net.lstm.bidirectional and net.lstm.hidden_size == 12
+    linears = [m for m in net.head if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (24, 20), (20, 10), (10, 1)]
+
+
+def test_pooling_stops_before_the_sequence_vanishes():
+    # W=3: pool once (3 -> 1), then no more pooling for the next two blocks.
+    net = TeacherNet(TeacherConfig(n_features=4, window=3, conv_filters=(4, 4, 4)))
+    pools = [any(isinstance(m, torch.nn.MaxPool1d) for m in block)
+             for block in net.conv]
+    assert pools == [True, False, False]
+
+
+@pytest.mark.parametrize("position", [0, 5])
+def test_first_and_last_flow_of_the_window_both_matter(position):
+    torch.manual_seed(0)
+    net = TeacherNet(TeacherConfig(n_features=3, window=6, conv_filters=(4,))).eval()
+    x = torch.rand(1, 6, 3)
+    y = x.clone()
+    y[0, position, :] += 1.0
+    assert not torch.allclose(net(x), net(y))
+
+
+def test_config_round_trip_and_validation():
+    cfg = TeacherConfig(n_features=7, window=4, conv_filters=(8,), dense=(5, 3))
+    again = TeacherConfig.from_json(cfg.to_json())
+    assert again == cfg and isinstance(again.conv_filters, tuple)
+    for bad in ({"n_features": 0}, {"n_features": 3, "kernel_size": 2},
+                {"n_features": 3, "dropout": 1.0}, {"n_features": 3, "window": 0}):
+        with pytest.raises(ModelError):
+            TeacherConfig(**bad)
+    with pytest.raises(ModelError, match="unknown"):
+        TeacherConfig.from_dict({"n_features": 3, "colour": "red"})
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(1)
+    cfg = TeacherConfig(n_features=4, window=3, conv_filters=(8,), lstm_hidden=8)
+    net = TeacherNet(cfg)
+    # Give BatchNorm real running statistics.
+    net.train()
+    net(torch.rand(32, 3, 4) * 3)
+    net.eval()
+    enc = _encoder(4, 3)
+    rule = {"threshold": 0.25, "rule": "best-f1", "chosen_on": "val"}
+    save_checkpoint(tmp_path / "ck", net, encoder=enc, threshold=rule,
+                    history=[{"epoch": 1}], metrics={"val": {"f1": 0.5}},
+                    provenance={"dataset": "synthetic"})
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted(
+        CHECKPOINT_FILES)
+
+    teacher = load_teacher(tmp_path / "ck", device="cpu")
+    assert teacher.config == cfg and teacher.threshold == 0.25
+    assert not teacher.model.training
+    assert teacher.encoder.to_dict() == enc.to_dict()
+    assert teacher.metrics == {"val": {"f1": 0.5}}
+    x = np.random.default_rng(2).random((10, 3, 4)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.sigmoid(net(torch.from_numpy(x))).numpy()
+    np.testing.assert_allclose(teacher.predict_proba(x), expected, rtol=1e-5, atol=1e-6)
+    decided = (expected >= 0.25).astype(np.int8)
+    np.testing.assert_array_equal(teacher.predict(x), decided)
+
+    # The weights file is plain safetensors.
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    assert set(state) == set(net.state_dict())
+
+
+def test_checkpoint_errors(tmp_path):
+    cfg = TeacherConfig(n_features=4, window=2, conv_filters=(4,), lstm_hidden=4)
+    net = TeacherNet(cfg).eval()
+    enc = _encoder(4, 2)
+    ck = save_checkpoint(tmp_path / "ck", net, encoder=enc,
+                         threshold={"threshold": 0.5, "rule": "best-f1",
+                                    "chosen_on": "val"})
+    teacher = load_teacher(ck, device="cpu")
+    with pytest.raises(BadInputError, match=r"\[B, 2, 4\]"):
+        teacher.predict_proba(np.zeros((3, 5, 4), dtype=np.float32))
+
+    # Config that does not fit the weights.
+    data = json.loads((ck / "config.json").read_text())
+    data["lstm_hidden"] = 9
+    (ck / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="do not fit"):
+        load_teacher(ck)
+    (ck / "config.json").write_text(cfg.to_json())
+
+    # Damaged weights, a missing file, a bad threshold, no folder.
+    (ck / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError):
+        load_teacher(ck)
+    with pytest.raises(ModelError, match="not found"):
+        load_teacher(tmp_path / "nothing")
+    with pytest.raises(ModelError, match="threshold"):
+        save_checkpoint(tmp_path / "ck2", net, encoder=enc, threshold={"threshold": 2})
