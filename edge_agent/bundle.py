@@ -1,0 +1,905 @@
+"""Signed agent bundles: everything a gateway needs to install offline, in one file.
+
+A bundle is a gzip tar. Its first member is ``MANIFEST.json`` (what the bundle holds
+and the sha256 and size of every other member), its second ``MANIFEST.sig`` (the
+Ed25519 signature of the manifest's exact bytes). Then come ``wheels/`` (the agent's
+wheel built from this source tree and the wheels of its ``edge`` requirements),
+``model/`` (a model artifact), ``config/gateway.toml`` and
+``systemd/gatewatch-agent.service``.
+
+Reading a bundle is one streaming pass that trusts nothing before the signature:
+members must be plain files with relative names inside the bundle (no links, devices,
+``..`` or absolute paths), each listed in the signed manifest with its size and hash,
+and all of them present. A truncated or altered bundle raises a gatewatch error, and
+when extracting, nothing is written outside the folder the caller gave.
+
+This module also registers the ``keygen``, ``bundle``, ``verify``, ``flash``,
+``rollback`` and ``pack-update`` subcommands of ``edge-agent`` (:func:`register`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import tomllib
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from edge_agent import logger, signing
+from flows.errors import BadInputError, GatewatchError, UsageError
+
+BUNDLE_SCHEMA = "gatewatch-bundle/1"
+MANIFEST_NAME = "MANIFEST.json"
+SIGNATURE_NAME = "MANIFEST.sig"
+MODEL_DIR = "model"
+CONFIG_PATH = "config/gateway.toml"
+UNIT_PATH = "systemd/gatewatch-agent.service"
+WHEEL_DIR = "wheels"
+
+# Limits that keep a hostile archive from filling the disk or memory.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_MEMBERS = 4096
+MAX_TOTAL_BYTES = 4 << 30
+
+# The package that a gateway installs, and the extra with its runtime requirements.
+AGENT_PACKAGE = "gatewatch"
+AGENT_EXTRA = "edge"
+
+# Gateway paths, as the gateway sees them (flash puts them under --root).
+OPT_DIR = "opt/gatewatch"
+ETC_DIR = "etc/gatewatch"
+UNIT_FILE = "etc/systemd/system/gatewatch-agent.service"
+
+
+class BundleError(GatewatchError):
+    """A bundle that cannot be built: the wheel build or the download failed."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One member a bundle's manifest vouches for."""
+
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """The signed manifest of a bundle, as read back and verified.
+
+    ``raw`` is the exact signed bytes; ``data`` the parsed JSON; ``files`` maps
+    member names to their :class:`FileEntry`.
+    """
+
+    raw: bytes
+    data: dict[str, Any]
+    files: dict[str, FileEntry]
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the signed manifest bytes: names one bundle exactly."""
+        return hashlib.sha256(self.raw).hexdigest()
+
+    @property
+    def wheels_digest(self) -> str:
+        """sha256 over the bundled wheels and the requirement: names one venv."""
+        items = sorted(
+            (name, entry.sha256)
+            for name, entry in self.files.items()
+            if name.startswith(f"{WHEEL_DIR}/")
+        )
+        return sha256_bytes(json.dumps([self.requirement, items]).encode())
+
+    @property
+    def agent_version(self) -> str:
+        """Version of the agent wheel the bundle carries."""
+        return str(self.data["agent"]["version"])
+
+    @property
+    def requirement(self) -> str:
+        """What ``pip install`` is asked for on the gateway."""
+        return str(self.data["agent"]["requirement"])
+
+    @property
+    def model_version(self) -> str:
+        """``model_version`` of the bundled artifact."""
+        return str(self.data["model"]["model_version"])
+
+    @property
+    def python(self) -> str:
+        """``major.minor`` of the Python the wheels were chosen for."""
+        return str(self.data["python"])
+
+
+# ------------------------------------------------------------------- hashing helpers
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_path(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ safe tar reading
+
+
+def safe_member_name(name: str, *, where: str) -> str:
+    """The normalised relative name of a tar member, or BadInputError.
+
+    Refused: empty names, absolute paths, ``..`` anywhere, backslashes, NUL and
+    control characters. A leading ``./`` is dropped.
+    """
+    if not name or "\x00" in name or "\\" in name:
+        raise BadInputError(f"member name {name!r} is not allowed", path=where)
+    if any(ord(ch) < 32 for ch in name):
+        raise BadInputError(f"member name {name!r} has control characters", path=where)
+    pure = PurePosixPath(name)
+    if pure.is_absolute():
+        raise BadInputError(f"member {name!r} has an absolute path", path=where)
+    parts = [part for part in pure.parts if part != "."]
+    if not parts or ".." in parts:
+        raise BadInputError(f"member {name!r} points outside the archive", path=where)
+    return "/".join(parts)
+
+
+def iter_members(
+    fileobj: IO[bytes], *, where: str, max_members: int = MAX_MEMBERS
+) -> Iterator[tuple[str, tarfile.TarFile, tarfile.TarInfo]]:
+    """Yield (safe name, tar, member) for each regular file of a gzip tar stream.
+
+    Directories are skipped (the reader makes its own); links, devices, FIFOs and
+    anything else raise BadInputError, as do duplicate names, too many members and
+    a stream that is truncated or not a gzip tar at all.
+    """
+    seen: set[str] = set()
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|gz") as tar:
+            for count, member in enumerate(tar, start=1):
+                if count > max_members:
+                    raise BadInputError(
+                        f"more than {max_members} members; refusing", path=where
+                    )
+                name = safe_member_name(member.name, where=where)
+                if member.isdir():
+                    continue
+                if not member.isreg():
+                    kind = "link" if member.issym() or member.islnk() else "special"
+                    raise BadInputError(
+                        f"member {name!r} is a {kind} file; only regular files "
+                        "are allowed",
+                        path=where,
+                    )
+                if name in seen:
+                    raise BadInputError(f"member {name!r} appears twice", path=where)
+                seen.add(name)
+                yield name, tar, member
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise BadInputError(
+            f"not a complete gzip tar (truncated or damaged): {exc}", path=where
+        ) from exc
+
+
+@contextlib.contextmanager
+def _damage_is_bad_input(where: str) -> Iterator[None]:
+    """Turn the errors of reading a damaged gzip tar into BadInputError."""
+    try:
+        yield
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise BadInputError(
+            f"not a complete gzip tar (truncated or damaged): {exc}", path=where
+        ) from exc
+
+
+def read_member(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, *, limit: int, where: str
+) -> bytes:
+    """The whole content of a small member, refusing one over ``limit`` bytes."""
+    if member.size > limit:
+        raise BadInputError(
+            f"member {member.name!r} is {member.size} bytes; the limit is {limit}",
+            path=where,
+        )
+    handle = tar.extractfile(member)
+    if handle is None:  # pragma: no cover - regular files always have a handle
+        raise BadInputError(f"member {member.name!r} has no content", path=where)
+    with _damage_is_bad_input(where):
+        data = handle.read()
+    if len(data) != member.size:
+        raise BadInputError(f"member {member.name!r} is truncated", path=where)
+    return data
+
+
+def copy_member(
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    dest_root: Path | None,
+    name: str,
+    *,
+    where: str = "",
+) -> tuple[str, int]:
+    """Hash a member while (optionally) writing it under ``dest_root``/``name``.
+
+    The file is created fresh (``O_EXCL``, mode 0644) in folders this function makes,
+    so a name that survived :func:`safe_member_name` cannot land outside the root.
+    Returns (sha256 hex, bytes read).
+    """
+    handle = tar.extractfile(member)
+    digest = hashlib.sha256()
+    size = 0
+    out = None
+    if dest_root is not None:
+        target = dest_root.joinpath(*name.split("/"))
+        if not target.resolve().is_relative_to(dest_root.resolve()):
+            raise BadInputError(f"member {name!r} would land outside {dest_root}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        out = os.fdopen(fd, "wb")
+    try:
+        assert handle is not None
+        while True:
+            with _damage_is_bad_input(where):
+                chunk = handle.read(1 << 20)
+            if not chunk:
+                break
+            digest.update(chunk)
+            size += len(chunk)
+            if out is not None:
+                out.write(chunk)
+    finally:
+        if out is not None:
+            out.close()
+    return digest.hexdigest(), size
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def _parse_manifest(raw: bytes, where: str) -> BundleManifest:
+    """Parse signed manifest bytes into a :class:`BundleManifest` (schema checked)."""
+    try:
+        data = json.loads(raw)
+        if data.get("schema") != BUNDLE_SCHEMA:
+            raise BadInputError(
+                f"manifest schema is {data.get('schema')!r}, expected "
+                f"{BUNDLE_SCHEMA!r}",
+                path=where,
+            )
+        files = {
+            safe_member_name(name, where=where): FileEntry(
+                str(entry["sha256"]).lower(), int(entry["size"])
+            )
+            for name, entry in data["files"].items()
+        }
+        for key in ("agent", "model", "python", "config", "unit"):
+            data[key]  # noqa: B018 - presence check
+    except BadInputError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BadInputError(f"bundle manifest is malformed: {exc}", path=where) from exc
+    if MANIFEST_NAME in files or SIGNATURE_NAME in files:
+        raise BadInputError("bundle manifest lists itself", path=where)
+    return BundleManifest(raw=raw, data=data, files=files)
+
+
+def verify_bundle(
+    bundle: str | Path,
+    pubkey: str | Path | signing.Ed25519PublicKey,
+    *,
+    extract_to: str | Path | None = None,
+) -> BundleManifest:
+    """Check a bundle's signature and every member; optionally unpack it.
+
+    ``extract_to`` (an empty or absent folder) receives the members as they are
+    checked. If anything fails, what was written there is removed and a gatewatch
+    error is raised: :class:`~edge_agent.signing.SignatureError` for a signature
+    that does not hold, :class:`~flows.errors.BadInputError` for the rest.
+    """
+    bundle = Path(bundle)
+    where = str(bundle)
+    public_key = (
+        pubkey
+        if isinstance(pubkey, signing.Ed25519PublicKey)
+        else signing.load_public_key(pubkey)
+    )
+    dest = Path(extract_to) if extract_to is not None else None
+    if dest is not None:
+        dest.mkdir(parents=True, exist_ok=True)
+        if any(dest.iterdir()):
+            raise UsageError(f"{dest} must be empty to unpack a bundle into it")
+    try:
+        handle = open(bundle, "rb")
+    except OSError as exc:
+        raise BadInputError(f"cannot open the bundle: {exc}", path=where) from exc
+    try:
+        with handle:
+            manifest = _verify_stream(handle, public_key, dest, where)
+    except BaseException:
+        if dest is not None:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
+    logger.info(
+        "verified bundle %s: agent %s, model %s, %d files",
+        bundle,
+        manifest.agent_version,
+        manifest.model_version,
+        len(manifest.files),
+    )
+    return manifest
+
+
+def _verify_stream(
+    handle: IO[bytes],
+    public_key: signing.Ed25519PublicKey,
+    dest: Path | None,
+    where: str,
+) -> BundleManifest:
+    """One pass over the tar: manifest, signature, then every member in turn."""
+    members = iter_members(handle, where=where)
+
+    # The manifest and its signature come first, so nothing else is read unsigned.
+    head = []
+    for name, tar, member in members:
+        head.append(
+            (name, read_member(tar, member, limit=MAX_MANIFEST_BYTES, where=where))
+        )
+        if len(head) == 2:
+            break
+    names = [name for name, _ in head]
+    if names != [MANIFEST_NAME, SIGNATURE_NAME]:
+        raise BadInputError(
+            f"a bundle starts with {MANIFEST_NAME} and {SIGNATURE_NAME}; this one "
+            f"starts with {names}",
+            path=where,
+        )
+    raw, signature = head[0][1], head[1][1]
+    claimed = _claimed_key_id(raw)
+    signing.verify(
+        public_key, raw, signature, what=f"bundle {where}", signed_by=claimed
+    )
+    manifest = _parse_manifest(raw, where)
+
+    # Every other member: listed, the right size, the right hash.
+    seen: set[str] = set()
+    total = 0
+    for name, tar, member in members:
+        entry = manifest.files.get(name)
+        if entry is None:
+            raise BadInputError(
+                f"member {name!r} is not in the signed manifest", path=where
+            )
+        if member.size != entry.size:
+            raise BadInputError(
+                f"member {name!r} is {member.size} bytes; the manifest says "
+                f"{entry.size}",
+                path=where,
+            )
+        total += member.size
+        if total > MAX_TOTAL_BYTES:
+            raise BadInputError("bundle unpacks to more than the limit", path=where)
+        digest, size = copy_member(tar, member, dest, name, where=where)
+        if size != entry.size or digest != entry.sha256:
+            raise BadInputError(
+                f"sha256 mismatch for {name}: manifest {entry.sha256}, bundle "
+                f"{digest}; the bundle was modified",
+                path=where,
+            )
+        seen.add(name)
+    missing = sorted(set(manifest.files) - seen)
+    if missing:
+        raise BadInputError(
+            f"bundle lacks {len(missing)} signed file(s): {', '.join(missing[:5])}",
+            path=where,
+        )
+    return manifest
+
+
+def _claimed_key_id(raw: bytes) -> str | None:
+    """The key id an (unverified) manifest claims, for a clearer wrong-key error."""
+    try:
+        value = json.loads(raw).get("key_id")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+# ---------------------------------------------------------------------------- wheels
+
+
+def source_root() -> Path:
+    """The source tree this agent was installed from (holds ``pyproject.toml``)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise UsageError(
+            f"no pyproject.toml next to {root / 'edge_agent'}; pass --source with the "
+            "gatewatch source tree"
+        )
+    return root
+
+
+def runtime_requirements(source: Path, extra: str = AGENT_EXTRA) -> list[str]:
+    """The core requirements and those of ``extra``, as pinned in pyproject.toml."""
+    try:
+        project = tomllib.loads((source / "pyproject.toml").read_text())["project"]
+    except (OSError, tomllib.TOMLDecodeError, KeyError) as exc:
+        raise UsageError(f"cannot read {source / 'pyproject.toml'}: {exc}") from exc
+    extras = project.get("optional-dependencies", {})
+    if extra not in extras:
+        raise UsageError(f"pyproject.toml has no {extra!r} extra")
+    out: list[str] = []
+    for req in [*project.get("dependencies", []), *extras[extra]]:
+        if req not in out:
+            out.append(req)
+    return out
+
+
+def build_agent_wheel(source: Path, outdir: Path) -> Path:
+    """Build the agent's wheel from a clean copy of ``source`` into ``outdir``.
+
+    The copy keeps stale ``build/`` leftovers of the working tree out of the wheel.
+    """
+    outdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="gatewatch-src-") as tmp:
+        tree = Path(tmp) / "src"
+        tree.mkdir()
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            if (source / name).is_file():
+                shutil.copy2(source / name, tree / name)
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+        for pkg in ("flows", "teacher", "student", "compress", "edge_agent"):
+            if (source / pkg).is_dir():
+                shutil.copytree(source / pkg, tree / pkg, ignore=ignore)
+        if not (tree / "README.md").exists():
+            (tree / "README.md").write_text("gatewatch\n")
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "-w",
+            str(outdir),
+            str(tree),
+        ]
+        _run(cmd, "building the agent wheel")
+    wheels = sorted(outdir.glob(f"{AGENT_PACKAGE}-*.whl"))
+    if not wheels:
+        raise BundleError(f"pip wheel wrote no {AGENT_PACKAGE} wheel into {outdir}")
+    return wheels[-1]
+
+
+def runtime_wheels(
+    requirements: list[str], cache: Path, *, platform_tag: str | None = None
+) -> list[Path]:
+    """Wheels for ``requirements`` and their dependencies, from or into ``cache``.
+
+    A cache entry is a folder named by the hash of the requirement list, the Python
+    version and the platform, with a ``lock.json`` of the wheels and their sha256.
+    An entry whose files all still match is reused without asking an index.
+    """
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    plat = platform_tag or f"{sys.platform}-{platform.machine()}"
+    key = sha256_bytes(json.dumps([requirements, python, plat]).encode())[:16]
+    entry = cache / key
+    lock = entry / "lock.json"
+
+    # Reuse a complete entry.
+    if lock.is_file():
+        try:
+            listed = json.loads(lock.read_text())["wheels"]
+            paths = [entry / name for name in listed]
+            if all(p.is_file() and sha256_path(p) == listed[p.name] for p in paths):
+                logger.info("using %d cached wheels from %s", len(paths), entry)
+                return paths
+        except (ValueError, KeyError, TypeError, OSError):
+            pass
+        logger.info("wheel cache entry %s is stale; downloading again", entry)
+
+    # Download into a scratch folder, then move the finished entry into place.
+    cache.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))
+    try:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--only-binary=:all:",
+            "--quiet",
+            "--dest",
+            str(scratch),
+        ]
+        if platform_tag:
+            cmd += ["--platform", platform_tag, "--python-version", python]
+        _run(cmd + requirements, "downloading the edge wheels")
+        wheels = sorted(scratch.glob("*.whl"))
+        if not wheels:
+            raise BundleError("pip download produced no wheels")
+        lock_data = {
+            "requirements": requirements,
+            "python": python,
+            "platform": plat,
+            "wheels": {p.name: sha256_path(p) for p in wheels},
+        }
+        (scratch / "lock.json").write_text(json.dumps(lock_data, indent=1))
+        if entry.exists():
+            shutil.rmtree(entry)
+        os.replace(scratch, entry)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    logger.info("cached %d wheels in %s", len(wheels), entry)
+    return [entry / p.name for p in wheels]
+
+
+def default_wheel_cache() -> Path:
+    """Where wheels are cached when ``--wheel-cache`` is not given."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gatewatch" / "wheels"
+
+
+def _run(cmd: list[str], what: str) -> None:
+    """Run a pip command; BundleError with its output when it fails."""
+    logger.debug("running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+        raise BundleError(
+            f"{what} failed (exit {proc.returncode}): " + " | ".join(tail)
+        )
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def systemd_unit() -> str:
+    """The systemd unit that runs the agent from the installed venv."""
+    return (
+        "[Unit]\n"
+        "Description=gatewatch edge agent (flow scoring, MQTT escalation)\n"
+        "Wants=network-online.target\n"
+        "After=network-online.target\n"
+        "\n"
+        "[Service]\n"
+        "Type=simple\n"
+        f"ExecStart=/{OPT_DIR}/venv/bin/edge-agent run --config "
+        f"/{ETC_DIR}/gateway.toml\n"
+        "Restart=on-failure\n"
+        "RestartSec=5\n"
+        "NoNewPrivileges=yes\n"
+        "ProtectSystem=strict\n"
+        "ProtectHome=yes\n"
+        "PrivateTmp=yes\n"
+        f"ReadWritePaths=/{OPT_DIR}/models /var/lib/gatewatch\n"
+        "StateDirectory=gatewatch\n"
+        "\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+def artifact_files(artifact: Path) -> tuple[dict[str, Any], list[str]]:
+    """The artifact manifest and its file list, every listed hash checked.
+
+    Only ``manifest.json`` and the files it lists go into a bundle or an update, so
+    a stray file in the folder cannot ride along unsigned by its maker.
+    """
+    path = artifact / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+        hashes = manifest["sha256"]
+        model_version = manifest["model_version"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BadInputError(f"not an artifact manifest: {exc}", path=str(path)) from exc
+    if not isinstance(hashes, dict) or not model_version:
+        raise BadInputError("manifest needs sha256 and model_version", path=str(path))
+    names = []
+    for name, expected in sorted(hashes.items()):
+        safe = safe_member_name(name, where=str(path))
+        file = artifact / safe
+        if file.is_symlink() or not file.is_file():
+            raise BadInputError(f"{safe} is not a regular file", path=str(artifact))
+        if sha256_path(file) != str(expected).lower():
+            raise BadInputError(
+                f"sha256 mismatch for {safe}: the artifact was modified",
+                path=str(artifact),
+            )
+        names.append(safe)
+    return manifest, ["manifest.json", *names]
+
+
+def build_bundle(
+    artifact: str | Path,
+    config: str | Path,
+    key: str | Path,
+    out: str | Path,
+    *,
+    wheels: list[Path] | None = None,
+    wheel_cache: str | Path | None = None,
+    source: str | Path | None = None,
+    platform_tag: str | None = None,
+) -> BundleManifest:
+    """Write a signed bundle to ``out`` and return its manifest.
+
+    ``wheels`` (every wheel the gateway needs) skips the build and the download;
+    otherwise the agent wheel is built from ``source`` (default: this tree) and the
+    runtime wheels come from ``wheel_cache`` (downloaded there once).
+    """
+    artifact, config, out = Path(artifact), Path(config), Path(out)
+    private_key = signing.load_private_key(key)
+
+    # Check the inputs before any slow step.
+    model_manifest, model_names = artifact_files(artifact)
+    try:
+        tomllib.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise BadInputError(
+            f"config is not valid TOML: {exc}", path=str(config)
+        ) from exc
+
+    with tempfile.TemporaryDirectory(prefix="gatewatch-bundle-") as tmp:
+        # Wheels: the agent's own, then its runtime requirements.
+        if wheels is None:
+            src = Path(source) if source else source_root()
+            agent_wheel = build_agent_wheel(src, Path(tmp) / "agent")
+            cache = Path(wheel_cache) if wheel_cache else default_wheel_cache()
+            deps = runtime_wheels(
+                runtime_requirements(src), cache, platform_tag=platform_tag
+            )
+            wheels = [agent_wheel, *deps]
+        wheels = [Path(w) for w in wheels]
+        agent = [w for w in wheels if w.name.startswith(f"{AGENT_PACKAGE}-")]
+        if len(agent) != 1:
+            raise UsageError(f"expected one {AGENT_PACKAGE} wheel, found {len(agent)}")
+        version = agent[0].name.split("-")[1]
+
+        # Every member, by bundle name, with its source file or content.
+        members: dict[str, Path | bytes] = {}
+        for wheel in wheels:
+            members[f"{WHEEL_DIR}/{wheel.name}"] = wheel
+        for name in model_names:
+            members[f"{MODEL_DIR}/{name}"] = artifact / name
+        members[CONFIG_PATH] = config
+        members[UNIT_PATH] = systemd_unit().encode()
+
+        files = {}
+        for name, src_item in members.items():
+            data_hash = (
+                sha256_bytes(src_item)
+                if isinstance(src_item, bytes)
+                else sha256_path(src_item)
+            )
+            size = (
+                len(src_item)
+                if isinstance(src_item, bytes)
+                else src_item.stat().st_size
+            )
+            files[name] = {"sha256": data_hash, "size": size}
+
+        manifest = {
+            "schema": BUNDLE_SCHEMA,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created_ts": time.time(),
+            "key_id": signing.key_id(private_key.public_key()),
+            "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+            "platform": platform_tag or f"{sys.platform}-{platform.machine()}",
+            "agent": {
+                "name": AGENT_PACKAGE,
+                "version": version,
+                "wheel": f"{WHEEL_DIR}/{agent[0].name}",
+                "requirement": f"{AGENT_PACKAGE}[{AGENT_EXTRA}]=={version}",
+            },
+            "model": {
+                "dir": MODEL_DIR,
+                "model_version": str(model_manifest["model_version"]),
+                "target": model_manifest.get("target"),
+            },
+            "config": CONFIG_PATH,
+            "unit": UNIT_PATH,
+            "files": files,
+        }
+        raw = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        signature = signing.sign(private_key, raw)
+
+        # Write to a temporary name next to ``out``, then rename into place.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(out.name + ".partial")
+        with tarfile.open(partial, "w:gz", compresslevel=1) as tar:
+            _add_bytes(tar, MANIFEST_NAME, raw)
+            _add_bytes(tar, SIGNATURE_NAME, signature)
+            for name, src_item in members.items():
+                if isinstance(src_item, bytes):
+                    _add_bytes(tar, name, src_item)
+                else:
+                    with open(src_item, "rb") as handle:
+                        _add_file(tar, name, handle, src_item.stat().st_size)
+        os.replace(partial, out)
+
+    logger.info(
+        "wrote bundle %s: agent %s, model %s, %d files, %.1f MB",
+        out,
+        version,
+        manifest["model"]["model_version"],
+        len(files),
+        out.stat().st_size / 1e6,
+    )
+    return BundleManifest(raw=raw, data=manifest, files=_parse_manifest(raw, "").files)
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add an in-memory regular file."""
+    _add_file(tar, name, io.BytesIO(data), len(data))
+
+
+def _add_file(tar: tarfile.TarFile, name: str, handle: IO[bytes], size: int) -> None:
+    """Add a regular file with neutral owner, mode and time."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    info.mtime = int(time.time())
+    info.uname = info.gname = "root"
+    tar.addfile(info, handle)
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``keygen``, ``bundle``, ``verify``, ``flash``, ``rollback``, ``pack-update``.
+
+    Each sets ``func(args) -> int``; gatewatch errors propagate to the caller's
+    ``main``, which prints them and returns their exit code.
+    """
+    p = subparsers.add_parser("keygen", help="make an Ed25519 signing key pair")
+    p.add_argument("-o", "--out", required=True, type=Path, help="key folder")
+    p.add_argument("--force", action="store_true", help="replace an existing key")
+    p.set_defaults(func=_cmd_keygen)
+
+    p = subparsers.add_parser("bundle", help="build a signed, offline agent bundle")
+    p.add_argument("--artifact", required=True, type=Path, help="model artifact folder")
+    p.add_argument("--config", required=True, type=Path, help="gateway.toml")
+    p.add_argument("--key", required=True, type=Path, help="signing.key")
+    p.add_argument("-o", "--out", required=True, type=Path, help="bundle to write")
+    p.add_argument(
+        "--wheel-cache",
+        type=Path,
+        default=None,
+        help=f"wheel cache folder (default {default_wheel_cache()})",
+    )
+    p.add_argument("--source", type=Path, default=None, help="gatewatch source tree")
+    p.add_argument(
+        "--platform",
+        default=None,
+        help="pip platform tag of the gateway, e.g. manylinux_2_28_aarch64",
+    )
+    p.set_defaults(func=_cmd_bundle)
+
+    p = subparsers.add_parser("verify", help="check a bundle's signature and hashes")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--pubkey", required=True, type=Path, help="signing.pub")
+    p.set_defaults(func=_cmd_verify)
+
+    p = subparsers.add_parser("flash", help="install a verified bundle into a root")
+    p.add_argument("bundle", type=Path)
+    p.add_argument(
+        "--root", required=True, type=Path, help="the gateway's / (a folder)"
+    )
+    p.add_argument("--pubkey", required=True, type=Path, help="signing.pub")
+    p.add_argument(
+        "--python",
+        default=None,
+        help="interpreter for the gateway venv (default: this one)",
+    )
+    p.set_defaults(func=_cmd_flash)
+
+    p = subparsers.add_parser("rollback", help="switch back to the other model slot")
+    p.add_argument("--root", required=True, type=Path, help="the gateway's /")
+    p.set_defaults(func=_cmd_rollback)
+
+    p = subparsers.add_parser("pack-update", help="sign a model artifact for OTA")
+    p.add_argument("--artifact", required=True, type=Path, help="model artifact folder")
+    p.add_argument("--key", required=True, type=Path, help="signing.key")
+    p.add_argument("-o", "--out", required=True, type=Path, help="message file")
+    p.add_argument(
+        "--url", default=None, help="serve the archive from this URL instead of inline"
+    )
+    p.add_argument(
+        "--archive-out",
+        type=Path,
+        default=None,
+        help="with --url: where to write the archive to upload",
+    )
+    p.set_defaults(func=_cmd_pack_update)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    private_path, public_path = signing.generate_keypair(args.out, overwrite=args.force)
+    key = signing.load_public_key(public_path)
+    print(f"{private_path}\n{public_path}\nkey id {signing.key_id(key)}")
+    return 0
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    manifest = build_bundle(
+        args.artifact,
+        args.config,
+        args.key,
+        args.out,
+        wheel_cache=args.wheel_cache,
+        source=args.source,
+        platform_tag=args.platform,
+    )
+    print(
+        f"{args.out}: agent {manifest.agent_version}, model "
+        f"{manifest.model_version}, {len(manifest.files)} files"
+    )
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    manifest = verify_bundle(args.bundle, args.pubkey)
+    print(
+        f"{args.bundle}: signature and {len(manifest.files)} file hashes OK "
+        f"(agent {manifest.agent_version}, model {manifest.model_version}, "
+        f"key {manifest.data['key_id']})"
+    )
+    return 0
+
+
+def _cmd_flash(args: argparse.Namespace) -> int:
+    from edge_agent.flash import flash
+
+    result = flash(args.bundle, args.root, args.pubkey, python=args.python)
+    print(
+        f"flashed {args.root}: agent {result.agent_version}, model "
+        f"{result.model_version} in slot {result.slot}"
+    )
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from edge_agent.flash import rollback
+
+    slot, version = rollback(args.root)
+    print(f"{args.root}: model slot {slot} is active again (model {version})")
+    return 0
+
+
+def _cmd_pack_update(args: argparse.Namespace) -> int:
+    from edge_agent.ota import pack_update
+
+    archive = None
+    if args.url and args.archive_out is None:
+        raise UsageError("--url needs --archive-out (the file to serve at that URL)")
+    payload = pack_update(args.artifact, args.key, url=args.url)
+    if args.url:
+        archive = payload.archive
+        args.archive_out.write_bytes(archive)
+    args.out.write_bytes(payload.message)
+    print(
+        f"{args.out}: model {payload.model_version}, {len(payload.message)} bytes"
+        + (f"; archive {args.archive_out}" if archive is not None else "")
+    )
+    return 0

@@ -1,0 +1,503 @@
+"""Install a verified bundle into a gateway root, and the A/B model slots it uses.
+
+``root`` stands for the gateway's ``/``. After :func:`flash` it holds::
+
+    opt/gatewatch/releases/<agent version>-<wheels digest>/venv   the agent's venv
+    opt/gatewatch/venv -> releases/<...>/venv                      the active release
+    opt/gatewatch/models/{A,B}/                                    model slots
+    opt/gatewatch/models/current -> A | B                          the active slot
+    opt/gatewatch/models/slots.json                                what each slot holds
+    etc/gatewatch/gateway.toml, etc/gatewatch/update.pub           config, OTA key
+    etc/systemd/system/gatewatch-agent.service                     the unit
+
+Nothing under ``root`` changes until the whole bundle is verified (signature, every
+hash, no links or escaping names), the venv is installed from the bundled wheels with
+no index, and the bundled model passes its health check inside that venv. Switches
+are symlink renames, so a reader sees the old target or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_agent import bundle as bundle_mod
+from edge_agent import logger, signing
+from flows.errors import BadInputError, GatewatchError, ModelError, UsageError
+
+SLOTS = ("A", "B")
+CURRENT = "current"
+STATE_FILE = "slots.json"
+COMPLETE = ".complete"
+
+
+class FlashError(GatewatchError):
+    """Installing a verified bundle failed part way; the previous install is kept."""
+
+
+# ------------------------------------------------------------------------ model slots
+
+
+class ModelSlots:
+    """Two model slots and the ``current`` symlink that picks one, in ``models_dir``.
+
+    The active slot is never written; updates go to the other one and become active
+    by an atomic rename of ``current``. ``slots.json`` records what each slot holds
+    (``model_version``, ``sha256`` of what was installed, ``issued_at``, ``source``).
+    """
+
+    def __init__(self, models_dir: str | Path) -> None:
+        self.dir = Path(models_dir)
+
+    @property
+    def current_path(self) -> Path:
+        """The ``current`` symlink: the path an agent loads its model from."""
+        return self.dir / CURRENT
+
+    def path(self, slot: str) -> Path:
+        """Folder of one slot."""
+        if slot not in SLOTS:
+            raise UsageError(f"model slot must be one of {SLOTS}, not {slot!r}")
+        return self.dir / slot
+
+    def active(self) -> str | None:
+        """The slot ``current`` points at, or None before the first install."""
+        link = self.current_path
+        if not link.is_symlink():
+            if link.exists():
+                raise BadInputError(f"{link} should be a symlink to a model slot")
+            return None
+        target = os.readlink(link)
+        if target not in SLOTS:
+            raise BadInputError(f"{link} points at {target!r}, not a model slot")
+        return target
+
+    def inactive(self) -> str:
+        """The slot an update may overwrite."""
+        active = self.active()
+        return SLOTS[1] if active == SLOTS[0] else SLOTS[0]
+
+    def state(self) -> dict[str, Any]:
+        """The recorded contents of each slot (empty before the first install)."""
+        path = self.dir / STATE_FILE
+        if not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise BadInputError(
+                f"slot state is unreadable: {exc}", path=str(path)
+            ) from exc
+        return data if isinstance(data, dict) else {}
+
+    def info(self, slot: str | None) -> dict[str, Any]:
+        """What the state file says about ``slot`` ({} when nothing)."""
+        if slot is None:
+            return {}
+        return dict(self.state().get(slot) or {})
+
+    def staging(self) -> Path:
+        """A fresh folder next to the slots (same file system, so a rename moves it)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.dir))
+
+    def install(self, slot: str, staged: Path, info: dict[str, Any]) -> Path:
+        """Move ``staged`` into ``slot`` (which must not be active) and record it."""
+        if slot == self.active():
+            raise UsageError(f"model slot {slot} is active; refusing to overwrite it")
+        target = self.path(slot)
+
+        # Mark the slot empty first, so a crash between the steps leaves no claim.
+        self._record(slot, None)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staged, target)
+        self._record(slot, {**info, "installed_at": time.time()})
+        return target
+
+    def switch(self, slot: str) -> None:
+        """Make ``slot`` the active one with one atomic rename of ``current``."""
+        self.path(slot)
+        tmp = self.dir / f".{CURRENT}-{os.getpid()}"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(slot, tmp)
+        os.replace(tmp, self.current_path)
+        _fsync_dir(self.dir)
+        logger.info("model slot %s is active in %s", slot, self.dir)
+
+    def _record(self, slot: str, info: dict[str, Any] | None) -> None:
+        state = self.state()
+        state[slot] = info
+        _write_atomic(self.dir / STATE_FILE, json.dumps(state, indent=1).encode())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a directory entry change to disk (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _symlink_atomic(link: Path, target: str) -> None:
+    """Point ``link`` at ``target`` (relative) with one rename."""
+    tmp = link.with_name(f".{link.name}-{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class GatewayLayout:
+    """Where a flashed gateway keeps things, under ``root``."""
+
+    root: Path
+
+    @property
+    def opt(self) -> Path:
+        """``/opt/gatewatch``."""
+        return self.root / bundle_mod.OPT_DIR
+
+    @property
+    def releases(self) -> Path:
+        """Installed agent releases, one venv each."""
+        return self.opt / "releases"
+
+    @property
+    def venv(self) -> Path:
+        """The symlink to the active release's venv."""
+        return self.opt / "venv"
+
+    @property
+    def models(self) -> Path:
+        """The model slots folder."""
+        return self.opt / "models"
+
+    @property
+    def etc(self) -> Path:
+        """``/etc/gatewatch``."""
+        return self.root / bundle_mod.ETC_DIR
+
+    @property
+    def config(self) -> Path:
+        """The agent's config file."""
+        return self.etc / "gateway.toml"
+
+    @property
+    def pubkey(self) -> Path:
+        """The public key that model updates must be signed with."""
+        return self.etc / "update.pub"
+
+    @property
+    def unit(self) -> Path:
+        """The systemd unit."""
+        return self.root / bundle_mod.UNIT_FILE
+
+
+@dataclass(frozen=True)
+class FlashResult:
+    """What :func:`flash` installed."""
+
+    root: Path
+    release: Path
+    slot: str
+    agent_version: str
+    model_version: str
+    python: Path
+
+
+# ------------------------------------------------------------------------------ flash
+
+
+def flash(
+    bundle: str | Path,
+    root: str | Path,
+    pubkey: str | Path,
+    *,
+    python: str | None = None,
+    tolerance: float | None = None,
+) -> FlashResult:
+    """Verify ``bundle`` and install it into the gateway root ``root``.
+
+    ``python`` is the interpreter the gateway venv is made from (default: the base
+    interpreter of this one); it must be the Python version the bundle was built
+    for. Any failure leaves the previous install as it was and raises.
+    """
+    bundle, root = Path(bundle), Path(root)
+    layout = GatewayLayout(root)
+    public_key = signing.load_public_key(pubkey)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--root {root} is not a folder")
+    interpreter = python or _base_python()
+
+    with tempfile.TemporaryDirectory(prefix="gatewatch-flash-") as tmp:
+        # 1. Verify and unpack outside the root: nothing there has changed yet.
+        staged = Path(tmp) / "bundle"
+        manifest = bundle_mod.verify_bundle(bundle, public_key, extract_to=staged)
+        _check_staged(staged, manifest, interpreter)
+
+        # 2. The release venv, built beside the active one from the bundled wheels;
+        # 3. the model, checked by that venv, into the inactive slot.
+        release = _install_release(layout, staged, manifest, interpreter)
+        venv_python = release / "venv" / "bin" / "python"
+        active_release = _release_name(
+            os.readlink(layout.venv) if layout.venv.is_symlink() else None
+        )
+        try:
+            slot, slots = _install_model(
+                layout, staged, manifest, bundle, venv_python, tolerance
+            )
+        except BaseException:
+            if release.name != active_release:
+                shutil.rmtree(release, ignore_errors=True)
+            raise
+
+        # 4. Config, update key and unit, each by rename.
+        _write_atomic(layout.config, (staged / bundle_mod.CONFIG_PATH).read_bytes())
+        _write_atomic(layout.pubkey, Path(pubkey).read_bytes())
+        _write_atomic(layout.unit, (staged / bundle_mod.UNIT_PATH).read_bytes())
+
+    # 5. Switch the release and the model slot, then drop releases no longer used.
+    previous = os.readlink(layout.venv) if layout.venv.is_symlink() else None
+    _symlink_atomic(layout.venv, f"releases/{release.name}/venv")
+    slots.switch(slot)
+    _prune_releases(layout, keep={release.name, _release_name(previous)})
+
+    logger.info(
+        "flashed %s: agent %s (%s), model %s in slot %s",
+        root,
+        manifest.agent_version,
+        release.name,
+        manifest.model_version,
+        slot,
+    )
+    return FlashResult(
+        root=root,
+        release=release,
+        slot=slot,
+        agent_version=manifest.agent_version,
+        model_version=manifest.model_version,
+        python=layout.venv / "bin" / "python",
+    )
+
+
+def _base_python() -> str:
+    """The interpreter a venv should be made from: this one's base, not a venv."""
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    return base if Path(base).exists() else sys.executable
+
+
+def _check_staged(
+    staged: Path, manifest: bundle_mod.BundleManifest, python: str
+) -> None:
+    """Checks on the unpacked bundle that need no install: Python, config, artifact."""
+    try:
+        proc = subprocess.run(
+            [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UsageError(f"cannot run the gateway Python {python!r}: {exc}") from exc
+    got = proc.stdout.strip()
+    if proc.returncode != 0 or got != manifest.python:
+        raise UsageError(
+            f"the bundle's wheels are for Python {manifest.python}; {python} is "
+            f"{got or 'not runnable'}"
+        )
+    try:
+        tomllib.loads((staged / bundle_mod.CONFIG_PATH).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise BadInputError(f"bundled config is not valid TOML: {exc}") from exc
+    bundle_mod.artifact_files(staged / bundle_mod.MODEL_DIR)
+
+
+def _release_name(venv_target: str | None) -> str | None:
+    """``releases/<name>/venv`` -> ``<name>``."""
+    if not venv_target:
+        return None
+    parts = Path(venv_target).parts
+    return parts[1] if len(parts) == 3 and parts[0] == "releases" else None
+
+
+def _install_release(
+    layout: GatewayLayout,
+    staged: Path,
+    manifest: bundle_mod.BundleManifest,
+    python: str,
+) -> Path:
+    """A release folder with a venv holding the bundled agent, installed offline."""
+    # Named by the wheels, so a bundle that changes only the model reuses the venv.
+    name = f"{manifest.agent_version}-{manifest.wheels_digest[:12]}"
+    release = layout.releases / name
+    if (release / COMPLETE).is_file():
+        logger.info("release %s is already installed; reusing it", name)
+        return release
+
+    # The venv's scripts name their interpreter by absolute path, so it is built at
+    # its final place; the name is new, so the active release is never touched.
+    if release.exists():
+        shutil.rmtree(release)
+    release.mkdir(parents=True)
+    venv = release / "venv"
+    try:
+        _run([python, "-m", "venv", str(venv)], "creating the gateway venv")
+        _run(
+            [
+                str(venv / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--no-index",
+                "--no-cache-dir",
+                "--disable-pip-version-check",
+                "--quiet",
+                "--find-links",
+                str(staged / bundle_mod.WHEEL_DIR),
+                manifest.requirement,
+            ],
+            "installing the bundled wheels (offline)",
+            env=_offline_pip_env(),
+        )
+        (release / COMPLETE).write_text(manifest.digest + "\n")
+    except BaseException:
+        shutil.rmtree(release, ignore_errors=True)
+        raise
+    return release
+
+
+def _install_model(
+    layout: GatewayLayout,
+    staged: Path,
+    manifest: bundle_mod.BundleManifest,
+    bundle: Path,
+    venv_python: Path,
+    tolerance: float | None,
+) -> tuple[str, ModelSlots]:
+    """Health-check the bundled model in the new venv, then put it in a free slot."""
+    _health_check_in(venv_python, staged / bundle_mod.MODEL_DIR, tolerance)
+    slots = ModelSlots(layout.models)
+    slot = slots.inactive()
+    incoming = slots.staging()
+    try:
+        os.rmdir(incoming)
+        shutil.copytree(staged / bundle_mod.MODEL_DIR, incoming)
+        slots.install(
+            slot,
+            incoming,
+            {
+                "model_version": manifest.model_version,
+                "sha256": manifest.digest,
+                "issued_at": float(manifest.data.get("created_ts", time.time())),
+                "source": f"bundle {bundle.name}",
+            },
+        )
+    finally:
+        shutil.rmtree(incoming, ignore_errors=True)
+    return slot, slots
+
+
+def _offline_pip_env() -> dict[str, str]:
+    """The environment for pip on the gateway: no config files, no index settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    env["PIP_NO_INPUT"] = "1"
+    return env
+
+
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    """Run an install step; FlashError with the tail of its output on failure."""
+    logger.debug("running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+        raise FlashError(f"{what} failed (exit {proc.returncode}): " + " | ".join(tail))
+
+
+def _health_check_in(python: Path, artifact: Path, tolerance: float | None) -> None:
+    """Load ``artifact`` and score its probe windows with the gateway's own venv."""
+    cmd = [str(python), "-m", "edge_agent.ota", "check", str(artifact)]
+    if tolerance is not None:
+        cmd += ["--tolerance", repr(tolerance)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_offline_pip_env())
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise ModelError(
+            "the bundled model failed its health check in the gateway venv: "
+            + " | ".join(tail)
+        )
+
+
+def _prune_releases(layout: GatewayLayout, keep: set[str | None]) -> None:
+    """Remove releases other than the active and the previous one."""
+    if not layout.releases.is_dir():
+        return
+    for entry in layout.releases.iterdir():
+        if entry.name not in keep:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- rollback
+
+
+def rollback(root: str | Path, *, tolerance: float | None = None) -> tuple[str, str]:
+    """Make the other model slot active again, after checking it still loads.
+
+    Returns (slot, model_version). The running agent picks the change up when it
+    is restarted (``systemctl restart gatewatch-agent``).
+    """
+    from edge_agent import ota
+
+    slots = ModelSlots(GatewayLayout(Path(root)).models)
+    active = slots.active()
+    if active is None:
+        raise UsageError(f"{root} has no flashed model to roll back from")
+    other = slots.inactive()
+    info = slots.info(other)
+    if not info or not slots.path(other).is_dir():
+        raise UsageError(f"model slot {other} holds no model to roll back to")
+
+    # The previous model must still be intact and healthy before it is trusted.
+    scorer = ota.load_checked(slots.path(other), tolerance=tolerance)
+    slots.switch(other)
+    logger.info(
+        "rolled back %s to slot %s (model %s)", root, other, scorer.model_version
+    )
+    return other, scorer.model_version

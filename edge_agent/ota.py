@@ -1,0 +1,497 @@
+"""Over-the-air model updates: signed, health-checked, switched atomically, or refused.
+
+An update is one JSON message on the gateway's model topic (retained)::
+
+    {"schema": "gatewatch/v1", "kind": "model_update", "id": ..., "sent_at": ...,
+     "model_version": ..., "statement": <base64>, "signature": <base64>,
+     "payload": <base64 tar.gz of the artifact>}          # or no payload: by reference
+
+``statement`` is the exact signed JSON (``gatewatch-update/1``): ``model_version``,
+``sha256`` and ``size`` of the artifact archive, ``issued_at``, ``key_id`` and, for
+an update by reference, the ``url`` the archive is fetched from. Only the signed
+statement is trusted; the outer fields are for people reading the topic.
+
+:class:`ModelUpdater` checks the signature, fetches and checks the archive, unpacks
+it (plain files only) next to the slots, loads it with
+:func:`edge_agent.runtime.load_artifact`, runs the health check (the encoder matches
+the model's input, and the manifest's probe windows score as recorded), moves it into
+the inactive slot, loads it again from there and switches. Any failure leaves the
+active slot and the running model untouched and returns the reason.
+
+Run as ``python -m edge_agent.ota check DIR`` it health-checks one artifact folder
+(flash uses this inside a freshly installed venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import io
+import json
+import shutil
+import sys
+import tarfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent import bundle as bundle_mod
+from edge_agent import logger, signing
+from edge_agent.flash import CURRENT, SLOTS, ModelSlots
+from flows.errors import BadInputError, GatewatchError, ModelError, UsageError
+
+MESSAGE_SCHEMA = "gatewatch/v1"
+STATEMENT_SCHEMA = "gatewatch-update/1"
+KIND = "model_update"
+
+# An artifact is a few files; a student model is kilobytes to a few megabytes.
+MAX_ARCHIVE_BYTES = 64 << 20
+MAX_ARCHIVE_MEMBERS = 64
+URL_SCHEMES = ("https", "http", "file")
+
+
+@dataclass(frozen=True)
+class UpdatePackage:
+    """A signed update ready to publish: ``message`` bytes and the ``archive``."""
+
+    message: bytes
+    archive: bytes
+    model_version: str
+    sha256: str
+
+
+@dataclass
+class UpdateResult:
+    """The outcome of one update message.
+
+    ``ok``: the model in ``scorer`` (version ``version``) is now the active one.
+    ``changed`` is False when the message named the model already running.
+    ``reason`` says why an update was refused (empty when ok).
+    """
+
+    ok: bool
+    version: str | None = None
+    reason: str = ""
+    scorer: Any = None
+    slot: str | None = None
+    changed: bool = False
+    update_id: str | None = None
+
+
+# -------------------------------------------------------------------- health check
+
+
+def health_check(scorer: Any, *, tolerance: float | None = None) -> float:
+    """ModelError unless a loaded artifact is fit to score; returns the probe error.
+
+    Checks that the encoder's window and feature count are the model's input, that
+    the probe windows have that shape, that the thresholds are usable, and that the
+    probe windows score within ``tolerance`` of the manifest's expected scores.
+    """
+    encoder = scorer.encoder
+    if (encoder.window, encoder.n_features) != (scorer.window, scorer.n_features):
+        raise ModelError(
+            f"the encoder makes windows [{encoder.window}, {encoder.n_features}] but "
+            f"the model takes [{scorer.window}, {scorer.n_features}]; refusing an "
+            "artifact whose model does not match its encoder"
+        )
+    probe = scorer.manifest.get("probe") or {}
+    try:
+        windows = np.asarray(probe.get("windows", []), dtype=np.float32)
+        expected = np.asarray(probe.get("expected", []), dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"the manifest's probe is malformed: {exc}") from exc
+    if windows.ndim != 3 or windows.shape[0] == 0:
+        raise ModelError("the manifest has no probe windows to health-check with")
+    if windows.shape[1:] != (scorer.window, scorer.n_features):
+        raise ModelError(
+            f"probe windows are {list(windows.shape)}, the model takes "
+            f"[B, {scorer.window}, {scorer.n_features}]"
+        )
+    if expected.shape != (windows.shape[0],):
+        raise ModelError(
+            f"the probe has {windows.shape[0]} windows but {expected.size} expected "
+            "scores"
+        )
+    lo, hi = scorer.thresholds["escalate_low"], scorer.thresholds["alert"]
+    if not (0.0 <= lo <= hi <= 1.0):
+        raise ModelError(f"thresholds {scorer.thresholds} are not within 0..1")
+    diff = scorer.check_probe(atol=tolerance)
+    scores = scorer.score(windows)
+    if not np.all(np.isfinite(scores)):
+        raise ModelError("the model scores the probe windows as NaN or infinite")
+    return diff
+
+
+def load_checked(folder: str | Path, *, tolerance: float | None = None) -> Any:
+    """Load an artifact folder (hashes checked) and health-check it; the Scorer."""
+    from edge_agent.runtime import load_artifact
+
+    scorer = load_artifact(folder)
+    diff = health_check(scorer, tolerance=tolerance)
+    logger.info(
+        "health check of %s (model %s): probe within %.3g",
+        folder,
+        scorer.model_version,
+        diff,
+    )
+    return scorer
+
+
+# ------------------------------------------------------------------------- packing
+
+
+def pack_artifact(artifact: str | Path) -> tuple[bytes, str]:
+    """A gzip tar of an artifact's manifest and listed files; (bytes, model_version)."""
+    artifact = Path(artifact)
+    manifest, names = bundle_mod.artifact_files(artifact)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in names:
+            data = (artifact / name).read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            info.mtime = int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue(), str(manifest["model_version"])
+
+
+def pack_update(
+    artifact: str | Path,
+    key: str | Path | signing.Ed25519PrivateKey,
+    *,
+    url: str | None = None,
+    issued_at: float | None = None,
+) -> UpdatePackage:
+    """Sign an artifact folder as an update message (see :func:`sign_archive`)."""
+    archive, model_version = pack_artifact(artifact)
+    return sign_archive(archive, model_version, key, url=url, issued_at=issued_at)
+
+
+def sign_archive(
+    archive: bytes,
+    model_version: str,
+    key: str | Path | signing.Ed25519PrivateKey,
+    *,
+    url: str | None = None,
+    issued_at: float | None = None,
+) -> UpdatePackage:
+    """Sign an artifact archive as an update message.
+
+    With ``url`` the archive is left out of the message and fetched from there (the
+    caller uploads ``UpdatePackage.archive``); otherwise it travels inline.
+    """
+    private_key = (
+        key
+        if isinstance(key, signing.Ed25519PrivateKey)
+        else signing.load_private_key(key)
+    )
+    if url is not None and url.split(":", 1)[0] not in URL_SCHEMES:
+        raise UsageError(f"update URL must use one of {URL_SCHEMES}: {url!r}")
+    statement = {
+        "schema": STATEMENT_SCHEMA,
+        "kind": KIND,
+        "model_version": model_version,
+        "sha256": bundle_mod.sha256_bytes(archive),
+        "size": len(archive),
+        "issued_at": time.time() if issued_at is None else float(issued_at),
+        "key_id": signing.key_id(private_key.public_key()),
+    }
+    if url is not None:
+        statement["url"] = url
+    raw = json.dumps(statement, sort_keys=True).encode()
+    message = {
+        "schema": MESSAGE_SCHEMA,
+        "kind": KIND,
+        "id": uuid.uuid4().hex,
+        "sent_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model_version": model_version,
+        "statement": base64.b64encode(raw).decode(),
+        "signature": base64.b64encode(signing.sign(private_key, raw)).decode(),
+    }
+    if url is None:
+        message["payload"] = base64.b64encode(archive).decode()
+    return UpdatePackage(
+        message=json.dumps(message).encode(),
+        archive=archive,
+        model_version=model_version,
+        sha256=statement["sha256"],
+    )
+
+
+# ------------------------------------------------------------------------- updater
+
+
+class ModelUpdater:
+    """Apply update messages to the A/B model slots in ``slots_dir``.
+
+    ``pubkey_path``: the Ed25519 key updates must be signed with. ``tolerance``:
+    the probe tolerance (default: the manifest's ``probe.atol``, else 1e-4).
+    ``max_bytes``: the largest archive accepted. ``fetch_timeout``: seconds for an
+    update by reference. :meth:`handle` never raises for a bad message; it returns
+    an :class:`UpdateResult` that says why.
+    """
+
+    def __init__(
+        self,
+        pubkey_path: str | Path | None = None,
+        slots_dir: str | Path | None = None,
+        *,
+        tolerance: float | None = None,
+        max_bytes: int = MAX_ARCHIVE_BYTES,
+        fetch_timeout: float = 30.0,
+        public_key: str | Path | None = None,
+        artifact: str | Path | None = None,
+        current_version: str | None = None,
+    ) -> None:
+        # ``public_key``/``artifact`` are the agent's names for the same two things:
+        # the key file, and the ``current`` link of the slots the model runs from.
+        key_path = pubkey_path if pubkey_path is not None else public_key
+        if key_path is None:
+            raise UsageError("model updates need the update public key file")
+        if slots_dir is None:
+            if artifact is None:
+                raise UsageError("model updates need the model slots folder")
+            slots_dir = slots_of(artifact)
+        self.public_key = signing.load_public_key(key_path)
+        self.key_id = signing.key_id(self.public_key)
+        self.slots = ModelSlots(slots_dir)
+        self.tolerance = tolerance
+        self.max_bytes = int(max_bytes)
+        self.fetch_timeout = float(fetch_timeout)
+        self.current_version = current_version
+        self._lock = threading.Lock()
+
+    def handle(self, payload: bytes) -> UpdateResult:
+        """Verify, install and activate the update in ``payload``, or refuse it."""
+        with self._lock:
+            update_id = None
+            try:
+                message = _parse_message(payload)
+                update_id = message.get("id")
+                result = self._apply(message)
+            except GatewatchError as exc:
+                logger.warning("model update refused: %s", exc)
+                return UpdateResult(ok=False, reason=str(exc), update_id=update_id)
+            except Exception as exc:  # the agent must survive any update
+                logger.exception("model update failed unexpectedly")
+                return UpdateResult(
+                    ok=False,
+                    reason=f"internal error: {type(exc).__name__}: {exc}",
+                    update_id=update_id,
+                )
+            result.update_id = update_id
+            return result
+
+    def _apply(self, message: dict[str, Any]) -> UpdateResult:
+        """The steps of one update; raises a gatewatch error to refuse it."""
+        # 1. The signed statement is the only thing trusted.
+        statement = self._verified_statement(message)
+        version = str(statement["model_version"])
+        active = self.slots.active()
+        info = self.slots.info(active)
+        if active is not None and info.get("sha256") == statement["sha256"]:
+            from edge_agent.runtime import load_artifact
+
+            scorer = load_artifact(self.slots.path(active))
+            return UpdateResult(
+                ok=True,
+                version=version,
+                scorer=scorer,
+                slot=active,
+                reason="already running this model",
+            )
+        issued = float(statement["issued_at"])
+        if info.get("issued_at") is not None and issued < float(info["issued_at"]):
+            raise BadInputError(
+                f"update {version} was issued before the running model "
+                f"{info.get('model_version')}; refusing a downgrade (use rollback)"
+            )
+
+        # 2. The archive, by value or by reference, must be the one signed for.
+        archive = self._archive(message, statement)
+
+        # 3. Unpack and health-check beside the slots; only then take a slot.
+        staging = self.slots.staging()
+        try:
+            _unpack(archive, staging)
+            load_checked(staging, tolerance=self.tolerance)
+            slot = self.slots.inactive()
+            path = self.slots.install(
+                slot,
+                staging,
+                {
+                    "model_version": version,
+                    "sha256": statement["sha256"],
+                    "issued_at": issued,
+                    "source": f"update {message.get('id')}",
+                },
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+        # 4. Load from the slot itself, check again, then switch.
+        scorer = load_checked(path, tolerance=self.tolerance)
+        self.slots.switch(slot)
+        logger.info("model update %s active in slot %s", version, slot)
+        return UpdateResult(
+            ok=True,
+            version=scorer.model_version or version,
+            scorer=scorer,
+            slot=slot,
+            changed=True,
+        )
+
+    def _verified_statement(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Decode and verify the signed statement of a message."""
+        raw = _b64(message, "statement")
+        signature = _b64(message, "signature")
+        try:
+            claimed = json.loads(raw).get("key_id")
+        except (ValueError, AttributeError):
+            claimed = None
+        signing.verify(
+            self.public_key,
+            raw,
+            signature,
+            what="model update",
+            signed_by=claimed if isinstance(claimed, str) else None,
+        )
+        try:
+            statement = json.loads(raw)
+            if statement.get("schema") != STATEMENT_SCHEMA:
+                raise BadInputError(f"statement schema {statement.get('schema')!r}")
+            for key in ("model_version", "sha256", "size", "issued_at"):
+                statement[key]  # noqa: B018 - presence check
+            int(statement["size"])
+            float(statement["issued_at"])
+        except BadInputError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BadInputError(f"update statement is malformed: {exc}") from exc
+        return statement
+
+    def _archive(self, message: dict[str, Any], statement: dict[str, Any]) -> bytes:
+        """The archive bytes, checked against the signed size and sha256."""
+        size = int(statement["size"])
+        if size > self.max_bytes:
+            raise BadInputError(
+                f"update archive is {size} bytes; the limit is {self.max_bytes}"
+            )
+        if "payload" in message:
+            archive = _b64(message, "payload")
+        elif "url" in statement:
+            archive = self._fetch(str(statement["url"]), size)
+        else:
+            raise BadInputError("update carries neither a payload nor a signed url")
+        if len(archive) != size:
+            raise BadInputError(
+                f"update archive is {len(archive)} bytes, the signed size is {size}: "
+                "truncated or padded"
+            )
+        digest = bundle_mod.sha256_bytes(archive)
+        if digest != str(statement["sha256"]).lower():
+            raise BadInputError(
+                f"update archive sha256 {digest} is not the signed "
+                f"{statement['sha256']}: it was modified"
+            )
+        return archive
+
+    def _fetch(self, url: str, size: int) -> bytes:
+        """Download an archive by reference, reading at most one byte past ``size``."""
+        if url.split(":", 1)[0] not in URL_SCHEMES:
+            raise BadInputError(f"update URL scheme is not allowed: {url!r}")
+        try:
+            with urllib.request.urlopen(url, timeout=self.fetch_timeout) as resp:
+                return resp.read(size + 1)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise BadInputError(f"cannot fetch the update from {url}: {exc}") from exc
+
+
+def slots_of(artifact: str | Path) -> Path:
+    """The slots folder of an artifact path that is a flashed gateway's model.
+
+    Accepted: the ``current`` link itself, or a slot folder (``A``/``B``) next to
+    one. Anything else is a UsageError: an update needs a second slot to go to.
+    """
+    path = Path(artifact)
+    if path.is_symlink() and path.name == CURRENT:
+        return path.parent
+    if path.name in SLOTS and (path.parent / CURRENT).is_symlink():
+        return path.parent
+    raise UsageError(
+        f"model updates need the artifact to be the '{CURRENT}' link of a model "
+        f"slots folder, as flash installs it (e.g. /opt/gatewatch/models/current); "
+        f"{path} is not"
+    )
+
+
+def _parse_message(payload: bytes) -> dict[str, Any]:
+    """The JSON object of an update message, or BadInputError."""
+    try:
+        message = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"model update is not JSON: {exc}") from exc
+    if not isinstance(message, dict):
+        raise BadInputError("model update is not a JSON object")
+    if message.get("kind") != KIND or message.get("schema") != MESSAGE_SCHEMA:
+        raise BadInputError(
+            f"not a model update (schema {message.get('schema')!r}, kind "
+            f"{message.get('kind')!r})"
+        )
+    return message
+
+
+def _b64(message: dict[str, Any], key: str) -> bytes:
+    """One base64 field of a message, decoded strictly."""
+    value = message.get(key)
+    if not isinstance(value, str):
+        raise BadInputError(f"model update lacks {key!r}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadInputError(f"model update field {key!r} is not base64: {exc}") from exc
+
+
+def _unpack(archive: bytes, dest: Path) -> None:
+    """Unpack an artifact archive into the empty folder ``dest``: plain files only."""
+    where = "update archive"
+    for name, tar, member in bundle_mod.iter_members(
+        io.BytesIO(archive), where=where, max_members=MAX_ARCHIVE_MEMBERS
+    ):
+        bundle_mod.copy_member(tar, member, dest, name, where=where)
+    if not (dest / "manifest.json").is_file():
+        raise BadInputError("update archive holds no manifest.json")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m edge_agent.ota check DIR``: health-check an artifact folder."""
+    parser = argparse.ArgumentParser(prog="python -m edge_agent.ota")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="load an artifact and score its probe")
+    check.add_argument("artifact", type=Path)
+    check.add_argument("--tolerance", type=float, default=None)
+    args = parser.parse_args(argv)
+    try:
+        scorer = load_checked(args.artifact, tolerance=args.tolerance)
+    except GatewatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"ok: model {scorer.model_version} passes its health check")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
