@@ -1,0 +1,139 @@
+"""The ``flows`` command line: inspect and convert, exit codes, error messages."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flows.cli import main
+from flows.readers import read
+from tests.conftest import data_file
+from tests.test_readers import FIELDS, ROW_A, ROW_B, zeek_text
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.data
+@pytest.mark.parametrize(
+    "rel, fmt, rows, labels",
+    [
+        ("zeek-conn/ctu50-normal-40-day1.conn.log.labeled", "zeek-tsv", 5663,
+         {"Malicious": 4201, "Benign": 1402, "Background": 60}),
+        ("nsl-kdd/KDDTest+.txt", "nsl-kdd", 22544, None),
+        ("nsl-kdd/KDDTrain+.txt.gz", "nsl-kdd", 125973, None),
+        ("zeek-conn/nmap-portscans.conn.json.log", "zeek-json", 4504, {}),
+        ("unsw-nb15/UNSW_NB15_training-set.csv.gz", "unsw-nb15", 82332, None),
+    ],
+)
+def test_inspect_json_real_counts(capsys, data_dir, rel, fmt, rows, labels):
+    code, out, err = run(capsys, "inspect", "--json", str(data_file(data_dir, rel)))
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["format"] == fmt and summary["rows"] == rows
+    if labels is not None:
+        assert summary["labels"] == labels
+    assert sum(summary["labels"].values()) in (0, rows)
+
+
+@pytest.mark.data
+def test_inspect_json_kdd_attack_names(capsys, data_dir):
+    path = data_file(data_dir, "nsl-kdd/KDDTest+.txt")
+    summary = json.loads(run(capsys, "inspect", "--json", str(path))[1])
+    assert summary["labels"]["normal"] == 9711 and summary["labels"]["neptune"] == 4657
+    assert summary["label_values"] == {"1": 22544 - 9711, "0": 9711, "null": 0}
+
+
+def test_inspect_text_nulls_and_time_span(capsys, tmp_path):
+    path = tmp_path / "c.log"
+    path.write_text(zeek_text([ROW_A, ROW_B]))
+    code, out, _ = run(capsys, "inspect", str(path))
+    assert code == 0
+    assert "format:   zeek-tsv" in out and "rows:     2" in out
+    assert "1.249999" in out or "1.25" in out  # ts span between the two rows
+    summary = json.loads(run(capsys, "inspect", "--json", str(path))[1])
+    assert summary["nulls"]["service"] == 1 and summary["nulls"]["duration"] == 1
+    assert summary["time_span"]["first"] == 1600000000.000001
+
+
+def test_convert_parquet_and_zeek(capsys, tmp_path):
+    src = tmp_path / "c.log"
+    src.write_text(zeek_text([ROW_A, ROW_B]))
+    code, _, err = run(capsys, "convert", str(src), "-o", str(tmp_path / "o.parquet"))
+    assert code == 0 and "wrote 2 rows" in err
+    assert read(tmp_path / "o.parquet").table.equals(read(src).table)
+    code, _, _ = run(capsys, "convert", str(tmp_path / "o.parquet"), "--format", "zeek",
+                     "-o", str(tmp_path / "back.log"))
+    assert code == 0
+    assert read(tmp_path / "back.log").table.equals(read(src).table)
+
+
+def test_convert_zeek_needs_conn_family(capsys, tmp_path):
+    src = tmp_path / "k.txt"
+    src.write_text("0,tcp,private,REJ" + ",0" * 37 + ",normal,21\n")
+    code, _, err = run(capsys, "convert", str(src), "--format", "zeek",
+                       "-o", str(tmp_path / "k.log"))
+    assert code == 2 and err.startswith("error: ") and "nsl-kdd" in err
+
+
+def test_bad_value_fail_writes_rows_before_and_exits_4(capsys, tmp_path):
+    bad = list(ROW_B)
+    bad[FIELDS.index("resp_pkts")] = "many"
+    src = tmp_path / "bad.log"
+    src.write_text(zeek_text([ROW_A, bad, ROW_B]))
+    out = tmp_path / "o.parquet"
+    code, _, err = run(capsys, "convert", str(src), "-o", str(out))
+    assert code == 4
+    assert "bad.log" in err and "line 10" in err and "resp_pkts" in err
+    assert read(out).table.column("uid").to_pylist() == ["CabC1"]
+
+    code, _, err = run(capsys, "convert", str(src), "-o", str(out), "--on-error", "skip")
+    assert code == 0 and "skipped 1" in err
+    assert read(out).table.column("uid").to_pylist() == ["CabC1", "CabC2"]
+
+
+def test_cut_gzip_exits_4_with_rows_written(capsys, tmp_path):
+    rows = [ROW_A] * 2000
+    data = gzip.compress(zeek_text(rows).encode())
+    src = tmp_path / "cut.log.gz"
+    src.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "o.parquet"
+    code, _, err = run(capsys, "convert", str(src), "-o", str(out))
+    assert code == 4 and "cut" in err
+    assert 0 < read(out).table.num_rows < 2000
+
+
+def test_unknown_format_and_missing_column_exit_3(capsys, tmp_path):
+    src = tmp_path / "x.txt"
+    src.write_text("what is this\n")
+    code, out, err = run(capsys, "inspect", str(src))
+    assert code == 3 and err.startswith("error: ") and "unknown format" in err
+    text = zeek_text([ROW_A]).replace("\tid.resp_h\t", "\tresp_host\t")
+    src.write_text(text)
+    code, _, err = run(capsys, "inspect", str(src))
+    assert code == 3 and "id.resp_h" in err and "line 7" in err
+
+
+def test_usage_errors_exit_2_and_help_documents_codes(capsys):
+    assert run(capsys, "convert", "a.log")[0] == 2
+    assert run(capsys, "frobnicate")[0] == 2
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for line in ("0    ok", "2    usage", "3    bad input", "4    partial input"):
+        assert line in out
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "inspect", str(tmp_path / "absent.log")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 3
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
