@@ -1,0 +1,255 @@
+"""edge_agent.ota in-process: signed updates into A/B slots, and every refusal.
+
+Each refused update must leave the active slot, its files and its scores exactly as
+they were; the scores are checked against the numpy model of the seed that built it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from edge_agent import signing  # noqa: E402
+from edge_agent.flash import ModelSlots  # noqa: E402
+from edge_agent.ota import ModelUpdater, pack_update, sign_archive  # noqa: E402
+from edge_agent.runtime import load_artifact  # noqa: E402
+from flows.errors import UsageError  # noqa: E402
+from tests.test_ota_artifacts import W, make_artifact, numpy_scores  # noqa: E402
+
+WINDOWS = np.random.default_rng(11).uniform(0, 1, (16, W, 6)).astype(np.float32)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    return signing.generate_keypair(tmp_path / "keys")
+
+
+@pytest.fixture
+def updater(tmp_path: Path, keys) -> ModelUpdater:
+    """An updater whose slots already run model v1 (seed 1), installed over the air."""
+    up = ModelUpdater(keys[1], tmp_path / "models", tolerance=1e-5)
+    v1 = pack_update(make_artifact(tmp_path / "v1", version="v1", seed=1), keys[0])
+    result = up.handle(v1.message)
+    assert result.ok, result.reason
+    return up
+
+
+def _active_snapshot(slots: ModelSlots) -> tuple[str | None, dict[str, bytes]]:
+    active = slots.active()
+    files = {p.name: p.read_bytes() for p in sorted(slots.path(active).iterdir())}
+    return active, files
+
+
+def _assert_still_v1(up: ModelUpdater, before) -> None:
+    assert _active_snapshot(up.slots) == before
+    scorer = load_artifact(up.slots.current_path)
+    assert scorer.model_version == "v1"
+    np.testing.assert_allclose(
+        scorer.score(WINDOWS), numpy_scores(WINDOWS, 1), atol=1e-6
+    )
+
+
+def test_update_installs_into_the_other_slot_and_switches(tmp_path, keys, updater):
+    assert updater.slots.active() == "A"
+    v2 = pack_update(make_artifact(tmp_path / "v2", version="v2", seed=2), keys[0])
+
+    result = updater.handle(v2.message)
+
+    assert result.ok and result.changed, result.reason
+    assert (result.version, result.slot) == ("v2", "B")
+    assert os.readlink(updater.slots.current_path) == "B"
+    np.testing.assert_allclose(
+        result.scorer.score(WINDOWS), numpy_scores(WINDOWS, 2), atol=1e-6
+    )
+    # The previous model stays in slot A, intact, for a rollback.
+    assert load_artifact(updater.slots.path("A")).model_version == "v1"
+    assert updater.slots.info("B")["sha256"] == v2.sha256
+
+    # The same (retained) message again changes nothing.
+    again = updater.handle(v2.message)
+    assert again.ok and not again.changed and again.version == "v2"
+    assert updater.slots.active() == "B"
+
+
+def test_update_by_reference(tmp_path, keys, updater):
+    archive_path = tmp_path / "served" / "v2.tar.gz"
+    archive_path.parent.mkdir()
+    package = pack_update(
+        make_artifact(tmp_path / "v2", version="v2", seed=2),
+        keys[0],
+        url=archive_path.as_uri(),
+    )
+    archive_path.write_bytes(package.archive)
+    assert "payload" not in json.loads(package.message)
+
+    result = updater.handle(package.message)
+
+    assert result.ok and result.version == "v2", result.reason
+
+    # A served archive that changed after signing is refused.
+    archive_path.write_bytes(package.archive[:-1] + bytes([package.archive[-1] ^ 1]))
+    v3 = pack_update(
+        make_artifact(tmp_path / "v3", version="v3", seed=3),
+        keys[0],
+        url=archive_path.as_uri(),
+    )
+    archive_path.write_bytes(v3.archive[:-1] + bytes([v3.archive[-1] ^ 1]))
+    refused = updater.handle(v3.message)
+    assert not refused.ok and "sha256" in refused.reason
+    assert updater.slots.active() == "B"
+
+
+def _message(package) -> dict:
+    return json.loads(package.message)
+
+
+def _tampered_payload(tmp_path, keys):
+    package = pack_update(make_artifact(tmp_path / "v2", version="v2", seed=2), keys[0])
+    msg = _message(package)
+    archive = bytearray(base64.b64decode(msg["payload"]))
+    archive[len(archive) // 2] ^= 0x40
+    msg["payload"] = base64.b64encode(bytes(archive)).decode()
+    return msg
+
+
+def _truncated_payload(tmp_path, keys):
+    package = pack_update(make_artifact(tmp_path / "v2", version="v2", seed=2), keys[0])
+    msg = _message(package)
+    msg["payload"] = base64.b64encode(package.archive[:-100]).decode()
+    return msg
+
+
+def _edited_statement(tmp_path, keys):
+    package = pack_update(make_artifact(tmp_path / "v2", version="v2", seed=2), keys[0])
+    msg = _message(package)
+    statement = json.loads(base64.b64decode(msg["statement"]))
+    statement["model_version"] = "v9"
+    msg["statement"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    return msg
+
+
+def _wrong_key(tmp_path, keys):
+    other, _ = signing.generate_keypair(tmp_path / "other")
+    package = pack_update(make_artifact(tmp_path / "v2", version="v2", seed=2), other)
+    return _message(package)
+
+
+def _bad_probe(tmp_path, keys):
+    folder = make_artifact(tmp_path / "v2", version="v2", seed=2, expected_shift=0.05)
+    return _message(pack_update(folder, keys[0]))
+
+
+def _model_not_matching_encoder(tmp_path, keys):
+    folder = make_artifact(tmp_path / "v2", version="v2", seed=2, model_window=W + 1)
+    return _message(pack_update(folder, keys[0]))
+
+
+def _modified_artifact_file(tmp_path, keys):
+    folder = make_artifact(tmp_path / "v2", version="v2", seed=2)
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for path in sorted(folder.iterdir()):
+            data = path.read_bytes()
+            if path.name == "thresholds.json":
+                data = b'{"decision": 0.5, "escalate_low": 0.99, "alert": 1.0}'
+            info = tarfile.TarInfo(path.name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    # Signed by the right key: the artifact's own sha256 list must still catch it.
+    return _message(sign_archive(archive.getvalue(), "v2", keys[0]))
+
+
+def _signed_archive_with(member: tarfile.TarInfo, data: bytes, keys, tmp_path):
+    folder = make_artifact(tmp_path / "v2", version="v2", seed=2)
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for path in sorted(folder.iterdir()):
+            info = tarfile.TarInfo(path.name)
+            info.size = path.stat().st_size
+            tar.addfile(info, io.BytesIO(path.read_bytes()))
+        tar.addfile(member, io.BytesIO(data) if data else None)
+    return _message(sign_archive(archive.getvalue(), "v2", keys[0]))
+
+
+def _path_traversal(tmp_path, keys):
+    member = tarfile.TarInfo("../../escaped.txt")
+    member.size = 3
+    return _signed_archive_with(member, b"bad", keys, tmp_path)
+
+
+def _symlink_member(tmp_path, keys):
+    member = tarfile.TarInfo("encoder2.json")
+    member.type = tarfile.SYMTYPE
+    member.linkname = "/etc/passwd"
+    return _signed_archive_with(member, b"", keys, tmp_path)
+
+
+def _downgrade(tmp_path, keys):
+    folder = make_artifact(tmp_path / "v0", version="v0", seed=2)
+    return _message(pack_update(folder, keys[0], issued_at=1.0))
+
+
+def _not_json(tmp_path, keys):
+    return None
+
+
+REFUSALS = {
+    "tampered payload": (_tampered_payload, "sha256"),
+    "truncated payload": (_truncated_payload, "truncated"),
+    "edited statement": (_edited_statement, "does not match its signature"),
+    "wrong key": (_wrong_key, "signed by key"),
+    "bad probe": (_bad_probe, "probe scores differ"),
+    "model vs encoder": (_model_not_matching_encoder, "does not match its encoder"),
+    "modified artifact file": (_modified_artifact_file, "sha256 mismatch"),
+    "path traversal": (_path_traversal, "outside the archive"),
+    "symlink member": (_symlink_member, "link file"),
+    "downgrade": (_downgrade, "downgrade"),
+    "not json": (_not_json, "not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_bad_update_is_refused_and_the_running_model_kept(
+    case, tmp_path, keys, updater
+):
+    make, reason = REFUSALS[case]
+    before = _active_snapshot(updater.slots)
+    inactive_before = updater.slots.info("B")
+    msg = make(tmp_path, keys)
+    payload = b"{not json" if msg is None else json.dumps(msg).encode()
+
+    result = updater.handle(payload)
+
+    assert not result.ok
+    assert reason in result.reason, result.reason
+    assert result.scorer is None
+    _assert_still_v1(updater, before)
+    # Nothing was half-written: the other slot's record is as it was, no staging
+    # folders are left, and nothing escaped the slots folder.
+    assert updater.slots.info("B") == inactive_before
+    leftovers = [p.name for p in updater.slots.dir.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+    assert not (tmp_path / "escaped.txt").exists()
+    assert not (updater.slots.dir.parent / "escaped.txt").exists()
+
+
+def test_agent_style_construction_finds_the_slots(tmp_path, keys, updater):
+    up = ModelUpdater(
+        public_key=keys[1],
+        artifact=updater.slots.current_path,
+        current_version="v1",
+    )
+    assert up.slots.dir == updater.slots.dir
+
+    with pytest.raises(UsageError, match="'current' link of a model slots folder"):
+        ModelUpdater(public_key=keys[1], artifact=tmp_path / "v1")
