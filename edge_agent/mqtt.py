@@ -93,7 +93,8 @@ class MqttLink:
     """A connection to one broker that reconnects by itself (policy: module docstring).
 
     Callbacks run on paho's network thread and must be quick: ``on_message(topic,
-    payload)``, ``on_publish(mid, ok)`` (``ok`` is false when the broker refused the
+    payload)`` (with ``manual_ack``: ``on_message(topic, payload, token)``, and the
+    message is acknowledged only when :meth:`ack` is called with the token), ``on_publish(mid, ok)`` (``ok`` is false when the broker refused the
     message in its PUBACK) and ``on_connect()`` after each successful (re)connect.
     """
 
@@ -112,6 +113,7 @@ class MqttLink:
         reconnect_max: float = 30.0,
         max_inflight: int = 200,
         session_expiry: int = 0,
+        manual_ack: bool = False,
         on_message: Callable[[str, bytes], None] | None = None,
         on_publish: Callable[[int, bool], None] | None = None,
         on_connect: Callable[[], None] | None = None,
@@ -131,6 +133,7 @@ class MqttLink:
         self.reconnect_max = reconnect_max
         self.max_inflight = max_inflight
         self.session_expiry = session_expiry
+        self.manual_ack = manual_ack
         self.on_message = on_message
         self.on_publish = on_publish
         self.on_connect = on_connect
@@ -231,6 +234,7 @@ class MqttLink:
             max_delay=int(self.reconnect_max),
         )
         client.max_inflight_messages_set(self.max_inflight)
+        client.manual_ack_set(self.manual_ack)
         if self.username is not None:
             client.username_pw_set(self.username, self.password)
         if self.tls is not None:
@@ -312,8 +316,20 @@ class MqttLink:
             self.on_publish(mid, ok)
 
     def _handle_message(self, client, userdata, msg) -> None:
-        if self.on_message is not None:
+        if self.on_message is None:
+            if self.manual_ack:
+                client.ack(msg.mid, msg.qos)
+            return
+        if self.manual_ack:
+            self.on_message(msg.topic, msg.payload, (msg.mid, msg.qos))
+        else:
             self.on_message(msg.topic, msg.payload)
+
+    def ack(self, token: tuple[int, int]) -> None:
+        """Acknowledge a message received with ``manual_ack`` once it is safe."""
+        client = self._client
+        if client is not None:
+            client.ack(*token)
 
     # -- operations -------------------------------------------------------------------
 

@@ -1,0 +1,378 @@
+"""The central re-scorer: the teacher answers every gateway's escalations.
+
+``teacher serve`` subscribes to ``$share/<group>/gatewatch/v1/+/+/escalations`` (an
+MQTT v5 shared subscription, so N processes in one group split the load; the broker
+distributes), scores the escalated windows with the teacher in micro-batches (at most
+``--max-batch`` windows, waiting at most ``--max-wait-ms`` for a batch to fill; on the
+GPU when present), keeps each escalation and its verdict in the alert store and
+publishes the verdict to the gateway's ``verdicts`` topic.
+
+Nothing is lost and nothing is stored twice: an escalation is acknowledged to the
+broker only after it is in the store (manual PUBACK), and the store is keyed by
+message id, so a copy (a replay by the agent, or a redelivery) is not scored again:
+its stored verdict is published once more. Bad messages are rejected, counted per
+kind and logged once per kind; the service goes on. Against a broker that speaks only
+MQTT 3.1.1 (amqtt) there are no shared subscriptions: run one re-scorer there.
+
+``teacher alerts`` queries the store by time, gateway and decision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import sys
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent import protocol as proto
+from edge_agent.mqtt import MqttLink, Protocol, TlsOptions
+from flows.errors import EXIT_OK, TransportError, UsageError
+from teacher import logger
+from teacher.store import AlertStore
+
+DEFAULT_STORE = "gatewatch-alerts.sqlite"
+DEFAULT_GROUP = "gatewatch"
+
+
+def teacher_version(teacher: Any) -> str:
+    """A short id of the teacher: its ``version``, else the sha256 of its weights."""
+    version = getattr(teacher, "version", None)
+    if version:
+        return str(version)
+    path = getattr(teacher, "path", None)
+    weights = Path(path) / "model.safetensors" if path else None
+    if weights is not None and weights.is_file():
+        return "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    return "unknown"
+
+
+def _window_shape(teacher: Any) -> tuple[int, int]:
+    config = teacher.config
+    if isinstance(config, dict):
+        return int(config["window"]), int(config["n_features"])
+    return int(config.window), int(config.n_features)
+
+
+class ReScorer:
+    """One re-scorer process: MQTT in, teacher, store, MQTT out."""
+
+    def __init__(
+        self,
+        teacher: Any,
+        *,
+        broker: str,
+        store: AlertStore,
+        share_group: str | None = DEFAULT_GROUP,
+        max_batch: int = 64,
+        max_wait_ms: float = 10.0,
+        client_id: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        tls: TlsOptions | None = None,
+        protocol: Protocol | str = Protocol.AUTO,
+        version: str | None = None,
+    ) -> None:
+        if max_batch < 1 or max_wait_ms < 0:
+            raise UsageError("--max-batch must be >= 1 and --max-wait-ms >= 0")
+        self.teacher = teacher
+        self.threshold = float(teacher.threshold)
+        self.window_shape = _window_shape(teacher)
+        self.version = version or teacher_version(teacher)
+        self.store = store
+        self.share_group = share_group
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.client_id = client_id or f"gatewatch-rescorer-{os.getpid()}"
+        self.rejects = proto.RejectCounter("re-scorer", log=logger)
+        self.counters = {"received": 0, "scored": 0, "duplicates": 0, "stored": 0,
+                         "verdicts_sent": 0, "batches": 0, "malicious": 0}
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self.link = MqttLink(
+            broker, self.client_id, username=username, password=password, tls=tls,
+            protocol=protocol, manual_ack=True, on_message=self._on_message,
+        )
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self, connect_timeout: float = 10.0) -> None:
+        """Connect, subscribe and start the scoring thread."""
+        self.link.connect(connect_timeout)
+        group = self.share_group
+        if group and self.link.protocol is Protocol.V311:
+            logger.warning(
+                "broker %s speaks only MQTT 3.1.1: no shared subscription, so run a "
+                "single re-scorer against it", self.link.url,
+            )
+            group = None
+        self.link.subscribe(proto.subscription(proto.Channel.ESCALATIONS, group), qos=1)
+        self._worker = threading.Thread(target=self._work, name="rescorer", daemon=True)
+        self._worker.start()
+        logger.info("re-scorer %s serving (teacher %s, threshold %.4g, group %s)",
+                    self.client_id, self.version, self.threshold, group)
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then disconnect."""
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(10)
+        self.link.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, rejections per kind and the store's size."""
+        return {**self.counters, "rejected": dict(self.rejects.counts),
+                "teacher_version": self.version}
+
+    # -- receiving (network thread) ---------------------------------------------------
+
+    def _on_message(self, topic: str, payload: bytes, token) -> None:
+        self.counters["received"] += 1
+        try:
+            site, gateway, _ = proto.split_topic(topic)
+            esc = proto.parse_escalation(payload, window_shape=self.window_shape)
+            if (esc["site"], esc["gateway"]) != (site, gateway):
+                raise proto.ProtocolError(
+                    proto.RejectKind.BAD_TOPIC,
+                    f"escalation of {esc['site']}/{esc['gateway']} arrived on {topic}",
+                )
+        except proto.ProtocolError as exc:
+            self.rejects.reject(exc, topic)
+            self.link.ack(token)
+            return
+        self._queue.put((esc, token))
+
+    # -- scoring (worker thread) ------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self._stop.is_set() or not self._queue.empty():
+            try:
+                first = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                left = deadline - time.monotonic()
+                try:
+                    batch.append(self._queue.get(timeout=left) if left > 0
+                                 else self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._handle(batch)
+            except Exception:  # noqa: BLE001 - one bad batch must not stop the service
+                logger.exception("re-scoring a batch of %d failed", len(batch))
+
+    def _handle(self, batch: list[tuple[dict, Any]]) -> None:
+        # Copies: seen in this process, or stored by any re-scorer sharing the store.
+        fresh, copies, tokens = [], [], []
+        batch_ids: set[str] = set()
+        stored = self.store.known(e["id"] for e, _ in batch)
+        for esc, token in batch:
+            tokens.append(token)
+            if esc["id"] in batch_ids or esc["id"] in self._seen or esc["id"] in stored:
+                copies.append(esc)
+            else:
+                fresh.append(esc)
+                batch_ids.add(esc["id"])
+        self.counters["duplicates"] += len(copies)
+
+        # Score the new ones in one teacher call, then store before answering.
+        pairs = []
+        if fresh:
+            windows = np.asarray([e["window"] for e in fresh], dtype=np.float32)
+            probs = np.asarray(self.teacher.predict_proba(windows), dtype=np.float64)
+            self.counters["scored"] += len(fresh)
+            self.counters["batches"] += 1
+            for esc, p in zip(fresh, probs, strict=True):
+                verdict = proto.build_verdict(
+                    escalation_id=esc["id"],
+                    verdict="malicious" if p >= self.threshold else "benign",
+                    score=float(p), threshold=self.threshold,
+                    teacher_version=self.version,
+                )
+                pairs.append((esc, verdict))
+            new = self.store.add_many(pairs, worker=self.client_id)
+            self.counters["stored"] += sum(new)
+            self.counters["duplicates"] += len(new) - sum(new)
+            self.counters["malicious"] += sum(
+                v["verdict"] == "malicious" for (_, v), n in zip(pairs, new, strict=True)
+                if n
+            )
+        for esc in fresh:
+            self._remember(esc["id"])
+
+        # Copies get the verdict already stored, so the gateway hears once more.
+        rows = self.store.known(e["id"] for e in copies)
+        for esc in copies:
+            row = rows.get(esc["id"])
+            if row is not None:
+                pairs.append((esc, proto.build_verdict(
+                    escalation_id=esc["id"], verdict=row["verdict"],
+                    score=row["teacher_score"], threshold=row["threshold"],
+                    teacher_version=row["teacher_version"],
+                )))
+        for esc, verdict in pairs:
+            self._publish(esc, verdict)
+        for token in tokens:
+            self.link.ack(token)
+
+    def _remember(self, msg_id: str) -> None:
+        self._seen[msg_id] = None
+        if len(self._seen) > 200_000:
+            self._seen.popitem(last=False)
+
+    def _publish(self, esc: dict, verdict: dict) -> None:
+        where = proto.topic(esc["site"], esc["gateway"], proto.Channel.VERDICTS)
+        try:
+            self.link.publish(where, proto.encode(verdict), qos=1)
+            self.counters["verdicts_sent"] += 1
+        except TransportError as exc:
+            logger.warning("verdict for %s not published: %s", esc["id"], exc)
+
+
+# ---------------------------------------------------------------------------------
+# command line
+
+
+def _since(text: str | None) -> float | None:
+    """Unix seconds from ``1700000000``, ``2026-12-04T10:00``, or ``30m``/``2h``/``1d``."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text)
+    if m:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return time.time() - float(m.group(1)) * unit
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise UsageError(
+            f"--since {text!r}: give Unix seconds, an ISO time or an age like 30m, 2h"
+        ) from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def _password(args: argparse.Namespace) -> str | None:
+    if not args.password_file:
+        return None
+    try:
+        return Path(args.password_file).read_text().splitlines()[0]
+    except (OSError, IndexError) as exc:
+        raise UsageError(f"cannot read --password-file: {exc}") from exc
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``teacher serve``: run until SIGTERM / Ctrl-C (or ``--duration`` seconds)."""
+    from teacher.checkpoint import load_teacher
+
+    _logging(args)
+    teacher = load_teacher(args.checkpoint)
+    tls = None
+    if args.tls_ca or args.tls_cert:
+        tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key)
+    store = AlertStore(args.store)
+    server = ReScorer(
+        teacher, broker=args.broker, store=store,
+        share_group=None if args.share_group == "" else args.share_group,
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        client_id=args.client_id, username=args.username, password=_password(args),
+        tls=tls, protocol=args.protocol,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server.start(args.connect_timeout)
+    print(f"serving: teacher {server.version}, store {args.store}", file=sys.stderr,
+          flush=True)
+    try:
+        stop.wait(args.duration)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        stats = server.stats()
+        if args.stats_json:
+            Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
+        store.close()
+    print("re-scorer: received {received}, scored {scored}, stored {stored}, "
+          "duplicates {duplicates}, verdicts sent {verdicts_sent}".format(**stats),
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    """``teacher alerts``: list stored escalations with their verdicts."""
+    if not Path(args.store).is_file():
+        raise UsageError(f"no alert store at {args.store} (see teacher serve --store)")
+    store = AlertStore(args.store)
+    rows = store.query(since=_since(args.since), gateway=args.gateway,
+                       decision=args.decision, limit=args.limit)
+    store.close()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return EXIT_OK
+    for r in rows:
+        when = dt.datetime.fromtimestamp(r["received_at"], dt.UTC).strftime(
+            "%Y-%m-%d %H:%M:%S")
+        print(f"{when}  {r['site']}/{r['gateway']}  {r['src_ip']}:{r['src_port']} -> "
+              f"{r['dst_ip']}:{r['dst_port']}/{r['proto']}  agent {r['agent_decision']} "
+              f"{r['agent_score']:.3f}  teacher {r['verdict']} {r['teacher_score']:.3f}")
+    print(f"{len(rows)} escalations", file=sys.stderr)
+    return EXIT_OK
+
+
+def _logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if getattr(args, "verbose", 0) else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def register(subparsers) -> None:
+    """Add the ``serve`` and ``alerts`` subcommands to the ``teacher`` parser."""
+    p = subparsers.add_parser("serve", help="re-score escalations from the gateways")
+    p.add_argument("--checkpoint", required=True, type=Path, help="teacher checkpoint")
+    p.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://...")
+    p.add_argument("--share-group", default=DEFAULT_GROUP,
+                   help=f"shared subscription group ('' for none; {DEFAULT_GROUP})")
+    p.add_argument("--store", default=DEFAULT_STORE, help="alert store (SQLite)")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--client-id")
+    p.add_argument("--username")
+    p.add_argument("--password-file")
+    p.add_argument("--tls-ca")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--protocol", default="auto", choices=[p.value for p in Protocol])
+    p.add_argument("--connect-timeout", type=float, default=10.0)
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--stats-json", help="write the counters here at exit")
+    p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser("alerts", help="list escalations and verdicts")
+    p.add_argument("--store", default=DEFAULT_STORE)
+    p.add_argument("--json", action="store_true", help="a JSON list")
+    p.add_argument("--since", help="Unix seconds, ISO time, or an age like 2h")
+    p.add_argument("--gateway", help="GATEWAY or SITE/GATEWAY")
+    p.add_argument("--decision", help="escalate, alert, malicious or benign")
+    p.add_argument("--limit", type=int)
+    p.set_defaults(func=cmd_alerts)

@@ -1,0 +1,171 @@
+"""The alert store: every escalation the re-scorer received, with its verdict.
+
+One SQLite file in WAL mode. An escalation is keyed by its message id, so a message
+delivered twice (MQTT QoS 1 is at least once) or received by two re-scorers sharing
+the file is stored once: :meth:`AlertStore.add` returns False for a copy. Several
+processes may write the same file; SQLite serializes them (``busy_timeout`` 10 s).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flows.errors import BadInputError, UsageError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS escalations (
+    id TEXT PRIMARY KEY,
+    site TEXT NOT NULL,
+    gateway TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    sent_at REAL,
+    ts REAL,
+    src_ip TEXT, src_port INTEGER, dst_ip TEXT, dst_port INTEGER, proto TEXT,
+    agent_score REAL NOT NULL,
+    agent_decision TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    flow TEXT NOT NULL,
+    verdict TEXT,
+    teacher_score REAL,
+    threshold REAL,
+    teacher_version TEXT,
+    verdict_id TEXT,
+    decided_at REAL,
+    worker TEXT
+);
+CREATE INDEX IF NOT EXISTS escalations_time ON escalations (received_at);
+CREATE INDEX IF NOT EXISTS escalations_gateway ON escalations (site, gateway);
+"""
+
+_COLUMNS = (
+    "id", "site", "gateway", "received_at", "sent_at", "ts", "src_ip", "src_port",
+    "dst_ip", "dst_port", "proto", "agent_score", "agent_decision", "model_version",
+    "flow", "verdict", "teacher_score", "threshold", "teacher_version", "verdict_id",
+    "decided_at", "worker",
+)
+
+
+def _row(escalation: dict[str, Any], verdict: dict[str, Any], worker: str) -> tuple:
+    flow = escalation["flow"]
+    return (
+        escalation["id"], escalation["site"], escalation["gateway"], time.time(),
+        escalation.get("sent_at"), flow.get("ts"), flow.get("src_ip"),
+        flow.get("src_port"), flow.get("dst_ip"), flow.get("dst_port"),
+        flow.get("proto"), escalation["score"], escalation["decision"],
+        escalation["model_version"], json.dumps(flow), verdict["verdict"],
+        verdict["score"], verdict["threshold"], verdict["teacher_version"],
+        verdict["id"], verdict["sent_at"], worker,
+    )
+
+
+class AlertStore:
+    """Escalations and verdicts in SQLite; safe to share between threads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), timeout=10.0,
+                                       check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise BadInputError(f"cannot open the alert store: {exc}",
+                                path=str(path)) from exc
+
+    def add(self, escalation: dict[str, Any], verdict: dict[str, Any],
+            worker: str = "") -> bool:
+        """Store one escalation with its verdict; False when its id is already here."""
+        return self.add_many([(escalation, verdict)], worker)[0]
+
+    def add_many(self, pairs: Iterable[tuple[dict, dict]], worker: str = "") -> list[bool]:
+        """Store (escalation, verdict) pairs in one transaction; True where new."""
+        rows = [_row(esc, ver, worker) for esc, ver in pairs]
+        sql = (f"INSERT OR IGNORE INTO escalations ({','.join(_COLUMNS)}) "
+               f"VALUES ({','.join('?' * len(_COLUMNS))})")
+        out = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for row in rows:
+                    out.append(self._db.execute(sql, row).rowcount == 1)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return out
+
+    def known(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The stored rows of those ids that are here already (for re-sent verdicts)."""
+        ids = list(ids)
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {','.join(_COLUMNS)} FROM escalations WHERE id IN ({marks})", ids
+            ).fetchall()
+        return {r[0]: dict(zip(_COLUMNS, r, strict=True)) for r in rows}
+
+    def count(self) -> int:
+        """How many escalations are stored."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM escalations").fetchone()[0]
+
+    def query(self, *, since: float | None = None, gateway: str | None = None,
+              decision: str | None = None, limit: int | None = None) -> list[dict]:
+        """Escalations with their verdicts, oldest first.
+
+        ``gateway`` is ``GATEWAY`` or ``SITE/GATEWAY``; ``decision`` matches the
+        agent's decision (``escalate``, ``alert``) or the verdict (``malicious``,
+        ``benign``); ``since`` is a Unix time compared with the receive time.
+        """
+        where, args = [], []
+        if since is not None:
+            where.append("received_at >= ?")
+            args.append(float(since))
+        if gateway:
+            site, _, gw = gateway.rpartition("/")
+            where.append("gateway = ?")
+            args.append(gw)
+            if site:
+                where.append("site = ?")
+                args.append(site)
+        if decision:
+            if decision in ("escalate", "alert"):
+                where.append("agent_decision = ?")
+            elif decision in ("malicious", "benign"):
+                where.append("verdict = ?")
+            else:
+                raise UsageError(
+                    "--decision must be escalate, alert, malicious or benign"
+                )
+            args.append(decision)
+        sql = f"SELECT {','.join(_COLUMNS)} FROM escalations"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY received_at, id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        out = []
+        for r in rows:
+            item = dict(zip(_COLUMNS, r, strict=True))
+            item["flow"] = json.loads(item["flow"])
+            out.append(item)
+        return out
+
+    def close(self) -> None:
+        """Close the file."""
+        with self._lock:
+            self._db.close()
