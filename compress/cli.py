@@ -1,0 +1,275 @@
+"""``compress``: turn a teacher into a verified edge artifact, and evaluate artifacts.
+
+``compress run --target T --teacher DIR --out DIR`` distills, prunes, quantizes,
+exports and verifies students, gates them against the teacher and writes the
+smallest passing artifact (exit 5 when none passes). ``compress eval --artifact DIR``
+scores an artifact in its own runtime and prints the same keys as ``teacher eval``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flows.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    GatewatchError,
+    UsageError,
+)
+
+TARGET_CHOICES = (
+    "onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8", "tflite-micro",
+    "torch-int8", "all",
+)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected e.g. 8,16,32: {text!r}") from exc
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected e.g. 0.5: {text!r}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``compress``."""
+    parser = argparse.ArgumentParser(prog="compress", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="distill, prune, quantize, export, verify, gate")
+    run.add_argument("--target", required=True, choices=TARGET_CHOICES)
+    run.add_argument("--teacher", required=True, type=Path, help="checkpoint folder")
+    run.add_argument("--out", required=True, type=Path, help="artifact folder")
+    run.add_argument("--student", choices=("cnn", "mlp", "lstm"),
+                     help="only this student kind (default: search mlp and cnn)")
+    run.add_argument("--max-f1-drop", type=float, default=0.01,
+                     help="allowed validation F1 drop from the teacher (default 0.01)")
+    run.add_argument("--data-dir", type=Path, help="data folder ($GATEWATCH_DATA)")
+    run.add_argument("--dataset", help="dataset name or file (default: the teacher's)")
+    run.add_argument("--widths", type=_ints, default=(8, 16, 32, 64),
+                     help="student widths to search, smallest first (8,16,32,64)")
+    run.add_argument("--prune-ratios", type=_floats, default=(0.5,),
+                     help="structured pruning ratios tried on a passing student")
+    run.add_argument("--no-prune", action="store_true", help="skip pruning")
+    run.add_argument("--epochs", type=int, default=12)
+    run.add_argument("--lr", type=float, default=3e-3)
+    run.add_argument("--batch-size", type=int, default=512)
+    run.add_argument("--max-train-rows", type=int,
+                     help="training windows drawn per epoch (default: all)")
+    run.add_argument("--calibration-windows", type=int, default=512)
+    run.add_argument("--no-timing", action="store_true", help="skip latency timing")
+    run.add_argument("--threads", type=int, default=1, help="torch threads")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument("-q", "--quiet", action="store_true")
+    run.add_argument("-v", "--verbose", action="store_true")
+
+    ev = sub.add_parser("eval", help="score an artifact in its runtime")
+    ev.add_argument("--artifact", required=True, type=Path)
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="registered dataset name")
+    src.add_argument("--data", type=Path, help="a flow file flows can read")
+    ev.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
+    ev.add_argument("--data-dir", type=Path)
+    ev.add_argument("--micro", action="store_true",
+                    help="run a tflite-micro C array in the TFLite Micro interpreter")
+    ev.add_argument("--no-timing", action="store_true")
+    ev.add_argument("--json", action="store_true")
+    ev.add_argument("-q", "--quiet", action="store_true")
+    ev.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _setup(args: argparse.Namespace) -> None:
+    level = logging.WARNING
+    if getattr(args, "verbose", False):
+        level = logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnxruntime", "root", "tensorflow", "absl"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _progress(quiet: bool):
+    """A progress printer: one tqdm-managed line per pipeline step."""
+    if quiet:
+        return lambda msg: None
+    from tqdm import tqdm
+
+    start = time.monotonic()
+    bar = tqdm(total=None, bar_format="{desc}", file=sys.stderr, leave=False)
+
+    def say(msg: str) -> None:
+        tqdm.write(f"[{time.monotonic() - start:6.1f}s] {msg}", file=sys.stderr)
+        bar.set_description_str(msg)
+
+    return say
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``compress run``."""
+    import torch
+
+    from compress.pipeline import RunConfig, frontier_table, run
+    from student.distill import DistillConfig
+
+    torch.set_num_threads(max(1, args.threads))
+    cfg = RunConfig(
+        target=args.target,
+        teacher=args.teacher,
+        out=args.out,
+        student=args.student,
+        max_f1_drop=args.max_f1_drop,
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+        widths=args.widths,
+        prune_ratios=() if args.no_prune else args.prune_ratios,
+        distill=DistillConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
+                              batch_size=args.batch_size,
+                              max_train_rows=args.max_train_rows),
+        calibration_windows=args.calibration_windows,
+        seed=args.seed,
+        time_latency=not args.no_timing,
+        argv=["compress", *sys.argv[1:]],
+    )
+    result = run(cfg, progress=_progress(args.quiet))
+    summary = _summary(result)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print("frontier (every candidate tried; gate on validation F1):")
+        print(frontier_table(result.frontier))
+        print()
+        print(_artifact_table(summary["artifacts"]))
+        for target, why in result.failed.items():
+            print(f"{target}: not made ({why})")
+    return EXIT_OK
+
+
+def _summary(result: Any) -> dict[str, Any]:
+    arts = {}
+    for target, folder in result.artifacts.items():
+        m = json.loads((Path(folder) / "manifest.json").read_text())
+        test = m.get("metrics", {}).get("test", {})
+        arts[target] = {
+            "folder": str(folder), "model_file": m.get("model_file"),
+            "student": m.get("student", {}).get("kind"),
+            "params": m.get("params"), "size_bytes": m.get("size_bytes"),
+            "val_f1": m.get("metrics", {}).get("val", {}).get("f1"),
+            "test_f1": test.get("f1"),
+            "teacher_test_f1": m.get("teacher_metrics", {}).get("test", {}).get("f1"),
+            "latency_us_p50": test.get("latency_us_p50"),
+            "throughput_flows_s": test.get("throughput_flows_s"),
+            "input_dtype": m.get("input", {}).get("dtype"),
+        }
+    return {"artifacts": arts, "failed": result.failed,
+            "frontier": [c.row() for c in result.frontier],
+            "teacher_metrics": result.teacher_metrics}
+
+
+def _artifact_table(arts: dict[str, dict[str, Any]]) -> str:
+    head = (f"{'target':<13}{'student':<8}{'params':>8}{'bytes':>9}{'in':>8}"
+            f"{'F1val':>8}{'F1test':>8}{'teacher':>8}{'b1 us':>9}{'b256 f/s':>11}")
+
+    def f(v: Any, fmt: str) -> str:
+        return format(v, fmt) if isinstance(v, int | float) else "-"
+
+    lines = [head, "-" * len(head)]
+    for target, a in arts.items():
+        lines.append(
+            f"{target:<13}{a['student'] or '-':<8}{f(a['params'], 'd'):>8}"
+            f"{f(a['size_bytes'], 'd'):>9}{a['input_dtype'] or '-':>8}"
+            f"{f(a['val_f1'], '.4f'):>8}{f(a['test_f1'], '.4f'):>8}"
+            f"{f(a['teacher_test_f1'], '.4f'):>8}{f(a['latency_us_p50'], '.1f'):>9}"
+            f"{f(a['throughput_flows_s'], '.0f'):>11}"
+        )
+    return "\n".join(lines)
+
+
+def evaluate_artifact(
+    artifact: Path, source: str, split: str | None, data_dir: Path | None = None,
+    timing: bool = True, micro: bool = False,
+) -> dict[str, Any]:
+    """Metrics of an artifact run in its runtime (same keys as ``teacher eval``)."""
+    import numpy as np
+
+    from edge_agent.runtime import load_artifact
+    from teacher.data import prepare
+    from teacher.metrics import binary_metrics, time_scorer
+
+    scorer = load_artifact(artifact, prefer_micro=micro)
+    prep = prepare(source, encoder=scorer.encoder, data_dir=data_dir,
+                   need_split=False)
+    rows = prep.rows(split)
+    if rows.size == 0:
+        raise UsageError(f"{prep.name} has no labeled rows in split {split!r}")
+    start = time.perf_counter()
+    windows = prep.windows(rows)
+    prob = np.concatenate([scorer.score(windows[i : i + 4096])
+                           for i in range(0, len(windows), 4096)])
+    scored_s = time.perf_counter() - start
+    fams = prep.families[rows] if prep.families is not None else None
+    out = binary_metrics(prep.y[rows], prob, scorer.thresholds["decision"], fams)
+    out["threshold_rule"] = "best-f1"
+    out["scoring_s"] = scored_s
+    if timing:
+        out.update(time_scorer(scorer.score, windows[:512]))
+    out.update({"artifact": str(artifact), "target": scorer.target,
+                "model_version": scorer.model_version, "data": prep.name,
+                "split": "all" if split is None else split})
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``compress eval``."""
+    source = args.dataset if args.dataset else str(args.data)
+    split = None if (args.split == "all" or args.data) else args.split
+    out = evaluate_artifact(args.artifact, source, split, args.data_dir,
+                            timing=not args.no_timing, micro=args.micro)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "fpr"):
+            value = out.get(key)
+            print(f"{key:>10}: {value:.4f}" if value is not None else f"{key:>10}: -")
+        print(f"{'confusion':>10}: {out['confusion']}")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``compress``; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse printed its usage message
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        _setup(args)
+        return COMMANDS[args.command](args)
+    except GatewatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Export a trained student to each target's file format.
+
+* ``onnx-fp32``: the legacy TorchScript exporter (opset 17, dynamic batch, one
+  self-contained file).
+* ``onnx-int8``: onnxruntime ``quant_pre_process`` then ``quantize_static``
+  (per-channel, QDQ or QOperator, calibrated on training windows); recurrent students
+  use ``quantize_dynamic``, the only mode that quantizes the LSTM.
+* ``tflite-fp32`` / ``tflite-int8``: a Keras rebuild with the torch weights copied,
+  converted in a child process (:mod:`compress.tflite_worker`); int8 is full-integer
+  (int8 input and output, every tensor int8/int32, which :func:`check_full_int8`
+  verifies).
+* ``tflite-micro``: the int8 model as a C array (``model.cc`` + ``model.h``) and the
+  list of builtin ops a TFLite Micro op resolver must register.
+
+Every exported model ends in a sigmoid: it outputs the probability of anomaly
+``[B, 1]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress import logger
+from flows.errors import ExportError
+
+__all__ = [
+    "ProbabilityModel",
+    "check_full_int8",
+    "export_onnx",
+    "export_tflite",
+    "micro_resolver_ops",
+    "quantize_onnx",
+    "tflite_ops",
+    "write_c_array",
+]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ProbabilityModel(nn.Module):
+    """Wraps a logit model: ``x [B, W, F] -> probability [B, 1]``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Probability of anomaly per window, shape ``[B, 1]``."""
+        return torch.sigmoid(self.model(x)).unsqueeze(1)
+
+
+def export_onnx(model: nn.Module, path: Path, window: int, n_features: int) -> Path:
+    """Write the float model (with sigmoid) as ONNX with a dynamic batch axis."""
+    wrapped = ProbabilityModel(model).eval()
+    example = torch.zeros(2, window, n_features)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapped,
+                (example,),
+                str(path),
+                input_names=["x"],
+                output_names=["prob"],
+                dynamic_axes={"x": {0: "batch"}, "prob": {0: "batch"}},
+                opset_version=17,
+                dynamo=False,
+            )
+    except Exception as exc:
+        raise ExportError(
+            f"onnx-fp32: torch.onnx.export failed for {_layers(model)}: {exc}"
+        ) from exc
+    return path
+
+
+class _Calibration:
+    """onnxruntime calibration reader over training windows, in small batches."""
+
+    def __init__(self, windows: np.ndarray, batch: int = 16) -> None:
+        self.batches = [
+            {"x": windows[i : i + batch].astype(np.float32)}
+            for i in range(0, len(windows), batch)
+        ]
+        self.pos = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.pos >= len(self.batches):
+            return None
+        self.pos += 1
+        return self.batches[self.pos - 1]
+
+    def rewind(self) -> None:
+        self.pos = 0
+
+
+def quantize_onnx(
+    fp32_path: Path,
+    out_path: Path,
+    calibration: np.ndarray,
+    *,
+    recurrent: bool = False,
+    quant_format: str = "qoperator",
+    method: str = "minmax",
+) -> dict[str, Any]:
+    """int8 ONNX from a float ONNX; returns the options used (for the manifest)."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        try:
+            quant_pre_process(str(fp32_path), str(pre))
+            if recurrent:
+                quantize_dynamic(str(pre), str(out_path), weight_type=QuantType.QInt8)
+                return {"mode": "dynamic", "weight_type": "int8"}
+            fmt = QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator
+            act = QuantType.QInt8 if quant_format == "qdq" else QuantType.QUInt8
+            calib_method = {
+                "minmax": CalibrationMethod.MinMax,
+                "percentile": CalibrationMethod.Percentile,
+                "entropy": CalibrationMethod.Entropy,
+            }[method]
+            quantize_static(
+                str(pre),
+                str(out_path),
+                _Calibration(calibration),
+                quant_format=fmt,
+                activation_type=act,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                calibrate_method=calib_method,
+            )
+        except Exception as exc:
+            raise ExportError(
+                f"onnx-int8: onnxruntime quantization failed for {fp32_path.name}: "
+                f"{exc}"
+            ) from exc
+    return {
+        "mode": "static",
+        "format": quant_format,
+        "per_channel": True,
+        "calibration": method,
+        "calibration_windows": int(len(calibration)),
+    }
+
+
+def _layers(model: nn.Module) -> str:
+    names = [type(m).__name__ for m in model.modules() if not list(m.children())]
+    return "layers " + ", ".join(dict.fromkeys(names))
+
+
+def export_tflite(
+    model: nn.Module,
+    kind: str,
+    path: Path,
+    calibration: np.ndarray,
+    *,
+    int8: bool,
+    window: int,
+    n_features: int,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """Convert a student to TFLite in a child process; a crash is an ExportError."""
+    target = "tflite-int8" if int8 else "tflite-fp32"
+    model = model.eval()
+    check = calibration[: min(16, len(calibration))].astype(np.float32)
+    with torch.inference_mode():
+        probs = torch.sigmoid(model(torch.from_numpy(check))).numpy()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        np.savez(work / "weights.npz", **weights)
+        np.save(work / "calib.npy", calibration.astype(np.float32))
+        np.save(work / "check.npy", check)
+        np.save(work / "probs.npy", probs)
+        spec = {
+            "kind": kind,
+            "weights": str(work / "weights.npz"),
+            "calibration": str(work / "calib.npy"),
+            "check_windows": str(work / "check.npy"),
+            "check_probs": str(work / "probs.npy"),
+            "int8": int8,
+            "window": window,
+            "n_features": n_features,
+            "out": str(path),
+        }
+        (work / "spec.json").write_text(json.dumps(spec))
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO), *filter(None, [env.get("PYTHONPATH")])]
+        )
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "compress.tflite_worker", str(work / "spec.json")],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=env,
+                cwd=str(REPO),
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise ExportError(
+                f"{target}: the TFLite converter ran past {timeout:.0f} s for the "
+                f"{kind} student ({_layers(model)})"
+            ) from exc
+    if done.returncode != 0:
+        how = (
+            f"crashed with signal {-done.returncode}"
+            if done.returncode < 0
+            else f"exited with status {done.returncode}"
+        )
+        tail = (done.stderr or "").strip().splitlines()[-3:]
+        raise ExportError(
+            f"{target}: the TFLite converter {how} on the {kind} student "
+            f"({_layers(model)}); last output: {' | '.join(tail) or 'none'}"
+        )
+    report = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("GATEWATCH-RESULT "):
+            report = json.loads(line.split(" ", 1)[1])
+    if report.get("keras_max_abs_diff", 0.0) > 1e-4:
+        raise ExportError(
+            f"{target}: the Keras rebuild of the {kind} student disagrees with torch "
+            f"by {report['keras_max_abs_diff']:.3g} (weight copy is wrong)"
+        )
+    logger.info("exported %s (%d bytes)", path, path.stat().st_size)
+    return report
+
+
+def _interpreter(content: bytes):
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_content=content)
+
+
+def check_full_int8(content: bytes) -> list[str]:
+    """Tensors of a TFLite model that are neither int8 nor int32 (empty = full-int8)."""
+    interp = _interpreter(content)
+    bad = []
+    for t in interp.get_tensor_details():
+        name = np.dtype(t["dtype"]).name
+        if name not in ("int8", "int32"):
+            bad.append(f"{t['name']}:{name}")
+    return bad
+
+
+def tflite_ops(content: bytes) -> list[str]:
+    """The distinct builtin op names a TFLite model uses, sorted."""
+    interp = _interpreter(content)
+    return sorted({op["op_name"] for op in interp._get_ops_details()})
+
+
+def _camel(op: str) -> str:
+    return "".join(part.capitalize() for part in op.lower().split("_"))
+
+
+def micro_resolver_ops(ops: list[str]) -> list[str]:
+    """TFLite Micro ``MicroMutableOpResolver`` calls for ops (``AddFullyConnected``)."""
+    special = {"FULLY_CONNECTED": "FullyConnected", "CONV_2D": "Conv2D"}
+    return [f"Add{special.get(op, _camel(op))}" for op in ops]
+
+
+def write_c_array(
+    content: bytes, folder: Path, ops: list[str], name: str = "g_gatewatch_model"
+) -> tuple[Path, Path]:
+    """Write ``model.cc`` (the bytes, 16-byte aligned) and ``model.h``."""
+    calls = micro_resolver_ops(ops)
+    header = (
+        "// gatewatch student model for TensorFlow Lite Micro (generated).\n"
+        "#ifndef GATEWATCH_MODEL_H_\n#define GATEWATCH_MODEL_H_\n\n"
+        f"extern const unsigned char {name}[];\n"
+        f"extern const unsigned int {name}_len;\n\n"
+        f"// Ops to register: tflite::MicroMutableOpResolver<{len(calls)}> resolver;\n"
+        + "".join(f"//   resolver.{c}();\n" for c in calls)
+        + f"constexpr int kGatewatchModelOpCount = {len(calls)};\n\n"
+        "#endif  // GATEWATCH_MODEL_H_\n"
+    )
+    rows = []
+    for start in range(0, len(content), 12):
+        chunk = content[start : start + 12]
+        rows.append("  " + ", ".join(f"0x{b:02x}" for b in chunk) + ",")
+    body = (
+        "// gatewatch student model for TensorFlow Lite Micro (generated).\n"
+        '#include "model.h"\n\n'
+        f"alignas(16) const unsigned char {name}[] = {{\n"
+        + "\n".join(rows)
+        + f"\n}};\nconst unsigned int {name}_len = {len(content)};\n"
+    )
+    cc, h = folder / "model.cc", folder / "model.h"
+    cc.write_text(body)
+    h.write_text(header)
+    return cc, h

@@ -1,0 +1,646 @@
+"""``compress run``: distill, prune, quantize, export, verify, gate, search.
+
+For one target (or every target), students are tried from the smallest up: for each
+kind and width a student is distilled from the cached teacher logits; if its float
+validation F1 is within reach it is exported, loaded back with
+:func:`edge_agent.runtime.load_artifact` and scored on the validation and test splits in
+the target runtime. The decision threshold and escalation band are re-chosen on
+validation for the exported model. The gate compares validation F1 with the teacher's
+(``max_f1_drop``); a passing student is then pruned (structured, with fine-tuning) to
+look for a smaller one. The smallest passing artifact is written; every candidate
+tried is a row of the frontier. No candidate passing is a :class:`GateError`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress import logger
+from compress.artifact import (
+    escalation_band,
+    library_versions,
+    write_manifest,
+    write_thresholds,
+)
+from compress.export import (
+    check_full_int8,
+    export_onnx,
+    export_tflite,
+    quantize_onnx,
+    tflite_ops,
+    write_c_array,
+)
+from compress.prune import magnitude_sparsity, structured_prune
+from flows.errors import ExportError, GateError, ModelError, UsageError
+from student.distill import DistillConfig, TeacherCache, distill, student_logits
+from student.zoo import KINDS, build_student, student_targets
+
+__all__ = [
+    "EDGE_TARGETS",
+    "TARGETS",
+    "Candidate",
+    "RunConfig",
+    "RunResult",
+    "export_candidate",
+    "frontier_table",
+    "io_specs",
+    "run",
+    "write_model",
+]
+
+EDGE_TARGETS = ("onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8", "tflite-micro")
+TARGETS = (*EDGE_TARGETS, "torch-int8")
+MODEL_FILES = {
+    "onnx-fp32": ["model.onnx"],
+    "onnx-int8": ["model.onnx"],
+    "tflite-fp32": ["model.tflite"],
+    "tflite-int8": ["model.tflite"],
+    "tflite-micro": ["model.cc", "model.h"],
+}
+SEARCH_KINDS = ("mlp", "cnn")
+SCORE_BATCH = 4096
+
+
+@dataclass
+class RunConfig:
+    """Settings of one ``compress run``."""
+
+    target: str
+    teacher: Path
+    out: Path
+    student: str | None = None
+    max_f1_drop: float = 0.01
+    data_dir: Path | None = None
+    dataset: str | None = None
+    widths: tuple[int, ...] = (8, 16, 32, 64)
+    prune_ratios: tuple[float, ...] = (0.5,)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    calibration_windows: int = 512
+    seed: int = 0
+    time_latency: bool = True
+    argv: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.target != "all" and self.target not in TARGETS:
+            raise UsageError(
+                f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}"
+                " or all"
+            )
+        if self.student is not None and self.student not in KINDS:
+            raise UsageError(
+                f"unknown student {self.student!r}; choose one of {sorted(KINDS)}"
+            )
+        if not 0.0 <= self.max_f1_drop <= 1.0:
+            raise UsageError(f"--max-f1-drop must be in [0, 1], got {self.max_f1_drop}")
+
+
+@dataclass
+class Candidate:
+    """One student tried for one target: what it is and what it measured."""
+
+    target: str
+    kind: str
+    width: int
+    prune_ratio: float = 0.0
+    quant: str = ""
+    params: int = 0
+    size_bytes: int | None = None
+    float_val_f1: float | None = None
+    val_f1: float | None = None
+    test_f1: float | None = None
+    agreement: float | None = None
+    passed: bool = False
+    note: str = ""
+    folder: Path | None = None
+
+    def row(self) -> dict[str, Any]:
+        """The frontier row as a plain dict."""
+        return {
+            "target": self.target,
+            "student": f"{self.kind}-{self.width}",
+            "prune": self.prune_ratio,
+            "quant": self.quant,
+            "params": self.params,
+            "size_bytes": self.size_bytes,
+            "float_val_f1": self.float_val_f1,
+            "val_f1": self.val_f1,
+            "test_f1": self.test_f1,
+            "agreement": self.agreement,
+            "passed": self.passed,
+            "note": self.note,
+        }
+
+
+@dataclass
+class RunResult:
+    """What ``compress run`` made: artifact folder per target, and the frontier."""
+
+    artifacts: dict[str, Path]
+    frontier: list[Candidate]
+    teacher_metrics: dict[str, Any]
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ context
+
+
+@dataclass
+class _Context:
+    """Everything candidates share: data, teacher logits, teacher metrics."""
+
+    cfg: RunConfig
+    teacher: Any
+    prep: Any
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    y: np.ndarray
+    t_train: np.ndarray
+    teacher_val: dict[str, Any]
+    teacher_test: dict[str, Any]
+    calibration: np.ndarray
+    val_windows: np.ndarray
+    test_windows: np.ndarray
+    progress: Callable[[str], None]
+    students: dict[tuple[str, int, float], torch.nn.Module] = field(
+        default_factory=dict
+    )
+
+    @property
+    def families_test(self) -> np.ndarray | None:
+        fam = self.prep.families
+        return None if fam is None else fam[self.test]
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))).astype(np.float32)
+
+
+def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
+    from teacher.checkpoint import load_teacher, sha256_file
+    from teacher.data import prepare
+    from teacher.metrics import binary_metrics
+
+    teacher = load_teacher(cfg.teacher, device="cpu")
+    dataset = cfg.dataset or (teacher.provenance or {}).get("dataset")
+    if not dataset:
+        raise UsageError(
+            f"{cfg.teacher}: provenance names no dataset; pass --dataset or --data"
+        )
+    progress(f"preparing {dataset} with the teacher's encoder")
+    prov = teacher.provenance or {}
+    prep = prepare(dataset, encoder=teacher.encoder, data_dir=cfg.data_dir,
+                   seed=int(prov.get("seed") or 0), need_split=True)
+
+    # The teacher's own validation split: attack types it held out go to val.
+    held = prov.get("held_out_types") or []
+    if held and prep.details is not None:
+        moving = np.isin(prep.details.astype(str), held) & np.isin(
+            prep.split, ("train", "val"))
+        prep.split = prep.split.copy()
+        prep.split[moving] = "val"
+    train, val, test = prep.rows("train"), prep.rows("val"), prep.rows("test")
+    if min(len(train), len(val), len(test)) == 0:
+        raise UsageError(
+            f"{dataset}: needs labeled train, val and test rows (got {len(train)}, "
+            f"{len(val)}, {len(test)})"
+        )
+    y = prep.y.astype(np.int64)
+
+    # The teacher runs once; every student reuses its logits.
+    key = sha256_file(Path(cfg.teacher) / "model.safetensors")
+    cache = TeacherCache(teacher.logits, prep, key=key)
+    progress(f"teacher scoring {len(train) + len(val) + len(test)} windows (once)")
+    t_train = cache.logits(train)
+    p_val = _sigmoid(cache.logits(val))
+    p_test = _sigmoid(cache.logits(test))
+    fam = prep.families
+    teacher_val = binary_metrics(y[val], p_val, teacher.threshold,
+                                 None if fam is None else fam[val])
+    teacher_test = binary_metrics(y[test], p_test, teacher.threshold,
+                                  None if fam is None else fam[test])
+
+    # Calibration windows come from the training split only.
+    rng = np.random.default_rng(cfg.seed)
+    pick = rng.choice(train, size=min(cfg.calibration_windows, len(train)),
+                      replace=False)
+    return _Context(
+        cfg=cfg, teacher=teacher, prep=prep, train=train, val=val, test=test, y=y,
+        t_train=t_train, teacher_val=teacher_val, teacher_test=teacher_test,
+        calibration=prep.windows(np.sort(pick)), val_windows=prep.windows(val),
+        test_windows=prep.windows(test), progress=progress,
+    )
+
+
+# ------------------------------------------------------------------ students
+
+
+def _float_val_f1(ctx: _Context, model: torch.nn.Module) -> float:
+    from teacher.metrics import binary_metrics, choose_threshold
+
+    p = _sigmoid(student_logits(model, ctx.prep, ctx.val))
+    t = choose_threshold(ctx.y[ctx.val], p)
+    return float(binary_metrics(ctx.y[ctx.val], p, t)["f1"])
+
+
+def _student(ctx: _Context, kind: str, width: int, ratio: float) -> torch.nn.Module:
+    """Distilled (and optionally pruned + fine-tuned) student, trained once per run."""
+    key = (kind, width, ratio)
+    if key in ctx.students:
+        return ctx.students[key]
+    cfg = ctx.cfg.distill
+    if ratio == 0.0:
+        ctx.progress(f"distilling {kind}-{width}")
+        model = build_student(kind, ctx.prep.n_features, ctx.prep.window, width,
+                              seed=cfg.seed)
+        distill(model, ctx.prep, ctx.train, ctx.y, ctx.t_train, ctx.val, cfg)
+    else:
+        base = _student(ctx, kind, width, 0.0)
+        ctx.progress(f"pruning {kind}-{width} by {ratio:.0%} and fine-tuning")
+        example = torch.from_numpy(ctx.calibration[:2])
+        model = structured_prune(base, ratio, example)
+        tune = DistillConfig(**{**cfg.__dict__, "epochs": max(2, cfg.epochs // 2),
+                                "lr": cfg.lr / 3})
+        distill(model, ctx.prep, ctx.train, ctx.y, ctx.t_train, ctx.val, tune)
+    ctx.students[key] = model.eval()
+    return ctx.students[key]
+
+
+# ------------------------------------------------------------------ export + verify
+
+
+def _quant_options(target: str, kind: str) -> list[dict[str, str]]:
+    if target == "onnx-int8" and kind != "lstm":
+        return [
+            {"quant_format": "qoperator", "method": "minmax"},
+            {"quant_format": "qdq", "method": "percentile"},
+        ]
+    return [{}]
+
+
+def write_model(
+    target: str, kind: str, model: torch.nn.Module, folder: Path,
+    calibration: np.ndarray, window: int, n_features: int,
+    options: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Model file(s) of ``target`` into ``folder``; returns export details.
+
+    ``calibration`` holds training windows (int8 calibration and the converter's
+    check of the rebuilt model). Raises ExportError naming the target on failure.
+    """
+    W, F = window, n_features
+    details: dict[str, Any] = {}
+    if target.startswith("onnx"):
+        fp32 = folder / ("model.onnx" if target == "onnx-fp32" else "fp32.onnx")
+        export_onnx(model, fp32, W, F)
+        if target == "onnx-int8":
+            details["quantization"] = quantize_onnx(
+                fp32, folder / "model.onnx", calibration,
+                recurrent=kind == "lstm", **(options or {}),
+            )
+            fp32.unlink()
+        return details
+    if target not in EDGE_TARGETS:
+        raise UsageError(f"{target} is not an edge target")
+
+    int8 = target in ("tflite-int8", "tflite-micro")
+    path = folder / "model.tflite"
+    details["converter"] = export_tflite(
+        model, kind, path, calibration, int8=int8, window=W, n_features=F
+    )
+    content = path.read_bytes()
+    if int8:
+        bad = check_full_int8(content)
+        if bad:
+            raise ExportError(
+                f"{target}: model is not full-int8; tensors {', '.join(bad[:5])}"
+            )
+        details["quantization"] = {
+            "mode": "full-integer", "io": "int8", "all_tensors": "int8/int32",
+            "calibration_windows": int(len(calibration)),
+        }
+    details["ops"] = tflite_ops(content)
+    if target == "tflite-micro":
+        write_c_array(content, folder, details["ops"])
+        details["flatbuffer_bytes"] = len(content)
+        path.unlink()
+    return details
+
+
+def io_specs(folder: Path, target: str, W: int, F: int) -> tuple[dict, dict]:
+    """Manifest ``input`` and ``output`` entries, read from the exported model."""
+    if target.startswith("onnx"):
+        spec = {"shape": [None, W, F], "dtype": "float32", "scale": None,
+                "zero_point": None}
+        return spec, {"dtype": "float32", "scale": None, "zero_point": None,
+                      "kind": "probability"}
+    from ai_edge_litert.interpreter import Interpreter
+
+    if target == "tflite-micro":
+        from edge_agent.runtime import c_array_bytes
+
+        content = c_array_bytes((folder / "model.cc").read_text())
+    else:
+        content = (folder / "model.tflite").read_bytes()
+    interp = Interpreter(model_content=content)
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+
+    def one(detail: dict, shape: bool) -> dict:
+        dtype = np.dtype(detail["dtype"]).name
+        scale, zp = detail["quantization"]
+        entry = {"dtype": dtype,
+                 "scale": float(scale) if dtype != "float32" else None,
+                 "zero_point": int(zp) if dtype != "float32" else None}
+        if shape:
+            entry["shape"] = [int(d) for d in detail["shape"]]
+        return entry
+
+    return one(inp, True), {**one(out, False), "kind": "probability"}
+
+
+def _score(scorer: Any, windows: np.ndarray) -> np.ndarray:
+    parts = [scorer.score(windows[i : i + SCORE_BATCH])
+             for i in range(0, len(windows), SCORE_BATCH)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def export_candidate(
+    ctx: _Context, cand: Candidate, model: torch.nn.Module, folder: Path,
+    options: dict[str, str],
+) -> Candidate:
+    """Export, load back in the target runtime, measure, write the artifact folder."""
+    from edge_agent.runtime import load_artifact
+    from teacher.metrics import binary_metrics, choose_threshold, time_scorer
+
+    target, kind = cand.target, cand.kind
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    W, F = ctx.prep.window, ctx.prep.n_features
+
+    # Export, then a first manifest so the runtime can load (and hash-check) it.
+    details = write_model(target, kind, model, folder, ctx.calibration, W, F, options)
+    ctx.teacher.encoder.save(folder / "encoder.json")
+    write_thresholds(folder, 0.5, 0.5, 0.5)
+    inp, out = io_specs(folder, target, W, F)
+    files = [*MODEL_FILES[target], "encoder.json", "thresholds.json"]
+    base = {"target": target, "model_file": MODEL_FILES[target][0],
+            "input": inp, "output": out}
+    if target == "tflite-micro":
+        base["size_bytes"] = details["flatbuffer_bytes"]
+    write_manifest(folder, base, files)
+    scorer = load_artifact(folder, prefer_micro=target == "tflite-micro")
+
+    # Scores in the target runtime; threshold and band from validation only.
+    y_val, y_test = ctx.y[ctx.val], ctx.y[ctx.test]
+    p_val = _score(scorer, ctx.val_windows)
+    p_test = _score(scorer, ctx.test_windows)
+    decision = choose_threshold(y_val, p_val)
+    lo, hi = escalation_band(y_val, p_val, decision)
+    val_m = binary_metrics(y_val, p_val, decision)
+    test_m = binary_metrics(y_test, p_test, decision, ctx.families_test)
+
+    # Agreement with the float student (its own validation threshold).
+    f_val = _sigmoid(student_logits(model, ctx.prep, ctx.val))
+    f_test = _sigmoid(student_logits(model, ctx.prep, ctx.test))
+    f_thr = choose_threshold(y_val, f_val)
+    agree = {
+        "decision_agreement": float(np.mean((p_test >= decision) == (f_test >= f_thr))),
+        "decision_agreement_same_threshold": float(
+            np.mean((p_test >= f_thr) == (f_test >= f_thr))),
+        "max_abs_prob_diff": float(np.max(np.abs(p_test - f_test))),
+        "mean_abs_prob_diff": float(np.mean(np.abs(p_test - f_test))),
+        "float_val_f1": cand.float_val_f1,
+        "float_threshold": f_thr,
+        "split": "test",
+    }
+    if ctx.cfg.time_latency:
+        test_m.update(time_scorer(scorer.score, ctx.test_windows[:512]))
+
+    # Final thresholds, probe and manifest.
+    write_thresholds(folder, decision, lo, hi)
+    probe_x = ctx.val_windows[:4]
+    probe = {"windows": probe_x.tolist(), "expected": scorer.score(probe_x).tolist(),
+             "atol": 1.0 / 256 if out["dtype"] != "float32" else 1e-4}
+    gate_ok = val_m["f1"] >= ctx.teacher_val["f1"] - ctx.cfg.max_f1_drop
+    in_band = (p_val >= lo) & (p_val < hi)
+    fields = {
+        **base,
+        "params": int(sum(p.numel() for p in model.parameters())),
+        "student": {"kind": kind, "width": cand.width, "prune_ratio": cand.prune_ratio,
+                    "layers": {k: list(v.shape) for k, v in model.state_dict().items()},
+                    "window": W, "n_features": F},
+        "metrics": {"test": test_m, "val": val_m, "runtime": scorer._backend.name},
+        "agreement": agree,
+        "teacher_metrics": {"test": ctx.teacher_test, "val": ctx.teacher_val},
+        "gate": {"split": "val", "max_f1_drop": ctx.cfg.max_f1_drop,
+                 "teacher_f1": ctx.teacher_val["f1"], "artifact_f1": val_m["f1"],
+                 "passed": bool(gate_ok)},
+        "escalation": {"val_share": float(in_band.mean())},
+        "export": details,
+        "provenance": _provenance(ctx),
+        "probe": probe,
+    }
+    write_manifest(folder, fields, files)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["model_version"] = (
+        f"{target}-{kind}{cand.width}-p{int(cand.prune_ratio * 100)}-"
+        f"{manifest['sha256'][MODEL_FILES[target][0]][:12]}"
+    )
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    load_artifact(folder, prefer_micro=target == "tflite-micro").check_probe()
+
+    cand.params = fields["params"]
+    cand.size_bytes = int(manifest["size_bytes"])
+    cand.val_f1, cand.test_f1 = float(val_m["f1"]), float(test_m["f1"])
+    cand.agreement = agree["decision_agreement"]
+    cand.passed = bool(gate_ok)
+    cand.folder = folder
+    return cand
+
+
+def _provenance(ctx: _Context) -> dict[str, Any]:
+    from teacher.checkpoint import sha256_file
+
+    tdir = Path(ctx.cfg.teacher)
+    return {
+        "teacher": {
+            "path": str(tdir.resolve()),
+            "model_sha256": sha256_file(tdir / "model.safetensors"),
+            "config": ctx.teacher.config.to_dict(),
+            "threshold": ctx.teacher.threshold,
+            "dataset": (ctx.teacher.provenance or {}).get("dataset"),
+        },
+        "data": {"dataset": ctx.prep.name, "files": ctx.prep.files,
+                 "rows": {"train": len(ctx.train), "val": len(ctx.val),
+                          "test": len(ctx.test)}},
+        "distill": dict(ctx.cfg.distill.__dict__),
+        "versions": library_versions(),
+        "argv": ctx.cfg.argv or list(sys.argv),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# ------------------------------------------------------------------ search
+
+
+def _try(ctx: _Context, target: str, kind: str, width: int, ratio: float,
+         stage: Path, frontier: list[Candidate]) -> Candidate | None:
+    """Train (or reuse) one student and try its quantization options for a target."""
+    try:
+        model = _student(ctx, kind, width, ratio)
+    except ModelError as exc:
+        frontier.append(Candidate(target, kind, width, ratio, note=str(exc)[:80]))
+        return None
+    float_f1 = _float_val_f1(ctx, model)
+    floor = ctx.teacher_val["f1"] - ctx.cfg.max_f1_drop
+    params = int(sum(p.numel() for p in model.parameters()))
+    if float_f1 < floor:
+        frontier.append(Candidate(target, kind, width, ratio, params=params,
+                                  float_val_f1=float_f1, note="float student misses"))
+        return None
+    for options in _quant_options(target, kind):
+        quant = "/".join(options.values())
+        cand = Candidate(target, kind, width, ratio, quant=quant, params=params,
+                         float_val_f1=float_f1)
+        name = f"{kind}{width}-p{int(ratio * 100)}" + (f"-{quant.replace('/', '-')}"
+                                                      if quant else "")
+        ctx.progress(f"{target}: exporting and verifying {name}")
+        try:
+            export_candidate(ctx, cand, model, stage / name, options)
+        except ExportError as exc:
+            cand.note = str(exc)[:120]
+            frontier.append(cand)
+            logger.warning("%s", exc)
+            continue
+        frontier.append(cand)
+        if cand.passed:
+            return cand
+        cand.note = "quantized model misses the gate"
+    return None
+
+
+def _search(ctx: _Context, target: str, stage: Path) -> tuple[Candidate | None,
+                                                               list[Candidate]]:
+    """Smallest passing candidate for one target, and every candidate tried."""
+    kinds = [ctx.cfg.student] if ctx.cfg.student else [
+        k for k in SEARCH_KINDS if target in student_targets(k)]
+    kinds = [k for k in kinds if target in student_targets(k)]
+    if not kinds:
+        raise UsageError(f"student {ctx.cfg.student!r} does not support {target}")
+    frontier: list[Candidate] = []
+    passing: list[Candidate] = []
+    for kind in kinds:
+        for width in sorted(ctx.cfg.widths):
+            found = _try(ctx, target, kind, width, 0.0, stage, frontier)
+            if found is None:
+                continue
+            passing.append(found)
+            # A passing student: can structured pruning make it smaller still?
+            if kind != "lstm":
+                for ratio in ctx.cfg.prune_ratios:
+                    pruned = _try(ctx, target, kind, width, ratio, stage, frontier)
+                    if pruned is not None:
+                        passing.append(pruned)
+            break
+    best = min(passing, key=lambda c: (c.size_bytes or 0, -(c.val_f1 or 0)),
+               default=None)
+    return best, frontier
+
+
+def _report_sparsity(ctx: _Context, best: Candidate) -> dict[str, Any]:
+    model = _student(ctx, best.kind, best.width, best.prune_ratio)
+    sparse, share = magnitude_sparsity(model, 0.5)
+    return {"amount": 0.5, "sparsity": share,
+            "float_val_f1": _float_val_f1(ctx, sparse),
+            "note": "unstructured magnitude pruning zeroes weights only; the file "
+                    "keeps its size, so no artifact uses it"}
+
+
+def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunResult:
+    """Run the pipeline for ``cfg.target`` (or all); writes artifacts under ``out``.
+
+    With one target, ``out`` is the artifact folder; with ``all``, ``out/<target>``.
+    Raises GateError when no candidate of any requested target passes.
+    """
+    say = progress or (lambda msg: logger.info("%s", msg))
+    ctx = _context(cfg, say)
+    say(f"teacher validation F1 {ctx.teacher_val['f1']:.4f}, gate floor "
+        f"{ctx.teacher_val['f1'] - cfg.max_f1_drop:.4f}")
+    targets = list(TARGETS) if cfg.target == "all" else [cfg.target]
+    out = Path(cfg.out)
+    stage = out / ".search" if cfg.target != "all" else out / ".search"
+    artifacts: dict[str, Path] = {}
+    frontier: list[Candidate] = []
+    failed: dict[str, str] = {}
+    for target in targets:
+        if target == "torch-int8":
+            from compress.inc import torch_int8_artifact
+
+            dest = out / target if cfg.target == "all" else out
+            try:
+                artifacts[target] = torch_int8_artifact(ctx, dest)
+            except (ExportError, ModelError) as exc:
+                failed[target] = str(exc)
+            continue
+        best, rows = _search(ctx, target, stage / target)
+        frontier.extend(rows)
+        if best is None:
+            failed[target] = "no candidate passed the gate"
+            continue
+        dest = out / target if cfg.target == "all" else out
+        _publish(best.folder, dest, _report_sparsity(ctx, best))
+        artifacts[target] = dest
+    shutil.rmtree(stage, ignore_errors=True)
+    result = RunResult(artifacts, frontier, {"val": ctx.teacher_val,
+                                             "test": ctx.teacher_test}, failed)
+    if not artifacts:
+        raise GateError(
+            f"no artifact passed the gate for {', '.join(targets)}: validation F1 must"
+            f" be >= teacher {ctx.teacher_val['f1']:.4f} - {cfg.max_f1_drop} ("
+            f"{len(frontier)} candidates tried; best "
+            f"{max((c.val_f1 or c.float_val_f1 or 0) for c in frontier):.4f})\n"
+            + frontier_table(frontier)
+        )
+    return result
+
+
+def _publish(src: Path, dest: Path, sparsity: dict[str, Any]) -> None:
+    """Move a staged artifact folder to its final place (model files are unchanged)."""
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["pruning"] = {"structured_ratio": manifest["student"]["prune_ratio"],
+                           "unstructured": sparsity}
+    (src / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ["manifest.json", *manifest["sha256"]]:
+        shutil.copy2(src / name, dest / name)
+
+
+def frontier_table(rows: list[Candidate]) -> str:
+    """The candidates as a fixed-width text table."""
+    head = (f"{'target':<13}{'student':<10}{'prune':>6}{'quant':>20}{'params':>8}"
+            f"{'bytes':>9}{'fF1val':>8}{'F1val':>8}{'F1test':>8}{'agree':>7}  pass")
+    lines = [head, "-" * len(head)]
+
+    def num(v: float | None, fmt: str) -> str:
+        return format(v, fmt) if v is not None else "-"
+
+    for c in rows:
+        lines.append(
+            f"{c.target:<13}{c.kind + '-' + str(c.width):<10}{c.prune_ratio:>6.2f}"
+            f"{c.quant or '-':>20}{c.params:>8}{num(c.size_bytes, 'd'):>9}"
+            f"{num(c.float_val_f1, '.4f'):>8}{num(c.val_f1, '.4f'):>8}"
+            f"{num(c.test_f1, '.4f'):>8}{num(c.agreement, '.3f'):>7}  "
+            f"{'yes' if c.passed else 'no'} {c.note}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""Rebuild a student in Keras, copy its weights and convert it to TFLite.
+
+Run as ``python -m compress.tflite_worker SPEC.json`` in a child process, because the
+TFLite converter can crash the interpreter (TOOLCHAIN.md: a Keras 3 recurrent layer
+that is not unrolled segfaults the int8 converter). The spec names the student kind,
+a ``.npz`` of its torch weights (state-dict names), the window and feature count, the
+calibration windows (``.npy``, float32 ``[N, W, F]``), whether to make full-int8, and
+where to write the model. Layer widths are read from the weights, so pruned students
+convert as they are. On success it prints one JSON line with the layer list.
+
+The models take one window (static batch 1) and end in a sigmoid: they output the
+probability of anomaly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _mlp(keras: Any, w: dict[str, np.ndarray], W: int, F: int) -> Any:
+    inp = keras.Input((W, F), batch_size=1, name="x")
+    h = keras.layers.Flatten(name="flatten")(inp)
+    h = keras.layers.Dense(w["fc1.weight"].shape[0], activation="relu", name="fc1")(h)
+    h = keras.layers.Dense(w["fc2.weight"].shape[0], activation="relu", name="fc2")(h)
+    out = keras.layers.Dense(1, activation="sigmoid", name="fc")(h)
+    model = keras.Model(inp, out)
+    for name in ("fc1", "fc2", "fc"):
+        model.get_layer(name).set_weights([w[f"{name}.weight"].T, w[f"{name}.bias"]])
+    return model
+
+
+def _cnn(keras: Any, w: dict[str, np.ndarray], W: int, F: int) -> Any:
+    inp = keras.Input((W, F), batch_size=1, name="x")
+    h = inp
+    for name in ("conv1", "conv2"):
+        kernel = w[f"{name}.weight"]
+        h = keras.layers.Conv1D(
+            kernel.shape[0], kernel.shape[2], padding="same", activation="relu",
+            name=name,
+        )(h)
+    h = keras.layers.GlobalAveragePooling1D(name="pool")(h)
+    out = keras.layers.Dense(1, activation="sigmoid", name="fc")(h)
+    model = keras.Model(inp, out)
+    for name in ("conv1", "conv2"):
+        # torch Conv1d [out, in, k] -> Keras Conv1D [k, in, out].
+        kernel = w[f"{name}.weight"].transpose(2, 1, 0)
+        model.get_layer(name).set_weights([kernel, w[f"{name}.bias"]])
+    model.get_layer("fc").set_weights([w["fc.weight"].T, w["fc.bias"]])
+    return model
+
+
+def _lstm(keras: Any, w: dict[str, np.ndarray], W: int, F: int) -> Any:
+    hidden = w["lstm.weight_hh_l0"].shape[1]
+    inp = keras.Input((W, F), batch_size=1, name="x")
+    # unroll=True: the while-loop form crashes the full-int8 converter.
+    h = keras.layers.LSTM(hidden, unroll=True, name="lstm")(inp)
+    out = keras.layers.Dense(1, activation="sigmoid", name="fc")(h)
+    model = keras.Model(inp, out)
+    # Gate order i, f, g, o is the same in torch and Keras; biases add up.
+    model.get_layer("lstm").set_weights([
+        w["lstm.weight_ih_l0"].T,
+        w["lstm.weight_hh_l0"].T,
+        w["lstm.bias_ih_l0"] + w["lstm.bias_hh_l0"],
+    ])
+    model.get_layer("fc").set_weights([w["fc.weight"].T, w["fc.bias"]])
+    return model
+
+
+BUILDERS = {"mlp": _mlp, "cnn": _cnn, "lstm": _lstm}
+
+
+def convert(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build, check against the torch output and convert; returns a short report."""
+    import keras
+    import tensorflow as tf
+
+    weights = dict(np.load(spec["weights"]))
+    W, F = int(spec["window"]), int(spec["n_features"])
+    model = BUILDERS[spec["kind"]](keras, weights, W, F)
+
+    # The rebuilt float model must match the torch probabilities it was given.
+    calib = np.load(spec["calibration"]).astype(np.float32)
+    check = np.load(spec["check_windows"]).astype(np.float32)
+    want = np.load(spec["check_probs"]).astype(np.float32)
+    got = np.concatenate([model(check[i : i + 1]).numpy()[:, 0] for i in range(len(check))])
+    keras_diff = float(np.max(np.abs(got - want))) if len(want) else 0.0
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    if spec["int8"]:
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = lambda: (
+            [calib[i : i + 1]] for i in range(len(calib))
+        )
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = tf.int8
+        conv.inference_output_type = tf.int8
+    data = conv.convert()
+    Path(spec["out"]).write_bytes(data)
+    return {
+        "bytes": len(data),
+        "keras_max_abs_diff": keras_diff,
+        "layers": [layer.__class__.__name__ for layer in model.layers],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the child process: ``SPEC.json`` in, one JSON line out."""
+    args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(args[0]).read_text())
+    report = convert(spec)
+    print("GATEWATCH-RESULT " + json.dumps(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

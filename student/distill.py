@@ -1,0 +1,217 @@
+"""Knowledge distillation: train a student on the teacher's softened outputs.
+
+The loss mixes a soft term, binary cross-entropy between the student's and the
+teacher's probabilities at temperature ``T`` (scaled by ``T**2`` so its gradients keep
+their size), with the ordinary cross-entropy on the hard labels:
+``alpha * soft + (1 - alpha) * hard``. The teacher is run once over the training and
+validation windows (:class:`TeacherCache`); every student of a search reuses it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as nnf
+
+from flows.errors import ModelError
+from student import logger
+
+__all__ = [
+    "ArrayWindows",
+    "DistillConfig",
+    "TeacherCache",
+    "WindowSource",
+    "distill",
+    "kd_loss",
+    "student_logits",
+]
+
+
+class WindowSource(Protocol):
+    """Anything that forms windows for row numbers (``teacher.data.Prepared`` does)."""
+
+    def windows(self, rows: np.ndarray) -> np.ndarray:  # pragma: no cover
+        """float32 ``[len(rows), W, F]``."""
+        ...
+
+
+class ArrayWindows:
+    """A :class:`WindowSource` over windows already in memory ``[N, W, F]``."""
+
+    def __init__(self, windows: np.ndarray) -> None:
+        self.array = np.ascontiguousarray(windows, dtype=np.float32)
+
+    def windows(self, rows: np.ndarray) -> np.ndarray:
+        """The windows of ``rows``."""
+        return self.array[np.asarray(rows, dtype=np.int64)]
+
+
+def kd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 4.0,
+    alpha: float = 0.5,
+) -> torch.Tensor:
+    """Distillation loss on logits ``[B]`` (student, teacher) and 0/1 labels ``[B]``.
+
+    >>> s = torch.tensor([0.0, 2.0]); t = torch.tensor([0.0, 2.0])
+    >>> round(float(kd_loss(s, t, torch.tensor([0.0, 1.0]), alpha=1.0)), 4)
+    10.848
+    """
+    soft_target = torch.sigmoid(teacher / temperature)
+    soft = nnf.binary_cross_entropy_with_logits(student / temperature, soft_target)
+    hard = nnf.binary_cross_entropy_with_logits(student, labels.float())
+    return alpha * soft * temperature**2 + (1.0 - alpha) * hard
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Training settings for distillation and for fine-tuning after pruning."""
+
+    epochs: int = 12
+    batch_size: int = 512
+    lr: float = 3e-3
+    weight_decay: float = 1e-5
+    temperature: float = 4.0
+    alpha: float = 0.5
+    patience: int = 3
+    seed: int = 0
+    max_train_rows: int | None = None
+
+
+def _batched(source: WindowSource, rows: np.ndarray, size: int):
+    for start in range(0, len(rows), size):
+        part = rows[start : start + size]
+        yield part, torch.from_numpy(source.windows(part))
+
+
+@torch.inference_mode()
+def student_logits(
+    model: nn.Module, source: WindowSource, rows: np.ndarray, batch_size: int = 4096
+) -> np.ndarray:
+    """A model's logits ``float32 [len(rows)]`` over the windows of ``rows``."""
+    model.eval()
+    out = [model(x).float().numpy() for _, x in _batched(source, rows, batch_size)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+@dataclass
+class TeacherCache:
+    """Teacher logits per split, computed once (and kept on disk when a path is set).
+
+    ``logits_fn`` maps windows ``[B, W, F]`` to logits ``[B]`` (``Teacher.logits``).
+    The disk file name holds a hash of the rows and of ``key`` (the teacher's
+    identity, e.g. the sha256 of its weights), so a changed teacher is never reused.
+    """
+
+    logits_fn: Callable[[np.ndarray], np.ndarray]
+    source: WindowSource
+    key: str = ""
+    folder: Path | None = None
+    batch_size: int = 4096
+    _memo: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def logits(self, rows: np.ndarray) -> np.ndarray:
+        """Teacher logits for ``rows`` (int64 row numbers)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        digest = hashlib.sha256(self.key.encode() + rows.tobytes()).hexdigest()[:20]
+        if digest in self._memo:
+            return self._memo[digest]
+        path = self.folder / f"teacher-logits-{digest}.npy" if self.folder else None
+        if path is not None and path.is_file():
+            out = np.load(path)
+        else:
+            parts = [
+                np.asarray(self.logits_fn(x.numpy()), dtype=np.float32)
+                for _, x in _batched(self.source, rows, self.batch_size)
+            ]
+            out = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, out)
+            logger.info("teacher scored %d windows (cached)", len(rows))
+        if out.shape != rows.shape:
+            raise ModelError(f"teacher cache holds {out.shape} logits for {rows.shape}")
+        self._memo[digest] = out
+        return out
+
+
+def distill(
+    model: nn.Module,
+    source: WindowSource,
+    train_rows: np.ndarray,
+    y: np.ndarray,
+    teacher_logits: np.ndarray,
+    val_rows: np.ndarray,
+    config: DistillConfig | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``model`` in place by distillation; keeps the epoch of best val loss.
+
+    ``y`` holds the 0/1 labels of every row (indexed by row number);
+    ``teacher_logits`` the teacher's logits for ``train_rows`` in that order. The
+    validation loss is the hard-label cross-entropy on ``val_rows`` (the gate's data).
+    Returns the per-epoch history.
+    """
+    cfg = config or DistillConfig()
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    train_rows = np.asarray(train_rows, dtype=np.int64)
+    t_all = torch.from_numpy(np.asarray(teacher_logits, dtype=np.float32))
+    y_all = torch.from_numpy(np.asarray(y, dtype=np.float32))
+    if len(t_all) != len(train_rows):
+        raise ModelError("teacher logits and training rows differ in length")
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    y_val = torch.from_numpy(np.asarray(y, dtype=np.float32)[val_rows])
+
+    best, best_loss, stale, history = None, float("inf"), 0, []
+    for epoch in range(cfg.epochs):
+        # One pass over a shuffled (optionally subsampled) training set.
+        model.train()
+        order = rng.permutation(len(train_rows))
+        if cfg.max_train_rows:
+            order = order[: cfg.max_train_rows]
+        total = 0.0
+        for start in range(0, len(order), cfg.batch_size):
+            pick = order[start : start + cfg.batch_size]
+            rows = train_rows[pick]
+            x = torch.from_numpy(source.windows(rows))
+            loss = kd_loss(
+                model(x),
+                t_all[pick],
+                y_all[rows],
+                temperature=cfg.temperature,
+                alpha=cfg.alpha,
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(pick)
+
+        # Validation loss on hard labels; keep the best weights.
+        val = torch.from_numpy(student_logits(model, source, val_rows))
+        val_loss = float(nnf.binary_cross_entropy_with_logits(val, y_val))
+        record = {"epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss}
+        history.append(record)
+        if progress is not None:
+            progress(record)
+        if val_loss < best_loss - 1e-5:
+            best, best_loss, stale = copy.deepcopy(model.state_dict()), val_loss, 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+
+    if best is not None:
+        model.load_state_dict(best)
+    model.eval()
+    return history

@@ -1,0 +1,177 @@
+"""compress run end to end on a tiny teacher this file trains on flows it makes.
+
+The flows are canonical conn records written to Parquet: benign hosts talk to a few
+services with varied byte counts; scanning hosts send many short, empty connections
+(S0/REJ) to many ports. A small teacher is trained with ``teacher.train.fit``; the
+pipeline then distills, exports, verifies and gates against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from flows.errors import GateError  # noqa: E402
+
+W = 4
+
+
+def synthetic_flows(path: Path, n: int = 1600, seed: int = 0) -> Path:
+    """A labeled conn Parquet: 24 benign hosts, 6 scanners, 10% look-alike noise."""
+    import pyarrow.parquet as pq
+
+    from flows.record import columns_to_table
+
+    rng = np.random.default_rng(seed)
+    cols: dict[str, list] = {k: [] for k in (
+        "ts", "uid", "src_ip", "src_port", "dst_ip", "dst_port", "proto", "service",
+        "duration", "orig_bytes", "resp_bytes", "orig_pkts", "resp_pkts",
+        "orig_ip_bytes", "resp_ip_bytes", "conn_state", "history", "missed_bytes",
+        "label", "label_detail")}
+    for i in range(n):
+        host = int(rng.integers(0, 30))
+        bad = host >= 24
+        looks_bad = bad != (rng.random() < 0.1)
+        if looks_bad:
+            port, state, hist = int(rng.integers(1, 1024)), str(rng.choice(
+                ["S0", "REJ"])), "S"
+            ob, rb, op, rp, dur, svc = 0, 0, 1, int(rng.integers(0, 2)), 0.001, None
+        else:
+            port = int(rng.choice([53, 80, 443, 8883]))
+            state, hist = "SF", "ShADadFf"
+            ob, rb = int(rng.lognormal(6, 1)), int(rng.lognormal(8, 1.5))
+            op, rp = int(rng.integers(3, 20)), int(rng.integers(3, 40))
+            dur = float(rng.exponential(2.0))
+            svc = {53: "dns", 80: "http", 443: "ssl", 8883: None}[port]
+        values = {
+            "ts": 1.7e9 + i * 0.5, "uid": f"C{i:06d}", "src_ip": f"10.0.0.{host}",
+            "src_port": int(rng.integers(1024, 65535)),
+            "dst_ip": f"192.168.1.{int(rng.integers(1, 250))}", "dst_port": port,
+            "proto": "tcp", "service": svc, "duration": dur, "orig_bytes": ob,
+            "resp_bytes": rb, "orig_pkts": op, "resp_pkts": rp,
+            "orig_ip_bytes": ob + 40 * op, "resp_ip_bytes": rb + 40 * rp,
+            "conn_state": state, "history": hist, "missed_bytes": 0,
+            "label": int(bad), "label_detail": "scan" if bad else "benign",
+        }
+        for k, v in values.items():
+            cols[k].append(v)
+    pq.write_table(columns_to_table(cols), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small CNN-BiLSTM teacher trained here in a few seconds."""
+    import torch
+
+    from teacher.checkpoint import make_provenance, save_checkpoint
+    from teacher.data import prepare
+    from teacher.model import TeacherConfig
+    from teacher.train import TrainConfig, fit
+
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("teacher")
+    data = synthetic_flows(base / "flows.parquet")
+    prep = prepare(str(data), window=W, group_by="src_ip", need_split=True)
+    config = TeacherConfig(n_features=prep.n_features, window=W, conv_filters=(8,),
+                           lstm_hidden=8, dense=(8,), dropout=0.0)
+    result = fit(prep, config, TrainConfig(epochs=6, patience=6, batch_size=64,
+                                           lr=3e-3, device="cpu", amp=False))
+    return save_checkpoint(
+        base / "ckpt", result.model, encoder=prep.encoder, threshold=result.threshold,
+        metrics={"val": result.val_metrics},
+        provenance=make_provenance(str(data), prep.files, 0),
+    )
+
+
+def _fast_config(**kw):
+    from compress.pipeline import RunConfig
+    from student.distill import DistillConfig
+
+    base = dict(distill=DistillConfig(epochs=8, batch_size=64, lr=1e-2, patience=8),
+                calibration_windows=128, time_latency=False, prune_ratios=())
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_run_onnx_int8_artifact_is_verified_and_measured(teacher_dir: Path,
+                                                         tmp_path: Path) -> None:
+    from compress.pipeline import run
+    from edge_agent.runtime import load_artifact, sha256_file
+    from teacher.data import prepare
+    from teacher.metrics import binary_metrics
+
+    out = tmp_path / "art"
+    cfg = _fast_config(target="onnx-int8", teacher=teacher_dir, out=out,
+                       student="mlp", widths=(16,), max_f1_drop=0.1)
+
+    result = run(cfg)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert result.artifacts == {"onnx-int8": out}
+    for key in ("schema_version", "target", "model_file", "size_bytes", "params",
+                "student", "input", "output", "metrics", "agreement",
+                "teacher_metrics", "sha256", "provenance", "model_version", "probe"):
+        assert key in manifest, key
+    for name, digest in manifest["sha256"].items():
+        assert sha256_file(out / name) == digest
+    assert manifest["size_bytes"] == (out / "model.onnx").stat().st_size
+    assert sorted(p.name for p in out.iterdir()) == [
+        "encoder.json", "manifest.json", "model.onnx", "thresholds.json"]
+
+    # The metrics in the manifest are what the runtime gives on the test split.
+    scorer = load_artifact(out)
+    dataset = json.loads((teacher_dir / "provenance.json").read_text())["dataset"]
+    prep = prepare(dataset, encoder=scorer.encoder, need_split=True)
+    rows = prep.rows("test")
+    prob = scorer.score(prep.windows(rows))
+    again = binary_metrics(prep.y[rows], prob, scorer.thresholds["decision"])
+    assert again["f1"] == pytest.approx(manifest["metrics"]["test"]["f1"], abs=1e-9)
+    assert again["confusion"] == manifest["metrics"]["test"]["confusion"]
+
+    # Band order, gate and agreement with the float student.
+    t = scorer.thresholds
+    assert 0.0 <= t["escalate_low"] <= t["decision"] <= t["alert"] <= 1.0
+    gate = manifest["gate"]
+    assert gate["passed"] and gate["artifact_f1"] >= gate["teacher_f1"] - 0.1
+    assert manifest["agreement"]["max_abs_prob_diff"] < 0.1
+    assert manifest["agreement"]["decision_agreement"] > 0.9
+    assert scorer.check_probe() <= manifest["probe"]["atol"]
+    assert manifest["teacher_metrics"]["val"]["f1"] > 0.8
+
+
+def test_nothing_passing_is_gate_error_exit_5(teacher_dir: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    from compress.cli import main
+
+    # An untrained-in-effect student (one epoch at a negligible learning rate)
+    # cannot match the teacher with zero allowed drop.
+    code = main(["run", "--target", "onnx-fp32", "--teacher", str(teacher_dir),
+                 "--out", str(tmp_path / "none"), "--student", "mlp", "--widths", "2",
+                 "--max-f1-drop", "0", "--epochs", "1", "--lr", "1e-7",
+                 "--no-prune", "-q"])
+
+    err = capsys.readouterr().err
+    assert code == 5
+    assert err.startswith("error: no artifact passed the gate for onnx-fp32")
+    assert not (tmp_path / "none" / "manifest.json").exists()
+
+
+def test_gate_error_from_library(teacher_dir: Path, tmp_path: Path) -> None:
+    from compress.pipeline import run
+    from student.distill import DistillConfig
+
+    cfg = _fast_config(target="onnx-fp32", teacher=teacher_dir, out=tmp_path / "x",
+                       student="cnn", widths=(1,), max_f1_drop=0.0,
+                       distill=DistillConfig(epochs=1, lr=1e-7))
+    with pytest.raises(GateError, match="validation F1 must be >= teacher"):
+        run(cfg)
