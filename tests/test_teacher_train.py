@@ -1,0 +1,154 @@
+"""fit(): learning, determinism, early stopping, thresholds, sampling, SMOTE, splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flows.errors import BadInputError, ModelError
+from flows.windows import window_index
+from teacher.data import Prepared, concat, holdout_types, stratified_split
+from teacher.metrics import binary_metrics, choose_threshold
+from teacher.model import TeacherConfig
+from teacher.train import TrainConfig, _epoch_order, _smote, fit
+
+SMALL = {"conv_filters": (8,), "lstm_hidden": 8, "dense": (8,), "dropout": 0.1}
+
+
+def synthetic(n=600, n_features=4, window=1, seed=0, positive=1.1) -> Prepared:
+    """A learnable toy problem: malicious when the first two features sum high."""
+    rng = np.random.default_rng(seed)
+    X = rng.random((n, n_features)).astype(np.float32)
+    y = (X[:, 0] + X[:, 1] > positive).astype(np.int8)
+    idx = window_index(np.zeros(n), window)
+    split = stratified_split(y, seed=seed)
+    return Prepared(X=X, idx=idx, y=y, split=split, encoder=None, name="toy",
+                    family="unsw-nb15")
+
+
+def _config(prep, **kw):
+    return TeacherConfig(n_features=prep.n_features, window=prep.window,
+                         **{**SMALL, **kw})
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_fit_learns_and_threshold_is_chosen_on_val():
+    prep = synthetic()
+    res = fit(prep, _config(prep), TrainConfig(epochs=12, batch_size=32, lr=3e-3))
+    assert res.val_metrics["f1"] > 0.9
+
+    # Recompute the validation scores and the threshold independently.
+    va = prep.rows("val")
+    with torch.no_grad():
+        z = res.model.eval()(torch.from_numpy(prep.windows(va))).numpy()
+    prob = 1 / (1 + np.exp(-z.astype(np.float64)))
+    assert res.threshold == {"threshold": pytest.approx(
+        choose_threshold(prep.y[va], prob)), "rule": "best-f1", "chosen_on": "val"}
+    again = binary_metrics(prep.y[va], prob, res.threshold["threshold"])
+    assert res.val_metrics["f1"] == pytest.approx(again["f1"])
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    prep = synthetic(seed=1)
+    res = fit(prep, _config(prep), TrainConfig(epochs=40, patience=2, batch_size=16,
+                                                lr=1e-2))
+    losses = [h["val_loss"] for h in res.history]
+    assert res.best_epoch == int(np.argmin(losses)) + 1
+    assert len(losses) == 40 or len(losses) == res.best_epoch + 2
+    assert len(losses) < 40  # a big learning rate on a toy set stops early
+
+    # The returned weights are the best epoch's: their val loss is the minimum.
+    va = prep.rows("val")
+    with torch.no_grad():
+        z = res.model.eval()(torch.from_numpy(prep.windows(va))).double()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        z, torch.from_numpy(prep.y[va].astype(np.float64)))
+    assert float(loss) == pytest.approx(min(losses), rel=1e-5)
+
+
+def test_same_seed_same_weights_other_seed_other_weights():
+    prep = synthetic(n=300, window=3)
+    tc = TrainConfig(epochs=2, batch_size=32, seed=7)
+    a = fit(prep, _config(prep), tc).model.state_dict()
+    b = fit(prep, _config(prep), tc).model.state_dict()
+    c = fit(prep, _config(prep), TrainConfig(epochs=2, batch_size=32, seed=8)
+            ).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_fpr_rule_respects_the_target_on_val():
+    prep = synthetic(seed=2)
+    res = fit(prep, _config(prep), TrainConfig(epochs=3, batch_size=32,
+                                                threshold_rule="fpr", target_fpr=0.02))
+    assert res.threshold["rule"] == "fpr" and res.threshold["target_fpr"] == 0.02
+    assert res.val_metrics["fpr"] <= 0.02
+
+
+def test_balanced_sampling_draws_classes_evenly():
+    y = np.r_[np.zeros(900, dtype=np.int64), np.ones(100, dtype=np.int64)]
+    order = _epoch_order(y, 20000, True, seed=0, epoch=1)
+    assert abs(y[order].mean() - 0.5) < 0.02
+    plain = _epoch_order(y, 1000, False, seed=0, epoch=1)
+    assert sorted(plain.tolist()) == list(range(1000))
+    assert not np.array_equal(order, _epoch_order(y, 20000, True, seed=0, epoch=2))
+
+
+def test_smote_balances_the_training_part_only():
+    prep = synthetic(seed=3, positive=1.5)  # about 12% malicious
+    tr = prep.rows("train")
+    x, y = _smote(prep.windows(tr), prep.y[tr].astype(np.int64), seed=0)
+    assert np.bincount(y).tolist() == [int((prep.y[tr] == 0).sum())] * 2
+    assert x.shape[1:] == (1, 4)
+    res = fit(prep, _config(prep), TrainConfig(epochs=2, batch_size=32, smote=True))
+    assert res.val_metrics["n"] == prep.rows("val").size
+
+
+def test_errors():
+    prep = synthetic(n=100)
+    with pytest.raises(ModelError, match="W=1, F=5"):
+        fit(prep, TeacherConfig(n_features=5, window=1))
+    prep.split[:] = "train"
+    with pytest.raises(BadInputError, match="validation"):
+        fit(prep, _config(prep), TrainConfig(epochs=1))
+
+
+def test_holdout_moves_whole_types_to_val():
+    rng = np.random.default_rng(0)
+    n = 1000
+    details = rng.choice(["normal", "neptune", "smurf", "pod", "satan", "nmap"], n,
+                         p=[0.5, 0.2, 0.1, 0.05, 0.1, 0.05])
+    fam = {"normal": "normal", "neptune": "DoS", "smurf": "DoS", "pod": "DoS",
+           "satan": "Probe", "nmap": "Probe"}
+    y = (details != "normal").astype(np.int8)
+    split = np.where(rng.random(n) < 0.1, "test", np.where(rng.random(n) < 0.1,
+                                                           "val", "train"))
+    prep = Prepared(X=np.zeros((n, 1), np.float32), idx=window_index(np.zeros(n), 1),
+                    y=y, split=split.astype(object), encoder=None, name="t",
+                    family="nsl-kdd",
+                    families=np.array([fam[d] for d in details], dtype=object),
+                    details=details.astype(object))
+    before = prep.split.copy()
+    held = holdout_types(prep, fraction=0.5, seed=0)
+    # Neptune and satan are their families' most common types: never held out.
+    assert held and not {"neptune", "satan", "normal"} & set(held)
+    moved = np.isin(details, held)
+    assert not (prep.split[moved] == "train").any()
+    assert (prep.split[moved & (before == "test")] == "test").all()
+    assert (prep.split[~moved] == before[~moved]).all()
+
+
+def test_concat_keeps_windows_inside_each_part():
+    a, b = synthetic(n=50, window=3, seed=0), synthetic(n=40, window=3, seed=1)
+    both = concat([a, b])
+    np.testing.assert_array_equal(both.windows(np.arange(50, 90)),
+                                  b.windows(np.arange(40)))
+    np.testing.assert_array_equal(both.windows(np.arange(50)), a.windows(np.arange(50)))
