@@ -186,3 +186,33 @@ def test_bad_settings_are_usage_errors():
         StreamWindower(0, 3)
     with pytest.raises(UsageError, match="shape"):
         StreamWindower(2, 3).push("h", np.zeros(4))
+
+
+@pytest.mark.data
+def test_real_ctu_conn_stream_equals_batch(data_dir):
+    from flows.datasets import REGISTRY, load_dataset
+    from flows.encoder import Encoder
+    from flows.record import table_to_columns
+    from tests.conftest import data_file
+
+    for entry in REGISTRY["ctu-conn"].files:
+        data_file(data_dir, entry.path)
+    ds = load_dataset("ctu-conn", data_dir=data_dir)
+    columns = table_to_columns(ds.table)
+    train = ds.split == "train"
+    enc = Encoder.fit(
+        {k: v[train] for k, v in columns.items()}, ds.family,
+        window=ds.window_default, group_by=ds.group_by_default,
+    )
+    X = enc.transform(columns)
+    batch = gather_windows(X, window_index_for(columns, enc))
+
+    # The agent's view: flows arrive in time order, one by one, keyed by host.
+    order = time_order(columns)
+    keys = window_keys(columns, enc)
+    stream = StreamWindower(enc.window, enc.n_features, max_hosts=10_000)
+    got = np.empty_like(batch)
+    for row in order:
+        got[row] = stream.push(keys[row], X[row])
+    assert got.tobytes() == batch.tobytes()
+    assert len(stream) == len(set(keys.tolist()))
