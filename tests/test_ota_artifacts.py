@@ -128,8 +128,12 @@ def make_artifact(
         "size_bytes": (folder / "model.onnx").stat().st_size,
         "params": enc.n_features + 1,
         "student": "tiny-linear",
-        "input": {"shape": [None, mw, enc.n_features], "dtype": "float32",
-                  "scale": None, "zero_point": None},
+        "input": {
+            "shape": [None, mw, enc.n_features],
+            "dtype": "float32",
+            "scale": None,
+            "zero_point": None,
+        },
         "output": {"dtype": "float32", "scale": None, "zero_point": None},
         "metrics": {},
         "agreement": {},
@@ -140,8 +144,11 @@ def make_artifact(
         },
         "provenance": {"made_by": "tests/test_ota_artifacts.py", "seed": seed},
         "model_version": version,
-        "probe": {"windows": probe.tolist(), "expected": expected.tolist(),
-                  "atol": 1e-5},
+        "probe": {
+            "windows": probe.tolist(),
+            "expected": expected.tolist(),
+            "atol": 1e-5,
+        },
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
