@@ -1,0 +1,102 @@
+"""edge_agent.protocol: topics, ids, payloads and counted rejections."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from edge_agent import protocol as proto
+from flows.errors import UsageError
+
+FLOW = {"ts": 1.5, "uid": "C1", "src_ip": "10.0.0.1", "src_port": 40000,
+        "dst_ip": "10.0.0.2", "dst_port": 80, "proto": "tcp", "duration": float("nan")}
+
+
+def _escalation(**over):
+    body = proto.build_escalation(
+        flow=FLOW, window=np.full((4, 3), 0.25, np.float32), score=0.7,
+        decision="escalate", model_version="m1", site="site-1", gateway="gw.2",
+    )
+    body.update(over)
+    return body
+
+
+def test_topics_are_versioned_per_gateway() -> None:
+    assert proto.topic("s1", "g1", "escalations") == "gatewatch/v1/s1/g1/escalations"
+    assert proto.topic("s1", "g1", proto.Channel.MODEL) == "gatewatch/v1/s1/g1/model"
+    assert proto.subscription("escalations", "grp") == (
+        "$share/grp/gatewatch/v1/+/+/escalations"
+    )
+    assert proto.split_topic("gatewatch/v1/a/b/verdicts") == ("a", "b", "verdicts")
+
+
+@pytest.mark.parametrize("bad", ["", "a+b", "a#", "a/b", "$SYS", "-x", "x" * 65, "é"])
+def test_bad_ids_never_enter_a_topic(bad: str) -> None:
+    with pytest.raises(UsageError):
+        proto.topic(bad, "g1", "status")
+    with pytest.raises(UsageError):
+        proto.topic("s1", bad, "status")
+
+
+def test_escalation_round_trip_keeps_values_and_nulls_nan() -> None:
+    data = proto.encode(_escalation())
+    body = proto.parse_escalation(data, window_shape=(4, 3))
+    assert body["schema"] == "gatewatch/v1" and len(body["id"]) == 32
+    assert body["window"] == [[0.25] * 3] * 4
+    assert body["flow"]["duration"] is None and body["flow"]["src_port"] == 40000
+    assert body["flow"]["label"] is None  # canonical fields all present
+    assert body["score"] == pytest.approx(0.7)
+
+
+def test_verdict_round_trip() -> None:
+    v = proto.build_verdict(escalation_id="e1", verdict="malicious", score=0.9,
+                            threshold=0.5, teacher_version="t1")
+    back = proto.parse_verdict(proto.encode(v))
+    assert back["verdict"] == "malicious" and back["escalation_id"] == "e1"
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"{not json", proto.RejectKind.MALFORMED_JSON),
+        (b"[1, 2]", proto.RejectKind.MALFORMED_JSON),
+        (json.dumps(_escalation(schema="gatewatch/v0")).encode(),
+         proto.RejectKind.WRONG_SCHEMA),
+        (b" " * (proto.MAX_PAYLOAD_BYTES + 1), proto.RejectKind.OVERSIZED),
+        (json.dumps(_escalation(window=[[0.1] * 3] * 5)).encode(),
+         proto.RejectKind.WRONG_WINDOW_SHAPE),
+        (json.dumps(_escalation(window=[[0.1, 0.2], [0.1]])).encode(),
+         proto.RejectKind.WRONG_WINDOW_SHAPE),
+        (json.dumps(_escalation(score="high")).encode(), proto.RejectKind.BAD_VALUE),
+        (json.dumps({k: v for k, v in _escalation().items() if k != "flow"}).encode(),
+         proto.RejectKind.MISSING_FIELD),
+        (json.dumps(_escalation(site="a/b")).encode(), proto.RejectKind.BAD_VALUE),
+    ],
+)
+def test_bad_escalations_are_rejected_by_kind(data: bytes, kind) -> None:
+    with pytest.raises(proto.ProtocolError) as info:
+        proto.parse_escalation(data, window_shape=(4, 3))
+    assert info.value.kind is kind
+
+
+def test_reject_counter_counts_every_kind_and_logs_each_once(caplog) -> None:
+    counter = proto.RejectCounter("test")
+    caplog.set_level(logging.WARNING, logger="gatewatch.edge_agent")
+    for data in [b"{", b"{", b"{", json.dumps({"schema": "x", "id": "1"}).encode()]:
+        try:
+            proto.parse_verdict(data)
+        except proto.ProtocolError as exc:
+            counter.reject(exc)
+    assert counter.counts == {"malformed_json": 3, "wrong_schema": 1}
+    assert counter.total == 4
+    assert len([r for r in caplog.records if "rejected" in r.getMessage()]) == 2
+
+
+def test_oversized_outgoing_payload_is_refused() -> None:
+    big = _escalation(window=[[0.123456] * 200] * 400)
+    with pytest.raises(proto.ProtocolError) as info:
+        proto.encode(big)
+    assert info.value.kind is proto.RejectKind.OVERSIZED

@@ -1,0 +1,80 @@
+"""edge_agent.outbox: durable order, acknowledgements, drop policy, kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from edge_agent.outbox import Outbox
+
+
+def test_pending_in_order_and_ack_removes(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite")
+    for i in range(5):
+        assert box.add(f"id{i}", "t", f"p{i}".encode(), alert=i % 2 == 0)
+    assert [m.id for m in box.pending()] == [f"id{i}" for i in range(5)]
+    assert box.ack("id1") and not box.ack("id1")
+    assert [m.id for m in box.pending()] == ["id0", "id2", "id3", "id4"]
+    first = box.pending(limit=2)
+    assert [m.id for m in box.pending(after_seq=first[-1].seq)] == ["id3", "id4"]
+    assert len(box) == 4
+    box.close()
+
+
+def test_same_id_is_kept_once(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite")
+    box.add("a", "t", b"1", alert=False)
+    box.add("a", "t", b"1", alert=False)
+    assert len(box) == 1
+
+
+def test_survives_reopen(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite")
+    box.add("a", "t", b"x", alert=True)
+    box.close()
+    again = Outbox(tmp_path / "o.sqlite")
+    [msg] = again.pending()
+    assert (msg.id, msg.payload, msg.alert) == ("a", b"x", True)
+
+
+def test_drop_policy_keeps_alerts_before_uncertain(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite", max_messages=3)
+    box.add("e1", "t", b"", alert=False)
+    box.add("a1", "t", b"", alert=True)
+    box.add("e2", "t", b"", alert=False)
+    assert box.add("a2", "t", b"", alert=True)  # pushes out the oldest uncertain, e1
+    assert [m.id for m in box.pending()] == ["a1", "e2", "a2"]
+    assert box.add("a3", "t", b"", alert=True)  # then e2
+    assert [m.id for m in box.pending()] == ["a1", "a2", "a3"]
+    assert not box.add("e3", "t", b"", alert=False)  # uncertain never evicts alerts
+    assert box.add("a4", "t", b"", alert=True)  # all alerts: oldest alert goes
+    assert [m.id for m in box.pending()] == ["a2", "a3", "a4"]
+    assert box.dropped == {"alert": 1, "escalate": 3}
+    box.close()
+    assert Outbox(tmp_path / "o.sqlite", max_messages=3).dropped["escalate"] == 3
+
+
+def test_nothing_returned_from_add_is_lost_to_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from edge_agent.outbox import Outbox
+        box = Outbox({str(path)!r})
+        for i in range(300):
+            box.add(f"m{{i:04d}}", "t", b"payload", alert=False)
+            if i == 149:
+                box.ack("m0000")
+        print("added", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == -signal.SIGKILL and "added" in proc.stdout
+    box = Outbox(path)
+    ids = [m.id for m in box.pending()]
+    assert ids == [f"m{i:04d}" for i in range(1, 300)]
+    assert os.path.getsize(path) > 0
