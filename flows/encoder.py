@@ -122,13 +122,13 @@ FAMILIES: dict[str, FamilySpec] = {
         numeric=NSL_KDD_NUMERIC,
         categorical=dict.fromkeys(NSL_KDD_CATEGORICAL),
         group_by="stream",
-        window=8,
+        window=1,  # records are not in time order: no context to window over
     ),
     "unsw-nb15": FamilySpec(
         numeric=None,
         categorical={"proto": 32, "service": None, "state": None},
         group_by="stream",
-        window=8,
+        window=1,  # the CSV is sorted by class: stream windows would leak labels
     ),
     "cic": FamilySpec(
         numeric=None,
@@ -448,9 +448,11 @@ class Encoder:
     ) -> Encoder:
         """Fit the feature spec of ``family`` on training columns.
 
-        ``window`` and ``group_by`` default to the family's (8; per source host for
-        conn, stream order otherwise). ``max_categories`` overrides the top-K cap per
-        categorical field; ``exclude`` drops fields from the family's list.
+        ``window`` and ``group_by`` default to the family's (conn: 8 per source
+        host; nsl-kdd and unsw-nb15: 1 in stream order; cic: 8 in stream order).
+        ``max_categories`` overrides the top-K cap per categorical field (a field
+        named there that the family lacks is added as categorical); ``exclude``
+        drops fields from the family's list.
         """
         if family not in FAMILIES:
             raise UsageError(
