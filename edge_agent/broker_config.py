@@ -63,6 +63,7 @@ __all__ = [
     "check_tls_connect",
     "check_broker_login",
     "publish_packet_size",
+    "largest_payload",
     "check_publish_size",
     "connack_packet_limit",
     "main",
@@ -827,6 +828,18 @@ def publish_packet_size(
     if v5:
         remaining += len(properties.pack()) if properties is not None else 1
     return 1 + _varint_len(remaining) + remaining
+
+
+def largest_payload(
+    topic: str, qos: int, limit: int, *, properties: Any = None, v5: bool = True
+) -> int:
+    """The largest payload, in bytes, whose PUBLISH fits in ``limit`` bytes."""
+    fits = limit - publish_packet_size(topic, 0, qos, properties=properties, v5=v5)
+    while fits > 0 and publish_packet_size(
+        topic, fits, qos, properties=properties, v5=v5
+    ) > limit:
+        fits -= 1
+    return max(fits, 0)
 
 
 def connack_packet_limit(properties: Any) -> int | None:

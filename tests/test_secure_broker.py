@@ -1,0 +1,475 @@
+"""The locked-down broker: ACLs, TLS failures and oversized messages, on real mosquitto.
+
+Every broker here runs on 127.0.0.1 with the configuration that
+:mod:`edge_agent.broker_config` writes (TLS only, no anonymous clients, one password
+and one ACL per user). Clients are paho-mqtt 2.x VERSION2 clients speaking MQTT v5.
+A message that must not arrive is shown absent after a later message from the same
+publisher has arrived, so the absence is not a matter of waiting long enough.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_agent.broker_config import (
+    DEFAULT_MAX_PACKET_SIZE,
+    Deployment,
+    MessageTooLargeError,
+    acl_text,
+    check_broker_login,
+    check_publish_size,
+    check_tls_connect,
+    connack_packet_limit,
+    largest_payload,
+    main,
+    make_ca,
+    mosquitto_conf_text,
+    publish_packet_size,
+    write_broker_config,
+)
+from edge_agent.protocol import topic
+from flows.errors import EXIT_USAGE, TransportError, UsageError
+from tests.secure_broker import HOST, Probe, SecureBroker, need_mosquitto, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+GATEWAYS = (("s1", "g1"), ("s1", "g2"), ("s2", "g1"))
+G1, G2, G3 = "gw-s1-g1", "gw-s1-g2", "gw-s2-g1"
+SHARED = "$share/rescorers/gatewatch/v1/+/+/escalations"
+
+# The deployment documented in deploy/mosquitto/ (a test keeps the two in step).
+EXAMPLE = Deployment(
+    gateways=(("plant1", "gw01"), ("plant1", "gw02"), ("depot", "gw01")),
+    host_names=("broker.example.net",),
+    ip_addresses=("192.0.2.10",),
+    bind_address="0.0.0.0",
+    port=8883,
+)
+EXAMPLE_DIR = "/etc/mosquitto/gatewatch"
+
+
+@pytest.fixture(scope="module")
+def broker():
+    """One locked-down broker for the tests that only connect and exchange messages."""
+    need_mosquitto()
+    running = SecureBroker(Deployment(gateways=GATEWAYS)).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def probes():
+    """Start clients through ``probes(...)``; all are stopped after the test."""
+    started: list[Probe] = []
+
+    def make(*args, **kwargs) -> Probe:
+        probe = Probe(*args, **kwargs).start()
+        started.append(probe)
+        return probe
+
+    yield make
+    for probe in started:
+        probe.stop()
+
+
+def _acl_rules(text: str) -> dict[str | None, set[tuple[str, str]]]:
+    """user -> {(access, topic)} from a mosquitto ACL file (None: before any user)."""
+    rules: dict[str | None, set[tuple[str, str]]] = {None: set()}
+    user = None
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "user":
+            user = words[1]
+            rules.setdefault(user, set())
+        else:
+            assert words[0] == "topic" and len(words) == 3, line
+            rules[user].add((words[1], words[2]))
+    return rules
+
+
+# --- the files ------------------------------------------------------------------------
+
+
+def test_acl_grants_each_user_exactly_its_topics():
+    """Each gateway gets its own four topics, nothing is granted to anonymous users."""
+    rules = _acl_rules(acl_text(Deployment(gateways=GATEWAYS)))
+
+    assert rules[None] == set()
+    assert rules[G2] == {
+        ("write", "gatewatch/v1/s1/g2/escalations"),
+        ("write", "gatewatch/v1/s1/g2/status"),
+        ("read", "gatewatch/v1/s1/g2/verdicts"),
+        ("read", "gatewatch/v1/s1/g2/model"),
+    }
+    assert rules["rescorer"] == {
+        ("read", "gatewatch/v1/+/+/escalations"),
+        ("read", SHARED),
+        ("write", "gatewatch/v1/+/+/verdicts"),
+    }
+    assert rules["operator"] == {
+        ("write", "gatewatch/v1/+/+/model"),
+        ("read", "gatewatch/v1/+/+/status"),
+    }
+    assert set(rules) == {None, G1, G2, G3, "rescorer", "operator"}
+
+
+@pytest.mark.parametrize("site", ["+", "#", "a/b", "", "$SYS", "a b", "x" * 65])
+def test_names_that_would_widen_an_acl_are_refused(site):
+    """A wildcard, separator or space in a name would grant more than one gateway."""
+    with pytest.raises(UsageError):
+        Deployment(gateways=((site, "g1"),))
+
+
+def test_two_gateways_sharing_a_user_name_are_refused():
+    """site a-b/gateway c and site a/gateway b-c would both be user gw-a-b-c."""
+    with pytest.raises(UsageError, match="share the user name 'gw-a-b-c'"):
+        Deployment(gateways=(("a-b", "c"), ("a", "b-c")))
+    with pytest.raises(UsageError, match="may not start with 'gw-'"):
+        Deployment(gateways=GATEWAYS, rescorer_user="gw-s1-g1")
+
+
+def test_written_files_keep_secrets_hashed_and_private(tmp_path):
+    """Passwords only as hashes, keys 0600, the CA key outside the broker folder."""
+    need_mosquitto()
+    dep = Deployment(gateways=GATEWAYS, require_client_cert=True)
+    files = write_broker_config(dep, tmp_path / "out")
+    broker = files.broker_dir
+
+    # Hashes only, and no password anywhere in the broker's files.
+    lines = (broker / "passwd").read_text().splitlines()
+    assert sorted(line.split(":")[0] for line in lines) == sorted(dep.users)
+    assert all(line.split(":", 1)[1].startswith("$7$") for line in lines)
+    everything = "".join(p.read_text() for p in broker.iterdir())
+    assert not any(pw in everything for pw in files.passwords.values())
+
+    # Private files are private; the CA key stays out of broker/.
+    for path in (broker / "server.key", broker / "passwd", files.ca_key):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(files.ca_key.parent.stat().st_mode) == 0o700
+    assert not list(broker.glob("ca.key"))
+    for user in dep.users:
+        cdir = files.clients[user]
+        assert (cdir / "password").read_text().strip() == files.passwords[user]
+        assert stat.S_IMODE((cdir / "client.key").stat().st_mode) == 0o600
+
+    # One listener, TLS, nobody anonymous.
+    conf = files.conf.read_text().splitlines()
+    assert [ln for ln in conf if ln.startswith("listener ")] == [
+        f"listener {dep.port} 127.0.0.1"
+    ]
+    for line in ("allow_anonymous false", "require_certificate true",
+                 f"max_packet_size {DEFAULT_MAX_PACKET_SIZE}", "tls_version tlsv1.2",
+                 f"certfile {broker / 'server.crt'}"):
+        assert line in conf
+
+
+def test_command_line_writes_a_deployment_and_refuses_bad_names(tmp_path, capsys):
+    """``python -m edge_agent.broker_config`` writes files; a bad name exits 2."""
+    need_mosquitto()
+    out = tmp_path / "d"
+    assert main(["--out", str(out), "--gateway", "s1/g1", "--host", "mq.lan"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["clients"]) == {G1, "rescorer", "operator"}
+    assert (out / "broker" / "acl").read_text() == acl_text(
+        Deployment(gateways=(("s1", "g1"),))
+    )
+
+    assert main(["--out", str(out), "--gateway", "s1/#"]) == EXIT_USAGE
+    assert capsys.readouterr().err.startswith("error: gateway '#'")
+
+
+def test_shipped_example_matches_the_generator():
+    """deploy/mosquitto/ holds exactly what the generator writes for EXAMPLE."""
+    folder = REPO / "deploy" / "mosquitto"
+    conf = mosquitto_conf_text(
+        EXAMPLE, EXAMPLE_DIR, persistence_location="/var/lib/mosquitto",
+        log_dest="syslog",
+    )
+    assert (folder / "mosquitto.conf").read_text() == conf
+    assert (folder / "acl.example").read_text() == acl_text(EXAMPLE)
+
+
+# --- who may say and read what --------------------------------------------------------
+
+
+def test_anonymous_and_wrong_password_are_refused(broker, probes):
+    """No anonymous session; a wrong password is refused once, with a clear error."""
+    anon = probes(broker, None)
+    assert anon.connects == ["Not authorized"]
+    assert wait_until(lambda: not anon.connected, 2)
+
+    with pytest.raises(TransportError, match="refused user 'gw-s1-g1'"):
+        check_broker_login(HOST, broker.port, broker.ca, G1, "not-the-password")
+    ok = check_broker_login(HOST, broker.port, broker.ca, G1, broker.password(G1))
+    assert ok == "Success"
+
+
+def test_gateway_cannot_publish_as_another(broker, probes):
+    """g1's messages on g2's topics are refused and reach nobody, its own arrive."""
+    rescorer = probes(broker, "rescorer")
+    operator = probes(broker, "operator")
+    assert rescorer.subscribe("gatewatch/v1/+/+/escalations") == ["Granted QoS 1"]
+    assert rescorer.subscribe("gatewatch/v1/+/+/verdicts") == ["Granted QoS 1"]
+    assert operator.subscribe("gatewatch/v1/+/+/status") == ["Granted QoS 1"]
+    g1 = probes(broker, G1)
+    g2 = probes(broker, G2)
+    assert g2.subscribe(topic("s1", "g2", "verdicts")) == ["Granted QoS 1"]
+    assert g2.subscribe(topic("s1", "g2", "model")) == ["Granted QoS 1"]
+
+    # Spoofed escalation, status, verdict and model update: all refused in PUBACK.
+    spoofs = [
+        topic("s1", "g2", "escalations"),
+        topic("s2", "g1", "escalations"),
+        topic("s1", "g2", "status"),
+        topic("s1", "g2", "verdicts"),
+        topic("s1", "g1", "verdicts"),
+        topic("s1", "g2", "model"),
+        topic("s1", "g1", "model"),
+    ]
+    for name in spoofs:
+        assert g1.publish(name, b"spoof", retain=name.endswith("status")) == (
+            "Not authorized"
+        ), name
+
+    # Then its own messages, which the subscribers with rights do get.
+    assert g1.publish(topic("s1", "g1", "escalations"), b"own") == "Success"
+    assert g1.publish(topic("s1", "g1", "status"), b"up", retain=True) == "Success"
+    assert wait_until(lambda: rescorer.received() and operator.received(), 3)
+    assert rescorer.received() == [b"own"]
+    assert operator.received() == [b"up"]
+    assert g2.received() == []
+    assert g1.connected and len(g1.connects) == 1
+
+
+def test_gateway_reads_only_its_own_verdicts_and_model(broker, probes):
+    """g1 subscribed to g2's topics, even via '#', gets only what is addressed to it."""
+    g1 = probes(broker, G1)
+    g2 = probes(broker, G2)
+    for flt in (topic("s1", "g2", "verdicts"), topic("s1", "g2", "model"),
+                "gatewatch/v1/#", "#"):
+        g1.subscribe(flt)
+    g2.subscribe(topic("s1", "g2", "verdicts"))
+    g2.subscribe(topic("s1", "g2", "model"))
+    rescorer = probes(broker, "rescorer")
+    operator = probes(broker, "operator")
+
+    # Messages for g2 first, for g1 last: once g1 has its own, g2's would have come.
+    assert rescorer.publish(topic("s1", "g2", "verdicts"), b"v-g2") == "Success"
+    assert operator.publish(topic("s1", "g2", "model"), b"m-g2") == "Success"
+    assert rescorer.publish(topic("s1", "g1", "verdicts"), b"v-g1") == "Success"
+    assert operator.publish(topic("s1", "g1", "model"), b"m-g1") == "Success"
+    # (g1 holds overlapping filters, so MQTT v5 sends one copy per match.)
+    assert wait_until(lambda: len(g1.received()) >= 2 and len(g2.received()) >= 2, 3)
+    time.sleep(0.2)
+    assert set(g1.received()) == {b"m-g1", b"v-g1"}
+    assert sorted(g2.received()) == [b"m-g2", b"v-g2"]
+
+    # Nor may the re-scorer push models or the operator forge verdicts.
+    assert rescorer.publish(topic("s1", "g1", "model"), b"x") == "Not authorized"
+    assert operator.publish(topic("s1", "g1", "verdicts"), b"x") == "Not authorized"
+
+
+def test_rescorers_share_all_escalations(broker, probes):
+    """Two re-scorers on one $share group receive every escalation exactly once."""
+    workers = [probes(broker, "rescorer") for _ in range(2)]
+    for worker in workers:
+        assert worker.subscribe(SHARED) == ["Granted QoS 1"]
+    gateways = {G1: ("s1", "g1"), G2: ("s1", "g2"), G3: ("s2", "g1")}
+    senders = {user: probes(broker, user) for user in gateways}
+
+    sent = []
+    for i in range(10):
+        for user, (site, gw) in gateways.items():
+            payload = f"{user}-{i}".encode()
+            assert senders[user].publish(topic(site, gw, "escalations"), payload) == (
+                "Success"
+            )
+            sent.append(payload)
+    total = lambda: sum(len(w.received()) for w in workers)  # noqa: E731
+    assert wait_until(lambda: total() >= len(sent), 5)
+    time.sleep(0.2)
+
+    got = [p for w in workers for p in w.received()]
+    assert sorted(got) == sorted(sent)
+    assert all(w.received() for w in workers), "the broker did not share the load"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="mosquitto 2.0 lets any user take over any client id (SECURITY.md)",
+)
+def test_gateway_cannot_take_over_another_client_id(broker, probes):
+    """A gateway reusing another's client id should not end the other's session."""
+    victim = probes(broker, G1, client_id="gw-s1-g1", reconnect_delay=5)
+    probes(broker, G2, client_id="gw-s1-g1")
+    time.sleep(0.5)
+    assert victim.connected and victim.disconnects == []
+
+
+# --- TLS failures: one clear error, no retry loop -------------------------------------
+
+
+def test_wrong_ca_fails_at_once_with_a_clear_error(broker, tmp_path):
+    """A CA that did not sign the broker's certificate: one TransportError, fast."""
+    other = tmp_path / "other-ca.crt"
+    other.write_bytes(make_ca("someone else").cert_pem)
+
+    start = time.monotonic()
+    with pytest.raises(TransportError, match="not signed by the CA in") as err:
+        check_tls_connect(HOST, broker.port, other, timeout=5)
+    assert time.monotonic() - start < 2
+    assert "certificate verification failed" in str(err.value)
+    with pytest.raises(TransportError, match="not signed by the CA"):
+        check_broker_login(HOST, broker.port, other, G1, broker.password(G1))
+    assert check_tls_connect(HOST, broker.port, broker.ca)["tls_version"]
+
+    # paho's own synchronous connect also raises at once: a verification error.
+    probe = Probe(broker, G1, ca=other)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        probe.client.connect(HOST, broker.port)
+
+
+def test_wrong_ca_in_a_background_client_retries_for_ever(broker, tmp_path):
+    """Why the check exists: paho's loop thread retries a bad CA without end."""
+    other = tmp_path / "other-ca.crt"
+    other.write_bytes(make_ca("someone else").cert_pem)
+    probe = Probe(broker, G1, ca=other, reconnect_delay=0.2).start_async()
+    try:
+        assert wait_until(lambda: probe.connect_fails >= 3, 5)
+        assert probe.connects == []
+    finally:
+        probe.stop()
+
+
+def test_wrong_host_name_fails_at_once_with_a_clear_error():
+    """A certificate that does not name the address used: one error, its names."""
+    need_mosquitto()
+    named = SecureBroker(
+        Deployment(gateways=GATEWAYS, host_names=("mq.gatewatch.test",),
+                   ip_addresses=())
+    ).start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(TransportError, match="not valid for '127.0.0.1'") as err:
+            check_tls_connect(HOST, named.port, named.ca, timeout=5)
+        assert time.monotonic() - start < 2
+        assert "it names: mq.gatewatch.test" in str(err.value)
+        with pytest.raises(TransportError, match="not valid for '127.0.0.1'"):
+            check_broker_login(HOST, named.port, named.ca, G1, named.password(G1))
+
+        # The same certificate is fine for the name it lists.
+        info = check_tls_connect(
+            HOST, named.port, named.ca, server_name="mq.gatewatch.test"
+        )
+        assert info["names"] == "mq.gatewatch.test"
+        probe = Probe(named, G1)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            probe.client.connect(HOST, named.port)
+    finally:
+        named.stop()
+
+
+def test_client_certificate_required_when_configured():
+    """With require_certificate, no client certificate is refused with that reason."""
+    need_mosquitto()
+    strict = SecureBroker(Deployment(gateways=GATEWAYS, require_client_cert=True))
+    strict.start()
+    try:
+        with pytest.raises(TransportError, match="requires a client certificate"):
+            check_tls_connect(HOST, strict.port, strict.ca)
+        cdir = strict.files.clients[G1]
+        ok = check_broker_login(
+            HOST, strict.port, strict.ca, G1, strict.password(G1),
+            certfile=cdir / "client.crt", keyfile=cdir / "client.key",
+        )
+        assert ok == "Success"
+    finally:
+        strict.stop()
+
+
+# --- oversized messages: refused once, no reconnect loop ------------------------------
+
+
+def test_packet_size_formula_and_guard():
+    """The guard passes a packet of exactly the limit and refuses one byte more."""
+    name = topic("s1", "g1", "escalations")
+    # header byte, remaining length (1 byte below 128, 2 below 16384), topic, packet
+    # id (QoS > 0), properties length (MQTT v5), payload
+    size = publish_packet_size(name, 50, qos=1)
+    assert size == 1 + 1 + (2 + len(name) + 2 + 1 + 50)
+    v3_size = 1 + 2 + (2 + len(name) + 200)
+    assert publish_packet_size(name, 200, qos=0, v5=False) == v3_size
+    assert check_publish_size(name, b"x" * 50, qos=1, limit=size) == size
+    with pytest.raises(MessageTooLargeError, match="over the broker's limit"):
+        check_publish_size(name, b"x" * 51, qos=1, limit=size)
+    assert check_publish_size(name, b"x" * 10**6, qos=1, limit=None) > 10**6
+
+    # Across the step where the remaining length grows a byte (16383 -> 16384).
+    for limit in (16383 + 2, 16384 + 3, DEFAULT_MAX_PACKET_SIZE):
+        fits = largest_payload(name, 1, limit)
+        assert publish_packet_size(name, fits, qos=1) <= limit
+        assert publish_packet_size(name, fits + 1, qos=1) > limit
+
+
+def test_oversized_message_is_refused_before_sending_and_the_client_stays(
+    broker, probes
+):
+    """Guarded by the CONNACK limit: the largest packet passes, one byte more fails."""
+    rescorer = probes(broker, "rescorer")
+    rescorer.subscribe("gatewatch/v1/+/+/escalations")
+    g1 = probes(broker, G1)
+    limit = connack_packet_limit(g1.connack_properties)
+    assert limit == DEFAULT_MAX_PACKET_SIZE
+    name = topic("s1", "g1", "escalations")
+
+    # The largest payload the broker takes, computed by the guard, is delivered.
+    fits = largest_payload(name, 1, limit)
+    assert check_publish_size(name, b"a" * fits, qos=1, limit=limit) == limit
+    assert g1.publish(name, b"a" * fits) == "Success"
+
+    # One byte more is refused here, once, and never reaches the wire.
+    with pytest.raises(MessageTooLargeError):
+        check_publish_size(name, b"b" * (fits + 1), qos=1, limit=limit)
+    assert g1.publish(name, b"after") == "Success"
+    assert wait_until(lambda: len(rescorer.received()) >= 2, 3)
+    time.sleep(0.5)
+    assert [len(p) for p in rescorer.received()] == [fits, 5]
+    assert g1.connected and len(g1.connects) == 1 and g1.disconnects == []
+
+
+def _use_message_size_limit(conf: str) -> str:
+    """The generated configuration, message_size_limit for max_packet_size."""
+    lines = conf.splitlines()
+    lines = [ln for ln in lines if not ln.startswith("max_packet_size")]
+    return "\n".join([*lines, f"message_size_limit {DEFAULT_MAX_PACKET_SIZE}", ""])
+
+
+@pytest.mark.parametrize("setting", ["max_packet_size", "message_size_limit"])
+def test_unguarded_oversized_qos1_message_loops_on_this_broker(setting):
+    """Why the guard exists: sent anyway, the message is re-sent after each reconnect.
+
+    With max_packet_size mosquitto 2.0.11 disconnects the client; with
+    message_size_limit it answers PUBACK 0x95, which paho 2.2 takes for a malformed
+    packet and disconnects itself. Either way paho reconnects and sends it again.
+    """
+    need_mosquitto()
+    edit = _use_message_size_limit if setting == "message_size_limit" else None
+    sized = SecureBroker(Deployment(gateways=GATEWAYS), edit=edit).start()
+    g1 = Probe(sized, G1, reconnect_delay=0.2).start()
+    try:
+        # A payload over either limit. (mosquitto 2.0.11 compares max_packet_size
+        # with the remaining length, so it takes up to 5 bytes more than the MQTT
+        # v5 rule the guard follows: the guard errs on the safe side.)
+        payload = b"z" * (DEFAULT_MAX_PACKET_SIZE + 1)
+        g1.client.publish(topic("s1", "g1", "escalations"), payload, qos=1)
+        assert wait_until(lambda: len(g1.connects) >= 3, 8), g1.disconnects
+    finally:
+        g1.stop()
+        sized.stop()
