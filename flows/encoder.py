@@ -228,11 +228,16 @@ def category_key(value: Any) -> str | None:
     return str(value)
 
 
-def _as_columns(columns: Any) -> Mapping[str, Any]:
-    """Accept a mapping of columns, or a pyarrow Table (converted without pyarrow)."""
-    if hasattr(columns, "column_names") and hasattr(columns, "column"):
+def _as_columns(columns: Any, names: Sequence[str] | None = None) -> Mapping[str, Any]:
+    """Accept a mapping of columns, or a pyarrow Table (converted without pyarrow).
+
+    With ``names``, only those columns of a table are converted.
+    """
+    if hasattr(columns, "column_names") and hasattr(columns, "select"):
         from flows.record import table_to_columns
 
+        if names is not None:
+            columns = columns.select([n for n in names if n in columns.column_names])
         return table_to_columns(columns)
     if not isinstance(columns, Mapping):
         raise UsageError(
@@ -513,7 +518,7 @@ class Encoder:
 
     def transform(self, columns: Any) -> np.ndarray:
         """Encode N flows given as columns; returns float32 [N, n_features]."""
-        columns = _as_columns(columns)
+        columns = _as_columns(columns, self.input_fields)
         missing = [n for n in self.input_fields if n not in columns]
         if missing:
             raise BadInputError(

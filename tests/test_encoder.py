@@ -343,3 +343,30 @@ def test_real_nsl_kdd_unseen_services_go_to_other(data_dir):
     unseen = np.array([s not in seen for s in test.column("service").to_pylist()])
     other = X[:, enc.feature_names.index("service:other")] == 1.0
     np.testing.assert_array_equal(other, unseen)
+
+
+def test_arrow_table_input_equals_columns():
+    pa = pytest.importorskip("pyarrow")
+    cols = conn_columns(300, seed=16)
+    table = pa.table({k: pa.array(list(v), from_pandas=True) for k, v in cols.items()})
+    enc = Encoder.fit(table, "conn")
+    same = Encoder.fit(cols, "conn")
+    assert enc.to_json() == same.to_json()
+    assert enc.transform(table).tobytes() == same.transform(cols).tobytes()
+
+
+@pytest.mark.data
+def test_real_ctu_records_equal_batch_rows(data_dir):
+    from flows.datasets import REGISTRY, load_dataset
+
+    for entry in REGISTRY["ctu-conn"].files:
+        data_file(data_dir, entry.path)
+    ds = load_dataset("ctu-conn", data_dir=data_dir)
+    train = ds.table.filter(pytest.importorskip("pyarrow").array(ds.split == "train"))
+    enc = Encoder.fit(train, "conn")
+    assert not any(n.startswith(("src_ip", "dst_ip")) for n in enc.feature_names)
+    X = enc.transform(ds.table)
+    records = ds.table.to_pylist()  # what the agent's record reader hands over
+    assert enc.transform_records(records).tobytes() == X.tobytes()
+    for i in range(0, len(records), 7):
+        assert enc.transform_record(records[i]).tobytes() == X[i].tobytes(), i
