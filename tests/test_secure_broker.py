@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.broker_config import (
     DEFAULT_MAX_PACKET_SIZE,
@@ -51,6 +53,9 @@ EXAMPLE = Deployment(
     port=8883,
 )
 EXAMPLE_DIR = "/etc/mosquitto/gatewatch"
+
+# DISCONNECT reason 0x04, "disconnect with will message": as if the client had died.
+WITH_WILL = ReasonCode(PacketTypes.DISCONNECT, identifier=4)
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +281,24 @@ def test_gateway_reads_only_its_own_verdicts_and_model(broker, probes):
     assert operator.publish(topic("s1", "g1", "verdicts"), b"x") == "Not authorized"
 
 
+def test_gateway_cannot_leave_a_last_will_for_another(broker, probes):
+    """A will on another gateway's status is accepted at CONNECT but never published."""
+    operator = probes(broker, "operator")
+    operator.subscribe("gatewatch/v1/+/+/status")
+    for will_topic, text in ((topic("s1", "g2", "status"), b"offline-spoof"),
+                             (topic("s1", "g1", "status"), b"offline-own")):
+        g1 = Probe(broker, G1)
+        g1.client.will_set(will_topic, text, qos=1, retain=True)
+        g1.start()
+        g1.client.disconnect(reasoncode=WITH_WILL)
+        g1.client.loop_stop()
+
+    # The own will, sent second, arrives; the spoofed one, sent first, never does.
+    own = topic("s1", "g1", "status")
+    assert wait_until(lambda: b"offline-own" in operator.received(own), 3)
+    assert operator.received(topic("s1", "g2", "status")) == []
+
+
 def test_rescorers_share_all_escalations(broker, probes):
     """Two re-scorers on one $share group receive every escalation exactly once."""
     workers = [probes(broker, "rescorer") for _ in range(2)]
@@ -303,6 +326,7 @@ def test_rescorers_share_all_escalations(broker, probes):
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="mosquitto 2.0 lets any user take over any client id (SECURITY.md)",
 )
 def test_gateway_cannot_take_over_another_client_id(broker, probes):
