@@ -66,6 +66,29 @@ def window_keys(columns: Mapping[str, Any], enc: Any) -> np.ndarray:
     return keys
 
 
+def record_key(record: Mapping[str, Any], enc: Any) -> str:
+    """The grouping key of one flow record, equal to :func:`window_keys`' for its row.
+
+    For the streaming form: ``StreamWindower.push(record_key(r, enc), x)``.
+    """
+    group_by = getattr(enc, "group_by", enc)
+    if group_by == "src_ip":
+        host = record.get("src_ip")
+        key = "" if host is None else str(host)
+    elif group_by == "stream":
+        key = ""
+    else:
+        raise UsageError(f"group_by must be 'src_ip' or 'stream', got {group_by!r}")
+    capture = record.get("capture", _ABSENT)
+    if capture is _ABSENT:
+        return key
+    capture = "" if capture is None else str(capture)
+    return capture + KEY_SEPARATOR + key if group_by == "src_ip" else capture
+
+
+_ABSENT = object()
+
+
 def time_order(columns: Mapping[str, Any]) -> np.ndarray | None:
     """Row order for windows: a stable sort by ``ts``, or None (file order) without ts.
 

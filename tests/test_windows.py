@@ -11,6 +11,7 @@ from flows.errors import BadInputError, UsageError
 from flows.windows import (
     StreamWindower,
     gather_windows,
+    record_key,
     time_order,
     window_index,
     window_index_for,
@@ -118,6 +119,17 @@ def test_window_keys_host_stream_and_capture():
     # The same host in two captures never shares a window.
     idx = window_index_for(cols, Settings("src_ip"))
     np.testing.assert_array_equal(idx[2], [-1, -1, 2])
+    # One record's key is its row's key.
+    for by in ("src_ip", "stream"):
+        table = zip(*cols.values(), strict=True)
+        rows = [dict(zip(cols, values, strict=True)) for values in table]
+        assert [record_key(r, Settings(by)) for r in rows] == list(
+            window_keys(cols, Settings(by))
+        )
+        no_capture = [{k: v for k, v in r.items() if k != "capture"} for r in rows]
+        assert [record_key(r, Settings(by)) for r in no_capture] == list(
+            window_keys({k: v for k, v in cols.items() if k != "capture"}, Settings(by))
+        )
     with pytest.raises(BadInputError, match="src_ip"):
         window_keys({"ts": [1.0]}, Settings("src_ip"))
     with pytest.raises(UsageError):
@@ -210,9 +222,11 @@ def test_real_ctu_conn_stream_equals_batch(data_dir):
     # The agent's view: flows arrive in time order, one by one, keyed by host.
     order = time_order(columns)
     keys = window_keys(columns, enc)
+    records = ds.table.to_pylist()
     stream = StreamWindower(enc.window, enc.n_features, max_hosts=10_000)
     got = np.empty_like(batch)
     for row in order:
-        got[row] = stream.push(keys[row], X[row])
+        assert record_key(records[row], enc) == keys[row]
+        got[row] = stream.push(record_key(records[row], enc), X[row])
     assert got.tobytes() == batch.tobytes()
     assert len(stream) == len(set(keys.tolist()))
