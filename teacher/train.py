@@ -140,6 +140,14 @@ def score_rows(
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
+def _sync_buffers(model: nn.Module) -> None:
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
@@ -289,6 +297,11 @@ def fit(
             scaler.update()
             total += float(loss.detach()) * len(mine)
             seen += len(mine)
+
+        # BatchNorm statistics: each rank's last forward updated them on its own
+        # slice, so take rank 0's; then every rank holds the same model.
+        if distributed:
+            _sync_buffers(model)
 
         # Validation on every rank (same weights, same numbers, no gather needed).
         z = score_rows(model, val_windows, va, device)
