@@ -1,0 +1,200 @@
+"""The packet flow meter: pcap, pcapng and live interfaces to Zeek-style conn records.
+
+Three entry points, all giving canonical flow records (:mod:`flows.record`) with the
+meanings of Zeek's conn.log:
+
+- :func:`read_capture` reads one capture file into a :class:`~flows.readers.result.
+  ReadResult` (family ``conn``, format ``pcap`` or ``pcapng``) with counters in
+  ``stats``;
+- :func:`iter_flows` yields records one by one as connections end, from a capture
+  file or a live interface (``iface:NAME``), for the edge agent;
+- :class:`FlowMeter` takes frames one at a time from any source.
+
+Damage: a capture cut short (mid-record, mid-block, or empty) keeps every packet
+before the cut, sets ``partial`` and adds one warning naming the file and byte
+offset. Damaged packets inside a readable file (headers cut, impossible header
+fields, an unknown link type, a record cut below the snap length) are counted and
+skipped or kept as far as they go, with the same single warning. Bytes that cannot
+be a record or block at all stop the read there: with ``on_error="skip"`` the result
+is returned as partial; with ``on_error="fail"`` a
+:class:`~flows.errors.PartialInputError` is raised that carries it as ``exc.result``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from flows import logger
+from flows.errors import BadInputError, PartialInputError, UsageError
+from flows.meter.capture import CaptureReader, Damage
+from flows.meter.meter import FlowMeter, Timeouts
+
+__all__ = ["FlowMeter", "Timeouts", "iter_flows", "iter_live", "read_capture"]
+
+ON_ERROR = ("fail", "skip")
+
+
+def read_capture(
+    path: str | Path,
+    *,
+    on_error: str = "fail",
+    timeouts: Timeouts | None = None,
+    max_flows: int = 1_000_000,
+    check_checksums: bool = False,
+    uid_seed: str | None = None,
+):
+    """Read one pcap or pcapng file into a canonical conn table (see the module doc).
+
+    ``stats`` holds ``packets``, ``bytes``, ``link_types`` (name -> packets),
+    ``flows``, ``skipped`` (reason -> packets), ``evictions``, ``ended`` (reason ->
+    flows), ``snap_cut_packets``, ``fragments_reassembled``, ``format``,
+    ``interfaces`` and ``damage`` (None, or kind, offset and message).
+    """
+    from flows.readers.result import ReadResult
+    from flows.record import CONN_FIELD_NAMES, columns_to_table
+
+    if on_error not in ON_ERROR:
+        raise UsageError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    path = str(path)
+    meter = FlowMeter(timeouts, max_flows=max_flows, check_checksums=check_checksums,
+                      uid_seed=uid_seed)
+    reader = _open(path)
+    records: list[dict] = []
+    meter_feed = meter.feed
+    snaps = _snaplens(reader)
+    for ts, link, data, wire, offset in reader:
+        meter_feed(ts, link, data, wire, offset, snaps.get(link, 0))
+        if meter.done:
+            records.extend(meter.pop_done())
+    records.extend(meter.flush())
+    records.sort(key=lambda r: r["ts"])
+
+    columns = {name: [r[name] for r in records] for name in CONN_FIELD_NAMES}
+    table = columns_to_table(columns)
+    stats = meter.stats
+    stats["format"] = reader.format
+    stats["interfaces"] = [
+        {"link_type": link, "snaplen": snap} for link, snap in reader.interfaces
+    ]
+    warning, damage = _damage_note(path, reader.damage, meter)
+    stats["damage"] = damage
+    result = ReadResult(
+        table, reader.format or "pcap", "conn",
+        skipped=sum(meter.skipped.values()) - meter.skipped.get("non_ip", 0)
+        - meter.skipped.get("fragments_held", 0) - meter.skipped.get("other_ip_protocol", 0),
+        warnings=[warning] if warning else [],
+        partial=warning is not None,
+        stats=stats,
+    )
+    if warning:
+        logger.warning(warning)
+    logger.info("%s: %d packets, %d flows (%s)", path, meter.packets, meter.flows,
+                reader.format)
+    if reader.damage is not None and reader.damage.kind == "garbage" and on_error == "fail":
+        exc = PartialInputError(reader.damage.message + "; the packets before it were "
+                                "kept", path=path, offset=reader.damage.offset)
+        exc.result = result
+        raise exc
+    return result
+
+
+def iter_flows(
+    source: str | Path,
+    *,
+    on_error: str = "fail",
+    timeouts: Timeouts | None = None,
+    max_flows: int = 1_000_000,
+    check_checksums: bool = False,
+) -> Iterator[dict]:
+    """Yield canonical records as connections end, from a capture or ``iface:NAME``.
+
+    ``source`` is a capture file path (``pcap:`` prefix allowed) or ``iface:NAME``
+    for live capture (see :func:`iter_live`). At the end of a file every open
+    connection is ended and yielded. Damage is logged as one warning; bytes that
+    cannot be a record raise :class:`~flows.errors.PartialInputError` after every
+    flow before them was yielded, unless ``on_error="skip"``.
+    """
+    text = str(source)
+    if text.startswith("iface:"):
+        yield from iter_live(text[len("iface:"):], timeouts=timeouts,
+                             max_flows=max_flows, check_checksums=check_checksums)
+        return
+    if text.startswith("pcap:"):
+        text = text[len("pcap:"):]
+    meter = FlowMeter(timeouts, max_flows=max_flows, check_checksums=check_checksums)
+    reader = _open(text)
+    snaps = _snaplens(reader)
+    for ts, link, data, wire, offset in reader:
+        meter.feed(ts, link, data, wire, offset, snaps.get(link, 0))
+        if meter.done:
+            yield from meter.pop_done()
+    yield from meter.flush()
+    warning, _ = _damage_note(text, reader.damage, meter)
+    if warning:
+        logger.warning(warning)
+    if reader.damage is not None and reader.damage.kind == "garbage" and on_error == "fail":
+        raise PartialInputError(reader.damage.message + "; the flows before it were "
+                                "yielded", path=text, offset=reader.damage.offset)
+
+
+def iter_live(name: str, **kwargs) -> Iterator[dict]:
+    """Yield records from a live interface (needs a libpcap binding and privilege)."""
+    from flows.meter.live import iter_live as _iter_live
+
+    yield from _iter_live(name, **kwargs)
+
+
+def _open(path: str) -> CaptureReader:
+    p = Path(path)
+    if not p.exists():
+        raise BadInputError("no such file", path=path)
+    if p.is_dir():
+        raise BadInputError("is a folder, expected a capture file", path=path)
+    return _SnapReader(path)
+
+
+class _SnapReader(CaptureReader):
+    """A reader that exposes the snap length of each link type as it learns them."""
+
+
+def _snaplens(reader: CaptureReader) -> dict:
+    """A live view: link type -> snap length, filled while the reader runs."""
+
+    class _View(dict):
+        def get(self, link, default=0):  # noqa: D401 - dict protocol
+            for lt, snap in reader.interfaces:
+                if lt == link:
+                    return snap
+            return default
+
+    return _View()
+
+
+def _damage_note(path: str, damage: Damage | None, meter: FlowMeter):
+    """One warning sentence for the first damage found, and its stats entry."""
+    found = []
+    if damage is not None:
+        found.append((damage.offset, damage.message, damage.kind))
+    if meter.damage is not None:
+        extra = meter.damage.count - 1
+        msg = meter.damage.message
+        if extra:
+            msg += f" (and {extra} more damaged packets: " + ", ".join(
+                f"{k} {v}" for k, v in sorted(meter.damage.reasons.items())) + ")"
+        found.append((meter.damage.offset, msg, "packet"))
+    if not found:
+        return None, None
+    found.sort()
+    offset, message, kind = found[0]
+    others = [f"{m} at byte offset {o}" for o, m, _ in found[1:]]
+    text = f"{path}: byte offset {offset}: {message}"
+    if kind == "cut":
+        text += "; every packet before it was kept"
+    if others:
+        text += "; also " + "; ".join(others)
+    info = {"kind": kind, "offset": offset, "message": message}
+    if meter.damage is not None:
+        info["damaged_packets"] = meter.damage.count
+        info["reasons"] = dict(meter.damage.reasons)
+    return text, info

@@ -1,0 +1,268 @@
+"""Streaming readers of pcap and pcapng files: packets out, damage noted, not raised.
+
+:class:`CaptureReader` reads a file in chunks, so memory stays flat whatever the file
+size, and yields one tuple per packet: ``(ts, link_type, data, wire_len, offset)``.
+``data`` holds the captured bytes, ``wire_len`` the length the packet had on the
+wire and ``offset`` the byte offset of its record (or block) in the file.
+
+Damage never raises here. The reader stops at the first place it cannot go past
+and records it in :attr:`CaptureReader.damage` (a :class:`Damage`), so the caller
+keeps every packet before it. ``kind`` is ``"cut"`` when the file ends inside a
+header, a record or a block (a capture still being written, a copy cut short, an
+empty file) and ``"garbage"`` when the bytes cannot be a record or block at all.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+PCAP_MAGIC_US = 0xA1B2C3D4
+PCAP_MAGIC_NS = 0xA1B23C4D
+PCAPNG_SHB = 0x0A0D0D0A
+PCAPNG_BOM = 0x1A2B3C4D
+
+# A record longer than this is taken as garbage, whatever the header's snap length
+# says (the largest real snap length is 256 KiB; USB and D-Bus captures go to 128 MiB
+# in theory, which no gateway capture uses).
+MAX_RECORD = 1 << 20
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Damage:
+    """Where and how a capture stops making sense."""
+
+    kind: str  # "cut" or "garbage"
+    offset: int
+    message: str
+
+
+class CaptureReader:
+    """Iterate over the packets of one pcap or pcapng file (see the module doc).
+
+    After iteration, :attr:`damage` says whether and where the file was damaged,
+    :attr:`format` is ``"pcap"`` or ``"pcapng"``, :attr:`link_types` counts packets
+    per link type and :attr:`packets` counts the packets yielded.
+    """
+
+    def __init__(self, path: str, fh=None) -> None:
+        self.path = str(path)
+        self._fh = fh
+        self.format: str | None = None
+        self.damage: Damage | None = None
+        self.link_types: Counter = Counter()
+        self.packets = 0
+        self.interfaces: list[tuple[int, int]] = []  # (link type, snap length)
+
+    # The buffer: ``_buf[_pos:]`` holds unread bytes starting at file offset _base.
+    def _fill(self, need: int) -> bool:
+        """Make at least ``need`` unread bytes available; False at end of file."""
+        while len(self._buf) - self._pos < need:
+            more = self._fh.read(max(_CHUNK, need))
+            if not more:
+                return False
+            self._base += self._pos
+            self._buf = self._buf[self._pos:] + more
+            self._pos = 0
+        return True
+
+    def _offset(self) -> int:
+        return self._base + self._pos
+
+    def _stop(self, kind: str, message: str, offset: int | None = None) -> None:
+        self.damage = Damage(kind, self._offset() if offset is None else offset, message)
+
+    def __iter__(self) -> Iterator[tuple[float, int, bytes, int, int]]:
+        own = self._fh is None
+        if own:
+            self._fh = open(self.path, "rb")
+        self._buf = b""
+        self._pos = 0
+        self._base = 0
+        try:
+            if not self._fill(4):
+                left = len(self._buf) - self._pos
+                self._stop("cut", "the file is empty" if left == 0 else
+                           f"the file ends after {left} bytes, inside the file header")
+                return
+            magic_le = struct.unpack_from("<I", self._buf, self._pos)[0]
+            if magic_le == PCAPNG_SHB:
+                self.format = "pcapng"
+                yield from self._pcapng()
+            elif magic_le in (PCAP_MAGIC_US, PCAP_MAGIC_NS) or struct.unpack_from(
+                ">I", self._buf, self._pos
+            )[0] in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
+                self.format = "pcap"
+                yield from self._pcap()
+            else:
+                self._stop("garbage", f"not a pcap or pcapng file (magic {magic_le:#010x})")
+        finally:
+            if own:
+                self._fh.close()
+
+    # -- pcap -------------------------------------------------------------------------
+
+    def _pcap(self) -> Iterator[tuple[float, int, bytes, int, int]]:
+        if not self._fill(24):
+            self._stop("cut", "the file ends inside the 24-byte pcap file header")
+            return
+        buf, pos = self._buf, self._pos
+        magic = struct.unpack_from("<I", buf, pos)[0]
+        if magic in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
+            order = "<"
+        else:
+            order = ">"
+            magic = struct.unpack_from(">I", buf, pos)[0]
+        scale = 1e-9 if magic == PCAP_MAGIC_NS else 1e-6
+        _, _, _, _, snaplen, link_raw = struct.unpack_from(order + "HHiIII", buf, pos + 4)
+        link = link_raw & 0x0FFFFFFF
+        self.interfaces.append((link, snaplen))
+        self._pos += 24
+        rec = struct.Struct(order + "IIII")
+        unpack = rec.unpack_from
+        counts = 0
+        try:
+            while True:
+                if len(self._buf) - self._pos < 16 and not self._fill(16):
+                    left = len(self._buf) - self._pos
+                    if left:
+                        self._stop("cut", f"the file ends inside a record header "
+                                          f"({left} of 16 bytes)")
+                    return
+                buf, pos = self._buf, self._pos
+                sec, frac, incl, orig = unpack(buf, pos)
+                if incl > MAX_RECORD or (orig and incl > orig + 16 and incl > snaplen):
+                    self._stop("garbage", f"record header claims {incl} captured bytes "
+                                          f"(wire length {orig}, snap length {snaplen})")
+                    return
+                if len(buf) - pos < 16 + incl:
+                    if not self._fill(16 + incl):
+                        left = len(self._buf) - self._pos - 16
+                        self._stop("cut", f"the file ends inside a packet record "
+                                          f"({left} of {incl} captured bytes)")
+                        return
+                    buf, pos = self._buf, self._pos
+                offset = self._base + pos
+                self._pos = pos + 16 + incl
+                counts += 1
+                yield (sec + frac * scale, link, buf[pos + 16:pos + 16 + incl],
+                       orig or incl, offset)
+        finally:
+            self.packets += counts
+            if counts:
+                self.link_types[link] += counts
+
+    # -- pcapng -----------------------------------------------------------------------
+
+    def _pcapng(self) -> Iterator[tuple[float, int, bytes, int, int]]:
+        order = "<"
+        ifaces: list[tuple[int, int, float, float]] = []  # link, snap, scale, offset
+        first = True
+        while True:
+            if not self._fill(12):
+                left = len(self._buf) - self._pos
+                if left:
+                    self._stop("cut", f"the file ends inside a block header "
+                                      f"({left} of 12 bytes)")
+                return
+            buf, pos = self._buf, self._pos
+            btype = struct.unpack_from("<I", buf, pos)[0]
+            if btype == PCAPNG_SHB:
+                bom = buf[pos + 8:pos + 12]
+                if bom == b"\x4d\x3c\x2b\x1a":
+                    order = "<"
+                elif bom == b"\x1a\x2b\x3c\x4d":
+                    order = ">"
+                else:
+                    self._stop("garbage", "section header block with an unknown "
+                                          "byte-order magic")
+                    return
+                ifaces = []
+            elif first:
+                self._stop("garbage", "pcapng file does not start with a section header")
+                return
+            first = False
+            btype, blen = struct.unpack_from(order + "II", buf, pos)
+            if blen < 12 or blen % 4 or blen > MAX_RECORD + 64:
+                self._stop("garbage", f"block of type {btype:#x} claims a length of "
+                                      f"{blen} bytes")
+                return
+            if not self._fill(blen):
+                left = len(self._buf) - self._pos
+                self._stop("cut", f"the file ends inside a block of type {btype:#x} "
+                                  f"({left} of {blen} bytes)")
+                return
+            buf, pos = self._buf, self._pos
+            offset = self._base + pos
+            trail = struct.unpack_from(order + "I", buf, pos + blen - 4)[0]
+            if trail != blen:
+                self._stop("garbage", f"block of type {btype:#x} has a trailing length "
+                                      f"of {trail}, expected {blen}")
+                return
+            body = buf[pos + 8:pos + blen - 4]
+            self._pos = pos + blen
+            if btype == 1:
+                ifaces.append(_parse_idb(body, order))
+                self.interfaces.append(ifaces[-1][:2])
+                continue
+            if btype in (6, 2, 3):
+                packet = _parse_packet_block(btype, body, order, ifaces)
+                if isinstance(packet, str):
+                    self._stop("garbage", packet, offset)
+                    return
+                ts, link, data, wire = packet
+                self.packets += 1
+                self.link_types[link] += 1
+                yield ts, link, data, wire, offset
+            # Other block types (name resolution, statistics, custom) carry no packets.
+
+
+def _parse_idb(body: bytes, order: str) -> tuple[int, int, float, float]:
+    """Link type, snap length, time scale and time offset of one interface block."""
+    link, _, snap = struct.unpack_from(order + "HHI", body, 0)
+    scale, tsoff = 1e-6, 0.0
+    pos = 8
+    while pos + 4 <= len(body):
+        code, length = struct.unpack_from(order + "HH", body, pos)
+        if code == 0:
+            break
+        value = body[pos + 4:pos + 4 + length]
+        if code == 9 and length >= 1:
+            res = value[0]
+            scale = 2.0 ** -(res & 0x7F) if res & 0x80 else 10.0 ** -res
+        elif code == 14 and length >= 8:
+            tsoff = float(struct.unpack_from(order + "q", value, 0)[0])
+        pos += 4 + ((length + 3) & ~3)
+    return link, snap, scale, tsoff
+
+
+def _parse_packet_block(btype: int, body: bytes, order: str, ifaces: list):
+    """``(ts, link, data, wire_len)`` of an EPB, OPB or SPB; a message if it is bad."""
+    if btype == 3:
+        if not ifaces:
+            return "simple packet block before any interface description block"
+        link, snap, _, _ = ifaces[0]
+        wire = struct.unpack_from(order + "I", body, 0)[0]
+        cap = min(wire, len(body) - 4, snap or wire)
+        return 0.0, link, body[4:4 + cap], wire
+    if btype == 6:
+        if len(body) < 20:
+            return "enhanced packet block shorter than its fixed fields"
+        iface, hi, lo, cap, wire = struct.unpack_from(order + "IIIII", body, 0)
+        data_at = 20
+    else:
+        if len(body) < 20:
+            return "packet block shorter than its fixed fields"
+        iface, _, hi, lo, cap, wire = struct.unpack_from(order + "HHIIII", body, 0)
+        data_at = 20
+    if iface >= len(ifaces):
+        return f"packet block names interface {iface}, but only {len(ifaces)} are described"
+    if data_at + cap > len(body):
+        return f"packet block claims {cap} captured bytes but holds {len(body) - data_at}"
+    link, _, scale, tsoff = ifaces[iface]
+    ts = ((hi << 32) | lo) * scale + tsoff
+    return ts, link, body[data_at:data_at + cap], wire or cap

@@ -1,0 +1,430 @@
+"""The flow meter: packets in, Zeek-style connection records out as flows end.
+
+:class:`FlowMeter` keeps the table of open connections. Feed it frames with
+:meth:`FlowMeter.feed` (or whole captures with :meth:`FlowMeter.feed_capture`); the
+records of connections that ended come back from :meth:`FlowMeter.pop_done`, and
+:meth:`FlowMeter.flush` ends the rest at the end of the input.
+
+A connection ends as in Zeek: when its inactivity timeout passes (TCP 5 min, UDP and
+ICMP 1 min by default, see :class:`Timeouts`), 5 s after both sides closed or a side
+reset it, 5 s after an unanswered SYN, when a new SYN reuses the 5-tuple of a closed
+connection, or at the end of the input. The table holds at most ``max_flows``
+connections; past that the least recently active are ended early and counted as
+evictions in :attr:`FlowMeter.stats`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+from flows.meter.conn import ACK, INACTIVE, RST, SYN, SYN_ACK_SENT, SYN_SENT, Conn
+from flows.meter.decode import (
+    ICMP,
+    LINK_NAMES,
+    SKIP_BOGUS,
+    SKIP_CUT,
+    SKIP_LINK,
+    SKIP_NAMES,
+    SKIP_WIRE,
+    TCP,
+    UDP,
+    Decoder,
+)
+
+# Ports Zeek's default scripts list in ``likely_server_ports``; a connection whose
+# first packet is not a SYN is turned around when only its source port is here.
+TCP_SERVER_PORTS = frozenset((
+    21, 22, 23, 25, 53, 80, 81, 88, 110, 111, 135, 139, 143, 389, 443, 445, 502,
+    563, 585, 587, 614, 631, 636, 989, 990, 992, 993, 995, 1080, 1433, 1883, 2811,
+    3128, 3268, 3306, 3389, 5060, 5222, 5223, 5269, 5432, 6379, 6666, 6667, 6668,
+    6669, 8000, 8080, 8443, 8888, 20000,
+))
+UDP_SERVER_PORTS = frozenset((
+    53, 67, 69, 88, 123, 137, 161, 162, 514, 1812, 1813, 2123, 2152, 3544, 4789,
+    5060, 5072, 5353, 5355, 6081,
+))
+
+# ICMP request/reply pairs (Zeek puts the type in the source port and the
+# counterpart's type in the destination port; one-way messages put the code there).
+ICMP4_PAIRS = {8: 0, 0: 8, 13: 14, 14: 13, 15: 16, 16: 15, 10: 9, 9: 10, 17: 18, 18: 17}
+ICMP6_PAIRS = {128: 129, 129: 128, 133: 134, 134: 133, 135: 136, 136: 135,
+               130: 131, 131: 130, 139: 140, 140: 139, 144: 145, 145: 144}
+
+_tcp_hdr = struct.Struct("!HHIIBBH").unpack_from
+_u16x2 = struct.Struct("!HH").unpack_from
+_INF = float("inf")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Inactivity timeouts and TCP delete delays in seconds (Zeek's defaults)."""
+
+    tcp: float = 300.0
+    udp: float = 60.0
+    icmp: float = 60.0
+    tcp_close_delay: float = 5.0
+    tcp_reset_delay: float = 5.0
+    tcp_attempt_delay: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("tcp", "udp", "icmp", "tcp_close_delay", "tcp_reset_delay",
+                     "tcp_attempt_delay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                from flows.errors import UsageError
+
+                raise UsageError(f"timeout {name} must be a number of seconds >= 0, "
+                                 f"got {value!r}")
+
+
+@dataclass
+class PacketDamage:
+    """The first damaged packet of an input, and how many there were."""
+
+    offset: int
+    message: str
+    count: int = 1
+    reasons: Counter = field(default_factory=Counter)
+
+
+class FlowMeter:
+    """Turn packets into canonical conn records (see the module doc).
+
+    ``check_checksums`` drops TCP/UDP/ICMP packets whose checksum is wrong and marks
+    ``C`` in the history, as Zeek does without ``-C``; it is off by default because
+    captures taken on the sending host carry offloaded (unfilled) checksums.
+    ``uid_seed`` makes the uids reproducible.
+    """
+
+    def __init__(
+        self,
+        timeouts: Timeouts | None = None,
+        *,
+        max_flows: int = 1_000_000,
+        check_checksums: bool = False,
+        tcp_server_ports: frozenset[int] = TCP_SERVER_PORTS,
+        udp_server_ports: frozenset[int] = UDP_SERVER_PORTS,
+        uid_seed: str | None = None,
+    ) -> None:
+        if max_flows < 1:
+            from flows.errors import UsageError
+
+            raise UsageError(f"max_flows must be at least 1, got {max_flows}")
+        self.timeouts = timeouts or Timeouts()
+        self.max_flows = max_flows
+        self.check_checksums = check_checksums
+        self.tcp_server_ports = tcp_server_ports
+        self.udp_server_ports = udp_server_ports
+        self._salt = uid_seed if uid_seed is not None else os.urandom(8).hex()
+        self._uids = 0
+        self.decoder = Decoder()
+        self.table: dict[tuple, Conn] = {}
+        self.done: list[dict] = []
+        self.packets = 0
+        self.bytes = 0
+        self.link_types: Counter = Counter()
+        self.skipped: Counter = Counter()
+        self.ended: Counter = Counter()  # why connections ended
+        self.evicted = 0
+        self.flows = 0
+        self.snap_cut = 0
+        self.damage: PacketDamage | None = None
+        self.first_ts: float | None = None
+        self.last_ts: float | None = None
+        self._next_sweep = -_INF
+
+    # -- input --------------------------------------------------------------------
+
+    def feed(self, ts: float, link: int, data: bytes, wire: int,
+             offset: int | None = None, snaplen: int = 0) -> None:
+        """One captured frame: its time, link type, bytes and length on the wire."""
+        self.packets += 1
+        self.bytes += wire
+        self.link_types[link] += 1
+        if self.first_ts is None:
+            self.first_ts = ts
+        if self.last_ts is None or ts > self.last_ts:
+            self.last_ts = ts
+        if ts >= self._next_sweep:
+            self._sweep(ts)
+        if len(data) < wire:
+            self.snap_cut += 1
+            if snaplen and len(data) < snaplen:
+                self._damaged(offset, "cut_below_snaplen",
+                              f"packet record holds {len(data)} of {wire} bytes, "
+                              f"less than the snap length {snaplen}")
+        pkt = self.decoder.decode(link, data, wire, ts)
+        if type(pkt) is int:
+            self.skipped[SKIP_NAMES[pkt]] += 1
+            if pkt == SKIP_CUT:
+                self._damaged(offset, "cut_header",
+                              f"packet ({len(data)} of {wire} bytes captured) is cut "
+                              "inside its headers")
+            elif pkt == SKIP_BOGUS:
+                self._damaged(offset, "bad_header", "packet has an impossible IP header")
+            elif pkt == SKIP_WIRE:
+                self._damaged(offset, "truncated_ip",
+                              "IP total length exceeds the packet's length on the wire")
+            elif pkt == SKIP_LINK:
+                self._damaged(offset, "unknown_link_type", f"unknown link type {link}")
+            return
+        self._ip(ts, pkt, offset)
+
+    def _damaged(self, offset: int | None, reason: str, message: str) -> None:
+        if self.damage is None:
+            self.damage = PacketDamage(offset if offset is not None else -1, message, 0)
+        self.damage.count += 1
+        self.damage.reasons[reason] += 1
+
+    def _ip(self, ts: float, pkt: tuple, offset: int | None) -> None:
+        ver, src, dst, proto, ip_len, l4, l4_len = pkt
+        n = len(l4)
+        if proto == TCP:
+            if n < 20:
+                self.skipped["cut_header"] += 1
+                self._damaged(offset, "cut_header", "TCP header is cut")
+                return
+            sport, dport, seq, ack, doff, flags, win = _tcp_hdr(l4, 0)
+            hlen = (doff >> 4) << 2
+            if hlen < 20 or hlen > l4_len:
+                self.skipped["bad_header"] += 1
+                self._damaged(offset, "bad_header", "TCP header length is impossible")
+                return
+            length = l4_len - hlen
+            captured = n - hlen if n > hlen else 0
+            if captured > length:
+                captured = length
+            bad = self.check_checksums and n >= l4_len and not _sum_ok(
+                ver, src, dst, TCP, l4, l4_len)
+            if src < dst or (src == dst and sport <= dport):
+                key = (6, src, sport, dst, dport)
+            else:
+                key = (6, dst, dport, src, sport)
+            c = self.table.get(key)
+            if c is not None and self._ended_before(c, ts):
+                c = None
+            if c is not None and flags & SYN and _is_reuse(c, flags, seq):
+                self._end(c, "reused")
+                c = None
+            if c is None:
+                flip = False
+                if flags & (SYN | ACK) == SYN | ACK:
+                    flip = True
+                elif not (flags & SYN) or flags & ACK:
+                    flip = self._likely_flip(sport, dport, dst, self.tcp_server_ports)
+                c = self._new("tcp", ver, src, sport, dst, dport, ts, key, flip)
+            is_orig = src == c.orig_h and sport == c.orig_p
+            if bad:
+                c.scaled(c.orig if is_orig else c.resp, "C")
+                return
+            c.tcp(ts, is_orig, ip_len, flags, seq, ack, win, length, captured,
+                  self.timeouts)
+            return
+
+        if proto == UDP:
+            if n < 8:
+                self.skipped["cut_header"] += 1
+                self._damaged(offset, "cut_header", "UDP header is cut")
+                return
+            sport, dport = _u16x2(l4, 0)
+            ulen = _u16x2(l4, 4)[0]
+            payload = (ulen if 8 <= ulen <= l4_len else l4_len) - 8
+            if payload < 0:
+                payload = 0
+            bad = (self.check_checksums and n >= l4_len and (ver == 6 or l4[6:8] != b"\0\0")
+                   and not _sum_ok(ver, src, dst, UDP, l4, l4_len))
+            if src < dst or (src == dst and sport <= dport):
+                key = (17, src, sport, dst, dport)
+            else:
+                key = (17, dst, dport, src, sport)
+            c = self.table.get(key)
+            if c is not None and self._ended_before(c, ts):
+                c = None
+            if c is None:
+                flip = self._likely_flip(sport, dport, dst, self.udp_server_ports)
+                c = self._new("udp", ver, src, sport, dst, dport, ts, key, flip)
+            c.udp(ts, src == c.orig_h and sport == c.orig_p, ip_len, payload, bad)
+            return
+
+        # ICMP and ICMPv6
+        if n < 4:
+            self.skipped["cut_header"] += 1
+            self._damaged(offset, "cut_header", "ICMP header is cut")
+            return
+        itype, code = l4[0], l4[1]
+        pairs = ICMP4_PAIRS if proto == ICMP else ICMP6_PAIRS
+        counter = pairs.get(itype)
+        one_way = counter is None
+        if one_way:
+            counter = code
+        payload = l4_len - 8 if l4_len > 8 else 0
+        bad = self.check_checksums and n >= l4_len and not _sum_ok(
+            ver, src, dst, proto, l4, l4_len)
+        if one_way:
+            key = (1, src, itype, dst, counter, 1)
+        elif src < dst or (src == dst and itype <= counter):
+            key = (1, src, itype, dst, counter)
+        else:
+            key = (1, dst, counter, src, itype)
+        c = self.table.get(key)
+        if c is not None and self._ended_before(c, ts):
+            c = None
+        if c is None:
+            c = self._new("icmp", ver, src, itype, dst, counter, ts, key, False)
+        c.icmp(ts, src == c.orig_h and itype == c.orig_p, ip_len, payload, bad)
+
+    def _likely_flip(self, sport: int, dport: int, dst: bytes, ports) -> bool:
+        """Zeek's guess for a first packet that is not a SYN: servers own known ports."""
+        if sport not in ports or dport in ports:
+            return False
+        # Never make a broadcast or multicast address the originator.
+        if len(dst) == 4:
+            return not (dst == b"\xff\xff\xff\xff" or 224 <= dst[0] <= 239)
+        return dst[0] != 0xFF
+
+    def _new(self, proto: str, ver: int, src: bytes, sport: int, dst: bytes,
+             dport: int, ts: float, key: tuple, flip: bool) -> Conn:
+        if len(self.table) >= self.max_flows:
+            self._evict(ts)
+        c = Conn(proto, ver, src, sport, dst, dport, ts, key)
+        if flip:
+            c.flip()
+        self.table[key] = c
+        return c
+
+    # -- ending connections -------------------------------------------------------
+
+    def _timeout(self, c: Conn) -> float:
+        t = self.timeouts
+        return t.tcp if c.proto == "tcp" else t.udp if c.proto == "udp" else t.icmp
+
+    def _ended_before(self, c: Conn, ts: float) -> bool:
+        """End ``c`` if one of Zeek's timers would have removed it by ``ts``."""
+        why = self._why_over(c, ts)
+        if why is None:
+            return False
+        self._end(c, why)
+        return True
+
+    def _why_over(self, c: Conn, ts: float) -> str | None:
+        if ts >= c.remove_at:
+            return "closed"
+        if ts - c.last_ts >= self._timeout(c):
+            return "inactive"
+        if (c.attempt_at != _INF and ts >= c.attempt_at + self.timeouts.tcp_attempt_delay
+                and c.orig.state in (SYN_SENT, SYN_ACK_SENT) and c.resp.state == INACTIVE):
+            return "attempt"
+        return None
+
+    def _end(self, c: Conn, why: str) -> None:
+        if self.table.get(c.key) is c:
+            del self.table[c.key]
+        self.ended[why] += 1
+        rec = c.record()
+        rec["uid"] = self._uid()
+        self.flows += 1
+        self.done.append(rec)
+
+    def _uid(self) -> str:
+        self._uids += 1
+        digest = hashlib.blake2b(f"{self._salt}:{self._uids}".encode(),
+                                 digest_size=12).digest()
+        n = int.from_bytes(digest, "big")
+        chars = []
+        for _ in range(17):
+            n, r = divmod(n, 62)
+            chars.append(_B62[r])
+        return "C" + "".join(chars)
+
+    def _sweep(self, ts: float) -> None:
+        """End every connection whose timer has run out by ``ts``."""
+        for c in list(self.table.values()):
+            if self._why_over(c, ts) is not None:
+                self._ended_before(c, ts)
+        self._next_sweep = ts + 1.0
+
+    def _evict(self, ts: float) -> None:
+        """Make room: end expired connections, else the least recently active 1%."""
+        self._sweep(ts)
+        if len(self.table) < self.max_flows:
+            return
+        n = max(1, len(self.table) // 100)
+        victims = sorted(self.table.values(), key=lambda c: c.last_ts)[:n]
+        for c in victims:
+            self.evicted += 1
+            self._end(c, "evicted")
+
+    def pop_done(self) -> list[dict]:
+        """The records of connections that ended since the last call."""
+        out, self.done = self.done, []
+        return out
+
+    def flush(self) -> list[dict]:
+        """End every open connection (end of input) and return all pending records."""
+        for c in list(self.table.values()):
+            self._end(c, "end_of_input")
+        return self.pop_done()
+
+    @property
+    def stats(self) -> dict:
+        """Counters for ``flows inspect``: packets, link types, flows, skips, ends."""
+        return {
+            "packets": self.packets,
+            "bytes": self.bytes,
+            "link_types": {LINK_NAMES.get(k, str(k)): v for k, v in self.link_types.items()},
+            "flows": self.flows,
+            "open_flows": len(self.table),
+            "skipped": dict(self.skipped),
+            "snap_cut_packets": self.snap_cut,
+            "fragments_reassembled": self.decoder.reassembled,
+            "fragments_dropped": self.decoder.frags_dropped,
+            "ended": dict(self.ended),
+            "evictions": self.evicted,
+            "max_flows": self.max_flows,
+            "first_ts": self.first_ts,
+            "last_ts": self.last_ts,
+            "damaged_packets": self.damage.count if self.damage else 0,
+        }
+
+
+_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _is_reuse(c: Conn, flags: int, seq: int) -> bool:
+    """Zeek's reuse rule: a new initial SYN on a 5-tuple that is closed or moved on."""
+    conn_orig = c.orig
+    if flags & ACK:
+        if c.orig.state != INACTIVE:
+            return False
+        conn_orig = c.resp
+    closed = c.orig.did_close or c.resp.did_close or c.remove_at != _INF
+    if not closed:
+        if conn_orig.state == INACTIVE or (seq & 0xFFFFFFFF) == (conn_orig.start & 0xFFFFFFFF):
+            return False
+        if (not flags & ACK and conn_orig.state == SYN_ACK_SENT
+                and c.resp.state == INACTIVE
+                and (seq & 0xFFFFFFFF) == (c.resp.start & 0xFFFFFFFF)):
+            return False
+    return True
+
+
+def _sum_ok(ver: int, src: bytes, dst: bytes, proto: int, l4: bytes, length: int) -> bool:
+    """Whether the transport checksum of a whole captured segment is right."""
+    data = bytes(l4[:length])
+    if proto == 1:  # ICMPv4 has no pseudo-header
+        pseudo = b""
+    elif ver == 4:
+        pseudo = src + dst + struct.pack("!BBH", 0, proto, length)
+    else:
+        pseudo = src + dst + struct.pack("!IxxxB", length, proto)
+    blob = pseudo + data
+    if len(blob) % 2:
+        blob += b"\0"
+    total = sum(struct.unpack(f"!{len(blob) // 2}H", blob))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total == 0xFFFF
