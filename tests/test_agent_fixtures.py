@@ -179,3 +179,41 @@ class TinyTeacher:
         with torch.no_grad():
             x = torch.from_numpy(np.asarray(windows, dtype=np.float32)).mean(dim=1)
             return torch.sigmoid(self.model(x))[:, 0].numpy()
+
+
+class Tiny:
+    """Everything a test needs about the tiny model on one real conn.log."""
+
+    def __init__(self, conn_log: Path, folder: Path) -> None:
+        self.conn_log = conn_log
+        self.encoder = fit_encoder(conn_log)
+        self.records = read_records(conn_log)
+        self.windows, self.scores = numpy_scores(self.records, self.encoder)
+        self.thresholds = quantile_thresholds(self.scores)
+        self.artifact = make_artifact(folder / "artifact", self.encoder, self.thresholds)
+
+    def expected(self, records: list[dict] | None = None) -> dict[str, str]:
+        """{escalation id: decision} the agent must produce for these records."""
+        from edge_agent.agent import flow_id
+
+        records = self.records if records is None else records
+        _, scores = numpy_scores(records, self.encoder)
+        lo, hi = self.thresholds["escalate_low"], self.thresholds["alert"]
+        out = {}
+        for rec, s in zip(records, scores, strict=True):
+            if s >= lo:
+                out[flow_id("s1", "g1", rec)] = "alert" if s >= hi else "escalate"
+        return out
+
+
+_TINY: dict[Path, Tiny] = {}
+
+
+def tiny(data_dir: Path, tmp_path_factory) -> Tiny:
+    """One Tiny per session (fitting and reading take a second)."""
+    from tests.conftest import data_file
+
+    path = data_file(data_dir, CTU_NORMAL)
+    if path not in _TINY:
+        _TINY[path] = Tiny(path, tmp_path_factory.mktemp("tiny"))
+    return _TINY[path]

@@ -1,0 +1,225 @@
+"""The edge agent without a broker: decisions, sources, calibration, CLI errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.agent import Agent, load_thresholds
+from edge_agent.cli import fpr_threshold, main
+from edge_agent.outbox import Outbox
+from edge_agent.runtime import load_artifact
+from edge_agent.sources import open_source
+from tests.conftest import free_port
+from tests.test_agent_fixtures import make_artifact, tiny
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tm(data_dir, tmp_path_factory):
+    return tiny(data_dir, tmp_path_factory)
+
+
+class CountingScorer:
+    """The real artifact scorer, recording each batch size."""
+
+    def __init__(self, scorer) -> None:
+        self.inner = scorer
+        self.sizes: list[int] = []
+        self.encoder = scorer.encoder
+        self.thresholds = scorer.thresholds
+        self.model_version = scorer.model_version
+
+    def score(self, windows):
+        self.sizes.append(len(windows))
+        return self.inner.score(windows)
+
+
+def test_decisions_match_an_independent_computation(tm, tmp_path: Path) -> None:
+    alerts = io.StringIO()
+    agent = Agent(load_artifact(tm.artifact), site="s1", gateway="g1",
+                  outbox=Outbox(tmp_path / "o.sqlite"), alerts=alerts, max_batch=100)
+    agent.run_file(tm.records)
+    expected = tm.expected()
+    c = agent.counters
+    assert c.flows == len(tm.records) > 5000
+    assert c.escalate == sum(d == "escalate" for d in expected.values()) > 0
+    assert c.alert == sum(d == "alert" for d in expected.values()) > 0
+    assert c.benign == c.flows - len(expected)
+    pending = agent.outbox.pending()
+    assert {m.id for m in pending} == set(expected)
+    assert [m.alert for m in pending] == [expected[m.id] == "alert" for m in pending]
+    lines = [json.loads(x) for x in alerts.getvalue().splitlines()]
+    assert len(lines) == c.alert
+    assert set(lines[0]) >= {"ts", "src_ip", "src_port", "dst_ip", "dst_port", "proto",
+                             "score", "decision", "model_version"}
+    assert {x["escalation_id"] for x in lines} == {
+        k for k, d in expected.items() if d == "alert"}
+    payload = json.loads(pending[0].payload)
+    i = next(i for i, r in enumerate(tm.records)
+             if r["uid"] == payload["flow"]["uid"])
+    np.testing.assert_allclose(payload["window"], tm.windows[i], atol=1e-6)
+    assert payload["score"] == pytest.approx(tm.scores[i], abs=1e-5)
+
+
+def test_live_source_scores_singly_when_slow_and_in_batches_when_fast(tm, tmp_path):
+    scorer = CountingScorer(load_artifact(tm.artifact))
+    agent = Agent(scorer, site="s1", gateway="g1", outbox=Outbox(tmp_path / "o.db"),
+                  max_batch=64, max_wait_ms=5, track_latency=True)
+
+    def slow():
+        for rec in tm.records[:8]:
+            time.sleep(0.03)
+            yield rec
+
+    agent.run_live(slow())
+    assert scorer.sizes == [1] * 8
+    assert max(agent.latencies) < 0.5
+    scorer.sizes.clear()
+    agent.run_live(iter(tm.records[:2000]))
+    assert sum(scorer.sizes) == 2000 and max(scorer.sizes) > 1
+    assert max(scorer.sizes) <= 64
+
+
+def test_stdin_source_rejects_bad_lines_and_goes_on(tm) -> None:
+    good = [json.dumps(r) for r in tm.records[:3]]
+    text = "\n".join([good[0], "{broken", good[1], "[1,2]", "", good[2]]) + "\n"
+    src = open_source("-", stdin=io.StringIO(text))
+    out = list(src)
+    assert [r["uid"] for r in out] == [r["uid"] for r in tm.records[:3]]
+    assert src.rejected == {"malformed_json": 1, "not_a_record": 1}
+
+
+def test_follow_reads_growth_and_survives_rotation(tm, tmp_path: Path) -> None:
+    lines = tm.conn_log.read_text().splitlines()
+    header = [x for x in lines if x.startswith("#") and not x.startswith("#close")]
+    data = [x for x in lines if not x.startswith("#")][:60]
+    log = tmp_path / "conn.log"
+    log.write_text("\n".join(header + data[:20]) + "\n")
+    got: list[dict] = []
+    src = open_source(f"zeek:{log}", follow=True, poll=0.05)
+
+    def consume():
+        for rec in src:
+            got.append(rec)
+            if len(got) >= 60:
+                return
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    with log.open("a") as fh:
+        fh.write("\n".join(data[20:40]) + "\n")
+    deadline = time.monotonic() + 10
+    while len(got) < 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log.rename(tmp_path / "conn.log.1")
+    log.write_text("\n".join(header + data[40:]) + "\n")
+    thread.join(10)
+    assert [r["uid"] for r in got] == [x.split("\t")[1] for x in data]
+
+
+def test_calibrate_writes_site_thresholds_the_agent_prefers(tm, tmp_path: Path) -> None:
+    art = make_artifact(tmp_path / "art", tm.encoder, tm.thresholds)
+    rc = main(["calibrate", "--artifact", str(art), "--source", f"zeek:{tm.conn_log}",
+               "--target-fpr", "0.01"])
+    assert rc == 0
+    site = json.loads((art / "site_thresholds.json").read_text())
+    labels = np.array([r["label"] for r in tm.records], dtype=object)
+    benign = tm.scores[labels == 0]
+    assert np.mean(benign >= site["escalate_low"]) <= 0.01
+    assert np.mean(benign >= np.nextafter(site["escalate_low"], -1)) > 0.0
+    assert site["alert"] >= site["escalate_low"]
+    thresholds, origin = load_thresholds(load_artifact(art))
+    assert origin == "site" and thresholds["escalate_low"] == site["escalate_low"]
+
+
+def test_fpr_threshold_is_tight() -> None:
+    s = np.array([0.1, 0.2, 0.2, 0.3, 0.9])
+    assert np.mean(s >= fpr_threshold(s, 0.2)) <= 0.2
+    assert fpr_threshold(s, 0.2) == pytest.approx(0.3, abs=1e-9)
+
+
+def test_swap_scorer_changes_the_model_atomically(tm, tmp_path: Path) -> None:
+    agent = Agent(load_artifact(tm.artifact), site="s1", gateway="g1",
+                  outbox=Outbox(tmp_path / "o.db"))
+    stricter = dict(tm.thresholds, escalate_low=2.0, alert=2.0)
+    other = load_artifact(make_artifact(tmp_path / "v2", tm.encoder, stricter,
+                                        version="tiny-0002"))
+    agent.swap_scorer(other)
+    agent.run_file(tm.records[:2000])
+    assert agent.model_version == "tiny-0002"
+    assert agent.counters.escalate == agent.counters.alert == 0
+
+
+def test_parquet_source_gives_the_same_decisions(tm, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from flows.record import CONN_FIELD_NAMES, columns_to_table
+
+    cols = {n: [r[n] for r in tm.records] for n in CONN_FIELD_NAMES}
+    pq.write_table(columns_to_table(cols), tmp_path / "f.parquet")
+    agent = Agent(load_artifact(tm.artifact), site="s1", gateway="g1",
+                  outbox=Outbox(tmp_path / "o.db"))
+    agent.run_file(open_source(f"parquet:{tmp_path / 'f.parquet'}"))
+    assert {m.id for m in agent.outbox.pending()} == set(tm.expected())
+
+
+def test_run_without_reachable_broker_exits_6(tm, tmp_path: Path, capsys) -> None:
+    rc = main(["run", "--artifact", str(tm.artifact), "--source", f"zeek:{tm.conn_log}",
+               "--broker", f"mqtt://127.0.0.1:{free_port()}", "--site", "s1",
+               "--gateway", "g1", "--outbox", str(tmp_path / "o.db"),
+               "--connect-timeout", "1", "--alerts", ""])
+    assert rc == 6
+    assert capsys.readouterr().err.startswith("error: cannot reach broker")
+
+
+@pytest.mark.parametrize("flags", [["--site", "a/b"], ["--gateway", "#"],
+                                   ["--broker", "http://x"], ["--max-batch", "0"]])
+def test_bad_settings_exit_2(tm, tmp_path: Path, capsys, flags) -> None:
+    base = {"--artifact": str(tm.artifact), "--source": f"zeek:{tm.conn_log}",
+            "--site": "s1", "--gateway": "g1", "--outbox": str(tmp_path / "o.db")}
+    base.update(dict(zip(flags[::2], flags[1::2], strict=True)))
+    argv = ["run"] + [x for kv in base.items() for x in kv]
+    assert main(argv) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_toml_config_with_flags_on_top(tm, tmp_path: Path) -> None:
+    conf = tmp_path / "agent.toml"
+    conf.write_text(
+        f'artifact = "{tm.artifact}"\nsource = "zeek:{tm.conn_log}"\n'
+        f'site = "s1"\ngateway = "wrong"\noutbox = "{tmp_path / "o.db"}"\n'
+        f'alerts = ""\nsummary_json = "{tmp_path / "s.json"}"\n'
+    )
+    assert main(["run", "--config", str(conf), "--gateway", "g1"]) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["flows"] == len(tm.records)
+    assert summary["outbox_pending"] == len(tm.expected())
+    box = Outbox(tmp_path / "o.db")
+    assert {m.id for m in box.pending()} == set(tm.expected())  # ids made for g1
+    assert all("/s1/g1/" in m.topic for m in box.pending())
+
+
+def test_edge_agent_imports_neither_torch_nor_tensorflow() -> None:
+    code = (
+        "import sys\n"
+        "import edge_agent.agent, edge_agent.cli, edge_agent.mqtt, edge_agent.outbox\n"
+        "import edge_agent.protocol, edge_agent.sources, edge_agent.config\n"
+        "edge_agent.cli.build_parser()\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'tensorflow', 'teacher', 'compress')]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
