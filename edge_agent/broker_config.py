@@ -62,6 +62,7 @@ __all__ = [
     "write_broker_config",
     "check_tls_connect",
     "check_broker_login",
+    "explain_connect_error",
     "publish_packet_size",
     "largest_payload",
     "check_publish_size",
@@ -72,10 +73,13 @@ __all__ = [
 GATEWAY_WRITES = (Channel.ESCALATIONS, Channel.STATUS)
 GATEWAY_READS = (Channel.VERDICTS, Channel.MODEL)
 
-# Room on top of the largest payload the protocol allows (protocol.MAX_PAYLOAD_BYTES)
-# for the fixed header, the topic and MQTT v5 properties of one PUBLISH.
+# The smallest bound allowed: the largest payload the protocol allows
+# (protocol.MAX_PAYLOAD_BYTES) plus room for the header, topic and v5 properties.
 PACKET_HEADROOM = 4096
-DEFAULT_MAX_PACKET_SIZE = MAX_PAYLOAD_BYTES + PACKET_HEADROOM
+MIN_MAX_PACKET_SIZE = MAX_PAYLOAD_BYTES + PACKET_HEADROOM
+# The default bound: 1 MiB, so that an inline model update (ota.py: base64 of the
+# artifact archive) of up to about 750 KiB of archive fits; larger ones go by URL.
+DEFAULT_MAX_PACKET_SIZE = 1 << 20
 DEFAULT_PORT = 8883
 DEFAULT_SHARE_GROUP = "rescorers"
 _CERT_DAYS = 825
@@ -164,10 +168,10 @@ class Deployment:
             raise UsageError("the server certificate needs a host name or an address")
         if not 0 < self.port < 65536:
             raise UsageError(f"port {self.port} is outside 1..65535")
-        if self.max_packet_size < DEFAULT_MAX_PACKET_SIZE:
+        if self.max_packet_size < MIN_MAX_PACKET_SIZE:
             raise UsageError(
                 f"max_packet_size {self.max_packet_size} is below "
-                f"{DEFAULT_MAX_PACKET_SIZE}: the largest escalation "
+                f"{MIN_MAX_PACKET_SIZE}: the largest escalation "
                 f"({MAX_PAYLOAD_BYTES} bytes) would not fit"
             )
 
@@ -651,15 +655,22 @@ def _peer_cert_unverified(
         return None
 
 
-def _explain(
+def explain_connect_error(
     exc: BaseException,
     host: str,
     port: int,
     ca: str | Path,
-    server_name: str,
-    timeout: float,
+    server_name: str | None = None,
+    timeout: float = 5.0,
 ) -> TransportError:
-    """Translate a socket or TLS failure into a TransportError that says what to fix."""
+    """Translate a socket or TLS failure into a TransportError that says what to fix.
+
+    ``exc`` is what ``connect`` raised (an ``ssl.SSLCertVerificationError``, another
+    ``ssl.SSLError`` or an ``OSError``). A verification error is permanent: a client
+    should report it and stop, not retry. For a host name mismatch the message lists
+    the names the certificate holds (fetched once more, unverified, to say so).
+    """
+    server_name = server_name or host
     where = f"broker {host}:{port}"
     if isinstance(exc, ssl.SSLCertVerificationError):
         code = getattr(exc, "verify_code", None)
@@ -734,7 +745,7 @@ def check_tls_connect(
                     "names": _names_in(tls.getpeercert(binary_form=True)),
                 }
     except (OSError, ssl.SSLError) as exc:
-        raise _explain(exc, host, port, ca, name, timeout) from exc
+        raise explain_connect_error(exc, host, port, ca, name, timeout) from exc
     logger.info("TLS to %s:%d checked (%s)", host, port, info["tls_version"])
     return info
 
@@ -786,7 +797,7 @@ def check_broker_login(
     try:
         client.connect(host, port, keepalive=30)
     except (OSError, ssl.SSLError) as exc:
-        raise _explain(exc, host, port, ca, name, timeout) from exc
+        raise explain_connect_error(exc, host, port, ca, name, timeout) from exc
     deadline = time.monotonic() + timeout
     try:
         while "rc" not in result and time.monotonic() < deadline:

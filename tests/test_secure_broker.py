@@ -138,6 +138,8 @@ def test_two_gateways_sharing_a_user_name_are_refused():
         Deployment(gateways=(("a-b", "c"), ("a", "b-c")))
     with pytest.raises(UsageError, match="may not start with 'gw-'"):
         Deployment(gateways=GATEWAYS, rescorer_user="gw-s1-g1")
+    with pytest.raises(UsageError, match="the largest escalation"):
+        Deployment(gateways=GATEWAYS, max_packet_size=64 * 1024)
 
 
 def test_written_files_keep_secrets_hashed_and_private(tmp_path):
