@@ -150,7 +150,7 @@ def _sniff_head(path: str | Path) -> str | None:
 
 
 def _check_not_empty(src: Source) -> None:
-    if not src.data.strip():
+    if not src.data or src.data.isspace():
         what = "holds no text after gunzip" if src.compressed else "is empty"
         if src.cut:
             what += f" ({src.cut})"

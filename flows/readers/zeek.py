@@ -132,7 +132,7 @@ def read_tsv(src: Source, on_error: str) -> ReadResult:
         nxt = data.find(b"\n#", pos)
         end = n if nxt < 0 else nxt + 1
         block = data[pos:end]
-        if block.strip():
+        if not block.isspace():
             if header.fields is None:
                 raise BadInputError(
                     "rows before any #fields line (expected a Zeek header)",
