@@ -1,0 +1,54 @@
+"""Shallow baselines: the teacher's rows and features, stated caps, honest scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.ensemble import RandomForestClassifier
+
+from flows.errors import BadInputError, UsageError
+from teacher.baselines import _cap, run_baselines
+from teacher.metrics import binary_metrics, choose_threshold
+from tests.test_teacher_train import synthetic
+
+
+def test_random_forest_matches_an_independent_fit():
+    prep = synthetic(n=500, window=2, seed=4)
+    out = run_baselines(prep, ("rf",), timing=False)["rf"]
+
+    tr, va, te = prep.rows("train"), prep.rows("val"), prep.rows("test")
+    flat = lambda rows: prep.windows(rows).reshape(len(rows), -1)  # noqa: E731
+    rf = RandomForestClassifier(n_estimators=100, random_state=0, n_jobs=1)
+    rf.fit(flat(tr), prep.y[tr])
+    cut = choose_threshold(prep.y[va], rf.predict_proba(flat(va))[:, 1])
+    expected = binary_metrics(prep.y[te], rf.predict_proba(flat(te))[:, 1], cut)
+    assert out["threshold"] == pytest.approx(cut)
+    assert out["confusion"] == expected["confusion"]
+    assert out["train_rows"] == len(tr) and out["cap"] is None
+
+
+def test_svm_and_knn_with_caps_and_timing():
+    prep = synthetic(n=600, seed=5)
+    out = run_baselines(prep, ("svm", "knn"), svm_cap=120, knn_cap=200)
+    assert out["svm"]["cap"] == 120 and out["svm"]["train_rows"] <= 121
+    assert out["knn"]["train_rows"] <= 201
+    for name in ("svm", "knn"):
+        assert out[name]["accuracy"] > 0.8  # an easy toy problem
+        assert out[name]["latency_us_p50"] > 0 and out[name]["throughput_flows_s"] > 0
+
+
+def test_cap_is_stratified_and_seeded():
+    rows = np.arange(1000)
+    y = (rows % 10 == 0).astype(int)  # 10% positive
+    picked = _cap(rows, y, 200, seed=0)
+    assert len(picked) == 200 and y[picked].sum() == 20
+    assert np.array_equal(picked, _cap(rows, y, 200, seed=0))
+
+
+def test_errors():
+    prep = synthetic(n=100)
+    with pytest.raises(UsageError, match="unknown baseline"):
+        run_baselines(prep, ("xgb",), timing=False)
+    prep.split[prep.split == "test"] = "train"
+    with pytest.raises(BadInputError, match="test"):
+        run_baselines(prep, ("rf",), timing=False)

@@ -1,0 +1,133 @@
+"""The teacher command end to end on small NSL-KDD slices, and its error exits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from teacher.cli import build_parser, main
+from tests.conftest import data_file
+
+KEYS = {"accuracy", "precision", "recall", "f1", "roc_auc", "fpr", "confusion",
+        "per_family_recall", "latency_us_p50", "latency_us_p99",
+        "throughput_flows_s"}
+
+
+@pytest.fixture(scope="module")
+def slices(data_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """Two disjoint 1,500-row slices of KDDTrain+_20Percent, written by the test."""
+    src = data_file(data_dir, "nsl-kdd/KDDTrain+_20Percent.txt")
+    lines = src.read_text().splitlines(keepends=True)
+    out = tmp_path_factory.mktemp("kdd")
+    first, second = out / "first.txt", out / "second.txt"
+    first.write_text("".join(lines[:1500]))
+    second.write_text("".join(lines[1500:3000]))
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def checkpoint(slices, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ck") / "teacher"
+    code = main(["train", "--data", str(slices[0]), "--out", str(out), "--epochs", "2",
+                 "--batch-size", "64", "--conv-filters", "16", "--lstm-hidden", "16",
+                 "--dense", "16", "--threads", "1", "--replay-size", "200", "-q"])
+    assert code == 0
+    return out
+
+
+def test_train_writes_a_full_checkpoint(checkpoint):
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {"model.safetensors", "config.json", "encoder.json", "threshold.json",
+            "history.json", "metrics.json", "provenance.json",
+            "replay.safetensors"} <= names
+    threshold = json.loads((checkpoint / "threshold.json").read_text())
+    assert threshold["chosen_on"] == "val" and threshold["rule"] == "best-f1"
+    history = json.loads((checkpoint / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    prov = json.loads((checkpoint / "provenance.json").read_text())
+    assert prov["seed"] == 0 and len(next(iter(prov["files"].values()))) == 64
+    assert prov["held_out_types"]  # nsl-kdd holds out attack types for val
+
+
+def test_eval_json_matches_an_independent_recount(checkpoint, slices, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(slices[1]),
+                 "--json", "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert KEYS <= set(out)
+    assert out["latency_us_p50"] > 0 and out["throughput_flows_s"] > 0
+
+    # Recount with the loaded teacher and the reader, outside the CLI.
+    from flows.readers import read
+    from flows.record import table_to_columns
+    from flows.windows import gather_windows, window_index_for
+    from teacher.checkpoint import load_teacher
+
+    teacher = load_teacher(checkpoint, device="cpu")
+    cols = table_to_columns(read(str(slices[1])).table)
+    X = teacher.encoder.transform(cols)
+    prob = teacher.predict_proba(gather_windows(X, window_index_for(cols,
+                                                                    teacher.encoder)))
+    y = np.asarray(cols["label"]).astype(int)
+    pred = prob >= teacher.threshold
+    assert out["confusion"] == {
+        "tn": int((~pred & (y == 0)).sum()), "fp": int((pred & (y == 0)).sum()),
+        "fn": int((~pred & (y == 1)).sum()), "tp": int((pred & (y == 1)).sum())}
+    assert out["accuracy"] == pytest.approx((pred == y).mean())
+
+
+def test_update_reports_old_and_new_f1(checkpoint, slices, tmp_path, capsys):
+    capsys.readouterr()
+    out_dir = tmp_path / "updated"
+    assert main(["update", "--checkpoint", str(checkpoint), "--data", str(slices[1]),
+                 "--old-data", str(slices[0]), "--out", str(out_dir), "--epochs", "1",
+                 "--batch-size", "64", "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for when in ("before", "after"):
+        assert 0.0 <= report[when]["old_test_f1"] <= 1.0
+        assert 0.0 <= report[when]["new_test_f1"] <= 1.0
+    assert report["replay_size"] == 200
+    assert (out_dir / "model.safetensors").is_file()
+
+
+def test_baselines_and_tune(slices, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["baselines", "--data", str(slices[0]), "--models", "rf,svm,knn",
+                 "--svm-cap", "300", "--json", "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["baselines"]) == {"rf", "svm", "knn"}
+    assert out["baselines"]["svm"]["train_rows"] <= 300
+    assert out["baselines"]["svm"]["cap"] == 300
+    assert KEYS <= set(out["baselines"]["rf"])
+
+    assert main(["tune", "--data", str(slices[0]), "--budget", "0.01",
+                 "--out", str(tmp_path / "tune"), "--lrs", "0.001",
+                 "--conv-layers", "1", "--filters", "8", "--batch-sizes", "64",
+                 "--trial-epochs", "1", "--trial-samples", "256", "-q"]) == 0
+    rows = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert len(rows) == 1 and rows[0]["rank"] == 1
+    assert (tmp_path / "tune" / "tune.md").read_text().startswith("| rank")
+
+
+def test_error_exits(tmp_path, capsys, checkpoint):
+    assert main([]) == 2
+    assert main(["train", "--out", str(tmp_path)]) == 2  # no data source
+    assert main(["train", "--data", str(tmp_path / "absent.txt"),
+                 "--out", str(tmp_path / "x"), "-q"]) == 2
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\x00\x01 this is no flow file \xff\n" * 3)
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(bad),
+                 "-q"]) == 3
+    assert main(["eval", "--checkpoint", str(tmp_path / "none"), "--data",
+                 str(bad), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "error: " in err and "Traceback" not in err
+
+
+def test_parser_lists_the_subcommands():
+    text = build_parser().format_help()
+    for name in ("train", "eval", "baselines", "tune", "update"):
+        assert name in text
