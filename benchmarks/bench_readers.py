@@ -28,7 +28,9 @@ CTU50 = "zeek-conn/ctu50-normal-40-day1.conn.log.labeled"
 def build_log(source: Path, copies: int, dest: Path) -> int:
     """Write ``copies`` repeats of ``source``'s rows under its header; return rows."""
     lines = source.read_bytes().split(b"\n")
-    header = [ln for ln in lines if ln.startswith(b"#") and not ln.startswith(b"#close")]
+    header = [
+        ln for ln in lines if ln.startswith(b"#") and not ln.startswith(b"#close")
+    ]
     rows = [ln for ln in lines if ln and not ln.startswith(b"#")]
     body = b"\n".join(rows) + b"\n"
     with open(dest, "wb") as out:
@@ -58,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print rows/s for each path."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=None, help="data folder (GATEWATCH_DATA)")
-    parser.add_argument("--copies", type=int, default=200,
-                        help="repeats of the ctu50 rows (5,663 each)")
+    parser.add_argument(
+        "--copies", type=int, default=200, help="repeats of the ctu50 rows (5,663 each)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs; the best counts")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args(argv)
@@ -74,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
 
-    results: dict = {"cpu": platform.processor() or platform.machine(),
-                     "arrow_threads": 1}
+    results: dict = {
+        "cpu": platform.processor() or platform.machine(),
+        "arrow_threads": 1,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "big.conn.log"
         rows = build_log(source, args.copies, path)
@@ -98,12 +103,19 @@ def main(argv: list[str] | None = None) -> int:
         results["iter_records_rows_s"] = round(small_rows / wall)
         results["iter_records_rows_per_cpu_s"] = round(small_rows / cpu)
 
-    print(f"conn.log: {results['rows']:,} rows, {results['mbytes']} MB, one Arrow thread")
+    print(
+        f"conn.log: {results['rows']:,} rows, {results['mbytes']} MB, one Arrow thread"
+    )
     print(f"{'':22}{'rows/s (wall)':>16}{'rows per CPU s':>16}")
-    for label, key in (("read() TSV", "read_tsv"), ("read() TSV.gz", "read_tsv_gz"),
-                       ("iter_records() TSV", "iter_records")):
-        print(f"  {label:<20}{results[key + '_rows_s']:>16,}"
-              f"{results[key + '_rows_per_cpu_s']:>16,}")
+    for label, key in (
+        ("read() TSV", "read_tsv"),
+        ("read() TSV.gz", "read_tsv_gz"),
+        ("iter_records() TSV", "iter_records"),
+    ):
+        print(
+            f"  {label:<20}{results[key + '_rows_s']:>16,}"
+            f"{results[key + '_rows_per_cpu_s']:>16,}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -34,8 +34,9 @@ exit codes:
   {EXIT_USAGE}    usage: bad flags or arguments
   {EXIT_BAD_INPUT}    bad input: unknown format, a missing required column, a bad
        value with nothing read before it (--on-error fail)
-  {EXIT_PARTIAL_INPUT}    partial input: damage part way (a cut gzip or last line, or a bad
-       line with --on-error fail); the rows read before it are still
+  {EXIT_PARTIAL_INPUT}    partial input: damage part way (a cut gzip or last line,
+       or a bad line with --on-error fail); the rows read before it
+       are still
        shown or written
   {EXIT_INTERRUPTED}  interrupted
 """
@@ -55,17 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("files", nargs="+", metavar="FILE", help="input file(s)")
     common.add_argument(
-        "--on-error", choices=("fail", "skip"), default="fail",
+        "--on-error",
+        choices=("fail", "skip"),
+        default="fail",
         help="stop at the first bad line (fail, default) or drop and count bad "
         "lines (skip)",
     )
     common.add_argument(
-        "--drop-unlabeled", action="store_true",
+        "--drop-unlabeled",
+        action="store_true",
         help="leave out rows whose label is unknown (Background, Unknown)",
     )
 
     inspect = sub.add_parser(
-        "inspect", parents=[common], epilog=EPILOG,
+        "inspect",
+        parents=[common],
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="format, rows, labels, nulls per column, time span",
         description="Say what is in a file (or several read together).",
@@ -73,15 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
 
     convert = sub.add_parser(
-        "convert", parents=[common], epilog=EPILOG,
+        "convert",
+        parents=[common],
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="write canonical Parquet or a Zeek-style conn.log",
         description="Convert input files into one output file.",
     )
-    convert.add_argument("-o", "--output", required=True, metavar="OUT",
-                         help="output file")
     convert.add_argument(
-        "--format", choices=("parquet", "zeek"), default=None,
+        "-o", "--output", required=True, metavar="OUT", help="output file"
+    )
+    convert.add_argument(
+        "--format",
+        choices=("parquet", "zeek"),
+        default=None,
         help="output format (default: zeek for a .log name, else parquet)",
     )
     return parser
@@ -116,8 +127,9 @@ def _read(args):
     from flows.readers import read
 
     try:
-        result = read(args.files, on_error=args.on_error,
-                      drop_unlabeled=args.drop_unlabeled)
+        result = read(
+            args.files, on_error=args.on_error, drop_unlabeled=args.drop_unlabeled
+        )
     except PartialInputError as exc:
         return exc.result, exc
     return result, None
@@ -145,7 +157,8 @@ def summarize(result) -> dict:
         low, high = pc.min_max(table.column("ts")).values()
         low, high = low.as_py(), high.as_py()
         summary["time_span"] = {
-            "first": low, "last": high,
+            "first": low,
+            "last": high,
             "seconds": (high - low) if low is not None and high is not None else None,
         }
     extra = {k: v for k, v in result.stats.items() if k not in ("labels",)}
@@ -254,9 +267,13 @@ def _convert(args) -> int:
         raise
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise BadInputError(f"cannot be written ({exc.strerror})", path=str(out)) from exc
-    print(f"wrote {result.table.num_rows} rows ({result.format} -> {fmt}) to {out}",
-          file=sys.stderr)
+        raise BadInputError(
+            f"cannot be written ({exc.strerror})", path=str(out)
+        ) from exc
+    print(
+        f"wrote {result.table.num_rows} rows ({result.format} -> {fmt}) to {out}",
+        file=sys.stderr,
+    )
     return _finish_code(result, partial)
 
 

@@ -31,9 +31,9 @@ for info in pkgutil.walk_packages(edge_agent.__path__, "edge_agent."):
         importlib.import_module(info.name)
     except Exception as exc:
         failed[info.name] = f"{type(exc).__name__}: {exc}"
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in %r)
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN)
 print(json.dumps({"heavy": heavy, "failed": failed}))
-""" % (FORBIDDEN_MODULES,)
+""".replace("FORBIDDEN", repr(FORBIDDEN_MODULES))
 
 
 def _copy_repo(dest: Path) -> Path:
@@ -53,24 +53,38 @@ def test_edge_install_has_no_torch_or_tensorflow(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")
+    }
     install = subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", f"{src}[edge]"],
-        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=tmp_path,
     )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
 
     listing = subprocess.run(
         [str(python), "-m", "pip", "list", "--format", "json"],
-        capture_output=True, text=True, timeout=120, env=env, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=True,
     )
     names = {p["name"].lower() for p in json.loads(listing.stdout)}
     assert "gatewatch" in names and "onnxruntime" in names and "paho-mqtt" in names
     assert not names & set(FORBIDDEN), sorted(names & set(FORBIDDEN))
 
     probe = subprocess.run(
-        [str(python), "-c", CHECK], capture_output=True, text=True, timeout=300,
-        env=env, cwd=tmp_path,
+        [str(python), "-c", CHECK],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
     report = json.loads(probe.stdout.strip().splitlines()[-1])

@@ -25,8 +25,12 @@ def run(capsys, *argv):
 @pytest.mark.parametrize(
     "rel, fmt, rows, labels",
     [
-        ("zeek-conn/ctu50-normal-40-day1.conn.log.labeled", "zeek-tsv", 5663,
-         {"Malicious": 4201, "Benign": 1402, "Background": 60}),
+        (
+            "zeek-conn/ctu50-normal-40-day1.conn.log.labeled",
+            "zeek-tsv",
+            5663,
+            {"Malicious": 4201, "Benign": 1402, "Background": 60},
+        ),
         ("nsl-kdd/KDDTest+.txt", "nsl-kdd", 22544, None),
         ("nsl-kdd/KDDTrain+.txt.gz", "nsl-kdd", 125973, None),
         ("zeek-conn/nmap-portscans.conn.json.log", "zeek-json", 4504, {}),
@@ -69,8 +73,15 @@ def test_convert_parquet_and_zeek(capsys, tmp_path):
     code, _, err = run(capsys, "convert", str(src), "-o", str(tmp_path / "o.parquet"))
     assert code == 0 and "wrote 2 rows" in err
     assert read(tmp_path / "o.parquet").table.equals(read(src).table)
-    code, _, _ = run(capsys, "convert", str(tmp_path / "o.parquet"), "--format", "zeek",
-                     "-o", str(tmp_path / "back.log"))
+    code, _, _ = run(
+        capsys,
+        "convert",
+        str(tmp_path / "o.parquet"),
+        "--format",
+        "zeek",
+        "-o",
+        str(tmp_path / "back.log"),
+    )
     assert code == 0
     assert read(tmp_path / "back.log").table.equals(read(src).table)
 
@@ -78,8 +89,9 @@ def test_convert_parquet_and_zeek(capsys, tmp_path):
 def test_convert_zeek_needs_conn_family(capsys, tmp_path):
     src = tmp_path / "k.txt"
     src.write_text("0,tcp,private,REJ" + ",0" * 37 + ",normal,21\n")
-    code, _, err = run(capsys, "convert", str(src), "--format", "zeek",
-                       "-o", str(tmp_path / "k.log"))
+    code, _, err = run(
+        capsys, "convert", str(src), "--format", "zeek", "-o", str(tmp_path / "k.log")
+    )
     assert code == 2 and err.startswith("error: ") and "nsl-kdd" in err
 
 
@@ -94,7 +106,9 @@ def test_bad_value_fail_writes_rows_before_and_exits_4(capsys, tmp_path):
     assert "bad.log" in err and "line 10" in err and "resp_pkts" in err
     assert read(out).table.column("uid").to_pylist() == ["CabC1"]
 
-    code, _, err = run(capsys, "convert", str(src), "-o", str(out), "--on-error", "skip")
+    code, _, err = run(
+        capsys, "convert", str(src), "-o", str(out), "--on-error", "skip"
+    )
     assert code == 0 and "skipped 1" in err
     assert read(out).table.column("uid").to_pylist() == ["CabC1", "CabC2"]
 
@@ -133,7 +147,9 @@ def test_usage_errors_exit_2_and_help_documents_codes(capsys):
 def test_console_script_prints_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "inspect", str(tmp_path / "absent.log")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 3
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr

@@ -11,7 +11,13 @@ import pyarrow as pa
 import pytest
 
 from flows.errors import BadInputError, PartialInputError, UsageError
-from flows.readers import detect_format, iter_records, read, write_conn_log, write_parquet
+from flows.readers import (
+    detect_format,
+    iter_records,
+    read,
+    write_conn_log,
+    write_parquet,
+)
 
 FIELDS = (
     "ts uid id.orig_h id.orig_p id.resp_h id.resp_p proto service duration "
@@ -23,20 +29,66 @@ TYPES = (
     "bool count string count count count count set[string]"
 ).split()
 
-ROW_A = ["1600000000.000001", "CabC1", "10.0.0.1", "50000", "10.0.0.2", "80", "tcp",
-         "http", "1.500000", "100", "2000", "SF", "T", "F", "0", "ShADadFf", "5",
-         "400", "6", "2300", "(empty)"]
-ROW_B = ["1600000001.250000", "CabC2", "10.0.0.3", "40000", "8.8.8.8", "53", "udp",
-         "-", "-", "-", "-", "S0", "T", "F", "0", "D", "1", "60", "0", "0", "-"]
+ROW_A = [
+    "1600000000.000001",
+    "CabC1",
+    "10.0.0.1",
+    "50000",
+    "10.0.0.2",
+    "80",
+    "tcp",
+    "http",
+    "1.500000",
+    "100",
+    "2000",
+    "SF",
+    "T",
+    "F",
+    "0",
+    "ShADadFf",
+    "5",
+    "400",
+    "6",
+    "2300",
+    "(empty)",
+]
+ROW_B = [
+    "1600000001.250000",
+    "CabC2",
+    "10.0.0.3",
+    "40000",
+    "8.8.8.8",
+    "53",
+    "udp",
+    "-",
+    "-",
+    "-",
+    "-",
+    "S0",
+    "T",
+    "F",
+    "0",
+    "D",
+    "1",
+    "60",
+    "0",
+    "0",
+    "-",
+]
 
 
 def zeek_text(rows, fields=FIELDS, types=TYPES, close=True, extra_header=()):
     """A Zeek TSV conn.log as Zeek's ASCII writer lays it out."""
     lines = [
-        "#separator \\x09", "#set_separator\t,", "#empty_field\t(empty)",
-        "#unset_field\t-", "#path\tconn", "#open\t2020-09-13-12-26-40",
+        "#separator \\x09",
+        "#set_separator\t,",
+        "#empty_field\t(empty)",
+        "#unset_field\t-",
+        "#path\tconn",
+        "#open\t2020-09-13-12-26-40",
         *extra_header,
-        "#fields\t" + "\t".join(fields), "#types\t" + "\t".join(types),
+        "#fields\t" + "\t".join(fields),
+        "#types\t" + "\t".join(types),
     ]
     lines += ["\t".join(r) for r in rows]
     if close:
@@ -73,9 +125,19 @@ def test_zeek_tsv_values_unset_and_empty(tmp_path):
 
 
 def test_zeek_tsv_any_order_missing_and_extra_columns(tmp_path):
-    order = [FIELDS.index(n) for n in
-             ["proto", "id.resp_p", "ts", "id.orig_h", "id.resp_h", "id.orig_p",
-              "duration", "orig_bytes"]]
+    order = [
+        FIELDS.index(n)
+        for n in [
+            "proto",
+            "id.resp_p",
+            "ts",
+            "id.orig_h",
+            "id.resp_h",
+            "id.orig_p",
+            "duration",
+            "orig_bytes",
+        ]
+    ]
     fields = [FIELDS[i] for i in order] + ["ip_proto"]
     types = [TYPES[i] for i in order] + ["count"]
     rows = [[ROW_A[i] for i in order] + ["6"]]
@@ -84,8 +146,15 @@ def test_zeek_tsv_any_order_missing_and_extra_columns(tmp_path):
     assert rec["proto"] == "tcp" and rec["dst_port"] == 80 and rec["src_port"] == 50000
     assert rec["ts"] == 1600000000.000001 and rec["duration"] == 1.5
     assert rec["orig_bytes"] == 100
-    for missing in ("uid", "service", "resp_bytes", "conn_state", "history",
-                    "orig_pkts", "missed_bytes"):
+    for missing in (
+        "uid",
+        "service",
+        "resp_bytes",
+        "conn_state",
+        "history",
+        "orig_pkts",
+        "missed_bytes",
+    ):
         assert rec[missing] is None
 
 
@@ -98,8 +167,9 @@ def test_zeek_tsv_empty_field_is_empty_string(tmp_path):
 
 def test_zeek_tsv_missing_required_column_names_it(tmp_path):
     keep = [i for i, n in enumerate(FIELDS) if n != "id.orig_p"]
-    text = zeek_text([[ROW_A[i] for i in keep]], [FIELDS[i] for i in keep],
-                     [TYPES[i] for i in keep])
+    text = zeek_text(
+        [[ROW_A[i] for i in keep]], [FIELDS[i] for i in keep], [TYPES[i] for i in keep]
+    )
     with pytest.raises(BadInputError) as info:
         read(write(tmp_path, "c.log", text))
     assert info.value.column == "id.orig_p" and info.value.line == 7
@@ -117,8 +187,10 @@ def test_zeek_tsv_escapes_are_undone(tmp_path):
 
 def test_zeek_tsv_close_and_concatenated_logs(tmp_path):
     other_fields = ["id.orig_h", "ts", "id.orig_p", "id.resp_h", "id.resp_p", "proto"]
-    other_rows = [["192.168.1.9", "1700000000.5", "1234", "1.1.1.1", "443", "tcp"],
-                  ["192.168.1.9", "1700000001.5", "x", "1.1.1.1", "443", "tcp"]]
+    other_rows = [
+        ["192.168.1.9", "1700000000.5", "1234", "1.1.1.1", "443", "tcp"],
+        ["192.168.1.9", "1700000001.5", "x", "1.1.1.1", "443", "tcp"],
+    ]
     text = zeek_text([ROW_A]) + zeek_text(other_rows, other_fields, ["addr"] * 6)
     path = write(tmp_path, "cat.log", text)
     with pytest.raises(PartialInputError) as info:
@@ -134,8 +206,11 @@ def test_zeek_tsv_close_and_concatenated_logs(tmp_path):
 
 def test_several_files_and_rotated_gz(tmp_path):
     plain = write(tmp_path, "conn.log", zeek_text([ROW_A]))
-    rotated = write(tmp_path, "conn.00:00:00-01:00:00.log.gz",
-                    gzip.compress(zeek_text([ROW_B, ROW_A]).encode()))
+    rotated = write(
+        tmp_path,
+        "conn.00:00:00-01:00:00.log.gz",
+        gzip.compress(zeek_text([ROW_B, ROW_A]).encode()),
+    )
     result = read([plain, rotated])
     assert result.table.num_rows == 3
     assert [r["uid"] for r in result.table.to_pylist()] == ["CabC1", "CabC2", "CabC1"]
@@ -144,7 +219,8 @@ def test_several_files_and_rotated_gz(tmp_path):
 
 def test_gzip_members_concatenated(tmp_path):
     data = gzip.compress(zeek_text([ROW_A]).encode()) + gzip.compress(
-        zeek_text([ROW_B]).encode())
+        zeek_text([ROW_B]).encode()
+    )
     result = read(write(tmp_path, "two.log.gz", data))
     assert result.table.num_rows == 2 and not result.partial
 
@@ -199,14 +275,17 @@ def test_bad_first_row_is_bad_input_not_partial(tmp_path):
 
 def test_wrong_field_count_and_blank_lines(tmp_path):
     text = zeek_text([ROW_A, ROW_A[:5], ROW_B]).replace(
-        "\t".join(ROW_B), "\n" + "\t".join(ROW_B))
+        "\t".join(ROW_B), "\n" + "\t".join(ROW_B)
+    )
     path = write(tmp_path, "short.log", text)
     with pytest.raises(PartialInputError) as info:
         read(path)
     assert info.value.line == 10 and "found 5" in str(info.value)
     result = read(path, on_error="skip")
     assert result.skipped == 1 and result.table.column("uid").to_pylist() == [
-        "CabC1", "CabC2"]
+        "CabC1",
+        "CabC2",
+    ]
 
 
 def test_cut_last_line_without_newline_is_partial(tmp_path):
@@ -242,14 +321,23 @@ LABEL_TYPES = TYPES + ["string", "string"]
 
 
 def test_stratosphere_label_columns(tmp_path):
-    rows = [ROW_A + ["Malicious", "C&C"], ROW_B + ["Benign", "Google"],
-            ROW_A + ["Background", "(empty)"], ROW_B + ["Malicious", "-"]]
-    path = write(tmp_path, "s.conn.log.labeled",
-                 zeek_text(rows, LABEL_FIELDS, LABEL_TYPES))
+    rows = [
+        ROW_A + ["Malicious", "C&C"],
+        ROW_B + ["Benign", "Google"],
+        ROW_A + ["Background", "(empty)"],
+        ROW_B + ["Malicious", "-"],
+    ]
+    path = write(
+        tmp_path, "s.conn.log.labeled", zeek_text(rows, LABEL_FIELDS, LABEL_TYPES)
+    )
     result = read(path)
     assert result.table.column("label").to_pylist() == [1, 0, None, 1]
     assert result.table.column("label_detail").to_pylist() == [
-        "C&C", "Google", "Background", "Malicious"]
+        "C&C",
+        "Google",
+        "Background",
+        "Malicious",
+    ]
     assert result.stats["labels"] == {"Malicious": 2, "Benign": 1, "Background": 1}
     dropped = read(path, drop_unlabeled=True)
     assert dropped.table.column("label").to_pylist() == [1, 0, 1]
@@ -258,22 +346,29 @@ def test_stratosphere_label_columns(tmp_path):
 def test_iot23_joined_label_field(tmp_path):
     fields = FIELDS[:-1] + ["tunnel_parents   label   detailed-label"]
     types = TYPES[:-1] + ["set[string]   string   string"]
-    rows = [ROW_A[:-1] + ["(empty)   Malicious   PartOfAHorizontalPortScan"],
-            ROW_B[:-1] + ["-   Benign   -"],
-            ROW_B[:-1] + ["-\tX"]]
+    rows = [
+        ROW_A[:-1] + ["(empty)   Malicious   PartOfAHorizontalPortScan"],
+        ROW_B[:-1] + ["-   Benign   -"],
+        ROW_B[:-1] + ["-\tX"],
+    ]
     text = zeek_text(rows, fields, types).replace("-\tX\n", "-   Background   -\n")
     path = write(tmp_path, "iot23.conn.log.labeled", text)
     result = read(path)
     assert result.table.column("label").to_pylist() == [1, 0, None]
     assert result.table.column("label_detail").to_pylist() == [
-        "PartOfAHorizontalPortScan", "Benign", "Background"]
+        "PartOfAHorizontalPortScan",
+        "Benign",
+        "Background",
+    ]
     assert list(iter_records(path)) == result.table.to_pylist()
 
 
 def test_iot23_labels_under_plain_header_are_not_lost(tmp_path):
     """The classic bug: labels hidden in tunnel_parents read as 'all benign'."""
-    rows = [ROW_A[:-1] + ["(empty)   Malicious   Okiru"],
-            ROW_B[:-1] + ["(empty)   Malicious   DDoS"]]
+    rows = [
+        ROW_A[:-1] + ["(empty)   Malicious   Okiru"],
+        ROW_B[:-1] + ["(empty)   Malicious   DDoS"],
+    ]
     path = write(tmp_path, "hidden.labeled", zeek_text(rows))
     result = read(path)
     assert result.table.column("label").to_pylist() == [1, 1]
@@ -304,12 +399,29 @@ def test_no_label_column_gives_nulls_not_zeros(tmp_path):
 
 def test_zeek_json_epoch_iso_and_omitted_keys(tmp_path):
     objs = [
-        {"ts": 1664462456.755299, "uid": "C1", "id.orig_h": "172.16.1.11",
-         "id.orig_p": 40042, "id.resp_h": "8.8.8.8", "id.resp_p": 53, "proto": "udp",
-         "service": "dns", "duration": 0.012166976928710938, "orig_pkts": 1},
-        {"ts": "2022-09-29T14:40:56.755299Z", "uid": "C2", "id.orig_h": "::1",
-         "id.orig_p": 1, "id.resp_h": "::2", "id.resp_p": 2, "proto": "tcp",
-         "label": "Malicious", "detailed-label": "PortScan"},
+        {
+            "ts": 1664462456.755299,
+            "uid": "C1",
+            "id.orig_h": "172.16.1.11",
+            "id.orig_p": 40042,
+            "id.resp_h": "8.8.8.8",
+            "id.resp_p": 53,
+            "proto": "udp",
+            "service": "dns",
+            "duration": 0.012166976928710938,
+            "orig_pkts": 1,
+        },
+        {
+            "ts": "2022-09-29T14:40:56.755299Z",
+            "uid": "C2",
+            "id.orig_h": "::1",
+            "id.orig_p": 1,
+            "id.resp_h": "::2",
+            "id.resp_p": 2,
+            "proto": "tcp",
+            "label": "Malicious",
+            "detailed-label": "PortScan",
+        },
     ]
     path = write(tmp_path, "conn.json", "\n".join(json.dumps(o) for o in objs) + "\n")
     result = read(path)
@@ -323,10 +435,20 @@ def test_zeek_json_epoch_iso_and_omitted_keys(tmp_path):
 
 
 def test_zeek_json_bad_lines(tmp_path):
-    good = json.dumps({"ts": 1.5, "id.orig_h": "a", "id.orig_p": 1, "id.resp_h": "b",
-                       "id.resp_p": 2, "proto": "tcp"})
+    good = json.dumps(
+        {
+            "ts": 1.5,
+            "id.orig_h": "a",
+            "id.orig_p": 1,
+            "id.resp_h": "b",
+            "id.resp_p": 2,
+            "proto": "tcp",
+        }
+    )
     wrong_type = good.replace('"id.orig_p": 1', '"id.orig_p": "one"')
-    path = write(tmp_path, "j.log", "\n".join([good, "{not json", good, wrong_type]) + "\n")
+    path = write(
+        tmp_path, "j.log", "\n".join([good, "{not json", good, wrong_type]) + "\n"
+    )
     with pytest.raises(PartialInputError) as info:
         read(path)
     assert info.value.line == 2 and info.value.result.table.num_rows == 1
@@ -337,23 +459,43 @@ def test_zeek_json_bad_lines(tmp_path):
 
 # ------------------------------------------------------------------ NSL-KDD
 
-KDD_ROW = ("0,tcp,private,REJ,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,229,10,0.00,0.00,"
-           "1.00,1.00,0.04,0.06,0.00,255,10,0.04,0.06,0.00,0.00,0.00,0.00,1.00,1.00")
+KDD_ROW = (
+    "0,tcp,private,REJ,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,229,10,0.00,0.00,"
+    "1.00,1.00,0.04,0.06,0.00,255,10,0.04,0.06,0.00,0.00,0.00,0.00,1.00,1.00"
+)
 
 
 def test_nsl_kdd_text_labels_families_difficulty(tmp_path):
-    lines = [f"{KDD_ROW},{name},{d}" for name, d in
-             [("normal", 21), ("neptune", 20), ("apache2", 18), ("mscan", 7),
-              ("httptunnel", 12), ("buffer_overflow", 3), ("newattack", 5)]]
+    lines = [
+        f"{KDD_ROW},{name},{d}"
+        for name, d in [
+            ("normal", 21),
+            ("neptune", 20),
+            ("apache2", 18),
+            ("mscan", 7),
+            ("httptunnel", 12),
+            ("buffer_overflow", 3),
+            ("newattack", 5),
+        ]
+    ]
     path = write(tmp_path, "KDDTest+.txt", "\n".join(lines) + "\n")
     result = read(path)
     t = result.table
     assert result.format == "nsl-kdd" and result.family == "nsl-kdd"
     assert t.column_names[:4] == ["duration", "protocol_type", "service", "flag"]
-    assert len(t.column_names) == 45 and t.column_names[40] == "dst_host_srv_rerror_rate"
+    assert (
+        len(t.column_names) == 45 and t.column_names[40] == "dst_host_srv_rerror_rate"
+    )
     assert t.column("label").to_pylist() == [0, 1, 1, 1, 1, 1, 1]
     assert t.column("attack_family").to_pylist() == [
-        "normal", "DoS", "DoS", "Probe", "R2L", "U2R", None]
+        "normal",
+        "DoS",
+        "DoS",
+        "Probe",
+        "R2L",
+        "U2R",
+        None,
+    ]
     assert t.column("difficulty").to_pylist() == [21, 20, 18, 7, 12, 3, 5]
     assert t.column("count").to_pylist()[0] == 229
     assert t.column("dst_host_srv_rerror_rate").to_pylist()[0] == 1.0
@@ -365,9 +507,11 @@ def test_nsl_kdd_text_labels_families_difficulty(tmp_path):
 def test_nsl_kdd_arff(tmp_path):
     from flows.readers.nslkdd import KDD_FEATURES
 
-    head = ["@relation 'KDDTrain'"] + [
-        f"@attribute '{n}' real" for n in KDD_FEATURES] + [
-        "@attribute 'class' {'normal', 'anomaly'}", "", "@data"]
+    head = (
+        ["@relation 'KDDTrain'"]
+        + [f"@attribute '{n}' real" for n in KDD_FEATURES]
+        + ["@attribute 'class' {'normal', 'anomaly'}", "", "@data"]
+    )
     rows = [f"{KDD_ROW},normal", f"{KDD_ROW},anomaly"]
     path = write(tmp_path, "KDDTrain+.arff", "\n".join(head + rows) + "\n")
     result = read(path)
@@ -388,8 +532,10 @@ def test_nsl_kdd_bad_number(tmp_path):
 
 # ---------------------------------------------------------------- binetflow
 
-BINET_HEAD = ("StartTime,Dur,Proto,SrcAddr,Sport,Dir,DstAddr,Dport,State,sTos,dTos,"
-              "TotPkts,TotBytes,SrcBytes,SrcPkts,Label")
+BINET_HEAD = (
+    "StartTime,Dur,Proto,SrcAddr,Sport,Dir,DstAddr,Dport,State,sTos,dTos,"
+    "TotPkts,TotBytes,SrcBytes,SrcPkts,Label"
+)
 
 
 def test_binetflow_comma_hex_ports_dir_and_labels(tmp_path):
@@ -402,7 +548,9 @@ def test_binetflow_comma_hex_ports_dir_and_labels(tmp_path):
         "flow=Background-TCP-Attempt",
         "2011/08/10 09:46:56.000000,0,tcp,1.1.1.1,1,   ->,2.2.2.2,2,REQ,,,1,60,60,1,",
     ]
-    result = read(write(tmp_path, "c.binetflow", BINET_HEAD + "\n" + "\n".join(rows) + "\n"))
+    result = read(
+        write(tmp_path, "c.binetflow", BINET_HEAD + "\n" + "\n".join(rows) + "\n")
+    )
     t = result.table.to_pylist()
     assert result.format == "binetflow" and result.family == "conn"
     assert t[0]["ts"] == 1312969613.047277 and t[0]["dst_port"] == 80
@@ -419,9 +567,25 @@ def test_binetflow_comma_hex_ports_dir_and_labels(tmp_path):
 
 def test_binetflow_tab_and_missing_srcpkts(tmp_path):
     head = BINET_HEAD.replace(",SrcPkts", "").replace(",", "\t")
-    row = "\t".join(["2018/09/27 22:40:52.403669", "0.008364", "udp", "192.168.2.12",
-                     "56343", "  <->", "192.168.2.1", "53", "CON", "0", "0", "2", "208",
-                     "72", "flow=Normal"])
+    row = "\t".join(
+        [
+            "2018/09/27 22:40:52.403669",
+            "0.008364",
+            "udp",
+            "192.168.2.12",
+            "56343",
+            "  <->",
+            "192.168.2.1",
+            "53",
+            "CON",
+            "0",
+            "0",
+            "2",
+            "208",
+            "72",
+            "flow=Normal",
+        ]
+    )
     rec = only(read(write(tmp_path, "t.binetflow", head + "\n" + row + "\n")))
     assert rec["orig_pkts"] is None and rec["resp_pkts"] is None
     assert rec["resp_ip_bytes"] == 136 and rec["label"] == 0
@@ -432,26 +596,40 @@ def test_binetflow_tab_and_missing_srcpkts(tmp_path):
 
 def test_unsw_bom_crlf(tmp_path):
     head = "id,dur,proto,service,state,spkts,sbytes,rate,attack_cat,label"
-    rows = ["1,0.000011,udp,-,INT,2,496,90909.0902,Normal,0",
-            "2,1.5,tcp,http,FIN,10,1000,6.6,Exploits,1"]
+    rows = [
+        "1,0.000011,udp,-,INT,2,496,90909.0902,Normal,0",
+        "2,1.5,tcp,http,FIN,10,1000,6.6,Exploits,1",
+    ]
     data = b"\xef\xbb\xbf" + "\r\n".join([head] + rows).encode() + b"\r\n"
     result = read(write(tmp_path, "u.csv", data))
     assert result.format == "unsw-nb15" and result.family == "unsw-nb15"
     assert result.table.column_names == [
-        "dur", "proto", "service", "state", "spkts", "sbytes", "rate", "label",
-        "label_detail"]
+        "dur",
+        "proto",
+        "service",
+        "state",
+        "spkts",
+        "sbytes",
+        "rate",
+        "label",
+        "label_detail",
+    ]
     a, b = result.table.to_pylist()
     assert a["service"] is None and a["rate"] == 90909.0902 and a["label"] == 0
     assert b["state"] == "FIN" and b["label_detail"] == "Exploits"
 
 
 def test_cic_names_duplicates_repeated_headers_and_non_finite(tmp_path):
-    head = (" Destination Port, Flow Duration, Total Fwd Packets, Flow Bytes/s,"
-            " Flow Packets/s, Fwd Header Length, Fwd Header Length, Label")
-    rows = ["80,100,2,Infinity,NaN,40,40,BENIGN",
-            head,
-            "443,5,1,,20000.5,20,20,DDoS",
-            "22,7,3,-Infinity,1.5,32,32,SSH-Patator"]
+    head = (
+        " Destination Port, Flow Duration, Total Fwd Packets, Flow Bytes/s,"
+        " Flow Packets/s, Fwd Header Length, Fwd Header Length, Label"
+    )
+    rows = [
+        "80,100,2,Infinity,NaN,40,40,BENIGN",
+        head,
+        "443,5,1,,20000.5,20,20,DDoS",
+        "22,7,3,-Infinity,1.5,32,32,SSH-Patator",
+    ]
     result = read(write(tmp_path, "cic.csv", "\n".join([head] + rows) + "\n"))
     t = result.table
     assert result.format == "cic-csv" and result.family == "cic"
@@ -471,10 +649,13 @@ def test_conn_log_and_parquet_round_trip_exact(tmp_path):
     row = list(ROW_A)
     row[FIELDS.index("history")] = "a\\x09b"
     odd = list(ROW_B)
-    odd[FIELDS.index("service")] = "\\x2d"          # a literal "-" string
+    odd[FIELDS.index("service")] = "\\x2d"  # a literal "-" string
     odd[FIELDS.index("duration")] = "0.012166976928710938"
-    rows = [row + ["Malicious", "C&C"], odd + ["Background", "(empty)"],
-            ROW_A + ["Benign", "Google"]]
+    rows = [
+        row + ["Malicious", "C&C"],
+        odd + ["Background", "(empty)"],
+        ROW_A + ["Benign", "Google"],
+    ]
     src = read(write(tmp_path, "in.log", zeek_text(rows, LABEL_FIELDS, LABEL_TYPES)))
     assert only(src, 1)["service"] == "-"
 
@@ -491,8 +672,15 @@ def test_conn_log_and_parquet_round_trip_exact(tmp_path):
 
 
 def test_parquet_of_other_family_keeps_columns(tmp_path):
-    table = pa.table({"dur": [1.0], "sbytes": [2.0], "dbytes": [3.0], "sttl": [4.0],
-                      "label": pa.array([1], pa.int8())})
+    table = pa.table(
+        {
+            "dur": [1.0],
+            "sbytes": [2.0],
+            "dbytes": [3.0],
+            "sttl": [4.0],
+            "label": pa.array([1], pa.int8()),
+        }
+    )
     write_parquet(table, tmp_path / "u.parquet", family="unsw-nb15")
     result = read(tmp_path / "u.parquet")
     assert result.family == "unsw-nb15" and result.table.equals(table)

@@ -17,8 +17,11 @@ pytestmark = pytest.mark.data
         ("nsl-kdd/KDDTrain+.txt.gz", "nsl-kdd", 125973),
         ("nsl-kdd/KDDTrain+_20Percent.txt", "nsl-kdd", 25192),
         ("zeek-conn/ctu50-normal-40-day1.conn.log.labeled", "zeek-tsv", 5663),
-        ("zeek-conn/ctu-malware-botnet-230-1-njrat-first1000.conn.log.labeled",
-         "zeek-tsv", 992),
+        (
+            "zeek-conn/ctu-malware-botnet-230-1-njrat-first1000.conn.log.labeled",
+            "zeek-tsv",
+            992,
+        ),
         ("zeek-conn/android-mischief-rat01-androidtester.conn.log", "zeek-tsv", 361),
         ("zeek-conn/nmap-portscans.conn.json.log", "zeek-json", 4504),
         ("unsw-nb15/UNSW_NB15_training-set.csv.gz", "unsw-nb15", 82332),
@@ -47,7 +50,11 @@ def test_nsl_kdd_test_labels(data_dir):
 def test_ctu50_labels(data_dir):
     path = data_file(data_dir, "zeek-conn/ctu50-normal-40-day1.conn.log.labeled")
     result = read(path)
-    assert result.stats["labels"] == {"Malicious": 4201, "Benign": 1402, "Background": 60}
+    assert result.stats["labels"] == {
+        "Malicious": 4201,
+        "Benign": 1402,
+        "Background": 60,
+    }
     labels = result.table.column("label").to_pylist()
     assert (labels.count(1), labels.count(0), labels.count(None)) == (4201, 1402, 60)
     assert read(path, drop_unlabeled=True).table.num_rows == 5603
@@ -55,7 +62,8 @@ def test_ctu50_labels(data_dir):
 
 def test_njrat_relative_ts_and_ipv6(data_dir):
     path = data_file(
-        data_dir, "zeek-conn/ctu-malware-botnet-230-1-njrat-first1000.conn.log.labeled")
+        data_dir, "zeek-conn/ctu-malware-botnet-230-1-njrat-first1000.conn.log.labeled"
+    )
     result = read(path)
     assert result.stats["labels"] == {"Background": 739, "Malicious": 244, "Benign": 9}
     first = result.table.slice(0, 1).to_pylist()[0]

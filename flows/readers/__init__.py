@@ -81,8 +81,11 @@ def read(
                     combined = _drop_unlabeled(combined, str(path), strict=False)
                 if len(combined.table) and not isinstance(exc, PartialInputError):
                     new = PartialInputError(
-                        str(exc)[len(exc._where()):], path=exc.path, line=exc.line,
-                        column=exc.column, offset=exc.offset,
+                        str(exc)[len(exc._where()) :],
+                        path=exc.path,
+                        line=exc.line,
+                        column=exc.column,
+                        offset=exc.offset,
                     )
                     new.result = combined
                     raise new from exc
@@ -231,7 +234,7 @@ def iter_records(
 
 
 def write_conn_log(table: pa.Table, path: str | Path) -> None:
-    """Write canonical records as a Zeek-style TSV conn.log (see flows.readers.writers)."""
+    """Write canonical records as a Zeek-style TSV conn.log (see ``writers``)."""
     from flows.readers.writers import write_conn_log as _write
 
     _write(table, path)

@@ -16,7 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-_ARROW_TYPES = {"f64": pa.float64(), "i64": pa.int64(), "i8": pa.int8(), "str": pa.string()}
+_ARROW_TYPES = {
+    "f64": pa.float64(),
+    "i64": pa.int64(),
+    "i8": pa.int8(),
+    "str": pa.string(),
+}
 _INT_TEXT = re.compile(r"[+-]?\d+\Z")
 _HEX_TEXT = re.compile(r"0[xX][0-9a-fA-F]+\Z")
 _ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
@@ -24,12 +29,12 @@ _ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
 
 @dataclass
 class BadRows:
-    """Rows of one block that failed to convert: row index -> (column, what was wrong)."""
+    """Rows of one block that failed to convert: row -> (column, what was wrong)."""
 
     rows: dict[int, tuple[str, str]] = field(default_factory=dict)
 
     def add(self, row: int, column: str, message: str) -> None:
-        """Note the first problem found in ``row`` (later ones in that row are kept out)."""
+        """Note the first problem found in ``row`` (later ones in it are dropped)."""
         self.rows.setdefault(row, (column, message))
 
     def mask(self, n: int) -> np.ndarray:
@@ -116,11 +121,13 @@ def _parse_one(text: str, kind: str, hex_ok: bool) -> int | float | None:
 
 
 def _null_non_finite(arr: pa.Array) -> tuple[pa.Array, int]:
-    """Null out Infinity/NaN spellings; return the new column and how many there were."""
+    """Null out Infinity/NaN spellings; return the new column and their count."""
     lowered = pc.utf8_lower(pc.utf8_trim_whitespace(arr))
     hit = pc.is_in(
-        lowered, value_set=pa.array(["inf", "+inf", "-inf", "infinity", "+infinity",
-                                     "-infinity", "nan", ""])
+        lowered,
+        value_set=pa.array(
+            ["inf", "+inf", "-inf", "infinity", "+infinity", "-infinity", "nan", ""]
+        ),
     )
     count = pc.sum(hit).as_py() or 0
     if count:
@@ -137,7 +144,9 @@ def _reject_non_finite(
         return out
     rows = np.flatnonzero(~np.asarray(finite.fill_null(True)))
     for row in rows:
-        bad.add(int(row), column, f"expected a finite number, found {text[row].as_py()!r}")
+        bad.add(
+            int(row), column, f"expected a finite number, found {text[row].as_py()!r}"
+        )
     return pc.if_else(finite, out, pa.scalar(None, type=out.type))
 
 

@@ -77,9 +77,12 @@ def finish(
         table = table.filter(pa.array(keep))
         skipped = len({p.line for p in every})
         first = min(every, key=lambda p: p.line)
-        where = f"line {first.line}" + (f", column {first.column!r}" if first.column else "")
+        where = f"line {first.line}" + (
+            f", column {first.column!r}" if first.column else ""
+        )
         warnings.append(
-            f"{path}: skipped {skipped} bad line(s); the first at {where}: {first.message}"
+            f"{path}: skipped {skipped} bad line(s); the first at {where}: "
+            f"{first.message}"
         )
         stats["skipped_lines"] = sorted({p.line for p in every})[:20]
 
@@ -88,8 +91,13 @@ def finish(
     for note in warnings:
         logger.warning(note)
     return ReadResult(
-        table, fmt, family, skipped=skipped, warnings=warnings,
-        partial=cut is not None, stats=stats,
+        table,
+        fmt,
+        family,
+        skipped=skipped,
+        warnings=warnings,
+        partial=cut is not None,
+        stats=stats,
     )
 
 

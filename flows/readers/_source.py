@@ -56,7 +56,7 @@ def load(path: str | Path) -> Source:
 
 
 def gunzip(raw: bytes) -> tuple[bytes, str | None]:
-    """Inflate every gzip member of ``raw``; return the text and why it stopped early."""
+    """Inflate every gzip member of ``raw``; return the text and why it stopped."""
     out: list[bytes] = []
     pos = 0
     while pos < len(raw):

@@ -48,12 +48,16 @@ def split_rows(
                 column_names=cols, use_threads=False, block_size=1 << 24
             ),
             parse_options=pacsv.ParseOptions(
-                delimiter=delimiter, quote_char=quote, escape_char=False,
-                ignore_empty_lines=True, invalid_row_handler=on_invalid,
+                delimiter=delimiter,
+                quote_char=quote,
+                escape_char=False,
+                ignore_empty_lines=True,
+                invalid_row_handler=on_invalid,
             ),
             convert_options=pacsv.ConvertOptions(
                 column_types={c: pa.string() for c in cols},
-                strings_can_be_null=False, quoted_strings_can_be_null=False,
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
                 null_values=[],
             ),
         )
@@ -65,14 +69,25 @@ def split_rows(
     problems, cut = [], None
     for number, actual in invalid:
         good[number - 1] = False
-        line = int(line_map[number - 1]) if line_map is not None else first_line + number - 1
+        line = (
+            int(line_map[number - 1])
+            if line_map is not None
+            else first_line + number - 1
+        )
         if number == n_physical and not body.endswith(b"\n") and actual < len(names):
-            cut = f"{path}: the last line ({line}) is cut short ({actual} of {len(names)} fields)"
+            cut = (
+                f"{path}: the last line ({line}) is cut short "
+                f"({actual} of {len(names)} fields)"
+            )
             continue
-        problems.append(Problem(
-            line, None,
-            f"expected {len(names)} fields separated by {delimiter!r}, found {actual}",
-        ))
+        problems.append(
+            Problem(
+                line,
+                None,
+                f"expected {len(names)} fields separated by {delimiter!r}, "
+                f"found {actual}",
+            )
+        )
     physical = np.flatnonzero(good)
     lines = line_map[physical] if line_map is not None else physical + first_line
     return table, lines.astype(np.int64), problems, cut

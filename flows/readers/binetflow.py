@@ -1,4 +1,4 @@
-"""Argus bidirectional flow files (``.binetflow``, CTU-13 style), comma or tab separated.
+"""Argus bidirectional flow files (``.binetflow``, CTU-13 style), comma or tab.
 
 Mapping onto the canonical conn record:
 
@@ -19,7 +19,8 @@ Mapping onto the canonical conn record:
   ``stats["dir"]``.
 * ``Label``: ``From-Botnet``/``Botnet``/``Malware`` -> 1, ``Normal`` -> 0,
   ``Background`` or empty -> null; a label naming none of these (Slips data has
-  ``flow=TCP-Established-To-Microsoft-7``) is null too, counted in a warning (see :func:`flows.readers.labels.ctu_label`);
+  ``flow=TCP-Established-To-Microsoft-7``) is null too, counted in a warning
+  (see :func:`flows.readers.labels.ctu_label`);
   ``label_detail`` is the label as written.
 """
 
@@ -51,7 +52,9 @@ def read_binetflow(src: Source, on_error: str) -> ReadResult:
         if name.lower() not in index:
             raise BadInputError(
                 f"header has no {name!r} column (required: {', '.join(REQUIRED)})",
-                path=src.path, line=1, column=name,
+                path=src.path,
+                line=1,
+                column=name,
             )
     strings, lines, problems, cut = split_rows(
         body, names, delimiter, path=src.path, first_line=2
@@ -94,8 +97,9 @@ def read_binetflow(src: Source, on_error: str) -> ReadResult:
     stats: dict = {"labels": {}, "labeled": "label" in index}
     raw_label = col("Label")
     if raw_label is not None:
-        written = pc.utf8_trim_whitespace(strings.column(f"c{index['label']}")
-                                          .combine_chunks())
+        written = pc.utf8_trim_whitespace(
+            strings.column(f"c{index['label']}").combine_chunks()
+        )
         stats["labels"] = value_counts(written)
         out["label"] = _labels(raw_label, warnings, src.path)
         out["label_detail"] = raw_label
@@ -105,8 +109,10 @@ def read_binetflow(src: Source, on_error: str) -> ReadResult:
         stats["dir"] = value_counts(direction, null_as="")
 
     table = pa.Table.from_arrays(
-        [out.get(name, pa.nulls(n, conn_schema().field(name).type))
-         for name in CONN_FIELD_NAMES],
+        [
+            out.get(name, pa.nulls(n, conn_schema().field(name).type))
+            for name in CONN_FIELD_NAMES
+        ],
         schema=conn_schema(),
     )
     row_problems = {
@@ -114,8 +120,17 @@ def read_binetflow(src: Source, on_error: str) -> ReadResult:
         for row, (column, message) in bad.rows.items()
     }
     return finish(
-        table, lines, problems, path=src.path, on_error=on_error, fmt="binetflow",
-        family="conn", cut=src.cut or cut, stats=stats, warnings=warnings, row_problems=row_problems,
+        table,
+        lines,
+        problems,
+        path=src.path,
+        on_error=on_error,
+        fmt="binetflow",
+        family="conn",
+        cut=src.cut or cut,
+        stats=stats,
+        warnings=warnings,
+        row_problems=row_problems,
     )
 
 
@@ -127,41 +142,49 @@ def _start_time(arr: pa.Array, bad: BadRows) -> pa.Array:
     secs = pc.strptime(whole, format="%Y/%m/%d %H:%M:%S", unit="s", error_is_null=True)
     frac_ok = pc.or_(pc.equal(frac, ""), pc.match_substring_regex(frac, r"^\.\d+$"))
     fraction = pc.cast(
-        pc.if_else(frac_ok, pc.binary_join_element_wise("0", frac, ""), "0"), pa.float64()
+        pc.if_else(frac_ok, pc.binary_join_element_wise("0", frac, ""), "0"),
+        pa.float64(),
     )
-    wrong = pc.and_(
-        pc.is_valid(arr), pc.or_(pc.is_null(secs), pc.invert(frac_ok))
-    )
+    wrong = pc.and_(pc.is_valid(arr), pc.or_(pc.is_null(secs), pc.invert(frac_ok)))
     if pc.any(wrong).as_py():
         for row in np.flatnonzero(np.asarray(wrong.fill_null(False))):
-            bad.add(int(row), "StartTime",
-                    f"expected YYYY/MM/DD HH:MM:SS.ffffff, found {arr[row].as_py()!r}")
+            bad.add(
+                int(row),
+                "StartTime",
+                f"expected YYYY/MM/DD HH:MM:SS.ffffff, found {arr[row].as_py()!r}",
+            )
     seconds = pc.cast(pc.cast(secs, pa.int64()), pa.float64())
     return pc.add(seconds, fraction)
 
 
-def _rest(total: pa.Array, part: pa.Array, part_name: str, total_name: str,
-          bad: BadRows) -> pa.Array:
+def _rest(
+    total: pa.Array, part: pa.Array, part_name: str, total_name: str, bad: BadRows
+) -> pa.Array:
     """``total - part``, noting rows where the part is larger than the total."""
     rest = pc.subtract(total, part)
     negative = pc.less(rest, 0)
     if pc.any(negative).as_py():
         for row in np.flatnonzero(np.asarray(negative.fill_null(False))):
-            bad.add(int(row), part_name, f"{part_name} {part[row].as_py()} is larger "
-                    f"than {total_name} {total[row].as_py()}")
+            bad.add(
+                int(row),
+                part_name,
+                f"{part_name} {part[row].as_py()} is larger "
+                f"than {total_name} {total[row].as_py()}",
+            )
     return rest
 
 
 def _labels(text: pa.Array, warnings: list[str], path: str) -> pa.Array:
-    """Map CTU label texts to 1/0/null; texts no rule knows read as null, with a note."""
+    """Map CTU labels to 1/0/null; texts no rule knows read as null, with a note."""
     unique = pc.unique(text).to_pylist()
     mapped = {u: ctu_label(u) for u in unique if u is not None}
     unknown = sorted(k for k, v in mapped.items() if v == "?")
     if unknown:
         count = pc.sum(pc.is_in(text, value_set=pa.array(unknown))).as_py()
         warnings.append(
-            f"{path}: {count} row(s) carry CTU labels that name neither Botnet/Malware, "
-            f"Normal nor Background; their label is null: {', '.join(unknown[:5])}"
+            f"{path}: {count} row(s) carry CTU labels that name neither "
+            f"Botnet/Malware, Normal nor Background; their label is null: "
+            f"{', '.join(unknown[:5])}"
         )
     keys = [k for k, v in mapped.items() if v in (0, 1)]
     values = pa.array([mapped[k] for k in keys], pa.int8())

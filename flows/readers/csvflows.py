@@ -30,8 +30,14 @@ from flows.readers.result import ReadResult
 
 UNSW_TEXT = ("proto", "service", "state")
 CIC_TEXT = {
-    "flow id", "source ip", "src ip", "destination ip", "dst ip", "timestamp",
-    "simillarhttp", "label",
+    "flow id",
+    "source ip",
+    "src ip",
+    "destination ip",
+    "dst ip",
+    "timestamp",
+    "simillarhttp",
+    "label",
 }
 
 
@@ -41,8 +47,9 @@ def read_unsw(src: Source, on_error: str) -> ReadResult:
     names = [n.strip() for n in first.split(",")]
     for name in ("label", "attack_cat"):
         if name not in names:
-            raise BadInputError(f"header has no {name!r} column", path=src.path,
-                                line=1, column=name)
+            raise BadInputError(
+                f"header has no {name!r} column", path=src.path, line=1, column=name
+            )
     strings, lines, problems, cut = split_rows(
         body, names, ",", path=src.path, first_line=2, quote='"'
     )
@@ -67,7 +74,9 @@ def read_unsw(src: Source, on_error: str) -> ReadResult:
     label, _ = to_number(label_text, "i8", "label", bad)
     not_binary = pc.invert(pc.is_in(label, value_set=pa.array([0, 1], pa.int8())))
     for row in np.flatnonzero(np.asarray(not_binary.fill_null(False))):
-        bad.add(int(row), "label", f"expected 0 or 1, found {label_text[row].as_py()!r}")
+        bad.add(
+            int(row), "label", f"expected 0 or 1, found {label_text[row].as_py()!r}"
+        )
     detail = pc.utf8_trim_whitespace(
         strings.column(f"c{names.index('attack_cat')}").combine_chunks()
     )
@@ -78,8 +87,15 @@ def read_unsw(src: Source, on_error: str) -> ReadResult:
     table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
     stats = {"labels": value_counts(detail), "labeled": True}
     return finish(
-        table, lines, problems, path=src.path, on_error=on_error, fmt="unsw-nb15",
-        family="unsw-nb15", cut=src.cut or cut, stats=stats,
+        table,
+        lines,
+        problems,
+        path=src.path,
+        on_error=on_error,
+        fmt="unsw-nb15",
+        family="unsw-nb15",
+        cut=src.cut or cut,
+        stats=stats,
         row_problems=_row_problems(bad, lines),
     )
 
@@ -93,14 +109,17 @@ def read_cic(src: Source, on_error: str) -> ReadResult:
         name = raw.strip()
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
-            warnings.append(f"{src.path}: column {name!r} repeats; the copy number "
-                            f"{seen[name]} is named {name}_{seen[name]!s}")
+            warnings.append(
+                f"{src.path}: column {name!r} repeats; the copy number "
+                f"{seen[name]} is named {name}_{seen[name]!s}"
+            )
             name = f"{name}_{seen[name]}"
         names.append(name)
     label_index = next((i for i, n in enumerate(names) if n.lower() == "label"), None)
     if label_index is None:
-        raise BadInputError("header has no 'Label' column", path=src.path, line=1,
-                            column="Label")
+        raise BadInputError(
+            "header has no 'Label' column", path=src.path, line=1, column="Label"
+        )
 
     strings, lines, problems, cut = split_rows(
         body, names, ",", path=src.path, first_line=2, quote='"'
@@ -108,16 +127,18 @@ def read_cic(src: Source, on_error: str) -> ReadResult:
     first_col = pc.utf8_trim_whitespace(strings.column("c0").combine_chunks())
     repeated = pc.equal(first_col, names[0])
     if label_index:
-        label_col = pc.utf8_trim_whitespace(strings.column(f"c{label_index}")
-                                            .combine_chunks())
+        label_col = pc.utf8_trim_whitespace(
+            strings.column(f"c{label_index}").combine_chunks()
+        )
         repeated = pc.and_(repeated, pc.equal(label_col, names[label_index]))
     n_repeated = pc.sum(repeated).as_py() or 0
     if n_repeated:
         keep = pc.invert(repeated)
         strings = strings.filter(keep)
         lines = lines[np.asarray(keep)]
-        warnings.append(f"{src.path}: dropped {n_repeated} header row(s) repeated "
-                        "inside the file")
+        warnings.append(
+            f"{src.path}: dropped {n_repeated} header row(s) repeated inside the file"
+        )
 
     bad = BadRows()
     arrays, fields, non_finite = [], [], 0
@@ -134,8 +155,10 @@ def read_cic(src: Source, on_error: str) -> ReadResult:
         arrays.append(values)
         fields.append(pa.field(name, pa.float64()))
     if non_finite:
-        warnings.append(f"{src.path}: {non_finite} Infinity/NaN/empty value(s) in "
-                        "numeric columns read as null")
+        warnings.append(
+            f"{src.path}: {non_finite} Infinity/NaN/empty value(s) in "
+            "numeric columns read as null"
+        )
 
     text = pc.utf8_trim_whitespace(strings.column(f"c{label_index}").combine_chunks())
     detail = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
@@ -143,11 +166,23 @@ def read_cic(src: Source, on_error: str) -> ReadResult:
     arrays += [label, detail]
     fields += [pa.field("label", pa.int8()), pa.field("label_detail", pa.string())]
     table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
-    stats = {"labels": value_counts(text), "labeled": True,
-             "repeated_headers": n_repeated, "non_finite": non_finite}
+    stats = {
+        "labels": value_counts(text),
+        "labeled": True,
+        "repeated_headers": n_repeated,
+        "non_finite": non_finite,
+    }
     return finish(
-        table, lines, problems, path=src.path, on_error=on_error, fmt="cic-csv",
-        family="cic", cut=src.cut or cut, stats=stats, warnings=warnings,
+        table,
+        lines,
+        problems,
+        path=src.path,
+        on_error=on_error,
+        fmt="cic-csv",
+        family="cic",
+        cut=src.cut or cut,
+        stats=stats,
+        warnings=warnings,
         row_problems=_row_problems(bad, lines),
     )
 

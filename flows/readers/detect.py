@@ -5,18 +5,32 @@ from __future__ import annotations
 from flows.errors import BadInputError
 
 PCAP_MAGICS = (
-    b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4",  # microsecond, both byte orders
-    b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d",  # nanosecond, both byte orders
+    b"\xd4\xc3\xb2\xa1",
+    b"\xa1\xb2\xc3\xd4",  # microsecond, both byte orders
+    b"\x4d\x3c\xb2\xa1",
+    b"\xa1\xb2\x3c\x4d",  # nanosecond, both byte orders
 )
 PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
 PARQUET_MAGIC = b"PAR1"
 FORMATS = (
-    "zeek-tsv", "zeek-json", "binetflow", "nsl-kdd", "unsw-nb15", "cic-csv",
-    "parquet", "pcap", "pcapng",
+    "zeek-tsv",
+    "zeek-json",
+    "binetflow",
+    "nsl-kdd",
+    "unsw-nb15",
+    "cic-csv",
+    "parquet",
+    "pcap",
+    "pcapng",
 )
 
-_CIC_MARKERS = {"flow duration", "flow bytes/s", "fwd packet length max",
-                "total fwd packets", "flow iat mean"}
+_CIC_MARKERS = {
+    "flow duration",
+    "flow bytes/s",
+    "fwd packet length max",
+    "total fwd packets",
+    "flow iat mean",
+}
 
 
 def sniff_binary(head: bytes) -> str | None:

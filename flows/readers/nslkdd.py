@@ -26,16 +26,46 @@ from flows.readers.labels import ATTACK_FAMILY
 from flows.readers.result import ReadResult
 
 KDD_FEATURES: tuple[str, ...] = (
-    "duration", "protocol_type", "service", "flag", "src_bytes", "dst_bytes",
-    "land", "wrong_fragment", "urgent", "hot", "num_failed_logins", "logged_in",
-    "num_compromised", "root_shell", "su_attempted", "num_root",
-    "num_file_creations", "num_shells", "num_access_files", "num_outbound_cmds",
-    "is_host_login", "is_guest_login", "count", "srv_count", "serror_rate",
-    "srv_serror_rate", "rerror_rate", "srv_rerror_rate", "same_srv_rate",
-    "diff_srv_rate", "srv_diff_host_rate", "dst_host_count", "dst_host_srv_count",
-    "dst_host_same_srv_rate", "dst_host_diff_srv_rate",
-    "dst_host_same_src_port_rate", "dst_host_srv_diff_host_rate",
-    "dst_host_serror_rate", "dst_host_srv_serror_rate", "dst_host_rerror_rate",
+    "duration",
+    "protocol_type",
+    "service",
+    "flag",
+    "src_bytes",
+    "dst_bytes",
+    "land",
+    "wrong_fragment",
+    "urgent",
+    "hot",
+    "num_failed_logins",
+    "logged_in",
+    "num_compromised",
+    "root_shell",
+    "su_attempted",
+    "num_root",
+    "num_file_creations",
+    "num_shells",
+    "num_access_files",
+    "num_outbound_cmds",
+    "is_host_login",
+    "is_guest_login",
+    "count",
+    "srv_count",
+    "serror_rate",
+    "srv_serror_rate",
+    "rerror_rate",
+    "srv_rerror_rate",
+    "same_srv_rate",
+    "diff_srv_rate",
+    "srv_diff_host_rate",
+    "dst_host_count",
+    "dst_host_srv_count",
+    "dst_host_same_srv_rate",
+    "dst_host_diff_srv_rate",
+    "dst_host_same_src_port_rate",
+    "dst_host_srv_diff_host_rate",
+    "dst_host_serror_rate",
+    "dst_host_srv_serror_rate",
+    "dst_host_rerror_rate",
     "dst_host_srv_rerror_rate",
 )
 KDD_TEXT = ("protocol_type", "service", "flag")
@@ -63,7 +93,7 @@ def kdd_schema() -> pa.Schema:
 
 
 def looks_like_kdd(first_line: str) -> bool:
-    """Whether a first data line has the NSL-KDD shape (42 or 43 fields, tcp/udp/icmp)."""
+    """Whether a first line has the NSL-KDD shape (42/43 fields, tcp/udp/icmp)."""
     fields = first_line.strip().split(",")
     if len(fields) not in (42, 43):
         return False
@@ -97,12 +127,15 @@ def read_kdd(src: Source, on_error: str) -> ReadResult:
             io.BytesIO(data),
             read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
             parse_options=pacsv.ParseOptions(
-                delimiter=",", quote_char="'" if arff else False,
-                ignore_empty_lines=False, invalid_row_handler=on_invalid,
+                delimiter=",",
+                quote_char="'" if arff else False,
+                ignore_empty_lines=False,
+                invalid_row_handler=on_invalid,
             ),
             convert_options=pacsv.ConvertOptions(
                 column_types={n: pa.string() for n in names},
-                strings_can_be_null=False, null_values=[],
+                strings_can_be_null=False,
+                null_values=[],
             ),
         )
     except pa.ArrowInvalid as exc:
@@ -120,11 +153,18 @@ def read_kdd(src: Source, on_error: str) -> ReadResult:
             cut = cut or f"{src.path}: the last line ({line}) is cut short"
             continue
         problems.append(
-            Problem(line, None, f"expected {width} comma-separated fields, found {actual}")
+            Problem(
+                line, None, f"expected {width} comma-separated fields, found {actual}"
+            )
         )
     lines = np.flatnonzero(good).astype(np.int64) + start_line
-    blank = np.asarray(pc.equal(strings.column(names[0]), "").combine_chunks()
-                       .fill_null(False)) if strings.num_rows else np.zeros(0, bool)
+    blank = (
+        np.asarray(
+            pc.equal(strings.column(names[0]), "").combine_chunks().fill_null(False)
+        )
+        if strings.num_rows
+        else np.zeros(0, bool)
+    )
     if blank.any():
         strings = strings.filter(pa.array(~blank))
         lines = lines[~blank]
@@ -145,16 +185,22 @@ def read_kdd(src: Source, on_error: str) -> ReadResult:
     family = pc.index_in(lowered, value_set=pa.array(list(ATTACK_FAMILY)))
     family = pc.take(pa.array(list(ATTACK_FAMILY.values())), family)
     unknown = value_counts(
-        pc.filter(label_text, pc.and_(pc.is_null(family), pc.not_equal(lowered, "anomaly")))
+        pc.filter(
+            label_text, pc.and_(pc.is_null(family), pc.not_equal(lowered, "anomaly"))
+        )
     )
     warnings = []
     if unknown:
-        warnings.append(f"{src.path}: attack names outside the family map (family "
-                        f"null): {', '.join(sorted(unknown))}")
+        warnings.append(
+            f"{src.path}: attack names outside the family map (family "
+            f"null): {', '.join(sorted(unknown))}"
+        )
     if width == 43:
         difficulty, _ = to_number(
             pc.utf8_trim_whitespace(strings.column(names[42]).combine_chunks()),
-            "i64", "difficulty", bad,
+            "i64",
+            "difficulty",
+            bad,
         )
     else:
         difficulty = pa.nulls(strings.num_rows, pa.int64())
@@ -168,8 +214,16 @@ def read_kdd(src: Source, on_error: str) -> ReadResult:
     }
     stats = {"labels": value_counts(label_text), "labeled": True, "arff": arff}
     return finish(
-        table, lines, problems, path=src.path, on_error=on_error, fmt="nsl-kdd",
-        family="nsl-kdd", cut=cut, stats=stats, warnings=warnings,
+        table,
+        lines,
+        problems,
+        path=src.path,
+        on_error=on_error,
+        fmt="nsl-kdd",
+        family="nsl-kdd",
+        cut=cut,
+        stats=stats,
+        warnings=warnings,
         row_problems=row_problems,
     )
 
@@ -189,7 +243,9 @@ def _arff_body(data: bytes, path: str) -> tuple[bytes, int]:
             if attributes not in (42, 43):
                 raise BadInputError(
                     f"ARFF header declares {attributes} attributes, expected 42 "
-                    "(41 features and the class) or 43", path=path, line=line - 1,
+                    "(41 features and the class) or 43",
+                    path=path,
+                    line=line - 1,
                 )
             return data[pos:], line
     raise BadInputError("ARFF file without an @data line", path=path)

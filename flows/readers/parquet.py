@@ -77,7 +77,8 @@ def to_conn_table(table: pa.Table, path: str = "") -> pa.Table:
     if missing:
         raise BadInputError(
             f"Parquet table lacks canonical columns {', '.join(missing)}",
-            path=path or None, column=missing[0],
+            path=path or None,
+            column=missing[0],
         )
     arrays, fields = [], []
     for field in schema:
@@ -86,7 +87,8 @@ def to_conn_table(table: pa.Table, path: str = "") -> pa.Table:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             raise BadInputError(
                 f"column cannot be read as {field.type} ({exc})",
-                path=path or None, column=field.name,
+                path=path or None,
+                column=field.name,
             ) from exc
         fields.append(field)
     for name in table.column_names:

@@ -27,9 +27,9 @@ from flows.readers.zeek import (
     LABEL_NAMES,
     REQUIRED,
     ZEEK_TO_CANON,
-    _FieldError,
     _decode_escapes,
     _expand_names,
+    _FieldError,
     _Header,
     json_record,
 )
@@ -59,7 +59,7 @@ class TsvLineParser:
         """Apply one ``#`` line (``#separator``, ``#fields``, ``#close``...)."""
         if line.startswith("#separator"):
             self.header.separator = (
-                _decode_escapes(line[len("#separator"):].strip()) or "\t"
+                _decode_escapes(line[len("#separator") :].strip()) or "\t"
             )
             self.header.fields = None
             self._plan = None
@@ -74,7 +74,9 @@ class TsvLineParser:
                     raise BadInputError(
                         f"#fields has no {name!r} column (required: "
                         f"{', '.join(REQUIRED)})",
-                        path=self.path, line=line_no, column=name,
+                        path=self.path,
+                        line=line_no,
+                        column=name,
                     )
             self._plan = self.header.fields
         elif key == "empty_field":
@@ -87,17 +89,19 @@ class TsvLineParser:
     def parse(self, line: str, line_no: int = 0) -> dict:
         """One data line -> canonical record; BadInputError names line and column."""
         if self._plan is None:
-            raise BadInputError("row before any #fields line", path=self.path,
-                                line=line_no)
+            raise BadInputError(
+                "row before any #fields line", path=self.path, line=line_no
+            )
         values = line.rstrip("\r\n").split(self.header.separator)
         fields = self._plan
         if len(values) != len(fields):
             raise BadInputError(
                 f"expected {len(fields)} fields separated by "
                 f"{self.header.separator!r}, found {len(values)}",
-                path=self.path, line=line_no,
+                path=self.path,
+                line=line_no,
             )
-        row = dict(zip(fields, values))
+        row = dict(zip(fields, values, strict=True))
         for name in list(row):
             parts = _SPACES.split(name.strip())
             if len(parts) > 1 or (
@@ -112,9 +116,11 @@ class TsvLineParser:
                     raise BadInputError(
                         f"expected {len(parts)} space-separated parts "
                         f"({', '.join(parts)}), found {len(pieces)}",
-                        path=self.path, line=line_no, column=name,
+                        path=self.path,
+                        line=line_no,
+                        column=name,
                     )
-                row.update(zip(parts, pieces))
+                row.update(zip(parts, pieces, strict=True))
         return self._record(row, line_no)
 
     def _record(self, row: dict, line_no: int) -> dict:
@@ -135,7 +141,9 @@ class TsvLineParser:
                     expected = "a number" if kind == "f64" else "an integer"
                     raise BadInputError(
                         f"expected {expected}, found {text!r}",
-                        path=self.path, line=line_no, column=zeek_name,
+                        path=self.path,
+                        line=line_no,
+                        column=zeek_name,
                     )
                 record[canon] = value
         label_key = next((k for k in row if k.lower() in LABEL_NAMES), None)
@@ -148,7 +156,10 @@ class TsvLineParser:
             if mapped == "?":
                 raise BadInputError(
                     f"unknown label {text!r} (expected Malicious, Benign, Background "
-                    "or Unknown)", path=self.path, line=line_no, column=label_key,
+                    "or Unknown)",
+                    path=self.path,
+                    line=line_no,
+                    column=label_key,
                 )
             record["label"] = mapped
             record["label_detail"] = text
@@ -165,13 +176,15 @@ def parse_json_line(line: str, path: str = "<stream>", line_no: int = 0) -> dict
         if not isinstance(obj, dict):
             raise ValueError("not an object")
     except ValueError as exc:
-        raise BadInputError(f"expected one JSON object ({exc})", path=path,
-                            line=line_no) from None
+        raise BadInputError(
+            f"expected one JSON object ({exc})", path=path, line=line_no
+        ) from None
     try:
         return json_record(obj)
     except _FieldError as exc:
-        raise BadInputError(exc.message, path=path, line=line_no,
-                            column=exc.column) from None
+        raise BadInputError(
+            exc.message, path=path, line=line_no, column=exc.column
+        ) from None
 
 
 def _lines(path: str) -> Iterator[str]:
@@ -199,8 +212,9 @@ def iter_records(
     if fmt not in ("zeek-tsv", "zeek-json"):
         result = read(name, on_error=on_error, drop_unlabeled=drop_unlabeled)
         if result.family != "conn":
-            raise BadInputError(f"is {result.format}, not a conn-family input",
-                                path=name)
+            raise BadInputError(
+                f"is {result.format}, not a conn-family input", path=name
+            )
         for batch in result.table.to_batches(max_chunksize=4096):
             yield from batch.to_pylist()
         return

@@ -27,12 +27,24 @@ from flows.readers.zeek import CANON_TO_ZEEK
 
 # Zeek's conn.log order for the canonical fields, with Zeek's type names.
 ZEEK_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("ts", "time"), ("uid", "string"), ("src_ip", "addr"), ("src_port", "port"),
-    ("dst_ip", "addr"), ("dst_port", "port"), ("proto", "enum"),
-    ("service", "string"), ("duration", "interval"), ("orig_bytes", "count"),
-    ("resp_bytes", "count"), ("conn_state", "string"), ("missed_bytes", "count"),
-    ("history", "string"), ("orig_pkts", "count"), ("orig_ip_bytes", "count"),
-    ("resp_pkts", "count"), ("resp_ip_bytes", "count"),
+    ("ts", "time"),
+    ("uid", "string"),
+    ("src_ip", "addr"),
+    ("src_port", "port"),
+    ("dst_ip", "addr"),
+    ("dst_port", "port"),
+    ("proto", "enum"),
+    ("service", "string"),
+    ("duration", "interval"),
+    ("orig_bytes", "count"),
+    ("resp_bytes", "count"),
+    ("conn_state", "string"),
+    ("missed_bytes", "count"),
+    ("history", "string"),
+    ("orig_pkts", "count"),
+    ("orig_ip_bytes", "count"),
+    ("resp_pkts", "count"),
+    ("resp_ip_bytes", "count"),
 )
 _LABEL_TEXT = {1: "Malicious", 0: "Benign", None: "-"}
 
@@ -42,20 +54,23 @@ def _escape(value: str) -> str:
     if value == "":
         return "(empty)"
     if value in ("-", "(empty)"):
-        return "\\x%02x" % ord(value[0]) + value[1:]
+        return f"\\x{ord(value[0]):02x}" + value[1:]
     if any(ch in value for ch in "\t\n\r\\") or not value.isprintable():
         return "".join(
-            ch if ch.isprintable() and ch not in "\\\t" else
-            "".join("\\x%02x" % b for b in ch.encode("utf-8"))
+            ch
+            if ch.isprintable() and ch not in "\\\t"
+            else "".join(f"\\x{b:02x}" for b in ch.encode("utf-8"))
             for ch in value
         )
     return value
 
 
 def _label_text(label: int | None, detail: str | None) -> str:
-    """The ``label`` cell: Malicious/Benign, or Background/Unknown kept from the detail."""
-    if label is None and detail is not None and detail.strip().lower() in (
-        "background", "unknown"
+    """The ``label`` cell: Malicious/Benign, or Background/Unknown from the detail."""
+    if (
+        label is None
+        and detail is not None
+        and detail.strip().lower() in ("background", "unknown")
     ):
         return detail
     return _LABEL_TEXT[label]
@@ -91,9 +106,14 @@ def write_conn_log(table: pa.Table, path: str | Path) -> None:
         types += ["string", "string"]
     stamp = time.strftime("%Y-%m-%d-%H-%M-%S", time.gmtime())
     head = [
-        "#separator \\x09", "#set_separator\t,", "#empty_field\t(empty)",
-        "#unset_field\t-", "#path\tconn", f"#open\t{stamp}",
-        "#fields\t" + "\t".join(names), "#types\t" + "\t".join(types),
+        "#separator \\x09",
+        "#set_separator\t,",
+        "#empty_field\t(empty)",
+        "#unset_field\t-",
+        "#path\tconn",
+        f"#open\t{stamp}",
+        "#fields\t" + "\t".join(names),
+        "#types\t" + "\t".join(types),
     ]
     try:
         with open(path, "w", encoding="utf-8", newline="\n") as out:
@@ -102,21 +122,31 @@ def write_conn_log(table: pa.Table, path: str | Path) -> None:
                 cols = [batch.column(c).to_pylist() for c, _ in columns]
                 if with_labels:
                     details = batch.column("label_detail").to_pylist()
-                    cols.append([
-                        _label_text(v, d)
-                        for v, d in zip(batch.column("label").to_pylist(), details)
-                    ])
+                    cols.append(
+                        [
+                            _label_text(v, d)
+                            for v, d in zip(
+                                batch.column("label").to_pylist(), details, strict=True
+                            )
+                        ]
+                    )
                     cols.append(details)
-                cell_types = types[: len(columns)] + ["raw", "string"]
-                for row in zip(*cols):
+                cell_types = types[: len(columns)] + (
+                    ["raw", "string"] if with_labels else []
+                )
+                for row in zip(*cols, strict=True):
                     cells = [
                         value if kind == "raw" else _cell(value, kind)
-                        for value, kind in zip(row, cell_types)
+                        for value, kind in zip(row, cell_types, strict=True)
                     ]
                     out.write("\t".join(cells) + "\n")
-            out.write("#close\t" + time.strftime("%Y-%m-%d-%H-%M-%S", time.gmtime()) + "\n")
+            out.write(
+                "#close\t" + time.strftime("%Y-%m-%d-%H-%M-%S", time.gmtime()) + "\n"
+            )
     except OSError as exc:
-        raise BadInputError(f"cannot be written ({exc.strerror})", path=str(path)) from exc
+        raise BadInputError(
+            f"cannot be written ({exc.strerror})", path=str(path)
+        ) from exc
 
 
 def write_parquet(table: pa.Table, path: str | Path, family: str = "conn") -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +34,13 @@ import pyarrow.csv as pacsv
 
 from flows.errors import BadInputError
 from flows.readers import labels as labelmod
-from flows.readers._convert import BadRows, null_tokens, to_number, unescape, value_counts
+from flows.readers._convert import (
+    BadRows,
+    null_tokens,
+    to_number,
+    unescape,
+    value_counts,
+)
 from flows.readers._finish import Problem, finish
 from flows.readers._source import Source
 from flows.readers.result import ReadResult
@@ -154,7 +160,12 @@ def read_tsv(src: Source, on_error: str) -> ReadResult:
     ends_clean = data.endswith(b"\n")
     for block_header, block, start in blocks:
         part, lines, block_problems, block_rows, block_cut = _read_block(
-            block, block_header, start, src.path, stats, warnings,
+            block,
+            block_header,
+            start,
+            src.path,
+            stats,
+            warnings,
             last=(block is blocks[-1][1]) and not ends_clean,
         )
         cut = cut or block_cut
@@ -180,8 +191,16 @@ def read_tsv(src: Source, on_error: str) -> ReadResult:
             "(Zeek test output) read as null"
         )
     return finish(
-        table, lines, problems, path=src.path, on_error=on_error, fmt="zeek-tsv",
-        family="conn", cut=cut, stats=stats, warnings=warnings,
+        table,
+        lines,
+        problems,
+        path=src.path,
+        on_error=on_error,
+        fmt="zeek-tsv",
+        family="conn",
+        cut=cut,
+        stats=stats,
+        warnings=warnings,
         row_problems=row_problems,
     )
 
@@ -203,7 +222,9 @@ def _expand_names(fields: list[str]) -> list[str]:
     """The column names, with IoT-23's space-joined last field split into parts."""
     out: list[str] = []
     for name in fields:
-        out.extend(_SPACES.split(name.strip()) if _SPACES.search(name.strip()) else [name])
+        out.extend(
+            _SPACES.split(name.strip()) if _SPACES.search(name.strip()) else [name]
+        )
     return out
 
 
@@ -228,7 +249,11 @@ def _read_block(
         block = b"\n".join(ln for _, ln in kept) + b"\n"
 
     def line_of(physical: int) -> int:
-        return int(line_map[physical - 1]) if line_map is not None else start + physical - 1
+        return (
+            int(line_map[physical - 1])
+            if line_map is not None
+            else start + physical - 1
+        )
 
     invalid: list[tuple[int, int]] = []
 
@@ -260,7 +285,9 @@ def _read_block(
             ),
         )
     except pa.ArrowInvalid as exc:
-        raise BadInputError(f"cannot split rows ({exc})", path=path, line=start) from exc
+        raise BadInputError(
+            f"cannot split rows ({exc})", path=path, line=start
+        ) from exc
 
     n_physical = strings.num_rows + len(invalid)
     good = np.ones(n_physical, dtype=bool)
@@ -270,11 +297,18 @@ def _read_block(
         good[number - 1] = False
         line = line_of(number)
         if last and number == n_physical:
-            cut = f"{path}: the last line ({line}) is cut short ({actual} of {width} fields)"
+            cut = (
+                f"{path}: the last line ({line}) is cut short "
+                f"({actual} of {width} fields)"
+            )
             continue
         problems.append(
-            Problem(line, None, f"expected {width} fields separated by "
-                    f"{header.separator!r}, found {actual}")
+            Problem(
+                line,
+                None,
+                f"expected {width} fields separated by "
+                f"{header.separator!r}, found {actual}",
+            )
         )
     physical = np.flatnonzero(good) + 1
     if line_map is not None:
@@ -308,16 +342,18 @@ def _split_joined(
 ) -> dict[str, pa.Array]:
     """Split IoT-23's space-joined field (named so, or hidden in tunnel_parents)."""
     out = dict(columns)
-    for name, arr in columns.items():
+    for name in columns:
         parts = _SPACES.split(name.strip())
         if len(parts) > 1:
             break
     else:
         arr = columns.get("tunnel_parents")
         has_label = any(n.lower() in LABEL_NAMES for n in columns)
-        if arr is None or has_label or not pc.any(
-            pc.match_substring_regex(arr, r"\S\s+\S")
-        ).as_py():
+        if (
+            arr is None
+            or has_label
+            or not pc.any(pc.match_substring_regex(arr, r"\S\s+\S")).as_py()
+        ):
             return out
         name, parts = "tunnel_parents", ["tunnel_parents", "label", "detailed-label"]
         warnings.append(
@@ -332,10 +368,15 @@ def _split_joined(
     sizes = np.asarray(pc.list_value_length(split).fill_null(0))
     wrong = np.flatnonzero(sizes != len(parts))
     for row in wrong:
-        bad.add(int(row), name, f"expected {len(parts)} space-separated parts "
-                f"({', '.join(parts)}), found {int(sizes[row])}")
+        bad.add(
+            int(row),
+            name,
+            f"expected {len(parts)} space-separated parts "
+            f"({', '.join(parts)}), found {int(sizes[row])}",
+        )
     padded = pc.if_else(
-        pa.array(sizes == len(parts)), split,
+        pa.array(sizes == len(parts)),
+        split,
         pa.scalar([""] * len(parts), type=split.type),
     )
     for i, part in enumerate(parts):
@@ -447,8 +488,15 @@ def read_json(src: Source, on_error: str) -> ReadResult:
 
     table = columns_to_table(cols)
     return finish(
-        table, np.array(lines, dtype=np.int64), problems, path=src.path,
-        on_error=on_error, fmt="zeek-json", family="conn", cut=cut, stats=stats,
+        table,
+        np.array(lines, dtype=np.int64),
+        problems,
+        path=src.path,
+        on_error=on_error,
+        fmt="zeek-json",
+        family="conn",
+        cut=cut,
+        stats=stats,
     )
 
 
@@ -465,8 +513,11 @@ def json_record(obj: dict, stats: dict | None = None) -> dict:
     for zeek_name, canon in ZEEK_TO_CANON.items():
         value = obj.get(zeek_name)
         if value is None and zeek_name.startswith("id."):
-            value = (obj.get("id") or {}).get(zeek_name[3:]) if isinstance(
-                obj.get("id"), dict) else None
+            value = (
+                (obj.get("id") or {}).get(zeek_name[3:])
+                if isinstance(obj.get("id"), dict)
+                else None
+            )
         record[canon] = _json_value(zeek_name, CONN_FIELD_KINDS[canon], value)
     for name in REQUIRED:
         canon = ZEEK_TO_CANON[name]
@@ -486,8 +537,11 @@ def json_record(obj: dict, stats: dict | None = None) -> dict:
         if text not in (None, "", "-", "(empty)"):
             mapped = labelmod.ZEEK_LABELS.get(str(text).strip().lower(), "?")
             if mapped == "?":
-                raise _FieldError(label_key, f"unknown label {text!r} (expected "
-                                  "Malicious, Benign, Background or Unknown)")
+                raise _FieldError(
+                    label_key,
+                    f"unknown label {text!r} (expected "
+                    "Malicious, Benign, Background or Unknown)",
+                )
             record["label"] = mapped
             record["label_detail"] = str(text)
         detail = obj.get(detail_key) if detail_key else None
@@ -508,9 +562,11 @@ def _json_value(name: str, kind: str, value):
         try:
             stamp = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            raise _FieldError(name, f"expected epoch seconds or ISO-8601, found {value!r}")
+            raise _FieldError(  # noqa: B904 - a plain message is clearer here
+                name, f"expected epoch seconds or ISO-8601, found {value!r}"
+            )
         if stamp.tzinfo is None:
-            stamp = stamp.replace(tzinfo=timezone.utc)
+            stamp = stamp.replace(tzinfo=UTC)
         return stamp.timestamp()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         expected = "a number" if kind == "f64" else "an integer"
