@@ -529,6 +529,14 @@ def _share_with_group(broker: Path, group: str) -> None:
         os.chmod(item, 0o640)
 
 
+def _kept_password(client_dir: Path) -> str | None:
+    """The password a previous run handed to this client, if its folder is there."""
+    try:
+        return (client_dir / "password").read_text().splitlines()[0] or None
+    except (OSError, IndexError):
+        return None
+
+
 def write_broker_config(
     dep: Deployment,
     out_dir: str | Path,
@@ -546,8 +554,12 @@ def write_broker_config(
     server.key), ``ca/`` (ca.crt, ca.key: keep it off the broker), and
     ``clients/<user>/`` (ca.crt, password, and client.crt/client.key when client
     certificates are required). ``passwords`` maps user -> password; users left out
-    get a fresh random one. ``install_dir`` is where ``broker/`` will be installed
-    (default: where it is written). ``group`` (e.g. ``mosquitto``) gets read access
+    keep the password of a previous run into the same folder or get a fresh random
+    one; the CA of a previous run is kept too, so adding a gateway is a re-run that
+    changes nobody else's credentials, and the client folders of users no longer in
+    the deployment are deleted (a revoked gateway that comes back gets a new
+    password). ``install_dir`` is where ``broker/`` will be installed (default: where
+    it is written). ``group`` (e.g. ``mosquitto``) gets read access
     to ``broker/``: mosquitto started as root reads these files after it has dropped
     to its own user. An existing CA may be passed to keep the clients' trust.
     """
@@ -561,7 +573,10 @@ def write_broker_config(
     if unknown:
         raise UsageError(f"passwords given for users not in the deployment: {unknown}")
 
-    # Certificates.
+    # Certificates: a CA given, else the one a previous run left here, else a new one.
+    if ca is None and (ca_dir / "ca.key").exists():
+        kept = (ca_dir / "ca.crt").read_bytes(), (ca_dir / "ca.key").read_bytes()
+        ca = CertPair(*kept)
     ca = ca or make_ca()
     ca.write(ca_dir / "ca.crt", ca_dir / "ca.key")
     (broker / "ca.crt").write_bytes(ca.cert_pem)
@@ -569,7 +584,10 @@ def write_broker_config(
     server.write(broker / "server.crt", broker / "server.key")
 
     # Credentials, ACL and the configuration itself.
-    creds = {u: given.get(u) or secrets.token_urlsafe(24) for u in dep.users}
+    creds = {
+        u: given.get(u) or _kept_password(clients_dir / u) or secrets.token_urlsafe(24)
+        for u in dep.users
+    }
     write_password_file(broker / "passwd", creds)
     (broker / "acl").write_text(acl_text(dep))
     conf = broker / "mosquitto.conf"
@@ -584,7 +602,10 @@ def write_broker_config(
     if group is not None:
         _share_with_group(broker, group)
 
-    # One folder per user, to hand over.
+    # One folder per user, to hand over; none for users who left.
+    for old in clients_dir.iterdir():
+        if old.is_dir() and old.name not in dep.users:
+            shutil.rmtree(old)
     clients: dict[str, Path] = {}
     for user in dep.users:
         cdir = clients_dir / user
@@ -894,22 +915,19 @@ def _parse_gateway(text: str) -> tuple[str, str]:
     return site, gw
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m edge_agent.broker_config``: write a deployment's broker files."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m edge_agent.broker_config",
-        description="Write a locked-down mosquitto configuration for gatewatch.",
+        description="Write a locked-down mosquitto configuration for gatewatch, "
+        "or check that a client can log in to it.",
     )
-    add = parser.add_argument
-    add("--out", required=True, type=Path, help="folder to write")
-    add(
-        "--gateway",
-        action="append",
-        type=_parse_gateway,
-        default=[],
-        metavar="SITE/GATEWAY",
-        help="a gateway (repeat for each)",
-    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    write = sub.add_parser("write", help="write (or update) a deployment's files")
+    add = write.add_argument
+    add("--out", required=True, type=Path, help="folder to write (kept CA, passwords)")
+    add("--gateway", action="append", type=_parse_gateway, default=[],
+        metavar="SITE/GATEWAY", help="a gateway (repeat for each)")
     add("--host", action="append", default=[], help="broker DNS name (repeatable)")
     add("--ip", action="append", default=[], help="broker IP address (repeatable)")
     add("--bind", default="127.0.0.1", help="address the listener binds")
@@ -920,38 +938,76 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--group", help="group that may read broker/ (e.g. mosquitto)")
     add("--client-certs", action="store_true", help="require client certificates")
     add("--max-packet-size", type=int, default=DEFAULT_MAX_PACKET_SIZE)
-    args = parser.parse_args(argv)
 
+    check = sub.add_parser("check", help="one TLS handshake and one login, no retry")
+    add = check.add_argument
+    add("--host", required=True, help="broker name or address, as clients use it")
+    add("--port", type=int, default=DEFAULT_PORT)
+    add("--ca", required=True, type=Path, help="the deployment's ca.crt")
+    add("--user", help="broker user (without it: TLS only)")
+    add("--password-file", type=Path, help="file whose first line is the password")
+    add("--cert", type=Path, help="client certificate, when the broker wants one")
+    add("--key", type=Path, help="client key")
+    add("--timeout", type=float, default=5.0)
+    return parser
+
+
+def _write_command(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.gateway:
+        raise UsageError("give at least one --gateway SITE/GATEWAY")
+    dep = Deployment(
+        gateways=tuple(args.gateway),
+        host_names=tuple(args.host or ([] if args.ip else ["localhost"])),
+        ip_addresses=tuple(args.ip or ([] if args.host else ["127.0.0.1"])),
+        bind_address=args.bind,
+        port=args.port,
+        max_packet_size=args.max_packet_size,
+        require_client_cert=args.client_certs,
+    )
+    files = write_broker_config(
+        dep,
+        args.out,
+        install_dir=args.install_dir,
+        persistence_location=args.persistence_location,
+        log_dest=args.log_dest,
+        group=args.group,
+    )
+    return {
+        "broker": str(files.broker_dir),
+        "ca_key": str(files.ca_key),
+        "clients": {u: str(p) for u, p in files.clients.items()},
+    }
+
+
+def _check_command(args: argparse.Namespace) -> dict[str, Any]:
+    tls = dict(certfile=args.cert, keyfile=args.key, timeout=args.timeout)
+    report: dict[str, Any] = check_tls_connect(args.host, args.port, args.ca, **tls)
+    if args.user is not None:
+        if args.password_file is None:
+            raise UsageError("--user needs --password-file")
+        try:
+            password = args.password_file.read_text().splitlines()[0]
+        except (OSError, IndexError) as exc:
+            raise UsageError(f"cannot read {args.password_file}: {exc}") from exc
+        report["login"] = check_broker_login(
+            args.host, args.port, args.ca, args.user, password, **tls
+        )
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m edge_agent.broker_config write|check``; returns the exit code."""
+    args = _parser().parse_args(argv)
     try:
-        if not args.gateway:
-            raise UsageError("give at least one --gateway SITE/GATEWAY")
-        dep = Deployment(
-            gateways=tuple(args.gateway),
-            host_names=tuple(args.host or ([] if args.ip else ["localhost"])),
-            ip_addresses=tuple(args.ip or ([] if args.host else ["127.0.0.1"])),
-            bind_address=args.bind,
-            port=args.port,
-            max_packet_size=args.max_packet_size,
-            require_client_cert=args.client_certs,
-        )
-        files = write_broker_config(
-            dep,
-            args.out,
-            install_dir=args.install_dir,
-            persistence_location=args.persistence_location,
-            log_dest=args.log_dest,
-            group=args.group,
-        )
+        if args.command == "write":
+            report = _write_command(args)
+        else:
+            report = _check_command(args)
     except GatewatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-    report = {
-        "broker": str(files.broker_dir),
-        "ca_key": str(files.ca_key),
-        "clients": {u: str(p) for u, p in files.clients.items()},
-    }
     print(json.dumps(report, indent=2))
     return 0
 

@@ -36,7 +36,7 @@ from edge_agent.broker_config import (
     write_broker_config,
 )
 from edge_agent.protocol import topic
-from flows.errors import EXIT_USAGE, TransportError, UsageError
+from flows.errors import EXIT_UNAVAILABLE, EXIT_USAGE, TransportError, UsageError
 from tests.secure_broker import HOST, Probe, SecureBroker, need_mosquitto, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,18 +178,36 @@ def test_written_files_keep_secrets_hashed_and_private(tmp_path):
 
 
 def test_command_line_writes_a_deployment_and_refuses_bad_names(tmp_path, capsys):
-    """``python -m edge_agent.broker_config`` writes files; a bad name exits 2."""
+    """``python -m edge_agent.broker_config write`` writes files; a bad name exits 2."""
     need_mosquitto()
     out = tmp_path / "d"
-    assert main(["--out", str(out), "--gateway", "s1/g1", "--host", "mq.lan"]) == 0
+    argv = ["write", "--out", str(out), "--gateway", "s1/g1", "--host", "mq.lan"]
+    assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["clients"]) == {G1, "rescorer", "operator"}
     assert (out / "broker" / "acl").read_text() == acl_text(
         Deployment(gateways=(("s1", "g1"),))
     )
 
-    assert main(["--out", str(out), "--gateway", "s1/#"]) == EXIT_USAGE
+    assert main(["write", "--out", str(out), "--gateway", "s1/#"]) == EXIT_USAGE
     assert capsys.readouterr().err.startswith("error: gateway '#'")
+
+
+def test_rerun_adds_a_gateway_without_touching_other_credentials(tmp_path):
+    """Same CA and passwords for those who stay; a removed gateway's files go."""
+    need_mosquitto()
+    first = write_broker_config(Deployment(gateways=GATEWAYS), tmp_path)
+    ca_before = first.ca_cert.read_bytes()
+
+    changed = (("s1", "g1"), ("s1", "g2"), ("s3", "g9"))
+    second = write_broker_config(Deployment(gateways=changed), tmp_path)
+    assert second.ca_cert.read_bytes() == ca_before
+    for user in (G1, G2, "rescorer", "operator"):
+        assert second.passwords[user] == first.passwords[user]
+    assert "gw-s3-g9" in second.passwords and G3 not in second.passwords
+    assert not (tmp_path / "clients" / G3).exists()
+    passwd = (second.broker_dir / "passwd").read_text()
+    assert f"\n{G3}:" not in f"\n{passwd}" and "gw-s3-g9:" in passwd
 
 
 def test_shipped_example_matches_the_generator():
@@ -204,6 +222,21 @@ def test_shipped_example_matches_the_generator():
 
 
 # --- who may say and read what --------------------------------------------------------
+
+
+def test_check_command_logs_in_once_or_says_why_not(broker, tmp_path, capsys):
+    """``... check`` exits 0 for good settings, 6 with the cause for a wrong CA."""
+    secret = tmp_path / "pw"
+    secret.write_text(broker.password(G1) + "\n")
+    argv = ["check", "--host", HOST, "--port", str(broker.port), "--user", G1,
+            "--password-file", str(secret)]
+    assert main([*argv, "--ca", str(broker.ca)]) == 0
+    assert json.loads(capsys.readouterr().out)["login"] == "Success"
+
+    other = tmp_path / "other.crt"
+    other.write_bytes(make_ca("someone else").cert_pem)
+    assert main([*argv, "--ca", str(other)]) == EXIT_UNAVAILABLE
+    assert "not signed by the CA" in capsys.readouterr().err
 
 
 def test_anonymous_and_wrong_password_are_refused(broker, probes):
