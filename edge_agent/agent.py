@@ -19,8 +19,9 @@ Local alerts are JSON lines, one object per line::
 and, when the re-scorer confirms an escalation as malicious, the same 5-tuple fields
 with ``"kind": "verdict"``, ``"verdict": "malicious"`` and the teacher's ``score``.
 
-Escalation ids are derived from the site, gateway and flow record (32 hex digits), so
-a flow read again after a crash carries the same id and the re-scorer drops the copy.
+Escalation ids are derived from the site, gateway and flow record (32 hex digits; see
+:func:`flow_id`), so a flow read again after a crash carries the same id and the
+re-scorer drops the copy.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from edge_agent import protocol as proto
 from edge_agent.mqtt import MqttLink
 from edge_agent.outbox import Outbox
 from flows.errors import BadInputError, TransportError, UsageError
-from flows.windows import StreamWindower
+from flows.windows import StreamWindower, record_key
 
 SITE_THRESHOLDS = "site_thresholds.json"
 _FIVE_TUPLE = ("ts", "src_ip", "src_port", "dst_ip", "dst_port", "proto")
@@ -100,11 +101,17 @@ def decide(scores: np.ndarray, thresholds: dict[str, float]) -> np.ndarray:
 _DECISIONS = (proto.Decision.BENIGN, proto.Decision.ESCALATE, proto.Decision.ALERT)
 
 
+_NOT_IN_ID = ("uid", "label", "label_detail")
+
+
 def flow_id(site: str, gateway: str, flow: dict[str, Any]) -> str:
-    """A message id fixed by the flow: the same flow always gets the same id."""
-    text = json.dumps(
-        [site, gateway, proto.clean_flow(flow)], sort_keys=True, default=str
-    )
+    """A message id fixed by the flow: the same flow always gets the same id.
+
+    The hash covers the site, the gateway and the flow's measured fields; not
+    ``uid`` (the flow meter draws a fresh one on each read) nor the labels.
+    """
+    fields = {k: v for k, v in proto.clean_flow(flow).items() if k not in _NOT_IN_ID}
+    text = json.dumps([site, gateway, fields], sort_keys=True, default=str)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
@@ -297,10 +304,8 @@ class Agent:
         return good, X
 
     @staticmethod
-    def _keys(records: list[dict[str, Any]], enc) -> list[Any]:
-        if enc.group_by == "stream":
-            return [0] * len(records)
-        return [r.get("src_ip") for r in records]
+    def _keys(records: list[dict[str, Any]], enc) -> list[str]:
+        return [record_key(r, enc) for r in records]
 
     def _escalate(self, flow, window, score, decision, version) -> None:
         msg_id = flow_id(self.site, self.gateway, flow)

@@ -192,7 +192,8 @@ class Tiny:
         self.thresholds = quantile_thresholds(self.scores)
         self.artifact = make_artifact(folder / "artifact", self.encoder, self.thresholds)
 
-    def expected(self, records: list[dict] | None = None) -> dict[str, str]:
+    def expected(self, records: list[dict] | None = None, site: str = "s1",
+                 gateway: str = "g1") -> dict[str, str]:
         """{escalation id: decision} the agent must produce for these records."""
         from edge_agent.agent import flow_id
 
@@ -202,7 +203,7 @@ class Tiny:
         out = {}
         for rec, s in zip(records, scores, strict=True):
             if s >= lo:
-                out[flow_id("s1", "g1", rec)] = "alert" if s >= hi else "escalate"
+                out[flow_id(site, gateway, rec)] = "alert" if s >= hi else "escalate"
         return out
 
 
@@ -217,3 +218,30 @@ def tiny(data_dir: Path, tmp_path_factory) -> Tiny:
     if path not in _TINY:
         _TINY[path] = Tiny(path, tmp_path_factory.mktemp("tiny"))
     return _TINY[path]
+
+
+def make_teacher(tm: Tiny, folder: Path):
+    """A real (small, untrained) CNN-BiLSTM checkpoint and the loaded Teacher.
+
+    The threshold is the median teacher score of the escalated windows, so both
+    verdicts occur.
+    """
+    import torch
+
+    from teacher.checkpoint import load_teacher, save_checkpoint
+    from teacher.model import TeacherConfig, TeacherNet
+
+    if (folder / "model.safetensors").is_file():
+        return folder, load_teacher(folder, device="cpu")
+    torch.manual_seed(0)
+    enc = tm.encoder
+    net = TeacherNet(TeacherConfig(n_features=enc.n_features, window=enc.window,
+                                   conv_filters=(8,), lstm_hidden=8, dense=(8,)))
+    net.eval()
+    esc = tm.windows[tm.scores >= tm.thresholds["escalate_low"]]
+    with torch.no_grad():
+        z = net(torch.from_numpy(esc)).numpy().astype(np.float64)
+    threshold = float(np.median(1 / (1 + np.exp(-z))))
+    save_checkpoint(folder, net, encoder=enc,
+                    threshold={"threshold": threshold, "rule": "fpr", "chosen_on": "val"})
+    return folder, load_teacher(folder, device="cpu")
