@@ -726,7 +726,9 @@ def build_bundle(
         # Write to a temporary name next to ``out``, then rename into place.
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_name(out.name + ".partial")
-        with tarfile.open(partial, "w:gz", compresslevel=1) as tar:
+        # Level 0: wheels are zip-deflated already; level 1 saved 0.7 % of the edge
+        # wheels (128 MB) for 15 times the time. The file is still a gzip tar.
+        with tarfile.open(partial, "w:gz", compresslevel=0) as tar:
             _add_bytes(tar, MANIFEST_NAME, raw)
             _add_bytes(tar, SIGNATURE_NAME, signature)
             for name, src_item in members.items():
