@@ -235,8 +235,8 @@ def prepare(
         fit_cols = {k: np.asarray(v)[train] for k, v in columns.items()}
         encoder = Encoder.fit(
             fit_cols, loaded["family"],
-            window=window or loaded["window"] or 1,
-            group_by=group_by or loaded["group_by"] or "stream",
+            window=window or loaded["window"],
+            group_by=group_by or loaded["group_by"],
         )
     elif encoder.family != loaded["family"]:
         raise BadInputError(

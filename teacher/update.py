@@ -86,12 +86,13 @@ def update(
     old: Prepared | None = None,
     replay: tuple[np.ndarray, np.ndarray] | None = None,
     train_config: TrainConfig | None = None,
+    target_f1: float | None = None,
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Fine-tune ``teacher`` on ``new`` with a replay buffer; returns (result, report).
 
     ``new`` and ``old`` must be encoded with the teacher's encoder. The report
     holds F1 on old and new test rows before and after, the replay size and the
-    wall time.
+    wall time. ``target_f1`` is passed to :func:`~teacher.train.fit` (benchmarks).
     """
     if (new.n_features, new.window) != (teacher.config.n_features,
                                         teacher.config.window):
@@ -114,7 +115,8 @@ def update(
     start = time.monotonic()
     init = {k: v.detach().cpu().clone() for k, v in teacher.model.state_dict().items()}
     result = fit(both, teacher.config, replace(tc), init_state=init,
-                 train_rows=train_rows, val_rows=val_rows, extra_train=replay)
+                 train_rows=train_rows, val_rows=val_rows, extra_train=replay,
+                 target_f1=target_f1)
     wall = time.monotonic() - start
 
     # After: the fine-tuned model with its new threshold.
