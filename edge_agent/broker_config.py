@@ -81,7 +81,8 @@ MIN_MAX_PACKET_SIZE = MAX_PAYLOAD_BYTES + PACKET_HEADROOM
 # artifact archive) of up to about 750 KiB of archive fits; larger ones go by URL.
 DEFAULT_MAX_PACKET_SIZE = 1 << 20
 DEFAULT_PORT = 8883
-DEFAULT_SHARE_GROUP = "rescorers"
+# The same group name as `teacher serve --share-group` uses by default.
+DEFAULT_SHARE_GROUP = "gatewatch"
 _CERT_DAYS = 825
 _USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 

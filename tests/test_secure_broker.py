@@ -42,7 +42,7 @@ from tests.secure_broker import HOST, Probe, SecureBroker, need_mosquitto, wait_
 REPO = Path(__file__).resolve().parent.parent
 GATEWAYS = (("s1", "g1"), ("s1", "g2"), ("s2", "g1"))
 G1, G2, G3 = "gw-s1-g1", "gw-s1-g2", "gw-s2-g1"
-SHARED = "$share/rescorers/gatewatch/v1/+/+/escalations"
+SHARED = "$share/gatewatch/gatewatch/v1/+/+/escalations"
 
 # The deployment documented in deploy/mosquitto/ (a test keeps the two in step).
 EXAMPLE = Deployment(
