@@ -153,3 +153,16 @@ def test_console_script_prints_no_traceback(tmp_path):
     )
     assert proc.returncode == 3
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.data
+def test_inspect_capture_shows_meter_stats(capsys, data_dir):
+    pytest.importorskip("flows.meter", reason="the flow meter is not installed")
+    path = data_file(data_dir, "pcap/tcp_syn.pcap")
+    code, out, _ = run(capsys, "inspect", "--json", str(path))
+    summary = json.loads(out)
+    assert code == 0 and summary["format"] == "pcap" and summary["rows"] == 1
+    assert summary["stats"]["packets"] == 1
+    assert summary["stats"]["link_types"] == {"ethernet": 1}
+    code, out, _ = run(capsys, "inspect", str(path))
+    assert "packets: 1" in out

@@ -698,3 +698,51 @@ def test_capture_goes_to_the_flow_meter_or_says_it_is_missing(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "flows.meter", None)
     with pytest.raises(BadInputError, match="flow meter"):
         read(path)
+
+
+# ------------------------------------------------------ streaming and extras
+
+
+def test_iter_records_matches_read_on_cut_gzip(tmp_path):
+    rows = []
+    for i in range(2500):
+        row = list(ROW_B)
+        row[FIELDS.index("uid")] = f"U{i}"
+        rows.append(row)
+    full = gzip.compress(zeek_text(rows).encode())
+    path = write(tmp_path, "cut.log.gz", full[: len(full) // 2])
+    batch = read(path)
+    assert batch.partial
+    assert list(iter_records(path)) == batch.table.to_pylist()
+
+
+def test_iter_records_errors_and_skip(tmp_path):
+    bad = list(ROW_A)
+    bad[FIELDS.index("missed_bytes")] = "-3x"
+    path = write(tmp_path, "s.log", zeek_text([ROW_A, bad, ROW_B]))
+    records = iter_records(path)
+    assert next(records)["uid"] == "CabC1"
+    with pytest.raises(BadInputError) as info:
+        next(records)
+    assert info.value.line == 10 and info.value.column == "missed_bytes"
+    kept = [r["uid"] for r in iter_records(path, on_error="skip")]
+    assert kept == ["CabC1", "CabC2"]
+
+
+def test_several_files_failing_later_keep_earlier_rows(tmp_path):
+    good = write(tmp_path, "a.log", zeek_text([ROW_A, ROW_B]))
+    bad_row = list(ROW_A)
+    bad_row[FIELDS.index("id.resp_p")] = "http"
+    bad = write(tmp_path, "b.log", zeek_text([bad_row]))
+    with pytest.raises(PartialInputError) as info:
+        read([good, bad])
+    assert "b.log" in str(info.value) and info.value.column == "id.resp_p"
+    assert info.value.result.table.num_rows == 2
+    assert read([good, bad], on_error="skip").table.num_rows == 2
+
+
+def test_families_cannot_be_mixed(tmp_path):
+    conn = write(tmp_path, "a.log", zeek_text([ROW_A]))
+    kdd = write(tmp_path, "k.txt", f"{KDD_ROW},normal,21\n")
+    with pytest.raises(BadInputError, match="different families"):
+        read([conn, kdd])

@@ -99,3 +99,12 @@ def test_conn_log_parquet_records_round_trip(data_dir, tmp_path):
 def test_json_stream_matches_batch(data_dir):
     path = data_file(data_dir, "zeek-conn/nmap-portscans.conn.json.log")
     assert list(iter_records(path)) == read(path).table.to_pylist()
+
+
+def test_capture_is_read_by_the_flow_meter(data_dir):
+    pytest.importorskip("flows.meter", reason="the flow meter is not installed")
+    result = read(data_file(data_dir, "pcap/tcp_syn.pcap"))
+    assert result.format == "pcap" and result.family == "conn"
+    assert result.table.num_rows == 1 and result.stats["packets"] == 1
+    rec = result.table.to_pylist()[0]
+    assert rec["proto"] == "tcp" and rec["orig_pkts"] == 1 and rec["label"] is None

@@ -9,8 +9,10 @@ Several gzip members in one file (``cat a.gz b.gz``) are read one after the othe
 from __future__ import annotations
 
 import zlib
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from flows.errors import BadInputError
 
@@ -57,26 +59,50 @@ def load(path: str | Path) -> Source:
 
 def gunzip(raw: bytes) -> tuple[bytes, str | None]:
     """Inflate every gzip member of ``raw``; return the text and why it stopped."""
+    import io
+
     out: list[bytes] = []
-    pos = 0
-    while pos < len(raw):
-        inflater = zlib.decompressobj(wbits=31)
-        start = pos
+    chunks = iter_gunzip(io.BytesIO(raw))
+    while True:
         try:
-            while pos < len(raw) and not inflater.eof:
-                out.append(inflater.decompress(raw[pos : pos + _BLOCK]))
-                pos += min(_BLOCK, len(raw) - pos)
+            out.append(next(chunks))
+        except StopIteration as stop:
+            return b"".join(out), stop.value
+
+
+def iter_gunzip(fh: BinaryIO) -> Generator[bytes, None, str | None]:
+    """Yield the inflated text of every gzip member read from ``fh``, block by block.
+
+    The generator's return value (``StopIteration.value``) is None at a clean end,
+    else a sentence saying where the stream was cut or damaged; the text inflated
+    before that point has been yielded already.
+    """
+    inflater = zlib.decompressobj(wbits=31)
+    offset = 0
+    pending = b""
+    while True:
+        block = pending or fh.read(_BLOCK)
+        pending = b""
+        if not block:
+            if inflater.eof or offset == 0:
+                return None
+            return f"gzip stream cut at byte offset {offset} (no end marker)"
+        try:
+            text = inflater.decompress(block)
         except zlib.error as exc:
-            return b"".join(out), f"gzip data damaged near byte offset {pos} ({exc})"
-        if not inflater.eof:
-            return b"".join(out), (
-                f"gzip stream cut at byte offset {len(raw)} (no end marker after "
-                f"the member that starts at byte {start})"
-            )
-        pos -= len(inflater.unused_data)
-        rest = raw[pos:]
-        if rest and rest[:2] != GZIP_MAGIC:
-            if rest.strip(b"\x00"):
-                return b"".join(out), f"bytes after the gzip data at byte offset {pos}"
-            break
-    return b"".join(out), None
+            return f"gzip data damaged near byte offset {offset} ({exc})"
+        offset += len(block) - len(inflater.unused_data)
+        if text:
+            yield text
+        if inflater.eof:
+            rest = inflater.unused_data
+            if not rest:
+                rest = fh.read(_BLOCK)
+            if not rest:
+                return None
+            if rest[:2] != GZIP_MAGIC and len(rest) >= 2:
+                if rest.strip(b"\x00") or fh.read(1):
+                    return f"bytes after the gzip data at byte offset {offset}"
+                return None
+            inflater = zlib.decompressobj(wbits=31)
+            pending = rest

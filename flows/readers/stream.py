@@ -9,10 +9,8 @@ whole and then yielded row by row.
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from flows import logger
 from flows.errors import BadInputError
 from flows.readers._convert import _ESCAPE, _parse_one
 from flows.readers._finish import check_on_error
-from flows.readers._source import GZIP_MAGIC
+from flows.readers._source import GZIP_MAGIC, iter_gunzip
 from flows.readers.labels import ZEEK_LABELS
 from flows.readers.zeek import (
     DETAIL_NAMES,
@@ -188,16 +186,32 @@ def parse_json_line(line: str, path: str = "<stream>", line_no: int = 0) -> dict
 
 
 def _lines(path: str) -> Iterator[str]:
-    """The text lines of a plain or gzip file; a cut gzip ends with a warning."""
+    """The text lines of a plain or gzip file, as read; a cut gzip stops early.
+
+    Gzip is inflated with :func:`flows.readers._source.iter_gunzip`, the same way as
+    the batch reader, so a cut stream gives the same complete lines in both, and
+    the cut line itself is dropped (with a warning) rather than half read.
+    """
     with open(path, "rb") as fh:
         gz = fh.read(2) == GZIP_MAGIC
-    opener = gzip.open if gz else open
-    with opener(path, "rb") as fh:
-        try:
-            for raw in fh:
-                yield raw.decode("utf-8", "replace")
-        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-            logger.warning("%s: gzip stream cut (%s); stopped there", path, exc)
+        fh.seek(0)
+        chunks = iter_gunzip(fh) if gz else iter(lambda: fh.read(1 << 16), b"")
+        rest = b""
+        cut = None
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration as stop:
+                cut = stop.value if gz else None
+                break
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for raw in lines:
+                yield raw.decode("utf-8", "replace") + "\n"
+        if cut is not None:
+            logger.warning("%s: %s; stopped there", path, cut)
+        elif rest:
+            yield rest.decode("utf-8", "replace")
 
 
 def iter_records(
@@ -221,31 +235,28 @@ def iter_records(
 
     parser = TsvLineParser(name)
     skipped = 0
-    pending: str | None = None
     for line_no, line in enumerate(_lines(name), start=1):
-        if not line.endswith("\n"):
-            pending = line
         stripped = line.strip()
-        if not stripped:
+        if not stripped or (fmt == "zeek-json" and stripped.startswith("#")):
             continue
+        if fmt == "zeek-tsv" and line.startswith("#"):
+            parser.header_line(line.rstrip("\r\n"), line_no)
+            continue
+
         try:
             if fmt == "zeek-json":
-                if stripped.startswith("#"):
-                    continue
                 record = parse_json_line(stripped, name, line_no)
-            elif line.startswith("#"):
-                parser.header_line(line.rstrip("\r\n"), line_no)
-                continue
             else:
                 record = parser.parse(line, line_no)
-        except BadInputError as exc:
-            if line is pending:
+        except BadInputError:
+            if not line.endswith("\n"):
                 logger.warning("%s: the last line (%d) is cut short", name, line_no)
                 break
-            if on_error == "fail" or exc.column is None and "#fields" in str(exc):
+            if on_error == "fail":
                 raise
             skipped += 1
             continue
+
         if drop_unlabeled and record["label"] is None:
             continue
         yield record

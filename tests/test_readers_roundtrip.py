@@ -1,0 +1,96 @@
+"""Property test: any canonical records survive conn.log and Parquet unchanged."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flows.readers import iter_records, read, write_conn_log, write_parquet
+from flows.record import columns_to_table
+
+text = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), max_codepoint=0x2FF),
+    max_size=12,
+)
+count = st.one_of(st.none(), st.integers(min_value=0, max_value=2**53))
+seconds = st.one_of(
+    st.none(),
+    st.floats(min_value=0, max_value=2e9, allow_nan=False).filter(math.isfinite),
+)
+label = st.sampled_from(
+    [(1, "C&C"), (0, "Benign"), (None, "Background"), (None, None), (1, "Malicious")]
+)
+
+
+@st.composite
+def records(draw):
+    rows = []
+    for _ in range(draw(st.integers(min_value=1, max_value=6))):
+        lab, detail = draw(label)
+        rows.append(
+            {
+                "ts": draw(st.floats(min_value=0, max_value=2e9, allow_nan=False)),
+                "uid": draw(st.one_of(st.none(), text)),
+                "src_ip": draw(st.ip_addresses().map(str)),
+                "src_port": draw(st.integers(min_value=0, max_value=65535)),
+                "dst_ip": draw(st.ip_addresses().map(str)),
+                "dst_port": draw(st.integers(min_value=0, max_value=65535)),
+                "proto": draw(st.sampled_from(["tcp", "udp", "icmp"])),
+                "service": draw(st.one_of(st.none(), text)),
+                "duration": draw(seconds),
+                "orig_bytes": draw(count),
+                "resp_bytes": draw(count),
+                "orig_pkts": draw(count),
+                "resp_pkts": draw(count),
+                "orig_ip_bytes": draw(count),
+                "resp_ip_bytes": draw(count),
+                "conn_state": draw(st.one_of(st.none(), text)),
+                "history": draw(st.one_of(st.none(), text)),
+                "missed_bytes": draw(count),
+                "label": lab,
+                "label_detail": detail,
+            }
+        )
+    return rows
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(rows=records())
+def test_conn_log_and_parquet_round_trip(tmp_path_factory, rows):
+    folder = tmp_path_factory.mktemp("rt")
+    table = columns_to_table({k: [r[k] for r in rows] for k in rows[0]})
+
+    write_conn_log(table, folder / "c.log")
+    back = read(folder / "c.log")
+    assert back.table.to_pylist() == rows
+    assert list(iter_records(folder / "c.log")) == rows
+
+    write_parquet(table, folder / "c.parquet")
+    assert read(folder / "c.parquet").table.equals(table)
+
+
+@pytest.mark.parametrize("value", ["-", "(empty)", "", "a\tb", "back\\slash", "\\x41"])
+def test_awkward_strings_round_trip(tmp_path, value):
+    rows = [
+        {
+            "ts": 1.0,
+            "src_ip": "a",
+            "src_port": 1,
+            "dst_ip": "b",
+            "dst_port": 2,
+            "proto": "tcp",
+            "history": value,
+            "service": value,
+        }
+    ]
+    table = columns_to_table({k: [r[k] for r in rows] for k in rows[0]})
+    write_conn_log(table, tmp_path / "c.log")
+    rec = read(tmp_path / "c.log").table.to_pylist()[0]
+    assert rec["history"] == value and rec["service"] == value
