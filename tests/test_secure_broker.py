@@ -359,6 +359,35 @@ def test_rescorers_share_all_escalations(broker, probes):
     assert all(w.received() for w in workers), "the broker did not share the load"
 
 
+def test_the_agents_link_works_with_a_client_folder(broker, probes):
+    """edge_agent.mqtt.MqttLink logs in with clients/<user>/; the ACL still holds."""
+    from edge_agent.mqtt import MqttLink, TlsOptions
+
+    rescorer = probes(broker, "rescorer")
+    rescorer.subscribe(SHARED)
+    folder = broker.files.clients[G1]
+    acks: dict[int, bool] = {}
+    link = MqttLink(
+        f"mqtts://{HOST}:{broker.port}",
+        G1,
+        username=G1,
+        password=(folder / "password").read_text().splitlines()[0],
+        tls=TlsOptions(ca_certs=str(folder / "ca.crt")),
+        protocol="5",
+        on_publish=lambda mid, ok: acks.__setitem__(mid, ok),
+    )
+    link.connect(timeout=5)
+    try:
+        spoof = link.publish(topic("s1", "g2", "escalations"), b"spoof").mid
+        own = link.publish(topic("s1", "g1", "escalations"), b"via-link").mid
+        assert wait_until(lambda: own in acks and spoof in acks, 5)
+        assert acks == {spoof: False, own: True}
+        assert wait_until(lambda: rescorer.received(), 3)
+        assert rescorer.received() == [b"via-link"]
+    finally:
+        link.close()
+
+
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
