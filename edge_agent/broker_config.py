@@ -85,6 +85,9 @@ DEFAULT_PORT = 8883
 DEFAULT_SHARE_GROUP = "gatewatch"
 _CERT_DAYS = 825
 _USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST_RE = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
+_MQTT_MAX_PACKET = 268435455 + 5
 
 # OpenSSL verify codes that ssl.SSLCertVerificationError carries.
 _X509_EXPIRED = 10
@@ -167,8 +170,13 @@ class Deployment:
                 raise UsageError(f"{addr!r} is not an IP address") from exc
         if not self.host_names and not self.ip_addresses:
             raise UsageError("the server certificate needs a host name or an address")
+        for host in self.host_names:
+            if not isinstance(host, str) or not _HOST_RE.fullmatch(host):
+                raise UsageError(f"{host!r} is not a DNS host name")
         if not 0 < self.port < 65536:
             raise UsageError(f"port {self.port} is outside 1..65535")
+        if self.max_packet_size > _MQTT_MAX_PACKET:
+            raise UsageError(f"max_packet_size is above MQTT's {_MQTT_MAX_PACKET}")
         if self.max_packet_size < MIN_MAX_PACKET_SIZE:
             raise UsageError(
                 f"max_packet_size {self.max_packet_size} is below "
@@ -400,6 +408,9 @@ def mosquitto_conf_text(
     ``server.key``, ``passwd`` and ``acl`` on the broker host. Without
     ``persistence_location`` the broker keeps no state on disk.
     """
+    for value in (str(files_dir), str(persistence_location or ""), log_dest):
+        if any(c in value for c in "\r\n\0") or value != value.strip():
+            raise UsageError(f"{value!r} cannot go into mosquitto.conf as one value")
     d = Path(files_dir)
     lines = [
         "# gatewatch locked-down broker for mosquitto 2.0, written by",

@@ -142,6 +142,18 @@ def test_two_gateways_sharing_a_user_name_are_refused():
         Deployment(gateways=GATEWAYS, max_packet_size=64 * 1024)
 
 
+def test_settings_cannot_inject_lines_into_the_configuration():
+    """A line break in a path or log setting, or a bad host name, is refused."""
+    dep = Deployment(gateways=GATEWAYS)
+    with pytest.raises(UsageError, match="cannot go into mosquitto.conf"):
+        mosquitto_conf_text(dep, "/etc/x", log_dest="stdout\nallow_anonymous true")
+    with pytest.raises(UsageError, match="cannot go into mosquitto.conf"):
+        mosquitto_conf_text(dep, "/etc/x\nlistener 1883")
+    for host in ("a b", "x;y", "-a", "a..b"):
+        with pytest.raises(UsageError, match="not a DNS host name"):
+            Deployment(gateways=GATEWAYS, host_names=(host,))
+
+
 def test_written_files_keep_secrets_hashed_and_private(tmp_path):
     """Passwords only as hashes, keys 0600, the CA key outside the broker folder."""
     need_mosquitto()
