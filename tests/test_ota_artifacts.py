@@ -43,6 +43,48 @@ def fit_encoder(window: int = W):
     return Encoder.fit(TRAIN, "cic", window=window)
 
 
+def conn_records(n: int, seed: int = 0, hosts: int = 3) -> list[dict]:
+    """Canonical conn records (Zeek meanings) with a few source hosts."""
+    from flows.record import CONN_FIELD_NAMES as names
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        rec = dict.fromkeys(names)
+        orig_pkts = int(rng.integers(1, 40))
+        rec.update(
+            ts=1.7e9 + i,
+            uid=f"C{seed}x{i}",
+            src_ip=f"10.0.0.{1 + i % hosts}",
+            src_port=int(rng.integers(1024, 65535)),
+            dst_ip="192.0.2.10",
+            dst_port=int(rng.choice([22, 53, 80, 443])),
+            proto=str(rng.choice(["tcp", "udp"])),
+            service=str(rng.choice(["http", "dns", "ssl"])),
+            duration=float(rng.exponential(2.0)),
+            orig_bytes=int(rng.integers(0, 5000)),
+            resp_bytes=int(rng.integers(0, 50000)),
+            orig_pkts=orig_pkts,
+            resp_pkts=int(rng.integers(0, 40)),
+            orig_ip_bytes=orig_pkts * 60,
+            resp_ip_bytes=int(rng.integers(0, 60000)),
+            conn_state=str(rng.choice(["SF", "S0", "REJ"])),
+            history=str(rng.choice(["ShADadFf", "S", "Sr"])),
+            missed_bytes=0,
+        )
+        out.append(rec)
+    return out
+
+
+def fit_conn_encoder(window: int = W):
+    """A conn-family encoder (per source host) fitted on synthetic records."""
+    from flows.encoder import Encoder
+
+    records = conn_records(200, seed=99)
+    columns = {k: [r[k] for r in records] for k in records[0]}
+    return Encoder.fit(columns, "conn", window=window, group_by="src_ip")
+
+
 def weights(n_features: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The tiny model's weights for ``seed``."""
     rng = np.random.default_rng(seed)
@@ -93,6 +135,16 @@ def probe_windows(enc, n: int = 5) -> np.ndarray:
     return out
 
 
+def conn_probe(enc, n: int = 5) -> np.ndarray:
+    """Probe windows of encoded synthetic conn records (one host's history)."""
+    X = enc.transform_records(conn_records(n, seed=5, hosts=1))
+    out = np.zeros((n, enc.window, enc.n_features), np.float32)
+    for i in range(n):
+        rows = X[max(0, i + 1 - enc.window) : i + 1]
+        out[i, enc.window - len(rows) :] = rows
+    return out
+
+
 def make_artifact(
     folder: Path,
     *,
@@ -101,14 +153,16 @@ def make_artifact(
     model_window: int | None = None,
     thresholds: dict | None = None,
     expected_shift: float = 0.0,
+    encoder=None,
 ) -> Path:
     """Write an artifact folder that ``load_artifact`` accepts.
 
     ``model_window`` builds the model (and its manifest input) for another window
     than the encoder's, an artifact whose model does not match its encoder.
     ``expected_shift`` moves the probe's expected scores off the truth.
+    ``encoder`` replaces the CIC-style encoder (e.g. :func:`fit_conn_encoder`).
     """
-    enc = fit_encoder()
+    enc = encoder if encoder is not None else fit_encoder()
     mw = model_window or enc.window
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.onnx").write_bytes(onnx_model(enc.n_features, mw, seed))
@@ -116,7 +170,7 @@ def make_artifact(
     thresholds = thresholds or {"decision": 0.5, "escalate_low": 0.4, "alert": 0.9}
     (folder / "thresholds.json").write_text(json.dumps(thresholds))
     if mw == enc.window:
-        probe = probe_windows(enc)
+        probe = probe_windows(enc) if encoder is None else conn_probe(enc)
     else:
         probe = np.zeros((3, mw, enc.n_features), np.float32)
     expected = numpy_scores(probe, seed) + expected_shift
