@@ -102,17 +102,26 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _progress(quiet: bool):
-    """A progress printer: one tqdm-managed line per pipeline step."""
+    """A progress printer: one line per pipeline step with the elapsed time.
+
+    On a terminal the current step also stays on a tqdm status line.
+    """
     if quiet:
         return lambda msg: None
-    from tqdm import tqdm
-
     start = time.monotonic()
-    bar = tqdm(total=None, bar_format="{desc}", file=sys.stderr, leave=False)
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, bar_format="{desc}", file=sys.stderr, leave=False)
 
     def say(msg: str) -> None:
-        tqdm.write(f"[{time.monotonic() - start:6.1f}s] {msg}", file=sys.stderr)
-        bar.set_description_str(msg)
+        line = f"[{time.monotonic() - start:6.1f}s] {msg}"
+        if bar is None:
+            print(line, file=sys.stderr, flush=True)
+        else:
+            bar.write(line, file=sys.stderr)
+            bar.set_description_str(msg)
 
     return say
 

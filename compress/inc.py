@@ -1,0 +1,187 @@
+"""``torch-int8``: the teacher quantized with Intel Neural Compressor, for the re-scorer.
+
+Intel Neural Compressor 3.10 without IPEX quantizes through PyTorch 2 export (PT2E)
+with the X86 inductor quantizer: static post-training quantization of the
+convolutions and dense layers (the LSTM stays float). Its accuracy-driven
+``autotune`` tries INC's own int8 tuning space until the validation F1 loses at most
+``max_f1_drop`` (INC's loss is relative: ``(base - q) / base``). The result is
+measured against the float teacher on the test split (F1, decision agreement,
+|Δprob|, latency on one thread) and saved as a ``torch.export`` program
+(``model.pt2``) with a manifest. It is not an edge target: the gateway never runs
+torch; ``compress eval`` does not load it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress import logger
+from compress.artifact import write_manifest, write_thresholds
+from flows.errors import ExportError
+
+__all__ = ["quantize_teacher", "torch_int8_artifact"]
+
+
+def _calibrate(model: Any, windows: np.ndarray, batch: int = 64) -> None:
+    with torch.no_grad():
+        for i in range(0, len(windows), batch):
+            model(torch.from_numpy(windows[i : i + batch]))
+
+
+def _probs(model: Any, windows: np.ndarray, batch: int = 1024) -> np.ndarray:
+    with torch.no_grad():
+        parts = [torch.sigmoid(model(torch.from_numpy(windows[i : i + batch])))
+                 .float().numpy() for i in range(0, len(windows), batch)]
+    return np.concatenate(parts)
+
+
+def quantize_teacher(
+    net: torch.nn.Module,
+    calibration: np.ndarray,
+    val_windows: np.ndarray,
+    y_val: np.ndarray,
+    max_f1_drop: float,
+) -> tuple[Any, dict[str, Any]]:
+    """INC PT2E static int8 of ``net``; autotune against validation F1 when it works."""
+    from neural_compressor.torch.export import export
+    from neural_compressor.torch.quantization import (
+        TuningConfig,
+        autotune,
+        convert,
+        get_default_static_config,
+        prepare,
+    )
+
+    from teacher.metrics import binary_metrics, choose_threshold
+
+    net = net.eval().cpu()
+    example = (torch.from_numpy(calibration[:4]),)
+    dims = {"x": {0: torch.export.Dim("batch", min=1, max=1 << 16)}}
+
+    def val_f1(model: Any) -> float:
+        p = _probs(model, val_windows)
+        return float(binary_metrics(y_val, p, choose_threshold(y_val, p))["f1"])
+
+    try:
+        exported = export(net, example, dynamic_shapes=dims)
+    except Exception as exc:
+        raise ExportError(f"torch-int8: torch.export of the teacher failed: {exc}") from exc
+
+    # Accuracy-driven tuning first; a plain default static PTQ when it fails.
+    info: dict[str, Any] = {"tool": "neural-compressor PT2E static (X86 inductor)"}
+    base_f1 = val_f1(net)
+    tolerable = max_f1_drop / base_f1 if base_f1 > 0 else max_f1_drop
+    try:
+        from neural_compressor.torch.quantization import StaticQuantConfig
+
+        tune = TuningConfig(config_set=StaticQuantConfig.get_config_set_for_tuning(),
+                            tolerable_loss=tolerable, max_trials=4)
+        q = autotune(exported, tune, eval_fn=val_f1, run_fn=lambda m: _calibrate(
+            m, calibration), example_inputs=example)
+        info.update(mode="autotune", tolerable_relative_loss=tolerable)
+    except Exception as exc:  # INC's tuner raises many kinds; fall back, and say so
+        logger.warning("INC autotune failed (%s); using default static PTQ", exc)
+        info.update(mode="static-default", autotune_error=str(exc)[:200])
+        exported = export(net, example, dynamic_shapes=dims)
+        prepared = prepare(exported, get_default_static_config())
+        _calibrate(prepared, calibration)
+        q = convert(prepared)
+    if q is None:
+        info.update(mode="static-default", autotune_error="no config met the budget")
+        prepared = prepare(export(net, example, dynamic_shapes=dims),
+                           get_default_static_config())
+        _calibrate(prepared, calibration)
+        q = convert(prepared)
+    info["float_val_f1"] = base_f1
+    return q, info
+
+
+def _timing(fn: Any, windows: np.ndarray) -> dict[str, float]:
+    from teacher.metrics import time_scorer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return time_scorer(fn, windows[:512], n_single=200, n_batches=10)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def torch_int8_artifact(ctx: Any, folder: Path) -> Path:
+    """Quantize the teacher with INC, measure it against fp32, write the folder."""
+    from teacher.metrics import binary_metrics, choose_threshold
+
+    ctx.progress("torch-int8: quantizing the teacher with Neural Compressor")
+    net = ctx.teacher.model
+    y_val, y_test = ctx.y[ctx.val], ctx.y[ctx.test]
+    q, info = quantize_teacher(net, ctx.calibration, ctx.val_windows, y_val,
+                               ctx.cfg.max_f1_drop)
+
+    # Measure int8 against fp32 on the same windows.
+    p_val, p_test = _probs(q, ctx.val_windows), _probs(q, ctx.test_windows)
+    f_test = _probs(net, ctx.test_windows)
+    decision = choose_threshold(y_val, p_val)
+    val_m = binary_metrics(y_val, p_val, decision)
+    test_m = binary_metrics(y_test, p_test, decision, ctx.families_test)
+    fp32_test = dict(ctx.teacher_test)
+    if ctx.cfg.time_latency:
+        def score(model: Any):
+            return lambda x: _probs(model, np.asarray(x, dtype=np.float32))
+
+        test_m.update(_timing(score(q), ctx.test_windows))
+        fp32_test.update(_timing(score(net), ctx.test_windows))
+
+    # Save the quantized program and the manifest.
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        program = torch.export.export(q, (torch.from_numpy(ctx.calibration[:4]),))
+        torch.export.save(program, str(folder / "model.pt2"))
+    except Exception as exc:
+        raise ExportError(f"torch-int8: saving the quantized teacher failed: {exc}") \
+            from exc
+    ctx.teacher.encoder.save(folder / "encoder.json")
+    from compress.artifact import escalation_band
+
+    lo, hi = escalation_band(y_val, p_val, decision)
+    write_thresholds(folder, decision, lo, hi)
+    W, F = ctx.prep.window, ctx.prep.n_features
+    gate_ok = val_m["f1"] >= ctx.teacher_val["f1"] - ctx.cfg.max_f1_drop
+    fields = {
+        "target": "torch-int8",
+        "model_file": "model.pt2",
+        "params": int(sum(p.numel() for p in net.parameters())),
+        "student": {"kind": "teacher", "config": ctx.teacher.config.to_dict()},
+        "input": {"shape": [4, W, F], "dtype": "float32", "scale": None,
+                  "zero_point": None},
+        "output": {"dtype": "float32", "scale": None, "zero_point": None,
+                   "kind": "logit"},
+        "metrics": {"test": test_m, "val": val_m, "runtime": "torch (PT2E int8)"},
+        "agreement": {
+            "decision_agreement": float(np.mean(
+                (p_test >= decision) == (f_test >= ctx.teacher.threshold))),
+            "max_abs_prob_diff": float(np.max(np.abs(p_test - f_test))),
+            "mean_abs_prob_diff": float(np.mean(np.abs(p_test - f_test))),
+            "reference": "float teacher", "split": "test",
+        },
+        "teacher_metrics": {"test": fp32_test, "val": ctx.teacher_val},
+        "gate": {"split": "val", "max_f1_drop": ctx.cfg.max_f1_drop,
+                 "teacher_f1": ctx.teacher_val["f1"], "artifact_f1": val_m["f1"],
+                 "passed": bool(gate_ok)},
+        "export": {"quantization": info},
+        "provenance": {"teacher": str(Path(ctx.cfg.teacher).resolve()),
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "probe": {"windows": ctx.val_windows[:4].tolist(),
+                  "expected": p_val[:4].tolist(), "atol": 1e-3},
+    }
+    write_manifest(folder, fields, ["model.pt2", "encoder.json", "thresholds.json"])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["model_version"] = f"torch-int8-teacher-{manifest['sha256']['model.pt2'][:12]}"
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    logger.info("torch-int8: val F1 %.4f (fp32 %.4f)", val_m["f1"], info["float_val_f1"])
+    return folder
