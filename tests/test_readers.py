@@ -746,3 +746,48 @@ def test_families_cannot_be_mixed(tmp_path):
     kdd = write(tmp_path, "k.txt", f"{KDD_ROW},normal,21\n")
     with pytest.raises(BadInputError, match="different families"):
         read([conn, kdd])
+
+
+def test_bytes_that_are_not_utf8_are_a_bad_line(tmp_path):
+    text = zeek_text([ROW_A, ROW_B, ROW_A]).encode()
+    second = "\t".join(ROW_B).encode()
+    data = text.replace(second, second.replace(b"CabC2", b"Cab\xff\xfe"))
+    path = write(tmp_path, "u.log", data)
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    assert info.value.line == 10 and "UTF-8" in str(info.value)
+    assert info.value.result.table.num_rows == 1
+    skipped = read(path, on_error="skip")
+    assert skipped.skipped == 1 and skipped.table.num_rows == 2
+
+
+def test_cic_windows_1252_label(tmp_path):
+    head = " Flow Duration, Flow Bytes/s, Label"
+    data = (head + "\n5,1.5,Web Attack \u2013 Brute Force\n7,2,BENIGN\n").encode(
+        "cp1252"
+    )
+    assert b"\x96" in data
+    result = read(write(tmp_path, "thu.csv", data))
+    assert result.table.column("label_detail").to_pylist() == [
+        "Web Attack \u2013 Brute Force",
+        "BENIGN",
+    ]
+    assert result.table.column("label").to_pylist() == [1, 0]
+    assert any("Windows-1252" in w for w in result.warnings)
+
+
+def test_binetflow_many_hex_ports_and_a_bad_one(tmp_path):
+    rows = [
+        f"2011/08/10 09:46:{i % 60:02d}.0,0.1,udp,10.0.0.1,{hex(1000 + i)},  <->,"
+        f"10.0.0.2,{53 if i % 2 else '0x0035'},CON,0,0,2,180,90,1,flow=Background"
+        for i in range(200)
+    ]
+    path = write(tmp_path, "h.binetflow", BINET_HEAD + "\n" + "\n".join(rows) + "\n")
+    t = read(path).table
+    assert t.column("src_port").to_pylist() == [1000 + i for i in range(200)]
+    assert set(t.column("dst_port").to_pylist()) == {53}
+    rows[5] = rows[5].replace(hex(1005), "0xZZ")
+    path.write_text(BINET_HEAD + "\n" + "\n".join(rows) + "\n")
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    assert info.value.line == 7 and info.value.column == "Sport"

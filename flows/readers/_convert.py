@@ -71,9 +71,9 @@ def to_number(
 ) -> tuple[pa.Array, int]:
     """Convert a string column to ``kind``; bad values become null and are noted.
 
-    With ``non_finite_null`` the texts Infinity, -Infinity, inf and NaN read as null
-    (the second value returned counts them); otherwise they are bad values in an
-    integer column and accepted as floats only when that flag is set.
+    With ``non_finite_null`` the texts Infinity, -Infinity, inf, NaN and the empty
+    string read as null (the second value returned counts them); without it they
+    are bad values. ``hex_ok`` also accepts integers written ``0x...``.
     """
     target = arrow_type(kind)
     if non_finite_null:
@@ -87,6 +87,10 @@ def to_number(
         return out, n_non_finite
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass
+    if hex_ok and kind != "f64":
+        out = _with_hex(arr, target)
+        if out is not None:
+            return out, n_non_finite
 
     values = []
     for row, text in enumerate(arr.to_pylist()):
@@ -99,6 +103,27 @@ def to_number(
             bad.add(row, column, f"expected {expected}, found {text!r}")
         values.append(value)
     return pa.array(values, type=target), n_non_finite
+
+
+def _with_hex(arr: pa.Array, target: pa.DataType) -> pa.Array | None:
+    """Cast a column where some integers are ``0x...``; None if others are bad too."""
+    is_hex = pc.match_substring_regex(arr, r"^0[xX][0-9a-fA-F]+$")
+    try:
+        decimal = pc.cast(pc.if_else(is_hex, pa.scalar(None, pa.string()), arr), target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    rows = np.flatnonzero(np.asarray(is_hex.fill_null(False)))
+    if not len(rows):
+        return decimal
+    values = [int(arr[int(row)].as_py(), 16) for row in rows]
+    limit = 127 if target == pa.int8() else 2**63 - 1
+    if any(v > limit for v in values):
+        return None
+    merged = np.asarray(decimal.fill_null(0)).copy()
+    merged[rows] = values
+    nulls = np.asarray(pc.is_null(decimal))
+    nulls[rows] = False
+    return pa.array(merged, type=target, mask=nulls)
 
 
 def _parse_one(text: str, kind: str, hex_ok: bool) -> int | float | None:

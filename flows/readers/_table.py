@@ -20,61 +20,55 @@ def split_rows(
     path: str,
     first_line: int,
     quote: str | bool = False,
+    include: list[int] | None = None,
 ) -> tuple[pa.Table, np.ndarray, list[Problem], str | None]:
     """Split ``body`` (rows only, no header) into string columns.
 
-    Returns the table (column ``c<i>`` for ``names[i]``), the line of each row, the
-    lines with the wrong number of fields, and a note when the last line is cut
-    short (no final newline and too few fields).
+    Returns the table (column ``c<i>`` for ``names[i]``; only the indices in
+    ``include`` when given), the line of each row, the lines that are bad (wrong
+    number of fields, bytes that are not UTF-8), and a note when the last line is
+    cut short (no final newline and too few fields).
     """
     if b"\r" in body:
         body = body.replace(b"\r\n", b"\n")
     line_map = None
+    problems: list[Problem] = []
     if b"\n\n" in body or body.startswith(b"\n"):
-        kept = [(i, ln) for i, ln in enumerate(body.split(b"\n")) if ln.strip()]
-        line_map = np.array([first_line + i for i, _ in kept], dtype=np.int64)
-        body = b"\n".join(ln for _, ln in kept) + b"\n"
-    invalid: list[tuple[int, int]] = []
-
-    def on_invalid(row) -> str:
-        invalid.append((row.number, row.actual_columns))
-        return "skip"
-
-    cols = [f"c{i}" for i in range(len(names))]
-    try:
-        table = pacsv.read_csv(
-            io.BytesIO(body),
-            read_options=pacsv.ReadOptions(
-                column_names=cols, use_threads=False, block_size=1 << 24
-            ),
-            parse_options=pacsv.ParseOptions(
-                delimiter=delimiter,
-                quote_char=quote,
-                escape_char=False,
-                ignore_empty_lines=True,
-                invalid_row_handler=on_invalid,
-            ),
-            convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.string() for c in cols},
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-                null_values=[],
-            ),
+        body, line_map, _ = _drop_lines(
+            body, lambda i: first_line + i, lambda ln: not ln.strip()
         )
+    try:
+        table, invalid = _parse(body, names, delimiter, quote, include)
     except pa.ArrowInvalid as exc:
-        raise BadInputError(f"cannot split rows ({exc})", path=path) from exc
+        if "utf8" not in str(exc).lower():
+            raise BadInputError(f"cannot split rows ({exc})", path=path) from exc
+        before = line_map
+        body, line_map, removed = _drop_lines(
+            body,
+            (lambda i: int(before[i]))
+            if before is not None
+            else (lambda i: first_line + i),
+            _not_utf8,
+        )
+        problems = [Problem(n, None, "bytes that are not UTF-8") for n in removed]
+        try:
+            table, invalid = _parse(body, names, delimiter, quote, include)
+        except pa.ArrowInvalid as again:
+            raise BadInputError(f"cannot split rows ({again})", path=path) from again
+
+    def line_of(physical: int) -> int:
+        if line_map is not None:
+            return int(line_map[physical - 1])
+        return first_line + physical - 1
 
     n_physical = table.num_rows + len(invalid)
     good = np.ones(n_physical, dtype=bool)
-    problems, cut = [], None
+    cut = None
     for number, actual in invalid:
         good[number - 1] = False
-        line = (
-            int(line_map[number - 1])
-            if line_map is not None
-            else first_line + number - 1
-        )
-        if number == n_physical and not body.endswith(b"\n") and actual < len(names):
+        line = line_of(number)
+        last = number == n_physical and not body.endswith(b"\n")
+        if last and actual < len(names):
             cut = (
                 f"{path}: the last line ({line}) is cut short "
                 f"({actual} of {len(names)} fields)"
@@ -91,6 +85,71 @@ def split_rows(
     physical = np.flatnonzero(good)
     lines = line_map[physical] if line_map is not None else physical + first_line
     return table, lines.astype(np.int64), problems, cut
+
+
+def _parse(body, names, delimiter, quote, include):
+    """One pyarrow.csv pass, every column as text; invalid rows are collected."""
+    invalid: list[tuple[int, int]] = []
+
+    def on_invalid(row) -> str:
+        invalid.append((row.number, row.actual_columns))
+        return "skip"
+
+    cols = [f"c{i}" for i in range(len(names))]
+    table = pacsv.read_csv(
+        io.BytesIO(body),
+        read_options=pacsv.ReadOptions(
+            column_names=cols, use_threads=False, block_size=1 << 24
+        ),
+        parse_options=pacsv.ParseOptions(
+            delimiter=delimiter,
+            quote_char=quote,
+            escape_char=False,
+            newlines_in_values=False,
+            ignore_empty_lines=True,
+            invalid_row_handler=on_invalid,
+        ),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in cols},
+            include_columns=None if include is None else [cols[i] for i in include],
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+            null_values=[],
+        ),
+    )
+    return table, invalid
+
+
+def _drop_lines(body: bytes, number_of, drop) -> tuple[bytes, np.ndarray, list[int]]:
+    """Remove the lines for which ``drop(line)`` holds.
+
+    ``number_of(i)`` is the file line of the body's line ``i``. Returns the new body
+    (still unterminated when the old one was), the file line of each kept line, and
+    the file lines removed.
+    """
+    parts = body.split(b"\n")
+    terminated = body.endswith(b"\n")
+    if terminated:
+        parts.pop()
+    kept, numbers, removed = [], [], []
+    for i, raw in enumerate(parts):
+        if drop(raw):
+            removed.append(number_of(i))
+            continue
+        kept.append(raw)
+        numbers.append(number_of(i))
+    text = b"\n".join(kept)
+    if kept and (terminated or numbers[-1] != number_of(len(parts) - 1)):
+        text += b"\n"
+    return text, np.array(numbers, dtype=np.int64), removed
+
+
+def _not_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 def header_and_body(data: bytes) -> tuple[str, bytes]:

@@ -13,6 +13,7 @@ repeated inside the file (files joined with ``cat``) are dropped and counted in
 their count is ``stats["non_finite"]`` (with a warning). The identifying columns
 (flow id, addresses, timestamp) stay text; ``Label`` ``BENIGN`` (any case) -> 0,
 any other text -> 1, empty -> null; ``label_detail`` is the label as written.
+A file that is not UTF-8 is read as Windows-1252 (CIC-IDS2017's Thursday file is).
 """
 
 from __future__ import annotations
@@ -102,9 +103,10 @@ def read_unsw(src: Source, on_error: str) -> ReadResult:
 
 def read_cic(src: Source, on_error: str) -> ReadResult:
     """Read a CICFlowMeter CSV into the cic feature family."""
-    first, body = header_and_body(src.data)
+    data, warnings = _text_of_cic(src)
+    first, body = header_and_body(data)
     raw_names = first.split(",")
-    names, warnings, seen = [], [], {}
+    names, seen = [], {}
     for raw in raw_names:
         name = raw.strip()
         seen[name] = seen.get(name, 0) + 1
@@ -185,6 +187,23 @@ def read_cic(src: Source, on_error: str) -> ReadResult:
         warnings=warnings,
         row_problems=_row_problems(bad, lines),
     )
+
+
+def _text_of_cic(src: Source) -> tuple[bytes, list[str]]:
+    """The file's text as UTF-8; CIC-IDS2017 CSVs that are Windows-1252 are recoded.
+
+    (Its Thursday file labels ``Web Attack \x96 Brute Force`` with a cp1252 dash.)
+    """
+    try:
+        src.data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = src.data.decode("cp1252", errors="replace").encode("utf-8")
+        note = (
+            f"{src.path}: not UTF-8 (byte {exc.start}); read as Windows-1252, "
+            "as CICFlowMeter wrote it on Windows"
+        )
+        return text, [note]
+    return src.data, []
 
 
 def _row_problems(bad: BadRows, lines: np.ndarray) -> dict[int, Problem]:

@@ -22,7 +22,6 @@ and is counted in ``stats["masked_ts"]``.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from datetime import UTC, datetime
@@ -30,7 +29,6 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 
 from flows.errors import BadInputError
 from flows.readers import labels as labelmod
@@ -43,6 +41,7 @@ from flows.readers._convert import (
 )
 from flows.readers._finish import Problem, finish
 from flows.readers._source import Source
+from flows.readers._table import split_rows
 from flows.readers.result import ReadResult
 from flows.record import CONN_FIELD_KINDS, CONN_FIELD_NAMES, conn_schema
 
@@ -98,9 +97,9 @@ def _decode_escapes(text: str) -> str:
 
 
 def _directive(header: _Header, line: str, line_no: int, path: str) -> _Header:
-    """Apply one ``#`` line to the header state; a new block gets a new state."""
+    """Apply one ``#`` line to a copy of the header state (blocks keep theirs)."""
+    header = header.copy()
     if line.startswith("#separator"):
-        header = header.copy()
         header.separator = _decode_escapes(line[len("#separator") :].strip()) or "\t"
         header.fields = None
         return header
@@ -112,7 +111,6 @@ def _directive(header: _Header, line: str, line_no: int, path: str) -> _Header:
     elif key == "unset_field":
         header.unset = value
     elif key == "fields":
-        header = header.copy()
         header.fields = value.split(header.separator)
         header.fields_line = line_no
     return header
@@ -157,7 +155,6 @@ def read_tsv(src: Source, on_error: str) -> ReadResult:
     warnings: list[str] = []
     offset = 0
     cut = src.cut
-    ends_clean = data.endswith(b"\n")
     for block_header, block, start in blocks:
         part, lines, block_problems, block_rows, block_cut = _read_block(
             block,
@@ -166,7 +163,6 @@ def read_tsv(src: Source, on_error: str) -> ReadResult:
             src.path,
             stats,
             warnings,
-            last=(block is blocks[-1][1]) and not ends_clean,
         )
         cut = cut or block_cut
         tables.append(part)
@@ -235,86 +231,15 @@ def _read_block(
     path: str,
     stats: dict,
     warnings: list[str],
-    last: bool,
 ) -> tuple[pa.Table, np.ndarray, list[Problem], dict[int, Problem], str | None]:
     """Split one block of rows, convert it, and say which rows and lines were bad."""
     _check_fields(header, path)
     fields = header.fields or []
-    width = len(fields)
-    names = [f"c{i}" for i in range(width)]
-    line_map = None
-    if b"\n\n" in block or block.startswith(b"\n"):
-        kept = [(i, ln) for i, ln in enumerate(block.split(b"\n")) if ln]
-        line_map = np.array([start + i for i, _ in kept], dtype=np.int64)
-        block = b"\n".join(ln for _, ln in kept) + b"\n"
-
-    def line_of(physical: int) -> int:
-        return (
-            int(line_map[physical - 1])
-            if line_map is not None
-            else start + physical - 1
-        )
-
-    invalid: list[tuple[int, int]] = []
-
-    def on_invalid(row) -> str:
-        invalid.append((row.number, row.actual_columns))
-        return "skip"
-
+    names = [f"c{i}" for i in range(len(fields))]
     wanted = [i for i, f in enumerate(fields) if _wanted(f)]
-    try:
-        strings = pacsv.read_csv(
-            io.BytesIO(block),
-            read_options=pacsv.ReadOptions(
-                column_names=names, use_threads=False, block_size=1 << 24
-            ),
-            parse_options=pacsv.ParseOptions(
-                delimiter=header.separator,
-                quote_char=False,
-                escape_char=False,
-                newlines_in_values=False,
-                ignore_empty_lines=True,
-                invalid_row_handler=on_invalid,
-            ),
-            convert_options=pacsv.ConvertOptions(
-                column_types={names[i]: pa.string() for i in range(width)},
-                include_columns=[names[i] for i in wanted],
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-                null_values=[],
-            ),
-        )
-    except pa.ArrowInvalid as exc:
-        raise BadInputError(
-            f"cannot split rows ({exc})", path=path, line=start
-        ) from exc
-
-    n_physical = strings.num_rows + len(invalid)
-    good = np.ones(n_physical, dtype=bool)
-    problems: list[Problem] = []
-    cut = None
-    for number, actual in invalid:
-        good[number - 1] = False
-        line = line_of(number)
-        if last and number == n_physical:
-            cut = (
-                f"{path}: the last line ({line}) is cut short "
-                f"({actual} of {width} fields)"
-            )
-            continue
-        problems.append(
-            Problem(
-                line,
-                None,
-                f"expected {width} fields separated by "
-                f"{header.separator!r}, found {actual}",
-            )
-        )
-    physical = np.flatnonzero(good) + 1
-    if line_map is not None:
-        lines = line_map[physical - 1]
-    else:
-        lines = physical.astype(np.int64) + (start - 1)
+    strings, lines, problems, cut = split_rows(
+        block, fields, header.separator, path=path, first_line=start, include=wanted
+    )
 
     columns = {fields[i]: strings.column(names[i]).combine_chunks() for i in wanted}
     bad = BadRows()
