@@ -790,12 +790,14 @@ def check_broker_login(
     username: str,
     password: str,
     *,
-    server_name: str | None = None,
     certfile: str | Path | None = None,
     keyfile: str | Path | None = None,
     timeout: float = 5.0,
 ) -> str:
     """Log in to the broker once over TLS (MQTT v5) and log out; no retries.
+
+    ``host`` must be a name or address the broker's certificate holds, as for the
+    clients themselves.
 
     Returns the CONNACK reason (``"Success"``). Raises :class:`TransportError`
     naming the cause: a TLS problem (as :func:`check_tls_connect`), a refused login
@@ -805,12 +807,11 @@ def check_broker_login(
     import paho.mqtt.client as mqtt
 
     # TLS first, with its clear messages; then one MQTT CONNECT on the same terms.
-    name = server_name or host
+    name = host
     check_tls_connect(
         host,
         port,
         ca,
-        server_name=name,
         certfile=certfile,
         keyfile=keyfile,
         timeout=timeout,
