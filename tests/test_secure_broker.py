@@ -154,6 +154,7 @@ def test_settings_cannot_inject_lines_into_the_configuration():
             Deployment(gateways=GATEWAYS, host_names=(host,))
 
 
+@pytest.mark.broker
 def test_written_files_keep_secrets_hashed_and_private(tmp_path):
     """Passwords only as hashes, keys 0600, the CA key outside the broker folder."""
     need_mosquitto()
@@ -189,6 +190,7 @@ def test_written_files_keep_secrets_hashed_and_private(tmp_path):
         assert line in conf
 
 
+@pytest.mark.broker
 def test_command_line_writes_a_deployment_and_refuses_bad_names(tmp_path, capsys):
     """``python -m edge_agent.broker_config write`` writes files; a bad name exits 2."""
     need_mosquitto()
@@ -205,6 +207,7 @@ def test_command_line_writes_a_deployment_and_refuses_bad_names(tmp_path, capsys
     assert capsys.readouterr().err.startswith("error: gateway '#'")
 
 
+@pytest.mark.broker
 def test_rerun_adds_a_gateway_without_touching_other_credentials(tmp_path):
     """Same CA and passwords for those who stay; a removed gateway's files go."""
     need_mosquitto()
@@ -236,6 +239,7 @@ def test_shipped_example_matches_the_generator():
 # --- who may say and read what --------------------------------------------------------
 
 
+@pytest.mark.broker
 def test_check_command_logs_in_once_or_says_why_not(broker, tmp_path, capsys):
     """``... check`` exits 0 for good settings, 6 with the cause for a wrong CA."""
     secret = tmp_path / "pw"
@@ -251,6 +255,7 @@ def test_check_command_logs_in_once_or_says_why_not(broker, tmp_path, capsys):
     assert "not signed by the CA" in capsys.readouterr().err
 
 
+@pytest.mark.broker
 def test_anonymous_and_wrong_password_are_refused(broker, probes):
     """No anonymous session; a wrong password is refused once, with a clear error."""
     anon = probes(broker, None)
@@ -263,6 +268,7 @@ def test_anonymous_and_wrong_password_are_refused(broker, probes):
     assert ok == "Success"
 
 
+@pytest.mark.broker
 def test_gateway_cannot_publish_as_another(broker, probes):
     """g1's messages on g2's topics are refused and reach nobody, its own arrive."""
     rescorer = probes(broker, "rescorer")
@@ -300,6 +306,7 @@ def test_gateway_cannot_publish_as_another(broker, probes):
     assert g1.connected and len(g1.connects) == 1
 
 
+@pytest.mark.broker
 def test_gateway_reads_only_its_own_verdicts_and_model(broker, probes):
     """g1 subscribed to g2's topics, even via '#', gets only what is addressed to it."""
     g1 = probes(broker, G1)
@@ -328,6 +335,7 @@ def test_gateway_reads_only_its_own_verdicts_and_model(broker, probes):
     assert operator.publish(topic("s1", "g1", "verdicts"), b"x") == "Not authorized"
 
 
+@pytest.mark.broker
 def test_gateway_cannot_leave_a_last_will_for_another(broker, probes):
     """A will on another gateway's status is accepted at CONNECT but never published."""
     operator = probes(broker, "operator")
@@ -346,6 +354,7 @@ def test_gateway_cannot_leave_a_last_will_for_another(broker, probes):
     assert operator.received(topic("s1", "g2", "status")) == []
 
 
+@pytest.mark.broker
 def test_rescorers_share_all_escalations(broker, probes):
     """Two re-scorers on one $share group receive every escalation exactly once."""
     workers = [probes(broker, "rescorer") for _ in range(2)]
@@ -371,6 +380,7 @@ def test_rescorers_share_all_escalations(broker, probes):
     assert all(w.received() for w in workers), "the broker did not share the load"
 
 
+@pytest.mark.broker
 def test_the_agents_link_works_with_a_client_folder(broker, probes):
     """edge_agent.mqtt.MqttLink logs in with clients/<user>/; the ACL still holds."""
     from edge_agent.mqtt import MqttLink, TlsOptions
@@ -400,6 +410,7 @@ def test_the_agents_link_works_with_a_client_folder(broker, probes):
         link.close()
 
 
+@pytest.mark.broker
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
@@ -416,6 +427,7 @@ def test_gateway_cannot_take_over_another_client_id(broker, probes):
 # --- TLS failures: one clear error, no retry loop -------------------------------------
 
 
+@pytest.mark.broker
 def test_wrong_ca_fails_at_once_with_a_clear_error(broker, tmp_path):
     """A CA that did not sign the broker's certificate: one TransportError, fast."""
     other = tmp_path / "other-ca.crt"
@@ -436,6 +448,7 @@ def test_wrong_ca_fails_at_once_with_a_clear_error(broker, tmp_path):
         probe.client.connect(HOST, broker.port)
 
 
+@pytest.mark.broker
 def test_wrong_ca_in_a_background_client_retries_for_ever(broker, tmp_path):
     """Why the check exists: paho's loop thread retries a bad CA without end."""
     other = tmp_path / "other-ca.crt"
@@ -448,6 +461,7 @@ def test_wrong_ca_in_a_background_client_retries_for_ever(broker, tmp_path):
         probe.stop()
 
 
+@pytest.mark.broker
 def test_wrong_host_name_fails_at_once_with_a_clear_error():
     """A certificate that does not name the address used: one error, its names."""
     need_mosquitto()
@@ -476,6 +490,7 @@ def test_wrong_host_name_fails_at_once_with_a_clear_error():
         named.stop()
 
 
+@pytest.mark.broker
 def test_client_certificate_required_when_configured():
     """With require_certificate, no client certificate is refused with that reason."""
     need_mosquitto()
@@ -518,6 +533,7 @@ def test_packet_size_formula_and_guard():
         assert publish_packet_size(name, fits + 1, qos=1) > limit
 
 
+@pytest.mark.broker
 def test_oversized_message_is_refused_before_sending_and_the_client_stays(
     broker, probes
 ):
@@ -551,6 +567,7 @@ def _use_message_size_limit(conf: str) -> str:
     return "\n".join([*lines, f"message_size_limit {DEFAULT_MAX_PACKET_SIZE}", ""])
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize("setting", ["max_packet_size", "message_size_limit"])
 def test_unguarded_oversized_qos1_message_loops_on_this_broker(setting):
     """Why the guard exists: sent anyway, the message is re-sent after each reconnect.
