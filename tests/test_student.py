@@ -1,0 +1,127 @@
+"""student: the zoo's shared contract, the distillation loss, training and the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from flows.errors import UsageError  # noqa: E402
+from student.distill import (  # noqa: E402
+    ArrayWindows,
+    DistillConfig,
+    TeacherCache,
+    distill,
+    kd_loss,
+    student_logits,
+)
+from student.zoo import ALL_TARGETS, KINDS, StudentConfig, build_student  # noqa: E402
+
+W, F = 5, 4
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_student_keeps_the_contract(kind: str) -> None:
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(7, W, F)).astype("f4"))
+    a = build_student(kind, F, W, width=6, seed=3).eval()
+    b = build_student(kind, F, W, width=6, seed=3).eval()
+    wide = build_student(kind, F, W, width=12, seed=3)
+
+    out = a(x)
+
+    assert out.shape == (7,) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, b(x))  # same seed, same network
+    prob = a.predict_proba(x)
+    assert ((prob >= 0) & (prob <= 1)).all()
+    assert set(a.TARGETS) <= set(ALL_TARGETS) and a.TARGETS
+    assert 0 < a.n_params() < wide.n_params()
+    assert StudentConfig.from_dict(a.config.to_dict()) == a.config
+
+
+def test_unknown_kind_is_usage_error() -> None:
+    with pytest.raises(UsageError, match="unknown student kind 'rnn'"):
+        build_student("rnn", F, W)
+
+
+def _bce(p: np.ndarray, q: np.ndarray) -> float:
+    return float(np.mean(-(q * np.log(p) + (1 - q) * np.log(1 - p))))
+
+
+def test_kd_loss_matches_its_definition() -> None:
+    rng = np.random.default_rng(1)
+    s, t = rng.normal(size=16), rng.normal(size=16) * 3
+    y = rng.integers(0, 2, size=16).astype(float)
+    T, alpha = 3.0, 0.3
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+
+    want = alpha * T**2 * _bce(sig(s / T), sig(t / T)) + (1 - alpha) * _bce(sig(s), y)
+    got = kd_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), T, alpha)
+
+    assert float(got) == pytest.approx(want, rel=1e-6)
+
+
+def test_soft_term_is_minimal_at_the_teacher() -> None:
+    t = torch.tensor([-2.0, 0.5, 3.0])
+    s = t.clone().requires_grad_(True)
+    kd_loss(s, t, torch.zeros(3), alpha=1.0).backward()
+    assert s.grad.abs().max() < 1e-6
+
+    s2 = (t + 1.0).requires_grad_(True)
+    kd_loss(s2, t, torch.zeros(3), alpha=1.0).backward()
+    assert (s2.grad > 0).all()  # pulled back down towards the teacher
+
+
+def _toy(n: int = 900, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, W, F)).astype(np.float32)
+    logit = 3 * x[:, -1, 0] + 2 * x[:, :, 1].mean(axis=1)
+    return x, logit.astype(np.float32), (logit > 0).astype(np.int64)
+
+
+def test_distillation_learns_the_teacher_and_keeps_best_epoch() -> None:
+    torch.set_num_threads(1)
+    x, logit, y = _toy()
+    source = ArrayWindows(x)
+    train, val = np.arange(700), np.arange(700, 900)
+    model = build_student("mlp", F, W, width=16, seed=0)
+    before = student_logits(model, source, val)
+
+    history = distill(model, source, train, y, logit[train], val,
+                      DistillConfig(epochs=8, batch_size=64, lr=1e-2, patience=8))
+
+    after = student_logits(model, source, val)
+    acc_before = np.mean((before > 0) == y[val])
+    acc_after = np.mean((after > 0) == y[val])
+    assert acc_after > 0.9 > acc_before
+    # The weights kept are those of the epoch with the lowest validation loss.
+    v = torch.from_numpy(after)
+    final = float(torch.nn.functional.binary_cross_entropy_with_logits(
+        v, torch.from_numpy(y[val]).float()))
+    assert final == pytest.approx(min(h["val_loss"] for h in history), rel=1e-5)
+
+
+def test_teacher_cache_scores_once_and_reuses_disk(tmp_path: Path) -> None:
+    x, logit, _ = _toy(50)
+    calls = []
+
+    def teacher(windows: np.ndarray) -> np.ndarray:
+        calls.append(len(windows))
+        return windows[:, -1, 0] * 2
+
+    rows = np.arange(10, 40)
+    cache = TeacherCache(teacher, ArrayWindows(x), key="t1", folder=tmp_path,
+                         batch_size=8)
+    first = cache.logits(rows)
+    again = cache.logits(rows)
+    fresh = TeacherCache(teacher, ArrayWindows(x), key="t1", folder=tmp_path)
+    from_disk = fresh.logits(rows)
+    other = TeacherCache(teacher, ArrayWindows(x), key="t2", folder=tmp_path)
+    other.logits(rows)
+
+    np.testing.assert_allclose(first, x[rows, -1, 0] * 2)
+    assert again is first and np.array_equal(from_disk, first)
+    assert sum(calls) == 2 * len(rows)  # once for t1, once for the other teacher
