@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         "lines (skip)",
     )
     common.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=None,
+        help="look up relative FILE names that are not found here under DIR "
+        "(default: $GATEWATCH_DATA), e.g. nsl-kdd/KDDTest+.txt",
+    )
+    common.add_argument(
         "--drop-unlabeled",
         action="store_true",
         help="leave out rows whose label is unknown (Background, Unknown)",
@@ -126,13 +133,22 @@ def _read(args):
     """Read the inputs; a partial read returns its rows and the error to report."""
     from flows.readers import read
 
+    files = [_locate(name, args.data_dir) for name in args.files]
     try:
-        result = read(
-            args.files, on_error=args.on_error, drop_unlabeled=args.drop_unlabeled
-        )
+        result = read(files, on_error=args.on_error, drop_unlabeled=args.drop_unlabeled)
     except PartialInputError as exc:
         return exc.result, exc
     return result, None
+
+
+def _locate(name: str, data_dir: str | None) -> str:
+    """``name`` itself when it exists, else under the data folder when found there."""
+    path = Path(name)
+    base = data_dir or os.environ.get("GATEWATCH_DATA")
+    if path.exists() or path.is_absolute() or not base:
+        return name
+    candidate = Path(base) / path
+    return str(candidate) if candidate.exists() else name
 
 
 def summarize(result) -> dict:

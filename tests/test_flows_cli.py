@@ -166,3 +166,17 @@ def test_inspect_capture_shows_meter_stats(capsys, data_dir):
     assert summary["stats"]["link_types"] == {"ethernet": 1}
     code, out, _ = run(capsys, "inspect", str(path))
     assert "packets: 1" in out
+
+
+def test_data_dir_resolves_relative_names(capsys, tmp_path, monkeypatch):
+    (tmp_path / "zeek").mkdir()
+    (tmp_path / "zeek" / "c.log").write_text(zeek_text([ROW_A]))
+    monkeypatch.chdir(tmp_path / "zeek")
+    monkeypatch.delenv("GATEWATCH_DATA", raising=False)
+    code, out, _ = run(
+        capsys, "inspect", "--json", "--data-dir", str(tmp_path), "zeek/c.log"
+    )
+    assert code == 0 and json.loads(out)["rows"] == 1
+    monkeypatch.setenv("GATEWATCH_DATA", str(tmp_path))
+    assert run(capsys, "inspect", "zeek/c.log")[0] == 0
+    assert run(capsys, "inspect", "zeek/absent.log")[0] == 3
