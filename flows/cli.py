@@ -244,14 +244,17 @@ def _print_text(summary: dict) -> None:
 
 
 def _finish_code(result, partial: PartialInputError | None) -> int:
+    """Report on stderr how the read ended; return 0, or 4 for a partial input."""
     if partial is not None:
         print(f"error: {partial}", file=sys.stderr)
         return EXIT_PARTIAL_INPUT
     if result.skipped:
         print(f"note: skipped {result.skipped} bad line(s)", file=sys.stderr)
     if result.partial:
-        for note in result.warnings:
-            print(f"warning: {note}", file=sys.stderr)
+        print(
+            "error: partial input; the rows before the damage were kept",
+            file=sys.stderr,
+        )
         return EXIT_PARTIAL_INPUT
     return EXIT_OK
 
@@ -286,6 +289,8 @@ def _convert(args) -> int:
         raise BadInputError(
             f"cannot be written ({exc.strerror})", path=str(out)
         ) from exc
+    for note in result.warnings:
+        print(f"warning: {note}", file=sys.stderr)
     print(
         f"wrote {result.table.num_rows} rows ({result.format} -> {fmt}) to {out}",
         file=sys.stderr,

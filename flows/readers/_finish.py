@@ -64,6 +64,7 @@ def finish(
         result = ReadResult(
             kept, fmt, family, warnings=warnings + [note], partial=True, stats=stats
         )
+        logger.info("read %s: stopped at line %d", path, first.line)
         cls = PartialInputError if len(kept) else BadInputError
         exc = cls(first.message, path=path, line=first.line, column=first.column)
         exc.result = result
@@ -88,8 +89,14 @@ def finish(
 
     if cut is not None:
         warnings.append(cut)
-    for note in warnings:
-        logger.warning(note)
+    logger.info(
+        "read %s: %d rows (%s), %d skipped%s",
+        path,
+        len(table),
+        fmt,
+        skipped,
+        ", cut short" if cut else "",
+    )
     return ReadResult(
         table,
         fmt,

@@ -32,6 +32,7 @@ class Source:
 
 def load(path: str | Path) -> Source:
     """Read ``path`` into memory, gunzipping it when its first bytes say gzip."""
+    # TODO(gap): whole files are held in memory; no chunked read for logs of many GB.
     name = str(path)
     try:
         raw = Path(path).read_bytes()

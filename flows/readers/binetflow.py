@@ -136,6 +136,7 @@ def read_binetflow(src: Source, on_error: str) -> ReadResult:
 
 def _start_time(arr: pa.Array, bad: BadRows) -> pa.Array:
     """``YYYY/MM/DD HH:MM:SS[.ffffff]`` (or with ``-``) as UTC epoch seconds."""
+    # TODO(gap): Argus writes local time without a zone; no --timezone option yet.
     text = pc.replace_substring(arr, "-", "/")
     whole = pc.utf8_slice_codeunits(text, 0, 19)
     frac = pc.utf8_slice_codeunits(text, 19, 64)

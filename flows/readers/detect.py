@@ -70,6 +70,7 @@ def sniff_text(data: bytes, path: str) -> str:
         return "unsw-nb15"
     if len(names & _CIC_MARKERS) >= 2:
         return "cic-csv"
+    # TODO(gap): headerless zeek-cut output (a plain field-name line) is not read.
     if b"\x00" in head[:512]:
         what = "binary data"
     else:

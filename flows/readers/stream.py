@@ -224,6 +224,7 @@ def iter_records(
     name = str(path)
     fmt = detect_format(name)
     if fmt not in ("zeek-tsv", "zeek-json"):
+        # TODO(gap): other formats are read whole first, then yielded row by row.
         result = read(name, on_error=on_error, drop_unlabeled=drop_unlabeled)
         if result.family != "conn":
             raise BadInputError(

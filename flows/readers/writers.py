@@ -93,6 +93,7 @@ def _cell(value, zeek_type: str) -> str:
 
 def write_conn_log(table: pa.Table, path: str | Path) -> None:
     """Write a canonical conn table (extra columns ignored) as a Zeek TSV conn.log."""
+    # TODO(gap): cells are formatted one by one in Python; slow past ~10^6 rows.
     table = to_conn_table(table, str(path))
     with_labels = (
         pc.any(pc.is_valid(table.column("label"))).as_py()
