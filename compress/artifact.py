@@ -1,13 +1,15 @@
 """Artifact folders: decision thresholds with the escalation band, and the manifest.
 
 Escalation band rule (chosen on validation scores of the exported model, never on
-test): ``decision`` is the best-F1 cut. ``escalate_low`` is the 1st percentile of the
-scores of malicious validation windows, capped at ``decision`` (so at most ~1 % of the
-attacks seen in validation fall silently under it). ``alert`` is the lowest cut, at
-or above ``decision``, at which at least 99 % of the validation windows scoring at or
-above it are malicious (else the highest validation score, so nothing doubtful is
-alerted on). Benign below ``escalate_low``, escalate in ``[escalate_low, alert)``,
-alert at or above ``alert``.
+test). ``decision`` is the best-F1 cut. Two wishes set the widest band:
+``escalate_low`` no higher than the 1st percentile of the malicious validation scores
+(at most ~1 % of the attacks seen fall silently under it) and ``alert`` the lowest cut
+at which at least 99 % of the validation windows at or above it are malicious. The
+re-scorer's load then bounds it: at most 2.5 % of all validation windows may fall in
+``[escalate_low, decision)`` and 2.5 % in ``[decision, alert)`` (5 % escalated), so
+the band is narrowed to the tightest score values that keep those shares; a group of
+tied scores (int8 outputs tie a lot) is kept whole or left out whole. Benign below
+``escalate_low``, escalate in ``[escalate_low, alert)``, alert at or above ``alert``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = ["escalation_band", "library_versions", "write_manifest", "write_thres
 REPO = Path(__file__).resolve().parent.parent
 MISS_SHARE = 0.01
 ALERT_PRECISION = 0.99
+ESCALATE_SHARE = 0.05
 
 
 def escalation_band(
@@ -35,22 +38,40 @@ def escalation_band(
     decision: float,
     miss_share: float = MISS_SHARE,
     alert_precision: float = ALERT_PRECISION,
+    escalate_share: float = ESCALATE_SHARE,
 ) -> tuple[float, float]:
     """``(escalate_low, alert)`` by the rule in the module docstring."""
     y = np.asarray(y).astype(np.int64)
     p = np.asarray(prob, dtype=np.float64)
+    n = max(len(p), 1)
+    half = escalate_share / 2
+
+    # The widest band the miss and precision wishes ask for.
     malicious = p[y == 1]
     lo = float(np.quantile(malicious, miss_share)) if malicious.size else decision
     lo = min(lo, decision)
-
-    # Precision of "alert at or above c" for each candidate cut c >= decision.
-    hi = float(p.max()) if p.size else decision
+    hi = float(np.nextafter(p.max(), np.inf)) if p.size else decision
     for cut in np.unique(p[p >= decision]):
         flagged = p >= cut
-        if flagged.any() and y[flagged].mean() >= alert_precision:
+        if y[flagged].mean() >= alert_precision:
             hi = float(cut)
             break
-    return lo, max(hi, decision)
+
+    # Narrow it to the share of traffic the re-scorer is to take.
+    below = np.unique(p[(p >= lo) & (p < decision)])
+    for value in below:  # ascending: the first that fits is the widest
+        if np.mean((p >= value) & (p < decision)) <= half:
+            lo = float(value)
+            break
+    else:
+        lo = decision
+    above = np.unique(np.r_[p[(p > decision) & (p <= hi)], hi])
+    cap = decision
+    for value in above:  # ascending: keep the last cut that still fits
+        if np.sum((p >= decision) & (p < value)) / n > half:
+            break
+        cap = float(value)
+    return float(lo), float(max(decision, min(hi, cap)))
 
 
 def write_thresholds(folder: Path, decision: float, lo: float, hi: float) -> Path:
@@ -61,9 +82,10 @@ def write_thresholds(folder: Path, decision: float, lo: float, hi: float) -> Pat
         "escalate_low": float(lo),
         "alert": float(hi),
         "rule": (
-            f"decision: best F1 on validation; escalate_low: {MISS_SHARE:.0%} quantile "
-            f"of malicious validation scores (<= decision); alert: lowest cut >= "
-            f"decision with validation precision >= {ALERT_PRECISION:.0%}"
+            f"decision: best F1 on validation; escalate_low >= {MISS_SHARE:.0%} "
+            f"quantile of malicious validation scores; alert <= lowest cut with "
+            f"validation precision >= {ALERT_PRECISION:.0%}; at most "
+            f"{ESCALATE_SHARE / 2:.1%} of validation windows on each side of decision"
         ),
         "chosen_on": "val",
     }

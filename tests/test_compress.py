@@ -175,3 +175,24 @@ def test_gate_error_from_library(teacher_dir: Path, tmp_path: Path) -> None:
                        distill=DistillConfig(epochs=1, lr=1e-7))
     with pytest.raises(GateError, match="validation F1 must be >= teacher"):
         run(cfg)
+
+
+@pytest.mark.parametrize("levels", [None, 256])
+def test_escalation_band_keeps_order_shares_and_precision(levels: int | None) -> None:
+    from compress.artifact import escalation_band
+
+    rng = np.random.default_rng(5)
+    y = np.r_[np.zeros(2000, int), np.ones(1000, int)]
+    p = np.r_[rng.beta(1, 6, 2000), rng.beta(6, 1, 1000)]
+    if levels:  # int8-like outputs: many ties
+        p = np.round(p * levels) / levels
+    decision = 0.5
+
+    lo, hi = escalation_band(y, p, decision)
+
+    assert 0.0 <= lo <= decision <= hi <= 1.0 + 1e-9
+    assert np.mean((p >= lo) & (p < decision)) <= 0.025
+    assert np.mean((p >= decision) & (p < hi)) <= 0.025
+    assert np.mean((p >= lo) & (p < hi)) > 0.0  # a real band, not empty
+    flagged = p >= hi
+    assert y[flagged].mean() >= 0.99 or np.mean((p >= decision) & (p < hi)) > 0.02
