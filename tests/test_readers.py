@@ -791,3 +791,19 @@ def test_binetflow_many_hex_ports_and_a_bad_one(tmp_path):
     with pytest.raises(PartialInputError) as info:
         read(path)
     assert info.value.line == 7 and info.value.column == "Sport"
+
+
+def test_json_ts_in_milliseconds_and_header_only_tsv(tmp_path):
+    obj = {
+        "ts": 1664462456755,
+        "id.orig_h": "a",
+        "id.orig_p": 1,
+        "id.resp_h": "b",
+        "id.resp_p": 2,
+        "proto": "udp",
+    }
+    path = write(tmp_path, "ms.json", json.dumps(obj) + "\n")
+    assert only(read(path))["ts"] == 1664462456.755
+    empty = read(write(tmp_path, "empty.log", zeek_text([])))
+    assert empty.format == "zeek-tsv" and empty.table.num_rows == 0
+    assert empty.table.schema.names[:3] == ["ts", "uid", "src_ip"]

@@ -16,6 +16,9 @@ values carry the extra parts). ``label_detail`` is the detailed label when set, 
 the label text (``Benign``, ``Background``...). ``stats["labels"]`` counts the label
 values as written in the file.
 
+JSON: ``ts`` may be epoch seconds, ISO-8601 text (``JSON::TS_ISO8601``) or integer
+milliseconds (``JSON::TS_MILLIS``, told apart by size); omitted keys read as null.
+
 Zeek's test harness masks times as ``XXXXXXXXXX.XXXXXX``; such a ``ts`` reads as null
 and is counted in ``stats["masked_ts"]``.
 """
@@ -70,6 +73,9 @@ CANON_TO_ZEEK = {canon: zeek for zeek, canon in ZEEK_TO_CANON.items()}
 REQUIRED = ("ts", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto")
 LABEL_NAMES = ("label",)
 DETAIL_NAMES = ("detailedlabel", "detailed-label", "detailed_label")
+# Zeek's JSON::TS_MILLIS writes ts as integer milliseconds; as seconds such a value
+# would lie past the year 5000, so integers from here on are read as milliseconds.
+MILLIS_FROM = 10**11
 _MASKED_TS = re.compile(r"X+\.X+")
 _SPACES = re.compile(r"\s+")
 
@@ -497,6 +503,8 @@ def _json_value(name: str, kind: str, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         expected = "a number" if kind == "f64" else "an integer"
         raise _FieldError(name, f"expected {expected}, found {value!r}")
+    if name == "ts" and isinstance(value, int) and value >= MILLIS_FROM:
+        return value / 1000.0
     if kind == "f64":
         if not np.isfinite(value):
             raise _FieldError(name, f"expected a finite number, found {value!r}")
