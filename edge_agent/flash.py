@@ -483,6 +483,7 @@ def rollback(root: str | Path, *, tolerance: float | None = None) -> tuple[str, 
     Returns (slot, model_version). The running agent picks the change up when it
     is restarted (``systemctl restart gatewatch-agent``).
     """
+    # TODO(gap): tell a running agent to reload (e.g. SIGHUP) instead of a restart.
     from edge_agent import ota
 
     slots = ModelSlots(GatewayLayout(Path(root)).models)

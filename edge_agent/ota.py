@@ -387,6 +387,8 @@ class ModelUpdater:
             raise BadInputError(
                 f"update archive is {size} bytes; the limit is {self.max_bytes}"
             )
+        # TODO(gap): chunked transfer (chunks on sub-topics of the model topic) needs
+        # the agent to subscribe to model/#; today it is inline or by reference.
         if "payload" in message:
             archive = _b64(message, "payload")
         elif "url" in statement:

@@ -253,3 +253,31 @@ def test_agent_style_construction_finds_the_slots(tmp_path, keys, updater):
 
     with pytest.raises(UsageError, match="'current' link of a model slots folder"):
         ModelUpdater(public_key=keys[1], artifact=tmp_path / "v1")
+
+
+def test_pack_update_cli_writes_a_message_the_updater_takes(tmp_path, keys, updater):
+    from edge_agent.cli import main
+
+    folder = make_artifact(tmp_path / "v2", version="v2", seed=2)
+    out = tmp_path / "v2.json"
+    assert (
+        main(
+            [
+                "pack-update",
+                "--artifact",
+                str(folder),
+                "--key",
+                str(keys[0]),
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+
+    result = updater.handle(out.read_bytes())
+
+    assert result.ok and result.version == "v2", result.reason
+    np.testing.assert_allclose(
+        result.scorer.score(WINDOWS), numpy_scores(WINDOWS, 2), atol=1e-6
+    )
