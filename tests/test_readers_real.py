@@ -108,3 +108,58 @@ def test_capture_is_read_by_the_flow_meter(data_dir):
     assert result.table.num_rows == 1 and result.stats["packets"] == 1
     rec = result.table.to_pylist()[0]
     assert rec["proto"] == "tcp" and rec["orig_pkts"] == 1 and rec["label"] is None
+
+
+def test_ctu50_values_match_a_plain_split(data_dir):
+    """Every numeric column against an independent parse with str.split."""
+    path = data_file(data_dir, "zeek-conn/ctu50-normal-40-day1.conn.log.labeled")
+    lines = path.read_text().splitlines()
+    fields = next(ln for ln in lines if ln.startswith("#fields")).split("\t")[1:]
+    rows = [ln.split("\t") for ln in lines if not ln.startswith("#")]
+    table = read(path).table
+    pairs = {
+        "duration": "duration",
+        "orig_bytes": "orig_bytes",
+        "resp_ip_bytes": "resp_ip_bytes",
+        "id.resp_p": "dst_port",
+        "missed_bytes": "missed_bytes",
+        "ts": "ts",
+    }
+    for zeek, canon in pairs.items():
+        i = fields.index(zeek)
+        texts = [r[i] for r in rows]
+        got = table.column(canon).to_pylist()
+        assert got.count(None) == texts.count("-"), zeek
+        assert sum(v for v in got if v is not None) == pytest.approx(
+            sum(float(t) for t in texts if t != "-"), rel=1e-12
+        ), zeek
+    i = fields.index("service")
+    assert table.column("service").to_pylist() == [
+        None if r[i] == "-" else r[i] for r in rows
+    ]
+
+
+def test_nmap_json_values_match_json_module(data_dir):
+    import json
+
+    path = data_file(data_dir, "zeek-conn/nmap-portscans.conn.json.log")
+    objs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    table = read(path).table
+    assert table.column("ts").to_pylist() == [o["ts"] for o in objs]
+    assert table.column("orig_bytes").to_pylist() == [o.get("orig_bytes") for o in objs]
+    assert table.column("dst_port").to_pylist() == [o["id.resp_p"] for o in objs]
+
+
+def test_kdd_train_sums_match_csv_module(data_dir):
+    import csv
+    import gzip
+
+    path = data_file(data_dir, "nsl-kdd/KDDTrain+.txt.gz")
+    with gzip.open(path, "rt") as fh:
+        rows = list(csv.reader(fh))
+    table = read(path).table
+    assert sum(table.column("src_bytes").to_pylist()) == sum(int(r[4]) for r in rows)
+    assert sum(table.column("serror_rate").to_pylist()) == pytest.approx(
+        sum(float(r[24]) for r in rows)
+    )
+    assert table.column("difficulty").to_pylist() == [int(r[42]) for r in rows]
