@@ -64,6 +64,7 @@ class Counters:
     verdicts_received: int = 0
     verdicts_malicious: int = 0
     bad_records: int = 0
+    unrouted: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -160,6 +161,7 @@ class Agent:
         self._verdict_ids: set[str] = set()
         self._tracked: OrderedDict[str, Any] = OrderedDict()
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._retry_at = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._sender: threading.Thread | None = None
@@ -419,7 +421,12 @@ class Agent:
     # -- sending ----------------------------------------------------------------------
 
     def _send_loop(self) -> None:
-        """Publish the outbox in order; replay from the start after each reconnect."""
+        """Publish the outbox in order; replay from the start after each reconnect.
+
+        A message the broker acknowledged with "no matching subscribers" (no
+        re-scorer subscribed at that moment) stays in the outbox and is published
+        again a second later.
+        """
         generation, last_seq = -1, 0
         while not self._stop.is_set():
             self._wake.wait(0.05)
@@ -430,6 +437,8 @@ class Agent:
                 continue
             if link.generation != generation:
                 generation, last_seq = link.generation, 0
+            if self._retry_at and time.monotonic() >= self._retry_at:
+                self._retry_at, last_seq = 0.0, 0  # publish the unrouted ones again
             room = _MAX_TRACKED - len(self._tracked)
             if room <= 0:
                 continue
@@ -460,7 +469,13 @@ class Agent:
                 delivery.lost = True
             if acked or delivery.lost:
                 del self._tracked[msg_id]
-            if acked and self.outbox.ack(msg_id):
+            if acked and delivery.unrouted:
+                # Accepted but nobody subscribed (re-scorer not back yet): keep it.
+                delivery.forget()
+                self.counters.unrouted += 1
+                self._retry_at = self._retry_at or time.monotonic() + 1.0
+            elif acked and self.outbox.ack(msg_id):
+                delivery.forget()
                 self.counters.escalations_sent += 1
 
     def _on_message(self, topic: str, payload: bytes) -> None:

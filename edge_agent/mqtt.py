@@ -28,6 +28,9 @@ from paho.mqtt.properties import Properties
 from edge_agent import logger
 from flows.errors import TransportError, UsageError
 
+# PUBACK reason code (MQTT v5): accepted, but no subscriber matched the topic.
+NO_MATCHING_SUBSCRIBERS = 16
+
 # CONNACK codes meaning "this broker does not speak that protocol version".
 _REFUSED_VERSION_V5 = 132
 _REFUSED_VERSION_V3 = 1
@@ -140,6 +143,7 @@ class MqttLink:
         self.protocol: Protocol | None = None
         self.generation = 0
         self.refused_publishes = 0
+        self._unrouted: set[int] = set()
         self._subscriptions: dict[str, int] = {}
         self._connected = threading.Event()
         self._connack = threading.Event()
@@ -308,6 +312,8 @@ class MqttLink:
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         ok = not getattr(reason_code, "is_failure", False)
+        if getattr(reason_code, "value", 0) == NO_MATCHING_SUBSCRIBERS:
+            self._unrouted.add(mid)
         if not ok:
             self.refused_publishes += 1
             if self.refused_publishes == 1:
@@ -370,16 +376,32 @@ class MqttLink:
             MQTTErrorCode.MQTT_ERR_NO_CONN,
         ):
             _check(info.rc, f"publish to {topic}")
-        return Delivery(info)
+        self._unrouted.discard(info.mid)
+        return Delivery(info, self._unrouted)
 
 
 class Delivery:
-    """The fate of one published message: acknowledged, waiting, or lost."""
+    """The fate of one published message: acknowledged, waiting, or lost.
 
-    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+    ``unrouted`` turns true when an MQTT v5 broker acknowledged the message with
+    "no matching subscribers": nobody received it, so a sender that needs a reader
+    publishes it again later.
+    """
+
+    def __init__(self, info: paho.MQTTMessageInfo, unrouted: set[int]) -> None:
         self._info = info
+        self._unrouted_mids = unrouted
         self.mid = info.mid
         self.lost = info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN
+
+    @property
+    def unrouted(self) -> bool:
+        """True when the broker's PUBACK said no subscriber matched."""
+        return self.mid in self._unrouted_mids
+
+    def forget(self) -> None:
+        """Drop the broker's answer for this mid (call once the delivery is done)."""
+        self._unrouted_mids.discard(self.mid)
 
     def acked(self) -> bool:
         """True once the broker acknowledged the message (PUBACK for QoS 1)."""

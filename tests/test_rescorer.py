@@ -1,0 +1,305 @@
+"""Agent and re-scorer through a real mosquitto: nothing lost, nothing stored twice.
+
+The agent runs as the ``edge-agent`` command on the real conn.log and a real capture;
+the expected escalations (ids and decisions) and the teacher's verdicts are computed
+here independently (own windowing and arithmetic for the student, a direct teacher
+call for the verdicts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+
+from edge_agent import protocol as proto
+from edge_agent.agent import Agent
+from edge_agent.mqtt import MqttLink
+from edge_agent.outbox import Outbox
+from edge_agent.runtime import load_artifact
+from edge_agent.sources import canonical
+from teacher.serve import ReScorer
+from teacher.store import AlertStore
+from tests.conftest import data_file
+from tests.test_agent_fixtures import make_teacher, tiny
+
+pytestmark = pytest.mark.broker
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+PCAP = "pcap/test7-malicious.pcap"
+
+
+@pytest.fixture
+def tm(data_dir, tmp_path_factory):
+    return tiny(data_dir, tmp_path_factory)
+
+
+@pytest.fixture
+def teacher(tm, tmp_path_factory):
+    folder = tm.artifact.parent / "teacher"
+    return make_teacher(tm, folder)
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def teacher_verdicts(tm, teacher_obj, records, gateway="g1") -> dict[str, tuple]:
+    """{id: (verdict, teacher score)} computed directly from the windows."""
+    from edge_agent.agent import flow_id
+    from tests.test_agent_fixtures import numpy_scores
+
+    windows, scores = numpy_scores(records, tm.encoder)
+    keep = np.flatnonzero(scores >= tm.thresholds["escalate_low"])
+    probs = teacher_obj.predict_proba(windows[keep]) if len(keep) else []
+    out = {}
+    for i, p in zip(keep, probs, strict=True):
+        verdict = "malicious" if p >= teacher_obj.threshold else "benign"
+        out[flow_id("s1", gateway, records[i])] = (verdict, float(p))
+    return out
+
+
+def agent_cmd(tm, broker, source, outbox, gateway="g1", *extra) -> list[str]:
+    return [str(BIN / "edge-agent"), "run", "--artifact", str(tm.artifact),
+            "--source", source, "--broker", broker, "--site", "s1",
+            "--gateway", gateway, "--outbox", str(outbox), "--drain-timeout", "30",
+            *extra]
+
+
+def test_agent_and_rescorer_commands_agree(tm, teacher, mosquitto, tmp_path, data_dir):
+    ckpt, teacher_obj = teacher
+    store_path = tmp_path / "alerts.sqlite"
+    serve_log = open(tmp_path / "serve.log", "w")
+    serve = subprocess.Popen(
+        [str(BIN / "teacher"), "serve", "--checkpoint", str(ckpt), "--broker",
+         mosquitto.url, "--store", str(store_path), "--stats-json",
+         str(tmp_path / "stats.json"), "--max-batch", "32"],
+        stdout=serve_log, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: "serving" in (tmp_path / "serve.log").read_text(), 60,
+                 "teacher serve to start")
+        pcap = data_file(data_dir, PCAP)
+        runs = {"g1": f"zeek:{tm.conn_log}", "g2": f"pcap:{pcap}"}
+        summaries = {}
+        for gw, source in runs.items():
+            out = subprocess.run(
+                agent_cmd(tm, mosquitto.url, source, tmp_path / f"{gw}.db", gw,
+                          "--summary-json", str(tmp_path / f"{gw}.json"),
+                          "--alerts", str(tmp_path / f"{gw}.alerts")),
+                capture_output=True, text=True, timeout=120,
+            )
+            assert out.returncode == 0, out.stderr
+            summaries[gw] = json.loads((tmp_path / f"{gw}.json").read_text())
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(30)
+    assert serve.returncode == 0
+
+    from flows.meter import iter_flows
+
+    pcap_records = [canonical(r) for r in iter_flows(str(pcap))]
+    expected = {"g1": tm.expected(), "g2": tm.expected(pcap_records, gateway="g2")}
+    verdicts = {"g1": teacher_verdicts(tm, teacher_obj, tm.records),
+                "g2": teacher_verdicts(tm, teacher_obj, pcap_records, "g2")}
+    store = AlertStore(store_path)
+    for gw, summary in summaries.items():
+        rows = store.query(gateway=f"s1/{gw}")
+        assert len(expected[gw]) > 0
+        assert summary["escalations_sent"] == len(rows) == len(expected[gw])
+        assert summary["verdicts_received"] == len(expected[gw])
+        assert {r["id"]: r["agent_decision"] for r in rows} == expected[gw]
+        for r in rows:
+            verdict, score = verdicts[gw][r["id"]]
+            assert r["verdict"] == verdict
+            assert r["teacher_score"] == pytest.approx(score, abs=1e-5)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["stored"] == sum(len(e) for e in expected.values())
+    assert stats["duplicates"] == 0 and stats["rejected"] == {}
+
+    # teacher alerts --json answers by gateway and decision.
+    out = subprocess.run([str(BIN / "teacher"), "alerts", "--store", str(store_path),
+                          "--json", "--gateway", "g1", "--decision", "alert"],
+                         capture_output=True, text=True, timeout=120)
+    listed = json.loads(out.stdout)
+    assert {r["id"] for r in listed} == {
+        k for k, d in expected["g1"].items() if d == "alert"}
+
+
+def _outbox_ids(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        return {r[0] for r in db.execute("SELECT id FROM outbox")}
+    except sqlite3.OperationalError:
+        return set()
+    finally:
+        db.close()
+
+
+def _start_agent(tm, broker, outbox, log):
+    return subprocess.Popen(
+        agent_cmd(tm, broker, "-", outbox, "g1", "--alerts", "",
+                  "--summary-json", str(outbox) + ".json", "--max-wait-ms", "5"),
+        stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _feed(proc, records) -> None:
+    proc.stdin.write("".join(json.dumps(r) + "\n" for r in records))
+    proc.stdin.flush()
+
+
+def test_broker_outage_and_kill_9_lose_nothing(tm, teacher, mosquitto, tmp_path):
+    _, teacher_obj = teacher
+    store = AlertStore(tmp_path / "alerts.sqlite")
+    server = ReScorer(teacher_obj, broker=mosquitto.url, store=store, max_batch=16)
+    server.start()
+    recs = tm.records[2800:]  # the busy part of the log: escalations in every step
+    a, b, c = 700, 1500, 2100
+    outbox = tmp_path / "outbox.sqlite"
+    log = open(tmp_path / "agent.log", "w")
+    agent = _start_agent(tm, mosquitto.url, outbox, log)
+    try:
+        # 1. Connected: the first part arrives.
+        first = tm.expected(recs[:a])
+        assert len(first) > 0
+        _feed(agent, recs[:a])
+        wait_for(lambda: store.count() == len(first), 60, "first part stored")
+
+        # 2. Broker down while flows keep coming; they wait in the outbox.
+        upto_b = tm.expected(recs[:b])
+        assert len(upto_b) > len(first)
+        mosquitto.stop()
+        _feed(agent, recs[a:b])
+        wait_for(lambda: _outbox_ids(outbox) == set(upto_b) - set(first), 60,
+                 "second part in the outbox")
+        mosquitto.start()
+        wait_for(lambda: store.count() == len(upto_b), 60, "replay after outage")
+
+        # 3. Broker down again, agent killed with escalations still in its outbox.
+        upto_c = tm.expected(recs[:c])
+        assert len(upto_c) > len(upto_b)
+        mosquitto.stop()
+        _feed(agent, recs[b:c])
+        wait_for(lambda: _outbox_ids(outbox) == set(upto_c) - set(upto_b), 60,
+                 "third part in the outbox")
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+        mosquitto.start()
+
+        # 4. Restarted agent re-reads from well before the kill: flows it had sent
+        # and the broker had acknowledged come again and must be dropped as copies.
+        start = next(i for i in range(b - 200, -1, -200)
+                     if set(tm.expected(recs[i:])) & set(upto_b))
+        again = recs[start:]
+        agent = _start_agent(tm, mosquitto.url, outbox, log)
+        _feed(agent, again)
+        agent.stdin.close()
+        assert agent.wait(120) == 0, (tmp_path / "agent.log").read_text()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        server.stop()
+    expected = {**tm.expected(again), **upto_c}
+    stored = {r["id"] for r in store.query()}
+    assert stored == set(expected)
+    assert store.count() == len(expected)
+    overlap = set(tm.expected(again)) & set(upto_b)
+    assert len(overlap) > 0
+    assert server.counters["duplicates"] >= len(overlap)
+    assert server.counters["stored"] == len(expected)
+    summary = json.loads(Path(str(outbox) + ".json").read_text())
+    assert summary["outbox_pending"] == 0
+
+
+def test_two_rescorers_in_one_share_group_split_without_copies(tm, teacher,
+                                                              mosquitto, tmp_path):
+    _, teacher_obj = teacher
+    stores = [AlertStore(tmp_path / f"s{i}.sqlite") for i in range(2)]
+    servers = [ReScorer(teacher_obj, broker=mosquitto.url, store=s, share_group="grp",
+                        client_id=f"rs{i}", max_batch=8)
+               for i, s in enumerate(stores)]
+    for s in servers:
+        s.start()
+    time.sleep(0.3)
+    agent = Agent(load_artifact(tm.artifact), site="s1", gateway="g1",
+                  outbox=Outbox(tmp_path / "o.db"),
+                  link=MqttLink(mosquitto.url, "gw-test"))
+    agent.start()
+    try:
+        agent.run_file(tm.records)
+        assert agent.drain(60)
+    finally:
+        agent.close()
+        for s in servers:
+            s.stop()
+    expected = tm.expected()
+    ids = [{r["id"] for r in s.query()} for s in stores]
+    assert all(len(x) > 0 for x in ids)
+    assert not ids[0] & ids[1]
+    assert ids[0] | ids[1] == set(expected)
+    assert sum(s.counters["received"] for s in servers) == len(expected)
+    assert agent.counters.verdicts_received == len(expected)
+
+
+def test_bad_escalations_are_rejected_counted_and_the_service_goes_on(
+        tm, teacher, mosquitto, tmp_path, caplog):
+    _, teacher_obj = teacher
+    store = AlertStore(tmp_path / "alerts.sqlite")
+    server = ReScorer(teacher_obj, broker=mosquitto.url, store=store)
+    server.start()
+    got = []
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="tester",
+                         protocol=paho.MQTTv5)
+    client.on_message = lambda c, u, m: got.append(json.loads(m.payload))
+    client.connect("127.0.0.1", mosquitto.port)
+    client.loop_start()
+    client.subscribe("gatewatch/v1/s1/g1/verdicts", qos=1)
+    topic = "gatewatch/v1/s1/g1/escalations"
+    W, F = tm.encoder.window, tm.encoder.n_features
+
+    def esc(**over):
+        body = proto.build_escalation(
+            flow=tm.records[0], window=tm.windows[0], score=0.95, decision="alert",
+            model_version="x", site="s1", gateway="g1")
+        body.update(over)
+        return json.dumps(body).encode()
+
+    bad = [b"{oops", b"{oops", esc(schema="other/v9"), b"x" * 300_000,
+           esc(window=[[0.0] * F] * (W - 1)), esc(window=[[0.0] * (F + 1)] * W),
+           esc(gateway="g2")]
+    try:
+        time.sleep(0.3)
+        for data in bad:
+            client.publish(topic, data, qos=1).wait_for_publish(5)
+        good = esc()
+        client.publish(topic, good, qos=1).wait_for_publish(5)
+        wait_for(lambda: len(got) == 1, 30, "the verdict for the good escalation")
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        server.stop()
+    assert server.rejects.counts == {"malformed_json": 2, "wrong_schema": 1,
+                                     "oversized": 1, "wrong_window_shape": 2,
+                                     "bad_topic": 1}
+    assert got[0]["escalation_id"] == json.loads(good)["id"]
+    assert store.count() == 1
+    warned = [r for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(warned) == 5  # once per kind
+    assert os.path.exists(tmp_path / "alerts.sqlite")
