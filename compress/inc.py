@@ -80,8 +80,9 @@ def quantize_teacher(
     try:
         from neural_compressor.torch.quantization import StaticQuantConfig
 
-        tune = TuningConfig(config_set=StaticQuantConfig.get_config_set_for_tuning(),
-                            tolerable_loss=tolerable, max_trials=4)
+        space = StaticQuantConfig.get_config_set_for_tuning()
+        space = list(space) if isinstance(space, list | tuple) else [space]
+        tune = TuningConfig(config_set=space, tolerable_loss=tolerable, max_trials=4)
         q = autotune(exported, tune, eval_fn=val_f1, run_fn=lambda m: _calibrate(
             m, calibration), example_inputs=example)
         info.update(mode="autotune", tolerable_relative_loss=tolerable)
