@@ -137,6 +137,7 @@ class FlowMeter:
         self.flows = 0
         self.snap_cut = 0
         self.damage: PacketDamage | None = None
+        self._last_damaged: int | None = None
         self.first_ts: float | None = None
         self.last_ts: float | None = None
         self._next_sweep = -_INF
@@ -179,9 +180,12 @@ class FlowMeter:
         self._ip(ts, pkt, offset)
 
     def _damaged(self, offset: int | None, reason: str, message: str) -> None:
+        """Note one damaged packet (a packet with two faults is counted once)."""
         if self.damage is None:
             self.damage = PacketDamage(offset if offset is not None else -1, message, 0)
-        self.damage.count += 1
+        if offset is None or offset != self._last_damaged:
+            self.damage.count += 1
+        self._last_damaged = offset
         self.damage.reasons[reason] += 1
 
     def _ip(self, ts: float, pkt: tuple, offset: int | None) -> None:
