@@ -36,8 +36,7 @@ exit codes:
        value with nothing read before it (--on-error fail)
   {EXIT_PARTIAL_INPUT}    partial input: damage part way (a cut gzip or last line,
        or a bad line with --on-error fail); the rows read before it
-       are still
-       shown or written
+       are still shown or written
   {EXIT_INTERRUPTED}  interrupted
 """
 
@@ -175,7 +174,9 @@ def summarize(result) -> dict:
         summary["time_span"] = {
             "first": low,
             "last": high,
-            "seconds": (high - low) if low is not None and high is not None else None,
+            "seconds": (
+                round(high - low, 6) if low is not None and high is not None else None
+            ),
         }
     extra = {k: v for k, v in result.stats.items() if k not in ("labels",)}
     if extra:
