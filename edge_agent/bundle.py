@@ -660,8 +660,12 @@ def build_bundle(
     artifact, config, out = Path(artifact), Path(config), Path(out)
     private_key = signing.load_private_key(key)
 
-    # Check the inputs before any slow step.
+    # Check the inputs before any slow step: the artifact must load and pass its
+    # health check here (its model matches its encoder, its probe scores as built).
     model_manifest, model_names = artifact_files(artifact)
+    from edge_agent.ota import load_checked
+
+    load_checked(artifact)
     try:
         tomllib.loads(config.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

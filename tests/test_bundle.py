@@ -17,7 +17,7 @@ import pytest
 
 from edge_agent import bundle, signing
 from edge_agent.cli import main
-from flows.errors import BadInputError
+from flows.errors import BadInputError, ModelError, UsageError
 from tests.test_ota_artifacts import make_artifact
 
 REPO = Path(__file__).resolve().parent.parent
@@ -228,6 +228,10 @@ def test_bundle_refuses_a_modified_artifact_or_bad_config(tmp_path, agent_wheel)
         bundle.build_bundle(artifact, config, private, out, wheels=[agent_wheel])
 
     config.write_text(CONFIG)
+    mismatched = make_artifact(tmp_path / "mismatched", model_window=6)
+    with pytest.raises(ModelError, match="does not match its encoder"):
+        bundle.build_bundle(mismatched, config, private, out, wheels=[agent_wheel])
+
     (artifact / "model.onnx").write_bytes(b"\x00" * 10)
     with pytest.raises(BadInputError, match="sha256 mismatch for model.onnx"):
         bundle.build_bundle(artifact, config, private, out, wheels=[agent_wheel])
@@ -240,3 +244,27 @@ def test_edge_requirements_leave_out_torch_and_tensorflow():
     names = {r.split("==")[0].split("[")[0].lower() for r in reqs}
     assert {"onnxruntime", "paho-mqtt", "cryptography", "numpy"} <= names
     assert not names & {"torch", "tensorflow", "tensorflow-cpu", "neural-compressor"}
+
+
+def test_flash_refuses_another_python_before_touching_the_root(made, tmp_path):
+    from edge_agent.flash import flash
+
+    out, public, _, _ = made
+    root = tmp_path / "root"
+    other = next(
+        (
+            p
+            for p in (
+                "/root/.pyenv/versions/3.12.1/bin/python3",
+                "/usr/bin/python3.12",
+                "/usr/bin/python3.10",
+            )
+            if Path(p).exists()
+        ),
+        "/bin/false",
+    )
+
+    with pytest.raises(UsageError, match="wheels are for Python 3.11"):
+        flash(out, root, public, python=other)
+
+    assert not root.exists()
