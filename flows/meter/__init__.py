@@ -62,7 +62,7 @@ def read_capture(
     reader = _open(path)
     records: list[dict] = []
     meter_feed = meter.feed
-    snaps = _snaplens(reader)
+    snaps = reader.snaplens
     for ts, link, data, wire, offset in reader:
         meter_feed(ts, link, data, wire, offset, snaps.get(link, 0))
         if meter.done:
@@ -124,7 +124,7 @@ def iter_flows(
         text = text[len("pcap:"):]
     meter = FlowMeter(timeouts, max_flows=max_flows, check_checksums=check_checksums)
     reader = _open(text)
-    snaps = _snaplens(reader)
+    snaps = reader.snaplens
     for ts, link, data, wire, offset in reader:
         meter.feed(ts, link, data, wire, offset, snaps.get(link, 0))
         if meter.done:
@@ -151,24 +151,7 @@ def _open(path: str) -> CaptureReader:
         raise BadInputError("no such file", path=path)
     if p.is_dir():
         raise BadInputError("is a folder, expected a capture file", path=path)
-    return _SnapReader(path)
-
-
-class _SnapReader(CaptureReader):
-    """A reader that exposes the snap length of each link type as it learns them."""
-
-
-def _snaplens(reader: CaptureReader) -> dict:
-    """A live view: link type -> snap length, filled while the reader runs."""
-
-    class _View(dict):
-        def get(self, link, default=0):  # noqa: D401 - dict protocol
-            for lt, snap in reader.interfaces:
-                if lt == link:
-                    return snap
-            return default
-
-    return _View()
+    return CaptureReader(path)
 
 
 def _damage_note(path: str, damage: Damage | None, meter: FlowMeter):

@@ -57,6 +57,7 @@ class CaptureReader:
         self.link_types: Counter = Counter()
         self.packets = 0
         self.interfaces: list[tuple[int, int]] = []  # (link type, snap length)
+        self.snaplens: dict[int, int] = {}  # link type -> largest snap length
 
     # The buffer: ``_buf[_pos:]`` holds unread bytes starting at file offset _base.
     def _fill(self, need: int) -> bool:
@@ -121,6 +122,7 @@ class CaptureReader:
         _, _, _, _, snaplen, link_raw = struct.unpack_from(order + "HHiIII", buf, pos + 4)
         link = link_raw & 0x0FFFFFFF
         self.interfaces.append((link, snaplen))
+        self.snaplens[link] = snaplen
         self._pos += 24
         rec = struct.Struct(order + "IIII")
         unpack = rec.unpack_from
@@ -207,7 +209,12 @@ class CaptureReader:
             self._pos = pos + blen
             if btype == 1:
                 ifaces.append(_parse_idb(body, order))
-                self.interfaces.append(ifaces[-1][:2])
+                link, snap = ifaces[-1][:2]
+                self.interfaces.append((link, snap))
+                if snap == 0 or link not in self.snaplens:
+                    self.snaplens[link] = snap
+                elif self.snaplens[link]:
+                    self.snaplens[link] = max(self.snaplens[link], snap)
                 continue
             if btype in (6, 2, 3):
                 packet = _parse_packet_block(btype, body, order, ifaces)

@@ -55,6 +55,7 @@ ICMP6_PAIRS = {128: 129, 129: 128, 133: 134, 134: 133, 135: 136, 136: 135,
                130: 131, 131: 130, 139: 140, 140: 139, 144: 145, 145: 144}
 
 _tcp_hdr = struct.Struct("!HHIIBBH").unpack_from
+_ip4_fast = struct.Struct("!H2xHxB").unpack_from
 _u16x2 = struct.Struct("!HH").unpack_from
 _INF = float("inf")
 
@@ -115,6 +116,8 @@ class FlowMeter:
 
             raise UsageError(f"max_flows must be at least 1, got {max_flows}")
         self.timeouts = timeouts or Timeouts()
+        self._tcp_to = self.timeouts.tcp
+        self._attempt = self.timeouts.tcp_attempt_delay
         self.max_flows = max_flows
         self.check_checksums = check_checksums
         self.tcp_server_ports = tcp_server_ports
@@ -130,7 +133,7 @@ class FlowMeter:
         self.done: list[dict] = []
         self.packets = 0
         self.bytes = 0
-        self.link_types: Counter = Counter()
+        self.link_types: dict[int, int] = {}
         self.skipped: Counter = Counter()
         self.ended: Counter = Counter()  # why connections ended
         self.evicted = 0
@@ -139,35 +142,51 @@ class FlowMeter:
         self.damage: PacketDamage | None = None
         self._last_damaged: int | None = None
         self.first_ts: float | None = None
-        self.last_ts: float | None = None
+        self.last_ts = -_INF
         self._next_sweep = -_INF
 
     # -- input --------------------------------------------------------------------
 
     def feed(self, ts: float, link: int, data: bytes, wire: int,
              offset: int | None = None, snaplen: int = 0) -> None:
-        """One captured frame: its time, link type, bytes and length on the wire."""
+        """One captured frame: its time, link type, bytes and length on the wire.
+
+        ``offset`` (the frame's place in its file) and ``snaplen`` (the snap length
+        the capture announced) only serve the damage report.
+        """
         self.packets += 1
         self.bytes += wire
-        self.link_types[link] += 1
-        if self.first_ts is None:
-            self.first_ts = ts
-        if self.last_ts is None or ts > self.last_ts:
+        lt = self.link_types
+        lt[link] = lt.get(link, 0) + 1
+        if ts > self.last_ts:
+            if self.first_ts is None:
+                self.first_ts = ts
             self.last_ts = ts
-        if ts >= self._next_sweep:
-            self._sweep(ts)
-        if len(data) < wire:
+            if ts >= self._next_sweep:
+                self._sweep(ts)
+        n = len(data)
+        if n < wire:
             self.snap_cut += 1
-            if snaplen and len(data) < snaplen:
+            if snaplen and n < snaplen:
                 self._damaged(offset, "cut_below_snaplen",
-                              f"packet record holds {len(data)} of {wire} bytes, "
+                              f"packet record holds {n} of {wire} bytes, "
                               f"less than the snap length {snaplen}")
+
+        # The common case inline: Ethernet, IPv4 without options or fragments.
+        if link == 1 and n >= 34 and data[12] == 8 and data[13] == 0 and data[14] == 0x45:
+            total, frag, proto = _ip4_fast(data, 16)
+            if 20 < total <= wire - 14 and not frag & 0x3FFF and (
+                    proto == 6 or proto == 17):
+                self._ip(ts, (4, data[26:30], data[30:34], proto, total,
+                              data[34:14 + total], total - 20), offset)
+                return
+
         pkt = self.decoder.decode(link, data, wire, ts)
         if type(pkt) is int:
             self.skipped[SKIP_NAMES[pkt]] += 1
             if pkt == SKIP_CUT:
                 self._damaged(offset, "cut_header",
-                              f"packet ({len(data)} of {wire} bytes captured) is cut "
+                              f"packet ({n} of {wire} bytes captured) is cut "
                               "inside its headers")
             elif pkt == SKIP_BOGUS:
                 self._damaged(offset, "bad_header", "packet has an impossible IP header")
@@ -213,7 +232,8 @@ class FlowMeter:
             else:
                 key = (6, dst, dport, src, sport)
             c = self.table.get(key)
-            if c is not None and self._ended_before(c, ts):
+            if c is not None and (ts >= c.remove_at or ts - c.last_ts >= self._tcp_to or (
+                    ts >= c.attempt_at + self._attempt)) and self._ended_before(c, ts):
                 c = None
             if c is not None and flags & SYN and _is_reuse(c, flags, seq):
                 self._end(c, "reused")
@@ -406,7 +426,7 @@ class FlowMeter:
             "evictions": self.evicted,
             "max_flows": self.max_flows,
             "first_ts": self.first_ts,
-            "last_ts": self.last_ts,
+            "last_ts": self.last_ts if self.packets else None,
             "damaged_packets": self.damage.count if self.damage else 0,
         }
 
