@@ -807,3 +807,27 @@ def test_json_ts_in_milliseconds_and_header_only_tsv(tmp_path):
     empty = read(write(tmp_path, "empty.log", zeek_text([])))
     assert empty.format == "zeek-tsv" and empty.table.num_rows == 0
     assert empty.table.schema.names[:3] == ["ts", "uid", "src_ip"]
+
+
+def test_nsl_kdd_csv_with_header_in_any_order(tmp_path):
+    from flows.readers.nslkdd import KDD_FEATURES
+
+    values = KDD_ROW.split(",")
+    order = list(reversed(range(41)))
+    head = ",".join(["level", "class"] + [KDD_FEATURES[i] for i in order])
+    rows = [
+        ",".join(["18", "apache2"] + [values[i] for i in order]),
+        "",
+        ",".join(["21", "normal"] + [values[i] for i in order]),
+    ]
+    path = write(tmp_path, "KDDTest.csv", "\n".join([head] + rows) + "\n")
+    result = read(path)
+    assert result.format == "nsl-kdd" and result.stats["header"] is True
+    plain = read(
+        write(tmp_path, "k.txt", f"{KDD_ROW},apache2,18\n{KDD_ROW},normal,21\n")
+    )
+    assert result.table.equals(plain.table)
+    bad = head.replace(",count,", ",cnt,")
+    with pytest.raises(BadInputError) as info:
+        read(write(tmp_path, "b.csv", bad + "\n" + rows[0] + "\n"))
+    assert info.value.column == "count" and info.value.line == 1

@@ -46,7 +46,7 @@ def sniff_binary(head: bytes) -> str | None:
 
 def sniff_text(data: bytes, path: str) -> str:
     """Name the text format of ``data`` (already gunzipped), or raise BadInputError."""
-    from flows.readers.nslkdd import looks_like_kdd
+    from flows.readers.nslkdd import kdd_header, looks_like_kdd
 
     head = data[:65536]
     if head.startswith(b"\xef\xbb\xbf"):
@@ -60,7 +60,7 @@ def sniff_text(data: bytes, path: str) -> str:
         return "nsl-kdd"
 
     first = text.split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")
-    if looks_like_kdd(first):
+    if looks_like_kdd(first) or kdd_header(first) is not None:
         return "nsl-kdd"
     sep = "\t" if first.count("\t") > first.count(",") else ","
     names = {f.strip().lower() for f in first.split(sep)}

@@ -7,21 +7,21 @@ holds the 41 features, then ``label`` (1 for any attack, 0 for normal),
 Probe, R2L, U2R; null with a warning for a name outside the standard map) and
 ``difficulty`` (null in the ARFF files, which lack it; never a feature).
 The ARFF files label rows only ``normal``/``anomaly``: their family is null.
+CSV copies with a header line (as shared on Kaggle) are read by column name: the
+41 features, a label column (``label``, ``class``, ``attack``...) and, when there,
+a difficulty column (``difficulty``, ``level``...), in any order.
 """
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 
 from flows.errors import BadInputError
 from flows.readers._convert import BadRows, to_number, value_counts
 from flows.readers._finish import Problem, finish
 from flows.readers._source import Source
+from flows.readers._table import split_rows
 from flows.readers.labels import ATTACK_FAMILY
 from flows.readers.result import ReadResult
 
@@ -104,82 +104,65 @@ def looks_like_kdd(first_line: str) -> bool:
     return fields[1].strip().strip("'\"").lower() in ("tcp", "udp", "icmp")
 
 
+LABEL_HEADERS = ("label", "class", "attack", "attack_type", "labels", "outcome")
+DIFFICULTY_HEADERS = ("difficulty", "difficulty_level", "level", "score")
+
+
+def kdd_header(first_line: str) -> list[str] | None:
+    """The column names when the first line is a header naming the KDD features."""
+    names = [n.strip().strip("'\"").lower() for n in first_line.split(",")]
+    if "protocol_type" in names and "dst_host_srv_rerror_rate" in names:
+        return names
+    return None
+
+
 def read_kdd(src: Source, on_error: str) -> ReadResult:
-    """Read an NSL-KDD text or ARFF file into the nsl-kdd feature family."""
-    data = src.data.replace(b"\r\n", b"\n") if b"\r" in src.data else src.data
+    """Read an NSL-KDD text, CSV-with-header or ARFF file into the nsl-kdd family."""
+    data = src.data[3:] if src.data.startswith(b"\xef\xbb\xbf") else src.data
     start_line = 1
     arff = data.lstrip()[:1] in (b"@", b"%")
     if arff:
         data, start_line = _arff_body(data, src.path)
 
-    invalid: list[tuple[int, int, str]] = []
+    # Where each column is: by position, or by name when there is a header line.
+    end = data.find(b"\n")
+    first = data[: end if end >= 0 else len(data)].decode("utf-8", "replace")
+    header = None if arff else kdd_header(first.rstrip("\r"))
+    if header is not None:
+        where = _positions_by_name(header, src.path)
+        width = len(header)
+        data = data[end + 1 :] if end >= 0 else b""
+        start_line += 1
+    else:
+        width = 43 if len(first.split(",")) == 43 else 42
+        where = {name: i for i, name in enumerate(KDD_FEATURES)}
+        where["label"] = 41
+        where["difficulty"] = 42 if width == 43 else None
 
-    def on_invalid(row) -> str:
-        invalid.append((row.number, row.actual_columns, row.text))
-        return "skip"
-
-    names = [f"c{i}" for i in range(43)]
-    first = data.split(b"\n", 1)[0].decode("utf-8", "replace")
-    width = 43 if len(first.split(",")) == 43 else 42
-    names = names[:width]
-    try:
-        strings = pacsv.read_csv(
-            io.BytesIO(data),
-            read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
-            parse_options=pacsv.ParseOptions(
-                delimiter=",",
-                quote_char="'" if arff else False,
-                ignore_empty_lines=False,
-                invalid_row_handler=on_invalid,
-            ),
-            convert_options=pacsv.ConvertOptions(
-                column_types={n: pa.string() for n in names},
-                strings_can_be_null=False,
-                null_values=[],
-            ),
-        )
-    except pa.ArrowInvalid as exc:
-        raise BadInputError(f"cannot split rows ({exc})", path=src.path) from exc
-
-    n_physical = strings.num_rows + len(invalid)
-    good = np.ones(n_physical, dtype=bool)
-    problems, cut = [], src.cut
-    for number, actual, text in invalid:
-        good[number - 1] = False
-        line = start_line + number - 1
-        if not text.strip():
-            continue
-        if number == n_physical and not data.endswith(b"\n"):
-            cut = cut or f"{src.path}: the last line ({line}) is cut short"
-            continue
-        problems.append(
-            Problem(
-                line, None, f"expected {width} comma-separated fields, found {actual}"
-            )
-        )
-    lines = np.flatnonzero(good).astype(np.int64) + start_line
-    blank = (
-        np.asarray(
-            pc.equal(strings.column(names[0]), "").combine_chunks().fill_null(False)
-        )
-        if strings.num_rows
-        else np.zeros(0, bool)
+    strings, lines, problems, cut = split_rows(
+        data,
+        [f"c{i}" for i in range(width)],
+        ",",
+        path=src.path,
+        first_line=start_line,
+        quote="'" if arff else False,
     )
-    if blank.any():
-        strings = strings.filter(pa.array(~blank))
-        lines = lines[~blank]
+    cut = src.cut or cut
+
+    def column(name: str) -> pa.Array:
+        return strings.column(f"c{where[name]}").combine_chunks()
 
     bad = BadRows()
     arrays = []
-    for i, name in enumerate(KDD_FEATURES):
-        col = strings.column(names[i]).combine_chunks()
+    for name in KDD_FEATURES:
+        col = column(name)
         kind = kdd_kind(name)
         if kind == "str":
             arrays.append(pc.utf8_trim(col, "'\" "))
         else:
             arrays.append(to_number(pc.utf8_trim_whitespace(col), kind, name, bad)[0])
 
-    label_text = pc.utf8_trim(strings.column(names[41]).combine_chunks(), "'\" .")
+    label_text = pc.utf8_trim(column("label"), "'\" .")
     lowered = pc.utf8_lower(label_text)
     label = pc.cast(pc.not_equal(lowered, "normal"), pa.int8())
     family = pc.index_in(lowered, value_set=pa.array(list(ATTACK_FAMILY)))
@@ -195,9 +178,9 @@ def read_kdd(src: Source, on_error: str) -> ReadResult:
             f"{src.path}: attack names outside the family map (family "
             f"null): {', '.join(sorted(unknown))}"
         )
-    if width == 43:
+    if where["difficulty"] is not None:
         difficulty, _ = to_number(
-            pc.utf8_trim_whitespace(strings.column(names[42]).combine_chunks()),
+            pc.utf8_trim_whitespace(column("difficulty")),
             "i64",
             "difficulty",
             bad,
@@ -212,7 +195,12 @@ def read_kdd(src: Source, on_error: str) -> ReadResult:
         row: Problem(int(lines[row]), column, message)
         for row, (column, message) in bad.rows.items()
     }
-    stats = {"labels": value_counts(label_text), "labeled": True, "arff": arff}
+    stats = {
+        "labels": value_counts(label_text),
+        "labeled": True,
+        "arff": arff,
+        "header": header is not None,
+    }
     return finish(
         table,
         lines,
@@ -226,6 +214,32 @@ def read_kdd(src: Source, on_error: str) -> ReadResult:
         warnings=warnings,
         row_problems=row_problems,
     )
+
+
+def _positions_by_name(names: list[str], path: str) -> dict[str, int | None]:
+    """Column positions from a header line; every feature and a label are required."""
+    where: dict[str, int | None] = {}
+    for feature in KDD_FEATURES:
+        if feature not in names:
+            raise BadInputError(
+                f"header has no {feature!r} column (the 41 KDD features are required)",
+                path=path,
+                line=1,
+                column=feature,
+            )
+        where[feature] = names.index(feature)
+    label = next((n for n in LABEL_HEADERS if n in names), None)
+    if label is None:
+        raise BadInputError(
+            f"header has no label column (one of {', '.join(LABEL_HEADERS)})",
+            path=path,
+            line=1,
+            column="label",
+        )
+    where["label"] = names.index(label)
+    difficulty = next((n for n in DIFFICULTY_HEADERS if n in names), None)
+    where["difficulty"] = names.index(difficulty) if difficulty else None
+    return where
 
 
 def _arff_body(data: bytes, path: str) -> tuple[bytes, int]:
