@@ -60,8 +60,8 @@ class Endpoint:
         self.deliv = 0  # next byte the reassembly expects (absolute, 64-bit)
         self.segs: list[list[int]] | None = None  # data seen above ``deliv``
         self.missed = 0
-        # [count, threshold] for the scaled letters C, G, T, W.
-        self.counters = {"C": [0, 1], "G": [0, 1], "T": [0, 1], "W": [0, 1]}
+        # letter -> [count, threshold] for the scaled letters C, G, T, W (lazily).
+        self.counters: dict[str, list[int]] | None = None
         self.last_syn = self.last_fin = self.last_rst = None
         self.active = False  # UDP/ICMP: this side sent a packet
 
@@ -128,7 +128,11 @@ class Conn:
 
     def scaled(self, ep: Endpoint, code: str) -> None:
         """Add ``code`` on the 1st, 10th, 100th ... time it happens on this side."""
-        c = ep.counters[code]
+        if ep.counters is None:
+            ep.counters = {}
+        c = ep.counters.get(code)
+        if c is None:
+            c = ep.counters[code] = [0, 1]
         c[0] += 1
         if c[0] == c[1]:
             self.hist.append(code if ep.is_orig else code.lower())
