@@ -95,8 +95,9 @@ class EmbeddedBroker:
             "max_inflight_messages 1000\n"
         )
         log = open(folder / "mosquitto.log", "wb")  # noqa: SIM115 - lives with the proc
-        self._proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log,
-                                      stderr=subprocess.STDOUT)
+        self._proc = subprocess.Popen(
+            ["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+        )
 
     def _start_amqtt(self) -> None:
         from amqtt.broker import Broker

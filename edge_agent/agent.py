@@ -155,6 +155,10 @@ class Agent:
         self.latencies: deque[float] | None = (
             deque(maxlen=200_000) if track_latency else None
         )
+        self.round_trips: deque[float] | None = (
+            deque(maxlen=200_000) if track_latency else None
+        )
+        self._created: dict[str, float] = {}
         self._fixed_thresholds = thresholds
         self._lock = threading.Lock()
         self._out_lock = threading.Lock()
@@ -332,6 +336,8 @@ class Agent:
                 self._recent[msg_id] = {k: flow.get(k) for k in _FIVE_TUPLE}
                 if len(self._recent) > 10_000:
                     self._recent.popitem(last=False)
+        if self.round_trips is not None:
+            self._created[msg_id] = time.monotonic()
         if self.outbox.add(
             msg_id, self.topics[proto.Channel.ESCALATIONS], payload, alert
         ):
@@ -499,6 +505,8 @@ class Agent:
                 return
             self._verdict_ids.add(esc_id)
         self.counters.verdicts_received += 1
+        if self.round_trips is not None and esc_id in self._created:
+            self.round_trips.append(time.monotonic() - self._created.pop(esc_id))
         if verdict["verdict"] == proto.Verdict.MALICIOUS.value:
             self.counters.verdicts_malicious += 1
             with self._out_lock:

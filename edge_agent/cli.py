@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import logger
 from flows.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -263,7 +262,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from edge_agent.agent import SITE_THRESHOLDS
     from edge_agent.runtime import load_artifact
     from edge_agent.sources import open_source
-    from flows.windows import StreamWindower, record_key
+    from flows.windows import StreamWindower
 
     if not 0.0 < args.target_fpr < 1.0:
         raise UsageError("--target-fpr must be between 0 and 1, e.g. 0.01")

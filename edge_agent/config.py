@@ -40,7 +40,7 @@ def default_state_dir() -> Path:
 
 @dataclass
 class AgentConfig:
-    """Everything ``edge-agent run`` needs; see the module docstring for the file form."""
+    """Everything ``edge-agent run`` needs (the file form: module docstring)."""
 
     artifact: str | None = None
     source: str | None = None

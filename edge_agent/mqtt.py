@@ -97,8 +97,9 @@ class MqttLink:
 
     Callbacks run on paho's network thread and must be quick: ``on_message(topic,
     payload)`` (with ``manual_ack``: ``on_message(topic, payload, token)``, and the
-    message is acknowledged only when :meth:`ack` is called with the token), ``on_publish(mid, ok)`` (``ok`` is false when the broker refused the
-    message in its PUBACK) and ``on_connect()`` after each successful (re)connect.
+    message is acknowledged only when :meth:`ack` is called with the token),
+    ``on_publish(mid, ok)`` (``ok`` is false when the broker refused the message in
+    its PUBACK) and ``on_connect()`` after each successful (re)connect.
     """
 
     def __init__(
@@ -272,7 +273,7 @@ class MqttLink:
     def close(
         self, final: tuple[str, bytes] | None = None, timeout: float = 5.0
     ) -> None:
-        """Publish ``final`` (topic, payload; retained) if connected, then disconnect."""
+        """Publish ``final`` (topic, payload; retained) if connected; disconnect."""
         self._closing = True
         client = self._client
         if client is not None and final is not None and self.connected:

@@ -1,4 +1,4 @@
-"""A disk-backed outbox: every escalation stays on disk until the broker acknowledged it.
+"""A disk-backed outbox: escalations stay on disk until the broker acknowledged it.
 
 The outbox is one SQLite file in WAL mode with ``synchronous=FULL``, so a message that
 :meth:`Outbox.add` returned for survives a broker outage, a power cut or ``kill -9``.
@@ -69,7 +69,9 @@ class Outbox:
             self._db.executescript(_SCHEMA)
             self._size = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         except sqlite3.DatabaseError as exc:
-            raise BadInputError(f"cannot open the outbox: {exc}", path=str(path)) from exc
+            raise BadInputError(
+                f"cannot open the outbox: {exc}", path=str(path)
+            ) from exc
         if self._size:
             logger.info("outbox %s holds %d unacknowledged messages", path, self._size)
 
@@ -107,7 +109,9 @@ class Outbox:
             self._bump("dropped_escalate")
             return False
         if row is None:
-            row = self._db.execute("SELECT seq FROM outbox ORDER BY seq LIMIT 1").fetchone()
+            row = self._db.execute(
+                "SELECT seq FROM outbox ORDER BY seq LIMIT 1"
+            ).fetchone()
             self._bump("dropped_alert")
         else:
             self._bump("dropped_escalate")
@@ -124,9 +128,14 @@ class Outbox:
     def _count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
 
-    def pending(self, limit: int | None = None, after_seq: int = 0) -> list[OutboxMessage]:
+    def pending(
+        self, limit: int | None = None, after_seq: int = 0
+    ) -> list[OutboxMessage]:
         """Messages not yet acknowledged, oldest first (``seq`` greater than given)."""
-        sql = "SELECT seq, id, topic, payload, alert FROM outbox WHERE seq > ? ORDER BY seq"
+        sql = (
+            "SELECT seq, id, topic, payload, alert FROM outbox WHERE seq > ? "
+            "ORDER BY seq"
+        )
         args: tuple = (after_seq,)
         if limit is not None:
             sql += " LIMIT ?"
@@ -145,7 +154,7 @@ class Outbox:
 
     @property
     def dropped(self) -> dict[str, int]:
-        """Messages dropped by the size bound, per decision (``alert``, ``escalate``)."""
+        """Messages dropped by the size bound, per decision (alert, escalate)."""
         with self._lock:
             rows = self._db.execute("SELECT name, value FROM counters").fetchall()
         counts = {"alert": 0, "escalate": 0}

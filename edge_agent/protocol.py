@@ -127,7 +127,7 @@ def subscription(channel: Channel | str, share_group: str | None = None) -> str:
 
 
 def split_topic(name: str) -> tuple[str, str, Channel]:
-    """Return ``(site, gateway, channel)`` of a gatewatch topic or raise ProtocolError."""
+    """``(site, gateway, channel)`` of a gatewatch topic, else ProtocolError."""
     parts = name.split("/")
     if len(parts) != 5 or "/".join(parts[:2]) != TOPIC_ROOT:
         raise ProtocolError(RejectKind.BAD_TOPIC, f"not a gatewatch/v1 topic: {name!r}")
@@ -225,7 +225,10 @@ def build_verdict(
 
 
 def build_status(
-    *, state: str, model_version: str | None, counters: Mapping[str, Any] | None = None,
+    *,
+    state: str,
+    model_version: str | None,
+    counters: Mapping[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """A status payload (published retained; ``state`` is online or offline)."""
@@ -267,7 +270,9 @@ def decode(data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, A
         )
     msg_id = body.get("id")
     if not isinstance(msg_id, str) or not 1 <= len(msg_id) <= 64:
-        raise ProtocolError(RejectKind.MISSING_FIELD, "id missing or not a short string")
+        raise ProtocolError(
+            RejectKind.MISSING_FIELD, "id missing or not a short string"
+        )
     return body
 
 
@@ -288,7 +293,7 @@ def _number(body: Mapping[str, Any], name: str) -> float:
 
 
 def check_window(window: Any, shape: Sequence[int] | None) -> list[list[float]]:
-    """Check that ``window`` is a [W][F] list of finite numbers (of ``shape`` if given)."""
+    """Check that ``window`` is a [W][F] list of finite numbers (of ``shape``)."""
     if not isinstance(window, list) or not window:
         raise ProtocolError(RejectKind.WRONG_WINDOW_SHAPE, "window is not a 2-D list")
     width = None
@@ -304,7 +309,8 @@ def check_window(window: Any, shape: Sequence[int] | None) -> list[list[float]]:
     got = (len(window), width or 0)
     if shape is not None and got != tuple(shape):
         raise ProtocolError(
-            RejectKind.WRONG_WINDOW_SHAPE, f"window shape {got}, expected {tuple(shape)}"
+            RejectKind.WRONG_WINDOW_SHAPE,
+            f"window shape {got}, expected {tuple(shape)}",
         )
     return window
 
@@ -368,7 +374,10 @@ class RejectCounter:
         if n == 1:
             self._log.warning(
                 "%s rejected a message%s (%s); further ones of this kind are only "
-                "counted", self.who, f" on {where}" if where else "", exc,
+                "counted",
+                self.who,
+                f" on {where}" if where else "",
+                exc,
             )
 
     @property

@@ -97,15 +97,28 @@ class ReScorer:
         self.max_wait = max_wait_ms / 1000.0
         self.client_id = client_id or f"gatewatch-rescorer-{os.getpid()}"
         self.rejects = proto.RejectCounter("re-scorer", log=logger)
-        self.counters = {"received": 0, "scored": 0, "duplicates": 0, "stored": 0,
-                         "verdicts_sent": 0, "batches": 0, "malicious": 0}
+        self.counters = {
+            "received": 0,
+            "scored": 0,
+            "duplicates": 0,
+            "stored": 0,
+            "verdicts_sent": 0,
+            "batches": 0,
+            "malicious": 0,
+        }
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self.link = MqttLink(
-            broker, self.client_id, username=username, password=password, tls=tls,
-            protocol=protocol, manual_ack=True, on_message=self._on_message,
+            broker,
+            self.client_id,
+            username=username,
+            password=password,
+            tls=tls,
+            protocol=protocol,
+            manual_ack=True,
+            on_message=self._on_message,
         )
 
     # -- lifecycle --------------------------------------------------------------------
@@ -117,14 +130,20 @@ class ReScorer:
         if group and self.link.protocol is Protocol.V311:
             logger.warning(
                 "broker %s speaks only MQTT 3.1.1: no shared subscription, so run a "
-                "single re-scorer against it", self.link.url,
+                "single re-scorer against it",
+                self.link.url,
             )
             group = None
         self.link.subscribe(proto.subscription(proto.Channel.ESCALATIONS, group), qos=1)
         self._worker = threading.Thread(target=self._work, name="rescorer", daemon=True)
         self._worker.start()
-        logger.info("re-scorer %s serving (teacher %s, threshold %.4g, group %s)",
-                    self.client_id, self.version, self.threshold, group)
+        logger.info(
+            "re-scorer %s serving (teacher %s, threshold %.4g, group %s)",
+            self.client_id,
+            self.version,
+            self.threshold,
+            group,
+        )
 
     def stop(self) -> None:
         """Finish the batch in hand, then disconnect."""
@@ -135,8 +154,11 @@ class ReScorer:
 
     def stats(self) -> dict[str, Any]:
         """Counters, rejections per kind and the store's size."""
-        return {**self.counters, "rejected": dict(self.rejects.counts),
-                "teacher_version": self.version}
+        return {
+            **self.counters,
+            "rejected": dict(self.rejects.counts),
+            "teacher_version": self.version,
+        }
 
     # -- receiving (network thread) ---------------------------------------------------
 
@@ -169,8 +191,11 @@ class ReScorer:
             while len(batch) < self.max_batch:
                 left = deadline - time.monotonic()
                 try:
-                    batch.append(self._queue.get(timeout=left) if left > 0
-                                 else self._queue.get_nowait())
+                    batch.append(
+                        self._queue.get(timeout=left)
+                        if left > 0
+                        else self._queue.get_nowait()
+                    )
                 except queue.Empty:
                     break
             try:
@@ -203,7 +228,8 @@ class ReScorer:
                 verdict = proto.build_verdict(
                     escalation_id=esc["id"],
                     verdict="malicious" if p >= self.threshold else "benign",
-                    score=float(p), threshold=self.threshold,
+                    score=float(p),
+                    threshold=self.threshold,
                     teacher_version=self.version,
                 )
                 pairs.append((esc, verdict))
@@ -211,7 +237,8 @@ class ReScorer:
             self.counters["stored"] += sum(new)
             self.counters["duplicates"] += len(new) - sum(new)
             self.counters["malicious"] += sum(
-                v["verdict"] == "malicious" for (_, v), n in zip(pairs, new, strict=True)
+                v["verdict"] == "malicious"
+                for (_, v), n in zip(pairs, new, strict=True)
                 if n
             )
         for esc in fresh:
@@ -222,11 +249,18 @@ class ReScorer:
         for esc in copies:
             row = rows.get(esc["id"])
             if row is not None:
-                pairs.append((esc, proto.build_verdict(
-                    escalation_id=esc["id"], verdict=row["verdict"],
-                    score=row["teacher_score"], threshold=row["threshold"],
-                    teacher_version=row["teacher_version"],
-                )))
+                pairs.append(
+                    (
+                        esc,
+                        proto.build_verdict(
+                            escalation_id=esc["id"],
+                            verdict=row["verdict"],
+                            score=row["teacher_score"],
+                            threshold=row["threshold"],
+                            teacher_version=row["teacher_version"],
+                        ),
+                    )
+                )
         for esc, verdict in pairs:
             self._publish(esc, verdict)
         for token in tokens:
@@ -251,7 +285,7 @@ class ReScorer:
 
 
 def _since(text: str | None) -> float | None:
-    """Unix seconds from ``1700000000``, ``2026-12-04T10:00``, or ``30m``/``2h``/``1d``."""
+    """Unix seconds from ``1700000000``, ``2026-12-04T10:00`` or an age (``2h``)."""
     if text is None:
         return None
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text)
@@ -293,17 +327,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key)
     store = AlertStore(args.store)
     server = ReScorer(
-        teacher, broker=args.broker, store=store,
+        teacher,
+        broker=args.broker,
+        store=store,
         share_group=None if args.share_group == "" else args.share_group,
-        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-        client_id=args.client_id, username=args.username, password=_password(args),
-        tls=tls, protocol=args.protocol,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        client_id=args.client_id,
+        username=args.username,
+        password=_password(args),
+        tls=tls,
+        protocol=args.protocol,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     server.start(args.connect_timeout)
-    print(f"serving: teacher {server.version}, store {args.store}", file=sys.stderr,
-          flush=True)
+    print(
+        f"serving: teacher {server.version}, store {args.store}",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         stop.wait(args.duration)
     except KeyboardInterrupt:
@@ -314,9 +357,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.stats_json:
             Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
         store.close()
-    print("re-scorer: received {received}, scored {scored}, stored {stored}, "
-          "duplicates {duplicates}, verdicts sent {verdicts_sent}".format(**stats),
-          file=sys.stderr)
+    print(
+        "re-scorer: received {received}, scored {scored}, stored {stored}, "
+        "duplicates {duplicates}, verdicts sent {verdicts_sent}".format(**stats),
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
@@ -325,18 +370,25 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     if not Path(args.store).is_file():
         raise UsageError(f"no alert store at {args.store} (see teacher serve --store)")
     store = AlertStore(args.store)
-    rows = store.query(since=_since(args.since), gateway=args.gateway,
-                       decision=args.decision, limit=args.limit)
+    rows = store.query(
+        since=_since(args.since),
+        gateway=args.gateway,
+        decision=args.decision,
+        limit=args.limit,
+    )
     store.close()
     if args.json:
         print(json.dumps(rows, indent=1))
         return EXIT_OK
     for r in rows:
         when = dt.datetime.fromtimestamp(r["received_at"], dt.UTC).strftime(
-            "%Y-%m-%d %H:%M:%S")
-        print(f"{when}  {r['site']}/{r['gateway']}  {r['src_ip']}:{r['src_port']} -> "
-              f"{r['dst_ip']}:{r['dst_port']}/{r['proto']}  agent {r['agent_decision']} "
-              f"{r['agent_score']:.3f}  teacher {r['verdict']} {r['teacher_score']:.3f}")
+            "%Y-%m-%d %H:%M:%S"
+        )
+        print(
+            f"{when}  {r['site']}/{r['gateway']}  {r['src_ip']}:{r['src_port']} -> "
+            f"{r['dst_ip']}:{r['dst_port']}/{r['proto']}  agent {r['agent_decision']} "
+            f"{r['agent_score']:.3f}  teacher {r['verdict']} {r['teacher_score']:.3f}"
+        )
     print(f"{len(rows)} escalations", file=sys.stderr)
     return EXIT_OK
 
@@ -351,8 +403,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="re-score escalations from the gateways")
     p.add_argument("--checkpoint", required=True, type=Path, help="teacher checkpoint")
     p.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://...")
-    p.add_argument("--share-group", default=DEFAULT_GROUP,
-                   help=f"shared subscription group ('' for none; {DEFAULT_GROUP})")
+    p.add_argument(
+        "--share-group",
+        default=DEFAULT_GROUP,
+        help=f"shared subscription group ('' for none; {DEFAULT_GROUP})",
+    )
     p.add_argument("--store", default=DEFAULT_STORE, help="alert store (SQLite)")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=10.0)

@@ -44,23 +44,56 @@ CREATE INDEX IF NOT EXISTS escalations_gateway ON escalations (site, gateway);
 """
 
 _COLUMNS = (
-    "id", "site", "gateway", "received_at", "sent_at", "ts", "src_ip", "src_port",
-    "dst_ip", "dst_port", "proto", "agent_score", "agent_decision", "model_version",
-    "flow", "verdict", "teacher_score", "threshold", "teacher_version", "verdict_id",
-    "decided_at", "worker",
+    "id",
+    "site",
+    "gateway",
+    "received_at",
+    "sent_at",
+    "ts",
+    "src_ip",
+    "src_port",
+    "dst_ip",
+    "dst_port",
+    "proto",
+    "agent_score",
+    "agent_decision",
+    "model_version",
+    "flow",
+    "verdict",
+    "teacher_score",
+    "threshold",
+    "teacher_version",
+    "verdict_id",
+    "decided_at",
+    "worker",
 )
 
 
 def _row(escalation: dict[str, Any], verdict: dict[str, Any], worker: str) -> tuple:
     flow = escalation["flow"]
     return (
-        escalation["id"], escalation["site"], escalation["gateway"], time.time(),
-        escalation.get("sent_at"), flow.get("ts"), flow.get("src_ip"),
-        flow.get("src_port"), flow.get("dst_ip"), flow.get("dst_port"),
-        flow.get("proto"), escalation["score"], escalation["decision"],
-        escalation["model_version"], json.dumps(flow), verdict["verdict"],
-        verdict["score"], verdict["threshold"], verdict["teacher_version"],
-        verdict["id"], verdict["sent_at"], worker,
+        escalation["id"],
+        escalation["site"],
+        escalation["gateway"],
+        time.time(),
+        escalation.get("sent_at"),
+        flow.get("ts"),
+        flow.get("src_ip"),
+        flow.get("src_port"),
+        flow.get("dst_ip"),
+        flow.get("dst_port"),
+        flow.get("proto"),
+        escalation["score"],
+        escalation["decision"],
+        escalation["model_version"],
+        json.dumps(flow),
+        verdict["verdict"],
+        verdict["score"],
+        verdict["threshold"],
+        verdict["teacher_version"],
+        verdict["id"],
+        verdict["sent_at"],
+        worker,
     )
 
 
@@ -72,26 +105,36 @@ class AlertStore:
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), timeout=10.0,
-                                       check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(
+                str(self.path),
+                timeout=10.0,
+                check_same_thread=False,
+                isolation_level=None,
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
-            raise BadInputError(f"cannot open the alert store: {exc}",
-                                path=str(path)) from exc
+            raise BadInputError(
+                f"cannot open the alert store: {exc}", path=str(path)
+            ) from exc
 
-    def add(self, escalation: dict[str, Any], verdict: dict[str, Any],
-            worker: str = "") -> bool:
+    def add(
+        self, escalation: dict[str, Any], verdict: dict[str, Any], worker: str = ""
+    ) -> bool:
         """Store one escalation with its verdict; False when its id is already here."""
         return self.add_many([(escalation, verdict)], worker)[0]
 
-    def add_many(self, pairs: Iterable[tuple[dict, dict]], worker: str = "") -> list[bool]:
+    def add_many(
+        self, pairs: Iterable[tuple[dict, dict]], worker: str = ""
+    ) -> list[bool]:
         """Store (escalation, verdict) pairs in one transaction; True where new."""
         rows = [_row(esc, ver, worker) for esc, ver in pairs]
-        sql = (f"INSERT OR IGNORE INTO escalations ({','.join(_COLUMNS)}) "
-               f"VALUES ({','.join('?' * len(_COLUMNS))})")
+        sql = (
+            f"INSERT OR IGNORE INTO escalations ({','.join(_COLUMNS)}) "
+            f"VALUES ({','.join('?' * len(_COLUMNS))})"
+        )
         out = []
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -112,7 +155,8 @@ class AlertStore:
         marks = ",".join("?" * len(ids))
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {','.join(_COLUMNS)} FROM escalations WHERE id IN ({marks})", ids
+                f"SELECT {','.join(_COLUMNS)} FROM escalations WHERE id IN ({marks})",
+                ids,
             ).fetchall()
         return {r[0]: dict(zip(_COLUMNS, r, strict=True)) for r in rows}
 
@@ -121,8 +165,14 @@ class AlertStore:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM escalations").fetchone()[0]
 
-    def query(self, *, since: float | None = None, gateway: str | None = None,
-              decision: str | None = None, limit: int | None = None) -> list[dict]:
+    def query(
+        self,
+        *,
+        since: float | None = None,
+        gateway: str | None = None,
+        decision: str | None = None,
+        limit: int | None = None,
+    ) -> list[dict]:
         """Escalations with their verdicts, oldest first.
 
         ``gateway`` is ``GATEWAY`` or ``SITE/GATEWAY``; ``decision`` matches the

@@ -46,8 +46,14 @@ class CountingScorer:
 
 def test_decisions_match_an_independent_computation(tm, tmp_path: Path) -> None:
     alerts = io.StringIO()
-    agent = Agent(load_artifact(tm.artifact), site="s1", gateway="g1",
-                  outbox=Outbox(tmp_path / "o.sqlite"), alerts=alerts, max_batch=100)
+    agent = Agent(
+        load_artifact(tm.artifact),
+        site="s1",
+        gateway="g1",
+        outbox=Outbox(tmp_path / "o.sqlite"),
+        alerts=alerts,
+        max_batch=100,
+    )
     agent.run_file(tm.records)
     expected = tm.expected()
     c = agent.counters
@@ -60,21 +66,37 @@ def test_decisions_match_an_independent_computation(tm, tmp_path: Path) -> None:
     assert [m.alert for m in pending] == [expected[m.id] == "alert" for m in pending]
     lines = [json.loads(x) for x in alerts.getvalue().splitlines()]
     assert len(lines) == c.alert
-    assert set(lines[0]) >= {"ts", "src_ip", "src_port", "dst_ip", "dst_port", "proto",
-                             "score", "decision", "model_version"}
+    assert set(lines[0]) >= {
+        "ts",
+        "src_ip",
+        "src_port",
+        "dst_ip",
+        "dst_port",
+        "proto",
+        "score",
+        "decision",
+        "model_version",
+    }
     assert {x["escalation_id"] for x in lines} == {
-        k for k, d in expected.items() if d == "alert"}
+        k for k, d in expected.items() if d == "alert"
+    }
     payload = json.loads(pending[0].payload)
-    i = next(i for i, r in enumerate(tm.records)
-             if r["uid"] == payload["flow"]["uid"])
+    i = next(i for i, r in enumerate(tm.records) if r["uid"] == payload["flow"]["uid"])
     np.testing.assert_allclose(payload["window"], tm.windows[i], atol=1e-6)
     assert payload["score"] == pytest.approx(tm.scores[i], abs=1e-5)
 
 
 def test_live_source_scores_singly_when_slow_and_in_batches_when_fast(tm, tmp_path):
     scorer = CountingScorer(load_artifact(tm.artifact))
-    agent = Agent(scorer, site="s1", gateway="g1", outbox=Outbox(tmp_path / "o.db"),
-                  max_batch=64, max_wait_ms=5, track_latency=True)
+    agent = Agent(
+        scorer,
+        site="s1",
+        gateway="g1",
+        outbox=Outbox(tmp_path / "o.db"),
+        max_batch=64,
+        max_wait_ms=5,
+        track_latency=True,
+    )
 
     def slow():
         for rec in tm.records[:8]:
@@ -129,8 +151,17 @@ def test_follow_reads_growth_and_survives_rotation(tm, tmp_path: Path) -> None:
 
 def test_calibrate_writes_site_thresholds_the_agent_prefers(tm, tmp_path: Path) -> None:
     art = make_artifact(tmp_path / "art", tm.encoder, tm.thresholds)
-    rc = main(["calibrate", "--artifact", str(art), "--source", f"zeek:{tm.conn_log}",
-               "--target-fpr", "0.01"])
+    rc = main(
+        [
+            "calibrate",
+            "--artifact",
+            str(art),
+            "--source",
+            f"zeek:{tm.conn_log}",
+            "--target-fpr",
+            "0.01",
+        ]
+    )
     assert rc == 0
     site = json.loads((art / "site_thresholds.json").read_text())
     labels = np.array([r["label"] for r in tm.records], dtype=object)
@@ -149,11 +180,16 @@ def test_fpr_threshold_is_tight() -> None:
 
 
 def test_swap_scorer_changes_the_model_atomically(tm, tmp_path: Path) -> None:
-    agent = Agent(load_artifact(tm.artifact), site="s1", gateway="g1",
-                  outbox=Outbox(tmp_path / "o.db"))
+    agent = Agent(
+        load_artifact(tm.artifact),
+        site="s1",
+        gateway="g1",
+        outbox=Outbox(tmp_path / "o.db"),
+    )
     stricter = dict(tm.thresholds, escalate_low=2.0, alert=2.0)
-    other = load_artifact(make_artifact(tmp_path / "v2", tm.encoder, stricter,
-                                        version="tiny-0002"))
+    other = load_artifact(
+        make_artifact(tmp_path / "v2", tm.encoder, stricter, version="tiny-0002")
+    )
     agent.swap_scorer(other)
     agent.run_file(tm.records[:2000])
     assert agent.model_version == "tiny-0002"
@@ -167,26 +203,59 @@ def test_parquet_source_gives_the_same_decisions(tm, tmp_path: Path) -> None:
 
     cols = {n: [r[n] for r in tm.records] for n in CONN_FIELD_NAMES}
     pq.write_table(columns_to_table(cols), tmp_path / "f.parquet")
-    agent = Agent(load_artifact(tm.artifact), site="s1", gateway="g1",
-                  outbox=Outbox(tmp_path / "o.db"))
+    agent = Agent(
+        load_artifact(tm.artifact),
+        site="s1",
+        gateway="g1",
+        outbox=Outbox(tmp_path / "o.db"),
+    )
     agent.run_file(open_source(f"parquet:{tmp_path / 'f.parquet'}"))
     assert {m.id for m in agent.outbox.pending()} == set(tm.expected())
 
 
 def test_run_without_reachable_broker_exits_6(tm, tmp_path: Path, capsys) -> None:
-    rc = main(["run", "--artifact", str(tm.artifact), "--source", f"zeek:{tm.conn_log}",
-               "--broker", f"mqtt://127.0.0.1:{free_port()}", "--site", "s1",
-               "--gateway", "g1", "--outbox", str(tmp_path / "o.db"),
-               "--connect-timeout", "1", "--alerts", ""])
+    rc = main(
+        [
+            "run",
+            "--artifact",
+            str(tm.artifact),
+            "--source",
+            f"zeek:{tm.conn_log}",
+            "--broker",
+            f"mqtt://127.0.0.1:{free_port()}",
+            "--site",
+            "s1",
+            "--gateway",
+            "g1",
+            "--outbox",
+            str(tmp_path / "o.db"),
+            "--connect-timeout",
+            "1",
+            "--alerts",
+            "",
+        ]
+    )
     assert rc == 6
     assert capsys.readouterr().err.startswith("error: cannot reach broker")
 
 
-@pytest.mark.parametrize("flags", [["--site", "a/b"], ["--gateway", "#"],
-                                   ["--broker", "http://x"], ["--max-batch", "0"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--site", "a/b"],
+        ["--gateway", "#"],
+        ["--broker", "http://x"],
+        ["--max-batch", "0"],
+    ],
+)
 def test_bad_settings_exit_2(tm, tmp_path: Path, capsys, flags) -> None:
-    base = {"--artifact": str(tm.artifact), "--source": f"zeek:{tm.conn_log}",
-            "--site": "s1", "--gateway": "g1", "--outbox": str(tmp_path / "o.db")}
+    base = {
+        "--artifact": str(tm.artifact),
+        "--source": f"zeek:{tm.conn_log}",
+        "--site": "s1",
+        "--gateway": "g1",
+        "--outbox": str(tmp_path / "o.db"),
+    }
     base.update(dict(zip(flags[::2], flags[1::2], strict=True)))
     argv = ["run"] + [x for kv in base.items() for x in kv]
     assert main(argv) == 2
@@ -219,7 +288,12 @@ def test_edge_agent_imports_neither_torch_nor_tensorflow() -> None:
         "('torch', 'tensorflow', 'teacher', 'compress')]\n"
         "print(bad)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -41,8 +41,12 @@ def _weights(n_features: int, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def onnx_model(n_features: int, window: int = W, int8: bool = False,
-               in_q: tuple[float, int] = (1.0 / 127.0, 0)) -> bytes:
+def onnx_model(
+    n_features: int,
+    window: int = W,
+    int8: bool = False,
+    in_q: tuple[float, int] = (1.0 / 127.0, 0),
+) -> bytes:
     """The tiny model as ONNX bytes (int8 input via DequantizeLinear when asked)."""
     import onnx
     from onnx import TensorProto, helper
@@ -56,7 +60,9 @@ def onnx_model(n_features: int, window: int = W, int8: bool = False,
     ]
     x_name, x_type = "x", TensorProto.FLOAT
     if int8:
-        nodes.append(helper.make_node("DequantizeLinear", ["xq", "s_in", "z_in"], ["x"]))
+        nodes.append(
+            helper.make_node("DequantizeLinear", ["xq", "s_in", "z_in"], ["x"])
+        )
         inits += [
             helper.make_tensor("s_in", TensorProto.FLOAT, [], [in_q[0]]),
             helper.make_tensor("z_in", TensorProto.INT8, [], [in_q[1]]),
@@ -69,7 +75,8 @@ def onnx_model(n_features: int, window: int = W, int8: bool = False,
         helper.make_node("Sigmoid", ["z"], ["prob"]),
     ]
     graph = helper.make_graph(
-        nodes, "tiny",
+        nodes,
+        "tiny",
         [helper.make_tensor_value_info(x_name, x_type, ["batch", window, n_features])],
         [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", 1])],
         inits,
@@ -96,7 +103,7 @@ def numpy_windows(records: list[dict], enc, window: int = W) -> np.ndarray:
         h = hist[rec["src_ip"]]
         h.append(X[i])
         rows = list(h)
-        out[i, window - len(rows):] = rows
+        out[i, window - len(rows) :] = rows
     return out
 
 
@@ -113,8 +120,14 @@ def read_records(conn_log: Path) -> list[dict]:
     return list(iter_conn(conn_log))
 
 
-def make_artifact(folder: Path, enc, thresholds: dict, *, int8: bool = False,
-                  version: str = "tiny-0001") -> Path:
+def make_artifact(
+    folder: Path,
+    enc,
+    thresholds: dict,
+    *,
+    int8: bool = False,
+    version: str = "tiny-0001",
+) -> Path:
     """Write an artifact folder the runtime loads (sha256 checked)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.onnx").write_bytes(onnx_model(enc.n_features, enc.window, int8))
@@ -132,16 +145,21 @@ def make_artifact(folder: Path, enc, thresholds: dict, *, int8: bool = False,
             "scale": 1.0 / 127.0 if int8 else None,
             "zero_point": 0 if int8 else None,
         },
-        "output": {"dtype": "float32", "scale": None, "zero_point": None,
-                   "kind": "probability"},
+        "output": {
+            "dtype": "float32",
+            "scale": None,
+            "zero_point": None,
+            "kind": "probability",
+        },
         "sha256": {name: _sha(folder / name) for name in files},
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
 
-def quantile_thresholds(scores: np.ndarray, esc_q: float = 0.97,
-                        alert_q: float = 0.995) -> dict:
+def quantile_thresholds(
+    scores: np.ndarray, esc_q: float = 0.97, alert_q: float = 0.995
+) -> dict:
     """Thresholds placed between observed scores, so no score sits on a boundary."""
     s = np.sort(np.unique(scores))
 
@@ -190,10 +208,13 @@ class Tiny:
         self.records = read_records(conn_log)
         self.windows, self.scores = numpy_scores(self.records, self.encoder)
         self.thresholds = quantile_thresholds(self.scores)
-        self.artifact = make_artifact(folder / "artifact", self.encoder, self.thresholds)
+        self.artifact = make_artifact(
+            folder / "artifact", self.encoder, self.thresholds
+        )
 
-    def expected(self, records: list[dict] | None = None, site: str = "s1",
-                 gateway: str = "g1") -> dict[str, str]:
+    def expected(
+        self, records: list[dict] | None = None, site: str = "s1", gateway: str = "g1"
+    ) -> dict[str, str]:
         """{escalation id: decision} the agent must produce for these records."""
         from edge_agent.agent import flow_id
 
@@ -235,13 +256,24 @@ def make_teacher(tm: Tiny, folder: Path):
         return folder, load_teacher(folder, device="cpu")
     torch.manual_seed(0)
     enc = tm.encoder
-    net = TeacherNet(TeacherConfig(n_features=enc.n_features, window=enc.window,
-                                   conv_filters=(8,), lstm_hidden=8, dense=(8,)))
+    net = TeacherNet(
+        TeacherConfig(
+            n_features=enc.n_features,
+            window=enc.window,
+            conv_filters=(8,),
+            lstm_hidden=8,
+            dense=(8,),
+        )
+    )
     net.eval()
     esc = tm.windows[tm.scores >= tm.thresholds["escalate_low"]]
     with torch.no_grad():
         z = net(torch.from_numpy(esc)).numpy().astype(np.float64)
     threshold = float(np.median(1 / (1 + np.exp(-z))))
-    save_checkpoint(folder, net, encoder=enc,
-                    threshold={"threshold": threshold, "rule": "fpr", "chosen_on": "val"})
+    save_checkpoint(
+        folder,
+        net,
+        encoder=enc,
+        threshold={"threshold": threshold, "rule": "fpr", "chosen_on": "val"},
+    )
     return folder, load_teacher(folder, device="cpu")

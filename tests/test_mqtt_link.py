@@ -46,10 +46,14 @@ class Watcher:
 
     def __init__(self, port: int, topic_filter: str) -> None:
         self.got: list[tuple[str, dict, bool]] = []
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2,
-                                  client_id=f"watch-{port}", protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=f"watch-{port}",
+            protocol=paho.MQTTv5,
+        )
         self.client.on_message = lambda c, u, m: self.got.append(
-            (m.topic, json.loads(m.payload), bool(m.retain)))
+            (m.topic, json.loads(m.payload), bool(m.retain))
+        )
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         self.client.subscribe(topic_filter, qos=1)
@@ -59,11 +63,14 @@ class Watcher:
         self.client.disconnect()
 
 
-@pytest.mark.parametrize("url,expected", [
-    ("mqtt://h:1884", BrokerAddress("h", 1884)),
-    ("mqtts://u:p%40ss@h", BrokerAddress("h", 8883, True, "u", "p@ss")),
-    ("mqtt://h", BrokerAddress("h", 1883)),
-])
+@pytest.mark.parametrize(
+    "url,expected",
+    [
+        ("mqtt://h:1884", BrokerAddress("h", 1884)),
+        ("mqtts://u:p%40ss@h", BrokerAddress("h", 8883, True, "u", "p@ss")),
+        ("mqtt://h", BrokerAddress("h", 1883)),
+    ],
+)
 def test_broker_urls(url, expected) -> None:
     assert BrokerAddress.parse(url) == expected
 
@@ -87,14 +94,20 @@ def test_refused_login_is_a_transport_error(tmp_path: Path) -> None:
         pytest.skip("mosquitto is not on PATH")
     port = free_port()
     conf = tmp_path / "closed.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\n"
-                    "persistence false\nlog_dest stdout\n")
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT)
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous false\n"
+        "persistence false\nlog_dest stdout\n"
+    )
+    proc = subprocess.Popen(
+        ["mosquitto", "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for(lambda: _listening(port), 10, "mosquitto")
-        link = MqttLink(f"mqtt://127.0.0.1:{port}", "x", username="nobody",
-                        password="wrong")
+        link = MqttLink(
+            f"mqtt://127.0.0.1:{port}", "x", username="nobody", password="wrong"
+        )
         with pytest.raises(TransportError, match="refused the connection"):
             link.connect(timeout=5)
     finally:
@@ -112,19 +125,40 @@ def _listening(port: int) -> bool:
         return False
 
 
-def test_status_is_retained_and_the_will_reports_a_killed_agent(tm, mosquitto,
-                                                                tmp_path: Path):
+def test_status_is_retained_and_the_will_reports_a_killed_agent(
+    tm, mosquitto, tmp_path: Path
+):
     status = "gatewatch/v1/s1/g1/status"
-    cmd = [str(BIN / "edge-agent"), "run", "--artifact", str(tm.artifact),
-           "--source", "-", "--broker", mosquitto.url, "--site", "s1",
-           "--gateway", "g1", "--outbox", str(tmp_path / "o.db"), "--keepalive", "2",
-           "--alerts", ""]
-    agent = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    cmd = [
+        str(BIN / "edge-agent"),
+        "run",
+        "--artifact",
+        str(tm.artifact),
+        "--source",
+        "-",
+        "--broker",
+        mosquitto.url,
+        "--site",
+        "s1",
+        "--gateway",
+        "g1",
+        "--outbox",
+        str(tmp_path / "o.db"),
+        "--keepalive",
+        "2",
+        "--alerts",
+        "",
+    ]
+    agent = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     watcher = Watcher(mosquitto.port, status)
     try:
-        wait_for(lambda: any(p["state"] == "online" for _, p, _ in watcher.got), 30,
-                 "online status")
+        wait_for(
+            lambda: any(p["state"] == "online" for _, p, _ in watcher.got),
+            30,
+            "online status",
+        )
         agent.send_signal(signal.SIGKILL)
         agent.wait(10)
         wait_for(lambda: watcher.got[-1][1]["state"] == "offline", 30, "the last will")
@@ -155,9 +189,13 @@ def test_amqtt_fallback_to_3_1_1_carries_escalations(tm, tmp_path: Path) -> None
         with pytest.raises(TransportError, match="MQTT v5"):
             reader.subscribe(proto.subscription("escalations", "grp"))
         reader.subscribe(proto.subscription("escalations"))
-        agent = Agent(load_artifact(tm.artifact), site="s1", gateway="g1",
-                      outbox=Outbox(tmp_path / "o.db"),
-                      link=MqttLink(broker.url, "gw"))
+        agent = Agent(
+            load_artifact(tm.artifact),
+            site="s1",
+            gateway="g1",
+            outbox=Outbox(tmp_path / "o.db"),
+            link=MqttLink(broker.url, "gw"),
+        )
         agent.start()
         try:
             agent.run_file(tm.records)
@@ -192,27 +230,42 @@ class FolderUpdater:
 
 
 def test_model_topic_swaps_the_scorer_or_reports_why_not(tm, mosquitto, tmp_path):
-    agent = Agent(load_artifact(tm.artifact), site="s1", gateway="g1",
-                  outbox=Outbox(tmp_path / "o.db"), link=MqttLink(mosquitto.url, "gw"))
+    agent = Agent(
+        load_artifact(tm.artifact),
+        site="s1",
+        gateway="g1",
+        outbox=Outbox(tmp_path / "o.db"),
+        link=MqttLink(mosquitto.url, "gw"),
+    )
     agent.start()
     agent.enable_model_updates(FolderUpdater())
     watcher = Watcher(mosquitto.port, "gatewatch/v1/s1/g1/status")
     new = make_artifact(tmp_path / "v2", tm.encoder, tm.thresholds, version="tiny-0002")
     try:
-        pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="op",
-                          protocol=paho.MQTTv5)
+        pub = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id="op", protocol=paho.MQTTv5
+        )
         pub.connect("127.0.0.1", mosquitto.port)
         pub.loop_start()
         topic = "gatewatch/v1/s1/g1/model"
-        pub.publish(topic, json.dumps({"artifact": str(tmp_path / "nope")}),
-                    qos=1).wait_for_publish(5)
-        wait_for(lambda: any("update_refused" in p for _, p, _ in watcher.got), 20,
-                 "refusal in status")
+        pub.publish(
+            topic, json.dumps({"artifact": str(tmp_path / "nope")}), qos=1
+        ).wait_for_publish(5)
+        wait_for(
+            lambda: any("update_refused" in p for _, p, _ in watcher.got),
+            20,
+            "refusal in status",
+        )
         assert agent.model_version == "tiny-0001"
-        pub.publish(topic, json.dumps({"artifact": str(new)}), qos=1).wait_for_publish(5)
+        pub.publish(topic, json.dumps({"artifact": str(new)}), qos=1).wait_for_publish(
+            5
+        )
         wait_for(lambda: agent.model_version == "tiny-0002", 20, "the swap")
-        wait_for(lambda: watcher.got[-1][1].get("model_version") == "tiny-0002", 20,
-                 "status with the new model")
+        wait_for(
+            lambda: watcher.got[-1][1].get("model_version") == "tiny-0002",
+            20,
+            "status with the new model",
+        )
         pub.loop_stop()
         pub.disconnect()
     finally:

@@ -11,14 +11,27 @@ import pytest
 from edge_agent import protocol as proto
 from flows.errors import UsageError
 
-FLOW = {"ts": 1.5, "uid": "C1", "src_ip": "10.0.0.1", "src_port": 40000,
-        "dst_ip": "10.0.0.2", "dst_port": 80, "proto": "tcp", "duration": float("nan")}
+FLOW = {
+    "ts": 1.5,
+    "uid": "C1",
+    "src_ip": "10.0.0.1",
+    "src_port": 40000,
+    "dst_ip": "10.0.0.2",
+    "dst_port": 80,
+    "proto": "tcp",
+    "duration": float("nan"),
+}
 
 
 def _escalation(**over):
     body = proto.build_escalation(
-        flow=FLOW, window=np.full((4, 3), 0.25, np.float32), score=0.7,
-        decision="escalate", model_version="m1", site="site-1", gateway="gw.2",
+        flow=FLOW,
+        window=np.full((4, 3), 0.25, np.float32),
+        score=0.7,
+        decision="escalate",
+        model_version="m1",
+        site="site-1",
+        gateway="gw.2",
     )
     body.update(over)
     return body
@@ -52,8 +65,13 @@ def test_escalation_round_trip_keeps_values_and_nulls_nan() -> None:
 
 
 def test_verdict_round_trip() -> None:
-    v = proto.build_verdict(escalation_id="e1", verdict="malicious", score=0.9,
-                            threshold=0.5, teacher_version="t1")
+    v = proto.build_verdict(
+        escalation_id="e1",
+        verdict="malicious",
+        score=0.9,
+        threshold=0.5,
+        teacher_version="t1",
+    )
     back = proto.parse_verdict(proto.encode(v))
     assert back["verdict"] == "malicious" and back["escalation_id"] == "e1"
 
@@ -63,16 +81,26 @@ def test_verdict_round_trip() -> None:
     [
         (b"{not json", proto.RejectKind.MALFORMED_JSON),
         (b"[1, 2]", proto.RejectKind.MALFORMED_JSON),
-        (json.dumps(_escalation(schema="gatewatch/v0")).encode(),
-         proto.RejectKind.WRONG_SCHEMA),
+        (
+            json.dumps(_escalation(schema="gatewatch/v0")).encode(),
+            proto.RejectKind.WRONG_SCHEMA,
+        ),
         (b" " * (proto.MAX_PAYLOAD_BYTES + 1), proto.RejectKind.OVERSIZED),
-        (json.dumps(_escalation(window=[[0.1] * 3] * 5)).encode(),
-         proto.RejectKind.WRONG_WINDOW_SHAPE),
-        (json.dumps(_escalation(window=[[0.1, 0.2], [0.1]])).encode(),
-         proto.RejectKind.WRONG_WINDOW_SHAPE),
+        (
+            json.dumps(_escalation(window=[[0.1] * 3] * 5)).encode(),
+            proto.RejectKind.WRONG_WINDOW_SHAPE,
+        ),
+        (
+            json.dumps(_escalation(window=[[0.1, 0.2], [0.1]])).encode(),
+            proto.RejectKind.WRONG_WINDOW_SHAPE,
+        ),
         (json.dumps(_escalation(score="high")).encode(), proto.RejectKind.BAD_VALUE),
-        (json.dumps({k: v for k, v in _escalation().items() if k != "flow"}).encode(),
-         proto.RejectKind.MISSING_FIELD),
+        (
+            json.dumps(
+                {k: v for k, v in _escalation().items() if k != "flow"}
+            ).encode(),
+            proto.RejectKind.MISSING_FIELD,
+        ),
         (json.dumps(_escalation(site="a/b")).encode(), proto.RejectKind.BAD_VALUE),
     ],
 )

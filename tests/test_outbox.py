@@ -71,8 +71,13 @@ def test_nothing_returned_from_add_is_lost_to_kill_9(tmp_path: Path) -> None:
         print("added", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                          text=True, timeout=60, cwd=Path(__file__).parent.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    )
     assert proc.returncode == -signal.SIGKILL and "added" in proc.stdout
     box = Outbox(path)
     ids = [m.id for m in box.pending()]

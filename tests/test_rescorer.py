@@ -74,10 +74,25 @@ def teacher_verdicts(tm, teacher_obj, records, gateway="g1") -> dict[str, tuple]
 
 
 def agent_cmd(tm, broker, source, outbox, gateway="g1", *extra) -> list[str]:
-    return [str(BIN / "edge-agent"), "run", "--artifact", str(tm.artifact),
-            "--source", source, "--broker", broker, "--site", "s1",
-            "--gateway", gateway, "--outbox", str(outbox), "--drain-timeout", "30",
-            *extra]
+    return [
+        str(BIN / "edge-agent"),
+        "run",
+        "--artifact",
+        str(tm.artifact),
+        "--source",
+        source,
+        "--broker",
+        broker,
+        "--site",
+        "s1",
+        "--gateway",
+        gateway,
+        "--outbox",
+        str(outbox),
+        "--drain-timeout",
+        "30",
+        *extra,
+    ]
 
 
 def test_agent_and_rescorer_commands_agree(tm, teacher, mosquitto, tmp_path, data_dir):
@@ -85,23 +100,48 @@ def test_agent_and_rescorer_commands_agree(tm, teacher, mosquitto, tmp_path, dat
     store_path = tmp_path / "alerts.sqlite"
     serve_log = open(tmp_path / "serve.log", "w")
     serve = subprocess.Popen(
-        [str(BIN / "teacher"), "serve", "--checkpoint", str(ckpt), "--broker",
-         mosquitto.url, "--store", str(store_path), "--stats-json",
-         str(tmp_path / "stats.json"), "--max-batch", "32"],
-        stdout=serve_log, stderr=subprocess.STDOUT,
+        [
+            str(BIN / "teacher"),
+            "serve",
+            "--checkpoint",
+            str(ckpt),
+            "--broker",
+            mosquitto.url,
+            "--store",
+            str(store_path),
+            "--stats-json",
+            str(tmp_path / "stats.json"),
+            "--max-batch",
+            "32",
+        ],
+        stdout=serve_log,
+        stderr=subprocess.STDOUT,
     )
     try:
-        wait_for(lambda: "serving" in (tmp_path / "serve.log").read_text(), 60,
-                 "teacher serve to start")
+        wait_for(
+            lambda: "serving" in (tmp_path / "serve.log").read_text(),
+            60,
+            "teacher serve to start",
+        )
         pcap = data_file(data_dir, PCAP)
         runs = {"g1": f"zeek:{tm.conn_log}", "g2": f"pcap:{pcap}"}
         summaries = {}
         for gw, source in runs.items():
             out = subprocess.run(
-                agent_cmd(tm, mosquitto.url, source, tmp_path / f"{gw}.db", gw,
-                          "--summary-json", str(tmp_path / f"{gw}.json"),
-                          "--alerts", str(tmp_path / f"{gw}.alerts")),
-                capture_output=True, text=True, timeout=120,
+                agent_cmd(
+                    tm,
+                    mosquitto.url,
+                    source,
+                    tmp_path / f"{gw}.db",
+                    gw,
+                    "--summary-json",
+                    str(tmp_path / f"{gw}.json"),
+                    "--alerts",
+                    str(tmp_path / f"{gw}.alerts"),
+                ),
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
             assert out.returncode == 0, out.stderr
             summaries[gw] = json.loads((tmp_path / f"{gw}.json").read_text())
@@ -114,8 +154,10 @@ def test_agent_and_rescorer_commands_agree(tm, teacher, mosquitto, tmp_path, dat
 
     pcap_records = [canonical(r) for r in iter_flows(str(pcap))]
     expected = {"g1": tm.expected(), "g2": tm.expected(pcap_records, gateway="g2")}
-    verdicts = {"g1": teacher_verdicts(tm, teacher_obj, tm.records),
-                "g2": teacher_verdicts(tm, teacher_obj, pcap_records, "g2")}
+    verdicts = {
+        "g1": teacher_verdicts(tm, teacher_obj, tm.records),
+        "g2": teacher_verdicts(tm, teacher_obj, pcap_records, "g2"),
+    }
     store = AlertStore(store_path)
     for gw, summary in summaries.items():
         rows = store.query(gateway=f"s1/{gw}")
@@ -132,12 +174,26 @@ def test_agent_and_rescorer_commands_agree(tm, teacher, mosquitto, tmp_path, dat
     assert stats["duplicates"] == 0 and stats["rejected"] == {}
 
     # teacher alerts --json answers by gateway and decision.
-    out = subprocess.run([str(BIN / "teacher"), "alerts", "--store", str(store_path),
-                          "--json", "--gateway", "g1", "--decision", "alert"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            str(BIN / "teacher"),
+            "alerts",
+            "--store",
+            str(store_path),
+            "--json",
+            "--gateway",
+            "g1",
+            "--decision",
+            "alert",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     listed = json.loads(out.stdout)
     assert {r["id"] for r in listed} == {
-        k for k, d in expected["g1"].items() if d == "alert"}
+        k for k, d in expected["g1"].items() if d == "alert"
+    }
 
 
 def _outbox_ids(path: Path) -> set[str]:
@@ -154,9 +210,23 @@ def _outbox_ids(path: Path) -> set[str]:
 
 def _start_agent(tm, broker, outbox, log):
     return subprocess.Popen(
-        agent_cmd(tm, broker, "-", outbox, "g1", "--alerts", "",
-                  "--summary-json", str(outbox) + ".json", "--max-wait-ms", "5"),
-        stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True,
+        agent_cmd(
+            tm,
+            broker,
+            "-",
+            outbox,
+            "g1",
+            "--alerts",
+            "",
+            "--summary-json",
+            str(outbox) + ".json",
+            "--max-wait-ms",
+            "5",
+        ),
+        stdin=subprocess.PIPE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -187,8 +257,11 @@ def test_broker_outage_and_kill_9_lose_nothing(tm, teacher, mosquitto, tmp_path)
         assert len(upto_b) > len(first)
         mosquitto.stop()
         _feed(agent, recs[a:b])
-        wait_for(lambda: _outbox_ids(outbox) == set(upto_b) - set(first), 60,
-                 "second part in the outbox")
+        wait_for(
+            lambda: _outbox_ids(outbox) == set(upto_b) - set(first),
+            60,
+            "second part in the outbox",
+        )
         mosquitto.start()
         wait_for(lambda: store.count() == len(upto_b), 60, "replay after outage")
 
@@ -197,16 +270,22 @@ def test_broker_outage_and_kill_9_lose_nothing(tm, teacher, mosquitto, tmp_path)
         assert len(upto_c) > len(upto_b)
         mosquitto.stop()
         _feed(agent, recs[b:c])
-        wait_for(lambda: _outbox_ids(outbox) == set(upto_c) - set(upto_b), 60,
-                 "third part in the outbox")
+        wait_for(
+            lambda: _outbox_ids(outbox) == set(upto_c) - set(upto_b),
+            60,
+            "third part in the outbox",
+        )
         agent.send_signal(signal.SIGKILL)
         agent.wait(10)
         mosquitto.start()
 
         # 4. Restarted agent re-reads from well before the kill: flows it had sent
         # and the broker had acknowledged come again and must be dropped as copies.
-        start = next(i for i in range(b - 200, -1, -200)
-                     if set(tm.expected(recs[i:])) & set(upto_b))
+        start = next(
+            i
+            for i in range(b - 200, -1, -200)
+            if set(tm.expected(recs[i:])) & set(upto_b)
+        )
         again = recs[start:]
         agent = _start_agent(tm, mosquitto.url, outbox, log)
         _feed(agent, again)
@@ -228,19 +307,32 @@ def test_broker_outage_and_kill_9_lose_nothing(tm, teacher, mosquitto, tmp_path)
     assert summary["outbox_pending"] == 0
 
 
-def test_two_rescorers_in_one_share_group_split_without_copies(tm, teacher,
-                                                              mosquitto, tmp_path):
+def test_two_rescorers_in_one_share_group_split_without_copies(
+    tm, teacher, mosquitto, tmp_path
+):
     _, teacher_obj = teacher
     stores = [AlertStore(tmp_path / f"s{i}.sqlite") for i in range(2)]
-    servers = [ReScorer(teacher_obj, broker=mosquitto.url, store=s, share_group="grp",
-                        client_id=f"rs{i}", max_batch=8)
-               for i, s in enumerate(stores)]
+    servers = [
+        ReScorer(
+            teacher_obj,
+            broker=mosquitto.url,
+            store=s,
+            share_group="grp",
+            client_id=f"rs{i}",
+            max_batch=8,
+        )
+        for i, s in enumerate(stores)
+    ]
     for s in servers:
         s.start()
     time.sleep(0.3)
-    agent = Agent(load_artifact(tm.artifact), site="s1", gateway="g1",
-                  outbox=Outbox(tmp_path / "o.db"),
-                  link=MqttLink(mosquitto.url, "gw-test"))
+    agent = Agent(
+        load_artifact(tm.artifact),
+        site="s1",
+        gateway="g1",
+        outbox=Outbox(tmp_path / "o.db"),
+        link=MqttLink(mosquitto.url, "gw-test"),
+    )
     agent.start()
     try:
         agent.run_file(tm.records)
@@ -259,14 +351,16 @@ def test_two_rescorers_in_one_share_group_split_without_copies(tm, teacher,
 
 
 def test_bad_escalations_are_rejected_counted_and_the_service_goes_on(
-        tm, teacher, mosquitto, tmp_path, caplog):
+    tm, teacher, mosquitto, tmp_path, caplog
+):
     _, teacher_obj = teacher
     store = AlertStore(tmp_path / "alerts.sqlite")
     server = ReScorer(teacher_obj, broker=mosquitto.url, store=store)
     server.start()
     got = []
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="tester",
-                         protocol=paho.MQTTv5)
+    client = paho.Client(
+        paho.CallbackAPIVersion.VERSION2, client_id="tester", protocol=paho.MQTTv5
+    )
     client.on_message = lambda c, u, m: got.append(json.loads(m.payload))
     client.connect("127.0.0.1", mosquitto.port)
     client.loop_start()
@@ -276,14 +370,26 @@ def test_bad_escalations_are_rejected_counted_and_the_service_goes_on(
 
     def esc(**over):
         body = proto.build_escalation(
-            flow=tm.records[0], window=tm.windows[0], score=0.95, decision="alert",
-            model_version="x", site="s1", gateway="g1")
+            flow=tm.records[0],
+            window=tm.windows[0],
+            score=0.95,
+            decision="alert",
+            model_version="x",
+            site="s1",
+            gateway="g1",
+        )
         body.update(over)
         return json.dumps(body).encode()
 
-    bad = [b"{oops", b"{oops", esc(schema="other/v9"), b"x" * 300_000,
-           esc(window=[[0.0] * F] * (W - 1)), esc(window=[[0.0] * (F + 1)] * W),
-           esc(gateway="g2")]
+    bad = [
+        b"{oops",
+        b"{oops",
+        esc(schema="other/v9"),
+        b"x" * 300_000,
+        esc(window=[[0.0] * F] * (W - 1)),
+        esc(window=[[0.0] * (F + 1)] * W),
+        esc(gateway="g2"),
+    ]
     try:
         time.sleep(0.3)
         for data in bad:
@@ -295,9 +401,13 @@ def test_bad_escalations_are_rejected_counted_and_the_service_goes_on(
         client.loop_stop()
         client.disconnect()
         server.stop()
-    assert server.rejects.counts == {"malformed_json": 2, "wrong_schema": 1,
-                                     "oversized": 1, "wrong_window_shape": 2,
-                                     "bad_topic": 1}
+    assert server.rejects.counts == {
+        "malformed_json": 2,
+        "wrong_schema": 1,
+        "oversized": 1,
+        "wrong_window_shape": 2,
+        "bad_topic": 1,
+    }
     assert got[0]["escalation_id"] == json.loads(good)["id"]
     assert store.count() == 1
     warned = [r for r in caplog.records if "rejected" in r.getMessage()]
