@@ -45,7 +45,9 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``compress``."""
-    parser = argparse.ArgumentParser(prog="compress", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="compress", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="distill, prune, quantize, export, verify, gate")

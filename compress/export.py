@@ -210,7 +210,8 @@ def export_tflite(
         )
         try:
             done = subprocess.run(
-                [sys.executable, "-m", "compress.tflite_worker", str(work / "spec.json")],
+                [sys.executable, "-m", "compress.tflite_worker",
+                 str(work / "spec.json")],
                 capture_output=True,
                 text=True,
                 timeout=timeout,

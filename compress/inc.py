@@ -1,4 +1,4 @@
-"""``torch-int8``: the teacher quantized with Intel Neural Compressor, for the re-scorer.
+"""``torch-int8``: the teacher quantized by Intel Neural Compressor, for the re-scorer.
 
 Intel Neural Compressor 3.10 without IPEX quantizes through PyTorch 2 export (PT2E)
 with the X86 inductor quantizer: static post-training quantization of the
@@ -71,7 +71,9 @@ def quantize_teacher(
     try:
         exported = export(net, example, dynamic_shapes=dims)
     except Exception as exc:
-        raise ExportError(f"torch-int8: torch.export of the teacher failed: {exc}") from exc
+        raise ExportError(
+            f"torch-int8: torch.export of the teacher failed: {exc}"
+        ) from exc
 
     # Accuracy-driven tuning first; a plain default static PTQ when it fails.
     info: dict[str, Any] = {"tool": "neural-compressor PT2E static (X86 inductor)"}
@@ -182,7 +184,9 @@ def torch_int8_artifact(ctx: Any, folder: Path) -> Path:
     }
     write_manifest(folder, fields, ["model.pt2", "encoder.json", "thresholds.json"])
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["model_version"] = f"torch-int8-teacher-{manifest['sha256']['model.pt2'][:12]}"
+    digest = manifest["sha256"]["model.pt2"][:12]
+    manifest["model_version"] = f"torch-int8-teacher-{digest}"
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    logger.info("torch-int8: val F1 %.4f (fp32 %.4f)", val_m["f1"], info["float_val_f1"])
+    logger.info("torch-int8: val F1 %.4f (fp32 %.4f)", val_m["f1"],
+                info["float_val_f1"])
     return folder

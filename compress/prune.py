@@ -20,7 +20,9 @@ from flows.errors import ModelError
 __all__ = ["magnitude_sparsity", "structured_prune"]
 
 
-def structured_prune(model: nn.Module, ratio: float, example: torch.Tensor) -> nn.Module:
+def structured_prune(
+    model: nn.Module, ratio: float, example: torch.Tensor
+) -> nn.Module:
     """A copy of ``model`` with ``ratio`` of each hidden layer's channels removed."""
     import torch_pruning as tp
 
@@ -42,7 +44,8 @@ def structured_prune(model: nn.Module, ratio: float, example: torch.Tensor) -> n
     except Exception as exc:
         raise ModelError(f"Torch-Pruning failed at ratio {ratio}: {exc}") from exc
     after = sum(p.numel() for p in pruned.parameters())
-    logger.info("pruned %.0f%% of channels: %d -> %d params", ratio * 100, before, after)
+    logger.info("pruned %.0f%% of channels: %d -> %d params", ratio * 100, before,
+                after)
     return pruned
 
 

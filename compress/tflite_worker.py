@@ -90,7 +90,9 @@ def convert(spec: dict[str, Any]) -> dict[str, Any]:
     calib = np.load(spec["calibration"]).astype(np.float32)
     check = np.load(spec["check_windows"]).astype(np.float32)
     want = np.load(spec["check_probs"]).astype(np.float32)
-    got = np.concatenate([model(check[i : i + 1]).numpy()[:, 0] for i in range(len(check))])
+    got = np.concatenate(
+        [model(check[i : i + 1]).numpy()[:, 0] for i in range(len(check))]
+    )
     keras_diff = float(np.max(np.abs(got - want))) if len(want) else 0.0
 
     conv = tf.lite.TFLiteConverter.from_keras_model(model)

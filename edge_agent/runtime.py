@@ -131,7 +131,7 @@ class Scorer:
         return self._encoder
 
     def score(self, windows: np.ndarray) -> np.ndarray:
-        """Probabilities of anomaly, float32 ``[B]``, for float32 windows ``[B, W, F]``."""
+        """Probabilities of anomaly, float32 ``[B]``, for windows ``[B, W, F]``."""
         x = self._check_windows(windows)
         if x.shape[0] == 0:
             return np.zeros(0, dtype=np.float32)
@@ -239,7 +239,9 @@ class _OnnxBackend(_Backend):
                 str(path), sess_options=opts, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ModelError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
+            raise ModelError(
+                f"{path}: onnxruntime cannot load the model: {exc}"
+            ) from exc
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = tuple(d if isinstance(d, int) else None for d in inp.shape)
@@ -265,7 +267,9 @@ def _litert_interpreter(content: bytes, threads: int = 1):
     try:
         return Interpreter(model_content=content, num_threads=threads)
     except Exception as exc:
-        raise ModelError(f"the TFLite interpreter cannot load the model: {exc}") from exc
+        raise ModelError(
+            f"the TFLite interpreter cannot load the model: {exc}"
+        ) from exc
 
 
 class _TfliteBackend(_Backend):
@@ -440,7 +444,8 @@ def _check_input(folder: Path, spec: TensorSpec, backend: _Backend) -> None:
     quant = getattr(backend, "quant", None)
     if spec.dtype != "float32" and quant is not None and spec.scale is not None:
         scale, zero_point = float(quant[0]), int(quant[1])
-        if not np.isclose(scale, spec.scale, rtol=1e-6) or zero_point != spec.zero_point:
+        same = np.isclose(scale, spec.scale, rtol=1e-6)
+        if not same or zero_point != spec.zero_point:
             raise ModelError(
                 f"{folder}: model input quantization does not match the manifest: "
                 f"expected scale {spec.scale} zero point {spec.zero_point}, received "

@@ -200,7 +200,8 @@ def distill(
         # Validation loss on hard labels; keep the best weights.
         val = torch.from_numpy(student_logits(model, source, val_rows))
         val_loss = float(nnf.binary_cross_entropy_with_logits(val, y_val))
-        record = {"epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss}
+        record = {"epoch": epoch, "train_loss": total / len(order),
+                  "val_loss": val_loss}
         history.append(record)
         if progress is not None:
             progress(record)

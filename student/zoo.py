@@ -59,7 +59,8 @@ class StudentConfig:
     def from_dict(cls, data: dict[str, Any]) -> StudentConfig:
         """Rebuild from :meth:`to_dict` output."""
         try:
-            return cls(**{k: data[k] for k in ("kind", "n_features", "window", "width")})
+            keys = ("kind", "n_features", "window", "width")
+            return cls(**{k: data[k] for k in keys})
         except (KeyError, TypeError) as exc:
             raise ModelError(f"bad student config {json.dumps(data)}: {exc}") from exc
 
@@ -169,5 +170,7 @@ def build_student(
 def student_targets(kind: str) -> tuple[str, ...]:
     """The export targets a student kind supports."""
     if kind not in KINDS:
-        raise UsageError(f"unknown student kind {kind!r}; choose one of {sorted(KINDS)}")
+        raise UsageError(
+            f"unknown student kind {kind!r}; choose one of {sorted(KINDS)}"
+        )
     return KINDS[kind].TARGETS

@@ -103,18 +103,24 @@ def _fast_config(**kw):
     return RunConfig(**base)
 
 
-def test_run_onnx_int8_artifact_is_verified_and_measured(teacher_dir: Path,
-                                                         tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def onnx_run(teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``compress run --target onnx-int8`` on the tiny teacher (once per module)."""
     from compress.pipeline import run
+
+    out = tmp_path_factory.mktemp("run") / "art"
+    cfg = _fast_config(target="onnx-int8", teacher=teacher_dir, out=out,
+                       student="mlp", widths=(16,), max_f1_drop=0.1)
+    return out, run(cfg)
+
+
+def test_run_onnx_int8_artifact_is_verified_and_measured(teacher_dir: Path,
+                                                         onnx_run) -> None:
     from edge_agent.runtime import load_artifact, sha256_file
     from teacher.data import prepare
     from teacher.metrics import binary_metrics
 
-    out = tmp_path / "art"
-    cfg = _fast_config(target="onnx-int8", teacher=teacher_dir, out=out,
-                       student="mlp", widths=(16,), max_f1_drop=0.1)
-
-    result = run(cfg)
+    out, result = onnx_run
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert result.artifacts == {"onnx-int8": out}
@@ -196,3 +202,49 @@ def test_escalation_band_keeps_order_shares_and_precision(levels: int | None) ->
     assert np.mean((p >= lo) & (p < hi)) > 0.0  # a real band, not empty
     flagged = p >= hi
     assert y[flagged].mean() >= 0.99 or np.mean((p >= decision) & (p < hi)) > 0.02
+
+
+def test_eval_cli_scores_the_artifact_in_its_runtime(
+    teacher_dir: Path, onnx_run, capsys: pytest.CaptureFixture
+) -> None:
+    from compress.cli import main
+    from edge_agent.runtime import load_artifact
+    from teacher.data import prepare
+    from teacher.metrics import binary_metrics
+
+    out, _ = onnx_run
+    data = json.loads((teacher_dir / "provenance.json").read_text())["dataset"]
+
+    code = main(["eval", "--artifact", str(out), "--data", data, "--json",
+                 "--no-timing"])
+
+    assert code == 0
+    got = json.loads(capsys.readouterr().out)
+    scorer = load_artifact(out)
+    prep = prepare(data, encoder=scorer.encoder, need_split=False)
+    rows = prep.rows(None)
+    want = binary_metrics(prep.y[rows], scorer.score(prep.windows(rows)),
+                          scorer.thresholds["decision"])
+    assert got["n"] == len(rows) == 1600
+    assert got["f1"] == pytest.approx(want["f1"], abs=1e-12)
+    assert got["confusion"] == want["confusion"]
+    for key in ("accuracy", "precision", "recall", "roc_auc", "fpr", "model_version"):
+        assert key in got
+
+
+def test_eval_cli_refuses_a_tampered_artifact(onnx_run, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from compress.cli import main
+
+    out, _ = onnx_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with open(copy / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+
+    code = main(["eval", "--artifact", str(copy), "--data", str(copy), "--json"])
+
+    assert code == 1
+    assert "sha256 mismatch for model.onnx" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""compress.prune: structured removal shrinks the network, magnitude pruning only zeroes."""
+"""compress.prune: structured removal shrinks a network, magnitude pruning zeroes."""
 
 from __future__ import annotations
 

@@ -188,5 +188,6 @@ def test_converter_crash_is_export_error(tmp_path: Path, monkeypatch) -> None:
         export.export_tflite(_student("lstm"), "lstm", tmp_path / "m.tflite", calib,
                              int8=True, window=W, n_features=F)
     message = str(info.value)
-    assert message.startswith("tflite-int8: the TFLite converter crashed with signal 11")
+    assert message.startswith(
+        "tflite-int8: the TFLite converter crashed with signal 11")
     assert "LSTM" in message

@@ -61,7 +61,7 @@ OUT_SCALE, OUT_ZP = 1.0 / 256.0, -128
 
 
 def _int8_model() -> bytes:
-    """The same model with int8 input and int8 output (Dequantize/Quantize at the ends)."""
+    """The same model with int8 input and output (Dequantize/Quantize at the ends)."""
     nodes = [
         helper.make_node("DequantizeLinear", ["xq", "s_in", "z_in"], ["x"]),
         helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0),

@@ -1,0 +1,42 @@
+"""compress.inc: Neural Compressor PT2E int8 of a small teacher, against its fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("neural_compressor")
+
+W, F = 4, 6
+
+
+def test_inc_int8_teacher_agrees_with_fp32() -> None:
+    from compress.inc import _probs, quantize_teacher
+    from teacher.model import TeacherConfig, TeacherNet
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, W, F)).astype(np.float32)
+    y = (x[:, -1, 0] + x[:, :, 1].mean(axis=1) > 0).astype(np.int64)
+    net = TeacherNet(TeacherConfig(n_features=F, window=W, conv_filters=(8,),
+                                   lstm_hidden=8, dense=(8,), dropout=0.0))
+
+    # A few quick epochs so the scores mean something.
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    xt, yt = torch.from_numpy(x[:400]), torch.from_numpy(y[:400]).float()
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(net(xt), yt).backward()
+        opt.step()
+    net.eval()
+
+    q, info = quantize_teacher(net, x[:128], x[400:500], y[400:500], 0.05)
+
+    fp = _probs(net, x[500:])
+    qp = _probs(q, x[500:])
+    assert info["mode"] in ("autotune", "static-default")
+    assert np.abs(qp - fp).max() < 0.1
+    assert np.mean((qp >= 0.5) == (fp >= 0.5)) >= 0.95
+    assert np.mean((fp >= 0.5) == y[500:]) > 0.8  # the float model learned the task
