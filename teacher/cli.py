@@ -50,7 +50,9 @@ def _add_source(p: argparse.ArgumentParser, required: bool = True) -> None:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice)")
+                   help="CPU threads for torch (default 1 on CPU: the model is "
+                        "small and extra threads mostly wait on shared cores; use "
+                        "torchrun --nproc_per_node=N to use N cores)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
 
@@ -72,6 +74,9 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop training after this many minutes")
     p.add_argument("--device", default=None, help="cpu or cuda (default: auto)")
+    p.add_argument("--input-noise", type=float, default=None,
+                   help="std of Gaussian noise on training inputs")
+    p.add_argument("--label-smoothing", type=float, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filters", type=_ints, default=None)
     p.add_argument("--batch-sizes", type=_ints, default=None)
     p.add_argument("--dropouts", type=_floats, default=None)
+    p.add_argument("--weight-decays", type=_floats, default=None)
+    p.add_argument("--input-noises", type=_floats, default=None)
+    p.add_argument("--label-smoothings", type=_floats, default=None)
     p.add_argument("--trial-epochs", type=int, default=8)
     p.add_argument("--trial-samples", type=int, default=40000)
     _add_common(p)
@@ -160,10 +168,12 @@ def _setup(args: argparse.Namespace) -> None:
         logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    if args.threads:
-        import torch
+    import torch
 
+    if args.threads:
         torch.set_num_threads(args.threads)
+    elif not torch.cuda.is_available():
+        torch.set_num_threads(1)
 
 
 def _source(args: argparse.Namespace) -> str:
@@ -190,7 +200,7 @@ def _train_config(args: argparse.Namespace, **defaults: Any) -> Any:
               threshold_rule=args.threshold_rule, target_fpr=args.target_fpr,
               samples_per_epoch=args.samples_per_epoch, device=args.device,
               max_minutes=args.max_minutes)
-    for name in ("lr", "weight_decay", "batch_size"):
+    for name in ("lr", "weight_decay", "batch_size", "input_noise", "label_smoothing"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return TrainConfig(**kw)
@@ -355,7 +365,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     grid = {k: list(v) for k, v in DEFAULT_GRID.items()}
     for key, flag in (("lr", "lrs"), ("conv_layers", "conv_layers"),
                       ("filters", "filters"), ("batch_size", "batch_sizes"),
-                      ("dropout", "dropouts")):
+                      ("dropout", "dropouts"), ("weight_decay", "weight_decays"),
+                      ("input_noise", "input_noises"),
+                      ("label_smoothing", "label_smoothings")):
         if getattr(args, flag):
             grid[key] = getattr(args, flag)
     grid["window"] = windows

@@ -40,7 +40,12 @@ __all__ = ["TrainConfig", "TrainResult", "dist_info", "fit", "score_rows"]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings (model sizes live in TeacherConfig)."""
+    """Optimisation settings (model sizes live in TeacherConfig).
+
+    ``input_noise`` adds Gaussian noise of that standard deviation to the (0..1)
+    training inputs; ``label_smoothing`` pulls training targets towards 0.5 by that
+    share. Both are regularisers against over-confidence on unseen attack types.
+    """
 
     epochs: int = 50
     patience: int = 5
@@ -56,9 +61,13 @@ class TrainConfig:
     amp: bool = True
     device: str | None = None
     max_minutes: float | None = None
+    input_noise: float = 0.0
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
+        if self.input_noise < 0 or not 0.0 <= self.label_smoothing < 1.0:
+            problems.append("input_noise must be >= 0, label_smoothing in [0, 1)")
         if self.epochs < 1 or self.patience < 1:
             problems.append("epochs and patience must be >= 1")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -289,6 +298,10 @@ def fit(
             mine = chunk[rank::world]
             x = torch.from_numpy(train_windows(mine)).to(device, non_blocking=True)
             target = torch.from_numpy(y_tr[mine].astype(np.float32)).to(device)
+            if tc.input_noise > 0:
+                x = x + tc.input_noise * torch.randn_like(x)
+            if tc.label_smoothing > 0:
+                target = target * (1 - tc.label_smoothing) + 0.5 * tc.label_smoothing
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 loss = loss_fn(net(x).float(), target)

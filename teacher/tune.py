@@ -33,9 +33,11 @@ DEFAULT_GRID: dict[str, list[Any]] = {
     "batch_size": [256, 512],
 }
 
+TRAIN_KEYS = ("weight_decay", "input_noise", "label_smoothing")
+
 COLUMNS = ("rank", "val_f1", "val_loss", "val_auc", "best_epoch", "seconds",
            "window", "lr", "conv_layers", "filters", "batch_size", "dropout",
-           "lstm_hidden")
+           "lstm_hidden", "weight_decay", "input_noise", "label_smoothing")
 
 
 def _points(grid: dict[str, list[Any]], seed: int) -> list[dict[str, Any]]:
@@ -65,7 +67,7 @@ def tune(
     grid = dict(grid or DEFAULT_GRID)
     grid.setdefault("window", sorted(preps))
     unknown = set(grid) - {"lr", "conv_layers", "filters", "batch_size", "window",
-                           "dropout", "lstm_hidden"}
+                           "dropout", "lstm_hidden", *TRAIN_KEYS}
     if unknown:
         raise UsageError(f"unknown grid keys: {sorted(unknown)}")
     missing = [w for w in grid["window"] if w not in preps]
@@ -90,11 +92,13 @@ def tune(
                 model_kw[key] = point[key]
         mc = TeacherConfig(**model_kw)
         remaining = max(0.5, budget_minutes - spent)
+        extra = {k: point[k] for k in TRAIN_KEYS if k in point}
         tc = replace(base_train, lr=point["lr"], batch_size=point["batch_size"],
-                     max_minutes=remaining)
+                     max_minutes=remaining, **extra)
         result = fit(prep, mc, tc)
         row = {
             **point, "dropout": mc.dropout, "lstm_hidden": mc.lstm_hidden,
+            **{k: getattr(tc, k) for k in TRAIN_KEYS},
             "val_f1": result.val_metrics["f1"], "val_loss": result.val_metrics["loss"],
             "val_auc": result.val_metrics["roc_auc"], "best_epoch": result.best_epoch,
             "seconds": result.wall_s,
