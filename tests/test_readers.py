@@ -831,3 +831,28 @@ def test_nsl_kdd_csv_with_header_in_any_order(tmp_path):
     with pytest.raises(BadInputError) as info:
         read(write(tmp_path, "b.csv", bad + "\n" + rows[0] + "\n"))
     assert info.value.column == "count" and info.value.line == 1
+
+
+def test_detect_each_format_from_content(tmp_path):
+    write_parquet(
+        read(write(tmp_path, "c.log", zeek_text([ROW_A]))).table, tmp_path / "p.bin"
+    )
+    samples = {
+        "a.bin": (BINET_HEAD.replace(",", "\t") + "\n", "binetflow"),
+        "b.bin": ("id,dur,sbytes,attack_cat,label\n1,0,1,Normal,0\n", "unsw-nb15"),
+        "c.bin": (" Flow Duration, Total Fwd Packets, Label\n1,2,BENIGN\n", "cic-csv"),
+        "d.bin": (f"{KDD_ROW},normal,21\n", "nsl-kdd"),
+        "e.bin": (b"\x0a\x0d\x0d\x0a" + b"\x00" * 24, "pcapng"),
+    }
+    for name, (content, fmt) in samples.items():
+        assert detect_format(write(tmp_path, name, content)) == fmt, name
+    assert detect_format(tmp_path / "p.bin") == "parquet"
+
+
+def test_damaged_parquet_is_bad_input(tmp_path):
+    table = read(write(tmp_path, "c.log", zeek_text([ROW_A, ROW_B]))).table
+    write_parquet(table, tmp_path / "ok.parquet")
+    data = (tmp_path / "ok.parquet").read_bytes()
+    cut = write(tmp_path, "cut.parquet", data[: len(data) // 2])
+    with pytest.raises(BadInputError, match="Parquet"):
+        read(cut)
