@@ -37,8 +37,10 @@ sys.path.insert(0, str(REPO))
 def shared_captures(data_dir: Path) -> list[Path]:
     """The Ethernet pcaps of the shared data (linktype 1, classic pcap)."""
     out = []
-    for path in sorted(list((data_dir / "pcap").glob("*.pcap"))
-                       + list((data_dir / "zeek-reference").glob("*.pcap"))):
+    for path in sorted(
+        list((data_dir / "pcap").glob("*.pcap"))
+        + list((data_dir / "zeek-reference").glob("*.pcap"))
+    ):
         head = path.read_bytes()[:24]
         if len(head) == 24 and head[:4] == b"\xd4\xc3\xb2\xa1" and head[20] == 1:
             out.append(path)
@@ -89,8 +91,12 @@ def build_capture(sources: list[Path], target: Path, n_packets: int) -> dict:
                     break
             out.write(b"".join(chunk))
             reps += 1
-    return {"packets": written, "repetitions": reps, "bytes": target.stat().st_size,
-            "sources": [p.name for p in used]}
+    return {
+        "packets": written,
+        "repetitions": reps,
+        "bytes": target.stat().st_size,
+        "sources": [p.name for p in used],
+    }
 
 
 def _measured(cmd: list[str]) -> dict:
@@ -107,8 +113,9 @@ def _measured(cmd: list[str]) -> dict:
         "p.stdout.decode(errors='replace')[-4000:], 'stderr': "
         "p.stderr.decode(errors='replace')[-2000:]}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", wrapper, *cmd], capture_output=True, check=True
+    )
     return json.loads(out.stdout)
 
 
@@ -174,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     """Build the capture, run each tool, print the comparison."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--packets", type=int, default=2_000_000)
-    ap.add_argument("--data", default=os.environ.get("GATEWATCH_DATA",
-                                                    str(REPO.parent / "shared" / "data")))
+    ap.add_argument(
+        "--data",
+        default=os.environ.get("GATEWATCH_DATA", str(REPO.parent / "shared" / "data")),
+    )
     ap.add_argument("--nfstream-python", default=os.environ.get("NFSTREAM_PYTHON"))
     ap.add_argument("--skip-tshark", action="store_true")
     ap.add_argument("--out")
@@ -190,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         built = build_capture(sources, path, args.packets)
         built["build_s"] = time.perf_counter() - t
-        print(f"capture: {built['packets']} packets, {built['bytes'] / 1e6:.1f} MB, "
-              f"{built['repetitions']} repetitions of {len(built['sources'])} captures")
+        print(
+            f"capture: {built['packets']} packets, {built['bytes'] / 1e6:.1f} MB, "
+            f"{built['repetitions']} repetitions of {len(built['sources'])} captures"
+        )
         results = {"capture": built, "meter": run_meter(path)}
         if not args.skip_tshark:
             results["tshark"] = run_tshark(path)
@@ -199,17 +210,21 @@ def main(argv: list[str] | None = None) -> int:
 
     n = built["packets"]
     m = results["meter"]
-    lines = [f"{'tool':10} {'wall s':>8} {'cpu s':>8} {'pkts/s':>12} {'pkts/cpu-s':>12} "
-             f"{'flows':>9} {'flows/s':>10} {'peak RSS MB':>12}"]
+    lines = [
+        f"{'tool':10} {'wall s':>8} {'cpu s':>8} {'pkts/s':>12} {'pkts/cpu-s':>12} "
+        f"{'flows':>9} {'flows/s':>10} {'peak RSS MB':>12}"
+    ]
     for name in ("meter", "tshark", "nfstream"):
         r = results.get(name)
         if not isinstance(r, dict):
             lines.append(f"{name:10} {r or 'skipped'}")
             continue
-        lines.append(f"{name:10} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} "
-                     f"{n / r['wall_s']:>12,.0f} {n / r['cpu_s']:>12,.0f} "
-                     f"{r['flows']:>9} {r['flows'] / r['wall_s']:>10,.0f} "
-                     f"{r['peak_rss_bytes'] / 2**20:>12.1f}")
+        lines.append(
+            f"{name:10} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} "
+            f"{n / r['wall_s']:>12,.0f} {n / r['cpu_s']:>12,.0f} "
+            f"{r['flows']:>9} {r['flows'] / r['wall_s']:>10,.0f} "
+            f"{r['peak_rss_bytes'] / 2**20:>12.1f}"
+        )
         r["pkts_per_s"] = n / r["wall_s"]
         r["pkts_per_cpu_s"] = n / r["cpu_s"]
         r["flows_per_s"] = r["flows"] / r["wall_s"]
@@ -217,11 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("tshark", "nfstream"):
         r = results.get(name)
         if isinstance(r, dict):
-            lines.append(f"meter/{name} speed ratio: wall {r['wall_s'] / m['wall_s']:.2f}, "
-                         f"cpu {r['cpu_s'] / m['cpu_s']:.2f}")
-    lines.append(f"meter target: 500,000 pkts/s on one core, RSS < 200 MB -> measured "
-                 f"{m['pkts_per_s']:,.0f} pkts/s wall, {m['pkts_per_cpu_s']:,.0f} "
-                 f"pkts/cpu-s, {m['peak_rss_bytes'] / 2**20:.0f} MB")
+            lines.append(
+                f"meter/{name} speed ratio: wall {r['wall_s'] / m['wall_s']:.2f}, "
+                f"cpu {r['cpu_s'] / m['cpu_s']:.2f}"
+            )
+    lines.append(
+        f"meter target: 500,000 pkts/s on one core, RSS < 200 MB -> measured "
+        f"{m['pkts_per_s']:,.0f} pkts/s wall, {m['pkts_per_cpu_s']:,.0f} "
+        f"pkts/cpu-s, {m['peak_rss_bytes'] / 2**20:.0f} MB"
+    )
     print("\n".join(lines))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2, default=str))

@@ -34,13 +34,36 @@ def _pseudo(src: str, dst: str, proto: int, length: int) -> bytes:
     return _addr(src) + _addr(dst) + struct.pack("!BBH", 0, proto, length)
 
 
-def tcp(src: str, dst: str, sport: int, dport: int, seq: int, ack: int, flags: str,
-        payload: bytes = b"", win: int = 65535, options: bytes = b"") -> bytes:
+def tcp(
+    src: str,
+    dst: str,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: str,
+    payload: bytes = b"",
+    win: int = 65535,
+    options: bytes = b"",
+) -> bytes:
     """A TCP segment with a right checksum; ``flags`` as letters from ``FSRPA``."""
     bits = sum({"F": 1, "S": 2, "R": 4, "P": 8, "A": 16}[f] for f in flags)
     hlen = 20 + len(options)
-    head = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
-                       (hlen // 4) << 4, bits, win, 0, 0) + options
+    head = (
+        struct.pack(
+            "!HHIIBBHHH",
+            sport,
+            dport,
+            seq & 0xFFFFFFFF,
+            ack & 0xFFFFFFFF,
+            (hlen // 4) << 4,
+            bits,
+            win,
+            0,
+            0,
+        )
+        + options
+    )
     seg = head + payload
     ck = _csum(_pseudo(src, dst, 6, len(seg)) + seg)
     return seg[:16] + struct.pack("!H", ck) + seg[18:]
@@ -53,8 +76,13 @@ def udp(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
     return seg[:6] + struct.pack("!H", ck) + seg[8:]
 
 
-def icmp(itype: int, code: int, payload: bytes, src: str | None = None,
-         dst: str | None = None) -> bytes:
+def icmp(
+    itype: int,
+    code: int,
+    payload: bytes,
+    src: str | None = None,
+    dst: str | None = None,
+) -> bytes:
     """An ICMP (or, given IPv6 addresses, ICMPv6) message with a right checksum."""
     msg = struct.pack("!BBHI", itype, code, 0, 0x12340001) + payload
     if src and ":" in src:
@@ -64,29 +92,63 @@ def icmp(itype: int, code: int, payload: bytes, src: str | None = None,
     return msg[:2] + struct.pack("!H", ck) + msg[4:]
 
 
-def ip4(src: str, dst: str, proto: int, payload: bytes, ident: int = 1,
-        frag: int = 0, ttl: int = 64) -> bytes:
+def ip4(
+    src: str,
+    dst: str,
+    proto: int,
+    payload: bytes,
+    ident: int = 1,
+    frag: int = 0,
+    ttl: int = 64,
+) -> bytes:
     """An IPv4 packet (``frag`` = flags and offset field) with a right checksum."""
-    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, frag, ttl,
-                       proto, 0, _addr(src), _addr(dst))
+    head = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(payload),
+        ident,
+        frag,
+        ttl,
+        proto,
+        0,
+        _addr(src),
+        _addr(dst),
+    )
     head = head[:10] + struct.pack("!H", _csum(head)) + head[12:]
     return head + payload
 
 
-def ip6(src: str, dst: str, nh: int, payload: bytes, ext: list[tuple[int, bytes]] = ()
-        ) -> bytes:
+def ip6(
+    src: str, dst: str, nh: int, payload: bytes, ext: list[tuple[int, bytes]] = ()
+) -> bytes:
     """An IPv6 packet; ``ext`` = [(header type, 6+8k bytes of body)] before payload."""
     chain = b""
     types = [t for t, _ in ext] + [nh]
     for i, (_, body) in enumerate(ext):
         chain += bytes([types[i + 1], (len(body) + 2) // 8 - 1]) + body
     first = types[0]
-    return struct.pack("!IHBB16s16s", 6 << 28, len(chain) + len(payload), first, 64,
-                       _addr(src), _addr(dst)) + chain + payload
+    return (
+        struct.pack(
+            "!IHBB16s16s",
+            6 << 28,
+            len(chain) + len(payload),
+            first,
+            64,
+            _addr(src),
+            _addr(dst),
+        )
+        + chain
+        + payload
+    )
 
 
-def eth(l3: bytes, ethertype: int | None = None, vlans: tuple[int, ...] = (),
-        outer_tpid: int = 0x88A8) -> bytes:
+def eth(
+    l3: bytes,
+    ethertype: int | None = None,
+    vlans: tuple[int, ...] = (),
+    outer_tpid: int = 0x88A8,
+) -> bytes:
     """An Ethernet II frame, with 802.1Q/802.1ad tags when ``vlans`` are given."""
     if ethertype is None:
         ethertype = 0x86DD if l3[0] >> 4 == 6 else 0x0800
@@ -96,13 +158,18 @@ def eth(l3: bytes, ethertype: int | None = None, vlans: tuple[int, ...] = (),
     # Each tag is its TPID then the VLAN id; the innermost is followed by the
     # payload's ethertype. The outer TPID of a stack is 802.1ad's (QinQ).
     tpids = [outer_tpid if len(vlans) > 1 else 0x8100] + [0x8100] * (len(vlans) - 1)
-    tags = b"".join(struct.pack("!HH", t, v) for t, v in zip(tpids, vlans))
+    tags = b"".join(struct.pack("!HH", t, v) for t, v in zip(tpids, vlans, strict=True))
     return head + tags + struct.pack("!H", ethertype) + l3
 
 
-def write_pcap(path: Path, frames: list[tuple[float, bytes] | tuple[float, bytes, int]],
-               link: int = 1, nano: bool = False, big: bool = False,
-               snaplen: int = 65535) -> Path:
+def write_pcap(
+    path: Path,
+    frames: list[tuple[float, bytes] | tuple[float, bytes, int]],
+    link: int = 1,
+    nano: bool = False,
+    big: bool = False,
+    snaplen: int = 65535,
+) -> Path:
     """A classic pcap file; each frame is (ts, bytes[, wire length])."""
     o = ">" if big else "<"
     magic = 0xA1B23C4D if nano else 0xA1B2C3D4
@@ -128,8 +195,9 @@ def pcapng_shb(o: str = "<") -> bytes:
     return _block(0x0A0D0D0A, struct.pack(o + "IHHq", 0x1A2B3C4D, 1, 0, -1), o)
 
 
-def pcapng_idb(link: int, snaplen: int = 0, tsresol: int | None = None,
-               o: str = "<") -> bytes:
+def pcapng_idb(
+    link: int, snaplen: int = 0, tsresol: int | None = None, o: str = "<"
+) -> bytes:
     """An interface description block, with an if_tsresol option when given."""
     body = struct.pack(o + "HHI", link, 0, snaplen)
     if tsresol is not None:
@@ -138,11 +206,21 @@ def pcapng_idb(link: int, snaplen: int = 0, tsresol: int | None = None,
     return _block(1, body, o)
 
 
-def pcapng_epb(iface: int, ts_units: int, data: bytes, wire: int | None = None,
-               o: str = "<") -> bytes:
+def pcapng_epb(
+    iface: int, ts_units: int, data: bytes, wire: int | None = None, o: str = "<"
+) -> bytes:
     """An enhanced packet block; ``ts_units`` in the interface's time resolution."""
-    body = struct.pack(o + "IIIII", iface, ts_units >> 32, ts_units & 0xFFFFFFFF,
-                       len(data), wire or len(data)) + data
+    body = (
+        struct.pack(
+            o + "IIIII",
+            iface,
+            ts_units >> 32,
+            ts_units & 0xFFFFFFFF,
+            len(data),
+            wire or len(data),
+        )
+        + data
+    )
     return _block(6, body, o)
 
 
@@ -151,12 +229,21 @@ def pcapng_spb(data: bytes, wire: int | None = None, o: str = "<") -> bytes:
     return _block(3, struct.pack(o + "I", wire or len(data)) + data, o)
 
 
-def handshake(src: str = A4, dst: str = B4, sport: int = 40000, dport: int = 80,
-              t0: float = 1000.0, request: bytes = b"GET / HTTP/1.0\r\n\r\n",
-              reply: bytes = b"HTTP/1.0 200 OK\r\n\r\nhello") -> list[tuple[float, bytes]]:
+def handshake(
+    src: str = A4,
+    dst: str = B4,
+    sport: int = 40000,
+    dport: int = 80,
+    t0: float = 1000.0,
+    request: bytes = b"GET / HTTP/1.0\r\n\r\n",
+    reply: bytes = b"HTTP/1.0 200 OK\r\n\r\nhello",
+) -> list[tuple[float, bytes]]:
     """A whole TCP connection (SYN, SYN-ACK, ACK, data both ways, FINs), as IP."""
     mk = ip6 if ":" in src else ip4
-    proto_ip = (lambda s, d, seg: mk(s, d, 6, seg))
+
+    def proto_ip(s, d, seg):
+        return mk(s, d, 6, seg)
+
     x, y = 1000, 5000
     segs = [
         (0.0, src, dst, sport, dport, x, 0, "S", b""),
@@ -164,9 +251,41 @@ def handshake(src: str = A4, dst: str = B4, sport: int = 40000, dport: int = 80,
         (0.02, src, dst, sport, dport, x + 1, y + 1, "A", b""),
         (0.03, src, dst, sport, dport, x + 1, y + 1, "PA", request),
         (0.04, dst, src, dport, sport, y + 1, x + 1 + len(request), "PA", reply),
-        (0.05, src, dst, sport, dport, x + 1 + len(request), y + 1 + len(reply), "FA", b""),
-        (0.06, dst, src, dport, sport, y + 1 + len(reply), x + 2 + len(request), "FA", b""),
-        (0.07, src, dst, sport, dport, x + 2 + len(request), y + 2 + len(reply), "A", b""),
+        (
+            0.05,
+            src,
+            dst,
+            sport,
+            dport,
+            x + 1 + len(request),
+            y + 1 + len(reply),
+            "FA",
+            b"",
+        ),
+        (
+            0.06,
+            dst,
+            src,
+            dport,
+            sport,
+            y + 1 + len(reply),
+            x + 2 + len(request),
+            "FA",
+            b"",
+        ),
+        (
+            0.07,
+            src,
+            dst,
+            sport,
+            dport,
+            x + 2 + len(request),
+            y + 2 + len(reply),
+            "A",
+            b"",
+        ),
     ]
-    return [(t0 + dt, proto_ip(s, d, tcp(s, d, sp, dp, sq, ak, fl, pl)))
-            for dt, s, d, sp, dp, sq, ak, fl, pl in segs]
+    return [
+        (t0 + dt, proto_ip(s, d, tcp(s, d, sp, dp, sq, ak, fl, pl)))
+        for dt, s, d, sp, dp, sq, ak, fl, pl in segs
+    ]

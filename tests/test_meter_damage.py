@@ -115,7 +115,7 @@ def test_pcapng_cut_in_a_block(tmp_path):
         offsets.append(len(blob))
         blob += pcapng_epb(0, round(t * 1e6), data)
     path = tmp_path / "cut.pcapng"
-    path.write_bytes(blob[:offsets[-1] + 30])
+    path.write_bytes(blob[: offsets[-1] + 30])
     res = read_capture(path)
     one_warning(res, path, offsets[-1])
     (rec,) = res.table.to_pylist()

@@ -27,7 +27,6 @@ from tests.test_meter_craft import (
     pcapng_idb,
     pcapng_shb,
     pcapng_spb,
-    tcp,
     udp,
     write_pcap,
 )
@@ -44,7 +43,11 @@ def rows(result) -> list[dict]:
 def expect_handshake(rec: dict, ip_hdr: int = 20, src: str = A4, dst: str = B4) -> None:
     """The fields Zeek gives the connection that :func:`handshake` builds."""
     assert (rec["src_ip"], rec["src_port"], rec["dst_ip"], rec["dst_port"]) == (
-        src, 40000, dst, 80)
+        src,
+        40000,
+        dst,
+        80,
+    )
     assert rec["proto"] == "tcp"
     assert rec["history"] == "ShADdFf"
     assert rec["conn_state"] == "SF"
@@ -144,12 +147,28 @@ LINKS = {
     "ipv4-228": (228, _u()),
     "vlan": (1, eth(_u(), vlans=(10,))),
     "qinq": (1, eth(_u(), vlans=(100, 10))),
-    "mpls": (1, eth(struct.pack("!II", (16 << 12) | 64, (17 << 12) | 0x100 | 64)
-                    + _u(), ethertype=0x8847)),
-    "mpls-in-vlan": (1, eth(struct.pack("!I", (16 << 12) | 0x100 | 64) + _u(),
-                            ethertype=0x8847, vlans=(7,))),
-    "pppoe": (1, eth(struct.pack("!BBHHH", 0x11, 0, 0x1234, len(_u()) + 2, 0x0021)
-                     + _u(), ethertype=0x8864)),
+    "mpls": (
+        1,
+        eth(
+            struct.pack("!II", (16 << 12) | 64, (17 << 12) | 0x100 | 64) + _u(),
+            ethertype=0x8847,
+        ),
+    ),
+    "mpls-in-vlan": (
+        1,
+        eth(
+            struct.pack("!I", (16 << 12) | 0x100 | 64) + _u(),
+            ethertype=0x8847,
+            vlans=(7,),
+        ),
+    ),
+    "pppoe": (
+        1,
+        eth(
+            struct.pack("!BBHHH", 0x11, 0, 0x1234, len(_u()) + 2, 0x0021) + _u(),
+            ethertype=0x8864,
+        ),
+    ),
     "ieee802_11": (105, _wifi_data(_u(), qos=False)),
     "radiotap": (127, struct.pack("<BBHI", 0, 0, 8, 0) + _wifi_data(_u(), qos=True)),
 }
@@ -162,7 +181,11 @@ def test_link_types_and_encapsulations(tmp_path, name):
     assert not res.partial, res.warnings
     (rec,) = rows(res)
     assert (rec["src_ip"], rec["src_port"], rec["dst_ip"], rec["dst_port"]) == (
-        A4, 33000, B4, 53)
+        A4,
+        33000,
+        B4,
+        53,
+    )
     assert rec["orig_pkts"] == 1 and rec["orig_ip_bytes"] == 20 + 8 + 5
     assert rec["history"] == "D" and rec["conn_state"] == "S0"
     assert rec["duration"] is None and rec["orig_bytes"] is None  # Zeek: 0 s, unset
@@ -191,11 +214,16 @@ def test_ipv4_fragments_are_reassembled_out_of_order(tmp_path):
     order = [2, 0, 1]
     for k, i in enumerate(order):
         more = 0x2000 if i < 2 else 0
-        frames.append((10.0 + k * 0.001,
-                       eth(ip4(A4, B4, 17, pieces[i], ident=77, frag=more | (i * 128)))))
+        frames.append(
+            (
+                10.0 + k * 0.001,
+                eth(ip4(A4, B4, 17, pieces[i], ident=77, frag=more | (i * 128))),
+            )
+        )
     # A lone non-first fragment of another datagram must never become a flow.
-    frames.append((10.5, eth(ip4(A4, C4, 17, dgram[1024:1100], ident=78,
-                                 frag=0x2000 | 128))))
+    frames.append(
+        (10.5, eth(ip4(A4, C4, 17, dgram[1024:1100], ident=78, frag=0x2000 | 128)))
+    )
     res = read_capture(write_pcap(tmp_path / "frag.pcap", frames))
     (rec,) = rows(res)
     assert (rec["src_port"], rec["dst_port"]) == (4444, 5555)
@@ -224,9 +252,11 @@ def test_icmp_type_and_code_in_the_port_fields(tmp_path):
     ping6 = icmp(128, 0, b"r" * 32, A6, B6)
     pong6 = icmp(129, 0, b"r" * 32, B6, A6)
     frames = [
-        (1.0, eth(ip4(A4, B4, 1, ping))), (1.5, eth(ip4(B4, A4, 1, pong))),
+        (1.0, eth(ip4(A4, B4, 1, ping))),
+        (1.5, eth(ip4(B4, A4, 1, pong))),
         (2.0, eth(ip4(B4, A4, 1, unreach))),
-        (3.0, eth(ip6(A6, B6, 58, ping6))), (3.25, eth(ip6(B6, A6, 58, pong6))),
+        (3.0, eth(ip6(A6, B6, 58, ping6))),
+        (3.25, eth(ip6(B6, A6, 58, pong6))),
     ]
     recs = rows(read_capture(write_pcap(tmp_path / "icmp.pcap", frames)))
     assert len(recs) == 3

@@ -77,9 +77,20 @@ def test_without_privilege_the_error_says_how_to_grant_it(tmp_path):
         "except GatewatchError as e:\n    print(e); sys.exit(e.exit_code)\n"
     )
     proc = subprocess.run(
-        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
-         "--inh-caps=-all", sys.executable, "-c", code],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        [
+            setpriv,
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )
     if "Permission denied" in proc.stderr and "python" in proc.stderr.lower():

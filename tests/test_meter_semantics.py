@@ -15,8 +15,10 @@ from tests.test_meter_craft import A4, B4, C4, eth, handshake, ip4, tcp, udp, wr
 
 def seg(t, src, dst, sport, dport, seq, ack, flags, payload=b""):
     """One Ethernet frame holding one TCP segment, with its time."""
-    return (t, eth(ip4(src, dst, 6, tcp(src, dst, sport, dport, seq, ack, flags,
-                                        payload))))
+    return (
+        t,
+        eth(ip4(src, dst, 6, tcp(src, dst, sport, dport, seq, ack, flags, payload))),
+    )
 
 
 def dgram(t, src, dst, sport, dport, payload=b"x"):
@@ -31,8 +33,13 @@ def convert(tmp_path, frames, **kw):
 
 
 def test_rejected_attempt(tmp_path):
-    recs, _ = convert(tmp_path, [seg(1.0, A4, B4, 1234, 80, 100, 0, "S"),
-                                 seg(1.1, B4, A4, 80, 1234, 0, 101, "RA")])
+    recs, _ = convert(
+        tmp_path,
+        [
+            seg(1.0, A4, B4, 1234, 80, 100, 0, "S"),
+            seg(1.1, B4, A4, 80, 1234, 0, 101, "RA"),
+        ],
+    )
     (r,) = recs
     assert (r["conn_state"], r["history"]) == ("REJ", "Sr")
     assert (r["orig_bytes"], r["resp_bytes"]) == (0, 0)
@@ -47,15 +54,26 @@ def test_lone_syn_is_s0_without_duration(tmp_path):
 
 def test_syn_ack_first_flips_the_roles(tmp_path):
     (r,), _ = convert(tmp_path, [seg(1.0, B4, A4, 6000, 50000, 7, 101, "SA")])
-    assert (r["src_ip"], r["src_port"], r["dst_ip"], r["dst_port"]) == (A4, 50000, B4, 6000)
+    assert (r["src_ip"], r["src_port"], r["dst_ip"], r["dst_port"]) == (
+        A4,
+        50000,
+        B4,
+        6000,
+    )
     assert (r["history"], r["conn_state"]) == ("^h", "OTH")
     assert (r["orig_pkts"], r["resp_pkts"]) == (0, 1)
 
 
-@pytest.mark.parametrize("from_server, history, orig", [
-    (True, "^d", (A4, 40000)), (False, "D", (A4, 40000)),
-])
-def test_missing_syn_guesses_the_server_by_its_port(tmp_path, from_server, history, orig):
+@pytest.mark.parametrize(
+    "from_server, history, orig",
+    [
+        (True, "^d", (A4, 40000)),
+        (False, "D", (A4, 40000)),
+    ],
+)
+def test_missing_syn_guesses_the_server_by_its_port(
+    tmp_path, from_server, history, orig
+):
     if from_server:
         frames = [seg(1.0, B4, A4, 80, 40000, 5, 9, "PA", b"data")]
     else:
@@ -66,29 +84,35 @@ def test_missing_syn_guesses_the_server_by_its_port(tmp_path, from_server, histo
 
 
 def test_originator_reset_after_handshake(tmp_path):
-    frames = [seg(1.0, A4, B4, 1234, 80, 100, 0, "S"),
-              seg(1.1, B4, A4, 80, 1234, 500, 101, "SA"),
-              seg(1.2, A4, B4, 1234, 80, 101, 501, "A"),
-              seg(1.3, A4, B4, 1234, 80, 101, 501, "RA")]
+    frames = [
+        seg(1.0, A4, B4, 1234, 80, 100, 0, "S"),
+        seg(1.1, B4, A4, 80, 1234, 500, 101, "SA"),
+        seg(1.2, A4, B4, 1234, 80, 101, 501, "A"),
+        seg(1.3, A4, B4, 1234, 80, 101, 501, "RA"),
+    ]
     (r,), _ = convert(tmp_path, frames)
     assert (r["conn_state"], r["history"]) == ("RSTO", "ShAR")
 
 
 def test_half_open_close_is_sh(tmp_path):
-    frames = [seg(1.0, A4, B4, 1234, 80, 100, 0, "S"),
-              seg(1.5, A4, B4, 1234, 80, 101, 0, "F")]
+    frames = [
+        seg(1.0, A4, B4, 1234, 80, 100, 0, "S"),
+        seg(1.5, A4, B4, 1234, 80, 101, 0, "F"),
+    ]
     (r,), _ = convert(tmp_path, frames)
     assert (r["conn_state"], r["history"]) == ("SH", "SF")
 
 
 def test_retransmission_and_missed_bytes(tmp_path):
     data = b"d" * 100
-    frames = [seg(1.0, A4, B4, 1234, 80, 100, 0, "S"),
-              seg(1.1, B4, A4, 80, 1234, 500, 101, "SA"),
-              seg(1.2, A4, B4, 1234, 80, 101, 501, "PA", data),
-              seg(1.3, A4, B4, 1234, 80, 101, 501, "PA", data),  # again: T
-              # The responder acknowledges 200 more bytes than the capture holds.
-              seg(1.4, B4, A4, 80, 1234, 501, 401, "A")]
+    frames = [
+        seg(1.0, A4, B4, 1234, 80, 100, 0, "S"),
+        seg(1.1, B4, A4, 80, 1234, 500, 101, "SA"),
+        seg(1.2, A4, B4, 1234, 80, 101, 501, "PA", data),
+        seg(1.3, A4, B4, 1234, 80, 101, 501, "PA", data),  # again: T
+        # The responder acknowledges 200 more bytes than the capture holds.
+        seg(1.4, B4, A4, 80, 1234, 501, 401, "A"),
+    ]
     (r,), _ = convert(tmp_path, frames)
     # S h, data D, the same data again T, the responder's pure ACK a, and the gap
     # it reveals in the originator's data G.
@@ -117,19 +141,23 @@ def test_closed_connection_is_deleted_five_seconds_later(tmp_path):
 
 
 def test_unanswered_syn_ends_after_the_attempt_delay(tmp_path):
-    frames = [seg(1.0, A4, B4, 1234, 22, 100, 0, "S"),
-              seg(2.0, A4, B4, 1234, 22, 101, 0, "PA", b"x"),
-              seg(7.0, A4, B4, 1234, 22, 102, 0, "PA", b"y")]
+    frames = [
+        seg(1.0, A4, B4, 1234, 22, 100, 0, "S"),
+        seg(2.0, A4, B4, 1234, 22, 101, 0, "PA", b"x"),
+        seg(7.0, A4, B4, 1234, 22, 102, 0, "PA", b"y"),
+    ]
     recs, _ = convert(tmp_path, frames)
     assert [r["history"] for r in recs] == ["SD", "D"]
     assert [r["conn_state"] for r in recs] == ["S0", "OTH"]
 
 
 def test_new_syn_after_reject_is_a_new_connection(tmp_path):
-    frames = [seg(1.0, A4, B4, 1234, 110, 100, 0, "S"),
-              seg(1.05, B4, A4, 110, 1234, 0, 101, "RA"),
-              seg(1.5, A4, B4, 1234, 110, 100, 0, "S"),
-              seg(1.55, B4, A4, 110, 1234, 0, 101, "RA")]
+    frames = [
+        seg(1.0, A4, B4, 1234, 110, 100, 0, "S"),
+        seg(1.05, B4, A4, 110, 1234, 0, 101, "RA"),
+        seg(1.5, A4, B4, 1234, 110, 100, 0, "S"),
+        seg(1.55, B4, A4, 110, 1234, 0, 101, "RA"),
+    ]
     recs, _ = convert(tmp_path, frames)
     assert [r["conn_state"] for r in recs] == ["REJ", "REJ"]
 

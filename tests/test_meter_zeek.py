@@ -12,33 +12,61 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 from flows.meter import read_capture
 from tests.conftest import data_file
 
 COMPARED = (
-    "duration", "orig_bytes", "resp_bytes", "conn_state", "missed_bytes", "history",
-    "orig_pkts", "orig_ip_bytes", "resp_pkts", "resp_ip_bytes",
+    "duration",
+    "orig_bytes",
+    "resp_bytes",
+    "conn_state",
+    "missed_bytes",
+    "history",
+    "orig_pkts",
+    "orig_ip_bytes",
+    "resp_pkts",
+    "resp_ip_bytes",
 )
-INT_FIELDS = {"orig_bytes", "resp_bytes", "missed_bytes", "orig_pkts",
-              "orig_ip_bytes", "resp_pkts", "resp_ip_bytes", "src_port", "dst_port"}
-ZEEK_NAMES = {"id.orig_h": "src_ip", "id.orig_p": "src_port", "id.resp_h": "dst_ip",
-              "id.resp_p": "dst_port"}
+INT_FIELDS = {
+    "orig_bytes",
+    "resp_bytes",
+    "missed_bytes",
+    "orig_pkts",
+    "orig_ip_bytes",
+    "resp_pkts",
+    "resp_ip_bytes",
+    "src_port",
+    "dst_port",
+}
+ZEEK_NAMES = {
+    "id.orig_h": "src_ip",
+    "id.orig_p": "src_port",
+    "id.resp_h": "dst_ip",
+    "id.resp_p": "dst_port",
+}
 
 # Traces whose remaining differences are explained in docs (see the report): the
 # bar below is for all pairs together; plain-IP traces must match exactly.
 PLAIN_EXACT = (
-    "core.q-in-q", "core.pppoe", "core.mpls-in-vlan", "core.pcapng-pktsrc",
-    "core.tcp.missing-syn", "core.tcp.miss-end-data", "core.tcp.flip-without-syn",
-    "core.tcp-padding", "core.vlan-mpls", "core.radiotap",
-    "scripts.base.protocols.ftp.ftp-ipv4", "scripts.base.protocols.ftp.ftp-ipv6",
+    "core.q-in-q",
+    "core.pppoe",
+    "core.mpls-in-vlan",
+    "core.pcapng-pktsrc",
+    "core.tcp.missing-syn",
+    "core.tcp.miss-end-data",
+    "core.tcp.flip-without-syn",
+    "core.tcp-padding",
+    "core.vlan-mpls",
+    "core.radiotap",
+    "scripts.base.protocols.ftp.ftp-ipv4",
+    "scripts.base.protocols.ftp.ftp-ipv6",
     "scripts.base.protocols.dhcp.dhcp-all-msg-types",
     "scripts.base.protocols.pop3.basic",
     "scripts.base.protocols.ssh.half-duplex-client",
     "scripts.base.protocols.modbus.modbus_and_non_modbus_on_port_502",
     "scripts.base.protocols.http.concurrent-range-requests",
-    "scripts.base.protocols.mysql.encrypted", "opt.basic",
+    "scripts.base.protocols.mysql.encrypted",
+    "opt.basic",
 )
 
 
@@ -57,7 +85,7 @@ def parse_conn_log(path: Path) -> list[dict]:
             fields = parts
             continue
         row = {}
-        for name, value in zip(fields, parts):
+        for name, value in zip(fields, parts, strict=False):
             name = ZEEK_NAMES.get(name, name)
             if value == "-":
                 row[name] = None
@@ -91,21 +119,28 @@ def equal(name: str, ours, theirs) -> bool:
 def compare_pair(capture: Path, log: Path, command: str) -> dict:
     """Convert one capture and compare it with Zeek's log; counts and differences."""
     zeek = parse_conn_log(log)
-    result = read_capture(capture, check_checksums=" -C " not in f" {command} ",
-                          uid_seed="ref")
+    result = read_capture(
+        capture, check_checksums=" -C " not in f" {command} ", uid_seed="ref"
+    )
     ours = result.table.to_pylist()
     ours.sort(key=lambda r: r["ts"])
     by_key: dict[tuple, list[dict]] = {}
     for rec in ours:
-        key = (rec["src_ip"], rec["src_port"], rec["dst_ip"], rec["dst_port"],
-               rec["proto"])
+        key = (
+            rec["src_ip"],
+            rec["src_port"],
+            rec["dst_ip"],
+            rec["dst_port"],
+            rec["proto"],
+        )
         by_key.setdefault(key, []).append(rec)
     compared = [f for f in COMPARED if zeek and f in zeek[0]]
     total = same = 0
     diffs = []
     for row in zeek:
-        key = tuple(row.get(k) for k in ("src_ip", "src_port", "dst_ip", "dst_port",
-                                          "proto"))
+        key = tuple(
+            row.get(k) for k in ("src_ip", "src_port", "dst_ip", "dst_port", "proto")
+        )
         if None in key[:4]:
             # A baseline without the 5-tuple columns (udp-corrupt, syslog): match
             # the only flow by uid order instead.
@@ -119,11 +154,18 @@ def compare_pair(capture: Path, log: Path, command: str) -> dict:
             if mine is not None and equal(name, mine[name], row[name]):
                 same += 1
             else:
-                diffs.append((key, name, None if mine is None else mine[name],
-                              row[name]))
+                diffs.append(
+                    (key, name, None if mine is None else mine[name], row[name])
+                )
     extra = sum(len(v) for v in by_key.values())
-    return {"total": total, "same": same, "diffs": diffs, "extra_flows": extra,
-            "zeek_rows": len(zeek), "our_rows": len(ours)}
+    return {
+        "total": total,
+        "same": same,
+        "diffs": diffs,
+        "extra_flows": extra,
+        "zeek_rows": len(zeek),
+        "our_rows": len(ours),
+    }
 
 
 def test_fidelity_against_zeek(data_dir: Path, capsys) -> None:
@@ -136,21 +178,25 @@ def test_fidelity_against_zeek(data_dir: Path, capsys) -> None:
     per_trace = {}
     for stem, command in sorted(commands.items()):
         log = ref / f"{stem}.conn.log"
-        captures = [p for p in ref.glob(f"{stem}.pcap*") if p.suffix in (".pcap",
-                                                                          ".pcapng")]
+        captures = [
+            p for p in ref.glob(f"{stem}.pcap*") if p.suffix in (".pcap", ".pcapng")
+        ]
         assert log.exists() and captures, f"pair {stem} is incomplete"
         res = compare_pair(captures[0], log, command)
         per_trace[stem] = res
         grand_total += res["total"]
         grand_same += res["same"]
-        lines.append(f"{stem:66} {res['our_rows']:>4}/{res['zeek_rows']:<4} "
-                     f"{res['total']:>7} {res['same']:>7} "
-                     f"{res['same'] / max(res['total'], 1):>7.1%}")
+        lines.append(
+            f"{stem:66} {res['our_rows']:>4}/{res['zeek_rows']:<4} "
+            f"{res['total']:>7} {res['same']:>7} "
+            f"{res['same'] / max(res['total'], 1):>7.1%}"
+        )
         for key, name, mine, theirs in res["diffs"]:
             lines.append(f"    {key} {name}: ours {mine!r} zeek {theirs!r}")
     share = grand_same / grand_total
-    lines.append(f"{'all pairs':66} {'':9} {grand_total:>7} {grand_same:>7} "
-                 f"{share:>7.1%}")
+    lines.append(
+        f"{'all pairs':66} {'':9} {grand_total:>7} {grand_same:>7} {share:>7.1%}"
+    )
     with capsys.disabled():
         print("\n" + "\n".join(lines))
     assert share >= 0.95

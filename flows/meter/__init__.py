@@ -57,8 +57,12 @@ def read_capture(
     if on_error not in ON_ERROR:
         raise UsageError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     path = str(path)
-    meter = FlowMeter(timeouts, max_flows=max_flows, check_checksums=check_checksums,
-                      uid_seed=uid_seed)
+    meter = FlowMeter(
+        timeouts,
+        max_flows=max_flows,
+        check_checksums=check_checksums,
+        uid_seed=uid_seed,
+    )
     reader = _open(path)
     records: list[dict] = []
     meter_feed = meter.feed
@@ -80,20 +84,33 @@ def read_capture(
     warning, damage = _damage_note(path, reader.damage, meter)
     stats["damage"] = damage
     result = ReadResult(
-        table, reader.format or "pcap", "conn",
-        skipped=sum(meter.skipped.values()) - meter.skipped.get("non_ip", 0)
-        - meter.skipped.get("fragments_held", 0) - meter.skipped.get("other_ip_protocol", 0),
+        table,
+        reader.format or "pcap",
+        "conn",
+        skipped=sum(meter.skipped.values())
+        - meter.skipped.get("non_ip", 0)
+        - meter.skipped.get("fragments_held", 0)
+        - meter.skipped.get("other_ip_protocol", 0),
         warnings=[warning] if warning else [],
         partial=warning is not None,
         stats=stats,
     )
+    # The warning travels in the result (readers print it); log it at INFO only.
     if warning:
-        logger.warning(warning)
-    logger.info("%s: %d packets, %d flows (%s)", path, meter.packets, meter.flows,
-                reader.format)
-    if reader.damage is not None and reader.damage.kind == "garbage" and on_error == "fail":
-        exc = PartialInputError(reader.damage.message + "; the packets before it were "
-                                "kept", path=path, offset=reader.damage.offset)
+        logger.info(warning)
+    logger.info(
+        "%s: %d packets, %d flows (%s)", path, meter.packets, meter.flows, reader.format
+    )
+    if (
+        reader.damage is not None
+        and reader.damage.kind == "garbage"
+        and on_error == "fail"
+    ):
+        exc = PartialInputError(
+            reader.damage.message + "; the packets before it were kept",
+            path=path,
+            offset=reader.damage.offset,
+        )
         exc.result = result
         raise exc
     return result
@@ -117,11 +134,15 @@ def iter_flows(
     """
     text = str(source)
     if text.startswith("iface:"):
-        yield from iter_live(text[len("iface:"):], timeouts=timeouts,
-                             max_flows=max_flows, check_checksums=check_checksums)
+        yield from iter_live(
+            text[len("iface:") :],
+            timeouts=timeouts,
+            max_flows=max_flows,
+            check_checksums=check_checksums,
+        )
         return
     if text.startswith("pcap:"):
-        text = text[len("pcap:"):]
+        text = text[len("pcap:") :]
     meter = FlowMeter(timeouts, max_flows=max_flows, check_checksums=check_checksums)
     reader = _open(text)
     snaps = reader.snaplens
@@ -133,9 +154,16 @@ def iter_flows(
     warning, _ = _damage_note(text, reader.damage, meter)
     if warning:
         logger.warning(warning)
-    if reader.damage is not None and reader.damage.kind == "garbage" and on_error == "fail":
-        raise PartialInputError(reader.damage.message + "; the flows before it were "
-                                "yielded", path=text, offset=reader.damage.offset)
+    if (
+        reader.damage is not None
+        and reader.damage.kind == "garbage"
+        and on_error == "fail"
+    ):
+        raise PartialInputError(
+            reader.damage.message + "; the flows before it were yielded",
+            path=text,
+            offset=reader.damage.offset,
+        )
 
 
 def iter_live(name: str, **kwargs) -> Iterator[dict]:
@@ -163,8 +191,11 @@ def _damage_note(path: str, damage: Damage | None, meter: FlowMeter):
         extra = meter.damage.count - 1
         msg = meter.damage.message
         if extra:
-            msg += f" (and {extra} more damaged packets: " + ", ".join(
-                f"{k} {v}" for k, v in sorted(meter.damage.reasons.items())) + ")"
+            msg += (
+                f" (and {extra} more damaged packets: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(meter.damage.reasons.items()))
+                + ")"
+            )
         found.append((meter.damage.offset, msg, "packet"))
     if not found:
         return None, None

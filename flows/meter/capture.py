@@ -67,7 +67,7 @@ class CaptureReader:
             if not more:
                 return False
             self._base += self._pos
-            self._buf = self._buf[self._pos:] + more
+            self._buf = self._buf[self._pos :] + more
             self._pos = 0
         return True
 
@@ -75,7 +75,9 @@ class CaptureReader:
         return self._base + self._pos
 
     def _stop(self, kind: str, message: str, offset: int | None = None) -> None:
-        self.damage = Damage(kind, self._offset() if offset is None else offset, message)
+        self.damage = Damage(
+            kind, self._offset() if offset is None else offset, message
+        )
 
     def __iter__(self) -> Iterator[tuple[float, int, bytes, int, int]]:
         own = self._fh is None
@@ -87,8 +89,12 @@ class CaptureReader:
         try:
             if not self._fill(4):
                 left = len(self._buf) - self._pos
-                self._stop("cut", "the file is empty" if left == 0 else
-                           f"the file ends after {left} bytes, inside the file header")
+                self._stop(
+                    "cut",
+                    "the file is empty"
+                    if left == 0
+                    else f"the file ends after {left} bytes, inside the file header",
+                )
                 return
             magic_le = struct.unpack_from("<I", self._buf, self._pos)[0]
             if magic_le == PCAPNG_SHB:
@@ -100,7 +106,9 @@ class CaptureReader:
                 self.format = "pcap"
                 yield from self._pcap()
             else:
-                self._stop("garbage", f"not a pcap or pcapng file (magic {magic_le:#010x})")
+                self._stop(
+                    "garbage", f"not a pcap or pcapng file (magic {magic_le:#010x})"
+                )
         finally:
             if own:
                 self._fh.close()
@@ -119,7 +127,9 @@ class CaptureReader:
             order = ">"
             magic = struct.unpack_from(">I", buf, pos)[0]
         scale = 1e-9 if magic == PCAP_MAGIC_NS else 1e-6
-        _, _, _, _, snaplen, link_raw = struct.unpack_from(order + "HHiIII", buf, pos + 4)
+        _, _, _, _, snaplen, link_raw = struct.unpack_from(
+            order + "HHiIII", buf, pos + 4
+        )
         link = link_raw & 0x0FFFFFFF
         self.interfaces.append((link, snaplen))
         self.snaplens[link] = snaplen
@@ -132,27 +142,41 @@ class CaptureReader:
                 if len(self._buf) - self._pos < 16 and not self._fill(16):
                     left = len(self._buf) - self._pos
                     if left:
-                        self._stop("cut", f"the file ends inside a record header "
-                                          f"({left} of 16 bytes)")
+                        self._stop(
+                            "cut",
+                            f"the file ends inside a record header "
+                            f"({left} of 16 bytes)",
+                        )
                     return
                 buf, pos = self._buf, self._pos
                 sec, frac, incl, orig = unpack(buf, pos)
                 if incl > MAX_RECORD or (orig and incl > orig + 16 and incl > snaplen):
-                    self._stop("garbage", f"record header claims {incl} captured bytes "
-                                          f"(wire length {orig}, snap length {snaplen})")
+                    self._stop(
+                        "garbage",
+                        f"record header claims {incl} captured bytes "
+                        f"(wire length {orig}, snap length {snaplen})",
+                    )
                     return
                 if len(buf) - pos < 16 + incl:
                     if not self._fill(16 + incl):
                         left = len(self._buf) - self._pos - 16
-                        self._stop("cut", f"the file ends inside a packet record "
-                                          f"({left} of {incl} captured bytes)")
+                        self._stop(
+                            "cut",
+                            f"the file ends inside a packet record "
+                            f"({left} of {incl} captured bytes)",
+                        )
                         return
                     buf, pos = self._buf, self._pos
                 offset = self._base + pos
                 self._pos = pos + 16 + incl
                 counts += 1
-                yield (sec + frac * scale, link, buf[pos + 16:pos + 16 + incl],
-                       orig or incl, offset)
+                yield (
+                    sec + frac * scale,
+                    link,
+                    buf[pos + 16 : pos + 16 + incl],
+                    orig or incl,
+                    offset,
+                )
         finally:
             self.packets += counts
             if counts:
@@ -168,44 +192,58 @@ class CaptureReader:
             if not self._fill(12):
                 left = len(self._buf) - self._pos
                 if left:
-                    self._stop("cut", f"the file ends inside a block header "
-                                      f"({left} of 12 bytes)")
+                    self._stop(
+                        "cut",
+                        f"the file ends inside a block header ({left} of 12 bytes)",
+                    )
                 return
             buf, pos = self._buf, self._pos
             btype = struct.unpack_from("<I", buf, pos)[0]
             if btype == PCAPNG_SHB:
-                bom = buf[pos + 8:pos + 12]
+                bom = buf[pos + 8 : pos + 12]
                 if bom == b"\x4d\x3c\x2b\x1a":
                     order = "<"
                 elif bom == b"\x1a\x2b\x3c\x4d":
                     order = ">"
                 else:
-                    self._stop("garbage", "section header block with an unknown "
-                                          "byte-order magic")
+                    self._stop(
+                        "garbage",
+                        "section header block with an unknown byte-order magic",
+                    )
                     return
                 ifaces = []
             elif first:
-                self._stop("garbage", "pcapng file does not start with a section header")
+                self._stop(
+                    "garbage", "pcapng file does not start with a section header"
+                )
                 return
             first = False
             btype, blen = struct.unpack_from(order + "II", buf, pos)
             if blen < 12 or blen % 4 or blen > MAX_RECORD + 64:
-                self._stop("garbage", f"block of type {btype:#x} claims a length of "
-                                      f"{blen} bytes")
+                self._stop(
+                    "garbage",
+                    f"block of type {btype:#x} claims a length of {blen} bytes",
+                )
                 return
             if not self._fill(blen):
                 left = len(self._buf) - self._pos
-                self._stop("cut", f"the file ends inside a block of type {btype:#x} "
-                                  f"({left} of {blen} bytes)")
+                self._stop(
+                    "cut",
+                    f"the file ends inside a block of type {btype:#x} "
+                    f"({left} of {blen} bytes)",
+                )
                 return
             buf, pos = self._buf, self._pos
             offset = self._base + pos
             trail = struct.unpack_from(order + "I", buf, pos + blen - 4)[0]
             if trail != blen:
-                self._stop("garbage", f"block of type {btype:#x} has a trailing length "
-                                      f"of {trail}, expected {blen}")
+                self._stop(
+                    "garbage",
+                    f"block of type {btype:#x} has a trailing length "
+                    f"of {trail}, expected {blen}",
+                )
                 return
-            body = buf[pos + 8:pos + blen - 4]
+            body = buf[pos + 8 : pos + blen - 4]
             self._pos = pos + blen
             if btype == 1:
                 ifaces.append(_parse_idb(body, order))
@@ -237,10 +275,10 @@ def _parse_idb(body: bytes, order: str) -> tuple[int, int, float, float]:
         code, length = struct.unpack_from(order + "HH", body, pos)
         if code == 0:
             break
-        value = body[pos + 4:pos + 4 + length]
+        value = body[pos + 4 : pos + 4 + length]
         if code == 9 and length >= 1:
             res = value[0]
-            scale = 2.0 ** -(res & 0x7F) if res & 0x80 else 10.0 ** -res
+            scale = 2.0 ** -(res & 0x7F) if res & 0x80 else 10.0**-res
         elif code == 14 and length >= 8:
             tsoff = float(struct.unpack_from(order + "q", value, 0)[0])
         pos += 4 + ((length + 3) & ~3)
@@ -255,7 +293,7 @@ def _parse_packet_block(btype: int, body: bytes, order: str, ifaces: list):
         link, snap, _, _ = ifaces[0]
         wire = struct.unpack_from(order + "I", body, 0)[0]
         cap = min(wire, len(body) - 4, snap or wire)
-        return 0.0, link, body[4:4 + cap], wire
+        return 0.0, link, body[4 : 4 + cap], wire
     if btype == 6:
         if len(body) < 20:
             return "enhanced packet block shorter than its fixed fields"
@@ -267,9 +305,12 @@ def _parse_packet_block(btype: int, body: bytes, order: str, ifaces: list):
         iface, _, hi, lo, cap, wire = struct.unpack_from(order + "HHIIII", body, 0)
         data_at = 20
     if iface >= len(ifaces):
-        return f"packet block names interface {iface}, but only {len(ifaces)} are described"
+        n = len(ifaces)
+        return f"packet block names interface {iface}, but only {n} are described"
     if data_at + cap > len(body):
-        return f"packet block claims {cap} captured bytes but holds {len(body) - data_at}"
+        return (
+            f"packet block claims {cap} captured bytes but holds {len(body) - data_at}"
+        )
     link, _, scale, tsoff = ifaces[iface]
     ts = ((hi << 32) | lo) * scale + tsoff
-    return ts, link, body[data_at:data_at + cap], wire or cap
+    return ts, link, body[data_at : data_at + cap], wire or cap

@@ -37,11 +37,26 @@ SKIP_NAMES = {
 }
 
 LINK_NAMES = {
-    0: "null", 1: "ethernet", 9: "ppp", 12: "raw", 14: "raw", 50: "ppp_hdlc",
-    101: "raw", 105: "ieee802_11", 108: "loop", 113: "linux_sll", 127: "radiotap",
-    228: "ipv4", 229: "ipv6", 276: "linux_sll2",
+    0: "null",
+    1: "ethernet",
+    9: "ppp",
+    12: "raw",
+    14: "raw",
+    50: "ppp_hdlc",
+    101: "raw",
+    105: "ieee802_11",
+    108: "loop",
+    113: "linux_sll",
+    127: "radiotap",
+    228: "ipv4",
+    229: "ipv6",
+    276: "linux_sll2",
 }
 
+# TODO(gap): tunnels are not opened (IP-in-IP, GRE, VXLAN, Geneve, Teredo, GTP,
+# AYIYA): Zeek meters the inner connections and lists the tunnel in
+# tunnel_parents; here the outer packet of a UDP tunnel is an ordinary UDP flow and
+# IP protocols other than TCP, UDP, ICMP and ICMPv6 are counted and skipped.
 TCP, UDP, ICMP, ICMP6 = 6, 17, 1, 58
 _TRANSPORTS = frozenset((TCP, UDP, ICMP, ICMP6))
 # IPv6 extension headers that are walked over (fragment and ESP are handled apart).
@@ -175,7 +190,7 @@ class Decoder:
         off += hlen
         if n < off + 8:
             return SKIP_CUT
-        if data[off:off + 3] != b"\xaa\xaa\x03":
+        if data[off : off + 3] != b"\xaa\xaa\x03":
             return SKIP_NON_IP
         return self._ether(data, _u16(data, off + 6)[0], off + 8, wire, ts)
 
@@ -206,14 +221,18 @@ class Decoder:
         if len(data) < off + ihl:
             return SKIP_CUT
         proto = data[off + 9]
-        src = data[off + 12:off + 16]
-        dst = data[off + 16:off + 20]
+        src = data[off + 12 : off + 16]
+        dst = data[off + 16 : off + 20]
         start = off + ihl
         end = off + total
         if frag & 0x3FFF:
             whole = self._fragment(
-                (4, src, dst, ident, proto), (frag & 0x1FFF) << 3, bool(frag & 0x2000),
-                data[start:end], total - ihl, ts,
+                (4, src, dst, ident, proto),
+                (frag & 0x1FFF) << 3,
+                bool(frag & 0x2000),
+                data[start:end],
+                total - ihl,
+                ts,
             )
             if whole is None:
                 return SKIP_FRAGMENT
@@ -234,8 +253,8 @@ class Decoder:
             return SKIP_BOGUS
         plen = _u16(data, off + 4)[0]
         nh = data[off + 6]
-        src = data[off + 8:off + 24]
-        dst = data[off + 24:off + 40]
+        src = data[off + 8 : off + 24]
+        dst = data[off + 24 : off + 40]
         total = 40 + plen
         if total > wire:
             return SKIP_WIRE
@@ -248,11 +267,15 @@ class Decoder:
                 fo = _u16(data, pos + 2)[0]
                 ident = _u32(data, pos + 4)[0]
                 inner = data[pos]
-                body = data[pos + 8:end]
+                body = data[pos + 8 : end]
                 claimed = end - pos - 8
                 whole = self._fragment(
-                    (6, src, dst, ident, inner), fo & 0xFFF8, bool(fo & 1), body,
-                    claimed, ts,
+                    (6, src, dst, ident, inner),
+                    fo & 0xFFF8,
+                    bool(fo & 1),
+                    body,
+                    claimed,
+                    ts,
                 )
                 if whole is None:
                     return SKIP_FRAGMENT
@@ -273,8 +296,9 @@ class Decoder:
             return SKIP_OTHER
         return (6, src, dst, nh, total, data[pos:end], end - pos)
 
-    def _fragment(self, key: tuple, foff: int, more: bool, body: bytes, claimed: int,
-                  ts: float):
+    def _fragment(
+        self, key: tuple, foff: int, more: bool, body: bytes, claimed: int, ts: float
+    ):
         """Add one fragment; the whole payload once every piece is there, else None."""
         if len(body) < claimed:
             # A fragment cut by the snap length can never complete its datagram.
@@ -305,7 +329,7 @@ class Decoder:
         out = bytearray(fs.end)
         for start in sorted(fs.pieces):
             piece = fs.pieces[start][: max(0, fs.end - start)]
-            out[start:start + len(piece)] = piece
+            out[start : start + len(piece)] = piece
         del self._frags[key]
         self.reassembled += 1
         return bytes(out)

@@ -31,9 +31,15 @@ def privilege_hint() -> str:
     )
 
 
-def open_live(name: str, *, bpf: str | None = None, snaplen: int = SNAPLEN,
-              promisc: bool = False, timeout_ms: int = 200):
-    """Open ``name`` for capture; gatewatch errors for a missing binding, device or right."""
+def open_live(
+    name: str,
+    *,
+    bpf: str | None = None,
+    snaplen: int = SNAPLEN,
+    promisc: bool = False,
+    timeout_ms: int = 200,
+):
+    """Open ``name`` for capture, with gatewatch errors for what is missing."""
     try:
         import pcapy
     except ImportError as exc:
@@ -46,15 +52,17 @@ def open_live(name: str, *, bpf: str | None = None, snaplen: int = SNAPLEN,
         text = str(exc)
         low = text.lower()
         if "permission" in low or "not permitted" in low:
-            raise UsageError(f"cannot capture on {name!r}: {text}. "
-                             + privilege_hint()) from exc
+            raise UsageError(
+                f"cannot capture on {name!r}: {text}. " + privilege_hint()
+            ) from exc
         if "no such device" in low or "doesn't exist" in low:
             try:
                 names = ", ".join(pcapy.findalldevs())
             except pcapy.PcapError:
                 names = "unknown"
-            raise BadInputError(f"no interface named {name!r} (interfaces: {names})"
-                                ) from exc
+            raise BadInputError(
+                f"no interface named {name!r} (interfaces: {names})"
+            ) from exc
         raise BadInputError(f"cannot capture on {name!r}: {text}") from exc
     if bpf:
         try:
@@ -101,7 +109,9 @@ def iter_live(
             break
         if max_packets is not None and seen[0] >= max_packets:
             break
-        wait = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
+        wait = (
+            0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
+        )
         ready, _, _ = select.select([fd], [], [], wait)
         got = 0
         if ready:
