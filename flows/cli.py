@@ -18,11 +18,11 @@ import pyarrow.compute as pc
 
 from flows.errors import (
     EXIT_BAD_INPUT,
+    EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL_INPUT,
     EXIT_USAGE,
-    BadInputError,
     GatewatchError,
     PartialInputError,
     UsageError,
@@ -31,6 +31,7 @@ from flows.errors import (
 EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok (with --on-error skip, skipped lines are counted on stderr)
+  {EXIT_FAILURE}    failure: the output cannot be written
   {EXIT_USAGE}    usage: bad flags or arguments
   {EXIT_BAD_INPUT}    bad input: unknown format, a missing required column, a bad
        value with nothing read before it (--on-error fail)
@@ -282,14 +283,10 @@ def _convert(args) -> int:
         else:
             write_parquet(result.table, tmp, family=result.family)
         os.replace(tmp, out)
-    except BadInputError:
-        tmp.unlink(missing_ok=True)
-        raise
     except OSError as exc:
+        raise GatewatchError(f"{out}: cannot be written ({exc.strerror})") from exc
+    finally:
         tmp.unlink(missing_ok=True)
-        raise BadInputError(
-            f"cannot be written ({exc.strerror})", path=str(out)
-        ) from exc
     for note in result.warnings:
         print(f"warning: {note}", file=sys.stderr)
     print(

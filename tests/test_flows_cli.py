@@ -180,3 +180,12 @@ def test_data_dir_resolves_relative_names(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("GATEWATCH_DATA", str(tmp_path))
     assert run(capsys, "inspect", "zeek/c.log")[0] == 0
     assert run(capsys, "inspect", "zeek/absent.log")[0] == 3
+
+
+def test_unwritable_output_exits_1_and_leaves_nothing(capsys, tmp_path):
+    src = tmp_path / "c.log"
+    src.write_text(zeek_text([ROW_A]))
+    out = tmp_path / "no" / "such" / "dir" / "o.parquet"
+    code, _, err = run(capsys, "convert", str(src), "-o", str(out))
+    assert code == 1 and err.startswith("error: ") and "cannot be written" in err
+    assert not out.parent.exists()

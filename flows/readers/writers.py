@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flows.errors import BadInputError
+from flows.errors import GatewatchError
 from flows.readers.parquet import FAMILY_KEY, to_conn_table
 from flows.readers.zeek import CANON_TO_ZEEK
 
@@ -145,9 +145,7 @@ def write_conn_log(table: pa.Table, path: str | Path) -> None:
                 "#close\t" + time.strftime("%Y-%m-%d-%H-%M-%S", time.gmtime()) + "\n"
             )
     except OSError as exc:
-        raise BadInputError(
-            f"cannot be written ({exc.strerror})", path=str(path)
-        ) from exc
+        raise GatewatchError(f"{path}: cannot be written ({exc.strerror})") from exc
 
 
 def write_parquet(table: pa.Table, path: str | Path, family: str = "conn") -> None:
@@ -159,4 +157,4 @@ def write_parquet(table: pa.Table, path: str | Path, family: str = "conn") -> No
     try:
         pq.write_table(table.replace_schema_metadata(metadata), str(path))
     except OSError as exc:
-        raise BadInputError(f"cannot be written ({exc})", path=str(path)) from exc
+        raise GatewatchError(f"{path}: cannot be written ({exc})") from exc
