@@ -251,7 +251,8 @@ class Conn:
                 ep.last = seq
             ep.deliv = ep.start + 1
             ep.segs = None
-        s64 = _unwrap(seq, ep.last)
+        ref = ep.last
+        s64 = ref + (((seq - ref) + 0x80000000) & _M32) - 0x80000000  # _unwrap
         rel = s64 - ep.start
 
         self._tcp_history(ep, flags, rel, length)
@@ -293,7 +294,7 @@ class Conn:
 
         if length > 0 and captured > 0:
             _deliver(ep, s64 + (1 if f_syn else 0), captured)
-        if acked is not None:
+        if acked is not None and acked > peer.deliv:
             self._acked(peer, acked)
         if do_close:
             self._closed(ep, peer, delays)
