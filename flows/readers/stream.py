@@ -31,10 +31,11 @@ from flows.readers.zeek import (
     _Header,
     json_record,
 )
-from flows.record import CONN_FIELD_KINDS, CONN_FIELD_NAMES
+from flows.record import CONN_FIELD_KINDS
 
 _MASKED = re.compile(r"X+\.X+\Z")
 _SPACES = re.compile(r"\s+")
+_INNER_SPACE = re.compile(r"\S\s+\S")
 
 
 def _unescape(text: str) -> str:
@@ -46,12 +47,21 @@ def _unescape(text: str) -> str:
 
 
 class TsvLineParser:
-    """Parse Zeek TSV lines one at a time; feed it the ``#`` lines as they come."""
+    """Parse Zeek TSV lines one at a time; feed it the ``#`` lines as they come.
+
+    At each ``#fields`` line it works out, once, where every canonical field and
+    label sits, so that a data line costs one split and a pass over the fields.
+    """
 
     def __init__(self, path: str = "<stream>") -> None:
         self.path = path
         self.header = _Header()
-        self._plan: list | None = None
+        self._fields: list[str] | None = None
+        self._plan: list[tuple[str, int | None, str, str]] = []
+        self._joined: tuple[int, list[str]] | None = None
+        self._hidden: int | None = None
+        self._label: tuple[int, str] | None = None
+        self._detail: int | None = None
 
     def header_line(self, line: str, line_no: int = 0) -> None:
         """Apply one ``#`` line (``#separator``, ``#fields``, ``#close``...)."""
@@ -59,24 +69,11 @@ class TsvLineParser:
             self.header.separator = (
                 _decode_escapes(line[len("#separator") :].strip()) or "\t"
             )
-            self.header.fields = None
-            self._plan = None
+            self._fields = None
             return
         key, _, value = line[1:].partition(self.header.separator)
         if key == "fields":
-            self.header.fields = value.split(self.header.separator)
-            self.header.fields_line = line_no
-            names = _expand_names(self.header.fields)
-            for name in REQUIRED:
-                if name not in names:
-                    raise BadInputError(
-                        f"#fields has no {name!r} column (required: "
-                        f"{', '.join(REQUIRED)})",
-                        path=self.path,
-                        line=line_no,
-                        column=name,
-                    )
-            self._plan = self.header.fields
+            self._set_fields(value.split(self.header.separator), line_no)
         elif key == "empty_field":
             self.header.empty = value
         elif key == "unset_field":
@@ -84,49 +81,96 @@ class TsvLineParser:
         elif key == "set_separator":
             self.header.set_separator = value
 
+    def _set_fields(self, fields: list[str], line_no: int) -> None:
+        """Check the required columns and plan where each field is read from."""
+        names = _expand_names(fields)
+        for name in REQUIRED:
+            if name not in names:
+                raise BadInputError(
+                    f"#fields has no {name!r} column (required: {', '.join(REQUIRED)})",
+                    path=self.path,
+                    line=line_no,
+                    column=name,
+                )
+        self._fields = fields
+        self._joined = next(
+            (
+                (i, _SPACES.split(f.strip()))
+                for i, f in enumerate(fields)
+                if _SPACES.search(f.strip())
+            ),
+            None,
+        )
+        has_label = any(n.lower() in LABEL_NAMES for n in names)
+        self._hidden = (
+            fields.index("tunnel_parents")
+            if "tunnel_parents" in fields and not has_label
+            else None
+        )
+        position = {name: i for i, name in enumerate(names)}
+        self._plan = [
+            (canon, position.get(zeek), CONN_FIELD_KINDS[canon], zeek)
+            for zeek, canon in ZEEK_TO_CANON.items()
+        ]
+        label = next((n for n in names if n.lower() in LABEL_NAMES), None)
+        detail = next((n for n in names if n.lower() in DETAIL_NAMES), None)
+        self._label = (position[label], label) if label else None
+        self._detail = position[detail] if detail else None
+
     def parse(self, line: str, line_no: int = 0) -> dict:
         """One data line -> canonical record; BadInputError names line and column."""
-        if self._plan is None:
+        if self._fields is None:
             raise BadInputError(
                 "row before any #fields line", path=self.path, line=line_no
             )
         values = line.rstrip("\r\n").split(self.header.separator)
-        fields = self._plan
-        if len(values) != len(fields):
+        if len(values) != len(self._fields):
             raise BadInputError(
-                f"expected {len(fields)} fields separated by "
+                f"expected {len(self._fields)} fields separated by "
                 f"{self.header.separator!r}, found {len(values)}",
                 path=self.path,
                 line=line_no,
             )
-        row = dict(zip(fields, values, strict=True))
-        for name in list(row):
-            parts = _SPACES.split(name.strip())
-            if len(parts) > 1 or (
-                name == "tunnel_parents"
-                and not any(f.lower() in LABEL_NAMES for f in fields)
-                and re.search(r"\S\s+\S", row[name].strip())
-            ):
-                if len(parts) == 1:
-                    parts = ["tunnel_parents", "label", "detailed-label"]
-                pieces = _SPACES.split(row.pop(name).strip(), maxsplit=len(parts) - 1)
-                if len(pieces) != len(parts):
-                    raise BadInputError(
-                        f"expected {len(parts)} space-separated parts "
-                        f"({', '.join(parts)}), found {len(pieces)}",
-                        path=self.path,
-                        line=line_no,
-                        column=name,
-                    )
-                row.update(zip(parts, pieces, strict=True))
-        return self._record(row, line_no)
+        if self._joined is not None:
+            index, parts = self._joined
+            values = self._expand(values, index, parts, line_no)
+            return self._record(values, self._plan, self._label, self._detail, line_no)
+        if self._hidden is not None and _INNER_SPACE.search(values[self._hidden]):
+            return self._hidden_layout(values, line_no)
+        return self._record(values, self._plan, self._label, self._detail, line_no)
 
-    def _record(self, row: dict, line_no: int) -> dict:
+    def _expand(
+        self, values: list[str], index: int, parts: list[str], line_no: int
+    ) -> list[str]:
+        """Split the space-joined field at ``index`` into its ``parts``."""
+        pieces = _SPACES.split(values[index].strip(), maxsplit=len(parts) - 1)
+        if len(pieces) != len(parts):
+            raise BadInputError(
+                f"expected {len(parts)} space-separated parts "
+                f"({', '.join(parts)}), found {len(pieces)}",
+                path=self.path,
+                line=line_no,
+                column=self._fields[index],
+            )
+        return values[:index] + pieces + values[index + 1 :]
+
+    def _hidden_layout(self, values: list[str], line_no: int) -> dict:
+        """IoT-23 labels inside ``tunnel_parents`` under a plain header."""
+        index = self._hidden
+        parts = ["tunnel_parents", "label", "detailed-label"]
+        values = self._expand(values, index, parts, line_no)
+        names = self._fields[:index] + parts + self._fields[index + 1 :]
+        position = {name: i for i, name in enumerate(names)}
+        plan = [(c, position.get(z), k, z) for c, _, k, z in self._plan]
+        label = (position["label"], "label")
+        return self._record(values, plan, label, position["detailed-label"], line_no)
+
+    def _record(self, values, plan, label, detail, line_no: int) -> dict:
+        """Convert the planned fields of one split line into a canonical record."""
         unset, empty = self.header.unset, self.header.empty
         record: dict = {}
-        for zeek_name, canon in ZEEK_TO_CANON.items():
-            text = row.get(zeek_name)
-            kind = CONN_FIELD_KINDS[canon]
+        for canon, index, kind, zeek_name in plan:
+            text = values[index] if index is not None else None
             if text is None or text == unset:
                 record[canon] = None
             elif kind == "str":
@@ -144,12 +188,14 @@ class TsvLineParser:
                         column=zeek_name,
                     )
                 record[canon] = value
-        label_key = next((k for k in row if k.lower() in LABEL_NAMES), None)
-        detail_key = next((k for k in row if k.lower() in DETAIL_NAMES), None)
+
         record["label"] = record["label_detail"] = None
+        if label is None:
+            return record
         nulls = (unset, empty, "")
-        if label_key is not None and row[label_key] not in nulls:
-            text = _unescape(row[label_key])
+        text = values[label[0]]
+        if text not in nulls:
+            text = _unescape(text)
             mapped = ZEEK_LABELS.get(text.strip().lower(), "?")
             if mapped == "?":
                 raise BadInputError(
@@ -157,14 +203,13 @@ class TsvLineParser:
                     "or Unknown)",
                     path=self.path,
                     line=line_no,
-                    column=label_key,
+                    column=label[1],
                 )
             record["label"] = mapped
             record["label_detail"] = text
-        if detail_key is not None and row[detail_key] not in nulls:
-            if label_key is not None:
-                record["label_detail"] = _unescape(row[detail_key])
-        return {name: record[name] for name in CONN_FIELD_NAMES}
+        if detail is not None and values[detail] not in nulls:
+            record["label_detail"] = _unescape(values[detail])
+        return record
 
 
 def parse_json_line(line: str, path: str = "<stream>", line_no: int = 0) -> dict:
