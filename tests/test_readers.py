@@ -856,3 +856,38 @@ def test_damaged_parquet_is_bad_input(tmp_path):
     cut = write(tmp_path, "cut.parquet", data[: len(data) // 2])
     with pytest.raises(BadInputError, match="Parquet"):
         read(cut)
+
+
+def test_line_parsers_for_a_followed_log(tmp_path):
+    """The agent's follow mode feeds lines itself: same records as a whole read."""
+    from flows.readers.stream import TsvLineParser, parse_json_line
+
+    text = zeek_text(
+        [ROW_A + ["Malicious", "C&C"], ROW_B + ["Background", "-"]],
+        LABEL_FIELDS,
+        LABEL_TYPES,
+    )
+    expected = read(write(tmp_path, "f.log", text)).table.to_pylist()
+    parser = TsvLineParser("live")
+    got = []
+    for number, line in enumerate(text.splitlines(keepends=True), start=1):
+        if line.startswith("#"):
+            parser.header_line(line.rstrip("\n"), number)
+        else:
+            got.append(parser.parse(line, number))
+    assert got == expected
+    with pytest.raises(BadInputError) as info:
+        parser.parse("\t".join(ROW_A[:3]) + "\n", 99)
+    assert info.value.line == 99 and info.value.path == "live"
+    rec = parse_json_line(
+        json.dumps(
+            {
+                "ts": 2.5,
+                "id.orig_h": "a",
+                "id.orig_p": 1,
+                "id.resp_h": "b",
+                "id.resp_p": 2,
+            }
+        )
+    )
+    assert rec["ts"] == 2.5 and rec["proto"] is None
