@@ -144,8 +144,8 @@ def compare_pair(capture: Path, log: Path, command: str) -> dict:
         if None in key[:4]:
             # A baseline without the 5-tuple columns (udp-corrupt, syslog): match
             # the only flow by uid order instead.
-            cands = [r for lst in by_key.values() for r in lst]
-            mine = cands.pop(0) if len(cands) == len(zeek) else None
+            lists = [lst for lst in by_key.values() if lst]
+            mine = lists[0].pop(0) if len(lists) == len(zeek) else None
         else:
             lst = by_key.get(key, [])
             mine = lst.pop(0) if lst else None
@@ -157,7 +157,7 @@ def compare_pair(capture: Path, log: Path, command: str) -> dict:
                 diffs.append(
                     (key, name, None if mine is None else mine[name], row[name])
                 )
-    extra = sum(len(v) for v in by_key.values())
+    extra = [r for lst in by_key.values() for r in lst]
     return {
         "total": total,
         "same": same,
@@ -193,6 +193,15 @@ def test_fidelity_against_zeek(data_dir: Path, capsys) -> None:
         )
         for key, name, mine, theirs in res["diffs"]:
             lines.append(f"    {key} {name}: ours {mine!r} zeek {theirs!r}")
+        for r in res["extra_flows"]:
+            lines.append(
+                "    unmatched flow of ours: "
+                + ", ".join(
+                    f"{k}={r[k]}"
+                    for k in ("src_ip", "src_port", "dst_ip", "dst_port", "proto")
+                    + COMPARED
+                )
+            )
     share = grand_same / grand_total
     lines.append(
         f"{'all pairs':66} {'':9} {grand_total:>7} {grand_same:>7} {share:>7.1%}"
