@@ -286,3 +286,30 @@ def test_snap_length_cut_packets_count_their_original_lengths(tmp_path):
     assert rec["orig_bytes"] == len(body)  # from sequence numbers
     assert rec["missed_bytes"] == len(body) - (snap - 14 - 40)  # never captured
     assert res.stats["snap_cut_packets"] == 1  # only the request is longer
+
+
+@pytest.mark.parametrize("kind", ["ipip", "ip6in4", "gre-ip", "gre-eth", "gre-key"])
+def test_ip_tunnels_meter_the_inner_connection(tmp_path, kind):
+    inner4 = _u()
+    outer_a, outer_b = "198.51.100.1", "198.51.100.2"
+    if kind == "ipip":
+        pkt = ip4(outer_a, outer_b, 4, inner4)
+    elif kind == "ip6in4":
+        inner = ip6(A6, B6, 17, udp(A6, B6, 33000, 53, b"hello"))
+        pkt = ip4(outer_a, outer_b, 41, inner)
+    elif kind == "gre-ip":
+        pkt = ip4(outer_a, outer_b, 47, struct.pack("!HH", 0, 0x0800) + inner4)
+    elif kind == "gre-eth":
+        pkt = ip4(outer_a, outer_b, 47, struct.pack("!HH", 0, 0x6558) + eth(inner4))
+    else:  # GRE with checksum and key fields present
+        gre = struct.pack("!HHHHI", 0xA000, 0x0800, 0, 0, 42)
+        pkt = ip4(outer_a, outer_b, 47, gre + inner4)
+    res = read_capture(write_pcap(tmp_path / f"{kind}.pcap", [(1.0, eth(pkt))]))
+    (rec,) = rows(res)
+    if kind == "ip6in4":
+        assert (rec["src_ip"], rec["dst_ip"]) == (A6, B6)
+        assert rec["orig_ip_bytes"] == 40 + 8 + 5
+    else:
+        assert (rec["src_ip"], rec["dst_ip"]) == (A4, B4)
+        assert rec["orig_ip_bytes"] == 20 + 8 + 5
+    assert (rec["src_port"], rec["dst_port"], rec["proto"]) == (33000, 53, "udp")

@@ -5,8 +5,8 @@ tuple or an integer code saying why there is none (see the ``SKIP_*`` names). It
 handles Ethernet, Linux cooked v1 (113) and v2 (276), raw IP (101, 12, 14, 228,
 229), BSD loopback/NULL (0, 108), PPP (9, 50), 802.11 (105) and 802.11 with radiotap
 (127); 802.1Q and 802.1ad/QinQ tags, MPLS label stacks and PPPoE sessions; IPv4 and
-IPv6 with extension headers; and reassembles IPv4 and IPv6 fragments, so ports are
-only ever read from a whole datagram.
+IPv6 with extension headers; opens IP-in-IP and GRE tunnels; and reassembles IPv4
+and IPv6 fragments, so ports are only ever read from a whole datagram.
 
 Lengths follow Zeek: ``ip_len`` is the IP total length from the header (a packet cut
 by the snap length still counts its full length), ``l4_len`` the transport length
@@ -53,12 +53,13 @@ LINK_NAMES = {
     276: "linux_sll2",
 }
 
-# TODO(gap): tunnels are not opened (IP-in-IP, GRE, VXLAN, Geneve, Teredo, GTP,
-# AYIYA): Zeek meters the inner connections and lists the tunnel in
-# tunnel_parents; here the outer packet of a UDP tunnel is an ordinary UDP flow and
-# IP protocols other than TCP, UDP, ICMP and ICMPv6 are counted and skipped.
+# TODO(gap): IP-in-IP, IPv6-in-IP and GRE are opened, UDP tunnels are not (VXLAN,
+# Geneve, Teredo, GTP, AYIYA): Zeek meters their inner connections too; here only
+# the outer UDP flow is. IP protocols other than TCP, UDP, ICMP and ICMPv6 are
+# counted and skipped.
 TCP, UDP, ICMP, ICMP6 = 6, 17, 1, 58
 _TRANSPORTS = frozenset((TCP, UDP, ICMP, ICMP6))
+_TUNNELS = frozenset((4, 41, 47))  # IPv4-in-IP, IPv6-in-IP, GRE
 # IPv6 extension headers that are walked over (fragment and ESP are handled apart).
 _EXT = frozenset((0, 43, 60, 135, 139, 140, 253, 254))
 
@@ -84,6 +85,7 @@ class Decoder:
         self._frags: dict[tuple, _FragSet] = {}
         self.reassembled = 0
         self.frags_dropped = 0
+        self._depth = 0  # tunnels opened around the packet being decoded
 
     def decode(self, link: int, data: bytes, wire: int, ts: float):
         """One frame to an :data:`IpPacket` tuple, or a ``SKIP_*`` code."""
@@ -225,6 +227,8 @@ class Decoder:
         dst = data[off + 16 : off + 20]
         start = off + ihl
         end = off + total
+        if proto in _TUNNELS and not frag & 0x3FFF and self._depth < 4:
+            return self._tunnel(proto, data[start:end], ts)
         if frag & 0x3FFF:
             whole = self._fragment(
                 (4, src, dst, ident, proto),
@@ -238,6 +242,8 @@ class Decoder:
                 return SKIP_FRAGMENT
             payload = whole
             total = ihl + len(payload)
+            if proto in _TUNNELS and self._depth < 4:
+                return self._tunnel(proto, payload, ts)
             if proto not in _TRANSPORTS:
                 return SKIP_OTHER
             return (4, src, dst, proto, total, payload, len(payload))
@@ -292,9 +298,58 @@ class Decoder:
             pos += hlen
             if pos > end:
                 return SKIP_BOGUS
+        if nh in _TUNNELS and self._depth < 4:
+            return self._tunnel(nh, data[pos:end], ts)
         if nh not in _TRANSPORTS:
             return SKIP_OTHER
         return (6, src, dst, nh, total, data[pos:end], end - pos)
+
+    def _tunnel(self, proto: int, inner: bytes, ts: float):
+        """Open IP-in-IP, IPv6-in-IP and GRE: the inner packet is what is metered.
+
+        Zeek logs the inner connections of these tunnels (the tunnel itself goes to
+        its tunnel log, not to conn.log), so the outer packet is not counted.
+        """
+        self._depth += 1
+        try:
+            n = len(inner)
+            if proto == 4:
+                return self._ip4(inner, 0, n, ts)
+            if proto == 41:
+                return self._ip6(inner, 0, n, ts)
+            # GRE: flags and version, protocol, then the optional fields.
+            if n < 4:
+                return SKIP_CUT
+            flags, ptype = struct.unpack_from("!HH", inner, 0)
+            version = flags & 7
+            off = 4 + (4 if flags & 0x8000 else 0) + (4 if flags & 0x2000 else 0)
+            off += 4 if flags & 0x1000 else 0
+            if version == 1:
+                off += 4 if flags & 0x0080 else 0  # enhanced GRE (PPTP) ack number
+                if ptype != 0x880B:
+                    return SKIP_OTHER
+                if inner[off : off + 2] == b"\xff\x03":
+                    off += 2
+                return self._ppp(inner, off, n, ts)
+            if version != 0:
+                return SKIP_OTHER
+            if n < off:
+                return SKIP_CUT
+            if ptype == 0x0800:
+                return self._ip4(inner, off, n - off, ts)
+            if ptype == 0x86DD:
+                return self._ip6(inner, off, n - off, ts)
+            if ptype == 0x6558:  # transparent Ethernet bridging
+                if n < off + 14:
+                    return SKIP_CUT
+                return self._ether(inner, _u16(inner, off + 12)[0], off + 14, n, ts)
+            if ptype == 0x88BE:  # ERSPAN type II: an 8-byte header, then Ethernet
+                if n < off + 22:
+                    return SKIP_CUT
+                return self._ether(inner, _u16(inner, off + 20)[0], off + 22, n, ts)
+            return SKIP_OTHER
+        finally:
+            self._depth -= 1
 
     def _fragment(
         self, key: tuple, foff: int, more: bool, body: bytes, claimed: int, ts: float
