@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="allowed validation F1 drop from the teacher (default 0.01)")
     run.add_argument("--data-dir", type=Path, help="data folder ($GATEWATCH_DATA)")
     run.add_argument("--dataset", help="dataset name or file (default: the teacher's)")
-    run.add_argument("--widths", type=_ints, default=(8, 16, 32, 64),
-                     help="student widths to search, smallest first (8,16,32,64)")
+    run.add_argument("--widths", type=_ints, default=(4, 8, 16, 32, 64),
+                     help="student widths to search, smallest first (4,8,16,32,64)")
     run.add_argument("--prune-ratios", type=_floats, default=(0.5,),
                      help="structured pruning ratios tried on a passing student")
     run.add_argument("--no-prune", action="store_true", help="skip pruning")
