@@ -485,7 +485,7 @@ def load_dataset(name: str, data_dir: Any = None, seed: int = 0) -> Dataset:
                 path=str(path),
             )
         for warning in result.warnings:
-            logger.warning("%s: %s", path, warning)
+            logger.warning("%s", warning)  # readers name the file
         table = result.table
         table = table.append_column(
             "capture", pa.array([entry.capture] * table.num_rows, pa.string())
