@@ -313,3 +313,22 @@ def test_ip_tunnels_meter_the_inner_connection(tmp_path, kind):
         assert (rec["src_ip"], rec["dst_ip"]) == (A4, B4)
         assert rec["orig_ip_bytes"] == 20 + 8 + 5
     assert (rec["src_port"], rec["dst_port"], rec["proto"]) == (33000, 53, "udp")
+
+
+def test_other_ip_protocols_are_unknown_transport_connections(tmp_path):
+    # IGMP (2) membership reports, four of them, as a Zeek conn.log shows them:
+    # ports 0, proto unknown_transport, bytes 0 (not tracked), OTH, no history.
+    report = bytes([0x16, 0, 0xFA, 0x04]) + bytes([224, 0, 0, 22])
+    frames = [(1.0 + 0.25 * i, eth(ip4(A4, "224.0.0.22", 2, report))) for i in range(4)]
+    res = read_capture(write_pcap(tmp_path / "igmp.pcap", frames))
+    (rec,) = rows(res)
+    assert (rec["src_ip"], rec["src_port"], rec["dst_ip"], rec["dst_port"]) == (
+        A4,
+        0,
+        "224.0.0.22",
+        0,
+    )
+    assert rec["proto"] == "unknown_transport" and rec["conn_state"] == "OTH"
+    assert (rec["orig_pkts"], rec["orig_ip_bytes"]) == (4, 4 * 28)
+    assert (rec["orig_bytes"], rec["resp_bytes"], rec["history"]) == (0, 0, None)
+    assert rec["duration"] == pytest.approx(0.75)

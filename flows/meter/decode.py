@@ -23,7 +23,7 @@ SKIP_CUT = 2  # the capture ends inside a link, IP or transport header
 SKIP_BOGUS = 3  # header fields that cannot be right (IHL < 5, total length < IHL)
 SKIP_LINK = 4  # a link type this decoder does not know
 SKIP_FRAGMENT = 5  # a fragment kept until its datagram is whole
-SKIP_OTHER = 6  # an IP protocol other than TCP, UDP, ICMP, ICMPv6
+SKIP_OTHER = 6  # an IP protocol other than TCP, UDP, ICMP, ICMPv6 (when not metered)
 SKIP_WIRE = 7  # the IP total length exceeds what was on the wire
 
 SKIP_NAMES = {
@@ -55,10 +55,8 @@ LINK_NAMES = {
 
 # TODO(gap): IP-in-IP, IPv6-in-IP and GRE are opened, UDP tunnels are not (VXLAN,
 # Geneve, Teredo, GTP, AYIYA): Zeek meters their inner connections too; here only
-# the outer UDP flow is. IP protocols other than TCP, UDP, ICMP and ICMPv6 are
-# counted and skipped.
+# the outer UDP flow is.
 TCP, UDP, ICMP, ICMP6 = 6, 17, 1, 58
-_TRANSPORTS = frozenset((TCP, UDP, ICMP, ICMP6))
 _TUNNELS = frozenset((4, 41, 47))  # IPv4-in-IP, IPv6-in-IP, GRE
 # IPv6 extension headers that are walked over (fragment and ESP are handled apart).
 _EXT = frozenset((0, 43, 60, 135, 139, 140, 253, 254))
@@ -244,11 +242,7 @@ class Decoder:
             total = ihl + len(payload)
             if proto in _TUNNELS and self._depth < 4:
                 return self._tunnel(proto, payload, ts)
-            if proto not in _TRANSPORTS:
-                return SKIP_OTHER
             return (4, src, dst, proto, total, payload, len(payload))
-        if proto not in _TRANSPORTS:
-            return SKIP_OTHER
         return (4, src, dst, proto, total, data[start:end], total - ihl)
 
     def _ip6(self, data: bytes, off: int, wire: int, ts: float):
@@ -300,8 +294,6 @@ class Decoder:
                 return SKIP_BOGUS
         if nh in _TUNNELS and self._depth < 4:
             return self._tunnel(nh, data[pos:end], ts)
-        if nh not in _TRANSPORTS:
-            return SKIP_OTHER
         return (6, src, dst, nh, total, data[pos:end], end - pos)
 
     def _tunnel(self, proto: int, inner: bytes, ts: float):

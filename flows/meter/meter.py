@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from flows.meter.conn import ACK, INACTIVE, SYN, SYN_ACK_SENT, SYN_SENT, Conn
 from flows.meter.decode import (
     ICMP,
+    ICMP6,
     LINK_NAMES,
     SKIP_BOGUS,
     SKIP_CUT,
@@ -151,12 +152,14 @@ class Timeouts:
     tcp_close_delay: float = 5.0
     tcp_reset_delay: float = 5.0
     tcp_attempt_delay: float = 5.0
+    other: float = 60.0  # IP protocols other than TCP, UDP and ICMP
 
     def __post_init__(self) -> None:
         for name in (
             "tcp",
             "udp",
             "icmp",
+            "other",
             "tcp_close_delay",
             "tcp_reset_delay",
             "tcp_attempt_delay",
@@ -192,7 +195,9 @@ class FlowMeter:
     ``check_checksums`` drops TCP/UDP/ICMP packets whose checksum is wrong and marks
     ``C`` in the history, as Zeek does without ``-C``; it is off by default because
     captures taken on the sending host carry offloaded (unfilled) checksums.
-    ``uid_seed`` makes the uids reproducible.
+    ``uid_seed`` makes the uids reproducible. ``unknown_transport`` meters other IP
+    protocols as Zeek does (proto ``unknown_transport``, ports 0); off, they are
+    counted as skipped.
     """
 
     def __init__(
@@ -204,6 +209,7 @@ class FlowMeter:
         tcp_server_ports: frozenset[int] = TCP_SERVER_PORTS,
         udp_server_ports: frozenset[int] = UDP_SERVER_PORTS,
         uid_seed: str | None = None,
+        unknown_transport: bool = True,
     ) -> None:
         if max_flows < 1:
             from flows.errors import UsageError
@@ -214,6 +220,7 @@ class FlowMeter:
         self._attempt = self.timeouts.tcp_attempt_delay
         self.max_flows = max_flows
         self.check_checksums = check_checksums
+        self.unknown_transport = unknown_transport
         self.tcp_server_ports = tcp_server_ports
         self.udp_server_ports = udp_server_ports
         salt = uid_seed.encode() if uid_seed is not None else os.urandom(8)
@@ -433,6 +440,10 @@ class FlowMeter:
             c.udp(ts, src == c.orig_h and sport == c.orig_p, ip_len, payload, bad)
             return
 
+        if proto != ICMP and proto != ICMP6:
+            self._other(ts, ver, src, dst, proto, ip_len)
+            return
+
         # ICMP and ICMPv6
         if n < 4:
             self.skipped["cut_header"] += 1
@@ -462,6 +473,26 @@ class FlowMeter:
         if c is None:
             c = self._new("icmp", ver, src, itype, dst, counter, ts, key, False)
         c.icmp(ts, src == c.orig_h and itype == c.orig_p, ip_len, payload, bad)
+
+    def _other(
+        self, ts: float, ver: int, src: bytes, dst: bytes, proto: int, ip_len: int
+    ) -> None:
+        """Another IP protocol (IGMP, ESP, SCTP, ...): Zeek's unknown_transport.
+
+        Such a connection has ports 0, counts packets and IP bytes only, and is
+        keyed by the two addresses and the protocol number.
+        """
+        if not self.unknown_transport:
+            self.skipped["other_ip_protocol"] += 1
+            return
+        key = (proto, src, dst) if src <= dst else (proto, dst, src)
+        key = ("ip",) + key
+        c = self.table.get(key)
+        if c is not None and self._ended_before(c, ts):
+            c = None
+        if c is None:
+            c = self._new("unknown_transport", ver, src, 0, dst, 0, ts, key, False)
+        c.icmp(ts, src == c.orig_h, ip_len, 0, False)
 
     def _likely_flip(self, sport: int, dport: int, dst: bytes, ports) -> bool:
         """Zeek's guess for a first packet that is no SYN: servers own known ports."""
@@ -498,7 +529,11 @@ class FlowMeter:
 
     def _timeout(self, c: Conn) -> float:
         t = self.timeouts
-        return t.tcp if c.proto == "tcp" else t.udp if c.proto == "udp" else t.icmp
+        if c.proto == "tcp":
+            return t.tcp
+        if c.proto == "udp":
+            return t.udp
+        return t.icmp if c.proto == "icmp" else t.other
 
     def _ended_before(self, c: Conn, ts: float) -> bool:
         """End ``c`` if one of Zeek's timers would have removed it by ``ts``."""
