@@ -284,9 +284,14 @@ class Agent:
         c.escalate += n_esc
         c.alert += n_alert
         c.benign += len(records) - n_esc - n_alert
-        for i in np.flatnonzero(codes):
-            self._escalate(
-                records[i], windows[i], float(scores[i]), _DECISIONS[codes[i]], version
+        escalated = np.flatnonzero(codes)
+        if len(escalated):
+            self._escalate_many(
+                [records[i] for i in escalated],
+                windows[escalated],
+                scores[escalated],
+                [_DECISIONS[codes[i]] for i in escalated],
+                version,
             )
         return codes
 
@@ -313,45 +318,54 @@ class Agent:
     def _keys(records: list[dict[str, Any]], enc) -> list[str]:
         return [record_key(r, enc) for r in records]
 
-    def _escalate(self, flow, window, score, decision, version) -> None:
-        msg_id = flow_id(self.site, self.gateway, flow)
-        body = proto.build_escalation(
-            flow=flow,
-            window=window,
-            score=score,
-            decision=decision,
-            model_version=version,
-            site=self.site,
-            gateway=self.gateway,
-            msg_id=msg_id,
-        )
-        try:
-            payload = proto.encode(body)
-        except proto.ProtocolError as exc:
-            self.rejects.reject(exc, "outgoing escalation")
-            return
-        alert = decision is proto.Decision.ALERT
-        if self.alerts is not None:
-            with self._out_lock:
-                self._recent[msg_id] = {k: flow.get(k) for k in _FIVE_TUPLE}
-                if len(self._recent) > 10_000:
-                    self._recent.popitem(last=False)
-        if self.round_trips is not None:
-            self._created[msg_id] = time.monotonic()
-        if self.outbox.add(
-            msg_id, self.topics[proto.Channel.ESCALATIONS], payload, alert
+    def _escalate_many(self, flows, windows, scores, decisions, version) -> None:
+        """Build the escalations of one batch and store them in one transaction."""
+        items, made = [], []
+        topic = self.topics[proto.Channel.ESCALATIONS]
+        for flow, window, score, decision in zip(
+            flows, windows, scores, decisions, strict=True
         ):
-            self.counters.escalations_queued += 1
-            self._wake.set()
-        if alert:
-            self._write_line(
-                flow,
-                kind="alert",
-                score=score,
-                decision=decision.value,
+            msg_id = flow_id(self.site, self.gateway, flow)
+            body = proto.build_escalation(
+                flow=flow,
+                window=window,
+                score=float(score),
+                decision=decision,
                 model_version=version,
-                escalation_id=msg_id,
+                site=self.site,
+                gateway=self.gateway,
+                msg_id=msg_id,
             )
+            try:
+                payload = proto.encode(body)
+            except proto.ProtocolError as exc:
+                self.rejects.reject(exc, "outgoing escalation")
+                continue
+            alert = decision is proto.Decision.ALERT
+            items.append((msg_id, topic, payload, alert))
+            made.append((flow, float(score), decision, msg_id))
+            if self.round_trips is not None:
+                self._created[msg_id] = time.monotonic()
+
+        # Durable first (one fsync per batch), then the local alert lines.
+        kept = self.outbox.add_many(items)
+        self.counters.escalations_queued += sum(kept)
+        self._wake.set()
+        for flow, score, decision, msg_id in made:
+            if self.alerts is not None:
+                with self._out_lock:
+                    self._recent[msg_id] = {k: flow.get(k) for k in _FIVE_TUPLE}
+                    if len(self._recent) > 10_000:
+                        self._recent.popitem(last=False)
+            if decision is proto.Decision.ALERT:
+                self._write_line(
+                    flow,
+                    kind="alert",
+                    score=score,
+                    decision=decision.value,
+                    model_version=version,
+                    escalation_id=msg_id,
+                )
 
     def _write_line(self, flow: dict[str, Any], **fields: Any) -> None:
         if self.alerts is None:
@@ -467,6 +481,7 @@ class Agent:
                 self._wake.set()
 
     def _collect_acks(self) -> None:
+        done = []
         for msg_id, delivery in list(self._tracked.items()):
             try:
                 acked = delivery.acked()
@@ -480,9 +495,10 @@ class Agent:
                 delivery.forget()
                 self.counters.unrouted += 1
                 self._retry_at = self._retry_at or time.monotonic() + 1.0
-            elif acked and self.outbox.ack(msg_id):
+            elif acked:
                 delivery.forget()
-                self.counters.escalations_sent += 1
+                done.append(msg_id)
+        self.counters.escalations_sent += self.outbox.ack_many(done)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == self.topics[proto.Channel.MODEL]:

@@ -80,25 +80,37 @@ class Outbox:
 
     def add(self, msg_id: str, topic: str, payload: bytes, alert: bool) -> bool:
         """Store one message durably; False when the drop policy refused it."""
+        return self.add_many([(msg_id, topic, payload, alert)])[0]
+
+    def add_many(self, messages: list[tuple[str, str, bytes, bool]]) -> list[bool]:
+        """Store ``(id, topic, payload, alert)`` messages in one durable transaction.
+
+        One fsync for the lot; when this returns, every kept message is on disk.
+        The result says, per message, whether the drop policy kept it.
+        """
+        kept_flags = []
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                kept = True
-                if self._size >= self.max_messages:
-                    kept = self._make_room(alert)
-                if kept:
-                    self._db.execute(
-                        "INSERT OR IGNORE INTO outbox (id, topic, payload, alert) "
-                        "VALUES (?, ?, ?, ?)",
-                        (msg_id, topic, payload, int(alert)),
-                    )
-                    self._size = self._count()
+                for msg_id, topic, payload, alert in messages:
+                    kept = True
+                    if self._size >= self.max_messages:
+                        kept = self._make_room(alert)
+                    if kept:
+                        cur = self._db.execute(
+                            "INSERT OR IGNORE INTO outbox (id, topic, payload, alert) "
+                            "VALUES (?, ?, ?, ?)",
+                            (msg_id, topic, payload, int(alert)),
+                        )
+                        self._size += cur.rowcount
+                    kept_flags.append(kept)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
-                self._size = self._count()
                 raise
-        return kept
+            finally:
+                self._size = self._count()
+        return kept_flags
 
     def _make_room(self, alert: bool) -> bool:
         """Apply the drop policy inside a transaction; False drops the new message."""
@@ -146,11 +158,27 @@ class Outbox:
 
     def ack(self, msg_id: str) -> bool:
         """Forget one acknowledged message; False if it was not (or no longer) here."""
+        return self.ack_many([msg_id]) == 1
+
+    def ack_many(self, ids: list[str]) -> int:
+        """Forget acknowledged messages in one transaction; how many were here."""
+        if not ids:
+            return 0
         with self._lock:
-            cur = self._db.execute("DELETE FROM outbox WHERE id = ?", (msg_id,))
-            if cur.rowcount:
-                self._size -= cur.rowcount
-            return cur.rowcount > 0
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                gone = 0
+                for msg_id in ids:
+                    gone += self._db.execute(
+                        "DELETE FROM outbox WHERE id = ?", (msg_id,)
+                    ).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            finally:
+                self._size = self._count()
+        return gone
 
     @property
     def dropped(self) -> dict[str, int]:
