@@ -332,3 +332,26 @@ def test_other_ip_protocols_are_unknown_transport_connections(tmp_path):
     assert (rec["orig_pkts"], rec["orig_ip_bytes"]) == (4, 4 * 28)
     assert (rec["orig_bytes"], rec["resp_bytes"], rec["history"]) == (0, 0, None)
     assert rec["duration"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("port", [4789, 6081, 2152])
+def test_udp_tunnels_meter_outer_and_inner(tmp_path, port):
+    inner = _u()
+    if port == 4789:
+        body = struct.pack("!BxxxI", 0x08, 42 << 8) + eth(inner)
+    elif port == 6081:
+        body = struct.pack("!BBHI", 0, 0, 0x6558, 42 << 8) + eth(inner)
+    else:
+        body = struct.pack("!BBHI", 0x30, 0xFF, len(inner), 7) + inner
+    outer = ip4(
+        "198.51.100.1",
+        "198.51.100.2",
+        17,
+        udp("198.51.100.1", "198.51.100.2", 40000, port, body),
+    )
+    recs = rows(read_capture(write_pcap(tmp_path / "t.pcap", [(1.0, eth(outer))])))
+    assert len(recs) == 2
+    ports = sorted((r["src_port"], r["dst_port"]) for r in recs)
+    assert ports == sorted([(40000, port), (33000, 53)])
+    inner_rec = next(r for r in recs if r["dst_port"] == 53)
+    assert inner_rec["src_ip"] == A4 and inner_rec["orig_ip_bytes"] == 33

@@ -53,9 +53,9 @@ LINK_NAMES = {
     276: "linux_sll2",
 }
 
-# TODO(gap): IP-in-IP, IPv6-in-IP and GRE are opened, UDP tunnels are not (VXLAN,
-# Geneve, Teredo, GTP, AYIYA): Zeek meters their inner connections too; here only
-# the outer UDP flow is.
+# TODO(gap): IP-in-IP, IPv6-in-IP, GRE, VXLAN, Geneve and GTP-U are opened; Teredo
+# and AYIYA are not (Zeek meters their inner connections too; here only the outer
+# UDP flow is), and the canonical record has no tunnel_parents column.
 TCP, UDP, ICMP, ICMP6 = 6, 17, 1, 58
 _TUNNELS = frozenset((4, 41, 47))  # IPv4-in-IP, IPv6-in-IP, GRE
 # IPv6 extension headers that are walked over (fragment and ESP are handled apart).
@@ -295,6 +295,46 @@ class Decoder:
         if nh in _TUNNELS and self._depth < 4:
             return self._tunnel(nh, data[pos:end], ts)
         return (6, src, dst, nh, total, data[pos:end], end - pos)
+
+    def udp_tunnel(self, port: int, body: bytes, ts: float):
+        """The inner packet of a VXLAN (4789), Geneve (6081) or GTP-U (2152)
+        datagram, a ``SKIP_*`` code, or None when the body is not that tunnel."""
+        if self._depth >= 4:
+            return None
+        n = len(body)
+        self._depth += 1
+        try:
+            if port == 4789:
+                if n < 8 + 14 or not body[0] & 0x08:
+                    return None
+                return self._ether(body, _u16(body, 20)[0], 22, n, ts)
+            if port == 6081:
+                if n < 8 or body[0] >> 6 != 0:
+                    return None
+                off = 8 + ((body[0] & 0x3F) << 2)
+                ptype = _u16(body, 2)[0]
+                if ptype == 0x6558 and n >= off + 14:
+                    return self._ether(body, _u16(body, off + 12)[0], off + 14, n, ts)
+                if ptype in (0x0800, 0x86DD):
+                    return self._ether(body, ptype, off, n, ts)
+                return None
+            # GTPv1-U: a G-PDU carries an IP packet after its 8-byte header, plus 4
+            # bytes when any of E, S, PN is set, plus extension headers.
+            if n < 8 or body[0] >> 5 != 1 or body[1] != 0xFF:
+                return None
+            off = 8
+            if body[0] & 0x07:
+                off += 4
+                nxt = body[off - 1] if body[0] & 0x04 else 0
+                while nxt and n > off:
+                    ext_len = body[off] * 4
+                    if ext_len == 0 or n < off + ext_len:
+                        return SKIP_CUT
+                    nxt = body[off + ext_len - 1]
+                    off += ext_len
+            return self._ip_by_version(body, off, n, ts)
+        finally:
+            self._depth -= 1
 
     def _tunnel(self, proto: int, inner: bytes, ts: float):
         """Open IP-in-IP, IPv6-in-IP and GRE: the inner packet is what is metered.

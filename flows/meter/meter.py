@@ -136,6 +136,9 @@ ICMP6_PAIRS = {
     145: 144,
 }
 
+# UDP ports of tunnels whose inner connections Zeek meters too (VXLAN, Geneve,
+# GTP-U); the outer UDP flow is metered as well.
+_UDP_TUNNELS = frozenset((4789, 6081, 2152))
 _tcp_hdr = struct.Struct("!HHIIBBH").unpack_from
 _ip4_fast = struct.Struct("!H2xHxB").unpack_from
 _u16x2 = struct.Struct("!HH").unpack_from
@@ -438,6 +441,12 @@ class FlowMeter:
                 flip = self._likely_flip(sport, dport, dst, self.udp_server_ports)
                 c = self._new("udp", ver, src, sport, dst, dport, ts, key, flip)
             c.udp(ts, src == c.orig_h and sport == c.orig_p, ip_len, payload, bad)
+            if (dport in _UDP_TUNNELS or sport in _UDP_TUNNELS) and not bad:
+                inner = self.decoder.udp_tunnel(
+                    dport if dport in _UDP_TUNNELS else sport, l4[8:], ts
+                )
+                if inner is not None and type(inner) is not int:
+                    self._ip(ts, inner, offset)
             return
 
         if proto != ICMP and proto != ICMP6:
