@@ -197,3 +197,20 @@ def test_iter_flows_streams_a_capture(tmp_path):
     out = list(iter_flows(f"pcap:{path}"))
     assert [r["proto"] for r in out] == ["tcp", "udp"]
     assert set(out[0]) >= {"ts", "uid", "src_ip", "conn_state", "history"}
+
+
+def test_zero_window_letter(tmp_path):
+    def z(t, src, dst, sp, dp, seq, ack, flags):
+        seg_ = tcp(src, dst, sp, dp, seq, ack, flags, win=0)
+        return (t, eth(ip4(src, dst, 6, seg_)))
+
+    frames = [
+        seg(1.0, A4, B4, 1234, 80, 100, 0, "S"),
+        seg(1.1, B4, A4, 80, 1234, 500, 101, "SA"),
+        seg(1.2, A4, B4, 1234, 80, 101, 501, "A"),
+        z(1.3, B4, A4, 80, 1234, 501, 101, "A"),  # the responder's window is full
+        z(1.4, A4, B4, 1234, 80, 101, 501, "RA"),  # zero window with a RST: no W
+    ]
+    (r,), _ = convert(tmp_path, frames)
+    assert r["history"] == "ShAwR"
+    assert r["conn_state"] == "RSTO"

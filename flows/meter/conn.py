@@ -256,7 +256,9 @@ class Conn:
         rel = s64 - ep.start
 
         self._tcp_history(ep, flags, rel, length)
-        if win == 0 and not f_rst and not f_syn:
+        # A zero window is worth a W unless it comes with a RST, after this side
+        # reset, or after the peer's FIN (no window matters then).
+        if win == 0 and not f_rst and peer.state != CLOSED and ep.state != RESET:
             self.scaled(ep, "W")
         if not (self.orig.did_close and self.resp.did_close):
             self.last_ts = ts
@@ -369,7 +371,7 @@ class Conn:
         elif state == SYN_SENT or state == SYN_ACK_SENT:
             if f_syn and s64 != ep.start:
                 ep.start = ep.ack = s64
-                ep.last = s64 + 1
+                ep.last = s64
                 ep.deliv = s64 + 1
                 ep.segs = None
             if f_fin:
