@@ -159,27 +159,90 @@ def _research(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _rng(stats: Any, fmt: str) -> str:
+    if not stats or stats.get("median") is None:
+        return "–"
+    if stats["min"] == stats["max"]:
+        return format(stats["median"], fmt)
+    return (f"{format(stats['median'], fmt)} ({format(stats['min'], fmt)}–"
+            f"{format(stats['max'], fmt)})")
+
+
+def _meter(meter: dict[str, Any]) -> list[str]:
+    cap = meter.get("capture", {})
+    rows = []
+    for tool, label in (("meter", "gatewatch flows.meter (child, one core)"),
+                        ("tshark", "tshark -q -z conv,tcp"),
+                        ("nfstream", "NFStream")):
+        r = meter.get(tool)
+        if not r:
+            continue
+        rows.append([label, _rng(r.get("packets_s"), ",.0f"),
+                     _rng(r.get("packets_per_cpu_s"), ",.0f"), str(r.get("flows")),
+                     _rng(r.get("peak_rss_mib"), ".0f")])
+    return [
+        f"**Flow meter vs tshark** on one capture built by "
+        f"`benchmarks.bench_meter` ({cap.get('packets', 0):,} packets, "
+        f"{cap.get('bytes', 0) / 1e6:.1f} MB, {cap.get('repetitions')} repetitions "
+        f"of {len(cap.get('sources', []))} shared captures), tools in turn:", "",
+        *_table(["tool", "packets/s (wall)", "packets per CPU s", "flows",
+                 "peak RSS MiB"], rows), "",
+        f"Meter / tshark packets/s per paired repeat: wall "
+        f"{_ratio(meter.get('meter_over_tshark'))}, CPU "
+        f"{_ratio(meter.get('meter_over_tshark_cpu'))}. tshark counts TCP "
+        f"conversations only. {meter.get('nfstream_note', '')}", "",
+    ]
+
+
+def _agent_bench(ab: dict[str, Any]) -> list[str]:
+    tp, lat = ab.get("throughput", {}), ab.get("latency", {})
+    rt, rss = ab.get("round_trip", {}), ab.get("rss", {})
+    proc = ab.get("agent_process", {})
+    parts = tp.get("parts_last_run", {})
+    return [
+        f"**Agent** (`{ab['artifact'].rsplit('/', 1)[-1]}` artifact, "
+        f"{ab['flows']:,} records of `{ab['input']}`, via `{ab['via']}`):", "",
+        *_table(["measure", "value"], [
+            ["flows/s, whole path, no broker (outbox on disk)",
+             _rng(tp.get("flows_s"), ",.0f")],
+            ["  of which escalations (last run)", _f(parts.get("escalations"), ",")],
+            ["  encode / window / score alone, flows/s",
+             f"{_f(parts.get('encode_flows_per_s'), ',')} / "
+             f"{_f(parts.get('window_flows_per_s'), ',')} / "
+             f"{_f(parts.get('score_flows_per_s'), ',')}"],
+            [f"decision latency, paced at {_f(lat.get('rate_flows_per_s'), ',.0f')} "
+             f"flows/s ({lat.get('rate_rule', '')}; max wait "
+             f"{lat.get('max_wait_ms')} ms), p50 / p99 ms",
+             f"{_f(lat.get('decision_ms_p50'), '.2f')} / "
+             f"{_f(lat.get('decision_ms_p99'), '.2f')}"],
+            ["batch of one, p50 / p99 ms",
+             f"{_f(lat.get('batch_of_one_ms_p50'), '.3f')} / "
+             f"{_f(lat.get('batch_of_one_ms_p99'), '.3f')}"],
+            [f"escalation → verdict via {rt.get('broker')} + teacher serve, "
+             f"p50 / p99 ms", f"{_f(rt.get('round_trip_ms_p50'), '.2f')} / "
+             f"{_f(rt.get('round_trip_ms_p99'), '.2f')} ({rt.get('verdicts')} "
+             f"verdicts of {rt.get('escalations')} escalations, "
+             f"{_f(rt.get('rate_achieved_per_s'), ',')}/s)"],
+            ["edge-agent run on the whole log, peak RSS (VmHWM), MiB",
+             _f(rss.get("peak_rss_mb"), ".1f") + (
+                 f" (exit {rss.get('exit_code')}: {rss.get('summary', '')[:90]})"
+                 if rss.get("exit_code") else "")],
+            [f"edge-agent run start → retained online status, s "
+             f"({proc.get('runs')} runs)", _rng(proc.get("startup_to_online_s"),
+                                                ".2f")],
+            [f"edge-agent run on {proc.get('flows_per_run')} flows, peak RSS "
+             "(VmHWM), MiB", _rng(proc.get("peak_rss_mib"), ".0f")],
+        ]), "",
+    ]
+
+
 def _pipeline(results: dict[str, Any]) -> list[str]:
     pipe = results.get("pipeline", {})
     lines = []
-    meter = pipe.get("meter")
-    if meter:
-        m, t = meter.get("meter_packets_s") or {}, meter.get("tshark_packets_s") or {}
-        lines += [
-            f"**Flow meter** on `{meter['source']}` repeated {meter['copies']}× "
-            f"({meter['packets']:,} packets, {meter['mbytes']} MB, "
-            f"{meter.get('flows')} flows):", "",
-            *_table(["tool", "packets/s median", "min", "max"], [
-                ["gatewatch flows.meter", _f(m.get("median"), ",.0f"),
-                 _f(m.get("min"), ",.0f"), _f(m.get("max"), ",.0f")],
-                [f"{meter.get('tools', {}).get('tshark', 'tshark')} "
-                 "(-q -z conv,tcp -z conv,udp)", _f(t.get("median"), ",.0f"),
-                 _f(t.get("min"), ",.0f"), _f(t.get("max"), ",.0f")],
-            ]), "",
-            f"Meter / tshark speed, per paired repeat: "
-            f"{_ratio(meter.get('meter_over_tshark'))}. "
-            f"{meter.get('nfstream_note', '')}", "",
-        ]
+    if pipe.get("meter"):
+        lines += _meter(pipe["meter"])
+    if pipe.get("agent_bench"):
+        lines += _agent_bench(pipe["agent_bench"])
     agent = pipe.get("agent")
     if agent:
         fs, paced = agent.get("flows_s") or {}, agent.get("paced") or {}
@@ -187,36 +250,25 @@ def _pipeline(results: dict[str, Any]) -> list[str]:
         lines += [
             f"**Agent** (`{agent['artifact'].rsplit('/', 1)[-1]}` artifact, "
             f"{agent['flows']:,} records of `{agent['input']}`, no broker): "
-            f"{_f(fs.get('median'), ',.0f')} flows/s "
-            f"({_f(fs.get('min'), ',.0f')}–{_f(fs.get('max'), ',.0f')}) scoring, "
-            f"deciding and storing escalations in the outbox; decisions "
-            f"{agent.get('decisions')}. On its {agent.get('benign_flows'):,} benign "
-            f"flows only (few escalations): {_f(bf.get('median'), ',.0f')} flows/s "
-            f"({_f(bf.get('min'), ',.0f')}–{_f(bf.get('max'), ',.0f')}). "
-            f"Paced at {paced.get('rate_flows_s'):,.0f} flows/s ({paced.get('input')}, "
-            f"micro-batches ≤ {paced.get('max_batch')}, wait ≤ "
-            f"{paced.get('max_wait_ms'):.0f} ms): decision latency p50 "
+            f"{_rng(fs, ',.0f')} flows/s scoring, deciding and storing escalations "
+            f"in the outbox; decisions {agent.get('decisions')}. On its "
+            f"{agent.get('benign_flows'):,} benign flows only: {_rng(bf, ',.0f')} "
+            f"flows/s. Paced at {paced.get('rate_flows_s'):,.0f} flows/s "
+            f"({paced.get('input')}): decision latency p50 "
             f"{_f(paced.get('decision_ms_p50'), '.2f')} ms, p99 "
-            f"{_f(paced.get('decision_ms_p99'), '.2f')} ms over "
-            f"{paced.get('flows')} flows.", "",
+            f"{_f(paced.get('decision_ms_p99'), '.2f')} ms.", "",
         ]
     broker = pipe.get("broker")
     if broker:
         rt = broker.get("round_trip_ms") or {}
         proc = broker.get("agent_process") or {}
-        su, rss = proc.get("startup_to_online_s") or {}, proc.get("peak_rss_mib") or {}
         lines += [
             f"**Escalation → verdict** through {broker['broker']} with `teacher serve`"
             f": p50 {_f(rt.get('p50'), '.2f')} ms, p99 {_f(rt.get('p99'), '.2f')} ms "
-            f"(min {_f(rt.get('min'), '.2f')}, max {_f(rt.get('max'), '.2f')}) over "
-            f"{rt.get('n')} sequential escalations ({rt.get('lost')} unanswered); "
-            f"first verdict after start {_f(broker.get('first_verdict_s'), '.1f')} s.",
-            "",
-            f"**Agent process** (`edge-agent run`, {proc.get('runs')} runs on "
-            f"{proc.get('flows_per_run')} flows): start to retained online status "
-            f"{_f(su.get('median'), '.2f')} s ({_f(su.get('min'), '.2f')}–"
-            f"{_f(su.get('max'), '.2f')}); peak RSS {_f(rss.get('median'), '.0f')} MiB "
-            f"({_f(rss.get('min'), '.0f')}–{_f(rss.get('max'), '.0f')}).", "",
+            f"over {rt.get('n')} sequential escalations ({rt.get('lost')} "
+            f"unanswered). **Agent process**: start to online status "
+            f"{_rng(proc.get('startup_to_online_s'), '.2f')} s, peak RSS "
+            f"{_rng(proc.get('peak_rss_mib'), '.0f')} MiB.", "",
         ]
     if pipe.get("agent_note"):
         lines += [pipe["agent_note"], ""]

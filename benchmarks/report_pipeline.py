@@ -1,14 +1,12 @@
 """Pipeline measurements: flow meter vs tshark, the agent, the MQTT round trip.
 
-* **Meter**: a larger capture is built by repeating the packets of a real pcap with
-  shifted timestamps; :func:`flows.meter.read_capture` and ``tshark -q -z conv,...``
-  (its conversation table, tshark's nearest flow view) read the same file in turn.
-* **Agent**: :class:`edge_agent.agent.Agent` (no broker: escalations go to its
-  outbox) scores real conn.log records as fast as they come (flows/s) and paced at a
-  fixed rate (decision latency, arrival to decision).
-* **Round trip**: escalations built the way the agent builds them are published to a
-  broker this module starts on 127.0.0.1; ``teacher serve`` answers; the time from
-  publish to the verdict's arrival is one sample.
+* **Meter**: :mod:`benchmarks.bench_meter` builds one large capture from the shared
+  pcaps; its meter child (one core) and tshark read it in turn, ``repeats`` times,
+  and NFStream once where it imports.
+* **Agent**: :mod:`benchmarks.bench_agent` (when present) measures flows/s with its
+  split into encode / window / score, the decision latency of a paced live source,
+  the escalation -> verdict round trip through mosquitto and ``teacher serve``, and
+  peak RSS; without it, the same is measured here with the product's API.
 * **Agent process**: ``edge-agent run`` as a child process: time from start to its
   retained "online" status on the broker, and its peak RSS (``wait4``).
 """
@@ -17,9 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -33,20 +29,14 @@ import numpy as np
 from benchmarks.report_timing import ratio_stats, spread
 
 __all__ = [
+    "agent_bench",
     "agent_process",
     "agent_throughput",
-    "build_pcap",
     "meter_vs_tshark",
     "round_trip",
 ]
 
 BIN = Path(sys.executable).parent
-PCAP_MAGIC = {
-    b"\xd4\xc3\xb2\xa1": ("<", 1e-6),
-    b"\xa1\xb2\xc3\xd4": (">", 1e-6),
-    b"\x4d\x3c\xb2\xa1": ("<", 1e-9),
-    b"\xa1\xb2\x3c\x4d": (">", 1e-9),
-}
 
 
 def _pct(values: Any, q: float) -> float | None:
@@ -57,83 +47,53 @@ def _pct(values: Any, q: float) -> float | None:
 # ------------------------------------------------------------------ meter
 
 
-def build_pcap(source: Path, copies: int, dest: Path) -> int:
-    """Write ``copies`` repeats of a classic pcap's packets, each later in time.
+def meter_vs_tshark(data_dir: Path, packets: int, repeats: int) -> dict[str, Any]:
+    """Packets/s of the flow meter and of tshark on one capture, repeats in turn."""
+    from benchmarks import bench_meter as bm
 
-    Each copy is shifted by the capture's span plus 10 minutes, so connections of
-    one copy have ended before the next starts. Returns the packet count.
-    """
-    data = source.read_bytes()
-    if data[:4] not in PCAP_MAGIC:
-        raise ValueError(f"{source}: not a classic pcap file")
-    order = PCAP_MAGIC[data[:4]][0]
-    rec = struct.Struct(order + "IIII")
-    packets = []
-    pos = 24
-    while pos + 16 <= len(data):
-        sec, frac, incl, orig = rec.unpack_from(data, pos)
-        packets.append((sec, frac, incl, orig, data[pos + 16 : pos + 16 + incl]))
-        pos += 16 + incl
-    span = packets[-1][0] - packets[0][0] + 600 if packets else 600
-    with open(dest, "wb") as out:
-        out.write(data[:24])
-        for k in range(copies):
-            for sec, frac, incl, orig, body in packets:
-                out.write(rec.pack(sec + k * span, frac, incl, orig))
-                out.write(body)
-    return len(packets) * copies
-
-
-def meter_vs_tshark(source: Path, copies: int, repeats: int) -> dict[str, Any]:
-    """Packets/s of the flow meter and of tshark on one built capture, in turn."""
-    from flows.meter import read_capture
-
-    tshark = shutil.which("tshark")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "bench.pcap"
-        packets = build_pcap(source, copies, path)
+    sources = bm.shared_captures(data_dir)
+    with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
+        path = Path(tmp) / "big.pcap"
+        built = bm.build_capture(sources, path, packets)
+        n = built["packets"]
         out: dict[str, Any] = {
-            "source": source.name,
-            "copies": copies,
-            "packets": packets,
-            "mbytes": round(path.stat().st_size / 1e6, 2),
-            "tools": {"gatewatch": "flows.meter.read_capture"},
+            "capture": {k: built[k] for k in ("packets", "repetitions", "bytes",
+                                              "sources")},
+            "via": "benchmarks.bench_meter (run_meter, run_tshark, run_nfstream)",
         }
-        meter_pps: list[float] = []
-        tshark_pps: list[float] = []
-        flows = None
+        runs: dict[str, list[dict]] = {"meter": [], "tshark": []}
         for _ in range(repeats):
-            start = time.perf_counter()
-            result = read_capture(path)
-            meter_pps.append(packets / (time.perf_counter() - start))
-            flows = result.table.num_rows
-            if tshark:
-                start = time.perf_counter()
-                subprocess.run(
-                    [tshark, "-r", str(path), "-n", "-q", "-z", "conv,tcp",
-                     "-z", "conv,udp"],
-                    check=True, capture_output=True, timeout=600,
-                )
-                tshark_pps.append(packets / (time.perf_counter() - start))
-        out["flows"] = flows
-        out["meter_packets_s"] = spread(meter_pps)
-        if tshark:
-            version = subprocess.run(
-                [tshark, "--version"], capture_output=True, text=True, check=False
-            ).stdout.splitlines()[:1]
-            first = (version or ["tshark"])[0]
-            out["tools"]["tshark"] = first.split(" (Git")[0]
-            out["tshark_packets_s"] = spread(tshark_pps)
-            out["meter_over_tshark"] = ratio_stats(meter_pps, tshark_pps)
-        else:
-            out["tshark_packets_s"] = None
-            out["tshark_note"] = "tshark is not on PATH"
-        try:
-            import nfstream  # noqa: F401
-        except ImportError:
-            out["nfstream_note"] = "NFStream is not installed; not compared"
-        else:  # pragma: no cover - not installed here
-            out["nfstream_note"] = "NFStream installed but not wired in yet"
+            runs["meter"].append(bm.run_meter(path))
+            tshark = bm.run_tshark(path)
+            if tshark is not None:
+                runs["tshark"].append(tshark)
+        nfstream = bm.run_nfstream(path, os.environ.get("NFSTREAM_PYTHON"))
+
+    for tool, results in runs.items():
+        if not results:
+            out[tool] = None
+            continue
+        out[tool] = {
+            "packets_s": spread([n / r["wall_s"] for r in results]),
+            "packets_per_cpu_s": spread([n / r["cpu_s"] for r in results]),
+            "flows": results[-1].get("flows"),
+            "peak_rss_mib": spread([r["peak_rss_bytes"] / 2**20 for r in results]),
+            "note": results[-1].get("note"),
+        }
+    if runs["tshark"]:
+        meter_pps = [n / r["wall_s"] for r in runs["meter"]]
+        tshark_pps = [n / r["wall_s"] for r in runs["tshark"]]
+        out["meter_over_tshark"] = ratio_stats(meter_pps, tshark_pps)
+        out["meter_over_tshark_cpu"] = ratio_stats(
+            [n / r["cpu_s"] for r in runs["meter"]],
+            [n / r["cpu_s"] for r in runs["tshark"]])
+    if isinstance(nfstream, dict):
+        out["nfstream"] = {"packets_s": spread([n / nfstream["wall_s"]]),
+                           "flows": nfstream.get("flows")}
+        out["meter_over_nfstream"] = ratio_stats(
+            [n / runs["meter"][-1]["wall_s"]], [n / nfstream["wall_s"]])
+    else:
+        out["nfstream_note"] = str(nfstream)[:200]
     return out
 
 
@@ -231,6 +191,58 @@ def agent_throughput(
         "decision_ms_p99": _pct(lat, 99),
         "decision_ms_max": max(lat) if lat else None,
     }
+    return out
+
+
+def agent_bench(
+    artifact: Path, teacher: Path, conn_log: Path, work: Path, *, flows: int,
+    repeats: int, live_rate: float, live_seconds: float, rt_rate: float,
+    rt_seconds: float, agent_runs: int,
+) -> dict[str, Any]:
+    """The agent's numbers through :mod:`benchmarks.bench_agent`, plus start-up.
+
+    Throughput is repeated ``repeats`` times; latency, the round trip and peak RSS
+    are one run each of many samples. Start-up and ``wait4`` peak RSS come from
+    :func:`agent_process`. Raises ImportError when bench_agent is absent.
+    """
+    from benchmarks import bench_agent as ba
+    from benchmarks.broker import EmbeddedBroker
+
+    work.mkdir(parents=True, exist_ok=True)
+    records = ba.conn_records(conn_log, flows)
+    out: dict[str, Any] = {"via": "benchmarks.bench_agent", "artifact": str(artifact),
+                           "input": conn_log.name, "flows": len(records)}
+    with tempfile.TemporaryDirectory(prefix="gw-agent-") as tmp:
+        runs = []
+        for r in range(repeats):
+            folder = Path(tmp) / f"tp{r}"
+            folder.mkdir()
+            runs.append(ba.bench_throughput(artifact, records, folder, 256))
+        out["throughput"] = {
+            "flows_s": spread([r["flows_per_s"] for r in runs]),
+            "parts_last_run": {k: runs[-1].get(k) for k in (
+                "escalations", "encode_flows_per_s", "window_flows_per_s",
+                "score_flows_per_s", "target")},
+        }
+        # Paced below what the agent sustains, else the queue only grows.
+        sustained = out["throughput"]["flows_s"]["median"] or live_rate
+        rate = min(live_rate, 0.5 * sustained)
+        folder = Path(tmp) / "lat"
+        folder.mkdir()
+        out["latency"] = ba.bench_latency(artifact, records, folder, rate,
+                                          live_seconds, 5.0)
+        out["latency"]["rate_rule"] = (
+            f"min({live_rate:g}, half the measured flows/s)")
+        folder = Path(tmp) / "rt"
+        folder.mkdir()
+        out["round_trip"] = ba.bench_round_trip(artifact, teacher, records, folder,
+                                                rt_rate, rt_seconds)
+        folder = Path(tmp) / "rss"
+        folder.mkdir()
+        out["rss"] = ba.bench_rss(artifact, conn_log, folder)
+    with EmbeddedBroker() as broker:
+        out["agent_process"] = agent_process(artifact, conn_log, broker.url,
+                                             agent_runs, work)
     return out
 
 
@@ -366,12 +378,46 @@ def round_trip(
     return out
 
 
+def _peak_rss_kib(proc: subprocess.Popen) -> int:
+    """Poll a child's VmHWM (KiB) until it exits; the last value read is its peak."""
+    peak = 0
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    return peak
+
+
+def _short_log(conn_log: Path, rows: int, dest: Path) -> Path:
+    """The header and first ``rows`` data rows of a Zeek TSV log, at ``dest``."""
+    lines = conn_log.read_bytes().split(b"\n")
+    head = [ln for ln in lines if ln.startswith(b"#") and not ln.startswith(b"#close")]
+    body = [ln for ln in lines if ln and not ln.startswith(b"#")][:rows]
+    dest.write_bytes(b"\n".join(head + body) + b"\n")
+    return dest
+
+
 def agent_process(
-    artifact: Path, conn_log: Path, url: str, runs: int, work: Path
+    artifact: Path, conn_log: Path, url: str, runs: int, work: Path,
+    rows: int = 500,
 ) -> dict[str, Any]:
-    """``edge-agent run`` as a child: start-up to retained online status, peak RSS."""
+    """``edge-agent run`` as a child: start-up to retained online status, peak RSS.
+
+    Each run reads the first ``rows`` flows of ``conn_log`` (a copy in ``work``), so
+    the runs stay short; peak RSS (VmHWM, polled) covers start-up, scoring and the
+    drain. A subscriber here takes the escalations (the broker acknowledges a
+    message only when someone subscribes), so the agent drains without a re-scorer.
+    """
     from edge_agent import protocol as proto
     from edge_agent.mqtt import MqttLink
+
+    work.mkdir(parents=True, exist_ok=True)
+    conn_log = _short_log(conn_log, rows, work / f"first{rows}.conn.log")
 
     online: dict[str, float] = {}
     seen = threading.Event()
@@ -388,6 +434,7 @@ def agent_process(
     link = MqttLink(url, "bench-status", on_message=on_status)
     link.connect(30)
     link.subscribe(proto.subscription(proto.Channel.STATUS), qos=1)
+    link.subscribe(proto.subscription(proto.Channel.ESCALATIONS), qos=1)
     startup, rss, wall, flows = [], [], [], None
     for r in range(runs):
         gateway = f"proc{r}"
@@ -401,13 +448,12 @@ def agent_process(
         t0 = time.perf_counter()
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        peak = _peak_rss_kib(proc)
         wall.append(time.perf_counter() - t0)
         key = proto.topic("bench", gateway, proto.Channel.STATUS)
         if key in online:
             startup.append(online[key] - t0)
-        rss.append(usage.ru_maxrss / 1024.0)  # KiB on Linux -> MiB
+        rss.append(peak / 1024.0)
         if summary.exists():
             flows = json.loads(summary.read_text()).get("flows")
         if proc.returncode != 0:
@@ -418,5 +464,6 @@ def agent_process(
         "runs": runs, "input": conn_log.name, "flows_per_run": flows,
         "startup_to_online_s": spread(startup),
         "peak_rss_mib": spread(rss),
+        "rss_method": "VmHWM of the child, polled every 20 ms",
         "wall_s": spread(wall),
     }

@@ -46,7 +46,6 @@ EDGE_TARGETS = ("onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8")
 METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "roc_auc", "fpr", "n",
                "threshold")
 CTU50 = "zeek-conn/ctu50-normal-40-day1.conn.log.labeled"
-PCAP = "pcap/test7-malicious.pcap"
 VERSIONED = ("numpy", "pyarrow", "torch", "scikit-learn", "onnx", "onnxruntime",
              "tensorflow-cpu", "ai-edge-litert", "neural-compressor",
              "torch-pruning", "paho-mqtt", "matplotlib", "dpkt")
@@ -74,11 +73,12 @@ class Settings:
     repeats: int = 5
     n_single: int = 300
     n_batches: int = 20
-    meter_copies: int = 100
-    agent_copies: int = 4
-    agent_limit: int | None = None
+    meter_packets: int = 400_000
+    agent_flows: int = 12_000
     paced_rate: float = 2000.0
     paced_seconds: float = 10.0
+    rt_rate: float = 200.0
+    rt_seconds: float = 10.0
     rtt_n: int = 200
     agent_runs: int = 5
     threads: int = 2
@@ -94,8 +94,9 @@ class Settings:
             student="cnn", widths=(16,), prune_ratios=(), distill_epochs=1,
             max_train_rows=6000, max_f1_drop=1.0, torch_int8=False,
             svm_cap=1500, knn_cap=4000, repeats=3, n_single=100, n_batches=5,
-            meter_copies=10, agent_copies=1, agent_limit=1500, paced_rate=1000.0,
-            paced_seconds=2.0, rtt_n=20, agent_runs=1, budget_minutes=5.0,
+            meter_packets=20_000, agent_flows=1500, paced_rate=1000.0,
+            paced_seconds=2.0, rt_rate=50.0, rt_seconds=2.0, rtt_n=20, agent_runs=1,
+            budget_minutes=5.0,
         )
 
     def targets_for(self, dataset: str) -> tuple[str, ...]:
@@ -429,23 +430,30 @@ class Run:
 
         s = self.s
         pipe = self.results["pipeline"]
-        pcap = self.data / PCAP
         with self.step("pipeline: flow meter vs tshark"):
-            pipe["meter"] = rp.meter_vs_tshark(pcap, s.meter_copies, s.repeats)
+            pipe["meter"] = rp.meter_vs_tshark(self.data, s.meter_packets, s.repeats)
         artifact = self._agent_artifact()
-        conn_log = self.data / CTU50
-        if artifact is None:
-            pipe["agent_note"] = "no conn-family artifact was made; agent not measured"
-            return
-        with self.step("pipeline: agent flows/s and decision latency"):
-            pipe["agent"] = rp.agent_throughput(
-                artifact, conn_log, s.agent_copies, max(2, s.repeats // 2),
-                s.paced_rate, s.paced_seconds, limit=s.agent_limit,
-            )
         teacher = self.teachers.get("ctu-conn")
-        if teacher is None:
+        conn_log = self.data / CTU50
+        if artifact is None or teacher is None:
+            pipe["agent_note"] = "no conn-family teacher and artifact; agent skipped"
             return
-        with self.step("pipeline: escalation round trip and agent process"):
+        with self.step("pipeline: agent, round trip, RSS, start-up") as entry:
+            try:
+                pipe["agent_bench"] = rp.agent_bench(
+                    artifact, teacher, conn_log, self.work / "agent",
+                    flows=s.agent_flows, repeats=max(2, s.repeats // 2),
+                    live_rate=s.paced_rate, live_seconds=s.paced_seconds,
+                    rt_rate=s.rt_rate, rt_seconds=s.rt_seconds,
+                    agent_runs=s.agent_runs,
+                )
+                return
+            except ImportError as exc:
+                entry["note"] = f"bench_agent not usable ({exc}); measured here"
+            pipe["agent"] = rp.agent_throughput(
+                artifact, conn_log, 1, max(2, s.repeats // 2), s.paced_rate,
+                s.paced_seconds, limit=s.agent_flows,
+            )
             pipe["broker"] = rp.round_trip(
                 teacher, artifact, conn_log, s.rtt_n, self.work / "broker",
                 s.agent_runs,
