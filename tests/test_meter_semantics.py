@@ -212,5 +212,5 @@ def test_zero_window_letter(tmp_path):
         z(1.4, A4, B4, 1234, 80, 101, 501, "RA"),  # zero window with a RST: no W
     ]
     (r,), _ = convert(tmp_path, frames)
-    assert r["history"] == "ShAwR"
+    assert r["history"] == "ShAawR"  # the pure ACK (a), then its zero window (w)
     assert r["conn_state"] == "RSTO"
