@@ -27,6 +27,10 @@ __all__ = ["TeacherConfig", "TeacherNet"]
 class TeacherConfig:
     """Sizes of the teacher network; the defaults come from the tuning run.
 
+    The NSL-KDD grid (validation with held-out attack types, teacher/README.md)
+    preferred W=1, two conv blocks of 64 filters, dropout 0.3 over W=4, one block,
+    32 filters, dropout 0.1 or 0.5.
+
     ``conv_filters`` holds one entry per convolution block (Conv1d kernel
     ``kernel_size`` + BatchNorm + ReLU + MaxPool 2 while the window is still at
     least 2 long); ``lstm_hidden`` is per direction, the two directions are
