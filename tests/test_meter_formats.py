@@ -355,3 +355,22 @@ def test_udp_tunnels_meter_outer_and_inner(tmp_path, port):
     assert ports == sorted([(40000, port), (33000, 53)])
     inner_rec = next(r for r in recs if r["dst_port"] == 53)
     assert inner_rec["src_ip"] == A4 and inner_rec["orig_ip_bytes"] == 33
+
+
+def test_modified_pcap_with_longer_record_headers(tmp_path):
+    """The "modified" pcap format (magic 0xa1b2cd34) has 24-byte record headers."""
+    out = [struct.pack("<IHHiIII", 0xA1B2CD34, 2, 4, 0, 0, 65535, 1)]
+    for t, pkt in handshake():
+        frame = eth(pkt)
+        sec = int(t)
+        out.append(
+            struct.pack("<IIII", sec, round((t - sec) * 1e6), len(frame), len(frame))
+            + struct.pack("<IHBx", 2, 0x0800, 0)
+        )
+        out.append(frame)
+    path = tmp_path / "kuz.pcap"
+    path.write_bytes(b"".join(out))
+    res = read_capture(path)
+    assert res.format == "pcap" and not res.partial
+    (rec,) = rows(res)
+    expect_handshake(rec)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 PCAP_MAGIC_US = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
+PCAP_MAGIC_KUZNETZOV = 0xA1B2CD34  # "modified" pcap: 24-byte record headers
+_PCAP_MAGICS = (PCAP_MAGIC_US, PCAP_MAGIC_NS, PCAP_MAGIC_KUZNETZOV)
 PCAPNG_SHB = 0x0A0D0D0A
 PCAPNG_BOM = 0x1A2B3C4D
 
@@ -100,9 +102,10 @@ class CaptureReader:
             if magic_le == PCAPNG_SHB:
                 self.format = "pcapng"
                 yield from self._pcapng()
-            elif magic_le in (PCAP_MAGIC_US, PCAP_MAGIC_NS) or struct.unpack_from(
-                ">I", self._buf, self._pos
-            )[0] in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
+            elif (
+                magic_le in _PCAP_MAGICS
+                or struct.unpack_from(">I", self._buf, self._pos)[0] in _PCAP_MAGICS
+            ):
                 self.format = "pcap"
                 yield from self._pcap()
             else:
@@ -121,12 +124,13 @@ class CaptureReader:
             return
         buf, pos = self._buf, self._pos
         magic = struct.unpack_from("<I", buf, pos)[0]
-        if magic in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
+        if magic in _PCAP_MAGICS:
             order = "<"
         else:
             order = ">"
             magic = struct.unpack_from(">I", buf, pos)[0]
         scale = 1e-9 if magic == PCAP_MAGIC_NS else 1e-6
+        hdr = 24 if magic == PCAP_MAGIC_KUZNETZOV else 16
         _, _, _, _, snaplen, link_raw = struct.unpack_from(
             order + "HHiIII", buf, pos + 4
         )
@@ -139,27 +143,27 @@ class CaptureReader:
         counts = 0
         try:
             while True:
-                if len(self._buf) - self._pos < 16 and not self._fill(16):
+                if len(self._buf) - self._pos < hdr and not self._fill(hdr):
                     left = len(self._buf) - self._pos
                     if left:
                         self._stop(
                             "cut",
                             f"the file ends inside a record header "
-                            f"({left} of 16 bytes)",
+                            f"({left} of {hdr} bytes)",
                         )
                     return
                 buf, pos = self._buf, self._pos
                 sec, frac, incl, orig = unpack(buf, pos)
-                if incl > MAX_RECORD or (orig and incl > orig + 16 and incl > snaplen):
+                if incl > MAX_RECORD or (orig and incl > orig + hdr and incl > snaplen):
                     self._stop(
                         "garbage",
                         f"record header claims {incl} captured bytes "
                         f"(wire length {orig}, snap length {snaplen})",
                     )
                     return
-                if len(buf) - pos < 16 + incl:
-                    if not self._fill(16 + incl):
-                        left = len(self._buf) - self._pos - 16
+                if len(buf) - pos < hdr + incl:
+                    if not self._fill(hdr + incl):
+                        left = len(self._buf) - self._pos - hdr
                         self._stop(
                             "cut",
                             f"the file ends inside a packet record "
@@ -168,12 +172,12 @@ class CaptureReader:
                         return
                     buf, pos = self._buf, self._pos
                 offset = self._base + pos
-                self._pos = pos + 16 + incl
+                self._pos = pos + hdr + incl
                 counts += 1
                 yield (
                     sec + frac * scale,
                     link,
-                    buf[pos + 16 : pos + 16 + incl],
+                    buf[pos + hdr : pos + hdr + incl],
                     orig or incl,
                     offset,
                 )
