@@ -12,8 +12,11 @@
 * ``tflite-micro``: the int8 model as a C array (``model.cc`` + ``model.h``) and the
   list of builtin ops a TFLite Micro op resolver must register.
 
-Every exported model ends in a sigmoid: it outputs the probability of anomaly
-``[B, 1]``.
+Float models end in a sigmoid and output the probability of anomaly ``[B, 1]``. int8
+models output the logit instead (``output.kind = "logit"`` in the manifest; the
+runtime applies the sigmoid after dequantizing): a quantized probability has a fixed
+step of 1/256, which merges every window below 0.004 into one score, while a
+quantized logit keeps a relative resolution at every probability.
 """
 
 from __future__ import annotations
@@ -48,20 +51,25 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class ProbabilityModel(nn.Module):
-    """Wraps a logit model: ``x [B, W, F] -> probability [B, 1]``."""
+    """Wraps a logit model: ``x [B, W, F] -> probability [B, 1]`` (or logit [B, 1])."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, output: str = "probability") -> None:
         super().__init__()
         self.model = model
+        self.output = output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Probability of anomaly per window, shape ``[B, 1]``."""
-        return torch.sigmoid(self.model(x)).unsqueeze(1)
+        """Probability of anomaly (or its logit) per window, shape ``[B, 1]``."""
+        z = self.model(x).unsqueeze(1)
+        return torch.sigmoid(z) if self.output == "probability" else z
 
 
-def export_onnx(model: nn.Module, path: Path, window: int, n_features: int) -> Path:
-    """Write the float model (with sigmoid) as ONNX with a dynamic batch axis."""
-    wrapped = ProbabilityModel(model).eval()
+def export_onnx(
+    model: nn.Module, path: Path, window: int, n_features: int,
+    output: str = "probability",
+) -> Path:
+    """Write the model as ONNX with a dynamic batch axis (``output``: or "logit")."""
+    wrapped = ProbabilityModel(model, output).eval()
     example = torch.zeros(2, window, n_features)
     try:
         import warnings
@@ -177,13 +185,20 @@ def export_tflite(
     window: int,
     n_features: int,
     timeout: float = 600.0,
+    output: str | None = None,
 ) -> dict[str, Any]:
-    """Convert a student to TFLite in a child process; a crash is an ExportError."""
+    """Convert a student to TFLite in a child process; a crash is an ExportError.
+
+    ``output`` is "probability" or "logit" (default: logit for int8, else
+    probability).
+    """
+    output = output or ("logit" if int8 else "probability")
     target = "tflite-int8" if int8 else "tflite-fp32"
     model = model.eval()
     check = calibration[: min(16, len(calibration))].astype(np.float32)
     with torch.inference_mode():
-        probs = torch.sigmoid(model(torch.from_numpy(check))).numpy()
+        z = model(torch.from_numpy(check))
+        probs = (torch.sigmoid(z) if output == "probability" else z).numpy()
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -199,6 +214,7 @@ def export_tflite(
             "check_windows": str(work / "check.npy"),
             "check_probs": str(work / "probs.npy"),
             "int8": int8,
+            "output": output,
             "window": window,
             "n_features": n_features,
             "out": str(path),
@@ -238,7 +254,8 @@ def export_tflite(
     for line in done.stdout.splitlines():
         if line.startswith("GATEWATCH-RESULT "):
             report = json.loads(line.split(" ", 1)[1])
-    if report.get("keras_max_abs_diff", 0.0) > 1e-4:
+    if report.get("keras_max_abs_diff", 0.0) > 1e-4 * max(1.0, float(
+            np.abs(probs).max(initial=0.0))):
         raise ExportError(
             f"{target}: the Keras rebuild of the {kind} student disagrees with torch "
             f"by {report['keras_max_abs_diff']:.3g} (weight copy is wrong)"

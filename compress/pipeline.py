@@ -67,6 +67,14 @@ MODEL_FILES = {
     "tflite-int8": ["model.tflite"],
     "tflite-micro": ["model.cc", "model.h"],
 }
+# int8 models output the logit (see compress.export): finer steps at low scores.
+OUTPUT_KIND = {
+    "onnx-fp32": "probability",
+    "onnx-int8": "logit",
+    "tflite-fp32": "probability",
+    "tflite-int8": "logit",
+    "tflite-micro": "logit",
+}
 SEARCH_KINDS = ("mlp", "cnn")
 SCORE_BATCH = 4096
 
@@ -304,7 +312,7 @@ def write_model(
     details: dict[str, Any] = {}
     if target.startswith("onnx"):
         fp32 = folder / ("model.onnx" if target == "onnx-fp32" else "fp32.onnx")
-        export_onnx(model, fp32, W, F)
+        export_onnx(model, fp32, W, F, output=OUTPUT_KIND[target])
         if target == "onnx-int8":
             details["quantization"] = quantize_onnx(
                 fp32, folder / "model.onnx", calibration,
@@ -318,7 +326,8 @@ def write_model(
     int8 = target in ("tflite-int8", "tflite-micro")
     path = folder / "model.tflite"
     details["converter"] = export_tflite(
-        model, kind, path, calibration, int8=int8, window=W, n_features=F
+        model, kind, path, calibration, int8=int8, window=W, n_features=F,
+        output=OUTPUT_KIND[target],
     )
     content = path.read_bytes()
     if int8:
@@ -345,7 +354,7 @@ def io_specs(folder: Path, target: str, W: int, F: int) -> tuple[dict, dict]:
         spec = {"shape": [None, W, F], "dtype": "float32", "scale": None,
                 "zero_point": None}
         return spec, {"dtype": "float32", "scale": None, "zero_point": None,
-                      "kind": "probability"}
+                      "kind": OUTPUT_KIND[target]}
     from ai_edge_litert.interpreter import Interpreter
 
     if target == "tflite-micro":
@@ -367,7 +376,7 @@ def io_specs(folder: Path, target: str, W: int, F: int) -> tuple[dict, dict]:
             entry["shape"] = [int(d) for d in detail["shape"]]
         return entry
 
-    return one(inp, True), {**one(out, False), "kind": "probability"}
+    return one(inp, True), {**one(out, False), "kind": OUTPUT_KIND[target]}
 
 
 def _score(scorer: Any, windows: np.ndarray) -> np.ndarray:

@@ -8,8 +8,8 @@ calibration windows (``.npy``, float32 ``[N, W, F]``), whether to make full-int8
 where to write the model. Layer widths are read from the weights, so pruned students
 convert as they are. On success it prints one JSON line with the layer list.
 
-The models take one window (static batch 1) and end in a sigmoid: they output the
-probability of anomaly.
+The models take one window (static batch 1) and output the probability of anomaly
+(a final sigmoid), or its logit when the spec says ``"output": "logit"``.
 """
 
 from __future__ import annotations
@@ -25,19 +25,19 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _mlp(keras: Any, w: dict[str, np.ndarray], W: int, F: int) -> Any:
+def _mlp(keras: Any, w: dict[str, np.ndarray], W: int, F: int, act: Any) -> Any:
     inp = keras.Input((W, F), batch_size=1, name="x")
     h = keras.layers.Flatten(name="flatten")(inp)
     h = keras.layers.Dense(w["fc1.weight"].shape[0], activation="relu", name="fc1")(h)
     h = keras.layers.Dense(w["fc2.weight"].shape[0], activation="relu", name="fc2")(h)
-    out = keras.layers.Dense(1, activation="sigmoid", name="fc")(h)
+    out = keras.layers.Dense(1, activation=act, name="fc")(h)
     model = keras.Model(inp, out)
     for name in ("fc1", "fc2", "fc"):
         model.get_layer(name).set_weights([w[f"{name}.weight"].T, w[f"{name}.bias"]])
     return model
 
 
-def _cnn(keras: Any, w: dict[str, np.ndarray], W: int, F: int) -> Any:
+def _cnn(keras: Any, w: dict[str, np.ndarray], W: int, F: int, act: Any) -> Any:
     inp = keras.Input((W, F), batch_size=1, name="x")
     h = inp
     for name in ("conv1", "conv2"):
@@ -47,7 +47,7 @@ def _cnn(keras: Any, w: dict[str, np.ndarray], W: int, F: int) -> Any:
             name=name,
         )(h)
     h = keras.layers.GlobalAveragePooling1D(name="pool")(h)
-    out = keras.layers.Dense(1, activation="sigmoid", name="fc")(h)
+    out = keras.layers.Dense(1, activation=act, name="fc")(h)
     model = keras.Model(inp, out)
     for name in ("conv1", "conv2"):
         # torch Conv1d [out, in, k] -> Keras Conv1D [k, in, out].
@@ -57,12 +57,12 @@ def _cnn(keras: Any, w: dict[str, np.ndarray], W: int, F: int) -> Any:
     return model
 
 
-def _lstm(keras: Any, w: dict[str, np.ndarray], W: int, F: int) -> Any:
+def _lstm(keras: Any, w: dict[str, np.ndarray], W: int, F: int, act: Any) -> Any:
     hidden = w["lstm.weight_hh_l0"].shape[1]
     inp = keras.Input((W, F), batch_size=1, name="x")
     # unroll=True: the while-loop form crashes the full-int8 converter.
     h = keras.layers.LSTM(hidden, unroll=True, name="lstm")(inp)
-    out = keras.layers.Dense(1, activation="sigmoid", name="fc")(h)
+    out = keras.layers.Dense(1, activation=act, name="fc")(h)
     model = keras.Model(inp, out)
     # Gate order i, f, g, o is the same in torch and Keras; biases add up.
     model.get_layer("lstm").set_weights([
@@ -84,7 +84,8 @@ def convert(spec: dict[str, Any]) -> dict[str, Any]:
 
     weights = dict(np.load(spec["weights"]))
     W, F = int(spec["window"]), int(spec["n_features"])
-    model = BUILDERS[spec["kind"]](keras, weights, W, F)
+    act = "sigmoid" if spec.get("output", "probability") == "probability" else None
+    model = BUILDERS[spec["kind"]](keras, weights, W, F, act)
 
     # The rebuilt float model must match the torch probabilities it was given.
     calib = np.load(spec["calibration"]).astype(np.float32)
