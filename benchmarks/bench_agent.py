@@ -101,28 +101,60 @@ def conn_records(conn_log: Path, n: int) -> list[dict]:
     return out[:n]
 
 
-def bench_throughput(art: Path, records: list[dict], tmp: Path, batch: int) -> dict:
+def calibrated(art: Path, conn_log: Path, tmp: Path, fpr: float) -> dict:
+    """Site thresholds from ``edge-agent calibrate`` on the conn.log (kept in tmp)."""
+    from edge_agent.cli import main as agent_main
+
+    out = tmp / "site_thresholds.json"
+    rc = agent_main(
+        [
+            "calibrate",
+            "--artifact",
+            str(art),
+            "--source",
+            f"zeek:{conn_log}",
+            "--target-fpr",
+            str(fpr),
+            "--out",
+            str(out),
+        ]
+    )
+    if rc != 0:
+        raise RuntimeError("edge-agent calibrate failed")
+    return json.loads(out.read_text())
+
+
+def bench_throughput(
+    art: Path,
+    records: list[dict],
+    tmp: Path,
+    batch: int,
+    thresholds: dict | None = None,
+) -> dict:
     """Flows/s of the whole agent path on one core, and its parts."""
     from edge_agent.agent import Agent
     from edge_agent.outbox import Outbox
     from edge_agent.runtime import load_artifact
     from flows.windows import StreamWindower, record_key
 
+    tag = "site" if thresholds else "artifact"
     scorer = load_artifact(art, threads=1)
     agent = Agent(
         scorer,
         site="bench",
         gateway="g1",
-        outbox=Outbox(tmp / "tp.sqlite"),
+        outbox=Outbox(tmp / f"tp-{tag}.sqlite"),
         max_batch=batch,
+        thresholds=thresholds,
     )
     agent.run_file(records[:2000])  # warm-up (first ONNX runs, caches)
     agent = Agent(
         scorer,
         site="bench",
         gateway="g1",
-        outbox=Outbox(tmp / "tp2.sqlite"),
+        outbox=Outbox(tmp / f"tp2-{tag}.sqlite"),
         max_batch=batch,
+        thresholds=thresholds,
     )
     t0 = time.perf_counter()
     agent.run_file(records)
@@ -147,6 +179,8 @@ def bench_throughput(art: Path, records: list[dict], tmp: Path, batch: int) -> d
     t_score = time.perf_counter() - t0
     c = agent.counters
     return {
+        "thresholds": tag,
+        "escalate_low": agent.thresholds["escalate_low"],
         "flows": c.flows,
         "batch": batch,
         "seconds": round(total, 3),
@@ -180,6 +214,7 @@ def bench_latency(
     rate: float,
     seconds: float,
     max_wait_ms: float,
+    thresholds: dict | None = None,
 ) -> dict:
     """Arrival-to-decision latency of a live source, and a batch of one."""
     from edge_agent.agent import Agent
@@ -193,6 +228,7 @@ def bench_latency(
         gateway="g1",
         outbox=Outbox(tmp / "lat.sqlite"),
         max_wait_ms=max_wait_ms,
+        thresholds=thresholds,
         track_latency=True,
     )
     agent.run_live(paced(records, rate, seconds))
@@ -289,48 +325,96 @@ def bench_round_trip(
     }
 
 
-def bench_rss(art: Path, conn_log: Path, tmp: Path) -> dict:
-    """Peak RSS (VmHWM) of an ``edge-agent run`` child on the whole conn.log."""
-    from benchmarks.broker import EmbeddedBroker
+def _peak_rss(cmd: list[str], stdin_text: str | None = None) -> tuple[int, int, str]:
+    """Run ``cmd``; return (VmHWM in kB, exit code, last stderr line)."""
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE if stdin_text else None,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if stdin_text:
+        import threading
 
+        def feed() -> None:
+            proc.stdin.write(stdin_text)
+            proc.stdin.close()
+
+        threading.Thread(target=feed, daemon=True).start()
+    peak = 0
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    err = proc.stderr.read().strip().splitlines()
+    return peak, proc.returncode, err[-1] if err else ""
+
+
+def bench_rss(art: Path, conn_log: Path, tmp: Path, thresholds: dict) -> dict:
+    """Peak RSS (VmHWM) of ``edge-agent run`` children on the whole conn.log.
+
+    Two sources: ``zeek:`` (through ``flows.readers``, which imports pyarrow) and
+    ``-`` (the same records as JSON lines on stdin, no pyarrow). A plain subscriber
+    takes the escalations, so the broker routes them.
+    """
+    import paho.mqtt.client as paho
+
+    from benchmarks.broker import EmbeddedBroker
+    from edge_agent.sources import iter_conn
+
+    site = tmp / "site_thresholds.json"
+    site.write_text(json.dumps(thresholds))
+    lines = "".join(json.dumps(r) + "\n" for r in iter_conn(conn_log))
+    out = {}
     with EmbeddedBroker() as broker:
-        cmd = [
-            str(Path(sys.executable).parent / "edge-agent"),
-            "run",
-            "--artifact",
-            str(art),
-            "--source",
-            f"zeek:{conn_log}",
-            "--broker",
-            broker.url,
-            "--site",
-            "bench",
-            "--gateway",
-            "rss",
-            "--outbox",
-            str(tmp / "rss.db"),
-            "--alerts",
-            "",
-            "--no-wait-verdicts",
-            "--drain-timeout",
-            "30",
-        ]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        peak = 0
-        while proc.poll() is None:
-            try:
-                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        peak = max(peak, int(line.split()[1]))
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.02)
-        err = proc.stderr.read().decode()
-    return {
-        "peak_rss_mb": round(peak / 1024, 1),
-        "exit_code": proc.returncode,
-        "summary": err.strip().splitlines()[-1] if err.strip() else "",
-    }
+        sink = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id="rss-sink", protocol=paho.MQTTv5
+        )
+        sink.connect("127.0.0.1", broker.port)
+        sink.loop_start()
+        sink.subscribe("gatewatch/v1/+/+/escalations", qos=1)
+        time.sleep(0.3)
+        for name, source, text in (
+            ("zeek", f"zeek:{conn_log}", None),
+            ("stdin", "-", lines),
+        ):
+            cmd = [
+                str(Path(sys.executable).parent / "edge-agent"),
+                "run",
+                "--artifact",
+                str(art),
+                "--source",
+                source,
+                "--broker",
+                broker.url,
+                "--site",
+                "bench",
+                "--gateway",
+                f"rss-{name}",
+                "--outbox",
+                str(tmp / f"rss-{name}.db"),
+                "--alerts",
+                "",
+                "--no-wait-verdicts",
+                "--drain-timeout",
+                "60",
+                "--thresholds",
+                str(site),
+            ]
+            peak, code, last = _peak_rss(cmd, text)
+            out[name] = {
+                "peak_rss_mb": round(peak / 1024, 1),
+                "exit_code": code,
+                "summary": last,
+            }
+        sink.loop_stop()
+        sink.disconnect()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,6 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--rate", type=float, default=1000.0)
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument(
+        "--target-fpr",
+        type=float,
+        default=0.01,
+        help="calibrate site thresholds to this benign escalation rate",
+    )
     p.add_argument("--core", type=int, default=0, help="core to pin to (-1: none)")
     p.add_argument("--out")
     args = p.parse_args(argv)
@@ -364,10 +454,21 @@ def main(argv: list[str] | None = None) -> int:
         art = student(args, tmp, conn_log)
         records = conn_records(conn_log, args.flows)
         results["artifact"] = str(art)
-        results["throughput"] = bench_throughput(art, records, tmp, args.batch)
-        print("throughput", results["throughput"], flush=True)
+        site = calibrated(art, conn_log, tmp, args.target_fpr)
+        results["site_thresholds"] = site
+        as_built = bench_throughput(art, records, tmp, args.batch)
+        results["throughput_artifact_thresholds"] = as_built
+        print("throughput (artifact thresholds)", as_built, flush=True)
+        results["throughput"] = bench_throughput(art, records, tmp, args.batch, site)
+        print("throughput (site thresholds)", results["throughput"], flush=True)
         results["latency"] = bench_latency(
-            art, records, tmp, args.live_rate, min(args.seconds, 3.0), args.max_wait_ms
+            art,
+            records,
+            tmp,
+            args.live_rate,
+            min(args.seconds, 3.0),
+            args.max_wait_ms,
+            site,
         )
         print("latency", results["latency"], flush=True)
         from edge_agent.runtime import load_artifact
@@ -380,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             art, ckpt, records, tmp, args.rate, args.seconds
         )
         print("round_trip", results["round_trip"], flush=True)
-        results["rss"] = bench_rss(art, conn_log, tmp)
+        results["rss"] = bench_rss(art, conn_log, tmp, site)
         print("rss", results["rss"], flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

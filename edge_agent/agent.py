@@ -96,7 +96,8 @@ def load_thresholds(scorer: Any) -> tuple[dict[str, float], str]:
 def decide(scores: np.ndarray, thresholds: dict[str, float]) -> np.ndarray:
     """Decision codes per score: 0 benign, 1 escalate, 2 alert."""
     lo, hi = thresholds["escalate_low"], thresholds["alert"]
-    return (scores >= lo).astype(np.int8) + (scores >= hi).astype(np.int8)
+    s = np.asarray(scores, dtype=np.float64)  # no rounding of the thresholds
+    return (s >= lo).astype(np.int8) + (s >= hi).astype(np.int8)
 
 
 _DECISIONS = (proto.Decision.BENIGN, proto.Decision.ESCALATE, proto.Decision.ALERT)

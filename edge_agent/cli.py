@@ -49,6 +49,7 @@ _RUN_FLAGS = {
     "tls_key": "client key file for TLS",
     "protocol": "MQTT version: auto (5, else 3.1.1), 5 or 3.1.1",
     "update_public_key": "Ed25519 public key: accept signed model updates",
+    "thresholds": "site thresholds JSON (default: the artifact's site_thresholds.json)",
 }
 _RUN_NUMBERS = {
     "drain_timeout": (float, "seconds to wait for acknowledgements at the end (30)"),
@@ -134,6 +135,19 @@ def _open_alerts(target: str | None):
         raise UsageError(f"cannot open alerts file {target}: {exc}") from exc
 
 
+def _read_thresholds(path: str) -> dict[str, float]:
+    """``escalate_low`` and ``alert`` (and ``decision``) from a thresholds file."""
+    try:
+        data = json.loads(Path(path).read_text())
+        out = {k: float(data[k]) for k in ("escalate_low", "alert")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--thresholds {path}: unreadable ({exc})") from exc
+    if out["escalate_low"] > out["alert"]:
+        raise UsageError(f"--thresholds {path}: escalate_low exceeds alert")
+    out["decision"] = float(data.get("decision", out["escalate_low"]))
+    return out
+
+
 def _model_updater(cfg, scorer) -> Any:
     """The OTA hook of :mod:`edge_agent.ota`, when a public key is configured."""
     try:
@@ -162,6 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = AgentConfig.load(args.config, overrides)
     scorer = load_artifact(cfg.artifact)
     source = open_source(cfg.source, follow=cfg.follow)
+    thresholds = _read_thresholds(cfg.thresholds) if cfg.thresholds else None
     alerts, close_alerts = _open_alerts(cfg.alerts)
     agent = Agent(
         scorer,
@@ -172,6 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_batch=cfg.max_batch,
         max_wait_ms=cfg.max_wait_ms,
         max_hosts=cfg.max_hosts,
+        thresholds=thresholds,
     )
     if cfg.broker:
         agent.link = MqttLink(
@@ -248,13 +264,19 @@ def _report(summary: dict[str, Any], path: str | None) -> None:
 
 
 def fpr_threshold(scores: np.ndarray, fpr: float) -> float:
-    """The lowest threshold at which at most ``fpr`` of ``scores`` reach it."""
-    s = np.sort(np.asarray(scores, dtype=np.float64))
+    """The lowest threshold at which at most ``fpr`` of ``scores`` reach it.
+
+    Computed in the scores' own dtype (float32 from a model), so the next
+    representable value above a score is one the agent's comparison can tell apart.
+    """
+    s = np.sort(np.asarray(scores))
+    if not np.issubdtype(s.dtype, np.floating):
+        s = s.astype(np.float64)
     n = len(s)
     allowed = int(np.floor(fpr * n))
     if allowed >= n:
         return float(s[0])
-    return float(np.nextafter(s[n - allowed - 1], np.inf))
+    return float(np.nextafter(s[n - allowed - 1], s.dtype.type(np.inf)))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

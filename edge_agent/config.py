@@ -69,6 +69,7 @@ class AgentConfig:
     max_hosts: int = 10_000
     session_expiry: int = 3600
     update_public_key: str | None = None
+    thresholds: str | None = None
 
     @classmethod
     def names(cls) -> list[str]:

@@ -173,10 +173,16 @@ def test_calibrate_writes_site_thresholds_the_agent_prefers(tm, tmp_path: Path) 
     assert origin == "site" and thresholds["escalate_low"] == site["escalate_low"]
 
 
-def test_fpr_threshold_is_tight() -> None:
-    s = np.array([0.1, 0.2, 0.2, 0.3, 0.9])
-    assert np.mean(s >= fpr_threshold(s, 0.2)) <= 0.2
-    assert fpr_threshold(s, 0.2) == pytest.approx(0.3, abs=1e-9)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fpr_threshold_is_tight(dtype) -> None:
+    s = np.array([0.1, 0.2, 0.2, 0.3, 0.9], dtype=dtype)
+    t = fpr_threshold(s, 0.2)
+    assert np.mean(s.astype(np.float64) >= t) <= 0.2
+    assert np.mean(s >= t) <= 0.2  # also where numpy compares in float32
+    assert t == pytest.approx(0.3, abs=1e-6)
+    rng = np.random.default_rng(0)
+    many = rng.random(1000).astype(dtype)
+    assert np.mean(many >= fpr_threshold(many, 0.01)) == pytest.approx(0.01)
 
 
 def test_swap_scorer_changes_the_model_atomically(tm, tmp_path: Path) -> None:
