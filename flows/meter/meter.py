@@ -187,9 +187,10 @@ class PacketDamage:
 
 
 # TODO(gap): speed. This is a pure-Python packet path (an inlined Ethernet/IPv4
-# fast path, heap-driven timers); it measures about 1.9e5 packets per second on one
-# core (benchmarks/bench_meter.py, 2M packets), short of the 5e5 target. A compiled packet path (C extension
-# holding the decoder, the table and the TCP endpoint machine) is the way there.
+# fast path, heap-driven timers); it measures about 1.9e5 packets per second on
+# one core (benchmarks/bench_meter.py, 2M packets), short of the 5e5 target. A
+# compiled packet path (a C extension holding the decoder, the table and the TCP
+# endpoint machine) is the way there.
 # TODO(gap): ``service`` stays null (no protocol analyzers), and role flips that
 # Zeek's analyzers make mid-connection (e.g. NTP mode 4 seen first) are not made.
 class FlowMeter:
