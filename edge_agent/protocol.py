@@ -22,6 +22,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from edge_agent import logger
 from flows.errors import BadInputError, UsageError
 from flows.record import CONN_FIELD_NAMES
@@ -293,24 +295,31 @@ def _number(body: Mapping[str, Any], name: str) -> float:
 
 
 def check_window(window: Any, shape: Sequence[int] | None) -> list[list[float]]:
-    """Check that ``window`` is a [W][F] list of finite numbers (of ``shape``)."""
+    """Check that ``window`` is a [W][F] list of finite numbers (of ``shape``).
+
+    The check is vectorized: numpy builds the array once and its dtype tells numbers
+    from anything else (strings, nulls, nested lists).
+    """
     if not isinstance(window, list) or not window:
         raise ProtocolError(RejectKind.WRONG_WINDOW_SHAPE, "window is not a 2-D list")
-    width = None
-    for row in window:
-        if not isinstance(row, list) or (width is not None and len(row) != width):
-            raise ProtocolError(RejectKind.WRONG_WINDOW_SHAPE, "window rows differ")
-        width = len(row)
-        for v in row:
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                raise ProtocolError(RejectKind.BAD_VALUE, "window holds a non-number")
-            if not math.isfinite(v):
-                raise ProtocolError(RejectKind.BAD_VALUE, "window holds NaN or inf")
-    got = (len(window), width or 0)
-    if shape is not None and got != tuple(shape):
+    try:
+        arr = np.asarray(window)
+    except ValueError as exc:
+        raise ProtocolError(
+            RejectKind.WRONG_WINDOW_SHAPE, "window rows differ"
+        ) from exc
+    if arr.ndim != 2:
+        raise ProtocolError(
+            RejectKind.WRONG_WINDOW_SHAPE, f"window has {arr.ndim} dimensions, not 2"
+        )
+    if arr.dtype.kind not in "fiu":
+        raise ProtocolError(RejectKind.BAD_VALUE, "window holds a non-number")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ProtocolError(RejectKind.BAD_VALUE, "window holds NaN or inf")
+    if shape is not None and arr.shape != tuple(shape):
         raise ProtocolError(
             RejectKind.WRONG_WINDOW_SHAPE,
-            f"window shape {got}, expected {tuple(shape)}",
+            f"window shape {arr.shape}, expected {tuple(shape)}",
         )
     return window
 

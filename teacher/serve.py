@@ -322,6 +322,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _logging(args)
     teacher = load_teacher(args.checkpoint)
+    _set_threads(teacher, args.threads)
     tls = None
     if args.tls_ca or args.tls_cert:
         tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key)
@@ -393,6 +394,20 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _set_threads(teacher: Any, threads: int | None) -> None:
+    """Intra-op threads for torch: 1 on the CPU unless told (small batches gain
+    little from more, and on a busy machine extra threads cost many times over)."""
+    import torch
+
+    device = getattr(teacher, "device", None)
+    on_cpu = device is None or getattr(device, "type", "cpu") == "cpu"
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    elif on_cpu:
+        torch.set_num_threads(1)
+    logger.info("teacher on %s, %d torch threads", device, torch.get_num_threads())
+
+
 def _logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if getattr(args, "verbose", 0) else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -411,6 +426,7 @@ def register(subparsers) -> None:
     p.add_argument("--store", default=DEFAULT_STORE, help="alert store (SQLite)")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--threads", type=int, help="torch threads (default 1 on CPU)")
     p.add_argument("--client-id")
     p.add_argument("--username")
     p.add_argument("--password-file")

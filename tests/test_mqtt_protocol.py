@@ -128,3 +128,29 @@ def test_oversized_outgoing_payload_is_refused() -> None:
     with pytest.raises(proto.ProtocolError) as info:
         proto.encode(big)
     assert info.value.kind is proto.RejectKind.OVERSIZED
+
+
+@pytest.mark.parametrize(
+    ("window", "kind"),
+    [
+        ([[0.1, "0.2"]], proto.RejectKind.BAD_VALUE),
+        ([[0.1, None]], proto.RejectKind.BAD_VALUE),
+        ([[0.1, [0.2]]], proto.RejectKind.WRONG_WINDOW_SHAPE),
+        ([0.1, 0.2], proto.RejectKind.WRONG_WINDOW_SHAPE),
+        ([[[0.1]]], proto.RejectKind.WRONG_WINDOW_SHAPE),
+        ([[True, False]], proto.RejectKind.BAD_VALUE),
+        ([[1e308 * 10, 0.0]], proto.RejectKind.BAD_VALUE),
+        ([], proto.RejectKind.WRONG_WINDOW_SHAPE),
+    ],
+)
+def test_window_values_are_checked(window, kind) -> None:
+    with pytest.raises(proto.ProtocolError) as info:
+        proto.check_window(window, None)
+    assert info.value.kind is kind
+
+
+def test_nan_in_json_window_is_rejected() -> None:
+    data = json.dumps(_escalation(window=[[0.1, float("nan"), 0.2]] * 4)).encode()
+    with pytest.raises(proto.ProtocolError) as info:
+        proto.parse_escalation(data, window_shape=(4, 3))
+    assert info.value.kind is proto.RejectKind.BAD_VALUE
