@@ -464,9 +464,9 @@ class Conn:
         return {
             "ts": self.start_ts,
             "uid": None,
-            "src_ip": socket.inet_ntop(family, self.orig_h),
+            "src_ip": _text(family, self.orig_h),
             "src_port": self.orig_p,
-            "dst_ip": socket.inet_ntop(family, self.resp_h),
+            "dst_ip": _text(family, self.resp_h),
             "dst_port": self.resp_p,
             "proto": self.proto,
             "service": None,
@@ -522,6 +522,19 @@ class Conn:
         if os_ == ESTABLISHED and rs == ESTABLISHED:
             return "S1"
         return "OTH"
+
+
+_TEXT: dict[bytes, str] = {}
+
+
+def _text(family: int, addr: bytes) -> str:
+    """An address as text, from a small cache (the same hosts recur in many flows)."""
+    text = _TEXT.get(addr)
+    if text is None:
+        if len(_TEXT) >= 65536:
+            _TEXT.clear()
+        text = _TEXT[addr] = socket.inet_ntop(family, addr)
+    return text
 
 
 def _deliver(ep: Endpoint, start: int, n: int) -> None:

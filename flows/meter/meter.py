@@ -303,15 +303,13 @@ class FlowMeter:
             ):
                 self._ip(
                     ts,
-                    (
-                        4,
-                        data[26:30],
-                        data[30:34],
-                        proto,
-                        total,
-                        data[34 : 14 + total],
-                        total - 20,
-                    ),
+                    4,
+                    data[26:30],
+                    data[30:34],
+                    proto,
+                    total,
+                    data[34 : 14 + total],
+                    total - 20,
                     offset,
                 )
                 return
@@ -338,7 +336,7 @@ class FlowMeter:
             elif pkt == SKIP_LINK:
                 self._damaged(offset, "unknown_link_type", f"unknown link type {link}")
             return
-        self._ip(ts, pkt, offset)
+        self._ip(ts, *pkt, offset)
 
     def _damaged(self, offset: int | None, reason: str, message: str) -> None:
         """Note one damaged packet (a packet with two faults is counted once)."""
@@ -349,8 +347,19 @@ class FlowMeter:
         self._last_damaged = offset
         self.damage.reasons[reason] += 1
 
-    def _ip(self, ts: float, pkt: tuple, offset: int | None) -> None:
-        ver, src, dst, proto, ip_len, l4, l4_len = pkt
+    def _ip(
+        self,
+        ts: float,
+        ver: int,
+        src: bytes,
+        dst: bytes,
+        proto: int,
+        ip_len: int,
+        l4: bytes,
+        l4_len: int,
+        offset: int | None,
+    ) -> None:
+        """One IP packet: find or start its connection and update it."""
         n = len(l4)
         if proto == TCP:
             if n < 20:
@@ -447,7 +456,7 @@ class FlowMeter:
                     dport if dport in _UDP_TUNNELS else sport, l4[8:], ts
                 )
                 if inner is not None and type(inner) is not int:
-                    self._ip(ts, inner, offset)
+                    self._ip(ts, *inner, offset)
             return
 
         if proto != ICMP and proto != ICMP6:
