@@ -1,0 +1,660 @@
+"""Faults between the agent and the alert store: counted escalation by escalation.
+
+The agent runs as the real ``edge-agent run`` command (JSON lines on stdin) and, where
+the fault is the re-scorer's, the re-scorer as the real ``teacher serve`` command;
+both speak to a real mosquitto on 127.0.0.1 (or in network namespaces this test
+makes). The escalations each run must produce are computed independently
+(``Tiny.expected``: own windowing and arithmetic), and at the end the alert store must
+hold exactly those ids, each once.
+
+Covered here (broker stop/start and a kill -9 with the broker down are in
+``test_rescorer.py``):
+
+- a network cut longer than the keepalive (veth pair between two namespaces, link
+  down then up): the agent logs the loss, queues, reconnects and replays;
+- agent SIGKILL while it replays a backlog to a live broker;
+- re-scorer SIGKILL in the middle of its batches, then a restart;
+- the outbox's size cap (the documented drop policy, counted) and a really full
+  disk (a small tmpfs);
+- a corrupt outbox file at start (garbage, a cut file, a damaged WAL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Mosquitto
+from tests.test_rescorer import (  # noqa: F401 - fixtures tm and teacher
+    BIN,
+    _outbox_ids,
+    agent_cmd,
+    teacher,
+    tm,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
+
+
+# ---------------------------------------------------------------------------------
+# helpers
+
+
+def shifted(records: list[dict], copies: int, step: float = 100_000.0) -> list[dict]:
+    """``copies`` copies of the records, each later by ``step`` seconds (new ids)."""
+    out = []
+    for k in range(copies):
+        for rec in records:
+            r = dict(rec)
+            if r.get("ts") is not None:
+                r["ts"] = r["ts"] + k * step
+            out.append(r)
+    return out
+
+
+def store_ids(path: Path) -> list[str]:
+    """Every id in an alert store (read-only; a copy stored twice shows twice)."""
+    if not path.exists():
+        return []
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return [r[0] for r in db.execute("SELECT id FROM escalations")]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        db.close()
+
+
+def settle(path: Path, quiet: float = 1.5, timeout: float = 30.0) -> list[str]:
+    """Store ids once the count has not changed for ``quiet`` seconds."""
+    last, since = None, time.monotonic()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ids = store_ids(path)
+        if len(ids) != last:
+            last, since = len(ids), time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return ids
+        time.sleep(0.1)
+    return store_ids(path)
+
+
+class Serve:
+    """``teacher serve`` as a subprocess (optionally inside a network namespace)."""
+
+    def __init__(self, ckpt: Path, broker: str, store: Path, log: Path, *,
+                 client_id: str = "rs1", prefix: list[str] | None = None,
+                 extra: list[str] | None = None) -> None:
+        self.log = log
+        self.cmd = [*(prefix or []), str(BIN / "teacher"), "serve", "--checkpoint",
+                    str(ckpt), "--broker", broker, "--store", str(store),
+                    "--client-id", client_id, *(extra or [])]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        start = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "a") as handle:
+            self.proc = subprocess.Popen(self.cmd, stdout=handle,
+                                         stderr=subprocess.STDOUT)
+        wait_for(lambda: "serving" in self.log.read_text()[start:], 90,
+                 "teacher serve to start")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_agent(tm, broker: str, outbox: Path, log, *extra: str,
+                prefix: list[str] | None = None) -> subprocess.Popen:
+    """``edge-agent run`` on stdin with a summary next to the outbox."""
+    cmd = agent_cmd(tm, broker, "-", outbox, "g1", "--alerts", "",
+                    "--summary-json", str(outbox) + ".json", "--max-wait-ms", "5",
+                    *extra)
+    cmd.insert(1, "-v")  # INFO: "connected to ..." lines
+    return subprocess.Popen([*(prefix or []), *cmd], stdin=subprocess.PIPE,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def connections(log: Path) -> int:
+    """How many times the agent logged a (re)connection."""
+    return log.read_text().count("connected to ")
+
+
+def start_agent_then_lose_broker(tm, broker: Mosquitto, outbox: Path, log_path: Path,
+                                 log, *extra: str) -> subprocess.Popen:
+    """The agent connected once, then the broker stopped (it cannot start without)."""
+    agent = start_agent(tm, broker.url, outbox, log, *extra)
+    wait_for(lambda: connections(log_path) >= 1, 60, "the agent to connect")
+    broker.stop()
+    return agent
+
+
+def feed(proc: subprocess.Popen, records: list[dict]) -> None:
+    """Write records as JSON lines to the agent's stdin."""
+    proc.stdin.write("".join(json.dumps(r) + "\n" for r in records))
+    proc.stdin.flush()
+
+
+def summary_of(outbox: Path) -> dict:
+    """The summary JSON the agent wrote at exit."""
+    return json.loads(Path(str(outbox) + ".json").read_text())
+
+
+# ---------------------------------------------------------------------------------
+# network cut longer than the keepalive
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+def netns_unavailable() -> str | None:
+    """Why this machine cannot make network namespaces and veth pairs, or None."""
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is not installed"
+    if os.geteuid() != 0:
+        return "making network namespaces needs root"
+    probe = f"gwprobe{uuid.uuid4().hex[:6]}"
+    try:
+        _ip("netns", "add", probe)
+        _ip("link", "add", probe[:12] + "a", "type", "veth", "peer", "name",
+            probe[:12] + "b")
+        _ip("link", "del", probe[:12] + "a")
+    except subprocess.CalledProcessError as exc:
+        return f"ip netns / veth not allowed here: {exc.stderr.strip()}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+class CutNet:
+    """Two namespaces made by the test (broker side, gateway side), one veth pair."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.broker_ns, self.gateway_ns = f"gwfb{tag}", f"gwfg{tag}"
+        self.veth_b, self.veth_g = f"fb{tag}", f"fg{tag}"
+        self.broker_ip, self.gateway_ip = "10.213.7.1", "10.213.7.2"
+
+    def __enter__(self) -> CutNet:
+        _ip("netns", "add", self.broker_ns)
+        _ip("netns", "add", self.gateway_ns)
+        _ip("link", "add", self.veth_b, "type", "veth", "peer", "name", self.veth_g)
+        _ip("link", "set", self.veth_b, "netns", self.broker_ns)
+        _ip("link", "set", self.veth_g, "netns", self.gateway_ns)
+        for ns, dev, addr in ((self.broker_ns, self.veth_b, self.broker_ip),
+                              (self.gateway_ns, self.veth_g, self.gateway_ip)):
+            _ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for ns in (self.broker_ns, self.gateway_ns):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    def prefix(self, ns: str) -> list[str]:
+        """Command prefix that runs a program inside ``ns``."""
+        return ["ip", "netns", "exec", ns]
+
+    def cut(self) -> None:
+        """Take the gateway's end of the link down (packets vanish, no RST)."""
+        _ip("-n", self.gateway_ns, "link", "set", self.veth_g, "down")
+
+    def mend(self) -> None:
+        """Bring the gateway's end up again."""
+        _ip("-n", self.gateway_ns, "link", "set", self.veth_g, "up")
+
+
+@pytest.mark.netns
+def test_network_cut_longer_than_keepalive_loses_nothing(tm, teacher, tmp_path):
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not on PATH")
+    ckpt, _ = teacher
+    keepalive = 2
+    recs = tm.records[2800:]
+    a, b = 600, 1400
+    store = tmp_path / "alerts.sqlite"
+    outbox = tmp_path / "outbox.sqlite"
+    with CutNet() as net, open(tmp_path / "agent.log", "w") as log:
+        conf = tmp_path / "mosquitto.conf"
+        conf.write_text(f"listener 1883 {net.broker_ip}\nallow_anonymous true\n"
+                        "persistence false\nmax_queued_messages 100000\n")
+        broker = subprocess.Popen([*net.prefix(net.broker_ns), "mosquitto", "-c",
+                                   str(conf)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        url = f"mqtt://{net.broker_ip}:1883"
+        serve = Serve(ckpt, url, store, tmp_path / "serve.log",
+                      prefix=net.prefix(net.broker_ns))
+        agent = None
+        try:
+            time.sleep(0.5)
+            serve.start()
+            agent = start_agent(tm, url, outbox, log, "--keepalive", str(keepalive),
+                                prefix=net.prefix(net.gateway_ns))
+            first = tm.expected(recs[:a])
+            feed(agent, recs[:a])
+            wait_for(lambda: len(store_ids(store)) == len(first), 60, "part 1 stored")
+
+            net.cut()
+            upto_b = tm.expected(recs[:b])
+            feed(agent, recs[a:b])
+            # The agent notices the silence within about two keepalives.
+            wait_for(lambda: "lost broker" in (tmp_path / "agent.log").read_text(),
+                     6 * keepalive, "the agent to log the lost broker")
+            wait_for(lambda: _outbox_ids(outbox) >= set(upto_b) - set(first), 30,
+                     "part 2 queued in the outbox")
+            time.sleep(2 * keepalive)  # the cut lasts well past the keepalive
+            assert len(store_ids(store)) == len(first)
+            net.mend()
+            wait_for(lambda: len(store_ids(store)) == len(upto_b), 90,
+                     "replay after the cut")
+
+            feed(agent, recs[b:])
+            agent.stdin.close()
+            assert agent.wait(120) == 0, (tmp_path / "agent.log").read_text()
+        finally:
+            if agent is not None and agent.poll() is None:
+                agent.kill()
+            serve.stop()
+            broker.terminate()
+            broker.wait(10)
+    expected = tm.expected(recs)
+    ids = store_ids(store)
+    assert sorted(ids) == sorted(expected)  # all there, each once
+    summary = summary_of(outbox)
+    assert summary["outbox_pending"] == 0
+    assert summary["escalations_sent"] >= len(expected)
+    assert summary["verdicts_received"] == len(expected)
+    log_text = (tmp_path / "agent.log").read_text()
+    assert log_text.count("lost broker") >= 1
+
+
+# ---------------------------------------------------------------------------------
+# agent SIGKILL while publishing
+
+
+def test_agent_kill_9_while_replaying_to_a_live_broker(tm, teacher, tmp_path):
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not on PATH")
+    ckpt, _ = teacher
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    store = tmp_path / "alerts.sqlite"
+    outbox = tmp_path / "outbox.sqlite"
+    serve = Serve(ckpt, broker.url, store, tmp_path / "serve.log",
+                  extra=["--stats-json", str(tmp_path / "stats.json")])
+    recs = shifted(tm.records, 2)
+    expected = list(tm.expected(recs))  # ids in the order the agent queues them
+    assert len(expected) > 300
+    log = open(tmp_path / "agent.log", "w")
+    agent = None
+    try:
+        serve.start()
+        # A backlog: everything queued while the broker is away.
+        agent = start_agent_then_lose_broker(tm, broker, outbox,
+                                             tmp_path / "agent.log", log)
+        feed(agent, recs)
+        wait_for(lambda: _outbox_ids(outbox) == set(expected), 120,
+                 "the whole backlog in the outbox")
+        broker.start()
+        # Kill it while the replay is under way: some stored, some still queued.
+        wait_for(lambda: len(store_ids(store)) > 0, 60, "the replay to begin")
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+        stored = settle(store)
+        left = _outbox_ids(outbox)
+        assert 0 < len(stored) < len(expected), "the kill came too late to test"
+        assert left, "the outbox was already empty at the kill"
+        # Nothing in between got lost: what is stored or queued is all of it.
+        assert set(stored) | left == set(expected)
+        assert len(stored) == len(set(stored))
+
+        # The restarted agent, with no new input, sends what was left.
+        agent = start_agent(tm, broker.url, outbox, log)
+        agent.stdin.close()
+        assert agent.wait(120) == 0, (tmp_path / "agent.log").read_text()
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.kill()
+        serve.stop()
+        broker.stop()
+        log.close()
+    ids = store_ids(store)
+    assert sorted(ids) == sorted(expected)
+    summary = summary_of(outbox)
+    assert summary["outbox_pending"] == 0
+    assert summary["escalations_sent"] == len(left)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    # Copies: messages acked by the broker but still in the outbox at the kill.
+    assert stats["duplicates"] == len(left & set(stored))
+
+
+# ---------------------------------------------------------------------------------
+# re-scorer SIGKILL mid-batch
+
+
+@pytest.mark.xfail(strict=True, reason="teacher/serve.py: the re-scorer connects with "
+                   "a clean session (session_expiry 0), so messages the broker had "
+                   "delivered or queued to it are discarded when it dies (reported)")
+def test_rescorer_kill_9_mid_batch_then_restart_loses_nothing(tm, teacher, tmp_path):
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not on PATH")
+    ckpt, _ = teacher
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    store = tmp_path / "alerts.sqlite"
+    outbox = tmp_path / "outbox.sqlite"
+    serve = Serve(ckpt, broker.url, store, tmp_path / "serve.log",
+                  extra=["--max-batch", "8", "--max-wait-ms", "50"])
+    recs = shifted(tm.records, 2)
+    expected = tm.expected(recs)
+    log = open(tmp_path / "agent.log", "w")
+    agent = None
+    try:
+        serve.start()
+        agent = start_agent(tm, broker.url, outbox, log, "--drain-timeout", "90")
+        feed(agent, recs)
+        wait_for(lambda: len(store_ids(store)) >= 16, 60, "the first batches stored")
+        serve.kill()
+        at_kill = len(store_ids(store))
+        assert at_kill < len(expected), "the kill came too late to test"
+        serve.start()
+        agent.stdin.close()
+        assert agent.wait(150) == 0, (tmp_path / "agent.log").read_text()
+        settle(store, quiet=2.0, timeout=60)
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.kill()
+        serve.stop()
+        broker.stop()
+        log.close()
+    ids = store_ids(store)
+    assert len(ids) == len(set(ids))
+    assert sorted(ids) == sorted(expected)
+
+
+# ---------------------------------------------------------------------------------
+# outbox full: the size cap, and a full disk
+
+
+def drop_policy(decisions: list[str], cap: int) -> tuple[list[int], dict[str, int]]:
+    """Which messages (by index) a capped outbox keeps, and drops per decision.
+
+    Written from the rule in edge_agent/outbox.py's docstring: when full, drop the
+    oldest ``escalate``; with none left, a new ``escalate`` is itself dropped and a
+    new ``alert`` pushes out the oldest alert.
+    """
+    kept: list[int] = []
+    dropped = {"alert": 0, "escalate": 0}
+    for i, d in enumerate(decisions):
+        if len(kept) >= cap:
+            uncertain = [j for j in kept if decisions[j] == "escalate"]
+            if uncertain:
+                kept.remove(uncertain[0])
+                dropped["escalate"] += 1
+            elif d == "escalate":
+                dropped["escalate"] += 1
+                continue
+            else:
+                kept.pop(0)
+                dropped["alert"] += 1
+        kept.append(i)
+    return kept, dropped
+
+
+def test_drop_policy_model_matches_the_documented_rule():
+    kept, dropped = drop_policy(["escalate", "alert", "escalate", "alert", "alert"], 2)
+    assert kept == [3, 4] and dropped == {"alert": 1, "escalate": 2}
+    kept, dropped = drop_policy(["alert", "alert", "escalate"], 2)
+    assert kept == [0, 1] and dropped == {"alert": 0, "escalate": 1}
+
+
+def test_outbox_cap_keeps_what_the_policy_says_and_counts_drops(tm, teacher, tmp_path):
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not on PATH")
+    ckpt, _ = teacher
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    store = tmp_path / "alerts.sqlite"
+    outbox = tmp_path / "outbox.sqlite"
+    serve = Serve(ckpt, broker.url, store, tmp_path / "serve.log")
+    recs = tm.records
+    expected = tm.expected(recs)
+    ids, decisions = list(expected), list(expected.values())
+    n_alert = decisions.count("alert")
+    cap = n_alert + 20  # every alert fits; most uncertain ones must go
+    kept, dropped = drop_policy(decisions, cap)
+    assert dropped["escalate"] > 0 and dropped["alert"] == 0
+    log = open(tmp_path / "agent.log", "w")
+    agent = None
+    try:
+        serve.start()
+        agent = start_agent_then_lose_broker(tm, broker, outbox,
+                                             tmp_path / "agent.log", log,
+                                             "--outbox-max", str(cap))
+        feed(agent, recs)
+        want = {ids[i] for i in kept}
+        wait_for(lambda: _outbox_ids(outbox) == want, 120, "the capped outbox")
+        broker.start()
+        agent.stdin.close()
+        assert agent.wait(120) == 0, (tmp_path / "agent.log").read_text()
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.kill()
+        serve.stop()
+        broker.stop()
+        log.close()
+    assert sorted(store_ids(store)) == sorted(want)
+    summary = summary_of(outbox)
+    assert summary["outbox_dropped"] == dropped
+    assert summary["escalations_sent"] == len(want)
+    assert summary["escalate"] + summary["alert"] == len(ids)
+    # every alert survived; the uncertain ones kept are the newest
+    assert {ids[i] for i, d in enumerate(decisions) if d == "alert"} <= want
+
+
+def _mount_tmpfs(where: Path, size: str) -> str | None:
+    """Mount a small tmpfs at ``where``; the reason it cannot be done, or None."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return "mounting a tmpfs needs root and mount(8)"
+    where.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                           str(where)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"mount -t tmpfs refused: {proc.stderr.strip()}"
+    return None
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    where = tmp_path / "disk"
+    reason = _mount_tmpfs(where, "96k")
+    if reason:
+        pytest.skip(reason)
+    yield where
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.mark.xfail(strict=True, reason="edge_agent/outbox.py Outbox.add lets "
+                   "sqlite3.OperationalError ('database or disk is full') out: "
+                   "the agent dies with a traceback instead of dropping by policy "
+                   "or exiting with a gatewatch error (reported)")
+def test_full_disk_under_the_outbox_is_survived_or_reported(tm, small_disk, tmp_path):
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not on PATH")
+    outbox = small_disk / "outbox.sqlite"
+    recs = shifted(tm.records, 6)
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    with open(tmp_path / "agent.log", "w") as log:
+        agent = start_agent_then_lose_broker(tm, broker, outbox,
+                                             tmp_path / "agent.log", log,
+                                             "--drain-timeout", "1")
+        try:
+            feed(agent, recs)
+            agent.stdin.close()
+        except BrokenPipeError:
+            pass  # it died while reading
+        try:
+            code = agent.wait(120)
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+    text = (tmp_path / "agent.log").read_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert code in (0, 3, 6), text[-3000:]
+    assert "full" in text.lower()
+
+
+# ---------------------------------------------------------------------------------
+# a corrupt outbox at start
+
+
+def _real_outbox(path: Path, n: int) -> None:
+    from edge_agent.outbox import Outbox
+
+    box = Outbox(path)
+    for i in range(n):
+        box.add(f"id{i:05d}", "gatewatch/v1/s1/g1/escalations", b"x" * 900, i % 3 == 0)
+    box.close()
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"this is not an SQLite file\n" * 200)
+
+
+def _cut_in_half(path: Path) -> None:
+    _real_outbox(path, 400)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _scribbled_pages(path: Path) -> None:
+    _real_outbox(path, 400)
+    data = bytearray(path.read_bytes())
+    for off in range(4096 * 2, len(data), 4096):  # every page after the schema
+        data[off:off + 64] = b"\xa5" * 64
+    path.write_bytes(bytes(data))
+
+
+def _bad_header(path: Path) -> None:
+    _real_outbox(path, 20)
+    data = bytearray(path.read_bytes())
+    data[16:24] = b"\xff" * 8  # page size and format bytes
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_garbage, _cut_in_half, _scribbled_pages,
+                                    _bad_header],
+                         ids=["garbage", "cut-in-half", "scribbled-pages",
+                              "bad-header"])
+def test_corrupt_outbox_at_start_is_refused_by_name_and_left_alone(tm, tmp_path,
+                                                                   damage):
+    outbox = tmp_path / "outbox.sqlite"
+    damage(outbox)
+    before = outbox.read_bytes()
+    proc = subprocess.run(
+        agent_cmd(tm, "mqtt://127.0.0.1:9", f"zeek:{tm.conn_log}", outbox,
+                  "g1", "--alerts", "", "--connect-timeout", "1"),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: ") or "\nerror: " in proc.stderr
+    assert str(outbox) in proc.stderr and "outbox" in proc.stderr
+    assert outbox.read_bytes() == before  # kept for the operator to look at
+
+
+def test_outbox_with_a_damaged_wal_at_start(tm, tmp_path):
+    """A WAL left by a crash, then damaged: the committed rows still replay."""
+    from edge_agent.outbox import Outbox
+
+    outbox = tmp_path / "outbox.sqlite"
+    box = Outbox(outbox)
+    box.add("first", "gatewatch/v1/s1/g1/escalations", b"{}", True)
+    # Copy the file pair as a crash would leave it (WAL not yet checkpointed).
+    crash = tmp_path / "crash"
+    crash.mkdir()
+    for suffix in ("", "-wal"):
+        src = Path(str(outbox) + suffix)
+        if src.exists():
+            shutil.copy(src, crash / (outbox.name + suffix))
+    box.close()
+    wal = crash / (outbox.name + "-wal")
+    assert wal.exists() and wal.stat().st_size > 0
+    data = bytearray(wal.read_bytes())
+    data[-200:] = b"\x5a" * 200  # the tail of the last frame
+    wal.write_bytes(bytes(data))
+    try:
+        box = Outbox(crash / outbox.name)
+    except Exception as exc:  # a refusal must be the documented kind
+        from flows.errors import BadInputError
+
+        assert isinstance(exc, BadInputError), repr(exc)
+        return
+    try:
+        # A WAL frame with a bad checksum is ignored by SQLite: the row is simply
+        # absent, and the outbox is usable.
+        ids = [m.id for m in box.pending()]
+        assert ids in ([], ["first"])
+        assert box.add("second", "gatewatch/v1/s1/g1/escalations", b"{}", False)
+        assert [m.id for m in box.pending()][-1] == "second"
+    finally:
+        box.close()
+
+
+def _damaged_overflow_pages(path: Path) -> None:
+    """Rows of escalation size (past one page): damage only their overflow pages."""
+    from edge_agent.outbox import Outbox
+
+    box = Outbox(path)
+    for i in range(50):
+        box.add(f"id{i:05d}", "gatewatch/v1/s1/g1/escalations",
+                json.dumps({"window": [[0.5] * 90] * 8, "n": i}).encode(), False)
+    box.close()
+    data = bytearray(path.read_bytes())
+    for off in range(len(data) - 4096 * 20, len(data), 4096):
+        data[off + 8:off + 4000] = b"\x5a" * 3992
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.xfail(strict=True, reason="edge_agent/agent.py _send_loop: the outbox "
+                   "opens (COUNT(*) does not read overflow pages), then pending() "
+                   "raises sqlite3.DatabaseError in the sender thread, which dies; "
+                   "the agent scores on and exits 6 with nothing sent (reported)")
+def test_outbox_damaged_past_its_first_pages_is_refused_or_replayed(
+        tm, mosquitto, tmp_path):
+    outbox = tmp_path / "outbox.sqlite"
+    _damaged_overflow_pages(outbox)
+    proc = subprocess.run(
+        agent_cmd(tm, mosquitto.url, f"zeek:{tm.conn_log}", outbox, "g1",
+                  "--alerts", "", "--no-wait-verdicts", "--drain-timeout", "5"),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]
