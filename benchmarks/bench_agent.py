@@ -260,6 +260,7 @@ def bench_round_trip(
     from edge_agent.runtime import load_artifact
 
     everything = {"decision": 0.0, "escalate_low": 0.0, "alert": 2.0}
+    tmp.mkdir(parents=True, exist_ok=True)
     with EmbeddedBroker() as broker:
         serve_log = open(tmp / "serve.log", "w")
         serve = subprocess.Popen(
@@ -430,7 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--live-rate", type=float, default=2000.0)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--rate", type=float, default=1000.0)
+    p.add_argument(
+        "--rates",
+        type=lambda t: [float(x) for x in t.split(",")],
+        default=[1000.0, 250.0],
+        help="escalations/s, comma-separated",
+    )
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument(
         "--target-fpr",
@@ -461,6 +467,14 @@ def main(argv: list[str] | None = None) -> int:
         print("throughput (artifact thresholds)", as_built, flush=True)
         results["throughput"] = bench_throughput(art, records, tmp, args.batch, site)
         print("throughput (site thresholds)", results["throughput"], flush=True)
+        benign = [r for r in records if r.get("label") == 0]
+        benign = (benign * (len(records) // max(1, len(benign)) + 1))[: len(records)]
+        results["throughput_benign_flows"] = bench_throughput(
+            art, benign, tmp, args.batch, site
+        )
+        print(
+            "throughput (benign flows)", results["throughput_benign_flows"], flush=True
+        )
         results["latency"] = bench_latency(
             art,
             records,
@@ -477,10 +491,13 @@ def main(argv: list[str] | None = None) -> int:
         results["checkpoint"] = str(ckpt)
         if hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-        results["round_trip"] = bench_round_trip(
-            art, ckpt, records, tmp, args.rate, args.seconds
-        )
-        print("round_trip", results["round_trip"], flush=True)
+        results["round_trip"] = []
+        for rate in args.rates:
+            rt = bench_round_trip(
+                art, ckpt, records, tmp / f"rt{rate:g}", rate, args.seconds
+            )
+            results["round_trip"].append(rt)
+            print("round_trip", rt, flush=True)
         results["rss"] = bench_rss(art, conn_log, tmp, site)
         print("rss", results["rss"], flush=True)
     if args.out:
