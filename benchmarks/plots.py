@@ -1,7 +1,8 @@
 """The report's figures (matplotlib, Agg backend, small PNGs).
 
-* ``size_vs_f1.png``: file size against test F1, one panel per dataset, the Pareto
-  frontier (no other model is both smaller and better) drawn as a line;
+* ``size_vs_f1.png``: file size against test F1, one panel per dataset, with the
+  search candidates compress exported but did not publish (light blue), and the
+  Pareto frontier (no other model is both smaller and better) ringed and joined;
 * ``latency_vs_f1.png``: batch-1 latency (median of the repeats, bars from the
   fastest to the slowest repeat) against test F1, with its frontier;
 * ``latency_<dataset>.png``: the distribution of every batch-1 sample per model and
@@ -57,7 +58,7 @@ def _scatter(ax, recs: list[dict[str, Any]], xkey: str, title: str,
             continue
         pts.append((float(x), float(y)))
         kept.append(rec)
-    for rec, (x, y) in zip(kept, pts, strict=True):
+    for n, (rec, (x, y)) in enumerate(zip(kept, pts, strict=True)):
         color = COLORS.get(rec["family"], "black")
         if xrange and rec.get(xrange):
             lo, hi = rec[xrange]
@@ -65,18 +66,42 @@ def _scatter(ax, recs: list[dict[str, Any]], xkey: str, title: str,
                         ms=5, capsize=2, lw=0.8)
         else:
             ax.plot([x], [y], "o", color=color, ms=5)
-        ax.annotate(_label(rec), (x, y), fontsize=6, xytext=(3, 2),
+        # Staggered labels, so models of (nearly) equal size stay readable.
+        ax.annotate(_label(rec), (x, y), fontsize=6, xytext=(4, -8 + 7 * (n % 3)),
                     textcoords="offset points")
     front = pareto(pts)
     if front:
-        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--",
-                color="tab:green", lw=1, label="Pareto frontier")
-        ax.legend(fontsize=7, loc="lower right")
+        fx, fy = [pts[i][0] for i in front], [pts[i][1] for i in front]
+        ax.plot(fx, fy, "o", ms=11, mfc="none", mec="tab:green", mew=1.2,
+                label="Pareto frontier")
+        ax.step(fx, fy, where="post", color="tab:green", lw=1, ls="--")
+        ax.legend(fontsize=7, loc="best")
     ax.set_xscale("log")
     ax.set_title(title, fontsize=9)
     ax.set_ylabel("F1 (test)", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
+
+
+def _other_candidates(results: dict[str, Any], name: str,
+                      recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Exported search candidates (e.g. the unpruned or pruned twin) not published."""
+    published = {(r["model"], r["target"]) for r in recs}
+    out = []
+    for row in results.get("candidates", {}).get(name, []):
+        if row.get("test_f1") is None or not row.get("size_bytes"):
+            continue
+        ratio = float(row.get("prune") or 0.0)
+        model = "student-" + str(row["student"]).replace("-", "")
+        if ratio:
+            model += f"-pruned{int(round(ratio * 100))}"
+        if (model, row["target"]) in published:
+            continue
+        published.add((model, row["target"]))
+        out.append({"model": model + " (cand.)", "family": "candidate",
+                    "target": row["target"], "size_bytes": row["size_bytes"],
+                    "f1": row["test_f1"]})
+    return out
 
 
 def _panels(results: dict[str, Any], xkey: str, xlabel: str, out: Path,
@@ -92,12 +117,7 @@ def _panels(results: dict[str, Any], xkey: str, xlabel: str, out: Path,
     for ax, name in zip(axes[0], datasets, strict=True):
         recs = [r for r in results["records"] if r["dataset"] == name]
         if candidates:
-            for row in results.get("candidates", {}).get(name, []):
-                if row.get("prune") and row.get("test_f1") is not None:
-                    recs.append({"model": f"{row['student']}-p{row['prune']}",
-                                 "family": "candidate", "target": row["target"],
-                                 "size_bytes": row.get("size_bytes"),
-                                 "f1": row["test_f1"]})
+            recs += _other_candidates(results, name, recs)
         _scatter(ax, recs, xkey, name, xrange)
         ax.set_xlabel(xlabel, fontsize=8)
     fig.tight_layout()

@@ -59,13 +59,13 @@ class Settings:
     datasets: tuple[str, ...] = ("ctu-conn", "nsl-kdd", "unsw-nb15")
     targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     teacher_epochs: int = 15
-    teacher_minutes: float = 4.0
+    teacher_minutes: float = 3.0
     samples_per_epoch: int | None = None
     student: str | None = None
-    widths: tuple[int, ...] = (8, 16, 32, 64)
+    widths: tuple[int, ...] = (8, 16, 32)
     prune_ratios: tuple[float, ...] = (0.5,)
-    distill_epochs: int = 8
-    max_train_rows: int | None = 40_000
+    distill_epochs: int = 5
+    max_train_rows: int | None = 20_000
     max_f1_drop: float = 0.01
     torch_int8: bool = True
     svm_cap: int = 10_000
@@ -82,7 +82,7 @@ class Settings:
     rtt_n: int = 200
     agent_runs: int = 5
     threads: int = 2
-    budget_minutes: float = 55.0
+    budget_minutes: float = 50.0
 
     @classmethod
     def quick_settings(cls) -> Settings:
@@ -352,6 +352,11 @@ class Run:
             "manifest_timing": {k: test.get(k) for k in (
                 "latency_us_p50", "latency_us_p99", "throughput_flows_s")},
         }
+        # Same-call ratio against the float teacher that compress timed with it.
+        fp32 = manifest.get("teacher_metrics", {}).get("test", {})
+        if fp32.get("latency_us_p50") and test.get("latency_us_p50"):
+            pending[key]["latency_p50_vs_fp32_in_compress"] = (
+                test["latency_us_p50"] / fp32["latency_us_p50"])
         try:
             import torch
 
@@ -361,12 +366,19 @@ class Run:
                 with torch.no_grad():
                     return program(torch.from_numpy(np.asarray(x, np.float32))).numpy()
 
-            score(self._test_windows[:4])
+            score(self._test_windows[:1])
+            score(self._test_windows[:256])
             scorers[key] = (score, self._test_windows[:512])
         except Exception as exc:  # noqa: BLE001 - fall back to the manifest's timing
-            pending[key]["notes"] = f"model.pt2 not timed here ({exc}); manifest timing"
-            pending[key].update({k: v for k, v in pending[key]["manifest_timing"]
-                                 .items()})
+            # TODO(gap): model.pt2 is exported for a fixed batch; asked compress to
+            # export it with a dynamic batch so it can be timed here like the rest.
+            pending[key]["notes"] = (
+                f"model.pt2 does not run at batch 1 and 256 here "
+                f"({str(exc).splitlines()[0][:80]}); timing from the manifest "
+                "(compress, one repeat)")
+            pending[key].update(pending[key]["manifest_timing"])
+            pending[key]["repeats"] = 1
+            pending[key]["timing_source"] = "manifest (compress, one repeat)"
 
     def _time(self, name, scorers, pending) -> None:
         from teacher.evaluate import one_thread
@@ -431,7 +443,8 @@ class Run:
         s = self.s
         pipe = self.results["pipeline"]
         with self.step("pipeline: flow meter vs tshark"):
-            pipe["meter"] = rp.meter_vs_tshark(self.data, s.meter_packets, s.repeats)
+            pipe["meter"] = rp.meter_vs_tshark(self.data, s.meter_packets,
+                                               min(3, s.repeats))
         artifact = self._agent_artifact()
         teacher = self.teachers.get("ctu-conn")
         conn_log = self.data / CTU50
@@ -581,6 +594,7 @@ def run_benchmarks(settings: Settings, out: Path, work: Path, data: Path) -> Pat
     with contextlib.suppress(OSError):
         run.results["machine"]["load_avg_end"] = list(os.getloadavg())
     run.results["wall_s"] = round(time.monotonic() - run.started, 1)
+    _save_samples(run.samples, work / "samples.npz")
     with run.step("plots"):
         run.results["plots"] = plots.write_all(run.results, run.samples, out)
     (out / "results.json").write_text(json.dumps(run.results, indent=1) + "\n")
@@ -588,6 +602,42 @@ def run_benchmarks(settings: Settings, out: Path, work: Path, data: Path) -> Pat
         (out / "report.md").write_text(report_md.render(run.results))
     (out / "results.json").write_text(json.dumps(run.results, indent=1) + "\n")
     run.say(f"done in {run.results['wall_s'] / 60:.1f} min; report in {out}")
+    return out
+
+
+def _save_samples(samples: dict[str, dict[str, np.ndarray]], path: Path) -> None:
+    """The raw batch-1 latency samples, kept out of the committed results."""
+    flat = {f"{ds}|{key}": arr for ds, per in samples.items()
+            for key, arr in per.items()}
+    if flat:
+        np.savez_compressed(path, **flat)
+
+
+def _load_samples(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    if path.exists():
+        with np.load(path) as data:
+            for name in data.files:
+                ds, key = name.split("|", 1)
+                out.setdefault(ds, {})[key] = data[name]
+    return out
+
+
+def rerender(out: Path, work: Path) -> Path:
+    """Rewrite the plots and report.md of a finished run from its results.json.
+
+    Latency distributions need the raw samples in ``work/samples.npz``; without
+    them the existing distribution figures are kept.
+    """
+    from benchmarks import plots, report_md
+
+    results = json.loads((out / "results.json").read_text())
+    made = plots.write_all(results, _load_samples(work / "samples.npz"), out)
+    kept = {k: v for k, v in results.get("plots", {}).items()
+            if k.startswith("latency_") and k not in made and (out / v).exists()}
+    results["plots"] = {**made, **kept}
+    (out / "report.md").write_text(report_md.render(results))
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     return out
 
 
@@ -606,6 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: runs/bench-NAME, not committed)")
     parser.add_argument("--datasets", help="comma-separated datasets to run")
     parser.add_argument("--repeats", type=int, help="timing repeats")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only redraw the plots and report.md of OUT/NAME")
     return parser
 
 
@@ -622,9 +674,12 @@ def main(argv: list[str] | None = None) -> int:
         settings.repeats = max(1, args.repeats)
     name = args.name or ("quick" if args.quick else "full")
     try:
-        data = data_dir(args.data_dir)
         out = Path(args.out) / name
         work = args.work or REPO / "runs" / f"bench-{name}"
+        if args.report_only:
+            rerender(out.resolve(), Path(work).resolve())
+            return 0
+        data = data_dir(args.data_dir)
         run_benchmarks(settings, out.resolve(), Path(work).resolve(), data)
     except GatewatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
