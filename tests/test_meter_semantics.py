@@ -214,3 +214,67 @@ def test_zero_window_letter(tmp_path):
     (r,), _ = convert(tmp_path, frames)
     assert r["history"] == "ShAawR"  # the pure ACK (a), then its zero window (w)
     assert r["conn_state"] == "RSTO"
+
+
+HS = [
+    lambda t: seg(t, A4, B4, 1234, 80, 100, 0, "S"),
+    lambda t: seg(t + 0.1, B4, A4, 80, 1234, 500, 101, "SA"),
+    lambda t: seg(t + 0.2, A4, B4, 1234, 80, 101, 501, "A"),
+]
+
+
+@pytest.mark.parametrize(
+    "tail, state, history",
+    [
+        # The originator closes, the responder stays open.
+        ([seg(1.3, A4, B4, 1234, 80, 101, 501, "FA")], "S2", "ShAF"),
+        # The responder closes, the originator stays open.
+        ([seg(1.3, B4, A4, 80, 1234, 501, 101, "FA")], "S3", "ShAf"),
+        # The responder resets an established connection.
+        ([seg(1.3, B4, A4, 80, 1234, 501, 101, "R")], "RSTR", "ShAr"),
+    ],
+    ids=["S2", "S3", "RSTR"],
+)
+def test_more_conn_states_after_a_handshake(tmp_path, tail, state, history):
+    frames = [mk(1.0) for mk in HS] + tail
+    (r,), _ = convert(tmp_path, frames)
+    assert (r["conn_state"], r["history"]) == (state, history)
+
+
+@pytest.mark.parametrize(
+    "frames, state, history",
+    [
+        # SYN, then the originator's own RST, nothing from the responder.
+        (
+            [
+                seg(1.0, A4, B4, 1234, 80, 100, 0, "S"),
+                seg(1.1, A4, B4, 1234, 80, 101, 0, "R"),
+            ],
+            "RSTOS0",
+            "SR",
+        ),
+        # A SYN-ACK (its SYN unseen), then a RST, from the responder.
+        (
+            [
+                seg(1.0, B4, A4, 80, 1234, 500, 101, "SA"),
+                seg(1.1, B4, A4, 80, 1234, 501, 0, "R"),
+            ],
+            "RSTRH",
+            "^hr",
+        ),
+        # A SYN-ACK, then a FIN, from the responder.
+        (
+            [
+                seg(1.0, B4, A4, 80, 1234, 500, 101, "SA"),
+                seg(1.1, B4, A4, 80, 1234, 501, 101, "FA"),
+            ],
+            "SHR",
+            "^hf",
+        ),
+    ],
+    ids=["RSTOS0", "RSTRH", "SHR"],
+)
+def test_conn_states_without_a_handshake(tmp_path, frames, state, history):
+    (r,), _ = convert(tmp_path, frames)
+    assert (r["conn_state"], r["history"]) == (state, history)
+    assert (r["src_ip"], r["dst_port"]) == (A4, 80)
