@@ -9,6 +9,9 @@ validation for the exported model. The gate compares validation F1 with the teac
 (``max_f1_drop``); a passing student is then pruned (structured, with fine-tuning) to
 look for a smaller one. The smallest passing artifact is written; every candidate
 tried is a row of the frontier. No candidate passing is a :class:`GateError`.
+
+Kinds searched by default: the MLP, and the temporal CNN where the window has at
+least 3 flows (its kernel); the LSTM only with ``student="lstm"``.
 """
 
 from __future__ import annotations
@@ -544,8 +547,11 @@ def _try(ctx: _Context, target: str, kind: str, width: int, ratio: float,
 def _search(ctx: _Context, target: str, stage: Path) -> tuple[Candidate | None,
                                                                list[Candidate]]:
     """Smallest passing candidate for one target, and every candidate tried."""
+    # A temporal CNN (kernel 3) over a window shorter than 3 only multiplies
+    # padding with most of its taps: an MLP with dead weights, so not searched.
     kinds = [ctx.cfg.student] if ctx.cfg.student else [
-        k for k in SEARCH_KINDS if target in student_targets(k)]
+        k for k in SEARCH_KINDS if target in student_targets(k)
+        and not (k == "cnn" and ctx.prep.window < 3)]
     kinds = [k for k in kinds if target in student_targets(k)]
     if not kinds:
         raise UsageError(f"student {ctx.cfg.student!r} does not support {target}")
