@@ -105,6 +105,7 @@ class ReScorer:
             "verdicts_sent": 0,
             "batches": 0,
             "malicious": 0,
+            "failed": 0,
         }
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._queue: queue.Queue = queue.Queue()
@@ -201,7 +202,16 @@ class ReScorer:
             try:
                 self._handle(batch)
             except Exception:  # noqa: BLE001 - one bad batch must not stop the service
-                logger.exception("re-scoring a batch of %d failed", len(batch))
+                # Acknowledge anyway: unacknowledged messages would stall delivery
+                # once the broker's in-flight window is full.
+                self.counters["failed"] += len(batch)
+                logger.exception(
+                    "re-scoring a batch of %d failed; ids %s",
+                    len(batch),
+                    [e["id"] for e, _ in batch],
+                )
+                for _, token in batch:
+                    self.link.ack(token)
 
     def _handle(self, batch: list[tuple[dict, Any]]) -> None:
         # Copies: seen in this process, or stored by any re-scorer sharing the store.

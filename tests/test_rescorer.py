@@ -413,3 +413,60 @@ def test_bad_escalations_are_rejected_counted_and_the_service_goes_on(
     warned = [r for r in caplog.records if "rejected" in r.getMessage()]
     assert len(warned) == 5  # once per kind
     assert os.path.exists(tmp_path / "alerts.sqlite")
+
+
+class FlakyTeacher:
+    """The real teacher, failing its first call (a CUDA hiccup, say)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.threshold = inner.threshold
+        self.config = inner.config
+        self.version = "flaky"
+        self.calls = 0
+
+    def predict_proba(self, windows):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("device lost")
+        return self.inner.predict_proba(windows)
+
+
+def test_a_failing_batch_is_counted_and_the_service_goes_on(
+    tm, teacher, mosquitto, tmp_path
+):
+    _, teacher_obj = teacher
+    store = AlertStore(tmp_path / "alerts.sqlite")
+    server = ReScorer(
+        FlakyTeacher(teacher_obj),
+        broker=mosquitto.url,
+        store=store,
+        max_batch=1,
+        max_wait_ms=0,
+    )
+    server.start()
+    client = paho.Client(
+        paho.CallbackAPIVersion.VERSION2, client_id="tester2", protocol=paho.MQTTv5
+    )
+    client.connect("127.0.0.1", mosquitto.port)
+    client.loop_start()
+    try:
+        for i in range(3):
+            body = proto.build_escalation(
+                flow=tm.records[i],
+                window=tm.windows[i],
+                score=0.9,
+                decision="alert",
+                model_version="x",
+                site="s1",
+                gateway="g1",
+            )
+            client.publish(
+                "gatewatch/v1/s1/g1/escalations", json.dumps(body), qos=1
+            ).wait_for_publish(5)
+        wait_for(lambda: store.count() == 2, 30, "the two later escalations")
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        server.stop()
+    assert server.counters["failed"] == 1
