@@ -189,50 +189,60 @@ def _meter(meter: dict[str, Any]) -> list[str]:
                  "peak RSS MiB"], rows), "",
         f"Meter / tshark packets/s per paired repeat: wall "
         f"{_ratio(meter.get('meter_over_tshark'))}, CPU "
-        f"{_ratio(meter.get('meter_over_tshark_cpu'))}. tshark counts TCP "
-        f"conversations only. {meter.get('nfstream_note', '')}", "",
+        f"{_ratio(meter.get('meter_over_tshark_cpu'))}"
+        + (f"; meter / NFStream (one run): {_ratio(meter['meter_over_nfstream'])}"
+           if meter.get("meter_over_nfstream") else "")
+        + f". tshark counts TCP conversations only. "
+        f"{meter.get('nfstream_note', '')}", "",
     ]
 
 
-def _agent_bench(ab: dict[str, Any]) -> list[str]:
-    tp, lat = ab.get("throughput", {}), ab.get("latency", {})
-    rt, rss = ab.get("round_trip", {}), ab.get("rss", {})
-    proc = ab.get("agent_process", {})
-    parts = tp.get("parts_last_run", {})
+def _bench_agent(ba: dict[str, Any]) -> list[str]:
+    """bench_agent.py's JSON as a table (its keys read defensively)."""
+    rows = []
+    for key, label in (("throughput_artifact_thresholds", "artifact thresholds"),
+                       ("throughput", "site thresholds (edge-agent calibrate)"),
+                       ("throughput_benign_flows", "benign flows only")):
+        tp = ba.get(key)
+        if isinstance(tp, dict):
+            rows.append([f"flows/s, whole path, no broker, {label}",
+                         f"{_f(tp.get('flows_per_s'), ',')} "
+                         f"({_f(tp.get('escalations'), ',')} escalations; "
+                         f"encode / window / score alone "
+                         f"{_f(tp.get('encode_flows_per_s'), ',')} / "
+                         f"{_f(tp.get('window_flows_per_s'), ',')} / "
+                         f"{_f(tp.get('score_flows_per_s'), ',')})"])
+    lat = ba.get("latency")
+    if isinstance(lat, dict):
+        rate = _f(lat.get("rate_flows_per_s"), ",.0f")
+        rows.append([f"decision latency paced at {rate} flows/s (max wait "
+                     f"{lat.get('max_wait_ms')} ms), p50 / p99 ms",
+                     f"{_f(lat.get('decision_ms_p50'), '.2f')} / "
+                     f"{_f(lat.get('decision_ms_p99'), '.2f')}"])
+        rows.append(["batch of one, p50 / p99 ms",
+                     f"{_f(lat.get('batch_of_one_ms_p50'), '.3f')} / "
+                     f"{_f(lat.get('batch_of_one_ms_p99'), '.3f')}"])
+    rts = ba.get("round_trip")
+    for rt in rts if isinstance(rts, list) else [rts] if rts else []:
+        rows.append([f"escalation → verdict via {rt.get('broker')} + teacher serve at "
+                     f"{_f(rt.get('rate_target_per_s'), ',.0f')}/s, p50 / p99 ms",
+                     f"{_f(rt.get('round_trip_ms_p50'), '.2f')} / "
+                     f"{_f(rt.get('round_trip_ms_p99'), '.2f')} "
+                     f"({rt.get('verdicts')} verdicts of {rt.get('escalations')}, "
+                     f"achieved {_f(rt.get('rate_achieved_per_s'), ',')}/s)"])
+    rss = ba.get("rss")
+    if isinstance(rss, dict):
+        parts = rss.items() if "peak_rss_mb" not in rss else [("run", rss)]
+        for name, r in parts:
+            if isinstance(r, dict):
+                note = (f" (exit {r.get('exit_code')}: {str(r.get('summary'))[:80]})"
+                        if r.get("exit_code") else "")
+                rows.append([f"edge-agent run peak RSS (VmHWM), source {name}, MiB",
+                             _f(r.get("peak_rss_mb"), ".1f") + note])
     return [
-        f"**Agent** (`{ab['artifact'].rsplit('/', 1)[-1]}` artifact, "
-        f"{ab['flows']:,} records of `{ab['input']}`, via `{ab['via']}`):", "",
-        *_table(["measure", "value"], [
-            ["flows/s, whole path, no broker (outbox on disk)",
-             _rng(tp.get("flows_s"), ",.0f")],
-            ["  of which escalations (last run)", _f(parts.get("escalations"), ",")],
-            ["  encode / window / score alone, flows/s",
-             f"{_f(parts.get('encode_flows_per_s'), ',')} / "
-             f"{_f(parts.get('window_flows_per_s'), ',')} / "
-             f"{_f(parts.get('score_flows_per_s'), ',')}"],
-            [f"decision latency, paced at {_f(lat.get('rate_flows_per_s'), ',.0f')} "
-             f"flows/s ({lat.get('rate_rule', '')}; max wait "
-             f"{lat.get('max_wait_ms')} ms), p50 / p99 ms",
-             f"{_f(lat.get('decision_ms_p50'), '.2f')} / "
-             f"{_f(lat.get('decision_ms_p99'), '.2f')}"],
-            ["batch of one, p50 / p99 ms",
-             f"{_f(lat.get('batch_of_one_ms_p50'), '.3f')} / "
-             f"{_f(lat.get('batch_of_one_ms_p99'), '.3f')}"],
-            [f"escalation → verdict via {rt.get('broker')} + teacher serve, "
-             f"p50 / p99 ms", f"{_f(rt.get('round_trip_ms_p50'), '.2f')} / "
-             f"{_f(rt.get('round_trip_ms_p99'), '.2f')} ({rt.get('verdicts')} "
-             f"verdicts of {rt.get('escalations')} escalations, "
-             f"{_f(rt.get('rate_achieved_per_s'), ',')}/s)"],
-            ["edge-agent run on the whole log, peak RSS (VmHWM), MiB",
-             _f(rss.get("peak_rss_mb"), ".1f") + (
-                 f" (exit {rss.get('exit_code')}: {rss.get('summary', '')[:90]})"
-                 if rss.get("exit_code") else "")],
-            [f"edge-agent run start → retained online status, s "
-             f"({proc.get('runs')} runs)", _rng(proc.get("startup_to_online_s"),
-                                                ".2f")],
-            [f"edge-agent run on {proc.get('flows_per_run')} flows, peak RSS "
-             "(VmHWM), MiB", _rng(proc.get("peak_rss_mib"), ".0f")],
-        ]), "",
+        f"**Agent, via `benchmarks/bench_agent.py`** (artifact "
+        f"`{str(ba.get('artifact', '?')).rsplit('/', 1)[-1]}`; one run each, many "
+        "samples):", "", *_table(["measure", "value"], rows), "",
     ]
 
 
@@ -241,15 +251,16 @@ def _pipeline(results: dict[str, Any]) -> list[str]:
     lines = []
     if pipe.get("meter"):
         lines += _meter(pipe["meter"])
-    if pipe.get("agent_bench"):
-        lines += _agent_bench(pipe["agent_bench"])
+    if pipe.get("bench_agent"):
+        lines += _bench_agent(pipe["bench_agent"])
     agent = pipe.get("agent")
     if agent:
         fs, paced = agent.get("flows_s") or {}, agent.get("paced") or {}
         bf = agent.get("benign_flows_s") or {}
         lines += [
-            f"**Agent** (`{agent['artifact'].rsplit('/', 1)[-1]}` artifact, "
-            f"{agent['flows']:,} records of `{agent['input']}`, no broker): "
+            f"**Agent, repeated here** (`{agent['artifact'].rsplit('/', 1)[-1]}` "
+            f"artifact, {agent['flows']:,} records of `{agent['input']}`, no broker, "
+            f"median (min–max) of repeats): "
             f"{_rng(fs, ',.0f')} flows/s scoring, deciding and storing escalations "
             f"in the outbox; decisions {agent.get('decisions')}. On its "
             f"{agent.get('benign_flows'):,} benign flows only: {_rng(bf, ',.0f')} "
@@ -257,6 +268,16 @@ def _pipeline(results: dict[str, Any]) -> list[str]:
             f"({paced.get('input')}): decision latency p50 "
             f"{_f(paced.get('decision_ms_p50'), '.2f')} ms, p99 "
             f"{_f(paced.get('decision_ms_p99'), '.2f')} ms.", "",
+        ]
+    proc = pipe.get("agent_process")
+    if proc:
+        lines += [
+            f"**Agent process** (`edge-agent run`, {proc.get('runs')} runs on "
+            f"{proc.get('flows_per_run')} flows, an escalation sink subscribed): "
+            f"start to retained online status "
+            f"{_rng(proc.get('startup_to_online_s'), '.2f')} s; peak RSS (VmHWM) "
+            f"{_rng(proc.get('peak_rss_mib'), '.0f')} MiB; wall per run "
+            f"{_rng(proc.get('wall_s'), '.2f')} s.", "",
         ]
     broker = pipe.get("broker")
     if broker:

@@ -3,10 +3,12 @@
 * **Meter**: :mod:`benchmarks.bench_meter` builds one large capture from the shared
   pcaps; its meter child (one core) and tshark read it in turn, ``repeats`` times,
   and NFStream once where it imports.
-* **Agent**: :mod:`benchmarks.bench_agent` (when present) measures flows/s with its
-  split into encode / window / score, the decision latency of a paced live source,
-  the escalation -> verdict round trip through mosquitto and ``teacher serve``, and
-  peak RSS; without it, the same is measured here with the product's API.
+* **Agent**: ``benchmarks/bench_agent.py`` (run as a child) measures flows/s with
+  its split into encode / window / score, the decision latency of a paced live
+  source, the escalation -> verdict round trip through mosquitto and ``teacher
+  serve``, and peak RSS. Here, with the product's API, the agent's flows/s is
+  repeated (median and spread) on the log as it is and on its benign flows, and
+  :func:`round_trip` is the fallback when bench_agent.py cannot run.
 * **Agent process**: ``edge-agent run`` as a child process: time from start to its
   retained "online" status on the broker, and its peak RSS (``wait4``).
 """
@@ -29,7 +31,7 @@ import numpy as np
 from benchmarks.report_timing import ratio_stats, spread
 
 __all__ = [
-    "agent_bench",
+    "bench_agent_cli",
     "agent_process",
     "agent_throughput",
     "meter_vs_tshark",
@@ -194,56 +196,35 @@ def agent_throughput(
     return out
 
 
-def agent_bench(
-    artifact: Path, teacher: Path, conn_log: Path, work: Path, *, flows: int,
-    repeats: int, live_rate: float, live_seconds: float, rt_rate: float,
-    rt_seconds: float, agent_runs: int,
+def bench_agent_cli(
+    artifact: Path, teacher: Path, data_dir: Path, work: Path, *, flows: int,
+    live_rate: float, seconds: float, rates: tuple[float, ...],
+    timeout: float = 900,
 ) -> dict[str, Any]:
-    """The agent's numbers through :mod:`benchmarks.bench_agent`, plus start-up.
+    """``benchmarks/bench_agent.py`` as a child on our artifact and teacher.
 
-    Throughput is repeated ``repeats`` times; latency, the round trip and peak RSS
-    are one run each of many samples. Start-up and ``wait4`` peak RSS come from
-    :func:`agent_process`. Raises ImportError when bench_agent is absent.
+    Its JSON (throughput with its parts, paced decision latency, escalation ->
+    verdict round trips through mosquitto and ``teacher serve``, peak RSS of
+    ``edge-agent run``) is returned as it wrote it.
     """
-    from benchmarks import bench_agent as ba
-    from benchmarks.broker import EmbeddedBroker
-
+    script = Path(__file__).resolve().parent / "bench_agent.py"
+    if not script.exists():
+        raise FileNotFoundError(f"{script} is absent")
     work.mkdir(parents=True, exist_ok=True)
-    records = ba.conn_records(conn_log, flows)
-    out: dict[str, Any] = {"via": "benchmarks.bench_agent", "artifact": str(artifact),
-                           "input": conn_log.name, "flows": len(records)}
-    with tempfile.TemporaryDirectory(prefix="gw-agent-") as tmp:
-        runs = []
-        for r in range(repeats):
-            folder = Path(tmp) / f"tp{r}"
-            folder.mkdir()
-            runs.append(ba.bench_throughput(artifact, records, folder, 256))
-        out["throughput"] = {
-            "flows_s": spread([r["flows_per_s"] for r in runs]),
-            "parts_last_run": {k: runs[-1].get(k) for k in (
-                "escalations", "encode_flows_per_s", "window_flows_per_s",
-                "score_flows_per_s", "target")},
-        }
-        # Paced below what the agent sustains, else the queue only grows.
-        sustained = out["throughput"]["flows_s"]["median"] or live_rate
-        rate = min(live_rate, 0.5 * sustained)
-        folder = Path(tmp) / "lat"
-        folder.mkdir()
-        out["latency"] = ba.bench_latency(artifact, records, folder, rate,
-                                          live_seconds, 5.0)
-        out["latency"]["rate_rule"] = (
-            f"min({live_rate:g}, half the measured flows/s)")
-        folder = Path(tmp) / "rt"
-        folder.mkdir()
-        out["round_trip"] = ba.bench_round_trip(artifact, teacher, records, folder,
-                                                rt_rate, rt_seconds)
-        folder = Path(tmp) / "rss"
-        folder.mkdir()
-        out["rss"] = ba.bench_rss(artifact, conn_log, folder)
-    with EmbeddedBroker() as broker:
-        out["agent_process"] = agent_process(artifact, conn_log, broker.url,
-                                             agent_runs, work)
-    return out
+    out = work / "bench_agent.json"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, str(script), "--data-dir", str(data_dir),
+           "--artifact", str(artifact), "--checkpoint", str(teacher),
+           "--flows", str(flows), "--live-rate", str(live_rate),
+           "--seconds", str(seconds), "--rates", ",".join(f"{r:g}" for r in rates),
+           "--core", "-1", "--out", str(out)]
+    with open(work / "bench_agent.log", "wb") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                              timeout=timeout, check=False)
+    if done.returncode != 0 or not out.exists():
+        tail = (work / "bench_agent.log").read_text(errors="replace")[-400:]
+        raise RuntimeError(f"bench_agent.py exited {done.returncode}: {tail}")
+    return json.loads(out.read_text())
 
 
 # ------------------------------------------------------------------ broker

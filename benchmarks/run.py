@@ -451,26 +451,33 @@ class Run:
         if artifact is None or teacher is None:
             pipe["agent_note"] = "no conn-family teacher and artifact; agent skipped"
             return
-        with self.step("pipeline: agent, round trip, RSS, start-up") as entry:
+        with self.step("pipeline: bench_agent.py (latency, round trip, RSS)"):
             try:
-                pipe["agent_bench"] = rp.agent_bench(
-                    artifact, teacher, conn_log, self.work / "agent",
-                    flows=s.agent_flows, repeats=max(2, s.repeats // 2),
-                    live_rate=s.paced_rate, live_seconds=s.paced_seconds,
-                    rt_rate=s.rt_rate, rt_seconds=s.rt_seconds,
-                    agent_runs=s.agent_runs,
+                pipe["bench_agent"] = rp.bench_agent_cli(
+                    artifact, teacher, self.data, self.work / "agent",
+                    flows=s.agent_flows, live_rate=s.paced_rate,
+                    seconds=s.rt_seconds, rates=(s.rt_rate,),
                 )
-                return
-            except ImportError as exc:
-                entry["note"] = f"bench_agent not usable ({exc}); measured here"
+            finally:
+                if "bench_agent" not in pipe:
+                    pipe["broker"] = rp.round_trip(
+                        teacher, artifact, conn_log, s.rtt_n, self.work / "broker",
+                        s.agent_runs,
+                    )
+        with self.step("pipeline: agent flows/s, repeated"):
             pipe["agent"] = rp.agent_throughput(
                 artifact, conn_log, 1, max(2, s.repeats // 2), s.paced_rate,
                 s.paced_seconds, limit=s.agent_flows,
             )
-            pipe["broker"] = rp.round_trip(
-                teacher, artifact, conn_log, s.rtt_n, self.work / "broker",
-                s.agent_runs,
-            )
+        if "broker" not in pipe:
+            with self.step("pipeline: edge-agent run start-up and peak RSS"):
+                from benchmarks.broker import EmbeddedBroker
+
+                with EmbeddedBroker() as broker:
+                    pipe["agent_process"] = rp.agent_process(
+                        artifact, conn_log, broker.url, s.agent_runs,
+                        self.work / "agent",
+                    )
 
     def _agent_artifact(self) -> Path | None:
         arts = self.artifacts.get("ctu-conn", {})
@@ -623,6 +630,26 @@ def _load_samples(path: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+def pipeline_again(settings: Settings, out: Path, work: Path, data: Path) -> Path:
+    """Re-measure only the pipeline of a finished run, then redraw its report."""
+    path = out / "results.json"
+    results = json.loads(path.read_text())
+    run = Run(settings, out, work, data)
+    teacher = work / "teacher-ctu-conn"
+    if teacher.is_dir():
+        run.teachers["ctu-conn"] = teacher
+    arts = work / "artifacts-ctu-conn"
+    run.artifacts["ctu-conn"] = {p.name: p for p in arts.glob("*")
+                                 if (p / "manifest.json").exists()}
+    run.pipeline()
+    results["pipeline"] = run.results["pipeline"]
+    results["steps"] = [e for e in results.get("steps", [])
+                        if not e["step"].startswith("pipeline")] + run.results["steps"]
+    results["pipeline_measured"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    return rerender(out, work)
+
+
 def rerender(out: Path, work: Path) -> Path:
     """Rewrite the plots and report.md of a finished run from its results.json.
 
@@ -656,6 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: runs/bench-NAME, not committed)")
     parser.add_argument("--datasets", help="comma-separated datasets to run")
     parser.add_argument("--repeats", type=int, help="timing repeats")
+    parser.add_argument("--pipeline-only", action="store_true",
+                        help="measure the pipeline again for the run in OUT/NAME "
+                             "(its work folder's ctu-conn teacher and artifacts), "
+                             "then redraw")
     parser.add_argument("--report-only", action="store_true",
                         help="only redraw the plots and report.md of OUT/NAME")
     return parser
@@ -680,6 +711,9 @@ def main(argv: list[str] | None = None) -> int:
             rerender(out.resolve(), Path(work).resolve())
             return 0
         data = data_dir(args.data_dir)
+        if args.pipeline_only:
+            pipeline_again(settings, out.resolve(), Path(work).resolve(), data)
+            return 0
         run_benchmarks(settings, out.resolve(), Path(work).resolve(), data)
     except GatewatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
