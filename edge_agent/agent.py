@@ -139,6 +139,7 @@ class Agent:
         thresholds: dict[str, float] | None = None,
         max_hosts: int = 10_000,
         track_latency: bool = False,
+        status_interval: float = 60.0,
     ) -> None:
         if max_batch < 1 or max_wait_ms < 0:
             raise UsageError("max_batch must be >= 1 and max_wait_ms >= 0")
@@ -151,6 +152,7 @@ class Agent:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_hosts = max_hosts
+        self.status_interval = status_interval
         self.counters = Counters()
         self.rejects = proto.RejectCounter("agent")
         self.latencies: deque[float] | None = (
@@ -446,9 +448,11 @@ class Agent:
 
         A message the broker acknowledged with "no matching subscribers" (no
         re-scorer subscribed at that moment) stays in the outbox and is published
-        again a second later.
+        again a second later. The retained status (with the counters) is refreshed
+        every ``status_interval`` seconds.
         """
         generation, last_seq = -1, 0
+        last_status = time.monotonic()
         while not self._stop.is_set():
             self._wake.wait(0.05)
             self._wake.clear()
@@ -456,6 +460,9 @@ class Agent:
             link = self.link
             if link is None or not link.connected:
                 continue
+            if time.monotonic() - last_status >= self.status_interval:
+                last_status = time.monotonic()
+                self.publish_status("online")
             if link.generation != generation:
                 generation, last_seq = link.generation, 0
             if self._retry_at and time.monotonic() >= self._retry_at:

@@ -58,6 +58,7 @@ _RUN_NUMBERS = {
     "max_wait_ms": (float, "longest a flow waits for its batch to fill (20)"),
     "outbox_max": (int, "most escalations kept unacknowledged (100000)"),
     "keepalive": (int, "MQTT keepalive in seconds (30)"),
+    "status_interval": (float, "seconds between retained status updates (60)"),
 }
 
 
@@ -188,6 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_wait_ms=cfg.max_wait_ms,
         max_hosts=cfg.max_hosts,
         thresholds=thresholds,
+        status_interval=cfg.status_interval,
     )
     if cfg.broker:
         agent.link = MqttLink(

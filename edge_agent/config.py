@@ -70,6 +70,7 @@ class AgentConfig:
     session_expiry: int = 3600
     update_public_key: str | None = None
     thresholds: str | None = None
+    status_interval: float = 60.0
 
     @classmethod
     def names(cls) -> list[str]:

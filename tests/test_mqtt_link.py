@@ -229,6 +229,30 @@ class FolderUpdater:
         return _Result(True, scorer, scorer.model_version)
 
 
+def test_status_is_refreshed_with_counters(tm, mosquitto, tmp_path):
+    agent = Agent(
+        load_artifact(tm.artifact),
+        site="s1",
+        gateway="g1",
+        outbox=Outbox(tmp_path / "o.db"),
+        link=MqttLink(mosquitto.url, "gw"),
+        status_interval=0.3,
+    )
+    watcher = Watcher(mosquitto.port, "gatewatch/v1/s1/g1/status")
+    agent.start()
+    try:
+        agent.run_file(tm.records[:500])
+        wait_for(
+            lambda: any(p["counters"].get("flows") == 500 for _, p, _ in watcher.got),
+            20,
+            "counters in status",
+        )
+    finally:
+        agent.close()
+        watcher.close()
+    assert watcher.got[-1][1]["state"] == "offline"
+
+
 def test_model_topic_swaps_the_scorer_or_reports_why_not(tm, mosquitto, tmp_path):
     agent = Agent(
         load_artifact(tm.artifact),
