@@ -16,7 +16,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -200,19 +199,20 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
 
     Rotation is noticed when the path names a new file (another inode) or the file
     shrank; the old file is read to its end first, then the new one from its start.
-    New lines are parsed by the project's Zeek reader together with the header lines
-    seen so far, so a followed log gives the same records as a whole-file read.
+    Lines are parsed one by one by ``flows.readers.stream`` (the same rules as a
+    whole-file read); a line it cannot parse is rejected, counted and skipped.
     """
+    from flows.readers.stream import TsvLineParser
+
     path = Path(src.target)
-    handle, inode = None, None
-    header: list[str] = []
-    partial = ""
+    handle, inode, parser = None, None, None
+    partial, line_no = "", 0
     while True:
         if handle is None:
             try:
                 handle = open(path, encoding="utf-8", errors="replace", newline="")
                 inode = os.fstat(handle.fileno()).st_ino
-                header, partial = [], ""
+                parser, partial, line_no = TsvLineParser(str(path)), "", 0
             except FileNotFoundError:
                 time.sleep(poll)
                 continue
@@ -220,7 +220,11 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
         if chunk:
             lines = (partial + chunk).split("\n")
             partial = lines.pop()
-            yield from _parse_lines(src, header, lines)
+            for line in lines:
+                line_no += 1
+                rec = _parse_line(src, parser, line.rstrip("\r"), line_no)
+                if rec is not None:
+                    yield rec
             continue
         if _rotated(path, inode, handle):
             handle.close()
@@ -237,28 +241,19 @@ def _rotated(path: Path, inode: int | None, handle) -> bool:
     return st.st_ino != inode or st.st_size < handle.tell()
 
 
-def _parse_lines(src: Source, header: list[str], lines: list[str]) -> Iterator[dict]:
-    data: list[str] = []
-    for line in lines:
-        if not line.strip():
-            continue
-        if line.startswith("#"):
-            if line.startswith("#close"):
-                continue
-            if line.startswith("#separator"):
-                header.clear()
-            header.append(line)
-            continue
-        data.append(line)
-    if not data:
-        return
-    is_json = data[0].lstrip().startswith("{")
-    text = "\n".join(([] if is_json else header) + data) + "\n"
-    with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as tmp:
-        tmp.write(text)
+def _parse_line(src: Source, parser, line: str, line_no: int) -> dict | None:
+    """One followed line: a header line, a TSV or JSON record, or a rejection."""
+    from flows.readers.stream import parse_json_line
+
+    if not line.strip():
+        return None
     try:
-        yield from iter_conn(tmp.name, on_error="skip")
+        if line.startswith("#"):
+            parser.header_line(line, line_no)
+            return None
+        if line.lstrip().startswith("{"):
+            return canonical(parse_json_line(line, src.target, line_no))
+        return canonical(parser.parse(line, line_no))
     except BadInputError as exc:
-        src.reject("unreadable_lines", str(exc))
-    finally:
-        os.unlink(tmp.name)
+        src.reject("bad_line", str(exc))
+        return None

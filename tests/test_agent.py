@@ -139,7 +139,8 @@ def test_follow_reads_growth_and_survives_rotation(tm, tmp_path: Path) -> None:
     thread = threading.Thread(target=consume, daemon=True)
     thread.start()
     with log.open("a") as fh:
-        fh.write("\n".join(data[20:40]) + "\n")
+        fh.write("\n".join(data[20:30]) + "\nnot\ta\tzeek\tline\n")
+        fh.write("\n".join(data[30:40]) + "\n")
     deadline = time.monotonic() + 10
     while len(got) < 40 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -147,6 +148,9 @@ def test_follow_reads_growth_and_survives_rotation(tm, tmp_path: Path) -> None:
     log.write_text("\n".join(header + data[40:]) + "\n")
     thread.join(10)
     assert [r["uid"] for r in got] == [x.split("\t")[1] for x in data]
+    whole = {r["uid"]: r for r in tm.records}
+    assert all(r == whole[r["uid"]] for r in got)  # same records as a whole read
+    assert src.rejected == {"bad_line": 1}
 
 
 def test_calibrate_writes_site_thresholds_the_agent_prefers(tm, tmp_path: Path) -> None:
