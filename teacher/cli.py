@@ -64,7 +64,8 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--samples-per-epoch", type=int, default=None,
-                   help="training samples drawn per epoch (default: the train size)")
+                   help="training samples drawn per epoch (default: the train "
+                        "size, at most 40000)")
     p.add_argument("--no-balance", action="store_true",
                    help="plain shuffling instead of class-weighted sampling")
     p.add_argument("--smote", action="store_true",
@@ -77,6 +78,8 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
     p.add_argument("--input-noise", type=float, default=None,
                    help="std of Gaussian noise on training inputs")
     p.add_argument("--label-smoothing", type=float, default=None)
+    p.add_argument("--ema", type=float, default=None,
+                   help="decay of a moving average of the weights (0: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decays", type=_floats, default=None)
     p.add_argument("--input-noises", type=_floats, default=None)
     p.add_argument("--label-smoothings", type=_floats, default=None)
+    p.add_argument("--emas", type=_floats, default=None)
     p.add_argument("--trial-epochs", type=int, default=8)
     p.add_argument("--trial-samples", type=int, default=40000)
     _add_common(p)
@@ -200,7 +204,8 @@ def _train_config(args: argparse.Namespace, **defaults: Any) -> Any:
               threshold_rule=args.threshold_rule, target_fpr=args.target_fpr,
               samples_per_epoch=args.samples_per_epoch, device=args.device,
               max_minutes=args.max_minutes)
-    for name in ("lr", "weight_decay", "batch_size", "input_noise", "label_smoothing"):
+    for name in ("lr", "weight_decay", "batch_size", "input_noise", "label_smoothing",
+                 "ema"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return TrainConfig(**kw)
@@ -367,7 +372,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                       ("filters", "filters"), ("batch_size", "batch_sizes"),
                       ("dropout", "dropouts"), ("weight_decay", "weight_decays"),
                       ("input_noise", "input_noises"),
-                      ("label_smoothing", "label_smoothings")):
+                      ("label_smoothing", "label_smoothings"), ("ema", "emas")):
         if getattr(args, flag):
             grid[key] = getattr(args, flag)
     grid["window"] = windows

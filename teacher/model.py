@@ -27,9 +27,9 @@ __all__ = ["TeacherConfig", "TeacherNet"]
 class TeacherConfig:
     """Sizes of the teacher network; the defaults come from the tuning run.
 
-    The NSL-KDD grid (validation with held-out attack types, teacher/README.md)
-    preferred W=1, two conv blocks of 64 filters, dropout 0.3 over W=4, one block,
-    32 filters, dropout 0.1 or 0.5.
+    The NSL-KDD grids (validation with held-out attack types, teacher/README.md)
+    preferred W=1 over W=4, three conv blocks of 128 filters over one or two of
+    32 or 64, and dropout 0.3 over 0.1 or 0.5.
 
     ``conv_filters`` holds one entry per convolution block (Conv1d kernel
     ``kernel_size`` + BatchNorm + ReLU + MaxPool 2 while the window is still at
@@ -39,7 +39,7 @@ class TeacherConfig:
 
     n_features: int
     window: int = 1
-    conv_filters: tuple[int, ...] = (64, 64)
+    conv_filters: tuple[int, ...] = (128, 128, 128)
     kernel_size: int = 3
     lstm_hidden: int = 64
     lstm_layers: int = 1

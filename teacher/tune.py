@@ -33,11 +33,11 @@ DEFAULT_GRID: dict[str, list[Any]] = {
     "batch_size": [256, 512],
 }
 
-TRAIN_KEYS = ("weight_decay", "input_noise", "label_smoothing")
+TRAIN_KEYS = ("weight_decay", "input_noise", "label_smoothing", "ema")
 
 COLUMNS = ("rank", "val_f1", "val_loss", "val_auc", "best_epoch", "seconds",
            "window", "lr", "conv_layers", "filters", "batch_size", "dropout",
-           "lstm_hidden", "weight_decay", "input_noise", "label_smoothing")
+           "lstm_hidden", "weight_decay", "input_noise", "label_smoothing", "ema")
 
 
 def _points(grid: dict[str, list[Any]], seed: int) -> list[dict[str, Any]]:
