@@ -50,8 +50,16 @@ def _where(exc: BaseException) -> str:
     return f"{type(exc).__name__} at {Path(last.filename).name}:{last.lineno}"
 
 
-def fuzz_target(kind: str, *, inputs: int, seconds: float | None, rng_seed: int,
-                data_dir: Path | None, out: Path, hang_seconds: float) -> dict:
+def fuzz_target(
+    kind: str,
+    *,
+    inputs: int,
+    seconds: float | None,
+    rng_seed: int,
+    data_dir: Path | None,
+    out: Path,
+    hang_seconds: float,
+) -> dict:
     """Fuzz one target; return its counts."""
     rng = random.Random(f"{rng_seed}:{kind}")
     corpus = seeds(kind, data_dir)
@@ -65,8 +73,11 @@ def fuzz_target(kind: str, *, inputs: int, seconds: float | None, rng_seed: int,
         while n < inputs:
             if seconds is not None and time.perf_counter() - started > seconds:
                 break
-            base = (rng.choice(mutants) if mutants and rng.random() < 0.3
-                    else rng.choice(corpus))
+            base = (
+                rng.choice(mutants)
+                if mutants and rng.random() < 0.3
+                else rng.choice(corpus)
+            )
             data = mutate(base, rng)
             n += 1
             signal.setitimer(signal.ITIMER_REAL, hang_seconds)
@@ -74,12 +85,17 @@ def fuzz_target(kind: str, *, inputs: int, seconds: float | None, rng_seed: int,
                 run_target(kind, data, scratch)
             except Hang:
                 hangs += 1
-                _record(out, kind, "hang", data, "no result within "
-                        f"{hang_seconds} s", failures)
+                _record(
+                    out,
+                    kind,
+                    "hang",
+                    data,
+                    f"no result within {hang_seconds} s",
+                    failures,
+                )
             except Exception as exc:  # noqa: BLE001 - every escape is a finding
                 crashes += 1
-                _record(out, kind, _where(exc), data, traceback.format_exc(),
-                        failures)
+                _record(out, kind, _where(exc), data, traceback.format_exc(), failures)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             if len(mutants) < 256 and rng.random() < 0.01:
@@ -87,13 +103,20 @@ def fuzz_target(kind: str, *, inputs: int, seconds: float | None, rng_seed: int,
     finally:
         scratch.cleanup()
     elapsed = time.perf_counter() - started
-    return {"target": kind, "inputs": n, "seconds": round(elapsed, 2),
-            "inputs_per_s": round(n / elapsed, 1) if elapsed else None,
-            "crashes": crashes, "hangs": hangs, "failures": failures}
+    return {
+        "target": kind,
+        "inputs": n,
+        "seconds": round(elapsed, 2),
+        "inputs_per_s": round(n / elapsed, 1) if elapsed else None,
+        "crashes": crashes,
+        "hangs": hangs,
+        "failures": failures,
+    }
 
 
-def _record(out: Path, kind: str, where: str, data: bytes, text: str,
-            failures: dict[str, int]) -> None:
+def _record(
+    out: Path, kind: str, where: str, data: bytes, text: str, failures: dict[str, int]
+) -> None:
     first = where not in failures
     failures[where] = failures.get(where, 0) + 1
     if first:
@@ -108,12 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--inputs", type=int, default=1_000_000, help="per target")
     p.add_argument("--seconds", type=float, help="stop each target after this long")
-    p.add_argument("--targets", default=",".join(TARGETS),
-                   help=f"comma-separated, of: {', '.join(TARGETS)}")
+    p.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help=f"comma-separated, of: {', '.join(TARGETS)}",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", type=Path,
-                   default=os.environ.get("GATEWATCH_DATA") or
-                   Path(__file__).resolve().parents[2] / "shared" / "data")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=os.environ.get("GATEWATCH_DATA")
+        or Path(__file__).resolve().parents[2] / "shared" / "data",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/fuzz"))
     p.add_argument("--hang-seconds", type=float, default=10.0)
     p.add_argument("--json", type=Path, help="also write the counts here")
@@ -126,13 +155,22 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir if args.data_dir and args.data_dir.is_dir() else None
     results = []
     for kind in kinds:
-        res = fuzz_target(kind, inputs=args.inputs, seconds=args.seconds,
-                          rng_seed=args.seed, data_dir=data_dir, out=args.out,
-                          hang_seconds=args.hang_seconds)
+        res = fuzz_target(
+            kind,
+            inputs=args.inputs,
+            seconds=args.seconds,
+            rng_seed=args.seed,
+            data_dir=data_dir,
+            out=args.out,
+            hang_seconds=args.hang_seconds,
+        )
         results.append(res)
-        print(f"{kind:16s} inputs {res['inputs']:>9,d}  {res['seconds']:>8.1f} s  "
-              f"{res['inputs_per_s'] or 0:>8.1f}/s  crashes {res['crashes']}  "
-              f"hangs {res['hangs']}  distinct {len(res['failures'])}", flush=True)
+        print(
+            f"{kind:16s} inputs {res['inputs']:>9,d}  {res['seconds']:>8.1f} s  "
+            f"{res['inputs_per_s'] or 0:>8.1f}/s  crashes {res['crashes']}  "
+            f"hangs {res['hangs']}  distinct {len(res['failures'])}",
+            flush=True,
+        )
         for where, count in sorted(res["failures"].items()):
             print(f"    {count:>7d} x {where}", flush=True)
     total = sum(r["inputs"] for r in results)

@@ -27,8 +27,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -36,20 +34,26 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Mosquitto
-from tests.test_rescorer import (  # noqa: F401 - fixtures tm and teacher
-    BIN,
-    _outbox_ids,
-    agent_cmd,
-    teacher,
-    tm,
-    wait_for,
-)
+from tests.test_agent_fixtures import make_teacher, tiny
+from tests.test_rescorer import BIN, _outbox_ids, agent_cmd, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
 
 
 # ---------------------------------------------------------------------------------
 # helpers
+
+
+@pytest.fixture
+def tm(data_dir, tmp_path_factory):
+    """The tiny model on the real ctu50 conn.log (one per session)."""
+    return tiny(data_dir, tmp_path_factory)
+
+
+@pytest.fixture
+def teacher(tm):
+    """(checkpoint folder, loaded Teacher) of a small CNN-BiLSTM."""
+    return make_teacher(tm, tm.artifact.parent / "teacher")
 
 
 def shifted(records: list[dict], copies: int, step: float = 100_000.0) -> list[dict]:
@@ -94,22 +98,45 @@ def settle(path: Path, quiet: float = 1.5, timeout: float = 30.0) -> list[str]:
 class Serve:
     """``teacher serve`` as a subprocess (optionally inside a network namespace)."""
 
-    def __init__(self, ckpt: Path, broker: str, store: Path, log: Path, *,
-                 client_id: str = "rs1", prefix: list[str] | None = None,
-                 extra: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        ckpt: Path,
+        broker: str,
+        store: Path,
+        log: Path,
+        *,
+        client_id: str = "rs1",
+        prefix: list[str] | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
         self.log = log
-        self.cmd = [*(prefix or []), str(BIN / "teacher"), "serve", "--checkpoint",
-                    str(ckpt), "--broker", broker, "--store", str(store),
-                    "--client-id", client_id, *(extra or [])]
+        self.cmd = [
+            *(prefix or []),
+            str(BIN / "teacher"),
+            "serve",
+            "--checkpoint",
+            str(ckpt),
+            "--broker",
+            broker,
+            "--store",
+            str(store),
+            "--client-id",
+            client_id,
+            *(extra or []),
+        ]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "a") as handle:
-            self.proc = subprocess.Popen(self.cmd, stdout=handle,
-                                         stderr=subprocess.STDOUT)
-        wait_for(lambda: "serving" in self.log.read_text()[start:], 90,
-                 "teacher serve to start")
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=handle, stderr=subprocess.STDOUT
+            )
+        wait_for(
+            lambda: "serving" in self.log.read_text()[start:],
+            90,
+            "teacher serve to start",
+        )
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -125,15 +152,32 @@ class Serve:
                 self.kill()
 
 
-def start_agent(tm, broker: str, outbox: Path, log, *extra: str,
-                prefix: list[str] | None = None) -> subprocess.Popen:
+def start_agent(
+    tm, broker: str, outbox: Path, log, *extra: str, prefix: list[str] | None = None
+) -> subprocess.Popen:
     """``edge-agent run`` on stdin with a summary next to the outbox."""
-    cmd = agent_cmd(tm, broker, "-", outbox, "g1", "--alerts", "",
-                    "--summary-json", str(outbox) + ".json", "--max-wait-ms", "5",
-                    *extra)
+    cmd = agent_cmd(
+        tm,
+        broker,
+        "-",
+        outbox,
+        "g1",
+        "--alerts",
+        "",
+        "--summary-json",
+        str(outbox) + ".json",
+        "--max-wait-ms",
+        "5",
+        *extra,
+    )
     cmd.insert(1, "-v")  # INFO: "connected to ..." lines
-    return subprocess.Popen([*(prefix or []), *cmd], stdin=subprocess.PIPE,
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [*(prefix or []), *cmd],
+        stdin=subprocess.PIPE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def connections(log: Path) -> int:
@@ -141,8 +185,9 @@ def connections(log: Path) -> int:
     return log.read_text().count("connected to ")
 
 
-def start_agent_then_lose_broker(tm, broker: Mosquitto, outbox: Path, log_path: Path,
-                                 log, *extra: str) -> subprocess.Popen:
+def start_agent_then_lose_broker(
+    tm, broker: Mosquitto, outbox: Path, log_path: Path, log, *extra: str
+) -> subprocess.Popen:
     """The agent connected once, then the broker stopped (it cannot start without)."""
     agent = start_agent(tm, broker.url, outbox, log, *extra)
     wait_for(lambda: connections(log_path) >= 1, 60, "the agent to connect")
@@ -178,8 +223,16 @@ def netns_unavailable() -> str | None:
     probe = f"gwprobe{uuid.uuid4().hex[:6]}"
     try:
         _ip("netns", "add", probe)
-        _ip("link", "add", probe[:12] + "a", "type", "veth", "peer", "name",
-            probe[:12] + "b")
+        _ip(
+            "link",
+            "add",
+            probe[:12] + "a",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            probe[:12] + "b",
+        )
         _ip("link", "del", probe[:12] + "a")
     except subprocess.CalledProcessError as exc:
         return f"ip netns / veth not allowed here: {exc.stderr.strip()}"
@@ -203,8 +256,10 @@ class CutNet:
         _ip("link", "add", self.veth_b, "type", "veth", "peer", "name", self.veth_g)
         _ip("link", "set", self.veth_b, "netns", self.broker_ns)
         _ip("link", "set", self.veth_g, "netns", self.gateway_ns)
-        for ns, dev, addr in ((self.broker_ns, self.veth_b, self.broker_ip),
-                              (self.gateway_ns, self.veth_g, self.gateway_ip)):
+        for ns, dev, addr in (
+            (self.broker_ns, self.veth_b, self.broker_ip),
+            (self.gateway_ns, self.veth_g, self.gateway_ip),
+        ):
             _ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
             _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
@@ -242,20 +297,32 @@ def test_network_cut_longer_than_keepalive_loses_nothing(tm, teacher, tmp_path):
     outbox = tmp_path / "outbox.sqlite"
     with CutNet() as net, open(tmp_path / "agent.log", "w") as log:
         conf = tmp_path / "mosquitto.conf"
-        conf.write_text(f"listener 1883 {net.broker_ip}\nallow_anonymous true\n"
-                        "persistence false\nmax_queued_messages 100000\n")
-        broker = subprocess.Popen([*net.prefix(net.broker_ns), "mosquitto", "-c",
-                                   str(conf)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        conf.write_text(
+            f"listener 1883 {net.broker_ip}\nallow_anonymous true\n"
+            "persistence false\nmax_queued_messages 100000\n"
+        )
+        broker = subprocess.Popen(
+            [*net.prefix(net.broker_ns), "mosquitto", "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         url = f"mqtt://{net.broker_ip}:1883"
-        serve = Serve(ckpt, url, store, tmp_path / "serve.log",
-                      prefix=net.prefix(net.broker_ns))
+        serve = Serve(
+            ckpt, url, store, tmp_path / "serve.log", prefix=net.prefix(net.broker_ns)
+        )
         agent = None
         try:
             time.sleep(0.5)
             serve.start()
-            agent = start_agent(tm, url, outbox, log, "--keepalive", str(keepalive),
-                                prefix=net.prefix(net.gateway_ns))
+            agent = start_agent(
+                tm,
+                url,
+                outbox,
+                log,
+                "--keepalive",
+                str(keepalive),
+                prefix=net.prefix(net.gateway_ns),
+            )
             first = tm.expected(recs[:a])
             feed(agent, recs[:a])
             wait_for(lambda: len(store_ids(store)) == len(first), 60, "part 1 stored")
@@ -264,15 +331,22 @@ def test_network_cut_longer_than_keepalive_loses_nothing(tm, teacher, tmp_path):
             upto_b = tm.expected(recs[:b])
             feed(agent, recs[a:b])
             # The agent notices the silence within about two keepalives.
-            wait_for(lambda: "lost broker" in (tmp_path / "agent.log").read_text(),
-                     6 * keepalive, "the agent to log the lost broker")
-            wait_for(lambda: _outbox_ids(outbox) >= set(upto_b) - set(first), 30,
-                     "part 2 queued in the outbox")
+            wait_for(
+                lambda: "lost broker" in (tmp_path / "agent.log").read_text(),
+                6 * keepalive,
+                "the agent to log the lost broker",
+            )
+            wait_for(
+                lambda: _outbox_ids(outbox) >= set(upto_b) - set(first),
+                30,
+                "part 2 queued in the outbox",
+            )
             time.sleep(2 * keepalive)  # the cut lasts well past the keepalive
             assert len(store_ids(store)) == len(first)
             net.mend()
-            wait_for(lambda: len(store_ids(store)) == len(upto_b), 90,
-                     "replay after the cut")
+            wait_for(
+                lambda: len(store_ids(store)) == len(upto_b), 90, "replay after the cut"
+            )
 
             feed(agent, recs[b:])
             agent.stdin.close()
@@ -306,8 +380,13 @@ def test_agent_kill_9_while_replaying_to_a_live_broker(tm, teacher, tmp_path):
     broker.start()
     store = tmp_path / "alerts.sqlite"
     outbox = tmp_path / "outbox.sqlite"
-    serve = Serve(ckpt, broker.url, store, tmp_path / "serve.log",
-                  extra=["--stats-json", str(tmp_path / "stats.json")])
+    serve = Serve(
+        ckpt,
+        broker.url,
+        store,
+        tmp_path / "serve.log",
+        extra=["--stats-json", str(tmp_path / "stats.json")],
+    )
     recs = shifted(tm.records, 2)
     expected = list(tm.expected(recs))  # ids in the order the agent queues them
     assert len(expected) > 300
@@ -316,11 +395,15 @@ def test_agent_kill_9_while_replaying_to_a_live_broker(tm, teacher, tmp_path):
     try:
         serve.start()
         # A backlog: everything queued while the broker is away.
-        agent = start_agent_then_lose_broker(tm, broker, outbox,
-                                             tmp_path / "agent.log", log)
+        agent = start_agent_then_lose_broker(
+            tm, broker, outbox, tmp_path / "agent.log", log
+        )
         feed(agent, recs)
-        wait_for(lambda: _outbox_ids(outbox) == set(expected), 120,
-                 "the whole backlog in the outbox")
+        wait_for(
+            lambda: _outbox_ids(outbox) == set(expected),
+            120,
+            "the whole backlog in the outbox",
+        )
         broker.start()
         # Kill it while the replay is under way: some stored, some still queued.
         wait_for(lambda: len(store_ids(store)) > 0, 60, "the replay to begin")
@@ -358,9 +441,12 @@ def test_agent_kill_9_while_replaying_to_a_live_broker(tm, teacher, tmp_path):
 # re-scorer SIGKILL mid-batch
 
 
-@pytest.mark.xfail(strict=True, reason="teacher/serve.py: the re-scorer connects with "
-                   "a clean session (session_expiry 0), so messages the broker had "
-                   "delivered or queued to it are discarded when it dies (reported)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="teacher/serve.py: the re-scorer connects with "
+    "a clean session (session_expiry 0), so messages the broker had "
+    "delivered or queued to it are discarded when it dies (reported)",
+)
 def test_rescorer_kill_9_mid_batch_then_restart_loses_nothing(tm, teacher, tmp_path):
     if shutil.which("mosquitto") is None:
         pytest.skip("mosquitto is not on PATH")
@@ -369,8 +455,13 @@ def test_rescorer_kill_9_mid_batch_then_restart_loses_nothing(tm, teacher, tmp_p
     broker.start()
     store = tmp_path / "alerts.sqlite"
     outbox = tmp_path / "outbox.sqlite"
-    serve = Serve(ckpt, broker.url, store, tmp_path / "serve.log",
-                  extra=["--max-batch", "8", "--max-wait-ms", "50"])
+    serve = Serve(
+        ckpt,
+        broker.url,
+        store,
+        tmp_path / "serve.log",
+        extra=["--max-batch", "8", "--max-wait-ms", "50"],
+    )
     recs = shifted(tm.records, 2)
     expected = tm.expected(recs)
     log = open(tmp_path / "agent.log", "w")
@@ -454,9 +545,9 @@ def test_outbox_cap_keeps_what_the_policy_says_and_counts_drops(tm, teacher, tmp
     agent = None
     try:
         serve.start()
-        agent = start_agent_then_lose_broker(tm, broker, outbox,
-                                             tmp_path / "agent.log", log,
-                                             "--outbox-max", str(cap))
+        agent = start_agent_then_lose_broker(
+            tm, broker, outbox, tmp_path / "agent.log", log, "--outbox-max", str(cap)
+        )
         feed(agent, recs)
         want = {ids[i] for i in kept}
         wait_for(lambda: _outbox_ids(outbox) == want, 120, "the capped outbox")
@@ -483,8 +574,11 @@ def _mount_tmpfs(where: Path, size: str) -> str | None:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return "mounting a tmpfs needs root and mount(8)"
     where.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
-                           str(where)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         return f"mount -t tmpfs refused: {proc.stderr.strip()}"
     return None
@@ -500,10 +594,13 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
-@pytest.mark.xfail(strict=True, reason="edge_agent/outbox.py Outbox.add lets "
-                   "sqlite3.OperationalError ('database or disk is full') out: "
-                   "the agent dies with a traceback instead of dropping by policy "
-                   "or exiting with a gatewatch error (reported)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="edge_agent/outbox.py Outbox.add lets "
+    "sqlite3.OperationalError ('database or disk is full') out: "
+    "the agent dies with a traceback instead of dropping by policy "
+    "or exiting with a gatewatch error (reported)",
+)
 def test_full_disk_under_the_outbox_is_survived_or_reported(tm, small_disk, tmp_path):
     if shutil.which("mosquitto") is None:
         pytest.skip("mosquitto is not on PATH")
@@ -512,9 +609,9 @@ def test_full_disk_under_the_outbox_is_survived_or_reported(tm, small_disk, tmp_
     broker = Mosquitto(tmp_path)
     broker.start()
     with open(tmp_path / "agent.log", "w") as log:
-        agent = start_agent_then_lose_broker(tm, broker, outbox,
-                                             tmp_path / "agent.log", log,
-                                             "--drain-timeout", "1")
+        agent = start_agent_then_lose_broker(
+            tm, broker, outbox, tmp_path / "agent.log", log, "--drain-timeout", "1"
+        )
         try:
             feed(agent, recs)
             agent.stdin.close()
@@ -558,7 +655,7 @@ def _scribbled_pages(path: Path) -> None:
     _real_outbox(path, 400)
     data = bytearray(path.read_bytes())
     for off in range(4096 * 2, len(data), 4096):  # every page after the schema
-        data[off:off + 64] = b"\xa5" * 64
+        data[off : off + 64] = b"\xa5" * 64
     path.write_bytes(bytes(data))
 
 
@@ -569,19 +666,32 @@ def _bad_header(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", [_garbage, _cut_in_half, _scribbled_pages,
-                                    _bad_header],
-                         ids=["garbage", "cut-in-half", "scribbled-pages",
-                              "bad-header"])
-def test_corrupt_outbox_at_start_is_refused_by_name_and_left_alone(tm, tmp_path,
-                                                                   damage):
+@pytest.mark.parametrize(
+    "damage",
+    [_garbage, _cut_in_half, _scribbled_pages, _bad_header],
+    ids=["garbage", "cut-in-half", "scribbled-pages", "bad-header"],
+)
+def test_corrupt_outbox_at_start_is_refused_by_name_and_left_alone(
+    tm, tmp_path, damage
+):
     outbox = tmp_path / "outbox.sqlite"
     damage(outbox)
     before = outbox.read_bytes()
     proc = subprocess.run(
-        agent_cmd(tm, "mqtt://127.0.0.1:9", f"zeek:{tm.conn_log}", outbox,
-                  "g1", "--alerts", "", "--connect-timeout", "1"),
-        capture_output=True, text=True, timeout=120,
+        agent_cmd(
+            tm,
+            "mqtt://127.0.0.1:9",
+            f"zeek:{tm.conn_log}",
+            outbox,
+            "g1",
+            "--alerts",
+            "",
+            "--connect-timeout",
+            "1",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.returncode == 3, proc.stderr[-3000:]
@@ -634,27 +744,47 @@ def _damaged_overflow_pages(path: Path) -> None:
 
     box = Outbox(path)
     for i in range(50):
-        box.add(f"id{i:05d}", "gatewatch/v1/s1/g1/escalations",
-                json.dumps({"window": [[0.5] * 90] * 8, "n": i}).encode(), False)
+        box.add(
+            f"id{i:05d}",
+            "gatewatch/v1/s1/g1/escalations",
+            json.dumps({"window": [[0.5] * 90] * 8, "n": i}).encode(),
+            False,
+        )
     box.close()
     data = bytearray(path.read_bytes())
     for off in range(len(data) - 4096 * 20, len(data), 4096):
-        data[off + 8:off + 4000] = b"\x5a" * 3992
+        data[off + 8 : off + 4000] = b"\x5a" * 3992
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.xfail(strict=True, reason="edge_agent/agent.py _send_loop: the outbox "
-                   "opens (COUNT(*) does not read overflow pages), then pending() "
-                   "raises sqlite3.DatabaseError in the sender thread, which dies; "
-                   "the agent scores on and exits 6 with nothing sent (reported)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="edge_agent/agent.py _send_loop: the outbox "
+    "opens (COUNT(*) does not read overflow pages), then pending() "
+    "raises sqlite3.DatabaseError in the sender thread, which dies; "
+    "the agent scores on and exits 6 with nothing sent (reported)",
+)
 def test_outbox_damaged_past_its_first_pages_is_refused_or_replayed(
-        tm, mosquitto, tmp_path):
+    tm, mosquitto, tmp_path
+):
     outbox = tmp_path / "outbox.sqlite"
     _damaged_overflow_pages(outbox)
     proc = subprocess.run(
-        agent_cmd(tm, mosquitto.url, f"zeek:{tm.conn_log}", outbox, "g1",
-                  "--alerts", "", "--no-wait-verdicts", "--drain-timeout", "5"),
-        capture_output=True, text=True, timeout=120,
+        agent_cmd(
+            tm,
+            mosquitto.url,
+            f"zeek:{tm.conn_log}",
+            outbox,
+            "g1",
+            "--alerts",
+            "",
+            "--no-wait-verdicts",
+            "--drain-timeout",
+            "5",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.returncode in (0, 3), proc.stderr[-3000:]

@@ -51,10 +51,17 @@ KNOWN = {
 }
 # BundleManifest's properties index the signed JSON unchecked ("agent": null, or
 # "agent": {} and the like): KeyError or TypeError after the signature held.
-KNOWN |= {(error, "bundle.py", prop)
-          for error in ("KeyError", "TypeError", "AttributeError")
-          for prop in ("agent_version", "model_version", "requirement", "python",
-                       "wheels_digest")}
+KNOWN |= {
+    (error, "bundle.py", prop)
+    for error in ("KeyError", "TypeError", "AttributeError")
+    for prop in (
+        "agent_version",
+        "model_version",
+        "requirement",
+        "python",
+        "wheels_digest",
+    )
+}
 
 # Examples per target: the slow file parsers get fewer (each is a file read).
 EXAMPLES = {"escalation": 600, "verdict": 600, "pcap": 200, "pcapng": 200}
@@ -63,15 +70,21 @@ FUZZ = settings(
     database=None,
     max_examples=150,
     deadline=5000,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                           HealthCheck.large_base_example],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
 )
 
 
 def signature(exc: BaseException) -> tuple[str, str, str]:
     """(type, file, function) of the innermost frame in the project."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if "site-packages" not in f.filename]
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "site-packages" not in f.filename
+    ]
     last = frames[-1]
     return type(exc).__name__, Path(last.filename).name, last.name
 
@@ -102,12 +115,12 @@ def mutants(draw, corpus: list[bytes]) -> bytes:
         elif op == 1:
             buf[pos:pos] = draw(st.sampled_from(INTERESTING) | st.binary(max_size=8))
         elif op == 2 and n:
-            del buf[pos:pos + draw(st.integers(1, 32))]
+            del buf[pos : pos + draw(st.integers(1, 32))]
         elif op == 3:
             del buf[pos:]
         elif op == 4 and n:
             size = draw(st.integers(1, 64))
-            chunk = bytes(buf[pos:pos + size])
+            chunk = bytes(buf[pos : pos + size])
             at = draw(st.integers(0, len(buf)))
             buf[at:at] = chunk
     return bytes(buf)
@@ -150,11 +163,16 @@ def test_mutated_inputs_raise_only_gatewatch_errors(kind, scratch):
 # structure-aware: JSON messages with any value in any field
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats()
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
     | st.sampled_from([10**30, -(10**30), 10**400, 2**63, 1e308, 1e300])
     | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -296,9 +314,12 @@ def _zeek_with(row_edit) -> bytes:
     return b"\n".join(lines[:8] + [b""] + [row_edit(lines[8])] + lines[9:])
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="flows/readers/_table.py split_rows: a lone CR after a blank "
-                          "line makes pyarrow count one row more than line_map holds")
+@pytest.mark.xfail(
+    strict=True,
+    raises=IndexError,
+    reason="flows/readers/_table.py split_rows: a lone CR after a blank "
+    "line makes pyarrow count one row more than line_map holds",
+)
 @pytest.mark.parametrize("on_error", ["fail", "skip"])
 def test_lone_carriage_return_after_a_blank_line(on_error, scratch):
     from flows.readers import read
@@ -310,25 +331,39 @@ def test_lone_carriage_return_after_a_blank_line(on_error, scratch):
         pass
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="flows/readers/zeek.py JSON: an integer past int64 reaches "
-                          "pa.array in flows/record.py columns_to_table")
+@pytest.mark.xfail(
+    strict=True,
+    raises=OverflowError,
+    reason="flows/readers/zeek.py JSON: an integer past int64 reaches "
+    "pa.array in flows/record.py columns_to_table",
+)
 def test_zeek_json_integer_past_int64(scratch):
     from flows.readers import read
 
-    line = {"ts": 1600000000.0, "id.orig_h": "10.0.0.1", "id.orig_p": 1,
-            "id.resp_h": "10.0.0.2", "id.resp_p": 80, "proto": "tcp",
-            "orig_bytes": 10**20}
+    line = {
+        "ts": 1600000000.0,
+        "id.orig_h": "10.0.0.1",
+        "id.orig_p": 1,
+        "id.resp_h": "10.0.0.2",
+        "id.resp_p": 80,
+        "proto": "tcp",
+        "orig_bytes": 10**20,
+    }
     try:
-        read(scratch.write("big.json.log", json.dumps(line).encode() + b"\n"),
-             on_error="skip")
+        read(
+            scratch.write("big.json.log", json.dumps(line).encode() + b"\n"),
+            on_error="skip",
+        )
     except BadInputError:
         pass
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="edge_agent/protocol.py _number/check_window: float() of an "
-                          "integer >= 2**1024 raises OverflowError, not ProtocolError")
+@pytest.mark.xfail(
+    strict=True,
+    raises=OverflowError,
+    reason="edge_agent/protocol.py _number/check_window: float() of an "
+    "integer >= 2**1024 raises OverflowError, not ProtocolError",
+)
 @pytest.mark.parametrize("where", ["score", "window"])
 def test_escalation_with_an_integer_too_big_for_a_float(where):
     from edge_agent import protocol as proto
@@ -357,14 +392,19 @@ def test_escalation_window_values_stay_finite_in_float32():
     with np.errstate(over="ignore"):
         as_teacher_sees = np.asarray([esc["window"]], dtype=np.float32)
     if not np.isfinite(as_teacher_sees).all():
-        pytest.xfail("edge_agent/protocol.py check_window accepts 1e300, which the "
-                     "re-scorer casts to float32 inf (reported)")
+        pytest.xfail(
+            "edge_agent/protocol.py check_window accepts 1e300, which the "
+            "re-scorer casts to float32 inf (reported)"
+        )
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="edge_agent/bundle.py BundleManifest.agent_version: a signed "
-                          "manifest without agent.version raises KeyError, not "
-                          "BadInputError")
+@pytest.mark.xfail(
+    strict=True,
+    raises=KeyError,
+    reason="edge_agent/bundle.py BundleManifest.agent_version: a signed "
+    "manifest without agent.version raises KeyError, not "
+    "BadInputError",
+)
 def test_signed_manifest_without_agent_version(scratch):
     from edge_agent.bundle import verify_bundle
 
@@ -378,14 +418,21 @@ def test_signed_manifest_without_agent_version(scratch):
         pass
 
 
-@pytest.mark.xfail(strict=True, reason="teacher/store.py _row binds flow fields and "
-                   "sent_at unchecked: a dict or an integer past int64 raises a "
-                   "sqlite3 error, which fails the re-scorer's whole batch")
-@pytest.mark.parametrize("edit", [
-    {"flow": {"src_port": {"a": 1}}},
-    {"flow": {"dst_port": 10**20}},
-    {"sent_at": [1]},
-], ids=["dict-port", "huge-port", "list-sent-at"])
+@pytest.mark.xfail(
+    strict=True,
+    reason="teacher/store.py _row binds flow fields and "
+    "sent_at unchecked: a dict or an integer past int64 raises a "
+    "sqlite3 error, which fails the re-scorer's whole batch",
+)
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"flow": {"src_port": {"a": 1}}},
+        {"flow": {"dst_port": 10**20}},
+        {"sent_at": [1]},
+    ],
+    ids=["dict-port", "huge-port", "list-sent-at"],
+)
 def test_every_accepted_escalation_can_be_stored(edit, tmp_path):
     from edge_agent import protocol as proto
     from teacher.store import AlertStore
@@ -397,8 +444,13 @@ def test_every_accepted_escalation_can_be_stored(edit, tmp_path):
         else:
             body[key] = value
     esc = proto.parse_escalation(json.dumps(body), window_shape=WINDOW_SHAPE)
-    verdict = proto.build_verdict(escalation_id=esc["id"], verdict="benign",
-                                  score=0.1, threshold=0.5, teacher_version="t")
+    verdict = proto.build_verdict(
+        escalation_id=esc["id"],
+        verdict="benign",
+        score=0.1,
+        threshold=0.5,
+        teacher_version="t",
+    )
     store = AlertStore(tmp_path / "a.sqlite")
     try:
         assert store.add(esc, verdict)

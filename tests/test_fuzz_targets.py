@@ -43,14 +43,17 @@ def _csum(data: bytes) -> int:
 
 
 def _ipv4(src: bytes, dst: bytes, proto: int, l4: bytes, ident: int = 7) -> bytes:
-    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), ident, 0, 64, proto,
-                       0, src, dst)
+    head = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), ident, 0, 64, proto, 0, src, dst
+    )
     return head[:10] + struct.pack("!H", _csum(head)) + head[12:] + l4
 
 
 def _tcp(sport: int, dport: int, seq: int, ack: int, flags: int, data: bytes = b""):
-    return struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 8192, 0,
-                       0) + data
+    return (
+        struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 8192, 0, 0)
+        + data
+    )
 
 
 def _udp(sport: int, dport: int, data: bytes) -> bytes:
@@ -107,8 +110,12 @@ def seed_pcapng() -> bytes:
     out = [shb, idb]
     for ts, frame in seed_frames():
         units = round(ts * 1e6)
-        body = struct.pack("<IIIII", 0, units >> 32, units & 0xFFFFFFFF, len(frame),
-                           len(frame)) + frame
+        body = (
+            struct.pack(
+                "<IIIII", 0, units >> 32, units & 0xFFFFFFFF, len(frame), len(frame)
+            )
+            + frame
+        )
         out.append(_block(6, body))
     return b"".join(out)
 
@@ -116,13 +123,15 @@ def seed_pcapng() -> bytes:
 # ---------------------------------------------------------------------------------
 # seeds: text logs
 
-_ZEEK_FIELDS = ("ts uid id.orig_h id.orig_p id.resp_h id.resp_p proto service duration "
-                "orig_bytes resp_bytes conn_state local_orig local_resp missed_bytes "
-                "history orig_pkts orig_ip_bytes resp_pkts resp_ip_bytes tunnel_parents"
-                ).split()
-_ZEEK_TYPES = ("time string addr port addr port enum string interval count count "
-               "string bool bool count string count count count count set[string]"
-               ).split()
+_ZEEK_FIELDS = (
+    "ts uid id.orig_h id.orig_p id.resp_h id.resp_p proto service duration "
+    "orig_bytes resp_bytes conn_state local_orig local_resp missed_bytes "
+    "history orig_pkts orig_ip_bytes resp_pkts resp_ip_bytes tunnel_parents"
+).split()
+_ZEEK_TYPES = (
+    "time string addr port addr port enum string interval count count "
+    "string bool bool count string count count count count set[string]"
+).split()
 _ZEEK_ROWS = [
     "1600000000.000000 CAbc1 10.0.0.1 40000 10.0.0.2 80 tcp http 0.5 18 19 SF - - 0 "
     "ShADadFf 4 218 3 179 -",
@@ -135,9 +144,14 @@ _ZEEK_ROWS = [
 def seed_zeek_tsv() -> bytes:
     """A Zeek TSV conn.log with full header lines and three rows."""
     head = [
-        "#separator \\x09", "#set_separator\t,", "#empty_field\t(empty)",
-        "#unset_field\t-", "#path\tconn", "#open\t2020-09-13-12-26-40",
-        "#fields\t" + "\t".join(_ZEEK_FIELDS), "#types\t" + "\t".join(_ZEEK_TYPES),
+        "#separator \\x09",
+        "#set_separator\t,",
+        "#empty_field\t(empty)",
+        "#unset_field\t-",
+        "#path\tconn",
+        "#open\t2020-09-13-12-26-40",
+        "#fields\t" + "\t".join(_ZEEK_FIELDS),
+        "#types\t" + "\t".join(_ZEEK_TYPES),
     ]
     rows = ["\t".join(r.split(" ")) for r in _ZEEK_ROWS]
     return ("\n".join(head + rows + ["#close\t2020-09-13-12-27-00"]) + "\n").encode()
@@ -148,8 +162,9 @@ def seed_zeek_json() -> bytes:
     lines = []
     for row in _ZEEK_ROWS:
         rec = {}
-        for name, kind, value in zip(_ZEEK_FIELDS, _ZEEK_TYPES, row.split(" "),
-                                     strict=True):
+        for name, kind, value in zip(
+            _ZEEK_FIELDS, _ZEEK_TYPES, row.split(" "), strict=True
+        ):
             if value == "-":
                 continue
             if kind in ("time", "interval"):
@@ -165,45 +180,57 @@ def seed_zeek_json() -> bytes:
 def seed_binetflow() -> bytes:
     """A CTU-13 style binetflow with a flow per label kind."""
     return (
-        "StartTime,Dur,Proto,SrcAddr,Sport,Dir,DstAddr,Dport,State,sTos,dTos,"
-        "TotPkts,TotBytes,SrcBytes,Label\n"
-        "2011/08/16 10:01:46.972101,3.05,tcp,147.32.84.165,1027,   ->,"
-        "74.125.232.195,80,FSPA_FSPA,0,0,10,1800,700,flow=From-Botnet-V42-TCP\n"
-        "2011/08/16 10:01:47.000000,0.0001,udp,147.32.84.229,13363,  <->,"
-        "147.32.80.9,53,CON,0,0,2,210,75,flow=To-Background-UDP-CVUT-DNS-Server\n"
-        "2011/08/16 10:01:48.100000,0.2,icmp,147.32.84.165,0x0008,   ->,"
-        "147.32.96.69,0x7e00,ECO,0,,1,98,98,flow=From-Normal-V42-Grill\n"
-    ).encode()
+        b"StartTime,Dur,Proto,SrcAddr,Sport,Dir,DstAddr,Dport,State,sTos,dTos,"
+        b"TotPkts,TotBytes,SrcBytes,Label\n"
+        b"2011/08/16 10:01:46.972101,3.05,tcp,147.32.84.165,1027,   ->,"
+        b"74.125.232.195,80,FSPA_FSPA,0,0,10,1800,700,flow=From-Botnet-V42-TCP\n"
+        b"2011/08/16 10:01:47.000000,0.0001,udp,147.32.84.229,13363,  <->,"
+        b"147.32.80.9,53,CON,0,0,2,210,75,flow=To-Background-UDP-CVUT-DNS-Server\n"
+        b"2011/08/16 10:01:48.100000,0.2,icmp,147.32.84.165,0x0008,   ->,"
+        b"147.32.96.69,0x7e00,ECO,0,,1,98,98,flow=From-Normal-V42-Grill\n"
+    )
 
 
-_KDD_ROW = ("0,tcp,http,SF,181,5450,0,0,0,0,0,1,0,0,0,0,0,0,0,0,0,0,8,8,0.00,0.00,"
-            "0.00,0.00,1.00,0.00,0.00,9,9,1.00,0.00,0.11,0.00,0.00,0.00,0.00,0.00,"
-            "normal,21")
+_KDD_ROW = (
+    "0,tcp,http,SF,181,5450,0,0,0,0,0,1,0,0,0,0,0,0,0,0,0,0,8,8,0.00,0.00,"
+    "0.00,0.00,1.00,0.00,0.00,9,9,1.00,0.00,0.11,0.00,0.00,0.00,0.00,0.00,"
+    "normal,21"
+)
 
 
 def seed_nslkdd() -> bytes:
     """Three NSL-KDD rows (41 features, label, difficulty)."""
-    rows = [_KDD_ROW, _KDD_ROW.replace("normal", "neptune").replace(",SF,", ",S0,"),
-            _KDD_ROW.replace("http", "ftp_data").replace(",21", ",15")]
+    rows = [
+        _KDD_ROW,
+        _KDD_ROW.replace("normal", "neptune").replace(",SF,", ",S0,"),
+        _KDD_ROW.replace("http", "ftp_data").replace(",21", ",15"),
+    ]
     return ("\n".join(rows) + "\n").encode()
 
 
 def seed_unsw() -> bytes:
     """A UNSW-NB15 style CSV with a benign and an attack row."""
-    head = ("id,dur,proto,service,state,spkts,dpkts,sbytes,dbytes,rate,sttl,dttl,"
-            "sload,dload,attack_cat,label")
-    return (head + "\n"
-            "1,0.121,tcp,-,FIN,6,4,258,172,74.08,252,254,14158.9,8495.4,Normal,0\n"
-            "2,0.000009,udp,dns,INT,2,0,114,0,111111.1,254,0,50666664,0,Generic,1\n"
-            ).encode()
+    head = (
+        "id,dur,proto,service,state,spkts,dpkts,sbytes,dbytes,rate,sttl,dttl,"
+        "sload,dload,attack_cat,label"
+    )
+    return (
+        head + "\n"
+        "1,0.121,tcp,-,FIN,6,4,258,172,74.08,252,254,14158.9,8495.4,Normal,0\n"
+        "2,0.000009,udp,dns,INT,2,0,114,0,111111.1,254,0,50666664,0,Generic,1\n"
+    ).encode()
 
 
 def seed_cic() -> bytes:
     """A CICFlowMeter CSV (names with the usual leading spaces) with two rows."""
-    head = (" Destination Port, Flow Duration, Total Fwd Packets, Total Backward "
-            "Packets,Total Length of Fwd Packets, Flow Bytes/s, Flow IAT Mean, Label")
-    return (head + "\n80,1266342,41,44,2664,5548.6,15076.5,BENIGN\n"
-            "22,3,2,0,0,Infinity,3,SSH-Patator\n").encode()
+    head = (
+        " Destination Port, Flow Duration, Total Fwd Packets, Total Backward "
+        "Packets,Total Length of Fwd Packets, Flow Bytes/s, Flow IAT Mean, Label"
+    )
+    return (
+        head + "\n80,1266342,41,44,2664,5548.6,15076.5,BENIGN\n"
+        "22,3,2,0,0,Infinity,3,SSH-Patator\n"
+    ).encode()
 
 
 # ---------------------------------------------------------------------------------
@@ -216,23 +243,50 @@ def seed_escalation() -> bytes:
     """An escalation as the agent encodes it (window 4 x 3)."""
     from edge_agent import protocol as proto
 
-    flow = {"ts": 1600000000.5, "uid": "C1", "src_ip": "10.0.0.1", "src_port": 40000,
-            "dst_ip": "10.0.0.2", "dst_port": 80, "proto": "tcp", "service": "http",
-            "duration": 0.5, "orig_bytes": 18, "resp_bytes": 19, "conn_state": "SF",
-            "history": "ShADadFf", "label": None}
+    flow = {
+        "ts": 1600000000.5,
+        "uid": "C1",
+        "src_ip": "10.0.0.1",
+        "src_port": 40000,
+        "dst_ip": "10.0.0.2",
+        "dst_port": 80,
+        "proto": "tcp",
+        "service": "http",
+        "duration": 0.5,
+        "orig_bytes": 18,
+        "resp_bytes": 19,
+        "conn_state": "SF",
+        "history": "ShADadFf",
+        "label": None,
+    }
     window = [[0.0, 0.25, 1.0], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [1.0, 0.1, 0.9]]
-    return proto.encode(proto.build_escalation(
-        flow=flow, window=window, score=0.91, decision="alert", model_version="m-1",
-        site="plant1", gateway="gw01", msg_id="0123456789abcdef0123456789abcdef"))
+    return proto.encode(
+        proto.build_escalation(
+            flow=flow,
+            window=window,
+            score=0.91,
+            decision="alert",
+            model_version="m-1",
+            site="plant1",
+            gateway="gw01",
+            msg_id="0123456789abcdef0123456789abcdef",
+        )
+    )
 
 
 def seed_verdict() -> bytes:
     """A verdict as the re-scorer encodes it."""
     from edge_agent import protocol as proto
 
-    return proto.encode(proto.build_verdict(
-        escalation_id="0123456789abcdef0123456789abcdef", verdict="malicious",
-        score=0.97, threshold=0.5, teacher_version="sha256:abcd"))
+    return proto.encode(
+        proto.build_verdict(
+            escalation_id="0123456789abcdef0123456789abcdef",
+            verdict="malicious",
+            score=0.97,
+            threshold=0.5,
+            teacher_version="sha256:abcd",
+        )
+    )
 
 
 _KEYS: dict[str, object] = {}
@@ -272,14 +326,16 @@ def bundle_manifest() -> dict:
         "python": "3.11",
         "config": "config/gateway.toml",
         "unit": "systemd/gatewatch-agent.service",
-        "files": {name: {"sha256": hashlib.sha256(data).hexdigest(),
-                         "size": len(data)}
-                  for name, data in BUNDLE_MEMBERS.items()},
+        "files": {
+            name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+            for name, data in BUNDLE_MEMBERS.items()
+        },
     }
 
 
-def make_bundle(manifest_raw: bytes, members: dict[str, bytes] | None = None,
-                sign: bool = True) -> bytes:
+def make_bundle(
+    manifest_raw: bytes, members: dict[str, bytes] | None = None, sign: bool = True
+) -> bytes:
     """A gzip tar: manifest, its signature (over these exact bytes), the members."""
     from edge_agent import bundle, signing
 
@@ -312,18 +368,32 @@ def seed_manifest() -> bytes:
 # real files (read at run time, never copied)
 
 REAL = {
-    "pcap": ["pcap/tcp_syn.pcap", "pcap/dns53.pcap", "pcap/communityid_icmp.pcap",
-             "pcap/communityid_ipv6.pcap", "pcap/http-vlan-0.pcap",
-             "pcap/ipv6-fragmented-dns.pcap", "pcap/test12-icmp-portscan.pcap",
-             "pcap/wikipedia.pcap", "pcap/nmap-vsn.pcap",
-             "zeek-reference/core.pppoe.pcap", "zeek-reference/core.q-in-q.pcap",
-             "zeek-reference/core.radiotap.pcap", "zeek-reference/core.vlan-mpls.pcap",
-             "zeek-reference/core.udp-corrupt.pcap"],
-    "pcapng": ["pcap/vlan-pcp-dei.pcapng", "zeek-reference/core.pcapng-pktsrc.pcapng",
-               "zeek-reference/core.tcp.flip-without-syn.pcapng"],
-    "zeek-tsv": ["zeek-conn/ctu50-normal-40-day1.conn.log.labeled",
-                 "zeek-conn/android-mischief-rat01-androidtester.conn.log",
-                 "zeek-reference/core.pppoe.conn.log"],
+    "pcap": [
+        "pcap/tcp_syn.pcap",
+        "pcap/dns53.pcap",
+        "pcap/communityid_icmp.pcap",
+        "pcap/communityid_ipv6.pcap",
+        "pcap/http-vlan-0.pcap",
+        "pcap/ipv6-fragmented-dns.pcap",
+        "pcap/test12-icmp-portscan.pcap",
+        "pcap/wikipedia.pcap",
+        "pcap/nmap-vsn.pcap",
+        "zeek-reference/core.pppoe.pcap",
+        "zeek-reference/core.q-in-q.pcap",
+        "zeek-reference/core.radiotap.pcap",
+        "zeek-reference/core.vlan-mpls.pcap",
+        "zeek-reference/core.udp-corrupt.pcap",
+    ],
+    "pcapng": [
+        "pcap/vlan-pcp-dei.pcapng",
+        "zeek-reference/core.pcapng-pktsrc.pcapng",
+        "zeek-reference/core.tcp.flip-without-syn.pcapng",
+    ],
+    "zeek-tsv": [
+        "zeek-conn/ctu50-normal-40-day1.conn.log.labeled",
+        "zeek-conn/android-mischief-rat01-androidtester.conn.log",
+        "zeek-reference/core.pppoe.conn.log",
+    ],
     "zeek-json": ["zeek-conn/nmap-portscans.conn.json.log"],
     "binetflow": ["binetflow/test11-portscan.binetflow"],
     "nsl-kdd": ["nsl-kdd/KDDTest+.txt"],
@@ -331,8 +401,9 @@ REAL = {
 MAX_REAL_BYTES = 24_000  # the head of a big file: a cut is an input too
 
 
-def real_seeds(kind: str, data_dir: Path | None,
-               max_bytes: int = MAX_REAL_BYTES) -> list[bytes]:
+def real_seeds(
+    kind: str, data_dir: Path | None, max_bytes: int = MAX_REAL_BYTES
+) -> list[bytes]:
     """Heads of the real files of one kind under ``data_dir`` (absent ones skipped)."""
     if data_dir is None:
         return []
@@ -478,8 +549,10 @@ TARGETS = {
     "pcapng": (lambda d, s: t_capture(d, s, ".pcapng"), lambda: [seed_pcapng()]),
     "zeek-tsv": (t_reader, lambda: [seed_zeek_tsv()]),
     "zeek-json": (t_reader, lambda: [seed_zeek_json()]),
-    "binetflow": (lambda d, s: t_reader(d, s, "input.binetflow"),
-                  lambda: [seed_binetflow()]),
+    "binetflow": (
+        lambda d, s: t_reader(d, s, "input.binetflow"),
+        lambda: [seed_binetflow()],
+    ),
     "nsl-kdd": (lambda d, s: t_reader(d, s, "input.txt"), lambda: [seed_nslkdd()]),
     "unsw-nb15": (lambda d, s: t_reader(d, s, "input.csv"), lambda: [seed_unsw()]),
     "cic-csv": (lambda d, s: t_reader(d, s, "input.csv"), lambda: [seed_cic()]),
@@ -503,12 +576,44 @@ def run_target(kind: str, data: bytes, scratch: Scratch) -> None:
 # ---------------------------------------------------------------------------------
 # mutation (a plain random-number generator, for the long run without hypothesis)
 
-INTERESTING = [b"", b"\x00", b"\xff", b"\x7f", b"\x80", b"\xff\xff\xff\xff",
-               b"\x00\x00\x00\x00", b"\x7f\xff\xff\xff", b"\x80\x00\x00\x00",
-               b"-", b"(empty)", b"nan", b"inf", b"-inf", b"1e309", b"-1",
-               b"18446744073709551616", b"\t", b",", b"\n", b"\r\n", b"\"", b"{",
-               b"}", b"[", b"]", b"null", b"true", b"\xc3\x28", b"\xef\xbb\xbf",
-               b"#fields", b"#types", b"9" * 40, b"0x", b"::", b"1.2.3.4.5"]
+INTERESTING = [
+    b"",
+    b"\x00",
+    b"\xff",
+    b"\x7f",
+    b"\x80",
+    b"\xff\xff\xff\xff",
+    b"\x00\x00\x00\x00",
+    b"\x7f\xff\xff\xff",
+    b"\x80\x00\x00\x00",
+    b"-",
+    b"(empty)",
+    b"nan",
+    b"inf",
+    b"-inf",
+    b"1e309",
+    b"-1",
+    b"18446744073709551616",
+    b"\t",
+    b",",
+    b"\n",
+    b"\r\n",
+    b'"',
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b"null",
+    b"true",
+    b"\xc3\x28",
+    b"\xef\xbb\xbf",
+    b"#fields",
+    b"#types",
+    b"9" * 40,
+    b"0x",
+    b"::",
+    b"1.2.3.4.5",
+]
 
 
 def mutate(data: bytes, rng: random.Random, max_ops: int = 4) -> bytes:
@@ -525,18 +630,24 @@ def mutate(data: bytes, rng: random.Random, max_ops: int = 4) -> bytes:
         elif op == 2:  # insert an interesting token
             buf[pos:pos] = rng.choice(INTERESTING)
         elif op == 3 and n:  # delete a range
-            del buf[pos:pos + rng.randint(1, 16)]
+            del buf[pos : pos + rng.randint(1, 16)]
         elif op == 4:  # truncate
             del buf[pos:]
         elif op == 5 and n:  # duplicate a chunk elsewhere
             start = rng.randrange(n)
-            chunk = bytes(buf[start:start + rng.randint(1, 64)])
+            chunk = bytes(buf[start : start + rng.randint(1, 64)])
             where = rng.randrange(len(buf) + 1)
             buf[where:where] = chunk
         elif op == 6 and n >= 4:  # overwrite 4 bytes with an interesting word
-            word = rng.choice([b"\xff\xff\xff\xff", b"\x00\x00\x00\x00",
-                               b"\x7f\xff\xff\xff", b"\x00\x00\x01\x00"])
-            buf[pos % (n - 3):pos % (n - 3) + 4] = word
+            word = rng.choice(
+                [
+                    b"\xff\xff\xff\xff",
+                    b"\x00\x00\x00\x00",
+                    b"\x7f\xff\xff\xff",
+                    b"\x00\x00\x01\x00",
+                ]
+            )
+            buf[pos % (n - 3) : pos % (n - 3) + 4] = word
     return bytes(buf)
 
 
@@ -567,10 +678,17 @@ def test_built_capture_seeds_give_the_flows_they_hold(kind, scratch):
     assert cols["orig_bytes"][tcp] == 18 and cols["resp_bytes"][tcp] == 19
 
 
-@pytest.mark.parametrize("kind,fmt,rows", [
-    ("zeek-tsv", "zeek-tsv", 3), ("zeek-json", "zeek-json", 3),
-    ("binetflow", "binetflow", 3), ("nsl-kdd", "nsl-kdd", 3),
-    ("unsw-nb15", "unsw-nb15", 2), ("cic-csv", "cic-csv", 2)])
+@pytest.mark.parametrize(
+    "kind,fmt,rows",
+    [
+        ("zeek-tsv", "zeek-tsv", 3),
+        ("zeek-json", "zeek-json", 3),
+        ("binetflow", "binetflow", 3),
+        ("nsl-kdd", "nsl-kdd", 3),
+        ("unsw-nb15", "unsw-nb15", 2),
+        ("cic-csv", "cic-csv", 2),
+    ],
+)
 def test_built_text_seeds_read_without_warnings(kind, fmt, rows, scratch):
     from flows.readers import read
 
