@@ -152,3 +152,18 @@ def test_concat_keeps_windows_inside_each_part():
     np.testing.assert_array_equal(both.windows(np.arange(50, 90)),
                                   b.windows(np.arange(40)))
     np.testing.assert_array_equal(both.windows(np.arange(50)), a.windows(np.arange(50)))
+
+
+def test_regularisers_are_validated_and_change_training():
+    from flows.errors import UsageError
+
+    for bad in ({"label_smoothing": 1.0}, {"input_noise": -0.1}, {"ema": 1.0}):
+        with pytest.raises(UsageError):
+            TrainConfig(**bad)
+    prep = synthetic(n=300)
+    base = TrainConfig(epochs=2, batch_size=32, label_smoothing=0.0)
+    plain = fit(prep, _config(prep), base).model.state_dict()
+    for change in ({"label_smoothing": 0.2}, {"input_noise": 0.1}, {"ema": 0.9}):
+        other = fit(prep, _config(prep), TrainConfig(
+            **{**base.__dict__, **change})).model.state_dict()
+        assert not all(torch.equal(plain[k], other[k]) for k in plain), change
