@@ -128,7 +128,6 @@ def _iface(src: Source) -> Iterator[dict]:
         ) from exc
     live = getattr(meter, "iter_live", None)
     if live is None:
-        # TODO(gap): flows.meter has no live-capture entry point yet (iter_live).
         raise UsageError("live capture is not available: flows.meter has no iter_live")
     for rec in live(src.target):
         yield canonical(rec)
@@ -136,18 +135,9 @@ def _iface(src: Source) -> Iterator[dict]:
 
 def iter_conn(path: str | Path, on_error: str = "fail") -> Iterator[dict]:
     """Canonical records of a Zeek conn.log, streamed by ``flows.readers``."""
-    import flows.readers as readers
+    from flows.readers import iter_records
 
-    try:
-        from flows.readers.stream import iter_records  # noqa: F401
-    except ImportError:
-        # TODO(gap): flows.readers.stream (A) has not landed; read the whole file.
-        table = readers.read(path, on_error=on_error).table
-        for batch in table.to_batches(4096):
-            for rec in batch.to_pylist():
-                yield canonical(rec)
-        return
-    for rec in readers.iter_records(path, on_error=on_error):
+    for rec in iter_records(path, on_error=on_error):
         yield canonical(rec)
 
 

@@ -470,3 +470,57 @@ def test_a_failing_batch_is_counted_and_the_service_goes_on(
         client.disconnect()
         server.stop()
     assert server.counters["failed"] == 1
+
+
+def test_killed_rescorer_with_a_session_gets_its_escalations_again(
+    tm, teacher, mosquitto, tmp_path
+):
+    ckpt, _ = teacher
+    store_path = tmp_path / "alerts.sqlite"
+    cmd = [
+        str(BIN / "teacher"),
+        "serve",
+        "--checkpoint",
+        str(ckpt),
+        "--broker",
+        mosquitto.url,
+        "--store",
+        str(store_path),
+        "--client-id",
+        "rs-fixed",
+        "--session-expiry",
+        "300",
+        "--max-batch",
+        "4",
+    ]
+    log = tmp_path / "serve.log"
+    serve = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    wait_for(lambda: "serving" in log.read_text(), 60, "teacher serve")
+    agent = Agent(
+        load_artifact(tm.artifact),
+        site="s1",
+        gateway="g1",
+        outbox=Outbox(tmp_path / "o.db"),
+        link=MqttLink(mosquitto.url, "gw-kill"),
+    )
+    agent.start()
+    store = AlertStore(store_path)
+    try:
+        first = tm.expected(tm.records[:4000])
+        agent.run_file(tm.records[:4000])
+        wait_for(lambda: store.count() == len(first), 60, "the first part")
+        serve.send_signal(signal.SIGKILL)
+        serve.wait(10)
+
+        # Escalations made while it is dead wait in its session at the broker.
+        agent.run_file(tm.records[4000:])
+        assert agent.drain(30, wait_verdicts=False)
+        assert store.count() == len(first) < len(tm.expected())
+        log2 = tmp_path / "serve2.log"
+        serve = subprocess.Popen(cmd, stdout=open(log2, "w"), stderr=subprocess.STDOUT)
+        wait_for(lambda: store.count() == len(tm.expected()), 90, "all escalations")
+    finally:
+        agent.close()
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(30)
+    assert {r["id"] for r in store.query()} == set(tm.expected())
