@@ -18,13 +18,13 @@ KEYS = {"accuracy", "precision", "recall", "f1", "roc_auc", "fpr", "confusion",
 
 @pytest.fixture(scope="module")
 def slices(data_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
-    """Two disjoint 1,500-row slices of KDDTrain+_20Percent, written by the test."""
+    """Two disjoint 1,000-row slices of KDDTrain+_20Percent, written by the test."""
     src = data_file(data_dir, "nsl-kdd/KDDTrain+_20Percent.txt")
     lines = src.read_text().splitlines(keepends=True)
     out = tmp_path_factory.mktemp("kdd")
     first, second = out / "first.txt", out / "second.txt"
-    first.write_text("".join(lines[:1500]))
-    second.write_text("".join(lines[1500:3000]))
+    first.write_text("".join(lines[:1000]))
+    second.write_text("".join(lines[1000:2000]))
     return first, second
 
 
@@ -33,7 +33,8 @@ def checkpoint(slices, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ck") / "teacher"
     code = main(["train", "--data", str(slices[0]), "--out", str(out), "--epochs", "2",
                  "--batch-size", "64", "--conv-filters", "16", "--lstm-hidden", "16",
-                 "--dense", "16", "--threads", "1", "--replay-size", "200", "-q"])
+                 "--dense", "16", "--threads", "1", "--replay-size", "200",
+                 "--samples-per-epoch", "640", "-q"])
     assert code == 0
     return out
 
@@ -84,7 +85,8 @@ def test_update_reports_old_and_new_f1(checkpoint, slices, tmp_path, capsys):
     out_dir = tmp_path / "updated"
     assert main(["update", "--checkpoint", str(checkpoint), "--data", str(slices[1]),
                  "--old-data", str(slices[0]), "--out", str(out_dir), "--epochs", "1",
-                 "--batch-size", "64", "--json", "-q"]) == 0
+                 "--batch-size", "64", "--samples-per-epoch", "640", "--json",
+                 "-q"]) == 0
     report = json.loads(capsys.readouterr().out)
     for when in ("before", "after"):
         assert 0.0 <= report[when]["old_test_f1"] <= 1.0
