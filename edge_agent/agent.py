@@ -41,7 +41,7 @@ import numpy as np
 
 from edge_agent import logger
 from edge_agent import protocol as proto
-from edge_agent.mqtt import MqttLink
+from edge_agent.mqtt import MessageTooLargeError, MqttLink
 from edge_agent.outbox import Outbox
 from flows.errors import BadInputError, TransportError, UsageError
 from flows.windows import StreamWindower, record_key
@@ -65,6 +65,7 @@ class Counters:
     verdicts_malicious: int = 0
     bad_records: int = 0
     unrouted: int = 0
+    dropped_oversized: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -479,6 +480,9 @@ class Agent:
                     continue
                 try:
                     delivery = link.publish(msg.topic, msg.payload, qos=1)
+                except MessageTooLargeError as exc:
+                    self._drop_oversized(msg.id, exc)
+                    continue
                 except TransportError as exc:
                     logger.warning("escalation not published yet: %s", exc)
                     break
@@ -487,6 +491,21 @@ class Agent:
                 self._tracked[msg.id] = delivery
             if rows:
                 self._wake.set()
+
+    def _drop_oversized(self, msg_id: str, exc: MessageTooLargeError) -> None:
+        """Drop a message the broker can never take; count it, log the first one.
+
+        Kept, it would fail the same way on every replay and hold up nothing else,
+        but the outbox would never drain.
+        """
+        if self.outbox.ack(msg_id):
+            self.counters.dropped_oversized += 1
+            if self.counters.dropped_oversized == 1:
+                logger.warning(
+                    "escalation %s dropped: %s; further ones only counted",
+                    msg_id,
+                    exc,
+                )
 
     def _collect_acks(self) -> None:
         done = []

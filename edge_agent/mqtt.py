@@ -7,7 +7,13 @@ and messages to callbacks. paho's return codes and socket errors become
 :class:`~flows.errors.TransportError`; the link never raises a paho type.
 
 Reconnect policy: after a lost connection the client retries after ``reconnect_min``
-seconds, doubling the delay after each failure up to ``reconnect_max`` seconds.
+seconds, doubling the delay after each failure up to ``reconnect_max`` seconds. A
+certificate the client cannot verify (wrong CA, a name it does not hold, expired) is
+not retried: :meth:`MqttLink.connect` raises a TransportError at once that says
+what to fix. A message larger than the broker's maximum packet size (from CONNACK)
+is refused before it is sent, with :class:`MessageTooLargeError`; sent anyway, the
+broker would drop the connection and paho would send it again after each reconnect
+(``docs/security-broker.md``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,22 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent import logger
+from edge_agent.broker_config import (
+    MessageTooLargeError,
+    check_publish_size,
+    connack_packet_limit,
+    explain_connect_error,
+)
 from flows.errors import TransportError, UsageError
+
+__all__ = [
+    "BrokerAddress",
+    "Delivery",
+    "MessageTooLargeError",
+    "MqttLink",
+    "Protocol",
+    "TlsOptions",
+]
 
 # PUBACK reason code (MQTT v5): accepted, but no subscriber matched the topic.
 NO_MATCHING_SUBSCRIBERS = 16
@@ -86,6 +107,16 @@ class TlsOptions:
     insecure: bool = False
 
 
+def _permanent_tls_error(exc: BaseException) -> bool:
+    """True for a TLS failure that retrying cannot cure (a certificate problem)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return True
+    if not isinstance(exc, ssl.SSLError) or isinstance(exc, ssl.SSLEOFError):
+        return False
+    text = f"{exc.reason or ''} {exc}".lower()
+    return "certificate" in text or "unknown_ca" in text or "unknown ca" in text
+
+
 def _check(rc: MQTTErrorCode | int, what: str) -> None:
     """Raise TransportError for a paho error code other than success."""
     if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -100,6 +131,9 @@ class MqttLink:
     message is acknowledged only when :meth:`ack` is called with the token),
     ``on_publish(mid, ok)`` (``ok`` is false when the broker refused the message in
     its PUBACK) and ``on_connect()`` after each successful (re)connect.
+
+    ``max_packet_size`` is the bound to assume where the broker's CONNACK does not
+    announce one (MQTT 3.1.1); ``packet_limit`` holds the bound in force.
     """
 
     def __init__(
@@ -117,6 +151,7 @@ class MqttLink:
         reconnect_max: float = 30.0,
         max_inflight: int = 200,
         session_expiry: int = 0,
+        max_packet_size: int | None = None,
         manual_ack: bool = False,
         on_message: Callable[[str, bytes], None] | None = None,
         on_publish: Callable[[int, bool], None] | None = None,
@@ -137,6 +172,8 @@ class MqttLink:
         self.reconnect_max = reconnect_max
         self.max_inflight = max_inflight
         self.session_expiry = session_expiry
+        self.max_packet_size = max_packet_size
+        self.packet_limit: int | None = max_packet_size
         self.manual_ack = manual_ack
         self.on_message = on_message
         self.on_publish = on_publish
@@ -199,6 +236,8 @@ class MqttLink:
                 )
                 break
             except (OSError, ssl.SSLError) as exc:
+                if _permanent_tls_error(exc):
+                    raise self._tls_failure(exc) from exc
                 last_error = exc
                 if time.monotonic() + 0.2 > deadline:
                     raise TransportError(
@@ -215,6 +254,11 @@ class MqttLink:
         else:
             self.protocol = version
         return self._connack_rc
+
+    def _tls_failure(self, exc: BaseException) -> TransportError:
+        """A certificate problem as one TransportError naming it (no retry)."""
+        ca = (self.tls and self.tls.ca_certs) or "the system CA store"
+        return explain_connect_error(exc, self.address.host, self.address.port, ca)
 
     def _session_args(self, version: Protocol) -> dict:
         """CONNECT options of MQTT v5: a session kept ``session_expiry`` seconds."""
@@ -297,6 +341,7 @@ class MqttLink:
         if code != 0:
             logger.warning("broker %s refused CONNECT: %s", self.url, reason_code)
             return
+        self.packet_limit = connack_packet_limit(properties) or self.max_packet_size
         for flt, qos in self._subscriptions.items():
             client.subscribe(flt, qos)
         self.generation += 1
@@ -362,12 +407,22 @@ class MqttLink:
         """Queue one message; the returned :class:`Delivery` tells when it was acked.
 
         A connection lost at this moment is not an error: the delivery reports
-        ``lost`` and the caller publishes the message again after reconnecting. Other
-        paho failures raise TransportError.
+        ``lost`` and the caller publishes the message again after reconnecting. A
+        message over the broker's packet limit raises :class:`MessageTooLargeError`
+        and nothing is sent (it would fail the same way on every retry). Other paho
+        failures raise TransportError.
         """
         client = self._client
         if client is None:
             raise TransportError(f"not connected to broker {self.url}")
+
+        check_publish_size(
+            topic,
+            payload,
+            qos=qos,
+            limit=self.packet_limit,
+            v5=self.protocol is not Protocol.V311,
+        )
         try:
             info = client.publish(topic, payload, qos=qos, retain=retain)
         except ValueError as exc:

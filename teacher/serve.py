@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent import protocol as proto
-from edge_agent.mqtt import MqttLink, Protocol, TlsOptions
+from edge_agent.mqtt import MessageTooLargeError, MqttLink, Protocol, TlsOptions
 from flows.errors import EXIT_OK, TransportError, UsageError
 from teacher import logger
 from teacher.store import AlertStore
@@ -116,6 +116,7 @@ class ReScorer:
             "batches": 0,
             "malicious": 0,
             "failed": 0,
+            "dropped_oversized": 0,
         }
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._queue: queue.Queue = queue.Queue()
@@ -297,6 +298,16 @@ class ReScorer:
         try:
             self.link.publish(where, proto.encode(verdict), qos=1)
             self.counters["verdicts_sent"] += 1
+        except MessageTooLargeError as exc:
+            # Never sent, and it would fail the same way again: count it, log once.
+            # The verdict stays in the alert store.
+            self.counters["dropped_oversized"] += 1
+            if self.counters["dropped_oversized"] == 1:
+                logger.warning(
+                    "verdict for %s dropped: %s; further ones only counted",
+                    esc["id"],
+                    exc,
+                )
         except TransportError as exc:
             logger.warning("verdict for %s not published: %s", esc["id"], exc)
 
