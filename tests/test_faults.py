@@ -37,7 +37,7 @@ from tests.conftest import Mosquitto
 from tests.test_agent_fixtures import make_teacher, tiny
 from tests.test_rescorer import BIN, _outbox_ids, agent_cmd
 
-pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 
 # ---------------------------------------------------------------------------------
@@ -304,6 +304,7 @@ class CutNet:
         _ip("-n", self.gateway_ns, "link", "set", self.veth_g, "up")
 
 
+@pytest.mark.broker
 @pytest.mark.netns
 def test_network_cut_longer_than_keepalive_loses_nothing(tm, teacher, tmp_path):
     reason = netns_unavailable()
@@ -394,6 +395,7 @@ def test_network_cut_longer_than_keepalive_loses_nothing(tm, teacher, tmp_path):
 # agent SIGKILL while publishing
 
 
+@pytest.mark.broker
 def test_agent_kill_9_while_replaying_to_a_live_broker(tm, teacher, tmp_path):
     if shutil.which("mosquitto") is None:
         pytest.skip("mosquitto is not on PATH")
@@ -468,6 +470,7 @@ def test_agent_kill_9_while_replaying_to_a_live_broker(tm, teacher, tmp_path):
 # re-scorer SIGKILL mid-batch
 
 
+@pytest.mark.broker
 @pytest.mark.xfail(
     strict=True,
     reason="teacher/serve.py: the re-scorer connects with "
@@ -552,6 +555,7 @@ def test_drop_policy_model_matches_the_documented_rule():
     assert kept == [0, 1] and dropped == {"alert": 0, "escalate": 1}
 
 
+@pytest.mark.broker
 def test_outbox_cap_keeps_what_the_policy_says_and_counts_drops(tm, teacher, tmp_path):
     if shutil.which("mosquitto") is None:
         pytest.skip("mosquitto is not on PATH")
@@ -621,6 +625,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
+@pytest.mark.broker
 @pytest.mark.xfail(
     strict=True,
     reason="edge_agent/outbox.py Outbox.add lets "
@@ -784,6 +789,7 @@ def _damaged_overflow_pages(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.broker
 @pytest.mark.xfail(
     strict=True,
     reason="edge_agent/agent.py _send_loop: the outbox "
@@ -848,6 +854,7 @@ def _poison(kind: str) -> bytes:
     return json.dumps(body).encode()
 
 
+@pytest.mark.broker
 @pytest.mark.xfail(
     strict=True,
     reason="a well-formed escalation with a value out of "
