@@ -460,3 +460,71 @@ def test_every_accepted_escalation_can_be_stored(edit, tmp_path):
         assert store.add(esc, verdict)
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------------------------
+# the agent's stdin: JSON lines from whatever feeds it
+
+RECORD_VALUES = st.one_of(
+    JSON_VALUES,
+    st.sampled_from(["10.0.0.1", "::1", "tcp", "udp", "SF", "S0", "-", "", "ShAdDaFf"]),
+)
+
+
+@st.composite
+def hostile_lines(draw, base: dict) -> str:
+    """A real record with some fields set to any JSON value, or a broken line."""
+    from flows.record import CONN_FIELD_NAMES
+
+    rec = dict(base)
+    for name in draw(st.lists(st.sampled_from(CONN_FIELD_NAMES), max_size=5)):
+        rec[name] = draw(RECORD_VALUES)
+    line = json.dumps(rec)
+    if draw(st.integers(0, 9)) == 0:  # now and then a line cut or glued to another
+        line = line[: draw(st.integers(0, len(line)))] + draw(st.text(max_size=5))
+    return line
+
+
+@pytest.mark.timeout(240)
+def test_agent_stdin_lines_with_any_values(data_dir, tmp_path_factory):
+    from edge_agent import protocol as proto
+    from edge_agent.agent import Agent
+    from edge_agent.outbox import Outbox
+    from edge_agent.runtime import load_artifact
+    from edge_agent.sources import open_source
+    from tests.test_agent_fixtures import tiny
+
+    tm = tiny(data_dir, tmp_path_factory)
+    scorer = load_artifact(tm.artifact)
+    shape = (tm.encoder.window, tm.encoder.n_features)
+    base = dict(tm.records[100])
+    folder = tmp_path_factory.mktemp("stdin-fuzz")
+    every = {"decision": 0.0, "escalate_low": 0.0, "alert": 0.5}  # all escalate
+    counts = {"lines": 0, "escalated": 0}
+
+    @settings(FUZZ, max_examples=200)
+    @given(st.lists(hostile_lines(base), min_size=1, max_size=4))
+    def check(lines: list[str]) -> None:
+        import io
+
+        box = Outbox(folder / f"o{counts['lines']}.sqlite")
+        agent = Agent(scorer, site="s1", gateway="g1", outbox=box, thresholds=every)
+        text = "\n".join(lines) + "\n"
+        src = open_source("-", stdin=io.StringIO(text))
+        try:
+            agent.process(list(src))
+        except GatewatchError:
+            pass
+        counts["lines"] += len(lines)
+        c = agent.counters
+        # Blank lines are passed over; every other line is scored or counted.
+        n = sum(1 for line in text.split("\n") if line.strip())
+        assert c.flows + c.bad_records + sum(src.rejected.values()) == n
+        # What the agent sends must pass the re-scorer's own check.
+        for msg in box.pending():
+            counts["escalated"] += 1
+            proto.parse_escalation(msg.payload, window_shape=shape)
+        box.close()
+
+    check()
+    assert counts["escalated"] > 0
