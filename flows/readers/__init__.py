@@ -20,14 +20,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from flows.errors import BadInputError, PartialInputError
 from flows.readers._finish import check_on_error
+from flows.readers._lazy import LazyModule
 from flows.readers._source import Source, load
 from flows.readers.detect import FORMATS, sniff_binary, sniff_text
 from flows.readers.result import ReadResult
+
+pa = LazyModule("pyarrow")
+pc = LazyModule("pyarrow.compute")
 
 __all__ = [
     "FORMATS",

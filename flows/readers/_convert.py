@@ -13,15 +13,14 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
-_ARROW_TYPES = {
-    "f64": pa.float64(),
-    "i64": pa.int64(),
-    "i8": pa.int8(),
-    "str": pa.string(),
-}
+from flows.readers._lazy import LazyModule
+
+pa = LazyModule("pyarrow")
+pc = LazyModule("pyarrow.compute")
+
+# Record kind -> name of the pyarrow type factory (looked up on use: see _lazy).
+_ARROW_TYPES = {"f64": "float64", "i64": "int64", "i8": "int8", "str": "string"}
 _INT_TEXT = re.compile(r"[+-]?\d+\Z")
 _HEX_TEXT = re.compile(r"0[xX][0-9a-fA-F]+\Z")
 _ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
@@ -47,7 +46,7 @@ class BadRows:
 
 def arrow_type(kind: str) -> pa.DataType:
     """The Arrow type of a record kind (``f64``, ``i64``, ``i8``, ``str``)."""
-    return _ARROW_TYPES[kind]
+    return getattr(pa, _ARROW_TYPES[kind])()
 
 
 def null_tokens(arr: pa.Array, tokens: tuple[str, ...]) -> pa.Array:

@@ -15,11 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
 from flows import logger
 from flows.errors import BadInputError, PartialInputError
+from flows.readers._lazy import LazyModule
 from flows.readers.result import ReadResult
+
+pa = LazyModule("pyarrow")
 
 ON_ERROR = ("fail", "skip")
 

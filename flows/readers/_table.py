@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pacsv
 
 from flows.errors import BadInputError
 from flows.readers._finish import Problem
+from flows.readers._lazy import LazyModule
+
+pa = LazyModule("pyarrow")
+pacsv = LazyModule("pyarrow.csv")
 
 
 def split_rows(

@@ -8,10 +8,12 @@ label column gets null labels, not zeros.
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from flows.readers._convert import BadRows
+from flows.readers._lazy import LazyModule
+
+pa = LazyModule("pyarrow")
+pc = LazyModule("pyarrow.compute")
 
 # Stratosphere / IoT-23 Zeek labels, compared without case.
 ZEEK_LABELS: dict[str, int | None] = {

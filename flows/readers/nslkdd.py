@@ -14,16 +14,17 @@ a difficulty column (``difficulty``, ``level``...), in any order.
 
 from __future__ import annotations
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from flows.errors import BadInputError
 from flows.readers._convert import BadRows, to_number, value_counts
 from flows.readers._finish import Problem, finish
+from flows.readers._lazy import LazyModule
 from flows.readers._source import Source
 from flows.readers._table import split_rows
 from flows.readers.labels import ATTACK_FAMILY
 from flows.readers.result import ReadResult
+
+pa = LazyModule("pyarrow")
+pc = LazyModule("pyarrow.compute")
 
 KDD_FEATURES: tuple[str, ...] = (
     "duration",

@@ -31,23 +31,26 @@ import re
 from datetime import UTC, datetime
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from flows.errors import BadInputError
 from flows.readers import labels as labelmod
 from flows.readers._convert import (
     BadRows,
+    arrow_type,
     null_tokens,
     to_number,
     unescape,
     value_counts,
 )
 from flows.readers._finish import Problem, finish
+from flows.readers._lazy import LazyModule
 from flows.readers._source import Source
 from flows.readers._table import split_rows
 from flows.readers.result import ReadResult
 from flows.record import CONN_FIELD_KINDS, CONN_FIELD_NAMES, conn_schema
+
+pa = LazyModule("pyarrow")
+pc = LazyModule("pyarrow.compute")
 
 # Zeek conn.log column -> canonical field.
 ZEEK_TO_CANON: dict[str, str] = {
@@ -374,8 +377,6 @@ def _to_canonical(
 
 
 def _type(kind: str) -> pa.DataType:
-    from flows.readers._convert import arrow_type
-
     return arrow_type(kind)
 
 
@@ -406,7 +407,6 @@ def read_json(src: Source, on_error: str) -> ReadResult:
     return _read_json_lines(src, on_error)
 
 
-_JSON_TYPES = {"f64": pa.float64(), "i64": pa.int64(), "str": pa.string()}
 _JSON_LABELS = ("label",) + DETAIL_NAMES
 
 
@@ -435,7 +435,7 @@ def _read_json_fast(src: Source) -> tuple[pa.Table, dict] | None:
         return None
 
     fields = [
-        pa.field(zeek, _JSON_TYPES[CONN_FIELD_KINDS[canon]])
+        pa.field(zeek, arrow_type(CONN_FIELD_KINDS[canon]))
         for zeek, canon in ZEEK_TO_CANON.items()
     ] + [pa.field(name, pa.string()) for name in _JSON_LABELS]
     try:
