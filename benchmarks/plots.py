@@ -44,9 +44,21 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
     return sorted(keep, key=lambda i: points[i][0])
 
 
-def _label(rec: dict[str, Any]) -> str:
+def _human(value: float, _pos: int | None = None) -> str:
+    """Tick label like 5k or 1.2M."""
+    for scale, unit in ((1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def _label(rec: dict[str, Any], one_student: bool) -> str:
     model = rec["model"].replace("student-", "")
-    return f"{model} {rec['target']}" if rec["family"] != "baseline" else model
+    if rec["family"] == "baseline":
+        return model
+    if rec["family"] == "student" and one_student:
+        return rec["target"]
+    return f"{model} {rec['target']}"
 
 
 def _scatter(ax, recs: list[dict[str, Any]], xkey: str, title: str,
@@ -58,8 +70,18 @@ def _scatter(ax, recs: list[dict[str, Any]], xkey: str, title: str,
             continue
         pts.append((float(x), float(y)))
         kept.append(rec)
-    for n, (rec, (x, y)) in enumerate(zip(kept, pts, strict=True)):
+    students = {r["model"] for r in kept if r["family"] == "student"}
+    one = len(students) == 1
+    if one:
+        title += f" (student {next(iter(students)).replace('student-', '')})"
+    n = 0
+    for rec, (x, y) in zip(kept, pts, strict=True):
         color = COLORS.get(rec["family"], "black")
+        if rec["family"] == "candidate":
+            # Search candidates: small, hollow, unlabeled, under the published ones.
+            ax.plot([x], [y], "o", ms=4, mfc="none", mec=color, zorder=1)
+            continue
+        n += 1
         if xrange and rec.get(xrange):
             lo, hi = rec[xrange]
             ax.errorbar([x], [y], xerr=[[x - lo], [hi - x]], fmt="o", color=color,
@@ -67,7 +89,8 @@ def _scatter(ax, recs: list[dict[str, Any]], xkey: str, title: str,
         else:
             ax.plot([x], [y], "o", color=color, ms=5)
         # Staggered labels, so models of (nearly) equal size stay readable.
-        ax.annotate(_label(rec), (x, y), fontsize=6, xytext=(4, -8 + 7 * (n % 3)),
+        ax.annotate(_label(rec, one), (x, y), fontsize=6,
+                    xytext=(4, -10 + 7 * (n % 4)),
                     textcoords="offset points")
     front = pareto(pts)
     if front:
@@ -75,8 +98,18 @@ def _scatter(ax, recs: list[dict[str, Any]], xkey: str, title: str,
         ax.plot(fx, fy, "o", ms=11, mfc="none", mec="tab:green", mew=1.2,
                 label="Pareto frontier")
         ax.step(fx, fy, where="post", color="tab:green", lw=1, ls="--")
-        ax.legend(fontsize=7, loc="best")
+    if any(r["family"] == "candidate" for r in kept):
+        ax.plot([], [], "o", ms=4, mfc="none", mec=COLORS["candidate"],
+                label="search candidate (not published)")
+    if front or kept:
+        ax.legend(fontsize=6, loc="best")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(_human))
+    xs = [x for x, _ in pts]
+    narrow = bool(xs) and max(xs) / min(xs) < 20
+    ax.xaxis.set_minor_formatter(FuncFormatter(_human) if narrow else NullFormatter())
     ax.set_title(title, fontsize=9)
     ax.set_ylabel("F1 (test)", fontsize=8)
     ax.tick_params(labelsize=7)

@@ -80,6 +80,17 @@ def _ratio(stats: Any) -> str:
     return f"{stats['median']:.3g}× ({stats['min']:.3g}–{stats['max']:.3g})"
 
 
+def _vs_teacher(rec: dict[str, Any]) -> str:
+    if (rec["model"], rec["target"]) == ("teacher", "torch-fp32"):
+        return "reference"
+    if rec.get("latency_p50_vs_teacher"):
+        return _ratio(rec["latency_p50_vs_teacher"])
+    if rec.get("latency_p50_vs_fp32_in_compress"):
+        return (f"{rec['latency_p50_vs_fp32_in_compress']:.3g}× (vs fp32 in the "
+                "same compress call, 1 repeat)")
+    return "–"
+
+
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join("---" for _ in head) + "|"]
@@ -106,8 +117,7 @@ def _headline(results: dict[str, Any]) -> list[str]:
                 name, r["model"], r["target"], _f(r.get("params"), ","),
                 _size(r.get("size_bytes")), _f(r.get("f1")), _f(r.get("accuracy")),
                 _lat(r), _tput(r),
-                "reference" if (r["model"], r["target"]) == ("teacher", "torch-fp32")
-                else _ratio(r.get("latency_p50_vs_teacher")),
+                _vs_teacher(r),
             ])
     return _table(["dataset", "model", "target", "params", "size", "F1", "accuracy",
                    "p50 µs (min–max)", "flows/s b256 (min–max)",
