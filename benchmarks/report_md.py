@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PUBLISHED", "render"]
+__all__ = ["PUBLISHED", "headline", "render"]
 
 # Values the research we start from reports. Only what we know is listed; a missing
 # entry is left out of the tables rather than guessed.
@@ -321,6 +321,17 @@ def _candidates(results: dict[str, Any]) -> list[str]:
               "yes" if r.get("passed") else "no", r.get("note") or ""]
              for r in rows])
     return lines
+
+
+def headline(results: dict[str, Any], prefix: str = "") -> str:
+    """The headline table and the size-vs-F1 plot, for the README (``prefix``:
+    the path from the README to the run's folder)."""
+    lines = ["Measured by `python -m benchmarks run` "
+             f"({results.get('started')}; test splits; one CPU thread):", "",
+             *_headline(results), ""]
+    if "size_vs_f1" in results.get("plots", {}):
+        lines += [f"![Size vs F1]({prefix}{results['plots']['size_vs_f1']})", ""]
+    return "\n".join(lines)
 
 
 def render(results: dict[str, Any]) -> str:

@@ -635,6 +635,8 @@ def run_benchmarks(settings: Settings, out: Path, work: Path, data: Path) -> Pat
     (out / "results.json").write_text(json.dumps(run.results, indent=1) + "\n")
     with run.step("report"):
         (out / "report.md").write_text(report_md.render(run.results))
+        (out / "headline.md").write_text(report_md.headline(
+            run.results, prefix=_rel_prefix(out)))
     (out / "results.json").write_text(json.dumps(run.results, indent=1) + "\n")
     run.say(f"done in {run.results['wall_s'] / 60:.1f} min; report in {out}")
     return out
@@ -692,8 +694,18 @@ def rerender(out: Path, work: Path) -> Path:
             if k.startswith("latency_") and k not in made and (out / v).exists()}
     results["plots"] = {**made, **kept}
     (out / "report.md").write_text(report_md.render(results))
+    (out / "headline.md").write_text(report_md.headline(results,
+                                                        prefix=_rel_prefix(out)))
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     return out
+
+
+def _rel_prefix(out: Path) -> str:
+    """The run folder as seen from the repository root (for README links)."""
+    try:
+        return str(out.resolve().relative_to(REPO)) + "/"
+    except ValueError:
+        return ""
 
 
 def build_parser() -> argparse.ArgumentParser:
