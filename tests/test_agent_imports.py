@@ -165,3 +165,53 @@ def test_edge_agent_run_on_a_zeek_log_never_imports_pyarrow(
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "False"]
     assert f"summary: flows {len(tm.records)}," in out.stderr
+
+
+def test_streamed_zeek_log_is_not_read_whole_first(tmp_path: Path) -> None:
+    """The first record comes after reading the head, not the whole (20 MB) log."""
+    import tracemalloc
+
+    from flows.readers import detect_format
+    from flows.readers.stream import iter_records, stream_format
+
+    row = _ROWS[0] + "\n"
+    big = tmp_path / "big.conn.log"
+    with open(big, "w") as fh:
+        fh.write("\n".join(_HEADER) + "\n")
+        fh.write(row * (20_000_000 // len(row)))
+    assert stream_format(str(big)) == detect_format(big) == "zeek-tsv"
+
+    tracemalloc.start()
+    try:
+        first = next(iter_records(big))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert first["dst_port"] == 443
+    assert peak < 4_000_000, f"{peak} bytes traced before the first record"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "   \n", "\ufeff" + "\n".join(_HEADER + _ROWS) + "\n", "a,b\n1,2\n"],
+    ids=["empty", "blank", "bom-tsv", "unknown"],
+)
+def test_stream_format_agrees_with_detect_format(tmp_path: Path, text: str) -> None:
+    """Same answer, or the same error, as the whole-file detection."""
+    from flows.errors import BadInputError
+    from flows.readers import detect_format
+    from flows.readers.stream import stream_format
+
+    path = tmp_path / "x.log"
+    path.write_text(text, encoding="utf-8")
+    for gz in (False, True):
+        if gz:
+            path.write_bytes(gzip.compress(text.encode()))
+        try:
+            want = detect_format(path)
+        except BadInputError as exc:
+            with pytest.raises(BadInputError) as err:
+                stream_format(str(path))
+            assert str(err.value) == str(exc)
+        else:
+            assert stream_format(str(path)) == want

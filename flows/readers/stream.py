@@ -259,15 +259,52 @@ def _lines(path: str) -> Iterator[str]:
             yield rest.decode("utf-8", "replace")
 
 
+# sniff_text looks at no more than this many bytes of (gunzipped) text.
+_SNIFF_BYTES = 65536
+
+
+def _head(path: str) -> bytes:
+    """The first ``_SNIFF_BYTES`` of the file's text (gunzipped), not the whole."""
+    with open(path, "rb") as fh:
+        gz = fh.read(2) == GZIP_MAGIC
+        fh.seek(0)
+        if not gz:
+            return fh.read(_SNIFF_BYTES)
+        head = b""
+        for chunk in iter_gunzip(fh):
+            head += chunk
+            if len(head) >= _SNIFF_BYTES:
+                break
+        return head[:_SNIFF_BYTES]
+
+
+def stream_format(path: str) -> str:
+    """Name the format like :func:`flows.readers.detect_format`, from the head only.
+
+    A whole-file read would hold a conn.log of many GB in memory before the first
+    record is yielded; the text formats are told apart by their first 64 KiB.
+    """
+    from flows.readers import _sniff_head, detect_format
+    from flows.readers.detect import sniff_text
+
+    kind = _sniff_head(path)
+    if kind is not None:
+        return kind
+    head = _head(path)
+    if not head or head.isspace():
+        return detect_format(path)  # short: the whole read gives the exact error
+    return sniff_text(head, path)
+
+
 def iter_records(
     path: str | Path, on_error: str = "fail", drop_unlabeled: bool = False
 ) -> Iterator[dict]:
     """Yield canonical records one by one (Zeek TSV/JSON line by line)."""
-    from flows.readers import detect_format, read
+    from flows.readers import read
 
     check_on_error(on_error)
     name = str(path)
-    fmt = detect_format(name)
+    fmt = stream_format(name)
     if fmt not in ("zeek-tsv", "zeek-json"):
         # TODO(gap): other formats are read whole first, then yielded row by row.
         result = read(name, on_error=on_error, drop_unlabeled=drop_unlabeled)
