@@ -109,27 +109,21 @@ def open_source(
 
 
 def _pcap(src: Source) -> Iterator[dict]:
-    try:
-        from flows.meter import iter_flows
-    except ImportError as exc:
-        raise UsageError(
-            "pcap sources need flows.meter, which is not installed"
-        ) from exc
+    """Flows of a capture file, through the packet flow meter."""
+    from flows.meter import iter_flows
+
     for rec in iter_flows(src.target):
         yield canonical(rec)
 
 
 def _iface(src: Source) -> Iterator[dict]:
-    try:
-        from flows import meter
-    except ImportError as exc:
-        raise UsageError(
-            "live capture needs flows.meter, which is not installed"
-        ) from exc
-    live = getattr(meter, "iter_live", None)
-    if live is None:
-        raise UsageError("live capture is not available: flows.meter has no iter_live")
-    for rec in live(src.target):
+    """Flows of a live interface as connections end (libpcap, needs privilege).
+
+    A missing binding or privilege is a UsageError whose message says how to get it.
+    """
+    from flows.meter import iter_flows
+
+    for rec in iter_flows(f"iface:{src.target}"):
         yield canonical(rec)
 
 
