@@ -121,7 +121,9 @@ def venv_scores(python: Path, artifact: Path, windows: np.ndarray, tmp: Path):
     return version, np.asarray(scores)
 
 
-def test_flash_offline_switch_refuse_and_roll_back(tmp_path: Path) -> None:
+def test_flash_offline_switch_refuse_and_roll_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     wheels = all_wheels(tmp_path)
     private, public = signing.generate_keypair(tmp_path / "keys")
     root = tmp_path / "root"
@@ -211,7 +213,13 @@ def test_flash_offline_switch_refuse_and_roll_back(tmp_path: Path) -> None:
     short.write_bytes(v2.read_bytes()[: v2.stat().st_size // 2])
     with pytest.raises(BadInputError, match="truncated"):
         flash(short, root, public)
-    unhealthy = make_bundle("v3", seed=3, expected_shift=0.2)
+    # An unhealthy model is refused when the bundle is built ...
+    with pytest.raises(ModelError, match="probe scores differ"):
+        make_bundle("v3", seed=3, expected_shift=0.2)
+    # ... and, from a bundle signed by a tool that skipped that check, at flash time.
+    with monkeypatch.context() as patch:
+        patch.setattr("edge_agent.ota.load_checked", lambda artifact: None)
+        unhealthy = make_bundle("v3b", seed=3, expected_shift=0.2)
     with pytest.raises(ModelError, match="health check"):
         flash(unhealthy, root, public)
     assert snapshot(root) == before
