@@ -507,7 +507,7 @@ def test_agent_stdin_lines_with_any_values(data_dir, tmp_path_factory):
     every = {"decision": 0.0, "escalate_low": 0.0, "alert": 0.5}  # all escalate
     counts = {"lines": 0, "escalated": 0}
 
-    @settings(FUZZ, max_examples=200)
+    @settings(FUZZ, max_examples=120)
     @given(st.lists(hostile_lines(base), min_size=1, max_size=4))
     def check(lines: list[str]) -> None:
         import io
