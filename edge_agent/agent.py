@@ -21,7 +21,15 @@ with ``"kind": "verdict"``, ``"verdict": "malicious"`` and the teacher's ``score
 
 Escalation ids are derived from the site, gateway and flow record (32 hex digits; see
 :func:`flow_id`), so a flow read again after a crash carries the same id and the
-re-scorer drops the copy.
+re-scorer drops the copy. A verdict delivered twice (at-least-once) is handled once:
+the agent remembers the last ``_MAX_VERDICT_IDS`` (10 000) escalation ids answered,
+far more than the ``_MAX_TRACKED`` messages it keeps in flight.
+
+When the outbox cannot store a batch (disk full, I/O error) the agent goes on: the
+batch's escalations are dropped and counted (``outbox_failed``, the first failure
+logged as an error), their local alert lines are still written, and the run ends
+with :class:`~flows.errors.OutboxError` (exit 6). A read or acknowledgement the
+outbox refuses is counted the same way and retried a second later by the sender.
 """
 
 from __future__ import annotations
@@ -43,12 +51,13 @@ from edge_agent import logger
 from edge_agent import protocol as proto
 from edge_agent.mqtt import MessageTooLargeError, MqttLink
 from edge_agent.outbox import Outbox
-from flows.errors import BadInputError, TransportError, UsageError
+from flows.errors import BadInputError, OutboxError, TransportError, UsageError
 from flows.windows import StreamWindower, record_key
 
 SITE_THRESHOLDS = "site_thresholds.json"
 _FIVE_TUPLE = ("ts", "src_ip", "src_port", "dst_ip", "dst_port", "proto")
 _MAX_TRACKED = 1000
+_MAX_VERDICT_IDS = 10_000  # verdict ids remembered to drop a redelivered copy
 
 
 @dataclass
@@ -66,6 +75,7 @@ class Counters:
     bad_records: int = 0
     unrouted: int = 0
     dropped_oversized: int = 0
+    outbox_failed: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -166,7 +176,8 @@ class Agent:
         self._fixed_thresholds = thresholds
         self._lock = threading.Lock()
         self._out_lock = threading.Lock()
-        self._verdict_ids: set[str] = set()
+        self._verdict_ids: OrderedDict[str, None] = OrderedDict()
+        self._outbox_error: OutboxError | None = None
         self._tracked: OrderedDict[str, Any] = OrderedDict()
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._retry_at = 0.0
@@ -352,7 +363,11 @@ class Agent:
                 self._created[msg_id] = time.monotonic()
 
         # Durable first (one fsync per batch), then the local alert lines.
-        kept = self.outbox.add_many(items)
+        try:
+            kept = self.outbox.add_many(items)
+        except OutboxError as exc:
+            self._outbox_failed(exc, len(items))
+            kept = []
         self.counters.escalations_queued += sum(kept)
         self._wake.set()
         for flow, score, decision, msg_id in made:
@@ -370,6 +385,22 @@ class Agent:
                     model_version=version,
                     escalation_id=msg_id,
                 )
+
+    def _outbox_failed(self, exc: OutboxError, lost: int = 0) -> None:
+        """Count an outbox failure (and the escalations it cost); log the first."""
+        self.counters.outbox_failed += lost
+        if self._outbox_error is None:
+            logger.error(
+                "%s; escalations it cannot store are dropped and counted, local "
+                "alerts still written",
+                exc,
+            )
+        self._outbox_error = exc
+
+    @property
+    def outbox_error(self) -> OutboxError | None:
+        """The last error the outbox raised in this run, or None."""
+        return self._outbox_error
 
     def _write_line(self, flow: dict[str, Any], **fields: Any) -> None:
         if self.alerts is None:
@@ -457,7 +488,12 @@ class Agent:
         while not self._stop.is_set():
             self._wake.wait(0.05)
             self._wake.clear()
-            self._collect_acks()
+            try:
+                self._collect_acks()
+            except OutboxError as exc:
+                self._outbox_failed(exc)
+                self._stop.wait(1.0)
+                continue
             link = self.link
             if link is None or not link.connected:
                 continue
@@ -471,7 +507,12 @@ class Agent:
             room = _MAX_TRACKED - len(self._tracked)
             if room <= 0:
                 continue
-            rows = self.outbox.pending(limit=min(room, 500), after_seq=last_seq)
+            try:
+                rows = self.outbox.pending(limit=min(room, 500), after_seq=last_seq)
+            except OutboxError as exc:
+                self._outbox_failed(exc)
+                self._stop.wait(1.0)
+                continue
             for msg in rows:
                 if not link.connected:
                     break
@@ -498,7 +539,12 @@ class Agent:
         Kept, it would fail the same way on every replay and hold up nothing else,
         but the outbox would never drain.
         """
-        if self.outbox.ack(msg_id):
+        try:
+            gone = self.outbox.ack(msg_id)
+        except OutboxError as exc:
+            self._outbox_failed(exc)
+            return
+        if gone:
             self.counters.dropped_oversized += 1
             if self.counters.dropped_oversized == 1:
                 logger.warning(
@@ -546,7 +592,9 @@ class Agent:
         with self._out_lock:
             if esc_id in self._verdict_ids:
                 return
-            self._verdict_ids.add(esc_id)
+            self._verdict_ids[esc_id] = None
+            if len(self._verdict_ids) > _MAX_VERDICT_IDS:
+                self._verdict_ids.popitem(last=False)
         self.counters.verdicts_received += 1
         if self.round_trips is not None and esc_id in self._created:
             self.round_trips.append(time.monotonic() - self._created.pop(esc_id))
@@ -613,7 +661,10 @@ class Agent:
         self._wake.set()
         if self._sender is not None:
             self._sender.join(5)
-        self._collect_acks()
+        try:
+            self._collect_acks()
+        except OutboxError as exc:
+            self._outbox_failed(exc)
         self.counters.rejected = dict(self.rejects.counts)
         if self.link is not None:
             status = proto.encode(self.status_payload("offline"))
@@ -625,7 +676,11 @@ class Agent:
         out = self.counters.as_dict()
         out["rejected"] = dict(self.rejects.counts)
         out["outbox_pending"] = len(self.outbox)
-        out["outbox_dropped"] = self.outbox.dropped
+        try:
+            out["outbox_dropped"] = self.outbox.dropped
+        except OutboxError as exc:
+            self._outbox_failed(exc)
+            out["outbox_dropped"] = None
         out["model_version"] = self.model_version
         out["thresholds"] = dict(self.thresholds)
         return out

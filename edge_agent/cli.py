@@ -6,9 +6,12 @@ exits once the file is done and its escalations are acknowledged (or
 site's thresholds from its own benign traffic. The bundle, flash and update commands
 come from :mod:`edge_agent.bundle` when it is installed.
 
-Exit codes: 0 ok, 1 failure, 2 usage, 3 bad input, 4 partial input (the flows read
-before the damage were scored and sent), 6 broker unavailable or escalations left
-unacknowledged in the outbox, 130 interrupted.
+Exit codes: 0 ok, 1 failure, 2 usage, 3 bad input (a damaged outbox file included,
+left untouched), 4 partial input (the flows read before the damage were scored and
+sent), 6 broker unavailable, escalations left unacknowledged in the outbox, or
+escalations dropped because the outbox could not store them (disk full, I/O error:
+the agent scores on, writes its local alerts and counts ``outbox_failed``), 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from flows.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     GatewatchError,
+    OutboxError,
     TransportError,
     UsageError,
 )
@@ -237,6 +241,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     _report(summary, cfg.summary_json)
     if failure is not None:
         raise failure
+    if agent.outbox_error is not None:
+        raise OutboxError(
+            f"{summary['outbox_failed']} escalations were dropped because the outbox "
+            f"could not store them (their alerts are in the alert log); last error: "
+            f"{agent.outbox_error}"
+        )
     if cfg.broker and summary["outbox_pending"]:
         raise TransportError(
             f"{summary['outbox_pending']} escalations were not acknowledged within "
@@ -261,11 +271,19 @@ def _report(summary: dict[str, Any], path: str | None) -> None:
             f", dropped as too large for the broker {summary['dropped_oversized']}"
             if summary.get("dropped_oversized")
             else ""
+        )
+        + (
+            f", dropped as the outbox could not store them {summary['outbox_failed']}"
+            if summary.get("outbox_failed")
+            else ""
         ),
         file=sys.stderr,
     )
     if path:
-        Path(path).write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            Path(path).write_text(json.dumps(summary, indent=2) + "\n")
+        except OSError as exc:
+            print(f"warning: summary not written to {path}: {exc}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------

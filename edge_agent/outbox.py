@@ -12,6 +12,13 @@ Drop policy, when the outbox holds ``max_messages`` and one more is added: the o
 is the oldest *alert* dropped, and a new uncertain escalation is itself dropped rather
 than push an alert out. Alerts are therefore kept before uncertain escalations. Every
 drop is counted per decision, and the counts persist in the file.
+
+Damage and a failing disk: at open the file is checked (``PRAGMA quick_check``, which
+reads every page, so a large outbox takes a moment); a damaged file is refused with
+:class:`~flows.errors.BadInputError` naming it, and left as it is for the operator.
+A read or a write that SQLite refuses later (database or disk full, an I/O error,
+damage that appeared since) is rolled back and raised as
+:class:`~flows.errors.OutboxError`; what the outbox held before is unchanged.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent import logger
-from flows.errors import BadInputError, UsageError
+from flows.errors import BadInputError, OutboxError, UsageError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -59,21 +66,64 @@ class Outbox:
         self.path = Path(path)
         self.max_messages = max_messages
         self._lock = threading.Lock()
+        existed = self.path.is_file() and self.path.stat().st_size > 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
                 str(self.path), check_same_thread=False, isolation_level=None
             )
+            if existed:
+                self._check_pages()  # before anything could write to the file
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             self._size = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         except sqlite3.DatabaseError as exc:
+            self._db_close_quietly()
             raise BadInputError(
                 f"cannot open the outbox: {exc}", path=str(path)
             ) from exc
+        except BadInputError:
+            self._db_close_quietly()
+            raise
         if self._size:
             logger.info("outbox %s holds %d unacknowledged messages", path, self._size)
+
+    def _check_pages(self) -> None:
+        """Refuse a file whose pages SQLite finds damaged (reads the whole file)."""
+        rows = self._db.execute("PRAGMA quick_check(3)").fetchall()
+        problems = [
+            line
+            for row in rows
+            for line in str(row[0]).splitlines()
+            if line and not line.startswith("***")
+        ]
+        if problems != ["ok"]:
+            raise BadInputError(
+                "the outbox is damaged (" + "; ".join(problems[:3]) + "); move it "
+                "aside to start with an empty one",
+                path=str(self.path),
+            )
+
+    def _db_close_quietly(self) -> None:
+        db = getattr(self, "_db", None)
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+
+    def _rollback(self) -> None:
+        """Undo the open transaction, if SQLite has not already done so itself."""
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                logger.debug("outbox rollback failed: %s", exc)
+
+    def _failure(self, what: str, exc: sqlite3.Error) -> OutboxError:
+        """A refused read or write as one OutboxError naming the file."""
+        return OutboxError(f"cannot {what} the outbox: {exc}", path=str(self.path))
 
     def __len__(self) -> int:
         return self._size
@@ -86,31 +136,41 @@ class Outbox:
         """Store ``(id, topic, payload, alert)`` messages in one durable transaction.
 
         One fsync for the lot; when this returns, every kept message is on disk.
-        The result says, per message, whether the drop policy kept it.
+        The result says, per message, whether the drop policy kept it. When SQLite
+        refuses the write (disk full, I/O error), nothing of the lot is stored and
+        :class:`~flows.errors.OutboxError` is raised.
         """
-        kept_flags = []
+        kept_flags: list[bool] = []
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                for msg_id, topic, payload, alert in messages:
-                    kept = True
-                    if self._size >= self.max_messages:
-                        kept = self._make_room(alert)
-                    if kept:
-                        cur = self._db.execute(
-                            "INSERT OR IGNORE INTO outbox (id, topic, payload, alert) "
-                            "VALUES (?, ?, ?, ?)",
-                            (msg_id, topic, payload, int(alert)),
-                        )
-                        self._size += cur.rowcount
-                    kept_flags.append(kept)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            finally:
-                self._size = self._count()
+                self._write_many(messages, kept_flags)
+            except sqlite3.Error as exc:
+                raise self._failure(f"store {len(messages)} messages in", exc) from exc
         return kept_flags
+
+    def _write_many(self, messages, kept_flags: list[bool]) -> None:
+        """The transaction of :meth:`add_many` (the lock held)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for msg_id, topic, payload, alert in messages:
+                kept = True
+                if self._size >= self.max_messages:
+                    kept = self._make_room(alert)
+                if kept:
+                    cur = self._db.execute(
+                        "INSERT OR IGNORE INTO outbox (id, topic, payload, alert) "
+                        "VALUES (?, ?, ?, ?)",
+                        (msg_id, topic, payload, int(alert)),
+                    )
+                    self._size += cur.rowcount
+                kept_flags.append(kept)
+            self._db.execute("COMMIT")
+        except BaseException:
+            kept_flags.clear()
+            self._rollback()
+            raise
+        finally:
+            self._size = self._count()
 
     def _make_room(self, alert: bool) -> bool:
         """Apply the drop policy inside a transaction; False drops the new message."""
@@ -153,7 +213,10 @@ class Outbox:
             sql += " LIMIT ?"
             args = (after_seq, limit)
         with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
+            try:
+                rows = self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise self._failure("read", exc) from exc
         return [OutboxMessage(r[0], r[1], r[2], bytes(r[3]), bool(r[4])) for r in rows]
 
     def ack(self, msg_id: str) -> bool:
@@ -165,26 +228,36 @@ class Outbox:
         if not ids:
             return 0
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                gone = 0
-                for msg_id in ids:
-                    gone += self._db.execute(
-                        "DELETE FROM outbox WHERE id = ?", (msg_id,)
-                    ).rowcount
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            finally:
-                self._size = self._count()
+                return self._delete_many(ids)
+            except sqlite3.Error as exc:
+                raise self._failure(f"forget {len(ids)} messages in", exc) from exc
+
+    def _delete_many(self, ids: list[str]) -> int:
+        """The transaction of :meth:`ack_many` (the lock held)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            gone = 0
+            for msg_id in ids:
+                gone += self._db.execute(
+                    "DELETE FROM outbox WHERE id = ?", (msg_id,)
+                ).rowcount
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        finally:
+            self._size = self._count()
         return gone
 
     @property
     def dropped(self) -> dict[str, int]:
         """Messages dropped by the size bound, per decision (alert, escalate)."""
         with self._lock:
-            rows = self._db.execute("SELECT name, value FROM counters").fetchall()
+            try:
+                rows = self._db.execute("SELECT name, value FROM counters").fetchall()
+            except sqlite3.Error as exc:
+                raise self._failure("read the counters of", exc) from exc
         counts = {"alert": 0, "escalate": 0}
         for name, value in rows:
             if name.startswith("dropped_"):

@@ -13,7 +13,8 @@ chained (``raise ... from exc``)::
     ├── ModelError            a model, checkpoint or artifact cannot be built or loaded (exit 1)
     │   └── ExportError       a converter failed or crashed for a target (exit 1)
     ├── GateError             no compressed artifact met the quality gate (exit 5)
-    └── TransportError        the broker cannot be reached or refused us (exit 6)
+    ├── TransportError        the broker cannot be reached or refused us (exit 6)
+    └── OutboxError           the outbox file refused a read or a write (exit 6)
 
 This module imports nothing outside the standard library: the edge agent uses it.
 """
@@ -105,3 +106,16 @@ class TransportError(GatewatchError):
     """The MQTT broker cannot be reached, or refused a connection or a message."""
 
     exit_code = EXIT_UNAVAILABLE
+
+
+class OutboxError(GatewatchError):
+    """The outbox file refused a read or a write (disk full, I/O error, late damage).
+
+    Exit 6 like a broker outage: escalations could not be kept for delivery.
+    """
+
+    exit_code = EXIT_UNAVAILABLE
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
