@@ -189,6 +189,81 @@ def test_eviction_matches_reference_on_a_random_stream():
     assert stream.evictions > 0
 
 
+def _batches(n: int, rng) -> list[slice]:
+    """Random micro-batch bounds over n rows, sizes 1 to 300 (as the agent makes)."""
+    cuts = [0]
+    while cuts[-1] < n:
+        cuts.append(min(n, cuts[-1] + int(rng.integers(1, 300))))
+    return [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+@pytest.mark.parametrize("W", [1, 2, 8])
+def test_push_many_in_micro_batches_equals_the_batch_form(W):
+    """The vectorized path, batch after batch, gives the batch windows bit for bit."""
+    rng = np.random.default_rng(11 + W)
+    n, F = 5000, 7
+    hosts = [f"10.0.{i // 256}.{i % 256}" for i in range(300)]
+    keys = rng.choice(hosts, n, p=_zipf(len(hosts))).tolist()
+    X = rng.standard_normal((n, F)).astype(np.float32)
+    X[rng.random(n) < 0.05] = 0.0  # all-zero flows look like padding; still real
+    batch = gather_windows(X, window_index(keys, W))
+
+    stream = StreamWindower(W, F, max_hosts=len(hosts))
+    got = np.concatenate([stream.push_many(keys[b], X[b]) for b in _batches(n, rng)])
+    assert got.dtype == np.float32 and got.tobytes() == batch.tobytes()
+    assert stream.evictions == 0 and len(stream) == len(set(keys))
+
+
+def _zipf(k: int) -> np.ndarray:
+    """A skewed host mix: a few busy hosts, many quiet ones."""
+    w = 1.0 / np.arange(1, k + 1)
+    return w / w.sum()
+
+
+@pytest.mark.parametrize("cap", [3, 40, 120])
+def test_push_many_with_evictions_equals_row_by_row(cap):
+    """Batches that evict, mixed with single pushes and forget(): same as push()."""
+    rng = np.random.default_rng(cap)
+    n, F, W = 4000, 3, 4
+    keys = rng.choice([f"h{i}" for i in range(150)], n, p=_zipf(150)).tolist()
+    X = rng.random((n, F), dtype=np.float32)
+
+    one = StreamWindower(W, F, max_hosts=cap)
+    many = StreamWindower(W, F, max_hosts=cap)
+    for b in _batches(n, rng):
+        want = np.stack([one.push(k, x) for k, x in zip(keys[b], X[b], strict=True)])
+        if b.stop - b.start == 1 and rng.random() < 0.5:
+            got = many.push(keys[b.start], X[b.start])[None]
+        else:
+            got = many.push_many(keys[b], X[b])
+        assert got.tobytes() == want.tobytes()
+        if rng.random() < 0.1:
+            gone = keys[b.start]
+            one.forget(gone)
+            many.forget(gone)
+        assert list(one._hosts) == list(many._hosts)  # same recency order
+    assert many.evictions == one.evictions
+    np.testing.assert_array_equal(
+        StreamWindower(W, F, cap).push_many(keys, X),
+        naive_lru_windows(keys, X, W, cap),
+    )
+
+
+def test_push_many_edge_cases():
+    stream = StreamWindower(3, 2, max_hosts=5)
+    assert stream.push_many([], np.zeros((0, 2))).shape == (0, 3, 2)
+    with pytest.raises(UsageError, match="keys for"):
+        stream.push_many(["a"], np.zeros((2, 2)))
+    with pytest.raises(UsageError, match="shape"):
+        stream.push_many(["a"], np.zeros((1, 3)))
+    stream.push_many(["a", "b"], np.ones((2, 2)))
+    stream.reset()
+    assert len(stream) == 0
+    np.testing.assert_array_equal(
+        stream.push_many(["a"], np.full((1, 2), 5.0)), [[[0, 0], [0, 0], [5, 5]]]
+    )
+
+
 def test_bad_settings_are_usage_errors():
     with pytest.raises(UsageError):
         window_index(["a"], 0)
@@ -230,3 +305,11 @@ def test_real_ctu_conn_stream_equals_batch(data_dir):
         got[row] = stream.push(record_key(records[row], enc), X[row])
     assert got.tobytes() == batch.tobytes()
     assert len(stream) == len(set(keys.tolist()))
+
+    # The same in the agent's micro-batches of 256 through push_many.
+    stream = StreamWindower(enc.window, enc.n_features, max_hosts=10_000)
+    again = np.empty_like(batch)
+    for start in range(0, len(order), 256):
+        rows = order[start : start + 256]
+        again[rows] = stream.push_many([keys[r] for r in rows], X[rows])
+    assert again.tobytes() == batch.tobytes()
