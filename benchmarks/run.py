@@ -253,6 +253,9 @@ class Run:
             "rows": {k: int(len(prep.rows(k))) for k in ("train", "val", "test")},
             "window": prep.window, "n_features": prep.n_features,
             "test_positive_share": float(np.mean(y)),
+            "teacher_config": teacher.config.to_dict(),
+            "teacher_git_commit": (teacher.provenance or {}).get("git_commit"),
+            "teacher_epochs_run": (teacher.provenance or {}).get("epochs_run"),
         }
         self._test_windows = windows
         params = int(sum(p.numel() for p in teacher.model.parameters()))
@@ -680,6 +683,33 @@ def pipeline_again(settings: Settings, out: Path, work: Path, data: Path) -> Pat
     return rerender(out, work)
 
 
+def merge_datasets(settings: Settings, out: Path, work: Path, data: Path) -> Path:
+    """Measure ``settings.datasets`` again and put them into a finished run."""
+    path = out / "results.json"
+    results = json.loads(path.read_text())
+    run = Run(settings, out, work, data)
+    for name in settings.datasets:
+        run.dataset(name)
+    names = set(settings.datasets)
+    results["records"] = [r for r in results["records"] if r["dataset"] not in names]
+    results["records"] += run.results["records"]
+    for key in ("candidates", "datasets", "compress_gate", "compress_failed"):
+        part = {k: v for k, v in results.get(key, {}).items() if k not in names}
+        part.update(run.results.get(key, {}))
+        results[key] = part
+    results["steps"] = [e for e in results.get("steps", [])
+                        if e["step"].split(":")[0] not in names] + run.results["steps"]
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    results.setdefault("merged", []).append(
+        {"datasets": sorted(names), "at": stamp, "git_commit": git_commit(),
+         "wall_s": round(time.monotonic() - run.started, 1)})
+    samples = _load_samples(work / "samples.npz")
+    samples.update(run.samples)
+    _save_samples(samples, work / "samples.npz")
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    return rerender(out, work)
+
+
 def rerender(out: Path, work: Path) -> Path:
     """Rewrite the plots and report.md of a finished run from its results.json.
 
@@ -727,6 +757,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure the pipeline again for the run in OUT/NAME "
                              "(its work folder's ctu-conn teacher and artifacts), "
                              "then redraw")
+    parser.add_argument("--merge", action="store_true",
+                        help="measure only --datasets (no pipeline) and merge them "
+                             "into the finished run in OUT/NAME, replacing what it "
+                             "had for them")
     parser.add_argument("--report-only", action="store_true",
                         help="only redraw the plots and report.md of OUT/NAME")
     return parser
@@ -753,6 +787,9 @@ def main(argv: list[str] | None = None) -> int:
         data = data_dir(args.data_dir)
         if args.pipeline_only:
             pipeline_again(settings, out.resolve(), Path(work).resolve(), data)
+            return 0
+        if args.merge:
+            merge_datasets(settings, out.resolve(), Path(work).resolve(), data)
             return 0
         run_benchmarks(settings, out.resolve(), Path(work).resolve(), data)
     except GatewatchError as exc:
