@@ -90,6 +90,18 @@ class Demo:
         self.children.append(proc)
         return proc
 
+    def wait_serving(self, proc: subprocess.Popen, log: Path, timeout=120.0) -> None:
+        """Wait until the re-scorer says it serves, so no escalation finds no one."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"error: the re-scorer exited with {proc.returncode}; "
+                                 f"see {log}")
+            if "serving" in log.read_text(errors="replace"):
+                return
+            time.sleep(0.2)
+        raise SystemExit(f"error: the re-scorer did not start within {timeout:.0f} s")
+
     def stop_all(self) -> None:
         """Stop every child: SIGTERM to its process group, then SIGKILL."""
         for proc in reversed(self.children):
@@ -158,10 +170,11 @@ class Demo:
             print(f"broker: {broker.kind} at {broker.url}", flush=True)
             store = self.out / "alerts.sqlite"
             group = "rescorers" if broker.kind == "mosquitto" else ""
-            self.spawn(
+            rescorer = self.spawn(
                 "rescorer", "teacher", "serve", "--checkpoint", str(teacher),
                 "--broker", broker.url, "--store", str(store), "--share-group", group,
             )
+            self.wait_serving(rescorer, self.out / "rescorer.log")
 
             summaries = []
             for kind, rel in AGENT_INPUTS:
