@@ -10,8 +10,18 @@ publishes the verdict to the gateway's ``verdicts`` topic.
 Nothing is lost and nothing is stored twice: an escalation is acknowledged to the
 broker only after it is in the store (manual PUBACK), and the store is keyed by
 message id, so a copy (a replay by the agent, or a redelivery) is not scored again:
-its stored verdict is published once more. Bad messages are rejected, counted per
-kind and logged once per kind; the service goes on. Against a broker that speaks only
+its stored verdict is published once more. The MQTT session outlives the process
+(``--session-expiry``, one hour by default, under a client id that stays the same
+across restarts: ``gatewatch-rescorer-<host>-<group>`` unless ``--client-id``), so
+escalations the broker had in flight or queued for a re-scorer that was killed are
+delivered again when it comes back. Two re-scorers on one host in one group need
+their own ``--client-id`` each (with one id, the broker keeps only the newer
+connection). A re-scorer retired for good keeps its share of the escalations queued
+at the broker until its session expires; ``--session-expiry 0`` asks for a clean
+session, which the broker drops at once when the process dies.
+
+Bad messages are rejected, counted per kind and logged once per kind; the service
+goes on. Against a broker that speaks only
 MQTT 3.1.1 (amqtt) there are no shared subscriptions: run one re-scorer there.
 
 ``teacher alerts`` queries the store by time, gateway and decision.
@@ -24,10 +34,10 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import queue
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -45,6 +55,13 @@ from teacher.store import AlertStore
 
 DEFAULT_STORE = "gatewatch-alerts.sqlite"
 DEFAULT_GROUP = "gatewatch"
+DEFAULT_SESSION_EXPIRY = 3600  # seconds the broker keeps a dead re-scorer's session
+
+
+def default_client_id(share_group: str | None) -> str:
+    """The client id a re-scorer keeps across restarts: host and share group."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "host"
+    return f"gatewatch-rescorer-{host}-{share_group or 'single'}"[:128]
 
 
 def teacher_version(teacher: Any) -> str:
@@ -69,14 +86,12 @@ def _window_shape(teacher: Any) -> tuple[int, int]:
 class ReScorer:
     """One re-scorer process: MQTT in, teacher, store, MQTT out.
 
-    With a clean session (the default) the escalations the broker had in flight to a
-    process that dies are dropped by the broker; give a fixed ``client_id`` and a
-    ``session_expiry`` to have them delivered again when it reconnects.
+    The session is kept ``session_expiry`` seconds (an hour by default) under
+    ``client_id`` (by default :func:`default_client_id`, the same after a restart),
+    so the escalations the broker had in flight to a process that died, or queued
+    for it since, are delivered again when it reconnects; ``session_expiry=0`` asks
+    for a clean session instead, whose messages the broker drops with the process.
     """
-
-    # TODO(gap): the tests kill a re-scorer between batches (its queued session is
-    # delivered on return); a kill inside a batch, with messages in flight, is
-    # covered by manual PUBACK plus the session but not tested.
 
     def __init__(
         self,
@@ -93,10 +108,12 @@ class ReScorer:
         tls: TlsOptions | None = None,
         protocol: Protocol | str = Protocol.AUTO,
         version: str | None = None,
-        session_expiry: int = 0,
+        session_expiry: int = DEFAULT_SESSION_EXPIRY,
     ) -> None:
         if max_batch < 1 or max_wait_ms < 0:
             raise UsageError("--max-batch must be >= 1 and --max-wait-ms >= 0")
+        if session_expiry < 0:
+            raise UsageError("--session-expiry must be >= 0 seconds")
         self.teacher = teacher
         self.threshold = float(teacher.threshold)
         self.window_shape = _window_shape(teacher)
@@ -105,7 +122,7 @@ class ReScorer:
         self.share_group = share_group
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
-        self.client_id = client_id or f"gatewatch-rescorer-{os.getpid()}"
+        self.client_id = client_id or default_client_id(share_group)
         self.rejects = proto.RejectCounter("re-scorer", log=logger)
         self.counters = {
             "received": 0,
@@ -460,13 +477,18 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--threads", type=int, help="torch threads (default 1 on CPU)")
-    p.add_argument("--client-id", help="fixed MQTT client id (with --session-expiry)")
+    p.add_argument(
+        "--client-id",
+        help="MQTT client id, the same across restarts "
+        "(default gatewatch-rescorer-HOST-GROUP; one per re-scorer on a host)",
+    )
     p.add_argument(
         "--session-expiry",
         type=int,
-        default=0,
+        default=DEFAULT_SESSION_EXPIRY,
         help="keep the MQTT session this many seconds, so escalations in flight "
-        "when this process died are delivered again when it comes back",
+        "when this process died are delivered again when it comes back "
+        f"({DEFAULT_SESSION_EXPIRY}; 0 for a clean session)",
     )
     p.add_argument("--username")
     p.add_argument("--password-file")

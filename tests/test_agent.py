@@ -307,3 +307,44 @@ def test_edge_agent_imports_neither_torch_nor_tensorflow() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_verdict_ids_are_bounded_and_still_drop_a_redelivered_copy(
+    tm, tmp_path: Path, monkeypatch
+) -> None:
+    import edge_agent.agent as agent_mod
+    from edge_agent import protocol as proto
+
+    monkeypatch.setattr(agent_mod, "_MAX_VERDICT_IDS", 50)
+    agent = Agent(
+        load_artifact(tm.artifact),
+        site="s1",
+        gateway="g1",
+        outbox=Outbox(tmp_path / "o.db"),
+    )
+    topic = agent.topics[proto.Channel.VERDICTS]
+
+    def verdict(i: int) -> bytes:
+        return proto.encode(
+            proto.build_verdict(
+                escalation_id=f"{i:032x}",
+                verdict="benign",
+                score=0.1,
+                threshold=0.5,
+                teacher_version="t",
+            )
+        )
+
+    # Each verdict delivered twice (at-least-once): counted once.
+    for i in range(1000):
+        agent._on_message(topic, verdict(i))
+        agent._on_message(topic, verdict(i))
+    assert agent.counters.verdicts_received == 1000
+    assert len(agent._verdict_ids) == 50
+
+    # A copy of a recent one is still dropped; one long forgotten counts again.
+    agent._on_message(topic, verdict(999))
+    assert agent.counters.verdicts_received == 1000
+    agent._on_message(topic, verdict(0))
+    assert agent.counters.verdicts_received == 1001
+    agent.outbox.close()

@@ -83,3 +83,63 @@ def test_nothing_returned_from_add_is_lost_to_kill_9(tmp_path: Path) -> None:
     ids = [m.id for m in box.pending()]
     assert ids == [f"m{i:04d}" for i in range(1, 300)]
     assert os.path.getsize(path) > 0
+
+
+def test_a_refused_write_rolls_back_and_raises_a_gatewatch_error(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    import pytest
+
+    from flows.errors import OutboxError
+
+    box = Outbox(tmp_path / "o.sqlite")
+    box.add("a", "t", b"x", alert=True)
+
+    class FullDisk:
+        """Stands in for the connection: COMMIT fails as on a full disk."""
+
+        def __init__(self, db) -> None:
+            self.db = db
+
+        @property
+        def in_transaction(self) -> bool:
+            return self.db.in_transaction
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.db.execute(sql, *args)
+
+    real = box._db
+    box._db = FullDisk(real)
+    with pytest.raises(OutboxError, match="full") as err:
+        box.add_many([("b", "t", b"y", False), ("c", "t", b"z", True)])
+    assert str(tmp_path / "o.sqlite") in str(err.value) and err.value.exit_code == 6
+    with pytest.raises(OutboxError):
+        box.ack_many(["a"])
+    box._db = real
+    assert [m.id for m in box.pending()] == ["a"] and len(box) == 1
+    assert box.add("b", "t", b"y", alert=False)  # usable once the disk has room
+    box.close()
+
+
+def test_a_damaged_file_is_refused_at_open_and_left_alone(tmp_path: Path) -> None:
+    import pytest
+
+    from flows.errors import BadInputError
+
+    path = tmp_path / "o.sqlite"
+    box = Outbox(path)
+    for i in range(40):
+        box.add(f"id{i:03d}", "t", bytes(range(256)) * 20, alert=False)
+    box.close()
+    data = bytearray(path.read_bytes())
+    for off in range(len(data) - 4096 * 10, len(data), 4096):
+        data[off + 8 : off + 4000] = b"\x5a" * 3992
+    path.write_bytes(bytes(data))
+    with pytest.raises(BadInputError, match="damaged") as err:
+        Outbox(path)
+    assert str(path) in str(err.value) and err.value.exit_code == 3
+    assert path.read_bytes() == bytes(data)
