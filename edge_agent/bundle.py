@@ -25,8 +25,10 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -284,28 +286,105 @@ def copy_member(
 # --------------------------------------------------------------------------- verify
 
 
+# (path into the manifest, allowed types) of every field read after verification.
+_MANIFEST_FIELDS: tuple[tuple[tuple[str, ...], type | tuple[type, ...]], ...] = (
+    (("key_id",), str),
+    (("python",), str),
+    (("agent",), dict),
+    (("agent", "version"), str),
+    (("agent", "requirement"), str),
+    (("model",), dict),
+    (("model", "model_version"), str),
+    (("config",), str),
+    (("unit",), str),
+    (("files",), dict),
+)
+_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def _manifest_field(data: dict[str, Any], keys: tuple[str, ...], where: str) -> Any:
+    """The value at ``keys`` in the manifest; BadInputError naming it when absent."""
+    node: Any = data
+    for depth, key in enumerate(keys):
+        if not isinstance(node, dict) or key not in node:
+            raise BadInputError(
+                f"bundle manifest lacks the field {'.'.join(keys[: depth + 1])!r}",
+                path=where,
+            )
+        node = node[key]
+    return node
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    """``str`` or ``int or float``: the names of the allowed types."""
+    if isinstance(types, type):
+        return types.__name__
+    return " or ".join(t.__name__ for t in types)
+
+
+def _finite_or_null(value: Any) -> bool:
+    """Whether ``value`` is null or a finite number (an int past float64 is not)."""
+    if value is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _file_entry(name: str, entry: Any, where: str) -> FileEntry:
+    """One ``files`` entry: a 64-hex-digit sha256 and a size of 0 or more bytes."""
+    if not isinstance(entry, dict):
+        entry = {}
+    sha, size = entry.get("sha256"), entry.get("size")
+    if not isinstance(sha, str) or not _SHA256_RE.match(sha):
+        raise BadInputError(
+            f"bundle manifest entry {name!r} lacks a sha256 of 64 hex digits",
+            path=where,
+        )
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise BadInputError(
+            f"bundle manifest entry {name!r} lacks a size in bytes (0 or more)",
+            path=where,
+        )
+    return FileEntry(sha.lower(), size)
+
+
 def _parse_manifest(raw: bytes, where: str) -> BundleManifest:
     """Parse signed manifest bytes into a :class:`BundleManifest` (schema checked)."""
     try:
         data = json.loads(raw)
-        if data.get("schema") != BUNDLE_SCHEMA:
+    except ValueError as exc:
+        raise BadInputError(f"bundle manifest is malformed: {exc}", path=where) from exc
+    if not isinstance(data, dict):
+        raise BadInputError("bundle manifest is not a JSON object", path=where)
+    if data.get("schema") != BUNDLE_SCHEMA:
+        raise BadInputError(
+            f"manifest schema is {data.get('schema')!r}, expected {BUNDLE_SCHEMA!r}",
+            path=where,
+        )
+
+    # Every field something reads later, with its type: a signature proves who
+    # wrote the manifest, not that it is well formed.
+    for keys, types in _MANIFEST_FIELDS:
+        value = _manifest_field(data, keys, where)
+        if isinstance(value, bool) or not isinstance(value, types):
             raise BadInputError(
-                f"manifest schema is {data.get('schema')!r}, expected "
-                f"{BUNDLE_SCHEMA!r}",
+                f"bundle manifest field {'.'.join(keys)!r} is "
+                f"{type(value).__name__}, expected {_type_names(types)}",
                 path=where,
             )
-        files = {
-            safe_member_name(name, where=where): FileEntry(
-                str(entry["sha256"]).lower(), int(entry["size"])
-            )
-            for name, entry in data["files"].items()
-        }
-        for key in ("agent", "model", "python", "config", "unit"):
-            data[key]  # noqa: B018 - presence check
-    except BadInputError:
-        raise
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise BadInputError(f"bundle manifest is malformed: {exc}", path=where) from exc
+    if not _finite_or_null(data.get("created_ts")):
+        raise BadInputError(
+            "bundle manifest field 'created_ts' is not a finite number", path=where
+        )
+
+    files = {
+        safe_member_name(name, where=where): _file_entry(name, entry, where)
+        for name, entry in data["files"].items()
+    }
     if MANIFEST_NAME in files or SIGNATURE_NAME in files:
         raise BadInputError("bundle manifest lists itself", path=where)
     return BundleManifest(raw=raw, data=data, files=files)

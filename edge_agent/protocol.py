@@ -7,7 +7,10 @@ de-duplicate by ``id``. Site and gateway ids are checked before they enter a top
 
 Parsing never trusts the wire: :func:`parse_escalation` and :func:`parse_verdict`
 raise :class:`ProtocolError` whose ``kind`` is a :class:`RejectKind`, and a
-:class:`RejectCounter` counts rejections per kind and logs each kind once.
+:class:`RejectCounter` counts rejections per kind and logs each kind once. Every
+number must be finite (an integer past float64 is BAD_VALUE too), an escalation's
+flow must fit the canonical field kinds (:func:`check_flow`; unknown keys dropped)
+and its window values must lie within :data:`MAX_WINDOW_VALUE` of zero.
 """
 
 from __future__ import annotations
@@ -26,12 +29,16 @@ import numpy as np
 
 from edge_agent import logger
 from flows.errors import BadInputError, UsageError
-from flows.record import CONN_FIELD_NAMES
+from flows.record import CONN_FIELD_KINDS, CONN_FIELD_NAMES, value_problem
 
 SCHEMA = "gatewatch/v1"
 TOPIC_ROOT = "gatewatch/v1"
 MAX_ID_LENGTH = 64
 MAX_PAYLOAD_BYTES = 256 * 1024
+# The largest feature value a window may hold. The encoder's features are in 0..1
+# (clipped); the bound leaves wide slack for other encoders while keeping every
+# value far inside float32, which the teacher scores in.
+MAX_WINDOW_VALUE = 1e6
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -288,17 +295,49 @@ def _require(body: Mapping[str, Any], name: str, types: type | tuple) -> Any:
 
 
 def _number(body: Mapping[str, Any], name: str) -> float:
-    value = float(_require(body, name, (int, float)))
+    """A required finite number, as a float; past float64 is BAD_VALUE too."""
+    try:
+        value = float(_require(body, name, (int, float)))
+    except OverflowError:
+        value = math.inf
     if not math.isfinite(value):
         raise ProtocolError(RejectKind.BAD_VALUE, f"field {name!r} is not finite")
     return value
+
+
+def _check_sent_at(body: dict[str, Any]) -> None:
+    """``sent_at``, when present and not null, must be a finite number (a float)."""
+    if body.get("sent_at") is not None:
+        body["sent_at"] = _number(body, "sent_at")
+
+
+def check_flow(flow: Mapping[str, Any]) -> dict[str, Any]:
+    """The canonical fields of a received flow record, each checked by its kind.
+
+    Numbers must be finite and fit their kind (``i64`` fields: integers, or
+    integral floats, within int64); ``str`` fields must be strings; null is
+    allowed everywhere and a missing field reads as null. Keys that are not
+    canonical fields are dropped, as :func:`clean_flow` drops them on the sending
+    side, so a newer agent's extra fields do not cost its escalations. A bad value
+    is a ProtocolError (BAD_VALUE) naming the field.
+    """
+    out = {}
+    for name in CONN_FIELD_NAMES:
+        value = flow.get(name)
+        problem = value_problem(CONN_FIELD_KINDS[name], value)
+        if problem is not None:
+            raise ProtocolError(RejectKind.BAD_VALUE, f"flow field {name!r}: {problem}")
+        out[name] = value
+    return out
 
 
 def check_window(window: Any, shape: Sequence[int] | None) -> list[list[float]]:
     """Check that ``window`` is a [W][F] list of finite numbers (of ``shape``).
 
     The check is vectorized: numpy builds the array once and its dtype tells numbers
-    from anything else (strings, nulls, nested lists).
+    from anything else (strings, nulls, nested lists). Values beyond
+    :data:`MAX_WINDOW_VALUE` in size are BAD_VALUE: the encoder writes features in
+    0..1, and the teacher reads windows as float32, where 1e300 would be inf.
     """
     if not isinstance(window, list) or not window:
         raise ProtocolError(RejectKind.WRONG_WINDOW_SHAPE, "window is not a 2-D list")
@@ -316,6 +355,12 @@ def check_window(window: Any, shape: Sequence[int] | None) -> list[list[float]]:
         raise ProtocolError(RejectKind.BAD_VALUE, "window holds a non-number")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise ProtocolError(RejectKind.BAD_VALUE, "window holds NaN or inf")
+    if arr.size and np.abs(arr).max() > MAX_WINDOW_VALUE:
+        raise ProtocolError(
+            RejectKind.BAD_VALUE,
+            f"window holds a value beyond +-{MAX_WINDOW_VALUE:g} "
+            "(features are in 0..1)",
+        )
     if shape is not None and arr.shape != tuple(shape):
         raise ProtocolError(
             RejectKind.WRONG_WINDOW_SHAPE,
@@ -334,9 +379,10 @@ def parse_escalation(
     body = decode(data, max_bytes)
     if body.get("kind") != Kind.ESCALATION.value:
         raise ProtocolError(RejectKind.WRONG_SCHEMA, f"kind {body.get('kind')!r}")
-    flow = _require(body, "flow", dict)
+    flow = check_flow(_require(body, "flow", dict))
     check_window(_require(body, "window", list), window_shape)
     body["score"] = _number(body, "score")
+    _check_sent_at(body)
     try:
         Decision(_require(body, "decision", str))
         validate_id(_require(body, "site", str), "site")
@@ -346,7 +392,7 @@ def parse_escalation(
     if body["decision"] == Decision.BENIGN.value:
         raise ProtocolError(RejectKind.BAD_VALUE, "a benign flow is not an escalation")
     _require(body, "model_version", str)
-    body["flow"] = {name: flow.get(name) for name in CONN_FIELD_NAMES}
+    body["flow"] = flow
     return body
 
 
@@ -362,6 +408,7 @@ def parse_verdict(data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict
         raise ProtocolError(RejectKind.BAD_VALUE, str(exc)) from exc
     body["score"] = _number(body, "score")
     body["threshold"] = _number(body, "threshold")
+    _check_sent_at(body)
     _require(body, "teacher_version", str)
     return body
 

@@ -6,8 +6,10 @@ file and survives rotation), ``parquet:FILE`` (canonical records) or ``-`` (JSON
 lines on stdin, one canonical record per line). :func:`open_source` returns a
 :class:`Source` whose iterator yields canonical records as dicts.
 
-Malformed stdin lines are rejected, counted in ``Source.rejected`` and logged once;
-the source goes on. Every record has every canonical field (missing ones null).
+Malformed stdin lines, and records with a value that does not fit its field (a
+dict, an integer past int64, text in a number field), are rejected, counted in
+``Source.rejected`` and logged once; the source goes on. Every record has every
+canonical field (missing ones null).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from edge_agent import logger
 from flows.errors import BadInputError, UsageError
-from flows.record import CONN_FIELD_NAMES
+from flows.record import CONN_FIELD_KINDS, CONN_FIELD_NAMES, value_problem
 
 KINDS = ("pcap", "iface", "zeek", "parquet", "stdin")
 
@@ -171,7 +173,25 @@ def _json_lines(src: Source, stream) -> Iterator[dict]:
         if not isinstance(rec, dict) or "src_ip" not in rec:
             src.reject("not_a_record", "line is not a JSON object with src_ip")
             continue
-        yield canonical(rec)
+        rec = canonical(rec)
+        problem = _record_problem(rec)
+        if problem is not None:
+            src.reject("bad_value", problem)
+            continue
+        yield rec
+
+
+def _record_problem(rec: dict[str, Any]) -> str | None:
+    """Why a canonical record from stdin cannot be scored and sent, or None.
+
+    Each field must fit its kind (numbers finite and in range, strings for text
+    fields, null anywhere): the same check the re-scorer applies to escalations.
+    """
+    for name, value in rec.items():
+        problem = value_problem(CONN_FIELD_KINDS[name], value)
+        if problem is not None:
+            return f"field {name!r}: {problem}"
+    return None
 
 
 # ---------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ schema needs pyarrow and is built on first use.
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+from flows.errors import BadInputError
 
 # (name, kind) in canonical order. Kinds: "f64", "i64", "i8", "str".
 CONN_FIELDS: tuple[tuple[str, str], ...] = (
@@ -40,6 +43,12 @@ CONN_FIELDS: tuple[tuple[str, str], ...] = (
 CONN_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in CONN_FIELDS)
 CONN_FIELD_KINDS: dict[str, str] = dict(CONN_FIELDS)
 
+# The integers each integer kind can hold (Arrow int64 and int8, SQLite INTEGER).
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "i64": (-(2**63), 2**63 - 1),
+    "i8": (-(2**7), 2**7 - 1),
+}
+
 _ARROW_SCHEMA = None
 
 
@@ -54,6 +63,41 @@ def conn_schema():  # -> pyarrow.Schema
             [pa.field(name, types[kind], nullable=True) for name, kind in CONN_FIELDS]
         )
     return _ARROW_SCHEMA
+
+
+def value_problem(kind: str, value: Any) -> str | None:
+    """Why ``value`` cannot be a field of ``kind``, or None when it can.
+
+    Null is always allowed. ``f64`` takes a finite int or float; ``i64`` and ``i8``
+    take an int (or an integral float) in the kind's range; ``str`` takes a str.
+    Booleans are not numbers here.
+    """
+    if value is None:
+        return None
+    if kind == "str":
+        return None if isinstance(value, str) else f"expected a string, found {value!r}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"expected a number, found {_short(value)}"
+    if kind == "f64":
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:
+            finite = False
+        return None if finite else f"expected a finite number, found {_short(value)}"
+    if isinstance(value, float) and not value.is_integer():
+        return f"expected an integer, found {value!r}"
+    low, high = INT_RANGES[kind]
+    if not low <= value <= high:
+        return f"expected an integer from {low} to {high}, found {_short(value)}"
+    return None
+
+
+def _short(value: Any) -> str:
+    """``repr`` of a value, cut to 40 characters (a hostile value can be huge)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**40 else None
+    if text is None:
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def empty_columns() -> dict[str, list[Any]]:
@@ -72,7 +116,14 @@ def columns_to_table(columns: dict[str, list[Any]]):  # -> pyarrow.Table
         values = columns.get(field.name)
         if values is None:
             values = [None] * n
-        arrays.append(pa.array(values, type=field.type))
+        try:
+            arrays.append(pa.array(values, type=field.type))
+        except (OverflowError, TypeError, pa.ArrowException) as exc:
+            # Readers check values first; this only keeps a missed one a gatewatch
+            # error.
+            raise BadInputError(
+                f"a value does not fit {field.type} ({exc})", column=field.name
+            ) from exc
     return pa.Table.from_arrays(arrays, schema=schema)
 
 

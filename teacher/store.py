@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.errors import BadInputError, UsageError
+from flows.record import CONN_FIELD_KINDS, value_problem
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS escalations (
@@ -69,30 +70,45 @@ _COLUMNS = (
 )
 
 
+def _bindable(kind: str, value: Any) -> Any:
+    """``value`` if SQLite can store it as a field of ``kind``, else None.
+
+    parse_escalation checks these already; this keeps one odd value (a dict, an
+    integer past int64) from failing the whole batch's transaction.
+    """
+    return value if value_problem(kind, value) is None else None
+
+
 def _row(escalation: dict[str, Any], verdict: dict[str, Any], worker: str) -> tuple:
-    flow = escalation["flow"]
+    """The column values of one (escalation, verdict) pair, in ``_COLUMNS`` order."""
+    flow = escalation.get("flow")
+    flow = flow if isinstance(flow, dict) else {}
+
+    def field(name: str) -> Any:
+        return _bindable(CONN_FIELD_KINDS[name], flow.get(name))
+
     return (
         escalation["id"],
         escalation["site"],
         escalation["gateway"],
         time.time(),
-        escalation.get("sent_at"),
-        flow.get("ts"),
-        flow.get("src_ip"),
-        flow.get("src_port"),
-        flow.get("dst_ip"),
-        flow.get("dst_port"),
-        flow.get("proto"),
+        _bindable("f64", escalation.get("sent_at")),
+        field("ts"),
+        field("src_ip"),
+        field("src_port"),
+        field("dst_ip"),
+        field("dst_port"),
+        field("proto"),
         escalation["score"],
         escalation["decision"],
         escalation["model_version"],
-        json.dumps(flow),
+        json.dumps(flow, default=repr),
         verdict["verdict"],
         verdict["score"],
         verdict["threshold"],
         verdict["teacher_version"],
         verdict["id"],
-        verdict["sent_at"],
+        _bindable("f64", verdict.get("sent_at")),
         worker,
     )
 

@@ -46,26 +46,9 @@ from tests.test_fuzz_targets import (
 # there is "no 'internal error' refusals"), Parquet files (pyarrow's own reader),
 # and live capture frames (the same decoder as pcap, fed by libpcap).
 
-# (exception, file, function) of bugs found here and reported; see the xfails below.
-KNOWN = {
-    ("IndexError", "_table.py", "line_of"),
-    ("IndexError", "_table.py", "split_rows"),
-    ("OverflowError", "record.py", "columns_to_table"),
-    ("OverflowError", "protocol.py", "_number"),
-}
-# BundleManifest's properties index the signed JSON unchecked ("agent": null, or
-# "agent": {} and the like): KeyError or TypeError after the signature held.
-KNOWN |= {
-    (error, "bundle.py", prop)
-    for error in ("KeyError", "TypeError", "AttributeError")
-    for prop in (
-        "agent_version",
-        "model_version",
-        "requirement",
-        "python",
-        "wheels_digest",
-    )
-}
+# (exception, file, function) of bugs found here and reported, each with a
+# strict-xfail test below; empty while none is open.
+KNOWN: set[tuple[str, str, str]] = set()
 
 # Examples per target: the slow file parsers get fewer (each is a file read).
 EXAMPLES = {"escalation": 600, "verdict": 600, "pcap": 200, "pcapng": 200}
@@ -273,9 +256,6 @@ def test_verdicts_with_any_json_value_anywhere():
             v = proto.parse_verdict(data)
         except proto.ProtocolError:
             return
-        except OverflowError as exc:
-            assert signature(exc) in KNOWN
-            return
         accepted[0] += 1
         assert v["verdict"] in ("malicious", "benign")
         assert math.isfinite(v["score"]) and math.isfinite(v["threshold"])
@@ -310,71 +290,152 @@ def test_signed_manifests_with_any_json_value_anywhere(scratch):
 
 
 # ---------------------------------------------------------------------------------
-# the bugs found, each with its smallest input (strict xfail: fixed means remove)
+# the bugs found, each with its smallest input (once fixed, a plain regression test)
 
 
-def _zeek_with(row_edit) -> bytes:
+def _zeek_with_cr(at: int) -> bytes:
+    """The seed log with a blank line, then a CR inside the proto of data row ``at``.
+
+    The three data rows are file lines 9..11 before the blank line goes in, so the
+    damaged row is on line ``10 + at``.
+    """
     lines = seed_zeek_tsv().split(b"\n")
-    return b"\n".join(lines[:8] + [b""] + [row_edit(lines[8])] + lines[9:])
+    rows = lines[8:11]
+    fields = rows[at].split(b"\t")
+    fields[6] = fields[6][:1] + b"\r" + fields[6][1:]
+    rows[at] = b"\t".join(fields)
+    return b"\n".join(lines[:8] + rows[:at] + [b""] + rows[at:] + lines[11:])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="flows/readers/_table.py split_rows: a lone CR after a blank "
-    "line makes pyarrow count one row more than line_map holds",
-)
-@pytest.mark.parametrize("on_error", ["fail", "skip"])
-def test_lone_carriage_return_after_a_blank_line(on_error, scratch):
+@pytest.mark.parametrize("at", [0, 1, 2])
+def test_lone_carriage_return_after_a_blank_line_is_a_bad_line(at, scratch):
+    """Found: pyarrow ended the row at the CR, one row more than the line map held."""
+    from flows.errors import PartialInputError
+    from flows.readers import iter_records, read
+
+    path = scratch.write(f"cr{at}.log", _zeek_with_cr(at))
+    line = 10 + at
+
+    # skip: the line is counted and named; the other two rows are kept as read.
+    result = read(path, on_error="skip")
+    assert result.skipped == 1 and result.stats["skipped_lines"] == [line]
+    protos = ["tcp", "udp", "icmp"]
+    assert result.table.column("proto").to_pylist() == protos[:at] + protos[at + 1 :]
+    assert "carriage return" in result.warnings[0]
+
+    # fail: an error naming the file and the line; the rows before it are kept.
+    expected = PartialInputError if at else BadInputError
+    with pytest.raises(expected) as info:
+        read(path, on_error="fail")
+    assert type(info.value) is expected
+    assert info.value.path == str(path) and info.value.line == line
+    assert len(info.value.result.table) == at
+
+    # Streaming reads the same rows.
+    rows = [r["proto"] for r in iter_records(path, on_error="skip")]
+    assert rows == protos[:at] + protos[at + 1 :]
+
+
+def test_carriage_returns_ending_lines_are_not_bad_lines(scratch):
+    """CRLF (and CR CR LF) line ends read like LF ones, blank lines included."""
     from flows.readers import read
 
-    data = _zeek_with(lambda row: row.replace(b"\t18\t", b"\t1\r8\t"))
-    try:
-        read(scratch.write("cr.log", data), on_error=on_error)
-    except BadInputError:
-        pass
+    lines = seed_zeek_tsv().split(b"\n")
+    body = lines[:8] + [lines[8], b"", lines[9] + b"\r\r", lines[10]] + lines[11:]
+    result = read(scratch.write("crlf.log", b"\r\n".join(body)), on_error="fail")
+    assert result.table.column("proto").to_pylist() == ["tcp", "udp", "icmp"]
+    assert result.skipped == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="flows/readers/zeek.py JSON: an integer past int64 reaches "
-    "pa.array in flows/record.py columns_to_table",
+_BIG_JSON_ROW = {
+    "ts": 1600000000.0,
+    "id.orig_h": "10.0.0.1",
+    "id.orig_p": 1,
+    "id.resp_h": "10.0.0.2",
+    "id.resp_p": 80,
+    "proto": "tcp",
+}
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("orig_bytes", 2**63),
+        ("orig_bytes", 10**20),
+        ("id.resp_p", -(2**63) - 1),
+        ("duration", 10**400),
+        ("ts", 10**400),
+    ],
 )
-def test_zeek_json_integer_past_int64(scratch):
+def test_zeek_json_number_out_of_range_is_a_bad_value(column, value, scratch):
+    """Found: an integer past int64 reached pa.array and raised OverflowError."""
     from flows.readers import read
 
-    line = {
-        "ts": 1600000000.0,
-        "id.orig_h": "10.0.0.1",
-        "id.orig_p": 1,
-        "id.resp_h": "10.0.0.2",
-        "id.resp_p": 80,
-        "proto": "tcp",
-        "orig_bytes": 10**20,
-    }
-    try:
-        read(
-            scratch.write("big.json.log", json.dumps(line).encode() + b"\n"),
-            on_error="skip",
-        )
-    except BadInputError:
-        pass
+    good = json.dumps(_BIG_JSON_ROW).encode() + b"\n"
+    bad = json.dumps({**_BIG_JSON_ROW, column: value}).encode() + b"\n"
+    path = scratch.write("big.json.log", good + bad + good)
+
+    result = read(path, on_error="skip")
+    assert len(result.table) == 2 and result.stats["skipped_lines"] == [2]
+
+    with pytest.raises(BadInputError) as info:
+        read(path, on_error="fail")
+    assert (info.value.path, info.value.line, info.value.column) == (
+        str(path),
+        2,
+        column,
+    )
+    assert len(info.value.result.table) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="edge_agent/protocol.py _number: float() of an integer >= 2**1024 "
-    "raises OverflowError, not ProtocolError",
-)
-def test_escalation_with_a_score_too_big_for_a_float():
+def test_zeek_json_int64_limits_are_read_exactly(scratch):
+    """The range check is exact: the largest and smallest int64 are kept."""
+    from flows.readers import read
+
+    row = {**_BIG_JSON_ROW, "orig_bytes": 2**63 - 1, "missed_bytes": -(2**63)}
+    path = scratch.write("edge.json.log", json.dumps(row).encode() + b"\n")
+    table = read(path, on_error="fail").table
+    assert table.column("orig_bytes").to_pylist() == [2**63 - 1]
+    assert table.column("missed_bytes").to_pylist() == [-(2**63)]
+
+
+def test_zeek_tsv_integer_past_int64_is_a_bad_value(scratch):
+    """The TSV path had the check already; kept as a guard."""
+    from flows.readers import read
+
+    lines = seed_zeek_tsv().split(b"\n")
+    fields = lines[9].split(b"\t")
+    fields[9] = str(2**63).encode()  # orig_bytes
+    lines[9] = b"\t".join(fields)
+    path = scratch.write("big.log", b"\n".join(lines))
+    with pytest.raises(BadInputError) as info:
+        read(path, on_error="fail")
+    assert (info.value.line, info.value.column) == (10, "orig_bytes")
+
+
+@pytest.mark.parametrize("field", ["score", "sent_at"])
+@pytest.mark.parametrize("value", [10**400, -(10**400)])
+def test_escalation_with_a_number_too_big_for_a_float(field, value):
+    """Found: float() of an integer >= 2**1024 raised OverflowError in _number."""
     from edge_agent import protocol as proto
 
     body = json.loads(seed_escalation())
-    body["score"] = 10**400
-    with pytest.raises(proto.ProtocolError):
+    body[field] = value
+    with pytest.raises(proto.ProtocolError) as info:
         proto.parse_escalation(json.dumps(body))
+    assert info.value.kind is proto.RejectKind.BAD_VALUE
+    assert repr(field) in str(info.value)
+
+
+@pytest.mark.parametrize("field", ["score", "threshold", "sent_at"])
+def test_verdict_with_a_number_too_big_for_a_float(field):
+    from edge_agent import protocol as proto
+
+    body = json.loads(seed_verdict())
+    body[field] = 10**400
+    with pytest.raises(proto.ProtocolError) as info:
+        proto.parse_verdict(json.dumps(body))
+    assert info.value.kind is proto.RejectKind.BAD_VALUE
 
 
 def test_escalation_with_a_window_value_too_big_for_a_float():
@@ -388,71 +449,160 @@ def test_escalation_with_a_window_value_too_big_for_a_float():
     assert info.value.kind is proto.RejectKind.BAD_VALUE
 
 
-def test_escalation_window_values_stay_finite_in_float32():
-    """A float64-finite value past float32's range must not reach the teacher as inf."""
+@pytest.mark.parametrize("value", [1e300, -1e300, 3.5e38, 2**63, 1e7])
+def test_escalation_window_values_past_the_bound_are_refused(value):
+    """Found: 1e300 passed check_window and became inf in the teacher's float32."""
     from edge_agent import protocol as proto
 
     body = json.loads(seed_escalation())
-    body["window"][0][0] = 1e300
-    try:
-        esc = proto.parse_escalation(json.dumps(body), window_shape=WINDOW_SHAPE)
-    except proto.ProtocolError:
-        return
-    with np.errstate(over="ignore"):
-        as_teacher_sees = np.asarray([esc["window"]], dtype=np.float32)
-    if not np.isfinite(as_teacher_sees).all():
-        pytest.xfail(
-            "edge_agent/protocol.py check_window accepts 1e300, which the "
-            "re-scorer casts to float32 inf (reported)"
-        )
+    body["window"][0][0] = value
+    with pytest.raises(proto.ProtocolError) as info:
+        proto.parse_escalation(json.dumps(body), window_shape=WINDOW_SHAPE)
+    assert info.value.kind is proto.RejectKind.BAD_VALUE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="edge_agent/bundle.py BundleManifest.agent_version: a signed "
-    "manifest without agent.version raises KeyError, not "
-    "BadInputError",
+def test_escalation_window_values_within_the_bound_are_finite_in_float32():
+    from edge_agent import protocol as proto
+
+    body = json.loads(seed_escalation())
+    body["window"][0][0] = proto.MAX_WINDOW_VALUE
+    body["window"][0][1] = -proto.MAX_WINDOW_VALUE
+    esc = proto.parse_escalation(json.dumps(body), window_shape=WINDOW_SHAPE)
+    assert np.isfinite(np.asarray([esc["window"]], dtype=np.float32)).all()
+
+
+@pytest.mark.parametrize(
+    ("agent", "missing"),
+    [
+        ({}, "agent.version"),
+        (None, "agent"),
+        ([], "agent"),
+        ({"version": "1", "requirement": 3}, "agent.requirement"),
+    ],
 )
-def test_signed_manifest_without_agent_version(scratch):
+def test_signed_manifest_with_a_bad_agent_section(agent, missing, scratch):
+    """Found: a signed manifest without agent.version raised KeyError."""
     from edge_agent.bundle import verify_bundle
 
     _, pub = bundle_keys()
     manifest = bundle_manifest()
-    manifest["agent"] = {}
+    manifest["agent"] = agent
     raw = json.dumps(manifest).encode()
-    try:
+    with pytest.raises(BadInputError, match=repr(missing)):
         verify_bundle(scratch.write("nov.tar.gz", make_bundle(raw)), pub)
-    except GatewatchError:
-        pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="teacher/store.py _row binds flow fields and "
-    "sent_at unchecked: a dict or an integer past int64 raises a "
-    "sqlite3 error, which fails the re-scorer's whole batch",
-)
 @pytest.mark.parametrize(
     "edit",
     [
-        {"flow": {"src_port": {"a": 1}}},
-        {"flow": {"dst_port": 10**20}},
-        {"sent_at": [1]},
+        {"python": None},
+        {"model": {"model_version": 3}},
+        {"files": []},
+        {"created_ts": 10**400},
+        {"key_id": {"a": 1}},
     ],
-    ids=["dict-port", "huge-port", "list-sent-at"],
+    ids=["python-null", "model-version-int", "files-list", "created-huge", "key-dict"],
 )
-def test_every_accepted_escalation_can_be_stored(edit, tmp_path):
-    from edge_agent import protocol as proto
-    from teacher.store import AlertStore
+def test_signed_manifest_with_a_bad_field(edit, scratch):
+    from edge_agent.bundle import verify_bundle
 
+    _, pub = bundle_keys()
+    manifest = {**bundle_manifest(), **edit}
+    raw = json.dumps(manifest).encode()
+    with pytest.raises(BadInputError, match="bundle manifest"):
+        verify_bundle(scratch.write("bad.tar.gz", make_bundle(raw)), pub)
+
+
+def test_signed_manifest_file_entry_must_hold_a_hash_and_a_size(scratch):
+    from edge_agent.bundle import verify_bundle
+
+    _, pub = bundle_keys()
+    manifest = bundle_manifest()
+    name = next(iter(manifest["files"]))
+    manifest["files"][name] = {"sha256": {"x": 1}, "size": -1}
+    raw = json.dumps(manifest).encode()
+    with pytest.raises(BadInputError, match=repr(name)):
+        verify_bundle(scratch.write("entry.tar.gz", make_bundle(raw)), pub)
+
+
+_BAD_FLOWS = [
+    {"flow": {"src_port": {"a": 1}}},
+    {"flow": {"dst_port": 10**20}},
+    {"flow": {"dst_port": 2**63}},
+    {"flow": {"orig_bytes": 1.5}},
+    {"flow": {"duration": 10**400}},
+    {"flow": {"proto": 6}},
+    {"flow": {"src_ip": ["10.0.0.1"]}},
+    {"flow": {"label": 300}},
+    {"flow": {"history": True}},
+    {"sent_at": [1]},
+    {"sent_at": "now"},
+    {"sent_at": 10**400},
+]
+_BAD_FLOW_IDS = [
+    "dict-port",
+    "huge-port",
+    "port-2**63",
+    "fractional-bytes",
+    "huge-duration",
+    "int-proto",
+    "list-ip",
+    "label-past-int8",
+    "bool-history",
+    "list-sent-at",
+    "text-sent-at",
+    "huge-sent-at",
+]
+
+
+def _edited_escalation(edit: dict) -> dict:
     body = json.loads(seed_escalation())
     for key, value in edit.items():
         if isinstance(value, dict):
             body[key].update(value)
         else:
             body[key] = value
+    return body
+
+
+@pytest.mark.parametrize("edit", _BAD_FLOWS, ids=_BAD_FLOW_IDS)
+def test_escalation_with_a_bad_flow_value_is_refused(edit):
+    """Found: such values reached teacher/store.py and failed the whole batch."""
+    from edge_agent import protocol as proto
+
+    body = _edited_escalation(edit)
+    with pytest.raises(proto.ProtocolError) as info:
+        proto.parse_escalation(json.dumps(body), window_shape=WINDOW_SHAPE)
+    assert info.value.kind is proto.RejectKind.BAD_VALUE
+    ((key, value),) = edit.items()
+    named = next(iter(value)) if isinstance(value, dict) else key
+    assert repr(named) in str(info.value)
+
+
+def test_escalation_flow_fields_null_missing_and_unknown():
+    """Nulls and integral floats are allowed, missing fields read as null, and
+    unknown keys are dropped."""
+    from edge_agent import protocol as proto
+    from flows.record import CONN_FIELD_NAMES
+
+    body = _edited_escalation(
+        {"flow": {"src_port": 40000.0, "service": None, "extra": {"a": 1}}}
+    )
+    del body["flow"]["history"]
     esc = proto.parse_escalation(json.dumps(body), window_shape=WINDOW_SHAPE)
+    assert list(esc["flow"]) == list(CONN_FIELD_NAMES)
+    assert esc["flow"]["src_port"] == 40000
+    assert esc["flow"]["service"] is None and esc["flow"]["history"] is None
+
+
+@pytest.mark.parametrize("edit", _BAD_FLOWS, ids=_BAD_FLOW_IDS)
+def test_the_store_binds_odd_values_as_null(edit, tmp_path):
+    """The store's own guard: a value SQLite cannot bind is stored as NULL (the
+    whole flow stays in the JSON column), so one message cannot fail a batch."""
+    from edge_agent import protocol as proto
+    from teacher.store import AlertStore
+
+    esc = json.loads(json.dumps(_edited_escalation(edit)))
     verdict = proto.build_verdict(
         escalation_id=esc["id"],
         verdict="benign",
@@ -460,11 +610,20 @@ def test_every_accepted_escalation_can_be_stored(edit, tmp_path):
         threshold=0.5,
         teacher_version="t",
     )
+    good = json.loads(seed_escalation())
+    good["id"] = "good"
     store = AlertStore(tmp_path / "a.sqlite")
     try:
-        assert store.add(esc, verdict)
+        assert store.add_many([(esc, verdict), (good, verdict)]) == [True, True]
+        rows = {r["id"]: r for r in store.query()}
     finally:
         store.close()
+    ((key, value),) = edit.items()
+    if key == "sent_at":
+        assert rows[esc["id"]]["sent_at"] is None
+    elif next(iter(value)) in ("src_port", "dst_port", "src_ip", "proto"):
+        assert rows[esc["id"]][next(iter(value))] is None
+    assert rows["good"]["src_port"] == good["flow"]["src_port"]
 
 
 # ---------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 
@@ -12,6 +13,9 @@ from flows.readers._lazy import LazyModule
 
 pa = LazyModule("pyarrow")
 pacsv = LazyModule("pyarrow.csv")
+
+_CR_AT_END = re.compile(rb"\r+\n")
+_CR_INSIDE = "a carriage return (CR) inside the line, not at its end"
 
 
 def split_rows(
@@ -28,31 +32,38 @@ def split_rows(
 
     Returns the table (column ``c<i>`` for ``names[i]``; only the indices in
     ``include`` when given), the line of each row, the lines that are bad (wrong
-    number of fields, bytes that are not UTF-8), and a note when the last line is
-    cut short (no final newline and too few fields).
+    number of fields, bytes that are not UTF-8, a CR inside the line), and a note
+    when the last line is cut short (no final newline and too few fields). CRs at
+    the end of a line (CRLF files) are dropped.
     """
-    if b"\r" in body:
-        body = body.replace(b"\r\n", b"\n")
     line_map = None
     problems: list[Problem] = []
+
+    # pyarrow ends a row at a lone CR too, which would shift every row number
+    # after it: CRs that end a line go, a line with a CR inside it is a bad line.
+    if b"\r" in body:
+        body = _CR_AT_END.sub(b"\n", body).rstrip(b"\r")
+        if b"\r" in body:
+            body, line_map, removed = _drop_lines(
+                body, _numbering(line_map, first_line), lambda ln: b"\r" in ln
+            )
+            problems += [Problem(n, None, _CR_INSIDE) for n in removed]
+
+    # Blank lines are skipped; the line of every row kept is remembered.
     if b"\n\n" in body or body.startswith(b"\n"):
         body, line_map, _ = _drop_lines(
-            body, lambda i: first_line + i, lambda ln: not ln.strip()
+            body, _numbering(line_map, first_line), lambda ln: not ln.strip()
         )
+
     try:
         table, invalid = _parse(body, names, delimiter, quote, include)
     except pa.ArrowInvalid as exc:
         if "utf8" not in str(exc).lower():
             raise BadInputError(f"cannot split rows ({exc})", path=path) from exc
-        before = line_map
         body, line_map, removed = _drop_lines(
-            body,
-            (lambda i: int(before[i]))
-            if before is not None
-            else (lambda i: first_line + i),
-            _not_utf8,
+            body, _numbering(line_map, first_line), _not_utf8
         )
-        problems = [Problem(n, None, "bytes that are not UTF-8") for n in removed]
+        problems += [Problem(n, None, "bytes that are not UTF-8") for n in removed]
         try:
             table, invalid = _parse(body, names, delimiter, quote, include)
         except pa.ArrowInvalid as again:
@@ -120,6 +131,13 @@ def _parse(body, names, delimiter, quote, include):
         ),
     )
     return table, invalid
+
+
+def _numbering(line_map: np.ndarray | None, first_line: int):
+    """``number_of`` for :func:`_drop_lines`: the file line of the body's line i."""
+    if line_map is None:
+        return lambda i: first_line + i
+    return lambda i: int(line_map[i])
 
 
 def _drop_lines(body: bytes, number_of, drop) -> tuple[bytes, np.ndarray, list[int]]:

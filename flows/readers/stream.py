@@ -19,6 +19,7 @@ from flows.errors import BadInputError
 from flows.readers._convert import _ESCAPE, _parse_one
 from flows.readers._finish import check_on_error
 from flows.readers._source import GZIP_MAGIC, iter_gunzip
+from flows.readers._table import _CR_INSIDE
 from flows.readers.labels import ZEEK_LABELS
 from flows.readers.zeek import (
     DETAIL_NAMES,
@@ -123,7 +124,11 @@ class TsvLineParser:
             raise BadInputError(
                 "row before any #fields line", path=self.path, line=line_no
             )
-        values = line.rstrip("\r\n").split(self.header.separator)
+        line = line.rstrip("\r\n")
+        if "\r" in line:
+            # As in a whole-file read, where pyarrow would end the row there.
+            raise BadInputError(_CR_INSIDE, path=self.path, line=line_no)
+        values = line.split(self.header.separator)
         if len(values) != len(self._fields):
             raise BadInputError(
                 f"expected {len(self._fields)} fields separated by "
