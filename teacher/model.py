@@ -35,6 +35,8 @@ class TeacherConfig:
     ``kernel_size`` + BatchNorm + ReLU + MaxPool 2 while the window is still at
     least 2 long); ``lstm_hidden`` is per direction, the two directions are
     concatenated; ``dense`` lists the hidden dense layers before the logit.
+    ``members`` > 1 makes the network an ensemble of that many such networks
+    (trained apart, with different seeds) whose logits are averaged.
     """
 
     n_features: int
@@ -45,6 +47,7 @@ class TeacherConfig:
     lstm_layers: int = 1
     dense: tuple[int, ...] = (64,)
     dropout: float = 0.3
+    members: int = 1
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep the dataclass hashable and comparable.
@@ -66,6 +69,8 @@ class TeacherConfig:
             problems.append(f"dense sizes must be positive, got {self.dense}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.members < 1:
+            problems.append(f"members must be >= 1, got {self.members}")
         if problems:
             raise ModelError("bad teacher config: " + "; ".join(problems))
 
@@ -135,11 +140,21 @@ class TeacherNet(nn.Module):
     >>> net = TeacherNet(TeacherConfig(n_features=5, window=4)).eval()
     >>> net(torch.zeros(2, 4, 5)).shape
     torch.Size([2])
+
+    With ``members`` > 1 it holds that many single networks in ``members`` and
+    returns the mean of their logits.
     """
 
     def __init__(self, config: TeacherConfig) -> None:
         super().__init__()
         self.config = config
+
+        # An ensemble is a list of single networks; nothing else is built.
+        if config.members > 1:
+            single = config.replace(members=1)
+            self.members = nn.ModuleList(
+                [TeacherNet(single) for _ in range(config.members)])
+            return
         plan = _plan(config)
 
         # Convolution blocks along the window axis (channels = features).
@@ -179,6 +194,8 @@ class TeacherNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B]`` for windows ``x`` of shape ``[B, W, F]``."""
+        if self.config.members > 1:
+            return torch.stack([m(x) for m in self.members]).mean(dim=0)
         h = self.conv(x.transpose(1, 2))  # [B, C, L]
         out, _ = self.lstm(h.transpose(1, 2))  # [B, L, 2H]
         hidden = self.config.lstm_hidden

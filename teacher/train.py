@@ -47,7 +47,7 @@ class TrainConfig:
 
     Defaults come from the NSL-KDD tuning runs (validation with held-out attack
     types; see teacher/README.md): lr 3e-4, batch 128, weight decay 1e-3, label
-    smoothing 0.1, no input noise, no weight averaging, and epochs of at most
+    smoothing 0.1, input noise 0.02, no weight averaging, and epochs of at most
     40 000 samples (``samples_per_epoch=None``: the training size, capped there;
     an explicit value is used as given).
 
@@ -56,6 +56,10 @@ class TrainConfig:
     share. Both are regularisers against over-confidence on unseen attack types.
     ``ema`` > 0 keeps an exponential moving average of the weights (that decay per
     step); validation, early stopping and the saved model then use the average.
+    ``feature_dropout`` zeroes each encoded feature of a training window with that
+    probability, so the model cannot lean on a few features alone.
+    ``stop_on`` picks what early stopping watches on validation: the loss (lower
+    is better) or the best-threshold F1 (higher is better).
     """
 
     epochs: int = 50
@@ -72,9 +76,11 @@ class TrainConfig:
     amp: bool = True
     device: str | None = None
     max_minutes: float | None = None
-    input_noise: float = 0.0
+    input_noise: float = 0.02
     label_smoothing: float = 0.1
     ema: float = 0.0
+    feature_dropout: float = 0.0
+    stop_on: str = "loss"
 
     def __post_init__(self) -> None:
         problems = []
@@ -82,6 +88,10 @@ class TrainConfig:
             problems.append("input_noise must be >= 0, label_smoothing in [0, 1)")
         if not 0.0 <= self.ema < 1.0:
             problems.append("ema must be in [0, 1)")
+        if self.stop_on not in ("loss", "f1"):
+            problems.append("stop_on must be 'loss' or 'f1'")
+        if not 0.0 <= self.feature_dropout < 1.0:
+            problems.append("feature_dropout must be in [0, 1)")
         if self.epochs < 1 or self.patience < 1:
             problems.append("epochs and patience must be >= 1")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -238,6 +248,10 @@ def fit(
             f"model expects W={mc.window}, F={mc.n_features} but the data has "
             f"W={prep.window}, F={prep.n_features}"
         )
+    if mc.members > 1:
+        return _fit_ensemble(
+            prep, mc, tc, init_state=init_state, train_rows=train_rows,
+            val_rows=val_rows, extra_train=extra_train, on_epoch=on_epoch)
     start_time = time.monotonic()
     rank, world, local = dist_info()
     device = pick_device(tc.device)
@@ -308,6 +322,7 @@ def fit(
 
     history: list[dict[str, Any]] = []
     best_loss, best_epoch, best_state, stale = math.inf, 0, None, 0
+    best_watch = math.inf
     reached_at = None
     for epoch in range(1, tc.epochs + 1):
         t0 = time.monotonic()
@@ -321,6 +336,10 @@ def fit(
             target = torch.from_numpy(y_tr[mine].astype(np.float32)).to(device)
             if tc.input_noise > 0:
                 x = x + tc.input_noise * torch.randn_like(x)
+            if tc.feature_dropout > 0:
+                # Zero whole features of a window (same ones at every step).
+                keep = torch.rand(x.shape[0], 1, x.shape[2], device=x.device)
+                x = x * (keep >= tc.feature_dropout).to(x.dtype)
             if tc.label_smoothing > 0:
                 target = target * (1 - tc.label_smoothing) + 0.5 * tc.label_smoothing
             opt.zero_grad(set_to_none=True)
@@ -360,9 +379,10 @@ def fit(
             on_epoch(record)
         logger.debug("epoch %d: %s", epoch, record)
 
-        # Early stopping on validation loss; keep the best weights.
-        if val_loss < best_loss - 1e-6:
-            best_loss, best_epoch, stale = val_loss, epoch, 0
+        # Early stopping on validation loss (or -F1); keep the best weights.
+        watch = val_loss if tc.stop_on == "loss" else -m["f1"]
+        if watch < best_watch - 1e-6:
+            best_watch, best_loss, best_epoch, stale = watch, val_loss, epoch, 0
             best_state = copy.deepcopy({k: v.detach().cpu()
                                         for k, v in watched.state_dict().items()})
         else:
@@ -390,4 +410,81 @@ def fit(
         model=model.cpu(), history=history, threshold=threshold,
         val_metrics=val_metrics, best_epoch=best_epoch, epochs_run=len(history),
         wall_s=wall, train_config=asdict(tc), reached_at=reached_at,
+    )
+
+
+def _fit_ensemble(
+    prep: Prepared,
+    mc: TeacherConfig,
+    tc: TrainConfig,
+    *,
+    init_state: dict[str, torch.Tensor] | None,
+    train_rows: np.ndarray | None,
+    val_rows: np.ndarray | None,
+    extra_train: tuple[np.ndarray, np.ndarray] | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> TrainResult:
+    """Train ``mc.members`` single networks apart (seeds ``seed``, ``seed + 1``...).
+
+    Each member stops early on its own; ``max_minutes`` is shared out equally.
+    The threshold is then chosen on the averaged logits of the validation rows.
+    The history holds one record per epoch: member means, and each member's own
+    record under ``members``.
+    """
+    import dataclasses
+
+    start_time = time.monotonic()
+    single = mc.replace(members=1)
+    share = None if tc.max_minutes is None else tc.max_minutes / mc.members
+    ensemble = TeacherNet(mc)
+
+    # Members one after the other, each from its own seed.
+    parts: list[list[dict[str, Any]]] = []
+    best_epochs, runs = [], 0
+    for i, member in enumerate(ensemble.members):
+        start = None
+        if init_state is not None:
+            prefix = f"members.{i}."
+            start = {k[len(prefix):]: v for k, v in init_state.items()
+                     if k.startswith(prefix)}
+        member_tc = dataclasses.replace(tc, seed=tc.seed + i, max_minutes=share)
+        part = fit(prep, single, member_tc, init_state=start, train_rows=train_rows,
+                   val_rows=val_rows, extra_train=extra_train, on_epoch=on_epoch)
+        member.load_state_dict(part.model.state_dict())
+        parts.append(part.history)
+        best_epochs.append(part.best_epoch)
+        runs += part.epochs_run
+
+    # One history record per epoch: the mean over the members that ran it.
+    history: list[dict[str, Any]] = []
+    for epoch in range(1, max(len(p) for p in parts) + 1):
+        ran = [p[epoch - 1] for p in parts if len(p) >= epoch]
+        record: dict[str, Any] = {"epoch": epoch}
+        for key in ran[0]:
+            if key != "epoch":
+                record[key] = float(np.mean([r[key] for r in ran]))
+        record["members"] = [{"member": i, **p[epoch - 1]}
+                             for i, p in enumerate(parts) if len(p) >= epoch]
+        history.append(record)
+
+    # Threshold on the ensemble's validation scores.
+    ensemble.eval()
+    va = prep.rows("val") if val_rows is None else np.asarray(val_rows)
+    y_va = prep.y[va].astype(np.float64)
+    z = score_rows(ensemble, prep.windows, va, torch.device("cpu"))
+    prob = _sigmoid(z)
+    cut = choose_threshold(y_va, prob, tc.threshold_rule, tc.target_fpr)
+    fams = prep.families[va] if prep.families is not None else None
+    val_metrics = binary_metrics(y_va, prob, cut, families=fams)
+    val_metrics["loss"] = _bce(y_va, z)
+    threshold = {"threshold": cut, "rule": tc.threshold_rule, "chosen_on": "val"}
+    if tc.threshold_rule == "fpr":
+        threshold["target_fpr"] = tc.target_fpr
+    wall = time.monotonic() - start_time
+    logger.info("trained an ensemble of %d (best epochs %s, val F1 %.4f) in %.1f s",
+                mc.members, best_epochs, val_metrics["f1"], wall)
+    return TrainResult(
+        model=ensemble, history=history, threshold=threshold,
+        val_metrics=val_metrics, best_epoch=max(best_epochs), epochs_run=runs,
+        wall_s=wall, train_config=asdict(tc),
     )
