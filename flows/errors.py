@@ -8,9 +8,9 @@ chained (``raise ... from exc``)::
     GatewatchError
     ├── UsageError            wrong flags or settings (exit 2)
     ├── BadInputError         input that cannot be read at all (exit 3)
-    │   └── PartialInputError input read up to a point; what came before is kept (exit 4)
-    ├── DataMissingError      a dataset file is absent or has the wrong checksum (exit 3)
-    ├── ModelError            a model, checkpoint or artifact cannot be built or loaded (exit 1)
+    │   └── PartialInputError input damaged part way; what came before is kept (4)
+    ├── DataMissingError      a dataset file is absent or fails its checksum (exit 3)
+    ├── ModelError            a model, checkpoint or artifact is unusable (exit 1)
     │   └── ExportError       a converter failed or crashed for a target (exit 1)
     ├── GateError             no compressed artifact met the quality gate (exit 5)
     ├── TransportError        the broker cannot be reached or refused us (exit 6)

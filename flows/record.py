@@ -58,7 +58,12 @@ def conn_schema():  # -> pyarrow.Schema
     if _ARROW_SCHEMA is None:
         import pyarrow as pa
 
-        types = {"f64": pa.float64(), "i64": pa.int64(), "i8": pa.int8(), "str": pa.string()}
+        types = {
+            "f64": pa.float64(),
+            "i64": pa.int64(),
+            "i8": pa.int8(),
+            "str": pa.string(),
+        }
         _ARROW_SCHEMA = pa.schema(
             [pa.field(name, types[kind], nullable=True) for name, kind in CONN_FIELDS]
         )
@@ -106,7 +111,7 @@ def empty_columns() -> dict[str, list[Any]]:
 
 
 def columns_to_table(columns: dict[str, list[Any]]):  # -> pyarrow.Table
-    """Build a canonical Arrow table from per-field Python lists (missing fields null)."""
+    """Build a canonical Arrow table from per-field lists (missing fields null)."""
     import pyarrow as pa
 
     schema = conn_schema()
