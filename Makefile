@@ -23,6 +23,7 @@ demo: venv
 	$(PY) -m benchmarks.demo --data-dir "$(GATEWATCH_DATA)" --out demo-out
 
 test: venv
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 lint: venv
