@@ -229,7 +229,9 @@ class Agent:
             self.link.on_message = self._on_message
             self.link.on_connect = self._wake.set
             self.link.connect(connect_timeout)
-            self.link.subscribe(self.topics[proto.Channel.VERDICTS], qos=1)
+            self.link.subscribe(
+                self.topics[proto.Channel.VERDICTS], qos=1, timeout=connect_timeout
+            )
             self.publish_status("online")
         self._sender = threading.Thread(
             target=self._send_loop, name="outbox-sender", daemon=True
@@ -237,11 +239,17 @@ class Agent:
         self._sender.start()
         self._wake.set()
 
-    def enable_model_updates(self, updater: Any) -> None:
-        """Pass each message of the model topic to ``updater.handle(payload)``."""
+    def enable_model_updates(self, updater: Any, timeout: float = 10.0) -> None:
+        """Pass each message of the model topic to ``updater.handle(payload)``.
+
+        Connected, it returns once the broker acknowledged the subscription (at
+        most ``timeout`` seconds), so an update published after that is seen.
+        """
         self._model_updater = updater
         if self.link is not None:
-            self.link.subscribe(self.topics[proto.Channel.MODEL], qos=1)
+            self.link.subscribe(
+                self.topics[proto.Channel.MODEL], qos=1, timeout=timeout
+            )
 
     def publish_status(self, state: str) -> None:
         """Publish the retained status (state, model version, counters)."""

@@ -183,6 +183,8 @@ class MqttLink:
         self.refused_publishes = 0
         self._unrouted: set[int] = set()
         self._subscriptions: dict[str, int] = {}
+        self._subacks: dict[int, list] = {}  # mid -> [event, refused reason or None]
+        self._sub_lock = threading.Lock()
         self._connected = threading.Event()
         self._connack = threading.Event()
         self._connack_rc = 0
@@ -302,6 +304,7 @@ class MqttLink:
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish
         client.on_message = self._handle_message
+        client.on_subscribe = self._handle_subscribe
         return client
 
     def _teardown(self) -> None:
@@ -367,6 +370,19 @@ class MqttLink:
         if self.on_publish is not None:
             self.on_publish(mid, ok)
 
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties):
+        with self._sub_lock:
+            waiter = self._subacks.pop(mid, None)
+        if waiter is None:
+            return
+        refused = [
+            str(rc)
+            for rc in reason_codes
+            if getattr(rc, "is_failure", False) or rc == 128
+        ]
+        waiter[1] = ", ".join(refused) or None
+        waiter[0].set()
+
     def _handle_message(self, client, userdata, msg) -> None:
         if self.on_message is None:
             if self.manual_ack:
@@ -385,21 +401,42 @@ class MqttLink:
 
     # -- operations -------------------------------------------------------------------
 
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        """Subscribe now (when connected) and again after every reconnect."""
+    def subscribe(
+        self, topic_filter: str, qos: int = 1, timeout: float | None = None
+    ) -> None:
+        """Subscribe now (when connected) and again after every reconnect.
+
+        With ``timeout``, wait that many seconds for the broker's SUBACK, so that
+        messages published after this returns are routed to us; no SUBACK in time,
+        or a refusal, raises TransportError.
+        """
         if topic_filter.startswith("$share/") and self.protocol is Protocol.V311:
             raise TransportError(
                 "shared subscriptions need MQTT v5; this broker speaks only 3.1.1"
             )
         self._subscriptions[topic_filter] = qos
         client = self._client
-        if client is not None and self.connected:
-            rc, _ = client.subscribe(topic_filter, qos)
-            if rc not in (
-                MQTTErrorCode.MQTT_ERR_SUCCESS,
-                MQTTErrorCode.MQTT_ERR_NO_CONN,
-            ):
-                _check(rc, f"subscribe to {topic_filter}")
+        if client is None or not self.connected:
+            return
+        waiter = [threading.Event(), None]
+        with self._sub_lock:
+            rc, mid = client.subscribe(topic_filter, qos)
+            if timeout is not None and mid is not None:
+                self._subacks[mid] = waiter
+        if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            _check(rc, f"subscribe to {topic_filter}")
+        if timeout is None or rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return
+        if not waiter[0].wait(timeout):
+            raise TransportError(
+                f"broker {self.url} did not acknowledge the subscription to "
+                f"{topic_filter} within {timeout:g} s"
+            )
+        if waiter[1] is not None:
+            raise TransportError(
+                f"broker {self.url} refused the subscription to {topic_filter}: "
+                f"{waiter[1]}"
+            )
 
     def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False

@@ -154,7 +154,11 @@ class ReScorer:
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self, connect_timeout: float = 10.0) -> None:
-        """Connect, subscribe and start the scoring thread."""
+        """Connect, subscribe and start the scoring thread.
+
+        Returns once the broker acknowledged the subscription: an escalation
+        published after that reaches this re-scorer (or its share group).
+        """
         self.link.connect(connect_timeout)
         group = self.share_group
         if group and self.link.protocol is Protocol.V311:
@@ -164,7 +168,11 @@ class ReScorer:
                 self.link.url,
             )
             group = None
-        self.link.subscribe(proto.subscription(proto.Channel.ESCALATIONS, group), qos=1)
+        self.link.subscribe(
+            proto.subscription(proto.Channel.ESCALATIONS, group),
+            qos=1,
+            timeout=connect_timeout,
+        )
         self._worker = threading.Thread(target=self._work, name="rescorer", daemon=True)
         self._worker.start()
         logger.info(

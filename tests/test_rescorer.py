@@ -419,6 +419,34 @@ def test_bad_escalations_are_rejected_counted_and_the_service_goes_on(
     assert os.path.exists(tmp_path / "alerts.sqlite")
 
 
+def test_start_returns_once_the_subscription_is_in_place(
+    tm, teacher, mosquitto, tmp_path
+):
+    """An escalation published the moment start() returns is routed, never lost.
+
+    (Before, start() returned with the SUBSCRIBE still unsent on a busy machine,
+    and the first escalations found no subscriber.)
+    """
+    _, teacher_obj = teacher
+    store = AlertStore(tmp_path / "alerts.sqlite")
+    sender = MqttLink(mosquitto.url, "sender", protocol="5")
+    sender.connect(timeout=5)
+    for round_ in range(3):
+        server = ReScorer(
+            teacher_obj, broker=mosquitto.url, store=store, session_expiry=0
+        )
+        try:
+            server.start(connect_timeout=5)
+            topic = proto.topic("s1", "g1", proto.Channel.ESCALATIONS)
+            delivery = sender.publish(topic, b"{oops", qos=1)
+            assert delivery.wait(5)
+            assert not delivery.unrouted, f"round {round_}: no subscriber yet"
+        finally:
+            server.stop()
+    sender.close()
+    store.close()
+
+
 class FlakyTeacher:
     """The real teacher, failing its first call (a CUDA hiccup, say)."""
 
