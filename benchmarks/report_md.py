@@ -399,5 +399,14 @@ def render(results: dict[str, Any]) -> str:
               "- Detection metrics come from one training seed per model; their "
               "spread over seeds is not measured.",
               "- The machine is shared; absolute timings move with its load, the "
-              "ratios measured in the same run less so.", ""]
+              "ratios measured in the same run less so.",
+              f"- Teachers train for at most {s.get('teacher_minutes')} min per "
+              "dataset here (epochs run: see each dataset's `teacher_epochs_run` in "
+              "results.json when present), so a teacher trained without that cap "
+              "may score higher.", ""]
+    for merged in results.get("merged", []):
+        lines.insert(-1, f"- {', '.join(merged['datasets'])} was measured again in a "
+                     f"second invocation ({merged['at']}, git "
+                     f"`{(merged.get('git_commit') or '?')[:12]}`) and merged in; its "
+                     "ratios are within that invocation.")
     return "\n".join(lines)
