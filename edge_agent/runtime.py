@@ -35,6 +35,12 @@ _TFLITE_TARGETS = {"tflite-fp32", "tflite-int8"}
 _MICRO_TARGETS = {"tflite-micro"}
 
 _NP_DTYPES = {"float32": np.float32, "int8": np.int8, "uint8": np.uint8}
+
+# The ONNX versions gatewatch loads: what its exporter and onnxruntime's quantizer
+# write (IR 8, ai.onnx opset 17), with room on both sides for files made by other
+# tools that onnxruntime 1.32 runs. Anything else is refused by name before loading.
+ONNX_IR_VERSIONS = range(7, 11)
+ONNX_OPSETS = range(13, 22)
 _ONNX_DTYPES = {"tensor(float)": "float32", "tensor(int8)": "int8"}
 
 
@@ -230,6 +236,7 @@ class _OnnxBackend(_Backend):
             raise ModelError(
                 "onnxruntime is not installed; install gatewatch[edge]"
             ) from exc
+        check_onnx_versions(path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -252,6 +259,80 @@ class _OnnxBackend(_Backend):
             return np.asarray(self.session.run(None, {self.input_name: x})[0])
         except Exception as exc:
             raise ModelError(f"onnxruntime failed to run the model: {exc}") from exc
+
+
+def onnx_versions(data: bytes) -> tuple[int | None, dict[str, int]]:
+    """Read an ONNX file's IR version and opset imports without the onnx package.
+
+    Walks the top-level fields of the ``ModelProto`` message (field 1: ``ir_version``,
+    field 8: ``opset_import`` with domain and version); every other field is skipped
+    by its wire type. Raises :class:`ModelError` when the bytes are not a protobuf.
+    """
+    ir_version = None
+    opsets: dict[str, int] = {}
+    for number, wire, value in _proto_fields(data):
+        if number == 1 and wire == 0:
+            ir_version = value
+        elif number == 8 and wire == 2:
+            domain, version = "", 1
+            for inner, inner_wire, inner_value in _proto_fields(value):
+                if inner == 1 and inner_wire == 2:
+                    domain = inner_value.decode("utf-8", "replace")
+                elif inner == 2 and inner_wire == 0:
+                    version = inner_value
+            opsets[domain] = version
+    return ir_version, opsets
+
+
+def check_onnx_versions(path: Path) -> None:
+    """Refuse, by name, an ONNX file of an IR or ai.onnx opset gatewatch won't load."""
+    ir_version, opsets = onnx_versions(Path(path).read_bytes())
+    if ir_version not in ONNX_IR_VERSIONS:
+        raise ModelError(
+            f"{path}: ONNX IR version {ir_version} is not supported (gatewatch "
+            f"loads IR {ONNX_IR_VERSIONS.start}-{ONNX_IR_VERSIONS.stop - 1})"
+        )
+    opset = opsets.get("", opsets.get("ai.onnx"))
+    if opset not in ONNX_OPSETS:
+        raise ModelError(
+            f"{path}: ONNX opset {opset} of domain ai.onnx is not supported (gatewatch "
+            f"loads opsets {ONNX_OPSETS.start}-{ONNX_OPSETS.stop - 1})"
+        )
+
+
+def _proto_fields(data: bytes):
+    """Yield ``(field number, wire type, value)`` of one protobuf message's fields."""
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 1:
+            value, pos = data[pos:pos + 8], pos + 8
+        elif wire == 2:
+            size, pos = _varint(data, pos)
+            value, pos = data[pos:pos + size], pos + size
+        elif wire == 5:
+            value, pos = data[pos:pos + 4], pos + 4
+        else:
+            raise ModelError(f"not an ONNX file: protobuf wire type {wire} at {pos}")
+        if pos > end:
+            raise ModelError("not an ONNX file: a protobuf field runs past the end")
+        yield number, wire, value
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result, shift = 0, 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ModelError("not an ONNX file: a protobuf varint is cut or too long")
+        byte = data[pos]
+        result |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
 
 
 def _litert_interpreter(content: bytes, threads: int = 1):
