@@ -435,9 +435,12 @@ def test_agent_kill_9_while_replaying_to_a_live_broker(tm, teacher, tmp_path):
         broker.start()
         # Kill it while the replay is under way: some acknowledged, some not.
         total = len(expected)
+        # Both the agent and the re-scorer reconnect with backoff capped at 30 s, and
+        # the agent replays only once the re-scorer has subscribed again: allow for
+        # two full backoff periods on a loaded machine.
         wait_for(
             lambda: 0 < (outbox_len(outbox) or total) < total,
-            60,
+            180,
             "the replay to begin",
             poll=0.005,
         )
