@@ -17,11 +17,29 @@ from pathlib import Path
 from typing import Any
 
 from flows.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_GATE,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_USAGE,
     GatewatchError,
     UsageError,
 )
+
+DESCRIPTION = (
+    "compress: turn a teacher into a verified edge artifact, and evaluate artifacts."
+)
+EPILOG = f"""\
+exit codes:
+  {EXIT_OK}    ok
+  {EXIT_FAILURE}    failure: a model, checkpoint or artifact is unusable, or an
+       export failed
+  {EXIT_USAGE}    usage: bad flags or arguments
+  {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read
+  {EXIT_GATE}    gate: no compressed artifact met the quality gate
+  {EXIT_INTERRUPTED}  interrupted
+"""
 
 TARGET_CHOICES = (
     "onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8", "tflite-micro",
@@ -46,7 +64,10 @@ def _floats(text: str) -> tuple[float, ...]:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``compress``."""
     parser = argparse.ArgumentParser(
-        prog="compress", description=__doc__.split("\n")[0]
+        prog="compress",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command")
 
@@ -128,12 +149,24 @@ def _progress(quiet: bool):
     return say
 
 
+def _check_out(out: Path) -> None:
+    """Refuse up front an ``--out`` that exists and is not a folder (exit 2)."""
+    try:
+        bad = out.exists() and not out.is_dir()
+    except (OSError, RuntimeError) as exc:
+        raise UsageError(f"--out {out}: cannot be used ({exc})") from exc
+    if bad:
+        raise UsageError(f"--out {out} exists and is not a folder; name a folder")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``compress run``."""
     import torch
 
     from compress.pipeline import RunConfig, frontier_table, run
     from student.distill import DistillConfig
+
+    _check_out(args.out)
 
     torch.set_num_threads(max(1, args.threads))
     cfg = RunConfig(

@@ -29,13 +29,35 @@ from typing import Any
 import numpy as np
 
 from flows.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_PARTIAL_INPUT,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
     GatewatchError,
     OutboxError,
     TransportError,
     UsageError,
 )
+
+DESCRIPTION = (
+    "edge-agent: run the agent on a gateway, calibrate its thresholds, and more."
+)
+EPILOG = f"""\\
+exit codes:
+  {EXIT_OK}    ok
+  {EXIT_FAILURE}    failure (an alerts file that cannot be written included)
+  {EXIT_USAGE}    usage: bad flags, arguments or settings
+  {EXIT_BAD_INPUT}    bad input (a damaged outbox file included, left untouched)
+  {EXIT_PARTIAL_INPUT}    partial input: the flows read before the damage were scored
+       and sent
+  {EXIT_UNAVAILABLE}    broker unavailable, escalations left unacknowledged in the
+       outbox, or escalations dropped because the outbox could not
+       store them
+  {EXIT_INTERRUPTED}  interrupted
+"""
 
 _RUN_FLAGS = {
     "artifact": "artifact folder (model, encoder, thresholds, manifest)",
@@ -110,7 +132,10 @@ def _add_calibrate(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``edge-agent`` argument parser (with the bundle commands when present)."""
     parser = argparse.ArgumentParser(
-        prog="edge-agent", description=__doc__.split("\n")[0]
+        prog="edge-agent",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="count", default=0)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,13 +154,70 @@ def build_parser() -> argparse.ArgumentParser:
 # run
 
 
+class _AlertLog:
+    """The alerts file, turning a write failure (disk full, I/O error) into one error.
+
+    The first failed write or flush is kept in :attr:`error`; in the thread that
+    opened the file it raises :class:`GatewatchError` (exit 1), which stops the
+    scoring loop, while in other threads (verdicts from the broker) the line is
+    dropped so that the broker loop goes on. ``close`` never raises.
+    """
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.error: GatewatchError | None = None
+        self._file = open(target, "a", encoding="utf-8")
+        self._owner = threading.get_ident()
+
+    def _failed(self, exc: OSError) -> None:
+        if self.error is None:
+            reason = exc.strerror or str(exc)
+            self.error = GatewatchError(
+                f"cannot write alerts to {self.target}: {reason}"
+            )
+        if threading.get_ident() == self._owner:
+            raise self.error from exc
+
+    def write(self, text: str) -> int:
+        """Write ``text``; nothing more is written once a write has failed."""
+        if self.error is not None:
+            self._failed(OSError(self.error))
+            return 0
+        try:
+            return self._file.write(text)
+        except OSError as exc:
+            self._failed(exc)
+            return 0
+
+    def flush(self) -> None:
+        """Flush to the file (where a full disk shows)."""
+        if self.error is not None:
+            self._failed(OSError(self.error))
+            return
+        try:
+            self._file.flush()
+        except OSError as exc:
+            self._failed(exc)
+
+    def close(self) -> None:
+        """Close the file; a failure to flush the last lines is recorded, not raised."""
+        try:
+            self._file.close()
+        except OSError as exc:
+            if self.error is None:
+                reason = exc.strerror or str(exc)
+                self.error = GatewatchError(
+                    f"cannot write alerts to {self.target}: {reason}"
+                )
+
+
 def _open_alerts(target: str | None):
     if target in (None, ""):
         return None, False
     if target == "-":
         return sys.stdout, False
     try:
-        return open(target, "a", encoding="utf-8"), True
+        return _AlertLog(target), True
     except OSError as exc:
         raise UsageError(f"cannot open alerts file {target}: {exc}") from exc
 
@@ -241,6 +323,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _report(summary, cfg.summary_json)
     if failure is not None:
         raise failure
+    if close_alerts and alerts.error is not None:
+        raise alerts.error
     if agent.outbox_error is not None:
         raise OutboxError(
             f"{summary['outbox_failed']} escalations were dropped because the outbox "

@@ -29,7 +29,7 @@ from typing import Any
 
 from edge_agent.mqtt import BrokerAddress, Protocol, TlsOptions
 from edge_agent.protocol import validate_id
-from flows.errors import UsageError
+from flows.errors import BadInputError, UsageError
 
 
 def default_state_dir() -> Path:
@@ -86,18 +86,47 @@ class AgentConfig:
                 data = tomllib.loads(Path(path).read_text())
             except OSError as exc:
                 raise UsageError(f"cannot read config {path}: {exc}") from exc
+            except UnicodeDecodeError as exc:
+                raise BadInputError(
+                    "config is not UTF-8 text (a TOML file was expected)",
+                    path=str(path),
+                ) from exc
             except tomllib.TOMLDecodeError as exc:
                 raise UsageError(f"config {path} is not valid TOML: {exc}") from exc
             data = data.get("agent", data)
+            if not isinstance(data, dict):
+                raise UsageError(f"config {path}: [agent] must be a table")
             unknown = sorted(set(data) - set(cls.names()))
             if unknown:
                 raise UsageError(f"config {path}: unknown settings {unknown}")
+            cls._check_types(path, data)
             values.update(data)
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls(**values).validate()
         except TypeError as exc:
             raise UsageError(f"bad settings: {exc}") from exc
+
+    @classmethod
+    def _check_types(cls, path: str | Path, data: dict[str, Any]) -> None:
+        """Raise UsageError naming the key when a file value has the wrong type."""
+        kinds = {f.name: str(f.type) for f in fields(cls)}
+        for key, value in data.items():
+            kind = kinds[key]
+            if kind == "bool":
+                ok, wanted = isinstance(value, bool), "true or false"
+            elif kind == "int":
+                ok = isinstance(value, int) and not isinstance(value, bool)
+                wanted = "an integer"
+            elif kind == "float":
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                wanted = "a number"
+            else:
+                ok, wanted = isinstance(value, str), "a string"
+            if not ok:
+                raise UsageError(
+                    f"config {path}: {key} must be {wanted}, got {value!r}"
+                )
 
     def validate(self) -> AgentConfig:
         """Raise UsageError with what is allowed when a setting is wrong."""

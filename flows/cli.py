@@ -23,6 +23,7 @@ from flows.errors import (
     EXIT_OK,
     EXIT_PARTIAL_INPUT,
     EXIT_USAGE,
+    BadInputError,
     GatewatchError,
     PartialInputError,
     UsageError,
@@ -261,15 +262,49 @@ def _finish_code(result, partial: PartialInputError | None) -> int:
     return EXIT_OK
 
 
+def _output_path(name: str) -> Path:
+    """The file ``-o`` names, a symlink resolved to its target; refuses non-files.
+
+    An existing output must be a regular file: a folder, a device node, a FIFO or
+    a socket would be replaced by a regular file on the final rename.
+    """
+    out = Path(name)
+    try:
+        if out.is_symlink():
+            out = out.resolve(strict=False)
+        else:
+            out = out.parent.resolve() / out.name
+        exists = out.exists()
+    except (RuntimeError, OSError) as exc:
+        raise UsageError(
+            f"{name}: cannot be used as -o (a symbolic link loop or a bad path)"
+        ) from exc
+
+    if exists and out.is_dir():
+        raise UsageError(f"{name} is a folder; -o needs a file name")
+    if exists and not out.is_file():
+        raise UsageError(
+            f"{name} exists and is not a regular file (a device, FIFO or socket); "
+            "-o needs a regular file name"
+        )
+    return out
+
+
 def _convert(args) -> int:
     from flows.readers import write_conn_log, write_parquet
 
-    out = Path(args.output)
+    out = _output_path(args.output)
     fmt = args.format or ("zeek" if out.suffix == ".log" else "parquet")
-    if out.exists() and out.is_dir():
-        raise UsageError(f"{out} is a folder; -o needs a file name")
-    if any(Path(f).resolve() == out.resolve() for f in args.files):
-        raise UsageError(f"{out} is also an input; choose another output name")
+
+    for name in args.files:
+        try:
+            same = Path(name).resolve() == out
+        except (RuntimeError, OSError) as exc:
+            raise BadInputError(
+                "cannot be read (a symbolic link loop or a bad path)", path=name
+            ) from exc
+        if same:
+            raise UsageError(f"{out} is also an input; choose another output name")
     result, partial = _read(args)
     if fmt == "zeek" and result.family != "conn":
         raise UsageError(

@@ -289,7 +289,13 @@ def load_teacher(
         raise ModelError(f"checkpoint folder not found: {path}")
 
     # Config first: it says which network the weights belong to.
-    config = TeacherConfig.from_dict(_read_json(path / "config.json"))
+    config_path = path / "config.json"
+    try:
+        config = TeacherConfig.from_dict(_read_json(config_path))
+    except ModelError as exc:
+        if str(config_path) in str(exc):
+            raise
+        raise ModelError(f"{config_path}: {exc}") from exc
     net = TeacherNet(config)
     weights = path / "model.safetensors"
     if not weights.is_file():

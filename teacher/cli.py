@@ -20,10 +20,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.errors import EXIT_INTERRUPTED, EXIT_OK, GatewatchError, UsageError
+from flows.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL_INPUT,
+    EXIT_USAGE,
+    GatewatchError,
+    UsageError,
+)
 from teacher import logger
 
 __all__ = ["build_parser", "main"]
+
+EPILOG = f"""\\
+exit codes:
+  {EXIT_OK}    ok
+  {EXIT_FAILURE}    failure: a model or checkpoint is unusable, or an output cannot
+       be written
+  {EXIT_USAGE}    usage: bad flags or arguments
+  {EXIT_BAD_INPUT}    bad input: a dataset file is missing, fails its checksum or
+       cannot be read
+  {EXIT_PARTIAL_INPUT}    partial input: a data file damaged part way
+  {EXIT_INTERRUPTED}  interrupted
+"""
 
 NSL_KDD_HOLDOUT = 0.5
 # Seeds `teacher train` averages unless told otherwise (the NSL-KDD round 3 runs).
@@ -91,7 +112,11 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``teacher`` command."""
     parser = argparse.ArgumentParser(
-        prog="teacher", description="Train and evaluate the CNN-BiLSTM teacher.")
+        prog="teacher",
+        description="Train and evaluate the CNN-BiLSTM teacher.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a teacher checkpoint")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,18 @@ from torch import nn
 from flows.errors import ModelError
 
 __all__ = ["TeacherConfig", "TeacherNet"]
+
+# The largest size (features, window, filters, hidden units, members) a config may
+# ask for: a bigger one is a damaged or hostile config.json, not a real network.
+MAX_SIZE = 65_536
+_INT_FIELDS = (
+    "n_features", "window", "kernel_size", "lstm_hidden", "lstm_layers", "members",
+)
+
+
+def _is_int(value: Any) -> bool:
+    """True for an integer that is not a bool (numpy integers count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,8 @@ class TeacherConfig:
     members: int = 1
 
     def __post_init__(self) -> None:
+        self._check_types()
+
         # JSON gives lists; keep the dataclass hashable and comparable.
         filters = tuple(int(c) for c in self.conv_filters)
         object.__setattr__(self, "conv_filters", filters)
@@ -74,6 +89,33 @@ class TeacherConfig:
         if problems:
             raise ModelError("bad teacher config: " + "; ".join(problems))
 
+    def _check_types(self) -> None:
+        """Refuse, by key, a value of the wrong type or past :data:`MAX_SIZE`."""
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if not _is_int(value) or not 1 <= value <= MAX_SIZE:
+                raise ModelError(
+                    f"bad teacher config: {name} must be an integer in "
+                    f"[1, {MAX_SIZE}], got {value!r}"
+                )
+            object.__setattr__(self, name, int(value))
+        for name in ("conv_filters", "dense"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(
+                _is_int(v) and 1 <= v <= MAX_SIZE for v in value
+            ):
+                raise ModelError(
+                    f"bad teacher config: {name} must be a list of integers in "
+                    f"[1, {MAX_SIZE}], got {value!r}"
+                )
+        if not isinstance(self.dropout, numbers.Real) or isinstance(
+            self.dropout, bool
+        ):
+            raise ModelError(
+                f"bad teacher config: dropout must be a number in [0, 1), "
+                f"got {self.dropout!r}"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict of every field."""
         out = dataclasses.asdict(self)
@@ -88,6 +130,8 @@ class TeacherConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TeacherConfig:
         """Rebuild from :meth:`to_dict` output; unknown keys are a ModelError."""
+        if not isinstance(data, dict):
+            raise ModelError("teacher config must be a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

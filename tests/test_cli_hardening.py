@@ -1,0 +1,242 @@
+"""Command-line hardening: special outputs, symlink loops, bad configs, --help.
+
+Each test is a regression test for a traceback or a replaced file a tester found;
+none touches ``/dev``: FIFOs and symlinks are made in ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main as flows_main
+from flows.errors import BadInputError, GatewatchError, ModelError, UsageError
+from tests.test_readers import ROW_A, ROW_B, zeek_text
+
+
+def _conn_log(tmp_path: Path) -> Path:
+    """A two-row Zeek conn.log to convert."""
+    path = tmp_path / "c.log"
+    path.write_text(zeek_text([ROW_A, ROW_B]))
+    return path
+
+
+# -- flows convert -o ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_convert_refuses_a_fifo_output(tmp_path, capsys):
+    fifo = tmp_path / "out.parquet"
+    os.mkfifo(fifo)
+
+    code = flows_main(["convert", str(_conn_log(tmp_path)), "-o", str(fifo)])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and "not a regular file" in err
+    assert "Traceback" not in err
+    assert fifo.is_fifo()  # left as it was
+
+
+def test_convert_writes_through_a_symlink(tmp_path, capsys):
+    target = tmp_path / "real.parquet"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.parquet"
+    link.symlink_to(target)
+
+    code = flows_main(["convert", str(_conn_log(tmp_path)), "-o", str(link)])
+
+    assert code == 0, capsys.readouterr().err
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert target.read_bytes()[:4] == b"PAR1"
+
+
+def test_convert_symlink_loops_exit_3_for_input_and_2_for_output(tmp_path, capsys):
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    a.symlink_to(b)
+    b.symlink_to(a)
+
+    code = flows_main(["convert", str(a), "-o", str(tmp_path / "x.parquet")])
+    err = capsys.readouterr().err
+    assert code == 3 and err.startswith("error: ") and "Traceback" not in err
+
+    code = flows_main(["convert", str(_conn_log(tmp_path)), "-o", str(a)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_convert_write_error_exits_1(tmp_path, capsys, monkeypatch):
+    import flows.readers.writers as writers
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writers.pq, "write_table", full)
+
+    out = tmp_path / "x.parquet"
+    code = flows_main(["convert", str(_conn_log(tmp_path)), "-o", str(out)])
+
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert not out.exists()
+
+
+# -- compress run --out ----------------------------------------------------------------
+
+
+def test_compress_out_existing_file_exits_2_up_front(tmp_path, capsys):
+    from compress.cli import main as compress_main
+
+    out = tmp_path / "file"
+    out.write_text("x")
+
+    code = compress_main(
+        ["run", "--target", "onnx-fp32", "--teacher", str(tmp_path), "--out", str(out)]
+    )
+
+    err = capsys.readouterr().err
+    assert code == 2 and "not a folder" in err
+
+
+# -- teacher config.json ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("conv_filters", [1_000_000_000]),
+        ("lstm_hidden", "64"),
+        ("window", True),
+        ("dense", "64"),
+        ("dropout", "0.3"),
+        ("dropout", 1.0),
+    ],
+)
+def test_teacher_config_refuses_bad_values_by_key(key, value):
+    from teacher.model import TeacherConfig
+
+    with pytest.raises(ModelError, match=key):
+        TeacherConfig.from_dict({"n_features": 8, key: value})
+
+
+def test_load_teacher_names_the_config_file(tmp_path):
+    from teacher.checkpoint import load_teacher
+
+    (tmp_path / "config.json").write_text(
+        json.dumps({"n_features": 8, "conv_filters": [1_000_000_000]})
+    )
+
+    with pytest.raises(ModelError) as info:
+        load_teacher(tmp_path, device="cpu")
+
+    text = str(info.value)
+    assert "config.json" in text and "conv_filters" in text
+
+
+def test_teacher_config_still_accepts_a_normal_config():
+    from teacher.model import TeacherConfig
+
+    cfg = TeacherConfig.from_dict({"n_features": 8, "conv_filters": [16, 32]})
+    assert cfg.conv_filters == (16, 32)
+    assert TeacherConfig.from_json(cfg.to_json()) == cfg
+
+
+# -- edge-agent config and alerts ------------------------------------------------------
+
+
+def test_agent_binary_config_is_bad_input(tmp_path):
+    from edge_agent.config import AgentConfig
+
+    conf = tmp_path / "agent.toml"
+    conf.write_bytes(b"\xff\xfe\x00\x81binary")
+
+    with pytest.raises(BadInputError) as info:
+        AgentConfig.load(conf, {})
+
+    assert str(conf) in str(info.value) and info.value.exit_code == 3
+
+
+def test_agent_config_wrong_type_names_the_key(tmp_path):
+    from edge_agent.config import AgentConfig
+
+    conf = tmp_path / "agent.toml"
+    conf.write_text('max_batch = "x"\n')
+
+    with pytest.raises(UsageError, match="max_batch must be an integer"):
+        AgentConfig.load(conf, {})
+
+
+class _FullFile:
+    """A file whose every write fails as on a full disk."""
+
+    def write(self, _text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_alert_log_turns_a_write_failure_into_one_error(tmp_path):
+    from edge_agent.cli import _AlertLog
+
+    log = _AlertLog(str(tmp_path / "alerts.jsonl"))
+    log._file.close()
+    log._file = _FullFile()
+
+    with pytest.raises(GatewatchError, match="cannot write alerts to .*alerts.jsonl"):
+        log.write("{}\n")
+    log.close()  # never raises
+
+    assert log.error is not None and log.error.exit_code == 1
+
+
+# -- --help lists the exit codes -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "module", ["flows.cli", "teacher.cli", "compress.cli", "edge_agent.cli"]
+)
+def test_help_lists_exit_codes_in_plain_text(module):
+    import importlib
+
+    text = importlib.import_module(module).build_parser().format_help()
+
+    assert "exit codes:" in text and "130  interrupted" in text
+    assert "``" not in text
+
+
+def test_agent_run_with_a_full_alerts_file_exits_1(data_dir, tmp_path_factory,
+                                                   tmp_path, capsys, monkeypatch):
+    import edge_agent.cli as cli
+    from tests.test_agent_fixtures import tiny
+
+    tm = tiny(data_dir, tmp_path_factory)
+    opened = cli._AlertLog.__init__
+
+    def full_disk(self, target):
+        opened(self, target)
+        self._file.close()
+        self._file = _FullFile()
+
+    monkeypatch.setattr(cli._AlertLog, "__init__", full_disk)
+
+    alerts = tmp_path / "alerts.jsonl"
+    code = cli.main(
+        [
+            "run", "--artifact", str(tm.artifact), "--source", f"zeek:{tm.conn_log}",
+            "--site", "s1", "--gateway", "g1", "--outbox", str(tmp_path / "o.db"),
+            "--alerts", str(alerts),
+        ]
+    )
+
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert f"error: cannot write alerts to {alerts}" in err
+    assert "Traceback" not in err
