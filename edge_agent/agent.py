@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import queue
 import threading
 import time
@@ -85,8 +86,40 @@ class Counters:
         }
 
 
+# One ulp of slack above 1: the artifact's rule may set ``alert`` just past the top
+# score (``nextafter(1.0, inf)`` when a score is 1.0), which means "never alert".
+_MAX_THRESHOLD = float(np.nextafter(1.0, np.inf))
+
+
+def check_thresholds(values: dict[str, float], where: str) -> dict[str, float]:
+    """Return ``values`` if every threshold is a finite score and they are ordered.
+
+    Each of ``escalate_low``, ``decision`` and ``alert`` must lie in [0, 1] and
+    ``escalate_low <= decision <= alert``; otherwise detection would be switched off
+    silently (NaN compares false, a value above 1 is never reached). A bad value is
+    a BadInputError naming ``where`` (the file) and the key.
+    """
+    for key in ("escalate_low", "decision", "alert"):
+        value = values[key]
+        if not (math.isfinite(value) and 0.0 <= value <= _MAX_THRESHOLD):
+            raise BadInputError(
+                f"threshold {key!r} is {value!r}, not a score in [0, 1]", path=where
+            )
+    if not values["escalate_low"] <= values["decision"] <= values["alert"]:
+        raise BadInputError(
+            "thresholds must satisfy escalate_low <= decision <= alert, not "
+            f"{values['escalate_low']!r}, {values['decision']!r}, "
+            f"{values['alert']!r}",
+            path=where,
+        )
+    return values
+
+
 def load_thresholds(scorer: Any) -> tuple[dict[str, float], str]:
-    """The thresholds to use: the site's own when calibrated, else the artifact's."""
+    """The thresholds to use: the site's own when calibrated, else the artifact's.
+
+    Both are checked by :func:`check_thresholds` (BadInputError, exit 3).
+    """
     folder = getattr(scorer, "folder", None)
     if folder is not None:
         path = Path(folder) / SITE_THRESHOLDS
@@ -99,9 +132,11 @@ def load_thresholds(scorer: Any) -> tuple[dict[str, float], str]:
                 raise UsageError(
                     f"{path}: site thresholds are unreadable ({exc})"
                 ) from exc
-            return out, "site"
+            return check_thresholds(out, str(path)), "site"
     t = dict(scorer.thresholds)
-    return {k: float(t[k]) for k in ("decision", "escalate_low", "alert")}, "artifact"
+    out = {k: float(t[k]) for k in ("decision", "escalate_low", "alert")}
+    where = str(Path(folder) / "thresholds.json") if folder is not None else "artifact"
+    return check_thresholds(out, where), "artifact"
 
 
 def decide(scores: np.ndarray, thresholds: dict[str, float]) -> np.ndarray:
@@ -193,6 +228,7 @@ class Agent:
         enc = scorer.encoder
         if self._fixed_thresholds is not None:
             thresholds, origin = dict(self._fixed_thresholds), "given"
+            check_thresholds(thresholds, "--thresholds")
         else:
             thresholds, origin = load_thresholds(scorer)
         windower = StreamWindower(enc.window, enc.n_features, max_hosts=self.max_hosts)
@@ -594,6 +630,15 @@ class Agent:
             verdict = proto.parse_verdict(payload)
         except proto.ProtocolError as exc:
             self.rejects.reject(exc, topic)
+            self.counters.rejected = dict(self.rejects.counts)
+            return
+        except Exception as exc:  # noqa: BLE001 - must not stop paho's thread
+            self.rejects.reject(
+                proto.ProtocolError(
+                    proto.RejectKind.BAD_VALUE, f"{type(exc).__name__}: {exc}"[:200]
+                ),
+                topic,
+            )
             self.counters.rejected = dict(self.rejects.counts)
             return
         esc_id = verdict["escalation_id"]

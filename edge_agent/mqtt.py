@@ -176,6 +176,7 @@ class MqttLink:
         self.packet_limit: int | None = max_packet_size
         self.manual_ack = manual_ack
         self.on_message = on_message
+        self.callback_errors = 0
         self.on_publish = on_publish
         self.on_connect = on_connect
         self.protocol: Protocol | None = None
@@ -388,10 +389,22 @@ class MqttLink:
             if self.manual_ack:
                 client.ack(msg.mid, msg.qos)
             return
-        if self.manual_ack:
-            self.on_message(msg.topic, msg.payload, (msg.mid, msg.qos))
-        else:
-            self.on_message(msg.topic, msg.payload)
+        try:
+            if self.manual_ack:
+                self.on_message(msg.topic, msg.payload, (msg.mid, msg.qos))
+            else:
+                self.on_message(msg.topic, msg.payload)
+        except Exception:  # noqa: BLE001 - an escape here would stop paho's thread
+            # Last guard: a handler that raised did not take the message, so it is
+            # acknowledged here (else it is redelivered forever) and counted.
+            self.callback_errors += 1
+            if self.callback_errors == 1:
+                logger.exception(
+                    "message handler failed on %s; further failures only counted",
+                    msg.topic,
+                )
+            if self.manual_ack:
+                client.ack(msg.mid, msg.qos)
 
     def ack(self, token: tuple[int, int]) -> None:
         """Acknowledge a message received with ``manual_ack`` once it is safe."""

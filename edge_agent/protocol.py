@@ -2,7 +2,8 @@
 
 Topics are ``gatewatch/v1/<site>/<gateway>/{escalations,verdicts,status,model}``.
 Every payload is a JSON object with ``schema`` (``"gatewatch/v1"``), ``kind``, ``id``
-(uuid4 hex) and ``sent_at`` (Unix seconds). Delivery is at least once, so consumers
+(32 lowercase hex; an escalation with any other id is BAD_VALUE) and ``sent_at``
+(Unix seconds). Delivery is at least once, so consumers
 de-duplicate by ``id``. Site and gateway ids are checked before they enter a topic.
 
 Parsing never trusts the wire: :func:`parse_escalation` and :func:`parse_verdict`
@@ -40,6 +41,9 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 # value far inside float32, which the teacher scores in.
 MAX_WINDOW_VALUE = 1e6
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# An escalation's id as the agent makes it (uuid4 or blake2b-16 hex); the re-scorer
+# echoes it in the verdict and stores it, so nothing else is let through.
+_ESCALATION_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
 class Channel(enum.StrEnum):
@@ -269,8 +273,11 @@ def decode(data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, A
         raise ProtocolError(RejectKind.OVERSIZED, f"{len(data)} bytes > {max_bytes}")
     try:
         body = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(RejectKind.MALFORMED_JSON, str(exc)) from exc
+    except (RecursionError, ValueError, TypeError, UnicodeError) as exc:
+        # RecursionError: a nesting bomb (b"[" * 100000) fits in the size limit.
+        raise ProtocolError(
+            RejectKind.MALFORMED_JSON, f"{type(exc).__name__}: {exc}"[:200]
+        ) from exc
     if not isinstance(body, dict):
         raise ProtocolError(RejectKind.MALFORMED_JSON, "payload is not a JSON object")
     if body.get("schema") != SCHEMA:
@@ -379,6 +386,10 @@ def parse_escalation(
     body = decode(data, max_bytes)
     if body.get("kind") != Kind.ESCALATION.value:
         raise ProtocolError(RejectKind.WRONG_SCHEMA, f"kind {body.get('kind')!r}")
+    if not _ESCALATION_ID_RE.fullmatch(body["id"]):
+        raise ProtocolError(
+            RejectKind.BAD_VALUE, "escalation id is not 32 lowercase hex digits"
+        )
     flow = check_flow(_require(body, "flow", dict))
     check_window(_require(body, "window", list), window_shape)
     body["score"] = _number(body, "score")

@@ -167,8 +167,9 @@ def _json_lines(src: Source, stream) -> Iterator[dict]:
             continue
         try:
             rec = json.loads(line)
-        except ValueError as exc:
-            src.reject("malformed_json", str(exc))
+        except (RecursionError, ValueError) as exc:
+            # RecursionError: a nesting bomb ("[" * 100000) must cost only its line.
+            src.reject("malformed_json", f"{type(exc).__name__}: {exc}"[:200])
             continue
         if not isinstance(rec, dict) or "src_ip" not in rec:
             src.reject("not_a_record", "line is not a JSON object with src_ip")

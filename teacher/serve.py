@@ -214,6 +214,17 @@ class ReScorer:
             self.rejects.reject(exc, topic)
             self.link.ack(token)
             return
+        except Exception as exc:  # noqa: BLE001 - must not stop paho's thread
+            # Unforeseen input: count it like a rejection and acknowledge it, so a
+            # poison message is not redelivered after a restart.
+            self.rejects.reject(
+                proto.ProtocolError(
+                    proto.RejectKind.BAD_VALUE, f"{type(exc).__name__}: {exc}"[:200]
+                ),
+                topic,
+            )
+            self.link.ack(token)
+            return
         self._queue.put((esc, token))
 
     # -- scoring (worker thread) ------------------------------------------------------

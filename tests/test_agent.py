@@ -196,7 +196,9 @@ def test_swap_scorer_changes_the_model_atomically(tm, tmp_path: Path) -> None:
         gateway="g1",
         outbox=Outbox(tmp_path / "o.db"),
     )
-    stricter = dict(tm.thresholds, escalate_low=2.0, alert=2.0)
+    # Just past 1 (one ulp, the most a threshold may be): no score reaches it.
+    top = float(np.nextafter(1.0, 2.0))
+    stricter = dict(tm.thresholds, escalate_low=top, decision=top, alert=top)
     other = load_artifact(
         make_artifact(tmp_path / "v2", tm.encoder, stricter, version="tiny-0002")
     )
@@ -348,3 +350,96 @@ def test_verdict_ids_are_bounded_and_still_drop_a_redelivered_copy(
     agent._on_message(topic, verdict(0))
     assert agent.counters.verdicts_received == 1001
     agent.outbox.close()
+
+
+def test_stdin_nesting_bomb_costs_only_its_line(tm) -> None:
+    """Found: a line of 100 000 '[' raised RecursionError in json.loads, which
+    killed the source-reader thread and dropped every line after it."""
+    good = [json.dumps(r) for r in tm.records[:3]]
+    text = "\n".join([good[0], "[" * 100_000, good[1], good[2]]) + "\n"
+    src = open_source("-", stdin=io.StringIO(text))
+    assert [r["uid"] for r in src] == [r["uid"] for r in tm.records[:3]]
+    assert src.rejected == {"malformed_json": 1}
+
+
+def test_a_verdict_nesting_bomb_is_rejected_and_verdicts_go_on(
+    tm, tmp_path: Path
+) -> None:
+    """Found: ``b"[" * 100000`` on the verdicts topic raised RecursionError in the
+    agent's message callback and stopped paho's network thread."""
+    from edge_agent import protocol as proto
+
+    agent = Agent(
+        load_artifact(tm.artifact),
+        site="s1",
+        gateway="g1",
+        outbox=Outbox(tmp_path / "o.db"),
+    )
+    topic = agent.topics[proto.Channel.VERDICTS]
+    good = proto.encode(
+        proto.build_verdict(
+            escalation_id="0" * 32,
+            verdict="benign",
+            score=0.1,
+            threshold=0.5,
+            teacher_version="t",
+        )
+    )
+    agent._on_message(topic, b"[" * 100_000)
+    agent._on_message(topic, good)
+    assert agent.counters.rejected == {"malformed_json": 1}
+    assert agent.counters.verdicts_received == 1
+    agent.outbox.close()
+
+
+def _site_thresholds(art: Path, **values) -> None:
+    base = {"decision": 0.5, "escalate_low": 0.4, "alert": 0.9}
+    base.update(values)
+    (art / "site_thresholds.json").write_text(json.dumps(base))
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"alert": 1.5}, "alert"),
+        ({"escalate_low": -0.1}, "escalate_low"),
+        ({"decision": float("nan")}, "decision"),
+        ({"alert": float("inf")}, "alert"),
+        ({"decision": 0.95}, "escalate_low <= decision <= alert"),
+        ({"decision": 0.3}, "escalate_low <= decision <= alert"),
+    ],
+)
+def test_bad_site_thresholds_are_refused_by_file_and_key(
+    tm, tmp_path: Path, values, key
+) -> None:
+    """Found: thresholds above 1, below 0 or NaN were accepted and switched
+    detection off; now a BadInputError (exit 3) names the file and the key."""
+    from flows.errors import BadInputError
+
+    art = make_artifact(tmp_path / "art", tm.encoder, tm.thresholds)
+    _site_thresholds(art, **values)
+    with pytest.raises(BadInputError) as info:
+        load_thresholds(load_artifact(art))
+    assert info.value.exit_code == 3
+    assert "site_thresholds.json" in str(info.value) and key in str(info.value)
+
+
+def test_bad_given_thresholds_are_refused(tm, tmp_path: Path) -> None:
+    """Thresholds passed in (``--thresholds``) get the same check."""
+    from flows.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="'alert'"):
+        Agent(
+            load_artifact(tm.artifact),
+            site="s1",
+            gateway="g1",
+            outbox=Outbox(tmp_path / "o.db"),
+            thresholds={"decision": 0.5, "escalate_low": 0.4, "alert": 2.0},
+        )
+
+
+def test_good_site_thresholds_still_load(tm, tmp_path: Path) -> None:
+    art = make_artifact(tmp_path / "art", tm.encoder, tm.thresholds)
+    _site_thresholds(art, escalate_low=0.0, decision=0.0, alert=1.0)
+    thresholds, origin = load_thresholds(load_artifact(art))
+    assert origin == "site" and thresholds["alert"] == 1.0

@@ -837,11 +837,18 @@ class _FixedTeacher:
         return np.full(len(windows), 0.7)
 
 
+def _poison_id(kind: str) -> str:
+    """A well-formed escalation id (32 lowercase hex) of one poison kind."""
+    import hashlib
+
+    return hashlib.md5(kind.encode()).hexdigest()
+
+
 def _poison(kind: str) -> bytes:
     from tests.test_fuzz_targets import seed_escalation
 
     body = json.loads(seed_escalation())
-    body["id"] = f"poison-{kind}"
+    body["id"] = _poison_id(kind)
     if kind == "score-past-float":
         body["score"] = 10**400
     elif kind == "port-object":
@@ -881,7 +888,7 @@ def test_one_poisoned_escalation_does_not_cost_the_others(kind, mosquitto, tmp_p
     good = []
     for i in range(8):
         body = json.loads(seed_escalation())
-        body["id"] = f"good{i:02d}"
+        body["id"] = f"{i:032x}"
         good.append(json.dumps(body).encode())
     try:
         time.sleep(0.3)
@@ -893,6 +900,6 @@ def test_one_poisoned_escalation_does_not_cost_the_others(kind, mosquitto, tmp_p
         client.disconnect()
         server.stop()
     ids = {r["id"] for r in store.query()}
-    assert {f"good{i:02d}" for i in range(8)} <= ids
-    assert f"poison-{kind}" not in ids  # refused by parse_escalation, not stored
+    assert {f"{i:032x}" for i in range(8)} <= ids
+    assert _poison_id(kind) not in ids  # refused by parse_escalation, not stored
     store.close()

@@ -692,3 +692,28 @@ def test_agent_stdin_lines_with_any_values(data_dir, tmp_path_factory):
 
     check()
     assert counts["escalated"] > 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    opener=st.sampled_from(["[", '{"a":', '[{"a":', "[1,"]),
+    depth=st.integers(2_000, 120_000),
+)
+def test_nesting_bombs_are_malformed_json_everywhere(opener, depth):
+    """Found: deep nesting under the size limit raised RecursionError out of
+    json.loads (the re-scorer's and the agent's MQTT threads died, and stdin's
+    reader dropped every line after the bomb). Each parser now rejects it."""
+    import io
+
+    from edge_agent import protocol as proto
+    from edge_agent.sources import open_source
+
+    bomb = opener * depth
+    for parse in (proto.parse_escalation, proto.parse_verdict):
+        with pytest.raises(proto.ProtocolError) as info:
+            parse(bomb.encode())
+        kinds = (proto.RejectKind.MALFORMED_JSON, proto.RejectKind.OVERSIZED)
+        assert info.value.kind in kinds
+    src = open_source("-", stdin=io.StringIO(bomb + "\n{broken\n"))
+    assert list(src) == []
+    assert src.rejected == {"malformed_json": 2}

@@ -154,3 +154,55 @@ def test_nan_in_json_window_is_rejected() -> None:
     with pytest.raises(proto.ProtocolError) as info:
         proto.parse_escalation(data, window_shape=(4, 3))
     assert info.value.kind is proto.RejectKind.BAD_VALUE
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"[" * 100_000, b'{"a":' * 50_000, "[" * 100_000, b"\xff\xfe{}", b"{}\x00"],
+)
+def test_nesting_bombs_and_bad_bytes_are_malformed_json(data) -> None:
+    """Found: ``b"[" * 100000`` (under the size limit) raised RecursionError out of
+    json.loads, which killed the re-scorer's MQTT network thread."""
+    for parse in (proto.parse_escalation, proto.parse_verdict):
+        with pytest.raises(proto.ProtocolError) as info:
+            parse(data)
+        assert info.value.kind is proto.RejectKind.MALFORMED_JSON
+
+
+@pytest.mark.parametrize(
+    "msg_id",
+    ["../../etc/passwd", "A" * 32, "0" * 31, "0" * 33, "0" * 32 + "\n", "g" * 32],
+)
+def test_escalation_ids_other_than_32_lowercase_hex_are_bad_values(msg_id) -> None:
+    """The re-scorer echoes and stores the id; only what the agent sends passes."""
+    with pytest.raises(proto.ProtocolError) as info:
+        proto.parse_escalation(json.dumps(_escalation(id=msg_id)).encode())
+    assert info.value.kind is proto.RejectKind.BAD_VALUE
+
+
+def test_an_agent_escalation_id_passes() -> None:
+    body = _escalation(id="0123456789abcdef" * 2)
+    assert proto.parse_escalation(json.dumps(body).encode())["id"] == body["id"]
+
+
+def test_a_raising_message_handler_is_counted_acked_and_does_not_escape(
+    caplog,
+) -> None:
+    """The link's last guard: an exception in on_message must not reach paho (it
+    would stop the network thread); the message is acknowledged and counted."""
+    from types import SimpleNamespace
+
+    from edge_agent.mqtt import MqttLink
+
+    def boom(topic, payload, token):
+        raise RuntimeError("handler bug")
+
+    acked = []
+    client = SimpleNamespace(ack=lambda mid, qos: acked.append((mid, qos)))
+    link = MqttLink("mqtt://127.0.0.1:1", "t", on_message=boom, manual_ack=True)
+    caplog.set_level(logging.ERROR, logger="gatewatch")
+    msg = SimpleNamespace(topic="t/x", payload=b"{}", mid=7, qos=1)
+    link._handle_message(client, None, msg)
+    link._handle_message(client, None, msg)
+    assert link.callback_errors == 2 and acked == [(7, 1), (7, 1)]
+    assert len([r for r in caplog.records if "handler failed" in r.getMessage()]) == 1

@@ -393,6 +393,8 @@ def test_bad_escalations_are_rejected_counted_and_the_service_goes_on(
         esc(window=[[0.0] * F] * (W - 1)),
         esc(window=[[0.0] * (F + 1)] * W),
         esc(gateway="g2"),
+        b"[" * 100_000,  # found: RecursionError killed paho's network thread
+        esc(id="../../etc/passwd"),  # found: echoed back in the verdict
     ]
     try:
         time.sleep(0.3)
@@ -406,17 +408,37 @@ def test_bad_escalations_are_rejected_counted_and_the_service_goes_on(
         client.disconnect()
         server.stop()
     assert server.rejects.counts == {
-        "malformed_json": 2,
+        "malformed_json": 3,
         "wrong_schema": 1,
         "oversized": 1,
         "wrong_window_shape": 2,
         "bad_topic": 1,
+        "bad_value": 1,
     }
     assert got[0]["escalation_id"] == json.loads(good)["id"]
     assert store.count() == 1
     warned = [r for r in caplog.records if "rejected" in r.getMessage()]
-    assert len(warned) == 5  # once per kind
+    assert len(warned) == 6  # once per kind
     assert os.path.exists(tmp_path / "alerts.sqlite")
+
+
+def test_a_nesting_bomb_is_acknowledged_so_it_is_not_redelivered(
+    teacher, mosquitto, tmp_path
+):
+    """Found: the bomb was never acknowledged, so a persistent session got it again
+    after every restart (a poison message); now it is rejected and acknowledged."""
+    _, teacher_obj = teacher
+    store = AlertStore(tmp_path / "alerts.sqlite")
+    server = ReScorer(teacher_obj, broker=mosquitto.url, store=store)
+    acked = []
+    server.link.ack = acked.append
+    topic = "gatewatch/v1/s/g/escalations"
+    server._on_message(topic, b"[" * 100_000, (1, 1))
+    server._on_message(topic, b"{}", (2, 1))
+    assert acked == [(1, 1), (2, 1)]
+    assert server.rejects.counts == {"malformed_json": 1, "wrong_schema": 1}
+    assert server._queue.empty()
+    store.close()
 
 
 def test_start_returns_once_the_subscription_is_in_place(
