@@ -224,15 +224,15 @@ def _open_alerts(target: str | None):
 
 def _read_thresholds(path: str) -> dict[str, float]:
     """``escalate_low`` and ``alert`` (and ``decision``) from a thresholds file."""
+    from edge_agent.agent import check_thresholds
+
     try:
         data = json.loads(Path(path).read_text())
         out = {k: float(data[k]) for k in ("escalate_low", "alert")}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"--thresholds {path}: unreadable ({exc})") from exc
-    if out["escalate_low"] > out["alert"]:
-        raise UsageError(f"--thresholds {path}: escalate_low exceeds alert")
     out["decision"] = float(data.get("decision", out["escalate_low"]))
-    return out
+    return check_thresholds(out, path)
 
 
 def _model_updater(cfg, scorer) -> Any:
