@@ -14,6 +14,16 @@ What fitting decides, per field:
   minimum and maximum, clipped, so a test value beyond the training range lands on 0
   or 1 (``+inf`` on 1). A field constant in training encodes as 0 at that constant
   and 1 above it.
+* **Quantile scaling** (``scaling="quantile"``, the nsl-kdd default). Instead of
+  log1p and min-max, each numeric field keeps ``knots`` training quantiles (at
+  evenly spaced levels 0..1) and maps a value to its interpolated level with
+  ``np.interp``: the training distribution becomes uniform on 0..1, values beyond
+  the training range land on 0 or 1, the training minimum maps to 0 and the
+  maximum to 1 (a mostly-0 field keeps 0 at 0), and any other value repeated
+  across several knots gets the middle of their levels. This is the same map
+  as scikit-learn's ``QuantileTransformer(output_distribution="uniform")``, stored
+  as plain numbers in the JSON. Trees do not care about a monotone map; the network
+  does, and a heavy-tailed min-max leaves most training rows squeezed near 0.
 * **Nulls.** A numeric null encodes as 0 in its value column. A field that can be null
   (the family says so, or training had a null in it) also gets an indicator column
   ``<field>:null`` that is 1 on nulls.
@@ -51,6 +61,10 @@ from flows import logger
 from flows.errors import BadInputError, ModelError, UsageError
 
 SPEC_SCHEMA = "gatewatch.encoder/v1"
+
+# How numeric fields are scaled to 0..1; quantile maps keep this many knots.
+SCALINGS = ("minmax", "quantile")
+DEFAULT_KNOTS = 256
 
 GROUP_BY = ("src_ip", "stream")
 
@@ -103,6 +117,7 @@ class FamilySpec:
     history: str | None = None
     group_by: str = "stream"
     window: int = 8
+    scaling: str = "minmax"
 
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -141,13 +156,19 @@ FAMILIES: dict[str, FamilySpec] = {
 
 @dataclass
 class NumericField:
-    """A fitted numeric field: optional log1p, then min-max over [lo, hi]."""
+    """A fitted numeric field: optional log1p, then min-max over [lo, hi].
+
+    With ``quantiles`` (non-decreasing training quantiles at evenly spaced levels)
+    the value is mapped to its interpolated level instead; ``lo``/``hi`` are then
+    the raw training range and ``log`` is False.
+    """
 
     name: str
     log: bool
     lo: float
     hi: float
     null_indicator: bool
+    quantiles: tuple[float, ...] | None = None
 
     def width(self) -> int:
         """Number of output columns."""
@@ -317,10 +338,20 @@ def _code_of(key: str | None, fitted: CategoricalField) -> int:
     return fitted.lookup.get(key, fitted.other)
 
 
-def _fit_numeric(name: str, values: np.ndarray, nullable: bool) -> NumericField:
-    """Decide log1p and the min-max range of one numeric field from training data."""
+def _fit_numeric(
+    name: str, values: np.ndarray, nullable: bool, scaling: str = "minmax",
+    knots: int = DEFAULT_KNOTS,
+) -> NumericField:
+    """Decide the scaling of one numeric field (log1p + min-max, or quantiles)."""
     finite = values[np.isfinite(values)]
     has_null = bool(np.isnan(values).any())
+    if scaling == "quantile" and finite.size:
+        levels = np.linspace(0.0, 1.0, min(knots, finite.size)) * 100.0
+        # Rounding in the percentile interpolation may break monotonicity; restore.
+        q = np.maximum.accumulate(np.percentile(finite, levels))
+        return NumericField(name, False, float(finite.min()), float(finite.max()),
+                            null_indicator=nullable or has_null,
+                            quantiles=tuple(float(v) for v in q))
 
     log = False
     if finite.size:
@@ -332,6 +363,23 @@ def _fit_numeric(name: str, values: np.ndarray, nullable: bool) -> NumericField:
     lo = float(scaled.min()) if scaled.size else 0.0
     hi = float(scaled.max()) if scaled.size else 0.0
     return NumericField(name, log, lo, hi, null_indicator=nullable or has_null)
+
+
+def quantile_levels(x: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
+    """Levels in 0..1 of ``x`` under non-decreasing knots at even levels.
+
+    The mean of interpolating upwards and downwards, so a value equal to a run of
+    repeated inner knots gets the middle of their levels; the first knot and below
+    give 0, the last and above 1 (NaN stays NaN).
+    """
+    levels = np.linspace(0.0, 1.0, len(quantiles))
+    up = np.interp(x, quantiles, levels)
+    down = -np.interp(-x, -quantiles[::-1], -levels[::-1])
+    out = 0.5 * (up + down)
+    # The ends are exact: the training minimum (and below) is 0, the maximum 1.
+    out[x <= quantiles[0]] = 0.0
+    out[x >= quantiles[-1]] = 1.0
+    return out
 
 
 def _fit_categorical(
@@ -364,6 +412,20 @@ def _fit_categorical(
     return CategoricalField(name, ranked, null_indicator=nullable or has_null)
 
 
+def _spec_quantiles(d: Mapping[str, Any], source: str) -> tuple[float, ...] | None:
+    """The ``quantiles`` of one numeric field in a spec, checked; None when absent."""
+    raw = d.get("quantiles")
+    if raw is None:
+        return None
+    q = np.asarray(raw, dtype=np.float64)
+    if q.ndim != 1 or q.size < 2 or not np.isfinite(q).all() or (np.diff(q) < 0).any():
+        raise ModelError(
+            f"{source}: numeric field {d.get('name')!r}: quantiles must be at least "
+            "2 finite, non-decreasing numbers"
+        )
+    return tuple(float(v) for v in q)
+
+
 class Encoder:
     """A fitted feature spec: turns flow columns into float32 features in 0..1.
 
@@ -379,7 +441,10 @@ class Encoder:
         history: str | None,
         window: int,
         group_by: str,
+        scaling: str = "minmax",
     ) -> None:
+        if scaling not in SCALINGS:
+            raise UsageError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
         if group_by not in GROUP_BY:
             raise UsageError(f"group_by must be one of {GROUP_BY}, got {group_by!r}")
         if int(window) < 1:
@@ -390,6 +455,7 @@ class Encoder:
         self.history = history
         self.window = int(window)
         self.group_by = group_by
+        self.scaling = scaling
         self._plan()
 
     def _plan(self) -> None:
@@ -422,6 +488,12 @@ class Encoder:
         self._num_lo = lo
         self._num_span = np.where(span > 0, span, 1.0)
         self._num_const = span <= 0
+        # Quantile-scaled fields: (column in the numeric block, knots as an array).
+        self._num_quantiles = [
+            (j, np.asarray(f.quantiles, dtype=np.float64))
+            for j, f in enumerate(self.numeric)
+            if f.quantiles is not None and not self._num_const[j]
+        ]
         self._num_names = [f.name for f in self.numeric]
         self._record_codes: dict[str, dict[Any, int]] = {
             f.name: {} for f in self.categorical
@@ -450,6 +522,8 @@ class Encoder:
         *,
         max_categories: dict[str, int | None] | None = None,
         exclude: Sequence[str] = (),
+        scaling: str | None = None,
+        knots: int | None = None,
     ) -> Encoder:
         """Fit the feature spec of ``family`` on training columns.
 
@@ -457,13 +531,22 @@ class Encoder:
         host; nsl-kdd and unsw-nb15: 1 in stream order; cic: 8 in stream order).
         ``max_categories`` overrides the top-K cap per categorical field (a field
         named there that the family lacks is added as categorical); ``exclude``
-        drops fields from the family's list.
+        drops fields from the family's list. ``scaling`` picks how numeric fields
+        map to 0..1 (``"minmax"``: log1p where heavy-tailed, then min-max;
+        ``"quantile"``: ``knots`` training quantiles, default
+        :data:`DEFAULT_KNOTS`); it defaults to the family's.
         """
         if family not in FAMILIES:
             raise UsageError(
                 f"unknown feature family {family!r}; known: {list(FAMILIES)}"
             )
         spec = FAMILIES[family]
+        scaling = spec.scaling if scaling is None else scaling
+        if scaling not in SCALINGS:
+            raise UsageError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+        knots = DEFAULT_KNOTS if knots is None else int(knots)
+        if knots < 2:
+            raise UsageError(f"a quantile map needs at least 2 knots, got {knots}")
         columns = _as_columns(columns)
         excluded = set(exclude)
 
@@ -493,7 +576,9 @@ class Encoder:
 
         # Fit each field.
         numeric = [
-            _fit_numeric(n, _to_float(columns[n], n), n in spec.nullable)
+            _fit_numeric(
+                n, _to_float(columns[n], n), n in spec.nullable, scaling, knots
+            )
             for n in num_names
         ]
         categorical = [
@@ -507,10 +592,11 @@ class Encoder:
             history,
             window if window is not None else spec.window,
             group_by if group_by is not None else spec.group_by,
+            scaling,
         )
         logger.info(
-            "fitted %s encoder: %d fields -> %d features (%d log-scaled)",
-            family, len(needed), enc.n_features, sum(f.log for f in numeric),
+            "fitted %s encoder: %d fields -> %d features (%s scaling, %d log-scaled)",
+            family, len(needed), enc.n_features, scaling, sum(f.log for f in numeric),
         )
         return enc
 
@@ -554,6 +640,8 @@ class Encoder:
                 raw[:, self._num_log] = np.log1p(np.maximum(logged, 0.0))
         with np.errstate(invalid="ignore"):
             scaled = np.clip((raw - self._num_lo) / self._num_span, 0.0, 1.0)
+            for j, knots in self._num_quantiles:
+                scaled[:, j] = quantile_levels(raw[:, j], knots)
         scaled[:, self._num_const] = np.where(
             raw[:, self._num_const] > self._num_lo[self._num_const], 1.0, 0.0
         )
@@ -652,9 +740,11 @@ class Encoder:
             "family": self.family,
             "window": self.window,
             "group_by": self.group_by,
+            "scaling": self.scaling,
             "numeric": [
                 {"name": f.name, "log": f.log, "lo": f.lo, "hi": f.hi,
-                 "null_indicator": f.null_indicator}
+                 "null_indicator": f.null_indicator,
+                 **({} if f.quantiles is None else {"quantiles": list(f.quantiles)})}
                 for f in self.numeric
             ],
             "categorical": [
@@ -686,7 +776,8 @@ class Encoder:
                 spec["family"],
                 [
                     NumericField(d["name"], bool(d["log"]), float(d["lo"]),
-                                 float(d["hi"]), bool(d["null_indicator"]))
+                                 float(d["hi"]), bool(d["null_indicator"]),
+                                 _spec_quantiles(d, source))
                     for d in spec["numeric"]
                 ],
                 [
@@ -697,7 +788,11 @@ class Encoder:
                 spec.get("history"),
                 int(spec["window"]),
                 spec["group_by"],
+                # Specs written before quantile scaling existed are min-max.
+                spec.get("scaling", "minmax"),
             )
+        except UsageError as exc:
+            raise ModelError(f"{source}: malformed encoder spec ({exc})") from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{source}: malformed encoder spec ({exc!r})") from exc
         if "feature_names" in spec and list(spec["feature_names"]) != enc.feature_names:

@@ -186,6 +186,8 @@ def prepare(
     group_by: str | None = None,
     seed: int = 0,
     need_split: bool | None = None,
+    scaling: str | None = None,
+    knots: int | None = None,
 ) -> Prepared:
     """Encode a dataset name or a flow file into a :class:`Prepared`.
 
@@ -194,7 +196,8 @@ def prepare(
     otherwise the given fitted encoder is applied as is (its window and grouping
     win, and a family mismatch is a BadInputError). A file without a ``split``
     column is split 80/10/10 (seeded, stratified) when ``need_split`` (default:
-    when an encoder is to be fitted), else it is all "test".
+    when an encoder is to be fitted), else it is all "test". ``scaling`` and
+    ``knots`` go to :meth:`flows.encoder.Encoder.fit` (None: the family's default).
     """
     from flows.encoder import Encoder
     from flows.record import table_to_columns
@@ -237,6 +240,7 @@ def prepare(
             fit_cols, loaded["family"],
             window=window or loaded["window"],
             group_by=group_by or loaded["group_by"],
+            scaling=scaling, knots=knots,
         )
     elif encoder.family != loaded["family"]:
         raise BadInputError(

@@ -370,3 +370,102 @@ def test_real_ctu_records_equal_batch_rows(data_dir):
     assert enc.transform_records(records).tobytes() == X.tobytes()
     for i in range(0, len(records), 7):
         assert enc.transform_record(records[i]).tobytes() == X[i].tobytes(), i
+
+
+def _quantile_columns(n: int, seed: int) -> dict[str, np.ndarray]:
+    """NSL-KDD-shaped columns: mostly-zero heavy tails, rates, small counts."""
+    rng = np.random.default_rng(seed)
+    cols: dict[str, np.ndarray] = {}
+    for i, name in enumerate(NSL_KDD_NUMERIC):
+        kind = i % 3
+        if kind == 0:  # mostly zero, heavy tail
+            cols[name] = np.where(rng.random(n) < 0.7, 0.0,
+                                  np.floor(rng.pareto(1.0, n) * 1000))
+        elif kind == 1:  # rates in 0..1, 40 % of them exactly 0.5
+            cols[name] = np.round(np.where(rng.random(n) < 0.4, 0.5, rng.random(n)), 2)
+        else:
+            cols[name] = rng.integers(0, 50, n).astype(np.float64)
+    for name in NSL_KDD_CATEGORICAL:
+        cols[name] = rng.choice(np.array(["a", "b", "c"], dtype=object), n)
+    return cols
+
+
+@pytest.mark.parametrize("knots", [16, 256])
+def test_quantile_scaling_equals_sklearn_quantile_transformer(knots):
+    from sklearn.preprocessing import QuantileTransformer
+
+    train = _quantile_columns(700, seed=21)
+    test = _quantile_columns(300, seed=22)
+    test[NSL_KDD_NUMERIC[0]][:3] = [-1.0, 1e12, np.inf]  # below, above, inf
+    enc = Encoder.fit(train, "nsl-kdd", scaling="quantile", knots=knots)
+    assert enc.scaling == "quantile"
+    X = enc.transform(test)
+
+    # The reference: scikit-learn's uniform quantile map, fitted on the same rows.
+    raw_train = np.column_stack([train[n] for n in NSL_KDD_NUMERIC])
+    raw_test = np.column_stack([test[n] for n in NSL_KDD_NUMERIC])
+    raw_test[2, 0] = 1e300  # sklearn rejects inf; any value above the range maps to 1
+    ref = QuantileTransformer(n_quantiles=knots, output_distribution="uniform",
+                              subsample=None).fit(raw_train).transform(raw_test)
+    cols = [enc.feature_names.index(n) for n in NSL_KDD_NUMERIC]
+    np.testing.assert_allclose(X[:, cols], ref.astype(np.float32), atol=1e-6)
+    assert X[0, cols[0]] == 0.0 and X[1, cols[0]] == 1.0 and X[2, cols[0]] == 1.0
+    # Ties: the training minimum (0 in 70 % of rows) stays 0; a value shared by
+    # inner knots gets the middle of their levels.
+    assert (X[test[NSL_KDD_NUMERIC[0]] == 0, cols[0]] == 0).all()
+    rate = train[NSL_KDD_NUMERIC[1]]
+    tied = 0.5
+    share_below = float((rate < tied).mean())
+    share_at = float((rate == tied).mean())
+    assert share_at > 2.0 / knots  # the value spans several knots
+    got = enc.transform({**test, NSL_KDD_NUMERIC[1]: np.full(300, tied)})[0, cols[1]]
+    assert abs(got - (share_below + share_at / 2)) < 1.5 / knots
+    # Min-max encoders are untouched by the option.
+    assert Encoder.fit(train, "nsl-kdd", scaling="minmax").scaling == "minmax"
+
+
+def test_quantile_json_round_trip_and_records(tmp_path):
+    train = _quantile_columns(500, seed=23)
+    test = _quantile_columns(200, seed=24)
+    enc = Encoder.fit(train, "nsl-kdd", scaling="quantile", knots=64)
+    spec = json.loads(enc.to_json())
+    assert spec["scaling"] == "quantile"
+    assert all(len(d["quantiles"]) == 64 for d in spec["numeric"])
+    loaded = Encoder.load(enc.save(tmp_path / "encoder.json"))
+    assert loaded.scaling == "quantile"
+    X = enc.transform(test)
+    assert loaded.transform(test).tobytes() == X.tobytes()
+    records = rows_of(test)
+    for i in (0, 7, 199):
+        assert loaded.transform_record(records[i]).tobytes() == X[i].tobytes()
+    # Bad knots in a spec are named.
+    spec["numeric"][1]["quantiles"] = [0.5, 0.2, 0.9]
+    with pytest.raises(ModelError, match=f"{NSL_KDD_NUMERIC[1]}.*non-decreasing"):
+        Encoder.from_json(json.dumps(spec), source="bad.json")
+    spec["numeric"][1]["quantiles"] = [0.2, 0.9]
+    spec["scaling"] = "sideways"
+    with pytest.raises(ModelError, match="bad.json.*scaling"):
+        Encoder.from_json(json.dumps(spec), source="bad.json")
+    with pytest.raises(UsageError, match="scaling"):
+        Encoder.fit(train, "nsl-kdd", scaling="sideways")
+    with pytest.raises(UsageError, match="knots"):
+        Encoder.fit(train, "nsl-kdd", scaling="quantile", knots=1)
+
+
+def test_old_specs_without_scaling_still_load():
+    # A spec as written before quantile scaling existed: no "scaling", no quantiles.
+    train = _quantile_columns(300, seed=25)
+    enc = Encoder.fit(train, "nsl-kdd", scaling="minmax")
+    spec = json.loads(enc.to_json())
+    del spec["scaling"]
+    assert all("quantiles" not in d for d in spec["numeric"])
+    old = Encoder.from_json(json.dumps(spec))
+    assert old.scaling == "minmax"
+    test = _quantile_columns(100, seed=26)
+    assert old.transform(test).tobytes() == enc.transform(test).tobytes()
+    # Its numbers are the min-max rule's, computed here by hand for one field.
+    name = NSL_KDD_NUMERIC[2]  # small counts, not log-scaled
+    lo, hi = train[name].min(), train[name].max()
+    want = np.clip((test[name] - lo) / (hi - lo), 0, 1).astype(np.float32)
+    got = old.transform(test)[:, old.feature_names.index(name)]
+    np.testing.assert_allclose(got, want, rtol=1e-6)

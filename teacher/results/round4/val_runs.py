@@ -1,0 +1,194 @@
+"""Round-4 NSL-KDD candidates, scored on three held-out-type folds (validation only).
+
+Usage (from the repository root, GATEWATCH_DATA set; see PROTOCOL.md)::
+
+    python teacher/results/round4/val_runs.py member CAND FOLD SEED [OUT]
+    python teacher/results/round4/val_runs.py rf CAND FOLD [OUT]
+    python teacher/results/round4/val_runs.py score [OUT] > results.json
+
+CAND is a line of ``candidates.txt``: ``NAME SPEC-JSON`` with optional keys
+``encoder`` (``scaling``, ``knots``: passed to ``prepare``; absent means the round-3
+encoder, min-max), ``train`` (TrainConfig overrides), ``model`` (TeacherConfig
+overrides) and ``seeds`` (default 0, 1, 2). ``member`` trains one network (one
+seed) on KDDTrain+ with ``holdout_types(prep, 0.5, seed=FOLD)`` as validation and
+saves its validation logits; ``rf`` fits the Random Forest of teacher.baselines on
+the candidate's encoded features. Members are stored under a key of the spec
+without its seeds, so candidates that differ only in member count share them.
+``score`` averages each candidate's member logits per fold (the shipped ensemble),
+scores them with the best-F1 threshold and prints the table data as JSON. Test
+rows are never scored here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+FOLDS = (0, 1, 2)
+
+
+def candidates() -> dict[str, dict]:
+    """The fixed candidate list, in priority order."""
+    out = {}
+    for line in (HERE / "candidates.txt").read_text().splitlines():
+        if line.strip():
+            name, spec = line.split(" ", 1)
+            out[name] = json.loads(spec)
+    return out
+
+
+def _encoder(spec: dict) -> dict:
+    enc = spec.get("encoder", {})
+    return {"scaling": enc.get("scaling", "minmax"), "knots": enc.get("knots")}
+
+
+def _key(spec: dict, rf: bool = False) -> str:
+    """File key: what determines a member (or the RF), seeds left out."""
+    what = {"encoder": _encoder(spec)} if rf else {
+        "encoder": _encoder(spec), "train": spec.get("train", {}),
+        "model": spec.get("model", {})}
+    text = json.dumps(what, sort_keys=True)
+    return ("rf-" if rf else "m-") + hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _fold(spec: dict, fold: int):
+    from teacher.data import holdout_types, prepare
+
+    prep = prepare("nsl-kdd", seed=0, need_split=True, **_encoder(spec))
+    held = holdout_types(prep, 0.5, seed=fold)
+    return prep, held, prep.rows("val")
+
+
+def member(name: str, fold: int, seed: int, out: Path) -> dict:
+    """Train one member of candidate ``name`` on fold ``fold``; save val logits."""
+    import torch
+
+    from teacher.model import TeacherConfig
+    from teacher.train import TrainConfig, fit, score_rows
+
+    torch.set_num_threads(1)
+    spec = candidates()[name]
+    stem = out / f"{_key(spec)}_f{fold}_s{seed}"
+    if stem.with_suffix(".json").exists():
+        return json.loads(stem.with_suffix(".json").read_text())
+    prep, held, va = _fold(spec, fold)
+    mc = TeacherConfig(n_features=prep.n_features, window=prep.window,
+                       **spec.get("model", {}))
+    result = fit(prep, mc, TrainConfig(seed=seed, **spec.get("train", {})))
+    z = score_rows(result.model.eval(), prep.windows, va, torch.device("cpu"))
+    np.save(stem.with_suffix(".npy"), z)
+    info = {"candidate": name, "fold": fold, "seed": seed, "held": held,
+            "wall_s": result.wall_s, "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run, **_scores(prep, va, z)}
+    stem.with_suffix(".json").write_text(json.dumps(info))
+    return info
+
+
+def rf(name: str, fold: int, out: Path) -> dict:
+    """Random Forest (teacher.baselines settings) on the candidate's features."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    spec = candidates()[name]
+    stem = out / f"{_key(spec, rf=True)}_f{fold}"
+    if stem.with_suffix(".json").exists():
+        return json.loads(stem.with_suffix(".json").read_text())
+    prep, held, va = _fold(spec, fold)
+    tr, flat = prep.rows("train"), prep.window * prep.n_features
+    start = time.time()
+    model = RandomForestClassifier(n_estimators=100, random_state=0, n_jobs=1)
+    model.fit(prep.windows(tr).reshape(len(tr), flat), prep.y[tr])
+    p = model.predict_proba(prep.windows(va).reshape(len(va), flat))[:, 1]
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    z = np.log(p / (1 - p))  # stored as logits like the members
+    np.save(stem.with_suffix(".npy"), z)
+    info = {"encoder": _encoder(spec), "fold": fold, "held": held,
+            "wall_s": time.time() - start, **_scores(prep, va, z)}
+    stem.with_suffix(".json").write_text(json.dumps(info))
+    return info
+
+
+_LABELS: dict[int, tuple] = {}
+
+
+def _labels(fold: int) -> tuple:
+    """Validation labels and label texts of a fold (the same for any encoder)."""
+    if fold not in _LABELS:
+        prep, _, va = _fold({}, fold)
+        _LABELS[fold] = (prep.y[va], prep.details[va].astype(str))
+    return _LABELS[fold]
+
+
+def _scores(prep, va: np.ndarray, z: np.ndarray) -> dict:
+    from teacher.metrics import binary_metrics, choose_threshold
+
+    y = prep.y[va]
+    prob = 1 / (1 + np.exp(-z))
+    cut = choose_threshold(y, prob, "best-f1")
+    m = binary_metrics(y, prob, cut)
+    return {"val_f1": m["f1"], "val_acc": m["accuracy"], "val_auc": m["roc_auc"],
+            "val_fpr": m["fpr"], "cut": cut}
+
+
+def score(out: Path) -> dict:
+    """Per candidate and fold: the ensemble's validation scores; then the means."""
+    from teacher.metrics import binary_metrics, choose_threshold
+
+    table: dict = {"folds": list(FOLDS), "candidates": {}, "rf": {}}
+    for name, spec in candidates().items():
+        for kind in ("member", "rf"):
+            rows = {}
+            for fold in FOLDS:
+                y, details = _labels(fold)
+                if kind == "rf":
+                    files = [out / f"{_key(spec, rf=True)}_f{fold}.npy"]
+                else:
+                    files = [out / f"{_key(spec)}_f{fold}_s{s}.npy"
+                             for s in spec.get("seeds", [0, 1, 2])]
+                if not all(f.exists() for f in files):
+                    continue
+                z = np.mean([np.load(f) for f in files], axis=0)
+                prob = 1 / (1 + np.exp(-z))
+                cut = choose_threshold(y, prob, "best-f1")
+                m = binary_metrics(y, prob, cut)
+                held = json.loads(files[0].with_suffix(".json").read_text())["held"]
+                rows[fold] = {
+                    "val_f1": m["f1"], "val_acc": m["accuracy"],
+                    "val_auc": m["roc_auc"], "val_fpr": m["fpr"], "cut": cut,
+                    "held_recall": float((prob[np.isin(details, held)] >= cut).mean()),
+                    "members_f1": [json.loads(f.with_suffix(".json").read_text())
+                                   ["val_f1"] for f in files],
+                    "members_wall_s": [json.loads(f.with_suffix(".json").read_text())
+                                       ["wall_s"] for f in files],
+                }
+            entry = {"spec": spec, "folds": rows, "complete": len(rows) == len(FOLDS)}
+            if entry["complete"]:
+                for k in ("val_f1", "val_acc", "val_auc"):
+                    entry[f"mean_{k}"] = float(np.mean([r[k] for r in rows.values()]))
+            if kind == "rf":
+                table["rf"][json.dumps(_encoder(spec), sort_keys=True)] = entry
+                table["candidates"].setdefault(name, {})["rf_key"] = json.dumps(
+                    _encoder(spec), sort_keys=True)
+            else:
+                table["candidates"].setdefault(name, {}).update(entry)
+    return table
+
+
+if __name__ == "__main__":
+    what, args = sys.argv[1], sys.argv[2:]
+    if what == "member":
+        out = Path(args[3] if len(args) > 3 else "runs/r4-val")
+        out.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(member(args[0], int(args[1]), int(args[2]), out)))
+    elif what == "rf":
+        out = Path(args[2] if len(args) > 2 else "runs/r4-val")
+        out.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(rf(args[0], int(args[1]), out)))
+    else:
+        out = Path(args[0] if args else "runs/r4-val")
+        print(json.dumps(score(out), indent=1))
