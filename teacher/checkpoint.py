@@ -4,8 +4,12 @@ A checkpoint folder holds ``model.safetensors`` (weights), ``config.json``
 (:class:`~teacher.model.TeacherConfig`), ``encoder.json`` (the fitted feature
 encoder), ``threshold.json`` (``{"threshold", "rule", "chosen_on"}``),
 ``history.json`` (per-epoch losses and metrics), ``metrics.json`` (validation and,
-where computed, test metrics) and ``provenance.json`` (data, seed, versions, commit).
-Nothing is pickled: weights are read with safetensors, the rest is JSON.
+where computed, test metrics) and ``provenance.json`` (data, seed, versions, commit),
+plus ``checksums.json``: the sha256 of each of those files (and of the replay buffer
+when there is one). :func:`load_teacher` checks every recorded sha256 before reading
+anything and names the file that differs; a checkpoint written before checksums
+existed still loads, with a warning. Nothing is pickled: weights are read with
+safetensors, the rest is JSON.
 
 :func:`load_teacher` returns a :class:`Teacher`, whose ``predict_proba`` gives the
 probability of anomaly per window (higher means more anomalous).
@@ -32,11 +36,14 @@ from teacher.model import TeacherConfig, TeacherNet
 
 __all__ = [
     "CHECKPOINT_FILES",
+    "CHECKSUMS_FILE",
     "Teacher",
     "load_teacher",
     "make_provenance",
     "save_checkpoint",
     "sha256_file",
+    "verify_checksums",
+    "write_checksums",
 ]
 
 CHECKPOINT_FILES = (
@@ -48,6 +55,10 @@ CHECKPOINT_FILES = (
     "metrics.json",
     "provenance.json",
 )
+
+# The sha256 of each checkpoint file; optional files are hashed when present.
+CHECKSUMS_FILE = "checksums.json"
+OPTIONAL_FILES = ("replay.safetensors",)
 
 _RULES = ("best-f1", "fpr", "fixed")
 
@@ -160,8 +171,56 @@ def save_checkpoint(
     _write_json(out / "history.json", history or [])
     _write_json(out / "metrics.json", metrics or {})
     _write_json(out / "provenance.json", provenance or make_provenance(None))
+    write_checksums(out)
     logger.info("saved teacher checkpoint to %s (%d params)", out, net.n_params())
     return out
+
+
+def write_checksums(ckpt_dir: str | os.PathLike[str]) -> Path:
+    """Record the sha256 of the checkpoint's files in ``checksums.json``.
+
+    Called by :func:`save_checkpoint`, and again by whatever adds an optional file
+    (the replay buffer) afterwards.
+    """
+    out = Path(ckpt_dir)
+    names = [n for n in (*CHECKPOINT_FILES, *OPTIONAL_FILES) if (out / n).is_file()]
+    _write_json(out / CHECKSUMS_FILE, {
+        "algorithm": "sha256", "files": {n: sha256_file(out / n) for n in names}})
+    return out / CHECKSUMS_FILE
+
+
+def verify_checksums(ckpt_dir: str | os.PathLike[str]) -> bool:
+    """Check each file against ``checksums.json``; ModelError naming the first that
+    differs or is missing. False (and a warning) for a folder without checksums."""
+    path = Path(ckpt_dir)
+    sums_path = path / CHECKSUMS_FILE
+    if not sums_path.is_file():
+        logger.warning(
+            "%s has no %s (written before checkpoints carried sha256s): its files "
+            "are not verified; train or save it again to add them", path,
+            CHECKSUMS_FILE)
+        return False
+    data = _read_json(sums_path)
+    files = data.get("files") if isinstance(data, dict) else None
+    if (not isinstance(files, dict) or data.get("algorithm") != "sha256"
+            or not all(isinstance(v, str) for v in files.values())):
+        raise ModelError(
+            f"{sums_path}: expected {{\"algorithm\": \"sha256\", \"files\": "
+            "{name: hex digest}}")
+    for name, want in files.items():
+        target = path / name
+        if Path(name).name != name:
+            raise ModelError(f"{sums_path}: {name!r} is not a file of this folder")
+        if not target.is_file():
+            raise ModelError(
+                f"checkpoint file missing: {target} (listed in {CHECKSUMS_FILE})")
+        got = sha256_file(target)
+        if got != want.lower():
+            raise ModelError(
+                f"{target}: sha256 {got} differs from {want} recorded in "
+                f"{CHECKSUMS_FILE}; the file was changed or damaged after the "
+                "checkpoint was written")
+    return True
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -258,18 +317,21 @@ class Teacher:
         return (self.predict_proba(windows) >= self.threshold).astype(np.int8)
 
 
-def load_encoder(text: str) -> Any:
-    """Rebuild the fitted encoder from its JSON (needs ``flows.encoder``)."""
+def load_encoder(text: str, source: str = "encoder.json") -> Any:
+    """Rebuild the fitted encoder from its JSON (needs ``flows.encoder``).
+
+    ``source`` (the file's path) names the file in errors.
+    """
     try:
         from flows.encoder import Encoder
     except ImportError as exc:  # pragma: no cover - flows ships the encoder
         raise ModelError("flows.encoder is needed to rebuild the encoder") from exc
     try:
-        return Encoder.from_json(text)
+        return Encoder.from_json(text, source=source)
     except Exception as exc:  # the encoder's own errors, whatever their type
         if isinstance(exc, ModelError):
             raise
-        raise ModelError(f"encoder.json cannot be loaded: {exc}") from exc
+        raise ModelError(f"{source} cannot be loaded: {exc}") from exc
 
 
 def load_teacher(
@@ -279,7 +341,7 @@ def load_teacher(
     """Load a checkpoint folder; the network is in eval mode on ``device``.
 
     ``device`` defaults to CUDA when present, else CPU. Raises ModelError when a
-    file is missing or does not match the config.
+    file is missing, differs from its recorded sha256 or does not match the config.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -287,6 +349,7 @@ def load_teacher(
     path = Path(ckpt_dir)
     if not path.is_dir():
         raise ModelError(f"checkpoint folder not found: {path}")
+    verify_checksums(path)
 
     # Config first: it says which network the weights belong to.
     config_path = path / "config.json"
@@ -309,11 +372,14 @@ def load_teacher(
     net.to(dev).eval()
 
     # Encoder, threshold and metadata.
+    encoder_path = path / "encoder.json"
     try:
-        encoder_text = (path / "encoder.json").read_text()
+        encoder_text = encoder_path.read_text()
     except OSError as exc:
-        raise ModelError(f"checkpoint file missing: {path / 'encoder.json'}") from exc
-    encoder = load_encoder(encoder_text)
+        raise ModelError(f"checkpoint file missing: {encoder_path}") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{encoder_path}: not UTF-8 text ({exc})") from exc
+    encoder = load_encoder(encoder_text, source=str(encoder_path))
     info = _read_json(path / "threshold.json")
     _check_threshold(info)
     teacher = Teacher(

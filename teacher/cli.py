@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flows.encoder import DEFAULT_KNOTS, SCALINGS
 from flows.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -80,12 +81,30 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
 
 
+def _add_encoding(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scaling", choices=SCALINGS, default=None,
+                   help="how numeric fields map to 0..1 when the encoder is fitted: "
+                        "minmax (log1p on heavy tails, then min-max) or quantile "
+                        "(training quantiles); default: the feature family's "
+                        "(quantile for nsl-kdd, else minmax)")
+    p.add_argument("--knots", type=int, default=None,
+                   help=f"quantiles kept per field with --scaling quantile "
+                        f"(default {DEFAULT_KNOTS})")
+
+
 def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--patience", type=int, default=5)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=epochs,
+                   help=f"most epochs to train (default {epochs}; early stopping "
+                        "usually ends sooner)")
+    p.add_argument("--patience", type=int, default=5,
+                   help="epochs without a better validation score before stopping "
+                        "(default 5)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default 3e-4)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="Adam weight decay (default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="training batch size (default 128)")
     p.add_argument("--samples-per-epoch", type=int, default=None,
                    help="training samples drawn per epoch (default: the train "
                         "size, at most 40000)")
@@ -93,14 +112,20 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
                    help="plain shuffling instead of class-weighted sampling")
     p.add_argument("--smote", action="store_true",
                    help="SMOTE-oversample the training part (never val or test)")
-    p.add_argument("--threshold-rule", choices=("best-f1", "fpr"), default="best-f1")
-    p.add_argument("--target-fpr", type=float, default=0.01)
+    p.add_argument("--threshold-rule", choices=("best-f1", "fpr"), default="best-f1",
+                   help="how the decision threshold is chosen on validation rows: "
+                        "best F1, or the lowest cut within --target-fpr "
+                        "(default best-f1)")
+    p.add_argument("--target-fpr", type=float, default=0.01,
+                   help="false-positive rate for --threshold-rule fpr (default 0.01)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop training after this many minutes")
     p.add_argument("--device", default=None, help="cpu or cuda (default: auto)")
     p.add_argument("--input-noise", type=float, default=None,
                    help="std of Gaussian noise on training inputs")
-    p.add_argument("--label-smoothing", type=float, default=None)
+    p.add_argument("--label-smoothing", type=float, default=None,
+                   help="share by which training targets are pulled towards 0.5 "
+                        "(default 0.1)")
     p.add_argument("--ema", type=float, default=None,
                    help="decay of a moving average of the weights (0: off)")
     p.add_argument("--feature-dropout", type=float, default=None,
@@ -124,42 +149,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--init-from", help="checkpoint to fine-tune (same feature family)")
     p.add_argument("--window", type=int, default=None, help="window length W")
-    p.add_argument("--group-by", choices=("src_ip", "stream"), default=None)
+    p.add_argument("--group-by", choices=("src_ip", "stream"), default=None,
+                   help="how windows are grouped: per source host or in stream "
+                        "order (default: the dataset's)")
     p.add_argument("--holdout-types", type=float, default=None,
                    help="share of attack types moved whole into validation "
                         f"(default {NSL_KDD_HOLDOUT} for nsl-kdd, else 0)")
     p.add_argument("--conv-filters", type=_ints, default=None, help="e.g. 64,64")
-    p.add_argument("--lstm-hidden", type=int, default=None)
-    p.add_argument("--lstm-layers", type=int, default=None)
+    p.add_argument("--lstm-hidden", type=int, default=None,
+                   help="hidden units per BiLSTM direction")
+    p.add_argument("--lstm-layers", type=int, default=None,
+                   help="stacked BiLSTM layers")
     p.add_argument("--dense", type=_ints, default=None, help="e.g. 64")
-    p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout before the dense layers")
     p.add_argument("--members", type=int, default=None,
                    help="seeds trained apart and averaged (default "
                         f"{TRAIN_MEMBERS}; 1: a single network)")
     p.add_argument("--replay-size", type=int, default=5000,
                    help="training windows kept in the replay buffer (0: none)")
+    _add_encoding(p)
     _add_training(p)
     _add_common(p)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder to load")
     _add_source(p)
-    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+                   help="rows of a --dataset to score (default test; a --data file "
+                        "is scored whole)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-timing", action="store_true", help="skip latency timing")
     _add_common(p)
 
     p = sub.add_parser("baselines", help="RF, SVM and kNN on the same features")
     _add_source(p)
-    p.add_argument("--window", type=int, default=1)
-    p.add_argument("--holdout-types", type=float, default=None)
-    p.add_argument("--models", default="rf,svm,knn")
+    p.add_argument("--window", type=int, default=1,
+                   help="window length W flattened into each row (default 1)")
+    p.add_argument("--holdout-types", type=float, default=None,
+                   help="share of attack types moved whole into validation "
+                        f"(default {NSL_KDD_HOLDOUT} for nsl-kdd, else 0), as in "
+                        "teacher train")
+    p.add_argument("--models", default="rf,svm,knn",
+                   help="comma-separated baselines to run (default rf,svm,knn)")
     p.add_argument("--svm-cap", type=int, default=20000,
                    help="SVM training-sample cap (default 20000)")
     p.add_argument("--knn-cap", type=int, default=None,
                    help="kNN training-sample cap (default: none)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="also write the JSON here")
+    _add_encoding(p)
     _add_common(p)
 
     p = sub.add_parser("tune", help="grid search scored on validation data")
@@ -167,29 +206,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, required=True, help="minutes")
     p.add_argument("--out", default="runs/tune", help="folder for the table")
     p.add_argument("--windows", type=_ints, default=None, help="e.g. 1,4")
-    p.add_argument("--holdout-types", type=float, default=None)
-    p.add_argument("--lrs", type=_floats, default=None)
-    p.add_argument("--conv-layers", type=_ints, default=None)
-    p.add_argument("--filters", type=_ints, default=None)
-    p.add_argument("--batch-sizes", type=_ints, default=None)
-    p.add_argument("--dropouts", type=_floats, default=None)
-    p.add_argument("--weight-decays", type=_floats, default=None)
-    p.add_argument("--input-noises", type=_floats, default=None)
-    p.add_argument("--label-smoothings", type=_floats, default=None)
-    p.add_argument("--emas", type=_floats, default=None)
-    p.add_argument("--trial-epochs", type=int, default=8)
-    p.add_argument("--trial-samples", type=int, default=40000)
+    p.add_argument("--holdout-types", type=float, default=None,
+                   help="share of attack types moved whole into validation "
+                        f"(default {NSL_KDD_HOLDOUT} for nsl-kdd, else 0)")
+    for flag, what in (("--lrs", "learning rates"), ("--dropouts", "dropouts"),
+                       ("--weight-decays", "weight decays"),
+                       ("--input-noises", "input-noise stds"),
+                       ("--label-smoothings", "label smoothings"),
+                       ("--emas", "weight-average decays")):
+        p.add_argument(flag, type=_floats, default=None,
+                       help=f"grid of {what}, comma-separated")
+    for flag, what in (("--conv-layers", "conv block counts"),
+                       ("--filters", "conv filter counts"),
+                       ("--batch-sizes", "batch sizes")):
+        p.add_argument(flag, type=_ints, default=None,
+                       help=f"grid of {what}, comma-separated")
+    p.add_argument("--trial-epochs", type=int, default=8,
+                   help="most epochs per trial (default 8)")
+    p.add_argument("--trial-samples", type=int, default=40000,
+                   help="training samples per trial epoch (default 40000)")
+    _add_encoding(p)
     _add_common(p)
 
     p = sub.add_parser("update", help="incremental learning with a replay buffer")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder to update")
     p.add_argument("--data", required=True, help="new data: dataset name or file")
     p.add_argument("--old-data", default=None,
                    help="old data to measure forgetting on (default: the "
                         "checkpoint's dataset)")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help="data folder (default: $GATEWATCH_DATA)")
     p.add_argument("--out", required=True, help="updated checkpoint folder")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_training(p, epochs=10)
     _add_common(p)
 
@@ -216,6 +263,13 @@ def _setup(args: argparse.Namespace) -> None:
 
 def _source(args: argparse.Namespace) -> str:
     return args.dataset or args.data
+
+
+def _data_ref(source: str) -> str:
+    """What provenance records as the data: a dataset name, or a resolved path
+    (so ``compress`` finds the file from any working directory)."""
+    path = Path(source)
+    return str(path.resolve()) if path.exists() else source
 
 
 def _holdout(args: argparse.Namespace, prep: Any) -> list[str]:
@@ -283,7 +337,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         init_state = {k: v.clone() for k, v in pre.model.state_dict().items()}
     prep = prepare(_source(args), encoder=encoder, data_dir=args.data_dir,
                    window=args.window, group_by=args.group_by, seed=args.seed,
-                   need_split=True)
+                   need_split=True, scaling=args.scaling, knots=args.knots)
     held = _holdout(args, prep)
 
     # Network sizes: the pretrained ones, else the flags over the defaults.
@@ -323,7 +377,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if prep.rows("test").size:
         metrics["test"] = evaluate(teacher, prep, prep.rows("test"), timing=False)
     provenance = make_provenance(
-        prep.name, prep.files, args.seed, family=prep.family, world_size=world,
+        args.dataset or _data_ref(args.data), prep.files, args.seed,
+        family=prep.family, world_size=world,
         held_out_types=held, init_from=args.init_from,
         train_config=result.train_config, best_epoch=result.best_epoch,
         epochs_run=result.epochs_run, train_wall_s=result.wall_s,
@@ -376,11 +431,12 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     from teacher.data import prepare
 
     prep = prepare(_source(args), data_dir=args.data_dir, window=args.window,
-                   seed=args.seed, need_split=True)
+                   seed=args.seed, need_split=True, scaling=args.scaling,
+                   knots=args.knots)
     held = _holdout(args, prep)
     names = tuple(n.strip() for n in args.models.split(",") if n.strip())
     out = {"data": prep.name, "window": prep.window, "n_features": prep.n_features,
-           "held_out_types": held,
+           "scaling": prep.encoder.scaling, "held_out_types": held,
            "baselines": run_baselines(prep, names, svm_cap=args.svm_cap,
                                       knn_cap=args.knn_cap, seed=args.seed)}
     if args.out:
@@ -400,7 +456,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     preps = {}
     for w in windows:
         prep = prepare(_source(args), data_dir=args.data_dir, window=w,
-                       seed=args.seed, need_split=True)
+                       seed=args.seed, need_split=True, scaling=args.scaling,
+                       knots=args.knots)
         _holdout(args, prep)
         preps[w] = prep
     grid = {k: list(v) for k, v in DEFAULT_GRID.items()}
@@ -447,7 +504,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     tc = _train_config(args, lr=3e-4)
     result, report = update(teacher, new, old, replay, tc)
 
-    provenance = make_provenance(new.name, new.files, args.seed,
+    provenance = make_provenance(_data_ref(args.data), new.files, args.seed,
                                  updated_from=str(args.checkpoint), update=report)
     metrics = {"val": result.val_metrics, "update": report}
     out = save_checkpoint(args.out, result.model, encoder=teacher.encoder,

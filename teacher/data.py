@@ -172,7 +172,8 @@ def _load(source: str | os.PathLike[str], data_dir: Any, seed: int) -> dict[str,
     return {
         "table": result.table, "family": result.family, "name": path.name,
         "group_by": "src_ip" if result.family == "conn" else "stream",
-        "window": None, "files": {str(path): sha256_file(path)},
+        # Resolved: provenance must name the file from any working directory.
+        "window": None, "files": {str(path.resolve()): sha256_file(path)},
         "warnings": list(result.warnings),
     }
 

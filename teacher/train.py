@@ -269,6 +269,13 @@ def fit(
             f"need training and validation rows, got {tr.size} and {va.size}")
     y_tr = prep.y[tr].astype(np.int64)
     y_va = prep.y[va].astype(np.float64)
+    present = np.unique(y_tr if extra_train is None
+                        else np.concatenate([y_tr, extra_train[1]]))
+    if present.size < 2:
+        only = "benign (0)" if present.size and present[0] == 0 else "malicious (1)"
+        raise BadInputError(
+            f"{prep.name}: its {tr.size} labeled training rows are all {only}; the "
+            "teacher needs both benign and malicious training rows")
 
     # Training windows: gathered on demand, or materialised for SMOTE and replay.
     train_x: np.ndarray | None = None

@@ -19,7 +19,7 @@ import numpy as np
 
 from flows.errors import BadInputError, ModelError
 from teacher import logger
-from teacher.checkpoint import Teacher
+from teacher.checkpoint import Teacher, write_checksums
 from teacher.data import Prepared, concat
 from teacher.metrics import binary_metrics
 from teacher.train import TrainConfig, TrainResult, fit
@@ -46,12 +46,16 @@ def make_replay(
 
 
 def save_replay(ckpt_dir: str | Path, windows: np.ndarray, labels: np.ndarray) -> Path:
-    """Write the replay buffer next to a checkpoint (safetensors, no pickle)."""
+    """Write the replay buffer next to a checkpoint (safetensors, no pickle).
+
+    The checkpoint's ``checksums.json`` is rewritten to cover it.
+    """
     from safetensors.numpy import save_file
 
     path = Path(ckpt_dir) / REPLAY_FILE
     save_file({"windows": np.ascontiguousarray(windows, dtype=np.float32),
                "labels": np.ascontiguousarray(labels, dtype=np.int8)}, str(path))
+    write_checksums(ckpt_dir)
     return path
 
 

@@ -40,10 +40,16 @@ def checkpoint(slices, tmp_path_factory) -> Path:
 
 
 def test_train_writes_a_full_checkpoint(checkpoint):
+    import hashlib
+
     names = {p.name for p in checkpoint.iterdir()}
     assert {"model.safetensors", "config.json", "encoder.json", "threshold.json",
             "history.json", "metrics.json", "provenance.json",
-            "replay.safetensors"} <= names
+            "replay.safetensors", "checksums.json"} <= names
+    # The replay buffer, written after the rest, is covered by the checksums too.
+    sums = json.loads((checkpoint / "checksums.json").read_text())["files"]
+    replay = (checkpoint / "replay.safetensors").read_bytes()
+    assert sums["replay.safetensors"] == hashlib.sha256(replay).hexdigest()
     threshold = json.loads((checkpoint / "threshold.json").read_text())
     assert threshold["chosen_on"] == "val" and threshold["rule"] == "best-f1"
     history = json.loads((checkpoint / "history.json").read_text())
@@ -133,3 +139,51 @@ def test_parser_lists_the_subcommands():
     text = build_parser().format_help()
     for name in ("train", "eval", "baselines", "tune", "update"):
         assert name in text
+
+
+def test_single_class_training_data_exits_3(slices, tmp_path, capsys):
+    lines = slices[0].read_text().splitlines(keepends=True)
+    normal = [ln for ln in lines if ln.split(",")[41] == "normal"]
+    assert 100 < len(normal) < len(lines)
+    only = tmp_path / "only-normal.txt"
+    only.write_text("".join(normal))
+    capsys.readouterr()
+    assert main(["train", "--data", str(only), "--out", str(tmp_path / "ck"),
+                 "--epochs", "1", "--members", "1", "-q"]) == 3
+    err = capsys.readouterr().err
+    assert "only-normal.txt" in err and "all benign" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "ck").exists()
+
+
+def test_relative_data_path_is_recorded_resolved(slices, tmp_path, monkeypatch):
+    monkeypatch.chdir(slices[0].parent)
+    out = tmp_path / "ck"
+    assert main(["train", "--data", slices[0].name, "--out", str(out), "--epochs",
+                 "1", "--members", "1", "--conv-filters", "8", "--lstm-hidden", "8",
+                 "--dense", "8", "--samples-per-epoch", "256", "--replay-size", "0",
+                 "-q"]) == 0
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["dataset"] == str(slices[0].resolve())
+    assert list(prov["files"]) == [str(slices[0].resolve())]
+    # From another directory, the recorded data is found again (as compress does).
+    monkeypatch.chdir(tmp_path)
+    from teacher.checkpoint import load_teacher
+    from teacher.data import prepare
+
+    teacher = load_teacher(out, device="cpu")
+    prep = prepare(prov["dataset"], encoder=teacher.encoder, need_split=True)
+    assert len(prep.X) == 1000
+
+
+def test_every_teacher_option_has_help():
+    import argparse
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions
+               if isinstance(a, argparse._SubParsersAction))
+    missing = [(name, opt.option_strings)
+               for name in ("train", "eval", "baselines", "tune", "update")
+               for opt in sub.choices[name]._actions
+               if opt.option_strings and not opt.help]
+    assert missing == []

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from flows.errors import BadInputError, ModelError
-from teacher.checkpoint import CHECKPOINT_FILES, load_teacher, save_checkpoint
+from teacher.checkpoint import (
+    CHECKPOINT_FILES,
+    CHECKSUMS_FILE,
+    load_teacher,
+    save_checkpoint,
+)
 from teacher.model import TeacherConfig, TeacherNet
 
 
@@ -91,7 +96,7 @@ def test_checkpoint_round_trip(tmp_path):
                     history=[{"epoch": 1}], metrics={"val": {"f1": 0.5}},
                     provenance={"dataset": "synthetic"})
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted(
-        CHECKPOINT_FILES)
+        [*CHECKPOINT_FILES, CHECKSUMS_FILE])
 
     teacher = load_teacher(tmp_path / "ck", device="cpu")
     assert teacher.config == cfg and teacher.threshold == 0.25
@@ -123,10 +128,14 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(BadInputError, match=r"\[B, 2, 4\]"):
         teacher.predict_proba(np.zeros((3, 5, 4), dtype=np.float32))
 
-    # Config that does not fit the weights.
+    # Config that does not fit the weights: the checksum catches the edit first;
+    # without checksums (an older checkpoint) the shape check still does.
     data = json.loads((ck / "config.json").read_text())
     data["lstm_hidden"] = 9
     (ck / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match=r"config\.json: sha256"):
+        load_teacher(ck)
+    (ck / CHECKSUMS_FILE).unlink()
     with pytest.raises(ModelError, match="do not fit"):
         load_teacher(ck)
     (ck / "config.json").write_text(cfg.to_json())
@@ -139,3 +148,63 @@ def test_checkpoint_errors(tmp_path):
         load_teacher(tmp_path / "nothing")
     with pytest.raises(ModelError, match="threshold"):
         save_checkpoint(tmp_path / "ck2", net, encoder=enc, threshold={"threshold": 2})
+
+
+def _saved(tmp_path, name: str = "ck"):
+    cfg = TeacherConfig(n_features=4, window=2, conv_filters=(4,), lstm_hidden=4)
+    torch.manual_seed(0)  # the same weights in every folder
+    net = TeacherNet(cfg).eval()
+    rule = {"threshold": 0.5, "rule": "best-f1", "chosen_on": "val"}
+    return save_checkpoint(tmp_path / name, net, encoder=_encoder(4, 2),
+                           threshold=rule)
+
+
+def test_checksums_are_recorded_and_verified(tmp_path, caplog):
+    import hashlib
+    import logging
+
+    ck = _saved(tmp_path)
+    sums = json.loads((ck / CHECKSUMS_FILE).read_text())
+    assert sums["algorithm"] == "sha256"
+    assert set(sums["files"]) == set(CHECKPOINT_FILES)
+    for name, digest in sums["files"].items():
+        assert digest == hashlib.sha256((ck / name).read_bytes()).hexdigest()
+    x = np.random.default_rng(3).random((5, 2, 4)).astype(np.float32)
+    before = load_teacher(ck, device="cpu").predict_proba(x)
+
+    # One changed byte in any file is named, with its path.
+    text = (ck / "threshold.json").read_text()
+    (ck / "threshold.json").write_text(text.replace("0.5", "0.4"))
+    with pytest.raises(ModelError, match=rf"{ck / 'threshold.json'}: sha256"):
+        load_teacher(ck)
+    (ck / "threshold.json").write_text(text)
+    weights = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
+    with pytest.raises(ModelError, match="model.safetensors: sha256"):
+        load_teacher(ck)
+    (ck / "model.safetensors").write_bytes(weights)
+    (ck / "metrics.json").unlink()
+    with pytest.raises(ModelError, match=f"missing: {ck / 'metrics.json'}"):
+        load_teacher(ck)
+
+    # A checkpoint from before checksums: loads, same scores, with a warning.
+    old = _saved(tmp_path, "old")
+    (old / CHECKSUMS_FILE).unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="teacher"):
+        again = load_teacher(old, device="cpu")
+    assert any("not verified" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(again.predict_proba(x), before)
+
+
+def test_broken_encoder_json_is_named_by_its_path(tmp_path):
+    ck = _saved(tmp_path)
+    (ck / CHECKSUMS_FILE).unlink()  # as in a checkpoint from before checksums
+    (ck / "encoder.json").write_text("{not json")
+    with pytest.raises(ModelError) as info:
+        load_teacher(ck)
+    assert str(ck / "encoder.json") in str(info.value)
+    assert "<json>" not in str(info.value)
+    (ck / "encoder.json").write_text(json.dumps({"schema": "gatewatch.encoder/v1"}))
+    with pytest.raises(ModelError, match=f"{ck / 'encoder.json'}: malformed"):
+        load_teacher(ck)
