@@ -3,12 +3,20 @@
 A deployment is a set of gateways, named ``(site, gateway)``, one re-scorer account and
 one operator account. :func:`write_broker_config` makes everything the broker needs: a
 certificate authority, a server certificate for the broker's host names and addresses,
-optional client certificates, a hashed password file, an ACL file and
-``mosquitto.conf`` with one TLS listener and no anonymous access. The ACL lets each
-gateway user ``gw-<site>-<gateway>`` publish only its own escalations and status and
-read only its own verdicts and model updates; the re-scorer reads every escalation
-(also through ``$share/...`` subscriptions) and writes verdicts; the operator
-publishes model updates and reads status.
+optional client certificates with a revocation list, hashed password files, an ACL
+file and ``mosquitto.conf`` with two TLS listeners and no anonymous access. The ACL
+lets each gateway user ``gw-<site>-<gateway>`` publish only its own escalations and
+status and read only its own verdicts and model updates; the re-scorer reads every
+escalation (also through ``$share/...`` subscriptions) and writes verdicts; the
+operator publishes model updates and reads status.
+
+Gateways log in on the gateway listener (``port``, 8883), where the broker replaces
+the client id a client sends with its user name (``use_username_as_clientid``): one
+gateway cannot end another's session by connecting with its client id. The re-scorer
+and the operator log in on the service listener (``service_port``, 8884), which knows
+only their two users and keeps the client ids they choose, so several re-scorers
+sharing the ``rescorer`` user keep their own (stable, persistent) sessions.
+:func:`revoke_client_cert` adds a client certificate to the deployment's CRL.
 
 :func:`check_tls_connect` and :func:`check_broker_login` turn what a wrong CA, a wrong
 host name or a wrong password cause into one :class:`TransportError` with a sentence
@@ -56,6 +64,8 @@ __all__ = [
     "make_ca",
     "make_server_cert",
     "make_client_cert",
+    "make_crl",
+    "revoke_client_cert",
     "acl_text",
     "mosquitto_conf_text",
     "write_password_file",
@@ -81,6 +91,8 @@ MIN_MAX_PACKET_SIZE = MAX_PAYLOAD_BYTES + PACKET_HEADROOM
 # artifact archive) of up to about 750 KiB of archive fits; larger ones go by URL.
 DEFAULT_MAX_PACKET_SIZE = 1 << 20
 DEFAULT_PORT = 8883
+# The listener of the re-scorer and the operator (client ids of their choosing).
+DEFAULT_SERVICE_PORT = 8884
 # The same group name as `teacher serve --share-group` uses by default.
 DEFAULT_SHARE_GROUP = "gatewatch"
 _CERT_DAYS = 825
@@ -88,6 +100,9 @@ _USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOST_RE = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
 _MQTT_MAX_PACKET = 268435455 + 5
+
+# A kept client certificate closer than this to its end is issued anew by a re-run.
+_RENEW_BEFORE = dt.timedelta(days=30)
 
 # OpenSSL verify codes that ssl.SSLCertVerificationError carries.
 _X509_EXPIRED = 10
@@ -119,7 +134,8 @@ class Deployment:
 
     ``gateways`` is a sequence of ``(site, gateway)`` pairs. ``host_names`` and
     ``ip_addresses`` go into the server certificate's subject alternative names, so
-    clients must connect by one of them. ``bind_address`` is where the listener binds.
+    clients must connect by one of them. ``bind_address`` is where both listeners
+    bind: gateways use ``port``, the re-scorer and the operator ``service_port``.
     ``max_packet_size`` bounds every MQTT packet (the broker announces it in CONNACK).
     """
 
@@ -130,6 +146,7 @@ class Deployment:
     ip_addresses: tuple[str, ...] = ("127.0.0.1",)
     bind_address: str = "127.0.0.1"
     port: int = DEFAULT_PORT
+    service_port: int = DEFAULT_SERVICE_PORT
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     share_group: str = DEFAULT_SHARE_GROUP
     require_client_cert: bool = False
@@ -173,8 +190,14 @@ class Deployment:
         for host in self.host_names:
             if not isinstance(host, str) or not _HOST_RE.fullmatch(host):
                 raise UsageError(f"{host!r} is not a DNS host name")
-        if not 0 < self.port < 65536:
-            raise UsageError(f"port {self.port} is outside 1..65535")
+        for port in (self.port, self.service_port):
+            if not 0 < port < 65536:
+                raise UsageError(f"port {port} is outside 1..65535")
+        if self.port == self.service_port:
+            raise UsageError(
+                f"the gateway and service listeners both use port {self.port}; "
+                "give them different ports"
+            )
         if self.max_packet_size > _MQTT_MAX_PACKET:
             raise UsageError(f"max_packet_size is above MQTT's {_MQTT_MAX_PACKET}")
         if self.max_packet_size < MIN_MAX_PACKET_SIZE:
@@ -190,9 +213,18 @@ class Deployment:
         return {gateway_user(s, g): (s, g) for s, g in self.gateways}
 
     @property
+    def service_users(self) -> list[str]:
+        """The users of the service listener: the re-scorer and the operator."""
+        return [self.rescorer_user, self.operator_user]
+
+    @property
     def users(self) -> list[str]:
         """Every broker user of the deployment."""
-        return [*self.gateway_users, self.rescorer_user, self.operator_user]
+        return [*self.gateway_users, *self.service_users]
+
+    def port_of(self, user: str) -> int:
+        """The listener port ``user`` logs in on."""
+        return self.service_port if user in self.service_users else self.port
 
 
 # --- certificates -------------------------------------------------------------------
@@ -345,6 +377,92 @@ def make_client_cert(ca: CertPair, user: str, days: int = _CERT_DAYS) -> CertPai
     return _leaf(ca, user, [], ExtendedKeyUsageOID.CLIENT_AUTH, days)
 
 
+def make_crl(ca: CertPair, revoked: Mapping[int, dt.datetime] | None = None) -> bytes:
+    """A PEM certificate revocation list signed by ``ca``: serial -> revocation time.
+
+    The list is valid until the CA itself expires: OpenSSL refuses every client once
+    the CRL's next-update time has passed, and a broker whose CRL nobody remembered
+    to re-sign must not lock all gateways out.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(ca_cert.not_valid_after_utc)
+    )
+    for serial, when in sorted((revoked or {}).items()):
+        entry = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(when)
+            .build()
+        )
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca_key, hashes.SHA256())
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def _revoked_in(crl_path: Path, ca: CertPair) -> dict[int, dt.datetime]:
+    """Serial -> revocation time listed in ``crl_path`` if ``ca`` signed it, else {}."""
+    from cryptography import x509
+
+    try:
+        crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise UsageError(f"{crl_path} is not a PEM revocation list: {exc}") from exc
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    if not crl.is_signature_valid(ca_cert.public_key()):
+        return {}  # the list of an earlier CA: its certificates fail anyway
+    return {entry.serial_number: entry.revocation_date_utc for entry in crl}
+
+
+def _issued_by(cert_path: Path, ca: CertPair) -> Any | None:
+    """The certificate in ``cert_path`` if ``ca`` signed it, else None."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.cert_pem))
+    except (OSError, ValueError, TypeError, InvalidSignature):
+        return None
+    return cert
+
+
+def _kept_client_cert(
+    cdir: Path, ca: CertPair, user: str, revoked: Mapping[int, dt.datetime]
+) -> bool:
+    """Whether ``cdir`` holds a usable certificate of ``user``: same CA, not revoked,
+    the key that goes with it, and not within ``_RENEW_BEFORE`` of its end."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import NameOID
+
+    cert = _issued_by(cdir / "client.crt", ca)
+    if cert is None or cert.serial_number in revoked:
+        return False
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if [n.value for n in names] != [user]:
+        return False
+    if cert.not_valid_after_utc - dt.datetime.now(dt.UTC) < _RENEW_BEFORE:
+        return False
+    try:
+        key = serialization.load_pem_private_key(
+            (cdir / "client.key").read_bytes(), password=None
+        )
+    except (OSError, ValueError, TypeError):
+        return False
+    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return key.public_key().public_bytes(*raw) == cert.public_key().public_bytes(*raw)
+
+
 def _write_private(path: Path, data: bytes | str) -> None:
     """Write a secret file that only its owner can read, at no moment more open."""
     raw = data.encode() if isinstance(data, str) else data
@@ -405,7 +523,8 @@ def mosquitto_conf_text(
     """``mosquitto.conf`` for ``dep``, naming files as they will lie in ``files_dir``.
 
     ``files_dir`` is the absolute folder that holds ``ca.crt``, ``server.crt``,
-    ``server.key``, ``passwd`` and ``acl`` on the broker host. Without
+    ``server.key``, ``gateways.passwd``, ``services.passwd``, ``acl`` and, with
+    client certificates, ``ca.crl`` on the broker host. Without
     ``persistence_location`` the broker keeps no state on disk.
     """
     for value in (str(files_dir), str(persistence_location or ""), log_dest):
@@ -414,14 +533,12 @@ def mosquitto_conf_text(
     d = Path(files_dir)
     lines = [
         "# gatewatch locked-down broker for mosquitto 2.0, written by",
-        "# edge_agent.broker_config. One TLS listener, no anonymous clients,",
-        "# a password and an ACL per user. Nothing listens in plain text.",
+        "# edge_agent.broker_config. Two TLS listeners (gateways; re-scorer and",
+        "# operator), no anonymous clients, a password and an ACL per user.",
+        "# Nothing listens in plain text.",
         "",
-        "# Authentication and access control apply to every listener.",
-        "per_listener_settings false",
-        "allow_anonymous false",
-        f"password_file {d / 'passwd'}",
-        f"acl_file {d / 'acl'}",
+        "# Each listener has its own users and client-id rule (below).",
+        "per_listener_settings true",
         "",
         "# Every packet is bounded; the broker announces the bound in CONNACK and",
         "# disconnects a client that sends more. Agents check it before publishing",
@@ -429,11 +546,6 @@ def mosquitto_conf_text(
         "# used, as mosquitto 2.0.11 answers it with a PUBACK code paho-mqtt 2.2",
         "# rejects as malformed, which ends in a reconnect loop.",
         f"max_packet_size {dep.max_packet_size}",
-        "",
-        # TODO(gap): mosquitto 2.0 lets any user take over any client id (a strict
-        # xfail test tracks it); bind ids to users with the dynamic-security plugin.
-        "# Client ids are chosen by clients; refuse empty ones.",
-        "allow_zero_length_clientid false",
         "",
     ]
     if persistence_location is None:
@@ -452,20 +564,40 @@ def mosquitto_conf_text(
         "log_type information",
         "connection_messages true",
         "",
-        "# The one listener: TLS 1.2 or later with the deployment's CA.",
-        f"listener {dep.port} {dep.bind_address}",
-        "protocol mqtt",
-        f"cafile {d / 'ca.crt'}",
-        f"certfile {d / 'server.crt'}",
-        f"keyfile {d / 'server.key'}",
-        "tls_version tlsv1.2",
-        # TODO(gap): no crlfile yet, so a client certificate cannot be revoked
-        # short of a new CA; passwords are revoked by re-running write.
-        f"require_certificate {'true' if dep.require_client_cert else 'false'}",
-        "# The MQTT user name, not the certificate, picks the ACL; a client",
-        "# certificate, when required, is a second factor.",
-        "use_identity_as_username false",
-        "",
+    ]
+
+    def listener(port: int, passwd: str, id_is_user: bool) -> list[str]:
+        out = [
+            f"listener {port} {dep.bind_address}",
+            "protocol mqtt",
+            "allow_anonymous false",
+            f"password_file {d / passwd}",
+            f"acl_file {d / 'acl'}",
+            "allow_zero_length_clientid false",
+            f"use_username_as_clientid {'true' if id_is_user else 'false'}",
+            f"cafile {d / 'ca.crt'}",
+            f"certfile {d / 'server.crt'}",
+            f"keyfile {d / 'server.key'}",
+            "tls_version tlsv1.2",
+            f"require_certificate {'true' if dep.require_client_cert else 'false'}",
+        ]
+        if dep.require_client_cert:
+            out.append(f"crlfile {d / 'ca.crl'}")
+        return [
+            *out,
+            "# The MQTT user name, not the certificate, picks the ACL; a client",
+            "# certificate, when required, is a second factor.",
+            "use_identity_as_username false",
+            "",
+        ]
+
+    lines += [
+        "# Gateways. The broker takes the user name as the client id, whatever the",
+        "# client sends, so no gateway can end another's session with its id.",
+        *listener(dep.port, "gateways.passwd", True),
+        "# The re-scorer and the operator, with client ids of their own choosing",
+        "# (several re-scorers share one user). Gateways cannot log in here.",
+        *listener(dep.service_port, "services.passwd", False),
     ]
     return "\n".join(lines)
 
@@ -530,6 +662,7 @@ class BrokerFiles:
     ca_key: Path
     passwords: dict[str, str]
     clients: dict[str, Path] = field(default_factory=dict)
+    crl: Path | None = None  # broker/ca.crl, with client certificates only
 
 
 def _share_with_group(broker: Path, group: str) -> None:
@@ -566,18 +699,21 @@ def write_broker_config(
 ) -> BrokerFiles:
     """Write the broker's files, the CA and each user's client folder under out_dir.
 
-    Layout: ``broker/`` (mosquitto.conf, acl, passwd, ca.crt, server.crt,
-    server.key), ``ca/`` (ca.crt, ca.key: keep it off the broker), and
+    Layout: ``broker/`` (mosquitto.conf, acl, gateways.passwd, services.passwd,
+    ca.crt, server.crt, server.key, and ca.crl when client certificates are
+    required), ``ca/`` (ca.crt, ca.key: keep it off the broker; ca.crl), and
     ``clients/<user>/`` (ca.crt, password, and client.crt/client.key when client
     certificates are required). ``passwords`` maps user -> password; users left out
     keep the password of a previous run into the same folder or get a fresh random
-    one; the CA of a previous run is kept too, so adding a gateway is a re-run that
-    changes nobody else's credentials, and the client folders of users no longer in
-    the deployment are deleted (a revoked gateway that comes back gets a new
-    password). ``install_dir`` is where ``broker/`` will be installed (default: where
-    it is written). ``group`` (e.g. ``mosquitto``) gets read access
-    to ``broker/``: mosquitto started as root reads these files after it has dropped
-    to its own user. An existing CA may be passed to keep the clients' trust.
+    one; the CA and each user's valid, unrevoked client certificate of a previous run
+    are kept too, so adding a gateway is a re-run that changes nobody else's
+    credentials. The client folders of users no longer in the deployment are
+    deleted and their client certificates revoked (a removed gateway that comes back
+    gets a new password and certificate). ``install_dir`` is where ``broker/``
+    will be installed (default: where it is written). ``group`` (e.g.
+    ``mosquitto``) gets read access to ``broker/``: mosquitto started as root reads
+    these files after it has dropped to its own user. An existing CA may be passed
+    to keep the clients' trust.
     """
     root = Path(out_dir).resolve()
     broker, ca_dir, clients_dir = root / "broker", root / "ca", root / "clients"
@@ -604,7 +740,14 @@ def write_broker_config(
         u: given.get(u) or _kept_password(clients_dir / u) or secrets.token_urlsafe(24)
         for u in dep.users
     }
-    write_password_file(broker / "passwd", creds)
+    for stale in ("passwd",):  # the single password file of earlier versions
+        (broker / stale).unlink(missing_ok=True)
+    write_password_file(
+        broker / "gateways.passwd", {u: creds[u] for u in dep.gateway_users}
+    )
+    write_password_file(
+        broker / "services.passwd", {u: creds[u] for u in dep.service_users}
+    )
     (broker / "acl").write_text(acl_text(dep))
     conf = broker / "mosquitto.conf"
     conf.write_text(
@@ -615,12 +758,16 @@ def write_broker_config(
             log_dest=log_dest,
         )
     )
-    if group is not None:
-        _share_with_group(broker, group)
 
-    # One folder per user, to hand over; none for users who left.
+    # One folder per user, to hand over; none for users who left, whose client
+    # certificates go on the revocation list.
+    revoked = _revoked_in(ca_dir / "ca.crl", ca)
+    now = dt.datetime.now(dt.UTC)
     for old in clients_dir.iterdir():
         if old.is_dir() and old.name not in dep.users:
+            cert = _issued_by(old / "client.crt", ca)
+            if cert is not None:
+                revoked.setdefault(cert.serial_number, now)
             shutil.rmtree(old)
     clients: dict[str, Path] = {}
     for user in dep.users:
@@ -629,13 +776,93 @@ def write_broker_config(
         os.chmod(cdir, 0o700)
         (cdir / "ca.crt").write_bytes(ca.cert_pem)
         _write_private(cdir / "password", creds[user] + "\n")
-        if dep.require_client_cert:
+        if dep.require_client_cert and not _kept_client_cert(cdir, ca, user, revoked):
             make_client_cert(ca, user).write(cdir / "client.crt", cdir / "client.key")
         clients[user] = cdir
+    crl = None
+    if dep.require_client_cert or revoked:
+        crl = _write_crl(ca, revoked, ca_dir, broker)
+    else:
+        (broker / "ca.crl").unlink(missing_ok=True)
+    if group is not None:
+        _share_with_group(broker, group)
     logger.info("wrote broker configuration for %d users under %s", len(creds), root)
     return BrokerFiles(
-        root, broker, conf, ca_dir / "ca.crt", ca_dir / "ca.key", creds, clients
+        root, broker, conf, ca_dir / "ca.crt", ca_dir / "ca.key", creds, clients, crl
     )
+
+
+def _write_crl(
+    ca: CertPair, revoked: Mapping[int, dt.datetime], ca_dir: Path, broker: Path
+) -> Path:
+    """Sign the revocation list; write it to ``ca/`` and (for the broker) ``broker/``.
+
+    The broker's copy is rewritten in place, so it keeps the owner, group and mode
+    it was installed with.
+    """
+    pem = make_crl(ca, revoked)
+    (ca_dir / "ca.crl").write_bytes(pem)
+    target = broker / "ca.crl"
+    existed = target.exists()
+    target.write_bytes(pem)
+    if not existed:
+        os.chmod(target, 0o644)
+    return target
+
+
+def revoke_client_cert(
+    out_dir: str | Path,
+    *,
+    user: str | None = None,
+    cert_file: str | Path | None = None,
+) -> dict[str, Any]:
+    """Put one client certificate of a deployment on its revocation list.
+
+    ``out_dir`` is the folder :func:`write_broker_config` wrote (it needs
+    ``ca/ca.key``). Give ``user`` to revoke the certificate in ``clients/<user>/``
+    (its ``client.crt`` and ``client.key`` are then deleted, so the next ``write``
+    issues that user a new one), or ``cert_file`` for any certificate this CA
+    issued. The new list goes to ``ca/ca.crl`` and ``broker/ca.crl``; the broker
+    reads it when it starts (install it, then restart mosquitto). Returns what was
+    revoked: ``{"user", "serial", "crl", "revoked"}`` (the count on the list).
+    """
+    from cryptography.x509.oid import NameOID
+
+    root = Path(out_dir)
+    ca_dir, broker = root / "ca", root / "broker"
+    if (user is None) == (cert_file is None):
+        raise UsageError("revoke needs exactly one of a user or a certificate file")
+    try:
+        pems = (ca_dir / "ca.crt").read_bytes(), (ca_dir / "ca.key").read_bytes()
+        ca = CertPair(*pems)
+    except OSError as exc:
+        raise UsageError(
+            f"{root} holds no deployment CA (ca/ca.crt and ca/ca.key): {exc}"
+        ) from exc
+    path = root / "clients" / _check_user(user) / "client.crt" if user else cert_file
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no client certificate there to revoke")
+    cert = _issued_by(path, ca)
+    if cert is None:
+        raise UsageError(
+            f"{path} is not a PEM certificate issued by the CA in {ca_dir / 'ca.crt'}"
+        )
+    revoked = _revoked_in(ca_dir / "ca.crl", ca)
+    revoked.setdefault(cert.serial_number, dt.datetime.now(dt.UTC))
+    crl = _write_crl(ca, revoked, ca_dir, broker)
+    if user is not None:
+        (path.parent / "client.crt").unlink()
+        (path.parent / "client.key").unlink(missing_ok=True)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    who = str(names[0].value) if names else None
+    logger.info("revoked client certificate %x of %s", cert.serial_number, who)
+    return {
+        "user": who,
+        "serial": f"{cert.serial_number:x}",
+        "crl": str(crl),
+        "revoked": len(revoked),
+    }
 
 
 # --- clear errors at connect time ----------------------------------------------------
@@ -728,7 +955,13 @@ def explain_connect_error(
             f"certificate is not signed by the CA in {ca}; use the deployment's ca.crt"
         )
     if isinstance(exc, ssl.SSLError):
-        text = f"{exc.reason or ''} {exc}".lower()
+        text = f"{exc.reason or ''} {exc}".lower().replace("_", " ")
+        if "certificate revoked" in text:
+            return TransportError(
+                f"{where}: TLS handshake refused ({exc.reason}): the broker has "
+                "revoked this client certificate; retrying cannot help, ask for a new "
+                "one (broker_config write issues it)"
+            )
         if "certificate required" in text or "handshake failure" in text:
             return TransportError(
                 f"{where}: TLS handshake refused ({exc.reason}): the broker requires "
@@ -849,7 +1082,9 @@ def check_broker_login(
     if rc.is_failure:
         raise TransportError(
             f"broker {host}:{port} refused user {username!r}: {rc} (wrong user name "
-            "or password, or the user is not in the broker's password file)"
+            "or password, the user is not in the broker's password file, or this is "
+            f"the other listener: gateways log in on {DEFAULT_PORT}, the re-scorer and "
+            f"the operator on {DEFAULT_SERVICE_PORT} by default)"
         )
     return str(rc)
 
@@ -948,13 +1183,24 @@ def _parser() -> argparse.ArgumentParser:
     add("--host", action="append", default=[], help="broker DNS name (repeatable)")
     add("--ip", action="append", default=[], help="broker IP address (repeatable)")
     add("--bind", default="127.0.0.1", help="address the listener binds")
-    add("--port", type=int, default=DEFAULT_PORT)
+    add("--port", type=int, default=DEFAULT_PORT, help="the gateways' listener")
+    add("--service-port", type=int, default=DEFAULT_SERVICE_PORT,
+        help="the listener of the re-scorer and the operator")
     add("--install-dir", help="where broker/ will be installed on the broker host")
     add("--persistence-location", help="folder for the broker's state")
     add("--log-dest", default="stdout", help="mosquitto log_dest (e.g. syslog)")
     add("--group", help="group that may read broker/ (e.g. mosquitto)")
     add("--client-certs", action="store_true", help="require client certificates")
     add("--max-packet-size", type=int, default=DEFAULT_MAX_PACKET_SIZE)
+
+    revoke = sub.add_parser(
+        "revoke", help="put a client certificate on the deployment's CRL"
+    )
+    add = revoke.add_argument
+    add("--out", required=True, type=Path, help="the folder 'write' wrote")
+    who = revoke.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="revoke the certificate in clients/USER/")
+    who.add_argument("--cert", type=Path, help="revoke this certificate file")
 
     check = sub.add_parser("check", help="one TLS handshake and one login, no retry")
     add = check.add_argument
@@ -978,6 +1224,7 @@ def _write_command(args: argparse.Namespace) -> dict[str, Any]:
         ip_addresses=tuple(args.ip or ([] if args.host else ["127.0.0.1"])),
         bind_address=args.bind,
         port=args.port,
+        service_port=args.service_port,
         max_packet_size=args.max_packet_size,
         require_client_cert=args.client_certs,
     )
@@ -993,6 +1240,7 @@ def _write_command(args: argparse.Namespace) -> dict[str, Any]:
         "broker": str(files.broker_dir),
         "ca_key": str(files.ca_key),
         "clients": {u: str(p) for u, p in files.clients.items()},
+        "ports": {u: dep.port_of(u) for u in dep.users},
     }
 
 
@@ -1013,11 +1261,16 @@ def _check_command(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m edge_agent.broker_config write|check``; returns the exit code."""
+    """``python -m edge_agent.broker_config write|revoke|check``; the exit code."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "write":
             report = _write_command(args)
+        elif args.command == "revoke":
+            report = revoke_client_cert(args.out, user=args.user, cert_file=args.cert)
+            report["next"] = (
+                "install broker/ca.crl on the broker host and restart mosquitto"
+            )
         else:
             report = _check_command(args)
     except GatewatchError as exc:

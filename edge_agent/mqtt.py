@@ -10,10 +10,13 @@ Reconnect policy: after a lost connection the client retries after ``reconnect_m
 seconds, doubling the delay after each failure up to ``reconnect_max`` seconds. A
 certificate the client cannot verify (wrong CA, a name it does not hold, expired) is
 not retried: :meth:`MqttLink.connect` raises a TransportError at once that says
-what to fix. A message larger than the broker's maximum packet size (from CONNACK)
-is refused before it is sent, with :class:`MessageTooLargeError`; sent anyway, the
-broker would drop the connection and paho would send it again after each reconnect
-(``docs/security-broker.md``).
+what to fix. So is a client certificate the broker refuses (revoked, say): with a
+client certificate, ``connect`` first makes one TLS handshake of its own, because
+under TLS 1.3 the broker's refusal comes after the handshake, where paho would take
+it for a lost connection and retry it for ever. A message larger than the broker's
+maximum packet size (from CONNACK) is refused before it is sent, with
+:class:`MessageTooLargeError`; sent anyway, the broker would drop the connection
+and paho would send it again after each reconnect (``docs/security-broker.md``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from edge_agent import logger
 from edge_agent.broker_config import (
     MessageTooLargeError,
     check_publish_size,
+    check_tls_connect,
     connack_packet_limit,
     explain_connect_error,
 )
@@ -227,6 +231,7 @@ class MqttLink:
         """One connection with one protocol version; returns the CONNACK code."""
         self._teardown()
         client = self._build(version)
+        self._check_client_certificate(deadline)
         self._connack.clear()
         last_error: Exception | None = None
         while True:
@@ -257,6 +262,33 @@ class MqttLink:
         else:
             self.protocol = version
         return self._connack_rc
+
+    def _check_client_certificate(self, deadline: float) -> None:
+        """Raise TransportError if the broker refuses our client certificate.
+
+        One TLS handshake, then a short read, on the link's own terms (CA, host
+        name, certificate). Only a permanent failure is raised; anything passing
+        (no answer, refused connection) is left to the attempt that follows.
+        """
+        # TODO(gap): a certificate revoked while the link is up is noticed at the
+        # next connect(); paho's own reconnects in between retry it in a loop.
+        tls = self.tls
+        if tls is None or tls.certfile is None or not tls.ca_certs or tls.insecure:
+            return
+        try:
+            check_tls_connect(
+                self.address.host,
+                self.address.port,
+                tls.ca_certs,
+                certfile=tls.certfile,
+                keyfile=tls.keyfile,
+                timeout=max(0.5, min(5.0, deadline - time.monotonic())),
+            )
+        except TransportError as exc:
+            cause = exc.__cause__
+            if cause is not None and _permanent_tls_error(cause):
+                raise
+            logger.debug("TLS pre-check of %s inconclusive: %s", self.url, exc)
 
     def _tls_failure(self, exc: BaseException) -> TransportError:
         """A certificate problem as one TransportError naming it (no retry)."""

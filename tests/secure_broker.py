@@ -71,7 +71,13 @@ class SecureBroker:
     def __init__(
         self, dep: Deployment, edit: Callable[[str], str] | None = None
     ) -> None:
-        self.dep = replace(dep, port=free_port(), bind_address=HOST)
+        port = free_port()
+        service_port = free_port()
+        while service_port == port:
+            service_port = free_port()
+        self.dep = replace(
+            dep, port=port, service_port=service_port, bind_address=HOST
+        )
         self.edit = edit
         self.workdir: Path | None = None
         self.files: BrokerFiles | None = None
@@ -79,8 +85,17 @@ class SecureBroker:
 
     @property
     def port(self) -> int:
-        """The TCP port of the TLS listener."""
+        """The TCP port of the gateways' TLS listener."""
         return self.dep.port
+
+    @property
+    def service_port(self) -> int:
+        """The TCP port of the re-scorer's and operator's TLS listener."""
+        return self.dep.service_port
+
+    def port_of(self, user: str | None) -> int:
+        """The listener ``user`` logs in on (anonymous: the gateways')."""
+        return self.dep.port if user is None else self.dep.port_of(user)
 
     @property
     def ca(self) -> Path:
@@ -104,7 +119,17 @@ class SecureBroker:
         os.chmod(self.files.root, 0o711)
         if self.edit is not None:
             self.files.conf.write_text(self.edit(self.files.conf.read_text()))
+        return self._run()
 
+    def restart(self) -> SecureBroker:
+        """Stop mosquitto and start it again on the same files and ports."""
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(5)
+        return self._run()
+
+    def _run(self) -> SecureBroker:
+        assert self.files is not None and self.workdir is not None
         log = open(self.workdir / "mosquitto.log", "ab")
         self.proc = subprocess.Popen(
             ["mosquitto", "-c", str(self.files.conf)],
@@ -117,8 +142,10 @@ class SecureBroker:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mosquitto exited: {self.log_text()[-2000:]}")
             try:
-                with socket.create_connection((HOST, self.port), timeout=0.2):
-                    return self
+                for port in (self.port, self.service_port):
+                    with socket.create_connection((HOST, port), timeout=0.2):
+                        pass
+                return self
             except OSError:
                 time.sleep(0.05)
         self.stop()
@@ -148,7 +175,8 @@ class Probe:
     """A paho VERSION2 MQTT v5 client over TLS that records its events.
 
     ``password`` defaults to the user's deployment password, ``ca`` to the
-    deployment's CA; ``username=None`` connects anonymously.
+    deployment's CA; ``username=None`` connects anonymously. ``port`` defaults to
+    the listener of the user (gateways, or re-scorer and operator).
     """
 
     def __init__(
@@ -162,8 +190,10 @@ class Probe:
         certfile: Path | None = None,
         keyfile: Path | None = None,
         reconnect_delay: float = 0.2,
+        port: int | None = None,
     ) -> None:
         self.broker = broker
+        self.port = port if port is not None else broker.port_of(username)
         self.client_id = client_id or f"{username or 'anon'}-{secrets.token_hex(3)}"
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -224,7 +254,7 @@ class Probe:
     # operations
     def start(self, timeout: float = 5.0) -> Probe:
         """Connect (raises at once on a TLS or socket error) and run the loop."""
-        self.client.connect(HOST, self.broker.port, keepalive=30)
+        self.client.connect(HOST, self.port, keepalive=30)
         self.client.loop_start()
         if not wait_until(lambda: bool(self.connects), timeout):
             raise AssertionError(f"{self.client_id}: no CONNACK in {timeout} s")
@@ -232,7 +262,7 @@ class Probe:
 
     def start_async(self) -> Probe:
         """Connect in the background, as a long-running agent would; no waiting."""
-        self.client.connect_async(HOST, self.broker.port, keepalive=30)
+        self.client.connect_async(HOST, self.port, keepalive=30)
         self.client.loop_start()
         return self
 

@@ -33,6 +33,7 @@ from edge_agent.broker_config import (
     make_ca,
     mosquitto_conf_text,
     publish_packet_size,
+    revoke_client_cert,
     write_broker_config,
 )
 from edge_agent.protocol import topic
@@ -140,6 +141,8 @@ def test_two_gateways_sharing_a_user_name_are_refused():
         Deployment(gateways=GATEWAYS, rescorer_user="gw-s1-g1")
     with pytest.raises(UsageError, match="the largest escalation"):
         Deployment(gateways=GATEWAYS, max_packet_size=64 * 1024)
+    with pytest.raises(UsageError, match="both use port 8883"):
+        Deployment(gateways=GATEWAYS, service_port=8883)
 
 
 def test_settings_cannot_inject_lines_into_the_configuration():
@@ -162,15 +165,19 @@ def test_written_files_keep_secrets_hashed_and_private(tmp_path):
     files = write_broker_config(dep, tmp_path / "out")
     broker = files.broker_dir
 
-    # Hashes only, and no password anywhere in the broker's files.
-    lines = (broker / "passwd").read_text().splitlines()
-    assert sorted(line.split(":")[0] for line in lines) == sorted(dep.users)
-    assert all(line.split(":", 1)[1].startswith("$7$") for line in lines)
+    # Hashes only, each user in the file of its listener, no password anywhere.
+    gw_lines = (broker / "gateways.passwd").read_text().splitlines()
+    svc_lines = (broker / "services.passwd").read_text().splitlines()
+    assert sorted(line.split(":")[0] for line in gw_lines) == [G1, G2, G3]
+    assert sorted(line.split(":")[0] for line in svc_lines) == ["operator", "rescorer"]
+    assert all(ln.split(":", 1)[1].startswith("$7$") for ln in gw_lines + svc_lines)
     everything = "".join(p.read_text() for p in broker.iterdir())
     assert not any(pw in everything for pw in files.passwords.values())
 
     # Private files are private; the CA key stays out of broker/.
-    for path in (broker / "server.key", broker / "passwd", files.ca_key):
+    private = (broker / "server.key", broker / "gateways.passwd",
+               broker / "services.passwd", files.ca_key)
+    for path in private:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert stat.S_IMODE(files.ca_key.parent.stat().st_mode) == 0o700
     assert not list(broker.glob("ca.key"))
@@ -179,15 +186,23 @@ def test_written_files_keep_secrets_hashed_and_private(tmp_path):
         assert (cdir / "password").read_text().strip() == files.passwords[user]
         assert stat.S_IMODE((cdir / "client.key").stat().st_mode) == 0o600
 
-    # One listener, TLS, nobody anonymous.
-    conf = files.conf.read_text().splitlines()
-    assert [ln for ln in conf if ln.startswith("listener ")] == [
-        f"listener {dep.port} 127.0.0.1"
-    ]
-    for line in ("allow_anonymous false", "require_certificate true",
-                 f"max_packet_size {DEFAULT_MAX_PACKET_SIZE}", "tls_version tlsv1.2",
-                 f"certfile {broker / 'server.crt'}"):
-        assert line in conf
+    # Two listeners, each TLS with the CRL, nobody anonymous; on the gateways' one
+    # the user name is the client id.
+    text = files.conf.read_text()
+    head, gateways, services = text.split("\nlistener ")
+    assert gateways.startswith(f"{dep.port} 127.0.0.1\n")
+    assert services.startswith(f"{dep.service_port} 127.0.0.1\n")
+    assert f"max_packet_size {DEFAULT_MAX_PACKET_SIZE}" in head.splitlines()
+    for block, passwd, id_is_user in ((gateways, "gateways.passwd", "true"),
+                                      (services, "services.passwd", "false")):
+        lines = block.splitlines()
+        for line in ("allow_anonymous false", "require_certificate true",
+                     "tls_version tlsv1.2", f"certfile {broker / 'server.crt'}",
+                     f"password_file {broker / passwd}", f"acl_file {broker / 'acl'}",
+                     f"crlfile {broker / 'ca.crl'}",
+                     f"use_username_as_clientid {id_is_user}"):
+            assert line in lines, (line, passwd)
+    assert files.crl == broker / "ca.crl" and files.crl.is_file()
 
 
 @pytest.mark.broker
@@ -199,6 +214,7 @@ def test_command_line_writes_a_deployment_and_refuses_bad_names(tmp_path, capsys
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["clients"]) == {G1, "rescorer", "operator"}
+    assert report["ports"] == {G1: 8883, "rescorer": 8884, "operator": 8884}
     assert (out / "broker" / "acl").read_text() == acl_text(
         Deployment(gateways=(("s1", "g1"),))
     )
@@ -221,7 +237,7 @@ def test_rerun_adds_a_gateway_without_touching_other_credentials(tmp_path):
         assert second.passwords[user] == first.passwords[user]
     assert "gw-s3-g9" in second.passwords and G3 not in second.passwords
     assert not (tmp_path / "clients" / G3).exists()
-    passwd = (second.broker_dir / "passwd").read_text()
+    passwd = (second.broker_dir / "gateways.passwd").read_text()
     assert f"\n{G3}:" not in f"\n{passwd}" and "gw-s3-g9:" in passwd
 
 
@@ -411,17 +427,93 @@ def test_the_agents_link_works_with_a_client_folder(broker, probes):
 
 
 @pytest.mark.broker
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="mosquitto 2.0 lets any user take over any client id (SECURITY.md)",
-)
 def test_gateway_cannot_take_over_another_client_id(broker, probes):
-    """A gateway reusing another's client id should not end the other's session."""
-    victim = probes(broker, G1, client_id="gw-s1-g1", reconnect_delay=5)
-    probes(broker, G2, client_id="gw-s1-g1")
-    time.sleep(0.5)
-    assert victim.connected and victim.disconnects == []
+    """g2 connecting with g1's client id: g1 stays, and g2 cannot act as g1.
+
+    On the gateways' listener the broker takes the user name as the client id
+    (``use_username_as_clientid``), so g2's session is g2's whatever id it sends.
+    """
+    rescorer = probes(broker, "rescorer")
+    assert rescorer.subscribe("gatewatch/v1/+/+/escalations") == ["Granted QoS 1"]
+    victim = probes(broker, G1, client_id=G1, reconnect_delay=5)
+    assert victim.subscribe(topic("s1", "g1", "verdicts")) == ["Granted QoS 1"]
+    thief = probes(broker, G2, client_id=G1)
+    assert thief.connects == ["Success"]
+    thief.subscribe(topic("s1", "g1", "verdicts"))
+
+    # The thief speaks with its own rights only: g1's topics stay closed to it.
+    assert thief.publish(topic("s1", "g1", "escalations"), b"forged") == (
+        "Not authorized"
+    )
+    assert thief.publish(topic("s1", "g2", "escalations"), b"own") == "Success"
+    assert rescorer.publish(topic("s1", "g1", "verdicts"), b"for-g1") == "Success"
+    assert wait_until(lambda: victim.received() and rescorer.received(), 3)
+    time.sleep(0.3)
+    assert rescorer.received() == [b"own"]
+    assert victim.received() == [b"for-g1"] and thief.received() == []
+    assert victim.connected and victim.disconnects == [] and len(victim.connects) == 1
+
+
+@pytest.mark.broker
+def test_a_gateway_keeps_its_persistent_session_under_its_user_name(broker, probes):
+    """The agent's session (any client id it sends) is kept under its user name:
+    a verdict sent while it was away arrives when it comes back, and another
+    gateway connecting with the agent's client id in between does not get it."""
+    from edge_agent.mqtt import MqttLink, TlsOptions
+
+    got: list[bytes] = []
+
+    def link() -> MqttLink:
+        return MqttLink(
+            f"mqtts://{HOST}:{broker.port}",
+            "gatewatch-s1-g1",  # the agent's client id (edge-agent run)
+            username=G1,
+            password=broker.password(G1),
+            tls=TlsOptions(ca_certs=str(broker.ca)),
+            protocol="5",
+            session_expiry=300,
+            on_message=lambda t, p: got.append(bytes(p)),
+        )
+
+    first = link()
+    first.connect(timeout=5)
+    first.subscribe(topic("s1", "g1", "verdicts"), timeout=5)
+    first.close()
+    rescorer = probes(broker, "rescorer")
+    assert rescorer.publish(topic("s1", "g1", "verdicts"), b"while-away") == "Success"
+
+    # The id the agent sent, then the one the session is kept under.
+    for stolen in ("gatewatch-s1-g1", G1):
+        thief = Probe(broker, G2, client_id=stolen)
+        thief.client.connect(HOST, broker.port, clean_start=False)
+        thief.client.loop_start()
+        try:
+            assert wait_until(lambda: bool(thief.connects), 5)  # noqa: B023
+            time.sleep(0.3)
+            assert thief.received() == [], stolen
+        finally:
+            thief.stop()
+
+    again = link()  # no subscribe: the session still holds it
+    again.connect(timeout=5)
+    try:
+        assert wait_until(lambda: got, 3)
+        assert got == [b"while-away"]
+    finally:
+        again.close(timeout=1)
+
+
+@pytest.mark.broker
+def test_services_log_in_only_on_their_listener(broker, probes):
+    """The re-scorer may not use the gateways' listener, nor a gateway the other."""
+    assert probes(broker, "rescorer", port=broker.port).connects == ["Not authorized"]
+    assert probes(broker, G1, port=broker.service_port).connects == ["Not authorized"]
+    with pytest.raises(TransportError, match="the other listener"):
+        check_broker_login(HOST, broker.port, broker.ca, "rescorer",
+                           broker.password("rescorer"))
+    ok = check_broker_login(HOST, broker.service_port, broker.ca, "rescorer",
+                            broker.password("rescorer"))
+    assert ok == "Success"
 
 
 # --- TLS failures: one clear error, no retry loop -------------------------------------
@@ -505,6 +597,142 @@ def test_client_certificate_required_when_configured():
             certfile=cdir / "client.crt", keyfile=cdir / "client.key",
         )
         assert ok == "Success"
+    finally:
+        strict.stop()
+
+
+def _serials_in_crl(path: Path) -> set[int]:
+    """Serial numbers a PEM CRL lists (read with cryptography, not our code)."""
+    from cryptography import x509
+
+    return {entry.serial_number for entry in x509.load_pem_x509_crl(path.read_bytes())}
+
+
+def _serial(cert: Path) -> int:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
+
+
+@pytest.mark.broker
+def test_revoking_and_rerunning_keep_the_crl_and_the_other_certificates(
+    tmp_path, capsys
+):
+    """``revoke`` lists one certificate; a re-run keeps the list and the others'
+    certificates, issues the revoked user a new one, and revokes a removed user's."""
+    need_mosquitto()
+    dep = Deployment(gateways=GATEWAYS, require_client_cert=True)
+    first = write_broker_config(dep, tmp_path)
+    assert _serials_in_crl(first.crl) == set()
+    g1_cert = first.clients[G1] / "client.crt"
+    serials = {u: _serial(first.clients[u] / "client.crt") for u in dep.users}
+
+    assert main(["revoke", "--out", str(tmp_path), "--user", G1]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert int(report["serial"], 16) == serials[G1] and report["revoked"] == 1
+    assert _serials_in_crl(tmp_path / "broker" / "ca.crl") == {serials[G1]}
+    assert _serials_in_crl(tmp_path / "ca" / "ca.crl") == {serials[G1]}
+    assert not g1_cert.exists()
+
+    # Re-run without g3: g1 gets a new certificate, g3's goes on the list.
+    second = write_broker_config(Deployment(gateways=GATEWAYS[:2],
+                                            require_client_cert=True), tmp_path)
+    new_g1 = _serial(g1_cert)
+    assert new_g1 not in serials.values()
+    for user in (G2, "rescorer", "operator"):
+        assert _serial(second.clients[user] / "client.crt") == serials[user]
+    assert _serials_in_crl(second.crl) == {serials[G1], serials[G3]}
+
+    # Refusals: nothing to revoke, a certificate of another CA, no CA at all.
+    assert main(["revoke", "--out", str(tmp_path), "--user", G3]) == EXIT_USAGE
+    assert "no client certificate there to revoke" in capsys.readouterr().err
+    foreign = tmp_path / "foreign.crt"
+    foreign.write_bytes(make_ca("someone else").cert_pem)
+    assert main(["revoke", "--out", str(tmp_path), "--cert", str(foreign)]) == (
+        EXIT_USAGE
+    )
+    assert "not a PEM certificate issued by the CA" in capsys.readouterr().err
+    assert main(["revoke", "--out", str(tmp_path / "nope"), "--user", G2]) == (
+        EXIT_USAGE
+    )
+    assert "holds no deployment CA" in capsys.readouterr().err
+
+
+@pytest.mark.broker
+def test_revoked_client_certificate_is_refused_at_once_and_others_connect(tmp_path):
+    """After ``revoke`` and a broker restart: g1's old certificate is refused with
+    one clear error from the agent's link (no retry loop), g2's still connects."""
+    from edge_agent.mqtt import MqttLink, TlsOptions
+
+    need_mosquitto()
+    strict = SecureBroker(Deployment(gateways=GATEWAYS, require_client_cert=True))
+    strict.start()
+    try:
+        kept = tmp_path / "g1"
+        kept.mkdir()
+        for name in ("client.crt", "client.key"):
+            (kept / name).write_bytes((strict.files.clients[G1] / name).read_bytes())
+        revoke_client_cert(strict.files.root, user=G1)
+        strict.restart()
+
+        def link(user: str, cert_dir: Path) -> MqttLink:
+            return MqttLink(
+                f"mqtts://{HOST}:{strict.port}",
+                f"gatewatch-{user}",
+                username=user,
+                password=strict.password(user),
+                tls=TlsOptions(
+                    ca_certs=str(strict.ca),
+                    certfile=str(cert_dir / "client.crt"),
+                    keyfile=str(cert_dir / "client.key"),
+                ),
+                protocol="5",
+            )
+
+        revoked = link(G1, kept)
+        start = time.monotonic()
+        with pytest.raises(TransportError, match="revoked this client certificate"):
+            revoked.connect(timeout=30)
+        assert time.monotonic() - start < 5, "the refused certificate was retried"
+        assert not revoked.connected and revoked._client is None
+        with pytest.raises(TransportError, match="revoked this client certificate"):
+            check_broker_login(HOST, strict.port, strict.ca, G1, strict.password(G1),
+                               certfile=kept / "client.crt",
+                               keyfile=kept / "client.key")
+
+        fine = link(G2, strict.files.clients[G2])
+        fine.connect(timeout=5)
+        try:
+            assert fine.connected
+        finally:
+            fine.close()
+    finally:
+        strict.stop()
+
+
+@pytest.mark.broker
+def test_revoked_certificate_in_a_background_client_retries_for_ever(tmp_path):
+    """Why the link checks first: under TLS 1.3 the refusal comes after the
+    handshake, and paho's loop thread takes it for a lost connection, again and
+    again."""
+    need_mosquitto()
+    strict = SecureBroker(Deployment(gateways=GATEWAYS, require_client_cert=True))
+    strict.start()
+    try:
+        kept = tmp_path / "g1"
+        kept.mkdir()
+        for name in ("client.crt", "client.key"):
+            (kept / name).write_bytes((strict.files.clients[G1] / name).read_bytes())
+        revoke_client_cert(strict.files.root, user=G1)
+        strict.restart()
+        probe = Probe(strict, G1, certfile=kept / "client.crt",
+                      keyfile=kept / "client.key", reconnect_delay=0.2).start_async()
+        try:
+            tries = lambda: probe.connect_fails + len(probe.disconnects)  # noqa: E731
+            assert wait_until(lambda: tries() >= 3, 8)
+            assert probe.connects == []
+        finally:
+            probe.stop()
     finally:
         strict.stop()
 
