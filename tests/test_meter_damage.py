@@ -172,10 +172,14 @@ def test_zero_length_file(tmp_path):
 def test_not_a_capture_or_missing(tmp_path):
     text = tmp_path / "notes.pcap"
     text.write_text("hello, this is not a capture\n")
-    with pytest.raises(PartialInputError):
-        read_capture(text)
-    res = read_capture(text, on_error="skip")
-    one_warning(res, text, 0)
+    # Nothing could be read at all: bad input (exit 3), not a partial one (exit 4),
+    # with either on_error (there is nothing to keep).
+    for on_error in ("fail", "skip"):
+        with pytest.raises(BadInputError, match="not a pcap or pcapng") as info:
+            read_capture(text, on_error=on_error)
+        assert not isinstance(info.value, PartialInputError)
+        assert info.value.exit_code == 3
+        assert str(text) in str(info.value) and "byte offset 0" in str(info.value)
     with pytest.raises(BadInputError, match="no such file"):
         read_capture(tmp_path / "absent.pcap")
 

@@ -17,11 +17,19 @@ fields, an unknown link type, a record cut below the snap length) are counted an
 skipped or kept as far as they go, with the same single warning. Bytes that cannot
 be a record or block at all stop the read there: with ``on_error="skip"`` the result
 is returned as partial; with ``on_error="fail"`` a
-:class:`~flows.errors.PartialInputError` is raised that carries it as ``exc.result``.
+:class:`~flows.errors.PartialInputError` is raised that carries it as ``exc.result``
+(exit code 4). A file that is no capture from its first bytes on (no packet could
+be read before the garbage) raises :class:`~flows.errors.BadInputError` (exit code
+3) with either ``on_error``: there is nothing to keep.
+
+Two packet paths give the same records: a compiled one (``flows.meter._fast``,
+built at install time) and the pure-Python reference; see :func:`make_meter` and
+``GATEWATCH_METER``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,9 +38,96 @@ from flows.errors import BadInputError, PartialInputError, UsageError
 from flows.meter.capture import CaptureReader, Damage
 from flows.meter.meter import FlowMeter, Timeouts
 
-__all__ = ["FlowMeter", "Timeouts", "iter_flows", "iter_live", "read_capture"]
+__all__ = [
+    "FlowMeter",
+    "Timeouts",
+    "fast_available",
+    "iter_flows",
+    "iter_live",
+    "make_meter",
+    "read_capture",
+]
 
 ON_ERROR = ("fail", "skip")
+ENGINES = ("auto", "fast", "python")
+
+try:
+    from flows.meter._fast import FastMeter
+except ImportError as _exc:  # not built (no compiler or Cython at install time)
+    FastMeter = None
+    _FAST_MISSING = str(_exc)
+else:
+    _FAST_MISSING = None
+
+_announced: set[str] = set()
+
+
+def fast_available() -> bool:
+    """Whether the compiled packet path (``flows.meter._fast``) is built here."""
+    return FastMeter is not None
+
+
+def make_meter(engine: str | None = None, **kwargs):
+    """A new meter: the compiled :class:`FastMeter` or the Python :class:`FlowMeter`.
+
+    ``engine`` is ``"auto"`` (compiled when built, else Python), ``"fast"`` (the
+    compiled one or a :class:`~flows.errors.UsageError`) or ``"python"``; None reads
+    ``GATEWATCH_METER`` (default ``auto``). Which one runs is logged once per
+    process. ``kwargs`` go to the meter (both take the same ones).
+    """
+    choice = engine if engine is not None else os.environ.get("GATEWATCH_METER")
+    choice = (choice or "auto").strip().lower()
+    if choice not in ENGINES:
+        raise UsageError(
+            f"meter engine must be one of {', '.join(ENGINES)} "
+            f"(argument or GATEWATCH_METER), got {choice!r}"
+        )
+    if choice == "fast" and FastMeter is None:
+        raise UsageError(
+            "the compiled meter (flows.meter._fast) is not built in this install "
+            f"({_FAST_MISSING}); reinstall with a C compiler, or use "
+            "GATEWATCH_METER=python"
+        )
+    use_fast = FastMeter is not None and choice != "python"
+    name = "compiled (flows.meter._fast)" if use_fast else "pure Python"
+    if name not in _announced:
+        _announced.add(name)
+        why = ""
+        if not use_fast and choice == "auto":
+            why = f" (compiled path not built: {_FAST_MISSING})"
+        logger.info("flow meter: %s packet path%s", name, why)
+    return (FastMeter if use_fast else FlowMeter)(**kwargs)
+
+
+def _feed_all(reader: CaptureReader, meter) -> Iterator[None]:
+    """Feed every packet of ``reader`` to ``meter``; yields when flows may have ended.
+
+    The compiled meter takes classic-pcap records in bulk from the read buffer;
+    everything else goes packet by packet through ``feed``.
+    """
+    snaps = reader.snaplens
+    feed = meter.feed
+    for item in reader.packets_or_runs(getattr(meter, "pcap_bulk", None)):
+        if item is not None:
+            ts, link, data, wire, offset = item
+            feed(ts, link, data, wire, offset, snaps.get(link, 0))
+        if meter.done:
+            yield None
+
+
+def _nothing_read(path: str, reader: CaptureReader) -> None:
+    """Raise a bad-input error when the file's very first bytes are no capture.
+
+    A file that is not a capture at all (a wrong magic, a bogus first record, a
+    conn.log named ``pcap:``) is bad input (exit 3), not a damaged capture (exit 4).
+    """
+    damage = reader.damage
+    if damage is not None and damage.kind == "garbage" and reader.packets == 0:
+        raise BadInputError(
+            damage.message + "; no packet could be read",
+            path=path,
+            offset=damage.offset,
+        )
 
 
 def read_capture(
@@ -43,8 +138,11 @@ def read_capture(
     max_flows: int = 1_000_000,
     check_checksums: bool = False,
     uid_seed: str | None = None,
+    engine: str | None = None,
 ):
     """Read one pcap or pcapng file into a canonical conn table (see the module doc).
+
+    ``engine`` picks the packet path (see :func:`make_meter`).
 
     ``stats`` holds ``packets``, ``bytes``, ``link_types`` (name -> packets),
     ``flows``, ``skipped`` (reason -> packets), ``evictions``, ``ended`` (reason ->
@@ -57,21 +155,19 @@ def read_capture(
     if on_error not in ON_ERROR:
         raise UsageError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     path = str(path)
-    meter = FlowMeter(
-        timeouts,
+    meter = make_meter(
+        engine,
+        timeouts=timeouts,
         max_flows=max_flows,
         check_checksums=check_checksums,
         uid_seed=uid_seed,
     )
     reader = _open(path)
     records: list[dict] = []
-    meter_feed = meter.feed
-    snaps = reader.snaplens
-    for ts, link, data, wire, offset in reader:
-        meter_feed(ts, link, data, wire, offset, snaps.get(link, 0))
-        if meter.done:
-            records.extend(meter.pop_done())
+    for _ in _feed_all(reader, meter):
+        records.extend(meter.pop_done())
     records.extend(meter.flush())
+    _nothing_read(path, reader)
     records.sort(key=lambda r: r["ts"])
 
     columns = {name: [r[name] for r in records] for name in CONN_FIELD_NAMES}
@@ -123,6 +219,7 @@ def iter_flows(
     timeouts: Timeouts | None = None,
     max_flows: int = 1_000_000,
     check_checksums: bool = False,
+    engine: str | None = None,
 ) -> Iterator[dict]:
     """Yield canonical records as connections end, from a capture or ``iface:NAME``.
 
@@ -139,18 +236,22 @@ def iter_flows(
             timeouts=timeouts,
             max_flows=max_flows,
             check_checksums=check_checksums,
+            engine=engine,
         )
         return
     if text.startswith("pcap:"):
         text = text[len("pcap:") :]
-    meter = FlowMeter(timeouts, max_flows=max_flows, check_checksums=check_checksums)
+    meter = make_meter(
+        engine,
+        timeouts=timeouts,
+        max_flows=max_flows,
+        check_checksums=check_checksums,
+    )
     reader = _open(text)
-    snaps = reader.snaplens
-    for ts, link, data, wire, offset in reader:
-        meter.feed(ts, link, data, wire, offset, snaps.get(link, 0))
-        if meter.done:
-            yield from meter.pop_done()
+    for _ in _feed_all(reader, meter):
+        yield from meter.pop_done()
     yield from meter.flush()
+    _nothing_read(text, reader)
     warning, _ = _damage_note(text, reader.damage, meter)
     if warning:
         logger.warning(warning)

@@ -82,6 +82,17 @@ class CaptureReader:
         )
 
     def __iter__(self) -> Iterator[tuple[float, int, bytes, int, int]]:
+        return self.packets_or_runs(None)
+
+    def packets_or_runs(self, bulk=None) -> Iterator:
+        """The packets, as :meth:`__iter__` yields them, with classic-pcap runs bulk.
+
+        ``bulk`` (the compiled meter's ``pcap_bulk``) is handed the read buffer and
+        consumes the whole, sane records in it; a ``None`` is yielded after each run
+        it consumed, so the caller can collect the flows that ended. Records the
+        reader must judge (cut, garbage, across the buffer's end) still come one by
+        one as tuples, with the same damage notes. pcapng always comes as tuples.
+        """
         own = self._fh is None
         if own:
             self._fh = open(self.path, "rb")
@@ -107,7 +118,7 @@ class CaptureReader:
                 or struct.unpack_from(">I", self._buf, self._pos)[0] in _PCAP_MAGICS
             ):
                 self.format = "pcap"
-                yield from self._pcap()
+                yield from self._pcap(bulk)
             else:
                 self._stop(
                     "garbage", f"not a pcap or pcapng file (magic {magic_le:#010x})"
@@ -118,7 +129,7 @@ class CaptureReader:
 
     # -- pcap -------------------------------------------------------------------------
 
-    def _pcap(self) -> Iterator[tuple[float, int, bytes, int, int]]:
+    def _pcap(self, bulk=None) -> Iterator:
         if not self._fill(24):
             self._stop("cut", "the file ends inside the 24-byte pcap file header")
             return
@@ -141,8 +152,18 @@ class CaptureReader:
         rec = struct.Struct(order + "IIII")
         unpack = rec.unpack_from
         counts = 0
+        big = order == ">"
         try:
             while True:
+                if bulk is not None:
+                    pos, got = bulk(
+                        self._buf, self._pos, self._base, hdr, big, scale, link, snaplen
+                    )
+                    if got:
+                        self._pos = pos
+                        counts += got
+                        yield None
+                        continue
                 if len(self._buf) - self._pos < hdr and not self._fill(hdr):
                     left = len(self._buf) - self._pos
                     if left:

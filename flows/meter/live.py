@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from flows import logger
 from flows.errors import BadInputError, UsageError
-from flows.meter.meter import FlowMeter, Timeouts
+from flows.meter.meter import Timeouts
 
 SNAPLEN = 65535
 
@@ -82,6 +82,7 @@ def iter_live(
     max_flows: int = 1_000_000,
     check_checksums: bool = False,
     promisc: bool = False,
+    engine: str | None = None,
 ) -> Iterator[dict]:
     """Yield canonical records from interface ``name`` as connections end.
 
@@ -90,7 +91,14 @@ def iter_live(
     """
     cap = open_live(name, bpf=bpf, promisc=promisc)
     link = cap.datalink()
-    meter = FlowMeter(timeouts, max_flows=max_flows, check_checksums=check_checksums)
+    from flows.meter import make_meter
+
+    meter = make_meter(
+        engine,
+        timeouts=timeouts,
+        max_flows=max_flows,
+        check_checksums=check_checksums,
+    )
     logger.info("capturing on %s (link type %d)", name, link)
     deadline = time.monotonic() + duration if duration is not None else None
     # Non-blocking reads behind select(): a blocking read may never return when
