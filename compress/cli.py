@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="distill, prune, quantize, export, verify, gate")
-    run.add_argument("--target", required=True, choices=TARGET_CHOICES)
+    run.add_argument("--target", required=True, choices=TARGET_CHOICES,
+                     help="runtime and file format of the artifact; all: every "
+                          "target, each in OUT/<target>")
     run.add_argument("--teacher", required=True, type=Path, help="checkpoint folder")
     run.add_argument("--out", required=True, type=Path, help="artifact folder")
     run.add_argument("--student", choices=("cnn", "mlp", "lstm"),
@@ -86,41 +88,79 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prune-ratios", type=_floats, default=(0.5,),
                      help="structured pruning ratios tried on a passing student")
     run.add_argument("--no-prune", action="store_true", help="skip pruning")
-    run.add_argument("--epochs", type=int, default=12)
-    run.add_argument("--lr", type=float, default=3e-3)
-    run.add_argument("--batch-size", type=int, default=512)
+    run.add_argument("--epochs", type=int, default=12,
+                     help="distillation epochs per student (default 12; early "
+                          "stopping on validation loss)")
+    run.add_argument("--lr", type=float, default=3e-3,
+                     help="distillation learning rate (default 3e-3; pruning "
+                          "fine-tunes at lr/3, QAT at lr/10)")
+    run.add_argument("--batch-size", type=int, default=512,
+                     help="training batch size (default 512)")
     run.add_argument("--max-train-rows", type=int,
                      help="training windows drawn per epoch (default: all)")
-    run.add_argument("--calibration-windows", type=int, default=512)
+    run.add_argument("--calibration-windows", type=int, default=512,
+                     help="training windows used for int8 calibration (default 512)")
+    run.add_argument("--qat", choices=("auto", "off", "always"), default="auto",
+                     help="quantization-aware fine-tuning of MLP/CNN students for "
+                          "int8 targets: auto (default) when every post-training "
+                          "quantization of a student misses the gate; always: also "
+                          "after a passing one (kept if its validation F1 is "
+                          "higher); off: never")
+    run.add_argument("--qat-epochs", type=int, default=3,
+                     help="epochs of quantization-aware fine-tuning (default 3)")
     run.add_argument("--no-timing", action="store_true", help="skip latency timing")
     run.add_argument("--threads", type=int, default=1, help="torch threads")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0,
+                     help="seed of students, sampling and calibration (default 0)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
-    run.add_argument("-q", "--quiet", action="store_true")
-    run.add_argument("-v", "--verbose", action="store_true")
+    run.add_argument("-q", "--quiet", action="store_true",
+                     help="no progress lines on stderr")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="log gatewatch's info messages too")
 
     ev = sub.add_parser("eval", help="score an artifact in its runtime")
-    ev.add_argument("--artifact", required=True, type=Path)
+    ev.add_argument("--artifact", required=True, type=Path,
+                    help="artifact folder (with manifest.json)")
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="registered dataset name")
     src.add_argument("--data", type=Path, help="a flow file flows can read")
-    ev.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
-    ev.add_argument("--data-dir", type=Path)
+    ev.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+                    help="split of --dataset to score (default test; --data: all "
+                         "rows)")
+    ev.add_argument("--data-dir", type=Path, help="data folder ($GATEWATCH_DATA)")
     ev.add_argument("--micro", action="store_true",
                     help="run a tflite-micro C array in the TFLite Micro interpreter")
-    ev.add_argument("--no-timing", action="store_true")
-    ev.add_argument("--json", action="store_true")
-    ev.add_argument("-q", "--quiet", action="store_true")
-    ev.add_argument("-v", "--verbose", action="store_true")
+    ev.add_argument("--no-timing", action="store_true", help="skip latency timing")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ev.add_argument("-q", "--quiet", action="store_true",
+                    help="accepted as in run (eval prints no progress lines)")
+    ev.add_argument("-v", "--verbose", action="store_true",
+                    help="log gatewatch's info messages too")
     return parser
 
 
+# Libraries whose warnings are noise on this command line: TF/absl start-up talk,
+# torchao's optional CUDA kernels that a CPU install cannot load, torch's pytree
+# notices and the quantizers' calibration chatter.
+NOISY_LOGGERS = ("tensorflow", "absl", "onnxruntime", "torchao",
+                 "torch.utils._pytree", "neural_compressor")
+
+
 def _setup(args: argparse.Namespace) -> None:
-    level = logging.WARNING
-    if getattr(args, "verbose", False):
-        level = logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("onnxruntime", "root", "tensorflow", "absl"):
+    """Logging: the ``gatewatch`` logger on stderr; the noisy libraries quietened.
+
+    The root logger is left alone (its level and handlers stay what the caller set).
+    """
+    level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
+    gw = logging.getLogger("gatewatch")
+    gw.setLevel(level)
+    if not any(getattr(h, "_gatewatch_cli", False) for h in gw.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._gatewatch_cli = True  # type: ignore[attr-defined]
+        gw.addHandler(handler)
+        gw.propagate = False
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -184,6 +224,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                               max_train_rows=args.max_train_rows),
         calibration_windows=args.calibration_windows,
         seed=args.seed,
+        qat=args.qat,
+        qat_epochs=args.qat_epochs,
         time_latency=not args.no_timing,
         argv=["compress", *sys.argv[1:]],
     )

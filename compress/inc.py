@@ -7,8 +7,9 @@ convolutions and dense layers (the LSTM stays float). Its accuracy-driven
 ``max_f1_drop`` (INC's loss is relative: ``(base - q) / base``). The result is
 measured against the float teacher on the test split (F1, decision agreement,
 |Δprob|, latency on one thread) and saved as a ``torch.export`` program
-(``model.pt2``) with a manifest. It is not an edge target: the gateway never runs
-torch; ``compress eval`` does not load it.
+(``model.pt2``, dynamic batch axis: any batch from 1 to 65536) with a manifest.
+It is not an edge target: the gateway never runs torch; ``compress eval`` does not
+load it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from compress import logger
 from compress.artifact import write_manifest, write_thresholds
 from flows.errors import ExportError
 
-__all__ = ["quantize_teacher", "torch_int8_artifact"]
+__all__ = ["quantize_teacher", "save_program", "torch_int8_artifact"]
+
+
+MAX_BATCH = 1 << 16
+
+
+def _batch_dims() -> dict[str, dict[int, Any]]:
+    """``dynamic_shapes`` for torch.export: the batch axis of input ``x`` is free."""
+    return {"x": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
 
 
 def _calibrate(model: Any, windows: np.ndarray, batch: int = 64) -> None:
@@ -62,7 +71,7 @@ def quantize_teacher(
 
     net = net.eval().cpu()
     example = (torch.from_numpy(calibration[:4]),)
-    dims = {"x": {0: torch.export.Dim("batch", min=1, max=1 << 16)}}
+    dims = _batch_dims()
 
     def val_f1(model: Any) -> float:
         p = _probs(model, val_windows)
@@ -116,6 +125,18 @@ def _timing(fn: Any, windows: np.ndarray) -> dict[str, float]:
         torch.set_num_threads(threads)
 
 
+def save_program(q: Any, example: np.ndarray, path: Path) -> Path:
+    """Save the quantized model as a ``torch.export`` program with a dynamic batch."""
+    try:
+        program = torch.export.export(q, (torch.from_numpy(example),),
+                                      dynamic_shapes=_batch_dims())
+        torch.export.save(program, str(path))
+    except Exception as exc:
+        raise ExportError(f"torch-int8: saving the quantized teacher failed: {exc}") \
+            from exc
+    return path
+
+
 def torch_int8_artifact(ctx: Any, folder: Path) -> Path:
     """Quantize the teacher with INC, measure it against fp32, write the folder."""
     from teacher.metrics import binary_metrics, choose_threshold
@@ -142,12 +163,7 @@ def torch_int8_artifact(ctx: Any, folder: Path) -> Path:
 
     # Save the quantized program and the manifest.
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        program = torch.export.export(q, (torch.from_numpy(ctx.calibration[:4]),))
-        torch.export.save(program, str(folder / "model.pt2"))
-    except Exception as exc:
-        raise ExportError(f"torch-int8: saving the quantized teacher failed: {exc}") \
-            from exc
+    save_program(q, ctx.calibration[:4], folder / "model.pt2")
     ctx.teacher.encoder.save(folder / "encoder.json")
     from compress.artifact import escalation_band
 
@@ -160,8 +176,8 @@ def torch_int8_artifact(ctx: Any, folder: Path) -> Path:
         "model_file": "model.pt2",
         "params": int(sum(p.numel() for p in net.parameters())),
         "student": {"kind": "teacher", "config": ctx.teacher.config.to_dict()},
-        "input": {"shape": [4, W, F], "dtype": "float32", "scale": None,
-                  "zero_point": None},
+        "input": {"shape": [None, W, F], "dtype": "float32", "scale": None,
+                  "zero_point": None, "max_batch": MAX_BATCH},
         "output": {"dtype": "float32", "scale": None, "zero_point": None,
                    "kind": "logit"},
         "metrics": {"test": test_m, "val": val_m, "runtime": "torch (PT2E int8)"},

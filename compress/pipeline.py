@@ -12,6 +12,14 @@ tried is a row of the frontier. No candidate passing is a :class:`GateError`.
 
 Kinds searched by default: the MLP, and the temporal CNN where the window has at
 least 3 flows (its kernel); the LSTM only with ``student="lstm"``.
+
+Quantization-aware fine-tuning (``qat``, see :mod:`compress.qat`): with ``"auto"``,
+when every PTQ export of an int8 target (onnx-int8, tflite-int8, tflite-micro) of an
+MLP or CNN student misses the gate, the student is fine-tuned with int8 simulated
+and exported again the same way; with ``"always"`` it is tried after a passing PTQ
+too, and kept only when its validation F1 is higher; ``"off"`` never runs it. Each
+attempt is a frontier row marked ``qat``; the manifest's ``quantization`` says
+which one was kept, with the PTQ and QAT validation F1.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from compress.export import (
     write_c_array,
 )
 from compress.prune import magnitude_sparsity, structured_prune
+from compress.qat import ACT_RANGE, QAT_KINDS, WEIGHT_RANGE, qat_finetune
 from flows.errors import ExportError, GateError, ModelError, UsageError
 from student.distill import DistillConfig, TeacherCache, distill, student_logits
 from student.zoo import KINDS, build_student, student_targets
@@ -79,6 +88,8 @@ OUTPUT_KIND = {
     "tflite-micro": "logit",
 }
 SEARCH_KINDS = ("mlp", "cnn")
+INT8_TARGETS = ("onnx-int8", "tflite-int8", "tflite-micro")
+QAT_MODES = ("auto", "off", "always")
 SCORE_BATCH = 4096
 
 
@@ -99,6 +110,8 @@ class RunConfig:
     calibration_windows: int = 512
     seed: int = 0
     time_latency: bool = True
+    qat: str = "auto"
+    qat_epochs: int = 3
     argv: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -113,6 +126,11 @@ class RunConfig:
             )
         if not 0.0 <= self.max_f1_drop <= 1.0:
             raise UsageError(f"--max-f1-drop must be in [0, 1], got {self.max_f1_drop}")
+        if self.qat not in QAT_MODES:
+            raise UsageError(
+                f"unknown --qat {self.qat!r}; choose one of {', '.join(QAT_MODES)}")
+        if self.qat_epochs < 1:
+            raise UsageError(f"--qat-epochs must be >= 1, got {self.qat_epochs}")
 
 
 @dataclass
@@ -131,6 +149,7 @@ class Candidate:
     test_f1: float | None = None
     agreement: float | None = None
     passed: bool = False
+    qat: bool = False
     note: str = ""
     folder: Path | None = None
 
@@ -148,6 +167,7 @@ class Candidate:
             "test_f1": self.test_f1,
             "agreement": self.agreement,
             "passed": self.passed,
+            "qat": self.qat,
             "note": self.note,
         }
 
@@ -291,8 +311,6 @@ def _student(ctx: _Context, kind: str, width: int, ratio: float) -> torch.nn.Mod
 
 
 def _quant_options(target: str, kind: str) -> list[dict[str, str]]:
-    # TODO(gap): quantization-aware fine-tuning when post-training quantization
-    # misses the gate; today the search moves on to a wider student instead.
     if target == "onnx-int8" and kind != "lstm":
         return [
             {"quant_format": "qoperator", "method": "minmax"},
@@ -399,9 +417,14 @@ def _score(scorer: Any, windows: np.ndarray) -> np.ndarray:
 
 def export_candidate(
     ctx: _Context, cand: Candidate, model: torch.nn.Module, folder: Path,
-    options: dict[str, str],
+    options: dict[str, str], quantization: dict[str, Any] | None = None,
 ) -> Candidate:
-    """Export, load back in the target runtime, measure, write the artifact folder."""
+    """Export, load back in the target runtime, measure, write the artifact folder.
+
+    ``quantization`` (int8 targets) becomes the manifest's ``quantization`` entry;
+    the validation F1 measured here is added to it (``ptq_val_f1`` for a PTQ
+    export, ``qat_val_f1`` after quantization-aware fine-tuning).
+    """
     from edge_agent.runtime import load_artifact
     from teacher.metrics import binary_metrics, choose_threshold, time_scorer
 
@@ -474,10 +497,14 @@ def export_candidate(
         "provenance": _provenance(ctx),
         "probe": probe,
     }
+    if quantization is not None:
+        key = "qat_val_f1" if quantization.get("qat") else "ptq_val_f1"
+        fields["quantization"] = {**quantization, key: float(val_m["f1"])}
     write_manifest(folder, fields, files)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["model_version"] = (
         f"{target}-{kind}{cand.width}-p{int(cand.prune_ratio * 100)}-"
+        f"{'qat-' if cand.qat else ''}"
         f"{manifest['sha256'][MODEL_FILES[target][0]][:12]}"
     )
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -517,9 +544,17 @@ def _provenance(ctx: _Context) -> dict[str, Any]:
 # ------------------------------------------------------------------ search
 
 
+def _name(kind: str, width: int, ratio: float, quant: str) -> str:
+    tail = quant.replace("/", "-").replace("+", "-")
+    return f"{kind}{width}-p{int(ratio * 100)}" + (f"-{tail}" if tail else "")
+
+
 def _try(ctx: _Context, target: str, kind: str, width: int, ratio: float,
          stage: Path, frontier: list[Candidate]) -> Candidate | None:
-    """Train (or reuse) one student and try its quantization options for a target."""
+    """Train (or reuse) one student and try its quantization options for a target.
+
+    PTQ options first; then quantization-aware fine-tuning as ``ctx.cfg.qat`` says.
+    """
     try:
         model = _student(ctx, kind, width, ratio)
     except ModelError as exc:
@@ -532,25 +567,90 @@ def _try(ctx: _Context, target: str, kind: str, width: int, ratio: float,
         frontier.append(Candidate(target, kind, width, ratio, params=params,
                                   float_val_f1=float_f1, note="float student misses"))
         return None
+    int8 = target in INT8_TARGETS
+    exported: list[tuple[Candidate, dict[str, str]]] = []
+    passed = None
     for options in _quant_options(target, kind):
         quant = "/".join(options.values())
         cand = Candidate(target, kind, width, ratio, quant=quant, params=params,
                          float_val_f1=float_f1)
-        name = f"{kind}{width}-p{int(ratio * 100)}" + (f"-{quant.replace('/', '-')}"
-                                                      if quant else "")
+        name = _name(kind, width, ratio, quant)
         ctx.progress(f"{target}: exporting and verifying {name}")
         try:
-            export_candidate(ctx, cand, model, stage / name, options)
+            export_candidate(ctx, cand, model, stage / name, options,
+                             {"qat": False, "mode": "ptq", "qat_setting": ctx.cfg.qat}
+                             if int8 else None)
         except ExportError as exc:
             cand.note = str(exc)[:120]
             frontier.append(cand)
             logger.warning("%s", exc)
             continue
         frontier.append(cand)
+        exported.append((cand, options))
         if cand.passed:
-            return cand
+            passed = cand
+            break
         cand.note = "quantized model misses the gate"
-    return None
+    mode = ctx.cfg.qat
+    if (not int8 or not exported or mode == "off" or (mode == "auto" and passed)
+            or kind not in QAT_KINDS):
+        return passed
+    ptq, options = max(exported, key=lambda pair: pair[0].val_f1 or 0.0)
+    qat = _qat_attempt(ctx, ptq, model, options, stage, frontier)
+    if qat is None or not qat.passed:
+        return passed
+    if passed is not None and (qat.val_f1 or 0.0) <= (passed.val_f1 or 0.0):
+        qat.note = "passes, but no better than PTQ: PTQ kept"
+        return passed
+    qat.note = "kept"
+    return qat
+
+
+def _qat_attempt(ctx: _Context, ptq: Candidate, model: torch.nn.Module,
+                 options: dict[str, str], stage: Path,
+                 frontier: list[Candidate]) -> Candidate | None:
+    """Quantization-aware fine-tuning of ``model``, then the PTQ export of ``ptq``."""
+    cfg = ctx.cfg
+    quant = f"{ptq.quant}+qat" if ptq.quant else "qat"
+    cand = Candidate(ptq.target, ptq.kind, ptq.width, ptq.prune_ratio, quant=quant,
+                     params=ptq.params, float_val_f1=ptq.float_val_f1, qat=True)
+    name = _name(ptq.kind, ptq.width, ptq.prune_ratio, quant)
+    ctx.progress(f"{ptq.target}: quantization-aware fine-tuning of "
+                 f"{_name(ptq.kind, ptq.width, ptq.prune_ratio, '')} "
+                 f"({cfg.qat_epochs} epochs)")
+    tune = DistillConfig(**{**cfg.distill.__dict__, "epochs": cfg.qat_epochs,
+                            "patience": cfg.qat_epochs, "lr": cfg.distill.lr / 10})
+    try:
+        student, _, history = qat_finetune(
+            model, ctx.prep, ctx.train, ctx.y, ctx.t_train, ctx.val, ctx.calibration,
+            tune)
+    except ModelError as exc:
+        cand.note = str(exc)[:120]
+        frontier.append(cand)
+        return None
+    info = {
+        "qat": True, "mode": "qat", "qat_setting": cfg.qat, "epochs": len(history),
+        "best_epoch": int(np.argmin([h["val_loss"] for h in history])),
+        "lr": tune.lr, "ptq_val_f1": ptq.val_f1, "ptq_quant": ptq.quant or None,
+        "weights": f"per-channel symmetric int8 {list(WEIGHT_RANGE)}",
+        "activations": f"per-tensor affine int8 {list(ACT_RANGE)}",
+        "fake_quant": "torchao.quantization.pt2e FakeQuantize (straight-through)",
+        "loss": "distillation",
+    }
+    ctx.progress(f"{ptq.target}: exporting and verifying {name}")
+    try:
+        export_candidate(ctx, cand, student, stage / name, options, info)
+    except ExportError as exc:
+        cand.note = str(exc)[:120]
+        frontier.append(cand)
+        logger.warning("%s", exc)
+        return None
+    frontier.append(cand)
+    if not cand.passed:
+        better = (cand.val_f1 or 0.0) > (ptq.val_f1 or 0.0)
+        cand.note = ("qat improves PTQ but misses the gate" if better
+                     else "qat misses the gate")
+    return cand
 
 
 def _search(ctx: _Context, target: str, stage: Path) -> tuple[Candidate | None,
@@ -654,7 +754,7 @@ def _publish(src: Path, dest: Path, sparsity: dict[str, Any]) -> None:
 
 def frontier_table(rows: list[Candidate]) -> str:
     """The candidates as a fixed-width text table."""
-    head = (f"{'target':<13}{'student':<10}{'prune':>6}{'quant':>20}{'params':>8}"
+    head = (f"{'target':<13}{'student':<10}{'prune':>6}{'quant':>22}{'params':>8}"
             f"{'bytes':>9}{'fF1val':>8}{'F1val':>8}{'F1test':>8}{'agree':>7}  pass")
     lines = [head, "-" * len(head)]
 
@@ -664,7 +764,7 @@ def frontier_table(rows: list[Candidate]) -> str:
     for c in rows:
         lines.append(
             f"{c.target:<13}{c.kind + '-' + str(c.width):<10}{c.prune_ratio:>6.2f}"
-            f"{c.quant or '-':>20}{c.params:>8}{num(c.size_bytes, 'd'):>9}"
+            f"{c.quant or '-':>22}{c.params:>8}{num(c.size_bytes, 'd'):>9}"
             f"{num(c.float_val_f1, '.4f'):>8}{num(c.val_f1, '.4f'):>8}"
             f"{num(c.test_f1, '.4f'):>8}{num(c.agreement, '.3f'):>7}  "
             f"{'yes' if c.passed else 'no'} {c.note}"

@@ -11,8 +11,8 @@ pytest.importorskip("neural_compressor")
 W, F = 4, 6
 
 
-def test_inc_int8_teacher_agrees_with_fp32() -> None:
-    from compress.inc import _probs, quantize_teacher
+def test_inc_int8_teacher_agrees_with_fp32(tmp_path) -> None:
+    from compress.inc import _probs, quantize_teacher, save_program
     from teacher.model import TeacherConfig, TeacherNet
 
     torch.manual_seed(0)
@@ -40,3 +40,11 @@ def test_inc_int8_teacher_agrees_with_fp32() -> None:
     assert np.abs(qp - fp).max() < 0.1
     assert np.mean((qp >= 0.5) == (fp >= 0.5)) >= 0.95
     assert np.mean((fp >= 0.5) == y[500:]) > 0.8  # the float model learned the task
+
+    # The saved program takes any batch size, and scores like the quantized model.
+    path = save_program(q, x[:4], tmp_path / "model.pt2")
+    loaded = torch.export.load(str(path)).module()
+    for batch in (1, 7, 100):
+        with torch.no_grad():
+            got = torch.sigmoid(loaded(torch.from_numpy(x[500 : 500 + batch])))
+        np.testing.assert_allclose(got.numpy(), qp[:batch], atol=1e-6)
