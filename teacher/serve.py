@@ -435,11 +435,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _endpoint(ip: Any, port: Any) -> str:
+    """``ip:port``, with an IPv6 address in brackets (``[2001:db8::1]:443``)."""
+    host = "?" if ip is None else str(ip)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{'?' if port is None else port}"
+
+
 def cmd_alerts(args: argparse.Namespace) -> int:
     """``teacher alerts``: list stored escalations with their verdicts."""
     if not Path(args.store).is_file():
         raise UsageError(f"no alert store at {args.store} (see teacher serve --store)")
-    store = AlertStore(args.store)
+    store = AlertStore(args.store, readonly=True)
     rows = store.query(
         since=_since(args.since),
         gateway=args.gateway,
@@ -455,8 +463,10 @@ def cmd_alerts(args: argparse.Namespace) -> int:
             "%Y-%m-%d %H:%M:%S"
         )
         print(
-            f"{when}  {r['site']}/{r['gateway']}  {r['src_ip']}:{r['src_port']} -> "
-            f"{r['dst_ip']}:{r['dst_port']}/{r['proto']}  agent {r['agent_decision']} "
+            f"{when}  {r['site']}/{r['gateway']}  "
+            f"{_endpoint(r['src_ip'], r['src_port'])} -> "
+            f"{_endpoint(r['dst_ip'], r['dst_port'])}/{r['proto']}  "
+            f"agent {r['agent_decision']} "
             f"{r['agent_score']:.3f}  teacher {r['verdict']} {r['teacher_score']:.3f}"
         )
     print(f"{len(rows)} escalations", file=sys.stderr)

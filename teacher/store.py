@@ -4,6 +4,10 @@ One SQLite file in WAL mode. An escalation is keyed by its message id, so a mess
 delivered twice (MQTT QoS 1 is at least once) or received by two re-scorers sharing
 the file is stored once: :meth:`AlertStore.add` returns False for a copy. Several
 processes may write the same file; SQLite serializes them (``busy_timeout`` 10 s).
+
+A file that is a SQLite database but not an alert store (an agent's outbox, say) is
+refused with :class:`~flows.errors.BadInputError` before anything is written to it;
+``readonly=True`` (``teacher alerts``) opens the file without writing at all.
 """
 
 from __future__ import annotations
@@ -113,13 +117,63 @@ def _row(escalation: dict[str, Any], verdict: dict[str, Any], worker: str) -> tu
     )
 
 
-class AlertStore:
-    """Escalations and verdicts in SQLite; safe to share between threads."""
+def _check_store(db: sqlite3.Connection, path: Path, *, empty_ok: bool) -> None:
+    """Raise BadInputError unless ``db`` is an alert store (or, if allowed, empty)."""
+    tables = [
+        r[0]
+        for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+        )
+    ]
+    if not tables:
+        if empty_ok:
+            return
+        raise BadInputError(
+            "not an alert store: the database holds no tables (teacher serve "
+            "--store writes one)",
+            path=str(path),
+        )
+    if "escalations" not in tables:
+        shown = ", ".join(tables[:8]) + (", ..." if len(tables) > 8 else "")
+        raise BadInputError(
+            f"not an alert store: it holds the tables {shown} and no escalations "
+            "table (an agent outbox?); give the file that teacher serve --store "
+            "writes. Nothing was changed",
+            path=str(path),
+        )
+    have = {r[1] for r in db.execute("PRAGMA table_info(escalations)")}
+    missing = [c for c in _COLUMNS if c not in have]
+    if missing:
+        raise BadInputError(
+            f"not an alert store: its escalations table lacks the columns "
+            f"{', '.join(missing)}. Nothing was changed",
+            path=str(path),
+        )
 
-    def __init__(self, path: str | Path) -> None:
+
+class AlertStore:
+    """Escalations and verdicts in SQLite; safe to share between threads.
+
+    A new or empty file becomes a store; any other database must be one already.
+    With ``readonly`` the file must exist and be a store, and is never written.
+    """
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
         try:
+            if readonly:
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                self._db = sqlite3.connect(
+                    uri,
+                    uri=True,
+                    timeout=10.0,
+                    check_same_thread=False,
+                    isolation_level=None,
+                )
+                self._db.execute("PRAGMA busy_timeout=10000")
+                _check_store(self._db, self.path, empty_ok=False)
+                return
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
                 str(self.path),
@@ -127,11 +181,18 @@ class AlertStore:
                 check_same_thread=False,
                 isolation_level=None,
             )
+            # Checked before the first write: WAL mode and the schema change a file.
+            _check_store(self._db, self.path, empty_ok=True)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, BadInputError) as exc:
+            db = getattr(self, "_db", None)
+            if db is not None:
+                db.close()
+            if isinstance(exc, BadInputError):
+                raise
             raise BadInputError(
                 f"cannot open the alert store: {exc}", path=str(path)
             ) from exc

@@ -94,3 +94,81 @@ def test_alerts_command_prints_a_json_list(tmp_path: Path, capsys) -> None:
     args = parser.parse_args(["alerts", "--store", str(tmp_path / "none.sqlite")])
     with pytest.raises(UsageError):
         args.func(args)
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Every file of ``folder`` by name, with the SHA-256 of its bytes."""
+    import hashlib
+
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+    }
+
+
+def _tables(path: Path) -> list[str]:
+    import sqlite3
+
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return [r[0] for r in db.execute("SELECT name FROM sqlite_master")]
+    finally:
+        db.close()
+
+
+def test_alerts_refuses_an_agent_outbox_and_leaves_it_untouched(
+    tmp_path: Path, capsys
+) -> None:
+    """``teacher alerts --store OUTBOX`` exits 3 naming the file; not a byte changes,
+    no table is added, no journal file appears; nor does teacher serve's store."""
+    from edge_agent.outbox import Outbox
+    from flows.errors import EXIT_BAD_INPUT, BadInputError
+    from teacher.cli import main
+
+    folder = tmp_path / "agent"
+    folder.mkdir()
+    outbox_path = folder / "outbox.sqlite"
+    outbox = Outbox(outbox_path)
+    outbox.add("m1", "gatewatch/v1/s1/g1/escalations", b"{}", alert=False)
+    outbox.close()
+    before, tables = _snapshot(folder), _tables(outbox_path)
+    assert "escalations" not in tables
+
+    assert main(["alerts", "--store", str(outbox_path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {outbox_path}: not an alert store")
+    assert "no escalations table" in err and "Traceback" not in err
+    with pytest.raises(BadInputError, match="not an alert store"):
+        AlertStore(outbox_path)  # what teacher serve --store opens
+    assert _snapshot(folder) == before and _tables(outbox_path) == tables
+
+    # Bytes that are no database at all, and an empty database: refused alike.
+    junk = folder / "junk.sqlite"
+    junk.write_bytes(b"not sqlite at all\n" * 10)
+    empty = folder / "empty.sqlite"
+    empty.touch()
+    before = _snapshot(folder)
+    assert main(["alerts", "--store", str(junk)]) == EXIT_BAD_INPUT
+    assert main(["alerts", "--store", str(empty)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"{junk}: cannot open the alert store" in err
+    assert f"{empty}: not an alert store: the database holds no tables" in err
+    assert _snapshot(folder) == before
+
+
+def test_alerts_prints_ipv6_endpoints_in_brackets(tmp_path: Path, capsys) -> None:
+    """``[2001:db8::1]:443``, not ``2001:db8::1:443``; IPv4 stays ``10.0.0.0:1000``."""
+    from teacher.cli import main
+
+    esc, ver = _pair(0, "g1", "alert", "malicious")
+    v6, v6_ver = _pair(1, "g1", "alert", "malicious")
+    v6["flow"].update(src_ip="2001:db8::1", src_port=443, dst_ip="fe80::2", dst_port=53)
+    store = AlertStore(tmp_path / "a.sqlite")
+    store.add_many([(esc, ver), (v6, v6_ver)])
+    store.close()
+
+    assert main(["alerts", "--store", str(tmp_path / "a.sqlite")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert " 10.0.0.0:1000 -> 10.0.1.1:80/tcp " in lines[0]
+    assert " [2001:db8::1]:443 -> [fe80::2]:53/tcp " in lines[1]
