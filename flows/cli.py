@@ -2,7 +2,8 @@
 
 ``flows inspect FILE...`` says what a file is (format, rows, labels, nulls per
 column, time span; for captures what the flow meter counted) and ``flows convert
-FILE... -o OUT`` writes canonical Parquet or a Zeek-style conn.log.
+FILE... -o OUT`` writes canonical Parquet or a Zeek-style conn.log. ``-`` as a
+FILE reads standard input (any text format, gzip or not, or Parquet).
 """
 
 from __future__ import annotations
@@ -55,13 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("files", nargs="+", metavar="FILE", help="input file(s)")
+    common.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="input file(s), read together (same family); - reads standard input",
+    )
     common.add_argument(
         "--on-error",
         choices=("fail", "skip"),
         default="fail",
-        help="stop at the first bad line (fail, default) or drop and count bad "
-        "lines (skip)",
+        help="fail: stop at the first bad line, keeping the rows before it (exit "
+        "4); skip: drop and count bad lines (default: fail)",
     )
     common.add_argument(
         "--data-dir",
@@ -73,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--drop-unlabeled",
         action="store_true",
-        help="leave out rows whose label is unknown (Background, Unknown)",
+        help="leave out rows whose label is unknown (Background, Unknown) "
+        "(default: keep them, label null)",
     )
 
     inspect = sub.add_parser(
@@ -84,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="format, rows, labels, nulls per column, time span",
         description="Say what is in a file (or several read together).",
     )
-    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead of text (default: text)",
+    )
 
     convert = sub.add_parser(
         "convert",
@@ -95,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert input files into one output file.",
     )
     convert.add_argument(
-        "-o", "--output", required=True, metavar="OUT", help="output file"
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="output file, replaced only once it is complete (required)",
     )
     convert.add_argument(
         "--format",
@@ -134,6 +149,8 @@ def _read(args):
     """Read the inputs; a partial read returns its rows and the error to report."""
     from flows.readers import read
 
+    if args.files.count("-") > 1:
+        raise UsageError("- (standard input) can be given only once")
     files = [_locate(name, args.data_dir) for name in args.files]
     try:
         result = read(files, on_error=args.on_error, drop_unlabeled=args.drop_unlabeled)
@@ -144,6 +161,8 @@ def _read(args):
 
 def _locate(name: str, data_dir: str | None) -> str:
     """``name`` itself when it exists, else under the data folder when found there."""
+    if name == "-":
+        return name
     path = Path(name)
     base = data_dir or os.environ.get("GATEWATCH_DATA")
     if path.exists() or path.is_absolute() or not base:
@@ -296,7 +315,11 @@ def _convert(args) -> int:
     out = _output_path(args.output)
     fmt = args.format or ("zeek" if out.suffix == ".log" else "parquet")
 
+    if args.files.count("-") > 1:
+        raise UsageError("- (standard input) can be given only once")
     for name in args.files:
+        if name == "-":
+            continue
         try:
             same = Path(name).resolve() == out
         except (RuntimeError, OSError) as exc:

@@ -56,11 +56,13 @@ class BadInputError(GatewatchError):
         line: int | None = None,
         column: str | None = None,
         offset: int | None = None,
+        row: int | None = None,
     ) -> None:
         self.path = path
         self.line = line
         self.column = column
         self.offset = offset
+        self.row = row  # for inputs without lines (Parquet): the 1-based row
         super().__init__(self._where() + message)
 
     def _where(self) -> str:
@@ -69,6 +71,8 @@ class BadInputError(GatewatchError):
             parts.append(str(self.path))
         if self.line is not None:
             parts.append(f"line {self.line}")
+        if getattr(self, "row", None) is not None:
+            parts.append(f"row {self.row}")
         if self.offset is not None:
             parts.append(f"byte offset {self.offset}")
         if self.column is not None:

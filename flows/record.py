@@ -11,7 +11,9 @@ schema needs pyarrow and is built on first use.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+from functools import lru_cache
 from typing import Any
 
 from flows.errors import BadInputError
@@ -48,6 +50,11 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "i64": (-(2**63), 2**63 - 1),
     "i8": (-(2**7), 2**7 - 1),
 }
+
+# Fields whose values must also make sense as what they name, not only fit a kind.
+ADDRESS_FIELDS: tuple[str, ...] = ("src_ip", "dst_ip")
+PORT_FIELDS: tuple[str, ...] = ("src_port", "dst_port")
+PORT_RANGE: tuple[int, int] = (0, 65535)
 
 _ARROW_SCHEMA = None
 
@@ -94,6 +101,51 @@ def value_problem(kind: str, value: Any) -> str | None:
     low, high = INT_RANGES[kind]
     if not low <= value <= high:
         return f"expected an integer from {low} to {high}, found {_short(value)}"
+    return None
+
+
+def address_problem(text: str) -> str | None:
+    """Why ``text`` is not an IPv4 or IPv6 address (an IPv6 zone is allowed), or None.
+
+    The canonical ``src_ip``/``dst_ip`` hold addresses as Zeek writes them: dotted
+    IPv4 (``10.0.0.1``) or IPv6 text (``fe80::1``, ``fe80::1%eth0``). Anything else
+    (a host name, ``999.1.1.1``, a MAC address, an empty string) is a bad value.
+    """
+    return None if _is_address(text) else (
+        f"expected an IPv4 or IPv6 address, found {_short(text)}"
+    )
+
+
+@lru_cache(maxsize=65536)
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def port_problem(value: int) -> str | None:
+    """Why ``value`` is not a port number (0..65535), or None."""
+    low, high = PORT_RANGE
+    if low <= value <= high:
+        return None
+    return f"expected a port from {low} to {high}, found {_short(value)}"
+
+
+def field_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` cannot be the canonical field ``name``, or None when it can.
+
+    :func:`value_problem` for the field's kind, then the meaning of the field:
+    addresses must be IP addresses, ports must lie in 0..65535. Null is allowed.
+    """
+    problem = value_problem(CONN_FIELD_KINDS[name], value)
+    if problem is not None or value is None:
+        return problem
+    if name in ADDRESS_FIELDS:
+        return address_problem(value)
+    if name in PORT_FIELDS:
+        return port_problem(int(value))
     return None
 
 

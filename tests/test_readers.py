@@ -438,9 +438,9 @@ def test_zeek_json_bad_lines(tmp_path):
     good = json.dumps(
         {
             "ts": 1.5,
-            "id.orig_h": "a",
+            "id.orig_h": "10.0.0.1",
             "id.orig_p": 1,
-            "id.resp_h": "b",
+            "id.resp_h": "10.0.0.2",
             "id.resp_p": 2,
             "proto": "tcp",
         }
@@ -796,9 +796,9 @@ def test_binetflow_many_hex_ports_and_a_bad_one(tmp_path):
 def test_json_ts_in_milliseconds_and_header_only_tsv(tmp_path):
     obj = {
         "ts": 1664462456755,
-        "id.orig_h": "a",
+        "id.orig_h": "10.0.0.1",
         "id.orig_p": 1,
-        "id.resp_h": "b",
+        "id.resp_h": "10.0.0.2",
         "id.resp_p": 2,
         "proto": "udp",
     }
@@ -883,9 +883,9 @@ def test_line_parsers_for_a_followed_log(tmp_path):
         json.dumps(
             {
                 "ts": 2.5,
-                "id.orig_h": "a",
+                "id.orig_h": "10.0.0.1",
                 "id.orig_p": 1,
-                "id.resp_h": "b",
+                "id.resp_h": "10.0.0.2",
                 "id.resp_p": 2,
             }
         )

@@ -81,9 +81,9 @@ def test_awkward_strings_round_trip(tmp_path, value):
     rows = [
         {
             "ts": 1.0,
-            "src_ip": "a",
+            "src_ip": "10.0.0.1",
             "src_port": 1,
-            "dst_ip": "b",
+            "dst_ip": "10.0.0.2",
             "dst_port": 2,
             "proto": "tcp",
             "history": value,

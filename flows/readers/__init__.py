@@ -13,6 +13,9 @@ the line and the column; the rows before it ride on the error as ``exc.result``
 ``on_error="skip"`` bad lines are dropped and counted in ``ReadResult.skipped``.
 A cut input (a gzip stream without its end, a last line cut short) keeps every
 complete row before the cut and sets ``ReadResult.partial``.
+
+The path ``-`` reads standard input (named ``<stdin>`` in messages): any text
+format, gzip or not, and Parquet; a packet capture must be given by file name.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from flows.errors import BadInputError, PartialInputError
 from flows.readers._finish import check_on_error
 from flows.readers._lazy import LazyModule
-from flows.readers._source import Source, load
+from flows.readers._source import Source, from_bytes, load
 from flows.readers.detect import FORMATS, sniff_binary, sniff_text
 from flows.readers.result import ReadResult
 
@@ -87,6 +90,7 @@ def read(
                         line=exc.line,
                         column=exc.column,
                         offset=exc.offset,
+                        row=getattr(exc, "row", None),
                     )
                     new.result = combined
                     raise new from exc
@@ -100,18 +104,52 @@ def read(
     return combined
 
 
+STDIN = "-"
+STDIN_NAME = "<stdin>"
+
+
+def _read_stdin(on_error: str) -> ReadResult:
+    """Read standard input whole, in whatever format its content shows."""
+    import sys
+
+    try:
+        raw = sys.stdin.buffer.read()
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"cannot be read ({exc})", path=STDIN_NAME) from exc
+    kind = sniff_binary(raw[:4])
+    if kind == "parquet":
+        from flows.readers.parquet import read_parquet
+
+        return read_parquet(pa.BufferReader(raw), on_error, name=STDIN_NAME)
+    if kind in ("pcap", "pcapng"):
+        from flows.errors import UsageError
+
+        raise UsageError(
+            f"{STDIN_NAME}: a {kind} capture is not read from standard input; "
+            "give its file name"
+        )
+    return _read_source(from_bytes(STDIN_NAME, raw), on_error)
+
+
 def _read_one(path: str | Path, on_error: str) -> ReadResult:
     """Read one file in whatever format its content shows."""
+    if str(path) == STDIN:
+        return _read_stdin(on_error)
     kind = _sniff_head(path)
     if kind == "parquet":
         from flows.readers.parquet import read_parquet
 
-        return read_parquet(str(path))
+        return read_parquet(str(path), on_error)
     if kind in ("pcap", "pcapng"):
         return _read_capture(str(path), on_error)
 
-    src = load(path)
+    return _read_source(load(path), on_error)
+
+
+def _read_source(src: Source, on_error: str) -> ReadResult:
+    """Read the text of one input (already gunzipped) in the format it shows."""
     _check_not_empty(src)
+    _check_utf16(src)
     if src.compressed and sniff_binary(src.data[:4]) is not None:
         raise BadInputError(
             f"gzip-compressed {sniff_binary(src.data[:4])}: gunzip it first",
@@ -151,6 +189,23 @@ def _sniff_head(path: str | Path) -> str | None:
     except OSError as exc:
         raise BadInputError(f"cannot be read ({exc.strerror})", path=str(path)) from exc
     return sniff_binary(head)
+
+
+def _check_utf16(src: Source) -> None:
+    """Refuse UTF-16 text by name (Windows tools write it); the readers take UTF-8."""
+    head = src.data[:512]
+    bom = head[:2] in (b"\xff\xfe", b"\xfe\xff")
+    # Without a byte-order mark: ASCII text in UTF-16 has a NUL in every other byte.
+    half = len(head) // 2
+    zeros = sorted((head[0::2].count(0), head[1::2].count(0)))
+    nul_pairs = half >= 4 and zeros[1] > 0.75 * half and zeros[0] < 0.125 * half
+    if bom or nul_pairs:
+        how = "a UTF-16 byte-order mark" if bom else "a NUL byte in every other place"
+        raise BadInputError(
+            f"is UTF-16 text ({how}); expected UTF-8 text: convert it first, e.g. "
+            "iconv -f UTF-16 -t UTF-8",
+            path=src.path,
+        )
 
 
 def _check_not_empty(src: Source) -> None:

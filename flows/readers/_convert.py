@@ -44,6 +44,42 @@ class BadRows:
         return keep
 
 
+def check_addresses(arr: pa.Array, column: str, bad: BadRows) -> None:
+    """Note the rows whose text is not an IP address (nulls pass); see ``record``.
+
+    Each distinct value is checked once (addresses repeat a lot in flow logs).
+    """
+    from flows.record import address_problem
+
+    if len(arr) == 0:
+        return
+    wrong = {}
+    for value in pc.unique(arr).to_pylist():
+        if value is not None:
+            problem = address_problem(value)
+            if problem is not None:
+                wrong[value] = problem
+    if not wrong:
+        return
+    hit = pc.is_in(arr, value_set=pa.array(list(wrong), type=pa.string()))
+    for row in np.flatnonzero(np.asarray(hit.fill_null(False))):
+        bad.add(int(row), column, wrong[arr[int(row)].as_py()])
+
+
+def check_ports(arr: pa.Array, column: str, bad: BadRows) -> None:
+    """Note the rows whose port lies outside 0..65535 (nulls pass)."""
+    from flows.record import PORT_RANGE, port_problem
+
+    if len(arr) == 0:
+        return
+    low, high = PORT_RANGE
+    outside = pc.or_(pc.less(arr, low), pc.greater(arr, high))
+    if not pc.any(outside).as_py():
+        return
+    for row in np.flatnonzero(np.asarray(outside.fill_null(False))):
+        bad.add(int(row), column, port_problem(int(arr[int(row)].as_py())))
+
+
 def arrow_type(kind: str) -> pa.DataType:
     """The Arrow type of a record kind (``f64``, ``i64``, ``i8``, ``str``)."""
     return getattr(pa, _ARROW_TYPES[kind])()

@@ -48,11 +48,14 @@ def finish(
     stats: dict | None = None,
     warnings: list[str] | None = None,
     row_problems: dict[int, Problem] | None = None,
+    unit: str = "line",
 ) -> ReadResult:
     """Apply ``on_error`` to the problems found in one file and return its result.
 
     ``row_problems`` maps a row index of ``table`` to its problem; ``problems``
-    holds the lines that never became rows. ``lines[i]`` is the line of row ``i``.
+    holds the lines that never became rows. ``lines[i]`` is the line of row ``i``
+    (with ``unit="row"``, for inputs without lines such as Parquet, its 1-based
+    row number; messages then say "row").
     """
     stats = dict(stats or {})
     warnings = list(warnings or [])
@@ -62,13 +65,14 @@ def finish(
     if every and on_error == "fail":
         first = min(every, key=lambda p: p.line)
         kept = table.filter(pa.array(lines < first.line)) if len(table) else table
-        note = f"{path}: stopped at line {first.line}: {first.message}"
+        note = f"{path}: stopped at {unit} {first.line}: {first.message}"
         result = ReadResult(
             kept, fmt, family, warnings=warnings + [note], partial=True, stats=stats
         )
-        logger.info("read %s: stopped at line %d", path, first.line)
+        logger.info("read %s: stopped at %s %d", path, unit, first.line)
         cls = PartialInputError if len(kept) else BadInputError
-        exc = cls(first.message, path=path, line=first.line, column=first.column)
+        where = {"row": first.line} if unit == "row" else {"line": first.line}
+        exc = cls(first.message, path=path, column=first.column, **where)
         exc.result = result
         raise exc
 
@@ -80,11 +84,11 @@ def finish(
         table = table.filter(pa.array(keep))
         skipped = len({p.line for p in every})
         first = min(every, key=lambda p: p.line)
-        where = f"line {first.line}" + (
+        where = f"{unit} {first.line}" + (
             f", column {first.column!r}" if first.column else ""
         )
         warnings.append(
-            f"{path}: skipped {skipped} bad line(s); the first at {where}: "
+            f"{path}: skipped {skipped} bad {unit}(s); the first at {where}: "
             f"{first.message}"
         )
         stats["skipped_lines"] = sorted({p.line for p in every})[:20]

@@ -4,20 +4,32 @@ A gzip stream that stops early (a log rotated while it was copied, a download cu
 short) is not thrown away: the text inflated before the cut is kept up to its last
 complete line, and the cut is reported so the caller can mark the result partial.
 Several gzip members in one file (``cat a.gz b.gz``) are read one after the other.
+
+Bounds: inflating never makes more than ``_OUT`` bytes per step, and a whole-file
+read stops once the inflated text passes :func:`max_inflated` bytes (2 GiB, or
+``$GATEWATCH_MAX_INFLATED``): a gzip bomb keeps the complete lines inflated before
+that point and is reported like a cut stream, instead of filling the memory.
+Rows longer than :data:`MAX_LINE_BYTES` are bad lines in every reader (pyarrow's
+block splitter cannot take them, and no flow record is that long).
 """
 
 from __future__ import annotations
 
+import os
 import zlib
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from flows.errors import BadInputError
+from flows.errors import BadInputError, UsageError
 
 GZIP_MAGIC = b"\x1f\x8b"
-_BLOCK = 1 << 20
+_BLOCK = 1 << 20  # compressed bytes read at a time
+_OUT = 1 << 22  # most inflated bytes one step may produce
+MAX_LINE_BYTES = 1 << 20
+MAX_INFLATED_ENV = "GATEWATCH_MAX_INFLATED"
+_MAX_INFLATED_DEFAULT = 2 << 30
 
 
 @dataclass
@@ -28,6 +40,22 @@ class Source:
     data: bytes
     compressed: bool = False
     cut: str | None = None
+
+
+def max_inflated() -> int:
+    """The most bytes a whole-file read inflates (``$GATEWATCH_MAX_INFLATED``)."""
+    text = os.environ.get(MAX_INFLATED_ENV)
+    if not text:
+        return _MAX_INFLATED_DEFAULT
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise UsageError(
+            f"${MAX_INFLATED_ENV} must be a positive number of bytes, not {text!r}"
+        )
+    return value
 
 
 def load(path: str | Path) -> Source:
@@ -42,10 +70,14 @@ def load(path: str | Path) -> Source:
         raise BadInputError("is a folder, expected a file", path=name) from None
     except OSError as exc:
         raise BadInputError(f"cannot be read ({exc.strerror})", path=name) from exc
+    return from_bytes(name, raw)
 
+
+def from_bytes(name: str, raw: bytes) -> Source:
+    """The :class:`Source` of bytes already read (stdin), gunzipped like a file."""
     if raw[:2] != GZIP_MAGIC:
         return Source(name, raw)
-    data, cut = gunzip(raw)
+    data, cut = gunzip(raw, limit=max_inflated())
     if cut is None:
         return Source(name, data, compressed=True)
 
@@ -58,17 +90,85 @@ def load(path: str | Path) -> Source:
     return Source(name, data[:keep], compressed=True, cut=note)
 
 
-def gunzip(raw: bytes) -> tuple[bytes, str | None]:
-    """Inflate every gzip member of ``raw``; return the text and why it stopped."""
+def gunzip(raw: bytes, limit: int | None = None) -> tuple[bytes, str | None]:
+    """Inflate every gzip member of ``raw``; return the text and why it stopped.
+
+    With ``limit``, inflating stops once more than ``limit`` bytes came out: the
+    text is cut there (at most ``limit`` plus one step) and the reason says so.
+    """
     import io
 
     out: list[bytes] = []
-    chunks = iter_gunzip(io.BytesIO(raw))
-    while True:
-        try:
-            out.append(next(chunks))
-        except StopIteration as stop:
-            return b"".join(out), stop.value
+    total = 0
+    reader = Gunzip(io.BytesIO(raw))
+    for chunk in reader:
+        out.append(chunk)
+        total += len(chunk)
+        if limit is not None and total > limit:
+            return b"".join(out), (
+                f"the inflated text passed {limit} bytes after {reader.offset} "
+                f"compressed bytes (a gzip bomb, or a file too large to read whole; "
+                f"${MAX_INFLATED_ENV} sets the limit)"
+            )
+    return b"".join(out), reader.stopped
+
+
+class Gunzip:
+    """The inflated text of every gzip member read from a file, in bounded steps.
+
+    Iterating yields chunks of at most ``_OUT`` bytes. Afterwards ``stopped`` is
+    None at a clean end, else a sentence saying where the stream was cut or
+    damaged (the text before that point has been yielded). ``offset`` is the
+    number of compressed bytes consumed so far.
+    """
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+        self.offset = 0
+        self.stopped: str | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.stopped = yield from self._chunks()
+
+    def _inflate(self, inflater, data: bytes) -> Iterator[bytes]:
+        """Feed ``data`` to ``inflater``, yielding bounded pieces of its output."""
+        while True:
+            before = len(data)
+            text = inflater.decompress(data, _OUT)
+            data = inflater.unconsumed_tail
+            self.offset += before - len(data) - len(inflater.unused_data)
+            if text:
+                yield text
+            if not data and (len(text) < _OUT or inflater.eof):
+                return
+
+    def _chunks(self) -> Generator[bytes, None, str | None]:
+        fh = self.fh
+        inflater = zlib.decompressobj(wbits=31)
+        pending = b""
+        while True:
+            block = pending or fh.read(_BLOCK)
+            pending = b""
+            if not block:
+                if inflater.eof or self.offset == 0:
+                    return None
+                return f"gzip stream cut at byte offset {self.offset} (no end marker)"
+            try:
+                yield from self._inflate(inflater, block)
+            except zlib.error as exc:
+                return f"gzip data damaged near byte offset {self.offset} ({exc})"
+            if inflater.eof:
+                rest = inflater.unused_data
+                if not rest:
+                    rest = fh.read(_BLOCK)
+                if not rest:
+                    return None
+                if rest[:2] != GZIP_MAGIC and len(rest) >= 2:
+                    if rest.strip(b"\x00") or fh.read(1):
+                        return f"bytes after the gzip data at byte offset {self.offset}"
+                    return None
+                inflater = zlib.decompressobj(wbits=31)
+                pending = rest
 
 
 def iter_gunzip(fh: BinaryIO) -> Generator[bytes, None, str | None]:
@@ -76,34 +176,32 @@ def iter_gunzip(fh: BinaryIO) -> Generator[bytes, None, str | None]:
 
     The generator's return value (``StopIteration.value``) is None at a clean end,
     else a sentence saying where the stream was cut or damaged; the text inflated
-    before that point has been yielded already.
+    before that point has been yielded already. See :class:`Gunzip`.
     """
-    inflater = zlib.decompressobj(wbits=31)
-    offset = 0
-    pending = b""
-    while True:
-        block = pending or fh.read(_BLOCK)
-        pending = b""
-        if not block:
-            if inflater.eof or offset == 0:
-                return None
-            return f"gzip stream cut at byte offset {offset} (no end marker)"
-        try:
-            text = inflater.decompress(block)
-        except zlib.error as exc:
-            return f"gzip data damaged near byte offset {offset} ({exc})"
-        offset += len(block) - len(inflater.unused_data)
-        if text:
-            yield text
-        if inflater.eof:
-            rest = inflater.unused_data
-            if not rest:
-                rest = fh.read(_BLOCK)
-            if not rest:
-                return None
-            if rest[:2] != GZIP_MAGIC and len(rest) >= 2:
-                if rest.strip(b"\x00") or fh.read(1):
-                    return f"bytes after the gzip data at byte offset {offset}"
-                return None
-            inflater = zlib.decompressobj(wbits=31)
-            pending = rest
+    reader = Gunzip(fh)
+    yield from reader
+    return reader.stopped
+
+
+def long_lines(body: bytes, limit: int = MAX_LINE_BYTES) -> list[int]:
+    """The 0-based indices of the lines of ``body`` longer than ``limit`` bytes."""
+    if len(body) <= limit:
+        return []
+    import numpy as np
+
+    step = 1 << 26  # look for newlines 64 MiB at a time, to bound the temporary mask
+    ends = []
+    for at in range(0, len(body), step):
+        part = np.frombuffer(body, np.uint8, min(step, len(body) - at), at)
+        ends.append(np.flatnonzero(part == 10) + at)
+    stops = np.concatenate(ends + [np.array([len(body)], dtype=np.int64)])
+    starts = np.concatenate(([0], stops[:-1] + 1))
+    return [int(i) for i in np.flatnonzero(stops - starts > limit)]
+
+
+def too_long(length: int) -> str:
+    """The problem text for a line of ``length`` bytes over the limit."""
+    return (
+        f"a line of {length} bytes, longer than the {MAX_LINE_BYTES}-byte limit for "
+        "one row"
+    )

@@ -10,6 +10,7 @@ import numpy as np
 from flows.errors import BadInputError
 from flows.readers._finish import Problem
 from flows.readers._lazy import LazyModule
+from flows.readers._source import MAX_LINE_BYTES, long_lines, too_long
 
 pa = LazyModule("pyarrow")
 pacsv = LazyModule("pyarrow.csv")
@@ -32,12 +33,31 @@ def split_rows(
 
     Returns the table (column ``c<i>`` for ``names[i]``; only the indices in
     ``include`` when given), the line of each row, the lines that are bad (wrong
-    number of fields, bytes that are not UTF-8, a CR inside the line), and a note
-    when the last line is cut short (no final newline and too few fields). CRs at
-    the end of a line (CRLF files) are dropped.
+    number of fields, bytes that are not UTF-8, a CR inside the line, a line over
+    ``MAX_LINE_BYTES``), and a note when the last line is cut short (no final
+    newline and too few fields). CRs at the end of a line (CRLF files) are dropped.
     """
     line_map = None
     problems: list[Problem] = []
+
+    # A line longer than pyarrow's block makes the whole split fail ("straddling
+    # object"), losing every row: such lines go first, as bad lines.
+    if long_lines(body):
+        lengths: list[int] = []
+
+        def over(raw: bytes) -> bool:
+            if len(raw) > MAX_LINE_BYTES:
+                lengths.append(len(raw))
+                return True
+            return False
+
+        body, line_map, removed = _drop_lines(
+            body, _numbering(line_map, first_line), over
+        )
+        problems += [
+            Problem(n, None, too_long(size))
+            for n, size in zip(removed, lengths, strict=True)
+        ]
 
     # pyarrow ends a row at a lone CR too, which would shift every row number
     # after it: CRs that end a line go, a line with a CR inside it is a bad line.

@@ -5,7 +5,11 @@ Mapping onto the canonical conn record:
 * ``StartTime`` (``YYYY/MM/DD HH:MM:SS.ffffff``, read as UTC: the files carry no
   zone) -> ``ts``; ``Dur`` -> ``duration``; ``Proto`` -> ``proto`` (lower case);
   ``SrcAddr``/``Sport`` -> ``src_ip``/``src_port`` and ``DstAddr``/``Dport`` ->
-  ``dst_ip``/``dst_port`` (hex ports such as ``0x0035`` are read as numbers);
+  ``dst_ip``/``dst_port`` (hex ports such as ``0x0035`` are read as numbers); an
+  address that is not IPv4/IPv6 or a port outside 0..65535 makes the row a bad
+  row, except in Argus records of no IP flow (Proto ``man`` management records,
+  layer-2 flows whose addresses are MAC addresses): their addresses read as
+  null, counted in ``stats["non_ip"]`` with a warning;
   ``State`` -> ``conn_state`` (Argus's state names, not Zeek's).
 * Argus byte counts include IP headers, so ``SrcBytes`` -> ``orig_ip_bytes`` and
   ``TotBytes - SrcBytes`` -> ``resp_ip_bytes``; ``SrcPkts`` -> ``orig_pkts`` and
@@ -31,7 +35,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flows.errors import BadInputError
-from flows.readers._convert import BadRows, to_number, value_counts
+from flows.readers._convert import (
+    BadRows,
+    check_addresses,
+    check_ports,
+    to_number,
+    value_counts,
+)
 from flows.readers._finish import Problem, finish
 from flows.readers._source import Source
 from flows.readers._table import header_and_body, split_rows
@@ -83,6 +93,22 @@ def read_binetflow(src: Source, on_error: str) -> ReadResult:
     out["dst_ip"] = col("DstAddr")
     out["src_port"] = number("Sport", "i64")
     out["dst_port"] = number("Dport", "i64")
+    warnings: list[str] = []
+    non_ip = _non_ip(out["proto"], out["src_ip"], out["dst_ip"])
+    n_non_ip = pc.sum(non_ip).as_py() or 0
+    if n_non_ip:
+        for canon in ("src_ip", "dst_ip"):
+            out[canon] = pc.if_else(non_ip, pa.scalar(None, pa.string()), out[canon])
+        first = int(lines[int(np.flatnonzero(np.asarray(non_ip))[0])])
+        warnings.append(
+            f"{src.path}: {n_non_ip} Argus record(s) without IP addresses (management "
+            f"records, layer-2 flows with MAC addresses; the first at line {first}) "
+            "read with null src_ip/dst_ip"
+        )
+    for canon, name in (("src_ip", "SrcAddr"), ("dst_ip", "DstAddr")):
+        check_addresses(out[canon], name, bad)
+    for canon, name in (("src_port", "Sport"), ("dst_port", "Dport")):
+        check_ports(out[canon], name, bad)
     state = col("State")
     out["conn_state"] = state if state is not None else pa.nulls(n, pa.string())
 
@@ -93,8 +119,7 @@ def read_binetflow(src: Source, on_error: str) -> ReadResult:
     out["orig_pkts"] = src_pkts
     out["resp_pkts"] = _rest(tot_pkts, src_pkts, "SrcPkts", "TotPkts", bad)
 
-    warnings: list[str] = []
-    stats: dict = {"labels": {}, "labeled": "label" in index}
+    stats: dict = {"labels": {}, "labeled": "label" in index, "non_ip": n_non_ip}
     raw_label = col("Label")
     if raw_label is not None:
         written = pc.utf8_trim_whitespace(
@@ -132,6 +157,27 @@ def read_binetflow(src: Source, on_error: str) -> ReadResult:
         warnings=warnings,
         row_problems=row_problems,
     )
+
+
+_MAC = r"^[0-9a-fA-F]{1,2}(:[0-9a-fA-F]{1,2}){5}$"
+
+
+def _non_ip(proto: pa.Array, src: pa.Array, dst: pa.Array) -> pa.Array:
+    """Rows that are Argus records of no IP flow: ``man`` records, MAC addresses.
+
+    Argus writes management records (Proto ``man``, addresses ``0``) and layer-2
+    flows (``llc``, ``arp`` replies...) whose addresses are MAC addresses.
+    """
+    man = pc.fill_null(pc.equal(proto, "man"), False)
+    mac = pc.and_(
+        pc.fill_null(pc.match_substring_regex(src, _MAC), True),
+        pc.fill_null(pc.match_substring_regex(dst, _MAC), True),
+    )
+    any_mac = pc.or_(
+        pc.fill_null(pc.match_substring_regex(src, _MAC), False),
+        pc.fill_null(pc.match_substring_regex(dst, _MAC), False),
+    )
+    return pc.or_(man, pc.and_(mac, any_mac))
 
 
 def _start_time(arr: pa.Array, bad: BadRows) -> pa.Array:

@@ -23,13 +23,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flows.errors import BadInputError
-from flows.readers._convert import BadRows, to_number, value_counts
+from flows.readers._convert import (
+    BadRows,
+    check_addresses,
+    check_ports,
+    to_number,
+    value_counts,
+)
 from flows.readers._finish import Problem, finish
 from flows.readers._source import Source
 from flows.readers._table import header_and_body, split_rows
 from flows.readers.result import ReadResult
 
-UNSW_TEXT = ("proto", "service", "state")
+UNSW_TEXT = ("proto", "service", "state", "srcip", "dstip")
 CIC_TEXT = {
     "flow id",
     "source ip",
@@ -39,6 +45,16 @@ CIC_TEXT = {
     "timestamp",
     "simillarhttp",
     "label",
+}
+# Columns that hold addresses and ports, in either family (lower case).
+ADDRESS_COLUMNS = {"source ip", "src ip", "destination ip", "dst ip", "srcip", "dstip"}
+PORT_COLUMNS = {
+    "source port",
+    "src port",
+    "destination port",
+    "dst port",
+    "sport",
+    "dsport",
 }
 
 
@@ -85,6 +101,7 @@ def read_unsw(src: Source, on_error: str) -> ReadResult:
     arrays += [label, detail]
     fields += [pa.field("label", pa.int8()), pa.field("label_detail", pa.string())]
 
+    _check_endpoints(arrays, fields, bad)
     table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
     stats = {"labels": value_counts(detail), "labeled": True}
     return finish(
@@ -167,6 +184,7 @@ def read_cic(src: Source, on_error: str) -> ReadResult:
     label = pc.cast(pc.not_equal(pc.utf8_lower(detail), "benign"), pa.int8())
     arrays += [label, detail]
     fields += [pa.field("label", pa.int8()), pa.field("label_detail", pa.string())]
+    _check_endpoints(arrays, fields, bad)
     table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
     stats = {
         "labels": value_counts(text),
@@ -204,6 +222,22 @@ def _text_of_cic(src: Source) -> tuple[bytes, list[str]]:
         )
         return text, [note]
     return src.data, []
+
+
+def _check_endpoints(arrays: list, fields: list, bad: BadRows) -> None:
+    """Note rows with an address that is not IPv4/IPv6 or a port outside 0..65535.
+
+    Empty values are unknown, not bad (CIC-IDS2017 files end in empty rows).
+    """
+    for arr, field in zip(arrays, fields, strict=True):
+        name = field.name.lower()
+        if name in ADDRESS_COLUMNS and pa.types.is_string(arr.type):
+            empty = pc.equal(arr, "")
+            check_addresses(
+                pc.if_else(empty, pa.scalar(None, pa.string()), arr), field.name, bad
+            )
+        elif name in PORT_COLUMNS and not pa.types.is_string(arr.type):
+            check_ports(arr, field.name, bad)
 
 
 def _row_problems(bad: BadRows, lines: np.ndarray) -> dict[int, Problem]:

@@ -2,26 +2,36 @@
 
 The family comes from the ``gatewatch.family`` key of the file's metadata, else from
 the columns (the canonical conn fields, or the NSL-KDD/UNSW/CIC labels). A conn
-table is cast to the canonical schema, with any extra columns kept after it.
+table is cast to the canonical schema, with any extra columns kept after it; a row
+whose address is not an IP address or whose port is outside 0..65535 is a bad row,
+named by its 1-based row number (``on_error`` as for the text readers).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flows.errors import BadInputError, PartialInputError
-from flows.readers._convert import value_counts
+from flows.readers._convert import BadRows, value_counts
+from flows.readers._finish import Problem, finish
 from flows.readers.result import ReadResult
 from flows.record import CONN_FIELD_NAMES, conn_schema
 
 FAMILY_KEY = b"gatewatch.family"
 
 
-def read_parquet(path: str) -> ReadResult:
-    """Read a Parquet file; damage after some row groups keeps the groups before it."""
+def read_parquet(
+    path, on_error: str = "fail", name: str | None = None
+) -> ReadResult:
+    """Read a Parquet file; damage after some row groups keeps the groups before it.
+
+    ``path`` may also be a pyarrow buffer reader (standard input), named ``name``.
+    """
+    source, path = path, name or str(path)
     try:
-        handle = pq.ParquetFile(path)
+        handle = pq.ParquetFile(source)
     except (pa.ArrowInvalid, OSError) as exc:
         raise BadInputError(f"not a readable Parquet file ({exc})", path=path) from exc
 
@@ -41,7 +51,10 @@ def read_parquet(path: str) -> ReadResult:
     stats = {"labels": {}, "labeled": "label" in table.column_names}
     if "label_detail" in table.column_names:
         stats["labels"] = value_counts(table.column("label_detail"))
-    result = ReadResult(table, "parquet", family, stats=stats)
+    if family == "conn" and len(table):
+        result = _check_rows(table, path, on_error, stats, partial_at is not None)
+    else:
+        result = ReadResult(table, "parquet", family, stats=stats)
     if partial_at is not None:
         index, exc = partial_at
         note = f"{path}: row group {index} cannot be read ({exc})"
@@ -53,6 +66,41 @@ def read_parquet(path: str) -> ReadResult:
         err.result = result
         raise err from exc
     return result
+
+
+def _check_rows(
+    table: pa.Table, path: str, on_error: str, stats: dict, damaged: bool
+) -> ReadResult:
+    """Apply the address and port rules of the canonical record to a conn table."""
+    from flows.readers.zeek import check_endpoints
+
+    arrays = {
+        name: table.column(name).combine_chunks()
+        for name in ("src_ip", "dst_ip", "src_port", "dst_port")
+    }
+    bad = BadRows()
+    check_endpoints(arrays, bad, zeek_names=False)
+    row_problems = {
+        row: Problem(row + 1, column, message)
+        for row, (column, message) in bad.rows.items()
+    }
+    try:
+        return finish(
+            table,
+            np.arange(1, len(table) + 1),
+            [],
+            path=path,
+            on_error=on_error,
+            fmt="parquet",
+            family="conn",
+            stats=stats,
+            row_problems=row_problems,
+            unit="row",
+        )
+    except BadInputError as exc:
+        if damaged:
+            exc.result.partial = True  # the later row groups are unreadable too
+        raise
 
 
 def _family_from_columns(table: pa.Table) -> str:

@@ -15,13 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from flows import logger
-from flows.errors import BadInputError
+from flows.errors import BadInputError, PartialInputError
 from flows.readers._convert import _ESCAPE, _parse_one
 from flows.readers._finish import check_on_error
-from flows.readers._source import GZIP_MAGIC, iter_gunzip
+from flows.readers._source import GZIP_MAGIC, MAX_LINE_BYTES, iter_gunzip, too_long
 from flows.readers._table import _CR_INSIDE
 from flows.readers.labels import ZEEK_LABELS
 from flows.readers.zeek import (
+    CANON_TO_ZEEK,
     DETAIL_NAMES,
     LABEL_NAMES,
     REQUIRED,
@@ -32,7 +33,7 @@ from flows.readers.zeek import (
     _Header,
     json_record,
 )
-from flows.record import CONN_FIELD_KINDS
+from flows.record import ADDRESS_FIELDS, CONN_FIELD_KINDS, PORT_FIELDS, field_problem
 
 _MASKED = re.compile(r"X+\.X+\Z")
 _SPACES = re.compile(r"\s+")
@@ -193,6 +194,12 @@ class TsvLineParser:
                         column=zeek_name,
                     )
                 record[canon] = value
+        for canon in ADDRESS_FIELDS + PORT_FIELDS:
+            problem = field_problem(canon, record[canon])
+            if problem is not None:
+                raise BadInputError(
+                    problem, path=self.path, line=line_no, column=CANON_TO_ZEEK[canon]
+                )
 
         record["label"] = record["label_detail"] = None
         if label is None:
@@ -227,6 +234,15 @@ def parse_json_line(line: str, path: str = "<stream>", line_no: int = 0) -> dict
         raise BadInputError(
             f"expected one JSON object ({exc})", path=path, line=line_no
         ) from None
+    return zeek_json_record(obj, path, line_no)
+
+
+def zeek_json_record(obj: dict, path: str = "<stream>", line_no: int = 0) -> dict:
+    """One parsed Zeek JSON object -> canonical record, by the Zeek JSON reader's rules.
+
+    Keys as Zeek writes them with ``LogAscii::use_json=T`` (``id.orig_h``...,
+    or a nested ``id`` object); BadInputError names the line and the key.
+    """
     try:
         return json_record(obj)
     except _FieldError as exc:
@@ -235,18 +251,21 @@ def parse_json_line(line: str, path: str = "<stream>", line_no: int = 0) -> dict
         ) from None
 
 
-def _lines(path: str) -> Iterator[str]:
+def _lines(path: str) -> Iterator[str | int]:
     """The text lines of a plain or gzip file, as read; a cut gzip stops early.
 
     Gzip is inflated with :func:`flows.readers._source.iter_gunzip`, the same way as
     the batch reader, so a cut stream gives the same complete lines in both, and
-    the cut line itself is dropped (with a warning) rather than half read.
+    the cut line itself is dropped (with a warning) rather than half read. A line
+    longer than ``MAX_LINE_BYTES`` is not held: its length (an int) is yielded in
+    its place, so memory stays bounded whatever the file holds.
     """
     with open(path, "rb") as fh:
         gz = fh.read(2) == GZIP_MAGIC
         fh.seek(0)
         chunks = iter_gunzip(fh) if gz else iter(lambda: fh.read(1 << 16), b"")
         rest = b""
+        skipping = 0  # bytes of an over-long line seen so far, 0 when none
         cut = None
         while True:
             try:
@@ -254,11 +273,25 @@ def _lines(path: str) -> Iterator[str]:
             except StopIteration as stop:
                 cut = stop.value if gz else None
                 break
+            if skipping:
+                end = chunk.find(b"\n")
+                if end < 0:
+                    skipping += len(chunk)
+                    continue
+                yield skipping + end
+                skipping, chunk = 0, chunk[end + 1 :]
             lines = (rest + chunk).split(b"\n")
             rest = lines.pop()
             for raw in lines:
-                yield raw.decode("utf-8", "replace") + "\n"
-        if cut is not None:
+                if len(raw) > MAX_LINE_BYTES:
+                    yield len(raw)
+                else:
+                    yield raw.decode("utf-8", "replace") + "\n"
+            if len(rest) > MAX_LINE_BYTES:
+                skipping, rest = len(rest), b""
+        if skipping:
+            yield skipping
+        elif cut is not None:
             logger.warning("%s: %s; stopped there", path, cut)
         elif rest:
             yield rest.decode("utf-8", "replace")
@@ -322,8 +355,15 @@ def iter_records(
         return
 
     parser = TsvLineParser(name)
-    skipped = 0
+    skipped = yielded = 0
     for line_no, line in enumerate(_lines(name), start=1):
+        if isinstance(line, int):
+            exc = BadInputError(too_long(line), path=name, line=line_no)
+            if on_error == "fail":
+                _stop(exc, yielded)
+            logger.warning("%s", exc)
+            skipped += 1
+            continue
         stripped = line.strip()
         if not stripped or (fmt == "zeek-json" and stripped.startswith("#")):
             continue
@@ -336,17 +376,30 @@ def iter_records(
                 record = parse_json_line(stripped, name, line_no)
             else:
                 record = parser.parse(line, line_no)
-        except BadInputError:
+        except BadInputError as exc:
             if not line.endswith("\n"):
                 logger.warning("%s: the last line (%d) is cut short", name, line_no)
                 break
             if on_error == "fail":
-                raise
+                _stop(exc, yielded)
             skipped += 1
             continue
 
         if drop_unlabeled and record["label"] is None:
             continue
+        yielded += 1
         yield record
     if skipped:
         logger.warning("%s: skipped %d bad line(s)", name, skipped)
+
+
+def _stop(exc: BadInputError, yielded: int) -> None:
+    """Raise ``exc``; as a PartialInputError when records were yielded before it."""
+    if not yielded:
+        raise exc
+    raise PartialInputError(
+        str(exc)[len(exc._where()) :],
+        path=exc.path,
+        line=exc.line,
+        column=exc.column,
+    ) from exc

@@ -37,6 +37,8 @@ from flows.readers import labels as labelmod
 from flows.readers._convert import (
     BadRows,
     arrow_type,
+    check_addresses,
+    check_ports,
     null_tokens,
     to_number,
     unescape,
@@ -44,13 +46,16 @@ from flows.readers._convert import (
 )
 from flows.readers._finish import Problem, finish
 from flows.readers._lazy import LazyModule
-from flows.readers._source import Source
+from flows.readers._source import MAX_LINE_BYTES, Source, long_lines, too_long
 from flows.readers._table import split_rows
 from flows.readers.result import ReadResult
 from flows.record import (
+    ADDRESS_FIELDS,
     CONN_FIELD_KINDS,
     CONN_FIELD_NAMES,
+    PORT_FIELDS,
     conn_schema,
+    field_problem,
     value_problem,
 )
 
@@ -357,6 +362,7 @@ def _to_canonical(
                 stats["masked_ts"] += count
                 arr = pc.if_else(masked, pa.scalar(None, pa.string()), arr)
         arrays[canon], _ = to_number(arr, kind, zeek_name, bad)
+    check_endpoints(arrays, bad)
 
     label_col = next((c for c in columns if c.lower() in LABEL_NAMES), None)
     detail_col = next((c for c in columns if c.lower() in DETAIL_NAMES), None)
@@ -379,6 +385,23 @@ def _to_canonical(
     return pa.Table.from_arrays(
         [arrays[name] for name in CONN_FIELD_NAMES], schema=conn_schema()
     )
+
+
+def check_endpoints(
+    arrays: dict[str, pa.Array], bad: BadRows, zeek_names: bool = True
+) -> None:
+    """Note rows whose addresses are not IP addresses or ports are not 0..65535.
+
+    ``arrays`` holds canonical columns; problems name Zeek's column (``id.orig_h``)
+    or, with ``zeek_names=False``, the canonical one (``src_ip``).
+    """
+    def name(canon: str) -> str:
+        return CANON_TO_ZEEK[canon] if zeek_names else canon
+
+    for canon in ADDRESS_FIELDS:
+        check_addresses(arrays[canon], name(canon), bad)
+    for canon in PORT_FIELDS:
+        check_ports(arrays[canon], name(canon), bad)
 
 
 def _type(kind: str) -> pa.DataType:
@@ -426,6 +449,7 @@ def _read_json_fast(src: Source) -> tuple[pa.Table, dict] | None:
         or b"\r" in data
         or b"\n#" in data
         or not data.startswith(b"{")
+        or long_lines(data)
     ):
         return None
     try:
@@ -471,6 +495,10 @@ def _read_json_fast(src: Source) -> tuple[pa.Table, dict] | None:
     duration = pc.is_finite(arrays["duration"])
     if pc.all(pc.or_kleene(duration, pc.is_null(duration))).as_py() is False:
         return None
+    endpoints = BadRows()
+    check_endpoints(arrays, endpoints)
+    if endpoints.rows:
+        return None  # the line-by-line path names each bad line
 
     label_raw = raw.column("label").combine_chunks()
     detail = None
@@ -506,6 +534,9 @@ def _read_json_lines(src: Source, on_error: str) -> ReadResult:
 
     for index, raw in enumerate(text_lines):
         line_no = index + 1
+        if len(raw) > MAX_LINE_BYTES:
+            problems.append(Problem(line_no, None, too_long(len(raw))))
+            continue
         raw = raw.strip()
         if not raw or raw.startswith(b"#"):
             continue
@@ -567,6 +598,10 @@ def json_record(obj: dict, stats: dict | None = None) -> dict:
         canon = ZEEK_TO_CANON[name]
         if record[canon] is None and name != "proto":
             raise _FieldError(name, f"required key {name!r} is missing")
+    for canon in ADDRESS_FIELDS + PORT_FIELDS:
+        problem = field_problem(canon, record[canon])
+        if problem is not None:
+            raise _FieldError(CANON_TO_ZEEK[canon], problem)
 
     label_key = next((k for k in obj if k.lower() in LABEL_NAMES), None)
     detail_key = next((k for k in obj if k.lower() in DETAIL_NAMES), None)
