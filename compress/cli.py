@@ -146,20 +146,32 @@ NOISY_LOGGERS = ("tensorflow", "absl", "onnxruntime", "torchao",
                  "torch.utils._pytree", "neural_compressor")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A log handler on whatever ``sys.stderr`` is when a record comes."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup(args: argparse.Namespace) -> None:
     """Logging: the ``gatewatch`` logger on stderr; the noisy libraries quietened.
 
-    The root logger is left alone (its level and handlers stay what the caller set).
+    The root logger is left alone (its level and handlers stay what the caller set;
+    gatewatch records still propagate to it, so a host that captures logs sees them).
     """
     level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     gw = logging.getLogger("gatewatch")
     gw.setLevel(level)
     if not any(getattr(h, "_gatewatch_cli", False) for h in gw.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler._gatewatch_cli = True  # type: ignore[attr-defined]
         gw.addHandler(handler)
-        gw.propagate = False
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 

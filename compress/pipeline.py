@@ -206,6 +206,10 @@ class _Context:
     students: dict[tuple[str, int, float], torch.nn.Module] = field(
         default_factory=dict
     )
+    # QAT students with their training history: the int8 targets share one grid.
+    qat_students: dict[tuple[str, int, float], tuple[torch.nn.Module, list]] = field(
+        default_factory=dict
+    )
 
     @property
     def families_test(self) -> np.ndarray | None:
@@ -615,19 +619,23 @@ def _qat_attempt(ctx: _Context, ptq: Candidate, model: torch.nn.Module,
     cand = Candidate(ptq.target, ptq.kind, ptq.width, ptq.prune_ratio, quant=quant,
                      params=ptq.params, float_val_f1=ptq.float_val_f1, qat=True)
     name = _name(ptq.kind, ptq.width, ptq.prune_ratio, quant)
-    ctx.progress(f"{ptq.target}: quantization-aware fine-tuning of "
-                 f"{_name(ptq.kind, ptq.width, ptq.prune_ratio, '')} "
-                 f"({cfg.qat_epochs} epochs)")
     tune = DistillConfig(**{**cfg.distill.__dict__, "epochs": cfg.qat_epochs,
                             "patience": cfg.qat_epochs, "lr": cfg.distill.lr / 10})
-    try:
-        student, _, history = qat_finetune(
-            model, ctx.prep, ctx.train, ctx.y, ctx.t_train, ctx.val, ctx.calibration,
-            tune)
-    except ModelError as exc:
-        cand.note = str(exc)[:120]
-        frontier.append(cand)
-        return None
+    key = (ptq.kind, ptq.width, ptq.prune_ratio)
+    if key not in ctx.qat_students:
+        ctx.progress(f"{ptq.target}: quantization-aware fine-tuning of "
+                     f"{_name(ptq.kind, ptq.width, ptq.prune_ratio, '')} "
+                     f"({cfg.qat_epochs} epochs)")
+        try:
+            student, _, history = qat_finetune(
+                model, ctx.prep, ctx.train, ctx.y, ctx.t_train, ctx.val,
+                ctx.calibration, tune)
+        except ModelError as exc:
+            cand.note = str(exc)[:120]
+            frontier.append(cand)
+            return None
+        ctx.qat_students[key] = (student, history)
+    student, history = ctx.qat_students[key]
     info = {
         "qat": True, "mode": "qat", "qat_setting": cfg.qat, "epochs": len(history),
         "best_epoch": int(np.argmin([h["val_loss"] for h in history])),

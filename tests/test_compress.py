@@ -248,3 +248,48 @@ def test_eval_cli_refuses_a_tampered_artifact(onnx_run, tmp_path: Path,
 
     assert code == 1
     assert "sha256 mismatch for model.onnx" in capsys.readouterr().err
+
+
+def test_every_cli_option_has_help() -> None:
+    import argparse
+
+    from compress.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {'/'.join(action.option_strings)}"
+        for name, command in sub.choices.items()
+        for action in command._actions
+        if action.option_strings and not action.help
+    ]
+    assert sub.choices.keys() >= {"run", "eval"}
+    assert missing == []
+    run_help = sub.choices["run"].format_help()
+    assert "--qat {auto,off,always}" in run_help
+
+
+def test_cli_logging_leaves_the_root_logger_alone() -> None:
+    import argparse
+    import logging
+
+    from compress.cli import NOISY_LOGGERS, _setup
+
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers))
+    gw = logging.getLogger("gatewatch")
+    saved = (gw.level, list(gw.handlers))
+    try:
+        _setup(argparse.Namespace(verbose=False))
+        _setup(argparse.Namespace(verbose=True))
+
+        assert (root.level, list(root.handlers)) == before
+        assert gw.level == logging.INFO
+        assert sum(getattr(h, "_gatewatch_cli", False) for h in gw.handlers) == 1
+        assert gw.propagate
+        for name in NOISY_LOGGERS:
+            assert logging.getLogger(name).level == logging.ERROR
+        assert "tensorflow" in NOISY_LOGGERS and "absl" in NOISY_LOGGERS
+    finally:
+        gw.setLevel(saved[0])
+        gw.handlers[:] = saved[1]

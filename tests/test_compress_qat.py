@@ -278,3 +278,30 @@ def test_pipeline_runs_qat_only_when_asked_and_ptq_misses(
     assert sum("+qat" in line for line in table.splitlines()) == 1
     # Kept only when it passes.
     assert (found is qat) == qat.passed
+
+
+def test_qat_settings_are_checked(tmp_path: Path,
+                                  capsys: pytest.CaptureFixture) -> None:
+    from compress.cli import main
+    from compress.pipeline import RunConfig
+    from flows.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown --qat 'sometimes'"):
+        RunConfig(target="tflite-int8", teacher=tmp_path, out=tmp_path / "o",
+                  qat="sometimes")
+    with pytest.raises(UsageError, match="--qat-epochs must be >= 1"):
+        RunConfig(target="tflite-int8", teacher=tmp_path, out=tmp_path / "o",
+                  qat_epochs=0)
+    code = main(["run", "--target", "tflite-int8", "--teacher", str(tmp_path),
+                 "--out", str(tmp_path / "o"), "--qat", "sometimes"])
+    assert code == 2
+    assert "invalid choice: 'sometimes'" in capsys.readouterr().err
+
+
+def test_lstm_students_are_refused_by_name() -> None:
+    from compress.qat import FakeQuantStudent
+    from flows.errors import ModelError
+    from student.zoo import build_student
+
+    with pytest.raises(ModelError, match="supports mlp, cnn students, not 'lstm'"):
+        FakeQuantStudent(build_student("lstm", F, W, width=4, seed=0))
