@@ -335,15 +335,24 @@ def bundle_manifest() -> dict:
 
 
 def make_bundle(
-    manifest_raw: bytes, members: dict[str, bytes] | None = None, sign: bool = True
+    manifest_raw: bytes,
+    members: dict[str, bytes] | None = None,
+    sign: bool = True,
+    compresslevel: int = 9,
 ) -> bytes:
-    """A gzip tar: manifest, its signature (over these exact bytes), the members."""
+    """A gzip tar: manifest, its signature (over these exact bytes), the members.
+
+    ``compresslevel`` changes the bytes but not what they unpack to; the
+    ``bundle-manifest`` target uses 1, which takes about 0.15 ms less per input.
+    """
     from edge_agent import bundle, signing
 
     priv, _ = bundle_keys()
     sig = signing.sign(priv, manifest_raw) if sign else b"\0" * 64
     buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
+    with gzip.GzipFile(
+        fileobj=buf, mode="wb", mtime=0, compresslevel=compresslevel
+    ) as gz:
         with tarfile.open(fileobj=gz, mode="w") as tar:
             items = [(bundle.MANIFEST_NAME, manifest_raw), (bundle.SIGNATURE_NAME, sig)]
             items += list((BUNDLE_MEMBERS if members is None else members).items())
@@ -554,7 +563,7 @@ def t_manifest(data: bytes, scratch: Scratch) -> None:
     from edge_agent.bundle import verify_bundle
 
     _, pub = bundle_keys()
-    path = scratch.write("input.bundle.tar.gz", make_bundle(data))
+    path = scratch.write("input.bundle.tar.gz", make_bundle(data, compresslevel=1))
     out = scratch.root / "unpacked"
     if out.exists():
         import shutil
