@@ -5,14 +5,19 @@ folder from the shared Ethernet captures, each repetition with shifted IPv4/IPv6
 addresses and times so that it forms new flows, then runs, one after the other on
 the same file:
 
-- the gatewatch meter (``flows.meter.iter_flows``, records counted and dropped), in
-  a child process pinned to one core, so its peak RSS is its own;
+- the gatewatch meter (``flows.meter.iter_flows``, records counted and dropped),
+  twice: its compiled packet path (``GATEWATCH_METER=fast``) and its pure-Python one
+  (``GATEWATCH_METER=python``), each in a child process pinned to one core, so its
+  peak RSS is its own;
 - ``tshark -r FILE -q -z conv,tcp``;
 - NFStream, where it imports (in this Python, or the one named by
   ``--nfstream-python``).
 
-It prints packets/s, flows/s, wall time and peak RSS of each, and the ratios, and
-writes them as JSON with ``--out``. Usage::
+It prints packets/s, flows/s, wall time and peak RSS of each (and, for the Python
+tools, packets/s of the read loop alone, without the interpreter's start), and the
+ratios, and writes them as JSON with ``--out``. ``--engines fast`` skips the slow
+Python run.
+Usage::
 
     nice -n 10 python benchmarks/bench_meter.py --packets 2000000 --out bench.json
 """
@@ -99,7 +104,7 @@ def build_capture(sources: list[Path], target: Path, n_packets: int) -> dict:
     }
 
 
-def _measured(cmd: list[str]) -> dict:
+def _measured(cmd: list[str], env: dict | None = None) -> dict:
     """Run ``cmd`` under a small wrapper that reports its wall time and peak RSS."""
     wrapper = (
         "import json, resource, subprocess, sys, time\n"
@@ -114,7 +119,7 @@ def _measured(cmd: list[str]) -> dict:
         "p.stderr.decode(errors='replace')[-2000:]}))\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", wrapper, *cmd], capture_output=True, check=True
+        [sys.executable, "-c", wrapper, *cmd], capture_output=True, check=True, env=env
     )
     return json.loads(out.stdout)
 
@@ -122,11 +127,14 @@ def _measured(cmd: list[str]) -> dict:
 METER_CHILD = (
     "import json, sys, time\n"
     "sys.path.insert(0, {repo!r})\n"
-    "from flows.meter import iter_flows\n"
+    "from flows.meter import iter_flows, make_meter\n"
+    "engine = type(make_meter()).__name__\n"
     "t = time.perf_counter(); n = 0\n"
     "for _ in iter_flows(sys.argv[1], on_error='skip'):\n    n += 1\n"
-    "print(json.dumps({{'flows': n, 'inner_s': time.perf_counter() - t}}))\n"
+    "print(json.dumps({{'flows': n, 'inner_s': time.perf_counter() - t, "
+    "'meter_class': engine}}))\n"
 )
+ENGINES = ("fast", "python")
 
 NFSTREAM_CHILD = (
     "import json, sys, time\n"
@@ -138,14 +146,18 @@ NFSTREAM_CHILD = (
 )
 
 
-def run_meter(path: Path) -> dict:
-    """The gatewatch meter on one core (taskset when there is one)."""
+def run_meter(path: Path, engine: str = "fast") -> dict:
+    """The gatewatch meter's ``engine`` path on one core (taskset when there is one).
+
+    ``fast`` needs the compiled module: GATEWATCH_METER=fast makes the child fail
+    by name instead of falling back when it is not built.
+    """
     cmd = [sys.executable, "-c", METER_CHILD.format(repo=str(REPO)), str(path)]
     if shutil.which("taskset"):
         cmd = ["taskset", "-c", "0"] + cmd
-    res = _measured(cmd)
+    res = _measured(cmd, env=dict(os.environ, GATEWATCH_METER=engine))
     if res["rc"] != 0:
-        raise RuntimeError(f"meter failed: {res['stderr']}")
+        raise RuntimeError(f"meter ({engine}) failed: {res['stderr']}")
     res.update(json.loads(res["stdout"].strip().splitlines()[-1]))
     return res
 
@@ -187,9 +199,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--nfstream-python", default=os.environ.get("NFSTREAM_PYTHON"))
     ap.add_argument("--skip-tshark", action="store_true")
+    ap.add_argument(
+        "--engines",
+        default=",".join(ENGINES),
+        help="meter paths to run, comma-separated (default: fast,python)",
+    )
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if not engines or any(e not in ENGINES for e in engines):
+        print(
+            f"--engines takes names from {ENGINES}, got {args.engines!r}",
+            file=sys.stderr,
+        )
+        return 2
     sources = shared_captures(Path(args.data))
     if not sources:
         print(f"no Ethernet pcaps under {args.data}", file=sys.stderr)
@@ -203,44 +227,52 @@ def main(argv: list[str] | None = None) -> int:
             f"capture: {built['packets']} packets, {built['bytes'] / 1e6:.1f} MB, "
             f"{built['repetitions']} repetitions of {len(built['sources'])} captures"
         )
-        results = {"capture": built, "meter": run_meter(path)}
+        results = {"capture": built}
+        for engine in engines:
+            results[f"meter_{engine}"] = run_meter(path, engine)
         if not args.skip_tshark:
             results["tshark"] = run_tshark(path)
         results["nfstream"] = run_nfstream(path, args.nfstream_python)
 
     n = built["packets"]
-    m = results["meter"]
+    meters = [f"meter_{e}" for e in engines]
     lines = [
-        f"{'tool':10} {'wall s':>8} {'cpu s':>8} {'pkts/s':>12} {'pkts/cpu-s':>12} "
-        f"{'flows':>9} {'flows/s':>10} {'peak RSS MB':>12}"
+        f"{'tool':13} {'wall s':>8} {'cpu s':>8} {'pkts/s':>12} {'pkts/cpu-s':>12} "
+        f"{'flows':>9} {'flows/s':>10} {'peak RSS MB':>12} {'loop pkts/s':>12}"
     ]
-    for name in ("meter", "tshark", "nfstream"):
+    for name in (*meters, "tshark", "nfstream"):
         r = results.get(name)
         if not isinstance(r, dict):
-            lines.append(f"{name:10} {r or 'skipped'}")
+            lines.append(f"{name:13} {r or 'skipped'}")
             continue
         lines.append(
-            f"{name:10} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} "
+            f"{name:13} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} "
             f"{n / r['wall_s']:>12,.0f} {n / r['cpu_s']:>12,.0f} "
             f"{r['flows']:>9} {r['flows'] / r['wall_s']:>10,.0f} "
-            f"{r['peak_rss_bytes'] / 2**20:>12.1f}"
+            f"{r['peak_rss_bytes'] / 2**20:>12.1f} "
+            + (f"{n / r['inner_s']:>12,.0f}" if r.get("inner_s") else f"{'-':>12}")
         )
         r["pkts_per_s"] = n / r["wall_s"]
         r["pkts_per_cpu_s"] = n / r["cpu_s"]
         r["flows_per_s"] = r["flows"] / r["wall_s"]
         r.pop("stdout", None)
-    for name in ("tshark", "nfstream"):
-        r = results.get(name)
-        if isinstance(r, dict):
-            lines.append(
-                f"meter/{name} speed ratio: wall {r['wall_s'] / m['wall_s']:.2f}, "
-                f"cpu {r['cpu_s'] / m['cpu_s']:.2f}"
-            )
-    lines.append(
-        f"meter target: 500,000 pkts/s on one core, RSS < 200 MB -> measured "
-        f"{m['pkts_per_s']:,.0f} pkts/s wall, {m['pkts_per_cpu_s']:,.0f} "
-        f"pkts/cpu-s, {m['peak_rss_bytes'] / 2**20:.0f} MB"
-    )
+    for mine in meters:
+        m = results[mine]
+        for name in ("meter_python", "tshark", "nfstream"):
+            r = results.get(name)
+            if isinstance(r, dict) and name != mine:
+                lines.append(
+                    f"{mine} faster than {name} by: wall "
+                    f"{r['wall_s'] / m['wall_s']:.2f}x, "
+                    f"cpu {r['cpu_s'] / m['cpu_s']:.2f}x"
+                )
+        lines.append(
+            f"{mine} vs the target (500,000 pkts/s on one core, RSS < 200 MB): "
+            f"{m['pkts_per_s']:,.0f} pkts/s wall, {m['pkts_per_cpu_s']:,.0f} "
+            f"pkts/cpu-s, {m['peak_rss_bytes'] / 2**20:.0f} MB"
+        )
+    if len({results[k]["flows"] for k in meters}) > 1:
+        lines.append("WARNING: the meter paths gave different flow counts")
     print("\n".join(lines))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2, default=str))

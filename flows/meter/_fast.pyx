@@ -829,6 +829,10 @@ cdef int dec_frame(int link, const uint8_t* p, int64_t n, int64_t wire, Decoded*
         return S_NON_IP
 
 
+# TODO(gap): speed outside classic pcap. pcapng blocks and live frames reach
+# FastMeter.feed one Python call (and bytes object) per packet, and frames the C
+# decoder leaves to the Python Decoder (fragments, tunnels, IPv6 extension headers,
+# MPLS, PPPoE, 802.11) run at the Python path's speed.
 cdef class FastMeter:
     """The compiled flow meter, with the interface of :class:`FlowMeter`.
 

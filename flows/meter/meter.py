@@ -186,11 +186,9 @@ class PacketDamage:
     reasons: Counter = field(default_factory=Counter)
 
 
-# TODO(gap): speed. This is a pure-Python packet path (an inlined Ethernet/IPv4
-# fast path, heap-driven timers); it measures about 1.9e5 packets per second on
-# one core (benchmarks/bench_meter.py, 2M packets), short of the 5e5 target. A
-# compiled packet path (a C extension holding the decoder, the table and the TCP
-# endpoint machine) is the way there.
+# The pure-Python packet path: the reference for the compiled one in _fast.pyx
+# (same records, tested in tests/test_meter_fast.py) and the fallback where that is
+# not built; about 1.6e5-2e5 packets per CPU second (benchmarks/bench_meter.py).
 # TODO(gap): ``service`` stays null (no protocol analyzers), and role flips that
 # Zeek's analyzers make mid-connection (e.g. NTP mode 4 seen first) are not made.
 class FlowMeter:
