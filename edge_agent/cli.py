@@ -6,12 +6,13 @@ exits once the file is done and its escalations are acknowledged (or
 site's thresholds from its own benign traffic. The bundle, flash and update commands
 come from :mod:`edge_agent.bundle` when it is installed.
 
-Exit codes: 0 ok, 1 failure, 2 usage, 3 bad input (a damaged outbox file included,
-left untouched), 4 partial input (the flows read before the damage were scored and
-sent), 6 broker unavailable, escalations left unacknowledged in the outbox, or
-escalations dropped because the outbox could not store them (disk full, I/O error:
-the agent scores on, writes its local alerts and counts ``outbox_failed``), 130
-interrupted.
+Exit codes: 0 ok, 1 failure, 2 usage, 3 bad input (a source that gave no usable
+flow, a damaged outbox file, left untouched), 4 partial input (damage part way or
+rejected input lines; the flows read were scored and sent), 6 broker
+unavailable, escalations left unacknowledged in the outbox, or escalations dropped
+because the outbox could not store them (disk full, I/O error: the agent scores on,
+writes its local alerts and counts ``outbox_failed``), 130 interrupted (Ctrl-C;
+the flows in hand are scored and the outbox is kept).
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ from flows.errors import (
     EXIT_PARTIAL_INPUT,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    BadInputError,
     GatewatchError,
     OutboxError,
+    PartialInputError,
     TransportError,
     UsageError,
 )
@@ -45,14 +48,16 @@ from flows.errors import (
 DESCRIPTION = (
     "edge-agent: run the agent on a gateway, calibrate its thresholds, and more."
 )
-EPILOG = f"""\\
+EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok
   {EXIT_FAILURE}    failure (an alerts file that cannot be written included)
   {EXIT_USAGE}    usage: bad flags, arguments or settings
-  {EXIT_BAD_INPUT}    bad input (a damaged outbox file included, left untouched)
-  {EXIT_PARTIAL_INPUT}    partial input: the flows read before the damage were scored
-       and sent
+  {EXIT_BAD_INPUT}    bad input: a source that gave no usable flow (stdin with no
+       record), a folder or missing file, a damaged outbox file
+       (left untouched)
+  {EXIT_PARTIAL_INPUT}    partial input: damage part way, or input lines rejected;
+       the flows read were scored and sent
   {EXIT_UNAVAILABLE}    broker unavailable, escalations left unacknowledged in the
        outbox, or escalations dropped because the outbox could not
        store them
@@ -60,37 +65,63 @@ exit codes:
 """
 
 _RUN_FLAGS = {
-    "artifact": "artifact folder (model, encoder, thresholds, manifest)",
-    "source": "pcap:FILE, iface:NAME, zeek:PATH, parquet:FILE or - (JSON lines)",
-    "broker": "mqtt://HOST:PORT or mqtts://HOST:PORT",
-    "site": "site id (letters, digits, . _ -)",
-    "gateway": "gateway id (letters, digits, . _ -)",
+    "artifact": "artifact folder (model, encoder, thresholds, manifest); required "
+    "here or in --config",
+    "source": "where flows come from: pcap:FILE, iface:NAME, zeek:PATH (a conn.log), "
+    "parquet:FILE or - (JSON lines on stdin); required here or in --config",
+    "broker": "mqtt://HOST:PORT or mqtts://HOST:PORT (default: none; escalations "
+    "are kept in the outbox)",
+    "site": "site id (letters, digits, . _ -); required here or in --config",
+    "gateway": "gateway id (letters, digits, . _ -); required here or in --config",
     "outbox": "outbox file (default: $XDG_STATE_HOME/gatewatch/outbox-S-G.sqlite)",
-    "alerts": "where local alerts go as JSON lines: FILE or - for stdout (default -)",
-    "summary_json": "also write the summary as JSON to this file",
-    "username": "broker user name",
-    "password_file": "file whose first line is the broker password",
-    "tls_ca": "CA certificate file for TLS",
-    "tls_cert": "client certificate file for TLS",
-    "tls_key": "client key file for TLS",
-    "protocol": "MQTT version: auto (5, else 3.1.1), 5 or 3.1.1",
-    "update_public_key": "Ed25519 public key: accept signed model updates",
-    "thresholds": "site thresholds JSON (default: the artifact's site_thresholds.json)",
+    "alerts": "where local alerts go as JSON lines: FILE, - for stdout, or an empty "
+    "string for none (default: -)",
+    "summary_json": "also write the summary as JSON to this file (default: none)",
+    "username": "broker user name (default: none)",
+    "password_file": "file whose first line is the broker password (default: none)",
+    "tls_ca": "CA certificate file for TLS (default: none)",
+    "tls_cert": "client certificate file for TLS (default: none)",
+    "tls_key": "client key file for TLS (default: none)",
+    "protocol": "MQTT version: auto (5, else 3.1.1), 5 or 3.1.1 (default: auto)",
+    "update_public_key": "Ed25519 public key file: accept model updates signed by "
+    "it (default: none, updates refused)",
+    "thresholds": "site thresholds JSON (default: the artifact's "
+    "site_thresholds.json)",
 }
 _RUN_NUMBERS = {
-    "drain_timeout": (float, "seconds to wait for acknowledgements at the end (30)"),
-    "connect_timeout": (float, "seconds to wait for the broker at start (10)"),
-    "max_batch": (int, "largest micro-batch (256)"),
-    "max_wait_ms": (float, "longest a flow waits for its batch to fill (20)"),
-    "outbox_max": (int, "most escalations kept unacknowledged (100000)"),
-    "keepalive": (int, "MQTT keepalive in seconds (30)"),
-    "status_interval": (float, "seconds between retained status updates (60)"),
+    "drain_timeout": (
+        float,
+        "seconds to wait for acknowledgements at the end (default: 30)",
+    ),
+    "connect_timeout": (float, "seconds to wait for the broker at start (default: 10)"),
+    "max_batch": (int, "largest micro-batch of flows scored at once (default: 256)"),
+    "max_wait_ms": (
+        float,
+        "longest a flow waits for its batch to fill, in ms (default: 20)",
+    ),
+    "outbox_max": (int, "most escalations kept unacknowledged (default: 100000)"),
+    "keepalive": (int, "MQTT keepalive in seconds (default: 30)"),
+    "status_interval": (
+        float,
+        "seconds between retained status updates (default: 60)",
+    ),
 }
 
 
 def _add_run(subparsers) -> None:
-    p = subparsers.add_parser("run", help="score flows and escalate over MQTT")
-    p.add_argument("--config", type=Path, help="TOML config; flags override it")
+    p = subparsers.add_parser(
+        "run",
+        help="score flows and escalate over MQTT",
+        description="Score a source's flows and escalate the doubtful ones.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="TOML config file with the same settings; flags override it "
+        "(default: none)",
+    )
     for name, text in _RUN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, help=text)
     for name, (kind, text) in _RUN_NUMBERS.items():
@@ -99,27 +130,45 @@ def _add_run(subparsers) -> None:
         "--follow",
         action="store_const",
         const=True,
-        help="tail a growing zeek log (survives rotation)",
+        help="tail a growing zeek: log, surviving rotation, until Ctrl-C (exit 130) "
+        "or SIGTERM (default: read the file once)",
     )
     p.add_argument(
         "--no-wait-verdicts",
         dest="wait_verdicts",
         action="store_const",
         const=False,
-        help="at the end wait for PUBACKs only, not verdicts",
+        help="at the end wait for PUBACKs only, not verdicts (default: wait for "
+        "verdicts too)",
     )
     p.set_defaults(func=cmd_run)
 
 
 def _add_calibrate(subparsers) -> None:
-    p = subparsers.add_parser("calibrate", help="set site thresholds from benign flows")
-    p.add_argument("--artifact", required=True, type=Path)
-    p.add_argument("--source", required=True)
+    p = subparsers.add_parser(
+        "calibrate",
+        help="set site thresholds from benign flows",
+        description="Set this site's thresholds from its own benign flows.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--artifact",
+        required=True,
+        type=Path,
+        help="artifact folder whose model scores the flows (required)",
+    )
+    p.add_argument(
+        "--source",
+        required=True,
+        help="a file source of this site's flows: pcap:FILE, zeek:PATH or "
+        "parquet:FILE (required)",
+    )
     p.add_argument(
         "--target-fpr",
         required=True,
         type=float,
-        help="share of benign flows allowed to escalate, e.g. 0.01",
+        help="share of benign flows allowed to escalate, e.g. 0.01 (required)",
     )
     p.add_argument(
         "--out",
@@ -137,7 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more: -v for info, -vv for debug (default: warnings only)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_calibrate(sub)
@@ -292,9 +347,27 @@ def cmd_run(args: argparse.Namespace) -> int:
             session_expiry=cfg.session_expiry,
         )
     stop = threading.Event()
+    interrupted = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    # Errors of the source are kept and raised after the flows before them were
+    # scored (a live source is read in a worker thread, a file one in batches).
+    source.capture_errors = True
+
+    def on_sigint(*_) -> None:
+        # A followed log ends once it has yielded what the file holds now, so what
+        # was read is scored; other live sources, or a second Ctrl-C, stop at once.
+        # The exit code says it was interrupted either way (130).
+        if interrupted.is_set() or source.kind != "zeek":
+            stop.set()
+        interrupted.set()
+        source.end.set()
+
+    if not source.finite:
+        signal.signal(signal.SIGINT, on_sigint)
     failure: GatewatchError | None = None
     started = time.monotonic()
+    drained = False
     try:
         agent.start(cfg.connect_timeout)
         if cfg.update_public_key:
@@ -307,12 +380,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         except GatewatchError as exc:
             failure = exc  # what was read before the damage is scored and kept
         except KeyboardInterrupt:
+            interrupted.set()
             stop.set()
+        if failure is None and source.error is not None:
+            failure = source.error
         drained = agent.drain(
-            cfg.drain_timeout if not stop.is_set() else 2.0,
+            cfg.drain_timeout if not (stop.is_set() or interrupted.is_set()) else 2.0,
             wait_verdicts=cfg.wait_verdicts,
         )
+    except KeyboardInterrupt:
+        interrupted.set()  # a second Ctrl-C during the drain: stop draining
     finally:
+        signal.signal(signal.SIGINT, previous_sigint)
         summary = agent.summary()
         agent.close()
         if close_alerts:
@@ -321,8 +400,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary["seconds"] = round(time.monotonic() - started, 3)
     summary["drained"] = drained
     _report(summary, cfg.summary_json)
+    if interrupted.is_set():
+        print(
+            f"error: interrupted; {summary['outbox_pending']} escalations kept in "
+            f"the outbox {cfg.outbox_path()}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     if failure is not None:
-        raise failure
+        raise _as_partial(failure, summary["flows"])
+    input_error = _input_problem(
+        cfg.source, source, summary["flows"], stop.is_set() or interrupted.is_set()
+    )
+    if input_error is not None:
+        raise input_error
     if close_alerts and alerts.error is not None:
         raise alerts.error
     if agent.outbox_error is not None:
@@ -344,6 +435,53 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return EXIT_OK
+
+
+def _as_partial(exc: GatewatchError, flows: int) -> GatewatchError:
+    """A bad-input error after some flows were scored is a partial input (exit 4)."""
+    if flows and isinstance(exc, BadInputError):
+        new = PartialInputError(
+            f"{str(exc)[len(exc._where()) :]} (the {flows} flows read before it were "
+            "scored and kept)",
+            path=exc.path,
+            line=exc.line,
+            column=exc.column,
+            offset=exc.offset,
+        )
+        new.__cause__ = exc
+        return new
+    return exc
+
+
+def _input_problem(
+    spec: str, source, flows: int, stopped: bool
+) -> BadInputError | None:
+    """Exit 3 when a source that ran to its end gave no usable flow, 4 when some of
+    its input was rejected; None when all was well (or it was stopped by a signal).
+    """
+    from edge_agent.sources import STDIN_EXPECTED
+
+    rejected = sum(source.rejected.values())
+    if stopped or (flows and not rejected):
+        return None
+    where = "stdin" if source.kind == "stdin" else spec
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(source.rejected.items()))
+    first = f"; the first: {source.first_rejected}" if source.first_rejected else ""
+    if not flows:
+        if not rejected and source.kind != "stdin":
+            return None  # an empty log file is no error (a quiet day)
+        held = f"{rejected} line(s) rejected ({counts}){first}" if rejected else (
+            "it held no lines"
+        )
+        expected = (
+            STDIN_EXPECTED if source.kind == "stdin" else f"flow records in {spec}"
+        )
+        return BadInputError(f"no usable flow record was read from {where}: {held}; "
+                             f"{expected}")
+    return PartialInputError(
+        f"{rejected} input line(s) of {where} were rejected ({counts}){first}; the "
+        f"{flows} flows read were scored and kept"
+    )
 
 
 def _report(summary: dict[str, Any], path: str | None) -> None:

@@ -3,13 +3,16 @@
 A source spec is one string: ``pcap:FILE`` (through the flow meter), ``iface:NAME``
 (live capture), ``zeek:PATH`` (a conn.log, TSV or JSON; with ``follow`` it tails the
 file and survives rotation), ``parquet:FILE`` (canonical records) or ``-`` (JSON
-lines on stdin, one canonical record per line). :func:`open_source` returns a
-:class:`Source` whose iterator yields canonical records as dicts.
+lines on stdin, one record per line: canonical field names, or Zeek's JSON names
+as ``LogAscii::use_json=T`` writes them, ``id.orig_h``...). :func:`open_source`
+returns a :class:`Source` whose iterator yields canonical records as dicts.
 
-Malformed stdin lines, and records with a value that does not fit its field (a
-dict, an integer past int64, text in a number field), are rejected, counted in
-``Source.rejected`` and logged once; the source goes on. Every record has every
-canonical field (missing ones null).
+Malformed stdin lines, lines over ``MAX_LINE_BYTES``, and records with a value
+that does not fit its field (a dict, an integer past int64, text in a number
+field, an address that is no IP address, a port outside 0..65535) are rejected,
+counted in ``Source.rejected`` (with the line of the first in ``first_rejected``)
+and logged once; the source goes on. Every record has every canonical field
+(missing ones null).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import io
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import logger
-from flows.errors import BadInputError, UsageError
-from flows.record import CONN_FIELD_KINDS, CONN_FIELD_NAMES, value_problem
+from flows.errors import BadInputError, GatewatchError, UsageError
+from flows.readers._source import MAX_LINE_BYTES, too_long
+from flows.record import CONN_FIELD_NAMES, field_problem
 
 KINDS = ("pcap", "iface", "zeek", "parquet", "stdin")
 
@@ -36,7 +41,12 @@ class Source:
     """An iterable of canonical records plus what it had to reject on the way.
 
     ``finite`` is true for a file read once (the agent drains and exits at its end),
-    false for a live interface, a followed log or stdin.
+    false for a live interface, a followed log or stdin. With ``capture_errors``
+    (set by a caller that iterates in a worker thread) an error that ends the
+    iteration is kept in ``error`` instead of raised, for the caller to report
+    (and the records yielded before it are not lost in a half-filled batch).
+    Setting ``end`` asks a followed log to stop once it has yielded what the
+    file holds now (Ctrl-C: what was read is still scored).
     """
 
     kind: str
@@ -44,18 +54,35 @@ class Source:
     finite: bool
     _factory: Callable[[Source], Iterator[dict]]
     rejected: dict[str, int] = field(default_factory=dict)
+    first_rejected: str | None = None
+    capture_errors: bool = False
+    error: GatewatchError | None = None
+    end: threading.Event = field(default_factory=threading.Event)
 
     def __iter__(self) -> Iterator[dict]:
-        return self._factory(self)
+        try:
+            yield from self._factory(self)
+        except (GatewatchError, OSError) as exc:
+            if isinstance(exc, OSError):
+                exc = BadInputError(
+                    f"cannot be read ({exc.strerror or exc})", path=self.target
+                )
+            self.error = exc
+            if not self.capture_errors:
+                raise exc from None
 
-    def reject(self, kind: str, message: str) -> None:
+    def reject(self, kind: str, message: str, line: int | None = None) -> None:
         """Count one rejected input item; log the first of each kind."""
         n = self.rejected.get(kind, 0) + 1
         self.rejected[kind] = n
+        where = f"line {line}: " if line is not None else ""
+        if self.first_rejected is None:
+            self.first_rejected = f"{where}{kind}: {message}"
         if n == 1:
             logger.warning(
-                "source %s: rejected input (%s: %s); further ones only counted",
+                "source %s: %srejected input (%s: %s); further ones only counted",
                 self.target,
+                where,
                 kind,
                 message,
             )
@@ -90,12 +117,8 @@ def open_source(
     kind, target = parse_spec(spec)
     if follow and kind != "zeek":
         raise UsageError("--follow applies to zeek:PATH sources only")
-    if (
-        kind in ("pcap", "zeek", "parquet")
-        and not follow
-        and not Path(target).is_file()
-    ):
-        raise BadInputError("no such file", path=target)
+    if kind in _EXPECTED:
+        _check_file(kind, Path(target), follow)
     if kind == "pcap":
         return Source(kind, target, True, lambda s: _pcap(s))
     if kind == "iface":
@@ -108,6 +131,32 @@ def open_source(
         return Source(kind, target, True, lambda s: _zeek(s.target))
     stream = stdin if stdin is not None else sys.stdin
     return Source(kind, target, False, lambda s: _json_lines(s, stream))
+
+
+_EXPECTED = {
+    "pcap": "a pcap or pcapng capture file",
+    "zeek": "a Zeek conn.log file (TSV or JSON, plain or gzip)",
+    "parquet": "a Parquet file of canonical flow records",
+}
+
+
+def _check_file(kind: str, path: Path, follow: bool) -> None:
+    """Refuse a folder, a missing file (unless followed) or a non-file, by name."""
+    expected = _EXPECTED[kind]
+    try:
+        if path.is_dir():
+            hint = ""
+            if kind == "zeek" and (path / "conn.log").is_file():
+                hint = f" (did you mean zeek:{path / 'conn.log'}?)"
+            raise BadInputError(
+                f"is a directory; {kind}: expects {expected}{hint}", path=str(path)
+            )
+        if path.is_file() or (follow and not path.exists()):
+            return
+        what = "is not a regular file" if path.exists() else "no such file"
+    except OSError as exc:
+        what = f"cannot be read ({exc.strerror or exc})"
+    raise BadInputError(f"{what}; {kind}: expects {expected}", path=str(path))
 
 
 def _pcap(src: Source) -> Iterator[dict]:
@@ -160,8 +209,31 @@ def _parquet(src: Source) -> Iterator[dict]:
             yield canonical(rec)
 
 
+def _bounded_lines(stream) -> Iterator[str | int]:
+    """The lines of a text stream; a line over ``MAX_LINE_BYTES`` is not held.
+
+    An over-long line is read in bounded pieces and yields its length (an int)
+    in its place, so a stdin without newlines cannot fill the memory.
+    """
+    while True:
+        line = stream.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) <= MAX_LINE_BYTES or line.endswith("\n"):
+            yield line
+            continue
+        length = len(line)
+        while line and not line.endswith("\n"):
+            line = stream.readline(MAX_LINE_BYTES)
+            length += len(line)
+        yield length
+
+
 def _json_lines(src: Source, stream) -> Iterator[dict]:
-    for line in stream:
+    for line_no, line in enumerate(_bounded_lines(stream), start=1):
+        if isinstance(line, int):
+            src.reject("line_too_long", too_long(line), line_no)
+            continue
         line = line.strip()
         if not line:
             continue
@@ -169,27 +241,53 @@ def _json_lines(src: Source, stream) -> Iterator[dict]:
             rec = json.loads(line)
         except (RecursionError, ValueError) as exc:
             # RecursionError: a nesting bomb ("[" * 100000) must cost only its line.
-            src.reject("malformed_json", f"{type(exc).__name__}: {exc}"[:200])
+            src.reject("malformed_json", f"{type(exc).__name__}: {exc}"[:200], line_no)
             continue
+        if isinstance(rec, dict) and "src_ip" not in rec and _zeek_shaped(rec):
+            try:
+                rec = zeek_json_record(rec, "-", line_no)
+            except BadInputError as exc:
+                src.reject("bad_value", str(exc)[len(exc._where()) :], line_no)
+                continue
         if not isinstance(rec, dict) or "src_ip" not in rec:
-            src.reject("not_a_record", "line is not a JSON object with src_ip")
+            src.reject("not_a_record", STDIN_EXPECTED, line_no)
             continue
         rec = canonical(rec)
         problem = _record_problem(rec)
         if problem is not None:
-            src.reject("bad_value", problem)
+            src.reject("bad_value", problem, line_no)
             continue
         yield rec
+
+
+STDIN_EXPECTED = (
+    "expected one JSON object per line with the canonical fields (src_ip, dst_ip, "
+    "src_port, dst_port, proto, ts, ...) or Zeek's JSON names (id.orig_h, "
+    "id.resp_h, id.orig_p, id.resp_p, ...)"
+)
+
+
+def _zeek_shaped(rec: dict[str, Any]) -> bool:
+    """Whether a JSON object names its endpoints as Zeek's conn.log JSON does."""
+    return "id.orig_h" in rec or isinstance(rec.get("id"), dict)
+
+
+def zeek_json_record(obj: dict, path: str, line_no: int) -> dict:
+    """One Zeek JSON object -> canonical record, by the Zeek JSON reader's mapping."""
+    from flows.readers.stream import zeek_json_record as convert
+
+    return convert(obj, path, line_no)
 
 
 def _record_problem(rec: dict[str, Any]) -> str | None:
     """Why a canonical record from stdin cannot be scored and sent, or None.
 
     Each field must fit its kind (numbers finite and in range, strings for text
-    fields, null anywhere): the same check the re-scorer applies to escalations.
+    fields, null anywhere): the same check the re-scorer applies to escalations;
+    addresses must be IP addresses and ports 0..65535 (``flows.record``).
     """
     for name, value in rec.items():
-        problem = value_problem(CONN_FIELD_KINDS[name], value)
+        problem = field_problem(name, value)
         if problem is not None:
             return f"field {name!r}: {problem}"
     return None
@@ -204,33 +302,66 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
 
     Rotation is noticed when the path names a new file (another inode) or the file
     shrank; the old file is read to its end first, then the new one from its start.
-    Lines are parsed one by one by ``flows.readers.stream`` (the same rules as a
-    whole-file read); a line it cannot parse is rejected, counted and skipped.
+    A path that is missing (not yet written, or removed and not yet recreated) is
+    waited for, with one warning. Lines are parsed one by one by
+    ``flows.readers.stream`` (the same rules as a whole-file read); a line it
+    cannot parse, or one over ``MAX_LINE_BYTES``, is rejected, counted and skipped.
     """
     from flows.readers.stream import TsvLineParser
 
     path = Path(src.target)
     handle, inode, parser = None, None, None
-    partial, line_no = "", 0
+    partial, line_no, skipping = "", 0, 0
+    waiting = vanished = False
     while True:
         if handle is None:
             try:
                 handle = open(path, encoding="utf-8", errors="replace", newline="")
                 inode = os.fstat(handle.fileno()).st_ino
-                parser, partial, line_no = TsvLineParser(str(path)), "", 0
+                parser, partial, line_no, skipping = TsvLineParser(str(path)), "", 0, 0
+                waiting = vanished = False
             except FileNotFoundError:
+                if src.end.is_set():
+                    return
+                if not waiting:
+                    logger.warning("source %s: no such file yet; waiting for it", path)
+                    waiting = True
                 time.sleep(poll)
                 continue
-        chunk = handle.read()
+            except IsADirectoryError:
+                raise BadInputError(
+                    f"is a directory; zeek: expects {_EXPECTED['zeek']}", path=str(path)
+                ) from None
+        chunk = handle.read(1 << 16)
         if chunk:
+            if skipping:
+                end = chunk.find("\n")
+                if end < 0:
+                    skipping += len(chunk)
+                    continue
+                line_no += 1
+                src.reject("line_too_long", too_long(skipping + end), line_no)
+                skipping, chunk = 0, chunk[end + 1 :]
             lines = (partial + chunk).split("\n")
             partial = lines.pop()
             for line in lines:
                 line_no += 1
+                if len(line) > MAX_LINE_BYTES:
+                    src.reject("line_too_long", too_long(len(line)), line_no)
+                    continue
                 rec = _parse_line(src, parser, line.rstrip("\r"), line_no)
                 if rec is not None:
                     yield rec
+            if len(partial) > MAX_LINE_BYTES:
+                skipping, partial = len(partial), ""
             continue
+        if src.end.is_set():
+            return  # asked to end: all the file held has been yielded
+        if not vanished and not path.exists():
+            logger.warning(
+                "source %s: the file was removed; waiting for a new one", path
+            )
+            vanished = True
         if _rotated(path, inode, handle):
             handle.close()
             handle = None
@@ -260,5 +391,5 @@ def _parse_line(src: Source, parser, line: str, line_no: int) -> dict | None:
             return canonical(parse_json_line(line, src.target, line_no))
         return canonical(parser.parse(line, line_no))
     except BadInputError as exc:
-        src.reject("bad_line", str(exc))
+        src.reject("bad_line", str(exc)[len(exc._where()) :], line_no)
         return None

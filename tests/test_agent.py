@@ -443,3 +443,191 @@ def test_good_site_thresholds_still_load(tm, tmp_path: Path) -> None:
     _site_thresholds(art, escalate_low=0.0, decision=0.0, alert=1.0)
     thresholds, origin = load_thresholds(load_artifact(art))
     assert origin == "site" and thresholds["alert"] == 1.0
+
+
+# -- hostile input on the agent's sources and exit codes ------------------------------
+
+
+def _zeek_json_lines(records: list[dict], nested: bool = False) -> list[str]:
+    """Records as Zeek writes them with LogAscii::use_json=T (nulls left out)."""
+    from flows.readers.zeek import CANON_TO_ZEEK
+
+    lines = []
+    for rec in records:
+        obj = {
+            CANON_TO_ZEEK[k]: v
+            for k, v in rec.items()
+            if k in CANON_TO_ZEEK and v is not None
+        }
+        if nested:
+            obj["id"] = {k[3:]: obj.pop(k) for k in list(obj) if k.startswith("id.")}
+        lines.append(json.dumps(obj))
+    return lines
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_stdin_takes_zeek_json_names_as_the_zeek_reader_does(
+    tm, tmp_path: Path, nested: bool
+) -> None:
+    from flows.readers import read
+
+    lines = _zeek_json_lines(tm.records[:20], nested)
+    text = "\n".join(lines) + "\n"
+    src = open_source("-", stdin=io.StringIO(text))
+    got = list(src)
+    assert src.rejected == {}
+    (tmp_path / "c.json").write_text(text)
+    assert got == read(tmp_path / "c.json").table.to_pylist()
+    keys = ("ts", "src_ip", "src_port", "dst_ip", "dst_port", "proto", "orig_bytes")
+    assert [{k: r[k] for k in keys} for r in got] == [
+        {k: r[k] for k in keys} for r in tm.records[:20]
+    ]
+
+
+def test_stdin_rejects_bad_addresses_ports_and_long_lines_by_line(tm) -> None:
+    from flows.readers._source import MAX_LINE_BYTES
+
+    good = [json.dumps(r) for r in tm.records[:3]]
+    bad_ip = json.dumps(dict(tm.records[0], src_ip="300.1.1.1"))
+    bad_port = _zeek_json_lines([dict(tm.records[0], dst_port=65536)])[0]
+    text = "\n".join(
+        [good[0], bad_ip, good[1], bad_port, "x" * (3 * MAX_LINE_BYTES), good[2]]
+    ) + "\n"
+    src = open_source("-", stdin=io.StringIO(text))
+    assert [r["uid"] for r in src] == [r["uid"] for r in tm.records[:3]]
+    assert src.rejected == {"bad_value": 2, "line_too_long": 1}
+    assert src.first_rejected.startswith("line 2: bad_value: field 'src_ip'")
+    assert "expected an IPv4 or IPv6 address" in src.first_rejected
+
+
+def test_bounded_lines_never_hold_a_long_line() -> None:
+    from edge_agent.sources import _bounded_lines
+    from flows.readers._source import MAX_LINE_BYTES
+
+    text = "a\n" + "b" * (5 * MAX_LINE_BYTES + 7) + "\nc"
+    got = list(_bounded_lines(io.StringIO(text)))
+    assert got == ["a\n", 5 * MAX_LINE_BYTES + 8, "c"]
+
+
+def _run_stdin(tm, tmp_path: Path, monkeypatch, text: str) -> int:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    return main(
+        [
+            "run", "--artifact", str(tm.artifact), "--source", "-", "--site", "s1",
+            "--gateway", "g1", "--outbox", str(tmp_path / "o.db"), "--alerts", "",
+            "--summary-json", str(tmp_path / "s.json"),
+        ]
+    )
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "{broken\n[1, 2]\n{\"a\": 1}\n"])
+def test_run_on_stdin_without_a_usable_record_exits_3(
+    tm, tmp_path: Path, monkeypatch, capsys, text: str
+) -> None:
+    rc = _run_stdin(tm, tmp_path, monkeypatch, text)
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert "error: no usable flow record was read from stdin" in err
+    assert "expected one JSON object per line" in err and "id.orig_h" in err
+    if text.strip():
+        assert "3 line(s) rejected (malformed_json 1, not_a_record 2)" in err
+        assert "the first: line 1: malformed_json" in err
+    assert "Traceback" not in err
+
+
+def test_run_on_stdin_with_rejected_lines_exits_4_and_keeps_the_rest(
+    tm, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    good = [json.dumps(r) for r in tm.records[:50]]
+    text = "\n".join(good[:25] + ["{broken"] + good[25:]) + "\n"
+    rc = _run_stdin(tm, tmp_path, monkeypatch, text)
+    err = capsys.readouterr().err
+    assert rc == 4, err
+    assert "1 input line(s) of stdin were rejected (malformed_json 1)" in err
+    assert "line 26" in err
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["flows"] == 50
+    box = Outbox(tmp_path / "o.db")
+    assert {m.id for m in box.pending()} == set(tm.expected(tm.records[:50]))
+
+
+def test_run_on_a_log_damaged_part_way_exits_4_with_the_flows_before(
+    tm, tmp_path: Path, capsys
+) -> None:
+    lines = tm.conn_log.read_text().splitlines()
+    header = [x for x in lines if x.startswith("#") and not x.startswith("#close")]
+    data = [x for x in lines if not x.startswith("#")][:2500]
+    log = tmp_path / "conn.log"
+    damaged = header + data[:2400] + ["not\ta\tzeek\tline"] + data[2400:]
+    log.write_text("\n".join(damaged) + "\n")
+    rc = main(
+        [
+            "run", "--artifact", str(tm.artifact), "--source", f"zeek:{log}",
+            "--site", "s1", "--gateway", "g1", "--outbox", str(tmp_path / "o.db"),
+            "--alerts", "",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 4, err
+    assert f"error: {log}, line {len(header) + 2401}:" in err
+    assert "the 2400 flows read before it were scored and kept" in err
+    expected = set(tm.expected(tm.records[:2400]))
+    assert expected  # escalations among the flows before the damage
+    assert {m.id for m in Outbox(tmp_path / "o.db").pending()} == expected
+
+
+def test_zeek_source_given_a_directory_says_so(tm, tmp_path: Path, capsys) -> None:
+    (tmp_path / "conn.log").write_text(tm.conn_log.read_text())
+    for extra in ([], ["--follow"]):
+        rc = main(
+            [
+                "run", "--artifact", str(tm.artifact), "--source", f"zeek:{tmp_path}",
+                "--site", "s1", "--gateway", "g1", "--outbox", str(tmp_path / "o.db"),
+                *extra,
+            ]
+        )
+        err = capsys.readouterr().err
+        assert rc == 3, err
+        assert f"error: {tmp_path}: is a directory; zeek: expects a Zeek" in err
+        assert f"did you mean zeek:{tmp_path / 'conn.log'}?" in err
+
+
+def test_ctrl_c_during_follow_exits_130_and_keeps_the_outbox(tm, tmp_path: Path):
+    import signal
+
+    log = tmp_path / "conn.log"
+    log.write_text(tm.conn_log.read_text())
+    alerts = tmp_path / "alerts.jsonl"
+    expected = tm.expected()
+    n_alerts = sum(v == "alert" for v in expected.values())
+    assert n_alerts > 0  # the wait below needs some alert lines
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "edge_agent.cli", "run",
+            "--artifact", str(tm.artifact), "--source", f"zeek:{log}", "--follow",
+            "--site", "s1", "--gateway", "g1", "--outbox", str(tmp_path / "o.db"),
+            "--alerts", str(alerts), "--summary-json", str(tmp_path / "s.json"),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if alerts.exists() and len(alerts.read_text().splitlines()) >= n_alerts:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "error: interrupted" in err and "Traceback" not in err
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["flows"] == len(tm.records)
+    box = Outbox(tmp_path / "o.db")
+    assert {m.id for m in box.pending()} == set(expected)
