@@ -16,7 +16,11 @@ are made per connection (its record), not per packet.
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcmp, memcpy, memset
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
 
 import os
 from collections import Counter
@@ -125,7 +129,9 @@ cdef void _init_pairs():
     for a, b in ((8, 0), (13, 14), (15, 16), (10, 9), (17, 18)):
         ICMP4_PAIR[a] = b
         ICMP4_PAIR[b] = a
-    for a, b in ((128, 129), (133, 134), (135, 136), (130, 131), (139, 140), (144, 145)):
+    for a, b in (
+        (128, 129), (133, 134), (135, 136), (130, 131), (139, 140), (144, 145)
+    ):
         ICMP6_PAIR[a] = b
         ICMP6_PAIR[b] = a
 
@@ -216,11 +222,20 @@ cdef inline uint16_t be16(const uint8_t* p) noexcept nogil:
 
 
 cdef inline uint32_t be32(const uint8_t* p) noexcept nogil:
-    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+    return (
+        (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+    )
 
 
 cdef inline uint32_t le32(const uint8_t* p) noexcept nogil:
-    return (<uint32_t>p[3] << 24) | (<uint32_t>p[2] << 16) | (<uint32_t>p[1] << 8) | p[0]
+    return (
+        (<uint32_t>p[3] << 24) | (<uint32_t>p[2] << 16) | (<uint32_t>p[1] << 8) | p[0]
+    )
+
+
+cdef inline object where(int64_t offset):
+    """A packet's file offset for damage notes (None: a live frame has none)."""
+    return None if offset < 0 else offset
 
 
 cdef inline Endpoint* ORIG(Conn* c) noexcept nogil:
@@ -241,7 +256,8 @@ cdef inline Endpoint* other_ep(Conn* c, Endpoint* ep) noexcept nogil:
 
 cdef inline int64_t unwrap(int64_t seq, int64_t ref) noexcept nogil:
     """The 64-bit sequence number closest to ``ref`` whose low 32 bits are ``seq``."""
-    return ref + (((seq - ref) + <int64_t>0x80000000LL) & <int64_t>0xFFFFFFFFLL) - <int64_t>0x80000000LL
+    cdef int64_t half = 0x80000000LL, mask = 0xFFFFFFFFLL
+    return ref + (((seq - ref) + half) & mask) - half
 
 
 cdef inline uint64_t key_hash(const Key* k) noexcept nogil:
@@ -405,7 +421,8 @@ cdef int deliver(Endpoint* ep, int64_t start, int64_t n) except -1:
     s.hi = end
     i = ep.nsegs
     while i > 0 and (
-        ep.segs[i - 1].lo > s.lo or (ep.segs[i - 1].lo == s.lo and ep.segs[i - 1].hi > s.hi)
+        ep.segs[i - 1].lo > s.lo
+        or (ep.segs[i - 1].lo == s.lo and ep.segs[i - 1].hi > s.hi)
     ):
         ep.segs[i] = ep.segs[i - 1]
         i -= 1
@@ -466,7 +483,9 @@ cdef int acked(Conn* c, Endpoint* ep, int64_t upto) except -1:
     return 0
 
 
-cdef int tcp_history(Conn* c, Endpoint* ep, int flags, int64_t rel, int64_t length) except -1:
+cdef int tcp_history(
+    Conn* c, Endpoint* ep, int flags, int64_t rel, int64_t length
+) except -1:
     cdef int bits = (1 if flags & F_SYN else 0) + (1 if flags & F_FIN else 0) + (
         1 if flags & F_RST else 0
     )
@@ -650,7 +669,9 @@ cdef int conn_tcp(
     if do_close:
         ep.did_close = True
         if ep.state == RESET or peer.did_close or peer.state == INACTIVE:
-            c.remove_at = c.last_ts + (reset_delay if ep.state == RESET else close_delay)
+            c.remove_at = c.last_ts + (
+                reset_delay if ep.state == RESET else close_delay
+            )
     return 0
 
 
@@ -710,7 +731,9 @@ DEF D_PACKET = 0
 DEF D_FALLBACK = -1
 
 
-cdef int dec_ip4(const uint8_t* p, int64_t n, int64_t off, int64_t w, Decoded* out) noexcept nogil:
+cdef int dec_ip4(
+    const uint8_t* p, int64_t n, int64_t off, int64_t w, Decoded* out
+) noexcept nogil:
     cdef int vhl, ihl, proto
     cdef int64_t total, end
     cdef uint16_t frag
@@ -743,7 +766,9 @@ cdef int dec_ip4(const uint8_t* p, int64_t n, int64_t off, int64_t w, Decoded* o
     return D_PACKET
 
 
-cdef int dec_ip6(const uint8_t* p, int64_t n, int64_t off, int64_t w, Decoded* out) noexcept nogil:
+cdef int dec_ip6(
+    const uint8_t* p, int64_t n, int64_t off, int64_t w, Decoded* out
+) noexcept nogil:
     cdef int nh
     cdef int64_t total, pos, end, cap
     if n < off + 40 or p[off] >> 4 != 6:
@@ -773,7 +798,9 @@ cdef int dec_ip6(const uint8_t* p, int64_t n, int64_t off, int64_t w, Decoded* o
     return D_PACKET
 
 
-cdef int dec_frame(int link, const uint8_t* p, int64_t n, int64_t wire, Decoded* out) noexcept nogil:
+cdef int dec_frame(
+    int link, const uint8_t* p, int64_t n, int64_t wire, Decoded* out
+) noexcept nogil:
     """Decode the common frames; D_FALLBACK for anything the Python decoder must see."""
     cdef int64_t off
     cdef uint32_t et, fam
@@ -899,7 +926,8 @@ cdef class FastMeter:
             raise UsageError(f"max_flows must be at least 1, got {max_flows}")
         self.timeouts = timeouts or Timeouts()
         t = self.timeouts
-        self.t_tcp, self.t_udp, self.t_icmp, self.t_other = t.tcp, t.udp, t.icmp, t.other
+        self.t_tcp, self.t_udp = t.tcp, t.udp
+        self.t_icmp, self.t_other = t.icmp, t.other
         self.t_close, self.t_reset = t.tcp_close_delay, t.tcp_reset_delay
         self.t_attempt = t.tcp_attempt_delay
         self.max_flows = max_flows
@@ -1479,7 +1507,7 @@ cdef class FastMeter:
         if proto == 6:
             if n < 20:
                 self.skip(S_CUT)
-                self._damaged(None if offset < 0 else offset, "cut_header", "TCP header is cut")
+                self._damaged(where(offset), "cut_header", "TCP header is cut")
                 return 0
             sport = be16(l4)
             dport = be16(l4 + 2)
@@ -1492,7 +1520,7 @@ cdef class FastMeter:
             if hlen < 20 or hlen > l4_len:
                 self.skip(S_BOGUS)
                 self._damaged(
-                    None if offset < 0 else offset,
+                    where(offset),
                     "bad_header",
                     "TCP header length is impossible",
                 )
@@ -1531,7 +1559,9 @@ cdef class FastMeter:
                     flip_it = True
                 elif not (flags & F_SYN) or flags & F_ACK:
                     flip_it = self.likely_flip(sport, dport, dst, ver, self.tcp_ports)
-                c = self.new_conn(P_TCP, ver, src, sport, dst, dport, ts, &k, h, flip_it)
+                c = self.new_conn(
+                    P_TCP, ver, src, sport, dst, dport, ts, &k, h, flip_it
+                )
             is_orig = memcmp(src, c.orig_h, alen) == 0 and sport == c.orig_p
             if bad:
                 scaled(c, ORIG(c) if is_orig else RESP(c), L_C)
@@ -1545,7 +1575,7 @@ cdef class FastMeter:
         if proto == 17:
             if n < 8:
                 self.skip(S_CUT)
-                self._damaged(None if offset < 0 else offset, "cut_header", "UDP header is cut")
+                self._damaged(where(offset), "cut_header", "UDP header is cut")
                 return 0
             sport = be16(l4)
             dport = be16(l4 + 2)
@@ -1569,7 +1599,9 @@ cdef class FastMeter:
                 c = NULL
             if c == NULL:
                 flip_it = self.likely_flip(sport, dport, dst, ver, self.udp_ports)
-                c = self.new_conn(P_UDP, ver, src, sport, dst, dport, ts, &k, h, flip_it)
+                c = self.new_conn(
+                    P_UDP, ver, src, sport, dst, dport, ts, &k, h, flip_it
+                )
             is_orig = memcmp(src, c.orig_h, alen) == 0 and sport == c.orig_p
             c.last_ts = ts
             if bad:
@@ -1581,7 +1613,9 @@ cdef class FastMeter:
                 dport == 4789 or dport == 6081 or dport == 2152
                 or sport == 4789 or sport == 6081 or sport == 2152
             ):
-                port = dport if (dport == 4789 or dport == 6081 or dport == 2152) else sport
+                port = sport
+                if dport == 4789 or dport == 6081 or dport == 2152:
+                    port = dport
                 self.udp_tunnel(ts, port, l4, n, offset)
             return 0
 
@@ -1613,7 +1647,7 @@ cdef class FastMeter:
         # ICMP and ICMPv6
         if n < 4:
             self.skip(S_CUT)
-            self._damaged(None if offset < 0 else offset, "cut_header", "ICMP header is cut")
+            self._damaged(where(offset), "cut_header", "ICMP header is cut")
             return 0
         itype = l4[0]
         code = l4[1]
@@ -1677,7 +1711,8 @@ cdef class FastMeter:
         return 0
 
     cdef int frame(self, double ts, int64_t link, const uint8_t* p, int64_t n,
-                   int64_t wire, int64_t offset, int64_t snaplen, object data) except -1:
+                   int64_t wire, int64_t offset, int64_t snaplen,
+                   object data) except -1:
         """One captured frame (``data``: its bytes object, or None to make one)."""
         cdef Decoded d
         cdef int res
@@ -1694,7 +1729,7 @@ cdef class FastMeter:
             self.snap_cut += 1
             if snaplen and n < snaplen:
                 self._damaged(
-                    None if offset < 0 else offset,
+                    where(offset),
                     "cut_below_snaplen",
                     f"packet record holds {n} of {wire} bytes, "
                     f"less than the snap length {snaplen}",
@@ -1712,23 +1747,23 @@ cdef class FastMeter:
         pkt = self.decoder.decode(link, data, wire, ts)
         if type(pkt) is int:
             self.skip(pkt)
-            where = None if offset < 0 else offset
+            at = where(offset)
             if pkt == S_CUT:
                 self._damaged(
-                    where,
+                    at,
                     "cut_header",
                     f"packet ({n} of {wire} bytes captured) is cut inside its headers",
                 )
             elif pkt == S_BOGUS:
-                self._damaged(where, "bad_header", "packet has an impossible IP header")
+                self._damaged(at, "bad_header", "packet has an impossible IP header")
             elif pkt == S_WIRE:
                 self._damaged(
-                    where,
+                    at,
                     "truncated_ip",
                     "IP total length exceeds the packet's length on the wire",
                 )
             elif pkt == S_LINK:
-                self._damaged(where, "unknown_link_type", f"unknown link type {link}")
+                self._damaged(at, "unknown_link_type", f"unknown link type {link}")
             return 0
         self.ip_tuple(ts, pkt, offset)
         return 0
@@ -1789,7 +1824,9 @@ cdef class FastMeter:
         return pos, count
 
 
-cdef inline void udp_icmp(Conn* c, bint is_orig, int64_t ip_len, int64_t payload) noexcept:
+cdef inline void udp_icmp(
+    Conn* c, bint is_orig, int64_t ip_len, int64_t payload
+) noexcept:
     cdef Endpoint* ep = ORIG(c) if is_orig else RESP(c)
     ep.pkts += 1
     ep.ip_bytes += ip_len
