@@ -82,3 +82,54 @@ def test_iface_source_yields_a_tcp_connection_on_loopback() -> None:
     )
     assert (rec["orig_bytes"], rec["resp_bytes"], rec["conn_state"]) == (5, 6, "SF")
     assert set(rec) == set(canonical({}))
+
+
+# -- followed logs that vanish, folders, missing files ---------------------------------
+
+
+def _wait(predicate, seconds: float = 20.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_follow_waits_for_a_missing_or_removed_log_and_says_so(tmp_path, caplog):
+    import logging
+    import threading
+
+    from tests.test_readers import ROW_A, ROW_B, zeek_text
+
+    log = tmp_path / "conn.log"
+    src = open_source(f"zeek:{log}", follow=True, poll=0.05)
+    got: list[dict] = []
+    thread = threading.Thread(target=lambda: got.extend(src), daemon=True)
+    with caplog.at_level(logging.WARNING, logger="gatewatch"):
+        thread.start()
+        assert _wait(lambda: "no such file yet; waiting" in caplog.text)
+        log.write_text(zeek_text([ROW_A], close=False))
+        assert _wait(lambda: len(got) == 1)
+        log.unlink()
+        assert _wait(lambda: "the file was removed; waiting" in caplog.text)
+        log.write_text(zeek_text([ROW_B], close=False))
+        assert _wait(lambda: len(got) == 2)
+        src.end.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert [r["uid"] for r in got] == ["CabC1", "CabC2"]
+    assert src.rejected == {} and src.error is None
+
+
+@pytest.mark.parametrize("kind", ["zeek", "pcap", "parquet"])
+def test_a_folder_or_a_missing_file_is_named_with_what_is_expected(tmp_path, kind):
+    with pytest.raises(BadInputError) as info:
+        open_source(f"{kind}:{tmp_path}")
+    assert info.value.path == str(tmp_path)
+    assert f"is a directory; {kind}: expects a" in str(info.value)
+    with pytest.raises(BadInputError) as info:
+        open_source(f"{kind}:{tmp_path / 'nope'}")
+    assert "no such file" in str(info.value) and "expects a" in str(info.value)

@@ -240,3 +240,118 @@ def test_agent_run_with_a_full_alerts_file_exits_1(data_dir, tmp_path_factory,
     assert code == 1, err
     assert f"error: cannot write alerts to {alerts}" in err
     assert "Traceback" not in err
+
+
+# -- every option says what it does and its default ---------------------------------
+
+
+def _options(parser, skip=()):
+    """(command path, option strings, help) of every option, subcommands included."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                if name not in skip:
+                    yield from ((f"{name} {p}", o, h) for p, o, h in _options(sub))
+        elif not isinstance(action, argparse._HelpAction):
+            yield "", action.option_strings or [action.dest], action.help
+
+
+# bundle.register adds keygen/bundle/verify/flash/rollback/pack-update, which are
+# edge_agent/bundle.py's to document.
+_BUNDLE_COMMANDS = ("keygen", "bundle", "verify", "flash", "rollback", "pack-update")
+
+
+@pytest.mark.parametrize("module", ["flows.cli", "edge_agent.cli"])
+def test_every_option_has_help_saying_its_default(module):
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    options = list(_options(parser, skip=_BUNDLE_COMMANDS))
+    assert len(options) > 5
+    missing = [
+        (path, opts)
+        for path, opts, text in options
+        if opts[0].startswith("-")
+        and not (text and ("default" in text or "required" in text))
+    ]
+    assert missing == []
+    assert all(text for _, _, text in options)  # positionals too
+
+
+# -- flows: standard input, long lines, gzip bombs -------------------------------------
+
+
+def _flows(args, stdin=b"", env=None):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        input=stdin,
+        capture_output=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def test_flows_inspect_and_convert_read_stdin(tmp_path, capsys):
+    log = _conn_log(tmp_path)
+    code = flows_main(["inspect", "--json", str(log)])
+    from_file = json.loads(capsys.readouterr().out)
+
+    done = _flows(["inspect", "--json", "-"], stdin=log.read_bytes())
+    assert done.returncode == 0, done.stderr
+    assert code == 0 and json.loads(done.stdout) == from_file
+
+    out = tmp_path / "o.parquet"
+    done = _flows(["convert", "-", "-o", str(out)], stdin=log.read_bytes())
+    assert done.returncode == 0, done.stderr
+    from flows.readers import read
+
+    assert read(out).table.equals(read(log).table)
+
+    done = _flows(["inspect", "-", "-"], stdin=log.read_bytes())
+    assert done.returncode == 2 and b"can be given only once" in done.stderr
+
+    done = _flows(["inspect", "-"], stdin=b"")
+    assert done.returncode == 3 and done.stderr == b"error: <stdin>: is empty\n"
+
+
+def test_flows_inspect_long_line_exits_4_with_one_warning(tmp_path):
+    from tests.test_readers import ROW_A, ROW_B, zeek_text
+
+    text = zeek_text([ROW_A, ROW_B]).replace(
+        "\t".join(ROW_B), "z" * (40 << 20) + "\n" + "\t".join(ROW_B)
+    )
+    path = tmp_path / "long.log"
+    path.write_text(text)
+
+    done = _flows(["inspect", "--json", str(path)])
+    err = done.stderr.decode()
+    assert done.returncode == 4, err
+    assert json.loads(done.stdout)["rows"] == 1
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert f"{path}, line 10: a line of {40 << 20} bytes" in err
+
+
+def test_flows_inspect_gzip_bomb_exits_4_within_the_limit(tmp_path):
+    import gzip
+
+    from tests.test_readers import ROW_A, zeek_text
+
+    row = "\t".join(ROW_A) + "\n"
+    path = tmp_path / "bomb.log.gz"
+    text = zeek_text([], close=False) + row * 400_000
+    path.write_bytes(gzip.compress(text.encode()))
+    done = _flows(
+        ["inspect", "--json", str(path)], env={"GATEWATCH_MAX_INFLATED": "4000000"}
+    )
+    err = done.stderr.decode()
+    assert done.returncode == 4, err
+    summary = json.loads(done.stdout)
+    assert 0 < summary["rows"] < 400_000 and summary["partial"] is True
+    notes = [w for w in summary["warnings"] if "inflated text passed 4000000" in w]
+    assert len(notes) == 1 and str(path) in notes[0]
