@@ -822,8 +822,10 @@ def revoke_client_cert(
     ``ca/ca.key``). Give ``user`` to revoke the certificate in ``clients/<user>/``
     (its ``client.crt`` and ``client.key`` are then deleted, so the next ``write``
     issues that user a new one), or ``cert_file`` for any certificate this CA
-    issued. The new list goes to ``ca/ca.crl`` and ``broker/ca.crl``; the broker
-    reads it when it starts (install it, then restart mosquitto). Returns what was
+    issued. The new list goes to ``ca/ca.crl`` and ``broker/ca.crl``; install it
+    on the broker host, then reload mosquitto (SIGHUP: new connections are checked
+    against it) or restart it (which also ends the sessions already open). Returns
+    what was
     revoked: ``{"user", "serial", "crl", "revoked"}`` (the count on the list).
     """
     from cryptography.x509.oid import NameOID
@@ -1269,7 +1271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "revoke":
             report = revoke_client_cert(args.out, user=args.user, cert_file=args.cert)
             report["next"] = (
-                "install broker/ca.crl on the broker host and restart mosquitto"
+                "install broker/ca.crl on the broker host, then reload mosquitto "
+                "(new connections) or restart it (also ends open sessions)"
             )
         else:
             report = _check_command(args)

@@ -12,6 +12,7 @@ import grp
 import os
 import secrets
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -127,6 +128,11 @@ class SecureBroker:
         self.proc.terminate()
         self.proc.wait(5)
         return self._run()
+
+    def reload(self) -> None:
+        """Send mosquitto SIGHUP: it re-reads its password, ACL and CRL files."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
 
     def _run(self) -> SecureBroker:
         assert self.files is not None and self.workdir is not None
