@@ -1696,6 +1696,9 @@ cdef class FastMeter:
         cdef bytes src = pkt[1]
         cdef bytes dst = pkt[2]
         cdef bytes l4 = bytes(pkt[5])
+        cdef Py_ssize_t alen = 4 if pkt[0] == 4 else 16
+        if PyBytes_GET_SIZE(src) != alen or PyBytes_GET_SIZE(dst) != alen:
+            raise ValueError(f"decoder gave IPv{pkt[0]} addresses of the wrong length")
         self.ip(
             ts,
             pkt[0],
@@ -1797,6 +1800,8 @@ cdef class FastMeter:
         cdef uint32_t sec, frac, incl, orig
         cdef int64_t count = 0
         cdef const uint8_t* r
+        if hdr < 16 or pos < 0:
+            raise ValueError(f"pcap record header of {hdr} bytes at {pos}: not a pcap")
         while size - pos >= hdr:
             r = p + pos
             if big:
