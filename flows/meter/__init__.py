@@ -102,12 +102,13 @@ def make_meter(engine: str | None = None, **kwargs):
 def _feed_all(reader: CaptureReader, meter) -> Iterator[None]:
     """Feed every packet of ``reader`` to ``meter``; yields when flows may have ended.
 
-    The compiled meter takes classic-pcap records in bulk from the read buffer;
-    everything else goes packet by packet through ``feed``.
+    The compiled meter takes pcap records and pcapng packet blocks in bulk from
+    the read buffer; everything else goes packet by packet through ``feed``.
     """
     snaps = reader.snaplens
     feed = meter.feed
-    for item in reader.packets_or_runs(getattr(meter, "pcap_bulk", None)):
+    bulk = meter if hasattr(meter, "pcapng_bulk") else None
+    for item in reader.packets_or_runs(bulk):
         if item is not None:
             ts, link, data, wire, offset = item
             feed(ts, link, data, wire, offset, snaps.get(link, 0))

@@ -87,11 +87,12 @@ class CaptureReader:
     def packets_or_runs(self, bulk=None) -> Iterator:
         """The packets, as :meth:`__iter__` yields them, with classic-pcap runs bulk.
 
-        ``bulk`` (the compiled meter's ``pcap_bulk``) is handed the read buffer and
-        consumes the whole, sane records in it; a ``None`` is yielded after each run
-        it consumed, so the caller can collect the flows that ended. Records the
-        reader must judge (cut, garbage, across the buffer's end) still come one by
-        one as tuples, with the same damage notes. pcapng always comes as tuples.
+        ``bulk`` (the compiled meter) is handed the read buffer through its
+        ``pcap_bulk`` and ``pcapng_bulk`` and consumes the whole, sane packet
+        records (pcapng: enhanced packet blocks) in it; a ``None`` is yielded after
+        each run it consumed, so the caller can collect the flows that ended.
+        Records and blocks the reader must judge (cut, garbage, across the buffer's
+        end, other block types) still come one by one, with the same damage notes.
         """
         own = self._fh is None
         if own:
@@ -112,7 +113,7 @@ class CaptureReader:
             magic_le = struct.unpack_from("<I", self._buf, self._pos)[0]
             if magic_le == PCAPNG_SHB:
                 self.format = "pcapng"
-                yield from self._pcapng()
+                yield from self._pcapng(bulk)
             elif (
                 magic_le in _PCAP_MAGICS
                 or struct.unpack_from(">I", self._buf, self._pos)[0] in _PCAP_MAGICS
@@ -156,7 +157,7 @@ class CaptureReader:
         try:
             while True:
                 if bulk is not None:
-                    pos, got = bulk(
+                    pos, got = bulk.pcap_bulk(
                         self._buf, self._pos, self._base, hdr, big, scale, link, snaplen
                     )
                     if got:
@@ -209,11 +210,31 @@ class CaptureReader:
 
     # -- pcapng -----------------------------------------------------------------------
 
-    def _pcapng(self) -> Iterator[tuple[float, int, bytes, int, int]]:
+    def _pcapng(self, bulk=None) -> Iterator:
         order = "<"
         ifaces: list[tuple[int, int, float, float]] = []  # link, snap, scale, offset
         first = True
         while True:
+            if bulk is not None and ifaces:
+                links = [i[0] for i in ifaces]
+                pos, got, per_iface = bulk.pcapng_bulk(
+                    self._buf,
+                    self._pos,
+                    self._base,
+                    order == ">",
+                    links,
+                    [i[2] for i in ifaces],
+                    [i[3] for i in ifaces],
+                    [self.snaplens.get(link, 0) for link in links],
+                )
+                if got:
+                    self._pos = pos
+                    self.packets += got
+                    for link, n in zip(links, per_iface, strict=True):
+                        if n:
+                            self.link_types[link] += n
+                    yield None
+                    continue
             if not self._fill(12):
                 left = len(self._buf) - self._pos
                 if left:
