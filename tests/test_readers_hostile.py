@@ -362,3 +362,62 @@ def test_table_with_canonical_schema_is_unchanged_by_the_checks(tmp_path):
     path = tmp_path / "c.parquet"
     pq.write_table(table, path)
     assert read(path).table.equals(table)
+
+
+# ----------------------------------------------- more of the same kind
+
+
+def test_a_json_nesting_bomb_is_one_bad_line(tmp_path):
+    bomb = '{"a":' * 100_000
+    path = write(tmp_path, "c.json", "\n".join([_json_row(), bomb, _json_row()]) + "\n")
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    assert info.value.line == 2 and "nested too deeply" in str(info.value)
+    assert read(path, on_error="skip").table.num_rows == 2
+    assert len(list(iter_records(path, on_error="skip"))) == 2
+
+
+def test_a_device_is_refused_not_read_forever():
+    import os
+
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero here")
+    with pytest.raises(BadInputError) as info:
+        read("/dev/zero")
+    assert "is a device, expected a file" in str(info.value)
+
+
+def test_a_pipe_is_read_once_from_its_first_byte(tmp_path):
+    import os
+    import threading
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("needs os.mkfifo")
+    text = zeek_text([ROW_A, ROW_B])
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+
+    def feed():
+        with open(fifo, "wb") as fh:
+            fh.write(gzip.compress(text.encode()))
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    got = read(fifo)
+    thread.join(10)
+    assert got.table.equals(read(write(tmp_path, "c.log", text)).table)
+
+
+def test_a_stream_past_the_limit_keeps_its_complete_lines(monkeypatch):
+    from flows.readers._source import read_stream
+
+    monkeypatch.setenv("GATEWATCH_MAX_INFLATED", "1000")
+    src = read_stream("<stdin>", io.BytesIO(b"y\n" * 5000))
+    assert src.data == b"y\n" * 500
+    assert "more than 1000 bytes" in src.cut and "kept the 500 complete" in src.cut
+
+
+def test_utf16_is_named_by_the_streaming_reader_too(tmp_path):
+    path = write(tmp_path, "c.log", zeek_text([ROW_A]).encode("utf-16"))
+    with pytest.raises(BadInputError, match="is UTF-16 text"):
+        list(iter_records(path))

@@ -20,13 +20,14 @@ format, gzip or not, and Parquet; a packet capture must be given by file name.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from flows.errors import BadInputError, PartialInputError
 from flows.readers._finish import check_on_error
 from flows.readers._lazy import LazyModule
-from flows.readers._source import Source, from_bytes, load
+from flows.readers._source import Source, load, read_stream
 from flows.readers.detect import FORMATS, sniff_binary, sniff_text
 from flows.readers.result import ReadResult
 
@@ -113,28 +114,45 @@ def _read_stdin(on_error: str) -> ReadResult:
     import sys
 
     try:
-        raw = sys.stdin.buffer.read()
-    except (OSError, ValueError) as exc:
+        src = read_stream(STDIN_NAME, sys.stdin.buffer)
+    except (OSError, ValueError, AttributeError) as exc:
         raise BadInputError(f"cannot be read ({exc})", path=STDIN_NAME) from exc
-    kind = sniff_binary(raw[:4])
+    return _read_buffered(src, on_error)
+
+
+def _read_buffered(src: Source, on_error: str) -> ReadResult:
+    """Read an input read whole first (stdin, a pipe), which cannot be reopened."""
+    kind = None if src.compressed else sniff_binary(src.data[:4])
     if kind == "parquet":
         from flows.readers.parquet import read_parquet
 
-        return read_parquet(pa.BufferReader(raw), on_error, name=STDIN_NAME)
+        return read_parquet(pa.BufferReader(src.data), on_error, name=src.path)
     if kind in ("pcap", "pcapng"):
         from flows.errors import UsageError
 
         raise UsageError(
-            f"{STDIN_NAME}: a {kind} capture is not read from standard input; "
-            "give its file name"
+            f"{src.path}: a {kind} capture is not read from a pipe or standard "
+            "input; give its file name"
         )
-    return _read_source(from_bytes(STDIN_NAME, raw), on_error)
+    return _read_source(src, on_error)
+
+
+def _is_pipe(path: str | Path) -> bool:
+    """Whether ``path`` names a FIFO (``<(zcat ...)``), which can be read only once."""
+    import stat
+
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False  # the open that follows names the problem
 
 
 def _read_one(path: str | Path, on_error: str) -> ReadResult:
     """Read one file in whatever format its content shows."""
     if str(path) == STDIN:
         return _read_stdin(on_error)
+    if _is_pipe(path):
+        return _read_buffered(load(path), on_error)
     kind = _sniff_head(path)
     if kind == "parquet":
         from flows.readers.parquet import read_parquet
@@ -149,7 +167,7 @@ def _read_one(path: str | Path, on_error: str) -> ReadResult:
 def _read_source(src: Source, on_error: str) -> ReadResult:
     """Read the text of one input (already gunzipped) in the format it shows."""
     _check_not_empty(src)
-    _check_utf16(src)
+    check_utf16(src.data, src.path)
     if src.compressed and sniff_binary(src.data[:4]) is not None:
         raise BadInputError(
             f"gzip-compressed {sniff_binary(src.data[:4])}: gunzip it first",
@@ -191,9 +209,9 @@ def _sniff_head(path: str | Path) -> str | None:
     return sniff_binary(head)
 
 
-def _check_utf16(src: Source) -> None:
+def check_utf16(data: bytes, path: str) -> None:
     """Refuse UTF-16 text by name (Windows tools write it); the readers take UTF-8."""
-    head = src.data[:512]
+    head = data[:512]
     bom = head[:2] in (b"\xff\xfe", b"\xfe\xff")
     # Without a byte-order mark: ASCII text in UTF-16 has a NUL in every other byte.
     half = len(head) // 2
@@ -204,7 +222,7 @@ def _check_utf16(src: Source) -> None:
         raise BadInputError(
             f"is UTF-16 text ({how}); expected UTF-8 text: convert it first, e.g. "
             "iconv -f UTF-16 -t UTF-8",
-            path=src.path,
+            path=path,
         )
 
 

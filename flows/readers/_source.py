@@ -16,6 +16,7 @@ block splitter cannot take them, and no flow record is that long).
 from __future__ import annotations
 
 import os
+import stat
 import zlib
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -63,7 +64,16 @@ def load(path: str | Path) -> Source:
     # TODO(gap): whole files are held in memory; no chunked read for logs of many GB.
     name = str(path)
     try:
-        raw = Path(path).read_bytes()
+        mode = os.stat(path).st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            raise BadInputError(
+                "is a device, expected a file (or - for standard input)", path=name
+            )
+        if stat.S_ISREG(mode):
+            raw = Path(path).read_bytes()
+        else:  # a pipe (<(zcat ...)): it has no size, so read it within the limit
+            with open(path, "rb") as fh:
+                return read_stream(name, fh)
     except FileNotFoundError:
         raise BadInputError("no such file", path=name) from None
     except IsADirectoryError:
@@ -73,21 +83,43 @@ def load(path: str | Path) -> Source:
     return from_bytes(name, raw)
 
 
+def read_stream(name: str, fh: BinaryIO) -> Source:
+    """Read a pipe or standard input whole, but no more than :func:`max_inflated`.
+
+    Past the limit the complete lines before it are kept and the input is marked
+    cut, as for a gzip bomb (``yes | flows inspect -`` must not fill the memory).
+    """
+    limit = max_inflated()
+    raw = fh.read(limit + 1)
+    if len(raw) <= limit:
+        return from_bytes(name, raw)
+    raw = raw[:limit]
+    too_much = f"more than {limit} bytes (${MAX_INFLATED_ENV} sets the limit)"
+    if raw[:2] == GZIP_MAGIC:
+        data, cut = gunzip(raw, limit=limit)
+        return _cut(name, data, cut or too_much, compressed=True)
+    return _cut(name, raw, too_much, compressed=False)
+
+
 def from_bytes(name: str, raw: bytes) -> Source:
     """The :class:`Source` of bytes already read (stdin), gunzipped like a file."""
     if raw[:2] != GZIP_MAGIC:
         return Source(name, raw)
     data, cut = gunzip(raw, limit=max_inflated())
-    if cut is None:
-        return Source(name, data, compressed=True)
+    return _cut(name, data, cut, compressed=True)
 
+
+def _cut(name: str, data: bytes, cut: str | None, compressed: bool) -> Source:
+    """The Source of ``data``; when ``cut`` says why it stopped, only whole lines."""
+    if cut is None:
+        return Source(name, data, compressed=compressed)
     keep = data.rfind(b"\n") + 1
     lines = data.count(b"\n", 0, keep)
     dropped = len(data) - keep
     note = f"{name}: {cut}; kept the {lines} complete lines before it"
     if dropped:
         note += f" and dropped a cut line of {dropped} bytes"
-    return Source(name, data[:keep], compressed=True, cut=note)
+    return Source(name, data[:keep], compressed=compressed, cut=note)
 
 
 def gunzip(raw: bytes, limit: int | None = None) -> tuple[bytes, str | None]:

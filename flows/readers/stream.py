@@ -230,9 +230,11 @@ def parse_json_line(line: str, path: str = "<stream>", line_no: int = 0) -> dict
         obj = json.loads(line)
         if not isinstance(obj, dict):
             raise ValueError("not an object")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: a nesting bomb ("[" * 100000) is one bad line.
+        why = "nested too deeply" if isinstance(exc, RecursionError) else exc
         raise BadInputError(
-            f"expected one JSON object ({exc})", path=path, line=line_no
+            f"expected one JSON object ({why})", path=path, line=line_no
         ) from None
     return zeek_json_record(obj, path, line_no)
 
@@ -322,7 +324,7 @@ def stream_format(path: str) -> str:
     A whole-file read would hold a conn.log of many GB in memory before the first
     record is yielded; the text formats are told apart by their first 64 KiB.
     """
-    from flows.readers import _sniff_head, detect_format
+    from flows.readers import _sniff_head, check_utf16, detect_format
     from flows.readers.detect import sniff_text
 
     kind = _sniff_head(path)
@@ -331,6 +333,7 @@ def stream_format(path: str) -> str:
     head = _head(path)
     if not head or head.isspace():
         return detect_format(path)  # short: the whole read gives the exact error
+    check_utf16(head, path)
     return sniff_text(head, path)
 
 

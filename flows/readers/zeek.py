@@ -454,7 +454,7 @@ def _read_json_fast(src: Source) -> tuple[pa.Table, dict] | None:
         return None
     try:
         first = json.loads(data[: data.find(b"\n")])
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(first, dict) or not isinstance(first.get("ts"), (int, float)):
         return None
@@ -544,11 +544,13 @@ def _read_json_lines(src: Source, on_error: str) -> ReadResult:
             obj = json.loads(raw)
             if not isinstance(obj, dict):
                 raise ValueError("not an object")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             if index == last and not data.endswith(b"\n"):
                 cut = cut or f"{src.path}: the last line ({line_no}) is cut short"
                 continue
-            problems.append(Problem(line_no, None, f"expected one JSON object ({exc})"))
+            # RecursionError: a nesting bomb ("[" * 100000) is one bad line.
+            why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            problems.append(Problem(line_no, None, f"expected one JSON object ({why})"))
             continue
         try:
             record = json_record(obj, stats)
