@@ -447,6 +447,7 @@ def _as_partial(exc: GatewatchError, flows: int) -> GatewatchError:
             line=exc.line,
             column=exc.column,
             offset=exc.offset,
+            row=getattr(exc, "row", None),
         )
         new.__cause__ = exc
         return new

@@ -204,9 +204,25 @@ def _parquet(src: Source) -> Iterator[dict]:
         raise BadInputError(
             f"Parquet file lacks canonical columns {missing}", path=src.target
         )
-    for batch in pf.iter_batches(batch_size=4096):
+    row = 0
+    batches = pf.iter_batches(batch_size=4096)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
+            raise BadInputError(
+                f"damaged after {row} rows ({exc})", path=src.target, row=row + 1
+            ) from exc
         for rec in batch.to_pylist():
-            yield canonical(rec)
+            row += 1
+            rec = canonical(rec)
+            problem = _record_problem(rec)
+            if problem is not None:
+                # As for a zeek: file, the first bad record ends the read (exit 4).
+                raise BadInputError(problem, path=src.target, row=row)
+            yield rec
 
 
 def _bounded_lines(stream) -> Iterator[str | int]:

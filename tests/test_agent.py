@@ -631,3 +631,28 @@ def test_ctrl_c_during_follow_exits_130_and_keeps_the_outbox(tm, tmp_path: Path)
     assert summary["flows"] == len(tm.records)
     box = Outbox(tmp_path / "o.db")
     assert {m.id for m in box.pending()} == set(expected)
+
+
+def test_parquet_source_stops_at_a_bad_address_with_the_flows_before(
+    tm, tmp_path: Path, capsys
+) -> None:
+    import pyarrow.parquet as pq
+
+    from flows.record import CONN_FIELD_NAMES, columns_to_table
+
+    rows = tm.records[:2400] + [dict(tm.records[0], dst_port=70000)] + tm.records[:5]
+    path = tmp_path / "f.parquet"
+    table = columns_to_table({n: [r[n] for r in rows] for n in CONN_FIELD_NAMES})
+    pq.write_table(table, path)
+    rc = main(
+        [
+            "run", "--artifact", str(tm.artifact), "--source", f"parquet:{path}",
+            "--site", "s1", "--gateway", "g1", "--outbox", str(tmp_path / "o.db"),
+            "--alerts", "",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 4, err
+    assert f"error: {path}, row 2401: field 'dst_port': expected a port" in err
+    expected = set(tm.expected(tm.records[:2400]))
+    assert expected and {m.id for m in Outbox(tmp_path / "o.db").pending()} == expected
