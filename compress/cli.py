@@ -270,6 +270,7 @@ def _summary(result: Any) -> dict[str, Any]:
             "latency_us_p50": test.get("latency_us_p50"),
             "throughput_flows_s": test.get("throughput_flows_s"),
             "input_dtype": m.get("input", {}).get("dtype"),
+            "quantization": m.get("quantization"),
         }
     return {"artifacts": arts, "failed": result.failed,
             "frontier": [c.row() for c in result.frontier],
