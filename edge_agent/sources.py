@@ -70,6 +70,15 @@ class Source:
             self.error = exc
             if not self.capture_errors:
                 raise exc from None
+        except Exception as exc:
+            if not self.capture_errors:
+                raise
+            # In a worker thread an unexpected error would print a traceback and
+            # end the source silently: report it instead (the trace at debug level).
+            logger.debug("source %s failed", self.target, exc_info=True)
+            self.error = GatewatchError(
+                f"source {self.target} failed: {type(exc).__name__}: {exc}"
+            )
 
     def reject(self, kind: str, message: str, line: int | None = None) -> None:
         """Count one rejected input item; log the first of each kind."""
@@ -129,8 +138,18 @@ def open_source(
         return Source(kind, target, False, lambda s: _follow(s, poll))
     if kind == "zeek":
         return Source(kind, target, True, lambda s: _zeek(s.target))
-    stream = stdin if stdin is not None else sys.stdin
+    stream = stdin if stdin is not None else _text_stdin()
     return Source(kind, target, False, lambda s: _json_lines(s, stream))
+
+
+def _text_stdin():
+    """Standard input as UTF-8 text whose bad bytes read as U+FFFD (the line is then
+    rejected as malformed JSON), never a UnicodeDecodeError that ends the source.
+    """
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:
+        return sys.stdin  # replaced by a text stream (tests, embedding)
+    return io.TextIOWrapper(buffer, encoding="utf-8", errors="replace", newline=None)
 
 
 _EXPECTED = {

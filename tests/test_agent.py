@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -656,3 +657,23 @@ def test_parquet_source_stops_at_a_bad_address_with_the_flows_before(
     assert f"error: {path}, row 2401: field 'dst_port': expected a port" in err
     expected = set(tm.expected(tm.records[:2400]))
     assert expected and {m.id for m in Outbox(tmp_path / "o.db").pending()} == expected
+
+
+def test_stdin_bytes_that_are_not_utf8_are_a_rejected_line(tm, tmp_path: Path):
+    line = json.dumps(tm.records[0]).encode()
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "edge_agent.cli", "run", "--artifact",
+            str(tm.artifact), "--source", "-", "--site", "s1", "--gateway", "g1",
+            "--outbox", str(tmp_path / "o.db"), "--alerts", "",
+        ],
+        input=b"\xff\xfe" + line + b"\n" + line + b"\n",
+        capture_output=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+        timeout=120,
+    )
+    err = done.stderr.decode()
+    assert done.returncode == 4, err
+    assert "Traceback" not in err and "summary: flows 1," in err
+    assert "the first: line 1: malformed_json" in err
