@@ -287,6 +287,11 @@ def _output_path(name: str) -> Path:
     An existing output must be a regular file: a folder, a device node, a FIFO or
     a socket would be replaced by a regular file on the final rename.
     """
+    if name == "-":
+        raise UsageError(
+            "-o - (standard output) is not supported: Parquet and conn.log are "
+            "written to a file, replaced only once complete; give a file name"
+        )
     out = Path(name)
     try:
         if out.is_symlink():

@@ -355,3 +355,12 @@ def test_flows_inspect_gzip_bomb_exits_4_within_the_limit(tmp_path):
     assert 0 < summary["rows"] < 400_000 and summary["partial"] is True
     notes = [w for w in summary["warnings"] if "inflated text passed 4000000" in w]
     assert len(notes) == 1 and str(path) in notes[0]
+
+
+def test_convert_to_dash_is_a_usage_error_not_a_file_named_dash(tmp_path, capsys,
+                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = flows_main(["convert", str(_conn_log(tmp_path)), "-o", "-"])
+    err = capsys.readouterr().err
+    assert code == 2 and "-o - (standard output) is not supported" in err
+    assert not (tmp_path / "-").exists()
