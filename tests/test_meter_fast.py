@@ -11,8 +11,11 @@ a fixed-seed run of a few thousand mutated captures. Also here: choosing the pat
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -515,14 +518,67 @@ def test_auto_picks_the_compiled_path(monkeypatch, tmp_path):
     assert outcome(path, None) == want
 
 
-def test_live_and_agent_sources_use_make_meter():
-    """The live source builds its meter through make_meter (so the fast path)."""
-    import inspect
+def _spy_meters(monkeypatch) -> list:
+    """Record every meter that ``flows.meter.make_meter`` builds from now on."""
+    made: list = []
+    real = meter_pkg.make_meter
 
-    from flows.meter import live
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
 
-    src = inspect.getsource(live.iter_live)
-    assert "make_meter(" in src and "FlowMeter(" not in src
+    monkeypatch.setattr(meter_pkg, "make_meter", spy)
+    monkeypatch.delenv("GATEWATCH_METER", raising=False)
+    return made
+
+
+@needs_fast
+def test_agent_pcap_source_takes_the_compiled_path(monkeypatch, tmp_path):
+    from flows.meter._fast import FastMeter
+
+    from edge_agent.sources import open_source
+
+    made = _spy_meters(monkeypatch)
+    path = write_pcap(tmp_path / "a.pcap", [(t, eth(p)) for t, p in handshake()])
+    recs = list(open_source(f"pcap:{path}"))
+    assert [type(m) for m in made] == [FastMeter]
+    # handshake(): S, SA, A, request, reply, both FINs; the responder never sends
+    # a pure ACK, so no "a".
+    assert [(r["conn_state"], r["history"]) for r in recs] == [("SF", "ShADdFf")]
+
+
+@needs_fast
+@pytest.mark.skipif(os.geteuid() != 0, reason="capturing on lo needs root here")
+def test_live_source_takes_the_compiled_path(monkeypatch):
+    pytest.importorskip("pcapy", reason="pcapy-ng is not installed")
+    from flows.meter._fast import FastMeter
+
+    from flows.meter.live import iter_live
+
+    made = _spy_meters(monkeypatch)
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    port = rx.getsockname()[1]
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def talk():
+        time.sleep(0.5)
+        for i in range(3):
+            tx.sendto(b"y" * (20 + i), ("127.0.0.1", port))
+            time.sleep(0.02)
+
+    th = threading.Thread(target=talk)
+    th.start()
+    try:
+        recs = list(iter_live("lo", bpf=f"udp and dst port {port}", duration=1.5))
+    finally:
+        th.join()
+        tx.close()
+        rx.close()
+    assert [type(m) for m in made] == [FastMeter]
+    assert [(r["dst_port"], r["orig_pkts"], r["orig_bytes"]) for r in recs] == [
+        (port, 3, 20 + 21 + 22)
+    ]
 
 
 # -- files that are no capture at all: bad input (3), not partial (4) ----------------
