@@ -9,7 +9,9 @@ measured against the float teacher on the test split (F1, decision agreement,
 |Δprob|, latency on one thread) and saved as a ``torch.export`` program
 (``model.pt2``, dynamic batch axis: any batch from 1 to 65536) with a manifest.
 It is not an edge target: the gateway never runs torch; ``compress eval`` does not
-load it.
+load it. Load it with :func:`load_program`: the program calls the
+``quantized_decomposed`` ops, which ``torch.export.load`` cannot resolve until
+torchao (or ``torch.ao.quantization``) has registered them in the process.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from compress import logger
 from compress.artifact import write_manifest, write_thresholds
 from flows.errors import ExportError
 
-__all__ = ["quantize_teacher", "save_program", "torch_int8_artifact"]
+__all__ = ["load_program", "quantize_teacher", "save_program", "torch_int8_artifact"]
 
 
 MAX_BATCH = 1 << 16
@@ -135,6 +137,21 @@ def save_program(q: Any, example: np.ndarray, path: Path) -> Path:
         raise ExportError(f"torch-int8: saving the quantized teacher failed: {exc}") \
             from exc
     return path
+
+
+def load_program(path: Path) -> Any:
+    """The saved int8 program as a callable module (any batch size).
+
+    Registers the ``quantized_decomposed`` quantize/dequantize ops first (importing
+    torchao's PT2E package does); without them loading fails in a fresh process.
+    """
+    import torchao.quantization.pt2e  # noqa: F401  (registers quantized_decomposed)
+
+    try:
+        return torch.export.load(str(path)).module()
+    except Exception as exc:
+        raise ExportError(f"{path}: cannot load the torch-int8 program: {exc}") \
+            from exc
 
 
 def torch_int8_artifact(ctx: Any, folder: Path) -> Path:

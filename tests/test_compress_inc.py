@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -41,10 +45,25 @@ def test_inc_int8_teacher_agrees_with_fp32(tmp_path) -> None:
     assert np.mean((qp >= 0.5) == (fp >= 0.5)) >= 0.95
     assert np.mean((fp >= 0.5) == y[500:]) > 0.8  # the float model learned the task
 
-    # The saved program takes any batch size, and scores like the quantized model.
+    # The saved program loads in a fresh process, takes any batch size and scores
+    # like the quantized model.
     path = save_program(q, x[:4], tmp_path / "model.pt2")
-    loaded = torch.export.load(str(path)).module()
-    for batch in (1, 7, 100):
-        with torch.no_grad():
-            got = torch.sigmoid(loaded(torch.from_numpy(x[500 : 500 + batch])))
-        np.testing.assert_allclose(got.numpy(), qp[:batch], atol=1e-6)
+    np.save(tmp_path / "x.npy", x[500:600])
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from compress.inc import load_program\n"
+        "m = load_program(sys.argv[1])\n"
+        "x = np.load(sys.argv[2])\n"
+        "with torch.no_grad():\n"
+        "    out = [torch.sigmoid(m(torch.from_numpy(x[:b]))).numpy()\n"
+        "           for b in (1, 7, 100)]\n"
+        "np.save(sys.argv[3], np.concatenate(out))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path), str(tmp_path / "x.npy"),
+         str(tmp_path / "out.npy")], capture_output=True, text=True, timeout=300,
+        cwd=str(Path(__file__).resolve().parent.parent))
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = np.load(tmp_path / "out.npy")
+    want = np.concatenate([qp[:1], qp[:7], qp[:100]])
+    np.testing.assert_allclose(got, want, atol=1e-6)
