@@ -7,7 +7,10 @@ in ``[escalate_low, alert)`` (the re-scorer decides), *alert* at or above ``aler
 (alerted locally and escalated). Flows are scored in micro-batches: a file source is
 read ``max_batch`` flows at a time; a live source scores whatever has arrived as soon
 as the first flow of a batch has waited ``max_wait_ms``, or at once when nothing else
-is queued, so slow traffic is scored one flow at a time.
+is queued, so slow traffic is scored one flow at a time. Between a live source's
+reader thread and the scorer at most ``max_queue`` parsed flows wait (4,096 by default,
+a few MB): when the scorer falls behind, the reader blocks and the flows stay where
+they came from (the pipe, the followed file, the capture buffer) instead of in memory.
 
 Local alerts are JSON lines, one object per line::
 
@@ -186,9 +189,12 @@ class Agent:
         max_hosts: int = 10_000,
         track_latency: bool = False,
         status_interval: float = 60.0,
+        max_queue: int = 4096,
     ) -> None:
-        if max_batch < 1 or max_wait_ms < 0:
-            raise UsageError("max_batch must be >= 1 and max_wait_ms >= 0")
+        if max_batch < 1 or max_wait_ms < 0 or max_queue < max_batch:
+            raise UsageError(
+                "max_batch must be >= 1, max_wait_ms >= 0 and max_queue >= max_batch"
+            )
         self.site = proto.validate_id(site, "site")
         self.gateway = proto.validate_id(gateway, "gateway")
         self.topics = {ch: proto.topic(site, gateway, ch) for ch in proto.Channel}
@@ -196,6 +202,7 @@ class Agent:
         self.link = link
         self.alerts = alerts
         self.max_batch = max_batch
+        self.max_queue = max_queue
         self.max_wait = max_wait_ms / 1000.0
         self.max_hosts = max_hosts
         self.status_interval = status_interval
@@ -472,7 +479,7 @@ class Agent:
         self, records: Iterable[dict[str, Any]], stop: threading.Event | None = None
     ) -> None:
         """Score a live source: micro-batches when fast, single flows when slow."""
-        q: queue.Queue = queue.Queue(maxsize=self.max_batch * 64)
+        q: queue.Queue = queue.Queue(maxsize=self.max_queue)
         done = object()
         stop = stop or threading.Event()
 

@@ -19,6 +19,7 @@ from edge_agent.cli import fpr_threshold, main
 from edge_agent.outbox import Outbox
 from edge_agent.runtime import load_artifact
 from edge_agent.sources import open_source
+from flows.errors import UsageError
 from tests.conftest import free_port
 from tests.test_agent_fixtures import make_artifact, tiny
 
@@ -111,6 +112,48 @@ def test_live_source_scores_singly_when_slow_and_in_batches_when_fast(tm, tmp_pa
     agent.run_live(iter(tm.records[:2000]))
     assert sum(scorer.sizes) == 2000 and max(scorer.sizes) > 1
     assert max(scorer.sizes) <= 64
+
+
+class StalledScorer(CountingScorer):
+    """A scorer that holds its first batch until released, like a stalled CPU."""
+
+    def __init__(self, scorer) -> None:
+        super().__init__(scorer)
+        self.release = threading.Event()
+
+    def score(self, windows):
+        self.release.wait(10)
+        return super().score(windows)
+
+
+def test_a_stalled_scorer_holds_at_most_max_queue_flows_in_memory(tm, tmp_path):
+    scorer = StalledScorer(load_artifact(tm.artifact))
+    agent = Agent(scorer, site="s1", gateway="g1", outbox=Outbox(tmp_path / "o.db"),
+                  max_batch=16, max_wait_ms=1, max_queue=64)
+    pulled = 0
+
+    def source():
+        nonlocal pulled
+        for rec in tm.records[:1000]:
+            pulled += 1
+            yield rec
+
+    runner = threading.Thread(target=agent.run_live, args=(source(),))
+    runner.start()
+    time.sleep(0.5)
+    held = pulled
+    scorer.release.set()
+    runner.join(30)
+
+    # One batch at the scorer, max_queue waiting, one in the reader's hand.
+    assert 16 < held <= 16 + 64 + 1
+    assert sum(scorer.sizes) == agent.counters.flows == 1000
+
+
+def test_max_queue_below_max_batch_is_a_usage_error(tm, tmp_path):
+    with pytest.raises(UsageError, match="max_queue"):
+        Agent(load_artifact(tm.artifact), site="s1", gateway="g1",
+              outbox=Outbox(tmp_path / "o.db"), max_batch=64, max_queue=8)
 
 
 def test_stdin_source_rejects_bad_lines_and_goes_on(tm) -> None:
