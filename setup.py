@@ -19,11 +19,12 @@ else:
                 ["flows/meter/_fast.pyx"],
                 # No fused multiply-add: time stamps must round as Python's do.
                 extra_compile_args=["-O2", "-ffp-contract=off"],
-                optional=True,
             )
         ],
         compiler_directives={"language_level": "3"},
         quiet=True,
     )
+    for ext in ext_modules:
+        ext.optional = True  # cythonize does not carry the flag over
 
 setup(ext_modules=ext_modules)
