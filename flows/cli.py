@@ -38,8 +38,10 @@ exit codes:
   {EXIT_BAD_INPUT}    bad input: unknown format, a missing required column, a bad
        value with nothing read before it (--on-error fail)
   {EXIT_PARTIAL_INPUT}    partial input: damage part way (a cut gzip or last line,
-       or a bad line with --on-error fail); the rows read before it
-       are still shown or written
+       a bad line with --on-error fail: a bad value, an address that
+       is not IPv4/IPv6, a port outside 0..65535, a line over 1 MiB;
+       gzip text past $GATEWATCH_MAX_INFLATED bytes, 2 GiB by
+       default); the rows read before it are still shown or written
   {EXIT_INTERRUPTED}  interrupted
 """
 

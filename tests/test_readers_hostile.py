@@ -421,3 +421,29 @@ def test_utf16_is_named_by_the_streaming_reader_too(tmp_path):
     path = write(tmp_path, "c.log", zeek_text([ROW_A]).encode("utf-16"))
     with pytest.raises(BadInputError, match="is UTF-16 text"):
         list(iter_records(path))
+
+
+def test_the_fast_ipv4_match_agrees_with_ipaddress():
+    import ipaddress
+
+    import pyarrow as pa
+
+    from flows.readers._convert import BadRows, check_addresses
+
+    cases = [
+        "0.0.0.0", "255.255.255.255", "10.0.0.1", "199.249.250.200", "01.2.3.4",
+        "1.2.3.04", "256.1.1.1", "1.2.3", "1.2.3.4.5", " 1.2.3.4", "1.2.3.4 ",
+        "1..2.3", "1.2.3.-1", "00.1.1.1", "::1", "::ffff:1.2.3.4", "fe80::1%eth0",
+        "1:2:3:4:5:6:7:8:9", "", "localhost", "١.٢.٣.٤",
+    ]
+
+    def valid(text):
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            return False
+        return True
+
+    bad = BadRows()
+    check_addresses(pa.array(cases), "src_ip", bad)
+    assert sorted(bad.rows) == [i for i, c in enumerate(cases) if not valid(c)]
