@@ -391,7 +391,9 @@ class Run:
         try:
             import torch
 
-            program = torch.export.load(str(folder / "model.pt2")).module()
+            from compress.inc import load_program
+
+            program = load_program(folder / "model.pt2")
 
             def score(x: np.ndarray) -> np.ndarray:
                 with torch.no_grad():
@@ -401,8 +403,6 @@ class Run:
             score(self._test_windows[:256])
             scorers[key] = (score, self._test_windows[:512])
         except Exception as exc:  # noqa: BLE001 - fall back to the manifest's timing
-            # TODO(gap): model.pt2 is exported for a fixed batch; asked compress to
-            # export it with a dynamic batch so it can be timed here like the rest.
             pending[key]["notes"] = (
                 f"model.pt2 does not run at batch 1 and 256 here "
                 f"({str(exc).splitlines()[0][:80]}); timing from the manifest "
