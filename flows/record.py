@@ -117,13 +117,14 @@ def address_problem(text: str) -> str | None:
     IPv4 (``10.0.0.1``) or IPv6 text (``fe80::1``, ``fe80::1%eth0``). Anything else
     (a host name, ``999.1.1.1``, a MAC address, an empty string) is a bad value.
     """
-    return None if _is_address(text) else (
+    return None if is_address(text) else (
         f"expected an IPv4 or IPv6 address, found {_short(text)}"
     )
 
 
 @lru_cache(maxsize=65536)
-def _is_address(text: str) -> bool:
+def is_address(text: str) -> bool:
+    """Whether ``text`` is an IPv4 or IPv6 address (see :func:`address_problem`)."""
     if _IPV4.match(text):
         return True
     try:

@@ -33,11 +33,19 @@ from flows.readers.zeek import (
     _Header,
     json_record,
 )
-from flows.record import ADDRESS_FIELDS, CONN_FIELD_KINDS, PORT_FIELDS, field_problem
+from flows.record import (
+    ADDRESS_FIELDS,
+    CONN_FIELD_KINDS,
+    PORT_FIELDS,
+    PORT_RANGE,
+    field_problem,
+    is_address,
+)
 
 _MASKED = re.compile(r"X+\.X+\Z")
 _SPACES = re.compile(r"\s+")
 _INNER_SPACE = re.compile(r"\S\s+\S")
+_PORT_LOW, _PORT_HIGH = PORT_RANGE
 
 
 def _unescape(text: str) -> str:
@@ -171,6 +179,14 @@ class TsvLineParser:
         label = (position["label"], "label")
         return self._record(values, plan, label, position["detailed-label"], line_no)
 
+    def _bad_field(self, canon: str, value, line_no: int) -> None:
+        raise BadInputError(
+            field_problem(canon, value),
+            path=self.path,
+            line=line_no,
+            column=CANON_TO_ZEEK[canon],
+        )
+
     def _record(self, values, plan, label, detail, line_no: int) -> dict:
         """Convert the planned fields of one split line into a canonical record."""
         unset, empty = self.header.unset, self.header.empty
@@ -194,12 +210,15 @@ class TsvLineParser:
                         column=zeek_name,
                     )
                 record[canon] = value
-        for canon in ADDRESS_FIELDS + PORT_FIELDS:
-            problem = field_problem(canon, record[canon])
-            if problem is not None:
-                raise BadInputError(
-                    problem, path=self.path, line=line_no, column=CANON_TO_ZEEK[canon]
-                )
+        # The endpoint rules of flows.record, inlined: this runs once per line.
+        for canon in ADDRESS_FIELDS:
+            value = record[canon]
+            if value is not None and not is_address(value):
+                self._bad_field(canon, value, line_no)
+        for canon in PORT_FIELDS:
+            value = record[canon]
+            if value is not None and not _PORT_LOW <= value <= _PORT_HIGH:
+                self._bad_field(canon, value, line_no)
 
         record["label"] = record["label_detail"] = None
         if label is None:
