@@ -4,6 +4,9 @@ Every reader and the packet flow meter produce records with exactly these fields
 this order. Unknown values are nulls (``None`` in Python, null in Arrow), never 0
 and never the string ``"-"``. ``label`` is 1 for malicious, 0 for benign and null
 where the source says nothing usable (Background, Unknown, no label column).
+``src_ip``/``dst_ip`` hold IPv4 or IPv6 addresses and ``src_port``/``dst_port``
+numbers in 0..65535 (:func:`field_problem`); a reader treats a row breaking these
+rules as a bad row (named by file and line, kept out of the table).
 
 The field list and :func:`empty_columns` need only the standard library; the Arrow
 schema needs pyarrow and is built on first use.

@@ -4,7 +4,9 @@
 the ``#`` header lines it was fed, with the same rules as the batch reader
 (:mod:`flows.readers.zeek`); :func:`parse_json_line` does the same for a JSON line.
 :func:`iter_records` reads a file line by line with them; other formats are read
-whole and then yielded row by row.
+whole and then yielded row by row. Memory stays bounded whatever the file holds
+(gzip is inflated in bounded steps, a line over ``MAX_LINE_BYTES`` is a bad line
+that is never held); a stream has no total size cap, unlike a whole-file read.
 """
 
 from __future__ import annotations
