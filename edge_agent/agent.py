@@ -501,6 +501,7 @@ class Agent:
             except queue.Empty:
                 continue
             if first[1] is done:
+                finished = True
                 break
             batch, arrived = [first[1]], [first[0]]
             while len(batch) < self.max_batch:
@@ -523,6 +524,33 @@ class Agent:
                 batch.append(rec)
                 arrived.append(t)
             self.process(batch, arrived)
+        if not finished:
+            self._score_the_rest(q, done, thread)
+
+    def _score_the_rest(self, q: queue.Queue, done: object, reader) -> None:
+        """After a stop, score the flows the reader had already taken from the source.
+
+        The reader ends after its next flow once ``stop`` is set; one blocked in the
+        source itself (no data on a pipe or interface) is given two seconds.
+        """
+        batch: list[dict[str, Any]] = []
+        arrived: list[float] = []
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                t, rec = q.get(timeout=0.1)
+            except queue.Empty:
+                if not reader.is_alive():
+                    break
+                continue
+            if rec is done:
+                break
+            batch.append(rec)
+            arrived.append(t)
+            if len(batch) >= self.max_batch:
+                self.process(batch, arrived)
+                batch, arrived = [], []
+        self.process(batch, arrived)
 
     # -- sending ----------------------------------------------------------------------
 

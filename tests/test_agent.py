@@ -150,6 +150,31 @@ def test_a_stalled_scorer_holds_at_most_max_queue_flows_in_memory(tm, tmp_path):
     assert sum(scorer.sizes) == agent.counters.flows == 1000
 
 
+def test_a_stop_scores_the_flows_already_read_from_the_source(tm, tmp_path):
+    scorer = StalledScorer(load_artifact(tm.artifact))
+    agent = Agent(scorer, site="s1", gateway="g1", outbox=Outbox(tmp_path / "o.db"),
+                  max_batch=16, max_wait_ms=1, max_queue=64)
+    stop = threading.Event()
+    pulled = 0
+
+    def source():
+        nonlocal pulled
+        for rec in tm.records[:1000]:
+            pulled += 1
+            yield rec
+
+    runner = threading.Thread(target=agent.run_live, args=(source(), stop))
+    runner.start()
+    time.sleep(0.5)
+    stop.set()
+    scorer.release.set()
+    runner.join(30)
+
+    assert not runner.is_alive()
+    assert 16 < pulled < 1000
+    assert agent.counters.flows == sum(scorer.sizes) == pulled
+
+
 def test_max_queue_below_max_batch_is_a_usage_error(tm, tmp_path):
     with pytest.raises(UsageError, match="max_queue"):
         Agent(load_artifact(tm.artifact), site="s1", gateway="g1",
