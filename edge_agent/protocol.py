@@ -30,7 +30,7 @@ import numpy as np
 
 from edge_agent import logger
 from flows.errors import BadInputError, UsageError
-from flows.record import CONN_FIELD_KINDS, CONN_FIELD_NAMES, value_problem
+from flows.record import CONN_FIELD_NAMES, field_problem
 
 SCHEMA = "gatewatch/v1"
 TOPIC_ROOT = "gatewatch/v1"
@@ -322,16 +322,17 @@ def check_flow(flow: Mapping[str, Any]) -> dict[str, Any]:
     """The canonical fields of a received flow record, each checked by its kind.
 
     Numbers must be finite and fit their kind (``i64`` fields: integers, or
-    integral floats, within int64); ``str`` fields must be strings; null is
-    allowed everywhere and a missing field reads as null. Keys that are not
-    canonical fields are dropped, as :func:`clean_flow` drops them on the sending
-    side, so a newer agent's extra fields do not cost its escalations. A bad value
-    is a ProtocolError (BAD_VALUE) naming the field.
+    integral floats, within int64); ``str`` fields must be strings; addresses must
+    be IPv4 or IPv6 and ports lie in 0..65535 (:func:`flows.record.field_problem`,
+    the readers' rule); null is allowed everywhere and a missing field reads as
+    null. Keys that are not canonical fields are dropped, as :func:`clean_flow`
+    drops them on the sending side, so a newer agent's extra fields do not cost its
+    escalations. A bad value is a ProtocolError (BAD_VALUE) naming the field.
     """
     out = {}
     for name in CONN_FIELD_NAMES:
         value = flow.get(name)
-        problem = value_problem(CONN_FIELD_KINDS[name], value)
+        problem = field_problem(name, value)
         if problem is not None:
             raise ProtocolError(RejectKind.BAD_VALUE, f"flow field {name!r}: {problem}")
         out[name] = value

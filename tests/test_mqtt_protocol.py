@@ -110,6 +110,26 @@ def test_bad_escalations_are_rejected_by_kind(data: bytes, kind) -> None:
     assert info.value.kind is kind
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("src_ip", "999.1.1.1", "IP"),
+        ("dst_ip", "not-an-address", "IP"),
+        ("src_port", 70000, "65535"),
+        ("dst_port", -1, "65535"),
+    ],
+)
+def test_escalation_flow_addresses_and_ports_follow_the_readers_rule(
+    field, value, why
+) -> None:
+    body = _escalation()
+    body["flow"] = {**body["flow"], field: value}
+    with pytest.raises(proto.ProtocolError, match=why) as info:
+        proto.parse_escalation(json.dumps(body).encode(), window_shape=(4, 3))
+    assert info.value.kind is proto.RejectKind.BAD_VALUE
+    assert field in str(info.value)
+
+
 def test_reject_counter_counts_every_kind_and_logs_each_once(caplog) -> None:
     counter = proto.RejectCounter("test")
     caplog.set_level(logging.WARNING, logger="gatewatch.edge_agent")
