@@ -868,40 +868,90 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ``main``, which prints them and returns their exit code.
     """
     p = subparsers.add_parser("keygen", help="make an Ed25519 signing key pair")
-    p.add_argument("-o", "--out", required=True, type=Path, help="key folder")
-    p.add_argument("--force", action="store_true", help="replace an existing key")
+    p.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        type=Path,
+        help="folder for signing.key and signing.pub (required; made if missing)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a key pair already in the folder (default: refuse)",
+    )
     p.set_defaults(func=_cmd_keygen)
 
     p = subparsers.add_parser("bundle", help="build a signed, offline agent bundle")
-    p.add_argument("--artifact", required=True, type=Path, help="model artifact folder")
-    p.add_argument("--config", required=True, type=Path, help="gateway.toml")
-    p.add_argument("--key", required=True, type=Path, help="signing.key")
-    p.add_argument("-o", "--out", required=True, type=Path, help="bundle to write")
+    p.add_argument(
+        "--artifact",
+        required=True,
+        type=Path,
+        help="model artifact folder from compress run (required)",
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        type=Path,
+        help="the gateway.toml: site, gateway, broker, thresholds (required)",
+    )
+    p.add_argument(
+        "--key",
+        required=True,
+        type=Path,
+        help="the private signing.key made by keygen (required)",
+    )
+    p.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        type=Path,
+        help="bundle file to write, a signed tar.gz (required)",
+    )
     p.add_argument(
         "--wheel-cache",
         type=Path,
         default=None,
         help=f"wheel cache folder (default {default_wheel_cache()})",
     )
-    p.add_argument("--source", type=Path, default=None, help="gatewatch source tree")
+    p.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="gatewatch source tree to package (default: the installed one)",
+    )
     p.add_argument(
         "--platform",
         default=None,
-        help="pip platform tag of the gateway, e.g. manylinux_2_28_aarch64",
+        help="pip platform tag of the gateway, e.g. manylinux_2_28_aarch64 "
+        "(default: this machine's platform)",
     )
     p.set_defaults(func=_cmd_bundle)
 
     p = subparsers.add_parser("verify", help="check a bundle's signature and hashes")
-    p.add_argument("bundle", type=Path)
-    p.add_argument("--pubkey", required=True, type=Path, help="signing.pub")
+    p.add_argument("bundle", type=Path, help="the bundle file to check")
+    p.add_argument(
+        "--pubkey",
+        required=True,
+        type=Path,
+        help="the public signing.pub to check the signature with (required)",
+    )
     p.set_defaults(func=_cmd_verify)
 
     p = subparsers.add_parser("flash", help="install a verified bundle into a root")
-    p.add_argument("bundle", type=Path)
+    p.add_argument("bundle", type=Path, help="the bundle file to install")
     p.add_argument(
-        "--root", required=True, type=Path, help="the gateway's / (a folder)"
+        "--root",
+        required=True,
+        type=Path,
+        help="the gateway's / (a folder; / on the gateway itself) (required)",
     )
-    p.add_argument("--pubkey", required=True, type=Path, help="signing.pub")
+    p.add_argument(
+        "--pubkey",
+        required=True,
+        type=Path,
+        help="the public signing.pub (required); nothing installs unless it verifies",
+    )
     p.add_argument(
         "--python",
         default=None,
@@ -910,21 +960,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_flash)
 
     p = subparsers.add_parser("rollback", help="switch back to the other model slot")
-    p.add_argument("--root", required=True, type=Path, help="the gateway's /")
+    p.add_argument(
+        "--root",
+        required=True,
+        type=Path,
+        help="the gateway's / (a folder; / on the gateway itself) (required)",
+    )
     p.set_defaults(func=_cmd_rollback)
 
     p = subparsers.add_parser("pack-update", help="sign a model artifact for OTA")
-    p.add_argument("--artifact", required=True, type=Path, help="model artifact folder")
-    p.add_argument("--key", required=True, type=Path, help="signing.key")
-    p.add_argument("-o", "--out", required=True, type=Path, help="message file")
     p.add_argument(
-        "--url", default=None, help="serve the archive from this URL instead of inline"
+        "--artifact", required=True, type=Path, help="model artifact folder (required)"
+    )
+    p.add_argument(
+        "--key",
+        required=True,
+        type=Path,
+        help="the private signing.key made by keygen (required)",
+    )
+    p.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        type=Path,
+        help="the signed update message to write (publish it retained) (required)",
+    )
+    p.add_argument(
+        "--url",
+        default=None,
+        help="serve the archive from this URL instead of inline "
+        "(default: the archive travels inside the message)",
     )
     p.add_argument(
         "--archive-out",
         type=Path,
         default=None,
-        help="with --url: where to write the archive to upload",
+        help="with --url: where to write the archive to upload (required then)",
     )
     p.set_defaults(func=_cmd_pack_update)
 
