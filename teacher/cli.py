@@ -474,8 +474,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if getattr(args, flag):
             grid[key] = getattr(args, flag)
     grid["window"] = windows
+    family = next(iter(preps.values())).family
     base = TrainConfig(epochs=args.trial_epochs, patience=3,
-                       samples_per_epoch=args.trial_samples, seed=args.seed)
+                       samples_per_epoch=args.trial_samples, seed=args.seed,
+                       **FAMILY_TRAIN_DEFAULTS.get(family, {}))
 
     def on_trial(row: dict[str, Any]) -> None:
         print(json.dumps(row), file=sys.stderr, flush=True)

@@ -57,6 +57,10 @@ def test_train_writes_a_full_checkpoint(checkpoint):
     prov = json.loads((checkpoint / "provenance.json").read_text())
     assert prov["seed"] == 0 and len(next(iter(prov["files"].values()))) == 64
     assert prov["held_out_types"]  # nsl-kdd holds out attack types for val
+    # The nsl-kdd defaults of round 4: quantile features, input noise 0.05.
+    assert prov["train_config"]["input_noise"] == 0.05
+    assert json.loads((checkpoint / "encoder.json").read_text())["scaling"] == \
+        "quantile"
 
 
 def test_eval_json_matches_an_independent_recount(checkpoint, slices, capsys):
