@@ -44,6 +44,9 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # An escalation's id as the agent makes it (uuid4 or blake2b-16 hex); the re-scorer
 # echoes it in the verdict and stores it, so nothing else is let through.
 _ESCALATION_ID_RE = re.compile(r"[0-9a-f]{32}")
+# C0 controls and DEL: no flow field written by Zeek, Argus or the meter holds one, and
+# printed raw on an operator's terminal they are escape sequences.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Channel(enum.StrEnum):
@@ -322,7 +325,8 @@ def check_flow(flow: Mapping[str, Any]) -> dict[str, Any]:
     """The canonical fields of a received flow record, each checked by its kind.
 
     Numbers must be finite and fit their kind (``i64`` fields: integers, or
-    integral floats, within int64); ``str`` fields must be strings; addresses must
+    integral floats, within int64); ``str`` fields must be strings without control
+    characters; addresses must
     be IPv4 or IPv6 and ports lie in 0..65535 (:func:`flows.record.field_problem`,
     the readers' rule); null is allowed everywhere and a missing field reads as
     null. Keys that are not canonical fields are dropped, as :func:`clean_flow`
@@ -333,6 +337,8 @@ def check_flow(flow: Mapping[str, Any]) -> dict[str, Any]:
     for name in CONN_FIELD_NAMES:
         value = flow.get(name)
         problem = field_problem(name, value)
+        if problem is None and isinstance(value, str) and _CONTROL_RE.search(value):
+            problem = "holds a control character"
         if problem is not None:
             raise ProtocolError(RejectKind.BAD_VALUE, f"flow field {name!r}: {problem}")
         out[name] = value
@@ -394,6 +400,8 @@ def parse_escalation(
     flow = check_flow(_require(body, "flow", dict))
     check_window(_require(body, "window", list), window_shape)
     body["score"] = _number(body, "score")
+    if not 0.0 <= body["score"] <= 1.0:
+        raise ProtocolError(RejectKind.BAD_VALUE, "field 'score' is not in [0, 1]")
     _check_sent_at(body)
     try:
         Decision(_require(body, "decision", str))

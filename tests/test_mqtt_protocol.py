@@ -117,6 +117,8 @@ def test_bad_escalations_are_rejected_by_kind(data: bytes, kind) -> None:
         ("dst_ip", "not-an-address", "IP"),
         ("src_port", 70000, "65535"),
         ("dst_port", -1, "65535"),
+        ("proto", "\x1b[5mtcp", "control character"),
+        ("history", "Sh\x07", "control character"),
     ],
 )
 def test_escalation_flow_addresses_and_ports_follow_the_readers_rule(
@@ -128,6 +130,23 @@ def test_escalation_flow_addresses_and_ports_follow_the_readers_rule(
         proto.parse_escalation(json.dumps(body).encode(), window_shape=(4, 3))
     assert info.value.kind is proto.RejectKind.BAD_VALUE
     assert field in str(info.value)
+
+
+@pytest.mark.parametrize("score", [-5.0, 1.0000001, 1e308])
+def test_escalation_score_outside_0_1_is_rejected(score) -> None:
+    with pytest.raises(proto.ProtocolError, match="score") as info:
+        proto.parse_escalation(
+            json.dumps(_escalation(score=score)).encode(), window_shape=(4, 3)
+        )
+    assert info.value.kind is proto.RejectKind.BAD_VALUE
+
+
+def test_escalation_scores_at_the_ends_are_accepted() -> None:
+    for score in (0.0, 1.0):
+        body = proto.parse_escalation(
+            json.dumps(_escalation(score=score)).encode(), window_shape=(4, 3)
+        )
+        assert body["score"] == score
 
 
 def test_reject_counter_counts_every_kind_and_logs_each_once(caplog) -> None:
