@@ -211,7 +211,9 @@ class Demo:
             alerts = self.out / f"alerts-{Path(summary['input']).name}.jsonl"
             if alerts.exists():
                 lines = alerts.read_text().splitlines()
-                print(f"  {len(lines)} local alerts; the first ones:")
+                kinds = [json.loads(line).get("kind") for line in lines]
+                print(f"  {kinds.count('alert')} local alerts and "
+                      f"{kinds.count('verdict')} verdict lines; the first lines:")
                 for line in lines[:5]:
                     print("   ", line)
 
