@@ -9,8 +9,11 @@ publishes the verdict to the gateway's ``verdicts`` topic.
 
 Nothing is lost and nothing is stored twice: an escalation is acknowledged to the
 broker only after it is in the store (manual PUBACK), and the store is keyed by
-message id, so a copy (a replay by the agent, or a redelivery) is not scored again:
-its stored verdict is published once more. The MQTT session outlives the process
+(site, gateway, message id), so a copy (a replay by the agent, or a redelivery)
+is not scored again: its stored verdict is published once more. The gateway is
+part of the key: one gateway publishing another's message id first neither
+suppresses the other's escalation nor gets its verdict sent to it. The MQTT
+session outlives the process
 (``--session-expiry``, one hour by default, under a client id that stays the same
 across restarts: ``gatewatch-rescorer-<host>-<group>`` unless ``--client-id``), so
 escalations the broker had in flight or queued for a re-scorer that was killed are
@@ -51,7 +54,7 @@ from edge_agent import protocol as proto
 from edge_agent.mqtt import MessageTooLargeError, MqttLink, Protocol, TlsOptions
 from flows.errors import EXIT_OK, TransportError, UsageError
 from teacher import logger
-from teacher.store import AlertStore
+from teacher.store import AlertStore, key
 
 DEFAULT_STORE = "gatewatch-alerts.sqlite"
 DEFAULT_GROUP = "gatewatch"
@@ -135,7 +138,7 @@ class ReScorer:
             "failed": 0,
             "dropped_oversized": 0,
         }
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -264,15 +267,17 @@ class ReScorer:
     def _handle(self, batch: list[tuple[dict, Any]]) -> None:
         # Copies: seen in this process, or stored by any re-scorer sharing the store.
         fresh, copies, tokens = [], [], []
-        batch_ids: set[str] = set()
-        stored = self.store.known(e["id"] for e, _ in batch)
+        # Keyed by (site, gateway, id): an id is only unique within its gateway.
+        batch_keys: set[tuple[str, str, str]] = set()
+        stored = self.store.known(key(e) for e, _ in batch)
         for esc, token in batch:
             tokens.append(token)
-            if esc["id"] in batch_ids or esc["id"] in self._seen or esc["id"] in stored:
+            k = key(esc)
+            if k in batch_keys or k in self._seen or k in stored:
                 copies.append(esc)
             else:
                 fresh.append(esc)
-                batch_ids.add(esc["id"])
+                batch_keys.add(k)
         self.counters["duplicates"] += len(copies)
 
         # Score the new ones in one teacher call, then store before answering.
@@ -300,12 +305,12 @@ class ReScorer:
                 if n
             )
         for esc in fresh:
-            self._remember(esc["id"])
+            self._remember(key(esc))
 
         # Copies get the verdict already stored, so the gateway hears once more.
-        rows = self.store.known(e["id"] for e in copies)
+        rows = self.store.known(key(e) for e in copies)
         for esc in copies:
-            row = rows.get(esc["id"])
+            row = rows.get(key(esc))
             if row is not None:
                 pairs.append(
                     (
@@ -324,8 +329,8 @@ class ReScorer:
         for token in tokens:
             self.link.ack(token)
 
-    def _remember(self, msg_id: str) -> None:
-        self._seen[msg_id] = None
+    def _remember(self, k: tuple[str, str, str]) -> None:
+        self._seen[k] = None
         if len(self._seen) > 200_000:
             self._seen.popitem(last=False)
 

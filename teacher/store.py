@@ -1,8 +1,12 @@
 """The alert store: every escalation the re-scorer received, with its verdict.
 
-One SQLite file in WAL mode. An escalation is keyed by its message id, so a message
-delivered twice (MQTT QoS 1 is at least once) or received by two re-scorers sharing
-the file is stored once: :meth:`AlertStore.add` returns False for a copy. Several
+One SQLite file in WAL mode. An escalation is keyed by (site, gateway, message id),
+so a message delivered twice (MQTT QoS 1 is at least once) or received by two
+re-scorers sharing the file is stored once: :meth:`AlertStore.add` returns False for
+a copy. The gateway is part of the key: one gateway reusing another's message id
+must not suppress (or be answered with) the other's escalation. Stores written before
+that (keyed by id alone, schema version 0) are migrated in place when opened for
+writing; ``readonly`` opens read them as they are. Several
 processes may write the same file; SQLite serializes them (``busy_timeout`` 10 s).
 
 A file that is a SQLite database but not an alert store (an agent's outbox, say) is
@@ -23,9 +27,11 @@ from typing import Any
 from flows.errors import BadInputError, UsageError
 from flows.record import CONN_FIELD_KINDS, value_problem
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS escalations (
-    id TEXT PRIMARY KEY,
+SCHEMA_VERSION = 1  # PRAGMA user_version; 0: keyed by id alone (before the fix)
+
+_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
+    id TEXT NOT NULL,
     site TEXT NOT NULL,
     gateway TEXT NOT NULL,
     received_at REAL NOT NULL,
@@ -42,11 +48,18 @@ CREATE TABLE IF NOT EXISTS escalations (
     teacher_version TEXT,
     verdict_id TEXT,
     decided_at REAL,
-    worker TEXT
+    worker TEXT,
+    PRIMARY KEY (site, gateway, id)
 );
+"""
+
+_SCHEMA = (
+    _TABLE.format(name="escalations")
+    + """
 CREATE INDEX IF NOT EXISTS escalations_time ON escalations (received_at);
 CREATE INDEX IF NOT EXISTS escalations_gateway ON escalations (site, gateway);
 """
+)
 
 _COLUMNS = (
     "id",
@@ -151,6 +164,41 @@ def _check_store(db: sqlite3.Connection, path: Path, *, empty_ok: bool) -> None:
         )
 
 
+def _migrate(db: sqlite3.Connection) -> None:
+    """Re-key an id-keyed (version 0) escalations table by (site, gateway, id).
+
+    One transaction: the rows are copied into a new table, which replaces the old
+    one; an interrupted migration leaves the old store as it was.
+    """
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version >= SCHEMA_VERSION:
+        return
+    cols = ",".join(_COLUMNS)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        exists = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'escalations'"
+        ).fetchone()
+        if exists:
+            db.execute(_TABLE.format(name="escalations_v1"))
+            db.execute(
+                f"INSERT OR IGNORE INTO escalations_v1 ({cols}) "
+                f"SELECT {cols} FROM escalations"
+            )
+            db.execute("DROP TABLE escalations")
+            db.execute("ALTER TABLE escalations_v1 RENAME TO escalations")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def key(escalation: dict[str, Any]) -> tuple[str, str, str]:
+    """The store key of an escalation (or a stored row): (site, gateway, id)."""
+    return (escalation["site"], escalation["gateway"], escalation["id"])
+
+
 class AlertStore:
     """Escalations and verdicts in SQLite; safe to share between threads.
 
@@ -186,6 +234,7 @@ class AlertStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=10000")
+            _migrate(self._db)
             self._db.executescript(_SCHEMA)
         except (sqlite3.DatabaseError, BadInputError) as exc:
             db = getattr(self, "_db", None)
@@ -200,7 +249,10 @@ class AlertStore:
     def add(
         self, escalation: dict[str, Any], verdict: dict[str, Any], worker: str = ""
     ) -> bool:
-        """Store one escalation with its verdict; False when its id is already here."""
+        """Store one escalation with its verdict; False when its key is here already.
+
+        The key is (site, gateway, id): see :func:`key`.
+        """
         return self.add_many([(escalation, verdict)], worker)[0]
 
     def add_many(
@@ -224,18 +276,24 @@ class AlertStore:
                 raise
         return out
 
-    def known(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """The stored rows of those ids that are here already (for re-sent verdicts)."""
-        ids = list(ids)
-        if not ids:
-            return {}
-        marks = ",".join("?" * len(ids))
+    def known(
+        self, keys: Iterable[tuple[str, str, str]]
+    ) -> dict[tuple[str, str, str], dict[str, Any]]:
+        """The stored rows of those (site, gateway, id) keys that are here already
+        (for re-sent verdicts), by key."""
+        keys = list(dict.fromkeys(tuple(k) for k in keys))
+        out: dict[tuple[str, str, str], dict[str, Any]] = {}
+        sql = (
+            f"SELECT {','.join(_COLUMNS)} FROM escalations "
+            "WHERE site = ? AND gateway = ? AND id = ?"
+        )
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT {','.join(_COLUMNS)} FROM escalations WHERE id IN ({marks})",
-                ids,
-            ).fetchall()
-        return {r[0]: dict(zip(_COLUMNS, r, strict=True)) for r in rows}
+            for k in keys:
+                r = self._db.execute(sql, k).fetchone()
+                if r is not None:
+                    row = dict(zip(_COLUMNS, r, strict=True))
+                    out[key(row)] = row
+        return out
 
     def count(self) -> int:
         """How many escalations are stored."""
@@ -280,7 +338,7 @@ class AlertStore:
         sql = f"SELECT {','.join(_COLUMNS)} FROM escalations"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY received_at, id"
+        sql += " ORDER BY received_at, site, gateway, id"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         with self._lock:

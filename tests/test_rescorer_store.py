@@ -172,3 +172,117 @@ def test_alerts_prints_ipv6_endpoints_in_brackets(tmp_path: Path, capsys) -> Non
     assert len(lines) == 2
     assert " 10.0.0.0:1000 -> 10.0.1.1:80/tcp " in lines[0]
     assert " [2001:db8::1]:443 -> [fe80::2]:53/tcp " in lines[1]
+
+
+class _ScoreByWindow:
+    """A stand-in teacher whose score is the window's first value."""
+
+    config = {"window": 1, "n_features": 2}
+    threshold = 0.5
+    version = "fake-1"
+
+    def predict_proba(self, windows):
+        import numpy as np
+
+        return np.asarray(windows)[:, 0, 0]
+
+
+class _RecordingLink:
+    """Records publishes and acks in place of the MQTT link."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, dict]] = []
+        self.acked: list[object] = []
+
+    def publish(self, topic, payload, qos=1):
+        self.published.append((topic, json.loads(payload)))
+
+    def ack(self, token):
+        self.acked.append(token)
+
+
+def _escalation(gateway: str, score: float, msg_id: str = "X"):
+    return proto.build_escalation(
+        flow={"src_ip": "10.0.0.1", "dst_ip": "10.0.0.2", "proto": "tcp"},
+        window=[[score, 0.0]],
+        score=0.6,
+        decision="escalate",
+        model_version="m1",
+        site="s1" if gateway == "gw2" else "evil",
+        gateway=gateway,
+        msg_id=msg_id,
+    )
+
+
+def test_two_gateways_with_one_message_id_each_get_their_own_verdict(
+    tmp_path: Path,
+) -> None:
+    from teacher.serve import ReScorer
+
+    store = AlertStore(tmp_path / "a.sqlite")
+    server = ReScorer(_ScoreByWindow(), broker="mqtt://127.0.0.1:1", store=store)
+    server.link = _RecordingLink()
+    evil = _escalation("gw1", 0.1)  # evil/gw1 publishes id X first: benign
+    victim = _escalation("gw2", 0.9)  # s1/gw2's own id X: malicious
+    server._handle([(evil, "t1")])
+    server._handle([(victim, "t2")])
+    # And a second process sharing the store, seeing the victim's id X afresh.
+    other = ReScorer(_ScoreByWindow(), broker="mqtt://127.0.0.1:1", store=store)
+    other.link = _RecordingLink()
+    other._handle([(victim, "t3")])
+    assert server.counters["scored"] == 2 and server.counters["duplicates"] == 0
+    assert server.counters["stored"] == 2
+    by_topic = {t: v for t, v in server.link.published}
+    assert set(by_topic) == {
+        "gatewatch/v1/evil/gw1/verdicts",
+        "gatewatch/v1/s1/gw2/verdicts",
+    }
+    assert by_topic["gatewatch/v1/evil/gw1/verdicts"]["verdict"] == "benign"
+    assert by_topic["gatewatch/v1/evil/gw1/verdicts"]["score"] == pytest.approx(0.1)
+    assert by_topic["gatewatch/v1/s1/gw2/verdicts"]["verdict"] == "malicious"
+    assert by_topic["gatewatch/v1/s1/gw2/verdicts"]["score"] == pytest.approx(0.9)
+    # The copy is answered with the victim's stored verdict, not evil's.
+    assert other.counters["duplicates"] == 1 and other.counters["scored"] == 0
+    [(topic, again)] = other.link.published
+    assert topic == "gatewatch/v1/s1/gw2/verdicts"
+    assert again["verdict"] == "malicious" and again["score"] == pytest.approx(0.9)
+    rows = {(r["site"], r["gateway"]): r for r in store.query()}
+    assert set(rows) == {("evil", "gw1"), ("s1", "gw2")}
+    assert rows[("s1", "gw2")]["teacher_score"] == pytest.approx(0.9)
+    assert rows[("evil", "gw1")]["verdict"] == "benign"
+    store.close()
+
+
+def test_an_old_id_keyed_store_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
+    import sqlite3
+
+    from teacher import store as store_mod
+
+    path = tmp_path / "old.sqlite"
+    old_schema = store_mod._SCHEMA.replace(
+        "id TEXT NOT NULL", "id TEXT PRIMARY KEY"
+    ).replace(",\n    PRIMARY KEY (site, gateway, id)", "")
+    assert "id TEXT PRIMARY KEY" in old_schema and "(site, gateway, id)" not in (
+        old_schema
+    )
+    db = sqlite3.connect(path)  # a store as written before the fix: user_version 0
+    db.executescript(old_schema)
+    esc, ver = _pair(0, "g1", "escalate", "benign")
+    db.execute(
+        f"INSERT INTO escalations ({','.join(store_mod._COLUMNS)}) VALUES "
+        f"({','.join('?' * len(store_mod._COLUMNS))})",
+        store_mod._row(esc, ver, "w"),
+    )
+    db.commit()
+    db.close()
+    store = AlertStore(path)
+    assert store.count() == 1
+    # Same id, another gateway: a new row now, not a suppressed copy.
+    esc2, ver2 = _pair(0, "g2", "escalate", "malicious")
+    assert store.add(esc2, ver2)
+    assert not store.add(esc, ver)
+    assert store.count() == 2
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
+    db.close()
