@@ -7,8 +7,9 @@ site's thresholds from its own benign traffic. The bundle, flash and update comm
 come from :mod:`edge_agent.bundle` when it is installed.
 
 Exit codes: 0 ok, 1 failure, 2 usage, 3 bad input (a source that gave no usable
-flow, a damaged outbox file, left untouched), 4 partial input (damage part way or
-rejected input lines; the flows read were scored and sent), 6 broker
+flow, a damaged outbox file, left untouched; an empty stdin is no error: a restart
+given no new input replays and drains its outbox and exits 0), 4 partial input
+(damage part way or rejected input lines; the flows read were scored and sent), 6 broker
 unavailable, escalations left unacknowledged in the outbox, or escalations dropped
 because the outbox could not store them (disk full, I/O error: the agent scores on,
 writes its local alerts and counts ``outbox_failed``), 130 interrupted (Ctrl-C;
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent import logger
 from flows.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -53,9 +55,11 @@ exit codes:
   {EXIT_OK}    ok
   {EXIT_FAILURE}    failure (an alerts file that cannot be written included)
   {EXIT_USAGE}    usage: bad flags, arguments or settings
-  {EXIT_BAD_INPUT}    bad input: a source that gave no usable flow (stdin with no
-       record), a folder or missing file, a damaged outbox file
-       (left untouched)
+  {EXIT_BAD_INPUT}    bad input: a source that gave no usable flow (stdin whose
+       lines held no record, a damaged file with nothing usable), a
+       folder or missing file, a damaged outbox file (left untouched);
+       an empty stdin (no lines at all) is no error: the outbox is
+       replayed and drained (exit 0)
   {EXIT_PARTIAL_INPUT}    partial input: damage part way, or input lines rejected;
        the flows read were scored and sent
   {EXIT_UNAVAILABLE}    broker unavailable, escalations left unacknowledged in the
@@ -471,8 +475,12 @@ def _input_problem(
     if not flows:
         if not rejected and source.kind != "stdin":
             return None  # an empty log file is no error (a quiet day)
+        if not rejected and source.lines == 0:
+            # A restart given no new input only replays and drains its outbox.
+            logger.info("stdin held no lines; only the outbox was replayed")
+            return None
         held = f"{rejected} line(s) rejected ({counts}){first}" if rejected else (
-            "it held no lines"
+            f"it held {source.lines} blank line(s)"
         )
         expected = (
             STDIN_EXPECTED if source.kind == "stdin" else f"flow records in {spec}"

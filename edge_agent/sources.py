@@ -46,7 +46,9 @@ class Source:
     iteration is kept in ``error`` instead of raised, for the caller to report
     (and the records yielded before it are not lost in a half-filled batch).
     Setting ``end`` asks a followed log to stop once it has yielded what the
-    file holds now (Ctrl-C: what was read is still scored).
+    file holds now (Ctrl-C: what was read is still scored). ``lines`` counts the
+    lines stdin held (blank ones included), so that an empty stdin (a restart
+    that only replays its outbox) is told apart from one with no usable record.
     """
 
     kind: str
@@ -55,6 +57,7 @@ class Source:
     _factory: Callable[[Source], Iterator[dict]]
     rejected: dict[str, int] = field(default_factory=dict)
     first_rejected: str | None = None
+    lines: int = 0
     capture_errors: bool = False
     error: GatewatchError | None = None
     end: threading.Event = field(default_factory=threading.Event)
@@ -266,6 +269,7 @@ def _bounded_lines(stream) -> Iterator[str | int]:
 
 def _json_lines(src: Source, stream) -> Iterator[dict]:
     for line_no, line in enumerate(_bounded_lines(stream), start=1):
+        src.lines = line_no
         if isinstance(line, int):
             src.reject("line_too_long", too_long(line), line_no)
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -589,7 +590,27 @@ def _run_stdin(tm, tmp_path: Path, monkeypatch, text: str) -> int:
     )
 
 
-@pytest.mark.parametrize("text", ["", "\n\n", "{broken\n[1, 2]\n{\"a\": 1}\n"])
+def test_run_on_empty_stdin_replays_the_outbox_and_exits_0(
+    tm, tmp_path: Path, monkeypatch, capsys, caplog
+) -> None:
+    """No lines at all on stdin (a restart that only replays its outbox) is no
+    error: exit 0, the outbox kept as it was, and the log says stdin was empty."""
+    good = "".join(json.dumps(r) + "\n" for r in tm.records[:2400])
+    assert _run_stdin(tm, tmp_path, monkeypatch, good) == 0
+    before = {m.id for m in Outbox(tmp_path / "o.db").pending()}
+    assert before == set(tm.expected(tm.records[:2400])) and before
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="gatewatch.edge_agent"):
+        rc = _run_stdin(tm, tmp_path, monkeypatch, "")
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "error:" not in err
+    assert "stdin held no lines" in caplog.text
+    assert json.loads((tmp_path / "s.json").read_text())["flows"] == 0
+    assert {m.id for m in Outbox(tmp_path / "o.db").pending()} == before
+
+
+@pytest.mark.parametrize("text", ["\n\n", "{broken\n[1, 2]\n{\"a\": 1}\n"])
 def test_run_on_stdin_without_a_usable_record_exits_3(
     tm, tmp_path: Path, monkeypatch, capsys, text: str
 ) -> None:
@@ -601,6 +622,8 @@ def test_run_on_stdin_without_a_usable_record_exits_3(
     if text.strip():
         assert "3 line(s) rejected (malformed_json 1, not_a_record 2)" in err
         assert "the first: line 1: malformed_json" in err
+    else:
+        assert "it held 2 blank line(s)" in err
     assert "Traceback" not in err
 
 
