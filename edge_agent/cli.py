@@ -467,8 +467,20 @@ def _input_problem(
     from edge_agent.sources import STDIN_EXPECTED
 
     rejected = sum(source.rejected.values())
-    if stopped or (flows and not rejected):
+    damage = getattr(source, "damage", None)
+    if stopped or (flows and not rejected and damage is None):
         return None
+    if damage is not None:
+        if not flows:
+            return BadInputError(
+                f"no usable flow was read: {damage}; expected "
+                f"{_expected_of(source.kind)}",
+                path=spec,
+            )
+        return PartialInputError(
+            f"damaged part way: {damage}; the {flows} flows read were scored and kept",
+            path=spec,
+        )
     where = "stdin" if source.kind == "stdin" else spec
     counts = ", ".join(f"{k} {v}" for k, v in sorted(source.rejected.items()))
     first = f"; the first: {source.first_rejected}" if source.first_rejected else ""
@@ -491,6 +503,13 @@ def _input_problem(
         f"{rejected} input line(s) of {where} were rejected ({counts}){first}; the "
         f"{flows} flows read were scored and kept"
     )
+
+
+def _expected_of(kind: str) -> str:
+    """What a source of this kind should hold, for an error message."""
+    from edge_agent.sources import _EXPECTED
+
+    return _EXPECTED.get(kind, "flow records")
 
 
 def _report(summary: dict[str, Any], path: str | None) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import sys
 import threading
@@ -49,6 +50,9 @@ class Source:
     file holds now (Ctrl-C: what was read is still scored). ``lines`` counts the
     lines stdin held (blank ones included), so that an empty stdin (a restart
     that only replays its outbox) is told apart from one with no usable record.
+    ``damage`` is the first damage a file reader noted without raising (a capture
+    or gzip stream cut short, a cut last line, damaged packets): the caller
+    reports it as partial input (exit 4), or bad input when no flow was read (3).
     """
 
     kind: str
@@ -58,13 +62,19 @@ class Source:
     rejected: dict[str, int] = field(default_factory=dict)
     first_rejected: str | None = None
     lines: int = 0
+    damage: str | None = None
     capture_errors: bool = False
     error: GatewatchError | None = None
     end: threading.Event = field(default_factory=threading.Event)
 
     def __iter__(self) -> Iterator[dict]:
+        watch = _DamageWatch(self) if self.finite else None
         try:
-            yield from self._factory(self)
+            if watch is None:
+                yield from self._factory(self)
+            else:
+                with watch:
+                    yield from self._factory(self)
         except (GatewatchError, OSError) as exc:
             if isinstance(exc, OSError):
                 exc = BadInputError(
@@ -98,6 +108,38 @@ class Source:
                 kind,
                 message,
             )
+
+
+class _DamageWatch(logging.Handler):
+    """Notes in ``source.damage`` the first warning the flow readers and meter log
+    while this source's file is read (in the reading thread only).
+
+    ``flows.readers.stream`` and ``flows.meter.iter_flows`` keep what came before
+    a cut and report the damage only as a warning; the agent needs it for its exit
+    code. Use it as a context manager around the iteration.
+    """
+
+    # TODO(gap): the streaming readers should expose a damage flag instead.
+    def __init__(self, source: Source) -> None:
+        super().__init__(logging.WARNING)
+        self.source = source
+        self.thread = threading.get_ident()
+        self.target = logging.getLogger("gatewatch.flows")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread and self.source.damage is None:
+            try:
+                self.source.damage = record.getMessage()
+            except Exception:  # noqa: BLE001 - a bad log call must not end the read
+                self.source.damage = str(record.msg)
+
+    def __enter__(self) -> _DamageWatch:
+        self.thread = threading.get_ident()
+        self.target.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.target.removeHandler(self)
 
 
 def canonical(record: dict[str, Any]) -> dict[str, Any]:
