@@ -27,6 +27,7 @@ from flows.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL_INPUT,
+    EXIT_UNAVAILABLE,
     EXIT_USAGE,
     GatewatchError,
     UsageError,
@@ -35,7 +36,7 @@ from teacher import logger
 
 __all__ = ["build_parser", "main"]
 
-EPILOG = f"""\\
+EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok
   {EXIT_FAILURE}    failure: a model or checkpoint is unusable, or an output cannot
@@ -44,7 +45,8 @@ exit codes:
   {EXIT_BAD_INPUT}    bad input: a dataset file is missing, fails its checksum or
        cannot be read
   {EXIT_PARTIAL_INPUT}    partial input: a data file damaged part way
-  {EXIT_INTERRUPTED}  interrupted
+  {EXIT_UNAVAILABLE}    broker: teacher serve cannot reach or stay with the MQTT broker
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
 """
 
 NSL_KDD_HOLDOUT = 0.5
@@ -139,6 +141,16 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
                    help="what early stopping watches on validation (default loss)")
 
 
+def _sub(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand parser whose help ends with the exit codes."""
+    return sub.add_parser(
+        name,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kwargs,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``teacher`` command."""
     parser = argparse.ArgumentParser(
@@ -149,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a teacher checkpoint")
+    p = _sub(sub, "train", help="train a teacher checkpoint")
     _add_source(p)
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--init-from", help="checkpoint to fine-tune (same feature family)")
@@ -177,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(p)
     _add_common(p)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    p = _sub(sub, "eval", help="evaluate a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder to load")
     _add_source(p)
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
@@ -187,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-timing", action="store_true", help="skip latency timing")
     _add_common(p)
 
-    p = sub.add_parser("baselines", help="RF, SVM and kNN on the same features")
+    p = _sub(sub, "baselines", help="RF, SVM and kNN on the same features")
     _add_source(p)
     p.add_argument("--window", type=int, default=1,
                    help="window length W flattened into each row (default 1)")
@@ -206,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoding(p)
     _add_common(p)
 
-    p = sub.add_parser("tune", help="grid search scored on validation data")
+    p = _sub(sub, "tune", help="grid search scored on validation data")
     _add_source(p)
     p.add_argument("--budget", type=float, required=True, help="minutes")
     p.add_argument("--out", default="runs/tune", help="folder for the table")
@@ -233,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoding(p)
     _add_common(p)
 
-    p = sub.add_parser("update", help="incremental learning with a replay buffer")
+    p = _sub(sub, "update", help="incremental learning with a replay buffer")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder to update")
     p.add_argument("--data", required=True, help="new data: dataset name or file")
     p.add_argument("--old-data", default=None,
@@ -320,6 +332,23 @@ def _progress(total: int, rank: int, quiet: bool) -> tuple[Any, Any]:
     return bar, on_epoch
 
 
+def _check_out(out: str | Path) -> None:
+    """Refuse up front (exit 2) an ``--out`` that cannot become a checkpoint folder:
+    an existing file, or a path under one. Checked before minutes of training, so
+    the model is not lost when save_checkpoint fails at the end."""
+    path = Path(out)
+    try:
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--out {out} exists and is not a folder; name a folder")
+        above = path.parent
+        while not above.exists() and above != above.parent:
+            above = above.parent
+        if not above.is_dir():
+            raise UsageError(f"--out {out}: {above} is a file, not a folder")
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot be used ({exc})") from exc
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """``teacher train``: fit on train, stop and threshold on val, save a folder."""
     import torch
@@ -331,6 +360,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from teacher.train import dist_info, fit
     from teacher.update import make_replay, save_replay
 
+    _check_out(args.out)
     rank, world, _ = dist_info()
     start = time.monotonic()
 
@@ -495,6 +525,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     from teacher.data import prepare
     from teacher.update import load_replay, save_replay, update
 
+    _check_out(args.out)
     teacher = load_teacher(args.checkpoint)
     new = prepare(args.data, encoder=teacher.encoder, data_dir=args.data_dir,
                   seed=args.seed, need_split=True)

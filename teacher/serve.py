@@ -37,6 +37,8 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
+import os
 import queue
 import re
 import signal
@@ -52,7 +54,13 @@ import numpy as np
 
 from edge_agent import protocol as proto
 from edge_agent.mqtt import MessageTooLargeError, MqttLink, Protocol, TlsOptions
-from flows.errors import EXIT_OK, TransportError, UsageError
+from flows.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    TransportError,
+    UsageError,
+)
 from teacher import logger
 from teacher.store import AlertStore, key
 
@@ -366,9 +374,15 @@ def _since(text: str | None) -> float | None:
         unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
         return time.time() - float(m.group(1)) * unit
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(value):
+            raise UsageError(
+                f"--since {text!r}: give a finite Unix time, an ISO time or an age"
+            )
+        return value
     try:
         when = dt.datetime.fromisoformat(text)
     except ValueError as exc:
@@ -389,10 +403,46 @@ def _password(args: argparse.Namespace) -> str | None:
         raise UsageError(f"cannot read --password-file: {exc}") from exc
 
 
+def _check_stats_path(path: str | None) -> None:
+    """UsageError unless ``--stats-json`` can be written: checked before serving, so
+    the counters of a long run are not lost to a typo in the folder at exit."""
+    if not path:
+        return
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise UsageError(f"--stats-json {path}: is a folder; give a file name")
+    if not folder.is_dir():
+        raise UsageError(f"--stats-json {path}: no folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--stats-json {path}: folder {folder} is not writable")
+
+
+def _write_stats(path: str, stats: dict[str, Any]) -> bool:
+    """Write the counters to ``path``; on failure print them to stderr instead."""
+    text = json.dumps(stats, indent=2) + "\n"
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        print(
+            f"error: --stats-json {path}: cannot write ({exc.strerror or exc}); "
+            "the counters follow on stderr",
+            file=sys.stderr,
+        )
+        print(text, file=sys.stderr, end="")
+        return False
+    return True
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """``teacher serve``: run until SIGTERM / Ctrl-C (or ``--duration`` seconds)."""
+    """``teacher serve``: run until SIGTERM / Ctrl-C (or ``--duration`` seconds).
+
+    Exit 0 after SIGTERM or ``--duration``, 130 after Ctrl-C (SIGINT), 1 when the
+    counters could not be written to ``--stats-json``.
+    """
     from teacher.checkpoint import load_teacher
 
+    _check_stats_path(args.stats_json)
     _logging(args)
     teacher = load_teacher(args.checkpoint)
     _set_threads(teacher, args.threads)
@@ -422,30 +472,81 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    interrupted = False
+    written = True
     try:
         stop.wait(args.duration)
     except KeyboardInterrupt:
-        pass
+        interrupted = True
     finally:
         server.stop()
         stats = server.stats()
         if args.stats_json:
-            Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
+            written = _write_stats(args.stats_json, stats)
         store.close()
     print(
         "re-scorer: received {received}, scored {scored}, stored {stored}, "
         "duplicates {duplicates}, verdicts sent {verdicts_sent}".format(**stats),
         file=sys.stderr,
     )
-    return EXIT_OK
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if written else EXIT_FAILURE
+
+
+MAX_SHOWN = 64  # characters of one stored text field that ``teacher alerts`` prints
+
+
+def _shown(value: Any, limit: int = MAX_SHOWN) -> str:
+    """A stored field made safe for the operator's terminal.
+
+    Control characters (ESC, CR, BEL, DEL, C1, line and paragraph separators...)
+    are written as ``\\xNN`` / ``\\uNNNN`` escapes, so a flow field crafted with
+    terminal escape sequences cannot clear the screen or rewrite earlier lines;
+    text past ``limit`` characters is cut and marked with ``...``.
+    """
+    text = "?" if value is None else str(value)
+    out = []
+    for ch in text[: limit + 1]:
+        code = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif code < 0x20 or 0x7F <= code < 0xA0:
+            out.append(f"\\x{code:02x}")
+        elif not ch.isprintable():
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    if len(text) > limit:
+        return "".join(out[:limit]) + "..."
+    return "".join(out)
+
+
+def _score(value: Any) -> str:
+    """A stored score as at most a few characters: ``0.731``, ``nan``, ``?``.
+
+    Scores are probabilities; anything else (a huge number from a crafted
+    escalation) is shown in short scientific notation, never as 300 digits.
+    """
+    if value is None:
+        return "?"
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return _shown(value, 12)
+    if x != x or abs(x) == float("inf"):
+        return str(x)
+    if -1000 < x < 1000:
+        return f"{x:.3f}"
+    return f"{x:.3g}"
 
 
 def _endpoint(ip: Any, port: Any) -> str:
     """``ip:port``, with an IPv6 address in brackets (``[2001:db8::1]:443``)."""
-    host = "?" if ip is None else str(ip)
+    host = _shown(ip)
     if ":" in host:
         host = f"[{host}]"
-    return f"{host}:{'?' if port is None else port}"
+    return f"{host}:{_shown(port, 12)}"
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
@@ -468,11 +569,11 @@ def cmd_alerts(args: argparse.Namespace) -> int:
             "%Y-%m-%d %H:%M:%S"
         )
         print(
-            f"{when}  {r['site']}/{r['gateway']}  "
+            f"{when}  {_shown(r['site'])}/{_shown(r['gateway'])}  "
             f"{_endpoint(r['src_ip'], r['src_port'])} -> "
-            f"{_endpoint(r['dst_ip'], r['dst_port'])}/{r['proto']}  "
-            f"agent {r['agent_decision']} "
-            f"{r['agent_score']:.3f}  teacher {r['verdict']} {r['teacher_score']:.3f}"
+            f"{_endpoint(r['dst_ip'], r['dst_port'])}/{_shown(r['proto'])}  "
+            f"agent {_shown(r['agent_decision'])} {_score(r['agent_score'])}  "
+            f"teacher {_shown(r['verdict'])} {_score(r['teacher_score'])}"
         )
     print(f"{len(rows)} escalations", file=sys.stderr)
     return EXIT_OK
@@ -497,20 +598,79 @@ def _logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _count(low: int):
+    """An argparse type: an integer of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected an integer: {text!r}") from exc
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}: {text!r}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number >= 0 (no nan, inf or negative)."""
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number: {text!r}") from exc
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+    return value
+
+
+def _epilog() -> str:
+    from teacher.cli import EPILOG
+
+    return EPILOG
+
+
 def register(subparsers) -> None:
     """Add the ``serve`` and ``alerts`` subcommands to the ``teacher`` parser."""
-    p = subparsers.add_parser("serve", help="re-score escalations from the gateways")
-    p.add_argument("--checkpoint", required=True, type=Path, help="teacher checkpoint")
-    p.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://...")
+    p = subparsers.add_parser(
+        "serve",
+        help="re-score escalations from the gateways",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint", required=True, type=Path, help="teacher checkpoint (required)"
+    )
+    p.add_argument(
+        "--broker", required=True, help="mqtt://HOST:PORT or mqtts://... (required)"
+    )
     p.add_argument(
         "--share-group",
         default=DEFAULT_GROUP,
-        help=f"shared subscription group ('' for none; {DEFAULT_GROUP})",
+        help=f"shared subscription group ('' for none; default {DEFAULT_GROUP})",
     )
-    p.add_argument("--store", default=DEFAULT_STORE, help="alert store (SQLite)")
-    p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--max-wait-ms", type=float, default=10.0)
-    p.add_argument("--threads", type=int, help="torch threads (default 1 on CPU)")
+    p.add_argument(
+        "--store",
+        default=DEFAULT_STORE,
+        help=f"alert store (SQLite; default {DEFAULT_STORE} in the current folder)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=_count(1),
+        default=64,
+        help="most escalated windows scored in one teacher call (default 64)",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=_seconds,
+        default=10.0,
+        help="most milliseconds to wait for a batch to fill (default 10)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_count(1),
+        help="torch threads, >= 1 (default 1 on CPU, torch's own on a GPU)",
+    )
     p.add_argument(
         "--client-id",
         help="MQTT client id, the same across restarts "
@@ -518,28 +678,72 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--session-expiry",
-        type=int,
+        type=_count(0),
         default=DEFAULT_SESSION_EXPIRY,
         help="keep the MQTT session this many seconds, so escalations in flight "
         "when this process died are delivered again when it comes back "
-        f"({DEFAULT_SESSION_EXPIRY}; 0 for a clean session)",
+        f"(default {DEFAULT_SESSION_EXPIRY}; 0 for a clean session)",
     )
-    p.add_argument("--username")
-    p.add_argument("--password-file")
-    p.add_argument("--tls-ca")
-    p.add_argument("--tls-cert")
-    p.add_argument("--tls-key")
-    p.add_argument("--protocol", default="auto", choices=[p.value for p in Protocol])
-    p.add_argument("--connect-timeout", type=float, default=10.0)
-    p.add_argument("--duration", type=float, help="stop after this many seconds")
-    p.add_argument("--stats-json", help="write the counters here at exit")
+    p.add_argument("--username", help="broker user name (default: none)")
+    p.add_argument(
+        "--password-file",
+        help="file whose first line is the broker password (default: none)",
+    )
+    p.add_argument(
+        "--tls-ca", help="CA certificate to verify the broker with (default: none)"
+    )
+    p.add_argument(
+        "--tls-cert", help="client certificate for mutual TLS (default: none)"
+    )
+    p.add_argument("--tls-key", help="the client certificate's key (default: none)")
+    p.add_argument(
+        "--protocol",
+        default="auto",
+        choices=[p.value for p in Protocol],
+        help="MQTT protocol version (default auto: 5, else 3.1.1)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=_seconds,
+        default=10.0,
+        help="seconds to wait for the broker at start (default 10)",
+    )
+    p.add_argument(
+        "--duration",
+        type=_seconds,
+        help="stop after this many seconds (default: until SIGTERM or Ctrl-C)",
+    )
+    p.add_argument(
+        "--stats-json",
+        help="write the counters to this file at exit; its folder must exist "
+        "(default: none)",
+    )
     p.set_defaults(func=cmd_serve)
 
-    p = subparsers.add_parser("alerts", help="list escalations and verdicts")
-    p.add_argument("--store", default=DEFAULT_STORE)
-    p.add_argument("--json", action="store_true", help="a JSON list")
-    p.add_argument("--since", help="Unix seconds, ISO time, or an age like 2h")
-    p.add_argument("--gateway", help="GATEWAY or SITE/GATEWAY")
-    p.add_argument("--decision", help="escalate, alert, malicious or benign")
-    p.add_argument("--limit", type=int)
+    p = subparsers.add_parser(
+        "alerts",
+        help="list escalations and verdicts",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--store",
+        default=DEFAULT_STORE,
+        help=f"alert store to read (default {DEFAULT_STORE} in the current folder)",
+    )
+    p.add_argument("--json", action="store_true", help="a JSON list (default: text)")
+    p.add_argument(
+        "--since",
+        help="Unix seconds, ISO time, or an age like 2h (default: all)",
+    )
+    p.add_argument("--gateway", help="GATEWAY or SITE/GATEWAY (default: every gateway)")
+    p.add_argument(
+        "--decision",
+        help="escalate, alert, malicious or benign (default: every decision)",
+    )
+    p.add_argument(
+        "--limit",
+        type=_count(0),
+        help="list at most this many, >= 0 (default: all)",
+    )
     p.set_defaults(func=cmd_alerts)

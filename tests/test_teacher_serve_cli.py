@@ -1,0 +1,195 @@
+"""``teacher serve`` / ``teacher alerts`` command lines: bad flags, exit codes,
+terminal-safe output and help; without a broker (the re-scorer is faked where it
+would connect)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from edge_agent import protocol as proto
+from flows.errors import EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE
+from teacher.cli import build_parser, main
+from teacher.store import AlertStore
+
+SERVE = ["serve", "--checkpoint", "no-such-ckpt", "--broker", "mqtt://127.0.0.1:1"]
+
+
+def _store_with(path: Path, *, src_ip, proto_name, score) -> None:
+    esc = proto.build_escalation(
+        flow={"src_ip": src_ip, "src_port": 1, "dst_ip": "10.0.0.2",
+              "dst_port": 80, "proto": proto_name, "ts": 1.0},
+        window=[[0.5, 0.25]], score=0.7, decision="escalate",
+        model_version="m1", site="s1", gateway="g1", msg_id="e1")
+    ver = proto.build_verdict(escalation_id="e1", verdict="malicious", score=0.9,
+                              threshold=0.5, teacher_version="t1")
+    ver["score"] = score  # as a crafted or corrupted row would hold it
+    store = AlertStore(path)
+    assert store.add(esc, ver)
+    store.close()
+
+
+def test_alerts_escape_control_characters_and_bound_lengths(tmp_path, capsys):
+    path = tmp_path / "a.sqlite"
+    evil_ip = "\x1b[2J\x1b[H" + "A" * 5000
+    _store_with(path, src_ip=evil_ip, proto_name="tcp\x07\r\x9b", score=1e300)
+    assert main(["alerts", "--store", str(path)]) == 0
+    out = capsys.readouterr().out
+    line = out.rstrip("\n")
+    assert "\n" not in line and "\r" not in line
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in line)
+    assert "\\x1b[2J\\x1b[H" in line
+    assert "tcp\\x07\\x0d\\x9b" in line
+    assert "A" * 200 not in line and "..." in line
+    assert len(line) < 400
+    assert "1e+300" in line and "0" * 30 not in line
+
+
+def test_alerts_scores_are_three_decimals_when_ordinary(tmp_path, capsys):
+    path = tmp_path / "a.sqlite"
+    _store_with(path, src_ip="10.0.0.1", proto_name="tcp", score=0.91234)
+    assert main(["alerts", "--store", str(path)]) == 0
+    line = capsys.readouterr().out
+    assert "10.0.0.1:1 -> 10.0.0.2:80/tcp" in line
+    assert line.rstrip().endswith("agent escalate 0.700  teacher malicious 0.912")
+
+
+@pytest.mark.parametrize("extra", [
+    ["--threads", "0"],
+    ["--threads", "-1"],
+    ["--duration", "nan"],
+    ["--duration", "inf"],
+    ["--duration", "-1"],
+    ["--max-wait-ms", "nan"],
+    ["--connect-timeout", "-inf"],
+    ["--max-batch", "0"],
+    ["--session-expiry", "-1"],
+    ["--stats-json", "/nonexistent-gatewatch/x.json"],
+])
+def test_serve_refuses_bad_flags_before_serving(extra, capsys):
+    assert main([*SERVE, *extra]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert extra[0] in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra", [["--limit", "-5"], ["--since", "nan"],
+                                   ["--since", "inf"]])
+def test_alerts_refuses_bad_flags(extra, tmp_path, capsys):
+    path = tmp_path / "a.sqlite"
+    _store_with(path, src_ip="10.0.0.1", proto_name="tcp", score=0.9)
+    assert main(["alerts", "--store", str(path), *extra]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert extra[0] in err and "Traceback" not in err
+
+
+class _FakeServer:
+    """Stands in for ReScorer: no broker; counts like one that saw 3 messages."""
+
+    version = "fake"
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def start(self, timeout):
+        pass
+
+    def stop(self):
+        pass
+
+    def stats(self):
+        return {"received": 3, "scored": 3, "stored": 3, "duplicates": 0,
+                "verdicts_sent": 3, "rejected": {}, "teacher_version": "fake"}
+
+
+@pytest.fixture
+def fake_serve(monkeypatch):
+    import teacher.checkpoint
+    import teacher.serve
+
+    monkeypatch.setattr(teacher.checkpoint, "load_teacher", lambda path: object())
+    monkeypatch.setattr(teacher.serve, "_set_threads", lambda *a: None)
+    monkeypatch.setattr(teacher.serve, "ReScorer", _FakeServer)
+
+
+def test_serve_exits_130_on_ctrl_c_after_its_summary(fake_serve, tmp_path,
+                                                     monkeypatch, capsys):
+    import threading
+
+    def interrupted(self, timeout=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Event, "wait", interrupted)
+    stats = tmp_path / "stats.json"
+    code = main([*SERVE, "--store", str(tmp_path / "a.sqlite"),
+                 "--stats-json", str(stats)])
+    monkeypatch.undo()
+    assert code == EXIT_INTERRUPTED
+    assert "re-scorer: received 3" in capsys.readouterr().err
+    assert json.loads(stats.read_text())["received"] == 3
+
+
+def test_serve_reports_stats_it_cannot_write_on_stderr(fake_serve, tmp_path,
+                                                       monkeypatch, capsys):
+    import teacher.serve
+
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    stats = folder / "stats.json"
+
+    class Vanishing(_FakeServer):
+        def start(self, timeout):  # the folder goes while serving
+            folder.rmdir()
+
+    monkeypatch.setattr(teacher.serve, "ReScorer", Vanishing)
+    code = main([*SERVE, "--store", str(tmp_path / "a.sqlite"), "--duration", "0",
+                 "--stats-json", str(stats)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"--stats-json {stats}" in err and '"received": 3' in err
+    assert "re-scorer: received 3" in err and "Traceback" not in err
+
+
+def test_train_refuses_an_existing_file_as_out_before_training(tmp_path, capsys):
+    out = tmp_path / "model"
+    out.write_text("keep me\n")
+    data = tmp_path / "absent.txt"  # never read: --out is checked first
+    assert main(["train", "--data", str(data), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}" in err and "not a folder" in err
+    assert "absent.txt" not in err
+    assert out.read_text() == "keep me\n"
+    assert main(["train", "--data", str(data), "--out", str(out / "sub"),
+                 "-q"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def _subparsers(parser):
+    action = next(a for a in parser._actions
+                  if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+@pytest.mark.parametrize("command", ["serve", "alerts"])
+def test_every_serve_and_alerts_option_has_help_saying_its_default(command):
+    sub = _subparsers(build_parser())[command]
+    options = [a for a in sub._actions
+               if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    assert len(options) > 5
+    missing = [a.option_strings for a in options
+               if not (a.help and ("default" in a.help or "required" in a.help))]
+    assert missing == []
+
+
+def test_teacher_help_lists_every_exit_code_on_each_command():
+    parser = build_parser()
+    for text in [parser.format_help(),
+                 *(p.format_help() for p in _subparsers(parser).values())]:
+        codes = text[text.index("exit codes:"):]
+        assert "\\\n" not in text[: text.index("exit codes:") + 1][-3:]
+        for code in (0, 1, 2, 3, 4, EXIT_UNAVAILABLE, EXIT_INTERRUPTED):
+            assert f"\n  {code} " in codes, (code, text[:40])
+    top = parser.format_help()
+    assert "\n\\\n" not in top
