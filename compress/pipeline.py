@@ -569,7 +569,7 @@ def _try(ctx: _Context, target: str, kind: str, width: int, ratio: float,
     params = int(sum(p.numel() for p in model.parameters()))
     if float_f1 < floor:
         frontier.append(Candidate(target, kind, width, ratio, params=params,
-                                  float_val_f1=float_f1, note="float student misses"))
+                                  float_val_f1=float_f1, note=FLOAT_MISSES))
         return None
     int8 = target in INT8_TARGETS
     exported: list[tuple[Candidate, dict[str, str]]] = []
@@ -760,6 +760,15 @@ def _publish(src: Path, dest: Path, sparsity: dict[str, Any]) -> None:
         shutil.copy2(src / name, dest / name)
 
 
+FLOAT_MISSES = "float student below the gate"  # the note of one never quantized
+
+
+def _passed(c: Candidate) -> str:
+    """The pass column: ``yes`` or ``no``, with the candidate's note in brackets."""
+    word = "yes" if c.passed else "no"
+    return f"{word} ({c.note})" if c.note else word
+
+
 def frontier_table(rows: list[Candidate]) -> str:
     """The candidates as a fixed-width text table."""
     head = (f"{'target':<13}{'student':<10}{'prune':>6}{'quant':>22}{'params':>8}"
@@ -775,6 +784,6 @@ def frontier_table(rows: list[Candidate]) -> str:
             f"{c.quant or '-':>22}{c.params:>8}{num(c.size_bytes, 'd'):>9}"
             f"{num(c.float_val_f1, '.4f'):>8}{num(c.val_f1, '.4f'):>8}"
             f"{num(c.test_f1, '.4f'):>8}{num(c.agreement, '.3f'):>7}  "
-            f"{'yes' if c.passed else 'no'} {c.note}"
+            f"{_passed(c)}"
         )
     return "\n".join(lines)

@@ -316,12 +316,17 @@ def _train_config(args: argparse.Namespace, **defaults: Any) -> Any:
     return TrainConfig(**kw)
 
 
-def _progress(total: int, rank: int, quiet: bool) -> tuple[Any, Any]:
+def _progress(epochs: int, rank: int, quiet: bool,
+              members: int = 1) -> tuple[Any, Any]:
+    """A progress bar over every epoch of every member (an ensemble's members train
+    one after another, each up to ``epochs``), and the callback that advances it."""
     if rank != 0 or quiet:
         return None, None
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc="epochs", unit="epoch", file=sys.stderr)
+    members = max(1, int(members))
+    desc = "epochs" if members == 1 else f"epochs ({members} members)"
+    bar = tqdm(total=epochs * members, desc=desc, unit="epoch", file=sys.stderr)
 
     def on_epoch(rec: dict[str, Any]) -> None:
         bar.update(1)
@@ -390,7 +395,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         mc = TeacherConfig(**kw)
     tc = _train_config(args, **FAMILY_TRAIN_DEFAULTS.get(prep.family, {}))
 
-    bar, on_epoch = _progress(tc.epochs, rank, args.quiet)
+    bar, on_epoch = _progress(tc.epochs, rank, args.quiet, mc.members)
     try:
         result = fit(prep, mc, tc, init_state=init_state, on_epoch=on_epoch)
     finally:

@@ -293,3 +293,19 @@ def test_cli_logging_leaves_the_root_logger_alone() -> None:
     finally:
         gw.setLevel(saved[0])
         gw.handlers[:] = saved[1]
+
+
+def test_frontier_pass_column_reads_as_a_sentence():
+    from compress.pipeline import FLOAT_MISSES, Candidate, frontier_table
+
+    rows = [Candidate("tflite-int8", "mlp", 8, note=FLOAT_MISSES, float_val_f1=0.5),
+            Candidate("onnx-int8", "cnn", 16, quant="static", passed=True),
+            Candidate("onnx-int8", "cnn", 8, quant="static",
+                      note="quantized model misses the gate")]
+    lines = frontier_table(rows).splitlines()[2:]
+    assert [ln.split("  ")[-1] for ln in lines] == [
+        "no (float student below the gate)",
+        "yes",
+        "no (quantized model misses the gate)",
+    ]
+    assert "no float student" not in frontier_table(rows)

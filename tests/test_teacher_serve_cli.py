@@ -193,3 +193,16 @@ def test_teacher_help_lists_every_exit_code_on_each_command():
             assert f"\n  {code} " in codes, (code, text[:40])
     top = parser.format_help()
     assert "\n\\\n" not in top
+
+
+def test_train_progress_bar_counts_every_members_epochs(capsys):
+    from teacher.cli import _progress
+
+    bar, on_epoch = _progress(1, 0, False, members=3)
+    rec = {"train_loss": 0.5, "val_loss": 0.4, "val_f1": 0.9}
+    for _ in range(3):  # --epochs 1, three members: one epoch each
+        on_epoch(rec)
+    assert bar.total == 3 and bar.n == 3
+    bar.close()
+    assert "3/3" in capsys.readouterr().err
+    assert _progress(1, 0, True, members=3) == (None, None)
