@@ -6,10 +6,14 @@ encoder), ``threshold.json`` (``{"threshold", "rule", "chosen_on"}``),
 ``history.json`` (per-epoch losses and metrics), ``metrics.json`` (validation and,
 where computed, test metrics) and ``provenance.json`` (data, seed, versions, commit),
 plus ``checksums.json``: the sha256 of each of those files (and of the replay buffer
-when there is one). :func:`load_teacher` checks every recorded sha256 before reading
-anything and names the file that differs; a checkpoint written before checksums
-existed still loads, with a warning. Nothing is pickled: weights are read with
-safetensors, the rest is JSON.
+when there is one). :func:`load_teacher` checks every recorded sha256 before
+building the network or reading weights (only ``config.json`` is parsed first, its
+sizes bounded) and names the file that differs. A folder without ``checksums.json``
+is refused (exit 3): removing it must not be a way to load changed weights. A
+trusted checkpoint written before checksums existed loads with
+``allow_unverified=True`` (``--allow-unverified``, or
+``GATEWATCH_ALLOW_UNVERIFIED=1``), with a warning. Nothing is pickled: weights are
+read with safetensors, the rest is JSON.
 
 :func:`load_teacher` returns a :class:`Teacher`, whose ``predict_proba`` gives the
 probability of anomaly per window (higher means more anomalous).
@@ -58,6 +62,15 @@ CHECKPOINT_FILES = (
 
 # The sha256 of each checkpoint file; optional files are hashed when present.
 CHECKSUMS_FILE = "checksums.json"
+# Set to 1 to load checkpoints without checksums.json (written before checkpoints
+# carried sha256s) unverified; ``--allow-unverified`` on the teacher commands.
+ALLOW_UNVERIFIED_ENV = "GATEWATCH_ALLOW_UNVERIFIED"
+
+
+def allow_unverified_default() -> bool:
+    """Whether ``$GATEWATCH_ALLOW_UNVERIFIED`` opts in to unverified checkpoints."""
+    return os.environ.get(ALLOW_UNVERIFIED_ENV, "").strip().lower() in (
+        "1", "true", "yes")
 OPTIONAL_FILES = ("replay.safetensors",)
 
 _RULES = ("best-f1", "fpr", "fixed")
@@ -189,12 +202,28 @@ def write_checksums(ckpt_dir: str | os.PathLike[str]) -> Path:
     return out / CHECKSUMS_FILE
 
 
-def verify_checksums(ckpt_dir: str | os.PathLike[str]) -> bool:
+def verify_checksums(ckpt_dir: str | os.PathLike[str],
+                     allow_unverified: bool | None = None) -> bool:
     """Check each file against ``checksums.json``; ModelError naming the first that
-    differs or is missing. False (and a warning) for a folder without checksums."""
+    differs or is missing.
+
+    A folder without ``checksums.json`` is refused (BadInputError, exit 3: deleting
+    the file must not be a way to load changed weights) unless ``allow_unverified``
+    (default: ``$GATEWATCH_ALLOW_UNVERIFIED``); then it is False, with a warning.
+    """
     path = Path(ckpt_dir)
     sums_path = path / CHECKSUMS_FILE
+    if allow_unverified is None:
+        allow_unverified = allow_unverified_default()
     if not sums_path.is_file():
+        if not allow_unverified:
+            raise BadInputError(
+                f"checkpoint has no {CHECKSUMS_FILE}, so its files cannot be "
+                "verified and it is not loaded. If it is a trusted checkpoint "
+                "written before checkpoints carried sha256s, load it with "
+                f"--allow-unverified (or {ALLOW_UNVERIFIED_ENV}=1), or train or "
+                "save it again to add them",
+                path=str(path))
         logger.warning(
             "%s has no %s (written before checkpoints carried sha256s): its files "
             "are not verified; train or save it again to add them", path,
@@ -337,11 +366,15 @@ def load_encoder(text: str, source: str = "encoder.json") -> Any:
 def load_teacher(
     ckpt_dir: str | os.PathLike[str],
     device: str | torch.device | None = None,
+    *,
+    allow_unverified: bool | None = None,
 ) -> Teacher:
     """Load a checkpoint folder; the network is in eval mode on ``device``.
 
     ``device`` defaults to CUDA when present, else CPU. Raises ModelError when a
-    file is missing, differs from its recorded sha256 or does not match the config.
+    file is missing, differs from its recorded sha256 or does not match the config;
+    BadInputError (exit 3) for a folder without ``checksums.json`` unless
+    ``allow_unverified`` (default ``$GATEWATCH_ALLOW_UNVERIFIED``).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -349,9 +382,9 @@ def load_teacher(
     path = Path(ckpt_dir)
     if not path.is_dir():
         raise ModelError(f"checkpoint folder not found: {path}")
-    verify_checksums(path)
 
-    # Config first: it says which network the weights belong to.
+    # Config first: it says which network the weights belong to. Only parsed (and
+    # its sizes bounded) here; nothing is built before the checksums are checked.
     config_path = path / "config.json"
     try:
         config = TeacherConfig.from_dict(_read_json(config_path))
@@ -359,6 +392,7 @@ def load_teacher(
         if str(config_path) in str(exc):
             raise
         raise ModelError(f"{config_path}: {exc}") from exc
+    verify_checksums(path, allow_unverified)
     net = TeacherNet(config)
     weights = path / "model.safetensors"
     if not weights.is_file():

@@ -87,6 +87,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
 
 
+def add_allow_unverified(p: argparse.ArgumentParser) -> None:
+    """The opt-in for checkpoints without checksums.json (otherwise exit 3)."""
+    p.add_argument("--allow-unverified", action="store_true", default=None,
+                   help="load a checkpoint that has no checksums.json (one written "
+                        "before checkpoints carried sha256s) without verifying its "
+                        "files; default: refuse it (exit 3) unless "
+                        "GATEWATCH_ALLOW_UNVERIFIED=1")
+
+
 def _add_encoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scaling", choices=SCALINGS, default=None,
                    help="how numeric fields map to 0..1 when the encoder is fitted: "
@@ -165,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source(p)
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--init-from", help="checkpoint to fine-tune (same feature family)")
+    add_allow_unverified(p)
     p.add_argument("--window", type=int, default=None, help="window length W")
     p.add_argument("--group-by", choices=("src_ip", "stream"), default=None,
                    help="how windows are grouped: per source host or in stream "
@@ -191,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "eval", help="evaluate a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder to load")
+    add_allow_unverified(p)
     _add_source(p)
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
                    help="rows of a --dataset to score (default test; a --data file "
@@ -247,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "update", help="incremental learning with a replay buffer")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder to update")
+    add_allow_unverified(p)
     p.add_argument("--data", required=True, help="new data: dataset name or file")
     p.add_argument("--old-data", default=None,
                    help="old data to measure forgetting on (default: the "
@@ -372,7 +384,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Fine-tuning keeps the pretrained encoder and network shape.
     init_state, encoder, base = None, None, None
     if args.init_from:
-        pre = load_teacher(args.init_from, device="cpu")
+        pre = load_teacher(args.init_from, device="cpu",
+                           allow_unverified=args.allow_unverified)
         encoder, base = pre.encoder, pre.config
         init_state = {k: v.clone() for k, v in pre.model.state_dict().items()}
     prep = prepare(_source(args), encoder=encoder, data_dir=args.data_dir,
@@ -449,7 +462,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from teacher.data import prepare
     from teacher.evaluate import evaluate
 
-    teacher = load_teacher(args.checkpoint)
+    teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
     prep = prepare(_source(args), encoder=teacher.encoder, data_dir=args.data_dir,
                    seed=args.seed, need_split=False)
     split = None if (args.split == "all" or args.data) else args.split
@@ -531,7 +544,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     from teacher.update import load_replay, save_replay, update
 
     _check_out(args.out)
-    teacher = load_teacher(args.checkpoint)
+    teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
     new = prepare(args.data, encoder=teacher.encoder, data_dir=args.data_dir,
                   seed=args.seed, need_split=True)
     old_source = args.old_data or teacher.provenance.get("dataset")

@@ -444,7 +444,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _check_stats_path(args.stats_json)
     _logging(args)
-    teacher = load_teacher(args.checkpoint)
+    teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
     _set_threads(teacher, args.threads)
     tls = None
     if args.tls_ca or args.tls_cert:
@@ -641,6 +641,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--checkpoint", required=True, type=Path, help="teacher checkpoint (required)"
     )
+    from teacher.cli import add_allow_unverified
+
+    add_allow_unverified(p)
     p.add_argument(
         "--broker", required=True, help="mqtt://HOST:PORT or mqtts://... (required)"
     )

@@ -137,13 +137,13 @@ def test_checkpoint_errors(tmp_path):
         load_teacher(ck)
     (ck / CHECKSUMS_FILE).unlink()
     with pytest.raises(ModelError, match="do not fit"):
-        load_teacher(ck)
+        load_teacher(ck, allow_unverified=True)
     (ck / "config.json").write_text(cfg.to_json())
 
     # Damaged weights, a missing file, a bad threshold, no folder.
     (ck / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelError):
-        load_teacher(ck)
+        load_teacher(ck, allow_unverified=True)
     with pytest.raises(ModelError, match="not found"):
         load_teacher(tmp_path / "nothing")
     with pytest.raises(ModelError, match="threshold"):
@@ -187,14 +187,30 @@ def test_checksums_are_recorded_and_verified(tmp_path, caplog):
     with pytest.raises(ModelError, match=f"missing: {ck / 'metrics.json'}"):
         load_teacher(ck)
 
-    # A checkpoint from before checksums: loads, same scores, with a warning.
+    # Without checksums.json (deleted, or a checkpoint from before checksums): the
+    # weights are changed and still refused, naming the folder and the opt-in.
     old = _saved(tmp_path, "old")
     (old / CHECKSUMS_FILE).unlink()
+    with pytest.raises(BadInputError) as info:
+        load_teacher(old, device="cpu")
+    assert str(info.value).startswith(f"{old}: ")
+    assert "--allow-unverified" in str(info.value)
+    assert "GATEWATCH_ALLOW_UNVERIFIED=1" in str(info.value)
+    # Opted in (flag or environment): loads, same scores, with a warning.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="teacher"):
-        again = load_teacher(old, device="cpu")
+        again = load_teacher(old, device="cpu", allow_unverified=True)
     assert any("not verified" in r.getMessage() for r in caplog.records)
     np.testing.assert_array_equal(again.predict_proba(x), before)
+    import os
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, {"GATEWATCH_ALLOW_UNVERIFIED": "1"}):
+        env = load_teacher(old, device="cpu")
+    np.testing.assert_array_equal(env.predict_proba(x), before)
+    with mock.patch.dict(os.environ, {"GATEWATCH_ALLOW_UNVERIFIED": "1"}):
+        with pytest.raises(BadInputError):
+            load_teacher(old, device="cpu", allow_unverified=False)
 
 
 def test_broken_encoder_json_is_named_by_its_path(tmp_path):
@@ -202,9 +218,9 @@ def test_broken_encoder_json_is_named_by_its_path(tmp_path):
     (ck / CHECKSUMS_FILE).unlink()  # as in a checkpoint from before checksums
     (ck / "encoder.json").write_text("{not json")
     with pytest.raises(ModelError) as info:
-        load_teacher(ck)
+        load_teacher(ck, allow_unverified=True)
     assert str(ck / "encoder.json") in str(info.value)
     assert "<json>" not in str(info.value)
     (ck / "encoder.json").write_text(json.dumps({"schema": "gatewatch.encoder/v1"}))
     with pytest.raises(ModelError, match=f"{ck / 'encoder.json'}: malformed"):
-        load_teacher(ck)
+        load_teacher(ck, allow_unverified=True)

@@ -109,7 +109,7 @@ def fake_serve(monkeypatch):
     import teacher.checkpoint
     import teacher.serve
 
-    monkeypatch.setattr(teacher.checkpoint, "load_teacher", lambda path: object())
+    monkeypatch.setattr(teacher.checkpoint, "load_teacher", lambda path, **kw: object())
     monkeypatch.setattr(teacher.serve, "_set_threads", lambda *a: None)
     monkeypatch.setattr(teacher.serve, "ReScorer", _FakeServer)
 
@@ -206,3 +206,32 @@ def test_train_progress_bar_counts_every_members_epochs(capsys):
     bar.close()
     assert "3/3" in capsys.readouterr().err
     assert _progress(1, 0, True, members=3) == (None, None)
+
+
+def test_a_checkpoint_without_checksums_is_refused_with_exit_3(tmp_path, capsys):
+    import torch
+
+    from teacher.checkpoint import CHECKSUMS_FILE, save_checkpoint
+    from teacher.model import TeacherConfig, TeacherNet
+    from tests.test_teacher_model import _encoder
+
+    torch.manual_seed(0)
+    net = TeacherNet(TeacherConfig(n_features=4, window=2, conv_filters=(4,),
+                                   lstm_hidden=4)).eval()
+    ck = save_checkpoint(tmp_path / "ck", net, encoder=_encoder(4, 2),
+                         threshold={"threshold": 0.5, "rule": "best-f1",
+                                    "chosen_on": "val"})
+    (ck / CHECKSUMS_FILE).unlink()  # as a tamperer would, after editing weights
+    data = tmp_path / "absent.txt"
+    for argv in (["eval", "--checkpoint", str(ck), "--data", str(data), "-q"],
+                 [*SERVE[:2], str(ck), *SERVE[3:], "--store",
+                  str(tmp_path / "a.sqlite")]):
+        argv = [a if a != "no-such-ckpt" else str(ck) for a in argv]
+        assert main(argv) == 3
+        err = capsys.readouterr().err
+        assert f"{ck}: checkpoint has no checksums.json" in err
+        assert "--allow-unverified" in err and "Traceback" not in err
+    # Opted in, eval gets past the checkpoint to the (absent) data: exit 2.
+    assert main(["eval", "--checkpoint", str(ck), "--data", str(data), "-q",
+                 "--allow-unverified"]) == 2
+    assert "absent.txt" in capsys.readouterr().err
