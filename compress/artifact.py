@@ -15,6 +15,7 @@ tied scores (int8 outputs tie a lot) is kept whole or left out whole. Benign bel
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -24,9 +25,17 @@ import numpy as np
 
 from edge_agent.runtime import SCHEMA_VERSION, sha256_file
 
-__all__ = ["escalation_band", "library_versions", "write_manifest", "write_thresholds"]
+__all__ = [
+    "escalation_band",
+    "library_versions",
+    "portable_argv",
+    "portable_path",
+    "write_manifest",
+    "write_thresholds",
+]
 
 REPO = Path(__file__).resolve().parent.parent
+DATA_VAR = "GATEWATCH_DATA"
 MISS_SHARE = 0.01
 ALERT_PRECISION = 0.99
 ESCALATE_SHARE = 0.05
@@ -147,3 +156,53 @@ def _default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _data_roots(data_dir: str | os.PathLike[str] | None) -> list[Path]:
+    roots = [data_dir, os.environ.get(DATA_VAR)]
+    return [Path(r).resolve() for r in roots if r]
+
+
+def portable_path(
+    value: Any, base: Path, data_dir: str | os.PathLike[str] | None = None
+) -> Any:
+    """``value`` as a manifest may ship it, without this machine's build paths.
+
+    A path under the data folder (``data_dir``, else ``$GATEWATCH_DATA``) becomes
+    ``$GATEWATCH_DATA/<relative>``; any other path one relative to ``base`` (the
+    artifact folder). Strings that are not paths (a dataset name such as
+    ``nsl-kdd``, a flag) and other values are returned unchanged.
+    """
+    if not isinstance(value, str | os.PathLike):
+        return value
+    text = os.fspath(value)
+    if not text or (os.sep not in text and not Path(text).exists()):
+        return text
+    path = Path(text).resolve()
+    for root in _data_roots(data_dir):
+        if path == root or root in path.parents:
+            rel = path.relative_to(root).as_posix()
+            return f"${DATA_VAR}/{rel}" if rel != "." else f"${DATA_VAR}"
+    try:
+        return Path(os.path.relpath(path, Path(base).resolve())).as_posix()
+    except ValueError:  # another drive (Windows): the name alone
+        return path.name
+
+
+def portable_argv(
+    argv: list[str], base: Path, data_dir: str | os.PathLike[str] | None = None
+) -> list[str]:
+    """The command line with every path in it made portable (:func:`portable_path`);
+    ``--flag=PATH`` forms too. The program is recorded by its name only."""
+    out = []
+    for i, arg in enumerate(argv):
+        if i == 0:
+            out.append(Path(arg).name)
+        elif arg.startswith("--") and "=" in arg:
+            flag, _, val = arg.partition("=")
+            out.append(f"{flag}={portable_path(val, base, data_dir)}")
+        elif arg.startswith("-"):
+            out.append(arg)
+        else:
+            out.append(portable_path(arg, base, data_dir))
+    return out

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from compress import logger
-from compress.artifact import write_manifest, write_thresholds
+from compress.artifact import portable_path, write_manifest, write_thresholds
 from flows.errors import ExportError
 
 __all__ = ["load_program", "quantize_teacher", "save_program", "torch_int8_artifact"]
@@ -210,7 +210,8 @@ def torch_int8_artifact(ctx: Any, folder: Path) -> Path:
                  "teacher_f1": ctx.teacher_val["f1"], "artifact_f1": val_m["f1"],
                  "passed": bool(gate_ok)},
         "export": {"quantization": info},
-        "provenance": {"teacher": str(Path(ctx.cfg.teacher).resolve()),
+        "provenance": {"teacher": portable_path(str(Path(ctx.cfg.teacher).resolve()),
+                                                folder, ctx.cfg.data_dir),
                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "probe": {"windows": ctx.val_windows[:4].tolist(),
                   "expected": p_val[:4].tolist(), "atol": 1e-3},

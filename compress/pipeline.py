@@ -40,6 +40,8 @@ from compress import logger
 from compress.artifact import (
     escalation_band,
     library_versions,
+    portable_argv,
+    portable_path,
     write_manifest,
     write_thresholds,
 )
@@ -498,7 +500,7 @@ def export_candidate(
                  "passed": bool(gate_ok)},
         "escalation": {"val_share": float(in_band.mean())},
         "export": details,
-        "provenance": _provenance(ctx),
+        "provenance": _provenance(ctx, artifact_dest(ctx.cfg, target)),
         "probe": probe,
     }
     if quantization is not None:
@@ -523,26 +525,45 @@ def export_candidate(
     return cand
 
 
-def _provenance(ctx: _Context) -> dict[str, Any]:
+def _provenance(ctx: _Context, dest: Path) -> dict[str, Any]:
+    """What made the artifact at ``dest``. Paths are recorded relative to ``dest``,
+    or as ``$GATEWATCH_DATA/...`` under the data folder, never as this machine's
+    absolute build paths: the manifest ships inside bundles."""
     from teacher.checkpoint import sha256_file
 
     tdir = Path(ctx.cfg.teacher)
+    data_dir = ctx.cfg.data_dir
+
+    def where(value: Any) -> Any:
+        return portable_path(value, dest, data_dir)
+
+    files = ctx.prep.files
+    if isinstance(files, dict):
+        files = {where(k): v for k, v in files.items()}
+    elif isinstance(files, list):
+        files = [where(f) for f in files]
     return {
         "teacher": {
-            "path": str(tdir.resolve()),
+            "path": where(str(tdir.resolve())),
             "model_sha256": sha256_file(tdir / "model.safetensors"),
             "config": ctx.teacher.config.to_dict(),
             "threshold": ctx.teacher.threshold,
-            "dataset": (ctx.teacher.provenance or {}).get("dataset"),
+            "dataset": where((ctx.teacher.provenance or {}).get("dataset")),
         },
-        "data": {"dataset": ctx.prep.name, "files": ctx.prep.files,
+        "data": {"dataset": where(ctx.prep.name), "files": files,
                  "rows": {"train": len(ctx.train), "val": len(ctx.val),
                           "test": len(ctx.test)}},
         "distill": dict(ctx.cfg.distill.__dict__),
         "versions": library_versions(),
-        "argv": ctx.cfg.argv or list(sys.argv),
+        "argv": portable_argv(ctx.cfg.argv or list(sys.argv), dest, data_dir),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def artifact_dest(cfg: RunConfig, target: str) -> Path:
+    """Where ``target``'s artifact ends up: ``out``, or ``out/<target>`` with all."""
+    out = Path(cfg.out)
+    return out / target if cfg.target == "all" else out
 
 
 # ------------------------------------------------------------------ search
@@ -713,29 +734,32 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunRes
         f"{ctx.teacher_val['f1'] - cfg.max_f1_drop:.4f}")
     targets = list(TARGETS) if cfg.target == "all" else [cfg.target]
     out = Path(cfg.out)
-    stage = out / ".search" if cfg.target != "all" else out / ".search"
+    stage = out / ".search"
     artifacts: dict[str, Path] = {}
     frontier: list[Candidate] = []
     failed: dict[str, str] = {}
-    for target in targets:
-        if target == "torch-int8":
-            from compress.inc import torch_int8_artifact
+    # The staging folder goes whatever happens: a gate miss, an error, Ctrl-C.
+    try:
+        for target in targets:
+            if target == "torch-int8":
+                from compress.inc import torch_int8_artifact
 
+                dest = out / target if cfg.target == "all" else out
+                try:
+                    artifacts[target] = torch_int8_artifact(ctx, dest)
+                except (ExportError, ModelError) as exc:
+                    failed[target] = str(exc)
+                continue
+            best, rows = _search(ctx, target, stage / target)
+            frontier.extend(rows)
+            if best is None:
+                failed[target] = "no candidate passed the gate"
+                continue
             dest = out / target if cfg.target == "all" else out
-            try:
-                artifacts[target] = torch_int8_artifact(ctx, dest)
-            except (ExportError, ModelError) as exc:
-                failed[target] = str(exc)
-            continue
-        best, rows = _search(ctx, target, stage / target)
-        frontier.extend(rows)
-        if best is None:
-            failed[target] = "no candidate passed the gate"
-            continue
-        dest = out / target if cfg.target == "all" else out
-        _publish(best.folder, dest, _report_sparsity(ctx, best))
-        artifacts[target] = dest
-    shutil.rmtree(stage, ignore_errors=True)
+            _publish(best.folder, dest, _report_sparsity(ctx, best))
+            artifacts[target] = dest
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     result = RunResult(artifacts, frontier, {"val": ctx.teacher_val,
                                              "test": ctx.teacher_test}, failed)
     if not artifacts:

@@ -309,3 +309,70 @@ def test_frontier_pass_column_reads_as_a_sentence():
         "no (quantized model misses the gate)",
     ]
     assert "no float student" not in frontier_table(rows)
+
+
+def _strings(value):
+    """Every string inside a JSON value."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def test_manifest_provenance_records_no_absolute_build_paths(teacher_dir: Path,
+                                                             onnx_run) -> None:
+    out, _ = onnx_run
+    prov = json.loads((out / "manifest.json").read_text())["provenance"]
+    absolute = [s for s in _strings(prov) if s.startswith("/")]
+    assert absolute == []
+    assert str(teacher_dir.parent) not in json.dumps(prov)
+    want = Path(os.path.relpath(teacher_dir.resolve(), out.resolve())).as_posix()
+    assert prov["teacher"]["path"] == want
+    assert (out / prov["teacher"]["path"] / "model.safetensors").is_file()
+
+
+def test_portable_paths_use_the_data_folder_or_the_artifact(tmp_path, monkeypatch):
+    from compress.artifact import portable_argv, portable_path
+
+    data = tmp_path / "data"
+    (data / "nsl-kdd").mkdir(parents=True)
+    art = tmp_path / "runs" / "art"
+    monkeypatch.setenv("GATEWATCH_DATA", str(data))
+    assert portable_path(str(data / "nsl-kdd" / "KDDTest+.txt"), art) == (
+        "$GATEWATCH_DATA/nsl-kdd/KDDTest+.txt")
+    assert portable_path(str(tmp_path / "ck"), art) == "../../ck"
+    assert portable_path("nsl-kdd", art) == "nsl-kdd"  # a dataset name stays
+    assert portable_path(None, art) is None
+    argv = ["/usr/local/bin/compress", "run", "--teacher", str(tmp_path / "ck"),
+            f"--data={data}/x.parquet", "--epochs", "3"]
+    assert portable_argv(argv, art) == [
+        "compress", "run", "--teacher", "../../ck",
+        "--data=$GATEWATCH_DATA/x.parquet", "--epochs", "3"]
+
+
+def test_ctrl_c_during_the_search_leaves_no_staging_folder(
+    teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import compress.pipeline as pipeline
+
+    out = tmp_path / "art"
+    staged = []
+
+    def interrupted(src: Path, dest: Path, sparsity) -> None:
+        # Ctrl-C just as the best candidate is about to be published.
+        staged.append(src)
+        assert (out / ".search") in src.parents and (src / "manifest.json").is_file()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_publish", interrupted)
+    cfg = _fast_config(target="onnx-fp32", teacher=teacher_dir, out=out,
+                       student="mlp", widths=(16,), max_f1_drop=0.1)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg)
+    assert staged, "the search never staged anything"
+    assert not (out / ".search").exists()
