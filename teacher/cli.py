@@ -72,8 +72,12 @@ def _ints(text: str) -> list[int]:
 
 def _add_source(p: argparse.ArgumentParser, required: bool = True) -> None:
     group = p.add_mutually_exclusive_group(required=required)
-    group.add_argument("--dataset", help="registered dataset name (e.g. nsl-kdd)")
-    group.add_argument("--data", help="a flow file in any format flows reads")
+    group.add_argument("--dataset",
+                       help="registered dataset name, e.g. nsl-kdd (this or "
+                            "--data is required)")
+    group.add_argument("--data",
+                       help="a flow file in any format flows reads (this or "
+                            "--dataset is required)")
     p.add_argument("--data-dir", help="data folder (default: $GATEWATCH_DATA)")
 
 
@@ -83,8 +87,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default 1 on CPU: the model is "
                         "small and extra threads mostly wait on shared cores; use "
                         "torchrun --nproc_per_node=N to use N cores)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging (default: info)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="warnings only (default: info)")
 
 
 def add_allow_unverified(p: argparse.ArgumentParser) -> None:
@@ -124,9 +130,11 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
                    help="training samples drawn per epoch (default: the train "
                         "size, at most 40000)")
     p.add_argument("--no-balance", action="store_true",
-                   help="plain shuffling instead of class-weighted sampling")
+                   help="plain shuffling instead of class-weighted sampling "
+                        "(default: class-weighted)")
     p.add_argument("--smote", action="store_true",
-                   help="SMOTE-oversample the training part (never val or test)")
+                   help="SMOTE-oversample the training part, never val or test "
+                        "(default: off)")
     p.add_argument("--threshold-rule", choices=("best-f1", "fpr"), default="best-f1",
                    help="how the decision threshold is chosen on validation rows: "
                         "best F1, or the lowest cut within --target-fpr "
@@ -134,7 +142,7 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
     p.add_argument("--target-fpr", type=float, default=0.01,
                    help="false-positive rate for --threshold-rule fpr (default 0.01)")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop training after this many minutes")
+                   help="stop training after this many minutes (default: no limit)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: auto)")
     p.add_argument("--input-noise", type=float, default=None,
                    help="std of Gaussian noise on training inputs (default 0.05 "
@@ -143,11 +151,22 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
                    help="share by which training targets are pulled towards 0.5 "
                         "(default 0.1)")
     p.add_argument("--ema", type=float, default=None,
-                   help="decay of a moving average of the weights (0: off)")
+                   help="decay of a moving average of the weights (default 0: off)")
     p.add_argument("--feature-dropout", type=float, default=None,
-                   help="chance of zeroing each input feature in training")
+                   help="chance of zeroing each input feature in training "
+                        "(default 0)")
     p.add_argument("--stop-on", choices=("loss", "f1"), default=None,
                    help="what early stopping watches on validation (default loss)")
+
+
+def _grid_default(flag: str) -> str:
+    """The ``teacher tune`` default of a grid flag, as its help states it."""
+    from teacher.tune import DEFAULT_GRID
+
+    key = {"--lrs": "lr", "--batch-sizes": "batch_size"}.get(
+        flag, flag[2:].replace("-", "_"))
+    values = DEFAULT_GRID.get(key)
+    return ",".join(str(v) for v in values) if values else "not searched"
 
 
 def _sub(sub, name: str, **kwargs) -> argparse.ArgumentParser:
@@ -172,42 +191,53 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "train", help="train a teacher checkpoint")
     _add_source(p)
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--init-from", help="checkpoint to fine-tune (same feature family)")
+    p.add_argument("--out", required=True,
+                   help="checkpoint folder to write (required; a file there is "
+                        "refused before training)")
+    p.add_argument("--init-from",
+                   help="checkpoint to fine-tune, same feature family (default: "
+                        "train from scratch)")
     add_allow_unverified(p)
-    p.add_argument("--window", type=int, default=None, help="window length W")
+    p.add_argument("--window", type=int, default=None,
+                   help="window length W (default: the dataset's)")
     p.add_argument("--group-by", choices=("src_ip", "stream"), default=None,
                    help="how windows are grouped: per source host or in stream "
                         "order (default: the dataset's)")
     p.add_argument("--holdout-types", type=float, default=None,
                    help="share of attack types moved whole into validation "
                         f"(default {NSL_KDD_HOLDOUT} for nsl-kdd, else 0)")
-    p.add_argument("--conv-filters", type=_ints, default=None, help="e.g. 64,64")
+    p.add_argument("--conv-filters", type=_ints, default=None,
+                   help="filters per conv block, e.g. 64,64 (default 128,128,128)")
     p.add_argument("--lstm-hidden", type=int, default=None,
-                   help="hidden units per BiLSTM direction")
+                   help="hidden units per BiLSTM direction (default 64)")
     p.add_argument("--lstm-layers", type=int, default=None,
-                   help="stacked BiLSTM layers")
-    p.add_argument("--dense", type=_ints, default=None, help="e.g. 64")
+                   help="stacked BiLSTM layers (default 1)")
+    p.add_argument("--dense", type=_ints, default=None,
+                   help="dense layer sizes, e.g. 64 (default 64)")
     p.add_argument("--dropout", type=float, default=None,
-                   help="dropout before the dense layers")
+                   help="dropout before the dense layers (default 0.3)")
     p.add_argument("--members", type=int, default=None,
                    help="seeds trained apart and averaged (default "
                         f"{TRAIN_MEMBERS}; 1: a single network)")
     p.add_argument("--replay-size", type=int, default=5000,
-                   help="training windows kept in the replay buffer (0: none)")
+                   help="training windows kept in the replay buffer (0: none; "
+                        "default 5000)")
     _add_encoding(p)
     _add_training(p)
     _add_common(p)
 
     p = _sub(sub, "eval", help="evaluate a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder to load")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder to load (required)")
     add_allow_unverified(p)
     _add_source(p)
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
                    help="rows of a --dataset to score (default test; a --data file "
                         "is scored whole)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--no-timing", action="store_true", help="skip latency timing")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (default: text)")
+    p.add_argument("--no-timing", action="store_true",
+                   help="skip latency timing (default: timed)")
     _add_common(p)
 
     p = _sub(sub, "baselines", help="RF, SVM and kNN on the same features")
@@ -224,16 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SVM training-sample cap (default 20000)")
     p.add_argument("--knn-cap", type=int, default=None,
                    help="kNN training-sample cap (default: none)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (default: text)")
+    p.add_argument("--out", help="also write the JSON here (default: none)")
     _add_encoding(p)
     _add_common(p)
 
     p = _sub(sub, "tune", help="grid search scored on validation data")
     _add_source(p)
-    p.add_argument("--budget", type=float, required=True, help="minutes")
-    p.add_argument("--out", default="runs/tune", help="folder for the table")
-    p.add_argument("--windows", type=_ints, default=None, help="e.g. 1,4")
+    p.add_argument("--budget", type=float, required=True,
+                   help="minutes the grid may take (required)")
+    p.add_argument("--out", default="runs/tune",
+                   help="folder for the table (default runs/tune)")
+    p.add_argument("--windows", type=_ints, default=None,
+                   help="window lengths to try, e.g. 1,4 (default 1)")
     p.add_argument("--holdout-types", type=float, default=None,
                    help="share of attack types moved whole into validation "
                         f"(default {NSL_KDD_HOLDOUT} for nsl-kdd, else 0)")
@@ -243,12 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--label-smoothings", "label smoothings"),
                        ("--emas", "weight-average decays")):
         p.add_argument(flag, type=_floats, default=None,
-                       help=f"grid of {what}, comma-separated")
+                       help=f"grid of {what}, comma-separated (default: "
+                            f"{_grid_default(flag)})")
     for flag, what in (("--conv-layers", "conv block counts"),
                        ("--filters", "conv filter counts"),
                        ("--batch-sizes", "batch sizes")):
         p.add_argument(flag, type=_ints, default=None,
-                       help=f"grid of {what}, comma-separated")
+                       help=f"grid of {what}, comma-separated (default: "
+                            f"{_grid_default(flag)})")
     p.add_argument("--trial-epochs", type=int, default=8,
                    help="most epochs per trial (default 8)")
     p.add_argument("--trial-samples", type=int, default=40000,
@@ -257,15 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = _sub(sub, "update", help="incremental learning with a replay buffer")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder to update")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder to update (required)")
     add_allow_unverified(p)
-    p.add_argument("--data", required=True, help="new data: dataset name or file")
+    p.add_argument("--data", required=True,
+                   help="new data: dataset name or file (required)")
     p.add_argument("--old-data", default=None,
                    help="old data to measure forgetting on (default: the "
                         "checkpoint's dataset)")
     p.add_argument("--data-dir", help="data folder (default: $GATEWATCH_DATA)")
-    p.add_argument("--out", required=True, help="updated checkpoint folder")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", required=True,
+                   help="updated checkpoint folder (required)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (default: text)")
     _add_training(p, epochs=10)
     _add_common(p)
 

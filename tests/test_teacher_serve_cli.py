@@ -172,15 +172,31 @@ def _subparsers(parser):
     return action.choices
 
 
-@pytest.mark.parametrize("command", ["serve", "alerts"])
-def test_every_serve_and_alerts_option_has_help_saying_its_default(command):
-    sub = _subparsers(build_parser())[command]
-    options = [a for a in sub._actions
-               if a.option_strings and not isinstance(a, argparse._HelpAction)]
-    assert len(options) > 5
-    missing = [a.option_strings for a in options
-               if not (a.help and ("default" in a.help or "required" in a.help))]
+def _options(parser):
+    """(command, option strings, help) of every option, subcommands included
+    (walked as tests/test_cli_hardening.py walks flows.cli and edge_agent.cli)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {c}", o, h) for c, o, h in _options(sub))
+        elif not isinstance(action, argparse._HelpAction):
+            yield "", action.option_strings or [action.dest], action.help
+
+
+def test_every_teacher_option_has_help_saying_its_default():
+    options = list(_options(build_parser()))
+    commands = {c.split()[0] for c, _, _ in options if c}
+    assert {"train", "eval", "baselines", "tune", "update", "serve",
+            "alerts"} <= commands
+    assert len(options) > 100
+    missing = [
+        (path, opts)
+        for path, opts, text in options
+        if opts[0].startswith("-")
+        and not (text and ("default" in text or "required" in text))
+    ]
     assert missing == []
+    assert all(text for _, _, text in options)
 
 
 def test_teacher_help_lists_every_exit_code_on_each_command():
