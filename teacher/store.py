@@ -176,6 +176,10 @@ def _migrate(db: sqlite3.Connection) -> None:
     cols = ",".join(_COLUMNS)
     db.execute("BEGIN IMMEDIATE")
     try:
+        # Again under the write lock: another process may have migrated meanwhile.
+        if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            db.execute("COMMIT")
+            return
         exists = db.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'escalations'"
         ).fetchone()
