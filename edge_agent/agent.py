@@ -121,6 +121,53 @@ def check_thresholds(values: dict[str, float], where: str) -> dict[str, float]:
     return values
 
 
+def read_thresholds_file(path: str | Path) -> dict[str, float]:
+    """``escalate_low``, ``alert`` and ``decision`` (default ``escalate_low``) of a
+    thresholds JSON file, checked by :func:`check_thresholds`.
+
+    A file that cannot be read, is not a JSON object, lacks a key or holds a
+    value that is no number is a BadInputError (exit 3) naming the file and key.
+    """
+    where = str(path)
+    expected = (
+        'expected a JSON object with numbers "escalate_low" and "alert" (and '
+        'optionally "decision") in [0, 1]'
+    )
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BadInputError(
+            f"cannot be read ({exc.strerror or exc}); {expected}", path=where
+        ) from exc
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise BadInputError(
+            f"is not valid JSON ({exc}); {expected}", path=where
+        ) from exc
+    if not isinstance(data, dict):
+        raise BadInputError(
+            f"holds a JSON {type(data).__name__}; {expected}", path=where
+        )
+    out: dict[str, float] = {}
+    for key in ("escalate_low", "alert", "decision"):
+        if key == "decision" and key not in data:
+            out[key] = out["escalate_low"]
+            continue
+        if key not in data:
+            raise BadInputError(f"lacks {key!r}; {expected}", path=where)
+        value = data[key]
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(value)
+            out[key] = float(value)
+        except (TypeError, OverflowError):
+            raise BadInputError(
+                f"threshold {key!r} is {str(value)[:40]!r}, not a number in "
+                f"[0, 1]; {expected}",
+                path=where,
+            ) from None
+    return check_thresholds(out, where)
+
+
 def load_thresholds(scorer: Any) -> tuple[dict[str, float], str]:
     """The thresholds to use: the site's own when calibrated, else the artifact's.
 
@@ -130,15 +177,7 @@ def load_thresholds(scorer: Any) -> tuple[dict[str, float], str]:
     if folder is not None:
         path = Path(folder) / SITE_THRESHOLDS
         if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-                out = {k: float(data[k]) for k in ("escalate_low", "alert")}
-                out["decision"] = float(data.get("decision", out["escalate_low"]))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise UsageError(
-                    f"{path}: site thresholds are unreadable ({exc})"
-                ) from exc
-            return check_thresholds(out, str(path)), "site"
+            return read_thresholds_file(path), "site"
     t = dict(scorer.thresholds)
     out = {k: float(t[k]) for k in ("decision", "escalate_low", "alert")}
     where = str(Path(folder) / "thresholds.json") if folder is not None else "artifact"

@@ -53,7 +53,8 @@ DESCRIPTION = (
 EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok
-  {EXIT_FAILURE}    failure (an alerts file that cannot be written included)
+  {EXIT_FAILURE}    failure (an alerts file, or calibrate's --out file, that cannot
+       be opened or written included)
   {EXIT_USAGE}    usage: bad flags, arguments or settings
   {EXIT_BAD_INPUT}    bad input: a source that gave no usable flow (stdin whose
        lines held no record, a damaged file with nothing usable), a
@@ -278,20 +279,16 @@ def _open_alerts(target: str | None):
     try:
         return _AlertLog(target), True
     except OSError as exc:
-        raise UsageError(f"cannot open alerts file {target}: {exc}") from exc
+        # Exit 1, as for an alerts file whose writes fail later (see EPILOG).
+        reason = exc.strerror or str(exc)
+        raise GatewatchError(f"cannot open alerts file {target}: {reason}") from exc
 
 
 def _read_thresholds(path: str) -> dict[str, float]:
     """``escalate_low`` and ``alert`` (and ``decision``) from a thresholds file."""
-    from edge_agent.agent import check_thresholds
+    from edge_agent.agent import read_thresholds_file
 
-    try:
-        data = json.loads(Path(path).read_text())
-        out = {k: float(data[k]) for k in ("escalate_low", "alert")}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"--thresholds {path}: unreadable ({exc})") from exc
-    out["decision"] = float(data.get("decision", out["escalate_low"]))
-    return check_thresholds(out, path)
+    return read_thresholds_file(path)  # BadInputError (exit 3) naming the file
 
 
 def _model_updater(cfg, scorer) -> Any:
@@ -618,10 +615,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "created_at": time.time(),
     }
     path = args.out or Path(args.artifact) / SITE_THRESHOLDS
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise GatewatchError(
+            f"cannot write {path}: the folder {folder} does not exist"
+        )
     try:
         Path(path).write_text(json.dumps(out, indent=2) + "\n")
     except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc} (use --out)") from exc
+        hint = "" if args.out else " (use --out)"
+        raise GatewatchError(
+            f"cannot write {path}: {exc.strerror or exc}{hint}"
+        ) from exc
     print(
         f"wrote {path}: escalate_low {lo:.6g}, alert {out['alert']:.6g}, benign "
         f"flows {len(benign)}, measured fpr {out['measured_fpr']:.4g}"

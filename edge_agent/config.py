@@ -21,6 +21,7 @@ checks the result before anything starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -36,6 +37,20 @@ def default_state_dir() -> Path:
     """Where the outbox lives by default: ``$XDG_STATE_HOME/gatewatch``."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "gatewatch"
+
+
+# Float settings that must be finite and >= 0 (nan, inf or a negative wait are
+# usage errors, not a broker "unreachable within nan s").
+_FINITE_SECONDS = ("connect_timeout", "drain_timeout", "max_wait_ms", "status_interval")
+# Integer settings and their allowed ranges (keepalive: MQTT's 16-bit field;
+# session_expiry: MQTT 5's 32-bit interval).
+_INT_RANGES = {
+    "max_batch": (1, (1 << 63) - 1),
+    "outbox_max": (1, (1 << 63) - 1),
+    "max_hosts": (1, (1 << 63) - 1),
+    "keepalive": (0, 65535),
+    "session_expiry": (0, (1 << 32) - 1),
+}
 
 
 @dataclass
@@ -141,10 +156,23 @@ class AgentConfig:
             Protocol(self.protocol)
         except ValueError as exc:
             raise UsageError("protocol must be auto, 5 or 3.1.1") from exc
-        if self.max_batch < 1 or self.max_wait_ms < 0 or self.drain_timeout < 0:
-            raise UsageError("max_batch >= 1, max_wait_ms >= 0, drain_timeout >= 0")
-        if self.outbox_max < 1:
-            raise UsageError("outbox_max must be at least 1")
+        for name in _FINITE_SECONDS:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UsageError(
+                    f"--{name.replace('_', '-')} must be a finite number >= 0, "
+                    f"got {value!r}"
+                )
+        if self.status_interval <= 0:
+            raise UsageError(
+                f"--status-interval must be above 0 s, got {self.status_interval!r}"
+            )
+        for name, (low, high) in _INT_RANGES.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise UsageError(
+                    f"--{name.replace('_', '-')} must be {low}..{high}, got {value!r}"
+                )
         return self
 
     def outbox_path(self) -> Path:
@@ -158,7 +186,14 @@ class AgentConfig:
         if self.password is not None or self.password_file is None:
             return self.password
         try:
-            return Path(self.password_file).read_text().splitlines()[0]
+            return Path(self.password_file).read_text(encoding="utf-8").splitlines()[0]
+        except UnicodeDecodeError as exc:
+            raise BadInputError(
+                "is not UTF-8 text; password_file must be UTF-8 text whose first "
+                "line is the broker password",
+                path=str(self.password_file),
+                offset=exc.start,
+            ) from exc
         except (OSError, IndexError) as exc:
             raise UsageError(f"cannot read password_file: {exc}") from exc
 

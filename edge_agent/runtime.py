@@ -56,6 +56,8 @@ class TensorSpec:
     @classmethod
     def from_manifest(cls, entry: dict[str, Any], what: str) -> TensorSpec:
         """Read one ``input``/``output`` entry of a manifest."""
+        if not isinstance(entry, dict):
+            raise ModelError(f"manifest {what} entry is not an object: {entry!r}")
         try:
             shape = tuple(None if d is None else int(d) for d in entry.get("shape", []))
             dtype = str(entry["dtype"])
@@ -467,6 +469,21 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise ModelError(f"{path}: cannot read the manifest ({exc})") from exc
     except ValueError as exc:
         raise ModelError(f"{path}: manifest is not valid JSON ({exc})") from exc
+    expected = (
+        "expected a JSON object with target, model_file, input, output and sha256 "
+        "(input and output objects with shape and dtype)"
+    )
+    if not isinstance(manifest, dict):
+        raise BadInputError(
+            f"the manifest is a JSON {type(manifest).__name__}; {expected}",
+            path=str(path),
+        )
+    for key in ("input", "output"):
+        if key in manifest and not isinstance(manifest[key], dict):
+            raise BadInputError(
+                f"manifest {key!r} is {str(manifest[key])[:40]!r}; {expected}",
+                path=str(path),
+            )
     missing = [
         k
         for k in ("target", "model_file", "input", "output", "sha256")

@@ -1,0 +1,153 @@
+"""``edge-agent`` on bad flags and bad files: the documented exit code and a clear
+error naming the flag or file, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edge_agent.cli import main
+from edge_agent.runtime import load_artifact
+from flows.errors import BadInputError
+from tests.conftest import free_port
+from tests.test_agent_fixtures import tiny
+
+
+@pytest.fixture(scope="module")
+def tm(data_dir, tmp_path_factory):
+    return tiny(data_dir, tmp_path_factory)
+
+
+def _run(tm, tmp_path: Path, *extra: str, artifact: Path | None = None) -> list[str]:
+    return [
+        "run", "--artifact", str(artifact or tm.artifact), "--source",
+        f"zeek:{tm.conn_log}", "--site", "s1", "--gateway", "g1",
+        "--outbox", str(tmp_path / "o.db"), "--alerts", "", *extra,
+    ]
+
+
+def _main(argv: list[str], capsys) -> tuple[int, str]:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--keepalive", "-5", "--keepalive must be 0..65535, got -5"),
+        ("--keepalive", "100000", "--keepalive must be 0..65535, got 100000"),
+        ("--connect-timeout", "nan", "--connect-timeout must be a finite number"),
+        ("--drain-timeout", "nan", "--drain-timeout must be a finite number"),
+        ("--drain-timeout", "inf", "--drain-timeout must be a finite number"),
+        ("--connect-timeout", "-1", "--connect-timeout must be a finite number"),
+        ("--max-wait-ms", "nan", "--max-wait-ms must be a finite number"),
+        ("--status-interval", "nan", "--status-interval must be a finite number"),
+        ("--status-interval", "0", "--status-interval must be above 0 s"),
+        ("--max-batch", "0", "--max-batch must be 1.."),
+        ("--outbox-max", "0", "--outbox-max must be 1.."),
+    ],
+)
+def test_out_of_range_numbers_are_usage_errors(
+    tm, tmp_path, capsys, flag, value, message
+) -> None:
+    broker = f"mqtt://127.0.0.1:{free_port()}"
+    rc, err = _main(_run(tm, tmp_path, "--broker", broker, flag, value), capsys)
+    assert rc == 2, err
+    assert f"error: {message}" in err
+    assert not (tmp_path / "o.db").exists()  # refused before anything started
+
+
+def test_a_non_utf8_password_file_is_bad_input_naming_it(tm, tmp_path, capsys):
+    secret = tmp_path / "mqtt.pass"
+    secret.write_bytes(b"pa\xffss\n")
+    broker = f"mqtt://127.0.0.1:{free_port()}"
+    argv = _run(tm, tmp_path, "--broker", broker, "--password-file", str(secret))
+    rc, err = _main(argv, capsys)
+    assert rc == 3, err
+    assert f"error: {secret}, byte offset 2: is not UTF-8 text" in err
+
+
+def _thresholds(**values) -> str:
+    return json.dumps({"escalate_low": 0.2, "alert": 0.9, **values})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_thresholds(decision="abc"), "threshold 'decision' is 'abc', not a number"),
+        (_thresholds(decision=None), "threshold 'decision' is 'None', not a number"),
+        (_thresholds(alert=10**400), "threshold 'alert' is '1000"),
+        ("[0.2, 0.9]", "holds a JSON list"),
+        ('{"escalate_low": 0.2}', "lacks 'alert'"),
+        ("{broken", "is not valid JSON"),
+        (b"\xff\xfe{}", "is not valid JSON"),
+    ],
+)
+def test_bad_thresholds_files_exit_3_by_flag_and_in_the_artifact(
+    tm, tmp_path, capsys, text, message
+) -> None:
+    data = text if isinstance(text, bytes) else text.encode()
+    flag_file = tmp_path / "t.json"
+    flag_file.write_bytes(data)
+    rc, err = _main(_run(tm, tmp_path, "--thresholds", str(flag_file)), capsys)
+    assert rc == 3, err
+    assert f"error: {flag_file}: {message}" in err
+    artifact = tmp_path / "artifact"
+    shutil.copytree(tm.artifact, artifact)
+    site = artifact / "site_thresholds.json"
+    site.write_bytes(data)
+    rc, err = _main(_run(tm, tmp_path, artifact=artifact), capsys)
+    assert rc == 3, err
+    assert f"error: {site}: {message}" in err
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        ('"a string"', "the manifest is a JSON str"),
+        ("[1, 2]", "the manifest is a JSON list"),
+        (None, "manifest 'input' is 'x'"),
+    ],
+)
+def test_a_manifest_of_the_wrong_shape_is_bad_input_naming_it(
+    tm, tmp_path, capsys, manifest, message
+) -> None:
+    artifact = tmp_path / "artifact"
+    shutil.copytree(tm.artifact, artifact)
+    path = artifact / "manifest.json"
+    if manifest is None:
+        manifest = json.dumps(dict(json.loads(path.read_text()), input="x"))
+    path.write_text(manifest)
+    with pytest.raises(BadInputError, match="expected a JSON object with target"):
+        load_artifact(artifact)
+    rc, err = _main(_run(tm, tmp_path, artifact=artifact), capsys)
+    assert rc == 3, err
+    assert f"error: {path}: {message}" in err
+
+
+def test_an_alerts_folder_exits_1_as_the_epilog_says(tm, tmp_path, capsys) -> None:
+    from edge_agent.cli import EPILOG
+
+    assert "1    failure (an alerts file" in EPILOG
+    argv = _run(tm, tmp_path)
+    argv[argv.index("--alerts") + 1] = str(tmp_path)
+    rc, err = _main(argv, capsys)
+    assert rc == 1, err
+    assert f"error: cannot open alerts file {tmp_path}: Is a directory" in err
+
+
+def test_calibrate_out_in_a_missing_folder_says_so(tm, tmp_path, capsys) -> None:
+    out = tmp_path / "no-such-dir" / "x.json"
+    argv = [
+        "calibrate", "--artifact", str(tm.artifact), "--source",
+        f"zeek:{tm.conn_log}", "--target-fpr", "0.05", "--out", str(out),
+    ]
+    rc, err = _main(argv, capsys)
+    assert rc == 1, err
+    assert f"error: cannot write {out}: the folder {out.parent} does not exist" in err
+    assert "use --out" not in err
