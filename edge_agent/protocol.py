@@ -416,18 +416,41 @@ def parse_escalation(
     return body
 
 
+_ESCALATION_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _unit_score(body: Mapping[str, Any], name: str) -> float:
+    """A required finite number in [0, 1] (a verdict's score or threshold)."""
+    value = _number(body, name)
+    if not 0.0 <= value <= 1.0:
+        raise ProtocolError(
+            RejectKind.BAD_VALUE, f"field {name!r} is {value!r}, not in [0, 1]"
+        )
+    return value
+
+
 def parse_verdict(data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict:
-    """Validate a verdict payload and return it as a dict."""
+    """Validate a verdict payload and return it as a dict.
+
+    ``escalation_id`` must be an id the agent makes (32 lowercase hex digits, see
+    ``edge_agent.agent.flow_id``), ``score`` and ``threshold`` finite numbers in
+    [0, 1]; anything else is a ProtocolError (BAD_VALUE) for the caller to count.
+    """
     body = decode(data, max_bytes)
     if body.get("kind") != Kind.VERDICT.value:
         raise ProtocolError(RejectKind.WRONG_SCHEMA, f"kind {body.get('kind')!r}")
-    _require(body, "escalation_id", str)
+    escalation_id = _require(body, "escalation_id", str)
+    if not _ESCALATION_ID.fullmatch(escalation_id):
+        raise ProtocolError(
+            RejectKind.BAD_VALUE,
+            f"escalation_id {escalation_id[:40]!r} is not 32 lowercase hex digits",
+        )
     try:
         Verdict(_require(body, "verdict", str))
     except ValueError as exc:
         raise ProtocolError(RejectKind.BAD_VALUE, str(exc)) from exc
-    body["score"] = _number(body, "score")
-    body["threshold"] = _number(body, "threshold")
+    body["score"] = _unit_score(body, "score")
+    body["threshold"] = _unit_score(body, "threshold")
     _check_sent_at(body)
     _require(body, "teacher_version", str)
     return body

@@ -151,3 +151,45 @@ def test_calibrate_out_in_a_missing_folder_says_so(tm, tmp_path, capsys) -> None
     assert rc == 1, err
     assert f"error: cannot write {out}: the folder {out.parent} does not exist" in err
     assert "use --out" not in err
+
+
+def test_rejected_verdicts_are_counted_and_never_written(tm, tmp_path) -> None:
+    """Found: a 1000-character escalation id with escape characters, and a score
+    of -1e300, were written to the local alerts file."""
+    import io
+
+    from edge_agent import protocol as proto
+    from edge_agent.agent import Agent
+    from edge_agent.outbox import Outbox
+
+    alerts = io.StringIO()
+    agent = Agent(
+        load_artifact(tm.artifact),
+        site="s1",
+        gateway="g1",
+        outbox=Outbox(tmp_path / "o.db"),
+        alerts=alerts,
+    )
+    topic = agent.topics[proto.Channel.VERDICTS]
+
+    def verdict(**changes) -> bytes:
+        body = proto.build_verdict(
+            escalation_id="cd" * 16,
+            verdict="malicious",
+            score=0.9,
+            threshold=0.5,
+            teacher_version="t",
+        )
+        body.update(changes)
+        return json.dumps(body).encode()
+
+    agent._on_message(topic, verdict(escalation_id="\x1b]0;x\x07" + "f" * 993))
+    agent._on_message(topic, verdict(score=-1e300))
+    agent._on_message(topic, verdict(threshold=7))
+    assert agent.counters.rejected == {"bad_value": 3}
+    assert agent.counters.verdicts_received == 0
+    assert alerts.getvalue() == ""
+    agent._on_message(topic, verdict())
+    assert agent.counters.verdicts_received == 1
+    assert "cd" * 16 in alerts.getvalue()
+    agent.outbox.close()

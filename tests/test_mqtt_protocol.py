@@ -66,14 +66,51 @@ def test_escalation_round_trip_keeps_values_and_nulls_nan() -> None:
 
 def test_verdict_round_trip() -> None:
     v = proto.build_verdict(
-        escalation_id="e1",
+        escalation_id="0123456789abcdef" * 2,
         verdict="malicious",
         score=0.9,
         threshold=0.5,
         teacher_version="t1",
     )
     back = proto.parse_verdict(proto.encode(v))
-    assert back["verdict"] == "malicious" and back["escalation_id"] == "e1"
+    assert back["verdict"] == "malicious"
+    assert back["escalation_id"] == "0123456789abcdef" * 2
+
+
+def _verdict(**changes) -> bytes:
+    body = proto.build_verdict(
+        escalation_id="ab" * 16,
+        verdict="benign",
+        score=0.25,
+        threshold=0.5,
+        teacher_version="t1",
+    )
+    body.update(changes)
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"escalation_id": "e1"},
+        {"escalation_id": "AB" * 16},  # the agent's ids are lowercase
+        {"escalation_id": "ab" * 16 + "0"},
+        {"escalation_id": "\x1b[2J" + "a" * 994},
+        {"score": -1e300},
+        {"score": 1.0000001},
+        {"threshold": -0.5},
+        {"threshold": 2},
+    ],
+)
+def test_verdicts_outside_what_the_agent_makes_are_bad_values(changes) -> None:
+    with pytest.raises(proto.ProtocolError) as info:
+        proto.parse_verdict(_verdict(**changes))
+    assert info.value.kind is proto.RejectKind.BAD_VALUE
+
+
+def test_verdict_bounds_are_inclusive() -> None:
+    back = proto.parse_verdict(_verdict(score=0, threshold=1))
+    assert (back["score"], back["threshold"]) == (0.0, 1.0)
 
 
 @pytest.mark.parametrize(
