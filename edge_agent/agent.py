@@ -261,6 +261,13 @@ class Agent:
         self._lock = threading.Lock()
         self._out_lock = threading.Lock()
         self._verdict_ids: OrderedDict[str, None] = OrderedDict()
+        # Escalations acknowledged in this run whose verdict has not come yet, by id
+        # (one entry per id: the same flow sent twice is answered once); ids pushed
+        # out of this bounded map are counted so the drain still waits for them.
+        self._awaiting: OrderedDict[str, None] = OrderedDict()
+        self._awaiting_evicted = 0
+        self._sent_ids: OrderedDict[str, None] = OrderedDict()
+        self._resent = 0
         self._outbox_error: OutboxError | None = None
         self._tracked: OrderedDict[str, Any] = OrderedDict()
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -693,6 +700,30 @@ class Agent:
                 delivery.forget()
                 done.append(msg_id)
         self.counters.escalations_sent += self.outbox.ack_many(done)
+        self._note_sent(done)
+
+    def _note_sent(self, ids: list[str]) -> None:
+        """Await one verdict per escalation id just acknowledged by the broker.
+
+        An id already acknowledged in this run was sent again (the same flow read
+        twice, or replayed from the outbox and read again): it is counted in
+        ``escalations_resent`` and needs no second verdict. An id whose verdict came
+        before its acknowledgement was collected is not awaited.
+        """
+        with self._out_lock:
+            for msg_id in ids:
+                if msg_id in self._sent_ids:
+                    self._resent += 1
+                else:
+                    self._sent_ids[msg_id] = None
+                    if len(self._sent_ids) > _MAX_VERDICT_IDS * 10:
+                        self._sent_ids.popitem(last=False)
+                if msg_id in self._verdict_ids or msg_id in self._awaiting:
+                    continue
+                self._awaiting[msg_id] = None
+                if len(self._awaiting) > _MAX_VERDICT_IDS * 10:
+                    self._awaiting.popitem(last=False)
+                    self._awaiting_evicted += 1
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == self.topics[proto.Channel.MODEL]:
@@ -720,6 +751,7 @@ class Agent:
             return
         esc_id = verdict["escalation_id"]
         with self._out_lock:
+            self._awaiting.pop(esc_id, None)
             if esc_id in self._verdict_ids:
                 return
             self._verdict_ids[esc_id] = None
@@ -779,7 +811,8 @@ class Agent:
         while time.monotonic() < deadline:
             self._wake.set()
             acked = len(self.outbox) == 0 and not self._tracked
-            answered = self.counters.verdicts_received >= self.counters.escalations_sent
+            with self._out_lock:
+                answered = not self._awaiting and not self._awaiting_evicted
             if acked and (answered or not wait_verdicts):
                 return True
             time.sleep(0.05)
@@ -806,6 +839,9 @@ class Agent:
         out = self.counters.as_dict()
         out["rejected"] = dict(self.rejects.counts)
         out["outbox_pending"] = len(self.outbox)
+        with self._out_lock:
+            out["escalations_resent"] = self._resent
+            out["verdicts_awaited"] = len(self._awaiting) + self._awaiting_evicted
         try:
             out["outbox_dropped"] = self.outbox.dropped
         except OutboxError as exc:

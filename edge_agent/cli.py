@@ -429,10 +429,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{cfg.drain_timeout:g} s; they stay in the outbox {cfg.outbox_path()} "
             "and are sent by the next run"
         )
-    if not drained and cfg.broker and cfg.wait_verdicts:
+    if not drained and cfg.broker and cfg.wait_verdicts and summary["verdicts_awaited"]:
         print(
-            f"warning: {summary['escalations_sent'] - summary['verdicts_received']} "
-            "verdicts did not arrive in time",
+            f"warning: {summary['verdicts_awaited']} verdicts did not arrive within "
+            f"{cfg.drain_timeout:g} s",
             file=sys.stderr,
         )
     return EXIT_OK
@@ -514,6 +514,11 @@ def _report(summary: dict[str, Any], path: str | None) -> None:
         "summary: flows {flows}, benign {benign}, escalate {escalate}, alert {alert}, "
         "escalations sent {escalations_sent}, verdicts received {verdicts_received}, "
         "outbox pending {outbox_pending}".format(**summary)
+        + (
+            f", sent again (one verdict per id) {summary['escalations_resent']}"
+            if summary.get("escalations_resent")
+            else ""
+        )
         + (
             f", dropped as too large for the broker {summary['dropped_oversized']}"
             if summary.get("dropped_oversized")

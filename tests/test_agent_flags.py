@@ -193,3 +193,48 @@ def test_rejected_verdicts_are_counted_and_never_written(tm, tmp_path) -> None:
     assert agent.counters.verdicts_received == 1
     assert "cd" * 16 in alerts.getvalue()
     agent.outbox.close()
+
+
+def test_an_escalation_sent_twice_awaits_one_verdict(tm, tmp_path) -> None:
+    """Found: re-using an outbox sent 28 escalations for 22 ids; the agent waited
+    for 28 verdicts, drained the full timeout and warned that 6 did not arrive."""
+    from edge_agent import protocol as proto
+    from edge_agent.agent import Agent
+    from edge_agent.outbox import Outbox
+
+    agent = Agent(
+        load_artifact(tm.artifact),
+        site="s1",
+        gateway="g1",
+        outbox=Outbox(tmp_path / "o.db"),
+    )
+    agent.link = object()  # drain() only asks whether there is one
+    topic = agent.topics[proto.Channel.VERDICTS]
+    a, b, c = "a" * 32, "b" * 32, "c" * 32
+
+    def verdict(esc_id: str) -> bytes:
+        return proto.encode(
+            proto.build_verdict(
+                escalation_id=esc_id,
+                verdict="benign",
+                score=0.1,
+                threshold=0.5,
+                teacher_version="t",
+            )
+        )
+
+    agent._on_message(topic, verdict(c))  # before its PUBACK was collected
+    agent._note_sent([a, b, c])
+    agent._note_sent([a])  # the same flow sent again
+    agent.counters.escalations_sent = 4  # as _collect_acks counts them
+    assert agent.summary()["verdicts_awaited"] == 2
+    assert agent.drain(0.2) is False
+    agent._on_message(topic, verdict(a))
+    agent._on_message(topic, verdict(a))  # the re-scorer answers each copy
+    agent._on_message(topic, verdict(b))
+    summary = agent.summary()
+    assert summary["verdicts_received"] == 3
+    assert summary["escalations_resent"] == 1
+    assert summary["verdicts_awaited"] == 0
+    assert agent.drain(5.0) is True
+    agent.outbox.close()
