@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -150,6 +151,10 @@ def verdict(samples: list[dict], warmup: float, summary: dict | None) -> dict:
     return out
 
 
+def _raise_interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; see the module docstring."""
     import psutil
@@ -183,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{CONN_LOG} is absent from {args.data_dir} (set --data-dir)")
 
     work = Path(tempfile.mkdtemp(prefix="gw-soak-"))
+    # SIGTERM unwinds like Ctrl-C, so the broker, re-scorer and agent are stopped too.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     tm, ckpt = _fixtures(args.data_dir, work, rescorer=not args.subscriber)
     records = [dict(r) for r in tm.records]
     span = (max(r["ts"] for r in records) - min(r["ts"] for r in records)) + 60.0
