@@ -447,3 +447,25 @@ def test_the_fast_ipv4_match_agrees_with_ipaddress():
     bad = BadRows()
     check_addresses(pa.array(cases), "src_ip", bad)
     assert sorted(bad.rows) == [i for i, c in enumerate(cases) if not valid(c)]
+
+
+def test_a_line_not_utf8_with_a_wrong_field_count_costs_only_that_line(
+    tmp_path, capsys
+):
+    # Its first tab turned into \xff: too few fields *and* not UTF-8. pyarrow's
+    # invalid-row handler could not decode it, so the whole file was refused.
+    bad = "\t".join(ROW_B).replace("\t", "\xff", 1)
+    text, bad_line = _insert_after_first_row(zeek_text([ROW_A, ROW_B]), "@@\n")
+    data = text.encode().replace(b"@@", bad.encode("latin-1"))
+    path = write(tmp_path, "mixed.log", data)
+
+    skipped = read(path, on_error="skip")
+
+    assert skipped.table.column("uid").to_pylist() == ["CabC1", "CabC2"]
+    assert skipped.skipped == 1
+    assert f"line {bad_line}" in skipped.warnings[0]
+    assert "not UTF-8" in skipped.warnings[0]
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    assert info.value.line == bad_line

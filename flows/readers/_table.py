@@ -75,6 +75,14 @@ def split_rows(
             body, _numbering(line_map, first_line), lambda ln: not ln.strip()
         )
 
+    # Lines that are not UTF-8 go before the parse too: pyarrow's invalid-row handler
+    # cannot decode one that also has a wrong field count, and then fails the file.
+    if not body.isascii() and _not_utf8(body):
+        body, line_map, removed = _drop_lines(
+            body, _numbering(line_map, first_line), _not_utf8
+        )
+        problems += [Problem(n, None, "bytes that are not UTF-8") for n in removed]
+
     try:
         table, invalid = _parse(body, names, delimiter, quote, include)
     except pa.ArrowInvalid as exc:
