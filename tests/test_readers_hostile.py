@@ -469,3 +469,17 @@ def test_a_line_not_utf8_with_a_wrong_field_count_costs_only_that_line(
     with pytest.raises(PartialInputError) as info:
         read(path)
     assert info.value.line == bad_line
+
+
+def test_zeek_json_with_bytes_not_utf8_in_an_address_is_one_bad_line(tmp_path):
+    # pyarrow.json keeps such bytes in a string column; the address check then
+    # failed with a UnicodeDecodeError (found by the long fuzz run).
+    bad = _json_row(**{"id.orig_h": "10.@@.0.1"}).encode().replace(b"@@", b"\xff")
+    data = b"\n".join([_json_row().encode(), bad, _json_row().encode()]) + b"\n"
+    path = write(tmp_path, "c.json", data)
+
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    assert info.value.line == 2
+    skipped = read(path, on_error="skip")
+    assert skipped.skipped == 1 and skipped.table.num_rows == 2

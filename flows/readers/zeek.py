@@ -438,6 +438,14 @@ def read_json(src: Source, on_error: str) -> ReadResult:
 _JSON_LABELS = ("label",) + DETAIL_NAMES
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _read_json_fast(src: Source) -> tuple[pa.Table, dict] | None:
     """The pyarrow.json path; None whenever it could differ from the slow path."""
     import pyarrow.json as pajson
@@ -450,8 +458,9 @@ def _read_json_fast(src: Source) -> tuple[pa.Table, dict] | None:
         or b"\n#" in data
         or not data.startswith(b"{")
         or long_lines(data)
+        or (not data.isascii() and not _is_utf8(data))
     ):
-        return None
+        return None  # the line path names bad lines (pyarrow.json keeps bad UTF-8)
     try:
         first = json.loads(data[: data.find(b"\n")])
     except (ValueError, RecursionError):
