@@ -75,27 +75,18 @@ def split_rows(
             body, _numbering(line_map, first_line), lambda ln: not ln.strip()
         )
 
-    # Lines that are not UTF-8 go before the parse too: pyarrow's invalid-row handler
-    # cannot decode one that also has a wrong field count, and then fails the file.
-    if not body.isascii() and _not_utf8(body):
+    # Lines that are not UTF-8 are bad lines, dropped before the parse: pyarrow would
+    # refuse the block, and its invalid-row handler cannot decode such a line.
+    if not body.isascii() and not_utf8(body):
         body, line_map, removed = _drop_lines(
-            body, _numbering(line_map, first_line), _not_utf8
+            body, _numbering(line_map, first_line), not_utf8
         )
         problems += [Problem(n, None, "bytes that are not UTF-8") for n in removed]
 
     try:
         table, invalid = _parse(body, names, delimiter, quote, include)
     except pa.ArrowInvalid as exc:
-        if "utf8" not in str(exc).lower():
-            raise BadInputError(f"cannot split rows ({exc})", path=path) from exc
-        body, line_map, removed = _drop_lines(
-            body, _numbering(line_map, first_line), _not_utf8
-        )
-        problems += [Problem(n, None, "bytes that are not UTF-8") for n in removed]
-        try:
-            table, invalid = _parse(body, names, delimiter, quote, include)
-        except pa.ArrowInvalid as again:
-            raise BadInputError(f"cannot split rows ({again})", path=path) from again
+        raise BadInputError(f"cannot split rows ({exc})", path=path) from exc
 
     def line_of(physical: int) -> int:
         if line_map is not None:
@@ -192,7 +183,8 @@ def _drop_lines(body: bytes, number_of, drop) -> tuple[bytes, np.ndarray, list[i
     return text, np.array(numbers, dtype=np.int64), removed
 
 
-def _not_utf8(raw: bytes) -> bool:
+def not_utf8(raw: bytes) -> bool:
+    """Whether ``raw`` holds bytes that are not UTF-8."""
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:

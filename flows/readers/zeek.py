@@ -47,7 +47,7 @@ from flows.readers._convert import (
 from flows.readers._finish import Problem, finish
 from flows.readers._lazy import LazyModule
 from flows.readers._source import MAX_LINE_BYTES, Source, long_lines, too_long
-from flows.readers._table import split_rows
+from flows.readers._table import not_utf8, split_rows
 from flows.readers.result import ReadResult
 from flows.record import (
     ADDRESS_FIELDS,
@@ -438,14 +438,6 @@ def read_json(src: Source, on_error: str) -> ReadResult:
 _JSON_LABELS = ("label",) + DETAIL_NAMES
 
 
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 def _read_json_fast(src: Source) -> tuple[pa.Table, dict] | None:
     """The pyarrow.json path; None whenever it could differ from the slow path."""
     import pyarrow.json as pajson
@@ -458,7 +450,7 @@ def _read_json_fast(src: Source) -> tuple[pa.Table, dict] | None:
         or b"\n#" in data
         or not data.startswith(b"{")
         or long_lines(data)
-        or (not data.isascii() and not _is_utf8(data))
+        or (not data.isascii() and not_utf8(data))
     ):
         return None  # the line path names bad lines (pyarrow.json keeps bad UTF-8)
     try:
