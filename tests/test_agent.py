@@ -579,15 +579,18 @@ def test_bounded_lines_never_hold_a_long_line() -> None:
     assert got == ["a\n", 5 * MAX_LINE_BYTES + 8, "c"]
 
 
+def _run_argv(tm, tmp_path: Path, source: str, *extra: str) -> list[str]:
+    """`edge-agent run` on ``source`` as gateway s1/g1 with the outbox o.db."""
+    return [
+        "run", "--artifact", str(tm.artifact), "--source", source,
+        "--site", "s1", "--gateway", "g1", "--outbox", str(tmp_path / "o.db"), *extra,
+    ]
+
+
 def _run_stdin(tm, tmp_path: Path, monkeypatch, text: str) -> int:
     monkeypatch.setattr(sys, "stdin", io.StringIO(text))
-    return main(
-        [
-            "run", "--artifact", str(tm.artifact), "--source", "-", "--site", "s1",
-            "--gateway", "g1", "--outbox", str(tmp_path / "o.db"), "--alerts", "",
-            "--summary-json", str(tmp_path / "s.json"),
-        ]
-    )
+    summary = str(tmp_path / "s.json")
+    return main(_run_argv(tm, tmp_path, "-", "--alerts", "", "--summary-json", summary))
 
 
 def test_run_on_empty_stdin_replays_the_outbox_and_exits_0(
@@ -652,13 +655,7 @@ def test_run_on_a_log_damaged_part_way_exits_4_with_the_flows_before(
     log = tmp_path / "conn.log"
     damaged = header + data[:2400] + ["not\ta\tzeek\tline"] + data[2400:]
     log.write_text("\n".join(damaged) + "\n")
-    rc = main(
-        [
-            "run", "--artifact", str(tm.artifact), "--source", f"zeek:{log}",
-            "--site", "s1", "--gateway", "g1", "--outbox", str(tmp_path / "o.db"),
-            "--alerts", "",
-        ]
-    )
+    rc = main(_run_argv(tm, tmp_path, f"zeek:{log}", "--alerts", ""))
     err = capsys.readouterr().err
     assert rc == 4, err
     assert f"error: {log}, line {len(header) + 2401}:" in err
@@ -671,13 +668,7 @@ def test_run_on_a_log_damaged_part_way_exits_4_with_the_flows_before(
 def test_zeek_source_given_a_directory_says_so(tm, tmp_path: Path, capsys) -> None:
     (tmp_path / "conn.log").write_text(tm.conn_log.read_text())
     for extra in ([], ["--follow"]):
-        rc = main(
-            [
-                "run", "--artifact", str(tm.artifact), "--source", f"zeek:{tmp_path}",
-                "--site", "s1", "--gateway", "g1", "--outbox", str(tmp_path / "o.db"),
-                *extra,
-            ]
-        )
+        rc = main(_run_argv(tm, tmp_path, f"zeek:{tmp_path}", *extra))
         err = capsys.readouterr().err
         assert rc == 3, err
         assert f"error: {tmp_path}: is a directory; zeek: expects a Zeek" in err
@@ -695,10 +686,11 @@ def test_ctrl_c_during_follow_exits_130_and_keeps_the_outbox(tm, tmp_path: Path)
     assert n_alerts > 0  # the wait below needs some alert lines
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "edge_agent.cli", "run",
-            "--artifact", str(tm.artifact), "--source", f"zeek:{log}", "--follow",
-            "--site", "s1", "--gateway", "g1", "--outbox", str(tmp_path / "o.db"),
-            "--alerts", str(alerts), "--summary-json", str(tmp_path / "s.json"),
+            sys.executable, "-m", "edge_agent.cli",
+            *_run_argv(
+                tm, tmp_path, f"zeek:{log}", "--follow", "--alerts", str(alerts),
+                "--summary-json", str(tmp_path / "s.json"),
+            ),
         ],
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -736,13 +728,7 @@ def test_parquet_source_stops_at_a_bad_address_with_the_flows_before(
     path = tmp_path / "f.parquet"
     table = columns_to_table({n: [r[n] for r in rows] for n in CONN_FIELD_NAMES})
     pq.write_table(table, path)
-    rc = main(
-        [
-            "run", "--artifact", str(tm.artifact), "--source", f"parquet:{path}",
-            "--site", "s1", "--gateway", "g1", "--outbox", str(tmp_path / "o.db"),
-            "--alerts", "",
-        ]
-    )
+    rc = main(_run_argv(tm, tmp_path, f"parquet:{path}", "--alerts", ""))
     err = capsys.readouterr().err
     assert rc == 4, err
     assert f"error: {path}, row 2401: field 'dst_port': expected a port" in err
