@@ -507,6 +507,16 @@ class Encoder:
         return len(self.feature_names)
 
     @property
+    def quantile_columns(self) -> list[int]:
+        """Feature columns that hold a quantile level (rank in 0..1) of a field.
+
+        Empty under min-max scaling. A model may expand these into piecewise-linear
+        bins (``TeacherConfig.bins``): in rank space, evenly spaced bins are the
+        training quantiles.
+        """
+        return [int(self._num_value_cols[j]) for j, _ in self._num_quantiles]
+
+    @property
     def input_fields(self) -> list[str]:
         """The column names a transform reads."""
         fields = [f.name for f in self.numeric] + [f.name for f in self.categorical]

@@ -29,6 +29,9 @@ MAX_SIZE = 65_536
 _INT_FIELDS = (
     "n_features", "window", "kernel_size", "lstm_hidden", "lstm_layers", "members",
 )
+# Piecewise-linear bins per expanded column: past a few dozen a bin holds too few
+# training rows to learn from.
+MAX_BINS = 256
 
 
 def _is_int(value: Any) -> bool:
@@ -50,6 +53,18 @@ class TeacherConfig:
     concatenated; ``dense`` lists the hidden dense layers before the logit.
     ``members`` > 1 makes the network an ensemble of that many such networks
     (trained apart, with different seeds) whose logits are averaged.
+
+    ``bins`` > 0 expands each input column listed in ``binned`` (quantile levels in
+    0..1, see ``Encoder.quantile_columns``) into that many piecewise-linear bins
+    before the first convolution: bin ``t`` of level ``x`` is
+    ``clamp(bins * x - t, 0, 1)``, so the network sees "past the t-th quantile
+    step" as its own input, the cut points a tree would split on.
+
+    ``subspace`` < 1 lets each single network see only that share of the input
+    columns (a random subspace, as a random forest's trees do): the others are
+    multiplied by 0 through the ``feature_mask`` buffer, which training draws from
+    the member's seed (:meth:`TeacherNet.draw_feature_mask`) and the checkpoint
+    keeps with the weights.
     """
 
     n_features: int
@@ -61,6 +76,9 @@ class TeacherConfig:
     dense: tuple[int, ...] = (64,)
     dropout: float = 0.3
     members: int = 1
+    bins: int = 0
+    binned: tuple[int, ...] = ()
+    subspace: float = 1.0
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -69,6 +87,7 @@ class TeacherConfig:
         filters = tuple(int(c) for c in self.conv_filters)
         object.__setattr__(self, "conv_filters", filters)
         object.__setattr__(self, "dense", tuple(int(d) for d in self.dense))
+        object.__setattr__(self, "binned", tuple(int(c) for c in self.binned))
         problems = []
         if self.n_features < 1:
             problems.append(f"n_features must be >= 1, got {self.n_features}")
@@ -84,8 +103,21 @@ class TeacherConfig:
             problems.append(f"dense sizes must be positive, got {self.dense}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.subspace <= 1.0:
+            problems.append(f"subspace must be in (0, 1], got {self.subspace}")
         if self.members < 1:
             problems.append(f"members must be >= 1, got {self.members}")
+        if not 0 <= self.bins <= MAX_BINS:
+            problems.append(f"bins must be in [0, {MAX_BINS}], got {self.bins}")
+        if self.bins and not self.binned:
+            problems.append("bins needs the columns to expand (binned is empty)")
+        if len(set(self.binned)) != len(self.binned) or any(
+            not 0 <= c < self.n_features for c in self.binned
+        ):
+            problems.append(
+                f"binned must be distinct columns in [0, {self.n_features}), "
+                f"got {list(self.binned)}"
+            )
         if problems:
             raise ModelError("bad teacher config: " + "; ".join(problems))
 
@@ -108,19 +140,30 @@ class TeacherConfig:
                     f"bad teacher config: {name} must be a list of integers in "
                     f"[1, {MAX_SIZE}], got {value!r}"
                 )
-        if not isinstance(self.dropout, numbers.Real) or isinstance(
-            self.dropout, bool
+        if not isinstance(self.bins, numbers.Integral) or isinstance(self.bins, bool):
+            raise ModelError(
+                f"bad teacher config: bins must be an integer, got {self.bins!r}"
+            )
+        if not isinstance(self.binned, (list, tuple)) or not all(
+            _is_int(v) for v in self.binned
         ):
             raise ModelError(
-                f"bad teacher config: dropout must be a number in [0, 1), "
-                f"got {self.dropout!r}"
+                f"bad teacher config: binned must be a list of integers, "
+                f"got {self.binned!r}"
             )
+        for name in ("dropout", "subspace"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise ModelError(
+                    f"bad teacher config: {name} must be a number, got {value!r}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict of every field."""
         out = dataclasses.asdict(self)
         out["conv_filters"] = list(self.conv_filters)
         out["dense"] = list(self.dense)
+        out["binned"] = list(self.binned)
         return out
 
     def to_json(self) -> str:
@@ -201,9 +244,26 @@ class TeacherNet(nn.Module):
             return
         plan = _plan(config)
 
+        # The columns this network sees (all unless a subspace is asked for).
+        if config.subspace < 1.0:
+            self.register_buffer("feature_mask", torch.ones(config.n_features))
+
+        # Piecewise-linear bins of the binned columns (fixed, not learned; derived
+        # from the config, so not part of the saved weights).
+        channels = config.n_features
+        if config.bins:
+            binned = torch.tensor(config.binned, dtype=torch.long)
+            kept = [c for c in range(config.n_features) if c not in set(config.binned)]
+            self.register_buffer("binned_cols", binned, persistent=False)
+            self.register_buffer(
+                "kept_cols", torch.tensor(kept, dtype=torch.long), persistent=False)
+            self.register_buffer(
+                "bin_steps", torch.arange(config.bins, dtype=torch.float32),
+                persistent=False)
+            channels = len(kept) + len(config.binned) * config.bins
+
         # Convolution blocks along the window axis (channels = features).
         blocks: list[nn.Module] = []
-        channels = config.n_features
         for filters, pool in zip(config.conv_filters, plan.pooled, strict=True):
             layers: list[nn.Module] = [
                 nn.Conv1d(channels, filters, config.kernel_size,
@@ -240,12 +300,31 @@ class TeacherNet(nn.Module):
         """Logits ``[B]`` for windows ``x`` of shape ``[B, W, F]``."""
         if self.config.members > 1:
             return torch.stack([m(x) for m in self.members]).mean(dim=0)
+        if self.config.subspace < 1.0:
+            x = x * self.feature_mask
+        if self.config.bins:
+            x = self.expand_bins(x)
         h = self.conv(x.transpose(1, 2))  # [B, C, L]
         out, _ = self.lstm(h.transpose(1, 2))  # [B, L, 2H]
         hidden = self.config.lstm_hidden
         # Forward direction after the last step, backward direction after the first.
         summary = torch.cat([out[:, -1, :hidden], out[:, 0, hidden:]], dim=1)
         return self.head(summary).squeeze(1)
+
+    def draw_feature_mask(self, seed: int) -> None:
+        """Pick the ``subspace`` share of input columns this network sees, by seed."""
+        n = self.config.n_features
+        keep = max(1, round(self.config.subspace * n))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        mask = torch.zeros(n)
+        mask[order[:keep]] = 1.0
+        self.feature_mask.copy_(mask)
+
+    def expand_bins(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, W, F]`` -> the unbinned columns, then each binned column's bins."""
+        levels = x.index_select(2, self.binned_cols).unsqueeze(-1)  # [B, W, K, 1]
+        bins = (levels * self.config.bins - self.bin_steps).clamp(0.0, 1.0)
+        return torch.cat([x.index_select(2, self.kept_cols), bins.flatten(2)], dim=2)
 
     def n_params(self) -> int:
         """Number of trainable parameters."""

@@ -296,6 +296,8 @@ def fit(
 
     # Model, optimiser, mixed precision on CUDA.
     model = TeacherNet(mc)
+    if mc.subspace < 1.0 and mc.members == 1:
+        model.draw_feature_mask(tc.seed)
     if init_state is not None:
         try:
             model.load_state_dict(init_state, strict=True)

@@ -1,18 +1,22 @@
-"""Round-4 NSL-KDD candidates, scored on three held-out-type folds (validation only).
+"""NSL-KDD teacher candidates, scored on three held-out-type folds (validation only).
 
-Usage (from the repository root, GATEWATCH_DATA set; see PROTOCOL.md)::
+The driver of rounds 4 and 5 (``teacher/results/roundN/``: PROTOCOL.md, the
+candidate list ``candidates.txt``, the results). Usage, from the repository root
+with GATEWATCH_DATA set::
 
-    python teacher/results/round4/val_runs.py member CAND FOLD SEED [OUT]
-    python teacher/results/round4/val_runs.py rf CAND FOLD [OUT]
-    python teacher/results/round4/val_runs.py score [OUT] > results.json
+    python teacher/results/fold_runs.py ROUND member CAND FOLD SEED [OUT]
+    python teacher/results/fold_runs.py ROUND rf CAND FOLD [OUT]
+    python teacher/results/fold_runs.py ROUND score [OUT] > results.json
 
-CAND is a line of ``candidates.txt``: ``NAME SPEC-JSON`` with optional keys
-``encoder`` (``scaling``, ``knots``: passed to ``prepare``; absent means the round-3
-encoder, min-max), ``train`` (TrainConfig overrides), ``model`` (TeacherConfig
-overrides) and ``seeds`` (default 0, 1, 2). ``member`` trains one network (one
-seed) on KDDTrain+ with ``holdout_types(prep, 0.5, seed=FOLD)`` as validation and
-saves its validation logits; ``rf`` fits the Random Forest of teacher.baselines on
-the candidate's encoded features. Members are stored under a key of the spec
+ROUND is the round's folder (``teacher/results/round5``). CAND is a line of its
+``candidates.txt``: ``NAME SPEC-JSON`` with optional keys ``encoder`` (``scaling``,
+``knots``: passed to ``prepare``; absent means the round-3 encoder, min-max),
+``train`` (TrainConfig overrides), ``model`` (TeacherConfig overrides; ``bins``
+expands the encoder's quantile columns) and ``seeds`` (default 0, 1, 2).
+``member`` trains one network (one seed) on KDDTrain+ with
+``holdout_types(prep, 0.5, seed=FOLD)`` as validation and saves its validation
+logits; ``rf`` fits the Random Forest of teacher.baselines on the candidate's
+encoded features. Members are stored under a key of the spec
 without its seeds, so candidates that differ only in member count share them.
 ``score`` averages each candidate's member logits per fold (the shipped ensemble),
 scores them with the best-F1 threshold and prints the table data as JSON. Test
@@ -29,14 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
 FOLDS = (0, 1, 2)
+ROUND = Path(__file__).resolve().parent / "round4"  # set by the command line
 
 
 def candidates() -> dict[str, dict]:
-    """The fixed candidate list, in priority order."""
+    """The fixed candidate list of the round, in priority order."""
     out = {}
-    for line in (HERE / "candidates.txt").read_text().splitlines():
+    for line in (ROUND / "candidates.txt").read_text().splitlines():
         if line.strip():
             name, spec = line.split(" ", 1)
             out[name] = json.loads(spec)
@@ -78,8 +82,10 @@ def member(name: str, fold: int, seed: int, out: Path) -> dict:
     if stem.with_suffix(".json").exists():
         return json.loads(stem.with_suffix(".json").read_text())
     prep, held, va = _fold(spec, fold)
-    mc = TeacherConfig(n_features=prep.n_features, window=prep.window,
-                       **spec.get("model", {}))
+    overrides = dict(spec.get("model", {}))
+    if overrides.get("bins"):
+        overrides["binned"] = prep.encoder.quantile_columns
+    mc = TeacherConfig(n_features=prep.n_features, window=prep.window, **overrides)
     result = fit(prep, mc, TrainConfig(seed=seed, **spec.get("train", {})))
     z = score_rows(result.model.eval(), prep.windows, va, torch.device("cpu"))
     np.save(stem.with_suffix(".npy"), z)
@@ -180,15 +186,16 @@ def score(out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    what, args = sys.argv[1], sys.argv[2:]
+    ROUND = Path(sys.argv[1]).resolve()
+    what, args = sys.argv[2], sys.argv[3:]
     if what == "member":
-        out = Path(args[3] if len(args) > 3 else "runs/r4-val")
+        out = Path(args[3] if len(args) > 3 else f"runs/{ROUND.name}-val")
         out.mkdir(parents=True, exist_ok=True)
         print(json.dumps(member(args[0], int(args[1]), int(args[2]), out)))
     elif what == "rf":
-        out = Path(args[2] if len(args) > 2 else "runs/r4-val")
+        out = Path(args[2] if len(args) > 2 else f"runs/{ROUND.name}-val")
         out.mkdir(parents=True, exist_ok=True)
         print(json.dumps(rf(args[0], int(args[1]), out)))
     else:
-        out = Path(args[0] if args else "runs/r4-val")
+        out = Path(args[0] if args else f"runs/{ROUND.name}-val")
         print(json.dumps(score(out), indent=1))
