@@ -324,17 +324,24 @@ def _convert(args) -> int:
 
     if args.files.count("-") > 1:
         raise UsageError("- (standard input) can be given only once")
+    inputs: dict[Path, str] = {}
     for name in args.files:
         if name == "-":
             continue
         try:
-            same = Path(name).resolve() == out
+            resolved = Path(name).resolve()
         except (RuntimeError, OSError) as exc:
             raise BadInputError(
                 "cannot be read (a symbolic link loop or a bad path)", path=name
             ) from exc
-        if same:
+        if resolved == out:
             raise UsageError(f"{out} is also an input; choose another output name")
+        if resolved in inputs:
+            raise UsageError(
+                f"{name} is given twice (as {inputs[resolved]} too); its rows would "
+                "be written twice"
+            )
+        inputs[resolved] = name
     result, partial = _read(args)
     if fmt == "zeek" and result.family != "conn":
         raise UsageError(

@@ -265,8 +265,12 @@ def fit(
     tr = prep.rows("train") if train_rows is None else np.asarray(train_rows)
     va = prep.rows("val") if val_rows is None else np.asarray(val_rows)
     if tr.size < 2 or va.size < 1:
+        labeled = int((prep.y >= 0).sum())
+        why = (f"none of its {len(prep.y)} rows has a label (0/1)" if not labeled
+               else f"{labeled} of its {len(prep.y)} rows are labeled")
         raise BadInputError(
-            f"need training and validation rows, got {tr.size} and {va.size}")
+            f"{prep.name}: need labeled training and validation rows, got "
+            f"{tr.size} and {va.size}; {why}")
     y_tr = prep.y[tr].astype(np.int64)
     y_va = prep.y[va].astype(np.float64)
     present = np.unique(y_tr if extra_train is None

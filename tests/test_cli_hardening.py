@@ -359,3 +359,29 @@ def test_convert_to_dash_is_a_usage_error_not_a_file_named_dash(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and "-o - (standard output) is not supported" in err
     assert not (tmp_path / "-").exists()
+
+
+def test_convert_refuses_the_same_input_twice(tmp_path, capsys, monkeypatch):
+    log = _conn_log(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "x.parquet"
+
+    code = flows_main(["convert", str(log), "./c.log", "-o", str(out)])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "given twice" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_teacher_train_on_unlabeled_rows_says_none_is_labeled(tmp_path, capsys):
+    from teacher.cli import main as teacher_main
+
+    log = _conn_log(tmp_path)  # Zeek conn.log rows carry no label column
+
+    code = teacher_main(["train", "--data", str(log), "--out",
+                         str(tmp_path / "t"), "--quiet"])
+
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "none of its 2 rows has a label" in err and "Traceback" not in err

@@ -20,7 +20,15 @@ from flows.errors import BadInputError, PartialInputError
 from flows.readers import iter_records, read
 from flows.readers._source import _OUT, MAX_LINE_BYTES, Gunzip
 from flows.record import CONN_FIELD_NAMES, columns_to_table
-from tests.test_readers import BINET_HEAD, ROW_A, ROW_B, write, zeek_text
+from tests.test_readers import (
+    BINET_HEAD,
+    FIELDS,
+    ROW_A,
+    ROW_B,
+    TYPES,
+    write,
+    zeek_text,
+)
 
 
 def _lines_of(text: str) -> list[str]:
@@ -483,3 +491,30 @@ def test_zeek_json_with_bytes_not_utf8_in_an_address_is_one_bad_line(tmp_path):
     assert info.value.line == 2
     skipped = read(path, on_error="skip")
     assert skipped.skipped == 1 and skipped.table.num_rows == 2
+
+
+def test_fields_line_without_the_set_separator_is_named(tmp_path):
+    text = zeek_text([ROW_A]).replace("#separator \\x09", "#separator \\x2c")
+    path = write(tmp_path, "conn.log", text)
+
+    fields_line = 1 + next(
+        i for i, ln in enumerate(text.split("\n")) if ln.startswith("#fields"))
+
+    with pytest.raises(BadInputError) as info:
+        read(path)
+
+    assert info.value.line == fields_line
+    assert "#fields is not followed by the separator ','" in str(info.value)
+
+
+def test_a_field_named_twice_is_named(tmp_path):
+    row = [*ROW_A, "1600000009.0"]
+    path = write(tmp_path, "conn.log",
+                 zeek_text([row], fields=[*FIELDS, "ts"], types=[*TYPES, "time"]))
+
+    with pytest.raises(BadInputError) as info:
+        read(path)
+
+    assert "#fields names 'ts' twice" in str(info.value)
+    assert info.value.column == "ts"
+

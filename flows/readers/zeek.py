@@ -125,6 +125,13 @@ def _directive(header: _Header, line: str, line_no: int, path: str) -> _Header:
         header.fields = None
         return header
     key, _, value = line[1:].partition(header.separator)
+    if key.startswith("fields") and key != "fields":
+        raise BadInputError(
+            f"#fields is not followed by the separator {header.separator!r} "
+            "(set by #separator or the tab default)",
+            path=path,
+            line=line_no,
+        )
     if key == "set_separator":
         header.set_separator = value
     elif key == "empty_field":
@@ -225,6 +232,14 @@ def read_tsv(src: Source, on_error: str) -> ReadResult:
 def _check_fields(header: _Header, path: str) -> None:
     """Fail with the missing column's name when a required Zeek column is absent."""
     names = _expand_names(header.fields or [])
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise BadInputError(
+                f"#fields names {name!r} twice", path=path, line=header.fields_line,
+                column=name,
+            )
+        seen.add(name)
     for name in REQUIRED:
         if name not in names:
             raise BadInputError(
