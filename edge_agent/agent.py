@@ -26,7 +26,8 @@ Escalation ids are derived from the site, gateway and flow record (32 hex digits
 :func:`flow_id`), so a flow read again after a crash carries the same id and the
 re-scorer drops the copy. A verdict delivered twice (at-least-once) is handled once:
 the agent remembers the last ``_MAX_VERDICT_IDS`` (10 000) escalation ids answered,
-far more than the ``_MAX_TRACKED`` messages it keeps in flight.
+far more than the messages it keeps in flight (``_TRACKED_PER_INFLIGHT`` times the
+link's in-flight window).
 
 When the outbox cannot store a batch (disk full, I/O error) the agent goes on: the
 batch's escalations are dropped and counted (``outbox_failed``, the first failure
@@ -60,10 +61,11 @@ from flows.windows import StreamWindower, record_key
 
 SITE_THRESHOLDS = "site_thresholds.json"
 _FIVE_TUPLE = ("ts", "src_ip", "src_port", "dst_ip", "dst_port", "proto")
-# Messages handed to paho and not yet acknowledged: twice its in-flight window (200),
-# so the broker never waits on us while at most ~6 MB of payloads (about 15 KB each)
-# sit in memory during a backlog (1000 showed as +6 MB of RSS in the 30-min soak).
-_MAX_TRACKED = 400
+# Messages handed to paho and not yet acknowledged: this many times the link's
+# in-flight window (200 by default, so 400), so the broker never waits on us while at
+# most ~6 MB of payloads (about 15 KB each) sit in memory during a backlog (1000
+# showed as +6 MB of RSS in the 30-min soak).
+_TRACKED_PER_INFLIGHT = 2
 _MAX_VERDICT_IDS = 10_000  # verdict ids remembered to drop a redelivered copy
 
 
@@ -632,7 +634,7 @@ class Agent:
                 generation, last_seq = link.generation, 0
             if self._retry_at and time.monotonic() >= self._retry_at:
                 self._retry_at, last_seq = 0.0, 0  # publish the unrouted ones again
-            room = _MAX_TRACKED - len(self._tracked)
+            room = _TRACKED_PER_INFLIGHT * link.max_inflight - len(self._tracked)
             if room <= 0:
                 continue
             try:
