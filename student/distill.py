@@ -5,6 +5,11 @@ teacher's probabilities at temperature ``T`` (scaled by ``T**2`` so its gradient
 their size), with the ordinary cross-entropy on the hard labels:
 ``alpha * soft + (1 - alpha) * hard``. The teacher is run once over the training and
 validation windows (:class:`TeacherCache`); every student of a search reuses it.
+
+With ``input_noise`` the student learns on training windows with Gaussian noise
+added, as the teacher did; given ``teacher_fn`` the soft targets are the teacher's
+logits *on the noisy windows* (the student matches the teacher's function around
+the training data, not only on it), otherwise the cached clean-window logits.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ class DistillConfig:
     patience: int = 3
     seed: int = 0
     max_train_rows: int | None = None
+    input_noise: float = 0.0
 
 
 def _batched(source: WindowSource, rows: np.ndarray, size: int):
@@ -154,17 +160,20 @@ def distill(
     val_rows: np.ndarray,
     config: DistillConfig | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    teacher_fn: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place by distillation; keeps the epoch of best val loss.
 
     ``y`` holds the 0/1 labels of every row (indexed by row number);
     ``teacher_logits`` the teacher's logits for ``train_rows`` in that order. The
     validation loss is the hard-label cross-entropy on ``val_rows`` (the gate's data).
-    Returns the per-epoch history.
+    ``teacher_fn`` (windows -> logits) scores the noisy windows when
+    ``config.input_noise`` is set. Returns the per-epoch history.
     """
     cfg = config or DistillConfig()
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
+    noise = torch.Generator().manual_seed(cfg.seed)
     train_rows = np.asarray(train_rows, dtype=np.int64)
     t_all = torch.from_numpy(np.asarray(teacher_logits, dtype=np.float32))
     y_all = torch.from_numpy(np.asarray(y, dtype=np.float32))
@@ -185,9 +194,15 @@ def distill(
             pick = order[start : start + cfg.batch_size]
             rows = train_rows[pick]
             x = torch.from_numpy(source.windows(rows))
+            target = t_all[pick]
+            if cfg.input_noise > 0:
+                x = x + cfg.input_noise * torch.randn(x.shape, generator=noise)
+                if teacher_fn is not None:
+                    target = torch.from_numpy(
+                        np.asarray(teacher_fn(x.numpy()), dtype=np.float32))
             loss = kd_loss(
                 model(x),
-                t_all[pick],
+                target,
                 y_all[rows],
                 temperature=cfg.temperature,
                 alpha=cfg.alpha,
