@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--members", type=int, default=None,
                    help="seeds trained apart and averaged (default "
                         f"{TRAIN_MEMBERS}; 1: a single network)")
+    p.add_argument("--bins", type=int, default=None,
+                   help="piecewise-linear bins per quantile-scaled column inside "
+                        "the network (needs --scaling quantile; default 0: none)")
+    p.add_argument("--subspace", type=float, default=None,
+                   help="share of input columns each member sees, drawn from its "
+                        "seed (default 1.0: all)")
     p.add_argument("--replay-size", type=int, default=5000,
                    help="training windows kept in the replay buffer (0: none; "
                         "default 5000)")
@@ -441,10 +447,16 @@ def cmd_train(args: argparse.Namespace) -> int:
                               "members": TRAIN_MEMBERS if args.members is None
                               else args.members}
         for flag, key in (("conv_filters", "conv_filters"), ("lstm_hidden", None),
-                          ("lstm_layers", None), ("dense", None), ("dropout", None)):
+                          ("lstm_layers", None), ("dense", None), ("dropout", None),
+                          ("subspace", None)):
             value = getattr(args, flag)
             if value is not None:
                 kw[key or flag] = tuple(value) if isinstance(value, list) else value
+        if args.bins:
+            if not prep.encoder.quantile_columns:
+                raise UsageError("--bins needs quantile-scaled columns "
+                                 "(--scaling quantile)")
+            kw.update(bins=args.bins, binned=tuple(prep.encoder.quantile_columns))
         mc = TeacherConfig(**kw)
     tc = _train_config(args, **FAMILY_TRAIN_DEFAULTS.get(prep.family, {}))
 

@@ -191,3 +191,26 @@ def test_every_teacher_option_has_help():
                for opt in sub.choices[name]._actions
                if opt.option_strings and not opt.help]
     assert missing == []
+
+
+
+def test_bins_and_subspace_from_the_command_line(slices, tmp_path, capsys):
+    from teacher.checkpoint import load_teacher
+
+    small = ["--epochs", "1", "--batch-size", "64", "--conv-filters", "8",
+             "--lstm-hidden", "8", "--dense", "8", "--members", "2",
+             "--samples-per-epoch", "256", "--replay-size", "0", "-q"]
+    code = main(["train", "--data", str(slices[0]), "--out", str(tmp_path / "m"),
+                 "--bins", "8", "--scaling", "minmax", *small])
+    err = capsys.readouterr().err
+    assert code == 2 and "--bins needs quantile-scaled columns" in err
+
+    code = main(["train", "--data", str(slices[0]), "--out", str(tmp_path / "q"),
+                 "--bins", "4", "--subspace", "0.5", "--scaling", "quantile", *small])
+    assert code == 0, capsys.readouterr().err
+    teacher = load_teacher(tmp_path / "q", device="cpu")
+    assert teacher.config.bins == 4
+    assert list(teacher.config.binned) == teacher.encoder.quantile_columns
+    masks = [m.feature_mask for m in teacher.model.members]
+    assert all(int(m.sum()) == round(0.5 * teacher.config.n_features) for m in masks)
+    assert not np.array_equal(masks[0].numpy(), masks[1].numpy())

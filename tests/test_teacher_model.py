@@ -224,3 +224,55 @@ def test_broken_encoder_json_is_named_by_its_path(tmp_path):
     (ck / "encoder.json").write_text(json.dumps({"schema": "gatewatch.encoder/v1"}))
     with pytest.raises(ModelError, match=f"{ck / 'encoder.json'}: malformed"):
         load_teacher(ck, allow_unverified=True)
+
+
+def test_bins_expand_quantile_columns_piecewise_linearly():
+    cfg = TeacherConfig(n_features=4, window=2, conv_filters=(4,), lstm_hidden=4,
+                        bins=5, binned=(1, 3))
+    net = TeacherNet(cfg).eval()
+    x = torch.rand(3, 2, 4)
+
+    out = net.expand_bins(x).numpy()
+
+    # Independently: bin t of level v is min(max(5v - t, 0), 1); kept columns first.
+    v = x.numpy()
+    want = [v[..., 0], v[..., 2]]
+    for col in (1, 3):
+        want += [np.clip(5 * v[..., col] - t, 0, 1) for t in range(5)]
+    np.testing.assert_allclose(out, np.stack(want, axis=-1), atol=1e-6)
+    assert net.conv[0][0].in_channels == 2 + 2 * 5
+    assert TeacherConfig.from_json(cfg.to_json()) == cfg
+    for bad in ({"bins": 3}, {"bins": 3, "binned": (4,)}, {"bins": 3, "binned": (0, 0)},
+                {"bins": 300, "binned": (0,)}):
+        with pytest.raises(ModelError):
+            TeacherConfig(n_features=4, **bad)
+
+
+def test_subspace_member_ignores_the_columns_it_does_not_see(tmp_path):
+    cfg = TeacherConfig(n_features=10, window=1, conv_filters=(4,), lstm_hidden=4,
+                        subspace=0.3)
+    net = TeacherNet(cfg)
+    net.draw_feature_mask(0)
+    net.eval()
+    mask = net.feature_mask.numpy()
+    assert mask.sum() == 3 and set(np.unique(mask)) == {0.0, 1.0}
+
+    # Changing only unseen columns leaves the logit alone; a seen one moves it.
+    x = torch.rand(5, 1, 10)
+    changed = x.clone()
+    changed[..., mask == 0] = torch.rand(5, 1, int((mask == 0).sum()))
+    assert torch.equal(net(x), net(changed))
+    seen = x.clone()
+    seen[..., int(np.flatnonzero(mask)[0])] += 1.0
+    assert not torch.equal(net(x), net(seen))
+
+    # Another seed sees other columns; the checkpoint keeps the mask.
+    other = TeacherNet(cfg)
+    other.draw_feature_mask(1)
+    assert not torch.equal(other.feature_mask, net.feature_mask)
+    save_checkpoint(tmp_path / "ck", net, encoder=_encoder(10, 1),
+                    threshold={"threshold": 0.5, "rule": "best-f1"}, history=[],
+                    metrics={}, provenance={})
+    again = load_teacher(tmp_path / "ck", device="cpu")
+    assert torch.equal(again.model.feature_mask, net.feature_mask)
+    assert torch.equal(again.model(x), net(x))
