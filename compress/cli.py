@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, default=3e-3,
                      help="distillation learning rate (default 3e-3; pruning "
                           "fine-tunes at lr/3, QAT at lr/10)")
+    run.add_argument("--distill-noise", type=float, default=None,
+                     help="Gaussian input noise on the students' training windows, "
+                          "each noisy window re-scored by the teacher (default: "
+                          "the noise the teacher was trained with; 0: clean "
+                          "windows)")
+    run.add_argument("--distill-alpha", type=float, default=None,
+                     help="weight of the teacher's soft targets against the hard "
+                          "labels (default 1.0 with noise, else 0.5)")
     run.add_argument("--batch-size", type=int, default=512,
                      help="training batch size (default 512)")
     run.add_argument("--max-train-rows", type=int,
@@ -238,6 +246,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         qat=args.qat,
         qat_epochs=args.qat_epochs,
+        distill_noise=args.distill_noise,
+        distill_alpha=args.distill_alpha,
         time_latency=not args.no_timing,
         argv=["compress", *sys.argv[1:]],
     )

@@ -198,6 +198,7 @@ def qat_finetune(
     calibration: np.ndarray,
     config: DistillConfig,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    teacher_fn: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[nn.Module, FakeQuantStudent, list[dict[str, Any]]]:
     """Fine-tune ``student`` with int8 simulated; ``(on-grid student, fq model, log)``.
 
@@ -217,7 +218,7 @@ def qat_finetune(
         obs.min_val.copy_(seeded[name].min_val)
         obs.max_val.copy_(seeded[name].max_val)
     history = distill(fq, source, train_rows, y, teacher_logits, val_rows, config,
-                      progress)
+                      progress, teacher_fn=teacher_fn)
     logger.info("QAT: %d epochs, last val loss %.4f", len(history),
                 history[-1]["val_loss"] if history else float("nan"))
     fq.calibrate(calibration)

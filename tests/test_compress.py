@@ -20,7 +20,7 @@ pytest.importorskip("onnxruntime")
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from flows.errors import GateError  # noqa: E402
+from flows.errors import GateError, UsageError  # noqa: E402
 
 W = 4
 
@@ -376,3 +376,30 @@ def test_ctrl_c_during_the_search_leaves_no_staging_folder(
         pipeline.run(cfg)
     assert staged, "the search never staged anything"
     assert not (out / ".search").exists()
+
+
+def test_students_learn_with_the_teachers_noise_unless_told(onnx_run) -> None:
+    from compress.pipeline import distill_settings
+
+    cfg = _fast_config(target="onnx-int8", teacher=Path("t"), out=Path("o"))
+    noisy = {"train_config": {"input_noise": 0.05}}
+
+    got = distill_settings(cfg, noisy)
+    assert (got.input_noise, got.alpha) == (0.05, 1.0)
+    assert got.epochs == cfg.distill.epochs  # the rest as given
+    got = distill_settings(cfg, {})  # no recorded noise: clean windows, alpha 0.5
+    assert (got.input_noise, got.alpha) == (0.0, 0.5)
+    got = distill_settings(_fast_config(target="onnx-int8", teacher=Path("t"),
+                                        out=Path("o"), distill_noise=0.0), noisy)
+    assert (got.input_noise, got.alpha) == (0.0, 0.5)
+    got = distill_settings(_fast_config(target="onnx-int8", teacher=Path("t"),
+                                        out=Path("o"), distill_alpha=0.3), noisy)
+    assert (got.input_noise, got.alpha) == (0.05, 0.3)
+    with pytest.raises(UsageError):
+        _fast_config(target="onnx-int8", teacher=Path("t"), out=Path("o"),
+                     distill_noise=-0.1)
+
+    # The module's teacher records no noise; its artifact says what was used.
+    out, _ = onnx_run
+    used = json.loads((out / "manifest.json").read_text())["provenance"]["distill"]
+    assert used["input_noise"] == 0.0 and used["noisy_windows_rescored"] is False

@@ -104,6 +104,36 @@ def test_distillation_learns_the_teacher_and_keeps_best_epoch() -> None:
     assert final == pytest.approx(min(h["val_loss"] for h in history), rel=1e-5)
 
 
+def test_noisy_distillation_asks_the_teacher_about_the_noisy_windows() -> None:
+    torch.set_num_threads(1)
+    x, logit, y = _toy()
+    source = ArrayWindows(x)
+    train, val = np.arange(700), np.arange(700, 900)
+    seen: list[np.ndarray] = []
+
+    def teacher(windows: np.ndarray) -> np.ndarray:
+        seen.append(windows.copy())
+        return 3 * windows[:, -1, 0] + 2 * windows[:, :, 1].mean(axis=1)
+
+    model = build_student("mlp", F, W, width=16, seed=0)
+    cfg = DistillConfig(epochs=2, batch_size=100, lr=1e-2, patience=2,
+                        input_noise=0.1, alpha=1.0)
+    distill(model, source, train, y, logit[train], val, cfg, teacher_fn=teacher)
+
+    # Every training window was shown to the teacher once per epoch, with noise of
+    # the asked size on it (each batch is a shuffled part of the training rows).
+    assert sum(len(w) for w in seen) == 2 * len(train)
+    shown = np.concatenate(seen[:7])  # epoch 1
+    clean = np.sort(x[train].reshape(len(train), -1), axis=0)
+    assert not np.allclose(np.sort(shown.reshape(len(train), -1), axis=0), clean)
+    diffs = []
+    for batch in seen[:7]:
+        nearest = np.abs(batch[:, None] - x[train][None]).sum(axis=(2, 3)).argmin(1)
+        diffs.append(batch - x[train][nearest])
+    assert np.std(np.concatenate(diffs)) == pytest.approx(0.1, rel=0.05)
+    assert student_logits(model, source, val).shape == (len(val),)
+
+
 def test_teacher_cache_scores_once_and_reuses_disk(tmp_path: Path) -> None:
     x, logit, _ = _toy(50)
     calls = []
