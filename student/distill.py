@@ -10,6 +10,11 @@ With ``input_noise`` the student learns on training windows with Gaussian noise
 added, as the teacher did; given ``teacher_fn`` the soft targets are the teacher's
 logits *on the noisy windows* (the student matches the teacher's function around
 the training data, not only on it), otherwise the cached clean-window logits.
+``swap`` > 0 goes further from the data: in each training window that share of the
+feature columns is taken from another window of the batch (the same columns at
+every flow of the window), making combinations the training set never had (a
+benign flow with one field of an attack, say); only useful with ``teacher_fn``,
+since a swapped window's label is unknown.
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ class DistillConfig:
     seed: int = 0
     max_train_rows: int | None = None
     input_noise: float = 0.0
+    swap: float = 0.0
 
 
 def _batched(source: WindowSource, rows: np.ndarray, size: int):
@@ -195,11 +201,15 @@ def distill(
             rows = train_rows[pick]
             x = torch.from_numpy(source.windows(rows))
             target = t_all[pick]
+            if teacher_fn is not None and cfg.swap > 0:
+                donor = x[torch.randperm(len(x), generator=noise)]
+                cols = torch.rand((len(x), 1, x.shape[2]), generator=noise) < cfg.swap
+                x = torch.where(cols, donor, x)
             if cfg.input_noise > 0:
                 x = x + cfg.input_noise * torch.randn(x.shape, generator=noise)
-                if teacher_fn is not None:
-                    target = torch.from_numpy(
-                        np.asarray(teacher_fn(x.numpy()), dtype=np.float32))
+            if teacher_fn is not None and (cfg.input_noise > 0 or cfg.swap > 0):
+                target = torch.from_numpy(
+                    np.asarray(teacher_fn(x.numpy()), dtype=np.float32))
             loss = kd_loss(
                 model(x),
                 target,

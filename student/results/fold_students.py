@@ -47,7 +47,7 @@ def _fold(fold: int):
     enc = _lines()["teacher"].get("encoder", {})
     prep = prepare("nsl-kdd", seed=0, need_split=True,
                    scaling=enc.get("scaling", "minmax"), knots=enc.get("knots"))
-    holdout_types(prep, 0.5, seed=fold)
+    prep.held = holdout_types(prep, 0.5, seed=fold)
     return prep, prep.rows("train"), prep.rows("val")
 
 
@@ -95,8 +95,9 @@ def _val_f1(prep, va: np.ndarray, z: np.ndarray) -> dict:
     prob = 1 / (1 + np.exp(-np.asarray(z, np.float64)))
     cut = choose_threshold(y, prob, "best-f1")
     m = binary_metrics(y, prob, cut)
+    held = np.isin(prep.details[va].astype(str), prep.held)
     return {"val_f1": m["f1"], "val_auc": m["roc_auc"], "val_fpr": m["fpr"],
-            "cut": cut}
+            "cut": cut, "held_recall": float((prob[held] >= cut).mean())}
 
 
 def student(name: str, fold: int, out: Path) -> dict:
