@@ -96,12 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "fine-tunes at lr/3, QAT at lr/10)")
     run.add_argument("--distill-noise", type=float, default=None,
                      help="Gaussian input noise on the students' training windows, "
-                          "each noisy window re-scored by the teacher (default: "
+                          "re-scored by the teacher (default: "
                           "the noise the teacher was trained with; 0: clean "
                           "windows)")
+    run.add_argument("--distill-swap", type=float, default=None,
+                     help="share of each student training window's columns taken "
+                          "from another window, re-scored by the teacher (default "
+                          "0.3; 0: none)")
     run.add_argument("--distill-alpha", type=float, default=None,
                      help="weight of the teacher's soft targets against the hard "
-                          "labels (default 1.0 with noise, else 0.5)")
+                          "labels (default 1.0 with noise or swapping, else 0.5)")
     run.add_argument("--batch-size", type=int, default=512,
                      help="training batch size (default 512)")
     run.add_argument("--max-train-rows", type=int,
@@ -247,6 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         qat=args.qat,
         qat_epochs=args.qat_epochs,
         distill_noise=args.distill_noise,
+        distill_swap=args.distill_swap,
         distill_alpha=args.distill_alpha,
         time_latency=not args.no_timing,
         argv=["compress", *sys.argv[1:]],

@@ -2,8 +2,8 @@
 
 For one target (or every target), students are tried from the smallest up: for each
 kind and width a student is distilled from the teacher (by default on training
-windows with the teacher's own training noise, each noisy window re-scored by the
-teacher: :func:`distill_settings`); if its float
+windows with the teacher's own training noise and swapped columns, each such window
+re-scored by the teacher: :func:`distill_settings`); if its float
 validation F1 is within reach it is exported, loaded back with
 :func:`edge_agent.runtime.load_artifact` and scored on the validation and test splits in
 the target runtime. The decision threshold and escalation band are re-chosen on
@@ -95,6 +95,8 @@ SEARCH_KINDS = ("mlp", "cnn")
 INT8_TARGETS = ("onnx-int8", "tflite-int8", "tflite-micro")
 QAT_MODES = ("auto", "off", "always")
 SCORE_BATCH = 4096
+# Share of each distillation window's columns taken from another window (round 2).
+DEFAULT_SWAP = 0.3
 
 
 @dataclass
@@ -117,6 +119,7 @@ class RunConfig:
     qat: str = "auto"
     qat_epochs: int = 3
     distill_noise: float | None = None
+    distill_swap: float | None = None
     distill_alpha: float | None = None
     argv: list[str] = field(default_factory=list)
 
@@ -140,6 +143,9 @@ class RunConfig:
         if self.distill_noise is not None and not 0.0 <= self.distill_noise <= 1.0:
             raise UsageError(
                 f"--distill-noise must be in [0, 1], got {self.distill_noise}")
+        if self.distill_swap is not None and not 0.0 <= self.distill_swap <= 1.0:
+            raise UsageError(
+                f"--distill-swap must be in [0, 1], got {self.distill_swap}")
         if self.distill_alpha is not None and not 0.0 <= self.distill_alpha <= 1.0:
             raise UsageError(
                 f"--distill-alpha must be in [0, 1], got {self.distill_alpha}")
@@ -295,23 +301,30 @@ def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
 def distill_settings(cfg: RunConfig, provenance: dict[str, Any]) -> DistillConfig:
     """The distillation settings of a run, the teacher's training noise filled in.
 
-    Unless told otherwise, students learn with the input noise the teacher learned
-    with (``provenance["train_config"]["input_noise"]``), the teacher re-scoring
-    every noisy window, on soft targets only (alpha 1.0): of the settings tried on
-    three held-out-type folds of NSL-KDD this generalized best
-    (student/results/round1). A teacher without a recorded noise gets none, and
-    alpha stays at ``cfg.distill``'s.
+    Unless told otherwise, students learn on training windows with the input noise
+    the teacher learned with (``provenance["train_config"]["input_noise"]``, none
+    when not recorded) and with 30 % of each window's columns swapped in from
+    another window (``DistillConfig.swap``), the teacher re-scoring every such
+    window, on soft targets only (alpha 1.0): of the settings tried on three
+    held-out-type folds of NSL-KDD this generalized best (student/results/round1
+    and round2). With neither noise nor swapping, alpha stays at ``cfg.distill``'s.
     """
     noise = cfg.distill_noise
     if noise is None:
         recorded = (provenance.get("train_config") or {}).get("input_noise")
         noise = float(recorded) if isinstance(recorded, int | float) else 0.0
         noise = min(max(noise, 0.0), 1.0)
+    swap = DEFAULT_SWAP if cfg.distill_swap is None else cfg.distill_swap
     alpha = cfg.distill_alpha
     if alpha is None:
-        alpha = 1.0 if noise > 0 else cfg.distill.alpha
+        alpha = 1.0 if noise > 0 or swap > 0 else cfg.distill.alpha
     return DistillConfig(**{**cfg.distill.__dict__, "input_noise": noise,
-                            "alpha": alpha})
+                            "swap": swap, "alpha": alpha})
+
+
+def _rescorer(ctx: _Context, cfg: DistillConfig) -> Callable | None:
+    """The teacher as ``teacher_fn`` when the students' windows are altered."""
+    return ctx.teacher.logits if cfg.input_noise > 0 or cfg.swap > 0 else None
 
 
 # ------------------------------------------------------------------ students
@@ -331,7 +344,7 @@ def _student(ctx: _Context, kind: str, width: int, ratio: float) -> torch.nn.Mod
     if key in ctx.students:
         return ctx.students[key]
     cfg = ctx.distill
-    rescore = ctx.teacher.logits if cfg.input_noise > 0 else None
+    rescore = _rescorer(ctx, cfg)
     if ratio == 0.0:
         ctx.progress(f"distilling {kind}-{width}")
         model = build_student(kind, ctx.prep.n_features, ctx.prep.window, width,
@@ -592,7 +605,7 @@ def _provenance(ctx: _Context, dest: Path) -> dict[str, Any]:
                  "rows": {"train": len(ctx.train), "val": len(ctx.val),
                           "test": len(ctx.test)}},
         "distill": {**ctx.distill.__dict__,
-                    "noisy_windows_rescored": ctx.distill.input_noise > 0},
+                    "rescored_by_teacher": _rescorer(ctx, ctx.distill) is not None},
         "versions": library_versions(),
         "argv": portable_argv(ctx.cfg.argv or list(sys.argv), dest, data_dir),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -689,8 +702,7 @@ def _qat_attempt(ctx: _Context, ptq: Candidate, model: torch.nn.Module,
         try:
             student, _, history = qat_finetune(
                 model, ctx.prep, ctx.train, ctx.y, ctx.t_train, ctx.val,
-                ctx.calibration, tune,
-                teacher_fn=ctx.teacher.logits if tune.input_noise > 0 else None)
+                ctx.calibration, tune, teacher_fn=_rescorer(ctx, tune))
         except ModelError as exc:
             cand.note = str(exc)[:120]
             frontier.append(cand)

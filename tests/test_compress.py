@@ -379,27 +379,28 @@ def test_ctrl_c_during_the_search_leaves_no_staging_folder(
 
 
 def test_students_learn_with_the_teachers_noise_unless_told(onnx_run) -> None:
-    from compress.pipeline import distill_settings
+    from compress.pipeline import DEFAULT_SWAP, distill_settings
 
-    cfg = _fast_config(target="onnx-int8", teacher=Path("t"), out=Path("o"))
+    def settings(provenance, **flags):
+        cfg = _fast_config(target="onnx-int8", teacher=Path("t"), out=Path("o"),
+                           **flags)
+        got = distill_settings(cfg, provenance)
+        assert got.epochs == cfg.distill.epochs  # the rest as given
+        return got.input_noise, got.swap, got.alpha
+
     noisy = {"train_config": {"input_noise": 0.05}}
-
-    got = distill_settings(cfg, noisy)
-    assert (got.input_noise, got.alpha) == (0.05, 1.0)
-    assert got.epochs == cfg.distill.epochs  # the rest as given
-    got = distill_settings(cfg, {})  # no recorded noise: clean windows, alpha 0.5
-    assert (got.input_noise, got.alpha) == (0.0, 0.5)
-    got = distill_settings(_fast_config(target="onnx-int8", teacher=Path("t"),
-                                        out=Path("o"), distill_noise=0.0), noisy)
-    assert (got.input_noise, got.alpha) == (0.0, 0.5)
-    got = distill_settings(_fast_config(target="onnx-int8", teacher=Path("t"),
-                                        out=Path("o"), distill_alpha=0.3), noisy)
-    assert (got.input_noise, got.alpha) == (0.05, 0.3)
-    with pytest.raises(UsageError):
-        _fast_config(target="onnx-int8", teacher=Path("t"), out=Path("o"),
-                     distill_noise=-0.1)
+    assert DEFAULT_SWAP == 0.3
+    assert settings(noisy) == (0.05, 0.3, 1.0)
+    assert settings({}) == (0.0, 0.3, 1.0)  # no recorded noise: none
+    assert settings(noisy, distill_noise=0.0, distill_swap=0.0) == (0.0, 0.0, 0.5)
+    assert settings(noisy, distill_alpha=0.3) == (0.05, 0.3, 0.3)
+    for bad in ({"distill_noise": -0.1}, {"distill_swap": 1.5},
+                {"distill_alpha": 2.0}):
+        with pytest.raises(UsageError):
+            _fast_config(target="onnx-int8", teacher=Path("t"), out=Path("o"), **bad)
 
     # The module's teacher records no noise; its artifact says what was used.
     out, _ = onnx_run
     used = json.loads((out / "manifest.json").read_text())["provenance"]["distill"]
-    assert used["input_noise"] == 0.0 and used["noisy_windows_rescored"] is False
+    assert (used["input_noise"], used["swap"]) == (0.0, 0.3)
+    assert used["rescored_by_teacher"] is True

@@ -134,6 +134,36 @@ def test_noisy_distillation_asks_the_teacher_about_the_noisy_windows() -> None:
     assert student_logits(model, source, val).shape == (len(val),)
 
 
+def test_swapped_columns_come_from_another_window_of_the_batch() -> None:
+    torch.set_num_threads(1)
+    n, w, f = 400, 2, 40
+    # Every value of row r is r: a shown window tells which rows its columns hold.
+    x = np.repeat(np.arange(n, dtype=np.float32), w * f).reshape(n, w, f)
+    y = (np.arange(n) % 2).astype(np.int64)
+    seen: list[np.ndarray] = []
+
+    def teacher(windows: np.ndarray) -> np.ndarray:
+        seen.append(windows.copy())
+        return np.zeros(len(windows), dtype=np.float32)
+
+    model = build_student("mlp", f, w, width=4, seed=0)
+    cfg = DistillConfig(epochs=1, batch_size=50, patience=1, swap=0.3, alpha=1.0)
+    distill(model, ArrayWindows(x), np.arange(300), y, np.zeros(300, np.float32),
+            np.arange(300, 400), cfg, teacher_fn=teacher)
+
+    shown = np.concatenate(seen)
+    assert len(shown) == 300
+    # The same columns at every flow of a window; each window mixes at most two
+    # rows, both of the training rows, and about 30 % of its columns are swapped.
+    assert np.array_equal(shown[:, 0], shown[:, 1])
+    swapped = []
+    for window in shown[:, 0]:
+        rows, counts = np.unique(window, return_counts=True)
+        assert len(rows) <= 2 and rows.max() < 300
+        swapped.append(0 if len(rows) == 1 else counts.min() / f)
+    assert np.mean(swapped) == pytest.approx(0.3, abs=0.05)
+
+
 def test_teacher_cache_scores_once_and_reuses_disk(tmp_path: Path) -> None:
     x, logit, _ = _toy(50)
     calls = []
