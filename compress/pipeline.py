@@ -312,8 +312,8 @@ def distill_settings(cfg: RunConfig, provenance: dict[str, Any]) -> DistillConfi
     noise = cfg.distill_noise
     if noise is None:
         recorded = (provenance.get("train_config") or {}).get("input_noise")
-        noise = float(recorded) if isinstance(recorded, int | float) else 0.0
-        noise = min(max(noise, 0.0), 1.0)
+        usable = isinstance(recorded, int | float) and 0.0 <= recorded <= 1.0
+        noise = float(recorded) if usable else 0.0
     swap = DEFAULT_SWAP if cfg.distill_swap is None else cfg.distill_swap
     alpha = cfg.distill_alpha
     if alpha is None:

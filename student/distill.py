@@ -173,8 +173,8 @@ def distill(
     ``y`` holds the 0/1 labels of every row (indexed by row number);
     ``teacher_logits`` the teacher's logits for ``train_rows`` in that order. The
     validation loss is the hard-label cross-entropy on ``val_rows`` (the gate's data).
-    ``teacher_fn`` (windows -> logits) scores the noisy windows when
-    ``config.input_noise`` is set. Returns the per-epoch history.
+    ``teacher_fn`` (windows -> logits) scores the altered windows when
+    ``config.input_noise`` or ``config.swap`` is set. Returns the per-epoch history.
     """
     cfg = config or DistillConfig()
     rng = np.random.default_rng(cfg.seed)

@@ -29,8 +29,8 @@ MAX_SIZE = 65_536
 _INT_FIELDS = (
     "n_features", "window", "kernel_size", "lstm_hidden", "lstm_layers", "members",
 )
-# Piecewise-linear bins per expanded column: past a few dozen a bin holds too few
-# training rows to learn from.
+# Piecewise-linear bins per expanded column (the quantile maps keep 256 knots, so
+# finer bins would split nothing more); a bigger one is a damaged config.json.
 MAX_BINS = 256
 
 
@@ -140,7 +140,7 @@ class TeacherConfig:
                     f"bad teacher config: {name} must be a list of integers in "
                     f"[1, {MAX_SIZE}], got {value!r}"
                 )
-        if not isinstance(self.bins, numbers.Integral) or isinstance(self.bins, bool):
+        if not _is_int(self.bins):
             raise ModelError(
                 f"bad teacher config: bins must be an integer, got {self.bins!r}"
             )
@@ -252,9 +252,11 @@ class TeacherNet(nn.Module):
         # from the config, so not part of the saved weights).
         channels = config.n_features
         if config.bins:
-            binned = torch.tensor(config.binned, dtype=torch.long)
-            kept = [c for c in range(config.n_features) if c not in set(config.binned)]
-            self.register_buffer("binned_cols", binned, persistent=False)
+            binned = set(config.binned)
+            kept = [c for c in range(config.n_features) if c not in binned]
+            self.register_buffer(
+                "binned_cols", torch.tensor(config.binned, dtype=torch.long),
+                persistent=False)
             self.register_buffer(
                 "kept_cols", torch.tensor(kept, dtype=torch.long), persistent=False)
             self.register_buffer(
