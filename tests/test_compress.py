@@ -392,6 +392,8 @@ def test_students_learn_with_the_teachers_noise_unless_told(onnx_run) -> None:
     assert DEFAULT_SWAP == 0.3
     assert settings(noisy) == (0.05, 0.3, 1.0)
     assert settings({}) == (0.0, 0.3, 1.0)  # no recorded noise: none
+    for odd in (float("nan"), -1.0, 5.0, "0.05"):  # nor an unusable one
+        assert settings({"train_config": {"input_noise": odd}}) == (0.0, 0.3, 1.0)
     assert settings(noisy, distill_noise=0.0, distill_swap=0.0) == (0.0, 0.0, 0.5)
     assert settings(noisy, distill_alpha=0.3) == (0.05, 0.3, 0.3)
     for bad in ({"distill_noise": -0.1}, {"distill_swap": 1.5},
