@@ -217,7 +217,8 @@ def export_tflite(
             "output": output,
             "window": window,
             "n_features": n_features,
-            "out": str(path),
+            # The child runs in the repository root: hand it an absolute path.
+            "out": str(Path(path).resolve()),
         }
         (work / "spec.json").write_text(json.dumps(spec))
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")

@@ -198,3 +198,17 @@ def test_converter_crash_is_export_error(tmp_path: Path, monkeypatch) -> None:
     assert message.startswith(
         "tflite-int8: the TFLite converter crashed with signal 11")
     assert "LSTM" in message
+
+
+def test_tflite_export_to_a_relative_path(tmp_path: Path, monkeypatch) -> None:
+    """The converter child runs elsewhere; a relative output path still lands here."""
+    from compress import export
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rel").mkdir()
+    calib, _ = _toy(32, seed=5)
+
+    export.export_tflite(_student("mlp"), "mlp", Path("rel") / "m.tflite", calib,
+                         int8=False, window=W, n_features=F)
+
+    assert (tmp_path / "rel" / "m.tflite").stat().st_size > 0
