@@ -657,7 +657,7 @@ def _try(ctx: _Context, target: str, kind: str, width: int, ratio: float,
             export_candidate(ctx, cand, model, stage / name, options,
                              {"qat": False, "mode": "ptq", "qat_setting": ctx.cfg.qat}
                              if int8 else None)
-        except ExportError as exc:
+        except (ExportError, ModelError) as exc:  # ModelError: the runtime refused it
             cand.note = str(exc)[:120]
             frontier.append(cand)
             logger.warning("%s", exc)
@@ -721,7 +721,7 @@ def _qat_attempt(ctx: _Context, ptq: Candidate, model: torch.nn.Module,
     ctx.progress(f"{ptq.target}: exporting and verifying {name}")
     try:
         export_candidate(ctx, cand, student, stage / name, options, info)
-    except ExportError as exc:
+    except (ExportError, ModelError) as exc:  # ModelError: the runtime refused it
         cand.note = str(exc)[:120]
         frontier.append(cand)
         logger.warning("%s", exc)

@@ -406,3 +406,30 @@ def test_students_learn_with_the_teachers_noise_unless_told(onnx_run) -> None:
     used = json.loads((out / "manifest.json").read_text())["provenance"]["distill"]
     assert (used["input_noise"], used["swap"]) == (0.0, 0.3)
     assert used["rescored_by_teacher"] is True
+
+
+def test_a_candidate_its_runtime_refuses_is_skipped(teacher_dir: Path, tmp_path: Path,
+                                                    monkeypatch) -> None:
+    """One exported model the runtime cannot load does not end the search."""
+    import edge_agent.runtime as runtime
+    from compress.pipeline import run
+    from flows.errors import ModelError
+
+    real, calls = runtime.load_artifact, []
+
+    def refuse_first(folder, **kw):
+        calls.append(Path(folder).name)
+        if len(calls) == 1:
+            raise ModelError("the TFLite interpreter cannot allocate: test")
+        return real(folder, **kw)
+
+    monkeypatch.setattr(runtime, "load_artifact", refuse_first)
+    cfg = _fast_config(target="onnx-int8", teacher=teacher_dir, out=tmp_path / "art",
+                       student="mlp", widths=(8, 16), max_f1_drop=0.1, qat="off")
+
+    result = run(cfg)
+
+    first = result.frontier[0]
+    assert first.width == 8 and not first.passed and "cannot allocate" in first.note
+    assert result.artifacts == {"onnx-int8": tmp_path / "art"}
+    assert any(c.passed for c in result.frontier[1:])
