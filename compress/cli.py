@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flows.argtypes import integer, integers, real, reals
 from flows.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -26,6 +27,7 @@ from flows.errors import (
     GatewatchError,
     UsageError,
 )
+from student import MAX_WIDTH
 
 DESCRIPTION = (
     "compress: turn a teacher into a verified edge artifact, and evaluate artifacts."
@@ -47,20 +49,6 @@ TARGET_CHOICES = (
 )
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected e.g. 8,16,32: {text!r}") from exc
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected e.g. 0.5: {text!r}") from exc
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``compress``."""
     parser = argparse.ArgumentParser(
@@ -79,38 +67,40 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, type=Path, help="artifact folder")
     run.add_argument("--student", choices=("cnn", "mlp", "lstm"),
                      help="only this student kind (default: search mlp and cnn)")
-    run.add_argument("--max-f1-drop", type=float, default=0.01,
+    run.add_argument("--max-f1-drop", type=real(0, 1), default=0.01,
                      help="allowed validation F1 drop from the teacher (default 0.01)")
     run.add_argument("--data-dir", type=Path, help="data folder ($GATEWATCH_DATA)")
     run.add_argument("--dataset", help="dataset name or file (default: the teacher's)")
-    run.add_argument("--widths", type=_ints, default=(4, 8, 16, 32, 64),
+    run.add_argument("--widths", type=integers(1, MAX_WIDTH),
+                     default=(4, 8, 16, 32, 64),
                      help="student widths to search, smallest first (4,8,16,32,64)")
-    run.add_argument("--prune-ratios", type=_floats, default=(0.5,),
+    run.add_argument("--prune-ratios", default=(0.5,),
+                     type=reals(0, 1, lo_open=True, hi_open=True),
                      help="structured pruning ratios tried on a passing student")
     run.add_argument("--no-prune", action="store_true", help="skip pruning")
-    run.add_argument("--epochs", type=int, default=12,
+    run.add_argument("--epochs", type=integer(1, 100_000), default=12,
                      help="distillation epochs per student (default 12; early "
                           "stopping on validation loss)")
-    run.add_argument("--lr", type=float, default=3e-3,
+    run.add_argument("--lr", type=real(0, 10, lo_open=True), default=3e-3,
                      help="distillation learning rate (default 3e-3; pruning "
                           "fine-tunes at lr/3, QAT at lr/10)")
-    run.add_argument("--distill-noise", type=float, default=None,
+    run.add_argument("--distill-noise", type=real(0, 1), default=None,
                      help="Gaussian input noise on the students' training windows, "
                           "re-scored by the teacher (default: "
                           "the noise the teacher was trained with; 0: clean "
                           "windows)")
-    run.add_argument("--distill-swap", type=float, default=None,
+    run.add_argument("--distill-swap", type=real(0, 1), default=None,
                      help="share of each student training window's columns taken "
                           "from another window, re-scored by the teacher (default "
                           "0.3; 0: none)")
-    run.add_argument("--distill-alpha", type=float, default=None,
+    run.add_argument("--distill-alpha", type=real(0, 1), default=None,
                      help="weight of the teacher's soft targets against the hard "
                           "labels (default 1.0 with noise or swapping, else 0.5)")
-    run.add_argument("--batch-size", type=int, default=512,
+    run.add_argument("--batch-size", type=integer(2, 1_000_000), default=512,
                      help="training batch size (default 512)")
-    run.add_argument("--max-train-rows", type=int,
+    run.add_argument("--max-train-rows", type=integer(1),
                      help="training windows drawn per epoch (default: all)")
-    run.add_argument("--calibration-windows", type=int, default=512,
+    run.add_argument("--calibration-windows", type=integer(1, 1_000_000), default=512,
                      help="training windows used for int8 calibration (default 512)")
     run.add_argument("--qat", choices=("auto", "off", "always"), default="auto",
                      help="quantization-aware fine-tuning of MLP/CNN students for "
@@ -118,11 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "quantization of a student misses the gate; always: also "
                           "after a passing one (kept if its validation F1 is "
                           "higher); off: never")
-    run.add_argument("--qat-epochs", type=int, default=3,
+    run.add_argument("--qat-epochs", type=integer(1, 1000), default=3,
                      help="epochs of quantization-aware fine-tuning (default 3)")
     run.add_argument("--no-timing", action="store_true", help="skip latency timing")
-    run.add_argument("--threads", type=int, default=1, help="torch threads")
-    run.add_argument("--seed", type=int, default=0,
+    run.add_argument("--threads", type=integer(1, 1024), default=1,
+                     help="torch threads (default 1)")
+    run.add_argument("--seed", type=integer(0), default=0,
                      help="seed of students, sampling and calibration (default 0)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("-q", "--quiet", action="store_true",
@@ -241,8 +232,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_f1_drop=args.max_f1_drop,
         data_dir=args.data_dir,
         dataset=args.dataset,
-        widths=args.widths,
-        prune_ratios=() if args.no_prune else args.prune_ratios,
+        widths=tuple(args.widths),
+        prune_ratios=() if args.no_prune else tuple(args.prune_ratios),
         distill=DistillConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
                               batch_size=args.batch_size,
                               max_train_rows=args.max_train_rows),

@@ -10,3 +10,6 @@ from __future__ import annotations
 import logging
 
 logger = logging.getLogger("gatewatch.student")
+
+# The widest student: a wider one would be no smaller than the teachers it learns from.
+MAX_WIDTH = 1024

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from flows.errors import ModelError, UsageError
+from student import MAX_WIDTH
 
 __all__ = [
     "ALL_TARGETS",
@@ -50,6 +51,10 @@ class StudentConfig:
             )
         if self.n_features < 1 or self.window < 1 or self.width < 1:
             raise ModelError(f"student sizes must be >= 1: {self}")
+        if self.width > MAX_WIDTH:
+            raise ModelError(
+                f"student width {self.width} is past {MAX_WIDTH}: a student that "
+                "wide is no smaller than its teacher")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flows.argtypes import integer, integers, real, reals
 from flows.encoder import DEFAULT_KNOTS, SCALINGS
 from flows.errors import (
     EXIT_BAD_INPUT,
@@ -33,6 +34,7 @@ from flows.errors import (
     UsageError,
 )
 from teacher import logger
+from teacher.limits import MAX_BINS, MAX_SIZE, MAX_WINDOW
 
 __all__ = ["build_parser", "main"]
 
@@ -58,18 +60,6 @@ FAMILY_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {"nsl-kdd": {"input_noise": 0
 TRAIN_MEMBERS = 3
 
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        msg = f"expected integers like 64,64: {text}"
-        raise argparse.ArgumentTypeError(msg) from exc
-
-
 def _add_source(p: argparse.ArgumentParser, required: bool = True) -> None:
     group = p.add_mutually_exclusive_group(required=required)
     group.add_argument("--dataset",
@@ -82,8 +72,8 @@ def _add_source(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--seed", type=integer(0), default=0, help="seed (default 0)")
+    p.add_argument("--threads", type=integer(1, 1024), default=None,
                    help="CPU threads for torch (default 1 on CPU: the model is "
                         "small and extra threads mostly wait on shared cores; use "
                         "torchrun --nproc_per_node=N to use N cores)")
@@ -108,25 +98,25 @@ def _add_encoding(p: argparse.ArgumentParser) -> None:
                         "minmax (log1p on heavy tails, then min-max) or quantile "
                         "(training quantiles); default: the feature family's "
                         "(quantile for nsl-kdd, else minmax)")
-    p.add_argument("--knots", type=int, default=None,
+    p.add_argument("--knots", type=integer(2, 100_000), default=None,
                    help=f"quantiles kept per field with --scaling quantile "
                         f"(default {DEFAULT_KNOTS})")
 
 
 def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
-    p.add_argument("--epochs", type=int, default=epochs,
+    p.add_argument("--epochs", type=integer(1, 100_000), default=epochs,
                    help=f"most epochs to train (default {epochs}; early stopping "
                         "usually ends sooner)")
-    p.add_argument("--patience", type=int, default=5,
+    p.add_argument("--patience", type=integer(1), default=5,
                    help="epochs without a better validation score before stopping "
                         "(default 5)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=real(0, 10, lo_open=True), default=None,
                    help="Adam learning rate (default 3e-4)")
-    p.add_argument("--weight-decay", type=float, default=None,
+    p.add_argument("--weight-decay", type=real(0, 10), default=None,
                    help="Adam weight decay (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=integer(2, 1_000_000), default=None,
                    help="training batch size (default 128)")
-    p.add_argument("--samples-per-epoch", type=int, default=None,
+    p.add_argument("--samples-per-epoch", type=integer(1), default=None,
                    help="training samples drawn per epoch (default: the train "
                         "size, at most 40000)")
     p.add_argument("--no-balance", action="store_true",
@@ -139,20 +129,20 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
                    help="how the decision threshold is chosen on validation rows: "
                         "best F1, or the lowest cut within --target-fpr "
                         "(default best-f1)")
-    p.add_argument("--target-fpr", type=float, default=0.01,
+    p.add_argument("--target-fpr", type=real(0, 1), default=0.01,
                    help="false-positive rate for --threshold-rule fpr (default 0.01)")
-    p.add_argument("--max-minutes", type=float, default=None,
+    p.add_argument("--max-minutes", type=real(0, lo_open=True), default=None,
                    help="stop training after this many minutes (default: no limit)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: auto)")
-    p.add_argument("--input-noise", type=float, default=None,
+    p.add_argument("--input-noise", type=real(0, 1), default=None,
                    help="std of Gaussian noise on training inputs (default 0.05 "
                         "for nsl-kdd, else 0.02)")
-    p.add_argument("--label-smoothing", type=float, default=None,
+    p.add_argument("--label-smoothing", type=real(0, 1, hi_open=True), default=None,
                    help="share by which training targets are pulled towards 0.5 "
                         "(default 0.1)")
-    p.add_argument("--ema", type=float, default=None,
+    p.add_argument("--ema", type=real(0, 1, hi_open=True), default=None,
                    help="decay of a moving average of the weights (default 0: off)")
-    p.add_argument("--feature-dropout", type=float, default=None,
+    p.add_argument("--feature-dropout", type=real(0, 1, hi_open=True), default=None,
                    help="chance of zeroing each input feature in training "
                         "(default 0)")
     p.add_argument("--stop-on", choices=("loss", "f1"), default=None,
@@ -198,34 +188,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint to fine-tune, same feature family (default: "
                         "train from scratch)")
     add_allow_unverified(p)
-    p.add_argument("--window", type=int, default=None,
+    p.add_argument("--window", type=integer(1, MAX_WINDOW), default=None,
                    help="window length W (default: the dataset's)")
     p.add_argument("--group-by", choices=("src_ip", "stream"), default=None,
                    help="how windows are grouped: per source host or in stream "
                         "order (default: the dataset's)")
-    p.add_argument("--holdout-types", type=float, default=None,
+    p.add_argument("--holdout-types", type=real(0, 1), default=None,
                    help="share of attack types moved whole into validation "
                         f"(default {NSL_KDD_HOLDOUT} for nsl-kdd, else 0)")
-    p.add_argument("--conv-filters", type=_ints, default=None,
+    p.add_argument("--conv-filters", type=integers(1, MAX_SIZE), default=None,
                    help="filters per conv block, e.g. 64,64 (default 128,128,128)")
-    p.add_argument("--lstm-hidden", type=int, default=None,
+    p.add_argument("--lstm-hidden", type=integer(1, MAX_SIZE), default=None,
                    help="hidden units per BiLSTM direction (default 64)")
-    p.add_argument("--lstm-layers", type=int, default=None,
+    p.add_argument("--lstm-layers", type=integer(1, 64), default=None,
                    help="stacked BiLSTM layers (default 1)")
-    p.add_argument("--dense", type=_ints, default=None,
+    p.add_argument("--dense", type=integers(1, MAX_SIZE), default=None,
                    help="dense layer sizes, e.g. 64 (default 64)")
-    p.add_argument("--dropout", type=float, default=None,
+    p.add_argument("--dropout", type=real(0, 1, hi_open=True), default=None,
                    help="dropout before the dense layers (default 0.3)")
-    p.add_argument("--members", type=int, default=None,
+    p.add_argument("--members", type=integer(1, 64), default=None,
                    help="seeds trained apart and averaged (default "
                         f"{TRAIN_MEMBERS}; 1: a single network)")
-    p.add_argument("--bins", type=int, default=None,
+    p.add_argument("--bins", type=integer(0, MAX_BINS), default=None,
                    help="piecewise-linear bins per quantile-scaled column inside "
                         "the network (needs --scaling quantile; default 0: none)")
-    p.add_argument("--subspace", type=float, default=None,
+    p.add_argument("--subspace", type=real(0, 1, lo_open=True), default=None,
                    help="share of input columns each member sees, drawn from its "
                         "seed (default 1.0: all)")
-    p.add_argument("--replay-size", type=int, default=5000,
+    p.add_argument("--replay-size", type=integer(0), default=5000,
                    help="training windows kept in the replay buffer (0: none; "
                         "default 5000)")
     _add_encoding(p)
@@ -248,17 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "baselines", help="RF, SVM and kNN on the same features")
     _add_source(p)
-    p.add_argument("--window", type=int, default=1,
+    p.add_argument("--window", type=integer(1, MAX_WINDOW), default=1,
                    help="window length W flattened into each row (default 1)")
-    p.add_argument("--holdout-types", type=float, default=None,
+    p.add_argument("--holdout-types", type=real(0, 1), default=None,
                    help="share of attack types moved whole into validation "
                         f"(default {NSL_KDD_HOLDOUT} for nsl-kdd, else 0), as in "
                         "teacher train")
     p.add_argument("--models", default="rf,svm,knn",
                    help="comma-separated baselines to run (default rf,svm,knn)")
-    p.add_argument("--svm-cap", type=int, default=20000,
+    p.add_argument("--svm-cap", type=integer(1), default=20000,
                    help="SVM training-sample cap (default 20000)")
-    p.add_argument("--knn-cap", type=int, default=None,
+    p.add_argument("--knn-cap", type=integer(1), default=None,
                    help="kNN training-sample cap (default: none)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (default: text)")
@@ -268,13 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "tune", help="grid search scored on validation data")
     _add_source(p)
-    p.add_argument("--budget", type=float, required=True,
+    p.add_argument("--budget", type=real(0, lo_open=True), required=True,
                    help="minutes the grid may take (required)")
     p.add_argument("--out", default="runs/tune",
                    help="folder for the table (default runs/tune)")
-    p.add_argument("--windows", type=_ints, default=None,
+    p.add_argument("--windows", type=integers(1, MAX_WINDOW), default=None,
                    help="window lengths to try, e.g. 1,4 (default 1)")
-    p.add_argument("--holdout-types", type=float, default=None,
+    p.add_argument("--holdout-types", type=real(0, 1), default=None,
                    help="share of attack types moved whole into validation "
                         f"(default {NSL_KDD_HOLDOUT} for nsl-kdd, else 0)")
     for flag, what in (("--lrs", "learning rates"), ("--dropouts", "dropouts"),
@@ -282,18 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--input-noises", "input-noise stds"),
                        ("--label-smoothings", "label smoothings"),
                        ("--emas", "weight-average decays")):
-        p.add_argument(flag, type=_floats, default=None,
+        p.add_argument(flag, type=reals(0, 10), default=None,
                        help=f"grid of {what}, comma-separated (default: "
                             f"{_grid_default(flag)})")
     for flag, what in (("--conv-layers", "conv block counts"),
                        ("--filters", "conv filter counts"),
                        ("--batch-sizes", "batch sizes")):
-        p.add_argument(flag, type=_ints, default=None,
+        p.add_argument(flag, type=integers(1, MAX_SIZE), default=None,
                        help=f"grid of {what}, comma-separated (default: "
                             f"{_grid_default(flag)})")
-    p.add_argument("--trial-epochs", type=int, default=8,
+    p.add_argument("--trial-epochs", type=integer(1), default=8,
                    help="most epochs per trial (default 8)")
-    p.add_argument("--trial-samples", type=int, default=40000,
+    p.add_argument("--trial-samples", type=integer(1), default=40000,
                    help="training samples per trial epoch (default 40000)")
     _add_encoding(p)
     _add_common(p)
@@ -399,6 +389,8 @@ def _check_out(out: str | Path) -> None:
     """Refuse up front (exit 2) an ``--out`` that cannot become a checkpoint folder:
     an existing file, or a path under one. Checked before minutes of training, so
     the model is not lost when save_checkpoint fails at the end."""
+    if not str(out).strip():
+        raise UsageError("--out is empty; name a checkpoint folder")
     path = Path(out)
     try:
         if path.exists() and not path.is_dir():
@@ -408,6 +400,12 @@ def _check_out(out: str | Path) -> None:
             above = above.parent
         if not above.is_dir():
             raise UsageError(f"--out {out}: {above} is a file, not a folder")
+        # Make the folders once to learn now whether they can be made, then take
+        # back the ones made: a failed run leaves nothing behind.
+        made = [p for p in (path, *path.parents) if not p.exists()]
+        path.mkdir(parents=True, exist_ok=True)
+        for folder in made:
+            folder.rmdir()
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot be used ({exc})") from exc
 

@@ -20,18 +20,13 @@ import torch
 from torch import nn
 
 from flows.errors import ModelError
+from teacher.limits import MAX_BINS, MAX_PARAMS, MAX_SIZE
 
 __all__ = ["TeacherConfig", "TeacherNet"]
 
-# The largest size (features, window, filters, hidden units, members) a config may
-# ask for: a bigger one is a damaged or hostile config.json, not a real network.
-MAX_SIZE = 65_536
 _INT_FIELDS = (
     "n_features", "window", "kernel_size", "lstm_hidden", "lstm_layers", "members",
 )
-# Piecewise-linear bins per expanded column (the quantile maps keep 256 knots, so
-# finer bins would split nothing more); a bigger one is a damaged config.json.
-MAX_BINS = 256
 
 
 def _is_int(value: Any) -> bool:
@@ -118,6 +113,10 @@ class TeacherConfig:
                 f"binned must be distinct columns in [0, {self.n_features}), "
                 f"got {list(self.binned)}"
             )
+        if not problems and self.estimated_params() > MAX_PARAMS:
+            problems.append(
+                f"{self.estimated_params():,} weights, more than the "
+                f"{MAX_PARAMS:,} a teacher may have")
         if problems:
             raise ModelError("bad teacher config: " + "; ".join(problems))
 
@@ -157,6 +156,28 @@ class TeacherConfig:
                 raise ModelError(
                     f"bad teacher config: {name} must be a number, got {value!r}"
                 )
+
+    def estimated_params(self) -> int:
+        """The network's weight count, worked out from the sizes without building it.
+
+        Equal to ``TeacherNet(config).n_params()``; checked before anything is
+        allocated, so a hostile config.json cannot ask for gigabytes.
+        """
+        channels = self.n_features
+        if self.bins:
+            channels += len(self.binned) * (self.bins - 1)
+        total = 0
+        for filters in self.conv_filters:  # conv weights + bias, BatchNorm scale/shift
+            total += channels * filters * self.kernel_size + 3 * filters
+            channels = filters
+        hidden, width = self.lstm_hidden, channels
+        for _ in range(self.lstm_layers):  # two directions: 4 gates, 2 biases each
+            total += 2 * (4 * hidden * (width + hidden) + 8 * hidden)
+            width = 2 * hidden
+        for size in (*self.dense, 1):
+            total += width * size + size
+            width = size
+        return total * self.members
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict of every field."""

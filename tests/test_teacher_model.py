@@ -276,3 +276,24 @@ def test_subspace_member_ignores_the_columns_it_does_not_see(tmp_path):
     again = load_teacher(tmp_path / "ck", device="cpu")
     assert torch.equal(again.model.feature_mask, net.feature_mask)
     assert torch.equal(again.model(x), net(x))
+
+
+@pytest.mark.parametrize("sizes", [
+    {"n_features": 124},
+    {"n_features": 124, "members": 3},
+    {"n_features": 10, "window": 8, "conv_filters": (4, 8), "lstm_layers": 2,
+     "dense": (5, 3), "bins": 4, "binned": (1, 2, 3)},
+    {"n_features": 7, "window": 3, "lstm_hidden": 5, "subspace": 0.5},
+])
+def test_weight_count_is_known_before_the_network_is_built(sizes):
+    cfg = TeacherConfig(**sizes)
+    assert cfg.estimated_params() == TeacherNet(cfg).n_params()
+
+
+def test_a_config_asking_for_gigabytes_is_refused_before_allocating():
+    # Each size is within MAX_SIZE; together they would be ~51 GB of weights.
+    huge = {"n_features": 60_000, "conv_filters": [60_000, 60_000], "members": 1}
+    with pytest.raises(ModelError, match="weights, more than"):
+        TeacherConfig.from_dict(huge)
+    with pytest.raises(ModelError, match="weights, more than"):
+        TeacherConfig(n_features=124, conv_filters=(4096, 4096), members=8)

@@ -1,0 +1,115 @@
+"""argparse types that refuse out-of-range numbers before any work starts.
+
+Every command-line tool takes sizes, rates and shares; a value outside its range
+(``--lr nan``, ``--members 0``, ``--subspace 2``) must be a usage error (exit 2)
+when the flags are parsed, not a traceback or a failure after the data was read.
+Each factory returns a callable for ``add_argument(type=...)``; argparse turns its
+``ArgumentTypeError`` into the usage message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+__all__ = ["integer", "integers", "real", "reals"]
+
+
+def _fmt(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
+def _bounds(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    """The range in words, e.g. 'in (0, 1]' or '>= 1'."""
+    if lo is not None and hi is not None:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        return f"in {left}{_fmt(lo)}, {_fmt(hi)}{right}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {_fmt(lo)}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {_fmt(hi)}"
+    return "finite"
+
+
+def _check(value: float, text: str, lo, hi, lo_open, hi_open) -> None:
+    inside = math.isfinite(value)
+    if inside and lo is not None:
+        inside = value > lo if lo_open else value >= lo
+    if inside and hi is not None:
+        inside = value < hi if hi_open else value <= hi
+    if not inside:
+        where = _bounds(lo, hi, lo_open, hi_open)
+        raise argparse.ArgumentTypeError(f"must be a number {where}, got {text!r}")
+
+
+def real(
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> Callable[[str], float]:
+    """A finite float within the bounds (``lo_open``/``hi_open``: bound excluded)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(
+                f"expected a number, got {text!r}") from exc
+        _check(value, text, lo, hi, lo_open, hi_open)
+        return value
+
+    return parse
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    """An integer within ``[lo, hi]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer, got {text!r}") from exc
+        _check(value, text, lo, hi, False, False)
+        return value
+
+    return parse
+
+
+def integers(
+    lo: int | None = None, hi: int | None = None
+) -> Callable[[str], list[int]]:
+    """A comma-separated list of integers within ``[lo, hi]``, e.g. ``64,64``."""
+    one = integer(lo, hi)
+
+    def parse(text: str) -> list[int]:
+        values = [one(v.strip()) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(
+                f"expected integers like 64,64, got {text!r}")
+        return values
+
+    return parse
+
+
+def reals(
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> Callable[[str], list[float]]:
+    """A comma-separated list of finite floats within the bounds, e.g. ``1e-3,3e-4``."""
+    one = real(lo, hi, lo_open=lo_open, hi_open=hi_open)
+
+    def parse(text: str) -> list[float]:
+        values = [one(v.strip()) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(
+                f"expected numbers like 0.1,0.2, got {text!r}")
+        return values
+
+    return parse
