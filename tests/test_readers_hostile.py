@@ -518,3 +518,57 @@ def test_a_field_named_twice_is_named(tmp_path):
     assert "#fields names 'ts' twice" in str(info.value)
     assert info.value.column == "ts"
 
+
+
+@pytest.mark.parametrize("escaped", ["\\x09\\x09", "\\xe9", "\\x00"])
+def test_a_separator_the_splitter_cannot_use_is_named(tmp_path, escaped):
+    text = zeek_text([ROW_A]).replace("#separator \\x09", f"#separator {escaped}")
+    path = write(tmp_path, "conn.log", text)
+
+    with pytest.raises(BadInputError) as info:
+        read(path)
+
+    assert info.value.line == 1 and "is not supported" in str(info.value)
+
+
+def test_a_bad_gzip_check_sum_keeps_every_row(tmp_path):
+    """A damaged trailer (CRC32) after intact data loses no row; the file is partial."""
+    rows = [[f"16000000{i:02d}.5", f"C{i}", *ROW_A[2:]] for i in range(40)]
+    packed = bytearray(gzip.compress(zeek_text(rows).encode()))
+    packed[-8] ^= 0xFF  # the first byte of the CRC32
+    path = write(tmp_path, "conn.log.gz", bytes(packed))
+
+    result = read(path)
+
+    assert result.partial and result.table.num_rows == 40
+    assert any("incorrect data check" in w for w in result.warnings)
+
+
+def test_damage_inside_a_large_gzip_keeps_what_came_before(tmp_path):
+    """Text inflated in the step that met the damage is kept, not dropped with it."""
+    import zlib
+
+    rows = [[f"1600{i:06d}.5", f"C{i}", *ROW_A[2:]] for i in range(60_000)]
+    text = zeek_text(rows, close=False).encode()  # 6.8 MB: more than one 4 MiB step
+    packed = bytearray(gzip.compress(text, compresslevel=1))
+    at = len(packed) * 3 // 4
+    packed[at: at + 64] = bytes(64)  # zero a run of compressed bytes
+    path = write(tmp_path, "conn.log.gz", bytes(packed))
+
+    # Independently: what zlib gives when fed 4 KiB at a time, up to its error.
+    inflater, inflated = zlib.decompressobj(wbits=31), b""
+    try:
+        for start in range(0, len(packed), 4096):
+            inflated += inflater.decompress(bytes(packed[start:start + 4096]))
+    except zlib.error:
+        pass
+    lines_before = inflated.count(b"\n") - text[: text.index(b"1600")].count(b"\n")
+
+    result = read(path, on_error="skip")
+
+    # Every complete line zlib gave before the damage was read: a good row or a bad
+    # (garbled) line; the old reader dropped the whole 4 MiB step (37,219 rows kept).
+    assert result.partial
+    assert result.table.num_rows + result.skipped >= lines_before
+    kept = result.table.column("uid").to_pylist()
+    assert kept[:45_000] == [f"C{i}" for i in range(45_000)]  # all before the damage

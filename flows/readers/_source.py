@@ -163,10 +163,23 @@ class Gunzip:
         self.stopped = yield from self._chunks()
 
     def _inflate(self, inflater, data: bytes) -> Iterator[bytes]:
-        """Feed ``data`` to ``inflater``, yielding bounded pieces of its output."""
+        """Feed ``data`` to ``inflater``, yielding bounded pieces of its output.
+
+        A zlib error (a bad check sum at the end of a member, damaged data) loses
+        the output of the call that raised it; that text is recovered first
+        (:func:`_salvage`) and yielded, then the error is raised.
+        """
         while True:
             before = len(data)
-            text = inflater.decompress(data, _OUT)
+            saved = inflater.copy()
+            try:
+                text = inflater.decompress(data, _OUT)
+            except zlib.error:
+                text, clean = _salvage(saved, data)
+                self.offset += clean
+                if text:
+                    yield text
+                raise
             data = inflater.unconsumed_tail
             self.offset += before - len(data) - len(inflater.unused_data)
             if text:
@@ -201,6 +214,28 @@ class Gunzip:
                     return None
                 inflater = zlib.decompressobj(wbits=31)
                 pending = rest
+
+
+def _salvage(saved, data: bytes) -> tuple[bytes, int]:
+    """All the output a copy of ``saved`` gives for a prefix of ``data`` without error.
+
+    Returns that text and the length of the prefix.
+
+    zlib raises when it reaches the damage (a bad check sum at the end of a member
+    included) and drops what that call inflated; fed only the bytes before the
+    damage it returns that text. A binary search on the prefix length finds them
+    (about 20 tries for a block).
+    """
+    good, clean, lo, hi = b"", 0, 0, len(data)
+    while lo <= hi:
+        cut = (lo + hi) // 2
+        try:
+            text = saved.copy().decompress(data[:cut], _OUT)
+        except zlib.error:
+            hi = cut - 1
+            continue
+        good, clean, lo = text, cut, cut + 1
+    return good, clean
 
 
 def iter_gunzip(fh: BinaryIO) -> Generator[bytes, None, str | None]:

@@ -121,7 +121,15 @@ def _directive(header: _Header, line: str, line_no: int, path: str) -> _Header:
     """Apply one ``#`` line to a copy of the header state (blocks keep theirs)."""
     header = header.copy()
     if line.startswith("#separator"):
-        header.separator = _decode_escapes(line[len("#separator") :].strip()) or "\t"
+        separator = _decode_escapes(line[len("#separator") :].strip()) or "\t"
+        if len(separator) != 1 or (not " " <= separator <= "~" and separator != "\t"):
+            raise BadInputError(
+                f"#separator {separator!r} is not supported (one printable ASCII "
+                "character or a tab)",
+                path=path,
+                line=line_no,
+            )
+        header.separator = separator
         header.fields = None
         return header
     key, _, value = line[1:].partition(header.separator)
