@@ -59,6 +59,12 @@ INT_RANGES: dict[str, tuple[int, int]] = {
 ADDRESS_FIELDS: tuple[str, ...] = ("src_ip", "dst_ip")
 PORT_FIELDS: tuple[str, ...] = ("src_port", "dst_port")
 PORT_RANGE: tuple[int, int] = (0, 65535)
+# Durations, byte and packet counts: never below 0 in a conn.log (Zeek's ``count``
+# and ``interval`` of a connection).
+COUNT_FIELDS: tuple[str, ...] = (
+    "duration", "orig_bytes", "resp_bytes", "orig_pkts", "resp_pkts",
+    "orig_ip_bytes", "resp_ip_bytes", "missed_bytes",
+)
 # Dotted IPv4 exactly as ``ipaddress`` takes it (0..255, no leading zeros): lets a
 # reader pass most addresses in C and check only the rest one by one.
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -145,11 +151,17 @@ def port_problem(value: int) -> str | None:
     return f"expected a port from {low} to {high}, found {_short(value)}"
 
 
+def count_problem(value: float) -> str | None:
+    """Why ``value`` is not a duration or count (a number >= 0), or None."""
+    return None if value >= 0 else f"expected a number >= 0, found {_short(value)}"
+
+
 def field_problem(name: str, value: Any) -> str | None:
     """Why ``value`` cannot be the canonical field ``name``, or None when it can.
 
     :func:`value_problem` for the field's kind, then the meaning of the field:
-    addresses must be IP addresses, ports must lie in 0..65535. Null is allowed.
+    addresses must be IP addresses, ports must lie in 0..65535, durations and
+    counts must not be negative. Null is allowed.
     """
     problem = value_problem(CONN_FIELD_KINDS[name], value)
     if problem is not None or value is None:
@@ -158,6 +170,8 @@ def field_problem(name: str, value: Any) -> str | None:
         return address_problem(value)
     if name in PORT_FIELDS:
         return port_problem(int(value))
+    if name in COUNT_FIELDS:
+        return count_problem(value)
     return None
 
 

@@ -183,6 +183,10 @@ def _zeek_with(field: int, value: str) -> str:
         (2, "(empty)", "id.orig_h", "an IPv4 or IPv6 address"),
         (3, "70000", "id.orig_p", "a port from 0 to 65535"),
         (5, "-1", "id.resp_p", "a port from 0 to 65535"),
+        (8, "-1.5", "duration", "a number >= 0"),
+        (9, "-3", "orig_bytes", "a number >= 0"),
+        (16, "-1", "orig_pkts", "a number >= 0"),
+        (14, "-7", "missed_bytes", "a number >= 0"),
     ],
 )
 def test_zeek_tsv_bad_address_or_port_is_a_bad_row(
@@ -232,6 +236,8 @@ def _json_row(**changes) -> str:
         ({"id.resp_h": 167772161}, "id.resp_h"),
         ({"id.orig_p": 65536}, "id.orig_p"),
         ({"id.resp_p": -5}, "id.resp_p"),
+        ({"orig_bytes": -5}, "orig_bytes"),
+        ({"duration": -0.5}, "duration"),
     ],
 )
 def test_zeek_json_bad_address_or_port_is_a_bad_row(tmp_path, change, column):
@@ -305,6 +311,24 @@ def test_parquet_bad_address_and_port_are_bad_rows_named_by_row(tmp_path):
     result = read(path, on_error="skip")
     assert result.skipped == 2 and result.table.num_rows == 2
     assert "row 2" in result.warnings[0]
+
+
+def test_parquet_nan_time_and_negative_counts_are_bad_rows(tmp_path):
+    base = {"ts": 1.0, "src_ip": "10.0.0.1", "src_port": 1, "dst_ip": "10.0.0.2",
+            "dst_port": 2, "proto": "tcp", "resp_pkts": 3, "duration": 0.5}
+    rows = [base, dict(base, ts=float("nan")), dict(base, resp_pkts=-3),
+            dict(base, duration=float("inf")), base]
+    cols = {n: [r.get(n) for r in rows] for n in CONN_FIELD_NAMES}
+    path = tmp_path / "c.parquet"
+    pq.write_table(columns_to_table(cols), path)
+
+    result = read(path, on_error="skip")
+
+    assert result.skipped == 3 and result.table.num_rows == 2
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    assert (info.value.row, info.value.column) == (2, "ts")
+    assert "expected a finite number" in str(info.value)
 
 
 # -------------------------------------------------------- encodings, stdin

@@ -83,6 +83,30 @@ def check_ports(arr: pa.Array, column: str, bad: BadRows) -> None:
         bad.add(int(row), column, port_problem(int(arr[int(row)].as_py())))
 
 
+def check_counts(arr: pa.Array, column: str, bad: BadRows) -> None:
+    """Note the rows whose duration or count is below 0 (nulls pass); see ``record``."""
+    from flows.record import count_problem
+
+    if len(arr) == 0:
+        return
+    negative = pc.less(arr, 0)
+    if not pc.any(negative).as_py():
+        return
+    for row in np.flatnonzero(np.asarray(negative.fill_null(False))):
+        bad.add(int(row), column, count_problem(arr[int(row)].as_py()))
+
+
+def check_finite(arr: pa.Array, column: str, bad: BadRows) -> None:
+    """Note the rows of a float column holding NaN or an infinity (nulls pass)."""
+    if len(arr) == 0 or not pa.types.is_floating(arr.type):
+        return
+    odd = pc.invert(pc.is_finite(arr))
+    if not pc.any(odd).as_py():
+        return
+    for row in np.flatnonzero(np.asarray(odd.fill_null(False))):
+        bad.add(int(row), column, f"expected a finite number, found {arr[int(row)]}")
+
+
 def arrow_type(kind: str) -> pa.DataType:
     """The Arrow type of a record kind (``f64``, ``i64``, ``i8``, ``str``)."""
     return getattr(pa, _ARROW_TYPES[kind])()

@@ -71,13 +71,12 @@ def read_parquet(
 def _check_rows(
     table: pa.Table, path: str, on_error: str, stats: dict, damaged: bool
 ) -> ReadResult:
-    """Apply the address and port rules of the canonical record to a conn table."""
+    """Apply the canonical record's rules (addresses, ports, counts, finite times)."""
     from flows.readers.zeek import check_endpoints
+    from flows.record import ADDRESS_FIELDS, COUNT_FIELDS, PORT_FIELDS
 
-    arrays = {
-        name: table.column(name).combine_chunks()
-        for name in ("src_ip", "dst_ip", "src_port", "dst_port")
-    }
+    names = (*ADDRESS_FIELDS, *PORT_FIELDS, "ts", *COUNT_FIELDS)
+    arrays = {name: table.column(name).combine_chunks() for name in names}
     bad = BadRows()
     check_endpoints(arrays, bad, zeek_names=False)
     row_problems = {

@@ -38,6 +38,7 @@ from flows.readers.zeek import (
 from flows.record import (
     ADDRESS_FIELDS,
     CONN_FIELD_KINDS,
+    COUNT_FIELDS,
     PORT_FIELDS,
     PORT_RANGE,
     field_problem,
@@ -212,7 +213,7 @@ class TsvLineParser:
                         column=zeek_name,
                     )
                 record[canon] = value
-        # The endpoint rules of flows.record, inlined: this runs once per line.
+        # The field rules of flows.record, inlined: this runs once per line.
         for canon in ADDRESS_FIELDS:
             value = record[canon]
             if value is not None and not is_address(value):
@@ -220,6 +221,10 @@ class TsvLineParser:
         for canon in PORT_FIELDS:
             value = record[canon]
             if value is not None and not _PORT_LOW <= value <= _PORT_HIGH:
+                self._bad_field(canon, value, line_no)
+        for canon in COUNT_FIELDS:
+            value = record[canon]
+            if value is not None and value < 0:
                 self._bad_field(canon, value, line_no)
 
         record["label"] = record["label_detail"] = None

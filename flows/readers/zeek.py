@@ -38,6 +38,8 @@ from flows.readers._convert import (
     BadRows,
     arrow_type,
     check_addresses,
+    check_counts,
+    check_finite,
     check_ports,
     null_tokens,
     to_number,
@@ -53,6 +55,7 @@ from flows.record import (
     ADDRESS_FIELDS,
     CONN_FIELD_KINDS,
     CONN_FIELD_NAMES,
+    COUNT_FIELDS,
     PORT_FIELDS,
     conn_schema,
     field_problem,
@@ -413,18 +416,23 @@ def _to_canonical(
 def check_endpoints(
     arrays: dict[str, pa.Array], bad: BadRows, zeek_names: bool = True
 ) -> None:
-    """Note rows whose addresses are not IP addresses or ports are not 0..65535.
+    """Note rows whose addresses are not IP addresses, ports are not 0..65535,
+    durations or counts are negative, or times and durations are not finite.
 
     ``arrays`` holds canonical columns; problems name Zeek's column (``id.orig_h``)
     or, with ``zeek_names=False``, the canonical one (``src_ip``).
     """
     def name(canon: str) -> str:
-        return CANON_TO_ZEEK[canon] if zeek_names else canon
+        return CANON_TO_ZEEK.get(canon, canon) if zeek_names else canon
 
     for canon in ADDRESS_FIELDS:
         check_addresses(arrays[canon], name(canon), bad)
     for canon in PORT_FIELDS:
         check_ports(arrays[canon], name(canon), bad)
+    for canon in ("ts", "duration"):
+        check_finite(arrays[canon], name(canon), bad)
+    for canon in COUNT_FIELDS:
+        check_counts(arrays[canon], name(canon), bad)
 
 
 def _type(kind: str) -> pa.DataType:
@@ -624,10 +632,10 @@ def json_record(obj: dict, stats: dict | None = None) -> dict:
         canon = ZEEK_TO_CANON[name]
         if record[canon] is None and name != "proto":
             raise _FieldError(name, f"required key {name!r} is missing")
-    for canon in ADDRESS_FIELDS + PORT_FIELDS:
+    for canon in ADDRESS_FIELDS + PORT_FIELDS + COUNT_FIELDS:
         problem = field_problem(canon, record[canon])
         if problem is not None:
-            raise _FieldError(CANON_TO_ZEEK[canon], problem)
+            raise _FieldError(CANON_TO_ZEEK.get(canon, canon), problem)
 
     label_key = next((k for k in obj if k.lower() in LABEL_NAMES), None)
     detail_key = next((k for k in obj if k.lower() in DETAIL_NAMES), None)
