@@ -24,10 +24,12 @@ with ``"kind": "verdict"``, ``"verdict": "malicious"`` and the teacher's ``score
 
 Escalation ids are derived from the site, gateway and flow record (32 hex digits; see
 :func:`flow_id`), so a flow read again after a crash carries the same id and the
-re-scorer drops the copy. A verdict delivered twice (at-least-once) is handled once:
-the agent remembers the last ``_MAX_VERDICT_IDS`` (10 000) escalation ids answered,
-far more than the messages it keeps in flight (``_TRACKED_PER_INFLIGHT`` times the
-link's in-flight window).
+re-scorer drops the copy. The flow's text fields go out with their control
+characters escaped (:func:`edge_agent.protocol.sendable_flow`), as the re-scorer
+refuses them; the id is taken from the flow as read. A verdict delivered twice
+(at-least-once) is handled once: the agent remembers the last ``_MAX_VERDICT_IDS``
+(10 000) escalation ids answered, far more than the messages it keeps in flight
+(``_TRACKED_PER_INFLIGHT`` times the link's in-flight window).
 
 When the outbox cannot store a batch (disk full, I/O error) the agent goes on: the
 batch's escalations are dropped and counted (``outbox_failed``, the first failure
@@ -443,8 +445,12 @@ class Agent:
             flows, windows, scores, decisions, strict=True
         ):
             msg_id = flow_id(self.site, self.gateway, flow)
+            # Text fields go out escaped (``\x01``, Zeek's notation): the re-scorer
+            # refuses control characters to protect terminals, and rejecting such
+            # flows here instead would lose their scoring and alerts. The id is
+            # taken from the flow as read, so it does not change.
             body = proto.build_escalation(
-                flow=flow,
+                flow=proto.sendable_flow(flow),
                 window=window,
                 score=float(score),
                 decision=decision,
@@ -516,10 +522,17 @@ class Agent:
 
     # -- sources ----------------------------------------------------------------------
 
-    def run_file(self, records: Iterable[dict[str, Any]]) -> None:
-        """Score a finite source in batches of ``max_batch`` as fast as it reads."""
+    def run_file(
+        self, records: Iterable[dict[str, Any]], stop: threading.Event | None = None
+    ) -> None:
+        """Score a finite source in batches of ``max_batch`` as fast as it reads.
+
+        Once ``stop`` is set (SIGTERM) no more flows are read; those read are scored.
+        """
         batch: list[dict[str, Any]] = []
         for rec in records:
+            if stop is not None and stop.is_set():
+                break
             batch.append(rec)
             if len(batch) >= self.max_batch:
                 self.process(batch)

@@ -13,20 +13,26 @@ given no new input replays and drains its outbox and exits 0), 4 partial input
 unavailable, escalations left unacknowledged in the outbox, or escalations dropped
 because the outbox could not store them (disk full, I/O error: the agent scores on,
 writes its local alerts and counts ``outbox_failed``), 130 interrupted (Ctrl-C;
-the flows in hand are scored and the outbox is kept).
+the flows in hand are scored and the outbox is kept). SIGTERM is the orderly stop
+of a service: reading ends (a file part way), the flows read are scored, the outbox
+is drained for at most 2 s, and the exit code is the one the input read so far
+earned (0, 3, 4 or 6, as at the end of a file), never 130. Alerts on stdout
+whose reader went away (``| head``) cost one warning, not the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -54,7 +60,8 @@ EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok
   {EXIT_FAILURE}    failure (an alerts file, or calibrate's --out file, that cannot
-       be opened or written included)
+       be opened or written included; alerts on a pipe whose reader
+       went away are only a warning)
   {EXIT_USAGE}    usage: bad flags, arguments or settings
   {EXIT_BAD_INPUT}    bad input: a source that gave no usable flow (stdin whose
        lines held no record, a damaged file with nothing usable), a
@@ -66,7 +73,11 @@ exit codes:
   {EXIT_UNAVAILABLE}    broker unavailable, escalations left unacknowledged in the
        outbox, or escalations dropped because the outbox could not
        store them
-  {EXIT_INTERRUPTED}  interrupted
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGINT)
+
+SIGTERM stops reading (a file part way), scores the flows read, drains the
+outbox for at most 2 s and exits as at the end of the input: 0, 3, 4 or 6 by
+the rules above, never 130.
 """
 
 _RUN_FLAGS = {
@@ -136,7 +147,8 @@ def _add_run(subparsers) -> None:
         action="store_const",
         const=True,
         help="tail a growing zeek: log, surviving rotation, until Ctrl-C (exit 130) "
-        "or SIGTERM (default: read the file once)",
+        "or SIGTERM (exit as at the end of a file, e.g. 4 when lines were "
+        "rejected) (default: read the file once)",
     )
     p.add_argument(
         "--no-wait-verdicts",
@@ -215,31 +227,68 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _AlertLog:
-    """The alerts file, turning a write failure (disk full, I/O error) into one error.
+    """The alerts output (a file, or stdout for ``-``), turning a write failure (disk
+    full, I/O error) into one error, and a reader that went away into one warning.
 
     The first failed write or flush is kept in :attr:`error`; in the thread that
-    opened the file it raises :class:`GatewatchError` (exit 1), which stops the
+    opened the output it raises :class:`GatewatchError` (exit 1), which stops the
     scoring loop, while in other threads (verdicts from the broker) the line is
-    dropped so that the broker loop goes on. ``close`` never raises.
+    dropped so that the broker loop goes on. A closed pipe (``edge-agent run |
+    head -1``) is no failure: the alert lines are only a view of what the agent
+    does, so one warning names the output, no more lines are written, and scoring,
+    escalating and draining go on to the run's own exit code. ``close`` never
+    raises, and never closes stdout.
     """
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, stream: TextIO | None = None) -> None:
         self.target = target
         self.error: GatewatchError | None = None
-        self._file = open(target, "a", encoding="utf-8")
+        self.gone = False  # the reading end of a pipe was closed
+        self._owned = stream is None
+        self._file = (
+            stream if stream is not None else open(target, "a", encoding="utf-8")
+        )
         self._owner = threading.get_ident()
 
+    @property
+    def _name(self) -> str:
+        return "stdout" if self.target == "-" else self.target
+
     def _failed(self, exc: OSError) -> None:
+        if isinstance(exc, BrokenPipeError):
+            self._reader_gone()
+            return
         if self.error is None:
             reason = exc.strerror or str(exc)
             self.error = GatewatchError(
-                f"cannot write alerts to {self.target}: {reason}"
+                f"cannot write alerts to {self._name}: {reason}"
             )
         if threading.get_ident() == self._owner:
             raise self.error from exc
 
+    def _reader_gone(self) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        logger.warning(
+            "alerts output %s was closed by its reader (broken pipe); no more alert "
+            "lines are written, scoring and escalating go on",
+            self._name,
+        )
+        if not self._owned:
+            # The lines still in stdout's buffer would fail again when Python
+            # flushes it at exit (exit 120): let them go to /dev/null instead.
+            try:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, self._file.fileno())
+                os.close(null)
+            except (OSError, ValueError, io.UnsupportedOperation):
+                pass
+
     def write(self, text: str) -> int:
         """Write ``text``; nothing more is written once a write has failed."""
+        if self.gone:
+            return 0
         if self.error is not None:
             self._failed(OSError(self.error))
             return 0
@@ -250,7 +299,9 @@ class _AlertLog:
             return 0
 
     def flush(self) -> None:
-        """Flush to the file (where a full disk shows)."""
+        """Flush to the output (where a full disk or a closed pipe shows)."""
+        if self.gone:
+            return
         if self.error is not None:
             self._failed(OSError(self.error))
             return
@@ -260,14 +311,19 @@ class _AlertLog:
             self._failed(exc)
 
     def close(self) -> None:
-        """Close the file; a failure to flush the last lines is recorded, not raised."""
+        """Close the file (flush stdout); a failure is recorded, not raised."""
         try:
-            self._file.close()
+            if self._owned:
+                self._file.close()
+            elif not self.gone:
+                self._file.flush()
+        except BrokenPipeError:
+            self._reader_gone()
         except OSError as exc:
-            if self.error is None:
+            if self.error is None and not self.gone:
                 reason = exc.strerror or str(exc)
                 self.error = GatewatchError(
-                    f"cannot write alerts to {self.target}: {reason}"
+                    f"cannot write alerts to {self._name}: {reason}"
                 )
 
 
@@ -275,7 +331,7 @@ def _open_alerts(target: str | None):
     if target in (None, ""):
         return None, False
     if target == "-":
-        return sys.stdout, False
+        return _AlertLog("-", sys.stdout), True
     try:
         return _AlertLog(target), True
     except OSError as exc:
@@ -375,7 +431,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             agent.enable_model_updates(_model_updater(cfg, scorer))
         try:
             if source.finite:
-                agent.run_file(source)
+                agent.run_file(source, stop)
             else:
                 agent.run_live(source, stop)
         except GatewatchError as exc:
@@ -410,9 +466,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     if failure is not None:
         raise _as_partial(failure, summary["flows"])
-    input_error = _input_problem(
-        cfg.source, source, summary["flows"], stop.is_set() or interrupted.is_set()
-    )
+    # SIGTERM (stop, not interrupted) ends the run as the end of its input would:
+    # rejected lines are still exit 4, as documented in EPILOG.
+    input_error = _input_problem(cfg.source, source, summary["flows"])
     if input_error is not None:
         raise input_error
     if close_alerts and alerts.error is not None:
@@ -455,17 +511,15 @@ def _as_partial(exc: GatewatchError, flows: int) -> GatewatchError:
     return exc
 
 
-def _input_problem(
-    spec: str, source, flows: int, stopped: bool
-) -> BadInputError | None:
-    """Exit 3 when a source that ran to its end gave no usable flow, 4 when some of
-    its input was rejected; None when all was well (or it was stopped by a signal).
+def _input_problem(spec: str, source, flows: int) -> BadInputError | None:
+    """Exit 3 when a source (run to its end, or stopped by SIGTERM) gave no usable
+    flow, 4 when some of its input was rejected; None when all was well.
     """
     from edge_agent.sources import STDIN_EXPECTED
 
     rejected = sum(source.rejected.values())
     damage = getattr(source, "damage", None)
-    if stopped or (flows and not rejected and damage is None):
+    if flows and not rejected and damage is None:
         return None
     if damage is not None:
         if not flows:

@@ -10,7 +10,8 @@ Parsing never trusts the wire: :func:`parse_escalation` and :func:`parse_verdict
 raise :class:`ProtocolError` whose ``kind`` is a :class:`RejectKind`, and a
 :class:`RejectCounter` counts rejections per kind and logs each kind once. Every
 number must be finite (an integer past float64 is BAD_VALUE too), an escalation's
-flow must fit the canonical field kinds (:func:`check_flow`; unknown keys dropped)
+flow must fit the canonical field kinds (:func:`check_flow`; unknown keys dropped,
+text without control characters, which a sender escapes with :func:`sendable_flow`)
 and its window values must lie within :data:`MAX_WINDOW_VALUE` of zero.
 """
 
@@ -47,6 +48,11 @@ _ESCALATION_ID_RE = re.compile(r"[0-9a-f]{32}")
 # C0 controls and DEL: no flow field written by Zeek, Argus or the meter holds one, and
 # printed raw on an operator's terminal they are escape sequences.
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# What :func:`escape_text` rewrites: the control characters above, the backslash
+# that starts an escape (so that an escaped text reads back unambiguously), and lone
+# surrogates (JSON lets "\udcff" through, but no UTF-8 text, so no store, holds it).
+_ESCAPED_RE = re.compile(r"[\x00-\x1f\x7f\\\ud800-\udfff]")
+_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 
 
 class Channel(enum.StrEnum):
@@ -188,6 +194,51 @@ def _clean(value: Any) -> Any:
 def clean_flow(flow: Mapping[str, Any]) -> dict[str, Any]:
     """The canonical fields of a flow record, JSON-safe (extra fields dropped)."""
     return {name: _clean(flow.get(name)) for name in CONN_FIELD_NAMES}
+
+
+def text_problem(text: str) -> str | None:
+    """Why a received text cannot be shown or stored as it is, or None.
+
+    No control characters (shown on a terminal they are escape sequences), and no
+    lone surrogate, which JSON lets through but which has no UTF-8 form: SQLite
+    would refuse it, and with it the whole batch it came in.
+    """
+    if _CONTROL_RE.search(text):
+        return "holds a control character"
+    if _SURROGATE_RE.search(text):
+        return "holds a lone surrogate (no UTF-8 form)"
+    return None
+
+
+def escape_text(text: str) -> str:
+    """``text`` with each control character and backslash written as ``\\xNN``.
+
+    The result holds no control character, so :func:`check_flow` accepts it, and it
+    is Zeek's own notation: read by Zeek's rule it gives ``text`` back. A lone
+    surrogate, which has no bytes, is written ``\\uDCFF``. Text with none of these,
+    as in ordinary traffic, is returned unchanged.
+    """
+    if not _ESCAPED_RE.search(text):
+        return text
+    return _ESCAPED_RE.sub(_escape_one, text)
+
+
+def _escape_one(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
+
+
+def sendable_flow(flow: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`clean_flow` with every text field passed through :func:`escape_text`.
+
+    What a sender puts in an escalation: a flow read from a log or stdin may hold
+    control characters (a Zeek ``\\x01`` escape decoded by the reader), which the
+    receiver refuses to protect operators' terminals.
+    """
+    return {
+        name: escape_text(value) if isinstance(value, str) else value
+        for name, value in clean_flow(flow).items()
+    }
 
 
 def build_escalation(
@@ -337,8 +388,8 @@ def check_flow(flow: Mapping[str, Any]) -> dict[str, Any]:
     for name in CONN_FIELD_NAMES:
         value = flow.get(name)
         problem = field_problem(name, value)
-        if problem is None and isinstance(value, str) and _CONTROL_RE.search(value):
-            problem = "holds a control character"
+        if problem is None and isinstance(value, str):
+            problem = text_problem(value)
         if problem is not None:
             raise ProtocolError(RejectKind.BAD_VALUE, f"flow field {name!r}: {problem}")
         out[name] = value

@@ -7,6 +7,9 @@ lines on stdin, one record per line: canonical field names, or Zeek's JSON names
 as ``LogAscii::use_json=T`` writes them, ``id.orig_h``...). :func:`open_source`
 returns a :class:`Source` whose iterator yields canonical records as dicts.
 
+A stdin record's text ``label`` is read as the Zeek readers read it
+(``Malicious``/``Benign``/``Background``/``Unknown``, any case).
+
 Malformed stdin lines, lines over ``MAX_LINE_BYTES``, and records with a value
 that does not fit its field (a dict, an integer past int64, text in a number
 field, an address that is no IP address, a port outside 0..65535) are rejected,
@@ -190,11 +193,21 @@ def open_source(
 def _text_stdin():
     """Standard input as UTF-8 text whose bad bytes read as U+FFFD (the line is then
     rejected as malformed JSON), never a UnicodeDecodeError that ends the source.
+
+    The descriptor is read through an unbuffered file object of its own, not
+    ``sys.stdin.buffer``: the agent reads stdin in a daemon thread, and one waiting
+    inside the buffered object's read holds its lock, which Python's shutdown then
+    needs to close ``sys.stdin`` ("Fatal Python error: _enter_buffered_busy", exit
+    134 instead of the run's own code after a signal ended it with the pipe open).
     """
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:
         return sys.stdin  # replaced by a text stream (tests, embedding)
-    return io.TextIOWrapper(buffer, encoding="utf-8", errors="replace", newline=None)
+    try:
+        raw = io.FileIO(sys.stdin.fileno(), "r", closefd=False)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        raw = buffer  # no descriptor (an embedding's stream): read it as it is
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=None)
 
 
 _EXPECTED = {
@@ -334,7 +347,7 @@ def _json_lines(src: Source, stream) -> Iterator[dict]:
             src.reject("not_a_record", STDIN_EXPECTED, line_no)
             continue
         rec = canonical(rec)
-        problem = _record_problem(rec)
+        problem = _text_label(rec) or _record_problem(rec)
         if problem is not None:
             src.reject("bad_value", problem, line_no)
             continue
@@ -358,6 +371,35 @@ def zeek_json_record(obj: dict, path: str, line_no: int) -> dict:
     from flows.readers.stream import zeek_json_record as convert
 
     return convert(obj, path, line_no)
+
+
+def _text_label(rec: dict[str, Any]) -> str | None:
+    """Map a text ``label`` of a canonical stdin record as the Zeek readers do.
+
+    ``Malicious``/``Benign`` (any case, spaces trimmed) become 1/0, ``Background``
+    and ``Unknown`` null, a null spelling (``-``, ``(empty)``, empty) null, each
+    by the Zeek JSON reader's tables; the text is kept in ``label_detail`` unless
+    the record has one. Returns why the label cannot be read, or None.
+    """
+    text = rec.get("label")
+    if not isinstance(text, str):
+        return None  # a number (or null) is checked as one by _record_problem
+    from flows.readers.labels import ZEEK_LABELS
+    from flows.readers.zeek import _JSON_NULLS
+
+    rec["label"] = None
+    if text in _JSON_NULLS:
+        return None
+    mapped = ZEEK_LABELS.get(text.strip().lower(), "?")
+    if mapped == "?":
+        return (
+            f"field 'label': unknown label {text[:40]!r} (expected Malicious, Benign, "
+            "Background or Unknown, or 1, 0 or null)"
+        )
+    rec["label"] = mapped
+    if rec.get("label_detail") is None:
+        rec["label_detail"] = text
+    return None
 
 
 def _record_problem(rec: dict[str, Any]) -> str | None:

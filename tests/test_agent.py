@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -676,8 +677,6 @@ def test_zeek_source_given_a_directory_says_so(tm, tmp_path: Path, capsys) -> No
 
 
 def test_ctrl_c_during_follow_exits_130_and_keeps_the_outbox(tm, tmp_path: Path):
-    import signal
-
     log = tmp_path / "conn.log"
     log.write_text(tm.conn_log.read_text())
     alerts = tmp_path / "alerts.jsonl"
@@ -754,3 +753,232 @@ def test_stdin_bytes_that_are_not_utf8_are_a_rejected_line(tm, tmp_path: Path):
     assert done.returncode == 4, err
     assert "Traceback" not in err and "summary: flows 1," in err
     assert "the first: line 1: malformed_json" in err
+
+
+def _log_with_controls(tm, folder: Path, n: int = 2500) -> Path:
+    """The first ``n`` flows of the conn.log with Zeek ``\\x01``-style escapes that
+    the reader decodes to control characters: in every history, and in the uid."""
+    lines = tm.conn_log.read_text().splitlines()
+    fields = next(x for x in lines if x.startswith("#fields")).split("\t")[1:]
+    at_history, at_uid = fields.index("history"), fields.index("uid")
+    out = [x for x in lines if x.startswith("#") and not x.startswith("#close")]
+    for line in [x for x in lines if not x.startswith("#")][:n]:
+        cells = line.split("\t")
+        cells[at_history] = "\\x01" + ("" if cells[at_history] == "-" else cells[
+            at_history
+        ])
+        cells[at_uid] += "\\x1b[2J"
+        out.append("\t".join(cells))
+    path = folder / "conn-controls.log"
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+def test_escalations_of_flows_with_control_characters_are_accepted(
+    tm, tmp_path: Path, capsys
+) -> None:
+    """Found: a flow whose text held a control character (a decoded ``\\x01``) was
+    escalated as read and the re-scorer refused it (bad_value), so its verdict never
+    came. What the agent stores now passes the re-scorer's parser, with the text
+    escaped, and the escalation ids are those of the flows as read."""
+    from edge_agent import protocol as proto
+    from tests.test_agent_fixtures import read_records
+
+    log = _log_with_controls(tm, tmp_path)
+    records = read_records(log)
+    assert all(r["history"].startswith("\x01") for r in records)
+    assert all(r["uid"].endswith("\x1b[2J") for r in records)
+    assert main(_run_argv(tm, tmp_path, f"zeek:{log}", "--alerts", "")) == 0, (
+        capsys.readouterr().err
+    )
+    expected = tm.expected(records)
+    pending = Outbox(tmp_path / "o.db").pending()
+    assert expected and {m.id for m in pending} == set(expected)
+    shape = (tm.encoder.window, tm.encoder.n_features)
+    for msg in pending:
+        body = proto.parse_escalation(msg.payload, window_shape=shape)
+        assert body["id"] == msg.id
+        assert body["flow"]["history"].startswith("\\x01")
+        assert body["flow"]["uid"].endswith("\\x1b[2J")
+
+
+@pytest.mark.broker
+def test_flows_with_control_characters_get_every_verdict_end_to_end(
+    tm, mosquitto, tmp_path: Path
+) -> None:
+    """The same crafted log through ``edge-agent run`` -> mosquitto -> ``teacher
+    serve``: every escalation is stored and answered, none rejected."""
+    from teacher.store import AlertStore
+    from tests.test_agent_fixtures import make_teacher, read_records
+
+    ckpt, _ = make_teacher(tm, tm.artifact.parent / "teacher")
+    log = _log_with_controls(tm, tmp_path)
+    expected = tm.expected(read_records(log))
+    bin_dir = Path(sys.executable).parent
+    serve_log = tmp_path / "serve.log"
+    serve = subprocess.Popen(
+        [
+            str(bin_dir / "teacher"), "serve", "--checkpoint", str(ckpt),
+            "--broker", mosquitto.url, "--store", str(tmp_path / "alerts.sqlite"),
+            "--stats-json", str(tmp_path / "stats.json"),
+        ],
+        stdout=open(serve_log, "w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while "serving" not in serve_log.read_text():
+            assert time.monotonic() < deadline and serve.poll() is None, (
+                serve_log.read_text()
+            )
+            time.sleep(0.2)
+        done = subprocess.run(
+            [
+                str(bin_dir / "edge-agent"),
+                *_run_argv(
+                    tm, tmp_path, f"zeek:{log}", "--broker", mosquitto.url,
+                    "--alerts", "", "--summary-json", str(tmp_path / "s.json"),
+                    "--drain-timeout", "60",
+                ),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(30)
+    assert done.returncode == 0, done.stderr
+    assert "did not arrive" not in done.stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["escalations_sent"] == summary["verdicts_received"] == len(expected)
+    assert summary["verdicts_awaited"] == 0 and summary["outbox_pending"] == 0
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["rejected"] == {}
+    rows = AlertStore(tmp_path / "alerts.sqlite").query(gateway="s1/g1")
+    assert {r["id"]: r["agent_decision"] for r in rows} == expected
+    assert all(r["flow"]["history"].startswith("\\x01") for r in rows)
+
+
+def _agent_on_a_pipe(
+    tm, tmp_path: Path, *extra: str, source: str = "-", stdout=subprocess.DEVNULL
+):
+    """``edge-agent run`` with a stdin pipe the test keeps open; stderr to ``err``."""
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "edge_agent.cli",
+            *_run_argv(
+                tm, tmp_path, source, "--summary-json", str(tmp_path / "s.json"),
+                *extra,
+            ),
+        ],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=stdout,
+        stderr=open(tmp_path / "err", "w"),
+        text=True,
+    )
+
+
+def _up_to_first_alert(tm) -> list[dict]:
+    """The records up to and including the first one the agent alerts on."""
+    first = int(np.flatnonzero(tm.scores >= tm.thresholds["alert"])[0])
+    return tm.records[: first + 1]
+
+
+@pytest.mark.parametrize(
+    ("sig", "bad_line", "code"),
+    [
+        (signal.SIGINT, False, 130),
+        (signal.SIGTERM, False, 0),
+        (signal.SIGTERM, True, 4),
+    ],
+)
+def test_a_signal_stops_an_agent_reading_an_open_pipe_cleanly(
+    tm, tmp_path: Path, sig, bad_line: bool, code: int
+) -> None:
+    """Found: SIGINT or SIGTERM to an agent whose stdin pipe stayed open aborted it
+    at shutdown ("Fatal Python error: _enter_buffered_busy", exit 134). Now SIGINT is
+    130 and SIGTERM exits as the end of the input would (4 after a rejected line),
+    with the flows read scored and their escalations in the outbox."""
+    records = _up_to_first_alert(tm)
+    alerts = tmp_path / "alerts.jsonl"
+    proc = _agent_on_a_pipe(tm, tmp_path, "--alerts", str(alerts))
+    try:
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        proc.stdin.write(("{broken\n" if bad_line else "") + text)
+        proc.stdin.flush()
+        deadline = time.monotonic() + 120
+        while not (alerts.exists() and alerts.read_text().strip()):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        rc = proc.wait(60)  # stdin is still open: no end of input
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdin.close()
+    err = (tmp_path / "err").read_text()
+    assert rc == code, err
+    assert "Fatal Python error" not in err and "Traceback" not in err
+    assert json.loads((tmp_path / "s.json").read_text())["flows"] == len(records)
+    box = Outbox(tmp_path / "o.db")
+    assert {m.id for m in box.pending()} == set(tm.expected(records))
+
+
+def test_sigterm_during_follow_exits_4_when_lines_were_rejected(tm, tmp_path: Path):
+    """Found: a followed log stopped by SIGTERM exited 0 although lines had been
+    rejected; SIGTERM now exits as the end of a file would (see the help)."""
+    lines = tm.conn_log.read_text().splitlines()
+    header = [x for x in lines if x.startswith("#") and not x.startswith("#close")]
+    records = _up_to_first_alert(tm)
+    data = [x for x in lines if not x.startswith("#")][: len(records)]
+    log = tmp_path / "conn.log"
+    log.write_text("\n".join(header + ["not\ta\tzeek\tline"] + data) + "\n")
+    alerts = tmp_path / "alerts.jsonl"
+    proc = _agent_on_a_pipe(
+        tm, tmp_path, "--alerts", str(alerts), "--follow", source=f"zeek:{log}"
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (alerts.exists() and alerts.read_text().strip()):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdin.close()
+    err = (tmp_path / "err").read_text()
+    assert rc == 4, err
+    assert "1 input line(s) of zeek:" in err and "bad_line 1" in err
+    assert json.loads((tmp_path / "s.json").read_text())["flows"] == len(records)
+
+
+def test_alerts_on_a_closed_stdout_cost_a_warning_not_the_run(tm, tmp_path: Path):
+    """Found: ``edge-agent run ... | head -1`` died of BrokenPipeError (exit 1) and
+    stopped scoring. Now the closed pipe is named in one warning, and every flow is
+    still scored and escalated, with the normal exit code."""
+    first = _up_to_first_alert(tm)
+    proc = _agent_on_a_pipe(tm, tmp_path, "--alerts", "-", stdout=subprocess.PIPE)
+    try:
+        proc.stdin.write("".join(json.dumps(r) + "\n" for r in first))
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())["kind"] == "alert"
+        proc.stdout.close()  # the reader goes away, as head -1 does
+        rest = tm.records[len(first) :]
+        proc.stdin.write("".join(json.dumps(r) + "\n" for r in rest))
+        proc.stdin.close()
+        rc = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = (tmp_path / "err").read_text()
+    assert rc == 0, err
+    assert err.count("alerts output stdout was closed by its reader") == 1, err
+    assert "Traceback" not in err and "Exception ignored" not in err
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["flows"] == len(tm.records) and summary["alert"] > 1
+    box = Outbox(tmp_path / "o.db")
+    assert {m.id for m in box.pending()} == set(tm.expected())

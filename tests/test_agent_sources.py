@@ -133,3 +133,34 @@ def test_a_folder_or_a_missing_file_is_named_with_what_is_expected(tmp_path, kin
     with pytest.raises(BadInputError) as info:
         open_source(f"{kind}:{tmp_path / 'nope'}")
     assert "no such file" in str(info.value) and "expects a" in str(info.value)
+
+
+def test_stdin_reads_text_labels_as_the_zeek_readers_do(caplog) -> None:
+    """Found: a canonical stdin record with ``"label": "Malicious"`` (as the zeek-json
+    reader accepts) was a bad value, so such a stdin ended the run with exit 3."""
+    import io
+
+    base = {
+        "ts": 1.5, "src_ip": "10.0.0.1", "src_port": 40000, "dst_ip": "10.0.0.2",
+        "dst_port": 80, "proto": "tcp",
+    }
+    labels = [
+        ("Malicious", 1, "Malicious"),
+        (" benign ", 0, " benign "),
+        ("Background", None, "Background"),
+        ("UNKNOWN", None, "UNKNOWN"),
+        ("-", None, None),
+        (1, 1, None),
+        (None, None, None),
+    ]
+    lines = [json.dumps({**base, "label": text}) for text, _, _ in labels]
+    lines.append(json.dumps({**base, "label": "Malicious", "label_detail": "C&C"}))
+    lines.append(json.dumps({**base, "label": "evil"}))
+    src = open_source("-", stdin=io.StringIO("\n".join(lines) + "\n"))
+    got = list(src)
+    assert [(r["label"], r["label_detail"]) for r in got] == [
+        (mapped, detail) for _, mapped, detail in labels
+    ] + [(1, "C&C")]
+    assert src.rejected == {"bad_value": 1}
+    assert src.first_rejected.startswith("line 9: bad_value: field 'label'")
+    assert "unknown label 'evil'" in src.first_rejected

@@ -156,6 +156,8 @@ def test_bad_escalations_are_rejected_by_kind(data: bytes, kind) -> None:
         ("dst_port", -1, "65535"),
         ("proto", "\x1b[5mtcp", "control character"),
         ("history", "Sh\x07", "control character"),
+        ("service", "dns\udcff", "lone surrogate"),
+        ("orig_bytes", -3, ">= 0"),
     ],
 )
 def test_escalation_flow_addresses_and_ports_follow_the_readers_rule(
@@ -282,3 +284,44 @@ def test_a_raising_message_handler_is_counted_acked_and_does_not_escape(
     link._handle_message(client, None, msg)
     assert link.callback_errors == 2 and acked == [(7, 1), (7, 1)]
     assert len([r for r in caplog.records if "handler failed" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "sent"),
+    [
+        ("history", "S\x01A", "S\\x01A"),
+        ("proto", "\x1b[5mtcp", "\\x1b[5mtcp"),
+        ("uid", "C\x00\x7f", "C\\x00\\x7f"),
+        ("label_detail", "a\\x01\n", "a\\x5cx01\\x0a"),
+        ("service", "dns\udcff", "dns\\udcff"),
+        ("service", "ShADad é", "ShADad é"),
+    ],
+)
+def test_a_sendable_flow_is_accepted_and_reads_back_by_zeeks_rule(
+    field, value, sent
+) -> None:
+    """What the agent sends (sendable_flow) passes the receiver's check: text fields
+    lose their control characters to \\xNN escapes, which read back to the text
+    (bar a lone surrogate, which has no bytes); ordinary text goes out unchanged."""
+    from flows.readers.stream import _unescape
+
+    flow = {**FLOW, field: value}
+    body = proto.build_escalation(
+        flow=proto.sendable_flow(flow),
+        window=np.full((4, 3), 0.25, np.float32),
+        score=0.7,
+        decision="alert",
+        model_version="m1",
+        site="s1",
+        gateway="g1",
+        msg_id="0123456789abcdef0123456789abcdef",
+    )
+    got = proto.parse_escalation(proto.encode(body), window_shape=(4, 3))
+    assert got["flow"][field] == sent
+    assert got["flow"]["src_ip"] == FLOW["src_ip"] and got["flow"]["duration"] is None
+    if "\udcff" not in value:
+        assert _unescape(sent) == value
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        # Sent as read, the flow would be refused (the bug: a lost escalation).
+        with pytest.raises(proto.ProtocolError, match="control character"):
+            proto.check_flow({**FLOW, "duration": None, field: value})
