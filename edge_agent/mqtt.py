@@ -188,7 +188,8 @@ class MqttLink:
         self.refused_publishes = 0
         self._unrouted: set[int] = set()
         self._subscriptions: dict[str, int] = {}
-        self._subacks: dict[int, list] = {}  # mid -> [event, refused reason or None]
+        # mid of a SUBSCRIBE or UNSUBSCRIBE -> [event, refused reason or None]
+        self._subacks: dict[int, list] = {}
         self._sub_lock = threading.Lock()
         self._connected = threading.Event()
         self._connack = threading.Event()
@@ -338,6 +339,7 @@ class MqttLink:
         client.on_publish = self._handle_publish
         client.on_message = self._handle_message
         client.on_subscribe = self._handle_subscribe
+        client.on_unsubscribe = self._handle_unsubscribe
         return client
 
     def _teardown(self) -> None:
@@ -351,15 +353,30 @@ class MqttLink:
                 pass
 
     def close(
-        self, final: tuple[str, bytes] | None = None, timeout: float = 5.0
+        self,
+        final: tuple[str, bytes] | None = None,
+        timeout: float = 5.0,
+        *,
+        end_session: bool = False,
     ) -> None:
-        """Publish ``final`` (topic, payload; retained) if connected; disconnect."""
+        """Publish ``final`` (topic, payload; retained) if connected; disconnect.
+
+        With ``end_session`` over MQTT v5 the DISCONNECT sets the session expiry to
+        0, so the broker drops the session (and anything it would queue for it) at
+        once, whatever ``session_expiry`` the link connected with. MQTT 3.1.1 has no
+        such field: there it is a plain disconnect.
+        """
         self._closing = True
         client = self._client
         if client is not None and final is not None and self.connected:
             self.publish(final[0], final[1], qos=1, retain=True).wait(timeout)
         if client is not None:
-            client.disconnect()
+            if end_session and self.protocol is Protocol.V5:
+                props = Properties(PacketTypes.DISCONNECT)
+                props.SessionExpiryInterval = 0
+                client.disconnect(properties=props)
+            else:
+                client.disconnect()
             client.loop_stop()
         self._client = None
         self._connected.clear()
@@ -415,6 +432,12 @@ class MqttLink:
         ]
         waiter[1] = ", ".join(refused) or None
         waiter[0].set()
+
+    def _handle_unsubscribe(self, client, userdata, mid, reason_codes, properties):
+        with self._sub_lock:
+            waiter = self._subacks.pop(mid, None)
+        if waiter is not None:
+            waiter[0].set()
 
     def _handle_message(self, client, userdata, msg) -> None:
         if self.on_message is None:
@@ -482,6 +505,33 @@ class MqttLink:
                 f"broker {self.url} refused the subscription to {topic_filter}: "
                 f"{waiter[1]}"
             )
+
+    def unsubscribe(self, topic_filter: str, timeout: float = 5.0) -> bool:
+        """Stop receiving ``topic_filter``, now and after any reconnect.
+
+        Waits up to ``timeout`` seconds for the broker's UNSUBACK and returns True
+        once it came: from then on the broker routes no new message to us on that
+        filter (ones it had already sent or queued for us may still arrive). False
+        when not connected or when no UNSUBACK came in time.
+        """
+        self._subscriptions.pop(topic_filter, None)
+        client = self._client
+        if client is None or not self.connected:
+            return False
+        waiter = [threading.Event(), None]
+        with self._sub_lock:
+            rc, mid = client.unsubscribe(topic_filter)
+            if mid is not None:
+                self._subacks[mid] = waiter
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            with self._sub_lock:
+                self._subacks.pop(mid, None)
+            return False
+        if waiter[0].wait(timeout):
+            return True
+        with self._sub_lock:
+            self._subacks.pop(mid, None)
+        return False
 
     def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False

@@ -19,9 +19,11 @@ across restarts: ``gatewatch-rescorer-<host>-<group>`` unless ``--client-id``), 
 escalations the broker had in flight or queued for a re-scorer that was killed are
 delivered again when it comes back. Two re-scorers on one host in one group need
 their own ``--client-id`` each (with one id, the broker keeps only the newer
-connection). A re-scorer retired for good keeps its share of the escalations queued
-at the broker until its session expires; ``--session-expiry 0`` asks for a clean
-session, which the broker drops at once when the process dies.
+connection). A clean stop (SIGTERM, Ctrl-C, ``--duration``) is another matter: the
+re-scorer leaves the group first (it unsubscribes), stores and answers what the
+broker had already sent it, then ends its session, so the broker routes nothing more
+to a process that will not read it. ``--session-expiry 0`` asks for a clean session,
+which the broker drops at once even when the process dies.
 
 Bad messages are rejected, counted per kind and logged once per kind; the service
 goes on. Against a broker that speaks only
@@ -67,6 +69,30 @@ from teacher.store import AlertStore, key
 DEFAULT_STORE = "gatewatch-alerts.sqlite"
 DEFAULT_GROUP = "gatewatch"
 DEFAULT_SESSION_EXPIRY = 3600  # seconds the broker keeps a dead re-scorer's session
+MAX_CLIENT_ID_BYTES = 65_535  # MQTT writes the client id with a 16-bit length
+
+
+def check_client_id(client_id: str | None) -> str | None:
+    """``client_id`` if MQTT can carry it, else UsageError (None passes).
+
+    paho would fail deep inside CONNECT on an id it cannot encode (too long for
+    the 16-bit length, or not valid UTF-8), so it is refused before connecting.
+    A broker may allow fewer bytes still; it then refuses the connection.
+    """
+    if client_id is None:
+        return None
+    try:
+        size = len(client_id.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise UsageError(
+            f"--client-id {client_id[:20]!r}...: not valid UTF-8 ({exc.reason})"
+        ) from exc
+    if size > MAX_CLIENT_ID_BYTES:
+        raise UsageError(
+            f"--client-id {client_id[:20]!r}... is {size} bytes of UTF-8; MQTT "
+            f"allows at most {MAX_CLIENT_ID_BYTES} (and a broker may allow fewer)"
+        )
+    return client_id
 
 
 def default_client_id(share_group: str | None) -> str:
@@ -102,6 +128,7 @@ class ReScorer:
     so the escalations the broker had in flight to a process that died, or queued
     for it since, are delivered again when it reconnects; ``session_expiry=0`` asks
     for a clean session instead, whose messages the broker drops with the process.
+    :meth:`stop` (a clean stop) ends the session after answering what came.
     """
 
     def __init__(
@@ -133,7 +160,7 @@ class ReScorer:
         self.share_group = share_group
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
-        self.client_id = client_id or default_client_id(share_group)
+        self.client_id = check_client_id(client_id) or default_client_id(share_group)
         self.rejects = proto.RejectCounter("re-scorer", log=logger)
         self.counters = {
             "received": 0,
@@ -150,6 +177,11 @@ class ReScorer:
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
+        self._filter: str | None = None  # the subscription, once made
+        # Escalations queued or being scored, not yet acknowledged to the broker.
+        self._in_hand = 0
+        self._in_hand_lock = threading.Lock()
+        self._last_message = 0.0  # time.monotonic() when the last message came
         self.link = MqttLink(
             broker,
             self.client_id,
@@ -179,11 +211,8 @@ class ReScorer:
                 self.link.url,
             )
             group = None
-        self.link.subscribe(
-            proto.subscription(proto.Channel.ESCALATIONS, group),
-            qos=1,
-            timeout=connect_timeout,
-        )
+        self._filter = proto.subscription(proto.Channel.ESCALATIONS, group)
+        self.link.subscribe(self._filter, qos=1, timeout=connect_timeout)
         self._worker = threading.Thread(target=self._work, name="rescorer", daemon=True)
         self._worker.start()
         logger.info(
@@ -194,12 +223,95 @@ class ReScorer:
             group,
         )
 
-    def stop(self) -> None:
-        """Finish the batch in hand, then disconnect."""
+    def stop(self, quiet: float = 1.0, timeout: float = 10.0) -> None:
+        """Leave the share group, answer what already came, then end the session.
+
+        First unsubscribe, so that the broker routes new escalations to the group's
+        other members (with nobody left, an MQTT v5 broker answers the agent "no
+        matching subscribers" and the agent publishes again later). Then store
+        and answer all that was received, including what the broker still delivers
+        right after the unsubscribe, until nothing is in hand and nothing came for
+        ``quiet`` seconds (at most ``timeout`` seconds in all). Last, disconnect
+        with session expiry 0: a session kept would go on collecting a share of the
+        group's escalations that nobody reads. (A re-scorer that is killed skips
+        all of this and keeps its session, and gets what waited there when it
+        comes back.)
+
+        Where ending the session could lose escalations, it is kept and the
+        disconnect is a plain one: over MQTT 3.1.1 (no shared subscription, and the
+        agent cannot tell an unrouted message from a delivered one, so the session
+        at the broker holds the escalations until the re-scorer comes back), when
+        the broker did not confirm the unsubscribe, or when escalations are still
+        unanswered at ``timeout``.
+        """
+        link = self.link
+        deadline = time.monotonic() + timeout
+        received = self.counters["received"]
+        left = False
+        if self._filter is not None and not link.connected:
+            logger.info(
+                "re-scorer %s stops while the broker is away; its session stays",
+                self.client_id,
+            )
+        elif self._filter is not None and link.protocol is Protocol.V5:
+            left = link.unsubscribe(self._filter, max(0.1, min(5.0, timeout)))
+            if left:
+                logger.info(
+                    "re-scorer %s unsubscribed from %s; answering what it already "
+                    "received",
+                    self.client_id,
+                    self._filter,
+                )
+            else:
+                logger.warning(
+                    "re-scorer %s: the broker did not confirm the unsubscribe from "
+                    "%s; its session stays",
+                    self.client_id,
+                    self._filter,
+                )
+        if left:
+            self._drain(quiet, deadline)
         self._stop.set()
         if self._worker is not None:
-            self._worker.join(10)
-        self.link.close()
+            self._worker.join(max(1.0, deadline - time.monotonic()))
+        unanswered = self._in_hand
+        end = left and unanswered == 0
+        if end:
+            logger.info(
+                "re-scorer %s answered all it received (%d messages came while "
+                "it stopped); ending its session, so the broker queues nothing "
+                "more for it",
+                self.client_id,
+                self.counters["received"] - received,
+            )
+        elif unanswered and left:
+            logger.warning(
+                "re-scorer %s: %d escalations still unanswered after %g s; keeping "
+                "its session, so they are delivered again when it comes back",
+                self.client_id,
+                unanswered,
+                timeout,
+            )
+        elif link.protocol is Protocol.V311 and link.session_expiry > 0:
+            logger.info(
+                "re-scorer %s keeps its session (MQTT 3.1.1): escalations wait "
+                "there until it comes back",
+                self.client_id,
+            )
+        link.close(end_session=end)
+
+    def _drain(self, quiet: float, deadline: float) -> None:
+        """Wait until nothing is in hand and no message came for ``quiet`` seconds,
+        or until ``deadline`` (a ``time.monotonic()`` value)."""
+        while time.monotonic() < deadline:
+            if self._in_hand == 0 and time.monotonic() - self._last_message >= quiet:
+                return
+            time.sleep(0.05)
+
+    def _done_with(self, n: int) -> None:
+        """Note that ``n`` escalations in hand were acknowledged."""
+        with self._in_hand_lock:
+            self._in_hand -= n
 
     def stats(self) -> dict[str, Any]:
         """Counters, rejections per kind and the store's size."""
@@ -212,6 +324,7 @@ class ReScorer:
     # -- receiving (network thread) ---------------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes, token) -> None:
+        self._last_message = time.monotonic()
         self.counters["received"] += 1
         try:
             site, gateway, _ = proto.split_topic(topic)
@@ -220,6 +333,11 @@ class ReScorer:
                 raise proto.ProtocolError(
                     proto.RejectKind.BAD_TOPIC,
                     f"escalation of {esc['site']}/{esc['gateway']} arrived on {topic}",
+                )
+            problem = proto.text_problem(esc["model_version"])
+            if problem is not None:
+                raise proto.ProtocolError(
+                    proto.RejectKind.BAD_VALUE, f"field 'model_version' {problem}"
                 )
         except proto.ProtocolError as exc:
             self.rejects.reject(exc, topic)
@@ -236,6 +354,8 @@ class ReScorer:
             )
             self.link.ack(token)
             return
+        with self._in_hand_lock:
+            self._in_hand += 1
         self._queue.put((esc, token))
 
     # -- scoring (worker thread) ------------------------------------------------------
@@ -271,6 +391,8 @@ class ReScorer:
                 )
                 for _, token in batch:
                     self.link.ack(token)
+            finally:
+                self._done_with(len(batch))
 
     def _handle(self, batch: list[tuple[dict, Any]]) -> None:
         # Copies: seen in this process, or stored by any re-scorer sharing the store.
@@ -443,6 +565,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from teacher.checkpoint import load_teacher
 
     _check_stats_path(args.stats_json)
+    check_client_id(args.client_id)
     _logging(args)
     teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
     _set_threads(teacher, args.threads)
@@ -561,9 +684,24 @@ def cmd_alerts(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     store.close()
-    if args.json:
-        print(json.dumps(rows, indent=1))
+    try:
+        _print_alerts(rows, args.json)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader stopped reading (``| head -1``): stop quietly, as Unix tools
+        # do. stdout now points at /dev/null, so the flush at exit cannot fail too.
+        _silence_stdout()
         return EXIT_OK
+    if not args.json:
+        print(f"{len(rows)} escalations", file=sys.stderr)
+    return EXIT_OK
+
+
+def _print_alerts(rows: list[dict[str, Any]], as_json: bool) -> None:
+    """Write the rows to stdout: one JSON list, or one terminal-safe line each."""
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
     for r in rows:
         when = dt.datetime.fromtimestamp(r["received_at"], dt.UTC).strftime(
             "%Y-%m-%d %H:%M:%S"
@@ -575,8 +713,19 @@ def cmd_alerts(args: argparse.Namespace) -> int:
             f"agent {_shown(r['agent_decision'])} {_score(r['agent_score'])}  "
             f"teacher {_shown(r['verdict'])} {_score(r['teacher_score'])}"
         )
-    print(f"{len(rows)} escalations", file=sys.stderr)
-    return EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null (when stdout has one)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # replaced by a test or an embedding program: nothing to redirect
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _set_threads(teacher: Any, threads: int | None) -> None:

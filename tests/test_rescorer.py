@@ -24,10 +24,11 @@ import pytest
 
 from edge_agent import protocol as proto
 from edge_agent.agent import Agent
-from edge_agent.mqtt import MqttLink
+from edge_agent.mqtt import MqttLink, Protocol
 from edge_agent.outbox import Outbox
 from edge_agent.runtime import load_artifact
 from edge_agent.sources import canonical
+from flows.errors import UsageError
 from teacher.serve import ReScorer
 from teacher.store import AlertStore
 from tests.conftest import data_file
@@ -578,3 +579,255 @@ def test_killed_rescorer_with_a_session_gets_its_escalations_again(
         serve.send_signal(signal.SIGTERM)
         serve.wait(30)
     assert {r["id"] for r in store.query()} == set(tm.expected())
+
+
+def _escalation(tm, i: int, model_version: str = "m1") -> dict:
+    """An escalation of flow ``i`` of the tiny log, from gateway s1/g1."""
+    return proto.build_escalation(
+        flow=tm.records[i],
+        window=tm.windows[i],
+        score=0.9,
+        decision="alert",
+        model_version=model_version,
+        site="s1",
+        gateway="g1",
+    )
+
+
+def _session_left(broker_port: int, client_id: str) -> bool:
+    """True if the broker still holds a session for ``client_id``.
+
+    Connects under that id without a clean start and reads CONNACK's session-present
+    flag; the probe then disconnects, ending whatever session it opened.
+    """
+    got = {}
+    client = paho.Client(
+        paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+    )
+    client.on_connect = lambda c, u, flags, rc, p: got.setdefault(
+        "present", flags.session_present
+    )
+    client.connect("127.0.0.1", broker_port, clean_start=False)
+    client.loop_start()
+    try:
+        wait_for(lambda: "present" in got, 10, f"CONNACK for {client_id}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got["present"]
+
+
+def test_a_cleanly_stopped_rescorer_leaves_its_share_group(
+    tm, teacher, mosquitto, tmp_path
+):
+    """Found: a ``teacher serve`` stopped with SIGTERM kept its session, and the
+    broker went on routing a share of the group's escalations to it, so the live
+    re-scorer stored only some of them. Now a clean stop unsubscribes and ends the
+    session: every escalation published afterwards reaches the live one."""
+    ckpt, teacher_obj = teacher
+    store = AlertStore(tmp_path / "live.sqlite")
+    live = ReScorer(
+        teacher_obj,
+        broker=mosquitto.url,
+        store=store,
+        share_group="grp",
+        client_id="x1",
+        max_batch=8,
+    )
+    live.start()
+    log = tmp_path / "y1.log"
+    stopped = subprocess.Popen(
+        [
+            str(BIN / "teacher"),
+            "serve",
+            "--checkpoint",
+            str(ckpt),
+            "--broker",
+            mosquitto.url,
+            "--share-group",
+            "grp",
+            "--client-id",
+            "y1",
+            "--store",
+            str(tmp_path / "g.sqlite"),
+        ],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
+    sender = MqttLink(mosquitto.url, "sender", protocol="5")
+    try:
+        wait_for(lambda: "serving" in log.read_text(), 60, "the second re-scorer")
+        stopped.send_signal(signal.SIGTERM)
+        assert stopped.wait(30) == 0, log.read_text()
+        sender.connect(timeout=5)
+        topic = proto.topic("s1", "g1", proto.Channel.ESCALATIONS)
+        ids = []
+        for i in range(30):
+            body = _escalation(tm, i)
+            ids.append(body["id"])
+            delivery = sender.publish(topic, proto.encode(body), qos=1)
+            assert delivery.wait(5) and not delivery.unrouted
+        wait_for(lambda: store.count() == len(ids), 20, "every escalation stored")
+    finally:
+        sender.close()
+        live.stop()
+        if stopped.poll() is None:
+            stopped.kill()
+    assert {r["id"] for r in store.query()} == set(ids)
+    assert not _session_left(mosquitto.port, "y1")
+    assert "ending its session" in log.read_text()
+
+
+def test_escalations_in_flight_when_a_rescorer_stops_are_all_stored(
+    tm, teacher, mosquitto, tmp_path
+):
+    """A clean stop in the middle of a burst: what the broker had already sent the
+    stopping re-scorer is stored by it, the rest by the other member; none lost."""
+    _, teacher_obj = teacher
+    stores = [AlertStore(tmp_path / f"s{i}.sqlite") for i in range(2)]
+    stopping, staying = (
+        ReScorer(
+            teacher_obj,
+            broker=mosquitto.url,
+            store=s,
+            share_group="grp",
+            client_id=f"rs{i}",
+            max_batch=4,
+        )
+        for i, s in enumerate(stores)
+    )
+    stopping.start()
+    staying.start()
+    sender = MqttLink(mosquitto.url, "sender", protocol="5")
+    sender.connect(timeout=5)
+    topic = proto.topic("s1", "g1", proto.Channel.ESCALATIONS)
+    bodies = [_escalation(tm, i) for i in range(120)]
+    try:
+        sent = [sender.publish(topic, proto.encode(b), qos=1) for b in bodies[:60]]
+        wait_for(lambda: stopping.counters["received"] > 0, 10, "a first delivery")
+        stopping.stop()  # with a backlog in hand and more on the way
+        sent += [sender.publish(topic, proto.encode(b), qos=1) for b in bodies[60:]]
+        assert all(d.wait(10) and not d.unrouted for d in sent)
+        wait_for(
+            lambda: sum(s.count() for s in stores) == len(bodies), 30, "all stored"
+        )
+    finally:
+        sender.close()
+        staying.stop()
+    ids = [{r["id"] for r in s.query()} for s in stores]
+    assert ids[0] | ids[1] == {b["id"] for b in bodies}
+    assert not ids[0] & ids[1]
+    assert stopping.counters["stored"] == stopping.counters["received"] > 0
+    assert not _session_left(mosquitto.port, "rs0")
+
+
+def test_a_3_1_1_rescorer_stopped_cleanly_keeps_its_session(
+    tm, teacher, mosquitto, tmp_path
+):
+    """Over MQTT 3.1.1 an agent cannot tell an unrouted escalation from a delivered
+    one, so a clean stop keeps the session: what comes while the re-scorer is away
+    waits at the broker and is stored when it returns with the same client id."""
+    _, teacher_obj = teacher
+    store = AlertStore(tmp_path / "alerts.sqlite")
+
+    def rescorer():
+        return ReScorer(
+            teacher_obj,
+            broker=mosquitto.url,
+            store=store,
+            client_id="rs-311",
+            protocol="3.1.1",
+        )
+
+    server = rescorer()
+    server.start(connect_timeout=5)
+    server.stop()
+    sender = MqttLink(mosquitto.url, "sender", protocol="5")
+    sender.connect(timeout=5)
+    topic = proto.topic("s1", "g1", proto.Channel.ESCALATIONS)
+    bodies = [_escalation(tm, i) for i in range(5)]
+    try:
+        for body in bodies:
+            delivery = sender.publish(topic, proto.encode(body), qos=1)
+            assert delivery.wait(5) and not delivery.unrouted
+        assert store.count() == 0
+        server = rescorer()
+        server.start(connect_timeout=5)
+        wait_for(lambda: store.count() == len(bodies), 30, "the queued escalations")
+    finally:
+        sender.close()
+        server.stop()
+    assert {r["id"] for r in store.query()} == {b["id"] for b in bodies}
+
+
+class _StubLink:
+    """Stands in for the re-scorer's MqttLink: records unsubscribe and close."""
+
+    protocol = Protocol.V5
+    connected = True
+    session_expiry = 3600
+
+    def __init__(self, unsubscribed: bool) -> None:
+        self.unsubscribed = unsubscribed
+        self.calls: list = []
+
+    def unsubscribe(self, topic_filter, timeout):
+        self.calls.append(("unsubscribe", topic_filter))
+        return self.unsubscribed
+
+    def close(self, **kwargs):
+        self.calls.append(("close", kwargs))
+
+
+@pytest.mark.parametrize("unsubscribed", [True, False])
+def test_the_session_ends_only_after_a_confirmed_unsubscribe(
+    teacher, tmp_path, unsubscribed
+):
+    """Without the broker's UNSUBACK it may still route escalations to us: the
+    session is then kept, so they are delivered again after a restart."""
+    _, teacher_obj = teacher
+    store = AlertStore(tmp_path / "alerts.sqlite")
+    server = ReScorer(teacher_obj, broker="mqtt://127.0.0.1:1", store=store)
+    server._filter = proto.subscription(proto.Channel.ESCALATIONS, "grp")
+    server.link = link = _StubLink(unsubscribed)
+    server.stop(quiet=0.1, timeout=2)
+    assert link.calls == [
+        ("unsubscribe", "$share/grp/gatewatch/v1/+/+/escalations"),
+        ("close", {"end_session": unsubscribed}),
+    ]
+    store.close()
+
+
+def test_a_model_version_with_control_characters_is_rejected(tm, teacher, tmp_path):
+    """Found: flow fields with control characters were rejected, yet such a
+    ``model_version`` was stored; the two now follow one rule."""
+    _, teacher_obj = teacher
+    store = AlertStore(tmp_path / "alerts.sqlite")
+    server = ReScorer(teacher_obj, broker="mqtt://127.0.0.1:1", store=store)
+    acked = []
+    server.link.ack = acked.append
+    topic = "gatewatch/v1/s1/g1/escalations"
+    # A lone surrogate has no UTF-8 form: stored, it failed its whole batch.
+    bad = ["m1\x1b[2J", "m1\r", "m1\x7f", "m1\udcff"]
+    for n, version in enumerate(bad):
+        server._on_message(topic, proto.encode(_escalation(tm, n, version)), (n, 1))
+    assert acked == [(n, 1) for n in range(len(bad))]
+    assert server.rejects.counts == {"bad_value": len(bad)}
+    assert server._queue.empty()
+    server._on_message(topic, proto.encode(_escalation(tm, 9, "m1 é")), (9, 1))
+    assert server._queue.qsize() == 1 and len(acked) == len(bad)
+    store.close()
+
+
+def test_a_client_id_mqtt_cannot_carry_is_refused_before_connecting(teacher, tmp_path):
+    """Found: a 70,000-character id reached paho and failed there (struct.error)."""
+    _, teacher_obj = teacher
+    store = AlertStore(tmp_path / "alerts.sqlite")
+    with pytest.raises(UsageError, match="--client-id .* 70000 bytes"):
+        ReScorer(
+            teacher_obj,
+            broker="mqtt://127.0.0.1:1",
+            store=store,
+            client_id="x" * 70_000,
+        )
+    store.close()

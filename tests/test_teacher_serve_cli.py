@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from flows.errors import EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE
 from teacher.cli import build_parser, main
 from teacher.store import AlertStore
 
+BIN = Path(sys.executable).parent
 SERVE = ["serve", "--checkpoint", "no-such-ckpt", "--broker", "mqtt://127.0.0.1:1"]
 
 
@@ -68,11 +72,48 @@ def test_alerts_scores_are_three_decimals_when_ordinary(tmp_path, capsys):
     ["--max-batch", "0"],
     ["--session-expiry", "-1"],
     ["--stats-json", "/nonexistent-gatewatch/x.json"],
+    ["--client-id", "x" * 70_000],  # found: a struct.error traceback from paho
 ])
 def test_serve_refuses_bad_flags_before_serving(extra, capsys):
     assert main([*SERVE, *extra]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert extra[0] in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("client_id", ["\u00e9" * 40_000, "rs-\udcff"])
+def test_serve_refuses_client_ids_mqtt_cannot_carry(client_id, capsys):
+    """The limit is 65,535 bytes of UTF-8, not characters; an id that is not valid
+    UTF-8 (undecodable bytes in argv) cannot be sent at all."""
+    assert main([*SERVE, "--client-id", client_id]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--client-id" in err and "Traceback" not in err
+    assert len(err) < 400
+
+
+def test_serve_takes_a_client_id_of_65535_bytes(capsys):
+    """At the limit the id passes; the command goes on to the (absent) checkpoint."""
+    main([*SERVE, "--client-id", "\u00e9" * 32_767 + "x"])
+    err = capsys.readouterr().err
+    assert "no-such-ckpt" in err and "--client-id" not in err
+
+
+@pytest.mark.parametrize("flags", [[], ["--json"]])
+def test_alerts_into_a_closed_pipe_ends_quietly(tmp_path, flags):
+    """Found: ``teacher alerts | head -1`` ended in a BrokenPipeError traceback
+    once ``head`` had gone. Now it stops quietly with exit 0, as Unix tools do."""
+    path = tmp_path / "a.sqlite"
+    _store_with(path, src_ip="10.0.0.1", proto_name="tcp", score=0.9)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line is written
+    try:
+        out = subprocess.run(
+            [str(BIN / "teacher"), "alerts", "--store", str(path), *flags],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr
+    assert "Exception ignored" not in out.stderr
 
 
 @pytest.mark.parametrize("extra", [["--limit", "-5"], ["--since", "nan"],
