@@ -5,7 +5,9 @@ binetflow, the CSV families, escalations, verdicts, bundles, signed bundle
 manifests) gets ``--inputs`` inputs made by mutating its seeds (built ones and the
 heads of the real files under ``--data-dir``) and, now and then, an earlier mutant.
 An input passes when the parser returns or raises a gatewatch error. Anything else
-is a *crash*; an input that runs past ``--hang-seconds`` is a *hang*. Both are
+is a *crash*; an input that uses more than ``--hang-seconds`` of CPU time is a
+*hang* (CPU time, not the clock: a run at ``nice 19`` on a busy machine can wait
+longer than that for a core without hanging). Both are
 written to ``--out`` (the input bytes and the traceback), one file per distinct
 place of failure, and counted.
 
@@ -106,7 +108,7 @@ def fuzz_target(
     old_hook = sys.unraisablehook
     sys.unraisablehook = unraisable
     started = time.perf_counter()
-    signal.signal(signal.SIGALRM, _alarm)
+    signal.signal(signal.SIGPROF, _alarm)
     try:
         while n < inputs:
             if seconds is not None and time.perf_counter() - started > seconds:
@@ -119,7 +121,7 @@ def fuzz_target(
             data = mutate(base, rng)
             n += 1
             in_flight = True
-            signal.setitimer(signal.ITIMER_REAL, hang_seconds)
+            signal.setitimer(signal.ITIMER_PROF, hang_seconds)
             try:
                 run_target(kind, data, scratch)
             except Hang:
@@ -129,14 +131,14 @@ def fuzz_target(
                     kind,
                     "hang",
                     data,
-                    f"no result within {hang_seconds} s",
+                    f"no result within {hang_seconds} s of CPU time",
                     failures,
                 )
             except Exception as exc:  # noqa: BLE001 - every escape is a finding
                 crashes += 1
                 _record(out, kind, _where(exc), data, traceback.format_exc(), failures)
             finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.setitimer(signal.ITIMER_PROF, 0)
             in_flight = False
             while unraisable.fresh:  # keep the input that first showed each place
                 where, text = unraisable.fresh.pop()
@@ -147,7 +149,7 @@ def fuzz_target(
         stopped = True
         n -= in_flight  # the input in flight when the signal came is not counted
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_PROF, 0)
         sys.unraisablehook = old_hook
         scratch.cleanup()
     elapsed = time.perf_counter() - started
@@ -200,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         or Path(__file__).resolve().parents[2] / "shared" / "data",
     )
     p.add_argument("--out", type=Path, default=Path("runs/fuzz"))
-    p.add_argument("--hang-seconds", type=float, default=10.0)
+    p.add_argument("--hang-seconds", type=float, default=10.0,
+                   help="CPU seconds one input may use before it counts as a hang "
+                        "(default 10)")
     p.add_argument("--json", type=Path, help="also write the counts here")
     args = p.parse_args(argv)
     kinds = [k.strip() for k in args.targets.split(",") if k.strip()]
