@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from compress import logger
 from flows.argtypes import integer, integers, real, reals
 from flows.errors import (
     EXIT_BAD_INPUT,
@@ -23,6 +24,7 @@ from flows.errors import (
     EXIT_GATE,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_PARTIAL_INPUT,
     EXIT_USAGE,
     GatewatchError,
     UsageError,
@@ -39,6 +41,8 @@ exit codes:
        export failed
   {EXIT_USAGE}    usage: bad flags or arguments
   {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read
+  {EXIT_PARTIAL_INPUT}    partial input: a --dataset/--data file was damaged part way;
+       the rows before the damage were used and the results written
   {EXIT_GATE}    gate: no compressed artifact met the quality gate
   {EXIT_INTERRUPTED}  interrupted
 """
@@ -258,7 +262,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(_artifact_table(summary["artifacts"]))
         for target, why in result.failed.items():
             print(f"{target}: not made ({why})")
-    return EXIT_OK
+    return _finished(result.partial)
 
 
 def _summary(result: Any) -> dict[str, Any]:
@@ -333,6 +337,9 @@ def evaluate_artifact(
     out.update({"artifact": str(artifact), "target": scorer.target,
                 "model_version": scorer.model_version, "data": prep.name,
                 "split": "all" if split is None else split})
+    if prep.partial:
+        out["partial"] = True
+        out["warnings"] = prep.warnings
     return out
 
 
@@ -349,6 +356,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             value = out.get(key)
             print(f"{key:>10}: {value:.4f}" if value is not None else f"{key:>10}: -")
         print(f"{'confusion':>10}: {out['confusion']}")
+    return _finished(out.get("partial", False))
+
+
+def _finished(partial: bool) -> int:
+    """Exit code once the work is written: 4 when the data was damaged part way."""
+    if partial:
+        logger.warning("the data was damaged part way; used the rows before it")
+        return EXIT_PARTIAL_INPUT
     return EXIT_OK
 
 

@@ -198,6 +198,7 @@ class RunResult:
     frontier: list[Candidate]
     teacher_metrics: dict[str, Any]
     failed: dict[str, str] = field(default_factory=dict)
+    partial: bool = False  # the data was damaged part way (see teacher.data)
 
 
 # ------------------------------------------------------------------ context
@@ -813,7 +814,8 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunRes
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     result = RunResult(artifacts, frontier, {"val": ctx.teacher_val,
-                                             "test": ctx.teacher_test}, failed)
+                                             "test": ctx.teacher_test}, failed,
+                       partial=ctx.prep.partial)
     if not artifacts:
         raise GateError(
             f"no artifact passed the gate for {', '.join(targets)}: validation F1 must"

@@ -690,6 +690,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"wrote {path}: escalate_low {lo:.6g}, alert {out['alert']:.6g}, benign "
         f"flows {len(benign)}, measured fpr {out['measured_fpr']:.4g}"
     )
+    # Written from what came before any damage; a damaged source still exits 4.
+    problem = _input_problem(args.source, source, int(len(s)))
+    if problem is not None:
+        raise problem
     return EXIT_OK
 
 

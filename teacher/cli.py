@@ -410,6 +410,17 @@ def _check_out(out: str | Path) -> None:
         raise UsageError(f"--out {out}: cannot be used ({exc})") from exc
 
 
+def _finished(*preps: Any) -> int:
+    """Exit code once a command's work is written: 4 when its data was damaged part
+    way (what came before the damage was used; the readers' warnings name it)."""
+    damaged = [p.name for p in preps if p is not None and p.partial]
+    if damaged:
+        logger.warning("%s: damaged part way; used the rows before the damage",
+                       ", ".join(damaged))
+        return EXIT_PARTIAL_INPUT
+    return EXIT_OK
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """``teacher train``: fit on train, stop and threshold on val, save a folder."""
     import torch
@@ -503,7 +514,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps(summary))
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    return EXIT_OK
+    return _finished(prep)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -525,7 +536,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if prep.warnings:
         out["warnings"] = prep.warnings
     _print(out, args.json)
-    return EXIT_OK
+    return _finished(prep)
 
 
 def cmd_baselines(args: argparse.Namespace) -> int:
@@ -546,7 +557,7 @@ def cmd_baselines(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     _print(out, args.json)
-    return EXIT_OK
+    return _finished(prep)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -584,7 +595,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out = write_table(rows, args.out)
     print(json.dumps({"table": str(out / "tune.md"), "trials": len(rows),
                       "best": rows[0] if rows else None}))
-    return EXIT_OK
+    return _finished(*preps.values())
 
 
 def cmd_update(args: argparse.Namespace) -> int:
@@ -620,7 +631,7 @@ def cmd_update(args: argparse.Namespace) -> int:
         save_replay(out, *replay)
     report["checkpoint"] = str(out)
     _print(report, args.json)
-    return EXIT_OK
+    return _finished(new, old)
 
 
 def _print(data: dict[str, Any], as_json: bool) -> None:

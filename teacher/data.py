@@ -32,7 +32,9 @@ class Prepared:
 
     ``y`` is int8 with -1 for unlabeled rows; ``split`` holds "train", "val" or
     "test"; ``families`` (attack family per row, when the data has one) and
-    ``details`` (the source's label text) feed per-family recall.
+    ``details`` (the source's label text) feed per-family recall. ``partial`` says
+    the file was damaged part way (a cut gzip or last line): the rows before the
+    damage are here, and commands exit 4 after their work.
     """
 
     X: np.ndarray
@@ -46,6 +48,7 @@ class Prepared:
     details: np.ndarray | None = None
     files: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    partial: bool = False
 
     @property
     def window(self) -> int:
@@ -155,7 +158,7 @@ def _load(source: str | os.PathLike[str], data_dir: Any, seed: int) -> dict[str,
         return {
             "table": ds.table, "family": ds.family, "name": ds.name,
             "group_by": ds.group_by_default, "window": ds.window_default,
-            "files": _entry_files(registry[text]), "warnings": [],
+            "files": _entry_files(registry[text]), "warnings": [], "partial": False,
         }
 
     from flows.readers import read
@@ -174,7 +177,7 @@ def _load(source: str | os.PathLike[str], data_dir: Any, seed: int) -> dict[str,
         "group_by": "src_ip" if result.family == "conn" else "stream",
         # Resolved: provenance must name the file from any working directory.
         "window": None, "files": {str(path.resolve()): sha256_file(path)},
-        "warnings": list(result.warnings),
+        "warnings": list(result.warnings), "partial": bool(result.partial),
     }
 
 
@@ -260,6 +263,7 @@ def prepare(
         families=None if families is None else np.asarray(families, dtype=object),
         details=None if details is None else np.asarray(details, dtype=object),
         files=loaded["files"], warnings=loaded["warnings"],
+        partial=loaded["partial"],
     )
 
 
@@ -294,4 +298,5 @@ def concat(parts: list[Prepared], name: str | None = None) -> Prepared:
         name=name or "+".join(p.name for p in parts), family=first.family,
         families=join("families"), details=join("details"), files=files,
         warnings=[w for p in parts for w in p.warnings],
+        partial=any(p.partial for p in parts),
     )

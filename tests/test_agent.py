@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -246,6 +247,22 @@ def test_calibrate_writes_site_thresholds_the_agent_prefers(tm, tmp_path: Path) 
     assert site["alert"] >= site["escalate_low"]
     thresholds, origin = load_thresholds(load_artifact(art))
     assert origin == "site" and thresholds["escalate_low"] == site["escalate_low"]
+
+
+def test_calibrate_on_a_cut_log_writes_thresholds_and_exits_4(tm, tmp_path: Path,
+                                                              capsys) -> None:
+    art = make_artifact(tmp_path / "art", tm.encoder, tm.thresholds)
+    text = Path(tm.conn_log).read_bytes()
+    cut = tmp_path / "cut.log.gz"
+    cut.write_bytes(gzip.compress(text)[:-200])  # the gzip stream cut short
+
+    rc = main(["calibrate", "--artifact", str(art), "--source", f"zeek:{cut}",
+               "--target-fpr", "0.01"])
+
+    err = capsys.readouterr().err
+    assert rc == 4 and "damaged part way" in err and "Traceback" not in err
+    site = json.loads((art / "site_thresholds.json").read_text())
+    assert 0 < site["flows"] < len(tm.records)  # the flows before the cut
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

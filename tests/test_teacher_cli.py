@@ -214,3 +214,22 @@ def test_bins_and_subspace_from_the_command_line(slices, tmp_path, capsys):
     masks = [m.feature_mask for m in teacher.model.members]
     assert all(int(m.sum()) == round(0.5 * teacher.config.n_features) for m in masks)
     assert not np.array_equal(masks[0].numpy(), masks[1].numpy())
+
+
+def test_damaged_data_is_used_up_to_the_damage_and_exits_4(checkpoint, slices,
+                                                            tmp_path, capsys):
+    text = slices[1].read_text()
+    cut = tmp_path / "cut.txt"
+    cut.write_text(text[: text.rindex("\n", 0, len(text) - 1) + 30])  # last line cut
+    whole_rows = text.count("\n") - 1
+
+    capsys.readouterr()
+    code = main(["eval", "--checkpoint", str(checkpoint), "--data", str(cut),
+                 "--json", "--no-timing", "-q"])
+
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert code == 4  # EXIT_PARTIAL_INPUT, after the metrics were printed
+    assert sum(out["confusion"].values()) == whole_rows
+    assert any("cut short" in w for w in out["warnings"])
+    assert "Traceback" not in captured.err
