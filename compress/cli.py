@@ -208,14 +208,22 @@ def _progress(quiet: bool):
     return say
 
 
-def _check_out(out: Path) -> None:
-    """Refuse up front an ``--out`` that exists and is not a folder (exit 2)."""
+def _check_out(out: Path, teacher: Path | None = None) -> None:
+    """Refuse up front an ``--out`` that exists and is not a folder, or that is
+    the teacher's checkpoint folder or lies inside it (exit 2)."""
     try:
         bad = out.exists() and not out.is_dir()
+        inside = teacher is not None and (
+            out.resolve() == teacher.resolve() or teacher.resolve() in
+            out.resolve().parents)
     except (OSError, RuntimeError) as exc:
         raise UsageError(f"--out {out}: cannot be used ({exc})") from exc
     if bad:
         raise UsageError(f"--out {out} exists and is not a folder; name a folder")
+    if inside:
+        raise UsageError(
+            f"--out {out} is inside the teacher's checkpoint {teacher}; the "
+            "artifact's files would overwrite the checkpoint's (name another folder)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -225,7 +233,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from compress.pipeline import RunConfig, frontier_table, run
     from student.distill import DistillConfig
 
-    _check_out(args.out)
+    _check_out(args.out, args.teacher)
 
     torch.set_num_threads(max(1, args.threads))
     cfg = RunConfig(

@@ -149,6 +149,12 @@ class RunConfig:
         if self.distill_alpha is not None and not 0.0 <= self.distill_alpha <= 1.0:
             raise UsageError(
                 f"--distill-alpha must be in [0, 1], got {self.distill_alpha}")
+        swapping = DEFAULT_SWAP if self.distill_swap is None else self.distill_swap
+        if swapping > 0 and self.distill_alpha is not None and self.distill_alpha < 1:
+            raise UsageError(
+                f"--distill-alpha {self.distill_alpha} weighs in hard labels, but a "
+                "window with swapped columns has none; use --distill-alpha 1 or "
+                "--distill-swap 0")
 
 
 @dataclass

@@ -395,9 +395,11 @@ def test_students_learn_with_the_teachers_noise_unless_told(onnx_run) -> None:
     for odd in (float("nan"), -1.0, 5.0, "0.05"):  # nor an unusable one
         assert settings({"train_config": {"input_noise": odd}}) == (0.0, 0.3, 1.0)
     assert settings(noisy, distill_noise=0.0, distill_swap=0.0) == (0.0, 0.0, 0.5)
-    assert settings(noisy, distill_alpha=0.3) == (0.05, 0.3, 0.3)
+    assert settings(noisy, distill_alpha=0.3, distill_swap=0.0) == (0.05, 0.0, 0.3)
     for bad in ({"distill_noise": -0.1}, {"distill_swap": 1.5},
-                {"distill_alpha": 2.0}):
+                {"distill_alpha": 2.0},
+                {"distill_alpha": 0.5},  # hard labels, but swapped windows have none
+                {"distill_alpha": 0.0, "distill_swap": 0.2}):
         with pytest.raises(UsageError):
             _fast_config(target="onnx-int8", teacher=Path("t"), out=Path("o"), **bad)
 
@@ -433,3 +435,14 @@ def test_a_candidate_its_runtime_refuses_is_skipped(teacher_dir: Path, tmp_path:
     assert first.width == 8 and not first.passed and "cannot allocate" in first.note
     assert result.artifacts == {"onnx-int8": tmp_path / "art"}
     assert any(c.passed for c in result.frontier[1:])
+
+
+def test_out_inside_the_teachers_folder_is_refused(teacher_dir: Path, capsys) -> None:
+    from compress.cli import main
+
+    for out in (teacher_dir, teacher_dir / "art"):
+        code = main(["run", "--target", "onnx-int8", "--teacher", str(teacher_dir),
+                     "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and "inside the teacher's checkpoint" in err
+    assert not (teacher_dir / "art").exists()
