@@ -236,6 +236,15 @@ def verify_checksums(ckpt_dir: str | os.PathLike[str],
         raise ModelError(
             f"{sums_path}: expected {{\"algorithm\": \"sha256\", \"files\": "
             "{name: hex digest}}")
+    # Every file a checkpoint must have, and any optional one present, is covered:
+    # dropping a file from the list must not be a way to change it unnoticed.
+    present = [n for n in OPTIONAL_FILES if (path / n).is_file()]
+    unlisted = [n for n in (*CHECKPOINT_FILES, *present) if n not in files]
+    if unlisted:
+        raise ModelError(
+            f"{sums_path} does not list {', '.join(unlisted)}; every file of the "
+            "checkpoint must be covered (the list was edited, or the folder was "
+            "written by something else)")
     for name, want in files.items():
         target = path / name
         if Path(name).name != name:

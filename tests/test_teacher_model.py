@@ -183,6 +183,16 @@ def test_checksums_are_recorded_and_verified(tmp_path, caplog):
     with pytest.raises(ModelError, match="model.safetensors: sha256"):
         load_teacher(ck)
     (ck / "model.safetensors").write_bytes(weights)
+
+    # A file dropped from the list is no way around it.
+    edited = json.loads(json.dumps(sums))
+    del edited["files"]["threshold.json"]
+    (ck / CHECKSUMS_FILE).write_text(json.dumps(edited))
+    (ck / "threshold.json").write_text(text.replace("0.5", "0.0"))
+    with pytest.raises(ModelError, match="does not list threshold.json"):
+        load_teacher(ck)
+    (ck / CHECKSUMS_FILE).write_text(json.dumps(sums))
+    (ck / "threshold.json").write_text(text)
     (ck / "metrics.json").unlink()
     with pytest.raises(ModelError, match=f"missing: {ck / 'metrics.json'}"):
         load_teacher(ck)
