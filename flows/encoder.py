@@ -414,6 +414,17 @@ def _fit_categorical(
     return CategoricalField(name, ranked, null_indicator=nullable or has_null)
 
 
+def _spec_range(d: Mapping[str, Any], source: str) -> tuple[float, float]:
+    """The ``lo``/``hi`` of one numeric field in a spec: finite, lo <= hi."""
+    lo, hi = float(d["lo"]), float(d["hi"])
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        raise ModelError(
+            f"{source}: numeric field {d.get('name')!r}: lo and hi must be finite "
+            f"with lo <= hi, got {lo!r} and {hi!r}"
+        )
+    return lo, hi
+
+
 def _spec_quantiles(d: Mapping[str, Any], source: str) -> tuple[float, ...] | None:
     """The ``quantiles`` of one numeric field in a spec, checked; None when absent."""
     raw = d.get("quantiles")
@@ -787,9 +798,8 @@ class Encoder:
             enc = cls(
                 spec["family"],
                 [
-                    NumericField(d["name"], bool(d["log"]), float(d["lo"]),
-                                 float(d["hi"]), bool(d["null_indicator"]),
-                                 _spec_quantiles(d, source))
+                    NumericField(d["name"], bool(d["log"]), *_spec_range(d, source),
+                                 bool(d["null_indicator"]), _spec_quantiles(d, source))
                     for d in spec["numeric"]
                 ],
                 [

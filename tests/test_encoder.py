@@ -450,6 +450,12 @@ def test_quantile_json_round_trip_and_records(tmp_path):
         Encoder.fit(train, "nsl-kdd", scaling="sideways")
     with pytest.raises(UsageError, match="knots"):
         Encoder.fit(train, "nsl-kdd", scaling="quantile", knots=1)
+    # So are ranges that are not finite or run backwards.
+    spec["scaling"] = "quantile"
+    for lo, hi in ((float("nan"), 1.0), (0.0, float("inf")), (5.0, 1.0)):
+        spec["numeric"][1]["lo"], spec["numeric"][1]["hi"] = lo, hi
+        with pytest.raises(ModelError, match=f"{NSL_KDD_NUMERIC[1]}.*lo <= hi"):
+            Encoder.from_json(json.dumps(spec), source="bad.json")
 
 
 def test_old_specs_without_scaling_still_load():
