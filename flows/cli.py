@@ -180,6 +180,7 @@ def summarize(result) -> dict:
         "format": result.format,
         "family": result.family,
         "rows": table.num_rows,
+        # TODO(gap): the readers count label texts before bad rows are dropped.
         "labels": result.stats.get("labels", {}),
         "label_values": _label_values(table),
         "nulls": {
