@@ -90,13 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "fine-tunes at lr/3, QAT at lr/10)")
     run.add_argument("--distill-noise", type=real(0, 1), default=None,
                      help="Gaussian input noise on the students' training windows, "
-                          "re-scored by the teacher (default: "
-                          "the noise the teacher was trained with; 0: clean "
-                          "windows)")
+                          "re-scored by the teacher (default for nsl-kdd teachers: "
+                          "the noise the teacher was trained with; for others 0: "
+                          "clean windows)")
     run.add_argument("--distill-swap", type=real(0, 1), default=None,
                      help="share of each student training window's columns taken "
                           "from another window, re-scored by the teacher (default "
-                          "0.3; 0: none)")
+                          "0.3 for nsl-kdd teachers, else 0: none)")
     run.add_argument("--distill-alpha", type=real(0, 1), default=None,
                      help="weight of the teacher's soft targets against the hard "
                           "labels (default 1.0 with noise or swapping, else 0.5)")

@@ -1,10 +1,10 @@
 """``compress run``: distill, prune, quantize, export, verify, gate, search.
 
 For one target (or every target), students are tried from the smallest up: for each
-kind and width a student is distilled from the teacher (by default on training
-windows with the teacher's own training noise and swapped columns, each such window
-re-scored by the teacher: :func:`distill_settings`); if its float
-validation F1 is within reach it is exported, loaded back with
+kind and width a student is distilled from the teacher (for NSL-KDD teachers by
+default on training windows with the teacher's own training noise and swapped
+columns, each such window re-scored by the teacher: :func:`distill_settings`); if
+its float validation F1 is within reach it is exported, loaded back with
 :func:`edge_agent.runtime.load_artifact` and scored on the validation and test splits in
 the target runtime. The decision threshold and escalation band are re-chosen on
 validation for the exported model. The gate compares validation F1 with the teacher's
@@ -95,8 +95,12 @@ SEARCH_KINDS = ("mlp", "cnn")
 INT8_TARGETS = ("onnx-int8", "tflite-int8", "tflite-micro")
 QAT_MODES = ("auto", "off", "always")
 SCORE_BATCH = 4096
-# Share of each distillation window's columns taken from another window (round 2).
-DEFAULT_SWAP = 0.3
+# Feature families whose students learn on altered windows by default, with the
+# share of columns swapped: what three-fold student rounds validated there
+# (student/results/round1, round2). Other families distil on clean windows: on the
+# conn family the NSL-KDD settings made students agree less with their teacher on
+# foreign captures (compress/README.md), so they wait for a round of their own.
+FAMILY_SWAP: dict[str, float] = {"nsl-kdd": 0.3}
 
 
 @dataclass
@@ -149,12 +153,6 @@ class RunConfig:
         if self.distill_alpha is not None and not 0.0 <= self.distill_alpha <= 1.0:
             raise UsageError(
                 f"--distill-alpha must be in [0, 1], got {self.distill_alpha}")
-        swapping = DEFAULT_SWAP if self.distill_swap is None else self.distill_swap
-        if swapping > 0 and self.distill_alpha is not None and self.distill_alpha < 1:
-            raise UsageError(
-                f"--distill-alpha {self.distill_alpha} weighs in hard labels, but a "
-                "window with swapped columns has none; use --distill-alpha 1 or "
-                "--distill-swap 0")
 
 
 @dataclass
@@ -306,25 +304,34 @@ def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
 
 
 def distill_settings(cfg: RunConfig, provenance: dict[str, Any]) -> DistillConfig:
-    """The distillation settings of a run, the teacher's training noise filled in.
+    """The distillation settings of a run, the defaults of the teacher's family.
 
-    Unless told otherwise, students learn on training windows with the input noise
-    the teacher learned with (``provenance["train_config"]["input_noise"]``, none
-    when not recorded) and with 30 % of each window's columns swapped in from
-    another window (``DistillConfig.swap``), the teacher re-scoring every such
-    window, on soft targets only (alpha 1.0): of the settings tried on three
-    held-out-type folds of NSL-KDD this generalized best (student/results/round1
-    and round2). With neither noise nor swapping, alpha stays at ``cfg.distill``'s.
+    For a family in :data:`FAMILY_SWAP` (nsl-kdd) students learn, unless told
+    otherwise, on training windows with the input noise the teacher learned with
+    (``provenance["train_config"]["input_noise"]``) and with that share of each
+    window's columns swapped in from another window (``DistillConfig.swap``), the
+    teacher re-scoring every such window, on soft targets only (alpha 1.0): of the
+    settings tried on three held-out-type folds of NSL-KDD this generalized best.
+    Other families distil on the clean windows with alpha ``cfg.distill.alpha``.
+    Flags given in ``cfg`` win; alpha below 1 with swapping is a UsageError (a
+    window with swapped columns has no label).
     """
+    swap_default = FAMILY_SWAP.get(provenance.get("family"))
     noise = cfg.distill_noise
     if noise is None:
         recorded = (provenance.get("train_config") or {}).get("input_noise")
         usable = isinstance(recorded, int | float) and 0.0 <= recorded <= 1.0
-        noise = float(recorded) if usable else 0.0
-    swap = DEFAULT_SWAP if cfg.distill_swap is None else cfg.distill_swap
+        noise = float(recorded) if usable and swap_default is not None else 0.0
+    swap = cfg.distill_swap
+    if swap is None:
+        swap = swap_default or 0.0
     alpha = cfg.distill_alpha
     if alpha is None:
         alpha = 1.0 if noise > 0 or swap > 0 else cfg.distill.alpha
+    if swap > 0 and alpha < 1:
+        raise UsageError(
+            f"--distill-alpha {alpha} weighs in hard labels, but a window with "
+            "swapped columns has none; use --distill-alpha 1 or --distill-swap 0")
     return DistillConfig(**{**cfg.distill.__dict__, "input_noise": noise,
                             "swap": swap, "alpha": alpha})
 

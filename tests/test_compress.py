@@ -379,7 +379,7 @@ def test_ctrl_c_during_the_search_leaves_no_staging_folder(
 
 
 def test_students_learn_with_the_teachers_noise_unless_told(onnx_run) -> None:
-    from compress.pipeline import DEFAULT_SWAP, distill_settings
+    from compress.pipeline import FAMILY_SWAP, distill_settings
 
     def settings(provenance, **flags):
         cfg = _fast_config(target="onnx-int8", teacher=Path("t"), out=Path("o"),
@@ -388,53 +388,32 @@ def test_students_learn_with_the_teachers_noise_unless_told(onnx_run) -> None:
         assert got.epochs == cfg.distill.epochs  # the rest as given
         return got.input_noise, got.swap, got.alpha
 
-    noisy = {"train_config": {"input_noise": 0.05}}
-    assert DEFAULT_SWAP == 0.3
-    assert settings(noisy) == (0.05, 0.3, 1.0)
-    assert settings({}) == (0.0, 0.3, 1.0)  # no recorded noise: none
-    for odd in (float("nan"), -1.0, 5.0, "0.05"):  # nor an unusable one
-        assert settings({"train_config": {"input_noise": odd}}) == (0.0, 0.3, 1.0)
-    assert settings(noisy, distill_noise=0.0, distill_swap=0.0) == (0.0, 0.0, 0.5)
-    assert settings(noisy, distill_alpha=0.3, distill_swap=0.0) == (0.05, 0.0, 0.3)
+    nsl = {"family": "nsl-kdd", "train_config": {"input_noise": 0.05}}
+    conn = {"family": "conn", "train_config": {"input_noise": 0.02}}
+    assert FAMILY_SWAP == {"nsl-kdd": 0.3}
+    assert settings(nsl) == (0.05, 0.3, 1.0)  # the validated family
+    assert settings(conn) == (0.0, 0.0, 0.5)  # others: clean windows
+    assert settings({}) == (0.0, 0.0, 0.5)
+    for odd in (float("nan"), -1.0, 5.0, "0.05"):  # an unusable recorded noise
+        assert settings({**nsl, "train_config": {"input_noise": odd}}) == (
+            0.0, 0.3, 1.0)
+    assert settings(nsl, distill_noise=0.0, distill_swap=0.0) == (0.0, 0.0, 0.5)
+    assert settings(conn, distill_noise=0.02, distill_swap=0.3) == (0.02, 0.3, 1.0)
+    assert settings(nsl, distill_alpha=0.3, distill_swap=0.0) == (0.05, 0.0, 0.3)
     for bad in ({"distill_noise": -0.1}, {"distill_swap": 1.5},
-                {"distill_alpha": 2.0},
-                {"distill_alpha": 0.5},  # hard labels, but swapped windows have none
-                {"distill_alpha": 0.0, "distill_swap": 0.2}):
+                {"distill_alpha": 2.0}):
         with pytest.raises(UsageError):
             _fast_config(target="onnx-int8", teacher=Path("t"), out=Path("o"), **bad)
+    for flags in ({"distill_alpha": 0.5},  # hard labels, but swapped windows...
+                  {"distill_alpha": 0.0, "distill_swap": 0.2}):
+        with pytest.raises(UsageError, match="swapped columns has none"):
+            settings(nsl, **flags)
 
-    # The module's teacher records no noise; its artifact says what was used.
+    # The module's teacher records no family: clean windows, and the artifact says.
     out, _ = onnx_run
     used = json.loads((out / "manifest.json").read_text())["provenance"]["distill"]
-    assert (used["input_noise"], used["swap"]) == (0.0, 0.3)
-    assert used["rescored_by_teacher"] is True
-
-
-def test_a_candidate_its_runtime_refuses_is_skipped(teacher_dir: Path, tmp_path: Path,
-                                                    monkeypatch) -> None:
-    """One exported model the runtime cannot load does not end the search."""
-    import edge_agent.runtime as runtime
-    from compress.pipeline import run
-    from flows.errors import ModelError
-
-    real, calls = runtime.load_artifact, []
-
-    def refuse_first(folder, **kw):
-        calls.append(Path(folder).name)
-        if len(calls) == 1:
-            raise ModelError("the TFLite interpreter cannot allocate: test")
-        return real(folder, **kw)
-
-    monkeypatch.setattr(runtime, "load_artifact", refuse_first)
-    cfg = _fast_config(target="onnx-int8", teacher=teacher_dir, out=tmp_path / "art",
-                       student="mlp", widths=(8, 16), max_f1_drop=0.1, qat="off")
-
-    result = run(cfg)
-
-    first = result.frontier[0]
-    assert first.width == 8 and not first.passed and "cannot allocate" in first.note
-    assert result.artifacts == {"onnx-int8": tmp_path / "art"}
-    assert any(c.passed for c in result.frontier[1:])
+    assert (used["input_noise"], used["swap"]) == (0.0, 0.0)
+    assert used["rescored_by_teacher"] is False
 
 
 def test_out_inside_the_teachers_folder_is_refused(teacher_dir: Path, capsys) -> None:
