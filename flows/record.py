@@ -143,8 +143,8 @@ def is_address(text: str) -> bool:
     return True
 
 
-def port_problem(value: int) -> str | None:
-    """Why ``value`` is not a port number (0..65535), or None."""
+def port_problem(value: float) -> str | None:
+    """Why ``value`` is not a port number (0..65535), or None (NaN is not one)."""
     low, high = PORT_RANGE
     if low <= value <= high:
         return None

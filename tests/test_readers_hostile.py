@@ -295,6 +295,24 @@ def test_cic_bad_address_and_port_are_bad_rows_empty_rows_are_not(tmp_path):
     assert info.value.line == 3 and info.value.column == "Destination IP"
 
 
+def test_cic_port_past_float_range_is_a_bad_row_not_a_crash(tmp_path):
+    """Found by the long fuzz run: '80e1266342' made the port column float with
+    inf in it, and the port check died converting inf to an integer."""
+    head = " Destination Port, Flow Duration, Total Fwd Packets, Label"
+    rows = ["80e1266342,41,4,BENIGN", "22,3,2,SSH-Patator", "nan,5,1,BENIGN"]
+    path = write(tmp_path, "c.csv", head + "\n" + "\n".join(rows) + "\n")
+
+    result = read(path, on_error="skip")
+
+    # The 'nan' text is the CIC rule's null (non-finite), not a bad value.
+    assert result.skipped == 1 and result.stats["skipped_lines"] == [2]
+    assert result.table.column("Destination Port").to_pylist() == [22, None]
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    assert info.value.line == 2 and info.value.column == "Destination Port"
+    assert "a port from 0 to 65535, found inf" in str(info.value)
+
+
 def test_parquet_bad_address_and_port_are_bad_rows_named_by_row(tmp_path):
     base = {"ts": 1.0, "src_ip": "10.0.0.1", "src_port": 1, "dst_ip": "10.0.0.2",
             "dst_port": 2, "proto": "tcp"}

@@ -70,17 +70,22 @@ def check_addresses(arr: pa.Array, column: str, bad: BadRows) -> None:
 
 
 def check_ports(arr: pa.Array, column: str, bad: BadRows) -> None:
-    """Note the rows whose port lies outside 0..65535 (nulls pass)."""
+    """Note the rows whose port lies outside 0..65535 (nulls pass).
+
+    A float column (CIC files) may also hold NaN or an infinity: outside too.
+    """
     from flows.record import PORT_RANGE, port_problem
 
     if len(arr) == 0:
         return
     low, high = PORT_RANGE
     outside = pc.or_(pc.less(arr, low), pc.greater(arr, high))
+    if pa.types.is_floating(arr.type):
+        outside = pc.or_(outside, pc.is_nan(arr))
     if not pc.any(outside).as_py():
         return
     for row in np.flatnonzero(np.asarray(outside.fill_null(False))):
-        bad.add(int(row), column, port_problem(int(arr[int(row)].as_py())))
+        bad.add(int(row), column, port_problem(arr[int(row)].as_py()))
 
 
 def check_counts(arr: pa.Array, column: str, bad: BadRows) -> None:
