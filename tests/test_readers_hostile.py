@@ -307,7 +307,7 @@ def test_cic_port_past_float_range_is_a_bad_row_not_a_crash(tmp_path):
     # The 'nan' text is the CIC rule's null (non-finite), not a bad value.
     assert result.skipped == 1 and result.stats["skipped_lines"] == [2]
     assert result.table.column("Destination Port").to_pylist() == [22, None]
-    with pytest.raises(PartialInputError) as info:
+    with pytest.raises(BadInputError) as info:  # the first row: nothing before it
         read(path)
     assert info.value.line == 2 and info.value.column == "Destination Port"
     assert "a port from 0 to 65535, found inf" in str(info.value)
