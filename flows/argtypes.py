@@ -43,6 +43,21 @@ def _check(value: float, text: str, lo, hi, lo_open, hi_open) -> None:
         raise argparse.ArgumentTypeError(f"must be a number {where}, got {text!r}")
 
 
+def _number(convert, expected: str, lo, hi, lo_open: bool, hi_open: bool):
+    """An argparse type: ``convert(text)`` (ValueError: not a number), then bounds."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(
+                f"expected {expected}, got {text!r}") from exc
+        _check(value, text, lo, hi, lo_open, hi_open)
+        return value
+
+    return parse
+
+
 def real(
     lo: float | None = None,
     hi: float | None = None,
@@ -51,30 +66,23 @@ def real(
     hi_open: bool = False,
 ) -> Callable[[str], float]:
     """A finite float within the bounds (``lo_open``/``hi_open``: bound excluded)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(
-                f"expected a number, got {text!r}") from exc
-        _check(value, text, lo, hi, lo_open, hi_open)
-        return value
-
-    return parse
+    return _number(float, "a number", lo, hi, lo_open, hi_open)
 
 
 def integer(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
     """An integer within ``[lo, hi]``."""
+    return _number(int, "an integer", lo, hi, False, False)
 
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError as exc:
+
+def _list_of(one: Callable[[str], float], example: str) -> Callable[[str], list]:
+    """An argparse type: a comma-separated list, each item checked by ``one``."""
+
+    def parse(text: str) -> list:
+        values = [one(v.strip()) for v in text.split(",") if v.strip()]
+        if not values:
             raise argparse.ArgumentTypeError(
-                f"expected an integer, got {text!r}") from exc
-        _check(value, text, lo, hi, False, False)
-        return value
+                f"expected a list like {example}, got {text!r}")
+        return values
 
     return parse
 
@@ -83,16 +91,7 @@ def integers(
     lo: int | None = None, hi: int | None = None
 ) -> Callable[[str], list[int]]:
     """A comma-separated list of integers within ``[lo, hi]``, e.g. ``64,64``."""
-    one = integer(lo, hi)
-
-    def parse(text: str) -> list[int]:
-        values = [one(v.strip()) for v in text.split(",") if v.strip()]
-        if not values:
-            raise argparse.ArgumentTypeError(
-                f"expected integers like 64,64, got {text!r}")
-        return values
-
-    return parse
+    return _list_of(integer(lo, hi), "64,64")
 
 
 def reals(
@@ -103,13 +102,4 @@ def reals(
     hi_open: bool = False,
 ) -> Callable[[str], list[float]]:
     """A comma-separated list of finite floats within the bounds, e.g. ``1e-3,3e-4``."""
-    one = real(lo, hi, lo_open=lo_open, hi_open=hi_open)
-
-    def parse(text: str) -> list[float]:
-        values = [one(v.strip()) for v in text.split(",") if v.strip()]
-        if not values:
-            raise argparse.ArgumentTypeError(
-                f"expected numbers like 0.1,0.2, got {text!r}")
-        return values
-
-    return parse
+    return _list_of(real(lo, hi, lo_open=lo_open, hi_open=hi_open), "0.1,0.2")
