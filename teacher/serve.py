@@ -56,6 +56,7 @@ import numpy as np
 
 from edge_agent import protocol as proto
 from edge_agent.mqtt import MessageTooLargeError, MqttLink, Protocol, TlsOptions
+from flows.argtypes import integer, real
 from flows.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -747,32 +748,6 @@ def _logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _count(low: int):
-    """An argparse type: an integer of at least ``low``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"expected an integer: {text!r}") from exc
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}: {text!r}")
-        return value
-
-    return parse
-
-
-def _seconds(text: str) -> float:
-    """An argparse type: a finite number >= 0 (no nan, inf or negative)."""
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a number: {text!r}") from exc
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
-    return value
-
-
 def _epilog() -> str:
     from teacher.cli import EPILOG
 
@@ -808,19 +783,19 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--max-batch",
-        type=_count(1),
+        type=integer(1),
         default=64,
         help="most escalated windows scored in one teacher call (default 64)",
     )
     p.add_argument(
         "--max-wait-ms",
-        type=_seconds,
+        type=real(0),
         default=10.0,
         help="most milliseconds to wait for a batch to fill (default 10)",
     )
     p.add_argument(
         "--threads",
-        type=_count(1),
+        type=integer(1),
         help="torch threads, >= 1 (default 1 on CPU, torch's own on a GPU)",
     )
     p.add_argument(
@@ -830,7 +805,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--session-expiry",
-        type=_count(0),
+        type=integer(0),
         default=DEFAULT_SESSION_EXPIRY,
         help="keep the MQTT session this many seconds, so escalations in flight "
         "when this process died are delivered again when it comes back "
@@ -856,13 +831,13 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--connect-timeout",
-        type=_seconds,
+        type=real(0),
         default=10.0,
         help="seconds to wait for the broker at start (default 10)",
     )
     p.add_argument(
         "--duration",
-        type=_seconds,
+        type=real(0),
         help="stop after this many seconds (default: until SIGTERM or Ctrl-C)",
     )
     p.add_argument(
@@ -895,7 +870,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--limit",
-        type=_count(0),
+        type=integer(0),
         help="list at most this many, >= 0 (default: all)",
     )
     p.set_defaults(func=cmd_alerts)
