@@ -309,22 +309,22 @@ def test_broker_outage_and_kill_9_lose_nothing(tm, teacher, mosquitto, tmp_path)
     assert summary["outbox_pending"] == 0
 
 
+def _share_group(teacher_obj, url: str, tmp_path: Path, max_batch: int):
+    """Two re-scorers (ids rs0, rs1) in share group "grp", each with its own store."""
+    stores = [AlertStore(tmp_path / f"s{i}.sqlite") for i in range(2)]
+    servers = [
+        ReScorer(teacher_obj, broker=url, store=store, share_group="grp",
+                 client_id=f"rs{i}", max_batch=max_batch)
+        for i, store in enumerate(stores)
+    ]
+    return stores, servers
+
+
 def test_two_rescorers_in_one_share_group_split_without_copies(
     tm, teacher, mosquitto, tmp_path
 ):
     _, teacher_obj = teacher
-    stores = [AlertStore(tmp_path / f"s{i}.sqlite") for i in range(2)]
-    servers = [
-        ReScorer(
-            teacher_obj,
-            broker=mosquitto.url,
-            store=s,
-            share_group="grp",
-            client_id=f"rs{i}",
-            max_batch=8,
-        )
-        for i, s in enumerate(stores)
-    ]
+    stores, servers = _share_group(teacher_obj, mosquitto.url, tmp_path, max_batch=8)
     for s in servers:
         s.start()
     time.sleep(0.3)
@@ -684,18 +684,8 @@ def test_escalations_in_flight_when_a_rescorer_stops_are_all_stored(
     """A clean stop in the middle of a burst: what the broker had already sent the
     stopping re-scorer is stored by it, the rest by the other member; none lost."""
     _, teacher_obj = teacher
-    stores = [AlertStore(tmp_path / f"s{i}.sqlite") for i in range(2)]
-    stopping, staying = (
-        ReScorer(
-            teacher_obj,
-            broker=mosquitto.url,
-            store=s,
-            share_group="grp",
-            client_id=f"rs{i}",
-            max_batch=4,
-        )
-        for i, s in enumerate(stores)
-    )
+    stores, (stopping, staying) = _share_group(
+        teacher_obj, mosquitto.url, tmp_path, max_batch=4)
     stopping.start()
     staying.start()
     sender = MqttLink(mosquitto.url, "sender", protocol="5")
