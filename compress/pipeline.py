@@ -100,6 +100,7 @@ SCORE_BATCH = 4096
 # (student/results/round1, round2). Other families distil on clean windows: on the
 # conn family the NSL-KDD settings made students agree less with their teacher on
 # foreign captures (compress/README.md), so they wait for a round of their own.
+# TODO(gap): no distillation round on conn-family data yet (clean windows there).
 FAMILY_SWAP: dict[str, float] = {"nsl-kdd": 0.3}
 
 
@@ -549,6 +550,8 @@ def export_candidate(
     probe_x = ctx.val_windows[:4]
     probe = {"windows": probe_x.tolist(), "expected": scorer.score(probe_x).tolist(),
              "atol": 1.0 / 256 if out["dtype"] != "float32" else 1e-4}
+    # TODO(gap): validation does not see small NSL-KDD students fall behind on novel
+    # attack types (KDDTest+: 2.2 points below the teacher on average, compress/README).
     gate_ok = val_m["f1"] >= ctx.teacher_val["f1"] - ctx.cfg.max_f1_drop
     in_band = (p_val >= lo) & (p_val < hi)
     fields = {
