@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress lines on stderr (also after the command)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log gatewatch's info messages too (also after the "
+                             "command)")
     sub = parser.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="distill, prune, quantize, export, verify, gate")
@@ -121,8 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seed of students, sampling and calibration (default 0)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("-q", "--quiet", action="store_true",
+                     default=argparse.SUPPRESS,
                      help="no progress lines on stderr")
     run.add_argument("-v", "--verbose", action="store_true",
+                     default=argparse.SUPPRESS,
                      help="log gatewatch's info messages too")
 
     ev = sub.add_parser("eval", help="score an artifact in its runtime")
@@ -140,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-timing", action="store_true", help="skip latency timing")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ev.add_argument("-q", "--quiet", action="store_true",
+                    default=argparse.SUPPRESS,
                     help="accepted as in run (eval prints no progress lines)")
     ev.add_argument("-v", "--verbose", action="store_true",
+                    default=argparse.SUPPRESS,
                     help="log gatewatch's info messages too")
     return parser
 

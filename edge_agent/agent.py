@@ -26,7 +26,9 @@ Escalation ids are derived from the site, gateway and flow record (32 hex digits
 :func:`flow_id`), so a flow read again after a crash carries the same id and the
 re-scorer drops the copy. The flow's text fields go out with their control
 characters escaped (:func:`edge_agent.protocol.sendable_flow`), as the re-scorer
-refuses them; the id is taken from the flow as read. A verdict delivered twice
+refuses them; the id is taken from the flow as read. Escalations an older agent
+stored unescaped are escaped as they are replayed (:func:`~edge_agent.protocol.
+resendable`). A verdict delivered twice
 (at-least-once) is handled once: the agent remembers the last ``_MAX_VERDICT_IDS``
 (10 000) escalation ids answered, far more than the messages it keeps in flight
 (``_TRACKED_PER_INFLIGHT`` times the link's in-flight window).
@@ -663,7 +665,9 @@ class Agent:
                 if msg.id in self._tracked:
                     continue
                 try:
-                    delivery = link.publish(msg.topic, msg.payload, qos=1)
+                    delivery = link.publish(
+                        msg.topic, proto.resendable(msg.payload), qos=1
+                    )
                 except MessageTooLargeError as exc:
                     self._drop_oversized(msg.id, exc)
                     continue

@@ -219,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
         bundle = None
     if bundle is not None and hasattr(bundle, "register"):
         bundle.register(sub)
+
+    # -v also after the command (``edge-agent run -v``), as the other tools take it.
+    for command in sub.choices.values():
+        command.add_argument(
+            "-v",
+            "--verbose",
+            action="count",
+            default=argparse.SUPPRESS,
+            help="log more: -v for info, -vv for debug (default: warnings only)",
+        )
     return parser
 
 

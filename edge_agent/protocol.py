@@ -241,6 +241,39 @@ def sendable_flow(flow: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def resendable(payload: bytes) -> bytes:
+    """An outbox escalation as it may be sent now: flow text escaped where needed.
+
+    Agents before :func:`sendable_flow` stored flows with their control characters,
+    which the re-scorer refuses, so those escalations would never get a verdict.
+    Replayed, such a flow's offending text fields are escaped as
+    :func:`sendable_flow` would have done; every other payload (all those without a
+    JSON escape, and all those written since) is returned unchanged, byte for byte.
+    """
+    if b"\\" not in payload:
+        return payload
+
+    try:
+        body = json.loads(payload)
+    except (RecursionError, ValueError, UnicodeError):
+        return payload  # the re-scorer names what is wrong with it
+    flow = body.get("flow") if isinstance(body, dict) else None
+    if not isinstance(flow, dict):
+        return payload
+
+    stale = [
+        name
+        for name, value in flow.items()
+        if isinstance(value, str) and text_problem(value)
+    ]
+    if not stale:
+        return payload
+    fixed = {**flow, **{name: escape_text(flow[name]) for name in stale}}
+    return json.dumps(
+        {**body, "flow": fixed}, separators=(",", ":"), allow_nan=False
+    ).encode()
+
+
 def build_escalation(
     *,
     flow: Mapping[str, Any],

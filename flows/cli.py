@@ -3,7 +3,8 @@
 ``flows inspect FILE...`` says what a file is (format, rows, labels, nulls per
 column, time span; for captures what the flow meter counted) and ``flows convert
 FILE... -o OUT`` writes canonical Parquet or a Zeek-style conn.log. ``-`` as a
-FILE reads standard input (any text format, gzip or not, or Parquet).
+FILE reads standard input (any text format, gzip or not, or Parquet); a pcap or
+pcapng capture is refused there (exit 2), as the flow meter needs its file name.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "files",
         nargs="+",
         metavar="FILE",
-        help="input file(s), read together (same family); - reads standard input",
+        help="input file(s), read together (same family); - reads standard input "
+        "(text or Parquet; a capture needs its file name)",
     )
     common.add_argument(
         "--on-error",

@@ -77,9 +77,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default 1 on CPU: the model is "
                         "small and extra threads mostly wait on shared cores; use "
                         "torchrun --nproc_per_node=N to use N cores)")
-    p.add_argument("-v", "--verbose", action="store_true",
+    _add_loudness(p, default=argparse.SUPPRESS)
+
+
+def _add_loudness(p: argparse.ArgumentParser, default) -> None:
+    """-v/-q, taken before the command and after it (the command's wins)."""
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
                    help="debug logging (default: info)")
-    p.add_argument("-q", "--quiet", action="store_true",
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
                    help="warnings only (default: info)")
 
 
@@ -177,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_loudness(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = _sub(sub, "train", help="train a teacher checkpoint")

@@ -999,3 +999,58 @@ def test_alerts_on_a_closed_stdout_cost_a_warning_not_the_run(tm, tmp_path: Path
     assert summary["flows"] == len(tm.records) and summary["alert"] > 1
     box = Outbox(tmp_path / "o.db")
     assert {m.id for m in box.pending()} == set(tm.expected())
+
+
+@pytest.mark.broker
+def test_old_outbox_escalations_with_control_characters_go_out_escaped(
+    tm, mosquitto, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """An outbox written by an agent before flows were escaped holds flow text with
+    control characters, which the re-scorer refuses; replayed now, every one goes
+    out in a form its parser takes, ids unchanged, and the outbox drains."""
+    import paho.mqtt.client as paho
+
+    from edge_agent import protocol as proto
+    from flows.readers.stream import _unescape
+
+    log = _log_with_controls(tm, tmp_path)
+    assert main(_run_argv(tm, tmp_path, f"zeek:{log}", "--alerts", "")) == 0
+    old = Outbox(tmp_path / "old.db")
+    for msg in Outbox(tmp_path / "o.db").pending():
+        body = json.loads(msg.payload)
+        body["flow"] = {
+            k: _unescape(v) if isinstance(v, str) else v for k, v in body["flow"].items()
+        }
+        old.add(msg.id, msg.topic, json.dumps(body).encode(), msg.alert)
+    stored = old.pending()
+    old.close()
+    assert stored and all("\x01" in json.loads(m.payload)["flow"]["history"]
+                          for m in stored)
+
+    got: list[bytes] = []
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="rescorer-stub")
+    client.on_message = lambda client, userdata, message: got.append(message.payload)
+    client.connect("127.0.0.1", mosquitto.port)
+    client.subscribe(stored[0].topic, qos=1)
+    client.loop_start()
+    try:
+        time.sleep(0.3)
+        monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+        rc = main([
+            "run", "--artifact", str(tm.artifact), "--source", "-", "--site", "s1",
+            "--gateway", "g1", "--outbox", str(tmp_path / "old.db"), "--alerts", "",
+            "--broker", mosquitto.url, "--drain-timeout", "3",
+        ])
+        deadline = time.monotonic() + 20
+        while len(got) < len(stored) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+    assert rc == 0, capsys.readouterr().err
+    shape = (tm.encoder.window, tm.encoder.n_features)
+    bodies = [proto.parse_escalation(p, window_shape=shape) for p in got]
+    assert sorted(b["id"] for b in bodies) == sorted(m.id for m in stored)
+    assert all(b["flow"]["history"].startswith("\\x01") for b in bodies)
+    assert Outbox(tmp_path / "old.db").pending() == []

@@ -315,6 +315,21 @@ def test_flows_inspect_and_convert_read_stdin(tmp_path, capsys):
     assert done.returncode == 3 and done.stderr == b"error: <stdin>: is empty\n"
 
 
+@pytest.mark.parametrize(
+    ("kind", "magic"),
+    [("pcap", b"\xd4\xc3\xb2\xa1"), ("pcapng", b"\x0a\x0d\x0d\x0a")],
+)
+def test_a_capture_on_stdin_is_a_usage_error_as_documented(kind, magic):
+    """``--help`` says captures need a file name; stdin gets exit 2 saying so."""
+    done = _flows(["inspect", "-"], stdin=magic + bytes(60))
+
+    assert done.returncode == 2
+    assert f"a {kind} capture is not read from a pipe".encode() in done.stderr
+    assert b"Traceback" not in done.stderr
+    helped = b" ".join(_flows(["inspect", "--help"]).stdout.split())
+    assert b"a capture needs its file name" in helped
+
+
 def test_flows_inspect_long_line_exits_4_with_one_warning(tmp_path):
     from tests.test_readers import ROW_A, ROW_B, zeek_text
 

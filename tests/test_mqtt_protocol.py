@@ -325,3 +325,44 @@ def test_a_sendable_flow_is_accepted_and_reads_back_by_zeeks_rule(
         # Sent as read, the flow would be refused (the bug: a lost escalation).
         with pytest.raises(proto.ProtocolError, match="control character"):
             proto.check_flow({**FLOW, "duration": None, field: value})
+
+
+def test_an_old_outbox_escalation_is_escaped_when_resent() -> None:
+    """Agents before sendable_flow stored flows with control characters; replayed,
+    they are escaped as a new agent would have sent them, and nothing else is."""
+    window = np.full((4, 3), 0.25, np.float32)
+    common = dict(window=window, score=0.7, decision="alert", model_version="m1",
+                  site="s1", gateway="g1", msg_id="0123456789abcdef0123456789abcdef")
+    raw = {**FLOW, "history": "S\x01A", "uid": "C1\x1b[2J", "service": "a\\b"}
+    old = json.dumps(proto.build_escalation(flow=raw, **common),
+                     separators=(",", ":")).encode()
+    with pytest.raises(proto.ProtocolError, match="control character"):
+        proto.parse_escalation(old, window_shape=(4, 3))
+
+    fixed = proto.parse_escalation(proto.resendable(old), window_shape=(4, 3))
+    sent = proto.parse_escalation(
+        proto.encode(proto.build_escalation(flow=proto.sendable_flow(raw), **common)),
+        window_shape=(4, 3),
+    )
+
+    assert fixed["flow"]["history"] == "S\\x01A"
+    assert fixed["flow"]["uid"] == "C1\\x1b[2J"
+    assert fixed["flow"]["service"] == "a\\b"  # clean text is left as it was stored
+    assert fixed["id"] == sent["id"] and fixed["window"] == sent["window"]
+    assert {k: v for k, v in fixed["flow"].items() if k != "service"} == {
+        k: v for k, v in sent["flow"].items() if k != "service"
+    }
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"v":1,"flow":{"history":"S\\\\x01A"}}',  # escaped already: left alone
+        b'{"v":1,"flow":{"history":"ShAD"}}',
+        b'{"v":1,"flow":"\\u0001"}',
+        b'{"v":1,"flow":{"h":"\\u0001"',  # not JSON: the re-scorer names it
+        b"[" * 50_000 + b'"\\u0001"',
+    ],
+)
+def test_resendable_leaves_every_other_payload_byte_for_byte(payload: bytes) -> None:
+    assert proto.resendable(payload) is payload

@@ -352,18 +352,29 @@ def test_parquet_nan_time_and_negative_counts_are_bad_rows(tmp_path):
 # -------------------------------------------------------- encodings, stdin
 
 
-def test_utf16_text_is_named_as_such(tmp_path):
-    text = zeek_text([ROW_A])
-    for name, data in [
-        ("bom.log", text.encode("utf-16")),
-        ("le.log", text.encode("utf-16-le")),
-        ("be.log.gz", gzip.compress(text.encode("utf-16-be"))),
-    ]:
-        with pytest.raises(BadInputError) as info:
-            read(write(tmp_path, name, data))
-        message = str(info.value)
-        assert "is UTF-16 text" in message and "expected UTF-8" in message
-        assert info.value.path == str(tmp_path / name)
+@pytest.mark.parametrize(
+    ("name", "codec", "width"),
+    [
+        ("bom.log", "utf-16", 16),
+        ("le.log", "utf-16-le", 16),
+        ("be.log.gz", "utf-16-be", 16),
+        ("bom32.log", "utf-32", 32),
+        ("le32.log", "utf-32-le", 32),
+        ("be32.log.gz", "utf-32-be", 32),
+    ],
+)
+def test_wide_text_is_named_as_such(tmp_path, name, codec, width):
+    data = zeek_text([ROW_A]).encode(codec)
+    if name.endswith(".gz"):
+        data = gzip.compress(data)
+
+    with pytest.raises(BadInputError) as info:
+        read(write(tmp_path, name, data))
+
+    message = str(info.value)
+    assert f"is UTF-{width} text" in message and "expected UTF-8" in message
+    assert f"iconv -f UTF-{width}" in message
+    assert info.value.path == str(tmp_path / name)
 
 
 def test_binary_data_given_as_a_log_is_unknown_format(tmp_path):
@@ -614,3 +625,38 @@ def test_damage_inside_a_large_gzip_keeps_what_came_before(tmp_path):
     assert result.table.num_rows + result.skipped >= lines_before
     kept = result.table.column("uid").to_pylist()
     assert kept[:45_000] == [f"C{i}" for i in range(45_000)]  # all before the damage
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ("#separator \\x09", "#separator \\x09\\x09"),
+        ("#separator \\x09", "#separator \\xe9"),
+        ("#separator \\x09", "#separator \\x2c"),
+    ],
+    ids=["two-tabs", "non-ascii", "fields-not-split"],
+)
+def test_a_followed_log_refuses_the_headers_a_whole_read_refuses(tmp_path, change):
+    """The agent's ``zeek:`` source and ``flows read`` share one set of header rules."""
+    from flows.readers.stream import TsvLineParser
+
+    text = zeek_text([ROW_A]).replace(*change)
+    with pytest.raises(BadInputError) as whole:
+        read(write(tmp_path, "conn.log", text))
+
+    parser = TsvLineParser("live")
+    with pytest.raises(BadInputError) as followed:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.startswith("#"):
+                parser.header_line(line, number)
+
+    assert followed.value.line == whole.value.line
+    assert str(followed.value).split(": ", 1)[1] == str(whole.value).split(": ", 1)[1]
+
+
+def test_a_followed_log_refuses_a_field_named_twice():
+    from flows.readers.stream import TsvLineParser
+
+    parser = TsvLineParser("live")
+    with pytest.raises(BadInputError, match="#fields names 'ts' twice"):
+        parser.header_line("#fields\t" + "\t".join([*FIELDS, "ts"]), 7)

@@ -167,7 +167,7 @@ def _read_one(path: str | Path, on_error: str) -> ReadResult:
 def _read_source(src: Source, on_error: str) -> ReadResult:
     """Read the text of one input (already gunzipped) in the format it shows."""
     _check_not_empty(src)
-    check_utf16(src.data, src.path)
+    check_wide_text(src.data, src.path)
     if src.compressed and sniff_binary(src.data[:4]) is not None:
         raise BadInputError(
             f"gzip-compressed {sniff_binary(src.data[:4])}: gunzip it first",
@@ -209,19 +209,33 @@ def _sniff_head(path: str | Path) -> str | None:
     return sniff_binary(head)
 
 
-def check_utf16(data: bytes, path: str) -> None:
-    """Refuse UTF-16 text by name (Windows tools write it); the readers take UTF-8."""
+def check_wide_text(data: bytes, path: str) -> None:
+    """Refuse UTF-16 and UTF-32 text by name (Windows tools write it); we take UTF-8."""
     head = data[:512]
-    bom = head[:2] in (b"\xff\xfe", b"\xfe\xff")
-    # Without a byte-order mark: ASCII text in UTF-16 has a NUL in every other byte.
-    half = len(head) // 2
-    zeros = sorted((head[0::2].count(0), head[1::2].count(0)))
-    nul_pairs = half >= 4 and zeros[1] > 0.75 * half and zeros[0] < 0.125 * half
-    if bom or nul_pairs:
-        how = "a UTF-16 byte-order mark" if bom else "a NUL byte in every other place"
+
+    # Byte-order marks; UTF-32 first, as its little-endian mark starts like UTF-16's.
+    width = None
+    if head[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        width, how = 32, "a UTF-32 byte-order mark"
+    elif head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        width, how = 16, "a UTF-16 byte-order mark"
+
+    # Without a mark, ASCII text shows NUL bytes at fixed places: three of every
+    # four bytes in UTF-32, one of every two in UTF-16.
+    if width is None:
+        quarter = len(head) // 4
+        lanes = sorted(head[i::4].count(0) for i in range(4))
+        half = len(head) // 2
+        pairs = sorted((head[0::2].count(0), head[1::2].count(0)))
+        if quarter >= 4 and lanes[1] > 0.75 * quarter and lanes[0] < 0.125 * quarter:
+            width, how = 32, "three NUL bytes in every four"
+        elif half >= 4 and pairs[1] > 0.75 * half and pairs[0] < 0.125 * half:
+            width, how = 16, "a NUL byte in every other place"
+
+    if width is not None:
         raise BadInputError(
-            f"is UTF-16 text ({how}); expected UTF-8 text: convert it first, e.g. "
-            "iconv -f UTF-16 -t UTF-8",
+            f"is UTF-{width} text ({how}); expected UTF-8 text: convert it first, "
+            f"e.g. iconv -f UTF-{width} -t UTF-8",
             path=path,
         )
 

@@ -27,9 +27,9 @@ from flows.readers.zeek import (
     CANON_TO_ZEEK,
     DETAIL_NAMES,
     LABEL_NAMES,
-    REQUIRED,
     ZEEK_TO_CANON,
-    _decode_escapes,
+    _check_fields,
+    _directive,
     _expand_names,
     _FieldError,
     _Header,
@@ -77,34 +77,22 @@ class TsvLineParser:
         self._detail: int | None = None
 
     def header_line(self, line: str, line_no: int = 0) -> None:
-        """Apply one ``#`` line (``#separator``, ``#fields``, ``#close``...)."""
-        if line.startswith("#separator"):
-            self.header.separator = (
-                _decode_escapes(line[len("#separator") :].strip()) or "\t"
-            )
-            self._fields = None
-            return
-        key, _, value = line[1:].partition(self.header.separator)
-        if key == "fields":
-            self._set_fields(value.split(self.header.separator), line_no)
-        elif key == "empty_field":
-            self.header.empty = value
-        elif key == "unset_field":
-            self.header.unset = value
-        elif key == "set_separator":
-            self.header.set_separator = value
+        """Apply one ``#`` line (``#separator``, ``#fields``, ``#close``...).
 
-    def _set_fields(self, fields: list[str], line_no: int) -> None:
-        """Check the required columns and plan where each field is read from."""
+        The rules are the batch reader's: the same separators are refused and a
+        ``#fields`` line is checked the same way.
+        """
+        before = self.header.fields
+        self.header = _directive(self.header, line, line_no, self.path)
+        if self.header.fields is None:
+            self._fields = None
+        elif self.header.fields is not before:
+            _check_fields(self.header, self.path)
+            self._set_fields(self.header.fields)
+
+    def _set_fields(self, fields: list[str]) -> None:
+        """Plan where each field is read from (the columns were checked already)."""
         names = _expand_names(fields)
-        for name in REQUIRED:
-            if name not in names:
-                raise BadInputError(
-                    f"#fields has no {name!r} column (required: {', '.join(REQUIRED)})",
-                    path=self.path,
-                    line=line_no,
-                    column=name,
-                )
         self._fields = fields
         self._joined = next(
             (
@@ -350,7 +338,7 @@ def stream_format(path: str) -> str:
     A whole-file read would hold a conn.log of many GB in memory before the first
     record is yielded; the text formats are told apart by their first 64 KiB.
     """
-    from flows.readers import _sniff_head, check_utf16, detect_format
+    from flows.readers import _sniff_head, check_wide_text, detect_format
     from flows.readers.detect import sniff_text
 
     kind = _sniff_head(path)
@@ -359,7 +347,7 @@ def stream_format(path: str) -> str:
     head = _head(path)
     if not head or head.isspace():
         return detect_format(path)  # short: the whole read gives the exact error
-    check_utf16(head, path)
+    check_wide_text(head, path)
     return sniff_text(head, path)
 
 
