@@ -14,7 +14,10 @@ the training data, not only on it), otherwise the cached clean-window logits.
 feature columns is taken from another window of the batch (the same columns at
 every flow of the window), making combinations the training set never had (a
 benign flow with one field of an attack, say); only useful with ``teacher_fn``,
-since a swapped window's label is unknown.
+since a swapped window's label is unknown. ``mixup`` > 0 blends each training
+window with another of the batch, ``lam * x + (1 - lam) * other`` with ``lam`` drawn
+from Beta(mixup, mixup) per window, the teacher again scoring the blend: points
+between known flows rather than across their columns.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ class DistillConfig:
     max_train_rows: int | None = None
     input_noise: float = 0.0
     swap: float = 0.0
+    mixup: float = 0.0
 
 
 def _batched(source: WindowSource, rows: np.ndarray, size: int):
@@ -173,13 +177,14 @@ def distill(
     ``y`` holds the 0/1 labels of every row (indexed by row number);
     ``teacher_logits`` the teacher's logits for ``train_rows`` in that order. The
     validation loss is the hard-label cross-entropy on ``val_rows`` (the gate's data).
-    ``teacher_fn`` (windows -> logits) scores the altered windows when
-    ``config.input_noise`` or ``config.swap`` is set. Returns the per-epoch history.
+    ``teacher_fn`` (windows -> logits) scores the altered windows when one of
+    ``config.input_noise``, ``swap`` or ``mixup`` is set. Returns the per-epoch history.
     """
     cfg = config or DistillConfig()
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     noise = torch.Generator().manual_seed(cfg.seed)
+    blend = np.random.default_rng([cfg.seed, 1])  # its own stream: others unchanged
     train_rows = np.asarray(train_rows, dtype=np.int64)
     t_all = torch.from_numpy(np.asarray(teacher_logits, dtype=np.float32))
     y_all = torch.from_numpy(np.asarray(y, dtype=np.float32))
@@ -205,9 +210,16 @@ def distill(
                 donor = x[torch.randperm(len(x), generator=noise)]
                 cols = torch.rand((len(x), 1, x.shape[2]), generator=noise) < cfg.swap
                 x = torch.where(cols, donor, x)
+            if teacher_fn is not None and cfg.mixup > 0:
+                lam = blend.beta(cfg.mixup, cfg.mixup, size=(len(x), 1, 1))
+                other = x[torch.from_numpy(blend.permutation(len(x)))]
+                lam = torch.from_numpy(lam.astype(np.float32))
+                x = lam * x + (1 - lam) * other
             if cfg.input_noise > 0:
                 x = x + cfg.input_noise * torch.randn(x.shape, generator=noise)
-            if teacher_fn is not None and (cfg.input_noise > 0 or cfg.swap > 0):
+            if teacher_fn is not None and (
+                cfg.input_noise > 0 or cfg.swap > 0 or cfg.mixup > 0
+            ):
                 target = torch.from_numpy(
                     np.asarray(teacher_fn(x.numpy()), dtype=np.float32))
             loss = kd_loss(

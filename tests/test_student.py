@@ -164,6 +164,37 @@ def test_swapped_columns_come_from_another_window_of_the_batch() -> None:
     assert np.mean(swapped) == pytest.approx(0.3, abs=0.05)
 
 
+def test_mixup_blends_pairs_of_training_windows_as_beta_says() -> None:
+    torch.set_num_threads(1)
+    n, w = 400, 2
+    # Row r is one-hot at column r: a shown window tells which rows it blends, and how.
+    x = np.repeat(np.eye(n, dtype=np.float32)[:, None, :], w, axis=1)
+    y = (np.arange(n) % 2).astype(np.int64)
+    seen: list[np.ndarray] = []
+
+    def teacher(windows: np.ndarray) -> np.ndarray:
+        seen.append(windows.copy())
+        return np.zeros(len(windows), dtype=np.float32)
+
+    model = build_student("mlp", n, w, width=4, seed=0)
+    cfg = DistillConfig(epochs=2, batch_size=50, patience=5, mixup=0.4, alpha=1.0)
+    distill(model, ArrayWindows(x), np.arange(300), y, np.zeros(300, np.float32),
+            np.arange(300, 400), cfg, teacher_fn=teacher)
+
+    shown = np.concatenate(seen)
+    assert len(shown) == 600 and np.array_equal(shown[:, 0], shown[:, 1])
+    smaller = []
+    for window in shown[:, 0]:
+        rows = np.flatnonzero(window)
+        assert 1 <= len(rows) <= 2 and rows.max() < 300
+        assert window.sum() == pytest.approx(1.0, abs=1e-5)
+        smaller.append(window[rows].min() if len(rows) == 2 else 0.0)
+    # Independently: the mean of min(lam, 1 - lam) for lam ~ Beta(0.4, 0.4).
+    lam = np.random.default_rng(7).beta(0.4, 0.4, 200_000)
+    expected = np.minimum(lam, 1 - lam).mean()
+    assert np.mean(smaller) == pytest.approx(expected, abs=0.03)
+
+
 def test_teacher_cache_scores_once_and_reuses_disk(tmp_path: Path) -> None:
     x, logit, _ = _toy(50)
     calls = []
