@@ -1018,9 +1018,9 @@ def test_old_outbox_escalations_with_control_characters_go_out_escaped(
     old = Outbox(tmp_path / "old.db")
     for msg in Outbox(tmp_path / "o.db").pending():
         body = json.loads(msg.payload)
-        body["flow"] = {
-            k: _unescape(v) if isinstance(v, str) else v for k, v in body["flow"].items()
-        }
+        flow = body["flow"]
+        body["flow"] = {k: _unescape(v) if isinstance(v, str) else v
+                        for k, v in flow.items()}
         old.add(msg.id, msg.topic, json.dumps(body).encode(), msg.alert)
     stored = old.pending()
     old.close()
