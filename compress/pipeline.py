@@ -517,7 +517,8 @@ def export_candidate(
     if target == "tflite-micro":
         base["size_bytes"] = details["flatbuffer_bytes"]
     write_manifest(folder, base, files)
-    scorer = load_artifact(folder, prefer_micro=target == "tflite-micro")
+    # No probe yet: it is made from this very scorer below, then checked.
+    scorer = load_artifact(folder, prefer_micro=target == "tflite-micro", probe=False)
 
     # Scores in the target runtime; threshold and band from validation only.
     y_val, y_test = ctx.y[ctx.val], ctx.y[ctx.test]

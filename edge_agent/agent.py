@@ -84,6 +84,7 @@ class Counters:
     escalations_queued: int = 0
     escalations_sent: int = 0
     verdicts_received: int = 0
+    verdicts_unmatched: int = 0  # for no escalation sent in this run
     verdicts_malicious: int = 0
     bad_records: int = 0
     unrouted: int = 0
@@ -255,6 +256,7 @@ class Agent:
         self.max_hosts = max_hosts
         self.status_interval = status_interval
         self.counters = Counters()
+        self.first_bad_record: str | None = None  # why the encoder refused the first
         self.rejects = proto.RejectCounter("agent")
         self.latencies: deque[float] | None = (
             deque(maxlen=200_000) if track_latency else None
@@ -425,6 +427,7 @@ class Agent:
             except (BadInputError, TypeError, ValueError) as exc:
                 self.counters.bad_records += 1
                 if self.counters.bad_records == 1:
+                    self.first_bad_record = str(exc)
                     logger.warning(
                         "flow record rejected (%s); further ones counted", exc
                     )
@@ -708,7 +711,7 @@ class Agent:
             except (RuntimeError, ValueError):
                 acked = False
                 delivery.lost = True
-            if acked or delivery.lost:
+            if delivery.lost or (acked and delivery.unrouted):
                 del self._tracked[msg_id]
             if acked and delivery.unrouted:
                 # Accepted but nobody subscribed (re-scorer not back yet): keep it.
@@ -718,8 +721,14 @@ class Agent:
             elif acked:
                 delivery.forget()
                 done.append(msg_id)
-        self.counters.escalations_sent += self.outbox.ack_many(done)
-        self._note_sent(done)
+        try:
+            self.counters.escalations_sent += self.outbox.ack_many(done)
+            self._note_sent(done)
+        finally:
+            # Only now out of _tracked: until it is awaited, a verdict that comes
+            # in between must still find the id among those this run sent.
+            for msg_id in done:
+                self._tracked.pop(msg_id, None)
 
     def _note_sent(self, ids: list[str]) -> None:
         """Await one verdict per escalation id just acknowledged by the broker.
@@ -770,13 +779,20 @@ class Agent:
             return
         esc_id = verdict["escalation_id"]
         with self._out_lock:
+            ours = esc_id in self._tracked or esc_id in self._awaiting
             self._awaiting.pop(esc_id, None)
             if esc_id in self._verdict_ids:
                 return
             self._verdict_ids[esc_id] = None
             if len(self._verdict_ids) > _MAX_VERDICT_IDS:
                 self._verdict_ids.popitem(last=False)
-        self.counters.verdicts_received += 1
+        # A verdict for an id this run did not send answers an earlier run's
+        # escalation (a persistent session) or is forged (an open broker): counted
+        # apart, so "verdicts received" only counts answers to this run.
+        if ours:
+            self.counters.verdicts_received += 1
+        else:
+            self.counters.verdicts_unmatched += 1
         if self.round_trips is not None and esc_id in self._created:
             self.round_trips.append(time.monotonic() - self._created.pop(esc_id))
         if verdict["verdict"] == proto.Verdict.MALICIOUS.value:

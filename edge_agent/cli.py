@@ -62,14 +62,17 @@ exit codes:
   {EXIT_FAILURE}    failure (an alerts file, or calibrate's --out file, that cannot
        be opened or written included; alerts on a pipe whose reader
        went away are only a warning)
-  {EXIT_USAGE}    usage: bad flags, arguments or settings
+  {EXIT_USAGE}    usage: bad flags, arguments or settings, or an artifact whose
+       encoder reads fields the source does not give (an NSL-KDD
+       artifact on a conn.log, say)
   {EXIT_BAD_INPUT}    bad input: a source that gave no usable flow (stdin whose
        lines held no record, a damaged file with nothing usable), a
        folder or missing file, a damaged outbox file (left untouched);
        an empty stdin (no lines at all) is no error: the outbox is
        replayed and drained (exit 0)
-  {EXIT_PARTIAL_INPUT}    partial input: damage part way, or input lines rejected;
-       the flows read were scored and sent
+  {EXIT_PARTIAL_INPUT}    partial input: damage part way, input lines rejected, or
+       records the artifact's encoder refused; the flows read were
+       scored and sent
   {EXIT_UNAVAILABLE}    broker unavailable, escalations left unacknowledged in the
        outbox, or escalations dropped because the outbox could not
        store them
@@ -385,13 +388,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = AgentConfig.load(args.config, overrides)
     scorer = load_artifact(cfg.artifact)
     source = open_source(cfg.source, follow=cfg.follow)
+    _check_fit(scorer, source, cfg.artifact)
     thresholds = _read_thresholds(cfg.thresholds) if cfg.thresholds else None
     alerts, close_alerts = _open_alerts(cfg.alerts)
+    outbox = Outbox(cfg.outbox_path(), cfg.outbox_max)
+    dropped_before = outbox.dropped  # the outbox counts its cap's drops for good
     agent = Agent(
         scorer,
         site=cfg.site,
         gateway=cfg.gateway,
-        outbox=Outbox(cfg.outbox_path(), cfg.outbox_max),
+        outbox=outbox,
         alerts=alerts,
         max_batch=cfg.max_batch,
         max_wait_ms=cfg.max_wait_ms,
@@ -464,6 +470,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if close_alerts:
             alerts.close()
     summary["source_rejected"] = dict(source.rejected)
+    summary["outbox_dropped_now"] = {
+        kind: count - dropped_before.get(kind, 0)
+        for kind, count in (summary.get("outbox_dropped") or {}).items()
+    }
     summary["seconds"] = round(time.monotonic() - started, 3)
     summary["drained"] = drained
     _report(summary, cfg.summary_json)
@@ -478,7 +488,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise _as_partial(failure, summary["flows"])
     # SIGTERM (stop, not interrupted) ends the run as the end of its input would:
     # rejected lines are still exit 4, as documented in EPILOG.
-    input_error = _input_problem(cfg.source, source, summary["flows"])
+    input_error = _input_problem(
+        cfg.source, source, summary["flows"], summary["bad_records"],
+        agent.first_bad_record,
+    )
     if input_error is not None:
         raise input_error
     if close_alerts and alerts.error is not None:
@@ -521,16 +534,61 @@ def _as_partial(exc: GatewatchError, flows: int) -> GatewatchError:
     return exc
 
 
-def _input_problem(spec: str, source, flows: int) -> BadInputError | None:
+# Sources whose records are Zeek-style conn records (flows.record.CONN_FIELDS).
+_CONN_SOURCES = ("pcap", "iface", "zeek")
+
+
+def _check_fit(scorer, source, artifact: str) -> None:
+    """Refuse an artifact whose encoder reads fields the source never gives.
+
+    A conn source (a capture, an interface, a conn.log) gives the conn fields only;
+    an artifact made from NSL-KDD or UNSW records would refuse every flow and leave
+    the gateway blind while looking busy, so this is a usage error at start.
+    """
+    from flows.record import CONN_FIELD_NAMES
+
+    if source.kind not in _CONN_SOURCES:
+        return
+    enc = scorer.encoder
+    missing = [name for name in enc.input_fields if name not in CONN_FIELD_NAMES]
+    if missing:
+        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+        raise UsageError(
+            f"the artifact {artifact} reads {enc.family!r} flow records (fields "
+            f"{shown}) that a {source.kind}: source does not give; use an artifact "
+            "compressed from a conn-log teacher (e.g. the ctu-conn family)"
+        )
+
+
+def _input_problem(
+    spec: str,
+    source,
+    flows: int,
+    bad_records: int = 0,
+    first_bad: str | None = None,
+) -> BadInputError | None:
     """Exit 3 when a source (run to its end, or stopped by SIGTERM) gave no usable
     flow, 4 when some of its input was rejected; None when all was well.
+
+    ``bad_records`` are records the source gave that the artifact's encoder refused
+    (counted by the agent); they are rejected input like a bad line.
     """
     from edge_agent.sources import STDIN_EXPECTED
 
     rejected = sum(source.rejected.values())
     damage = getattr(source, "damage", None)
-    if flows and not rejected and damage is None:
+    if flows and not rejected and damage is None and not bad_records:
         return None
+    where = "stdin" if source.kind == "stdin" else spec
+    if bad_records and not rejected and damage is None:
+        why = f"{bad_records} flow record(s) of {where} were refused by the " + (
+            f"artifact's encoder (the first: {first_bad})"
+        )
+        if not flows:
+            return BadInputError(f"no usable flow was read: {why}")
+        return PartialInputError(
+            f"{why}; the {flows} flows read were scored and kept"
+        )
     if damage is not None:
         if not flows:
             return BadInputError(
@@ -542,7 +600,6 @@ def _input_problem(spec: str, source, flows: int) -> BadInputError | None:
             f"damaged part way: {damage}; the {flows} flows read were scored and kept",
             path=spec,
         )
-    where = "stdin" if source.kind == "stdin" else spec
     counts = ", ".join(f"{k} {v}" for k, v in sorted(source.rejected.items()))
     first = f"; the first: {source.first_rejected}" if source.first_rejected else ""
     if not flows:
@@ -592,9 +649,26 @@ def _report(summary: dict[str, Any], path: str | None) -> None:
             f", dropped as the outbox could not store them {summary['outbox_failed']}"
             if summary.get("outbox_failed")
             else ""
+        )
+        + (
+            f", dropped by the outbox cap {capped}"
+            if (capped := sum((summary.get("outbox_dropped_now") or {}).values()))
+            else ""
+        )
+        + (
+            f", verdicts for no escalation of this run {summary['verdicts_unmatched']}"
+            if summary.get("verdicts_unmatched")
+            else ""
         ),
         file=sys.stderr,
     )
+    if capped:
+        print(
+            f"warning: the outbox was full ({capped} escalations dropped by its cap "
+            f"in this run, by kind: {summary['outbox_dropped_now']}); raise "
+            "--outbox-max, or check that the broker and re-scorer keep up",
+            file=sys.stderr,
+        )
     if path:
         try:
             Path(path).write_text(json.dumps(summary, indent=2) + "\n")
@@ -633,6 +707,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError("--target-fpr must be between 0 and 1, e.g. 0.01")
     scorer = load_artifact(args.artifact)
     source = open_source(args.source)
+    _check_fit(scorer, source, args.artifact)
     if not source.finite:
         raise UsageError("calibrate needs a file source (pcap:, zeek: or parquet:)")
     enc = scorer.encoder

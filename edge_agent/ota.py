@@ -135,7 +135,7 @@ def load_checked(folder: str | Path, *, tolerance: float | None = None) -> Any:
     """Load an artifact folder (hashes checked) and health-check it; the Scorer."""
     from edge_agent.runtime import load_artifact
 
-    scorer = load_artifact(folder)
+    scorer = load_artifact(folder, probe=False)
     diff = health_check(scorer, tolerance=tolerance)
     logger.info(
         "health check of %s (model %s): probe within %.3g",

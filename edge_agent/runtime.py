@@ -552,14 +552,22 @@ def _check_input(folder: Path, spec: TensorSpec, backend: _Backend) -> None:
 
 
 def load_artifact(
-    folder: str | Path, *, threads: int = 1, prefer_micro: bool = False
+    folder: str | Path,
+    *,
+    threads: int = 1,
+    prefer_micro: bool = False,
+    probe: bool = True,
 ) -> Scorer:
     """Verify an artifact folder and load its model in the matching runtime.
 
     Raises :class:`~flows.errors.ModelError` when a file is missing or modified (sha256
     differs from the manifest), when the model's input does not match the manifest
-    (shape or dtype) or when the runtime cannot load it. ``prefer_micro`` runs a
-    ``tflite-micro`` C array in the TFLite Micro interpreter when it is installed.
+    (shape or dtype), when the runtime cannot load it, or when the manifest's probe
+    windows do not score as recorded (an edited manifest, a misbehaving runtime).
+    ``prefer_micro`` runs a ``tflite-micro`` C array in the TFLite Micro interpreter
+    when it is installed.
+    ``probe=False`` leaves the probe to the caller (the update health check, which
+    takes its own tolerance).
     """
     folder = Path(folder)
     manifest = _read_manifest(folder)
@@ -586,6 +594,17 @@ def load_artifact(
     if spec.dtype != "float32" and (spec.scale is None or spec.zero_point is None):
         raise ModelError(f"{folder}: int8 input needs scale and zero_point")
     scorer = Scorer(folder, manifest, backend)
+
+    # The manifest itself is not in its sha256 list: an edited output scale or kind
+    # would change every score silently. Its probe windows catch that at load.
+    if probe and manifest.get("probe"):
+        try:
+            scorer.check_probe()
+        except (BadInputError, TypeError, ValueError) as exc:
+            raise ModelError(f"{folder}: the manifest's probe is malformed: {exc}") \
+                from exc
+    elif probe:
+        logger.warning("%s: the manifest has no probe windows; not checked", folder)
     logger.info(
         "loaded %s (%s, %s, input %s %s)",
         model_path,

@@ -427,16 +427,19 @@ def test_verdict_ids_are_bounded_and_still_drop_a_redelivered_copy(
 
     # Each verdict delivered twice (at-least-once): counted once.
     for i in range(1000):
+        agent._awaiting[f"{i:032x}"] = None  # as if acknowledged by the broker
         agent._on_message(topic, verdict(i))
         agent._on_message(topic, verdict(i))
     assert agent.counters.verdicts_received == 1000
     assert len(agent._verdict_ids) == 50
 
-    # A copy of a recent one is still dropped; one long forgotten counts again.
+    # A copy of a recent one is still dropped; one long forgotten counts again
+    # (apart: this run has had its verdict and awaits none for it).
     agent._on_message(topic, verdict(999))
     assert agent.counters.verdicts_received == 1000
     agent._on_message(topic, verdict(0))
-    assert agent.counters.verdicts_received == 1001
+    assert agent.counters.verdicts_received == 1000
+    assert agent.counters.verdicts_unmatched == 1
     agent.outbox.close()
 
 
@@ -473,6 +476,7 @@ def test_a_verdict_nesting_bomb_is_rejected_and_verdicts_go_on(
             teacher_version="t",
         )
     )
+    agent._awaiting["0" * 32] = None  # as if acknowledged by the broker
     agent._on_message(topic, b"[" * 100_000)
     agent._on_message(topic, good)
     assert agent.counters.rejected == {"malformed_json": 1}
@@ -1054,3 +1058,124 @@ def test_old_outbox_escalations_with_control_characters_go_out_escaped(
     assert sorted(b["id"] for b in bodies) == sorted(m.id for m in stored)
     assert all(b["flow"]["history"].startswith("\\x01") for b in bodies)
     assert Outbox(tmp_path / "old.db").pending() == []
+
+
+@pytest.fixture
+def nsl_artifact(data_dir, tm, tmp_path_factory) -> Path:
+    """An artifact whose encoder reads NSL-KDD records (fitted on the 20 % file)."""
+    from flows.encoder import Encoder
+    from flows.readers import read
+    from flows.record import table_to_columns
+    from tests.conftest import data_file
+
+    table = read(data_file(data_dir, "nsl-kdd/KDDTrain+_20Percent.txt")).table
+    enc = Encoder.fit(table_to_columns(table), "nsl-kdd", window=4, group_by="stream")
+    return make_artifact(tmp_path_factory.mktemp("nsl") / "art", enc, tm.thresholds)
+
+
+@pytest.mark.parametrize("command", ["run", "calibrate"])
+def test_an_artifact_for_other_records_is_refused_on_a_conn_source(
+    tm, nsl_artifact: Path, tmp_path: Path, capsys, command: str
+) -> None:
+    """Found: an NSL-KDD artifact on a conn.log refused every flow, scored none
+    and exited 0 (a blind gateway that looks busy). Now a usage error at start."""
+    if command == "run":
+        argv = _run_argv(tm, tmp_path, f"zeek:{tm.conn_log}", "--alerts", "")
+        argv[argv.index(str(tm.artifact))] = str(nsl_artifact)
+    else:
+        argv = ["calibrate", "--artifact", str(nsl_artifact), "--source",
+                f"zeek:{tm.conn_log}", "--target-fpr", "0.01",
+                "--out", str(tmp_path / "cal.json")]
+
+    rc = main(argv)
+
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"the artifact {nsl_artifact} reads 'nsl-kdd' flow records" in err
+    assert "src_bytes" in err and "a zeek: source does not give" in err
+    assert not (tmp_path / "o.db").exists() and not (tmp_path / "cal.json").exists()
+
+
+def test_stdin_records_the_encoder_refuses_are_named_not_called_blank(
+    tm, nsl_artifact: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Found: 100 conn records on stdin for an NSL-KDD artifact ended in "it held
+    100 blank line(s)". Every record refused is bad input (3), said as such."""
+    text = "".join(json.dumps(r) + "\n" for r in tm.records[:100])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    argv = _run_argv(tm, tmp_path, "-", "--alerts", "")
+    argv[argv.index(str(tm.artifact))] = str(nsl_artifact)
+
+    rc = main(argv)
+
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert "blank line" not in err
+    assert "no usable flow was read: 100 flow record(s) of stdin were refused by " \
+        "the artifact's encoder (the first: column 'src_bytes': a flow record " \
+        "lacks the field 'src_bytes'" in err
+
+
+def test_some_records_refused_by_the_encoder_make_a_partial_input() -> None:
+    from types import SimpleNamespace
+
+    from edge_agent.cli import _input_problem
+    from flows.errors import PartialInputError
+
+    source = SimpleNamespace(kind="zeek", rejected={}, damage=None, lines=10,
+                             first_rejected=None)
+
+    problem = _input_problem("zeek:c.log", source, 7, 3, "why")
+
+    assert isinstance(problem, PartialInputError)
+    assert "3 flow record(s) of zeek:c.log were refused" in str(problem)
+    assert "the 7 flows read were scored and kept" in str(problem)
+    assert _input_problem("zeek:c.log", source, 7, 0, None) is None
+
+
+def test_verdicts_for_no_escalation_of_this_run_are_counted_apart(
+    tm, tmp_path: Path
+) -> None:
+    """Found: a forged verdict (any client of an open broker can publish one) raised
+    "verdicts received" past "escalations sent". Only answers to escalations this
+    run sent count there; the others are counted apart."""
+    from edge_agent import protocol as proto
+
+    agent = Agent(load_artifact(tm.artifact), site="s1", gateway="g1",
+                  outbox=Outbox(tmp_path / "o.sqlite"), alerts=io.StringIO())
+    topic = agent.topics[proto.Channel.VERDICTS]
+
+    def verdict(esc_id: str) -> bytes:
+        return proto.encode(proto.build_verdict(
+            escalation_id=esc_id, verdict="benign", score=0.1, threshold=0.5,
+            teacher_version="t1"))
+
+    agent._awaiting["a" * 32] = None  # acknowledged by the broker in this run
+    agent._on_message(topic, verdict("a" * 32))
+    agent._on_message(topic, verdict("b" * 32))  # never sent by this agent
+    agent._on_message(topic, verdict("a" * 32))  # a redelivered copy
+
+    c = agent.counters
+    assert (c.verdicts_received, c.verdicts_unmatched) == (1, 1)
+    assert agent.summary()["verdicts_awaited"] == 0
+
+
+def test_escalations_dropped_by_the_outbox_cap_are_in_the_summary_line(
+    tm, tmp_path: Path, capsys
+) -> None:
+    """Found: with --outbox-max 1 the summary line said nothing of the escalations
+    the cap dropped (only --summary-json had them), and there was no warning."""
+    expected = tm.expected()
+    assert len(expected) > 2
+
+    rc = main(_run_argv(tm, tmp_path, f"zeek:{tm.conn_log}", "--alerts", "",
+                        "--outbox-max", "1", "--summary-json",
+                        str(tmp_path / "s.json")))
+
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "s.json").read_text())
+    dropped = len(expected) - 1
+    assert sum(summary["outbox_dropped_now"].values()) == dropped
+    assert f", dropped by the outbox cap {dropped}" in err
+    assert f"warning: the outbox was full ({dropped} escalations dropped" in err

@@ -189,6 +189,7 @@ def test_rejected_verdicts_are_counted_and_never_written(tm, tmp_path) -> None:
     assert agent.counters.rejected == {"bad_value": 3}
     assert agent.counters.verdicts_received == 0
     assert alerts.getvalue() == ""
+    agent._awaiting["cd" * 16] = None  # as if acknowledged by the broker
     agent._on_message(topic, verdict())
     assert agent.counters.verdicts_received == 1
     assert "cd" * 16 in alerts.getvalue()
@@ -223,7 +224,9 @@ def test_an_escalation_sent_twice_awaits_one_verdict(tm, tmp_path) -> None:
             )
         )
 
+    agent._tracked[c] = None  # published; its PUBACK not collected yet
     agent._on_message(topic, verdict(c))  # before its PUBACK was collected
+    del agent._tracked[c]
     agent._note_sent([a, b, c])
     agent._note_sent([a])  # the same flow sent again
     agent.counters.escalations_sent = 4  # as _collect_acks counts them

@@ -224,7 +224,10 @@ def test_healthy_artifact_passes(tmp_path: Path) -> None:
 
 
 def test_probe_off_by_more_than_tolerance_fails(tmp_path: Path) -> None:
-    scorer = load_artifact(make_artifact(tmp_path / "a", expected_shift=0.01))
+    folder = make_artifact(tmp_path / "a", expected_shift=0.01)
+    with pytest.raises(ModelError, match="probe scores differ"):
+        load_artifact(folder)  # the default load checks the probe too
+    scorer = load_artifact(folder, probe=False)
 
     with pytest.raises(ModelError, match="probe scores differ"):
         health_check(scorer)

@@ -131,7 +131,9 @@ def write_artifact(
             "kind": "probability",
         },
         "sha256": {name: _sha(folder / name) for name in files},
-        "probe": {"windows": probe.tolist(), "expected": _expected(probe).tolist()},
+        # The float model's scores; an int8 model's differ by its rounding.
+        "probe": {"windows": probe.tolist(), "expected": _expected(probe).tolist(),
+                  "atol": out_q[0] + 0.01 if out_q else 1e-4},
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
@@ -232,6 +234,34 @@ def test_probe_mismatch_is_reported(tmp_path: Path) -> None:
 
     with pytest.raises(ModelError, match="probe scores differ"):
         load_artifact(folder).check_probe()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("zero_point", 100), ("scale", 1 / 64), ("kind", "logit")]
+)
+def test_an_edited_manifest_output_is_caught_at_load(tmp_path: Path, key, value):
+    """Found: manifest.json is not in its own sha256 list, and an edited output
+    zero point changed every score silently (an agent with no alerts at all).
+    The probe windows, scored at every load, refuse it by name."""
+    folder = write_artifact(tmp_path / "q", _int8_model(), dtype="int8",
+                            in_q=(IN_SCALE, IN_ZP), out_q=(OUT_SCALE, OUT_ZP))
+    load_artifact(folder)  # as written: the probe passes
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["output"][key] = value
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(ModelError, match="probe scores differ from the manifest"):
+        load_artifact(folder)
+
+
+def test_a_malformed_probe_is_named_at_load(tmp_path: Path) -> None:
+    folder = write_artifact(tmp_path / "a", _float_model())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["probe"]["windows"] = [[1, 2], [3]]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(ModelError, match="the manifest's probe is malformed"):
+        load_artifact(folder)
 
 
 def test_c_array_round_trip() -> None:
