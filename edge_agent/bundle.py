@@ -4,8 +4,14 @@ A bundle is a gzip tar. Its first member is ``MANIFEST.json`` (what the bundle h
 and the sha256 and size of every other member), its second ``MANIFEST.sig`` (the
 Ed25519 signature of the manifest's exact bytes). Then come ``wheels/`` (the agent's
 wheel built from this source tree and the wheels of its ``edge`` requirements),
-``model/`` (a model artifact), ``config/gateway.toml`` and
+``model/`` (a model artifact, with the site's ``site_thresholds.json`` when the
+artifact folder holds one), ``config/gateway.toml`` and
 ``systemd/gatewatch-agent.service``.
+
+The bundled config is read by the flashed agent as it is, so its paths must be the
+flashed layout's (:func:`check_flashed_paths`): ``artifact`` the link to the active
+model slot, ``/opt/gatewatch/models/current``, and ``update_public_key``, when model
+updates are wanted, the key flash installs, ``/etc/gatewatch/update.pub``.
 
 Reading a bundle is one streaming pass that trusts nothing before the signature:
 members must be plain files with relative names inside the bundle (no links, devices,
@@ -66,6 +72,14 @@ AGENT_EXTRA = "edge"
 OPT_DIR = "opt/gatewatch"
 ETC_DIR = "etc/gatewatch"
 UNIT_FILE = "etc/systemd/system/gatewatch-agent.service"
+MODELS_DIR = f"{OPT_DIR}/models"
+MODEL_LINK = f"{MODELS_DIR}/current"  # the active model slot: the config's artifact
+CONFIG_FILE = f"{ETC_DIR}/gateway.toml"
+UPDATE_KEY_FILE = f"{ETC_DIR}/update.pub"  # the config's update_public_key
+
+# What ``edge-agent calibrate`` writes into an artifact folder; the agent prefers it
+# to the artifact's own thresholds (edge_agent.agent.SITE_THRESHOLDS).
+SITE_THRESHOLDS = "site_thresholds.json"
 
 
 class BundleError(GatewatchError):
@@ -692,8 +706,9 @@ def systemd_unit() -> str:
 def artifact_files(artifact: Path) -> tuple[dict[str, Any], list[str]]:
     """The artifact manifest and its file list, every listed hash checked.
 
-    Only ``manifest.json`` and the files it lists go into a bundle or an update, so
-    a stray file in the folder cannot ride along unsigned by its maker.
+    Only ``manifest.json``, the files it lists and the site's calibrated thresholds
+    (``site_thresholds.json``, checked by :func:`check_site_thresholds`) go into a
+    bundle or an update, so a stray file in the folder cannot ride along.
     """
     path = artifact / "manifest.json"
     try:
@@ -716,7 +731,99 @@ def artifact_files(artifact: Path) -> tuple[dict[str, Any], list[str]]:
                 path=str(artifact),
             )
         names.append(safe)
+    site = check_site_thresholds(artifact, str(model_version))
+    if site is not None and SITE_THRESHOLDS not in names:
+        names.append(SITE_THRESHOLDS)
     return manifest, ["manifest.json", *names]
+
+
+def check_site_thresholds(artifact: str | Path, model_version: str) -> Path | None:
+    """The artifact folder's ``site_thresholds.json`` once checked; None if absent.
+
+    The file must be a regular file whose thresholds the agent accepts
+    (:func:`edge_agent.agent.read_thresholds_file`) and, when it names the model it
+    was calibrated for (``edge-agent calibrate`` does), that model must be
+    ``model_version``: another model's scores are on another scale. Anything else
+    is a BadInputError (exit 3) naming the file.
+    """
+    from edge_agent.agent import read_thresholds_file
+
+    path = Path(artifact) / SITE_THRESHOLDS
+    if not path.is_symlink() and not path.exists():
+        return None
+    if path.is_symlink() or not path.is_file():
+        raise BadInputError(
+            "is not a regular file; site thresholds must be a JSON file written by "
+            "edge-agent calibrate",
+            path=str(path),
+        )
+
+    read_thresholds_file(path)  # BadInputError naming the file and the key
+
+    calibrated_for = json.loads(path.read_text(encoding="utf-8")).get("model_version")
+    if calibrated_for is not None and str(calibrated_for) != model_version:
+        raise BadInputError(
+            f"was calibrated for model {calibrated_for!r}, but the artifact is model "
+            f"{model_version!r}; run edge-agent calibrate with this artifact again",
+            path=str(path),
+        )
+    return path
+
+
+def check_flashed_paths(
+    config: dict[str, Any], where: str, *, root: Path | None = None
+) -> None:
+    """UsageError unless the config's paths are the ones flash installs.
+
+    The flashed agent runs ``edge-agent run --config /etc/gatewatch/gateway.toml``
+    and nothing else, so ``artifact`` must be the link to the active model slot
+    (``/opt/gatewatch/models/current``) and ``update_public_key``, when set, the
+    key flash writes (``/etc/gatewatch/update.pub``). ``where`` names the config in
+    the message. With ``root`` (flashing into a folder) the same paths under that
+    folder are accepted too, for an agent run from the folder itself; without it
+    (building a bundle) any folder in front of them is, and flash checks it.
+    """
+    settings = config.get("agent", config)
+    if not isinstance(settings, dict):
+        raise UsageError(f"config {where}: [agent] must be a table")
+    wanted = {"artifact": MODEL_LINK, "update_public_key": UPDATE_KEY_FILE}
+    for key, relative in wanted.items():
+        value = settings.get(key)
+        if value is None and key == "update_public_key":
+            continue  # no model updates: flash still installs the key, unused
+        gateway_path = f"/{relative}"
+        if value is None:
+            raise UsageError(
+                f"config {where}: {key} is not set; the flashed agent runs with "
+                f'--config only, so set {key} = "{gateway_path}"'
+            )
+        if not isinstance(value, str) or not _is_flashed_path(value, relative, root):
+            under_root = (
+                f" (or {Path(root).absolute() / relative} for an agent run from "
+                f"{root} itself)"
+                if root is not None
+                else ""
+            )
+            raise UsageError(
+                f"config {where}: {key} is {value!r}, but flash installs it at "
+                f"{gateway_path!r}{under_root}; set {key} = "
+                f'"{gateway_path}"'
+            )
+
+
+def _is_flashed_path(value: str, relative: str, root: Path | None) -> bool:
+    """Whether a config path is ``/relative`` (or ``ROOT/relative``, see above)."""
+    path = PurePosixPath(os.path.normpath(value))
+    if not path.is_absolute():
+        return False
+    if path == PurePosixPath("/", relative):
+        return True
+    if root is None:
+        return path.parts[-len(PurePosixPath(relative).parts) :] == (
+            PurePosixPath(relative).parts
+        )
+    roots = {Path(root).absolute(), Path(root).resolve()}
+    return any(path == PurePosixPath(r / relative) for r in roots)
 
 
 def build_bundle(
@@ -746,11 +853,21 @@ def build_bundle(
 
     load_checked(artifact)
     try:
-        tomllib.loads(config.read_text())
+        settings = tomllib.loads(config.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise BadInputError(
             f"config is not valid TOML: {exc}", path=str(config)
         ) from exc
+    check_flashed_paths(settings, str(config))
+    if SITE_THRESHOLDS in model_names and settings.get("agent", settings).get(
+        "thresholds"
+    ):
+        logger.warning(
+            "%s sets thresholds, so the flashed agent will not use the bundled "
+            "%s; remove that setting to use the site's calibration",
+            config,
+            artifact / SITE_THRESHOLDS,
+        )
 
     with tempfile.TemporaryDirectory(prefix="gatewatch-bundle-") as tmp:
         # Wheels: the agent's own, then its runtime requirements.
@@ -882,7 +999,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_cmd_keygen)
 
-    p = subparsers.add_parser("bundle", help="build a signed, offline agent bundle")
+    p = subparsers.add_parser(
+        "bundle",
+        help="build a signed, offline agent bundle",
+        description="Build a signed bundle of the agent, the model artifact (with "
+        "its site_thresholds.json from edge-agent calibrate, when the folder holds "
+        "one) and the gateway config. The config must point at the flashed layout: "
+        f'artifact = "/{MODEL_LINK}" and, for model updates, update_public_key = '
+        f'"/{UPDATE_KEY_FILE}". Exit codes: 0 written, 1 the wheel build or '
+        "download failed or the model fails its health check, 2 wrong flags or a "
+        "config path that is not the flashed layout's, 3 an unreadable artifact, "
+        "site thresholds or config.",
+    )
     p.add_argument(
         "--artifact",
         required=True,
@@ -893,7 +1021,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--config",
         required=True,
         type=Path,
-        help="the gateway.toml: site, gateway, broker, thresholds (required)",
+        help="the gateway.toml: site, gateway, broker; artifact must be "
+        f"/{MODEL_LINK} (required)",
     )
     p.add_argument(
         "--key",
@@ -938,7 +1067,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_cmd_verify)
 
-    p = subparsers.add_parser("flash", help="install a verified bundle into a root")
+    p = subparsers.add_parser(
+        "flash",
+        help="install a verified bundle into a root",
+        description="Verify a bundle and install it under --root: the agent venv "
+        f"in /{OPT_DIR}/releases, the model in a free slot of /{MODELS_DIR} (made "
+        f"active through /{MODEL_LINK}), the config as /{CONFIG_FILE}, the "
+        f"--pubkey as /{UPDATE_KEY_FILE}. A bundle built before the running model "
+        "is refused unless --allow-downgrade is given. Exit codes: 0 flashed, 1 the "
+        "install or the model's health check failed (the previous install is "
+        "kept), 2 wrong flags, another Python, a config path that is not the "
+        "flashed layout's, or a refused downgrade, 3 a damaged, altered or "
+        "wrongly signed bundle, or a damaged install under --root.",
+    )
     p.add_argument("bundle", type=Path, help="the bundle file to install")
     p.add_argument(
         "--root",
@@ -957,9 +1098,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="interpreter for the gateway venv (default: this one)",
     )
+    p.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="install a bundle built before the running model (default: refuse)",
+    )
     p.set_defaults(func=_cmd_flash)
 
-    p = subparsers.add_parser("rollback", help="switch back to the other model slot")
+    p = subparsers.add_parser(
+        "rollback",
+        help="switch back to the other model slot",
+        description="Make the other model slot under --root active again, after "
+        "checking that its model still loads and passes its health check. Exit "
+        "codes: 0 switched, 1 the other model fails its health check, 2 nothing "
+        "to roll back to, 3 a damaged install (models/slots.json or the "
+        "models/current link).",
+    )
     p.add_argument(
         "--root",
         required=True,
@@ -1017,9 +1171,16 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
         source=args.source,
         platform_tag=args.platform,
     )
+    site = f"{MODEL_DIR}/{SITE_THRESHOLDS}"
     print(
         f"{args.out}: agent {manifest.agent_version}, model "
-        f"{manifest.model_version}, {len(manifest.files)} files"
+        f"{manifest.model_version}, {len(manifest.files)} files; "
+        + (
+            f"site thresholds {site} included"
+            if site in manifest.files
+            else f"no {SITE_THRESHOLDS} in {args.artifact}: the model's own "
+            "thresholds apply"
+        )
     )
     return 0
 
@@ -1037,7 +1198,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_flash(args: argparse.Namespace) -> int:
     from edge_agent.flash import flash
 
-    result = flash(args.bundle, args.root, args.pubkey, python=args.python)
+    result = flash(
+        args.bundle,
+        args.root,
+        args.pubkey,
+        python=args.python,
+        allow_downgrade=args.allow_downgrade,
+    )
     print(
         f"flashed {args.root}: agent {result.agent_version}, model "
         f"{result.model_version} in slot {result.slot}"

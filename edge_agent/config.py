@@ -3,7 +3,7 @@
 A config file holds the same names as the ``edge-agent run`` flags, with underscores,
 at the top level or under an ``[agent]`` table, for example::
 
-    artifact = "/opt/gatewatch/artifact"
+    artifact = "/opt/gatewatch/models/current"
     source = "zeek:/var/log/zeek/current/conn.log"
     follow = true
     broker = "mqtts://broker.example:8883"
@@ -14,8 +14,13 @@ at the top level or under an ``[agent]`` table, for example::
     tls_ca = "/etc/gatewatch/ca.pem"
     update_public_key = "/etc/gatewatch/update.pub"
 
-A flag given on the command line wins over the file; :meth:`AgentConfig.validate`
-checks the result before anything starts.
+The paths are those of a gateway that ``edge-agent flash`` installed:
+``artifact`` is the link to the active model slot (``/opt/gatewatch/models/current``,
+which rollback and model updates switch) and ``update_public_key`` the key flash
+writes (``/etc/gatewatch/update.pub``); ``edge-agent bundle`` and ``flash`` refuse
+a config whose ``artifact`` or ``update_public_key`` is elsewhere (the layout:
+``edge_agent/README.md``). A flag given on the command line wins over the file;
+:meth:`AgentConfig.validate` checks the result before anything starts.
 """
 
 from __future__ import annotations

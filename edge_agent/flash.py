@@ -10,15 +10,25 @@
     etc/gatewatch/gateway.toml, etc/gatewatch/update.pub           config, OTA key
     etc/systemd/system/gatewatch-agent.service                     the unit
 
+A slot holds the artifact's files and, when the bundle carries one, the site's
+``site_thresholds.json``, which the agent prefers to the artifact's thresholds. The
+config is installed as it is, so its ``artifact`` must be
+``/opt/gatewatch/models/current`` and its ``update_public_key`` (when set)
+``/etc/gatewatch/update.pub``; flash refuses a bundle whose config says otherwise
+(:func:`edge_agent.bundle.check_flashed_paths`).
+
 Nothing under ``root`` changes until the whole bundle is verified (signature, every
-hash, no links or escaping names), the venv is installed from the bundled wheels with
-no index, and the bundled model passes its health check inside that venv. Switches
-are symlink renames, so a reader sees the old target or the new one, never a mix.
+hash, no links or escaping names), its config points at this layout, its model is
+not older than the running one (unless ``allow_downgrade``), the venv is installed
+from the bundled wheels with no index, and the bundled model passes its health check
+inside that venv. Switches are symlink renames, so a reader sees the old target or
+the new one, never a mix.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -87,17 +97,46 @@ class ModelSlots:
         return SLOTS[1] if active == SLOTS[0] else SLOTS[0]
 
     def state(self) -> dict[str, Any]:
-        """The recorded contents of each slot (empty before the first install)."""
+        """The recorded contents of each slot (empty before the first install).
+
+        A file that is not a JSON object whose ``A`` and ``B`` are objects (or null)
+        with a numeric ``issued_at`` is a BadInputError (exit 3) naming it.
+        """
         path = self.dir / STATE_FILE
         if not path.exists():
             return {}
+        expected = (
+            'expected a JSON object like {"A": {"model_version": ..., "issued_at": '
+            '<seconds>, ...}, "B": null}, as flash and model updates write it'
+        )
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise BadInputError(
-                f"slot state is unreadable: {exc}", path=str(path)
+                f"slot state is unreadable ({exc}); {expected}", path=str(path)
             ) from exc
-        return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            raise BadInputError(
+                f"slot state is a JSON {type(data).__name__}; {expected}",
+                path=str(path),
+            )
+
+        for slot in SLOTS:
+            info = data.get(slot)
+            if info is not None and not isinstance(info, dict):
+                raise BadInputError(
+                    f"slot {slot} is recorded as a JSON {type(info).__name__}; "
+                    f"{expected}",
+                    path=str(path),
+                )
+            issued = (info or {}).get("issued_at")
+            if issued is not None and not _is_finite_number(issued):
+                raise BadInputError(
+                    f"slot {slot} has issued_at {str(issued)[:40]!r}, not a time in "
+                    f"seconds; {expected}",
+                    path=str(path),
+                )
+        return data
 
     def info(self, slot: str | None) -> dict[str, Any]:
         """What the state file says about ``slot`` ({} when nothing)."""
@@ -139,6 +178,16 @@ class ModelSlots:
         state = self.state()
         state[slot] = info
         _write_atomic(self.dir / STATE_FILE, json.dumps(state, indent=1).encode())
+
+
+def _is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is an int or float (not a bool) that is finite."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past float64
+        return False
 
 
 def _fsync_dir(path: Path) -> None:
@@ -207,7 +256,7 @@ class GatewayLayout:
     @property
     def models(self) -> Path:
         """The model slots folder."""
-        return self.opt / "models"
+        return self.root / bundle_mod.MODELS_DIR
 
     @property
     def etc(self) -> Path:
@@ -217,12 +266,12 @@ class GatewayLayout:
     @property
     def config(self) -> Path:
         """The agent's config file."""
-        return self.etc / "gateway.toml"
+        return self.root / bundle_mod.CONFIG_FILE
 
     @property
     def pubkey(self) -> Path:
         """The public key that model updates must be signed with."""
-        return self.etc / "update.pub"
+        return self.root / bundle_mod.UPDATE_KEY_FILE
 
     @property
     def unit(self) -> Path:
@@ -252,12 +301,15 @@ def flash(
     *,
     python: str | None = None,
     tolerance: float | None = None,
+    allow_downgrade: bool = False,
 ) -> FlashResult:
     """Verify ``bundle`` and install it into the gateway root ``root``.
 
     ``python`` is the interpreter the gateway venv is made from (default: the base
     interpreter of this one); it must be the Python version the bundle was built
-    for. Any failure leaves the previous install as it was and raises.
+    for. A bundle built before the running model was issued is refused (UsageError)
+    unless ``allow_downgrade``. Any failure leaves the previous install as it was
+    and raises.
     """
     bundle, root = Path(bundle), Path(root)
     layout = GatewayLayout(root)
@@ -270,7 +322,8 @@ def flash(
         # 1. Verify and unpack outside the root: nothing there has changed yet.
         staged = Path(tmp) / "bundle"
         manifest = bundle_mod.verify_bundle(bundle, public_key, extract_to=staged)
-        _check_staged(staged, manifest, interpreter)
+        _check_staged(staged, manifest, interpreter, root)
+        _check_not_older(layout, manifest, bundle, allow_downgrade)
 
         # 2. The release venv, built beside the active one from the bundled wheels;
         # 3. the model, checked by that venv, into the inactive slot.
@@ -324,9 +377,12 @@ def _base_python() -> str:
 
 
 def _check_staged(
-    staged: Path, manifest: bundle_mod.BundleManifest, python: str
+    staged: Path, manifest: bundle_mod.BundleManifest, python: str, root: Path
 ) -> None:
-    """Checks on the unpacked bundle that need no install: Python, config, artifact."""
+    """Checks on the unpacked bundle that need no install: Python, config, artifact.
+
+    The config's paths must be the layout under ``root`` (see the module docstring).
+    """
     try:
         proc = subprocess.run(
             [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
@@ -343,10 +399,58 @@ def _check_staged(
             f"{got or 'not runnable'}"
         )
     try:
-        tomllib.loads((staged / bundle_mod.CONFIG_PATH).read_text())
+        settings = tomllib.loads((staged / bundle_mod.CONFIG_PATH).read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise BadInputError(f"bundled config is not valid TOML: {exc}") from exc
+    bundle_mod.check_flashed_paths(
+        settings, f"{bundle_mod.CONFIG_PATH} of the bundle", root=root
+    )
     bundle_mod.artifact_files(staged / bundle_mod.MODEL_DIR)
+
+
+def _check_not_older(
+    layout: GatewayLayout,
+    manifest: bundle_mod.BundleManifest,
+    bundle: Path,
+    allow_downgrade: bool,
+) -> None:
+    """UsageError when the bundle was built before the running model was issued.
+
+    The same rule as a model update's (:class:`edge_agent.ota.ModelUpdater`), so an
+    old bundle cannot quietly undo a newer model; ``allow_downgrade`` lets a
+    deliberate one through with a warning.
+    """
+    slots = ModelSlots(layout.models)
+    running = slots.info(slots.active())
+    running_issued = running.get("issued_at")
+    if running_issued is None:
+        return  # nothing flashed yet, or a model of unknown age
+    built = manifest.data.get("created_ts")
+    if built is not None and float(built) >= float(running_issued):
+        return
+
+    running_model = running.get("model_version")
+    when = (
+        "has no build time (created_ts)"
+        if built is None
+        else f"was built {_utc(float(built))}"
+    )
+    problem = (
+        f"bundle {bundle} (model {manifest.model_version}) {when}, before the "
+        f"running model {running_model} was issued {_utc(float(running_issued))}"
+    )
+    if allow_downgrade:
+        logger.warning("%s; installing it anyway (--allow-downgrade)", problem)
+        return
+    raise UsageError(
+        f"{problem}; refusing a downgrade (pass --allow-downgrade to install it "
+        "anyway, or use rollback to go back to the previous slot)"
+    )
+
+
+def _utc(ts: float) -> str:
+    """A time in seconds as ``2024-05-01T12:00:00Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _release_name(venv_target: str | None) -> str | None:
@@ -425,13 +529,19 @@ def _install_model(
             {
                 "model_version": manifest.model_version,
                 "sha256": manifest.digest,
-                "issued_at": float(manifest.data.get("created_ts", time.time())),
+                "issued_at": _issued_at(manifest),
                 "source": f"bundle {bundle.name}",
             },
         )
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
     return slot, slots
+
+
+def _issued_at(manifest: bundle_mod.BundleManifest) -> float | None:
+    """When the bundle's model was issued: its build time (None when unknown)."""
+    built = manifest.data.get("created_ts")
+    return None if built is None else float(built)
 
 
 def _offline_pip_env() -> dict[str, str]:

@@ -16,7 +16,9 @@ it (plain files only) next to the slots, loads it with
 :func:`edge_agent.runtime.load_artifact`, runs the health check (the encoder matches
 the model's input, and the manifest's probe windows score as recorded), moves it into
 the inactive slot, loads it again from there and switches. Any failure leaves the
-active slot and the running model untouched and returns the reason.
+active slot and the running model untouched and returns the reason. The archive
+holds the artifact's manifest, its listed files and, when the artifact folder has
+one, the site's ``site_thresholds.json`` (checked like the rest before the switch).
 
 Run as ``python -m edge_agent.ota check DIR`` it health-checks one artifact folder
 (flash uses this inside a freshly installed venv).
@@ -132,11 +134,17 @@ def health_check(scorer: Any, *, tolerance: float | None = None) -> float:
 
 
 def load_checked(folder: str | Path, *, tolerance: float | None = None) -> Any:
-    """Load an artifact folder (hashes checked) and health-check it; the Scorer."""
+    """Load an artifact folder (hashes checked) and health-check it; the Scorer.
+
+    The folder's ``site_thresholds.json``, when there is one, must be thresholds
+    the agent accepts, calibrated for this model
+    (:func:`edge_agent.bundle.check_site_thresholds`, BadInputError).
+    """
     from edge_agent.runtime import load_artifact
 
     scorer = load_artifact(folder, probe=False)
     diff = health_check(scorer, tolerance=tolerance)
+    bundle_mod.check_site_thresholds(folder, str(scorer.model_version))
     logger.info(
         "health check of %s (model %s): probe within %.3g",
         folder,

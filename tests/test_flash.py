@@ -121,8 +121,25 @@ def venv_scores(python: Path, artifact: Path, windows: np.ndarray, tmp: Path):
     return version, np.asarray(scores)
 
 
+def venv_thresholds(python: Path, artifact: Path) -> list:
+    """The thresholds the gateway venv's agent would use, and where they came from."""
+    code = (
+        "import json, sys\n"
+        "from edge_agent.agent import load_thresholds\n"
+        "from edge_agent.runtime import load_artifact\n"
+        "print(json.dumps(load_thresholds(load_artifact(sys.argv[1]))))\n"
+    )
+    proc = subprocess.run(
+        [str(python), "-c", code, str(artifact)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(proc.stdout)
+
+
 def test_flash_offline_switch_refuse_and_roll_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     wheels = all_wheels(tmp_path)
     private, public = signing.generate_keypair(tmp_path / "keys")
@@ -130,8 +147,10 @@ def test_flash_offline_switch_refuse_and_roll_back(
     config = tmp_path / "gateway.toml"
     config.write_text(gateway_config(root))
 
-    def make_bundle(name: str, **kw) -> Path:
+    def make_bundle(name: str, site: dict | None = None, **kw) -> Path:
         artifact = make_artifact(tmp_path / f"art-{name}", version=name, **kw)
+        if site is not None:
+            (artifact / "site_thresholds.json").write_text(json.dumps(site))
         out = tmp_path / f"{name}.tar.gz"
         bundle.build_bundle(artifact, config, private, out, wheels=wheels)
         return out
@@ -195,14 +214,22 @@ def test_flash_offline_switch_refuse_and_roll_back(
     assert version == "v1"
     np.testing.assert_allclose(scores, numpy_scores(windows, 1), atol=1e-6)
 
-    # 3. Flash v2: the venv is reused (same wheels), the model goes to slot B.
-    v2 = make_bundle("v2", seed=2)
+    # 3. Flash v2: the venv is reused (same wheels), the model goes to slot B with
+    # the site's calibrated thresholds, which the gateway's agent then uses.
+    site = {"decision": 0.2, "escalate_low": 0.2, "alert": 0.93, "model_version": "v2"}
+    v2 = make_bundle("v2", site=site, seed=2)
     result = flash(v2, root, public)
     assert (result.slot, result.model_version) == ("B", "v2")
     assert len(list(layout.releases.iterdir())) == 1
     version, scores = venv_scores(python, layout.models / "current", windows, tmp_path)
     assert version == "v2"
     np.testing.assert_allclose(scores, numpy_scores(windows, 2), atol=1e-6)
+    installed = layout.models / "B" / "site_thresholds.json"
+    assert json.loads(installed.read_text()) == site
+    assert venv_thresholds(python, layout.models / "current") == [
+        {"decision": 0.2, "escalate_low": 0.2, "alert": 0.93},
+        "site",
+    ]
 
     # 4. Refusals after the install change nothing at all under the root.
     before = snapshot(root)
@@ -232,6 +259,18 @@ def test_flash_offline_switch_refuse_and_roll_back(
     np.testing.assert_allclose(scores, numpy_scores(windows, 1), atol=1e-6)
     assert main(["rollback", "--root", str(root)]) == 0
     assert os.readlink(layout.models / "current") == "B"
+
+    # 6. v1 was built before the running v2: flash refuses it, as an update would,
+    # unless the downgrade is asked for.
+    before = snapshot(root)
+    args = ["flash", str(v1), "--root", str(root), "--pubkey", str(public)]
+    assert main(args) == 2
+    assert "refusing a downgrade" in capsys.readouterr().err
+    assert snapshot(root) == before
+    assert main([*args, "--allow-downgrade"]) == 0
+    assert os.readlink(layout.models / "current") == "A"
+    version, _ = venv_scores(python, layout.models / "current", windows, tmp_path)
+    assert version == "v1"
 
 
 def test_rollback_without_a_second_model_is_refused(tmp_path: Path, capsys) -> None:
