@@ -58,7 +58,7 @@ import numpy as np
 
 from edge_agent import logger
 from edge_agent import protocol as proto
-from edge_agent.mqtt import MessageTooLargeError, MqttLink
+from edge_agent.mqtt import BrokerUnreachable, MessageTooLargeError, MqttLink
 from edge_agent.outbox import Outbox
 from flows.errors import BadInputError, OutboxError, TransportError, UsageError
 from flows.windows import StreamWindower, record_key
@@ -328,7 +328,19 @@ class Agent:
         if self.link is not None:
             self.link.on_message = self._on_message
             self.link.on_connect = self._wake.set
-            self.link.connect(connect_timeout)
+            try:
+                self.link.connect(connect_timeout)
+            except BrokerUnreachable as exc:
+                # A gateway booting before its network or broker must not go blind:
+                # flows are scored and alerts written now, escalations wait in the
+                # outbox until a background attempt connects.
+                logger.warning(
+                    "%s; scoring on: escalations wait in the outbox %s and the "
+                    "broker is tried again in the background",
+                    exc,
+                    self.outbox.path,
+                )
+                self.link.connect_in_background(connect_timeout)
             self.link.subscribe(
                 self.topics[proto.Channel.VERDICTS], qos=1, timeout=connect_timeout
             )

@@ -10,8 +10,10 @@ Exit codes: 0 ok, 1 failure, 2 usage, 3 bad input (a source that gave no usable
 flow, a damaged outbox file, left untouched; an empty stdin is no error: a restart
 given no new input replays and drains its outbox and exits 0), 4 partial input
 (damage part way or rejected input lines; the flows read were scored and sent), 6 broker
-unavailable, escalations left unacknowledged in the outbox, or escalations dropped
-because the outbox could not store them (disk full, I/O error: the agent scores on,
+unavailable (a broker that does not answer at start is retried in the background
+while the flows are scored and their alerts written), escalations left
+unacknowledged in the outbox, or escalations dropped because the outbox could not
+store them (disk full, I/O error: the agent scores on,
 writes its local alerts and counts ``outbox_failed``), 130 interrupted (Ctrl-C;
 the flows in hand are scored and the outbox is kept). SIGTERM is the orderly stop
 of a service: reading ends (a file part way), the flows read are scored, the outbox
@@ -73,9 +75,11 @@ exit codes:
   {EXIT_PARTIAL_INPUT}    partial input: damage part way, input lines rejected, or
        records the artifact's encoder refused; the flows read were
        scored and sent
-  {EXIT_UNAVAILABLE}    broker unavailable, escalations left unacknowledged in the
-       outbox, or escalations dropped because the outbox could not
-       store them
+  {EXIT_UNAVAILABLE}    broker unavailable (refused credentials or certificate; one
+       that does not answer at start is retried in the background
+       while flows are scored), escalations left unacknowledged in
+       the outbox, or escalations dropped because the outbox could
+       not store them
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGINT)
 
 SIGTERM stops reading (a file part way), scores the flows read, drains the
@@ -113,7 +117,8 @@ _RUN_NUMBERS = {
         "seconds to wait for acknowledgements at the end (default: 30)",
     ),
     "connect_timeout": (float, "seconds to wait for the broker at start (default: 10)"),
-    "max_batch": (int, "largest micro-batch of flows scored at once (default: 256)"),
+    "max_batch": (int, "largest micro-batch of flows scored at once, 1..4096 "
+                  "(default: 256)"),
     "max_wait_ms": (
         float,
         "longest a flow waits for its batch to fill, in ms (default: 20)",

@@ -47,10 +47,14 @@ def default_state_dir() -> Path:
 # Float settings that must be finite and >= 0 (nan, inf or a negative wait are
 # usage errors, not a broker "unreachable within nan s").
 _FINITE_SECONDS = ("connect_timeout", "drain_timeout", "max_wait_ms", "status_interval")
+# Their upper bounds: a year (a wait the clock functions can still add to now),
+# an hour for the batching wait in milliseconds.
+_YEAR = 366 * 24 * 3600.0
+_MOST_SECONDS = {"max_wait_ms": 3_600_000.0}
 # Integer settings and their allowed ranges (keepalive: MQTT's 16-bit field;
 # session_expiry: MQTT 5's 32-bit interval).
 _INT_RANGES = {
-    "max_batch": (1, (1 << 63) - 1),
+    "max_batch": (1, 4096),  # at most the agent's queue of parsed flows
     "outbox_max": (1, (1 << 63) - 1),
     "max_hosts": (1, (1 << 63) - 1),
     "keepalive": (0, 65535),
@@ -163,10 +167,11 @@ class AgentConfig:
             raise UsageError("protocol must be auto, 5 or 3.1.1") from exc
         for name in _FINITE_SECONDS:
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
+            most = _MOST_SECONDS.get(name, _YEAR)
+            if not (math.isfinite(value) and 0 <= value <= most):
                 raise UsageError(
-                    f"--{name.replace('_', '-')} must be a finite number >= 0, "
-                    f"got {value!r}"
+                    f"--{name.replace('_', '-')} must be a number from 0 to "
+                    f"{most:,.0f}, got {value!r}"
                 )
         if self.status_interval <= 0:
             raise UsageError(

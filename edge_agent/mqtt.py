@@ -82,8 +82,15 @@ class BrokerAddress:
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
         """Parse ``mqtt[s]://[user[:password]@]host[:port]`` (ports 1883 / 8883)."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+        except ValueError as exc:  # "Invalid IPv6 URL": mqtt://[::1 unclosed
+            raise UsageError(
+                f"broker {url!r} is not a URL like mqtt://HOST:PORT ({exc}; an IPv6 "
+                "address goes in brackets: mqtt://[::1]:1883)"
+            ) from None
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not host:
             raise UsageError(
                 f"broker {url!r} is not a URL like mqtt://HOST:PORT or mqtts://HOST:PORT"
             )
@@ -93,7 +100,7 @@ class BrokerAddress:
         except ValueError as exc:
             raise UsageError(f"broker {url!r} has a bad port") from exc
         return cls(
-            host=parts.hostname,
+            host=host,
             port=port,
             tls=tls,
             username=unquote(parts.username) if parts.username else None,
@@ -125,6 +132,14 @@ def _check(rc: MQTTErrorCode | int, what: str) -> None:
     """Raise TransportError for a paho error code other than success."""
     if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
         raise TransportError(f"{what} failed: {paho.error_string(rc)}")
+
+
+class BrokerUnreachable(TransportError):
+    """No answer at the broker's address (refused, unreachable, timed out).
+
+    Unlike a refused CONNECT (credentials, ACL) or a certificate problem, it may pass
+    by itself: the broker restarting, the network not up yet at boot.
+    """
 
 
 class MqttLink:
@@ -196,6 +211,8 @@ class MqttLink:
         self._connack_rc = 0
         self._client: paho.Client | None = None
         self._closing = False
+        self._retrier: threading.Thread | None = None
+        self._stop_retrying = threading.Event()
 
     # -- connection -----------------------------------------------------------------
 
@@ -228,6 +245,34 @@ class MqttLink:
             raise TransportError(f"broker {self.url} refused the connection: {rc}")
         raise TransportError(f"broker {self.url} refused MQTT v5 and 3.1.1")
 
+    def connect_in_background(self, timeout: float = 10.0) -> None:
+        """Retry :meth:`connect` in a thread until it succeeds or the link closes.
+
+        For a client that must work while its broker is away (an agent booting
+        before the network): attempts are spaced 1 s, 2 s, ... up to
+        ``reconnect_max``. A refusal that will not pass by itself (credentials,
+        ACL, a certificate) is logged as an error and ends the attempts.
+        """
+
+        def attempts() -> None:
+            delay = 1.0
+            while not self._stop_retrying.is_set():
+                try:
+                    self.connect(timeout)
+                    return
+                except BrokerUnreachable as exc:
+                    logger.debug("still no broker: %s", exc)
+                except TransportError as exc:
+                    logger.error("%s; no further attempts to connect", exc)
+                    return
+                self._stop_retrying.wait(delay)
+                delay = min(2 * delay, self.reconnect_max)
+
+        self._retrier = threading.Thread(
+            target=attempts, name="mqtt-connect", daemon=True
+        )
+        self._retrier.start()
+
     def _attempt(self, version: Protocol, deadline: float) -> int | str:
         """One connection with one protocol version; returns the CONNACK code."""
         self._teardown()
@@ -249,7 +294,7 @@ class MqttLink:
                     raise self._tls_failure(exc) from exc
                 last_error = exc
                 if time.monotonic() + 0.2 > deadline:
-                    raise TransportError(
+                    raise BrokerUnreachable(
                         f"cannot reach broker {self.url}: {last_error}"
                     ) from exc
                 time.sleep(0.2)
@@ -257,7 +302,9 @@ class MqttLink:
         client.loop_start()
         if not self._connack.wait(max(0.1, deadline - time.monotonic())):
             self._teardown()
-            raise TransportError(f"broker {self.url} did not answer CONNECT in time")
+            raise BrokerUnreachable(
+                f"broker {self.url} did not answer CONNECT in time"
+            )
         if self._connack_rc != 0:
             self._teardown()
         else:
@@ -367,6 +414,9 @@ class MqttLink:
         such field: there it is a plain disconnect.
         """
         self._closing = True
+        self._stop_retrying.set()
+        if self._retrier is not None:
+            self._retrier.join(timeout)  # an attempt in progress ends by its timeout
         client = self._client
         if client is not None and final is not None and self.connected:
             self.publish(final[0], final[1], qos=1, retain=True).wait(timeout)

@@ -313,30 +313,91 @@ def test_parquet_source_gives_the_same_decisions(tm, tmp_path: Path) -> None:
     assert {m.id for m in agent.outbox.pending()} == set(tm.expected())
 
 
-def test_run_without_reachable_broker_exits_6(tm, tmp_path: Path, capsys) -> None:
-    rc = main(
-        [
-            "run",
-            "--artifact",
-            str(tm.artifact),
-            "--source",
-            f"zeek:{tm.conn_log}",
-            "--broker",
-            f"mqtt://127.0.0.1:{free_port()}",
-            "--site",
-            "s1",
-            "--gateway",
-            "g1",
-            "--outbox",
-            str(tmp_path / "o.db"),
-            "--connect-timeout",
-            "1",
-            "--alerts",
-            "",
-        ]
+def test_run_without_reachable_broker_exits_6(
+    tm, tmp_path: Path, capsys, caplog
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="gatewatch.edge_agent"):
+        rc = main(
+            [
+                "run",
+                "--artifact",
+                str(tm.artifact),
+                "--source",
+                f"zeek:{tm.conn_log}",
+                "--broker",
+                f"mqtt://127.0.0.1:{free_port()}",
+                "--site",
+                "s1",
+                "--gateway",
+                "g1",
+                "--outbox",
+                str(tmp_path / "o.db"),
+                "--connect-timeout",
+                "1",
+                "--drain-timeout",
+                "1",
+                "--alerts",
+                str(tmp_path / "alerts.jsonl"),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert rc == 6, err
+
+    # Found: the agent gave up at start (exit 6, nothing scored, no local alert), a
+    # blind gateway for as long as its broker was away. Now it scores on, writes
+    # its alerts and keeps every escalation in the outbox for the next connection.
+    expected = tm.expected()
+    assert "cannot reach broker" in caplog.text and "scoring on" in caplog.text
+    assert f"error: {len(expected)} escalations were not acknowledged" in err
+    assert {m.id for m in Outbox(tmp_path / "o.db").pending()} == set(expected)
+    text = (tmp_path / "alerts.jsonl").read_text()
+    lines = [json.loads(x) for x in text.splitlines()]
+    assert len(lines) == sum(d == "alert" for d in expected.values()) > 0
+
+
+@pytest.mark.broker
+def test_a_broker_that_comes_up_after_the_agent_gets_every_escalation(
+    tm, tmp_path: Path
+) -> None:
+    """The agent starts while nothing listens on the broker's port; the broker comes
+    up two seconds later; the background attempts connect and the outbox drains."""
+    import paho.mqtt.client as paho
+
+    from tests.conftest import Mosquitto
+
+    port = free_port()
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.cli",
+         *_run_argv(tm, tmp_path, f"zeek:{tm.conn_log}", "--alerts", "",
+                    "--broker", f"mqtt://127.0.0.1:{port}", "--connect-timeout", "1",
+                    "--drain-timeout", "40", "--no-wait-verdicts",
+                    "--summary-json", str(tmp_path / "s.json"))],
+        cwd=REPO, stderr=subprocess.PIPE, text=True,
     )
-    assert rc == 6
-    assert capsys.readouterr().err.startswith("error: cannot reach broker")
+    got: list[bytes] = []
+    broker = Mosquitto(tmp_path, port=port)
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="rescorer-stub")
+    try:
+        time.sleep(2.0)
+        assert agent.poll() is None, agent.stderr.read()
+        broker.start()
+        client.on_message = lambda client, userdata, message: got.append(
+            message.payload)
+        client.connect("127.0.0.1", port)
+        client.subscribe("gatewatch/v1/s1/g1/escalations", qos=1)
+        client.loop_start()
+        _, err = agent.communicate(timeout=60)
+    finally:
+        client.loop_stop()
+        if agent.poll() is None:
+            agent.kill()
+        broker.stop()
+
+    assert agent.returncode == 0, err
+    assert "cannot reach broker" in err and "scoring on" in err
+    ids = {json.loads(p)["id"] for p in got}
+    assert ids == set(tm.expected())
+    assert json.loads((tmp_path / "s.json").read_text())["outbox_pending"] == 0
 
 
 @pytest.mark.parametrize(
