@@ -183,7 +183,10 @@ def load_thresholds(scorer: Any) -> tuple[dict[str, float], str]:
     folder = getattr(scorer, "folder", None)
     if folder is not None:
         path = Path(folder) / SITE_THRESHOLDS
-        if path.is_file():
+        if path.exists() or path.is_symlink():  # a FIFO or folder is not ignored
+            from edge_agent.config import check_regular_file
+
+            check_regular_file(path, "site_thresholds.json (from edge-agent calibrate)")
             return read_thresholds_file(path), "site"
     t = dict(scorer.thresholds)
     out = {k: float(t[k]) for k in ("decision", "escalate_low", "alert")}

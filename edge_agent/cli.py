@@ -446,6 +446,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     failure: GatewatchError | None = None
     started = time.monotonic()
     drained = False
+    drain_for = cfg.drain_timeout
     try:
         agent.start(cfg.connect_timeout)
         if cfg.update_public_key:
@@ -462,10 +463,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             stop.set()
         if failure is None and source.error is not None:
             failure = source.error
-        drained = agent.drain(
-            cfg.drain_timeout if not (stop.is_set() or interrupted.is_set()) else 2.0,
-            wait_verdicts=cfg.wait_verdicts,
+        drain_for = (
+            cfg.drain_timeout if not (stop.is_set() or interrupted.is_set()) else 2.0
         )
+        drained = agent.drain(drain_for, wait_verdicts=cfg.wait_verdicts)
     except KeyboardInterrupt:
         interrupted.set()  # a second Ctrl-C during the drain: stop draining
     finally:
@@ -508,10 +509,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{agent.outbox_error}"
         )
     if cfg.broker and summary["outbox_pending"]:
+        unrouted = (
+            f" (the broker took {summary['unrouted']} publishes with \"no matching "
+            "subscribers\": no re-scorer was subscribed, so they were kept)"
+            if summary.get("unrouted")
+            else ""
+        )
         raise TransportError(
-            f"{summary['outbox_pending']} escalations were not acknowledged within "
-            f"{cfg.drain_timeout:g} s; they stay in the outbox {cfg.outbox_path()} "
-            "and are sent by the next run"
+            f"{summary['outbox_pending']} escalations were not delivered to a "
+            f"subscriber within the {drain_for:g} s drain{unrouted}; they stay in "
+            f"the outbox {cfg.outbox_path()} and are sent by the next run"
         )
     if not drained and cfg.broker and cfg.wait_verdicts and summary["verdicts_awaited"]:
         print(

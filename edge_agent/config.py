@@ -62,6 +62,19 @@ _INT_RANGES = {
 }
 
 
+def check_regular_file(path: str | Path, what: str) -> Path:
+    """``path`` when it is missing or a regular file; BadInputError otherwise.
+
+    A FIFO would block a read for ever and a folder or device would fail somewhere
+    less clear, so a settings file that is one of these is refused by name.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a FIFO or device)"
+        raise BadInputError(f"is {kind}; {what} must be a regular file", path=str(path))
+    return path
+
+
 @dataclass
 class AgentConfig:
     """Everything ``edge-agent run`` needs (the file form: module docstring)."""
@@ -106,6 +119,7 @@ class AgentConfig:
         """Read ``path`` (if given), then apply the non-None ``overrides``."""
         values: dict[str, Any] = {}
         if path is not None:
+            check_regular_file(path, "the config (a TOML file)")
             try:
                 data = tomllib.loads(Path(path).read_text())
             except OSError as exc:
@@ -195,8 +209,9 @@ class AgentConfig:
         """The broker password: given, or the first line of ``password_file``."""
         if self.password is not None or self.password_file is None:
             return self.password
+        check_regular_file(self.password_file, "password_file")
         try:
-            return Path(self.password_file).read_text(encoding="utf-8").splitlines()[0]
+            lines = Path(self.password_file).read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as exc:
             raise BadInputError(
                 "is not UTF-8 text; password_file must be UTF-8 text whose first "
@@ -204,8 +219,15 @@ class AgentConfig:
                 path=str(self.password_file),
                 offset=exc.start,
             ) from exc
-        except (OSError, IndexError) as exc:
+        except OSError as exc:
             raise UsageError(f"cannot read password_file: {exc}") from exc
+        if not lines or not lines[0]:
+            raise BadInputError(
+                "is empty or starts with an empty line; password_file must hold the "
+                "broker password on its first line",
+                path=str(self.password_file),
+            )
+        return lines[0]
 
     def tls(self) -> TlsOptions | None:
         """TLS options when any TLS file is set (``mqtts://`` turns TLS on too)."""

@@ -46,6 +46,13 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 
+# The columns of each table in _SCHEMA, in order.
+_COLUMNS = {
+    "outbox": ("seq", "id", "topic", "payload", "alert"),
+    "counters": ("name", "value"),
+}
+
+
 @dataclass(frozen=True)
 class OutboxMessage:
     """One message waiting for its PUBACK."""
@@ -72,8 +79,9 @@ class Outbox:
             self._db = sqlite3.connect(
                 str(self.path), check_same_thread=False, isolation_level=None
             )
-            if existed:
-                self._check_pages()  # before anything could write to the file
+            if existed:  # before anything could write to the file
+                self._check_pages()
+                self._check_columns()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
@@ -104,6 +112,23 @@ class Outbox:
                 "aside to start with an empty one",
                 path=str(self.path),
             )
+
+    def _check_columns(self) -> None:
+        """Refuse an SQLite file of another program: its tables are not ours.
+
+        ``CREATE TABLE IF NOT EXISTS`` would keep a foreign ``outbox`` table as it
+        is (every write then failing mid-run) or add ours to another program's
+        file; an existing file must hold both our tables, column for column.
+        """
+        for table, want in _COLUMNS.items():
+            have = [r[1] for r in self._db.execute(f"PRAGMA table_info({table})")]
+            if have != list(want):
+                raise BadInputError(
+                    f"is an SQLite file whose {table!r} table has the columns "
+                    f"{have}, not an outbox's {list(want)}; give another --outbox "
+                    "path (this file is left untouched)",
+                    path=str(self.path),
+                )
 
     def _db_close_quietly(self) -> None:
         db = getattr(self, "_db", None)

@@ -462,7 +462,12 @@ def _micro_backend(content: bytes, prefer_micro: bool) -> _Backend:
 def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST
     if not folder.is_dir():
-        raise ModelError(f"{folder}: artifact folder does not exist")
+        what = (
+            "is a file, not an artifact folder (the folder that holds manifest.json)"
+            if folder.exists()
+            else "artifact folder does not exist"
+        )
+        raise ModelError(f"{folder}: {what}")
     try:
         manifest = json.loads(path.read_text())
     except OSError as exc:

@@ -348,7 +348,8 @@ def test_run_without_reachable_broker_exits_6(
     # its alerts and keeps every escalation in the outbox for the next connection.
     expected = tm.expected()
     assert "cannot reach broker" in caplog.text and "scoring on" in caplog.text
-    assert f"error: {len(expected)} escalations were not acknowledged" in err
+    assert f"error: {len(expected)} escalations were not delivered to a " \
+        "subscriber within the 1 s drain;" in err
     assert {m.id for m in Outbox(tmp_path / "o.db").pending()} == set(expected)
     text = (tmp_path / "alerts.jsonl").read_text()
     lines = [json.loads(x) for x in text.splitlines()]

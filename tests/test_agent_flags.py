@@ -4,6 +4,7 @@ error naming the flag or file, never a traceback."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -249,3 +250,78 @@ def test_an_escalation_sent_twice_awaits_one_verdict(tm, tmp_path) -> None:
     assert summary["verdicts_awaited"] == 0
     assert agent.drain(5.0) is True
     agent.outbox.close()
+
+
+# -------------------------------------------------- files that are not what they seem
+
+
+def test_a_fifo_config_is_refused_not_read_for_ever(tm, tmp_path, capsys) -> None:
+    """Found: ``--config FIFO`` blocked on the read with no end."""
+    fifo = tmp_path / "gw.toml"
+    os.mkfifo(fifo)
+
+    rc, err = _main([*_run(tm, tmp_path), "--config", str(fifo)], capsys)
+
+    assert rc == 3
+    assert f"error: {fifo}: is not a regular file (a FIFO or device); the config" in err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_site_thresholds_that_are_not_a_file_are_refused(
+    tm, tmp_path, capsys, kind
+) -> None:
+    """Found: a site_thresholds.json that was a FIFO or a folder was silently
+    ignored, and the artifact's own thresholds used instead."""
+    art = tmp_path / "art"
+    shutil.copytree(tm.artifact, art)
+    site = art / "site_thresholds.json"
+    os.mkfifo(site) if kind == "fifo" else site.mkdir()
+
+    rc, err = _main(_run(tm, tmp_path, artifact=art), capsys)
+
+    assert rc == 3, err
+    assert f"error: {site}: is " in err and "site_thresholds.json" in err
+
+
+@pytest.mark.parametrize("text", ["", "\nsecret\n"])
+def test_an_empty_password_file_is_named(tm, tmp_path, capsys, text) -> None:
+    """Found: an empty password file said "list index out of range"."""
+    secret = tmp_path / "pw"
+    secret.write_text(text)
+
+    rc, err = _main(_run(tm, tmp_path, "--broker", f"mqtt://127.0.0.1:{free_port()}",
+                         "--password-file", str(secret)), capsys)
+
+    assert rc == 3
+    assert f"error: {secret}: is empty or starts with an empty line" in err
+
+
+def test_an_artifact_given_as_a_file_is_named_as_such(tm, tmp_path, capsys) -> None:
+    rc, err = _main(_run(tm, tmp_path, artifact=tm.artifact / "manifest.json"), capsys)
+
+    assert rc == 1  # an artifact that cannot be loaded, as a missing one
+    assert "manifest.json: is a file, not an artifact folder" in err
+
+
+def test_an_sqlite_file_of_another_program_is_not_an_outbox(
+    tm, tmp_path, capsys
+) -> None:
+    """Found: a foreign SQLite file as --outbox was accepted (and switched to WAL)
+    at open, then every write failed (exit 6, "no column named id")."""
+    import hashlib
+    import sqlite3
+
+    other = tmp_path / "o.db"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE outbox (a, b)")
+    db.commit()
+    db.close()
+    before = hashlib.sha256(other.read_bytes()).hexdigest()
+
+    rc, err = _main(_run(tm, tmp_path), capsys)
+
+    assert rc == 3
+    assert f"error: {other}: is an SQLite file whose 'outbox' table has the " \
+        "columns ['a', 'b']" in err
+    assert hashlib.sha256(other.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.db"]
