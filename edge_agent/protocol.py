@@ -51,8 +51,13 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # What :func:`escape_text` rewrites: the control characters above, the backslash
 # that starts an escape (so that an escaped text reads back unambiguously), and lone
 # surrogates (JSON lets "\udcff" through, but no UTF-8 text, so no store, holds it).
-_ESCAPED_RE = re.compile(r"[\x00-\x1f\x7f\\\ud800-\udfff]")
+_ESCAPED_RE = re.compile(r"[\x00-\x1f\x7f\\\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
 _SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
+# Bidirectional embeddings, overrides and isolates: shown on a terminal or a web
+# page they reorder the text around them (a uid or host name that reads as another).
+_BIDI_RE = re.compile(r"[\u202a-\u202e\u2066-\u2069]")
+# The fields every flow in an escalation must have: what an operator acts on.
+ENDPOINTS = ("src_ip", "dst_ip")
 
 
 class Channel(enum.StrEnum):
@@ -207,6 +212,8 @@ def text_problem(text: str) -> str | None:
         return "holds a control character"
     if _SURROGATE_RE.search(text):
         return "holds a lone surrogate (no UTF-8 form)"
+    if _BIDI_RE.search(text):
+        return "holds a bidirectional control character (it reorders shown text)"
     return None
 
 
@@ -400,9 +407,13 @@ def _number(body: Mapping[str, Any], name: str) -> float:
 
 
 def _check_sent_at(body: dict[str, Any]) -> None:
-    """``sent_at``, when present and not null, must be a finite number (a float)."""
+    """``sent_at``, when present and not null, must be a finite number >= 0."""
     if body.get("sent_at") is not None:
         body["sent_at"] = _number(body, "sent_at")
+        if body["sent_at"] < 0:
+            raise ProtocolError(
+                RejectKind.BAD_VALUE, f"sent_at {body['sent_at']!r} is before 1970"
+            )
 
 
 def check_flow(flow: Mapping[str, Any]) -> dict[str, Any]:
@@ -423,6 +434,8 @@ def check_flow(flow: Mapping[str, Any]) -> dict[str, Any]:
         problem = field_problem(name, value)
         if problem is None and isinstance(value, str):
             problem = text_problem(value)
+        if problem is None and value is None and name in ENDPOINTS:
+            problem = "is null; an escalated flow names both endpoint addresses"
         if problem is not None:
             raise ProtocolError(RejectKind.BAD_VALUE, f"flow field {name!r}: {problem}")
         out[name] = value

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import logger
+from edge_agent.protocol import ENDPOINTS
 from flows.errors import BadInputError, GatewatchError, UsageError
 from flows.readers._source import MAX_LINE_BYTES, too_long
 from flows.record import CONN_FIELD_NAMES, field_problem
@@ -413,6 +414,9 @@ def _record_problem(rec: dict[str, Any]) -> str | None:
         problem = field_problem(name, value)
         if problem is not None:
             return f"field {name!r}: {problem}"
+    for name in ENDPOINTS:  # what the re-scorer requires of an escalated flow
+        if rec.get(name) is None:
+            return f"field {name!r}: is null; a flow needs both endpoint addresses"
     return None
 
 

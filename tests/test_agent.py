@@ -1241,3 +1241,18 @@ def test_escalations_dropped_by_the_outbox_cap_are_in_the_summary_line(
     assert sum(summary["outbox_dropped_now"].values()) == dropped
     assert f", dropped by the outbox cap {dropped}" in err
     assert f"warning: the outbox was full ({dropped} escalations dropped" in err
+
+
+def test_a_flow_without_its_endpoints_is_rejected_where_it_is_read(tm) -> None:
+    """The re-scorer refuses an escalated flow whose src_ip or dst_ip is null, so
+    the agent's stdin and Parquet sources reject such a record as they read it
+    (counted, named) rather than escalating what would never get a verdict."""
+    good = [json.dumps(r) for r in tm.records[:2]]
+    hollow = json.dumps({**tm.records[0], "src_ip": None})
+    src = open_source("-", stdin=io.StringIO("\n".join([good[0], hollow, good[1]])))
+
+    got = [r["uid"] for r in src]
+
+    assert got == [r["uid"] for r in tm.records[:2]]
+    assert src.rejected == {"bad_value": 1}
+    assert "line 2" in src.first_rejected and "'src_ip': is null" in src.first_rejected
