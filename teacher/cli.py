@@ -510,7 +510,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                           metrics=metrics, provenance=provenance)
     if args.replay_size > 0:
         save_replay(out, *make_replay(prep, args.replay_size, seed=args.seed))
-    summary = {"checkpoint": str(out), "epochs": result.epochs_run,
+    # "epochs" per member (the longest run); an ensemble's total is apart.
+    summary = {"checkpoint": str(out), "epochs": len(result.history),
+               "members": mc.members, "epochs_all_members": result.epochs_run,
                "best_epoch": result.best_epoch, "wall_s": round(result.wall_s, 1),
                "threshold": result.threshold["threshold"],
                "val_f1": result.val_metrics["f1"]}

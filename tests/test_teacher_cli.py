@@ -207,7 +207,12 @@ def test_bins_and_subspace_from_the_command_line(slices, tmp_path, capsys):
 
     code = main(["train", "--data", str(slices[0]), "--out", str(tmp_path / "q"),
                  "--bins", "4", "--subspace", "0.5", "--scaling", "quantile", *small])
-    assert code == 0, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    # Found: "--epochs 1" with two members reported "epochs": 2 (their sum).
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert (summary["epochs"], summary["members"]) == (1, 2)
+    assert summary["epochs_all_members"] == 2
     teacher = load_teacher(tmp_path / "q", device="cpu")
     assert teacher.config.bins == 4
     assert list(teacher.config.binned) == teacher.encoder.quantile_columns
