@@ -25,6 +25,12 @@ broker had already sent it, then ends its session, so the broker routes nothing 
 to a process that will not read it. ``--session-expiry 0`` asks for a clean session,
 which the broker drops at once even when the process dies.
 
+An alert store that cannot be written (disk full, I/O error) stops the re-scorer at
+the first failed write: the escalations it holds unstored are not acknowledged, it
+leaves the share group (MQTT v5) and disconnects keeping its session, so the broker
+delivers them again when it comes back with the same client id; ``teacher serve``
+then exits 1 with one ``error:`` line naming the store.
+
 Bad messages are rejected, counted per kind and logged once per kind; the service
 goes on. Against a broker that speaks only
 MQTT 3.1.1 (amqtt) there are no shared subscriptions: run one re-scorer there.
@@ -55,7 +61,13 @@ from typing import Any
 import numpy as np
 
 from edge_agent import protocol as proto
-from edge_agent.mqtt import MessageTooLargeError, MqttLink, Protocol, TlsOptions
+from edge_agent.mqtt import (
+    BrokerAddress,
+    MessageTooLargeError,
+    MqttLink,
+    Protocol,
+    TlsOptions,
+)
 from flows.argtypes import integer, real
 from flows.errors import (
     EXIT_FAILURE,
@@ -65,12 +77,32 @@ from flows.errors import (
     UsageError,
 )
 from teacher import logger
-from teacher.store import AlertStore, key
+from teacher.store import AlertStore, StoreError, key
 
 DEFAULT_STORE = "gatewatch-alerts.sqlite"
 DEFAULT_GROUP = "gatewatch"
 DEFAULT_SESSION_EXPIRY = 3600  # seconds the broker keeps a dead re-scorer's session
 MAX_CLIENT_ID_BYTES = 65_535  # MQTT writes the client id with a 16-bit length
+MAX_DURATION = 366 * 86_400  # --duration: at most a year (and a day)
+MAX_CONNECT_TIMEOUT = 3600  # --connect-timeout: at most an hour
+MAX_LIMIT = 2**63 - 1  # --limit: SQLite's LIMIT is a signed 64-bit integer
+
+
+def check_broker(url: str) -> str:
+    """``url`` if it names a broker (``mqtt://HOST:PORT``...), else UsageError.
+
+    Checked before the teacher is loaded, so a typo fails at once. Should the URL
+    parser raise a bare ValueError (``urlsplit`` does on an IPv6 address without
+    its closing bracket), it becomes a usage error naming the URL.
+    """
+    try:
+        BrokerAddress.parse(url)
+    except ValueError as exc:
+        raise UsageError(
+            f"--broker {url!r}: not a URL like mqtt://HOST:PORT or "
+            f"mqtts://[IPv6]:PORT ({exc})"
+        ) from exc
+    return url
 
 
 def check_client_id(client_id: str | None) -> str | None:
@@ -130,6 +162,12 @@ class ReScorer:
     for it since, are delivered again when it reconnects; ``session_expiry=0`` asks
     for a clean session instead, whose messages the broker drops with the process.
     :meth:`stop` (a clean stop) ends the session after answering what came.
+
+    An escalation is acknowledged to the broker only once it is in the store. When
+    the store fails (:class:`~teacher.store.StoreError`), scoring stops at once:
+    ``store_error`` holds the error, ``halt`` (the caller's event, when given) is
+    set so the caller stops it, and nothing received after that is acknowledged;
+    :meth:`stop` then keeps the session, so the broker delivers them again.
     """
 
     def __init__(
@@ -148,6 +186,7 @@ class ReScorer:
         protocol: Protocol | str = Protocol.AUTO,
         version: str | None = None,
         session_expiry: int = DEFAULT_SESSION_EXPIRY,
+        halt: threading.Event | None = None,
     ) -> None:
         if max_batch < 1 or max_wait_ms < 0:
             raise UsageError("--max-batch must be >= 1 and --max-wait-ms >= 0")
@@ -173,7 +212,11 @@ class ReScorer:
             "malicious": 0,
             "failed": 0,
             "dropped_oversized": 0,
+            "unacknowledged": 0,
         }
+        # The store's failure, once one happened: the re-scorer stops.
+        self.store_error: StoreError | None = None
+        self.halt = halt if halt is not None else threading.Event()
         self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -184,7 +227,7 @@ class ReScorer:
         self._in_hand_lock = threading.Lock()
         self._last_message = 0.0  # time.monotonic() when the last message came
         self.link = MqttLink(
-            broker,
+            check_broker(broker),
             self.client_id,
             username=username,
             password=password,
@@ -242,8 +285,12 @@ class ReScorer:
         disconnect is a plain one: over MQTT 3.1.1 (no shared subscription, and the
         agent cannot tell an unrouted message from a delivered one, so the session
         at the broker holds the escalations until the re-scorer comes back), when
-        the broker did not confirm the unsubscribe, or when escalations are still
-        unanswered at ``timeout``.
+        the broker did not confirm the unsubscribe, when escalations are still
+        unanswered at ``timeout``, or when the store failed (``store_error``): then
+        nothing is drained, and the escalations received but not stored, never
+        acknowledged, wait in the session for the next start under this client id
+        (with ``session_expiry`` 0 the broker drops them with the session).
+        ``counters["unacknowledged"]`` says how many were left so.
         """
         link = self.link
         deadline = time.monotonic() + timeout
@@ -256,7 +303,14 @@ class ReScorer:
             )
         elif self._filter is not None and link.protocol is Protocol.V5:
             left = link.unsubscribe(self._filter, max(0.1, min(5.0, timeout)))
-            if left:
+            if left and self.store_error is not None:
+                logger.info(
+                    "re-scorer %s unsubscribed from %s; its store failed, so it "
+                    "answers nothing more",
+                    self.client_id,
+                    self._filter,
+                )
+            elif left:
                 logger.info(
                     "re-scorer %s unsubscribed from %s; answering what it already "
                     "received",
@@ -270,14 +324,17 @@ class ReScorer:
                     self.client_id,
                     self._filter,
                 )
-        if left:
+        if left and self.store_error is None:
             self._drain(quiet, deadline)
         self._stop.set()
         if self._worker is not None:
             self._worker.join(max(1.0, deadline - time.monotonic()))
         unanswered = self._in_hand
-        end = left and unanswered == 0
-        if end:
+        self.counters["unacknowledged"] = unanswered
+        end = left and unanswered == 0 and self.store_error is None
+        if self.store_error is not None:
+            self._log_store_stop(unanswered)
+        elif end:
             logger.info(
                 "re-scorer %s answered all it received (%d messages came while "
                 "it stopped); ending its session, so the broker queues nothing "
@@ -301,10 +358,31 @@ class ReScorer:
             )
         link.close(end_session=end)
 
+    def _log_store_stop(self, unanswered: int) -> None:
+        """Say where the escalations left unstored by a failed store are now."""
+        if self.link.session_expiry > 0:
+            logger.warning(
+                "re-scorer %s stops on a failed alert store: %d escalations it "
+                "received were not stored and not acknowledged; its session stays "
+                "%d s, so the broker delivers them again when it comes back",
+                self.client_id,
+                unanswered,
+                self.link.session_expiry,
+            )
+        else:
+            logger.warning(
+                "re-scorer %s stops on a failed alert store: %d escalations it "
+                "received were not stored and not acknowledged; with session expiry "
+                "0 the broker drops them with the session",
+                self.client_id,
+                unanswered,
+            )
+
     def _drain(self, quiet: float, deadline: float) -> None:
         """Wait until nothing is in hand and no message came for ``quiet`` seconds,
-        or until ``deadline`` (a ``time.monotonic()`` value)."""
-        while time.monotonic() < deadline:
+        or until ``deadline`` (a ``time.monotonic()`` value); at once if the store
+        failed (what is in hand then stays unacknowledged)."""
+        while time.monotonic() < deadline and self.store_error is None:
             if self._in_hand == 0 and time.monotonic() - self._last_message >= quiet:
                 return
             time.sleep(0.05)
@@ -315,11 +393,13 @@ class ReScorer:
             self._in_hand -= n
 
     def stats(self) -> dict[str, Any]:
-        """Counters, rejections per kind and the store's size."""
+        """Counters, rejections per kind, the teacher's version and the store's
+        failure (None while it takes every write)."""
         return {
             **self.counters,
             "rejected": dict(self.rejects.counts),
             "teacher_version": self.version,
+            "store_error": None if self.store_error is None else str(self.store_error),
         }
 
     # -- receiving (network thread) ---------------------------------------------------
@@ -362,6 +442,7 @@ class ReScorer:
     # -- scoring (worker thread) ------------------------------------------------------
 
     def _work(self) -> None:
+        """Score, store and answer batches until stopped, or until the store fails."""
         while not self._stop.is_set() or not self._queue.empty():
             try:
                 first = self._queue.get(timeout=0.2)
@@ -381,6 +462,13 @@ class ReScorer:
                     break
             try:
                 self._handle(batch)
+            except StoreError as exc:
+                # Nothing of this batch is stored: none of it is acknowledged, and
+                # nothing after it (the queue is left as it is), so the broker
+                # delivers all of it again. Retrying here would only fill the
+                # broker's in-flight window with messages that wait on a full disk.
+                self._store_failed(exc)
+                return
             except Exception:  # noqa: BLE001 - one bad batch must not stop the service
                 # Acknowledge anyway: unacknowledged messages would stall delivery
                 # once the broker's in-flight window is full.
@@ -392,8 +480,17 @@ class ReScorer:
                 )
                 for _, token in batch:
                     self.link.ack(token)
-            finally:
-                self._done_with(len(batch))
+            self._done_with(len(batch))
+
+    def _store_failed(self, exc: StoreError) -> None:
+        """Note the store's failure once and ask the caller to stop (``halt``)."""
+        self.store_error = exc
+        logger.error(
+            "re-scorer %s stops: %s; escalations not stored are not acknowledged",
+            self.client_id,
+            exc,
+        )
+        self.halt.set()
 
     def _handle(self, batch: list[tuple[dict, Any]]) -> None:
         # Copies: seen in this process, or stored by any re-scorer sharing the store.
@@ -561,12 +658,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """``teacher serve``: run until SIGTERM / Ctrl-C (or ``--duration`` seconds).
 
     Exit 0 after SIGTERM or ``--duration``, 130 after Ctrl-C (SIGINT), 1 when the
-    counters could not be written to ``--stats-json``.
+    alert store refused a write (the re-scorer stops at the first one, leaving what
+    it did not store unacknowledged at the broker) or the counters could not be
+    written to ``--stats-json``.
     """
     from teacher.checkpoint import load_teacher
 
     _check_stats_path(args.stats_json)
     check_client_id(args.client_id)
+    check_broker(args.broker)
+    if Path(args.store).is_dir():
+        raise UsageError(
+            f"--store {args.store} is a folder; give the alert store's file name"
+        )
     _logging(args)
     teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
     _set_threads(teacher, args.threads)
@@ -574,6 +678,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.tls_ca or args.tls_cert:
         tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key)
     store = AlertStore(args.store)
+    # Set by SIGTERM, or by the re-scorer when its store fails.
+    stop = threading.Event()
     server = ReScorer(
         teacher,
         broker=args.broker,
@@ -587,8 +693,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls=tls,
         protocol=args.protocol,
         session_expiry=args.session_expiry,
+        halt=stop,
     )
-    stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     server.start(args.connect_timeout)
     print(
@@ -608,14 +714,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.stats_json:
             written = _write_stats(args.stats_json, stats)
         store.close()
-    print(
+    summary = (
         "re-scorer: received {received}, scored {scored}, stored {stored}, "
-        "duplicates {duplicates}, verdicts sent {verdicts_sent}".format(**stats),
-        file=sys.stderr,
+        "duplicates {duplicates}, verdicts sent {verdicts_sent}".format(**stats)
     )
+    if stats.get("unacknowledged"):
+        summary += f", unacknowledged {stats['unacknowledged']}"
+    print(summary, file=sys.stderr)
+    failure = server.store_error
+    if failure is not None:
+        print(f"error: {_store_stop_reason(failure, stats, args)}", file=sys.stderr)
+        return EXIT_FAILURE
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if written else EXIT_FAILURE
+
+
+def _store_stop_reason(
+    failure: StoreError, stats: dict[str, Any], args: argparse.Namespace
+) -> str:
+    """One line: the store's error, and where the unstored escalations are now."""
+    left = stats.get("unacknowledged", 0)
+    if args.session_expiry > 0:
+        fate = (
+            "the broker delivers them again when this re-scorer restarts with the "
+            f"same client id within {args.session_expiry} s (--session-expiry)"
+        )
+    else:
+        fate = "with --session-expiry 0 the broker dropped them with the session"
+    return (
+        f"{failure}; stopped at the first failed write: {left} escalations received "
+        f"and not stored were not acknowledged; {fate}"
+    )
 
 
 MAX_SHOWN = 64  # characters of one stored text field that ``teacher alerts`` prints
@@ -675,6 +805,11 @@ def _endpoint(ip: Any, port: Any) -> str:
 
 def cmd_alerts(args: argparse.Namespace) -> int:
     """``teacher alerts``: list stored escalations with their verdicts."""
+    if Path(args.store).is_dir():
+        raise UsageError(
+            f"--store {args.store} is a folder; expected an alert store file "
+            "(the one teacher serve --store writes)"
+        )
     if not Path(args.store).is_file():
         raise UsageError(f"no alert store at {args.store} (see teacher serve --store)")
     store = AlertStore(args.store, readonly=True)
@@ -748,10 +883,23 @@ def _logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _epilog() -> str:
+def _epilog(notes: str = "") -> str:
+    """The teacher's exit codes, after the command's own ``notes``."""
     from teacher.cli import EPILOG
 
-    return EPILOG
+    return notes + EPILOG
+
+
+SERVE_NOTES = """\
+alert store:
+  an escalation is acknowledged to the broker only once it is in the store. When
+  the store cannot be written (disk full, I/O error) the re-scorer stops at the
+  first failed write with exit 1 and one error: line naming the store; what it
+  received and did not store stays unacknowledged in its MQTT session, and the
+  broker delivers it again when the re-scorer restarts with the same --client-id
+  within --session-expiry seconds (with --session-expiry 0 it is dropped).
+
+"""
 
 
 def register(subparsers) -> None:
@@ -759,7 +907,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
         help="re-score escalations from the gateways",
-        epilog=_epilog(),
+        epilog=_epilog(SERVE_NOTES),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -831,14 +979,16 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--connect-timeout",
-        type=real(0),
+        type=real(0, MAX_CONNECT_TIMEOUT),
         default=10.0,
-        help="seconds to wait for the broker at start (default 10)",
+        help="seconds to wait for the broker at start, at most "
+        f"{MAX_CONNECT_TIMEOUT} (default 10)",
     )
     p.add_argument(
         "--duration",
-        type=real(0),
-        help="stop after this many seconds (default: until SIGTERM or Ctrl-C)",
+        type=real(0, MAX_DURATION),
+        help=f"stop after this many seconds, at most {MAX_DURATION} (a year) "
+        "(default: until SIGTERM or Ctrl-C)",
     )
     p.add_argument(
         "--stats-json",
@@ -870,7 +1020,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--limit",
-        type=integer(0),
-        help="list at most this many, >= 0 (default: all)",
+        type=integer(0, MAX_LIMIT),
+        help=f"list at most this many, 0 to {MAX_LIMIT} (default: all)",
     )
     p.set_defaults(func=cmd_alerts)

@@ -12,6 +12,12 @@ processes may write the same file; SQLite serializes them (``busy_timeout`` 10 s
 A file that is a SQLite database but not an alert store (an agent's outbox, say) is
 refused with :class:`~flows.errors.BadInputError` before anything is written to it;
 ``readonly=True`` (``teacher alerts``) opens the file without writing at all.
+
+A store that cannot be opened for writing (a full disk, a folder that cannot be
+made), and a write or read that fails once it is open (disk full, I/O error, a lock
+held past ``busy_timeout``), raise :class:`StoreError` (exit 1) naming the file and
+SQLite's own reason; a failed write is rolled back whole (or was already, by
+SQLite), so none of its rows is stored.
 """
 
 from __future__ import annotations
@@ -24,10 +30,39 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flows.errors import BadInputError, UsageError
+from flows.errors import EXIT_FAILURE, BadInputError, GatewatchError, UsageError
 from flows.record import CONN_FIELD_KINDS, value_problem
 
 SCHEMA_VERSION = 1  # PRAGMA user_version; 0: keyed by id alone (before the fix)
+
+
+class StoreError(GatewatchError):
+    """The alert store refused a write or a read after it was opened (exit 1).
+
+    The message names the file and SQLite's reason (``database or disk is full``).
+    """
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, *, path: str | Path) -> None:
+        self.path = str(path)
+        super().__init__(f"alert store {path}: {message}")
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if SQLite has not done so already.
+
+    On some errors (SQLITE_FULL, SQLITE_IOERR, ...) SQLite rolls the transaction
+    back itself, and a ROLLBACK then fails with "no transaction is active"; that
+    second error must not hide the first, which the caller raises.
+    """
+    if not db.in_transaction:
+        return
+    try:
+        db.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
 
 _TABLE = """
 CREATE TABLE IF NOT EXISTS {name} (
@@ -194,7 +229,7 @@ def _migrate(db: sqlite3.Connection) -> None:
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        _rollback(db)
         raise
 
 
@@ -226,7 +261,14 @@ class AlertStore:
                 self._db.execute("PRAGMA busy_timeout=10000")
                 _check_store(self._db, self.path, empty_ok=False)
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot make its folder {self.path.parent}: "
+                    f"{exc.strerror or exc}",
+                    path=path,
+                ) from exc
             self._db = sqlite3.connect(
                 str(self.path),
                 timeout=10.0,
@@ -246,6 +288,10 @@ class AlertStore:
                 db.close()
             if isinstance(exc, BadInputError):
                 raise
+            if not readonly and isinstance(exc, sqlite3.OperationalError):
+                # The file may be a good store on a full disk: an output that
+                # cannot be written, not bad input.
+                raise StoreError(f"cannot open for writing: {exc}", path=path) from exc
             raise BadInputError(
                 f"cannot open the alert store: {exc}", path=str(path)
             ) from exc
@@ -262,7 +308,11 @@ class AlertStore:
     def add_many(
         self, pairs: Iterable[tuple[dict, dict]], worker: str = ""
     ) -> list[bool]:
-        """Store (escalation, verdict) pairs in one transaction; True where new."""
+        """Store (escalation, verdict) pairs in one transaction; True where new.
+
+        All or nothing: on :class:`StoreError` (disk full, say) none of the pairs
+        is stored.
+        """
         rows = [_row(esc, ver, worker) for esc, ver in pairs]
         sql = (
             f"INSERT OR IGNORE INTO escalations ({','.join(_COLUMNS)}) "
@@ -270,13 +320,18 @@ class AlertStore:
         )
         out = []
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._db.execute("BEGIN IMMEDIATE")
                 for row in rows:
                     out.append(self._db.execute(sql, row).rowcount == 1)
                 self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(self._db)
+                raise StoreError(
+                    f"cannot write {len(rows)} escalations: {exc}", path=self.path
+                ) from exc
             except BaseException:
-                self._db.execute("ROLLBACK")
+                _rollback(self._db)
                 raise
         return out
 
@@ -292,11 +347,14 @@ class AlertStore:
             "WHERE site = ? AND gateway = ? AND id = ?"
         )
         with self._lock:
-            for k in keys:
-                r = self._db.execute(sql, k).fetchone()
-                if r is not None:
-                    row = dict(zip(_COLUMNS, r, strict=True))
-                    out[key(row)] = row
+            try:
+                for k in keys:
+                    r = self._db.execute(sql, k).fetchone()
+                    if r is not None:
+                        row = dict(zip(_COLUMNS, r, strict=True))
+                        out[key(row)] = row
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read: {exc}", path=self.path) from exc
         return out
 
     def count(self) -> int:

@@ -73,11 +73,51 @@ def test_alerts_scores_are_three_decimals_when_ordinary(tmp_path, capsys):
     ["--session-expiry", "-1"],
     ["--stats-json", "/nonexistent-gatewatch/x.json"],
     ["--client-id", "x" * 70_000],  # found: a struct.error traceback from paho
+    # Found: OverflowError tracebacks (past what a wait or a clock can hold).
+    ["--duration", "1e308"],
+    ["--duration", str(366 * 86_400 + 1)],
+    ["--connect-timeout", "1e308"],
+    ["--connect-timeout", "3601"],
 ])
 def test_serve_refuses_bad_flags_before_serving(extra, capsys):
     assert main([*SERVE, *extra]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert extra[0] in err and "Traceback" not in err
+    assert "error: " in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("url", ["mqtt://[::1", "mqtt://[zz]:1883"])
+def test_serve_names_a_broker_url_it_cannot_parse(url, capsys):
+    """Found: ``ValueError: Invalid IPv6 URL`` as a traceback; now one usage error
+    naming the URL, before the checkpoint is loaded."""
+    assert main([*SERVE, "--broker", url]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert repr(url) in err and "not a URL like mqtt://" in err
+    assert "no-such-ckpt" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--duration", "--connect-timeout"])
+def test_serve_takes_its_longest_waits(flag, capsys):
+    """At the caps (a year, an hour) the flags pass; the command goes on to the
+    (absent) checkpoint."""
+    top = {"--duration": "31622400", "--connect-timeout": "3600"}[flag]
+    main([*SERVE, flag, top])
+    err = capsys.readouterr().err
+    assert "no-such-ckpt" in err and flag not in err
+
+
+def test_serve_refuses_a_folder_as_store(tmp_path, capsys):
+    assert main([*SERVE, "--store", str(tmp_path)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"--store {tmp_path} is a folder" in err and "Traceback" not in err
+
+
+def test_serve_help_says_what_a_failed_store_does(capsys):
+    assert main(["serve", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "stops at the first failed write with exit 1" in out
+    assert "broker delivers it again when the re-scorer restarts" in out
 
 
 @pytest.mark.parametrize("client_id", ["\u00e9" * 40_000, "rs-\udcff"])
@@ -117,7 +157,10 @@ def test_alerts_into_a_closed_pipe_ends_quietly(tmp_path, flags):
 
 
 @pytest.mark.parametrize("extra", [["--limit", "-5"], ["--since", "nan"],
-                                   ["--since", "inf"]])
+                                   ["--since", "inf"],
+                                   # found: sqlite3.IntegrityError: datatype mismatch
+                                   ["--limit", "99999999999999999999999"],
+                                   ["--limit", str(2**63)]])
 def test_alerts_refuses_bad_flags(extra, tmp_path, capsys):
     path = tmp_path / "a.sqlite"
     _store_with(path, src_ip="10.0.0.1", proto_name="tcp", score=0.9)
@@ -126,10 +169,25 @@ def test_alerts_refuses_bad_flags(extra, tmp_path, capsys):
     assert extra[0] in err and "Traceback" not in err
 
 
+def test_alerts_takes_the_largest_limit_sqlite_has(tmp_path, capsys):
+    path = tmp_path / "a.sqlite"
+    _store_with(path, src_ip="10.0.0.1", proto_name="tcp", score=0.9)
+    assert main(["alerts", "--store", str(path), "--limit", str(2**63 - 1)]) == 0
+    assert "1 escalations" in capsys.readouterr().err
+
+
+def test_alerts_says_a_folder_is_not_a_store(tmp_path, capsys):
+    """Found: ``--store /tmp`` said "no alert store at /tmp"; it is a folder."""
+    assert main(["alerts", "--store", str(tmp_path)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --store {tmp_path} is a folder; expected an alert")
+
+
 class _FakeServer:
     """Stands in for ReScorer: no broker; counts like one that saw 3 messages."""
 
     version = "fake"
+    store_error = None
 
     def __init__(self, *args, **kwargs) -> None:
         pass
