@@ -7,7 +7,8 @@ inputs fuzzed per parser, the soak's RSS, descriptor and thread counts) and
 ``soak_rss.png``, the RSS curve of each soak.
 
     python -m benchmarks.report_reliability --soak benchmarks/results/soak-30min.json \\
-        --fuzz benchmarks/results/fuzz-long.json --faults runs/faults.xml \\
+        --fuzz benchmarks/results/fuzz-long.json [--fuzz MORE.json] \\
+        --faults runs/faults.xml \\
         --out benchmarks/results
 
 Nothing here is measured anew; it only lays out what the runs recorded.
@@ -61,23 +62,29 @@ def soak_table(soaks: dict[str, dict]) -> list[str]:
 
 
 def fuzz_table(runs: list[dict]) -> list[str]:
-    """Markdown rows, one per fuzzed parser: inputs, time, rate, crashes, hangs."""
+    """Markdown rows, one per fuzzed parser: inputs, time, rate, crashes, hangs.
+
+    A run stopped before its count says so after its inputs; a run that records the
+    ``code`` it fuzzed (a commit) gets a column for it.
+    """
+    with_code = any("code" in r for r in runs)
     lines = [
         "| parser | inputs | seconds | inputs/s | crashes | hangs "
-        "| distinct failures |",
-        "|---|---|---|---|---|---|---|",
+        "| distinct failures |" + (" code fuzzed |" if with_code else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if with_code else ""),
     ]
     for run in runs:
         failures = ", ".join(f"{k} ×{v}" for k, v in run.get("failures", {}).items())
+        stopped = " (stopped)" if run.get("complete") is False else ""
         lines.append(
-            f"| {run['target']} | {run['inputs']:,} | {run['seconds']:,.0f} | "
+            f"| {run['target']} | {run['inputs']:,}{stopped} | {run['seconds']:,.0f} | "
             f"{run['inputs_per_s']:,.0f} | {run['crashes']} | {run['hangs']} | "
-            f"{failures or '-'} |"
+            f"{failures or '-'} |" + (f" {run.get('code', '-')} |" if with_code else "")
         )
     total = sum(r["inputs"] for r in runs)
     lines.append(f"| **all** | **{total:,}** | | | "
                  f"{sum(r['crashes'] for r in runs)} | "
-                 f"{sum(r['hangs'] for r in runs)} | |")
+                 f"{sum(r['hangs'] for r in runs)} | |" + (" |" if with_code else ""))
     return lines
 
 
@@ -135,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--soak", type=Path, action="append", default=[],
                    help="a soak --json file (repeatable; the file name labels it)")
-    p.add_argument("--fuzz", type=Path, help="the fuzz_long --json file")
+    p.add_argument("--fuzz", type=Path, action="append", default=[],
+                   help="a fuzz_long --json file (repeatable; rows in the order given)")
     p.add_argument("--faults", type=Path,
                    help="JUnit XML of `pytest tests/test_faults.py --junitxml FILE`")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"),
@@ -152,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         if png is not None:
             md += [f"![agent RSS during the soak]({png.name})", ""]
     if args.fuzz:
+        runs = [run for path in args.fuzz for run in _load(path)]
         md += ["## Long fuzz run (`python -m benchmarks.fuzz_long`)", "",
-               *fuzz_table(_load(args.fuzz)), ""]
+               *fuzz_table(runs), ""]
     if args.faults:
         md += ["## Faults (`pytest tests/test_faults.py`)", "",
                *faults_table(args.faults), ""]

@@ -61,3 +61,21 @@ def test_main_writes_markdown_and_plot(tmp_path):
     assert "| `test_disk` | skipped: no tmpfs | 1.0 |" in md
     assert "| `test_kill` | **FAILED** | 2.0 |" in md
     assert (tmp_path / "out" / "soak_rss.png").stat().st_size > 1000
+
+
+def test_fuzz_rows_say_which_code_and_whether_a_run_was_stopped():
+    runs = [
+        {"target": "cic-csv", "inputs": 1_000_000, "seconds": 2000.0,
+         "inputs_per_s": 500.0, "crashes": 0, "hangs": 0, "failures": {},
+         "complete": True, "code": "abc1234"},
+        {"target": "binetflow", "inputs": 400_000, "seconds": 3000.0,
+         "inputs_per_s": 133.3, "crashes": 0, "hangs": 0, "failures": {},
+         "complete": False},
+    ]
+
+    rows = rr.fuzz_table(runs)
+
+    assert rows[0].endswith("| distinct failures | code fuzzed |")
+    assert "| cic-csv | 1,000,000 | 2,000 | 500 | 0 | 0 | - | abc1234 |" in rows
+    assert "| binetflow | 400,000 (stopped) | 3,000 | 133 | 0 | 0 | - | - |" in rows
+    assert rows[-1] == "| **all** | **1,400,000** | | | 0 | 0 | | |"
