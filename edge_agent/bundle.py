@@ -770,6 +770,23 @@ def check_site_thresholds(artifact: str | Path, model_version: str) -> Path | No
     return path
 
 
+def _check_agent_config(config: Path) -> None:
+    """UsageError unless ``edge-agent run --config CONFIG`` would accept the config.
+
+    The flashed agent runs with this file alone, so a missing ``source`` or ``site``,
+    an unknown key or a value out of range would only show on the gateway.
+    """
+    from edge_agent.config import AgentConfig
+
+    try:
+        AgentConfig.load(config, {})
+    except GatewatchError as exc:
+        raise UsageError(
+            f"config {config}: {str(exc).removeprefix(f'config {config}: ')} (the "
+            "flashed agent runs with this config alone)"
+        ) from exc
+
+
 def check_flashed_paths(
     config: dict[str, Any], where: str, *, root: Path | None = None
 ) -> None:
@@ -859,6 +876,7 @@ def build_bundle(
             f"config is not valid TOML: {exc}", path=str(config)
         ) from exc
     check_flashed_paths(settings, str(config))
+    _check_agent_config(config)
     if SITE_THRESHOLDS in model_names and settings.get("agent", settings).get(
         "thresholds"
     ):

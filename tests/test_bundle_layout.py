@@ -373,3 +373,32 @@ def test_flash_into_a_root_with_a_damaged_slot_record_is_refused(
     err = capsys.readouterr().err
     assert err.startswith(f"error: {models / 'slots.json'}: slot A is recorded as a ")
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------- the rest of the config
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('source = "zeek:/var/log/zeek/current/conn.log"\n', ""),
+         "--source is required"),
+        (('site = "plant-3"', 'site = "plant 3"'), "site"),
+        (('follow = true', 'follow = true\nmax_batch = 99999'),
+         "--max-batch must be 1..4096"),
+        (('follow = true', 'follow = true\ncolour = "red"'),
+         "unknown settings ['colour']"),
+    ],
+    ids=["no-source", "bad-site", "max-batch", "unknown-key"],
+)
+def test_a_config_the_agent_would_refuse_is_refused_at_bundle_time(
+    tmp_path, keys, agent_wheel, change, message
+) -> None:
+    """Found: only the paths were checked, so a bundle whose config lacked
+    ``source`` (or held an unknown key) flashed and then failed on the gateway."""
+    with pytest.raises(UsageError) as caught:
+        _build(tmp_path, keys, agent_wheel, config=CONFIG.replace(*change))
+
+    assert message in str(caught.value)
+    assert "the flashed agent runs with this config alone" in str(caught.value)
+    assert not (tmp_path / "gw.tar.gz").exists()
