@@ -508,6 +508,8 @@ def _parse_line(src: Source, parser, line: str, line_no: int) -> dict | None:
     """One followed line: a header line, a TSV or JSON record, or a rejection."""
     from flows.readers.stream import parse_json_line
 
+    if line_no == 1:
+        line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark (Windows)
     if not line.strip():
         return None
     try:

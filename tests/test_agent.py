@@ -1256,3 +1256,29 @@ def test_a_flow_without_its_endpoints_is_rejected_where_it_is_read(tm) -> None:
     assert got == [r["uid"] for r in tm.records[:2]]
     assert src.rejected == {"bad_value": 1}
     assert "line 2" in src.first_rejected and "'src_ip': is null" in src.first_rejected
+
+
+def test_a_followed_log_with_a_utf8_byte_order_mark(tm, tmp_path: Path) -> None:
+    """Found: a conn.log a Windows editor saved (UTF-8 with a BOM) was refused at
+    its first line; the agent's followed source now drops the mark."""
+    lines = tm.conn_log.read_text().splitlines()
+    header = [x for x in lines if x.startswith("#") and not x.startswith("#close")]
+    data = [x for x in lines if not x.startswith("#")][:20]
+    log = tmp_path / "conn.log"
+    log.write_bytes(b"\xef\xbb\xbf" + ("\n".join(header + data) + "\n").encode())
+    src = open_source(f"zeek:{log}", follow=True, poll=0.05)
+    got: list[dict] = []
+
+    def consume():
+        for rec in src:
+            got.append(rec)
+            if len(got) >= 20:
+                return
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(10)
+    src.end.set()
+
+    assert [r["uid"] for r in got] == [x.split("\t")[1] for x in data]
+    assert src.rejected == {}
