@@ -128,12 +128,17 @@ def check_thresholds(values: dict[str, float], where: str) -> dict[str, float]:
     return values
 
 
-def read_thresholds_file(path: str | Path) -> dict[str, float]:
+def read_thresholds_file(
+    path: str | Path, model_version: str | None = None
+) -> dict[str, float]:
     """``escalate_low``, ``alert`` and ``decision`` (default ``escalate_low``) of a
     thresholds JSON file, checked by :func:`check_thresholds`.
 
     A file that cannot be read, is not a JSON object, lacks a key or holds a
     value that is no number is a BadInputError (exit 3) naming the file and key.
+    With ``model_version``, a file that names the model it was calibrated for
+    (``edge-agent calibrate`` writes it) must name that one: another model's scores
+    are on another scale, and its thresholds could silence every alert.
     """
     where = str(path)
     expected = (
@@ -172,6 +177,18 @@ def read_thresholds_file(path: str | Path) -> dict[str, float]:
                 f"[0, 1]; {expected}",
                 path=where,
             ) from None
+    calibrated_for = data.get("model_version")
+    if (
+        model_version is not None
+        and calibrated_for is not None
+        and str(calibrated_for) != model_version
+    ):
+        raise BadInputError(
+            f"was calibrated for model {str(calibrated_for)[:80]!r}, but the artifact "
+            f"is model {model_version!r}; run edge-agent calibrate with this "
+            "artifact again",
+            path=where,
+        )
     return check_thresholds(out, where)
 
 
@@ -187,7 +204,8 @@ def load_thresholds(scorer: Any) -> tuple[dict[str, float], str]:
             from edge_agent.config import check_regular_file
 
             check_regular_file(path, "site_thresholds.json (from edge-agent calibrate)")
-            return read_thresholds_file(path), "site"
+            version = getattr(scorer, "model_version", None)
+            return read_thresholds_file(path, version), "site"
     t = dict(scorer.thresholds)
     out = {k: float(t[k]) for k in ("decision", "escalate_low", "alert")}
     where = str(Path(folder) / "thresholds.json") if folder is not None else "artifact"

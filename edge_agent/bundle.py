@@ -758,15 +758,8 @@ def check_site_thresholds(artifact: str | Path, model_version: str) -> Path | No
             path=str(path),
         )
 
-    read_thresholds_file(path)  # BadInputError naming the file and the key
-
-    calibrated_for = json.loads(path.read_text(encoding="utf-8")).get("model_version")
-    if calibrated_for is not None and str(calibrated_for) != model_version:
-        raise BadInputError(
-            f"was calibrated for model {calibrated_for!r}, but the artifact is model "
-            f"{model_version!r}; run edge-agent calibrate with this artifact again",
-            path=str(path),
-        )
+    # BadInputError naming the file and the key, or the model it was made for.
+    read_thresholds_file(path, model_version)
     return path
 
 

@@ -358,11 +358,12 @@ def _open_alerts(target: str | None):
         raise GatewatchError(f"cannot open alerts file {target}: {reason}") from exc
 
 
-def _read_thresholds(path: str) -> dict[str, float]:
+def _read_thresholds(path: str, model_version: str | None) -> dict[str, float]:
     """``escalate_low`` and ``alert`` (and ``decision``) from a thresholds file."""
     from edge_agent.agent import read_thresholds_file
 
-    return read_thresholds_file(path)  # BadInputError (exit 3) naming the file
+    # BadInputError (exit 3) naming the file; also when calibrated for another model.
+    return read_thresholds_file(path, model_version)
 
 
 def _model_updater(cfg, scorer) -> Any:
@@ -394,7 +395,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     scorer = load_artifact(cfg.artifact)
     source = open_source(cfg.source, follow=cfg.follow)
     _check_fit(scorer, source, cfg.artifact)
-    thresholds = _read_thresholds(cfg.thresholds) if cfg.thresholds else None
+    thresholds = (
+        _read_thresholds(cfg.thresholds, scorer.model_version)
+        if cfg.thresholds
+        else None
+    )
     alerts, close_alerts = _open_alerts(cfg.alerts)
     outbox = Outbox(cfg.outbox_path(), cfg.outbox_max)
     dropped_before = outbox.dropped  # the outbox counts its cap's drops for good
@@ -546,30 +551,20 @@ def _as_partial(exc: GatewatchError, flows: int) -> GatewatchError:
     return exc
 
 
-# Sources whose records are Zeek-style conn records (flows.record.CONN_FIELDS).
-_CONN_SOURCES = ("pcap", "iface", "zeek")
-
-
 def _check_fit(scorer, source, artifact: str) -> None:
-    """Refuse an artifact whose encoder reads fields the source never gives.
+    """Refuse an artifact whose encoder reads fields the agent's records never hold.
 
-    A conn source (a capture, an interface, a conn.log) gives the conn fields only;
-    an artifact made from NSL-KDD or UNSW records would refuse every flow and leave
-    the gateway blind while looking busy, so this is a usage error at start.
+    Every source of the agent gives conn records (``flows.record.CONN_FIELDS``: a
+    capture, an interface, a conn.log, and stdin or Parquet records cut down to
+    those fields); an artifact made from NSL-KDD or UNSW records would refuse every
+    flow and leave the gateway blind while looking busy, so this is a usage error
+    at start.
     """
-    from flows.record import CONN_FIELD_NAMES
+    from edge_agent.sources import artifact_problem
 
-    if source.kind not in _CONN_SOURCES:
-        return
-    enc = scorer.encoder
-    missing = [name for name in enc.input_fields if name not in CONN_FIELD_NAMES]
-    if missing:
-        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
-        raise UsageError(
-            f"the artifact {artifact} reads {enc.family!r} flow records (fields "
-            f"{shown}) that a {source.kind}: source does not give; use an artifact "
-            "compressed from a conn-log teacher (e.g. the ctu-conn family)"
-        )
+    problem = artifact_problem(scorer.encoder, source.kind)
+    if problem is not None:
+        raise UsageError(f"the artifact {artifact} {problem}")
 
 
 def _input_problem(

@@ -403,6 +403,26 @@ def _text_label(rec: dict[str, Any]) -> str | None:
     return None
 
 
+def artifact_problem(encoder: Any, kind: str) -> str | None:
+    """Why an artifact's encoder cannot score records of a ``kind`` source, or None.
+
+    Every source yields conn records (:func:`canonical` keeps the conn fields only),
+    so an encoder that reads any other field (an NSL-KDD or UNSW artifact) would
+    refuse every record.
+    """
+    missing = [name for name in encoder.input_fields if name not in CONN_FIELD_NAMES]
+    if not missing:
+        return None
+    shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+    where = "stdin" if kind == "stdin" else f"a {kind}: source"
+    return (
+        f"reads {encoder.family!r} flow records (fields {shown}), but {where} "
+        "gives conn records (Zeek conn.log fields) only; use an artifact "
+        "compressed from a conn-log teacher (e.g. the ctu-conn family); score "
+        f"{encoder.family} files with compress eval --data FILE"
+    )
+
+
 def _record_problem(rec: dict[str, Any]) -> str | None:
     """Why a canonical record from stdin cannot be scored and sent, or None.
 

@@ -1154,28 +1154,61 @@ def test_an_artifact_for_other_records_is_refused_on_a_conn_source(
     err = capsys.readouterr().err
     assert rc == 2, err
     assert f"the artifact {nsl_artifact} reads 'nsl-kdd' flow records" in err
-    assert "src_bytes" in err and "a zeek: source does not give" in err
+    assert "src_bytes" in err and "but a zeek: source gives conn records" in err
     assert not (tmp_path / "o.db").exists() and not (tmp_path / "cal.json").exists()
 
 
-def test_stdin_records_the_encoder_refuses_are_named_not_called_blank(
-    tm, nsl_artifact: Path, tmp_path: Path, monkeypatch, capsys
+@pytest.mark.parametrize("source", ["-", "parquet"])
+def test_an_artifact_for_other_records_is_refused_on_any_source(
+    tm, nsl_artifact: Path, tmp_path: Path, monkeypatch, capsys, source: str
 ) -> None:
     """Found: 100 conn records on stdin for an NSL-KDD artifact ended in "it held
-    100 blank line(s)". Every record refused is bad input (3), said as such."""
+    100 blank line(s)"; NSL-KDD records on stdin were refused too, since every
+    source keeps the conn fields only. So any source refuses such an artifact."""
     text = "".join(json.dumps(r) + "\n" for r in tm.records[:100])
     monkeypatch.setattr(sys, "stdin", io.StringIO(text))
-    argv = _run_argv(tm, tmp_path, "-", "--alerts", "")
+    if source == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(tm.records[:100]), tmp_path / "f.parquet")
+        source = f"parquet:{tmp_path / 'f.parquet'}"
+    argv = _run_argv(tm, tmp_path, source, "--alerts", "")
     argv[argv.index(str(tm.artifact))] = str(nsl_artifact)
 
     rc = main(argv)
 
     err = capsys.readouterr().err
-    assert rc == 3, err
+    assert rc == 2, err
     assert "blank line" not in err
-    assert "no usable flow was read: 100 flow record(s) of stdin were refused by " \
-        "the artifact's encoder (the first: column 'src_bytes': a flow record " \
-        "lacks the field 'src_bytes'" in err
+    assert f"the artifact {nsl_artifact} reads 'nsl-kdd' flow records" in err
+    assert "gives conn records (Zeek conn.log fields) only" in err
+
+
+def test_site_thresholds_calibrated_for_another_model_are_refused(
+    tm, tmp_path: Path, capsys
+) -> None:
+    """Found: a site_thresholds.json calibrated for another model (its scores on
+    another scale) was applied silently: 0.99 thresholds, no alert at all."""
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(tm.artifact, art)
+    site = art / "site_thresholds.json"
+    site.write_text(json.dumps({"decision": 0.99, "escalate_low": 0.99, "alert": 0.999,
+                                "model_version": "onnx-int8-another-model"}))
+    argv = _run_argv(tm, tmp_path, f"zeek:{tm.conn_log}", "--alerts", "")
+    argv[argv.index(str(tm.artifact))] = str(art)
+
+    rc = main(argv)
+
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert f"error: {site}: was calibrated for model 'onnx-int8-another-model'" in err
+
+    # Without a model named (a hand-written file) it is used as before.
+    site.write_text(json.dumps({"escalate_low": 0.4, "alert": 0.9}))
+    assert main(argv) == 0, capsys.readouterr().err
 
 
 def test_some_records_refused_by_the_encoder_make_a_partial_input() -> None:
