@@ -278,6 +278,9 @@ class Agent:
         self.status_interval = status_interval
         self.counters = Counters()
         self.first_bad_record: str | None = None  # why the encoder refused the first
+        # A broker tried in the background that refused us for good, and who to tell.
+        self.link_error: TransportError | None = None
+        self.on_link_failed: Any = None
         self.rejects = proto.RejectCounter("agent")
         self.latencies: deque[float] | None = (
             deque(maxlen=200_000) if track_latency else None
@@ -361,7 +364,9 @@ class Agent:
                     exc,
                     self.outbox.path,
                 )
-                self.link.connect_in_background(connect_timeout)
+                self.link.connect_in_background(
+                    connect_timeout, on_give_up=self._link_gave_up
+                )
             self.link.subscribe(
                 self.topics[proto.Channel.VERDICTS], qos=1, timeout=connect_timeout
             )
@@ -371,6 +376,12 @@ class Agent:
         )
         self._sender.start()
         self._wake.set()
+
+    def _link_gave_up(self, exc: TransportError) -> None:
+        """The broker came back but refused us (credentials, certificate): stop."""
+        self.link_error = exc
+        if self.on_link_failed is not None:
+            self.on_link_failed(exc)
 
     def enable_model_updates(self, updater: Any, timeout: float = 10.0) -> None:
         """Pass each message of the model topic to ``updater.handle(payload)``.

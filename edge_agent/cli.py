@@ -448,6 +448,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not source.finite:
         signal.signal(signal.SIGINT, on_sigint)
+
+    def on_link_failed(_exc) -> None:
+        # A broker that came back and refused us will not change its mind: stop as
+        # SIGTERM would, and exit 6 below with its reason.
+        stop.set()
+        source.end.set()
+
+    agent.on_link_failed = on_link_failed
     failure: GatewatchError | None = None
     started = time.monotonic()
     drained = False
@@ -497,6 +505,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     if failure is not None:
         raise _as_partial(failure, summary["flows"])
+    if agent.link_error is not None:
+        raise TransportError(
+            f"{agent.link_error}; stopped, {summary['outbox_pending']} escalations "
+            f"stay in the outbox {cfg.outbox_path()}"
+        )
     # SIGTERM (stop, not interrupted) ends the run as the end of its input would:
     # rejected lines are still exit 4, as documented in EPILOG.
     input_error = _input_problem(
@@ -520,10 +533,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             if summary.get("unrouted")
             else ""
         )
+        why = (
+            f"the broker {cfg.broker} did not answer during the run"
+            if agent.link is not None and agent.link.generation == 0
+            else f"not delivered to a subscriber within the {drain_for:g} s "
+            f"drain{unrouted}"
+        )
         raise TransportError(
-            f"{summary['outbox_pending']} escalations were not delivered to a "
-            f"subscriber within the {drain_for:g} s drain{unrouted}; they stay in "
-            f"the outbox {cfg.outbox_path()} and are sent by the next run"
+            f"{summary['outbox_pending']} escalations were not sent ({why}); they "
+            f"stay in the outbox {cfg.outbox_path()} and are sent by the next run"
         )
     if not drained and cfg.broker and cfg.wait_verdicts and summary["verdicts_awaited"]:
         print(

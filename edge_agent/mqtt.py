@@ -245,13 +245,18 @@ class MqttLink:
             raise TransportError(f"broker {self.url} refused the connection: {rc}")
         raise TransportError(f"broker {self.url} refused MQTT v5 and 3.1.1")
 
-    def connect_in_background(self, timeout: float = 10.0) -> None:
+    def connect_in_background(
+        self,
+        timeout: float = 10.0,
+        on_give_up: Callable[[TransportError], None] | None = None,
+    ) -> None:
         """Retry :meth:`connect` in a thread until it succeeds or the link closes.
 
         For a client that must work while its broker is away (an agent booting
         before the network): attempts are spaced 1 s, 2 s, ... up to
         ``reconnect_max``. A refusal that will not pass by itself (credentials,
-        ACL, a certificate) is logged as an error and ends the attempts.
+        ACL, a certificate) is logged as an error, ends the attempts and is handed
+        to ``on_give_up``.
         """
 
         def attempts() -> None:
@@ -264,6 +269,8 @@ class MqttLink:
                     logger.debug("still no broker: %s", exc)
                 except TransportError as exc:
                     logger.error("%s; no further attempts to connect", exc)
+                    if on_give_up is not None:
+                        on_give_up(exc)
                     return
                 self._stop_retrying.wait(delay)
                 delay = min(2 * delay, self.reconnect_max)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from flows.errors import BadInputError, ModelError
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
+MAX_PROBE_ATOL = 0.05  # the most a manifest may allow its probe scores to differ
 
 _ONNX_TARGETS = {"onnx-fp32", "onnx-int8"}
 _TFLITE_TARGETS = {"tflite-fp32", "tflite-int8"}
@@ -173,7 +175,17 @@ class Scorer:
         expected = np.asarray(probe.get("expected", []), dtype=np.float32)
         if windows.size == 0:
             raise ModelError(f"{self.folder}: manifest has no probe windows")
+        if not np.all(np.isfinite(expected)):
+            raise ModelError(f"{self.folder}: the probe's expected scores are not all "
+                             "finite numbers")
         tol = float(atol if atol is not None else probe.get("atol", 1e-4))
+        if atol is None and not (math.isfinite(tol) and 0 < tol <= MAX_PROBE_ATOL):
+            # The manifest is not in its own sha256 list: a tolerance edited to NaN
+            # or 10 would let any edit of the output scale through.
+            raise ModelError(
+                f"{self.folder}: the probe's atol is {tol!r}; expected a number in "
+                f"(0, {MAX_PROBE_ATOL}] (compress writes 1e-4, or 1/256 for int8)"
+            )
         got = self.score(windows)
         diff = float(np.max(np.abs(got - expected)))
         if diff > tol:
@@ -602,14 +614,17 @@ def load_artifact(
 
     # The manifest itself is not in its sha256 list: an edited output scale or kind
     # would change every score silently. Its probe windows catch that at load.
-    if probe and manifest.get("probe"):
+    if probe and not manifest.get("probe"):
+        raise ModelError(
+            f"{folder}: the manifest has no probe windows to check the model with "
+            "(compress run writes them; rebuild the artifact)"
+        )
+    if probe:
         try:
             scorer.check_probe()
         except (BadInputError, TypeError, ValueError) as exc:
             raise ModelError(f"{folder}: the manifest's probe is malformed: {exc}") \
                 from exc
-    elif probe:
-        logger.warning("%s: the manifest has no probe windows; not checked", folder)
     logger.info(
         "loaded %s (%s, %s, input %s %s)",
         model_path,

@@ -348,8 +348,8 @@ def test_run_without_reachable_broker_exits_6(
     # its alerts and keeps every escalation in the outbox for the next connection.
     expected = tm.expected()
     assert "cannot reach broker" in caplog.text and "scoring on" in caplog.text
-    assert f"error: {len(expected)} escalations were not delivered to a " \
-        "subscriber within the 1 s drain;" in err
+    assert f"error: {len(expected)} escalations were not sent (the broker " \
+        "mqtt://127.0.0.1:" in err and "did not answer during the run)" in err
     assert {m.id for m in Outbox(tmp_path / "o.db").pending()} == set(expected)
     text = (tmp_path / "alerts.jsonl").read_text()
     lines = [json.loads(x) for x in text.splitlines()]
@@ -1315,3 +1315,38 @@ def test_a_followed_log_with_a_utf8_byte_order_mark(tm, tmp_path: Path) -> None:
 
     assert [r["uid"] for r in got] == [x.split("\t")[1] for x in data]
     assert src.rejected == {}
+
+
+@pytest.mark.broker
+def test_a_broker_that_comes_up_and_refuses_the_agent_stops_it_with_exit_6(
+    tm, tmp_path: Path
+) -> None:
+    """Found: with the broker down at start, an agent following a log kept scoring
+    for good after the broker came up and refused its credentials, offline and
+    silent. A refusal that will not pass by itself ends the run (exit 6)."""
+    from tests.conftest import Mosquitto
+
+    port = free_port()
+    lines = tm.conn_log.read_text().splitlines()
+    log = tmp_path / "conn.log"
+    log.write_text("\n".join(x for x in lines if not x.startswith("#close")) + "\n")
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.cli",
+         *_run_argv(tm, tmp_path, f"zeek:{log}", "--alerts", "", "--follow",
+                    "--broker", f"mqtt://127.0.0.1:{port}", "--connect-timeout", "1")],
+        cwd=REPO, stderr=subprocess.PIPE, text=True,
+    )
+    broker = Mosquitto(tmp_path, port=port, extra="allow_anonymous false\n")
+    try:
+        time.sleep(1.5)
+        assert agent.poll() is None, agent.stderr.read()
+        broker.start()
+        _, err = agent.communicate(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        broker.stop()
+
+    assert agent.returncode == 6, err
+    assert "refused the connection" in err and "no further attempts" in err
+    assert "stopped," in err and "escalations stay in the outbox" in err

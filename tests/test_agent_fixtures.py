@@ -131,6 +131,9 @@ def make_artifact(
     """Write an artifact folder the runtime loads (sha256 checked)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.onnx").write_bytes(onnx_model(enc.n_features, enc.window, int8))
+    probe = np.random.default_rng(5).uniform(
+        0, 1, (4, enc.window, enc.n_features)
+    ).astype(np.float32)
     enc.save(folder / "encoder.json")
     (folder / "thresholds.json").write_text(json.dumps(thresholds))
     files = ["model.onnx", "encoder.json", "thresholds.json"]
@@ -152,6 +155,12 @@ def make_artifact(
             "kind": "probability",
         },
         "sha256": {name: _sha(folder / name) for name in files},
+        # What compress writes: windows the runtime scores at every load.
+        "probe": {
+            "windows": probe.tolist(),
+            "expected": numpy_model(probe).tolist(),
+            "atol": 0.02 if int8 else 1e-4,
+        },
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder

@@ -254,6 +254,32 @@ def test_an_edited_manifest_output_is_caught_at_load(tmp_path: Path, key, value)
         load_artifact(folder)
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"atol": float("nan")}, "the probe's atol is nan"),
+        ({"atol": 10.0}, "the probe's atol is 10.0"),
+        ({"expected": [float("nan")] * 3}, "expected scores are not all finite"),
+        (None, "the manifest has no probe windows"),
+    ],
+    ids=["atol-nan", "atol-10", "expected-nan", "no-probe"],
+)
+def test_a_probe_edited_to_let_anything_through_is_refused(tmp_path, edit, message):
+    """Found: an output scale doubled and the probe's atol set to NaN (or 10), its
+    expected scores to NaN, or the probe deleted, and the edit passed the load."""
+    folder = write_artifact(tmp_path / "a", _float_model())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["output"]["scale"] = 2.0
+    if edit is None:
+        del manifest["probe"]
+    else:
+        manifest["probe"].update(edit)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(ModelError, match=message):
+        load_artifact(folder)
+
+
 def test_a_malformed_probe_is_named_at_load(tmp_path: Path) -> None:
     folder = write_artifact(tmp_path / "a", _float_model())
     manifest = json.loads((folder / "manifest.json").read_text())
