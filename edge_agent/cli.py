@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="log more: -v for info, -vv for debug (default: warnings only)",
     )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="errors only (default: warnings too)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_calibrate(sub)
@@ -228,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     if bundle is not None and hasattr(bundle, "register"):
         bundle.register(sub)
 
-    # -v also after the command (``edge-agent run -v``), as the other tools take it.
+    # -v and -q also after the command (``edge-agent run -v``), as the other tools.
     for command in sub.choices.values():
         command.add_argument(
             "-v",
@@ -236,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
             action="count",
             default=argparse.SUPPRESS,
             help="log more: -v for info, -vv for debug (default: warnings only)",
+        )
+        command.add_argument(
+            "-q",
+            "--quiet",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="errors only (default: warnings too)",
         )
     return parser
 
@@ -811,7 +821,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``edge-agent``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
+    level = (
+        logging.ERROR if args.quiet and not args.verbose
+        else logging.WARNING - 10 * min(args.verbose, 2)
+    )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

@@ -879,7 +879,13 @@ def _set_threads(teacher: Any, threads: int | None) -> None:
 
 
 def _logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if getattr(args, "verbose", 0) else logging.INFO
+    level = (
+        logging.DEBUG
+        if getattr(args, "verbose", 0)
+        else logging.WARNING
+        if getattr(args, "quiet", False)
+        else logging.INFO
+    )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -904,6 +910,8 @@ alert store:
 
 def register(subparsers) -> None:
     """Add the ``serve`` and ``alerts`` subcommands to the ``teacher`` parser."""
+    from teacher.cli import _add_loudness
+
     p = subparsers.add_parser(
         "serve",
         help="re-score escalations from the gateways",
@@ -995,6 +1003,7 @@ def register(subparsers) -> None:
         help="write the counters to this file at exit; its folder must exist "
         "(default: none)",
     )
+    _add_loudness(p, default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser(
@@ -1023,4 +1032,5 @@ def register(subparsers) -> None:
         type=integer(0, MAX_LIMIT),
         help=f"list at most this many, 0 to {MAX_LIMIT} (default: all)",
     )
+    _add_loudness(p, default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_alerts)

@@ -8,6 +8,9 @@ from teacher.cli import build_parser as teacher_parser
 
 COMMANDS = {
     "teacher": (teacher_parser, ["eval", "--checkpoint", "ck", "--data", "f.log"]),
+    "teacher serve": (teacher_parser, ["serve", "--checkpoint", "ck", "--broker",
+                                       "mqtt://127.0.0.1:1883"]),
+    "teacher alerts": (teacher_parser, ["alerts", "--store", "a.sqlite"]),
     "compress": (compress_parser, ["eval", "--artifact", "art", "--data", "f.log"]),
     "edge-agent": (agent_parser, ["run", "--artifact", "art", "--source", "-"]),
 }
@@ -25,7 +28,9 @@ def test_verbose_before_or_after_the_command(tool):
     assert not neither.verbose
 
 
-@pytest.mark.parametrize("tool", ["teacher", "compress"])
+@pytest.mark.parametrize(
+    "tool", ["teacher", "teacher serve", "teacher alerts", "compress", "edge-agent"]
+)
 def test_quiet_before_or_after_the_command(tool):
     build, argv = COMMANDS[tool]
 
