@@ -304,6 +304,7 @@ class Agent:
         self._tracked: OrderedDict[str, Any] = OrderedDict()
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._retry_at = 0.0
+        self._retry_delay = 1.0  # doubles while publishes find no subscriber
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._sender: threading.Thread | None = None
@@ -761,10 +762,14 @@ class Agent:
                 # Accepted but nobody subscribed (re-scorer not back yet): keep it.
                 delivery.forget()
                 self.counters.unrouted += 1
-                self._retry_at = self._retry_at or time.monotonic() + 1.0
+                if not self._retry_at:
+                    # Back off while no re-scorer listens: 1 s, 2 s, ... 30 s.
+                    self._retry_at = time.monotonic() + self._retry_delay
+                    self._retry_delay = min(2 * self._retry_delay, 30.0)
             elif acked:
                 delivery.forget()
                 done.append(msg_id)
+                self._retry_delay = 1.0  # a re-scorer listens again
         try:
             self.counters.escalations_sent += self.outbox.ack_many(done)
             self._note_sent(done)

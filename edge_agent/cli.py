@@ -650,8 +650,9 @@ def _input_problem(
         expected = (
             STDIN_EXPECTED if source.kind == "stdin" else f"flow records in {spec}"
         )
-        return BadInputError(f"no usable flow record was read from {where}: {held}; "
-                             f"{expected}")
+        said = "" if expected in held else f"; {expected}"  # not twice in a line
+        return BadInputError(f"no usable flow record was read from {where}: {held}"
+                             f"{said}")
     return PartialInputError(
         f"{rejected} input line(s) of {where} were rejected ({counts}){first}; the "
         f"{flows} flows read were scored and kept"

@@ -122,6 +122,12 @@ class Outbox:
         """
         for table, want in _COLUMNS.items():
             have = [r[1] for r in self._db.execute(f"PRAGMA table_info({table})")]
+            if not have:
+                raise BadInputError(
+                    f"is an SQLite file with no {table!r} table, not an outbox; "
+                    "give another --outbox path (this file is left untouched)",
+                    path=str(self.path),
+                )
             if have != list(want):
                 raise BadInputError(
                     f"is an SQLite file whose {table!r} table has the columns "

@@ -47,15 +47,20 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ESCALATION_ID_RE = re.compile(r"[0-9a-f]{32}")
 # C0 controls and DEL: no flow field written by Zeek, Argus or the meter holds one, and
 # printed raw on an operator's terminal they are escape sequences.
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls (U+009B is an 8-bit CSI: a terminal escape on its own) and the
+# line and paragraph separators, which split what a log line or a table shows.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # What :func:`escape_text` rewrites: the control characters above, the backslash
 # that starts an escape (so that an escaped text reads back unambiguously), and lone
 # surrogates (JSON lets "\udcff" through, but no UTF-8 text, so no store, holds it).
-_ESCAPED_RE = re.compile(r"[\x00-\x1f\x7f\\\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+_ESCAPED_RE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\\\ud800-\udfff\u061c\u200e\u200f\u2028\u2029"
+    r"\u202a-\u202e\u2066-\u2069]"
+)
 _SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 # Bidirectional embeddings, overrides and isolates: shown on a terminal or a web
 # page they reorder the text around them (a uid or host name that reads as another).
-_BIDI_RE = re.compile(r"[\u202a-\u202e\u2066-\u2069]")
+_BIDI_RE = re.compile(r"[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 # The fields every flow in an escalation must have: what an operator acts on.
 ENDPOINTS = ("src_ip", "dst_ip")
 

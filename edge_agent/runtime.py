@@ -568,6 +568,22 @@ def _check_input(folder: Path, spec: TensorSpec, backend: _Backend) -> None:
             )
 
 
+def _backend_for(
+    folder: Path, target: str, model_path: Path, threads: int, prefer_micro: bool
+) -> _Backend:
+    """The runtime of ``target`` with the model file loaded."""
+    if target in _ONNX_TARGETS:
+        return _OnnxBackend(model_path, threads)
+    if target in _TFLITE_TARGETS:
+        return _TfliteBackend(model_path.read_bytes(), threads)
+    if target in _MICRO_TARGETS:
+        return _micro_backend(c_array_bytes(model_path.read_text()), prefer_micro)
+    raise ModelError(
+        f"{folder}: target {target!r} has no edge runtime (expected one of "
+        f"{sorted(_ONNX_TARGETS | _TFLITE_TARGETS | _MICRO_TARGETS)})"
+    )
+
+
 def load_artifact(
     folder: str | Path,
     *,
@@ -594,17 +610,12 @@ def load_artifact(
 
     target = str(manifest["target"])
     model_path = folder / str(manifest["model_file"])
-    if target in _ONNX_TARGETS:
-        backend: _Backend = _OnnxBackend(model_path, threads)
-    elif target in _TFLITE_TARGETS:
-        backend = _TfliteBackend(model_path.read_bytes(), threads)
-    elif target in _MICRO_TARGETS:
-        backend = _micro_backend(c_array_bytes(model_path.read_text()), prefer_micro)
-    else:
-        raise ModelError(
-            f"{folder}: target {target!r} has no edge runtime (expected one of "
-            f"{sorted(_ONNX_TARGETS | _TFLITE_TARGETS | _MICRO_TARGETS)})"
-        )
+    try:
+        backend = _backend_for(folder, target, model_path, threads, prefer_micro)
+    except ModelError as exc:
+        if str(folder) in str(exc):
+            raise
+        raise ModelError(f"{folder}: {model_path.name} ({target}): {exc}") from exc
 
     spec = TensorSpec.from_manifest(manifest["input"], "input")
     _check_input(folder, spec, backend)

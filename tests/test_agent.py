@@ -706,6 +706,7 @@ def test_run_on_stdin_without_a_usable_record_exits_3(
     assert rc == 3, err
     assert "error: no usable flow record was read from stdin" in err
     assert "expected one JSON object per line" in err and "id.orig_h" in err
+    assert err.count("expected one JSON object per line") == 1
     if text.strip():
         assert "3 line(s) rejected (malformed_json 1, not_a_record 2)" in err
         assert "the first: line 1: malformed_json" in err
@@ -1350,3 +1351,83 @@ def test_a_broker_that_comes_up_and_refuses_the_agent_stops_it_with_exit_6(
     assert agent.returncode == 6, err
     assert "refused the connection" in err and "no further attempts" in err
     assert "stopped," in err and "escalations stay in the outbox" in err
+
+
+def test_a_first_not_a_record_line_says_what_was_expected_once(
+    tm, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Found: the explanation came twice in one line when the first rejected line
+    was not a record."""
+    rc = _run_stdin(tm, tmp_path, monkeypatch, '{"a": 1}\n')
+
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert err.count("expected one JSON object per line") == 1
+
+
+def test_an_outbox_file_without_an_outbox_table_is_named_so(tm, tmp_path, capsys):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "o.db")
+    db.execute("CREATE TABLE users (name)")
+    db.commit()
+    db.close()
+
+    rc = main(_run_argv(tm, tmp_path, f"zeek:{tm.conn_log}", "--alerts", ""))
+
+    assert rc == 3
+    assert "is an SQLite file with no 'outbox' table" in capsys.readouterr().err
+
+
+def test_a_model_file_of_another_target_names_the_artifact(tm, tmp_path, capsys):
+    """Found: target onnx-int8 over a TFLite file said only "not an ONNX file"."""
+    import hashlib
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(tm.artifact, art)
+    (art / "model.onnx").write_bytes(b"TFL3" + bytes(60))
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["sha256"]["model.onnx"] = hashlib.sha256(
+        (art / "model.onnx").read_bytes()).hexdigest()
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    argv = _run_argv(tm, tmp_path, f"zeek:{tm.conn_log}", "--alerts", "")
+    argv[argv.index(str(tm.artifact))] = str(art)
+
+    rc = main(argv)
+
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert f"error: {art}: model.onnx (onnx-fp32): " in err
+
+
+def test_unrouted_escalations_are_retried_with_a_growing_delay(tm, tmp_path) -> None:
+    """Found: with a broker and no re-scorer, 53 escalations made 901 publishes in a
+    20 s drain (every second). The delay doubles to 30 s, and a routed
+    acknowledgement (a re-scorer listens again) starts it over."""
+
+    class Delivery:
+        def __init__(self, unrouted: bool) -> None:
+            self.unrouted, self.lost = unrouted, False
+
+        def acked(self) -> bool:
+            return True
+
+        def forget(self) -> None:
+            pass
+
+    agent = Agent(load_artifact(tm.artifact), site="s1", gateway="g1",
+                  outbox=Outbox(tmp_path / "o.db"))
+    delays = []
+    for i in range(7):
+        agent._tracked[f"{i:032x}"] = Delivery(unrouted=True)
+        before = time.monotonic()
+        agent._collect_acks()
+        delays.append(round(agent._retry_at - before))
+        agent._retry_at = 0.0  # as the send loop does when it publishes again
+
+    assert delays == [1, 2, 4, 8, 16, 30, 30]
+    agent._tracked["f" * 32] = Delivery(unrouted=False)
+    agent._collect_acks()
+    assert agent._retry_delay == 1.0
+    agent.outbox.close()

@@ -164,6 +164,12 @@ def test_bad_escalations_are_rejected_by_kind(data: bytes, kind) -> None:
         ("dst_ip", None, "is null"),
         ("uid", "C1\u202eexe.txt", "bidirectional control"),
         ("service", "\u2066dns", "bidirectional control"),
+        # Second tester: an 8-bit CSI, NEL, line separators and the bidi marks.
+        ("service", "dns\x9b2J", "control character"),
+        ("history", "Sh\x85", "control character"),
+        ("uid", "C1\u2028x", "control character"),
+        ("service", "\u200fdns", "bidirectional control"),
+        ("service", "\u061cdns", "bidirectional control"),
     ],
 )
 def test_escalation_flow_addresses_and_ports_follow_the_readers_rule(
@@ -302,6 +308,7 @@ def test_a_raising_message_handler_is_counted_acked_and_does_not_escape(
         ("service", "dns\udcff", "dns\\udcff"),
         ("service", "ShADad é", "ShADad é"),
         ("uid", "C1\u202eexe.txt", "C1\\u202eexe.txt"),
+        ("service", "dns\x9b", "dns\\u009b"),
     ],
 )
 def test_a_sendable_flow_is_accepted_and_reads_back_by_zeeks_rule(
