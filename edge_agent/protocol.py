@@ -61,6 +61,7 @@ _SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 # Bidirectional embeddings, overrides and isolates: shown on a terminal or a web
 # page they reorder the text around them (a uid or host name that reads as another).
 _BIDI_RE = re.compile(r"[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_LATEST_SENT_AT = 1e10  # seconds: the year 2286; past it, not a Unix time in seconds
 # The fields every flow in an escalation must have: what an operator acts on.
 ENDPOINTS = ("src_ip", "dst_ip")
 
@@ -418,6 +419,12 @@ def _check_sent_at(body: dict[str, Any]) -> None:
         if body["sent_at"] < 0:
             raise ProtocolError(
                 RejectKind.BAD_VALUE, f"sent_at {body['sent_at']!r} is before 1970"
+            )
+        if body["sent_at"] > _LATEST_SENT_AT:
+            raise ProtocolError(
+                RejectKind.BAD_VALUE,
+                f"sent_at {body['sent_at']!r} is past the year 2286 (a Unix time "
+                "in seconds was expected)",
             )
 
 

@@ -383,8 +383,13 @@ def test_resendable_leaves_every_other_payload_byte_for_byte(payload: bytes) -> 
     assert proto.resendable(payload) is payload
 
 
-def test_an_escalation_sent_before_1970_is_refused() -> None:
-    with pytest.raises(proto.ProtocolError, match="sent_at -1.0 is before 1970"):
+@pytest.mark.parametrize(
+    ("sent_at", "why"),
+    [(-1, "sent_at -1.0 is before 1970"), (1e300, "past the year 2286"),
+     (1.7e12, "a Unix time in seconds was expected")],
+)
+def test_an_escalation_sent_at_no_plausible_time_is_refused(sent_at, why) -> None:
+    with pytest.raises(proto.ProtocolError, match=why):
         proto.parse_escalation(
-            json.dumps(_escalation(sent_at=-1)).encode(), window_shape=(4, 3)
+            json.dumps(_escalation(sent_at=sent_at)).encode(), window_shape=(4, 3)
         )
