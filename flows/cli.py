@@ -265,9 +265,14 @@ def _print_text(summary: dict) -> None:
         if key not in ("files",):
             print(f"{key}: {value}")
     if summary["skipped"]:
-        print(f"skipped:  {summary['skipped']} bad line(s)")
+        print(f"skipped:  {summary['skipped']} bad {_unit(summary['format'])}")
     for note in summary["warnings"]:
         print(f"warning:  {note}")
+
+
+def _unit(fmt: str) -> str:
+    """What a reader of this format skips: lines of text, or a capture's records."""
+    return "packet record(s)" if fmt in ("pcap", "pcapng") else "line(s)"
 
 
 def _finish_code(result, partial: PartialInputError | None) -> int:
@@ -276,7 +281,8 @@ def _finish_code(result, partial: PartialInputError | None) -> int:
         print(f"error: {partial}", file=sys.stderr)
         return EXIT_PARTIAL_INPUT
     if result.skipped:
-        print(f"note: skipped {result.skipped} bad line(s)", file=sys.stderr)
+        print(f"note: skipped {result.skipped} bad {_unit(result.format)}",
+              file=sys.stderr)
     if result.partial:
         print(
             "error: partial input; the rows before the damage were kept",
@@ -351,7 +357,8 @@ def _convert(args) -> int:
             f"--format zeek needs conn records; {result.format} is family "
             f"{result.family!r} (write Parquet instead)"
         )
-    tmp = out.with_name(out.name + ".part")
+    # One temporary name per process: two converts to one output must not share it.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
     try:
         if fmt == "zeek":
             write_conn_log(result.table, tmp)

@@ -131,6 +131,9 @@ def address_problem(text: str) -> str | None:
     )
 
 
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+
+
 @lru_cache(maxsize=65536)
 def is_address(text: str) -> bool:
     """Whether ``text`` is an IPv4 or IPv6 address (see :func:`address_problem`)."""
@@ -140,7 +143,10 @@ def is_address(text: str) -> bool:
         ipaddress.ip_address(text)
     except ValueError:
         return False
-    return True
+    # Python takes any text after "%" as the zone; an interface name is short and
+    # plain ("fe80::1%eth0"), never "(allowlisted, benign)" shown to an operator.
+    _, percent, zone = text.partition("%")
+    return not percent or bool(_ZONE.fullmatch(zone))
 
 
 def port_problem(value: float) -> str | None:

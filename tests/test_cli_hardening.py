@@ -400,3 +400,35 @@ def test_teacher_train_on_unlabeled_rows_says_none_is_labeled(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 3
     assert "none of its 2 rows has a label" in err and "Traceback" not in err
+
+
+def test_converts_to_one_output_at_once_do_not_trip_over_each_other(tmp_path):
+    """Found: three concurrent ``flows convert X -o same.parquet`` shared one .part
+    file and one failed with "No such file or directory"."""
+    import subprocess
+    import sys
+
+    from flows.readers import read
+
+    log = _conn_log(tmp_path)
+    out = tmp_path / "same.parquet"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "convert", str(log), "-o", str(out)],
+            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent,
+        )
+        for _ in range(3)
+    ]
+    errors = [p.communicate(timeout=300)[1].decode() for p in procs]
+
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert read(out).table.equals(read(log).table)
+    assert sorted(x.name for x in tmp_path.iterdir()) == sorted(
+        [log.name, out.name])
+
+
+def test_a_capture_skips_packet_records_not_lines():
+    from flows.cli import _unit
+
+    assert _unit("pcap") == _unit("pcapng") == "packet record(s)"
+    assert _unit("zeek-tsv") == "line(s)"

@@ -30,6 +30,7 @@ _BLOCK = 1 << 20  # compressed bytes read at a time
 _OUT = 1 << 22  # most inflated bytes one step may produce
 MAX_LINE_BYTES = 1 << 20
 MAX_INFLATED_ENV = "GATEWATCH_MAX_INFLATED"
+UTF8_BOM = b"\xef\xbb\xbf"
 _MAX_INFLATED_DEFAULT = 2 << 30
 
 
@@ -102,11 +103,15 @@ def read_stream(name: str, fh: BinaryIO) -> Source:
 
 
 def from_bytes(name: str, raw: bytes) -> Source:
-    """The :class:`Source` of bytes already read (stdin), gunzipped like a file."""
+    """The :class:`Source` of bytes already read (stdin), gunzipped like a file.
+
+    A leading UTF-8 byte-order mark (Windows editors write one) is dropped: it is
+    not part of the first line.
+    """
     if raw[:2] != GZIP_MAGIC:
-        return Source(name, raw)
+        return Source(name, raw.removeprefix(UTF8_BOM))
     data, cut = gunzip(raw, limit=max_inflated())
-    return _cut(name, data, cut, compressed=True)
+    return _cut(name, data.removeprefix(UTF8_BOM), cut, compressed=True)
 
 
 def _cut(name: str, data: bytes, cut: str | None, compressed: bool) -> Source:
@@ -126,7 +131,7 @@ def gunzip(raw: bytes, limit: int | None = None) -> tuple[bytes, str | None]:
     """Inflate every gzip member of ``raw``; return the text and why it stopped.
 
     With ``limit``, inflating stops once more than ``limit`` bytes came out: the
-    text is cut there (at most ``limit`` plus one step) and the reason says so.
+    text is cut at ``limit`` bytes exactly and the reason says so.
     """
     import io
 
@@ -137,7 +142,7 @@ def gunzip(raw: bytes, limit: int | None = None) -> tuple[bytes, str | None]:
         out.append(chunk)
         total += len(chunk)
         if limit is not None and total > limit:
-            return b"".join(out), (
+            return b"".join(out)[:limit], (
                 f"the inflated text passed {limit} bytes after {reader.offset} "
                 f"compressed bytes (a gzip bomb, or a file too large to read whole; "
                 f"${MAX_INFLATED_ENV} sets the limit)"

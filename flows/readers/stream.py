@@ -374,6 +374,8 @@ def iter_records(
     parser = TsvLineParser(name)
     skipped = yielded = 0
     for line_no, line in enumerate(_lines(name), start=1):
+        if line_no == 1 and isinstance(line, str):
+            line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
         if isinstance(line, int):
             exc = BadInputError(too_long(line), path=name, line=line_no)
             if on_error == "fail":
