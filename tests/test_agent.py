@@ -193,23 +193,29 @@ def test_stdin_source_rejects_bad_lines_and_goes_on(tm) -> None:
     assert src.rejected == {"malformed_json": 1, "not_a_record": 1}
 
 
+def _consume(src, n: int) -> tuple[list[dict], threading.Thread]:
+    """Read a followed source in a thread until it gave ``n`` records."""
+    got: list[dict] = []
+
+    def consume():
+        for rec in src:
+            got.append(rec)
+            if len(got) >= n:
+                return
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    return got, thread
+
+
 def test_follow_reads_growth_and_survives_rotation(tm, tmp_path: Path) -> None:
     lines = tm.conn_log.read_text().splitlines()
     header = [x for x in lines if x.startswith("#") and not x.startswith("#close")]
     data = [x for x in lines if not x.startswith("#")][:60]
     log = tmp_path / "conn.log"
     log.write_text("\n".join(header + data[:20]) + "\n")
-    got: list[dict] = []
     src = open_source(f"zeek:{log}", follow=True, poll=0.05)
-
-    def consume():
-        for rec in src:
-            got.append(rec)
-            if len(got) >= 60:
-                return
-
-    thread = threading.Thread(target=consume, daemon=True)
-    thread.start()
+    got, thread = _consume(src, 60)
     with log.open("a") as fh:
         fh.write("\n".join(data[20:30]) + "\nnot\ta\tzeek\tline\n")
         fh.write("\n".join(data[30:40]) + "\n")
@@ -1302,16 +1308,7 @@ def test_a_followed_log_with_a_utf8_byte_order_mark(tm, tmp_path: Path) -> None:
     log = tmp_path / "conn.log"
     log.write_bytes(b"\xef\xbb\xbf" + ("\n".join(header + data) + "\n").encode())
     src = open_source(f"zeek:{log}", follow=True, poll=0.05)
-    got: list[dict] = []
-
-    def consume():
-        for rec in src:
-            got.append(rec)
-            if len(got) >= 20:
-                return
-
-    thread = threading.Thread(target=consume, daemon=True)
-    thread.start()
+    got, thread = _consume(src, 20)
     thread.join(10)
     src.end.set()
 
