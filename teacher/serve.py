@@ -31,6 +31,12 @@ leaves the share group (MQTT v5) and disconnects keeping its session, so the bro
 delivers them again when it comes back with the same client id; ``teacher serve``
 then exits 1 with one ``error:`` line naming the store.
 
+A teacher call that fails (a device error, memory run out on a large batch) is
+retried one escalation at a time; an escalation the teacher cannot score even alone
+is stored unscored (``teacher alerts --decision unscored``), logged by id and
+acknowledged, and gets no verdict: kept, not lost, and no poison message that comes
+back after every restart.
+
 Bad messages are rejected, counted per kind and logged once per kind; the service
 goes on. Against a broker that speaks only
 MQTT 3.1.1 (amqtt) there are no shared subscriptions: run one re-scorer there.
@@ -210,6 +216,7 @@ class ReScorer:
             "verdicts_sent": 0,
             "batches": 0,
             "malicious": 0,
+            "unscored": 0,
             "failed": 0,
             "dropped_oversized": 0,
             "unacknowledged": 0,
@@ -470,11 +477,13 @@ class ReScorer:
                 self._store_failed(exc)
                 return
             except Exception:  # noqa: BLE001 - one bad batch must not stop the service
-                # Acknowledge anyway: unacknowledged messages would stall delivery
-                # once the broker's in-flight window is full.
+                # Not the teacher (_score keeps its failures, unscored) nor the
+                # store: a fault of our own. Acknowledge anyway: unacknowledged
+                # messages would stall delivery once the broker's in-flight window
+                # is full. The ids are logged.
                 self.counters["failed"] += len(batch)
                 logger.exception(
-                    "re-scoring a batch of %d failed; ids %s",
+                    "handling a batch of %d escalations failed; ids %s",
                     len(batch),
                     [e["id"] for e, _ in batch],
                 )
@@ -508,38 +517,40 @@ class ReScorer:
                 batch_keys.add(k)
         self.counters["duplicates"] += len(copies)
 
-        # Score the new ones in one teacher call, then store before answering.
-        pairs = []
+        # Score the new ones in one teacher call, then store before answering. One
+        # the teacher cannot score is stored unscored (no verdict is sent for it).
+        scored: list[tuple[dict, dict | None]] = []
         if fresh:
-            windows = np.asarray([e["window"] for e in fresh], dtype=np.float32)
-            probs = np.asarray(self.teacher.predict_proba(windows), dtype=np.float64)
-            self.counters["scored"] += len(fresh)
-            self.counters["batches"] += 1
+            probs = self._score(fresh)
             for esc, p in zip(fresh, probs, strict=True):
-                verdict = proto.build_verdict(
-                    escalation_id=esc["id"],
-                    verdict="malicious" if p >= self.threshold else "benign",
-                    score=float(p),
-                    threshold=self.threshold,
-                    teacher_version=self.version,
-                )
-                pairs.append((esc, verdict))
-            new = self.store.add_many(pairs, worker=self.client_id)
+                verdict = None
+                if p is not None:
+                    verdict = proto.build_verdict(
+                        escalation_id=esc["id"],
+                        verdict="malicious" if p >= self.threshold else "benign",
+                        score=p,
+                        threshold=self.threshold,
+                        teacher_version=self.version,
+                    )
+                scored.append((esc, verdict))
+            new = self.store.add_many(scored, worker=self.client_id)
             self.counters["stored"] += sum(new)
             self.counters["duplicates"] += len(new) - sum(new)
             self.counters["malicious"] += sum(
-                v["verdict"] == "malicious"
-                for (_, v), n in zip(pairs, new, strict=True)
+                v is not None and v["verdict"] == "malicious"
+                for (_, v), n in zip(scored, new, strict=True)
                 if n
             )
         for esc in fresh:
             self._remember(key(esc))
+        pairs = [(esc, v) for esc, v in scored if v is not None]
 
-        # Copies get the verdict already stored, so the gateway hears once more.
+        # Copies get the verdict already stored, so the gateway hears once more
+        # (none for a copy of one stored unscored).
         rows = self.store.known(key(e) for e in copies)
         for esc in copies:
             row = rows.get(key(esc))
-            if row is not None:
+            if row is not None and row["verdict"] is not None:
                 pairs.append(
                     (
                         esc,
@@ -556,6 +567,65 @@ class ReScorer:
             self._publish(esc, verdict)
         for token in tokens:
             self.link.ack(token)
+
+    def _score(self, fresh: list[dict]) -> list[float | None]:
+        """The teacher's probability for each escalation; None where it failed.
+
+        The batch is scored in one call. If that call fails (a device error, memory
+        run out on a large batch, one window the model chokes on), each escalation
+        is scored alone, so one bad window costs only its own verdict; those that
+        fail alone too come back None, are logged by id and counted as ``unscored``.
+        """
+        windows = np.asarray([e["window"] for e in fresh], dtype=np.float32)
+        try:
+            probs = self._call_teacher(windows)
+        except Exception as exc:  # noqa: BLE001 - any teacher failure is retried
+            logger.warning(
+                "re-scoring a batch of %d failed (%s: %s); scoring each alone",
+                len(fresh),
+                type(exc).__name__,
+                exc,
+            )
+        else:
+            self.counters["scored"] += len(fresh)
+            self.counters["batches"] += 1
+            return [float(p) for p in probs]
+
+        out: list[float | None] = []
+        for esc, window in zip(fresh, windows, strict=True):
+            try:
+                p = float(self._call_teacher(window[None])[0])
+            except Exception as exc:  # noqa: BLE001
+                self.counters["unscored"] += 1
+                logger.error(
+                    "the teacher could not score escalation %s of %s/%s (%s: %s); "
+                    "it is stored unscored and no verdict is sent",
+                    esc["id"],
+                    esc["site"],
+                    esc["gateway"],
+                    type(exc).__name__,
+                    exc,
+                )
+                out.append(None)
+                continue
+            self.counters["scored"] += 1
+            self.counters["batches"] += 1
+            out.append(p)
+        return out
+
+    def _call_teacher(self, windows: np.ndarray) -> np.ndarray:
+        """The teacher's probabilities for ``windows``, checked: one finite value
+        in 0..1 per window (anything else raises ValueError)."""
+        probs = np.asarray(self.teacher.predict_proba(windows), dtype=np.float64)
+        probs = probs.reshape(-1)
+        if len(probs) != len(windows):
+            raise ValueError(
+                f"the teacher gave {len(probs)} probabilities for {len(windows)} "
+                "windows"
+            )
+        if not np.all(np.isfinite(probs) & (probs >= 0.0) & (probs <= 1.0)):
+            raise ValueError("the teacher gave a probability outside 0..1 or NaN")
+        return probs
 
     def _remember(self, k: tuple[str, str, str]) -> None:
         self._seen[k] = None
@@ -718,6 +788,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "re-scorer: received {received}, scored {scored}, stored {stored}, "
         "duplicates {duplicates}, verdicts sent {verdicts_sent}".format(**stats)
     )
+    if stats.get("unscored"):
+        summary += f", unscored {stats['unscored']}"
+    if stats.get("failed"):
+        summary += f", failed {stats['failed']}"
     if stats.get("unacknowledged"):
         summary += f", unacknowledged {stats['unacknowledged']}"
     print(summary, file=sys.stderr)
@@ -842,12 +916,15 @@ def _print_alerts(rows: list[dict[str, Any]], as_json: bool) -> None:
         when = dt.datetime.fromtimestamp(r["received_at"], dt.UTC).strftime(
             "%Y-%m-%d %H:%M:%S"
         )
+        teacher = "unscored"
+        if r["verdict"] is not None:
+            teacher = f"{_shown(r['verdict'])} {_score(r['teacher_score'])}"
         print(
             f"{when}  {_shown(r['site'])}/{_shown(r['gateway'])}  "
             f"{_endpoint(r['src_ip'], r['src_port'])} -> "
             f"{_endpoint(r['dst_ip'], r['dst_port'])}/{_shown(r['proto'])}  "
             f"agent {_shown(r['agent_decision'])} {_score(r['agent_score'])}  "
-            f"teacher {_shown(r['verdict'])} {_score(r['teacher_score'])}"
+            f"teacher {teacher}"
         )
 
 
@@ -1025,7 +1102,8 @@ def register(subparsers) -> None:
     p.add_argument("--gateway", help="GATEWAY or SITE/GATEWAY (default: every gateway)")
     p.add_argument(
         "--decision",
-        help="escalate, alert, malicious or benign (default: every decision)",
+        help="escalate, alert, malicious, benign, or unscored (those the teacher "
+        "could not score) (default: every decision)",
     )
     p.add_argument(
         "--limit",

@@ -131,8 +131,14 @@ def _bindable(kind: str, value: Any) -> Any:
     return value if value_problem(kind, value) is None else None
 
 
-def _row(escalation: dict[str, Any], verdict: dict[str, Any], worker: str) -> tuple:
-    """The column values of one (escalation, verdict) pair, in ``_COLUMNS`` order."""
+def _row(
+    escalation: dict[str, Any], verdict: dict[str, Any] | None, worker: str
+) -> tuple:
+    """The column values of one (escalation, verdict) pair, in ``_COLUMNS`` order.
+
+    ``verdict`` None stores the escalation unscored (its verdict columns NULL): the
+    teacher could not score it, and it is kept rather than lost.
+    """
     flow = escalation.get("flow")
     flow = flow if isinstance(flow, dict) else {}
 
@@ -155,13 +161,22 @@ def _row(escalation: dict[str, Any], verdict: dict[str, Any], worker: str) -> tu
         escalation["decision"],
         escalation["model_version"],
         json.dumps(flow, default=repr),
+        *_verdict_columns(verdict),
+        worker,
+    )
+
+
+def _verdict_columns(verdict: dict[str, Any] | None) -> tuple:
+    """The six verdict columns of a row; all NULL for an unscored escalation."""
+    if verdict is None:
+        return (None,) * 6
+    return (
         verdict["verdict"],
         verdict["score"],
         verdict["threshold"],
         verdict["teacher_version"],
         verdict["id"],
         _bindable("f64", verdict.get("sent_at")),
-        worker,
     )
 
 
@@ -306,9 +321,11 @@ class AlertStore:
         return self.add_many([(escalation, verdict)], worker)[0]
 
     def add_many(
-        self, pairs: Iterable[tuple[dict, dict]], worker: str = ""
+        self, pairs: Iterable[tuple[dict, dict | None]], worker: str = ""
     ) -> list[bool]:
         """Store (escalation, verdict) pairs in one transaction; True where new.
+
+        A pair whose verdict is None is stored unscored (see :func:`_row`).
 
         All or nothing: on :class:`StoreError` (disk full, say) none of the pairs
         is stored.
@@ -374,7 +391,8 @@ class AlertStore:
 
         ``gateway`` is ``GATEWAY`` or ``SITE/GATEWAY``; ``decision`` matches the
         agent's decision (``escalate``, ``alert``) or the verdict (``malicious``,
-        ``benign``); ``since`` is a Unix time compared with the receive time.
+        ``benign``, or ``unscored`` for those the teacher could not score);
+        ``since`` is a Unix time compared with the receive time.
         """
         where, args = [], []
         if since is not None:
@@ -392,11 +410,15 @@ class AlertStore:
                 where.append("agent_decision = ?")
             elif decision in ("malicious", "benign"):
                 where.append("verdict = ?")
+            elif decision == "unscored":
+                where.append("verdict IS NULL")
             else:
                 raise UsageError(
-                    "--decision must be escalate, alert, malicious or benign"
+                    "--decision must be escalate, alert, malicious, benign or "
+                    "unscored"
                 )
-            args.append(decision)
+            if decision != "unscored":
+                args.append(decision)
         sql = f"SELECT {','.join(_COLUMNS)} FROM escalations"
         if where:
             sql += " WHERE " + " AND ".join(where)

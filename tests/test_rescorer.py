@@ -487,9 +487,67 @@ class FlakyTeacher:
         return self.inner.predict_proba(windows)
 
 
-def test_a_failing_batch_is_counted_and_the_service_goes_on(
+class PoisonTeacher:
+    """The real teacher, failing (or answering NaN) on any batch that holds the
+    one window it chokes on: whichever escalation carries ``poison``."""
+
+    def __init__(self, inner, poison: np.ndarray, how: str) -> None:
+        self.inner = inner
+        self.threshold = inner.threshold
+        self.config = inner.config
+        self.version = "poisoned"
+        self.poison = np.asarray(poison, dtype=np.float32)
+        self.how = how
+        self.calls = 0
+
+    def predict_proba(self, windows):
+        self.calls += 1
+        windows = np.asarray(windows, dtype=np.float32)
+        probs = np.asarray(self.inner.predict_proba(windows), dtype=np.float64)
+        hit = [np.array_equal(w, self.poison) for w in windows]
+        if any(hit) and self.how == "raise":
+            raise RuntimeError("CUDA error: an illegal memory access")
+        probs[np.asarray(hit, dtype=bool)] = np.nan
+        return probs
+
+
+def _serve_until_stored(server, store, bodies, mosquitto, want: int):
+    """Start ``server``, publish ``bodies`` as s1/g1's escalations, wait until the
+    store holds ``want`` rows; returns the verdicts the gateway received."""
+    verdicts: list[dict] = []
+    gateway = MqttLink(
+        mosquitto.url,
+        "g1-listener",
+        protocol="5",
+        on_message=lambda topic, payload: verdicts.append(json.loads(payload)),
+    )
+    gateway.connect(timeout=5)
+    gateway.subscribe(
+        proto.topic("s1", "g1", proto.Channel.VERDICTS), qos=1, timeout=5
+    )
+    server.start()
+    sender = MqttLink(mosquitto.url, "sender", protocol="5")
+    sender.connect(timeout=5)
+    topic = proto.topic("s1", "g1", proto.Channel.ESCALATIONS)
+    try:
+        sent = [sender.publish(topic, proto.encode(b), qos=1) for b in bodies]
+        assert all(d.wait(10) and not d.unrouted for d in sent)
+        wait_for(lambda: store.count() == want, 30, f"{want} stored escalations")
+        wait_for(
+            lambda: server.counters["verdicts_sent"] == len(verdicts), 10, "verdicts"
+        )
+    finally:
+        sender.close()
+        server.stop()
+        gateway.close()
+    return verdicts
+
+
+def test_a_failed_teacher_call_is_retried_and_nothing_is_lost(
     tm, teacher, mosquitto, tmp_path
 ):
+    """The first teacher call fails (a device hiccup): its escalation is scored
+    again alone, so all three are stored with the verdict a direct call gives."""
     _, teacher_obj = teacher
     store = AlertStore(tmp_path / "alerts.sqlite")
     server = ReScorer(
@@ -499,32 +557,68 @@ def test_a_failing_batch_is_counted_and_the_service_goes_on(
         max_batch=1,
         max_wait_ms=0,
     )
-    server.start()
-    client = paho.Client(
-        paho.CallbackAPIVersion.VERSION2, client_id="tester2", protocol=paho.MQTTv5
+    bodies = [_escalation(tm, i) for i in range(3)]
+    verdicts = _serve_until_stored(server, store, bodies, mosquitto, want=3)
+
+    expect = teacher_obj.predict_proba(np.asarray(tm.windows[:3], dtype=np.float32))
+    rows = {r["id"]: r for r in store.query()}
+    for body, p in zip(bodies, expect, strict=True):
+        assert rows[body["id"]]["teacher_score"] == pytest.approx(float(p), abs=1e-6)
+    assert server.counters["unscored"] == server.counters["failed"] == 0
+    assert server.counters["scored"] == 3
+    assert sorted(v["escalation_id"] for v in verdicts) == sorted(
+        b["id"] for b in bodies
     )
-    client.connect("127.0.0.1", mosquitto.port)
-    client.loop_start()
-    try:
-        for i in range(3):
-            body = proto.build_escalation(
-                flow=tm.records[i],
-                window=tm.windows[i],
-                score=0.9,
-                decision="alert",
-                model_version="x",
-                site="s1",
-                gateway="g1",
-            )
-            client.publish(
-                "gatewatch/v1/s1/g1/escalations", json.dumps(body), qos=1
-            ).wait_for_publish(5)
-        wait_for(lambda: store.count() == 2, 30, "the two later escalations")
-    finally:
-        client.loop_stop()
-        client.disconnect()
-        server.stop()
-    assert server.counters["failed"] == 1
+    store.close()
+
+
+@pytest.mark.parametrize("how", ["raise", "nan"])
+def test_one_window_the_teacher_chokes_on_is_stored_unscored(
+    tm, teacher, mosquitto, tmp_path, how
+):
+    """A batch holding one window the teacher fails on (or answers NaN for): the
+    others get their verdicts, the bad one is stored unscored, acknowledged, and
+    gets no verdict; ``teacher alerts --decision unscored`` lists it."""
+    _, teacher_obj = teacher
+    bodies = [_escalation(tm, i) for i in range(6)]
+    poison = bodies[2]
+    store_path = tmp_path / "alerts.sqlite"
+    store = AlertStore(store_path)
+    server = ReScorer(
+        PoisonTeacher(teacher_obj, poison["window"], how),
+        broker=mosquitto.url,
+        store=store,
+        max_batch=16,
+        max_wait_ms=500,
+    )
+    verdicts = _serve_until_stored(server, store, bodies, mosquitto, want=6)
+
+    others = [b["id"] for b in bodies if b is not poison]
+    assert sorted(v["escalation_id"] for v in verdicts) == sorted(others)
+    assert [r["id"] for r in store.query(decision="unscored")] == [poison["id"]]
+    scored = {r["id"] for r in store.query() if r["verdict"] is not None}
+    assert scored == set(others)
+    assert server.counters["unscored"] == 1
+    assert server.counters["scored"] == 5
+    assert server.counters["unacknowledged"] == 0
+    store.close()
+
+    listed = subprocess.run(
+        [
+            str(BIN / "teacher"),
+            "alerts",
+            "--store",
+            str(store_path),
+            "--decision",
+            "unscored",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].endswith("teacher unscored"), lines
 
 
 def test_killed_rescorer_with_a_session_gets_its_escalations_again(
