@@ -48,6 +48,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for(cond, timeout: float, what: str, poll: float = 0.05) -> None:
+    """Poll ``cond`` until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class FixedTeacher:
+    """A stand-in teacher for 4 x 3 windows: every window scores 0.7, so is
+    malicious (no torch needed; for tests where the teacher is not under test)."""
+
+    threshold = 0.5
+    version = "fixed"
+    config = {"window": 4, "n_features": 3}
+
+    def predict_proba(self, windows):
+        import numpy as np
+
+        return np.full(len(windows), 0.7)
+
+
 class Mosquitto:
     """A mosquitto process on 127.0.0.1 with a config written by the test."""
 

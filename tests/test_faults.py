@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mosquitto
+from tests.conftest import FixedTeacher, Mosquitto, wait_for
 from tests.test_agent_fixtures import make_teacher, tiny
 from tests.test_rescorer import BIN, _outbox_ids, agent_cmd
 
@@ -58,16 +58,6 @@ def tm(data_dir, tmp_path_factory):
 def teacher(tm):
     """(checkpoint folder, loaded Teacher) of a small CNN-BiLSTM."""
     return make_teacher(tm, tm.artifact.parent / "teacher")
-
-
-def wait_for(cond, timeout: float, what: str, poll: float = 0.05) -> None:
-    """Poll ``cond`` until true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def shifted(records: list[dict], copies: int, step: float = 100_000.0) -> list[dict]:
@@ -826,19 +816,6 @@ def test_outbox_damaged_past_its_first_pages_is_refused_or_replayed(
 # a poisoned escalation on the wire (a hostile or broken gateway)
 
 
-class _FixedTeacher:
-    """A stand-in teacher: every window scores 0.7 (no torch needed)."""
-
-    threshold = 0.5
-    version = "fixed"
-    config = {"window": 4, "n_features": 3}
-
-    def predict_proba(self, windows):
-        import numpy as np
-
-        return np.full(len(windows), 0.7)
-
-
 def _poison_id(kind: str) -> str:
     """A well-formed escalation id (32 lowercase hex) of one poison kind."""
     import hashlib
@@ -874,7 +851,7 @@ def test_one_poisoned_escalation_does_not_cost_the_others(kind, mosquitto, tmp_p
 
     store = AlertStore(tmp_path / "alerts.sqlite")
     server = ReScorer(
-        _FixedTeacher(),
+        FixedTeacher(),
         broker=mosquitto.url,
         store=store,
         max_batch=16,

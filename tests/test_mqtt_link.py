@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from edge_agent.mqtt import BrokerAddress, MqttLink, Protocol
 from edge_agent.outbox import Outbox
 from edge_agent.runtime import load_artifact
 from flows.errors import TransportError, UsageError
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 from tests.test_agent_fixtures import make_artifact, tiny
 
 pytestmark = pytest.mark.broker
@@ -30,15 +29,6 @@ BIN = Path(sys.executable).parent
 @pytest.fixture
 def tm(data_dir, tmp_path_factory):
     return tiny(data_dir, tmp_path_factory)
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Watcher:

@@ -31,7 +31,7 @@ from edge_agent.sources import canonical
 from flows.errors import UsageError
 from teacher.serve import ReScorer
 from teacher.store import AlertStore
-from tests.conftest import data_file
+from tests.conftest import data_file, wait_for
 from tests.test_agent_fixtures import make_teacher, tiny
 
 pytestmark = pytest.mark.broker
@@ -49,15 +49,6 @@ def tm(data_dir, tmp_path_factory):
 def teacher(tm, tmp_path_factory):
     folder = tm.artifact.parent / "teacher"
     return make_teacher(tm, folder)
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def teacher_verdicts(tm, teacher_obj, records, gateway="g1") -> dict[str, tuple]:

@@ -32,23 +32,11 @@ from flows.errors import EXIT_FAILURE
 from teacher.cli import main
 from teacher.serve import ReScorer
 from teacher.store import AlertStore, StoreError
+from tests.conftest import FixedTeacher, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
 
 WINDOW = [[0.0, 0.25, 1.0], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [1.0, 0.1, 0.9]]
-
-
-class FixedTeacher:
-    """A stand-in teacher: every window (4 x 3) scores 0.7, so is malicious."""
-
-    threshold = 0.5
-    version = "fixed"
-    config = {"window": 4, "n_features": 3}
-
-    def predict_proba(self, windows):
-        import numpy as np
-
-        return np.full(len(windows), 0.7)
 
 
 def escalation(i: int) -> dict:
@@ -79,15 +67,6 @@ def fill(store: AlertStore) -> None:
         db = store._db
         pages = db.execute("PRAGMA page_count").fetchone()[0]
         db.execute(f"PRAGMA max_page_count = {pages}")
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def publish(url: str, bodies: list[dict]) -> None:
