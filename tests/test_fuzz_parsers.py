@@ -41,10 +41,8 @@ from tests.test_fuzz_targets import (
     seeds,
 )
 
-# TODO(gap): not fuzzed yet: OTA model-update messages (edge_agent.ota
-# ModelUpdater.handle, which turns every exception into a refusal, so the property
-# there is "no 'internal error' refusals"), Parquet files (pyarrow's own reader),
-# and live capture frames (the same decoder as pcap, fed by libpcap).
+# TODO(gap): not fuzzed yet: Parquet files (pyarrow's own reader) and live capture
+# frames (the same decoder as pcap, fed by libpcap).
 
 # (exception, file, function) of bugs found here and reported, each with a
 # strict-xfail test below; empty while none is open.

@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flows.errors import GatewatchError
@@ -575,6 +576,120 @@ def t_manifest(data: bytes, scratch: Scratch) -> None:
         pass
 
 
+# ---------------------------------------------------------------------------------
+# over-the-air model updates (edge_agent.ota)
+
+_OTA: dict = {}
+
+
+def _ota_seed_artifact() -> Path:
+    """A tiny real ONNX artifact (``tests.test_ota_artifacts``), made once per
+    process in a folder of its own."""
+    if "artifact" not in _OTA:
+        from tests.test_ota_artifacts import make_artifact
+
+        _OTA["dir"] = tempfile.TemporaryDirectory(prefix="gw-fuzz-ota-")
+        _OTA["artifact"] = make_artifact(
+            Path(_OTA["dir"].name) / "seed", version="fz-1", seed=3
+        )
+    return _OTA["artifact"]
+
+
+def _ota_key():
+    """The private key updates are signed with, and the public key file."""
+    if "pub" not in _OTA:
+        from edge_agent import signing
+
+        _ota_seed_artifact()
+        priv, pub = signing.generate_keypair(Path(_OTA["dir"].name) / "keys")
+        _OTA.update(priv=signing.load_private_key(priv), pub=pub)
+    return _OTA["priv"], _OTA["pub"]
+
+
+def _ota_updater(scratch: Scratch):
+    """One updater per scratch folder, over A/B slots in it. Inputs that install
+    change its state (the active slot), as a stream of updates does on a gateway."""
+    from edge_agent.ota import ModelUpdater
+
+    _, pub = _ota_key()
+    key = ("updater", str(scratch.root))
+    if key not in _OTA:
+        _OTA[key] = ModelUpdater(pub, scratch.root / "ota-slots", tolerance=1e-4)
+    return _OTA[key]
+
+
+def _ota_apply(scratch: Scratch, message: bytes) -> None:
+    """The steps of ``ModelUpdater.handle`` without its catch-all.
+
+    ``handle`` turns any exception into an "internal error" refusal, so the
+    property is checked a step inside it: a refusal must be a gatewatch error, and
+    anything else escapes here with its own traceback.
+    """
+    from edge_agent import ota
+
+    updater = _ota_updater(scratch)
+    try:
+        updater._apply(ota._parse_message(message))
+    except GatewatchError:
+        pass
+
+
+def _ota_wrap(archive: bytes, statement: bytes | None = None) -> bytes:
+    """An update message carrying ``archive`` inline, signed with the fuzz key;
+    ``statement`` replaces the signed statement (it is signed as given)."""
+    import base64
+
+    from edge_agent import ota, signing
+
+    priv, _ = _ota_key()
+    message = json.loads(ota.sign_archive(archive, "fz-2", priv).message)
+    if statement is not None:
+        message["statement"] = base64.b64encode(statement).decode()
+        message["signature"] = base64.b64encode(signing.sign(priv, statement)).decode()
+    return json.dumps(message).encode()
+
+
+def _ota_archive() -> bytes:
+    """The seed artifact as the gzip tar an update carries."""
+    from edge_agent.ota import pack_artifact
+
+    return pack_artifact(_ota_seed_artifact())[0]
+
+
+def seed_ota_message() -> bytes:
+    """A complete, validly signed update message (archive inline)."""
+    return _ota_wrap(_ota_archive())
+
+
+def seed_ota_statement() -> bytes:
+    """The signed statement of the seed update, as JSON."""
+    import base64
+
+    return base64.b64decode(json.loads(seed_ota_message())["statement"])
+
+
+def seed_ota_archive() -> bytes:
+    """The seed update's archive, uncompressed (the target gzips what it gets)."""
+    return gzip.decompress(_ota_archive())
+
+
+def t_ota_message(data: bytes, scratch: Scratch) -> None:
+    """An update message as it comes off the model topic."""
+    _ota_apply(scratch, data)
+
+
+def t_ota_statement(data: bytes, scratch: Scratch) -> None:
+    """A mutated statement, signed with the key the gateway trusts, around the
+    seed archive: what a holder of the key (or a bug in the signer) could send."""
+    _ota_apply(scratch, _ota_wrap(_ota_archive(), statement=data))
+
+
+def t_ota_archive(data: bytes, scratch: Scratch) -> None:
+    """A mutated artifact tar, gzipped and properly signed: the unpacking, the
+    manifest checks and the health check see hostile archive contents."""
+    _ota_apply(scratch, _ota_wrap(gzip.compress(data, compresslevel=1, mtime=0)))
+
+
 TARGETS: dict[str, tuple[Callable[[bytes, Scratch], None], Callable[[], list[bytes]]]]
 TARGETS = {
     "pcap": (t_capture, lambda: [seed_pcap()]),
@@ -592,6 +707,9 @@ TARGETS = {
     "verdict": (t_verdict, lambda: [seed_verdict()]),
     "bundle": (t_bundle, lambda: [seed_bundle()]),
     "bundle-manifest": (t_manifest, lambda: [seed_manifest()]),
+    "ota-message": (t_ota_message, lambda: [seed_ota_message()]),
+    "ota-statement": (t_ota_statement, lambda: [seed_ota_statement()]),
+    "ota-archive": (t_ota_archive, lambda: [seed_ota_archive()]),
 }
 
 
@@ -740,6 +858,30 @@ def test_built_message_and_bundle_seeds_are_accepted(scratch):
     for raw in (seed_bundle(), make_bundle(seed_manifest())):
         manifest = verify_bundle(scratch.write("seed.tar.gz", raw), pub)
         assert set(manifest.files) == set(BUNDLE_MEMBERS)
+
+
+def test_built_ota_seeds_install_and_score_like_the_seed_artifact(tmp_path):
+    """Each OTA seed, through its target's wrapping, is an update a gateway takes:
+    it installs, and the model it activates scores like the seed artifact."""
+    from edge_agent.ota import ModelUpdater
+    from edge_agent.runtime import load_artifact
+    from tests.test_ota_artifacts import W, numpy_scores
+
+    _, pub = _ota_key()
+    windows = np.random.default_rng(5).uniform(0, 1, (8, W, 6)).astype(np.float32)
+    messages = {
+        "ota-message": seed_ota_message(),
+        "ota-statement": _ota_wrap(_ota_archive(), statement=seed_ota_statement()),
+        "ota-archive": _ota_wrap(gzip.compress(seed_ota_archive(), mtime=0)),
+    }
+    for kind, message in messages.items():
+        updater = ModelUpdater(pub, tmp_path / kind, tolerance=1e-4)
+        result = updater.handle(message)
+        assert result.ok and result.changed, (kind, result.reason)
+        scorer = load_artifact(updater.slots.current_path)
+        np.testing.assert_allclose(
+            scorer.score(windows), numpy_scores(windows, 3), atol=1e-5
+        )
 
 
 def test_mutate_changes_inputs_and_is_deterministic():
