@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import platform
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -288,12 +289,35 @@ def _check_threshold(data: Any) -> None:
         )
 
 
-def _read_json(path: Path) -> Any:
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of one checkpoint file; ModelError if it is missing, is not a
+    regular file (a FIFO would hang the load, a folder says nothing useful) or is
+    not UTF-8. Opened without blocking and checked on the open file itself."""
     try:
-        return json.loads(path.read_text())
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError as exc:
         raise ModelError(f"checkpoint file missing: {path}") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ModelError(
+            f"{path} is not a regular file (a folder, FIFO or device); a "
+            "checkpoint holds plain files only"
+        )
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{path}: not UTF-8 text ({exc})") from exc
+
+
+def _read_json(path: Path) -> Any:
+    text = _read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
         raise ModelError(f"cannot read {path}: {exc}") from exc
 
 
@@ -416,12 +440,7 @@ def load_teacher(
 
     # Encoder, threshold and metadata.
     encoder_path = path / "encoder.json"
-    try:
-        encoder_text = encoder_path.read_text()
-    except OSError as exc:
-        raise ModelError(f"checkpoint file missing: {encoder_path}") from exc
-    except UnicodeDecodeError as exc:
-        raise ModelError(f"{encoder_path}: not UTF-8 text ({exc})") from exc
+    encoder_text = _read_text(encoder_path)
     encoder = load_encoder(encoder_text, source=str(encoder_path))
     info = _read_json(path / "threshold.json")
     _check_threshold(info)

@@ -236,6 +236,26 @@ def test_broken_encoder_json_is_named_by_its_path(tmp_path):
         load_teacher(ck, allow_unverified=True)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["encoder.json", "config.json", "threshold.json"])
+def test_a_fifo_or_folder_in_a_checkpoint_is_refused_not_waited_on(tmp_path, name):
+    """Unverified (checksums.json gone), a FIFO in place of a checkpoint file used
+    to block the load for ever; a folder gave an OS error text. Both are refused
+    naming the file."""
+    import os
+
+    ck = _saved(tmp_path)
+    (ck / CHECKSUMS_FILE).unlink()
+    (ck / name).unlink()
+    os.mkfifo(ck / name)
+    with pytest.raises(ModelError, match=f"{ck / name} is not a regular file"):
+        load_teacher(ck, allow_unverified=True)
+    (ck / name).unlink()
+    (ck / name).mkdir()
+    with pytest.raises(ModelError, match=f"{ck / name} is not a regular file"):
+        load_teacher(ck, allow_unverified=True)
+
+
 def test_bins_expand_quantile_columns_piecewise_linearly():
     cfg = TeacherConfig(n_features=4, window=2, conv_filters=(4,), lstm_hidden=4,
                         bins=5, binned=(1, 3))
