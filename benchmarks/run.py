@@ -451,7 +451,8 @@ class Run:
             self.add({
                 "model": model, "family": "baseline", "dataset": name,
                 "split": "test", "target": "sklearn", "runtime": "scikit-learn",
-                "params": None, "size_bytes": None,
+                "params": None, "size_bytes": metrics.get("size_bytes"),
+                "structure": metrics.get("structure"),
                 "metrics_source": "teacher baselines --json",
                 "timing_source": "teacher baselines --json (one repeat)",
                 "repeats": 1 if "latency_us_p50" in metrics else 0,
@@ -460,9 +461,8 @@ class Run:
                 **_pick(metrics),
                 **{k: metrics.get(k) for k in ("latency_us_p50", "latency_us_p99",
                                                "throughput_flows_s")},
-                # TODO(gap): teacher baselines reports no parameter count or model
-                # size; asked its owner to add them to the JSON.
-                "notes": "params and size not reported by teacher baselines",
+                "notes": "size: the pickled scikit-learn model; no parameter "
+                "count (see structure: trees and nodes, support vectors or rows)",
             })
 
     # -- pipeline -------------------------------------------------------------------

@@ -12,6 +12,7 @@ kNN may be capped the same way with ``knn_cap``. Random Forest uses every row.
 
 from __future__ import annotations
 
+import pickle
 import time
 from typing import Any
 
@@ -55,6 +56,26 @@ def _build(name: str, seed: int) -> Any:
     raise UsageError(f"unknown baseline {name!r}; choose from {BASELINES}")
 
 
+def _structure(name: str, model: Any) -> dict[str, int]:
+    """What a fitted baseline holds to score a flow: trees and nodes, support
+    vectors, or stored training rows (the shallow models' counterpart of a
+    network's parameter count)."""
+    if name == "rf":
+        return {
+            "trees": len(model.estimators_),
+            "nodes": int(sum(t.tree_.node_count for t in model.estimators_)),
+        }
+    if name == "svm":
+        return {"support_vectors": int(len(model.support_))}
+    return {"stored_rows": int(model.n_samples_fit_)}
+
+
+def _model_bytes(model: Any) -> int:
+    """Size of the fitted model serialized with pickle: how much a deployment would
+    ship and hold (measured only; gatewatch never loads a pickle)."""
+    return len(pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL))
+
+
 def _scorer(model: Any, flat: int) -> Any:
     # Probability of the malicious class; the SVM's margin through a sigmoid.
     if hasattr(model, "predict_proba") and not hasattr(model, "support_"):
@@ -81,7 +102,8 @@ def run_baselines(
     """Train and score each baseline; returns ``{name: metrics}`` on the test rows.
 
     Each entry also holds ``train_rows`` (after any cap), ``cap``, ``fit_s``,
-    ``threshold`` (chosen on val) and ``val_f1``.
+    ``threshold`` (chosen on val), ``val_f1``, ``size_bytes`` (the pickled model)
+    and ``structure`` (trees and nodes, support vectors, or stored rows).
     """
     tr, va, te = prep.rows("train"), prep.rows("val"), prep.rows("test")
     if min(tr.size, va.size, te.size) == 0:
@@ -114,6 +136,7 @@ def run_baselines(
             "train_rows": int(len(rows)), "cap": cap, "fit_s": fit_s,
             "val_f1": binary_metrics(prep.y[va], p_va, cut)["f1"],
             "threshold_rule": threshold_rule,
+            "size_bytes": _model_bytes(model), "structure": _structure(name, model),
         })
         if timing:
             with one_thread():

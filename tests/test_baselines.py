@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 from sklearn.ensemble import RandomForestClassifier
@@ -25,6 +27,11 @@ def test_random_forest_matches_an_independent_fit():
     assert out["threshold"] == pytest.approx(cut)
     assert out["confusion"] == expected["confusion"]
     assert out["train_rows"] == len(tr) and out["cap"] is None
+    # Its size: the independent fit's nodes, and about its pickled bytes.
+    nodes = sum(t.tree_.node_count for t in rf.estimators_)
+    assert out["structure"] == {"trees": 100, "nodes": nodes}
+    pickled = len(pickle.dumps(rf, protocol=5))
+    assert out["size_bytes"] == pytest.approx(pickled, rel=0.01)
 
 
 def test_svm_and_knn_with_caps_and_timing():
@@ -32,6 +39,11 @@ def test_svm_and_knn_with_caps_and_timing():
     out = run_baselines(prep, ("svm", "knn"), svm_cap=120, knn_cap=200)
     assert out["svm"]["cap"] == 120 and out["svm"]["train_rows"] <= 121
     assert out["knn"]["train_rows"] <= 201
+    assert out["knn"]["structure"] == {"stored_rows": out["knn"]["train_rows"]}
+    assert 0 < out["svm"]["structure"]["support_vectors"] <= out["svm"]["train_rows"]
+    # kNN holds its rows: at least train_rows x W x F float32s.
+    least = out["knn"]["train_rows"] * prep.window * prep.n_features * 4
+    assert out["knn"]["size_bytes"] >= least
     for name in ("svm", "knn"):
         assert out[name]["accuracy"] > 0.8  # an easy toy problem
         assert out[name]["latency_us_p50"] > 0 and out[name]["throughput_flows_s"] > 0
