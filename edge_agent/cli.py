@@ -125,6 +125,14 @@ _RUN_NUMBERS = {
     ),
     "outbox_max": (int, "most escalations kept unacknowledged (default: 100000)"),
     "keepalive": (int, "MQTT keepalive in seconds (default: 30)"),
+    "max_packet_size": (
+        int,
+        "the broker's largest MQTT packet in bytes: a message over it is dropped "
+        "and counted instead of sent (a broker drops the connection on one, and it "
+        "would be sent again after every reconnect). An MQTT 5 broker announces "
+        "its own bound, which is used instead; set this for an MQTT 3.1.1 broker "
+        "with a limit (default: 0, none assumed)",
+    ),
     "status_interval": (
         float,
         "seconds between retained status updates (default: 60)",
@@ -426,8 +434,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         status_interval=cfg.status_interval,
     )
     if cfg.broker:
-        # TODO(gap): no setting for max_packet_size yet, so against an MQTT 3.1.1
-        # broker (whose CONNACK cannot announce a bound) nothing is checked.
         agent.link = MqttLink(
             cfg.broker,
             f"gatewatch-{cfg.site}-{cfg.gateway}",
@@ -438,6 +444,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             protocol=cfg.protocol,
             will=agent.will(),
             session_expiry=cfg.session_expiry,
+            max_packet_size=cfg.max_packet_size or None,
         )
     stop = threading.Event()
     interrupted = threading.Event()

@@ -59,7 +59,12 @@ _INT_RANGES = {
     "max_hosts": (1, (1 << 63) - 1),
     "keepalive": (0, 65535),
     "session_expiry": (0, (1 << 32) - 1),
+    # 0: none assumed; else MQTT's largest packet (a 4-byte remaining length).
+    "max_packet_size": (0, 268_435_455 + 5),
 }
+# The smallest max_packet_size that is not 0: below it not even a status message
+# fits, so the number is surely a mistake.
+MIN_PACKET_SIZE = 128
 
 
 def check_regular_file(path: str | Path, what: str) -> Path:
@@ -105,6 +110,7 @@ class AgentConfig:
     max_wait_ms: float = 20.0
     max_hosts: int = 10_000
     session_expiry: int = 3600
+    max_packet_size: int = 0
     update_public_key: str | None = None
     thresholds: str | None = None
     status_interval: float = 60.0
@@ -197,6 +203,11 @@ class AgentConfig:
                 raise UsageError(
                     f"--{name.replace('_', '-')} must be {low}..{high}, got {value!r}"
                 )
+        if 0 < self.max_packet_size < MIN_PACKET_SIZE:
+            raise UsageError(
+                f"--max-packet-size must be 0 (none assumed) or at least "
+                f"{MIN_PACKET_SIZE} bytes, got {self.max_packet_size}"
+            )
         return self
 
     def outbox_path(self) -> Path:

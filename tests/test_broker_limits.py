@@ -235,6 +235,66 @@ def test_oversized_escalation_is_dropped_counted_and_the_agent_stays(
     assert len(drops) == 1 and big_id in drops[0].getMessage()
 
 
+def test_max_packet_size_guards_a_3_1_1_link(tm, small_broker, tmp_path, monkeypatch):
+    """MQTT 3.1.1 has no CONNACK bound to learn from: ``--max-packet-size`` gives the
+    agent the broker's, so the one oversized escalation is dropped and counted and
+    every other one arrives (none is sent into a disconnect and resent for ever)."""
+    import io
+    import sys
+
+    records = [dict(r) for r in tm.records[:2400]]
+    expected = tm.expected(records)
+    escalated = [i for i, r in enumerate(records) if _id(r) in expected]
+    big = escalated[len(escalated) // 2]
+    records[big]["label_detail"] = "x" * 10_000
+    big_id = _id(records[big])
+
+    watcher = Watcher(small_broker.port, "gatewatch/v1/s1/g1/escalations")
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    summary = tmp_path / "s.json"
+    try:
+        rc = main(
+            [
+                "run",
+                "--artifact", str(tm.artifact),
+                "--source", "-",
+                "--broker", small_broker.url,
+                "--protocol", "3.1.1",
+                "--max-packet-size", str(PACKET_LIMIT),
+                "--site", "s1",
+                "--gateway", "g1",
+                "--outbox", str(tmp_path / "o.db"),
+                "--alerts", "",
+                "--no-wait-verdicts",
+                "--drain-timeout", "20",
+                "--summary-json", str(summary),
+            ]
+        )  # fmt: skip
+        assert wait_until(lambda: watcher.ids() == set(expected) - {big_id}, 10)
+    finally:
+        watcher.close()
+    out = json.loads(summary.read_text())
+
+    assert rc == 0
+    assert out["dropped_oversized"] == 1
+    assert out["outbox_pending"] == 0
+    assert out["escalations_sent"] == len(expected) - 1
+
+
+@pytest.mark.parametrize("value", ["1", "127", "268435461", "-1"])
+def test_max_packet_size_out_of_range_is_a_usage_error(tm, tmp_path, value, capsys):
+    rc = main(
+        [
+            "run", "--artifact", str(tm.artifact), "--source", f"zeek:{tm.conn_log}",
+            "--site", "s1", "--gateway", "g1", "--max-packet-size", value,
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: --max-packet-size must be"), err
+
+
 def _id(record: dict) -> str:
     from edge_agent.agent import flow_id
 
