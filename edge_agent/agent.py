@@ -60,7 +60,13 @@ from edge_agent import logger
 from edge_agent import protocol as proto
 from edge_agent.mqtt import BrokerUnreachable, MessageTooLargeError, MqttLink
 from edge_agent.outbox import Outbox
-from flows.errors import BadInputError, OutboxError, TransportError, UsageError
+from flows.errors import (
+    BadInputError,
+    GatewatchError,
+    OutboxError,
+    TransportError,
+    UsageError,
+)
 from flows.windows import StreamWindower, record_key
 
 SITE_THRESHOLDS = "site_thresholds.json"
@@ -345,6 +351,32 @@ class Agent:
         """
         self._install(scorer)
         self.publish_status("online")
+
+    def reload_model(self, artifact: str | Path) -> bool:
+        """Load the artifact at ``artifact`` again and swap it in (SIGHUP).
+
+        For the model slots' ``current`` link after ``edge-agent rollback``, or a
+        folder replaced in place: the model is health-checked first, and one that
+        fails leaves the running model as it is. True when the new one runs.
+        """
+        from edge_agent.ota import load_checked
+
+        try:
+            scorer = load_checked(artifact)
+        except GatewatchError as exc:
+            logger.error(
+                "reload of %s refused, model %s keeps running: %s",
+                artifact,
+                self.model_version,
+                exc,
+            )
+            return False
+        before = self.model_version
+        self.swap_scorer(scorer)
+        logger.info(
+            "model reloaded from %s: %s (was %s)", artifact, self.model_version, before
+        )
+        return True
 
     # -- connection -------------------------------------------------------------------
 

@@ -689,6 +689,7 @@ def systemd_unit() -> str:
         "Type=simple\n"
         f"ExecStart=/{OPT_DIR}/venv/bin/edge-agent run --config "
         f"/{ETC_DIR}/gateway.toml\n"
+        "ExecReload=/bin/kill -HUP $MAINPID\n"
         "Restart=on-failure\n"
         "RestartSec=5\n"
         "NoNewPrivileges=yes\n"
@@ -1227,7 +1228,10 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     from edge_agent.flash import rollback
 
     slot, version = rollback(args.root)
-    print(f"{args.root}: model slot {slot} is active again (model {version})")
+    print(
+        f"{args.root}: model slot {slot} is active again (model {version}); a "
+        "running agent takes it on SIGHUP (systemctl reload gatewatch-agent)"
+    )
     return 0
 
 

@@ -85,6 +85,10 @@ exit codes:
 SIGTERM stops reading (a file part way), scores the flows read, drains the
 outbox for at most 2 s and exits as at the end of the input: 0, 3, 4 or 6 by
 the rules above, never 130.
+
+SIGHUP (systemctl reload) loads --artifact again, e.g. the models/current link
+after edge-agent rollback: the model is health-checked and swapped in between
+two batches; one that fails is logged and the running model stays.
 """
 
 _RUN_FLAGS = {
@@ -399,6 +403,25 @@ def _model_updater(cfg, scorer) -> Any:
     )
 
 
+def _reload_on_sighup(agent: Any, artifact: str) -> Any:
+    """Make SIGHUP reload the model from ``artifact`` (``systemctl reload``, e.g.
+    after ``edge-agent rollback``); returns the handler it replaced, None where
+    there is no SIGHUP. The load and health check run in a thread of their own,
+    so the signal never waits on a batch being scored."""
+    if not hasattr(signal, "SIGHUP"):
+        return None
+
+    def on_sighup(*_) -> None:
+        threading.Thread(
+            target=agent.reload_model, args=(artifact,), name="model-reload",
+            daemon=True,
+        ).start()
+
+    previous = signal.getsignal(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, on_sighup)
+    return previous
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``edge-agent run``."""
     from edge_agent.agent import Agent
@@ -450,6 +473,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     interrupted = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     previous_sigint = signal.getsignal(signal.SIGINT)
+    previous_sighup = _reload_on_sighup(agent, cfg.artifact)
     # Errors of the source are kept and raised after the flows before them were
     # scored (a live source is read in a worker thread, a file one in batches).
     source.capture_errors = True
@@ -501,6 +525,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         interrupted.set()  # a second Ctrl-C during the drain: stop draining
     finally:
         signal.signal(signal.SIGINT, previous_sigint)
+        if previous_sighup is not None:
+            signal.signal(signal.SIGHUP, previous_sighup)
         summary = agent.summary()
         agent.close()
         if close_alerts:

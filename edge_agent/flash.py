@@ -591,9 +591,8 @@ def rollback(root: str | Path, *, tolerance: float | None = None) -> tuple[str, 
     """Make the other model slot active again, after checking it still loads.
 
     Returns (slot, model_version). The running agent picks the change up when it
-    is restarted (``systemctl restart gatewatch-agent``).
+    reloads (SIGHUP: ``systemctl reload gatewatch-agent``) or restarts.
     """
-    # TODO(gap): tell a running agent to reload (e.g. SIGHUP) instead of a restart.
     from edge_agent import ota
 
     slots = ModelSlots(GatewayLayout(Path(root)).models)

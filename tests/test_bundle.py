@@ -105,6 +105,7 @@ def test_bundle_holds_every_file_with_its_hash(made, agent_wheel, capsys):
         assert manifest.files[name].sha256 == hashlib.sha256(data).hexdigest(), name
         assert manifest.files[name].size == len(data)
     assert b"ExecStart=/opt/gatewatch/venv/bin/edge-agent run --config" in unit
+    assert b"ExecReload=/bin/kill -HUP $MAINPID" in unit  # a reload is SIGHUP
     assert manifest.model_version == "b-0001"
     assert manifest.requirement == "gatewatch[edge]==0.1.0"
     names = [info.name for info, _ in _members(out)]

@@ -1,0 +1,122 @@
+"""SIGHUP makes a running ``edge-agent run`` load its artifact again.
+
+The operator's path after ``edge-agent rollback`` (or any switch of the model
+slots' ``current`` link): ``systemctl reload`` sends SIGHUP, the agent loads the
+link's model, health-checks it and swaps it in between two batches, without a
+restart. A model that fails its health check is refused and the running one stays.
+The model in use is read back from the agent's own alert lines and summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from tests.test_ota_artifacts import (  # noqa: E402
+    conn_records,
+    fit_conn_encoder,
+    make_artifact,
+)
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.timeout(120)
+
+
+def _lines(path: Path) -> list[dict]:
+    """The complete alert lines written so far (not one being written)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1] if line]
+
+
+def _wait(cond, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _point(current: Path, slot: str) -> None:
+    """Switch the ``current`` link to ``slot`` in one rename, as the slots do."""
+    tmp = current.with_name(".current.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(slot)
+    os.replace(tmp, current)
+
+
+def test_sighup_reloads_the_current_link_and_refuses_a_failing_model(tmp_path):
+    enc = fit_conn_encoder()
+    slots = tmp_path / "models"
+    make_artifact(slots / "A", version="va", seed=1, encoder=enc)
+    make_artifact(slots / "B", version="vb", seed=2, encoder=enc)
+    # Its probe's expected scores are off: the health check fails.
+    make_artifact(slots / "C", version="vc", seed=3, encoder=enc, expected_shift=0.3)
+    current = slots / "current"
+    current.symlink_to("A")
+    alerts, log = tmp_path / "alerts.jsonl", tmp_path / "agent.log"
+    records = conn_records(600, seed=4)
+    agent = subprocess.Popen(
+        [
+            str(BIN / "edge-agent"), "run", "-v",
+            "--artifact", str(current), "--source", "-",
+            "--site", "s1", "--gateway", "g1",
+            "--outbox", str(tmp_path / "o.db"),
+            "--alerts", str(alerts), "--summary-json", str(tmp_path / "s.json"),
+        ],
+        stdin=subprocess.PIPE, stderr=open(log, "w"), text=True,
+    )  # fmt: skip
+
+    def feed(part: list[dict]) -> None:
+        agent.stdin.write("".join(json.dumps(r) + "\n" for r in part))
+        agent.stdin.flush()
+
+    try:
+        # Model A scores the first flows (an alert line shows the agent runs).
+        feed(records[:200])
+        _wait(lambda: len(_lines(alerts)) > 0, "the first alerts")
+        seen = len(_lines(alerts))
+
+        # Rolled back to B: SIGHUP, and the later flows are B's.
+        _point(current, "B")
+        agent.send_signal(signal.SIGHUP)
+        _wait(lambda: "model reloaded" in log.read_text(), "the reload")
+        feed(records[200:400])
+        _wait(
+            lambda: any(a["model_version"] == "vb" for a in _lines(alerts)),
+            "model B's alerts",
+        )
+
+        # A failing model: refused, B goes on.
+        _point(current, "C")
+        agent.send_signal(signal.SIGHUP)
+        _wait(lambda: "refused" in log.read_text(), "the refusal")
+        feed(records[400:])
+        agent.stdin.close()
+        rc = agent.wait(60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    assert f"model reloaded from {current}: vb (was va)" in text
+    assert f"reload of {current} refused, model vb keeps running" in text
+    assert "Traceback" not in text
+    versions = [a["model_version"] for a in _lines(alerts)]
+    assert set(versions[:seen]) == {"va"}
+    # Once B ran, A never came back, and C never ran.
+    first_b = versions.index("vb")
+    assert set(versions[first_b:]) == {"vb"}
+    assert json.loads((tmp_path / "s.json").read_text())["model_version"] == "vb"
