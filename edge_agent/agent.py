@@ -385,6 +385,7 @@ class Agent:
         if self.link is not None:
             self.link.on_message = self._on_message
             self.link.on_connect = self._wake.set
+            self.link.on_give_up = self._link_gave_up
             try:
                 self.link.connect(connect_timeout)
             except BrokerUnreachable as exc:
@@ -411,7 +412,8 @@ class Agent:
         self._wake.set()
 
     def _link_gave_up(self, exc: TransportError) -> None:
-        """The broker came back but refused us (credentials, certificate): stop."""
+        """The broker came back but refused us (credentials, certificate; at start
+        or after the link was up): stop."""
         self.link_error = exc
         if self.on_link_failed is not None:
             self.on_link_failed(exc)

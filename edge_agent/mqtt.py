@@ -213,6 +213,11 @@ class MqttLink:
         self._closing = False
         self._retrier: threading.Thread | None = None
         self._stop_retrying = threading.Event()
+        # Told once when the broker turns this link down for good after it was up
+        # (a client certificate revoked meanwhile); the link then stops retrying.
+        self.on_give_up: Callable[[TransportError], None] | None = None
+        self.failure: TransportError | None = None
+        self._rechecking = threading.Lock()
 
     # -- connection -----------------------------------------------------------------
 
@@ -325,11 +330,9 @@ class MqttLink:
         name, certificate). Only a permanent failure is raised; anything passing
         (no answer, refused connection) is left to the attempt that follows.
         """
-        # TODO(gap): a certificate revoked while the link is up is noticed at the
-        # next connect(); paho's own reconnects in between retry it in a loop.
-        tls = self.tls
-        if tls is None or tls.certfile is None or not tls.ca_certs or tls.insecure:
+        if not self._client_certificate_in_use():
             return
+        tls = self.tls
         try:
             check_tls_connect(
                 self.address.host,
@@ -344,6 +347,47 @@ class MqttLink:
             if cause is not None and _permanent_tls_error(cause):
                 raise
             logger.debug("TLS pre-check of %s inconclusive: %s", self.url, exc)
+
+    def _client_certificate_in_use(self) -> bool:
+        """True when the link presents a client certificate checked against a CA."""
+        tls = self.tls
+        return not (
+            tls is None or tls.certfile is None or not tls.ca_certs or tls.insecure
+        )
+
+    def _recheck_after_loss(self) -> None:
+        """After a lost connection, check in a thread of its own whether the broker
+        now refuses our certificate (revoked while the link was up).
+
+        paho reconnects by itself, and under TLS 1.3 a refused certificate looks to
+        it like one more lost connection, so it would retry for ever. A permanent
+        refusal stops the link instead: logged once as an error, kept in
+        ``failure`` and handed to ``on_give_up``. A broker that is only away is
+        left to paho's reconnects. One check runs at a time.
+        """
+        if self._closing or not self._rechecking.acquire(blocking=False):
+            return
+
+        def check() -> None:
+            try:
+                self._check_client_certificate(time.monotonic() + 5.0)
+            except UsageError as exc:
+                # The certificate files cannot be read now (paho holds its copy):
+                # nothing to learn from the broker, so paho goes on retrying.
+                logger.debug("TLS re-check of %s not possible: %s", self.url, exc)
+            except TransportError as exc:
+                if self._closing:
+                    return
+                logger.error("%s; no further attempts to connect", exc)
+                self.failure = exc
+                self._stop_retrying.set()
+                self._teardown()
+                if self.on_give_up is not None:
+                    self.on_give_up(exc)
+            finally:
+                self._rechecking.release()
+
+        threading.Thread(target=check, name="mqtt-tls-recheck", daemon=True).start()
 
     def _tls_failure(self, exc: BaseException) -> TransportError:
         """A certificate problem as one TransportError naming it (no retry)."""
@@ -390,6 +434,7 @@ class MqttLink:
             client.will_set(self.will[0], self.will[1], qos=1, retain=True)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
+        client.on_connect_fail = self._handle_connect_fail
         client.on_publish = self._handle_publish
         client.on_message = self._handle_message
         client.on_subscribe = self._handle_subscribe
@@ -465,6 +510,14 @@ class MqttLink:
         self._connected.clear()
         if was and not self._closing:
             logger.warning("lost broker %s (%s); reconnecting", self.url, reason_code)
+        if not self._closing and self._client_certificate_in_use():
+            self._recheck_after_loss()
+
+    def _handle_connect_fail(self, client, userdata) -> None:
+        # paho's own reconnect failed before any MQTT packet (a TLS 1.2 handshake
+        # refused, a socket error): the same check as after a lost connection.
+        if not self._closing and self._client_certificate_in_use():
+            self._recheck_after_loss()
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         ok = not getattr(reason_code, "is_failure", False)

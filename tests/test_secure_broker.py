@@ -722,6 +722,64 @@ def test_revoked_client_certificate_is_refused_at_once_and_others_connect(tmp_pa
 
 
 @pytest.mark.broker
+def test_a_certificate_revoked_while_the_link_is_up_stops_it_once(tmp_path):
+    """The link was up when g1's certificate was revoked; the broker restarts with
+    the new CRL. paho alone would reconnect for ever (the test below); the link
+    checks after the loss, gives up once with the reason, and tries no more. g2,
+    on the same broker, reconnects as before."""
+    from edge_agent.mqtt import MqttLink, TlsOptions
+
+    need_mosquitto()
+    strict = SecureBroker(Deployment(gateways=GATEWAYS, require_client_cert=True))
+    strict.start()
+    try:
+        # The gateway keeps its files; revoke re-issues the deployment's copy.
+        kept = tmp_path / "g1"
+        kept.mkdir()
+        for name in ("client.crt", "client.key"):
+            (kept / name).write_bytes((strict.files.clients[G1] / name).read_bytes())
+
+        def link(user: str, cert_dir: Path) -> MqttLink:
+            return MqttLink(
+                f"mqtts://{HOST}:{strict.port}",
+                f"gatewatch-{user}",
+                username=user,
+                password=strict.password(user),
+                tls=TlsOptions(
+                    ca_certs=str(strict.ca),
+                    certfile=str(cert_dir / "client.crt"),
+                    keyfile=str(cert_dir / "client.key"),
+                ),
+                protocol="5",
+                reconnect_max=2.0,
+            )
+
+        revoked, fine = link(G1, kept), link(G2, strict.files.clients[G2])
+        gave_up: list[TransportError] = []
+        revoked.on_give_up = gave_up.append
+        revoked.connect(timeout=5)
+        fine.connect(timeout=5)
+        assert revoked.connected and fine.connected
+
+        revoke_client_cert(strict.files.root, user=G1)
+        strict.restart()
+
+        assert wait_until(lambda: bool(gave_up), 20), "the link never gave up"
+        assert len(gave_up) == 1
+        assert "revoked this client certificate" in str(gave_up[0])
+        assert revoked.failure is gave_up[0]
+        assert revoked._client is None and not revoked.connected
+        generation = revoked.generation
+        assert wait_until(lambda: fine.connected, 20), "g2 did not reconnect"
+        time.sleep(3)  # longer than reconnect_max: no attempt follows
+        assert revoked.generation == generation and len(gave_up) == 1
+        revoked.close()
+        fine.close()
+    finally:
+        strict.stop()
+
+
+@pytest.mark.broker
 def test_revoked_certificate_in_a_background_client_retries_for_ever(tmp_path):
     """Why the link checks first: under TLS 1.3 the refusal comes after the
     handshake, and paho's loop thread takes it for a lost connection, again and
