@@ -12,7 +12,7 @@ raise :class:`ProtocolError` whose ``kind`` is a :class:`RejectKind`, and a
 number must be finite (an integer past float64 is BAD_VALUE too), an escalation's
 flow must fit the canonical field kinds (:func:`check_flow`; unknown keys dropped,
 text without control characters, which a sender escapes with :func:`sendable_flow`)
-and its window values must lie within :data:`MAX_WINDOW_VALUE` of zero.
+and its window values must lie in :data:`WINDOW_RANGE` (the encoder's 0..1).
 """
 
 from __future__ import annotations
@@ -37,10 +37,12 @@ SCHEMA = "gatewatch/v1"
 TOPIC_ROOT = "gatewatch/v1"
 MAX_ID_LENGTH = 64
 MAX_PAYLOAD_BYTES = 256 * 1024
-# The largest feature value a window may hold. The encoder's features are in 0..1
-# (clipped); the bound leaves wide slack for other encoders while keeping every
-# value far inside float32, which the teacher scores in.
-MAX_WINDOW_VALUE = 1e6
+# The range of a window's values. Every feature the encoder writes is in 0..1
+# (min-max clipped, quantile levels, flags, one-hot), so a value outside it is a
+# buggy or hostile sender: scored, it would buy a confident verdict far from any
+# training data. The slack covers float32 rounding on the way to JSON.
+WINDOW_RANGE = (0.0, 1.0)
+WINDOW_SLACK = 1e-6
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # An escalation's id as the agent makes it (uuid4 or blake2b-16 hex); the re-scorer
 # echoes it in the verdict and stores it, so nothing else is let through.
@@ -458,9 +460,9 @@ def check_window(window: Any, shape: Sequence[int] | None) -> list[list[float]]:
     """Check that ``window`` is a [W][F] list of finite numbers (of ``shape``).
 
     The check is vectorized: numpy builds the array once and its dtype tells numbers
-    from anything else (strings, nulls, nested lists). Values beyond
-    :data:`MAX_WINDOW_VALUE` in size are BAD_VALUE: the encoder writes features in
-    0..1, and the teacher reads windows as float32, where 1e300 would be inf.
+    from anything else (strings, nulls, nested lists). A value outside
+    :data:`WINDOW_RANGE` (give or take :data:`WINDOW_SLACK`) is BAD_VALUE: the
+    encoder writes every feature in 0..1, so no honest agent sends one.
     """
     if not isinstance(window, list) or not window:
         raise ProtocolError(RejectKind.WRONG_WINDOW_SHAPE, "window is not a 2-D list")
@@ -478,11 +480,15 @@ def check_window(window: Any, shape: Sequence[int] | None) -> list[list[float]]:
         raise ProtocolError(RejectKind.BAD_VALUE, "window holds a non-number")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise ProtocolError(RejectKind.BAD_VALUE, "window holds NaN or inf")
-    if arr.size and np.abs(arr).max() > MAX_WINDOW_VALUE:
+    low, high = WINDOW_RANGE[0] - WINDOW_SLACK, WINDOW_RANGE[1] + WINDOW_SLACK
+    outside = (arr < low) | (arr > high)
+    if arr.size and outside.any():
+        row, col = (int(i) for i in np.argwhere(outside)[0])
         raise ProtocolError(
             RejectKind.BAD_VALUE,
-            f"window holds a value beyond +-{MAX_WINDOW_VALUE:g} "
-            "(features are in 0..1)",
+            f"window value {float(arr[row, col]):g} at [{row}][{col}] is outside "
+            f"{WINDOW_RANGE[0]:g}..{WINDOW_RANGE[1]:g} (the encoder's features are "
+            "in that range)",
         )
     if shape is not None and arr.shape != tuple(shape):
         raise ProtocolError(

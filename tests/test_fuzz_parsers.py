@@ -452,9 +452,13 @@ def test_escalation_with_a_window_value_too_big_for_a_float():
     assert info.value.kind is proto.RejectKind.BAD_VALUE
 
 
-@pytest.mark.parametrize("value", [1e300, -1e300, 3.5e38, 2**63, 1e7])
-def test_escalation_window_values_past_the_bound_are_refused(value):
-    """Found: 1e300 passed check_window and became inf in the teacher's float32."""
+@pytest.mark.parametrize(
+    "value", [1e300, -1e300, 3.5e38, 2**63, 1e7, 999999.0, -999999.0, 1.01, -0.01]
+)
+def test_escalation_window_values_outside_0_to_1_are_refused(value):
+    """Found: 1e300 passed check_window and became inf in the teacher's float32;
+    then a window of 999999s (any value far outside the encoder's 0..1) was scored
+    and bought a confident benign verdict."""
     from edge_agent import protocol as proto
 
     body = json.loads(seed_escalation())
@@ -464,14 +468,15 @@ def test_escalation_window_values_past_the_bound_are_refused(value):
     assert info.value.kind is proto.RejectKind.BAD_VALUE
 
 
-def test_escalation_window_values_within_the_bound_are_finite_in_float32():
+def test_escalation_window_values_at_the_ends_of_0_to_1_are_taken():
     from edge_agent import protocol as proto
 
     body = json.loads(seed_escalation())
-    body["window"][0][0] = proto.MAX_WINDOW_VALUE
-    body["window"][0][1] = -proto.MAX_WINDOW_VALUE
+    body["window"][0][0] = 0.0
+    body["window"][0][1] = 1.0
+    body["window"][1][0] = float(np.float32(1.0) + np.float32(1e-7))  # rounding
     esc = proto.parse_escalation(json.dumps(body), window_shape=WINDOW_SHAPE)
-    assert np.isfinite(np.asarray([esc["window"]], dtype=np.float32)).all()
+    assert esc["window"][0][:2] == [0.0, 1.0]
 
 
 @pytest.mark.parametrize(
