@@ -8,8 +8,13 @@ at which at least 99 % of the validation windows at or above it are malicious. T
 re-scorer's load then bounds it: at most 2.5 % of all validation windows may fall in
 ``[escalate_low, decision)`` and 2.5 % in ``[decision, alert)`` (5 % escalated), so
 the band is narrowed to the tightest score values that keep those shares; a group of
-tied scores (int8 outputs tie a lot) is kept whole or left out whole. Benign below
-``escalate_low``, escalate in ``[escalate_low, alert)``, alert at or above ``alert``.
+tied scores (int8 outputs tie a lot) is kept whole or left out whole. A floor keeps
+the band from closing: at least 1 % of the validation windows, the highest-scoring
+of those below ``decision``, are escalated even where validation shows no doubt. A
+student that separates its own captures perfectly is the one whose misses on
+another network nobody would see otherwise (the demo's conn-log student had a band
+of width zero). Benign below ``escalate_low``, escalate in ``[escalate_low, alert)``,
+alert at or above ``alert``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ DATA_VAR = "GATEWATCH_DATA"
 MISS_SHARE = 0.01
 ALERT_PRECISION = 0.99
 ESCALATE_SHARE = 0.05
+MIN_DOUBT_SHARE = 0.01
 
 
 def escalation_band(
@@ -48,6 +54,7 @@ def escalation_band(
     miss_share: float = MISS_SHARE,
     alert_precision: float = ALERT_PRECISION,
     escalate_share: float = ESCALATE_SHARE,
+    min_doubt_share: float = MIN_DOUBT_SHARE,
 ) -> tuple[float, float]:
     """``(escalate_low, alert)`` by the rule in the module docstring."""
     y = np.asarray(y).astype(np.int64)
@@ -74,6 +81,7 @@ def escalation_band(
             break
     else:
         lo = decision
+    lo = _doubt_floor(p, decision, lo, min(min_doubt_share, half), half)
     above = np.unique(np.r_[p[(p > decision) & (p <= hi)], hi])
     cap = decision
     for value in above:  # ascending: keep the last cut that still fits
@@ -81,6 +89,28 @@ def escalation_band(
             break
         cap = float(value)
     return float(lo), float(max(decision, min(hi, cap)))
+
+
+def _doubt_floor(
+    p: np.ndarray, decision: float, lo: float, share: float, most: float
+) -> float:
+    """``lo``, lowered where needed so that at least ``share`` of all windows fall
+    in ``[lo, decision)``: the highest scores below the decision, a tie group whole
+    (or left out, if taking it would put more than ``most`` of them there)."""
+    n = max(len(p), 1)
+    below = np.sort(p[p < decision])
+    want = int(np.ceil(share * n))
+    if want == 0 or below.size == 0:
+        return lo
+    if below.size - np.searchsorted(below, lo, "left") >= want:
+        return lo
+    cut = below[max(below.size - want, 0)]
+    if (below.size - np.searchsorted(below, cut, "left")) / n > most:
+        right = np.searchsorted(below, cut, "right")
+        if right >= below.size:
+            return lo
+        cut = below[right]
+    return float(min(lo, cut))
 
 
 def write_thresholds(folder: Path, decision: float, lo: float, hi: float) -> Path:
@@ -94,7 +124,9 @@ def write_thresholds(folder: Path, decision: float, lo: float, hi: float) -> Pat
             f"decision: best F1 on validation; escalate_low >= {MISS_SHARE:.0%} "
             f"quantile of malicious validation scores; alert <= lowest cut with "
             f"validation precision >= {ALERT_PRECISION:.0%}; at most "
-            f"{ESCALATE_SHARE / 2:.1%} of validation windows on each side of decision"
+            f"{ESCALATE_SHARE / 2:.1%} of validation windows on each side of "
+            f"decision, and at least {MIN_DOUBT_SHARE:.0%} of them in "
+            "[escalate_low, decision)"
         ),
         "chosen_on": "val",
     }

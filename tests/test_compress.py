@@ -204,6 +204,32 @@ def test_escalation_band_keeps_order_shares_and_precision(levels: int | None) ->
     assert y[flagged].mean() >= 0.99 or np.mean((p >= decision) & (p < hi)) > 0.02
 
 
+@pytest.mark.parametrize("levels", [None, 256])
+def test_escalation_band_never_closes_on_perfectly_separated_validation(levels):
+    """Found in the demo: a conn-log student that separates its validation windows
+    perfectly got escalate_low == decision == alert, so the teacher saw no doubtful
+    flow at all. The floor escalates the top 1 % of the windows below the decision
+    (here: the 30 highest benign scores), never more than 2.5 %."""
+    from compress.artifact import escalation_band
+
+    rng = np.random.default_rng(7)
+    y = np.r_[np.zeros(2000, int), np.ones(1000, int)]
+    p = np.r_[rng.uniform(0.0, 0.3, 2000), rng.uniform(0.7, 1.0, 1000)]
+    if levels:
+        p = np.round(p * levels) / levels
+    decision = 0.5
+
+    lo, hi = escalation_band(y, p, decision)
+
+    doubtful = (p >= lo) & (p < decision)
+    assert 0.01 <= doubtful.mean() <= 0.025
+    # Exactly the highest benign scores: nothing below lo outranks one above it.
+    assert p[(p < lo)].max() < p[doubtful].min()
+    if levels is None:  # no ties: exactly ceil(1 % of 3000) windows
+        assert doubtful.sum() == 30
+    assert (p[y == 1] >= hi).all()  # every attack still alerts
+
+
 def test_eval_cli_scores_the_artifact_in_its_runtime(
     teacher_dir: Path, onnx_run, capsys: pytest.CaptureFixture
 ) -> None:
