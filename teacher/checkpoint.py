@@ -289,6 +289,17 @@ def _check_threshold(data: Any) -> None:
         )
 
 
+def _first_mismatch(exc: RuntimeError) -> str:
+    """torch's load_state_dict error cut to its first problem and a count: it lists
+    every tensor, dozens of lines for a changed layer size."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    problems = [ln for ln in lines[1:] if not ln.startswith("Error(s)")]
+    if not problems:
+        return lines[0] if lines else type(exc).__name__
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return problems[0].rstrip(".") + more
+
+
 def _read_text(path: Path) -> str:
     """The UTF-8 text of one checkpoint file; ModelError if it is missing, is not a
     regular file (a FIFO would hang the load, a folder says nothing useful) or is
@@ -432,9 +443,17 @@ def load_teacher(
         raise ModelError(f"checkpoint file missing: {weights}")
     try:
         state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(
+            f"{weights} is not a readable safetensors file (damaged or replaced): "
+            f"{exc}"
+        ) from exc
+    try:
         net.load_state_dict(state, strict=True)
-    except (SafetensorError, RuntimeError, OSError) as exc:
-        raise ModelError(f"weights in {weights} do not fit config.json: {exc}") from exc
+    except RuntimeError as exc:
+        raise ModelError(
+            f"weights in {weights} do not fit config.json: {_first_mismatch(exc)}"
+        ) from exc
     dev = pick_device(device)
     net.to(dev).eval()
 
@@ -443,7 +462,10 @@ def load_teacher(
     encoder_text = _read_text(encoder_path)
     encoder = load_encoder(encoder_text, source=str(encoder_path))
     info = _read_json(path / "threshold.json")
-    _check_threshold(info)
+    try:
+        _check_threshold(info)
+    except ModelError as exc:
+        raise ModelError(f"{path / 'threshold.json'}: {exc}") from exc
     teacher = Teacher(
         model=net,
         encoder=encoder,

@@ -256,6 +256,35 @@ def test_a_fifo_or_folder_in_a_checkpoint_is_refused_not_waited_on(tmp_path, nam
         load_teacher(ck, allow_unverified=True)
 
 
+def test_damaged_weights_config_and_threshold_are_one_line_naming_the_file(tmp_path):
+    """Found: a changed layer size gave torch's 28-line list of tensors; garbage
+    weights were said not to "fit config.json"; a NaN threshold named no file."""
+    ck = _saved(tmp_path)
+    (ck / CHECKSUMS_FILE).unlink()  # edits below would fail the checksums first
+    config = json.loads((ck / "config.json").read_text())
+    config["lstm_hidden"] = 6
+    (ck / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError) as info:
+        load_teacher(ck, allow_unverified=True)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"weights in {ck / 'model.safetensors'} do not fit")
+    assert "size mismatch for" in message and "more)" in message
+
+    ck = _saved(tmp_path, "garbage")
+    (ck / CHECKSUMS_FILE).unlink()
+    (ck / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ModelError, match="not a readable safetensors file"):
+        load_teacher(ck, allow_unverified=True)
+
+    ck = _saved(tmp_path, "nan")
+    (ck / CHECKSUMS_FILE).unlink()
+    (ck / "threshold.json").write_text('{"threshold": NaN}')
+    with pytest.raises(ModelError) as info:
+        load_teacher(ck, allow_unverified=True)
+    assert str(info.value).startswith(f"{ck / 'threshold.json'}: threshold must be")
+
+
 def test_bins_expand_quantile_columns_piecewise_linearly():
     cfg = TeacherConfig(n_features=4, window=2, conv_filters=(4,), lstm_hidden=4,
                         bins=5, binned=(1, 3))
