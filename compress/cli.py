@@ -41,8 +41,11 @@ exit codes:
        export failed
   {EXIT_USAGE}    usage: bad flags or arguments
   {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read
-  {EXIT_PARTIAL_INPUT}    partial input: a --dataset/--data file was damaged part way;
-       the rows before the damage were used and the results written
+  {EXIT_PARTIAL_INPUT}    partial input: a --dataset/--data file was damaged part way.
+       A file cut short (a cut gzip stream or last line) is used up to
+       the cut and the results are written; a bad row (a value that does
+       not fit its field) stops the run before anything is trained or
+       written, and the error names the file, line and column
   {EXIT_GATE}    gate: no compressed artifact met the quality gate
   {EXIT_INTERRUPTED}  interrupted
 """

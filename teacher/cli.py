@@ -46,7 +46,11 @@ exit codes:
   {EXIT_USAGE}    usage: bad flags or arguments
   {EXIT_BAD_INPUT}    bad input: a dataset file is missing, fails its checksum or
        cannot be read
-  {EXIT_PARTIAL_INPUT}    partial input: a data file damaged part way
+  {EXIT_PARTIAL_INPUT}    partial input: a data file damaged part way. A file cut short
+       (a cut gzip stream or last line) is used up to the cut and the
+       results are written; a bad row (a value that does not fit its
+       field) stops before anything is trained or written, and the error
+       names the file, line and column
   {EXIT_UNAVAILABLE}    broker: teacher serve cannot reach or stay with the MQTT broker
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
 """
