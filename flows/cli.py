@@ -37,7 +37,9 @@ exit codes:
   {EXIT_FAILURE}    failure: the output cannot be written
   {EXIT_USAGE}    usage: bad flags or arguments
   {EXIT_BAD_INPUT}    bad input: unknown format, a missing required column, a bad
-       value with nothing read before it (--on-error fail)
+       value with nothing read before it (--on-error fail), every line
+       bad (--on-error skip; convert then writes nothing), or damage
+       before the first row
   {EXIT_PARTIAL_INPUT}    partial input: damage part way (a cut gzip or last line,
        a bad line with --on-error fail: a bad value, an address that
        is not IPv4/IPv6, a port outside 0..65535, a line over 1 MiB;
@@ -241,7 +243,7 @@ def _inspect(args) -> int:
         print(json.dumps(_jsonable(summary), indent=2, sort_keys=False))
     else:
         _print_text(summary)
-    return _finish_code(result, partial)
+    return _finish_code(result, partial, _where(args))
 
 
 def _print_text(summary: dict) -> None:
@@ -275,21 +277,36 @@ def _unit(fmt: str) -> str:
     return "packet record(s)" if fmt in ("pcap", "pcapng") else "line(s)"
 
 
-def _finish_code(result, partial: PartialInputError | None) -> int:
-    """Report on stderr how the read ended; return 0, or 4 for a partial input."""
+def _finish_code(result, partial: PartialInputError | None, where: str) -> int:
+    """Report on stderr how the read of ``where`` ended; return 0, 3 when nothing
+    usable was read (every line skipped, or damage before the first row), or 4 for
+    a partial input."""
     if partial is not None:
         print(f"error: {partial}", file=sys.stderr)
         return EXIT_PARTIAL_INPUT
+    unit = _unit(result.format)
     if result.skipped:
-        print(f"note: skipped {result.skipped} bad {_unit(result.format)}",
-              file=sys.stderr)
-    if result.partial:
+        print(f"note: skipped {result.skipped} bad {unit}", file=sys.stderr)
+    empty = result.table.num_rows == 0
+    if empty and result.skipped:
         print(
-            "error: partial input; the rows before the damage were kept",
+            f"error: {where}: every one of the {result.skipped} {unit} read was bad "
+            "and skipped; nothing usable was read",
             file=sys.stderr,
         )
-        return EXIT_PARTIAL_INPUT
+        return EXIT_BAD_INPUT
+    if result.partial:
+        kept = "nothing usable came before it" if empty else (
+            "the rows before it were kept"
+        )
+        print(f"error: {where}: damaged part way; {kept}", file=sys.stderr)
+        return EXIT_BAD_INPUT if empty else EXIT_PARTIAL_INPUT
     return EXIT_OK
+
+
+def _where(args) -> str:
+    """The inputs as the user named them, for messages."""
+    return ", ".join("standard input" if f == "-" else f for f in args.files)
 
 
 def _output_path(name: str) -> Path:
@@ -352,6 +369,9 @@ def _convert(args) -> int:
             )
         inputs[resolved] = name
     result, partial = _read(args)
+    if partial is None and result.table.num_rows == 0 and result.skipped:
+        # Nothing usable: no empty output file in place of what the user wanted.
+        return _finish_code(result, partial, _where(args))
     if fmt == "zeek" and result.family != "conn":
         raise UsageError(
             f"--format zeek needs conn records; {result.format} is family "
@@ -375,7 +395,7 @@ def _convert(args) -> int:
         f"wrote {result.table.num_rows} rows ({result.format} -> {fmt}) to {out}",
         file=sys.stderr,
     )
-    return _finish_code(result, partial)
+    return _finish_code(result, partial, _where(args))
 
 
 if __name__ == "__main__":

@@ -124,6 +124,46 @@ def test_cut_gzip_exits_4_with_rows_written(capsys, tmp_path):
     assert 0 < read(out).table.num_rows < 2000
 
 
+def test_every_line_skipped_is_bad_input_and_convert_writes_nothing(capsys, tmp_path):
+    """Found: with --on-error skip a file whose every line was bad exited 0 (and
+    convert wrote an empty file): nothing usable was read, which is exit 3."""
+    rows = []
+    for uid in ("CabC1", "CabC2", "CabC3"):
+        bad = list(ROW_B)
+        bad[FIELDS.index("uid")] = uid
+        bad[FIELDS.index("resp_pkts")] = "many"
+        rows.append(bad)
+    src = tmp_path / "allbad.log"
+    src.write_text(zeek_text(rows))
+
+    code, _, err = run(capsys, "inspect", str(src), "--on-error", "skip")
+    assert code == 3
+    error = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert error == [
+        f"error: {src}: every one of the 3 line(s) read was bad and skipped; "
+        "nothing usable was read"
+    ]
+
+    out = tmp_path / "o.parquet"
+    code, _, err = run(
+        capsys, "convert", str(src), "-o", str(out), "--on-error", "skip"
+    )
+    assert code == 3 and "nothing usable was read" in err
+    assert not out.exists()
+
+
+def test_capture_cut_inside_its_header_is_bad_input(capsys, data_dir, tmp_path):
+    """Found: a pcap cut inside its 24-byte file header was 'partial input' (4)
+    with 0 rows in flows inspect, while the agent said 3 for the same file."""
+    src = tmp_path / "hdr20.pcap"
+    src.write_bytes(data_file(data_dir, "pcap/wikipedia.pcap").read_bytes()[:20])
+    code, _, err = run(capsys, "inspect", str(src))
+    assert code == 3
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        f"error: {src}: damaged part way; nothing usable came before it"
+    ]
+
+
 def test_unknown_format_and_missing_column_exit_3(capsys, tmp_path):
     src = tmp_path / "x.txt"
     src.write_text("what is this\n")
