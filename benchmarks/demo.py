@@ -211,9 +211,13 @@ class Demo:
             alerts = self.out / f"alerts-{Path(summary['input']).name}.jsonl"
             if alerts.exists():
                 lines = alerts.read_text().splitlines()
-                kinds = [json.loads(line).get("kind") for line in lines]
-                print(f"  {kinds.count('alert')} local alerts and "
-                      f"{kinds.count('verdict')} verdict lines; the first lines:")
+                rows = [json.loads(line) for line in lines]
+                kinds = [r.get("kind") for r in rows]
+                confirmed = sum(r.get("verdict") == "malicious" for r in rows)
+                overruled = sum(bool(r.get("overrules_alert")) for r in rows)
+                print(f"  {kinds.count('alert')} local alerts; the teacher confirmed "
+                      f"{confirmed} escalations as malicious and overruled "
+                      f"{overruled} alerts as benign; the first lines:")
                 for line in lines[:5]:
                     print("   ", line)
 

@@ -19,8 +19,22 @@ Local alerts are JSON lines, one object per line::
      "proto": "tcp", "score": 0.97, "decision": "alert",
      "model_version": "...", "escalation_id": "..."}
 
-and, when the re-scorer confirms an escalation as malicious, the same 5-tuple fields
-with ``"kind": "verdict"``, ``"verdict": "malicious"`` and the teacher's ``score``.
+and a verdict line for each verdict that confirms an escalation as malicious, or
+that answers a local alert as benign: the same 5-tuple fields with ``"kind":
+"verdict"``, the ``escalation_id`` that names the alert, ``"verdict": "malicious"``
+or ``"verdict": "benign", "overrules_alert": true``, the teacher's ``score`` and
+``teacher_version``::
+
+    {"kind": "verdict", "ts": 1655071231.7, "src_ip": "193.201.9.232", ...,
+     "verdict": "benign", "overrules_alert": true, "score": 0.12,
+     "escalation_id": "...", "teacher_version": "..."}
+
+So every local alert whose verdict came has a verdict line, and a reader of the
+alerts output sees which alerts the teacher rejected (``alerts_overruled`` in the
+summary counts them). A benign verdict on an uncertain escalation (never alerted)
+writes nothing. Alerts replayed from the outbox after a restart (written by an
+earlier run) are matched as they are sent again; the agent keeps the last
+``_MAX_RECENT`` (10 000) escalations for this, far more than are in flight.
 
 Escalation ids are derived from the site, gateway and flow record (32 hex digits; see
 :func:`flow_id`), so a flow read again after a crash carries the same id and the
@@ -77,6 +91,9 @@ _FIVE_TUPLE = ("ts", "src_ip", "src_port", "dst_ip", "dst_port", "proto")
 # showed as +6 MB of RSS in the 30-min soak).
 _TRACKED_PER_INFLIGHT = 2
 _MAX_VERDICT_IDS = 10_000  # verdict ids remembered to drop a redelivered copy
+# Escalations whose verdict may still come, remembered for the verdict line (their
+# 5-tuple, and whether they were written as local alerts).
+_MAX_RECENT = 10_000
 
 
 @dataclass
@@ -92,6 +109,7 @@ class Counters:
     verdicts_received: int = 0
     verdicts_unmatched: int = 0  # for no escalation sent in this run
     verdicts_malicious: int = 0
+    alerts_overruled: int = 0  # local alerts the re-scorer answered as benign
     bad_records: int = 0
     unrouted: int = 0
     dropped_oversized: int = 0
@@ -308,7 +326,8 @@ class Agent:
         self._resent = 0
         self._outbox_error: OutboxError | None = None
         self._tracked: OrderedDict[str, Any] = OrderedDict()
-        self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # Escalation id -> (its 5-tuple, written as a local alert), for verdict lines.
+        self._recent: OrderedDict[str, tuple[dict[str, Any], bool]] = OrderedDict()
         self._retry_at = 0.0
         self._retry_delay = 1.0  # doubles while publishes find no subscriber
         self._wake = threading.Event()
@@ -554,6 +573,11 @@ class Agent:
             if self.round_trips is not None:
                 self._created[msg_id] = time.monotonic()
 
+        # Remembered before the sender can see them, so that no verdict comes
+        # back before the agent knows which of them are local alerts.
+        for flow, _, decision, msg_id in made:
+            self._remember(msg_id, flow, decision is proto.Decision.ALERT)
+
         # Durable first (one fsync per batch), then the local alert lines.
         try:
             kept = self.outbox.add_many(items)
@@ -561,13 +585,7 @@ class Agent:
             self._outbox_failed(exc, len(items))
             kept = []
         self.counters.escalations_queued += sum(kept)
-        self._wake.set()
         for flow, score, decision, msg_id in made:
-            if self.alerts is not None:
-                with self._out_lock:
-                    self._recent[msg_id] = {k: flow.get(k) for k in _FIVE_TUPLE}
-                    if len(self._recent) > 10_000:
-                        self._recent.popitem(last=False)
             if decision is proto.Decision.ALERT:
                 self._write_line(
                     flow,
@@ -577,6 +595,39 @@ class Agent:
                     model_version=version,
                     escalation_id=msg_id,
                 )
+        self._wake.set()
+
+    def _remember(self, msg_id: str, flow: dict[str, Any], alerted: bool) -> None:
+        """Keep an escalation's 5-tuple, and whether it was alerted, for its verdict.
+
+        Only with an alerts output (the lines are all they are for); the last
+        ``_MAX_RECENT`` escalations are kept. A flow read again keeps its mark of
+        an alert: the line was written once, whatever the later read decided.
+        """
+        if self.alerts is None:
+            return
+        with self._out_lock:
+            before = self._recent.get(msg_id)
+            alerted = alerted or (before is not None and before[1])
+            self._recent[msg_id] = ({k: flow.get(k) for k in _FIVE_TUPLE}, alerted)
+            self._recent.move_to_end(msg_id)
+            if len(self._recent) > _MAX_RECENT:
+                self._recent.popitem(last=False)
+
+    def _remember_replayed(self, msg: Any) -> None:
+        """Remember an alert replayed from the outbox (an earlier run wrote its
+        alert line), so that its verdict is written as well; the 5-tuple comes
+        from the stored escalation."""
+        if self.alerts is None or not msg.alert:
+            return
+        with self._out_lock:
+            if msg.id in self._recent:
+                return
+        try:
+            flow = json.loads(msg.payload).get("flow")
+        except (ValueError, AttributeError):
+            flow = None
+        self._remember(msg.id, flow if isinstance(flow, dict) else {}, True)
 
     def _outbox_failed(self, exc: OutboxError, lost: int = 0) -> None:
         """Count an outbox failure (and the escalations it cost); log the first."""
@@ -746,6 +797,7 @@ class Agent:
                 last_seq = msg.seq
                 if msg.id in self._tracked:
                     continue
+                self._remember_replayed(msg)
                 try:
                     delivery = link.publish(
                         msg.topic, proto.resendable(msg.payload), qos=1
@@ -878,14 +930,26 @@ class Agent:
             self.counters.verdicts_unmatched += 1
         if self.round_trips is not None and esc_id in self._created:
             self.round_trips.append(time.monotonic() - self._created.pop(esc_id))
+        with self._out_lock:
+            flow, alerted = self._recent.pop(esc_id, ({}, False))
         if verdict["verdict"] == proto.Verdict.MALICIOUS.value:
             self.counters.verdicts_malicious += 1
-            with self._out_lock:
-                flow = self._recent.get(esc_id) or {}
             self._write_line(
                 flow,
                 kind="verdict",
                 verdict="malicious",
+                score=verdict["score"],
+                escalation_id=esc_id,
+                teacher_version=verdict["teacher_version"],
+            )
+        elif alerted:
+            # The teacher rejects a local alert: the alerts output says so.
+            self.counters.alerts_overruled += 1
+            self._write_line(
+                flow,
+                kind="verdict",
+                verdict="benign",
+                overrules_alert=True,
                 score=verdict["score"],
                 escalation_id=esc_id,
                 teacher_version=verdict["teacher_version"],

@@ -709,7 +709,9 @@ def artifact_files(artifact: Path) -> tuple[dict[str, Any], list[str]]:
 
     Only ``manifest.json``, the files it lists and the site's calibrated thresholds
     (``site_thresholds.json``, checked by :func:`check_site_thresholds`) go into a
-    bundle or an update, so a stray file in the folder cannot ride along.
+    bundle or an update, so a stray file in the folder cannot ride along. A
+    ``model_version`` the re-scorer would refuse is a BadInputError naming the
+    manifest (:func:`edge_agent.runtime.check_model_version`).
     """
     path = artifact / "manifest.json"
     try:
@@ -720,6 +722,11 @@ def artifact_files(artifact: Path) -> tuple[dict[str, Any], list[str]]:
         raise BadInputError(f"not an artifact manifest: {exc}", path=str(path)) from exc
     if not isinstance(hashes, dict) or not model_version:
         raise BadInputError("manifest needs sha256 and model_version", path=str(path))
+    from edge_agent.runtime import check_model_version
+
+    # Not covered by the sha256 list: an edited name would ride into every
+    # escalation of every gateway, and the re-scorer would refuse them all.
+    check_model_version(manifest, path)
     names = []
     for name, expected in sorted(hashes.items()):
         safe = safe_member_name(name, where=str(path))
@@ -1134,7 +1141,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_cmd_rollback)
 
-    p = subparsers.add_parser("pack-update", help="sign a model artifact for OTA")
+    p = subparsers.add_parser(
+        "pack-update",
+        help="sign a model artifact for OTA",
+        description="""\
+Sign a model artifact (with its site_thresholds.json from edge-agent
+calibrate, when the folder holds one) as a model update message, to publish
+retained on the gateways' model topic. The artifact must first pass the health
+check each gateway runs before it switches (its files match their sha256, its
+model matches its encoder, its probe windows score as built): an update that
+fails it would be refused by every gateway, so it is not signed.""",
+        epilog="""\
+exit codes:
+  0  written
+  1  the model fails its health check; --out or --archive-out cannot be
+     written
+  2  wrong flags (--url without --archive-out, a URL scheme other than
+     https, http or file); a key file that does not exist
+  3  an unreadable or modified artifact (a manifest that is not JSON or whose
+     model_version the re-scorer would refuse, a file whose sha256 differs),
+     unreadable site thresholds, a key that is not an Ed25519 private key""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "--artifact", required=True, type=Path, help="model artifact folder (required)"
     )
@@ -1235,17 +1263,28 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_output(path: Path, data: bytes, flag: str) -> None:
+    """Write a file a command was asked for; GatewatchError (exit 1) naming it."""
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise GatewatchError(
+            f"cannot write {flag} {path}: {exc.strerror or exc}"
+        ) from exc
+
+
 def _cmd_pack_update(args: argparse.Namespace) -> int:
     from edge_agent.ota import pack_update
 
     archive = None
     if args.url and args.archive_out is None:
         raise UsageError("--url needs --archive-out (the file to serve at that URL)")
+    # Health-checked before it is signed (ModelError, exit 1, when it fails).
     payload = pack_update(args.artifact, args.key, url=args.url)
     if args.url:
         archive = payload.archive
-        args.archive_out.write_bytes(archive)
-    args.out.write_bytes(payload.message)
+        _write_output(args.archive_out, archive, "--archive-out")
+    _write_output(args.out, payload.message, "--out")
     print(
         f"{args.out}: model {payload.model_version}, {len(payload.message)} bytes"
         + (f"; archive {args.archive_out}" if archive is not None else "")

@@ -14,7 +14,8 @@ unavailable (a broker that does not answer at start is retried in the background
 while the flows are scored and their alerts written), escalations left
 unacknowledged in the outbox, or escalations dropped because the outbox could not
 store them (disk full, I/O error: the agent scores on,
-writes its local alerts and counts ``outbox_failed``), 130 interrupted (Ctrl-C;
+writes its local alerts and counts ``outbox_failed``) or by its cap
+(``--outbox-max``, counted in ``outbox_dropped_now``), 130 interrupted (Ctrl-C;
 the flows in hand are scored and the outbox is kept). SIGTERM is the orderly stop
 of a service: reading ends (a file part way), the flows read are scored, the outbox
 is drained for at most 2 s, and the exit code is the one the input read so far
@@ -64,14 +65,18 @@ exit codes:
   {EXIT_FAILURE}    failure (an alerts file, or calibrate's --out file, that cannot
        be opened or written included; alerts on a pipe whose reader
        went away are only a warning)
-  {EXIT_USAGE}    usage: bad flags, arguments or settings, or an artifact whose
-       encoder reads fields the source does not give (an NSL-KDD
-       artifact on a conn.log, say)
+  {EXIT_USAGE}    usage: bad flags, arguments or settings, a --config file that
+       is missing, a folder, unreadable, not UTF-8 or not TOML (the
+       config is settings, like flags; the files it names are input,
+       exit 3), or an artifact whose encoder reads fields the source
+       does not give (an NSL-KDD artifact on a conn.log, say)
   {EXIT_BAD_INPUT}    bad input: a source that gave no usable flow (stdin whose
        lines held no record, a damaged file with nothing usable), a
-       folder or missing file, a damaged outbox file (left untouched);
-       an empty stdin (no lines at all) is no error: the outbox is
-       replayed and drained (exit 0)
+       source or thresholds file that is a folder or missing, a
+       damaged outbox file (left untouched), an artifact manifest
+       whose model_version the re-scorer would refuse (a control
+       character); an empty stdin (no lines at all) is no error: the
+       outbox is replayed and drained (exit 0)
   {EXIT_PARTIAL_INPUT}    partial input: damage part way, input lines rejected, or
        records the artifact's encoder refused; the flows read were
        scored and sent
@@ -79,7 +84,9 @@ exit codes:
        that does not answer at start is retried in the background
        while flows are scored), escalations left unacknowledged in
        the outbox, or escalations dropped because the outbox could
-       not store them
+       not store them (disk full, I/O error) or by its cap
+       (--outbox-max: it drops the oldest uncertain escalations
+       first, alerts last; their local alert lines are written)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGINT)
 
 SIGTERM stops reading (a file part way), scores the flows read, drains the
@@ -91,6 +98,30 @@ after edge-agent rollback: the model is health-checked and swapped in between
 two batches; one that fails is logged and the running model stays.
 """
 
+MIN_CALIBRATION_FLOWS = 100  # benign flows calibrate needs to set thresholds
+
+CALIBRATE_EPILOG = f"""\
+exit codes:
+  {EXIT_OK}    thresholds written
+  {EXIT_FAILURE}    failure: the --out file (or the artifact's
+       site_thresholds.json) cannot be written, or the artifact cannot
+       be loaded (a missing or modified file, a model its runtime
+       refuses, probe windows that do not score as built)
+  {EXIT_USAGE}    usage: bad flags (--target-fpr outside 0..1, a live source), or
+       an artifact whose encoder reads fields the source does not give
+  {EXIT_BAD_INPUT}    bad input: an artifact manifest that is not a JSON object or
+       whose model_version the re-scorer would refuse, an unreadable
+       source, a source with no flow, or one with fewer than
+       {MIN_CALIBRATION_FLOWS} benign flows (labeled benign,
+       or when none is labeled, not labeled malicious). The flags are
+       right but the input cannot set thresholds: too few flows is
+       too little input, like none, so both are bad input, not usage
+  {EXIT_PARTIAL_INPUT}    partial input: the source is damaged part way; the
+       thresholds set from the flows before the damage are written
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+"""
+
+
 _RUN_FLAGS = {
     "artifact": "artifact folder (model, encoder, thresholds, manifest); required "
     "here or in --config",
@@ -101,8 +132,9 @@ _RUN_FLAGS = {
     "site": "site id (letters, digits, . _ -); required here or in --config",
     "gateway": "gateway id (letters, digits, . _ -); required here or in --config",
     "outbox": "outbox file (default: $XDG_STATE_HOME/gatewatch/outbox-S-G.sqlite)",
-    "alerts": "where local alerts go as JSON lines: FILE, - for stdout, or an empty "
-    "string for none (default: -)",
+    "alerts": "where local alerts go as JSON lines, with a verdict line for each "
+    "escalation the re-scorer finds malicious and each local alert it overrules "
+    "as benign: FILE, - for stdout, or an empty string for none (default: -)",
     "summary_json": "also write the summary as JSON to this file (default: none)",
     "username": "broker user name (default: none)",
     "password_file": "file whose first line is the broker password (default: none)",
@@ -127,7 +159,11 @@ _RUN_NUMBERS = {
         float,
         "longest a flow waits for its batch to fill, in ms (default: 20)",
     ),
-    "outbox_max": (int, "most escalations kept unacknowledged (default: 100000)"),
+    "outbox_max": (
+        int,
+        "most escalations kept unacknowledged; past it the oldest uncertain ones "
+        "are dropped first, alerts last, and the run exits 6 (default: 100000)",
+    ),
     "keepalive": (int, "MQTT keepalive in seconds (default: 30)"),
     "max_packet_size": (
         int,
@@ -155,7 +191,8 @@ def _add_run(subparsers) -> None:
     p.add_argument(
         "--config",
         type=Path,
-        help="TOML config file with the same settings; flags override it "
+        help="TOML config file with the same settings; flags override it; one "
+        "that is missing, unreadable or not TOML is a usage error, exit 2 "
         "(default: none)",
     )
     for name, text in _RUN_FLAGS.items():
@@ -185,8 +222,9 @@ def _add_calibrate(subparsers) -> None:
     p = subparsers.add_parser(
         "calibrate",
         help="set site thresholds from benign flows",
-        description="Set this site's thresholds from its own benign flows.",
-        epilog=EPILOG,
+        description="Set this site's thresholds from its own benign flows "
+        f"({MIN_CALIBRATION_FLOWS} or more).",
+        epilog=CALIBRATE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -569,6 +607,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"could not store them (their alerts are in the alert log); last error: "
             f"{agent.outbox_error}"
         )
+    capped = sum((summary.get("outbox_dropped_now") or {}).values())
+    if capped:
+        raise OutboxCapError(
+            f"{capped} escalations were dropped by the outbox cap (outbox_max "
+            f"{cfg.outbox_max}) in this run and are lost; "
+            f"{summary['outbox_pending']} stay in the outbox {cfg.outbox_path()}"
+        )
     if cfg.broker and summary["outbox_pending"]:
         unrouted = (
             f" (the broker took {summary['unrouted']} publishes with \"no matching "
@@ -593,6 +638,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return EXIT_OK
+
+
+class OutboxCapError(GatewatchError):
+    """Escalations the outbox's cap (``--outbox-max``) dropped in this run: exit 6.
+
+    The cap keeps the outbox file bounded while the broker or the re-scorer is
+    away, and it does so by losing escalations (uncertain ones first, see
+    :mod:`edge_agent.outbox`); a run that lost some is not a clean one, like a run
+    whose escalations the outbox could not store.
+    """
+
+    exit_code = EXIT_UNAVAILABLE
 
 
 def _as_partial(exc: GatewatchError, flows: int) -> GatewatchError:
@@ -725,6 +782,12 @@ def _report(summary: dict[str, Any], path: str | None) -> None:
             else ""
         )
         + (
+            f", local alerts overruled as benign by the re-scorer "
+            f"{summary['alerts_overruled']}"
+            if summary.get("alerts_overruled")
+            else ""
+        )
+        + (
             f", verdicts for no escalation of this run {summary['verdicts_unmatched']}"
             if summary.get("verdicts_unmatched")
             else ""
@@ -801,14 +864,23 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if len(batch) >= 1024:
             flush()
     flush()
+    # Bad input (exit 3), not usage: the flags are right, but the source does not
+    # hold the benign traffic thresholds can be set from.
     if not scores:
-        raise UsageError(f"source {args.source} holds no flows to calibrate on")
+        raise BadInputError(
+            f"holds no flows to calibrate on; expected {MIN_CALIBRATION_FLOWS} or "
+            "more benign flows of this site",
+            path=args.source,
+        )
     s = np.concatenate(scores)
     lab = np.array([-1 if v is None else int(v) for v in labels])
     benign = s[lab == 0] if np.any(lab == 0) else s[lab != 1]
-    if len(benign) < 100:
-        raise UsageError(
-            f"only {len(benign)} benign flows; calibrate needs 100 or more"
+    if len(benign) < MIN_CALIBRATION_FLOWS:
+        raise BadInputError(
+            f"only {len(benign)} benign flows of the {len(s)} read; calibrate needs "
+            f"{MIN_CALIBRATION_FLOWS} or more (a longer capture or log of this "
+            "site's traffic)",
+            path=args.source,
         )
     lo = fpr_threshold(benign, args.target_fpr)
     hi = max(

@@ -21,6 +21,9 @@ writes (``/etc/gatewatch/update.pub``); ``edge-agent bundle`` and ``flash`` refu
 a config whose ``artifact`` or ``update_public_key`` is elsewhere (the layout:
 ``edge_agent/README.md``). A flag given on the command line wins over the file;
 :meth:`AgentConfig.validate` checks the result before anything starts.
+
+Anything wrong with the config file itself (missing, a folder, not UTF-8, not TOML,
+an unknown or mistyped setting) is a usage error, exit 2 (:func:`read_config_file`).
 """
 
 from __future__ import annotations
@@ -80,6 +83,45 @@ def check_regular_file(path: str | Path, what: str) -> Path:
     return path
 
 
+CONFIG_EXPECTED = "expected a UTF-8 TOML file of edge-agent run settings"
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The parsed TOML of a ``--config`` file; UsageError (exit 2) if it is unusable.
+
+    One rule for the whole file: it is the operator's settings, like the flags it
+    stands for, so a config that is missing, a folder, FIFO or device, unreadable,
+    not UTF-8 or not TOML is a usage error, as are unknown or mistyped settings in
+    it. The files a config names (the artifact, the source, ``password_file``,
+    ``thresholds``) are input: exit 3 when they are bad.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a FIFO or device)"
+        raise UsageError(f"config {path}: is {kind}; {CONFIG_EXPECTED}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(
+            f"config {path}: does not exist; {CONFIG_EXPECTED}"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"config {path}: byte offset {exc.start}: is not UTF-8 text; "
+            f"{CONFIG_EXPECTED}"
+        ) from exc
+    except OSError as exc:
+        raise UsageError(
+            f"config {path}: cannot be read ({exc.strerror or exc}); {CONFIG_EXPECTED}"
+        ) from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(
+            f"config {path}: is not valid TOML ({exc}); {CONFIG_EXPECTED}"
+        ) from exc
+
+
 @dataclass
 class AgentConfig:
     """Everything ``edge-agent run`` needs (the file form: module docstring)."""
@@ -125,18 +167,7 @@ class AgentConfig:
         """Read ``path`` (if given), then apply the non-None ``overrides``."""
         values: dict[str, Any] = {}
         if path is not None:
-            check_regular_file(path, "the config (a TOML file)")
-            try:
-                data = tomllib.loads(Path(path).read_text())
-            except OSError as exc:
-                raise UsageError(f"cannot read config {path}: {exc}") from exc
-            except UnicodeDecodeError as exc:
-                raise BadInputError(
-                    "config is not UTF-8 text (a TOML file was expected)",
-                    path=str(path),
-                ) from exc
-            except tomllib.TOMLDecodeError as exc:
-                raise UsageError(f"config {path} is not valid TOML: {exc}") from exc
+            data = read_config_file(path)
             data = data.get("agent", data)
             if not isinstance(data, dict):
                 raise UsageError(f"config {path}: [agent] must be a table")

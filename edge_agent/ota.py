@@ -180,8 +180,22 @@ def pack_update(
     url: str | None = None,
     issued_at: float | None = None,
 ) -> UpdatePackage:
-    """Sign an artifact folder as an update message (see :func:`sign_archive`)."""
+    """Sign an artifact folder as an update message (see :func:`sign_archive`).
+
+    The folder's files must match its manifest (BadInputError, exit 3, as
+    :func:`pack_artifact` checks them) and it must pass the health check every
+    gateway runs before it switches (:func:`load_checked`; ModelError, exit 1): an
+    update that fails it would be refused everywhere, so it is not signed.
+    :func:`sign_archive` alone does no such check.
+    """
     archive, model_version = pack_artifact(artifact)
+    try:
+        load_checked(artifact)
+    except ModelError as exc:
+        raise ModelError(
+            f"{exc}; not signed: every gateway's health check would refuse this "
+            "update"
+        ) from exc
     return sign_archive(archive, model_version, key, url=url, issued_at=issued_at)
 
 

@@ -26,11 +26,15 @@ from typing import Any
 import numpy as np
 
 from edge_agent import logger
+from edge_agent.protocol import text_problem
 from flows.errors import BadInputError, ModelError
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 MAX_PROBE_ATOL = 0.05  # the most a manifest may allow its probe scores to differ
+# The longest model_version accepted: it travels in every escalation and status
+# message (compress writes names of a few dozen characters).
+MAX_MODEL_VERSION = 256
 
 _ONNX_TARGETS = {"onnx-fp32", "onnx-int8"}
 _TFLITE_TARGETS = {"tflite-fp32", "tflite-int8"}
@@ -75,6 +79,49 @@ class TensorSpec:
             scale=None if scale is None else float(scale),
             zero_point=None if zero_point is None else int(zero_point),
         )
+
+
+def model_version_problem(value: Any) -> str | None:
+    """Why a manifest's ``model_version`` cannot name the model on the wire, or None.
+
+    The name goes into every escalation and status message, and the re-scorer
+    rejects an escalation whose ``model_version`` :func:`edge_agent.protocol.
+    text_problem` finds fault with (a control character, a lone surrogate, a
+    bidirectional control): an agent running such an artifact would have every
+    escalation refused. The manifest is not in its own sha256 list, so anyone
+    can edit the name; it is checked wherever a manifest is read. It must be a
+    string of at most :data:`MAX_MODEL_VERSION` characters.
+    """
+    if not isinstance(value, str):
+        return f"is a JSON {_json_type(value)}, not a string"
+    if len(value) > MAX_MODEL_VERSION:
+        return f"is {len(value)} characters long, more than {MAX_MODEL_VERSION}"
+    return text_problem(value)
+
+
+def check_model_version(manifest: dict[str, Any], path: Path | str) -> None:
+    """BadInputError (exit 3) naming ``path`` unless the manifest's ``model_version``
+    (when it has one) passes :func:`model_version_problem`."""
+    value = manifest.get("model_version", "")
+    problem = model_version_problem(value)
+    if problem is not None:
+        raise BadInputError(
+            f"manifest field 'model_version' {str(value)[:60]!r} {problem}; expected "
+            f"printable text of at most {MAX_MODEL_VERSION} characters (the "
+            "re-scorer refuses escalations that carry anything else)",
+            path=str(path),
+        )
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (object, array, number, ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return {dict: "object", list: "array"}.get(type(value), type(value).__name__)
 
 
 def sha256_file(path: Path) -> str:
@@ -508,6 +555,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     ]
     if missing:
         raise ModelError(f"{path}: manifest lacks {', '.join(missing)}")
+    check_model_version(manifest, path)
     return manifest
 
 
@@ -596,7 +644,10 @@ def load_artifact(
     Raises :class:`~flows.errors.ModelError` when a file is missing or modified (sha256
     differs from the manifest), when the model's input does not match the manifest
     (shape or dtype), when the runtime cannot load it, or when the manifest's probe
-    windows do not score as recorded (an edited manifest, a misbehaving runtime).
+    windows do not score as recorded (an edited manifest, a misbehaving runtime);
+    :class:`~flows.errors.BadInputError` (exit 3) naming ``manifest.json`` when the
+    manifest is not a JSON object of objects, or when its ``model_version`` is text
+    the re-scorer would refuse in every escalation (:func:`model_version_problem`).
     ``prefer_micro`` runs a ``tflite-micro`` C array in the TFLite Micro interpreter
     when it is installed.
     ``probe=False`` leaves the probe to the caller (the update health check, which

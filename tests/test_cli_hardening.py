@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main as flows_main
-from flows.errors import BadInputError, GatewatchError, ModelError, UsageError
+from flows.errors import GatewatchError, ModelError, UsageError
 from tests.test_readers import ROW_A, ROW_B, zeek_text
 
 
@@ -148,16 +148,18 @@ def test_teacher_config_still_accepts_a_normal_config():
 # -- edge-agent config and alerts ------------------------------------------------------
 
 
-def test_agent_binary_config_is_bad_input(tmp_path):
+def test_agent_binary_config_is_a_usage_error_naming_it(tmp_path):
+    """A config file is settings: not UTF-8 is exit 2, as invalid TOML is."""
     from edge_agent.config import AgentConfig
 
     conf = tmp_path / "agent.toml"
     conf.write_bytes(b"\xff\xfe\x00\x81binary")
 
-    with pytest.raises(BadInputError) as info:
+    with pytest.raises(UsageError) as info:
         AgentConfig.load(conf, {})
 
-    assert str(conf) in str(info.value) and info.value.exit_code == 3
+    assert f"config {conf}: byte offset 0: is not UTF-8 text" in str(info.value)
+    assert info.value.exit_code == 2
 
 
 def test_agent_config_wrong_type_names_the_key(tmp_path):
