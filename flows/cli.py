@@ -265,11 +265,23 @@ def _print_text(summary: dict) -> None:
             print(f"  {key:<40} {count}")
     for key, value in summary.get("stats", {}).items():
         if key not in ("files",):
-            print(f"{key}: {value}")
+            print(f"{key}: {_plain(value)}")
     if summary["skipped"]:
         print(f"skipped:  {summary['skipped']} bad {_unit(summary['format'])}")
     for note in summary["warnings"]:
         print(f"warning:  {note}")
+
+
+def _plain(value) -> str:
+    """A stats value as text for people: ``a=1, b=2`` for a mapping, items joined
+    by ``; `` for a list, ``-`` for none (not Python's reprs)."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_plain(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        return "; ".join(_plain(v) for v in value) or "-"
+    return str(value)
 
 
 def _unit(fmt: str) -> str:

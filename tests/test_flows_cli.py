@@ -206,6 +206,9 @@ def test_inspect_capture_shows_meter_stats(capsys, data_dir):
     assert summary["stats"]["link_types"] == {"ethernet": 1}
     code, out, _ = run(capsys, "inspect", str(path))
     assert "packets: 1" in out
+    # Plain text, not Python reprs of dicts, lists and None.
+    assert "link_types: ethernet=1" in out and "damage: -" in out
+    assert "{" not in out and "[" not in out and "None" not in out
 
 
 def test_data_dir_resolves_relative_names(capsys, tmp_path, monkeypatch):
