@@ -82,7 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-f1-drop", type=real(0, 1), default=0.01,
                      help="allowed validation F1 drop from the teacher (default 0.01)")
     run.add_argument("--data-dir", type=Path, help="data folder ($GATEWATCH_DATA)")
-    run.add_argument("--dataset", help="dataset name or file (default: the teacher's)")
+    source = run.add_mutually_exclusive_group()
+    source.add_argument(
+        "--dataset", help="dataset name or file (default: the teacher's)"
+    )
+    source.add_argument(
+        "--data", type=Path, help="a flow file flows can read (as in compress eval "
+        "and teacher; the same as --dataset FILE)",
+    )
     run.add_argument("--widths", type=integers(1, MAX_WIDTH),
                      default=(4, 8, 16, 32, 64),
                      help="student widths to search, smallest first (4,8,16,32,64)")
@@ -255,7 +262,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         student=args.student,
         max_f1_drop=args.max_f1_drop,
         data_dir=args.data_dir,
-        dataset=args.dataset,
+        dataset=args.dataset if args.data is None else str(args.data),
         widths=tuple(args.widths),
         prune_ratios=() if args.no_prune else tuple(args.prune_ratios),
         distill=DistillConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,

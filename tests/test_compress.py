@@ -172,6 +172,24 @@ def test_nothing_passing_is_gate_error_exit_5(teacher_dir: Path, tmp_path: Path,
     assert not (tmp_path / "none" / "manifest.json").exists()
 
 
+def test_run_takes_data_like_the_other_tools(teacher_dir: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """Found: compress run --data was refused as an ambiguous abbreviation, while
+    compress eval and teacher take --data FILE. Now it is --dataset FILE's twin."""
+    from compress.cli import main
+
+    base = ["run", "--target", "onnx-fp32", "--teacher", str(teacher_dir),
+            "--out", str(tmp_path / "o"), "-q"]
+    missing = tmp_path / "no-such.conn.log"
+    code = main([*base, "--data", str(missing)])
+    err = capsys.readouterr().err
+    assert code == 2 and str(missing) in err and "existing file" in err
+
+    code = main([*base, "--data", str(missing), "--dataset", "ctu-conn"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not allowed with argument" in err
+
+
 def test_gate_error_from_library(teacher_dir: Path, tmp_path: Path) -> None:
     from compress.pipeline import run
     from student.distill import DistillConfig
