@@ -37,11 +37,25 @@ is stored unscored (``teacher alerts --decision unscored``), logged by id and
 acknowledged, and gets no verdict: kept, not lost, and no poison message that comes
 back after every restart.
 
-Bad messages are rejected, counted per kind and logged once per kind; the service
-goes on. Against a broker that speaks only
-MQTT 3.1.1 (amqtt) there are no shared subscriptions: run one re-scorer there.
+Bad messages are rejected, counted per kind, logged (the first of each kind as a
+warning, the others at INFO with their topic and kind) and kept in the alert store's
+table of rejected messages (the newest 10,000, payloads cut to 4 KB: see
+:mod:`teacher.store`; ``teacher alerts --rejected`` lists them); the service goes
+on. A rejected message is acknowledged once it is kept, as an escalation is once
+stored: when that write fails, the store-failure rule above applies to it too.
 
-``teacher alerts`` queries the store by time, gateway and decision.
+A copy whose stored row is damaged (a verdict or score that is not what the store
+writes) gets no verdict again; that is logged as one error naming the store and the
+(site, gateway, id) key, and the rest of its batch is answered. An escalation whose
+batch fails for another reason (a fault of the re-scorer itself, logged with its id)
+is acknowledged and counted ``failed``; ``teacher serve`` then exits 1 at the end,
+saying how many.
+
+Against a broker that speaks only MQTT 3.1.1 (amqtt) there are no shared
+subscriptions: run one re-scorer there.
+
+``teacher alerts`` queries the store by time, gateway and decision; a damaged row is
+listed with its damaged fields marked, and the command exits 4.
 """
 
 from __future__ import annotations
@@ -76,14 +90,30 @@ from edge_agent.mqtt import (
 )
 from flows.argtypes import integer, real
 from flows.errors import (
+    EXIT_BAD_INPUT,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_PARTIAL_INPUT,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    BadInputError,
+    GatewatchError,
+    PartialInputError,
     TransportError,
     UsageError,
 )
 from teacher import logger
-from teacher.store import AlertStore, StoreError, key
+from teacher.store import (
+    FIRST_TIME,
+    LAST_TIME,
+    MAX_REJECTED,
+    MAX_REJECTED_PAYLOAD,
+    AlertStore,
+    Listing,
+    StoreError,
+    key,
+)
 
 DEFAULT_STORE = "gatewatch-alerts.sqlite"
 DEFAULT_GROUP = "gatewatch"
@@ -132,6 +162,18 @@ def check_client_id(client_id: str | None) -> str | None:
             f"allows at most {MAX_CLIENT_ID_BYTES} (and a broker may allow fewer)"
         )
     return client_id
+
+
+def check_share_group(group: str | None) -> str | None:
+    """``group`` if it can name an MQTT shared subscription, else UsageError.
+
+    One topic level of letters, digits, ``.``, ``_`` and ``-`` (no ``/``, ``+``,
+    ``#``); ``''`` and None mean no share group. Checked before the teacher is
+    loaded and the broker connected.
+    """
+    if group:
+        proto.validate_id(group, "--share-group")
+    return group
 
 
 def default_client_id(share_group: str | None) -> str:
@@ -198,6 +240,7 @@ class ReScorer:
             raise UsageError("--max-batch must be >= 1 and --max-wait-ms >= 0")
         if session_expiry < 0:
             raise UsageError("--session-expiry must be >= 0 seconds")
+        check_share_group(share_group)
         self.teacher = teacher
         self.threshold = float(teacher.threshold)
         self.window_shape = _window_shape(teacher)
@@ -218,6 +261,7 @@ class ReScorer:
             "malicious": 0,
             "unscored": 0,
             "failed": 0,
+            "damaged_rows": 0,
             "dropped_oversized": 0,
             "unacknowledged": 0,
         }
@@ -428,23 +472,57 @@ class ReScorer:
                     proto.RejectKind.BAD_VALUE, f"field 'model_version' {problem}"
                 )
         except proto.ProtocolError as exc:
-            self.rejects.reject(exc, topic)
-            self.link.ack(token)
+            self._reject(exc, topic, payload, token)
             return
         except Exception as exc:  # noqa: BLE001 - must not stop paho's thread
-            # Unforeseen input: count it like a rejection and acknowledge it, so a
-            # poison message is not redelivered after a restart.
-            self.rejects.reject(
+            # Unforeseen input: a rejection like the others, kept and acknowledged,
+            # so a poison message is not redelivered after a restart.
+            self._reject(
                 proto.ProtocolError(
                     proto.RejectKind.BAD_VALUE, f"{type(exc).__name__}: {exc}"[:200]
                 ),
                 topic,
+                payload,
+                token,
             )
-            self.link.ack(token)
             return
         with self._in_hand_lock:
             self._in_hand += 1
         self._queue.put((esc, token))
+
+    def _reject(
+        self, exc: proto.ProtocolError, topic: str, payload: bytes, token: Any
+    ) -> None:
+        """Count and log one rejected message, keep it in the alert store's table
+        of rejected messages, then acknowledge it.
+
+        The first rejection of each kind is logged as a warning, the others at
+        INFO, each with its topic (terminal-safe) and kind. Like an escalation, a
+        rejected message is acknowledged only once kept: when the store refuses
+        the write, or failed before, it stays unacknowledged (the broker delivers
+        it again after a restart under the same client id) and the re-scorer
+        stops (``store_error``, ``halt``).
+        """
+        where = _shown(topic, 200)
+        first = exc.kind.value not in self.rejects.counts
+        self.rejects.reject(exc, where)
+        if not first:
+            logger.info(
+                "re-scorer rejected a message on %s (%s)", where, _shown(str(exc), 200)
+            )
+        if self.store_error is None:
+            reason = str(exc).removeprefix(f"{exc.kind.value}: ")
+            try:
+                self.store.add_rejected(
+                    topic, exc.kind.value, reason, payload, worker=self.client_id
+                )
+            except StoreError as err:
+                self._store_failed(err)
+        if self.store_error is not None:
+            with self._in_hand_lock:
+                self._in_hand += 1  # never acknowledged: counted as such by stop()
+            return
+        self.link.ack(token)
 
     # -- scoring (worker thread) ------------------------------------------------------
 
@@ -492,13 +570,21 @@ class ReScorer:
             self._done_with(len(batch))
 
     def _store_failed(self, exc: StoreError) -> None:
-        """Note the store's failure once and ask the caller to stop (``halt``)."""
-        self.store_error = exc
-        logger.error(
-            "re-scorer %s stops: %s; escalations not stored are not acknowledged",
-            self.client_id,
-            exc,
-        )
+        """Note the store's first failure once and ask the caller to stop (``halt``).
+
+        Called from the scoring thread (escalations) and from paho's network
+        thread (rejected messages); the first failure is the one kept.
+        """
+        with self._in_hand_lock:
+            first = self.store_error is None
+            if first:
+                self.store_error = exc
+        if first:
+            logger.error(
+                "re-scorer %s stops: %s; escalations not stored are not acknowledged",
+                self.client_id,
+                exc,
+            )
         self.halt.set()
 
     def _handle(self, batch: list[tuple[dict, Any]]) -> None:
@@ -547,21 +633,24 @@ class ReScorer:
 
         # Copies get the verdict already stored, so the gateway hears once more
         # (none for a copy of one stored unscored).
+        # A damaged stored row costs only its own copy's verdict.
         rows = self.store.known(key(e) for e in copies)
         for esc in copies:
             row = rows.get(key(esc))
-            if row is not None and row["verdict"] is not None:
-                pairs.append(
-                    (
-                        esc,
-                        proto.build_verdict(
-                            escalation_id=esc["id"],
-                            verdict=row["verdict"],
-                            score=row["teacher_score"],
-                            threshold=row["threshold"],
-                            teacher_version=row["teacher_version"],
-                        ),
-                    )
+            if row is None or (
+                row["verdict"] is None and "verdict" not in row.get("damaged", ())
+            ):
+                continue
+            try:
+                pairs.append((esc, resent_verdict(esc, row)))
+            except ValueError as exc:
+                self.counters["damaged_rows"] += 1
+                logger.error(
+                    "alert store %s: the stored row of escalation %s/%s/%s is "
+                    "damaged (%s); this copy gets no verdict",
+                    self.store.path,
+                    *(_shown(part) for part in key(esc)),
+                    exc,
                 )
         for esc, verdict in pairs:
             self._publish(esc, verdict)
@@ -651,6 +740,46 @@ class ReScorer:
             logger.warning("verdict for %s not published: %s", esc["id"], exc)
 
 
+# The stored fields a verdict is built again from, for a copy.
+_VERDICT_FIELDS = ("verdict", "teacher_score", "threshold", "teacher_version")
+
+
+def resent_verdict(escalation: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """The verdict stored in ``row``, built again to answer ``escalation``, a copy.
+
+    ValueError, saying which stored fields and why, when those fields are not what
+    the store writes: damaged (:func:`teacher.store.damage`), a score or threshold
+    that is not a number in 0..1, no teacher version, or a verdict that cannot be
+    encoded. The gateway must not get such a verdict; the caller logs it.
+    """
+    damaged = [name for name in _VERDICT_FIELDS if name in row.get("damaged", ())]
+    if damaged:
+        shown = ", ".join(f"{name} {_shown(repr(row[name]), 40)}" for name in damaged)
+        raise ValueError(f"{shown}: not what the store writes")
+    for name in ("teacher_score", "threshold"):
+        value = row[name]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0.0 <= value <= 1.0
+        ):
+            raise ValueError(f"{name} {_shown(repr(value), 40)}: not a number in 0..1")
+    if not isinstance(row["teacher_version"], str):
+        raise ValueError("teacher_version: none stored")
+    verdict = proto.build_verdict(
+        escalation_id=escalation["id"],
+        verdict=row["verdict"],
+        score=row["teacher_score"],
+        threshold=row["threshold"],
+        teacher_version=row["teacher_version"],
+    )
+    try:
+        proto.encode(verdict)
+    except (ValueError, BadInputError) as exc:
+        raise ValueError(f"the verdict cannot be sent: {exc}") from exc
+    return verdict
+
+
 # ---------------------------------------------------------------------------------
 # command line
 
@@ -724,29 +853,73 @@ def _write_stats(path: str, stats: dict[str, Any]) -> bool:
     return True
 
 
+def _check_store_path(store: str) -> None:
+    """UsageError unless ``--store`` names a file in a folder that exists;
+    BadInputError (exit 3) when that file is there and is not an alert store.
+
+    ``teacher serve`` makes no folders: a typo in the path would otherwise start
+    a new, empty store somewhere nobody looks. Checked before the teacher is
+    loaded; an existing store is opened read-only for the check (nothing written).
+    """
+    path = Path(store)
+    if path.is_dir():
+        raise UsageError(
+            f"--store {store} is a folder; give the alert store's file name"
+        )
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise UsageError(
+            f"--store {store}: its folder {folder} {what}; make the folder first "
+            "(teacher serve creates the store file, not folders)"
+        )
+    if path.is_file() and path.stat().st_size > 0 and os.access(path, os.R_OK):
+        AlertStore(path, readonly=True).close()
+
+
+def _check_tls(args: argparse.Namespace) -> TlsOptions | None:
+    """The TLS files, each checked to be a file, or None for a plain connection.
+
+    UsageError for a file that is not there, or a key without its certificate.
+    """
+    given = (
+        ("--tls-ca", args.tls_ca),
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+    )
+    for flag, value in given:
+        if value is not None and not Path(value).is_file():
+            raise UsageError(f"{flag} {value}: no such file")
+    if args.tls_key and not args.tls_cert:
+        raise UsageError("--tls-key needs --tls-cert (the certificate of that key)")
+    if args.tls_ca or args.tls_cert:
+        return TlsOptions(args.tls_ca, args.tls_cert, args.tls_key)
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """``teacher serve``: run until SIGTERM / Ctrl-C (or ``--duration`` seconds).
 
-    Exit 0 after SIGTERM or ``--duration``, 130 after Ctrl-C (SIGINT), 1 when the
-    alert store refused a write (the re-scorer stops at the first one, leaving what
-    it did not store unacknowledged at the broker) or the counters could not be
-    written to ``--stats-json``.
+    Every flag that can be checked without the broker (share group, client id,
+    broker URL, store path, TLS and password files, ``--stats-json``) is checked
+    before the teacher is loaded. Exit 0 after SIGTERM or ``--duration``, 130 after
+    Ctrl-C (SIGINT), 1 when the alert store refused a write (the re-scorer stops
+    at the first one, leaving what it did not store unacknowledged at the broker),
+    when any escalation ended ``failed`` (a fault of the re-scorer; the ids are in
+    the log), or when the counters could not be written to ``--stats-json``.
     """
     from teacher.checkpoint import load_teacher
 
     _check_stats_path(args.stats_json)
     check_client_id(args.client_id)
     check_broker(args.broker)
-    if Path(args.store).is_dir():
-        raise UsageError(
-            f"--store {args.store} is a folder; give the alert store's file name"
-        )
+    check_share_group(args.share_group)
+    _check_store_path(args.store)
+    tls = _check_tls(args)
+    password = _password(args)
     _logging(args)
     teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
     _set_threads(teacher, args.threads)
-    tls = None
-    if args.tls_ca or args.tls_cert:
-        tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key)
     store = AlertStore(args.store)
     # Set by SIGTERM, or by the re-scorer when its store fails.
     stop = threading.Event()
@@ -759,7 +932,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         client_id=args.client_id,
         username=args.username,
-        password=_password(args),
+        password=password,
         tls=tls,
         protocol=args.protocol,
         session_expiry=args.session_expiry,
@@ -784,24 +957,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.stats_json:
             written = _write_stats(args.stats_json, stats)
         store.close()
+    rejected = sum(stats.get("rejected", {}).values())
     summary = (
         "re-scorer: received {received}, scored {scored}, stored {stored}, "
         "duplicates {duplicates}, verdicts sent {verdicts_sent}".format(**stats)
     )
-    if stats.get("unscored"):
-        summary += f", unscored {stats['unscored']}"
-    if stats.get("failed"):
-        summary += f", failed {stats['failed']}"
-    if stats.get("unacknowledged"):
-        summary += f", unacknowledged {stats['unacknowledged']}"
+    summary += f", rejected {rejected}"
+    for name, shown in (
+        ("unscored", "unscored"),
+        ("damaged_rows", "copies unanswered (damaged rows)"),
+        ("failed", "failed"),
+        ("unacknowledged", "unacknowledged"),
+    ):
+        if stats.get(name):
+            summary += f", {shown} {stats[name]}"
     print(summary, file=sys.stderr)
+    failed = stats.get("failed", 0)
     failure = server.store_error
     if failure is not None:
-        print(f"error: {_store_stop_reason(failure, stats, args)}", file=sys.stderr)
+        reason = _store_stop_reason(failure, stats, args)
+        if failed:
+            reason += f"; besides, {_failed_reason(failed)}"
+        print(f"error: {reason}", file=sys.stderr)
+        return EXIT_FAILURE
+    if failed:
+        print(f"error: {_failed_reason(failed)}", file=sys.stderr)
         return EXIT_FAILURE
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if written else EXIT_FAILURE
+
+
+def _failed_reason(failed: int) -> str:
+    """What ``failed`` escalations mean, in one clause."""
+    return (
+        f"{failed} escalations failed: their batch met a fault of the re-scorer "
+        "itself, so they were acknowledged and may have no verdict and no row in "
+        "the store; their ids are in the log (ERROR handling a batch ... failed)"
+    )
 
 
 def _store_stop_reason(
@@ -878,7 +1071,15 @@ def _endpoint(ip: Any, port: Any) -> str:
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
-    """``teacher alerts``: list stored escalations with their verdicts."""
+    """``teacher alerts``: list stored escalations with their verdicts, or with
+    ``--rejected`` the rejected messages the store kept.
+
+    A damaged row (see :func:`teacher.store.damage`) is listed with its damaged
+    fields marked; after the listing one ``error:`` line names the store and
+    counts them, and the exit code is 4 (partial input). So is a read that SQLite
+    stopped part way (the rows before it are listed); one stopped before any row
+    is exit 3. Exit 0 when nothing was damaged.
+    """
     if Path(args.store).is_dir():
         raise UsageError(
             f"--store {args.store} is a folder; expected an alert store file "
@@ -886,25 +1087,104 @@ def cmd_alerts(args: argparse.Namespace) -> int:
         )
     if not Path(args.store).is_file():
         raise UsageError(f"no alert store at {args.store} (see teacher serve --store)")
+    if args.rejected and args.decision:
+        raise UsageError(
+            "--decision applies to escalations; rejected messages (--rejected) "
+            "have no decision"
+        )
     store = AlertStore(args.store, readonly=True)
-    rows = store.query(
-        since=_since(args.since),
-        gateway=args.gateway,
-        decision=args.decision,
-        limit=args.limit,
-    )
-    store.close()
     try:
-        _print_alerts(rows, args.json)
+        if args.rejected:
+            got = store.rejected(
+                since=_since(args.since),
+                gateway=args.gateway,
+                limit=args.limit,
+                newest=args.newest,
+            )
+        else:
+            got = store.listing(
+                since=_since(args.since),
+                gateway=args.gateway,
+                decision=args.decision,
+                limit=args.limit,
+                newest=args.newest,
+            )
+    finally:
+        store.close()
+    what = "rejected messages" if args.rejected else "escalations"
+    if got.stopped is not None and not got.rows:
+        raise BadInputError(f"cannot read its {what}: {got.stopped}", path=args.store)
+    try:
+        if args.rejected:
+            _print_rejected(got.rows, args.json)
+        else:
+            _print_alerts(got.rows, args.json)
         sys.stdout.flush()
     except BrokenPipeError:
         # The reader stopped reading (``| head -1``): stop quietly, as Unix tools
         # do. stdout now points at /dev/null, so the flush at exit cannot fail too.
         _silence_stdout()
         return EXIT_OK
+    except OSError as exc:
+        raise GatewatchError(
+            f"cannot write the listing to stdout: {exc.strerror or exc}"
+        ) from exc
     if not args.json:
-        print(f"{len(rows)} escalations", file=sys.stderr)
+        print(f"{len(got.rows)} {what}", file=sys.stderr)
+    if got.missing:
+        print(
+            f"note: {args.store} has no table of rejected messages (a store written "
+            "before teacher serve kept them; the next teacher serve on it adds one)",
+            file=sys.stderr,
+        )
+    problem = _damage_report(got, what)
+    if problem is not None:
+        raise PartialInputError(problem, path=args.store)
     return EXIT_OK
+
+
+def _damage_report(got: Listing, what: str) -> str | None:
+    """One sentence on the damage a listing met (None when it met none): how many
+    rows are damaged and in which fields, and where SQLite stopped the read."""
+    parts = []
+    if got.damaged:
+        fields: dict[str, int] = {}
+        for row in got.rows:
+            for name in row.get("damaged", ()):
+                fields[name] = fields.get(name, 0) + 1
+        counts = ", ".join(f"{name} {n}" for name, n in fields.items())
+        parts.append(
+            f"{got.damaged} of the {len(got.rows)} {what} listed "
+            f"{'is' if got.damaged == 1 else 'are'} damaged "
+            f"(damaged fields: {counts}); they are listed with each damaged field's "
+            'stored text, marked "damaged", and the others as stored'
+        )
+    if got.stopped is not None:
+        parts.append(
+            f"the read stopped part way ({got.stopped}): the {len(got.rows)} "
+            f"{what} read before it are listed, any after it are not"
+        )
+    return "; ".join(parts) if parts else None
+
+
+def _when(value: Any) -> str:
+    """A receive time as ``YYYY-MM-DD HH:MM:SS`` (UTC); a damaged one as its
+    stored text, terminal-safe and cut to that width."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if FIRST_TIME <= value <= LAST_TIME:
+            try:
+                when = dt.datetime.fromtimestamp(value, dt.UTC)
+            except (OverflowError, ValueError, OSError):
+                pass
+            else:
+                return when.strftime("%Y-%m-%d %H:%M:%S")
+    return _shown(value, 19)
+
+
+def _marked(row: dict[str, Any]) -> str:
+    """The end of a damaged row's line: ``  damaged: flow, received_at``."""
+    damaged = row.get("damaged")
+    return f"  damaged: {', '.join(damaged)}" if damaged else ""
 
 
 def _print_alerts(rows: list[dict[str, Any]], as_json: bool) -> None:
@@ -913,18 +1193,43 @@ def _print_alerts(rows: list[dict[str, Any]], as_json: bool) -> None:
         print(json.dumps(rows, indent=1))
         return
     for r in rows:
-        when = dt.datetime.fromtimestamp(r["received_at"], dt.UTC).strftime(
-            "%Y-%m-%d %H:%M:%S"
-        )
         teacher = "unscored"
         if r["verdict"] is not None:
             teacher = f"{_shown(r['verdict'])} {_score(r['teacher_score'])}"
         print(
-            f"{when}  {_shown(r['site'])}/{_shown(r['gateway'])}  "
+            f"{_when(r['received_at'])}  {_shown(r['site'])}/{_shown(r['gateway'])}  "
             f"{_endpoint(r['src_ip'], r['src_port'])} -> "
             f"{_endpoint(r['dst_ip'], r['dst_port'])}/{_shown(r['proto'])}  "
             f"agent {_shown(r['agent_decision'])} {_score(r['agent_score'])}  "
-            f"teacher {teacher}"
+            f"teacher {teacher}{_marked(r)}"
+        )
+
+
+def _payload_text(payload: bytes | str) -> str:
+    """A kept payload as text: UTF-8, each byte that is not written ``\\xNN``."""
+    if isinstance(payload, str):
+        return payload
+    return payload.decode("utf-8", "backslashreplace")
+
+
+def _print_rejected(rows: list[dict[str, Any]], as_json: bool) -> None:
+    """Write rejected messages to stdout: one JSON list (each payload as text, see
+    :func:`_payload_text`), or one terminal-safe line each (time, topic, kind,
+    reason, payload length)."""
+    if as_json:
+        out = []
+        for r in rows:
+            item = {k: v for k, v in r.items() if k not in ("seq", "payload")}
+            item["payload"] = _payload_text(r["payload"])
+            item["payload_kept"] = len(r["payload"])
+            out.append(item)
+        print(json.dumps(out, indent=1))
+        return
+    for r in rows:
+        print(
+            f"{_when(r['received_at'])}  {_shown(r['topic'], 96)}  "
+            f"{_shown(r['kind'], 24)}  {_shown(r['reason'], 120)}  "
+            f"{_shown(r['payload_length'], 12)} bytes{_marked(r)}"
         )
 
 
@@ -966,14 +1271,14 @@ def _logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _epilog(notes: str = "") -> str:
-    """The teacher's exit codes, after the command's own ``notes``."""
-    from teacher.cli import EPILOG
+SERVE_DESCRIPTION = """\
+Re-score the gateways' escalations with the teacher: keep each in the alert
+store and answer it with a verdict over MQTT."""
+ALERTS_DESCRIPTION = """\
+List what an alert store holds: the escalations with their verdicts, oldest
+first, or (--rejected) the messages the re-scorer rejected."""
 
-    return notes + EPILOG
-
-
-SERVE_NOTES = """\
+SERVE_EPILOG = f"""\
 alert store:
   an escalation is acknowledged to the broker only once it is in the store. When
   the store cannot be written (disk full, I/O error) the re-scorer stops at the
@@ -981,7 +1286,51 @@ alert store:
   received and did not store stays unacknowledged in its MQTT session, and the
   broker delivers it again when the re-scorer restarts with the same --client-id
   within --session-expiry seconds (with --session-expiry 0 it is dropped).
+  Rejected messages (bad JSON, wrong schema, bad values...) are kept there
+  too, under the same rule: the newest {MAX_REJECTED:,}, each with the first
+  {MAX_REJECTED_PAYLOAD} bytes of its payload (teacher alerts --rejected). teacher serve
+  makes the store file but no folder: the folder of --store must exist.
 
+exit codes:
+  {EXIT_OK}    ok: stopped by SIGTERM or --duration
+  {EXIT_FAILURE}    failure: the alert store refused a write (the re-scorer stops
+       at the first one); escalations ended "failed" (a fault of the
+       re-scorer; the summary counts them, the log holds their ids); a
+       checkpoint that cannot be loaded; --stats-json not written
+  {EXIT_USAGE}    usage: bad flags, checked before the teacher is loaded (a share
+       group, a client id or a broker URL MQTT cannot carry, a --store
+       whose folder does not exist, a TLS or password file not there)
+  {EXIT_BAD_INPUT}    bad input: --store is not an alert store (an agent outbox,
+       say); a checkpoint without checksums.json or whose files differ
+  {EXIT_UNAVAILABLE}    broker: cannot reach the MQTT broker, or it refused us
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C), after storing and answering what came
+"""
+
+ALERTS_EPILOG = f"""\
+damaged rows:
+  a field the store never writes so (bytes that are not UTF-8, a flow that is
+  not JSON, text in a number column, a time no calendar holds, a verdict other
+  than malicious or benign) is listed as its stored text, bytes that are not
+  UTF-8 written \\xNN; the line ends "damaged: FIELDS", and a JSON row holds
+  "damaged": [FIELDS]. Every other row is listed as stored.
+
+rejected messages (--rejected):
+  the newest {MAX_REJECTED:,} messages the re-scorer rejected, oldest first:
+  time, topic, kind, reason and payload length. With --json each also holds
+  "payload", the first {MAX_REJECTED_PAYLOAD} bytes of its payload as text (bytes that
+  are not UTF-8 written \\xNN), and "payload_kept", how many bytes were kept.
+
+exit codes:
+  {EXIT_OK}    ok (nothing listed included)
+  {EXIT_FAILURE}    failure: the listing cannot be written to stdout (a reader that
+       went away, as with | head, is no error)
+  {EXIT_USAGE}    usage: bad flags, or no store at --store
+  {EXIT_BAD_INPUT}    bad input: --store is not an alert store, or none of it can
+       be read
+  {EXIT_PARTIAL_INPUT}    partial input: damaged rows, or a read SQLite stopped part
+       way; every row read was listed, the damaged ones marked, and one
+       error: line names the store and counts them
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
 """
 
 
@@ -992,7 +1341,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
         help="re-score escalations from the gateways",
-        epilog=_epilog(SERVE_NOTES),
+        description=SERVE_DESCRIPTION,
+        epilog=SERVE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -1007,12 +1357,14 @@ def register(subparsers) -> None:
     p.add_argument(
         "--share-group",
         default=DEFAULT_GROUP,
-        help=f"shared subscription group ('' for none; default {DEFAULT_GROUP})",
+        help="shared subscription group: letters, digits, '.', '_', '-' ('' for "
+        f"none; default {DEFAULT_GROUP})",
     )
     p.add_argument(
         "--store",
         default=DEFAULT_STORE,
-        help=f"alert store (SQLite; default {DEFAULT_STORE} in the current folder)",
+        help="alert store (SQLite), made if absent; its folder must exist "
+        f"(default {DEFAULT_STORE} in the current folder)",
     )
     p.add_argument(
         "--max-batch",
@@ -1086,7 +1438,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "alerts",
         help="list escalations and verdicts",
-        epilog=_epilog(),
+        description=ALERTS_DESCRIPTION,
+        epilog=ALERTS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -1096,19 +1449,35 @@ def register(subparsers) -> None:
     )
     p.add_argument("--json", action="store_true", help="a JSON list (default: text)")
     p.add_argument(
+        "--rejected",
+        action="store_true",
+        help="list the rejected messages kept instead (default: escalations)",
+    )
+    p.add_argument(
         "--since",
         help="Unix seconds, ISO time, or an age like 2h (default: all)",
     )
-    p.add_argument("--gateway", help="GATEWAY or SITE/GATEWAY (default: every gateway)")
+    p.add_argument(
+        "--gateway",
+        help="GATEWAY or SITE/GATEWAY; with --rejected, the one the topic names "
+        "(default: every gateway)",
+    )
     p.add_argument(
         "--decision",
         help="escalate, alert, malicious, benign, or unscored (those the teacher "
-        "could not score) (default: every decision)",
+        "could not score); not with --rejected (default: every decision)",
     )
     p.add_argument(
         "--limit",
         type=integer(0, MAX_LIMIT),
-        help=f"list at most this many, 0 to {MAX_LIMIT} (default: all)",
+        help=f"list at most this many, 0 to {MAX_LIMIT}: the oldest ones, or the "
+        "newest with --newest (default: all)",
+    )
+    p.add_argument(
+        "--newest",
+        action="store_true",
+        help="with --limit N, the newest N rather than the oldest (still listed "
+        "oldest first) (default: the oldest)",
     )
     _add_loudness(p, default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_alerts)
