@@ -437,6 +437,26 @@ def key(escalation: dict[str, Any]) -> tuple[str, str, str]:
     return (escalation["site"], escalation["gateway"], escalation["id"])
 
 
+def _time_and_gateway(
+    since: float | None, gateway: str | None
+) -> tuple[list[str], list[Any]]:
+    """WHERE terms and their arguments for a receive-time floor and a gateway
+    (``GATEWAY`` or ``SITE/GATEWAY``), shared by both listings."""
+    where: list[str] = []
+    args: list[Any] = []
+    if since is not None:
+        where.append("received_at >= ?")
+        args.append(float(since))
+    if gateway:
+        site, _, gw = gateway.rpartition("/")
+        where.append("gateway = ?")
+        args.append(gw)
+        if site:
+            where.append("site = ?")
+            args.append(site)
+    return where, args
+
+
 class AlertStore:
     """Escalations and verdicts in SQLite; safe to share between threads.
 
@@ -595,17 +615,7 @@ class AlertStore:
         the oldest so many, or with ``newest`` the newest so many (still listed
         oldest first).
         """
-        where, args = [], []
-        if since is not None:
-            where.append("received_at >= ?")
-            args.append(float(since))
-        if gateway:
-            site, _, gw = gateway.rpartition("/")
-            where.append("gateway = ?")
-            args.append(gw)
-            if site:
-                where.append("site = ?")
-                args.append(site)
+        where, args = _time_and_gateway(since, gateway)
         if decision:
             if decision in ("escalate", "alert"):
                 where.append("agent_decision = ?")
@@ -711,17 +721,7 @@ class AlertStore:
             ).fetchone()
         if not present:
             return Listing(missing=True)
-        where, args = [], []
-        if since is not None:
-            where.append("received_at >= ?")
-            args.append(float(since))
-        if gateway:
-            site, _, gw = gateway.rpartition("/")
-            where.append("gateway = ?")
-            args.append(gw)
-            if site:
-                where.append("site = ?")
-                args.append(site)
+        where, args = _time_and_gateway(since, gateway)
         sql = f"SELECT {','.join(_REJECTED_COLUMNS)} FROM rejected"
         if where:
             sql += " WHERE " + " AND ".join(where)

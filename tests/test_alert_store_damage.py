@@ -43,6 +43,8 @@ from teacher.cli import build_parser, main
 from teacher.serve import ReScorer
 from teacher.store import MAX_REJECTED, MAX_REJECTED_PAYLOAD, AlertStore, StoreError
 from tests.conftest import FixedTeacher, wait_for
+from tests.test_rescorer_store import _RecordingLink, _ScoreByWindow
+from tests.test_teacher_serve_cli import _FakeServer as _ServeCliFake
 
 SERVE = ["serve", "--checkpoint", "no-such-ckpt", "--broker", "mqtt://127.0.0.1:1"]
 TOPIC = "gatewatch/v1/s1/g1/escalations"
@@ -208,33 +210,6 @@ def test_alerts_limit_lists_the_oldest_or_with_newest_the_newest(tmp_path, capsy
 # teacher serve: a copy of a damaged row
 
 
-class _FirstValue:
-    """A stand-in teacher whose score is the window's first value."""
-
-    config = {"window": 1, "n_features": 2}
-    threshold = 0.5
-    version = "fake-1"
-
-    def predict_proba(self, windows):
-        import numpy as np
-
-        return np.asarray(windows)[:, 0, 0]
-
-
-class _RecordingLink:
-    """Records publishes and acks in place of the MQTT link."""
-
-    def __init__(self) -> None:
-        self.published: list[tuple[str, dict]] = []
-        self.acked: list[object] = []
-
-    def publish(self, topic, payload, qos=1):
-        self.published.append((topic, json.loads(payload)))
-
-    def ack(self, token):
-        self.acked.append(token)
-
-
 def _escalation(msg_id: str, score: float) -> dict:
     return proto.build_escalation(
         flow={"src_ip": "10.0.0.1", "dst_ip": "10.0.0.2", "proto": "tcp"},
@@ -256,13 +231,13 @@ def test_a_copy_of_a_damaged_row_costs_only_its_own_verdict(damage, tmp_path, ca
     caplog.set_level(logging.INFO, logger="gatewatch")
     path = tmp_path / "a.sqlite"
     store = AlertStore(path)
-    first = ReScorer(_FirstValue(), broker="mqtt://127.0.0.1:1", store=store)
+    first = ReScorer(_ScoreByWindow(), broker="mqtt://127.0.0.1:1", store=store)
     first.link = _RecordingLink()
     bad, kept = _escalation("A", 0.9), _escalation("C", 0.2)
     first._handle([(bad, "t1"), (kept, "t2")])
     _sql(path, f"UPDATE escalations SET {damage} WHERE id = 'A'")
 
-    again = ReScorer(_FirstValue(), broker="mqtt://127.0.0.1:1", store=store)
+    again = ReScorer(_ScoreByWindow(), broker="mqtt://127.0.0.1:1", store=store)
     again.link = _RecordingLink()
     fresh = _escalation("B", 0.7)
     caplog.clear()
@@ -290,7 +265,7 @@ def test_a_copy_of_a_row_damaged_elsewhere_still_gets_its_verdict(tmp_path):
     """Damage outside the verdict's fields (here the flow) costs nothing."""
     path = tmp_path / "a.sqlite"
     store = AlertStore(path)
-    first = ReScorer(_FirstValue(), broker="mqtt://127.0.0.1:1", store=store)
+    first = ReScorer(_ScoreByWindow(), broker="mqtt://127.0.0.1:1", store=store)
     first.link = _RecordingLink()
     esc = _escalation("A", 0.9)
     first._handle([(esc, "t1")])
@@ -307,26 +282,14 @@ def test_a_copy_of_a_row_damaged_elsewhere_still_gets_its_verdict(tmp_path):
 # teacher serve: exit code and summary (the re-scorer faked: no broker)
 
 
-class _FakeServer:
-    """Stands in for ReScorer: no broker; its stats are the class's ``STATS``."""
+class _FakeServer(_ServeCliFake):
+    """The serve CLI tests' stand-in, with the class's ``STATS`` on top of its
+    counts."""
 
-    version = "fake"
-    store_error = None
     STATS: dict = {}
 
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def start(self, timeout):
-        pass
-
-    def stop(self):
-        pass
-
     def stats(self):
-        return {"received": 3, "scored": 3, "stored": 3, "duplicates": 0,
-                "verdicts_sent": 3, "rejected": {}, "teacher_version": "fake",
-                **self.STATS}
+        return {**super().stats(), **self.STATS}
 
 
 @pytest.fixture

@@ -659,10 +659,29 @@ def test_revoking_and_rerunning_keep_the_crl_and_the_other_certificates(
 
 
 @pytest.mark.broker
+def _cert_link(strict: SecureBroker, user: str, cert_dir: Path, **extra):
+    """An MQTT v5 link of ``user`` to ``strict`` with the client certificate and
+    key in ``cert_dir``."""
+    from edge_agent.mqtt import MqttLink, TlsOptions
+
+    return MqttLink(
+        f"mqtts://{HOST}:{strict.port}",
+        f"gatewatch-{user}",
+        username=user,
+        password=strict.password(user),
+        tls=TlsOptions(
+            ca_certs=str(strict.ca),
+            certfile=str(cert_dir / "client.crt"),
+            keyfile=str(cert_dir / "client.key"),
+        ),
+        protocol="5",
+        **extra,
+    )
+
+
 def test_revoked_client_certificate_is_refused_at_once_and_others_connect(tmp_path):
     """After ``revoke`` and a broker reload (SIGHUP): g1's old certificate is refused
     with one clear error from the agent's link (no retry loop), g2's still connects."""
-    from edge_agent.mqtt import MqttLink, TlsOptions
 
     need_mosquitto()
     strict = SecureBroker(Deployment(gateways=GATEWAYS, require_client_cert=True))
@@ -686,21 +705,7 @@ def test_revoked_client_certificate_is_refused_at_once_and_others_connect(tmp_pa
 
         assert wait_until(refused, 5), "the reload did not pick up the CRL"
 
-        def link(user: str, cert_dir: Path) -> MqttLink:
-            return MqttLink(
-                f"mqtts://{HOST}:{strict.port}",
-                f"gatewatch-{user}",
-                username=user,
-                password=strict.password(user),
-                tls=TlsOptions(
-                    ca_certs=str(strict.ca),
-                    certfile=str(cert_dir / "client.crt"),
-                    keyfile=str(cert_dir / "client.key"),
-                ),
-                protocol="5",
-            )
-
-        revoked = link(G1, kept)
+        revoked = _cert_link(strict, G1, kept)
         start = time.monotonic()
         with pytest.raises(TransportError, match="revoked this client certificate"):
             revoked.connect(timeout=30)
@@ -711,7 +716,7 @@ def test_revoked_client_certificate_is_refused_at_once_and_others_connect(tmp_pa
                                certfile=kept / "client.crt",
                                keyfile=kept / "client.key")
 
-        fine = link(G2, strict.files.clients[G2])
+        fine = _cert_link(strict, G2, strict.files.clients[G2])
         fine.connect(timeout=5)
         try:
             assert fine.connected
@@ -727,7 +732,6 @@ def test_a_certificate_revoked_while_the_link_is_up_stops_it_once(tmp_path):
     the new CRL. paho alone would reconnect for ever (the test below); the link
     checks after the loss, gives up once with the reason, and tries no more. g2,
     on the same broker, reconnects as before."""
-    from edge_agent.mqtt import MqttLink, TlsOptions
 
     need_mosquitto()
     strict = SecureBroker(Deployment(gateways=GATEWAYS, require_client_cert=True))
@@ -739,22 +743,8 @@ def test_a_certificate_revoked_while_the_link_is_up_stops_it_once(tmp_path):
         for name in ("client.crt", "client.key"):
             (kept / name).write_bytes((strict.files.clients[G1] / name).read_bytes())
 
-        def link(user: str, cert_dir: Path) -> MqttLink:
-            return MqttLink(
-                f"mqtts://{HOST}:{strict.port}",
-                f"gatewatch-{user}",
-                username=user,
-                password=strict.password(user),
-                tls=TlsOptions(
-                    ca_certs=str(strict.ca),
-                    certfile=str(cert_dir / "client.crt"),
-                    keyfile=str(cert_dir / "client.key"),
-                ),
-                protocol="5",
-                reconnect_max=2.0,
-            )
-
-        revoked, fine = link(G1, kept), link(G2, strict.files.clients[G2])
+        revoked = _cert_link(strict, G1, kept, reconnect_max=2.0)
+        fine = _cert_link(strict, G2, strict.files.clients[G2], reconnect_max=2.0)
         gave_up: list[TransportError] = []
         revoked.on_give_up = gave_up.append
         revoked.connect(timeout=5)
