@@ -264,7 +264,9 @@ def _print_text(summary: dict) -> None:
         for key, count in summary["nulls"].items():
             print(f"  {key:<40} {count}")
     for key, value in summary.get("stats", {}).items():
-        if key not in ("files",):
+        # files: one line per input would swamp the rest; format and the first
+        # and last ts are shown above already.
+        if key not in ("files", "format", "first_ts", "last_ts"):
             print(f"{key}: {_plain(value)}")
     if summary["skipped"]:
         print(f"skipped:  {summary['skipped']} bad {_unit(summary['format'])}")
@@ -381,8 +383,11 @@ def _convert(args) -> int:
             )
         inputs[resolved] = name
     result, partial = _read(args)
-    if partial is None and result.table.num_rows == 0 and result.skipped:
-        # Nothing usable: no empty output file in place of what the user wanted.
+    if partial is None and result.table.num_rows == 0 and (
+        result.skipped or result.partial
+    ):
+        # Nothing usable: no empty output file in place of what the user wanted
+        # (and an existing one is left as it was).
         return _finish_code(result, partial, _where(args))
     if fmt == "zeek" and result.family != "conn":
         raise UsageError(

@@ -163,6 +163,16 @@ def test_capture_cut_inside_its_header_is_bad_input(capsys, data_dir, tmp_path):
         f"error: {src}: damaged part way; nothing usable came before it"
     ]
 
+    # convert writes nothing, and a good output from before stays as it was.
+    good = tmp_path / "good.parquet"
+    syn = data_file(data_dir, "pcap/tcp_syn.pcap")
+    code, _, _ = run(capsys, "convert", str(syn), "-o", str(good))
+    assert code == 0
+    before = good.read_bytes()
+    code, _, err = run(capsys, "convert", str(src), "-o", str(good))
+    assert code == 3 and "nothing usable" in err
+    assert good.read_bytes() == before
+
 
 def test_unknown_format_and_missing_column_exit_3(capsys, tmp_path):
     src = tmp_path / "x.txt"
