@@ -161,6 +161,14 @@ def check_client_id(client_id: str | None) -> str | None:
             f"--client-id {client_id[:20]!r}... is {size} bytes of UTF-8; MQTT "
             f"allows at most {MAX_CLIENT_ID_BYTES} (and a broker may allow fewer)"
         )
+    problem = proto.text_problem(client_id)
+    if problem is None and not client_id.isprintable():
+        problem = "holds a character that is not printable"
+    if problem is not None:
+        raise UsageError(
+            f"--client-id {client_id[:20]!r} {problem}; brokers drop a CONNECT "
+            "whose client id holds control characters"
+        )
     return client_id
 
 
@@ -307,7 +315,11 @@ class ReScorer:
             )
             group = None
         self._filter = proto.subscription(proto.Channel.ESCALATIONS, group)
-        self.link.subscribe(self._filter, qos=1, timeout=connect_timeout)
+        try:
+            self.link.subscribe(self._filter, qos=1, timeout=connect_timeout)
+        except TransportError:
+            self._abandon_start()
+            raise
         self._worker = threading.Thread(target=self._work, name="rescorer", daemon=True)
         self._worker.start()
         logger.info(
@@ -317,6 +329,17 @@ class ReScorer:
             self.threshold,
             group,
         )
+
+    def _abandon_start(self) -> None:
+        """Undo a start that failed after SUBSCRIBE went out: leave the filter and
+        end the session, so no session of a process that is exiting goes on taking
+        a share of the group's escalations (with a kept session, the broker would
+        queue them for a re-scorer that never comes back)."""
+        try:
+            self.link.unsubscribe(self._filter, timeout=2.0)
+        except TransportError as exc:
+            logger.debug("unsubscribe after a failed start: %s", exc)
+        self.link.close(end_session=True)
 
     def stop(self, quiet: float = 1.0, timeout: float = 10.0) -> None:
         """Leave the share group, answer what already came, then end the session.
@@ -1416,9 +1439,9 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--connect-timeout",
-        type=real(0, MAX_CONNECT_TIMEOUT),
+        type=real(0, MAX_CONNECT_TIMEOUT, lo_open=True),
         default=10.0,
-        help="seconds to wait for the broker at start, at most "
+        help="seconds to wait for the broker at start, above 0 and at most "
         f"{MAX_CONNECT_TIMEOUT} (default 10)",
     )
     p.add_argument(

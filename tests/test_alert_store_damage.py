@@ -529,6 +529,24 @@ def test_serve_refuses_a_bad_share_group_before_loading_the_teacher(group, capsy
                  store=None, share_group=group)
 
 
+@pytest.mark.parametrize("client_id", ["a\x01b", "rs\n1", "x\u202ey"])
+def test_serve_refuses_a_client_id_with_control_characters(client_id, capsys):
+    """Found: such an id passed the early check, and ten seconds later the broker's
+    protocol error read as "did not answer CONNECT in time" (exit 6)."""
+    assert main([*SERVE, "--client-id", client_id]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: --client-id ") and err.count("\n") == 1
+    assert "no-such-ckpt" not in err
+
+
+def test_serve_refuses_a_connect_timeout_of_0(capsys):
+    """Found: 0 was taken, and the start then failed "within 0 s" (exit 6)."""
+    assert main([*SERVE, "--connect-timeout", "0"]) == EXIT_USAGE
+    assert "--connect-timeout: must be a number in (0, 3600]" in (
+        capsys.readouterr().err
+    )
+
+
 def test_serve_takes_no_share_group(fake_serve, tmp_path, capsys):
     code = main([*SERVE, "--share-group", "", "--store", str(tmp_path / "a.sqlite"),
                  "--duration", "0"])

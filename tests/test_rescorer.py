@@ -702,6 +702,36 @@ def _session_left(broker_port: int, client_id: str) -> bool:
     return got["present"]
 
 
+def test_a_start_that_fails_after_subscribe_leaves_no_session(
+    tm, teacher, mosquitto, tmp_path, monkeypatch
+):
+    """Found: a re-scorer whose start failed after SUBSCRIBE went out (no SUBACK
+    in time) exited keeping its session, which went on taking half of the share
+    group's escalations for nobody. Now the failed start unsubscribes and ends it.
+    """
+    from flows.errors import TransportError
+
+    _, teacher_obj = teacher
+    store = AlertStore(tmp_path / "alerts.sqlite")
+    server = ReScorer(
+        teacher_obj, broker=mosquitto.url, store=store, client_id="rs-failed",
+        session_expiry=3600,
+    )
+    real_subscribe = MqttLink.subscribe
+
+    def late_suback(self, topic_filter, qos=1, timeout=None):
+        real_subscribe(self, topic_filter, qos)  # goes out; the answer "is late"
+        raise TransportError("no SUBACK in time (simulated)")
+
+    monkeypatch.setattr(MqttLink, "subscribe", late_suback)
+    with pytest.raises(TransportError, match="simulated"):
+        server.start(connect_timeout=5)
+    monkeypatch.undo()
+    assert not server.link.connected
+    assert not _session_left(mosquitto.port, "rs-failed")
+    store.close()
+
+
 def test_a_cleanly_stopped_rescorer_leaves_its_share_group(
     tm, teacher, mosquitto, tmp_path
 ):
