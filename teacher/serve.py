@@ -35,7 +35,10 @@ A teacher call that fails (a device error, memory run out on a large batch) is
 retried one escalation at a time; an escalation the teacher cannot score even alone
 is stored unscored (``teacher alerts --decision unscored``), logged by id and
 acknowledged, and gets no verdict: kept, not lost, and no poison message that comes
-back after every restart.
+back after every restart. A copy of it that comes again (the agent replays what it
+got no verdict for) is scored from the window it carries and fills in the row; a
+run that leaves escalations unscored exits 1. A teacher that scores plain windows
+as NaN or outside 0..1 is refused before the re-scorer connects.
 
 Bad messages are rejected, counted per kind, logged (the first of each kind as a
 warning, the others at INFO with their topic and kind) and kept in the alert store's
@@ -99,6 +102,7 @@ from flows.errors import (
     EXIT_USAGE,
     BadInputError,
     GatewatchError,
+    ModelError,
     PartialInputError,
     TransportError,
     UsageError,
@@ -122,6 +126,12 @@ MAX_CLIENT_ID_BYTES = 65_535  # MQTT writes the client id with a 16-bit length
 MAX_DURATION = 366 * 86_400  # --duration: at most a year (and a day)
 MAX_CONNECT_TIMEOUT = 3600  # --connect-timeout: at most an hour
 MAX_LIMIT = 2**63 - 1  # --limit: SQLite's LIMIT is a signed 64-bit integer
+
+
+def _unscored(row: dict[str, Any]) -> bool:
+    """True for a stored row the teacher could not score (verdict NULL, and not
+    because the store is damaged there)."""
+    return row["verdict"] is None and "verdict" not in row.get("damaged", ())
 
 
 def check_broker(url: str) -> str:
@@ -268,6 +278,7 @@ class ReScorer:
             "batches": 0,
             "malicious": 0,
             "unscored": 0,
+            "rescored": 0,
             "failed": 0,
             "damaged_rows": 0,
             "dropped_oversized": 0,
@@ -616,15 +627,23 @@ class ReScorer:
         # Keyed by (site, gateway, id): an id is only unique within its gateway.
         batch_keys: set[tuple[str, str, str]] = set()
         stored = self.store.known(key(e) for e, _ in batch)
+        # Copies of escalations stored unscored: the copy brings its window again,
+        # so the teacher gets another try (it may have been broken then).
+        retry: list[dict] = []
         for esc, token in batch:
             tokens.append(token)
             k = key(esc)
-            if k in batch_keys or k in self._seen or k in stored:
+            if k in batch_keys:
+                copies.append(esc)
+            elif k in stored and _unscored(stored[k]):
+                retry.append(esc)
+                batch_keys.add(k)
+            elif k in self._seen or k in stored:
                 copies.append(esc)
             else:
                 fresh.append(esc)
                 batch_keys.add(k)
-        self.counters["duplicates"] += len(copies)
+        self.counters["duplicates"] += len(copies) + len(retry)
 
         # Score the new ones in one teacher call, then store before answering. One
         # the teacher cannot score is stored unscored (no verdict is sent for it).
@@ -632,16 +651,7 @@ class ReScorer:
         if fresh:
             probs = self._score(fresh)
             for esc, p in zip(fresh, probs, strict=True):
-                verdict = None
-                if p is not None:
-                    verdict = proto.build_verdict(
-                        escalation_id=esc["id"],
-                        verdict="malicious" if p >= self.threshold else "benign",
-                        score=p,
-                        threshold=self.threshold,
-                        teacher_version=self.version,
-                    )
-                scored.append((esc, verdict))
+                scored.append((esc, None if p is None else self._verdict(esc, p)))
             new = self.store.add_many(scored, worker=self.client_id)
             self.counters["stored"] += sum(new)
             self.counters["duplicates"] += len(new) - sum(new)
@@ -653,6 +663,8 @@ class ReScorer:
         for esc in fresh:
             self._remember(key(esc))
         pairs = [(esc, v) for esc, v in scored if v is not None]
+        if retry:
+            pairs += self._score_again(retry)
 
         # Copies get the verdict already stored, so the gateway hears once more
         # (none for a copy of one stored unscored).
@@ -679,6 +691,35 @@ class ReScorer:
             self._publish(esc, verdict)
         for token in tokens:
             self.link.ack(token)
+
+    def _score_again(self, retry: list[dict]) -> list[tuple[dict, dict]]:
+        """Score copies of escalations stored unscored and fill in their rows;
+        the (escalation, verdict) pairs to answer. One the teacher still cannot
+        score stays unscored (counted and logged again)."""
+        found = []
+        for esc, p in zip(retry, self._score(retry), strict=True):
+            if p is not None:
+                found.append((esc, self._verdict(esc, p)))
+        if not found:
+            return []
+        done = self.store.score_unscored(found, worker=self.client_id)
+        self.counters["rescored"] += sum(done)
+        self.counters["malicious"] += sum(
+            v["verdict"] == "malicious" for (_, v), d in zip(found, done, strict=True)
+            if d
+        )
+        logger.info("%d escalations stored unscored got their verdicts", sum(done))
+        return [pair for pair, d in zip(found, done, strict=True) if d]
+
+    def _verdict(self, esc: dict, p: float) -> dict:
+        """The verdict message for ``esc`` scored ``p``."""
+        return proto.build_verdict(
+            escalation_id=esc["id"],
+            verdict="malicious" if p >= self.threshold else "benign",
+            score=p,
+            threshold=self.threshold,
+            teacher_version=self.version,
+        )
 
     def _score(self, fresh: list[dict]) -> list[float | None]:
         """The teacher's probability for each escalation; None where it failed.
@@ -943,6 +984,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _logging(args)
     teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
     _set_threads(teacher, args.threads)
+    _check_teacher_scores(teacher, args.checkpoint)
     store = AlertStore(args.store)
     # Set by SIGTERM, or by the re-scorer when its store fails.
     stop = threading.Event()
@@ -988,6 +1030,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     summary += f", rejected {rejected}"
     for name, shown in (
         ("unscored", "unscored"),
+        ("rescored", "scored on a later copy"),
         ("damaged_rows", "copies unanswered (damaged rows)"),
         ("failed", "failed"),
         ("unacknowledged", "unacknowledged"),
@@ -1006,9 +1049,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if failed:
         print(f"error: {_failed_reason(failed)}", file=sys.stderr)
         return EXIT_FAILURE
+    if stats.get("unscored"):
+        print(
+            f"error: the teacher could not score {stats['unscored']} escalations "
+            "(their ids are in the log); they are stored unscored (teacher alerts "
+            "--decision unscored) and are scored when a copy comes again",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if written else EXIT_FAILURE
+
+
+def _check_teacher_scores(teacher: Any, checkpoint: str) -> None:
+    """ModelError (exit 1) unless the teacher gives finite probabilities in 0..1
+    on plain windows (all 0, all 0.5, all 1): a checkpoint with NaN weights
+    would otherwise serve for hours and score nothing."""
+    width, features = _window_shape(teacher)
+    windows = np.stack(
+        [np.full((width, features), v, np.float32) for v in (0.0, 0.5, 1.0)]
+    )
+    probs = np.asarray(teacher.predict_proba(windows), dtype=np.float64).reshape(-1)
+    if len(probs) != 3 or not np.all(np.isfinite(probs) & (probs >= 0) & (probs <= 1)):
+        raise ModelError(
+            f"teacher {checkpoint} scores plain windows as {probs.tolist()}; expected "
+            "probabilities in 0..1 (NaN weights, or a damaged checkpoint?)"
+        )
 
 
 def _failed_reason(failed: int) -> str:

@@ -566,6 +566,38 @@ class AlertStore:
                 raise
         return out
 
+    def score_unscored(
+        self, pairs: Iterable[tuple[dict, dict]], worker: str = ""
+    ) -> list[bool]:
+        """Give stored unscored escalations their verdicts, in one transaction;
+        True where a row was unscored and now has one (a row scored meanwhile, by
+        another re-scorer sharing the file, is left as it is).
+
+        All or nothing, like :meth:`add_many`.
+        """
+        sql = (
+            "UPDATE escalations SET verdict = ?, teacher_score = ?, threshold = ?, "
+            "teacher_version = ?, verdict_id = ?, decided_at = ?, worker = ? "
+            "WHERE site = ? AND gateway = ? AND id = ? AND verdict IS NULL"
+        )
+        rows = [(*_verdict_columns(v), worker, *key(esc)) for esc, v in pairs]
+        out = []
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for row in rows:
+                    out.append(self._db.execute(sql, row).rowcount == 1)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(self._db)
+                raise StoreError(
+                    f"cannot write {len(rows)} verdicts: {exc}", path=self.path
+                ) from exc
+            except BaseException:
+                _rollback(self._db)
+                raise
+        return out
+
     def known(
         self, keys: Iterable[tuple[str, str, str]]
     ) -> dict[tuple[str, str, str], dict[str, Any]]:

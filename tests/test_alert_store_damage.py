@@ -297,7 +297,9 @@ def fake_serve(monkeypatch):
     import teacher.checkpoint
     import teacher.serve
 
-    monkeypatch.setattr(teacher.checkpoint, "load_teacher", lambda path, **kw: object())
+    monkeypatch.setattr(
+        teacher.checkpoint, "load_teacher", lambda path, **kw: FixedTeacher()
+    )
     monkeypatch.setattr(teacher.serve, "_set_threads", lambda *a: None)
     monkeypatch.setattr(teacher.serve, "ReScorer", _FakeServer)
     monkeypatch.setattr(_FakeServer, "STATS", {})
@@ -545,6 +547,41 @@ def test_serve_refuses_a_connect_timeout_of_0(capsys):
     assert "--connect-timeout: must be a number in (0, 3600]" in (
         capsys.readouterr().err
     )
+
+
+class _NaNTeacher(FixedTeacher):
+    """A teacher with NaN weights: every probability is NaN."""
+
+    def predict_proba(self, windows):
+        import numpy as np
+
+        return np.full(len(windows), np.nan)
+
+
+def test_serve_refuses_a_teacher_that_scores_nan(fake_serve, monkeypatch, tmp_path,
+                                                  capsys):
+    """Found: a checkpoint with a NaN bias (checksums recomputed) loaded, served,
+    stored every escalation unscored and exited 0."""
+    import teacher.checkpoint
+
+    monkeypatch.setattr(
+        teacher.checkpoint, "load_teacher", lambda path, **kw: _NaNTeacher()
+    )
+    code = main([*SERVE, "--store", str(tmp_path / "a.sqlite")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: teacher no-such-ckpt scores plain windows as ")
+    assert "expected probabilities in 0..1" in err
+    assert not (tmp_path / "a.sqlite").exists()
+
+
+def test_serve_exits_1_when_escalations_stayed_unscored(fake_serve, tmp_path, capsys):
+    fake_serve.STATS = {"unscored": 2}
+    code = main([*SERVE, "--store", str(tmp_path / "a.sqlite"), "--duration", "0"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert ", unscored 2" in err
+    assert "error: the teacher could not score 2 escalations" in err
 
 
 def test_serve_takes_no_share_group(fake_serve, tmp_path, capsys):

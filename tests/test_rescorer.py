@@ -611,6 +611,23 @@ def test_one_window_the_teacher_chokes_on_is_stored_unscored(
     lines = listed.stdout.splitlines()
     assert len(lines) == 1 and lines[0].endswith("teacher unscored"), lines
 
+    # A copy that comes again later, to a re-scorer whose teacher works, is scored
+    # from the window it carries: the row gets its verdict, the gateway hears it.
+    store = AlertStore(store_path)
+    healthy = ReScorer(
+        teacher_obj, broker=mosquitto.url, store=store, max_wait_ms=0,
+        client_id="rs-healthy",
+    )
+    verdicts = _serve_until_stored(healthy, store, [poison], mosquitto, want=6)
+    want = float(teacher_obj.predict_proba(
+        np.asarray([poison["window"]], dtype=np.float32))[0])
+    row = {r["id"]: r for r in store.query()}[poison["id"]]
+    assert row["teacher_score"] == pytest.approx(want, abs=1e-6)
+    assert store.query(decision="unscored") == []
+    assert [v["escalation_id"] for v in verdicts] == [poison["id"]]
+    assert healthy.counters["rescored"] == 1 and healthy.counters["stored"] == 0
+    store.close()
+
 
 def test_killed_rescorer_with_a_session_gets_its_escalations_again(
     tm, teacher, mosquitto, tmp_path

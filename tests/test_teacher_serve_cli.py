@@ -17,6 +17,7 @@ from edge_agent import protocol as proto
 from flows.errors import EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE
 from teacher.cli import build_parser, main
 from teacher.store import AlertStore
+from tests.conftest import FixedTeacher
 
 BIN = Path(sys.executable).parent
 SERVE = ["serve", "--checkpoint", "no-such-ckpt", "--broker", "mqtt://127.0.0.1:1"]
@@ -208,7 +209,9 @@ def fake_serve(monkeypatch):
     import teacher.checkpoint
     import teacher.serve
 
-    monkeypatch.setattr(teacher.checkpoint, "load_teacher", lambda path, **kw: object())
+    monkeypatch.setattr(
+        teacher.checkpoint, "load_teacher", lambda path, **kw: FixedTeacher()
+    )
     monkeypatch.setattr(teacher.serve, "_set_threads", lambda *a: None)
     monkeypatch.setattr(teacher.serve, "ReScorer", _FakeServer)
 
