@@ -35,8 +35,9 @@ A teacher call that fails (a device error, memory run out on a large batch) is
 retried one escalation at a time; an escalation the teacher cannot score even alone
 is stored unscored (``teacher alerts --decision unscored``), logged by id and
 acknowledged, and gets no verdict: kept, not lost, and no poison message that comes
-back after every restart. A copy of it that comes again (the agent replays what it
-got no verdict for) is scored from the window it carries and fills in the row; a
+back after every restart. A copy of it that comes again (an outbox replay, or the
+flow read again after an agent restart) is scored from the window it carries and
+fills in the row (the store keeps no windows, so without a copy the row stays); a
 run that leaves escalations unscored exits 1. A teacher that scores plain windows
 as NaN or outside 0..1 is refused before the re-scorer connects.
 
