@@ -64,19 +64,21 @@ exit codes:
   {EXIT_OK}    ok
   {EXIT_FAILURE}    failure (an alerts file, or calibrate's --out file, that cannot
        be opened or written included; alerts on a pipe whose reader
-       went away are only a warning)
+       went away are only a warning); an --artifact that is missing,
+       lacks a file, was modified after it was written (sha256) or
+       fails its probe (the model is unusable, whatever named it)
   {EXIT_USAGE}    usage: bad flags, arguments or settings, a --config file that
        is missing, a folder, unreadable, not UTF-8 or not TOML (the
-       config is settings, like flags; the files it names are input,
-       exit 3), or an artifact whose encoder reads fields the source
+       config is settings, like flags; the files it names are judged
+       as if given by flags), or an artifact whose encoder reads fields the source
        does not give (an NSL-KDD artifact on a conn.log, say)
   {EXIT_BAD_INPUT}    bad input: a source that gave no usable flow (stdin whose
        lines held no record, a damaged file with nothing usable), a
        source or thresholds file that is a folder or missing, a
        damaged outbox file (left untouched), an artifact manifest
-       whose model_version the re-scorer would refuse (a control
-       character); an empty stdin (no lines at all) is no error: the
-       outbox is replayed and drained (exit 0)
+       that is not a JSON object or whose model_version the re-scorer
+       would refuse (a control character); an empty stdin (no lines
+       at all) is no error: the outbox is replayed and drained (exit 0)
   {EXIT_PARTIAL_INPUT}    partial input: damage part way, input lines rejected, or
        records the artifact's encoder refused; the flows read were
        scored and sent
@@ -86,7 +88,8 @@ exit codes:
        the outbox, or escalations dropped because the outbox could
        not store them (disk full, I/O error) or by its cap
        (--outbox-max: it drops the oldest uncertain escalations
-       first, alerts last; their local alert lines are written)
+       first, alerts last; their local alert lines are written), or
+       escalations over the broker's packet limit (dropped, not sent)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGINT)
 
 SIGTERM stops reading (a file part way), scores the flows read, drains the
@@ -614,6 +617,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{cfg.outbox_max}) in this run and are lost; "
             f"{summary['outbox_pending']} stay in the outbox {cfg.outbox_path()}"
         )
+    if summary.get("dropped_oversized"):
+        limit = agent.link.packet_limit if agent.link is not None else None
+        raise TransportError(
+            f"{summary['dropped_oversized']} escalations were larger than the "
+            f"broker's packet limit ({limit} bytes) and were dropped, not sent; "
+            "their alert lines are in the alerts output (a record with a huge "
+            "text field, or a --max-packet-size set too low)"
+        )
     if cfg.broker and summary["outbox_pending"]:
         unrouted = (
             f" (the broker took {summary['unrouted']} publishes with \"no matching "
@@ -634,7 +645,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not drained and cfg.broker and cfg.wait_verdicts and summary["verdicts_awaited"]:
         print(
             f"warning: {summary['verdicts_awaited']} verdicts did not arrive within "
-            f"{cfg.drain_timeout:g} s",
+            f"{drain_for:g} s",
             file=sys.stderr,
         )
     return EXIT_OK

@@ -478,6 +478,9 @@ def check_window(window: Any, shape: Sequence[int] | None) -> list[list[float]]:
         )
     if arr.dtype.kind not in "fiu":
         raise ProtocolError(RejectKind.BAD_VALUE, "window holds a non-number")
+    if any(isinstance(v, bool) for row in window for v in row):
+        # numpy reads JSON true as 1.0 beside floats; it is not a feature value.
+        raise ProtocolError(RejectKind.BAD_VALUE, "window holds true or false")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise ProtocolError(RejectKind.BAD_VALUE, "window holds NaN or inf")
     low, high = WINDOW_RANGE[0] - WINDOW_SLACK, WINDOW_RANGE[1] + WINDOW_SLACK
@@ -567,7 +570,10 @@ def parse_verdict(data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict
     body["score"] = _unit_score(body, "score")
     body["threshold"] = _unit_score(body, "threshold")
     _check_sent_at(body)
-    _require(body, "teacher_version", str)
+    problem = text_problem(_require(body, "teacher_version", str))
+    if problem is not None:
+        # It is written to the agent's alerts output: no escape sequences there.
+        raise ProtocolError(RejectKind.BAD_VALUE, f"teacher_version {problem}")
     return body
 
 

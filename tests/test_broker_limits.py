@@ -235,7 +235,9 @@ def test_oversized_escalation_is_dropped_counted_and_the_agent_stays(
     assert len(drops) == 1 and big_id in drops[0].getMessage()
 
 
-def test_max_packet_size_guards_a_3_1_1_link(tm, small_broker, tmp_path, monkeypatch):
+def test_max_packet_size_guards_a_3_1_1_link(
+    tm, small_broker, tmp_path, monkeypatch, capsys
+):
     """MQTT 3.1.1 has no CONNACK bound to learn from: ``--max-packet-size`` gives the
     agent the broker's, so the one oversized escalation is dropped and counted and
     every other one arrives (none is sent into a disconnect and resent for ever)."""
@@ -276,7 +278,15 @@ def test_max_packet_size_guards_a_3_1_1_link(tm, small_broker, tmp_path, monkeyp
         watcher.close()
     out = json.loads(summary.read_text())
 
-    assert rc == 0
+    # The one dropped escalation is lost to the re-scorer: not a clean exit.
+    assert rc == 6
+    err = capsys.readouterr().err
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        "error: 1 escalations were larger than the broker's packet limit "
+        f"({PACKET_LIMIT} bytes) and were dropped, not sent; their alert lines are "
+        "in the alerts output (a record with a huge text field, or a "
+        "--max-packet-size set too low)"
+    ]
     assert out["dropped_oversized"] == 1
     assert out["outbox_pending"] == 0
     assert out["escalations_sent"] == len(expected) - 1

@@ -468,6 +468,30 @@ def test_escalation_window_values_outside_0_to_1_are_refused(value):
     assert info.value.kind is proto.RejectKind.BAD_VALUE
 
 
+@pytest.mark.parametrize("value", [True, False])
+def test_escalation_window_booleans_are_refused(value):
+    """Found: JSON true beside floats was read by numpy as 1.0 and scored."""
+    from edge_agent import protocol as proto
+
+    body = json.loads(seed_escalation())
+    body["window"][1][2] = value
+    with pytest.raises(proto.ProtocolError, match="true or false") as info:
+        proto.parse_escalation(json.dumps(body), window_shape=WINDOW_SHAPE)
+    assert info.value.kind is proto.RejectKind.BAD_VALUE
+
+
+def test_verdict_teacher_version_with_control_characters_is_refused():
+    """Found: a forged verdict's teacher_version with an escape sequence and a
+    newline was accepted and written to the agent's alerts output."""
+    from edge_agent import protocol as proto
+
+    body = json.loads(seed_verdict())
+    body["teacher_version"] = "x\u001b[31m\nfake"
+    with pytest.raises(proto.ProtocolError, match="teacher_version") as info:
+        proto.parse_verdict(json.dumps(body))
+    assert info.value.kind is proto.RejectKind.BAD_VALUE
+
+
 def test_escalation_window_values_at_the_ends_of_0_to_1_are_taken():
     from edge_agent import protocol as proto
 
