@@ -216,12 +216,17 @@ def _shown_bytes(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+# Scores and thresholds: the protocol takes none outside 0..1.
+_UNIT_COLUMNS = frozenset({"agent_score", "teacher_score", "threshold"})
+
+
 def damage(item: dict[str, Any]) -> list[str]:
     """Check one row read from the store in place; the names of its damaged fields.
 
     A damaged field is one the store never writes so: bytes that are not UTF-8 (or
     a BLOB) in a text column, text in a number column, a number that is not finite,
-    a NULL where the column requires a value, a ``flow`` that is not a JSON object,
+    a NULL where the column requires a value, a score or threshold outside 0..1,
+    a ``flow`` that is not a JSON object,
     a ``received_at`` no calendar date can show, a ``verdict`` other than
     malicious, benign or NULL. Each damaged field is replaced by its stored text
     (undecodable bytes written ``\\xNN``), so the row can still be listed and
@@ -254,6 +259,8 @@ def damage(item: dict[str, Any]) -> list[str]:
                 item[name] = str(value)
             elif name == "received_at" and not FIRST_TIME <= value <= LAST_TIME:
                 bad.append(name)
+            elif name in _UNIT_COLUMNS and not 0.0 <= value <= 1.0:
+                bad.append(name)  # the protocol allows no score outside 0..1
         elif not isinstance(value, str):
             bad.append(name)  # a number in a text column (SQLite would convert it)
             item[name] = str(value)

@@ -105,6 +105,11 @@ DAMAGE = {
                           "WHERE id = 'id1'", "received_at", "yesterday"),
     "site_undecodable": ("UPDATE escalations SET site = CAST(X'73FF' AS TEXT) "
                          "WHERE id = 'id1'", "site", "s\\xff"),
+    # Found by the second tester: listed as "teacher malicious 5.000", unmarked.
+    "teacher_score_past_1": ("UPDATE escalations SET teacher_score = 5.0 "
+                             "WHERE id = 'id1'", "teacher_score", 5.0),
+    "agent_score_below_0": ("UPDATE escalations SET agent_score = -3.0 "
+                            "WHERE id = 'id1'", "agent_score", -3.0),
 }
 
 
