@@ -110,6 +110,7 @@ class Counters:
     verdicts_unmatched: int = 0  # for no escalation sent in this run
     verdicts_malicious: int = 0
     alerts_overruled: int = 0  # local alerts the re-scorer answered as benign
+    delivered_after_drop: int = 0  # dropped by the outbox cap while in flight
     bad_records: int = 0
     unrouted: int = 0
     dropped_oversized: int = 0
@@ -857,7 +858,11 @@ class Agent:
                 done.append(msg_id)
                 self._retry_delay = 1.0  # a re-scorer listens again
         try:
-            self.counters.escalations_sent += self.outbox.ack_many(done)
+            removed = self.outbox.ack_many(done)
+            self.counters.escalations_sent += len(done)
+            # Handed to the link before the outbox cap dropped them from the file:
+            # the broker has them all the same, so they were not lost.
+            self.counters.delivered_after_drop += len(done) - removed
             self._note_sent(done)
         finally:
             # Only now out of _tracked: until it is awaited, a verdict that comes

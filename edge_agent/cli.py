@@ -611,10 +611,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{agent.outbox_error}"
         )
     capped = sum((summary.get("outbox_dropped_now") or {}).values())
-    if capped:
+    # Some were already with the link when the cap dropped them: the broker
+    # acknowledged those, so only the rest are lost.
+    lost = capped - summary.get("delivered_after_drop", 0)
+    if lost > 0:
+        delivered = (
+            f" ({capped - lost} more were dropped from the file while already in "
+            "flight and reached the broker)"
+            if lost < capped
+            else ""
+        )
         raise OutboxCapError(
-            f"{capped} escalations were dropped by the outbox cap (outbox_max "
-            f"{cfg.outbox_max}) in this run and are lost; "
+            f"{lost} escalations were dropped by the outbox cap (outbox_max "
+            f"{cfg.outbox_max}) in this run and are lost{delivered}; "
             f"{summary['outbox_pending']} stay in the outbox {cfg.outbox_path()}"
         )
     if summary.get("dropped_oversized"):

@@ -545,3 +545,70 @@ def test_pack_update_help_has_a_description_and_exit_codes(capsys) -> None:
         assert f"\n  {code}  " in codes
     assert "fails its health check" in codes
 
+
+
+class _HeldDelivery(_Delivery):
+    """A publish the broker acknowledges only once ``release`` is set."""
+
+    def __init__(self, release) -> None:
+        self.release = release
+
+    def acked(self) -> bool:
+        return self.release.is_set()
+
+
+class _HeldLink(_Link):
+    """A connected link whose publishes wait for one release, all together."""
+
+    def __init__(self) -> None:
+        import threading
+
+        super().__init__()
+        self.release = threading.Event()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain=False):
+        self.published.append((topic, payload))
+        return _HeldDelivery(self.release)
+
+
+def test_escalations_the_cap_dropped_in_flight_count_as_sent_not_lost(
+    tm, tmp_path
+) -> None:
+    """Found by the second tester: with a broker up and --outbox-max 5 the run said
+    "3 dropped ... and are lost" (exit 6) and "sent 5" while the store held all
+    8: the cap had dropped rows the link was already sending. Now what the broker
+    acknowledged counts as sent, and only the others as lost."""
+    link = _HeldLink()
+    outbox = Outbox(tmp_path / "o.db", 5)
+    agent = Agent(
+        load_artifact(tm.artifact), site="s1", gateway="g1", outbox=outbox,
+    )
+    agent.link = link
+    agent.start(1.0)
+    escalations = agent.topics[proto.Channel.ESCALATIONS]
+    half = len(tm.records) // 2
+    try:
+        # The first half's escalations go out and wait for their PUBACK ...
+        agent.process(tm.records[:half])
+        wait_for(
+            lambda: any(t == escalations for t, _ in list(link.published)),
+            20,
+            "publishes in flight",
+        )
+        # ... while the second half's make the cap drop them from the file.
+        agent.process(tm.records[half:])
+        link.release.set()
+        assert agent.drain(20, wait_verdicts=False)
+        summary = agent.summary()
+    finally:
+        agent.close()
+
+    made = set(tm.expected())
+    sent = {json.loads(p)["id"] for t, p in link.published if t == escalations}
+    dropped = sum(summary["outbox_dropped"].values())
+    assert summary["escalations_sent"] == len(sent)
+    assert summary["outbox_pending"] == 0
+    # Every escalation made was either acknowledged by the broker or lost.
+    lost = dropped - summary["delivered_after_drop"]
+    assert len(made) - len(sent & made) == lost
+    assert summary["delivered_after_drop"] > 0, json.dumps(summary)  # the tester's case
