@@ -92,15 +92,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     One rule for the whole file: it is the operator's settings, like the flags it
     stands for, so a config that is missing, a folder, FIFO or device, unreadable,
     not UTF-8 or not TOML is a usage error, as are unknown or mistyped settings in
-    it. The files a config names (the artifact, the source, ``password_file``,
-    ``thresholds``) are input: exit 3 when they are bad.
+    it. The files a config names are judged as if given by flags: the source,
+    ``password_file`` and ``thresholds`` are input (exit 3 when they are bad), an
+    artifact that is missing or modified is an unusable model (exit 1).
     """
     path = Path(path)
     if path.exists() and not path.is_file():
         kind = "a folder" if path.is_dir() else "not a regular file (a FIFO or device)"
         raise UsageError(f"config {path}: is {kind}; {CONFIG_EXPECTED}")
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark some editors write is not TOML's business.
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise UsageError(
             f"config {path}: does not exist; {CONFIG_EXPECTED}"

@@ -428,7 +428,19 @@ class MqttLink:
                     keyfile=self.tls.keyfile,
                 )
             except (OSError, ssl.SSLError, ValueError) as exc:
-                raise UsageError(f"bad TLS settings: {exc}") from exc
+                files = ", ".join(
+                    f"{name} {value}"
+                    for name, value in (
+                        ("CA", self.tls.ca_certs),
+                        ("certificate", self.tls.certfile),
+                        ("key", self.tls.keyfile),
+                    )
+                    if value
+                )
+                raise UsageError(
+                    f"bad TLS settings ({files}): {exc}; expected PEM files (a CA "
+                    "certificate, and a client certificate with its key)"
+                ) from exc
             client.tls_insecure_set(self.tls.insecure)
         if self.will is not None:
             client.will_set(self.will[0], self.will[1], qos=1, retain=True)

@@ -496,6 +496,38 @@ def test_every_config_file_problem_is_a_usage_error(
     assert "expected a UTF-8 TOML file of edge-agent run settings" in err
 
 
+def test_a_config_with_a_byte_order_mark_is_read(tm, tmp_path, capsys) -> None:
+    """Found: a BOM some editors write made the config "not valid TOML (line 1,
+    column 1)"; the settings in it are read as written."""
+    config = tmp_path / "gw.toml"
+    settings = {
+        "artifact": str(tm.artifact), "source": f"zeek:{tm.conn_log}",
+        "site": "s1", "gateway": "g1", "outbox": str(tmp_path / "o.db"),
+        "alerts": "", "summary_json": str(tmp_path / "s.json"),
+    }
+    text = "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
+    config.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    rc, err = _main(["run", "--config", str(config)], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "s.json").read_text())["flows"] > 0
+
+
+def test_a_tls_file_that_is_no_pem_is_named(tm, tmp_path, capsys) -> None:
+    """Found: --tls-cert on a text file gave "bad TLS settings: [SSL] PEM lib
+    (_ssl.c:3905)", naming no file."""
+    cert = tmp_path / "not-a-cert.pem"
+    cert.write_text("hello\n")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("hello\n")
+    rc, err = _main(
+        [*_run(tm, tmp_path), "--broker", "mqtts://127.0.0.1:1", "--tls-ca", str(ca),
+         "--tls-cert", str(cert), "--tls-key", str(cert), "--connect-timeout", "1"],
+        capsys,
+    )
+    assert rc == 2, err
+    assert f"certificate {cert}" in err and "expected PEM files" in err
+
+
 # ------------------------------------------------------------ 5. pack-update
 
 
