@@ -71,6 +71,8 @@ def sniff_text(data: bytes, path: str) -> str:
     if len(names & _CIC_MARKERS) >= 2:
         return "cic-csv"
     # TODO(gap): headerless zeek-cut output (a plain field-name line) is not read.
+    # TODO(gap): a CSV-family header missing a marker column (UNSW without sbytes,
+    # binetflow without SrcAddr) is "unknown format", not named as missing.
     if b"\x00" in head[:512]:
         what = "binary data"
     else:
