@@ -41,8 +41,10 @@ def test_alerts_escape_control_characters_and_bound_lengths(tmp_path, capsys):
     path = tmp_path / "a.sqlite"
     evil_ip = "\x1b[2J\x1b[H" + "A" * 5000
     _store_with(path, src_ip=evil_ip, proto_name="tcp\x07\r\x9b", score=1e300)
-    assert main(["alerts", "--store", str(path)]) == 0
+    # A teacher score of 1e300 is no score the protocol allows: a damaged field.
+    assert main(["alerts", "--store", str(path)]) == 4
     out = capsys.readouterr().out
+    assert out.rstrip("\n").endswith("  damaged: teacher_score")
     line = out.rstrip("\n")
     assert "\n" not in line and "\r" not in line
     assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in line)
