@@ -41,7 +41,8 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -556,22 +557,24 @@ class AlertStore:
             f"INSERT OR IGNORE INTO escalations ({','.join(_COLUMNS)}) "
             f"VALUES ({','.join('?' * len(_COLUMNS))})"
         )
-        out = []
+        with self._writing(f"{len(rows)} escalations") as db:
+            return [db.execute(sql, row).rowcount == 1 for row in rows]
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock: committed whole, or rolled back
+        whole and raised as :class:`StoreError` ("cannot write WHAT: reason")."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                for row in rows:
-                    out.append(self._db.execute(sql, row).rowcount == 1)
+                yield self._db
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 _rollback(self._db)
-                raise StoreError(
-                    f"cannot write {len(rows)} escalations: {exc}", path=self.path
-                ) from exc
+                raise StoreError(f"cannot write {what}: {exc}", path=self.path) from exc
             except BaseException:
                 _rollback(self._db)
                 raise
-        return out
 
     def score_unscored(
         self, pairs: Iterable[tuple[dict, dict]], worker: str = ""
@@ -588,22 +591,8 @@ class AlertStore:
             "WHERE site = ? AND gateway = ? AND id = ? AND verdict IS NULL"
         )
         rows = [(*_verdict_columns(v), worker, *key(esc)) for esc, v in pairs]
-        out = []
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                for row in rows:
-                    out.append(self._db.execute(sql, row).rowcount == 1)
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                _rollback(self._db)
-                raise StoreError(
-                    f"cannot write {len(rows)} verdicts: {exc}", path=self.path
-                ) from exc
-            except BaseException:
-                _rollback(self._db)
-                raise
-        return out
+        with self._writing(f"{len(rows)} verdicts") as db:
+            return [db.execute(sql, row).rowcount == 1 for row in rows]
 
     def known(
         self, keys: Iterable[tuple[str, str, str]]
@@ -721,22 +710,10 @@ class AlertStore:
             f"INSERT INTO rejected ({','.join(columns)}) "
             f"VALUES ({','.join('?' * len(columns))})"
         )
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                seq = self._db.execute(sql, row).lastrowid
-                self._db.execute(
-                    "DELETE FROM rejected WHERE seq <= ?", (seq - self.max_rejected,)
-                )
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                _rollback(self._db)
-                raise StoreError(
-                    f"cannot write a rejected message: {exc}", path=self.path
-                ) from exc
-            except BaseException:
-                _rollback(self._db)
-                raise
+        with self._writing("a rejected message") as db:
+            seq = db.execute(sql, row).lastrowid
+            last_dropped = seq - self.max_rejected
+            db.execute("DELETE FROM rejected WHERE seq <= ?", (last_dropped,))
 
     def rejected(
         self,
