@@ -659,6 +659,15 @@ def test_revoking_and_rerunning_keep_the_crl_and_the_other_certificates(
 
 
 @pytest.mark.broker
+def _keep_client_files(strict: SecureBroker, user: str, dest: Path) -> Path:
+    """A copy of ``user``'s client certificate and key in ``dest``, as the gateway
+    keeps them (``revoke`` re-issues the deployment's own copy)."""
+    dest.mkdir()
+    for name in ("client.crt", "client.key"):
+        (dest / name).write_bytes((strict.files.clients[user] / name).read_bytes())
+    return dest
+
+
 def _cert_link(strict: SecureBroker, user: str, cert_dir: Path, **extra):
     """An MQTT v5 link of ``user`` to ``strict`` with the client certificate and
     key in ``cert_dir``."""
@@ -687,10 +696,7 @@ def test_revoked_client_certificate_is_refused_at_once_and_others_connect(tmp_pa
     strict = SecureBroker(Deployment(gateways=GATEWAYS, require_client_cert=True))
     strict.start()
     try:
-        kept = tmp_path / "g1"
-        kept.mkdir()
-        for name in ("client.crt", "client.key"):
-            (kept / name).write_bytes((strict.files.clients[G1] / name).read_bytes())
+        kept = _keep_client_files(strict, G1, tmp_path / "g1")
         tls = dict(certfile=kept / "client.crt", keyfile=kept / "client.key")
         assert check_tls_connect(HOST, strict.port, strict.ca, **tls)
         revoke_client_cert(strict.files.root, user=G1)
@@ -737,11 +743,7 @@ def test_a_certificate_revoked_while_the_link_is_up_stops_it_once(tmp_path):
     strict = SecureBroker(Deployment(gateways=GATEWAYS, require_client_cert=True))
     strict.start()
     try:
-        # The gateway keeps its files; revoke re-issues the deployment's copy.
-        kept = tmp_path / "g1"
-        kept.mkdir()
-        for name in ("client.crt", "client.key"):
-            (kept / name).write_bytes((strict.files.clients[G1] / name).read_bytes())
+        kept = _keep_client_files(strict, G1, tmp_path / "g1")
 
         revoked = _cert_link(strict, G1, kept, reconnect_max=2.0)
         fine = _cert_link(strict, G2, strict.files.clients[G2], reconnect_max=2.0)
@@ -778,10 +780,7 @@ def test_revoked_certificate_in_a_background_client_retries_for_ever(tmp_path):
     strict = SecureBroker(Deployment(gateways=GATEWAYS, require_client_cert=True))
     strict.start()
     try:
-        kept = tmp_path / "g1"
-        kept.mkdir()
-        for name in ("client.crt", "client.key"):
-            (kept / name).write_bytes((strict.files.clients[G1] / name).read_bytes())
+        kept = _keep_client_files(strict, G1, tmp_path / "g1")
         revoke_client_cert(strict.files.root, user=G1)
         strict.restart()
         probe = Probe(strict, G1, certfile=kept / "client.crt",
