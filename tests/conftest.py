@@ -72,6 +72,44 @@ class FixedTeacher:
         return np.full(len(windows), 0.7)
 
 
+class FakeServer:
+    """Stands in for ReScorer: no broker; counts like one that saw 3 messages."""
+
+    version = "fake"
+    store_error = None
+    STATS: dict = {}  # counts a test sets on top of the 3 messages
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def start(self, timeout):
+        pass
+
+    def stop(self):
+        pass
+
+    def stats(self):
+        return {"received": 3, "scored": 3, "stored": 3, "duplicates": 0,
+                "verdicts_sent": 3, "rejected": {}, "teacher_version": "fake",
+                **self.STATS}
+
+
+@pytest.fixture
+def fake_serve(monkeypatch):
+    """``teacher serve`` without a teacher or a broker: a FixedTeacher and
+    :class:`FakeServer` patched in; a test sets ``STATS`` on what it returns."""
+    import teacher.checkpoint
+    import teacher.serve
+
+    monkeypatch.setattr(
+        teacher.checkpoint, "load_teacher", lambda path, **kw: FixedTeacher()
+    )
+    monkeypatch.setattr(teacher.serve, "_set_threads", lambda *a: None)
+    monkeypatch.setattr(teacher.serve, "ReScorer", FakeServer)
+    monkeypatch.setattr(FakeServer, "STATS", {})
+    return FakeServer
+
+
 class Mosquitto:
     """A mosquitto process on 127.0.0.1 with a config written by the test."""
 

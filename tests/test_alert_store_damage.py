@@ -44,7 +44,6 @@ from teacher.serve import ReScorer
 from teacher.store import MAX_REJECTED, MAX_REJECTED_PAYLOAD, AlertStore, StoreError
 from tests.conftest import FixedTeacher, wait_for
 from tests.test_rescorer_store import _RecordingLink, _ScoreByWindow
-from tests.test_teacher_serve_cli import _FakeServer as _ServeCliFake
 
 SERVE = ["serve", "--checkpoint", "no-such-ckpt", "--broker", "mqtt://127.0.0.1:1"]
 TOPIC = "gatewatch/v1/s1/g1/escalations"
@@ -285,30 +284,6 @@ def test_a_copy_of_a_row_damaged_elsewhere_still_gets_its_verdict(tmp_path):
 
 # ---------------------------------------------------------------------------------
 # teacher serve: exit code and summary (the re-scorer faked: no broker)
-
-
-class _FakeServer(_ServeCliFake):
-    """The serve CLI tests' stand-in, with the class's ``STATS`` on top of its
-    counts."""
-
-    STATS: dict = {}
-
-    def stats(self):
-        return {**super().stats(), **self.STATS}
-
-
-@pytest.fixture
-def fake_serve(monkeypatch):
-    import teacher.checkpoint
-    import teacher.serve
-
-    monkeypatch.setattr(
-        teacher.checkpoint, "load_teacher", lambda path, **kw: FixedTeacher()
-    )
-    monkeypatch.setattr(teacher.serve, "_set_threads", lambda *a: None)
-    monkeypatch.setattr(teacher.serve, "ReScorer", _FakeServer)
-    monkeypatch.setattr(_FakeServer, "STATS", {})
-    return _FakeServer
 
 
 def test_serve_exits_1_when_escalations_failed(fake_serve, tmp_path, capsys):

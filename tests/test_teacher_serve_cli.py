@@ -17,7 +17,7 @@ from edge_agent import protocol as proto
 from flows.errors import EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE
 from teacher.cli import build_parser, main
 from teacher.store import AlertStore
-from tests.conftest import FixedTeacher
+from tests.conftest import FakeServer
 
 BIN = Path(sys.executable).parent
 SERVE = ["serve", "--checkpoint", "no-such-ckpt", "--broker", "mqtt://127.0.0.1:1"]
@@ -186,38 +186,6 @@ def test_alerts_says_a_folder_is_not_a_store(tmp_path, capsys):
     assert err.startswith(f"error: --store {tmp_path} is a folder; expected an alert")
 
 
-class _FakeServer:
-    """Stands in for ReScorer: no broker; counts like one that saw 3 messages."""
-
-    version = "fake"
-    store_error = None
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def start(self, timeout):
-        pass
-
-    def stop(self):
-        pass
-
-    def stats(self):
-        return {"received": 3, "scored": 3, "stored": 3, "duplicates": 0,
-                "verdicts_sent": 3, "rejected": {}, "teacher_version": "fake"}
-
-
-@pytest.fixture
-def fake_serve(monkeypatch):
-    import teacher.checkpoint
-    import teacher.serve
-
-    monkeypatch.setattr(
-        teacher.checkpoint, "load_teacher", lambda path, **kw: FixedTeacher()
-    )
-    monkeypatch.setattr(teacher.serve, "_set_threads", lambda *a: None)
-    monkeypatch.setattr(teacher.serve, "ReScorer", _FakeServer)
-
-
 def test_serve_exits_130_on_ctrl_c_after_its_summary(fake_serve, tmp_path,
                                                      monkeypatch, capsys):
     import threading
@@ -243,7 +211,7 @@ def test_serve_reports_stats_it_cannot_write_on_stderr(fake_serve, tmp_path,
     folder.mkdir()
     stats = folder / "stats.json"
 
-    class Vanishing(_FakeServer):
+    class Vanishing(FakeServer):
         def start(self, timeout):  # the folder goes while serving
             folder.rmdir()
 
