@@ -35,7 +35,9 @@ from teacher.data import Prepared
 from teacher.metrics import binary_metrics, choose_threshold
 from teacher.model import TeacherConfig, TeacherNet
 
-__all__ = ["TrainConfig", "TrainResult", "dist_info", "fit", "score_rows"]
+__all__ = [
+    "TrainConfig", "TrainResult", "dist_info", "fit", "score_rows", "watched_rows",
+]
 
 # Samples per epoch unless told otherwise (the NSL-KDD tuning used 40 000).
 EPOCH_SAMPLES = 40_000
@@ -59,7 +61,13 @@ class TrainConfig:
     ``feature_dropout`` zeroes each encoded feature of a training window with that
     probability, so the model cannot lean on a few features alone.
     ``stop_on`` picks what early stopping watches on validation: the loss (lower
-    is better) or the best-threshold F1 (higher is better).
+    is better) or the best-threshold F1 (higher is better). ``stop_rows`` picks the
+    validation rows it watches: ``all``, or ``seen``: benign rows and rows of the
+    label types that training holds, so that held-out (novel) types, whose loss
+    climbs as soon as the known ones are fitted, do not stop training early; the
+    threshold is still chosen on every validation row. ``schedule`` ``cosine``
+    decays the learning rate to zero over ``epochs`` (per step); ``keep`` ``last``
+    trains every epoch and keeps the final weights instead of the best epoch's.
     """
 
     epochs: int = 50
@@ -81,6 +89,9 @@ class TrainConfig:
     ema: float = 0.0
     feature_dropout: float = 0.0
     stop_on: str = "loss"
+    stop_rows: str = "all"
+    schedule: str = "constant"
+    keep: str = "best"
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,6 +101,12 @@ class TrainConfig:
             problems.append("ema must be in [0, 1)")
         if self.stop_on not in ("loss", "f1"):
             problems.append("stop_on must be 'loss' or 'f1'")
+        if self.stop_rows not in ("all", "seen"):
+            problems.append("stop_rows must be 'all' or 'seen'")
+        if self.schedule not in ("constant", "cosine"):
+            problems.append("schedule must be 'constant' or 'cosine'")
+        if self.keep not in ("best", "last"):
+            problems.append("keep must be 'best' or 'last'")
         if not 0.0 <= self.feature_dropout < 1.0:
             problems.append("feature_dropout must be in [0, 1)")
         if self.epochs < 1 or self.patience < 1:
@@ -205,6 +222,28 @@ def _smote(
     return flat.reshape(-1, w, f).astype(np.float32), labels.astype(np.int64)
 
 
+def watched_rows(
+    prep: Prepared, train_rows: np.ndarray, val_rows: np.ndarray, stop_rows: str
+) -> np.ndarray:
+    """Mask over ``val_rows``: the rows early stopping watches (see TrainConfig).
+
+    ``seen`` keeps benign rows and rows whose label text (``prep.details``) is one
+    of the malicious types among ``train_rows``. Without label texts, or where that
+    leaves one class only, every row is watched.
+    """
+    every = np.ones(len(val_rows), dtype=bool)
+    if stop_rows == "all" or prep.details is None:
+        return every
+    details = prep.details.astype(str)
+    y_tr, y_va = prep.y[train_rows], prep.y[val_rows]
+    seen_types = np.unique(details[train_rows][y_tr == 1])
+    mask = (y_va == 0) | np.isin(details[val_rows], seen_types)
+    if np.unique(y_va[mask]).size < 2:
+        logger.warning("stop_rows=seen leaves one class in validation; watching all")
+        return every
+    return mask
+
+
 def _epoch_order(
     y: np.ndarray, n: int, balance: bool, seed: int, epoch: int
 ) -> np.ndarray:
@@ -273,6 +312,7 @@ def fit(
             f"{tr.size} and {va.size}; {why}")
     y_tr = prep.y[tr].astype(np.int64)
     y_va = prep.y[va].astype(np.float64)
+    watch_mask = watched_rows(prep, tr, va, tc.stop_rows)
     present = np.unique(y_tr if extra_train is None
                         else np.concatenate([y_tr, extra_train[1]]))
     if present.size < 2:
@@ -332,6 +372,9 @@ def fit(
     per_rank = max(2, tc.batch_size // world)
     n_samples = tc.samples_per_epoch or min(len(y_tr), EPOCH_SAMPLES)
     steps = max(1, n_samples // (per_rank * world))
+    sched = None
+    if tc.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs * steps)
 
     history: list[dict[str, Any]] = []
     best_loss, best_epoch, best_state, stale = math.inf, 0, None, 0
@@ -363,6 +406,8 @@ def fit(
             scaler.update()
             if averaged is not None:
                 averaged.update_parameters(model)
+            if sched is not None:
+                sched.step()
             total += float(loss.detach()) * len(mine)
             seen += len(mine)
 
@@ -382,9 +427,16 @@ def fit(
         record = {
             "epoch": epoch, "train_loss": total / max(seen, 1), "val_loss": val_loss,
             "val_f1": m["f1"], "val_accuracy": m["accuracy"], "val_auc": m["roc_auc"],
-            "val_threshold": cut, "seconds": time.monotonic() - t0,
+            "val_threshold": cut, "lr": opt.param_groups[0]["lr"],
+            "seconds": time.monotonic() - t0,
             "elapsed_s": time.monotonic() - start_time,
         }
+        if not watch_mask.all():
+            z_w, y_w = z[watch_mask], y_va[watch_mask]
+            record["watch_loss"] = _bce(y_w, z_w)
+            cut_w = choose_threshold(y_w, _sigmoid(z_w), tc.threshold_rule,
+                                     tc.target_fpr)
+            record["watch_f1"] = binary_metrics(y_w, _sigmoid(z_w), cut_w)["f1"]
         history.append(record)
         if target_f1 is not None and reached_at is None and m["f1"] >= target_f1:
             reached_at = {"epoch": epoch, "elapsed_s": record["elapsed_s"]}
@@ -392,9 +444,13 @@ def fit(
             on_epoch(record)
         logger.debug("epoch %d: %s", epoch, record)
 
-        # Early stopping on validation loss (or -F1); keep the best weights.
-        watch = val_loss if tc.stop_on == "loss" else -m["f1"]
-        if watch < best_watch - 1e-6:
+        # Early stopping on validation loss (or -F1) of the watched rows; keep the
+        # best weights (or, with keep=last, every epoch's until the last).
+        if tc.stop_on == "loss":
+            watch = record.get("watch_loss", val_loss)
+        else:
+            watch = -record.get("watch_f1", m["f1"])
+        if tc.keep == "last" or watch < best_watch - 1e-6:
             best_watch, best_loss, best_epoch, stale = watch, val_loss, epoch, 0
             best_state = copy.deepcopy({k: v.detach().cpu()
                                         for k, v in watched.state_dict().items()})
@@ -402,7 +458,7 @@ def fit(
             stale += 1
         over_time = tc.max_minutes is not None and \
             (time.monotonic() - start_time) / 60 > tc.max_minutes
-        if stale >= tc.patience or over_time:
+        if (stale >= tc.patience and tc.keep == "best") or over_time:
             break
 
     # Best weights, then the threshold on validation scores.

@@ -11,7 +11,7 @@ from flows.windows import window_index
 from teacher.data import Prepared, concat, holdout_types, stratified_split
 from teacher.metrics import binary_metrics, choose_threshold
 from teacher.model import TeacherConfig
-from teacher.train import TrainConfig, _epoch_order, _smote, fit
+from teacher.train import TrainConfig, _epoch_order, _smote, fit, watched_rows
 
 SMALL = {"conv_filters": (8,), "lstm_hidden": 8, "dense": (8,), "dropout": 0.1}
 
@@ -167,3 +167,60 @@ def test_regularisers_are_validated_and_change_training():
         other = fit(prep, _config(prep), TrainConfig(
             **{**base.__dict__, **change})).model.state_dict()
         assert not all(torch.equal(plain[k], other[k]) for k in plain), change
+
+
+def test_stop_rows_seen_watches_benign_and_trained_types_only():
+    prep = synthetic(n=400)
+    details = np.where(prep.y == 1, "known", "normal").astype(object)
+    va = prep.rows("val")
+    novel = va[prep.y[va] == 1][::2]  # half the malicious val rows: a type not trained
+    details[novel] = "novel"
+    prep.details = details
+    tr = prep.rows("train")
+    mask = watched_rows(prep, tr, va, "seen")
+    assert mask.sum() == len(va) - len(novel)
+    assert not mask[np.isin(va, novel)].any()
+    assert mask[prep.y[va] == 0].all()
+    assert watched_rows(prep, tr, va, "all").all()
+
+    # Training records the watched loss apart and stops on it.
+    res = fit(prep, _config(prep), TrainConfig(epochs=3, batch_size=32,
+                                                stop_rows="seen"))
+    z = res.model.eval()(torch.from_numpy(prep.windows(va))).detach().double()
+    y = torch.from_numpy(prep.y[va].astype(np.float64))
+    watch = torch.nn.functional.binary_cross_entropy_with_logits(
+        z[torch.from_numpy(mask)], y[torch.from_numpy(mask)])
+    best = res.history[res.best_epoch - 1]
+    assert best["watch_loss"] == pytest.approx(float(watch), rel=1e-5)
+    assert best["watch_loss"] == min(h["watch_loss"] for h in res.history)
+
+
+def test_cosine_schedule_and_keep_last():
+    for bad in ({"stop_rows": "some"}, {"schedule": "step"}, {"keep": "first"}):
+        with pytest.raises(Exception, match="must be"):
+            TrainConfig(**bad)
+    prep = synthetic(seed=1)
+
+    # keep=last runs every epoch even when validation stops improving, and the
+    # weights returned are the last epoch's (their val loss is the last record's).
+    res = fit(prep, _config(prep), TrainConfig(epochs=8, patience=1, batch_size=16,
+                                                lr=1e-2, keep="last"))
+    assert res.epochs_run == 8 and res.best_epoch == 8
+    va = prep.rows("val")
+    with torch.no_grad():
+        z = res.model.eval()(torch.from_numpy(prep.windows(va))).double()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        z, torch.from_numpy(prep.y[va].astype(np.float64)))
+    assert float(loss) == pytest.approx(res.history[-1]["val_loss"], rel=1e-5)
+
+    # The cosine schedule decays the rate to zero by the last epoch; constant keeps it.
+    assert [h["lr"] for h in res.history] == [1e-2] * 8
+    base = TrainConfig(epochs=4, batch_size=32, keep="last")
+    plain = fit(prep, _config(prep), base)
+    cos = fit(prep, _config(prep), TrainConfig(**{**base.__dict__,
+                                                  "schedule": "cosine"}))
+    rates = [h["lr"] for h in cos.history]
+    assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0)
+    assert rates[1] == pytest.approx(base.lr * (1 + np.cos(np.pi / 2)) / 2)
+    weights = plain.model.state_dict()
+    assert not all(torch.equal(weights[k], cos.model.state_dict()[k]) for k in weights)
