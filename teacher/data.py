@@ -127,10 +127,8 @@ def holdout_types(
 
 
 def _registry() -> dict[str, Any]:
-    try:
-        from flows.datasets import REGISTRY
-    except ImportError:  # TODO(gap): drop once flows.datasets is always present
-        return {}
+    from flows.datasets import REGISTRY
+
     return REGISTRY
 
 

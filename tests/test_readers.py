@@ -314,6 +314,63 @@ def test_detection_uses_content_not_name(tmp_path):
     assert detect_format(json_path) == "zeek-json"
 
 
+UNSW_NO_SBYTES = "id,dur,attack_cat,label\n1,0,Normal,0\n"
+ARGUS = "an Argus binetflow file"
+
+
+@pytest.mark.parametrize(
+    ("header", "what", "missing"),
+    [
+        ("id,dur,attack_cat,label", "a UNSW-NB15 CSV", "sbytes"),
+        ("id,dur,sbytes,label", "a UNSW-NB15 CSV", "attack_cat"),
+        ("StartTime,Dur,Proto,SourceAddr,DstAddr", ARGUS, "SrcAddr"),
+        ("Time\tProto\tSrcAddr\tDstAddr", ARGUS, "StartTime"),
+        ("starttime,proto,srcaddr,daddr", ARGUS, "DstAddr"),
+    ],
+)
+def test_a_csv_header_missing_one_marker_names_the_column(
+    tmp_path, header, what, missing
+):
+    """A header with most of a format's marker columns is named with what it lacks,
+    not reported as an unknown format."""
+    path = write(tmp_path, "near.csv", header + "\n1,2,3,4\n")
+    expected = (
+        f"{path}, line 1, column {missing!r}: looks like {what} "
+        f"but the header has no {missing!r} column"
+    )
+    for attempt in (read, detect_format, lambda p: list(iter_records(p))):
+        with pytest.raises(BadInputError) as info:
+            attempt(path)
+        err = info.value
+        assert not isinstance(err, PartialInputError) and err.exit_code == 3
+        assert (err.path, err.line, err.column) == (str(path), 1, missing)
+        assert str(err) == expected
+
+
+def test_a_header_after_blank_lines_is_named_at_its_own_line(tmp_path):
+    path = write(tmp_path, "u.csv", b"\xef\xbb\xbf\n\r\n" + UNSW_NO_SBYTES.encode())
+    with pytest.raises(BadInputError) as info:
+        read(path)
+    assert info.value.line == 3 and "no 'sbytes' column" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "hello,world",
+        "StartTime,value",  # one of binetflow's three markers
+        " Flow Duration, Something Else",  # one of CIC's five
+        "label,attack,text",
+    ],
+)
+def test_a_header_with_few_markers_is_still_an_unknown_format(tmp_path, header):
+    path = write(tmp_path, "x.csv", header + "\n1,2\n")
+    with pytest.raises(BadInputError) as info:
+        read(path)
+    assert str(info.value).startswith(f"{path}: unknown format (first line ")
+    assert info.value.line is None and info.value.exit_code == 3
+
+
 # ------------------------------------------------------------------- labels
 
 LABEL_FIELDS = FIELDS + ["label", "detailedlabel"]
@@ -530,6 +587,45 @@ def test_nsl_kdd_bad_number(tmp_path):
     assert read(path, on_error="skip").skipped == 1
 
 
+@pytest.mark.parametrize(
+    ("index", "column"), [(0, "duration"), (4, "src_bytes"), (5, "dst_bytes")]
+)
+def test_nsl_kdd_negative_duration_or_bytes_is_a_bad_row(tmp_path, index, column):
+    values = KDD_ROW.split(",")
+    values[index] = "-7"
+    bad = ",".join(values)
+    text = f"{KDD_ROW},normal,21\n{bad},neptune,20\n{KDD_ROW},normal,9\n"
+    path = write(tmp_path, "k.txt", text)
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    err = info.value
+    assert (err.line, err.column, err.exit_code) == (2, column, 4)
+    expected = f"{path}, line 2, column {column!r}: expected a number >= 0, found -7"
+    assert str(err) == expected
+    assert err.result.table.num_rows == 1
+
+    result = read(path, on_error="skip")
+    assert result.skipped == 1 and result.stats["skipped_lines"] == [2]
+    assert result.table.column("difficulty").to_pylist() == [21, 9]
+    assert (
+        f"skipped 1 bad line(s); the first at line 2, column {column!r}: "
+        "expected a number >= 0, found -7" in result.warnings[0]
+    )
+
+
+def test_nsl_kdd_csv_with_header_negative_duration_is_named_at_its_line(tmp_path):
+    from flows.readers.nslkdd import KDD_FEATURES
+
+    head = ",".join(KDD_FEATURES + ("class", "level"))
+    bad = KDD_ROW.replace("0,tcp", "-1,tcp", 1)
+    path = write(tmp_path, "k.csv", f"{head}\n{bad},normal,21\n")
+    with pytest.raises(BadInputError) as info:  # the first row: nothing kept
+        read(path)
+    assert not isinstance(info.value, PartialInputError)
+    assert (info.value.line, info.value.column) == (2, "duration")
+    assert read(path, on_error="skip").table.num_rows == 0
+
+
 # ---------------------------------------------------------------- binetflow
 
 BINET_HEAD = (
@@ -591,6 +687,40 @@ def test_binetflow_tab_and_missing_srcpkts(tmp_path):
     assert rec["resp_ip_bytes"] == 136 and rec["label"] == 0
 
 
+def _binet_row(tot_pkts, tot_bytes, src_bytes, src_pkts):
+    return (
+        "2011/08/10 09:46:53.0,1,tcp,10.0.0.1,1027,   ->,10.0.0.2,80,S_RA,0,0,"
+        f"{tot_pkts},{tot_bytes},{src_bytes},{src_pkts},flow=From-Botnet"
+    )
+
+
+@pytest.mark.parametrize(
+    ("counts", "column", "message"),
+    [
+        ((4, -5, 60, 2), "TotBytes", "expected a number >= 0, found -5"),
+        ((4, 100, 124, 2), "TotBytes", "expected at least SrcBytes (124), found 100"),
+        ((-1, 244, 124, 2), "TotPkts", "expected a number >= 0, found -1"),
+        ((1, 244, 124, 2), "TotPkts", "expected at least SrcPkts (2), found 1"),
+        # one of the pair not a number: that one is named (as before this fix)
+        ((4, 244, "abc", 2), "SrcBytes", "expected an integer, found 'abc'"),
+        ((4, "abc", 124, 2), "TotBytes", "expected an integer, found 'abc'"),
+    ],
+)
+def test_binetflow_total_below_its_part_names_the_total(
+    tmp_path, counts, column, message
+):
+    rows = [_binet_row(4, 244, 124, 2), _binet_row(*counts), _binet_row(4, 244, 124, 2)]
+    path = write(tmp_path, "t.binetflow", BINET_HEAD + "\n" + "\n".join(rows) + "\n")
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    err = info.value
+    assert (err.line, err.column) == (3, column)
+    assert str(err) == f"{path}, line 3, column {column!r}: {message}"
+    result = read(path, on_error="skip")
+    assert result.skipped == 1 and result.stats["skipped_lines"] == [3]
+    assert result.table.column("resp_ip_bytes").to_pylist() == [120, 120]
+
+
 # -------------------------------------------------------------- UNSW and CIC
 
 
@@ -640,6 +770,92 @@ def test_cic_names_duplicates_repeated_headers_and_non_finite(tmp_path):
     assert result.stats["non_finite"] == 4
     assert t.column("label").to_pylist() == [0, 1, 1]
     assert t.column("label_detail").to_pylist() == ["BENIGN", "DDoS", "SSH-Patator"]
+
+
+UNSW_HEAD = "id,dur,proto,service,state,spkts,dpkts,sbytes,dbytes,rate,attack_cat,label"
+UNSW_ROW = "1,0.5,tcp,-,FIN,2,2,100,200,4.0,Normal,0"
+
+
+@pytest.mark.parametrize("column", ["dur", "spkts", "dpkts", "sbytes", "dbytes"])
+def test_unsw_negative_duration_or_count_is_a_bad_row(tmp_path, column):
+    values = UNSW_ROW.split(",")
+    values[UNSW_HEAD.split(",").index(column)] = "-2.5"
+    rows = [UNSW_ROW, ",".join(values), "3,0,udp,dns,INT,0,0,0,0,0,Exploits,1"]
+    path = write(tmp_path, "u.csv", "\n".join([UNSW_HEAD] + rows) + "\n")
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    err = info.value
+    assert (err.line, err.column, err.exit_code) == (3, column, 4)
+    expected = f"{path}, line 3, column {column!r}: expected a number >= 0, found -2.5"
+    assert str(err) == expected
+    assert err.result.table.num_rows == 1
+
+    result = read(path, on_error="skip")
+    assert result.skipped == 1 and result.stats["skipped_lines"] == [3]
+    assert result.table.column(column).to_pylist() == [
+        float(UNSW_ROW.split(",")[UNSW_HEAD.split(",").index(column)]),
+        0.0,  # zero is a count
+    ]
+    assert (
+        f"the first at line 3, column {column!r}: expected a number >= 0, found -2.5"
+        in result.warnings[0]
+    )
+
+
+def test_unsw_negative_first_row_is_bad_input(tmp_path):
+    bad = UNSW_ROW.replace(",100,200,", ",-100,200,")
+    path = write(tmp_path, "u.csv", f"{UNSW_HEAD}\n{bad}\n{UNSW_ROW}\n")
+    with pytest.raises(BadInputError) as info:
+        read(path)
+    assert not isinstance(info.value, PartialInputError)
+    assert (info.value.line, info.value.column) == (2, "sbytes")
+    assert info.value.exit_code == 3
+
+
+def test_cic_negative_duration_or_total_is_a_bad_row_other_negatives_stay(tmp_path):
+    head = (
+        " Flow Duration, Total Fwd Packets, Total Length of Fwd Packets,"
+        " Init_Win_bytes_forward, Flow IAT Min, Label"
+    )
+    rows = [
+        "100,2,80,-1,-3,BENIGN",  # -1: no window seen; IATs are not checked
+        "-12,2,80,8192,5,BENIGN",
+        "100,-2,80,8192,5,DoS",
+        "100,2,-80,8192,5,DoS",
+        "Infinity,0,0,8192,5,BENIGN",  # the CIC rule: null, not bad
+    ]
+    path = write(tmp_path, "cic.csv", "\n".join([head] + rows) + "\n")
+    result = read(path, on_error="skip")
+    assert result.skipped == 3 and result.stats["skipped_lines"] == [3, 4, 5]
+    t = result.table
+    assert t.column("Init_Win_bytes_forward").to_pylist() == [-1.0, 8192.0]
+    assert t.column("Flow IAT Min").to_pylist() == [-3.0, 5.0]
+    assert t.column("Flow Duration").to_pylist() == [100.0, None]
+    assert (
+        "the first at line 3, column 'Flow Duration': expected a number >= 0, "
+        "found -12.0" in result.warnings[1]
+    )
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    assert (info.value.line, info.value.column) == (3, "Flow Duration")
+    assert str(info.value) == (
+        f"{path}, line 3, column 'Flow Duration': expected a number >= 0, found -12.0"
+    )
+
+
+@pytest.mark.parametrize(
+    "column", ["Tot Fwd Pkts", "Tot Bwd Pkts", "TotLen Fwd Pkts", "TotLen Bwd Pkts"]
+)
+def test_cic_2018_total_names_are_checked_too(tmp_path, column):
+    names = ["Dst Port", "Flow Duration", "Tot Fwd Pkts", "Tot Bwd Pkts",
+             "TotLen Fwd Pkts", "TotLen Bwd Pkts", "Flow IAT Mean", "Label"]
+    good = ["80", "5", "1", "1", "40", "40", "2.5", "Benign"]
+    bad = list(good)
+    bad[names.index(column)] = "-1"
+    text = "\n".join(",".join(r) for r in (names, good, bad)) + "\n"
+    with pytest.raises(PartialInputError) as info:
+        read(write(tmp_path, "c.csv", text))
+    assert (info.value.line, info.value.column) == (3, column)
 
 
 # ------------------------------------------------- writing and round trips

@@ -47,7 +47,7 @@ from flows.readers._source import Source
 from flows.readers._table import header_and_body, split_rows
 from flows.readers.labels import ctu_label
 from flows.readers.result import ReadResult
-from flows.record import CONN_FIELD_NAMES, conn_schema
+from flows.record import CONN_FIELD_NAMES, conn_schema, count_problem
 
 REQUIRED = ("StartTime", "Proto", "SrcAddr", "DstAddr")
 
@@ -207,16 +207,22 @@ def _start_time(arr: pa.Array, bad: BadRows) -> pa.Array:
 def _rest(
     total: pa.Array, part: pa.Array, part_name: str, total_name: str, bad: BadRows
 ) -> pa.Array:
-    """``total - part``, noting rows where the part is larger than the total."""
+    """``total - part``: the responder's share of a total that counts both sides.
+
+    A row where it comes out below 0 is a bad row named by the total's column: a
+    total below 0 is not a count, and otherwise it was expected to hold the part.
+    """
     rest = pc.subtract(total, part)
     negative = pc.less(rest, 0)
     if pc.any(negative).as_py():
         for row in np.flatnonzero(np.asarray(negative.fill_null(False))):
+            whole = total[row].as_py()
             bad.add(
                 int(row),
-                part_name,
-                f"{part_name} {part[row].as_py()} is larger "
-                f"than {total_name} {total[row].as_py()}",
+                total_name,
+                count_problem(whole)
+                or f"expected at least {part_name} ({part[row].as_py()}), "
+                f"found {whole}",
             )
     return rest
 

@@ -3,7 +3,9 @@
 UNSW-NB15: the UTF-8 BOM and CRLF endings are handled; ``id`` is dropped; ``proto``,
 ``service`` and ``state`` stay text (``service`` ``-`` means none and reads as
 null); every other feature is float64; ``label`` is checked to be 0 or 1 and
-``attack_cat`` becomes ``label_detail``.
+``attack_cat`` becomes ``label_detail``. A negative duration or byte/packet total
+(``dur``, ``spkts``, ``dpkts``, ``sbytes``, ``dbytes``) makes the row a bad row, as in
+the Zeek readers.
 
 CICFlowMeter: column names are stripped of spaces; a name that repeats (CIC-IDS2017
 has ``Fwd Header Length`` twice) gets ``_2``, ``_3``... and a warning; header rows
@@ -13,7 +15,11 @@ repeated inside the file (files joined with ``cat``) are dropped and counted in
 their count is ``stats["non_finite"]`` (with a warning). The identifying columns
 (flow id, addresses, timestamp) stay text; ``Label`` ``BENIGN`` (any case) -> 0,
 any other text -> 1, empty -> null; ``label_detail`` is the label as written.
-A file that is not UTF-8 is read as Windows-1252 (CIC-IDS2017's Thursday file is).
+A negative ``Flow Duration`` or packet/byte total (``Total Fwd Packets``,
+``TotLen Bwd Pkts``... in any of CICFlowMeter's spellings) makes the row a bad row;
+other columns may be below 0 (``Init_Win_bytes_forward`` is -1 when no window was
+seen) and are left as written. A file that is not UTF-8 is read as Windows-1252
+(CIC-IDS2017's Thursday file is).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from flows.errors import BadInputError
 from flows.readers._convert import (
     BadRows,
     check_addresses,
+    check_counts,
     check_ports,
     to_number,
     value_counts,
@@ -56,11 +63,29 @@ PORT_COLUMNS = {
     "sport",
     "dsport",
 }
+# Durations and packet/byte totals, which are never below 0 (lower case). UNSW-NB15
+# defines none of its features as negative; only these are checked, as Zeek's are.
+UNSW_COUNTS = {"dur", "spkts", "dpkts", "sbytes", "dbytes"}
+# CICFlowMeter's names for them: CIC-IDS2017, CSE-CIC-IDS2018, CICFlowMeter-V4.
+CIC_COUNTS = {
+    "flow duration",
+    "total fwd packets",
+    "total backward packets",
+    "total length of fwd packets",
+    "total length of bwd packets",
+    "tot fwd pkts",
+    "tot bwd pkts",
+    "totlen fwd pkts",
+    "totlen bwd pkts",
+    "total fwd packet",
+    "total bwd packets",
+    "total length of fwd packet",
+    "total length of bwd packet",
+}
 
 
 def read_unsw(src: Source, on_error: str) -> ReadResult:
     """Read a UNSW-NB15 CSV into the unsw-nb15 feature family."""
-    # TODO(gap): negative durations and byte counts are taken (Zeek's readers refuse).
     first, body = header_and_body(src.data)
     names = [n.strip() for n in first.split(",")]
     for name in ("label", "attack_cat"):
@@ -83,7 +108,10 @@ def read_unsw(src: Source, on_error: str) -> ReadResult:
             arrays.append(arr)
             fields.append(pa.field(name, pa.string()))
         else:
-            arrays.append(to_number(arr, "f64", name, bad)[0])
+            values = to_number(arr, "f64", name, bad)[0]
+            if name.lower() in UNSW_COUNTS:
+                check_counts(values, name, bad)
+            arrays.append(values)
             fields.append(pa.field(name, pa.float64()))
 
     label_text = pc.utf8_trim_whitespace(
@@ -171,6 +199,8 @@ def read_cic(src: Source, on_error: str) -> ReadResult:
             fields.append(pa.field(name, pa.string()))
             continue
         values, count = to_number(arr, "f64", name, bad, non_finite_null=True)
+        if name.lower() in CIC_COUNTS:
+            check_counts(values, name, bad)
         non_finite += count
         arrays.append(values)
         fields.append(pa.field(name, pa.float64()))

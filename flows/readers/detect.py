@@ -24,6 +24,14 @@ FORMATS = (
     "pcapng",
 )
 
+# Columns a CSV-family header must hold to be read as that format, as written in
+# the datasets (matched in any case), and how an error names the format.
+_BINETFLOW_MARKERS = ("StartTime", "SrcAddr", "DstAddr")
+_UNSW_MARKERS = ("attack_cat", "sbytes")
+_NEAR_MISSES = (
+    ("an Argus binetflow file", _BINETFLOW_MARKERS),
+    ("a UNSW-NB15 CSV", _UNSW_MARKERS),
+)
 _CIC_MARKERS = {
     "flow duration",
     "flow bytes/s",
@@ -64,15 +72,23 @@ def sniff_text(data: bytes, path: str) -> str:
         return "nsl-kdd"
     sep = "\t" if first.count("\t") > first.count(",") else ","
     names = {f.strip().lower() for f in first.split(sep)}
-    if {"starttime", "srcaddr", "dstaddr"} <= names:
+    if {m.lower() for m in _BINETFLOW_MARKERS} <= names:
         return "binetflow"
-    if {"attack_cat", "sbytes"} <= names:
+    if {m.lower() for m in _UNSW_MARKERS} <= names:
         return "unsw-nb15"
     if len(names & _CIC_MARKERS) >= 2:
         return "cic-csv"
     # TODO(gap): headerless zeek-cut output (a plain field-name line) is not read.
-    # TODO(gap): a CSV-family header missing a marker column (UNSW without sbytes,
-    # binetflow without SrcAddr) is "unknown format", not named as missing.
+    near = _near_miss(names)
+    if near is not None and b"\x00" not in head[:512]:
+        what, missing = near
+        listed = " or ".join(repr(m) for m in missing)
+        raise BadInputError(
+            f"looks like {what} but the header has no {listed} column",
+            path=path,
+            line=head[: len(head) - len(text)].count(b"\n") + 1,
+            column=missing[0] if len(missing) == 1 else None,
+        )
     if b"\x00" in head[:512]:
         what = "binary data"
     else:
@@ -82,3 +98,19 @@ def sniff_text(data: bytes, path: str) -> str:
         path=path,
         line=None,
     )
+
+
+def _near_miss(names: set[str]) -> tuple[str, list[str]] | None:
+    """The CSV family a header almost names, and the marker columns it lacks.
+
+    Used to say what is missing instead of "unknown format": only a header with at
+    least half of one family's markers counts, so a random CSV stays unknown. When
+    two families qualify, the one with the larger share of its markers is named.
+    """
+    best: tuple[float, str, list[str]] | None = None
+    for what, markers in _NEAR_MISSES:
+        missing = [m for m in markers if m.lower() not in names]
+        share = (len(markers) - len(missing)) / len(markers)
+        if missing and share >= 0.5 and (best is None or share > best[0]):
+            best = (share, what, missing)
+    return None if best is None else (best[1], best[2])

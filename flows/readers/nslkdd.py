@@ -6,6 +6,8 @@ holds the 41 features, then ``label`` (1 for any attack, 0 for normal),
 ``label_detail`` (the attack name as written), ``attack_family`` (normal, DoS,
 Probe, R2L, U2R; null with a warning for a name outside the standard map) and
 ``difficulty`` (null in the ARFF files, which lack it; never a feature).
+A negative ``duration``, ``src_bytes`` or ``dst_bytes`` makes the row a bad row, as
+in the Zeek readers (the other features are not range-checked).
 The ARFF files label rows only ``normal``/``anomaly``: their family is null.
 CSV copies with a header line (as shared on Kaggle) are read by column name: the
 41 features, a label column (``label``, ``class``, ``attack``...) and, when there,
@@ -15,7 +17,7 @@ a difficulty column (``difficulty``, ``level``...), in any order.
 from __future__ import annotations
 
 from flows.errors import BadInputError
-from flows.readers._convert import BadRows, to_number, value_counts
+from flows.readers._convert import BadRows, check_counts, to_number, value_counts
 from flows.readers._finish import Problem, finish
 from flows.readers._lazy import LazyModule
 from flows.readers._source import Source
@@ -70,6 +72,8 @@ KDD_FEATURES: tuple[str, ...] = (
     "dst_host_srv_rerror_rate",
 )
 KDD_TEXT = ("protocol_type", "service", "flag")
+# The duration and byte counts: checked to be >= 0 like Zeek's.
+KDD_COUNTS = ("duration", "src_bytes", "dst_bytes")
 
 
 def kdd_kind(name: str) -> str:
@@ -119,7 +123,6 @@ def kdd_header(first_line: str) -> list[str] | None:
 
 def read_kdd(src: Source, on_error: str) -> ReadResult:
     """Read an NSL-KDD text, CSV-with-header or ARFF file into the nsl-kdd family."""
-    # TODO(gap): negative byte counts and durations are taken (Zeek refuses them).
     data = src.data[3:] if src.data.startswith(b"\xef\xbb\xbf") else src.data
     start_line = 1
     arff = data.lstrip()[:1] in (b"@", b"%")
@@ -162,7 +165,10 @@ def read_kdd(src: Source, on_error: str) -> ReadResult:
         if kind == "str":
             arrays.append(pc.utf8_trim(col, "'\" "))
         else:
-            arrays.append(to_number(pc.utf8_trim_whitespace(col), kind, name, bad)[0])
+            values = to_number(pc.utf8_trim_whitespace(col), kind, name, bad)[0]
+            if name in KDD_COUNTS:
+                check_counts(values, name, bad)
+            arrays.append(values)
 
     label_text = pc.utf8_trim(column("label"), "'\" .")
     lowered = pc.utf8_lower(label_text)
