@@ -156,6 +156,17 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
                         "(default 0)")
     p.add_argument("--stop-on", choices=("loss", "f1"), default=None,
                    help="what early stopping watches on validation (default loss)")
+    p.add_argument("--stop-rows", choices=("all", "seen"), default=None,
+                   help="validation rows early stopping watches: all, or seen "
+                        "(benign rows and attack types present in training; the "
+                        "threshold still uses every row) (default all)")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default=None,
+                   help="learning rate over training: constant, or cosine decay to "
+                        "0 over --epochs (default constant)")
+    p.add_argument("--keep", choices=("best", "last"), default=None,
+                   help="weights kept: the best validation epoch's (early "
+                        "stopping), or the last epoch's after every epoch has "
+                        "run (default best)")
 
 
 def _grid_default(flag: str) -> str:
@@ -368,7 +379,8 @@ def _train_config(args: argparse.Namespace, **defaults: Any) -> Any:
               samples_per_epoch=args.samples_per_epoch, device=args.device,
               max_minutes=args.max_minutes)
     for name in ("lr", "weight_decay", "batch_size", "input_noise", "label_smoothing",
-                 "ema", "feature_dropout", "stop_on"):
+                 "ema", "feature_dropout", "stop_on", "stop_rows", "schedule",
+                 "keep"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return TrainConfig(**kw)

@@ -221,6 +221,26 @@ def test_bins_and_subspace_from_the_command_line(slices, tmp_path, capsys):
     assert not np.array_equal(masks[0].numpy(), masks[1].numpy())
 
 
+def test_schedule_keep_and_stop_rows_from_the_command_line(slices, tmp_path, capsys):
+    out = tmp_path / "cos"
+    code = main(["train", "--data", str(slices[0]), "--out", str(out), "--epochs", "3",
+                 "--patience", "1", "--batch-size", "64", "--conv-filters", "8",
+                 "--lstm-hidden", "8", "--dense", "8", "--members", "1",
+                 "--samples-per-epoch", "256", "--replay-size", "0", "-q",
+                 "--schedule", "cosine", "--keep", "last", "--stop-rows", "seen"])
+    assert code == 0, capsys.readouterr().err
+    used = json.loads((out / "provenance.json").read_text())["train_config"]
+    assert (used["schedule"], used["keep"], used["stop_rows"]) == (
+        "cosine", "last", "seen")
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 3  # keep=last runs every epoch whatever patience says
+    assert history[-1]["lr"] == pytest.approx(0, abs=1e-12)
+
+    code = main(["train", "--data", str(slices[0]), "--out", str(tmp_path / "x"),
+                 "--schedule", "step"])
+    assert code == 2 and "invalid choice" in capsys.readouterr().err
+
+
 def test_damaged_data_is_used_up_to_the_damage_and_exits_4(checkpoint, slices,
                                                             tmp_path, capsys):
     text = slices[1].read_text()
