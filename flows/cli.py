@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $GATEWATCH_DATA), e.g. nsl-kdd/KDDTest+.txt",
     )
     common.add_argument(
+        "--timezone",
+        metavar="ZONE",
+        type=_timezone,
+        default="UTC",
+        help="the time zone an Argus binetflow file's StartTime is written in, as "
+        "an IANA name such as Europe/Prague: Argus writes the local time of the "
+        "machine it ran on, without a zone, and this turns it into epoch seconds "
+        "(ts); other formats carry epoch times and ignore it (default: UTC)",
+    )
+    common.add_argument(
         "--drop-unlabeled",
         action="store_true",
         help="leave out rows whose label is unknown (Background, Unknown) "
@@ -127,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _timezone(text: str) -> str:
+    """argparse type of ``--timezone``: an IANA zone name (or UTC), else exit 2."""
+    from flows.readers import check_timezone
+
+    try:
+        check_timezone(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``flows``; returns the exit code (see the epilog)."""
     parser = build_parser()
@@ -159,7 +180,12 @@ def _read(args):
         raise UsageError("- (standard input) can be given only once")
     files = [_locate(name, args.data_dir) for name in args.files]
     try:
-        result = read(files, on_error=args.on_error, drop_unlabeled=args.drop_unlabeled)
+        result = read(
+            files,
+            on_error=args.on_error,
+            drop_unlabeled=args.drop_unlabeled,
+            timezone=args.timezone,
+        )
     except PartialInputError as exc:
         return exc.result, exc
     return result, None

@@ -5,8 +5,9 @@ this order. Unknown values are nulls (``None`` in Python, null in Arrow), never 
 and never the string ``"-"``. ``label`` is 1 for malicious, 0 for benign and null
 where the source says nothing usable (Background, Unknown, no label column).
 ``src_ip``/``dst_ip`` hold IPv4 or IPv6 addresses and ``src_port``/``dst_port``
-numbers in 0..65535 (:func:`field_problem`); a reader treats a row breaking these
-rules as a bad row (named by file and line, kept out of the table).
+numbers in 0..65535 (:func:`field_problem`); ``ts`` is epoch seconds, finite and not
+before 1970 (:func:`time_problem`); a reader treats a row breaking these rules as a
+bad row (named by file and line, kept out of the table).
 
 The field list and :func:`empty_columns` need only the standard library; the Arrow
 schema needs pyarrow and is built on first use.
@@ -160,6 +161,26 @@ def port_problem(value: float) -> str | None:
 def count_problem(value: float) -> str | None:
     """Why ``value`` is not a duration or count (a number >= 0), or None."""
     return None if value >= 0 else f"expected a number >= 0, found {_short(value)}"
+
+
+def time_problem(value: float) -> str | None:
+    """Why ``value`` is not a flow's start time, or None.
+
+    A ``ts`` is epoch seconds: a finite number, not below 0 (before 1970). No upper
+    bound is set. Null is not checked here (a reader passes it).
+    """
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite:
+        return f"expected a finite number, found {_short(value)}"
+    if value < 0:
+        return (
+            f"expected a time in epoch seconds >= 0 (1970 or later), "
+            f"found {_short(value)}"
+        )
+    return None
 
 
 def field_problem(name: str, value: Any) -> str | None:

@@ -12,7 +12,7 @@ import pytest
 from flows.cli import main
 from flows.readers import read
 from tests.conftest import data_file
-from tests.test_readers import FIELDS, ROW_A, ROW_B, zeek_text
+from tests.test_readers import BINET_HEAD, FIELDS, ROW_A, ROW_B, zeek_text
 
 
 def run(capsys, *argv):
@@ -242,3 +242,57 @@ def test_unwritable_output_exits_1_and_leaves_nothing(capsys, tmp_path):
     code, _, err = run(capsys, "convert", str(src), "-o", str(out))
     assert code == 1 and err.startswith("error: ") and "cannot be written" in err
     assert not out.parent.exists()
+
+
+def _argus(tmp_path):
+    """A binetflow file of one flow that started 2011-08-10 09:46:53.5, local time."""
+    path = tmp_path / "a.binetflow"
+    path.write_text(
+        BINET_HEAD + "\n2011/08/10 09:46:53.5,1,tcp,10.0.0.1,1027,   ->,10.0.0.2,80,"
+        "S_RA,0,0,4,244,124,2,flow=From-Botnet\n"
+    )
+    return path
+
+
+def test_timezone_reads_binetflow_start_times_in_that_zone(capsys, tmp_path):
+    from datetime import UTC, datetime
+
+    src = _argus(tmp_path)
+    # 09:46:53.5 in Prague in August is summer time, UTC+2: 07:46:53.5 UTC.
+    prague = datetime(2011, 8, 10, 7, 46, 53, 500000, tzinfo=UTC).timestamp()
+    code, out, err = run(
+        capsys, "inspect", "--json", "--timezone", "Europe/Prague", str(src)
+    )
+    assert code == 0, err
+    assert json.loads(out)["time_span"]["first"] == prague
+    code, out, _ = run(capsys, "inspect", "--json", str(src))  # default: UTC
+    assert code == 0 and json.loads(out)["time_span"]["first"] == prague + 7200
+
+    dest = tmp_path / "a.parquet"
+    argv = ["convert", str(src), "--timezone", "Europe/Prague", "-o", str(dest)]
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and "wrote 1 rows (binetflow -> parquet)" in err
+    assert read(dest).table.column("ts").to_pylist() == [prague]
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_an_unknown_timezone_is_a_usage_error(capsys, tmp_path, command):
+    src, dest = _argus(tmp_path), tmp_path / "o.parquet"
+    more = ["-o", str(dest)] if command == "convert" else []
+    code, out, err = run(capsys, command, str(src), "--timezone", "Mars/Tharsis", *more)
+    assert code == 2 and out == ""
+    assert err.startswith(f"usage: flows {command} ")
+    assert err.rstrip().endswith(
+        "error: argument --timezone: unknown time zone 'Mars/Tharsis': expected an "
+        "IANA name such as Europe/Prague or America/New_York, or UTC"
+    )
+    assert "Traceback" not in err and not dest.exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_help_says_what_timezone_is_for(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    text = " ".join(out.split())
+    assert code == 0 and "--timezone ZONE the time zone an Argus binetflow" in text
+    assert "IANA name such as Europe/Prague" in text
+    assert "other formats carry epoch times and ignore it (default: UTC)" in text

@@ -371,6 +371,39 @@ def test_a_header_with_few_markers_is_still_an_unknown_format(tmp_path, header):
     assert info.value.line is None and info.value.exit_code == 3
 
 
+# The message of a ts below 0 (flows.record.time_problem), with what was found.
+BEFORE_1970 = "expected a time in epoch seconds >= 0 (1970 or later), found "
+
+
+@pytest.mark.parametrize(("text", "found"), [("-1.5", "-1.5"), ("-0.000001", "-1e-06")])
+def test_zeek_tsv_time_before_1970_is_a_bad_row(tmp_path, text, found):
+    bad = list(ROW_B)
+    bad[0] = text
+    epoch = list(ROW_A)
+    epoch[0] = "0.000000"  # 1970-01-01 00:00:00 itself is a time
+    path = write(tmp_path, "conn.log", zeek_text([ROW_A, bad, epoch]))
+    expected = f"{path}, line 10, column 'ts': {BEFORE_1970}{found}"
+    for attempt in (read, lambda p: list(iter_records(p))):
+        with pytest.raises(PartialInputError) as info:
+            attempt(path)
+        err = info.value
+        assert (err.path, err.line, err.column) == (str(path), 10, "ts")
+        assert str(err) == expected and err.exit_code == 4
+        if attempt is read:
+            assert err.result.table.num_rows == 1
+
+    result = read(path, on_error="skip")
+    assert result.skipped == 1 and result.stats["skipped_lines"] == [10]
+    assert result.table.column("ts").to_pylist() == [1600000000.000001, 0.0]
+    assert f"the first at line 10, column 'ts': {BEFORE_1970}{found}" in (
+        result.warnings[-1]
+    )
+    assert [r["ts"] for r in iter_records(path, on_error="skip")] == [
+        1600000000.000001,
+        0.0,
+    ]
+
+
 # ------------------------------------------------------------------- labels
 
 LABEL_FIELDS = FIELDS + ["label", "detailedlabel"]
@@ -512,6 +545,30 @@ def test_zeek_json_bad_lines(tmp_path):
     result = read(path, on_error="skip")
     assert result.skipped == 2 and result.table.num_rows == 2
     assert "line 2" in result.warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("ts", "found"), [(-5, "-5.0"), ("1969-12-31T23:59:59.500000Z", "-0.5")]
+)
+def test_zeek_json_time_before_1970_is_a_bad_row(tmp_path, ts, found):
+    good = {
+        "ts": 1.5,
+        "id.orig_h": "10.0.0.1",
+        "id.orig_p": 1,
+        "id.resp_h": "10.0.0.2",
+        "id.resp_p": 2,
+        "proto": "tcp",
+    }
+    lines = [good, dict(good, ts=ts), dict(good, ts=0)]
+    path = write(tmp_path, "j.log", "".join(json.dumps(o) + "\n" for o in lines))
+    for attempt in (read, lambda p: list(iter_records(p))):
+        with pytest.raises(PartialInputError) as info:
+            attempt(path)
+        assert (info.value.line, info.value.column) == (2, "ts")
+        assert str(info.value) == f"{path}, line 2, column 'ts': {BEFORE_1970}{found}"
+    result = read(path, on_error="skip")
+    assert result.skipped == 1 and result.stats["skipped_lines"] == [2]
+    assert result.table.column("ts").to_pylist() == [1.5, 0.0]
 
 
 # ------------------------------------------------------------------ NSL-KDD
@@ -721,6 +778,187 @@ def test_binetflow_total_below_its_part_names_the_total(
     assert result.table.column("resp_ip_bytes").to_pylist() == [120, 120]
 
 
+ARGUS_ROW = dict(
+    zip(
+        BINET_HEAD.split(","),
+        "2011/08/10 09:46:53.0,1,tcp,10.0.0.1,1027,   ->,10.0.0.2,80,S_RA,0,0,"
+        "4,244,124,2,flow=From-Botnet".split(","),
+        strict=True,
+    )
+)
+
+
+def _argus(**values: str) -> str:
+    """One binetflow row in BINET_HEAD's columns, with ``values`` replaced."""
+    return ",".join({**ARGUS_ROW, **values}.values())
+
+
+def _argus_file(tmp_path, *rows: str):
+    return write(tmp_path, "a.binetflow", BINET_HEAD + "\n" + "\n".join(rows) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("values", "column", "found"),
+    [
+        ({"Dur": "-0.5"}, "Dur", "-0.5"),
+        ({"TotBytes": "-200", "SrcBytes": "-300"}, "TotBytes", "-200"),
+        ({"TotBytes": "10", "SrcBytes": "-3"}, "SrcBytes", "-3"),
+        ({"TotPkts": "-1", "SrcPkts": "-2"}, "TotPkts", "-1"),
+        ({"TotPkts": "4", "SrcPkts": "-3"}, "SrcPkts", "-3"),
+    ],
+)
+def test_binetflow_negative_duration_or_count_is_a_bad_row(
+    tmp_path, values, column, found
+):
+    """Found: a negative part under a larger total (TotBytes 10, SrcBytes -3) was
+    taken, and gave canonical rows the Parquet reader refuses."""
+    path = _argus_file(tmp_path, _argus(), _argus(**values), _argus(Dur="0"))
+    expected = (
+        f"{path}, line 3, column {column!r}: expected a number >= 0, found {found}"
+    )
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    err = info.value
+    assert (err.path, err.line, err.column, err.exit_code) == (str(path), 3, column, 4)
+    assert str(err) == expected
+    assert err.result.table.num_rows == 1
+
+    result = read(path, on_error="skip")
+    assert result.skipped == 1 and result.stats["skipped_lines"] == [3]
+    assert result.table.column("duration").to_pylist() == [1.0, 0.0]
+    assert result.warnings[-1] == (
+        f"{path}: skipped 1 bad line(s); the first at line 3, column {column!r}: "
+        f"expected a number >= 0, found {found}"
+    )
+
+
+def test_binetflow_negative_count_in_the_first_row_is_bad_input(tmp_path):
+    path = _argus_file(tmp_path, _argus(TotBytes="10", SrcBytes="-3"), _argus())
+    with pytest.raises(BadInputError) as info:
+        read(path)
+    assert not isinstance(info.value, PartialInputError)
+    assert (info.value.line, info.value.column, info.value.exit_code) == (
+        2,
+        "SrcBytes",
+        3,
+    )
+
+
+def test_binetflow_to_parquet_and_conn_log_round_trip(tmp_path):
+    """What the binetflow reader accepts, the Parquet and conn.log readers take
+    back unchanged (they refuse negative counts and times before 1970)."""
+    rows = [
+        _argus(),
+        _argus(TotBytes="10", SrcBytes="-3"),
+        _argus(SrcPkts="-1"),
+        _argus(StartTime="1969/12/31 23:59:59"),
+        _argus(StartTime="1970/01/01 00:00:00", Dur="0", TotBytes="60", SrcBytes="60"),
+    ]
+    src = read(_argus_file(tmp_path, *rows), on_error="skip")
+    assert src.skipped == 3 and src.stats["skipped_lines"] == [3, 4, 5]
+    assert src.table.column("ts").to_pylist() == [1312969613.0, 0.0]
+    assert src.table.column("resp_ip_bytes").to_pylist() == [120, 0]
+
+    write_parquet(src.table, tmp_path / "a.parquet")
+    back = read(tmp_path / "a.parquet")  # on_error="fail": no row is refused
+    assert (back.format, back.skipped) == ("parquet", 0)
+    assert back.table.equals(src.table)
+    write_conn_log(src.table, tmp_path / "a.log")
+    again = read(tmp_path / "a.log")
+    assert (again.format, again.skipped) == ("zeek-tsv", 0)
+    assert again.table.equals(src.table)
+
+
+@pytest.mark.parametrize(
+    ("start", "found"),
+    [("1969/12/31 23:59:59.5", "-0.5"), ("0000/01/01 00:00:00", "-62167219200.0")],
+)
+def test_binetflow_start_time_before_1970_is_a_bad_row(tmp_path, start, found):
+    rows = [_argus(StartTime="1970/01/01 00:00:00"), _argus(StartTime=start), _argus()]
+    path = _argus_file(tmp_path, *rows)
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    assert (info.value.line, info.value.column) == (3, "StartTime")
+    assert str(info.value) == (
+        f"{path}, line 3, column 'StartTime': {BEFORE_1970}{found}"
+    )
+    result = read(path, on_error="skip")
+    assert result.skipped == 1 and result.stats["skipped_lines"] == [3]
+    assert result.table.column("ts").to_pylist() == [0.0, 1312969613.0]
+
+
+PRAGUE = "Europe/Prague"
+
+
+def test_binetflow_start_time_read_in_a_named_zone(tmp_path):
+    """``timezone``: StartTime is the local time of that zone (Argus writes no
+    zone). The expected times are worked out here with fixed UTC offsets."""
+    from datetime import datetime, timedelta, timezone
+
+    def at(hours: int, *when: int) -> float:
+        return datetime(*when, tzinfo=timezone(timedelta(hours=hours))).timestamp()
+
+    rows = [
+        _argus(StartTime="2011/08/10 09:46:53.047277"),  # summer time: UTC+2
+        _argus(StartTime="2011/01/10 09:46:53"),  # winter: UTC+1
+        _argus(StartTime="2011/10/30 02:30:00"),  # shown twice: the first (UTC+2)
+        _argus(StartTime="2011/03/27 02:30:00"),  # skipped: the offset before (+1)
+        _argus(StartTime="1970/01/01 01:00:00"),  # 1970 in Prague: UTC+1
+    ]
+    path = _argus_file(tmp_path, *rows)
+    prague = read(path, timezone=PRAGUE).table.column("ts").to_pylist()
+    assert prague == [
+        at(2, 2011, 8, 10, 9, 46, 53) + 0.047277,
+        at(1, 2011, 1, 10, 9, 46, 53),
+        at(2, 2011, 10, 30, 2, 30),
+        at(1, 2011, 3, 27, 2, 30),
+        0.0,
+    ]
+    assert prague[0] == 1312962413.047277
+    assert [r["ts"] for r in iter_records(path, timezone=PRAGUE)] == prague
+    # The default is UTC, as before the option; "UTC" names it.
+    utc = [at(0, 2011, 8, 10, 9, 46, 53) + 0.047277, at(0, 2011, 1, 10, 9, 46, 53)]
+    for table in (read(path).table, read(path, timezone="UTC").table):
+        assert table.column("ts").to_pylist()[:2] == utc
+    assert read(path, timezone="America/New_York").table.column("ts")[1].as_py() == (
+        at(-5, 2011, 1, 10, 9, 46, 53)
+    )
+
+
+def test_binetflow_time_in_a_zone_before_1970_utc_is_a_bad_row(tmp_path):
+    rows = [_argus(), _argus(StartTime="1970/01/01 00:30:00")]
+    path = _argus_file(tmp_path, *rows)
+    assert read(path).table.num_rows == 2  # 00:30 UTC is after the epoch
+    with pytest.raises(PartialInputError) as info:
+        read(path, timezone=PRAGUE)
+    assert str(info.value) == (
+        f"{path}, line 3, column 'StartTime': {BEFORE_1970}-1800.0"
+    )
+
+
+@pytest.mark.parametrize("zone", ["Europe/Prag", "Europe", "", "../etc/passwd"])
+def test_an_unknown_time_zone_is_a_usage_error(tmp_path, zone):
+    argus = _argus_file(tmp_path, _argus())
+    zeek = write(tmp_path, "conn.log", zeek_text([ROW_A]))
+    expected = (
+        f"unknown time zone {zone!r}: expected an IANA name such as Europe/Prague "
+        "or America/New_York, or UTC"
+    )
+    for path in (argus, zeek):  # refused whatever the format, before any read
+        for attempt in (
+            lambda p: read(p, timezone=zone),
+            lambda p: list(iter_records(p, timezone=zone)),
+        ):
+            with pytest.raises(UsageError) as info:
+                attempt(path)
+            assert str(info.value) == expected and info.value.exit_code == 2
+
+
+def test_timezone_leaves_formats_with_epoch_times_alone(tmp_path):
+    path = write(tmp_path, "conn.log", zeek_text([ROW_A, ROW_B]))
+    assert read(path, timezone=PRAGUE).table.equals(read(path).table)
+
+
 # -------------------------------------------------------------- UNSW and CIC
 
 
@@ -858,6 +1096,26 @@ def test_cic_2018_total_names_are_checked_too(tmp_path, column):
     assert (info.value.line, info.value.column) == (3, column)
 
 
+def test_unsw_start_or_last_time_before_1970_is_a_bad_row(tmp_path):
+    head = (
+        "srcip,sport,dstip,dsport,proto,state,dur,sbytes,stime,ltime,attack_cat,label"
+    )
+    rows = [
+        "10.0.0.1,1,10.0.0.2,80,tcp,FIN,0.5,100,1421927414,1421927415,,0",
+        "10.0.0.1,1,10.0.0.2,80,tcp,FIN,0.5,100,-1,1421927415,,0",
+        "10.0.0.1,1,10.0.0.2,80,tcp,FIN,0.5,100,0,-3.5,Exploits,1",
+        "10.0.0.1,1,10.0.0.2,80,tcp,FIN,0.5,100,0,0,Exploits,1",
+    ]
+    path = write(tmp_path, "u.csv", "\n".join([head] + rows) + "\n")
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    assert str(info.value) == f"{path}, line 3, column 'stime': {BEFORE_1970}-1.0"
+    result = read(path, on_error="skip")
+    assert result.skipped == 2 and result.stats["skipped_lines"] == [3, 4]
+    assert result.table.column("stime").to_pylist() == [1421927414.0, 0.0]
+    assert f"line 3, column 'stime': {BEFORE_1970}-1.0" in result.warnings[-1]
+
+
 # ------------------------------------------------- writing and round trips
 
 
@@ -885,6 +1143,26 @@ def test_conn_log_and_parquet_round_trip_exact(tmp_path):
     text = (tmp_path / "out.log").read_text()
     assert text.startswith("#separator \\x09\n") and "\n#close\t" in text
     assert "#fields\tts\tuid\tid.orig_h\tid.orig_p" in text
+
+
+def test_parquet_time_before_1970_is_a_bad_row(tmp_path):
+    import pyarrow.parquet as pq
+
+    from flows.record import CONN_FIELD_NAMES, columns_to_table
+
+    base = {"ts": 1.0, "src_ip": "10.0.0.1", "src_port": 1, "dst_ip": "10.0.0.2",
+            "dst_port": 2, "proto": "tcp"}
+    rows = [base, dict(base, ts=-2.0), dict(base, ts=0.0)]
+    path = tmp_path / "c.parquet"
+    pq.write_table(
+        columns_to_table({n: [r.get(n) for r in rows] for n in CONN_FIELD_NAMES}), path
+    )
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    assert (info.value.row, info.value.column) == (2, "ts")
+    assert str(info.value) == f"{path}, row 2, column 'ts': {BEFORE_1970}-2.0"
+    result = read(path, on_error="skip")
+    assert result.skipped == 1 and result.table.column("ts").to_pylist() == [1.0, 0.0]
 
 
 def test_parquet_of_other_family_keeps_columns(tmp_path):

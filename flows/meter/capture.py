@@ -326,6 +326,8 @@ def _parse_idb(body: bytes, order: str) -> tuple[int, int, float, float]:
             res = value[0]
             scale = 2.0 ** -(res & 0x7F) if res & 0x80 else 10.0**-res
         elif code == 14 and length >= 8:
+            # TODO(gap): a negative offset can put ts before 1970; the meter keeps
+            # such flows (the readers make a ts below 0 a bad row).
             tsoff = float(struct.unpack_from(order + "q", value, 0)[0])
         pos += 4 + ((length + 3) & ~3)
     return link, snap, scale, tsoff

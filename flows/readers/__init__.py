@@ -16,6 +16,11 @@ complete row before the cut and sets ``ReadResult.partial``.
 
 The path ``-`` reads standard input (named ``<stdin>`` in messages): any text
 format, gzip or not, and Parquet; a packet capture must be given by file name.
+
+``timezone`` (an IANA name such as ``Europe/Prague``; default ``UTC``) is the zone
+an Argus binetflow ``StartTime`` is written in: Argus writes local time without a
+zone. The other formats carry epoch times and do not use it. An unknown name is a
+:class:`~flows.errors.UsageError`.
 """
 
 from __future__ import annotations
@@ -59,13 +64,16 @@ def read(
     path_or_paths: str | Path | Iterable[str | Path],
     on_error: str = "fail",
     drop_unlabeled: bool = False,
+    timezone: str = "UTC",
 ) -> ReadResult:
     """Read one file or several (same family) into one table; see the module doc.
 
     ``drop_unlabeled`` removes rows whose label is null (Background, Unknown); on
     an input without any label column it is an error, since it would drop all.
+    ``timezone`` is the zone of binetflow start times (see the module doc).
     """
     check_on_error(on_error)
+    check_timezone(timezone)
     paths = (
         [path_or_paths]
         if isinstance(path_or_paths, (str, Path))
@@ -77,7 +85,7 @@ def read(
     results: list[ReadResult] = []
     for path in paths:
         try:
-            result = _read_one(path, on_error)
+            result = _read_one(path, on_error, timezone)
         except BadInputError as exc:
             done = getattr(exc, "result", None)
             if results or done is not None:
@@ -109,7 +117,7 @@ STDIN = "-"
 STDIN_NAME = "<stdin>"
 
 
-def _read_stdin(on_error: str) -> ReadResult:
+def _read_stdin(on_error: str, timezone: str) -> ReadResult:
     """Read standard input whole, in whatever format its content shows."""
     import sys
 
@@ -117,10 +125,10 @@ def _read_stdin(on_error: str) -> ReadResult:
         src = read_stream(STDIN_NAME, sys.stdin.buffer)
     except (OSError, ValueError, AttributeError) as exc:
         raise BadInputError(f"cannot be read ({exc})", path=STDIN_NAME) from exc
-    return _read_buffered(src, on_error)
+    return _read_buffered(src, on_error, timezone)
 
 
-def _read_buffered(src: Source, on_error: str) -> ReadResult:
+def _read_buffered(src: Source, on_error: str, timezone: str) -> ReadResult:
     """Read an input read whole first (stdin, a pipe), which cannot be reopened."""
     kind = None if src.compressed else sniff_binary(src.data[:4])
     if kind == "parquet":
@@ -134,7 +142,7 @@ def _read_buffered(src: Source, on_error: str) -> ReadResult:
             f"{src.path}: a {kind} capture is not read from a pipe or standard "
             "input; give its file name"
         )
-    return _read_source(src, on_error)
+    return _read_source(src, on_error, timezone)
 
 
 def _is_pipe(path: str | Path) -> bool:
@@ -147,12 +155,12 @@ def _is_pipe(path: str | Path) -> bool:
         return False  # the open that follows names the problem
 
 
-def _read_one(path: str | Path, on_error: str) -> ReadResult:
+def _read_one(path: str | Path, on_error: str, timezone: str) -> ReadResult:
     """Read one file in whatever format its content shows."""
     if str(path) == STDIN:
-        return _read_stdin(on_error)
+        return _read_stdin(on_error, timezone)
     if _is_pipe(path):
-        return _read_buffered(load(path), on_error)
+        return _read_buffered(load(path), on_error, timezone)
     kind = _sniff_head(path)
     if kind == "parquet":
         from flows.readers.parquet import read_parquet
@@ -161,10 +169,10 @@ def _read_one(path: str | Path, on_error: str) -> ReadResult:
     if kind in ("pcap", "pcapng"):
         return _read_capture(str(path), on_error)
 
-    return _read_source(load(path), on_error)
+    return _read_source(load(path), on_error, timezone)
 
 
-def _read_source(src: Source, on_error: str) -> ReadResult:
+def _read_source(src: Source, on_error: str, timezone: str) -> ReadResult:
     """Read the text of one input (already gunzipped) in the format it shows."""
     _check_not_empty(src)
     check_wide_text(src.data, src.path)
@@ -189,10 +197,18 @@ def _read_source(src: Source, on_error: str) -> ReadResult:
     if fmt == "binetflow":
         from flows.readers.binetflow import read_binetflow
 
-        return read_binetflow(src, on_error)
+        return read_binetflow(src, on_error, timezone=timezone)
     from flows.readers.csvflows import read_cic, read_unsw
 
     return read_unsw(src, on_error) if fmt == "unsw-nb15" else read_cic(src, on_error)
+
+
+def check_timezone(timezone: str) -> None:
+    """Refuse a binetflow time zone that is not an IANA name (or UTC): UsageError."""
+    if timezone != "UTC":
+        from flows.readers.binetflow import time_zone
+
+        time_zone(timezone)
 
 
 def _sniff_head(path: str | Path) -> str | None:
@@ -313,12 +329,17 @@ def _drop_unlabeled(result: ReadResult, where: str, strict: bool = True) -> Read
 
 
 def iter_records(
-    path: str | Path, on_error: str = "fail", drop_unlabeled: bool = False
+    path: str | Path,
+    on_error: str = "fail",
+    drop_unlabeled: bool = False,
+    timezone: str = "UTC",
 ) -> Iterator[dict]:
     """Yield the canonical records of a conn-family file one by one, as dicts."""
     from flows.readers.stream import iter_records as _iter
 
-    yield from _iter(path, on_error=on_error, drop_unlabeled=drop_unlabeled)
+    yield from _iter(
+        path, on_error=on_error, drop_unlabeled=drop_unlabeled, timezone=timezone
+    )
 
 
 def write_conn_log(table: pa.Table, path: str | Path) -> None:

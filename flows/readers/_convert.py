@@ -101,6 +101,24 @@ def check_counts(arr: pa.Array, column: str, bad: BadRows) -> None:
         bad.add(int(row), column, count_problem(arr[int(row)].as_py()))
 
 
+def check_times(arr: pa.Array, column: str, bad: BadRows) -> None:
+    """Note the rows whose time is not finite or is below 0, before 1970 (nulls pass).
+
+    See ``record.time_problem``.
+    """
+    from flows.record import time_problem
+
+    if len(arr) == 0:
+        return
+    wrong = pc.less(arr, 0)
+    if pa.types.is_floating(arr.type):
+        wrong = pc.or_(wrong, pc.invert(pc.is_finite(arr)))
+    if not pc.any(wrong).as_py():
+        return
+    for row in np.flatnonzero(np.asarray(wrong.fill_null(False))):
+        bad.add(int(row), column, time_problem(arr[int(row)].as_py()))
+
+
 def check_finite(arr: pa.Array, column: str, bad: BadRows) -> None:
     """Note the rows of a float column holding NaN or an infinity (nulls pass)."""
     if len(arr) == 0 or not pa.types.is_floating(arr.type):

@@ -2,8 +2,14 @@
 
 Mapping onto the canonical conn record:
 
-* ``StartTime`` (``YYYY/MM/DD HH:MM:SS.ffffff``, read as UTC: the files carry no
-  zone) -> ``ts``; ``Dur`` -> ``duration``; ``Proto`` -> ``proto`` (lower case);
+* ``StartTime`` (``YYYY/MM/DD HH:MM:SS.ffffff``) -> ``ts``. Argus writes the local
+  time of the machine it ran on, without a zone: it is read in the ``timezone``
+  option (an IANA name such as ``Europe/Prague``; default ``UTC``). In a zone, a
+  time the clock shows twice (the hour repeated when summer time ends) is read as
+  the first of the two, and a time it skips (the hour lost when summer time starts)
+  with the offset from before the change (Python's ``fold=0``). A ``ts`` before 1970
+  (below 0) makes the row a bad row, named ``StartTime``.
+  ``Dur`` -> ``duration``; ``Proto`` -> ``proto`` (lower case);
   ``SrcAddr``/``Sport`` -> ``src_ip``/``src_port`` and ``DstAddr``/``Dport`` ->
   ``dst_ip``/``dst_port`` (hex ports such as ``0x0035`` are read as numbers); an
   address that is not IPv4/IPv6 or a port outside 0..65535 makes the row a bad
@@ -16,7 +22,9 @@ Mapping onto the canonical conn record:
   ``TotPkts - SrcPkts`` -> ``resp_pkts``. Without a ``SrcPkts`` column both packet
   fields are null: the split is unknown and is not guessed. ``orig_bytes``,
   ``resp_bytes`` (payload), ``uid``, ``service``, ``history`` and ``missed_bytes``
-  are null.
+  are null. A negative ``Dur``, ``TotBytes``, ``SrcBytes``, ``TotPkts`` or
+  ``SrcPkts`` makes the row a bad row named by that column; so does a total
+  smaller than its ``Src`` part, named by the total.
 * ``Dir`` is *not* used to swap the sides: Argus already names the side that
   started the flow ``Src``; ``<-`` only says that traffic was seen from Dst alone,
   and swapping would break the Src* counters. The counts of each ``Dir`` are in
@@ -30,15 +38,20 @@ Mapping onto the canonical conn record:
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flows.errors import BadInputError
+from flows.errors import BadInputError, UsageError
 from flows.readers._convert import (
     BadRows,
     check_addresses,
+    check_counts,
     check_ports,
+    check_times,
     to_number,
     value_counts,
 )
@@ -47,13 +60,39 @@ from flows.readers._source import Source
 from flows.readers._table import header_and_body, split_rows
 from flows.readers.labels import ctu_label
 from flows.readers.result import ReadResult
-from flows.record import CONN_FIELD_NAMES, conn_schema, count_problem
+from flows.record import CONN_FIELD_NAMES, conn_schema
 
 REQUIRED = ("StartTime", "Proto", "SrcAddr", "DstAddr")
+# Columns of durations and packet/byte counts, never below 0.
+COUNTS = ("Dur", "TotBytes", "SrcBytes", "TotPkts", "SrcPkts")
+DEFAULT_TIMEZONE = "UTC"
 
 
-def read_binetflow(src: Source, on_error: str) -> ReadResult:
-    """Read an Argus binetflow file into canonical conn records."""
+def time_zone(name: str) -> ZoneInfo | None:
+    """The zone ``name`` (an IANA name) for reading StartTime; None for ``UTC``.
+
+    An unknown name is a UsageError. ``UTC`` needs no zone data.
+    """
+    if name == DEFAULT_TIMEZONE:
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise UsageError(
+            f"unknown time zone {name!r}: expected an IANA name such as "
+            "Europe/Prague or America/New_York, or UTC"
+        ) from None
+
+
+def read_binetflow(
+    src: Source, on_error: str, timezone: str = DEFAULT_TIMEZONE
+) -> ReadResult:
+    """Read an Argus binetflow file into canonical conn records.
+
+    ``timezone`` names the zone the file's StartTime is written in (see the module
+    doc); an unknown name is a UsageError.
+    """
+    zone = time_zone(timezone)
     first, body = header_and_body(src.data)
     delimiter = "\t" if first.count("\t") > first.count(",") else ","
     names = [n.strip() for n in first.split(delimiter)]
@@ -86,7 +125,8 @@ def read_binetflow(src: Source, on_error: str) -> ReadResult:
         return to_number(arr, kind, name, bad, hex_ok=kind == "i64")[0]
 
     out: dict[str, pa.Array] = {}
-    out["ts"] = _start_time(col("StartTime"), bad)
+    out["ts"] = _start_time(col("StartTime"), bad, zone)
+    check_times(out["ts"], "StartTime", bad)
     out["duration"] = number("Dur", "f64")
     out["proto"] = pc.utf8_lower(col("Proto"))
     out["src_ip"] = col("SrcAddr")
@@ -114,6 +154,9 @@ def read_binetflow(src: Source, on_error: str) -> ReadResult:
 
     tot_bytes, src_bytes = number("TotBytes", "i64"), number("SrcBytes", "i64")
     tot_pkts, src_pkts = number("TotPkts", "i64"), number("SrcPkts", "i64")
+    counts = (out["duration"], tot_bytes, src_bytes, tot_pkts, src_pkts)
+    for arr, name in zip(counts, COUNTS, strict=True):
+        check_counts(arr, name, bad)
     out["orig_ip_bytes"] = src_bytes
     out["resp_ip_bytes"] = _rest(tot_bytes, src_bytes, "SrcBytes", "TotBytes", bad)
     out["orig_pkts"] = src_pkts
@@ -180,9 +223,11 @@ def _non_ip(proto: pa.Array, src: pa.Array, dst: pa.Array) -> pa.Array:
     return pc.or_(man, pc.and_(mac, any_mac))
 
 
-def _start_time(arr: pa.Array, bad: BadRows) -> pa.Array:
-    """``YYYY/MM/DD HH:MM:SS[.ffffff]`` (or with ``-``) as UTC epoch seconds."""
-    # TODO(gap): Argus writes local time without a zone; no --timezone option yet.
+def _start_time(arr: pa.Array, bad: BadRows, zone: ZoneInfo | None) -> pa.Array:
+    """``YYYY/MM/DD HH:MM:SS[.ffffff]`` (or with ``-``) as epoch seconds.
+
+    The text is the local time of ``zone`` (None: UTC).
+    """
     text = pc.replace_substring(arr, "-", "/")
     whole = pc.utf8_slice_codeunits(text, 0, 19)
     frac = pc.utf8_slice_codeunits(text, 19, 64)
@@ -200,8 +245,37 @@ def _start_time(arr: pa.Array, bad: BadRows) -> pa.Array:
                 "StartTime",
                 f"expected YYYY/MM/DD HH:MM:SS.ffffff, found {arr[row].as_py()!r}",
             )
-    seconds = pc.cast(pc.cast(secs, pa.int64()), pa.float64())
-    return pc.add(seconds, fraction)
+    seconds = pc.cast(secs, pa.int64())
+    if zone is not None:
+        seconds = _local_to_utc(seconds, zone)
+    return pc.add(pc.cast(seconds, pa.float64()), fraction)
+
+
+_EPOCH = datetime(1970, 1, 1)
+
+
+def _local_to_utc(local: pa.Array, zone: ZoneInfo) -> pa.Array:
+    """Whole seconds of wall-clock time in ``zone`` -> UTC epoch seconds.
+
+    Each distinct second is looked up once: a file holds far fewer distinct
+    seconds than rows. A time outside Python's years 1..9999 keeps offset 0 (a
+    year 0 is before 1970, a bad row whatever the offset).
+    """
+    valid = np.asarray(pc.is_valid(local))
+    if not valid.any():
+        return local
+    values = np.asarray(local.fill_null(0))
+    distinct, where = np.unique(values[valid], return_inverse=True)
+    offsets = np.zeros(len(distinct), dtype=np.int64)
+    for i, second in enumerate(distinct.tolist()):
+        try:
+            wall = (_EPOCH + timedelta(seconds=second)).replace(tzinfo=zone)
+            offsets[i] = int(wall.utcoffset().total_seconds())
+        except (OverflowError, ValueError):
+            continue
+    utc = np.zeros(len(values), dtype=np.int64)
+    utc[valid] = (distinct - offsets)[where]
+    return pa.array(utc, type=pa.int64(), mask=~valid)
 
 
 def _rest(
@@ -209,20 +283,19 @@ def _rest(
 ) -> pa.Array:
     """``total - part``: the responder's share of a total that counts both sides.
 
-    A row where it comes out below 0 is a bad row named by the total's column: a
-    total below 0 is not a count, and otherwise it was expected to hold the part.
+    A row where it comes out below 0 is a bad row named by the total's column: it
+    was expected to hold the part. (A negative total or part is noted before this,
+    by ``check_counts``, and that note is the one kept.)
     """
     rest = pc.subtract(total, part)
     negative = pc.less(rest, 0)
     if pc.any(negative).as_py():
         for row in np.flatnonzero(np.asarray(negative.fill_null(False))):
-            whole = total[row].as_py()
             bad.add(
                 int(row),
                 total_name,
-                count_problem(whole)
-                or f"expected at least {part_name} ({part[row].as_py()}), "
-                f"found {whole}",
+                f"expected at least {part_name} ({part[row].as_py()}), "
+                f"found {total[row].as_py()}",
             )
     return rest
 

@@ -5,7 +5,8 @@ UNSW-NB15: the UTF-8 BOM and CRLF endings are handled; ``id`` is dropped; ``prot
 null); every other feature is float64; ``label`` is checked to be 0 or 1 and
 ``attack_cat`` becomes ``label_detail``. A negative duration or byte/packet total
 (``dur``, ``spkts``, ``dpkts``, ``sbytes``, ``dbytes``) makes the row a bad row, as in
-the Zeek readers.
+the Zeek readers; so does an ``stime`` or ``ltime`` (epoch seconds, in files with the
+full data set's columns) below 0, before 1970.
 
 CICFlowMeter: column names are stripped of spaces; a name that repeats (CIC-IDS2017
 has ``Fwd Header Length`` twice) gets ``_2``, ``_3``... and a warning; header rows
@@ -34,6 +35,7 @@ from flows.readers._convert import (
     check_addresses,
     check_counts,
     check_ports,
+    check_times,
     to_number,
     value_counts,
 )
@@ -66,6 +68,9 @@ PORT_COLUMNS = {
 # Durations and packet/byte totals, which are never below 0 (lower case). UNSW-NB15
 # defines none of its features as negative; only these are checked, as Zeek's are.
 UNSW_COUNTS = {"dur", "spkts", "dpkts", "sbytes", "dbytes"}
+# Start and last time, epoch seconds, in the full UNSW-NB15_1..4 files' columns (the
+# training/testing partitions have none): a time before 1970 is a bad row, as in Zeek.
+UNSW_TIMES = {"stime", "ltime"}
 # CICFlowMeter's names for them: CIC-IDS2017, CSE-CIC-IDS2018, CICFlowMeter-V4.
 CIC_COUNTS = {
     "flow duration",
@@ -111,6 +116,8 @@ def read_unsw(src: Source, on_error: str) -> ReadResult:
             values = to_number(arr, "f64", name, bad)[0]
             if name.lower() in UNSW_COUNTS:
                 check_counts(values, name, bad)
+            elif name.lower() in UNSW_TIMES:
+                check_times(values, name, bad)
             arrays.append(values)
             fields.append(pa.field(name, pa.float64()))
 

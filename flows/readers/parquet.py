@@ -3,8 +3,9 @@
 The family comes from the ``gatewatch.family`` key of the file's metadata, else from
 the columns (the canonical conn fields, or the NSL-KDD/UNSW/CIC labels). A conn
 table is cast to the canonical schema, with any extra columns kept after it; a row
-whose address is not an IP address or whose port is outside 0..65535 is a bad row,
-named by its 1-based row number (``on_error`` as for the text readers).
+whose address is not an IP address, whose port is outside 0..65535, whose duration
+or count is negative or whose ``ts`` is not finite or lies before 1970 (below 0) is a
+bad row, named by its 1-based row number (``on_error`` as for the text readers).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def read_parquet(
 def _check_rows(
     table: pa.Table, path: str, on_error: str, stats: dict, damaged: bool
 ) -> ReadResult:
-    """Apply the canonical record's rules (addresses, ports, counts, finite times)."""
+    """Apply the canonical record's rules (addresses, ports, counts, times)."""
     from flows.readers.zeek import check_endpoints
     from flows.record import ADDRESS_FIELDS, COUNT_FIELDS, PORT_FIELDS
 

@@ -43,6 +43,7 @@ from flows.record import (
     PORT_RANGE,
     field_problem,
     is_address,
+    time_problem,
 )
 
 _MASKED = re.compile(r"X+\.X+\Z")
@@ -214,6 +215,11 @@ class TsvLineParser:
             value = record[canon]
             if value is not None and value < 0:
                 self._bad_field(canon, value, line_no)
+        ts = record["ts"]  # finite already (_parse_one); before 1970 is bad
+        if ts is not None and ts < 0:
+            raise BadInputError(
+                time_problem(ts), path=self.path, line=line_no, column="ts"
+            )
 
         record["label"] = record["label_detail"] = None
         if label is None:
@@ -352,17 +358,26 @@ def stream_format(path: str) -> str:
 
 
 def iter_records(
-    path: str | Path, on_error: str = "fail", drop_unlabeled: bool = False
+    path: str | Path,
+    on_error: str = "fail",
+    drop_unlabeled: bool = False,
+    timezone: str = "UTC",
 ) -> Iterator[dict]:
-    """Yield canonical records one by one (Zeek TSV/JSON line by line)."""
-    from flows.readers import read
+    """Yield canonical records one by one (Zeek TSV/JSON line by line).
+
+    ``timezone``: the zone of binetflow start times (see :func:`flows.readers.read`).
+    """
+    from flows.readers import check_timezone, read
 
     check_on_error(on_error)
+    check_timezone(timezone)
     name = str(path)
     fmt = stream_format(name)
     if fmt not in ("zeek-tsv", "zeek-json"):
         # TODO(gap): other formats are read whole first, then yielded row by row.
-        result = read(name, on_error=on_error, drop_unlabeled=drop_unlabeled)
+        result = read(
+            name, on_error=on_error, drop_unlabeled=drop_unlabeled, timezone=timezone
+        )
         if result.family != "conn":
             raise BadInputError(
                 f"is {result.format}, not a conn-family input", path=name

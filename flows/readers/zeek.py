@@ -20,7 +20,8 @@ JSON: ``ts`` may be epoch seconds, ISO-8601 text (``JSON::TS_ISO8601``) or integ
 milliseconds (``JSON::TS_MILLIS``, told apart by size); omitted keys read as null.
 
 Zeek's test harness masks times as ``XXXXXXXXXX.XXXXXX``; such a ``ts`` reads as null
-and is counted in ``stats["masked_ts"]``.
+and is counted in ``stats["masked_ts"]``. A ``ts`` that is not finite or lies before
+1970 (below 0) makes the row a bad row (``flows.record.time_problem``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from flows.readers._convert import (
     check_counts,
     check_finite,
     check_ports,
+    check_times,
     null_tokens,
     to_number,
     unescape,
@@ -59,6 +61,7 @@ from flows.record import (
     PORT_FIELDS,
     conn_schema,
     field_problem,
+    time_problem,
     value_problem,
 )
 
@@ -417,7 +420,8 @@ def check_endpoints(
     arrays: dict[str, pa.Array], bad: BadRows, zeek_names: bool = True
 ) -> None:
     """Note rows whose addresses are not IP addresses, ports are not 0..65535,
-    durations or counts are negative, or times and durations are not finite.
+    durations or counts are negative, times and durations are not finite, or times
+    are below 0 (before 1970).
 
     ``arrays`` holds canonical columns; problems name Zeek's column (``id.orig_h``)
     or, with ``zeek_names=False``, the canonical one (``src_ip``).
@@ -429,8 +433,8 @@ def check_endpoints(
         check_addresses(arrays[canon], name(canon), bad)
     for canon in PORT_FIELDS:
         check_ports(arrays[canon], name(canon), bad)
-    for canon in ("ts", "duration"):
-        check_finite(arrays[canon], name(canon), bad)
+    check_times(arrays["ts"], name("ts"), bad)
+    check_finite(arrays["duration"], name("duration"), bad)
     for canon in COUNT_FIELDS:
         check_counts(arrays[canon], name(canon), bad)
 
@@ -636,6 +640,8 @@ def json_record(obj: dict, stats: dict | None = None) -> dict:
         problem = field_problem(canon, record[canon])
         if problem is not None:
             raise _FieldError(CANON_TO_ZEEK.get(canon, canon), problem)
+    if record["ts"] is not None and (problem := time_problem(record["ts"])):
+        raise _FieldError("ts", problem)
 
     label_key = next((k for k in obj if k.lower() in LABEL_NAMES), None)
     detail_key = next((k for k in obj if k.lower() in DETAIL_NAMES), None)
