@@ -97,11 +97,12 @@ QAT_MODES = ("auto", "off", "always")
 SCORE_BATCH = 4096
 # Feature families whose students learn on altered windows by default, with the
 # share of columns swapped: what three-fold student rounds validated there
-# (student/results/round1, round2). Other families distil on clean windows: on the
-# conn family the NSL-KDD settings made students agree less with their teacher on
-# foreign captures (compress/README.md), so they wait for a round of their own.
-# TODO(gap): no distillation round on conn-family data yet (clean windows there).
+# (student/results/round1, round2).
 FAMILY_SWAP: dict[str, float] = {"nsl-kdd": 0.3}
+# Families whose students learn on noisy (not swapped) windows, with the noise: the
+# conn family's round 1 chose 0.05 on label-free teacher agreement over foreign
+# flow files (student/results/conn1). Other families distil on clean windows.
+FAMILY_NOISE: dict[str, float] = {"conn": 0.05}
 
 
 @dataclass
@@ -313,7 +314,9 @@ def distill_settings(cfg: RunConfig, provenance: dict[str, Any]) -> DistillConfi
     window's columns swapped in from another window (``DistillConfig.swap``), the
     teacher re-scoring every such window, on soft targets only (alpha 1.0): of the
     settings tried on three held-out-type folds of NSL-KDD this generalized best.
-    Other families distil on the clean windows with alpha ``cfg.distill.alpha``.
+    For a family in :data:`FAMILY_NOISE` (conn) they learn on windows with that
+    noise, re-scored, soft targets only. Other families distil on the clean windows
+    with alpha ``cfg.distill.alpha``.
     Flags given in ``cfg`` win; alpha below 1 with swapping is a UsageError (a
     window with swapped columns has no label).
     """
@@ -323,6 +326,7 @@ def distill_settings(cfg: RunConfig, provenance: dict[str, Any]) -> DistillConfi
         recorded = (provenance.get("train_config") or {}).get("input_noise")
         usable = isinstance(recorded, int | float) and 0.0 <= recorded <= 1.0
         noise = float(recorded) if usable and swap_default is not None else 0.0
+        noise = FAMILY_NOISE.get(provenance.get("family"), noise)
     swap = cfg.distill_swap
     if swap is None:
         swap = swap_default or 0.0

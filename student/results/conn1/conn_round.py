@@ -81,7 +81,7 @@ def run(name: str, seed: int, out: Path) -> dict:
     info = {"candidate": name, "seed": seed, "exit": proc.returncode,
             "stderr_tail": proc.stderr[-400:]}
     if proc.returncode == 0:
-        info["summary"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        info["summary"] = json.loads(proc.stdout)
     done.write_text(json.dumps(info))
     return info
 
