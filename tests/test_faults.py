@@ -12,6 +12,13 @@ Covered here (broker stop/start and a kill -9 with the broker down are in
 
 - a network cut longer than the keepalive (veth pair between two namespaces, link
   down then up): the agent logs the loss, queues, reconnects and replays;
+- the same cut for three agents at once (own processes, client ids and outboxes
+  behind one link);
+- the broker stopped (SIGTERM) with persistence while it alone holds escalations
+  for a killed re-scorer and verdicts for a silent agent, traffic queued in the
+  outboxes meanwhile, and started again on the same port with the same state file:
+  every escalation stored once, every verdict received, its verdict line written
+  once;
 - agent SIGKILL while it replays a backlog to a live broker;
 - re-scorer SIGKILL in the middle of its batches, then a restart;
 - the outbox's size cap (the documented drop policy, counted) and a really full
@@ -20,13 +27,19 @@ Covered here (broker stop/start and a kill -9 with the broker down are in
 - one escalation with out-of-range values on the wire (the re-scorer must go on).
 """
 
-# TODO(gap): the broker restarting *with* persistence while QoS 1 messages are in
-# flight both ways, and several agents cut at once, are not exercised here.
+# TODO(gap): a kill -9 of the broker is not exercised: nothing promises to survive
+# it. mosquitto writes its state file only at a clean stop and every
+# autosave_interval (1800 s by default), so what it acknowledged since is lost:
+# tried once in place of the SIGTERM in the persistence test below, no file was
+# written and the 170 escalations and 170 verdicts it held never arrived (both
+# agents still exited 0 after --drain-timeout, "verdicts_awaited": 170).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -169,7 +182,13 @@ class Serve:
 
 
 def start_agent(
-    tm, broker: str, outbox: Path, log, *extra: str, prefix: list[str] | None = None
+    tm,
+    broker: str,
+    outbox: Path,
+    log,
+    *extra: str,
+    prefix: list[str] | None = None,
+    gateway: str = "g1",
 ) -> subprocess.Popen:
     """``edge-agent run`` on stdin with a summary next to the outbox."""
     cmd = agent_cmd(
@@ -177,7 +196,7 @@ def start_agent(
         broker,
         "-",
         outbox,
-        "g1",
+        gateway,
         "--alerts",
         "",
         "--summary-json",
@@ -385,6 +404,113 @@ def test_network_cut_longer_than_keepalive_loses_nothing(tm, teacher, tmp_path):
     assert log_text.count("lost broker") >= 1
 
 
+@pytest.mark.broker
+@pytest.mark.netns
+def test_several_agents_cut_at_once_lose_nothing(tm, teacher, tmp_path):
+    """Three agents (own processes, client ids and outboxes) behind one link that
+    goes down for all of them at once, longer than the keepalive, then up."""
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not on PATH")
+    ckpt, _ = teacher
+    keepalive = 2
+    recs = tm.records[2800:]
+    a, b = 600, 1400
+    gateways = ("g1", "g2", "g3")
+    store = tmp_path / "alerts.sqlite"
+    outbox = {g: tmp_path / f"outbox-{g}.sqlite" for g in gateways}
+    logs = {g: tmp_path / f"agent-{g}.log" for g in gateways}
+
+    def expected_upto(n: int | None) -> dict[str, dict[str, str]]:
+        return {g: tm.expected(recs[:n], gateway=g) for g in gateways}
+
+    first, upto_b = expected_upto(a), expected_upto(b)
+    with CutNet() as net, contextlib.ExitStack() as files:
+        handles = {g: files.enter_context(open(logs[g], "w")) for g in gateways}
+        conf = tmp_path / "mosquitto.conf"
+        conf.write_text(
+            f"listener 1883 {net.broker_ip}\nallow_anonymous true\n"
+            "persistence false\nmax_queued_messages 100000\n"
+        )
+        broker = subprocess.Popen(
+            [*net.prefix(net.broker_ns), "mosquitto", "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"mqtt://{net.broker_ip}:1883"
+        serve = Serve(
+            ckpt, url, store, tmp_path / "serve.log", prefix=net.prefix(net.broker_ns)
+        )
+        agents: dict[str, subprocess.Popen] = {}
+        try:
+            time.sleep(0.5)
+            serve.start()
+            for g in gateways:
+                agents[g] = start_agent(
+                    tm,
+                    url,
+                    outbox[g],
+                    handles[g],
+                    "--keepalive",
+                    str(keepalive),
+                    prefix=net.prefix(net.gateway_ns),
+                    gateway=g,
+                )
+            for g in gateways:
+                feed(agents[g], recs[:a])
+            n_first = sum(map(len, first.values()))
+            wait_for(lambda: len(store_ids(store)) == n_first, 60, "part 1 stored")
+
+            net.cut()  # the one link of all three gateways
+            for g in gateways:
+                feed(agents[g], recs[a:b])
+            wait_for(
+                lambda: all("lost broker" in logs[g].read_text() for g in gateways),
+                6 * keepalive,
+                "every agent to log the lost broker",
+            )
+            wait_for(
+                lambda: all(
+                    _outbox_ids(outbox[g]) >= set(upto_b[g]) - set(first[g])
+                    for g in gateways
+                ),
+                30,
+                "part 2 queued in every outbox",
+            )
+            time.sleep(2 * keepalive)  # the cut lasts well past the keepalive
+            assert len(store_ids(store)) == n_first
+            net.mend()
+            n_upto_b = sum(map(len, upto_b.values()))
+            wait_for(
+                lambda: len(store_ids(store)) == n_upto_b, 90, "replay after the cut"
+            )
+
+            for g in gateways:
+                feed(agents[g], recs[b:])
+                agents[g].stdin.close()
+            for g in gateways:
+                assert agents[g].wait(120) == 0, logs[g].read_text()
+        finally:
+            for proc in agents.values():
+                if proc.poll() is None:
+                    proc.kill()
+            serve.stop()
+            broker.terminate()
+            broker.wait(10)
+    expected = {g: tm.expected(recs, gateway=g) for g in gateways}
+    ids = store_ids(store)
+    assert sorted(ids) == sorted(i for e in expected.values() for i in e)  # each once
+    for g in gateways:
+        summary = summary_of(outbox[g])
+        assert summary["outbox_pending"] == 0, g
+        assert summary["verdicts_received"] == len(expected[g]), g
+        log_text = logs[g].read_text()
+        assert f"(client gatewatch-s1-{g})" in log_text
+        assert log_text.count("lost broker") >= 1, g
+
+
 # ---------------------------------------------------------------------------------
 # agent SIGKILL while publishing
 
@@ -512,6 +638,192 @@ def test_rescorer_kill_9_mid_batch_then_restart_loses_nothing(tm, teacher, tmp_p
     ids = store_ids(store)
     assert len(ids) == len(set(ids))
     assert sorted(ids) == sorted(expected)
+
+
+# ---------------------------------------------------------------------------------
+# broker restart with persistence, QoS 1 messages in flight both ways
+
+
+def persistent_broker(tmp_path: Path) -> tuple[Mosquitto, Path, Path]:
+    """A mosquitto on 127.0.0.1 that keeps its state in a file (saved at SIGTERM);
+    (broker, its state file, its log: a file mosquitto flushes line by line)."""
+    state = tmp_path / "broker-state"
+    state.mkdir()
+    events = tmp_path / "broker-events.log"
+    # Started as root, mosquitto changes to the user "mosquitto", which cannot write
+    # under pytest's tmp_path (mode 0700): the save would fail, logged and ignored.
+    user = "user root\n" if os.geteuid() == 0 else ""
+    extra = (
+        f"persistence true\npersistence_location {state}/\n"
+        f"log_dest file {events}\n{user}"
+    )
+    # The fixture's "persistence false" comes first; the later line wins.
+    return Mosquitto(tmp_path, extra=extra), state / "mosquitto.db", events
+
+
+def outbox_added(path: Path) -> int:
+    """How many messages were ever put in an outbox (its AUTOINCREMENT counter)."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            row = db.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"
+            ).fetchone()
+            return row[0] if row else 0
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0
+
+
+def held_in(db: Path) -> tuple[set[str], set[str]]:
+    """(escalation ids, ids answered by a verdict) in the payloads of a broker's
+    saved state: the QoS 1 messages it still had to deliver when it stopped."""
+    data = db.read_bytes() if db.exists() else b""
+    esc = re.findall(rb'"kind":"escalation","id":"([0-9a-f]{32})"', data)
+    ver = re.findall(rb'"escalation_id":"([0-9a-f]{32})"', data)
+    return {m.decode() for m in esc}, {m.decode() for m in ver}
+
+
+def store_verdicts(path: Path) -> dict[str, tuple[str, str | None]]:
+    """{id: (agent decision, verdict)} of every row in an alert store."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = db.execute("SELECT id, agent_decision, verdict FROM escalations")
+        return {r[0]: (r[1], r[2]) for r in rows}
+    finally:
+        db.close()
+
+
+@pytest.mark.broker
+def test_broker_restart_with_persistence_mid_traffic_loses_nothing(
+    tm, teacher, tmp_path
+):
+    """The broker stopped (SIGTERM: it saves its state) while it alone holds QoS 1
+    messages both ways: escalations for the re-scorer (killed, its session kept)
+    and verdicts for an agent (gone silent past its keepalive), more traffic queued
+    in the outboxes meanwhile; started again on the same port with the same state
+    file, every escalation is stored once and every verdict reaches its agent once.
+
+    Not a kill -9 of the broker: mosquitto's persistence is a snapshot written at a
+    clean stop (and every ``autosave_interval``), and nothing here promises to
+    survive losing it (a message the broker acknowledged is out of the outbox).
+    """
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not on PATH")
+    ckpt, _ = teacher
+    broker, state, broker_log = persistent_broker(tmp_path)
+    broker.start()
+    store = tmp_path / "alerts.sqlite"
+    serve = Serve(ckpt, broker.url, store, tmp_path / "serve.log")
+    keepalive = 2
+    # g1 gets verdicts while it is silent; g2 sends while the re-scorer is dead.
+    gateways = ("g1", "g2")
+    outbox = {g: tmp_path / f"outbox-{g}.sqlite" for g in gateways}
+    alerts = {g: tmp_path / f"alerts-{g}.jsonl" for g in gateways}
+    logs = {g: tmp_path / f"agent-{g}.log" for g in gateways}
+    recs = shifted(tm.records, 2)
+    a = len(tm.records)
+    first = {g: tm.expected(recs[:a], gateway=g) for g in gateways}
+    expected = {g: tm.expected(recs, gateway=g) for g in gateways}
+
+    def taken_by_broker(g: str) -> bool:
+        # Every escalation of the first part was queued and acknowledged.
+        return outbox_added(outbox[g]) == len(first[g]) and outbox_len(outbox[g]) == 0
+
+    agents: dict[str, subprocess.Popen] = {}
+    with contextlib.ExitStack() as files:
+        handles = {g: files.enter_context(open(logs[g], "w")) for g in gateways}
+        try:
+            serve.start()
+            for g in gateways:
+                agents[g] = start_agent(
+                    tm,
+                    broker.url,
+                    outbox[g],
+                    handles[g],
+                    "--alerts",
+                    str(alerts[g]),
+                    *(["--keepalive", str(keepalive)] if g == "g1" else []),
+                    gateway=g,
+                )
+            # 1. The re-scorer stopped: the broker takes g1's first part.
+            serve.proc.send_signal(signal.SIGSTOP)
+            feed(agents["g1"], recs[:a])
+            wait_for(lambda: taken_by_broker("g1"), 60, "g1's first part sent")
+            # 2. g1 silent until the broker drops it, then the re-scorer answers
+            # it all: the verdicts wait in g1's session at the broker.
+            agents["g1"].send_signal(signal.SIGSTOP)
+            dropped = "Client gatewatch-s1-g1 has exceeded timeout"
+            wait_for(
+                lambda: dropped in broker_log.read_text(),
+                10 * keepalive,
+                "the broker to drop the silent agent",
+            )
+            serve.proc.send_signal(signal.SIGCONT)
+            wait_for(
+                lambda: len(store_ids(store)) == len(first["g1"]), 60, "g1 answered"
+            )
+            # 3. The re-scorer killed (its session is kept, docs/contracts.md): the
+            # broker takes g2's first part for it.
+            serve.kill()
+            feed(agents["g2"], recs[:a])
+            wait_for(lambda: taken_by_broker("g2"), 60, "g2's first part sent")
+            # 4. The broker stops and saves what it alone holds, both ways.
+            broker.stop()
+            held_esc, held_ver = held_in(state)
+            assert set(first["g2"]) <= held_esc, "escalations not in the saved state"
+            assert set(first["g1"]) <= held_ver, "verdicts not in the saved state"
+            assert len(store_ids(store)) == len(first["g1"])
+
+            # 5. Traffic goes on while the broker is away: it waits in the outboxes.
+            agents["g1"].send_signal(signal.SIGCONT)
+            for g in gateways:
+                feed(agents[g], recs[a:])
+            wait_for(
+                lambda: all(
+                    _outbox_ids(outbox[g]) >= set(expected[g]) - set(first[g])
+                    for g in gateways
+                ),
+                60,
+                "the second parts in the outboxes",
+            )
+            broker.start()  # same port, same state file
+            serve.start()  # same client id: its session comes back from the file
+            for g in gateways:
+                agents[g].stdin.close()
+            for g in gateways:
+                assert agents[g].wait(120) == 0, logs[g].read_text()
+            settle(store, quiet=1.5, timeout=30)
+        finally:
+            for proc in agents.values():
+                if proc.poll() is None:
+                    proc.kill()
+            if serve.proc is not None and serve.proc.poll() is None:
+                serve.proc.send_signal(signal.SIGCONT)
+            serve.stop()
+            broker.stop()
+    assert "Error saving" not in broker_log.read_text()
+    ids = store_ids(store)
+    assert sorted(ids) == sorted(i for e in expected.values() for i in e)  # each once
+    rows = store_verdicts(store)
+    for g in gateways:
+        summary = summary_of(outbox[g])
+        assert summary["outbox_pending"] == 0, g
+        assert summary["verdicts_received"] == len(expected[g]), g
+        assert summary["verdicts_awaited"] == 0, g
+        assert summary["verdicts_unmatched"] == 0, g
+        # The documented verdict lines: one per malicious verdict, and one per
+        # benign verdict on a local alert; none twice (copies are dropped).
+        want = sorted(
+            i
+            for i in expected[g]
+            if rows[i][1] == "malicious"
+            or (rows[i][1] == "benign" and rows[i][0] == "alert")
+        )
+        lines = [json.loads(x) for x in alerts[g].read_text().splitlines()]
+        got = sorted(x["escalation_id"] for x in lines if x["kind"] == "verdict")
+        assert got == want and want, g
 
 
 # ---------------------------------------------------------------------------------
