@@ -89,7 +89,9 @@ exit codes:
        not store them (disk full, I/O error) or by its cap
        (--outbox-max: it drops the oldest uncertain escalations
        first, alerts last; their local alert lines are written), or
-       escalations over the broker's packet limit (dropped, not sent)
+       escalations over the broker's packet limit (dropped, not sent),
+       or escalations without a verdict after the broker lost this
+       gateway's session (restarted without its saved state)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGINT)
 
 SIGTERM stops reading (a file part way), scores the flows read, drains the
@@ -650,6 +652,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise TransportError(
             f"{summary['outbox_pending']} escalations were not sent ({why}); they "
             f"stay in the outbox {cfg.outbox_path()} and are sent by the next run"
+        )
+    lost_sessions = summary.get("broker_sessions_lost", 0)
+    if not drained and cfg.wait_verdicts and lost_sessions and summary[
+            "verdicts_awaited"]:
+        # TODO(gap): escalations leave the outbox at the broker's PUBACK, so the
+        # agent cannot send these again; keeping them until their verdict would.
+        raise TransportError(
+            f"the broker {cfg.broker} lost this gateway's MQTT session "
+            f"{lost_sessions} time(s) during the run (restarted without its saved "
+            f"state, or the session expired), and {summary['verdicts_awaited']} "
+            "escalations it had acknowledged got no verdict: they may be lost at "
+            "the broker and are no longer in the outbox (local alerts among them "
+            "are in the alerts output)"
         )
     if not drained and cfg.broker and cfg.wait_verdicts and summary["verdicts_awaited"]:
         print(

@@ -200,6 +200,10 @@ class MqttLink:
         self.on_connect = on_connect
         self.protocol: Protocol | None = None
         self.generation = 0
+        # Reconnects after which the broker had no session for us although we asked
+        # it to keep one: it restarted without its saved state, or the session
+        # expired, and what it held for or from this client is gone.
+        self.sessions_lost = 0
         self.refused_publishes = 0
         self._unrouted: set[int] = set()
         self._subscriptions: dict[str, int] = {}
@@ -509,6 +513,14 @@ class MqttLink:
             logger.warning("broker %s refused CONNECT: %s", self.url, reason_code)
             return
         self.packet_limit = connack_packet_limit(properties) or self.max_packet_size
+        present = bool(getattr(flags, "session_present", False))
+        if self.generation and self.session_expiry > 0 and not present:
+            self.sessions_lost += 1
+            logger.warning(
+                "broker %s kept no session for client %s across the reconnect (it "
+                "restarted without its saved state, or the session expired): what "
+                "it held for this client or had taken from it is gone",
+                self.url, self.client_id)
         for flt, qos in self._subscriptions.items():
             client.subscribe(flt, qos)
         self.generation += 1
