@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="runtime and file format of the artifact; all: every "
                           "target, each in OUT/<target>")
     run.add_argument("--teacher", required=True, type=Path, help="checkpoint folder")
-    run.add_argument("--out", required=True, type=Path, help="artifact folder")
+    run.add_argument("--out", required=True, type=Path,
+                     help="artifact folder: new, empty, or holding an artifact of "
+                          "the same --target (replaced); another target's artifact "
+                          "or other files there are refused (exit 2)")
     run.add_argument("--student", choices=("cnn", "mlp", "lstm"),
                      help="only this student kind (default: search mlp and cnn)")
     run.add_argument("--max-f1-drop", type=real(0, 1), default=0.01,
@@ -249,10 +252,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``compress run``."""
     import torch
 
-    from compress.pipeline import RunConfig, frontier_table, run
+    from compress.pipeline import RunConfig, check_out, frontier_table, run
     from student.distill import DistillConfig
 
     _check_out(args.out, args.teacher)
+    check_out(args.out, args.target)
 
     torch.set_num_threads(max(1, args.threads))
     cfg = RunConfig(

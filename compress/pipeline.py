@@ -68,6 +68,7 @@ __all__ = [
     "RunConfig",
     "RunResult",
     "export_candidate",
+    "check_out",
     "frontier_table",
     "io_specs",
     "run",
@@ -634,6 +635,111 @@ def _provenance(ctx: _Context, dest: Path) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------ the --out folder
+
+STAGE_NAME = ".search"
+# Files an artifact folder may hold besides manifest.json and the files it lists:
+# the site's calibrated thresholds (edge-agent calibrate), made for its model.
+ARTIFACT_EXTRAS = ("site_thresholds.json",)
+
+
+def _listing(names: list[str], most: int = 6) -> str:
+    shown = ", ".join(sorted(names)[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def artifact_files_in(folder: Path) -> tuple[str | None, set[str]] | None:
+    """``(target, file names)`` of the artifact in ``folder``: manifest.json, the
+    files it lists and the extras; None when it holds no readable manifest."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), dict):
+        return None
+    names = {n for n in manifest["sha256"]
+             if isinstance(n, str) and n and "/" not in n and "\\" not in n
+             and not n.startswith(".")}
+    target = manifest.get("target")
+    return (target if isinstance(target, str) else None,
+            {"manifest.json", *names, *ARTIFACT_EXTRAS})
+
+
+def _check_artifact_folder(folder: Path, target: str) -> None:
+    """Refuse (UsageError) a folder that holds anything but ``target``'s artifact."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise UsageError(f"--out {folder} exists and is not a folder; name a folder")
+    entries = [e.name for e in folder.iterdir() if e.name != STAGE_NAME]
+    if not entries:
+        return
+    found = artifact_files_in(folder)
+    if found is None:
+        raise UsageError(
+            f"--out {folder} holds files that are not a gatewatch artifact "
+            f"({_listing(entries)}); name a new or empty folder")
+    old_target, own = found
+    if old_target != target:
+        raise UsageError(
+            f"--out {folder} holds a {old_target or 'unknown-target'} artifact "
+            f"(manifest.json says target {old_target!r}); writing {target} there "
+            "would mix the two: name another folder or remove that artifact first")
+    stray = [n for n in entries if n not in own]
+    if stray:
+        raise UsageError(
+            f"--out {folder} holds files that are not part of its {target} "
+            f"artifact ({_listing(stray)}); move them or name another folder")
+
+
+def check_out(out: str | Path, target: str) -> None:
+    """Refuse up front (UsageError, exit 2) an ``--out`` the run would turn into a
+    mixed folder: one holding another target's artifact (its manifest.json names
+    the target) or files that are no artifact's. An artifact of the same target may
+    be replaced. With ``all``, ``out`` holds only ``<target>`` folders, each checked
+    the same way."""
+    out = Path(out)
+    try:
+        if target != "all":
+            _check_artifact_folder(out, target)
+            return
+        if not out.exists():
+            return
+        if not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a folder; name a folder")
+        if (out / "manifest.json").exists():
+            found = artifact_files_in(out)
+            what = f"a {found[0]} artifact" if found and found[0] else "a manifest.json"
+            raise UsageError(
+                f"--out {out} holds {what}; --target all writes one folder per "
+                "target under --out, so name another folder")
+        stray = [e.name for e in out.iterdir()
+                 if e.name != STAGE_NAME and not (e.name in TARGETS and e.is_dir())]
+        if stray:
+            raise UsageError(
+                f"--out {out} holds files that are not per-target artifact folders "
+                f"({_listing(stray)}); name a new or empty folder")
+        for name in TARGETS:
+            _check_artifact_folder(out / name, name)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot be used ({exc})") from exc
+
+
+def _drop_stale(dest: Path, old: set[str]) -> None:
+    """Remove the files of the artifact ``dest`` held before that the new one does
+    not list (another model file name, stale site thresholds)."""
+    found = artifact_files_in(dest)
+    keep = set() if found is None else found[1] - set(ARTIFACT_EXTRAS)
+    for name in sorted(old - keep):
+        path = dest / name
+        if path.is_file() or path.is_symlink():
+            if name in ARTIFACT_EXTRAS:
+                logger.warning("%s: removed %s, made for the replaced model; "
+                               "calibrate again", dest, name)
+            path.unlink()
+
+
+
 def artifact_dest(cfg: RunConfig, target: str) -> Path:
     """Where ``target``'s artifact ends up: ``out``, or ``out/<target>`` with all."""
     out = Path(cfg.out)
@@ -803,12 +909,13 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunRes
     Raises GateError when no candidate of any requested target passes.
     """
     say = progress or (lambda msg: logger.info("%s", msg))
+    check_out(cfg.out, cfg.target)
     ctx = _context(cfg, say)
     say(f"teacher validation F1 {ctx.teacher_val['f1']:.4f}, gate floor "
         f"{ctx.teacher_val['f1'] - cfg.max_f1_drop:.4f}")
     targets = list(TARGETS) if cfg.target == "all" else [cfg.target]
     out = Path(cfg.out)
-    stage = out / ".search"
+    stage = out / STAGE_NAME
     artifacts: dict[str, Path] = {}
     frontier: list[Candidate] = []
     failed: dict[str, str] = {}
@@ -819,10 +926,13 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunRes
                 from compress.inc import torch_int8_artifact
 
                 dest = out / target if cfg.target == "all" else out
+                old = _old_files(dest)
                 try:
                     artifacts[target] = torch_int8_artifact(ctx, dest)
                 except (ExportError, ModelError) as exc:
                     failed[target] = str(exc)
+                    continue
+                _drop_stale(dest, old)
                 continue
             best, rows = _search(ctx, target, stage / target)
             frontier.extend(rows)
@@ -830,7 +940,9 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunRes
                 failed[target] = "no candidate passed the gate"
                 continue
             dest = out / target if cfg.target == "all" else out
+            old = _old_files(dest)
             _publish(best.folder, dest, _report_sparsity(ctx, best))
+            _drop_stale(dest, old)
             artifacts[target] = dest
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -846,6 +958,12 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunRes
             + frontier_table(frontier)
         )
     return result
+
+
+def _old_files(dest: Path) -> set[str]:
+    """The files of the artifact ``dest`` holds now (none when it holds none)."""
+    found = artifact_files_in(dest)
+    return set() if found is None else found[1]
 
 
 def _publish(src: Path, dest: Path, sparsity: dict[str, Any]) -> None:

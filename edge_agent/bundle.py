@@ -844,6 +844,31 @@ def _is_flashed_path(value: str, relative: str, root: Path | None) -> bool:
     return any(path == PurePosixPath(r / relative) for r in roots)
 
 
+def check_bundle_out(out: Path) -> None:
+    """Refuse (UsageError, exit 2) a bundle ``-o`` that cannot be written: an
+    existing folder, a folder above it that does not exist or cannot be written
+    in. Checked before the wheels are built, so no work is lost."""
+    if not str(out).strip():
+        raise UsageError("-o is empty; name the bundle file to write")
+    try:
+        if out.is_dir():
+            raise UsageError(
+                f"-o {out} is a folder; name the bundle file to write "
+                f"(e.g. {out / 'gateway.tar.gz'})"
+            )
+        parent = out.parent
+        if not parent.is_dir():
+            raise UsageError(
+                f"-o {out}: {parent} is not an existing folder; make it first"
+            )
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"-o {out}: cannot write in {parent}")
+        if out.exists() and not out.is_file():
+            raise UsageError(f"-o {out} exists and is not a regular file")
+    except OSError as exc:
+        raise UsageError(f"-o {out}: cannot be used ({exc})") from exc
+
+
 def build_bundle(
     artifact: str | Path,
     config: str | Path,
@@ -862,6 +887,7 @@ def build_bundle(
     runtime wheels come from ``wheel_cache`` (downloaded there once).
     """
     artifact, config, out = Path(artifact), Path(config), Path(out)
+    check_bundle_out(out)
     private_key = signing.load_private_key(key)
 
     # Check the inputs before any slow step: the artifact must load and pass its
@@ -952,21 +978,32 @@ def build_bundle(
         raw = json.dumps(manifest, indent=1, sort_keys=True).encode()
         signature = signing.sign(private_key, raw)
 
-        # Write to a temporary name next to ``out``, then rename into place.
-        out.parent.mkdir(parents=True, exist_ok=True)
+        # Write to a temporary name next to ``out``, then rename into place; the
+        # temporary file goes whatever happens (a full disk, Ctrl-C).
+        check_bundle_out(out)
         partial = out.with_name(out.name + ".partial")
-        # Level 0: wheels are zip-deflated already; level 1 saved 0.7 % of the edge
-        # wheels (128 MB) for 15 times the time. The file is still a gzip tar.
-        with tarfile.open(partial, "w:gz", compresslevel=0) as tar:
-            _add_bytes(tar, MANIFEST_NAME, raw)
-            _add_bytes(tar, SIGNATURE_NAME, signature)
-            for name, src_item in members.items():
-                if isinstance(src_item, bytes):
-                    _add_bytes(tar, name, src_item)
-                else:
-                    with open(src_item, "rb") as handle:
-                        _add_file(tar, name, handle, src_item.stat().st_size)
-        os.replace(partial, out)
+        try:
+            # Level 0: wheels are zip-deflated already; level 1 saved 0.7 % of the
+            # edge wheels (128 MB) for 15 times the time. Still a gzip tar.
+            with tarfile.open(partial, "w:gz", compresslevel=0) as tar:
+                _add_bytes(tar, MANIFEST_NAME, raw)
+                _add_bytes(tar, SIGNATURE_NAME, signature)
+                for name, src_item in members.items():
+                    if isinstance(src_item, bytes):
+                        _add_bytes(tar, name, src_item)
+                    else:
+                        with open(src_item, "rb") as handle:
+                            _add_file(tar, name, handle, src_item.stat().st_size)
+            os.replace(partial, out)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                if partial.is_file() or partial.is_symlink():
+                    partial.unlink()
+            if isinstance(exc, OSError):
+                raise GatewatchError(
+                    f"cannot write -o {out}: {exc.strerror or exc}"
+                ) from exc
+            raise
 
     logger.info(
         "wrote bundle %s: agent %s, model %s, %d files, %.1f MB",
@@ -1026,9 +1063,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "one) and the gateway config. The config must point at the flashed layout: "
         f'artifact = "/{MODEL_LINK}" and, for model updates, update_public_key = '
         f'"/{UPDATE_KEY_FILE}". Exit codes: 0 written, 1 the wheel build or '
-        "download failed or the model fails its health check, 2 wrong flags or a "
-        "config path that is not the flashed layout's, 3 an unreadable artifact, "
-        "site thresholds or config.",
+        "download failed, the model fails its health check or -o cannot be "
+        "written, 2 wrong flags (an -o that is a folder or whose folder does not "
+        "exist) or a config path that is not the flashed layout's, 3 an "
+        "unreadable artifact, site thresholds or config.",
     )
     p.add_argument(
         "--artifact",

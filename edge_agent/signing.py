@@ -9,6 +9,7 @@ not match raises :class:`SignatureError` and names the key that was expected.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from edge_agent import logger
-from flows.errors import BadInputError, UsageError
+from flows.errors import BadInputError, GatewatchError, UsageError
 
 PRIVATE_NAME = "signing.key"
 PUBLIC_NAME = "signing.pub"
@@ -54,7 +55,13 @@ def generate_keypair(
         raise UsageError(
             f"{keydir} already holds a signing key; pass --force to replace it"
         )
-    keydir.mkdir(parents=True, exist_ok=True)
+    _check_keydir(keydir)
+    try:
+        keydir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"keygen -o {keydir}: cannot make the folder ({exc.strerror or exc})"
+        ) from exc
 
     # Make the pair.
     private_key = Ed25519PrivateKey.generate()
@@ -68,14 +75,27 @@ def generate_keypair(
     )
 
     # The private half is created 0600 from the start, never chmod-ed afterwards.
-    if private_path.exists():
-        private_path.unlink()
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(private_pem)
-    os.chmod(private_path, 0o600)
-    public_path.write_bytes(public_pem)
-    os.chmod(public_path, 0o644)
+    # A write that fails takes back what it made: never half a pair.
+    made: list[Path] = []
+    try:
+        if private_path.exists():
+            private_path.unlink()
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        made.append(private_path)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(private_pem)
+        os.chmod(private_path, 0o600)
+        made.append(public_path)
+        public_path.write_bytes(public_pem)
+        os.chmod(public_path, 0o644)
+    except OSError as exc:
+        for path in made:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise GatewatchError(
+            f"keygen -o {keydir}: cannot write {exc.filename or keydir} "
+            f"({exc.strerror or exc})"
+        ) from exc
 
     logger.info(
         "wrote signing key %s (key id %s)",
@@ -83,6 +103,27 @@ def generate_keypair(
         key_id(private_key.public_key()),
     )
     return private_path, public_path
+
+
+def _check_keydir(keydir: Path) -> None:
+    """Refuse (UsageError, exit 2) a key folder that is a file, lies under a file
+    or cannot be written in; checked before anything is made."""
+    try:
+        if keydir.exists() and not keydir.is_dir():
+            raise UsageError(
+                f"keygen -o {keydir} exists and is not a folder; name a folder for "
+                f"{PRIVATE_NAME} and {PUBLIC_NAME} (an existing file is never "
+                "replaced)"
+            )
+        above = keydir
+        while not above.exists() and above != above.parent:
+            above = above.parent
+        if not above.is_dir():
+            raise UsageError(f"keygen -o {keydir}: {above} is a file, not a folder")
+        if not os.access(above, os.W_OK | os.X_OK):
+            raise UsageError(f"keygen -o {keydir}: cannot write in {above}")
+    except OSError as exc:
+        raise UsageError(f"keygen -o {keydir}: cannot be used ({exc})") from exc
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:

@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -142,7 +143,9 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
                    help="false-positive rate for --threshold-rule fpr (default 0.01)")
     p.add_argument("--max-minutes", type=real(0, lo_open=True), default=None,
                    help="stop training after this many minutes (default: no limit)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: auto)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (cuda only where torch sees a GPU; "
+                        "default: cuda when present, else cpu)")
     p.add_argument("--input-noise", type=real(0, 1), default=None,
                    help="std of Gaussian noise on training inputs (default 0.05 "
                         "for nsl-kdd, else 0.02)")
@@ -432,6 +435,76 @@ def _check_out(out: str | Path) -> None:
         raise UsageError(f"--out {out}: cannot be used ({exc})") from exc
 
 
+def _check_device(device: str | None) -> None:
+    """Refuse up front (exit 2) a ``--device`` torch cannot train on here: anything
+    but cpu, cuda or cuda:N, and cuda where this torch has no usable GPU. Checked
+    before the data loads, so a typo costs nothing."""
+    if device is None:
+        return
+    text = device.strip().lower()
+    if text == "cpu":
+        return
+    head, sep, index = text.partition(":")
+    if head != "cuda" or (sep and not index.isdigit()):
+        raise UsageError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this torch sees no CUDA GPU "
+                         "(not built with CUDA, or no GPU); use --device cpu")
+    count = torch.cuda.device_count()
+    if sep and int(index) >= count:
+        raise UsageError(f"--device {device}: only {count} CUDA device(s) "
+                         f"(cuda:0..cuda:{count - 1})")
+
+
+def _check_out_file(out: str | Path, flag: str = "--out") -> None:
+    """Refuse up front (exit 2) a file output that cannot be written: an existing
+    folder, a path under a file, or a folder that cannot be written in."""
+    if not str(out).strip():
+        raise UsageError(f"{flag} is empty; name a file")
+    path = Path(out)
+    try:
+        if path.is_dir():
+            raise UsageError(f"{flag} {out} is a folder; name a file to write")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {out} exists and cannot be written")
+        _check_parent(path, flag, out)
+    except OSError as exc:
+        raise UsageError(f"{flag} {out}: cannot be used ({exc})") from exc
+
+
+def _check_out_folder(out: str | Path, flag: str = "--out") -> None:
+    """Refuse up front (exit 2) an output folder that cannot be made or written in:
+    an existing file (never replaced), a path under a file, a folder without write
+    permission."""
+    if not str(out).strip():
+        raise UsageError(f"{flag} is empty; name a folder")
+    path = Path(out)
+    try:
+        if path.exists():
+            if not path.is_dir():
+                raise UsageError(f"{flag} {out} exists and is not a folder; it is "
+                                 "not replaced (name a folder)")
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise UsageError(f"{flag} {out}: the folder cannot be written in")
+            return
+        _check_parent(path, flag, out)
+    except OSError as exc:
+        raise UsageError(f"{flag} {out}: cannot be used ({exc})") from exc
+
+
+def _check_parent(path: Path, flag: str, out: str | Path) -> None:
+    """The nearest existing folder above ``path`` must be a folder we may write in."""
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise UsageError(f"{flag} {out}: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {out}: cannot write in {above}")
+
+
 def _finished(*preps: Any) -> int:
     """Exit code once a command's work is written: 4 when its data was damaged part
     way (what came before the damage was used; the readers' warnings name it)."""
@@ -454,6 +527,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from teacher.train import dist_info, fit
     from teacher.update import make_replay, save_replay
 
+    _check_device(args.device)
     _check_out(args.out)
     rank, world, _ = dist_info()
     start = time.monotonic()
@@ -568,6 +642,8 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     from teacher.baselines import run_baselines
     from teacher.data import prepare
 
+    if args.out:
+        _check_out_file(args.out)
     prep = prepare(_source(args), data_dir=args.data_dir, window=args.window,
                    seed=args.seed, need_split=True, scaling=args.scaling,
                    knots=args.knots)
@@ -577,10 +653,16 @@ def cmd_baselines(args: argparse.Namespace) -> int:
            "scaling": prep.encoder.scaling, "held_out_types": held,
            "baselines": run_baselines(prep, names, svm_cap=args.svm_cap,
                                       knn_cap=args.knn_cap, seed=args.seed)}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    # Printed first: the results are on stdout even when --out fails to write.
     _print(out, args.json)
+    if args.out:
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        except OSError as exc:
+            raise GatewatchError(
+                f"--out {args.out}: cannot write the results "
+                f"({exc.strerror or exc}); they are printed above") from exc
     return _finished(prep)
 
 
@@ -590,6 +672,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from teacher.train import TrainConfig
     from teacher.tune import DEFAULT_GRID, tune, write_table
 
+    _check_out_folder(args.out)
     windows = args.windows or [1]
     preps = {}
     for w in windows:
@@ -616,7 +699,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(json.dumps(row), file=sys.stderr, flush=True)
 
     rows = tune(preps, args.budget, grid, base_train=base, on_trial=on_trial)
-    out = write_table(rows, args.out)
+    try:
+        out = write_table(rows, args.out)
+    except OSError as exc:
+        # The grid's minutes are not thrown away: every row goes to stdout.
+        print(json.dumps({"table": None, "trials": len(rows),
+                          "best": rows[0] if rows else None, "rows": rows}))
+        raise GatewatchError(
+            f"--out {args.out}: cannot write the tuning table "
+            f"({exc.strerror or exc}); its rows are printed above") from exc
     print(json.dumps({"table": str(out / "tune.md"), "trials": len(rows),
                       "best": rows[0] if rows else None}))
     return _finished(*preps.values())
@@ -628,6 +719,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     from teacher.data import prepare
     from teacher.update import load_replay, save_replay, update
 
+    _check_device(args.device)
     _check_out(args.out)
     teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
     new = prepare(args.data, encoder=teacher.encoder, data_dir=args.data_dir,

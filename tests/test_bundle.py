@@ -269,3 +269,75 @@ def test_flash_refuses_another_python_before_touching_the_root(made, tmp_path):
         flash(out, root, public, python=other)
 
     assert not root.exists()
+
+
+def test_keygen_refuses_a_file_or_a_path_under_one(tmp_path, capsys):
+    existing = tmp_path / "passwd"
+    existing.write_text("root:x:0:0\n")
+    for out in (existing, existing / "keys"):
+        for extra in ([], ["--force"]):
+            assert main(["keygen", "-o", str(out), *extra]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: keygen -o") and "Traceback" not in err
+            assert len(err.strip().splitlines()) == 1
+    assert existing.read_text() == "root:x:0:0\n"
+
+
+def test_keygen_write_failure_leaves_no_half_pair(tmp_path, capsys, monkeypatch):
+    real = Path.write_bytes
+
+    def write_bytes(self, data):
+        if self.name == signing.PUBLIC_NAME:
+            raise OSError(28, "No space left on device", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    assert main(["keygen", "-o", str(tmp_path / "k")]) == 1
+    err = capsys.readouterr().err
+    assert "No space left" in err and "Traceback" not in err
+    assert list((tmp_path / "k").iterdir()) == []
+
+
+def test_bundle_out_is_checked_before_the_build(tmp_path, agent_wheel, capsys,
+                                                monkeypatch):
+    private, _ = signing.generate_keypair(tmp_path / "keys")
+    artifact = make_artifact(tmp_path / "artifact")
+    config = tmp_path / "gateway.toml"
+    config.write_text(CONFIG)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(UsageError, match="is a folder"):
+        bundle.build_bundle(artifact, config, private, folder, wheels=[agent_wheel])
+    with pytest.raises(UsageError, match="not an existing folder"):
+        bundle.build_bundle(artifact, config, private, tmp_path / "no" / "gw.tgz",
+                            wheels=[agent_wheel])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "artifact", "gateway.toml", "keys", "out"]
+
+    def no_build(*a, **k):
+        raise AssertionError("the wheels were built before -o was checked")
+
+    monkeypatch.setattr(bundle, "build_agent_wheel", no_build)
+    assert main(["bundle", "--artifact", str(artifact), "--config", str(config),
+                 "--key", str(private), "-o", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: -o") and "Traceback" not in err
+    assert list(folder.iterdir()) == []
+
+
+def test_bundle_write_failure_leaves_no_partial_file(tmp_path, agent_wheel,
+                                                     monkeypatch):
+    private, _ = signing.generate_keypair(tmp_path / "keys")
+    artifact = make_artifact(tmp_path / "artifact")
+    config = tmp_path / "gateway.toml"
+    config.write_text(CONFIG)
+    out = tmp_path / "gw.tar.gz"
+
+    def replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bundle.os, "replace", replace)
+    with pytest.raises(bundle.GatewatchError, match="cannot write -o") as info:
+        bundle.build_bundle(artifact, config, private, out, wheels=[agent_wheel])
+    assert info.value.exit_code == 1
+    assert not out.exists() and not (tmp_path / "gw.tar.gz.partial").exists()

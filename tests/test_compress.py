@@ -471,3 +471,68 @@ def test_out_inside_the_teachers_folder_is_refused(teacher_dir: Path, capsys) ->
         err = capsys.readouterr().err
         assert code == 2 and "inside the teacher's checkpoint" in err
     assert not (teacher_dir / "art").exists()
+
+
+def _fake_artifact(folder: Path, target: str, model: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / model).write_bytes(b"old model")
+    (folder / "manifest.json").write_text(json.dumps(
+        {"target": target, "sha256": {model: "0" * 64}}))
+    return folder
+
+
+@pytest.mark.parametrize("target", ["onnx-int8", "all"])
+def test_out_holding_another_targets_artifact_is_refused(tmp_path: Path, capsys,
+                                                          target: str) -> None:
+    from compress.cli import main
+
+    out = _fake_artifact(tmp_path / "art", "tflite-int8", "model.tflite")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code = main(["run", "--target", target, "--teacher", str(tmp_path / "absent"),
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: --out") and "tflite-int8" in err
+    assert "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("target", ["onnx-int8", "all"])
+def test_out_holding_other_files_is_refused(tmp_path: Path, capsys,
+                                            target: str) -> None:
+    from compress.cli import main
+
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code = main(["run", "--target", target, "--teacher", str(tmp_path / "absent"),
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "notes.txt" in err and "not" in err, err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    # A same-target artifact with a stray file beside it is refused too.
+    _fake_artifact(out, "onnx-int8", "model.onnx")
+    assert main(["run", "--target", "onnx-int8", "--teacher",
+                 str(tmp_path / "absent"), "--out", str(out)]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+
+
+def test_rerun_replaces_its_own_artifact_and_drops_old_files(
+        teacher_dir: Path, onnx_run, tmp_path: Path) -> None:
+    import shutil
+
+    from compress.pipeline import run
+
+    out = tmp_path / "art"
+    shutil.copytree(onnx_run[0], out)
+    # The old artifact listed a file the new one will not have.
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["sha256"]["model.old"] = "0" * 64
+    (out / "model.old").write_bytes(b"old")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    cfg = _fast_config(target="onnx-int8", teacher=teacher_dir, out=out,
+                       student="mlp", widths=(16,), max_f1_drop=0.1)
+    run(cfg)
+    new = json.loads((out / "manifest.json").read_text())
+    assert new["target"] == "onnx-int8"
+    assert {p.name for p in out.iterdir()} == {"manifest.json", *new["sha256"]}

@@ -258,3 +258,106 @@ def test_damaged_data_is_used_up_to_the_damage_and_exits_4(checkpoint, slices,
     assert sum(out["confusion"].values()) == whole_rows
     assert any("cut short" in w for w in out["warnings"])
     assert "Traceback" not in captured.err
+
+
+# ------------------------------------------------- flags and outputs checked up front
+
+def _no_prepare(monkeypatch):
+    """Fail the test if a command gets as far as loading its data."""
+    def prepare(*a, **k):
+        raise AssertionError("data loaded before the flags were checked")
+    monkeypatch.setattr("teacher.data.prepare", prepare)
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu0", "cuda"])
+def test_bad_device_is_a_usage_error_before_the_data_loads(device, slices, tmp_path,
+                                                           capsys, monkeypatch,
+                                                           checkpoint):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _no_prepare(monkeypatch)
+    capsys.readouterr()
+    assert main(["train", "--data", str(slices[0]), "--out", str(tmp_path / "x"),
+                 "--device", device, "-q"]) == 2
+    assert main(["update", "--checkpoint", str(checkpoint), "--data",
+                 str(slices[1]), "--out", str(tmp_path / "y"), "--device", device,
+                 "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: --device") == 2 and "Traceback" not in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cuda_index_past_the_devices_is_refused(slices, tmp_path, capsys,
+                                                monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    _no_prepare(monkeypatch)
+    assert main(["train", "--data", str(slices[0]), "--out", str(tmp_path / "x"),
+                 "--device", "cuda:1", "-q"]) == 2
+    assert "only 1 CUDA device" in capsys.readouterr().err
+
+
+def test_baselines_out_folder_is_refused_before_the_models_run(slices, tmp_path,
+                                                               capsys, monkeypatch):
+    def run_baselines(*a, **k):
+        raise AssertionError("baselines ran before --out was checked")
+    monkeypatch.setattr("teacher.baselines.run_baselines", run_baselines)
+    assert main(["baselines", "--data", str(slices[0]), "--models", "rf",
+                 "--json", "--out", str(tmp_path), "-q"]) == 2
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["baselines", "--data", str(slices[0]), "--models", "rf",
+                 "--out", str(blocker / "b.json"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: --out") == 2 and "Traceback" not in err
+
+
+def test_baselines_results_survive_a_failed_write(slices, tmp_path, capsys,
+                                                  monkeypatch):
+    out = tmp_path / "b.json"
+
+    def run_baselines(*a, **k):
+        out.mkdir()  # the path turns into a folder while the models run
+        return {"rf": {"f1": 0.5}}
+    monkeypatch.setattr("teacher.baselines.run_baselines", run_baselines)
+    capsys.readouterr()
+    assert main(["baselines", "--data", str(slices[0]), "--models", "rf",
+                 "--json", "--out", str(out), "-q"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["baselines"] == {"rf": {"f1": 0.5}}
+    assert captured.err.startswith("error: --out") and "Traceback" not in captured.err
+
+
+def test_tune_out_file_is_refused_before_the_grid(slices, tmp_path, capsys,
+                                                  monkeypatch):
+    def tune(*a, **k):
+        raise AssertionError("the grid ran before --out was checked")
+    monkeypatch.setattr("teacher.tune.tune", tune)
+    _no_prepare(monkeypatch)
+    existing = tmp_path / "passwd"
+    existing.write_text("root:x:0:0\n")
+    assert main(["tune", "--data", str(slices[0]), "--budget", "0.1",
+                 "--out", str(existing), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --out" in err and "not a folder" in err
+    assert "Traceback" not in err
+    assert existing.read_text() == "root:x:0:0\n"
+
+
+def test_tune_rows_survive_a_failed_write(slices, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "tune"
+    rows = [{"rank": 1, "val_f1": 0.9, "val_loss": 0.1}]
+
+    def tune(*a, **k):
+        out.write_text("taken")  # a file appears where the folder was to go
+        return rows
+    monkeypatch.setattr("teacher.tune.tune", tune)
+    capsys.readouterr()
+    assert main(["tune", "--data", str(slices[0]), "--budget", "0.1",
+                 "--out", str(out), "-q"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["rows"] == rows
+    assert captured.err.startswith("error: --out") and "Traceback" not in captured.err
