@@ -52,6 +52,12 @@ batch's escalations are dropped and counted (``outbox_failed``, the first failur
 logged as an error), their local alert lines are still written, and the run ends
 with :class:`~flows.errors.OutboxError` (exit 6). A read or acknowledgement the
 outbox refuses is counted the same way and retried a second later by the sender.
+
+An escalation too large to send, over the protocol's cap
+(:data:`~edge_agent.protocol.MAX_PAYLOAD_BYTES`, when it is built) or over the
+broker's packet limit (when it is published), is dropped and counted
+(``dropped_oversized``, the first logged); its local alert line is still written,
+and the run ends with exit 6.
 """
 
 from __future__ import annotations
@@ -563,21 +569,29 @@ class Agent:
                 gateway=self.gateway,
                 msg_id=msg_id,
             )
+            alert = decision is proto.Decision.ALERT
             try:
                 payload = proto.encode(body)
             except proto.ProtocolError as exc:
-                self.rejects.reject(exc, "outgoing escalation")
+                if exc.kind is not proto.RejectKind.OVERSIZED:
+                    self.rejects.reject(exc, "outgoing escalation")
+                    continue
+                # Over the protocol's size cap (a huge text field): no broker or
+                # re-scorer can take it, as with one over the broker's packet
+                # limit. Dropped and counted (exit 6); its alert line is written.
+                self._count_oversized(msg_id, f"{exc} (the protocol's size cap)")
+                made.append((flow, float(score), decision, msg_id, False))
                 continue
-            alert = decision is proto.Decision.ALERT
             items.append((msg_id, topic, payload, alert))
-            made.append((flow, float(score), decision, msg_id))
+            made.append((flow, float(score), decision, msg_id, True))
             if self.round_trips is not None:
                 self._created[msg_id] = time.monotonic()
 
         # Remembered before the sender can see them, so that no verdict comes
         # back before the agent knows which of them are local alerts.
-        for flow, _, decision, msg_id in made:
-            self._remember(msg_id, flow, decision is proto.Decision.ALERT)
+        for flow, _, decision, msg_id, queued in made:
+            if queued:
+                self._remember(msg_id, flow, decision is proto.Decision.ALERT)
 
         # Durable first (one fsync per batch), then the local alert lines.
         try:
@@ -586,7 +600,7 @@ class Agent:
             self._outbox_failed(exc, len(items))
             kept = []
         self.counters.escalations_queued += sum(kept)
-        for flow, score, decision, msg_id in made:
+        for flow, score, decision, msg_id, _ in made:
             if decision is proto.Decision.ALERT:
                 self._write_line(
                     flow,
@@ -827,13 +841,18 @@ class Agent:
             self._outbox_failed(exc)
             return
         if gone:
+            self._count_oversized(msg_id, exc)
+
+    def _count_oversized(self, msg_id: str, exc: object) -> None:
+        """Count one escalation dropped as too large (``dropped_oversized``, exit
+        6); log the first."""
+        with self._out_lock:
             self.counters.dropped_oversized += 1
-            if self.counters.dropped_oversized == 1:
-                logger.warning(
-                    "escalation %s dropped: %s; further ones only counted",
-                    msg_id,
-                    exc,
-                )
+            first = self.counters.dropped_oversized == 1
+        if first:
+            logger.warning(
+                "escalation %s dropped: %s; further ones only counted", msg_id, exc
+            )
 
     def _collect_acks(self) -> None:
         done = []

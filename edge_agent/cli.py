@@ -629,12 +629,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{summary['outbox_pending']} stay in the outbox {cfg.outbox_path()}"
         )
     if summary.get("dropped_oversized"):
+        from edge_agent.protocol import MAX_PAYLOAD_BYTES
+
         limit = agent.link.packet_limit if agent.link is not None else None
+        bound = f"the protocol's {MAX_PAYLOAD_BYTES}-byte cap" + (
+            f" or the broker's packet limit ({limit} bytes)" if limit else "")
         raise TransportError(
-            f"{summary['dropped_oversized']} escalations were larger than the "
-            f"broker's packet limit ({limit} bytes) and were dropped, not sent; "
-            "their alert lines are in the alerts output (a record with a huge "
-            "text field, or a --max-packet-size set too low)"
+            f"{summary['dropped_oversized']} escalations were larger than {bound} "
+            "and were dropped, not sent; their alert lines are in the alerts "
+            "output (a record with a huge text field, or a --max-packet-size set "
+            "too low)"
         )
     if cfg.broker and summary["outbox_pending"]:
         unrouted = (
@@ -802,7 +806,7 @@ def _report(summary: dict[str, Any], path: str | None) -> None:
             else ""
         )
         + (
-            f", dropped as too large for the broker {summary['dropped_oversized']}"
+            f", dropped as too large to send {summary['dropped_oversized']}"
             if summary.get("dropped_oversized")
             else ""
         )

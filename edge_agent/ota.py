@@ -94,11 +94,18 @@ class UpdateResult:
 def health_check(scorer: Any, *, tolerance: float | None = None) -> float:
     """ModelError unless a loaded artifact is fit to score; returns the probe error.
 
-    Checks that the encoder's window and feature count are the model's input, that
-    the probe windows have that shape, that the thresholds are usable, and that the
-    probe windows score within ``tolerance`` of the manifest's expected scores.
+    Checks that the encoder reads the conn records every source of the agent gives
+    (an NSL-KDD or UNSW artifact would refuse every flow), that the encoder's window
+    and feature count are the model's input, that the probe windows have that
+    shape, that the thresholds are usable, and that the probe windows score within
+    ``tolerance`` of the manifest's expected scores.
     """
+    from edge_agent.sources import artifact_problem
+
     encoder = scorer.encoder
+    problem = artifact_problem(encoder, None)
+    if problem is not None:
+        raise ModelError(f"the artifact {problem}")
     if (encoder.window, encoder.n_features) != (scorer.window, scorer.n_features):
         raise ModelError(
             f"the encoder makes windows [{encoder.window}, {encoder.n_features}] but "

@@ -14,8 +14,11 @@ Malformed stdin lines, lines over ``MAX_LINE_BYTES``, and records with a value
 that does not fit its field (a dict, an integer past int64, text in a number
 field, an address that is no IP address, a port outside 0..65535) are rejected,
 counted in ``Source.rejected`` (with the line of the first in ``first_rejected``)
-and logged once; the source goes on. Every record has every canonical field
-(missing ones null).
+and logged once; the source goes on. A ``zeek:`` source (read once or followed)
+applies the same record check to what the readers give, so a flow with no address
+(``-`` in a Zeek TSV log, a binetflow row that is no IP flow) is rejected the same
+way (by line when followed, by record number when read once), not escalated for
+the re-scorer to refuse. Every record has every canonical field (missing ones null).
 """
 
 from __future__ import annotations
@@ -97,11 +100,23 @@ class Source:
                 f"source {self.target} failed: {type(exc).__name__}: {exc}"
             )
 
-    def reject(self, kind: str, message: str, line: int | None = None) -> None:
-        """Count one rejected input item; log the first of each kind."""
+    def reject(
+        self,
+        kind: str,
+        message: str,
+        line: int | None = None,
+        *,
+        record: int | None = None,
+    ) -> None:
+        """Count one rejected input item, by ``line`` or else by ``record`` number
+        when given; log the first of each kind."""
         n = self.rejected.get(kind, 0) + 1
         self.rejected[kind] = n
-        where = f"line {line}: " if line is not None else ""
+        where = (
+            f"line {line}: "
+            if line is not None
+            else f"record {record}: " if record is not None else ""
+        )
         if self.first_rejected is None:
             self.first_rejected = f"{where}{kind}: {message}"
         if n == 1:
@@ -186,7 +201,7 @@ def open_source(
     if kind == "zeek" and follow:
         return Source(kind, target, False, lambda s: _follow(s, poll))
     if kind == "zeek":
-        return Source(kind, target, True, lambda s: _zeek(s.target))
+        return Source(kind, target, True, lambda s: _zeek(s))
     stream = stdin if stdin is not None else _text_stdin()
     return Source(kind, target, False, lambda s: _json_lines(s, stream))
 
@@ -264,8 +279,16 @@ def iter_conn(path: str | Path, on_error: str = "fail") -> Iterator[dict]:
         yield canonical(rec)
 
 
-def _zeek(path: str) -> Iterator[dict]:
-    yield from iter_conn(path)
+def _zeek(src: Source) -> Iterator[dict]:
+    """A conn.log read once; a record the stdin check refuses (no address: ``-``
+    in a Zeek TSV log, a binetflow row that is no IP flow) is rejected, counted
+    by its record number (the readers give no line) and skipped."""
+    for number, rec in enumerate(iter_conn(src.target), start=1):
+        problem = _record_problem(rec)
+        if problem is not None:
+            src.reject("bad_value", problem, record=number)
+            continue
+        yield rec
 
 
 def _parquet(src: Source) -> Iterator[dict]:
@@ -403,8 +426,9 @@ def _text_label(rec: dict[str, Any]) -> str | None:
     return None
 
 
-def artifact_problem(encoder: Any, kind: str) -> str | None:
-    """Why an artifact's encoder cannot score records of a ``kind`` source, or None.
+def artifact_problem(encoder: Any, kind: str | None) -> str | None:
+    """Why an artifact's encoder cannot score records of a ``kind`` source (None:
+    of any source, as a model update or a bundle must), or None when it can.
 
     Every source yields conn records (:func:`canonical` keeps the conn fields only),
     so an encoder that reads any other field (an NSL-KDD or UNSW artifact) would
@@ -414,7 +438,8 @@ def artifact_problem(encoder: Any, kind: str) -> str | None:
     if not missing:
         return None
     shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
-    where = "stdin" if kind == "stdin" else f"a {kind}: source"
+    where = {"stdin": "stdin", None: "every source of the agent"}.get(
+        kind, f"a {kind}: source")
     return (
         f"reads {encoder.family!r} flow records (fields {shown}), but {where} "
         "gives conn records (Zeek conn.log fields) only; use an artifact "
@@ -424,7 +449,8 @@ def artifact_problem(encoder: Any, kind: str) -> str | None:
 
 
 def _record_problem(rec: dict[str, Any]) -> str | None:
-    """Why a canonical record from stdin cannot be scored and sent, or None.
+    """Why a canonical record (stdin, Parquet, zeek:) cannot be scored and sent,
+    or None.
 
     Each field must fit its kind (numbers finite and in range, strings for text
     fields, null anywhere): the same check the re-scorer applies to escalations;
@@ -452,7 +478,8 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
     A path that is missing (not yet written, or removed and not yet recreated) is
     waited for, with one warning. Lines are parsed one by one by
     ``flows.readers.stream`` (the same rules as a whole-file read); a line it
-    cannot parse, or one over ``MAX_LINE_BYTES``, is rejected, counted and skipped.
+    cannot parse, one over ``MAX_LINE_BYTES``, or a record :func:`_record_problem`
+    refuses (no address) is rejected, counted and skipped.
     """
     from flows.readers.stream import TsvLineParser
 
@@ -537,8 +564,14 @@ def _parse_line(src: Source, parser, line: str, line_no: int) -> dict | None:
             parser.header_line(line, line_no)
             return None
         if line.lstrip().startswith("{"):
-            return canonical(parse_json_line(line, src.target, line_no))
-        return canonical(parser.parse(line, line_no))
+            rec = canonical(parse_json_line(line, src.target, line_no))
+        else:
+            rec = canonical(parser.parse(line, line_no))
     except BadInputError as exc:
         src.reject("bad_line", str(exc)[len(exc._where()) :], line_no)
         return None
+    problem = _record_problem(rec)  # as for stdin: what the re-scorer would refuse
+    if problem is not None:
+        src.reject("bad_value", problem, line_no)
+        return None
+    return rec

@@ -282,10 +282,10 @@ def test_max_packet_size_guards_a_3_1_1_link(
     assert rc == 6
     err = capsys.readouterr().err
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
-        "error: 1 escalations were larger than the broker's packet limit "
-        f"({PACKET_LIMIT} bytes) and were dropped, not sent; their alert lines are "
-        "in the alerts output (a record with a huge text field, or a "
-        "--max-packet-size set too low)"
+        "error: 1 escalations were larger than the protocol's 262144-byte cap or "
+        f"the broker's packet limit ({PACKET_LIMIT} bytes) and were dropped, not "
+        "sent; their alert lines are in the alerts output (a record with a huge "
+        "text field, or a --max-packet-size set too low)"
     ]
     assert out["dropped_oversized"] == 1
     assert out["outbox_pending"] == 0

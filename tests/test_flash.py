@@ -26,7 +26,12 @@ from edge_agent import bundle, signing  # noqa: E402
 from edge_agent.cli import main  # noqa: E402
 from edge_agent.flash import GatewayLayout, flash  # noqa: E402
 from flows.errors import BadInputError, GatewatchError, ModelError  # noqa: E402
-from tests.test_ota_artifacts import W, make_artifact, numpy_scores  # noqa: E402
+from tests.test_ota_artifacts import (  # noqa: E402
+    W,
+    fit_conn_encoder,
+    make_artifact,
+    numpy_scores,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -209,7 +214,8 @@ def test_flash_offline_switch_refuse_and_roll_back(
         "cryptography": True,
         "edge_agent": True,
     }
-    windows = np.random.default_rng(5).uniform(0, 1, (9, W, 6)).astype(np.float32)
+    shape = (9, W, fit_conn_encoder().n_features)
+    windows = np.random.default_rng(5).uniform(0, 1, shape).astype(np.float32)
     version, scores = venv_scores(python, layout.models / "current", windows, tmp_path)
     assert version == "v1"
     np.testing.assert_allclose(scores, numpy_scores(windows, 1), atol=1e-6)

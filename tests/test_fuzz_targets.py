@@ -865,10 +865,11 @@ def test_built_ota_seeds_install_and_score_like_the_seed_artifact(tmp_path):
     it installs, and the model it activates scores like the seed artifact."""
     from edge_agent.ota import ModelUpdater
     from edge_agent.runtime import load_artifact
-    from tests.test_ota_artifacts import W, numpy_scores
+    from tests.test_ota_artifacts import W, fit_conn_encoder, numpy_scores
 
     _, pub = _ota_key()
-    windows = np.random.default_rng(5).uniform(0, 1, (8, W, 6)).astype(np.float32)
+    shape = (8, W, fit_conn_encoder().n_features)
+    windows = np.random.default_rng(5).uniform(0, 1, shape).astype(np.float32)
     messages = {
         "ota-message": seed_ota_message(),
         "ota-statement": _ota_wrap(_ota_archive(), statement=seed_ota_statement()),

@@ -29,9 +29,16 @@ from edge_agent.ota import (  # noqa: E402
 )
 from edge_agent.runtime import load_artifact  # noqa: E402
 from flows.errors import UsageError  # noqa: E402
-from tests.test_ota_artifacts import W, make_artifact, numpy_scores  # noqa: E402
+from tests.test_ota_artifacts import (  # noqa: E402
+    W,
+    fit_conn_encoder,
+    make_artifact,
+    numpy_scores,
+)
 
-WINDOWS = np.random.default_rng(11).uniform(0, 1, (16, W, 6)).astype(np.float32)
+# Windows of the default test artifact's shape (a conn-family encoder).
+F = fit_conn_encoder().n_features
+WINDOWS = np.random.default_rng(11).uniform(0, 1, (16, W, F)).astype(np.float32)
 
 
 @pytest.fixture

@@ -162,7 +162,7 @@ def make_artifact(
     ``expected_shift`` moves the probe's expected scores off the truth.
     ``encoder`` replaces the CIC-style encoder (e.g. :func:`fit_conn_encoder`).
     """
-    enc = encoder if encoder is not None else fit_encoder()
+    enc = encoder if encoder is not None else fit_conn_encoder()
     mw = model_window or enc.window
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.onnx").write_bytes(onnx_model(enc.n_features, mw, seed))
@@ -170,7 +170,7 @@ def make_artifact(
     thresholds = thresholds or {"decision": 0.5, "escalate_low": 0.4, "alert": 0.9}
     (folder / "thresholds.json").write_text(json.dumps(thresholds))
     if mw == enc.window:
-        probe = probe_windows(enc) if encoder is None else conn_probe(enc)
+        probe = conn_probe(enc) if enc.family == "conn" else probe_windows(enc)
     else:
         probe = np.zeros((3, mw, enc.n_features), np.float32)
     expected = numpy_scores(probe, seed) + expected_shift
@@ -237,8 +237,20 @@ def test_probe_off_by_more_than_tolerance_fails(tmp_path: Path) -> None:
 def test_model_not_matching_its_encoder_fails(tmp_path: Path) -> None:
     scorer = load_artifact(make_artifact(tmp_path / "a", model_window=W + 2))
 
-    with pytest.raises(ModelError, match=r"encoder makes windows \[4, 6\].*\[6, 6\]"):
+    f = fit_conn_encoder().n_features
+    shapes = rf"encoder makes windows \[4, {f}\].*\[6, {f}\]"
+    with pytest.raises(ModelError, match=shapes):
         health_check(scorer)
+
+
+def test_an_artifact_for_other_records_than_conn_fails(tmp_path: Path) -> None:
+    # Found: a signed update (and a bundle) carrying an NSL-KDD model was taken by
+    # a conn-log agent, which then refused every flow. Every source gives conn
+    # records, so the health check every install path runs refuses it.
+    scorer = load_artifact(make_artifact(tmp_path / "a", encoder=fit_encoder()))
+    with pytest.raises(ModelError, match=r"reads 'cic' flow records .* conn records"):
+        health_check(scorer)
+    health_check(load_artifact(make_artifact(tmp_path / "b")))  # conn: fine
 
 
 def test_missing_probe_fails(tmp_path: Path) -> None:
