@@ -1385,3 +1385,15 @@ def test_line_parsers_for_a_followed_log(tmp_path):
         )
     )
     assert rec["ts"] == 2.5 and rec["proto"] is None
+
+
+def test_parquet_of_no_known_family_names_the_file_and_its_columns(tmp_path):
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"alpha": [1, 2], "beta": ["x", "y"]}), path)
+    with pytest.raises(BadInputError) as info:
+        read(str(path))
+    text = str(info.value)
+    assert str(path) in text
+    assert "Parquet columns (alpha, beta) match no known family" in text

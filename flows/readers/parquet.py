@@ -45,7 +45,7 @@ def read_parquet(
             break
     table = pa.concat_tables(groups) if groups else handle.schema_arrow.empty_table()
     metadata = handle.schema_arrow.metadata or {}
-    family = metadata.get(FAMILY_KEY, b"").decode() or _family_from_columns(table)
+    family = metadata.get(FAMILY_KEY, b"").decode() or _family_from_columns(table, path)
     if family == "conn":
         table = to_conn_table(table, path)
 
@@ -103,7 +103,7 @@ def _check_rows(
         raise
 
 
-def _family_from_columns(table: pa.Table) -> str:
+def _family_from_columns(table: pa.Table, path: str) -> str:
     names = set(table.column_names)
     if {"src_ip", "dst_ip", "ts"} <= names:
         return "conn"
@@ -113,8 +113,11 @@ def _family_from_columns(table: pa.Table) -> str:
         return "unsw-nb15"
     if "Flow Duration" in names:
         return "cic"
+    shown = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "")
     raise BadInputError(
-        "Parquet columns match no known family (conn, nsl-kdd, unsw-nb15, cic)"
+        f"Parquet columns ({shown or 'none'}) match no known family: expected conn "
+        "(src_ip, dst_ip, ts), nsl-kdd, unsw-nb15 or cic columns",
+        path=path,
     )
 
 
