@@ -535,6 +535,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Fine-tuning keeps the pretrained encoder and network shape.
     init_state, encoder, base = None, None, None
     if args.init_from:
+        sized = [f"--{flag.replace('_', '-')}" for flag in (
+            "conv_filters", "lstm_hidden", "lstm_layers", "dense", "dropout",
+            "subspace", "bins", "members", "window", "scaling", "knots")
+            if getattr(args, flag, None) not in (None, False)]
+        if sized:
+            raise UsageError(
+                f"{', '.join(sized)} cannot be used with --init-from: a fine-tune "
+                "keeps the pretrained checkpoint's encoder and network sizes")
         pre = load_teacher(args.init_from, device="cpu",
                            allow_unverified=args.allow_unverified)
         encoder, base = pre.encoder, pre.config
@@ -721,6 +729,11 @@ def cmd_update(args: argparse.Namespace) -> int:
 
     _check_device(args.device)
     _check_out(args.out)
+    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise UsageError(
+            f"--out {args.out} is the checkpoint being updated; write the update to "
+            "another folder (the old one is what it is compared with, and what "
+            "compress and the re-scorer use until you switch)")
     teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
     new = prepare(args.data, encoder=teacher.encoder, data_dir=args.data_dir,
                   seed=args.seed, need_split=True)

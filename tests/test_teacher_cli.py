@@ -361,3 +361,27 @@ def test_tune_rows_survive_a_failed_write(slices, tmp_path, capsys, monkeypatch)
     captured = capsys.readouterr()
     assert json.loads(captured.out.strip().splitlines()[-1])["rows"] == rows
     assert captured.err.startswith("error: --out") and "Traceback" not in captured.err
+
+
+def test_sizes_with_init_from_and_an_update_in_place_are_refused(checkpoint, slices,
+                                                                  tmp_path, capsys):
+    # Found: --init-from silently kept the pretrained sizes over --lstm-hidden and
+    # --members; an update written over its own checkpoint replaced it, and its
+    # provenance then named the update batch as the teacher's data.
+    code = main(["train", "--data", str(slices[1]), "--out", str(tmp_path / "ft"),
+                 "--init-from", str(checkpoint), "--lstm-hidden", "32",
+                 "--members", "1", "-q"])
+    errors = [ln for ln in capsys.readouterr().err.splitlines()
+              if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1
+    assert "--lstm-hidden, --members cannot be used with --init-from" in errors[0]
+    assert not (tmp_path / "ft").exists()
+
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
+    code = main(["update", "--checkpoint", str(checkpoint), "--data",
+                 str(slices[1]), "--out", str(checkpoint) + "/", "-q"])
+    errors = [ln for ln in capsys.readouterr().err.splitlines()
+              if ln.startswith("error:")]
+    assert code == 2 and "is the checkpoint being updated" in errors[0]
+    after = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
+    assert after == before
