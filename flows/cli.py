@@ -187,8 +187,24 @@ def _read(args):
             timezone=args.timezone,
         )
     except PartialInputError as exc:
+        unread = _after(files, exc.path)
+        if unread:
+            print(
+                f"warning: {len(unread)} input(s) after {exc.path} were not read: "
+                f"{', '.join(unread)} (--on-error skip reads past bad rows)",
+                file=sys.stderr,
+            )
         return exc.result, exc
     return result, None
+
+
+def _after(files: list[str], path: str | None) -> list[str]:
+    """The inputs listed after ``path``: those a read stopped at ``path`` missed."""
+    for i, name in enumerate(files):
+        if path is not None and (name == path or (
+                name != "-" and Path(name).resolve() == Path(path).resolve())):
+            return files[i + 1:]
+    return []
 
 
 def _locate(name: str, data_dir: str | None) -> str:

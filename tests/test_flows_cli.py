@@ -296,3 +296,20 @@ def test_help_says_what_timezone_is_for(capsys, command):
     assert code == 0 and "--timezone ZONE the time zone an Argus binetflow" in text
     assert "IANA name such as Europe/Prague" in text
     assert "other formats carry epoch times and ignore it (default: UTC)" in text
+
+
+def test_convert_names_the_inputs_a_stop_left_unread(tmp_path, capsys):
+    # Found: three inputs, the second cut part way: the third was never read and
+    # nothing said so.
+    ok = tmp_path / "ok.log"
+    ok.write_text(zeek_text([ROW_A]))
+    bad = tmp_path / "bad.log"
+    bad.write_text(zeek_text([ROW_B], close=False) + "garbage\n")
+    last = tmp_path / "last.log"
+    last.write_text(zeek_text([ROW_A, ROW_B]))
+    code = main(["convert", str(ok), str(bad), str(last), "-o",
+                 str(tmp_path / "m.parquet")])
+    err = capsys.readouterr().err
+    assert code == 4
+    assert f"1 input(s) after {bad} were not read: {last}" in err
+    assert len(read(str(tmp_path / "m.parquet")).table) == 2  # ok's row, bad's row
