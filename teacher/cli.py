@@ -647,16 +647,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_baselines(args: argparse.Namespace) -> int:
     """``teacher baselines``: RF, SVM and kNN on the teacher's features and splits."""
-    from teacher.baselines import run_baselines
+    from teacher.baselines import BASELINES, run_baselines
     from teacher.data import prepare
 
+    names = tuple(n.strip() for n in args.models.split(",") if n.strip())
+    unknown = [n for n in names if n not in BASELINES]
+    if not names or unknown:
+        raise UsageError(
+            f"--models {args.models!r}: expected a comma-separated list of "
+            f"{', '.join(BASELINES)}" + (f" ({unknown[0]!r} is none)" if unknown
+                                        else ""))
     if args.out:
         _check_out_file(args.out)
     prep = prepare(_source(args), data_dir=args.data_dir, window=args.window,
                    seed=args.seed, need_split=True, scaling=args.scaling,
                    knots=args.knots)
     held = _holdout(args, prep)
-    names = tuple(n.strip() for n in args.models.split(",") if n.strip())
     out = {"data": prep.name, "window": prep.window, "n_features": prep.n_features,
            "scaling": prep.encoder.scaling, "held_out_types": held,
            "baselines": run_baselines(prep, names, svm_cap=args.svm_cap,

@@ -385,3 +385,14 @@ def test_sizes_with_init_from_and_an_update_in_place_are_refused(checkpoint, sli
     assert code == 2 and "is the checkpoint being updated" in errors[0]
     after = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
     assert after == before
+
+
+@pytest.mark.parametrize("models", ["", " , ", "rf,xgb"])
+def test_baselines_models_are_checked_before_the_data(models, tmp_path, capsys):
+    # Found: --models "" ran nothing and exited 0 with "baselines: {}".
+    missing = tmp_path / "never-read.log"
+    code = main(["baselines", "--data", str(missing), "--models", models])
+    errors = [ln for ln in capsys.readouterr().err.splitlines()
+              if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1
+    assert "expected a comma-separated list of rf, svm, knn" in errors[0]
