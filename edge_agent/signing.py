@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from edge_agent import logger
+from flows.argtypes import check_writable_above
 from flows.errors import BadInputError, GatewatchError, UsageError
 
 PRIVATE_NAME = "signing.key"
@@ -115,13 +116,7 @@ def _check_keydir(keydir: Path) -> None:
                 f"{PRIVATE_NAME} and {PUBLIC_NAME} (an existing file is never "
                 "replaced)"
             )
-        above = keydir
-        while not above.exists() and above != above.parent:
-            above = above.parent
-        if not above.is_dir():
-            raise UsageError(f"keygen -o {keydir}: {above} is a file, not a folder")
-        if not os.access(above, os.W_OK | os.X_OK):
-            raise UsageError(f"keygen -o {keydir}: cannot write in {above}")
+        check_writable_above(keydir, f"keygen -o {keydir}")
     except OSError as exc:
         raise UsageError(f"keygen -o {keydir}: cannot be used ({exc})") from exc
 

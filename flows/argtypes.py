@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 
-__all__ = ["integer", "integers", "real", "reals"]
+from flows.errors import UsageError
+
+__all__ = ["check_writable_above", "integer", "integers", "real", "reals"]
 
 
 def _fmt(bound: float) -> str:
@@ -103,3 +107,18 @@ def reals(
 ) -> Callable[[str], list[float]]:
     """A comma-separated list of finite floats within the bounds, e.g. ``1e-3,3e-4``."""
     return _list_of(real(lo, hi, lo_open=lo_open, hi_open=hi_open), "0.1,0.2")
+
+
+def check_writable_above(start: Path, label: str) -> None:
+    """Refuse (UsageError) an output whose nearest existing folder at or above
+    ``start`` is a file or cannot be written in; ``label`` names the flag and
+    value in the message (``--out X``). Checked before the work, so a run does not
+    end in a failed write."""
+    above = start
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise UsageError(f"{label}: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UsageError(f"{label}: cannot write in {above}")
+

@@ -496,13 +496,9 @@ def _check_out_folder(out: str | Path, flag: str = "--out") -> None:
 
 def _check_parent(path: Path, flag: str, out: str | Path) -> None:
     """The nearest existing folder above ``path`` must be a folder we may write in."""
-    above = path.parent
-    while not above.exists() and above != above.parent:
-        above = above.parent
-    if not above.is_dir():
-        raise UsageError(f"{flag} {out}: {above} is a file, not a folder")
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {out}: cannot write in {above}")
+    from flows.argtypes import check_writable_above
+
+    check_writable_above(path.parent, f"{flag} {out}")
 
 
 def _finished(*preps: Any) -> int:

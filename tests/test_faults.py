@@ -317,6 +317,28 @@ class CutNet:
         _ip("-n", self.gateway_ns, "link", "set", self.veth_g, "up")
 
 
+def netns_broker(
+    net: CutNet, ckpt: Path, store: Path, tmp_path: Path
+) -> tuple[subprocess.Popen, str, Serve]:
+    """A mosquitto in the broker's namespace (running) and a re-scorer beside it
+    (not started yet): (broker process, its URL, the Serve)."""
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(
+        f"listener 1883 {net.broker_ip}\nallow_anonymous true\n"
+        "persistence false\nmax_queued_messages 100000\n"
+    )
+    broker = subprocess.Popen(
+        [*net.prefix(net.broker_ns), "mosquitto", "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"mqtt://{net.broker_ip}:1883"
+    serve = Serve(
+        ckpt, url, store, tmp_path / "serve.log", prefix=net.prefix(net.broker_ns)
+    )
+    return broker, url, serve
+
+
 @pytest.mark.broker
 @pytest.mark.netns
 def test_network_cut_longer_than_keepalive_loses_nothing(tm, teacher, tmp_path):
@@ -332,20 +354,7 @@ def test_network_cut_longer_than_keepalive_loses_nothing(tm, teacher, tmp_path):
     store = tmp_path / "alerts.sqlite"
     outbox = tmp_path / "outbox.sqlite"
     with CutNet() as net, open(tmp_path / "agent.log", "w") as log:
-        conf = tmp_path / "mosquitto.conf"
-        conf.write_text(
-            f"listener 1883 {net.broker_ip}\nallow_anonymous true\n"
-            "persistence false\nmax_queued_messages 100000\n"
-        )
-        broker = subprocess.Popen(
-            [*net.prefix(net.broker_ns), "mosquitto", "-c", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"mqtt://{net.broker_ip}:1883"
-        serve = Serve(
-            ckpt, url, store, tmp_path / "serve.log", prefix=net.prefix(net.broker_ns)
-        )
+        broker, url, serve = netns_broker(net, ckpt, store, tmp_path)
         agent = None
         try:
             time.sleep(0.5)
@@ -429,20 +438,7 @@ def test_several_agents_cut_at_once_lose_nothing(tm, teacher, tmp_path):
     first, upto_b = expected_upto(a), expected_upto(b)
     with CutNet() as net, contextlib.ExitStack() as files:
         handles = {g: files.enter_context(open(logs[g], "w")) for g in gateways}
-        conf = tmp_path / "mosquitto.conf"
-        conf.write_text(
-            f"listener 1883 {net.broker_ip}\nallow_anonymous true\n"
-            "persistence false\nmax_queued_messages 100000\n"
-        )
-        broker = subprocess.Popen(
-            [*net.prefix(net.broker_ns), "mosquitto", "-c", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"mqtt://{net.broker_ip}:1883"
-        serve = Serve(
-            ckpt, url, store, tmp_path / "serve.log", prefix=net.prefix(net.broker_ns)
-        )
+        broker, url, serve = netns_broker(net, ckpt, store, tmp_path)
         agents: dict[str, subprocess.Popen] = {}
         try:
             time.sleep(0.5)
