@@ -26,6 +26,7 @@ from flows.errors import (
     EXIT_OK,
     EXIT_PARTIAL_INPUT,
     EXIT_USAGE,
+    BadInputError,
     GatewatchError,
     UsageError,
 )
@@ -353,7 +354,10 @@ def evaluate_artifact(
                    need_split=False)
     rows = prep.rows(split)
     if rows.size == 0:
-        raise UsageError(f"{prep.name} has no labeled rows in split {split!r}")
+        where = "the file" if split is None else f"split {split!r}"
+        raise BadInputError(
+            f"{prep.name}: no labeled rows (label 0 or 1) in {where}; evaluation "
+            "needs labels")
     start = time.perf_counter()
     windows = prep.windows(rows)
     prob = np.concatenate([scorer.score(windows[i : i + 4096])

@@ -425,7 +425,9 @@ def load_teacher(
 
     path = Path(ckpt_dir)
     if not path.is_dir():
-        raise ModelError(f"checkpoint folder not found: {path}")
+        raise ModelError(
+            f"checkpoint {path} is a file, not a checkpoint folder" if path.exists()
+            else f"checkpoint folder not found: {path}")
 
     # Config first: it says which network the weights belong to. Only parsed (and
     # its sizes bounded) here; nothing is built before the checksums are checked.

@@ -31,6 +31,7 @@ from flows.errors import (
     EXIT_PARTIAL_INPUT,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    BadInputError,
     GatewatchError,
     UsageError,
 )
@@ -631,7 +632,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     split = None if (args.split == "all" or args.data) else args.split
     rows = prep.rows(split)
     if rows.size == 0:
-        raise UsageError(f"{prep.name} has no labeled rows in split {args.split!r}")
+        where = "the file" if args.data else f"split {args.split!r}"
+        raise BadInputError(
+            f"{prep.name}: no labeled rows (label 0 or 1) in {where}; evaluation "
+            "needs labels (score unlabeled flows with edge-agent or teacher serve)")
     out = evaluate(teacher, prep, rows, timing=not args.no_timing)
     out.update({"checkpoint": str(args.checkpoint), "data": prep.name,
                 "split": "all" if split is None else split})

@@ -396,3 +396,13 @@ def test_baselines_models_are_checked_before_the_data(models, tmp_path, capsys):
               if ln.startswith("error:")]
     assert code == 2 and len(errors) == 1
     assert "expected a comma-separated list of rf, svm, knn" in errors[0]
+
+
+def test_a_file_given_as_the_checkpoint_is_named_as_a_file(slices, tmp_path, capsys):
+    # Found: "checkpoint folder not found" for a path that exists as a file.
+    code = main(["eval", "--checkpoint", str(slices[0]), "--data", str(slices[1])])
+    errors = [ln for ln in capsys.readouterr().err.splitlines()
+              if ln.startswith("error:")]
+    assert code == 1
+    assert errors == [f"error: checkpoint {slices[0]} is a file, not a checkpoint "
+                      "folder"]
