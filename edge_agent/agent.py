@@ -329,6 +329,12 @@ class Agent:
         # out of this bounded map are counted so the drain still waits for them.
         self._awaiting: OrderedDict[str, None] = OrderedDict()
         self._awaiting_evicted = 0
+        # Escalations answered since the sender last told the outbox (its ``sent``
+        # table keeps the unanswered ones for a re-send), and the link's count of
+        # connects without a session when the sender last looked.
+        self._answered: list[str] = []
+        self._sessions_absent_seen = 0
+        self._requeued = 0
         self._sent_ids: OrderedDict[str, None] = OrderedDict()
         self._resent = 0
         self._outbox_error: OutboxError | None = None
@@ -795,6 +801,10 @@ class Agent:
                 self.publish_status("online")
             if link.generation != generation:
                 generation, last_seq = link.generation, 0
+                try:
+                    self._requeue_if_session_lost(link)
+                except OutboxError as exc:
+                    self._outbox_failed(exc)
             if self._retry_at and time.monotonic() >= self._retry_at:
                 self._retry_at, last_seq = 0.0, 0  # publish the unrouted ones again
             room = _TRACKED_PER_INFLIGHT * link.max_inflight - len(self._tracked)
@@ -888,6 +898,34 @@ class Agent:
             # in between must still find the id among those this run sent.
             for msg_id in done:
                 self._tracked.pop(msg_id, None)
+        # After the acks, so that a verdict that beat its ack finds its row in
+        # ``sent``; an id answered before (a copy sent again) needs no re-send.
+        with self._out_lock:
+            answered, self._answered = self._answered, []
+            answered += [i for i in done if i in self._verdict_ids]
+        self.outbox.answered_many(answered)
+
+    def _requeue_if_session_lost(self, link: MqttLink) -> None:
+        """Publish again what the broker may have lost with our session.
+
+        A connect without the session the link asked for means the broker kept
+        nothing for this client (it restarted without its saved state, or the
+        session expired): escalations it had acknowledged and not yet answered may
+        be gone, so the outbox's ``sent`` table goes back into the queue (the
+        re-scorer answers a copy of one it already stored with the stored verdict).
+        """
+        absent = getattr(link, "sessions_absent", 0)
+        if absent == self._sessions_absent_seen:
+            return
+        self._sessions_absent_seen = absent
+        moved = self.outbox.requeue_sent()
+        if moved:
+            with self._out_lock:
+                self._requeued += moved
+            logger.warning(
+                "broker %s had no session for this gateway: %d escalations sent "
+                "earlier and not answered yet are published again",
+                link.url, moved)
 
     def _note_sent(self, ids: list[str]) -> None:
         """Await one verdict per escalation id just acknowledged by the broker.
@@ -950,6 +988,8 @@ class Agent:
         # apart, so "verdicts received" only counts answers to this run.
         if ours:
             self.counters.verdicts_received += 1
+            with self._out_lock:
+                self._answered.append(esc_id)
         else:
             self.counters.verdicts_unmatched += 1
         if self.round_trips is not None and esc_id in self._created:
@@ -1049,6 +1089,8 @@ class Agent:
             out["escalations_resent"] = self._resent
             out["verdicts_awaited"] = len(self._awaiting) + self._awaiting_evicted
         out["broker_sessions_lost"] = getattr(self.link, "sessions_lost", 0)
+        with self._out_lock:
+            out["escalations_requeued"] = self._requeued
         try:
             out["outbox_dropped"] = self.outbox.dropped
         except OutboxError as exc:

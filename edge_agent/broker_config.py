@@ -559,8 +559,8 @@ def mosquitto_conf_text(
             f"persistence_location {persistence_location}/",
             "# Saved every minute as well as at a clean stop: a broker that dies",
             "# (power loss, kill -9) loses at most the last minute of what it had",
-            "# acknowledged (mosquitto's default is 30 minutes). The agent reports",
-            "# escalations such a loss left without a verdict (exit 6).",
+            "# acknowledged (mosquitto's default is 30 minutes). Agents publish",
+            "# their unanswered escalations again when they find the session gone.",
             "autosave_interval 60",
         ]
     lines += [

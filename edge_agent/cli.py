@@ -59,6 +59,10 @@ from flows.errors import (
 DESCRIPTION = (
     "edge-agent: run the agent on a gateway, calibrate its thresholds, and more."
 )
+# Acknowledged escalations kept (in the outbox file) until their verdict comes, to
+# be sent again if the broker loses this gateway's session (about 15 kB each).
+RESEND_WINDOW = 1000
+
 EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok
@@ -90,8 +94,9 @@ exit codes:
        (--outbox-max: it drops the oldest uncertain escalations
        first, alerts last; their local alert lines are written), or
        escalations over the broker's packet limit (dropped, not sent),
-       or escalations without a verdict after the broker lost this
-       gateway's session (restarted without its saved state)
+       or escalations still without a verdict after the broker lost this
+       gateway's session (restarted without its saved state) and the
+       unanswered ones were published again
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGINT)
 
 SIGTERM stops reading (a file part way), scores the flows read, drains the
@@ -485,7 +490,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         else None
     )
     alerts, close_alerts = _open_alerts(cfg.alerts)
-    outbox = Outbox(cfg.outbox_path(), cfg.outbox_max)
+    outbox = Outbox(cfg.outbox_path(), cfg.outbox_max,
+                    keep_sent=RESEND_WINDOW if cfg.broker else 0)
     dropped_before = outbox.dropped  # the outbox counts its cap's drops for good
     agent = Agent(
         scorer,
@@ -660,15 +666,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     lost_sessions = summary.get("broker_sessions_lost", 0)
     if not drained and cfg.wait_verdicts and lost_sessions and summary[
             "verdicts_awaited"]:
-        # TODO(gap): escalations leave the outbox at the broker's PUBACK, so the
-        # agent cannot send these again; keeping them until their verdict would.
         raise TransportError(
             f"the broker {cfg.broker} lost this gateway's MQTT session "
             f"{lost_sessions} time(s) during the run (restarted without its saved "
-            f"state, or the session expired), and {summary['verdicts_awaited']} "
-            "escalations it had acknowledged got no verdict: they may be lost at "
-            "the broker and are no longer in the outbox (local alerts among them "
-            "are in the alerts output)"
+            f"state, or the session expired); {summary['escalations_requeued']} "
+            "escalations were published again, and "
+            f"{summary['verdicts_awaited']} still got no verdict within the "
+            f"{drain_for:g} s drain (the newest {RESEND_WINDOW} unanswered ones "
+            "are kept and sent again after the next such loss)"
         )
     if not drained and cfg.broker and cfg.wait_verdicts and summary["verdicts_awaited"]:
         print(

@@ -204,6 +204,9 @@ class MqttLink:
         # it to keep one: it restarted without its saved state, or the session
         # expired, and what it held for or from this client is gone.
         self.sessions_lost = 0
+        # Connects (the first one too) after which the broker had no session for us
+        # although we asked for one: whatever it held for us is not there.
+        self.sessions_absent = 0
         self.refused_publishes = 0
         self._unrouted: set[int] = set()
         self._subscriptions: dict[str, int] = {}
@@ -514,6 +517,8 @@ class MqttLink:
             return
         self.packet_limit = connack_packet_limit(properties) or self.max_packet_size
         present = bool(getattr(flags, "session_present", False))
+        if self.session_expiry > 0 and not present:
+            self.sessions_absent += 1
         if self.generation and self.session_expiry > 0 and not present:
             self.sessions_lost += 1
             logger.warning(

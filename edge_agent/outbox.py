@@ -7,6 +7,11 @@ the order the agent replays them on reconnect; :meth:`Outbox.ack` deletes one on
 PUBACK arrived. The same message may be published twice (once before a crash, once on
 replay); the re-scorer de-duplicates by message id.
 
+With ``keep_sent`` an acknowledged message moves to a ``sent`` table instead (its
+newest ``keep_sent`` kept) until :meth:`Outbox.answered_many` says its verdict came.
+A broker that dies without its saved state forgets what it had acknowledged; the
+agent then puts the unanswered ones back with :meth:`Outbox.requeue_sent`.
+
 Drop policy, when the outbox holds ``max_messages`` and one more is added: the oldest
 *uncertain* escalation (decision ``escalate``) is dropped first; only when none is left
 is the oldest *alert* dropped, and a new uncertain escalation is itself dropped rather
@@ -43,6 +48,13 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sent (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    alert INTEGER NOT NULL
+);
 """
 
 
@@ -50,7 +62,10 @@ CREATE TABLE IF NOT EXISTS counters (
 _COLUMNS = {
     "outbox": ("seq", "id", "topic", "payload", "alert"),
     "counters": ("name", "value"),
+    "sent": ("seq", "id", "topic", "payload", "alert"),
 }
+# Tables an outbox written before they existed may lack (created at open).
+_ADDED_LATER = {"sent"}
 
 
 @dataclass(frozen=True)
@@ -67,11 +82,16 @@ class OutboxMessage:
 class Outbox:
     """SQLite-backed FIFO of unacknowledged messages, bounded by ``max_messages``."""
 
-    def __init__(self, path: str | Path, max_messages: int = 100_000) -> None:
+    def __init__(
+        self, path: str | Path, max_messages: int = 100_000, keep_sent: int = 0
+    ) -> None:
         if max_messages < 1:
             raise UsageError("outbox max_messages must be at least 1")
+        if keep_sent < 0:
+            raise UsageError("outbox keep_sent must be at least 0")
         self.path = Path(path)
         self.max_messages = max_messages
+        self.keep_sent = keep_sent
         self._lock = threading.Lock()
         existed = self.path.is_file() and self.path.stat().st_size > 0
         try:
@@ -122,6 +142,8 @@ class Outbox:
         """
         for table, want in _COLUMNS.items():
             have = [r[1] for r in self._db.execute(f"PRAGMA table_info({table})")]
+            if not have and table in _ADDED_LATER:
+                continue
             if not have:
                 raise BadInputError(
                     f"is an SQLite file with no {table!r} table, not an outbox; "
@@ -265,14 +287,26 @@ class Outbox:
                 raise self._failure(f"forget {len(ids)} messages in", exc) from exc
 
     def _delete_many(self, ids: list[str]) -> int:
-        """The transaction of :meth:`ack_many` (the lock held)."""
+        """The transaction of :meth:`ack_many` (the lock held). With ``keep_sent``
+        the messages move to the ``sent`` table (its newest ``keep_sent`` kept)."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             gone = 0
             for msg_id in ids:
+                if self.keep_sent:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO sent (id, topic, payload, alert) "
+                        "SELECT id, topic, payload, alert FROM outbox WHERE id = ?",
+                        (msg_id,),
+                    )
                 gone += self._db.execute(
                     "DELETE FROM outbox WHERE id = ?", (msg_id,)
                 ).rowcount
+            if self.keep_sent and gone:
+                self._db.execute(
+                    "DELETE FROM sent WHERE seq <= (SELECT MAX(seq) FROM sent) - ?",
+                    (self.keep_sent,),
+                )
             self._db.execute("COMMIT")
         except BaseException:
             self._rollback()
@@ -280,6 +314,58 @@ class Outbox:
         finally:
             self._size = self._count()
         return gone
+
+    def answered_many(self, ids: list[str]) -> int:
+        """Forget sent messages whose answer (a verdict) came; how many were kept."""
+        if not ids:
+            return 0
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    gone = sum(
+                        self._db.execute("DELETE FROM sent WHERE id = ?", (i,)).rowcount
+                        for i in ids
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
+            except sqlite3.Error as exc:
+                what = f"forget {len(ids)} answered messages in"
+                raise self._failure(what, exc) from exc
+        return gone
+
+    def requeue_sent(self) -> int:
+        """Put every sent, unanswered message back in the outbox, oldest first, to
+        be published again (the broker lost them with its session); how many."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    moved = self._db.execute(
+                        "INSERT OR IGNORE INTO outbox (id, topic, payload, alert) "
+                        "SELECT id, topic, payload, alert FROM sent ORDER BY seq"
+                    ).rowcount
+                    self._db.execute("DELETE FROM sent")
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
+                finally:
+                    self._size = self._count()
+            except sqlite3.Error as exc:
+                raise self._failure("requeue the sent messages of", exc) from exc
+        return moved
+
+    def sent_ids(self) -> list[str]:
+        """Ids of sent messages kept for a re-send, oldest first."""
+        with self._lock:
+            try:
+                rows = self._db.execute("SELECT id FROM sent ORDER BY seq").fetchall()
+            except sqlite3.Error as exc:
+                raise self._failure("read", exc) from exc
+        return [r[0] for r in rows]
 
     @property
     def dropped(self) -> dict[str, int]:

@@ -20,8 +20,8 @@ Covered here (broker stop/start and a kill -9 with the broker down are in
   every escalation stored once, every verdict received, its verdict line written
   once;
 - the broker killed (-9) without saved state while it holds escalations: the
-  agent sees the lost session on reconnect and exits 6 naming how many escalations
-  got no verdict (they cannot be sent again: see the mark below);
+  agent sees the lost session on reconnect and publishes its unanswered
+  escalations again (kept in the outbox file), so none is lost;
 - agent SIGKILL while it replays a backlog to a live broker;
 - re-scorer SIGKILL in the middle of its batches, then a restart;
 - the outbox's size cap (the documented drop policy, counted) and a really full
@@ -30,9 +30,8 @@ Covered here (broker stop/start and a kill -9 with the broker down are in
 - one escalation with out-of-range values on the wire (the re-scorer must go on).
 """
 
-# TODO(gap): a broker killed (-9) loses what it acknowledged since its last save
-# (mosquitto saves at a clean stop and every autosave_interval, 1800 s by default);
-# the agent reports it (exit 6, below) but cannot send those escalations again.
+# TODO(gap): several agents and re-scorers through one broker kill -9, and losses
+# larger than an agent's re-send window (1,000 escalations), are not exercised.
 
 from __future__ import annotations
 
@@ -823,15 +822,24 @@ def test_broker_restart_with_persistence_mid_traffic_loses_nothing(
         assert got == want and want, g
 
 
+def _sent_table(path: Path) -> set[str]:
+    """Ids in an outbox's ``sent`` table: acknowledged, kept until answered."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        return {r[0] for r in db.execute("SELECT id FROM sent")}
+    finally:
+        db.close()
+
+
 @pytest.mark.broker
-def test_broker_kill_9_without_saved_state_is_reported_not_hidden(
+def test_broker_kill_9_without_saved_state_loses_nothing_the_agent_kept(
     tm, teacher, tmp_path
 ):
     """The broker killed (-9, no persistence) while it alone holds escalations for a
-    stopped re-scorer: they are gone, and the agent must say so. It sees on
-    reconnect that the broker kept no session for it, counts that, and ends with
-    exit 6 naming the escalations left without a verdict (they had left the outbox
-    at the broker's PUBACK); everything sent after the restart is stored once."""
+    stopped re-scorer: what it had acknowledged is gone from the broker, but the
+    agent kept every unanswered escalation in its outbox file (``sent``). On
+    reconnect it finds its session gone, publishes them again, and every escalation
+    ends up stored once with its verdict received."""
     if shutil.which("mosquitto") is None:
         pytest.skip("mosquitto is not on PATH")
     ckpt, _ = teacher
@@ -849,7 +857,7 @@ def test_broker_kill_9_without_saved_state_is_reported_not_hidden(
     with open(log_path, "w") as log:
         try:
             serve.start()
-            agent = start_agent(tm, broker.url, outbox, log, "--drain-timeout", "8")
+            agent = start_agent(tm, broker.url, outbox, log, "--drain-timeout", "30")
             serve.proc.send_signal(signal.SIGSTOP)
             feed(agent, recs[:a])
             wait_for(
@@ -857,6 +865,8 @@ def test_broker_kill_9_without_saved_state_is_reported_not_hidden(
                 60,
                 "the first part acknowledged by the broker",
             )
+            # Acknowledged, unanswered: out of the queue, kept for a re-send.
+            assert _sent_table(outbox) == set(first)
             broker.proc.kill()  # no clean stop: nothing saved
             broker.proc.wait(10)
             broker.start()  # same port, empty
@@ -866,9 +876,6 @@ def test_broker_kill_9_without_saved_state_is_reported_not_hidden(
                 60,
                 "the agent to notice the lost session",
             )
-            wait_for(lambda: "serving" in (tmp_path / "serve.log").read_text(), 5,
-                     "the re-scorer")
-            time.sleep(2)  # its reconnect and re-subscription
             feed(agent, recs[a:])
             agent.stdin.close()
             code = agent.wait(120)
@@ -880,22 +887,16 @@ def test_broker_kill_9_without_saved_state_is_reported_not_hidden(
             serve.stop()
             broker.stop()
     text = log_path.read_text()
-    errors = [line for line in text.splitlines() if line.startswith("error:")]
-    assert code == 6, text[-2000:]
-    assert len(errors) == 1 and "lost this gateway's MQTT session" in errors[0]
-    # Lost: the first part's escalations the broker still held. Those it had
-    # already pushed to the stopped re-scorer's socket (its in-flight window) are
-    # stored and answered after all; everything after the restart is stored once.
-    ids = store_ids(store)
-    lost = set(first) - set(ids)
-    assert lost  # the broker held some when it died
-    assert sorted(ids) == sorted(set(expected) - lost)
+    assert code == 0, text[-2000:]
+    assert "published again" in text
+    assert sorted(store_ids(store)) == sorted(expected)  # all there, each once
     summary = summary_of(outbox)
     assert summary["broker_sessions_lost"] == 1
-    assert summary["verdicts_awaited"] == len(lost)
-    assert summary["verdicts_received"] == len(expected) - len(lost)
+    assert 1 <= summary["escalations_requeued"] <= len(first)
+    assert summary["verdicts_received"] == len(expected)
+    assert summary["verdicts_awaited"] == 0
     assert summary["outbox_pending"] == 0
-    assert f"{len(lost)} escalations it had acknowledged got no verdict" in errors[0]
+    assert _sent_table(outbox) == set()  # every one answered
 
 
 # ---------------------------------------------------------------------------------

@@ -143,3 +143,57 @@ def test_a_damaged_file_is_refused_at_open_and_left_alone(tmp_path: Path) -> Non
         Outbox(path)
     assert str(path) in str(err.value) and err.value.exit_code == 3
     assert path.read_bytes() == bytes(data)
+
+
+def test_sent_messages_are_kept_until_answered_and_can_be_requeued(
+    tmp_path: Path,
+) -> None:
+    box = Outbox(tmp_path / "o.sqlite", keep_sent=3)
+    for i in range(5):
+        box.add(f"id{i}", f"t{i}", f"p{i}".encode(), alert=i == 0)
+    assert box.ack_many(["id0", "id1", "id2", "id3"]) == 4
+    # Acknowledged: out of the queue; the newest three kept for a re-send.
+    assert [m.id for m in box.pending()] == ["id4"]
+    assert box.sent_ids() == ["id1", "id2", "id3"]
+    assert box.answered_many(["id2", "nope"]) == 1
+    assert box.sent_ids() == ["id1", "id3"]
+
+    # The broker lost them: back in the queue, after what was pending, intact.
+    assert box.requeue_sent() == 2
+    assert box.sent_ids() == []
+    again = box.pending()
+    assert [(m.id, m.topic, m.payload, m.alert) for m in again] == [
+        ("id4", "t4", b"p4", False),
+        ("id1", "t1", b"p1", False),
+        ("id3", "t3", b"p3", False),
+    ]
+    assert len(box) == 3
+    box.close()
+
+    # Without keep_sent an acknowledged message is gone, as before.
+    plain = Outbox(tmp_path / "p.sqlite")
+    plain.add("x", "t", b"1", alert=False)
+    assert plain.ack("x") and plain.sent_ids() == [] and plain.requeue_sent() == 0
+    plain.close()
+
+
+def test_an_outbox_from_before_the_sent_table_opens_and_gains_it(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT "
+        "NULL UNIQUE, topic TEXT NOT NULL, payload BLOB NOT NULL, alert INTEGER NOT "
+        "NULL); CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT "
+        "NULL); INSERT INTO outbox (id, topic, payload, alert) VALUES "
+        "('old', 't', x'01', 1);"
+    )
+    db.commit()
+    db.close()
+    box = Outbox(path, keep_sent=10)
+    assert [m.id for m in box.pending()] == ["old"]
+    assert box.ack("old") and box.sent_ids() == ["old"]
+    box.close()
