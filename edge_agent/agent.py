@@ -1034,7 +1034,8 @@ class Agent:
             logger.info("model updated to %s", result.version)
         else:
             reason = getattr(result, "reason", "refused")
-            logger.warning("model update refused: %s", reason)
+            # The updater has logged it already (once is enough in the log).
+            logger.debug("model update refused: %s", reason)
             self.publish_status_reason(str(reason))
 
     def publish_status_reason(self, reason: str) -> None:
