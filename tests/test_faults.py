@@ -49,8 +49,10 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.protocol import Channel, topic
 from tests.conftest import FixedTeacher, Mosquitto, wait_for
 from tests.test_agent_fixtures import make_teacher, tiny
+from tests.test_mqtt_link import Watcher
 from tests.test_rescorer import BIN, _outbox_ids, agent_cmd
 
 pytestmark = pytest.mark.timeout(300)
@@ -755,10 +757,21 @@ def test_broker_restart_with_persistence_mid_traffic_loses_nothing(
                 10 * keepalive,
                 "the broker to drop the silent agent",
             )
-            serve.proc.send_signal(signal.SIGCONT)
-            wait_for(
-                lambda: len(store_ids(store)) == len(first["g1"]), 60, "g1 answered"
-            )
+            # A watcher on g1's verdict topic sees what the broker routes there:
+            # once it has them all, so has g1's session (the re-scorer publishes
+            # a verdict after storing it, so the store count alone is too early).
+            watcher = Watcher(broker.port, topic("s1", "g1", Channel.VERDICTS))
+            try:
+                serve.proc.send_signal(signal.SIGCONT)
+                wait_for(
+                    lambda: len({v["escalation_id"] for _, v, _ in watcher.got})
+                    == len(first["g1"]),
+                    60,
+                    "g1's verdicts at the broker",
+                )
+            finally:
+                watcher.close()
+            assert len(store_ids(store)) == len(first["g1"])
             # 3. The re-scorer killed (its session is kept, docs/contracts.md): the
             # broker takes g2's first part for it.
             serve.kill()
