@@ -28,8 +28,10 @@ damage that appeared since) is rolled back and raised as
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,47 +317,46 @@ class Outbox:
             self._size = self._count()
         return gone
 
-    def answered_many(self, ids: list[str]) -> int:
-        """Forget sent messages whose answer (a verdict) came; how many were kept."""
-        if not ids:
-            return 0
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[None]:
+        """One write transaction with the lock held: committed, or rolled back and
+        raised as OutboxError ("cannot ``what`` the outbox")."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    gone = sum(
-                        self._db.execute("DELETE FROM sent WHERE id = ?", (i,)).rowcount
-                        for i in ids
-                    )
+                    yield
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._rollback()
                     raise
             except sqlite3.Error as exc:
-                what = f"forget {len(ids)} answered messages in"
                 raise self._failure(what, exc) from exc
+
+    def answered_many(self, ids: list[str]) -> int:
+        """Forget sent messages whose answer (a verdict) came; how many were kept."""
+        if not ids:
+            return 0
+        with self._transaction(f"forget {len(ids)} answered messages in"):
+            gone = sum(
+                self._db.execute("DELETE FROM sent WHERE id = ?", (i,)).rowcount
+                for i in ids
+            )
         return gone
 
     def requeue_sent(self) -> int:
         """Put every sent, unanswered message back in the outbox, oldest first, to
         be published again (the broker lost them with its session); how many."""
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    moved = self._db.execute(
-                        "INSERT OR IGNORE INTO outbox (id, topic, payload, alert) "
-                        "SELECT id, topic, payload, alert FROM sent ORDER BY seq"
-                    ).rowcount
-                    self._db.execute("DELETE FROM sent")
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._rollback()
-                    raise
-                finally:
-                    self._size = self._count()
-            except sqlite3.Error as exc:
-                raise self._failure("requeue the sent messages of", exc) from exc
+        try:
+            with self._transaction("requeue the sent messages of"):
+                moved = self._db.execute(
+                    "INSERT OR IGNORE INTO outbox (id, topic, payload, alert) "
+                    "SELECT id, topic, payload, alert FROM sent ORDER BY seq"
+                ).rowcount
+                self._db.execute("DELETE FROM sent")
+        finally:
+            with self._lock, contextlib.suppress(sqlite3.Error):
+                self._size = self._count()
         return moved
 
     def sent_ids(self) -> list[str]:
