@@ -10,6 +10,7 @@ and count them.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,10 +83,18 @@ def check_ports(arr: pa.Array, column: str, bad: BadRows) -> None:
     outside = pc.or_(pc.less(arr, low), pc.greater(arr, high))
     if pa.types.is_floating(arr.type):
         outside = pc.or_(outside, pc.is_nan(arr))
-    if not pc.any(outside).as_py():
+    note_rows(outside, column, bad, lambda row: port_problem(arr[row].as_py()))
+
+
+def note_rows(
+    mask: pa.Array, column: str, bad: BadRows, message: Callable[[int], str]
+) -> None:
+    """Note each row where ``mask`` is true (null is not) as bad in ``column``,
+    with ``message(row)``; a mask with no true row costs one check."""
+    if not pc.any(mask).as_py():
         return
-    for row in np.flatnonzero(np.asarray(outside.fill_null(False))):
-        bad.add(int(row), column, port_problem(arr[int(row)].as_py()))
+    for row in np.flatnonzero(np.asarray(mask.fill_null(False))):
+        bad.add(int(row), column, message(int(row)))
 
 
 def check_counts(arr: pa.Array, column: str, bad: BadRows) -> None:
@@ -94,11 +103,7 @@ def check_counts(arr: pa.Array, column: str, bad: BadRows) -> None:
 
     if len(arr) == 0:
         return
-    negative = pc.less(arr, 0)
-    if not pc.any(negative).as_py():
-        return
-    for row in np.flatnonzero(np.asarray(negative.fill_null(False))):
-        bad.add(int(row), column, count_problem(arr[int(row)].as_py()))
+    note_rows(pc.less(arr, 0), column, bad, lambda row: count_problem(arr[row].as_py()))
 
 
 def check_times(arr: pa.Array, column: str, bad: BadRows) -> None:
@@ -113,21 +118,15 @@ def check_times(arr: pa.Array, column: str, bad: BadRows) -> None:
     wrong = pc.less(arr, 0)
     if pa.types.is_floating(arr.type):
         wrong = pc.or_(wrong, pc.invert(pc.is_finite(arr)))
-    if not pc.any(wrong).as_py():
-        return
-    for row in np.flatnonzero(np.asarray(wrong.fill_null(False))):
-        bad.add(int(row), column, time_problem(arr[int(row)].as_py()))
+    note_rows(wrong, column, bad, lambda row: time_problem(arr[row].as_py()))
 
 
 def check_finite(arr: pa.Array, column: str, bad: BadRows) -> None:
     """Note the rows of a float column holding NaN or an infinity (nulls pass)."""
     if len(arr) == 0 or not pa.types.is_floating(arr.type):
         return
-    odd = pc.invert(pc.is_finite(arr))
-    if not pc.any(odd).as_py():
-        return
-    for row in np.flatnonzero(np.asarray(odd.fill_null(False))):
-        bad.add(int(row), column, f"expected a finite number, found {arr[int(row)]}")
+    note_rows(pc.invert(pc.is_finite(arr)), column, bad,
+              lambda row: f"expected a finite number, found {arr[row]}")
 
 
 def arrow_type(kind: str) -> pa.DataType:

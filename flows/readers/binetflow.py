@@ -52,6 +52,7 @@ from flows.readers._convert import (
     check_counts,
     check_ports,
     check_times,
+    note_rows,
     to_number,
     value_counts,
 )
@@ -288,15 +289,13 @@ def _rest(
     by ``check_counts``, and that note is the one kept.)
     """
     rest = pc.subtract(total, part)
-    negative = pc.less(rest, 0)
-    if pc.any(negative).as_py():
-        for row in np.flatnonzero(np.asarray(negative.fill_null(False))):
-            bad.add(
-                int(row),
-                total_name,
-                f"expected at least {part_name} ({part[row].as_py()}), "
-                f"found {total[row].as_py()}",
-            )
+    note_rows(
+        pc.less(rest, 0),
+        total_name,
+        bad,
+        lambda row: f"expected at least {part_name} ({part[row].as_py()}), "
+        f"found {total[row].as_py()}",
+    )
     return rest
 
 
