@@ -253,11 +253,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``compress run``."""
     import torch
 
-    from compress.pipeline import RunConfig, check_out, frontier_table, run
+    from compress.pipeline import RunConfig, frontier_table, run
     from student.distill import DistillConfig
 
-    _check_out(args.out, args.teacher)
-    check_out(args.out, args.target)
+    _check_out(args.out, args.teacher)  # what the --out folder holds: run() checks
 
     torch.set_num_threads(max(1, args.threads))
     cfg = RunConfig(

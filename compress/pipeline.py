@@ -739,7 +739,6 @@ def _drop_stale(dest: Path, old: set[str]) -> None:
             path.unlink()
 
 
-
 def artifact_dest(cfg: RunConfig, target: str) -> Path:
     """Where ``target``'s artifact ends up: ``out``, or ``out/<target>`` with all."""
     out = Path(cfg.out)
