@@ -1089,9 +1089,8 @@ class Agent:
         with self._out_lock:
             out["escalations_resent"] = self._resent
             out["verdicts_awaited"] = len(self._awaiting) + self._awaiting_evicted
-        out["broker_sessions_lost"] = getattr(self.link, "sessions_lost", 0)
-        with self._out_lock:
             out["escalations_requeued"] = self._requeued
+        out["broker_sessions_lost"] = getattr(self.link, "sessions_lost", 0)
         try:
             out["outbox_dropped"] = self.outbox.dropped
         except OutboxError as exc:

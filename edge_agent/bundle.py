@@ -49,6 +49,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from edge_agent import logger, signing
+from flows.argtypes import check_writable_above
 from flows.errors import BadInputError, GatewatchError, UsageError
 
 BUNDLE_SCHEMA = "gatewatch-bundle/1"
@@ -861,8 +862,7 @@ def check_bundle_out(out: Path) -> None:
             raise UsageError(
                 f"-o {out}: {parent} is not an existing folder; make it first"
             )
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise UsageError(f"-o {out}: cannot write in {parent}")
+        check_writable_above(parent, f"-o {out}")
         if out.exists() and not out.is_file():
             raise UsageError(f"-o {out} exists and is not a regular file")
     except OSError as exc:

@@ -519,13 +519,13 @@ class MqttLink:
         present = bool(getattr(flags, "session_present", False))
         if self.session_expiry > 0 and not present:
             self.sessions_absent += 1
-        if self.generation and self.session_expiry > 0 and not present:
-            self.sessions_lost += 1
-            logger.warning(
-                "broker %s kept no session for client %s across the reconnect (it "
-                "restarted without its saved state, or the session expired): what "
-                "it held for this client or had taken from it is gone",
-                self.url, self.client_id)
+            if self.generation:  # a reconnect: there was a session to lose
+                self.sessions_lost += 1
+                logger.warning(
+                    "broker %s kept no session for client %s across the reconnect "
+                    "(it restarted without its saved state, or the session "
+                    "expired): what it held for this client or had taken from it "
+                    "is gone", self.url, self.client_id)
         for flt, qos in self._subscriptions.items():
             client.subscribe(flt, qos)
         self.generation += 1

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.argtypes import integer, integers, real, reals
+from flows.argtypes import check_writable_above, integer, integers, real, reals
 from flows.encoder import DEFAULT_KNOTS, SCALINGS
 from flows.errors import (
     EXIT_BAD_INPUT,
@@ -470,7 +470,7 @@ def _check_out_file(out: str | Path, flag: str = "--out") -> None:
             raise UsageError(f"{flag} {out} is a folder; name a file to write")
         if path.exists() and not os.access(path, os.W_OK):
             raise UsageError(f"{flag} {out} exists and cannot be written")
-        _check_parent(path, flag, out)
+        check_writable_above(path.parent, f"{flag} {out}")
     except OSError as exc:
         raise UsageError(f"{flag} {out}: cannot be used ({exc})") from exc
 
@@ -483,23 +483,14 @@ def _check_out_folder(out: str | Path, flag: str = "--out") -> None:
         raise UsageError(f"{flag} is empty; name a folder")
     path = Path(out)
     try:
-        if path.exists():
-            if not path.is_dir():
-                raise UsageError(f"{flag} {out} exists and is not a folder; it is "
-                                 "not replaced (name a folder)")
-            if not os.access(path, os.W_OK | os.X_OK):
-                raise UsageError(f"{flag} {out}: the folder cannot be written in")
-            return
-        _check_parent(path, flag, out)
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{flag} {out} exists and is not a folder; it is "
+                             "not replaced (name a folder)")
+        check_writable_above(path, f"{flag} {out}")
     except OSError as exc:
         raise UsageError(f"{flag} {out}: cannot be used ({exc})") from exc
 
 
-def _check_parent(path: Path, flag: str, out: str | Path) -> None:
-    """The nearest existing folder above ``path`` must be a folder we may write in."""
-    from flows.argtypes import check_writable_above
-
-    check_writable_above(path.parent, f"{flag} {out}")
 
 
 def _finished(*preps: Any) -> int:
