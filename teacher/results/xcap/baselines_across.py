@@ -11,12 +11,26 @@ repository root::
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from teacher.baselines import run_baselines
 from teacher.data import concat, prepare
+
+
+def _shown(path: str) -> str:
+    """A path under $GATEWATCH_DATA relative to it: no machine's paths in results."""
+    base = os.environ.get("GATEWATCH_DATA")
+    if base:
+        try:
+            return str(Path(path).resolve().relative_to(Path(base).resolve()))
+        except ValueError:
+            pass
+    return path
+
 
 if __name__ == "__main__":
     train_file, test_file = sys.argv[1], sys.argv[2]
@@ -28,6 +42,6 @@ if __name__ == "__main__":
     out = run_baselines(both, timing=False)
     keep = ("accuracy", "precision", "recall", "f1", "roc_auc", "fpr", "confusion",
             "train_rows", "threshold", "val_f1")
-    print(json.dumps({"train": train_file, "test": test_file,
+    print(json.dumps({"train": _shown(train_file), "test": _shown(test_file),
                       "models": {k: {f: v.get(f) for f in keep}
                                  for k, v in out.items()}}, indent=1))
