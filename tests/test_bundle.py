@@ -38,13 +38,19 @@ def agent_wheel(tmp_path_factory) -> Path:
     return bundle.build_agent_wheel(REPO, tmp_path_factory.mktemp("wheel"))
 
 
+def _inputs(tmp_path: Path, config_text: str = CONFIG, **artifact_kw):
+    """(private key, public key, artifact folder, config) written under tmp_path."""
+    private, public = signing.generate_keypair(tmp_path / "keys")
+    artifact = make_artifact(tmp_path / "artifact", **artifact_kw)
+    config = tmp_path / "gateway.toml"
+    config.write_text(config_text)
+    return private, public, artifact, config
+
+
 @pytest.fixture
 def made(tmp_path: Path, agent_wheel: Path):
     """(bundle path, public key, artifact folder, config) of a freshly built bundle."""
-    private, public = signing.generate_keypair(tmp_path / "keys")
-    artifact = make_artifact(tmp_path / "artifact", version="b-0001")
-    config = tmp_path / "gateway.toml"
-    config.write_text(CONFIG)
+    private, public, artifact, config = _inputs(tmp_path, version="b-0001")
     out = tmp_path / "gw.tar.gz"
     bundle.build_bundle(artifact, config, private, out, wheels=[agent_wheel])
     return out, public, artifact, config
@@ -219,10 +225,7 @@ def test_wrong_key_names_both_keys(made, tmp_path, capsys):
 
 
 def test_bundle_refuses_a_modified_artifact_or_bad_config(tmp_path, agent_wheel):
-    private, _ = signing.generate_keypair(tmp_path / "keys")
-    artifact = make_artifact(tmp_path / "artifact")
-    config = tmp_path / "gateway.toml"
-    config.write_text("site = [unclosed\n")
+    private, _, artifact, config = _inputs(tmp_path, "site = [unclosed\n")
     out = tmp_path / "gw.tar.gz"
 
     with pytest.raises(BadInputError, match="not valid TOML"):
@@ -300,10 +303,7 @@ def test_keygen_write_failure_leaves_no_half_pair(tmp_path, capsys, monkeypatch)
 
 def test_bundle_out_is_checked_before_the_build(tmp_path, agent_wheel, capsys,
                                                 monkeypatch):
-    private, _ = signing.generate_keypair(tmp_path / "keys")
-    artifact = make_artifact(tmp_path / "artifact")
-    config = tmp_path / "gateway.toml"
-    config.write_text(CONFIG)
+    private, _, artifact, config = _inputs(tmp_path)
     folder = tmp_path / "out"
     folder.mkdir()
     with pytest.raises(UsageError, match="is a folder"):
@@ -327,10 +327,7 @@ def test_bundle_out_is_checked_before_the_build(tmp_path, agent_wheel, capsys,
 
 def test_bundle_write_failure_leaves_no_partial_file(tmp_path, agent_wheel,
                                                      monkeypatch):
-    private, _ = signing.generate_keypair(tmp_path / "keys")
-    artifact = make_artifact(tmp_path / "artifact")
-    config = tmp_path / "gateway.toml"
-    config.write_text(CONFIG)
+    private, _, artifact, config = _inputs(tmp_path)
     out = tmp_path / "gw.tar.gz"
 
     def replace(src, dst):

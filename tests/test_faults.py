@@ -318,6 +318,16 @@ class CutNet:
         _ip("-n", self.gateway_ns, "link", "set", self.veth_g, "up")
 
 
+def skip_unless_netns_and_mosquitto() -> None:
+    """Skip a test that needs its own network namespaces and a mosquitto, saying
+    which is missing."""
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not on PATH")
+
+
 def netns_broker(
     net: CutNet, ckpt: Path, store: Path, tmp_path: Path
 ) -> tuple[subprocess.Popen, str, Serve]:
@@ -343,11 +353,7 @@ def netns_broker(
 @pytest.mark.broker
 @pytest.mark.netns
 def test_network_cut_longer_than_keepalive_loses_nothing(tm, teacher, tmp_path):
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    if shutil.which("mosquitto") is None:
-        pytest.skip("mosquitto is not on PATH")
+    skip_unless_netns_and_mosquitto()
     ckpt, _ = teacher
     keepalive = 2
     recs = tm.records[2800:]
@@ -419,11 +425,7 @@ def test_network_cut_longer_than_keepalive_loses_nothing(tm, teacher, tmp_path):
 def test_several_agents_cut_at_once_lose_nothing(tm, teacher, tmp_path):
     """Three agents (own processes, client ids and outboxes) behind one link that
     goes down for all of them at once, longer than the keepalive, then up."""
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    if shutil.which("mosquitto") is None:
-        pytest.skip("mosquitto is not on PATH")
+    skip_unless_netns_and_mosquitto()
     ckpt, _ = teacher
     keepalive = 2
     recs = tm.records[2800:]

@@ -653,21 +653,26 @@ def test_nsl_kdd_negative_duration_or_bytes_is_a_bad_row(tmp_path, index, column
     bad = ",".join(values)
     text = f"{KDD_ROW},normal,21\n{bad},neptune,20\n{KDD_ROW},normal,9\n"
     path = write(tmp_path, "k.txt", text)
+    result = _one_negative_row(path, 2, column, "-7")
+    assert result.table.column("difficulty").to_pylist() == [21, 9]
+
+
+def _one_negative_row(path, line: int, column: str, found: str):
+    """One row with a negative count at ``line``: a partial read stopping there
+    (the row before kept), then a skipping read without it; the skipping result."""
     with pytest.raises(PartialInputError) as info:
         read(path)
     err = info.value
-    assert (err.line, err.column, err.exit_code) == (2, column, 4)
-    expected = f"{path}, line 2, column {column!r}: expected a number >= 0, found -7"
-    assert str(err) == expected
+    assert (err.line, err.column, err.exit_code) == (line, column, 4)
+    problem = f"column {column!r}: expected a number >= 0, found {found}"
+    assert str(err) == f"{path}, line {line}, {problem}"
     assert err.result.table.num_rows == 1
 
     result = read(path, on_error="skip")
-    assert result.skipped == 1 and result.stats["skipped_lines"] == [2]
-    assert result.table.column("difficulty").to_pylist() == [21, 9]
-    assert (
-        f"skipped 1 bad line(s); the first at line 2, column {column!r}: "
-        "expected a number >= 0, found -7" in result.warnings[0]
-    )
+    assert result.skipped == 1 and result.stats["skipped_lines"] == [line]
+    expected = f"skipped 1 bad line(s); the first at line {line}, {problem}"
+    assert expected in result.warnings[0]
+    return result
 
 
 def test_nsl_kdd_csv_with_header_negative_duration_is_named_at_its_line(tmp_path):
@@ -1020,24 +1025,11 @@ def test_unsw_negative_duration_or_count_is_a_bad_row(tmp_path, column):
     values[UNSW_HEAD.split(",").index(column)] = "-2.5"
     rows = [UNSW_ROW, ",".join(values), "3,0,udp,dns,INT,0,0,0,0,0,Exploits,1"]
     path = write(tmp_path, "u.csv", "\n".join([UNSW_HEAD] + rows) + "\n")
-    with pytest.raises(PartialInputError) as info:
-        read(path)
-    err = info.value
-    assert (err.line, err.column, err.exit_code) == (3, column, 4)
-    expected = f"{path}, line 3, column {column!r}: expected a number >= 0, found -2.5"
-    assert str(err) == expected
-    assert err.result.table.num_rows == 1
-
-    result = read(path, on_error="skip")
-    assert result.skipped == 1 and result.stats["skipped_lines"] == [3]
+    result = _one_negative_row(path, 3, column, "-2.5")
     assert result.table.column(column).to_pylist() == [
         float(UNSW_ROW.split(",")[UNSW_HEAD.split(",").index(column)]),
         0.0,  # zero is a count
     ]
-    assert (
-        f"the first at line 3, column {column!r}: expected a number >= 0, found -2.5"
-        in result.warnings[0]
-    )
 
 
 def test_unsw_negative_first_row_is_bad_input(tmp_path):
