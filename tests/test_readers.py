@@ -524,17 +524,19 @@ def test_zeek_json_epoch_iso_and_omitted_keys(tmp_path):
     assert list(iter_records(path)) == [a, b]
 
 
+# One good Zeek JSON conn record.
+JSON_FLOW = {
+    "ts": 1.5,
+    "id.orig_h": "10.0.0.1",
+    "id.orig_p": 1,
+    "id.resp_h": "10.0.0.2",
+    "id.resp_p": 2,
+    "proto": "tcp",
+}
+
+
 def test_zeek_json_bad_lines(tmp_path):
-    good = json.dumps(
-        {
-            "ts": 1.5,
-            "id.orig_h": "10.0.0.1",
-            "id.orig_p": 1,
-            "id.resp_h": "10.0.0.2",
-            "id.resp_p": 2,
-            "proto": "tcp",
-        }
-    )
+    good = json.dumps(JSON_FLOW)
     wrong_type = good.replace('"id.orig_p": 1', '"id.orig_p": "one"')
     path = write(
         tmp_path, "j.log", "\n".join([good, "{not json", good, wrong_type]) + "\n"
@@ -551,14 +553,7 @@ def test_zeek_json_bad_lines(tmp_path):
     ("ts", "found"), [(-5, "-5.0"), ("1969-12-31T23:59:59.500000Z", "-0.5")]
 )
 def test_zeek_json_time_before_1970_is_a_bad_row(tmp_path, ts, found):
-    good = {
-        "ts": 1.5,
-        "id.orig_h": "10.0.0.1",
-        "id.orig_p": 1,
-        "id.resp_h": "10.0.0.2",
-        "id.resp_p": 2,
-        "proto": "tcp",
-    }
+    good = JSON_FLOW
     lines = [good, dict(good, ts=ts), dict(good, ts=0)]
     path = write(tmp_path, "j.log", "".join(json.dumps(o) + "\n" for o in lines))
     for attempt in (read, lambda p: list(iter_records(p))):
