@@ -156,6 +156,25 @@ class Mosquitto:
         self.proc = None
 
 
+def persistent_broker(
+    tmp_path: Path, port: int | None = None
+) -> tuple[Mosquitto, Path, Path]:
+    """A mosquitto on 127.0.0.1 that keeps its state in a file (saved at SIGTERM);
+    (broker, its state file, its log: a file mosquitto flushes line by line)."""
+    state = tmp_path / "broker-state"
+    state.mkdir()
+    events = tmp_path / "broker-events.log"
+    # Started as root, mosquitto changes to the user "mosquitto", which cannot write
+    # under pytest's tmp_path (mode 0700): the save would fail, logged and ignored.
+    user = "user root\n" if os.geteuid() == 0 else ""
+    extra = (
+        f"persistence true\npersistence_location {state}/\n"
+        f"log_dest file {events}\n{user}"
+    )
+    # The fixture's "persistence false" comes first; the later line wins.
+    return Mosquitto(tmp_path, port=port, extra=extra), state / "mosquitto.db", events
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path):
     """A running mosquitto broker for one test; skipped where mosquitto is absent."""

@@ -23,7 +23,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.runtime import load_artifact
 from edge_agent.sources import open_source
 from flows.errors import UsageError
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 from tests.test_agent_fixtures import make_artifact, tiny
 
 REPO = Path(__file__).resolve().parent.parent
@@ -367,12 +367,38 @@ def test_a_broker_that_comes_up_after_the_agent_gets_every_escalation(
     tm, tmp_path: Path
 ) -> None:
     """The agent starts while nothing listens on the broker's port; the broker comes
-    up two seconds later; the background attempts connect and the outbox drains."""
+    up two seconds later; the background attempts connect and the outbox drains.
+
+    The stub re-scorer holds a persistent session made before the agent starts (the
+    broker saved it when stopped), so what the agent publishes before the stub is
+    back is queued for it: a stub that subscribed only after the broker came up
+    missed escalations the agent sent first (a CI failure, 3526e79)."""
     import paho.mqtt.client as paho
 
-    from tests.conftest import Mosquitto
+    from tests.conftest import persistent_broker
 
     port = free_port()
+    broker, _, _ = persistent_broker(tmp_path, port=port)
+    got: list[bytes] = []
+    subscribed = threading.Event()
+    client = paho.Client(
+        paho.CallbackAPIVersion.VERSION2, client_id="rescorer-stub",
+        clean_session=False,
+    )
+    client.on_message = lambda client, userdata, message: got.append(message.payload)
+    client.on_subscribe = lambda *args: subscribed.set()
+
+    broker.start()
+    try:
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        client.subscribe("gatewatch/v1/s1/g1/escalations", qos=1)
+        assert subscribed.wait(10), "the stub's subscription was not acknowledged"
+        client.disconnect()
+        client.loop_stop()
+    finally:
+        broker.stop()
+
     agent = subprocess.Popen(
         [sys.executable, "-m", "edge_agent.cli",
          *_run_argv(tm, tmp_path, f"zeek:{tm.conn_log}", "--alerts", "",
@@ -381,19 +407,15 @@ def test_a_broker_that_comes_up_after_the_agent_gets_every_escalation(
                     "--summary-json", str(tmp_path / "s.json"))],
         cwd=REPO, stderr=subprocess.PIPE, text=True,
     )
-    got: list[bytes] = []
-    broker = Mosquitto(tmp_path, port=port)
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="rescorer-stub")
+    expected = set(tm.expected())
     try:
         time.sleep(2.0)
         assert agent.poll() is None, agent.stderr.read()
         broker.start()
-        client.on_message = lambda client, userdata, message: got.append(
-            message.payload)
         client.connect("127.0.0.1", port)
-        client.subscribe("gatewatch/v1/s1/g1/escalations", qos=1)
         client.loop_start()
         _, err = agent.communicate(timeout=60)
+        wait_for(lambda: len(got) >= len(expected), 20, "every escalation at the stub")
     finally:
         client.loop_stop()
         if agent.poll() is None:

@@ -50,7 +50,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.protocol import Channel, topic
-from tests.conftest import FixedTeacher, Mosquitto, wait_for
+from tests.conftest import FixedTeacher, Mosquitto, persistent_broker, wait_for
 from tests.test_agent_fixtures import make_teacher, tiny
 from tests.test_mqtt_link import Watcher
 from tests.test_rescorer import BIN, _outbox_ids, agent_cmd
@@ -641,23 +641,6 @@ def test_rescorer_kill_9_mid_batch_then_restart_loses_nothing(tm, teacher, tmp_p
 
 # ---------------------------------------------------------------------------------
 # broker restart with persistence, QoS 1 messages in flight both ways
-
-
-def persistent_broker(tmp_path: Path) -> tuple[Mosquitto, Path, Path]:
-    """A mosquitto on 127.0.0.1 that keeps its state in a file (saved at SIGTERM);
-    (broker, its state file, its log: a file mosquitto flushes line by line)."""
-    state = tmp_path / "broker-state"
-    state.mkdir()
-    events = tmp_path / "broker-events.log"
-    # Started as root, mosquitto changes to the user "mosquitto", which cannot write
-    # under pytest's tmp_path (mode 0700): the save would fail, logged and ignored.
-    user = "user root\n" if os.geteuid() == 0 else ""
-    extra = (
-        f"persistence true\npersistence_location {state}/\n"
-        f"log_dest file {events}\n{user}"
-    )
-    # The fixture's "persistence false" comes first; the later line wins.
-    return Mosquitto(tmp_path, extra=extra), state / "mosquitto.db", events
 
 
 def outbox_added(path: Path) -> int:
