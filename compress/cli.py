@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--distill-alpha", type=real(0, 1), default=None,
                      help="weight of the teacher's soft targets against the hard "
                           "labels (default 1.0 with noise or swapping, else 0.5)")
+    run.add_argument("--threshold-rule", choices=("f1", "teacher-rate"), default=None,
+                     help="how each artifact's decision threshold is chosen on "
+                          "validation: f1 = its own best F1 on the labels; "
+                          "teacher-rate = the cut flagging as many validation "
+                          "windows as the teacher does (default teacher-rate for "
+                          "nsl-kdd teachers, f1 for others)")
     run.add_argument("--batch-size", type=integer(2, 1_000_000), default=512,
                      help="training batch size (default 512)")
     run.add_argument("--max-train-rows", type=integer(1),
@@ -279,6 +285,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         distill_noise=args.distill_noise,
         distill_swap=args.distill_swap,
         distill_alpha=args.distill_alpha,
+        threshold_rule=args.threshold_rule,
         time_latency=not args.no_timing,
         argv=["compress", *sys.argv[1:]],
     )

@@ -104,6 +104,13 @@ FAMILY_SWAP: dict[str, float] = {"nsl-kdd": 0.3}
 # conn family's round 1 chose 0.05 on label-free teacher agreement over foreign
 # flow files (student/results/conn1). Other families distil on clean windows.
 FAMILY_NOISE: dict[str, float] = {"conn": 0.05}
+# How an artifact's decision threshold is chosen on validation: ``f1``, its own best
+# F1 against the labels; ``teacher-rate``, the cut that flags as much of validation
+# as the teacher does. Round 4 of the nsl-kdd students (student/results/round4)
+# found the second leaves them closer to the teacher on attack types the threshold
+# never saw; other families keep ``f1`` until something validates a change there.
+THRESHOLD_RULES = ("f1", "teacher-rate")
+FAMILY_THRESHOLD: dict[str, str] = {"nsl-kdd": "teacher-rate"}
 
 
 @dataclass
@@ -128,6 +135,7 @@ class RunConfig:
     distill_noise: float | None = None
     distill_swap: float | None = None
     distill_alpha: float | None = None
+    threshold_rule: str | None = None
     argv: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -156,6 +164,11 @@ class RunConfig:
         if self.distill_alpha is not None and not 0.0 <= self.distill_alpha <= 1.0:
             raise UsageError(
                 f"--distill-alpha must be in [0, 1], got {self.distill_alpha}")
+        if self.threshold_rule is not None and self.threshold_rule not in (
+                THRESHOLD_RULES):
+            raise UsageError(
+                f"unknown --threshold-rule {self.threshold_rule!r}; choose one of "
+                f"{', '.join(THRESHOLD_RULES)}")
 
 
 @dataclass
@@ -230,6 +243,10 @@ class _Context:
     val_windows: np.ndarray
     test_windows: np.ndarray
     progress: Callable[[str], None]
+    # The rule for every artifact's threshold, and the share of validation windows
+    # the teacher flags at its own threshold (what ``teacher-rate`` copies).
+    threshold_rule: str = "f1"
+    teacher_val_rate: float = 0.0
     students: dict[tuple[str, int, float], torch.nn.Module] = field(
         default_factory=dict
     )
@@ -298,12 +315,20 @@ def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
     pick = rng.choice(train, size=min(cfg.calibration_windows, len(train)),
                       replace=False)
     return _Context(
+        threshold_rule=threshold_rule(cfg, teacher.provenance or {}),
+        teacher_val_rate=float(np.mean(p_val >= teacher.threshold)),
         cfg=cfg, teacher=teacher, prep=prep, train=train, val=val, test=test, y=y,
         t_train=t_train, teacher_val=teacher_val, teacher_test=teacher_test,
         distill=distill_cfg, calibration=prep.windows(np.sort(pick)),
         val_windows=prep.windows(val), test_windows=prep.windows(test),
         progress=progress,
     )
+
+
+def threshold_rule(cfg: RunConfig, provenance: dict[str, Any]) -> str:
+    """The run's threshold rule: ``--threshold-rule`` if given, else the default of
+    the teacher's family (:data:`FAMILY_THRESHOLD`), else ``f1``."""
+    return cfg.threshold_rule or FAMILY_THRESHOLD.get(provenance.get("family"), "f1")
 
 
 def distill_settings(cfg: RunConfig, provenance: dict[str, Any]) -> DistillConfig:
@@ -350,12 +375,20 @@ def _rescorer(ctx: _Context, cfg: DistillConfig) -> Callable | None:
 # ------------------------------------------------------------------ students
 
 
+def _decision_cut(ctx: _Context, p_val: np.ndarray) -> float:
+    """A student's decision threshold on its validation scores, by the run's rule."""
+    from teacher.metrics import choose_threshold, cut_at_rate
+
+    if ctx.threshold_rule == "teacher-rate":
+        return cut_at_rate(p_val, ctx.teacher_val_rate)
+    return choose_threshold(ctx.y[ctx.val], p_val)
+
+
 def _float_val_f1(ctx: _Context, model: torch.nn.Module) -> float:
-    from teacher.metrics import binary_metrics, choose_threshold
+    from teacher.metrics import binary_metrics
 
     p = _sigmoid(student_logits(model, ctx.prep, ctx.val))
-    t = choose_threshold(ctx.y[ctx.val], p)
-    return float(binary_metrics(ctx.y[ctx.val], p, t)["f1"])
+    return float(binary_metrics(ctx.y[ctx.val], p, _decision_cut(ctx, p))["f1"])
 
 
 def _student(ctx: _Context, kind: str, width: int, ratio: float) -> torch.nn.Module:
@@ -503,7 +536,7 @@ def export_candidate(
     export, ``qat_val_f1`` after quantization-aware fine-tuning).
     """
     from edge_agent.runtime import load_artifact
-    from teacher.metrics import binary_metrics, choose_threshold, time_scorer
+    from teacher.metrics import binary_metrics, time_scorer
 
     target, kind = cand.target, cand.kind
     if folder.exists():
@@ -529,7 +562,7 @@ def export_candidate(
     y_val, y_test = ctx.y[ctx.val], ctx.y[ctx.test]
     p_val = _score(scorer, ctx.val_windows)
     p_test = _score(scorer, ctx.test_windows)
-    decision = choose_threshold(y_val, p_val)
+    decision = _decision_cut(ctx, p_val)
     lo, hi = escalation_band(y_val, p_val, decision)
     val_m = binary_metrics(y_val, p_val, decision)
     test_m = binary_metrics(y_test, p_test, decision, ctx.families_test)
@@ -537,7 +570,7 @@ def export_candidate(
     # Agreement with the float student (its own validation threshold).
     f_val = _sigmoid(student_logits(model, ctx.prep, ctx.val))
     f_test = _sigmoid(student_logits(model, ctx.prep, ctx.test))
-    f_thr = choose_threshold(y_val, f_val)
+    f_thr = _decision_cut(ctx, f_val)
     agree = {
         "decision_agreement": float(np.mean((p_test >= decision) == (f_test >= f_thr))),
         "decision_agreement_same_threshold": float(
@@ -572,6 +605,9 @@ def export_candidate(
         "gate": {"split": "val", "max_f1_drop": ctx.cfg.max_f1_drop,
                  "teacher_f1": ctx.teacher_val["f1"], "artifact_f1": val_m["f1"],
                  "passed": bool(gate_ok)},
+        "threshold_rule": {"rule": ctx.threshold_rule, "split": "val",
+                           "teacher_flag_rate": ctx.teacher_val_rate,
+                           "artifact_flag_rate": float(np.mean(p_val >= decision))},
         "escalation": {"val_share": float(in_band.mean())},
         "export": details,
         "provenance": _provenance(ctx, artifact_dest(ctx.cfg, target)),

@@ -18,6 +18,7 @@ from flows.errors import BadInputError, UsageError
 __all__ = [
     "binary_metrics",
     "choose_threshold",
+    "cut_at_rate",
     "time_scorer",
 ]
 
@@ -145,6 +146,34 @@ def choose_threshold(
     if ok.size == 0:
         return float(min(1.0, p_arr.max() + 1e-6))
     return float(cuts[ok[-1]])
+
+
+def cut_at_rate(prob: Any, rate: float) -> float:
+    """The score cut that flags the share ``rate`` of ``prob`` (as near as ties allow).
+
+    A student given the cut at which it flags as much of the validation set as its
+    teacher does copies the teacher's operating point instead of choosing its own
+    (student/results/round4). Of two equally near counts the lower cut wins.
+
+    >>> cut_at_rate([0.9, 0.8, 0.7, 0.1], 0.5)
+    0.8
+    """
+    p_arr = np.asarray(prob, dtype=np.float64).ravel()
+    if p_arr.size == 0:
+        raise BadInputError("cannot choose a threshold on no rows")
+    if not 0.0 <= rate <= 1.0:
+        raise UsageError(f"flag rate must be in [0, 1], got {rate}")
+
+    # Each group of tied scores ends at one possible count of flagged rows.
+    p_sorted = np.sort(p_arr)[::-1]
+    last = np.r_[p_sorted[1:] != p_sorted[:-1], True]
+    counts = np.flatnonzero(last) + 1
+    want = rate * p_arr.size
+    if want < counts[0] - want:
+        return float(min(1.0, p_sorted[0] + 1e-6))  # flagging nothing is nearest
+    dist = np.abs(counts - want)
+    best = np.flatnonzero(dist <= dist.min() + 1e-12)[-1]
+    return float(p_sorted[last][best])
 
 
 def time_scorer(

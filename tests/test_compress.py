@@ -462,6 +462,64 @@ def test_students_learn_with_the_teachers_noise_unless_told(onnx_run) -> None:
     assert used["rescored_by_teacher"] is False
 
 
+def test_teacher_rate_threshold_copies_the_teachers_validation_flag_rate(
+    teacher_dir: Path, onnx_run, tmp_path: Path, monkeypatch
+) -> None:
+    """``--threshold-rule teacher-rate``: the artifact flags (as near as its tied
+    scores allow) the share of validation windows the teacher flags. The teacher's
+    threshold is moved so that it flags about half the attacks: not what a best-F1
+    cut would flag."""
+    import teacher.checkpoint as checkpoint
+    from compress.pipeline import RunConfig, run, threshold_rule
+    from edge_agent.runtime import load_artifact
+    from teacher.data import prepare
+
+    real_load = checkpoint.load_teacher
+    teacher = real_load(teacher_dir)
+    dataset = json.loads((teacher_dir / "provenance.json").read_text())["dataset"]
+    prep = prepare(dataset, encoder=teacher.encoder, need_split=True)
+    val = prep.rows("val")
+    windows = prep.windows(val)
+    t_prob = teacher.predict_proba(windows)
+    cut = float(np.median(t_prob[prep.y[val] == 1]))
+    t_flags = int((t_prob >= cut).sum())
+    assert 0 < t_flags < int(prep.y[val].sum())
+
+    def moved(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        loaded.threshold = cut
+        return loaded
+
+    monkeypatch.setattr(checkpoint, "load_teacher", moved)
+    out = tmp_path / "art"
+    run(_fast_config(target="onnx-int8", teacher=teacher_dir, out=out,
+                     student="mlp", widths=(16,), max_f1_drop=1.0,
+                     threshold_rule="teacher-rate"))
+
+    p = load_artifact(out).score(windows)
+    flags = int((p >= load_artifact(out).thresholds["decision"]).sum())
+    counts = [0, *(int((p >= c).sum()) for c in np.unique(p))]
+    assert abs(flags - t_flags) == min(abs(n - t_flags) for n in counts)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["threshold_rule"]["rule"] == "teacher-rate"
+    assert manifest["threshold_rule"]["teacher_flag_rate"] == pytest.approx(
+        t_flags / len(val))
+
+    # The default: f1 for a teacher of no family (the module's run), teacher-rate
+    # for nsl-kdd; a flag wins; an unknown rule is a usage error.
+    first, _ = onnx_run
+    assert json.loads((first / "manifest.json").read_text())["threshold_rule"][
+        "rule"] == "f1"
+    cfg = _fast_config(target="onnx-int8", teacher=Path("t"), out=Path("o"))
+    assert threshold_rule(cfg, {"family": "nsl-kdd"}) == "teacher-rate"
+    assert threshold_rule(cfg, {"family": "conn"}) == "f1"
+    cfg.threshold_rule = "f1"
+    assert threshold_rule(cfg, {"family": "nsl-kdd"}) == "f1"
+    with pytest.raises(UsageError, match="--threshold-rule"):
+        RunConfig(target="onnx-int8", teacher=Path("t"), out=Path("o"),
+                  threshold_rule="median")
+
+
 def test_out_inside_the_teachers_folder_is_refused(teacher_dir: Path, capsys) -> None:
     from compress.cli import main
 

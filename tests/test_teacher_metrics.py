@@ -14,7 +14,7 @@ from sklearn.metrics import (
 )
 
 from flows.errors import BadInputError, UsageError
-from teacher.metrics import binary_metrics, choose_threshold, time_scorer
+from teacher.metrics import binary_metrics, choose_threshold, cut_at_rate, time_scorer
 
 
 def _data(seed=0, n=400):
@@ -81,6 +81,29 @@ def test_fpr_threshold_is_the_lowest_cut_within_target(target):
     assert fpr(cut) <= target
     lower = [c for c in np.unique(prob) if c < cut]
     assert all(fpr(c) > target for c in lower)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.013, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("levels", [None, 7])
+def test_rate_cut_flags_the_nearest_share_brute_force(rate, levels):
+    """Every possible cut tried: the chosen one flags the count nearest rate * n,
+    the lower cut on a tie; ``levels`` makes int8-like ties."""
+    _, prob = _data(4)
+    if levels:
+        prob = np.round(prob * levels) / levels
+    cut = cut_at_rate(prob, rate)
+
+    options = [(abs(int((prob >= c).sum()) - rate * prob.size), c)
+               for c in [*np.unique(prob), prob.max() + 1e-6]]
+    best = min(options)  # nearest count first, then the lower cut
+    assert best[1] == pytest.approx(cut)
+
+
+def test_rate_cut_errors():
+    with pytest.raises(UsageError):
+        cut_at_rate([0.2, 0.8], 1.5)
+    with pytest.raises(BadInputError):
+        cut_at_rate([], 0.1)
 
 
 def test_threshold_rule_errors():
