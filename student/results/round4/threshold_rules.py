@@ -6,6 +6,11 @@ Reads the round-1 fold teachers and round-3 ``swap30`` students cached under
 repository root with GATEWATCH_DATA set::
 
     python student/results/round4/threshold_rules.py [CACHE] > val-results.json
+
+Round 5 scores other cached candidates the same way (``CAND`` of the round whose
+students are in ``CACHE``, ``STUDENTS`` their sizes)::
+
+    python student/results/round4/threshold_rules.py CACHE CAND STUDENT...
 """
 
 from __future__ import annotations
@@ -63,11 +68,14 @@ def f1_at(y: np.ndarray, prob: np.ndarray, cut: float) -> float:
     return 2 * tp / denom if denom else 0.0
 
 
-def fold_scores(fold: int, cache: Path) -> list[dict]:
+def fold_scores(
+    fold: int, cache: Path, cand: str = "swap30", students=STUDENTS
+) -> list[dict]:
     import torch
 
     sys.path.insert(0, str(HERE.parent))
     import fold_students as fs
+
     from student.distill import student_logits
     from student.zoo import build_student
     from teacher.metrics import choose_threshold
@@ -78,10 +86,10 @@ def fold_scores(fold: int, cache: Path) -> list[dict]:
                           for i in range(0, len(va), 4096)])
     t_prob = 1 / (1 + np.exp(-t_z.astype(np.float64)))
     s_prob = {}
-    for label in STUDENTS:
+    for label in students:
         kind, width = label.split("-")
         model = build_student(kind, prep.n_features, prep.window, int(width))
-        model.load_state_dict(torch.load(cache / f"swap30_f{fold}_{label}.pt",
+        model.load_state_dict(torch.load(cache / f"{cand}_f{fold}_{label}.pt",
                                          weights_only=True))
         z = student_logits(model, prep, va).astype(np.float64)
         s_prob[label] = 1 / (1 + np.exp(-z))
@@ -106,7 +114,7 @@ def fold_scores(fold: int, cache: Path) -> list[dict]:
                    "teacher_f1_b": teacher_b,
                    "teacher_recall_b_types": float((t_prob[b_new] >= t_cut).mean()),
                    "students": {}}
-            for label in STUDENTS:
+            for label in students:
                 entry = {}
                 for rule in RULES:
                     cut = choose(rule, y[a], s_prob[label][a], t_dec)
@@ -124,25 +132,26 @@ def fold_scores(fold: int, cache: Path) -> list[dict]:
 
 def summary(rows: list[dict]) -> dict:
     out = {}
+    labels = list(rows[0]["students"])
     for rule in RULES:
-        gaps = [r["students"][s][rule]["gap"] for r in rows for s in STUDENTS]
+        gaps = [r["students"][s][rule]["gap"] for r in rows for s in labels]
         per_fold = {
             f: float(np.mean([r["students"][s][rule]["gap"] for r in rows
-                              if r["fold"] == f for s in STUDENTS]))
+                              if r["fold"] == f for s in labels]))
             for f in sorted({r["fold"] for r in rows})
         }
         per_student = {
             s: float(np.mean([r["students"][s][rule]["gap"] for r in rows]))
-            for s in STUDENTS
+            for s in labels
         }
         out[rule] = {
             "mean_gap": float(np.mean(gaps)), "sd_gap": float(np.std(gaps)),
             "per_fold": per_fold, "per_student": per_student,
             "mean_recall_b_types": float(np.mean(
                 [r["students"][s][rule]["recall_b_types"]
-                 for r in rows for s in STUDENTS])),
+                 for r in rows for s in labels])),
             "mean_agree_b": float(np.mean(
-                [r["students"][s][rule]["agree_b"] for r in rows for s in STUDENTS])),
+                [r["students"][s][rule]["agree_b"] for r in rows for s in labels])),
         }
     out["teacher_mean_f1_b"] = float(np.mean([r["teacher_f1_b"] for r in rows]))
     out["teacher_mean_recall_b_types"] = float(np.mean(
@@ -155,5 +164,8 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     cache = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/students-round3")
-    rows = [row for fold in (0, 1, 2) for row in fold_scores(fold, cache)]
+    cand = sys.argv[2] if len(sys.argv) > 2 else "swap30"
+    students = tuple(sys.argv[3:]) or STUDENTS
+    rows = [row for fold in (0, 1, 2)
+            for row in fold_scores(fold, cache, cand, students)]
     print(json.dumps({"summary": summary(rows), "pairs": rows}, indent=1))
