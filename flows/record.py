@@ -151,16 +151,33 @@ def is_address(text: str) -> bool:
 
 
 def port_problem(value: float) -> str | None:
-    """Why ``value`` is not a port number (0..65535), or None (NaN is not one)."""
+    """Why ``value`` is not a port number (a whole number 0..65535), or None.
+
+    NaN is not one, and neither is a value with a fraction (``1.5``); ``80.0``, as
+    a float column holds 80, is.
+    """
     low, high = PORT_RANGE
-    if low <= value <= high:
-        return None
-    return f"expected a port from {low} to {high}, found {_short(value)}"
+    if not low <= value <= high:
+        return f"expected a port from {low} to {high}, found {_short(value)}"
+    if not float(value).is_integer():
+        return (
+            f"expected a port from {low} to {high} (a whole number), "
+            f"found {_short(value)}"
+        )
+    return None
 
 
-def count_problem(value: float) -> str | None:
-    """Why ``value`` is not a duration or count (a number >= 0), or None."""
-    return None if value >= 0 else f"expected a number >= 0, found {_short(value)}"
+def count_problem(value: float, whole: bool = False) -> str | None:
+    """Why ``value`` is not a duration or count (a number >= 0), or None.
+
+    With ``whole`` it must be a packet or byte count, a whole number as well:
+    ``3.0`` (how a float column holds 3) passes, ``3.5`` does not.
+    """
+    if not value >= 0:
+        return f"expected a number >= 0, found {_short(value)}"
+    if whole and not float(value).is_integer():
+        return f"expected a whole number >= 0, found {_short(value)}"
+    return None
 
 
 def time_problem(value: float) -> str | None:

@@ -2,9 +2,12 @@
 
 Covers every file in ``pcap/malformed/`` and captures damaged on purpose here: cut
 in a record or a block, garbage after good records, an unknown link type, an
-empty file. Each gives the flows of the packets before the damage, ``partial``,
-and exactly one warning naming the file and the byte offset; nothing raises
-except where ``on_error="fail"`` meets bytes that cannot be a record.
+empty file, pcapng interface blocks the meter cannot use (a time unit it cannot
+represent, a block shorter than its fixed fields) and packets a pcapng time offset
+puts before 1970 (skipped as damaged, on both packet paths). Each gives the flows
+of the packets before the damage, ``partial``, and exactly one warning naming the
+file and the byte offset; nothing raises except where ``on_error="fail"`` meets
+bytes that cannot be a record.
 """
 
 from __future__ import annotations
@@ -204,3 +207,178 @@ def test_readers_read_hands_captures_to_the_meter(tmp_path):
     path = write_pcap(tmp_path / "ok.pcap", _good_frames())
     res = read(path)
     assert res.format == "pcap" and res.family == "conn" and res.table.num_rows == 2
+
+
+# ------------------------------------------------ pcapng interfaces and times
+
+ENGINES = ["python", "fast"]
+
+
+def _engine(engine: str) -> str:
+    """The engine, or a skip when it is the compiled one and that is not built."""
+    from flows.meter import fast_available
+
+    if engine == "fast" and not fast_available():
+        pytest.skip("the compiled meter flows.meter._fast is not built here")
+    return engine
+
+
+def _idb_with_offset(seconds: int) -> bytes:
+    """An Ethernet interface description block with an if_tsoffset option."""
+    body = struct.pack("<HHI", 1, 0, 0)
+    body += struct.pack("<HHq", 14, 8, seconds) + struct.pack("<HH", 0, 0)
+    n = len(body) + 12
+    return struct.pack("<II", 1, n) + body + struct.pack("<I", n)
+
+
+def _dns(sport: int) -> bytes:
+    return eth(ip4(A4, B4, 17, udp(A4, B4, sport, 53, b"query")))
+
+
+TSRESOL_EXPECTED = (
+    "expected a time unit the meter can represent, 10^-0 to 10^-18 seconds "
+    "(0x00 to 0x12) or 2^-0 to 2^-63 seconds (0x80 to 0xbf)"
+)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(
+    ("tsresol", "unit"),
+    [(0xFF, "2^-127"), (0xC0, "2^-64"), (0x13, "10^-19"), (0x7F, "10^-127")],
+)
+def test_pcapng_time_unit_the_meter_cannot_represent_is_bad_input(
+    tmp_path, engine, tsresol, unit
+):
+    """Found: an if_tsresol of 0xff (2^-127 s) was taken, and every packet of the
+    interface came out at 1970-01-01 00:00:00."""
+    path = tmp_path / "unit.pcapng"
+    path.write_bytes(
+        pcapng_shb() + pcapng_idb(1, tsresol=tsresol) + pcapng_epb(0, 10**6, _dns(1))
+    )
+    message = (
+        f"interface description block for interface 0 has if_tsresol "
+        f"{tsresol:#04x} ({unit} seconds): {TSRESOL_EXPECTED}"
+    )
+    for on_error in ("fail", "skip"):
+        with pytest.raises(BadInputError) as info:
+            read_capture(path, engine=_engine(engine), on_error=on_error)
+        err = info.value
+        assert not isinstance(err, PartialInputError)
+        assert (err.path, err.offset, err.exit_code) == (str(path), 28, 3)
+        assert str(err) == f"{path}, byte offset 28: {message}; no packet could be read"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pcapng_bad_time_unit_later_keeps_the_packets_before(tmp_path, engine):
+    blob = pcapng_shb() + pcapng_idb(1) + pcapng_epb(0, 1000 * 10**6, _dns(1000))
+    bad_at = len(blob)
+    blob += pcapng_idb(1, tsresol=0xFF) + pcapng_epb(1, 10**6, _dns(2000))
+    path = tmp_path / "later.pcapng"
+    path.write_bytes(blob)
+    message = (
+        f"interface description block for interface 1 has if_tsresol 0xff "
+        f"(2^-127 seconds): {TSRESOL_EXPECTED}"
+    )
+    res = read_capture(path, engine=_engine(engine), on_error="skip")
+    assert one_warning(res, path, bad_at) == f"{path}: byte offset {bad_at}: {message}"
+    assert res.stats["damage"]["kind"] == "garbage"
+    assert [(r["ts"], r["src_port"]) for r in res.table.to_pylist()] == [(1000.0, 1000)]
+    with pytest.raises(PartialInputError) as info:
+        read_capture(path, engine=engine, on_error="fail")
+    err = info.value
+    assert str(err) == (
+        f"{path}, byte offset {bad_at}: {message}; the packets before it were kept"
+    )
+    assert err.exit_code == 4 and err.result.table.num_rows == 1
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(
+    ("tsresol", "ticks", "ts"), [(0x12, 3 * 10**18, 3.0), (0xBF, 5 << 60, 0.625)]
+)
+def test_pcapng_finest_time_units_are_read(tmp_path, engine, tsresol, ticks, ts):
+    """10^-18 s and 2^-63 s, the finest units taken, still give exact times."""
+    path = tmp_path / "fine.pcapng"
+    path.write_bytes(
+        pcapng_shb() + pcapng_idb(1, tsresol=tsresol) + pcapng_epb(0, ticks, _dns(1))
+    )
+    res = read_capture(path, engine=_engine(engine))
+    assert res.table.column("ts").to_pylist() == [ts]
+    assert not res.partial and res.warnings == []
+
+
+BEFORE_1970 = (
+    "packet time stamp is unusable: expected a time in epoch seconds >= 0 "
+    "(1970 or later), found "
+)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_pcapng_time_offset_before_1970_skips_the_packet_as_damaged(
+    tmp_path, engine, on_error
+):
+    """Found: an if_tsoffset of -3600 s put a packet at 1000 s before 1970 and the
+    meter made a flow with ts -2600.0, a record every conn-log reader refuses."""
+    blob = pcapng_shb() + _idb_with_offset(-3600)
+    bad_at = len(blob)
+    blob += pcapng_epb(0, 1000 * 10**6, _dns(1000))  # -2600.0: before 1970
+    blob += pcapng_epb(0, 5000 * 10**6, _dns(1001))  # 1400.0
+    blob += pcapng_epb(0, 5001 * 10**6, _dns(1000))  # 1401.0: a flow of its own
+    path = tmp_path / "offset.pcapng"
+    path.write_bytes(blob)
+    res = read_capture(path, engine=_engine(engine), on_error=on_error)
+    assert one_warning(res, path, bad_at) == (
+        f"{path}: byte offset {bad_at}: {BEFORE_1970}-2600.0"
+    )
+    rows = [(r["ts"], r["src_port"], r["orig_pkts"]) for r in res.table.to_pylist()]
+    assert rows == [(1400.0, 1001, 1), (1401.0, 1000, 1)]
+    assert res.skipped == 1 and res.stats["skipped"] == {"bad_time": 1}
+    assert res.stats["damage"]["reasons"] == {"bad_time": 1}
+    assert (res.stats["packets"], res.stats["first_ts"]) == (3, 1400.0)
+    streamed = [r["ts"] for r in iter_flows(path, engine=engine, on_error=on_error)]
+    assert streamed == [1400.0, 1401.0]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_meter_fed_only_times_before_1970_makes_no_flow(engine):
+    from flows.meter import make_meter
+
+    meter = make_meter(_engine(engine), uid_seed="t")
+    meter.feed(-0.5, 1, _dns(1), len(_dns(1)), 24)
+    meter.feed(float("nan"), 1, _dns(2), len(_dns(2)), 90)
+    assert meter.flush() == []
+    stats = meter.stats
+    assert (stats["packets"], stats["flows"], stats["damaged_packets"]) == (2, 0, 2)
+    assert stats["skipped"] == {"bad_time": 2}
+    assert (stats["first_ts"], stats["last_ts"]) == (None, None)
+    assert meter.damage.offset == 24
+    assert meter.damage.message == f"{BEFORE_1970}-0.5"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        (
+            struct.pack("<III", 1, 12, 12),
+            "interface description block for interface 0 is 12 bytes long: "
+            "expected at least 20 (its link type, reserved field and snap length)",
+        ),
+        (
+            struct.pack("<III", 3, 12, 12),
+            "simple packet block shorter than its fixed fields",
+        ),
+    ],
+    ids=["idb", "spb"],
+)
+def test_pcapng_block_shorter_than_its_fixed_fields(tmp_path, engine, block, message):
+    """Found: such blocks raised struct.error (a traceback) instead of a message."""
+    first = pcapng_shb() + (pcapng_idb(1) if block[0] == 3 else b"")
+    path = tmp_path / "short.pcapng"
+    path.write_bytes(first + block)
+    with pytest.raises(BadInputError) as info:
+        read_capture(path, engine=_engine(engine))
+    assert str(info.value) == (
+        f"{path}, byte offset {len(first)}: {message}; no packet could be read"
+    )

@@ -1103,6 +1103,142 @@ def test_unsw_start_or_last_time_before_1970_is_a_bad_row(tmp_path):
     assert f"line 3, column 'stime': {BEFORE_1970}-1.0" in result.warnings[-1]
 
 
+# ------------------------------- counts and ports must be whole numbers
+
+WHOLE_PORT = "expected a port from 0 to 65535 (a whole number), "
+WHOLE_COUNT = "expected a whole number >= 0, "
+
+
+def _one_bad_value(path, line: int, column: str, problem: str):
+    """One bad row at ``line``: a partial read stopping there (the row before kept),
+    then a skipping read without it; the skipping result. ``problem`` is the exact
+    text after the column in the error and the warning."""
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    err = info.value
+    assert (err.path, err.line, err.column) == (str(path), line, column)
+    assert err.exit_code == 4
+    assert str(err) == f"{path}, line {line}, column {column!r}: {problem}"
+    assert err.result.table.num_rows == 1
+
+    result = read(path, on_error="skip")
+    assert result.skipped == 1 and result.stats["skipped_lines"] == [line]
+    assert result.warnings[-1] == (
+        f"{path}: skipped 1 bad line(s); the first at line {line}, "
+        f"column {column!r}: {problem}"
+    )
+    return result
+
+
+@pytest.mark.parametrize("column", ["spkts", "dpkts", "sbytes", "dbytes"])
+def test_unsw_packet_or_byte_count_with_a_fraction_is_a_bad_row(tmp_path, column):
+    """Found: ``spkts=3.5`` was read as a count. ``3.0`` (a whole number written as
+    a float) is still 3; ``dur`` is seconds and keeps its fraction."""
+    where = UNSW_HEAD.split(",").index(column)
+    bad, whole = UNSW_ROW.split(","), UNSW_ROW.split(",")
+    bad[where], whole[where] = "3.5", "3.0"
+    rows = [UNSW_ROW, ",".join(bad), ",".join(whole)]
+    path = write(tmp_path, "u.csv", "\n".join([UNSW_HEAD] + rows) + "\n")
+    result = _one_bad_value(path, 3, column, f"{WHOLE_COUNT}found 3.5")
+    assert result.table.column(column).to_pylist() == [
+        float(UNSW_ROW.split(",")[where]),
+        3.0,
+    ]
+    assert result.table.column("dur").to_pylist() == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("column", ["sport", "dsport"])
+def test_unsw_port_with_a_fraction_is_a_bad_row(tmp_path, column):
+    head = "srcip,sport,dstip,dsport,proto,state,dur,sbytes,attack_cat,label"
+    names = head.split(",")
+    good = "10.0.0.1,1027,10.0.0.2,80,tcp,FIN,0.5,100,,0".split(",")
+    bad, whole = list(good), list(good)
+    bad[names.index(column)], whole[names.index(column)] = "1.5", "443.0"
+    rows = [",".join(r) for r in (good, bad, whole)]
+    path = write(tmp_path, "u.csv", "\n".join([head] + rows) + "\n")
+    result = _one_bad_value(path, 3, column, f"{WHOLE_PORT}found 1.5")
+    assert result.table.column(column).to_pylist() == [
+        float(good[names.index(column)]),
+        443.0,
+    ]
+
+
+CIC_HEAD = (
+    "Source Port,Destination Port,Flow Duration,Total Fwd Packets,"
+    "Total Length of Fwd Packets,Flow IAT Mean,Label"
+)
+CIC_ROW = "40000,80,100,2,80,2.5,BENIGN"
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "problem"),
+    [
+        ("Source Port", "1.5", WHOLE_PORT),
+        ("Destination Port", "80.25", WHOLE_PORT),
+        ("Total Fwd Packets", "2.5", WHOLE_COUNT),
+        ("Total Length of Fwd Packets", "0.5", WHOLE_COUNT),
+    ],
+    ids=["src-port", "dst-port", "fwd-packets", "fwd-bytes"],
+)
+def test_cic_port_or_total_with_a_fraction_is_a_bad_row(
+    tmp_path, column, value, problem
+):
+    """Found: a port of ``1.5`` and a packet total of ``2.5`` were taken. ``2.0`` is
+    2; ``Flow Duration`` and the rates are not counts and keep their fractions."""
+    where = CIC_HEAD.split(",").index(column)
+    bad, whole = CIC_ROW.split(","), CIC_ROW.split(",")
+    bad[where], whole[where] = value, "2.0"
+    whole[2] = "100.5"  # Flow Duration (microseconds) is not checked for a fraction
+    rows = [CIC_ROW, ",".join(bad), ",".join(whole)]
+    path = write(tmp_path, "cic.csv", "\n".join([CIC_HEAD] + rows) + "\n")
+    result = _one_bad_value(path, 3, column, f"{problem}found {value}")
+    t = result.table
+    assert t.column(column).to_pylist() == [float(CIC_ROW.split(",")[where]), 2.0]
+    assert t.column("Flow Duration").to_pylist() == [100.0, 100.5]
+    assert t.column("Flow IAT Mean").to_pylist() == [2.5, 2.5]
+
+
+def test_cic_negative_total_with_a_fraction_is_named_for_being_negative(tmp_path):
+    bad = CIC_ROW.split(",")
+    bad[3] = "-2.5"
+    path = write(tmp_path, "cic.csv", f"{CIC_HEAD}\n{CIC_ROW}\n{','.join(bad)}\n")
+    _one_bad_value(path, 3, "Total Fwd Packets", "expected a number >= 0, found -2.5")
+
+
+@pytest.mark.parametrize(
+    ("index", "column", "value"),
+    [(4, "src_bytes", "3.5"), (5, "dst_bytes", "1e2"), (22, "count", "229.0")],
+)
+def test_nsl_kdd_count_that_is_no_integer_is_a_bad_row(tmp_path, index, column, value):
+    """The KDD counts are integer columns: any value not written as an integer is
+    a bad row (the shared KDD files write every count as an integer)."""
+    values = KDD_ROW.split(",")
+    values[index] = value
+    text = f"{KDD_ROW},normal,21\n{','.join(values)},neptune,20\n{KDD_ROW},normal,9\n"
+    path = write(tmp_path, "k.txt", text)
+    result = _one_bad_value(path, 2, column, f"expected an integer, found {value!r}")
+    assert result.table.column("difficulty").to_pylist() == [21, 9]
+
+
+@pytest.mark.parametrize(
+    ("values", "column", "found"),
+    [
+        ({"Sport": "1027.5"}, "Sport", "1027.5"),
+        ({"Dport": "80.0"}, "Dport", "80.0"),
+        ({"TotPkts": "4.5"}, "TotPkts", "4.5"),
+        ({"SrcBytes": "124.5"}, "SrcBytes", "124.5"),
+    ],
+)
+def test_binetflow_port_or_count_that_is_no_integer_is_a_bad_row(
+    tmp_path, values, column, found
+):
+    """Argus ports and counts are integer columns (hex ports aside): a value with
+    a fraction is a bad row (the shared binetflow files write none)."""
+    path = _argus_file(tmp_path, _argus(), _argus(**values), _argus(Dur="0"))
+    result = _one_bad_value(path, 3, column, f"expected an integer, found {found!r}")
+    assert result.table.column("duration").to_pylist() == [1.0, 0.0]
+
+
 # ------------------------------------------------- writing and round trips
 
 

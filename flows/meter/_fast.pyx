@@ -26,6 +26,7 @@ import os
 from collections import Counter
 
 from flows.meter.decode import LINK_NAMES, Decoder
+from flows.record import time_problem
 from flows.meter.meter import (
     PacketDamage,
     TCP_SERVER_PORTS,
@@ -72,7 +73,7 @@ DEF P_TCP = 0
 DEF P_UDP = 1
 DEF P_ICMP = 2
 DEF P_OTHER = 3
-# Skip reasons, indexed like decode.SKIP_* (1..7).
+# Skip reasons, indexed like decode.SKIP_* (1..8; 8 is the meter's own time check).
 DEF S_NON_IP = 1
 DEF S_CUT = 2
 DEF S_BOGUS = 3
@@ -80,6 +81,7 @@ DEF S_LINK = 4
 DEF S_FRAGMENT = 5
 DEF S_OTHER = 6
 DEF S_WIRE = 7
+DEF S_TIME = 8
 # Why connections ended.
 DEF E_CLOSED = 0
 DEF E_INACTIVE = 1
@@ -113,6 +115,7 @@ SKIP_REASONS = (
     "fragments_held",
     "other_ip_protocol",
     "truncated_ip",
+    "bad_time",
 )
 END_REASONS = ("closed", "inactive", "attempt", "reused", "evicted", "end_of_input")
 _PROTO_NAMES = ("tcp", "udp", "icmp", "unknown_transport")
@@ -892,8 +895,8 @@ cdef class FastMeter:
     cdef uint64_t hlen, hcap
     cdef public int64_t packets, flows, evicted, snap_cut
     cdef int64_t nbytes
-    cdef int64_t skips[8]
-    cdef int skip_order[8]
+    cdef int64_t skips[9]
+    cdef int skip_order[9]
     cdef int nskip_order
     cdef int64_t ends[6]
     cdef int end_order[6]
@@ -1065,7 +1068,7 @@ cdef class FastMeter:
             "evictions": self.evicted,
             "max_flows": self.max_flows,
             "first_ts": self.first_ts,
-            "last_ts": self.last_ts if self.packets else None,
+            "last_ts": self.last_ts if self.first_ts is not None else None,
             "damaged_packets": self.damage.count if self.damage else 0,
         }
 
@@ -1722,6 +1725,15 @@ cdef class FastMeter:
         self.packets += 1
         self.nbytes += wire
         self.count_link(link)
+        if not ts >= 0.0:  # before 1970 (a pcapng if_tsoffset below 0), or NaN
+            # As FlowMeter._bad_time: skipped as damaged, no connection touched.
+            self.skip(S_TIME)
+            self._damaged(
+                where(offset),
+                "bad_time",
+                f"packet time stamp is unusable: {time_problem(ts)}",
+            )
+            return 0
         if ts > self.last_ts:
             if self.first_ts is None:
                 self.first_ts = ts

@@ -292,8 +292,17 @@ class CaptureReader:
             body = buf[pos + 8 : pos + blen - 4]
             self._pos = pos + blen
             if btype == 1:
-                ifaces.append(_parse_idb(body, order))
-                link, snap = ifaces[-1][:2]
+                iface = _parse_idb(body, order)
+                if isinstance(iface, str):
+                    self._stop(
+                        "garbage",
+                        f"interface description block for interface {len(ifaces)} "
+                        f"{iface}",
+                        offset,
+                    )
+                    return
+                ifaces.append(iface)
+                link, snap = iface[:2]
                 self.interfaces.append((link, snap))
                 if snap == 0 or link not in self.snaplens:
                     self.snaplens[link] = snap
@@ -312,8 +321,26 @@ class CaptureReader:
             # Other block types (name resolution, statistics, custom) carry no packets.
 
 
-def _parse_idb(body: bytes, order: str) -> tuple[int, int, float, float]:
-    """Link type, snap length, time scale and time offset of one interface block."""
+# The finest time units the meter takes (``if_tsresol``): 10^-18 s (attoseconds) and
+# 2^-63 s, far finer than any capture clock. The option can say up to 10^-127 or
+# 2^-127 s, but a 64-bit time stamp in units finer than these spans under 2 seconds
+# from the interface's offset: such a value is a damaged block, not a clock.
+MAX_TSRESOL_DEC = 18
+MAX_TSRESOL_BIN = 63
+
+
+def _parse_idb(body: bytes, order: str) -> tuple[int, int, float, float] | str:
+    """Link type, snap length, time scale and time offset of one interface block.
+
+    A block that cannot describe an interface gives a message instead (the end of
+    a sentence that starts with the block's name): a body shorter than its fixed
+    fields, or an ``if_tsresol`` finer than the meter can represent.
+    """
+    if len(body) < 8:
+        return (
+            f"is {len(body) + 12} bytes long: expected at least 20 (its link type, "
+            "reserved field and snap length)"
+        )
     link, _, snap = struct.unpack_from(order + "HHI", body, 0)
     scale, tsoff = 1e-6, 0.0
     pos = 8
@@ -324,10 +351,21 @@ def _parse_idb(body: bytes, order: str) -> tuple[int, int, float, float]:
         value = body[pos + 4 : pos + 4 + length]
         if code == 9 and length >= 1:
             res = value[0]
-            scale = 2.0 ** -(res & 0x7F) if res & 0x80 else 10.0**-res
+            exponent = res & 0x7F
+            if exponent > (MAX_TSRESOL_BIN if res & 0x80 else MAX_TSRESOL_DEC):
+                unit = f"2^-{exponent}" if res & 0x80 else f"10^-{exponent}"
+                return (
+                    f"has if_tsresol {res:#04x} ({unit} seconds): expected a time "
+                    f"unit the meter can represent, 10^-0 to 10^-{MAX_TSRESOL_DEC} "
+                    f"seconds (0x00 to {MAX_TSRESOL_DEC:#04x}) or 2^-0 to "
+                    f"2^-{MAX_TSRESOL_BIN} seconds (0x80 to "
+                    f"{0x80 | MAX_TSRESOL_BIN:#04x})"
+                )
+            scale = 2.0**-exponent if res & 0x80 else 10.0**-exponent
         elif code == 14 and length >= 8:
-            # TODO(gap): a negative offset can put ts before 1970; the meter keeps
-            # such flows (the readers make a ts below 0 a bad row).
+            # A negative offset can put packets before 1970: the meter skips each
+            # such packet as damaged (``bad_time``), as the readers make a
+            # ts below 0 a bad row.
             tsoff = float(struct.unpack_from(order + "q", value, 0)[0])
         pos += 4 + ((length + 3) & ~3)
     return link, snap, scale, tsoff
@@ -338,6 +376,8 @@ def _parse_packet_block(btype: int, body: bytes, order: str, ifaces: list):
     if btype == 3:
         if not ifaces:
             return "simple packet block before any interface description block"
+        if len(body) < 4:
+            return "simple packet block shorter than its fixed fields"
         link, snap, _, _ = ifaces[0]
         wire = struct.unpack_from(order + "I", body, 0)[0]
         cap = min(wire, len(body) - 4, snap or wire)

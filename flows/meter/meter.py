@@ -30,11 +30,13 @@ from flows.meter.decode import (
     SKIP_CUT,
     SKIP_LINK,
     SKIP_NAMES,
+    SKIP_TIME,
     SKIP_WIRE,
     TCP,
     UDP,
     Decoder,
 )
+from flows.record import time_problem
 
 # Ports Zeek's default scripts list in ``likely_server_ports``; a connection whose
 # first packet is not a SYN is turned around when only its source port is here.
@@ -268,6 +270,9 @@ class FlowMeter:
         self.bytes += wire
         lt = self.link_types
         lt[link] = lt.get(link, 0) + 1
+        if not ts >= 0.0:  # before 1970 (a pcapng if_tsoffset below 0), or NaN
+            self._bad_time(ts, offset)
+            return
         if ts > self.last_ts:
             if self.first_ts is None:
                 self.first_ts = ts
@@ -335,6 +340,17 @@ class FlowMeter:
                 self._damaged(offset, "unknown_link_type", f"unknown link type {link}")
             return
         self._ip(ts, *pkt, offset)
+
+    def _bad_time(self, ts: float, offset: int | None) -> None:
+        """Skip a packet whose time is before 1970 or not a number, as damaged.
+
+        No record may hold such a ``ts`` (the readers make one a bad row), so the
+        packet opens, updates and ends no connection, and moves no clock.
+        """
+        self.skipped[SKIP_NAMES[SKIP_TIME]] += 1
+        self._damaged(
+            offset, "bad_time", f"packet time stamp is unusable: {time_problem(ts)}"
+        )
 
     def _damaged(self, offset: int | None, reason: str, message: str) -> None:
         """Note one damaged packet (a packet with two faults is counted once)."""
@@ -652,7 +668,7 @@ class FlowMeter:
             "evictions": self.evicted,
             "max_flows": self.max_flows,
             "first_ts": self.first_ts,
-            "last_ts": self.last_ts if self.packets else None,
+            "last_ts": self.last_ts if self.first_ts is not None else None,
             "damaged_packets": self.damage.count if self.damage else 0,
         }
 

@@ -71,9 +71,10 @@ def check_addresses(arr: pa.Array, column: str, bad: BadRows) -> None:
 
 
 def check_ports(arr: pa.Array, column: str, bad: BadRows) -> None:
-    """Note the rows whose port lies outside 0..65535 (nulls pass).
+    """Note the rows whose port is not a whole number in 0..65535 (nulls pass).
 
-    A float column (CIC files) may also hold NaN or an infinity: outside too.
+    A float column (UNSW-NB15 and CIC files) may also hold NaN or an infinity, or
+    a value with a fraction (``1.5``): bad too; ``80.0`` is port 80.
     """
     from flows.record import PORT_RANGE, port_problem
 
@@ -83,7 +84,19 @@ def check_ports(arr: pa.Array, column: str, bad: BadRows) -> None:
     outside = pc.or_(pc.less(arr, low), pc.greater(arr, high))
     if pa.types.is_floating(arr.type):
         outside = pc.or_(outside, pc.is_nan(arr))
+        outside = pc.or_(outside, fractional(arr))
     note_rows(outside, column, bad, lambda row: port_problem(arr[row].as_py()))
+
+
+def fractional(arr: pa.Array) -> pa.Array:
+    """True where a float column holds a finite value with a fraction (``3.5``).
+
+    ``3.0`` is whole; NaN and the infinities are not fractional (other checks
+    name them); an integer column has no fractions; null stays null.
+    """
+    if not pa.types.is_floating(arr.type):
+        return pc.if_else(pc.is_valid(arr), False, pa.scalar(None, pa.bool_()))
+    return pc.and_(pc.is_finite(arr), pc.not_equal(pc.floor(arr), arr))
 
 
 def note_rows(
@@ -97,13 +110,27 @@ def note_rows(
         bad.add(int(row), column, message(int(row)))
 
 
-def check_counts(arr: pa.Array, column: str, bad: BadRows) -> None:
-    """Note the rows whose duration or count is below 0 (nulls pass); see ``record``."""
+def check_counts(
+    arr: pa.Array, column: str, bad: BadRows, *, whole: bool = False
+) -> None:
+    """Note the rows whose duration or count is below 0 (nulls pass); see ``record``.
+
+    ``whole`` marks a packet or byte count held in a float column (UNSW-NB15, CIC):
+    a value with a fraction (``3.5``) is bad too, ``3.0`` passes. A value both
+    negative and fractional is named for being negative.
+    """
     from flows.record import count_problem
 
     if len(arr) == 0:
         return
     note_rows(pc.less(arr, 0), column, bad, lambda row: count_problem(arr[row].as_py()))
+    if whole:
+        note_rows(
+            fractional(arr),
+            column,
+            bad,
+            lambda row: count_problem(arr[row].as_py(), whole=True),
+        )
 
 
 def check_times(arr: pa.Array, column: str, bad: BadRows) -> None:

@@ -5,8 +5,9 @@ UNSW-NB15: the UTF-8 BOM and CRLF endings are handled; ``id`` is dropped; ``prot
 null); every other feature is float64; ``label`` is checked to be 0 or 1 and
 ``attack_cat`` becomes ``label_detail``. A negative duration or byte/packet total
 (``dur``, ``spkts``, ``dpkts``, ``sbytes``, ``dbytes``) makes the row a bad row, as in
-the Zeek readers; so does an ``stime`` or ``ltime`` (epoch seconds, in files with the
-full data set's columns) below 0, before 1970.
+the Zeek readers, and so does a packet/byte total that is not a whole number
+(``3.5``; ``3.0`` is 3); so does an ``stime`` or ``ltime`` (epoch seconds, in files
+with the full data set's columns) below 0, before 1970.
 
 CICFlowMeter: column names are stripped of spaces; a name that repeats (CIC-IDS2017
 has ``Fwd Header Length`` twice) gets ``_2``, ``_3``... and a warning; header rows
@@ -17,9 +18,14 @@ their count is ``stats["non_finite"]`` (with a warning). The identifying columns
 (flow id, addresses, timestamp) stay text; ``Label`` ``BENIGN`` (any case) -> 0,
 any other text -> 1, empty -> null; ``label_detail`` is the label as written.
 A negative ``Flow Duration`` or packet/byte total (``Total Fwd Packets``,
-``TotLen Bwd Pkts``... in any of CICFlowMeter's spellings) makes the row a bad row;
+``TotLen Bwd Pkts``... in any of CICFlowMeter's spellings) makes the row a bad row,
+and so does a packet/byte total that is not a whole number (``2.5``; ``2.0`` is 2);
 other columns may be below 0 (``Init_Win_bytes_forward`` is -1 when no window was
-seen) and are left as written. A file that is not UTF-8 is read as Windows-1252
+seen) and are left as written.
+
+In both families a port (``sport``, ``dsport``, ``Source Port``, ``Dst Port``...)
+must be a whole number from 0 to 65535 (``80.0`` is 80): ``1.5`` or ``70000``
+makes the row a bad row. A file that is not UTF-8 is read as Windows-1252
 (CIC-IDS2017's Thursday file is).
 """
 
@@ -68,6 +74,8 @@ PORT_COLUMNS = {
 # Durations and packet/byte totals, which are never below 0 (lower case). UNSW-NB15
 # defines none of its features as negative; only these are checked, as Zeek's are.
 UNSW_COUNTS = {"dur", "spkts", "dpkts", "sbytes", "dbytes"}
+# Of those, the packet and byte totals: whole numbers as well (``dur`` is seconds).
+UNSW_WHOLE = UNSW_COUNTS - {"dur"}
 # Start and last time, epoch seconds, in the full UNSW-NB15_1..4 files' columns (the
 # training/testing partitions have none): a time before 1970 is a bad row, as in Zeek.
 UNSW_TIMES = {"stime", "ltime"}
@@ -87,6 +95,9 @@ CIC_COUNTS = {
     "total length of fwd packet",
     "total length of bwd packet",
 }
+# Of those, the packet and byte totals: whole numbers as well (``Flow Duration`` is
+# microseconds, and not checked for a fraction).
+CIC_WHOLE = CIC_COUNTS - {"flow duration"}
 
 
 def read_unsw(src: Source, on_error: str) -> ReadResult:
@@ -115,7 +126,7 @@ def read_unsw(src: Source, on_error: str) -> ReadResult:
         else:
             values = to_number(arr, "f64", name, bad)[0]
             if name.lower() in UNSW_COUNTS:
-                check_counts(values, name, bad)
+                check_counts(values, name, bad, whole=name.lower() in UNSW_WHOLE)
             elif name.lower() in UNSW_TIMES:
                 check_times(values, name, bad)
             arrays.append(values)
@@ -207,7 +218,7 @@ def read_cic(src: Source, on_error: str) -> ReadResult:
             continue
         values, count = to_number(arr, "f64", name, bad, non_finite_null=True)
         if name.lower() in CIC_COUNTS:
-            check_counts(values, name, bad)
+            check_counts(values, name, bad, whole=name.lower() in CIC_WHOLE)
         non_finite += count
         arrays.append(values)
         fields.append(pa.field(name, pa.float64()))
@@ -263,9 +274,10 @@ def _text_of_cic(src: Source) -> tuple[bytes, list[str]]:
 
 
 def _check_endpoints(arrays: list, fields: list, bad: BadRows) -> None:
-    """Note rows with an address that is not IPv4/IPv6 or a port outside 0..65535.
+    """Note rows whose address is not IPv4/IPv6 or whose port is not a port number.
 
-    Empty values are unknown, not bad (CIC-IDS2017 files end in empty rows).
+    A port is a whole number in 0..65535. Empty values are unknown, not bad
+    (CIC-IDS2017 files end in empty rows).
     """
     for arr, field in zip(arrays, fields, strict=True):
         name = field.name.lower()
