@@ -109,9 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "fine-tunes at lr/3, QAT at lr/10)")
     run.add_argument("--distill-noise", type=real(0, 1), default=None,
                      help="Gaussian input noise on the students' training windows, "
-                          "re-scored by the teacher (default for nsl-kdd teachers: "
-                          "the noise the teacher was trained with; for others 0: "
-                          "clean windows)")
+                          "re-scored by the teacher (default 0.05 for conn-log "
+                          "teachers, else 0: none)")
     run.add_argument("--distill-swap", type=real(0, 1), default=None,
                      help="share of each student training window's columns taken "
                           "from another window, re-scored by the teacher (default "
