@@ -6,6 +6,10 @@ Reads the cached validation logits that ``teacher/results/fold_runs.py`` wrote.
 Usage, from the repository root with GATEWATCH_DATA set::
 
     python teacher/results/round7/split_score.py > val-results.json
+
+Another round's candidates, with the cache their members are in (round 8)::
+
+    python teacher/results/round7/split_score.py round8=runs/round5-val
 """
 
 from __future__ import annotations
@@ -47,13 +51,13 @@ def split_scores(y: np.ndarray, details: np.ndarray, held: list[str],
     return out
 
 
-def main() -> dict:
+def main(rounds: dict[str, Path]) -> dict:
     sys.path.insert(0, str(HERE.parent))
     import fold_runs as fr
 
     labels = {f: fr._labels(f) for f in FOLDS}
     table: dict = {"candidates": {}}
-    for rnd, cache in ROUNDS.items():
+    for rnd, cache in rounds.items():
         fr.ROUND = HERE.parent / rnd
         for name, spec in fr.candidates().items():
             key = name if name not in table["candidates"] else f"{name}@{rnd}"
@@ -62,6 +66,7 @@ def main() -> dict:
                 files = [cache / f"{fr._key(spec)}_f{fold}_s{s}.npy"
                          for s in spec.get("seeds", [0, 1, 2])]
                 if not all(f.exists() for f in files):
+                    print(f"{key}: fold {fold} incomplete", file=sys.stderr)
                     break
                 z = np.mean([np.load(f) for f in files], axis=0)
                 held = json.loads(files[0].with_suffix(".json").read_text())["held"]
@@ -99,4 +104,6 @@ def _summary(per_fold: dict, spec: dict) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(), indent=1))
+    given = dict(arg.split("=", 1) for arg in sys.argv[1:])
+    rounds = {k: Path(v) for k, v in given.items()} if given else ROUNDS
+    print(json.dumps(main(rounds), indent=1))
