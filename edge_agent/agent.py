@@ -53,6 +53,13 @@ logged as an error), their local alert lines are still written, and the run ends
 with :class:`~flows.errors.OutboxError` (exit 6). A read or acknowledgement the
 outbox refuses is counted the same way and retried a second later by the sender.
 
+A re-scorer that refuses an escalation (its teacher takes another window shape,
+say) answers it with a rejection instead of a verdict (:func:`edge_agent.protocol.
+parse_answer`): the agent counts it (``rejections_received``; those still without a
+verdict at the end, ``escalations_rejected``), logs the first, and keeps waiting
+for a verdict, which another re-scorer may still send; ``edge-agent run`` exits 6
+when verdicts are missing at the end of its drain and says why.
+
 An escalation too large to send, over the protocol's cap
 (:data:`~edge_agent.protocol.MAX_PAYLOAD_BYTES`, when it is built) or over the
 broker's packet limit (when it is published), is dropped and counted
@@ -115,6 +122,9 @@ class Counters:
     verdicts_received: int = 0
     verdicts_unmatched: int = 0  # for no escalation sent in this run
     verdicts_malicious: int = 0
+    # Escalations of this run a re-scorer refused (a rejection on the verdicts
+    # topic: another teacher's window shape, say); no verdict comes from it.
+    rejections_received: int = 0
     alerts_overruled: int = 0  # local alerts the re-scorer answered as benign
     delivered_after_drop: int = 0  # dropped by the outbox cap while in flight
     bad_records: int = 0
@@ -329,6 +339,11 @@ class Agent:
         # out of this bounded map are counted so the drain still waits for them.
         self._awaiting: OrderedDict[str, None] = OrderedDict()
         self._awaiting_evicted = 0
+        # Escalations of this run a re-scorer rejected, by id: (reason, detail,
+        # teacher version). They stay awaited (another re-scorer may still answer
+        # one with a verdict, which takes it out of here); those still unanswered
+        # at the end say why their verdicts are missing.
+        self._rejected: OrderedDict[str, tuple[str, str, str]] = OrderedDict()
         # Escalations answered since the sender last told the outbox (its ``sent``
         # table keeps the unanswered ones for a re-send), and the link's count of
         # connects without a session when the sender last looked.
@@ -960,7 +975,7 @@ class Agent:
             ).start()
             return
         try:
-            verdict = proto.parse_verdict(payload)
+            verdict = proto.parse_answer(payload)
         except proto.ProtocolError as exc:
             self.rejects.reject(exc, topic)
             self.counters.rejected = dict(self.rejects.counts)
@@ -974,10 +989,14 @@ class Agent:
             )
             self.counters.rejected = dict(self.rejects.counts)
             return
+        if verdict["kind"] == proto.Kind.REJECTION.value:
+            self._on_rejection(verdict)
+            return
         esc_id = verdict["escalation_id"]
         with self._out_lock:
             ours = esc_id in self._tracked or esc_id in self._awaiting
             self._awaiting.pop(esc_id, None)
+            self._rejected.pop(esc_id, None)  # answered after all, by another
             if esc_id in self._verdict_ids:
                 return
             self._verdict_ids[esc_id] = None
@@ -1018,6 +1037,39 @@ class Agent:
                 escalation_id=esc_id,
                 teacher_version=verdict["teacher_version"],
             )
+
+    def _on_rejection(self, rejection: dict[str, Any]) -> None:
+        """A re-scorer refused one of this run's escalations: note why.
+
+        It stays awaited: in a setup where another re-scorer also gets it, that
+        one may still answer with a verdict. A rejection of an escalation already
+        answered, of one this run did not send, or a copy, changes nothing.
+        """
+        esc_id = rejection["escalation_id"]
+        why = (rejection["reason"], rejection["detail"], rejection["teacher_version"])
+        with self._out_lock:
+            ours = esc_id in self._tracked or esc_id in self._awaiting
+            if not ours or esc_id in self._rejected:
+                return
+            self._rejected[esc_id] = why
+            if len(self._rejected) > _MAX_VERDICT_IDS:
+                self._rejected.popitem(last=False)
+        self.counters.rejections_received += 1
+        if self.counters.rejections_received == 1:
+            logger.warning(
+                "the re-scorer (teacher %s) rejected escalation %s (%s: %s): no "
+                "verdict comes from it; further rejections only counted",
+                why[2],
+                esc_id,
+                why[0],
+                why[1],
+            )
+
+    def unanswered_rejections(self) -> list[tuple[str, str, str]]:
+        """(reason, detail, teacher version) of each escalation still awaited
+        whose only answer so far was a rejection, oldest first."""
+        with self._out_lock:
+            return [why for i, why in self._rejected.items() if i in self._awaiting]
 
     def _model_message(self, payload: bytes) -> None:
         updater = self._model_updater
@@ -1089,6 +1141,9 @@ class Agent:
         with self._out_lock:
             out["escalations_resent"] = self._resent
             out["verdicts_awaited"] = len(self._awaiting) + self._awaiting_evicted
+            out["escalations_rejected"] = sum(
+                i in self._awaiting for i in self._rejected
+            )
             out["escalations_requeued"] = self._requeued
         out["broker_sessions_lost"] = getattr(self.link, "sessions_lost", 0)
         try:

@@ -1133,7 +1133,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"--pubkey as /{UPDATE_KEY_FILE}. A bundle built before the running model "
         "is refused unless --allow-downgrade is given. Exit codes: 0 flashed, 1 the "
         "install or the model's health check failed (the previous install is "
-        "kept), 2 wrong flags, another Python, a config path that is not the "
+        "kept), 2 wrong flags (a --root that does not exist included: flash "
+        "makes no root), another Python, a config path that is not the "
         "flashed layout's, or a refused downgrade, 3 a damaged, altered or "
         "wrongly signed bundle, or a damaged install under --root.",
     )
@@ -1142,7 +1143,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--root",
         required=True,
         type=Path,
-        help="the gateway's / (a folder; / on the gateway itself) (required)",
+        help="the gateway's / (an existing folder; / on the gateway itself) "
+        "(required)",
     )
     p.add_argument(
         "--pubkey",

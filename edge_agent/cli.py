@@ -15,7 +15,9 @@ while the flows are scored and their alerts written), escalations left
 unacknowledged in the outbox, or escalations dropped because the outbox could not
 store them (disk full, I/O error: the agent scores on,
 writes its local alerts and counts ``outbox_failed``) or by its cap
-(``--outbox-max``, counted in ``outbox_dropped_now``), 130 interrupted (Ctrl-C;
+(``--outbox-max``, counted in ``outbox_dropped_now``), or escalations still without
+a verdict at the end of the drain (unless ``--no-wait-verdicts``; the error line
+counts those a re-scorer rejected and says why), 130 interrupted (Ctrl-C;
 the flows in hand are scored and the outbox is kept). SIGTERM is the orderly stop
 of a service: reading ends (a file part way), the flows read are scored, the outbox
 is drained for at most 2 s, and the exit code is the one the input read so far
@@ -94,9 +96,12 @@ exit codes:
        (--outbox-max: it drops the oldest uncertain escalations
        first, alerts last; their local alert lines are written), or
        escalations over the broker's packet limit (dropped, not sent),
-       or escalations still without a verdict after the broker lost this
-       gateway's session (restarted without its saved state) and the
-       unanswered ones were published again
+       or escalations still without a verdict at the end of the drain
+       (--drain-timeout; not awaited with --no-wait-verdicts): none came
+       in time, or a re-scorer rejected them (a teacher of another window
+       shape, say: the error line counts them and says why), or the broker
+       lost this gateway's session (restarted without its saved state)
+       and the unanswered ones were published again
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGINT)
 
 SIGTERM stops reading (a file part way), scores the flows read, drains the
@@ -223,7 +228,8 @@ def _add_run(subparsers) -> None:
         action="store_const",
         const=False,
         help="at the end wait for PUBACKs only, not verdicts (default: wait for "
-        "verdicts too)",
+        "verdicts too, and exit 6 when some have not come by the end of the "
+        "drain)",
     )
     p.set_defaults(func=cmd_run)
 
@@ -676,12 +682,52 @@ def cmd_run(args: argparse.Namespace) -> int:
             "are kept and sent again after the next such loss)"
         )
     if not drained and cfg.broker and cfg.wait_verdicts and summary["verdicts_awaited"]:
-        print(
-            f"warning: {summary['verdicts_awaited']} verdicts did not arrive within "
-            f"{drain_for:g} s",
-            file=sys.stderr,
-        )
+        raise TransportError(_unanswered(summary, agent, drain_for))
+    rejected = agent.unanswered_rejections()
+    if rejected:  # --no-wait-verdicts: not awaited, but known
+        print(f"warning: {_rejections(rejected)}", file=sys.stderr)
     return EXIT_OK
+
+
+def _unanswered(summary: dict, agent: Any, drain_for: float) -> str:
+    """Why the run exits 6 with escalations still without a verdict: how many,
+    and the rejections the re-scorer sent for some of them."""
+    text = (
+        f"{summary['verdicts_awaited']} escalations got no verdict within the "
+        f"{drain_for:g} s drain"
+    )
+    rejected = agent.unanswered_rejections()
+    if rejected:
+        return f"{text}; {_rejections(rejected)}"
+    return (
+        f"{text}: no re-scorer answered them in time (is teacher serve running "
+        "and keeping up? --drain-timeout waits longer); the broker took them, "
+        "and a verdict sent later waits in this gateway's MQTT session for the "
+        "next run"
+    )
+
+
+def _rejections(rejected: list[tuple[str, str, str]]) -> str:
+    """One clause: how many escalations a re-scorer rejected, and why (the
+    first reason's detail; a window shape names the likely cause)."""
+    from edge_agent.protocol import RejectKind
+
+    reasons: dict[str, int] = {}
+    for reason, _, _ in rejected:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    counts = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
+    reason, detail, teacher = rejected[0]
+    text = (
+        f"a re-scorer rejected {len(rejected)} escalations and sent no verdict "
+        f"for them ({counts}; the first: {reason}: {detail}, teacher {teacher})"
+    )
+    if RejectKind.WRONG_WINDOW_SHAPE.value in reasons:
+        text += (
+            "; a re-scorer serving a teacher of another window shape takes a "
+            "share of this broker's escalations (teacher alerts --rejected on "
+            "its store lists them)"
+        )
+    return text
 
 
 class OutboxCapError(GatewatchError):
@@ -834,6 +880,11 @@ def _report(summary: dict[str, Any], path: str | None) -> None:
         + (
             f", verdicts for no escalation of this run {summary['verdicts_unmatched']}"
             if summary.get("verdicts_unmatched")
+            else ""
+        )
+        + (
+            f", rejected by the re-scorer {summary['rejections_received']}"
+            if summary.get("rejections_received")
             else ""
         ),
         file=sys.stderr,

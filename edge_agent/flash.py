@@ -308,13 +308,20 @@ def flash(
     ``python`` is the interpreter the gateway venv is made from (default: the base
     interpreter of this one); it must be the Python version the bundle was built
     for. A bundle built before the running model was issued is refused (UsageError)
-    unless ``allow_downgrade``. Any failure leaves the previous install as it was
-    and raises.
+    unless ``allow_downgrade``. ``root`` must be an existing folder (UsageError
+    otherwise: a mistyped root is not made). Any failure leaves the previous
+    install as it was and raises.
     """
     bundle, root = Path(bundle), Path(root)
     layout = GatewayLayout(root)
     public_key = signing.load_public_key(pubkey)
-    if root.exists() and not root.is_dir():
+    if not root.exists():
+        # A typo in --root must not flash a whole gateway into a fresh folder.
+        raise UsageError(
+            f"--root {root} does not exist; flash installs into an existing "
+            "gateway root (make the folder first if a new one is meant)"
+        )
+    if not root.is_dir():
         raise UsageError(f"--root {root} is not a folder")
     interpreter = python or _base_python()
 

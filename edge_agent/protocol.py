@@ -5,6 +5,10 @@ Every payload is a JSON object with ``schema`` (``"gatewatch/v1"``), ``kind``, `
 (32 lowercase hex; an escalation with any other id is BAD_VALUE) and ``sent_at``
 (Unix seconds). Delivery is at least once, so consumers
 de-duplicate by ``id``. Site and gateway ids are checked before they enter a topic.
+A gateway's ``verdicts`` topic carries verdicts and rejections (``kind``
+``"rejection"``: the re-scorer refused that escalation and sends no verdict for it,
+with the :class:`RejectKind` and a detail; :func:`build_rejection`,
+:func:`parse_answer`).
 
 Parsing never trusts the wire: :func:`parse_escalation` and :func:`parse_verdict`
 raise :class:`ProtocolError` whose ``kind`` is a :class:`RejectKind`, and a
@@ -82,6 +86,7 @@ class Kind(enum.StrEnum):
 
     ESCALATION = "escalation"
     VERDICT = "verdict"
+    REJECTION = "rejection"
     STATUS = "status"
 
 
@@ -339,6 +344,31 @@ def build_verdict(
     return body
 
 
+MAX_DETAIL_CHARS = 300  # a rejection's ``detail``: one line for an operator
+
+
+def build_rejection(
+    *,
+    escalation_id: str,
+    reason: RejectKind | str,
+    detail: str,
+    teacher_version: str,
+    msg_id: str | None = None,
+) -> dict[str, Any]:
+    """A rejection payload: the re-scorer refused one escalation, so no verdict
+    comes from it. Sent on the gateway's ``verdicts`` topic; ``reason`` is the
+    :class:`RejectKind`, ``detail`` what was wrong (escaped, cut to
+    :data:`MAX_DETAIL_CHARS`)."""
+    body = _envelope(Kind.REJECTION, msg_id)
+    body.update(
+        escalation_id=str(escalation_id),
+        reason=RejectKind(reason).value,
+        detail=escape_text(str(detail))[:MAX_DETAIL_CHARS],
+        teacher_version=escape_text(str(teacher_version)),
+    )
+    return body
+
+
 def build_status(
     *,
     state: str,
@@ -557,12 +587,55 @@ def parse_verdict(data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict
     body = decode(data, max_bytes)
     if body.get("kind") != Kind.VERDICT.value:
         raise ProtocolError(RejectKind.WRONG_SCHEMA, f"kind {body.get('kind')!r}")
+    return _check_verdict(body)
+
+
+def parse_answer(data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict:
+    """A message of a gateway's ``verdicts`` topic: a verdict (as
+    :func:`parse_verdict` checks it) or a rejection (``kind`` says which).
+
+    A rejection needs ``escalation_id`` (32 lowercase hex), ``reason`` (a
+    :class:`RejectKind` value), ``detail`` (text without control characters, at
+    most :data:`MAX_DETAIL_CHARS`) and ``teacher_version``.
+    """
+    body = decode(data, max_bytes)
+    kind = body.get("kind")
+    if kind == Kind.VERDICT.value:
+        return _check_verdict(body)
+    if kind != Kind.REJECTION.value:
+        raise ProtocolError(RejectKind.WRONG_SCHEMA, f"kind {kind!r}")
+    _check_escalation_id(body)
+    try:
+        RejectKind(_require(body, "reason", str))
+    except ValueError as exc:
+        raise ProtocolError(RejectKind.BAD_VALUE, str(exc)[:200]) from exc
+    detail = _require(body, "detail", str)
+    if len(detail) > MAX_DETAIL_CHARS:
+        raise ProtocolError(
+            RejectKind.BAD_VALUE, f"detail is over {MAX_DETAIL_CHARS} characters"
+        )
+    _check_sent_at(body)
+    for name, text in (("detail", detail), ("teacher_version",
+                                            _require(body, "teacher_version", str))):
+        problem = text_problem(text)
+        if problem is not None:
+            # Both are printed on the operator's terminal: no escape sequences.
+            raise ProtocolError(RejectKind.BAD_VALUE, f"{name} {problem}")
+    return body
+
+
+def _check_escalation_id(body: Mapping[str, Any]) -> str:
     escalation_id = _require(body, "escalation_id", str)
     if not _ESCALATION_ID.fullmatch(escalation_id):
         raise ProtocolError(
             RejectKind.BAD_VALUE,
             f"escalation_id {escalation_id[:40]!r} is not 32 lowercase hex digits",
         )
+    return escalation_id
+
+
+def _check_verdict(body: dict[str, Any]) -> dict[str, Any]:
+    _check_escalation_id(body)
     try:
         Verdict(_require(body, "verdict", str))
     except ValueError as exc:

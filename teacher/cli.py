@@ -45,9 +45,12 @@ exit codes:
   {EXIT_OK}    ok
   {EXIT_FAILURE}    failure: a model or checkpoint is unusable, or an output cannot
        be written
-  {EXIT_USAGE}    usage: bad flags or arguments
-  {EXIT_BAD_INPUT}    bad input: a dataset file is missing, fails its checksum or
-       cannot be read
+  {EXIT_USAGE}    usage: bad flags or arguments (a --dataset name that is not
+       registered included)
+  {EXIT_BAD_INPUT}    bad input: nothing usable read. A --data file that does not
+       exist; a dataset file that is missing, fails its checksum or cannot
+       be read; a checkpoint folder without checksums.json (its files
+       cannot be verified; --allow-unverified loads a trusted old one)
   {EXIT_PARTIAL_INPUT}    partial input: a data file damaged part way. A file cut short
        (a cut gzip stream or last line) is used up to the cut and the
        results are written; a bad row (a value that does not fit its
@@ -351,8 +354,24 @@ def _setup(args: argparse.Namespace) -> None:
         torch.set_num_threads(1)
 
 
-def _source(args: argparse.Namespace) -> str:
-    return args.dataset or args.data
+def _prepare(args: argparse.Namespace, **kwargs: Any) -> Any:
+    """``teacher.data.prepare`` of the command's ``--dataset`` or ``--data``.
+
+    A ``--data`` file that is not there is bad input (exit 3: nothing usable was
+    read), as in every other tool that reads a file; a ``--dataset`` name that is
+    not registered stays a usage error (exit 2). ``--data`` also takes a
+    registered dataset name, as it always did.
+    """
+    from flows.datasets import REGISTRY
+    from teacher.data import prepare
+
+    data = getattr(args, "data", None)
+    if data and data not in REGISTRY and not Path(data).exists():
+        raise BadInputError(
+            f"--data {data}: no such file (a registered dataset name goes with "
+            "--dataset)"
+        )
+    return prepare(getattr(args, "dataset", None) or data, **kwargs)
 
 
 def _data_ref(source: str) -> str:
@@ -509,7 +528,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from teacher.checkpoint import load_teacher, make_provenance, save_checkpoint
-    from teacher.data import prepare
     from teacher.evaluate import evaluate
     from teacher.model import TeacherConfig
     from teacher.train import dist_info, fit
@@ -535,9 +553,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                            allow_unverified=args.allow_unverified)
         encoder, base = pre.encoder, pre.config
         init_state = {k: v.clone() for k, v in pre.model.state_dict().items()}
-    prep = prepare(_source(args), encoder=encoder, data_dir=args.data_dir,
-                   window=args.window, group_by=args.group_by, seed=args.seed,
-                   need_split=True, scaling=args.scaling, knots=args.knots)
+    prep = _prepare(args, encoder=encoder, data_dir=args.data_dir,
+                    window=args.window, group_by=args.group_by, seed=args.seed,
+                    need_split=True, scaling=args.scaling, knots=args.knots)
     held = _holdout(args, prep)
 
     # Network sizes: the pretrained ones, else the flags over the defaults.
@@ -614,12 +632,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """``teacher eval``: metrics and CPU latency of a checkpoint on a split or file."""
     from teacher.checkpoint import load_teacher
-    from teacher.data import prepare
     from teacher.evaluate import evaluate
 
     teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
-    prep = prepare(_source(args), encoder=teacher.encoder, data_dir=args.data_dir,
-                   seed=args.seed, need_split=False)
+    prep = _prepare(args, encoder=teacher.encoder, data_dir=args.data_dir,
+                    seed=args.seed, need_split=False)
     split = None if (args.split == "all" or args.data) else args.split
     rows = prep.rows(split)
     if rows.size == 0:
@@ -639,7 +656,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_baselines(args: argparse.Namespace) -> int:
     """``teacher baselines``: RF, SVM and kNN on the teacher's features and splits."""
     from teacher.baselines import BASELINES, run_baselines
-    from teacher.data import prepare
 
     names = tuple(n.strip() for n in args.models.split(",") if n.strip())
     unknown = [n for n in names if n not in BASELINES]
@@ -650,9 +666,9 @@ def cmd_baselines(args: argparse.Namespace) -> int:
                                         else ""))
     if args.out:
         _check_out_file(args.out)
-    prep = prepare(_source(args), data_dir=args.data_dir, window=args.window,
-                   seed=args.seed, need_split=True, scaling=args.scaling,
-                   knots=args.knots)
+    prep = _prepare(args, data_dir=args.data_dir, window=args.window,
+                    seed=args.seed, need_split=True, scaling=args.scaling,
+                    knots=args.knots)
     held = _holdout(args, prep)
     out = {"data": prep.name, "window": prep.window, "n_features": prep.n_features,
            "scaling": prep.encoder.scaling, "held_out_types": held,
@@ -673,7 +689,6 @@ def cmd_baselines(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """``teacher tune``: grid over lr, layers, filters, batch size on val only."""
-    from teacher.data import prepare
     from teacher.train import TrainConfig
     from teacher.tune import DEFAULT_GRID, tune, write_table
 
@@ -681,9 +696,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     windows = args.windows or [1]
     preps = {}
     for w in windows:
-        prep = prepare(_source(args), data_dir=args.data_dir, window=w,
-                       seed=args.seed, need_split=True, scaling=args.scaling,
-                       knots=args.knots)
+        prep = _prepare(args, data_dir=args.data_dir, window=w,
+                        seed=args.seed, need_split=True, scaling=args.scaling,
+                        knots=args.knots)
         _holdout(args, prep)
         preps[w] = prep
     grid = {k: list(v) for k, v in DEFAULT_GRID.items()}
@@ -732,8 +747,8 @@ def cmd_update(args: argparse.Namespace) -> int:
             "another folder (the old one is what it is compared with, and what "
             "compress and the re-scorer use until you switch)")
     teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
-    new = prepare(args.data, encoder=teacher.encoder, data_dir=args.data_dir,
-                  seed=args.seed, need_split=True)
+    new = _prepare(args, encoder=teacher.encoder, data_dir=args.data_dir,
+                   seed=args.seed, need_split=True)
     old_source = args.old_data or teacher.provenance.get("dataset")
     old = None
     if old_source:

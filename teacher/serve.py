@@ -15,15 +15,22 @@ part of the key: one gateway publishing another's message id first neither
 suppresses the other's escalation nor gets its verdict sent to it. The MQTT
 session outlives the process
 (``--session-expiry``, one hour by default, under a client id that stays the same
-across restarts: ``gatewatch-rescorer-<host>-<group>`` unless ``--client-id``), so
-escalations the broker had in flight or queued for a re-scorer that was killed are
-delivered again when it comes back. Two re-scorers on one host in one group need
-their own ``--client-id`` each (with one id, the broker keeps only the newer
-connection). A clean stop (SIGTERM, Ctrl-C, ``--duration``) is another matter: the
-re-scorer leaves the group first (it unsubscribes), stores and answers what the
-broker had already sent it, then ends its session, so the broker routes nothing more
-to a process that will not read it. ``--session-expiry 0`` asks for a clean session,
-which the broker drops at once even when the process dies.
+across restarts), so escalations the broker had in flight or queued for a
+re-scorer that was killed are delivered again when it comes back. Without
+``--client-id``, each re-scorer takes the lowest of
+``gatewatch-rescorer-<host>-<group>``, ``...-2``, ``...-3``... that no running
+re-scorer of this user on this host holds (a lock file per id in
+``$GATEWATCH_RUN_DIR``, by default ``$XDG_RUNTIME_DIR/gatewatch`` or
+``/tmp/gatewatch-<uid>``): several re-scorers on one host never share an id (the
+broker would keep only the newer connection and the two would take turns
+kicking each other off), and one that was killed and started again takes its id,
+and its session, back. With ``--session-expiry 0`` nothing waits for a restart,
+so each process takes a fresh ``...-clean-<hex>`` id. A clean stop (SIGTERM,
+Ctrl-C, ``--duration``) is another matter: the re-scorer leaves the group first (it
+unsubscribes), stores and answers what the broker had already sent it, then ends
+its session, so the broker routes nothing more to a process that will not read it.
+``--session-expiry 0`` asks for a clean session, which the broker drops at once
+even when the process dies.
 
 An alert store that cannot be written (disk full, I/O error) stops the re-scorer at
 the first failed write: the escalations it holds unstored are not acknowledged, it
@@ -47,6 +54,14 @@ table of rejected messages (the newest 10,000, payloads cut to 4 KB: see
 :mod:`teacher.store`; ``teacher alerts --rejected`` lists them); the service goes
 on. A rejected message is acknowledged once it is kept, as an escalation is once
 stored: when that write fails, the store-failure rule above applies to it too.
+A rejected escalation (one whose topic names a gateway and whose payload carries an
+escalation id) is answered on the gateway's ``verdicts`` topic with a rejection
+(reason and detail, no verdict; ``rejections_sent``), so its agent knows that no
+verdict comes from here: an escalation of another window shape, from agents of
+another model or meant for a re-scorer of another teacher on the same broker, is
+taken from the share group all the same (a topic does not say its shape, and the
+broker sends an escalation to one member only), and the agent exits 6 unless
+another re-scorer answers it with a verdict.
 
 A copy whose stored row is damaged (a verdict or score that is not what the store
 writes) gets no verdict again; that is logged as one error naming the store and the
@@ -73,9 +88,12 @@ import math
 import os
 import queue
 import re
+import secrets
 import signal
 import socket
+import stat
 import sys
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -83,6 +101,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None  # type: ignore[assignment]
 
 from edge_agent import protocol as proto
 from edge_agent.mqtt import (
@@ -124,9 +147,13 @@ DEFAULT_STORE = "gatewatch-alerts.sqlite"
 DEFAULT_GROUP = "gatewatch"
 DEFAULT_SESSION_EXPIRY = 3600  # seconds the broker keeps a dead re-scorer's session
 MAX_CLIENT_ID_BYTES = 65_535  # MQTT writes the client id with a 16-bit length
+MAX_CLIENT_ID_SLOTS = 64  # default client ids per host and share group
+RUN_DIR_ENV = "GATEWATCH_RUN_DIR"  # where the default client ids' locks live
 MAX_DURATION = 366 * 86_400  # --duration: at most a year (and a day)
 MAX_CONNECT_TIMEOUT = 3600  # --connect-timeout: at most an hour
 MAX_LIMIT = 2**63 - 1  # --limit: SQLite's LIMIT is a signed 64-bit integer
+# An escalation id as agents make them (proto checks the same on escalations).
+_ESCALATION_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def _unscored(row: dict[str, Any]) -> bool:
@@ -196,9 +223,131 @@ def check_share_group(group: str | None) -> str | None:
 
 
 def default_client_id(share_group: str | None) -> str:
-    """The client id a re-scorer keeps across restarts: host and share group."""
+    """The base of the default client ids: host and share group.
+
+    The first re-scorer of a group on a host takes it as it is, the others add
+    ``-2``, ``-3``... (:func:`claim_client_id`).
+    """
     host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "host"
     return f"gatewatch-rescorer-{host}-{share_group or 'single'}"[:128]
+
+
+class ClientIdClaim:
+    """A default client id held by this process: an exclusive lock (``flock``)
+    on ``<run folder>/<client id>.lock``, which the kernel drops when the process
+    ends however it ends, so a restarted re-scorer can take the id again."""
+
+    def __init__(self, client_id: str, fd: int | None = None) -> None:
+        self.client_id = client_id
+        self._fd = fd
+
+    @property
+    def locked(self) -> bool:
+        """True while this process holds the id's lock."""
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Let another re-scorer take this id (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the last descriptor drops the flock
+
+
+def run_folder() -> Path:
+    """Where the default client ids' lock files live: ``$GATEWATCH_RUN_DIR``,
+    else ``$XDG_RUNTIME_DIR/gatewatch``, else ``<tmp>/gatewatch-<uid>``."""
+    given = os.environ.get(RUN_DIR_ENV)
+    if given:
+        return Path(given)
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_dir():
+        return Path(runtime) / "gatewatch"
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"gatewatch-{uid}"
+
+
+def _own_folder(folder: Path) -> None:
+    """Make ``folder`` (mode 0700) if absent; UsageError unless it is then a real
+    folder of this user (not a link, not another user's: someone else must not
+    be able to hold or steal the ids)."""
+    hint = f"set {RUN_DIR_ENV} to a folder of your own, or give --client-id"
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.lstat()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot use {folder} for the default client id's lock "
+            f"({exc.strerror or exc}); {hint}"
+        ) from exc
+    if not stat.S_ISDIR(info.st_mode) or (
+        hasattr(os, "getuid") and info.st_uid != os.getuid()
+    ):
+        raise UsageError(
+            f"{folder} (for the default client id's lock) is not a folder of this "
+            f"user; {hint}"
+        )
+
+
+def _try_lock(path: Path) -> int | None:
+    """An open descriptor holding an exclusive ``flock`` on ``path``, or None when
+    another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:  # who holds it, for a person looking; the lock is what counts
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        logger.debug("could not note the pid in %s: %s", path, exc)
+    return fd
+
+
+def claim_client_id(share_group: str | None, session_expiry: int) -> ClientIdClaim:
+    """The default client id of a re-scorer: unique per process on this host, and
+    the same after a restart where a kept session makes that matter.
+
+    With a kept session (``session_expiry`` > 0) it is the lowest of
+    ``gatewatch-rescorer-<host>-<group>``, ``...-2``, ``...-3``... (up to
+    ``MAX_CLIENT_ID_SLOTS``) that no running re-scorer of this user on this host
+    holds: one re-scorer keeps the id it always had, several get one each, and
+    one that was killed and is started again takes its id back (the others still
+    hold theirs), so the broker delivers what waited in its session. With a clean
+    session (0) nothing waits for a restart: a fresh ``...-clean-<8 hex>`` per
+    process, so it never takes over (and wipes) a kept session of another.
+
+    UsageError when the lock folder (:func:`run_folder`) cannot be used or all
+    the ids are held.
+    """
+    base = default_client_id(share_group)
+    if session_expiry <= 0:
+        return ClientIdClaim(f"{base}-clean-{secrets.token_hex(4)}")
+    if fcntl is None:  # no flock (Windows): one re-scorer per host and group
+        return ClientIdClaim(base)
+    folder = run_folder()
+    _own_folder(folder)
+    for slot in range(1, MAX_CLIENT_ID_SLOTS + 1):
+        client_id = base if slot == 1 else f"{base}-{slot}"
+        path = folder / f"{client_id}.lock"
+        try:
+            fd = _try_lock(path)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot lock {path} for the default client id "
+                f"({exc.strerror or exc}); set {RUN_DIR_ENV} to a folder of your "
+                "own, or give --client-id"
+            ) from exc
+        if fd is not None:
+            return ClientIdClaim(client_id, fd)
+    raise UsageError(
+        f"all {MAX_CLIENT_ID_SLOTS} default client ids of {base} are held by "
+        f"running re-scorers on this host (locks in {folder}); give --client-id"
+    )
 
 
 def teacher_version(teacher: Any) -> str:
@@ -224,8 +373,9 @@ class ReScorer:
     """One re-scorer process: MQTT in, teacher, store, MQTT out.
 
     The session is kept ``session_expiry`` seconds (an hour by default) under
-    ``client_id`` (by default :func:`default_client_id`, the same after a restart),
-    so the escalations the broker had in flight to a process that died, or queued
+    ``client_id`` (by default one claimed at :meth:`start` with
+    :func:`claim_client_id`: unique on this host, the same after a restart), so
+    the escalations the broker had in flight to a process that died, or queued
     for it since, are delivered again when it reconnects; ``session_expiry=0`` asks
     for a clean session instead, whose messages the broker drops with the process.
     :meth:`stop` (a clean stop) ends the session after answering what came.
@@ -268,7 +418,18 @@ class ReScorer:
         self.share_group = share_group
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
-        self.client_id = check_client_id(client_id) or default_client_id(share_group)
+        # A default client id is claimed at start() (a kept session: the lowest
+        # free one of this host and group, see claim_client_id) and given back
+        # at stop(); until then client_id is the base it is chosen from.
+        self._claim: ClientIdClaim | None = None
+        self._default_id = client_id is None
+        if client_id is not None:
+            self.client_id: str = check_client_id(client_id)
+        elif session_expiry <= 0:
+            self._claim = claim_client_id(share_group, session_expiry)
+            self.client_id = self._claim.client_id
+        else:
+            self.client_id = default_client_id(share_group)
         self.rejects = proto.RejectCounter("re-scorer", log=logger)
         self.counters = {
             "received": 0,
@@ -284,6 +445,7 @@ class ReScorer:
             "damaged_rows": 0,
             "dropped_oversized": 0,
             "unacknowledged": 0,
+            "rejections_sent": 0,
         }
         # The store's failure, once one happened: the re-scorer stops.
         self.store_error: StoreError | None = None
@@ -315,9 +477,18 @@ class ReScorer:
         """Connect, subscribe and start the scoring thread.
 
         Returns once the broker acknowledged the subscription: an escalation
-        published after that reaches this re-scorer (or its share group).
+        published after that reaches this re-scorer (or its share group). With no
+        ``client_id`` given and a kept session, the client id is claimed here
+        (:func:`claim_client_id`; UsageError when none is free).
         """
-        self.link.connect(connect_timeout)
+        if self._default_id and self._claim is None:
+            self._claim = claim_client_id(self.share_group, self.link.session_expiry)
+            self.client_id = self.link.client_id = self._claim.client_id
+        try:
+            self.link.connect(connect_timeout)
+        except BaseException:
+            self._release_client_id()
+            raise
         group = self.share_group
         if group and self.link.protocol is Protocol.V311:
             logger.warning(
@@ -352,6 +523,15 @@ class ReScorer:
         except TransportError as exc:
             logger.debug("unsubscribe after a failed start: %s", exc)
         self.link.close(end_session=True)
+        self._release_client_id()
+
+    def _release_client_id(self) -> None:
+        """Give back a claimed default client id (another re-scorer on this host
+        may take it: the session, kept or ended, is no longer this process's)."""
+        claim = self._claim
+        if claim is not None and claim.locked:
+            claim.release()
+            self._claim = None  # a start() after stop() claims one again
 
     def stop(self, quiet: float = 1.0, timeout: float = 10.0) -> None:
         """Leave the share group, answer what already came, then end the session.
@@ -443,6 +623,7 @@ class ReScorer:
                 self.client_id,
             )
         link.close(end_session=end)
+        self._release_client_id()
 
     def _log_store_stop(self, unanswered: int) -> None:
         """Say where the escalations left unstored by a failed store are now."""
@@ -529,7 +710,8 @@ class ReScorer:
         self, exc: proto.ProtocolError, topic: str, payload: bytes, token: Any
     ) -> None:
         """Count and log one rejected message, keep it in the alert store's table
-        of rejected messages, then acknowledge it.
+        of rejected messages, answer it with a rejection when it is an escalation
+        (:meth:`_answer_rejection`), then acknowledge it.
 
         The first rejection of each kind is logged as a warning, the others at
         INFO, each with its topic (terminal-safe) and kind. Like an escalation, a
@@ -557,7 +739,52 @@ class ReScorer:
             with self._in_hand_lock:
                 self._in_hand += 1  # never acknowledged: counted as such by stop()
             return
+        if exc.kind is proto.RejectKind.WRONG_WINDOW_SHAPE and first:
+            logger.warning(
+                "escalations of another window shape reach this re-scorer (its "
+                "teacher %s takes %d x %d): agents of another model, or a "
+                "re-scorer of another teacher in share group %s, use this broker; "
+                "each is answered with a rejection, and the gateway's agent "
+                "exits 6 if no other re-scorer answers it with a verdict",
+                self.version,
+                *self.window_shape,
+                self.share_group,
+            )
+        self._answer_rejection(topic, payload, exc)
         self.link.ack(token)
+
+    def _answer_rejection(
+        self, topic: str, payload: bytes, exc: proto.ProtocolError
+    ) -> None:
+        """Tell the gateway that one of its escalations was refused and gets no
+        verdict from here: a rejection on its ``verdicts`` topic, when the topic
+        names a gateway and the payload an escalation id (else nobody to tell)."""
+        try:
+            site, gateway, channel = proto.split_topic(topic)
+            body = proto.decode(payload)
+        except proto.ProtocolError:
+            return
+        esc_id = body["id"]
+        if (
+            channel is not proto.Channel.ESCALATIONS
+            or body.get("kind") != proto.Kind.ESCALATION.value
+            or not _ESCALATION_ID.fullmatch(esc_id)
+        ):
+            return
+        rejection = proto.build_rejection(
+            escalation_id=esc_id,
+            reason=exc.kind,
+            detail=str(exc).removeprefix(f"{exc.kind.value}: "),
+            teacher_version=self.version,
+        )
+        where = proto.topic(site, gateway, proto.Channel.VERDICTS)
+        try:
+            self.link.publish(where, proto.encode(rejection), qos=1)
+            self.counters["rejections_sent"] += 1
+        except (TransportError, proto.ProtocolError) as err:
+            # Not sent: the rejection stays in the store; the gateway's agent
+            # counts the escalation as unanswered at the end of its run.
+            logger.warning("rejection of escalation %s not published: %s", esc_id, err)
 
     # -- scoring (worker thread) ------------------------------------------------------
 
@@ -1006,8 +1233,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     server.start(args.connect_timeout)
+    client_id = getattr(server, "client_id", None)  # None: a stand-in (tests)
     print(
-        f"serving: teacher {server.version}, store {args.store}",
+        f"serving: teacher {server.version}, store {args.store}"
+        + (f", client id {_shown(client_id, 200)}" if client_id else ""),
         file=sys.stderr,
         flush=True,
     )
@@ -1035,6 +1264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ("damaged_rows", "copies unanswered (damaged rows)"),
         ("failed", "failed"),
         ("unacknowledged", "unacknowledged"),
+        ("rejections_sent", "rejections sent to gateways"),
     ):
         if stats.get(name):
             summary += f", {shown} {stats[name]}"
@@ -1370,6 +1600,21 @@ List what an alert store holds: the escalations with their verdicts, oldest
 first, or (--rejected) the messages the re-scorer rejected."""
 
 SERVE_EPILOG = f"""\
+client id:
+  the broker keeps this re-scorer's MQTT session (its share of the
+  escalations while it is away) under its client id, and lets only one
+  connection hold an id. Without --client-id each re-scorer on a host takes
+  the lowest of gatewatch-rescorer-HOST-GROUP, -2, -3... that no running
+  re-scorer of this user holds (a lock file per id in ${RUN_DIR_ENV}, by
+  default $XDG_RUNTIME_DIR/gatewatch or /tmp/gatewatch-UID, released when the
+  process ends however it ends). So a single re-scorer keeps the id it always
+  had, several started with the same flags never kick each other off, and
+  one that was killed and started again takes its id back and gets what
+  waited in its session. With --session-expiry 0 nothing waits for a
+  restart: each process takes a fresh id ending -clean-HEX. The id in use is
+  on the "serving:" line. Re-scorers that do not share /tmp (systemd units with
+  PrivateTmp=) need ${RUN_DIR_ENV} set to one folder they share.
+
 alert store:
   an escalation is acknowledged to the broker only once it is in the store. When
   the store cannot be written (disk full, I/O error) the re-scorer stops at the
@@ -1390,7 +1635,9 @@ exit codes:
        checkpoint that cannot be loaded; --stats-json not written
   {EXIT_USAGE}    usage: bad flags, checked before the teacher is loaded (a share
        group, a client id or a broker URL MQTT cannot carry, a --store
-       whose folder does not exist, a TLS or password file not there)
+       whose folder does not exist, a TLS or password file not there);
+       no default client id free ({MAX_CLIENT_ID_SLOTS} re-scorers of the group
+       on this host) or its lock folder not usable
   {EXIT_BAD_INPUT}    bad input: --store is not an alert store (an agent outbox,
        say); a checkpoint without checksums.json or whose files differ
   {EXIT_UNAVAILABLE}    broker: cannot reach the MQTT broker, or it refused us
@@ -1476,8 +1723,13 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--client-id",
-        help="MQTT client id, the same across restarts "
-        "(default gatewatch-rescorer-HOST-GROUP; one per re-scorer on a host)",
+        help="MQTT client id; the broker keeps the session under it, so keep it "
+        "the same across restarts and give each re-scorer its own (default: "
+        "gatewatch-rescorer-HOST-GROUP, or -2, -3... for the 2nd, 3rd... "
+        "re-scorer of the group running on this host: the lowest no running one "
+        "holds, so a restarted re-scorer takes its session back and two never "
+        "share an id; with --session-expiry 0 a fresh "
+        "gatewatch-rescorer-HOST-GROUP-clean-HEX per process)",
     )
     p.add_argument(
         "--session-expiry",

@@ -6,12 +6,19 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Re-scorers started with default options hold their client ids by lock files in
+# this folder; the suite keeps its own, apart from re-scorers running on the host.
+os.environ.setdefault(
+    "GATEWATCH_RUN_DIR", tempfile.mkdtemp(prefix="gatewatch-test-run-")
+)
 
 
 def _data_dir() -> Path | None:

@@ -1097,6 +1097,122 @@ def test_alerts_on_a_closed_stdout_cost_a_warning_not_the_run(tm, tmp_path: Path
     assert {m.id for m in box.pending()} == set(tm.expected())
 
 
+def _stub_rescorer(port: int, answer=None):
+    """A subscriber to gateway s1/g1's escalations that answers each with
+    ``answer(escalation) -> payload`` on its verdicts topic (None: it answers
+    nothing); (client, list of escalation ids received). Stop it with
+    ``loop_stop()`` and ``disconnect()``."""
+    import paho.mqtt.client as paho
+
+    from edge_agent import protocol as proto
+
+    got: list[str] = []
+    subscribed = threading.Event()
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="rescorer-stub")
+
+    def on_message(client, userdata, message) -> None:
+        body = json.loads(message.payload)
+        got.append(body["id"])
+        if answer is not None:
+            where = proto.topic("s1", "g1", proto.Channel.VERDICTS)
+            client.publish(where, answer(body), qos=1)
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *args: subscribed.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.subscribe("gatewatch/v1/s1/g1/escalations", qos=1)
+    assert subscribed.wait(10), "the stub's subscription was not acknowledged"
+    return client, got
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.broker
+def test_a_run_whose_verdicts_never_come_exits_6(
+    tm, mosquitto, tmp_path: Path, capsys
+) -> None:
+    """Found: escalations the broker took but no re-scorer answered ended the run
+    with a warning and exit 0, though the agent waited for their verdicts."""
+    client, got = _stub_rescorer(mosquitto.port)
+    try:
+        rc = main(_run_argv(
+            tm, tmp_path, f"zeek:{tm.conn_log}", "--alerts", "",
+            "--broker", mosquitto.url, "--drain-timeout", "2",
+            "--summary-json", str(tmp_path / "s.json"),
+        ))
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    n = len(tm.expected())
+    assert sorted(got) == sorted(tm.expected())
+    assert rc == 6
+    assert _error_lines(capsys.readouterr().err) == [
+        f"error: {n} escalations got no verdict within the 2 s drain: no re-scorer "
+        "answered them in time (is teacher serve running and keeping up? "
+        "--drain-timeout waits longer); the broker took them, and a verdict sent "
+        "later waits in this gateway's MQTT session for the next run"
+    ]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert (summary["verdicts_awaited"], summary["outbox_pending"]) == (n, 0)
+    assert (summary["escalations_rejected"], summary["rejections_received"]) == (0, 0)
+
+
+@pytest.mark.broker
+def test_escalations_a_rescorer_rejects_end_the_run_with_exit_6_saying_why(
+    tm, mosquitto, tmp_path: Path, capsys
+) -> None:
+    """A re-scorer that cannot take an escalation (its teacher's window has
+    another shape) answers with a rejection: the agent counts it, says why and
+    exits 6; the verdicts of the others still count as answered."""
+    from edge_agent import protocol as proto
+
+    shape = (tm.encoder.window, tm.encoder.n_features)
+    malicious: set[str] = set()
+
+    def answer(body: dict) -> bytes:
+        # Every second escalation "goes to a re-scorer of another teacher".
+        if int(body["id"], 16) % 2:
+            return proto.encode(proto.build_rejection(
+                escalation_id=body["id"], reason="wrong_window_shape",
+                detail=f"window shape {shape}, expected (4, 3)",
+                teacher_version="other\x1b[2J"))
+        malicious.add(body["id"])
+        return proto.encode(proto.build_verdict(
+            escalation_id=body["id"], verdict="malicious", score=0.9,
+            threshold=0.5, teacher_version="t1"))
+
+    client, got = _stub_rescorer(mosquitto.port, answer)
+    try:
+        rc = main(_run_argv(
+            tm, tmp_path, f"zeek:{tm.conn_log}", "--alerts", "",
+            "--broker", mosquitto.url, "--drain-timeout", "2",
+            "--summary-json", str(tmp_path / "s.json"),
+        ))
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    expected = set(tm.expected())
+    rejected = expected - malicious
+    assert set(got) == expected and malicious and rejected
+    assert rc == 6
+    k = len(rejected)
+    assert _error_lines(capsys.readouterr().err) == [
+        f"error: {k} escalations got no verdict within the 2 s drain; a re-scorer "
+        f"rejected {k} escalations and sent no verdict for them ({k} "
+        f"wrong_window_shape; the first: wrong_window_shape: window shape {shape}, "
+        "expected (4, 3), teacher other\\x1b[2J); a re-scorer serving a teacher "
+        "of another window shape takes a share of this broker's escalations "
+        "(teacher alerts --rejected on its store lists them)"
+    ]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["verdicts_received"] == len(malicious)
+    assert summary["verdicts_awaited"] == k
+    assert summary["escalations_rejected"] == summary["rejections_received"] == k
+
+
 @pytest.mark.broker
 def test_old_outbox_escalations_with_control_characters_go_out_escaped(
     tm, mosquitto, tmp_path: Path, monkeypatch, capsys
@@ -1136,6 +1252,7 @@ def test_old_outbox_escalations_with_control_characters_go_out_escaped(
             "run", "--artifact", str(tm.artifact), "--source", "-", "--site", "s1",
             "--gateway", "g1", "--outbox", str(tmp_path / "old.db"), "--alerts", "",
             "--broker", mosquitto.url, "--drain-timeout", "3",
+            "--no-wait-verdicts",  # the stub answers nothing: not what is tested
         ])
         deadline = time.monotonic() + 20
         while len(got) < len(stored) and time.monotonic() < deadline:

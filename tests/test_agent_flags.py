@@ -205,6 +205,61 @@ def test_rejected_verdicts_are_counted_and_never_written(tm, tmp_path) -> None:
     agent.outbox.close()
 
 
+def test_a_rejection_is_noted_once_and_a_later_verdict_still_answers(
+    tm, tmp_path, caplog
+) -> None:
+    """A re-scorer's rejection of an awaited escalation is counted once (copies
+    and rejections of ids this run did not send change nothing); the id stays
+    awaited, and a verdict another re-scorer sends later answers it."""
+    import logging
+
+    from edge_agent import protocol as proto
+    from edge_agent.agent import Agent
+    from edge_agent.outbox import Outbox
+
+    agent = Agent(
+        load_artifact(tm.artifact),
+        site="s1",
+        gateway="g1",
+        outbox=Outbox(tmp_path / "o.db"),
+    )
+    agent.link = object()  # drain() only asks whether there is one
+    topic = agent.topics[proto.Channel.VERDICTS]
+    a, b, stranger = "a" * 32, "b" * 32, "c" * 32
+
+    def rejection(esc_id: str) -> bytes:
+        return proto.encode(proto.build_rejection(
+            escalation_id=esc_id, reason="wrong_window_shape",
+            detail="window shape (8, 93), expected (4, 3)", teacher_version="t2"))
+
+    def verdict(esc_id: str) -> bytes:
+        return proto.encode(proto.build_verdict(
+            escalation_id=esc_id, verdict="benign", score=0.1, threshold=0.5,
+            teacher_version="t1"))
+
+    agent._note_sent([a, b])
+    with caplog.at_level(logging.WARNING, logger="gatewatch.edge_agent"):
+        for payload in (rejection(a), rejection(a), rejection(b), rejection(stranger)):
+            agent._on_message(topic, payload)
+    assert agent.counters.rejected == {}
+    assert agent.counters.rejections_received == 2
+    assert agent.unanswered_rejections() == [
+        ("wrong_window_shape", "window shape (8, 93), expected (4, 3)", "t2")] * 2
+    summary = agent.summary()
+    assert (summary["verdicts_awaited"], summary["escalations_rejected"]) == (2, 2)
+    assert caplog.text.count("rejected escalation") == 1
+    assert agent.drain(0.2) is False  # rejected ones are still awaited
+
+    agent._on_message(topic, verdict(a))  # another re-scorer answers one
+    summary = agent.summary()
+    assert summary["verdicts_received"] == 1 and summary["verdicts_unmatched"] == 0
+    assert (summary["verdicts_awaited"], summary["escalations_rejected"]) == (1, 1)
+    agent._on_message(topic, verdict(b))
+    assert agent.unanswered_rejections() == []
+    assert agent.drain(5.0) is True
+    agent.outbox.close()
+
+
 def test_an_escalation_sent_twice_awaits_one_verdict(tm, tmp_path) -> None:
     """Found: re-using an outbox sent 28 escalations for 22 ids; the agent waited
     for 28 verdicts, drained the full timeout and warned that 6 did not arrive."""

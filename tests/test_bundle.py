@@ -255,6 +255,7 @@ def test_flash_refuses_another_python_before_touching_the_root(made, tmp_path):
 
     out, public, _, _ = made
     root = tmp_path / "root"
+    root.mkdir()
     other = next(
         (
             p
@@ -271,7 +272,7 @@ def test_flash_refuses_another_python_before_touching_the_root(made, tmp_path):
     with pytest.raises(UsageError, match="wheels are for Python 3.11"):
         flash(out, root, public, python=other)
 
-    assert not root.exists()
+    assert list(root.iterdir()) == []
 
 
 def test_keygen_refuses_a_file_or_a_path_under_one(tmp_path, capsys):

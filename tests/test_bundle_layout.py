@@ -278,6 +278,7 @@ def test_flash_refuses_a_config_for_another_root(tmp_path, keys, agent_wheel, ca
     config = CONFIG.replace('"/opt', f'"{other}/opt')
     out, _ = _build(tmp_path, keys, agent_wheel, config=config)
     root = tmp_path / "root"
+    root.mkdir()
 
     with pytest.raises(UsageError) as caught:
         flash_mod.flash(out, root, keys[1])
@@ -289,7 +290,7 @@ def test_flash_refuses_a_config_for_another_root(tmp_path, keys, agent_wheel, ca
         f"for an agent run from {root} itself); set artifact = "
         f'"/opt/gatewatch/models/current"'
     )
-    assert not root.exists()
+    assert list(root.iterdir()) == []
     rc = main(["flash", str(out), "--root", str(root), "--pubkey", str(keys[1])])
     assert rc == 2
     assert "error: config config/gateway.toml of the bundle" in capsys.readouterr().err
@@ -299,6 +300,7 @@ def test_flash_accepts_its_own_root_and_the_gateway_paths(
     tmp_path, keys, agent_wheel, no_install
 ):
     root = tmp_path / "root"
+    root.mkdir()
     config = CONFIG.replace('"/opt', f'"{root}/opt').replace('"/etc', f'"{root}/etc')
     for name, text in (("prefixed", config), ("gateway", CONFIG)):
         out, _ = _build(tmp_path, keys, agent_wheel, config=text, name=name)
@@ -373,6 +375,33 @@ def test_flash_into_a_root_with_a_damaged_slot_record_is_refused(
     err = capsys.readouterr().err
     assert err.startswith(f"error: {models / 'slots.json'}: slot A is recorded as a ")
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("missing", ["root", "root/sub", "dangling-link"])
+def test_flash_refuses_a_root_that_does_not_exist(
+    tmp_path, keys, agent_wheel, capsys, missing
+):
+    """Found: a mistyped --root was made, and a whole gateway flashed into it."""
+    out, _ = _build(tmp_path, keys, agent_wheel)
+    if missing == "dangling-link":
+        os.symlink(tmp_path / "gone", tmp_path / missing)
+    root = tmp_path / missing
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    args = ["flash", str(out), "--root", str(root), "--pubkey", str(keys[1])]
+    assert main(args) == 2
+
+    errors = [
+        line for line in capsys.readouterr().err.splitlines()
+        if line.startswith("error:")
+    ]
+    assert errors == [
+        f"error: --root {root} does not exist; flash installs into an existing "
+        "gateway root (make the folder first if a new one is meant)"
+    ]
+    assert not root.exists() and not (tmp_path / "gone").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
 
 
 # ------------------------------------------------------------- the rest of the config

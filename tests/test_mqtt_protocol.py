@@ -108,6 +108,68 @@ def test_verdicts_outside_what_the_agent_makes_are_bad_values(changes) -> None:
     assert info.value.kind is proto.RejectKind.BAD_VALUE
 
 
+def _rejection(**changes) -> bytes:
+    body = proto.build_rejection(
+        escalation_id="ab" * 16,
+        reason="wrong_window_shape",
+        detail="window shape (8, 93), expected (4, 3)",
+        teacher_version="t1",
+    )
+    body.update(changes)
+    return json.dumps(body).encode()
+
+
+def test_a_rejection_reads_back_from_a_verdicts_topic() -> None:
+    back = proto.parse_answer(_rejection())
+    assert (back["kind"], back["escalation_id"], back["reason"], back["detail"]) == (
+        "rejection", "ab" * 16, "wrong_window_shape",
+        "window shape (8, 93), expected (4, 3)")
+    assert proto.parse_answer(_verdict())["verdict"] == "benign"
+    # What the re-scorer builds is escaped and cut to fit what the agent takes.
+    built = proto.build_rejection(escalation_id="ab" * 16, reason="bad_value",
+                                  detail="\x1b[2J" + "x" * 1000,
+                                  teacher_version="v\u202e1")
+    back = proto.parse_answer(proto.encode(built))
+    assert back["detail"] == ("\\x1b[2J" + "x" * 1000)[:proto.MAX_DETAIL_CHARS]
+    assert back["teacher_version"] == "v\\u202e1"
+    # A verdict parser still takes verdicts only.
+    with pytest.raises(proto.ProtocolError) as info:
+        proto.parse_verdict(_rejection())
+    assert info.value.kind is proto.RejectKind.WRONG_SCHEMA
+
+
+@pytest.mark.parametrize(
+    ("changes", "kind"),
+    [
+        ({"escalation_id": "AB" * 16}, proto.RejectKind.BAD_VALUE),
+        ({"reason": "tired"}, proto.RejectKind.BAD_VALUE),
+        ({"reason": None}, proto.RejectKind.BAD_VALUE),
+        ({"detail": "x" * 301}, proto.RejectKind.BAD_VALUE),
+        ({"detail": "\x1b[2J"}, proto.RejectKind.BAD_VALUE),
+        ({"teacher_version": "t\u202e1"}, proto.RejectKind.BAD_VALUE),
+        ({"sent_at": -5.0}, proto.RejectKind.BAD_VALUE),
+        ({"detail": None}, proto.RejectKind.BAD_VALUE),
+        ({"kind": "status"}, proto.RejectKind.WRONG_SCHEMA),
+    ],
+)
+def test_rejections_outside_what_the_rescorer_makes_are_refused(changes, kind) -> None:
+    body = json.loads(_rejection())
+    body.update(changes)
+    with pytest.raises(proto.ProtocolError) as info:
+        proto.parse_answer(json.dumps(body).encode())
+    assert info.value.kind is kind
+
+
+@pytest.mark.parametrize("name", ["escalation_id", "reason", "detail",
+                                  "teacher_version"])
+def test_a_rejection_without_a_field_is_refused(name) -> None:
+    body = json.loads(_rejection())
+    del body[name]
+    with pytest.raises(proto.ProtocolError) as info:
+        proto.parse_answer(json.dumps(body).encode())
+    assert info.value.kind is proto.RejectKind.MISSING_FIELD
+
+
 def test_verdict_bounds_are_inclusive() -> None:
     back = proto.parse_verdict(_verdict(score=0, threshold=1))
     assert (back["score"], back["threshold"]) == (0.0, 1.0)

@@ -229,6 +229,7 @@ def test_flashed_agent_takes_a_signed_update_and_refuses_a_tampered_one(
     wheels = all_wheels(tmp_path)
     private, public = signing.generate_keypair(tmp_path / "keys")
     root = tmp_path / "root"
+    root.mkdir()
     config = tmp_path / "gateway.toml"
     config.write_text(
         gateway_config(root, broker=f"mqtt://{host}:{port}", alerts="")

@@ -388,13 +388,16 @@ def test_bad_escalations_are_rejected_counted_and_the_service_goes_on(
         b"[" * 100_000,  # found: RecursionError killed paho's network thread
         esc(id="../../etc/passwd"),  # found: echoed back in the verdict
     ]
+    # Those with an escalation id (a well-formed one) get a rejection back.
+    answered = {json.loads(bad[i])["id"]: bad[i] for i in (4, 5, 6)}
     try:
         time.sleep(0.3)
         for data in bad:
             client.publish(topic, data, qos=1).wait_for_publish(5)
         good = esc()
         client.publish(topic, good, qos=1).wait_for_publish(5)
-        wait_for(lambda: len(got) == 1, 30, "the verdict for the good escalation")
+        wait_for(lambda: len(got) == 4, 30, "the verdict and the rejections")
+        time.sleep(0.5)  # nothing more comes
     finally:
         client.loop_stop()
         client.disconnect()
@@ -407,7 +410,17 @@ def test_bad_escalations_are_rejected_counted_and_the_service_goes_on(
         "bad_topic": 1,
         "bad_value": 1,
     }
-    assert got[0]["escalation_id"] == json.loads(good)["id"]
+    verdicts = [m for m in got if m["kind"] == "verdict"]
+    assert [v["escalation_id"] for v in verdicts] == [json.loads(good)["id"]]
+    rejections = {m["escalation_id"]: m for m in got if m["kind"] == "rejection"}
+    assert len(got) == 4 and set(rejections) == set(answered)
+    assert sorted((m["reason"], m["detail"]) for m in rejections.values()) == sorted([
+        ("wrong_window_shape", f"window shape ({W - 1}, {F}), expected ({W}, {F})"),
+        ("wrong_window_shape", f"window shape ({W}, {F + 1}), expected ({W}, {F})"),
+        ("bad_topic", f"escalation of s1/g2 arrived on {topic}"),
+    ])
+    assert all(m["teacher_version"] == server.version for m in rejections.values())
+    assert server.counters["rejections_sent"] == 3
     assert store.count() == 1
     warned = [r for r in caplog.records if "rejected" in r.getMessage()]
     assert len(warned) == 6  # once per kind
@@ -681,6 +694,119 @@ def test_killed_rescorer_with_a_session_gets_its_escalations_again(
         serve.send_signal(signal.SIGTERM)
         serve.wait(30)
     assert {r["id"] for r in store.query()} == set(tm.expected())
+
+
+def test_a_rescorer_of_another_teacher_in_the_group_makes_the_agent_exit_6(
+    tm, teacher, mosquitto, tmp_path
+):
+    """Found: a second re-scorer serving a teacher of another window shape took
+    its share of the group's escalations and rejected them; the agent warned
+    that verdicts did not arrive but exited 0. Now that re-scorer answers each
+    with a rejection, and the agent exits 6 saying how many and why."""
+    from tests.conftest import FixedTeacher
+
+    _, teacher_obj = teacher
+    stores = [AlertStore(tmp_path / f"{name}.sqlite") for name in ("good", "other")]
+    good, other = (
+        ReScorer(t, broker=mosquitto.url, store=store, share_group="grp",
+                 client_id=f"rs-{name}", max_wait_ms=0)
+        for t, store, name in zip((teacher_obj, FixedTeacher()), stores,
+                                  ("good", "other"), strict=True)
+    )
+    good.start()
+    other.start()
+    outbox = tmp_path / "o.db"
+    try:
+        done = subprocess.run(
+            agent_cmd(tm, mosquitto.url, f"zeek:{tm.conn_log}", outbox, "g1",
+                      "--alerts", "", "--summary-json", str(tmp_path / "s.json"),
+                      "--drain-timeout", "3"),
+            capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        good.stop()
+        other.stop()
+    expected = set(tm.expected())
+    k = other.counters["rejections_sent"]
+    shape = (tm.encoder.window, tm.encoder.n_features)
+    assert 0 < k < len(expected)
+    assert other.stats()["rejected"] == {"wrong_window_shape": k}
+    assert len(stores[1].rejected().rows) == k
+    assert good.counters["stored"] == len(expected) - k
+    assert done.returncode == 6, done.stderr
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [
+        f"error: {k} escalations got no verdict within the 3 s drain; a re-scorer "
+        f"rejected {k} escalations and sent no verdict for them ({k} "
+        f"wrong_window_shape; the first: wrong_window_shape: window shape {shape}, "
+        "expected (4, 3), teacher fixed); a re-scorer serving a teacher of another "
+        "window shape takes a share of this broker's escalations (teacher alerts "
+        "--rejected on its store lists them)"
+    ]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["verdicts_received"] == len(expected) - k
+    assert summary["escalations_rejected"] == summary["verdicts_awaited"] == k
+    for store in stores:
+        store.close()
+
+
+def _serving_id(log: Path) -> str:
+    """The client id on the ``serving:`` line of a ``teacher serve`` log."""
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith("serving:")]
+    assert len(lines) == 1, lines
+    return lines[0].rsplit(", client id ", 1)[1]
+
+
+def test_rescorers_with_default_options_get_their_own_client_ids(
+    teacher, mosquitto, tmp_path
+):
+    """Found: two ``teacher serve`` with default options on one host used one
+    client id, so the broker kept dropping one connection for the other. Each
+    now takes the lowest free id of its host and group; one killed and started
+    again takes its own id (and so its kept session) back."""
+    from teacher.serve import default_client_id
+
+    ckpt, _ = teacher
+    env = {**os.environ, "GATEWATCH_RUN_DIR": str(tmp_path / "run")}
+    base = default_client_id("gatewatch")
+    procs: list[subprocess.Popen] = []
+
+    def serve(name: str) -> Path:
+        log = tmp_path / f"{name}.log"
+        cmd = [str(BIN / "teacher"), "serve", "--checkpoint", str(ckpt),
+               "--broker", mosquitto.url, "--store", str(tmp_path / f"{name}.db")]
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                          env=env))
+        wait_for(lambda: "serving:" in log.read_text(), 90, f"{name} to serve")
+        return log
+
+    try:
+        first, second = serve("first"), serve("second")
+        assert (_serving_id(first), _serving_id(second)) == (base, f"{base}-2")
+        # Neither is kicked off: each connected once, and stays so.
+        time.sleep(3)
+        for log in (first, second):
+            assert log.read_text().count("connected to ") == 1, log.read_text()
+        assert all(p.poll() is None for p in procs)
+
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(10)
+        third = serve("third")
+        assert _serving_id(third) == base
+        time.sleep(2)
+        assert second.read_text().count("connected to ") == 1
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+    assert [p.returncode for p in procs] == [-signal.SIGKILL, 0, 0]
 
 
 def _escalation(tm, i: int, model_version: str = "m1") -> dict:

@@ -128,7 +128,7 @@ def test_error_exits(tmp_path, capsys, checkpoint):
     assert main([]) == 2
     assert main(["train", "--out", str(tmp_path)]) == 2  # no data source
     assert main(["train", "--data", str(tmp_path / "absent.txt"),
-                 "--out", str(tmp_path / "x"), "-q"]) == 2
+                 "--out", str(tmp_path / "x"), "-q"]) == 3
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\x00\x01 this is no flow file \xff\n" * 3)
     assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(bad),
@@ -137,6 +137,37 @@ def test_error_exits(tmp_path, capsys, checkpoint):
                  str(bad), "-q"]) == 1
     err = capsys.readouterr().err
     assert "error: " in err and "Traceback" not in err
+
+
+def _errors(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_a_missing_data_file_is_bad_input_and_an_unknown_dataset_usage(
+    checkpoint, tmp_path, capsys
+):
+    """Found: a --data file that does not exist exited 2 (usage), while every
+    other tool calls a missing input file bad input (3: nothing usable read)."""
+    absent = tmp_path / "absent.txt"
+    line = (f"error: --data {absent}: no such file (a registered dataset name "
+            "goes with --dataset)")
+    for argv in (
+        ["train", "--data", str(absent), "--out", str(tmp_path / "x")],
+        ["eval", "--checkpoint", str(checkpoint), "--data", str(absent)],
+        ["baselines", "--data", str(absent)],
+        ["tune", "--data", str(absent), "--budget", "1"],
+        ["update", "--checkpoint", str(checkpoint), "--data", str(absent),
+         "--out", str(tmp_path / "u")],
+    ):
+        assert main([*argv, "-q"]) == 3, argv
+        assert _errors(capsys.readouterr().err) == [line], argv
+    assert not (tmp_path / "x").exists() and not (tmp_path / "u").exists()
+    # A name that is no dataset, given as one, is a usage error as before.
+    assert main(["train", "--dataset", "nsl-kd", "--out", str(tmp_path / "x"),
+                 "-q"]) == 2
+    assert _errors(capsys.readouterr().err) == [
+        "error: 'nsl-kd' is neither a dataset name (ctu-conn, nsl-kdd, nsl-kdd-20, "
+        "unsw-nb15) nor an existing file"]
 
 
 def test_parser_lists_the_subcommands():

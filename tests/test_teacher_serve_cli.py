@@ -325,7 +325,62 @@ def test_a_checkpoint_without_checksums_is_refused_with_exit_3(tmp_path, capsys)
         err = capsys.readouterr().err
         assert f"{ck}: checkpoint has no checksums.json" in err
         assert "--allow-unverified" in err and "Traceback" not in err
-    # Opted in, eval gets past the checkpoint to the (absent) data: exit 2.
+    # Opted in, eval gets past the checkpoint to the (absent) data: bad input.
     assert main(["eval", "--checkpoint", str(ck), "--data", str(data), "-q",
-                 "--allow-unverified"]) == 2
-    assert "absent.txt" in capsys.readouterr().err
+                 "--allow-unverified"]) == 3
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("error:")]
+    assert errors == [f"error: --data {data}: no such file (a registered dataset "
+                      "name goes with --dataset)"]
+
+
+# ------------------------------------------------------------- default client ids
+
+
+def test_default_client_ids_are_one_per_process_and_taken_back(tmp_path, monkeypatch):
+    """A kept session: the lowest id of the host and group nobody holds; given
+    back, the next re-scorer takes it again. A clean session: a fresh id each."""
+    import re
+
+    from teacher.serve import claim_client_id, default_client_id
+
+    run = tmp_path / "run"
+    monkeypatch.setenv("GATEWATCH_RUN_DIR", str(run))
+    base = default_client_id("grp")
+    first = claim_client_id("grp", 3600)
+    second = claim_client_id("grp", 3600)
+    assert (first.client_id, second.client_id) == (base, f"{base}-2")
+    assert claim_client_id("other", 3600).client_id == default_client_id("other")
+    assert oct(run.stat().st_mode & 0o777) == "0o700"
+    assert (run / f"{base}.lock").read_text() == f"{os.getpid()}\n"
+    first.release()
+    first.release()  # twice is harmless
+    assert claim_client_id("grp", 3600).client_id == base
+    clean = [claim_client_id("grp", 0) for _ in range(3)]
+    assert len({c.client_id for c in clean}) == 3
+    for claim in clean:
+        assert re.fullmatch(re.escape(base) + r"-clean-[0-9a-f]{8}", claim.client_id)
+        assert not claim.locked
+    assert not list(run.glob("*clean*"))
+
+
+def test_a_default_client_id_is_not_taken_from_a_folder_of_someone_else(
+    tmp_path, monkeypatch
+):
+    """The locks' folder must be this user's own: a link there (which another
+    user could have planted in /tmp) is refused, naming it."""
+    from flows.errors import UsageError
+    from teacher.serve import claim_client_id
+
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    monkeypatch.setenv("GATEWATCH_RUN_DIR", str(link))
+    with pytest.raises(UsageError) as caught:
+        claim_client_id("grp", 3600)
+    assert str(caught.value) == (
+        f"{link} (for the default client id's lock) is not a folder of this user; "
+        "set GATEWATCH_RUN_DIR to a folder of your own, or give --client-id"
+    )
+    assert list(real.iterdir()) == []
