@@ -21,6 +21,8 @@ quantized logit keeps a relative resolution at every probability.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -146,16 +148,22 @@ def quantize_onnx(
                 "percentile": CalibrationMethod.Percentile,
                 "entropy": CalibrationMethod.Entropy,
             }[method]
-            quantize_static(
-                str(pre),
-                str(out_path),
-                _Calibration(calibration),
-                quant_format=fmt,
-                activation_type=act,
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-                calibrate_method=calib_method,
-            )
+            # The histogram calibrators print their settings on stdout, which
+            # would land in the middle of `compress run --json`: kept for the log.
+            chatter = io.StringIO()
+            with contextlib.redirect_stdout(chatter):
+                quantize_static(
+                    str(pre),
+                    str(out_path),
+                    _Calibration(calibration),
+                    quant_format=fmt,
+                    activation_type=act,
+                    weight_type=QuantType.QInt8,
+                    per_channel=True,
+                    calibrate_method=calib_method,
+                )
+            if chatter.getvalue().strip():
+                logger.debug("onnxruntime calibration: %s", chatter.getvalue().strip())
         except Exception as exc:
             raise ExportError(
                 f"onnx-int8: onnxruntime quantization failed for {fp32_path.name}: "

@@ -111,6 +111,12 @@ FAMILY_NOISE: dict[str, float] = {"conn": 0.05}
 # never saw; other families keep ``f1`` until something validates a change there.
 THRESHOLD_RULES = ("f1", "teacher-rate")
 FAMILY_THRESHOLD: dict[str, str] = {"nsl-kdd": "teacher-rate"}
+# What the gate compares. ``same``: validation F1, threshold chosen on the same
+# rows. ``split``: where the teacher held out attack types (nsl-kdd), also the mean
+# F1 on some held-out types with the threshold chosen on the others (every 2/3
+# division; student/results/round4), which shows the gap on unseen types that
+# ``same`` hides. Both are measured and written to the manifest either way.
+GATES = ("same", "split")
 
 
 @dataclass
@@ -136,6 +142,7 @@ class RunConfig:
     distill_swap: float | None = None
     distill_alpha: float | None = None
     threshold_rule: str | None = None
+    gate: str = "same"
     argv: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -164,6 +171,9 @@ class RunConfig:
         if self.distill_alpha is not None and not 0.0 <= self.distill_alpha <= 1.0:
             raise UsageError(
                 f"--distill-alpha must be in [0, 1], got {self.distill_alpha}")
+        if self.gate not in GATES:
+            raise UsageError(
+                f"unknown --gate {self.gate!r}; choose one of {', '.join(GATES)}")
         if self.threshold_rule is not None and self.threshold_rule not in (
                 THRESHOLD_RULES):
             raise UsageError(
@@ -186,6 +196,7 @@ class Candidate:
     val_f1: float | None = None
     test_f1: float | None = None
     agreement: float | None = None
+    split_gap: float | None = None
     passed: bool = False
     qat: bool = False
     note: str = ""
@@ -204,6 +215,7 @@ class Candidate:
             "val_f1": self.val_f1,
             "test_f1": self.test_f1,
             "agreement": self.agreement,
+            "split_gap": self.split_gap,
             "passed": self.passed,
             "qat": self.qat,
             "note": self.note,
@@ -247,6 +259,13 @@ class _Context:
     # the teacher flags at its own threshold (what ``teacher-rate`` copies).
     threshold_rule: str = "f1"
     teacher_val_rate: float = 0.0
+    # The split measure: (A, B) masks over the validation rows, the teacher's flag
+    # rate on each A at its best-F1 cut there, and its mean F1 on the Bs (None where
+    # fewer than two attack types were held out).
+    split_pairs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    split_teacher_rates: list[float] = field(default_factory=list)
+    split_teacher_f1: float | None = None
+    held_out_types: list[str] = field(default_factory=list)
     students: dict[tuple[str, int, float], torch.nn.Module] = field(
         default_factory=dict
     )
@@ -268,7 +287,7 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
     from teacher.checkpoint import load_teacher, sha256_file
     from teacher.data import prepare
-    from teacher.metrics import binary_metrics
+    from teacher.metrics import binary_metrics, choose_threshold
 
     teacher = load_teacher(cfg.teacher, device="cpu")
     dataset = cfg.dataset or (teacher.provenance or {}).get("dataset")
@@ -309,6 +328,22 @@ def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
     teacher_test = binary_metrics(y[test], p_test, teacher.threshold,
                                   None if fam is None else fam[test])
 
+    # The split measure's divisions of the held-out types, and the teacher on them.
+    details = None if prep.details is None else prep.details[val].astype(str)
+    pairs = type_split_pairs(details, held) if details is not None else []
+    if cfg.gate == "split" and not pairs:
+        raise UsageError(
+            f"--gate split needs a teacher that held out at least two attack types "
+            f"for validation (nsl-kdd); {cfg.teacher} held out {len(held)}")
+    t_rates, t_split = [], None
+    if pairs:
+        t_f1 = []
+        for a, b in pairs:
+            cut = choose_threshold(y[val][a], p_val[a])
+            t_rates.append(float(np.mean(p_val[a] >= cut)))
+            t_f1.append(binary_metrics(y[val][b], p_val[b], cut)["f1"])
+        t_split = float(np.mean(t_f1))
+
     # Calibration windows come from the training split only.
     distill_cfg = distill_settings(cfg, teacher.provenance or {})
     rng = np.random.default_rng(cfg.seed)
@@ -317,6 +352,8 @@ def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
     return _Context(
         threshold_rule=threshold_rule(cfg, teacher.provenance or {}),
         teacher_val_rate=float(np.mean(p_val >= teacher.threshold)),
+        split_pairs=pairs, split_teacher_rates=t_rates, split_teacher_f1=t_split,
+        held_out_types=[str(t) for t in held],
         cfg=cfg, teacher=teacher, prep=prep, train=train, val=val, test=test, y=y,
         t_train=t_train, teacher_val=teacher_val, teacher_test=teacher_test,
         distill=distill_cfg, calibration=prep.windows(np.sort(pick)),
@@ -379,6 +416,50 @@ def _decision_cut(ctx: _Context, p_val: np.ndarray) -> float:
     if ctx.threshold_rule == "teacher-rate":
         return cut_at_rate(p_val, ctx.teacher_val_rate)
     return choose_threshold(ctx.y[ctx.val], p_val)
+
+
+def type_split_pairs(
+    details: np.ndarray, held: list[str], seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The split measure's (A, B) masks over validation rows with label texts
+    ``details``: every division of the ``held`` attack types into two and the rest
+    (both ways round), the other rows halved at random. Thresholds are chosen on A
+    and F1 scored on B, so B's types are ones the threshold never saw. Empty with
+    fewer than two held-out types."""
+    import itertools
+
+    types = sorted(set(held))
+    if len(types) < 2:
+        return []
+    rest = ~np.isin(details, types)
+    half = np.random.default_rng(seed).random(len(details)) < 0.5
+    pairs = []
+    for k in range(1, len(types)):
+        if k not in (len(types) // 2, len(types) - len(types) // 2):
+            continue
+        for a_types in itertools.combinations(types, k):
+            b_types = [t for t in types if t not in a_types]
+            pairs.append(((rest & half) | np.isin(details, a_types),
+                          (rest & ~half) | np.isin(details, b_types)))
+    return pairs
+
+
+def _split_f1(ctx: _Context, p_val: np.ndarray) -> float | None:
+    """A student's mean F1 on the B parts, its threshold chosen on each A by the
+    run's rule (``teacher-rate``: the teacher's flag rate on that A)."""
+    from teacher.metrics import binary_metrics, choose_threshold, cut_at_rate
+
+    if not ctx.split_pairs:
+        return None
+    y = ctx.y[ctx.val]
+    f1 = []
+    for (a, b), rate in zip(ctx.split_pairs, ctx.split_teacher_rates, strict=True):
+        if ctx.threshold_rule == "teacher-rate":
+            cut = cut_at_rate(p_val[a], rate)
+        else:
+            cut = choose_threshold(y[a], p_val[a])
+        f1.append(binary_metrics(y[b], p_val[b], cut)["f1"])
+    return float(np.mean(f1))
 
 
 def _float_val_f1(ctx: _Context, model: torch.nn.Module) -> float:
@@ -586,9 +667,19 @@ def export_candidate(
     probe_x = ctx.val_windows[:4]
     probe = {"windows": probe_x.tolist(), "expected": scorer.score(probe_x).tolist(),
              "atol": 1.0 / 256 if out["dtype"] != "float32" else 1e-4}
-    # TODO(gap): validation does not see small NSL-KDD students fall behind on novel
-    # attack types (KDDTest+: 2.2 points below the teacher on average, compress/README).
+    # TODO(gap): the gate scores the types it chose the threshold on, so it misses
+    # NSL-KDD students falling behind on unseen types (KDDTest+ mean 2.2 points;
+    # the split measure of student/results/round4 sees it, the gate does not use it).
     gate_ok = val_m["f1"] >= ctx.teacher_val["f1"] - ctx.cfg.max_f1_drop
+    split_f1 = _split_f1(ctx, p_val)
+    split = None
+    if split_f1 is not None:
+        split = {"teacher_f1": ctx.split_teacher_f1, "artifact_f1": split_f1,
+                 "gap": ctx.split_teacher_f1 - split_f1,
+                 "pairs": len(ctx.split_pairs),
+                 "held_out_types": ctx.held_out_types}
+        if ctx.cfg.gate == "split":
+            gate_ok = gate_ok and split["gap"] <= ctx.cfg.max_f1_drop
     in_band = (p_val >= lo) & (p_val < hi)
     fields = {
         **base,
@@ -601,7 +692,7 @@ def export_candidate(
         "teacher_metrics": {"test": ctx.teacher_test, "val": ctx.teacher_val},
         "gate": {"split": "val", "max_f1_drop": ctx.cfg.max_f1_drop,
                  "teacher_f1": ctx.teacher_val["f1"], "artifact_f1": val_m["f1"],
-                 "passed": bool(gate_ok)},
+                 "rule": ctx.cfg.gate, "split_measure": split, "passed": bool(gate_ok)},
         "threshold_rule": {"rule": ctx.threshold_rule, "split": "val",
                            "teacher_flag_rate": ctx.teacher_val_rate,
                            "artifact_flag_rate": float(np.mean(p_val >= decision))},
@@ -627,6 +718,7 @@ def export_candidate(
     cand.size_bytes = int(manifest["size_bytes"])
     cand.val_f1, cand.test_f1 = float(val_m["f1"]), float(test_m["f1"])
     cand.agreement = agree["decision_agreement"]
+    cand.split_gap = None if split is None else float(split["gap"])
     cand.passed = bool(gate_ok)
     cand.folder = folder
     return cand
@@ -1019,9 +1111,11 @@ def _passed(c: Candidate) -> str:
 
 
 def frontier_table(rows: list[Candidate]) -> str:
-    """The candidates as a fixed-width text table."""
+    """The candidates as a fixed-width text table (``unseen``: the split measure's
+    gap, teacher minus artifact F1 on held-out types the threshold never saw)."""
     head = (f"{'target':<13}{'student':<10}{'prune':>6}{'quant':>22}{'params':>8}"
-            f"{'bytes':>9}{'fF1val':>8}{'F1val':>8}{'F1test':>8}{'agree':>7}  pass")
+            f"{'bytes':>9}{'fF1val':>8}{'F1val':>8}{'F1test':>8}{'agree':>7}"
+            f"{'unseen':>8}  pass")
     lines = [head, "-" * len(head)]
 
     def num(v: float | None, fmt: str) -> str:
@@ -1032,7 +1126,7 @@ def frontier_table(rows: list[Candidate]) -> str:
             f"{c.target:<13}{c.kind + '-' + str(c.width):<10}{c.prune_ratio:>6.2f}"
             f"{c.quant or '-':>22}{c.params:>8}{num(c.size_bytes, 'd'):>9}"
             f"{num(c.float_val_f1, '.4f'):>8}{num(c.val_f1, '.4f'):>8}"
-            f"{num(c.test_f1, '.4f'):>8}{num(c.agreement, '.3f'):>7}  "
-            f"{_passed(c)}"
+            f"{num(c.test_f1, '.4f'):>8}{num(c.agreement, '.3f'):>7}"
+            f"{num(c.split_gap, '+.4f'):>8}  {_passed(c)}"
         )
     return "\n".join(lines)

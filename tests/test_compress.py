@@ -519,6 +519,71 @@ def test_teacher_rate_threshold_copies_the_teachers_validation_flag_rate(
                   threshold_rule="median")
 
 
+@pytest.mark.parametrize("n_types, n_pairs", [(5, 20), (4, 6), (3, 6), (2, 2),
+                                              (1, 0)])
+def test_type_split_pairs_keep_b_types_out_of_a(n_types, n_pairs) -> None:
+    """Every row lands in exactly one of A and B; a held-out type's rows all in one;
+    A and B hold different types; the divisions are as even as they can be."""
+    from compress.pipeline import type_split_pairs
+
+    types = [f"t{i}" for i in range(n_types)]
+    details = np.array(["normal"] * 40 + ["known"] * 20 + types * 7)
+    pairs = type_split_pairs(details, types)
+
+    assert len(pairs) == n_pairs
+    for a, b in pairs:
+        assert not np.any(a & b) and np.all(a | b)
+        a_types = set(details[a]) & set(types)
+        b_types = set(details[b]) & set(types)
+        assert a_types and b_types and not a_types & b_types
+        assert abs(len(a_types) - len(b_types)) <= 1
+        assert 0 < np.sum(a & (details == "normal")) < 40
+
+
+@pytest.mark.parametrize("rule", ["f1", "teacher-rate"])
+def test_split_f1_is_the_mean_f1_on_b_at_the_cut_chosen_on_a(rule) -> None:
+    """Worked by hand: two pairs, the cut from A by the rule, F1 counted on B."""
+    from types import SimpleNamespace
+
+    from compress.pipeline import _split_f1
+
+    y = np.array([0, 0, 1, 1, 0, 1, 1, 0])
+    p = np.array([0.1, 0.6, 0.7, 0.9, 0.2, 0.65, 0.3, 0.8])
+    a1 = np.array([1, 1, 1, 1, 0, 0, 0, 0], bool)
+    a2 = ~a1
+    ctx = SimpleNamespace(split_pairs=[(a1, a2), (a2, a1)],
+                          split_teacher_rates=[0.25, 0.75], y=y,
+                          val=np.arange(8), threshold_rule=rule)
+
+    got = _split_f1(ctx, p)
+
+    if rule == "f1":
+        # A1 (p .1 .6 .7 .9 / y 0 0 1 1): best-F1 cut 0.7; on B1 (.2 .65 .3 .8 /
+        # y 0 1 1 0) it flags .8 only: tp 0, F1 0. A2: best cut 0.3 (F1 0.8); on
+        # A1 it flags .6 .7 .9: tp 2, fp 1, fn 0, F1 0.8.
+        assert got == pytest.approx((0.0 + 0.8) / 2)
+    else:
+        # A1, rate 0.25: one of four flagged, cut 0.9; on B1 nothing: F1 0.
+        # A2, rate 0.75: three of four, cut 0.3; on A1 .6 .7 .9: F1 0.8.
+        assert got == pytest.approx((0.0 + 0.8) / 2)
+    assert _split_f1(SimpleNamespace(split_pairs=[]), p) is None
+
+
+def test_split_gate_needs_held_out_types(teacher_dir: Path, onnx_run,
+                                         tmp_path: Path) -> None:
+    """The module's teacher held out no attack types: its manifest has no split
+    measure, and ``--gate split`` is a usage error before any student trains."""
+    from compress.pipeline import run
+
+    out, _ = onnx_run
+    gate = json.loads((out / "manifest.json").read_text())["gate"]
+    assert gate["rule"] == "same" and gate["split_measure"] is None
+    with pytest.raises(UsageError, match="--gate split needs a teacher"):
+        run(_fast_config(target="onnx-int8", teacher=teacher_dir,
+                         out=tmp_path / "art", gate="split"))
+    assert not (tmp_path / "art").exists()
+
+
 def test_out_inside_the_teachers_folder_is_refused(teacher_dir: Path, capsys) -> None:
     from compress.cli import main
 

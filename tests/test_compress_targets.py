@@ -215,3 +215,22 @@ def test_tflite_export_to_a_relative_path(tmp_path: Path, monkeypatch) -> None:
                          int8=False, window=W, n_features=F)
 
     assert (tmp_path / "rel" / "m.tflite").stat().st_size > 0
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibration_prints_nothing_on_stdout(
+    tmp_path: Path, capfd, method: str
+) -> None:
+    """Found: onnxruntime's histogram calibrators print their settings on stdout,
+    which broke ``compress run --json`` when the search reached them."""
+    from compress.export import export_onnx, quantize_onnx
+
+    fp32 = export_onnx(_student("mlp"), tmp_path / "fp32.onnx", W, F, "logit")
+    calib, _ = _toy(64, seed=3)
+    capfd.readouterr()
+
+    quantize_onnx(fp32, tmp_path / "int8.onnx", calib, quant_format="qdq",
+                  method=method)
+
+    assert capfd.readouterr().out == ""
+    assert (tmp_path / "int8.onnx").stat().st_size > 0
