@@ -192,6 +192,9 @@ class Demo:
                     "--outbox", str(self.out / f"outbox-{path.name}.sqlite"),
                     "--alerts", str(self.out / f"alerts-{path.name}.jsonl"),
                     "--summary-json", str(summary_file), "--connect-timeout", "30",
+                    # A loaded machine answers slowly; a verdict still missing
+                    # at the end of the drain makes the agent exit 6.
+                    "--drain-timeout", "180",
                 )
                 summary = json.loads(summary_file.read_text())
                 summary["input"] = rel
