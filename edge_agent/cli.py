@@ -21,7 +21,8 @@ counts those a re-scorer rejected and says why), 130 interrupted (Ctrl-C;
 the flows in hand are scored and the outbox is kept). SIGTERM is the orderly stop
 of a service: reading ends (a file part way), the flows read are scored, the outbox
 is drained for at most 2 s, and the exit code is the one the input read so far
-earned (0, 3, 4 or 6, as at the end of a file), never 130. Alerts on stdout
+earned (0, 3, 4 or 6, as at the end of a file; verdicts still awaited are only a
+warning then), never 130. Alerts on stdout
 whose reader went away (``| head``) cost one warning, not the run.
 """
 
@@ -106,7 +107,8 @@ exit codes:
 
 SIGTERM stops reading (a file part way), scores the flows read, drains the
 outbox for at most 2 s and exits as at the end of the input: 0, 3, 4 or 6 by
-the rules above, never 130.
+the rules above (escalations still without a verdict are a warning, not 6),
+never 130.
 
 SIGHUP (systemctl reload) loads --artifact again, e.g. the models/current link
 after edge-agent rollback: the model is health-checked and swapped in between
@@ -681,8 +683,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{drain_for:g} s drain (the newest {RESEND_WINDOW} unanswered ones "
             "are kept and sent again after the next such loss)"
         )
-    if not drained and cfg.broker and cfg.wait_verdicts and summary["verdicts_awaited"]:
-        raise TransportError(_unanswered(summary, agent, drain_for))
+    awaited = summary["verdicts_awaited"]
+    if not drained and cfg.broker and cfg.wait_verdicts and awaited:
+        if not stop.is_set():
+            raise TransportError(_unanswered(summary, agent, drain_for))
+        # SIGTERM: an orderly stop drains for 2 s only; verdicts sent later wait
+        # in this gateway's MQTT session, so the stop itself is no failure.
+        print(
+            f"warning: stopped with {awaited} escalations still without a verdict; "
+            "verdicts sent later wait in this gateway's MQTT session for the next "
+            "run",
+            file=sys.stderr,
+        )
     rejected = agent.unanswered_rejections()
     if rejected:  # --no-wait-verdicts: not awaited, but known
         print(f"warning: {_rejections(rejected)}", file=sys.stderr)

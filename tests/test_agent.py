@@ -1161,6 +1161,39 @@ def test_a_run_whose_verdicts_never_come_exits_6(
 
 
 @pytest.mark.broker
+def test_sigterm_with_verdicts_still_awaited_is_an_orderly_stop(
+    tm, mosquitto, tmp_path: Path
+) -> None:
+    """A service stopped by SIGTERM drains for 2 s only: escalations the broker
+    took but no re-scorer has answered yet are a warning there, not exit 6 (their
+    verdicts wait in the gateway's session)."""
+    client, got = _stub_rescorer(mosquitto.port)  # takes them, answers nothing
+    records = _up_to_first_alert(tm)
+    proc = _agent_on_a_pipe(tm, tmp_path, "--alerts", "", "--broker", mosquitto.url)
+    try:
+        proc.stdin.write("".join(json.dumps(r) + "\n" for r in records))
+        proc.stdin.flush()
+        want = set(tm.expected(records))
+        wait_for(lambda: set(got) == want, 60, "the escalations at the stub")
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdin.close()
+        client.loop_stop()
+        client.disconnect()
+
+    err = (tmp_path / "err").read_text()
+    assert rc == 0, err
+    assert not _error_lines(err)
+    assert f"warning: stopped with {len(want)} escalations still without a " \
+        "verdict" in err
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert (summary["verdicts_awaited"], summary["outbox_pending"]) == (len(want), 0)
+
+
+@pytest.mark.broker
 def test_escalations_a_rescorer_rejects_end_the_run_with_exit_6_saying_why(
     tm, mosquitto, tmp_path: Path, capsys
 ) -> None:
