@@ -60,6 +60,7 @@ from compress.qat import ACT_RANGE, QAT_KINDS, WEIGHT_RANGE, qat_finetune
 from flows.errors import ExportError, GateError, ModelError, UsageError
 from student.distill import DistillConfig, TeacherCache, distill, student_logits
 from student.zoo import KINDS, build_student, student_targets
+from teacher.metrics import type_split_pairs
 
 __all__ = [
     "EDGE_TARGETS",
@@ -416,32 +417,6 @@ def _decision_cut(ctx: _Context, p_val: np.ndarray) -> float:
     if ctx.threshold_rule == "teacher-rate":
         return cut_at_rate(p_val, ctx.teacher_val_rate)
     return choose_threshold(ctx.y[ctx.val], p_val)
-
-
-def type_split_pairs(
-    details: np.ndarray, held: list[str], seed: int = 0
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The split measure's (A, B) masks over validation rows with label texts
-    ``details``: every division of the ``held`` attack types into two and the rest
-    (both ways round), the other rows halved at random. Thresholds are chosen on A
-    and F1 scored on B, so B's types are ones the threshold never saw. Empty with
-    fewer than two held-out types."""
-    import itertools
-
-    types = sorted(set(held))
-    if len(types) < 2:
-        return []
-    rest = ~np.isin(details, types)
-    half = np.random.default_rng(seed).random(len(details)) < 0.5
-    pairs = []
-    for k in range(1, len(types)):
-        if k not in (len(types) // 2, len(types) - len(types) // 2):
-            continue
-        for a_types in itertools.combinations(types, k):
-            b_types = [t for t in types if t not in a_types]
-            pairs.append(((rest & half) | np.isin(details, a_types),
-                          (rest & ~half) | np.isin(details, b_types)))
-    return pairs
 
 
 def _split_f1(ctx: _Context, p_val: np.ndarray) -> float | None:

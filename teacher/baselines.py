@@ -22,7 +22,12 @@ from flows.errors import BadInputError, UsageError
 from teacher import logger
 from teacher.data import Prepared
 from teacher.evaluate import one_thread
-from teacher.metrics import binary_metrics, choose_threshold, time_scorer
+from teacher.metrics import (
+    binary_metrics,
+    choose_threshold,
+    split_measure,
+    time_scorer,
+)
 
 __all__ = ["BASELINES", "run_baselines"]
 
@@ -98,12 +103,15 @@ def run_baselines(
     threshold_rule: str = "best-f1",
     target_fpr: float = 0.01,
     timing: bool = True,
+    held: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train and score each baseline; returns ``{name: metrics}`` on the test rows.
 
     Each entry also holds ``train_rows`` (after any cap), ``cap``, ``fit_s``,
     ``threshold`` (chosen on val), ``val_f1``, ``size_bytes`` (the pickled model)
-    and ``structure`` (trees and nodes, support vectors, or stored rows).
+    and ``structure`` (trees and nodes, support vectors, or stored rows); with
+    two or more ``held`` attack types in val, ``val_split``: the validation
+    scores on held-out types the threshold never saw (``split_measure``).
     """
     tr, va, te = prep.rows("train"), prep.rows("val"), prep.rows("test")
     if min(tr.size, va.size, te.size) == 0:
@@ -138,6 +146,9 @@ def run_baselines(
             "threshold_rule": threshold_rule,
             "size_bytes": _model_bytes(model), "structure": _structure(name, model),
         })
+        if held and prep.details is not None:
+            metrics["val_split"] = split_measure(prep.y[va], p_va, prep.details[va],
+                                                 held)
         if timing:
             with one_thread():
                 metrics.update(time_scorer(score, x_te[:512], n_single=200,

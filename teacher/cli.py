@@ -593,11 +593,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # Metrics: validation, and test where the data has a test split (reported only).
     from teacher.checkpoint import Teacher
+    from teacher.metrics import split_measure
 
     teacher = Teacher(model=result.model.eval(), encoder=prep.encoder,
                       threshold=result.threshold["threshold"], config=mc,
                       threshold_info=result.threshold)
     metrics: dict[str, Any] = {"val": result.val_metrics}
+    if len(held) >= 2 and prep.details is not None:
+        va = prep.rows("val")
+        metrics["val_split"] = split_measure(
+            prep.y[va], teacher.predict_proba(prep.windows(va)), prep.details[va], held)
     if prep.rows("test").size:
         metrics["test"] = evaluate(teacher, prep, prep.rows("test"), timing=False)
     provenance = make_provenance(
@@ -620,6 +625,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                "best_epoch": result.best_epoch, "wall_s": round(result.wall_s, 1),
                "threshold": result.threshold["threshold"],
                "val_f1": result.val_metrics["f1"]}
+    if metrics.get("val_split"):
+        summary["val_split_f1"] = metrics["val_split"]["f1"]
     if "test" in metrics:
         summary["test_accuracy"] = metrics["test"]["accuracy"]
         summary["test_f1"] = metrics["test"]["f1"]
@@ -673,7 +680,8 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     out = {"data": prep.name, "window": prep.window, "n_features": prep.n_features,
            "scaling": prep.encoder.scaling, "held_out_types": held,
            "baselines": run_baselines(prep, names, svm_cap=args.svm_cap,
-                                      knn_cap=args.knn_cap, seed=args.seed)}
+                                      knn_cap=args.knn_cap, seed=args.seed,
+                                      held=held)}
     # Printed first: the results are on stdout even when --out fails to write.
     _print(out, args.json)
     if args.out:

@@ -7,6 +7,7 @@ a flow is flagged when its score is at or above the threshold.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,7 +20,9 @@ __all__ = [
     "binary_metrics",
     "choose_threshold",
     "cut_at_rate",
+    "split_measure",
     "time_scorer",
+    "type_split_pairs",
 ]
 
 
@@ -174,6 +177,55 @@ def cut_at_rate(prob: Any, rate: float) -> float:
     dist = np.abs(counts - want)
     best = np.flatnonzero(dist <= dist.min() + 1e-12)[-1]
     return float(p_sorted[last][best])
+
+
+def type_split_pairs(
+    details: np.ndarray, held: list[str], seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The split measure's (A, B) masks over validation rows with label texts
+    ``details``: every division of the ``held`` attack types into two and the rest
+    (both ways round), the other rows halved at random. Thresholds are chosen on A
+    and F1 scored on B, so B's types are ones the threshold never saw. Empty with
+    fewer than two held-out types."""
+    types = sorted(set(held))
+    if len(types) < 2:
+        return []
+    rest = ~np.isin(details, types)
+    half = np.random.default_rng(seed).random(len(details)) < 0.5
+    pairs = []
+    for k in range(1, len(types)):
+        if k not in (len(types) // 2, len(types) - len(types) // 2):
+            continue
+        for a_types in itertools.combinations(types, k):
+            b_types = [t for t in types if t not in a_types]
+            pairs.append(((rest & half) | np.isin(details, a_types),
+                          (rest & ~half) | np.isin(details, b_types)))
+    return pairs
+
+
+def split_measure(
+    y: Any, prob: Any, details: Any, held: Sequence[str]
+) -> dict[str, Any] | None:
+    """Validation scores on attack types the threshold never saw: for each
+    :func:`type_split_pairs` division, the best-F1 cut on A and the metrics on B;
+    their means (F1, accuracy, FPR). None with fewer than two held-out types.
+
+    A validation that chooses the threshold on the types it scores hides how a
+    model does on novel ones; on NSL-KDD this measure put the Random Forest 0.027
+    F1 ahead of the teacher, as KDDTest+ does (teacher/results/round7).
+    """
+    y_arr, p_arr = _as_arrays(y, prob)
+    pairs = type_split_pairs(np.asarray(details).astype(str), list(held))
+    if not pairs:
+        return None
+    scores = []
+    for a, b in pairs:
+        cut = choose_threshold(y_arr[a], p_arr[a])
+        m = binary_metrics(y_arr[b], p_arr[b], cut)
+        scores.append((m["f1"], m["accuracy"], m["fpr"]))
+    f1, acc, fpr = (float(np.mean(col)) for col in zip(*scores, strict=True))
+    return {"f1": f1, "accuracy": acc, "fpr": fpr, "pairs": len(pairs),
+            "held_out_types": sorted(set(map(str, held)))}
 
 
 def time_scorer(

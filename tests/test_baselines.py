@@ -34,6 +34,28 @@ def test_random_forest_matches_an_independent_fit():
     assert out["size_bytes"] == pytest.approx(pickled, rel=0.01)
 
 
+def test_held_out_types_add_the_split_measure_of_the_validation_scores():
+    """With attack types held out, each baseline also reports its validation
+    scores on types the threshold never saw, recounted here from its own fit."""
+    from teacher.metrics import split_measure
+
+    prep = synthetic(n=800, window=1, seed=6)
+    attack = np.flatnonzero(prep.y == 1)
+    prep.details = np.full(len(prep.y), "normal", dtype=object)
+    prep.details[attack] = [f"t{i % 4}" for i in range(len(attack))]
+    held = ["t0", "t1", "t2", "t3"]
+
+    out = run_baselines(prep, ("rf",), timing=False, held=held)["rf"]
+
+    tr, va = prep.rows("train"), prep.rows("val")
+    rf = RandomForestClassifier(n_estimators=100, random_state=0, n_jobs=1)
+    rf.fit(prep.windows(tr).reshape(len(tr), -1), prep.y[tr])
+    p_va = rf.predict_proba(prep.windows(va).reshape(len(va), -1))[:, 1]
+    assert out["val_split"] == split_measure(prep.y[va], p_va, prep.details[va], held)
+    assert out["val_split"]["pairs"] == 6
+    assert "val_split" not in run_baselines(prep, ("rf",), timing=False)["rf"]
+
+
 def test_svm_and_knn_with_caps_and_timing():
     prep = synthetic(n=600, seed=5)
     out = run_baselines(prep, ("svm", "knn"), svm_cap=120, knn_cap=200)

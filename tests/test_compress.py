@@ -524,7 +524,7 @@ def test_teacher_rate_threshold_copies_the_teachers_validation_flag_rate(
 def test_type_split_pairs_keep_b_types_out_of_a(n_types, n_pairs) -> None:
     """Every row lands in exactly one of A and B; a held-out type's rows all in one;
     A and B hold different types; the divisions are as even as they can be."""
-    from compress.pipeline import type_split_pairs
+    from teacher.metrics import type_split_pairs
 
     types = [f"t{i}" for i in range(n_types)]
     details = np.array(["normal"] * 40 + ["known"] * 20 + types * 7)

@@ -57,6 +57,10 @@ def test_train_writes_a_full_checkpoint(checkpoint):
     prov = json.loads((checkpoint / "provenance.json").read_text())
     assert prov["seed"] == 0 and len(next(iter(prov["files"].values()))) == 64
     assert prov["held_out_types"]  # nsl-kdd holds out attack types for val
+    # One type held out in this slice: no division of them to score (the measure
+    # itself: tests/test_teacher_metrics.py, with a baseline: test_baselines.py).
+    assert prov["held_out_types"] == ["ipsweep"]
+    assert "val_split" not in json.loads((checkpoint / "metrics.json").read_text())
     # The nsl-kdd defaults of round 4: quantile features, input noise 0.05.
     assert prov["train_config"]["input_noise"] == 0.05
     assert json.loads((checkpoint / "encoder.json").read_text())["scaling"] == \

@@ -14,7 +14,13 @@ from sklearn.metrics import (
 )
 
 from flows.errors import BadInputError, UsageError
-from teacher.metrics import binary_metrics, choose_threshold, cut_at_rate, time_scorer
+from teacher.metrics import (
+    binary_metrics,
+    choose_threshold,
+    cut_at_rate,
+    split_measure,
+    time_scorer,
+)
 
 
 def _data(seed=0, n=400):
@@ -126,3 +132,31 @@ def test_time_scorer_reports_positive_numbers():
     assert 0 < out["latency_us_p50"] <= out["latency_us_p99"]
     assert out["throughput_flows_s"] > 0
     assert calls.count(1) == 22 and calls.count(256) == 4
+
+
+def test_split_measure_matches_a_brute_force_recount():
+    """Each division's cut is the best F1 on A (every cut tried, lowest on ties),
+    scored with sklearn on B; the measure is their mean. Too few types: None."""
+    import itertools
+
+    rng = np.random.default_rng(7)
+    types = ["a", "b", "c", "d"]
+    details = np.array(["normal"] * 120 + types * 20)
+    y = (details != "normal").astype(int)
+    prob = np.clip(0.3 * y + rng.random(details.size) * 0.7, 0, 1).round(2)
+    got = split_measure(y, prob, details, types)
+
+    half = np.random.default_rng(0).random(details.size) < 0.5
+    rest = details == "normal"
+    f1s = []
+    for a_types in itertools.combinations(types, 2):
+        a = (rest & half) | np.isin(details, a_types)
+        b = (rest & ~half) | ~np.isin(details, [*a_types, "normal"])
+        scores = {c: f1_score(y[a], (prob[a] >= c).astype(int))
+                  for c in np.unique(prob[a])}
+        best = max(scores.values())
+        cut = min(c for c, s in scores.items() if s >= best - 1e-12)
+        f1s.append(f1_score(y[b], (prob[b] >= cut).astype(int)))
+    assert got["pairs"] == 6 and got["held_out_types"] == types
+    assert got["f1"] == pytest.approx(np.mean(f1s))
+    assert split_measure(y, prob, details, ["a"]) is None
