@@ -31,6 +31,7 @@ import base64
 import binascii
 import io
 import json
+import math
 import shutil
 import sys
 import tarfile
@@ -401,11 +402,14 @@ class ModelUpdater:
                 raise BadInputError(f"statement schema {statement.get('schema')!r}")
             for key in ("model_version", "sha256", "size", "issued_at"):
                 statement[key]  # noqa: B018 - presence check
-            int(statement["size"])
-            float(statement["issued_at"])
+            size = statement["size"]
+            if isinstance(size, bool) or int(size) != size or int(size) < 0:
+                raise ValueError(f"size {size!r} is not a whole number of bytes >= 0")
+            if not math.isfinite(float(statement["issued_at"])):
+                raise ValueError(f"issued_at {statement['issued_at']!r} is no time")
         except BadInputError:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
             raise BadInputError(f"update statement is malformed: {exc}") from exc
         return statement
 

@@ -256,6 +256,35 @@ def test_bad_update_is_refused_and_the_running_model_kept(
     assert not (updater.slots.dir.parent / "escaped.txt").exists()
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("size", "1e999"), ("size", "-1"), ("size", "3.5"), ("size", "true"),
+     ("size", '"12"'), ("size", "NaN"), ("issued_at", "1e999"),
+     ("issued_at", "-Infinity")],
+)
+def test_a_signed_statement_with_an_impossible_number_is_malformed(
+    field, value, tmp_path, keys, updater
+):
+    """Found by the long fuzz run: a validly signed statement whose size was
+    1e999 (infinity to Python's JSON) raised OverflowError, which the updater
+    could only report as an internal error. Such numbers are malformed now."""
+    package = pack_update(make_artifact(tmp_path / "v2", version="v2", seed=2), keys[0])
+    msg = _message(package)
+    statement = json.loads(base64.b64decode(msg["statement"]))
+    statement[field] = "@@"
+    raw = json.dumps(statement).replace('"@@"', value).encode()
+    msg["statement"] = base64.b64encode(raw).decode()
+    key = signing.load_private_key(keys[0])
+    msg["signature"] = base64.b64encode(signing.sign(key, raw)).decode()
+    before = _active_snapshot(updater.slots)
+
+    result = updater.handle(json.dumps(msg).encode())
+
+    assert not result.ok
+    assert "update statement is malformed" in result.reason, result.reason
+    _assert_still_v1(updater, before)
+
+
 def test_agent_style_construction_finds_the_slots(tmp_path, keys, updater):
     up = ModelUpdater(
         public_key=keys[1],
