@@ -362,12 +362,22 @@ def test_run_without_reachable_broker_exits_6(
     assert len(lines) == sum(d == "alert" for d in expected.values()) > 0
 
 
+def _wait_for_stderr(proc, path: Path, text: str, timeout: float = 60) -> None:
+    """Wait until ``text`` is in the file ``proc`` writes its stderr to."""
+    def seen() -> bool:
+        assert proc.poll() is None, path.read_text()
+        return text in path.read_text()
+
+    wait_for(seen, timeout, repr(text))
+
+
 @pytest.mark.broker
 def test_a_broker_that_comes_up_after_the_agent_gets_every_escalation(
     tm, tmp_path: Path
 ) -> None:
     """The agent starts while nothing listens on the broker's port; the broker comes
-    up two seconds later; the background attempts connect and the outbox drains.
+    up once the agent has said it cannot reach it; the background attempts connect
+    and the outbox drains.
 
     The stub re-scorer holds a persistent session made before the agent starts (the
     broker saved it when stopped), so what the agent publishes before the stub is
@@ -405,16 +415,17 @@ def test_a_broker_that_comes_up_after_the_agent_gets_every_escalation(
                     "--broker", f"mqtt://127.0.0.1:{port}", "--connect-timeout", "1",
                     "--drain-timeout", "40", "--no-wait-verdicts",
                     "--summary-json", str(tmp_path / "s.json"))],
-        cwd=REPO, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stderr=open(tmp_path / "err", "w"), text=True,
     )
     expected = set(tm.expected())
     try:
-        time.sleep(2.0)
-        assert agent.poll() is None, agent.stderr.read()
+        # A fixed sleep raced the agent's start on a loaded machine (the broker was
+        # up before its first attempt): wait for the attempt to have failed.
+        _wait_for_stderr(agent, tmp_path / "err", "cannot reach broker")
         broker.start()
         client.connect("127.0.0.1", port)
         client.loop_start()
-        _, err = agent.communicate(timeout=60)
+        agent.wait(60)
         wait_for(lambda: len(got) >= len(expected), 20, "every escalation at the stub")
     finally:
         client.loop_stop()
@@ -422,6 +433,7 @@ def test_a_broker_that_comes_up_after_the_agent_gets_every_escalation(
             agent.kill()
         broker.stop()
 
+    err = (tmp_path / "err").read_text()
     assert agent.returncode == 0, err
     assert "cannot reach broker" in err and "scoring on" in err
     ids = {json.loads(p)["id"] for p in got}
@@ -1506,18 +1518,18 @@ def test_a_broker_that_comes_up_and_refuses_the_agent_stops_it_with_exit_6(
         [sys.executable, "-m", "edge_agent.cli",
          *_run_argv(tm, tmp_path, f"zeek:{log}", "--alerts", "", "--follow",
                     "--broker", f"mqtt://127.0.0.1:{port}", "--connect-timeout", "1")],
-        cwd=REPO, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stderr=open(tmp_path / "err", "w"), text=True,
     )
     broker = Mosquitto(tmp_path, port=port, extra="allow_anonymous false\n")
     try:
-        time.sleep(1.5)
-        assert agent.poll() is None, agent.stderr.read()
+        _wait_for_stderr(agent, tmp_path / "err", "cannot reach broker")
         broker.start()
-        _, err = agent.communicate(timeout=60)
+        agent.wait(60)
     finally:
         if agent.poll() is None:
             agent.kill()
         broker.stop()
+    err = (tmp_path / "err").read_text()
 
     assert agent.returncode == 6, err
     assert "refused the connection" in err and "no further attempts" in err
