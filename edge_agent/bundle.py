@@ -146,6 +146,18 @@ class BundleManifest:
 # ------------------------------------------------------------------- hashing helpers
 
 
+def gateway_root(text: str) -> Path:
+    """``--root`` of flash and rollback: a path, never the empty string, which
+    ``Path`` would read as the current folder (an unset ``$GW_ROOT`` would then
+    flash a gateway into wherever the command ran)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "is empty (an unset shell variable?); give the gateway's / explicitly "
+            "(. for the current folder)"
+        )
+    return Path(text)
+
+
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of bytes."""
     return hashlib.sha256(data).hexdigest()
@@ -1142,7 +1154,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--root",
         required=True,
-        type=Path,
+        type=gateway_root,
         help="the gateway's / (an existing folder; / on the gateway itself) "
         "(required)",
     )
@@ -1176,7 +1188,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--root",
         required=True,
-        type=Path,
+        type=gateway_root,
         help="the gateway's / (a folder; / on the gateway itself) (required)",
     )
     p.set_defaults(func=_cmd_rollback)

@@ -404,6 +404,28 @@ def test_flash_refuses_a_root_that_does_not_exist(
 
 
 
+@pytest.mark.parametrize("command", ["flash", "rollback"])
+def test_an_empty_root_is_refused_not_read_as_the_current_folder(
+    tmp_path, keys, capsys, monkeypatch, command
+):
+    """Found: ``--root ""`` (an unset ``$GW_ROOT``) passed the missing-root check
+    as ``.``, so a valid bundle would have flashed into the working folder."""
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = [command, "--root", ""]
+    if command == "flash":
+        args = ["flash", str(tmp_path / "any.bundle"), "--root", "",
+                "--pubkey", str(keys[1])]
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --root: is empty (an unset shell variable?)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 # ------------------------------------------------------------- the rest of the config
 
 
