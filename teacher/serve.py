@@ -20,12 +20,12 @@ re-scorer that was killed are delivered again when it comes back. Without
 ``--client-id``, each re-scorer takes the lowest of
 ``gatewatch-rescorer-<host>-<group>``, ``...-2``, ``...-3``... that no running
 re-scorer of this user on this host holds (a lock file per id in
-``$GATEWATCH_RUN_DIR``, by default ``$XDG_RUNTIME_DIR/gatewatch`` or
-``/tmp/gatewatch-<uid>``): several re-scorers on one host never share an id (the
-broker would keep only the newer connection and the two would take turns
-kicking each other off), and one that was killed and started again takes its id,
-and its session, back. With ``--session-expiry 0`` nothing waits for a restart,
-so each process takes a fresh ``...-clean-<hex>`` id. A clean stop (SIGTERM,
+``$GATEWATCH_RUN_DIR``, by default ``/tmp/gatewatch-<uid>``): several re-scorers
+on one host never share an id (the broker would keep only the newer connection
+and the two would take turns kicking each other off), and one that was killed
+and started again takes its id, and its session, back. With ``--session-expiry
+0`` nothing waits for a restart, so each process takes a fresh
+``...-clean-<hex>`` id. A clean stop (SIGTERM,
 Ctrl-C, ``--duration``) is another matter: the re-scorer leaves the group first (it
 unsubscribes), stores and answers what the broker had already sent it, then ends
 its session, so the broker routes nothing more to a process that will not read it.
@@ -254,16 +254,25 @@ class ClientIdClaim:
 
 
 def run_folder() -> Path:
-    """Where the default client ids' lock files live: ``$GATEWATCH_RUN_DIR``,
-    else ``$XDG_RUNTIME_DIR/gatewatch``, else ``<tmp>/gatewatch-<uid>``."""
+    """Where the default client ids' lock files live: ``$GATEWATCH_RUN_DIR`` (an
+    absolute path), else ``/tmp/gatewatch-<uid>``.
+
+    One place whatever the session: a re-scorer started from a login shell
+    (``$XDG_RUNTIME_DIR``, ``$TMPDIR`` set) and one started by cron must find
+    each other's locks, so neither variable moves it; a relative
+    ``$GATEWATCH_RUN_DIR`` would differ with the working folder and is refused.
+    """
     given = os.environ.get(RUN_DIR_ENV)
     if given:
+        if not os.path.isabs(given):
+            raise UsageError(
+                f"{RUN_DIR_ENV}={given!r} is a relative path; re-scorers started "
+                "from other folders would not see its locks: give an absolute one"
+            )
         return Path(given)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and Path(runtime).is_dir():
-        return Path(runtime) / "gatewatch"
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    return Path(tempfile.gettempdir()) / f"gatewatch-{uid}"
+    if not hasattr(os, "getuid"):  # no POSIX users: the platform's temp folder
+        return Path(tempfile.gettempdir()) / "gatewatch"
+    return Path("/tmp") / f"gatewatch-{os.getuid()}"
 
 
 def _own_folder(folder: Path) -> None:
@@ -1605,13 +1614,14 @@ client id:
   escalations while it is away) under its client id, and lets only one
   connection hold an id. Without --client-id each re-scorer on a host takes
   the lowest of gatewatch-rescorer-HOST-GROUP, -2, -3... that no running
-  re-scorer of this user holds (a lock file per id in ${RUN_DIR_ENV}, by
-  default $XDG_RUNTIME_DIR/gatewatch or /tmp/gatewatch-UID, released when the
-  process ends however it ends). So a single re-scorer keeps the id it always
-  had, several started with the same flags never kick each other off, and
-  one that was killed and started again takes its id back and gets what
-  waited in its session. With --session-expiry 0 nothing waits for a
-  restart: each process takes a fresh id ending -clean-HEX. The id in use is
+  re-scorer of this user holds (a lock file per id in ${RUN_DIR_ENV}, an
+  absolute path, by default /tmp/gatewatch-UID whatever $TMPDIR or
+  $XDG_RUNTIME_DIR say, released when the process ends however it ends).
+  So a single re-scorer keeps the id it always had, several started with the
+  same flags never kick each other off, and one that was killed and started
+  again takes its id back and gets what waited in its session. With
+  --session-expiry 0 nothing waits for a restart: each process takes a fresh
+  id ending -clean-HEX. The id in use is
   on the "serving:" line. Re-scorers that do not share /tmp (systemd units with
   PrivateTmp=) need ${RUN_DIR_ENV} set to one folder they share.
 

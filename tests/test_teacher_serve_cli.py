@@ -364,6 +364,27 @@ def test_default_client_ids_are_one_per_process_and_taken_back(tmp_path, monkeyp
     assert not list(run.glob("*clean*"))
 
 
+def test_the_lock_folder_is_one_place_whatever_the_session(tmp_path, monkeypatch):
+    """Found: a re-scorer from a login shell ($XDG_RUNTIME_DIR set) and one from
+    cron (unset), or two with another $TMPDIR, kept their locks apart and took the
+    same id. Neither variable moves the folder now; a relative one is refused."""
+    from flows.errors import UsageError
+    from teacher.serve import run_folder
+
+    monkeypatch.delenv("GATEWATCH_RUN_DIR", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    plain = run_folder()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert run_folder() == plain == Path("/tmp") / f"gatewatch-{os.getuid()}"
+
+    monkeypatch.setenv("GATEWATCH_RUN_DIR", "locks")
+    with pytest.raises(UsageError, match="relative path"):
+        run_folder()
+    monkeypatch.setenv("GATEWATCH_RUN_DIR", str(tmp_path / "locks"))
+    assert run_folder() == tmp_path / "locks"
+
+
 def test_a_default_client_id_is_not_taken_from_a_folder_of_someone_else(
     tmp_path, monkeypatch
 ):
