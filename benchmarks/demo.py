@@ -289,9 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="fewer epochs and a single student width (smoke test)")
     args = parser.parse_args(argv)
-    if not args.data_dir or not Path(args.data_dir).is_dir():
+    if not args.data_dir:
         print("error: no data folder: pass --data-dir or set GATEWATCH_DATA",
               file=sys.stderr)
+        return 2
+    if not Path(args.data_dir).is_dir():
+        # `make demo` passes ../shared/data unless GATEWATCH_DATA says otherwise.
+        print(f"error: --data-dir {args.data_dir} is not a folder; point "
+              "GATEWATCH_DATA (or --data-dir) at the data folder", file=sys.stderr)
         return 2
 
     out = Path(args.out).resolve()
