@@ -16,8 +16,12 @@ torchao (or ``torch.ao.quantization``) has registered them in the process.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +56,24 @@ def _probs(model: Any, windows: np.ndarray, batch: int = 1024) -> np.ndarray:
     return np.concatenate(parts)
 
 
+@contextlib.contextmanager
+def _inc_quiet() -> Iterator[None]:
+    """INC logs every tuning step at INFO on a handler of its own (over a hundred
+    lines a run) and sets its level from ``$LOGLEVEL`` when it first loads: kept
+    for ``-v``, otherwise only its errors reach the terminal."""
+    level = "DEBUG" if logger.isEnabledFor(logging.DEBUG) else "ERROR"
+    saved = os.environ.get("LOGLEVEL")
+    os.environ["LOGLEVEL"] = level
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("LOGLEVEL", None)
+        else:
+            os.environ["LOGLEVEL"] = saved
+        logging.getLogger("neural_compressor").setLevel(level)
+
+
 def quantize_teacher(
     net: torch.nn.Module,
     calibration: np.ndarray,
@@ -60,14 +82,15 @@ def quantize_teacher(
     max_f1_drop: float,
 ) -> tuple[Any, dict[str, Any]]:
     """INC PT2E static int8 of ``net``; autotune against validation F1 when it works."""
-    from neural_compressor.torch.export import export
-    from neural_compressor.torch.quantization import (
-        TuningConfig,
-        autotune,
-        convert,
-        get_default_static_config,
-        prepare,
-    )
+    with _inc_quiet():
+        from neural_compressor.torch.export import export
+        from neural_compressor.torch.quantization import (
+            TuningConfig,
+            autotune,
+            convert,
+            get_default_static_config,
+            prepare,
+        )
 
     from teacher.metrics import binary_metrics, choose_threshold
 

@@ -15,7 +15,7 @@ pytest.importorskip("neural_compressor")
 W, F = 4, 6
 
 
-def test_inc_int8_teacher_agrees_with_fp32(tmp_path) -> None:
+def test_inc_int8_teacher_agrees_with_fp32(tmp_path, capfd) -> None:
     from compress.inc import _probs, quantize_teacher, save_program
     from teacher.model import TeacherConfig, TeacherNet
 
@@ -36,7 +36,12 @@ def test_inc_int8_teacher_agrees_with_fp32(tmp_path) -> None:
         opt.step()
     net.eval()
 
+    capfd.readouterr()
     q, info = quantize_teacher(net, x[:128], x[400:500], y[400:500], 0.05)
+    # Found: INC's own INFO lines (over a hundred per run) filled the terminal.
+    noise = [line for line in capfd.readouterr().err.splitlines()
+             if "[INFO]" in line or "[WARNING]" in line]
+    assert noise == []
 
     fp = _probs(net, x[500:])
     qp = _probs(q, x[500:])
