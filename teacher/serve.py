@@ -295,6 +295,12 @@ def _own_folder(folder: Path) -> None:
             f"{folder} (for the default client id's lock) is not a folder of this "
             f"user; {hint}"
         )
+    if hasattr(os, "getuid") and info.st_mode & 0o022:
+        # Others could put lock files of their own there and take the ids.
+        raise UsageError(
+            f"{folder} (for the default client id's lock) is writable by other "
+            f"users (mode {stat.S_IMODE(info.st_mode):o}); chmod 700 it or {hint}"
+        )
 
 
 def _try_lock(path: Path) -> int | None:

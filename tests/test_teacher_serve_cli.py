@@ -385,6 +385,24 @@ def test_the_lock_folder_is_one_place_whatever_the_session(tmp_path, monkeypatch
     assert run_folder() == tmp_path / "locks"
 
 
+def test_a_lock_folder_others_can_write_is_refused(tmp_path, monkeypatch):
+    """Found: a folder of this user with mode 777 was taken as is, so another
+    user could put lock files there and hold the ids."""
+    from flows.errors import UsageError
+    from teacher.serve import claim_client_id
+
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o777)
+    monkeypatch.setenv("GATEWATCH_RUN_DIR", str(run))
+
+    with pytest.raises(UsageError, match="writable by other users \\(mode 777\\)"):
+        claim_client_id("grp", 3600)
+    assert list(run.iterdir()) == []
+    run.chmod(0o700)
+    assert claim_client_id("grp", 3600).locked
+
+
 def test_a_default_client_id_is_not_taken_from_a_folder_of_someone_else(
     tmp_path, monkeypatch
 ):
