@@ -27,6 +27,7 @@ from flows.errors import (
     EXIT_PARTIAL_INPUT,
     EXIT_USAGE,
     BadInputError,
+    GateError,
     GatewatchError,
     UsageError,
 )
@@ -51,6 +52,59 @@ exit codes:
   {EXIT_INTERRUPTED}  interrupted
 """
 
+RUN_DESCRIPTION = """\
+Distill students from the teacher, prune, quantize and export them for --target,
+load each back in its runtime and gate it against the teacher: validation F1 at
+most --max-f1-drop below the teacher's (with --gate split, also the unseen-type
+gap). The smallest passing artifact is written to --out. Every candidate tried
+is a row of the printed frontier, whose 'unseen' column is the split measure's
+gap: teacher minus artifact F1 on held-out attack types the threshold never saw
+(positive: the artifact is worse; '-': the teacher held out no types). --json
+prints the summary (artifacts, failed, frontier, teacher_metrics) on stdout, also
+when no candidate passes (exit 5, with the error line on stderr)."""
+RUN_EPILOG = f"""\
+exit codes:
+  {EXIT_OK}    ok: an artifact was written (with --target all, for at least one
+       target; the others are listed as not made)
+  {EXIT_FAILURE}    failure: the teacher checkpoint or a model is unusable, or an
+       export failed
+  {EXIT_USAGE}    usage: bad flags or arguments; an --out that is a file, lies in
+       the teacher's checkpoint or holds another target's artifact or
+       other files; --gate split with a teacher that held out no types
+  {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read
+  {EXIT_PARTIAL_INPUT}    partial input: a --dataset/--data file was damaged part way.
+       A file cut short is used up to the cut and the artifact written; a
+       bad row stops the run before anything is trained or written
+  {EXIT_GATE}    gate: no candidate passed the gate; the error line says which
+       rule they missed (validation F1, or the unseen-type gap). An --out
+       folder the run made is removed again; one that existed is kept
+  {EXIT_INTERRUPTED}  interrupted
+"""
+EVAL_DESCRIPTION = """\
+Score an artifact in its own runtime (ONNX Runtime or TFLite; with --micro, a
+tflite-micro C array in the TFLite Micro interpreter) on a labeled split of
+--dataset or on every labeled row of --data, at the artifact's own decision
+threshold, and print the same metrics as teacher eval (--json: every key). The
+artifact's files are checked against the sha256 in its manifest, and its probe
+windows scored, before any flow is."""
+EVAL_EPILOG = f"""\
+exit codes:
+  {EXIT_OK}    ok
+  {EXIT_FAILURE}    failure: the artifact is unusable: its folder or a file
+       missing, a file modified after it was written (sha256), a manifest
+       that is not valid JSON, a model its runtime refuses, probe windows
+       that do not score as recorded
+  {EXIT_USAGE}    usage: bad flags or arguments; a --dataset or --data that is
+       neither a registered dataset nor an existing file
+  {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read, the
+       data is of another family than the artifact's encoder, the split
+       has no labeled rows, or the manifest is not a JSON object
+  {EXIT_PARTIAL_INPUT}    partial input: a --data file was damaged part way. A file
+       cut short is scored up to the cut and its metrics printed; a bad
+       row stops with an error naming the file, line and column
+  {EXIT_INTERRUPTED}  interrupted
+"""
+
 TARGET_CHOICES = (
     "onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8", "tflite-micro",
     "torch-int8", "all",
@@ -72,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "command)")
     sub = parser.add_subparsers(dest="command")
 
-    run = sub.add_parser("run", help="distill, prune, quantize, export, verify, gate")
+    run = sub.add_parser("run", help="distill, prune, quantize, export, verify, gate",
+                         description=RUN_DESCRIPTION, epilog=RUN_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--target", required=True, choices=TARGET_CHOICES,
                      help="runtime and file format of the artifact; all: every "
                           "target, each in OUT/<target>")
@@ -124,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "attack types the threshold was not chosen on (needs a "
                           "teacher that held out types: nsl-kdd). Both are "
                           "measured and written to the manifest; the frontier's "
-                          "'unseen' column is the split gap")
+                          "'unseen' column is the split gap, teacher minus "
+                          "artifact (positive: the artifact is worse)")
     run.add_argument("--threshold-rule", choices=("f1", "teacher-rate"), default=None,
                      help="how each artifact's decision threshold is chosen on "
                           "validation: f1 = its own best F1 on the labels; "
@@ -140,9 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--qat", choices=("auto", "off", "always"), default="auto",
                      help="quantization-aware fine-tuning of MLP/CNN students for "
                           "int8 targets: auto (default) when every post-training "
-                          "quantization of a student misses the gate; always: also "
-                          "after a passing one (kept if its validation F1 is "
-                          "higher); off: never")
+                          "quantization of a student misses the gate but the float "
+                          "student passes it. QAT recovers what quantization lost, "
+                          "so with --gate split a float student whose own "
+                          "unseen-type gap is over --max-f1-drop is not fine-tuned "
+                          "(a generalization gap, not a quantization loss); "
+                          "always: also after a passing one, whatever the float "
+                          "student's gap (kept if its validation F1 is higher); "
+                          "off: never")
     run.add_argument("--qat-epochs", type=integer(1, 1000), default=3,
                      help="epochs of quantization-aware fine-tuning (default 3)")
     run.add_argument("--no-timing", action="store_true", help="skip latency timing")
@@ -158,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                      default=argparse.SUPPRESS,
                      help="log gatewatch's info messages too")
 
-    ev = sub.add_parser("eval", help="score an artifact in its runtime")
+    ev = sub.add_parser("eval", help="score an artifact in its runtime",
+                        description=EVAL_DESCRIPTION, epilog=EVAL_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--artifact", required=True, type=Path,
                     help="artifact folder (with manifest.json)")
     src = ev.add_mutually_exclusive_group(required=True)
@@ -265,7 +329,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``compress run``."""
     import torch
 
-    from compress.pipeline import RunConfig, frontier_table, run
+    from compress.pipeline import (
+        UNSEEN_LEGEND,
+        GateMissed,
+        RunConfig,
+        frontier_table,
+        run,
+    )
     from student.distill import DistillConfig
 
     _check_out(args.out, args.teacher)  # what the --out folder holds: run() checks
@@ -296,7 +366,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         time_latency=not args.no_timing,
         argv=["compress", *sys.argv[1:]],
     )
-    result = run(cfg, progress=_progress(args.quiet))
+    try:
+        result = run(cfg, progress=_progress(args.quiet))
+    except GateMissed as exc:
+        if not args.json:
+            raise  # the error line, then the frontier table, on stderr
+        # The summary on stdout as after a success (no artifacts); the error line
+        # on stderr without the table, which the JSON holds.
+        print(json.dumps(_summary(exc.result), indent=2))
+        raise GateError(exc.reason) from exc
     summary = _summary(result)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -305,6 +383,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if cfg.gate == "split" else "validation F1")
         print(f"frontier (every candidate tried; gate on {gate}):")
         print(frontier_table(result.frontier))
+        print(UNSEEN_LEGEND)
         print()
         print(_artifact_table(summary["artifacts"]))
         for target, why in result.failed.items():
@@ -313,6 +392,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _summary(result: Any) -> dict[str, Any]:
+    """The run's summary as plain data (what ``--json`` prints): each artifact
+    written, each target not made with why, every candidate tried, the teacher's
+    metrics."""
     arts = {}
     for target, folder in result.artifacts.items():
         m = json.loads((Path(folder) / "manifest.json").read_text())

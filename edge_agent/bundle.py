@@ -1046,13 +1046,55 @@ def _add_file(tar: tarfile.TarFile, name: str, handle: IO[bytes], size: int) -> 
 # ------------------------------------------------------------------------------- CLI
 
 
+# The help of keygen and verify: what each does and its exit codes.
+VERIFY_DESCRIPTION = """\
+Check a bundle made by edge-agent bundle without installing anything: the
+Ed25519 signature of its manifest under --pubkey, then every member against
+the size and sha256 the signed manifest lists (no member unlisted, none
+missing). Prints the agent and model versions and the signing key's id.
+edge-agent flash runs the same check before it installs a bundle."""
+VERIFY_EPILOG = """\
+exit codes:
+  0    the signature and every file hash hold
+  2    usage: bad flags or arguments, or a --pubkey file that does not
+       exist
+  3    bad input: a bundle that cannot be opened, is truncated or is
+       not a gzip tar, was changed after signing (a member altered, added
+       or missing, a link or special file) or was signed by another key;
+       a --pubkey that cannot be read or is not an Ed25519 public key
+  130  interrupted (Ctrl-C)
+"""
+KEYGEN_DESCRIPTION = """\
+Make a new Ed25519 signing key pair in --out: signing.key, the private key
+(PKCS#8 PEM, mode 0600), which signs bundles and model updates and stays off
+the gateways, and signing.pub, the public key that edge-agent verify and flash
+take as --pubkey and a gateway's update_public_key names. Prints both paths and
+the key id. A pair already there is replaced only with --force: losing a signing
+key strands every gateway that trusts it."""
+KEYGEN_EPILOG = """\
+exit codes:
+  0    key pair written
+  1    failure: a key file cannot be written (disk full, I/O error);
+       what was written is removed, never half a pair
+  2    usage: bad flags or arguments; an --out that holds a key pair
+       already (without --force), is a file, lies under a file, or cannot
+       be made or written in
+  130  interrupted (Ctrl-C)
+"""
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``keygen``, ``bundle``, ``verify``, ``flash``, ``rollback``, ``pack-update``.
 
     Each sets ``func(args) -> int``; gatewatch errors propagate to the caller's
     ``main``, which prints them and returns their exit code.
     """
-    p = subparsers.add_parser("keygen", help="make an Ed25519 signing key pair")
+    p = subparsers.add_parser(
+        "keygen",
+        help="make an Ed25519 signing key pair",
+        description=KEYGEN_DESCRIPTION,
+        epilog=KEYGEN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "-o",
         "--out",
@@ -1126,7 +1168,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_cmd_bundle)
 
-    p = subparsers.add_parser("verify", help="check a bundle's signature and hashes")
+    p = subparsers.add_parser(
+        "verify",
+        help="check a bundle's signature and hashes",
+        description=VERIFY_DESCRIPTION,
+        epilog=VERIFY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("bundle", type=Path, help="the bundle file to check")
     p.add_argument(
         "--pubkey",

@@ -658,3 +658,189 @@ def test_rerun_replaces_its_own_artifact_and_drops_old_files(
     new = json.loads((out / "manifest.json").read_text())
     assert new["target"] == "onnx-int8"
     assert {p.name for p in out.iterdir()} == {"manifest.json", *new["sha256"]}
+
+
+# ------------------------------------------------ gate misses: reasons, JSON, --out
+
+
+def _fake_split_measure(monkeypatch, gap_over: float = 0.015) -> None:
+    """Give the module's teacher (which held out no types) a split measure whose
+    gap is ``gap_over`` beyond ``--max-f1-drop`` for every student and artifact:
+    two divisions of the validation rows into halves, and a student F1 on them
+    that far below the teacher's."""
+    import compress.pipeline as pipeline
+
+    def pairs(details, held):
+        a = np.arange(len(details)) % 2 == 0
+        return [(a, ~a), (~a, a)]
+
+    def split_f1(ctx, p_val):
+        if not ctx.split_pairs:
+            return None
+        return ctx.split_teacher_f1 - (ctx.cfg.max_f1_drop + gap_over)
+
+    monkeypatch.setattr(pipeline, "type_split_pairs", pairs)
+    monkeypatch.setattr(pipeline, "_split_f1", split_f1)
+
+
+def test_split_gate_miss_names_the_unseen_gap_and_skips_qat(
+    teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found: with --gate split, students that passed on validation F1 and missed
+    only on the unseen-type gap were noted "quantized model misses the gate", the
+    error stated the validation-F1 rule alone (which they met), and --qat auto
+    fine-tuned them although the float student had the same gap (QAT recovers
+    quantization loss, not generalization)."""
+    import compress.pipeline as pipeline
+
+    _fake_split_measure(monkeypatch)
+    calls = []
+    monkeypatch.setattr(pipeline, "qat_finetune",
+                        lambda *a, **k: calls.append(1) or pytest.fail("QAT ran"))
+    cfg = _fast_config(target="onnx-int8", teacher=teacher_dir, out=tmp_path / "art",
+                       student="mlp", widths=(16,), max_f1_drop=0.1, gate="split",
+                       qat="auto")
+    with pytest.raises(pipeline.GateMissed) as caught:
+        pipeline.run(cfg)
+
+    exc = caught.value
+    rows = exc.result.frontier
+    teacher_f1 = exc.result.teacher_metrics["val"]["f1"]
+    assert rows and not calls and not any(r.qat for r in rows)
+    for r in rows:
+        assert r.val_f1 >= teacher_f1 - 0.1  # validation F1 passes...
+        assert r.split_gap == pytest.approx(0.115)  # ...the gap does not
+        assert r.note.startswith(
+            "quantized model misses the gate: unseen-type gap 0.1150 > 0.1"), r.note
+        assert "validation F1" not in r.note
+    assert "no QAT: the float student's unseen-type gap 0.1150 > 0.1" in rows[-1].note
+    assert exc.reason.startswith(
+        f"no artifact passed the gate for onnx-int8: validation F1 must be >= "
+        f"teacher {teacher_f1:.4f} - 0.1, and (--gate split) the unseen-type gap")
+    assert "must be <= 0.1" in exc.reason
+    assert "smallest unseen-type gap 0.1150" in exc.reason
+    assert (f"{len(rows)} passed on validation F1 but missed on the unseen-type gap "
+            "alone") in exc.reason
+    assert "unseen-type gap 0.1150" in exc.result.failed["onnx-int8"]
+    assert pipeline.UNSEEN_LEGEND in str(exc)  # under the frontier table
+
+
+def test_qat_auto_runs_when_ptq_alone_lost_the_unseen_gap(
+    teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other side of the rule: the float student is within the gap, the
+    quantized ones are not, so quantization lost it and --qat auto fine-tunes."""
+    import compress.pipeline as pipeline
+
+    _fake_split_measure(monkeypatch)
+    monkeypatch.setattr(pipeline, "_float_split_gap", lambda ctx, model: 0.0)
+    cfg = _fast_config(target="onnx-int8", teacher=teacher_dir, out=tmp_path / "art",
+                       student="mlp", widths=(16,), max_f1_drop=0.1, gate="split",
+                       qat="auto", qat_epochs=1)
+    with pytest.raises(pipeline.GateMissed) as caught:
+        pipeline.run(cfg)
+
+    rows = caught.value.result.frontier
+    qat = [r for r in rows if r.qat]
+    assert len(qat) == 1 and qat[0].note.endswith(
+        "misses the gate: unseen-type gap 0.1150 > 0.1"), qat[0].note
+    assert not any("no QAT" in r.note for r in rows)
+
+
+def _never_passes(teacher_dir: Path, out: Path) -> list[str]:
+    """A ``compress run`` whose one student (one epoch at a negligible learning
+    rate) cannot match the teacher with zero allowed drop: exit 5, in a second."""
+    return ["run", "--target", "onnx-fp32", "--teacher", str(teacher_dir),
+            "--out", str(out), "--student", "mlp", "--widths", "2",
+            "--max-f1-drop", "0", "--epochs", "1", "--lr", "1e-7", "--no-prune",
+            "-q"]
+
+
+def test_json_summary_on_stdout_when_nothing_passes(
+    teacher_dir: Path, onnx_run, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Found: ``compress run --json`` printed nothing on stdout on exit 5. Now the
+    summary has the shape of a success's, and the error line stays on stderr."""
+    from compress.cli import _summary, main
+    from compress.pipeline import FLOAT_MISSES
+
+    code = main([*_never_passes(teacher_dir, tmp_path / "none"), "--json"])
+
+    captured = capsys.readouterr()
+    assert code == 5
+    summary = json.loads(captured.out)
+    assert summary.keys() == _summary(onnx_run[1]).keys()
+    assert summary["artifacts"] == {}
+    assert summary["failed"]["onnx-fp32"].startswith(
+        "no candidate passed the gate (1 candidate tried; best validation F1")
+    assert [r["note"] for r in summary["frontier"]] == [FLOAT_MISSES]
+    assert summary["frontier"][0]["student"] == "mlp-2"
+    assert summary["teacher_metrics"]["val"]["f1"] > 0.8
+    assert captured.err.startswith("error: no artifact passed the gate for onnx-fp32:")
+    assert "validation F1 must be >= teacher" in captured.err
+    assert len(captured.err.splitlines()) == 1  # the table is in the JSON
+
+
+def test_exit_5_removes_only_an_out_folder_the_run_made(
+    teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found: a run that exits 5 left an empty --out folder behind (its candidates
+    were staged in it). It goes now, with the parents the run made for it; a
+    folder that was there before stays."""
+    from compress.cli import main
+
+    _fake_split_measure(monkeypatch)  # exported, then missing on the gap
+
+    def argv(out: Path) -> list[str]:
+        return ["run", "--target", "onnx-fp32", "--teacher", str(teacher_dir),
+                "--out", str(out), "--student", "mlp", "--widths", "16",
+                "--max-f1-drop", "0.1", "--gate", "split", "--epochs", "8",
+                "--batch-size", "64", "--lr", "1e-2", "--no-prune", "--no-timing",
+                "--calibration-windows", "128", "-q"]
+
+    made = tmp_path / "new" / "deeper" / "art"
+    assert main(argv(made)) == 5
+    assert "exported model misses the gate: unseen-type gap" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+    there = tmp_path / "there"
+    there.mkdir()
+    assert main(argv(there)) == 5
+    assert there.is_dir() and list(there.iterdir()) == []
+    capsys.readouterr()
+
+
+def test_help_of_run_eval_verify_and_keygen_says_what_and_exit_codes() -> None:
+    """``compress run/eval --help`` and ``edge-agent verify/keygen --help`` have a
+    description and the exit codes each command can return; run's says what the
+    frontier's unseen column's sign means."""
+    import argparse
+    import re
+
+    from compress.cli import build_parser
+    from edge_agent.cli import build_parser as agent_parser
+
+    def commands(parser):
+        return next(a for a in parser._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+
+    compress_cmds, agent_cmds = commands(build_parser()), commands(agent_parser())
+    want = {
+        "run": (compress_cmds, "0 1 2 3 4 5 130"),
+        "eval": (compress_cmds, "0 1 2 3 4 130"),
+        "verify": (agent_cmds, "0 2 3 130"),
+        "keygen": (agent_cmds, "0 1 2 130"),
+    }
+    for name, (cmds, codes) in want.items():
+        if name not in cmds:  # the bundle commands are optional
+            continue
+        command = cmds[name]
+        text = command.format_help()
+        assert command.description, name
+        tail = text.split("exit codes:\n", 1)[1]
+        listed = re.findall(r"^  (\d+) ", tail, flags=re.MULTILINE)
+        assert listed == codes.split(), (name, listed)
+    run_help = compress_cmds["run"].format_help()
+    assert "positive: the artifact is worse" in run_help
+    assert "unseen-type gap" in run_help
