@@ -44,7 +44,10 @@ exit codes:
        a bad line with --on-error fail: a bad value, an address that
        is not IPv4/IPv6, a port outside 0..65535, a line over 1 MiB;
        gzip text past $GATEWATCH_MAX_INFLATED bytes, 2 GiB by
-       default); the rows read before it are still shown or written
+       default); the rows read before it are still shown or written.
+       Damaged packets in a capture (a time before 1970, cut
+       headers) are skipped and the read goes on: exit 4 too, the
+       error line saying how many and where the first was
   {EXIT_INTERRUPTED}  interrupted
 """
 
@@ -226,7 +229,8 @@ def summarize(result) -> dict:
         "format": result.format,
         "family": result.family,
         "rows": table.num_rows,
-        # TODO(gap): the readers count label texts before bad rows are dropped.
+        # Counted over the rows kept (not bad rows, rows after a stop, or rows
+        # --drop-unlabeled left out), as everything else here.
         "labels": result.stats.get("labels", {}),
         "label_values": _label_values(table),
         "nulls": {
@@ -352,12 +356,59 @@ def _finish_code(result, partial: PartialInputError | None, where: str) -> int:
         )
         return EXIT_BAD_INPUT
     if result.partial:
-        kept = "nothing usable came before it" if empty else (
-            "the rows before it were kept"
-        )
-        print(f"error: {where}: damaged part way; {kept}", file=sys.stderr)
+        print(f"error: {_damage_sentence(result, where, empty)}", file=sys.stderr)
         return EXIT_BAD_INPUT if empty else EXIT_PARTIAL_INPUT
     return EXIT_OK
+
+
+def _damage_sentence(result, where: str, empty: bool) -> str:
+    """Where each input was damaged and what came of it, as one sentence.
+
+    A read that stopped at the damage (a cut, bytes that are no record) kept only
+    the rows before it; damaged packets a capture read went on past were skipped
+    (or read as far as they go) and the other packets' rows were kept.
+    """
+    stopped_in = {found.path for found in result.damage if found.stopped}
+    parts, last_path = [], None
+    for found in result.damage:
+        who = "then" if found.path == last_path else found.path + ":"
+        last_path = found.path
+        at = f" at {found.place}" if found.place else ""
+        if found.stopped:
+            parts.append(f"{who} damaged part way{at}: {found.what}")
+            continue
+        first = f"{at}" if found.records == 1 else f", the first{at}"
+        part = f"{who} {_damaged_packets(found)}{first}: {found.what}"
+        if found.path not in stopped_in and not empty:
+            one = found.records == 1
+            part += (
+                f"; the read went on past {'it' if one else 'them'} and kept the "
+                "rows of the other packets"
+            )
+        parts.append(part)
+    if not parts:  # partial, but no place known
+        parts.append(f"{where}: damaged part way")
+        stopped_in.add(where)
+    if empty:
+        tail = "nothing usable came before it" if stopped_in else (
+            "nothing usable was read"
+        )
+    elif stopped_in:
+        tail = "the rows before it were kept"
+    else:
+        return "; ".join(parts)
+    return "; ".join(parts) + "; " + tail
+
+
+def _damaged_packets(found) -> str:
+    """``2 damaged packets skipped`` and the like, for a capture's damaged packets."""
+    n, skipped = found.records, found.skipped
+    noun = "damaged packet" if n == 1 else "damaged packets"
+    if skipped >= n:
+        return f"{n} {noun} skipped"
+    if skipped == 0:
+        return f"{n} {noun} read as far as {'it goes' if n == 1 else 'they go'}"
+    return f"{n} {noun} ({skipped} skipped, {n - skipped} read as far as they go)"
 
 
 def _where(args) -> str:

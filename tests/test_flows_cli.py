@@ -160,7 +160,8 @@ def test_capture_cut_inside_its_header_is_bad_input(capsys, data_dir, tmp_path):
     code, _, err = run(capsys, "inspect", str(src))
     assert code == 3
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
-        f"error: {src}: damaged part way; nothing usable came before it"
+        f"error: {src}: damaged part way at byte offset 0: the file ends inside "
+        "the 24-byte pcap file header; nothing usable came before it"
     ]
 
     # convert writes nothing, and a good output from before stays as it was.
@@ -313,3 +314,87 @@ def test_convert_names_the_inputs_a_stop_left_unread(tmp_path, capsys):
     assert code == 4
     assert f"1 input(s) after {bad} were not read: {last}" in err
     assert len(read(str(tmp_path / "m.parquet")).table) == 2  # ok's row, bad's row
+
+
+# ------------------------------------------- where a capture's damage is named
+
+
+def _pcapng_with_offset(tmp_path, name, stamps, cut=0):
+    """A pcapng whose interface has if_tsoffset -3600 s and one DNS packet per
+    stamp (µs ticks; below 3600 s is before 1970), its last ``cut`` bytes cut
+    off; returns the path and each packet block's byte offset."""
+    from tests.test_meter_craft import pcapng_epb, pcapng_shb
+    from tests.test_meter_damage import _dns, _idb_with_offset
+
+    blob = pcapng_shb() + _idb_with_offset(-3600)
+    offsets = []
+    for i, seconds in enumerate(stamps):
+        offsets.append(len(blob))
+        blob += pcapng_epb(0, seconds * 10**6, _dns(1000 + i))
+    path = tmp_path / name
+    path.write_bytes(blob[: len(blob) - cut])
+    return path, offsets
+
+
+BEFORE_1970 = (
+    "packet time stamp is unusable: expected a time in epoch seconds >= 0 "
+    "(1970 or later), found -2600.0"
+)
+
+
+def _errors(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_a_capture_cut_in_its_last_block_names_the_place(capsys, tmp_path, command):
+    """Found: the error line said only 'damaged part way; the rows before it were
+    kept'; the byte offset was on a warning line before it."""
+    path, offsets = _pcapng_with_offset(tmp_path, "cut.pcapng", [5000, 5001], cut=10)
+    extra = ["-o", str(tmp_path / "o.parquet")] if command == "convert" else []
+    code, _, err = run(capsys, command, str(path), *extra)
+    assert code == 4
+    assert _errors(err) == [
+        f"error: {path}: damaged part way at byte offset {offsets[1]}: the file "
+        "ends inside a block of type 0x6 (70 of 80 bytes); the rows before it "
+        "were kept"
+    ]
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_a_packet_before_1970_is_counted_not_called_part_way(
+    capsys, tmp_path, command
+):
+    """Found: one packet stamped before 1970 in the middle of a capture gave
+    'damaged part way; the rows before it were kept' although the packet after
+    it was read and kept too."""
+    path, offsets = _pcapng_with_offset(tmp_path, "t.pcapng", [5000, 1000, 5001])
+    extra = ["-o", str(tmp_path / "o.parquet")] if command == "convert" else []
+    code, _, err = run(capsys, command, str(path), *extra)
+    assert code == 4  # damaged input, as documented: skipped as bad_time
+    assert _errors(err) == [
+        f"error: {path}: 1 damaged packet skipped at byte offset {offsets[1]}: "
+        f"{BEFORE_1970}; the read went on past it and kept the rows of the other "
+        "packets"
+    ]
+    assert "part way" not in err
+    assert "note: skipped 1 bad packet record(s)" in err.splitlines()
+    result = read(str(path))
+    assert result.table.column("ts").to_pylist() == [1400.0, 1401.0]
+    assert [(d.place, d.stopped, d.records, d.skipped) for d in result.damage] == [
+        (f"byte offset {offsets[1]}", False, 1, 1)
+    ]
+
+
+def test_packets_before_1970_then_a_cut_name_both(capsys, tmp_path):
+    path, offsets = _pcapng_with_offset(
+        tmp_path, "both.pcapng", [5000, 1000, 1000, 5001, 5002], cut=10
+    )
+    code, out, err = run(capsys, "inspect", "--json", str(path))
+    assert code == 4 and json.loads(out)["rows"] == 2
+    assert _errors(err) == [
+        f"error: {path}: 2 damaged packets skipped, the first at byte offset "
+        f"{offsets[1]}: {BEFORE_1970}; then damaged part way at byte offset "
+        f"{offsets[4]}: the file ends inside a block of type 0x6 (70 of 80 "
+        "bytes); the rows before it were kept"
+    ]

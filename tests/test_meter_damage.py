@@ -382,3 +382,119 @@ def test_pcapng_block_shorter_than_its_fixed_fields(tmp_path, engine, block, mes
     assert str(info.value) == (
         f"{path}, byte offset {len(first)}: {message}; no packet could be read"
     )
+
+
+def _idb_with_options(*options: tuple[int, bytes], claim: int | None = None) -> bytes:
+    """An Ethernet interface description block with these options (code, value),
+    each padded to 4 bytes; ``claim`` makes the last one claim that many bytes."""
+    body = struct.pack("<HHI", 1, 0, 0)
+    for i, (code, value) in enumerate(options):
+        length = claim if claim is not None and i == len(options) - 1 else len(value)
+        body += struct.pack("<HH", code, length) + value + b"\0" * (-len(value) % 4)
+    if claim is None:
+        body += struct.pack("<HH", 0, 0)
+    n = len(body) + 12
+    return struct.pack("<II", 1, n) + body + struct.pack("<I", n)
+
+
+IDB_OPTIONS = {
+    "tsresol-twice": (
+        [(9, b"\x06"), (9, b"\x09")],
+        None,
+        "has if_tsresol twice (0x06 at byte 16, then 0x09 at byte 24): expected it "
+        "at most once, as the pcapng format allows one per interface",
+    ),
+    "tsresol-empty": (
+        [(9, b"")],
+        None,
+        "has an if_tsresol option of 0 bytes at byte 16: expected 1 byte (the time "
+        "unit)",
+    ),
+    "option-past-the-end": (
+        [(2, b"eth0")],
+        40,
+        "has an option (code 2) at byte 16 that claims 40 bytes, past the block's "
+        "options, which end at byte 24: expected every option inside its block",
+    ),
+    "tsresol-past-the-end": (
+        [(2, b"eth0"), (9, b"\x09")],
+        5,
+        "has an option (code 9) at byte 24 that claims 5 bytes, past the block's "
+        "options, which end at byte 32: expected every option inside its block",
+    ),
+    "tsoffset-twice": (
+        [(14, struct.pack("<q", 0)), (14, struct.pack("<q", 3600))],
+        None,
+        "has if_tsoffset twice (0 s at byte 16, then 3600 s at byte 28): expected "
+        "it at most once, as the pcapng format allows one per interface",
+    ),
+    "tsoffset-short": (
+        [(14, struct.pack("<i", 3600))],
+        None,
+        "has an if_tsoffset option of 4 bytes at byte 16: expected 8 bytes (a "
+        "signed 64-bit count of seconds)",
+    ),
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("case", sorted(IDB_OPTIONS))
+def test_pcapng_interface_with_malformed_options_is_bad_input(tmp_path, engine, case):
+    """Found: an IDB with if_tsresol 6 then 9 took the last (times 1000x off),
+    and an option running past the block's end or an empty if_tsresol was taken
+    silently. The pcapng format allows if_tsresol and if_tsoffset once each."""
+    options, claim, what = IDB_OPTIONS[case]
+    path = tmp_path / "idb.pcapng"
+    path.write_bytes(
+        pcapng_shb()
+        + _idb_with_options(*options, claim=claim)
+        + pcapng_epb(0, 10**15, _dns(1))
+    )
+    message = f"interface description block for interface 0 {what}"
+    for on_error in ("fail", "skip"):
+        with pytest.raises(BadInputError) as info:
+            read_capture(path, engine=_engine(engine), on_error=on_error)
+        err = info.value
+        assert not isinstance(err, PartialInputError)
+        assert (err.path, err.offset, err.exit_code) == (str(path), 28, 3)
+        assert str(err) == f"{path}, byte offset 28: {message}; no packet could be read"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pcapng_time_unit_given_twice_later_keeps_the_packets_before(
+    tmp_path, engine
+):
+    blob = pcapng_shb() + pcapng_idb(1) + pcapng_epb(0, 1000 * 10**6, _dns(1000))
+    bad_at = len(blob)
+    blob += _idb_with_options((9, b"\x06"), (9, b"\x09"))
+    blob += pcapng_epb(1, 2000 * 10**9, _dns(2000))
+    path = tmp_path / "later.pcapng"
+    path.write_bytes(blob)
+    message = (
+        "interface description block for interface 1 has if_tsresol twice (0x06 "
+        "at byte 16, then 0x09 at byte 24): expected it at most once, as the "
+        "pcapng format allows one per interface"
+    )
+    res = read_capture(path, engine=_engine(engine), on_error="skip")
+    assert one_warning(res, path, bad_at) == f"{path}: byte offset {bad_at}: {message}"
+    assert [(r["ts"], r["src_port"]) for r in res.table.to_pylist()] == [(1000.0, 1000)]
+    with pytest.raises(PartialInputError) as info:
+        read_capture(path, engine=engine, on_error="fail")
+    assert str(info.value) == (
+        f"{path}, byte offset {bad_at}: {message}; the packets before it were kept"
+    )
+    assert info.value.exit_code == 4
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pcapng_one_time_unit_and_offset_each_still_read(tmp_path, engine):
+    """One if_tsresol (10^-9 s) and one if_tsoffset (100 s), with another option
+    between them: the packet's time is 100 + 5 s."""
+    idb = _idb_with_options(
+        (9, b"\x09"), (2, b"eth0"), (14, struct.pack("<q", 100))
+    )
+    path = tmp_path / "ok.pcapng"
+    path.write_bytes(pcapng_shb() + idb + pcapng_epb(0, 5 * 10**9, _dns(1)))
+    res = read_capture(path, engine=_engine(engine))
+    assert res.table.column("ts").to_pylist() == [105.0]
+    assert not res.partial and res.warnings == [] and res.damage == []

@@ -181,17 +181,21 @@ def read_capture(
     ]
     warning, damage = _damage_note(path, reader.damage, meter)
     stats["damage"] = damage
+    skipped = (
+        sum(meter.skipped.values())
+        - meter.skipped.get("non_ip", 0)
+        - meter.skipped.get("fragments_held", 0)
+        - meter.skipped.get("other_ip_protocol", 0)
+    )
     result = ReadResult(
         table,
         reader.format or "pcap",
         "conn",
-        skipped=sum(meter.skipped.values())
-        - meter.skipped.get("non_ip", 0)
-        - meter.skipped.get("fragments_held", 0)
-        - meter.skipped.get("other_ip_protocol", 0),
+        skipped=skipped,
         warnings=[warning] if warning else [],
         partial=warning is not None,
         stats=stats,
+        damage=_damage_list(path, reader.damage, meter, skipped),
     )
     # The warning travels in the result (readers print it); log it at INFO only.
     if warning:
@@ -283,6 +287,31 @@ def _open(path: str) -> CaptureReader:
     if p.is_dir():
         raise BadInputError("is a folder, expected a capture file", path=path)
     return CaptureReader(path)
+
+
+def _damage_list(path: str, damage: Damage | None, meter: FlowMeter, skipped: int):
+    """The damage of one capture as ``ReadResult.damage``: the damaged packets the
+    read went on past (the first one's place; how many, how many skipped), then
+    the place where the read stopped, if it stopped early."""
+    from flows.readers.result import Damage as Found
+
+    found = []
+    if meter.damage is not None:
+        found.append(
+            Found(
+                path,
+                meter.damage.message,
+                place=f"byte offset {meter.damage.offset}",
+                stopped=False,
+                records=meter.damage.count,
+                skipped=min(skipped, meter.damage.count),
+            )
+        )
+    if damage is not None:
+        found.append(
+            Found(path, damage.message, place=f"byte offset {damage.offset}")
+        )
+    return found
 
 
 def _damage_note(path: str, damage: Damage | None, meter: FlowMeter):

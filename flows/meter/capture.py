@@ -334,7 +334,12 @@ def _parse_idb(body: bytes, order: str) -> tuple[int, int, float, float] | str:
 
     A block that cannot describe an interface gives a message instead (the end of
     a sentence that starts with the block's name): a body shorter than its fixed
-    fields, or an ``if_tsresol`` finer than the meter can represent.
+    fields, an option whose length runs past the block's end, an ``if_tsresol``
+    that is not one byte, is given twice or is finer than the meter can represent,
+    or an ``if_tsoffset`` that is not eight bytes or is given twice. (The pcapng
+    format allows each of the two once per interface: with two, either could be
+    meant, and the wrong one puts every packet's time far off.) Places are byte
+    offsets from the block's start.
     """
     if len(body) < 8:
         return (
@@ -343,14 +348,30 @@ def _parse_idb(body: bytes, order: str) -> tuple[int, int, float, float] | str:
         )
     link, _, snap = struct.unpack_from(order + "HHI", body, 0)
     scale, tsoff = 1e-6, 0.0
+    seen: dict[int, tuple[int, str]] = {}  # option code -> (place, value as shown)
     pos = 8
     while pos + 4 <= len(body):
         code, length = struct.unpack_from(order + "HH", body, pos)
         if code == 0:
             break
+        at = pos + 8  # the option's place in the block (type and length come first)
+        if pos + 4 + length > len(body):
+            return (
+                f"has an option (code {code}) at byte {at} that claims {length} "
+                f"bytes, past the block's options, which end at byte "
+                f"{len(body) + 8}: expected every option inside its block"
+            )
         value = body[pos + 4 : pos + 4 + length]
-        if code == 9 and length >= 1:
+        if code == 9:
+            if length != 1:
+                return (
+                    f"has an if_tsresol option of {length} bytes at byte {at}: "
+                    "expected 1 byte (the time unit)"
+                )
             res = value[0]
+            if code in seen:
+                return _twice("if_tsresol", seen[code], (at, f"{res:#04x}"))
+            seen[code] = (at, f"{res:#04x}")
             exponent = res & 0x7F
             if exponent > (MAX_TSRESOL_BIN if res & 0x80 else MAX_TSRESOL_DEC):
                 unit = f"2^-{exponent}" if res & 0x80 else f"10^-{exponent}"
@@ -362,13 +383,31 @@ def _parse_idb(body: bytes, order: str) -> tuple[int, int, float, float] | str:
                     f"{0x80 | MAX_TSRESOL_BIN:#04x})"
                 )
             scale = 2.0**-exponent if res & 0x80 else 10.0**-exponent
-        elif code == 14 and length >= 8:
+        elif code == 14:
+            if length != 8:
+                return (
+                    f"has an if_tsoffset option of {length} bytes at byte {at}: "
+                    "expected 8 bytes (a signed 64-bit count of seconds)"
+                )
+            seconds = struct.unpack_from(order + "q", value, 0)[0]
+            if code in seen:
+                return _twice("if_tsoffset", seen[code], (at, f"{seconds} s"))
+            seen[code] = (at, f"{seconds} s")
             # A negative offset can put packets before 1970: the meter skips each
             # such packet as damaged (``bad_time``), as the readers make a
             # ts below 0 a bad row.
-            tsoff = float(struct.unpack_from(order + "q", value, 0)[0])
+            tsoff = float(seconds)
         pos += 4 + ((length + 3) & ~3)
     return link, snap, scale, tsoff
+
+
+def _twice(name: str, first: tuple[int, str], second: tuple[int, str]) -> str:
+    """The message for an interface option given twice (see :func:`_parse_idb`)."""
+    return (
+        f"has {name} twice ({first[1]} at byte {first[0]}, then {second[1]} at "
+        f"byte {second[0]}): expected it at most once, as the pcapng format "
+        "allows one per interface"
+    )
 
 
 def _parse_packet_block(btype: int, body: bytes, order: str, ifaces: list):

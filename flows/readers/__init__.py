@@ -299,6 +299,15 @@ def _combine(results: list[ReadResult]) -> ReadResult:
             labels[key] = labels.get(key, 0) + count
     stats["labels"] = labels
     stats["labeled"] = any(r.stats.get("labeled") for r in results)
+    label_text = None
+    if any(r.label_text is not None for r in results):
+        chunks = []
+        for r in results:
+            text = r.label_text
+            if text is None:
+                text = pa.nulls(len(r.table), type=pa.string())
+            chunks += text.chunks if isinstance(text, pa.ChunkedArray) else [text]
+        label_text = pa.chunked_array(chunks, type=pa.string())
     return ReadResult(
         table,
         "+".join(formats),
@@ -307,11 +316,15 @@ def _combine(results: list[ReadResult]) -> ReadResult:
         warnings=[w for r in results for w in r.warnings],
         partial=any(r.partial for r in results),
         stats=stats,
+        damage=[d for r in results for d in r.damage],
+        label_text=label_text,
     )
 
 
 def _drop_unlabeled(result: ReadResult, where: str, strict: bool = True) -> ReadResult:
     """Keep the rows with a 0/1 label; refuse when the input has no labels at all."""
+    from flows.readers._convert import value_counts
+
     table = result.table
     if "label" not in table.column_names or (
         strict and not result.stats.get("labeled", True)
@@ -325,6 +338,10 @@ def _drop_unlabeled(result: ReadResult, where: str, strict: bool = True) -> Read
     dropped = len(table) - (pc.sum(keep).as_py() or 0)
     result.table = table.filter(keep)
     result.stats["dropped_unlabeled"] = dropped
+    if result.label_text is not None:
+        # The label counts describe the rows kept: not the ones dropped here.
+        result.label_text = result.label_text.filter(keep)
+        result.stats["labels"] = value_counts(result.label_text)
     return result
 
 

@@ -179,16 +179,18 @@ def to_number(
     *,
     hex_ok: bool = False,
     non_finite_null: bool = False,
+    non_finite_rows: np.ndarray | None = None,
 ) -> tuple[pa.Array, int]:
     """Convert a string column to ``kind``; bad values become null and are noted.
 
     With ``non_finite_null`` the texts Infinity, -Infinity, inf, NaN and the empty
-    string read as null (the second value returned counts them); without it they
-    are bad values. ``hex_ok`` also accepts integers written ``0x...``.
+    string read as null (the second value returned counts them, and each row's
+    count is added to ``non_finite_rows`` when given); without it they are bad
+    values. ``hex_ok`` also accepts integers written ``0x...``.
     """
     target = arrow_type(kind)
     if non_finite_null:
-        arr, n_non_finite = _null_non_finite(arr)
+        arr, n_non_finite = _null_non_finite(arr, non_finite_rows)
     else:
         n_non_finite = 0
     try:
@@ -256,8 +258,13 @@ def _parse_one(text: str, kind: str, hex_ok: bool) -> int | float | None:
     return value if -limit - 1 <= value <= limit else None
 
 
-def _null_non_finite(arr: pa.Array) -> tuple[pa.Array, int]:
-    """Null out Infinity/NaN spellings; return the new column and their count."""
+def _null_non_finite(
+    arr: pa.Array, rows: np.ndarray | None = None
+) -> tuple[pa.Array, int]:
+    """Null out Infinity/NaN spellings; return the new column and their count.
+
+    ``rows``, when given, gets 1 added in each row that held one.
+    """
     lowered = pc.utf8_lower(pc.utf8_trim_whitespace(arr))
     hit = pc.is_in(
         lowered,
@@ -268,6 +275,8 @@ def _null_non_finite(arr: pa.Array) -> tuple[pa.Array, int]:
     count = pc.sum(hit).as_py() or 0
     if count:
         arr = pc.if_else(hit, pa.scalar(None, type=arr.type), arr)
+        if rows is not None:
+            rows += np.asarray(hit.fill_null(False), dtype=rows.dtype)
     return arr, count
 
 

@@ -8,18 +8,24 @@ are such rows, a plain :class:`BadInputError` when there are none). With
 ``on_error="skip"`` every problem row is dropped and counted in ``skipped``.
 A cut input (``cut``) is never an error: the rows before the cut are returned with
 ``partial=True`` and a warning saying where the input stopped.
+
+What a reader counts over its rows (``stats["labels"]`` from ``label_text``, and
+whatever its ``tally`` counts) is counted over the rows kept only, never over bad
+rows or rows after the first bad one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from flows import logger
 from flows.errors import BadInputError, PartialInputError
+from flows.readers._convert import value_counts
 from flows.readers._lazy import LazyModule
-from flows.readers.result import ReadResult
+from flows.readers.result import Damage, ReadResult
 
 pa = LazyModule("pyarrow")
 
@@ -49,6 +55,8 @@ def finish(
     warnings: list[str] | None = None,
     row_problems: dict[int, Problem] | None = None,
     unit: str = "line",
+    label_text: pa.Array | pa.ChunkedArray | None = None,
+    tally: Callable[[np.ndarray], tuple[dict, list[str]]] | None = None,
 ) -> ReadResult:
     """Apply ``on_error`` to the problems found in one file and return its result.
 
@@ -56,18 +64,46 @@ def finish(
     holds the lines that never became rows. ``lines[i]`` is the line of row ``i``
     (with ``unit="row"``, for inputs without lines such as Parquet, its 1-based
     row number; messages then say "row").
+
+    ``label_text`` holds each row's label as written (``stats["labels"]`` counts
+    it over the rows kept). ``tally(keep)`` is given a mask of the rows kept (one
+    entry per row of ``table``) and returns the stats it counts over them and the
+    warnings that say so; they follow the reader's own ``warnings``.
     """
     stats = dict(stats or {})
     warnings = list(warnings or [])
     row_problems = row_problems or {}
     every = list(problems) + list(row_problems.values())
 
+    def count_kept(keep: np.ndarray) -> tuple[object, list[str]]:
+        """Count the reader's per-row facts over the rows ``keep`` marks."""
+        labels = label_text
+        if labels is not None:
+            if len(labels) != len(table):
+                raise ValueError("label_text must hold one value per row of table")
+            if not keep.all():
+                labels = labels.filter(pa.array(keep))
+            stats["labels"] = value_counts(labels)
+        notes: list[str] = []
+        if tally is not None:
+            more, notes = tally(keep)
+            stats.update(more)
+        return labels, notes
+
     if every and on_error == "fail":
         first = min(every, key=lambda p: p.line)
-        kept = table.filter(pa.array(lines < first.line)) if len(table) else table
+        keep = np.asarray(lines < first.line, dtype=bool)
+        kept = table.filter(pa.array(keep)) if len(table) else table
+        labels, notes = count_kept(keep)
         note = f"{path}: stopped at {unit} {first.line}: {first.message}"
         result = ReadResult(
-            kept, fmt, family, warnings=warnings + [note], partial=True, stats=stats
+            kept,
+            fmt,
+            family,
+            warnings=warnings + notes + [note],
+            partial=True,
+            stats=stats,
+            label_text=labels,
         )
         logger.info("read %s: stopped at %s %d", path, unit, first.line)
         cls = PartialInputError if len(kept) else BadInputError
@@ -77,10 +113,12 @@ def finish(
         raise exc
 
     skipped = 0
+    keep = np.ones(len(table), dtype=bool)
+    if row_problems:
+        keep[np.fromiter(row_problems, dtype=np.int64)] = False
+    labels, notes = count_kept(keep)
+    warnings += notes
     if every:
-        keep = np.ones(len(table), dtype=bool)
-        if row_problems:
-            keep[np.fromiter(row_problems, dtype=np.int64)] = False
         table = table.filter(pa.array(keep))
         skipped = len({p.line for p in every})
         first = min(every, key=lambda p: p.line)
@@ -93,8 +131,11 @@ def finish(
         )
         stats["skipped_lines"] = sorted({p.line for p in every})[:20]
 
+    damage = []
     if cut is not None:
         warnings.append(cut)
+        what = cut.removeprefix(f"{path}: ")
+        damage.append(Damage(path, what, stopped=True))
     logger.info(
         "read %s: %d rows (%s), %d skipped%s",
         path,
@@ -111,6 +152,8 @@ def finish(
         warnings=warnings,
         partial=cut is not None,
         stats=stats,
+        damage=damage,
+        label_text=labels,
     )
 
 

@@ -134,18 +134,10 @@ def read_binetflow(
     out["dst_ip"] = col("DstAddr")
     out["src_port"] = number("Sport", "i64")
     out["dst_port"] = number("Dport", "i64")
-    warnings: list[str] = []
     non_ip = _non_ip(out["proto"], out["src_ip"], out["dst_ip"])
-    n_non_ip = pc.sum(non_ip).as_py() or 0
-    if n_non_ip:
+    if pc.any(non_ip).as_py():
         for canon in ("src_ip", "dst_ip"):
             out[canon] = pc.if_else(non_ip, pa.scalar(None, pa.string()), out[canon])
-        first = int(lines[int(np.flatnonzero(np.asarray(non_ip))[0])])
-        warnings.append(
-            f"{src.path}: {n_non_ip} Argus record(s) without IP addresses (management "
-            f"records, layer-2 flows with MAC addresses; the first at line {first}) "
-            "read with null src_ip/dst_ip"
-        )
     for canon, name in (("src_ip", "SrcAddr"), ("dst_ip", "DstAddr")):
         check_addresses(out[canon], name, bad)
     for canon, name in (("src_port", "Sport"), ("dst_port", "Dport")):
@@ -163,19 +155,36 @@ def read_binetflow(
     out["orig_pkts"] = src_pkts
     out["resp_pkts"] = _rest(tot_pkts, src_pkts, "SrcPkts", "TotPkts", bad)
 
-    stats: dict = {"labels": {}, "labeled": "label" in index, "non_ip": n_non_ip}
+    stats: dict = {"labels": {}, "labeled": "label" in index, "non_ip": 0}
     raw_label = col("Label")
+    written = None
     if raw_label is not None:
         written = pc.utf8_trim_whitespace(
             strings.column(f"c{index['label']}").combine_chunks()
         )
-        stats["labels"] = value_counts(written)
-        out["label"] = _labels(raw_label, warnings, src.path)
+        out["label"] = _labels(raw_label)
         out["label_detail"] = raw_label
         stats["labeled"] = bool(pc.any(pc.is_valid(raw_label)).as_py())
     direction = col("Dir")
-    if direction is not None:
-        stats["dir"] = value_counts(direction, null_as="")
+
+    def tally(keep: np.ndarray) -> tuple[dict, list[str]]:
+        """Records without IP addresses, Dir values and unknown labels in the rows
+        kept."""
+        notes: list[str] = []
+        mask = pa.array(keep)
+        lacking = np.flatnonzero(np.asarray(non_ip.fill_null(False)) & keep)
+        counted: dict = {"non_ip": len(lacking)}
+        if len(lacking):
+            notes.append(
+                f"{src.path}: {len(lacking)} Argus record(s) without IP addresses "
+                "(management records, layer-2 flows with MAC addresses; the first "
+                f"at line {int(lines[lacking[0]])}) read with null src_ip/dst_ip"
+            )
+        if raw_label is not None:
+            notes += _unknown_labels(raw_label.filter(mask), src.path)
+        if direction is not None:
+            counted["dir"] = value_counts(direction.filter(mask), null_as="")
+        return counted, notes
 
     table = pa.Table.from_arrays(
         [
@@ -198,8 +207,9 @@ def read_binetflow(
         family="conn",
         cut=src.cut or cut,
         stats=stats,
-        warnings=warnings,
         row_problems=row_problems,
+        label_text=written,
+        tally=tally,
     )
 
 
@@ -299,18 +309,26 @@ def _rest(
     return rest
 
 
-def _labels(text: pa.Array, warnings: list[str], path: str) -> pa.Array:
-    """Map CTU labels to 1/0/null; texts no rule knows read as null, with a note."""
+def _labels(text: pa.Array) -> pa.Array:
+    """Map CTU labels to 1/0/null; texts no rule knows read as null (see
+    :func:`_unknown_labels` for the note)."""
     unique = pc.unique(text).to_pylist()
     mapped = {u: ctu_label(u) for u in unique if u is not None}
-    unknown = sorted(k for k, v in mapped.items() if v == "?")
-    if unknown:
-        count = pc.sum(pc.is_in(text, value_set=pa.array(unknown))).as_py()
-        warnings.append(
-            f"{path}: {count} row(s) carry CTU labels that name neither "
-            f"Botnet/Malware, Normal nor Background; their label is null: "
-            f"{', '.join(unknown[:5])}"
-        )
     keys = [k for k, v in mapped.items() if v in (0, 1)]
     values = pa.array([mapped[k] for k in keys], pa.int8())
     return pc.take(values, pc.index_in(text, value_set=pa.array(keys, pa.string())))
+
+
+def _unknown_labels(text: pa.Array, path: str) -> list[str]:
+    """A note on the rows whose CTU label no rule knows (read as null), if any."""
+    unknown = sorted(
+        u for u in pc.unique(text).to_pylist() if u is not None and ctu_label(u) == "?"
+    )
+    if not unknown:
+        return []
+    count = pc.sum(pc.is_in(text, value_set=pa.array(unknown))).as_py()
+    return [
+        f"{path}: {count} row(s) carry CTU labels that name neither "
+        f"Botnet/Malware, Normal nor Background; their label is null: "
+        f"{', '.join(unknown[:5])}"
+    ]

@@ -43,7 +43,6 @@ from flows.readers._convert import (
     check_ports,
     check_times,
     to_number,
-    value_counts,
 )
 from flows.readers._finish import Problem, finish
 from flows.readers._source import Source
@@ -150,7 +149,7 @@ def read_unsw(src: Source, on_error: str) -> ReadResult:
 
     _check_endpoints(arrays, fields, bad)
     table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
-    stats = {"labels": value_counts(detail), "labeled": True}
+    stats = {"labels": {}, "labeled": True}
     return finish(
         table,
         lines,
@@ -162,6 +161,7 @@ def read_unsw(src: Source, on_error: str) -> ReadResult:
         cut=src.cut or cut,
         stats=stats,
         row_problems=_row_problems(bad, lines),
+        label_text=detail,
     )
 
 
@@ -207,7 +207,8 @@ def read_cic(src: Source, on_error: str) -> ReadResult:
         )
 
     bad = BadRows()
-    arrays, fields, non_finite = [], [], 0
+    arrays, fields = [], []
+    non_finite = np.zeros(strings.num_rows, dtype=np.int64)  # per row
     for i, name in enumerate(names):
         if i == label_index:
             continue
@@ -216,17 +217,22 @@ def read_cic(src: Source, on_error: str) -> ReadResult:
             arrays.append(arr)
             fields.append(pa.field(name, pa.string()))
             continue
-        values, count = to_number(arr, "f64", name, bad, non_finite_null=True)
+        values, _ = to_number(
+            arr, "f64", name, bad, non_finite_null=True, non_finite_rows=non_finite
+        )
         if name.lower() in CIC_COUNTS:
             check_counts(values, name, bad, whole=name.lower() in CIC_WHOLE)
-        non_finite += count
         arrays.append(values)
         fields.append(pa.field(name, pa.float64()))
-    if non_finite:
-        warnings.append(
-            f"{src.path}: {non_finite} Infinity/NaN/empty value(s) in "
-            "numeric columns read as null"
-        )
+
+    def tally(keep: np.ndarray) -> tuple[dict, list[str]]:
+        """Infinity/NaN/empty values, counted in the rows kept."""
+        count = int(non_finite[keep].sum())
+        notes = [
+            f"{src.path}: {count} Infinity/NaN/empty value(s) in numeric columns "
+            "read as null"
+        ] if count else []
+        return {"non_finite": count}, notes
 
     text = pc.utf8_trim_whitespace(strings.column(f"c{label_index}").combine_chunks())
     detail = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
@@ -236,10 +242,10 @@ def read_cic(src: Source, on_error: str) -> ReadResult:
     _check_endpoints(arrays, fields, bad)
     table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
     stats = {
-        "labels": value_counts(text),
+        "labels": {},
         "labeled": True,
         "repeated_headers": n_repeated,
-        "non_finite": non_finite,
+        "non_finite": 0,
     }
     return finish(
         table,
@@ -253,6 +259,8 @@ def read_cic(src: Source, on_error: str) -> ReadResult:
         stats=stats,
         warnings=warnings,
         row_problems=_row_problems(bad, lines),
+        label_text=text,
+        tally=tally,
     )
 
 

@@ -16,6 +16,8 @@ a difficulty column (``difficulty``, ``level``...), in any order.
 
 from __future__ import annotations
 
+import numpy as np
+
 from flows.errors import BadInputError
 from flows.readers._convert import BadRows, check_counts, to_number, value_counts
 from flows.readers._finish import Problem, finish
@@ -175,17 +177,18 @@ def read_kdd(src: Source, on_error: str) -> ReadResult:
     label = pc.cast(pc.not_equal(lowered, "normal"), pa.int8())
     family = pc.index_in(lowered, value_set=pa.array(list(ATTACK_FAMILY)))
     family = pc.take(pa.array(list(ATTACK_FAMILY.values())), family)
-    unknown = value_counts(
-        pc.filter(
-            label_text, pc.and_(pc.is_null(family), pc.not_equal(lowered, "anomaly"))
-        )
-    )
-    warnings = []
-    if unknown:
-        warnings.append(
+    outside = pc.and_(pc.is_null(family), pc.not_equal(lowered, "anomaly"))
+
+    def tally(keep: np.ndarray) -> tuple[dict, list[str]]:
+        """A note on the attack names outside the family map in the rows kept."""
+        hit = pc.and_(outside, pa.array(keep))
+        unknown = value_counts(pc.filter(label_text, hit))
+        if not unknown:
+            return {}, []
+        return {}, [
             f"{src.path}: attack names outside the family map (family "
             f"null): {', '.join(sorted(unknown))}"
-        )
+        ]
     if where["difficulty"] is not None:
         difficulty, _ = to_number(
             pc.utf8_trim_whitespace(column("difficulty")),
@@ -204,7 +207,7 @@ def read_kdd(src: Source, on_error: str) -> ReadResult:
         for row, (column, message) in bad.rows.items()
     }
     stats = {
-        "labels": value_counts(label_text),
+        "labels": {},
         "labeled": True,
         "arff": arff,
         "header": header is not None,
@@ -219,8 +222,9 @@ def read_kdd(src: Source, on_error: str) -> ReadResult:
         family="nsl-kdd",
         cut=cut,
         stats=stats,
-        warnings=warnings,
         row_problems=row_problems,
+        label_text=label_text,
+        tally=tally,
     )
 
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from flows.errors import BadInputError, PartialInputError
 from flows.readers._convert import BadRows, value_counts
 from flows.readers._finish import Problem, finish
-from flows.readers.result import ReadResult
+from flows.readers.result import Damage, ReadResult
 from flows.record import CONN_FIELD_NAMES, conn_schema
 
 FAMILY_KEY = b"gatewatch.family"
@@ -50,17 +50,33 @@ def read_parquet(
         table = to_conn_table(table, path)
 
     stats = {"labels": {}, "labeled": "label" in table.column_names}
+    labels = None  # each row's label as written, counted over the rows kept
     if "label_detail" in table.column_names:
-        stats["labels"] = value_counts(table.column("label_detail"))
+        labels = table.column("label_detail")
+        if labels.type != pa.string():
+            try:
+                labels = labels.cast(pa.string())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                stats["labels"] = value_counts(labels)  # not text: as it is
+                labels = None
     if family == "conn" and len(table):
-        result = _check_rows(table, path, on_error, stats, partial_at is not None)
+        result = _check_rows(
+            table, path, on_error, stats, partial_at is not None, labels
+        )
     else:
-        result = ReadResult(table, "parquet", family, stats=stats)
+        if labels is not None:
+            stats["labels"] = value_counts(labels)
+        result = ReadResult(
+            table, "parquet", family, stats=stats, label_text=labels
+        )
     if partial_at is not None:
         index, exc = partial_at
         note = f"{path}: row group {index} cannot be read ({exc})"
         result.partial = True
         result.warnings.append(note)
+        result.damage.append(
+            Damage(path, f"cannot be read ({exc})", place=f"row group {index}")
+        )
         if not groups:
             raise BadInputError(note, path=path) from exc
         err = PartialInputError(f"row group {index} cannot be read ({exc})", path=path)
@@ -70,7 +86,12 @@ def read_parquet(
 
 
 def _check_rows(
-    table: pa.Table, path: str, on_error: str, stats: dict, damaged: bool
+    table: pa.Table,
+    path: str,
+    on_error: str,
+    stats: dict,
+    damaged: bool,
+    labels: pa.ChunkedArray | None = None,
 ) -> ReadResult:
     """Apply the canonical record's rules (addresses, ports, counts, times)."""
     from flows.readers.zeek import check_endpoints
@@ -96,6 +117,7 @@ def _check_rows(
             stats=stats,
             row_problems=row_problems,
             unit="row",
+            label_text=labels,
         )
     except BadInputError as exc:
         if damaged:

@@ -6,12 +6,37 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+@dataclass(frozen=True)
+class Damage:
+    """Damage found in one input, for the message a command ends with.
+
+    ``place`` says where (``byte offset 96``; None where ``what`` says it, as in
+    ``the last line (12) is cut short``) and ``what`` what was found there.
+    ``stopped``: the read of ``path`` stopped there (a cut, bytes that are no
+    record), so nothing after it was read. Otherwise the read went on past it:
+    ``records`` damaged records (a capture's packets) were found, the first at
+    ``place``, and ``skipped`` of them were skipped (the others were read as far
+    as they go).
+    """
+
+    path: str
+    what: str
+    place: str | None = None
+    stopped: bool = True
+    records: int = 0
+    skipped: int = 0
+
+
 @dataclass
 class ReadResult:
     """The rows read from one or more inputs, with their format and any damage found.
 
-    ``partial`` is true when the input was damaged part way: ``table`` then holds the
-    rows read before the damage, and ``warnings`` says where it was found.
+    ``partial`` is true when the input was damaged: ``table`` then holds the rows
+    read before the damage (or, for damaged packets a capture reader went on past,
+    the rows of the others), ``warnings`` says where it was found and ``damage``
+    holds one :class:`Damage` per place. ``label_text`` is the label of each row
+    of ``table`` as written in the input (None when the format carries none);
+    ``stats["labels"]`` counts it.
     """
 
     table: Any  # pyarrow.Table
@@ -21,3 +46,5 @@ class ReadResult:
     warnings: list[str] = field(default_factory=list)
     partial: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
+    damage: list[Damage] = field(default_factory=list)
+    label_text: Any = field(default=None, repr=False, compare=False)

@@ -14,14 +14,15 @@ layout where ``tunnel_parents   label   detailed-label`` share the last field jo
 runs of spaces (also found when the header names only ``tunnel_parents`` but its
 values carry the extra parts). ``label_detail`` is the detailed label when set, else
 the label text (``Benign``, ``Background``...). ``stats["labels"]`` counts the label
-values as written in the file.
+values as written in the file, in the rows kept.
 
 JSON: ``ts`` may be epoch seconds, ISO-8601 text (``JSON::TS_ISO8601``) or integer
 milliseconds (``JSON::TS_MILLIS``, told apart by size); omitted keys read as null.
 
 Zeek's test harness masks times as ``XXXXXXXXXX.XXXXXX``; such a ``ts`` reads as null
-and is counted in ``stats["masked_ts"]``. A ``ts`` that is not finite or lies before
-1970 (below 0) makes the row a bad row (``flows.record.time_problem``).
+and is counted in ``stats["masked_ts"]`` (in the rows kept). A ``ts`` that is not
+finite or lies before 1970 (below 0) makes the row a bad row
+(``flows.record.time_problem``).
 """
 
 from __future__ import annotations
@@ -195,6 +196,8 @@ def read_tsv(src: Source, on_error: str) -> ReadResult:
     tables, line_arrays, problems, row_problems = [], [], [], {}
     stats: dict = {"labels": {}, "masked_ts": 0, "labeled": False}
     warnings: list[str] = []
+    # Per row of every block: the label as written, and whether ts was masked.
+    per_row: dict[str, list] = {"label": [], "masked": []}
     offset = 0
     cut = src.cut
     for block_header, block, start in blocks:
@@ -205,6 +208,7 @@ def read_tsv(src: Source, on_error: str) -> ReadResult:
             src.path,
             stats,
             warnings,
+            per_row,
         )
         cut = cut or block_cut
         tables.append(part)
@@ -223,11 +227,19 @@ def read_tsv(src: Source, on_error: str) -> ReadResult:
             "(looked for label, detailedlabel and IoT-23's joined field); labels "
             "are null, not benign"
         )
-    if stats["masked_ts"]:
-        warnings.append(
-            f"{src.path}: {stats['masked_ts']} ts value(s) masked as XXXXXXXXXX.XXXXXX "
+    masked = (
+        np.concatenate(per_row["masked"]) if per_row["masked"] else np.zeros(0, bool)
+    )
+
+    def tally(keep: np.ndarray) -> tuple[dict, list[str]]:
+        """The masked ts values in the rows kept."""
+        count = int(np.count_nonzero(masked & keep))
+        notes = [
+            f"{src.path}: {count} ts value(s) masked as XXXXXXXXXX.XXXXXX "
             "(Zeek test output) read as null"
-        )
+        ] if count else []
+        return {"masked_ts": count}, notes
+
     return finish(
         table,
         lines,
@@ -240,6 +252,12 @@ def read_tsv(src: Source, on_error: str) -> ReadResult:
         stats=stats,
         warnings=warnings,
         row_problems=row_problems,
+        label_text=(
+            pa.chunked_array(per_row["label"], type=pa.string())
+            if stats["labeled"]
+            else None
+        ),
+        tally=tally,
     )
 
 
@@ -281,8 +299,12 @@ def _read_block(
     path: str,
     stats: dict,
     warnings: list[str],
+    per_row: dict[str, list],
 ) -> tuple[pa.Table, np.ndarray, list[Problem], dict[int, Problem], str | None]:
-    """Split one block of rows, convert it, and say which rows and lines were bad."""
+    """Split one block of rows, convert it, and say which rows and lines were bad.
+
+    Each row's label as written and whether its ts was masked go to ``per_row``.
+    """
     _check_fields(header, path)
     fields = header.fields or []
     names = [f"c{i}" for i in range(len(fields))]
@@ -293,7 +315,7 @@ def _read_block(
 
     columns = {fields[i]: strings.column(names[i]).combine_chunks() for i in wanted}
     bad = BadRows()
-    table = _to_canonical(columns, header, bad, stats, warnings, path)
+    table = _to_canonical(columns, header, bad, stats, warnings, path, per_row)
     row_problems = {
         row: Problem(int(lines[row]), column, message)
         for row, (column, message) in bad.rows.items()
@@ -366,10 +388,16 @@ def _to_canonical(
     stats: dict,
     warnings: list[str],
     path: str,
+    per_row: dict[str, list],
 ) -> pa.Table:
-    """Convert string columns named as in Zeek into a canonical Arrow table."""
+    """Convert string columns named as in Zeek into a canonical Arrow table.
+
+    Appends the label of each row as written (null without a label column) to
+    ``per_row["label"]`` and whether its ts was masked to ``per_row["masked"]``.
+    """
     columns = _split_joined(columns, bad, warnings, path)
     n = len(next(iter(columns.values()))) if columns else 0
+    masked_rows = np.zeros(n, dtype=bool)
     arrays = {}
     for zeek_name, canon in ZEEK_TO_CANON.items():
         arr = columns.get(zeek_name)
@@ -386,23 +414,23 @@ def _to_canonical(
             continue
         if canon == "ts":
             masked = pc.match_substring_regex(arr, r"^X+\.X+$")
-            count = pc.sum(masked).as_py() or 0
-            if count:
-                stats["masked_ts"] += count
+            if pc.any(masked).as_py():
+                masked_rows = np.asarray(masked.fill_null(False), dtype=bool)
                 arr = pc.if_else(masked, pa.scalar(None, pa.string()), arr)
         arrays[canon], _ = to_number(arr, kind, zeek_name, bad)
     check_endpoints(arrays, bad)
 
     label_col = next((c for c in columns if c.lower() in LABEL_NAMES), None)
     detail_col = next((c for c in columns if c.lower() in DETAIL_NAMES), None)
+    per_row["masked"].append(masked_rows)
     if label_col is None:
         arrays["label"] = pa.nulls(n, type=pa.int8())
         arrays["label_detail"] = pa.nulls(n, type=pa.string())
+        per_row["label"].append(pa.nulls(n, type=pa.string()))
     else:
         stats["labeled"] = True
         raw = unescape(columns[label_col])
-        for key, count in value_counts(raw).items():
-            stats["labels"][key] = stats["labels"].get(key, 0) + count
+        per_row["label"].append(raw)
         text = null_tokens(raw, (header.unset, header.empty, ""))
         arrays["label"] = labelmod.zeek_label(text, label_col, bad)
         detail = (
@@ -455,7 +483,7 @@ def read_json(src: Source, on_error: str) -> ReadResult:
     """
     fast = _read_json_fast(src)
     if fast is not None:
-        table, stats = fast
+        table, stats, label_raw = fast
         return finish(
             table,
             np.arange(1, len(table) + 1),
@@ -466,6 +494,7 @@ def read_json(src: Source, on_error: str) -> ReadResult:
             family="conn",
             cut=src.cut,
             stats=stats,
+            label_text=label_raw,
         )
     return _read_json_lines(src, on_error)
 
@@ -473,7 +502,7 @@ def read_json(src: Source, on_error: str) -> ReadResult:
 _JSON_LABELS = ("label",) + DETAIL_NAMES
 
 
-def _read_json_fast(src: Source) -> tuple[pa.Table, dict] | None:
+def _read_json_fast(src: Source) -> tuple[pa.Table, dict, pa.Array] | None:
     """The pyarrow.json path; None whenever it could differ from the slow path."""
     import pyarrow.json as pajson
 
@@ -548,19 +577,20 @@ def _read_json_fast(src: Source) -> tuple[pa.Table, dict] | None:
         return None
     arrays["label_detail"] = pc.coalesce(null_tokens(detail, _JSON_NULLS), text)
     stats = {
-        "labels": value_counts(label_raw),
+        "labels": value_counts(label_raw),  # every row is kept on this path
         "labeled": label_raw.null_count < len(label_raw),
     }
     table = pa.Table.from_arrays(
         [arrays[name] for name in CONN_FIELD_NAMES], schema=conn_schema()
     )
-    return table, stats
+    return table, stats, label_raw
 
 
 def _read_json_lines(src: Source, on_error: str) -> ReadResult:
     """The line-by-line JSON path, which names the line of every bad object."""
     cols: dict[str, list] = {name: [] for name in CONN_FIELD_NAMES}
     lines: list[int] = []
+    label_texts: list[str | None] = []  # each row's label as written
     problems: list[Problem] = []
     stats: dict = {"labels": {}, "labeled": False}
     data = src.data
@@ -588,14 +618,18 @@ def _read_json_lines(src: Source, on_error: str) -> ReadResult:
             why = "nested too deeply" if isinstance(exc, RecursionError) else exc
             problems.append(Problem(line_no, None, f"expected one JSON object ({why})"))
             continue
+        text = _label_text(obj)
+        if text is not None:
+            stats["labeled"] = True
         try:
-            record = json_record(obj, stats)
+            record = json_record(obj)
         except _FieldError as exc:
             problems.append(Problem(line_no, exc.column, exc.message))
             continue
         for name in CONN_FIELD_NAMES:
             cols[name].append(record[name])
         lines.append(line_no)
+        label_texts.append(text)
 
     from flows.record import columns_to_table
 
@@ -610,7 +644,15 @@ def _read_json_lines(src: Source, on_error: str) -> ReadResult:
         family="conn",
         cut=cut,
         stats=stats,
+        label_text=pa.array(label_texts, type=pa.string()),
     )
+
+
+def _label_text(obj: dict) -> str | None:
+    """The label of one JSON object as written (as text), None when it has none."""
+    key = next((k for k in obj if k.lower() in LABEL_NAMES), None)
+    text = obj.get(key) if key else None
+    return None if text is None else str(text)
 
 
 class _FieldError(Exception):
@@ -645,12 +687,11 @@ def json_record(obj: dict, stats: dict | None = None) -> dict:
 
     label_key = next((k for k in obj if k.lower() in LABEL_NAMES), None)
     detail_key = next((k for k in obj if k.lower() in DETAIL_NAMES), None)
-    text = obj.get(label_key) if label_key else None
+    text = _label_text(obj)
     detail = obj.get(detail_key) if detail_key else None
     record["label"] = None
     record["label_detail"] = None
     if text is not None:
-        text = str(text)
         if stats is not None:
             stats["labeled"] = True
             stats["labels"][text] = stats["labels"].get(text, 0) + 1
