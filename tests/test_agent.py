@@ -1109,6 +1109,22 @@ def test_alerts_on_a_closed_stdout_cost_a_warning_not_the_run(tm, tmp_path: Path
     assert {m.id for m in box.pending()} == set(tm.expected())
 
 
+def _run_against_stub(tm, tmp_path: Path, mosquitto, answer=None):
+    """``edge-agent run`` on the test log against :func:`_stub_rescorer` with a 2 s
+    drain; (exit code, escalation ids the stub received)."""
+    client, got = _stub_rescorer(mosquitto.port, answer)
+    try:
+        rc = main(_run_argv(
+            tm, tmp_path, f"zeek:{tm.conn_log}", "--alerts", "",
+            "--broker", mosquitto.url, "--drain-timeout", "2",
+            "--summary-json", str(tmp_path / "s.json"),
+        ))
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return rc, got
+
+
 def _stub_rescorer(port: int, answer=None):
     """A subscriber to gateway s1/g1's escalations that answers each with
     ``answer(escalation) -> payload`` on its verdicts topic (None: it answers
@@ -1148,16 +1164,7 @@ def test_a_run_whose_verdicts_never_come_exits_6(
 ) -> None:
     """Found: escalations the broker took but no re-scorer answered ended the run
     with a warning and exit 0, though the agent waited for their verdicts."""
-    client, got = _stub_rescorer(mosquitto.port)
-    try:
-        rc = main(_run_argv(
-            tm, tmp_path, f"zeek:{tm.conn_log}", "--alerts", "",
-            "--broker", mosquitto.url, "--drain-timeout", "2",
-            "--summary-json", str(tmp_path / "s.json"),
-        ))
-    finally:
-        client.loop_stop()
-        client.disconnect()
+    rc, got = _run_against_stub(tm, tmp_path, mosquitto)
     n = len(tm.expected())
     assert sorted(got) == sorted(tm.expected())
     assert rc == 6
@@ -1229,16 +1236,7 @@ def test_escalations_a_rescorer_rejects_end_the_run_with_exit_6_saying_why(
             escalation_id=body["id"], verdict="malicious", score=0.9,
             threshold=0.5, teacher_version="t1"))
 
-    client, got = _stub_rescorer(mosquitto.port, answer)
-    try:
-        rc = main(_run_argv(
-            tm, tmp_path, f"zeek:{tm.conn_log}", "--alerts", "",
-            "--broker", mosquitto.url, "--drain-timeout", "2",
-            "--summary-json", str(tmp_path / "s.json"),
-        ))
-    finally:
-        client.loop_stop()
-        client.disconnect()
+    rc, got = _run_against_stub(tm, tmp_path, mosquitto, answer)
     expected = set(tm.expected())
     rejected = expected - malicious
     assert set(got) == expected and malicious and rejected

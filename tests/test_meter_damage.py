@@ -241,6 +241,18 @@ TSRESOL_EXPECTED = (
 )
 
 
+def _assert_first_idb_refused(path, engine: str, message: str) -> None:
+    """The capture's first interface block (byte offset 28) is refused with
+    ``message``: bad input (exit 3) with either ``on_error``, no packet read."""
+    for on_error in ("fail", "skip"):
+        with pytest.raises(BadInputError) as info:
+            read_capture(path, engine=_engine(engine), on_error=on_error)
+        err = info.value
+        assert not isinstance(err, PartialInputError)
+        assert (err.path, err.offset, err.exit_code) == (str(path), 28, 3)
+        assert str(err) == f"{path}, byte offset 28: {message}; no packet could be read"
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize(
     ("tsresol", "unit"),
@@ -259,13 +271,7 @@ def test_pcapng_time_unit_the_meter_cannot_represent_is_bad_input(
         f"interface description block for interface 0 has if_tsresol "
         f"{tsresol:#04x} ({unit} seconds): {TSRESOL_EXPECTED}"
     )
-    for on_error in ("fail", "skip"):
-        with pytest.raises(BadInputError) as info:
-            read_capture(path, engine=_engine(engine), on_error=on_error)
-        err = info.value
-        assert not isinstance(err, PartialInputError)
-        assert (err.path, err.offset, err.exit_code) == (str(path), 28, 3)
-        assert str(err) == f"{path}, byte offset 28: {message}; no packet could be read"
+    _assert_first_idb_refused(path, engine, message)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -451,13 +457,7 @@ def test_pcapng_interface_with_malformed_options_is_bad_input(tmp_path, engine, 
         + pcapng_epb(0, 10**15, _dns(1))
     )
     message = f"interface description block for interface 0 {what}"
-    for on_error in ("fail", "skip"):
-        with pytest.raises(BadInputError) as info:
-            read_capture(path, engine=_engine(engine), on_error=on_error)
-        err = info.value
-        assert not isinstance(err, PartialInputError)
-        assert (err.path, err.offset, err.exit_code) == (str(path), 28, 3)
-        assert str(err) == f"{path}, byte offset 28: {message}; no packet could be read"
+    _assert_first_idb_refused(path, engine, message)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
