@@ -68,7 +68,7 @@ from compress.qat import ACT_RANGE, QAT_KINDS, WEIGHT_RANGE, qat_finetune
 from flows.errors import ExportError, GateError, ModelError, UsageError
 from student.distill import DistillConfig, TeacherCache, distill, student_logits
 from student.zoo import KINDS, build_student, student_targets
-from teacher.metrics import type_split_pairs
+from teacher.metrics import score_pairs, type_split_pairs
 
 __all__ = [
     "EDGE_TARGETS",
@@ -316,7 +316,7 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
     from teacher.checkpoint import load_teacher, sha256_file
     from teacher.data import prepare
-    from teacher.metrics import binary_metrics, choose_threshold
+    from teacher.metrics import binary_metrics
 
     teacher = load_teacher(cfg.teacher, device="cpu")
     dataset = cfg.dataset or (teacher.provenance or {}).get("dataset")
@@ -364,14 +364,10 @@ def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
         raise UsageError(
             f"--gate split needs a teacher that held out at least two attack types "
             f"for validation (nsl-kdd); {cfg.teacher} held out {len(held)}")
-    t_rates, t_split = [], None
-    if pairs:
-        t_f1 = []
-        for a, b in pairs:
-            cut = choose_threshold(y[val][a], p_val[a])
-            t_rates.append(float(np.mean(p_val[a] >= cut)))
-            t_f1.append(binary_metrics(y[val][b], p_val[b], cut)["f1"])
-        t_split = float(np.mean(t_f1))
+    scored = score_pairs(y[val], p_val, pairs)
+    t_rates = [float(np.mean(p_val[a] >= cut)) for (a, _), (cut, _) in zip(
+        pairs, scored, strict=True)]
+    t_split = float(np.mean([m["f1"] for _, m in scored])) if scored else None
 
     # Calibration windows come from the training split only.
     distill_cfg = distill_settings(cfg, teacher.provenance or {})
@@ -450,19 +446,16 @@ def _decision_cut(ctx: _Context, p_val: np.ndarray) -> float:
 def _split_f1(ctx: _Context, p_val: np.ndarray) -> float | None:
     """A student's mean F1 on the B parts, its threshold chosen on each A by the
     run's rule (``teacher-rate``: the teacher's flag rate on that A)."""
-    from teacher.metrics import binary_metrics, choose_threshold, cut_at_rate
+    from teacher.metrics import cut_at_rate
 
     if not ctx.split_pairs:
         return None
-    y = ctx.y[ctx.val]
-    f1 = []
-    for (a, b), rate in zip(ctx.split_pairs, ctx.split_teacher_rates, strict=True):
-        if ctx.threshold_rule == "teacher-rate":
-            cut = cut_at_rate(p_val[a], rate)
-        else:
-            cut = choose_threshold(y[a], p_val[a])
-        f1.append(binary_metrics(y[b], p_val[b], cut)["f1"])
-    return float(np.mean(f1))
+    cuts = None  # f1: the best-F1 cut on each A
+    if ctx.threshold_rule == "teacher-rate":
+        cuts = [cut_at_rate(p_val[a], rate) for (a, _), rate in zip(
+            ctx.split_pairs, ctx.split_teacher_rates, strict=True)]
+    scored = score_pairs(ctx.y[ctx.val], p_val, ctx.split_pairs, cuts)
+    return float(np.mean([m["f1"] for _, m in scored]))
 
 
 def _float_val_f1(ctx: _Context, model: torch.nn.Module) -> float:

@@ -20,6 +20,7 @@ __all__ = [
     "binary_metrics",
     "choose_threshold",
     "cut_at_rate",
+    "score_pairs",
     "split_measure",
     "time_scorer",
     "type_split_pairs",
@@ -218,14 +219,27 @@ def split_measure(
     pairs = type_split_pairs(np.asarray(details).astype(str), list(held))
     if not pairs:
         return None
-    scores = []
-    for a, b in pairs:
-        cut = choose_threshold(y_arr[a], p_arr[a])
-        m = binary_metrics(y_arr[b], p_arr[b], cut)
-        scores.append((m["f1"], m["accuracy"], m["fpr"]))
-    f1, acc, fpr = (float(np.mean(col)) for col in zip(*scores, strict=True))
+    scored = [m for _, m in score_pairs(y_arr, p_arr, pairs)]
+    f1, acc, fpr = (float(np.mean([m[k] for m in scored]))
+                    for k in ("f1", "accuracy", "fpr"))
     return {"f1": f1, "accuracy": acc, "fpr": fpr, "pairs": len(pairs),
             "held_out_types": sorted(set(map(str, held)))}
+
+
+def score_pairs(
+    y: np.ndarray,
+    prob: np.ndarray,
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    cuts: Sequence[float] | None = None,
+) -> list[tuple[float, dict[str, Any]]]:
+    """(cut, metrics on B) for each (A, B) of :func:`type_split_pairs`: the cut is
+    ``cuts[i]`` when given (chosen on A by the caller's rule), else the best-F1
+    cut on A."""
+    out = []
+    for i, (a, b) in enumerate(pairs):
+        cut = cuts[i] if cuts is not None else choose_threshold(y[a], prob[a])
+        out.append((cut, binary_metrics(y[b], prob[b], cut)))
+    return out
 
 
 def time_scorer(
