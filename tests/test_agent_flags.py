@@ -205,15 +205,9 @@ def test_rejected_verdicts_are_counted_and_never_written(tm, tmp_path) -> None:
     agent.outbox.close()
 
 
-def test_a_rejection_is_noted_once_and_a_later_verdict_still_answers(
-    tm, tmp_path, caplog
-) -> None:
-    """A re-scorer's rejection of an awaited escalation is counted once (copies
-    and rejections of ids this run did not send change nothing); the id stays
-    awaited, and a verdict another re-scorer sends later answers it."""
-    import logging
-
-    from edge_agent import protocol as proto
+def _agent_with_a_link(tm, tmp_path):
+    """An agent of site s1, gateway g1 with a stand-in link (drain() only asks
+    whether there is one), for feeding it verdict-topic messages by hand."""
     from edge_agent.agent import Agent
     from edge_agent.outbox import Outbox
 
@@ -223,7 +217,21 @@ def test_a_rejection_is_noted_once_and_a_later_verdict_still_answers(
         gateway="g1",
         outbox=Outbox(tmp_path / "o.db"),
     )
-    agent.link = object()  # drain() only asks whether there is one
+    agent.link = object()
+    return agent
+
+
+def test_a_rejection_is_noted_once_and_a_later_verdict_still_answers(
+    tm, tmp_path, caplog
+) -> None:
+    """A re-scorer's rejection of an awaited escalation is counted once (copies
+    and rejections of ids this run did not send change nothing); the id stays
+    awaited, and a verdict another re-scorer sends later answers it."""
+    import logging
+
+    from edge_agent import protocol as proto
+
+    agent = _agent_with_a_link(tm, tmp_path)
     topic = agent.topics[proto.Channel.VERDICTS]
     a, b, stranger = "a" * 32, "b" * 32, "c" * 32
 
@@ -264,16 +272,8 @@ def test_an_escalation_sent_twice_awaits_one_verdict(tm, tmp_path) -> None:
     """Found: re-using an outbox sent 28 escalations for 22 ids; the agent waited
     for 28 verdicts, drained the full timeout and warned that 6 did not arrive."""
     from edge_agent import protocol as proto
-    from edge_agent.agent import Agent
-    from edge_agent.outbox import Outbox
 
-    agent = Agent(
-        load_artifact(tm.artifact),
-        site="s1",
-        gateway="g1",
-        outbox=Outbox(tmp_path / "o.db"),
-    )
-    agent.link = object()  # drain() only asks whether there is one
+    agent = _agent_with_a_link(tm, tmp_path)
     topic = agent.topics[proto.Channel.VERDICTS]
     a, b, c = "a" * 32, "b" * 32, "c" * 32
 

@@ -24,6 +24,7 @@ from flows.errors import PartialInputError
 from flows.readers import read
 from tests.test_readers import (
     BINET_HEAD,
+    JSON_FLOW,
     KDD_ROW,
     LABEL_FIELDS,
     LABEL_TYPES,
@@ -220,14 +221,6 @@ def test_drop_unlabeled_leaves_the_dropped_labels_out_of_the_counts(
     assert label_lines(lines) == {"Malicious": 2, "Benign": 1}
 
 
-JSON_FLOW = {
-    "ts": 1.5,
-    "id.orig_h": "10.0.0.1",
-    "id.orig_p": 1,
-    "id.resp_h": "10.0.0.2",
-    "id.resp_p": 2,
-    "proto": "tcp",
-}
 
 
 @pytest.mark.parametrize("stdin", [False, True], ids=["file", "stdin"])
