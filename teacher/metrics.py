@@ -194,9 +194,8 @@ def type_split_pairs(
     rest = ~np.isin(details, types)
     half = np.random.default_rng(seed).random(len(details)) < 0.5
     pairs = []
-    for k in range(1, len(types)):
-        if k not in (len(types) // 2, len(types) - len(types) // 2):
-            continue
+    small = len(types) // 2
+    for k in sorted({small, len(types) - small}):  # as even as the count allows
         for a_types in itertools.combinations(types, k):
             b_types = [t for t in types if t not in a_types]
             pairs.append(((rest & half) | np.isin(details, a_types),
