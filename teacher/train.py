@@ -68,6 +68,10 @@ class TrainConfig:
     threshold is still chosen on every validation row. ``schedule`` ``cosine``
     decays the learning rate to zero over ``epochs`` (per step); ``keep`` ``last``
     trains every epoch and keeps the final weights instead of the best epoch's.
+    ``type_power`` shares the malicious half of balanced sampling among the attack
+    types of the training rows (their label text) in proportion to each type's
+    row count raised to that power: 1 draws types as often as the data holds them,
+    0.5 by the square root of their counts, 0 every type equally often.
     """
 
     epochs: int = 50
@@ -92,6 +96,7 @@ class TrainConfig:
     stop_rows: str = "all"
     schedule: str = "constant"
     keep: str = "best"
+    type_power: float = 1.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -107,6 +112,10 @@ class TrainConfig:
             problems.append("schedule must be 'constant' or 'cosine'")
         if self.keep not in ("best", "last"):
             problems.append("keep must be 'best' or 'last'")
+        if not 0.0 <= self.type_power <= 1.0:
+            problems.append("type_power must be in [0, 1]")
+        if self.type_power != 1.0 and (self.smote or not self.balance):
+            problems.append("type_power needs balanced sampling and no SMOTE")
         if not 0.0 <= self.feature_dropout < 1.0:
             problems.append("feature_dropout must be in [0, 1)")
         if self.epochs < 1 or self.patience < 1:
@@ -245,9 +254,14 @@ def watched_rows(
 
 
 def _epoch_order(
-    y: np.ndarray, n: int, balance: bool, seed: int, epoch: int
+    y: np.ndarray, n: int, balance: bool, seed: int, epoch: int,
+    types: np.ndarray | None = None, type_power: float = 1.0,
 ) -> np.ndarray:
-    """The seeded sample of training positions for one epoch (same on every rank)."""
+    """The seeded sample of training positions for one epoch (same on every rank).
+
+    Balanced: half benign, half malicious; ``types`` (a label per row) and
+    ``type_power`` share the malicious half among types (see TrainConfig).
+    """
     rng = np.random.default_rng([seed, epoch])
     if not balance:
         if n <= len(y):
@@ -255,6 +269,12 @@ def _epoch_order(
         return rng.integers(0, len(y), n)
     counts = np.bincount(y, minlength=2).astype(np.float64)
     weights = np.where(counts[y] > 0, 1.0 / np.maximum(counts[y], 1), 0.0)
+    bad = y == 1
+    if types is not None and type_power != 1.0 and bad.any():
+        _, which, per_type = np.unique(types[bad], return_inverse=True,
+                                       return_counts=True)
+        share = per_type.astype(np.float64) ** type_power
+        weights[bad] = (share / share.sum())[which] / per_type[which]
     weights /= weights.sum()
     return rng.choice(len(y), size=n, replace=True, p=weights)
 
@@ -321,6 +341,14 @@ def fit(
             f"{prep.name}: its {tr.size} labeled training rows are all {only}; the "
             "teacher needs both benign and malicious training rows")
 
+    # Label types of the training rows, for type_power (replay rows: one type).
+    types_tr = None
+    if tc.type_power != 1.0 and prep.details is not None:
+        types_tr = prep.details[tr].astype(str)
+        if extra_train is not None:
+            types_tr = np.concatenate(
+                [types_tr, np.full(len(extra_train[1]), "(replay)")])
+
     # Training windows: gathered on demand, or materialised for SMOTE and replay.
     train_x: np.ndarray | None = None
     if tc.smote or extra_train is not None:
@@ -383,7 +411,8 @@ def fit(
     for epoch in range(1, tc.epochs + 1):
         t0 = time.monotonic()
         net.train()
-        order = _epoch_order(y_tr, steps * per_rank * world, tc.balance, tc.seed, epoch)
+        order = _epoch_order(y_tr, steps * per_rank * world, tc.balance, tc.seed,
+                             epoch, types_tr, tc.type_power)
         total, seen = 0.0, 0
         for step in range(steps):
             chunk = order[step * per_rank * world:(step + 1) * per_rank * world]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from flows.errors import BadInputError, ModelError
+from flows.errors import BadInputError, ModelError, UsageError
 from flows.windows import window_index
 from teacher.data import Prepared, concat, holdout_types, stratified_split
 from teacher.metrics import binary_metrics, choose_threshold
@@ -100,6 +100,26 @@ def test_balanced_sampling_draws_classes_evenly():
     plain = _epoch_order(y, 1000, False, seed=0, epoch=1)
     assert sorted(plain.tolist()) == list(range(1000))
     assert not np.array_equal(order, _epoch_order(y, 20000, True, seed=0, epoch=2))
+
+
+@pytest.mark.parametrize("power", [1.0, 0.5, 0.0])
+def test_type_power_shares_the_malicious_half_among_types(power):
+    # 100 benign rows; attack types of 90 and 10 rows.
+    y = np.r_[np.zeros(100, dtype=np.int64), np.ones(100, dtype=np.int64)]
+    types = np.array(["normal"] * 100 + ["big"] * 90 + ["small"] * 10)
+    order = _epoch_order(y, 100_000, True, 0, 1, types, power)
+
+    expected_small = 10**power / (10**power + 90**power)
+    drawn = types[order]
+    assert abs((drawn == "normal").mean() - 0.5) < 0.01
+    assert abs((drawn == "small").sum() / (y[order] == 1).sum() - expected_small) < 0.01
+
+
+def test_type_power_is_refused_without_balanced_sampling():
+    with pytest.raises(UsageError, match="type_power"):
+        TrainConfig(type_power=0.5, balance=False)
+    with pytest.raises(UsageError, match="type_power"):
+        TrainConfig(type_power=1.5)
 
 
 def test_smote_balances_the_training_part_only():
