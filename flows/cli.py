@@ -5,6 +5,11 @@ column, time span; for captures what the flow meter counted) and ``flows convert
 FILE... -o OUT`` writes canonical Parquet or a Zeek-style conn.log. ``-`` as a
 FILE reads standard input (any text format, gzip or not, or Parquet); a pcap or
 pcapng capture is refused there (exit 2), as the flow meter needs its file name.
+
+``flows inspect --json`` prints one JSON object on standard output whatever the
+exit code: ``error`` (null, or the error line's text, which still goes to
+standard error too), ``exit_code``, and what was read so far (``format``,
+``rows``, ``labels``...) where anything was.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import pyarrow.compute as pc
 
@@ -45,16 +51,19 @@ exit codes:
        is not IPv4/IPv6, a port outside 0..65535, a line over 1 MiB;
        gzip text past $GATEWATCH_MAX_INFLATED bytes, 2 GiB by
        default); the rows read before it are still shown or written.
-       Damaged packets in a capture (a time before 1970, cut
-       headers) are skipped and the read goes on: exit 4 too, the
-       error line saying how many and where the first was
+       Damaged packets in a capture (a time before 1970 or past
+       9999, cut headers) are skipped and the read goes on: exit 4
+       too, the error line saying how many and where the first was
   {EXIT_INTERRUPTED}  interrupted
+inspect --json prints one JSON object on stdout with every exit code:
+"error" (null, or the error line, also on stderr), "exit_code", and
+what was read so far where anything was
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``flows`` and its subcommands."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="flows",
         description="Inspect and convert traffic record files (Zeek conn.log TSV/JSON, "
         "Argus binetflow, NSL-KDD, UNSW-NB15, CICFlowMeter CSV, Parquet, pcap).",
@@ -63,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "files",
         nargs="+",
@@ -151,19 +160,45 @@ def _timezone(text: str) -> str:
     return text
 
 
+class _ArgumentError(Exception):
+    """A command line argparse refused: its message and the parser that said so."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, raising :class:`_ArgumentError` instead of exiting, so
+    that ``inspect --json`` can print its JSON object for a usage error too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _ArgumentError(self, message)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``flows``; returns the exit code (see the epilog)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:
+    except SystemExit as exc:  # --help
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    except _ArgumentError as exc:
+        # As argparse itself reports one: usage, then "PROG: error: MESSAGE".
+        exc.parser.print_usage(sys.stderr)
+        print(f"{exc.parser.prog}: error: {exc.message}", file=sys.stderr)
+        if _wants_json(argv):
+            _print_json({"error": exc.message, "exit_code": EXIT_USAGE})
+        return EXIT_USAGE
     try:
         if args.command == "inspect":
             return _inspect(args)
         return _convert(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
+        _failed_json(args, "interrupted", EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader of our output (``| head``) went away: not an error of ours.
@@ -172,7 +207,36 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except GatewatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        _failed_json(args, str(exc), exc.exit_code, getattr(exc, "result", None))
         return exc.exit_code
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """Whether a command line argparse refused asked for ``inspect --json``.
+
+    argparse takes an unambiguous prefix of an option (``--js``); ``--j`` can
+    only be ``--json`` among inspect's options. Words after ``--`` are files.
+    """
+    if not argv or argv[0] != "inspect":
+        return False
+    words = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
+    return any(len(w) >= 3 and "--json".startswith(w) for w in words)
+
+
+def _failed_json(args, error: str, code: int, result=None) -> None:
+    """With ``inspect --json``, the JSON object of a run that ended in an error
+    raised before its summary was printed: what was read so far (when the error
+    carries a partial result), the error line's text and the exit code."""
+    if args.command != "inspect" or not args.json:
+        return
+    summary = summarize(result) if result is not None else {}
+    summary.update(error=error, exit_code=code)
+    _print_json(summary)
+
+
+def _print_json(summary: dict) -> None:
+    """Print one JSON object on standard output (``inspect --json``)."""
+    print(json.dumps(_jsonable(summary), indent=2, sort_keys=False))
 
 
 def _read(args):
@@ -285,11 +349,13 @@ def _jsonable(value):
 def _inspect(args) -> int:
     result, partial = _read(args)
     summary = summarize(result)
-    if args.json:
-        print(json.dumps(_jsonable(summary), indent=2, sort_keys=False))
-    else:
+    if not args.json:
         _print_text(summary)
-    return _finish_code(result, partial, _where(args))
+        return _finish_code(result, partial, _where(args))
+    code, error = _ending(result, partial, _where(args))
+    summary.update(error=error, exit_code=code)
+    _print_json(summary)
+    return code
 
 
 def _print_text(summary: dict) -> None:
@@ -341,24 +407,34 @@ def _finish_code(result, partial: PartialInputError | None, where: str) -> int:
     """Report on stderr how the read of ``where`` ended; return 0, 3 when nothing
     usable was read (every line skipped, or damage before the first row), or 4 for
     a partial input."""
+    return _ending(result, partial, where)[0]
+
+
+def _ending(
+    result, partial: PartialInputError | None, where: str
+) -> tuple[int, str | None]:
+    """As :func:`_finish_code`, returning the exit code and the error line's text
+    (None when there is none), for ``inspect --json``."""
     if partial is not None:
-        print(f"error: {partial}", file=sys.stderr)
-        return EXIT_PARTIAL_INPUT
+        error = str(partial)
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_PARTIAL_INPUT, error
     unit = _unit(result.format)
     if result.skipped:
         print(f"note: skipped {result.skipped} bad {unit}", file=sys.stderr)
     empty = result.table.num_rows == 0
     if empty and result.skipped:
-        print(
-            f"error: {where}: every one of the {result.skipped} {unit} read was bad "
-            "and skipped; nothing usable was read",
-            file=sys.stderr,
+        error = (
+            f"{where}: every one of the {result.skipped} {unit} read was bad "
+            "and skipped; nothing usable was read"
         )
-        return EXIT_BAD_INPUT
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT, error
     if result.partial:
-        print(f"error: {_damage_sentence(result, where, empty)}", file=sys.stderr)
-        return EXIT_BAD_INPUT if empty else EXIT_PARTIAL_INPUT
-    return EXIT_OK
+        error = _damage_sentence(result, where, empty)
+        print(f"error: {error}", file=sys.stderr)
+        return (EXIT_BAD_INPUT if empty else EXIT_PARTIAL_INPUT), error
+    return EXIT_OK, None
 
 
 def _damage_sentence(result, where: str, empty: bool) -> str:

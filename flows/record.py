@@ -60,6 +60,9 @@ INT_RANGES: dict[str, tuple[int, int]] = {
 ADDRESS_FIELDS: tuple[str, ...] = ("src_ip", "dst_ip")
 PORT_FIELDS: tuple[str, ...] = ("src_port", "dst_port")
 PORT_RANGE: tuple[int, int] = (0, 65535)
+# The first epoch second Python's datetime cannot hold (10000-01-01 00:00:00 UTC):
+# a captured packet stamped at or after it is damaged (:func:`packet_time_problem`).
+TS_LIMIT = 253402300800.0
 # Durations, byte and packet counts: never below 0 in a conn.log (Zeek's ``count``
 # and ``interval`` of a connection).
 COUNT_FIELDS: tuple[str, ...] = (
@@ -183,8 +186,9 @@ def count_problem(value: float, whole: bool = False) -> str | None:
 def time_problem(value: float) -> str | None:
     """Why ``value`` is not a flow's start time, or None.
 
-    A ``ts`` is epoch seconds: a finite number, not below 0 (before 1970). No upper
-    bound is set. Null is not checked here (a reader passes it).
+    A ``ts`` is epoch seconds: a finite number, not below 0 (before 1970). The
+    readers set no upper bound; the flow meter does (:func:`packet_time_problem`).
+    Null is not checked here (a reader passes it).
     """
     try:
         finite = math.isfinite(value)
@@ -198,6 +202,23 @@ def time_problem(value: float) -> str | None:
             f"found {_short(value)}"
         )
     return None
+
+
+def packet_time_problem(value: float) -> str | None:
+    """Why ``value`` cannot be a captured packet's time, or None.
+
+    :func:`time_problem`, and also below :data:`TS_LIMIT`: a time past year 9999
+    (a pcapng ``if_tsoffset`` near 2**63, a damaged time stamp) is no date
+    Python's ``datetime`` can hold, so the flow meter skips such a packet as
+    damaged, as it does one stamped before 1970.
+    """
+    problem = time_problem(value)
+    if problem is None and value >= TS_LIMIT:
+        problem = (
+            f"expected a time in epoch seconds below {TS_LIMIT:.0f} (before the "
+            f"year 10000), found {_short(value)}"
+        )
+    return problem
 
 
 def field_problem(name: str, value: Any) -> str | None:
@@ -220,7 +241,16 @@ def field_problem(name: str, value: Any) -> str | None:
 
 
 def _short(value: Any) -> str:
-    """``repr`` of a value, cut to 40 characters (a hostile value can be huge)."""
+    """A value as an error message quotes it: ``repr``, cut to 40 characters (a
+    hostile value can be huge).
+
+    A float holding a whole number is quoted as that integer (``70000``, not
+    ``70000.0``: a float column holds the file's ``70000`` so); one with a fraction
+    (``1.5``), NaN, the infinities and whole floats past 2**53, which no longer
+    name one integer (``1e+300``), keep their ``repr``.
+    """
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        value = int(value)
     text = repr(value) if not isinstance(value, int) or abs(value) < 10**40 else None
     if text is None:
         return f"an integer of {value.bit_length()} bits"

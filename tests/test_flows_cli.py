@@ -338,7 +338,7 @@ def _pcapng_with_offset(tmp_path, name, stamps, cut=0):
 
 BEFORE_1970 = (
     "packet time stamp is unusable: expected a time in epoch seconds >= 0 "
-    "(1970 or later), found -2600.0"
+    "(1970 or later), found -2600"
 )
 
 
@@ -398,3 +398,140 @@ def test_packets_before_1970_then_a_cut_name_both(capsys, tmp_path):
         f"{offsets[4]}: the file ends inside a block of type 0x6 (70 of 80 "
         "bytes); the rows before it were kept"
     ]
+
+
+# ------------------------------------------ inspect --json: one object per exit
+
+
+def _inspect_json(capsys, *argv):
+    """Run ``flows inspect --json``; the exit code, the one JSON object stdout
+    holds (json.loads refuses anything else) and the stderr error lines."""
+    code = main(["inspect", "--json", *argv])
+    out, err = capsys.readouterr()
+    return code, json.loads(out), _errors(err)
+
+
+def _no_input(tmp_path, case: str):
+    """An input that cannot be read at all, and the error it gives."""
+    path = tmp_path / f"{case}.log"
+    if case == "empty":
+        path.write_bytes(b"")
+        return path, f"{path}: is empty"
+    if case == "unknown":
+        path.write_text("hello world\nfoo bar\n")
+        return path, (
+            f"{path}: unknown format (first line 'hello world'); expected one of: "
+            "zeek-tsv, zeek-json, binetflow, nsl-kdd, unsw-nb15, cic-csv, parquet, "
+            "pcap, pcapng"
+        )
+    if case == "folder":
+        path.mkdir()
+        return path, f"{path}: is a folder, expected a file"
+    if case == "zeek-cut":
+        path.write_text("1300475167.096535\tCXWv6p3arKYeMETxOg\t141.142.220.202\n")
+        return path, (
+            f"{path}, line 1: looks like Zeek TSV without its header (e.g. zeek-cut "
+            "output); expected the #separator, #fields and #types lines that name "
+            "and type its columns: keep them (zeek-cut -c, or -C for every header "
+            "block) or read the log itself"
+        )
+    return path, f"{path}: no such file"  # missing
+
+
+@pytest.mark.parametrize("case", ["empty", "unknown", "folder", "missing", "zeek-cut"])
+def test_inspect_json_prints_the_error_of_an_input_that_cannot_be_read(
+    capsys, tmp_path, case
+):
+    """Found: with --json, an input refused before anything was read (exit 3)
+    printed nothing on stdout, so a script reading the JSON got no object."""
+    path, error = _no_input(tmp_path, case)
+    code, summary, errors = _inspect_json(capsys, str(path))
+    assert code == 3
+    assert summary == {"error": error, "exit_code": 3}  # nothing was read
+    assert errors == [f"error: {error}"]
+    code, out, err = run(capsys, "inspect", str(path))  # text: stdout stays empty
+    assert (code, out, _errors(err)) == (3, "", [f"error: {error}"])
+
+
+def test_inspect_json_of_a_capture_cut_in_its_header_says_the_error(capsys, tmp_path):
+    """Exit 3 after a read: what was read (no row) and the error line's text."""
+    path = tmp_path / "hdr.pcap"
+    path.write_bytes(bytes.fromhex("d4c3b2a1020004000000"))  # 10 of 24 header bytes
+    code, summary, errors = _inspect_json(capsys, str(path))
+    error = (
+        f"{path}: damaged part way at byte offset 0: the file ends inside the "
+        "24-byte pcap file header; nothing usable came before it"
+    )
+    assert (code, summary["exit_code"], summary["error"]) == (3, 3, error)
+    assert (summary["format"], summary["rows"], summary["partial"]) == (
+        "pcap", 0, True
+    )
+    assert errors == [f"error: {error}"]
+
+
+def test_inspect_json_of_a_bad_first_row_shows_what_was_read(capsys, tmp_path):
+    """A bad value before any good row (exit 3): the error carries the read so
+    far (format, no row), and the JSON object shows it."""
+    bad = list(ROW_A)
+    bad[FIELDS.index("id.orig_p")] = "70000"
+    path = tmp_path / "bad.log"
+    path.write_text(zeek_text([bad, ROW_B]))
+    code, summary, errors = _inspect_json(capsys, str(path))
+    error = (
+        f"{path}, line 9, column 'id.orig_p': expected a port from 0 to 65535, "
+        "found 70000"
+    )
+    assert (code, summary["exit_code"], summary["error"]) == (3, 3, error)
+    assert (summary["format"], summary["rows"]) == ("zeek-tsv", 0)
+    assert errors == [f"error: {error}"]
+
+
+def test_inspect_json_says_the_error_of_exit_0_and_4(capsys, tmp_path):
+    path = tmp_path / "c.log"
+    path.write_text(zeek_text([ROW_A, ROW_B]))
+    code, summary, errors = _inspect_json(capsys, str(path))
+    assert (code, summary["exit_code"], summary["error"], errors) == (0, 0, None, [])
+    assert summary["rows"] == 2
+
+    path.write_text(zeek_text([ROW_A, ROW_B], close=False) + "\t".join(ROW_A[:7]))
+    code, summary, errors = _inspect_json(capsys, str(path))
+    error = (
+        f"{path}: damaged part way: the last line (11) is cut short (7 of 21 "
+        "fields); the rows before it were kept"
+    )
+    assert (code, summary["exit_code"], summary["error"]) == (4, 4, error)
+    assert summary["rows"] == 2 and errors == [f"error: {error}"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (
+            ["--on-error", "bogus", "x.log"],
+            "argument --on-error: invalid choice: 'bogus' (choose from 'fail', "
+            "'skip')",
+        ),
+        (["-", "-"], "- (standard input) can be given only once"),
+    ],
+    ids=["argparse", "usage-error"],
+)
+def test_inspect_json_prints_usage_errors_too(capsys, argv, error):
+    code, summary, _ = _inspect_json(capsys, *argv)
+    assert code == 2 and summary == {"error": error, "exit_code": 2}
+    # argparse's own abbreviation of --json counts too; text mode prints no JSON.
+    code = main(["inspect", "--js", *argv])
+    out, err = capsys.readouterr()
+    assert code == 2 and json.loads(out) == summary and error in err
+    assert run(capsys, "inspect", *argv)[:2] == (2, "")
+
+
+def test_inspect_json_prints_an_interrupt(capsys, tmp_path, monkeypatch):
+    import flows.readers
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows.readers, "read", interrupted)
+    code, summary, errors = _inspect_json(capsys, str(tmp_path / "c.log"))
+    assert code == 130 and summary == {"error": "interrupted", "exit_code": 130}
+    assert errors == ["error: interrupted"]

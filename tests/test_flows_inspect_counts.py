@@ -221,6 +221,64 @@ def test_drop_unlabeled_leaves_the_dropped_labels_out_of_the_counts(
     assert label_lines(lines) == {"Malicious": 2, "Benign": 1}
 
 
+def test_drop_unlabeled_over_several_files_counts_each_file_s_rows_kept(
+    capsys, tmp_path
+):
+    """Found: with --drop-unlabeled over several files, each file's own entry in
+    ``stats["files"]`` still counted the Background rows dropped (the combined
+    counts were right)."""
+    first = tmp_path / "a.log"
+    first.write_text(zeek_text(
+        [
+            ROW_A + ["Malicious", "C&C"],
+            ROW_B + ["Background", "-"],
+            ROW_A + ["Background", "-"],
+        ],
+        LABEL_FIELDS,
+        LABEL_TYPES,
+    ))
+    second = tmp_path / "b.log"
+    bad = ROW_B[:3] + ["many"] + ROW_B[4:]  # line 10: a bad id.orig_p
+    second.write_text(zeek_text(
+        [
+            ROW_B + ["Benign", "Google"],
+            ROW_A + ["Background", "-"],
+            bad + ["Benign", "-"],
+            ROW_B + ["Malicious", "-"],
+        ],
+        LABEL_FIELDS,
+        LABEL_TYPES,
+    ))
+    paths = [str(first), str(second)]
+
+    result = read(paths, drop_unlabeled=True, on_error="skip")
+    files = result.stats["files"]
+    assert [f["labels"] for f in files] == [
+        {"Malicious": 1},
+        {"Benign": 1, "Malicious": 1},
+    ]
+    assert [f["dropped_unlabeled"] for f in files] == [2, 1]
+    assert result.stats["labels"] == {"Benign": 1, "Malicious": 2}
+    assert result.stats["dropped_unlabeled"] == 3
+
+    code = main(["inspect", "--json", "--drop-unlabeled", "--on-error", "skip", *paths])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["rows"] == 3
+    assert [f["labels"] for f in summary["stats"]["files"]] == [
+        {"Malicious": 1},
+        {"Benign": 1, "Malicious": 1},
+    ]
+
+    # Stopped at the bad line: the second file's entry counts its rows before it.
+    with pytest.raises(PartialInputError) as info:
+        read(paths, drop_unlabeled=True)
+    kept = info.value.result
+    assert kept.table.num_rows == 2
+    assert [f["labels"] for f in kept.stats["files"]] == [
+        {"Malicious": 1},
+        {"Benign": 1},
+    ]
+    assert kept.stats["labels"] == {"Benign": 1, "Malicious": 1}
 
 
 @pytest.mark.parametrize("stdin", [False, True], ids=["file", "stdin"])
@@ -281,7 +339,7 @@ def test_binetflow_counts_the_rows_kept(capsys, monkeypatch, tmp_path):
         f"{path}: 1 Argus record(s) without IP addresses (management records, "
         "layer-2 flows with MAC addresses; the first at line 3) read with null "
         "src_ip/dst_ip",
-        f"{path}: stopped at line 4: expected a number >= 0, found -1.0",
+        f"{path}: stopped at line 4: expected a number >= 0, found -1",
     ]
     assert "non_ip: 1" in lines and "dir: ->=2" in lines
 

@@ -335,7 +335,7 @@ def test_pcapng_time_offset_before_1970_skips_the_packet_as_damaged(
     path.write_bytes(blob)
     res = read_capture(path, engine=_engine(engine), on_error=on_error)
     assert one_warning(res, path, bad_at) == (
-        f"{path}: byte offset {bad_at}: {BEFORE_1970}-2600.0"
+        f"{path}: byte offset {bad_at}: {BEFORE_1970}-2600"
     )
     rows = [(r["ts"], r["src_port"], r["orig_pkts"]) for r in res.table.to_pylist()]
     assert rows == [(1400.0, 1001, 1), (1401.0, 1000, 1)]
@@ -360,6 +360,64 @@ def test_meter_fed_only_times_before_1970_makes_no_flow(engine):
     assert (stats["first_ts"], stats["last_ts"]) == (None, None)
     assert meter.damage.offset == 24
     assert meter.damage.message == f"{BEFORE_1970}-0.5"
+
+
+PAST_9999 = (
+    "packet time stamp is unusable: expected a time in epoch seconds below "
+    "253402300800 (before the year 10000), found "
+)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+@pytest.mark.parametrize(
+    ("idb", "ticks", "found"),
+    [
+        # An if_tsoffset of 2**63 - 1 s puts every packet of the interface there.
+        (_idb_with_offset(2**63 - 1), 10**6, "9.223372036854776e+18"),
+        # A time unit of 1 s (if_tsresol 0x80) and a damaged stamp: year 11476.
+        (pcapng_idb(1, tsresol=0x80), 3 * 10**11, "300000000000"),
+    ],
+    ids=["tsoffset", "stamp"],
+)
+def test_pcapng_time_past_year_9999_skips_the_packet_as_damaged(
+    tmp_path, engine, on_error, idb, ticks, found
+):
+    """Found: a packet stamped past year 9999 (which datetime cannot hold) made a
+    flow, while one stamped before 1970 is skipped as damaged."""
+    blob = pcapng_shb() + pcapng_idb(1) + idb
+    bad_at = len(blob)
+    blob += pcapng_epb(1, ticks, _dns(999))  # interface 1: past 9999
+    blob += pcapng_epb(0, 1400 * 10**6, _dns(1001))
+    blob += pcapng_epb(0, 1401 * 10**6, _dns(1000))
+    path = tmp_path / "future.pcapng"
+    path.write_bytes(blob)
+    res = read_capture(path, engine=_engine(engine), on_error=on_error)
+    assert one_warning(res, path, bad_at) == (
+        f"{path}: byte offset {bad_at}: {PAST_9999}{found}"
+    )
+    rows = [(r["ts"], r["src_port"]) for r in res.table.to_pylist()]
+    assert rows == [(1400.0, 1001), (1401.0, 1000)]
+    assert res.skipped == 1 and res.stats["skipped"] == {"bad_time": 1}
+    assert (res.stats["first_ts"], res.stats["last_ts"]) == (1400.0, 1401.0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_meter_skips_times_it_cannot_date_and_keeps_the_last_second_of_9999(engine):
+    from flows.meter import make_meter
+    from flows.record import TS_LIMIT
+
+    meter = make_meter(_engine(engine), uid_seed="t")
+    meter.feed(TS_LIMIT, 1, _dns(1), len(_dns(1)), 24)
+    meter.feed(float("inf"), 1, _dns(2), len(_dns(2)), 90)
+    meter.feed(1e300, 1, _dns(3), len(_dns(3)), 156)
+    meter.feed(TS_LIMIT - 1, 1, _dns(4), len(_dns(4)), 222)  # 9999-12-31 23:59:59
+    assert [(r["ts"], r["src_port"]) for r in meter.flush()] == [(TS_LIMIT - 1, 4)]
+    stats = meter.stats
+    assert (stats["packets"], stats["damaged_packets"]) == (4, 3)
+    assert stats["skipped"] == {"bad_time": 3}
+    assert meter.damage.offset == 24
+    assert meter.damage.message == f"{PAST_9999}253402300800"
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -14,8 +14,9 @@ Damage: a capture cut short (mid-record, mid-block, or empty) keeps every packet
 before the cut, sets ``partial`` and adds one warning naming the file and byte
 offset. Damaged packets inside a readable file (headers cut, impossible header
 fields, an unknown link type, a record cut below the snap length, a time before
-1970 that a pcapng ``if_tsoffset`` gives) are counted and skipped or kept as far
-as they go, with the same single warning; no record has a ``ts`` below 0. Bytes
+1970 or past year 9999 that a pcapng ``if_tsoffset`` gives) are counted and
+skipped or kept as far as they go, with the same single warning; no record has a
+``ts`` below 0 or past 9999. Bytes
 that cannot be a record or block at all stop the read there: with
 ``on_error="skip"`` the result is returned as partial; with ``on_error="fail"`` a
 :class:`~flows.errors.PartialInputError` is raised that carries it as ``exc.result``

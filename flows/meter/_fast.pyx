@@ -26,7 +26,7 @@ import os
 from collections import Counter
 
 from flows.meter.decode import LINK_NAMES, Decoder
-from flows.record import time_problem
+from flows.record import TS_LIMIT, packet_time_problem
 from flows.meter.meter import (
     PacketDamage,
     TCP_SERVER_PORTS,
@@ -104,6 +104,8 @@ DEF ORD_D = 68
 DEF ORD_A = 65
 
 cdef double INF = float("inf")
+# flows.record.TS_LIMIT as a C double: a packet time at or past it is no date.
+cdef double C_TS_LIMIT = TS_LIMIT
 cdef const char* SCALED = "CGTW"
 
 SKIP_REASONS = (
@@ -1725,13 +1727,15 @@ cdef class FastMeter:
         self.packets += 1
         self.nbytes += wire
         self.count_link(link)
-        if not ts >= 0.0:  # before 1970 (a pcapng if_tsoffset below 0), or NaN
-            # As FlowMeter._bad_time: skipped as damaged, no connection touched.
+        # Before 1970 (a pcapng if_tsoffset below 0), NaN, or past year 9999 (an
+        # if_tsoffset near 2**63). As FlowMeter._bad_time: skipped as damaged, no
+        # connection touched.
+        if not (ts >= 0.0 and ts < C_TS_LIMIT):
             self.skip(S_TIME)
             self._damaged(
                 where(offset),
                 "bad_time",
-                f"packet time stamp is unusable: {time_problem(ts)}",
+                f"packet time stamp is unusable: {packet_time_problem(ts)}",
             )
             return 0
         if ts > self.last_ts:

@@ -393,9 +393,9 @@ def _parse_idb(body: bytes, order: str) -> tuple[int, int, float, float] | str:
             if code in seen:
                 return _twice("if_tsoffset", seen[code], (at, f"{seconds} s"))
             seen[code] = (at, f"{seconds} s")
-            # A negative offset can put packets before 1970: the meter skips each
-            # such packet as damaged (``bad_time``), as the readers make a
-            # ts below 0 a bad row.
+            # A negative offset can put packets before 1970, one near 2**63 past
+            # year 9999: the meter skips each such packet as damaged
+            # (``bad_time``), as the readers make a ts below 0 a bad row.
             tsoff = float(seconds)
         pos += 4 + ((length + 3) & ~3)
     return link, snap, scale, tsoff

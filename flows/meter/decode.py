@@ -25,7 +25,7 @@ SKIP_LINK = 4  # a link type this decoder does not know
 SKIP_FRAGMENT = 5  # a fragment kept until its datagram is whole
 SKIP_OTHER = 6  # an IP protocol other than TCP, UDP, ICMP, ICMPv6 (when not metered)
 SKIP_WIRE = 7  # the IP total length exceeds what was on the wire
-SKIP_TIME = 8  # a time before 1970 or not a number (the meter's check, not decoded)
+SKIP_TIME = 8  # a time before 1970, past 9999 or NaN (the meter's check, not decoded)
 
 SKIP_NAMES = {
     SKIP_NON_IP: "non_ip",

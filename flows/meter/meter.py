@@ -36,7 +36,7 @@ from flows.meter.decode import (
     UDP,
     Decoder,
 )
-from flows.record import time_problem
+from flows.record import TS_LIMIT, packet_time_problem
 
 # Ports Zeek's default scripts list in ``likely_server_ports``; a connection whose
 # first packet is not a SYN is turned around when only its source port is here.
@@ -270,7 +270,9 @@ class FlowMeter:
         self.bytes += wire
         lt = self.link_types
         lt[link] = lt.get(link, 0) + 1
-        if not ts >= 0.0:  # before 1970 (a pcapng if_tsoffset below 0), or NaN
+        # Before 1970 (a pcapng if_tsoffset below 0), NaN, or past year 9999 (an
+        # if_tsoffset near 2**63): no date, so no record may hold it.
+        if not 0.0 <= ts < TS_LIMIT:
             self._bad_time(ts, offset)
             return
         if ts > self.last_ts:
@@ -342,14 +344,18 @@ class FlowMeter:
         self._ip(ts, *pkt, offset)
 
     def _bad_time(self, ts: float, offset: int | None) -> None:
-        """Skip a packet whose time is before 1970 or not a number, as damaged.
+        """Skip a packet whose time is before 1970, past year 9999 or not a number,
+        as damaged.
 
-        No record may hold such a ``ts`` (the readers make one a bad row), so the
-        packet opens, updates and ends no connection, and moves no clock.
+        No record may hold such a ``ts`` (the readers make one before 1970 a bad
+        row; one past 9999 is no date), so the packet opens, updates and ends no
+        connection, and moves no clock.
         """
         self.skipped[SKIP_NAMES[SKIP_TIME]] += 1
         self._damaged(
-            offset, "bad_time", f"packet time stamp is unusable: {time_problem(ts)}"
+            offset,
+            "bad_time",
+            f"packet time stamp is unusable: {packet_time_problem(ts)}",
         )
 
     def _damaged(self, offset: int | None, reason: str, message: str) -> None:

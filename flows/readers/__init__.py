@@ -89,9 +89,12 @@ def read(
         except BadInputError as exc:
             done = getattr(exc, "result", None)
             if results or done is not None:
-                combined = _combine(results + ([done] if done is not None else []))
+                parts = results + ([done] if done is not None else [])
+                combined = _combine(parts)
                 if drop_unlabeled:
-                    combined = _drop_unlabeled(combined, str(path), strict=False)
+                    combined = _drop_unlabeled(
+                        combined, str(path), strict=False, parts=parts
+                    )
                 if len(combined.table) and not isinstance(exc, PartialInputError):
                     new = PartialInputError(
                         str(exc)[len(exc._where()) :],
@@ -109,7 +112,9 @@ def read(
 
     combined = _combine(results)
     if drop_unlabeled:
-        combined = _drop_unlabeled(combined, ", ".join(map(str, paths)))
+        combined = _drop_unlabeled(
+            combined, ", ".join(map(str, paths)), parts=results
+        )
     return combined
 
 
@@ -321,8 +326,17 @@ def _combine(results: list[ReadResult]) -> ReadResult:
     )
 
 
-def _drop_unlabeled(result: ReadResult, where: str, strict: bool = True) -> ReadResult:
-    """Keep the rows with a 0/1 label; refuse when the input has no labels at all."""
+def _drop_unlabeled(
+    result: ReadResult,
+    where: str,
+    strict: bool = True,
+    parts: list[ReadResult] | None = None,
+) -> ReadResult:
+    """Keep the rows with a 0/1 label; refuse when the input has no labels at all.
+
+    ``parts`` are the results of each input that ``result`` combines, in order:
+    their own stats (``stats["files"]``) then count the rows each kept too.
+    """
     from flows.readers._convert import value_counts
 
     table = result.table
@@ -342,7 +356,27 @@ def _drop_unlabeled(result: ReadResult, where: str, strict: bool = True) -> Read
         # The label counts describe the rows kept: not the ones dropped here.
         result.label_text = result.label_text.filter(keep)
         result.stats["labels"] = value_counts(result.label_text)
+    if parts and len(parts) > 1:
+        _recount_parts(parts, keep)
     return result
+
+
+def _recount_parts(parts: list[ReadResult], keep) -> None:
+    """Count each input's labels, in its own stats, over the rows of it ``keep``
+    (one entry per row of the inputs' tables, in order) marks as kept."""
+    import numpy as np
+
+    from flows.readers._convert import value_counts
+
+    mask = np.asarray(keep.to_numpy(zero_copy_only=False), dtype=bool)
+    start = 0
+    for part in parts:
+        n = len(part.table)
+        mine = mask[start : start + n]
+        start += n
+        part.stats["dropped_unlabeled"] = int(n - mine.sum())
+        if part.label_text is not None:
+            part.stats["labels"] = value_counts(part.label_text.filter(pa.array(mine)))
 
 
 def iter_records(

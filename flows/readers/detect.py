@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from flows.errors import BadInputError
 
 PCAP_MAGICS = (
@@ -39,6 +41,20 @@ _CIC_MARKERS = {
     "total fwd packets",
     "flow iat mean",
 }
+
+# Headerless Zeek TSV (what ``zeek-cut`` prints by default): the column names only
+# Zeek uses, a time as Zeek writes it (epoch seconds with six decimals, or the ISO
+# form of ``zeek-cut -d``) and a connection uid (``CHhAvVGS1DHFjwGM9``).
+_ZEEK_ID_NAMES = {"id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p"}
+_ZEEK_TIME = re.compile(
+    r"\d{1,11}\.\d{6}|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d{4}|Z)?"
+)
+_ZEEK_UID = re.compile(r"C[0-9A-Za-z]{10,20}")
+_KEEP_THE_HEADER = (
+    "expected the #separator, #fields and #types lines that name and type its "
+    "columns: keep them (zeek-cut -c, or -C for every header block) or read the "
+    "log itself"
+)
 
 
 def sniff_binary(head: bytes) -> str | None:
@@ -78,18 +94,25 @@ def sniff_text(data: bytes, path: str) -> str:
         return "unsw-nb15"
     if len(names & _CIC_MARKERS) >= 2:
         return "cic-csv"
-    # TODO(gap): headerless zeek-cut output (a plain field-name line) is not read.
+    line = head[: len(head) - len(text)].count(b"\n") + 1
+    binary = b"\x00" in head[:512]
+    headerless = None if binary else _headerless_zeek(first)
+    if headerless is not None:
+        # Refused, not guessed: without #fields the columns have no names.
+        raise BadInputError(
+            f"looks like {headerless}; {_KEEP_THE_HEADER}", path=path, line=line
+        )
     near = _near_miss(names)
-    if near is not None and b"\x00" not in head[:512]:
+    if near is not None and not binary:
         what, missing = near
         listed = " or ".join(repr(m) for m in missing)
         raise BadInputError(
             f"looks like {what} but the header has no {listed} column",
             path=path,
-            line=head[: len(head) - len(text)].count(b"\n") + 1,
+            line=line,
             column=missing[0] if len(missing) == 1 else None,
         )
-    if b"\x00" in head[:512]:
+    if binary:
         what = "binary data"
     else:
         what = f"first line {first[:60]!r}"
@@ -114,3 +137,29 @@ def _near_miss(names: set[str]) -> tuple[str, list[str]] | None:
         if missing and share >= 0.5 and (best is None or share > best[0]):
             best = (share, what, missing)
     return None if best is None else (best[1], best[2])
+
+
+def _headerless_zeek(first: str) -> str | None:
+    """What ``first`` (the first line) shows of Zeek TSV without its header, or None.
+
+    Two shapes: a line of Zeek column names alone (``ts<TAB>uid<TAB>id.orig_h``,
+    as ``zeek-cut -m`` prints), or a line of values (``zeek-cut`` without ``-c``):
+    tab-separated, with a Zeek time and an IP address or a connection uid, or
+    with both of the latter.
+    """
+    from flows.record import is_address
+
+    fields = first.split("\t")
+    if len(fields) < 2:
+        return None
+    if _ZEEK_ID_NAMES & {f.strip() for f in fields}:
+        return (
+            "Zeek TSV whose header is a bare line of field names (e.g. zeek-cut -m "
+            "output)"
+        )
+    time = any(_ZEEK_TIME.fullmatch(f) for f in fields)
+    uid = any(_ZEEK_UID.fullmatch(f) for f in fields)
+    address = any(is_address(f) for f in fields)
+    if (time and (uid or address)) or (uid and address):
+        return "Zeek TSV without its header (e.g. zeek-cut output)"
+    return None
