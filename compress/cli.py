@@ -70,7 +70,9 @@ exit codes:
        export failed
   {EXIT_USAGE}    usage: bad flags or arguments; an --out that is a file, lies in
        the teacher's checkpoint or holds another target's artifact or
-       other files; --gate split with a teacher that held out no types
+       other files; --gate split with a teacher that held out no types;
+       --student or --widths with --target torch-int8 (the teacher
+       itself is quantized: there is no student to choose or size)
   {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read
   {EXIT_PARTIAL_INPUT}    partial input: a --dataset/--data file was damaged part way.
        A file cut short is used up to the cut and the artifact written; a
@@ -130,15 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
                          description=RUN_DESCRIPTION, epilog=RUN_EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--target", required=True, choices=TARGET_CHOICES,
-                     help="runtime and file format of the artifact; all: every "
-                          "target, each in OUT/<target>")
+                     help="runtime and file format of the artifact; torch-int8: "
+                          "the teacher itself int8-quantized for the re-scorer (no "
+                          "student: --student and --widths are refused with it, "
+                          "exit 2); all: every target, each in OUT/<target>")
     run.add_argument("--teacher", required=True, type=Path, help="checkpoint folder")
     run.add_argument("--out", required=True, type=Path,
                      help="artifact folder: new, empty, or holding an artifact of "
                           "the same --target (replaced); another target's artifact "
                           "or other files there are refused (exit 2)")
     run.add_argument("--student", choices=("cnn", "mlp", "lstm"),
-                     help="only this student kind (default: search mlp and cnn)")
+                     help="only this student kind (default: search mlp and cnn); "
+                          "not with --target torch-int8 (exit 2)")
     run.add_argument("--max-f1-drop", type=real(0, 1), default=0.01,
                      help="allowed validation F1 drop from the teacher (default 0.01)")
     run.add_argument("--data-dir", type=Path, help="data folder ($GATEWATCH_DATA)")
@@ -151,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and teacher; the same as --dataset FILE)",
     )
     run.add_argument("--widths", type=integers(1, MAX_WIDTH),
-                     default=(4, 8, 16, 32, 64),
-                     help="student widths to search, smallest first (4,8,16,32,64)")
+                     help="student widths to search, smallest first (default "
+                          "4,8,16,32,64); not with --target torch-int8 (exit 2)")
     run.add_argument("--prune-ratios", default=(0.5,),
                      type=reals(0, 1, lo_open=True, hi_open=True),
                      help="structured pruning ratios tried on a passing student")
@@ -325,8 +330,26 @@ def _check_out(out: Path, teacher: Path | None = None) -> None:
             "artifact's files would overwrite the checkpoint's (name another folder)")
 
 
+def _check_student_flags(args: argparse.Namespace) -> None:
+    """Refuse ``--student`` and ``--widths`` with ``--target torch-int8`` (exit 2):
+    that target quantizes the teacher itself, so they would be silently ignored.
+    With ``--target all`` they choose the edge targets' students, as documented."""
+    if args.target != "torch-int8":
+        return
+    given = [flag for flag, value in (("--student", args.student),
+                                      ("--widths", args.widths)) if value is not None]
+    if given:
+        flags, one = " and ".join(given), len(given) == 1
+        raise UsageError(
+            f"{flags} {'does' if one else 'do'} not apply to --target torch-int8, "
+            "which quantizes the teacher itself for the re-scorer (no student is "
+            f"made); drop {'it' if one else 'them'}, or use --target all, whose "
+            f"edge targets' students {'it chooses' if one else 'they choose'}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``compress run``."""
+    _check_student_flags(args)  # before torch is imported: a usage error is quick
     import torch
 
     from compress.pipeline import (
@@ -349,7 +372,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_f1_drop=args.max_f1_drop,
         data_dir=args.data_dir,
         dataset=args.dataset if args.data is None else str(args.data),
-        widths=tuple(args.widths),
+        widths=RunConfig.widths if args.widths is None else tuple(args.widths),
         prune_ratios=() if args.no_prune else tuple(args.prune_ratios),
         distill=DistillConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
                               batch_size=args.batch_size,
@@ -448,7 +471,7 @@ def evaluate_artifact(
 
     scorer = load_artifact(artifact, prefer_micro=micro)
     prep = prepare(source, encoder=scorer.encoder, data_dir=data_dir,
-                   need_split=False)
+                   need_split=False, encoder_of="the artifact")
     rows = prep.rows(split)
     if rows.size == 0:
         where = "the file" if split is None else f"split {split!r}"

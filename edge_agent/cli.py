@@ -9,7 +9,8 @@ come from :mod:`edge_agent.bundle` when it is installed.
 Exit codes: 0 ok, 1 failure, 2 usage, 3 bad input (a source that gave no usable
 flow, a damaged outbox file, left untouched; an empty stdin is no error: a restart
 given no new input replays and drains its outbox and exits 0), 4 partial input
-(damage part way or rejected input lines; the flows read were scored and sent), 6 broker
+(damage part way, damaged packets of a capture skipped while the read went on, or
+rejected input lines; the flows read were scored and sent), 6 broker
 unavailable (a broker that does not answer at start is retried in the background
 while the flows are scored and their alerts written), escalations left
 unacknowledged in the outbox, or escalations dropped because the outbox could not
@@ -86,9 +87,11 @@ exit codes:
        that is not a JSON object or whose model_version the re-scorer
        would refuse (a control character); an empty stdin (no lines
        at all) is no error: the outbox is replayed and drained (exit 0)
-  {EXIT_PARTIAL_INPUT}    partial input: damage part way, input lines rejected, or
-       records the artifact's encoder refused; the flows read were
-       scored and sent
+  {EXIT_PARTIAL_INPUT}    partial input: damage part way (a cut file: the read
+       stopped there), damaged packets of a capture (skipped, the
+       read went on), input lines rejected, or records the
+       artifact's encoder refused; the flows read were scored and
+       sent; the error line says which
   {EXIT_UNAVAILABLE}    broker unavailable (refused credentials or certificate; one
        that does not answer at start is retried in the background
        while flows are scored), escalations left unacknowledged in
@@ -133,8 +136,9 @@ exit codes:
        or when none is labeled, not labeled malicious). The flags are
        right but the input cannot set thresholds: too few flows is
        too little input, like none, so both are bad input, not usage
-  {EXIT_PARTIAL_INPUT}    partial input: the source is damaged part way; the
-       thresholds set from the flows before the damage are written
+  {EXIT_PARTIAL_INPUT}    partial input: the source is damaged part way, or a
+       capture has damaged packets (skipped, the read went on); the
+       thresholds set from the flows read are written
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
 """
 
@@ -800,14 +804,14 @@ def _input_problem(
     ``bad_records`` are records the source gave that the artifact's encoder refused
     (counted by the agent); they are rejected input like a bad line.
     """
-    from edge_agent.sources import STDIN_EXPECTED
+    from edge_agent.sources import STDIN_EXPECTED, damage_sentence
 
     rejected = sum(source.rejected.values())
-    damage = getattr(source, "damage", None)
-    if flows and not rejected and damage is None and not bad_records:
+    damage = getattr(source, "damage", None) or []
+    if flows and not rejected and not damage and not bad_records:
         return None
     where = "stdin" if source.kind == "stdin" else spec
-    if bad_records and not rejected and damage is None:
+    if bad_records and not rejected and not damage:
         why = f"{bad_records} flow record(s) of {where} were refused by the " + (
             f"artifact's encoder (the first: {first_bad})"
         )
@@ -816,17 +820,23 @@ def _input_problem(
         return PartialInputError(
             f"{why}; the {flows} flows read were scored and kept"
         )
-    if damage is not None:
+    if damage:
+        said = damage_sentence(damage)
         if not flows:
             return BadInputError(
-                f"no usable flow was read: {damage}; expected "
+                f"no usable flow was read: {said}; expected "
                 f"{_expected_of(source.kind)}",
                 path=spec,
             )
-        return PartialInputError(
-            f"damaged part way: {damage}; the {flows} flows read were scored and kept",
-            path=spec,
-        )
+        if any(found.stopped for found in damage):
+            kept = f"the {flows} flows read before it were scored and kept"
+        else:  # damaged packets a capture read went on past: no stop part way
+            them = "it" if sum(found.records for found in damage) == 1 else "them"
+            kept = (
+                f"the read went on past {them}; the {flows} flows read were scored "
+                "and kept"
+            )
+        return PartialInputError(f"{said}; {kept}", path=spec)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(source.rejected.items()))
     first = f"; the first: {source.first_rejected}" if source.first_rejected else ""
     if not flows:

@@ -19,6 +19,10 @@ applies the same record check to what the readers give, so a flow with no addres
 (``-`` in a Zeek TSV log, a binetflow row that is no IP flow) is rejected the same
 way (by line when followed, by record number when read once), not escalated for
 the re-scorer to refuse. Every record has every canonical field (missing ones null).
+
+Damage a file source reads past or stops at (a capture's damaged packets, a cut
+capture, gzip stream or last line) is kept by kind in ``Source.damage``, so the
+agent's last line says whether the read went on past it or stopped there.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from edge_agent import logger
 from edge_agent.protocol import ENDPOINTS
 from flows.errors import BadInputError, GatewatchError, UsageError
 from flows.readers._source import MAX_LINE_BYTES, too_long
+from flows.readers.result import Damage
 from flows.record import CONN_FIELD_NAMES, field_problem
 
 KINDS = ("pcap", "iface", "zeek", "parquet", "stdin")
@@ -57,9 +62,12 @@ class Source:
     file holds now (Ctrl-C: what was read is still scored). ``lines`` counts the
     lines stdin held (blank ones included), so that an empty stdin (a restart
     that only replays its outbox) is told apart from one with no usable record.
-    ``damage`` is the first damage a file reader noted without raising (a capture
-    or gzip stream cut short, a cut last line, damaged packets): the caller
-    reports it as partial input (exit 4), or bad input when no flow was read (3).
+    ``damage`` holds the damage a file read noted without raising, by kind
+    (:class:`~flows.readers.result.Damage`): damaged packets of a capture that
+    the read went on past (``stopped`` false), then a capture, gzip stream or
+    last line cut short where it stopped (``stopped`` true). The caller reports
+    it as partial input (exit 4), or bad input when no flow was read (3), in the
+    words of :func:`damage_sentence`.
     """
 
     kind: str
@@ -69,13 +77,13 @@ class Source:
     rejected: dict[str, int] = field(default_factory=dict)
     first_rejected: str | None = None
     lines: int = 0
-    damage: str | None = None
+    damage: list[Damage] = field(default_factory=list)
     capture_errors: bool = False
     error: GatewatchError | None = None
     end: threading.Event = field(default_factory=threading.Event)
 
     def __iter__(self) -> Iterator[dict]:
-        watch = _DamageWatch(self) if self.finite else None
+        watch = _DamageWatch(self) if self.kind == "zeek" and self.finite else None
         try:
             if watch is None:
                 yield from self._factory(self)
@@ -130,15 +138,17 @@ class Source:
 
 
 class _DamageWatch(logging.Handler):
-    """Notes in ``source.damage`` the first warning the flow readers and meter log
-    while this source's file is read (in the reading thread only).
+    """Notes in ``source.damage`` the first warning the flow readers log while a
+    ``zeek:`` file is read once (in the reading thread only), as a stop.
 
-    ``flows.readers.stream`` and ``flows.meter.iter_flows`` keep what came before
-    a cut and report the damage only as a warning; the agent needs it for its exit
-    code. Use it as a context manager around the iteration.
+    ``flows.readers.stream`` keeps what came before a cut gzip stream or a cut
+    last line and reports the cut only as a warning; the agent needs it for its
+    exit code. Each such warning is a stop: the source reads with
+    ``on_error="fail"``, so a bad line raises instead of being skipped with a
+    warning. (A capture's damage is taken from the meter itself, by kind: see
+    :func:`_pcap`.) Use it as a context manager around the iteration.
     """
 
-    # TODO(gap): the streaming readers should expose a damage flag instead.
     def __init__(self, source: Source) -> None:
         super().__init__(logging.WARNING)
         self.source = source
@@ -146,11 +156,15 @@ class _DamageWatch(logging.Handler):
         self.target = logging.getLogger("gatewatch.flows")
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread and self.source.damage is None:
-            try:
-                self.source.damage = record.getMessage()
-            except Exception:  # noqa: BLE001 - a bad log call must not end the read
-                self.source.damage = str(record.msg)
+        if record.thread != self.thread or self.source.damage:
+            return
+        try:
+            what = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad log call must not end the read
+            what = str(record.msg)
+        # The error line names the source already: not its path twice.
+        what = what.removeprefix(f"{self.source.target}: ")
+        self.source.damage = [Damage(self.source.target, what, stopped=True)]
 
     def __enter__(self) -> _DamageWatch:
         self.thread = threading.get_ident()
@@ -253,11 +267,48 @@ def _check_file(kind: str, path: Path, follow: bool) -> None:
 
 
 def _pcap(src: Source) -> Iterator[dict]:
-    """Flows of a capture file, through the packet flow meter."""
+    """Flows of a capture file through the packet flow meter, as connections end.
+
+    The damage the meter found (and logged) is kept by kind in ``src.damage``
+    (damaged packets the read went on past, a cut where it stopped); bytes that are no
+    record at all end the read with a PartialInputError after the flows before
+    them, and a file that is no capture from its first bytes on is a
+    BadInputError, as :func:`flows.meter.iter_flows` raises them.
+    """
     from flows.meter import iter_flows
 
-    for rec in iter_flows(src.target):
-        yield canonical(rec)
+    found: list[Damage] = []
+    try:
+        for rec in iter_flows(src.target, damage=found):
+            yield canonical(rec)
+    finally:
+        src.damage = found
+
+
+def damage_sentence(damage: list[Damage]) -> str:
+    """What a file read found damaged, in order, as one clause for an error line:
+    ``1 damaged packet skipped at byte offset 416: ...`` for packets the read went
+    on past, ``damaged part way at byte offset 1814: ...`` where it stopped."""
+    parts = []
+    for found in damage:
+        at = f" at {found.place}" if found.place else ""
+        if found.stopped:
+            parts.append(f"damaged part way{at}: {found.what}")
+            continue
+        first = at if found.records == 1 else f", the first{at}"
+        parts.append(f"{_damaged_packets(found)}{first}: {found.what}")
+    return "; then ".join(parts)
+
+
+def _damaged_packets(found: Damage) -> str:
+    """``2 damaged packets skipped`` and the like (a capture's damaged packets)."""
+    n, skipped = found.records, found.skipped
+    noun = "damaged packet" if n == 1 else "damaged packets"
+    if skipped >= n:
+        return f"{n} {noun} skipped"
+    if skipped == 0:
+        return f"{n} {noun} read as far as {'it goes' if n == 1 else 'they go'}"
+    return f"{n} {noun} ({skipped} skipped, {n - skipped} read as far as they go)"
 
 
 def _iface(src: Source) -> Iterator[dict]:
@@ -365,7 +416,7 @@ def _json_lines(src: Source, stream) -> Iterator[dict]:
             try:
                 rec = zeek_json_record(rec, "-", line_no)
             except BadInputError as exc:
-                src.reject("bad_value", str(exc)[len(exc._where()) :], line_no)
+                src.reject("bad_value", _line_problem(exc), line_no)
                 continue
         if not isinstance(rec, dict) or "src_ip" not in rec:
             src.reject("not_a_record", STDIN_EXPECTED, line_no)
@@ -376,6 +427,15 @@ def _json_lines(src: Source, stream) -> Iterator[dict]:
             src.reject("bad_value", problem, line_no)
             continue
         yield rec
+
+
+def _line_problem(exc: BadInputError) -> str:
+    """What a reader's error says is wrong with one line, for a rejection counted
+    by its line: the field it names (``field 'id.orig_p': ...``, as the record
+    check says it) and what was expected there, without the file and line the
+    rejection names already."""
+    what = str(exc)[len(exc._where()) :]
+    return what if exc.column is None else f"field {exc.column!r}: {what}"
 
 
 STDIN_EXPECTED = (
@@ -568,7 +628,7 @@ def _parse_line(src: Source, parser, line: str, line_no: int) -> dict | None:
         else:
             rec = canonical(parser.parse(line, line_no))
     except BadInputError as exc:
-        src.reject("bad_line", str(exc)[len(exc._where()) :], line_no)
+        src.reject("bad_line", _line_problem(exc), line_no)
         return None
     problem = _record_problem(rec)  # as for stdin: what the re-scorer would refuse
     if problem is not None:

@@ -190,6 +190,7 @@ def prepare(
     need_split: bool | None = None,
     scaling: str | None = None,
     knots: int | None = None,
+    encoder_of: str = "the checkpoint",
 ) -> Prepared:
     """Encode a dataset name or a flow file into a :class:`Prepared`.
 
@@ -200,6 +201,7 @@ def prepare(
     column is split 80/10/10 (seeded, stratified) when ``need_split`` (default:
     when an encoder is to be fitted), else it is all "test". ``scaling`` and
     ``knots`` go to :meth:`flows.encoder.Encoder.fit` (None: the family's default).
+    ``encoder_of`` names whose encoder was given, for that mismatch's message.
     """
     from flows.encoder import Encoder
     from flows.record import table_to_columns
@@ -246,7 +248,7 @@ def prepare(
         )
     elif encoder.family != loaded["family"]:
         raise BadInputError(
-            f"{source} holds {loaded['family']!r} records but the checkpoint's "
+            f"{source} holds {loaded['family']!r} records but {encoder_of}'s "
             f"encoder was fitted on {encoder.family!r}"
         )
     X = np.ascontiguousarray(encoder.transform(columns), dtype=np.float32)

@@ -772,6 +772,27 @@ def test_run_on_stdin_with_rejected_lines_exits_4_and_keeps_the_rest(
     assert {m.id for m in box.pending()} == set(tm.expected(tm.records[:50]))
 
 
+def test_run_on_stdin_names_the_field_and_line_of_a_rejected_zeek_record(
+    tm, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Found: a stdin record in Zeek's JSON names with a port past 65535 ended the
+    run with "the first: line 26: bad_value: expected a port ...", naming no
+    field."""
+    good = _zeek_json_lines(tm.records[:50])
+    bad = _zeek_json_lines([dict(tm.records[0], dst_port=65536)])[0]
+    text = "\n".join(good[:25] + [bad] + good[25:]) + "\n"
+    rc = _run_stdin(tm, tmp_path, monkeypatch, text)
+    err = capsys.readouterr().err
+    assert rc == 4, err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert line == (
+        "error: 1 input line(s) of stdin were rejected (bad_value 1); the first: "
+        "line 26: bad_value: field 'id.resp_p': expected a port from 0 to 65535, "
+        "found 65536; the 50 flows read were scored and kept"
+    )
+    assert json.loads((tmp_path / "s.json").read_text())["flows"] == 50
+
+
 def test_run_on_a_log_damaged_part_way_exits_4_with_the_flows_before(
     tm, tmp_path: Path, capsys
 ) -> None:

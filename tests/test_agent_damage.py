@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from edge_agent.cli import main
+from edge_agent.sources import open_source
 from tests.test_agent_fixtures import tiny
-from tests.test_meter_craft import eth, handshake, write_pcap
+from tests.test_meter_craft import A4, B4, eth, handshake, ip4, udp, write_pcap
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,9 @@ def test_a_capture_cut_inside_a_packet_record_exits_4(tm, tmp_path, capsys) -> N
     rc, summary = _run(tm, tmp_path, f"pcap:{cut}")
     err = capsys.readouterr().err
     assert rc == 4, err
-    assert f"error: pcap:{cut}: damaged part way:" in err
+    at = len(whole.read_bytes()) - (16 + len(_frames(3)[-1][1]))  # the last record
+    assert f"error: pcap:{cut}: damaged part way at byte offset {at}: " in err
+    assert "flows read before it were scored and kept" in err
     assert summary["flows"] == 3  # the cut packet is a FIN: all three flows read
     assert "Traceback" not in err
 
@@ -101,3 +104,73 @@ def test_an_intact_capture_still_exits_0(tm, tmp_path, capsys) -> None:
     rc, summary = _run(tm, tmp_path, f"pcap:{path}")
     assert rc == 0, capsys.readouterr().err
     assert summary["flows"] == 3
+
+
+def _with_damaged_packets(tmp_path: Path, n_bad: int) -> tuple[Path, int]:
+    """Three TCP connections, with ``n_bad`` UDP packets cut inside their UDP
+    header after the second packet (damaged: the meter skips them and reads on);
+    the capture and the byte offset of the first damaged packet's record."""
+    frames = _frames(3)
+    bad = eth(ip4(A4, B4, 17, udp(A4, B4, 5000, 53, b"x")[:4]))
+    frames[2:2] = [(1000.05 + i / 100, bad) for i in range(n_bad)]
+    at = 24 + sum(16 + len(data) for _, data in frames[:2])
+    return write_pcap(tmp_path / "bad.pcap", frames), at
+
+
+@pytest.mark.parametrize("n_bad", [1, 2])
+def test_damaged_packets_skipped_are_not_called_a_stop_part_way(
+    tm, tmp_path, capsys, n_bad
+) -> None:
+    """Found: a capture whose damaged packets were skipped while the read went on
+    ended in "damaged part way", as if the read had stopped there."""
+    path, at = _with_damaged_packets(tmp_path, n_bad)
+    rc, summary = _run(tm, tmp_path, f"pcap:{path}")
+    err = capsys.readouterr().err
+    assert rc == 4, err
+    assert summary["flows"] == 3  # every connection, the ones after them too
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    which = (
+        f"1 damaged packet skipped at byte offset {at}" if n_bad == 1
+        else f"2 damaged packets skipped, the first at byte offset {at}"
+    )
+    assert line == (
+        f"error: pcap:{path}: {which}: UDP header is cut; the read went on past "
+        f"{'it' if n_bad == 1 else 'them'}; the 3 flows read were scored and kept"
+    )
+
+
+def test_damaged_packets_then_a_cut_say_both_in_order(tm, tmp_path, capsys) -> None:
+    path, at = _with_damaged_packets(tmp_path, 1)
+    whole = path.read_bytes()
+    cut_at = len(whole) - (16 + len(_frames(3)[-1][1]))  # the last packet's record
+    path.write_bytes(whole[:-7])
+    rc, summary = _run(tm, tmp_path, f"pcap:{path}")
+    err = capsys.readouterr().err
+    assert rc == 4, err
+    assert summary["flows"] == 3
+    assert (
+        f"error: pcap:{path}: 1 damaged packet skipped at byte offset {at}: UDP "
+        f"header is cut; then damaged part way at byte offset {cut_at}: the file "
+        "ends inside a packet record"
+    ) in err
+    assert err.rstrip().endswith("the 3 flows read before it were scored and kept")
+
+
+def test_the_source_keeps_its_damage_by_kind(tm, tmp_path) -> None:
+    """``Source.damage``: a capture's skipped packets are no stop; a conn.log's
+    cut last line is one (named without the path the error line gives)."""
+    path, at = _with_damaged_packets(tmp_path, 2)
+    src = open_source(f"pcap:{path}")
+    assert len(list(src)) == 3
+    (found,) = src.damage
+    assert (found.stopped, found.records, found.skipped) == (False, 2, 2)
+    assert (found.place, found.what) == (f"byte offset {at}", "UDP header is cut")
+
+    text = _log_bytes(tm, 30)
+    log = tmp_path / "conn.log"
+    log.write_bytes(text[: text.rstrip(b"\n").rfind(b"\n") + 12])
+    src = open_source(f"zeek:{log}")
+    assert len(list(src)) == 29
+    (found,) = src.damage
+    last = text.count(b"\n")  # the header lines, then 30 records
+    assert found.stopped and found.what == f"the last line ({last}) is cut short"

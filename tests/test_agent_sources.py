@@ -164,3 +164,64 @@ def test_stdin_reads_text_labels_as_the_zeek_readers_do(caplog) -> None:
     assert src.rejected == {"bad_value": 1}
     assert src.first_rejected.startswith("line 9: bad_value: field 'label'")
     assert "unknown label 'evil'" in src.first_rejected
+
+
+_ZEEK_JSON = {
+    "ts": 1.5, "uid": "C1", "id.orig_h": "10.0.0.1", "id.orig_p": 40000,
+    "id.resp_h": "10.0.0.2", "id.resp_p": 80, "proto": "tcp",
+}
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("id.orig_p", "x", "expected an integer, found 'x'"),
+        ("id.resp_p", 70000, "expected a port from 0 to 65535, found 70000"),
+        ("id.orig_h", "10.0.0.999", "expected an IPv4 or IPv6 address, found "
+         "'10.0.0.999'"),
+        ("ts", "soon", "expected epoch seconds or ISO-8601, found 'soon'"),
+    ],
+)
+def test_a_bad_zeek_json_record_on_stdin_is_rejected_by_line_and_field(
+    key, value, expected, nested
+) -> None:
+    """Found: a stdin record in Zeek's JSON names with a bad value was rejected as
+    ``line 3: bad_value: expected an integer, found 'x'``, naming no field."""
+    import io
+
+    def line(uid: str, **values) -> str:
+        obj = {**_ZEEK_JSON, "uid": uid, **values}
+        if nested:
+            obj["id"] = {k[3:]: obj.pop(k) for k in list(obj) if k.startswith("id.")}
+        return json.dumps(obj)
+
+    text = "\n".join([line("C1"), line("C2"), line("C3", **{key: value}), line("C4")])
+    src = open_source("-", stdin=io.StringIO(text + "\n"))
+    assert [r["uid"] for r in src] == ["C1", "C2", "C4"]
+    assert src.rejected == {"bad_value": 1}
+    assert src.first_rejected == f"line 3: bad_value: field {key!r}: {expected}"
+
+
+def test_a_bad_line_of_a_followed_log_is_rejected_by_line_and_field(tmp_path):
+    """The same for a followed Zeek TSV log: the rejection names the column."""
+    import threading
+
+    from tests.test_agent_imports import _HEADER, _ROWS
+
+    bad = _ROWS[1].replace("\t53211\t", "\tx\t")
+    log = tmp_path / "conn.log"
+    log.write_text("\n".join([*_HEADER, _ROWS[0], bad, _ROWS[2]]) + "\n")
+    src = open_source(f"zeek:{log}", follow=True, poll=0.05)
+    got: list[dict] = []
+    thread = threading.Thread(target=lambda: got.extend(src), daemon=True)
+    thread.start()
+    src.end.set()  # ends once it yielded what the file holds
+    thread.join(60)
+    assert not thread.is_alive()
+    assert [r["uid"] for r in got] == ["C1", "C3"]
+    assert src.rejected == {"bad_line": 1}
+    line_no = len(_HEADER) + 2
+    assert src.first_rejected == (
+        f"line {line_no}: bad_line: field 'id.orig_p': expected an integer, found 'x'"
+    )

@@ -844,3 +844,80 @@ def test_help_of_run_eval_verify_and_keygen_says_what_and_exit_codes() -> None:
     run_help = compress_cmds["run"].format_help()
     assert "positive: the artifact is worse" in run_help
     assert "unseen-type gap" in run_help
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--student", "mlp"], "--student does not apply"),
+        (["--widths", "8"], "--widths does not apply"),
+        (["--student", "cnn", "--widths", "8,16"],
+         "--student and --widths do not apply"),
+    ],
+)
+def test_student_flags_with_torch_int8_are_a_usage_error(
+    tmp_path: Path, capsys, flags: list[str], said: str
+) -> None:
+    """Found: ``--target torch-int8`` (the teacher quantized for the re-scorer)
+    ignored --student and --widths without a word."""
+    import argparse
+
+    from compress.cli import build_parser, main
+
+    out = tmp_path / "out"
+    argv = ["run", "--target", "torch-int8", "--teacher", str(tmp_path / "teacher"),
+            "--out", str(out)]
+
+    code = main([*argv, *flags])
+
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(
+        f"error: {said} to --target torch-int8, which quantizes the teacher itself "
+        "for the re-scorer (no student is made)"
+    ), err
+    assert not out.exists()
+    # Without them, or with --target all (its edge targets take them), the run
+    # goes on to the teacher, which is missing here (exit 1).
+    assert main(argv) == 1
+    assert main([*argv[:1], "--target", "all", *argv[3:], *flags]) == 1
+    assert "checkpoint folder not found" in capsys.readouterr().err
+    run = next(a for a in build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    text = " ".join(run.format_help().split())
+    assert "(no student: --student and --widths are refused with it, exit 2)" in text
+    assert "--student or --widths with --target torch-int8" in text
+
+
+def test_eval_on_data_of_another_family_speaks_of_the_artifacts_encoder(
+    tmp_path: Path, capsys
+) -> None:
+    """Found: ``compress eval --artifact DIR`` on NSL-KDD data for a conn artifact
+    said "the checkpoint's encoder was fitted on 'conn'"; it is the artifact's."""
+    from compress.cli import main
+    from flows.encoder import Encoder
+    from flows.readers import read
+    from flows.record import table_to_columns
+    from tests.test_agent_fixtures import make_artifact
+    from tests.test_readers import KDD_ROW
+
+    flows = synthetic_flows(tmp_path / "flows.parquet", n=200)
+    enc = Encoder.fit(table_to_columns(read(flows).table), "conn", window=W,
+                      group_by="src_ip")
+    artifact = make_artifact(tmp_path / "artifact", enc,
+                             {"decision": 0.5, "escalate_low": 0.3, "alert": 0.9})
+    kdd = tmp_path / "KDDTest+.txt"
+    kdd.write_text(f"{KDD_ROW},normal,21\n{KDD_ROW},neptune,20\n")
+
+    code = main(["eval", "--artifact", str(artifact), "--data", str(kdd),
+                 "--no-timing"])
+
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert err.splitlines()[-1] == (
+        f"error: {kdd} holds 'nsl-kdd' records but the artifact's encoder was "
+        "fitted on 'conn'"
+    )
+    # The artifact scores data of its own family.
+    assert main(["eval", "--artifact", str(artifact), "--data", str(flows),
+                 "--no-timing", "--json"]) == 0

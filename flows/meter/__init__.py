@@ -182,12 +182,7 @@ def read_capture(
     ]
     warning, damage = _damage_note(path, reader.damage, meter)
     stats["damage"] = damage
-    skipped = (
-        sum(meter.skipped.values())
-        - meter.skipped.get("non_ip", 0)
-        - meter.skipped.get("fragments_held", 0)
-        - meter.skipped.get("other_ip_protocol", 0)
-    )
+    skipped = _damaged_skipped(meter)
     result = ReadResult(
         table,
         reader.format or "pcap",
@@ -227,6 +222,7 @@ def iter_flows(
     max_flows: int = 1_000_000,
     check_checksums: bool = False,
     engine: str | None = None,
+    damage: list | None = None,
 ) -> Iterator[dict]:
     """Yield canonical records as connections end, from a capture or ``iface:NAME``.
 
@@ -234,7 +230,10 @@ def iter_flows(
     for live capture (see :func:`iter_live`). At the end of a file every open
     connection is ended and yielded. Damage is logged as one warning; bytes that
     cannot be a record raise :class:`~flows.errors.PartialInputError` after every
-    flow before them was yielded, unless ``on_error="skip"``.
+    flow before them was yielded, unless ``on_error="skip"``. A list given as
+    ``damage`` receives, once the file is read, what was found damaged by kind
+    (``ReadResult.damage`` entries: packets the read went on past, then where it
+    stopped), before that error is raised.
     """
     text = str(source)
     if text.startswith("iface:"):
@@ -262,6 +261,8 @@ def iter_flows(
     warning, _ = _damage_note(text, reader.damage, meter)
     if warning:
         logger.warning(warning)
+    if damage is not None:
+        damage.extend(_damage_list(text, reader.damage, meter, _damaged_skipped(meter)))
     if (
         reader.damage is not None
         and reader.damage.kind == "garbage"
@@ -288,6 +289,17 @@ def _open(path: str) -> CaptureReader:
     if p.is_dir():
         raise BadInputError("is a folder, expected a capture file", path=path)
     return CaptureReader(path)
+
+
+def _damaged_skipped(meter: FlowMeter) -> int:
+    """Packets the meter skipped as damaged (not those it does not meter: non-IP,
+    fragments still held, other IP protocols)."""
+    return (
+        sum(meter.skipped.values())
+        - meter.skipped.get("non_ip", 0)
+        - meter.skipped.get("fragments_held", 0)
+        - meter.skipped.get("other_ip_protocol", 0)
+    )
 
 
 def _damage_list(path: str, damage: Damage | None, meter: FlowMeter, skipped: int):
