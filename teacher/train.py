@@ -72,6 +72,10 @@ class TrainConfig:
     types of the training rows (their label text) in proportion to each type's
     row count raised to that power: 1 draws types as often as the data holds them,
     0.5 by the square root of their counts, 0 every type equally often.
+    ``outliers`` turns that share of each training batch into made-up anomalies:
+    windows with ``outlier_swap`` of their features taken from other windows of
+    the batch, labelled malicious whatever they were, so that what lies off the
+    training rows' joint distribution is not taken for benign.
     """
 
     epochs: int = 50
@@ -97,6 +101,8 @@ class TrainConfig:
     schedule: str = "constant"
     keep: str = "best"
     type_power: float = 1.0
+    outliers: float = 0.0
+    outlier_swap: float = 0.3
 
     def __post_init__(self) -> None:
         problems = []
@@ -116,6 +122,8 @@ class TrainConfig:
             problems.append("type_power must be in [0, 1]")
         if self.type_power != 1.0 and (self.smote or not self.balance):
             problems.append("type_power needs balanced sampling and no SMOTE")
+        if not 0.0 <= self.outliers < 1.0 or not 0.0 < self.outlier_swap <= 1.0:
+            problems.append("outliers must be in [0, 1), outlier_swap in (0, 1]")
         if not 0.0 <= self.feature_dropout < 1.0:
             problems.append("feature_dropout must be in [0, 1)")
         if self.epochs < 1 or self.patience < 1:
@@ -279,6 +287,24 @@ def _epoch_order(
     return rng.choice(len(y), size=n, replace=True, p=weights)
 
 
+def _with_outliers(
+    x: torch.Tensor, target: torch.Tensor, share: float, swap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch with its first ``share`` of windows made anomalies (see
+    TrainConfig.outliers): ``swap`` of each one's features (the same ones at every
+    step of the window) replaced by another window's, and the label set to 1."""
+    n = int(round(share * x.shape[0]))
+    if n == 0:
+        return x, target
+    donors = x[torch.randint(0, x.shape[0], (n,), device=x.device)]
+    taken = torch.rand(n, 1, x.shape[2], device=x.device) < swap
+    x = x.clone()
+    x[:n] = torch.where(taken, donors, x[:n])
+    target = target.clone()
+    target[:n] = 1.0
+    return x, target
+
+
 def fit(
     prep: Prepared,
     model_config: TeacherConfig | None = None,
@@ -419,6 +445,8 @@ def fit(
             mine = chunk[rank::world]
             x = torch.from_numpy(train_windows(mine)).to(device, non_blocking=True)
             target = torch.from_numpy(y_tr[mine].astype(np.float32)).to(device)
+            if tc.outliers > 0:
+                x, target = _with_outliers(x, target, tc.outliers, tc.outlier_swap)
             if tc.input_noise > 0:
                 x = x + tc.input_noise * torch.randn_like(x)
             if tc.feature_dropout > 0:

@@ -11,7 +11,14 @@ from flows.windows import window_index
 from teacher.data import Prepared, concat, holdout_types, stratified_split
 from teacher.metrics import binary_metrics, choose_threshold
 from teacher.model import TeacherConfig
-from teacher.train import TrainConfig, _epoch_order, _smote, fit, watched_rows
+from teacher.train import (
+    TrainConfig,
+    _epoch_order,
+    _smote,
+    _with_outliers,
+    fit,
+    watched_rows,
+)
 
 SMALL = {"conv_filters": (8,), "lstm_hidden": 8, "dense": (8,), "dropout": 0.1}
 
@@ -113,6 +120,23 @@ def test_type_power_shares_the_malicious_half_among_types(power):
     drawn = types[order]
     assert abs((drawn == "normal").mean() - 0.5) < 0.01
     assert abs((drawn == "small").sum() / (y[order] == 1).sum() - expected_small) < 0.01
+
+
+def test_outliers_relabel_a_share_of_the_batch_with_features_of_other_windows():
+    torch.manual_seed(0)
+    x = torch.arange(40 * 2 * 50, dtype=torch.float32).reshape(40, 2, 50)
+    target = torch.zeros(40)
+    out, labels = _with_outliers(x, target, 0.25, 0.5)
+
+    assert labels[:10].tolist() == [1.0] * 10 and labels[10:].sum() == 0
+    assert torch.equal(out[10:], x[10:]) and target.sum() == 0  # inputs untouched
+    changed = (out[:10] != x[:10]).any(dim=1)  # [10, F]: features swapped in
+    assert 0.3 < changed.float().mean() < 0.7
+    for i in range(10):
+        # A swapped feature is the same donor window's, at every step.
+        donor = [j for j in range(40)
+                 if torch.equal(out[i][:, changed[i]], x[j][:, changed[i]])]
+        assert donor, "every swapped feature comes from one other window"
 
 
 def test_type_power_is_refused_without_balanced_sampling():
