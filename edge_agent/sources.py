@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import sys
 import threading
@@ -83,13 +82,8 @@ class Source:
     end: threading.Event = field(default_factory=threading.Event)
 
     def __iter__(self) -> Iterator[dict]:
-        watch = _DamageWatch(self) if self.kind == "zeek" and self.finite else None
         try:
-            if watch is None:
-                yield from self._factory(self)
-            else:
-                with watch:
-                    yield from self._factory(self)
+            yield from self._factory(self)
         except (GatewatchError, OSError) as exc:
             if isinstance(exc, OSError):
                 exc = BadInputError(
@@ -135,44 +129,6 @@ class Source:
                 kind,
                 message,
             )
-
-
-class _DamageWatch(logging.Handler):
-    """Notes in ``source.damage`` the first warning the flow readers log while a
-    ``zeek:`` file is read once (in the reading thread only), as a stop.
-
-    ``flows.readers.stream`` keeps what came before a cut gzip stream or a cut
-    last line and reports the cut only as a warning; the agent needs it for its
-    exit code. Each such warning is a stop: the source reads with
-    ``on_error="fail"``, so a bad line raises instead of being skipped with a
-    warning. (A capture's damage is taken from the meter itself, by kind: see
-    :func:`_pcap`.) Use it as a context manager around the iteration.
-    """
-
-    def __init__(self, source: Source) -> None:
-        super().__init__(logging.WARNING)
-        self.source = source
-        self.thread = threading.get_ident()
-        self.target = logging.getLogger("gatewatch.flows")
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread != self.thread or self.source.damage:
-            return
-        try:
-            what = record.getMessage()
-        except Exception:  # noqa: BLE001 - a bad log call must not end the read
-            what = str(record.msg)
-        # The error line names the source already: not its path twice.
-        what = what.removeprefix(f"{self.source.target}: ")
-        self.source.damage = [Damage(self.source.target, what, stopped=True)]
-
-    def __enter__(self) -> _DamageWatch:
-        self.thread = threading.get_ident()
-        self.target.addHandler(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.target.removeHandler(self)
 
 
 def canonical(record: dict[str, Any]) -> dict[str, Any]:
@@ -322,11 +278,14 @@ def _iface(src: Source) -> Iterator[dict]:
         yield canonical(rec)
 
 
-def iter_conn(path: str | Path, on_error: str = "fail") -> Iterator[dict]:
-    """Canonical records of a Zeek conn.log, streamed by ``flows.readers``."""
+def iter_conn(
+    path: str | Path, on_error: str = "fail", damage: list | None = None
+) -> Iterator[dict]:
+    """Canonical records of a Zeek conn.log, streamed by ``flows.readers``; the
+    damage it read past or stopped at goes to ``damage`` (see ``iter_records``)."""
     from flows.readers import iter_records
 
-    for rec in iter_records(path, on_error=on_error):
+    for rec in iter_records(path, on_error=on_error, damage=damage):
         yield canonical(rec)
 
 
@@ -334,12 +293,16 @@ def _zeek(src: Source) -> Iterator[dict]:
     """A conn.log read once; a record the stdin check refuses (no address: ``-``
     in a Zeek TSV log, a binetflow row that is no IP flow) is rejected, counted
     by its record number (the readers give no line) and skipped."""
-    for number, rec in enumerate(iter_conn(src.target), start=1):
-        problem = _record_problem(rec)
-        if problem is not None:
-            src.reject("bad_value", problem, record=number)
-            continue
-        yield rec
+    found: list[Damage] = []
+    try:
+        for number, rec in enumerate(iter_conn(src.target, damage=found), start=1):
+            problem = _record_problem(rec)
+            if problem is not None:
+                src.reject("bad_value", problem, record=number)
+                continue
+            yield rec
+    finally:
+        src.damage = found
 
 
 def _parquet(src: Source) -> Iterator[dict]:

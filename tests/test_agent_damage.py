@@ -174,3 +174,25 @@ def test_the_source_keeps_its_damage_by_kind(tm, tmp_path) -> None:
     (found,) = src.damage
     last = text.count(b"\n")  # the header lines, then 30 records
     assert found.stopped and found.what == f"the last line ({last}) is cut short"
+
+
+def test_a_binetflow_cut_in_its_last_line_exits_4_through_a_zeek_source(
+    tm, tmp_path, capsys
+) -> None:
+    """A conn-family file the readers read whole (binetflow) passes its damage on
+    too: it used to be logged nowhere, and the agent exited 0."""
+    from tests.test_readers import BINET_HEAD
+
+    rows = [
+        f"2011/08/10 09:46:{10 + i:02d}.000000,0.5,tcp,10.0.0.{i + 1},{40000 + i},"
+        f"   ->,10.0.1.1,80,S_RA,0,0,4,244,124,2,flow=To-Normal-V42-TCP"
+        for i in range(12)
+    ]
+    text = BINET_HEAD + "\n" + "\n".join(rows) + "\n"
+    log = tmp_path / "cut.binetflow"
+    log.write_text(text[:-25])  # the last row loses its end, and its newline
+    rc, summary = _run(tm, tmp_path, f"zeek:{log}")
+    err = capsys.readouterr().err
+    assert rc == 4, err
+    assert f"error: zeek:{log}: damaged part way" in err and "cut short" in err
+    assert summary["flows"] == 11

@@ -384,12 +384,15 @@ def iter_records(
     on_error: str = "fail",
     drop_unlabeled: bool = False,
     timezone: str = "UTC",
+    damage: list | None = None,
 ) -> Iterator[dict]:
-    """Yield the canonical records of a conn-family file one by one, as dicts."""
+    """Yield the canonical records of a conn-family file one by one, as dicts;
+    ``damage`` (a list) receives what was found damaged, by kind."""
     from flows.readers.stream import iter_records as _iter
 
     yield from _iter(
-        path, on_error=on_error, drop_unlabeled=drop_unlabeled, timezone=timezone
+        path, on_error=on_error, drop_unlabeled=drop_unlabeled, timezone=timezone,
+        damage=damage,
     )
 
 

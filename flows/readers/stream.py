@@ -23,6 +23,7 @@ from flows.readers._finish import check_on_error
 from flows.readers._source import GZIP_MAGIC, MAX_LINE_BYTES, iter_gunzip, too_long
 from flows.readers._table import _CR_INSIDE
 from flows.readers.labels import ZEEK_LABELS
+from flows.readers.result import Damage
 from flows.readers.zeek import (
     CANON_TO_ZEEK,
     DETAIL_NAMES,
@@ -273,8 +274,9 @@ def zeek_json_record(obj: dict, path: str = "<stream>", line_no: int = 0) -> dic
         ) from None
 
 
-def _lines(path: str) -> Iterator[str | int]:
-    """The text lines of a plain or gzip file, as read; a cut gzip stops early.
+def _lines(path: str, damage: list | None = None) -> Iterator[str | int]:
+    """The text lines of a plain or gzip file, as read; a cut gzip stops early
+    (noted in ``damage`` when a list is given).
 
     Gzip is inflated with :func:`flows.readers._source.iter_gunzip`, the same way as
     the batch reader, so a cut stream gives the same complete lines in both, and
@@ -315,6 +317,8 @@ def _lines(path: str) -> Iterator[str | int]:
             yield skipping
         elif cut is not None:
             logger.warning("%s: %s; stopped there", path, cut)
+            if damage is not None:
+                damage.append(Damage(path, cut, stopped=True))
         elif rest:
             yield rest.decode("utf-8", "replace")
 
@@ -362,10 +366,16 @@ def iter_records(
     on_error: str = "fail",
     drop_unlabeled: bool = False,
     timezone: str = "UTC",
+    damage: list | None = None,
 ) -> Iterator[dict]:
     """Yield canonical records one by one (Zeek TSV/JSON line by line).
 
     ``timezone``: the zone of binetflow start times (see :func:`flows.readers.read`).
+    Damage the read stops at or goes past without raising (a gzip stream or last
+    line cut short, a file read whole that was damaged part way) is logged as a
+    warning and, when ``damage`` is a list, added to it as
+    :class:`~flows.readers.result.Damage` entries once the rows before it are
+    yielded.
     """
     from flows.readers import check_timezone, read
 
@@ -384,11 +394,15 @@ def iter_records(
             )
         for batch in result.table.to_batches(max_chunksize=4096):
             yield from batch.to_pylist()
+        for warning in result.warnings:
+            logger.warning("%s", warning)
+        if damage is not None:
+            damage.extend(result.damage)
         return
 
     parser = TsvLineParser(name)
     skipped = yielded = 0
-    for line_no, line in enumerate(_lines(name), start=1):
+    for line_no, line in enumerate(_lines(name, damage), start=1):
         if line_no == 1 and isinstance(line, str):
             line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
         if isinstance(line, int):
@@ -412,7 +426,10 @@ def iter_records(
                 record = parser.parse(line, line_no)
         except BadInputError as exc:
             if not line.endswith("\n"):
-                logger.warning("%s: the last line (%d) is cut short", name, line_no)
+                cut = f"the last line ({line_no}) is cut short"
+                logger.warning("%s: %s", name, cut)
+                if damage is not None:
+                    damage.append(Damage(name, cut, stopped=True))
                 break
             if on_error == "fail":
                 _stop(exc, yielded)
