@@ -26,9 +26,12 @@ def _prob(z: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-np.asarray(z, np.float64)))
 
 
-def fold_gaps(fold: int, cache: Path) -> list[dict]:
+def fold_gaps(
+    fold: int, cache: Path, seeds=SEEDS, round_dir: Path = HERE
+) -> list[dict]:
     """Per split-measure pair of ``fold``: the teacher's F1 on B and each student's
-    (and each three-seed average's) gap to it under the ``rate`` rule."""
+    (and each three-seed average's) gap to it under the ``rate`` rule. ``seeds``
+    name the candidates (of ``round_dir``'s ``candidates.txt``) averaged."""
     import torch
 
     sys.path.insert(0, str(HERE.parent))
@@ -46,19 +49,19 @@ def fold_gaps(fold: int, cache: Path) -> list[dict]:
     def f1_at(y: np.ndarray, prob: np.ndarray, cut: float) -> float:
         return binary_metrics(y, prob, cut)["f1"]
 
-    fs.ROUND = HERE
+    fs.ROUND = round_dir
     net, prep, _, va = fs.teacher(fold, cache)
     t_prob = _prob(np.concatenate([fs._logits_fn(net)(prep.windows(va[i:i + 4096]))
                                    for i in range(0, len(va), 4096)]))
     logits = {}
     for size in SIZES:
         kind, width = size.split("-")
-        for cand in SEEDS:
+        for cand in seeds:
             model = build_student(kind, prep.n_features, prep.window, int(width))
             model.load_state_dict(torch.load(cache / f"{cand}_f{fold}_{size}.pt",
                                              weights_only=True))
             logits[(size, cand)] = student_logits(model, prep, va)
-        logits[(size, "ens3")] = np.mean([logits[(size, c)] for c in SEEDS], axis=0)
+        logits[(size, "ens3")] = np.mean([logits[(size, c)] for c in seeds], axis=0)
 
     y = prep.y[va].astype(np.int64)
     rows = []
@@ -76,13 +79,13 @@ def fold_gaps(fold: int, cache: Path) -> list[dict]:
     return rows
 
 
-def summary(rows: list[dict]) -> dict:
+def summary(rows: list[dict], seeds=SEEDS) -> dict:
     """Mean gaps: ``single`` (mean over seeds) and ``ens3``, pooled, per fold, per
     size."""
     def gap(row: dict, size: str, how: str) -> float:
         if how == "ens3":
             return row["gaps"][f"{size}/ens3"]
-        return float(np.mean([row["gaps"][f"{size}/{c}"] for c in SEEDS]))
+        return float(np.mean([row["gaps"][f"{size}/{c}"] for c in seeds]))
 
     out: dict = {}
     for how in ("single", "ens3"):
@@ -95,7 +98,7 @@ def summary(rows: list[dict]) -> dict:
                          for s in SIZES},
         }
     out["per_seed"] = {c: float(np.mean([r["gaps"][f"{s}/{c}"] for r in rows
-                                         for s in SIZES])) for c in SEEDS}
+                                         for s in SIZES])) for c in seeds}
     out["teacher_mean_f1_b"] = float(np.mean([r["teacher_f1_b"] for r in rows]))
     return out
 
