@@ -61,8 +61,11 @@ def test_train_writes_a_full_checkpoint(checkpoint):
     # itself: tests/test_teacher_metrics.py, with a baseline: test_baselines.py).
     assert prov["held_out_types"] == ["ipsweep"]
     assert "val_split" not in json.loads((checkpoint / "metrics.json").read_text())
-    # The nsl-kdd defaults of round 4: quantile features, input noise 0.05.
+    # The nsl-kdd defaults: quantile features, input noise 0.05 (round 4), made-up
+    # anomalies in 10 % of each batch, 30 % of their features swapped (round 10).
     assert prov["train_config"]["input_noise"] == 0.05
+    assert prov["train_config"]["outliers"] == 0.1
+    assert prov["train_config"]["outlier_swap"] == 0.3
     assert json.loads((checkpoint / "encoder.json").read_text())["scaling"] == \
         "quantile"
 
