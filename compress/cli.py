@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from compress import logger
-from flows.argtypes import integer, integers, real, reals
+from flows.argtypes import check_writable_above, integer, integers, real, reals
 from flows.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -68,7 +68,9 @@ exit codes:
        target; the others are listed as not made)
   {EXIT_FAILURE}    failure: the teacher checkpoint or a model is unusable, or an
        export failed
-  {EXIT_USAGE}    usage: bad flags or arguments; an --out that is a file, lies in
+  {EXIT_USAGE}    usage: bad flags or arguments; an --out that is a file, lies
+       under a file or in a folder that cannot be written (checked
+       before any work), lies in
        the teacher's checkpoint or holds another target's artifact or
        other files; --gate split with a teacher that held out no types;
        --student or --widths with --target torch-int8 (the teacher
@@ -324,6 +326,7 @@ def _check_out(out: Path, teacher: Path | None = None) -> None:
         raise UsageError(f"--out {out}: cannot be used ({exc})") from exc
     if bad:
         raise UsageError(f"--out {out} exists and is not a folder; name a folder")
+    check_writable_above(out, f"--out {out}")
     if inside:
         raise UsageError(
             f"--out {out} is inside the teacher's checkpoint {teacher}; the "

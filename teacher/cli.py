@@ -44,9 +44,10 @@ EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok
   {EXIT_FAILURE}    failure: a model or checkpoint is unusable, or an output cannot
-       be written
+       be written once the work is done
   {EXIT_USAGE}    usage: bad flags or arguments (a --dataset name that is not
-       registered included)
+       registered included); an --out that cannot be made or written in
+       (a file in its path, a read-only folder: checked before any work)
   {EXIT_BAD_INPUT}    bad input: nothing usable read. A --data file that does not
        exist; a dataset file that is missing, fails its checksum or cannot
        be read; a checkpoint folder without checksums.json (its files

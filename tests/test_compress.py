@@ -889,6 +889,22 @@ def test_student_flags_with_torch_int8_are_a_usage_error(
     assert "--student or --widths with --target torch-int8" in text
 
 
+def test_an_out_under_a_file_is_refused_before_any_work(tmp_path: Path, capsys):
+    """Found: ``--out FILE/sub`` trained a student, then died in a traceback
+    (NotADirectoryError) when the search wrote its first candidate."""
+    from compress.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "sub"
+
+    code = main(["run", "--target", "onnx-int8", "--teacher", str(tmp_path / "t"),
+                 "--out", str(out)])
+
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == f"error: --out {out}: {tmp_path / 'afile'} is a file, not a folder\n"
+
+
 def test_eval_on_data_of_another_family_speaks_of_the_artifacts_encoder(
     tmp_path: Path, capsys
 ) -> None:
