@@ -525,8 +525,19 @@ def _output_path(name: str) -> Path:
     return out
 
 
+def _discard(tmp: Path) -> None:
+    """Remove the temporary output if it is there; never raises (on a read-only
+    file system or under a file there is nothing to remove, and the write's own
+    error is the one to report)."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def _convert(args) -> int:
     from flows.readers import write_conn_log, write_parquet
+    from flows.readers.writers import write_problem
 
     out = _output_path(args.output)
     fmt = args.format or ("zeek" if out.suffix == ".log" else "parquet")
@@ -567,14 +578,16 @@ def _convert(args) -> int:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
     try:
         if fmt == "zeek":
-            write_conn_log(result.table, tmp)
+            write_conn_log(result.table, tmp, name=out)
         else:
-            write_parquet(result.table, tmp, family=result.family)
+            write_parquet(result.table, tmp, family=result.family, name=out)
         os.replace(tmp, out)
     except OSError as exc:
-        raise GatewatchError(f"{out}: cannot be written ({exc.strerror})") from exc
+        raise GatewatchError(
+            f"{out}: cannot be written ({write_problem(exc, out)})"
+        ) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
     for note in result.warnings:
         print(f"warning: {note}", file=sys.stderr)
     print(

@@ -186,9 +186,11 @@ def count_problem(value: float, whole: bool = False) -> str | None:
 def time_problem(value: float) -> str | None:
     """Why ``value`` is not a flow's start time, or None.
 
-    A ``ts`` is epoch seconds: a finite number, not below 0 (before 1970). The
-    readers set no upper bound; the flow meter does (:func:`packet_time_problem`).
-    Null is not checked here (a reader passes it).
+    A ``ts`` is epoch seconds: a finite number, not below 0 (before 1970) and
+    below :data:`TS_LIMIT` (the year 10000, which no ``datetime`` can hold), the
+    bounds the flow meter sets on packet times too (:func:`packet_time_problem`),
+    so a text file and a capture refuse the same times. Null is not checked here
+    (a reader passes it).
     """
     try:
         finite = math.isfinite(value)
@@ -201,24 +203,23 @@ def time_problem(value: float) -> str | None:
             f"expected a time in epoch seconds >= 0 (1970 or later), "
             f"found {_short(value)}"
         )
+    if value >= TS_LIMIT:
+        return (
+            f"expected a time in epoch seconds below {TS_LIMIT:.0f} (before the "
+            f"year 10000), found {_short(value)}"
+        )
     return None
 
 
 def packet_time_problem(value: float) -> str | None:
     """Why ``value`` cannot be a captured packet's time, or None.
 
-    :func:`time_problem`, and also below :data:`TS_LIMIT`: a time past year 9999
-    (a pcapng ``if_tsoffset`` near 2**63, a damaged time stamp) is no date
-    Python's ``datetime`` can hold, so the flow meter skips such a packet as
-    damaged, as it does one stamped before 1970.
+    The bounds of :func:`time_problem`: a time past year 9999 (a pcapng
+    ``if_tsoffset`` near 2**63, a damaged time stamp) is no date Python's
+    ``datetime`` can hold, so the flow meter skips such a packet as damaged, as
+    it does one stamped before 1970.
     """
-    problem = time_problem(value)
-    if problem is None and value >= TS_LIMIT:
-        problem = (
-            f"expected a time in epoch seconds below {TS_LIMIT:.0f} (before the "
-            f"year 10000), found {_short(value)}"
-        )
-    return problem
+    return time_problem(value)
 
 
 def field_problem(name: str, value: Any) -> str | None:

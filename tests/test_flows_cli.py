@@ -241,8 +241,75 @@ def test_unwritable_output_exits_1_and_leaves_nothing(capsys, tmp_path):
     src.write_text(zeek_text([ROW_A]))
     out = tmp_path / "no" / "such" / "dir" / "o.parquet"
     code, _, err = run(capsys, "convert", str(src), "-o", str(out))
-    assert code == 1 and err.startswith("error: ") and "cannot be written" in err
+    assert code == 1
+    # The output is named, not the temporary ``.o.parquet.NNNN.part`` beside it.
+    assert err == (
+        f"error: {out}: cannot be written (folder {out.parent} does not exist)\n"
+    )
     assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("name", ["x.parquet", "x.log", "a/b/x.parquet"])
+def test_output_under_a_file_names_the_file_without_a_traceback(
+    capsys, tmp_path, name
+):
+    src = tmp_path / "c.log"
+    src.write_text(zeek_text([ROW_A]))
+    afile = tmp_path / "afile.log"
+    afile.write_text("keep\n")
+    out = afile / name
+    code, _, err = run(capsys, "convert", str(src), "-o", str(out))
+    assert (code, err) == (
+        1,
+        f"error: {out}: cannot be written ({afile} is a file, not a folder)\n",
+    )
+    assert afile.read_text() == "keep\n"
+
+
+@pytest.mark.parametrize("name", ["o.parquet", "o.log"])
+def test_read_only_output_is_one_line_and_cleanup_never_raises(
+    capsys, tmp_path, monkeypatch, name
+):
+    import errno
+    from pathlib import Path
+
+    import flows.readers.writers as writers
+
+    def refuse(*_args, **_kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    # As on a read-only mount: the temporary file cannot be made, nor removed.
+    monkeypatch.setattr(writers, "open", refuse, raising=False)
+    monkeypatch.setattr(Path, "unlink", refuse)
+    src = tmp_path / "c.log"
+    src.write_text(zeek_text([ROW_A]))
+    out = tmp_path / name
+    code, _, err = run(capsys, "convert", str(src), "-o", str(out))
+    assert (code, err) == (
+        1, f"error: {out}: cannot be written (read-only file system)\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.log"]
+
+
+def test_a_failed_rename_is_reported_and_the_temporary_file_removed(
+    capsys, tmp_path, monkeypatch
+):
+    import errno
+
+    import flows.cli as cli
+
+    def refuse(*_args):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(cli.os, "replace", refuse)
+    src = tmp_path / "c.log"
+    src.write_text(zeek_text([ROW_A]))
+    out = tmp_path / "o.parquet"
+    code, _, err = run(capsys, "convert", str(src), "-o", str(out))
+    assert (code, err) == (
+        1, f"error: {out}: cannot be written (read-only file system)\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.log"]
 
 
 def _argus(tmp_path):
@@ -535,3 +602,26 @@ def test_inspect_json_prints_an_interrupt(capsys, tmp_path, monkeypatch):
     code, summary, errors = _inspect_json(capsys, str(tmp_path / "c.log"))
     assert code == 130 and summary == {"error": "interrupted", "exit_code": 130}
     assert errors == ["error: interrupted"]
+
+
+def test_garbage_after_a_zeek_header_names_the_line_in_inspect_and_convert(
+    capsys, tmp_path
+):
+    src = tmp_path / "g.log"
+    src.write_bytes(zeek_text([], close=False).encode() + b"\xff\xfe\x81junk\n")
+    error = f"error: {src}, line 9: bytes that are not UTF-8\n"
+    assert run(capsys, "inspect", str(src)) == (3, "", error)
+    out = tmp_path / "o.parquet"
+    assert run(capsys, "convert", str(src), "-o", str(out)) == (3, "", error)
+    assert not out.exists()
+
+
+def test_a_header_only_csv_converts_to_zero_rows(capsys, tmp_path):
+    from tests.test_readers import UNSW_HEAD
+
+    src = tmp_path / "u.csv"
+    src.write_text(UNSW_HEAD + "\n")
+    out = tmp_path / "o.parquet"
+    code, _, err = run(capsys, "convert", str(src), "-o", str(out))
+    assert (code, err) == (0, f"wrote 0 rows (unsw-nb15 -> parquet) to {out}\n")
+    assert read(out).table.num_rows == 0

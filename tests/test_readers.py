@@ -463,6 +463,50 @@ def test_zeek_tsv_time_before_1970_is_a_bad_row(tmp_path, text, found):
     ]
 
 
+# The message of a ts at or past flows.record.TS_LIMIT (the year 10000).
+PAST_9999 = (
+    "expected a time in epoch seconds below 253402300800 (before the year 10000), "
+    "found "
+)
+
+
+def test_time_problem_refuses_the_year_10000_as_captures_do():
+    """Found: the text readers took a ts of 1e300 while the flow meter skipped a
+    packet stamped at or past TS_LIMIT as damaged; both use one rule now."""
+    from flows.record import TS_LIMIT, packet_time_problem, time_problem
+
+    assert time_problem(TS_LIMIT - 1) is None  # 9999-12-31 23:59:59
+    assert time_problem(TS_LIMIT) == f"{PAST_9999}253402300800"
+    assert time_problem(1e300) == f"{PAST_9999}1e+300"
+    for value in (TS_LIMIT - 1, TS_LIMIT, 1e300, -0.5, float("nan")):
+        assert packet_time_problem(value) == time_problem(value)
+
+
+@pytest.mark.parametrize(
+    ("text", "found"), [("1e300", "1e+300"), ("253402300800.0", "253402300800")]
+)
+def test_zeek_tsv_time_past_9999_is_a_bad_row(tmp_path, text, found):
+    bad = list(ROW_B)
+    bad[0] = text
+    last = list(ROW_A)
+    last[0] = "253402300799.000000"  # the last second of 9999 is a time
+    path = write(tmp_path, "conn.log", zeek_text([ROW_A, bad, last]))
+    expected = f"{path}, line 10, column 'ts': {PAST_9999}{found}"
+    for attempt in (read, lambda p: list(iter_records(p))):
+        with pytest.raises(PartialInputError) as info:
+            attempt(path)
+        err = info.value
+        assert (err.line, err.column, err.exit_code) == (10, "ts", 4)
+        assert str(err) == expected
+    result = read(path, on_error="skip")
+    assert result.skipped == 1 and result.stats["skipped_lines"] == [10]
+    assert result.table.column("ts").to_pylist() == [1600000000.000001, 253402300799.0]
+    assert [r["ts"] for r in iter_records(path, on_error="skip")] == [
+        1600000000.000001,
+        253402300799.0,
+    ]
+
+
 # ------------------------------------------------------------------- labels
 
 LABEL_FIELDS = FIELDS + ["label", "detailedlabel"]
@@ -609,6 +653,34 @@ def test_zeek_json_bad_lines(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("ts", "found"), [(1e300, "1e+300"), (253402300800000, "253402300800000")]
+)
+def test_zeek_json_time_past_9999_is_a_bad_row(tmp_path, ts, found):
+    """A JSON ts from 10**11 on is milliseconds (JSON::TS_MILLIS): the message says
+    so and quotes the number as written, not divided by 1000."""
+    from flows.readers.stream import parse_json_line as stream_json_line
+
+    last = 253402300799999  # the last millisecond of 9999 is a time
+    lines = [JSON_FLOW, dict(JSON_FLOW, ts=ts), dict(JSON_FLOW, ts=last)]
+    path = write(tmp_path, "j.log", "".join(json.dumps(o) + "\n" for o in lines))
+    problem = (
+        "expected a time in epoch milliseconds below 253402300800000 (before the "
+        f"year 10000), found {found}"
+    )
+    for attempt in (read, lambda p: list(iter_records(p))):
+        with pytest.raises(PartialInputError) as info:
+            attempt(path)
+        assert (info.value.line, info.value.column) == (2, "ts")
+        assert str(info.value) == f"{path}, line 2, column 'ts': {problem}"
+    with pytest.raises(BadInputError) as info:
+        stream_json_line(json.dumps(dict(JSON_FLOW, ts=ts)), "<stdin>", 7)
+    assert str(info.value) == f"<stdin>, line 7, column 'ts': {problem}"
+    result = read(path, on_error="skip")
+    assert result.skipped == 1
+    assert result.table.column("ts").to_pylist() == [1.5, 253402300799.999]
+
+
+@pytest.mark.parametrize(
     ("ts", "found"), [(-5, "-5"), ("1969-12-31T23:59:59.500000Z", "-0.5")]
 )
 def test_zeek_json_time_before_1970_is_a_bad_row(tmp_path, ts, found):
@@ -727,6 +799,37 @@ def _one_negative_row(path, line: int, column: str, found: str):
     expected = f"skipped 1 bad line(s); the first at line {line}, {problem}"
     assert expected in result.warnings[0]
     return result
+
+
+@pytest.mark.parametrize(("cell", "found"), [("", "''"), ("'.'", "\"'.'\"")])
+def test_nsl_kdd_empty_label_is_a_bad_row_not_an_attack(tmp_path, cell, found):
+    text = f"{KDD_ROW},normal,21\n{KDD_ROW},{cell},20\n{KDD_ROW},neptune,9\n"
+    path = write(tmp_path, "k.txt", text)
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    err = info.value
+    problem = f"column 'label': expected an attack name or 'normal', found {found}"
+    assert (err.line, err.column, err.exit_code) == (2, "label", 4)
+    assert str(err) == f"{path}, line 2, {problem}"
+    assert err.result.table.column("label").to_pylist() == [0]
+
+    result = read(path, on_error="skip")
+    assert result.skipped == 1 and result.stats["skipped_lines"] == [2]
+    assert result.table.column("label").to_pylist() == [0, 1]
+    assert result.table.column("label_detail").to_pylist() == ["normal", "neptune"]
+
+
+def test_nsl_kdd_csv_with_header_empty_label_names_its_column(tmp_path):
+    from flows.readers.nslkdd import KDD_FEATURES
+
+    head = ",".join(KDD_FEATURES + ("class", "level"))
+    path = write(tmp_path, "k.csv", f"{head}\n{KDD_ROW},normal,21\n{KDD_ROW}, ,3\n")
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+    assert str(info.value) == (
+        f"{path}, line 3, column 'class': expected an attack name or 'normal', "
+        "found ' '"
+    )
 
 
 def test_nsl_kdd_csv_with_header_negative_duration_is_named_at_its_line(tmp_path):
@@ -1299,6 +1402,7 @@ def test_record_problems_quote_whole_floats_as_integers():
     assert time_problem(-2600.0) == f"{BEFORE_1970}-2600"
     assert time_problem(-0.5) == f"{BEFORE_1970}-0.5"
     assert time_problem(float("-inf")) == "expected a finite number, found -inf"
+    assert time_problem(1e300) == f"{PAST_9999}1e+300"
     # Past 2**53 a float names no one integer: its repr stays.
     assert value_problem("i64", 1e300) == (
         f"expected an integer from {-(2**63)} to {2**63 - 1}, found 1e+300"
@@ -1620,3 +1724,66 @@ def test_parquet_of_no_known_family_names_the_file_and_its_columns(tmp_path):
     text = str(info.value)
     assert str(path) in text
     assert "Parquet columns (alpha, beta) match no known family" in text
+
+
+# ------------------------------------------------ no rows after the header
+
+
+def test_a_garbage_first_row_after_a_zeek_header_names_its_line(tmp_path):
+    """Found: a Zeek header then random bytes said "cannot split rows (Empty CSV
+    file)", pyarrow's words, with no line; the garbage line is named instead."""
+    text = zeek_text([], close=False).encode() + b"\xff\xfe\x81\x00junk\x9c\n"
+    path = write(tmp_path, "g.log", text)
+    with pytest.raises(BadInputError) as info:
+        read(path)
+    err = info.value
+    assert not isinstance(err, PartialInputError)
+    assert (err.line, err.exit_code) == (9, 3)
+    assert str(err) == f"{path}, line 9: bytes that are not UTF-8"
+
+
+def test_a_text_first_row_after_a_zeek_header_says_what_was_expected(tmp_path):
+    path = write(tmp_path, "g.log", zeek_text([], close=False) + "junk junk\n")
+    with pytest.raises(BadInputError) as info:
+        read(path)
+    assert str(info.value) == (
+        f"{path}, line 9: expected {len(FIELDS)} fields separated by '\\t', found 1"
+    )
+
+
+def _header_only(name: str) -> str:
+    from flows.readers.nslkdd import KDD_FEATURES
+
+    return {
+        "u.csv": UNSW_HEAD,
+        "c.csv": CIC_HEAD,
+        "k.csv": ",".join(KDD_FEATURES + ("class", "level")),
+        "a.binetflow": BINET_HEAD,
+        "z.log": zeek_text([]).rstrip("\n"),
+    }[name] + "\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [
+        ("u.csv", "unsw-nb15"),
+        ("c.csv", "cic-csv"),
+        ("k.csv", "nsl-kdd"),
+        ("a.binetflow", "binetflow"),
+        ("z.log", "zeek-tsv"),
+    ],
+)
+def test_a_header_only_file_is_zero_rows_like_a_header_only_zeek_log(
+    tmp_path, name, fmt
+):
+    """Found: a UNSW/CIC CSV of only its header was "cannot split rows (Empty CSV
+    file)"; every reader now reads a header without rows as 0 rows, no error."""
+    result = read(write(tmp_path, name, _header_only(name)))
+    assert (result.format, result.table.num_rows, result.skipped) == (fmt, 0, 0)
+    assert (result.partial, result.warnings) == (False, [])
+
+
+def test_a_header_then_blank_lines_is_zero_rows(tmp_path):
+    path = write(tmp_path, "u.csv", UNSW_HEAD + "\n\n\n")
+    result = read(path)
+    assert (result.format, result.table.num_rows) == ("unsw-nb15", 0)

@@ -396,15 +396,25 @@ def iter_records(
     )
 
 
-def write_conn_log(table: pa.Table, path: str | Path) -> None:
-    """Write canonical records as a Zeek-style TSV conn.log (see ``writers``)."""
+def write_conn_log(
+    table: pa.Table, path: str | Path, *, name: str | Path | None = None
+) -> None:
+    """Write canonical records as a Zeek-style TSV conn.log (see ``writers``);
+    messages name ``name`` when given (the final output of a temporary file)."""
     from flows.readers.writers import write_conn_log as _write
 
-    _write(table, path)
+    _write(table, path, name=name)
 
 
-def write_parquet(table: pa.Table, path: str | Path, family: str = "conn") -> None:
-    """Write a table as Parquet, recording its feature family in the file metadata."""
+def write_parquet(
+    table: pa.Table,
+    path: str | Path,
+    family: str = "conn",
+    *,
+    name: str | Path | None = None,
+) -> None:
+    """Write a table as Parquet, recording its feature family in the file metadata;
+    messages name ``name`` when given (the final output of a temporary file)."""
     from flows.readers.writers import write_parquet as _write
 
-    _write(table, path, family=family)
+    _write(table, path, family=family, name=name)

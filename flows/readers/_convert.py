@@ -134,15 +134,16 @@ def check_counts(
 
 
 def check_times(arr: pa.Array, column: str, bad: BadRows) -> None:
-    """Note the rows whose time is not finite or is below 0, before 1970 (nulls pass).
+    """Note the rows whose time is not finite, is below 0 (before 1970) or at or
+    past ``record.TS_LIMIT`` (the year 10000); nulls pass.
 
     See ``record.time_problem``.
     """
-    from flows.record import time_problem
+    from flows.record import TS_LIMIT, time_problem
 
     if len(arr) == 0:
         return
-    wrong = pc.less(arr, 0)
+    wrong = pc.or_(pc.less(arr, 0), pc.greater_equal(arr, TS_LIMIT))
     if pa.types.is_floating(arr.type):
         wrong = pc.or_(wrong, pc.invert(pc.is_finite(arr)))
     note_rows(wrong, column, bad, lambda row: time_problem(arr[row].as_py()))

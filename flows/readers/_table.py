@@ -84,7 +84,12 @@ def split_rows(
         problems += [Problem(n, None, "bytes that are not UTF-8") for n in removed]
 
     try:
-        table, invalid = _parse(body, names, delimiter, quote, include)
+        if body.strip(b"\n"):
+            table, invalid = _parse(body, names, delimiter, quote, include)
+        else:
+            # No rows left (a header only, or every line dropped above): pyarrow
+            # would refuse it as an "Empty CSV file"; the lines dropped are named.
+            table, invalid = _no_rows(names, include), []
     except pa.ArrowInvalid as exc:
         raise BadInputError(f"cannot split rows ({exc})", path=path) from exc
 
@@ -150,6 +155,12 @@ def _parse(body, names, delimiter, quote, include):
         ),
     )
     return table, invalid
+
+
+def _no_rows(names: list[str], include: list[int] | None) -> pa.Table:
+    """The table of no rows :func:`_parse` would give: the same text columns."""
+    keep = range(len(names)) if include is None else include
+    return pa.table({f"c{i}": pa.array([], pa.string()) for i in keep})
 
 
 def _numbering(line_map: np.ndarray | None, first_line: int):

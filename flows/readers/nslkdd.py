@@ -173,6 +173,17 @@ def read_kdd(src: Source, on_error: str) -> ReadResult:
             arrays.append(values)
 
     label_text = pc.utf8_trim(column("label"), "'\" .")
+    # An empty label is no attack name: a bad row, as UNSW's empty label is.
+    label_name = header[where["label"]] if header is not None else "label"
+    for row in np.flatnonzero(
+        pc.equal(label_text, "").fill_null(True).to_numpy(zero_copy_only=False)
+    ):
+        found = column("label")[int(row)].as_py()
+        bad.add(
+            int(row),
+            label_name,
+            f"expected an attack name or 'normal', found {found or ''!r}",
+        )
     lowered = pc.utf8_lower(label_text)
     label = pc.cast(pc.not_equal(lowered, "normal"), pa.int8())
     family = pc.index_in(lowered, value_set=pa.array(list(ATTACK_FAMILY)))

@@ -4,8 +4,9 @@ The family comes from the ``gatewatch.family`` key of the file's metadata, else 
 the columns (the canonical conn fields, or the NSL-KDD/UNSW/CIC labels). A conn
 table is cast to the canonical schema, with any extra columns kept after it; a row
 whose address is not an IP address, whose port is outside 0..65535, whose duration
-or count is negative or whose ``ts`` is not finite or lies before 1970 (below 0) is a
-bad row, named by its 1-based row number (``on_error`` as for the text readers).
+or count is negative or whose ``ts`` is not finite, lies before 1970 (below 0) or at
+or past the year 10000 is a bad row, named by its 1-based row number (``on_error``
+as for the text readers).
 """
 
 from __future__ import annotations

@@ -216,11 +216,9 @@ class TsvLineParser:
             value = record[canon]
             if value is not None and value < 0:
                 self._bad_field(canon, value, line_no)
-        ts = record["ts"]  # finite already (_parse_one); before 1970 is bad
-        if ts is not None and ts < 0:
-            raise BadInputError(
-                time_problem(ts), path=self.path, line=line_no, column="ts"
-            )
+        ts = record["ts"]  # finite already (_parse_one); before 1970 or past 9999 bad
+        if ts is not None and (problem := time_problem(ts)):
+            raise BadInputError(problem, path=self.path, line=line_no, column="ts")
 
         record["label"] = record["label_detail"] = None
         if label is None:

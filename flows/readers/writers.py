@@ -14,6 +14,7 @@ Background/Unknown kept from ``label_detail``, else ``-`` for null) and
 
 from __future__ import annotations
 
+import errno
 import time
 from pathlib import Path
 
@@ -76,6 +77,30 @@ def _label_text(label: int | None, detail: str | None) -> str:
     return _LABEL_TEXT[label]
 
 
+def write_problem(exc: OSError, path: str | Path) -> str:
+    """Why writing ``path`` failed, in words for the ``cannot be written (...)``
+    message: a path component that is a file, a missing folder, a read-only file
+    system, else the system's own reason, lower-cased."""
+    path = Path(path)
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOTDIR, errno.ENOENT):
+        # The nearest existing name above the file says which case it is.
+        above = path.parent
+        try:
+            while not above.exists() and above != above.parent:
+                above = above.parent
+            if not above.is_dir():
+                return f"{above} is a file, not a folder"
+        except OSError:
+            pass
+        if code == errno.ENOENT and not path.parent.exists():
+            return f"folder {path.parent} does not exist"
+    if code == errno.EROFS:
+        return "read-only file system"
+    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return reason[:1].lower() + reason[1:]
+
+
 def _time(value: float) -> str:
     text = f"{value:.6f}"
     return text if float(text) == value else repr(value)
@@ -91,10 +116,14 @@ def _cell(value, zeek_type: str) -> str:
     return _escape(str(value))
 
 
-def write_conn_log(table: pa.Table, path: str | Path) -> None:
-    """Write a canonical conn table (extra columns ignored) as a Zeek TSV conn.log."""
+def write_conn_log(
+    table: pa.Table, path: str | Path, *, name: str | Path | None = None
+) -> None:
+    """Write a canonical conn table (extra columns ignored) as a Zeek TSV conn.log;
+    messages name ``name`` (the final output, when ``path`` is a temporary file)."""
     # TODO(gap): cells are formatted one by one in Python; slow past ~10^6 rows.
-    table = to_conn_table(table, str(path))
+    name = path if name is None else name
+    table = to_conn_table(table, str(name))
     with_labels = (
         pc.any(pc.is_valid(table.column("label"))).as_py()
         or pc.any(pc.is_valid(table.column("label_detail"))).as_py()
@@ -145,16 +174,30 @@ def write_conn_log(table: pa.Table, path: str | Path) -> None:
                 "#close\t" + time.strftime("%Y-%m-%d-%H-%M-%S", time.gmtime()) + "\n"
             )
     except OSError as exc:
-        raise GatewatchError(f"{path}: cannot be written ({exc.strerror})") from exc
+        raise GatewatchError(
+            f"{name}: cannot be written ({write_problem(exc, name)})"
+        ) from exc
 
 
-def write_parquet(table: pa.Table, path: str | Path, family: str = "conn") -> None:
-    """Write ``table`` as Parquet with ``gatewatch.family`` in its metadata."""
+def write_parquet(
+    table: pa.Table,
+    path: str | Path,
+    family: str = "conn",
+    *,
+    name: str | Path | None = None,
+) -> None:
+    """Write ``table`` as Parquet with ``gatewatch.family`` in its metadata;
+    messages name ``name`` (the final output, when ``path`` is a temporary file)."""
+    name = path if name is None else name
     if family == "conn":
-        table = to_conn_table(table, str(path))
+        table = to_conn_table(table, str(name))
     metadata = dict(table.schema.metadata or {})
     metadata[FAMILY_KEY] = family.encode()
     try:
-        pq.write_table(table.replace_schema_metadata(metadata), str(path))
+        # Opened here, not by pyarrow, so a failure keeps its errno.
+        with open(path, "wb") as sink:
+            pq.write_table(table.replace_schema_metadata(metadata), sink)
     except OSError as exc:
-        raise GatewatchError(f"{path}: cannot be written ({exc})") from exc
+        raise GatewatchError(
+            f"{name}: cannot be written ({write_problem(exc, name)})"
+        ) from exc

@@ -21,8 +21,9 @@ milliseconds (``JSON::TS_MILLIS``, told apart by size); omitted keys read as nul
 
 Zeek's test harness masks times as ``XXXXXXXXXX.XXXXXX``; such a ``ts`` reads as null
 and is counted in ``stats["masked_ts"]`` (in the rows kept). A ``ts`` that is not
-finite or lies before 1970 (below 0) makes the row a bad row
-(``flows.record.time_problem``).
+finite, lies before 1970 (below 0) or at or past the year 10000
+(``flows.record.TS_LIMIT``) makes the row a bad row
+(``flows.record.time_problem``), as a capture's packet time does.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from flows.record import (
     CONN_FIELD_NAMES,
     COUNT_FIELDS,
     PORT_FIELDS,
+    TS_LIMIT,
     conn_schema,
     field_problem,
     time_problem,
@@ -97,6 +99,9 @@ DETAIL_NAMES = ("detailedlabel", "detailed-label", "detailed_label")
 # Zeek's JSON::TS_MILLIS writes ts as integer milliseconds; as seconds such a value
 # would lie past the year 5000, so numbers from here on are read as milliseconds.
 MILLIS_FROM = 10**11
+# The first millisecond of the year 10000 (``flows.record.TS_LIMIT``): a ts in
+# milliseconds from here on is refused, naming the number the file holds.
+MILLIS_LIMIT = TS_LIMIT * 1000
 _JSON_NULLS = ("", "-", "(empty)")
 _MASKED_TS = re.compile(r"X+\.X+")
 _SPACES = re.compile(r"\s+")
@@ -551,6 +556,8 @@ def _read_json_fast(src: Source) -> tuple[pa.Table, dict, pa.Array] | None:
     for zeek, canon in ZEEK_TO_CANON.items():
         arrays[canon] = raw.column(zeek).combine_chunks()
     ts = arrays["ts"]
+    if pc.any(pc.greater_equal(ts, MILLIS_LIMIT)).as_py():
+        return None  # the slow path names the milliseconds as written
     arrays["ts"] = pc.if_else(
         pc.greater_equal(ts, MILLIS_FROM), pc.divide(ts, 1000.0), ts
     )
@@ -735,6 +742,12 @@ def _json_value(name: str, kind: str, value):
     problem = value_problem(kind, value)
     if problem is not None:
         raise _FieldError(name, problem)
+    if name == "ts" and value >= MILLIS_LIMIT:
+        raise _FieldError(
+            name,
+            f"expected a time in epoch milliseconds below {MILLIS_LIMIT:.0f} "
+            f"(before the year 10000), found {value!r}",
+        )
     if name == "ts" and value >= MILLIS_FROM:
         return value / 1000.0
     if kind == "f64":
