@@ -32,9 +32,12 @@ or ``"verdict": "benign", "overrules_alert": true``, the teacher's ``score`` and
 So every local alert whose verdict came has a verdict line, and a reader of the
 alerts output sees which alerts the teacher rejected (``alerts_overruled`` in the
 summary counts them). A benign verdict on an uncertain escalation (never alerted)
-writes nothing. Alerts replayed from the outbox after a restart (written by an
-earlier run) are matched as they are sent again; the agent keeps the last
-``_MAX_RECENT`` (10 000) escalations for this, far more than are in flight.
+writes nothing. Escalations replayed from the outbox after a restart (stored by an
+earlier run: alerts and uncertain ones alike) are matched as they are sent again,
+and a verdict for one this run did not send is looked up in the outbox file, so
+its verdict line carries the flow's ts and 5-tuple from the stored escalation; the
+agent keeps the last ``_MAX_RECENT`` (10 000) escalations for this, far more than
+are in flight.
 
 Escalation ids are derived from the site, gateway and flow record (32 hex digits; see
 :func:`flow_id`), so a flow read again after a crash carries the same id and the
@@ -131,6 +134,9 @@ class Counters:
     unrouted: int = 0
     dropped_oversized: int = 0
     outbox_failed: int = 0
+    # Of outbox_failed, the alerts (their alert lines are written); the rest are
+    # uncertain escalations, of which no record is left.
+    outbox_failed_alerts: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -264,6 +270,18 @@ _DECISIONS = (proto.Decision.BENIGN, proto.Decision.ESCALATE, proto.Decision.ALE
 
 
 _NOT_IN_ID = ("uid", "label", "label_detail")
+
+
+def _stored_flow(payload: bytes) -> dict[str, Any]:
+    """The ts and 5-tuple of the flow in a stored escalation's payload ({} when
+    the payload holds none), for the verdict line of a flow this run did not see."""
+    try:
+        flow = json.loads(payload).get("flow")
+    except (ValueError, AttributeError):
+        return {}
+    if not isinstance(flow, dict):
+        return {}
+    return {k: flow.get(k) for k in _FIVE_TUPLE}
 
 
 def flow_id(site: str, gateway: str, flow: dict[str, Any]) -> str:
@@ -618,7 +636,7 @@ class Agent:
         try:
             kept = self.outbox.add_many(items)
         except OutboxError as exc:
-            self._outbox_failed(exc, len(items))
+            self._outbox_failed(exc, len(items), sum(1 for i in items if i[3]))
             kept = []
         self.counters.escalations_queued += sum(kept)
         for flow, score, decision, msg_id, _ in made:
@@ -651,23 +669,41 @@ class Agent:
                 self._recent.popitem(last=False)
 
     def _remember_replayed(self, msg: Any) -> None:
-        """Remember an alert replayed from the outbox (an earlier run wrote its
-        alert line), so that its verdict is written as well; the 5-tuple comes
-        from the stored escalation."""
-        if self.alerts is None or not msg.alert:
+        """Remember an escalation replayed from the outbox that this run did not
+        score (an earlier run stored it), so that its verdict line carries the
+        flow's ts and 5-tuple, taken from the stored escalation. Alerts and
+        uncertain escalations alike: an uncertain one has no alert line to be
+        matched by its escalation_id, so its verdict line is all a reader has."""
+        if self.alerts is None:
             return
         with self._out_lock:
             if msg.id in self._recent:
                 return
-        try:
-            flow = json.loads(msg.payload).get("flow")
-        except (ValueError, AttributeError):
-            flow = None
-        self._remember(msg.id, flow if isinstance(flow, dict) else {}, True)
+        self._remember(msg.id, _stored_flow(msg.payload), msg.alert)
 
-    def _outbox_failed(self, exc: OutboxError, lost: int = 0) -> None:
-        """Count an outbox failure (and the escalations it cost); log the first."""
+    def _stored_escalation(self, esc_id: str) -> tuple[dict[str, Any], bool]:
+        """The flow and alert mark of an escalation this run did not score, from
+        the outbox file (waiting, or sent and kept for a re-send): a verdict for
+        an earlier run's escalation still names its flow. ``({}, False)`` when
+        the file no longer holds it or cannot be read."""
+        if self.alerts is None:
+            return {}, False
+        try:
+            msg = self.outbox.find(esc_id)
+        except OutboxError as exc:
+            logger.debug("verdict %s: outbox lookup failed: %s", esc_id, exc)
+            return {}, False
+        if msg is None:
+            return {}, False
+        return _stored_flow(msg.payload), msg.alert
+
+    def _outbox_failed(
+        self, exc: OutboxError, lost: int = 0, lost_alerts: int = 0
+    ) -> None:
+        """Count an outbox failure (and the escalations it cost, ``lost_alerts`` of
+        them alerts); log the first."""
         self.counters.outbox_failed += lost
+        self.counters.outbox_failed_alerts += lost_alerts
         if self._outbox_error is None:
             logger.error(
                 "%s; escalations it cannot store are dropped and counted, local "
@@ -1014,7 +1050,8 @@ class Agent:
         if self.round_trips is not None and esc_id in self._created:
             self.round_trips.append(time.monotonic() - self._created.pop(esc_id))
         with self._out_lock:
-            flow, alerted = self._recent.pop(esc_id, ({}, False))
+            remembered = self._recent.pop(esc_id, None)
+        flow, alerted = remembered or self._stored_escalation(esc_id)
         if verdict["verdict"] == proto.Verdict.MALICIOUS.value:
             self.counters.verdicts_malicious += 1
             self._write_line(

@@ -70,9 +70,13 @@ RESEND_WINDOW = 1000
 EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok
-  {EXIT_FAILURE}    failure (an alerts file, or calibrate's --out file, that cannot
-       be opened or written included; alerts on a pipe whose reader
-       went away are only a warning); an --artifact that is missing,
+  {EXIT_FAILURE}    failure (an alerts file, a --summary-json file, or calibrate's
+       --out file, that cannot be opened or written included, and an
+       --outbox that cannot be created or opened: a folder, a path
+       under a file, a read-only file system, no permission; alerts
+       on a pipe whose reader went away are only a warning; a summary
+       that cannot be written is only a warning when the run fails
+       for another reason); an --artifact that is missing,
        lacks a file, was modified after it was written (sha256) or
        fails its probe (the model is unusable, whatever named it)
   {EXIT_USAGE}    usage: bad flags, arguments or settings, a --config file that
@@ -84,7 +88,8 @@ exit codes:
        lines held no record, a damaged file with nothing usable), a
        source or thresholds file that is a folder or missing, a
        damaged outbox file (left untouched), an artifact manifest
-       that is not a JSON object or whose model_version the re-scorer
+       that is not valid JSON, not a JSON object, or whose
+       model_version the re-scorer
        would refuse (a control character); an empty stdin (no lines
        at all) is no error: the outbox is replayed and drained (exit 0)
   {EXIT_PARTIAL_INPUT}    partial input: damage part way (a cut file: the read
@@ -95,7 +100,8 @@ exit codes:
   {EXIT_UNAVAILABLE}    broker unavailable (refused credentials or certificate; one
        that does not answer at start is retried in the background
        while flows are scored), escalations left unacknowledged in
-       the outbox, or escalations dropped because the outbox could
+       the outbox, an outbox that cannot be opened for a full disk or
+       an I/O error, or escalations dropped because the outbox could
        not store them (disk full, I/O error) or by its cap
        (--outbox-max: it drops the oldest uncertain escalations
        first, alerts last; their local alert lines are written), or
@@ -129,8 +135,8 @@ exit codes:
        refuses, probe windows that do not score as built)
   {EXIT_USAGE}    usage: bad flags (--target-fpr outside 0..1, a live source), or
        an artifact whose encoder reads fields the source does not give
-  {EXIT_BAD_INPUT}    bad input: an artifact manifest that is not a JSON object or
-       whose model_version the re-scorer would refuse, an unreadable
+  {EXIT_BAD_INPUT}    bad input: an artifact manifest that is not valid JSON, not a
+       JSON object, or whose model_version the re-scorer would refuse, an unreadable
        source, a source with no flow, or one with fewer than
        {MIN_CALIBRATION_FLOWS} benign flows (labeled benign,
        or when none is labeled, not labeled malicious). The flags are
@@ -589,6 +595,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if previous_sighup is not None:
             signal.signal(signal.SIGHUP, previous_sighup)
         summary = agent.summary()
+        # Whether the broker was still connected as the drain ended (closing the
+        # link disconnects it): a connection lost on the way explains what was
+        # not sent better than "no subscriber".
+        link_up = agent.link is not None and agent.link.connected
         agent.close()
         if close_alerts:
             alerts.close()
@@ -599,110 +609,142 @@ def cmd_run(args: argparse.Namespace) -> int:
     }
     summary["seconds"] = round(time.monotonic() - started, 3)
     summary["drained"] = drained
-    _report(summary, cfg.summary_json)
-    if interrupted.is_set():
-        print(
-            f"error: interrupted; {summary['outbox_pending']} escalations kept in "
-            f"the outbox {cfg.outbox_path()}",
-            file=sys.stderr,
+    summary_error = _report(summary, cfg.summary_json)
+    try:
+        if interrupted.is_set():
+            print(
+                f"error: interrupted; {summary['outbox_pending']} escalations kept in "
+                f"the outbox {cfg.outbox_path()}",
+                file=sys.stderr,
+            )
+            if summary_error is not None:
+                print(f"warning: {summary_error}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if failure is not None:
+            raise _as_partial(failure, summary["flows"])
+        if agent.link_error is not None:
+            raise TransportError(
+                f"{agent.link_error}; stopped, {summary['outbox_pending']} escalations "
+                f"stay in the outbox {cfg.outbox_path()}"
+            )
+        # SIGTERM (stop, not interrupted) ends the run as the end of its input would:
+        # rejected lines are still exit 4, as documented in EPILOG.
+        input_error = _input_problem(
+            cfg.source, source, summary["flows"], summary["bad_records"],
+            agent.first_bad_record,
         )
-        return EXIT_INTERRUPTED
-    if failure is not None:
-        raise _as_partial(failure, summary["flows"])
-    if agent.link_error is not None:
-        raise TransportError(
-            f"{agent.link_error}; stopped, {summary['outbox_pending']} escalations "
-            f"stay in the outbox {cfg.outbox_path()}"
-        )
-    # SIGTERM (stop, not interrupted) ends the run as the end of its input would:
-    # rejected lines are still exit 4, as documented in EPILOG.
-    input_error = _input_problem(
-        cfg.source, source, summary["flows"], summary["bad_records"],
-        agent.first_bad_record,
-    )
-    if input_error is not None:
-        raise input_error
-    if close_alerts and alerts.error is not None:
-        raise alerts.error
-    if agent.outbox_error is not None:
-        raise OutboxError(
-            f"{summary['outbox_failed']} escalations were dropped because the outbox "
-            f"could not store them (their alerts are in the alert log); last error: "
-            f"{agent.outbox_error}"
-        )
-    capped = sum((summary.get("outbox_dropped_now") or {}).values())
-    # Some were already with the link when the cap dropped them: the broker
-    # acknowledged those, so only the rest are lost.
-    lost = capped - summary.get("delivered_after_drop", 0)
-    if lost > 0:
-        delivered = (
-            f" ({capped - lost} more were dropped from the file while already in "
-            "flight and reached the broker)"
-            if lost < capped
-            else ""
-        )
-        raise OutboxCapError(
-            f"{lost} escalations were dropped by the outbox cap (outbox_max "
-            f"{cfg.outbox_max}) in this run and are lost{delivered}; "
-            f"{summary['outbox_pending']} stay in the outbox {cfg.outbox_path()}"
-        )
-    if summary.get("dropped_oversized"):
-        from edge_agent.protocol import MAX_PAYLOAD_BYTES
+        if input_error is not None:
+            raise input_error
+        if close_alerts and alerts.error is not None:
+            raise alerts.error
+        if agent.outbox_error is not None:
+            raise OutboxError(_outbox_failed_text(summary, agent.outbox_error))
+        capped = sum((summary.get("outbox_dropped_now") or {}).values())
+        # Some were already with the link when the cap dropped them: the broker
+        # acknowledged those, so only the rest are lost.
+        lost = capped - summary.get("delivered_after_drop", 0)
+        if lost > 0:
+            delivered = (
+                f" ({capped - lost} more were dropped from the file while already in "
+                "flight and reached the broker)"
+                if lost < capped
+                else ""
+            )
+            raise OutboxCapError(
+                f"{lost} escalations were dropped by the outbox cap (outbox_max "
+                f"{cfg.outbox_max}) in this run and are lost{delivered}; "
+                f"{summary['outbox_pending']} stay in the outbox {cfg.outbox_path()}"
+            )
+        if summary.get("dropped_oversized"):
+            from edge_agent.protocol import MAX_PAYLOAD_BYTES
 
-        limit = agent.link.packet_limit if agent.link is not None else None
-        bound = f"the protocol's {MAX_PAYLOAD_BYTES}-byte cap" + (
-            f" or the broker's packet limit ({limit} bytes)" if limit else "")
-        raise TransportError(
-            f"{summary['dropped_oversized']} escalations were larger than {bound} "
-            "and were dropped, not sent; their alert lines are in the alerts "
-            "output (a record with a huge text field, or a --max-packet-size set "
-            "too low)"
-        )
-    if cfg.broker and summary["outbox_pending"]:
-        unrouted = (
-            f" (the broker took {summary['unrouted']} publishes with \"no matching "
-            "subscribers\": no re-scorer was subscribed, so they were kept)"
-            if summary.get("unrouted")
-            else ""
-        )
-        why = (
-            f"the broker {cfg.broker} did not answer during the run"
-            if agent.link is not None and agent.link.generation == 0
-            else f"not delivered to a subscriber within the {drain_for:g} s "
-            f"drain{unrouted}"
-        )
-        raise TransportError(
-            f"{summary['outbox_pending']} escalations were not sent ({why}); they "
-            f"stay in the outbox {cfg.outbox_path()} and are sent by the next run"
-        )
-    lost_sessions = summary.get("broker_sessions_lost", 0)
-    if not drained and cfg.wait_verdicts and lost_sessions and summary[
-            "verdicts_awaited"]:
-        raise TransportError(
-            f"the broker {cfg.broker} lost this gateway's MQTT session "
-            f"{lost_sessions} time(s) during the run (restarted without its saved "
-            f"state, or the session expired); {summary['escalations_requeued']} "
-            "escalations were published again, and "
-            f"{summary['verdicts_awaited']} still got no verdict within the "
-            f"{drain_for:g} s drain (the newest {RESEND_WINDOW} unanswered ones "
-            "are kept and sent again after the next such loss)"
-        )
-    awaited = summary["verdicts_awaited"]
-    if not drained and cfg.broker and cfg.wait_verdicts and awaited:
-        if not stop.is_set():
-            raise TransportError(_unanswered(summary, agent, drain_for))
-        # SIGTERM: an orderly stop drains for 2 s only; verdicts sent later wait
-        # in this gateway's MQTT session, so the stop itself is no failure.
-        print(
-            f"warning: stopped with {awaited} escalations still without a verdict; "
-            "verdicts sent later wait in this gateway's MQTT session for the next "
-            "run",
-            file=sys.stderr,
-        )
-    rejected = agent.unanswered_rejections()
-    if rejected:  # --no-wait-verdicts: not awaited, but known
-        print(f"warning: {_rejections(rejected)}", file=sys.stderr)
+            limit = agent.link.packet_limit if agent.link is not None else None
+            bound = f"the protocol's {MAX_PAYLOAD_BYTES}-byte cap" + (
+                f" or the broker's packet limit ({limit} bytes)" if limit else "")
+            raise TransportError(
+                f"{summary['dropped_oversized']} escalations were larger than {bound} "
+                "and were dropped, not sent; their alert lines are in the alerts "
+                "output (a record with a huge text field, or a --max-packet-size set "
+                "too low)"
+            )
+        if cfg.broker and summary["outbox_pending"]:
+            unrouted = (
+                f" (the broker took {summary['unrouted']} publishes with \"no matching "
+                "subscribers\": no re-scorer was subscribed, so they were kept)"
+                if summary.get("unrouted")
+                else ""
+            )
+            if agent.link is not None and agent.link.generation == 0:
+                why = f"the broker {cfg.broker} did not answer during the run"
+            elif not link_up:
+                why = (
+                    f"the connection to the broker {cfg.broker} was lost during "
+                    f"the run and was not back within the {drain_for:g} s drain"
+                )
+            else:
+                why = (
+                    f"not delivered to a subscriber within the {drain_for:g} s "
+                    f"drain{unrouted}"
+                )
+            raise TransportError(
+                f"{summary['outbox_pending']} escalations were not sent ({why}); they "
+                f"stay in the outbox {cfg.outbox_path()} and are sent by the next run"
+            )
+        lost_sessions = summary.get("broker_sessions_lost", 0)
+        if not drained and cfg.wait_verdicts and lost_sessions and summary[
+                "verdicts_awaited"]:
+            raise TransportError(
+                f"the broker {cfg.broker} lost this gateway's MQTT session "
+                f"{lost_sessions} time(s) during the run (restarted without its saved "
+                f"state, or the session expired); {summary['escalations_requeued']} "
+                "escalations were published again, and "
+                f"{summary['verdicts_awaited']} still got no verdict within the "
+                f"{drain_for:g} s drain (the newest {RESEND_WINDOW} unanswered ones "
+                "are kept and sent again after the next such loss)"
+            )
+        awaited = summary["verdicts_awaited"]
+        if not drained and cfg.broker and cfg.wait_verdicts and awaited:
+            if not stop.is_set():
+                raise TransportError(_unanswered(summary, agent, drain_for))
+            # SIGTERM: an orderly stop drains for 2 s only; verdicts sent later wait
+            # in this gateway's MQTT session, so the stop itself is no failure.
+            print(
+                f"warning: stopped with {awaited} escalations still without a verdict; "
+                "verdicts sent later wait in this gateway's MQTT session for the next "
+                "run",
+                file=sys.stderr,
+            )
+        rejected = agent.unanswered_rejections()
+        if rejected:  # --no-wait-verdicts: not awaited, but known
+            print(f"warning: {_rejections(rejected)}", file=sys.stderr)
+    except GatewatchError:
+        # The run's own failure is the error line; the summary's, a warning.
+        if summary_error is not None:
+            print(f"warning: {summary_error}", file=sys.stderr)
+        raise
+    if summary_error is not None:
+        raise summary_error
     return EXIT_OK
+
+
+def _outbox_failed_text(summary: dict, error: Exception) -> str:
+    """Why the run exits 6 after the outbox refused writes: how many escalations
+    were dropped, and of them which left an alert line and which no record."""
+    lost = summary["outbox_failed"]
+    alerts = summary.get("outbox_failed_alerts", 0)
+    uncertain = lost - alerts
+    parts = []
+    if alerts:
+        parts.append(f"{alerts} alerts, whose alert lines are in the alert log")
+    if uncertain:
+        parts.append(
+            f"{uncertain} uncertain escalations, of which no record is left"
+        )
+    kinds = f" ({', and '.join(parts)})" if parts else ""
+    return (
+        f"{lost} escalations were dropped because the outbox could not store "
+        f"them{kinds}; last error: {error}"
+    )
 
 
 def _unanswered(summary: dict, agent: Any, drain_for: float) -> str:
@@ -868,7 +910,7 @@ def _expected_of(kind: str) -> str:
     return _EXPECTED.get(kind, "flow records")
 
 
-def _report(summary: dict[str, Any], path: str | None) -> None:
+def _report(summary: dict[str, Any], path: str | None) -> GatewatchError | None:
     print(
         "summary: flows {flows}, benign {benign}, escalate {escalate}, alert {alert}, "
         "escalations sent {escalations_sent}, verdicts received {verdicts_received}, "
@@ -922,7 +964,28 @@ def _report(summary: dict[str, Any], path: str | None) -> None:
         try:
             Path(path).write_text(json.dumps(summary, indent=2) + "\n")
         except OSError as exc:
-            print(f"warning: summary not written to {path}: {exc}", file=sys.stderr)
+            return GatewatchError(_unwritable(path, exc, "the summary"))
+    return None
+
+
+def _folder_problem(path: str | Path) -> str | None:
+    """Why the folder of ``path`` cannot hold a new file (a file where a folder
+    should be, or a folder that does not exist), or None when it is a folder."""
+    parent = Path(path).parent
+    for above in (parent, *parent.parents):
+        if above.is_dir():
+            return None if above == parent else f"the folder {parent} does not exist"
+        if above.exists() or above.is_symlink():
+            return f"{above} is a file, not a folder"
+    return f"the folder {parent} does not exist"
+
+
+def _unwritable(path: str | Path, exc: OSError, what: str) -> str:
+    """The error line for ``what`` (the summary, say) not written to ``path``."""
+    why = _folder_problem(path) or exc.strerror or str(exc)
+    if Path(path).is_dir():
+        why = "it is a folder, not a file"
+    return f"cannot write {what} to {path}: {why}"
 
 
 # ---------------------------------------------------------------------------------
@@ -1017,11 +1080,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "created_at": time.time(),
     }
     path = args.out or Path(args.artifact) / SITE_THRESHOLDS
-    folder = Path(path).parent
-    if not folder.is_dir():
-        raise GatewatchError(
-            f"cannot write {path}: the folder {folder} does not exist"
-        )
+    problem = _folder_problem(path)
+    if problem is not None:
+        raise GatewatchError(f"cannot write {path}: {problem}")
     try:
         Path(path).write_text(json.dumps(out, indent=2) + "\n")
     except OSError as exc:

@@ -18,6 +18,11 @@ is the oldest *alert* dropped, and a new uncertain escalation is itself dropped 
 than push an alert out. Alerts are therefore kept before uncertain escalations. Every
 drop is counted per decision, and the counts persist in the file.
 
+A path the outbox cannot be made at (a folder, a path under a file, a read-only
+file system, no permission) is refused at open as an output that cannot be opened
+(:class:`~flows.errors.GatewatchError`, exit 1); a full disk or an I/O error at open
+is :class:`~flows.errors.OutboxError` (exit 6), as later.
+
 Damage and a failing disk: at open the file is checked (``PRAGMA quick_check``, which
 reads every page, so a large outbox takes a moment); a damaged file is refused with
 :class:`~flows.errors.BadInputError` naming it, and left as it is for the operator.
@@ -29,6 +34,7 @@ damage that appeared since) is rolled back and raised as
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -36,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent import logger
-from flows.errors import BadInputError, OutboxError, UsageError
+from flows.errors import BadInputError, GatewatchError, OutboxError, UsageError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -95,9 +101,9 @@ class Outbox:
         self.max_messages = max_messages
         self.keep_sent = keep_sent
         self._lock = threading.Lock()
+        self._check_place()
         existed = self.path.is_file() and self.path.stat().st_size > 0
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
                 str(self.path), check_same_thread=False, isolation_level=None
             )
@@ -110,14 +116,76 @@ class Outbox:
             self._size = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         except sqlite3.DatabaseError as exc:
             self._db_close_quietly()
-            raise BadInputError(
-                f"cannot open the outbox: {exc}", path=str(path)
-            ) from exc
+            raise self._open_failure(exc) from exc
         except BadInputError:
             self._db_close_quietly()
             raise
         if self._size:
             logger.info("outbox %s holds %d unacknowledged messages", path, self._size)
+
+    def _check_place(self) -> None:
+        """Make the outbox's folder; refuse a path that is a folder, or under a
+        file, or a folder that cannot be made, with one error naming the path
+        (exit 1, as for any output that cannot be opened)."""
+        if self.path.is_dir():
+            raise GatewatchError(
+                f"cannot open the outbox {self.path}: it is a folder, not a file; "
+                "give --outbox a file path (a new file is created)"
+            )
+        for above in self.path.parents:
+            if above.exists() or above.is_symlink():
+                if not above.is_dir():
+                    raise GatewatchError(
+                        f"cannot create the outbox {self.path}: {above} is a file, "
+                        "not a folder"
+                    )
+                break
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GatewatchError(
+                f"cannot create the folder of the outbox {self.path}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+
+    def _open_failure(self, exc: sqlite3.DatabaseError) -> GatewatchError:
+        """What SQLite refusing to open the outbox means, as the error to raise.
+
+        A full disk or an I/O error is :class:`~flows.errors.OutboxError` (exit 6,
+        as when a write fails later); a file or folder that cannot be opened or
+        written (a read-only file system, no permission) is a failure to open an
+        output (exit 1); anything else is a damaged file (exit 3, left as it is).
+        """
+        name = getattr(exc, "sqlite_errorname", "") or ""
+        where = str(self.path)
+        if name.startswith(("SQLITE_FULL", "SQLITE_IOERR")) or "disk is full" in str(
+            exc
+        ):
+            what = (
+                "the disk is full"
+                if name.startswith("SQLITE_FULL") or "disk is full" in str(exc)
+                else "the disk reported an I/O error"
+            )
+            return OutboxError(f"cannot open the outbox: {what} ({exc})", path=where)
+        if name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM",
+                            "SQLITE_AUTH")):
+            return GatewatchError(
+                f"cannot open the outbox {where}: {self._why_unwritable()} ({exc})"
+            )
+        return BadInputError(f"cannot open the outbox: {exc}", path=where)
+
+    def _why_unwritable(self) -> str:
+        """Why the outbox file or its folder cannot be written, as far as known."""
+        target = self.path if self.path.exists() else self.path.parent
+        kind = "file" if target == self.path else "folder"
+        try:
+            if os.statvfs(target).f_flag & os.ST_RDONLY:
+                return f"the {kind} {target} is on a read-only file system"
+        except OSError:
+            pass
+        if not os.access(target, os.W_OK):
+            return f"no permission to write the {kind} {target}"
+        return f"the {kind} {target} cannot be opened for writing"
 
     def _check_pages(self) -> None:
         """Refuse a file whose pages SQLite finds damaged (reads the whole file)."""
@@ -358,6 +426,26 @@ class Outbox:
             with self._lock, contextlib.suppress(sqlite3.Error):
                 self._size = self._count()
         return moved
+
+    def find(self, msg_id: str) -> OutboxMessage | None:
+        """One message by id, waiting or sent and kept for a re-send; None if
+        the file no longer holds it (acknowledged, answered or dropped)."""
+        with self._lock:
+            try:
+                row = None
+                for table in ("outbox", "sent"):
+                    row = self._db.execute(
+                        f"SELECT seq, id, topic, payload, alert FROM {table} "
+                        "WHERE id = ?",
+                        (msg_id,),
+                    ).fetchone()
+                    if row is not None:
+                        break
+            except sqlite3.Error as exc:
+                raise self._failure("read", exc) from exc
+        if row is None:
+            return None
+        return OutboxMessage(row[0], row[1], row[2], bytes(row[3]), bool(row[4]))
 
     def sent_ids(self) -> list[str]:
         """Ids of sent messages kept for a re-send, oldest first."""

@@ -527,16 +527,18 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
             else "artifact folder does not exist"
         )
         raise ModelError(f"{folder}: {what}")
-    try:
-        manifest = json.loads(path.read_text())
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot read the manifest ({exc})") from exc
-    except ValueError as exc:
-        raise ModelError(f"{path}: manifest is not valid JSON ({exc})") from exc
     expected = (
         "expected a JSON object with target, model_file, input, output and sha256 "
         "(input and output objects with shape and dtype)"
     )
+    try:
+        manifest = json.loads(path.read_text())
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read the manifest ({exc})") from exc
+    except ValueError as exc:  # bad input, as a manifest that is a JSON list is
+        raise BadInputError(
+            f"the manifest is not valid JSON ({exc}); {expected}", path=str(path)
+        ) from exc
     if not isinstance(manifest, dict):
         raise BadInputError(
             f"the manifest is a JSON {type(manifest).__name__}; {expected}",
@@ -646,8 +648,9 @@ def load_artifact(
     (shape or dtype), when the runtime cannot load it, or when the manifest's probe
     windows do not score as recorded (an edited manifest, a misbehaving runtime);
     :class:`~flows.errors.BadInputError` (exit 3) naming ``manifest.json`` when the
-    manifest is not a JSON object of objects, or when its ``model_version`` is text
-    the re-scorer would refuse in every escalation (:func:`model_version_problem`).
+    manifest is not valid JSON or not a JSON object of objects, or when its
+    ``model_version`` is text the re-scorer would refuse in every escalation
+    (:func:`model_version_problem`).
     ``prefer_micro`` runs a ``tflite-micro`` C array in the TFLite Micro interpreter
     when it is installed.
     ``probe=False`` leaves the probe to the caller (the update health check, which

@@ -1634,3 +1634,69 @@ def test_unrouted_escalations_are_retried_with_a_growing_delay(tm, tmp_path) -> 
     agent._collect_acks()
     assert agent._retry_delay == 1.0
     agent.outbox.close()
+
+
+@pytest.mark.broker
+def test_verdicts_of_an_outbox_replayed_in_a_later_run_name_their_flows(
+    tm, mosquitto, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Found: run 1 had no broker and kept its escalations in the outbox; run 2
+    replayed them and got verdicts, but the verdict lines of the uncertain ones
+    (no alert line of their own) had ts and the 5-tuple null. Every verdict line
+    now carries the flow as the stored escalation has it."""
+    from edge_agent import protocol as proto
+
+    five = ("ts", "src_ip", "src_port", "dst_ip", "dst_port", "proto")
+    a1, a2 = tmp_path / "a1.jsonl", tmp_path / "a2.jsonl"
+    assert main(_run_argv(tm, tmp_path, f"zeek:{tm.conn_log}", "--alerts",
+                          str(a1))) == 0
+    stored = {m.id: m for m in Outbox(tmp_path / "o.db").pending()}
+    kinds = {m.alert for m in stored.values()}
+    assert stored and kinds == {True, False}  # alerts and uncertain ones
+    flows = {i: {k: json.loads(m.payload)["flow"][k] for k in five}
+             for i, m in stored.items()}
+
+    def answer(body: dict) -> bytes:
+        return proto.encode(proto.build_verdict(
+            escalation_id=body["id"], verdict="malicious", score=0.9,
+            threshold=0.5, teacher_version="t1"))
+
+    client, got = _stub_rescorer(mosquitto.port, answer)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    try:
+        rc = main(_run_argv(tm, tmp_path, "-", "--alerts", str(a2),
+                            "--broker", mosquitto.url, "--drain-timeout", "20"))
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert rc == 0, capsys.readouterr().err
+    lines = [json.loads(x) for x in a2.read_text().splitlines()]
+    assert {x["kind"] for x in lines} == {"verdict"}
+    assert sorted(x["escalation_id"] for x in lines) == sorted(stored)
+    for line in lines:
+        assert {k: line[k] for k in five} == flows[line["escalation_id"]]
+        assert line["src_ip"] is not None and line["ts"] is not None
+
+
+def test_a_verdict_for_an_earlier_runs_escalation_names_its_flow(
+    tm, tmp_path: Path
+) -> None:
+    """A verdict that comes for an escalation this run did not send (an earlier
+    run's, from the outbox file) still names the flow the outbox stored."""
+    from edge_agent import protocol as proto
+
+    box = Outbox(tmp_path / "o.db", keep_sent=10)
+    flow = {"ts": 1.5, "src_ip": "10.0.0.1", "src_port": 1234,
+            "dst_ip": "10.0.0.2", "dst_port": 80, "proto": "tcp"}
+    box.add("e" * 32, "t", json.dumps({"flow": flow}).encode(), False)
+    box.ack("e" * 32)  # sent and kept until its verdict comes
+    out = io.StringIO()
+    scorer = load_artifact(tm.artifact)
+    agent = Agent(scorer, outbox=box, site="s1", gateway="g1", alerts=out)
+    agent._on_message(agent.topics[proto.Channel.VERDICTS], proto.encode(
+        proto.build_verdict(escalation_id="e" * 32, verdict="malicious",
+                            score=0.9, threshold=0.5, teacher_version="t1")))
+    line = json.loads(out.getvalue())
+    assert {k: line[k] for k in flow} == flow
+    assert (line["kind"], line["verdict"]) == ("verdict", "malicious")
+    box.close()
