@@ -663,10 +663,9 @@ def export_candidate(
     probe_x = ctx.val_windows[:4]
     probe = {"windows": probe_x.tolist(), "expected": scorer.score(probe_x).tolist(),
              "atol": 1.0 / 256 if out["dtype"] != "float32" else 1e-4}
-    # TODO(gap): the default gate scores the types it chose the threshold on, so it
-    # misses NSL-KDD students falling behind on unseen types (KDDTest+ mean 2.2
-    # points); the split measure (student/results/round4) sees it, and only
-    # --gate split uses it.
+    # TODO(gap): no validation here sees NSL-KDD students fall behind the teacher on
+    # KDDTest+'s novel R2L/U2R types (4.7 points, student/results/r10-check.md):
+    # the gate and the split measure hold out types of every family.
     split_f1 = _split_f1(ctx, p_val)
     split = None
     if split_f1 is not None:
