@@ -1118,6 +1118,8 @@ class Agent:
             logger.warning("model update failed: %s", exc)
             self.publish_status_reason(f"model update failed: {exc}")
             return
+        if getattr(result, "withdrawn", False):
+            return
         if getattr(result, "ok", False):
             self.swap_scorer(result.scorer)
             logger.info("model updated to %s", result.version)

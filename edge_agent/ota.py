@@ -77,7 +77,9 @@ class UpdateResult:
 
     ``ok``: the model in ``scorer`` (version ``version``) is now the active one.
     ``changed`` is False when the message named the model already running.
-    ``reason`` says why an update was refused (empty when ok).
+    ``reason`` says why an update was refused (empty when ok). ``withdrawn``: the
+    message was empty, the way a retained update is cleared: nothing to install
+    and nothing refused.
     """
 
     ok: bool
@@ -87,6 +89,7 @@ class UpdateResult:
     slot: str | None = None
     changed: bool = False
     update_id: str | None = None
+    withdrawn: bool = False
 
 
 # -------------------------------------------------------------------- health check
@@ -303,6 +306,10 @@ class ModelUpdater:
 
     def handle(self, payload: bytes) -> UpdateResult:
         """Verify, install and activate the update in ``payload``, or refuse it."""
+        if not payload.strip():
+            logger.info("the retained model update was withdrawn (an empty "
+                        "message); the running model stays")
+            return UpdateResult(ok=False, withdrawn=True)
         with self._lock:
             update_id = None
             try:
@@ -473,8 +480,14 @@ def slots_of(artifact: str | Path) -> Path:
 def _parse_message(payload: bytes) -> dict[str, Any]:
     """The JSON object of an update message, or BadInputError."""
     try:
-        message = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(
+            f"model update is not JSON text: byte {exc.start} is not UTF-8"
+        ) from exc
+    try:
+        message = json.loads(text)
+    except ValueError as exc:
         raise BadInputError(f"model update is not JSON: {exc}") from exc
     if not isinstance(message, dict):
         raise BadInputError("model update is not a JSON object")

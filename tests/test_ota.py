@@ -256,6 +256,29 @@ def test_bad_update_is_refused_and_the_running_model_kept(
     assert not (updater.slots.dir.parent / "escaped.txt").exists()
 
 
+@pytest.mark.parametrize("payload", [b"", b"  \n"])
+def test_an_empty_message_withdraws_without_a_refusal(payload, updater, caplog):
+    """Found: clearing the retained update (an empty message, the way MQTT
+    withdraws one) was logged as a refused update that "is not JSON"."""
+    before = _active_snapshot(updater.slots)
+
+    with caplog.at_level("INFO", logger="gatewatch.edge_agent"):
+        result = updater.handle(payload)
+
+    assert result.withdrawn and not result.ok and result.reason == ""
+    assert "withdrawn" in caplog.text and "refused" not in caplog.text
+    _assert_still_v1(updater, before)
+
+
+def test_binary_garbage_is_refused_as_not_utf8_text(updater):
+    """Found: bytes that are not UTF-8 were refused with json's guess of another
+    encoding ("'utf-16-le' codec can't decode ...")."""
+    result = updater.handle(b"\xff\xfe\x00garbage")
+
+    assert not result.ok
+    assert result.reason == "model update is not JSON text: byte 0 is not UTF-8"
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("size", "1e999"), ("size", "-1"), ("size", "3.5"), ("size", "true"),
