@@ -42,7 +42,7 @@ from edge_agent import logger
 from edge_agent.protocol import ENDPOINTS
 from flows.errors import BadInputError, GatewatchError, UsageError
 from flows.readers._source import MAX_LINE_BYTES, too_long
-from flows.readers.result import Damage
+from flows.readers.result import Damage, damaged_packets
 from flows.record import CONN_FIELD_NAMES, field_problem
 
 KINDS = ("pcap", "iface", "zeek", "parquet", "stdin")
@@ -252,19 +252,8 @@ def damage_sentence(damage: list[Damage]) -> str:
             parts.append(f"damaged part way{at}: {found.what}")
             continue
         first = at if found.records == 1 else f", the first{at}"
-        parts.append(f"{_damaged_packets(found)}{first}: {found.what}")
+        parts.append(f"{damaged_packets(found)}{first}: {found.what}")
     return "; then ".join(parts)
-
-
-def _damaged_packets(found: Damage) -> str:
-    """``2 damaged packets skipped`` and the like (a capture's damaged packets)."""
-    n, skipped = found.records, found.skipped
-    noun = "damaged packet" if n == 1 else "damaged packets"
-    if skipped >= n:
-        return f"{n} {noun} skipped"
-    if skipped == 0:
-        return f"{n} {noun} read as far as {'it goes' if n == 1 else 'they go'}"
-    return f"{n} {noun} ({skipped} skipped, {n - skipped} read as far as they go)"
 
 
 def _iface(src: Source) -> Iterator[dict]:

@@ -36,6 +36,7 @@ from flows.errors import (
     PartialInputError,
     UsageError,
 )
+from flows.readers.result import damaged_packets
 
 EPILOG = f"""\
 exit codes:
@@ -454,7 +455,7 @@ def _damage_sentence(result, where: str, empty: bool) -> str:
             parts.append(f"{who} damaged part way{at}: {found.what}")
             continue
         first = f"{at}" if found.records == 1 else f", the first{at}"
-        part = f"{who} {_damaged_packets(found)}{first}: {found.what}"
+        part = f"{who} {damaged_packets(found)}{first}: {found.what}"
         if found.path not in stopped_in and not empty:
             one = found.records == 1
             part += (
@@ -474,17 +475,6 @@ def _damage_sentence(result, where: str, empty: bool) -> str:
     else:
         return "; ".join(parts)
     return "; ".join(parts) + "; " + tail
-
-
-def _damaged_packets(found) -> str:
-    """``2 damaged packets skipped`` and the like, for a capture's damaged packets."""
-    n, skipped = found.records, found.skipped
-    noun = "damaged packet" if n == 1 else "damaged packets"
-    if skipped >= n:
-        return f"{n} {noun} skipped"
-    if skipped == 0:
-        return f"{n} {noun} read as far as {'it goes' if n == 1 else 'they go'}"
-    return f"{n} {noun} ({skipped} skipped, {n - skipped} read as far as they go)"
 
 
 def _where(args) -> str:

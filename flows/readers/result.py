@@ -27,6 +27,18 @@ class Damage:
     skipped: int = 0
 
 
+def damaged_packets(found: Damage) -> str:
+    """``2 damaged packets skipped`` and the like: how a message counts the damaged
+    packets of a capture that ``found`` stands for."""
+    n, skipped = found.records, found.skipped
+    noun = "damaged packet" if n == 1 else "damaged packets"
+    if skipped >= n:
+        return f"{n} {noun} skipped"
+    if skipped == 0:
+        return f"{n} {noun} read as far as {'it goes' if n == 1 else 'they go'}"
+    return f"{n} {noun} ({skipped} skipped, {n - skipped} read as far as they go)"
+
+
 @dataclass
 class ReadResult:
     """The rows read from one or more inputs, with their format and any damage found.
