@@ -819,6 +819,29 @@ def test_nsl_kdd_empty_label_is_a_bad_row_not_an_attack(tmp_path, cell, found):
     assert result.table.column("label_detail").to_pylist() == ["normal", "neptune"]
 
 
+@pytest.mark.parametrize(("value", "found"), [("5.5", "5.5"), ("-0.01", "-0.01"),
+                                            ("2", "2")])
+def test_nsl_kdd_rate_outside_0_to_1_is_a_bad_row(tmp_path, value, found):
+    """Found: rate features took any number (``serror_rate`` 5.5)."""
+    from flows.readers.nslkdd import KDD_FEATURES
+
+    cells = KDD_ROW.split(",")
+    at = KDD_FEATURES.index("serror_rate")
+    bad_row = ",".join(cells[:at] + [value] + cells[at + 1:])
+    edge = ",".join(cells[:at] + ["1.00"] + cells[at + 1:])  # 1 is a rate
+    text = f"{KDD_ROW},normal,21\n{edge},normal,21\n{bad_row},neptune,20\n"
+    path = write(tmp_path, "k.txt", text)
+
+    with pytest.raises(PartialInputError) as info:
+        read(path)
+
+    assert str(info.value) == (
+        f"{path}, line 3, column 'serror_rate': expected a rate from 0 to 1, "
+        f"found {found}"
+    )
+    assert info.value.result.table.num_rows == 2
+
+
 def test_nsl_kdd_csv_with_header_empty_label_names_its_column(tmp_path):
     from flows.readers.nslkdd import KDD_FEATURES
 

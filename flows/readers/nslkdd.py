@@ -19,7 +19,13 @@ from __future__ import annotations
 import numpy as np
 
 from flows.errors import BadInputError
-from flows.readers._convert import BadRows, check_counts, to_number, value_counts
+from flows.readers._convert import (
+    BadRows,
+    check_counts,
+    check_rates,
+    to_number,
+    value_counts,
+)
 from flows.readers._finish import Problem, finish
 from flows.readers._lazy import LazyModule
 from flows.readers._source import Source
@@ -170,6 +176,8 @@ def read_kdd(src: Source, on_error: str) -> ReadResult:
             values = to_number(pc.utf8_trim_whitespace(col), kind, name, bad)[0]
             if name in KDD_COUNTS:
                 check_counts(values, name, bad)
+            elif name.endswith("_rate"):
+                check_rates(values, name, bad)
             arrays.append(values)
 
     label_text = pc.utf8_trim(column("label"), "'\" .")
