@@ -646,10 +646,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "test" in metrics:
         summary["test_accuracy"] = metrics["test"]["accuracy"]
         summary["test_f1"] = metrics["test"]["f1"]
+    _warn_small_splits(prep)
     print(json.dumps(summary))
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return _finished(prep)
+
+
+# Fewer labelled rows of a class than this in a split make its F1 a guess.
+SMALL_SPLIT = 30
+
+
+def _warn_small_splits(prep: Any) -> None:
+    """Warn when validation or test holds so few benign or malicious rows that the
+    F1 printed for it says little (28 rows gave F1 1.0 without a word)."""
+    for split in ("val", "test"):
+        rows = prep.rows(split)
+        if rows.size == 0:
+            continue
+        y = prep.y[rows]
+        counts = {"benign": int((y == 0).sum()), "malicious": int((y == 1).sum())}
+        small = {k: n for k, n in counts.items() if n < SMALL_SPLIT}
+        if small:
+            which = ", ".join(f"{n} {k}" for k, n in small.items())
+            logger.warning(
+                "the %s split holds only %s row(s) (of %d): its metrics are not a "
+                "reliable estimate; train on more labelled data", split, which,
+                rows.size)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
