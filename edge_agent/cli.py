@@ -44,6 +44,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from edge_agent import logger
+from flows.argtypes import nearest_existing
 from flows.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -972,12 +973,10 @@ def _folder_problem(path: str | Path) -> str | None:
     """Why the folder of ``path`` cannot hold a new file (a file where a folder
     should be, or a folder that does not exist), or None when it is a folder."""
     parent = Path(path).parent
-    for above in (parent, *parent.parents):
-        if above.is_dir():
-            return None if above == parent else f"the folder {parent} does not exist"
-        if above.exists() or above.is_symlink():
-            return f"{above} is a file, not a folder"
-    return f"the folder {parent} does not exist"
+    above = nearest_existing(parent)
+    if not above.is_dir():
+        return f"{above} is a file, not a folder"
+    return None if above == parent else f"the folder {parent} does not exist"
 
 
 def _unwritable(path: str | Path, exc: OSError, what: str) -> str:

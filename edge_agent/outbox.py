@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent import logger
+from flows.argtypes import nearest_existing
 from flows.errors import BadInputError, GatewatchError, OutboxError, UsageError
 
 _SCHEMA = """
@@ -132,14 +133,12 @@ class Outbox:
                 f"cannot open the outbox {self.path}: it is a folder, not a file; "
                 "give --outbox a file path (a new file is created)"
             )
-        for above in self.path.parents:
-            if above.exists() or above.is_symlink():
-                if not above.is_dir():
-                    raise GatewatchError(
-                        f"cannot create the outbox {self.path}: {above} is a file, "
-                        "not a folder"
-                    )
-                break
+        above = nearest_existing(self.path.parent)
+        if not above.is_dir():
+            raise GatewatchError(
+                f"cannot create the outbox {self.path}: {above} is a file, not a "
+                "folder"
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -158,14 +157,9 @@ class Outbox:
         """
         name = getattr(exc, "sqlite_errorname", "") or ""
         where = str(self.path)
-        if name.startswith(("SQLITE_FULL", "SQLITE_IOERR")) or "disk is full" in str(
-            exc
-        ):
-            what = (
-                "the disk is full"
-                if name.startswith("SQLITE_FULL") or "disk is full" in str(exc)
-                else "the disk reported an I/O error"
-            )
+        full = name.startswith("SQLITE_FULL") or "disk is full" in str(exc)
+        if full or name.startswith("SQLITE_IOERR"):
+            what = "the disk is full" if full else "the disk reported an I/O error"
             return OutboxError(f"cannot open the outbox: {what} ({exc})", path=where)
         if name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM",
                             "SQLITE_AUTH")):

@@ -109,14 +109,22 @@ def reals(
     return _list_of(real(lo, hi, lo_open=lo_open, hi_open=hi_open), "0.1,0.2")
 
 
+def nearest_existing(start: str | Path) -> Path:
+    """The nearest name at or above ``start`` that exists; a dangling link counts
+    (nothing can be made through it). Whether it is a folder says whether an
+    output under ``start`` can be made there."""
+    above = Path(start)
+    while not (above.exists() or above.is_symlink()) and above != above.parent:
+        above = above.parent
+    return above
+
+
 def check_writable_above(start: Path, label: str) -> None:
     """Refuse (UsageError) an output whose nearest existing folder at or above
     ``start`` is a file or cannot be written in; ``label`` names the flag and
     value in the message (``--out X``). Checked before the work, so a run does not
     end in a failed write."""
-    above = start
-    while not above.exists() and above != above.parent:
-        above = above.parent
+    above = nearest_existing(start)
     if not above.is_dir():
         raise UsageError(f"{label}: {above} is a file, not a folder")
     if not os.access(above, os.W_OK | os.X_OK):

@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.argtypes import check_writable_above, integer, integers, real, reals
+from flows.argtypes import (
+    check_writable_above,
+    integer,
+    integers,
+    nearest_existing,
+    real,
+    reals,
+)
 from flows.encoder import DEFAULT_KNOTS, SCALINGS
 from flows.errors import (
     EXIT_BAD_INPUT,
@@ -456,9 +463,7 @@ def _check_out(out: str | Path) -> None:
     try:
         if path.exists() and not path.is_dir():
             raise UsageError(f"--out {out} exists and is not a folder; name a folder")
-        above = path.parent
-        while not above.exists() and above != above.parent:
-            above = above.parent
+        above = nearest_existing(path.parent)
         if not above.is_dir():
             raise UsageError(f"--out {out}: {above} is a file, not a folder")
         # Make the folders once to learn now whether they can be made, then take

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from flows.argtypes import nearest_existing
 from flows.errors import GatewatchError
 from flows.readers.parquet import FAMILY_KEY, to_conn_table
 from flows.readers.zeek import CANON_TO_ZEEK
@@ -85,10 +86,8 @@ def write_problem(exc: OSError, path: str | Path) -> str:
     code = getattr(exc, "errno", None)
     if code in (errno.ENOTDIR, errno.ENOENT):
         # The nearest existing name above the file says which case it is.
-        above = path.parent
         try:
-            while not above.exists() and above != above.parent:
-                above = above.parent
+            above = nearest_existing(path.parent)
             if not above.is_dir():
                 return f"{above} is a file, not a folder"
         except OSError:
