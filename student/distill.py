@@ -17,7 +17,10 @@ benign flow with one field of an attack, say); only useful with ``teacher_fn``,
 since a swapped window's label is unknown. ``mixup`` > 0 blends each training
 window with another of the batch, ``lam * x + (1 - lam) * other`` with ``lam`` drawn
 from Beta(mixup, mixup) per window, the teacher again scoring the blend: points
-between known flows rather than across their columns.
+between known flows rather than across their columns. ``target_shift`` is
+subtracted from every teacher logit before the soft targets are formed: the logit
+of the teacher's threshold puts its decision where the student's sigmoid is
+steepest (0.5) instead of where the teacher's happens to be.
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ class DistillConfig:
     input_noise: float = 0.0
     swap: float = 0.0
     mixup: float = 0.0
+    target_shift: float = 0.0
 
 
 def _batched(source: WindowSource, rows: np.ndarray, size: int):
@@ -186,7 +190,8 @@ def distill(
     noise = torch.Generator().manual_seed(cfg.seed)
     blend = np.random.default_rng([cfg.seed, 1])  # its own stream: others unchanged
     train_rows = np.asarray(train_rows, dtype=np.int64)
-    t_all = torch.from_numpy(np.asarray(teacher_logits, dtype=np.float32))
+    t_all = torch.from_numpy(
+        np.asarray(teacher_logits, dtype=np.float32) - np.float32(cfg.target_shift))
     y_all = torch.from_numpy(np.asarray(y, dtype=np.float32))
     if len(t_all) != len(train_rows):
         raise ModelError("teacher logits and training rows differ in length")
@@ -221,7 +226,8 @@ def distill(
                 cfg.input_noise > 0 or cfg.swap > 0 or cfg.mixup > 0
             ):
                 target = torch.from_numpy(
-                    np.asarray(teacher_fn(x.numpy()), dtype=np.float32))
+                    np.asarray(teacher_fn(x.numpy()), dtype=np.float32)
+                    - np.float32(cfg.target_shift))
             loss = kd_loss(
                 model(x),
                 target,

@@ -16,7 +16,11 @@ set (ROUND is the round's folder: PROTOCOL.md, ``candidates.txt``)::
 ``model``, ``seeds`` as in ``teacher/results/fold_runs.py``) and one ``NAME
 SPEC-JSON`` line per candidate: ``distill`` (DistillConfig overrides),
 ``rescore`` (true: the teacher scores the noisy windows) and ``students``
-(``["mlp-16", ...]``).
+(``["mlp-16", ...]``), and ``shift`` (``"teacher-cut"``: the soft targets are
+the teacher's logits less the logit of its best-F1 cut on validation). A
+``families`` list on the teacher line (round 8) also holds out every row of those
+attack families, so the fold teacher never sees them; ``fold_seeds`` gives the
+draw of held-out types of each fold (default: the fold number).
 """
 
 from __future__ import annotations
@@ -47,7 +51,20 @@ def _fold(fold: int):
     enc = _lines()["teacher"].get("encoder", {})
     prep = prepare("nsl-kdd", seed=0, need_split=True,
                    scaling=enc.get("scaling", "minmax"), knots=enc.get("knots"))
-    prep.held = holdout_types(prep, 0.5, seed=fold)
+    draws = _lines()["teacher"].get("fold_seeds", list(FOLDS))
+    prep.held = holdout_types(prep, 0.5, seed=draws[fold])
+    novel = _lines()["teacher"].get("families", [])
+    if novel:
+        # Whole families held out too (round 8): every row of theirs in val.
+        fams = prep.families.astype(str)
+        dev = np.isin(prep.split, ("train", "val"))
+        moving = dev & np.isin(fams, novel)
+        prep.split = prep.split.copy()
+        prep.split[moving] = "val"
+        kept = [t for t in prep.held
+                if t not in set(prep.details[moving].astype(str))]
+        prep.held = kept + sorted(map(str, set(prep.details[moving].astype(str))))
+    prep.novel = novel
     return prep, prep.rows("train"), prep.rows("val")
 
 
@@ -119,7 +136,15 @@ def student(name: str, fold: int, out: Path) -> dict:
                             for i in range(0, len(va), 4096)])
     info = {"candidate": name, "fold": fold, "teacher": _val_f1(prep, va, t_val),
             "students": {}}
-    cfg = DistillConfig(**spec.get("distill", {}))
+    settings = dict(spec.get("distill", {}))
+    if spec.get("shift") == "teacher-cut":
+        # The teacher's best-F1 cut on validation without the novel families.
+        known = ~np.isin(prep.families[va].astype(str), prep.novel)
+        cut = _val_f1(prep, va[known], t_val[known])["cut"]
+        cut = min(max(cut, 1e-6), 1 - 1e-6)
+        settings["target_shift"] = float(np.log(cut / (1 - cut)))
+        info["target_shift"] = settings["target_shift"]
+    cfg = DistillConfig(**settings)
     for label in spec.get("students", ["mlp-16", "mlp-32", "mlp-64"]):
         kind, width = label.split("-")
         model = build_student(kind, prep.n_features, prep.window, int(width),
