@@ -216,3 +216,58 @@ def test_teacher_cache_scores_once_and_reuses_disk(tmp_path: Path) -> None:
     np.testing.assert_allclose(first, x[rows, -1, 0] * 2)
     assert again is first and np.array_equal(from_disk, first)
     assert sum(calls) == 2 * len(rows)  # once for t1, once for the other teacher
+
+
+def test_target_shift_moves_the_teachers_decision_to_the_students_zero() -> None:
+    torch.set_num_threads(1)
+    x, logit, y = _toy()
+    source = ArrayWindows(x)
+    train, val = np.arange(700), np.arange(700, 900)
+    cfg = DistillConfig(epochs=8, batch_size=64, lr=1e-2, patience=8, alpha=1.0,
+                        target_shift=2.0)
+
+    shifted = build_student("mlp", F, W, width=16, seed=0)
+    distill(shifted, source, train, y, logit[train], val, cfg)
+
+    # The same as distilling on logits already lowered by 2, weight for weight.
+    lowered = build_student("mlp", F, W, width=16, seed=0)
+    distill(lowered, source, train, y, logit[train] - 2.0, val,
+            DistillConfig(**{**cfg.__dict__, "target_shift": 0.0}))
+    pairs = zip(shifted.state_dict().values(), lowered.state_dict().values(),
+                strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+    # The student's 0 is the teacher's logit 2, not its 0: windows the teacher
+    # puts between 0 and 2 are mostly below the shifted student's 0.
+    z = student_logits(shifted, source, val)
+    between = (logit[val] > 0.0) & (logit[val] < 2.0)
+    assert between.sum() >= 10
+    assert np.mean((z > 0) == (logit[val] > 2.0)) > 0.9
+    assert np.mean(z[between] > 0) < 0.4
+    plain = build_student("mlp", F, W, width=16, seed=0)
+    distill(plain, source, train, y, logit[train], val,
+            DistillConfig(**{**cfg.__dict__, "target_shift": 0.0}))
+    assert np.mean(student_logits(plain, source, val)[between] > 0) > 0.75
+
+
+def test_target_shift_applies_to_re_scored_windows_too() -> None:
+    torch.set_num_threads(1)
+    x, logit, y = _toy()
+    source = ArrayWindows(x)
+    train, val = np.arange(700), np.arange(700, 900)
+
+    def teacher(windows: np.ndarray) -> np.ndarray:
+        return 3 * windows[:, -1, 0] + 2 * windows[:, :, 1].mean(axis=1)
+
+    def lowered_teacher(windows: np.ndarray) -> np.ndarray:
+        return teacher(windows) - 1.5
+
+    base = dict(epochs=2, batch_size=100, lr=1e-2, patience=2, swap=0.3, alpha=1.0)
+    one = build_student("mlp", F, W, width=16, seed=0)
+    distill(one, source, train, y, logit[train], val,
+            DistillConfig(**base, target_shift=1.5), teacher_fn=teacher)
+    two = build_student("mlp", F, W, width=16, seed=0)
+    distill(two, source, train, y, logit[train] - 1.5, val, DistillConfig(**base),
+            teacher_fn=lowered_teacher)
+    pairs = zip(one.state_dict().values(), two.state_dict().values(), strict=True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in pairs)
