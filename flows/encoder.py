@@ -518,6 +518,23 @@ class Encoder:
         return len(self.feature_names)
 
     @property
+    def field_of_column(self) -> list[int]:
+        """For each output column, the number of the input field it comes from.
+
+        A numeric field's value and null columns, a categorical field's one-hot
+        block and the history flags each share one number (fields in the order
+        of :attr:`input_fields`), so a change made field by field keeps every
+        one-hot block one-hot.
+        """
+        out: list[int] = []
+        for i, f in enumerate([*self.numeric, *self.categorical]):
+            out += [i] * f.width()
+        if self.history is not None:
+            out += [len(self.numeric) + len(self.categorical)] * (
+                self.n_features - len(out))
+        return out
+
+    @property
     def quantile_columns(self) -> list[int]:
         """Feature columns that hold a quantile level (rank in 0..1) of a field.
 

@@ -75,7 +75,9 @@ class TrainConfig:
     ``outliers`` turns that share of each training batch into made-up anomalies:
     windows with ``outlier_swap`` of their features taken from other windows of
     the batch, labelled malicious whatever they were, so that what lies off the
-    training rows' joint distribution is not taken for benign.
+    training rows' joint distribution is not taken for benign. ``outlier_unit``
+    "field" swaps whole input fields (a categorical field's one-hot block at
+    once, so the made-up windows stay validly encoded) instead of single columns.
     """
 
     epochs: int = 50
@@ -103,6 +105,7 @@ class TrainConfig:
     type_power: float = 1.0
     outliers: float = 0.0
     outlier_swap: float = 0.3
+    outlier_unit: str = "column"
 
     def __post_init__(self) -> None:
         problems = []
@@ -118,6 +121,8 @@ class TrainConfig:
             problems.append("schedule must be 'constant' or 'cosine'")
         if self.keep not in ("best", "last"):
             problems.append("keep must be 'best' or 'last'")
+        if self.outlier_unit not in ("column", "field"):
+            problems.append("outlier_unit must be 'column' or 'field'")
         if not 0.0 <= self.type_power <= 1.0:
             problems.append("type_power must be in [0, 1]")
         if self.type_power != 1.0 and (self.smote or not self.balance):
@@ -288,16 +293,26 @@ def _epoch_order(
 
 
 def _with_outliers(
-    x: torch.Tensor, target: torch.Tensor, share: float, swap: float
+    x: torch.Tensor,
+    target: torch.Tensor,
+    share: float,
+    swap: float,
+    fields: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch with its first ``share`` of windows made anomalies (see
     TrainConfig.outliers): ``swap`` of each one's features (the same ones at every
-    step of the window) replaced by another window's, and the label set to 1."""
+    step of the window) replaced by another window's, and the label set to 1.
+    With ``fields`` (the input field of each feature column, int64 ``[F]``) whole
+    fields are swapped: ``swap`` of the fields, every column of a chosen one."""
     n = int(round(share * x.shape[0]))
     if n == 0:
         return x, target
     donors = x[torch.randint(0, x.shape[0], (n,), device=x.device)]
-    taken = torch.rand(n, 1, x.shape[2], device=x.device) < swap
+    if fields is None:
+        taken = torch.rand(n, 1, x.shape[2], device=x.device) < swap
+    else:
+        count = int(fields.max()) + 1
+        taken = (torch.rand(n, 1, count, device=x.device) < swap)[:, :, fields]
     x = x.clone()
     x[:n] = torch.where(taken, donors, x[:n])
     target = target.clone()
@@ -421,6 +436,13 @@ def fit(
         averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema),
                                  use_buffers=True)
     watched = model if averaged is None else averaged.module
+    fields = None
+    if tc.outliers > 0 and tc.outlier_unit == "field":
+        of_column = getattr(prep.encoder, "field_of_column", None)
+        if of_column is None or len(of_column) != prep.n_features:
+            raise UsageError(f"{prep.name}: outlier_unit 'field' needs the "
+                             "encoder's field of each feature column")
+        fields = torch.as_tensor(of_column, dtype=torch.int64, device=device)
 
     # Every rank takes an equal slice of each global batch.
     per_rank = max(2, tc.batch_size // world)
@@ -446,7 +468,8 @@ def fit(
             x = torch.from_numpy(train_windows(mine)).to(device, non_blocking=True)
             target = torch.from_numpy(y_tr[mine].astype(np.float32)).to(device)
             if tc.outliers > 0:
-                x, target = _with_outliers(x, target, tc.outliers, tc.outlier_swap)
+                x, target = _with_outliers(x, target, tc.outliers, tc.outlier_swap,
+                                           fields)
             if tc.input_noise > 0:
                 x = x + tc.input_noise * torch.randn_like(x)
             if tc.feature_dropout > 0:

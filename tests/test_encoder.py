@@ -475,3 +475,23 @@ def test_old_specs_without_scaling_still_load():
     want = np.clip((test[name] - lo) / (hi - lo), 0, 1).astype(np.float32)
     got = old.transform(test)[:, old.feature_names.index(name)]
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_field_of_column_follows_the_feature_names() -> None:
+    cols = {
+        "duration": [0.0, 1.0, None] * 7, "orig_bytes": [1.0, 5.0, 9.0] * 7,
+        "resp_bytes": [5.0] * 21, "orig_pkts": list(range(21)),
+        "resp_pkts": [1.0] * 21, "orig_ip_bytes": [1.0] * 21,
+        "resp_ip_bytes": [1.0] * 21, "missed_bytes": [0.0] * 21,
+        "proto": ["tcp", "udp", None] * 7, "service": ["dns", "http", "-"] * 7,
+        "conn_state": ["SF"] * 21, "dst_port": [53] * 21, "history": ["ShAD"] * 21,
+    }
+    enc = Encoder.fit(cols, "conn")
+
+    # Independently: a column belongs to the field its name starts with
+    # ("service=dns", "duration:null", "history:S").
+    fields = enc.input_fields
+    expected = [fields.index(name.split("=")[0].split(":")[0])
+                for name in enc.feature_names]
+    assert enc.field_of_column == expected
+    assert len(set(expected)) == len(fields)

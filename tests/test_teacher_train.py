@@ -268,3 +268,36 @@ def test_cosine_schedule_and_keep_last():
     assert rates[1] == pytest.approx(base.lr * (1 + np.cos(np.pi / 2)) / 2)
     weights = plain.model.state_dict()
     assert not all(torch.equal(weights[k], cos.model.state_dict()[k]) for k in weights)
+
+
+def test_field_outliers_swap_whole_fields_and_keep_one_hot_blocks_one_hot():
+    torch.manual_seed(0)
+    # Columns 0-1: numeric field 0 (value, null); 2-5: a one-hot field 1; 6: field 2.
+    fields = torch.tensor([0, 0, 1, 1, 1, 1, 2])
+    n = 200
+    x = torch.zeros(n, 1, 7)
+    x[:, 0, 0] = torch.arange(n, dtype=torch.float32)
+    x[:, 0, 1] = torch.arange(n, dtype=torch.float32) + 1000
+    x[torch.arange(n), 0, 2 + torch.arange(n) % 4] = 1.0
+    x[:, 0, 6] = -torch.arange(n, dtype=torch.float32)
+    out, labels = _with_outliers(x, torch.zeros(n), 0.5, 0.5, fields)
+
+    assert labels[:100].sum() == 100 and labels[100:].sum() == 0
+    made = out[:100, 0]
+    # Every window's one-hot block still holds exactly one 1.
+    assert torch.equal(made[:, 2:6].sum(dim=1), torch.ones(100))
+    # A field's columns move together: value and null come from the same window.
+    assert torch.equal(made[:, 1] - made[:, 0], torch.full((100,), 1000.0))
+    # About half of the fields were taken (from a donor that may be the window
+    # itself, so count the windows whose numeric field changed).
+    moved = (made[:, 0] != x[:100, 0, 0]).float().mean()
+    assert 0.35 < moved < 0.65
+
+
+def test_field_outliers_need_an_encoder_that_names_fields():
+    prep = synthetic(seed=1)
+    with pytest.raises(UsageError, match="outlier_unit"):
+        fit(prep, _config(prep), TrainConfig(epochs=1, outliers=0.1,
+                                             outlier_unit="field"))
+    with pytest.raises(UsageError, match="outlier_unit"):
+        TrainConfig(outlier_unit="row")
