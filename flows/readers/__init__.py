@@ -127,7 +127,7 @@ def _read_stdin(on_error: str, timezone: str) -> ReadResult:
     import sys
 
     try:
-        src = read_stream(STDIN_NAME, sys.stdin.buffer)
+        src = read_stream(STDIN_NAME, sys.stdin.buffer, on_error == "fail")
     except (OSError, ValueError, AttributeError) as exc:
         raise BadInputError(f"cannot be read ({exc})", path=STDIN_NAME) from exc
     return _read_buffered(src, on_error, timezone)
@@ -164,8 +164,11 @@ def _read_one(path: str | Path, on_error: str, timezone: str) -> ReadResult:
     """Read one file in whatever format its content shows."""
     if str(path) == STDIN:
         return _read_stdin(on_error, timezone)
+    # Failing at the first bad line, a gzip input need not be inflated past a line
+    # over the length limit (which is bad): see flows.readers._source.
+    fail_early = on_error == "fail"
     if _is_pipe(path):
-        return _read_buffered(load(path), on_error, timezone)
+        return _read_buffered(load(path, fail_early), on_error, timezone)
     kind = _sniff_head(path)
     if kind == "parquet":
         from flows.readers.parquet import read_parquet
@@ -174,7 +177,7 @@ def _read_one(path: str | Path, on_error: str, timezone: str) -> ReadResult:
     if kind in ("pcap", "pcapng"):
         return _read_capture(str(path), on_error)
 
-    return _read_source(load(path), on_error, timezone)
+    return _read_source(load(path, fail_early), on_error, timezone)
 
 
 def _read_source(src: Source, on_error: str, timezone: str) -> ReadResult:
@@ -187,6 +190,8 @@ def _read_source(src: Source, on_error: str, timezone: str) -> ReadResult:
             path=src.path,
         )
     fmt = sniff_text(src.data, src.path)
+    if fmt in ("binetflow", "unsw-nb15", "cic-csv"):
+        _check_header_length(src)
     if fmt == "zeek-tsv":
         from flows.readers.zeek import read_tsv
 
@@ -206,6 +211,23 @@ def _read_source(src: Source, on_error: str, timezone: str) -> ReadResult:
     from flows.readers.csvflows import read_cic, read_unsw
 
     return read_unsw(src, on_error) if fmt == "unsw-nb15" else read_cic(src, on_error)
+
+
+def _check_header_length(src: Source) -> None:
+    """Refuse a CSV header line over the length limit, as a row that long is.
+
+    A header cannot be skipped like a bad row, and a gzip input holds only the
+    start of such a line (see flows.readers._source), which would name other
+    columns.
+    """
+    from flows.readers._source import MAX_LINE_BYTES, UTF8_BOM, too_long
+
+    end = src.data.find(b"\n")
+    length = len(src.data) if end < 0 else end
+    if src.data.startswith(UTF8_BOM):
+        length -= len(UTF8_BOM)
+    if length > MAX_LINE_BYTES:
+        raise BadInputError(too_long(length), path=src.path, line=1)
 
 
 def check_timezone(timezone: str) -> None:
@@ -335,7 +357,9 @@ def _drop_unlabeled(
     """Keep the rows with a 0/1 label; refuse when the input has no labels at all.
 
     ``parts`` are the results of each input that ``result`` combines, in order:
-    their own stats (``stats["files"]``) then count the rows each kept too.
+    their own stats (``stats["files"]``) then count the rows each kept too. What
+    each reader counts per row (``masked_ts``, ``non_ip``, ``dir``...) and the
+    warnings that say so are counted again over the rows kept.
     """
     from flows.readers._convert import value_counts
 
@@ -350,6 +374,7 @@ def _drop_unlabeled(
         )
     keep = pc.is_valid(table.column("label"))
     dropped = len(table) - (pc.sum(keep).as_py() or 0)
+    _recount_tallies(parts or [result], keep, result)
     result.table = table.filter(keep)
     result.stats["dropped_unlabeled"] = dropped
     if result.label_text is not None:
@@ -359,6 +384,44 @@ def _drop_unlabeled(
     if parts and len(parts) > 1:
         _recount_parts(parts, keep)
     return result
+
+
+def _recount_tallies(parts: list[ReadResult], keep, combined: ReadResult) -> None:
+    """Count each input's per-row stats again over the rows of it ``keep`` marks
+    (one entry per row of the inputs' tables, in order, before the drop), and put
+    the warnings of the new count where those of the old one were, in
+    ``combined`` too."""
+    import numpy as np
+
+    mask = np.asarray(keep.to_numpy(zero_copy_only=False), dtype=bool)
+    start = 0
+    at = 0  # where the next input's warnings may start in combined.warnings
+    for part in parts:
+        n = len(part.table)
+        mine = mask[start : start + n]
+        start += n
+        if part.recount is None:
+            continue
+        stats, new, old = part.recount(mine)
+        part.stats.update(stats)
+        _swap_notes(part.warnings, old, new)
+        if combined.warnings is not part.warnings:
+            at = _swap_notes(combined.warnings, old, new, at)
+
+
+def _swap_notes(
+    warnings: list[str], old: list[str], new: list[str], at: int = 0
+) -> int:
+    """Put ``new`` in place of the run of ``old`` in ``warnings`` (found from ``at``
+    on); return where the search for the next run may start."""
+    if not old:  # new is empty too: over fewer rows no count grows
+        warnings.extend(new)
+        return at
+    for i in range(at, len(warnings) - len(old) + 1):
+        if warnings[i : i + len(old)] == old:
+            warnings[i : i + len(old)] = new
+            return i + len(new)
+    return at
 
 
 def _recount_parts(parts: list[ReadResult], keep) -> None:

@@ -11,7 +11,8 @@ A cut input (``cut``) is never an error: the rows before the cut are returned wi
 
 What a reader counts over its rows (``stats["labels"]`` from ``label_text``, and
 whatever its ``tally`` counts) is counted over the rows kept only, never over bad
-rows or rows after the first bad one.
+rows or rows after the first bad one. The result's ``recount`` counts the tally
+again when rows are left out later (``drop_unlabeled``).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def finish(
             stats=stats,
             label_text=labels,
         )
+        result.recount = Recount.of(tally, keep, notes)
         logger.info("read %s: stopped at %s %d", path, unit, first.line)
         cls = PartialInputError if len(kept) else BadInputError
         where = {"row": first.line} if unit == "row" else {"line": first.line}
@@ -144,7 +146,7 @@ def finish(
         skipped,
         ", cut short" if cut else "",
     )
-    return ReadResult(
+    result = ReadResult(
         table,
         fmt,
         family,
@@ -155,6 +157,41 @@ def finish(
         damage=damage,
         label_text=labels,
     )
+    result.recount = Recount.of(tally, keep, notes)
+    return result
+
+
+@dataclass
+class Recount:
+    """A reader's ``tally``, kept to count its stats again over fewer rows.
+
+    ``rows`` are the indices, in the table the reader built (``size`` rows), of
+    the rows of the result; ``notes`` the warnings the last count gave (a new
+    count replaces them).
+    """
+
+    tally: Callable[[np.ndarray], tuple[dict, list[str]]]
+    rows: np.ndarray
+    size: int
+    notes: list[str]
+
+    @classmethod
+    def of(cls, tally, keep: np.ndarray, notes: list[str]) -> Recount | None:
+        """The Recount of a result holding the rows ``keep`` marks; None without
+        a tally."""
+        if tally is None:
+            return None
+        return cls(tally, np.flatnonzero(keep), len(keep), list(notes))
+
+    def __call__(self, mask: np.ndarray) -> tuple[dict, list[str], list[str]]:
+        """Count over the result's rows ``mask`` marks: the stats, the new notes,
+        and the old notes they replace."""
+        keep = np.zeros(self.size, dtype=bool)
+        keep[self.rows[np.asarray(mask, dtype=bool)]] = True
+        stats, notes = self.tally(keep)
+        old, self.notes = self.notes, list(notes)
+        self.rows = np.flatnonzero(keep)
+        return stats, notes, old
 
 
 def check_on_error(on_error: str) -> None:

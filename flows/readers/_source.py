@@ -10,7 +10,11 @@ read stops once the inflated text passes :func:`max_inflated` bytes (2 GiB, or
 ``$GATEWATCH_MAX_INFLATED``): a gzip bomb keeps the complete lines inflated before
 that point and is reported like a cut stream, instead of filling the memory.
 Rows longer than :data:`MAX_LINE_BYTES` are bad lines in every reader (pyarrow's
-block splitter cannot take them, and no flow record is that long).
+block splitter cannot take them, and no flow record is that long). While a gzip
+input is inflated, such a line is held only up to one byte past the limit (enough
+for the readers to refuse it) and the rest of it is dropped as it comes out, so one
+huge line costs no more memory than a line at the limit; when the caller fails on
+the first bad line anyway, inflating stops at that line.
 """
 
 from __future__ import annotations
@@ -60,8 +64,12 @@ def max_inflated() -> int:
     return value
 
 
-def load(path: str | Path) -> Source:
-    """Read ``path`` into memory, gunzipping it when its first bytes say gzip."""
+def load(path: str | Path, stop_at_long_line: bool = False) -> Source:
+    """Read ``path`` into memory, gunzipping it when its first bytes say gzip.
+
+    ``stop_at_long_line`` (for a reader that fails on its first bad line): a gzip
+    input is inflated no further than its first line over :data:`MAX_LINE_BYTES`.
+    """
     # TODO(gap): whole files are held in memory; no chunked read for logs of many GB.
     name = str(path)
     try:
@@ -74,83 +82,208 @@ def load(path: str | Path) -> Source:
             raw = Path(path).read_bytes()
         else:  # a pipe (<(zcat ...)): it has no size, so read it within the limit
             with open(path, "rb") as fh:
-                return read_stream(name, fh)
+                return read_stream(name, fh, stop_at_long_line)
     except FileNotFoundError:
         raise BadInputError("no such file", path=name) from None
     except IsADirectoryError:
         raise BadInputError("is a folder, expected a file", path=name) from None
     except OSError as exc:
         raise BadInputError(f"cannot be read ({exc.strerror})", path=name) from exc
-    return from_bytes(name, raw)
+    return from_bytes(name, raw, stop_at_long_line)
 
 
-def read_stream(name: str, fh: BinaryIO) -> Source:
+def read_stream(name: str, fh: BinaryIO, stop_at_long_line: bool = False) -> Source:
     """Read a pipe or standard input whole, but no more than :func:`max_inflated`.
 
     Past the limit the complete lines before it are kept and the input is marked
     cut, as for a gzip bomb (``yes | flows inspect -`` must not fill the memory).
+    ``stop_at_long_line`` is as for :func:`load`.
     """
     limit = max_inflated()
     raw = fh.read(limit + 1)
     if len(raw) <= limit:
-        return from_bytes(name, raw)
+        return from_bytes(name, raw, stop_at_long_line)
     raw = raw[:limit]
     too_much = f"more than {limit} bytes (${MAX_INFLATED_ENV} sets the limit)"
     if raw[:2] == GZIP_MAGIC:
-        data, cut = gunzip(raw, limit=limit)
-        return _cut(name, data, cut or too_much, compressed=True)
+        return gunzip(name, raw, limit, stop_at_long_line, stopped=too_much)
     return _cut(name, raw, too_much, compressed=False)
 
 
-def from_bytes(name: str, raw: bytes) -> Source:
+def from_bytes(name: str, raw: bytes, stop_at_long_line: bool = False) -> Source:
     """The :class:`Source` of bytes already read (stdin), gunzipped like a file.
 
     A leading UTF-8 byte-order mark (Windows editors write one) is dropped: it is
-    not part of the first line.
+    not part of the first line. ``stop_at_long_line`` is as for :func:`load`.
     """
     if raw[:2] != GZIP_MAGIC:
         return Source(name, raw.removeprefix(UTF8_BOM))
-    data, cut = gunzip(raw, limit=max_inflated())
-    return _cut(name, data.removeprefix(UTF8_BOM), cut, compressed=True)
+    return gunzip(name, raw, max_inflated(), stop_at_long_line)
 
 
-def _cut(name: str, data: bytes, cut: str | None, compressed: bool) -> Source:
-    """The Source of ``data``; when ``cut`` says why it stopped, only whole lines."""
+def _cut(
+    name: str,
+    data: bytes,
+    cut: str | None,
+    compressed: bool,
+    tail: int | None = None,
+) -> Source:
+    """The Source of ``data``; when ``cut`` says why it stopped, only whole lines.
+
+    ``tail`` is the length the unfinished last line had in the input, when less
+    of it than that is in ``data`` (a long line held only up to the limit).
+    """
     if cut is None:
         return Source(name, data, compressed=compressed)
     keep = data.rfind(b"\n") + 1
     lines = data.count(b"\n", 0, keep)
-    dropped = len(data) - keep
+    dropped = len(data) - keep if tail is None else tail
     note = f"{name}: {cut}; kept the {lines} complete lines before it"
     if dropped:
         note += f" and dropped a cut line of {dropped} bytes"
     return Source(name, data[:keep], compressed=compressed, cut=note)
 
 
-def gunzip(raw: bytes, limit: int | None = None) -> tuple[bytes, str | None]:
-    """Inflate every gzip member of ``raw``; return the text and why it stopped.
+def gunzip(
+    name: str,
+    raw: bytes,
+    limit: int,
+    stop_at_long_line: bool = False,
+    stopped: str | None = None,
+) -> Source:
+    """Inflate every gzip member of ``raw`` into the :class:`Source` of ``name``.
 
-    With ``limit``, inflating stops once more than ``limit`` bytes came out: the
-    text is cut at ``limit`` bytes exactly and the reason says so.
+    Inflating stops once more than ``limit`` bytes came out: the text is cut at
+    ``limit`` bytes exactly and the Source says so. A line over
+    :data:`MAX_LINE_BYTES` is held only up to one byte past it (see
+    :class:`_LineGuard`); with ``stop_at_long_line`` inflating ends at that line,
+    which is kept (so the reader names it) and the Source is marked cut after it.
+    ``stopped`` is the reason given when the gzip data themselves end cleanly but
+    the input was cut all the same (a pipe read only up to the limit).
     """
     import io
 
-    # TODO(gap): a line past MAX_LINE_BYTES is inflated whole before the readers
-    # refuse it (a 5 MB gzip of one 1.2 GB line peaks at 3.6 GB); bounded only by
-    # max_inflated(). The agent's streamed reads hold no such line.
-    out: list[bytes] = []
+    guard = _LineGuard(stop_at_long_line)
     total = 0
     reader = Gunzip(io.BytesIO(raw))
     for chunk in reader:
-        out.append(chunk)
+        over = limit - total < len(chunk)
+        if over:
+            chunk = chunk[: limit - total]
         total += len(chunk)
-        if limit is not None and total > limit:
-            return b"".join(out)[:limit], (
+        guard.add(chunk)
+        if guard.long_line is not None:
+            note = (
+                f"{name}: line {guard.long_line} is longer than the "
+                f"{MAX_LINE_BYTES}-byte limit for one row; stopped inflating there, "
+                f"after {reader.offset} compressed bytes"
+            )
+            text = guard.text().removeprefix(UTF8_BOM)
+            return Source(name, text, compressed=True, cut=note)
+        if over:
+            why = (
                 f"the inflated text passed {limit} bytes after {reader.offset} "
                 f"compressed bytes (a gzip bomb, or a file too large to read whole; "
                 f"${MAX_INFLATED_ENV} sets the limit)"
             )
-    return b"".join(out), reader.stopped
+            text = guard.text().removeprefix(UTF8_BOM)
+            return _cut(name, text, why, compressed=True, tail=guard.run)
+    text = guard.text().removeprefix(UTF8_BOM)
+    return _cut(name, text, reader.stopped or stopped, compressed=True, tail=guard.run)
+
+
+class _LineGuard:
+    """Collects inflated text, holding no line past ``MAX_LINE_BYTES + 1`` bytes.
+
+    A line over :data:`MAX_LINE_BYTES` keeps its first ``MAX_LINE_BYTES + 1``
+    bytes: the readers see it is too long and refuse it as a bad line; the rest
+    of it is dropped as it arrives. ``run`` is the length the unfinished last line
+    has in the input so far. With ``stop`` the first such line ends the text (a
+    newline is put after what is kept of it) and ``long_line`` is its number.
+    """
+
+    _KEEP = MAX_LINE_BYTES + 1
+
+    def __init__(self, stop: bool) -> None:
+        self.stop = stop
+        self.parts: list[bytes] = []
+        self.run = 0
+        self.long_line: int | None = None
+
+    def text(self) -> bytes:
+        """Everything collected so far, as one bytes object."""
+        text = b"".join(self.parts)
+        self.parts = [text]
+        return text
+
+    def add(self, chunk: bytes) -> None:
+        """Take the next piece of inflated text (after ``long_line`` is set, none)."""
+        first = chunk.find(b"\n")
+        if first < 0:
+            self._line(chunk, ends=False)
+            return
+        last = chunk.rfind(b"\n")
+        tail = len(chunk) - last - 1
+        if (
+            self.run + first <= MAX_LINE_BYTES
+            and tail <= MAX_LINE_BYTES
+            and not _long_inside(chunk, first + 1, last)
+        ):
+            self.parts.append(chunk)  # the usual case: no line here is too long
+            self.run = tail
+            return
+        self._slow(chunk, first, last)
+
+    def _slow(self, chunk: bytes, first: int, last: int) -> None:
+        """:meth:`add` for a chunk that holds (part of) a line over the limit."""
+        import numpy as np
+
+        if not self._line(chunk[:first], ends=True):
+            return
+        at = first + 1  # where the text not yet taken starts
+        mask = np.frombuffer(chunk, np.uint8, last - first, at) == 10
+        ends = np.flatnonzero(mask) + at  # every newline after the first
+        starts = np.concatenate(([at], ends[:-1] + 1))[: len(ends)]
+        for i in np.flatnonzero(ends - starts > MAX_LINE_BYTES):
+            start, end = int(starts[i]), int(ends[i])
+            self.parts.append(chunk[at:start])
+            if not self._line(chunk[start:end], ends=True):
+                return
+            at = end + 1
+        self.parts.append(chunk[at : last + 1])
+        self._line(chunk[last + 1 :], ends=False)
+
+    def _line(self, piece: bytes, ends: bool) -> bool:
+        """Add ``piece`` to the last line (which it ends, with ``ends``).
+
+        Returns False when inflating should stop here (``long_line`` is set).
+        """
+        room = self._KEEP - self.run
+        if room > 0:
+            self.parts.append(piece[:room] if len(piece) > room else piece)
+        self.run += len(piece)
+        if self.stop and self.run > MAX_LINE_BYTES:
+            self.parts.append(b"\n")
+            self.long_line = sum(part.count(b"\n") for part in self.parts)
+            return False
+        if ends:
+            self.parts.append(b"\n")
+            self.run = 0
+        return True
+
+
+def _long_inside(text: bytes, start: int, stop: int) -> bool:
+    """Whether ``text[start:stop]`` may hold a line over :data:`MAX_LINE_BYTES`.
+
+    Such a line spans a whole block of half the limit, counted from ``start``; when
+    every such block holds a newline (a fast search) there is none. True can be a
+    false alarm (a line just under the limit), never a miss.
+    """
+    block = MAX_LINE_BYTES // 2
+    return any(
+        text.find(b"\n", at, at + block) < 0
+        for at in range(start, stop - block + 1, block)
+    )
 
 
 class Gunzip:
@@ -280,7 +413,13 @@ def long_lines(body: bytes, limit: int = MAX_LINE_BYTES) -> list[int]:
 
 
 def too_long(length: int) -> str:
-    """The problem text for a line of ``length`` bytes over the limit."""
+    """The problem text for a line of ``length`` bytes over the limit.
+
+    ``MAX_LINE_BYTES + 1`` is all a gzip input's long line keeps (see
+    :class:`_LineGuard`), so for that length the text does not claim to know more.
+    """
+    if length == MAX_LINE_BYTES + 1:
+        return f"a line longer than the {MAX_LINE_BYTES}-byte limit for one row"
     return (
         f"a line of {length} bytes, longer than the {MAX_LINE_BYTES}-byte limit for "
         "one row"

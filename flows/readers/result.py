@@ -48,7 +48,9 @@ class ReadResult:
     the rows of the others), ``warnings`` says where it was found and ``damage``
     holds one :class:`Damage` per place. ``label_text`` is the label of each row
     of ``table`` as written in the input (None when the format carries none);
-    ``stats["labels"]`` counts it.
+    ``stats["labels"]`` counts it. ``recount`` (a
+    :class:`flows.readers._finish.Recount`, None when the reader counts nothing
+    per row) counts the reader's other per-row stats again over fewer rows.
     """
 
     table: Any  # pyarrow.Table
@@ -60,3 +62,4 @@ class ReadResult:
     stats: dict[str, Any] = field(default_factory=dict)
     damage: list[Damage] = field(default_factory=list)
     label_text: Any = field(default=None, repr=False, compare=False)
+    recount: Any = field(default=None, repr=False, compare=False)

@@ -103,6 +103,7 @@ MILLIS_FROM = 10**11
 # milliseconds from here on is refused, naming the number the file holds.
 MILLIS_LIMIT = TS_LIMIT * 1000
 _JSON_NULLS = ("", "-", "(empty)")
+_JSON_ADDRESSES = ("id.orig_h", "id.resp_h")
 _MASKED_TS = re.compile(r"X+\.X+")
 _SPACES = re.compile(r"\s+")
 
@@ -164,6 +165,13 @@ def _directive(header: _Header, line: str, line_no: int, path: str) -> _Header:
     return header
 
 
+def _refuse_first(problems: list[Problem], path: str) -> None:
+    """Raise the first of ``problems`` (header lines over the limit), if any: when
+    no ``#fields`` line was read, the one over the limit is the likely cause."""
+    if problems:
+        raise BadInputError(problems[0].message, path=path, line=problems[0].line)
+
+
 def read_tsv(src: Source, on_error: str) -> ReadResult:
     """Read a Zeek TSV conn.log (already in memory) into canonical records."""
     data = src.data
@@ -172,11 +180,16 @@ def read_tsv(src: Source, on_error: str) -> ReadResult:
     header = _Header()
     blocks: list[tuple[_Header, bytes, int]] = []
     pos, line_no, n = 0, 1, len(data)
+    long_heads: list[Problem] = []  # '#' lines over the limit: bad lines, unread
 
     while pos < n:
         if data[pos] == 0x23:  # '#'
             end = data.find(b"\n", pos)
             end = n if end < 0 else end
+            if end - pos > MAX_LINE_BYTES:  # as the line-by-line reader does
+                long_heads.append(Problem(line_no, None, too_long(end - pos)))
+                pos, line_no = end + 1, line_no + 1
+                continue
             text = data[pos:end].decode("utf-8", "replace")
             header = _directive(header, text, line_no, src.path)
             pos, line_no = end + 1, line_no + 1
@@ -186,6 +199,7 @@ def read_tsv(src: Source, on_error: str) -> ReadResult:
         block = data[pos:end]
         if not block.isspace():
             if header.fields is None:
+                _refuse_first(long_heads, src.path)
                 raise BadInputError(
                     "rows before any #fields line (expected a Zeek header)",
                     path=src.path,
@@ -196,9 +210,10 @@ def read_tsv(src: Source, on_error: str) -> ReadResult:
         pos = end
 
     if header.fields is None and not blocks:
+        _refuse_first(long_heads, src.path)
         raise BadInputError("no #fields line (expected a Zeek header)", path=src.path)
 
-    tables, line_arrays, problems, row_problems = [], [], [], {}
+    tables, line_arrays, problems, row_problems = [], [], list(long_heads), {}
     stats: dict = {"labels": {}, "masked_ts": 0, "labeled": False}
     warnings: list[str] = []
     # Per row of every block: the label as written, and whether ts was masked.
@@ -659,7 +674,26 @@ def _label_text(obj: dict) -> str | None:
     """The label of one JSON object as written (as text), None when it has none."""
     key = next((k for k in obj if k.lower() in LABEL_NAMES), None)
     text = obj.get(key) if key else None
-    return None if text is None else str(text)
+    return None if text is None else _as_text(text)
+
+
+def _as_text(value) -> str:
+    """A JSON value (not null) as the text of a string field: a string as it is,
+    anything else as JSON writes it (``true``, ``1.5``, ``[1, null]``)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (ValueError, TypeError, RecursionError):
+        return repr(value)  # not reached for what json.loads returns
+
+
+def json_shown(value) -> str:
+    """A value read from JSON, for a message: as the JSON wrote it (``true``,
+    ``null``, ``[1, false]``), except that a string is quoted as the other readers
+    quote text (``'x'``). Long values are cut short."""
+    shown = repr(value) if isinstance(value, str) else _as_text(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 class _FieldError(Exception):
@@ -684,7 +718,8 @@ def json_record(obj: dict, stats: dict | None = None) -> dict:
     for name in REQUIRED:
         canon = ZEEK_TO_CANON[name]
         if record[canon] is None and name != "proto":
-            raise _FieldError(name, f"required key {name!r} is missing")
+            how = "null" if _has_key(obj, name) else "missing"
+            raise _FieldError(name, f"required key {name!r} is {how}")
     for canon in ADDRESS_FIELDS + PORT_FIELDS + COUNT_FIELDS:
         problem = field_problem(canon, record[canon])
         if problem is not None:
@@ -707,14 +742,22 @@ def json_record(obj: dict, stats: dict | None = None) -> dict:
             if mapped == "?":
                 raise _FieldError(
                     label_key,
-                    f"unknown label {text!r} (expected "
+                    f"unknown label {json_shown(obj[label_key])} (expected "
                     "Malicious, Benign, Background or Unknown)",
                 )
             record["label"] = mapped
             record["label_detail"] = text
-    if detail is not None and str(detail) not in _JSON_NULLS:
-        record["label_detail"] = str(detail)
+    if detail is not None and _as_text(detail) not in _JSON_NULLS:
+        record["label_detail"] = _as_text(detail)
     return record
+
+
+def _has_key(obj: dict, name: str) -> bool:
+    """Whether a JSON object holds the key ``name`` (``id.*`` also nested)."""
+    if name in obj:
+        return True
+    nested = obj.get("id")
+    return name.startswith("id.") and isinstance(nested, dict) and name[3:] in nested
 
 
 def _json_value(name: str, kind: str, value):
@@ -722,22 +765,27 @@ def _json_value(name: str, kind: str, value):
     if value is None:
         return None
     if kind == "str":
+        if name in _JSON_ADDRESSES and not isinstance(value, str):
+            raise _FieldError(
+                name, f"expected an IPv4 or IPv6 address, found {json_shown(value)}"
+            )
         if isinstance(value, list):
-            return ",".join(map(str, value))
-        return str(value)
+            return ",".join(map(_as_text, value))
+        return _as_text(value)
     if name == "ts" and isinstance(value, str):
         try:
             stamp = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             raise _FieldError(  # noqa: B904 - a plain message is clearer here
-                name, f"expected epoch seconds or ISO-8601, found {value!r}"
+                name,
+                f"expected epoch seconds or ISO-8601, found {json_shown(value)}",
             )
         if stamp.tzinfo is None:
             stamp = stamp.replace(tzinfo=UTC)
         return stamp.timestamp()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         expected = "a number" if kind == "f64" else "an integer"
-        raise _FieldError(name, f"expected {expected}, found {value!r}")
+        raise _FieldError(name, f"expected {expected}, found {json_shown(value)}")
     # Range first: an integer past float64 or int64 must not reach Arrow.
     problem = value_problem(kind, value)
     if problem is not None:
