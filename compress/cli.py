@@ -73,8 +73,13 @@ exit codes:
        before any work), lies in
        the teacher's checkpoint or holds another target's artifact or
        other files; --gate split with a teacher that held out no types;
-       --student or --widths with --target torch-int8 (the teacher
-       itself is quantized: there is no student to choose or size)
+       --target torch-int8 with --student, --widths, a distillation,
+       pruning or QAT flag (--epochs, --lr, --batch-size,
+       --max-train-rows, --prune-ratios, --no-prune, --distill-noise,
+       --distill-swap, --distill-alpha, --qat, --qat-epochs),
+       --threshold-rule teacher-rate or --gate split (the teacher itself
+       is quantized: no student is made, its threshold is the best
+       validation F1 one and its gate validation F1)
   {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read
   {EXIT_PARTIAL_INPUT}    partial input: a --dataset/--data file was damaged part way.
        A file cut short is used up to the cut and the artifact written; a
@@ -114,6 +119,16 @@ TARGET_CHOICES = (
     "torch-int8", "all",
 )
 
+# The run flags that shape students (distillation, pruning, quantization-aware
+# fine-tuning), with their defaults. The parser leaves them None when not given,
+# so that one given with --target torch-int8, which makes no student, is refused
+# (:func:`_check_torch_int8_flags`); :func:`_student_settings` fills in the rest.
+STUDENT_DEFAULTS: dict[str, Any] = {
+    "epochs": 12, "lr": 3e-3, "batch_size": 512, "max_train_rows": None,
+    "prune_ratios": (0.5,), "no_prune": False, "distill_noise": None,
+    "distill_swap": None, "distill_alpha": None, "qat": "auto", "qat_epochs": 3,
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``compress``."""
@@ -137,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="runtime and file format of the artifact; torch-int8: "
                           "the teacher itself int8-quantized for the re-scorer (no "
                           "student: --student and --widths are refused with it, "
-                          "exit 2); all: every target, each in OUT/<target>")
+                          "exit 2, as are the distillation, pruning and QAT flags, "
+                          "--threshold-rule teacher-rate and --gate split); all: "
+                          "every target, each in OUT/<target>")
     run.add_argument("--teacher", required=True, type=Path, help="checkpoint folder")
     run.add_argument("--out", required=True, type=Path,
                      help="artifact folder: new, empty, or holding an artifact of "
@@ -160,14 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--widths", type=integers(1, MAX_WIDTH),
                      help="student widths to search, smallest first (default "
                           "4,8,16,32,64); not with --target torch-int8 (exit 2)")
-    run.add_argument("--prune-ratios", default=(0.5,),
-                     type=reals(0, 1, lo_open=True, hi_open=True),
-                     help="structured pruning ratios tried on a passing student")
-    run.add_argument("--no-prune", action="store_true", help="skip pruning")
-    run.add_argument("--epochs", type=integer(1, 100_000), default=12,
+    run.add_argument("--prune-ratios", type=reals(0, 1, lo_open=True, hi_open=True),
+                     help="structured pruning ratios tried on a passing student "
+                          "(default 0.5)")
+    run.add_argument("--no-prune", action="store_true", default=None,
+                     help="skip pruning")
+    run.add_argument("--epochs", type=integer(1, 100_000),
                      help="distillation epochs per student (default 12; early "
                           "stopping on validation loss)")
-    run.add_argument("--lr", type=real(0, 10, lo_open=True), default=3e-3,
+    run.add_argument("--lr", type=real(0, 10, lo_open=True),
                      help="distillation learning rate (default 3e-3; pruning "
                           "fine-tunes at lr/3, QAT at lr/10)")
     run.add_argument("--distill-noise", type=real(0, 1), default=None,
@@ -195,13 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "teacher-rate = the cut flagging as many validation "
                           "windows as the teacher does (default teacher-rate for "
                           "nsl-kdd teachers, f1 for others)")
-    run.add_argument("--batch-size", type=integer(2, 1_000_000), default=512,
-                     help="training batch size (default 512)")
+    run.add_argument("--batch-size", type=integer(2, 1_000_000),
+                     help="students' training batch size (default 512)")
     run.add_argument("--max-train-rows", type=integer(1),
                      help="training windows drawn per epoch (default: all)")
     run.add_argument("--calibration-windows", type=integer(1, 1_000_000), default=512,
                      help="training windows used for int8 calibration (default 512)")
-    run.add_argument("--qat", choices=("auto", "off", "always"), default="auto",
+    run.add_argument("--qat", choices=("auto", "off", "always"),
                      help="quantization-aware fine-tuning of MLP/CNN students for "
                           "int8 targets: auto (default) when every post-training "
                           "quantization of a student misses the gate but the float "
@@ -212,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "always: also after a passing one, whatever the float "
                           "student's gap (kept if its validation F1 is higher); "
                           "off: never")
-    run.add_argument("--qat-epochs", type=integer(1, 1000), default=3,
+    run.add_argument("--qat-epochs", type=integer(1, 1000),
                      help="epochs of quantization-aware fine-tuning (default 3)")
     run.add_argument("--no-timing", action="store_true", help="skip latency timing")
     run.add_argument("--threads", type=integer(1, 1024), default=1,
@@ -333,26 +351,47 @@ def _check_out(out: Path, teacher: Path | None = None) -> None:
             "artifact's files would overwrite the checkpoint's (name another folder)")
 
 
-def _check_student_flags(args: argparse.Namespace) -> None:
-    """Refuse ``--student`` and ``--widths`` with ``--target torch-int8`` (exit 2):
-    that target quantizes the teacher itself, so they would be silently ignored.
-    With ``--target all`` they choose the edge targets' students, as documented."""
+def _check_torch_int8_flags(args: argparse.Namespace) -> None:
+    """Refuse, with ``--target torch-int8``, every flag given that only shapes
+    students (exit 2): ``--student``, ``--widths``, those of
+    :data:`STUDENT_DEFAULTS`, ``--threshold-rule teacher-rate`` and ``--gate
+    split``. That target quantizes the teacher itself, with its threshold at the
+    best validation F1 and a gate on validation F1, so they would be silently
+    ignored. With ``--target all`` they shape the edge targets' students."""
     if args.target != "torch-int8":
         return
-    given = [flag for flag, value in (("--student", args.student),
-                                      ("--widths", args.widths)) if value is not None]
-    if given:
-        flags, one = " and ".join(given), len(given) == 1
-        raise UsageError(
-            f"{flags} {'does' if one else 'do'} not apply to --target torch-int8, "
-            "which quantizes the teacher itself for the re-scorer (no student is "
-            f"made); drop {'it' if one else 'them'}, or use --target all, whose "
-            f"edge targets' students {'it chooses' if one else 'they choose'}")
+    dests = ("student", "widths", *STUDENT_DEFAULTS)
+    given = [f"--{d.replace('_', '-')}" for d in dests if getattr(args, d) is not None]
+    measures = [flag for flag, used in (
+        ("--threshold-rule teacher-rate", args.threshold_rule == "teacher-rate"),
+        ("--gate split", args.gate == "split")) if used]
+    given += measures
+    if not given:
+        return
+    one = len(given) == 1
+    flags = given[0] if one else f"{', '.join(given[:-1])} and {given[-1]}"
+    why = "no student is made" + (
+        "; its threshold is the best validation F1 one, and its gate validation F1"
+        if measures else "")
+    raise UsageError(
+        f"{flags} {'does' if one else 'do'} not apply to --target torch-int8, which "
+        f"quantizes the teacher itself for the re-scorer ({why}); drop "
+        f"{'it' if one else 'them'}, or use --target all, where "
+        f"{'it applies' if one else 'they apply'} to the edge targets' students")
+
+
+def _student_settings(args: argparse.Namespace) -> None:
+    """Give each student flag not on the command line its default
+    (:data:`STUDENT_DEFAULTS`)."""
+    for dest, default in STUDENT_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``compress run``."""
-    _check_student_flags(args)  # before torch is imported: a usage error is quick
+    _check_torch_int8_flags(args)  # before torch is imported: a usage error is quick
+    _student_settings(args)
     import torch
 
     from compress.pipeline import (

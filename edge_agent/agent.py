@@ -41,10 +41,15 @@ are in flight.
 
 Escalation ids are derived from the site, gateway and flow record (32 hex digits; see
 :func:`flow_id`), so a flow read again after a crash carries the same id and the
-re-scorer drops the copy. The flow's text fields go out with their control
-characters escaped (:func:`edge_agent.protocol.sendable_flow`), as the re-scorer
-refuses them; the id is taken from the flow as read. Escalations an older agent
-stored unescaped are escaped as they are replayed (:func:`~edge_agent.protocol.
+re-scorer drops the copy. The uid is no part of the id (the flow meter draws a fresh
+one on each read): flows that share a uid but differ in a field are escalated apart,
+and a flow read again (whatever its uid) while its escalation still waits in the
+outbox is merged with it, stored and answered once, and counted
+(``escalations_merged``); one read again after this run sent its escalation goes
+out again and is counted in ``escalations_resent``. The flow's text fields go out with
+their control characters escaped (:func:`edge_agent.protocol.sendable_flow`), as the
+re-scorer refuses them; the id is taken from the flow as read. Escalations an older
+agent stored unescaped are escaped as they are replayed (:func:`~edge_agent.protocol.
 resendable`). A verdict delivered twice
 (at-least-once) is handled once: the agent remembers the last ``_MAX_VERDICT_IDS``
 (10 000) escalation ids answered, far more than the messages it keeps in flight
@@ -121,6 +126,10 @@ class Counters:
     escalate: int = 0
     alert: int = 0
     escalations_queued: int = 0
+    # Escalations whose id was already waiting in the outbox: the same flow read
+    # again (the id is made from its fields, not its uid), merged with that copy:
+    # stored and answered once. Not in escalations_queued.
+    escalations_merged: int = 0
     escalations_sent: int = 0
     verdicts_received: int = 0
     verdicts_unmatched: int = 0  # for no escalation sent in this run
@@ -633,12 +642,15 @@ class Agent:
                 self._remember(msg_id, flow, decision is proto.Decision.ALERT)
 
         # Durable first (one fsync per batch), then the local alert lines.
+        merged_before = self.outbox.merged
         try:
             kept = self.outbox.add_many(items)
         except OutboxError as exc:
             self._outbox_failed(exc, len(items), sum(1 for i in items if i[3]))
             kept = []
-        self.counters.escalations_queued += sum(kept)
+        merged = self.outbox.merged - merged_before
+        self._count_merged(merged)
+        self.counters.escalations_queued += sum(kept) - merged
         for flow, score, decision, msg_id, _ in made:
             if decision is proto.Decision.ALERT:
                 self._write_line(
@@ -650,6 +662,20 @@ class Agent:
                     escalation_id=msg_id,
                 )
         self._wake.set()
+
+    def _count_merged(self, merged: int) -> None:
+        """Count escalations the outbox merged with a waiting copy of the same id
+        (``escalations_merged``, in the summary); log the first."""
+        if not merged:
+            return
+        first = self.counters.escalations_merged == 0
+        self.counters.escalations_merged += merged
+        if first:
+            logger.info(
+                "a flow was read again while its escalation still waited in the "
+                "outbox: merged with it, one verdict for both (the id is made from "
+                "the flow's fields, not its uid); further ones only counted"
+            )
 
     def _remember(self, msg_id: str, flow: dict[str, Any], alerted: bool) -> None:
         """Keep an escalation's 5-tuple, and whether it was alerted, for its verdict.

@@ -639,7 +639,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if close_alerts and alerts.error is not None:
             raise alerts.error
         if agent.outbox_error is not None:
-            raise OutboxError(_outbox_failed_text(summary, agent.outbox_error))
+            raise OutboxError(
+                _outbox_failed_text(summary, agent.outbox_error, alerts is not None)
+            )
         capped = sum((summary.get("outbox_dropped_now") or {}).values())
         # Some were already with the link when the cap dropped them: the broker
         # acknowledged those, so only the rest are lost.
@@ -662,11 +664,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             limit = agent.link.packet_limit if agent.link is not None else None
             bound = f"the protocol's {MAX_PAYLOAD_BYTES}-byte cap" + (
                 f" or the broker's packet limit ({limit} bytes)" if limit else "")
+            lines = (
+                "their alert lines are in the alerts output"
+                if alerts is not None
+                else "no alert line records them, as --alerts is empty"
+            )
             raise TransportError(
                 f"{summary['dropped_oversized']} escalations were larger than {bound} "
-                "and were dropped, not sent; their alert lines are in the alerts "
-                "output (a record with a huge text field, or a --max-packet-size set "
-                "too low)"
+                f"and were dropped, not sent; {lines} (a record with a huge text "
+                "field, or a --max-packet-size set too low)"
             )
         if cfg.broker and summary["outbox_pending"]:
             unrouted = (
@@ -728,20 +734,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _outbox_failed_text(summary: dict, error: Exception) -> str:
+def _outbox_failed_text(
+    summary: dict, error: Exception, alert_log: bool = True
+) -> str:
     """Why the run exits 6 after the outbox refused writes: how many escalations
-    were dropped, and of them which left an alert line and which no record."""
+    were dropped, and of them which left an alert line and which no record (none
+    did without an alert log: ``alert_log`` False, ``--alerts ""``)."""
     lost = summary["outbox_failed"]
     alerts = summary.get("outbox_failed_alerts", 0)
     uncertain = lost - alerts
-    parts = []
-    if alerts:
-        parts.append(f"{alerts} alerts, whose alert lines are in the alert log")
-    if uncertain:
-        parts.append(
-            f"{uncertain} uncertain escalations, of which no record is left"
+    if not alert_log:
+        counts = " and ".join(
+            f"{n} {what}"
+            for n, what in ((alerts, "alerts"), (uncertain, "uncertain escalations"))
+            if n
         )
-    kinds = f" ({', and '.join(parts)})" if parts else ""
+        kinds = (
+            f" ({counts}; no record of them is left: with --alerts empty no alert "
+            "lines are written)"
+            if counts
+            else ""
+        )
+    else:
+        parts = []
+        if alerts:
+            parts.append(f"{alerts} alerts, whose alert lines are in the alert log")
+        if uncertain:
+            parts.append(
+                f"{uncertain} uncertain escalations, of which no record is left"
+            )
+        kinds = f" ({', and '.join(parts)})" if parts else ""
     return (
         f"{lost} escalations were dropped because the outbox could not store "
         f"them{kinds}; last error: {error}"
@@ -919,6 +941,12 @@ def _report(summary: dict[str, Any], path: str | None) -> GatewatchError | None:
         + (
             f", sent again (one verdict per id) {summary['escalations_resent']}"
             if summary.get("escalations_resent")
+            else ""
+        )
+        + (
+            ", read again while waiting in the outbox (merged, one verdict per id) "
+            f"{summary['escalations_merged']}"
+            if summary.get("escalations_merged")
             else ""
         )
         + (

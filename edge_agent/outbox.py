@@ -18,6 +18,11 @@ is the oldest *alert* dropped, and a new uncertain escalation is itself dropped 
 than push an alert out. Alerts are therefore kept before uncertain escalations. Every
 drop is counted per decision, and the counts persist in the file.
 
+A message whose id is already waiting (the same flow read again: the agent's ids
+are made from the flow) is merged with it: stored once, so it makes no room and
+drops nothing; an alert marks the waiting copy an alert. :attr:`Outbox.merged`
+counts them.
+
 A path the outbox cannot be made at (a folder, a path under a file, a read-only
 file system, no permission) is refused at open as an output that cannot be opened
 (:class:`~flows.errors.GatewatchError`, exit 1); a full disk or an I/O error at open
@@ -101,6 +106,8 @@ class Outbox:
         self.path = Path(path)
         self.max_messages = max_messages
         self.keep_sent = keep_sent
+        # Messages added since open whose id was already waiting: stored once.
+        self.merged = 0
         self._lock = threading.Lock()
         self._check_place()
         existed = self.path.is_file() and self.path.stat().st_size > 0
@@ -253,9 +260,10 @@ class Outbox:
         """Store ``(id, topic, payload, alert)`` messages in one durable transaction.
 
         One fsync for the lot; when this returns, every kept message is on disk.
-        The result says, per message, whether the drop policy kept it. When SQLite
-        refuses the write (disk full, I/O error), nothing of the lot is stored and
-        :class:`~flows.errors.OutboxError` is raised.
+        The result says, per message, whether the drop policy kept it; one whose id
+        is already waiting is kept as that copy (counted in :attr:`merged`). When
+        SQLite refuses the write (disk full, I/O error), nothing of the lot is
+        stored and :class:`~flows.errors.OutboxError` is raised.
         """
         kept_flags: list[bool] = []
         with self._lock:
@@ -267,9 +275,14 @@ class Outbox:
 
     def _write_many(self, messages, kept_flags: list[bool]) -> None:
         """The transaction of :meth:`add_many` (the lock held)."""
+        merged = 0
         self._db.execute("BEGIN IMMEDIATE")
         try:
             for msg_id, topic, payload, alert in messages:
+                if self._merge(msg_id, alert):
+                    merged += 1
+                    kept_flags.append(True)
+                    continue
                 kept = True
                 if self._size >= self.max_messages:
                     kept = self._make_room(alert)
@@ -282,12 +295,25 @@ class Outbox:
                     self._size += cur.rowcount
                 kept_flags.append(kept)
             self._db.execute("COMMIT")
+            self.merged += merged
         except BaseException:
             kept_flags.clear()
             self._rollback()
             raise
         finally:
             self._size = self._count()
+
+    def _merge(self, msg_id: str, alert: bool) -> bool:
+        """True when a message with this id is already waiting (inside the
+        transaction); an alert then marks it an alert, for the drop policy."""
+        row = self._db.execute(
+            "SELECT alert FROM outbox WHERE id = ?", (msg_id,)
+        ).fetchone()
+        if row is None:
+            return False
+        if alert and not row[0]:
+            self._db.execute("UPDATE outbox SET alert = 1 WHERE id = ?", (msg_id,))
+        return True
 
     def _make_room(self, alert: bool) -> bool:
         """Apply the drop policy inside a transaction; False drops the new message."""

@@ -1504,8 +1504,9 @@ def _damage_report(got: Listing, what: str) -> str | None:
 
 
 def _when(value: Any) -> str:
-    """A receive time as ``YYYY-MM-DD HH:MM:SS`` (UTC); a damaged one as its
-    stored text, terminal-safe and cut to that width."""
+    """A stored ``received_at`` as the listing's first column: ``received``, then
+    the time the re-scorer received the message, ``YYYY-MM-DD HH:MM:SS UTC``; a
+    damaged one as its stored text, terminal-safe and cut to that width."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         if FIRST_TIME <= value <= LAST_TIME:
             try:
@@ -1513,8 +1514,8 @@ def _when(value: Any) -> str:
             except (OverflowError, ValueError, OSError):
                 pass
             else:
-                return when.strftime("%Y-%m-%d %H:%M:%S")
-    return _shown(value, 19)
+                return when.strftime("received %Y-%m-%d %H:%M:%S UTC")
+    return f"received {_shown(value, 23)}"
 
 
 def _marked(row: dict[str, Any]) -> str:
@@ -1661,6 +1662,12 @@ exit codes:
 """
 
 ALERTS_EPILOG = f"""\
+listing:
+  one line per escalation, oldest first: "received" and the time the
+  re-scorer received it (UTC; "received_at" in --json, Unix seconds), not
+  when the flow was seen; SITE/GATEWAY; the flow; the agent's decision and
+  score; the teacher's verdict and score ("unscored" when it could not score).
+
 damaged rows:
   a field the store never writes so (bytes that are not UTF-8, a flow that is
   not JSON, text in a number column, a time no calendar holds, a verdict other
@@ -1670,7 +1677,8 @@ damaged rows:
 
 rejected messages (--rejected):
   the newest {MAX_REJECTED:,} messages the re-scorer rejected, oldest first:
-  time, topic, kind, reason and payload length. With --json each also holds
+  "received" and the time the re-scorer received it (UTC; "received_at" in
+  --json), topic, kind, reason and payload length. With --json each also holds
   "payload", the first {MAX_REJECTED_PAYLOAD} bytes of its payload as text (bytes that
   are not UTF-8 written \\xNN), and "payload_kept", how many bytes were kept.
 

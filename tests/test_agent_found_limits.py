@@ -111,6 +111,24 @@ def test_over_the_cap_without_a_broker_exits_6_with_the_alert_line(
     assert big_id not in {m.id for m in Outbox(tmp_path / "o.db").pending()}
 
 
+def test_over_the_cap_without_an_alert_log_says_no_line_records_it(
+    tm, tmp_path, monkeypatch, capsys
+):
+    """Found: with --alerts "" the error line still sent the reader to the
+    alert lines in "the alerts output", which this run did not have."""
+    records, _ = _with_a_huge_alert(tm)
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    rc = main(_argv(tm, tmp_path, "-", "--alerts", ""))
+    err = capsys.readouterr().err
+    assert rc == 6, err
+    [error] = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert error.startswith("error: 1 escalations were larger than the")
+    assert "and were dropped, not sent; no alert line records them, as --alerts " \
+        "is empty (a record with a huge text field" in error
+    assert "alerts output" not in error
+
+
 def test_over_the_cap_with_a_broker_exits_6_and_sends_the_others(
     tm, tmp_path, monkeypatch, capsys, mosquitto
 ):

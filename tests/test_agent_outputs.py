@@ -10,9 +10,12 @@ opened or written, and error lines that said less than what happened.
   that is a JSON list is. A --summary-json that cannot be written only warned and
   exited 0; it is exit 1 as other outputs.
 - The disk-full error said every dropped escalation had an alert line; it now
-  counts alerts and uncertain escalations apart.
+  counts alerts and uncertain escalations apart, and with --alerts "" (no alert
+  log) it no longer sends the reader to an alert log.
 - A broker that died mid-run was reported as "not delivered to a subscriber".
 - calibrate --out under a regular file said the folder "does not exist".
+- Flows read again (repeated uids, or a copy with a fresh uid) merged with their
+  waiting escalation without a word; the summary now counts them.
 """
 
 from __future__ import annotations
@@ -149,9 +152,12 @@ def test_a_summary_json_that_cannot_be_written_is_exit_1(tm, tmp_path, capsys):
     assert "warning:" not in err
 
 
+@pytest.mark.parametrize("alert_log", [True, False])
 def test_the_disk_full_error_counts_alerts_and_uncertain_ones_apart(
-    tm, tmp_path, capsys, monkeypatch
+    tm, tmp_path, capsys, monkeypatch, alert_log
 ):
+    """Found: with --alerts "" (no alert log) the error still said the alerts'
+    lines were "in the alert log"."""
     from edge_agent.outbox import Outbox
     from flows.errors import OutboxError
 
@@ -161,20 +167,30 @@ def test_the_disk_full_error_counts_alerts_and_uncertain_ones_apart(
 
     monkeypatch.setattr(Outbox, "add_many", full)
     summary = tmp_path / "s.json"
-    rc = main(_zeek_run(tm, tmp_path, "--alerts", "", "--summary-json",
-                        str(summary)))
+    log = tmp_path / "alerts.jsonl"
+    rc = main(_zeek_run(tm, tmp_path, "--alerts", str(log) if alert_log else "",
+                        "--summary-json", str(summary)))
     err = capsys.readouterr().err
     assert rc == 6, err
     expected = tm.expected()
     alerts = sum(d == "alert" for d in expected.values())
     uncertain = len(expected) - alerts
     assert alerts and uncertain
+    kinds = (
+        f"{alerts} alerts, whose alert lines are in the alert log, and {uncertain} "
+        "uncertain escalations, of which no record is left"
+        if alert_log
+        else f"{alerts} alerts and {uncertain} uncertain escalations; no record of "
+        "them is left: with --alerts empty no alert lines are written"
+    )
     assert _error_lines(err) == [
         f"error: {len(expected)} escalations were dropped because the outbox could "
-        f"not store them ({alerts} alerts, whose alert lines are in the alert log, "
-        f"and {uncertain} uncertain escalations, of which no record is left); last "
-        "error: o.db: cannot store 1 messages in the outbox: database or disk is full"
+        f"not store them ({kinds}); last error: o.db: cannot store 1 messages in "
+        "the outbox: database or disk is full"
     ]
+    assert log.exists() == alert_log
+    if alert_log:
+        assert len(log.read_text().splitlines()) == alerts
     data = json.loads(summary.read_text())
     assert (data["outbox_failed"], data["outbox_failed_alerts"]) == (
         len(expected), alerts)
@@ -224,3 +240,52 @@ def test_calibrate_out_under_a_file_says_it_is_a_file(tm, tmp_path, capsys):
     assert _error_lines(err) == [
         f"error: cannot write {out}: {tmp_path / 'afile'} is a file, not a folder"
     ]
+
+
+def _escalate_everything(tmp_path: Path) -> Path:
+    """A --thresholds file under which every flow is escalated, none alerted."""
+    path = tmp_path / "every.json"
+    path.write_text(json.dumps({"escalate_low": 0.0, "alert": 1.0}))
+    return path
+
+
+def test_flows_read_again_are_merged_and_counted_in_the_summary(
+    tm, tmp_path, capsys, monkeypatch
+):
+    """A flow read twice (the same uid, or a fresh uid as the flow meter draws)
+    is one escalation with one verdict, counted as merged; a flow that only
+    shares an earlier one's uid is escalated apart (the uid is no part of the
+    id)."""
+    import io
+    import sys
+
+    from edge_agent.agent import flow_id
+    from edge_agent.outbox import Outbox
+
+    base = [dict(r) for r in tm.records[:20]]
+    assert len({r["uid"] for r in base}) == 20
+    same = dict(base[3])  # the same line again
+    fresh_uid = dict(base[5], uid="Crepeated1")
+    source = next(r for r in base if r["orig_bytes"] is not None)
+    shares_uid = dict(source, orig_bytes=source["orig_bytes"] + 1)
+    records = [*base, same, fresh_uid, shares_uid]
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    summary = tmp_path / "s.json"
+
+    rc = main(_run_argv(tm, tmp_path, "-", "--alerts", "", "--thresholds",
+                        str(_escalate_everything(tmp_path)), "--summary-json",
+                        str(summary)))
+
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    data = json.loads(summary.read_text())
+    assert data["escalate"] == len(records) == 23
+    assert data["escalations_merged"] == 2
+    assert data["escalations_queued"] == data["outbox_pending"] == 21
+    [line] = [x for x in err.splitlines() if x.startswith("summary:")]
+    assert line.endswith(
+        ", read again while waiting in the outbox (merged, one verdict per id) 2"
+    )
+    pending = {m.id for m in Outbox(tmp_path / "o.db").pending()}
+    assert pending == {flow_id("s1", "g1", r) for r in [*base, shares_uid]}

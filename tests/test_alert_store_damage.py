@@ -158,6 +158,37 @@ def test_alerts_on_a_whole_store_exits_0_without_marks(tmp_path, capsys):
     assert "error" not in err
 
 
+def test_alerts_text_labels_its_time_as_the_receive_time(tmp_path, capsys):
+    """Found: the first column was a bare time, read as the flow's; it is when
+    the re-scorer received the message (``received_at`` in --json), in UTC."""
+    path = _store(tmp_path / "a.sqlite", n=2)  # flows of ts 100.0 and 101.0
+    store = AlertStore(path)
+    store.add_rejected(TOPIC, "malformed_json", "not JSON", b"{oops")
+    store.close()
+    _sql(path, "UPDATE rejected SET received_at = 1700000005")
+    _sql(path, "UPDATE escalations SET received_at = 'yesterday' WHERE id = 'id1'")
+
+    assert main(["alerts", "--store", str(path)]) == EXIT_PARTIAL_INPUT
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(
+        "received 2023-11-14 22:13:20 UTC  s1/g1  10.0.0.0:1000 -> 10.0.1.1:80/tcp  "
+    ), lines
+    assert lines[1].startswith("received yesterday  s1/g1  ")
+    assert main(["alerts", "--store", str(path), "--json"]) == EXIT_PARTIAL_INPUT
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["received_at"] for r in rows] == [1700000000, "yesterday"]
+    assert rows[0]["flow"]["ts"] == 100.0
+
+    assert main(["alerts", "--store", str(path), "--rejected"]) == EXIT_OK
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"received 2023-11-14 22:13:25 UTC  {TOPIC}  malformed_")
+    assert main(["alerts", "--store", str(path), "--rejected", "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)[0]["received_at"] == 1700000005
+    help_text = " ".join(_commands()["alerts"].format_help().split())
+    assert '"received" and the time the re-scorer received it (UTC; "received_at" ' \
+        "in --json, Unix seconds)" in help_text
+
+
 def test_alerts_keeps_the_rows_read_before_a_damaged_page(tmp_path, capsys):
     """A page of the table overwritten (a bad disk): the rows SQLite read before it
     are listed, exit 4; a store whose first page of rows is damaged is exit 3."""

@@ -284,8 +284,8 @@ def test_max_packet_size_guards_a_3_1_1_link(
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
         "error: 1 escalations were larger than the protocol's 262144-byte cap or "
         f"the broker's packet limit ({PACKET_LIMIT} bytes) and were dropped, not "
-        "sent; their alert lines are in the alerts output (a record with a huge "
-        "text field, or a --max-packet-size set too low)"
+        "sent; no alert line records them, as --alerts is empty (a record with a "
+        "huge text field, or a --max-packet-size set too low)"
     ]
     assert out["dropped_oversized"] == 1
     assert out["outbox_pending"] == 0

@@ -885,8 +885,103 @@ def test_student_flags_with_torch_int8_are_a_usage_error(
     run = next(a for a in build_parser()._actions
                if isinstance(a, argparse._SubParsersAction)).choices["run"]
     text = " ".join(run.format_help().split())
-    assert "(no student: --student and --widths are refused with it, exit 2)" in text
-    assert "--student or --widths with --target torch-int8" in text
+    assert "(no student: --student and --widths are refused with it, exit 2, as " \
+        "are the distillation, pruning and QAT flags" in text
+    assert "--target torch-int8 with --student, --widths, a distillation, " \
+        "pruning or QAT flag (--epochs," in text
+
+
+# Every run flag that only shapes students, with a value (the default's, where one
+# is a value: given is given).
+STUDENT_ONLY = [
+    ["--epochs", "12"], ["--lr", "0.003"], ["--batch-size", "512"],
+    ["--max-train-rows", "1000"], ["--prune-ratios", "0.5"], ["--no-prune"],
+    ["--distill-noise", "0.05"], ["--distill-swap", "0.3"], ["--distill-alpha", "1"],
+    ["--qat", "auto"], ["--qat-epochs", "3"],
+    ["--threshold-rule", "teacher-rate"], ["--gate", "split"],
+]
+
+
+@pytest.mark.parametrize("flag", STUDENT_ONLY, ids=lambda f: f[0])
+def test_training_flags_with_torch_int8_are_a_usage_error(
+    tmp_path: Path, capsys, flag: list[str]
+) -> None:
+    """Found: ``--target torch-int8`` refused --student and --widths but ignored
+    the distillation, pruning and QAT flags (and --threshold-rule teacher-rate,
+    --gate split) without a word; given with it, each is now a usage error, even
+    when its value is the default."""
+    from compress.cli import main
+
+    out = tmp_path / "out"
+    argv = ["run", "--target", "torch-int8", "--teacher", str(tmp_path / "teacher"),
+            "--out", str(out)]
+
+    code = main([*argv, *flag])
+
+    err = capsys.readouterr().err
+    assert code == 2, err
+    name = " ".join(flag) if flag[0] in ("--threshold-rule", "--gate") else flag[0]
+    [line] = err.splitlines()
+    assert line.startswith(
+        f"error: {name} does not apply to --target torch-int8, which quantizes the "
+        "teacher itself for the re-scorer (no student is made"), err
+    assert line.endswith("; drop it, or use --target all, where it applies to the "
+                         "edge targets' students")
+    assert not out.exists()
+    # With --target all (its edge targets take it) the run goes on to the teacher,
+    # which is missing here (exit 1).
+    assert main([*argv[:1], "--target", "all", *argv[3:], *flag]) == 1
+    assert "checkpoint folder not found" in capsys.readouterr().err
+
+
+def test_torch_int8_names_every_student_flag_given_in_one_line(
+    tmp_path: Path, capsys
+) -> None:
+    from compress.cli import main
+
+    argv = ["run", "--target", "torch-int8", "--teacher", str(tmp_path / "t"),
+            "--out", str(tmp_path / "out")]
+    assert main([*argv, "--student", "mlp", "--epochs=3", "--qat-e", "2",
+                 "--gate", "split"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(
+        "error: --student, --epochs, --qat-epochs and --gate split do not apply to "
+        "--target torch-int8, which quantizes the teacher itself for the re-scorer "
+        "(no student is made; its threshold is the best validation F1 one, and its "
+        "gate validation F1); drop them, or use --target all, where they apply")
+    # What torch-int8 does anyway may be said: the run goes on (no teacher: 1).
+    assert main([*argv, "--threshold-rule", "f1", "--gate", "same",
+                 "--calibration-windows", "64", "--seed", "3", "--no-timing"]) == 1
+    assert "checkpoint folder not found" in capsys.readouterr().err
+
+
+def test_student_flags_not_given_take_their_documented_defaults(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The parser leaves the student flags unset so that torch-int8 can tell them
+    given; the run still gets the defaults the help states."""
+    import compress.pipeline
+    from compress.cli import main
+
+    seen = {}
+
+    def fake_run(cfg, progress=None):
+        seen["cfg"] = cfg
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(compress.pipeline, "run", fake_run)
+    argv = ["run", "--target", "onnx-int8", "--teacher", str(tmp_path / "t"),
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    cfg = seen["cfg"]
+    assert (cfg.distill.epochs, cfg.distill.lr, cfg.distill.batch_size,
+            cfg.distill.max_train_rows) == (12, 3e-3, 512, None)
+    assert (cfg.prune_ratios, cfg.qat, cfg.qat_epochs) == ((0.5,), "auto", 3)
+    assert (cfg.distill_noise, cfg.distill_swap, cfg.distill_alpha) == (None,) * 3
+    assert (cfg.threshold_rule, cfg.gate) == (None, "same")
+    assert main([*argv, "--no-prune", "--epochs", "2", "--qat", "off"]) == 2
+    cfg = seen["cfg"]
+    assert (cfg.prune_ratios, cfg.distill.epochs, cfg.qat) == ((), 2, "off")
 
 
 def test_an_out_under_a_file_is_refused_before_any_work(tmp_path: Path, capsys):

@@ -32,6 +32,28 @@ def test_same_id_is_kept_once(tmp_path: Path) -> None:
     assert len(box) == 1
 
 
+def test_a_waiting_id_added_again_is_merged_counted_and_drops_nothing(
+    tmp_path: Path,
+) -> None:
+    """Found: a flow read again (same id) while its escalation waited was stored
+    once without a word, and a full outbox first dropped another escalation (the
+    oldest uncertain one, counted as lost) to make room for the copy it then did
+    not store."""
+    box = Outbox(tmp_path / "o.sqlite", max_messages=2)
+    box.add_many([("e1", "t", b"1", False), ("e2", "t", b"2", False)])
+    assert box.merged == 0
+    assert box.add_many([("e2", "t", b"2", False), ("e1", "t", b"1 again", True)]) \
+        == [True, True]
+    assert box.dropped == {"alert": 0, "escalate": 0}
+    assert box.merged == 2
+    # One copy each, the first payload kept; an alert read marks it an alert.
+    assert [(m.id, m.payload, m.alert) for m in box.pending()] == [
+        ("e1", b"1", True), ("e2", b"2", False)]
+    box.ack("e1")  # sent: a later copy is a new message, published again
+    assert box.add("e1", "t", b"1", False) and box.merged == 2 and len(box) == 2
+    box.close()
+
+
 def test_survives_reopen(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.sqlite")
     box.add("a", "t", b"x", alert=True)
