@@ -56,10 +56,11 @@ resendable`). A verdict delivered twice
 (``_TRACKED_PER_INFLIGHT`` times the link's in-flight window).
 
 When the outbox cannot store a batch (disk full, I/O error) the agent goes on: the
-batch's escalations are dropped and counted (``outbox_failed``, the first failure
-logged as an error), their local alert lines are still written, and the run ends
-with :class:`~flows.errors.OutboxError` (exit 6). A read or acknowledgement the
-outbox refuses is counted the same way and retried a second later by the sender.
+batch's escalations are dropped and counted (``outbox_failed``, the first
+failure logged as an error), their local alert lines (if any) are still written,
+and the run ends with :class:`~flows.errors.OutboxError` (exit 6). A read or
+acknowledgement the outbox refuses is counted the same way and retried a second
+later by the sender.
 
 A re-scorer that refuses an escalation (its teacher takes another window shape,
 say) answers it with a rejection instead of a verdict (:func:`edge_agent.protocol.

@@ -105,7 +105,8 @@ exit codes:
        an I/O error, or escalations dropped because the outbox could
        not store them (disk full, I/O error) or by its cap
        (--outbox-max: it drops the oldest uncertain escalations
-       first, alerts last; their local alert lines are written), or
+       first, alerts last; alerts keep their local lines unless
+       --alerts is empty), or
        escalations over the broker's packet limit (dropped, not sent),
        or escalations still without a verdict at the end of the drain
        (--drain-timeout; not awaited with --no-wait-verdicts): none came
