@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from compress import logger
-from flows.argtypes import check_writable_above, integer, integers, real, reals
+from flows.argtypes import (
+    check_writable_above,
+    integer,
+    integers,
+    real,
+    reals,
+    zone_name,
+)
 from flows.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -130,6 +137,20 @@ STUDENT_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _add_timezone(p: argparse.ArgumentParser, which: str, tail: str,
+                  default: str | None = None) -> None:
+    """``--timezone``: as in ``flows inspect``/``convert``, for the file read.
+    ``tail`` closes its help, saying what is used without it."""
+    p.add_argument("--timezone", metavar="ZONE", type=zone_name, default=default,
+                   help="the time zone an Argus binetflow file's StartTime is "
+                        f"written in ({which}), as an IANA name such as "
+                        "Europe/Prague: Argus writes the local time of the machine "
+                        "it ran on, without a zone, and this turns it into epoch "
+                        "seconds (ts); other formats carry epoch times and ignore "
+                        "it, as do the registered datasets, whose files all carry "
+                        f"epoch times{tail}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``compress``."""
     parser = argparse.ArgumentParser(
@@ -174,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", type=Path, help="a flow file flows can read (as in compress eval "
         "and teacher; the same as --dataset FILE)",
     )
+    _add_timezone(run, "a --dataset/--data file", " (default: UTC; without "
+                  "--dataset/--data, the zone the teacher's provenance records "
+                  "for its data, UTC if none); recorded in the artifact's "
+                  "provenance")
     run.add_argument("--widths", type=integers(1, MAX_WIDTH),
                      help="student widths to search, smallest first (default "
                           "4,8,16,32,64); not with --target torch-int8 (exit 2)")
@@ -257,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="split of --dataset to score (default test; --data: all "
                          "rows)")
     ev.add_argument("--data-dir", type=Path, help="data folder ($GATEWATCH_DATA)")
+    _add_timezone(ev, "the --data file", " (default: UTC)", default="UTC")
     ev.add_argument("--micro", action="store_true",
                     help="run a tflite-micro C array in the TFLite Micro interpreter")
     ev.add_argument("--no-timing", action="store_true", help="skip latency timing")
@@ -414,6 +440,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_f1_drop=args.max_f1_drop,
         data_dir=args.data_dir,
         dataset=args.dataset if args.data is None else str(args.data),
+        timezone=args.timezone,
         widths=RunConfig.widths if args.widths is None else tuple(args.widths),
         prune_ratios=() if args.no_prune else tuple(args.prune_ratios),
         distill=DistillConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
@@ -502,9 +529,11 @@ def _artifact_table(arts: dict[str, dict[str, Any]]) -> str:
 
 def evaluate_artifact(
     artifact: Path, source: str, split: str | None, data_dir: Path | None = None,
-    timing: bool = True, micro: bool = False,
+    timing: bool = True, micro: bool = False, timezone: str = "UTC",
 ) -> dict[str, Any]:
-    """Metrics of an artifact run in its runtime (same keys as ``teacher eval``)."""
+    """Metrics of an artifact run in its runtime (same keys as ``teacher eval``);
+    ``timezone`` is the zone of a binetflow file's start times (as in
+    :func:`teacher.data.prepare`)."""
     import numpy as np
 
     from edge_agent.runtime import load_artifact
@@ -513,7 +542,7 @@ def evaluate_artifact(
 
     scorer = load_artifact(artifact, prefer_micro=micro)
     prep = prepare(source, encoder=scorer.encoder, data_dir=data_dir,
-                   need_split=False, encoder_of="the artifact")
+                   need_split=False, encoder_of="the artifact", timezone=timezone)
     rows = prep.rows(split)
     if rows.size == 0:
         where = "the file" if split is None else f"split {split!r}"
@@ -545,7 +574,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source = args.dataset if args.dataset else str(args.data)
     split = None if (args.split == "all" or args.data) else args.split
     out = evaluate_artifact(args.artifact, source, split, args.data_dir,
-                            timing=not args.no_timing, micro=args.micro)
+                            timing=not args.no_timing, micro=args.micro,
+                            timezone=args.timezone)
     if args.json:
         print(json.dumps(out, indent=2))
     else:

@@ -141,6 +141,9 @@ class RunConfig:
     max_f1_drop: float = 0.01
     data_dir: Path | None = None
     dataset: str | None = None
+    # Zone of a binetflow file's start times; None: the teacher's recorded one for
+    # its own data, else UTC.
+    timezone: str | None = None
     widths: tuple[int, ...] = (4, 8, 16, 32, 64)
     prune_ratios: tuple[float, ...] = (0.5,)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -326,8 +329,9 @@ def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
         )
     progress(f"preparing {dataset} with the teacher's encoder")
     prov = teacher.provenance or {}
+    zone = cfg.timezone or (None if cfg.dataset else prov.get("timezone")) or "UTC"
     prep = prepare(dataset, encoder=teacher.encoder, data_dir=cfg.data_dir,
-                   seed=int(prov.get("seed") or 0), need_split=True)
+                   seed=int(prov.get("seed") or 0), need_split=True, timezone=zone)
 
     # The teacher's own validation split: attack types it held out go to val.
     held = prov.get("held_out_types") or []
@@ -774,6 +778,7 @@ def _provenance(ctx: _Context, dest: Path) -> dict[str, Any]:
             "dataset": where((ctx.teacher.provenance or {}).get("dataset")),
         },
         "data": {"dataset": where(ctx.prep.name), "files": files,
+                 "timezone": ctx.prep.timezone,
                  "rows": {"train": len(ctx.train), "val": len(ctx.val),
                           "test": len(ctx.test)}},
         "distill": {**ctx.distill.__dict__,

@@ -4,7 +4,9 @@ Every command-line tool takes sizes, rates and shares; a value outside its range
 (``--lr nan``, ``--members 0``, ``--subspace 2``) must be a usage error (exit 2)
 when the flags are parsed, not a traceback or a failure after the data was read.
 Each factory returns a callable for ``add_argument(type=...)``; argparse turns its
-``ArgumentTypeError`` into the usage message and exit code 2.
+``ArgumentTypeError`` into the usage message and exit code 2. :func:`zone_name` is
+such a callable itself: every tool's ``--timezone`` is checked by it, so all of
+them refuse an unknown zone with the same words.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 
 from flows.errors import UsageError
 
-__all__ = ["check_writable_above", "integer", "integers", "real", "reals"]
+__all__ = [
+    "check_writable_above", "integer", "integers", "real", "reals", "zone_name",
+]
 
 
 def _fmt(bound: float) -> str:
@@ -107,6 +111,20 @@ def reals(
 ) -> Callable[[str], list[float]]:
     """A comma-separated list of finite floats within the bounds, e.g. ``1e-3,3e-4``."""
     return _list_of(real(lo, hi, lo_open=lo_open, hi_open=hi_open), "0.1,0.2")
+
+
+def zone_name(text: str) -> str:
+    """The argparse type of every ``--timezone``: an IANA zone name such as
+    ``Europe/Prague`` (or ``UTC``), returned as given; any other name is the
+    readers' "unknown time zone" message, so a usage error (exit 2) before any
+    file is read."""
+    from flows.readers import check_timezone
+
+    try:
+        check_timezone(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def nearest_existing(start: str | Path) -> Path:

@@ -24,6 +24,7 @@ from typing import NoReturn
 
 import pyarrow.compute as pc
 
+from flows.argtypes import zone_name
 from flows.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--timezone",
         metavar="ZONE",
-        type=_timezone,
+        type=zone_name,
         default="UTC",
         help="the time zone an Argus binetflow file's StartTime is written in, as "
         "an IANA name such as Europe/Prague: Argus writes the local time of the "
@@ -148,17 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="output format (default: zeek for a .log name, else parquet)",
     )
     return parser
-
-
-def _timezone(text: str) -> str:
-    """argparse type of ``--timezone``: an IANA zone name (or UTC), else exit 2."""
-    from flows.readers import check_timezone
-
-    try:
-        check_timezone(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 class _ArgumentError(Exception):

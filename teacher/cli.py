@@ -2,10 +2,12 @@
 
 Every subcommand takes its data as ``--dataset NAME`` (a registered dataset, found
 in ``--data-dir`` or ``GATEWATCH_DATA``) or ``--data FILE`` (any file ``flows``
-reads). Errors print ``error: <message>`` and return the documented exit code (see
-``flows/errors.py``); no tracebacks. ``teacher train`` also runs under ``torchrun``
-(DistributedDataParallel; rank 0 writes the checkpoint). When ``teacher.serve`` is
-installed, its ``serve`` and ``alerts`` subcommands are added here too.
+reads; ``--timezone ZONE`` names the zone of an Argus binetflow file's start times,
+as in ``flows``). Errors print ``error: <message>`` and return the documented exit
+code (see ``flows/errors.py``); no tracebacks. ``teacher train`` also runs under
+``torchrun`` (DistributedDataParallel; rank 0 writes the checkpoint). When
+``teacher.serve`` is installed, its ``serve`` and ``alerts`` subcommands are added
+here too.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from flows.argtypes import (
     nearest_existing,
     real,
     reals,
+    zone_name,
 )
 from flows.encoder import DEFAULT_KNOTS, SCALINGS
 from flows.errors import (
@@ -80,7 +83,8 @@ FAMILY_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
 TRAIN_MEMBERS = 3
 
 
-def _add_source(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _add_source(p: argparse.ArgumentParser, required: bool = True,
+                zone_note: str = "") -> None:
     group = p.add_mutually_exclusive_group(required=required)
     group.add_argument("--dataset",
                        help="registered dataset name, e.g. nsl-kdd (this or "
@@ -89,6 +93,19 @@ def _add_source(p: argparse.ArgumentParser, required: bool = True) -> None:
                        help="a flow file in any format flows reads (this or "
                             "--dataset is required)")
     p.add_argument("--data-dir", help="data folder (default: $GATEWATCH_DATA)")
+    _add_timezone(p, "the --data file", zone_note)
+
+
+def _add_timezone(p: argparse.ArgumentParser, which: str, note: str = "") -> None:
+    """``--timezone``: as in ``flows inspect``/``convert``, for the files read."""
+    p.add_argument("--timezone", metavar="ZONE", type=zone_name, default="UTC",
+                   help="the time zone an Argus binetflow file's StartTime is "
+                        f"written in ({which}), as an IANA name such as "
+                        "Europe/Prague: Argus writes the local time of the machine "
+                        "it ran on, without a zone, and this turns it into epoch "
+                        "seconds (ts); other formats carry epoch times and ignore "
+                        "it, as do the registered datasets, whose files all "
+                        f"carry epoch times{note} (default: UTC)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -235,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = _sub(sub, "train", help="train a teacher checkpoint")
-    _add_source(p)
+    _add_source(p, zone_note="; recorded in the checkpoint's provenance, so that "
+                             "compress run and teacher update read that data in "
+                             "the same zone")
     p.add_argument("--out", required=True,
                    help="checkpoint folder to write (required; a file there is "
                         "refused before training)")
@@ -353,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="old data to measure forgetting on (default: the "
                         "checkpoint's dataset)")
     p.add_argument("--data-dir", help="data folder (default: $GATEWATCH_DATA)")
+    _add_timezone(p, "--data and --old-data",
+                  "; without --old-data the checkpoint's own data is read in the "
+                  "zone its provenance records (UTC if none). Recorded in the "
+                  "updated checkpoint's provenance")
     p.add_argument("--out", required=True,
                    help="updated checkpoint folder (required)")
     p.add_argument("--json", action="store_true",
@@ -398,7 +421,8 @@ def _prepare(args: argparse.Namespace, **kwargs: Any) -> Any:
             f"--data {data}: no such file (a registered dataset name goes with "
             "--dataset)"
         )
-    return prepare(getattr(args, "dataset", None) or data, **kwargs)
+    return prepare(getattr(args, "dataset", None) or data,
+                   timezone=args.timezone, **kwargs)
 
 
 def _data_ref(source: str) -> str:
@@ -633,7 +657,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     provenance = make_provenance(
         args.dataset or _data_ref(args.data), prep.files, args.seed,
         family=prep.family, world_size=world,
-        held_out_types=held, init_from=args.init_from,
+        held_out_types=held, init_from=args.init_from, timezone=prep.timezone,
         train_config=result.train_config, best_epoch=result.best_epoch,
         epochs_run=result.epochs_run, train_wall_s=result.wall_s,
         total_wall_s=time.monotonic() - start,
@@ -806,11 +830,14 @@ def cmd_update(args: argparse.Namespace) -> int:
     new = _prepare(args, encoder=teacher.encoder, data_dir=args.data_dir,
                    seed=args.seed, need_split=True)
     old_source = args.old_data or teacher.provenance.get("dataset")
+    # The checkpoint's own data is read in the zone it was trained with.
+    old_zone = args.timezone if args.old_data else (
+        teacher.provenance.get("timezone") or "UTC")
     old = None
     if old_source:
         try:
             old = prepare(old_source, encoder=teacher.encoder, data_dir=args.data_dir,
-                          seed=args.seed, need_split=True)
+                          seed=args.seed, need_split=True, timezone=old_zone)
         except GatewatchError as exc:
             logger.warning("old data %s not available (%s); no forgetting check",
                            old_source, exc)
@@ -819,7 +846,8 @@ def cmd_update(args: argparse.Namespace) -> int:
     result, report = update(teacher, new, old, replay, tc)
 
     provenance = make_provenance(_data_ref(args.data), new.files, args.seed,
-                                 updated_from=str(args.checkpoint), update=report)
+                                 updated_from=str(args.checkpoint), update=report,
+                                 timezone=new.timezone)
     metrics = {"val": result.val_metrics, "update": report}
     out = save_checkpoint(args.out, result.model, encoder=teacher.encoder,
                           threshold=result.threshold, history=result.history,

@@ -34,7 +34,10 @@ class Prepared:
     "test"; ``families`` (attack family per row, when the data has one) and
     ``details`` (the source's label text) feed per-family recall. ``partial`` says
     the file was damaged part way (a cut gzip or last line): the rows before the
-    damage are here, and commands exit 4 after their work.
+    damage are here, and commands exit 4 after their work. ``timezone`` is the zone
+    an Argus binetflow file's start times were read in (files of other formats and
+    registered datasets carry epoch times, which it leaves alone); provenance
+    records it with the files.
     """
 
     X: np.ndarray
@@ -49,6 +52,7 @@ class Prepared:
     files: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     partial: bool = False
+    timezone: str = "UTC"
 
     @property
     def window(self) -> int:
@@ -146,7 +150,14 @@ def _entry_files(entry: Any) -> dict[str, str]:
     return out
 
 
-def _load(source: str | os.PathLike[str], data_dir: Any, seed: int) -> dict[str, Any]:
+def _load(
+    source: str | os.PathLike[str], data_dir: Any, seed: int, timezone: str = "UTC"
+) -> dict[str, Any]:
+    """The table, family and files of a dataset name or a flow file; ``timezone``
+    is the zone of a binetflow file's start times (see :func:`prepare`)."""
+    from flows.readers import check_timezone
+
+    check_timezone(timezone)  # refused for a dataset name too, as read() does
     registry = _registry()
     text = str(source)
     if text in registry:
@@ -167,7 +178,7 @@ def _load(source: str | os.PathLike[str], data_dir: Any, seed: int) -> dict[str,
             f"{text!r} is neither a dataset name ({', '.join(sorted(registry))}) "
             "nor an existing file"
         )
-    result = read(str(path))
+    result = read(str(path), timezone=timezone)
     from teacher.checkpoint import sha256_file
 
     return {
@@ -191,6 +202,7 @@ def prepare(
     scaling: str | None = None,
     knots: int | None = None,
     encoder_of: str = "the checkpoint",
+    timezone: str = "UTC",
 ) -> Prepared:
     """Encode a dataset name or a flow file into a :class:`Prepared`.
 
@@ -202,12 +214,16 @@ def prepare(
     when an encoder is to be fitted), else it is all "test". ``scaling`` and
     ``knots`` go to :meth:`flows.encoder.Encoder.fit` (None: the family's default).
     ``encoder_of`` names whose encoder was given, for that mismatch's message.
+    ``timezone`` (an IANA name, default UTC) is the zone an Argus binetflow file's
+    StartTime is written in, as in :func:`flows.readers.read`; other formats and
+    the registered datasets carry epoch times and ignore it. An unknown name is a
+    UsageError.
     """
     from flows.encoder import Encoder
     from flows.record import table_to_columns
     from flows.windows import window_index_for
 
-    loaded = _load(source, data_dir, seed)
+    loaded = _load(source, data_dir, seed, timezone)
     table = loaded["table"]
     if table.num_rows == 0:
         raise BadInputError(f"{source}: no rows to prepare")
@@ -263,7 +279,7 @@ def prepare(
         families=None if families is None else np.asarray(families, dtype=object),
         details=None if details is None else np.asarray(details, dtype=object),
         files=loaded["files"], warnings=loaded["warnings"],
-        partial=loaded["partial"],
+        partial=loaded["partial"], timezone=timezone,
     )
 
 
@@ -271,6 +287,8 @@ def concat(parts: list[Prepared], name: str | None = None) -> Prepared:
     """One Prepared from several encoded with the same encoder (windows kept apart).
 
     Window indices are shifted so each part's windows still point into its own rows.
+    Parts read in different time zones give a ``timezone`` naming each, joined with
+    "+" as the names are.
     """
     if not parts:
         raise BadInputError("nothing to concatenate")
@@ -291,6 +309,7 @@ def concat(parts: list[Prepared], name: str | None = None) -> Prepared:
     files: dict[str, str] = {}
     for part in parts:
         files.update(part.files)
+    zones = list(dict.fromkeys(p.timezone for p in parts))
     return Prepared(
         X=np.concatenate([p.X for p in parts]), idx=idx,
         y=np.concatenate([p.y for p in parts]),
@@ -298,5 +317,5 @@ def concat(parts: list[Prepared], name: str | None = None) -> Prepared:
         name=name or "+".join(p.name for p in parts), family=first.family,
         families=join("families"), details=join("details"), files=files,
         warnings=[w for p in parts for w in p.warnings],
-        partial=any(p.partial for p in parts),
+        partial=any(p.partial for p in parts), timezone="+".join(zones),
     )
