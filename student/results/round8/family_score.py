@@ -74,7 +74,7 @@ def fold_rows(fold: int, cache: Path, names: list[str]) -> list[dict]:
 
     def scores(prob: np.ndarray, cut: float, b: np.ndarray) -> dict:
         m = binary_metrics(y[b], prob[b], cut)
-        return {"f1": m["f1"], "fpr": m["fpr"],
+        return {"f1": m["f1"], "fpr": m["fpr"], "auc": m["roc_auc"],
                 "novel_recall": float(np.mean(prob[b & novel] >= cut))}
 
     rows = []
@@ -93,7 +93,7 @@ def fold_rows(fold: int, cache: Path, names: list[str]) -> list[dict]:
 def summary(rows: list[dict], candidates: dict[str, list[str]]) -> dict:
     """Mean gap per candidate (its seeds' students pooled), per fold, per size."""
     out: dict = {"teacher": {k: float(np.mean([r["teacher"][k] for r in rows]))
-                             for k in ("f1", "fpr", "novel_recall")}}
+                             for k in ("f1", "fpr", "auc", "novel_recall")}}
     for cand, names in candidates.items():
         def mean(key: str, fold=None, size=None, names=names) -> float:
             return float(np.mean([
@@ -103,6 +103,7 @@ def summary(rows: list[dict], candidates: dict[str, list[str]]) -> dict:
 
         out[cand] = {
             "gap": mean("gap"), "f1": mean("f1"), "fpr": mean("fpr"),
+            "auc": mean("auc"),
             "novel_recall": mean("novel_recall"),
             "per_fold": {f: mean("gap", fold=f)
                          for f in sorted({r["fold"] for r in rows})},
