@@ -132,7 +132,7 @@ TARGET_CHOICES = (
 # (:func:`_check_torch_int8_flags`); :func:`_student_settings` fills in the rest.
 STUDENT_DEFAULTS: dict[str, Any] = {
     "epochs": 12, "lr": 3e-3, "batch_size": 512, "max_train_rows": None,
-    "prune_ratios": (0.5,), "no_prune": False, "distill_noise": None,
+    "prune_ratios": None, "no_prune": False, "distill_noise": None,
     "distill_swap": None, "distill_alpha": None, "qat": "auto", "qat_epochs": 3,
 }
 
@@ -201,10 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                   "provenance")
     run.add_argument("--widths", type=integers(1, MAX_WIDTH),
                      help="student widths to search, smallest first (default "
-                          "4,8,16,32,64); not with --target torch-int8 (exit 2)")
+                          "64 for nsl-kdd teachers, else 4,8,16,32,64); not with "
+                          "--target torch-int8 (exit 2)")
     run.add_argument("--prune-ratios", type=reals(0, 1, lo_open=True, hi_open=True),
                      help="structured pruning ratios tried on a passing student "
-                          "(default 0.5)")
+                          "(default: none for nsl-kdd teachers, else 0.5)")
     run.add_argument("--no-prune", action="store_true", default=None,
                      help="skip pruning")
     run.add_argument("--epochs", type=integer(1, 100_000),
@@ -442,7 +443,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         dataset=args.dataset if args.data is None else str(args.data),
         timezone=args.timezone,
         widths=RunConfig.widths if args.widths is None else tuple(args.widths),
-        prune_ratios=() if args.no_prune else tuple(args.prune_ratios),
+        prune_ratios=() if args.no_prune else (
+            None if args.prune_ratios is None else tuple(args.prune_ratios)),
         distill=DistillConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
                               batch_size=args.batch_size,
                               max_train_rows=args.max_train_rows),

@@ -976,7 +976,9 @@ def test_student_flags_not_given_take_their_documented_defaults(
     cfg = seen["cfg"]
     assert (cfg.distill.epochs, cfg.distill.lr, cfg.distill.batch_size,
             cfg.distill.max_train_rows) == (12, 3e-3, 512, None)
-    assert (cfg.prune_ratios, cfg.qat, cfg.qat_epochs) == ((0.5,), "auto", 3)
+    # Widths and pruning are left to the teacher's family (with_search_defaults).
+    assert (cfg.widths, cfg.prune_ratios) == (None, None)
+    assert (cfg.qat, cfg.qat_epochs) == ("auto", 3)
     assert (cfg.distill_noise, cfg.distill_swap, cfg.distill_alpha) == (None,) * 3
     assert (cfg.threshold_rule, cfg.gate) == (None, "same")
     assert main([*argv, "--no-prune", "--epochs", "2", "--qat", "off"]) == 2
@@ -1032,3 +1034,22 @@ def test_eval_on_data_of_another_family_speaks_of_the_artifacts_encoder(
     # The artifact scores data of its own family.
     assert main(["eval", "--artifact", str(artifact), "--data", str(flows),
                  "--no-timing", "--json"]) == 0
+
+
+def test_nsl_kdd_students_start_wide_and_unpruned_unless_told() -> None:
+    """student/results/round10: on nsl-kdd the search starts at one wide student
+    and prunes nothing; other families search every width and prune by half;
+    flags given win everywhere."""
+    from compress.pipeline import RunConfig, with_search_defaults
+
+    base = RunConfig(target="onnx-int8", teacher=Path("t"), out=Path("o"))
+    nsl = with_search_defaults(base, {"family": "nsl-kdd"})
+    assert (nsl.widths, nsl.prune_ratios) == ((64,), ())
+    conn = with_search_defaults(base, {"family": "conn"})
+    assert (conn.widths, conn.prune_ratios) == ((4, 8, 16, 32, 64), (0.5,))
+    told = RunConfig(target="onnx-int8", teacher=Path("t"), out=Path("o"),
+                     widths=(8,), prune_ratios=(0.3,))
+    assert with_search_defaults(told, {"family": "nsl-kdd"}) == told
+    off = RunConfig(target="onnx-int8", teacher=Path("t"), out=Path("o"),
+                    prune_ratios=())
+    assert with_search_defaults(off, {"family": "conn"}).prune_ratios == ()
