@@ -695,9 +695,9 @@ def export_candidate(
     probe_x = ctx.val_windows[:4]
     probe = {"windows": probe_x.tolist(), "expected": scorer.score(probe_x).tolist(),
              "atol": 1.0 / 256 if out["dtype"] != "float32" else 1e-4}
-    # TODO(gap): no validation here sees NSL-KDD students fall behind the teacher on
-    # KDDTest+'s novel R2L/U2R types (4.7 points, student/results/r10-check.md):
-    # the gate and the split measure hold out types of every family.
+    # TODO(gap): the gate cannot see students fall behind on whole attack families
+    # the teacher never saw (R2L/U2R on KDDTest+); only the offline family measure
+    # does (student/results/round8), which needs fold teachers trained without them.
     split_f1 = _split_f1(ctx, p_val)
     split = None
     if split_f1 is not None:
