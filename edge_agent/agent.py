@@ -1147,6 +1147,14 @@ class Agent:
             return
         if getattr(result, "withdrawn", False):
             return
+        if (
+            getattr(result, "ok", False)
+            and not getattr(result, "changed", True)
+            and result.version == self.model_version
+        ):
+            # The retained update of the model this agent runs (sent again after
+            # each reconnect): a swap would only empty the host windows.
+            return
         if getattr(result, "ok", False):
             self.swap_scorer(result.scorer)
             logger.info("model updated to %s", result.version)

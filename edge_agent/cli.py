@@ -494,7 +494,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``edge-agent run``."""
     from edge_agent.agent import Agent
     from edge_agent.config import AgentConfig
-    from edge_agent.mqtt import MqttLink
+    from edge_agent.mqtt import MqttLink, redact_url
     from edge_agent.outbox import Outbox
     from edge_agent.runtime import load_artifact
     from edge_agent.sources import open_source
@@ -675,6 +675,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"and were dropped, not sent; {lines} (a record with a huge text "
                 "field, or a --max-packet-size set too low)"
             )
+        shown = redact_url(cfg.broker) if cfg.broker else None  # no password
         if cfg.broker and summary["outbox_pending"]:
             unrouted = (
                 f" (the broker took {summary['unrouted']} publishes with \"no matching "
@@ -683,10 +684,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 else ""
             )
             if agent.link is not None and agent.link.generation == 0:
-                why = f"the broker {cfg.broker} did not answer during the run"
+                why = f"the broker {shown} did not answer during the run"
             elif not link_up:
                 why = (
-                    f"the connection to the broker {cfg.broker} was lost during "
+                    f"the connection to the broker {shown} was lost during "
                     f"the run and was not back within the {drain_for:g} s drain"
                 )
             else:
@@ -702,7 +703,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not drained and cfg.wait_verdicts and lost_sessions and summary[
                 "verdicts_awaited"]:
             raise TransportError(
-                f"the broker {cfg.broker} lost this gateway's MQTT session "
+                f"the broker {shown} lost this gateway's MQTT session "
                 f"{lost_sessions} time(s) during the run (restarted without its saved "
                 f"state, or the session expired); {summary['escalations_requeued']} "
                 "escalations were published again, and "

@@ -51,6 +51,7 @@ __all__ = [
     "MqttLink",
     "Protocol",
     "TlsOptions",
+    "redact_url",
 ]
 
 # PUBACK reason code (MQTT v5): accepted, but no subscriber matched the topic.
@@ -59,6 +60,24 @@ NO_MATCHING_SUBSCRIBERS = 16
 # CONNACK codes meaning "this broker does not speak that protocol version".
 _REFUSED_VERSION_V5 = 132
 _REFUSED_VERSION_V3 = 1
+
+
+def redact_url(url: str) -> str:
+    """``url`` as it may be shown in a log line or an error: a password in it is
+    replaced by ``***`` (``mqtt://admin:***@host:1883``); the rest is kept.
+
+    The password is taken to run from the first ``:`` after the scheme to the
+    last ``@``, wider than a URL parser would read it, so that a password with
+    an unquoted ``/`` or ``@`` (a URL that then does not parse) is hidden too.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, where = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not at or not colon:
+        return url
+    return f"{scheme}{sep}{user}:***@{where}"
 
 
 class Protocol(enum.StrEnum):
@@ -81,24 +100,45 @@ class BrokerAddress:
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
-        """Parse ``mqtt[s]://[user[:password]@]host[:port]`` (ports 1883 / 8883)."""
+        """Parse ``mqtt[s]://[user[:password]@]host[:port]`` (ports 1883 / 8883).
+
+        A path, query or fragment is a UsageError (it would mean nothing). A
+        UsageError shows the URL without its password (:func:`redact_url`).
+        """
+        shown = redact_url(url)
         try:
             parts = urlsplit(url)
             host = parts.hostname
         except ValueError as exc:  # "Invalid IPv6 URL": mqtt://[::1 unclosed
             raise UsageError(
-                f"broker {url!r} is not a URL like mqtt://HOST:PORT ({exc}; an IPv6 "
+                f"broker {shown!r} is not a URL like mqtt://HOST:PORT ({exc}; an IPv6 "
                 "address goes in brackets: mqtt://[::1]:1883)"
             ) from None
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not host:
             raise UsageError(
-                f"broker {url!r} is not a URL like mqtt://HOST:PORT or mqtts://HOST:PORT"
+                f"broker {shown!r} is not a URL like mqtt://HOST:PORT or "
+                "mqtts://HOST:PORT"
+            )
+        # Nothing after HOST:PORT means anything here (no WebSocket transport):
+        # refused, not dropped, so a typo or a pasted HTTP URL is seen. A lone
+        # trailing "/" is taken as none.
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            tail = url.partition(parts.netloc)[2]
+            if "@" in tail:  # a password with a bare "/", "?" or "#" in it
+                raise UsageError(
+                    f"broker {shown!r} has a path, query or fragment after "
+                    "HOST:PORT: a '/', '?' or '#' in the user name or password "
+                    "must be written %2F, %3F or %23"
+                )
+            raise UsageError(
+                f"broker {shown!r} has {tail!r} after HOST:PORT; a broker URL "
+                "has no path, query or fragment (mqtt://HOST:PORT)"
             )
         tls = parts.scheme in ("mqtts", "ssl")
         try:
             port = parts.port or (8883 if tls else 1883)
         except ValueError as exc:
-            raise UsageError(f"broker {url!r} has a bad port") from exc
+            raise UsageError(f"broker {shown!r} has a bad port") from exc
         return cls(
             host=host,
             port=port,
@@ -177,7 +217,9 @@ class MqttLink:
         on_connect: Callable[[], None] | None = None,
     ) -> None:
         self.address = BrokerAddress.parse(url)
-        self.url = url
+        # The URL as messages show it, without a password; the credentials to
+        # connect with are in ``address``, ``username`` and ``password``.
+        self.url = redact_url(url)
         self.client_id = client_id
         self.username = username or self.address.username
         self.password = password or self.address.password

@@ -20,6 +20,11 @@ active slot and the running model untouched and returns the reason. The archive
 holds the artifact's manifest, its listed files and, when the artifact folder has
 one, the site's ``site_thresholds.json`` (checked like the rest before the switch).
 
+An update issued before the running model is refused as a downgrade. An update
+of the running model itself (the same archive, or the same files packed again or
+flashed from a bundle) installs nothing and is no refusal: the retained message
+comes again after every reconnect.
+
 Run as ``python -m edge_agent.ota check DIR`` it health-checks one artifact folder
 (flash uses this inside a freshly installed venv).
 """
@@ -337,21 +342,14 @@ class ModelUpdater:
         active = self.slots.active()
         info = self.slots.info(active)
         if active is not None and info.get("sha256") == statement["sha256"]:
-            from edge_agent.runtime import load_artifact
-
-            scorer = load_artifact(self.slots.path(active))
-            return UpdateResult(
-                ok=True,
-                version=version,
-                scorer=scorer,
-                slot=active,
-                reason="already running this model",
-            )
+            return self._already_running(message, version, active)
         issued = float(statement["issued_at"])
-        if info.get("issued_at") is not None and issued < float(info["issued_at"]):
+        running = info.get("model_version")
+        older = info.get("issued_at") is not None and issued < float(info["issued_at"])
+        if older and version != running:
             raise BadInputError(
                 f"update {version} was issued before the running model "
-                f"{info.get('model_version')}; refusing a downgrade (use rollback)"
+                f"{running}; refusing a downgrade (use rollback)"
             )
 
         # 2. The archive, by value or by reference, must be the one signed for.
@@ -361,6 +359,16 @@ class ModelUpdater:
         staging = self.slots.staging()
         try:
             _unpack(archive, staging)
+            # The running model packed again, or flashed from a bundle (whose
+            # slot records the bundle's digest, not this archive's): same files.
+            if active is not None and _files_match(staging, self.slots.path(active)):
+                return self._already_running(message, version, active)
+            if older:
+                raise BadInputError(
+                    f"update {version} was issued before the running model "
+                    f"{running} and holds other files; refusing a downgrade (use "
+                    "rollback)"
+                )
             load_checked(staging, tolerance=self.tolerance)
             slot = self.slots.inactive()
             path = self.slots.install(
@@ -388,14 +396,35 @@ class ModelUpdater:
             changed=True,
         )
 
+    def _already_running(
+        self, message: dict[str, Any], version: str, slot: str
+    ) -> UpdateResult:
+        """The result for an update of the model the active slot already holds:
+        nothing is installed, and it is no refusal."""
+        from edge_agent.runtime import load_artifact
+
+        logger.info(
+            "model update %s: model %s is already running (slot %s); nothing to do",
+            message.get("id"),
+            version,
+            slot,
+        )
+        return UpdateResult(
+            ok=True,
+            version=version,
+            scorer=load_artifact(self.slots.path(slot)),
+            slot=slot,
+            reason="already running this model",
+        )
+
     def _verified_statement(self, message: dict[str, Any]) -> dict[str, Any]:
         """Decode and verify the signed statement of a message."""
         raw = _b64(message, "statement")
         signature = _b64(message, "signature")
         try:
             claimed = json.loads(raw).get("key_id")
-        except (ValueError, AttributeError):
-            claimed = None
+        except (RecursionError, ValueError, AttributeError):
+            claimed = None  # the signature check below refuses it
         signing.verify(
             self.public_key,
             raw,
@@ -416,7 +445,10 @@ class ModelUpdater:
                 raise ValueError(f"issued_at {statement['issued_at']!r} is no time")
         except BadInputError:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+        except (
+            RecursionError, ValueError, KeyError, TypeError, AttributeError,
+            OverflowError,
+        ) as exc:
             raise BadInputError(f"update statement is malformed: {exc}") from exc
         return statement
 
@@ -487,8 +519,12 @@ def _parse_message(payload: bytes) -> dict[str, Any]:
         ) from exc
     try:
         message = json.loads(text)
-    except ValueError as exc:
-        raise BadInputError(f"model update is not JSON: {exc}") from exc
+    except (RecursionError, ValueError) as exc:
+        # RecursionError: JSON nested thousands deep ("[" * 100000) is refused as
+        # malformed like any other, not taken for a fault of the updater.
+        raise BadInputError(
+            f"model update is not JSON: {type(exc).__name__}: {exc}"[:200]
+        ) from exc
     if not isinstance(message, dict):
         raise BadInputError("model update is not a JSON object")
     if message.get("kind") != KIND or message.get("schema") != MESSAGE_SCHEMA:
@@ -497,6 +533,23 @@ def _parse_message(payload: bytes) -> dict[str, Any]:
             f"{message.get('kind')!r})"
         )
     return message
+
+
+def _files_match(update: Path, slot: Path) -> bool:
+    """True when every file of the unpacked ``update`` is in ``slot``, byte for byte.
+
+    Files only the slot has are left out of it: a ``site_thresholds.json``
+    calibrated on the gateway does not make the running model another one.
+    """
+    for path in sorted(update.rglob("*")):
+        if path.is_dir():
+            continue
+        twin = slot / path.relative_to(update)
+        if twin.is_symlink() or not twin.is_file():
+            return False
+        if bundle_mod.sha256_path(twin) != bundle_mod.sha256_path(path):
+            return False
+    return True
 
 
 def _b64(message: dict[str, Any], key: str) -> bytes:

@@ -114,6 +114,7 @@ from edge_agent.mqtt import (
     MqttLink,
     Protocol,
     TlsOptions,
+    redact_url,
 )
 from flows.argtypes import integer, real
 from flows.errors import (
@@ -173,7 +174,7 @@ def check_broker(url: str) -> str:
         BrokerAddress.parse(url)
     except ValueError as exc:
         raise UsageError(
-            f"--broker {url!r}: not a URL like mqtt://HOST:PORT or "
+            f"--broker {redact_url(url)!r}: not a URL like mqtt://HOST:PORT or "
             f"mqtts://[IPv6]:PORT ({exc})"
         ) from exc
     return url
