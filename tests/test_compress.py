@@ -1044,7 +1044,7 @@ def test_nsl_kdd_students_start_wide_and_unpruned_unless_told() -> None:
 
     base = RunConfig(target="onnx-int8", teacher=Path("t"), out=Path("o"))
     nsl = with_search_defaults(base, {"family": "nsl-kdd"})
-    assert (nsl.widths, nsl.prune_ratios) == ((64,), ())
+    assert (nsl.widths, nsl.prune_ratios) == ((64, 96), ())
     conn = with_search_defaults(base, {"family": "conn"})
     assert (conn.widths, conn.prune_ratios) == ((4, 8, 16, 32, 64), (0.5,))
     told = RunConfig(target="onnx-int8", teacher=Path("t"), out=Path("o"),
