@@ -133,9 +133,11 @@ class Demo:
         for name, (epochs, minutes) in budget.items():
             self.step(f"train the teacher on {name}")
             out = self.out / f"teacher-{name}"
+            # --force: a second `make demo` replaces the teacher of the first
+            # (teacher train refuses a folder that already holds a checkpoint).
             self.run(
                 "teacher", "train", "--dataset", name, "--out", str(out),
-                "--epochs", epochs, "--max-minutes", minutes,
+                "--epochs", epochs, "--max-minutes", minutes, "--force",
             )
             teachers[name] = out
         return teachers

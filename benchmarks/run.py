@@ -201,9 +201,11 @@ class Run:
             return
         teacher_dir = self.work / f"teacher-{name}"
         with self.step(f"{name}: teacher train") as entry:
+            # --force: a run again in the same --work folder (or --merge)
+            # replaces the teacher the last one trained there.
             args = ["teacher", "train", "--dataset", name, "--out", str(teacher_dir),
                     *s.teacher_args(name), "--threads", str(s.threads), "-q",
-                    "--data-dir", str(self.data)]
+                    "--data-dir", str(self.data), "--force"]
             self.command(*args, log=f"train-{name}.log")
             self.teachers[name] = teacher_dir
             entry["checkpoint"] = str(teacher_dir)

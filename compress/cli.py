@@ -49,7 +49,9 @@ exit codes:
   {EXIT_FAILURE}    failure: a model, checkpoint or artifact is unusable, or an
        export failed
   {EXIT_USAGE}    usage: bad flags or arguments
-  {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read
+  {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read; data
+       with too few labeled rows (label 0 or 1) to train or evaluate on
+       (an unlabeled conn.log, say)
   {EXIT_PARTIAL_INPUT}    partial input: a --dataset/--data file was damaged part way.
        A file cut short (a cut gzip stream or last line) is used up to
        the cut and the results are written; a bad row (a value that does
@@ -87,7 +89,9 @@ exit codes:
        --threshold-rule teacher-rate or --gate split (the teacher itself
        is quantized: no student is made, its threshold is the best
        validation F1 one and its gate validation F1)
-  {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read
+  {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read; data
+       with too few labeled rows (label 0 or 1) to train or evaluate on
+       (an unlabeled conn.log, say)
   {EXIT_PARTIAL_INPUT}    partial input: a --dataset/--data file was damaged part way.
        A file cut short is used up to the cut and the artifact written; a
        bad row stops the run before anything is trained or written
@@ -107,14 +111,16 @@ EVAL_EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok
   {EXIT_FAILURE}    failure: the artifact is unusable: its folder or a file
-       missing, a file modified after it was written (sha256), a manifest
-       that is not valid JSON, a model its runtime refuses, probe windows
-       that do not score as recorded
+       missing, a file modified after it was written (sha256), a model
+       its runtime refuses, probe windows that do not score as recorded
   {EXIT_USAGE}    usage: bad flags or arguments; a --dataset or --data that is
        neither a registered dataset nor an existing file
   {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read, the
        data is of another family than the artifact's encoder, the split
-       has no labeled rows, or the manifest is not a JSON object
+       has no labeled rows, the manifest is not valid JSON or not a JSON
+       object, or the artifact holds a thresholds.json whose values break
+       the contract (not JSON, a key missing, a value that is no number
+       in 0..1, escalate_low <= decision <= alert not holding)
   {EXIT_PARTIAL_INPUT}    partial input: a --data file was damaged part way. A file
        cut short is scored up to the cut and its metrics printed; a bad
        row stops with an error naming the file, line and column
@@ -201,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "provenance")
     run.add_argument("--widths", type=integers(1, MAX_WIDTH),
                      help="student widths to search, smallest first (default "
-                          "64 for nsl-kdd teachers, else 4,8,16,32,64); not with "
+                          "64,96 for nsl-kdd teachers, else 4,8,16,32,64); not with "
                           "--target torch-int8 (exit 2)")
     run.add_argument("--prune-ratios", type=reals(0, 1, lo_open=True, hi_open=True),
                      help="structured pruning ratios tried on a passing student "

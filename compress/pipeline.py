@@ -66,7 +66,13 @@ from compress.export import (
 )
 from compress.prune import magnitude_sparsity, structured_prune
 from compress.qat import ACT_RANGE, QAT_KINDS, WEIGHT_RANGE, qat_finetune
-from flows.errors import ExportError, GateError, ModelError, UsageError
+from flows.errors import (
+    BadInputError,
+    ExportError,
+    GateError,
+    ModelError,
+    UsageError,
+)
 from student.distill import DistillConfig, TeacherCache, distill, student_logits
 from student.zoo import KINDS, build_student, student_targets
 from teacher.metrics import score_pairs, type_split_pairs
@@ -357,9 +363,10 @@ def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
         prep.split[moving] = "val"
     train, val, test = prep.rows("train"), prep.rows("val"), prep.rows("test")
     if min(len(train), len(val), len(test)) == 0:
-        raise UsageError(
+        raise BadInputError(
             f"{dataset}: needs labeled train, val and test rows (got {len(train)}, "
-            f"{len(val)}, {len(test)})"
+            f"{len(val)}, {len(test)}); distillation and the gate need rows labeled "
+            "0 or 1 (score unlabeled flows with edge-agent or teacher serve)"
         )
     y = prep.y.astype(np.int64)
 

@@ -90,9 +90,11 @@ exit codes:
        source or thresholds file that is a folder or missing, a
        damaged outbox file (left untouched), an artifact manifest
        that is not valid JSON, not a JSON object, or whose
-       model_version the re-scorer
-       would refuse (a control character); an empty stdin (no lines
-       at all) is no error: the outbox is replayed and drained (exit 0)
+       model_version the re-scorer would refuse (a control
+       character), an artifact thresholds.json whose keys are not
+       numbers in 0..1 in order (escalate_low <= decision <=
+       alert); an empty stdin (no lines at all) is no error: the
+       outbox is replayed and drained (exit 0)
   {EXIT_PARTIAL_INPUT}    partial input: damage part way (a cut file: the read
        stopped there), damaged packets of a capture (skipped, the
        read went on), input lines rejected, or records the

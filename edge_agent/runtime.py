@@ -262,15 +262,73 @@ def _quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return np.clip(q, info.min, info.max).astype(_NP_DTYPES[spec.dtype])
 
 
+# The most a threshold may be: one ulp above 1, as compress writes ``alert`` just
+# past a top score of 1.0 to mean "never alert" (as ``edge_agent.agent`` allows).
+_MAX_THRESHOLD = float(np.nextafter(1.0, np.inf))
+_THRESHOLD_KEYS = ("escalate_low", "decision", "alert")
+_THRESHOLDS_EXPECTED = (
+    'expected a JSON object with numbers "escalate_low" <= "decision" <= "alert", '
+    "each in 0..1"
+)
+
+
 def _read_thresholds(path: Path) -> dict[str, float]:
+    """``decision``, ``escalate_low`` and ``alert`` of an artifact's thresholds.json.
+
+    The file was already checked against the manifest's sha256, so what is wrong
+    here was written wrong (or edited and its sha256 updated to match). Content
+    that breaks the contract of docs/contracts.md (not JSON, not an object, a key
+    missing, a value that is no finite number in 0..1, ``escalate_low <= decision
+    <= alert`` not holding) is a BadInputError (exit 3, as a manifest that is not
+    JSON) naming the file and the key; a file that cannot be read at all is a
+    ModelError (exit 1, as a missing one).
+    """
     try:
-        data = json.loads(path.read_text())
-        out = {k: float(data[k]) for k in ("decision", "escalate_low", "alert")}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path}: thresholds are unreadable ({exc})") from exc
-    if not out["escalate_low"] <= out["alert"]:
-        raise ModelError(f"{path}: escalate_low must not exceed alert: {out}")
-    return out
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(
+            f"{path}: cannot be read ({exc.strerror or exc})"
+        ) from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise BadInputError(
+            f"is not valid JSON ({exc}); {_THRESHOLDS_EXPECTED}", path=str(path)
+        ) from exc
+    if not isinstance(data, dict):
+        raise BadInputError(
+            f"holds a JSON {_json_type(data)}; {_THRESHOLDS_EXPECTED}", path=str(path)
+        )
+    out: dict[str, float] = {}
+    for key in _THRESHOLD_KEYS:
+        if key not in data:
+            raise BadInputError(
+                f"lacks {key!r}; {_THRESHOLDS_EXPECTED}", path=str(path)
+            )
+        value = data[key]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        # An int is compared exactly: math.isfinite(10**400) would overflow.
+        if not (
+            number
+            and (isinstance(value, int) or math.isfinite(value))
+            and 0.0 <= value <= _MAX_THRESHOLD
+        ):
+            what = str(value) if number else json.dumps(value)
+            what = what if len(what) <= 40 else what[:37] + "..."
+            if not number and value is not None:
+                kind = "string" if isinstance(value, str) else _json_type(value)
+                what += f" (a JSON {kind})"
+            raise BadInputError(
+                f"{key!r} is {what}, not a number in 0..1; {_THRESHOLDS_EXPECTED}",
+                path=str(path),
+            )
+        out[key] = float(value)
+    if not out["escalate_low"] <= out["decision"] <= out["alert"]:
+        shown = ", ".join(f"{k} {out[k]!r}" for k in _THRESHOLD_KEYS)
+        raise BadInputError(
+            f"{shown}: out of order; {_THRESHOLDS_EXPECTED}", path=str(path)
+        )
+    return {k: out[k] for k in ("decision", "escalate_low", "alert")}
 
 
 # ---------------------------------------------------------------------------- backends
@@ -650,7 +708,8 @@ def load_artifact(
     :class:`~flows.errors.BadInputError` (exit 3) naming ``manifest.json`` when the
     manifest is not valid JSON or not a JSON object of objects, or when its
     ``model_version`` is text the re-scorer would refuse in every escalation
-    (:func:`model_version_problem`).
+    (:func:`model_version_problem`), and naming ``thresholds.json`` and the key when
+    its values break the contract (:func:`_read_thresholds`).
     ``prefer_micro`` runs a ``tflite-micro`` C array in the TFLite Micro interpreter
     when it is installed.
     ``probe=False`` leaves the probe to the caller (the update health check, which

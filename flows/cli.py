@@ -140,13 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         required=True,
         metavar="OUT",
-        help="output file, replaced only once it is complete (required)",
+        help="output file, replaced only once it is complete (required); a name "
+        "ending in a slash is refused unless it is an existing folder, which is "
+        "refused too: convert writes one file",
     )
     convert.add_argument(
         "--format",
         choices=("parquet", "zeek"),
         default=None,
-        help="output format (default: zeek for a .log name, else parquet)",
+        help="output format (default: zeek for a .log or .labeled name, else "
+        "parquet; without --format a name whose suffix says "
+        "another format, such as .csv or .json, is refused, exit 2, as is a "
+        ".log name with --format parquet or a .parquet one with --format zeek)",
     )
     return parser
 
@@ -483,6 +488,12 @@ def _output_path(name: str) -> Path:
             "-o - (standard output) is not supported: Parquet and conn.log are "
             "written to a file, replaced only once complete; give a file name"
         )
+    if name.endswith(("/", os.sep)) and not Path(name).is_dir():
+        raise UsageError(
+            f"-o {name} ends in a slash, which names a folder, and there is no "
+            "such folder; -o needs a file name (such as "
+            f"{name.rstrip('/' + os.sep) or '.'}/flows.parquet)"
+        )
     out = Path(name)
     try:
         if out.is_symlink():
@@ -505,6 +516,44 @@ def _output_path(name: str) -> Path:
     return out
 
 
+# What convert writes, by the name's suffix: the format each suffix means.
+WRITTEN_SUFFIXES = {
+    ".parquet": "parquet", ".pq": "parquet", ".log": "zeek", ".labeled": "zeek",
+}
+# Suffixes of formats convert reads but does not write: an output named so
+# would hold something else than its name says.
+OTHER_SUFFIXES = {
+    ".csv": "CSV", ".tsv": "TSV", ".txt": "text", ".json": "JSON",
+    ".jsonl": "JSON lines", ".ndjson": "JSON lines", ".gz": "gzip",
+    ".binetflow": "Argus binetflow", ".pcap": "pcap", ".pcapng": "pcapng",
+    ".arff": "ARFF",
+}
+
+
+def _output_format(out: Path, given: str | None) -> str:
+    """The format to write to ``out``: ``--format``, else what the suffix says
+    (``.log`` or ``.labeled``: zeek; ``.parquet``, ``.pq``, any other or none:
+    parquet). A suffix that names a format convert does not write (``x.csv``)
+    without ``--format``, or the other written format (``x.log`` with ``--format
+    parquet``), is a usage error rather than a file whose name misleads every
+    later reader."""
+    suffix = out.suffix.lower()
+    if given is None and suffix in OTHER_SUFFIXES:
+        raise UsageError(
+            f"-o {out.name}: {suffix} names {OTHER_SUFFIXES[suffix]}, which convert "
+            "does not write; it writes canonical Parquet (.parquet) or a Zeek-style "
+            "conn.log (.log): name the output so (or, to keep the name, choose one "
+            "of the two with --format)"
+        )
+    named = WRITTEN_SUFFIXES.get(suffix)
+    if given is not None and named is not None and named != given:
+        raise UsageError(
+            f"-o {out.name} names a {named} file, but --format is {given}; name "
+            f"the output for {given} ({'.log' if given == 'zeek' else '.parquet'})"
+        )
+    return given or named or "parquet"
+
+
 def _discard(tmp: Path) -> None:
     """Remove the temporary output if it is there; never raises (on a read-only
     file system or under a file there is nothing to remove, and the write's own
@@ -520,7 +569,7 @@ def _convert(args) -> int:
     from flows.readers.writers import write_problem
 
     out = _output_path(args.output)
-    fmt = args.format or ("zeek" if out.suffix == ".log" else "parquet")
+    fmt = _output_format(out, args.format)
 
     if args.files.count("-") > 1:
         raise UsageError("- (standard input) can be given only once")

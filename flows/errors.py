@@ -21,6 +21,8 @@ This module imports nothing outside the standard library: the edge agent uses it
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -35,6 +37,28 @@ class GatewatchError(Exception):
     """Root of every error gatewatch raises on purpose."""
 
     exit_code = EXIT_FAILURE
+
+
+_LINE_BREAK = re.compile(r"\s*[\r\n]+\s*")
+_BREAK_AFTER_STOP = re.compile(r"(?<=[.,;:!?])\s*[\r\n]+\s*")
+_BREAK_BEFORE_CLOSE = re.compile(r"\s*[\r\n]+\s*(?=[)\]]|$)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def one_line(text: object) -> str:
+    """``text`` (or ``str()`` of an exception) on one line.
+
+    A library's message quoted inside ours (pyarrow's end with a newline, some
+    hold one sentence a line) must not break the ``error:`` line. A line break,
+    with the blanks around it, goes before a closing bracket or at the end,
+    becomes a space after a stop (``.``, ``;``...) and ``; `` elsewhere. Any
+    other control character (a byte of the damaged file that pyarrow quotes) is
+    written ``\\xNN``, so nothing reaches the terminal as a control code.
+    """
+    text = _BREAK_BEFORE_CLOSE.sub("", str(text))
+    text = _BREAK_AFTER_STOP.sub(" ", text)
+    text = _LINE_BREAK.sub("; ", text)
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class UsageError(GatewatchError):
@@ -63,7 +87,8 @@ class BadInputError(GatewatchError):
         self.column = column
         self.offset = offset
         self.row = row  # for inputs without lines (Parquet): the 1-based row
-        super().__init__(self._where() + message)
+        # One line, whatever the quoted library message held: see one_line.
+        super().__init__(self._where() + one_line(message))
 
     def _where(self) -> str:
         parts = []

@@ -41,8 +41,11 @@ from teacher.model import TeacherConfig, TeacherNet
 
 __all__ = [
     "CHECKPOINT_FILES",
+    "CHECKPOINT_NAMES",
     "CHECKSUMS_FILE",
     "Teacher",
+    "checkpoint_strays",
+    "clear_checkpoint",
     "load_teacher",
     "make_provenance",
     "save_checkpoint",
@@ -73,6 +76,8 @@ def allow_unverified_default() -> bool:
     return os.environ.get(ALLOW_UNVERIFIED_ENV, "").strip().lower() in (
         "1", "true", "yes")
 OPTIONAL_FILES = ("replay.safetensors",)
+# Every name a checkpoint folder of ours holds, and nothing else.
+CHECKPOINT_NAMES = frozenset((*CHECKPOINT_FILES, *OPTIONAL_FILES, CHECKSUMS_FILE))
 
 _RULES = ("best-f1", "fpr", "fixed")
 
@@ -188,6 +193,41 @@ def save_checkpoint(
     write_checksums(out)
     logger.info("saved teacher checkpoint to %s (%d params)", out, net.n_params())
     return out
+
+
+def checkpoint_strays(folder: str | os.PathLike[str]) -> list[str]:
+    """The entries of ``folder`` that are not files of a teacher checkpoint, sorted.
+
+    What :func:`save_checkpoint` writes (and the replay buffer and checksums) is
+    a checkpoint's, as long as it is a plain file; anything else (another name, a
+    subfolder, a symbolic link) is a stray. A folder whose entries are all a
+    checkpoint's and include ``model.safetensors`` holds a checkpoint that a new
+    one may replace (``teacher train --force``). Raises OSError when the folder
+    cannot be listed.
+    """
+    path = Path(folder)
+    return sorted(
+        entry.name for entry in path.iterdir()
+        if entry.name not in CHECKPOINT_NAMES or entry.is_symlink()
+        or not entry.is_file())
+
+
+def clear_checkpoint(folder: str | os.PathLike[str]) -> list[str]:
+    """Remove the checkpoint files ``folder`` holds and return their names.
+
+    Called before another checkpoint is written over one, so that nothing of the
+    old one stays behind: its replay buffer, say, when the new run keeps none
+    (:func:`write_checksums` would list it as the new checkpoint's). Only the
+    names of :data:`CHECKPOINT_NAMES` are touched, never anything else.
+    """
+    path = Path(folder)
+    removed = []
+    for name in sorted(CHECKPOINT_NAMES):
+        target = path / name
+        if target.is_file() and not target.is_symlink():
+            target.unlink()
+            removed.append(name)
+    return removed
 
 
 def write_checksums(ckpt_dir: str | os.PathLike[str]) -> Path:
@@ -332,6 +372,37 @@ def _read_json(path: Path) -> Any:
         raise ModelError(f"cannot read {path}: {exc}") from exc
 
 
+def _config_keys(data: Any, path: Path) -> Any:
+    """``data`` (config.json parsed) when its keys are a :class:`TeacherConfig`'s:
+    every required one there, none unknown; else a ModelError naming the file,
+    the keys missing and unknown, and the keys a config has."""
+    import dataclasses
+
+    if not isinstance(data, dict):
+        return data  # from_dict names what it is
+    fields = dataclasses.fields(TeacherConfig)
+    required = [f.name for f in fields if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    known = {f.name for f in fields}
+    unknown = sorted(str(k) for k in data if k not in known)
+    if not missing and not unknown:
+        return data
+    problems = []
+    if missing:
+        problems.append(f"missing key{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(missing)}")
+    if unknown:
+        shown = ", ".join(repr(k[:40]) for k in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        problems.append(f"unknown key{'s' if len(unknown) > 1 else ''} "
+                        f"{shown}{more}")
+    optional = [f.name for f in fields if f.name not in required]
+    raise ModelError(
+        f"{path}: not a teacher config: {'; '.join(problems)} (expected "
+        f"{', '.join(required)} and optionally {', '.join(optional)})")
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """The given device, else CUDA when present, else CPU."""
     if device is not None:
@@ -433,7 +504,8 @@ def load_teacher(
     # its sizes bounded) here; nothing is built before the checksums are checked.
     config_path = path / "config.json"
     try:
-        config = TeacherConfig.from_dict(_read_json(config_path))
+        config = TeacherConfig.from_dict(_config_keys(_read_json(config_path),
+                                                      config_path))
     except ModelError as exc:
         if str(config_path) in str(exc):
             raise

@@ -57,11 +57,15 @@ exit codes:
        be written once the work is done
   {EXIT_USAGE}    usage: bad flags or arguments (a --dataset name that is not
        registered included); an --out that cannot be made or written in
-       (a file in its path, a read-only folder: checked before any work)
+       (a file in its path, a read-only folder), or a train/update --out
+       folder that is not empty (with --force: that holds anything but a
+       teacher checkpoint); checked before any work
   {EXIT_BAD_INPUT}    bad input: nothing usable read. A --data file that does not
        exist; a dataset file that is missing, fails its checksum or cannot
        be read; a checkpoint folder without checksums.json (its files
-       cannot be verified; --allow-unverified loads a trusted old one)
+       cannot be verified; --allow-unverified loads a trusted old one);
+       data with too few labeled rows (label 0 or 1) to train or evaluate
+       on (an unlabeled conn.log, say)
   {EXIT_PARTIAL_INPUT}    partial input: a data file damaged part way. A file cut short
        (a cut gzip stream or last line) is used up to the cut and the
        results are written; a bad row (a value that does not fit its
@@ -132,6 +136,15 @@ def add_allow_unverified(p: argparse.ArgumentParser) -> None:
                         "before checkpoints carried sha256s) without verifying its "
                         "files; default: refuse it (exit 3) unless "
                         "GATEWATCH_ALLOW_UNVERIFIED=1")
+
+
+def _add_force(p: argparse.ArgumentParser) -> None:
+    """``--force``: let ``--out`` replace the teacher checkpoint it holds."""
+    p.add_argument("--force", action="store_true",
+                   help="replace the teacher checkpoint --out already holds (its "
+                        "files are removed just before the new ones are written); "
+                        "a folder holding anything else is still refused, exit 2 "
+                        "(default: refuse any folder that is not empty)")
 
 
 def _add_encoding(p: argparse.ArgumentParser) -> None:
@@ -256,8 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "compress run and teacher update read that data in "
                              "the same zone")
     p.add_argument("--out", required=True,
-                   help="checkpoint folder to write (required; a file there is "
-                        "refused before training)")
+                   help="checkpoint folder to write: new or empty (required; a "
+                        "file, or a folder holding anything, is refused before "
+                        "training, exit 2; see --force)")
+    _add_force(p)
     p.add_argument("--init-from",
                    help="checkpoint to fine-tune, same feature family (default: "
                         "train from scratch)")
@@ -377,7 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
                   "zone its provenance records (UTC if none). Recorded in the "
                   "updated checkpoint's provenance")
     p.add_argument("--out", required=True,
-                   help="updated checkpoint folder (required)")
+                   help="updated checkpoint folder to write: new or empty, and not "
+                        "--checkpoint (required; refused before training, exit 2; "
+                        "see --force)")
+    _add_force(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (default: text)")
     _add_training(p, epochs=10)
@@ -481,16 +499,20 @@ def _progress(epochs: int, rank: int, quiet: bool,
     return bar, on_epoch
 
 
-def _check_out(out: str | Path) -> None:
+def _check_out(out: str | Path, force: bool = False) -> None:
     """Refuse up front (exit 2) an ``--out`` that cannot become a checkpoint folder:
-    an existing file, or a path under one. Checked before minutes of training, so
-    the model is not lost when save_checkpoint fails at the end."""
+    an existing file, or a path under one, and a folder that is not empty (with
+    ``force``, one that holds anything but a teacher checkpoint: see
+    :func:`_check_out_holds`). Checked before minutes of training, so the model is
+    not lost when save_checkpoint fails at the end."""
     if not str(out).strip():
         raise UsageError("--out is empty; name a checkpoint folder")
     path = Path(out)
     try:
         if path.exists() and not path.is_dir():
             raise UsageError(f"--out {out} exists and is not a folder; name a folder")
+        if path.is_dir():
+            _check_out_holds(path, out, force)
         above = nearest_existing(path.parent)
         if not above.is_dir():
             raise UsageError(f"--out {out}: {above} is a file, not a folder")
@@ -500,6 +522,65 @@ def _check_out(out: str | Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         for folder in made:
             folder.rmdir()
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot be used ({exc})") from exc
+
+
+def _check_out_holds(path: Path, out: str | Path, force: bool) -> None:
+    """Refuse (exit 2) an existing ``--out`` folder whose files a checkpoint would
+    overwrite or mix with: without ``force`` any that is not empty; with it, one
+    that holds anything but a teacher checkpoint (the entry named is one of
+    those). Raises OSError when the folder cannot be listed."""
+    from teacher.checkpoint import checkpoint_strays
+
+    entries = sorted(entry.name for entry in path.iterdir())
+    if not entries:
+        return
+    strays = checkpoint_strays(path)
+    if strays:
+        more = f" and {len(strays) - 1} more" if len(strays) > 1 else ""
+        hint = (" (--force replaces a teacher checkpoint only)" if force
+                else "")
+        raise UsageError(
+            f"--out {out} holds {strays[0]!r}{more}, which is not part of a "
+            f"teacher checkpoint{hint}; name a new or empty folder")
+    if "model.safetensors" not in entries:
+        raise UsageError(
+            f"--out {out} holds {', '.join(entries)} but no model.safetensors: not "
+            "a teacher checkpoint; name a new or empty folder")
+    if not force:
+        raise UsageError(
+            f"--out {out} already holds a teacher checkpoint{_trained_on(path)}; "
+            "pass --force to replace it, or name a new or empty folder")
+
+
+def _trained_on(path: Path) -> str:
+    """`` (trained on DATA)`` from a checkpoint's provenance, for messages; empty
+    when it cannot be read."""
+    try:
+        data = json.loads((path / "provenance.json").read_text())
+        name = data.get("dataset") if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(name, str) or not name.strip():
+        return ""
+    name = "".join(c if c.isprintable() else "?" for c in " ".join(name.split()))
+    return f" (trained on {name[:77] + '...' if len(name) > 80 else name})"
+
+
+def _replace_out(out: str | Path, force: bool) -> None:
+    """Just before a checkpoint is written: check ``--out`` again (it may have
+    changed while the model trained) and, with ``force``, remove the checkpoint it
+    holds, so that no file of the old one stays in the new."""
+    from teacher.checkpoint import clear_checkpoint
+
+    path = Path(out)
+    try:
+        if path.is_dir():
+            _check_out_holds(path, out, force)
+            removed = clear_checkpoint(path)
+            if removed:
+                logger.info("--out %s: replaced the checkpoint it held", out)
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot be used ({exc})") from exc
 
@@ -525,6 +606,14 @@ def _check_device(device: str | None) -> None:
     if sep and int(index) >= count:
         raise UsageError(f"--device {device}: only {count} CUDA device(s) "
                          f"(cuda:0..cuda:{count - 1})")
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name the same folder (links and ``..`` resolved)."""
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def _check_out_file(out: str | Path, flag: str = "--out") -> None:
@@ -583,7 +672,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from teacher.update import make_replay, save_replay
 
     _check_device(args.device)
-    _check_out(args.out)
+    if args.init_from and _same_folder(args.out, args.init_from):
+        raise UsageError(
+            f"--out {args.out} is the --init-from checkpoint; write the fine-tuned "
+            "one to another folder (the pretrained one is what it starts from)")
+    _check_out(args.out, args.force)
     rank, world, _ = dist_info()
     start = time.monotonic()
 
@@ -663,6 +756,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         total_wall_s=time.monotonic() - start,
         device=str(tc.device or ("cuda" if torch.cuda.is_available() else "cpu")),
     )
+    _replace_out(args.out, args.force)
     out = save_checkpoint(args.out, result.model, encoder=prep.encoder,
                           threshold=result.threshold, history=result.history,
                           metrics=metrics, provenance=provenance)
@@ -820,12 +914,12 @@ def cmd_update(args: argparse.Namespace) -> int:
     from teacher.update import load_replay, save_replay, update
 
     _check_device(args.device)
-    _check_out(args.out)
-    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
+    if _same_folder(args.out, args.checkpoint):
         raise UsageError(
             f"--out {args.out} is the checkpoint being updated; write the update to "
             "another folder (the old one is what it is compared with, and what "
             "compress and the re-scorer use until you switch)")
+    _check_out(args.out, args.force)
     teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
     new = _prepare(args, encoder=teacher.encoder, data_dir=args.data_dir,
                    seed=args.seed, need_split=True)
@@ -849,6 +943,7 @@ def cmd_update(args: argparse.Namespace) -> int:
                                  updated_from=str(args.checkpoint), update=report,
                                  timezone=new.timezone)
     metrics = {"val": result.val_metrics, "update": report}
+    _replace_out(args.out, args.force)
     out = save_checkpoint(args.out, result.model, encoder=teacher.encoder,
                           threshold=result.threshold, history=result.history,
                           metrics=metrics, provenance=provenance)

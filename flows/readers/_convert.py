@@ -226,8 +226,7 @@ def to_number(
             continue
         value = _parse_one(text, kind, hex_ok)
         if value is None:
-            expected = "an integer" if kind != "f64" else "a number"
-            bad.add(row, column, f"expected {expected}, found {text!r}")
+            bad.add(row, column, parse_problem(text, kind, hex_ok))
         values.append(value)
     return pa.array(values, type=target), n_non_finite
 
@@ -270,6 +269,35 @@ def _parse_one(text: str, kind: str, hex_ok: bool) -> int | float | None:
         return None
     limit = 127 if kind == "i8" else 2**63 - 1
     return value if -limit - 1 <= value <= limit else None
+
+
+def parse_problem(text: str, kind: str, hex_ok: bool = False) -> str:
+    """Why :func:`_parse_one` found no value of ``kind`` in ``text``: not a number
+    at all, or a number past what the field holds (the limit named, since
+    "expected an integer" about ``99999999999999999999999`` says the wrong
+    thing)."""
+    from flows.record import INT_RANGES, _short
+
+    stripped = text.strip()
+    if kind == "f64":
+        try:
+            value = float(stripped)
+        except ValueError:
+            value = None
+        spelled = stripped.lstrip("+-").lower() in ("inf", "infinity", "nan")
+        if value is not None and not np.isfinite(value) and not spelled:
+            return (f"number out of range, found {_short(text)}: a 64-bit float "
+                    "holds at most about 1.8e308")
+        return f"expected a number, found {_short(text)}"
+    if _INT_TEXT.match(stripped):
+        value = int(stripped)
+    elif hex_ok and _HEX_TEXT.match(stripped):
+        value = int(stripped, 16)
+    else:
+        return f"expected an integer, found {_short(text)}"
+    low, high = INT_RANGES[kind]
+    bound = f"at most {high}" if value > high else f"at least {low}"
+    return f"integer out of range, found {_short(text)}: the field holds {bound}"
 
 
 def _null_non_finite(

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows.errors import BadInputError, PartialInputError
+from flows.errors import BadInputError, PartialInputError, one_line
 from flows.readers._convert import BadRows, value_counts
 from flows.readers._finish import Problem, finish
 from flows.readers.result import Damage, ReadResult
@@ -35,7 +35,9 @@ def read_parquet(
     try:
         handle = pq.ParquetFile(source)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise BadInputError(f"not a readable Parquet file ({exc})", path=path) from exc
+        raise BadInputError(
+            f"not a readable Parquet file ({one_line(exc)})", path=path
+        ) from exc
 
     groups, partial_at = [], None
     for i in range(handle.num_row_groups):
@@ -72,15 +74,15 @@ def read_parquet(
         )
     if partial_at is not None:
         index, exc = partial_at
-        note = f"{path}: row group {index} cannot be read ({exc})"
+        # pyarrow's message ends with a newline and may span lines: one line here.
+        problem = f"cannot be read ({one_line(exc)})"
+        what = f"row group {index} {problem}"
         result.partial = True
-        result.warnings.append(note)
-        result.damage.append(
-            Damage(path, f"cannot be read ({exc})", place=f"row group {index}")
-        )
+        result.warnings.append(f"{path}: {what}")
+        result.damage.append(Damage(path, problem, place=f"row group {index}"))
         if not groups:
-            raise BadInputError(note, path=path) from exc
-        err = PartialInputError(f"row group {index} cannot be read ({exc})", path=path)
+            raise BadInputError(what, path=path) from exc  # names the file once
+        err = PartialInputError(what, path=path)
         err.result = result
         raise err from exc
     return result

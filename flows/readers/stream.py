@@ -18,7 +18,7 @@ from pathlib import Path
 
 from flows import logger
 from flows.errors import BadInputError, PartialInputError
-from flows.readers._convert import _ESCAPE, _parse_one
+from flows.readers._convert import _ESCAPE, _parse_one, parse_problem
 from flows.readers._finish import check_on_error
 from flows.readers._source import GZIP_MAGIC, MAX_LINE_BYTES, iter_gunzip, too_long
 from flows.readers._table import _CR_INSIDE
@@ -195,9 +195,8 @@ class TsvLineParser:
             else:
                 value = _parse_one(text, kind, False)
                 if value is None:
-                    expected = "a number" if kind == "f64" else "an integer"
                     raise BadInputError(
-                        f"expected {expected}, found {text!r}",
+                        parse_problem(text, kind),
                         path=self.path,
                         line=line_no,
                         column=zeek_name,

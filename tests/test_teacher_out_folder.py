@@ -1,0 +1,232 @@
+"""``teacher train``/``update --out``: a folder that is not new or empty is refused
+(exit 2) unless ``--force``, which replaces a teacher checkpoint and nothing else.
+
+Found: ``--out`` at another dataset's checkpoint replaced it without a word, and
+``--out`` at a folder with ``notes.txt`` and ``config.json`` overwrote that
+config.json and left notes.txt inside the new checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from teacher.cli import main
+from tests.conftest import data_file
+
+TINY = ["--epochs", "1", "--members", "1", "--conv-filters", "8", "--lstm-hidden",
+        "8", "--dense", "8", "--batch-size", "64", "--samples-per-epoch", "256",
+        "--threads", "1", "-q"]
+
+
+@pytest.fixture(scope="module")
+def slices(data_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """Two disjoint 1,000-row slices of KDDTrain+_20Percent."""
+    src = data_file(data_dir, "nsl-kdd/KDDTrain+_20Percent.txt")
+    lines = src.read_text().splitlines(keepends=True)
+    out = tmp_path_factory.mktemp("kdd")
+    first, second = out / "first.txt", out / "second.txt"
+    first.write_text("".join(lines[:1000]))
+    second.write_text("".join(lines[1000:2000]))
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def trained(slices, tmp_path_factory) -> Path:
+    """A tiny checkpoint of the first slice, with a replay buffer."""
+    out = tmp_path_factory.mktemp("ck") / "teacher"
+    assert main(["train", "--data", str(slices[0]), "--out", str(out),
+                 "--replay-size", "100", *TINY]) == 0
+    assert (out / "replay.safetensors").is_file()
+    return out
+
+
+@pytest.fixture
+def copy(trained, tmp_path) -> Path:
+    """A copy of the trained checkpoint this test may change."""
+    return Path(shutil.copytree(trained, tmp_path / "teacher"))
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def _errors(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def _no_prepare(monkeypatch) -> None:
+    """Fail the test if the command gets as far as reading its data."""
+    def prepare(*a, **k):
+        raise AssertionError("data read before --out was checked")
+    monkeypatch.setattr("teacher.data.prepare", prepare)
+
+
+def test_an_existing_checkpoint_is_refused_without_force(copy, slices, capsys,
+                                                          monkeypatch):
+    before = _contents(copy)
+    _no_prepare(monkeypatch)
+    capsys.readouterr()
+
+    code = main(["train", "--data", str(slices[1]), "--out", str(copy), *TINY])
+
+    errors = _errors(capsys.readouterr().err)
+    assert code == 2 and len(errors) == 1
+    assert errors[0].startswith(f"error: --out {copy} already holds a teacher "
+                                f"checkpoint (trained on {slices[0]})")
+    assert "pass --force to replace it" in errors[0]
+    assert _contents(copy) == before
+
+
+def test_unrelated_files_are_refused_with_or_without_force(slices, tmp_path,
+                                                           capsys, monkeypatch):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me\n")
+    (folder / "config.json").write_text('{"mine": true}\n')
+    _no_prepare(monkeypatch)
+    capsys.readouterr()
+
+    for force in ([], ["--force"]):
+        code = main(["train", "--data", str(slices[1]), "--out", str(folder),
+                     *force, *TINY])
+        errors = _errors(capsys.readouterr().err)
+        assert code == 2 and len(errors) == 1, force
+        assert errors[0].startswith(f"error: --out {folder} holds 'notes.txt', "
+                                    "which is not part of a teacher checkpoint")
+        assert ("--force replaces a teacher checkpoint only" in errors[0]) == bool(
+            force)
+    assert _contents(folder) == {"notes.txt": b"keep me\n",
+                                 "config.json": b'{"mine": true}\n'}
+
+
+@pytest.mark.parametrize("make", ["config-only", "subfolder", "link"])
+def test_force_refuses_what_is_not_a_whole_checkpoint(make, copy, slices, tmp_path,
+                                                      capsys, monkeypatch):
+    if make == "config-only":
+        for path in copy.iterdir():
+            if path.name != "config.json":
+                path.unlink()
+        want = "but no model.safetensors: not a teacher checkpoint"
+    elif make == "subfolder":
+        (copy / "runs").mkdir()
+        want = "holds 'runs', which is not part of a teacher checkpoint"
+    else:  # a link where a checkpoint file belongs: the write would go through it
+        (copy / "history.json").unlink()
+        (copy / "history.json").symlink_to(tmp_path / "elsewhere.json")
+        want = "holds 'history.json', which is not part of a teacher checkpoint"
+    _no_prepare(monkeypatch)
+    capsys.readouterr()
+
+    code = main(["train", "--data", str(slices[1]), "--out", str(copy), "--force",
+                 *TINY])
+
+    errors = _errors(capsys.readouterr().err)
+    assert code == 2 and len(errors) == 1 and want in errors[0]
+    assert not (tmp_path / "elsewhere.json").exists()
+
+
+def test_an_empty_folder_is_taken(slices, tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+
+    class Reached(Exception):
+        pass
+
+    def prepare(*a, **k):
+        raise Reached
+    monkeypatch.setattr("teacher.data.prepare", prepare)
+
+    with pytest.raises(Reached):
+        main(["train", "--data", str(slices[1]), "--out", str(tmp_path / "empty"),
+              *TINY])
+
+
+def test_force_replaces_the_checkpoint_and_leaves_nothing_of_it(copy, slices,
+                                                                capsys):
+    from teacher.checkpoint import load_teacher
+
+    capsys.readouterr()
+    code = main(["train", "--data", str(slices[1]), "--out", str(copy), "--force",
+                 "--replay-size", "0", *TINY])
+
+    assert code == 0, capsys.readouterr().err
+    prov = json.loads((copy / "provenance.json").read_text())
+    assert prov["dataset"] == str(slices[1])
+    # The old replay buffer (of the other slice) is gone, not adopted.
+    assert not (copy / "replay.safetensors").exists()
+    sums = json.loads((copy / "checksums.json").read_text())["files"]
+    assert "replay.safetensors" not in sums
+    load_teacher(copy, device="cpu")
+
+
+def test_force_cannot_replace_the_init_from_checkpoint(copy, slices, capsys,
+                                                       monkeypatch):
+    before = _contents(copy)
+    _no_prepare(monkeypatch)
+    capsys.readouterr()
+
+    code = main(["train", "--data", str(slices[1]), "--init-from", str(copy),
+                 "--out", str(copy) + "/", "--force", "-q"])
+
+    errors = _errors(capsys.readouterr().err)
+    assert code == 2 and "is the --init-from checkpoint" in errors[0]
+    assert _contents(copy) == before
+
+
+def test_update_refuses_a_used_out_and_force_replaces_a_checkpoint(
+    trained, copy, slices, capsys
+):
+    before = _contents(copy)
+    argv = ["update", "--checkpoint", str(trained), "--data", str(slices[1]),
+            "--out", str(copy), "--epochs", "1", "--batch-size", "64",
+            "--samples-per-epoch", "256", "--threads", "1", "-q"]
+    capsys.readouterr()
+
+    assert main(argv) == 2
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 1 and "already holds a teacher checkpoint" in errors[0]
+    assert _contents(copy) == before
+
+    assert main([*argv, "--force"]) == 0, capsys.readouterr().err
+    prov = json.loads((copy / "provenance.json").read_text())
+    assert prov["updated_from"] == str(trained)
+
+
+def test_a_stray_file_that_appears_while_training_stops_the_write(copy):
+    """--out is looked at again just before the checkpoint is written."""
+    from flows.errors import UsageError
+    from teacher.cli import _replace_out
+
+    (copy / "notes.txt").write_text("written while the model trained\n")
+    before = _contents(copy)
+
+    with pytest.raises(UsageError, match="holds 'notes.txt'"):
+        _replace_out(copy, force=True)
+    assert _contents(copy) == before
+
+
+def test_the_demo_and_the_benchmark_replace_their_own_teachers(tmp_path,
+                                                               monkeypatch):
+    """`make demo` twice and a benchmark run again in its --work folder train into
+    the folders of the last run: they pass --force."""
+    from benchmarks.demo import Demo
+    from benchmarks.run import Run, Settings
+
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(Demo, "run", lambda self, *args: calls.append(args))
+    Demo(tmp_path, tmp_path / "demo-out", quick=True).train()
+
+    def command(self, *args, log):
+        calls.append(args)
+        raise RuntimeError("stop after the teacher")
+    monkeypatch.setattr(Run, "command", command)
+    run = Run(Settings.quick_settings(), tmp_path / "out", tmp_path / "work",
+              tmp_path)
+    run.dataset("nsl-kdd")
+
+    trains = [c for c in calls if c[:2] == ("teacher", "train")]
+    assert len(trains) == 3
+    assert all("--force" in c for c in trains)
