@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "provenance")
     run.add_argument("--widths", type=integers(1, MAX_WIDTH),
                      help="student widths to search, smallest first (default "
-                          "64,96 for nsl-kdd teachers, else 4,8,16,32,64); not with "
+                          "for nsl-kdd teachers 64 and 96 first, then 4,8,16,32, "
+                          "else 4,8,16,32,64); not with "
                           "--target torch-int8 (exit 2)")
     run.add_argument("--prune-ratios", type=reals(0, 1, lo_open=True, hi_open=True),
                      help="structured pruning ratios tried on a passing student "
@@ -448,7 +449,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         dataset=args.dataset if args.data is None else str(args.data),
         timezone=args.timezone,
-        widths=RunConfig.widths if args.widths is None else tuple(args.widths),
+        widths=RunConfig.widths if args.widths is None else tuple(sorted(args.widths)),
         prune_ratios=() if args.no_prune else (
             None if args.prune_ratios is None else tuple(args.prune_ratios)),
         distill=DistillConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,

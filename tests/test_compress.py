@@ -1044,7 +1044,7 @@ def test_nsl_kdd_students_start_wide_and_unpruned_unless_told() -> None:
 
     base = RunConfig(target="onnx-int8", teacher=Path("t"), out=Path("o"))
     nsl = with_search_defaults(base, {"family": "nsl-kdd"})
-    assert (nsl.widths, nsl.prune_ratios) == ((64, 96), ())
+    assert (nsl.widths, nsl.prune_ratios) == ((64, 96, 4, 8, 16, 32), ())
     conn = with_search_defaults(base, {"family": "conn"})
     assert (conn.widths, conn.prune_ratios) == ((4, 8, 16, 32, 64), (0.5,))
     told = RunConfig(target="onnx-int8", teacher=Path("t"), out=Path("o"),
@@ -1053,3 +1053,50 @@ def test_nsl_kdd_students_start_wide_and_unpruned_unless_told() -> None:
     off = RunConfig(target="onnx-int8", teacher=Path("t"), out=Path("o"),
                     prune_ratios=())
     assert with_search_defaults(off, {"family": "conn"}).prune_ratios == ()
+
+
+def test_the_search_tries_widths_in_the_order_given_and_keeps_the_first_pass(
+    monkeypatch,
+) -> None:
+    """nsl-kdd's default order (64, 96, then the narrow ones): the wide students
+    first, a narrow one only when both miss the gate."""
+    from types import SimpleNamespace
+
+    import compress.pipeline as pipeline
+
+    tried: list[tuple[int, float]] = []
+
+    def fake_try(ctx, target, kind, width, ratio, stage, frontier):
+        tried.append((width, ratio))
+        if width in (8, 16):
+            return pipeline.Candidate(target=target, kind=kind, width=width,
+                                      size_bytes=width * 100, passed=True)
+        return None
+
+    monkeypatch.setattr(pipeline, "_try", fake_try)
+    cfg = pipeline.RunConfig(target="tflite-int8", teacher=Path("t"), out=Path("o"),
+                             student="mlp", widths=(64, 96, 4, 8, 16, 32),
+                             prune_ratios=())
+    ctx = SimpleNamespace(cfg=cfg, prep=SimpleNamespace(window=1))
+    best, _ = pipeline._search(ctx, "tflite-int8", Path("stage"))
+
+    assert [w for w, _ in tried] == [64, 96, 4, 8]
+    assert best.width == 8
+
+
+def test_widths_given_on_the_command_line_are_searched_smallest_first(
+    monkeypatch, tmp_path: Path,
+) -> None:
+    import compress.pipeline
+    from compress.cli import main
+
+    seen = {}
+
+    def fake_run(cfg, progress=None):
+        seen["cfg"] = cfg
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(compress.pipeline, "run", fake_run)
+    assert main(["run", "--target", "onnx-int8", "--teacher", str(tmp_path / "t"),
+                 "--out", str(tmp_path / "out"), "--widths", "32,8,16"]) == 2
+    assert seen["cfg"].widths == (8, 16, 32)
