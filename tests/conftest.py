@@ -48,6 +48,18 @@ def data_file(data_dir: Path, rel: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def slices(data_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """Two disjoint 1,000-row slices of KDDTrain+_20Percent, written by the test."""
+    src = data_file(data_dir, "nsl-kdd/KDDTrain+_20Percent.txt")
+    lines = src.read_text().splitlines(keepends=True)
+    out = tmp_path_factory.mktemp("kdd")
+    first, second = out / "first.txt", out / "second.txt"
+    first.write_text("".join(lines[:1000]))
+    second.write_text("".join(lines[1000:2000]))
+    return first, second
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:

@@ -9,23 +9,10 @@ import numpy as np
 import pytest
 
 from teacher.cli import build_parser, main
-from tests.conftest import data_file
 
 KEYS = {"accuracy", "precision", "recall", "f1", "roc_auc", "fpr", "confusion",
         "per_family_recall", "latency_us_p50", "latency_us_p99",
         "throughput_flows_s"}
-
-
-@pytest.fixture(scope="module")
-def slices(data_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
-    """Two disjoint 1,000-row slices of KDDTrain+_20Percent, written by the test."""
-    src = data_file(data_dir, "nsl-kdd/KDDTrain+_20Percent.txt")
-    lines = src.read_text().splitlines(keepends=True)
-    out = tmp_path_factory.mktemp("kdd")
-    first, second = out / "first.txt", out / "second.txt"
-    first.write_text("".join(lines[:1000]))
-    second.write_text("".join(lines[1000:2000]))
-    return first, second
 
 
 @pytest.fixture(scope="module")

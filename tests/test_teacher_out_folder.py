@@ -15,23 +15,10 @@ from pathlib import Path
 import pytest
 
 from teacher.cli import main
-from tests.conftest import data_file
 
 TINY = ["--epochs", "1", "--members", "1", "--conv-filters", "8", "--lstm-hidden",
         "8", "--dense", "8", "--batch-size", "64", "--samples-per-epoch", "256",
         "--threads", "1", "-q"]
-
-
-@pytest.fixture(scope="module")
-def slices(data_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
-    """Two disjoint 1,000-row slices of KDDTrain+_20Percent."""
-    src = data_file(data_dir, "nsl-kdd/KDDTrain+_20Percent.txt")
-    lines = src.read_text().splitlines(keepends=True)
-    out = tmp_path_factory.mktemp("kdd")
-    first, second = out / "first.txt", out / "second.txt"
-    first.write_text("".join(lines[:1000]))
-    second.write_text("".join(lines[1000:2000]))
-    return first, second
 
 
 @pytest.fixture(scope="module")

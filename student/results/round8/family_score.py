@@ -112,6 +112,20 @@ def summary(rows: list[dict], candidates: dict[str, list[str]]) -> dict:
     return out
 
 
+def score_widths(
+    round_dir: Path, sizes: tuple[str, ...], groups: dict[str, list[str]],
+    cache: Path,
+) -> dict:
+    """Another round's students (``round_dir``'s ``candidates.txt``, distilled
+    from this round's fold teachers in ``cache``) scored as this round scores its
+    own: ``groups`` maps a reported name to the candidates pooled under it."""
+    global HERE, SIZES
+    HERE, SIZES = round_dir, sizes
+    names = [n for group in groups.values() for n in group]
+    rows = [row for fold in (0, 1, 2) for row in fold_rows(fold, cache, names)]
+    return {"summary": summary(rows, groups), "pairs": rows}
+
+
 if __name__ == "__main__":
     import torch
 
