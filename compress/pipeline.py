@@ -343,7 +343,9 @@ def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
     from teacher.metrics import binary_metrics
 
     teacher = load_teacher(cfg.teacher, device="cpu")
-    cfg = with_search_defaults(cfg, teacher.provenance or {})
+    # Filled in on the caller's config itself: it is the run's, read again later.
+    resolved = with_search_defaults(cfg, teacher.provenance or {})
+    cfg.widths, cfg.prune_ratios = resolved.widths, resolved.prune_ratios
     dataset = cfg.dataset or (teacher.provenance or {}).get("dataset")
     if not dataset:
         raise UsageError(
