@@ -44,8 +44,8 @@ __all__ = [
     "CHECKPOINT_NAMES",
     "CHECKSUMS_FILE",
     "Teacher",
+    "checkpoint_problem",
     "checkpoint_strays",
-    "clear_checkpoint",
     "load_teacher",
     "make_provenance",
     "save_checkpoint",
@@ -212,22 +212,33 @@ def checkpoint_strays(folder: str | os.PathLike[str]) -> list[str]:
         or not entry.is_file())
 
 
-def clear_checkpoint(folder: str | os.PathLike[str]) -> list[str]:
-    """Remove the checkpoint files ``folder`` holds and return their names.
+def checkpoint_problem(folder: str | os.PathLike[str]) -> str | None:
+    """Why ``folder`` is not a checkpoint this package wrote, or None when it is.
 
-    Called before another checkpoint is written over one, so that nothing of the
-    old one stays behind: its replay buffer, say, when the new run keeps none
-    (:func:`write_checksums` would list it as the new checkpoint's). Only the
-    names of :data:`CHECKPOINT_NAMES` are touched, never anything else.
+    Used before ``--force`` replaces a folder: model.safetensors alone (or with a
+    HuggingFace config.json) is someone else's model. A checkpoint of ours has a
+    ``checksums.json`` of the shape :func:`verify_checksums` reads, listing every
+    checkpoint file, and a ``provenance.json`` object. The sha256s themselves are
+    not compared, so a damaged checkpoint of ours can still be replaced.
     """
     path = Path(folder)
-    removed = []
-    for name in sorted(CHECKPOINT_NAMES):
-        target = path / name
-        if target.is_file() and not target.is_symlink():
-            target.unlink()
-            removed.append(name)
-    return removed
+    for name in (CHECKSUMS_FILE, "provenance.json"):
+        if not (path / name).is_file():
+            return f"it has no {name}"
+    try:
+        sums = _read_json(path / CHECKSUMS_FILE)
+        provenance = _read_json(path / "provenance.json")
+    except ModelError as exc:
+        return str(exc)
+    files = sums.get("files") if isinstance(sums, dict) else None
+    if not isinstance(files, dict) or sums.get("algorithm") != "sha256":
+        return f"its {CHECKSUMS_FILE} is not a checkpoint's list of sha256s"
+    unlisted = [n for n in CHECKPOINT_FILES if n not in files]
+    if unlisted:
+        return f"its {CHECKSUMS_FILE} does not list {', '.join(unlisted)}"
+    if not isinstance(provenance, dict):
+        return "its provenance.json is not an object"
+    return None
 
 
 def write_checksums(ckpt_dir: str | os.PathLike[str]) -> Path:
@@ -370,6 +381,10 @@ def _read_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ModelError(f"cannot read {path}: {exc}") from exc
+    except RecursionError as exc:  # arrays or objects nested ~1,000 deep
+        raise ModelError(
+            f"cannot read {path}: nested too deeply to be a checkpoint file"
+        ) from exc
 
 
 def _config_keys(data: Any, path: Path) -> Any:

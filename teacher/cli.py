@@ -13,13 +13,17 @@ here too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +63,8 @@ exit codes:
        registered included); an --out that cannot be made or written in
        (a file in its path, a read-only folder), or a train/update --out
        folder that is not empty (with --force: that holds anything but a
-       teacher checkpoint); checked before any work
+       teacher checkpoint) or lies inside a checkpoint folder; checked
+       before any work
   {EXIT_BAD_INPUT}    bad input: nothing usable read. A --data file that does not
        exist; a dataset file that is missing, fails its checksum or cannot
        be read; a checkpoint folder without checksums.json (its files
@@ -141,9 +146,10 @@ def add_allow_unverified(p: argparse.ArgumentParser) -> None:
 def _add_force(p: argparse.ArgumentParser) -> None:
     """``--force``: let ``--out`` replace the teacher checkpoint it holds."""
     p.add_argument("--force", action="store_true",
-                   help="replace the teacher checkpoint --out already holds (its "
-                        "files are removed just before the new ones are written); "
-                        "a folder holding anything else is still refused, exit 2 "
+                   help="replace the teacher checkpoint --out already holds (the "
+                        "new one is written beside it and swapped in when "
+                        "complete; a failed write keeps the old one); a folder "
+                        "holding anything else is still refused, exit 2 "
                         "(default: refuse any folder that is not empty)")
 
 
@@ -511,6 +517,7 @@ def _check_out(out: str | Path, force: bool = False) -> None:
     try:
         if path.exists() and not path.is_dir():
             raise UsageError(f"--out {out} exists and is not a folder; name a folder")
+        _check_not_inside(path, out)
         if path.is_dir():
             _check_out_holds(path, out, force)
         above = nearest_existing(path.parent)
@@ -531,16 +538,15 @@ def _check_out_holds(path: Path, out: str | Path, force: bool) -> None:
     overwrite or mix with: without ``force`` any that is not empty; with it, one
     that holds anything but a teacher checkpoint (the entry named is one of
     those). Raises OSError when the folder cannot be listed."""
-    from teacher.checkpoint import checkpoint_strays
+    from teacher.checkpoint import checkpoint_problem, checkpoint_strays
 
     entries = sorted(entry.name for entry in path.iterdir())
     if not entries:
         return
     strays = checkpoint_strays(path)
+    hint = " (--force replaces a teacher checkpoint only)" if force else ""
     if strays:
         more = f" and {len(strays) - 1} more" if len(strays) > 1 else ""
-        hint = (" (--force replaces a teacher checkpoint only)" if force
-                else "")
         raise UsageError(
             f"--out {out} holds {strays[0]!r}{more}, which is not part of a "
             f"teacher checkpoint{hint}; name a new or empty folder")
@@ -548,6 +554,11 @@ def _check_out_holds(path: Path, out: str | Path, force: bool) -> None:
         raise UsageError(
             f"--out {out} holds {', '.join(entries)} but no model.safetensors: not "
             "a teacher checkpoint; name a new or empty folder")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UsageError(
+            f"--out {out} holds model.safetensors but is not a gatewatch teacher "
+            f"checkpoint ({problem}){hint}; name a new or empty folder")
     if not force:
         raise UsageError(
             f"--out {out} already holds a teacher checkpoint{_trained_on(path)}; "
@@ -560,7 +571,7 @@ def _trained_on(path: Path) -> str:
     try:
         data = json.loads((path / "provenance.json").read_text())
         name = data.get("dataset") if isinstance(data, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return ""
     if not isinstance(name, str) or not name.strip():
         return ""
@@ -568,21 +579,99 @@ def _trained_on(path: Path) -> str:
     return f" (trained on {name[:77] + '...' if len(name) > 80 else name})"
 
 
+def _check_not_inside(path: Path, out: str | Path) -> None:
+    """Refuse (exit 2) an ``--out`` inside a folder that holds a model (a
+    model.safetensors with a config.json or checksums.json beside it): the new
+    checkpoint would be written into the old one's folder, which a later
+    ``--force`` or a copy of it would carry along. Raises OSError when a folder
+    above cannot be looked at."""
+    from teacher.checkpoint import CHECKSUMS_FILE
+
+    for folder in path.resolve().parents:
+        if (folder / "model.safetensors").is_file() and (
+                (folder / "config.json").is_file()
+                or (folder / CHECKSUMS_FILE).is_file()):
+            raise UsageError(
+                f"--out {out} is inside the checkpoint folder {folder}; name a "
+                "folder outside it")
+
+
 def _replace_out(out: str | Path, force: bool) -> None:
     """Just before a checkpoint is written: check ``--out`` again (it may have
-    changed while the model trained) and, with ``force``, remove the checkpoint it
-    holds, so that no file of the old one stays in the new."""
-    from teacher.checkpoint import clear_checkpoint
-
+    changed while the model trained). Nothing is removed here: see
+    :func:`_write_out`."""
     path = Path(out)
     try:
+        _check_not_inside(path, out)
         if path.is_dir():
             _check_out_holds(path, out, force)
-            removed = clear_checkpoint(path)
-            if removed:
-                logger.info("--out %s: replaced the checkpoint it held", out)
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot be used ({exc})") from exc
+
+
+def _write_out(out: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Write a checkpoint to ``out`` with ``write(folder)`` and return ``out``.
+
+    ``write`` fills a new hidden folder beside ``out``; only once it returns is
+    that folder moved into place, and the checkpoint ``out`` held (already checked
+    by :func:`_replace_out`) removed. A failed write (a full disk, say) removes
+    the new folder, leaves the old checkpoint as it was and ends in one error line
+    (exit 1): never half a checkpoint whose checksums.json lists what was written.
+    """
+    from safetensors import SafetensorError
+
+    path = Path(out)
+    # A link to a folder is followed: the checkpoint goes where it points.
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    had = target.is_dir()
+    kept = "the checkpoint it held is kept" if had else "nothing was written"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mask = os.umask(0)
+        os.umask(mask)
+        mode = target.stat().st_mode & 0o7777 if had else 0o777 & ~mask
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".new",
+                                    dir=target.parent))
+    except OSError as exc:
+        raise GatewatchError(f"--out {out}: cannot write the checkpoint "
+                             f"({exc.strerror or exc}); {kept}") from exc
+    try:
+        os.chmod(tmp, mode)
+        write(tmp)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise GatewatchError(f"--out {out}: cannot write the checkpoint "
+                             f"({reason}); {kept}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    try:
+        if had:
+            # An empty folder made to take the old one's name, so no name is
+            # guessed; rename replaces an empty folder.
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old",
+                                        dir=target.parent))
+            os.rename(target, old)
+        os.rename(tmp, target)
+    except OSError as exc:
+        if old is not None and not target.exists():
+            with contextlib.suppress(OSError):
+                os.rename(old, target)
+        if old is not None and old.is_dir() and not any(old.iterdir()):
+            old.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise GatewatchError(f"--out {out}: cannot move the new checkpoint into "
+                             f"place ({exc.strerror or exc}); {kept}") from exc
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        if old.exists():
+            logger.warning("--out %s: the old checkpoint, moved to %s, could not "
+                           "be removed", out, old)
+        else:
+            logger.info("--out %s: replaced the checkpoint it held", out)
+    return path
 
 
 def _check_device(device: str | None) -> None:
@@ -757,11 +846,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=str(tc.device or ("cuda" if torch.cuda.is_available() else "cpu")),
     )
     _replace_out(args.out, args.force)
-    out = save_checkpoint(args.out, result.model, encoder=prep.encoder,
-                          threshold=result.threshold, history=result.history,
-                          metrics=metrics, provenance=provenance)
-    if args.replay_size > 0:
-        save_replay(out, *make_replay(prep, args.replay_size, seed=args.seed))
+
+    def write(folder: Path) -> None:
+        save_checkpoint(folder, result.model, encoder=prep.encoder,
+                        threshold=result.threshold, history=result.history,
+                        metrics=metrics, provenance=provenance)
+        if args.replay_size > 0:
+            save_replay(folder,
+                        *make_replay(prep, args.replay_size, seed=args.seed))
+
+    out = _write_out(args.out, write)
     # "epochs" per member (the longest run); an ensemble's total is apart.
     summary = {"checkpoint": str(out), "epochs": len(result.history),
                "members": mc.members, "epochs_all_members": result.epochs_run,
@@ -944,11 +1038,15 @@ def cmd_update(args: argparse.Namespace) -> int:
                                  timezone=new.timezone)
     metrics = {"val": result.val_metrics, "update": report}
     _replace_out(args.out, args.force)
-    out = save_checkpoint(args.out, result.model, encoder=teacher.encoder,
-                          threshold=result.threshold, history=result.history,
-                          metrics=metrics, provenance=provenance)
-    if replay is not None:
-        save_replay(out, *replay)
+
+    def write(folder: Path) -> None:
+        save_checkpoint(folder, result.model, encoder=teacher.encoder,
+                        threshold=result.threshold, history=result.history,
+                        metrics=metrics, provenance=provenance)
+        if replay is not None:
+            save_replay(folder, *replay)
+
+    out = _write_out(args.out, write)
     report["checkpoint"] = str(out)
     _print(report, args.json)
     return _finished(new, old)

@@ -217,3 +217,144 @@ def test_the_demo_and_the_benchmark_replace_their_own_teachers(tmp_path,
     trains = [c for c in calls if c[:2] == ("teacher", "train")]
     assert len(trains) == 3
     assert all("--force" in c for c in trains)
+
+
+# Found later: --force replaced folders that were not ours, lost the old checkpoint
+# (and left half a new one that loaded) when the disk filled, wrote inside another
+# checkpoint's folder, and a deeply nested JSON file broke `teacher eval`.
+
+@pytest.mark.parametrize("make", ["huggingface", "weights-only", "no-provenance"])
+def test_force_refuses_a_folder_that_is_not_our_checkpoint(make, copy, slices,
+                                                           capsys, monkeypatch):
+    keep = {"huggingface": {"config.json", "model.safetensors"},
+            "weights-only": {"model.safetensors"},
+            "no-provenance": {p.name for p in copy.iterdir()} - {"provenance.json"}}
+    for path in copy.iterdir():
+        if path.name not in keep[make]:
+            path.unlink()
+    if make == "huggingface":
+        (copy / "config.json").write_text('{"model_type": "bert"}\n')
+    missing = "provenance.json" if make == "no-provenance" else "checksums.json"
+    before = _contents(copy)
+    _no_prepare(monkeypatch)
+    capsys.readouterr()
+
+    code = main(["train", "--data", str(slices[1]), "--out", str(copy), "--force",
+                 *TINY])
+
+    errors = _errors(capsys.readouterr().err)
+    assert code == 2 and len(errors) == 1, errors
+    assert "is not a gatewatch teacher checkpoint" in errors[0]
+    assert f"it has no {missing}" in errors[0]
+    assert _contents(copy) == before
+
+
+def _siblings(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.parent.iterdir() if p != folder)
+
+
+@pytest.mark.parametrize("where", ["weights", "json"])
+def test_a_failed_write_keeps_the_old_checkpoint(where, copy, slices, capsys,
+                                                 monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    import teacher.checkpoint as ckpt
+
+    if where == "weights":
+        def save_file(state, filename, metadata=None):
+            Path(filename).write_bytes(b"\0" * 100)  # cut short, as on a full disk
+            raise SafetensorError("No space left on device (os error 28)")
+        monkeypatch.setattr("safetensors.torch.save_file", save_file)
+    else:
+        real = ckpt._write_json
+
+        def write_json(path, data):
+            if path.name == "metrics.json":
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            real(path, data)
+        monkeypatch.setattr(ckpt, "_write_json", write_json)
+    before, around = _contents(copy), _siblings(copy)
+    capsys.readouterr()
+
+    code = main(["train", "--data", str(slices[1]), "--out", str(copy), "--force",
+                 *TINY])
+
+    err = capsys.readouterr().err
+    errors = _errors(err)
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(f"error: --out {copy}: cannot write the checkpoint")
+    assert "No space left on device" in errors[0]
+    assert "the checkpoint it held is kept" in errors[0]
+    assert _contents(copy) == before
+    assert _siblings(copy) == around  # the half-written folder is gone
+    monkeypatch.undo()
+    ckpt.load_teacher(copy, device="cpu")
+
+
+def test_a_failed_write_to_a_new_folder_leaves_nothing(slices, tmp_path, capsys,
+                                                       monkeypatch):
+    import errno
+
+    def save_file(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("safetensors.torch.save_file", save_file)
+    out = tmp_path / "new" / "teacher"
+    capsys.readouterr()
+
+    code = main(["train", "--data", str(slices[1]), "--out", str(out), *TINY])
+
+    errors = _errors(capsys.readouterr().err)
+    assert code == 1 and len(errors) == 1 and "nothing was written" in errors[0]
+    assert not out.exists() and list((tmp_path / "new").iterdir()) == []
+
+
+def test_force_keeps_the_folder_mode(copy, slices):
+    copy.chmod(0o750)
+
+    assert main(["train", "--data", str(slices[1]), "--out", str(copy), "--force",
+                 *TINY]) == 0
+
+    assert copy.stat().st_mode & 0o777 == 0o750
+    assert [p for p in copy.parent.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("command", ["train", "update"])
+def test_out_inside_a_checkpoint_is_refused(command, trained, copy, slices, capsys,
+                                            monkeypatch):
+    before = _contents(copy)
+    _no_prepare(monkeypatch)
+    monkeypatch.setattr("teacher.cli._prepare", lambda *a, **k: pytest.fail(
+        "data read before --out was checked"))
+    out = copy / "sub" / "deeper"
+    argv = (["train", *TINY] if command == "train"
+            else ["update", "--checkpoint", str(trained), "-q"])
+    capsys.readouterr()
+
+    for force in ([], ["--force"]):
+        code = main([*argv, "--data", str(slices[1]), "--out", str(out), *force])
+        errors = _errors(capsys.readouterr().err)
+        assert code == 2 and len(errors) == 1, errors
+        assert errors[0] == (f"error: --out {out} is inside the checkpoint folder "
+                             f"{copy.resolve()}; name a folder outside it")
+    assert _contents(copy) == before and not (copy / "sub").exists()
+
+
+@pytest.mark.parametrize("name", ["threshold.json", "provenance.json",
+                                  "config.json", "checksums.json"])
+def test_deeply_nested_checkpoint_json_is_a_checkpoint_error(name, copy, slices,
+                                                             capsys):
+    from teacher.checkpoint import write_checksums
+
+    (copy / name).write_text("[" * 100_000 + "]" * 100_000)
+    if name != "checksums.json":
+        write_checksums(copy)
+    capsys.readouterr()
+
+    code = main(["eval", "--checkpoint", str(copy), "--data", str(slices[1]), "-q"])
+
+    err = capsys.readouterr().err
+    errors = _errors(err)
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert str(copy / name) in errors[0] and "nested too deeply" in errors[0]
