@@ -2,7 +2,7 @@
 
 ``compress run --target T --teacher DIR --out DIR`` distills, prunes, quantizes,
 exports and verifies students, gates them against the teacher and writes the
-smallest passing artifact (exit 5 when none passes). ``compress eval --artifact DIR``
+artifact the search keeps (exit 5 when none passes). ``compress eval --artifact DIR``
 scores an artifact in its own runtime and prints the same keys as ``teacher eval``.
 """
 
@@ -65,10 +65,12 @@ RUN_DESCRIPTION = """\
 Distill students from the teacher, prune, quantize and export them for --target,
 load each back in its runtime and gate it against the teacher: validation F1 at
 most --max-f1-drop below the teacher's (with --gate split, also the unseen-type
-gap). The smallest passing artifact is written to --out. Every candidate tried
-is a row of the printed frontier, whose 'unseen' column is the split measure's
-gap: teacher minus artifact F1 on held-out attack types the threshold never saw
-(positive: the artifact is worse; '-': the teacher held out no types). --json
+gap). Per student kind, the widths are tried in order and the first width that
+passes is kept, with its pruned versions; of those kept, the smallest artifact is
+written to --out. Every candidate tried is a row of the printed frontier, whose
+'unseen' column is the split measure's gap: teacher minus artifact F1 on held-out
+attack types the threshold never saw (positive: the artifact is worse; '-': the
+teacher held out no types). --json
 prints the summary (artifacts, failed, frontier, teacher_metrics) on stdout, also
 when no candidate passes (exit 5, with the error line on stderr)."""
 RUN_EPILOG = f"""\
@@ -206,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "for its data, UTC if none); recorded in the artifact's "
                   "provenance")
     run.add_argument("--widths", type=integers(1, MAX_WIDTH),
-                     help="student widths to search, smallest first (default "
-                          "for nsl-kdd teachers 64 and 96 first, then 4,8,16,32, "
+                     help="student widths to search, tried in the order given; "
+                          "the first width that passes is kept, with its pruned "
+                          "versions (default for nsl-kdd teachers 64,96,4,8,16,32, "
                           "else 4,8,16,32,64); not with "
                           "--target torch-int8 (exit 2)")
     run.add_argument("--prune-ratios", type=reals(0, 1, lo_open=True, hi_open=True),
@@ -449,7 +452,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         dataset=args.dataset if args.data is None else str(args.data),
         timezone=args.timezone,
-        widths=RunConfig.widths if args.widths is None else tuple(sorted(args.widths)),
+        widths=RunConfig.widths if args.widths is None else tuple(args.widths),
         prune_ratios=() if args.no_prune else (
             None if args.prune_ratios is None else tuple(args.prune_ratios)),
         distill=DistillConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,

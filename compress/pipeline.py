@@ -1,16 +1,19 @@
 """``compress run``: distill, prune, quantize, export, verify, gate, search.
 
-For one target (or every target), students are tried from the smallest up: for each
-kind and width a student is distilled from the teacher (for NSL-KDD teachers by
-default on training windows with the teacher's own training noise and swapped
-columns, each such window re-scored by the teacher: :func:`distill_settings`); if
+For one target (or every target), students are tried width by width in the run's
+order (smallest first, except nsl-kdd's default, which starts wide: see
+:data:`FAMILY_WIDTHS`): for each kind and width a student is distilled from the
+teacher (for NSL-KDD teachers by default on training windows with the teacher's
+own training noise and swapped columns, each such window re-scored by the teacher:
+:func:`distill_settings`); if
 its float validation F1 is within reach it is exported, loaded back with
 :func:`edge_agent.runtime.load_artifact` and scored on the validation and test splits in
 the target runtime. The decision threshold and escalation band are re-chosen on
 validation for the exported model. The gate compares validation F1 with the teacher's
 (``max_f1_drop``); a passing student is then pruned (structured, with fine-tuning) to
-look for a smaller one. The smallest passing artifact is written; every candidate
-tried is a row of the frontier. No candidate passing is a :class:`GateError`.
+look for a smaller one. Per kind, the first width that passes is kept with its
+pruned versions, and the smallest of those is written; every candidate tried is a
+row of the frontier. No candidate passing is a :class:`GateError`.
 
 Kinds searched by default: the MLP, and the temporal CNN where the window has at
 least 3 flows (its kernel); the LSTM only with ``student="lstm"``.
@@ -846,7 +849,7 @@ def artifact_files_in(folder: Path) -> tuple[str | None, set[str]] | None:
     files it lists and the extras; None when it holds no readable manifest."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, RecursionError, ValueError):
         return None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), dict):
         return None
@@ -1068,9 +1071,9 @@ def _search(ctx: _Context, target: str, stage: Path) -> tuple[Candidate | None,
                                                                list[Candidate]]:
     """Smallest passing candidate for one target, and every candidate tried.
 
-    Per student kind, widths are tried in ``cfg.widths`` order (smallest first
-    unless a family default says otherwise) and the first that passes is kept,
-    with its pruned versions."""
+    Per student kind, widths are tried in ``cfg.widths`` order (as given; the
+    general default is smallest first) and the first that passes is kept, with
+    its pruned versions."""
     # A temporal CNN (kernel 3) over a window shorter than 3 only multiplies
     # padding with most of its taps: an MLP with dead weights, so not searched.
     kinds = [ctx.cfg.student] if ctx.cfg.student else [

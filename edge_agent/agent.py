@@ -208,9 +208,10 @@ def read_thresholds_file(
         raise BadInputError(
             f"cannot be read ({exc.strerror or exc}); {expected}", path=where
         ) from exc
-    except ValueError as exc:  # also UnicodeDecodeError
+    except (RecursionError, ValueError) as exc:  # also UnicodeDecodeError
+        # RecursionError: JSON nested thousands deep is bad input like any other.
         raise BadInputError(
-            f"is not valid JSON ({exc}); {expected}", path=where
+            f"is not valid JSON ({proto.json_problem(exc)}); {expected}", path=where
         ) from exc
     if not isinstance(data, dict):
         raise BadInputError(
@@ -287,7 +288,7 @@ def _stored_flow(payload: bytes) -> dict[str, Any]:
     the payload holds none), for the verdict line of a flow this run did not see."""
     try:
         flow = json.loads(payload).get("flow")
-    except (ValueError, AttributeError):
+    except (RecursionError, ValueError, AttributeError):
         return {}
     if not isinstance(flow, dict):
         return {}

@@ -49,6 +49,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from edge_agent import logger, signing
+from edge_agent.protocol import json_problem
 from flows.argtypes import check_writable_above
 from flows.errors import BadInputError, GatewatchError, UsageError
 
@@ -383,8 +384,10 @@ def _parse_manifest(raw: bytes, where: str) -> BundleManifest:
     """Parse signed manifest bytes into a :class:`BundleManifest` (schema checked)."""
     try:
         data = json.loads(raw)
-    except ValueError as exc:
-        raise BadInputError(f"bundle manifest is malformed: {exc}", path=where) from exc
+    except (RecursionError, ValueError) as exc:
+        raise BadInputError(
+            f"bundle manifest is malformed: {json_problem(exc)}", path=where
+        ) from exc
     if not isinstance(data, dict):
         raise BadInputError("bundle manifest is not a JSON object", path=where)
     if data.get("schema") != BUNDLE_SCHEMA:
@@ -533,7 +536,7 @@ def _claimed_key_id(raw: bytes) -> str | None:
     """The key id an (unverified) manifest claims, for a clearer wrong-key error."""
     try:
         value = json.loads(raw).get("key_id")
-    except (ValueError, AttributeError):
+    except (RecursionError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
 
@@ -731,8 +734,10 @@ def artifact_files(artifact: Path) -> tuple[dict[str, Any], list[str]]:
         manifest = json.loads(path.read_text())
         hashes = manifest["sha256"]
         model_version = manifest["model_version"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise BadInputError(f"not an artifact manifest: {exc}", path=str(path)) from exc
+    except (OSError, RecursionError, ValueError, KeyError, TypeError) as exc:
+        raise BadInputError(
+            f"not an artifact manifest: {json_problem(exc)}", path=str(path)
+        ) from exc
     if not isinstance(hashes, dict) or not model_version:
         raise BadInputError("manifest needs sha256 and model_version", path=str(path))
     from edge_agent.runtime import check_model_version
@@ -829,6 +834,8 @@ def check_flashed_paths(
                 f'--config only, so set {key} = "{gateway_path}"'
             )
         if not isinstance(value, str) or not _is_flashed_path(value, relative, root):
+            from edge_agent.mqtt import redact_value  # paho only when needed
+
             under_root = (
                 f" (or {Path(root).absolute() / relative} for an agent run from "
                 f"{root} itself)"
@@ -836,7 +843,8 @@ def check_flashed_paths(
                 else ""
             )
             raise UsageError(
-                f"config {where}: {key} is {value!r}, but flash installs it at "
+                f"config {where}: {key} is {redact_value(value)}, but flash installs "
+                f"it at "
                 f"{gateway_path!r}{under_root}; set {key} = "
                 f'"{gateway_path}"'
             )

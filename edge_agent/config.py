@@ -36,7 +36,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from edge_agent.mqtt import BrokerAddress, Protocol, TlsOptions
+from edge_agent.mqtt import BrokerAddress, Protocol, TlsOptions, redact_value
 from edge_agent.protocol import validate_id
 from flows.errors import BadInputError, UsageError
 
@@ -202,7 +202,8 @@ class AgentConfig:
                 ok, wanted = isinstance(value, str), "a string"
             if not ok:
                 raise UsageError(
-                    f"config {path}: {key} must be {wanted}, got {value!r}"
+                    f"config {path}: {key} must be {wanted}, got "
+                    f"{redact_value(value)}"
                 )
 
     def validate(self) -> AgentConfig:
@@ -224,17 +225,19 @@ class AgentConfig:
             if not (math.isfinite(value) and 0 <= value <= most):
                 raise UsageError(
                     f"--{name.replace('_', '-')} must be a number from 0 to "
-                    f"{most:,.0f}, got {value!r}"
+                    f"{most:,.0f}, got {redact_value(value)}"
                 )
         if self.status_interval <= 0:
             raise UsageError(
-                f"--status-interval must be above 0 s, got {self.status_interval!r}"
+                "--status-interval must be above 0 s, got "
+                f"{redact_value(self.status_interval)}"
             )
         for name, (low, high) in _INT_RANGES.items():
             value = getattr(self, name)
             if not low <= value <= high:
                 raise UsageError(
-                    f"--{name.replace('_', '-')} must be {low}..{high}, got {value!r}"
+                    f"--{name.replace('_', '-')} must be {low}..{high}, got "
+                    f"{redact_value(value)}"
                 )
         if 0 < self.max_packet_size < MIN_PACKET_SIZE:
             raise UsageError(

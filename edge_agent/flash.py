@@ -42,6 +42,7 @@ from typing import Any
 
 from edge_agent import bundle as bundle_mod
 from edge_agent import logger, signing
+from edge_agent.protocol import json_problem
 from flows.errors import BadInputError, GatewatchError, ModelError, UsageError
 
 SLOTS = ("A", "B")
@@ -111,9 +112,10 @@ class ModelSlots:
         )
         try:
             data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, RecursionError, ValueError) as exc:
             raise BadInputError(
-                f"slot state is unreadable ({exc}); {expected}", path=str(path)
+                f"slot state is unreadable ({json_problem(exc)}); {expected}",
+                path=str(path),
             ) from exc
         if not isinstance(data, dict):
             raise BadInputError(

@@ -52,6 +52,7 @@ __all__ = [
     "Protocol",
     "TlsOptions",
     "redact_url",
+    "redact_value",
 ]
 
 # PUBACK reason code (MQTT v5): accepted, but no subscriber matched the topic.
@@ -80,6 +81,38 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{user}:***@{where}"
 
 
+def _cut_query(url: str) -> str:
+    """``url`` (already redacted) without its query or fragment, if any."""
+    scheme_end = url.find("://")
+    start = max(url.rfind("@") + 1, scheme_end + 3 if scheme_end >= 0 else 0)
+    ends = [i for i in (url.find("?", start), url.find("#", start)) if i >= 0]
+    return url[: min(ends)] if ends else url
+
+
+def redact_value(value: object, limit: int = 200) -> str:
+    """``repr(value)`` for an error message, with every string in it (also in
+    lists, tuples and tables) passed through :func:`redact_url` and cut before a
+    query or fragment, so a broker URL put under the wrong setting or in a list
+    does not print its password. Cut to about ``limit`` characters.
+    """
+
+    def clean(item: object, depth: int = 0) -> object:
+        if depth > 20:
+            return "..."
+        if isinstance(item, str):
+            if "://" in item or "@" in item:
+                return _cut_query(redact_url(item))
+            return item
+        if isinstance(item, (list, tuple)):
+            return type(item)(clean(x, depth + 1) for x in item)
+        if isinstance(item, dict):
+            return {str(k): clean(v, depth + 1) for k, v in item.items()}
+        return item
+
+    text = repr(clean(value))
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class Protocol(enum.StrEnum):
     """Which MQTT version to speak."""
 
@@ -105,7 +138,7 @@ class BrokerAddress:
         A path, query or fragment is a UsageError (it would mean nothing). A
         UsageError shows the URL without its password (:func:`redact_url`).
         """
-        shown = redact_url(url)
+        shown = _cut_query(redact_url(url))
         try:
             parts = urlsplit(url)
             host = parts.hostname
@@ -129,6 +162,21 @@ class BrokerAddress:
                     f"broker {shown!r} has a path, query or fragment after "
                     "HOST:PORT: a '/', '?' or '#' in the user name or password "
                     "must be written %2F, %3F or %23"
+                )
+            # A query or fragment may hold a secret (?password=...): only its
+            # presence is said, never its text.
+            if parts.query or parts.fragment:
+                what = " and ".join(
+                    name
+                    for name, there in (
+                        ("a query", parts.query),
+                        ("a fragment", parts.fragment),
+                    )
+                    if there
+                )
+                raise UsageError(
+                    f"broker {shown!r} has {what} after HOST:PORT (not shown); a "
+                    "broker URL has no path, query or fragment (mqtt://HOST:PORT)"
                 )
             raise UsageError(
                 f"broker {shown!r} has {tail!r} after HOST:PORT; a broker URL "

@@ -129,6 +129,15 @@ class ProtocolError(BadInputError):
 # identifiers and topics
 
 
+def json_problem(exc: BaseException) -> str:
+    """What was wrong with a JSON text, for an error message: the parser's
+    words, or "nested too deep" for a RecursionError (``[[[...]]]`` thousands of
+    levels deep), whose own words mean nothing to a user."""
+    if isinstance(exc, RecursionError):
+        return "arrays or objects nested too deep to read"
+    return str(exc)
+
+
 def validate_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it can be one topic segment, else raise UsageError.
 
@@ -138,12 +147,16 @@ def validate_id(value: str, what: str = "id") -> str:
     """
     if not isinstance(value, str) or not value:
         raise UsageError(f"{what} must be a non-empty string")
-    if len(value) > MAX_ID_LENGTH:
-        raise UsageError(f"{what} {value[:20]!r}... is longer than {MAX_ID_LENGTH}")
-    if not _ID_RE.match(value):
+    if len(value) > MAX_ID_LENGTH or not _ID_RE.match(value):
+        # Imported here: edge_agent.mqtt imports this module.
+        from edge_agent.mqtt import redact_value
+
+        if len(value) > MAX_ID_LENGTH:
+            shown = redact_value(value)[:22]
+            raise UsageError(f"{what} {shown}... is longer than {MAX_ID_LENGTH}")
         raise UsageError(
-            f"{what} {value!r} may only hold letters, digits, '.', '_' and '-' "
-            "and must start with a letter or digit (no '+', '#', '/', '$')"
+            f"{what} {redact_value(value)} may only hold letters, digits, '.', '_' "
+            "and '-' and must start with a letter or digit (no '+', '#', '/', '$')"
         )
     return value
 

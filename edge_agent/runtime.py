@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent import logger
-from edge_agent.protocol import text_problem
+from edge_agent.protocol import json_problem, text_problem
 from flows.errors import BadInputError, ModelError
 
 MANIFEST = "manifest.json"
@@ -291,9 +291,10 @@ def _read_thresholds(path: Path) -> dict[str, float]:
         ) from exc
     try:
         data = json.loads(text)
-    except ValueError as exc:  # also UnicodeDecodeError
+    except (RecursionError, ValueError) as exc:  # also UnicodeDecodeError
         raise BadInputError(
-            f"is not valid JSON ({exc}); {_THRESHOLDS_EXPECTED}", path=str(path)
+            f"is not valid JSON ({json_problem(exc)}); {_THRESHOLDS_EXPECTED}",
+            path=str(path),
         ) from exc
     if not isinstance(data, dict):
         raise BadInputError(
@@ -593,9 +594,10 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except OSError as exc:
         raise ModelError(f"{path}: cannot read the manifest ({exc})") from exc
-    except ValueError as exc:  # bad input, as a manifest that is a JSON list is
+    except (RecursionError, ValueError) as exc:  # bad input, as a JSON list is
         raise BadInputError(
-            f"the manifest is not valid JSON ({exc}); {expected}", path=str(path)
+            f"the manifest is not valid JSON ({json_problem(exc)}); {expected}",
+            path=str(path),
         ) from exc
     if not isinstance(manifest, dict):
         raise BadInputError(

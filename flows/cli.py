@@ -148,10 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=("parquet", "zeek"),
         default=None,
-        help="output format (default: zeek for a .log or .labeled name, else "
-        "parquet; without --format a name whose suffix says "
-        "another format, such as .csv or .json, is refused, exit 2, as is a "
-        ".log name with --format parquet or a .parquet one with --format zeek)",
+        help="output format (default: zeek for a .log, .labeled or .conn.log "
+        "name, parquet for a .parquet or .pq name or one without a suffix; "
+        "without --format any other suffix, such as .csv or .feather, is "
+        "refused, exit 2, as is a .log name with --format parquet or a "
+        ".parquet one with --format zeek)",
     )
     return parser
 
@@ -483,6 +484,8 @@ def _output_path(name: str) -> Path:
     An existing output must be a regular file: a folder, a device node, a FIFO or
     a socket would be replaced by a regular file on the final rename.
     """
+    if not name.strip():
+        raise UsageError("-o is an empty output path; give a file name")
     if name == "-":
         raise UsageError(
             "-o - (standard output) is not supported: Parquet and conn.log are "
@@ -520,8 +523,8 @@ def _output_path(name: str) -> Path:
 WRITTEN_SUFFIXES = {
     ".parquet": "parquet", ".pq": "parquet", ".log": "zeek", ".labeled": "zeek",
 }
-# Suffixes of formats convert reads but does not write: an output named so
-# would hold something else than its name says.
+# Suffixes of formats convert reads but does not write, with the format's name
+# for the message; any other suffix not in WRITTEN_SUFFIXES is refused too.
 OTHER_SUFFIXES = {
     ".csv": "CSV", ".tsv": "TSV", ".txt": "text", ".json": "JSON",
     ".jsonl": "JSON lines", ".ndjson": "JSON lines", ".gz": "gzip",
@@ -532,18 +535,23 @@ OTHER_SUFFIXES = {
 
 def _output_format(out: Path, given: str | None) -> str:
     """The format to write to ``out``: ``--format``, else what the suffix says
-    (``.log`` or ``.labeled``: zeek; ``.parquet``, ``.pq``, any other or none:
-    parquet). A suffix that names a format convert does not write (``x.csv``)
-    without ``--format``, or the other written format (``x.log`` with ``--format
-    parquet``), is a usage error rather than a file whose name misleads every
-    later reader."""
+    (``.log``, ``.labeled``, ``.conn.log``: zeek; ``.parquet``, ``.pq`` or none:
+    parquet). Without ``--format`` any other suffix (``x.csv``, ``x.feather``,
+    ``x.log `` with a trailing space) is a usage error, as is the other written
+    format's suffix with ``--format`` (``x.log`` with ``--format parquet``),
+    rather than a file whose name misleads every later reader."""
     suffix = out.suffix.lower()
-    if given is None and suffix in OTHER_SUFFIXES:
+    if given is None and suffix and suffix not in WRITTEN_SUFFIXES:
+        names = (
+            f"{suffix} names {OTHER_SUFFIXES[suffix]}, which convert does not write"
+            if suffix in OTHER_SUFFIXES
+            else f"the suffix {suffix!r} is not one convert writes"
+        )
         raise UsageError(
-            f"-o {out.name}: {suffix} names {OTHER_SUFFIXES[suffix]}, which convert "
-            "does not write; it writes canonical Parquet (.parquet) or a Zeek-style "
-            "conn.log (.log): name the output so (or, to keep the name, choose one "
-            "of the two with --format)"
+            f"-o {out.name}: {names}; it writes canonical Parquet (.parquet) or a "
+            "Zeek-style conn.log (.log): name the output so (accepted: .parquet, "
+            ".pq or no suffix for Parquet; .log, .labeled or .conn.log for Zeek), "
+            "or, to keep the name, choose one of the two with --format"
         )
     named = WRITTEN_SUFFIXES.get(suffix)
     if given is not None and named is not None and named != given:

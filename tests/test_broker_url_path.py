@@ -20,8 +20,6 @@ from tests.conftest import free_port
         ("mqtt://127.0.0.1:1883/foo", "/foo"),
         ("mqtt://127.0.0.1/foo/bar", "/foo/bar"),
         ("mqtts://broker.example:8883/mqtt", "/mqtt"),
-        ("mqtt://127.0.0.1:1883?clean=1", "?clean=1"),
-        ("mqtt://127.0.0.1:1883#x", "#x"),
         ("mqtt://admin:pw@127.0.0.1:1883//", "//"),
     ],
 )
@@ -31,6 +29,21 @@ def test_a_path_query_or_fragment_is_a_usage_error_naming_it(url, tail) -> None:
     text = str(caught.value)
     assert f"has {tail!r} after HOST:PORT" in text
     assert "pw" not in text
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("mqtt://127.0.0.1:1883?clean=1", "a query"),
+        ("mqtt://127.0.0.1:1883#x", "a fragment"),
+    ],
+)
+def test_a_query_or_fragment_is_named_without_its_text(url, said) -> None:
+    with pytest.raises(UsageError) as caught:
+        BrokerAddress.parse(url)
+    text = str(caught.value)
+    assert f"has {said} after HOST:PORT (not shown)" in text
+    assert "clean" not in text and "'#x'" not in text
 
 
 @pytest.mark.parametrize(

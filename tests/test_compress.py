@@ -1084,7 +1084,7 @@ def test_the_search_tries_widths_in_the_order_given_and_keeps_the_first_pass(
     assert best.width == 8
 
 
-def test_widths_given_on_the_command_line_are_searched_smallest_first(
+def test_widths_given_on_the_command_line_are_searched_in_the_order_given(
     monkeypatch, tmp_path: Path,
 ) -> None:
     import compress.pipeline
@@ -1099,4 +1099,9 @@ def test_widths_given_on_the_command_line_are_searched_smallest_first(
     monkeypatch.setattr(compress.pipeline, "run", fake_run)
     assert main(["run", "--target", "onnx-int8", "--teacher", str(tmp_path / "t"),
                  "--out", str(tmp_path / "out"), "--widths", "32,8,16"]) == 2
-    assert seen["cfg"].widths == (8, 16, 32)
+    assert seen["cfg"].widths == (32, 8, 16)
+    # The nsl-kdd default order can be given by hand too.
+    assert main(["run", "--target", "onnx-int8", "--teacher", str(tmp_path / "t"),
+                 "--out", str(tmp_path / "out"),
+                 "--widths", "64,96,4,8,16,32"]) == 2
+    assert seen["cfg"].widths == (64, 96, 4, 8, 16, 32)
