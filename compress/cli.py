@@ -428,6 +428,9 @@ def _student_settings(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """``compress run``."""
     _check_torch_int8_flags(args)  # before torch is imported: a usage error is quick
+    if args.no_prune and args.prune_ratios is not None:
+        raise UsageError("--no-prune and --prune-ratios contradict each other; "
+                         "give one of them")
     _student_settings(args)
     import torch
 

@@ -1105,3 +1105,16 @@ def test_widths_given_on_the_command_line_are_searched_in_the_order_given(
                  "--out", str(tmp_path / "out"),
                  "--widths", "64,96,4,8,16,32"]) == 2
     assert seen["cfg"].widths == (64, 96, 4, 8, 16, 32)
+
+
+def test_no_prune_with_prune_ratios_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    """Found: ``--no-prune --prune-ratios 0.3`` dropped the ratios without a word."""
+    from compress.cli import main
+
+    code = main(["run", "--target", "onnx-fp32", "--teacher", str(tmp_path / "t"),
+                 "--out", str(tmp_path / "o"), "--no-prune", "--prune-ratios", "0.3"])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--no-prune and --prune-ratios" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
