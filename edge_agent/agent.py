@@ -102,6 +102,7 @@ from flows.errors import (
     OutboxError,
     TransportError,
     UsageError,
+    json_problem,
 )
 from flows.windows import StreamWindower, record_key
 
@@ -211,7 +212,7 @@ def read_thresholds_file(
     except (RecursionError, ValueError) as exc:  # also UnicodeDecodeError
         # RecursionError: JSON nested thousands deep is bad input like any other.
         raise BadInputError(
-            f"is not valid JSON ({proto.json_problem(exc)}); {expected}", path=where
+            f"is not valid JSON ({json_problem(exc)}); {expected}", path=where
         ) from exc
     if not isinstance(data, dict):
         raise BadInputError(

@@ -49,9 +49,8 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from edge_agent import logger, signing
-from edge_agent.protocol import json_problem
 from flows.argtypes import check_writable_above
-from flows.errors import BadInputError, GatewatchError, UsageError
+from flows.errors import BadInputError, GatewatchError, UsageError, json_problem
 
 BUNDLE_SCHEMA = "gatewatch-bundle/1"
 MANIFEST_NAME = "MANIFEST.json"

@@ -42,8 +42,13 @@ from typing import Any
 
 from edge_agent import bundle as bundle_mod
 from edge_agent import logger, signing
-from edge_agent.protocol import json_problem
-from flows.errors import BadInputError, GatewatchError, ModelError, UsageError
+from flows.errors import (
+    BadInputError,
+    GatewatchError,
+    ModelError,
+    UsageError,
+    json_problem,
+)
 
 SLOTS = ("A", "B")
 CURRENT = "current"

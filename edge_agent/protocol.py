@@ -129,15 +129,6 @@ class ProtocolError(BadInputError):
 # identifiers and topics
 
 
-def json_problem(exc: BaseException) -> str:
-    """What was wrong with a JSON text, for an error message: the parser's
-    words, or "nested too deep" for a RecursionError (``[[[...]]]`` thousands of
-    levels deep), whose own words mean nothing to a user."""
-    if isinstance(exc, RecursionError):
-        return "arrays or objects nested too deep to read"
-    return str(exc)
-
-
 def validate_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it can be one topic segment, else raise UsageError.
 

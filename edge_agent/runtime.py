@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from edge_agent import logger
-from edge_agent.protocol import json_problem, text_problem
-from flows.errors import BadInputError, ModelError
+from edge_agent.protocol import text_problem
+from flows.errors import BadInputError, ModelError, json_problem
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1

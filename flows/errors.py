@@ -45,6 +45,15 @@ _BREAK_BEFORE_CLOSE = re.compile(r"\s*[\r\n]+\s*(?=[)\]]|$)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
+def json_problem(exc: BaseException) -> str:
+    """What was wrong with a JSON text, for an error message: the parser's words,
+    or "nested too deeply" for a RecursionError (``[[[...]]]`` thousands of levels
+    deep), whose own words mean nothing to a user."""
+    if isinstance(exc, RecursionError):
+        return "arrays or objects nested too deeply"
+    return str(exc)
+
+
 def one_line(text: object) -> str:
     """``text`` (or ``str()`` of an exception) on one line.
 

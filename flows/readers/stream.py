@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from flows import logger
-from flows.errors import BadInputError, PartialInputError
+from flows.errors import BadInputError, PartialInputError, json_problem
 from flows.readers._convert import _ESCAPE, _parse_one, parse_problem
 from flows.readers._finish import check_on_error
 from flows.readers._source import GZIP_MAGIC, MAX_LINE_BYTES, iter_gunzip, too_long
@@ -250,9 +250,8 @@ def parse_json_line(line: str, path: str = "<stream>", line_no: int = 0) -> dict
             raise ValueError("not an object")
     except (ValueError, RecursionError) as exc:
         # RecursionError: a nesting bomb ("[" * 100000) is one bad line.
-        why = "nested too deeply" if isinstance(exc, RecursionError) else exc
         raise BadInputError(
-            f"expected one JSON object ({why})", path=path, line=line_no
+            f"expected one JSON object ({json_problem(exc)})", path=path, line=line_no
         ) from None
     return zeek_json_record(obj, path, line_no)
 

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from flows.errors import BadInputError
+from flows.errors import BadInputError, json_problem
 from flows.readers import labels as labelmod
 from flows.readers._convert import (
     BadRows,
@@ -637,8 +637,8 @@ def _read_json_lines(src: Source, on_error: str) -> ReadResult:
                 cut = cut or f"{src.path}: the last line ({line_no}) is cut short"
                 continue
             # RecursionError: a nesting bomb ("[" * 100000) is one bad line.
-            why = "nested too deeply" if isinstance(exc, RecursionError) else exc
-            problems.append(Problem(line_no, None, f"expected one JSON object ({why})"))
+            problems.append(Problem(line_no, None,
+                                    f"expected one JSON object ({json_problem(exc)})"))
             continue
         text = _label_text(obj)
         if text is not None:
