@@ -517,9 +517,7 @@ def _check_out(out: str | Path, force: bool = False) -> None:
     try:
         if path.exists() and not path.is_dir():
             raise UsageError(f"--out {out} exists and is not a folder; name a folder")
-        _check_not_inside(path, out)
-        if path.is_dir():
-            _check_out_holds(path, out, force)
+        _replace_out(out, force)
         above = nearest_existing(path.parent)
         if not above.is_dir():
             raise UsageError(f"--out {out}: {above} is a file, not a folder")
@@ -597,8 +595,10 @@ def _check_not_inside(path: Path, out: str | Path) -> None:
 
 
 def _replace_out(out: str | Path, force: bool) -> None:
-    """Just before a checkpoint is written: check ``--out`` again (it may have
-    changed while the model trained). Nothing is removed here: see
+    """Refuse (exit 2) an ``--out`` inside a checkpoint folder, or one holding what
+    a checkpoint may not replace (:func:`_check_out_holds`). Part of
+    :func:`_check_out`, and run again just before a checkpoint is written (the
+    folder may have changed while the model trained). Nothing is removed here: see
     :func:`_write_out`."""
     path = Path(out)
     try:
