@@ -21,11 +21,20 @@ between known flows rather than across their columns. ``target_shift`` is
 subtracted from every teacher logit before the soft targets are formed: the logit
 of the teacher's threshold puts its decision where the student's sigmoid is
 steepest (0.5) instead of where the teacher's happens to be.
+
+Two settings change what "close to the teacher" means. ``loss="mse"`` replaces the
+soft term with the squared difference of the logits themselves (no temperature):
+the student copies the teacher's whole logit scale, far from the cut as well as
+near it. ``select="teacher"`` keeps the epoch whose soft loss against the teacher
+on the validation windows is lowest, instead of the hard-label loss; early stopping
+follows the same measure. ``swap_rows`` below 1 alters only that share of each
+batch's windows, the rest stay as the data has them.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,6 +98,30 @@ def kd_loss(
     return alpha * soft * temperature**2 + (1.0 - alpha) * hard
 
 
+def logit_mse_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """Squared logit difference mixed with hard-label cross-entropy (``loss="mse"``).
+
+    >>> s = torch.tensor([1.0, 2.0]); t = torch.tensor([0.0, 4.0])
+    >>> float(logit_mse_loss(s, t, torch.tensor([0.0, 1.0])))
+    2.5
+    """
+    soft = nnf.mse_loss(student, teacher)
+    hard = nnf.binary_cross_entropy_with_logits(student, labels.float())
+    return alpha * soft + (1.0 - alpha) * hard
+
+
+def _soft_loss(cfg: DistillConfig, student, teacher, labels) -> torch.Tensor:
+    if cfg.loss == "mse":
+        return logit_mse_loss(student, teacher, labels, alpha=cfg.alpha)
+    return kd_loss(student, teacher, labels, temperature=cfg.temperature,
+                   alpha=cfg.alpha)
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """Training settings for distillation and for fine-tuning after pruning."""
@@ -106,6 +139,18 @@ class DistillConfig:
     swap: float = 0.0
     mixup: float = 0.0
     target_shift: float = 0.0
+    loss: str = "kd"
+    select: str = "label"
+    swap_rows: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("kd", "mse"):
+            raise ValueError(f"loss must be 'kd' or 'mse', got {self.loss!r}")
+        if self.select not in ("label", "teacher"):
+            raise ValueError(
+                f"select must be 'label' or 'teacher', got {self.select!r}")
+        if not 0.0 < self.swap_rows <= 1.0:
+            raise ValueError(f"swap_rows must be in (0, 1], got {self.swap_rows}")
 
 
 def _batched(source: WindowSource, rows: np.ndarray, size: int):
@@ -175,6 +220,7 @@ def distill(
     config: DistillConfig | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     teacher_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    val_teacher_logits: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place by distillation; keeps the epoch of best val loss.
 
@@ -182,7 +228,10 @@ def distill(
     ``teacher_logits`` the teacher's logits for ``train_rows`` in that order. The
     validation loss is the hard-label cross-entropy on ``val_rows`` (the gate's data).
     ``teacher_fn`` (windows -> logits) scores the altered windows when one of
-    ``config.input_noise``, ``swap`` or ``mixup`` is set. Returns the per-epoch history.
+    ``config.input_noise``, ``swap`` or ``mixup`` is set. With ``config.select ==
+    "teacher"`` the epoch kept is the one closest to the teacher on ``val_rows``
+    (``val_teacher_logits``, or ``teacher_fn`` run on them). Returns the per-epoch
+    history.
     """
     cfg = config or DistillConfig()
     rng = np.random.default_rng(cfg.seed)
@@ -197,6 +246,17 @@ def distill(
         raise ModelError("teacher logits and training rows differ in length")
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     y_val = torch.from_numpy(np.asarray(y, dtype=np.float32)[val_rows])
+    t_val = None
+    if cfg.select == "teacher":
+        if val_teacher_logits is None and teacher_fn is None:
+            raise ModelError("select='teacher' needs the teacher's validation logits")
+        if val_teacher_logits is None:
+            val_teacher_logits = np.concatenate(
+                [np.asarray(teacher_fn(x.numpy()), dtype=np.float32)
+                 for _, x in _batched(source, np.asarray(val_rows), 4096)])
+        t_val = torch.from_numpy(
+            np.asarray(val_teacher_logits, dtype=np.float32)
+            - np.float32(cfg.target_shift))
 
     best, best_loss, stale, history = None, float("inf"), 0, []
     for epoch in range(cfg.epochs):
@@ -214,6 +274,9 @@ def distill(
             if teacher_fn is not None and cfg.swap > 0:
                 donor = x[torch.randperm(len(x), generator=noise)]
                 cols = torch.rand((len(x), 1, x.shape[2]), generator=noise) < cfg.swap
+                if cfg.swap_rows < 1.0:
+                    keep = torch.rand((len(x), 1, 1), generator=noise) >= cfg.swap_rows
+                    cols = cols & ~keep
                 x = torch.where(cols, donor, x)
             if teacher_fn is not None and cfg.mixup > 0:
                 lam = blend.beta(cfg.mixup, cfg.mixup, size=(len(x), 1, 1))
@@ -228,13 +291,7 @@ def distill(
                 target = torch.from_numpy(
                     np.asarray(teacher_fn(x.numpy()), dtype=np.float32)
                     - np.float32(cfg.target_shift))
-            loss = kd_loss(
-                model(x),
-                target,
-                y_all[rows],
-                temperature=cfg.temperature,
-                alpha=cfg.alpha,
-            )
+            loss = _soft_loss(cfg, model(x), target, y_all[rows])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -242,7 +299,11 @@ def distill(
 
         # Validation loss on hard labels; keep the best weights.
         val = torch.from_numpy(student_logits(model, source, val_rows))
-        val_loss = float(nnf.binary_cross_entropy_with_logits(val, y_val))
+        if t_val is None:
+            val_loss = float(nnf.binary_cross_entropy_with_logits(val, y_val))
+        else:
+            val_loss = float(_soft_loss(
+                dataclasses.replace(cfg, alpha=1.0), val, t_val, y_val))
         record = {"epoch": epoch, "train_loss": total / len(order),
                   "val_loss": val_loss}
         history.append(record)

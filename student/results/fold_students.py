@@ -15,8 +15,10 @@ set (ROUND is the round's folder: PROTOCOL.md, ``candidates.txt``)::
 ``candidates.txt`` holds a ``teacher SPEC-JSON`` line (``encoder``, ``train``,
 ``model``, ``seeds`` as in ``teacher/results/fold_runs.py``) and one ``NAME
 SPEC-JSON`` line per candidate: ``distill`` (DistillConfig overrides),
-``rescore`` (true: the teacher scores the noisy windows) and ``students``
-(``["mlp-16", ...]``), and ``shift`` (``"teacher-cut"``: the soft targets are
+``rescore`` (true: the teacher scores the noisy windows), ``students``
+(``["mlp-16", ...]``), ``stop_on`` (``"known"``, round 11: the epoch is chosen on
+the validation rows outside the held-out families) and ``shift``
+(``"teacher-cut"``: the soft targets are
 the teacher's logits less the logit of its best-F1 cut on validation). A
 ``families`` list on the teacher line (round 8) also holds out every row of those
 attack families, so the fold teacher never sees them; ``fold_seeds`` gives the
@@ -145,13 +147,20 @@ def student(name: str, fold: int, out: Path) -> dict:
         settings["target_shift"] = float(np.log(cut / (1 - cut)))
         info["target_shift"] = settings["target_shift"]
     cfg = DistillConfig(**settings)
+    stop = va
+    if spec.get("stop_on") == "known":
+        # Round 11: the epoch is chosen without the novel families' rows, as in
+        # the product, whose validation split never holds them.
+        stop = va[~np.isin(prep.families[va].astype(str), prep.novel)]
+    t_stop = t_val[np.isin(va, stop)]
     for label in spec.get("students", ["mlp-16", "mlp-32", "mlp-64"]):
         kind, width = label.split("-")
         model = build_student(kind, prep.n_features, prep.window, int(width),
                               seed=cfg.seed)
         start = time.time()
-        history = distill(model, prep, tr, prep.y.astype(np.int64), t_train, va, cfg,
-                          teacher_fn=run if spec.get("rescore") else None)
+        history = distill(model, prep, tr, prep.y.astype(np.int64), t_train, stop,
+                          cfg, teacher_fn=run if spec.get("rescore") else None,
+                          val_teacher_logits=t_stop)
         z = student_logits(model, prep, va)
         agree = float(np.mean((z >= 0) == (t_val >= 0)))
         info["students"][label] = {**_val_f1(prep, va, z), "agree_at_0": agree,
