@@ -442,9 +442,10 @@ class Run:
     def _baselines(self, name: str) -> None:
         s = self.s
         path = self.work / f"baselines-{name}.json"
+        # --force: a run again in the same --work folder replaces the last results.
         self.command(
             "teacher", "baselines", "--dataset", name, "--json", "--out", str(path),
-            "--svm-cap", str(s.svm_cap), "--knn-cap", str(s.knn_cap),
+            "--force", "--svm-cap", str(s.svm_cap), "--knn-cap", str(s.knn_cap),
             "--threads", "1", "-q", "--data-dir", str(self.data),
             log=f"baselines-{name}.log",
         )

@@ -53,6 +53,7 @@ from typing import Any
 from edge_agent import logger
 from edge_agent.protocol import MAX_PAYLOAD_BYTES, Channel, subscription, validate_id
 from edge_agent.protocol import topic as channel_topic
+from flows.argtypes import integer
 from flows.errors import GatewatchError, TransportError, UsageError
 
 __all__ = [
@@ -1170,6 +1171,10 @@ def check_publish_size(
 # --- command line -------------------------------------------------------------------
 
 
+# A port a listener can have, as a flag: a usage error (exit 2) outside 1..65535.
+LISTEN_PORT = integer(1, 65535)
+
+
 def _parse_gateway(text: str) -> tuple[str, str]:
     site, sep, gw = text.partition("/")
     if not sep:
@@ -1193,9 +1198,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--host", action="append", default=[], help="broker DNS name (repeatable)")
     add("--ip", action="append", default=[], help="broker IP address (repeatable)")
     add("--bind", default="127.0.0.1", help="address the listener binds")
-    add("--port", type=int, default=DEFAULT_PORT, help="the gateways' listener")
-    add("--service-port", type=int, default=DEFAULT_SERVICE_PORT,
-        help="the listener of the re-scorer and the operator")
+    add("--port", type=LISTEN_PORT, default=DEFAULT_PORT,
+        help="the gateways' listener, 1..65535")
+    add("--service-port", type=LISTEN_PORT, default=DEFAULT_SERVICE_PORT,
+        help="the listener of the re-scorer and the operator, 1..65535")
     add("--install-dir", help="where broker/ will be installed on the broker host")
     add("--persistence-location", help="folder for the broker's state")
     add("--log-dest", default="stdout", help="mosquitto log_dest (e.g. syslog)")
@@ -1215,7 +1221,8 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="one TLS handshake and one login, no retry")
     add = check.add_argument
     add("--host", required=True, help="broker name or address, as clients use it")
-    add("--port", type=int, default=DEFAULT_PORT)
+    add("--port", type=LISTEN_PORT, default=DEFAULT_PORT,
+        help="the broker's port, 1..65535")
     add("--ca", required=True, type=Path, help="the deployment's ca.crt")
     add("--user", help="broker user (without it: TLS only)")
     add("--password-file", type=Path, help="file whose first line is the password")

@@ -36,7 +36,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from edge_agent.mqtt import BrokerAddress, Protocol, TlsOptions, redact_value
+from edge_agent.mqtt import (
+    BrokerAddress,
+    Protocol,
+    TlsOptions,
+    check_credentials,
+    redact_value,
+)
 from edge_agent.protocol import validate_id
 from flows.errors import BadInputError, UsageError
 
@@ -215,6 +221,12 @@ class AgentConfig:
         validate_id(self.gateway, "gateway")
         if self.broker is not None:
             BrokerAddress.parse(self.broker)
+            check_credentials(self.broker, [
+                "password (config)" if name == "password"
+                else f"--{name.replace('_', '-')}"
+                for name in ("username", "password", "password_file")
+                if getattr(self, name)
+            ])
         try:
             Protocol(self.protocol)
         except ValueError as exc:

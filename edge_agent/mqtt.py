@@ -25,7 +25,7 @@ import enum
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -51,12 +51,16 @@ __all__ = [
     "MqttLink",
     "Protocol",
     "TlsOptions",
+    "check_credentials",
     "redact_url",
     "redact_value",
 ]
 
 # PUBACK reason code (MQTT v5): accepted, but no subscriber matched the topic.
 NO_MATCHING_SUBSCRIBERS = 16
+
+# The ports a server can listen on (0 asks the system for any free one).
+MIN_PORT, MAX_PORT = 1, 65535
 
 # CONNACK codes meaning "this broker does not speak that protocol version".
 _REFUSED_VERSION_V5 = 132
@@ -79,6 +83,27 @@ def redact_url(url: str) -> str:
     if not at or not colon:
         return url
     return f"{scheme}{sep}{user}:***@{where}"
+
+
+def check_credentials(url: str, given: Sequence[str]) -> None:
+    """Refuse (UsageError) broker credentials given two ways: in the URL
+    (``mqtt://user:password@host``) and by the flags or settings named in
+    ``given`` (``--username``, ``--password-file``...), which would otherwise mix
+    or one silently win. The error names both and shows the URL without its
+    password (:func:`redact_url`)."""
+    if not given:
+        return
+    address = BrokerAddress.parse(url)
+    in_url = [what for what, there in (("a user name", address.username),
+                                       ("a password", address.password)) if there]
+    if not in_url:
+        return
+    flags = " and ".join(given)
+    raise UsageError(
+        f"broker {_cut_query(redact_url(url))!r} holds {' and '.join(in_url)}, and "
+        f"{flags} {'is' if len(given) == 1 else 'are'} given too; give the "
+        "credentials one way: in the URL or by the flags, not both"
+    )
 
 
 def _cut_query(url: str) -> str:
@@ -133,7 +158,8 @@ class BrokerAddress:
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
-        """Parse ``mqtt[s]://[user[:password]@]host[:port]`` (ports 1883 / 8883).
+        """Parse ``mqtt[s]://[user[:password]@]host[:port]`` (ports 1883 / 8883;
+        a port given must be 1..65535).
 
         A path, query or fragment is a UsageError (it would mean nothing). A
         UsageError shows the URL without its password (:func:`redact_url`).
@@ -184,9 +210,18 @@ class BrokerAddress:
             )
         tls = parts.scheme in ("mqtts", "ssl")
         try:
-            port = parts.port or (8883 if tls else 1883)
-        except ValueError as exc:
-            raise UsageError(f"broker {shown!r} has a bad port") from exc
+            port = parts.port
+        except ValueError as exc:  # not a number, or past 65535
+            raise UsageError(
+                f"broker {shown!r} has a bad port; expected a number 1..65535"
+            ) from exc
+        if port is None:
+            port = 8883 if tls else 1883
+        elif not MIN_PORT <= port <= MAX_PORT:
+            # Port 0 is no port a broker listens on (it was taken as no port).
+            raise UsageError(
+                f"broker {shown!r} has port {port}; expected a number 1..65535"
+            )
         return cls(
             host=host,
             port=port,
@@ -214,6 +249,16 @@ def _permanent_tls_error(exc: BaseException) -> bool:
         return False
     text = f"{exc.reason or ''} {exc}".lower()
     return "certificate" in text or "unknown_ca" in text or "unknown ca" in text
+
+
+def reason_words(reason_code: object) -> str:
+    """A CONNACK reason code as a person reads it: its name and its number
+    (``Not authorized (135)``); the bare number when paho gives no name."""
+    value = getattr(reason_code, "value", reason_code)
+    name = str(reason_code) if hasattr(reason_code, "getName") else ""
+    if not name or name == str(value):
+        return str(value)
+    return f"{name} ({value})"
 
 
 def _check(rc: MQTTErrorCode | int, what: str) -> None:
@@ -269,6 +314,10 @@ class MqttLink:
         # connect with are in ``address``, ``username`` and ``password``.
         self.url = redact_url(url)
         self.client_id = client_id
+        # Credentials come from the URL or from the arguments, never half of each.
+        given = [name for name, value in (("username", username),
+                                          ("password", password)) if value]
+        check_credentials(url, given)
         self.username = username or self.address.username
         self.password = password or self.address.password
         self.tls = (
@@ -306,6 +355,7 @@ class MqttLink:
         self._connected = threading.Event()
         self._connack = threading.Event()
         self._connack_rc = 0
+        self._connack_reason = "0"  # the code in words, for the error line
         self._client: paho.Client | None = None
         self._closing = False
         self._retrier: threading.Thread | None = None
@@ -344,7 +394,9 @@ class MqttLink:
                     "broker %s refused MQTT v5; falling back to 3.1.1", self.url
                 )
                 continue
-            raise TransportError(f"broker {self.url} refused the connection: {rc}")
+            raise TransportError(
+                f"broker {self.url} refused the connection: {self._connack_reason}"
+            )
         raise TransportError(f"broker {self.url} refused MQTT v5 and 3.1.1")
 
     def connect_in_background(
@@ -601,9 +653,12 @@ class MqttLink:
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         code = reason_code.value if hasattr(reason_code, "value") else int(reason_code)
         self._connack_rc = code
+        self._connack_reason = reason_words(reason_code)
         self._connack.set()
         if code != 0:
-            logger.warning("broker %s refused CONNECT: %s", self.url, reason_code)
+            logger.warning(
+                "broker %s refused CONNECT: %s", self.url, self._connack_reason
+            )
             return
         self.packet_limit = connack_packet_limit(properties) or self.max_packet_size
         present = bool(getattr(flags, "session_present", False))

@@ -470,8 +470,9 @@ def check_flow(flow: Mapping[str, Any]) -> dict[str, Any]:
     Numbers must be finite and fit their kind (``i64`` fields: integers, or
     integral floats, within int64); ``str`` fields must be strings without control
     characters; addresses must
-    be IPv4 or IPv6 and ports lie in 0..65535 (:func:`flows.record.field_problem`,
-    the readers' rule); null is allowed everywhere and a missing field reads as
+    be IPv4 or IPv6, ports lie in 0..65535 and ``proto`` name a protocol or be a
+    number 0..255 (:func:`flows.record.field_problem`, the readers' rule); null is
+    allowed everywhere and a missing field reads as
     null. Keys that are not canonical fields are dropped, as :func:`clean_flow`
     drops them on the sending side, so a newer agent's extra fields do not cost its
     escalations. A bad value is a ProtocolError (BAD_VALUE) naming the field.

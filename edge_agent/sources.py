@@ -40,7 +40,7 @@ from typing import Any
 
 from edge_agent import logger
 from edge_agent.protocol import ENDPOINTS
-from flows.errors import BadInputError, GatewatchError, UsageError
+from flows.errors import BadInputError, GatewatchError, UsageError, one_line
 from flows.readers._source import MAX_LINE_BYTES, too_long
 from flows.readers.result import Damage, damaged_packets
 from flows.record import CONN_FIELD_NAMES, field_problem
@@ -308,25 +308,39 @@ def _parquet(src: Source) -> Iterator[dict]:
         raise BadInputError(
             f"Parquet file lacks canonical columns {missing}", path=src.target
         )
+    # Row group by row group, so that damage is named by its group (as flows
+    # names it) and every record of the groups before it is scored first.
     row = 0
-    batches = pf.iter_batches(batch_size=4096)
+    for group in range(pf.num_row_groups):
+        for records in _parquet_group(pf, group, src.target):
+            for rec in records:
+                row += 1
+                rec = canonical(rec)
+                problem = _record_problem(rec)
+                if problem is not None:
+                    # As for a zeek: file, the first bad record ends the read
+                    # (exit 4).
+                    raise BadInputError(problem, path=src.target, row=row)
+                yield rec
+
+
+def _parquet_group(pf, group: int, path: str) -> Iterator[list[dict]]:
+    """The records of one row group of a Parquet file, a batch at a time; damage
+    is a BadInputError naming the file and the group (the batches before it were
+    given)."""
+    batches = None
     while True:
         try:
-            batch = next(batches)
+            if batches is None:
+                batches = pf.iter_batches(batch_size=4096, row_groups=[group])
+            records = next(batches).to_pylist()
         except StopIteration:
             return
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
             raise BadInputError(
-                f"damaged after {row} rows ({exc})", path=src.target, row=row + 1
+                f"row group {group} cannot be read ({one_line(exc)})", path=path
             ) from exc
-        for rec in batch.to_pylist():
-            row += 1
-            rec = canonical(rec)
-            problem = _record_problem(rec)
-            if problem is not None:
-                # As for a zeek: file, the first bad record ends the read (exit 4).
-                raise BadInputError(problem, path=src.target, row=row)
-            yield rec
+        yield records
 
 
 def _bounded_lines(stream) -> Iterator[str | int]:
@@ -466,7 +480,8 @@ def _record_problem(rec: dict[str, Any]) -> str | None:
 
     Each field must fit its kind (numbers finite and in range, strings for text
     fields, null anywhere): the same check the re-scorer applies to escalations;
-    addresses must be IP addresses and ports 0..65535 (``flows.record``).
+    addresses must be IP addresses, ports 0..65535 and ``proto`` a protocol name
+    or number 0..255 (``flows.record``).
     """
     for name, value in rec.items():
         problem = field_problem(name, value)

@@ -50,7 +50,8 @@ exit codes:
        before the first row
   {EXIT_PARTIAL_INPUT}    partial input: damage part way (a cut gzip or last line,
        a bad line with --on-error fail: a bad value, an address that
-       is not IPv4/IPv6, a port outside 0..65535, a line over 1 MiB;
+       is not IPv4/IPv6, a port outside 0..65535, a proto that names
+       no protocol (nor a number 0..255), a line over 1 MiB;
        gzip text past $GATEWATCH_MAX_INFLATED bytes, 2 GiB by
        default); the rows read before it are still shown or written.
        Damaged packets in a capture (a time before 1970 or past

@@ -4,8 +4,9 @@ Every reader and the packet flow meter produce records with exactly these fields
 this order. Unknown values are nulls (``None`` in Python, null in Arrow), never 0
 and never the string ``"-"``. ``label`` is 1 for malicious, 0 for benign and null
 where the source says nothing usable (Background, Unknown, no label column).
-``src_ip``/``dst_ip`` hold IPv4 or IPv6 addresses and ``src_port``/``dst_port``
-numbers in 0..65535 (:func:`field_problem`); ``ts`` is epoch seconds, finite and not
+``src_ip``/``dst_ip`` hold IPv4 or IPv6 addresses, ``src_port``/``dst_port``
+numbers in 0..65535 and ``proto`` a protocol name or number 0..255
+(:func:`field_problem`); ``ts`` is epoch seconds, finite and not
 before 1970 (:func:`time_problem`); a reader treats a row breaking these rules as a
 bad row (named by file and line, kept out of the table).
 
@@ -60,6 +61,12 @@ INT_RANGES: dict[str, tuple[int, int]] = {
 ADDRESS_FIELDS: tuple[str, ...] = ("src_ip", "dst_ip")
 PORT_FIELDS: tuple[str, ...] = ("src_port", "dst_port")
 PORT_RANGE: tuple[int, int] = (0, 65535)
+# ``proto`` names a protocol: a keyword of the IANA protocol list or Zeek's (tcp,
+# ipv6-icmp, a/n, tp++, 3pc, unknown_transport: letters, digits, "-", "_", ".",
+# "+", "/", at most 32 of them), or its number 0..255 (a CIC file writes 6).
+PROTO_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+/-]{0,31}$"
+_PROTO_NAME = re.compile(PROTO_NAME_PATTERN.replace("$", r"\Z"))
+PROTO_NUMBERS: tuple[int, int] = (0, 255)
 # The first epoch second Python's datetime cannot hold (10000-01-01 00:00:00 UTC):
 # a captured packet stamped at or after it is damaged (:func:`packet_time_problem`).
 TS_LIMIT = 253402300800.0
@@ -153,6 +160,23 @@ def is_address(text: str) -> bool:
     return not percent or bool(_ZONE.fullmatch(zone))
 
 
+def proto_problem(text: str) -> str | None:
+    """Why ``text`` is not a protocol (:data:`PROTO_NAME_PATTERN`, or a number
+    0..255), or None. An empty string, a blank, a control character or a long
+    text names no protocol."""
+    low, high = PROTO_NUMBERS
+    if text.isascii() and text.isdigit():
+        if low <= int(text) <= high:
+            return None
+        return f"expected a protocol number from {low} to {high}, found {_short(text)}"
+    if _PROTO_NAME.match(text):
+        return None
+    return (
+        "expected a protocol name (letters, digits and - _ . + /, such as tcp or "
+        f"ipv6-icmp) or number {low}..{high}, found {_short(text)}"
+    )
+
+
 def port_problem(value: float) -> str | None:
     """Why ``value`` is not a port number (a whole number 0..65535), or None.
 
@@ -226,8 +250,9 @@ def field_problem(name: str, value: Any) -> str | None:
     """Why ``value`` cannot be the canonical field ``name``, or None when it can.
 
     :func:`value_problem` for the field's kind, then the meaning of the field:
-    addresses must be IP addresses, ports must lie in 0..65535, durations and
-    counts must not be negative. Null is allowed.
+    addresses must be IP addresses, ports must lie in 0..65535, ``proto`` must
+    name a protocol (:func:`proto_problem`), durations and counts must not be
+    negative. Null is allowed.
     """
     problem = value_problem(CONN_FIELD_KINDS[name], value)
     if problem is not None or value is None:
@@ -236,6 +261,8 @@ def field_problem(name: str, value: Any) -> str | None:
         return address_problem(value)
     if name in PORT_FIELDS:
         return port_problem(int(value))
+    if name == "proto":
+        return proto_problem(value)
     if name in COUNT_FIELDS:
         return count_problem(value)
     return None

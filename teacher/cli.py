@@ -63,8 +63,9 @@ exit codes:
        registered included); an --out that cannot be made or written in
        (a file in its path, a read-only folder), or a train/update --out
        folder that is not empty (with --force: that holds anything but a
-       teacher checkpoint) or lies inside a checkpoint folder; checked
-       before any work
+       teacher checkpoint) or lies inside a checkpoint folder, a baselines
+       --out file or tune --out tables already there (without --force);
+       checked before any work
   {EXIT_BAD_INPUT}    bad input: nothing usable read. A --data file that does not
        exist; a dataset file that is missing, fails its checksum or cannot
        be read; a checkpoint folder without checksums.json (its files
@@ -90,6 +91,8 @@ FAMILY_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # Seeds `teacher train` averages unless told otherwise (the NSL-KDD round 3 runs).
 TRAIN_MEMBERS = 3
+# What `teacher tune` writes into its --out folder (teacher.tune.write_table).
+TUNE_FILES = ("tune.json", "tune.csv", "tune.md")
 
 
 def _add_source(p: argparse.ArgumentParser, required: bool = True,
@@ -347,7 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kNN training-sample cap (default: none)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (default: text)")
-    p.add_argument("--out", help="also write the JSON here (default: none)")
+    p.add_argument("--out",
+                   help="also write the JSON here; an existing file is refused "
+                        "before the models run, exit 2, unless --force (default: "
+                        "none)")
+    p.add_argument("--force", action="store_true",
+                   help="let --out overwrite an existing file (default: refuse it)")
     _add_encoding(p)
     _add_common(p)
 
@@ -356,7 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=real(0, lo_open=True), required=True,
                    help="minutes the grid may take (required)")
     p.add_argument("--out", default="runs/tune",
-                   help="folder for the table (default runs/tune)")
+                   help=f"folder for the table ({', '.join(TUNE_FILES)}); one "
+                        "that already holds any of them is refused before the "
+                        "grid runs, exit 2, unless --force (default runs/tune)")
+    p.add_argument("--force", action="store_true",
+                   help="let --out overwrite the tables it holds (default: "
+                        "refuse them)")
     p.add_argument("--windows", type=integers(1, MAX_WINDOW), default=None,
                    help="window lengths to try, e.g. 1,4 (default 1)")
     p.add_argument("--holdout-types", type=real(0, 1), default=None,
@@ -705,15 +718,20 @@ def _same_folder(a: str | Path, b: str | Path) -> bool:
         return False
 
 
-def _check_out_file(out: str | Path, flag: str = "--out") -> None:
+def _check_out_file(out: str | Path, flag: str = "--out",
+                    force: bool = False) -> None:
     """Refuse up front (exit 2) a file output that cannot be written: an existing
-    folder, a path under a file, or a folder that cannot be written in."""
+    folder, a path under a file, or a folder that cannot be written in; and,
+    without ``force``, a file already there (never overwritten unasked)."""
     if not str(out).strip():
         raise UsageError(f"{flag} is empty; name a file")
     path = Path(out)
     try:
         if path.is_dir():
             raise UsageError(f"{flag} {out} is a folder; name a file to write")
+        if (path.exists() or path.is_symlink()) and not force:
+            raise UsageError(f"{flag} {out} already exists; pass --force to "
+                             "overwrite it, or name a new file")
         if path.exists() and not os.access(path, os.W_OK):
             raise UsageError(f"{flag} {out} exists and cannot be written")
         check_writable_above(path.parent, f"{flag} {out}")
@@ -737,6 +755,20 @@ def _check_out_folder(out: str | Path, flag: str = "--out") -> None:
         raise UsageError(f"{flag} {out}: cannot be used ({exc})") from exc
 
 
+def _check_tables(out: str | Path, force: bool) -> None:
+    """Refuse up front (exit 2), without ``force``, a ``teacher tune`` --out folder
+    that already holds a table it would overwrite (:data:`TUNE_FILES`)."""
+    if force:
+        return
+    try:
+        taken = [name for name in TUNE_FILES
+                 if (Path(out) / name).exists() or (Path(out) / name).is_symlink()]
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot be used ({exc})") from exc
+    if taken:
+        raise UsageError(
+            f"--out {out} already holds {', '.join(taken)} (an earlier tuning); "
+            "pass --force to overwrite them, or name a new folder")
 
 
 def _finished(*preps: Any) -> int:
@@ -932,7 +964,7 @@ def cmd_baselines(args: argparse.Namespace) -> int:
             f"{', '.join(BASELINES)}" + (f" ({unknown[0]!r} is none)" if unknown
                                         else ""))
     if args.out:
-        _check_out_file(args.out)
+        _check_out_file(args.out, force=args.force)
     prep = _prepare(args, data_dir=args.data_dir, window=args.window,
                     seed=args.seed, need_split=True, scaling=args.scaling,
                     knots=args.knots)
@@ -947,7 +979,14 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     if args.out:
         try:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+            # "x": a file that appeared while the models ran is not overwritten.
+            with open(args.out, "w" if args.force else "x") as handle:
+                handle.write(json.dumps(out, indent=2) + "\n")
+        except FileExistsError as exc:
+            raise GatewatchError(
+                f"--out {args.out}: a file appeared there while the models ran; "
+                "not overwritten (--force overwrites it); the results are printed "
+                "above") from exc
         except OSError as exc:
             raise GatewatchError(
                 f"--out {args.out}: cannot write the results "
@@ -961,6 +1000,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from teacher.tune import DEFAULT_GRID, tune, write_table
 
     _check_out_folder(args.out)
+    _check_tables(args.out, args.force)
     windows = args.windows or [1]
     preps = {}
     for w in windows:

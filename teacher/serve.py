@@ -114,6 +114,7 @@ from edge_agent.mqtt import (
     MqttLink,
     Protocol,
     TlsOptions,
+    check_credentials,
     redact_url,
 )
 from flows.argtypes import integer, real
@@ -1221,6 +1222,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_stats_path(args.stats_json)
     check_client_id(args.client_id)
     check_broker(args.broker)
+    check_credentials(args.broker, [
+        flag for flag, value in (("--username", args.username),
+                                 ("--password-file", args.password_file)) if value
+    ])
     check_share_group(args.share_group)
     _check_store_path(args.store)
     tls = _check_tls(args)
@@ -1415,19 +1420,29 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     fields marked; after the listing one ``error:`` line names the store and
     counts them, and the exit code is 4 (partial input). So is a read that SQLite
     stopped part way (the rows before it are listed); one stopped before any row
-    is exit 3. Exit 0 when nothing was damaged.
+    is exit 3, as is a ``--store`` with no file there (input that is missing, as
+    a missing ``--data`` file is in every tool). Exit 0 when nothing was damaged.
     """
+    if args.rejected and args.decision:
+        raise UsageError(
+            "--decision applies to escalations; rejected messages (--rejected) "
+            "have no decision"
+        )
     if Path(args.store).is_dir():
         raise UsageError(
             f"--store {args.store} is a folder; expected an alert store file "
             "(the one teacher serve --store writes)"
         )
+    if not Path(args.store).exists():
+        # Input that is not there, as a missing --data file is in every tool.
+        raise BadInputError(
+            f"--store {args.store}: no such file; expected an alert store (the "
+            "file teacher serve --store writes)"
+        )
     if not Path(args.store).is_file():
-        raise UsageError(f"no alert store at {args.store} (see teacher serve --store)")
-    if args.rejected and args.decision:
-        raise UsageError(
-            "--decision applies to escalations; rejected messages (--rejected) "
-            "have no decision"
+        raise BadInputError(
+            f"--store {args.store}: not a regular file; expected an alert store "
+            "(the file teacher serve --store writes)"
         )
     store = AlertStore(args.store, readonly=True)
     try:
@@ -1652,8 +1667,10 @@ exit codes:
        re-scorer; the summary counts them, the log holds their ids); a
        checkpoint that cannot be loaded; --stats-json not written
   {EXIT_USAGE}    usage: bad flags, checked before the teacher is loaded (a share
-       group, a client id or a broker URL MQTT cannot carry, a --store
-       whose folder does not exist, a TLS or password file not there);
+       group, a client id or a broker URL MQTT cannot carry, a broker
+       port outside 1..65535, credentials both in the URL and by
+       --username/--password-file, a --store whose folder does not
+       exist, a TLS or password file not there);
        no default client id free ({MAX_CLIENT_ID_SLOTS} re-scorers of the group
        on this host) or its lock folder not usable
   {EXIT_BAD_INPUT}    bad input: --store is not an alert store (an agent outbox,
@@ -1687,9 +1704,9 @@ exit codes:
   {EXIT_OK}    ok (nothing listed included)
   {EXIT_FAILURE}    failure: the listing cannot be written to stdout (a reader that
        went away, as with | head, is no error)
-  {EXIT_USAGE}    usage: bad flags, or no store at --store
-  {EXIT_BAD_INPUT}    bad input: --store is not an alert store, or none of it can
-       be read
+  {EXIT_USAGE}    usage: bad flags, or a --store that is a folder
+  {EXIT_BAD_INPUT}    bad input: no file at --store, --store is not an alert store,
+       or none of it can be read
   {EXIT_PARTIAL_INPUT}    partial input: damaged rows, or a read SQLite stopped part
        way; every row read was listed, the damaged ones marked, and one
        error: line names the store and counts them

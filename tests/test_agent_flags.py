@@ -58,6 +58,12 @@ UP_TO_A_YEAR = "must be a number from 0 to 31,622,400"  # seconds
         ("--max-batch", "0", "--max-batch must be 1.."),
         ("--max-batch", "99999", "--max-batch must be 1..4096, got 99999"),
         ("--broker", "mqtt://[::1", "broker 'mqtt://[::1' is not a URL like"),
+        # Found: port 0 was taken as no port (1883); past 65535 said only "bad".
+        ("--broker", "mqtt://127.0.0.1:0",
+         "broker 'mqtt://127.0.0.1:0' has port 0; expected a number 1..65535"),
+        ("--broker", "mqtt://u:s3cret@127.0.0.1:65536",
+         "broker 'mqtt://u:***@127.0.0.1:65536' has a bad port; expected a number "
+         "1..65535"),
         ("--outbox-max", "0", "--outbox-max must be 1.."),
     ],
 )
@@ -69,6 +75,30 @@ def test_out_of_range_numbers_are_usage_errors(
     assert rc == 2, err
     assert f"error: {message}" in err
     assert not (tmp_path / "o.db").exists()  # refused before anything started
+
+
+@pytest.mark.parametrize("command", [
+    ["write", "--gateway", "s1/g1", "--port", "0"],
+    ["write", "--gateway", "s1/g1", "--service-port", "65536"],
+    ["check", "--host", "127.0.0.1", "--ca", "ca.pem", "--port", "0"],
+])
+def test_broker_config_ports_are_1_to_65535(command, tmp_path, capsys):
+    """Found: ``broker_config check --port 0`` (or 70000) went on to connect; a
+    listener's port is 1..65535, a usage error before anything is written or
+    dialled, as the broker URL's port is."""
+    from edge_agent.broker_config import main as broker_config
+
+    out = tmp_path / "deploy"
+    argv = [command[0], *(["--out", str(out)] if command[0] == "write" else []),
+            *command[1:]]
+    with pytest.raises(SystemExit) as info:
+        broker_config(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    flag, value = command[-2:]
+    assert err.rstrip().endswith(
+        f"error: argument {flag}: must be a number in [1, 65535], got {value!r}")
+    assert not out.exists()
 
 
 def test_a_non_utf8_password_file_is_bad_input_naming_it(tm, tmp_path, capsys):

@@ -178,6 +178,10 @@ _ZEEK_JSON = {
     [
         ("id.orig_p", "x", "expected an integer, found 'x'"),
         ("id.resp_p", 70000, "expected a port from 0 to 65535, found 70000"),
+        # Found: any text was a proto (a blank, a command line, a control code).
+        ("proto", "tcp udp", "expected a protocol name (letters, digits and - _ . "
+         "+ /, such as tcp or ipv6-icmp) or number 0..255, found 'tcp udp'"),
+        ("proto", "999", "expected a protocol number from 0 to 255, found '999'"),
         ("id.orig_h", "10.0.0.999", "expected an IPv4 or IPv6 address, found "
          "'10.0.0.999'"),
         ("ts", "soon", "expected epoch seconds or ISO-8601, found 'soon'"),
@@ -201,6 +205,25 @@ def test_a_bad_zeek_json_record_on_stdin_is_rejected_by_line_and_field(
     assert [r["uid"] for r in src] == ["C1", "C2", "C4"]
     assert src.rejected == {"bad_value": 1}
     assert src.first_rejected == f"line 3: bad_value: field {key!r}: {expected}"
+
+
+def test_a_stdin_record_whose_proto_names_no_protocol_is_rejected() -> None:
+    """Canonical names too: the record is rejected (bad_value), counted and
+    named by line and field, and the read goes on."""
+    import io
+
+    base = {"ts": 1.5, "src_ip": "10.0.0.1", "src_port": 1, "dst_ip": "10.0.0.2",
+            "dst_port": 2}
+    lines = [dict(base, uid="C1", proto="tcp"), dict(base, uid="C2", proto="\x1b[2J"),
+             dict(base, uid="C3", proto="17")]
+    text = "".join(json.dumps(o) + "\n" for o in lines)
+    src = open_source("-", stdin=io.StringIO(text))
+    assert [r["uid"] for r in src] == ["C1", "C3"]
+    assert src.rejected == {"bad_value": 1}
+    assert src.first_rejected == (
+        "line 2: bad_value: field 'proto': expected a protocol name (letters, "
+        "digits and - _ . + /, such as tcp or ipv6-icmp) or number 0..255, found "
+        "'\\x1b[2J'")
 
 
 def test_a_bad_line_of_a_followed_log_is_rejected_by_line_and_field(tmp_path):

@@ -117,3 +117,79 @@ def test_teacher_serve_keeps_the_password_out_of_its_output(
     text = "\n".join([out, err, caplog.text])
     assert f"cannot reach broker mqtt://admin:***@127.0.0.1:{port}" in err
     assert SECRET not in text
+
+
+# Credentials given twice: in the URL and by flags. Found: the two were mixed (a
+# --username with the URL's password) or one silently won.
+
+
+def test_the_link_refuses_credentials_in_the_url_and_as_arguments() -> None:
+    url = f"mqtt://admin:{SECRET}@127.0.0.1:1"
+    with pytest.raises(UsageError) as caught:
+        MqttLink(url, "x", username="bob")
+    assert str(caught.value) == (
+        "broker 'mqtt://admin:***@127.0.0.1:1' holds a user name and a password, "
+        "and username is given too; give the credentials one way: in the URL or "
+        "by the flags, not both"
+    )
+    # Either way alone is fine.
+    assert MqttLink(url, "x").username == "admin"
+    assert MqttLink("mqtt://127.0.0.1:1", "x", username="bob").username == "bob"
+
+
+@pytest.mark.parametrize(
+    ("url", "flags", "said"),
+    [
+        (f"mqtt://admin:{SECRET}@127.0.0.1:1", ["--username", "bob"],
+         "holds a user name and a password, and --username is given too"),
+        ("mqtt://admin@127.0.0.1:1", ["--password-file", "PW"],
+         "holds a user name, and --password-file is given too"),
+        (f"mqtt://admin:{SECRET}@127.0.0.1:1",
+         ["--username", "bob", "--password-file", "PW"],
+         "holds a user name and a password, and --username and --password-file "
+         "are given too"),
+    ],
+)
+def test_teacher_serve_refuses_credentials_given_twice(
+    url, flags, said, tmp_path: Path, capsys
+) -> None:
+    """A usage error before the checkpoint is loaded, naming the URL (without its
+    password) and the flags."""
+    from teacher.cli import main
+
+    pw = tmp_path / "pw"
+    pw.write_text("other\n")
+    flags = [str(pw) if f == "PW" else f for f in flags]
+    rc = main(["serve", "--checkpoint", "no-such-ckpt", "--broker", url,
+               "--store", str(tmp_path / "a.sqlite"), *flags])
+    out, err = capsys.readouterr()
+    assert rc == 2, err
+    shown = redact_url(url)
+    assert err == (f"error: broker {shown!r} {said}; give the credentials one way: "
+                   "in the URL or by the flags, not both\n")
+    assert SECRET not in out + err and "no-such-ckpt" not in err
+
+
+def test_agent_run_refuses_credentials_given_twice(
+    data_dir, tmp_path_factory, tmp_path: Path, capsys
+) -> None:
+    from edge_agent.cli import main
+    from tests.test_agent_fixtures import tiny
+
+    tm = tiny(data_dir, tmp_path_factory)
+    pw = tmp_path / "pw"
+    pw.write_text("other\n")
+    rc = main([
+        "run", "--artifact", str(tm.artifact), "--source", f"zeek:{tm.conn_log}",
+        "--broker", f"mqtt://admin:{SECRET}@127.0.0.1:1", "--password-file",
+        str(pw), "--site", "s1", "--gateway", "g1", "--outbox",
+        str(tmp_path / "o.db"), "--alerts", "",
+    ])
+    out, err = capsys.readouterr()
+    assert rc == 2, err
+    assert (
+        "error: broker 'mqtt://admin:***@127.0.0.1:1' holds a user name and a "
+        "password, and --password-file is given too; give the credentials one way"
+    ) in err
+    assert SECRET not in out + err and "Traceback" not in err
+    assert not (tmp_path / "o.db").exists()  # refused before anything started

@@ -98,11 +98,41 @@ def test_refused_login_is_a_transport_error(tmp_path: Path) -> None:
         link = MqttLink(
             f"mqtt://127.0.0.1:{port}", "x", username="nobody", password="wrong"
         )
-        with pytest.raises(TransportError, match="refused the connection"):
+        with pytest.raises(TransportError) as caught:
             link.connect(timeout=5)
+        # The reason in words with its code, not the bare code ("135").
+        assert str(caught.value) == (
+            f"broker mqtt://127.0.0.1:{port} refused the connection: "
+            "Not authorized (135)"
+        )
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [(135, "Not authorized (135)"), (134, "Bad user name or password (134)"),
+     (138, "Banned (138)")],
+)
+def test_a_refused_connect_says_the_reason_in_words(code, words, monkeypatch):
+    """Found: a refused login ended in "refused the connection: 135"; the reason
+    code's name says what it means (paho's ReasonCode holds it)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    link = MqttLink("mqtt://127.0.0.1:1", "x", protocol="5")
+
+    def refused(version, deadline):  # the broker's CONNACK, as paho hands it on
+        link._handle_connect(None, None, None, ReasonCode(PacketTypes.CONNACK,
+                                                          identifier=code), None)
+        return link._connack_rc
+
+    monkeypatch.setattr(link, "_attempt", refused)
+    with pytest.raises(TransportError) as caught:
+        link.connect(timeout=1)
+    assert str(caught.value) == (
+        f"broker mqtt://127.0.0.1:1 refused the connection: {words}")
 
 
 def _listening(port: int) -> bool:

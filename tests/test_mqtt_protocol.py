@@ -216,7 +216,12 @@ def test_bad_escalations_are_rejected_by_kind(data: bytes, kind) -> None:
         ("dst_ip", "not-an-address", "IP"),
         ("src_port", 70000, "65535"),
         ("dst_port", -1, "65535"),
-        ("proto", "\x1b[5mtcp", "control character"),
+        # A proto names a protocol (a name or a number 0..255), as the readers
+        # take it; a control character or a blank in it names none.
+        ("proto", "\x1b[5mtcp", "expected a protocol name"),
+        ("proto", "tcp udp", "expected a protocol name"),
+        ("proto", "", "expected a protocol name"),
+        ("proto", "256", "expected a protocol number from 0 to 255"),
         ("history", "Sh\x07", "control character"),
         ("service", "dns\udcff", "lone surrogate"),
         ("orig_bytes", -3, ">= 0"),
@@ -364,7 +369,7 @@ def test_a_raising_message_handler_is_counted_acked_and_does_not_escape(
     ("field", "value", "sent"),
     [
         ("history", "S\x01A", "S\\x01A"),
-        ("proto", "\x1b[5mtcp", "\\x1b[5mtcp"),
+        ("conn_state", "\x1b[5mSF", "\\x1b[5mSF"),
         ("uid", "C\x00\x7f", "C\\x00\\x7f"),
         ("label_detail", "a\\x01\n", "a\\x5cx01\\x0a"),
         ("service", "dns\udcff", "dns\\udcff"),

@@ -122,6 +122,38 @@ def test_edge_agent_parquet_source_says_it_on_one_line(data_dir, tmp_path_factor
                for ln in err.splitlines())
 
 
+@pytest.mark.parametrize(("group", "code"), [(0, 3), (1, 4)])
+def test_edge_agent_names_the_damaged_row_group_and_scores_the_ones_before(
+        data_dir, tmp_path_factory, tmp_path, capsys, group, code):
+    """Found: the agent said "row 1: damaged after 0 rows" for a file whose second
+    row group was damaged, and had scored none of the first group's rows (it read
+    in batches that ran across the groups). Now each group is read in turn: the
+    error names the file and the group, as ``flows`` does, and the flows of the
+    groups before it are scored and sent (exit 4; exit 3 when none were)."""
+    from edge_agent.cli import main
+    from tests.test_agent_fixtures import tiny
+
+    tm = tiny(data_dir, tmp_path_factory)
+    path = _damaged(tmp_path, group)
+    summary = tmp_path / "summary.json"
+
+    code_got = main(["run", "--artifact", str(tm.artifact), "--source",
+                     f"parquet:{path}", "--site", "s1", "--gateway", "g1",
+                     "--outbox", str(tmp_path / "o.db"), "--alerts", "",
+                     "--summary-json", str(summary)])
+
+    errors = _errors(capsys.readouterr().err)
+    assert code_got == code and len(errors) == 1
+    assert errors[0].startswith(
+        f"error: {path}: row group {group} cannot be read (")
+    assert "damaged after" not in errors[0] and "row 1" not in errors[0]
+    flows = json.loads(summary.read_text())["flows"]
+    assert flows == group * ROWS // 2
+    if group:
+        assert errors[0].endswith(
+            f"(the {flows} flows read before it were scored and kept)")
+
+
 def test_one_line_collapses_breaks_and_writes_control_codes_out():
     from flows.errors import one_line
 

@@ -1810,3 +1810,86 @@ def test_a_header_then_blank_lines_is_zero_rows(tmp_path):
     path = write(tmp_path, "u.csv", UNSW_HEAD + "\n\n\n")
     result = read(path)
     assert (result.format, result.table.num_rows) == ("unsw-nb15", 0)
+
+
+# ---------------------------------------------------------- proto names a protocol
+
+
+PROTO_NAME = (
+    "expected a protocol name (letters, digits and - _ . + /, such as tcp or "
+    "ipv6-icmp) or number 0..255, found "
+)
+
+
+@pytest.mark.parametrize(
+    ("proto", "found"),
+    [
+        ("tcp;rm -rf", PROTO_NAME + "'tcp;rm -rf'"),
+        ("x" * 33, PROTO_NAME + "'" + "x" * 33 + "'"),
+        ("300", "expected a protocol number from 0 to 255, found '300'"),
+    ],
+)
+def test_a_proto_that_names_no_protocol_is_a_bad_row(tmp_path, proto, found):
+    """Found: ``proto`` took any text (a whole command line, a blank). Like a port
+    outside 0..65535 it is a bad row, counted and named, in every conn reader;
+    protocol names of the shared data (tcp, ipv6-icmp, a/n, tp++, 3pc,
+    unknown_transport) and numbers 0..255 pass."""
+    import pyarrow.parquet as pq
+
+    from flows.readers.stream import parse_json_line
+    from flows.record import CONN_FIELD_NAMES, columns_to_table
+
+    # Zeek TSV, read whole and streamed.
+    bad_row = list(ROW_A)
+    bad_row[FIELDS.index("proto")] = proto
+    tsv = write(tmp_path, "conn.log", zeek_text([ROW_A, bad_row, ROW_B]))
+    result = _one_bad_value(tsv, 10, "proto", found)
+    assert result.table.column("proto").to_pylist() == ["tcp", ROW_B[6]]
+    with pytest.raises(PartialInputError) as info:
+        list(iter_records(tsv))
+    assert (info.value.line, info.value.column) == (10, "proto")
+
+    # Zeek JSON, the fast path and the line-by-line one (stdin, followed logs).
+    lines = [JSON_FLOW, dict(JSON_FLOW, proto=proto), dict(JSON_FLOW, proto="udp")]
+    js = write(tmp_path, "j.log", "".join(json.dumps(o) + "\n" for o in lines))
+    for attempt in (read, lambda p: list(iter_records(p))):
+        with pytest.raises(PartialInputError) as info:
+            attempt(js)
+        assert str(info.value) == f"{js}, line 2, column 'proto': {found}"
+    with pytest.raises(BadInputError) as info:
+        parse_json_line(json.dumps(dict(JSON_FLOW, proto=proto)), "<stdin>", 7)
+    assert str(info.value) == f"<stdin>, line 7, column 'proto': {found}"
+    assert read(js, on_error="skip").skipped == 1
+
+    # Argus binetflow.
+    argus = _argus_file(tmp_path, _argus(), _argus(Proto=proto), _argus(Proto="udp"))
+    _one_bad_value(argus, 3, "Proto", found)
+
+    # Parquet.
+    base = {"ts": 1.0, "src_ip": "10.0.0.1", "src_port": 1, "dst_ip": "10.0.0.2",
+            "dst_port": 2, "proto": "tcp"}
+    rows = [base, dict(base, proto=proto), dict(base, proto="6")]
+    pqt = tmp_path / "c.parquet"
+    pq.write_table(
+        columns_to_table({n: [r.get(n) for r in rows] for n in CONN_FIELD_NAMES}), pqt
+    )
+    with pytest.raises(PartialInputError) as info:
+        read(pqt)
+    assert str(info.value) == f"{pqt}, row 2, column 'proto': {found}"
+    skipped = read(pqt, on_error="skip")
+    assert skipped.skipped == 1
+    assert skipped.table.column("proto").to_pylist() == ["tcp", "6"]
+
+
+@pytest.mark.parametrize(
+    "proto",
+    ["tcp", "UDP", "icmp", "ipv6-icmp", "a/n", "tp++", "3pc", "ax.25",
+     "unknown_transport", "0", "6", "255"],
+)
+def test_protocol_names_and_numbers_are_protos(tmp_path, proto):
+    from flows.record import field_problem, proto_problem
+
+    assert proto_problem(proto) is None and field_problem("proto", proto) is None
+    row = list(ROW_A)
+    row[FIELDS.index("proto")] = proto
+    assert only(read(write(tmp_path, "c.log", zeek_text([row]))))["proto"] == proto

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent import protocol as proto
-from flows.errors import UsageError
+from flows.errors import BadInputError, UsageError
 from teacher.serve import _since, register
 from teacher.store import AlertStore
 
@@ -91,8 +91,9 @@ def test_alerts_command_prints_a_json_list(tmp_path: Path, capsys) -> None:
     assert args.func(args) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [r["id"] for r in listed] == ["id1"] and listed[0]["verdict"] == "malicious"
+    # No store there: bad input (exit 3), as a missing input file is everywhere.
     args = parser.parse_args(["alerts", "--store", str(tmp_path / "none.sqlite")])
-    with pytest.raises(UsageError):
+    with pytest.raises(BadInputError):
         args.func(args)
 
 

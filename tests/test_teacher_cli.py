@@ -388,6 +388,88 @@ def test_tune_rows_survive_a_failed_write(slices, tmp_path, capsys, monkeypatch)
     assert captured.err.startswith("error: --out") and "Traceback" not in captured.err
 
 
+def test_baselines_out_file_already_there_needs_force(slices, tmp_path, capsys,
+                                                     monkeypatch):
+    """Found: ``teacher baselines --out FILE`` overwrote an existing FILE without a
+    word; now refused before the models run (exit 2) unless --force, as
+    ``teacher train --out`` refuses a folder that holds something."""
+    ran = []
+
+    def run_baselines(*a, **k):
+        ran.append(1)
+        return {"rf": {"f1": 0.5}}
+    monkeypatch.setattr("teacher.baselines.run_baselines", run_baselines)
+    out = tmp_path / "b.json"
+    out.write_text("earlier results\n")
+    argv = ["baselines", "--data", str(slices[0]), "--models", "rf", "--json",
+            "--out", str(out), "-q"]
+    capsys.readouterr()
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --out {out} already exists; pass --force to overwrite "
+                   "it, or name a new file\n")
+    assert ran == [] and out.read_text() == "earlier results\n"
+
+    assert main([*argv, "--force"]) == 0
+    assert ran == [1]
+    assert json.loads(out.read_text())["baselines"] == {"rf": {"f1": 0.5}}
+
+
+def test_baselines_out_file_made_while_the_models_ran_is_kept(slices, tmp_path,
+                                                              capsys, monkeypatch):
+    out = tmp_path / "b.json"
+
+    def run_baselines(*a, **k):
+        out.write_text("someone else's\n")  # appears while the models run
+        return {"rf": {"f1": 0.5}}
+    monkeypatch.setattr("teacher.baselines.run_baselines", run_baselines)
+    capsys.readouterr()
+    assert main(["baselines", "--data", str(slices[0]), "--models", "rf",
+                 "--json", "--out", str(out), "-q"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["baselines"] == {"rf": {"f1": 0.5}}
+    assert captured.err.startswith(f"error: --out {out}: a file appeared there")
+    assert out.read_text() == "someone else's\n"
+
+
+def test_tune_out_tables_already_there_need_force(slices, tmp_path, capsys,
+                                                  monkeypatch):
+    """Found: ``teacher tune`` wrote its tables over an earlier run's in --out
+    (runs/tune by default) without a word; now refused before the grid (exit 2)
+    unless --force."""
+    rows = [{"rank": 1, "val_f1": 0.9, "val_loss": 0.1}]
+    ran = []
+
+    def tune(*a, **k):
+        ran.append(1)
+        return rows
+    monkeypatch.setattr("teacher.tune.tune", tune)
+    out = tmp_path / "tune"
+    out.mkdir()
+    (out / "tune.md").write_text("| an earlier grid |\n")
+    (out / "notes.txt").write_text("mine\n")  # not a table: no reason to refuse
+    argv = ["tune", "--data", str(slices[0]), "--budget", "0.1", "--out", str(out),
+            "-q"]
+    capsys.readouterr()
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --out {out} already holds tune.md (an earlier tuning); "
+                   "pass --force to overwrite them, or name a new folder\n")
+    assert ran == [] and (out / "tune.md").read_text() == "| an earlier grid |\n"
+
+    assert main([*argv, "--force"]) == 0
+    assert ran == [1] and json.loads((out / "tune.json").read_text()) == rows
+    assert (out / "notes.txt").read_text() == "mine\n"
+
+    # A folder holding other files only is used as before.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine\n")
+    assert main([*argv[:-3], "--out", str(other), "-q"]) == 0
+
+
 def test_sizes_with_init_from_and_an_update_in_place_are_refused(checkpoint, slices,
                                                                   tmp_path, capsys):
     # Found: --init-from silently kept the pretrained sizes over --lstm-hidden and

@@ -100,6 +100,19 @@ def test_serve_names_a_broker_url_it_cannot_parse(url, capsys):
     assert "no-such-ckpt" not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(("url", "said"), [
+    ("mqtt://127.0.0.1:0", "has port 0"),
+    ("mqtts://[::1]:65536", "has a bad port"),
+    ("mqtt://127.0.0.1:-1", "has a bad port"),
+])
+def test_serve_refuses_a_broker_port_outside_1_to_65535(url, said, capsys):
+    """Found: ``--broker mqtt://HOST:0`` was taken as no port (1883): a usage
+    error naming the URL, before the checkpoint is loaded."""
+    assert main([*SERVE, "--broker", url]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err == f"error: broker {url!r} {said}; expected a number 1..65535\n"
+
+
 @pytest.mark.parametrize("flag", ["--duration", "--connect-timeout"])
 def test_serve_takes_its_longest_waits(flag, capsys):
     """At the caps (a year, an hour) the flags pass; the command goes on to the
@@ -184,6 +197,24 @@ def test_alerts_says_a_folder_is_not_a_store(tmp_path, capsys):
     assert main(["alerts", "--store", str(tmp_path)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith(f"error: --store {tmp_path} is a folder; expected an alert")
+
+
+def test_alerts_on_a_store_that_is_not_there_is_bad_input(tmp_path, capsys):
+    """Found: ``--store NOSUCH`` was a usage error (exit 2); a missing input file
+    is bad input (exit 3) in every tool, as a missing ``--data`` file is. The
+    error names the path, and nothing is made there."""
+    from flows.errors import EXIT_BAD_INPUT
+
+    absent = tmp_path / "nosuch.sqlite"
+    assert main(["alerts", "--store", str(absent)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err == (f"error: --store {absent}: no such file; expected an alert store "
+                   "(the file teacher serve --store writes)\n")
+    assert not absent.exists()
+    # A flag conflict is still the usage error it is, whatever --store names.
+    assert main(["alerts", "--store", str(absent), "--rejected", "--decision",
+                 "benign"]) == EXIT_USAGE
+    assert "--decision applies to escalations" in capsys.readouterr().err
 
 
 def test_serve_exits_130_on_ctrl_c_after_its_summary(fake_serve, tmp_path,

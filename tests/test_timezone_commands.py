@@ -28,6 +28,12 @@ UNKNOWN = (
     "IANA name such as Europe/Prague or America/New_York, or UTC"
 )
 
+NO_ZONE_OF_ITS_OWN = (
+    "it names no zone of its own (a link to this machine's zone, or a "
+    "placeholder); "
+)
+
+
 
 def _when(i: int) -> tuple[int, ...]:
     """Local date and time of row ``i``: the first half in January, then August."""
@@ -339,6 +345,49 @@ def test_an_unknown_zone_is_a_usage_error_naming_it(tool, argv, tmp_path, capsys
     assert out == "" and err.startswith(f"usage: {tool} {argv[0]} ")
     assert err.rstrip().splitlines()[-1] == f"{tool} {argv[0]}: {UNKNOWN}"
     assert "Traceback" not in err and not (tmp_path / "O").exists()
+
+
+@pytest.mark.parametrize(
+    ("zone", "why"),
+    [
+        ("localtime", NO_ZONE_OF_ITS_OWN),
+        ("posixrules", NO_ZONE_OF_ITS_OWN),
+        ("Factory", NO_ZONE_OF_ITS_OWN),
+        ("posix/Europe/Prague", ""),
+        ("right/UTC", ""),
+    ],
+)
+@pytest.mark.parametrize("tool", ["flows", "teacher", "compress"])
+def test_files_of_the_zone_folder_that_are_no_iana_zone_are_refused(
+    zone, why, tool, argus, tmp_path, capsys, monkeypatch
+):
+    """Found: ``--timezone localtime`` (this machine's zone, whatever it is),
+    ``Factory`` and the ``posix/``/``right/`` copies were taken, because zoneinfo
+    opens them; only names of the IANA list are zones."""
+    from flows.errors import EXIT_USAGE
+
+    def prepare(*args, **kwargs):
+        raise AssertionError("data loaded with a zone that is no zone")
+
+    monkeypatch.setattr("teacher.data.prepare", prepare)
+    main = __import__(f"{tool}.cli", fromlist=["main"]).main
+    argv = {"flows": ["inspect", str(argus)],
+            "teacher": ["eval", "--checkpoint", "C", "--data", str(argus)],
+            "compress": ["eval", "--artifact", "A", "--data", str(argus)]}[tool]
+    assert main([*argv, "--timezone", zone]) == EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert err.rstrip().splitlines()[-1] == (
+        f"{tool} {argv[0]}: error: argument --timezone: unknown time zone "
+        f"{zone!r}: {why}expected an IANA name such as Europe/Prague or "
+        "America/New_York, or UTC")
+
+
+@pytest.mark.parametrize("zone", ["Etc/UTC", "GMT", "US/Eastern", "Etc/GMT+5"])
+def test_iana_zones_and_their_aliases_are_taken(zone):
+    from flows.argtypes import zone_name
+
+    assert zone_name(zone) == zone
 
 
 @pytest.mark.parametrize(

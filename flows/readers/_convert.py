@@ -70,6 +70,27 @@ def check_addresses(arr: pa.Array, column: str, bad: BadRows) -> None:
         bad.add(int(row), column, wrong[arr[int(row)].as_py()])
 
 
+def check_protos(arr: pa.Array, column: str, bad: BadRows) -> None:
+    """Note the rows whose ``proto`` names no protocol (nulls pass); see
+    ``record.proto_problem``. A column holds few distinct values: each is checked
+    once."""
+    from flows.record import proto_problem
+
+    if len(arr) == 0:
+        return
+    wrong = {}
+    for value in pc.unique(arr).to_pylist():
+        if value is not None:
+            problem = proto_problem(value)
+            if problem is not None:
+                wrong[value] = problem
+    if not wrong:
+        return
+    hit = pc.is_in(arr, value_set=pa.array(list(wrong), type=pa.string()))
+    for row in np.flatnonzero(np.asarray(hit.fill_null(False))):
+        bad.add(int(row), column, wrong[arr[int(row)].as_py()])
+
+
 def check_ports(arr: pa.Array, column: str, bad: BadRows) -> None:
     """Note the rows whose port is not a whole number in 0..65535 (nulls pass).
 

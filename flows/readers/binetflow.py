@@ -9,7 +9,8 @@ Mapping onto the canonical conn record:
   the first of the two, and a time it skips (the hour lost when summer time starts)
   with the offset from before the change (Python's ``fold=0``). A ``ts`` before 1970
   (below 0) makes the row a bad row, named ``StartTime``.
-  ``Dur`` -> ``duration``; ``Proto`` -> ``proto`` (lower case);
+  ``Dur`` -> ``duration``; ``Proto`` -> ``proto`` (lower case; one that is neither
+  a protocol name nor a number 0..255 makes the row a bad row);
   ``SrcAddr``/``Sport`` -> ``src_ip``/``src_port`` and ``DstAddr``/``Dport`` ->
   ``dst_ip``/``dst_port`` (hex ports such as ``0x0035`` are read as numbers); an
   address that is not IPv4/IPv6 or a port outside 0..65535 makes the row a bad
@@ -38,8 +39,9 @@ Mapping onto the canonical conn record:
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +53,7 @@ from flows.readers._convert import (
     check_addresses,
     check_counts,
     check_ports,
+    check_protos,
     check_times,
     note_rows,
     to_number,
@@ -67,22 +70,40 @@ REQUIRED = ("StartTime", "Proto", "SrcAddr", "DstAddr")
 # Columns of durations and packet/byte counts, never below 0.
 COUNTS = ("Dur", "TotBytes", "SrcBytes", "TotPkts", "SrcPkts")
 DEFAULT_TIMEZONE = "UTC"
+# Files of the system's zone folder that zoneinfo opens but that name no zone:
+# links to whatever zone this machine is set to (so a file would be read in a
+# different zone on each machine), and tzdata's placeholder zone.
+NOT_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+
+
+@functools.cache
+def zone_names() -> frozenset[str]:
+    """The IANA zone names this Python knows (the ``tzdata`` package's list and
+    the system's zone folder; ``posix/`` and ``right/`` copies not included),
+    less :data:`NOT_ZONES`. Read once: it opens every file of the folder."""
+    return frozenset(available_timezones()) - NOT_ZONES
 
 
 def time_zone(name: str) -> ZoneInfo | None:
     """The zone ``name`` (an IANA name) for reading StartTime; None for ``UTC``.
 
-    An unknown name is a UsageError. ``UTC`` needs no zone data.
+    A name that is not an IANA zone (not in :func:`zone_names`: a typo, a path,
+    ``localtime``) is a UsageError. ``UTC`` needs no zone data.
     """
     if name == DEFAULT_TIMEZONE:
         return None
+    expected = "expected an IANA name such as Europe/Prague or America/New_York, or UTC"
+    if name in NOT_ZONES:
+        raise UsageError(
+            f"unknown time zone {name!r}: it names no zone of its own (a link to "
+            f"this machine's zone, or a placeholder); {expected}"
+        )
     try:
+        if name not in zone_names():
+            raise ZoneInfoNotFoundError(name)
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise UsageError(
-            f"unknown time zone {name!r}: expected an IANA name such as "
-            "Europe/Prague or America/New_York, or UTC"
-        ) from None
+        raise UsageError(f"unknown time zone {name!r}: {expected}") from None
 
 
 def read_binetflow(
@@ -130,6 +151,7 @@ def read_binetflow(
     check_times(out["ts"], "StartTime", bad)
     out["duration"] = number("Dur", "f64")
     out["proto"] = pc.utf8_lower(col("Proto"))
+    check_protos(out["proto"], "Proto", bad)
     out["src_ip"] = col("SrcAddr")
     out["dst_ip"] = col("DstAddr")
     out["src_port"] = number("Sport", "i64")

@@ -3,7 +3,8 @@
 The family comes from the ``gatewatch.family`` key of the file's metadata, else from
 the columns (the canonical conn fields, or the NSL-KDD/UNSW/CIC labels). A conn
 table is cast to the canonical schema, with any extra columns kept after it; a row
-whose address is not an IP address, whose port is outside 0..65535, whose duration
+whose address is not an IP address, whose port is outside 0..65535, whose
+``proto`` is neither a protocol name nor a number 0..255, whose duration
 or count is negative or whose ``ts`` is not finite, lies before 1970 (below 0) or at
 or past the year 10000 is a bad row, named by its 1-based row number (``on_error``
 as for the text readers).
@@ -100,7 +101,7 @@ def _check_rows(
     from flows.readers.zeek import check_endpoints
     from flows.record import ADDRESS_FIELDS, COUNT_FIELDS, PORT_FIELDS
 
-    names = (*ADDRESS_FIELDS, *PORT_FIELDS, "ts", *COUNT_FIELDS)
+    names = (*ADDRESS_FIELDS, *PORT_FIELDS, "proto", "ts", *COUNT_FIELDS)
     arrays = {name: table.column(name).combine_chunks() for name in names}
     bad = BadRows()
     check_endpoints(arrays, bad, zeek_names=False)

@@ -44,6 +44,7 @@ from flows.record import (
     PORT_RANGE,
     field_problem,
     is_address,
+    proto_problem,
     time_problem,
 )
 
@@ -211,6 +212,9 @@ class TsvLineParser:
             value = record[canon]
             if value is not None and not _PORT_LOW <= value <= _PORT_HIGH:
                 self._bad_field(canon, value, line_no)
+        proto = record["proto"]
+        if proto is not None and proto_problem(proto):
+            self._bad_field("proto", proto, line_no)
         for canon in COUNT_FIELDS:
             value = record[canon]
             if value is not None and value < 0:

@@ -44,6 +44,7 @@ from flows.readers._convert import (
     check_counts,
     check_finite,
     check_ports,
+    check_protos,
     check_times,
     null_tokens,
     to_number,
@@ -468,8 +469,8 @@ def check_endpoints(
     arrays: dict[str, pa.Array], bad: BadRows, zeek_names: bool = True
 ) -> None:
     """Note rows whose addresses are not IP addresses, ports are not 0..65535,
-    durations or counts are negative, times and durations are not finite, or times
-    are below 0 (before 1970).
+    ``proto`` names no protocol, durations or counts are negative, times and
+    durations are not finite, or times are below 0 (before 1970).
 
     ``arrays`` holds canonical columns; problems name Zeek's column (``id.orig_h``)
     or, with ``zeek_names=False``, the canonical one (``src_ip``).
@@ -481,6 +482,7 @@ def check_endpoints(
         check_addresses(arrays[canon], name(canon), bad)
     for canon in PORT_FIELDS:
         check_ports(arrays[canon], name(canon), bad)
+    check_protos(arrays["proto"], name("proto"), bad)
     check_times(arrays["ts"], name("ts"), bad)
     check_finite(arrays["duration"], name("duration"), bad)
     for canon in COUNT_FIELDS:
@@ -720,7 +722,7 @@ def json_record(obj: dict, stats: dict | None = None) -> dict:
         if record[canon] is None and name != "proto":
             how = "null" if _has_key(obj, name) else "missing"
             raise _FieldError(name, f"required key {name!r} is {how}")
-    for canon in ADDRESS_FIELDS + PORT_FIELDS + COUNT_FIELDS:
+    for canon in ADDRESS_FIELDS + PORT_FIELDS + ("proto",) + COUNT_FIELDS:
         problem = field_problem(canon, record[canon])
         if problem is not None:
             raise _FieldError(CANON_TO_ZEEK.get(canon, canon), problem)
