@@ -86,8 +86,8 @@ exit codes:
        other files; --gate split with a teacher that held out no types;
        --target torch-int8 with --student, --widths, a distillation,
        pruning or QAT flag (--epochs, --lr, --batch-size,
-       --max-train-rows, --prune-ratios, --no-prune, --distill-noise,
-       --distill-swap, --distill-alpha, --qat, --qat-epochs),
+       --max-train-rows, --restarts, --prune-ratios, --no-prune, --distill-noise,
+       --distill-swap, --distill-swap-rows, --distill-alpha, --qat, --qat-epochs),
        --threshold-rule teacher-rate or --gate split (the teacher itself
        is quantized: no student is made, its threshold is the best
        validation F1 one and its gate validation F1)
@@ -140,8 +140,9 @@ TARGET_CHOICES = (
 # (:func:`_check_torch_int8_flags`); :func:`_student_settings` fills in the rest.
 STUDENT_DEFAULTS: dict[str, Any] = {
     "epochs": 12, "lr": 3e-3, "batch_size": 512, "max_train_rows": None,
-    "prune_ratios": None, "no_prune": False, "distill_noise": None,
-    "distill_swap": None, "distill_alpha": None, "qat": "auto", "qat_epochs": 3,
+    "prune_ratios": None, "restarts": None, "no_prune": False, "distill_noise": None,
+    "distill_swap": None, "distill_swap_rows": None, "distill_alpha": None,
+    "qat": "auto", "qat_epochs": 3,
 }
 
 
@@ -208,14 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
                   "for its data, UTC if none); recorded in the artifact's "
                   "provenance")
     run.add_argument("--widths", type=integers(1, MAX_WIDTH),
-                     help="student widths to search, tried in the order given; "
-                          "the first width that passes is kept, with its pruned "
+                     help="student widths to search, tried in the order given "
+                          "(a repeat once); the first width that passes is kept, "
+                          "with its pruned "
                           "versions (default for nsl-kdd teachers 64,96,4,8,16,32, "
                           "else 4,8,16,32,64); not with "
                           "--target torch-int8 (exit 2)")
+    run.add_argument("--restarts", type=integer(0, 10), default=None,
+                     help="more initialisations of a width tried when it misses the "
+                          "gate, before the next width (default 2 for nsl-kdd "
+                          "teachers, else 0)")
     run.add_argument("--prune-ratios", type=reals(0, 1, lo_open=True, hi_open=True),
-                     help="structured pruning ratios tried on a passing student "
-                          "(default: none for nsl-kdd teachers, else 0.5)")
+                     help="structured pruning ratios tried on a passing student, "
+                          "each once (default: none for nsl-kdd teachers, else "
+                          "0.5)")
     run.add_argument("--no-prune", action="store_true", default=None,
                      help="skip pruning")
     run.add_argument("--epochs", type=integer(1, 100_000),
@@ -232,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="share of each student training window's columns taken "
                           "from another window, re-scored by the teacher (default "
                           "0.3 for nsl-kdd teachers, else 0: none)")
+    run.add_argument("--distill-swap-rows", type=real(0, 1, lo_open=True),
+                     default=None,
+                     help="share of each batch's windows that get swapped columns, "
+                          "the rest left as they are (default 0.5 for nsl-kdd "
+                          "teachers, else 1: every window)")
     run.add_argument("--distill-alpha", type=real(0, 1), default=None,
                      help="weight of the teacher's soft targets against the hard "
                           "labels (default 1.0 with noise or swapping, else 0.5)")
@@ -425,6 +437,20 @@ def _student_settings(args: argparse.Namespace) -> None:
             setattr(args, dest, default)
 
 
+def _once(flag: str, values: list | None) -> list | None:
+    """``values`` without repeats, in the order given (None stays None): a width
+    or pruning ratio given twice would be distilled, pruned and verified twice
+    for the same result. Repeats are said in one warning."""
+    if values is None:
+        return None
+    kept = list(dict.fromkeys(values))
+    if len(kept) < len(values):
+        twice = [v for v in kept if values.count(v) > 1]
+        logger.warning("%s: %s given more than once; each is tried once", flag,
+                       ", ".join(f"{v:g}" for v in twice))
+    return kept
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``compress run``."""
     _check_torch_int8_flags(args)  # before torch is imported: a usage error is quick
@@ -432,6 +458,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--no-prune and --prune-ratios contradict each other; "
                          "give one of them")
     _student_settings(args)
+    args.widths = _once("--widths", args.widths)
+    args.prune_ratios = _once("--prune-ratios", args.prune_ratios)
     import torch
 
     from compress.pipeline import (
@@ -456,6 +484,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         dataset=args.dataset if args.data is None else str(args.data),
         timezone=args.timezone,
         widths=RunConfig.widths if args.widths is None else tuple(args.widths),
+        restarts=args.restarts,
         prune_ratios=() if args.no_prune else (
             None if args.prune_ratios is None else tuple(args.prune_ratios)),
         distill=DistillConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
@@ -467,6 +496,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         qat_epochs=args.qat_epochs,
         distill_noise=args.distill_noise,
         distill_swap=args.distill_swap,
+        distill_swap_rows=args.distill_swap_rows,
         distill_alpha=args.distill_alpha,
         threshold_rule=args.threshold_rule,
         gate=args.gate,

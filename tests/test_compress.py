@@ -124,6 +124,9 @@ def test_run_onnx_int8_artifact_is_verified_and_measured(teacher_dir: Path,
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert result.artifacts == {"onnx-int8": out}
+    # The first initialisation of mlp-16, from the run's seed.
+    assert (manifest["student"]["initialisation"], manifest["student"]["seed"]) == (
+        1, 0)
     for key in ("schema_version", "target", "model_file", "size_bytes", "params",
                 "student", "input", "output", "metrics", "agreement",
                 "teacher_metrics", "sha256", "provenance", "model_version", "probe"):
@@ -423,7 +426,12 @@ def test_ctrl_c_during_the_search_leaves_no_staging_folder(
 
 
 def test_students_learn_with_the_families_settings_unless_told(onnx_run) -> None:
-    from compress.pipeline import FAMILY_NOISE, FAMILY_SWAP, distill_settings
+    from compress.pipeline import (
+        FAMILY_NOISE,
+        FAMILY_SWAP,
+        FAMILY_SWAP_ROWS,
+        distill_settings,
+    )
 
     def settings(provenance, **flags):
         cfg = _fast_config(target="onnx-int8", teacher=Path("t"), out=Path("o"),
@@ -445,7 +453,19 @@ def test_students_learn_with_the_families_settings_unless_told(onnx_run) -> None
     assert settings(nsl, distill_noise=0.05) == (0.05, 0.3, 1.0)
     assert settings(conn, distill_noise=0.02, distill_swap=0.3) == (0.02, 0.3, 1.0)
     assert settings(nsl, distill_alpha=0.3, distill_swap=0.0) == (0.0, 0.0, 0.3)
+    # nsl-kdd (student round 11): half of each batch swapped; others every window.
+    assert FAMILY_SWAP_ROWS == {"nsl-kdd": 0.5}
+
+    def swap_rows(provenance, **flags):
+        cfg = _fast_config(target="onnx-int8", teacher=Path("t"), out=Path("o"),
+                           **flags)
+        return distill_settings(cfg, provenance).swap_rows
+
+    assert (swap_rows(nsl), swap_rows(conn), swap_rows({})) == (0.5, 1.0, 1.0)
+    assert swap_rows(nsl, distill_swap_rows=1.0) == 1.0
+    assert swap_rows(conn, distill_swap_rows=0.25) == 0.25
     for bad in ({"distill_noise": -0.1}, {"distill_swap": 1.5},
+                {"distill_swap_rows": 0.0}, {"distill_swap_rows": 1.5},
                 {"distill_alpha": 2.0}):
         with pytest.raises(UsageError):
             _fast_config(target="onnx-int8", teacher=Path("t"), out=Path("o"), **bad)
@@ -896,7 +916,8 @@ def test_student_flags_with_torch_int8_are_a_usage_error(
 STUDENT_ONLY = [
     ["--epochs", "12"], ["--lr", "0.003"], ["--batch-size", "512"],
     ["--max-train-rows", "1000"], ["--prune-ratios", "0.5"], ["--no-prune"],
-    ["--distill-noise", "0.05"], ["--distill-swap", "0.3"], ["--distill-alpha", "1"],
+    ["--distill-noise", "0.05"], ["--distill-swap", "0.3"],
+    ["--distill-swap-rows", "0.5"], ["--distill-alpha", "1"],
     ["--qat", "auto"], ["--qat-epochs", "3"],
     ["--threshold-rule", "teacher-rate"], ["--gate", "split"],
 ]
@@ -979,11 +1000,43 @@ def test_student_flags_not_given_take_their_documented_defaults(
     # Widths and pruning are left to the teacher's family (with_search_defaults).
     assert (cfg.widths, cfg.prune_ratios) == (None, None)
     assert (cfg.qat, cfg.qat_epochs) == ("auto", 3)
-    assert (cfg.distill_noise, cfg.distill_swap, cfg.distill_alpha) == (None,) * 3
+    assert (cfg.distill_noise, cfg.distill_swap, cfg.distill_swap_rows,
+            cfg.distill_alpha) == (None,) * 4
     assert (cfg.threshold_rule, cfg.gate) == (None, "same")
     assert main([*argv, "--no-prune", "--epochs", "2", "--qat", "off"]) == 2
     cfg = seen["cfg"]
     assert (cfg.prune_ratios, cfg.distill.epochs, cfg.qat) == ((), 2, "off")
+
+
+def test_repeated_prune_ratios_and_widths_are_tried_once(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """Found: ``--prune-ratios 0.5,0.5`` pruned, fine-tuned and verified the same
+    student twice. Repeats are dropped in the order given, with one warning."""
+    import logging
+
+    import compress.pipeline
+    from compress.cli import main
+
+    seen = {}
+
+    def fake_run(cfg, progress=None):
+        seen["cfg"] = cfg
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(compress.pipeline, "run", fake_run)
+    argv = ["run", "--target", "onnx-int8", "--teacher", str(tmp_path / "t"),
+            "--out", str(tmp_path / "out"), "--prune-ratios", "0.5,0.25,0.50,0.25",
+            "--widths", "8,4,8"]
+    with caplog.at_level(logging.WARNING, logger="gatewatch"):
+        assert main(argv) == 2
+    cfg = seen["cfg"]
+    assert cfg.prune_ratios == (0.5, 0.25) and cfg.widths == (8, 4)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        "--widths: 8 given more than once; each is tried once",
+        "--prune-ratios: 0.5, 0.25 given more than once; each is tried once",
+    ]
 
 
 def test_an_out_under_a_file_is_refused_before_any_work(tmp_path: Path, capsys):
@@ -1045,10 +1098,12 @@ def test_nsl_kdd_students_start_wide_and_unpruned_unless_told() -> None:
     base = RunConfig(target="onnx-int8", teacher=Path("t"), out=Path("o"))
     nsl = with_search_defaults(base, {"family": "nsl-kdd"})
     assert (nsl.widths, nsl.prune_ratios) == ((64, 96, 4, 8, 16, 32), ())
+    assert nsl.restarts == 2  # round 11's check: another initialisation first
     conn = with_search_defaults(base, {"family": "conn"})
     assert (conn.widths, conn.prune_ratios) == ((4, 8, 16, 32, 64), (0.5,))
+    assert conn.restarts == 0
     told = RunConfig(target="onnx-int8", teacher=Path("t"), out=Path("o"),
-                     widths=(8,), prune_ratios=(0.3,))
+                     widths=(8,), prune_ratios=(0.3,), restarts=1)
     assert with_search_defaults(told, {"family": "nsl-kdd"}) == told
     off = RunConfig(target="onnx-int8", teacher=Path("t"), out=Path("o"),
                     prune_ratios=())
@@ -1066,7 +1121,7 @@ def test_the_search_tries_widths_in_the_order_given_and_keeps_the_first_pass(
 
     tried: list[tuple[int, float]] = []
 
-    def fake_try(ctx, target, kind, width, ratio, stage, frontier):
+    def fake_try(ctx, target, kind, width, ratio, stage, frontier, restart=0):
         tried.append((width, ratio))
         if width in (8, 16):
             return pipeline.Candidate(target=target, kind=kind, width=width,
@@ -1082,6 +1137,93 @@ def test_the_search_tries_widths_in_the_order_given_and_keeps_the_first_pass(
 
     assert [w for w, _ in tried] == [64, 96, 4, 8]
     assert best.width == 8
+
+
+def test_a_width_that_misses_is_tried_again_from_other_initialisations(
+    monkeypatch,
+) -> None:
+    """--restarts N: up to N more initialisations of a width before the next one;
+    the first that passes is kept, and pruning starts from it."""
+    from types import SimpleNamespace
+
+    import compress.pipeline as pipeline
+
+    tried: list[tuple[int, float, int]] = []
+
+    def fake_try(ctx, target, kind, width, ratio, stage, frontier, restart=0):
+        tried.append((width, ratio, restart))
+        if (width, restart) == (96, 1):
+            return pipeline.Candidate(target=target, kind=kind, width=width,
+                                      prune_ratio=ratio, restart=restart,
+                                      size_bytes=1000 - int(ratio * 100),
+                                      passed=True)
+        return None
+
+    monkeypatch.setattr(pipeline, "_try", fake_try)
+    cfg = pipeline.RunConfig(target="tflite-int8", teacher=Path("t"), out=Path("o"),
+                             student="mlp", widths=(64, 96, 4), prune_ratios=(0.5,),
+                             restarts=2)
+    ctx = SimpleNamespace(cfg=cfg, prep=SimpleNamespace(window=1))
+    best, _ = pipeline._search(ctx, "tflite-int8", Path("stage"))
+
+    assert tried == [(64, 0.0, 0), (64, 0.0, 1), (64, 0.0, 2), (96, 0.0, 0),
+                     (96, 0.0, 1), (96, 0.5, 1)]
+    assert (best.width, best.restart, best.prune_ratio) == (96, 1, 0.5)
+    assert best.label == "mlp-96#2" and best.row()["student"] == "mlp-96#2"
+
+
+def test_each_initialisation_is_its_own_student_and_seed() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    import compress.pipeline as pipeline
+    from student.distill import ArrayWindows, DistillConfig
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 1, 6), dtype=np.float32)
+    y = (x[:, 0, 0] > 0.5).astype(np.int64)
+
+    class Prep(ArrayWindows):
+        n_features, window = 6, 1
+
+    said: list[str] = []
+    ctx = SimpleNamespace(
+        students={}, distill=DistillConfig(epochs=1, seed=3), prep=Prep(x),
+        train=np.arange(200), val=np.arange(200, 300), y=y,
+        t_train=(x[:200, 0, 0] - 0.5).astype(np.float32), progress=said.append)
+    first = pipeline._student(ctx, "mlp", 8, 0.0)
+    again = pipeline._student(ctx, "mlp", 8, 0.0, 0)
+    second = pipeline._student(ctx, "mlp", 8, 0.0, 1)
+
+    assert again is first and second is not first
+    assert not torch.equal(first.fc1.weight, second.fc1.weight)
+    assert said == ["distilling mlp-8", "distilling mlp-8 (initialisation 2)"]
+    assert pipeline.student_seed(3, 0) == 3 and pipeline.student_seed(3, 1) == 1003
+    # The second initialisation is the student a fresh run with seed 1003 makes.
+    alone = SimpleNamespace(**{**ctx.__dict__, "students": {},
+                               "distill": DistillConfig(epochs=1, seed=1003)})
+    assert torch.equal(pipeline._student(alone, "mlp", 8, 0.0).fc1.weight,
+                       second.fc1.weight)
+
+
+def test_the_run_fills_in_the_family_restarts_on_its_own_config(
+    teacher_dir: Path, tmp_path: Path, monkeypatch,
+) -> None:
+    """The search reads ``cfg.restarts`` off the run's config: the family default
+    must land there (it once did not, and no restart was ever tried)."""
+    import compress.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "DEFAULT_RESTARTS", 1)
+    cfg = _fast_config(target="onnx-int8", teacher=teacher_dir,
+                       out=tmp_path / "art", student="mlp", widths=(4,))
+    pipeline._context(cfg, lambda msg: None)
+    assert cfg.restarts == 1
+    told = _fast_config(target="onnx-int8", teacher=teacher_dir,
+                        out=tmp_path / "art", student="mlp", widths=(4,), restarts=0)
+    pipeline._context(told, lambda msg: None)
+    assert told.restarts == 0
 
 
 def test_widths_given_on_the_command_line_are_searched_in_the_order_given(

@@ -164,6 +164,33 @@ def test_swapped_columns_come_from_another_window_of_the_batch() -> None:
     assert np.mean(swapped) == pytest.approx(0.3, abs=0.05)
 
 
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.2])
+def test_swap_rows_alters_that_share_of_each_batch_and_leaves_the_rest(share) -> None:
+    torch.set_num_threads(1)
+    n, w, f = 2000, 1, 40
+    # Every value of row r is r: a window with one value left is a row as it was.
+    x = np.repeat(np.arange(n, dtype=np.float32), w * f).reshape(n, w, f)
+    y = (np.arange(n) % 2).astype(np.int64)
+    seen: list[np.ndarray] = []
+
+    def teacher(windows: np.ndarray) -> np.ndarray:
+        seen.append(windows.copy())
+        return np.zeros(len(windows), dtype=np.float32)
+
+    model = build_student("mlp", f, w, width=4, seed=0)
+    cfg = DistillConfig(epochs=1, batch_size=200, patience=1, swap=0.3,
+                        swap_rows=share, alpha=1.0)
+    distill(model, ArrayWindows(x), np.arange(1800), y, np.zeros(1800, np.float32),
+            np.arange(1800, n), cfg, teacher_fn=teacher)
+
+    shown = np.concatenate(seen)[:, 0]
+    assert len(shown) == 1800
+    altered = np.array([len(np.unique(window)) > 1 for window in shown])
+    # A window drawn for swapping stays whole only when its donor is itself
+    # (1 in 200) or no column was drawn (0.7 ** 40): below 1 % either way.
+    assert altered.mean() == pytest.approx(share, abs=0.04)
+
+
 def test_mixup_blends_pairs_of_training_windows_as_beta_says() -> None:
     torch.set_num_threads(1)
     n, w = 400, 2
