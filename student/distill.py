@@ -27,8 +27,10 @@ soft term with the squared difference of the logits themselves (no temperature):
 the student copies the teacher's whole logit scale, far from the cut as well as
 near it. ``select="teacher"`` keeps the epoch whose soft loss against the teacher
 on the validation windows is lowest, instead of the hard-label loss; early stopping
-follows the same measure. ``swap_rows`` below 1 alters only that share of each
-batch's windows, the rest stay as the data has them.
+follows the same measure; ``select="f1"`` keeps the epoch of the best F1 on the
+validation windows (at the best cut), the measure the gate reads. ``swap_rows``
+below 1 alters only that share of each batch's windows, the rest stay as the data
+has them.
 """
 
 from __future__ import annotations
@@ -115,6 +117,26 @@ def logit_mse_loss(
     return alpha * soft + (1.0 - alpha) * hard
 
 
+def best_f1(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The highest F1 over every cut of ``scores`` against 0/1 ``labels``.
+
+    >>> best_f1(np.array([0, 1, 1, 0]), np.array([0.1, 0.8, 0.4, 0.5]))
+    0.8
+    """
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    y = np.asarray(labels, dtype=np.float64)[order]
+    positives = y.sum()
+    if positives == 0:
+        return 0.0
+    tp = np.cumsum(y)
+    flagged = np.arange(1, len(y) + 1)
+    # Only cuts between distinct scores: ties are flagged together.
+    s = np.asarray(scores, dtype=np.float64)[order]
+    last = np.r_[s[1:] != s[:-1], True]
+    f1 = 2 * tp[last] / (flagged[last] + positives)
+    return float(f1.max())
+
+
 def _soft_loss(cfg: DistillConfig, student, teacher, labels) -> torch.Tensor:
     if cfg.loss == "mse":
         return logit_mse_loss(student, teacher, labels, alpha=cfg.alpha)
@@ -146,9 +168,9 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.loss not in ("kd", "mse"):
             raise ValueError(f"loss must be 'kd' or 'mse', got {self.loss!r}")
-        if self.select not in ("label", "teacher"):
+        if self.select not in ("label", "teacher", "f1"):
             raise ValueError(
-                f"select must be 'label' or 'teacher', got {self.select!r}")
+                f"select must be 'label', 'teacher' or 'f1', got {self.select!r}")
         if not 0.0 < self.swap_rows <= 1.0:
             raise ValueError(f"swap_rows must be in (0, 1], got {self.swap_rows}")
 
@@ -299,7 +321,9 @@ def distill(
 
         # Validation loss on hard labels; keep the best weights.
         val = torch.from_numpy(student_logits(model, source, val_rows))
-        if t_val is None:
+        if cfg.select == "f1":
+            val_loss = 1.0 - best_f1(y_val.numpy(), val.numpy())
+        elif t_val is None:
             val_loss = float(nnf.binary_cross_entropy_with_logits(val, y_val))
         else:
             val_loss = float(_soft_loss(
