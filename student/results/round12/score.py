@@ -6,8 +6,8 @@ its own; beside it the gate's proxy: the best F1 of each student and of the
 teacher on the fold's validation rows outside the held-out families. Usage, from
 the repository root with GATEWATCH_DATA set::
 
-    python student/results/round11/score.py runs/students-round8 \\
-        > student/results/round11/val-results.json
+    python student/results/round12/score.py runs/students-round8 \\
+        > student/results/round12/val-results.json
 """
 
 from __future__ import annotations
