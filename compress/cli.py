@@ -396,8 +396,8 @@ def _check_out(out: Path, teacher: Path | None = None) -> None:
     check_writable_above(out, f"--out {out}")
     if inside:
         raise UsageError(
-            f"--out {out} is inside the teacher's checkpoint {teacher}; the "
-            "artifact's files would overwrite the checkpoint's (name another folder)")
+            f"--out {out} is the --teacher folder {teacher} or inside it; the "
+            "artifact's files would mix with the teacher's (name another folder)")
 
 
 def _check_torch_int8_flags(args: argparse.Namespace) -> None:

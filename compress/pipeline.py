@@ -506,6 +506,11 @@ def distill_settings(cfg: RunConfig, provenance: dict[str, Any]) -> DistillConfi
             f"--distill-alpha {alpha} weighs in hard labels, but a window with "
             "swapped columns has none; use --distill-alpha 1 or --distill-swap 0")
     swap_rows = cfg.distill_swap_rows
+    if swap_rows is not None and swap == 0:
+        raise UsageError(
+            f"--distill-swap-rows {swap_rows:g} says how many windows get swapped "
+            "columns, but none are swapped here (--distill-swap 0, or a teacher "
+            "family without swapping); drop it or give --distill-swap")
     if swap_rows is None:
         swap_rows = FAMILY_SWAP_ROWS.get(provenance.get("family"), 1.0)
     return DistillConfig(**{**cfg.distill.__dict__, "input_noise": noise,

@@ -463,7 +463,11 @@ def test_students_learn_with_the_families_settings_unless_told(onnx_run) -> None
 
     assert (swap_rows(nsl), swap_rows(conn), swap_rows({})) == (0.5, 1.0, 1.0)
     assert swap_rows(nsl, distill_swap_rows=1.0) == 1.0
-    assert swap_rows(conn, distill_swap_rows=0.25) == 0.25
+    assert swap_rows(conn, distill_swap=0.3, distill_swap_rows=0.25) == 0.25
+    # Nothing swapped, so a share of swapped windows would be silently void.
+    for provenance, flags in ((conn, {}), ({}, {}), (nsl, {"distill_swap": 0.0})):
+        with pytest.raises(UsageError, match="none are swapped here"):
+            swap_rows(provenance, distill_swap_rows=0.25, **flags)
     for bad in ({"distill_noise": -0.1}, {"distill_swap": 1.5},
                 {"distill_swap_rows": 0.0}, {"distill_swap_rows": 1.5},
                 {"distill_alpha": 2.0}):
@@ -611,7 +615,7 @@ def test_out_inside_the_teachers_folder_is_refused(teacher_dir: Path, capsys) ->
         code = main(["run", "--target", "onnx-int8", "--teacher", str(teacher_dir),
                      "--out", str(out)])
         err = capsys.readouterr().err
-        assert code == 2 and "inside the teacher's checkpoint" in err
+        assert code == 2 and "is the --teacher folder" in err and "or inside it" in err
     assert not (teacher_dir / "art").exists()
 
 
