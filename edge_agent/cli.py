@@ -30,11 +30,13 @@ whose reader went away (``| head``) cost one warning, not the run.
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -83,11 +85,13 @@ exit codes:
   {EXIT_USAGE}    usage: bad flags, arguments or settings, a --config file that
        is missing, a folder, unreadable, not UTF-8 or not TOML (the
        config is settings, like flags; the files it names are judged
-       as if given by flags), or an artifact whose encoder reads fields the source
-       does not give (an NSL-KDD artifact on a conn.log, say)
+       as if given by flags), a broker password (--password-file)
+       without a user name, or an artifact whose encoder reads fields
+       the source does not give (an NSL-KDD artifact on a conn.log, say)
   {EXIT_BAD_INPUT}    bad input: a source that gave no usable flow (stdin whose
        lines held no record, a damaged file with nothing usable), a
-       source or thresholds file that is a folder or missing, a
+       source, a thresholds file or a --password-file that is a folder
+       or missing (a password file also when empty or not UTF-8), a
        damaged outbox file (left untouched), an artifact manifest
        that is not valid JSON, not a JSON object, or whose
        model_version the re-scorer would refuse (a control
@@ -348,6 +352,12 @@ class _AlertLog:
     does, so one warning names the output, no more lines are written, and scoring,
     escalating and draining go on to the run's own exit code. ``close`` never
     raises, and never closes stdout.
+
+    A file holds whole JSON lines only: each line goes out in one unbuffered
+    write, a write that fails part way (a full disk) is cut back to the line
+    before it, and a file that ends in half a line (an earlier run's failure, or
+    a crash) gets a newline before this run's first line, so that line is not
+    glued onto the fragment and lost to a JSON-lines reader with it.
     """
 
     def __init__(self, target: str, stream: TextIO | None = None) -> None:
@@ -355,9 +365,12 @@ class _AlertLog:
         self.error: GatewatchError | None = None
         self.gone = False  # the reading end of a pipe was closed
         self._owned = stream is None
-        self._file = (
-            stream if stream is not None else open(target, "a", encoding="utf-8")
-        )
+        self._file: Any = stream
+        self._regular = False  # a regular file: what a failed write left is cut
+        self._mend = False  # it ends in half a line: start this run with a newline
+        if stream is None:
+            self._file = open(target, "ab", buffering=0)
+            self._regular, self._mend = _file_end(self._file, target)
         self._owner = threading.get_ident()
 
     @property
@@ -396,17 +409,52 @@ class _AlertLog:
                 pass
 
     def write(self, text: str) -> int:
-        """Write ``text``; nothing more is written once a write has failed."""
+        """Write ``text`` (one line, or several whole ones); nothing more is
+        written once a write has failed."""
         if self.gone:
             return 0
         if self.error is not None:
             self._failed(OSError(self.error))
             return 0
+        if not self._owned:
+            try:
+                return self._file.write(text)
+            except OSError as exc:
+                self._failed(exc)
+                return 0
+
+        data = text.encode("utf-8")
+        if self._mend:
+            data = b"\n" + data
+        whole = self._size()
         try:
-            return self._file.write(text)
+            _write_all(self._file, data)
         except OSError as exc:
+            self._cut_back(whole)
             self._failed(exc)
             return 0
+        self._mend = False
+        return len(text)
+
+    def _size(self) -> int | None:
+        """The file's size now (where its last whole line ends), None when it is
+        no regular file or cannot be asked."""
+        if not self._regular:
+            return None
+        try:
+            return os.fstat(self._file.fileno()).st_size
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            return None
+
+    def _cut_back(self, whole: int | None) -> None:
+        """Cut off what a failed write left of its line, back to ``whole`` bytes;
+        when that fails too, the next run's newline mends the file."""
+        if whole is None:
+            return
+        try:
+            os.ftruncate(self._file.fileno(), whole)
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            logger.debug("alerts file %s: cutting back a half line failed", self._name)
 
     def flush(self) -> None:
         """Flush to the output (where a full disk or a closed pipe shows)."""
@@ -435,6 +483,42 @@ class _AlertLog:
                 self.error = GatewatchError(
                     f"cannot write alerts to {self._name}: {reason}"
                 )
+
+
+def _file_end(handle: Any, path: str) -> tuple[bool, bool]:
+    """Whether an alerts file opened for appending is a regular file, and whether
+    it ends in half a line (not empty, and its last byte no newline). A file
+    whose last byte cannot be read (write-only) is taken as whole."""
+    try:
+        info = os.fstat(handle.fileno())
+    except OSError:
+        return False, False
+    if not stat.S_ISREG(info.st_mode):
+        return False, False
+    if info.st_size == 0:
+        return True, False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True, False
+    try:
+        last = os.pread(fd, 1, info.st_size - 1)
+    except OSError:
+        last = b"\n"
+    finally:
+        os.close(fd)
+    return True, last not in (b"\n", b"")
+
+
+def _write_all(handle: Any, data: bytes) -> None:
+    """Write all of ``data`` to an unbuffered file; a write that takes nothing
+    (no room left) is an OSError, as a full disk's ENOSPC is."""
+    view = memoryview(data)
+    while view:
+        written = handle.write(view)
+        if not written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
 
 
 def _open_alerts(target: str | None):
@@ -511,6 +595,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if cfg.thresholds
         else None
     )
+    # Read now, so that a bad password file is refused before anything is opened.
+    password = cfg.secret() if cfg.broker else None
     alerts, close_alerts = _open_alerts(cfg.alerts)
     outbox = Outbox(cfg.outbox_path(), cfg.outbox_max,
                     keep_sent=RESEND_WINDOW if cfg.broker else 0)
@@ -532,7 +618,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             cfg.broker,
             f"gatewatch-{cfg.site}-{cfg.gateway}",
             username=cfg.username,
-            password=cfg.secret(),
+            password=password,
             tls=cfg.tls(),
             keepalive=cfg.keepalive,
             protocol=cfg.protocol,
@@ -827,12 +913,19 @@ class OutboxCapError(GatewatchError):
     exit_code = EXIT_UNAVAILABLE
 
 
+def _kept_before(flows: int) -> str:
+    """What became of the flows read before damage, for the end of an error line:
+    ``the 3 flows read before it were scored and kept``."""
+    if flows == 1:
+        return "the 1 flow read before it was scored and kept"
+    return f"the {flows} flows read before it were scored and kept"
+
+
 def _as_partial(exc: GatewatchError, flows: int) -> GatewatchError:
     """A bad-input error after some flows were scored is a partial input (exit 4)."""
     if flows and isinstance(exc, BadInputError):
         new = PartialInputError(
-            f"{str(exc)[len(exc._where()) :]} (the {flows} flows read before it were "
-            "scored and kept)",
+            f"{str(exc)[len(exc._where()) :]}; {_kept_before(flows)}",
             path=exc.path,
             line=exc.line,
             column=exc.column,
@@ -898,7 +991,7 @@ def _input_problem(
                 path=spec,
             )
         if any(found.stopped for found in damage):
-            kept = f"the {flows} flows read before it were scored and kept"
+            kept = _kept_before(flows)
         else:  # damaged packets a capture read went on past: no stop part way
             them = "it" if sum(found.records for found in damage) == 1 else "them"
             kept = (

@@ -34,7 +34,7 @@ import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from edge_agent.mqtt import (
     BrokerAddress,
@@ -165,6 +165,11 @@ class AgentConfig:
     thresholds: str | None = None
     status_interval: float = 60.0
 
+    # The config file the settings came from and the keys read from it that no
+    # flag replaced, so that an error names a setting where it was given: its
+    # flag (``--username``) or its key in the file (``username in config F``).
+    _config: ClassVar[tuple[str | None, frozenset[str]]] = (None, frozenset())
+
     @classmethod
     def names(cls) -> list[str]:
         """The setting names (also the TOML keys)."""
@@ -184,11 +189,15 @@ class AgentConfig:
                 raise UsageError(f"config {path}: unknown settings {unknown}")
             cls._check_types(path, data)
             values.update(data)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        flags = {k: v for k, v in overrides.items() if v is not None}
+        values.update(flags)
         try:
-            return cls(**values).validate()
+            config = cls(**values)
         except TypeError as exc:
             raise UsageError(f"bad settings: {exc}") from exc
+        if path is not None:
+            config._config = (str(path), frozenset(set(data) - set(flags)))
+        return config.validate()
 
     @classmethod
     def _check_types(cls, path: str | Path, data: dict[str, Any]) -> None:
@@ -220,13 +229,13 @@ class AgentConfig:
         validate_id(self.site, "site")
         validate_id(self.gateway, "gateway")
         if self.broker is not None:
-            BrokerAddress.parse(self.broker)
+            address = BrokerAddress.parse(self.broker)
             check_credentials(self.broker, [
-                "password (config)" if name == "password"
-                else f"--{name.replace('_', '-')}"
+                self._given_as(name)
                 for name in ("username", "password", "password_file")
                 if getattr(self, name)
             ])
+            self._check_user_for_password(address)
         try:
             Protocol(self.protocol)
         except ValueError as exc:
@@ -258,6 +267,34 @@ class AgentConfig:
             )
         return self
 
+    def _given_as(self, name: str) -> str:
+        """How an error names the setting ``name``: by its key in the config file
+        when it came from there (``username in config agent.toml``), else by its
+        flag (``--username``); ``password`` has no flag."""
+        path, keys = self._config
+        if name in keys:
+            return f"{name} in config {path}"
+        if name == "password":
+            return "password (config)"
+        return f"--{name.replace('_', '-')}"
+
+    def _check_user_for_password(self, address: BrokerAddress) -> None:
+        """Refuse a broker password without a user name (UsageError): a broker
+        that checks passwords looks them up by user name, so the connection would
+        only be refused ("Not authorized"), and MQTT 3.1.1 forbids it outright."""
+        if self.username or address.username:
+            return
+        given = [self._given_as(name) for name in ("password", "password_file")
+                 if getattr(self, name)]
+        if address.password:
+            given.append("a password in the broker URL")
+        if given:
+            raise UsageError(
+                f"{given[0]} gives a broker password but no user name is given; "
+                "give the user name with --username (or username in the config "
+                "file), or in the broker URL (mqtt://USER:PASSWORD@HOST:PORT)"
+            )
+
     def outbox_path(self) -> Path:
         """The outbox file: the setting, else one per site/gateway in the state dir."""
         if self.outbox:
@@ -279,7 +316,17 @@ class AgentConfig:
                 offset=exc.start,
             ) from exc
         except OSError as exc:
-            raise UsageError(f"cannot read password_file: {exc}") from exc
+            # Missing or unreadable: bad input (exit 3), as a folder or an empty
+            # file is, named by its path on one line.
+            what = (
+                "no such file" if isinstance(exc, FileNotFoundError)
+                else f"cannot be read ({exc.strerror or exc})"
+            )
+            raise BadInputError(
+                f"{what}; password_file must be a UTF-8 text file whose first line "
+                "is the broker password",
+                path=str(self.password_file),
+            ) from exc
         if not lines or not lines[0]:
             raise BadInputError(
                 "is empty or starts with an empty line; password_file must hold the "

@@ -8,7 +8,10 @@ as ``LogAscii::use_json=T`` writes them, ``id.orig_h``...). :func:`open_source`
 returns a :class:`Source` whose iterator yields canonical records as dicts.
 
 A stdin record's text ``label`` is read as the Zeek readers read it
-(``Malicious``/``Benign``/``Background``/``Unknown``, any case).
+(``Malicious``/``Benign``/``Background``/``Unknown``, any case). A ``proto`` given
+as a number (``"proto": 6`` on stdin, an integer column in Parquet) is protocol
+number 6, held as the text ``"6"`` as ``flows`` reads it (``flows.record.proto_text``);
+like a protocol name, it must then pass the record check (a number 0..255).
 
 Malformed stdin lines, lines over ``MAX_LINE_BYTES``, and records with a value
 that does not fit its field (a dict, an integer past int64, text in a number
@@ -43,7 +46,7 @@ from edge_agent.protocol import ENDPOINTS
 from flows.errors import BadInputError, GatewatchError, UsageError, one_line
 from flows.readers._source import MAX_LINE_BYTES, too_long
 from flows.readers.result import Damage, damaged_packets
-from flows.record import CONN_FIELD_NAMES, field_problem
+from flows.record import CONN_FIELD_NAMES, field_problem, proto_text
 
 KINDS = ("pcap", "iface", "zeek", "parquet", "stdin")
 
@@ -316,6 +319,7 @@ def _parquet(src: Source) -> Iterator[dict]:
             for rec in records:
                 row += 1
                 rec = canonical(rec)
+                rec["proto"] = proto_text(rec["proto"])  # an integer column: 6
                 problem = _record_problem(rec)
                 if problem is not None:
                     # As for a zeek: file, the first bad record ends the read
@@ -326,8 +330,8 @@ def _parquet(src: Source) -> Iterator[dict]:
 
 def _parquet_group(pf, group: int, path: str) -> Iterator[list[dict]]:
     """The records of one row group of a Parquet file, a batch at a time; damage
-    is a BadInputError naming the file and the group (the batches before it were
-    given)."""
+    is a BadInputError naming the file and the group, counted from 1 as rows are
+    (the batches before it were given)."""
     batches = None
     while True:
         try:
@@ -338,7 +342,9 @@ def _parquet_group(pf, group: int, path: str) -> Iterator[list[dict]]:
             return
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
             raise BadInputError(
-                f"row group {group} cannot be read ({one_line(exc)})", path=path
+                f"row group {group + 1} of {pf.num_row_groups} cannot be read "
+                f"({one_line(exc)})",
+                path=path,
             ) from exc
         yield records
 
@@ -388,6 +394,7 @@ def _json_lines(src: Source, stream) -> Iterator[dict]:
             src.reject("not_a_record", STDIN_EXPECTED, line_no)
             continue
         rec = canonical(rec)
+        rec["proto"] = proto_text(rec["proto"])  # "proto": 6, as Zeek's JSON gives
         problem = _text_label(rec) or _record_problem(rec)
         if problem is not None:
             src.reject("bad_value", problem, line_no)

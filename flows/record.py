@@ -67,6 +67,12 @@ PORT_RANGE: tuple[int, int] = (0, 65535)
 PROTO_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+/-]{0,31}$"
 _PROTO_NAME = re.compile(PROTO_NAME_PATTERN.replace("$", r"\Z"))
 PROTO_NUMBERS: tuple[int, int] = (0, 255)
+# Text that reads as a number (6.5, -4, 1e3, nan as a float column writes NaN): no
+# protocol keyword looks like one, so such a ``proto`` is taken as a protocol
+# number, and must be a whole number 0..255.
+_NUMBER_TEXT = re.compile(
+    r"[+-]?((\d+\.?\d*|\.\d+)(e[+-]?\d+)?|inf|infinity|nan)\Z", re.IGNORECASE
+)
 # The first epoch second Python's datetime cannot hold (10000-01-01 00:00:00 UTC):
 # a captured packet stamped at or after it is damaged (:func:`packet_time_problem`).
 TS_LIMIT = 253402300800.0
@@ -113,7 +119,9 @@ def value_problem(kind: str, value: Any) -> str | None:
     if value is None:
         return None
     if kind == "str":
-        return None if isinstance(value, str) else f"expected a string, found {value!r}"
+        if isinstance(value, str):
+            return None
+        return f"expected a string, found {_short(value)}"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"expected a number, found {_short(value)}"
     if kind == "f64":
@@ -163,17 +171,49 @@ def is_address(text: str) -> bool:
 def proto_problem(text: str) -> str | None:
     """Why ``text`` is not a protocol (:data:`PROTO_NAME_PATTERN`, or a number
     0..255), or None. An empty string, a blank, a control character or a long
-    text names no protocol."""
+    text names no protocol, and text that reads as a number (``6.5``, ``-4``,
+    ``1e3``) must be a whole number 0..255, not a name."""
     low, high = PROTO_NUMBERS
     if text.isascii() and text.isdigit():
         if low <= int(text) <= high:
             return None
         return f"expected a protocol number from {low} to {high}, found {_short(text)}"
+    if _NUMBER_TEXT.match(text):
+        return (
+            f"expected a protocol number, a whole number from {low} to {high}, "
+            f"found {_short(text)}"
+        )
     if _PROTO_NAME.match(text):
         return None
     return (
         "expected a protocol name (letters, digits and - _ . + /, such as tcp or "
         f"ipv6-icmp) or number {low}..{high}, found {_short(text)}"
+    )
+
+
+def proto_text(value: Any) -> Any:
+    """A protocol given as a number (a Parquet integer column, ``"proto": 6`` in
+    JSON) as the text a canonical record holds: ``6`` and ``6.0`` become ``'6'``,
+    as Arrow casts a number column to text; another float becomes its text
+    (``'6.5'``), which :func:`proto_problem` then refuses. Text, null and
+    booleans are returned as they are (a boolean is no protocol number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def proto_number_problem(value: float) -> str | None:
+    """Why the number ``value`` is not a protocol number (a whole number 0..255),
+    or None: the rule of :func:`proto_problem` for a column that holds protocols
+    as numbers (CICFlowMeter's ``Protocol``). NaN is not one; ``6.0`` is 6."""
+    low, high = PROTO_NUMBERS
+    if low <= value <= high and float(value).is_integer():
+        return None
+    return (
+        f"expected a protocol number, a whole number from {low} to {high}, "
+        f"found {_short(value)}"
     )
 
 
@@ -268,6 +308,12 @@ def field_problem(name: str, value: Any) -> str | None:
     return None
 
 
+# The values an error message quotes by ``repr``: what JSON, text and numeric
+# columns hold. Others (a Parquet timestamp's datetime, a decimal) are shown as
+# plain text with their type's name, never as Python source.
+_REPR_TYPES = (str, bytes, int, float, list, tuple, dict, type(None))
+
+
 def _short(value: Any) -> str:
     """A value as an error message quotes it: ``repr``, cut to 40 characters (a
     hostile value can be huge).
@@ -275,8 +321,15 @@ def _short(value: Any) -> str:
     A float holding a whole number is quoted as that integer (``70000``, not
     ``70000.0``: a float column holds the file's ``70000`` so); one with a fraction
     (``1.5``), NaN, the infinities and whole floats past 2**53, which no longer
-    name one integer (``1e+300``), keep their ``repr``.
+    name one integer (``1e+300``), keep their ``repr``. A value of another type
+    is its plain text and type name: a time in ISO 8601
+    (``2022-06-12T21:59:01 (a datetime)``), anything else as ``str`` writes it.
     """
+    if not isinstance(value, _REPR_TYPES):
+        shown = value.isoformat() if hasattr(value, "isoformat") else str(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        kind = type(value).__name__
+        return f"{shown} ({'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind})"
     if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
         value = int(value)
     text = repr(value) if not isinstance(value, int) or abs(value) < 10**40 else None

@@ -105,10 +105,76 @@ def test_a_non_utf8_password_file_is_bad_input_naming_it(tm, tmp_path, capsys):
     secret = tmp_path / "mqtt.pass"
     secret.write_bytes(b"pa\xffss\n")
     broker = f"mqtt://127.0.0.1:{free_port()}"
-    argv = _run(tm, tmp_path, "--broker", broker, "--password-file", str(secret))
+    argv = _run(tm, tmp_path, "--broker", broker, "--username", "u",
+                "--password-file", str(secret))
     rc, err = _main(argv, capsys)
     assert rc == 3, err
     assert f"error: {secret}, byte offset 2: is not UTF-8 text" in err
+
+
+def test_a_missing_password_file_is_bad_input_naming_it(tm, tmp_path, capsys):
+    """Found: exit 2 with a raw ``[Errno 2] No such file or directory``, where a
+    folder or an empty file is bad input (3) named by its path; a missing input
+    file is bad input too (README's exit codes). Refused before the outbox or
+    the alerts file is opened."""
+    secret = tmp_path / "nonexistent" / "mqtt.pass"
+    broker = f"mqtt://127.0.0.1:{free_port()}"
+    argv = _run(tm, tmp_path, "--broker", broker, "--username", "u",
+                "--password-file", str(secret))
+
+    rc, err = _main(argv, capsys)
+
+    assert rc == 3, err
+    assert f"error: {secret}: no such file; password_file must be a UTF-8 text " in err
+    assert "Errno" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.db").exists()
+
+
+@pytest.mark.parametrize("where", ["flag", "url"])
+def test_a_password_without_a_user_name_is_a_usage_error(tm, tmp_path, capsys, where):
+    """Found: a --password-file without --username (or a user in the URL) was
+    sent, and the broker refused it (135, exit 6); a broker password needs a
+    user name, so it is a usage error up front, before the outbox is opened."""
+    secret = tmp_path / "mqtt.pass"
+    secret.write_text("s3cret\n")
+    port = free_port()
+    given = (
+        ["--broker", f"mqtt://127.0.0.1:{port}", "--password-file", str(secret)]
+        if where == "flag" else ["--broker", f"mqtt://:s3cret@127.0.0.1:{port}"]
+    )
+
+    rc, err = _main(_run(tm, tmp_path, *given), capsys)
+
+    assert rc == 2, err
+    what = "--password-file" if where == "flag" else "a password in the broker URL"
+    assert err.strip() == (
+        f"error: {what} gives a broker password but no user name is given; "
+        "give the user name with --username (or username in the config file), or "
+        "in the broker URL (mqtt://USER:PASSWORD@HOST:PORT)"
+    )
+    assert "s3cret" not in err
+    assert not (tmp_path / "o.db").exists()
+
+
+def test_credentials_given_twice_name_the_config_key_not_a_flag(tmp_path):
+    """Found: with credentials in the broker URL and ``username`` in a --config
+    file, the error said "--username is given too" though no flag was given."""
+    from edge_agent.config import AgentConfig
+    from flows.errors import UsageError
+
+    conf = tmp_path / "agent.toml"
+    conf.write_text('username = "gw-1"\n')
+    flags = {"artifact": "a", "source": "-", "site": "s1", "gateway": "g1",
+             "broker": "mqtt://admin:pw@127.0.0.1:1"}
+
+    with pytest.raises(UsageError) as info:
+        AgentConfig.load(conf, flags)
+    assert f"and username in config {conf} is given too" in str(info.value)
+    assert "--username" not in str(info.value)
+
+    # A flag given over the file's key is named as the flag.
+    with pytest.raises(UsageError, match="and --username is given too"):
+        AgentConfig.load(conf, {**flags, "username": "gw-2"})
 
 
 def _thresholds(**values) -> str:
@@ -375,7 +441,7 @@ def test_an_empty_password_file_is_named(tm, tmp_path, capsys, text) -> None:
     secret.write_text(text)
 
     rc, err = _main(_run(tm, tmp_path, "--broker", f"mqtt://127.0.0.1:{free_port()}",
-                         "--password-file", str(secret)), capsys)
+                         "--username", "u", "--password-file", str(secret)), capsys)
 
     assert rc == 3
     assert f"error: {secret}: is empty or starts with an empty line" in err

@@ -3,7 +3,8 @@
 Found: ``flows inspect`` and ``edge-agent run --source parquet:`` printed pyarrow's
 message with its embedded newlines (``...Invalid data\\nDeserializing page header
 failed.\\n)``), and ``flows`` named the file twice (``f.parquet: f.parquet: row
-group 0 ...``).
+group 0 ...``). Row groups are counted from 1 and out of their number, as rows are
+counted from 1: a tester read "row group 3" as the third, where it was the fourth.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def test_flows_inspect_says_it_on_one_line_naming_the_file_once(tmp_path, capsys
     err = capsys.readouterr().err
     errors = _errors(err)
     assert len(errors) == 1
-    assert errors[0].startswith(f"error: {path}: row group {group} cannot be read (")
+    assert errors[0].startswith(
+        f"error: {path}: row group {group + 1} of 2 cannot be read (")
     assert errors[0].count(path.name) == 1
     assert errors[0].endswith(")")
     # Every line on stderr is an error: or warning: line; none is a stray piece.
@@ -86,7 +88,7 @@ def test_flows_inspect_json_error_is_one_line(tmp_path, capsys):
     assert flows_main(["inspect", "--json", str(path)]) == 4
 
     out = json.loads(capsys.readouterr().out)
-    assert out["error"].startswith(f"{path}: row group 1 cannot be read (")
+    assert out["error"].startswith(f"{path}: row group 2 of 2 cannot be read (")
     assert "\n" not in out["error"] and out["error"].count(path.name) == 1
     assert all("\n" not in w for w in out.get("warnings", []))
 
@@ -145,13 +147,13 @@ def test_edge_agent_names_the_damaged_row_group_and_scores_the_ones_before(
     errors = _errors(capsys.readouterr().err)
     assert code_got == code and len(errors) == 1
     assert errors[0].startswith(
-        f"error: {path}: row group {group} cannot be read (")
+        f"error: {path}: row group {group + 1} of 2 cannot be read (")
     assert "damaged after" not in errors[0] and "row 1" not in errors[0]
     flows = json.loads(summary.read_text())["flows"]
     assert flows == group * ROWS // 2
     if group:
         assert errors[0].endswith(
-            f"(the {flows} flows read before it were scored and kept)")
+            f"); the {flows} flows read before it were scored and kept")
 
 
 def test_one_line_collapses_breaks_and_writes_control_codes_out():

@@ -268,10 +268,10 @@ def iter_flows(
         and reader.damage.kind == "garbage"
         and on_error == "fail"
     ):
+        # What the caller kept of the flows before it is for the caller to say
+        # (the agent: "the 11 flows read before it were scored and kept").
         raise PartialInputError(
-            reader.damage.message + "; the flows before it were yielded",
-            path=text,
-            offset=reader.damage.offset,
+            reader.damage.message, path=text, offset=reader.damage.offset
         )
 
 

@@ -91,6 +91,22 @@ def check_protos(arr: pa.Array, column: str, bad: BadRows) -> None:
         bad.add(int(row), column, wrong[arr[int(row)].as_py()])
 
 
+def check_proto_numbers(arr: pa.Array, column: str, bad: BadRows) -> None:
+    """Note the rows of a numeric protocol column (CICFlowMeter's ``Protocol``)
+    whose value is not a whole number 0..255 (nulls pass); see
+    ``record.proto_number_problem``."""
+    from flows.record import PROTO_NUMBERS, proto_number_problem
+
+    if len(arr) == 0:
+        return
+    low, high = PROTO_NUMBERS
+    wrong = pc.or_(pc.less(arr, low), pc.greater(arr, high))
+    if pa.types.is_floating(arr.type):
+        wrong = pc.or_(wrong, pc.is_nan(arr))
+        wrong = pc.or_(wrong, fractional(arr))
+    note_rows(wrong, column, bad, lambda row: proto_number_problem(arr[row].as_py()))
+
+
 def check_ports(arr: pa.Array, column: str, bad: BadRows) -> None:
     """Note the rows whose port is not a whole number in 0..65535 (nulls pass).
 

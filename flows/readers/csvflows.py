@@ -25,8 +25,14 @@ seen) and are left as written.
 
 In both families a port (``sport``, ``dsport``, ``Source Port``, ``Dst Port``...)
 must be a whole number from 0 to 65535 (``80.0`` is 80): ``1.5`` or ``70000``
-makes the row a bad row. A file that is not UTF-8 is read as Windows-1252
-(CIC-IDS2017's Thursday file is).
+makes the row a bad row. The protocol follows the conn record's rule
+(``flows.record.proto_problem``): UNSW-NB15's ``proto`` a protocol name or a
+number 0..255 (``bogus proto`` or ``300`` is a bad row), CICFlowMeter's
+``Protocol`` a whole number 0..255 (``300``, ``6.5`` or ``-4`` is a bad row).
+A UNSW-NB15 header without ``proto``, ``service`` or ``state`` whose rows hold
+text in a column read as numbers (``proto`` renamed ``protocol``) is refused
+for the missing column, the cause, not for each row's text. A file that is not
+UTF-8 is read as Windows-1252 (CIC-IDS2017's Thursday file is).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ from flows.readers._convert import (
     check_addresses,
     check_counts,
     check_ports,
+    check_proto_numbers,
+    check_protos,
     check_times,
     to_number,
 )
@@ -50,6 +58,8 @@ from flows.readers._table import header_and_body, split_rows
 from flows.readers.result import ReadResult
 
 UNSW_TEXT = ("proto", "service", "state", "srcip", "dstip")
+# The text features every UNSW-NB15 file has (the partitions and the full files).
+UNSW_FEATURE_TEXT = ("proto", "service", "state")
 CIC_TEXT = {
     "flow id",
     "source ip",
@@ -113,6 +123,7 @@ def read_unsw(src: Source, on_error: str) -> ReadResult:
     )
     bad = BadRows()
     arrays, fields = [], []
+    absent = [name for name in UNSW_FEATURE_TEXT if name not in names]
     for i, name in enumerate(names):
         if name in ("id", "label", "attack_cat"):
             continue
@@ -120,10 +131,17 @@ def read_unsw(src: Source, on_error: str) -> ReadResult:
         if name in UNSW_TEXT:
             if name == "service":
                 arr = pc.if_else(pc.equal(arr, "-"), pa.scalar(None, pa.string()), arr)
+            elif name == "proto":
+                check_protos(arr, name, bad)
             arrays.append(arr)
             fields.append(pa.field(name, pa.string()))
         else:
-            values = to_number(arr, "f64", name, bad)[0]
+            text_in = BadRows()
+            values = to_number(arr, "f64", name, text_in)[0]
+            if absent and text_in.rows:
+                _refuse_renamed_text(text_in, arr, name, absent, lines, src.path)
+            for row, (column, message) in text_in.rows.items():
+                bad.add(row, column, message)
             if name.lower() in UNSW_COUNTS:
                 check_counts(values, name, bad, whole=name.lower() in UNSW_WHOLE)
             elif name.lower() in UNSW_TIMES:
@@ -162,6 +180,31 @@ def read_unsw(src: Source, on_error: str) -> ReadResult:
         stats=stats,
         row_problems=_row_problems(bad, lines),
         label_text=detail,
+    )
+
+
+def _refuse_renamed_text(
+    text_in: BadRows, arr: pa.Array, column: str, absent: list[str], lines, path: str
+) -> None:
+    """Refuse a UNSW-NB15 header that lacks a text feature when a column read as
+    numbers holds text in every row: that column is most likely the feature
+    renamed (``proto`` as ``protocol``), and the missing name is the cause to
+    report, not each row's text. A column where only some rows fail (damage)
+    leaves them to be judged one by one as bad rows."""
+    messages = [message for _, message in text_in.rows.values()]
+    if len(messages) < len(arr) - arr.null_count or not all(
+        message.startswith("expected a number") for message in messages
+    ):
+        return
+    row = min(text_in.rows)
+    listed = " or ".join(repr(name) for name in absent)
+    raise BadInputError(
+        f"header has no {listed} column, and column {column!r} holds text where "
+        f"numbers are expected (line {int(lines[row])}: {text_in.rows[row][1]}); "
+        f"UNSW-NB15 names its text features {', '.join(UNSW_FEATURE_TEXT)}",
+        path=path,
+        line=1,
+        column=absent[0],
     )
 
 
@@ -222,6 +265,8 @@ def read_cic(src: Source, on_error: str) -> ReadResult:
         )
         if name.lower() in CIC_COUNTS:
             check_counts(values, name, bad, whole=name.lower() in CIC_WHOLE)
+        elif name.lower() == "protocol":
+            check_proto_numbers(values, name, bad)
         arrays.append(values)
         fields.append(pa.field(name, pa.float64()))
 

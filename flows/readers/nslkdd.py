@@ -7,7 +7,9 @@ holds the 41 features, then ``label`` (1 for any attack, 0 for normal),
 Probe, R2L, U2R; null with a warning for a name outside the standard map) and
 ``difficulty`` (null in the ARFF files, which lack it; never a feature).
 A negative ``duration``, ``src_bytes`` or ``dst_bytes`` makes the row a bad row, as
-in the Zeek readers (the other features are not range-checked).
+in the Zeek readers, and so does a ``protocol_type`` that is neither a protocol name
+nor a number 0..255 (``flows.record.proto_problem``); rates must lie in 0..1 (the
+other features are not range-checked).
 The ARFF files label rows only ``normal``/``anomaly``: their family is null.
 CSV copies with a header line (as shared on Kaggle) are read by column name: the
 41 features, a label column (``label``, ``class``, ``attack``...) and, when there,
@@ -22,6 +24,7 @@ from flows.errors import BadInputError
 from flows.readers._convert import (
     BadRows,
     check_counts,
+    check_protos,
     check_rates,
     to_number,
     value_counts,
@@ -171,7 +174,10 @@ def read_kdd(src: Source, on_error: str) -> ReadResult:
         col = column(name)
         kind = kdd_kind(name)
         if kind == "str":
-            arrays.append(pc.utf8_trim(col, "'\" "))
+            text = pc.utf8_trim(col, "'\" ")
+            if name == "protocol_type":
+                check_protos(text, name, bad)
+            arrays.append(text)
         else:
             values = to_number(pc.utf8_trim_whitespace(col), kind, name, bad)[0]
             if name in KDD_COUNTS:

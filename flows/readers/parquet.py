@@ -28,7 +28,8 @@ FAMILY_KEY = b"gatewatch.family"
 def read_parquet(
     path, on_error: str = "fail", name: str | None = None
 ) -> ReadResult:
-    """Read a Parquet file; damage after some row groups keeps the groups before it.
+    """Read a Parquet file; damage after some row groups keeps the groups before it
+    (row groups are named counting from 1, as rows are: ``row group 2 of 3``).
 
     ``path`` may also be a pyarrow buffer reader (standard input), named ``name``.
     """
@@ -77,10 +78,12 @@ def read_parquet(
         index, exc = partial_at
         # pyarrow's message ends with a newline and may span lines: one line here.
         problem = f"cannot be read ({one_line(exc)})"
-        what = f"row group {index} {problem}"
+        # Counted from 1, as rows are: "row group 1 of 2" is the first.
+        place = f"row group {index + 1} of {handle.num_row_groups}"
+        what = f"{place} {problem}"
         result.partial = True
         result.warnings.append(f"{path}: {what}")
-        result.damage.append(Damage(path, problem, place=f"row group {index}"))
+        result.damage.append(Damage(path, problem, place=place))
         if not groups:
             raise BadInputError(what, path=path) from exc  # names the file once
         err = PartialInputError(what, path=path)

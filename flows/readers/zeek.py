@@ -65,6 +65,7 @@ from flows.record import (
     TS_LIMIT,
     conn_schema,
     field_problem,
+    proto_text,
     time_problem,
     value_problem,
 )
@@ -773,6 +774,8 @@ def _json_value(name: str, kind: str, value):
             )
         if isinstance(value, list):
             return ",".join(map(_as_text, value))
+        if name == "proto":
+            value = proto_text(value)  # 6 and 6.0 are protocol 6, as in Parquet
         return _as_text(value)
     if name == "ts" and isinstance(value, str):
         try:
