@@ -13,6 +13,7 @@ here too.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import importlib
 import importlib.util
@@ -20,8 +21,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,8 +67,9 @@ exit codes:
        (a file in its path, a read-only folder), or a train/update --out
        folder that is not empty (with --force: that holds anything but a
        teacher checkpoint) or lies inside a checkpoint folder, a baselines
-       --out file or tune --out tables already there (without --force);
-       checked before any work
+       --out file or tune --out tables already there (without --force), or
+       one that could not be written (a folder in its place, a read-only
+       file; with --force too); checked before any work
   {EXIT_BAD_INPUT}    bad input: nothing usable read. A --data file that does not
        exist; a dataset file that is missing, fails its checksum or cannot
        be read; a checkpoint folder without checksums.json (its files
@@ -78,7 +82,10 @@ exit codes:
        field) stops before anything is trained or written, and the error
        names the file, line and column
   {EXIT_UNAVAILABLE}    broker: teacher serve cannot reach or stay with the MQTT broker
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C). For train and update only before the new
+       checkpoint is in place: a Ctrl-C after that is noted on stderr and
+       the run ends with its own code (0 or 4), the checkpoint complete; a
+       second one stops the closing steps (130, saying the same)
 """
 
 NSL_KDD_HOLDOUT = 0.5
@@ -352,8 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object (default: text)")
     p.add_argument("--out",
                    help="also write the JSON here; an existing file is refused "
-                        "before the models run, exit 2, unless --force (default: "
-                        "none)")
+                        "before the models run, exit 2, unless --force, and so is "
+                        "a path that could not be written (a folder, a name "
+                        "ending in /, a read-only file) (default: none)")
     p.add_argument("--force", action="store_true",
                    help="let --out overwrite an existing file (default: refuse it)")
     _add_encoding(p)
@@ -366,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/tune",
                    help=f"folder for the table ({', '.join(TUNE_FILES)}); one "
                         "that already holds any of them is refused before the "
-                        "grid runs, exit 2, unless --force (default runs/tune)")
+                        "grid runs, exit 2, unless --force, and so is one where a "
+                        "table could not be written (a folder in its place, a "
+                        "read-only file), --force or not (default runs/tune)")
     p.add_argument("--force", action="store_true",
                    help="let --out overwrite the tables it holds (default: "
                         "refuse them)")
@@ -622,7 +632,77 @@ def _replace_out(out: str | Path, force: bool) -> None:
         raise UsageError(f"--out {out}: cannot be used ({exc})") from exc
 
 
-def _write_out(out: str | Path, write: Callable[[Path], Any]) -> Path:
+class _Closing:
+    """Ctrl-C once a command's checkpoint is in place: noted, not raised.
+
+    Used as ``with _Closing(out) as closing:`` around :func:`_write_out` and the
+    steps after it (the summary line, cleanup). Until :func:`_write_out` calls
+    :meth:`hold`, just before it swaps the new checkpoint in, Ctrl-C stops the
+    command as ever (exit 130, the new files removed). From then on the run's work
+    is done: a Ctrl-C is noted and the closing steps go on, so the command ends
+    with the finished run's exit code and :meth:`note` says that the checkpoint is
+    complete. A second Ctrl-C, once the checkpoint is in place, stops the closing
+    steps (exit 130, its message saying the same). Python's teardown after the
+    command (over a second with torch loaded) then ignores Ctrl-C, as a signal
+    there would end the finished run as killed by it (130 to the shell). Only in
+    the main thread, where Python's signal handlers live.
+    """
+
+    def __init__(self, out: str | Path) -> None:
+        self.out = out
+        self.interrupted = False
+        self.in_place = False
+        self._previous: Any = None
+        self._held = False
+
+    def __enter__(self) -> _Closing:
+        return self
+
+    def hold(self) -> None:
+        """From now on a Ctrl-C is noted, not raised (until the ``with`` ends)."""
+        if self._held or threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        self._held = True
+
+    def placed(self) -> None:
+        """The checkpoint is in place: the run has finished, whatever comes next."""
+        self.in_place = True
+        if self._held:
+            _ignore_interrupts_at_exit()
+
+    def _on_interrupt(self, signum: int, frame: Any) -> None:
+        if self.interrupted and self.in_place:
+            raise KeyboardInterrupt(
+                f"after the checkpoint {self.out} was written (it is complete)")
+        self.interrupted = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._held:
+            signal.signal(signal.SIGINT, self._previous)
+            self._held = False
+
+    def note(self) -> None:
+        """Say on stderr that a Ctrl-C came once the checkpoint was in place."""
+        if self.interrupted and self.in_place:
+            print(f"note: interrupted after the checkpoint {self.out} was written; "
+                  "it is complete and the run has finished", file=sys.stderr)
+
+
+_IGNORING_AT_EXIT: list[bool] = []
+
+
+def _ignore_interrupts_at_exit() -> None:
+    """Make Python's teardown, once a checkpoint is written, ignore Ctrl-C (see
+    :class:`_Closing`). Registered once per process; it acts only at exit, after
+    the command has returned."""
+    if not _IGNORING_AT_EXIT:
+        _IGNORING_AT_EXIT.append(True)
+        atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
+
+
+def _write_out(out: str | Path, write: Callable[[Path], Any],
+               closing: _Closing | None = None) -> Path:
     """Write a checkpoint to ``out`` with ``write(folder)`` and return ``out``.
 
     ``write`` fills a new hidden folder beside ``out``; only once it returns is
@@ -630,6 +710,8 @@ def _write_out(out: str | Path, write: Callable[[Path], Any]) -> Path:
     by :func:`_replace_out`) removed. A failed write (a full disk, say) removes
     the new folder, leaves the old checkpoint as it was and ends in one error line
     (exit 1): never half a checkpoint whose checksums.json lists what was written.
+    With ``closing``, Ctrl-C is held from the swap on (:class:`_Closing`): an
+    interrupt between the two renames would leave ``out`` without a checkpoint.
     """
     from safetensors import SafetensorError
 
@@ -659,6 +741,8 @@ def _write_out(out: str | Path, write: Callable[[Path], Any]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if closing is not None:
+        closing.hold()
     old = None
     try:
         if had:
@@ -677,6 +761,8 @@ def _write_out(out: str | Path, write: Callable[[Path], Any]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise GatewatchError(f"--out {out}: cannot move the new checkpoint into "
                              f"place ({exc.strerror or exc}); {kept}") from exc
+    if closing is not None:
+        closing.placed()
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
         if old.exists():
@@ -721,22 +807,48 @@ def _same_folder(a: str | Path, b: str | Path) -> bool:
 def _check_out_file(out: str | Path, flag: str = "--out",
                     force: bool = False) -> None:
     """Refuse up front (exit 2) a file output that cannot be written: an existing
-    folder, a path under a file, or a folder that cannot be written in; and,
-    without ``force``, a file already there (never overwritten unasked)."""
+    folder, a name ending in ``/`` (a folder's), a path under a file, a folder
+    that cannot be written in (see :func:`_unwritable`); and, without ``force``,
+    a file already there (never overwritten unasked)."""
     if not str(out).strip():
         raise UsageError(f"{flag} is empty; name a file")
     path = Path(out)
     try:
         if path.is_dir():
             raise UsageError(f"{flag} {out} is a folder; name a file to write")
+        if os.path.basename(os.fspath(out)) in ("", ".", ".."):
+            raise UsageError(f"{flag} {out} names a folder, not a file; name a "
+                             "file to write")
         if (path.exists() or path.is_symlink()) and not force:
             raise UsageError(f"{flag} {out} already exists; pass --force to "
                              "overwrite it, or name a new file")
-        if path.exists() and not os.access(path, os.W_OK):
-            raise UsageError(f"{flag} {out} exists and cannot be written")
+        problem = _unwritable(path)
+        if problem:
+            raise UsageError(f"{flag} {out} {problem}")
         check_writable_above(path.parent, f"{flag} {out}")
     except OSError as exc:
         raise UsageError(f"{flag} {out}: cannot be used ({exc})") from exc
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why a file could not be written at ``path`` once the work is done, or None
+    when nothing here says so: a folder there, an existing file without write
+    permission, a link whose target lies in a folder that is missing or cannot be
+    written in. Only looks: nothing is made or changed, so a check that passes
+    leaves no trace. Raises OSError when the path cannot be looked at."""
+    if path.is_dir():
+        target = f" (a link to {os.path.realpath(path)})" if path.is_symlink() else ""
+        return f"is a folder{target}"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else "exists and cannot be written"
+    if path.is_symlink():
+        # A dangling link: the write creates its target, in the target's folder.
+        folder = Path(os.path.realpath(path)).parent
+        if not folder.is_dir():
+            return f"is a link into {folder}, which is not a folder here"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"is a link into {folder}, which cannot be written in"
+    return None
 
 
 def _check_out_folder(out: str | Path, flag: str = "--out") -> None:
@@ -756,13 +868,24 @@ def _check_out_folder(out: str | Path, flag: str = "--out") -> None:
 
 
 def _check_tables(out: str | Path, force: bool) -> None:
-    """Refuse up front (exit 2), without ``force``, a ``teacher tune`` --out folder
-    that already holds a table it would overwrite (:data:`TUNE_FILES`)."""
-    if force:
-        return
+    """Refuse up front (exit 2) a ``teacher tune`` --out folder where a table
+    (:data:`TUNE_FILES`) could not be written once the grid has run: a folder in
+    its place, a read-only table, a link into a folder that is missing or
+    read-only (:func:`_unwritable`; with ``force`` too); and, without ``force``,
+    one that already holds a table it would overwrite. The folder itself is
+    :func:`_check_out_folder`'s. Only looks: nothing is written before the grid."""
+    folder = Path(out)
     try:
+        for name in TUNE_FILES:
+            problem = _unwritable(folder / name)
+            if problem:
+                raise UsageError(
+                    f"--out {out}: {name} there {problem}, so the tuning table "
+                    "could not be written; remove it or name another folder")
+        if force:
+            return
         taken = [name for name in TUNE_FILES
-                 if (Path(out) / name).exists() or (Path(out) / name).is_symlink()]
+                 if (folder / name).exists() or (folder / name).is_symlink()]
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot be used ({exc})") from exc
     if taken:
@@ -887,23 +1010,29 @@ def cmd_train(args: argparse.Namespace) -> int:
             save_replay(folder,
                         *make_replay(prep, args.replay_size, seed=args.seed))
 
-    out = _write_out(args.out, write)
-    # "epochs" per member (the longest run); an ensemble's total is apart.
-    summary = {"checkpoint": str(out), "epochs": len(result.history),
-               "members": mc.members, "epochs_all_members": result.epochs_run,
-               "best_epoch": result.best_epoch, "wall_s": round(result.wall_s, 1),
-               "threshold": result.threshold["threshold"],
-               "val_f1": result.val_metrics["f1"]}
-    if metrics.get("val_split"):
-        summary["val_split_f1"] = metrics["val_split"]["f1"]
-    if "test" in metrics:
-        summary["test_accuracy"] = metrics["test"]["accuracy"]
-        summary["test_f1"] = metrics["test"]["f1"]
-    _warn_small_splits(prep)
-    print(json.dumps(summary))
-    if world > 1 and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return _finished(prep)
+    # Once the checkpoint is in place the run has finished: a Ctrl-C during the
+    # closing steps is noted, not turned into exit 130 (_Closing).
+    with _Closing(args.out) as closing:
+        out = _write_out(args.out, write, closing)
+        # "epochs" per member (the longest run); an ensemble's total is apart.
+        summary = {"checkpoint": str(out), "epochs": len(result.history),
+                   "members": mc.members, "epochs_all_members": result.epochs_run,
+                   "best_epoch": result.best_epoch,
+                   "wall_s": round(result.wall_s, 1),
+                   "threshold": result.threshold["threshold"],
+                   "val_f1": result.val_metrics["f1"]}
+        if metrics.get("val_split"):
+            summary["val_split_f1"] = metrics["val_split"]["f1"]
+        if "test" in metrics:
+            summary["test_accuracy"] = metrics["test"]["accuracy"]
+            summary["test_f1"] = metrics["test"]["f1"]
+        _warn_small_splits(prep)
+        print(json.dumps(summary))
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        code = _finished(prep)
+    closing.note()
+    return code
 
 
 # Fewer labelled rows of a class than this in a split make its F1 a guess.
@@ -975,7 +1104,7 @@ def cmd_baselines(args: argparse.Namespace) -> int:
                                       knn_cap=args.knn_cap, seed=args.seed,
                                       held=held)}
     # Printed first: the results are on stdout even when --out fails to write.
-    _print(out, args.json)
+    _print_baselines(out, args.json)
     if args.out:
         try:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -1086,10 +1215,13 @@ def cmd_update(args: argparse.Namespace) -> int:
         if replay is not None:
             save_replay(folder, *replay)
 
-    out = _write_out(args.out, write)
-    report["checkpoint"] = str(out)
-    _print(report, args.json)
-    return _finished(new, old)
+    with _Closing(args.out) as closing:
+        out = _write_out(args.out, write, closing)
+        report["checkpoint"] = str(out)
+        _print(report, args.json)
+        code = _finished(new, old)
+    closing.note()
+    return code
 
 
 def _print(data: dict[str, Any], as_json: bool) -> None:
@@ -1100,6 +1232,62 @@ def _print(data: dict[str, Any], as_json: bool) -> None:
         if isinstance(value, float):
             value = f"{value:.4f}"
         print(f"{key}: {value}")
+
+
+# The columns of `teacher baselines`' text table: heading, result key, format.
+BASELINE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("train rows", "train_rows", ",d"),
+    ("accuracy", "accuracy", ".4f"),
+    ("precision", "precision", ".4f"),
+    ("recall", "recall", ".4f"),
+    ("F1", "f1", ".4f"),
+    ("ROC AUC", "roc_auc", ".4f"),
+    ("FPR", "fpr", ".4f"),
+    ("p50 µs", "latency_us_p50", ",.0f"),
+    ("p99 µs", "latency_us_p99", ",.0f"),
+)
+
+
+def _print_baselines(data: dict[str, Any], as_json: bool) -> None:
+    """Print ``teacher baselines``' results: one JSON object, or the settings as
+    ``key: value`` lines followed by a table of the models' test metrics and
+    batch-1 latency (a value a model did not report shows as ``-``)."""
+    if as_json:
+        _print(data, True)
+        return
+    settings = {k: v for k, v in data.items() if k != "baselines"}
+    held = settings.get("held_out_types")
+    if isinstance(held, list):
+        settings["held_out_types"] = ", ".join(map(str, held)) or "none"
+    _print(settings, False)
+    print("test split:")
+    print(_baselines_table(data.get("baselines") or {}))
+
+
+def _baselines_table(results: dict[str, dict[str, Any]]) -> str:
+    """The baselines' results as aligned text: a heading line, then one line per
+    model, numbers right-aligned."""
+
+    def cell(metrics: dict[str, Any], key: str, fmt: str) -> str:
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return "-"
+        try:
+            return format(int(value) if fmt.endswith("d") else value, fmt)
+        except (ValueError, OverflowError):  # a NaN or infinite row count
+            return str(value)
+
+    lines = [["model", *(head for head, _, _ in BASELINE_COLUMNS)]]
+    for name, metrics in results.items():
+        metrics = metrics if isinstance(metrics, dict) else {}
+        lines.append([str(name), *(cell(metrics, key, fmt)
+                                   for _, key, fmt in BASELINE_COLUMNS)])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join(
+        "  ".join([line[0].ljust(widths[0]),
+                   *(text.rjust(width) for text, width in zip(line[1:], widths[1:],
+                                                              strict=True))])
+        for line in lines)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "baselines": cmd_baselines,
@@ -1124,8 +1312,10 @@ def main(argv: list[str] | None = None) -> int:
     except GatewatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # A message says what the interrupt left behind (see _Closing).
+        said = f" {exc}" if str(exc) else ""
+        print(f"error: interrupted{said}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -74,7 +74,9 @@ Against a broker that speaks only MQTT 3.1.1 (amqtt) there are no shared
 subscriptions: run one re-scorer there.
 
 ``teacher alerts`` queries the store by time, gateway and decision; a damaged row is
-listed with its damaged fields marked, and the command exits 4.
+listed with its damaged fields marked, and the command exits 4. It never writes the
+store: one in a folder that cannot be written (a WAL-mode copy on a read-only mount)
+is read as an unchanging file, with a note saying what that does not see.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ import re
 import secrets
 import signal
 import socket
+import sqlite3
 import stat
 import sys
 import tempfile
@@ -142,6 +145,8 @@ from teacher.store import (
     AlertStore,
     Listing,
     StoreError,
+    _check_store,
+    _text,
     key,
 )
 
@@ -1444,7 +1449,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
             f"--store {args.store}: not a regular file; expected an alert store "
             "(the file teacher serve --store writes)"
         )
-    store = AlertStore(args.store, readonly=True)
+    store = _open_for_reading(args.store)
     try:
         if args.rejected:
             got = store.rejected(
@@ -1493,6 +1498,89 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     if problem is not None:
         raise PartialInputError(problem, path=args.store)
     return EXIT_OK
+
+
+class _UnchangingStore(AlertStore):
+    """An alert store opened with SQLite's ``immutable`` flag: read as a file that
+    nothing changes, with no locks and no -shm file, so that a WAL-mode store in a
+    folder that cannot be written (a copy on a read-only mount) can be read.
+    SQLite then reads the main file alone: rows another process adds meanwhile,
+    and any -wal file beside it, are not seen. Never written."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.max_rejected = MAX_REJECTED
+        self._lock = threading.Lock()
+        uri = f"{self.path.resolve().as_uri()}?mode=ro&immutable=1"
+        self._db = sqlite3.connect(
+            uri, uri=True, check_same_thread=False, isolation_level=None
+        )
+        try:
+            self._db.text_factory = _text
+            _check_store(self._db, self.path, empty_ok=False)
+        except BaseException:
+            self._db.close()
+            raise
+
+
+def _read_only_refusal(exc: BaseException | None) -> bool:
+    """Whether SQLite refused to open a file for reading because a file could not
+    be written (SQLITE_READONLY, SQLITE_CANTOPEN): a WAL-mode database read the
+    usual way needs a -shm file beside it, which a read-only folder cannot take."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN)
+    text = str(exc)
+    return "readonly database" in text or "unable to open database file" in text
+
+
+def _open_for_reading(path: str) -> AlertStore:
+    """The alert store at ``path``, opened to be read and never written.
+
+    First read-only the usual way (SQLite's ``mode=ro``), which sees what a running
+    re-scorer writes. A WAL-mode store copied alone onto a read-only mount (the
+    forensic case) cannot be opened so: SQLite needs a -shm file beside it. Then it
+    is opened as an unchanging file (:class:`_UnchangingStore`) and a note on
+    stderr says what that does not see. A store that cannot be opened either way
+    is bad input (exit 3), the error saying both of SQLite's reasons.
+    """
+    try:
+        return AlertStore(path, readonly=True)
+    except BadInputError as exc:
+        usual = exc.__cause__
+        if not _read_only_refusal(usual):
+            raise
+    try:
+        store = _UnchangingStore(path)
+    except sqlite3.Error as exc:
+        unreadable = "" if os.access(path, os.R_OK) else "; this user cannot read it"
+        raise BadInputError(
+            f"cannot open the alert store read-only: SQLite refused it ({usual}), and "
+            f"as an unchanging file too ({exc}){unreadable}",
+            path=path,
+        ) from exc
+    wal = Path(f"{path}-wal")
+    try:
+        wal_bytes = wal.stat().st_size if wal.is_file() else 0
+    except OSError:
+        wal_bytes = 0
+    unseen = (
+        f"; nor the rows in {wal} ({wal_bytes:,} bytes) beside it, not yet copied "
+        "into the store (copy the store with its -wal file into a folder that can "
+        "be written to list those)"
+        if wal_bytes
+        else ""
+    )
+    print(
+        f"note: {path}: SQLite could not open this store read-only the usual way "
+        f"({usual}; its folder cannot take the -shm file a WAL-mode store needs), so "
+        "it is read as an unchanging file: rows a running teacher serve adds "
+        f"meanwhile are not listed{unseen}",
+        file=sys.stderr,
+    )
+    return store
 
 
 def _damage_report(got: Listing, what: str) -> str | None:
@@ -1700,13 +1788,22 @@ rejected messages (--rejected):
   "payload", the first {MAX_REJECTED_PAYLOAD} bytes of its payload as text (bytes that
   are not UTF-8 written \\xNN), and "payload_kept", how many bytes were kept.
 
+read-only stores:
+  the store is only read, never written. A WAL-mode store in a folder that
+  cannot be written (a copy on a read-only mount, without its -shm file) cannot
+  be opened the usual way; it is then read as an unchanging file (SQLite's
+  immutable=1), and a note on stderr says so: rows a running teacher serve adds
+  meanwhile are not listed, nor those in a -wal file beside it (the note gives
+  its size; copy both files into a folder that can be written to list them).
+
 exit codes:
   {EXIT_OK}    ok (nothing listed included)
   {EXIT_FAILURE}    failure: the listing cannot be written to stdout (a reader that
        went away, as with | head, is no error)
   {EXIT_USAGE}    usage: bad flags, or a --store that is a folder
   {EXIT_BAD_INPUT}    bad input: no file at --store, --store is not an alert store,
-       or none of it can be read
+       it cannot be opened even read-only (the error says SQLite's
+       reasons), or none of it can be read
   {EXIT_PARTIAL_INPUT}    partial input: damaged rows, or a read SQLite stopped part
        way; every row read was listed, the damaged ones marked, and one
        error: line names the store and counts them

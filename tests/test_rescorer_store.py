@@ -287,3 +287,181 @@ def test_an_old_id_keyed_store_is_migrated_keeping_its_rows(tmp_path: Path) -> N
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
     db.close()
+
+
+# ------------------------------------------- a store copied onto a read-only mount
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _wal_store(folder: Path) -> Path:
+    """A two-row alert store as teacher serve writes it (WAL mode), closed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    store = AlertStore(folder / "alerts.sqlite")
+    store.add_many(
+        [_pair(0, "g1", "escalate", "benign"), _pair(1, "g2", "alert", "malicious")]
+    )
+    store.close()
+    return folder / "alerts.sqlite"
+
+
+def _unprivileged() -> list[str]:
+    """The command prefix that runs a program as a user file permissions bind:
+    none for a normal user; as root, ``setpriv`` to nobody (root reads and writes
+    past any permission). Skips when neither can run this checkout's Python."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: no user to whom a "
+                    "read-only folder is read-only")
+    prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import teacher.serve"],
+                           cwd=REPO, capture_output=True, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip("user nobody cannot run this checkout's Python")
+    return prefix
+
+
+def test_alerts_reads_a_wal_store_copied_alone_onto_a_read_only_folder() -> None:
+    """Found: ``teacher alerts --store COPY``, COPY a WAL-mode store copied alone
+    (no -wal, no -shm) into a read-only folder, the forensic case, ended "cannot
+    open the alert store: ...", exit 3: SQLite's read-only open needs a -shm
+    file beside the store. Now the rows are listed, read as an unchanging file,
+    and a note says what that does not see. Run as a user the permissions bind."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    prefix = _unprivileged()
+    top = Path(tempfile.mkdtemp(prefix="gatewatch-ro-"))
+    try:
+        top.chmod(0o755)  # nobody may reach it
+        copy = top / "evidence" / "alerts.sqlite"
+        copy.parent.mkdir()
+        shutil.copy(_wal_store(top / "live"), copy)
+        copy.chmod(0o444)
+        copy.parent.chmod(0o555)
+
+        run = subprocess.run(
+            [*prefix, sys.executable, "-m", "teacher.cli", "alerts", "--store",
+             str(copy), "--json"],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "HOME": str(top)},
+        )
+
+        assert run.returncode == 0, run.stderr
+        assert [r["id"] for r in json.loads(run.stdout)] == ["id0", "id1"]
+        assert run.stderr.startswith(
+            f"note: {copy}: SQLite could not open this store read-only the usual "
+            "way (")
+        assert "read as an unchanging file" in run.stderr
+        assert "Traceback" not in run.stderr
+        assert sorted(p.name for p in copy.parent.iterdir()) == ["alerts.sqlite"]
+    finally:
+        for path in (top / "evidence", top):
+            if path.exists():
+                path.chmod(0o755)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_alerts_falls_back_to_an_immutable_open_when_read_only_fails(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """The same fallback without a read-only folder (as root, say): SQLite's usual
+    read-only open is made to fail as it does there; the rows are then read
+    through an ``immutable=1`` URI, and a -wal file beside the store, which that
+    does not read, is named with its size."""
+    import sqlite3
+
+    from teacher.cli import main
+
+    path = _wal_store(tmp_path)
+    (tmp_path / "alerts.sqlite-wal").write_bytes(b"\0" * 100)
+    real = sqlite3.connect
+    opened: list[str] = []
+
+    def connect(database, *args, **kwargs):
+        opened.append(str(database))
+        if "immutable=1" not in str(database):
+            exc = sqlite3.OperationalError("unable to open database file")
+            exc.sqlite_errorcode = sqlite3.SQLITE_CANTOPEN
+            raise exc
+        return real(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    capsys.readouterr()
+
+    assert main(["alerts", "--store", str(path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [r["id"] for r in json.loads(captured.out)] == ["id0", "id1"]
+    assert opened == [
+        f"{path.resolve().as_uri()}?mode=ro",
+        f"{path.resolve().as_uri()}?mode=ro&immutable=1",
+    ]
+    assert captured.err == (
+        f"note: {path}: SQLite could not open this store read-only the usual way "
+        "(unable to open database file; its folder cannot take the -shm file a "
+        "WAL-mode store needs), so it is read as an unchanging file: rows a running "
+        "teacher serve adds meanwhile are not listed; nor the rows in "
+        f"{path}-wal (100 bytes) beside it, not yet copied into the store (copy "
+        "the store with its -wal file into a folder that can be written to list "
+        "those)\n"
+    )
+
+
+def test_alerts_says_plainly_when_not_even_a_read_only_open_works(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """When the immutable open fails too, one error line says that the store could
+    not be opened read-only, with both of SQLite's reasons; exit 3. A file that is
+    no database at all is refused as before, without the fallback."""
+    import sqlite3
+
+    from flows.errors import EXIT_BAD_INPUT
+    from teacher.cli import main
+
+    path = _wal_store(tmp_path)
+    real = sqlite3.connect
+    opened: list[str] = []
+
+    def connect(database, *args, **kwargs):
+        opened.append(str(database))
+        if str(database).startswith("file:") and "junk" not in str(database):
+            exc = sqlite3.OperationalError(
+                "attempt to write a readonly database"
+                if "immutable" not in str(database)
+                else "disk I/O error"
+            )
+            exc.sqlite_errorcode = (
+                sqlite3.SQLITE_READONLY if "immutable" not in str(database) else 10
+            )
+            raise exc
+        return real(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    capsys.readouterr()
+
+    assert main(["alerts", "--store", str(path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {path}: cannot open the alert store read-only: SQLite refused it "
+        "(attempt to write a readonly database), and as an unchanging file too "
+        "(disk I/O error)\n"
+    )
+    assert len(opened) == 2
+
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not sqlite at all\n" * 10)
+    opened.clear()
+    assert main(["alerts", "--store", str(junk)]) == EXIT_BAD_INPUT
+    assert "cannot open the alert store: file is not a database" in \
+        capsys.readouterr().err
+    assert len(opened) == 1

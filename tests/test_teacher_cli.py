@@ -537,3 +537,222 @@ def test_train_on_tiny_data_warns_that_its_metrics_say_little(
         assert f"the {split} split holds only " in err
     assert "its metrics are not a reliable estimate" in err
 
+
+
+# ------------------------------------------- outputs that could not be written, late
+
+@pytest.mark.parametrize("name", ["tune.json", "tune.csv", "tune.md"])
+def test_tune_table_that_cannot_be_written_is_refused_before_the_grid(
+        name, slices, tmp_path, capsys, monkeypatch):
+    """Found: ``teacher tune --out DIR --force`` with DIR/tune.json a folder ran
+    every trial, then ended "cannot write the tuning table (Is a directory)",
+    exit 1. A table path that cannot be written is refused before the data loads
+    and the grid runs (exit 2), --force or not."""
+    ran = []
+    monkeypatch.setattr("teacher.tune.tune", lambda *a, **k: ran.append(1))
+    _no_prepare(monkeypatch)
+    out = tmp_path / "tune3"
+    (out / name).mkdir(parents=True)
+    argv = ["tune", "--data", str(slices[0]), "--budget", "0.1", "--out", str(out),
+            "-q"]
+    capsys.readouterr()
+
+    for flags in (["--force"], []):
+        assert main([*argv, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: --out {out}: {name} there is a folder, so the "
+                       "tuning table could not be written; remove it or name "
+                       "another folder\n")
+    assert ran == [] and sorted(p.name for p in out.iterdir()) == [name]
+
+    # A link to a table in a folder that is not there: refused alike.
+    link_out = tmp_path / "linked"
+    link_out.mkdir()
+    (link_out / name).symlink_to(tmp_path / "gone" / name)
+    assert main([*argv[:-3], "--out", str(link_out), "--force", "-q"]) == 2
+    assert f"{name} there is a link into {tmp_path / 'gone'}" in \
+        capsys.readouterr().err
+    assert ran == []
+
+
+def test_tune_out_check_leaves_nothing_behind(slices, tmp_path, capsys,
+                                             monkeypatch):
+    """The up-front check of the tables only looks: when the grid starts, a new
+    --out folder has not been made and holds no probe files; the tables come at
+    the end. With a table path that is a folder, the same run is refused."""
+    out = tmp_path / "new" / "tune"
+    seen = []
+
+    def tune(*a, **k):
+        seen.append(out.parent.exists())
+        return [{"rank": 1, "val_f1": 0.9, "val_loss": 0.1}]
+    monkeypatch.setattr("teacher.tune.tune", tune)
+    argv = ["tune", "--data", str(slices[0]), "--budget", "0.1", "--out", str(out),
+            "--force", "-q"]
+
+    assert main(argv) == 0
+    assert seen == [False]
+    assert sorted(p.name for p in out.iterdir()) == ["tune.csv", "tune.json",
+                                                      "tune.md"]
+    (out / "tune.json").unlink()
+    (out / "tune.json").mkdir()
+    assert main(argv) == 2 and seen == [False]
+
+
+def test_baselines_out_that_names_a_folder_is_refused_before_the_models(
+        slices, tmp_path, capsys, monkeypatch):
+    """Found with tune's: ``baselines --out b.json/`` (a name ending in /) and
+    ``--out LINK --force`` (a link into a folder that is not there) ran every
+    model, then could not write (exit 1). Now refused before the models, exit
+    2."""
+    def run_baselines(*a, **k):
+        raise AssertionError("baselines ran before --out was checked")
+    monkeypatch.setattr("teacher.baselines.run_baselines", run_baselines)
+    argv = ["baselines", "--data", str(slices[0]), "--models", "rf", "-q", "--out"]
+    capsys.readouterr()
+
+    slashed = f"{tmp_path / 'b.json'}/"
+    assert main([*argv, slashed]) == 2
+    assert capsys.readouterr().err == (f"error: --out {slashed} names a folder, not "
+                                       "a file; name a file to write\n")
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "gone" / "b.json")
+    assert main([*argv, str(link), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --out {link} is a link into {tmp_path / 'gone'}, which "
+                   "is not a folder here\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json"]
+
+
+# --------------------------------------------------------- baselines as text
+
+def test_baselines_text_output_is_a_table(slices, capsys, monkeypatch):
+    """Found: without --json, ``teacher baselines`` printed its results as a raw
+    Python dict. Now a table, one line per model, a value a model did not report
+    shown as "-"."""
+    results = {
+        "rf": {"train_rows": 1234, "accuracy": 0.99, "precision": 1.0,
+               "recall": 0.97959, "f1": 0.98969, "roc_auc": 0.9992, "fpr": 0.0,
+               "latency_us_p50": 7372.24, "latency_us_p99": 10551.45,
+               "confusion": {"tn": 51, "fp": 0, "fn": 1, "tp": 48}},
+        "svm": {"train_rows": 300, "accuracy": 0.5, "precision": 0.0,
+                "recall": 0.0, "f1": 0.0, "roc_auc": None, "fpr": 0.0},
+    }
+    monkeypatch.setattr("teacher.baselines.run_baselines",
+                        lambda *a, **k: results)
+    capsys.readouterr()
+
+    assert main(["baselines", "--data", str(slices[0]), "--models", "rf,svm",
+                 "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "{" not in out
+    lines = out.splitlines()
+    assert lines[:2] == ["data: first.txt", "window: 1"]
+    assert "held_out_types: ipsweep" in lines
+    table = lines[lines.index("test split:") + 1:]
+    assert [line.split("  ")[0].strip() for line in table] == ["model", "rf", "svm"]
+    assert table[0].split() == ["model", "train", "rows", "accuracy", "precision",
+                                "recall", "F1", "ROC", "AUC", "FPR", "p50", "µs",
+                                "p99", "µs"]
+    assert table[1].split() == ["rf", "1,234", "0.9900", "1.0000", "0.9796",
+                                "0.9897", "0.9992", "0.0000", "7,372", "10,551"]
+    assert table[2].split() == ["svm", "300", "0.5000", "0.0000", "0.0000",
+                                "0.0000", "-", "0.0000", "-", "-"]
+    # Every line as wide as the heading: the columns line up.
+    assert len({len(line) for line in table}) == 1
+
+
+# ----------------------------------------------- Ctrl-C once the run has finished
+
+TINY_TRAIN = ["--epochs", "1", "--batch-size", "64", "--conv-filters", "8",
+              "--lstm-hidden", "8", "--dense", "8", "--threads", "1", "--members",
+              "1", "--replay-size", "50", "--samples-per-epoch", "200", "-q"]
+
+
+def _interrupt_after_the_checkpoint(monkeypatch, times: int) -> None:
+    """Send this process SIGINT ``times`` times from a closing step of
+    ``teacher train`` (after the checkpoint is written, before the summary)."""
+    import os
+    import signal
+
+    def warn(prep):
+        for _ in range(times):
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr("teacher.cli._warn_small_splits", warn)
+
+
+def test_ctrl_c_after_the_checkpoint_is_written_keeps_the_run_finished(
+        slices, tmp_path, capsys, monkeypatch):
+    """Found: Ctrl-C just after ``teacher train`` had written its checkpoint gave
+    exit 130, although the checkpoint was in place and complete. Now the closing
+    steps go on (the summary is printed), a note says so, and the run exits 0."""
+    import signal
+
+    from teacher.checkpoint import load_teacher
+
+    _interrupt_after_the_checkpoint(monkeypatch, times=1)
+    out = tmp_path / "teacher"
+    capsys.readouterr()
+
+    code = main(["train", "--data", str(slices[0]), "--out", str(out),
+                 *TINY_TRAIN])
+
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["checkpoint"] == str(out)
+    assert captured.err == (f"note: interrupted after the checkpoint {out} was "
+                            "written; it is complete and the run has finished\n")
+    assert load_teacher(out).threshold is not None  # checksums verified
+    # Ctrl-C is Python's own again once the command has returned.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_second_ctrl_c_after_the_checkpoint_stops_saying_it_is_complete(
+        slices, tmp_path, capsys, monkeypatch):
+    """A second Ctrl-C stops the closing steps (exit 130), and the error line
+    says that the checkpoint was written and is complete."""
+    from teacher.checkpoint import load_teacher
+
+    _interrupt_after_the_checkpoint(monkeypatch, times=2)
+    out = tmp_path / "teacher"
+    capsys.readouterr()
+
+    code = main(["train", "--data", str(slices[0]), "--out", str(out),
+                 *TINY_TRAIN])
+
+    captured = capsys.readouterr()
+    assert code == 130 and captured.out == ""
+    assert captured.err == (f"error: interrupted after the checkpoint {out} was "
+                            "written (it is complete)\n")
+    assert load_teacher(out).threshold is not None
+
+
+def test_ctrl_c_while_python_tears_down_after_train_is_no_failure(slices,
+                                                                  tmp_path):
+    """The reported case end to end: ``teacher train`` as its own process, SIGINT
+    just after its summary line. Python's teardown with torch loaded lasts about
+    a second and a half here, and a Ctrl-C in it killed the finished run (130 to
+    the shell); now it exits 0."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "teacher"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "teacher.cli", "train", "--data", str(slices[0]),
+         "--out", str(out), *TINY_TRAIN],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parent.parent)
+    try:
+        line = proc.stdout.readline()
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert json.loads(line)["checkpoint"] == str(out), err
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
