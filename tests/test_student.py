@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from flows.errors import UsageError  # noqa: E402
+from flows.errors import ModelError, UsageError  # noqa: E402
 from student.distill import (  # noqa: E402
     ArrayWindows,
     DistillConfig,
@@ -134,10 +134,51 @@ def test_noisy_distillation_asks_the_teacher_about_the_noisy_windows() -> None:
     assert student_logits(model, source, val).shape == (len(val),)
 
 
-def test_swapped_columns_come_from_another_window_of_the_batch() -> None:
+@pytest.mark.parametrize("select", ["teacher", "f1"])
+def test_the_epoch_kept_is_the_best_by_the_measure_asked(select) -> None:
+    """select='teacher': the lowest soft loss against the teacher on validation;
+    select='f1': the best validation F1. The kept model scores that best value."""
+    from torch.nn import functional as nnf
+
+    from student.distill import best_f1
+
     torch.set_num_threads(1)
-    n, w, f = 400, 2, 40
-    # Every value of row r is r: a shown window tells which rows its columns hold.
+    x, logit, y = _toy()
+    source = ArrayWindows(x)
+    train, val = np.arange(700), np.arange(700, 900)
+    model = build_student("mlp", F, W, width=8, seed=0)
+    cfg = DistillConfig(epochs=6, batch_size=64, lr=1e-2, patience=6, select=select)
+    history = distill(model, source, train, y, logit[train], val, cfg,
+                      val_teacher_logits=logit[val])
+
+    z = torch.from_numpy(student_logits(model, source, val))
+    if select == "teacher":
+        t = torch.sigmoid(torch.from_numpy(logit[val]) / cfg.temperature)
+        kept = float(nnf.binary_cross_entropy_with_logits(z / cfg.temperature, t)
+                     * cfg.temperature**2)
+    else:
+        kept = 1.0 - best_f1(y[val], z.numpy())
+    assert kept == pytest.approx(min(h["val_loss"] for h in history), abs=1e-6)
+    assert len({round(h["val_loss"], 6) for h in history}) > 1  # it had a choice
+
+
+def test_choosing_by_the_teacher_needs_its_validation_logits() -> None:
+    x, logit, y = _toy(100)
+    model = build_student("mlp", F, W, width=4, seed=0)
+    with pytest.raises(ModelError, match="validation logits"):
+        distill(model, ArrayWindows(x), np.arange(80), y, logit[:80],
+                np.arange(80, 100), DistillConfig(epochs=1, select="teacher"))
+    with pytest.raises(ValueError, match="select"):
+        DistillConfig(select="best")
+    with pytest.raises(ValueError, match="loss"):
+        DistillConfig(loss="l1")
+
+
+def _shown_to_the_teacher(n: int, w: int, f: int, n_train: int,
+                          cfg: DistillConfig) -> np.ndarray:
+    """Every training window the teacher re-scored in one distillation, where
+    every value of row r is r (a shown window tells which rows its columns hold)."""
+    torch.set_num_threads(1)
     x = np.repeat(np.arange(n, dtype=np.float32), w * f).reshape(n, w, f)
     y = (np.arange(n) % 2).astype(np.int64)
     seen: list[np.ndarray] = []
@@ -147,11 +188,16 @@ def test_swapped_columns_come_from_another_window_of_the_batch() -> None:
         return np.zeros(len(windows), dtype=np.float32)
 
     model = build_student("mlp", f, w, width=4, seed=0)
-    cfg = DistillConfig(epochs=1, batch_size=50, patience=1, swap=0.3, alpha=1.0)
-    distill(model, ArrayWindows(x), np.arange(300), y, np.zeros(300, np.float32),
-            np.arange(300, 400), cfg, teacher_fn=teacher)
+    distill(model, ArrayWindows(x), np.arange(n_train), y,
+            np.zeros(n_train, np.float32), np.arange(n_train, n), cfg,
+            teacher_fn=teacher)
+    return np.concatenate(seen)
 
-    shown = np.concatenate(seen)
+
+def test_swapped_columns_come_from_another_window_of_the_batch() -> None:
+    f = 40
+    cfg = DistillConfig(epochs=1, batch_size=50, patience=1, swap=0.3, alpha=1.0)
+    shown = _shown_to_the_teacher(400, 2, f, 300, cfg)
     assert len(shown) == 300
     # The same columns at every flow of a window; each window mixes at most two
     # rows, both of the training rows, and about 30 % of its columns are swapped.
@@ -166,24 +212,10 @@ def test_swapped_columns_come_from_another_window_of_the_batch() -> None:
 
 @pytest.mark.parametrize("share", [1.0, 0.5, 0.2])
 def test_swap_rows_alters_that_share_of_each_batch_and_leaves_the_rest(share) -> None:
-    torch.set_num_threads(1)
-    n, w, f = 2000, 1, 40
-    # Every value of row r is r: a window with one value left is a row as it was.
-    x = np.repeat(np.arange(n, dtype=np.float32), w * f).reshape(n, w, f)
-    y = (np.arange(n) % 2).astype(np.int64)
-    seen: list[np.ndarray] = []
-
-    def teacher(windows: np.ndarray) -> np.ndarray:
-        seen.append(windows.copy())
-        return np.zeros(len(windows), dtype=np.float32)
-
-    model = build_student("mlp", f, w, width=4, seed=0)
     cfg = DistillConfig(epochs=1, batch_size=200, patience=1, swap=0.3,
                         swap_rows=share, alpha=1.0)
-    distill(model, ArrayWindows(x), np.arange(1800), y, np.zeros(1800, np.float32),
-            np.arange(1800, n), cfg, teacher_fn=teacher)
-
-    shown = np.concatenate(seen)[:, 0]
+    # A window with one value left is a row as it was.
+    shown = _shown_to_the_teacher(2000, 1, 40, 1800, cfg)[:, 0]
     assert len(shown) == 1800
     altered = np.array([len(np.unique(window)) > 1 for window in shown])
     # A window drawn for swapping stays whole only when its donor is itself

@@ -57,10 +57,17 @@ def check_addresses(arr: pa.Array, column: str, bad: BadRows) -> None:
         return
     ipv4 = pc.match_substring_regex(arr, IPV4_PATTERN)
     rest = arr.filter(pc.invert(ipv4.fill_null(True)))
+    _mark_distinct(arr, rest, address_problem, column, bad)
+
+
+def _mark_distinct(arr: pa.Array, candidates: pa.Array, problem_of, column: str,
+                   bad: BadRows) -> None:
+    """Check each distinct value of ``candidates`` once with ``problem_of`` (a
+    message or None) and note every row of ``arr`` holding a value with one."""
     wrong = {}
-    for value in pc.unique(rest).to_pylist():
+    for value in pc.unique(candidates).to_pylist():
         if value is not None:
-            problem = address_problem(value)
+            problem = problem_of(value)
             if problem is not None:
                 wrong[value] = problem
     if not wrong:
@@ -78,17 +85,7 @@ def check_protos(arr: pa.Array, column: str, bad: BadRows) -> None:
 
     if len(arr) == 0:
         return
-    wrong = {}
-    for value in pc.unique(arr).to_pylist():
-        if value is not None:
-            problem = proto_problem(value)
-            if problem is not None:
-                wrong[value] = problem
-    if not wrong:
-        return
-    hit = pc.is_in(arr, value_set=pa.array(list(wrong), type=pa.string()))
-    for row in np.flatnonzero(np.asarray(hit.fill_null(False))):
-        bad.add(int(row), column, wrong[arr[int(row)].as_py()])
+    _mark_distinct(arr, arr, proto_problem, column, bad)
 
 
 def check_proto_numbers(arr: pa.Array, column: str, bad: BadRows) -> None:
@@ -97,14 +94,7 @@ def check_proto_numbers(arr: pa.Array, column: str, bad: BadRows) -> None:
     ``record.proto_number_problem``."""
     from flows.record import PROTO_NUMBERS, proto_number_problem
 
-    if len(arr) == 0:
-        return
-    low, high = PROTO_NUMBERS
-    wrong = pc.or_(pc.less(arr, low), pc.greater(arr, high))
-    if pa.types.is_floating(arr.type):
-        wrong = pc.or_(wrong, pc.is_nan(arr))
-        wrong = pc.or_(wrong, fractional(arr))
-    note_rows(wrong, column, bad, lambda row: proto_number_problem(arr[row].as_py()))
+    _check_whole_numbers(arr, PROTO_NUMBERS, proto_number_problem, column, bad)
 
 
 def check_ports(arr: pa.Array, column: str, bad: BadRows) -> None:
@@ -115,14 +105,21 @@ def check_ports(arr: pa.Array, column: str, bad: BadRows) -> None:
     """
     from flows.record import PORT_RANGE, port_problem
 
+    _check_whole_numbers(arr, PORT_RANGE, port_problem, column, bad)
+
+
+def _check_whole_numbers(arr: pa.Array, bounds: tuple[int, int], problem_of,
+                         column: str, bad: BadRows) -> None:
+    """Note the rows of a numeric column outside ``bounds`` or, in a float column,
+    NaN or with a fraction; ``problem_of(value)`` words each."""
     if len(arr) == 0:
         return
-    low, high = PORT_RANGE
+    low, high = bounds
     outside = pc.or_(pc.less(arr, low), pc.greater(arr, high))
     if pa.types.is_floating(arr.type):
         outside = pc.or_(outside, pc.is_nan(arr))
         outside = pc.or_(outside, fractional(arr))
-    note_rows(outside, column, bad, lambda row: port_problem(arr[row].as_py()))
+    note_rows(outside, column, bad, lambda row: problem_of(arr[row].as_py()))
 
 
 def fractional(arr: pa.Array) -> pa.Array:

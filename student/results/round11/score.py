@@ -24,8 +24,11 @@ GROUPS |= {c: [f"{c}s0", f"{c}s1"] for c in ("kt1", "kep30")}
 GROUPS |= {"khalf": ["khalf0", "khalf1"]}
 
 
-def gate_proxy(cache: Path, groups: dict[str, list[str]]) -> dict:
-    """Mean best F1 on known validation rows: the teacher and each candidate."""
+def gate_proxy(cache: Path, groups: dict[str, list[str]], here: Path = HERE) -> dict:
+    """Best F1 on known validation rows: the teacher's and each candidate's mean
+    (``mean``), every value (``each``), and each candidate's misses (students under
+    their fold teacher's less 0.01; rounds 12-13). ``here`` is the round's folder
+    (its ``candidates.txt``)."""
     import fold_students as fs
     import torch
 
@@ -33,13 +36,14 @@ def gate_proxy(cache: Path, groups: dict[str, list[str]]) -> dict:
     from student.zoo import build_student
     from teacher.metrics import binary_metrics, choose_threshold
 
-    fs.ROUND = HERE
+    fs.ROUND = here
 
     def best_f1(y, z):
         prob = 1 / (1 + np.exp(-np.asarray(z, np.float64)))
         return binary_metrics(y, prob, choose_threshold(y, prob))["f1"]
 
     out: dict = {"teacher": [], **{c: [] for c in groups}}
+    misses = {c: 0 for c in groups}
     for fold in (0, 1, 2):
         net, prep, _, va = fs.teacher(fold, cache)
         known = va[~np.isin(prep.families[va].astype(str), prep.novel)]
@@ -52,11 +56,17 @@ def gate_proxy(cache: Path, groups: dict[str, list[str]]) -> dict:
                 model = build_student("mlp", prep.n_features, prep.window, 64)
                 model.load_state_dict(torch.load(
                     cache / f"{name}_f{fold}_mlp-64.pt", weights_only=True))
-                out[cand].append(best_f1(y, student_logits(model, prep, known)))
-    return {k: float(np.mean(v)) for k, v in out.items()}
+                got = best_f1(y, student_logits(model, prep, known))
+                out[cand].append(got)
+                misses[cand] += int(got < out["teacher"][-1] - 0.01)
+    return {"mean": {k: float(np.mean(v)) for k, v in out.items()},
+            "each": out, "misses": misses}
 
 
-if __name__ == "__main__":
+def main(here: Path, groups: dict[str, list[str]], full: bool) -> None:
+    """Score the round in ``here`` (candidates pooled as ``groups``) and print the
+    JSON; ``full``: the gate proxy with every value and the misses (rounds 12-13),
+    else its means only (round 11)."""
     import torch
 
     sys.path.insert(0, str(HERE.parent / "round8"))
@@ -65,8 +75,13 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     cache = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/students-round8")
-    done = {c: n for c, n in GROUPS.items()
+    done = {c: n for c, n in groups.items()
             if all((cache / f"{x}_f{f}.json").exists() for x in n for f in (0, 1, 2))}
-    result = family_score.score_widths(HERE, ("mlp-64",), done, cache)
-    result["gate_proxy"] = gate_proxy(cache, done)
+    result = family_score.score_widths(here, ("mlp-64",), done, cache)
+    proxy = gate_proxy(cache, done, here)
+    result["gate_proxy"] = proxy if full else proxy["mean"]
     print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main(HERE, GROUPS, full=False)

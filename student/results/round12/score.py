@@ -3,7 +3,8 @@
 The students of ``candidates.txt`` beside this file, distilled from round 8's fold
 teachers (kept in the same folder), scored as ``../round8/family_score.py`` scores
 its own; beside it the gate's proxy: the best F1 of each student and of the
-teacher on the fold's validation rows outside the held-out families. Usage, from
+teacher on the fold's validation rows outside the held-out families, and the
+misses (``../round11/score.py`` does the work). Usage, from
 the repository root with GATEWATCH_DATA set::
 
     python student/results/round12/score.py runs/students-round8 \\
@@ -12,64 +13,14 @@ the repository root with GATEWATCH_DATA set::
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 GROUPS = {c: [f"{c}0", f"{c}1", f"{c}2"] for c in ("hbase", "hf1", "hep30")}
 
-
-def gate_proxy(cache: Path, groups: dict[str, list[str]]) -> dict:
-    """Best F1 on known validation rows: the teacher's and each candidate's mean,
-    and each candidate's misses (students under the teacher's less 0.01)."""
-    import fold_students as fs
-    import torch
-
-    from student.distill import student_logits
-    from student.zoo import build_student
-    from teacher.metrics import binary_metrics, choose_threshold
-
-    fs.ROUND = HERE
-
-    def best_f1(y, z):
-        prob = 1 / (1 + np.exp(-np.asarray(z, np.float64)))
-        return binary_metrics(y, prob, choose_threshold(y, prob))["f1"]
-
-    out: dict = {"teacher": [], **{c: [] for c in groups}}
-    misses = {c: 0 for c in groups}
-    for fold in (0, 1, 2):
-        net, prep, _, va = fs.teacher(fold, cache)
-        known = va[~np.isin(prep.families[va].astype(str), prep.novel)]
-        y = prep.y[known]
-        out["teacher"].append(best_f1(y, np.concatenate(
-            [fs._logits_fn(net)(prep.windows(known[i:i + 4096]))
-             for i in range(0, len(known), 4096)])))
-        for cand, names in groups.items():
-            for name in names:
-                model = build_student("mlp", prep.n_features, prep.window, 64)
-                model.load_state_dict(torch.load(
-                    cache / f"{name}_f{fold}_mlp-64.pt", weights_only=True))
-                got = best_f1(y, student_logits(model, prep, known))
-                out[cand].append(got)
-                misses[cand] += int(got < out["teacher"][-1] - 0.01)
-    return {"mean": {k: float(np.mean(v)) for k, v in out.items()},
-            "each": out, "misses": misses}
-
-
 if __name__ == "__main__":
-    import torch
+    sys.path.insert(0, str(HERE.parent / "round11"))
+    import score as round11
 
-    sys.path.insert(0, str(HERE.parent / "round8"))
-    sys.path.insert(0, str(HERE.parent))
-    import family_score
-
-    torch.set_num_threads(1)
-    cache = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/students-round8")
-    done = {c: n for c, n in GROUPS.items()
-            if all((cache / f"{x}_f{f}.json").exists() for x in n for f in (0, 1, 2))}
-    result = family_score.score_widths(HERE, ("mlp-64",), done, cache)
-    result["gate_proxy"] = gate_proxy(cache, done)
-    print(json.dumps(result, indent=1))
+    round11.main(HERE, GROUPS, full=True)
