@@ -19,8 +19,9 @@ format, gzip or not, and Parquet; a packet capture must be given by file name.
 
 ``timezone`` (an IANA name such as ``Europe/Prague``; default ``UTC``) is the zone
 an Argus binetflow ``StartTime`` is written in: Argus writes local time without a
-zone. The other formats carry epoch times and do not use it. An unknown name is a
-:class:`~flows.errors.UsageError`.
+zone. So is a Parquet ``ts`` held as an Arrow timestamp without a zone (one with a
+zone is an instant, read as such). The other formats carry epoch times and do not
+use it. An unknown name is a :class:`~flows.errors.UsageError`.
 """
 
 from __future__ import annotations
@@ -139,7 +140,9 @@ def _read_buffered(src: Source, on_error: str, timezone: str) -> ReadResult:
     if kind == "parquet":
         from flows.readers.parquet import read_parquet
 
-        return read_parquet(pa.BufferReader(src.data), on_error, name=src.path)
+        return read_parquet(
+            pa.BufferReader(src.data), on_error, name=src.path, timezone=timezone
+        )
     if kind in ("pcap", "pcapng"):
         from flows.errors import UsageError
 
@@ -173,10 +176,15 @@ def _read_one(path: str | Path, on_error: str, timezone: str) -> ReadResult:
     if kind == "parquet":
         from flows.readers.parquet import read_parquet
 
-        return read_parquet(str(path), on_error)
+        return read_parquet(str(path), on_error, timezone=timezone)
     if kind in ("pcap", "pcapng"):
         return _read_capture(str(path), on_error)
 
+    from flows.readers._chunked import read_in_pieces
+
+    result = read_in_pieces(path, on_error, timezone)
+    if result is not None:
+        return result
     return _read_source(load(path, fail_early), on_error, timezone)
 
 

@@ -15,6 +15,10 @@ input is inflated, such a line is held only up to one byte past the limit (enoug
 for the readers to refuse it) and the rest of it is dropped as it comes out, so one
 huge line costs no more memory than a line at the limit; when the caller fails on
 the first bad line anyway, inflating stops at that line.
+
+:class:`Blocks` reads a regular file the same way without holding it whole: it
+yields the text :func:`load` would return, in pieces of whole lines of about
+:data:`CHUNK_BYTES`, and knows the input's ``cut`` once they are all read.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ MAX_LINE_BYTES = 1 << 20
 MAX_INFLATED_ENV = "GATEWATCH_MAX_INFLATED"
 UTF8_BOM = b"\xef\xbb\xbf"
 _MAX_INFLATED_DEFAULT = 2 << 30
+# About how much text a chunked read (Blocks) hands a reader at a time; the pieces
+# end at a newline, so one may be longer. Tests lower it to cut inputs anywhere.
+CHUNK_BYTES = 1 << 24
 
 
 @dataclass
@@ -70,7 +77,7 @@ def load(path: str | Path, stop_at_long_line: bool = False) -> Source:
     ``stop_at_long_line`` (for a reader that fails on its first bad line): a gzip
     input is inflated no further than its first line over :data:`MAX_LINE_BYTES`.
     """
-    # TODO(gap): whole files are held in memory; no chunked read for logs of many GB.
+    # TODO(gap): only Zeek TSV files are read in pieces (Blocks); other formats, whole.
     name = str(path)
     try:
         mode = os.stat(path).st_mode
@@ -209,11 +216,19 @@ class _LineGuard:
         self.parts: list[bytes] = []
         self.run = 0
         self.long_line: int | None = None
+        self.lines_taken = 0  # newlines in the text :meth:`take` handed out
 
     def text(self) -> bytes:
         """Everything collected so far, as one bytes object."""
         text = b"".join(self.parts)
         self.parts = [text]
+        return text
+
+    def take(self) -> bytes:
+        """The text collected since the last call, which the guard then forgets."""
+        text = b"".join(self.parts)
+        self.parts = []
+        self.lines_taken += text.count(b"\n")
         return text
 
     def add(self, chunk: bytes) -> None:
@@ -264,7 +279,9 @@ class _LineGuard:
         self.run += len(piece)
         if self.stop and self.run > MAX_LINE_BYTES:
             self.parts.append(b"\n")
-            self.long_line = sum(part.count(b"\n") for part in self.parts)
+            self.long_line = self.lines_taken + sum(
+                part.count(b"\n") for part in self.parts
+            )
             return False
         if ends:
             self.parts.append(b"\n")
@@ -424,3 +441,118 @@ def too_long(length: int) -> str:
         f"a line of {length} bytes, longer than the {MAX_LINE_BYTES}-byte limit for "
         "one row"
     )
+
+
+class Blocks:
+    """A regular file's text in pieces of whole lines, read in bounded memory.
+
+    Iterating (once) yields exactly the bytes ``load(path, stop_at_long_line).data``
+    would hold: a byte-order mark dropped, gzip inflated under the same limits and
+    cut at the same place. Each piece ends at a newline (only the last may not) and
+    holds at least :data:`CHUNK_BYTES` bytes unless the text ends first. Once the
+    last piece is out, ``cut`` is what ``Source.cut`` would be. Held at a time: a
+    piece and the line it stops inside; a plain file's line is held whole however
+    long it is, a gzip line only up to the limit (see :class:`_LineGuard`).
+    """
+
+    def __init__(self, path: str | Path, stop_at_long_line: bool = False) -> None:
+        self.path = str(path)
+        self.stop = stop_at_long_line
+        self.compressed = False
+        self.cut: str | None = None
+        self._note: str | None = None  # a cut that ends on a whole line already
+        self._stopped: tuple[str, int] | None = None  # why, length of the cut line
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            with open(self.path, "rb") as fh:
+                self.compressed = fh.read(2) == GZIP_MAGIC
+                fh.seek(0)
+                text = self._inflated(fh) if self.compressed else self._plain(fh)
+                yield from self._pieces(text)
+        except OSError as exc:
+            raise BadInputError(
+                f"cannot be read ({exc.strerror})", path=self.path
+            ) from exc
+
+    def _plain(self, fh: BinaryIO) -> Iterator[bytes]:
+        size = max(1, CHUNK_BYTES)
+        while piece := fh.read(size):
+            yield piece
+
+    def _inflated(self, fh: BinaryIO) -> Iterator[bytes]:
+        """The text :func:`gunzip` would give, as it comes out (see there)."""
+        limit = max_inflated()
+        guard = _LineGuard(self.stop)
+        total = 0
+        reader = Gunzip(fh)
+        for chunk in reader:
+            over = limit - total < len(chunk)
+            if over:
+                chunk = chunk[: limit - total]
+            total += len(chunk)
+            guard.add(chunk)
+            if text := guard.take():
+                yield text
+            if guard.long_line is not None:
+                self._note = (
+                    f"{self.path}: line {guard.long_line} is longer than the "
+                    f"{MAX_LINE_BYTES}-byte limit for one row; stopped inflating "
+                    f"there, after {reader.offset} compressed bytes"
+                )
+                return
+            if over:
+                why = (
+                    f"the inflated text passed {limit} bytes after {reader.offset} "
+                    f"compressed bytes (a gzip bomb, or a file too large to read "
+                    f"whole; ${MAX_INFLATED_ENV} sets the limit)"
+                )
+                self._stopped = (why, guard.run)
+                return
+        if reader.stopped is not None:
+            self._stopped = (reader.stopped, guard.run)
+
+    def _pieces(self, text: Iterator[bytes]) -> Iterator[bytes]:
+        """Regroup ``text`` into pieces of whole lines; then set ``cut``."""
+        size = max(1, CHUNK_BYTES)
+        parts: list[bytes] = []
+        held = 0
+        lines = 0  # newlines handed out
+        start = True  # the byte-order mark is not looked for yet
+        for piece in text:
+            parts.append(piece)
+            held += len(piece)
+            if start:
+                if held < len(UTF8_BOM):
+                    continue
+                parts, start = [b"".join(parts).removeprefix(UTF8_BOM)], False
+                held = len(parts[0])
+            # Only a piece with a newline can end one of ours.
+            if held < size or b"\n" not in piece:
+                continue
+            buf = b"".join(parts)
+            at = 0
+            while len(buf) - at >= size:
+                end = buf.find(b"\n", at + size - 1) + 1
+                if not end:
+                    break
+                lines += buf.count(b"\n", at, end)
+                yield buf[at:end]
+                at = end
+            parts = [buf[at:]] if at < len(buf) else []
+            held = len(buf) - at
+        rest = b"".join(parts)
+        if start:
+            rest = rest.removeprefix(UTF8_BOM)
+        if self._stopped is not None:
+            why, tail = self._stopped
+            rest = rest[: rest.rfind(b"\n") + 1]
+            lines += rest.count(b"\n")
+            note = f"{self.path}: {why}; kept the {lines} complete lines before it"
+            if tail:
+                note += f" and dropped a cut line of {tail} bytes"
+            self.cut = note
+        else:
+            self.cut = self._note
+        if rest:
+            yield rest

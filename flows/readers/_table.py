@@ -17,6 +17,9 @@ pacsv = LazyModule("pyarrow.csv")
 
 _CR_AT_END = re.compile(rb"\r+\n")
 _CR_INSIDE = "a carriage return (CR) inside the line, not at its end"
+# A line of spaces or tabs only (not empty), inside a body and at its start.
+_SPACES_LINE = re.compile(rb"\n[ \t\x0b\x0c]+(?:\n|\Z)")
+_SPACES_FIRST = re.compile(rb"[ \t\x0b\x0c]+(?:\n|\Z)")
 
 
 def split_rows(
@@ -28,6 +31,7 @@ def split_rows(
     first_line: int,
     quote: str | bool = False,
     include: list[int] | None = None,
+    blank: dict | None = None,
 ) -> tuple[pa.Table, np.ndarray, list[Problem], str | None]:
     """Split ``body`` (rows only, no header) into string columns.
 
@@ -36,6 +40,12 @@ def split_rows(
     number of fields, bytes that are not UTF-8, a CR inside the line, a line over
     ``MAX_LINE_BYTES``), and a note when the last line is cut short (no final
     newline and too few fields). CRs at the end of a line (CRLF files) are dropped.
+
+    Lines of spaces only are dropped as blank when the body has an empty line too,
+    else left to be split (one field). ``blank``, for a body that is one piece of
+    a larger one: ``blank["drop"]`` true drops them in any case (an earlier piece
+    had an empty line); set on return are ``blank["empty"]`` (this piece has an
+    empty line) and ``blank["spaces"]`` (it left a line of spaces to be split).
     """
     line_map = None
     problems: list[Problem] = []
@@ -70,7 +80,17 @@ def split_rows(
             problems += [Problem(n, None, _CR_INSIDE) for n in removed]
 
     # Blank lines are skipped; the line of every row kept is remembered.
-    if b"\n\n" in body or body.startswith(b"\n"):
+    empty = b"\n\n" in body or body.startswith(b"\n")
+    if blank is not None:
+        blank["empty"] = empty
+        blank["spaces"] = False
+        if blank.get("drop"):
+            empty = True
+        elif not empty:
+            blank["spaces"] = bool(
+                _SPACES_LINE.search(body) or _SPACES_FIRST.match(body)
+            )
+    if empty:
         body, line_map, _ = _drop_lines(
             body, _numbering(line_map, first_line), lambda ln: not ln.strip()
         )

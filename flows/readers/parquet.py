@@ -8,6 +8,13 @@ whose address is not an IP address, whose port is outside 0..65535, whose
 or count is negative or whose ``ts`` is not finite, lies before 1970 (below 0) or at
 or past the year 10000 is a bad row, named by its 1-based row number (``on_error``
 as for the text readers).
+
+``ts`` is epoch seconds (a number), or an Arrow timestamp of any unit (``s``,
+``ms``, ``us``, ``ns``), turned into epoch seconds as float64 without losing a
+digit the float can hold (:func:`epoch_seconds`). A timestamp with a zone is an
+instant already; one without a zone is the wall-clock time of the ``timezone``
+the reader is given (an IANA name; default UTC), read as Argus binetflow start
+times are (a time the clock shows twice is the first of the two).
 """
 
 from __future__ import annotations
@@ -26,12 +33,13 @@ FAMILY_KEY = b"gatewatch.family"
 
 
 def read_parquet(
-    path, on_error: str = "fail", name: str | None = None
+    path, on_error: str = "fail", name: str | None = None, timezone: str = "UTC"
 ) -> ReadResult:
     """Read a Parquet file; damage after some row groups keeps the groups before it
     (row groups are named counting from 1, as rows are: ``row group 2 of 3``).
 
     ``path`` may also be a pyarrow buffer reader (standard input), named ``name``.
+    ``timezone`` is the zone of a ``ts`` timestamp column without one (module doc).
     """
     source, path = path, name or str(path)
     try:
@@ -52,7 +60,7 @@ def read_parquet(
     metadata = handle.schema_arrow.metadata or {}
     family = metadata.get(FAMILY_KEY, b"").decode() or _family_from_columns(table, path)
     if family == "conn":
-        table = to_conn_table(table, path)
+        table = to_conn_table(table, path, timezone=timezone)
 
     stats = {"labels": {}, "labeled": "label" in table.column_names}
     labels = None  # each row's label as written, counted over the rows kept
@@ -150,8 +158,14 @@ def _family_from_columns(table: pa.Table, path: str) -> str:
     )
 
 
-def to_conn_table(table: pa.Table, path: str = "") -> pa.Table:
-    """Cast a table with the canonical columns to the canonical schema, extras after."""
+def to_conn_table(
+    table: pa.Table, path: str = "", *, timezone: str = "UTC"
+) -> pa.Table:
+    """Cast a table with the canonical columns to the canonical schema, extras after.
+
+    A ``ts`` held as an Arrow timestamp becomes epoch seconds first
+    (:func:`epoch_seconds`; ``timezone``: the zone of one without a zone).
+    """
     schema = conn_schema()
     missing = [n for n in CONN_FIELD_NAMES if n not in table.column_names]
     if missing:
@@ -159,6 +173,11 @@ def to_conn_table(table: pa.Table, path: str = "") -> pa.Table:
             f"Parquet table lacks canonical columns {', '.join(missing)}",
             path=path or None,
             column=missing[0],
+        )
+    ts = table.column("ts")
+    if pa.types.is_timestamp(ts.type):
+        table = table.set_column(
+            table.schema.get_field_index("ts"), "ts", epoch_seconds(ts, timezone)
         )
     arrays, fields = [], []
     for field in schema:
@@ -176,3 +195,68 @@ def to_conn_table(table: pa.Table, path: str = "") -> pa.Table:
             arrays.append(table.column(name))
             fields.append(table.schema.field(name))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+# Ticks per second of each Arrow timestamp unit.
+_TICKS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+_FLOAT_EXACT = 1 << 53  # integers up to this size are exact as float64
+
+
+def epoch_seconds(
+    column: pa.Array | pa.ChunkedArray, timezone: str = "UTC"
+) -> pa.Array:
+    """An Arrow timestamp column as epoch seconds (float64; nulls stay null).
+
+    A timestamp with a zone holds UTC ticks, whatever zone it is shown in; one
+    without a zone holds wall-clock time, taken in ``timezone`` (an IANA name;
+    ``UTC`` by default) as :mod:`flows.readers.binetflow` takes StartTime. Each
+    value is the float64 nearest the exact number of seconds.
+    """
+    from flows.readers.binetflow import _local_to_utc, time_zone
+
+    if isinstance(column, pa.ChunkedArray):
+        column = (column.combine_chunks() if column.num_chunks
+                  else pa.array([], type=column.type))
+    kind = column.type
+    ticks = _TICKS[kind.unit]
+    valid = np.asarray(column.is_valid(), dtype=bool)
+    counts = np.asarray(column.cast(pa.int64()).fill_null(0), dtype=np.int64)
+    zone = time_zone(timezone) if kind.tz is None else None
+    if zone is not None and valid.any():
+        # Offsets by the wall-clock second (floor, also before 1970), as the
+        # binetflow reader finds them; the ticks below a second are kept as they are.
+        local = np.floor_divide(counts, ticks)
+        utc = _local_to_utc(pa.array(local, mask=~valid), zone)
+        offsets = local - np.asarray(utc.fill_null(0), dtype=np.int64)
+        counts = counts - offsets * ticks
+    seconds = _exact_seconds(counts, ticks)
+    return pa.array(seconds, type=pa.float64(), mask=~valid)
+
+
+def _exact_seconds(counts: np.ndarray, ticks: int) -> np.ndarray:
+    """``counts / ticks`` for int64 ``counts``, each the float64 nearest the exact
+    quotient.
+
+    Up to 2**53 ticks both numbers are exact floats and one IEEE division rounds
+    once. Past it (nanoseconds after mid-April 1970) the count is split into
+    whole seconds and the rest: ``rest / ticks`` is off by at most 2**-54, and
+    once the seconds reach 2**(ticks.bit_length() - 1) (2**29 s, 1987, for
+    nanoseconds) no exact quotient lies that close to a rounding boundary of the
+    sum, which then rounds right too. The few counts in between are divided by
+    Python's integer division, which rounds correctly.
+    """
+    seconds = counts.astype(np.float64)
+    if ticks == 1:
+        return seconds
+    seconds /= ticks
+    big = (counts > _FLOAT_EXACT) | (counts < -_FLOAT_EXACT)
+    if not big.any():
+        return seconds
+    where = np.flatnonzero(big)
+    whole, rest = np.divmod(counts[where], ticks)
+    seconds[where] = whole.astype(np.float64) + rest / ticks
+    safe = 1 << (ticks.bit_length() - 1)
+    near = where[(whole > -safe - 1) & (whole < safe + 1)]
+    if len(near):
+        seconds[near] = [count / ticks for count in counts[near].tolist()]
+    return seconds

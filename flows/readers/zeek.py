@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 import numpy as np
@@ -47,6 +48,7 @@ from flows.readers._convert import (
     check_protos,
     check_times,
     null_tokens,
+    parse_problem,
     to_number,
     unescape,
     value_counts,
@@ -176,111 +178,241 @@ def _refuse_first(problems: list[Problem], path: str) -> None:
 
 def read_tsv(src: Source, on_error: str) -> ReadResult:
     """Read a Zeek TSV conn.log (already in memory) into canonical records."""
-    data = src.data
-    if b"\r\n" in data:
-        data = data.replace(b"\r\n", b"\n")
-    header = _Header()
-    blocks: list[tuple[_Header, bytes, int]] = []
-    pos, line_no, n = 0, 1, len(data)
-    long_heads: list[Problem] = []  # '#' lines over the limit: bad lines, unread
+    return read_tsv_blocks([src.data], src.path, on_error, lambda: src.cut)
 
-    while pos < n:
-        if data[pos] == 0x23:  # '#'
-            end = data.find(b"\n", pos)
-            end = n if end < 0 else end
-            if end - pos > MAX_LINE_BYTES:  # as the line-by-line reader does
-                long_heads.append(Problem(line_no, None, too_long(end - pos)))
-                pos, line_no = end + 1, line_no + 1
+
+def read_tsv_blocks(
+    blocks: Iterable[bytes],
+    path: str,
+    on_error: str,
+    cut: Callable[[], str | None],
+) -> ReadResult:
+    """Read a Zeek TSV conn.log given as pieces of whole lines, one at a time.
+
+    The pieces (each ending at a newline, but the last) joined are the text a
+    whole read takes; the result, errors included, is the same. ``cut()`` is the
+    input's cut (``Source.cut``), asked once every piece is read. Raises
+    :class:`Redo` where only a whole read decides as a whole read does.
+    """
+    reader = _TsvReader(path)
+    for data in blocks:
+        reader.feed(data)
+    return reader.result(on_error, cut())
+
+
+class Redo(Exception):
+    """A piecewise read met a case that a read of the whole text must decide."""
+
+
+class _RowBlock:
+    """The rows between two ``#`` lines, as far as they were fed."""
+
+    def __init__(self, header: _Header, start: int) -> None:
+        self.header = header
+        self.start = start  # its first line
+        self.content = False  # whether a line that is not blank was seen
+        self.pending: list[tuple[bytes, int]] = []  # blank pieces before that
+        self.state = _BlockState()
+
+
+class _BlockState:
+    """What one call on a piece of a row block leaves for the next pieces of it."""
+
+    def __init__(self) -> None:
+        self.hidden = False  # IoT-23 labels found inside tunnel_parents
+        self.plain_rows = 0  # rows read before that, as a plain tunnel_parents
+        # An empty line drops the lines of spaces of the whole block (split_rows).
+        self.empty = False  # a piece had an empty line
+        self.spaces = False  # a piece before that split a line of spaces
+        # Per float column: whether a piece needed the slow parse (as the whole
+        # block then does), and the rows noted by the fast one, to word again.
+        self.slow: set[str] = set()
+        self.fast_notes: dict[str, list[tuple[int, str]]] = {}
+        self.new_notes: list[tuple[str, int, str]] = []  # of the last piece
+
+
+class _TsvReader:
+    """The state of a Zeek TSV read between pieces of text (see read_tsv_blocks).
+
+    The ``#`` lines are applied as they come and each row block is converted
+    piece by piece. An error in a row block is kept and raised only once every
+    line was scanned, since the scan's own errors (a bad ``#separator``, rows
+    before ``#fields``) come first in a whole read, whatever follows them.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.header = _Header()
+        self.line_no = 1
+        self.long_heads: list[Problem] = []  # '#' lines over the limit, unread
+        self.block: _RowBlock | None = None
+        self.any_rows = False  # a row block that is not blank was seen
+        self.failed: Exception | None = None
+        self.tables: list[pa.Table] = []
+        self.line_arrays: list[np.ndarray] = []
+        self.problems: list[Problem] = []
+        self.row_problems: dict[int, Problem] = {}
+        self.offset = 0
+        self.cut: str | None = None
+        self.stats: dict = {"labels": {}, "masked_ts": 0, "labeled": False}
+        self.warnings: list[str] = []
+        # Per row of every block: the label as written, and whether ts was masked.
+        self.per_row: dict[str, list] = {"label": [], "masked": []}
+
+    def feed(self, data: bytes) -> None:
+        """Take the next piece of text (whole lines, but for the last piece)."""
+        if b"\r\n" in data:
+            data = data.replace(b"\r\n", b"\n")
+        pos, n = 0, len(data)
+        while pos < n:
+            if data[pos] == 0x23:  # '#'
+                self._end_block()
+                end = data.find(b"\n", pos)
+                end = n if end < 0 else end
+                if end - pos > MAX_LINE_BYTES:  # as the line-by-line reader does
+                    self.long_heads.append(
+                        Problem(self.line_no, None, too_long(end - pos))
+                    )
+                else:
+                    text = data[pos:end].decode("utf-8", "replace")
+                    self.header = _directive(
+                        self.header, text, self.line_no, self.path
+                    )
+                pos, self.line_no = end + 1, self.line_no + 1
                 continue
-            text = data[pos:end].decode("utf-8", "replace")
-            header = _directive(header, text, line_no, src.path)
-            pos, line_no = end + 1, line_no + 1
-            continue
-        nxt = data.find(b"\n#", pos)
-        end = n if nxt < 0 else nxt + 1
-        block = data[pos:end]
-        if not block.isspace():
-            if header.fields is None:
-                _refuse_first(long_heads, src.path)
+            nxt = data.find(b"\n#", pos)
+            end = n if nxt < 0 else nxt + 1
+            self._rows(data[pos:end])
+            pos = end
+
+    def _rows(self, piece: bytes) -> None:
+        """Take a piece of a row block; a blank one waits for the rest of it."""
+        start = self.line_no
+        self.line_no += piece.count(b"\n")
+        if self.block is None:
+            self.block = _RowBlock(self.header, start)
+        block = self.block
+        if not block.content:
+            if piece.isspace():
+                block.pending.append((piece, start))
+                return
+            if block.header.fields is None:
+                _refuse_first(self.long_heads, self.path)
                 raise BadInputError(
                     "rows before any #fields line (expected a Zeek header)",
-                    path=src.path,
-                    line=line_no,
+                    path=self.path,
+                    line=block.start,
                 )
-            blocks.append((header, block, line_no))
-        line_no += block.count(b"\n")
-        pos = end
+            block.content = self.any_rows = True
+            for text, line in block.pending:
+                self._convert(text, line)
+            block.pending = []
+        self._convert(piece, start)
 
-    if header.fields is None and not blocks:
-        _refuse_first(long_heads, src.path)
-        raise BadInputError("no #fields line (expected a Zeek header)", path=src.path)
+    def _end_block(self) -> None:
+        """A ``#`` line or the end: a row block that was blank throughout is no
+        block; the float notes of the one that ends are worded as a whole read
+        words them."""
+        block, self.block = self.block, None
+        if block is None or self.failed is not None:
+            return
+        for column, notes in block.state.fast_notes.items():
+            if column not in block.state.slow:
+                continue
+            for row, text in notes:
+                old = self.row_problems[row]
+                self.row_problems[row] = Problem(
+                    old.line, old.column, parse_problem(text, "f64")
+                )
 
-    tables, line_arrays, problems, row_problems = [], [], list(long_heads), {}
-    stats: dict = {"labels": {}, "masked_ts": 0, "labeled": False}
-    warnings: list[str] = []
-    # Per row of every block: the label as written, and whether ts was masked.
-    per_row: dict[str, list] = {"label": [], "masked": []}
-    offset = 0
-    cut = src.cut
-    for block_header, block, start in blocks:
-        part, lines, block_problems, block_rows, block_cut = _read_block(
-            block,
-            block_header,
-            start,
-            src.path,
-            stats,
-            warnings,
-            per_row,
+    def _convert(self, piece: bytes, start: int) -> None:
+        if self.failed is not None:
+            return  # the error is raised after the scan; the rows are not needed
+        block = self.block
+        try:
+            part, lines, problems, rows, cut = _read_block(
+                piece,
+                block.header,
+                start,
+                self.path,
+                self.stats,
+                self.warnings,
+                self.per_row,
+                block.state,
+            )
+        except BadInputError as exc:
+            self.failed = exc
+            return
+        self.cut = self.cut or cut
+        self.tables.append(part)
+        self.line_arrays.append(lines)
+        self.problems.extend(problems)
+        self.row_problems.update({self.offset + r: p for r, p in rows.items()})
+        state = block.state
+        for column, row, text in state.new_notes:
+            state.fast_notes.setdefault(column, []).append((self.offset + row, text))
+        state.new_notes = []
+        self.offset += len(part)
+
+    def result(self, on_error: str, src_cut: str | None) -> ReadResult:
+        """Check the end of the text and build the result of the whole read."""
+        self._end_block()
+        path, header = self.path, self.header
+        if header.fields is None and not self.any_rows:
+            _refuse_first(self.long_heads, path)
+            raise BadInputError("no #fields line (expected a Zeek header)", path=path)
+        if self.failed is not None:
+            raise self.failed
+        if not self.any_rows:
+            _check_fields(header, path)
+        tables, stats, warnings = self.tables, self.stats, self.warnings
+        table = pa.concat_tables(tables) if tables else conn_schema().empty_table()
+        lines = (
+            np.concatenate(self.line_arrays)
+            if self.line_arrays
+            else np.zeros(0, np.int64)
         )
-        cut = cut or block_cut
-        tables.append(part)
-        line_arrays.append(lines)
-        problems.extend(block_problems)
-        row_problems.update({offset + r: p for r, p in block_rows.items()})
-        offset += len(part)
-
-    if not blocks:
-        _check_fields(header, src.path)
-    table = pa.concat_tables(tables) if tables else conn_schema().empty_table()
-    lines = np.concatenate(line_arrays) if line_arrays else np.zeros(0, np.int64)
-    if not stats["labeled"] and src.path.endswith(".labeled"):
-        warnings.append(
-            f"{src.path}: the name says labeled, but no label column was found "
-            "(looked for label, detailedlabel and IoT-23's joined field); labels "
-            "are null, not benign"
+        if not stats["labeled"] and path.endswith(".labeled"):
+            warnings.append(
+                f"{path}: the name says labeled, but no label column was found "
+                "(looked for label, detailedlabel and IoT-23's joined field); "
+                "labels are null, not benign"
+            )
+        per_row = self.per_row
+        masked = (
+            np.concatenate(per_row["masked"])
+            if per_row["masked"]
+            else np.zeros(0, bool)
         )
-    masked = (
-        np.concatenate(per_row["masked"]) if per_row["masked"] else np.zeros(0, bool)
-    )
 
-    def tally(keep: np.ndarray) -> tuple[dict, list[str]]:
-        """The masked ts values in the rows kept."""
-        count = int(np.count_nonzero(masked & keep))
-        notes = [
-            f"{src.path}: {count} ts value(s) masked as XXXXXXXXXX.XXXXXX "
-            "(Zeek test output) read as null"
-        ] if count else []
-        return {"masked_ts": count}, notes
+        def tally(keep: np.ndarray) -> tuple[dict, list[str]]:
+            """The masked ts values in the rows kept."""
+            count = int(np.count_nonzero(masked & keep))
+            notes = [
+                f"{path}: {count} ts value(s) masked as XXXXXXXXXX.XXXXXX "
+                "(Zeek test output) read as null"
+            ] if count else []
+            return {"masked_ts": count}, notes
 
-    return finish(
-        table,
-        lines,
-        problems,
-        path=src.path,
-        on_error=on_error,
-        fmt="zeek-tsv",
-        family="conn",
-        cut=cut,
-        stats=stats,
-        warnings=warnings,
-        row_problems=row_problems,
-        label_text=(
-            pa.chunked_array(per_row["label"], type=pa.string())
-            if stats["labeled"]
-            else None
-        ),
-        tally=tally,
-    )
+        return finish(
+            table,
+            lines,
+            self.long_heads + self.problems,
+            path=path,
+            on_error=on_error,
+            fmt="zeek-tsv",
+            family="conn",
+            cut=src_cut or self.cut,
+            stats=stats,
+            warnings=warnings,
+            row_problems=self.row_problems,
+            label_text=(
+                pa.chunked_array(per_row["label"], type=pa.string())
+                if stats["labeled"]
+                else None
+            ),
+            tally=tally,
+        )
 
 
 def _check_fields(header: _Header, path: str) -> None:
@@ -322,22 +454,40 @@ def _read_block(
     stats: dict,
     warnings: list[str],
     per_row: dict[str, list],
+    state: _BlockState | None = None,
 ) -> tuple[pa.Table, np.ndarray, list[Problem], dict[int, Problem], str | None]:
     """Split one block of rows, convert it, and say which rows and lines were bad.
 
     Each row's label as written and whether its ts was masked go to ``per_row``.
+    ``state`` carries what earlier pieces of the same block decided (None: the
+    block is whole).
     """
     _check_fields(header, path)
     fields = header.fields or []
     names = [f"c{i}" for i in range(len(fields))]
     wanted = [i for i, f in enumerate(fields) if _wanted(f)]
+    state = state or _BlockState()
+    blank = {"drop": state.empty}
     strings, lines, problems, cut = split_rows(
-        block, fields, header.separator, path=path, first_line=start, include=wanted
+        block,
+        fields,
+        header.separator,
+        path=path,
+        first_line=start,
+        include=wanted,
+        blank=blank,
     )
+    if blank["empty"] and not state.empty:
+        if state.spaces:
+            raise Redo("an empty line after a line of spaces, in another piece")
+        state.empty = True
+    state.spaces = state.spaces or blank["spaces"]
 
     columns = {fields[i]: strings.column(names[i]).combine_chunks() for i in wanted}
     bad = BadRows()
-    table = _to_canonical(columns, header, bad, stats, warnings, path, per_row)
+    table = _to_canonical(
+        columns, header, bad, stats, warnings, path, per_row, state
+    )
     row_problems = {
         row: Problem(int(lines[row]), column, message)
         for row, (column, message) in bad.rows.items()
@@ -357,9 +507,17 @@ def _wanted(field: str) -> bool:
 
 
 def _split_joined(
-    columns: dict[str, pa.Array], bad: BadRows, warnings: list[str], path: str
+    columns: dict[str, pa.Array],
+    bad: BadRows,
+    warnings: list[str],
+    path: str,
+    state: _BlockState,
 ) -> dict[str, pa.Array]:
-    """Split IoT-23's space-joined field (named so, or hidden in tunnel_parents)."""
+    """Split IoT-23's space-joined field (named so, or hidden in tunnel_parents).
+
+    Hidden labels found in one piece of a block hold for the pieces after it;
+    found after rows read without them, they raise :class:`Redo`.
+    """
     out = dict(columns)
     for name in columns:
         parts = _SPACES.split(name.strip())
@@ -368,17 +526,21 @@ def _split_joined(
     else:
         arr = columns.get("tunnel_parents")
         has_label = any(n.lower() in LABEL_NAMES for n in columns)
-        if (
-            arr is None
-            or has_label
-            or not pc.any(pc.match_substring_regex(arr, r"\S\s+\S")).as_py()
-        ):
+        if arr is None or has_label:
             return out
+        if not state.hidden:
+            if not pc.any(pc.match_substring_regex(arr, r"\S\s+\S")).as_py():
+                state.plain_rows += len(arr)
+                return out
+            if state.plain_rows:
+                raise Redo("IoT-23 labels in tunnel_parents after rows without them")
+            state.hidden = True
+            warnings.append(
+                f"{path}: tunnel_parents holds space-joined label parts (IoT-23 "
+                "layout under a plain header); read them as label and "
+                "detailed-label"
+            )
         name, parts = "tunnel_parents", ["tunnel_parents", "label", "detailed-label"]
-        warnings.append(
-            f"{path}: tunnel_parents holds space-joined label parts (IoT-23 layout "
-            "under a plain header); read them as label and detailed-label"
-        )
     del out[name]
     arr = columns[name]
     split = pc.split_pattern_regex(
@@ -411,13 +573,15 @@ def _to_canonical(
     warnings: list[str],
     path: str,
     per_row: dict[str, list],
+    state: _BlockState,
 ) -> pa.Table:
     """Convert string columns named as in Zeek into a canonical Arrow table.
 
     Appends the label of each row as written (null without a label column) to
     ``per_row["label"]`` and whether its ts was masked to ``per_row["masked"]``.
+    ``state`` is the block's, for a block read in pieces (see _BlockState).
     """
-    columns = _split_joined(columns, bad, warnings, path)
+    columns = _split_joined(columns, bad, warnings, path, state)
     n = len(next(iter(columns.values()))) if columns else 0
     masked_rows = np.zeros(n, dtype=bool)
     arrays = {}
@@ -439,7 +603,10 @@ def _to_canonical(
             if pc.any(masked).as_py():
                 masked_rows = np.asarray(masked.fill_null(False), dtype=bool)
                 arr = pc.if_else(masked, pa.scalar(None, pa.string()), arr)
+        noted = len(bad.rows)
         arrays[canon], _ = to_number(arr, kind, zeek_name, bad)
+        if kind == "f64":
+            _note_parse_path(arr, zeek_name, bad, noted, state)
     check_endpoints(arrays, bad)
 
     label_col = next((c for c in columns if c.lower() in LABEL_NAMES), None)
@@ -464,6 +631,25 @@ def _to_canonical(
     return pa.Table.from_arrays(
         [arrays[name] for name in CONN_FIELD_NAMES], schema=conn_schema()
     )
+
+
+def _note_parse_path(
+    arr: pa.Array, column: str, bad: BadRows, noted: int, state: _BlockState
+) -> None:
+    """Remember how ``to_number`` parsed a float column of one piece of a block.
+
+    It casts the whole column in C, and only when some value does not cast
+    parses every value one by one; the two word an infinity or NaN differently.
+    A whole block parses one way: when one piece needed the slow way, the notes
+    the fast way left in the others are worded again (see ``_TsvReader``).
+    """
+    try:
+        pc.cast(arr, pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        state.slow.add(column)
+        return
+    for row in list(bad.rows)[noted:]:
+        state.new_notes.append((column, row, arr[row].as_py()))
 
 
 def check_endpoints(
