@@ -1149,6 +1149,12 @@ class Agent:
             return
         if getattr(result, "withdrawn", False):
             return
+        if getattr(result, "repeated", False) and getattr(result, "ok", False):
+            # The message handled last came again (the retained update, after a
+            # reconnect): it was installed, or named the running model, already.
+            # A repeated refusal still goes to the status below, as it did the
+            # first time.
+            return
         if (
             getattr(result, "ok", False)
             and not getattr(result, "changed", True)

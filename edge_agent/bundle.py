@@ -51,6 +51,7 @@ from typing import IO, Any
 from edge_agent import logger, signing
 from flows.argtypes import check_writable_above
 from flows.errors import BadInputError, GatewatchError, UsageError, json_problem
+from flows.outfile import refuse_existing, write_file
 
 BUNDLE_SCHEMA = "gatewatch-bundle/1"
 MANIFEST_NAME = "MANIFEST.json"
@@ -1262,9 +1263,10 @@ fails it would be refused by every gateway, so it is not signed.""",
 exit codes:
   0  written
   1  the model fails its health check; --out or --archive-out cannot be
-     written
+     written (an existing file is then kept as it was)
   2  wrong flags (--url without --archive-out, a URL scheme other than
-     https, http or file); a key file that does not exist
+     https, http or file); a key file that does not exist; an --out or
+     --archive-out file that already exists, without --force
   3  an unreadable or modified artifact (a manifest that is not JSON or whose
      model_version the re-scorer would refuse, a file whose sha256 differs),
      unreadable site thresholds, a key that is not an Ed25519 private key""",
@@ -1284,7 +1286,9 @@ exit codes:
         "--out",
         required=True,
         type=Path,
-        help="the signed update message to write (publish it retained) (required)",
+        help="the signed update message to write (publish it retained); an "
+        "existing file is refused before anything is signed, unless --force "
+        "(required)",
     )
     p.add_argument(
         "--url",
@@ -1296,7 +1300,15 @@ exit codes:
         "--archive-out",
         type=Path,
         default=None,
-        help="with --url: where to write the archive to upload (required then)",
+        help="with --url: where to write the archive to upload (required then); "
+        "an existing file is refused as for --out",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="let --out and --archive-out replace existing files; each is written "
+        "beside its name and renamed into place, so a failed write keeps the old "
+        "file (default: refuse them)",
     )
     p.set_defaults(func=_cmd_pack_update)
 
@@ -1370,10 +1382,17 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_output(path: Path, data: bytes, flag: str) -> None:
-    """Write a file a command was asked for; GatewatchError (exit 1) naming it."""
+def _write_output(path: Path, data: bytes, flag: str, force: bool = False) -> None:
+    """Write a file a command was asked for, through a temporary file renamed into
+    place (:func:`flows.outfile.write_file`: a failed write keeps what was there);
+    GatewatchError (exit 1) naming it."""
     try:
-        path.write_bytes(data)
+        write_file(path, data, force)
+    except FileExistsError as exc:
+        raise GatewatchError(
+            f"cannot write {flag} {path}: a file appeared there meanwhile; not "
+            "overwritten (--force overwrites it)"
+        ) from exc
     except OSError as exc:
         raise GatewatchError(
             f"cannot write {flag} {path}: {exc.strerror or exc}"
@@ -1386,12 +1405,19 @@ def _cmd_pack_update(args: argparse.Namespace) -> int:
     archive = None
     if args.url and args.archive_out is None:
         raise UsageError("--url needs --archive-out (the file to serve at that URL)")
+    if args.url and os.path.abspath(args.out) == os.path.abspath(args.archive_out):
+        raise UsageError(f"--out and --archive-out both name {args.out}; name two "
+                         "files (the message and the archive it points to)")
+    # Never overwritten unasked: refused before anything is signed.
+    refuse_existing(args.out, "--out", args.force)
+    if args.url:
+        refuse_existing(args.archive_out, "--archive-out", args.force)
     # Health-checked before it is signed (ModelError, exit 1, when it fails).
     payload = pack_update(args.artifact, args.key, url=args.url)
     if args.url:
         archive = payload.archive
-        _write_output(args.archive_out, archive, "--archive-out")
-    _write_output(args.out, payload.message, "--out")
+        _write_output(args.archive_out, archive, "--archive-out", args.force)
+    _write_output(args.out, payload.message, "--out", args.force)
     print(
         f"{args.out}: model {payload.model_version}, {len(payload.message)} bytes"
         + (f"; archive {args.archive_out}" if archive is not None else "")

@@ -46,7 +46,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from edge_agent import logger
-from flows.argtypes import nearest_existing
+from flows.argtypes import nearest_existing, zone_name
 from flows.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -234,6 +234,7 @@ def _add_run(subparsers) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, help=text)
     for name, (kind, text) in _RUN_NUMBERS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
+    _add_timezone(p, None, "(default: UTC, or timezone in --config)")
     p.add_argument(
         "--follow",
         action="store_const",
@@ -252,6 +253,21 @@ def _add_run(subparsers) -> None:
         "drain)",
     )
     p.set_defaults(func=cmd_run)
+
+
+def _add_timezone(p: argparse.ArgumentParser, default: str | None, tail: str) -> None:
+    """``--timezone``: as in ``flows inspect``/``convert``, for the source read."""
+    p.add_argument(
+        "--timezone",
+        metavar="ZONE",
+        type=zone_name,
+        default=default,
+        help="the time zone of flow-file times written without one, as an IANA "
+        "name such as Europe/Prague: an Argus binetflow file's StartTime (a zeek: "
+        "file read once may be any conn-family file) and a parquet: ts held as a "
+        "timestamp without a zone; pcap, iface, followed zeek logs and stdin carry "
+        f"epoch times and ignore it {tail}",
+    )
 
 
 def _add_calibrate(subparsers) -> None:
@@ -275,6 +291,7 @@ def _add_calibrate(subparsers) -> None:
         help="a file source of this site's flows: pcap:FILE, zeek:PATH or "
         "parquet:FILE (required)",
     )
+    _add_timezone(p, "UTC", "(default: UTC)")
     p.add_argument(
         "--target-fpr",
         required=True,
@@ -588,7 +605,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k, None) for k in AgentConfig.names()}
     cfg = AgentConfig.load(args.config, overrides)
     scorer = load_artifact(cfg.artifact)
-    source = open_source(cfg.source, follow=cfg.follow)
+    source = open_source(cfg.source, follow=cfg.follow, timezone=cfg.timezone)
     _check_fit(scorer, source, cfg.artifact)
     thresholds = (
         _read_thresholds(cfg.thresholds, scorer.model_version)
@@ -1142,7 +1159,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not 0.0 < args.target_fpr < 1.0:
         raise UsageError("--target-fpr must be between 0 and 1, e.g. 0.01")
     scorer = load_artifact(args.artifact)
-    source = open_source(args.source)
+    source = open_source(args.source, timezone=args.timezone)
     _check_fit(scorer, source, args.artifact)
     if not source.finite:
         raise UsageError("calibrate needs a file source (pcap:, zeek: or parquet:)")

@@ -19,7 +19,9 @@ The paths are those of a gateway that ``edge-agent flash`` installed:
 which rollback and model updates switch) and ``update_public_key`` the key flash
 writes (``/etc/gatewatch/update.pub``); ``edge-agent bundle`` and ``flash`` refuse
 a config whose ``artifact`` or ``update_public_key`` is elsewhere (the layout:
-``edge_agent/README.md``). A flag given on the command line wins over the file;
+``edge_agent/README.md``). ``timezone`` (an IANA name, default ``UTC``) is the zone
+of flow-file times written without one, as ``--timezone`` (an unknown name is a
+usage error). A flag given on the command line wins over the file;
 :meth:`AgentConfig.validate` checks the result before anything starts.
 
 Anything wrong with the config file itself (missing, a folder, not UTF-8, not TOML,
@@ -164,6 +166,7 @@ class AgentConfig:
     update_public_key: str | None = None
     thresholds: str | None = None
     status_interval: float = 60.0
+    timezone: str = "UTC"
 
     # The config file the settings came from and the keys read from it that no
     # flag replaced, so that an error names a setting where it was given: its
@@ -240,6 +243,15 @@ class AgentConfig:
             Protocol(self.protocol)
         except ValueError as exc:
             raise UsageError("protocol must be auto, 5 or 3.1.1") from exc
+        if self.timezone != "UTC":
+            # The flag is checked as it is parsed; a config file's value here,
+            # in the same words, before any source is opened.
+            from flows.readers import check_timezone
+
+            try:
+                check_timezone(self.timezone)
+            except UsageError as exc:
+                raise UsageError(f"{self._given_as('timezone')}: {exc}") from None
         for name in _FINITE_SECONDS:
             value = getattr(self, name)
             most = _MOST_SECONDS.get(name, _YEAR)

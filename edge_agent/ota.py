@@ -23,7 +23,10 @@ one, the site's ``site_thresholds.json`` (checked like the rest before the switc
 An update issued before the running model is refused as a downgrade. An update
 of the running model itself (the same archive, or the same files packed again or
 flashed from a bundle) installs nothing and is no refusal: the retained message
-comes again after every reconnect.
+comes again after every reconnect. A message byte for byte the same as the last
+one handled (its sha256) is not verified or unpacked again: its result stands, and
+it is logged at DEBUG only. Failing to fetch an update by reference is not
+remembered so: the next copy of the message tries again.
 
 Run as ``python -m edge_agent.ota check DIR`` it health-checks one artifact folder
 (flash uses this inside a freshly installed venv).
@@ -34,6 +37,8 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -84,7 +89,9 @@ class UpdateResult:
     ``changed`` is False when the message named the model already running.
     ``reason`` says why an update was refused (empty when ok). ``withdrawn``: the
     message was empty, the way a retained update is cleared: nothing to install
-    and nothing refused.
+    and nothing refused. ``repeated``: the message was the one handled last (the
+    retained update again, after a reconnect), so nothing was done and the rest
+    is the earlier result (``scorer`` None, ``changed`` False).
     """
 
     ok: bool
@@ -95,6 +102,7 @@ class UpdateResult:
     changed: bool = False
     update_id: str | None = None
     withdrawn: bool = False
+    repeated: bool = False
 
 
 # -------------------------------------------------------------------- health check
@@ -308,30 +316,55 @@ class ModelUpdater:
         self.fetch_timeout = float(fetch_timeout)
         self.current_version = current_version
         self._lock = threading.Lock()
+        # (sha256 of the last message handled, its result): the retained update
+        # comes again after every reconnect and is not worked through again.
+        self._last: tuple[str, UpdateResult] | None = None
 
     def handle(self, payload: bytes) -> UpdateResult:
-        """Verify, install and activate the update in ``payload``, or refuse it."""
+        """Verify, install and activate the update in ``payload``, or refuse it.
+
+        The same message as the last one handled is not worked through again
+        (see the module doc); its result comes back with ``repeated`` set.
+        """
         if not payload.strip():
             logger.info("the retained model update was withdrawn (an empty "
                         "message); the running model stays")
+            with self._lock:
+                self._last = None  # an update published again is handled anew
             return UpdateResult(ok=False, withdrawn=True)
+        digest = hashlib.sha256(payload).hexdigest()
         with self._lock:
+            if self._last is not None and self._last[0] == digest:
+                earlier = self._last[1]
+                logger.debug(
+                    "model update %s: the message handled last (sha256 %s) came "
+                    "again; not verified or unpacked again (%s)",
+                    earlier.update_id, digest[:16],
+                    "installed or running" if earlier.ok else "refused",
+                )
+                return dataclasses.replace(
+                    earlier, scorer=None, changed=False, repeated=True
+                )
             update_id = None
+            remember = True
             try:
                 message = _parse_message(payload)
                 update_id = message.get("id")
                 result = self._apply(message)
             except GatewatchError as exc:
                 logger.warning("model update refused: %s", exc)
-                return UpdateResult(ok=False, reason=str(exc), update_id=update_id)
+                result = UpdateResult(ok=False, reason=str(exc))
+                # A fetch that failed may work next time: tried again then.
+                remember = not isinstance(exc, FetchError)
             except Exception as exc:  # the agent must survive any update
                 logger.exception("model update failed unexpectedly")
-                return UpdateResult(
-                    ok=False,
-                    reason=f"internal error: {type(exc).__name__}: {exc}",
-                    update_id=update_id,
+                result = UpdateResult(
+                    ok=False, reason=f"internal error: {type(exc).__name__}: {exc}"
                 )
+                remember = False
             result.update_id = update_id
+            if remember:
+                self._last = (digest, dataclasses.replace(result, scorer=None))
             return result
 
     def _apply(self, message: dict[str, Any]) -> UpdateResult:
@@ -488,7 +521,12 @@ class ModelUpdater:
             with urllib.request.urlopen(url, timeout=self.fetch_timeout) as resp:
                 return resp.read(size + 1)
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise BadInputError(f"cannot fetch the update from {url}: {exc}") from exc
+            raise FetchError(f"cannot fetch the update from {url}: {exc}") from exc
+
+
+class FetchError(BadInputError):
+    """An update by reference whose archive could not be fetched (the server or
+    the network may be back for the next copy of the message)."""
 
 
 def slots_of(artifact: str | Path) -> Path:

@@ -158,8 +158,16 @@ def open_source(
     follow: bool = False,
     poll: float = 0.25,
     stdin: io.TextIOBase | None = None,
+    timezone: str = "UTC",
 ) -> Source:
-    """Build the source a spec names (files are checked now, read lazily)."""
+    """Build the source a spec names (files are checked now, read lazily).
+
+    ``timezone`` (an IANA name, checked by the caller) is the zone of flow-file
+    times written without one, as ``flows`` reads them: an Argus binetflow
+    StartTime (a ``zeek:`` file read once may be any conn-family file) and a
+    Parquet ``ts`` held as a timestamp without a zone. The other sources carry
+    epoch times.
+    """
     kind, target = parse_spec(spec)
     if follow and kind != "zeek":
         raise UsageError("--follow applies to zeek:PATH sources only")
@@ -170,11 +178,11 @@ def open_source(
     if kind == "iface":
         return Source(kind, target, False, lambda s: _iface(s))
     if kind == "parquet":
-        return Source(kind, target, True, lambda s: _parquet(s))
+        return Source(kind, target, True, lambda s: _parquet(s, timezone))
     if kind == "zeek" and follow:
         return Source(kind, target, False, lambda s: _follow(s, poll))
     if kind == "zeek":
-        return Source(kind, target, True, lambda s: _zeek(s))
+        return Source(kind, target, True, lambda s: _zeek(s, timezone))
     stream = stdin if stdin is not None else _text_stdin()
     return Source(kind, target, False, lambda s: _json_lines(s, stream))
 
@@ -271,23 +279,29 @@ def _iface(src: Source) -> Iterator[dict]:
 
 
 def iter_conn(
-    path: str | Path, on_error: str = "fail", damage: list | None = None
+    path: str | Path,
+    on_error: str = "fail",
+    damage: list | None = None,
+    timezone: str = "UTC",
 ) -> Iterator[dict]:
     """Canonical records of a Zeek conn.log, streamed by ``flows.readers``; the
-    damage it read past or stopped at goes to ``damage`` (see ``iter_records``)."""
+    damage it read past or stopped at goes to ``damage`` (see ``iter_records``).
+    ``timezone``: the zone of times written without one (:func:`open_source`)."""
     from flows.readers import iter_records
 
-    for rec in iter_records(path, on_error=on_error, damage=damage):
+    for rec in iter_records(path, on_error=on_error, damage=damage,
+                            timezone=timezone):
         yield canonical(rec)
 
 
-def _zeek(src: Source) -> Iterator[dict]:
+def _zeek(src: Source, timezone: str = "UTC") -> Iterator[dict]:
     """A conn.log read once; a record the stdin check refuses (no address: ``-``
     in a Zeek TSV log, a binetflow row that is no IP flow) is rejected, counted
     by its record number (the readers give no line) and skipped."""
     found: list[Damage] = []
+    records = iter_conn(src.target, damage=found, timezone=timezone)
     try:
-        for number, rec in enumerate(iter_conn(src.target, damage=found), start=1):
+        for number, rec in enumerate(records, start=1):
             problem = _record_problem(rec)
             if problem is not None:
                 src.reject("bad_value", problem, record=number)
@@ -297,7 +311,10 @@ def _zeek(src: Source) -> Iterator[dict]:
         src.damage = found
 
 
-def _parquet(src: Source) -> Iterator[dict]:
+def _parquet(src: Source, timezone: str = "UTC") -> Iterator[dict]:
+    """Canonical records of a Parquet file, row group by row group; a ``ts`` held
+    as a timestamp becomes epoch seconds as ``flows`` reads it (``timezone``: the
+    zone of one without a zone)."""
     import pyarrow.parquet as pq
 
     try:
@@ -315,7 +332,7 @@ def _parquet(src: Source) -> Iterator[dict]:
     # names it) and every record of the groups before it is scored first.
     row = 0
     for group in range(pf.num_row_groups):
-        for records in _parquet_group(pf, group, src.target):
+        for records in _parquet_group(pf, group, src.target, timezone):
             for rec in records:
                 row += 1
                 rec = canonical(rec)
@@ -328,7 +345,9 @@ def _parquet(src: Source) -> Iterator[dict]:
                 yield rec
 
 
-def _parquet_group(pf, group: int, path: str) -> Iterator[list[dict]]:
+def _parquet_group(
+    pf, group: int, path: str, timezone: str = "UTC"
+) -> Iterator[list[dict]]:
     """The records of one row group of a Parquet file, a batch at a time; damage
     is a BadInputError naming the file and the group, counted from 1 as rows are
     (the batches before it were given)."""
@@ -337,7 +356,7 @@ def _parquet_group(pf, group: int, path: str) -> Iterator[list[dict]]:
         try:
             if batches is None:
                 batches = pf.iter_batches(batch_size=4096, row_groups=[group])
-            records = next(batches).to_pylist()
+            records = _with_epoch_ts(next(batches), timezone).to_pylist()
         except StopIteration:
             return
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
@@ -347,6 +366,20 @@ def _parquet_group(pf, group: int, path: str) -> Iterator[list[dict]]:
                 path=path,
             ) from exc
         yield records
+
+
+def _with_epoch_ts(batch, timezone: str):
+    """``batch`` with a timestamp ``ts`` column turned into epoch seconds, as
+    :func:`flows.readers.parquet.epoch_seconds` does for ``flows``."""
+    import pyarrow as pa
+
+    names = batch.schema.names
+    if "ts" not in names or not pa.types.is_timestamp(batch.schema.field("ts").type):
+        return batch
+    from flows.readers.parquet import epoch_seconds
+
+    where = names.index("ts")
+    return batch.set_column(where, "ts", epoch_seconds(batch.column(where), timezone))
 
 
 def _bounded_lines(stream) -> Iterator[str | int]:

@@ -5,6 +5,9 @@ column, time span; for captures what the flow meter counted) and ``flows convert
 FILE... -o OUT`` writes canonical Parquet or a Zeek-style conn.log. ``-`` as a
 FILE reads standard input (any text format, gzip or not, or Parquet); a pcap or
 pcapng capture is refused there (exit 2), as the flow meter needs its file name.
+An ``-o`` file that already exists is refused (exit 2) unless ``--force`` is
+given; the output is written beside it and renamed into place, so a failed write
+keeps the old file.
 
 ``flows inspect --json`` prints one JSON object on standard output whatever the
 exit code: ``error`` (null, or the error line's text, which still goes to
@@ -37,13 +40,15 @@ from flows.errors import (
     PartialInputError,
     UsageError,
 )
+from flows.outfile import put_in_place, refuse_existing, temporary_beside
 from flows.readers.result import damaged_packets
 
 EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok (with --on-error skip, skipped lines are counted on stderr)
   {EXIT_FAILURE}    failure: the output cannot be written
-  {EXIT_USAGE}    usage: bad flags or arguments
+  {EXIT_USAGE}    usage: bad flags or arguments; a convert -o file that already
+       exists (without --force)
   {EXIT_BAD_INPUT}    bad input: unknown format, a missing required column, a bad
        value with nothing read before it (--on-error fail), every line
        bad (--on-error skip; convert then writes nothing), or damage
@@ -105,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the time zone an Argus binetflow file's StartTime is written in, as "
         "an IANA name such as Europe/Prague: Argus writes the local time of the "
         "machine it ran on, without a zone, and this turns it into epoch seconds "
-        "(ts); other formats carry epoch times and ignore it (default: UTC)",
+        "(ts); so is a Parquet ts held as a timestamp without a zone (one with a "
+        "zone is read as the instant it is); other formats carry epoch times and "
+        "ignore it (default: UTC)",
     )
     common.add_argument(
         "--drop-unlabeled",
@@ -141,9 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         required=True,
         metavar="OUT",
-        help="output file, replaced only once it is complete (required); a name "
-        "ending in a slash is refused unless it is an existing folder, which is "
-        "refused too: convert writes one file",
+        help="output file, written beside it and renamed into place once it is "
+        "complete (required); an existing file is refused before anything is "
+        "read, exit 2, unless --force; a name ending in a slash is refused unless "
+        "it is an existing folder, which is refused too: convert writes one file",
+    )
+    convert.add_argument(
+        "--force",
+        action="store_true",
+        help="let -o replace an existing file; a failed write keeps the old one "
+        "(default: refuse it)",
     )
     convert.add_argument(
         "--format",
@@ -600,6 +614,9 @@ def _convert(args) -> int:
                 "be written twice"
             )
         inputs[resolved] = name
+    # Refused before the read, as teacher baselines --out is: never overwritten
+    # unasked. (A link is followed: out names the file it points to.)
+    refuse_existing(out, "-o", args.force, shown=args.output)
     result, partial = _read(args)
     if partial is None and result.table.num_rows == 0 and (
         result.skipped or result.partial
@@ -613,13 +630,18 @@ def _convert(args) -> int:
             f"{result.family!r} (write Parquet instead)"
         )
     # One temporary name per process: two converts to one output must not share it.
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
+    tmp = temporary_beside(out)
     try:
         if fmt == "zeek":
             write_conn_log(result.table, tmp, name=out)
         else:
             write_parquet(result.table, tmp, family=result.family, name=out)
-        os.replace(tmp, out)
+        put_in_place(tmp, out, args.force)
+    except FileExistsError as exc:
+        raise GatewatchError(
+            f"{out}: a file appeared there while the input was read; not "
+            "overwritten (--force overwrites it)"
+        ) from exc
     except OSError as exc:
         raise GatewatchError(
             f"{out}: cannot be written ({write_problem(exc, out)})"

@@ -76,7 +76,9 @@ subscriptions: run one re-scorer there.
 ``teacher alerts`` queries the store by time, gateway and decision; a damaged row is
 listed with its damaged fields marked, and the command exits 4. It never writes the
 store: one in a folder that cannot be written (a WAL-mode copy on a read-only mount)
-is read as an unchanging file, with a note saying what that does not see.
+is read from a private temporary copy of it and its -wal file when it has one (so
+the rows the -wal holds are listed), else, or when the copy fails, as an unchanging
+file; a note says which, and what that does not see.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ import os
 import queue
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -1536,15 +1539,108 @@ def _read_only_refusal(exc: BaseException | None) -> bool:
     return "readonly database" in text or "unable to open database file" in text
 
 
+class _CopiedStore(AlertStore):
+    """An alert store read from a private copy (its folder removed on close)."""
+
+    def __init__(self, copy: Path, folder: Path, original: str | Path) -> None:
+        self._folder = folder
+        super().__init__(copy, readonly=True)
+        self.path = Path(original)  # what messages name
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+
+# Attempts at a copy whose files did not change while they were copied.
+_COPY_TRIES = 3
+
+
+def _copy_with_wal(path: str) -> tuple[Path, Path]:
+    """Copy the store at ``path`` with its -wal (and -shm, when there is one) into
+    a new private temporary folder; (the copy, its folder). OSError when a copy
+    fails (no space, say) or the files kept changing while they were copied (a
+    re-scorer writing): a copy of files caught part way through a write is no
+    store. The folder is removed on failure.
+
+    The -shm is only an index of the -wal, which SQLite rebuilds when it is
+    missing: one that cannot be read is left out, and its changes (readers
+    mark it too) do not count."""
+    ends = ("", "-wal")  # the store, then its -wal: "alerts.sqlite-wal"
+    sources = [Path(f"{path}{end}") for end in ends]
+    folder = Path(tempfile.mkdtemp(prefix="gatewatch-alerts-"))  # mode 0700
+    copy = folder / Path(path).name
+    try:
+        for _ in range(_COPY_TRIES):
+            # Size and time of each file before and after: a write (or a
+            # checkpoint) in between makes a copy whose files do not agree.
+            before = [_stamp(source) for source in sources]
+            for end in ends:
+                shutil.copyfile(f"{path}{end}", f"{copy}{end}")
+            if [_stamp(source) for source in sources] == before:
+                break
+        else:
+            raise OSError(f"{path} and its -wal file changed while they were copied")
+        try:
+            if Path(f"{path}-shm").is_file():
+                shutil.copyfile(f"{path}-shm", f"{copy}-shm")
+        except OSError:
+            Path(f"{copy}-shm").unlink(missing_ok=True)
+        return copy, folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_size, info.st_mtime_ns
+
+
+def _open_a_copy(path: str) -> AlertStore | None:
+    """A store whose folder cannot be written, read with the rows of its -wal.
+
+    SQLite cannot open a WAL-mode store read-only where it cannot make its -shm
+    file, and the unchanging-file open reads the main file alone. When a -wal
+    file with rows lies beside it, the store, the -wal and any -shm are copied
+    into a private temporary folder (:func:`_copy_with_wal`) and the copy is
+    opened read-only there; the store itself is not touched. None when there is
+    no such -wal, the folder can be written (then the copy would not be what
+    failed), or the copy cannot be made or opened (no space, say): the caller
+    then reads the store as an unchanging file.
+    """
+    wal = Path(f"{path}-wal")
+    try:
+        if not wal.is_file() or wal.stat().st_size == 0:
+            return None
+        if os.access(Path(path).absolute().parent, os.W_OK):
+            return None
+        copy, folder = _copy_with_wal(path)
+    except OSError as exc:
+        logger.debug("no private copy of %s to read its -wal: %s", path, exc)
+        return None
+    try:
+        return _CopiedStore(copy, folder, path)
+    except (BadInputError, sqlite3.Error) as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        logger.debug("the private copy of %s could not be opened: %s", path, exc)
+        return None
+
+
 def _open_for_reading(path: str) -> AlertStore:
     """The alert store at ``path``, opened to be read and never written.
 
     First read-only the usual way (SQLite's ``mode=ro``), which sees what a running
-    re-scorer writes. A WAL-mode store copied alone onto a read-only mount (the
-    forensic case) cannot be opened so: SQLite needs a -shm file beside it. Then it
-    is opened as an unchanging file (:class:`_UnchangingStore`) and a note on
-    stderr says what that does not see. A store that cannot be opened either way
-    is bad input (exit 3), the error saying both of SQLite's reasons.
+    re-scorer writes. A WAL-mode store on a read-only mount (the forensic case)
+    cannot be opened so: SQLite needs a -shm file beside it. With a -wal file
+    beside it, a private copy of both is read (:func:`_open_a_copy`), so the rows
+    the -wal holds are listed too, and a note on stderr says so. Without one, or
+    when the copy fails (no space), it is opened as an unchanging file
+    (:class:`_UnchangingStore`) and a note on stderr says what that does not
+    see. A store that cannot be opened either way is bad input (exit 3), the
+    error saying both of SQLite's reasons.
     """
     try:
         return AlertStore(path, readonly=True)
@@ -1552,6 +1648,16 @@ def _open_for_reading(path: str) -> AlertStore:
         usual = exc.__cause__
         if not _read_only_refusal(usual):
             raise
+    copied = _open_a_copy(path)
+    if copied is not None:
+        print(
+            f"note: {path}: SQLite could not open this store read-only the usual "
+            f"way ({usual}; its folder cannot take the -shm file a WAL-mode store "
+            "needs), so a private copy of it and its -wal file, made now, is read: "
+            "rows a running teacher serve adds meanwhile are not listed",
+            file=sys.stderr,
+        )
+        return copied
     try:
         store = _UnchangingStore(path)
     except sqlite3.Error as exc:
@@ -1791,10 +1897,13 @@ rejected messages (--rejected):
 read-only stores:
   the store is only read, never written. A WAL-mode store in a folder that
   cannot be written (a copy on a read-only mount, without its -shm file) cannot
-  be opened the usual way; it is then read as an unchanging file (SQLite's
-  immutable=1), and a note on stderr says so: rows a running teacher serve adds
-  meanwhile are not listed, nor those in a -wal file beside it (the note gives
-  its size; copy both files into a folder that can be written to list them).
+  be opened the usual way. With a -wal file beside it, the store and its -wal
+  (and -shm) are copied into a private temporary folder and the copy is read,
+  so the rows the -wal holds are listed; the copy is removed afterwards. Without
+  one, or when the copy cannot be made (no space), the store is read as an
+  unchanging file (SQLite's immutable=1), which does not list the rows in a
+  -wal file (the note gives its size). Either way a note on stderr says so, and
+  rows a running teacher serve adds meanwhile are not listed.
 
 exit codes:
   {EXIT_OK}    ok (nothing listed included)

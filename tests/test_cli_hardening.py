@@ -48,7 +48,9 @@ def test_convert_writes_through_a_symlink(tmp_path, capsys):
     link = tmp_path / "link.parquet"
     link.symlink_to(target)
 
-    code = flows_main(["convert", str(_conn_log(tmp_path)), "-o", str(link)])
+    code = flows_main(
+        ["convert", str(_conn_log(tmp_path)), "-o", str(link), "--force"]
+    )
 
     assert code == 0, capsys.readouterr().err
     assert link.is_symlink() and link.resolve() == target.resolve()
@@ -406,7 +408,8 @@ def test_teacher_train_on_unlabeled_rows_says_none_is_labeled(tmp_path, capsys):
 
 def test_converts_to_one_output_at_once_do_not_trip_over_each_other(tmp_path):
     """Found: three concurrent ``flows convert X -o same.parquet`` shared one .part
-    file and one failed with "No such file or directory"."""
+    file and one failed with "No such file or directory". (With --force: without
+    it the first to finish keeps the name, see test_flows_convert_force.)"""
     import subprocess
     import sys
 
@@ -416,7 +419,8 @@ def test_converts_to_one_output_at_once_do_not_trip_over_each_other(tmp_path):
     out = tmp_path / "same.parquet"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "convert", str(log), "-o", str(out)],
+            [sys.executable, "-m", "flows.cli", "convert", str(log), "-o", str(out),
+             "--force"],
             stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent,
         )
         for _ in range(3)

@@ -107,7 +107,7 @@ def test_bad_value_fail_writes_rows_before_and_exits_4(capsys, tmp_path):
     assert read(out).table.column("uid").to_pylist() == ["CabC1"]
 
     code, _, err = run(
-        capsys, "convert", str(src), "-o", str(out), "--on-error", "skip"
+        capsys, "convert", str(src), "-o", str(out), "--on-error", "skip", "--force"
     )
     assert code == 0 and "skipped 1" in err
     assert read(out).table.column("uid").to_pylist() == ["CabC1", "CabC2"]
@@ -170,7 +170,7 @@ def test_capture_cut_inside_its_header_is_bad_input(capsys, data_dir, tmp_path):
     code, _, _ = run(capsys, "convert", str(syn), "-o", str(good))
     assert code == 0
     before = good.read_bytes()
-    code, _, err = run(capsys, "convert", str(src), "-o", str(good))
+    code, _, err = run(capsys, "convert", str(src), "-o", str(good), "--force")
     assert code == 3 and "nothing usable" in err
     assert good.read_bytes() == before
 
@@ -302,6 +302,7 @@ def test_a_failed_rename_is_reported_and_the_temporary_file_removed(
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(cli.os, "replace", refuse)
+    monkeypatch.setattr(cli.os, "link", refuse)  # the rename without --force
     src = tmp_path / "c.log"
     src.write_text(zeek_text([ROW_A]))
     out = tmp_path / "o.parquet"
