@@ -171,28 +171,14 @@ def gunzip(
     import io
 
     guard = _LineGuard(stop_at_long_line)
-    total = 0
     reader = Gunzip(io.BytesIO(raw))
-    for chunk in reader:
-        over = limit - total < len(chunk)
-        if over:
-            chunk = chunk[: limit - total]
-        total += len(chunk)
-        guard.add(chunk)
+    for over in _inflate(reader, guard, limit):
         if guard.long_line is not None:
-            note = (
-                f"{name}: line {guard.long_line} is longer than the "
-                f"{MAX_LINE_BYTES}-byte limit for one row; stopped inflating there, "
-                f"after {reader.offset} compressed bytes"
-            )
+            note = _long_line_note(name, guard.long_line, reader.offset)
             text = guard.text().removeprefix(UTF8_BOM)
             return Source(name, text, compressed=True, cut=note)
         if over:
-            why = (
-                f"the inflated text passed {limit} bytes after {reader.offset} "
-                f"compressed bytes (a gzip bomb, or a file too large to read whole; "
-                f"${MAX_INFLATED_ENV} sets the limit)"
-            )
+            why = _over_limit(limit, reader.offset)
             text = guard.text().removeprefix(UTF8_BOM)
             return _cut(name, text, why, compressed=True, tail=guard.run)
     text = guard.text().removeprefix(UTF8_BOM)
@@ -443,6 +429,39 @@ def too_long(length: int) -> str:
     )
 
 
+def _inflate(reader: Gunzip, guard: _LineGuard, limit: int) -> Iterator[bool]:
+    """Feed ``reader``'s inflated text to ``guard``, no more than ``limit`` bytes.
+
+    Yields after each chunk whether the limit was passed there; the caller stops on
+    that or on ``guard.long_line``.
+    """
+    total = 0
+    for chunk in reader:
+        over = limit - total < len(chunk)
+        if over:
+            chunk = chunk[: limit - total]
+        total += len(chunk)
+        guard.add(chunk)
+        yield over
+
+
+def _long_line_note(name: str, line: int, offset: int) -> str:
+    """The cut note of a gzip input whose inflating stopped at an over-long line."""
+    return (
+        f"{name}: line {line} is longer than the {MAX_LINE_BYTES}-byte limit for "
+        f"one row; stopped inflating there, after {offset} compressed bytes"
+    )
+
+
+def _over_limit(limit: int, offset: int) -> str:
+    """Why a gzip input was cut at the inflated-size limit."""
+    return (
+        f"the inflated text passed {limit} bytes after {offset} compressed bytes (a "
+        f"gzip bomb, or a file too large to read whole; ${MAX_INFLATED_ENV} sets the "
+        "limit)"
+    )
+
+
 class Blocks:
     """A regular file's text in pieces of whole lines, read in bounded memory.
 
@@ -484,30 +503,15 @@ class Blocks:
         """The text :func:`gunzip` would give, as it comes out (see there)."""
         limit = max_inflated()
         guard = _LineGuard(self.stop)
-        total = 0
         reader = Gunzip(fh)
-        for chunk in reader:
-            over = limit - total < len(chunk)
-            if over:
-                chunk = chunk[: limit - total]
-            total += len(chunk)
-            guard.add(chunk)
+        for over in _inflate(reader, guard, limit):
             if text := guard.take():
                 yield text
             if guard.long_line is not None:
-                self._note = (
-                    f"{self.path}: line {guard.long_line} is longer than the "
-                    f"{MAX_LINE_BYTES}-byte limit for one row; stopped inflating "
-                    f"there, after {reader.offset} compressed bytes"
-                )
+                self._note = _long_line_note(self.path, guard.long_line, reader.offset)
                 return
             if over:
-                why = (
-                    f"the inflated text passed {limit} bytes after {reader.offset} "
-                    f"compressed bytes (a gzip bomb, or a file too large to read "
-                    f"whole; ${MAX_INFLATED_ENV} sets the limit)"
-                )
-                self._stopped = (why, guard.run)
+                self._stopped = (_over_limit(limit, reader.offset), guard.run)
                 return
         if reader.stopped is not None:
             self._stopped = (reader.stopped, guard.run)
