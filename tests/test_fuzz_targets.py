@@ -23,6 +23,7 @@ import random
 import struct
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -419,7 +420,7 @@ def real_seeds(
     if data_dir is None:
         return []
     out = []
-    for rel in REAL.get(kind, []):
+    for rel in REAL.get(kind.removesuffix("-pieces"), []):
         path = data_dir / rel
         if path.is_file():
             with open(path, "rb") as handle:
@@ -514,6 +515,48 @@ def t_reader(data: bytes, scratch: Scratch, name: str = "input.log") -> None:
                 pass
         except GatewatchError:
             pass
+
+
+def _read_outcome(call) -> str:
+    """What a read returned, or the gatewatch error it raised, as comparable text
+    (``repr``, so that a NaN equals a NaN)."""
+    try:
+        res = call()
+    except GatewatchError as exc:
+        kept = getattr(exc, "result", None)
+        return repr((type(exc).__name__, str(exc), getattr(exc, "line", None),
+                     getattr(exc, "column", None), _read_state(kept)))
+    return repr(_read_state(res))
+
+
+def _read_state(res) -> tuple | None:
+    if res is None:
+        return None
+    labels = None if res.label_text is None else res.label_text.to_pylist()
+    return (res.table.schema, res.table.to_pydict(), res.format, res.family,
+            res.skipped, res.warnings, res.partial, res.stats, res.damage, labels)
+
+
+def t_zeek_pieces(data: bytes, scratch: Scratch) -> None:
+    """A file read in pieces (the size drawn from the input, 1-512 bytes) gives
+    exactly what the whole read gives, result or error, failing and skipping."""
+    from flows.readers import _read_source, read
+    from flows.readers import _source as source
+
+    path = scratch.write("input.log", data)
+    size = 1 + zlib.crc32(data) % 512
+    kept = source.CHUNK_BYTES
+    for on_error in ("fail", "skip"):
+        mode = on_error
+        whole = _read_outcome(
+            lambda m=mode: _read_source(source.load(path, m == "fail"), m, "UTC")
+        )
+        source.CHUNK_BYTES = size
+        try:
+            pieced = _read_outcome(lambda m=mode: read(path, on_error=m))
+        finally:
+            source.CHUNK_BYTES = kept
+        assert pieced == whole, f"pieces of {size} bytes, {on_error}"
 
 
 def t_escalation(data: bytes, scratch: Scratch) -> None:
@@ -695,6 +738,7 @@ TARGETS = {
     "pcap": (t_capture, lambda: [seed_pcap()]),
     "pcapng": (lambda d, s: t_capture(d, s, ".pcapng"), lambda: [seed_pcapng()]),
     "zeek-tsv": (t_reader, lambda: [seed_zeek_tsv()]),
+    "zeek-tsv-pieces": (t_zeek_pieces, lambda: [seed_zeek_tsv()]),
     "zeek-json": (t_reader, lambda: [seed_zeek_json()]),
     "binetflow": (
         lambda d, s: t_reader(d, s, "input.binetflow"),
