@@ -51,7 +51,7 @@ from typing import IO, Any
 from edge_agent import logger, signing
 from flows.argtypes import check_writable_above
 from flows.errors import BadInputError, GatewatchError, UsageError, json_problem
-from flows.outfile import refuse_existing, write_file
+from flows.outfile import check_output, refuse_existing, write_file
 
 BUNDLE_SCHEMA = "gatewatch-bundle/1"
 MANIFEST_NAME = "MANIFEST.json"
@@ -1084,9 +1084,10 @@ exit codes:
   0    key pair written
   1    failure: a key file cannot be written (disk full, I/O error);
        what was written is removed, never half a pair
-  2    usage: bad flags or arguments; an --out that holds a key pair
-       already (without --force), is a file, lies under a file, or cannot
-       be made or written in
+  2    usage: bad flags or arguments; an --out that is empty (never the
+       current folder unasked), holds a key pair already (without
+       --force), is a file, lies under a file, or cannot be made or
+       written in
   130  interrupted (Ctrl-C)
 """
 
@@ -1107,8 +1108,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "-o",
         "--out",
         required=True,
-        type=Path,
-        help="folder for signing.key and signing.pub (required; made if missing)",
+        help="folder for signing.key and signing.pub (required; made if missing; "
+        "an empty name is refused, exit 2)",
     )
     p.add_argument(
         "--force",
@@ -1236,7 +1237,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "rollback",
         help="switch back to the other model slot",
         description="Make the other model slot under --root active again, after "
-        "checking that its model still loads and passes its health check. Exit "
+        "checking that its model still loads and passes its health check. The "
+        "model left is marked as rolled back in models/slots.json: the agent "
+        "refuses model updates of it (also the retained one at its next start) "
+        "until a newer model is published or it is flashed again. Exit "
         "codes: 0 switched, 1 the other model fails its health check, 2 nothing "
         "to roll back to, 3 a damaged install (models/slots.json or the "
         "models/current link).",
@@ -1266,7 +1270,10 @@ exit codes:
      written (an existing file is then kept as it was)
   2  wrong flags (--url without --archive-out, a URL scheme other than
      https, http or file); a key file that does not exist; an --out or
-     --archive-out file that already exists, without --force
+     --archive-out file that already exists, without --force; one that is
+     empty, -, a folder, a device, FIFO or socket, or in a folder that does
+     not exist or cannot be written in, with --force too (all checked before
+     anything is signed)
   3  an unreadable or modified artifact (a manifest that is not JSON or whose
      model_version the re-scorer would refuse, a file whose sha256 differs),
      unreadable site thresholds, a key that is not an Ed25519 private key""",
@@ -1285,10 +1292,10 @@ exit codes:
         "-o",
         "--out",
         required=True,
-        type=Path,
-        help="the signed update message to write (publish it retained); an "
-        "existing file is refused before anything is signed, unless --force "
-        "(required)",
+        help="the signed update message to write (publish it retained), in an "
+        "existing folder; an existing file is refused before anything is signed, "
+        "unless --force; an empty name, - (no standard output), a folder, and a "
+        "device, FIFO or socket are refused, with --force too (required)",
     )
     p.add_argument(
         "--url",
@@ -1298,7 +1305,6 @@ exit codes:
     )
     p.add_argument(
         "--archive-out",
-        type=Path,
         default=None,
         help="with --url: where to write the archive to upload (required then); "
         "an existing file is refused as for --out",
@@ -1306,9 +1312,10 @@ exit codes:
     p.add_argument(
         "--force",
         action="store_true",
-        help="let --out and --archive-out replace existing files; each is written "
-        "beside its name and renamed into place, so a failed write keeps the old "
-        "file (default: refuse them)",
+        help="let --out and --archive-out replace existing regular files; each "
+        "is written beside its name and renamed into place, so a failed write "
+        "keeps the old file; a link's target is written, the link stays "
+        "(default: refuse them)",
     )
     p.set_defaults(func=_cmd_pack_update)
 
@@ -1377,12 +1384,16 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     slot, version = rollback(args.root)
     print(
         f"{args.root}: model slot {slot} is active again (model {version}); a "
-        "running agent takes it on SIGHUP (systemctl reload gatewatch-agent)"
+        "running agent takes it on SIGHUP (systemctl reload gatewatch-agent); "
+        "model updates of the model left are refused until a newer model is "
+        "published or it is flashed again"
     )
     return 0
 
 
-def _write_output(path: Path, data: bytes, flag: str, force: bool = False) -> None:
+def _write_output(
+    path: str | Path, data: bytes, flag: str, force: bool = False
+) -> None:
     """Write a file a command was asked for, through a temporary file renamed into
     place (:func:`flows.outfile.write_file`: a failed write keeps what was there);
     GatewatchError (exit 1) naming it."""
@@ -1405,10 +1416,15 @@ def _cmd_pack_update(args: argparse.Namespace) -> int:
     archive = None
     if args.url and args.archive_out is None:
         raise UsageError("--url needs --archive-out (the file to serve at that URL)")
-    if args.url and os.path.abspath(args.out) == os.path.abspath(args.archive_out):
+    # Checked before anything is signed: a name nothing can be written to (empty,
+    # -, a folder, a device, FIFO or socket, a missing folder), --force or not,
+    # then one already there (never overwritten unasked; a dangling link counts).
+    out = check_output(args.out, "--out", "update.json")
+    if args.url and out == check_output(
+        args.archive_out, "--archive-out", "update.tar.gz"
+    ):
         raise UsageError(f"--out and --archive-out both name {args.out}; name two "
                          "files (the message and the archive it points to)")
-    # Never overwritten unasked: refused before anything is signed.
     refuse_existing(args.out, "--out", args.force)
     if args.url:
         refuse_existing(args.archive_out, "--archive-out", args.force)

@@ -85,7 +85,8 @@ exit codes:
   {EXIT_USAGE}    usage: bad flags, arguments or settings, a --config file that
        is missing, a folder, unreadable, not UTF-8 or not TOML (the
        config is settings, like flags; the files it names are judged
-       as if given by flags), a broker password (--password-file)
+       as if given by flags), an empty --outbox (the default path is
+       --outbox left out), a broker password (--password-file)
        without a user name, or an artifact whose encoder reads fields
        the source does not give (an NSL-KDD artifact on a conn.log, say)
   {EXIT_BAD_INPUT}    bad input: a source that gave no usable flow (stdin whose
@@ -141,8 +142,9 @@ exit codes:
        site_thresholds.json) cannot be written, or the artifact cannot
        be loaded (a missing or modified file, a model its runtime
        refuses, probe windows that do not score as built)
-  {EXIT_USAGE}    usage: bad flags (--target-fpr outside 0..1, a live source), or
-       an artifact whose encoder reads fields the source does not give
+  {EXIT_USAGE}    usage: bad flags (--target-fpr outside 0..1, a live source, an
+       empty --out), or an artifact whose encoder reads fields the
+       source does not give
   {EXIT_BAD_INPUT}    bad input: an artifact manifest that is not valid JSON, not a
        JSON object, or whose model_version the re-scorer would refuse, an unreadable
        source, a source with no flow, or one with fewer than
@@ -166,7 +168,8 @@ _RUN_FLAGS = {
     "are kept in the outbox)",
     "site": "site id (letters, digits, . _ -); required here or in --config",
     "gateway": "gateway id (letters, digits, . _ -); required here or in --config",
-    "outbox": "outbox file (default: $XDG_STATE_HOME/gatewatch/outbox-S-G.sqlite)",
+    "outbox": "outbox file; an empty name is refused, exit 2 (default: "
+    "$XDG_STATE_HOME/gatewatch/outbox-S-G.sqlite)",
     "alerts": "where local alerts go as JSON lines, with a verdict line for each "
     "escalation the re-scorer finds malicious and each local alert it overrules "
     "as benign: FILE, - for stdout, or an empty string for none (default: -)",
@@ -300,8 +303,8 @@ def _add_calibrate(subparsers) -> None:
     )
     p.add_argument(
         "--out",
-        type=Path,
-        help="file to write (default: site_thresholds.json in the artifact)",
+        help="file to write; an empty name is refused, exit 2 (default: "
+        "site_thresholds.json in the artifact)",
     )
     p.set_defaults(func=cmd_calibrate)
 
@@ -602,6 +605,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edge_agent.runtime import load_artifact
     from edge_agent.sources import open_source
 
+    if getattr(args, "outbox", None) is not None and not args.outbox.strip():
+        # Not the default outbox in its place: that one may hold another run's.
+        raise UsageError(
+            "--outbox is an empty file name; name the outbox file, or leave "
+            "--outbox out for the default"
+        )
     overrides = {k: getattr(args, k, None) for k in AgentConfig.names()}
     cfg = AgentConfig.load(args.config, overrides)
     scorer = load_artifact(cfg.artifact)
@@ -1158,6 +1167,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.target_fpr < 1.0:
         raise UsageError("--target-fpr must be between 0 and 1, e.g. 0.01")
+    if args.out is not None and not str(args.out).strip():
+        raise UsageError(
+            "--out is an empty file name; name the thresholds file, or leave --out "
+            f"out for {SITE_THRESHOLDS} in the artifact"
+        )
     scorer = load_artifact(args.artifact)
     source = open_source(args.source, timezone=args.timezone)
     _check_fit(scorer, source, args.artifact)
@@ -1220,7 +1234,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "source": args.source,
         "created_at": time.time(),
     }
-    path = args.out or Path(args.artifact) / SITE_THRESHOLDS
+    path = Path(args.out) if args.out else Path(args.artifact) / SITE_THRESHOLDS
     problem = _folder_problem(path)
     if problem is not None:
         raise GatewatchError(f"cannot write {path}: {problem}")

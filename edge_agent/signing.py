@@ -49,6 +49,12 @@ def generate_keypair(
     An existing key is never replaced unless ``overwrite`` is set, because losing a
     signing key strands every gateway that trusts it.
     """
+    if not os.fspath(keydir).strip():
+        # Path("") is the current folder: never a key pair written there unasked.
+        raise UsageError(
+            f"keygen -o is an empty folder name; name a folder for {PRIVATE_NAME} "
+            f"and {PUBLIC_NAME}"
+        )
     keydir = Path(keydir)
     private_path = keydir / PRIVATE_NAME
     public_path = keydir / PUBLIC_NAME

@@ -40,7 +40,12 @@ from flows.errors import (
     PartialInputError,
     UsageError,
 )
-from flows.outfile import put_in_place, refuse_existing, temporary_beside
+from flows.outfile import (
+    check_output,
+    put_in_place,
+    refuse_existing,
+    temporary_beside,
+)
 from flows.readers.result import damaged_packets
 
 EPILOG = f"""\
@@ -48,7 +53,9 @@ exit codes:
   {EXIT_OK}    ok (with --on-error skip, skipped lines are counted on stderr)
   {EXIT_FAILURE}    failure: the output cannot be written
   {EXIT_USAGE}    usage: bad flags or arguments; a convert -o file that already
-       exists (without --force)
+       exists (without --force); an -o that is empty, -, a folder, a
+       device, FIFO or socket, or in a folder that does not exist or
+       cannot be written in (with --force too; before anything is read)
   {EXIT_BAD_INPUT}    bad input: unknown format, a missing required column, a bad
        value with nothing read before it (--on-error fail), every line
        bad (--on-error skip; convert then writes nothing), or damage
@@ -148,16 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         required=True,
         metavar="OUT",
-        help="output file, written beside it and renamed into place once it is "
-        "complete (required); an existing file is refused before anything is "
-        "read, exit 2, unless --force; a name ending in a slash is refused unless "
-        "it is an existing folder, which is refused too: convert writes one file",
+        help="output file in an existing folder, written beside it and renamed "
+        "into place once it is complete (required); an existing file is refused "
+        "(a link too, a dangling one included) before anything is read, exit 2, "
+        "unless --force; refused with --force too: an empty name, - (no standard "
+        "output), a folder or a name ending in a slash (convert writes one "
+        "file), a device, FIFO or socket, a folder that does not exist or "
+        "cannot be written in",
     )
     convert.add_argument(
         "--force",
         action="store_true",
-        help="let -o replace an existing file; a failed write keeps the old one "
-        "(default: refuse it)",
+        help="let -o replace an existing regular file; a failed write keeps the "
+        "old one; through a link the file it names is written and the link "
+        "stays (default: refuse it)",
     )
     convert.add_argument(
         "--format",
@@ -494,44 +505,13 @@ def _where(args) -> str:
 
 
 def _output_path(name: str) -> Path:
-    """The file ``-o`` names, a symlink resolved to its target; refuses non-files.
-
-    An existing output must be a regular file: a folder, a device node, a FIFO or
-    a socket would be replaced by a regular file on the final rename.
+    """The file ``-o`` names, a symlink resolved to its target; refuses (exit 2)
+    before anything is read an empty name, ``-``, a folder, a device node, FIFO
+    or socket (the final rename would replace it with a regular file; with
+    ``--force`` too) and a folder that does not exist or cannot be written in
+    (:func:`flows.outfile.check_output`, shared with ``edge-agent pack-update``).
     """
-    if not name.strip():
-        raise UsageError("-o is an empty output path; give a file name")
-    if name == "-":
-        raise UsageError(
-            "-o - (standard output) is not supported: Parquet and conn.log are "
-            "written to a file, replaced only once complete; give a file name"
-        )
-    if name.endswith(("/", os.sep)) and not Path(name).is_dir():
-        raise UsageError(
-            f"-o {name} ends in a slash, which names a folder, and there is no "
-            "such folder; -o needs a file name (such as "
-            f"{name.rstrip('/' + os.sep) or '.'}/flows.parquet)"
-        )
-    out = Path(name)
-    try:
-        if out.is_symlink():
-            out = out.resolve(strict=False)
-        else:
-            out = out.parent.resolve() / out.name
-        exists = out.exists()
-    except (RuntimeError, OSError) as exc:
-        raise UsageError(
-            f"{name}: cannot be used as -o (a symbolic link loop or a bad path)"
-        ) from exc
-
-    if exists and out.is_dir():
-        raise UsageError(f"{name} is a folder; -o needs a file name")
-    if exists and not out.is_file():
-        raise UsageError(
-            f"{name} exists and is not a regular file (a device, FIFO or socket); "
-            "-o needs a regular file name"
-        )
-    return out
+    return check_output(name, "-o", "flows.parquet")
 
 
 # What convert writes, by the name's suffix: the format each suffix means.
@@ -615,8 +595,9 @@ def _convert(args) -> int:
             )
         inputs[resolved] = name
     # Refused before the read, as teacher baselines --out is: never overwritten
-    # unasked. (A link is followed: out names the file it points to.)
-    refuse_existing(out, "-o", args.force, shown=args.output)
+    # unasked. The name as given is looked at, so a link counts, a dangling one
+    # too; with --force the file it points to (out) is written and the link stays.
+    refuse_existing(args.output, "-o", args.force)
     result, partial = _read(args)
     if partial is None and result.table.num_rows == 0 and (
         result.skipped or result.partial

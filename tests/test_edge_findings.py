@@ -555,6 +555,7 @@ def test_pack_update_refuses_an_artifact_that_fails_its_health_check(
 def test_pack_update_cannot_write_its_output_is_one_error(
     tmp_path, capsys, keys
 ) -> None:
+    """Refused before anything is signed (exit 2), as flows convert -o is."""
     art = make_artifact(tmp_path / "v2", version="v2", seed=2)
     out = tmp_path / "missing" / "update.json"
 
@@ -563,8 +564,9 @@ def test_pack_update_cannot_write_its_output_is_one_error(
         capsys,
     )
 
-    assert rc == 1, err
-    assert f"error: cannot write --out {out}: No such file or directory" in err
+    assert rc == 2, err
+    assert err == (f"error: --out {out}: the folder {out.parent} does not exist; "
+                   "make it first\n")
 
 
 def test_pack_update_help_has_a_description_and_exit_codes(capsys) -> None:

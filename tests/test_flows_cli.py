@@ -236,15 +236,15 @@ def test_data_dir_resolves_relative_names(capsys, tmp_path, monkeypatch):
     assert run(capsys, "inspect", "zeek/absent.log")[0] == 3
 
 
-def test_unwritable_output_exits_1_and_leaves_nothing(capsys, tmp_path):
-    src = tmp_path / "c.log"
-    src.write_text(zeek_text([ROW_A]))
+def test_output_in_a_missing_folder_exits_2_before_the_read(capsys, tmp_path):
+    """Checked up front (it was exit 1 once the whole input had been read)."""
+    src = tmp_path / "no-such.log"  # exit 3, were it read first
     out = tmp_path / "no" / "such" / "dir" / "o.parquet"
     code, _, err = run(capsys, "convert", str(src), "-o", str(out))
-    assert code == 1
+    assert code == 2
     # The output is named, not the temporary ``.o.parquet.NNNN.part`` beside it.
     assert err == (
-        f"error: {out}: cannot be written (folder {out.parent} does not exist)\n"
+        f"error: -o {out}: the folder {out.parent} does not exist; make it first\n"
     )
     assert not out.parent.exists()
 
@@ -260,8 +260,8 @@ def test_output_under_a_file_names_the_file_without_a_traceback(
     out = afile / name
     code, _, err = run(capsys, "convert", str(src), "-o", str(out))
     assert (code, err) == (
-        1,
-        f"error: {out}: cannot be written ({afile} is a file, not a folder)\n",
+        2,
+        f"error: -o {out}: {afile} is a file, not a folder\n",
     )
     assert afile.read_text() == "keep\n"
 
