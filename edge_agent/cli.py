@@ -62,6 +62,7 @@ from flows.errors import (
     TransportError,
     UsageError,
 )
+from flows.outfile import check_output, write_file
 
 DESCRIPTION = (
     "edge-agent: run the agent on a gateway, calibrate its thresholds, and more."
@@ -74,7 +75,8 @@ EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok
   {EXIT_FAILURE}    failure (an alerts file, a --summary-json file, or calibrate's
-       --out file, that cannot be opened or written included, and an
+       --out file, that cannot be opened or written included (calibrate
+       --out in a missing folder, a device or a FIFO: usage, 2), and an
        --outbox that cannot be created or opened: a folder, a path
        under a file, a read-only file system, no permission; alerts
        on a pipe whose reader went away are only a warning; a summary
@@ -1172,6 +1174,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             "--out is an empty file name; name the thresholds file, or leave --out "
             f"out for {SITE_THRESHOLDS} in the artifact"
         )
+    if args.out is not None:
+        # A device, FIFO, folder or missing folder is refused before any work.
+        check_output(args.out, "--out", SITE_THRESHOLDS)
     scorer = load_artifact(args.artifact)
     source = open_source(args.source, timezone=args.timezone)
     _check_fit(scorer, source, args.artifact)
@@ -1239,7 +1244,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if problem is not None:
         raise GatewatchError(f"cannot write {path}: {problem}")
     try:
-        Path(path).write_text(json.dumps(out, indent=2) + "\n")
+        write_file(path, (json.dumps(out, indent=2) + "\n").encode(), force=True)
     except OSError as exc:
         hint = "" if args.out else " (use --out)"
         raise GatewatchError(

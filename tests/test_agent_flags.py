@@ -253,8 +253,8 @@ def test_calibrate_out_in_a_missing_folder_says_so(tm, tmp_path, capsys) -> None
         f"zeek:{tm.conn_log}", "--target-fpr", "0.05", "--out", str(out),
     ]
     rc, err = _main(argv, capsys)
-    assert rc == 1, err
-    assert f"error: cannot write {out}: the folder {out.parent} does not exist" in err
+    assert rc == 2, err  # refused before the artifact is loaded
+    assert f"error: --out {out}: the folder {out.parent} does not exist" in err
     assert "use --out" not in err
 
 

@@ -236,9 +236,9 @@ def test_calibrate_out_under_a_file_says_it_is_a_file(tm, tmp_path, capsys):
     rc = main(["calibrate", "--artifact", str(tm.artifact), "--source",
                f"zeek:{tm.conn_log}", "--target-fpr", "0.01", "--out", str(out)])
     err = capsys.readouterr().err
-    assert rc == 1, err
+    assert rc == 2, err  # refused before the artifact is loaded
     assert _error_lines(err) == [
-        f"error: cannot write {out}: {tmp_path / 'afile'} is a file, not a folder"
+        f"error: --out {out}: {tmp_path / 'afile'} is a file, not a folder"
     ]
 
 

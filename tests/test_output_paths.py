@@ -311,6 +311,23 @@ def test_calibrate_refuses_an_empty_out(tmp_path, capsys, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@needs_fifo
+def test_calibrate_refuses_a_fifo_out_before_loading_anything(tmp_path, capsys):
+    # The artifact does not exist: were the check made after loading it, the
+    # error would be about the artifact (exit 3), and a FIFO would hang the write.
+    fifo = tmp_path / "site.json"
+    os.mkfifo(fifo)
+
+    code, err = _agent(capsys, "calibrate", "--artifact", str(tmp_path / "no-art"),
+                       "--source", "zeek:x.log", "--target-fpr", "0.01",
+                       "--out", str(fifo))
+
+    assert code == 2
+    assert err == (f"error: {fifo} {NOT_REGULAR}; --out needs a regular file "
+                   "name\n")
+    assert fifo.is_fifo()
+
+
 # ------------------------------------------------- 4. the output's folder, up front
 
 
