@@ -6,7 +6,9 @@ It gives the same records, counters and damage notes as the pure-Python
 :class:`flows.meter.meter.FlowMeter` (the reference), with the per-packet work in C:
 the pcap record headers, the common link and IP decoding, the flow table (an open
 addressing hash table of C structs), Zeek's TCP endpoint machine, the history
-letters, the reassembly bookkeeping for missed bytes and the timer heap. A packet
+letters, the reassembly bookkeeping for missed bytes, the timer heap and the
+first payload bytes of each side (named by :mod:`flows.meter.service`, the
+same Python function as the Python path's, when a record is made). A packet
 that is not a plain IPv4/IPv6 datagram on a common link type (fragments, tunnels,
 extension headers, MPLS, PPPoE, 802.11, damaged headers) is decoded by the Python
 :class:`flows.meter.decode.Decoder`, and its result metered here. Python objects
@@ -27,6 +29,7 @@ from collections import Counter
 
 from flows.meter.decode import LINK_NAMES, Decoder
 from flows.record import TS_LIMIT, packet_time_problem
+from flows.meter import service as _service
 from flows.meter.meter import (
     PacketDamage,
     TCP_SERVER_PORTS,
@@ -93,6 +96,12 @@ DEF MAX_SEGS = 256
 DEF HBUF = 24
 DEF MAX_RECORD = 1048576
 DEF MAX_LINKS = 64
+# The first payload bytes kept per side for the service (flows.meter.service).
+DEF HEAD_BYTES = 256
+DEF HEAD_SEGS = 8
+# FTP control connections (ports 21, 2811) are scanned for announced data
+# connections in segments of at most FTP_SCAN_MAX bytes (flows.meter.service).
+DEF FTP_SCAN_MAX = 1024
 DEF ORD_CARET = 94
 DEF ORD_I = 73
 DEF ORD_S = 83
@@ -143,6 +152,17 @@ cdef void _init_pairs():
 
 _init_pairs()
 
+if (HEAD_BYTES, HEAD_SEGS, FTP_SCAN_MAX, (21, 2811)) != (
+    _service.HEAD_BYTES,
+    _service.HEAD_SEGS,
+    _service.FTP_SCAN_MAX,
+    _service.FTP_CONTROL_PORTS,
+):
+    raise ImportError(
+        "flows.meter._fast was built for other service head sizes: rebuild it"
+    )
+_identify = _service.identify
+
 
 cdef struct Seg:
     int64_t lo
@@ -174,6 +194,13 @@ cdef struct Endpoint:
     bint has_fin
     bint has_rst
     bint active
+    # The first payload bytes of this side (see keep_head), for the service:
+    # HEAD_BYTES allocated at the first payload, so scans and bare handshakes
+    # cost nothing.
+    uint8_t* head
+    int head_len
+    int head_segs
+    uint32_t head_next
 
 
 cdef struct Key:
@@ -209,6 +236,7 @@ cdef struct Conn:
     double remove_at
     double attempt_at
     bint alive
+    bint ftp_data
     Conn* prev
     Conn* next
 
@@ -381,6 +409,8 @@ cdef void free_conn(Conn* c) noexcept nogil:
         free(c.hist)
     free(c.e[0].segs)
     free(c.e[1].segs)
+    free(c.e[0].head)
+    free(c.e[1].head)
     free(c)
 
 
@@ -680,6 +710,58 @@ cdef int conn_tcp(
     return 0
 
 
+cdef int head_alloc(Endpoint* ep) except -1:
+    if ep.head == NULL:
+        ep.head = <uint8_t*>malloc(HEAD_BYTES)
+        if ep.head == NULL:
+            raise MemoryError()
+    return 0
+
+
+cdef int keep_head(
+    Endpoint* ep, const uint8_t* data, int64_t captured, int64_t length,
+    int64_t seq, int flags
+) except -1:
+    """Keep the first payload bytes of a TCP side, as FlowMeter._head does: its
+    first data segment, grown by the segments that follow it in order, up to
+    HEAD_BYTES bytes and HEAD_SEGS segments."""
+    cdef uint32_t start = <uint32_t>(seq + 1) if flags & F_SYN else <uint32_t>seq
+    cdef int64_t take = HEAD_BYTES - ep.head_len
+    if ep.head_segs != 0 and start != ep.head_next:
+        return 0
+    head_alloc(ep)
+    if take > captured:
+        take = captured
+    memcpy(ep.head + ep.head_len, data, take)
+    ep.head_len += take
+    ep.head_segs += 1
+    ep.head_next = start + <uint32_t>captured  # wraps as the sequence space does
+    if captured < length or ep.head_len >= HEAD_BYTES:
+        ep.head_segs = HEAD_SEGS
+    return 0
+
+
+cdef bint may_announce(const uint8_t* p, int64_t n, bint from_orig) noexcept nogil:
+    """Whether FTP control data can hold what FtpData.scan looks for: PORT or
+    EPRT (any case) from the client, 227 or 229 from the server (a cheap
+    superset of its patterns, so most control segments skip the Python call)."""
+    cdef int64_t i
+    cdef uint8_t a, b, c, d
+    for i in range(n - 3):
+        a = p[i] | 0x20
+        b = p[i + 1] | 0x20
+        c = p[i + 2] | 0x20
+        d = p[i + 3] | 0x20
+        if from_orig:
+            if (a == 112 and b == 111 and c == 114 and d == 116) or (  # port
+                a == 101 and b == 112 and c == 114 and d == 116  # eprt
+            ):
+                return True
+        elif p[i] == 50 and p[i + 1] == 50 and (p[i + 2] == 55 or p[i + 2] == 57):
+            return True  # 227, 229
+    return False
+
+
 cdef int sum_ok(int ver, const uint8_t* src, const uint8_t* dst, int proto,
                 const uint8_t* l4, int64_t length) noexcept nogil:
     """Whether the transport checksum of a whole captured segment is right."""
@@ -909,6 +991,11 @@ cdef class FastMeter:
     cdef object _more_links
     cdef public double last_ts
     cdef double next_sweep
+    cdef public object ftp
+    cdef bint ftp_seen
+    # Ports an FTP data connection was ever announced to: only a new connection
+    # to one of them asks self.ftp.match (bits are never cleared).
+    cdef uint8_t ftp_ports[8192]
 
     def __cinit__(self):
         self.slots = NULL
@@ -954,6 +1041,9 @@ cdef class FastMeter:
         self.tie = 0
         self.order = 0
         self.decoder = Decoder()
+        self.ftp = _service.FtpData()  # announced FTP data connections
+        self.ftp_seen = False
+        memset(self.ftp_ports, 0, sizeof(self.ftp_ports))
         self.done = []
         self.damage = None
         self._last_damaged = None
@@ -1263,6 +1353,11 @@ cdef class FastMeter:
             c.alive = False
         self.ended_as(why)
         rec = self.record(c)
+        # The heads served the record; the struct waits in the heap a while yet.
+        free(c.e[0].head)
+        free(c.e[1].head)
+        c.e[0].head = c.e[1].head = NULL
+        c.e[0].head_segs = c.e[1].head_segs = 0
         self.uids += 1
         rec["uid"] = "C%016x" % (self.uid_base ^ (self.uids * 0x9E3779B97F4A7C15ULL))
         self.flows += 1
@@ -1371,6 +1466,20 @@ cdef class FastMeter:
         src = (<char*>buf).decode("ascii")
         inet_ntop(family, c.resp_h, buf, 64)
         dst = (<char*>buf).decode("ascii")
+        history = c.hist[: c.hlen].decode("ascii") if c.hlen else None
+        proto = _PROTO_NAMES[c.proto]
+        service = None
+        if c.ftp_data:
+            service = "ftp-data"
+        elif o.head_segs or r.head_segs:
+            service = _identify(
+                proto,
+                c.orig_p,
+                c.resp_p,
+                o.head[: o.head_len] if o.head_segs else None,
+                r.head[: r.head_len] if r.head_segs else None,
+                history,
+            )
         return {
             "ts": c.start_ts,
             "uid": None,
@@ -1378,8 +1487,8 @@ cdef class FastMeter:
             "src_port": c.orig_p,
             "dst_ip": dst,
             "dst_port": c.resp_p,
-            "proto": _PROTO_NAMES[c.proto],
-            "service": None,
+            "proto": proto,
+            "service": service,
             "duration": duration if has_dur else None,
             "orig_bytes": ob if has_dur else None,
             "resp_bytes": rb if has_dur else None,
@@ -1388,7 +1497,7 @@ cdef class FastMeter:
             "orig_ip_bytes": o.ip_bytes,
             "resp_ip_bytes": r.ip_bytes,
             "conn_state": state,
-            "history": c.hist[: c.hlen].decode("ascii") if c.hlen else None,
+            "history": history,
             "missed_bytes": o.missed + r.missed,
             "label": None,
             "label_detail": None,
@@ -1478,6 +1587,17 @@ cdef class FastMeter:
         c.alive = True
         if do_flip:
             flip(c)
+        if (
+            proto == P_TCP
+            and self.ftp_seen
+            and (self.ftp_ports[c.resp_p >> 3] >> (c.resp_p & 7)) & 1
+        ):
+            c.ftp_data = self.ftp.match(
+                ts,
+                PyBytes_FromStringAndSize(<const char*>c.orig_h, alen),
+                PyBytes_FromStringAndSize(<const char*>c.resp_h, alen),
+                c.resp_p,
+            )
         self.insert(c)
         first = self.timeout(c)
         if first > 5.0:
@@ -1507,6 +1627,8 @@ cdef class FastMeter:
         cdef Key k
         cdef uint64_t h
         cdef Conn* c
+        cdef Endpoint* ep
+        cdef int64_t take
         cdef int port
         cmp = memcmp(src, dst, alen)
         if proto == 6:
@@ -1568,9 +1690,26 @@ cdef class FastMeter:
                     P_TCP, ver, src, sport, dst, dport, ts, &k, h, flip_it
                 )
             is_orig = memcmp(src, c.orig_h, alen) == 0 and sport == c.orig_p
+            ep = ORIG(c) if is_orig else RESP(c)
             if bad:
-                scaled(c, ORIG(c) if is_orig else RESP(c), L_C)
+                scaled(c, ep, L_C)
                 return 0
+            if captured > 0 and ep.head_segs < HEAD_SEGS:
+                keep_head(ep, l4 + hlen, captured, length, seq, flags)
+            if (
+                0 < captured <= FTP_SCAN_MAX
+                and (sport == 21 or dport == 21 or sport == 2811 or dport == 2811)
+                and may_announce(l4 + hlen, captured, is_orig)
+            ):
+                for port in self.ftp.scan(
+                    ts,
+                    PyBytes_FromStringAndSize(<const char*>l4 + hlen, captured),
+                    is_orig,
+                    PyBytes_FromStringAndSize(<const char*>c.orig_h, alen),
+                    PyBytes_FromStringAndSize(<const char*>c.resp_h, alen),
+                ):
+                    self.ftp_seen = True
+                    self.ftp_ports[port >> 3] |= 1 << (port & 7)
             conn_tcp(
                 c, ts, is_orig, ip_len, flags, seq, ack, win, length, captured,
                 self.t_close, self.t_reset,
@@ -1613,7 +1752,19 @@ cdef class FastMeter:
                 scaled(c, ORIG(c) if is_orig else RESP(c), L_C)
             else:
                 udp_icmp(c, is_orig, ip_len, payload)
-                check(c, ORIG(c) if is_orig else RESP(c), H_DATA, ORD_D)
+                ep = ORIG(c) if is_orig else RESP(c)
+                check(c, ep, H_DATA, ORD_D)
+                if payload > 0 and n > 8 and ep.head_segs == 0:
+                    # The first datagram's payload, for the service.
+                    take = n - 8
+                    if take > payload:
+                        take = payload
+                    if take > HEAD_BYTES:
+                        take = HEAD_BYTES
+                    head_alloc(ep)
+                    memcpy(ep.head, l4 + 8, take)
+                    ep.head_len = take
+                    ep.head_segs = HEAD_SEGS
             if not bad and (
                 dport == 4789 or dport == 6081 or dport == 2152
                 or sport == 4789 or sport == 6081 or sport == 2152

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import socket
 
+from flows.meter.service import identify
+
 # Zeek's TCP endpoint states.
 INACTIVE, SYN_SENT, SYN_ACK_SENT, PARTIAL, ESTABLISHED, CLOSED, RESET = range(7)
 
@@ -61,6 +63,9 @@ class Endpoint:
         "last_fin",
         "last_rst",
         "active",
+        "head",
+        "head_next",
+        "head_segs",
     )
 
     def __init__(self, is_orig: bool) -> None:
@@ -81,6 +86,10 @@ class Endpoint:
         self.counters: dict[str, list[int]] | None = None
         self.last_syn = self.last_fin = self.last_rst = None
         self.active = False  # UDP/ICMP: this side sent a packet
+        # The first captured payload bytes this side sent (flows.meter.service).
+        self.head: bytes | None = None
+        self.head_next = 0  # TCP: the 32-bit sequence number the head ends at
+        self.head_segs = 0  # segments in the head; HEAD_SEGS once it is complete
 
     def set_state(self, state: int) -> None:
         """Move to ``state``, remembering the one before (as Zeek does)."""
@@ -124,6 +133,7 @@ class Conn:
         "remove_at",
         "attempt_at",
         "key",
+        "ftp_data",
     )
 
     def __init__(
@@ -149,6 +159,7 @@ class Conn:
         self.remove_at = float("inf")  # Zeek's close/reset/attempt delete timers
         self.attempt_at = float("inf")
         self.key = key
+        self.ftp_data = False  # announced on an FTP control connection
 
     # -- history ------------------------------------------------------------------
 
@@ -461,6 +472,15 @@ class Conn:
                 state = "OTH"
             ob, rb = o.size, r.size
         has_dur = duration > 0
+        history = "".join(self.hist) or None
+        if self.ftp_data:
+            service = "ftp-data"
+        elif o.head is None and r.head is None:
+            service = None
+        else:
+            service = identify(
+                self.proto, self.orig_p, self.resp_p, o.head, r.head, history
+            )
         return {
             "ts": self.start_ts,
             "uid": None,
@@ -469,7 +489,7 @@ class Conn:
             "dst_ip": _text(family, self.resp_h),
             "dst_port": self.resp_p,
             "proto": self.proto,
-            "service": None,
+            "service": service,
             "duration": duration if has_dur else None,
             "orig_bytes": ob if has_dur else None,
             "resp_bytes": rb if has_dur else None,
@@ -478,7 +498,7 @@ class Conn:
             "orig_ip_bytes": o.ip_bytes,
             "resp_ip_bytes": r.ip_bytes,
             "conn_state": state,
-            "history": "".join(self.hist) or None,
+            "history": history,
             "missed_bytes": o.missed + r.missed,
             "label": None,
             "label_detail": None,

@@ -36,6 +36,15 @@ from flows.meter.decode import (
     UDP,
     Decoder,
 )
+from flows.meter.service import (
+    FTP_CONTROL_PORTS,
+    FTP_HINT_ORIG,
+    FTP_HINT_RESP,
+    FTP_SCAN_MAX,
+    HEAD_BYTES,
+    HEAD_SEGS,
+    FtpData,
+)
 from flows.record import TS_LIMIT, packet_time_problem
 
 # Ports Zeek's default scripts list in ``likely_server_ports``; a connection whose
@@ -191,8 +200,10 @@ class PacketDamage:
 # The pure-Python packet path: the reference for the compiled one in _fast.pyx
 # (same records, tested in tests/test_meter_fast.py) and the fallback where that is
 # not built; about 1.6e5-2e5 packets per CPU second (benchmarks/bench_meter.py).
-# TODO(gap): ``service`` stays null (no protocol analyzers), and role flips that
-# Zeek's analyzers make mid-connection (e.g. NTP mode 4 seen first) are not made.
+# ``service`` comes from flows.meter.service (the first payload bytes of each side).
+# TODO(gap): services past dns/http/ssl/dtls/ssh/ftp/ftp-data/smtp/pop3/ntp/dhcp/sip
+# (modbus, mysql, smb, irc, ...) stay null, and role flips that Zeek's analyzers
+# make mid-connection (e.g. NTP mode 4 seen first) are not made.
 class FlowMeter:
     """Turn packets into canonical conn records (see the module doc).
 
@@ -234,6 +245,7 @@ class FlowMeter:
         self._heap: list[tuple[float, int, Conn]] = []
         self._tie = 0
         self.decoder = Decoder()
+        self.ftp = FtpData()  # announced FTP data connections (ftp-data)
         self.table: dict[tuple, Conn] = {}
         self.done: list[dict] = []
         self.packets = 0
@@ -427,9 +439,22 @@ class FlowMeter:
                     flip = self._likely_flip(sport, dport, dst, self.tcp_server_ports)
                 c = self._new("tcp", ver, src, sport, dst, dport, ts, key, flip)
             is_orig = src == c.orig_h and sport == c.orig_p
+            ep = c.orig if is_orig else c.resp
             if bad:
-                c.scaled(c.orig if is_orig else c.resp, "C")
+                c.scaled(ep, "C")
                 return
+            if captured > 0 and ep.head_segs < HEAD_SEGS:
+                self._head(ep, l4, hlen, captured, length, seq, flags)
+            if (
+                0 < captured <= FTP_SCAN_MAX
+                and (sport in FTP_CONTROL_PORTS or dport in FTP_CONTROL_PORTS)
+                and (FTP_HINT_ORIG if is_orig else FTP_HINT_RESP).search(
+                    l4, hlen, hlen + captured
+                )
+            ):
+                self.ftp.scan(
+                    ts, bytes(l4[hlen : hlen + captured]), is_orig, c.orig_h, c.resp_h
+                )
             c.tcp(
                 ts,
                 is_orig,
@@ -470,7 +495,12 @@ class FlowMeter:
             if c is None:
                 flip = self._likely_flip(sport, dport, dst, self.udp_server_ports)
                 c = self._new("udp", ver, src, sport, dst, dport, ts, key, flip)
-            c.udp(ts, src == c.orig_h and sport == c.orig_p, ip_len, payload, bad)
+            is_orig = src == c.orig_h and sport == c.orig_p
+            c.udp(ts, is_orig, ip_len, payload, bad)
+            if payload > 0 and n > 8 and not bad:
+                ep = c.orig if is_orig else c.resp
+                if ep.head is None:
+                    ep.head = bytes(l4[8 : 8 + min(payload, n - 8, HEAD_BYTES)])
             if (dport in _UDP_TUNNELS or sport in _UDP_TUNNELS) and not bad:
                 inner = self.decoder.udp_tunnel(
                     dport if dport in _UDP_TUNNELS else sport, l4[8:], ts
@@ -512,6 +542,28 @@ class FlowMeter:
         if c is None:
             c = self._new("icmp", ver, src, itype, dst, counter, ts, key, False)
         c.icmp(ts, src == c.orig_h and itype == c.orig_p, ip_len, payload, bad)
+
+    @staticmethod
+    def _head(
+        ep, l4: bytes, hlen: int, captured: int, length: int, seq: int, flags: int
+    ) -> None:
+        """Keep the first payload bytes of a TCP side (for flows.meter.service):
+        its first data segment, grown by the segments that follow it in order, up
+        to HEAD_BYTES bytes and HEAD_SEGS segments."""
+        start = (seq + 1 if flags & SYN else seq) & 0xFFFFFFFF
+        h = ep.head
+        if h is None:
+            ep.head = bytes(l4[hlen : hlen + min(captured, HEAD_BYTES)])
+            ep.head_segs = 1
+        elif start == ep.head_next:
+            take = min(captured, HEAD_BYTES - len(h))
+            ep.head = h + bytes(l4[hlen : hlen + take])
+            ep.head_segs += 1
+        else:
+            return
+        ep.head_next = (start + captured) & 0xFFFFFFFF
+        if captured < length or len(ep.head) >= HEAD_BYTES:
+            ep.head_segs = HEAD_SEGS  # cut by the snap length, or full: done
 
     def _other(
         self, ts: float, ver: int, src: bytes, dst: bytes, proto: int, ip_len: int
@@ -559,6 +611,8 @@ class FlowMeter:
         c = Conn(proto, ver, src, sport, dst, dport, ts, key)
         if flip:
             c.flip()
+        if proto == "tcp" and c.resp_p in self.ftp.ports:
+            c.ftp_data = self.ftp.match(ts, c.orig_h, c.resp_h, c.resp_p)
         self.table[key] = c
         self._tie += 1
         heapq.heappush(self._heap, (ts + min(self._timeout(c), 5.0), self._tie, c))
