@@ -54,6 +54,9 @@ SLOTS = ("A", "B")
 CURRENT = "current"
 STATE_FILE = "slots.json"
 COMPLETE = ".complete"
+# slots.json's list of the models an operator rolled back from (see ModelSlots).
+ROLLED_BACK = "rolled_back"
+MAX_ROLLED_BACK = 16  # the newest marks kept; older ones name long-gone models
 
 
 class FlashError(GatewatchError):
@@ -68,7 +71,13 @@ class ModelSlots:
 
     The active slot is never written; updates go to the other one and become active
     by an atomic rename of ``current``. ``slots.json`` records what each slot holds
-    (``model_version``, ``sha256`` of what was installed, ``issued_at``, ``source``).
+    (``model_version``, ``sha256`` of what was installed, ``issued_at``, ``source``)
+    and, under ``rolled_back``, the models an operator's rollback left (a list of
+    ``{"model_version", "sha256", "slot", "rolled_back_at"}``, newest last): a
+    model update of such a model (its version, or that very archive) is refused,
+    so that a retained update does not undo the rollback at the agent's next
+    start; flashing that model, or rolling back to it, clears its mark. A file
+    without the list (written before it existed) holds nothing back.
     """
 
     def __init__(self, models_dir: str | Path) -> None:
@@ -143,6 +152,14 @@ class ModelSlots:
                     f"seconds; {expected}",
                     path=str(path),
                 )
+        problem = _rolled_back_problem(data.get(ROLLED_BACK))
+        if problem is not None:
+            raise BadInputError(
+                f"{problem}; expected {ROLLED_BACK} to be a list of objects like "
+                '{"model_version": ..., "sha256": ..., "rolled_back_at": <seconds>}, '
+                "as rollback writes it",
+                path=str(path),
+            )
         return data
 
     def info(self, slot: str | None) -> dict[str, Any]:
@@ -181,10 +198,103 @@ class ModelSlots:
         _fsync_dir(self.dir)
         logger.info("model slot %s is active in %s", slot, self.dir)
 
+    def rolled_back(self) -> list[dict[str, Any]]:
+        """The marks of the models an operator rolled back from, oldest first
+        ([] for a state file written before marks existed)."""
+        return [dict(mark) for mark in self.state().get(ROLLED_BACK) or []]
+
+    def held_back(
+        self, version: str, sha256: str | None, running: str | None = None
+    ) -> dict[str, Any] | None:
+        """The rollback mark that holds back an update of model ``version`` whose
+        archive has ``sha256``, or None.
+
+        An update is held back when it is the very archive a rollback left, or
+        carries a rolled-back model version that is not the running one (a slot
+        recorded as rolled back from and yet running is one a crash left between
+        the mark and the switch).
+        """
+        digest = None if sha256 is None else sha256.lower()
+        for mark in reversed(self.rolled_back()):
+            if digest is not None and str(mark.get("sha256")).lower() == digest:
+                return mark
+            if mark.get("model_version") == version and version != running:
+                return mark
+        return None
+
+    def mark_rolled_back(self, left: dict[str, Any], back_to: str | None) -> None:
+        """Record that a rollback leaves the model ``left`` (a slot's record) for
+        model ``back_to``, in one write: the operator chose ``back_to``, so a mark
+        of it goes; the model left is held back from now on."""
+        state = self.state()
+        marks = [
+            m
+            for m in state.get(ROLLED_BACK) or []
+            if m.get("model_version") not in (back_to, left.get("model_version"))
+        ]
+        version = left.get("model_version")
+        if isinstance(version, str) and version != back_to:
+            marks.append(
+                {
+                    "model_version": version,
+                    "sha256": left.get("sha256"),
+                    "slot": left.get("slot"),
+                    "rolled_back_at": time.time(),
+                }
+            )
+        state[ROLLED_BACK] = marks[-MAX_ROLLED_BACK:]
+        _write_atomic(self.dir / STATE_FILE, json.dumps(state, indent=1).encode())
+
+    def clear_rolled_back(self, version: str) -> bool:
+        """Forget the rollback mark of model ``version`` (an operator flashed it);
+        whether there was one. A state file without marks is left as it is."""
+        state = self.state()
+        marks = state.get(ROLLED_BACK) or []
+        kept = [m for m in marks if m.get("model_version") != version]
+        if len(kept) == len(marks):
+            return False
+        state[ROLLED_BACK] = kept
+        _write_atomic(self.dir / STATE_FILE, json.dumps(state, indent=1).encode())
+        logger.info(
+            "model %s is no longer held back as rolled back (flashed again)", version
+        )
+        return True
+
     def _record(self, slot: str, info: dict[str, Any] | None) -> None:
         state = self.state()
         state[slot] = info
         _write_atomic(self.dir / STATE_FILE, json.dumps(state, indent=1).encode())
+
+
+def _rolled_back_problem(marks: Any) -> str | None:
+    """What is wrong with a state file's ``rolled_back`` list, or None (absent is
+    fine: nothing is held back)."""
+    if marks is None:
+        return None
+    if not isinstance(marks, list):
+        return f"{ROLLED_BACK} is a JSON {type(marks).__name__}"
+    for n, mark in enumerate(marks, start=1):
+        if not isinstance(mark, dict):
+            return f"{ROLLED_BACK} entry {n} is a JSON {type(mark).__name__}"
+        version = mark.get("model_version")
+        if not isinstance(version, str):
+            return (
+                f"{ROLLED_BACK} entry {n} has model_version {str(version)[:40]!r}, "
+                "not a string"
+            )
+        digest = mark.get("sha256")
+        if digest is not None and not isinstance(digest, str):
+            return (
+                f"{ROLLED_BACK} entry {n} has sha256 {str(digest)[:40]!r}, not a "
+                "string"
+            )
+        when = mark.get("rolled_back_at")
+        if when is not None and not _is_finite_number(when):
+            return (
+                f"{ROLLED_BACK} entry {n} has rolled_back_at {str(when)[:40]!r}, not "
+                "a time in seconds"
+            )
+    return None
 
 
 def _is_finite_number(value: Any) -> bool:
@@ -363,6 +473,9 @@ def flash(
     # 5. Switch the release and the model slot, then drop releases no longer used.
     previous = os.readlink(layout.venv) if layout.venv.is_symlink() else None
     _symlink_atomic(layout.venv, f"releases/{release.name}/venv")
+    # The operator installs this model on purpose: a rollback mark no longer holds
+    # its updates back.
+    slots.clear_rolled_back(manifest.model_version)
     slots.switch(slot)
     _prune_releases(layout, keep={release.name, _release_name(previous)})
 
@@ -605,7 +718,11 @@ def rollback(root: str | Path, *, tolerance: float | None = None) -> tuple[str, 
     """Make the other model slot active again, after checking it still loads.
 
     Returns (slot, model_version). The running agent picks the change up when it
-    reloads (SIGHUP: ``systemctl reload gatewatch-agent``) or restarts.
+    reloads (SIGHUP: ``systemctl reload gatewatch-agent``) or restarts. The model
+    left is marked in ``slots.json`` as rolled back (:class:`ModelSlots`): model
+    updates of it are refused from then on, also a retained one handled again at
+    the agent's next start, until it is flashed again; a newer model's update is
+    installed as ever.
     """
     from edge_agent import ota
 
@@ -620,8 +737,17 @@ def rollback(root: str | Path, *, tolerance: float | None = None) -> tuple[str, 
 
     # The previous model must still be intact and healthy before it is trusted.
     scorer = ota.load_checked(slots.path(other), tolerance=tolerance)
+    # The mark before the switch: a crash between the two leaves the model running
+    # with a mark that does not hold back its own updates (ModelSlots.held_back).
+    left = {**slots.info(active), "slot": active}
+    slots.mark_rolled_back(left, info.get("model_version") or scorer.model_version)
     slots.switch(other)
     logger.info(
-        "rolled back %s to slot %s (model %s)", root, other, scorer.model_version
+        "rolled back %s to slot %s (model %s); updates of model %s are refused "
+        "until a newer model is published or it is flashed again",
+        root,
+        other,
+        scorer.model_version,
+        left.get("model_version"),
     )
     return other, scorer.model_version

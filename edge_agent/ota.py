@@ -21,12 +21,16 @@ holds the artifact's manifest, its listed files and, when the artifact folder ha
 one, the site's ``site_thresholds.json`` (checked like the rest before the switch).
 
 An update issued before the running model is refused as a downgrade. An update
-of the running model itself (the same archive, or the same files packed again or
-flashed from a bundle) installs nothing and is no refusal: the retained message
-comes again after every reconnect. A message byte for byte the same as the last
-one handled (its sha256) is not verified or unpacked again: its result stands, and
-it is logged at DEBUG only. Failing to fetch an update by reference is not
-remembered so: the next copy of the message tries again.
+of a model an operator rolled back from (``edge-agent rollback`` marks it in
+``slots.json``: :class:`~edge_agent.flash.ModelSlots`) is refused too ("model X was
+rolled back by the operator; ..."), at the agent's next start as well, until a
+newer model comes or it is flashed again. An update of the running model itself
+(the same archive, or the same files packed again or flashed from a bundle)
+installs nothing and is no refusal: the retained message comes again after every
+reconnect. A message byte for byte the same as the last one handled (its sha256) is
+not verified or unpacked again: its result stands, and it is logged at DEBUG only.
+Failing to fetch an update by reference is not remembered so: the next copy of the
+message tries again.
 
 Run as ``python -m edge_agent.ota check DIR`` it health-checks one artifact folder
 (flash uses this inside a freshly installed venv).
@@ -376,6 +380,11 @@ class ModelUpdater:
         info = self.slots.info(active)
         if active is not None and info.get("sha256") == statement["sha256"]:
             return self._already_running(message, version, active)
+        held = self.slots.held_back(
+            version, str(statement["sha256"]).lower(), info.get("model_version")
+        )
+        if held is not None:
+            raise RolledBackError(_rolled_back_reason(version, held))
         issued = float(statement["issued_at"])
         running = info.get("model_version")
         older = info.get("issued_at") is not None and issued < float(info["issued_at"])
@@ -522,6 +531,27 @@ class ModelUpdater:
                 return resp.read(size + 1)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise FetchError(f"cannot fetch the update from {url}: {exc}") from exc
+
+
+class RolledBackError(BadInputError):
+    """An update of a model the operator rolled back from (``edge-agent
+    rollback``): held back until a newer model comes or it is flashed again."""
+
+
+def _rolled_back_reason(version: str, mark: dict[str, Any]) -> str:
+    """Why an update is held back by a rollback ``mark`` of ``slots.json``."""
+    model = mark.get("model_version")
+    when = mark.get("rolled_back_at")
+    at = (
+        ""
+        if when is None
+        else time.strftime(" at %Y-%m-%dT%H:%M:%SZ", time.gmtime(float(when)))
+    )
+    same = "" if model == version else f" (update {version} is its very archive)"
+    return (
+        f"model {model} was rolled back by the operator (edge-agent rollback{at})"
+        f"{same}; publish a newer update or flash to install it again"
+    )
 
 
 class FetchError(BadInputError):

@@ -15,13 +15,17 @@ like a protocol name, it must then pass the record check (a number 0..255).
 
 Malformed stdin lines, lines over ``MAX_LINE_BYTES``, and records with a value
 that does not fit its field (a dict, an integer past int64, text in a number
-field, an address that is no IP address, a port outside 0..65535) are rejected,
+field, an address that is no IP address, a port outside 0..65535, a ``ts`` before
+1970 or from the year 10000 on, as ``flows`` refuses it) are rejected,
 counted in ``Source.rejected`` (with the line of the first in ``first_rejected``)
 and logged once; the source goes on. A ``zeek:`` source (read once or followed)
 applies the same record check to what the readers give, so a flow with no address
 (``-`` in a Zeek TSV log, a binetflow row that is no IP flow) is rejected the same
 way (by line when followed, by record number when read once), not escalated for
-the re-scorer to refuse. Every record has every canonical field (missing ones null).
+the re-scorer to refuse. A ``parquet:`` file stops at its first such row, as a
+``zeek:`` file read once stops at a row its reader refuses (a ``ts`` out of range):
+the rows before it are scored, the row is named, and the run exits 4 (3 when it was
+the first). Every record has every canonical field (missing ones null).
 
 Damage a file source reads past or stops at (a capture's damaged packets, a cut
 capture, gzip stream or last line) is kept by kind in ``Source.damage``, so the
@@ -46,7 +50,7 @@ from edge_agent.protocol import ENDPOINTS
 from flows.errors import BadInputError, GatewatchError, UsageError, one_line
 from flows.readers._source import MAX_LINE_BYTES, too_long
 from flows.readers.result import Damage, damaged_packets
-from flows.record import CONN_FIELD_NAMES, field_problem, proto_text
+from flows.record import CONN_FIELD_NAMES, field_problem, proto_text, time_problem
 
 KINDS = ("pcap", "iface", "zeek", "parquet", "stdin")
 
@@ -339,8 +343,9 @@ def _parquet(src: Source, timezone: str = "UTC") -> Iterator[dict]:
                 rec["proto"] = proto_text(rec["proto"])  # an integer column: 6
                 problem = _record_problem(rec)
                 if problem is not None:
-                    # As for a zeek: file, the first bad record ends the read
-                    # (exit 4).
+                    # As flows inspect and a zeek: file read once do for a row
+                    # their reader refuses (a ts out of range): the first bad
+                    # row ends the read (exit 4 once flows were read, else 3).
                     raise BadInputError(problem, path=src.target, row=row)
                 yield rec
 
@@ -521,12 +526,18 @@ def _record_problem(rec: dict[str, Any]) -> str | None:
     Each field must fit its kind (numbers finite and in range, strings for text
     fields, null anywhere): the same check the re-scorer applies to escalations;
     addresses must be IP addresses, ports 0..65535 and ``proto`` a protocol name
-    or number 0..255 (``flows.record``).
+    or number 0..255 (``flows.record``). A ``ts`` must be a time ``flows`` reads
+    (``flows.record.time_problem``: epoch seconds from 1970 to before the year
+    10000), as the readers of a ``zeek:`` source check it: a Parquet ``ts`` of
+    -1 s, or a timestamp of -2**63 us, is no flow's start time.
     """
     for name, value in rec.items():
         problem = field_problem(name, value)
         if problem is not None:
             return f"field {name!r}: {problem}"
+    ts = rec.get("ts")
+    if ts is not None and (problem := time_problem(ts)) is not None:
+        return f"field 'ts': {problem}"
     for name in ENDPOINTS:  # what the re-scorer requires of an escalated flow
         if rec.get(name) is None:
             return f"field {name!r}: is null; a flow needs both endpoint addresses"
