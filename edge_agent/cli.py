@@ -106,7 +106,8 @@ exit codes:
        stopped there), damaged packets of a capture (skipped, the
        read went on), input lines rejected, or records the
        artifact's encoder refused; the flows read were scored and
-       sent; the error line says which
+       sent (calibrate: its thresholds were set from the flows read
+       before a bad row, 100 or more); the error line says which
   {EXIT_UNAVAILABLE}    broker unavailable (refused credentials or certificate; one
        that does not answer at start is retried in the background
        while flows are scored), escalations left unacknowledged in
@@ -1199,11 +1200,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         labels.extend(r.get("label") for r in batch)
         batch.clear()
 
-    for rec in source:
-        batch.append(rec)
-        if len(batch) >= 1024:
-            flush()
+    # A source that stops on a bad row (parquet:, a zeek: file read once) keeps the
+    # flows before it: thresholds are set from them, and the run exits 4 after.
+    stopped: BadInputError | None = None
+    read = 0
+    try:
+        for rec in source:
+            batch.append(rec)
+            read += 1
+            if len(batch) >= 1024:
+                flush()
+    except BadInputError as exc:
+        stopped = exc
     flush()
+    if stopped is not None and read < MIN_CALIBRATION_FLOWS:
+        raise stopped
     # Bad input (exit 3), not usage: the flags are right, but the source does not
     # hold the benign traffic thresholds can be set from.
     if not scores:
@@ -1255,6 +1266,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"flows {len(benign)}, measured fpr {out['measured_fpr']:.4g}"
     )
     # Written from what came before any damage; a damaged source still exits 4.
+    if stopped is not None:
+        partial = PartialInputError(
+            f"{str(stopped)[len(stopped._where()) :]}; the thresholds were set from "
+            f"the {read} flows read before it",
+            path=stopped.path,
+            row=getattr(stopped, "row", None),
+            line=stopped.line,
+        )
+        raise partial from stopped
     problem = _input_problem(args.source, source, int(len(s)))
     if problem is not None:
         raise problem

@@ -7,8 +7,8 @@ row (``row 6, column 'ts': expected a time in epoch seconds >= 0 (1970 or
 later)``). Now the source applies the same check (``flows.record.time_problem``)
 and handles the row as it does any other bad row: the read stops there, the rows
 before it are scored, the row is named, exit 4 (3 when no flow came before it);
-calibrate refuses the file as it refuses any other bad row (exit 3, nothing
-written).
+calibrate sets its thresholds from the flows before the bad row and exits 4, or,
+with fewer than it needs before it, refuses the file (exit 3, nothing written).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def test_run_with_the_bad_row_first_reads_no_flow_and_exits_3(
 @pytest.mark.parametrize("case", ["-1 s (integer seconds)",
                                   "-2**63 us (timestamp[us])",
                                   "2**62 ms (timestamp[ms], UTC)"])
-def test_calibrate_refuses_the_file_and_writes_nothing(
+def test_calibrate_keeps_the_flows_before_a_bad_row(
     case, artifact, tmp_path, capsys
 ):
     ts_type, bad, said = CASES[case]
@@ -170,8 +170,20 @@ def test_calibrate_refuses_the_file_and_writes_nothing(
                f"parquet:{path}", "--target-fpr", "0.01", "--out", str(out)])
 
     err = capsys.readouterr().err
-    assert rc == 3, err
+    assert rc == 4, err
     assert f"error: {path}, row 250: field 'ts': {said}" in err
+    assert err.endswith("; the thresholds were set from the 249 flows read before "
+                        "it\n")
+    assert json.loads(out.read_text())["flows"] == 249
+    out.unlink()
+
+    # Too few flows before the bad row: the file is refused, nothing written.
+    early = _write(tmp_path / "early.parquet", records, ts_type, 50, bad)
+    rc = main(["calibrate", "--artifact", str(artifact), "--source",
+               f"parquet:{early}", "--target-fpr", "0.01", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert f"error: {early}, row 50: field 'ts': {said}" in err
     assert not out.exists()
 
     # The same file with the row's time in range is calibrated on.
