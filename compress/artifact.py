@@ -96,7 +96,9 @@ def _doubt_floor(
 ) -> float:
     """``lo``, lowered where needed so that at least ``share`` of all windows fall
     in ``[lo, decision)``: the highest scores below the decision, a tie group whole
-    (or left out, if taking it would put more than ``most`` of them there)."""
+    (or left out, if taking it would put more than ``most`` of them there, unless
+    it is the group right below the decision: then it is taken whole all the same,
+    since leaving it out would close the band)."""
     n = max(len(p), 1)
     below = np.sort(p[p < decision])
     want = int(np.ceil(share * n))
@@ -107,9 +109,8 @@ def _doubt_floor(
     cut = below[max(below.size - want, 0)]
     if (below.size - np.searchsorted(below, cut, "left")) / n > most:
         right = np.searchsorted(below, cut, "right")
-        if right >= below.size:
-            return lo
-        cut = below[right]
+        if right < below.size:
+            cut = below[right]
     return float(min(lo, cut))
 
 
@@ -126,7 +127,8 @@ def write_thresholds(folder: Path, decision: float, lo: float, hi: float) -> Pat
             f"validation precision >= {ALERT_PRECISION:.0%}; at most "
             f"{ESCALATE_SHARE / 2:.1%} of validation windows on each side of "
             f"decision, and at least {MIN_DOUBT_SHARE:.0%} of them in "
-            "[escalate_low, decision)"
+            "[escalate_low, decision) (the tie group right below the decision "
+            "whole, when it alone is over that cap)"
         ),
         "chosen_on": "val",
     }

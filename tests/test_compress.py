@@ -251,6 +251,23 @@ def test_escalation_band_never_closes_on_perfectly_separated_validation(levels):
     assert (p[y == 1] >= hi).all()  # every attack still alerts
 
 
+def test_escalation_band_takes_a_large_tie_group_below_the_decision_whole():
+    """Found by a fresh tester: a student whose only scores below the decision
+    near it were one tie group of 4 of 150 windows (2.7 %, over the 2.5 % cap)
+    got escalate_low == decision, a closed band, although the rule promises at
+    least 1 % of the windows in it. The group is now taken whole."""
+    from compress.artifact import escalation_band
+
+    y = np.r_[np.zeros(100, int), np.zeros(4, int), np.ones(46, int)]
+    p = np.r_[np.full(100, 0.1), np.full(4, 0.55), np.full(46, 0.9)]
+
+    lo, hi = escalation_band(y, p, 0.6)
+
+    assert lo == 0.55
+    assert np.mean((p >= lo) & (p < 0.6)) == 4 / 150
+    assert hi == 0.9
+
+
 def test_eval_cli_scores_the_artifact_in_its_runtime(
     teacher_dir: Path, onnx_run, capsys: pytest.CaptureFixture
 ) -> None:
