@@ -16,6 +16,8 @@ torchao (or ``torch.ao.quantization``) has registered them in the process.
 
 from __future__ import annotations
 
+# TODO(gap): `teacher serve` cannot load a torch-int8 artifact (it takes checkpoints
+# only), so the re-scorer still runs the fp32 teacher; on this CPU int8 is slower.
 import contextlib
 import json
 import logging
