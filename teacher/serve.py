@@ -1436,6 +1436,17 @@ def cmd_alerts(args: argparse.Namespace) -> int:
             "--decision applies to escalations; rejected messages (--rejected) "
             "have no decision"
         )
+    if args.gateway is not None and not args.rejected:
+        # GATEWAY or SITE/GATEWAY, each an id as the agent's topics hold them:
+        # anything else could never match a stored escalation (a rejected message
+        # may name any gateway its topic held, so --rejected takes any text).
+        parts = args.gateway.split("/")
+        if len(parts) > 2:
+            raise UsageError(
+                f"--gateway {args.gateway!r}: expected GATEWAY or SITE/GATEWAY"
+            )
+        for part in parts:
+            proto.validate_id(part, "--gateway")
     if Path(args.store).is_dir():
         raise UsageError(
             f"--store {args.store} is a folder; expected an alert store file "

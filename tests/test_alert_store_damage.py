@@ -734,3 +734,26 @@ def test_rejected_messages_a_full_store_refused_come_again_and_are_kept(
     )
     assert [r["payload_length"] for r in kept] == [len(b) for b in bodies]
     assert again.store_error is None and again.counters["unacknowledged"] == 0
+
+
+@pytest.mark.parametrize("gateway", ["a/b/c", "s1/", "g+1"])
+def test_alerts_refuses_a_gateway_no_escalation_can_have(gateway, tmp_path, capsys):
+    """Found by a fresh tester: ``--gateway a/b/c`` listed 0 escalations, exit 0,
+    as if the gateway had none; no stored escalation can ever match it."""
+    path = tmp_path / "alerts.sqlite"
+    store = AlertStore(path)
+    store.close()
+
+    code = main(["alerts", "--store", str(path), "--gateway", gateway])
+
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: --gateway") and err.count("\n") == 1
+
+
+def test_alerts_rejected_takes_any_gateway_text(tmp_path, capsys):
+    path = tmp_path / "alerts.sqlite"
+    AlertStore(path).close()
+
+    assert main(["alerts", "--store", str(path), "--rejected", "--gateway",
+                 "a b"]) == EXIT_OK
