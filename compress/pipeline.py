@@ -373,7 +373,7 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
     from teacher.checkpoint import load_teacher, sha256_file
-    from teacher.data import prepare
+    from teacher.data import check_teacher_files, prepare
     from teacher.metrics import binary_metrics
 
     teacher = load_teacher(cfg.teacher, device="cpu")
@@ -391,6 +391,8 @@ def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
     zone = cfg.timezone or (None if cfg.dataset else prov.get("timezone")) or "UTC"
     prep = prepare(dataset, encoder=teacher.encoder, data_dir=cfg.data_dir,
                    seed=int(prov.get("seed") or 0), need_split=True, timezone=zone)
+    # A file changed since the teacher was trained gives other rows and splits.
+    check_teacher_files(prep.files, prov, cfg.teacher)
 
     # The teacher's own validation split: attack types it held out go to val.
     held = prov.get("held_out_types") or []

@@ -20,7 +20,14 @@ import numpy as np
 from flows.errors import BadInputError, UsageError
 from teacher import logger
 
-__all__ = ["Prepared", "concat", "holdout_types", "prepare", "stratified_split"]
+__all__ = [
+    "Prepared",
+    "check_teacher_files",
+    "concat",
+    "holdout_types",
+    "prepare",
+    "stratified_split",
+]
 
 _FAMILY_COLUMN = {"nsl-kdd": "attack_family"}
 _BENIGN_DETAILS = {"normal", "benign", "background", ""}
@@ -188,6 +195,36 @@ def _load(
         "window": None, "files": {str(path.resolve()): sha256_file(path)},
         "warnings": list(result.warnings), "partial": bool(result.partial),
     }
+
+
+def check_teacher_files(
+    files: dict[str, Any], provenance: dict[str, Any] | None, teacher: Any
+) -> None:
+    """Refuse (BadInputError, exit 3) data read again for a teacher when a file of
+    it is not the one the teacher was trained on.
+
+    ``files`` maps each file read (its resolved path, or its path in a registered
+    dataset) to its sha256, as :attr:`Prepared.files` does; ``provenance`` is the
+    teacher's, whose ``files`` recorded the same at training. A file named in both
+    with different digests changed since: its rows, and the seeded split drawn
+    over them, are not the teacher's (a grown log would put rows the teacher
+    trained on into the test split). Files the provenance does not name (other
+    data, on purpose) and provenance without digests are let through.
+    """
+    recorded = (provenance or {}).get("files")
+    if not isinstance(recorded, dict):
+        return
+    for path, digest in files.items():
+        was = recorded.get(path)
+        if isinstance(was, str) and was and digest and str(digest) != was:
+            raise BadInputError(
+                f"changed since the teacher{f' {teacher}' if teacher else ''} was "
+                f"trained on it: sha256 is now {digest}, the teacher's provenance "
+                f"records {was}; its rows and splits would not be the teacher's. "
+                "Restore the file the teacher was trained on, or retrain the "
+                "teacher on the file as it is now",
+                path=str(path),
+            )
 
 
 def prepare(

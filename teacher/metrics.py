@@ -117,8 +117,17 @@ def choose_threshold(
     catches more). ``fpr``: the lowest cut whose false-positive rate is at most
     ``target_fpr``. Call this on validation data only, never on test data.
 
-    >>> choose_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
-    0.35
+    The rule picks a validation score (flag it and every higher one); the threshold
+    returned lies halfway between that score and the next lower distinct one (half
+    of it when there is none), not on the score itself. Rows are flagged when
+    ``score >= threshold``; a threshold on the score itself would lose that row
+    when the model scores it again in float32 and rounding puts it just below, a
+    midpoint keeps the same rows flagged (unless the two scores lie within float32
+    rounding of each other). No row flagged (no positives, or no cut within
+    ``target_fpr``): just above the highest score, at most 1.
+
+    >>> choose_threshold([0, 0, 1, 1], [0.125, 0.5, 0.375, 0.875])  # 0.375 chosen
+    0.25
     """
     y_arr, p_arr = _as_arrays(y, prob)
     if y_arr.size == 0:
@@ -141,7 +150,7 @@ def choose_threshold(
             return float(min(1.0, p_arr.max() + 1e-6))
         f1 = 2 * tp / (tp + fp + pos)
         best = np.flatnonzero(f1 >= f1.max() - 1e-12)[-1]
-        return float(cuts[best])
+        return _below(cuts, best)
 
     if not 0.0 <= target_fpr <= 1.0:
         raise UsageError(f"target FPR must be in [0, 1], got {target_fpr}")
@@ -149,7 +158,18 @@ def choose_threshold(
     ok = np.flatnonzero(fpr <= target_fpr)
     if ok.size == 0:
         return float(min(1.0, p_arr.max() + 1e-6))
-    return float(cuts[ok[-1]])
+    return _below(cuts, ok[-1])
+
+
+def _below(cuts: np.ndarray, i: int) -> float:
+    """A threshold that flags ``cuts[i]`` and the scores above it, and not the next
+    lower distinct score ``cuts[i + 1]`` (``cuts`` descending): their midpoint, or
+    with no lower score, half of ``cuts[i]`` (0 stays 0, which flags everything)."""
+    high = float(cuts[i])
+    low = float(cuts[i + 1]) if i + 1 < cuts.size else min(high, 0.0)
+    mid = low + (high - low) / 2
+    # Two adjacent doubles have no double between them: keep the chosen score.
+    return mid if low < mid <= high else high
 
 
 def cut_at_rate(prob: Any, rate: float) -> float:

@@ -20,7 +20,7 @@ import numpy as np
 from flows.errors import BadInputError, ModelError
 from teacher import logger
 from teacher.checkpoint import Teacher, write_checksums
-from teacher.data import Prepared, concat
+from teacher.data import Prepared, check_teacher_files, concat
 from teacher.metrics import binary_metrics
 from teacher.train import TrainConfig, TrainResult, fit
 
@@ -97,10 +97,16 @@ def update(
     ``new`` and ``old`` must be encoded with the teacher's encoder. The report
     holds F1 on old and new test rows before and after, the replay size and the
     wall time. ``target_f1`` is passed to :func:`~teacher.train.fit` (benchmarks).
+    A file of ``old`` that the teacher's provenance records with another sha256
+    (changed since it was trained) is a BadInputError: its test rows would not be
+    the teacher's, so the forgetting check would measure nothing.
     """
     if (new.n_features, new.window) != (teacher.config.n_features,
                                         teacher.config.window):
         raise BadInputError("new data was not encoded with the teacher's encoder")
+    if old is not None:
+        check_teacher_files(old.files, getattr(teacher, "provenance", None),
+                            getattr(teacher, "path", None))
     tc = train_config or TrainConfig(epochs=10, patience=3, lr=3e-4)
 
     # Before: the checkpoint as it is.

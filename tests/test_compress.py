@@ -599,10 +599,11 @@ def test_split_f1_is_the_mean_f1_on_b_at_the_cut_chosen_on_a(rule) -> None:
     got = _split_f1(ctx, p)
 
     if rule == "f1":
-        # A1 (p .1 .6 .7 .9 / y 0 0 1 1): best-F1 cut 0.7; on B1 (.2 .65 .3 .8 /
-        # y 0 1 1 0) it flags .8 only: tp 0, F1 0. A2: best cut 0.3 (F1 0.8); on
-        # A1 it flags .6 .7 .9: tp 2, fp 1, fn 0, F1 0.8.
-        assert got == pytest.approx((0.0 + 0.8) / 2)
+        # A1 (p .1 .6 .7 .9 / y 0 0 1 1): best F1 flagging from 0.7, the cut
+        # halfway down to .6: 0.65; on B1 (.2 .65 .3 .8 / y 0 1 1 0) it flags .65
+        # and .8: tp 1, fp 1, fn 1, F1 0.5. A2: best flagging from 0.3 (F1 0.8),
+        # cut 0.25; on A1 it flags .6 .7 .9: tp 2, fp 1, fn 0, F1 0.8.
+        assert got == pytest.approx((0.5 + 0.8) / 2)
     else:
         # A1, rate 0.25: one of four flagged, cut 0.9; on B1 nothing: F1 0.
         # A2, rate 0.75: three of four, cut 0.3; on A1 .6 .7 .9: F1 0.8.

@@ -64,15 +64,26 @@ def test_one_class_and_bad_input():
         binary_metrics([0, 1], [np.nan, 0.2], 0.5)
 
 
+def _midpoint_below(prob, chosen):
+    """Halfway between the score ``chosen`` and the next lower distinct score of
+    ``prob`` (half of ``chosen`` when none is lower): where the threshold goes."""
+    lower = [c for c in np.unique(prob) if c < chosen]
+    return (max(lower) + chosen) / 2 if lower else chosen / 2
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_best_f1_threshold_is_the_brute_force_optimum(seed):
     y, prob = _data(seed)
     cut = choose_threshold(y, prob, "best-f1")
     scores = {c: f1_score(y, (prob >= c).astype(int)) for c in np.unique(prob)}
     best = max(scores.values())
-    assert scores[cut] == pytest.approx(best)
-    # Ties go to the lowest cut that reaches the best F1.
-    assert cut == min(c for c, s in scores.items() if s >= best - 1e-12)
+    # Ties go to the lowest score that reaches the best F1; the threshold sits
+    # halfway between it and the next lower score, flagging the same rows.
+    chosen = min(c for c, s in scores.items() if s >= best - 1e-12)
+    assert cut == pytest.approx(_midpoint_below(prob, chosen), abs=1e-12)
+    assert ((prob >= cut) == (prob >= chosen)).all()
+    assert f1_score(y, (prob >= cut).astype(int)) == pytest.approx(best)
+    assert cut not in set(prob.tolist())
 
 
 @pytest.mark.parametrize("target", [0.0, 0.05, 0.2])
@@ -87,6 +98,45 @@ def test_fpr_threshold_is_the_lowest_cut_within_target(target):
     assert fpr(cut) <= target
     lower = [c for c in np.unique(prob) if c < cut]
     assert all(fpr(c) > target for c in lower)
+    chosen = min(c for c in np.unique(prob) if fpr(c) <= target)
+    assert cut == pytest.approx(_midpoint_below(prob, chosen), abs=1e-12)
+    assert ((prob >= cut) == (prob >= chosen)).all()
+
+
+@pytest.mark.parametrize("rule", ["best-f1", "fpr"])
+@pytest.mark.parametrize("case", ["t-conn", "rounding"])
+def test_threshold_holds_when_scores_come_back_in_float32(rule, case):
+    """The threshold is chosen on float64 scores; later tools score in float32,
+    which can put the boundary row just below a threshold sitting on its float64
+    score. t-conn: the boundary positive scored 0.5678221728 (stored) and
+    0.5678221583 in float32. rounding: a float64 score that float32 rounds down.
+    Either way the threshold must flag the same rows."""
+    if case == "t-conn":
+        boundary, boundary32 = 0.5678221728, np.float32(0.5678221583)
+    else:
+        boundary = float(np.float32(0.6)) + 1e-9
+        boundary32 = np.float32(boundary)
+    assert float(boundary32) < boundary  # float32 drops the boundary row
+    y = np.array([0, 0, 0, 1, 1, 1])
+    prob = np.array([0.01, 0.2, 0.31, boundary, 0.8, 0.99])
+    prob32 = prob.astype(np.float32)
+    prob32[3] = boundary32
+    cut = choose_threshold(y, prob, rule, target_fpr=0.0)
+    m64 = binary_metrics(y, prob, cut)
+    m32 = binary_metrics(y, prob32, cut)
+    assert m64["confusion"] == {"tn": 3, "fp": 0, "fn": 0, "tp": 3}
+    assert m32["confusion"] == m64["confusion"]
+    assert 0.31 < cut < float(boundary32)
+
+
+@pytest.mark.parametrize("rule", ["best-f1", "fpr"])
+def test_threshold_below_the_lowest_score_when_all_are_flagged(rule):
+    """All rows positive: every row flagged; with no lower score the threshold is
+    half the lowest one, and exactly 0 stays 0 (still in [0, 1], flags all)."""
+    prob = np.array([0.4, 0.6, 0.9])
+    cut = choose_threshold([1, 1, 1], prob, rule, target_fpr=0.0)
+    assert cut == pytest.approx(0.2)
+    assert choose_threshold([1, 1], [0.0, 0.7], rule, target_fpr=0.0) == 0.0
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.013, 0.3, 0.5, 1.0])
@@ -135,8 +185,9 @@ def test_time_scorer_reports_positive_numbers():
 
 
 def test_split_measure_matches_a_brute_force_recount():
-    """Each division's cut is the best F1 on A (every cut tried, lowest on ties),
-    scored with sklearn on B; the measure is their mean. Too few types: None."""
+    """Each division's cut is the best F1 on A (every cut tried, lowest on ties,
+    placed halfway down to A's next lower score), scored with sklearn on B; the
+    measure is their mean. Too few types: None."""
     import itertools
 
     rng = np.random.default_rng(7)
@@ -155,7 +206,8 @@ def test_split_measure_matches_a_brute_force_recount():
         scores = {c: f1_score(y[a], (prob[a] >= c).astype(int))
                   for c in np.unique(prob[a])}
         best = max(scores.values())
-        cut = min(c for c, s in scores.items() if s >= best - 1e-12)
+        chosen = min(c for c, s in scores.items() if s >= best - 1e-12)
+        cut = _midpoint_below(prob[a], chosen)  # between A's scores, applied to B
         f1s.append(f1_score(y[b], (prob[b] >= cut).astype(int)))
     assert got["pairs"] == 6 and got["held_out_types"] == types
     assert got["f1"] == pytest.approx(np.mean(f1s))
