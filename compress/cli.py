@@ -8,37 +8,47 @@ scores an artifact in its own runtime and prints the same keys as ``teacher eval
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import sys
-import time
-from pathlib import Path
-from typing import Any
 
-from compress import logger
-from flows.argtypes import (
-    check_writable_above,
-    integer,
-    integers,
-    real,
-    reals,
-    zone_name,
-)
-from flows.errors import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILURE,
-    EXIT_GATE,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_PARTIAL_INPUT,
-    EXIT_USAGE,
-    BadInputError,
-    GateError,
-    GatewatchError,
-    UsageError,
-)
-from student import MAX_WIDTH
+from teacher.interrupts import held
+
+# A Ctrl-C while the modules load is held until they are loaded, then ends the
+# command in one line, exit 130 (teacher.interrupts).
+try:
+    with held():
+        import argparse
+        import json
+        import logging
+        import time
+        from pathlib import Path
+        from typing import Any
+
+        from compress import logger
+        from flows.argtypes import (
+            check_writable_above,
+            integer,
+            integers,
+            real,
+            reals,
+            zone_name,
+        )
+        from flows.errors import (
+            EXIT_BAD_INPUT,
+            EXIT_FAILURE,
+            EXIT_GATE,
+            EXIT_INTERRUPTED,
+            EXIT_OK,
+            EXIT_PARTIAL_INPUT,
+            EXIT_USAGE,
+            BadInputError,
+            GateError,
+            GatewatchError,
+            UsageError,
+        )
+        from student import MAX_WIDTH
+except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 DESCRIPTION = (
     "compress: turn a teacher into a verified edge artifact, and evaluate artifacts."
@@ -460,7 +470,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     _student_settings(args)
     args.widths = _once("--widths", args.widths)
     args.prune_ratios = _once("--prune-ratios", args.prune_ratios)
-    import torch
+    # numpy before torch, Ctrl-C held while they load: torch's C++ code imports
+    # numpy itself and swallows a KeyboardInterrupt raised in that import, leaving
+    # a half-loaded numpy ("module 'numpy' has no attribute 'nonzero'" later).
+    with held():
+        import numpy  # noqa: F401
+        import torch
 
     from compress.pipeline import (
         UNSEEN_LEGEND,
@@ -643,7 +658,18 @@ COMMANDS = {"run": cmd_run, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``compress``; returns the exit code."""
+    """Entry point of ``compress``; returns the exit code.
+
+    A Ctrl-C anywhere (building the parser, loading torch, the work) ends in one
+    line, ``error: interrupted``, and exit 130."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -658,9 +684,6 @@ def main(argv: list[str] | None = None) -> int:
     except GatewatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

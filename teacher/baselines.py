@@ -7,7 +7,9 @@ rows with :func:`teacher.metrics.binary_metrics`, plus latency on one CPU thread
 
 The RBF SVM's training cost grows with the square of its sample count, so it trains
 on a seeded stratified sample of at most ``svm_cap`` rows (stated in the output);
-kNN may be capped the same way with ``knn_cap``. Random Forest uses every row.
+kNN may be capped the same way with ``knn_cap``, at least :data:`KNN_NEIGHBORS`
+(its k: a smaller cap is a usage error, not quietly raised). Random Forest uses
+every row. Training rows of one class only are bad input, as for the teacher.
 """
 
 from __future__ import annotations
@@ -29,13 +31,17 @@ from teacher.metrics import (
     time_scorer,
 )
 
-__all__ = ["BASELINES", "run_baselines"]
+__all__ = ["BASELINES", "KNN_NEIGHBORS", "run_baselines"]
 
 BASELINES = ("rf", "svm", "knn")
+# The k of the kNN baseline: the fewest training rows it can be fitted on.
+KNN_NEIGHBORS = 5
 
 
 def _cap(rows: np.ndarray, y: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
-    """A seeded stratified subsample of ``rows`` of at most ``cap`` rows."""
+    """A seeded stratified subsample of ``rows``: ``cap`` rows, each class at least
+    one (so a class's rounding may add one or two); topped up from the rest when
+    the classes' rounded shares fall short of ``cap``."""
     if cap is None or len(rows) <= cap:
         return rows
     rng = np.random.default_rng(seed)
@@ -44,7 +50,12 @@ def _cap(rows: np.ndarray, y: np.ndarray, cap: int | None, seed: int) -> np.ndar
         part = rows[y == value]
         share = max(1, int(round(cap * len(part) / len(rows))))
         keep.append(rng.choice(part, size=min(share, len(part)), replace=False))
-    return np.sort(np.concatenate(keep))
+    picked = np.concatenate(keep)
+    if len(picked) < cap:
+        rest = np.setdiff1d(rows, picked)
+        picked = np.concatenate(
+            [picked, rng.choice(rest, size=cap - len(picked), replace=False)])
+    return np.sort(picked)
 
 
 def _build(name: str, seed: int) -> Any:
@@ -57,7 +68,7 @@ def _build(name: str, seed: int) -> Any:
     if name == "svm":
         return SVC(kernel="rbf", C=1.0, gamma="scale", random_state=seed)
     if name == "knn":
-        return KNeighborsClassifier(n_neighbors=5, n_jobs=1)
+        return KNeighborsClassifier(n_neighbors=KNN_NEIGHBORS, n_jobs=1)
     raise UsageError(f"unknown baseline {name!r}; choose from {BASELINES}")
 
 
@@ -119,6 +130,22 @@ def run_baselines(
             f"{prep.name}: baselines need train, val and test rows "
             f"(got {tr.size}, {va.size}, {te.size})"
         )
+    present = np.unique(prep.y[tr])
+    if present.size < 2:
+        # The wording of teacher train's (teacher.train.fit).
+        only = "benign (0)" if present[0] == 0 else "malicious (1)"
+        raise BadInputError(
+            f"{prep.name}: its {tr.size} labeled training rows are all {only}; the "
+            "baselines need both benign and malicious training rows")
+    if "knn" in names:
+        if knn_cap is not None and knn_cap < KNN_NEIGHBORS:
+            raise UsageError(
+                f"--knn-cap {knn_cap}: expected at least {KNN_NEIGHBORS}, the "
+                "neighbours kNN looks at")
+        if tr.size < KNN_NEIGHBORS:
+            raise BadInputError(
+                f"{prep.name}: kNN needs at least {KNN_NEIGHBORS} labeled training "
+                f"rows, got {tr.size}")
     flat = prep.window * prep.n_features
     x_va, x_te = prep.windows(va), prep.windows(te)
     fams = prep.families[te] if prep.families is not None else None

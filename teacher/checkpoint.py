@@ -493,6 +493,22 @@ def load_encoder(text: str, source: str = "encoder.json") -> Any:
         raise ModelError(f"{source} cannot be loaded: {exc}") from exc
 
 
+def _check_encoder_fits(encoder: Any, config: TeacherConfig, encoder_path: Path,
+                        config_path: Path) -> None:
+    """ModelError unless the encoder makes the windows the network takes: an
+    encoder.json of another checkpoint (another window or feature count) would
+    otherwise load and fail later on a tensor shape."""
+    made = (int(encoder.window), int(encoder.n_features))
+    taken = (config.window, config.n_features)
+    if made != taken:
+        raise ModelError(
+            f"checkpoint {encoder_path.parent}: {encoder_path.name} does not fit "
+            f"{config_path.name}: the encoder makes windows of {made[0]} x "
+            f"{made[1]} features (window x n_features), the network takes "
+            f"{taken[0]} x {taken[1]}; the checkpoint is damaged or its files "
+            "come from different checkpoints")
+
+
 def load_teacher(
     ckpt_dir: str | os.PathLike[str],
     device: str | torch.device | None = None,
@@ -543,6 +559,13 @@ def load_teacher(
         raise ModelError(
             f"weights in {weights} do not fit config.json: {_first_mismatch(exc)}"
         ) from exc
+    damaged = next((key for key, value in state.items()
+                    if value.is_floating_point() and not bool(value.isfinite().all())),
+                   None)
+    if damaged is not None:
+        raise ModelError(
+            f"checkpoint {path}: its model scores NaN: the weights are damaged "
+            f"({weights.name} holds NaN or infinite values in {damaged!r})")
     dev = pick_device(device)
     net.to(dev).eval()
 
@@ -550,6 +573,7 @@ def load_teacher(
     encoder_path = path / "encoder.json"
     encoder_text = _read_text(encoder_path)
     encoder = load_encoder(encoder_text, source=str(encoder_path))
+    _check_encoder_fits(encoder, config, encoder_path, config_path)
     info = _read_json(path / "threshold.json")
     try:
         _check_threshold(info)

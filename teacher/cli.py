@@ -12,56 +12,67 @@ here too.
 
 from __future__ import annotations
 
-import argparse
-import atexit
-import contextlib
-import importlib
-import importlib.util
-import json
-import logging
-import os
-import shutil
-import signal
 import sys
-import tempfile
-import threading
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-from flows.argtypes import (
-    check_writable_above,
-    integer,
-    integers,
-    nearest_existing,
-    real,
-    reals,
-    zone_name,
-)
-from flows.encoder import DEFAULT_KNOTS, SCALINGS
-from flows.errors import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILURE,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_PARTIAL_INPUT,
-    EXIT_UNAVAILABLE,
-    EXIT_USAGE,
-    BadInputError,
-    GatewatchError,
-    UsageError,
-)
-from teacher import logger
-from teacher.limits import MAX_BINS, MAX_SIZE, MAX_WINDOW
+from teacher.interrupts import held
+
+# A Ctrl-C while the libraries load (numpy, a second or more) is held until they
+# are loaded, then ends the command in one line, exit 130 (teacher.interrupts).
+try:
+    with held():
+        import argparse
+        import atexit
+        import contextlib
+        import importlib
+        import importlib.util
+        import json
+        import logging
+        import os
+        import shutil
+        import signal
+        import tempfile
+        import threading
+        import time
+        from collections.abc import Callable
+        from pathlib import Path
+        from typing import Any
+
+        from flows.argtypes import (
+            check_writable_above,
+            integer,
+            integers,
+            nearest_existing,
+            real,
+            reals,
+            zone_name,
+        )
+        from flows.encoder import DEFAULT_KNOTS, SCALINGS
+        from flows.errors import (
+            EXIT_BAD_INPUT,
+            EXIT_FAILURE,
+            EXIT_INTERRUPTED,
+            EXIT_OK,
+            EXIT_PARTIAL_INPUT,
+            EXIT_UNAVAILABLE,
+            EXIT_USAGE,
+            BadInputError,
+            GatewatchError,
+            UsageError,
+        )
+        from teacher import logger
+        from teacher.limits import MAX_BINS, MAX_SIZE, MAX_WINDOW
+except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 __all__ = ["build_parser", "main"]
 
 EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok
-  {EXIT_FAILURE}    failure: a model or checkpoint is unusable, or an output cannot
-       be written once the work is done
+  {EXIT_FAILURE}    failure: a model or checkpoint is unusable (NaN weights, an
+       encoder.json that does not fit its config.json, ...), or an output
+       cannot be written once the work is done
   {EXIT_USAGE}    usage: bad flags or arguments (a --dataset name that is not
        registered included); an --out that cannot be made or written in
        (a file in its path, a read-only folder), or a train/update --out
@@ -69,13 +80,16 @@ exit codes:
        teacher checkpoint) or lies inside a checkpoint folder, a baselines
        --out file or tune --out tables already there (without --force), or
        one that could not be written (a folder in its place, a read-only
-       file; with --force too); checked before any work
+       file; with --force too); train size flags that make a network of
+       more than 50,000,000 weights; checked before any work
   {EXIT_BAD_INPUT}    bad input: nothing usable read. A --data file that does not
        exist; a dataset file that is missing, fails its checksum or cannot
        be read; a checkpoint folder without checksums.json (its files
        cannot be verified; --allow-unverified loads a trusted old one);
        data with too few labeled rows (label 0 or 1) to train or evaluate
-       on (an unlabeled conn.log, say)
+       on (an unlabeled conn.log, say), or training rows all of one class;
+       an update --old-data that cannot be read or is of another feature
+       family
   {EXIT_PARTIAL_INPUT}    partial input: a data file damaged part way. A file cut short
        (a cut gzip stream or last line) is used up to the cut and the
        results are written; a bad row (a value that does not fit its
@@ -354,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--svm-cap", type=integer(1), default=20000,
                    help="SVM training-sample cap (default 20000)")
     p.add_argument("--knn-cap", type=integer(1), default=None,
-                   help="kNN training-sample cap (default: none)")
+                   help="kNN training-sample cap, at least 5 (its k; a smaller "
+                        "one is refused, exit 2) (default: none)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (default: text)")
     p.add_argument("--out",
@@ -413,8 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True,
                    help="new data: dataset name or file (required)")
     p.add_argument("--old-data", default=None,
-                   help="old data to measure forgetting on (default: the "
-                        "checkpoint's dataset)")
+                   help="old data to measure forgetting on: a dataset name or "
+                        "file, refused before training (exit 3) when it cannot "
+                        "be read or is of another feature family than the "
+                        "checkpoint (default: the checkpoint's dataset, skipped "
+                        "with a warning when not available)")
     p.add_argument("--data-dir", help="data folder (default: $GATEWATCH_DATA)")
     _add_timezone(p, "--data and --old-data",
                   "; without --old-data the checkpoint's own data is read in the "
@@ -443,7 +461,8 @@ def _setup(args: argparse.Namespace) -> None:
         logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    import torch
+    with held():  # a Ctrl-C inside torch's loading could abort or be lost
+        import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -470,6 +489,23 @@ def _prepare(args: argparse.Namespace, **kwargs: Any) -> Any:
         )
     return prepare(getattr(args, "dataset", None) or data,
                    timezone=args.timezone, **kwargs)
+
+
+def _check_old_data(old_data: str | None) -> None:
+    """Refuse up front (exit 3) a ``teacher update --old-data`` file that is not
+    there, as ``--data``: the forgetting check was asked for, so it is not quietly
+    skipped. (Only the checkpoint's own data, used when --old-data is not given,
+    may be missing with a warning.)"""
+    from flows.datasets import REGISTRY
+
+    if old_data is None:
+        return
+    if not old_data.strip():
+        raise UsageError("--old-data is empty; name a flow file or a dataset")
+    if old_data not in REGISTRY and not Path(old_data).exists():
+        raise BadInputError(
+            f"--old-data {old_data}: no such file (a registered dataset name is "
+            "taken too)")
 
 
 def _data_ref(source: str) -> str:
@@ -911,7 +947,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from teacher.checkpoint import load_teacher, make_provenance, save_checkpoint
     from teacher.evaluate import evaluate
-    from teacher.model import TeacherConfig
     from teacher.train import dist_info, fit
     from teacher.update import make_replay, save_replay
 
@@ -939,6 +974,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                            allow_unverified=args.allow_unverified)
         encoder, base = pre.encoder, pre.config
         init_state = {k: v.clone() for k, v in pre.model.state_dict().items()}
+    else:
+        # Sizes past the limit are refused before the data is read: with one input
+        # feature the network is the smallest these flags can make.
+        _network_config(args, n_features=1, window=1)
     prep = _prepare(args, encoder=encoder, data_dir=args.data_dir,
                     window=args.window, group_by=args.group_by, seed=args.seed,
                     need_split=True, scaling=args.scaling, knots=args.knots)
@@ -948,21 +987,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if base is not None:
         mc = base
     else:
-        kw: dict[str, Any] = {"n_features": prep.n_features, "window": prep.window,
-                              "members": TRAIN_MEMBERS if args.members is None
-                              else args.members}
-        for flag, key in (("conv_filters", "conv_filters"), ("lstm_hidden", None),
-                          ("lstm_layers", None), ("dense", None), ("dropout", None),
-                          ("subspace", None)):
-            value = getattr(args, flag)
-            if value is not None:
-                kw[key or flag] = tuple(value) if isinstance(value, list) else value
+        binned: tuple[int, ...] = ()
         if args.bins:
             if not prep.encoder.quantile_columns:
                 raise UsageError("--bins needs quantile-scaled columns "
                                  "(--scaling quantile)")
-            kw.update(bins=args.bins, binned=tuple(prep.encoder.quantile_columns))
-        mc = TeacherConfig(**kw)
+            binned = tuple(prep.encoder.quantile_columns)
+        mc = _network_config(args, n_features=prep.n_features, window=prep.window,
+                             binned=binned)
     tc = _train_config(args, **FAMILY_TRAIN_DEFAULTS.get(prep.family, {}))
 
     bar, on_epoch = _progress(tc.epochs, rank, args.quiet, mc.members)
@@ -1035,6 +1067,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     return code
 
 
+# The flags that size the network, as `teacher train` names them.
+SIZE_FLAGS = ("--conv-filters", "--lstm-hidden", "--lstm-layers", "--dense",
+              "--members", "--bins")
+
+
+def _network_config(args: argparse.Namespace, *, n_features: int, window: int,
+                    binned: tuple[int, ...] = ()) -> Any:
+    """The ``TeacherConfig`` of ``teacher train``'s size flags over the defaults.
+
+    A network the flags make too large (more weights than
+    :data:`teacher.limits.MAX_PARAMS`) is a usage error (exit 2) naming the flags
+    given, not a damaged model."""
+    from flows.errors import ModelError
+    from teacher.model import TeacherConfig
+
+    kw: dict[str, Any] = {"n_features": n_features, "window": window,
+                          "members": TRAIN_MEMBERS if args.members is None
+                          else args.members}
+    for flag in ("conv_filters", "lstm_hidden", "lstm_layers", "dense", "dropout",
+                 "subspace"):
+        value = getattr(args, flag)
+        if value is not None:
+            kw[flag] = tuple(value) if isinstance(value, list) else value
+    if args.bins and binned:
+        kw.update(bins=args.bins, binned=binned)
+    try:
+        return TeacherConfig(**kw)
+    except ModelError as exc:
+        given = [flag for flag in SIZE_FLAGS
+                 if getattr(args, flag[2:].replace("-", "_")) is not None]
+        problem = str(exc).removeprefix("bad teacher config: ")
+        if n_features == 1 and not binned:  # before the data: its least count
+            problem = f"at least {problem}"
+        sizes = (", ".join(given) if given else "the default sizes")
+        raise UsageError(
+            f"network too large for {sizes}: {problem}; choose smaller sizes") \
+            from exc
+
+
 # Fewer labelled rows of a class than this in a split make its F1 a guess.
 SMALL_SPLIT = 30
 
@@ -1083,7 +1154,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_baselines(args: argparse.Namespace) -> int:
     """``teacher baselines``: RF, SVM and kNN on the teacher's features and splits."""
-    from teacher.baselines import BASELINES, run_baselines
+    from teacher.baselines import BASELINES, KNN_NEIGHBORS, run_baselines
 
     names = tuple(n.strip() for n in args.models.split(",") if n.strip())
     unknown = [n for n in names if n not in BASELINES]
@@ -1092,6 +1163,10 @@ def cmd_baselines(args: argparse.Namespace) -> int:
             f"--models {args.models!r}: expected a comma-separated list of "
             f"{', '.join(BASELINES)}" + (f" ({unknown[0]!r} is none)" if unknown
                                         else ""))
+    if "knn" in names and args.knn_cap is not None and args.knn_cap < KNN_NEIGHBORS:
+        raise UsageError(
+            f"--knn-cap {args.knn_cap}: expected at least {KNN_NEIGHBORS}, the "
+            "neighbours kNN looks at (a smaller cap leaves it too few rows)")
     if args.out:
         _check_out_file(args.out, force=args.force)
     prep = _prepare(args, data_dir=args.data_dir, window=args.window,
@@ -1183,6 +1258,7 @@ def cmd_update(args: argparse.Namespace) -> int:
             "another folder (the old one is what it is compared with, and what "
             "compress and the re-scorer use until you switch)")
     _check_out(args.out, args.force)
+    _check_old_data(args.old_data)
     teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
     new = _prepare(args, encoder=teacher.encoder, data_dir=args.data_dir,
                    seed=args.seed, need_split=True)
@@ -1191,7 +1267,13 @@ def cmd_update(args: argparse.Namespace) -> int:
     old_zone = args.timezone if args.old_data else (
         teacher.provenance.get("timezone") or "UTC")
     old = None
-    if old_source:
+    if args.old_data:
+        # Asked for by name: refused like --data when it cannot be read or is of
+        # another feature family (the reader's error, exit 3), before training.
+        old = prepare(args.old_data, encoder=teacher.encoder,
+                      data_dir=args.data_dir, seed=args.seed, need_split=True,
+                      timezone=old_zone)
+    elif old_source:
         try:
             old = prepare(old_source, encoder=teacher.encoder, data_dir=args.data_dir,
                           seed=args.seed, need_split=True, timezone=old_zone)
@@ -1295,7 +1377,21 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "baselines": cmd_baselines,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``teacher``; returns the exit code."""
+    """Entry point of ``teacher``; returns the exit code.
+
+    A Ctrl-C anywhere (building the parser, loading torch, the work) ends in one
+    line, ``error: interrupted``, and exit 130; one while this module's own
+    imports load is handled where they are."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as exc:
+        # A message says what the interrupt left behind (see _Closing).
+        said = f" {exc}" if str(exc) else ""
+        print(f"error: interrupted{said}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -1312,11 +1408,6 @@ def main(argv: list[str] | None = None) -> int:
     except GatewatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt as exc:
-        # A message says what the interrupt left behind (see _Closing).
-        said = f" {exc}" if str(exc) else ""
-        print(f"error: interrupted{said}", file=sys.stderr)
-        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

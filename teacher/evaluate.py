@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flows.errors import BadInputError
+from flows.errors import BadInputError, ModelError
 from teacher.checkpoint import Teacher
 from teacher.data import Prepared
 from teacher.metrics import binary_metrics, time_scorer
@@ -67,6 +67,13 @@ def evaluate(
     windows = prep.windows(rows)
     prob = teacher.predict_proba(windows)
     scored_s = time.perf_counter() - start
+    bad = ~np.isfinite(np.asarray(prob, dtype=np.float64))
+    if bad.any():
+        # Weights that load finite can still overflow; name the checkpoint.
+        which = f"checkpoint {teacher.path}" if teacher.path else "the teacher"
+        raise ModelError(
+            f"{which}: its model scores NaN: the weights are damaged ({int(bad.sum())}"
+            f" of {bad.size} windows scored NaN or infinite)")
     fams = prep.families[rows] if prep.families is not None else None
     out = binary_metrics(prep.y[rows], prob, teacher.threshold, families=fams)
     out["threshold_rule"] = teacher.threshold_info.get("rule")
