@@ -1201,7 +1201,7 @@ def cmd_baselines(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     """``teacher tune``: grid over lr, layers, filters, batch size on val only."""
     from teacher.train import TrainConfig
-    from teacher.tune import DEFAULT_GRID, tune, write_table
+    from teacher.tune import DEFAULT_GRID, rank_rows, tune, write_table
 
     _check_out_folder(args.out)
     _check_tables(args.out, args.force)
@@ -1227,10 +1227,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
                        samples_per_epoch=args.trial_samples, seed=args.seed,
                        **FAMILY_TRAIN_DEFAULTS.get(family, {}))
 
+    finished: list[dict[str, Any]] = []
+
     def on_trial(row: dict[str, Any]) -> None:
+        finished.append(dict(row))
         print(json.dumps(row), file=sys.stderr, flush=True)
 
-    rows = tune(preps, args.budget, grid, base_train=base, on_trial=on_trial)
+    try:
+        rows = tune(preps, args.budget, grid, base_train=base, on_trial=on_trial)
+    except KeyboardInterrupt:
+        # The trials that finished are not thrown away: their table is written.
+        if finished:
+            with contextlib.suppress(OSError):
+                out = write_table(rank_rows(finished), args.out)
+                logger.warning("interrupted after %d trial(s); their table is in %s",
+                               len(finished), out / "tune.md")
+        raise
     try:
         out = write_table(rows, args.out)
     except OSError as exc:

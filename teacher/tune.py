@@ -24,7 +24,7 @@ from teacher.data import Prepared
 from teacher.model import TeacherConfig
 from teacher.train import TrainConfig, fit
 
-__all__ = ["DEFAULT_GRID", "tune", "write_table"]
+__all__ = ["DEFAULT_GRID", "rank_rows", "tune", "write_table"]
 
 DEFAULT_GRID: dict[str, list[Any]] = {
     "lr": [1e-3, 3e-3],
@@ -106,6 +106,11 @@ def tune(
         rows.append(row)
         if on_trial is not None:
             on_trial(row)
+    return rank_rows(rows)
+
+
+def rank_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` best first (validation F1, then loss), each given its ``rank``."""
     rows.sort(key=lambda r: (-r["val_f1"], r["val_loss"]))
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank

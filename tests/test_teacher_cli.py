@@ -756,3 +756,31 @@ def test_ctrl_c_while_python_tears_down_after_train_is_no_failure(slices,
     assert json.loads(line)["checkpoint"] == str(out), err
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+
+
+def test_tune_interrupted_writes_the_trials_that_finished(slices, tmp_path, capsys,
+                                                          monkeypatch):
+    """Found by a fresh tester: Ctrl-C in ``teacher tune`` exited 130 and threw
+    every finished trial away. Their table is now written before it exits."""
+    import teacher.tune as tune_module
+
+    real_fit = tune_module.fit
+    calls = []
+
+    def fit_then_interrupt(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "fit", fit_then_interrupt)
+
+    code = main(["tune", "--data", str(slices[0]), "--budget", "5",
+                 "--out", str(tmp_path / "tune"), "--lrs", "0.001,0.002",
+                 "--conv-layers", "1", "--filters", "8", "--batch-sizes", "64",
+                 "--trial-epochs", "1", "--trial-samples", "256", "-q"])
+
+    assert code == 130
+    rows = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert len(rows) == 1 and rows[0]["rank"] == 1
+    assert capsys.readouterr().err.rstrip().endswith("error: interrupted")
