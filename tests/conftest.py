@@ -31,6 +31,19 @@ def _data_dir() -> Path | None:
     return None
 
 
+@pytest.fixture
+def interactive_sigint():
+    """SIGINT as a terminal gives it to Python (raise KeyboardInterrupt) for the
+    test, whatever the suite inherited: a job started in the background by a
+    non-interactive shell (CI) has SIGINT ignored, and the commands then rightly
+    ignore Ctrl-C too."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The real data folder (GATEWATCH_DATA); tests that need it skip without it."""

@@ -682,7 +682,7 @@ def _interrupt_after_the_checkpoint(monkeypatch, times: int) -> None:
 
 
 def test_ctrl_c_after_the_checkpoint_is_written_keeps_the_run_finished(
-        slices, tmp_path, capsys, monkeypatch):
+        slices, tmp_path, capsys, monkeypatch, interactive_sigint):
     """Found: Ctrl-C just after ``teacher train`` had written its checkpoint gave
     exit 130, although the checkpoint was in place and complete. Now the closing
     steps go on (the summary is printed), a note says so, and the run exits 0."""

@@ -358,6 +358,9 @@ REPO = Path(__file__).resolve().parent.parent
 INTERRUPT_AT = """
 import os, signal, sys
 
+# As from a terminal: a suite run in the background inherits SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 class Hook:
     def find_spec(self, name, path=None, target=None):
         if name == {module!r}:
@@ -418,7 +421,7 @@ def test_ctrl_c_while_the_parser_is_built_is_one_line_and_130(package, capsys,
     assert capsys.readouterr().err == "error: interrupted\n"
 
 
-def test_held_notes_a_ctrl_c_and_raises_it_after_the_block():
+def test_held_notes_a_ctrl_c_and_raises_it_after_the_block(interactive_sigint):
     import os
     import signal
 
