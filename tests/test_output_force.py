@@ -155,7 +155,10 @@ def packing(tmp_path):
 def _agent(capsys, *argv: str) -> tuple[int, str]:
     from edge_agent.cli import main
 
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return code, err

@@ -22,37 +22,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from flows.cli import main as flows_main
 from flows.errors import UsageError
-from tests.test_readers import ROW_A, ROW_B, zeek_text
+from tests.test_output_force import _agent, _conn_log, _flows
 
 NOT_REGULAR = "exists and is not a regular file (a device, FIFO or socket)"
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
-
-
-def _conn_log(tmp_path: Path) -> Path:
-    path = tmp_path / "c.log"
-    path.write_text(zeek_text([ROW_A, ROW_B]))
-    return path
-
-
-def _flows(capsys, *argv: str) -> tuple[int, str]:
-    code = flows_main(list(argv))
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return code, err
-
-
-def _agent(capsys, *argv: str) -> tuple[int, str]:
-    from edge_agent.cli import main
-
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse's own usage errors
-        code = exc.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return code, err
 
 
 @pytest.fixture
