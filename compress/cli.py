@@ -10,45 +10,41 @@ from __future__ import annotations
 
 import sys
 
-from teacher.interrupts import held
+from teacher.interrupts import held, loading
 
 # A Ctrl-C while the modules load is held until they are loaded, then ends the
 # command in one line, exit 130 (teacher.interrupts).
-try:
-    with held():
-        import argparse
-        import json
-        import logging
-        import time
-        from pathlib import Path
-        from typing import Any
+with loading():
+    import argparse
+    import json
+    import logging
+    import time
+    from pathlib import Path
+    from typing import Any
 
-        from compress import logger
-        from flows.argtypes import (
-            check_writable_above,
-            integer,
-            integers,
-            real,
-            reals,
-            zone_name,
-        )
-        from flows.errors import (
-            EXIT_BAD_INPUT,
-            EXIT_FAILURE,
-            EXIT_GATE,
-            EXIT_INTERRUPTED,
-            EXIT_OK,
-            EXIT_PARTIAL_INPUT,
-            EXIT_USAGE,
-            BadInputError,
-            GateError,
-            GatewatchError,
-            UsageError,
-        )
-        from student import MAX_WIDTH
-except KeyboardInterrupt:
-    print("error: interrupted", file=sys.stderr)
-    raise SystemExit(130) from None
+    from compress import logger
+    from flows.argtypes import (
+        check_writable_above,
+        integer,
+        integers,
+        real,
+        reals,
+        zone_name,
+    )
+    from flows.errors import (
+        EXIT_BAD_INPUT,
+        EXIT_FAILURE,
+        EXIT_GATE,
+        EXIT_INTERRUPTED,
+        EXIT_OK,
+        EXIT_PARTIAL_INPUT,
+        EXIT_USAGE,
+        BadInputError,
+        GateError,
+        GatewatchError,
+        UsageError,
+    )
+    from student import MAX_WIDTH
 
 DESCRIPTION = (
     "compress: turn a teacher into a verified edge artifact, and evaluate artifacts."

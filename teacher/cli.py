@@ -14,56 +14,52 @@ from __future__ import annotations
 
 import sys
 
-from teacher.interrupts import held
+from teacher.interrupts import held, loading
 
 # A Ctrl-C while the libraries load (numpy, a second or more) is held until they
 # are loaded, then ends the command in one line, exit 130 (teacher.interrupts).
-try:
-    with held():
-        import argparse
-        import atexit
-        import contextlib
-        import importlib
-        import importlib.util
-        import json
-        import logging
-        import os
-        import shutil
-        import signal
-        import tempfile
-        import threading
-        import time
-        from collections.abc import Callable
-        from pathlib import Path
-        from typing import Any
+with loading():
+    import argparse
+    import atexit
+    import contextlib
+    import importlib
+    import importlib.util
+    import json
+    import logging
+    import os
+    import shutil
+    import signal
+    import tempfile
+    import threading
+    import time
+    from collections.abc import Callable
+    from pathlib import Path
+    from typing import Any
 
-        from flows.argtypes import (
-            check_writable_above,
-            integer,
-            integers,
-            nearest_existing,
-            real,
-            reals,
-            zone_name,
-        )
-        from flows.encoder import DEFAULT_KNOTS, SCALINGS
-        from flows.errors import (
-            EXIT_BAD_INPUT,
-            EXIT_FAILURE,
-            EXIT_INTERRUPTED,
-            EXIT_OK,
-            EXIT_PARTIAL_INPUT,
-            EXIT_UNAVAILABLE,
-            EXIT_USAGE,
-            BadInputError,
-            GatewatchError,
-            UsageError,
-        )
-        from teacher import logger
-        from teacher.limits import MAX_BINS, MAX_SIZE, MAX_WINDOW
-except KeyboardInterrupt:
-    print("error: interrupted", file=sys.stderr)
-    raise SystemExit(130) from None
+    from flows.argtypes import (
+        check_writable_above,
+        integer,
+        integers,
+        nearest_existing,
+        real,
+        reals,
+        zone_name,
+    )
+    from flows.encoder import DEFAULT_KNOTS, SCALINGS
+    from flows.errors import (
+        EXIT_BAD_INPUT,
+        EXIT_FAILURE,
+        EXIT_INTERRUPTED,
+        EXIT_OK,
+        EXIT_PARTIAL_INPUT,
+        EXIT_UNAVAILABLE,
+        EXIT_USAGE,
+        BadInputError,
+        GatewatchError,
+        UsageError,
+    )
+    from teacher import logger
+    from teacher.limits import MAX_BINS, MAX_SIZE, MAX_WINDOW
 
 __all__ = ["build_parser", "main"]
 

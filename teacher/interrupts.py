@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
-__all__ = ["held"]
+__all__ = ["held", "loading"]
 
 
 @contextlib.contextmanager
@@ -49,3 +50,15 @@ def held() -> Iterator[None]:
         if previous is signal.SIG_DFL:
             raise KeyboardInterrupt
         previous(signal.SIGINT, None)
+
+
+@contextlib.contextmanager
+def loading() -> Iterator[None]:
+    """:func:`held` around a command line's imports, and a Ctrl-C that came
+    during them ends the command: ``error: interrupted``, exit 130."""
+    try:
+        with held():
+            yield
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
