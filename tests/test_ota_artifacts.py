@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper  # noqa: E402
 
+from edge_agent.flash import ModelSlots  # noqa: E402
 from edge_agent.ota import health_check, load_checked  # noqa: E402
 from edge_agent.runtime import load_artifact  # noqa: E402
 from flows.errors import ModelError  # noqa: E402
@@ -261,3 +263,20 @@ def test_missing_probe_fails(tmp_path: Path) -> None:
 
     with pytest.raises(ModelError, match="no probe windows"):
         health_check(load_artifact(folder))
+
+
+def flashed_slots(
+    models: Path, artifact: Path, issued_at: float = 1000.0
+) -> ModelSlots:
+    """Model slots under ``models`` whose active slot A holds ``artifact`` as model
+    v1 the way flash records a bundle: the bundle's digest (not an update
+    archive's sha256) and its build time."""
+    slots = ModelSlots(models)
+    staged = slots.staging()
+    shutil.rmtree(staged)
+    shutil.copytree(artifact, staged)
+    slots.install("A", staged, {"model_version": "v1", "sha256": "b" * 64,
+                                "issued_at": issued_at,
+                                "source": "bundle gw.tar.gz"})
+    slots.switch("A")
+    return slots

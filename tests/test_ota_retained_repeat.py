@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import socket
 import threading
 import time
@@ -26,9 +25,8 @@ pytest.importorskip("onnx")
 
 import edge_agent.ota as ota  # noqa: E402
 from edge_agent import signing  # noqa: E402
-from edge_agent.flash import ModelSlots  # noqa: E402
 from edge_agent.ota import ModelUpdater, pack_update  # noqa: E402
-from tests.test_ota_artifacts import make_artifact  # noqa: E402
+from tests.test_ota_artifacts import flashed_slots, make_artifact  # noqa: E402
 
 LOGGER = "gatewatch.edge_agent"
 
@@ -76,13 +74,7 @@ def flashed(tmp_path: Path, keys, v1) -> ModelUpdater:
     """Slots whose slot A holds v1 as flash installs a bundle: recorded with the
     bundle's digest, so the retained update of v1 is only known for the running
     model once unpacked and its files compared (the costly case)."""
-    slots = ModelSlots(tmp_path / "models")
-    staged = slots.staging()
-    shutil.rmtree(staged)
-    shutil.copytree(v1, staged)
-    slots.install("A", staged, {"model_version": "v1", "sha256": "b" * 64,
-                                "issued_at": 1000.0, "source": "bundle gw.tar.gz"})
-    slots.switch("A")
+    slots = flashed_slots(tmp_path / "models", v1)
     return ModelUpdater(keys[1], slots.dir, tolerance=1e-5)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -30,7 +29,7 @@ from edge_agent import signing  # noqa: E402
 from edge_agent.cli import main  # noqa: E402
 from edge_agent.flash import GatewayLayout, ModelSlots  # noqa: E402
 from edge_agent.ota import ModelUpdater, pack_update, sign_archive  # noqa: E402
-from tests.test_ota_artifacts import make_artifact  # noqa: E402
+from tests.test_ota_artifacts import flashed_slots, make_artifact  # noqa: E402
 
 LOGGER = "gatewatch.edge_agent"
 HELD = "was rolled back by the operator"
@@ -46,14 +45,8 @@ def keys(tmp_path: Path) -> tuple[Path, Path]:
 def root(tmp_path: Path) -> Path:
     """A gateway root whose slot A holds v1 as flash installs a bundle."""
     root = tmp_path / "root"
-    slots = ModelSlots(GatewayLayout(root).models)
     v1 = make_artifact(tmp_path / "v1", version="v1", seed=1)
-    staged = slots.staging()
-    shutil.rmtree(staged)
-    shutil.copytree(v1, staged)
-    slots.install("A", staged, {"model_version": "v1", "sha256": "b" * 64,
-                                "issued_at": 1000.0, "source": "bundle gw.tar.gz"})
-    slots.switch("A")
+    flashed_slots(GatewayLayout(root).models, v1)
     return root
 
 

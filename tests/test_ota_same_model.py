@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,11 @@ pytest.importorskip("onnx")
 
 from edge_agent import signing  # noqa: E402
 from edge_agent.agent import Agent  # noqa: E402
-from edge_agent.flash import ModelSlots  # noqa: E402
 from edge_agent.ota import ModelUpdater, _parse_message, pack_update  # noqa: E402
 from edge_agent.outbox import Outbox  # noqa: E402
 from edge_agent.runtime import load_artifact  # noqa: E402
 from flows.errors import BadInputError  # noqa: E402
-from tests.test_ota_artifacts import make_artifact  # noqa: E402
+from tests.test_ota_artifacts import flashed_slots, make_artifact  # noqa: E402
 
 DEEP = 100_000
 LOGGER = "gatewatch.edge_agent"
@@ -44,15 +42,7 @@ def v1(tmp_path: Path) -> Path:
 def _flashed(tmp_path: Path, artifact: Path, keys, issued_at: float) -> ModelUpdater:
     """Slots whose slot A holds ``artifact`` the way flash records a bundle: the
     bundle's digest (not an update archive's sha256) and its build time."""
-    slots = ModelSlots(tmp_path / "models")
-    staged = slots.staging()
-    shutil.rmtree(staged)
-    shutil.copytree(artifact, staged)
-    slots.install("A", staged, {
-        "model_version": "v1", "sha256": "b" * 64, "issued_at": issued_at,
-        "source": "bundle gw.tar.gz",
-    })
-    slots.switch("A")
+    slots = flashed_slots(tmp_path / "models", artifact, issued_at)
     return ModelUpdater(keys[1], slots.dir, tolerance=1e-5)
 
 
