@@ -998,21 +998,29 @@ def test_torch_int8_names_every_student_flag_given_in_one_line(
     assert "checkpoint folder not found" in capsys.readouterr().err
 
 
-def test_student_flags_not_given_take_their_documented_defaults(
-    tmp_path: Path, monkeypatch
-) -> None:
-    """The parser leaves the student flags unset so that torch-int8 can tell them
-    given; the run still gets the defaults the help states."""
+@pytest.fixture
+def seen(monkeypatch) -> dict:
+    """``compress run``'s pipeline replaced by one that keeps the RunConfig the
+    command line built (``seen["cfg"]``) and stops there (usage error, exit 2)."""
     import compress.pipeline
-    from compress.cli import main
 
-    seen = {}
+    kept: dict = {}
 
     def fake_run(cfg, progress=None):
-        seen["cfg"] = cfg
+        kept["cfg"] = cfg
         raise UsageError("stop here")
 
     monkeypatch.setattr(compress.pipeline, "run", fake_run)
+    return kept
+
+
+def test_student_flags_not_given_take_their_documented_defaults(
+    tmp_path: Path, seen: dict
+) -> None:
+    """The parser leaves the student flags unset so that torch-int8 can tell them
+    given; the run still gets the defaults the help states."""
+    from compress.cli import main
+
     argv = ["run", "--target", "onnx-int8", "--teacher", str(tmp_path / "t"),
             "--out", str(tmp_path / "out")]
     assert main(argv) == 2
@@ -1031,22 +1039,14 @@ def test_student_flags_not_given_take_their_documented_defaults(
 
 
 def test_repeated_prune_ratios_and_widths_are_tried_once(
-    tmp_path: Path, monkeypatch, caplog
+    tmp_path: Path, seen: dict, caplog
 ) -> None:
     """Found: ``--prune-ratios 0.5,0.5`` pruned, fine-tuned and verified the same
     student twice. Repeats are dropped in the order given, with one warning."""
     import logging
 
-    import compress.pipeline
     from compress.cli import main
 
-    seen = {}
-
-    def fake_run(cfg, progress=None):
-        seen["cfg"] = cfg
-        raise UsageError("stop here")
-
-    monkeypatch.setattr(compress.pipeline, "run", fake_run)
     argv = ["run", "--target", "onnx-int8", "--teacher", str(tmp_path / "t"),
             "--out", str(tmp_path / "out"), "--prune-ratios", "0.5,0.25,0.50,0.25",
             "--widths", "8,4,8"]
@@ -1249,18 +1249,10 @@ def test_the_run_fills_in_the_family_restarts_on_its_own_config(
 
 
 def test_widths_given_on_the_command_line_are_searched_in_the_order_given(
-    monkeypatch, tmp_path: Path,
+    seen: dict, tmp_path: Path,
 ) -> None:
-    import compress.pipeline
     from compress.cli import main
 
-    seen = {}
-
-    def fake_run(cfg, progress=None):
-        seen["cfg"] = cfg
-        raise UsageError("stop here")
-
-    monkeypatch.setattr(compress.pipeline, "run", fake_run)
     assert main(["run", "--target", "onnx-int8", "--teacher", str(tmp_path / "t"),
                  "--out", str(tmp_path / "out"), "--widths", "32,8,16"]) == 2
     assert seen["cfg"].widths == (32, 8, 16)
