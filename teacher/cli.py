@@ -58,6 +58,7 @@ with loading():
         GatewatchError,
         UsageError,
     )
+    from flows.outfile import refuse_existing, write_file
     from teacher import logger
     from teacher.limits import MAX_BINS, MAX_SIZE, MAX_WINDOW
 
@@ -851,9 +852,7 @@ def _check_out_file(out: str | Path, flag: str = "--out",
         if os.path.basename(os.fspath(out)) in ("", ".", ".."):
             raise UsageError(f"{flag} {out} names a folder, not a file; name a "
                              "file to write")
-        if (path.exists() or path.is_symlink()) and not force:
-            raise UsageError(f"{flag} {out} already exists; pass --force to "
-                             "overwrite it, or name a new file")
+        refuse_existing(path, flag, force, shown=out)
         problem = _unwritable(path)
         if problem:
             raise UsageError(f"{flag} {out} {problem}")
@@ -1179,9 +1178,10 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     if args.out:
         try:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            # "x": a file that appeared while the models ran is not overwritten.
-            with open(args.out, "w" if args.force else "x") as handle:
-                handle.write(json.dumps(out, indent=2) + "\n")
+            # Written beside and renamed in: a file that appeared while the models
+            # ran is not overwritten, and a failed write keeps the old one.
+            write_file(args.out, (json.dumps(out, indent=2) + "\n").encode(),
+                       args.force)
         except FileExistsError as exc:
             raise GatewatchError(
                 f"--out {args.out}: a file appeared there while the models ran; "
