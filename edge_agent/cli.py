@@ -950,11 +950,14 @@ def _kept_before(flows: int) -> str:
     return f"the {flows} flows read before it were scored and kept"
 
 
-def _as_partial(exc: GatewatchError, flows: int) -> GatewatchError:
-    """A bad-input error after some flows were scored is a partial input (exit 4)."""
+def _as_partial(
+    exc: GatewatchError, flows: int, kept: str | None = None
+) -> GatewatchError:
+    """A bad-input error after some flows were scored is a partial input (exit 4);
+    ``kept`` says what became of them (default: :func:`_kept_before`)."""
     if flows and isinstance(exc, BadInputError):
         new = PartialInputError(
-            f"{str(exc)[len(exc._where()) :]}; {_kept_before(flows)}",
+            f"{str(exc)[len(exc._where()) :]}; {kept or _kept_before(flows)}",
             path=exc.path,
             line=exc.line,
             column=exc.column,
@@ -1267,14 +1270,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     )
     # Written from what came before any damage; a damaged source still exits 4.
     if stopped is not None:
-        partial = PartialInputError(
-            f"{str(stopped)[len(stopped._where()) :]}; the thresholds were set from "
-            f"the {read} flows read before it",
-            path=stopped.path,
-            row=getattr(stopped, "row", None),
-            line=stopped.line,
+        raise _as_partial(
+            stopped, read, f"the thresholds were set from the {read} flows read "
+            "before it"
         )
-        raise partial from stopped
     problem = _input_problem(args.source, source, int(len(s)))
     if problem is not None:
         raise problem
