@@ -307,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="registered dataset name")
     src.add_argument("--data", type=Path, help="a flow file flows can read")
-    ev.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
-                    help="split of --dataset to score (default test; --data: all "
-                         "rows)")
+    ev.add_argument("--split", default=None, choices=("train", "val", "test", "all"),
+                    help="split of --dataset to score (default test); a --data file "
+                         "is scored whole, so only 'all' goes with --data")
     ev.add_argument("--data-dir", type=Path, help="data folder ($GATEWATCH_DATA)")
     _add_timezone(ev, "the --data file", " (default: UTC)", default="UTC")
     ev.add_argument("--micro", action="store_true",
@@ -586,20 +586,31 @@ def _artifact_table(arts: dict[str, dict[str, Any]]) -> str:
 def evaluate_artifact(
     artifact: Path, source: str, split: str | None, data_dir: Path | None = None,
     timing: bool = True, micro: bool = False, timezone: str = "UTC",
+    source_is_dataset: bool = True,
 ) -> dict[str, Any]:
     """Metrics of an artifact run in its runtime (same keys as ``teacher eval``);
     ``timezone`` is the zone of a binetflow file's start times (as in
-    :func:`teacher.data.prepare`)."""
+    :func:`teacher.data.prepare`). A flow file (``source_is_dataset`` false) that
+    the artifact was trained on is scored with a warning saying so."""
     import numpy as np
 
     from edge_agent.runtime import load_artifact
-    from teacher.data import prepare
+    from teacher.data import prepare, trained_on
     from teacher.metrics import binary_metrics, time_scorer
 
     scorer = load_artifact(artifact, prefer_micro=micro)
     prep = prepare(source, encoder=scorer.encoder, data_dir=data_dir,
                    need_split=False, encoder_of="the artifact", timezone=timezone)
     rows = prep.rows(split)
+    if not source_is_dataset:
+        for path in trained_on(prep.files, scorer.manifest.get("provenance", {})
+                               .get("data")):
+            text = (f"{path}: the artifact's teacher and student were trained on "
+                    "this file (same sha256 as in its manifest), so these numbers "
+                    "count rows they trained on; for held-out numbers score the "
+                    "test split (--dataset NAME --split test)")
+            logger.warning("%s", text)
+            prep.warnings.append(text)
     if rows.size == 0:
         where = "the file" if split is None else f"split {split!r}"
         raise BadInputError(
@@ -621,24 +632,37 @@ def evaluate_artifact(
                 "split": "all" if split is None else split})
     if prep.partial:
         out["partial"] = True
+    if prep.warnings:
         out["warnings"] = prep.warnings
     return out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``compress eval``."""
+    if args.data and args.split not in (None, "all"):
+        raise UsageError(f"--split {args.split} picks rows of a --dataset; a --data "
+                         "file is scored whole (leave --split out)")
     source = args.dataset if args.dataset else str(args.data)
-    split = None if (args.split == "all" or args.data) else args.split
+    asked = args.split or "test"
+    split = None if (asked == "all" or args.data) else asked
     out = evaluate_artifact(args.artifact, source, split, args.data_dir,
                             timing=not args.no_timing, micro=args.micro,
-                            timezone=args.timezone)
+                            timezone=args.timezone,
+                            source_is_dataset=not args.data)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "fpr"):
             value = out.get(key)
-            print(f"{key:>10}: {value:.4f}" if value is not None else f"{key:>10}: -")
-        print(f"{'confusion':>10}: {out['confusion']}")
+            print(f"{key:>13}: {value:.4f}" if value is not None else f"{key:>13}: -")
+        print(f"{'confusion':>13}: "
+              + ", ".join(f"{k} {v}" for k, v in out["confusion"].items()))
+        recall = out.get("per_family_recall")
+        if recall:
+            print(f"{'family recall':>13}: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in recall.items()))
+        for text in out.get("warnings", []):
+            print(f"      warning: {text}")
     return _finished(out.get("partial", False))
 
 

@@ -608,12 +608,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edge_agent.runtime import load_artifact
     from edge_agent.sources import open_source
 
-    if getattr(args, "outbox", None) is not None and not args.outbox.strip():
-        # Not the default outbox in its place: that one may hold another run's.
-        raise UsageError(
-            "--outbox is an empty file name; name the outbox file, or leave "
-            "--outbox out for the default"
-        )
     overrides = {k: getattr(args, k, None) for k in AgentConfig.names()}
     cfg = AgentConfig.load(args.config, overrides)
     scorer = load_artifact(cfg.artifact)

@@ -229,6 +229,12 @@ class AgentConfig:
         for name in ("artifact", "source", "site", "gateway"):
             if not getattr(self, name):
                 raise UsageError(f"--{name} is required (flag or config file)")
+        if self.outbox is not None and not str(self.outbox).strip():
+            # Not the default outbox in its place: that one may hold another run's.
+            where = self._given_as("outbox")
+            leave = "it" if where != "--outbox" else "--outbox"
+            raise UsageError(f"{where} is an empty file name; name the outbox file, "
+                             f"or leave {leave} out for the default")
         validate_id(self.site, "site")
         validate_id(self.gateway, "gateway")
         if self.broker is not None:

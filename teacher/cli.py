@@ -343,9 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint folder to load (required)")
     add_allow_unverified(p)
     _add_source(p)
-    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
-                   help="rows of a --dataset to score (default test; a --data file "
-                        "is scored whole)")
+    p.add_argument("--split", default=None, choices=("train", "val", "test", "all"),
+                   help="rows of a --dataset to score (default test); a --data file "
+                        "is scored whole, so only 'all' goes with --data")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (default: text)")
     p.add_argument("--no-timing", action="store_true",
@@ -1128,13 +1128,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from teacher.checkpoint import load_teacher
     from teacher.evaluate import evaluate
 
+    if args.data and args.split not in (None, "all"):
+        raise UsageError(f"--split {args.split} picks rows of a --dataset; a --data "
+                         "file is scored whole (leave --split out)")
     teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
     prep = _prepare(args, encoder=teacher.encoder, data_dir=args.data_dir,
                     seed=args.seed, need_split=False)
-    split = None if (args.split == "all" or args.data) else args.split
+    asked = args.split or "test"
+    split = None if (asked == "all" or args.data) else asked
     rows = prep.rows(split)
+    if args.data:
+        _warn_trained_on(prep, teacher)
     if rows.size == 0:
-        where = "the file" if args.data else f"split {args.split!r}"
+        where = "the file" if args.data else f"split {asked!r}"
         raise BadInputError(
             f"{prep.name}: no labeled rows (label 0 or 1) in {where}; evaluation "
             "needs labels (score unlabeled flows with edge-agent or teacher serve)")
@@ -1145,6 +1151,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out["warnings"] = prep.warnings
     _print(out, args.json)
     return _finished(prep)
+
+
+def _warn_trained_on(prep: Any, teacher: Any) -> None:
+    """Warn (log and the JSON's ``warnings``) when a --data file scored whole is one
+    the teacher trained on: its numbers then count training rows, not a test."""
+    from teacher.data import trained_on
+
+    for path in trained_on(prep.files, teacher.provenance):
+        text = (f"{path}: the teacher was trained on this file (same sha256 as in "
+                "its provenance), so these numbers count rows it trained on; for "
+                "held-out numbers score its test split (--dataset NAME --split test)")
+        logger.warning("%s", text)
+        prep.warnings.append(text)
 
 
 def cmd_baselines(args: argparse.Namespace) -> int:
@@ -1315,13 +1334,30 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 
 def _print(data: dict[str, Any], as_json: bool) -> None:
+    """Print a command's result: one JSON object, or ``key: value`` lines for a
+    reader (floats to 4 places, a dict as ``name value`` pairs on its line, a list
+    of texts as indented lines below its key)."""
     if as_json:
         print(json.dumps(data, indent=2, default=str))
         return
     for key, value in data.items():
-        if isinstance(value, float):
-            value = f"{value:.4f}"
-        print(f"{key}: {value}")
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            print(f"{key}:")
+            for item in value:
+                print(f"  {item}")
+            continue
+        print(f"{key}: {_as_text(value)}")
+
+
+def _as_text(value: Any) -> str:
+    """One value of the text output: floats to 4 places, dicts flattened."""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_as_text(v)}" for k, v in value.items()) or "none"
+    if isinstance(value, list):
+        return ", ".join(_as_text(v) for v in value) or "none"
+    return "-" if value is None else str(value)
 
 
 # The columns of `teacher baselines`' text table: heading, result key, format.

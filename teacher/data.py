@@ -27,6 +27,7 @@ __all__ = [
     "holdout_types",
     "prepare",
     "stratified_split",
+    "trained_on",
 ]
 
 _FAMILY_COLUMN = {"nsl-kdd": "attack_family"}
@@ -225,6 +226,26 @@ def check_teacher_files(
                 "teacher on the file as it is now",
                 path=str(path),
             )
+
+
+def trained_on(files: dict[str, Any], provenance: dict[str, Any] | None) -> list[str]:
+    """The files of ``files`` (path -> sha256, as :attr:`Prepared.files`) whose
+    rows the teacher trained on, by digest, for a warning when one is scored whole.
+
+    Of a registered dataset with an official split only the files of role
+    ``train`` count (KDDTest+ is the test set, never trained on); otherwise every
+    file the provenance records held the training rows (an 80/10/10 split of it).
+    """
+    from flows.datasets import REGISTRY
+
+    recorded = (provenance or {}).get("files")
+    if not isinstance(recorded, dict):
+        return []
+    digests = {str(d) for d in recorded.values() if isinstance(d, str) and d}
+    spec = REGISTRY.get(str((provenance or {}).get("dataset")))
+    if spec is not None and spec.split == "official":
+        digests &= {f.sha256 for f in spec.files if f.role == "train"}
+    return [path for path, digest in files.items() if str(digest) in digests]
 
 
 def prepare(

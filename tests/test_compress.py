@@ -294,6 +294,31 @@ def test_eval_cli_scores_the_artifact_in_its_runtime(
     assert got["confusion"] == want["confusion"]
     for key in ("accuracy", "precision", "recall", "roc_auc", "fpr", "model_version"):
         assert key in got
+    # The file is the one the teacher (and so the student) trained on: said so.
+    assert len(got["warnings"]) == 1 and "trained on this file" in got["warnings"][0]
+
+
+def test_eval_cli_text_and_split_with_data(teacher_dir: Path, onnx_run,
+                                          capsys: pytest.CaptureFixture) -> None:
+    from compress.cli import main
+
+    out, _ = onnx_run
+    data = json.loads((teacher_dir / "provenance.json").read_text())["dataset"]
+    capsys.readouterr()
+
+    # --split picks rows of a --dataset; with --data it would be ignored.
+    assert main(["eval", "--artifact", str(out), "--data", data, "--split", "val",
+                 "--no-timing"]) == 2
+    assert "scored whole" in capsys.readouterr().err
+
+    assert main(["eval", "--artifact", str(out), "--data", data, "--no-timing"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    confusion = next(line.split(": ", 1)[1] for line in lines
+                     if line.strip().startswith("confusion:"))
+    counts = dict(part.split() for part in confusion.split(", "))
+    assert set(counts) == {"tn", "fp", "fn", "tp"}
+    assert sum(map(int, counts.values())) == 1600
+    assert any("warning:" in line and "trained on" in line for line in lines)
 
 
 def test_eval_cli_refuses_a_tampered_artifact(onnx_run, tmp_path: Path,

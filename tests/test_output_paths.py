@@ -272,6 +272,23 @@ def test_run_refuses_an_empty_outbox(tmp_path, capsys, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_run_refuses_an_empty_outbox_in_the_config(tmp_path, capsys, monkeypatch):
+    # The config's settings are judged as flags are: an empty name is not the
+    # default outbox (which may hold another run's escalations).
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "agent.toml"
+    config.write_text('[agent]\noutbox = "  "\n')
+
+    code, err = _agent(capsys, "run", "--config", str(config), "--artifact",
+                       str(tmp_path / "no-art"), "--source", "zeek:x.log", "--site",
+                       "s", "--gateway", "g")
+
+    assert code == 2
+    assert err == (f"error: outbox in config {config} is an empty file name; name "
+                   "the outbox file, or leave it out for the default\n")
+    assert sorted(os.listdir(tmp_path)) == ["agent.toml"]
+
+
 def test_calibrate_refuses_an_empty_out(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
 

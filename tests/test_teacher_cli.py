@@ -784,3 +784,63 @@ def test_tune_interrupted_writes_the_trials_that_finished(slices, tmp_path, caps
     rows = json.loads((tmp_path / "tune" / "tune.json").read_text())
     assert len(rows) == 1 and rows[0]["rank"] == 1
     assert capsys.readouterr().err.rstrip().endswith("error: interrupted")
+
+
+def test_eval_split_with_a_data_file_is_a_usage_error(checkpoint, slices, capsys):
+    # A --data file is scored whole; a --split other than 'all' would be ignored.
+    capsys.readouterr()
+    code = main(["eval", "--checkpoint", str(checkpoint), "--data", str(slices[1]),
+                 "--split", "test", "--no-timing", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--split test" in err and "scored whole" in err
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(slices[1]),
+                 "--split", "all", "--no-timing", "-q"]) == 0
+
+
+def test_eval_warns_when_the_data_file_is_the_training_file(checkpoint, slices,
+                                                           capsys):
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(slices[0]),
+                 "--no-timing", "--json", "-q"]) == 0
+    warnings = json.loads(capsys.readouterr().out).get("warnings", [])
+    assert len(warnings) == 1
+    assert str(slices[0].resolve()) in warnings[0] and "trained on" in warnings[0]
+
+    # Another file: no such warning.
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(slices[1]),
+                 "--no-timing", "--json", "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert not any("trained on" in w for w in out.get("warnings", []))
+
+
+def test_eval_text_output_names_each_count(checkpoint, slices, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(slices[1]),
+                 "--no-timing", "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    confusion = next(line for line in lines if line.startswith("confusion: "))
+    assert "{" not in confusion
+    counts = dict(part.split() for part in confusion[len("confusion: "):].split(", "))
+    assert set(counts) == {"tn", "fp", "fn", "tp"}
+    n = next(line for line in lines if line.startswith("n: "))
+    assert sum(int(v) for v in counts.values()) == int(n.split()[1])
+
+
+def test_trained_on_counts_only_the_files_that_held_training_rows():
+    from flows.datasets import REGISTRY
+    from teacher.data import trained_on
+
+    spec = REGISTRY["nsl-kdd"]
+    train = next(f for f in spec.files if f.role == "train")
+    test = next(f for f in spec.files if f.role == "test")
+    official = {"dataset": "nsl-kdd",
+                "files": {train.path: train.sha256, test.path: test.sha256}}
+    scored = {"/x/KDDTrain+.txt.gz": train.sha256, "/x/KDDTest+.txt": test.sha256}
+    # The official test file was never trained on.
+    assert trained_on(scored, official) == ["/x/KDDTrain+.txt.gz"]
+    # A teacher trained on a flow file (80/10/10 of it): every recorded file.
+    from_file = {"dataset": None, "files": {"/d/a.log": "aa", "/d/b.log": "bb"}}
+    assert trained_on({"/e/copy.log": "bb", "/e/other.log": "cc"}, from_file) == \
+        ["/e/copy.log"]
+    assert trained_on(scored, None) == [] and trained_on(scored, {"files": 3}) == []
