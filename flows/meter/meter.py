@@ -202,8 +202,10 @@ class PacketDamage:
 # not built; about 1.6e5-2e5 packets per CPU second (benchmarks/bench_meter.py).
 # ``service`` comes from flows.meter.service (the first payload bytes of each side).
 # TODO(gap): services past dns/http/ssl/dtls/ssh/ftp/ftp-data/smtp/pop3/ntp/dhcp/sip
-# (modbus, mysql, smb, irc, ...) stay null, and role flips that Zeek's analyzers
-# make mid-connection (e.g. NTP mode 4 seen first) are not made.
+# and mqtt/modbus/dnp3_tcp/dnp3_udp/smb/mysql/rdp (dce_rpc, irc, krb, ldap, snmp,
+# coap, ...) stay null, as do the names Zeek adds later in a connection (gssapi,
+# ntlm on SMB; only mysql,ssl is made); role flips that Zeek's analyzers make
+# mid-connection (e.g. NTP mode 4 seen first) are not made.
 class FlowMeter:
     """Turn packets into canonical conn records (see the module doc).
 

@@ -13,14 +13,42 @@ as the Python one.
 
 What is identified: dns (UDP/TCP 53, mDNS 5353, LLMNR 5355, NetBIOS name service
 137), http, ssl (TLS and SSLv2-compatible hellos), dtls, ssh, ftp, smtp, pop3,
-ntp, dhcp and sip (UDP). Each needs bytes that parse as the protocol; a port
-alone never names a service. Everything else stays ``None``. ``ftp-data`` comes
-from :class:`FtpData`: the data connections that FTP control connections
-announce (PORT/EPRT, 227/229), matched when they start.
+ntp, dhcp and sip (UDP), and the services an IoT gateway sees:
+
+- ``mqtt``: a whole MQTT 3.1 / 3.1.1 / 5 CONNECT from the originator, on any port
+  (Zeek finds MQTT by payload too); one that runs past the bytes kept counts
+  when the responder answers with a CONNACK.
+- ``modbus``: a whole Modbus/TCP message (MBAP header with protocol id 0, a
+  length that fits, a public function code whose fixed-size fields agree) from
+  either side, on port 502, the only place Zeek looks for Modbus.
+- ``dnp3_tcp`` / ``dnp3_udp``: a DNP3 link header (0x05 0x64, length >= 5,
+  header CRC right) and at least one byte after it, from either side, on port
+  20000. Zeek writes the name of the analyzer that confirmed, and the TCP and
+  UDP analyzers are two (its base scripts attach only the TCP one).
+- ``smb``: a NetBIOS session message holding an SMB1 (0xFF 'SMB') or SMB2/3
+  (0xFE 'SMB') header, from either side, on any port; on 139 and 445 NetBIOS
+  session requests, responses and keep-alives before it are passed over.
+- ``mysql``: the server's greeting (protocol version 10, a version string, the
+  fields after it) on 3306 or 1434; ``mysql,ssl`` when the client's first packet
+  is an SSL request followed by a TLS ClientHello, as Zeek writes it.
+- ``rdp``: an X.224 connection request in TPKT from the client answered by an
+  X.224 connection confirm, on 3389 or with an ``mstshash`` cookie.
+
+Each needs bytes that parse as the protocol; a port alone never names a
+service. Everything else stays ``None``. ``ftp-data`` comes from
+:class:`FtpData`: the data connections that FTP control connections announce
+(PORT/EPRT, 227/229), matched when they start. Where Zeek confirms a protocol
+only once a whole message has parsed (MQTT, Modbus, MySQL), a message cut short
+by the end of the connection names nothing.
 
 The checks are our own reading of the protocols' specifications (RFC 1035, 9110,
-8446, 6347, 4253, 959, 5321, 1939, 5905, 2131, 3261), not a translation of
-Zeek's analyzers.
+8446, 6347, 4253, 959, 5321, 1939, 5905, 2131, 3261; OASIS MQTT 3.1.1 and 5.0;
+the Modbus Application Protocol v1.1b3 and Modbus Messaging on TCP/IP v1.0b;
+IEEE 1815 (DNP3) for the link header and its CRC; RFC 1002 for NetBIOS
+sessions, MS-CIFS and MS-SMB2 for the headers; the MySQL client/server
+protocol's Handshake V10; RFC 1006 and ITU-T X.224 with MS-RDPBCGR for RDP), not
+a translation of Zeek's analyzers. The service names are the ones Zeek writes:
+its analyzers' names, lower-cased.
 """
 
 from __future__ import annotations
@@ -42,6 +70,11 @@ FTP_PORTS = frozenset((21, 2811))
 SMTP_PORTS = frozenset((25, 587))
 POP3_PORTS = frozenset((110,))
 _DHCP_PORTS = frozenset((67, 68))
+MODBUS_PORTS = frozenset((502,))
+DNP3_PORTS = frozenset((20000,))
+SMB_PORTS = frozenset((139, 445))
+MYSQL_PORTS = frozenset((1434, 3306))
+RDP_PORTS = frozenset((3389,))
 # First bytes a text protocol's message can start with (printable ASCII and
 # white space), and the letters a SIP message starts with; indexed by byte.
 _TEXT = tuple(0x20 <= i < 0x7F or i in (9, 10, 13) for i in range(256))
@@ -123,6 +156,9 @@ def _udp(orig_p: int, resp_p: int, orig: bytes | None, resp: bytes | None):
         _dtls_hello(orig, (1,)) or _dtls_hello(resp, (2, 3))
     ):
         return "dtls"
+    if (o0 == 0x05 or r0 == 0x05) and (resp_p in DNP3_PORTS or orig_p in DNP3_PORTS):
+        if _any(_dnp3_ok, orig, resp, 0):
+            return "dnp3_udp"
     return None
 
 
@@ -242,8 +278,9 @@ def _tcp(
         # DNS over TCP: each message behind a two-byte length.
         if _any(_dns_ok, orig, resp, 2):
             return "dns"
-    if not text:
-        return None
+    iot = _tcp_iot(orig_p, resp_p, orig, resp, o0, r0)
+    if iot is not None or not text:
+        return iot
     if _ftp(resp_p, orig, resp):
         return "ftp"
     if _smtp(resp_p, orig, resp):
@@ -336,6 +373,338 @@ def _pop3(resp_p: int, orig: bytes | None, resp: bytes | None) -> bool:
     if resp_p in POP3_PORTS:
         return ok or cmd
     return ok and cmd
+
+
+# -- IoT, industrial and LAN protocols over TCP ----------------------------------
+
+
+class _Cut(Exception):
+    """A message runs past the bytes kept (raised by :class:`_Reader`)."""
+
+
+class _Reader:
+    """Reads big-endian fields off the front of a message, raising :class:`_Cut`
+    at its end."""
+
+    __slots__ = ("b", "pos")
+
+    def __init__(self, b: bytes, pos: int = 0) -> None:
+        self.b = b
+        self.pos = pos
+
+    def take(self, n: int) -> bytes:
+        """The next ``n`` bytes."""
+        end = self.pos + n
+        if end > len(self.b):
+            raise _Cut
+        out = self.b[self.pos : end]
+        self.pos = end
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return int.from_bytes(self.take(2), "big")
+
+    def varint(self) -> int:
+        """An MQTT variable byte integer (1-4 bytes, low 7 bits first); -1 when
+        a fifth byte would be needed."""
+        value = 0
+        for shift in (0, 7, 14, 21):
+            byte = self.u8()
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+        return -1
+
+
+def _tcp_iot(
+    orig_p: int, resp_p: int, orig: bytes | None, resp: bytes | None, o0: int, r0: int
+) -> str | None:
+    """The IoT and LAN services, each gated by its first bytes or its port."""
+    if o0 == 0x10:
+        level = _mqtt_connect(orig)
+        if level and (level > 0 or _mqtt_connack(resp, -level)):
+            return "mqtt"
+
+    if resp_p in MODBUS_PORTS or orig_p in MODBUS_PORTS:
+        # The requests come from the side away from the port.
+        req, rep = (orig, resp) if resp_p in MODBUS_PORTS else (resp, orig)
+        if _modbus_adu(req, True) or _modbus_adu(rep, False):
+            return "modbus"
+
+    if (o0 == 0x05 or r0 == 0x05) and (resp_p in DNP3_PORTS or orig_p in DNP3_PORTS):
+        if _any(_dnp3_ok, orig, resp, 0):
+            return "dnp3_tcp"
+
+    if o0 in _NBSS_TYPES or r0 in _NBSS_TYPES:
+        smb_port = resp_p in SMB_PORTS or orig_p in SMB_PORTS
+        if _any(_smb_ok, orig, resp, smb_port):
+            return "smb"
+
+    if resp_p in MYSQL_PORTS and _mysql_greeting(resp):
+        return "mysql,ssl" if _mysql_ssl_request(orig) else "mysql"
+
+    if o0 == 0x03 and r0 == 0x03:
+        if _rdp(orig, resp, resp_p in RDP_PORTS):
+            return "rdp"
+    return None
+
+
+# MQTT (OASIS MQTT 3.1.1 section 3.1, MQTT 5.0 section 3.1; 3.1 is 3.1.1's
+# predecessor with the protocol name "MQIsdp"): protocol name -> levels.
+_MQTT_LEVELS = {b"MQTT": (4, 5), b"MQIsdp": (3,)}
+
+
+def _mqtt_connect(b: bytes | None) -> int:
+    """The protocol level of an MQTT CONNECT at the front of ``b``: positive when
+    the whole packet parsed, negative when it runs past the bytes kept with all
+    fields before that sane, 0 when it is no CONNECT (or was cut short by the
+    end of the connection)."""
+    if b is None or len(b) < 2 or b[0] != 0x10:
+        return 0
+    level = 0
+    head = _Reader(b, 1)
+    try:
+        remaining = head.varint()
+    except _Cut:
+        return 0
+    end = head.pos + remaining
+    if remaining < 12:  # the shortest CONNECT: "MQTT", level 4, no client id
+        return 0
+
+    # Fields are read inside the packet only: one running past its end is cut.
+    r = _Reader(b[:end], head.pos)
+    try:
+        name = r.take(r.u16())
+        level = r.u8()
+        if level not in _MQTT_LEVELS.get(name, ()):
+            return 0
+        flags = r.u8()
+        if not _mqtt_flags_ok(flags, level):
+            return 0
+        r.u16()  # keep alive
+        if level == 5:
+            r.take(_varint_ok(r.varint()))  # CONNECT properties
+        r.take(r.u16())  # client identifier
+        if flags & 0x04:
+            if level == 5:
+                r.take(_varint_ok(r.varint()))  # will properties
+            r.take(r.u16())  # will topic
+            r.take(r.u16())  # will payload
+        if flags & 0x80:
+            r.take(r.u16())  # user name
+        if flags & 0x40:
+            r.take(r.u16())  # password
+    except _Cut:
+        past_kept = end > len(b) >= HEAD_BYTES
+        return -level if level and past_kept else 0
+    except ValueError:
+        return 0
+    return level if r.pos == end else 0
+
+
+def _varint_ok(n: int) -> int:
+    """``n`` from :meth:`_Reader.varint`, refused when it was malformed."""
+    if n < 0:
+        raise ValueError("an MQTT variable byte integer longer than 4 bytes")
+    return n
+
+
+def _mqtt_flags_ok(flags: int, level: int) -> bool:
+    """CONNECT flags: reserved bit clear, will QoS below 3, will QoS and retain
+    only with a will, and (before MQTT 5) a password only with a user name."""
+    if flags & 0x01 or (flags >> 3) & 3 == 3:
+        return False
+    if not flags & 0x04 and flags & 0x38:
+        return False
+    return level == 5 or not (flags & 0x40 and not flags & 0x80)
+
+
+def _mqtt_connack(b: bytes | None, level: int) -> bool:
+    """An MQTT CONNACK: acknowledge flags 0/1 and a return code (3.1, 3.1.1: 0-5,
+    remaining length 2) or a reason code (5: success or 0x80 and up, then
+    properties)."""
+    if b is None or len(b) < 4 or b[0] != 0x20 or b[2] > 1:
+        return False
+    if level == 5:
+        return b[1] >= 3 and (b[3] == 0 or b[3] >= 0x80)
+    return b[1] == 2 and b[3] <= 5
+
+
+# Modbus public function codes (Modbus Application Protocol v1.1b3, section 5.1).
+_MODBUS_FUNCS = frozenset((1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 15, 16, 17, 20, 21, 22))
+_MODBUS_FUNCS |= {23, 24, 43}
+# Requests whose data is two 16-bit fields (address, quantity or value).
+_MODBUS_FIXED = frozenset((1, 2, 3, 4, 5, 6))
+# Most coils / registers a read may ask for, by function code (section 6).
+_MODBUS_MAX_READ = {1: 2000, 2: 2000, 3: 125, 4: 125}
+_MODBUS_EXCEPTIONS = frozenset((1, 2, 3, 4, 5, 6, 8, 10, 11))
+
+
+def _modbus_adu(b: bytes | None, request: bool) -> bool:
+    """A whole Modbus/TCP message at the front of ``b``: MBAP header (transaction
+    id, protocol id 0, length of unit id and PDU, unit id) then a function code,
+    with the data that function code pins down agreeing with the length."""
+    if b is None or len(b) < 8 or b[2] or b[3]:
+        return False
+    length = (b[4] << 8) | b[5]
+    if not 2 <= length <= 254 or len(b) < 6 + length:
+        return False
+
+    fc = b[7]
+    data = b[8 : 6 + length]
+    if fc & 0x80 and not request:
+        code_ok = len(data) == 1 and data[0] in _MODBUS_EXCEPTIONS
+        return fc & 0x7F in _MODBUS_FUNCS and code_ok
+    if fc not in _MODBUS_FUNCS:
+        return False
+    if request:
+        return _modbus_request_data(fc, data)
+    return _modbus_response_data(fc, data)
+
+
+def _modbus_request_data(fc: int, data: bytes) -> bool:
+    """A request's data after function code ``fc``, where the code fixes it."""
+    if fc in _MODBUS_FIXED:
+        if len(data) != 4:
+            return False
+        value = (data[2] << 8) | data[3]
+        if fc in _MODBUS_MAX_READ:
+            return 1 <= value <= _MODBUS_MAX_READ[fc]
+        return fc == 6 or value in (0, 0xFF00)
+    if fc in (15, 16):  # write multiple coils / registers: count, bytes, values
+        if len(data) < 6:
+            return False
+        quantity = (data[2] << 8) | data[3]
+        want = (quantity + 7) // 8 if fc == 15 else 2 * quantity
+        return quantity > 0 and data[4] == want == len(data) - 5
+    return True
+
+
+def _modbus_response_data(fc: int, data: bytes) -> bool:
+    """A reply's data after function code ``fc``, where the code fixes it."""
+    if fc in _MODBUS_MAX_READ:  # a byte count, then that many bytes
+        ok = len(data) >= 2 and data[0] == len(data) - 1
+        return ok and (fc <= 2 or data[0] % 2 == 0)
+    if fc in (5, 6, 15, 16):  # the request's address and value / quantity echoed
+        return len(data) == 4
+    return True
+
+
+def _dnp3_crc_step(crc: int) -> int:
+    """Eight bit steps of DNP3's CRC-16: polynomial 0x3D65 taken bit-reversed
+    (0xA6BC), as the data link layer shifts bits in low first."""
+    for _ in range(8):
+        crc = (crc >> 1) ^ 0xA6BC if crc & 1 else crc >> 1
+    return crc
+
+
+_DNP3_CRC_TABLE = tuple(_dnp3_crc_step(i) for i in range(256))
+
+
+def _dnp3_crc(data: bytes) -> int:
+    """DNP3's CRC-16 (IEEE 1815 data link layer), a byte at a time; the result
+    is complemented."""
+    crc = 0
+    for byte in data:
+        crc = (crc >> 8) ^ _DNP3_CRC_TABLE[(crc ^ byte) & 0xFF]
+    return ~crc & 0xFFFF
+
+
+def _dnp3_ok(b: bytes, _: int) -> bool:
+    """A DNP3 link header: start bytes 0x05 0x64, a length of at least 5 (control
+    and addresses), the header CRC (low byte first), and one byte past it, which
+    Zeek waits for before it confirms."""
+    if len(b) < 11 or b[0] != 0x05 or b[1] != 0x64 or b[2] < 5:
+        return False
+    return _dnp3_crc(b[:8]) == b[8] | (b[9] << 8)
+
+
+# NetBIOS session service packet types (RFC 1002 section 4.3.1): message,
+# request, positive and negative response, retarget, keep-alive.
+_NBSS_TYPES = frozenset((0x00, 0x81, 0x82, 0x83, 0x84, 0x85))
+
+
+def _smb_ok(b: bytes, smb_port: bool) -> bool:
+    """An SMB header inside a NetBIOS session message; on the SMB ports other
+    session packets may come first."""
+    pos = 0
+    while pos + 4 <= len(b):
+        kind = b[pos]
+        if kind not in _NBSS_TYPES or b[pos + 1] & 0xFE:
+            return False
+        length = ((b[pos + 1] & 1) << 16) | (b[pos + 2] << 8) | b[pos + 3]
+        if kind == 0x00:
+            return _smb_header(b[pos + 4 : pos + 4 + length], length)
+        if not smb_port:
+            return False
+        pos += 4 + length
+    return False
+
+
+def _smb_header(h: bytes, length: int) -> bool:
+    """An SMB1 header (MS-CIFS 2.2.3.1: 32 bytes, then the word count) or an
+    SMB2/3 header (MS-SMB2 2.2.1: 64 bytes, structure size 64)."""
+    if h[:4] == b"\xffSMB":
+        return length >= 33 and len(h) >= 33
+    if h[:4] == b"\xfeSMB":
+        return length >= 64 and len(h) >= 64 and h[4:6] == b"\x40\x00"
+    return False
+
+
+_MYSQL_VERSION = re.compile(rb"[0-9][!-~]{0,79}\x00")
+
+
+def _mysql_greeting(b: bytes | None) -> bool:
+    """A MySQL server greeting (Handshake V10): packet length (3 bytes, low
+    first) and sequence 0, protocol version 10, a version string ending in NUL,
+    connection id (4), auth data part 1 (8), a zero filler byte, and the whole
+    packet (or all the bytes kept) inside the stated length."""
+    if b is None or len(b) < 5 or b[3] != 0 or b[4] != 10:
+        return False
+    length = b[0] | (b[1] << 8) | (b[2] << 16)
+    m = _MYSQL_VERSION.match(b, 5)
+    if m is None:
+        return False
+
+    filler = m.end() + 12
+    if length < filler - 3 or (len(b) < 4 + length and len(b) < HEAD_BYTES):
+        return False
+    return filler >= len(b) or b[filler] == 0
+
+
+def _mysql_ssl_request(b: bytes | None) -> bool:
+    """A MySQL SSL request (32 bytes, sequence 1, CLIENT_SSL among the
+    capabilities) followed at once by a TLS ClientHello."""
+    if b is None or len(b) < 36 + 11 or b[:4] != b"\x20\x00\x00\x01":
+        return False
+    caps = int.from_bytes(b[4:8], "little")
+    return bool(caps & 0x0800) and _tls_hello(b[36:], 1)
+
+
+def _x224(b: bytes | None, code: int) -> bool:
+    """A TPKT (RFC 1006: version 3, reserved 0, length) holding an X.224
+    connection TPDU of ``code`` (0xE0 request, 0xD0 confirm): its length
+    indicator matching the packet, destination reference 0 on a request, class
+    0 options."""
+    if b is None or len(b) < 11 or b[0] != 3 or b[1] != 0:
+        return False
+    length = (b[2] << 8) | b[3]
+    if length < 11 or b[4] != length - 5 or b[5] & 0xF0 != code:
+        return False
+    if code == 0xE0 and b[6:8] != b"\x00\x00":
+        return False
+    return b[10] & 0xF0 == 0
+
+
+def _rdp(orig: bytes | None, resp: bytes | None, rdp_port: bool) -> bool:
+    """RDP's connection setup: the client's X.224 connection request answered by
+    the server's confirm, on the RDP port or with the client's mstshash cookie."""
+    if not (_x224(orig, 0xE0) and _x224(resp, 0xD0)):
+        return False
+    return rdp_port or orig[11:28] == b"Cookie: mstshash="
 
 
 # -- FTP data connections -------------------------------------------------------
