@@ -12,13 +12,18 @@ It is not an edge target: the gateway never runs torch; ``compress eval`` does n
 load it. Load it with :func:`load_program`: the program calls the
 ``quantized_decomposed`` ops, which ``torch.export.load`` cannot resolve until
 torchao (or ``torch.ao.quantization``) has registered them in the process.
+
+The re-scorer serves such an artifact (``teacher serve --checkpoint ARTIFACT``):
+:func:`load_int8_teacher` checks the folder against its manifest and gives an
+:class:`Int8Teacher`, which has the interface ``teacher serve`` uses of a teacher
+checkpoint. It lives here, beside :func:`torch_int8_artifact`, so that the code
+that writes the folder and the code that reads it back change together.
 """
 
 from __future__ import annotations
 
-# TODO(gap): `teacher serve` cannot load a torch-int8 artifact (it takes checkpoints
-# only), so the re-scorer still runs the fp32 teacher; on this CPU int8 is slower.
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -32,12 +37,20 @@ import torch
 
 from compress import logger
 from compress.artifact import portable_path, write_manifest, write_thresholds
-from flows.errors import ExportError
+from flows.errors import BadInputError, ExportError, ModelError, one_line
 
-__all__ = ["load_program", "quantize_teacher", "save_program", "torch_int8_artifact"]
+__all__ = [
+    "Int8Teacher",
+    "load_int8_teacher",
+    "load_program",
+    "quantize_teacher",
+    "save_program",
+    "torch_int8_artifact",
+]
 
 
 MAX_BATCH = 1 << 16
+TARGET = "torch-int8"
 
 
 def _batch_dims() -> dict[str, dict[int, Any]]:
@@ -74,6 +87,29 @@ def _inc_quiet() -> Iterator[None]:
         else:
             os.environ["LOGLEVEL"] = saved
         logging.getLogger("neural_compressor").setLevel(level)
+
+
+@contextlib.contextmanager
+def _torch_quiet(*names: str) -> Iterator[None]:
+    """Only errors of the loggers ``names`` reach the terminal, unless ``-v``.
+
+    torchao's first import warns about GPU kernels a CPU host lacks (three lines,
+    and a deprecation from torch's pytree); ``torch.export.load`` logs the
+    traceback of its first try at a file that is no program before it raises.
+    Our own error line says what matters, so a re-scorer starts without them.
+    """
+    if logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [one.level for one in loggers]
+    for one in loggers:
+        one.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for one, level in zip(loggers, saved, strict=True):
+            one.setLevel(level)
 
 
 def quantize_teacher(
@@ -170,13 +206,21 @@ def load_program(path: Path) -> Any:
     Registers the ``quantized_decomposed`` quantize/dequantize ops first (importing
     torchao's PT2E package does); without them loading fails in a fresh process.
     """
-    import torchao.quantization.pt2e  # noqa: F401  (registers quantized_decomposed)
-
     try:
-        return torch.export.load(str(path)).module()
+        with _torch_quiet("torchao", "torch.utils._pytree"):
+            import torchao.quantization.pt2e  # noqa: F401  (registers the ops)
+    except ImportError as exc:
+        raise ModelError(
+            f"{path}: a torch-int8 program needs torchao to load ({exc}); install "
+            "gatewatch[compress]"
+        ) from exc
+    try:
+        with _torch_quiet("torch.export"):
+            return torch.export.load(str(path)).module()
     except Exception as exc:
-        raise ExportError(f"{path}: cannot load the torch-int8 program: {exc}") \
-            from exc
+        raise ExportError(
+            f"{path}: cannot load the torch-int8 program: {one_line(exc)}"
+        ) from exc
 
 
 def torch_int8_artifact(ctx: Any, folder: Path) -> Path:
@@ -214,7 +258,7 @@ def torch_int8_artifact(ctx: Any, folder: Path) -> Path:
     W, F = ctx.prep.window, ctx.prep.n_features
     gate_ok = val_m["f1"] >= ctx.teacher_val["f1"] - ctx.cfg.max_f1_drop
     fields = {
-        "target": "torch-int8",
+        "target": TARGET,
         "model_file": "model.pt2",
         "params": int(sum(p.numel() for p in net.parameters())),
         "student": {"kind": "teacher", "config": ctx.teacher.config.to_dict()},
@@ -249,3 +293,193 @@ def torch_int8_artifact(ctx: Any, folder: Path) -> Path:
     logger.info("torch-int8: val F1 %.4f (fp32 %.4f)", val_m["f1"],
                 info["float_val_f1"])
     return folder
+
+
+class Int8Teacher:
+    """A torch-int8 artifact loaded for the re-scorer (:func:`load_int8_teacher`).
+
+    It offers what ``teacher serve`` uses of a loaded teacher checkpoint:
+    ``config`` (``window`` and ``n_features``), ``threshold`` (the artifact's
+    decision threshold, from thresholds.json), ``version``, ``device`` and
+    :meth:`predict_proba`, which runs the int8 program on the CPU. ``version``
+    names the artifact: ``torch-int8:sha256:`` and the first 16 hex digits of the
+    sha256 of its manifest.json, which holds the sha256 of every other file, so
+    another model, encoder or threshold is another version.
+    """
+
+    batch_size = 4096  # windows per call of the program
+
+    def __init__(
+        self,
+        program: Any,
+        *,
+        folder: Path,
+        manifest: dict[str, Any],
+        encoder: Any,
+        thresholds: dict[str, float],
+        version: str,
+    ) -> None:
+        self.program = program
+        self.path = folder
+        self.manifest = manifest
+        self.encoder = encoder
+        self.thresholds = thresholds
+        self.threshold = float(thresholds["decision"])
+        self.version = version
+        self.config = {"window": int(encoder.window),
+                       "n_features": int(encoder.n_features)}
+        self.device = torch.device("cpu")
+
+    def predict_proba(self, windows: Any) -> np.ndarray:
+        """Probability of anomaly ``float32 [B]`` for windows ``[B, W, F]`` (higher
+        means more anomalous): the sigmoid of the program's logit, computed as
+        ``compress run`` measured it."""
+        arr = np.ascontiguousarray(windows, dtype=np.float32)
+        want = (self.config["window"], self.config["n_features"])
+        if arr.ndim != 3 or tuple(arr.shape[1:]) != want:
+            raise BadInputError(
+                f"windows must have shape [B, {want[0]}, {want[1]}], "
+                f"got {list(arr.shape)}"
+            )
+
+        if len(arr) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return _probs(self.program, arr, self.batch_size)
+
+
+def load_int8_teacher(folder: str | os.PathLike[str]) -> Int8Teacher:
+    """A torch-int8 artifact folder, checked against its manifest, to serve.
+
+    Refused with ModelError (exit 1), naming the file: a manifest that cannot be
+    read or is of another target; a file missing, or whose sha256 differs from the
+    manifest's; thresholds that are not ordered scores in 0..1; an encoder whose
+    windows are not the program's input; a program that cannot be loaded, or that
+    no longer scores the manifest's probe windows as ``compress run`` measured.
+    """
+    from edge_agent.runtime import verify_files
+
+    path = Path(folder)
+    manifest_path = path / "manifest.json"
+    raw = _read_bytes(manifest_path)
+    manifest = _int8_manifest(raw, manifest_path)
+
+    # Every file as compress wrote it, then what each one holds.
+    verify_files(path, manifest)
+    thresholds = _artifact_thresholds(path / "thresholds.json")
+    encoder = _fitting_encoder(path / "encoder.json", manifest, manifest_path)
+    program = load_program(path / str(manifest["model_file"]))
+
+    version = "torch-int8:sha256:" + hashlib.sha256(raw).hexdigest()[:16]
+    teacher = Int8Teacher(program, folder=path, manifest=manifest, encoder=encoder,
+                          thresholds=thresholds, version=version)
+    _check_probe(teacher, path / str(manifest["model_file"]), manifest_path)
+    logger.info("loaded torch-int8 teacher %s from %s (W=%d, F=%d, threshold %.4f)",
+                version, path, teacher.config["window"],
+                teacher.config["n_features"], teacher.threshold)
+    return teacher
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The bytes of one file of the artifact; ModelError naming it if unreadable."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path}: no such file; a torch-int8 artifact folder "
+                         "holds manifest.json, model.pt2, encoder.json and "
+                         "thresholds.json") from exc
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _int8_manifest(raw: bytes, path: Path) -> dict[str, Any]:
+    """The parsed manifest, if it is a torch-int8 one with an input [None, W, F]."""
+    expected = (f"expected the JSON object compress run --target {TARGET} writes "
+                "(target, model_file, input, sha256)")
+    try:
+        manifest = json.loads(raw)
+    except (RecursionError, ValueError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc}); {expected}") from exc
+    if not isinstance(manifest, dict):
+        raise ModelError(f"{path}: a JSON {type(manifest).__name__}; {expected}")
+    missing = [k for k in ("target", "model_file", "input", "sha256")
+               if k not in manifest]
+    if missing:
+        raise ModelError(f"{path}: lacks {', '.join(missing)}; {expected}")
+
+    target = manifest["target"]
+    if target != TARGET:
+        raise ModelError(
+            f"{path}: target {str(target)[:40]!r}, not {TARGET!r}: teacher serve "
+            f"takes a teacher checkpoint or a {TARGET} artifact (an edge artifact "
+            "is for edge-agent run)")
+
+    shape = manifest["input"].get("shape") if isinstance(manifest["input"], dict) \
+        else None
+    sizes = shape[1:] if isinstance(shape, list) and len(shape) == 3 else []
+    if not sizes or not all(type(n) is int and n >= 1 for n in sizes):
+        raise ModelError(f"{path}: input shape {str(shape)[:40]} is not "
+                         "[null, W, F] with W and F whole numbers >= 1")
+    return manifest
+
+
+def _artifact_thresholds(path: Path) -> dict[str, float]:
+    """decision, escalate_low and alert of thresholds.json, checked as the agent
+    checks them; ModelError naming the file otherwise."""
+    from edge_agent.agent import read_thresholds_file
+
+    try:
+        return read_thresholds_file(path)
+    except BadInputError as exc:
+        raise ModelError(str(exc)) from exc
+
+
+def _fitting_encoder(path: Path, manifest: dict[str, Any], manifest_path: Path) -> Any:
+    """The artifact's encoder, if its windows are the program's input."""
+    from teacher.checkpoint import load_encoder
+
+    try:
+        text = _read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{path}: not UTF-8 text ({exc})") from exc
+    encoder = load_encoder(text, source=str(path))
+
+    made = (int(encoder.window), int(encoder.n_features))
+    taken = tuple(manifest["input"]["shape"][1:])
+    if made != taken:
+        raise ModelError(
+            f"{path} does not fit {manifest_path.name}: the encoder makes windows "
+            f"of {made[0]} x {made[1]} features (window x n_features), the int8 "
+            f"model takes {taken[0]} x {taken[1]}; the artifact is damaged or its "
+            "files come from different artifacts")
+    return encoder
+
+
+def _check_probe(teacher: Int8Teacher, model_path: Path, manifest_path: Path) -> None:
+    """ModelError unless the program scores the manifest's probe windows (one
+    plain window when it has none) as compress measured, within its ``atol``."""
+    probe = teacher.manifest.get("probe")
+    window, features = teacher.config["window"], teacher.config["n_features"]
+    try:
+        windows = np.asarray(probe["windows"], dtype=np.float32)
+        expected = np.asarray(probe["expected"], dtype=np.float64).reshape(-1)
+        atol = float(probe.get("atol", 1e-3))
+        if windows.shape != (len(expected), window, features) or not len(expected):
+            raise ValueError(f"{len(expected)} scores for windows of shape "
+                             f"{list(windows.shape)}")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if probe is not None:
+            raise ModelError(f"{manifest_path}: its probe is malformed ({exc}); "
+                             "expected windows [N, W, F] and N expected scores") \
+                from exc
+        windows, expected, atol = np.zeros((1, window, features), np.float32), None, 0
+
+    try:
+        got = teacher.predict_proba(windows).astype(np.float64)
+    except Exception as exc:  # the program's own errors, whatever their type
+        raise ModelError(f"{model_path}: the int8 program cannot score windows of "
+                         f"{window} x {features}: {one_line(exc)}") from exc
+    if expected is not None and not np.all(np.abs(got - expected) <= atol):
+        raise ModelError(
+            f"{model_path} scores the probe windows of {manifest_path.name} as "
+            f"{np.round(got, 6).tolist()}, not {np.round(expected, 6).tolist()} "
+            f"(within {atol:g}) as compress measured; the artifact is damaged")

@@ -73,6 +73,14 @@ saying how many.
 Against a broker that speaks only MQTT 3.1.1 (amqtt) there are no shared
 subscriptions: run one re-scorer there.
 
+``--checkpoint`` also takes a torch-int8 artifact folder (``compress run --target
+torch-int8``), told from a checkpoint by the manifest.json it holds: the re-scorer
+then scores with its int8 program, its encoder's window shape and its decision
+threshold (:class:`compress.inc.Int8Teacher`), and its verdicts carry
+``torch-int8:sha256:<manifest sha256, 16 digits>`` as ``teacher_version``. An
+artifact of another target, a file missing or changed since the manifest was
+written, or an encoder that does not fit is refused at start (exit 1).
+
 ``teacher alerts`` queries the store by time, gateway and decision; a damaged row is
 listed with its damaged fields marked, and the command exits 4. It never writes the
 store: one in a folder that cannot be written (a WAL-mode copy on a read-only mount)
@@ -387,7 +395,24 @@ def teacher_version(teacher: Any) -> str:
     return "unknown"
 
 
+def load_served_teacher(path: str | Path, allow_unverified: bool | None) -> Any:
+    """What ``--checkpoint`` names, loaded: a torch-int8 artifact folder (one that
+    holds manifest.json) as :class:`compress.inc.Int8Teacher`, else a teacher
+    checkpoint folder (``allow_unverified`` applies to checkpoints only: an
+    artifact is always checked against its manifest). ModelError when unusable."""
+    folder = Path(path)
+    manifest = folder / "manifest.json"
+    if manifest.exists() or manifest.is_symlink():
+        from compress.inc import load_int8_teacher
+
+        return load_int8_teacher(folder)
+    from teacher.checkpoint import load_teacher
+
+    return load_teacher(path, allow_unverified=allow_unverified)
+
+
 def _window_shape(teacher: Any) -> tuple[int, int]:
+    """(window, n_features) of the windows ``teacher`` scores."""
     config = teacher.config
     if isinstance(config, dict):
         return int(config["window"]), int(config["n_features"])
@@ -1224,9 +1249,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     at the first one, leaving what it did not store unacknowledged at the broker),
     when any escalation ended ``failed`` (a fault of the re-scorer; the ids are in
     the log), or when the counters could not be written to ``--stats-json``.
+    ``--checkpoint`` is a checkpoint or a torch-int8 artifact folder
+    (:func:`load_served_teacher`).
     """
-    from teacher.checkpoint import load_teacher
-
     _check_stats_path(args.stats_json)
     check_client_id(args.client_id)
     check_broker(args.broker)
@@ -1239,7 +1264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tls = _check_tls(args)
     password = _password(args)
     _logging(args)
-    teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
+    teacher = load_served_teacher(args.checkpoint, args.allow_unverified)
     _set_threads(teacher, args.threads)
     _check_teacher_scores(teacher, args.checkpoint)
     store = AlertStore(args.store)
@@ -1325,7 +1350,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _check_teacher_scores(teacher: Any, checkpoint: str) -> None:
     """ModelError (exit 1) unless the teacher gives finite probabilities in 0..1
     on plain windows (all 0, all 0.5, all 1): a checkpoint with NaN weights
-    would otherwise serve for hours and score nothing."""
+    would otherwise serve for hours and score nothing. Run on a loaded checkpoint
+    and on a loaded torch-int8 artifact alike."""
     width, features = _window_shape(teacher)
     windows = np.stack(
         [np.full((width, features), v, np.float32) for v in (0.0, 0.5, 1.0)]
@@ -1831,12 +1857,25 @@ def _logging(args: argparse.Namespace) -> None:
 
 SERVE_DESCRIPTION = """\
 Re-score the gateways' escalations with the teacher: keep each in the alert
-store and answer it with a verdict over MQTT."""
+store and answer it with a verdict over MQTT. The teacher is a checkpoint
+(teacher train) or its int8 version (compress run --target torch-int8)."""
 ALERTS_DESCRIPTION = """\
 List what an alert store holds: the escalations with their verdicts, oldest
 first, or (--rejected) the messages the re-scorer rejected."""
 
 SERVE_EPILOG = f"""\
+teacher:
+  --checkpoint DIR is a teacher checkpoint folder, or a torch-int8 artifact
+  folder (compress run --target torch-int8), told apart by the manifest.json
+  an artifact holds. An artifact is scored with its int8 program on the CPU,
+  its encoder's window shape and its decision threshold (thresholds.json);
+  its verdicts carry teacher_version torch-int8:sha256:HEX (the first 16 hex
+  digits of the sha256 of its manifest.json), also on the "serving:" line.
+  Every file is checked against the manifest's sha256 at start, and the
+  program must score the manifest's probe windows as compress measured them.
+  A file missing or changed, an artifact of another target (an edge one) or
+  an encoder that does not fit the model: refused at start, exit 1.
+
 client id:
   the broker keeps this re-scorer's MQTT session (its share of the
   escalations while it is away) under its client id, and lets only one
@@ -1870,7 +1909,10 @@ exit codes:
   {EXIT_FAILURE}    failure: the alert store refused a write (the re-scorer stops
        at the first one); escalations ended "failed" (a fault of the
        re-scorer; the summary counts them, the log holds their ids); a
-       checkpoint that cannot be loaded; --stats-json not written
+       checkpoint or torch-int8 artifact that cannot be loaded (a file
+       missing or whose sha256 differs from checksums.json or the
+       manifest, another target, an encoder that does not fit);
+       --stats-json not written
   {EXIT_USAGE}    usage: bad flags, checked before the teacher is loaded (a share
        group, a client id or a broker URL MQTT cannot carry, a broker
        port outside 1..65535, credentials both in the URL and by
@@ -1879,7 +1921,7 @@ exit codes:
        no default client id free ({MAX_CLIENT_ID_SLOTS} re-scorers of the group
        on this host) or its lock folder not usable
   {EXIT_BAD_INPUT}    bad input: --store is not an alert store (an agent outbox,
-       say); a checkpoint without checksums.json or whose files differ
+       say); a checkpoint without checksums.json
   {EXIT_UNAVAILABLE}    broker: cannot reach the MQTT broker, or it refused us
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C), after storing and answering what came
 """
@@ -1943,7 +1985,13 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--checkpoint", required=True, type=Path, help="teacher checkpoint (required)"
+        "--checkpoint",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="teacher checkpoint folder, or a torch-int8 artifact folder from "
+        "compress run --target torch-int8 (one holding manifest.json; see "
+        "teacher below) (required)",
     )
     from teacher.cli import add_allow_unverified
 
