@@ -233,6 +233,10 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
                    help="what a made-up anomaly swaps: single feature columns "
                         "(default) or whole input fields, a categorical field's "
                         "one-hot block at once")
+    p.add_argument("--outlier-donors", choices=("any", "malicious"), default=None,
+                   help="windows a made-up anomaly takes its swapped-in features "
+                        "from: any window of the batch (default) or its malicious "
+                        "ones only")
     p.add_argument("--type-power", type=real(0, 1), default=None,
                    help="the malicious half of balanced sampling shared among "
                         "attack types by (type rows)^P: 1 as the data holds them "
@@ -534,7 +538,8 @@ def _train_config(args: argparse.Namespace, **defaults: Any) -> Any:
               max_minutes=args.max_minutes)
     for name in ("lr", "weight_decay", "batch_size", "input_noise", "label_smoothing",
                  "ema", "feature_dropout", "stop_on", "stop_rows", "schedule",
-                 "keep", "outliers", "outlier_swap", "outlier_unit", "type_power"):
+                 "keep", "outliers", "outlier_swap", "outlier_unit", "outlier_donors",
+                 "type_power"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return TrainConfig(**kw)

@@ -78,6 +78,10 @@ class TrainConfig:
     training rows' joint distribution is not taken for benign. ``outlier_unit``
     "field" swaps whole input fields (a categorical field's one-hot block at
     once, so the made-up windows stay validly encoded) instead of single columns.
+    ``outlier_donors`` "malicious" takes the swapped-in features from the batch's
+    malicious windows only, so that a made-up anomaly is a window with some of an
+    attack's features, never a mix of benign windows ("any", the default, takes
+    them from every window).
     """
 
     epochs: int = 50
@@ -106,6 +110,7 @@ class TrainConfig:
     outliers: float = 0.0
     outlier_swap: float = 0.3
     outlier_unit: str = "column"
+    outlier_donors: str = "any"
 
     def __post_init__(self) -> None:
         problems = []
@@ -123,6 +128,8 @@ class TrainConfig:
             problems.append("keep must be 'best' or 'last'")
         if self.outlier_unit not in ("column", "field"):
             problems.append("outlier_unit must be 'column' or 'field'")
+        if self.outlier_donors not in ("any", "malicious"):
+            problems.append("outlier_donors must be 'any' or 'malicious'")
         if not 0.0 <= self.type_power <= 1.0:
             problems.append("type_power must be in [0, 1]")
         if self.type_power != 1.0 and (self.smote or not self.balance):
@@ -298,16 +305,22 @@ def _with_outliers(
     share: float,
     swap: float,
     fields: torch.Tensor | None = None,
+    donors_from: str = "any",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch with its first ``share`` of windows made anomalies (see
     TrainConfig.outliers): ``swap`` of each one's features (the same ones at every
     step of the window) replaced by another window's, and the label set to 1.
     With ``fields`` (the input field of each feature column, int64 ``[F]``) whole
-    fields are swapped: ``swap`` of the fields, every column of a chosen one."""
+    fields are swapped: ``swap`` of the fields, every column of a chosen one.
+    ``donors_from`` "malicious" draws the donor windows among those labelled 1
+    (any window when the batch holds none)."""
     n = int(round(share * x.shape[0]))
     if n == 0:
         return x, target
-    donors = x[torch.randint(0, x.shape[0], (n,), device=x.device)]
+    pool = torch.arange(x.shape[0], device=x.device)
+    if donors_from == "malicious" and bool((target > 0.5).any()):
+        pool = pool[target > 0.5]
+    donors = x[pool[torch.randint(0, len(pool), (n,), device=x.device)]]
     if fields is None:
         taken = torch.rand(n, 1, x.shape[2], device=x.device) < swap
     else:
@@ -469,7 +482,7 @@ def fit(
             target = torch.from_numpy(y_tr[mine].astype(np.float32)).to(device)
             if tc.outliers > 0:
                 x, target = _with_outliers(x, target, tc.outliers, tc.outlier_swap,
-                                           fields)
+                                           fields, tc.outlier_donors)
             if tc.input_noise > 0:
                 x = x + tc.input_noise * torch.randn_like(x)
             if tc.feature_dropout > 0:

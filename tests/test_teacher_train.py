@@ -139,6 +139,33 @@ def test_outliers_relabel_a_share_of_the_batch_with_features_of_other_windows():
         assert donor, "every swapped feature comes from one other window"
 
 
+def test_outlier_donors_malicious_swaps_in_features_of_malicious_windows_only():
+    torch.manual_seed(0)
+    x = torch.arange(40 * 2 * 50, dtype=torch.float32).reshape(40, 2, 50)
+    target = torch.zeros(40)
+    target[30:] = 1.0  # windows 30-39 malicious
+    out, labels = _with_outliers(x, target, 0.25, 0.5, donors_from="malicious")
+
+    assert labels[:10].tolist() == [1.0] * 10 and torch.equal(labels[10:],
+                                                             target[10:])
+    assert torch.equal(out[10:], x[10:])
+    changed = (out[:10] != x[:10]).any(dim=1)
+    assert changed.any(dim=1).all()
+    for i in range(10):
+        donors = [j for j in range(40)
+                  if torch.equal(out[i][:, changed[i]], x[j][:, changed[i]])]
+        assert donors and all(j >= 30 for j in donors)
+
+    # The default draws donors as before: the same windows, the same RNG use.
+    torch.manual_seed(0)
+    a, _ = _with_outliers(x, target, 0.25, 0.5)
+    torch.manual_seed(0)
+    b, _ = _with_outliers(x, target, 0.25, 0.5, donors_from="any")
+    assert torch.equal(a, b)
+    with pytest.raises(UsageError, match="outlier_donors"):
+        TrainConfig(outlier_donors="benign")
+
+
 def test_type_power_is_refused_without_balanced_sampling():
     with pytest.raises(UsageError, match="type_power"):
         TrainConfig(type_power=0.5, balance=False)
