@@ -233,10 +233,11 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
                    help="what a made-up anomaly swaps: single feature columns "
                         "(default) or whole input fields, a categorical field's "
                         "one-hot block at once")
-    p.add_argument("--outlier-donors", choices=("any", "malicious"), default=None,
+    p.add_argument("--outlier-donors", choices=("any", "malicious", "benign"),
+                   default=None,
                    help="windows a made-up anomaly takes its swapped-in features "
-                        "from: any window of the batch (default) or its malicious "
-                        "ones only")
+                        "from: any window of the batch (default), or only its "
+                        "malicious or only its benign ones")
     p.add_argument("--type-power", type=real(0, 1), default=None,
                    help="the malicious half of balanced sampling shared among "
                         "attack types by (type rows)^P: 1 as the data holds them "

@@ -80,8 +80,8 @@ class TrainConfig:
     once, so the made-up windows stay validly encoded) instead of single columns.
     ``outlier_donors`` "malicious" takes the swapped-in features from the batch's
     malicious windows only, so that a made-up anomaly is a window with some of an
-    attack's features, never a mix of benign windows ("any", the default, takes
-    them from every window).
+    attack's features, never a mix of benign windows; "benign" from its benign
+    windows only ("any", the default, takes them from every window).
     """
 
     epochs: int = 50
@@ -128,8 +128,8 @@ class TrainConfig:
             problems.append("keep must be 'best' or 'last'")
         if self.outlier_unit not in ("column", "field"):
             problems.append("outlier_unit must be 'column' or 'field'")
-        if self.outlier_donors not in ("any", "malicious"):
-            problems.append("outlier_donors must be 'any' or 'malicious'")
+        if self.outlier_donors not in ("any", "malicious", "benign"):
+            problems.append("outlier_donors must be 'any', 'malicious' or 'benign'")
         if not 0.0 <= self.type_power <= 1.0:
             problems.append("type_power must be in [0, 1]")
         if self.type_power != 1.0 and (self.smote or not self.balance):
@@ -312,14 +312,15 @@ def _with_outliers(
     step of the window) replaced by another window's, and the label set to 1.
     With ``fields`` (the input field of each feature column, int64 ``[F]``) whole
     fields are swapped: ``swap`` of the fields, every column of a chosen one.
-    ``donors_from`` "malicious" draws the donor windows among those labelled 1
-    (any window when the batch holds none)."""
+    ``donors_from`` "malicious" draws the donor windows among those labelled 1,
+    "benign" among those labelled 0 (any window when the batch holds none)."""
     n = int(round(share * x.shape[0]))
     if n == 0:
         return x, target
     pool = torch.arange(x.shape[0], device=x.device)
-    if donors_from == "malicious" and bool((target > 0.5).any()):
-        pool = pool[target > 0.5]
+    wanted = {"malicious": target > 0.5, "benign": target <= 0.5}.get(donors_from)
+    if wanted is not None and bool(wanted.any()):
+        pool = pool[wanted]
     donors = x[pool[torch.randint(0, len(pool), (n,), device=x.device)]]
     if fields is None:
         taken = torch.rand(n, 1, x.shape[2], device=x.device) < swap

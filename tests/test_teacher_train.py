@@ -139,7 +139,7 @@ def test_outliers_relabel_a_share_of_the_batch_with_features_of_other_windows():
         assert donor, "every swapped feature comes from one other window"
 
 
-def test_outlier_donors_malicious_swaps_in_features_of_malicious_windows_only():
+def test_outlier_donors_take_features_from_the_named_class_only():
     torch.manual_seed(0)
     x = torch.arange(40 * 2 * 50, dtype=torch.float32).reshape(40, 2, 50)
     target = torch.zeros(40)
@@ -162,8 +162,14 @@ def test_outlier_donors_malicious_swaps_in_features_of_malicious_windows_only():
     torch.manual_seed(0)
     b, _ = _with_outliers(x, target, 0.25, 0.5, donors_from="any")
     assert torch.equal(a, b)
+    out, _ = _with_outliers(x, target, 0.25, 0.5, donors_from="benign")
+    changed = (out[:10] != x[:10]).any(dim=1)
+    for i in range(10):
+        donors = [j for j in range(40)
+                  if torch.equal(out[i][:, changed[i]], x[j][:, changed[i]])]
+        assert donors and all(j < 30 for j in donors)
     with pytest.raises(UsageError, match="outlier_donors"):
-        TrainConfig(outlier_donors="benign")
+        TrainConfig(outlier_donors="attack")
 
 
 def test_type_power_is_refused_without_balanced_sampling():
