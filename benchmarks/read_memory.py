@@ -1,14 +1,16 @@
 """Peak memory of reading a large Zeek conn.log whole versus in pieces.
 
-A synthetic conn.log of the size asked for is written to a temporary folder, then
+A synthetic conn.log of the size asked for (Zeek's TSV, or with ``--format json``
+its JSON writer's one object per line) is written to a temporary folder, then
 read twice, each time in a fresh Python process: once the old way (the whole file
 loaded, ``_read_source(load(path))``) and once through :func:`flows.readers.read`,
-which reads a regular Zeek TSV file in pieces of ``CHUNK_BYTES``. Each process
+which reads a regular Zeek TSV or JSON file in pieces of ``CHUNK_BYTES``. Each process
 reports the growth of its peak resident memory over what it held after imports
 (Arrow's buffers included) and the peak of Python's own allocations (tracemalloc:
 the file's text, not Arrow's). Prints both side by side, with old/new ratios.
 
     python benchmarks/read_memory.py [--mb 200] [--gzip] [--chunk-mb 16]
+                                     [--format tsv|json]
 """
 
 from __future__ import annotations
@@ -49,7 +51,49 @@ print(json.dumps({"rss": (kib() - before) * 1024, "py": py, "rows": len(result.t
 """
 
 
-def write_log(path: Path, size: int, packed: bool) -> int:
+def _row(i: int) -> list:
+    """The values of connection ``i``, in the order of :data:`FIELDS`."""
+    return [
+        round(1_600_000_000 + i * 0.013, 6),
+        f"C{i:017d}",
+        f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
+        1024 + i % 60000,
+        f"192.168.{i % 7}.{i % 250 + 1}",
+        (80, 443, 53)[i % 3],
+        ("tcp", "udp")[i % 2],
+        ("http", "ssl", "dns", "-")[i % 4],
+        round(i % 997 / 31, 6),
+        i % 5000,
+        i % 70000,
+        "SF",
+        True,
+        False,
+        0,
+        "ShADadfF",
+        i % 40 + 1,
+        i % 5000 + 400,
+        i % 50 + 1,
+        i % 70000 + 600,
+        "-",
+        ("Benign", "Malicious")[i % 9 == 0],
+        "-",
+    ]
+
+
+def _tsv_line(i: int) -> str:
+    values = _row(i)
+    values[0], values[8] = f"{values[0]:.6f}", f"{values[8]:.6f}"
+    values[12], values[13] = "T", "F"
+    return "\t".join(map(str, values)) + "\n"
+
+
+def _json_line(i: int) -> str:
+    obj = dict(zip(FIELDS, _row(i), strict=True))
+    del obj["tunnel_parents"]  # a set Zeek leaves out when empty
+    return json.dumps(obj, separators=(",", ":")) + "\n"
+
+
+def write_log(path: Path, size: int, packed: bool, fmt: str = "tsv") -> int:
     """Write a conn.log of about ``size`` bytes of text; return its rows."""
     head = (
         "#separator \\x09\n#set_separator\t,\n#empty_field\t(empty)\n"
@@ -57,29 +101,21 @@ def write_log(path: Path, size: int, packed: bool) -> int:
         f"#fields\t{chr(9).join(FIELDS)}\n"
         f"#types\t{chr(9).join('string' for _ in FIELDS)}\n"
     )
+    line = _tsv_line
+    if fmt == "json":
+        head, line = "", _json_line
     opener = gzip.open if packed else open
     rows = 0
     with opener(path, "wt", **({"compresslevel": 1} if packed else {})) as out:
         out.write(head)
         written = len(head)
         while written < size:
-            lines = []
-            for i in range(rows, rows + 10_000):
-                lines.append(
-                    f"{1_600_000_000 + i * 0.013:.6f}\tC{i:017d}\t"
-                    f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}\t{1024 + i % 60000}\t"
-                    f"192.168.{i % 7}.{i % 250 + 1}\t{(80, 443, 53)[i % 3]}\t"
-                    f"{('tcp', 'udp')[i % 2]}\t{('http', 'ssl', 'dns', '-')[i % 4]}\t"
-                    f"{i % 997 / 31:.6f}\t{i % 5000}\t{i % 70000}\tSF\tT\tF\t0\t"
-                    f"ShADadfF\t{i % 40 + 1}\t{i % 5000 + 400}\t{i % 50 + 1}\t"
-                    f"{i % 70000 + 600}\t-\t{('Benign', 'Malicious')[i % 9 == 0]}\t"
-                    "-\n"
-                )
-            block = "".join(lines)
+            block = "".join(line(i) for i in range(rows, rows + 10_000))
             out.write(block)
             written += len(block)
-            rows += len(lines)
-        out.write("#close\t2024-01-02-00-00-00\n")
+            rows += 10_000
+        if fmt == "tsv":
+            out.write("#close\t2024-01-02-00-00-00\n")
     return rows
 
 
@@ -101,18 +137,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--chunk-mb", type=float, default=16, help="piece size of the new read"
     )
+    parser.add_argument(
+        "--format", choices=("tsv", "json"), default="tsv", help="Zeek log format"
+    )
     args = parser.parse_args(argv)
     size = int(args.mb * 1e6)
     chunk = max(1, int(args.chunk_mb * (1 << 20)))
     with tempfile.TemporaryDirectory(prefix="read-memory-") as folder:
-        path = Path(folder) / ("conn.log.gz" if args.gzip else "conn.log")
-        rows = write_log(path, size, args.gzip)
+        name = "conn.log" if args.format == "tsv" else "conn.json.log"
+        path = Path(folder) / (name + (".gz" if args.gzip else ""))
+        rows = write_log(path, size, args.gzip, args.format)
         old = probe(path, "whole", chunk)
         new = probe(path, "pieces", chunk)
     assert old["rows"] == new["rows"] == rows, (old, new, rows)
     mib = 1 << 20
     print(
-        f"conn.log of {size / 1e6:.0f} MB text{' (gzip)' if args.gzip else ''}, "
+        f"{path.name} of {size / 1e6:.0f} MB text{' (gzip)' if args.gzip else ''}, "
         f"{rows} rows; pieces of {chunk / mib:.1f} MiB"
     )
     print(f"{'':24}{'whole (old)':>14}{'pieces (new)':>14}{'old/new':>10}")

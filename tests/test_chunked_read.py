@@ -332,3 +332,44 @@ def test_the_scan_errors_come_first_as_in_a_whole_read(size, tmp_path, monkeypat
     with pytest.raises(BadInputError, match="names 'uid' twice") as info:
         read(path, on_error="skip")
     assert info.value.line == 6 + 5 + 2 + 6
+
+
+def _open_row_notes(result) -> list[str]:
+    return [w for w in result.warnings if "Zeek may still be writing" in w]
+
+
+@pytest.mark.parametrize("size", [1, 64, 1 << 20])
+def test_a_whole_last_row_without_newline_in_an_unclosed_log_is_noted(
+    size, tmp_path, monkeypatch
+):
+    """Its fields are all there, but the last value may be cut: the row is kept,
+    with a note naming the file and the line, read whole or in pieces."""
+    path = tmp_path / "conn.log"
+    path.write_bytes(_log(close=False).rstrip("\n").encode())
+    monkeypatch.setattr(source, "CHUNK_BYTES", size)
+    result = read(path)
+    assert len(result.table) == 30 and not result.partial
+    last = 7 + 30  # seven header lines, then the rows
+    assert _open_row_notes(result) == [
+        f"{path}: line {last} has no newline at its end and the log no #close "
+        "line: Zeek may still be writing it, and the last value may be cut short "
+        "(the row is kept)"
+    ]
+    whole = _read_source(load(path), "fail", "UTC")
+    assert _open_row_notes(whole) == _open_row_notes(result)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        _log(close=False),  # the last row has its newline
+        _log(close=True) + _header() + _rows(3).rstrip("\n"),  # a #close was seen
+        _log(close=False).rstrip("\n")[:-40],  # cut short: a cut note instead
+        _log(close=False, r29={"id.resp_p": "70000"}).rstrip("\n"),  # a bad row
+    ],
+)
+def test_no_open_row_note_otherwise(text, tmp_path, monkeypatch):
+    path = tmp_path / "conn.log"
+    path.write_bytes(text.encode())
+    monkeypatch.setattr(source, "CHUNK_BYTES", 64)
+    assert _open_row_notes(read(path, on_error="skip")) == []

@@ -1,16 +1,17 @@
 """Reading a regular file piece by piece, in memory that does not grow with it.
 
-Only the formats whose readers take their text in pieces (Zeek TSV) are read so;
-for any other input :func:`read_in_pieces` gives None and the caller reads the
-file whole. The checks that a whole read makes on the start of the text (empty,
-UTF-16, a gzip-compressed binary, the format) are made on the first pieces, so
-every error and result is the same as a whole read's.
+Only the formats whose readers take their text in pieces (Zeek TSV and Zeek JSON)
+are read so; for any other input :func:`read_in_pieces` gives None and the caller
+reads the file whole. The checks that a whole read makes on the start of the text
+(empty, UTF-16, a gzip-compressed binary, the format) are made on the first
+pieces, so every error and result is the same as a whole read's.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from itertools import chain
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from flows.readers.result import ReadResult
 
 # sniff_text looks at no more than this many bytes of text.
 _HEAD_BYTES = 65536
+# The formats read in pieces, and the function of flows.readers.zeek that does it.
+_READERS = {"zeek-tsv": "read_tsv_blocks", "zeek-json": "read_json_blocks"}
 
 
 def read_in_pieces(
@@ -52,15 +55,25 @@ def read_in_pieces(
         check_wide_text(text, blocks.path)
         if blocks.compressed and sniff_binary(text[:4]) is not None:
             return None
-        if sniff_text(text, blocks.path) != "zeek-tsv":
+        fmt = sniff_text(text, blocks.path)
+        if fmt not in _READERS:
             return None
-        from flows.readers.zeek import Redo, read_tsv_blocks
+        from flows.readers import zeek
 
+        del text  # neither the head's text nor its pieces are kept once read
+        read_blocks = getattr(zeek, _READERS[fmt])
         try:
-            return read_tsv_blocks(
-                chain(head, pieces), blocks.path, on_error, lambda: blocks.cut
+            return read_blocks(
+                chain(_handed(head), pieces), blocks.path, on_error, lambda: blocks.cut
             )
-        except Redo:
+        except zeek.Redo:
             return None
     finally:
         pieces.close()
+
+
+def _handed(head: list[bytes]) -> Iterator[bytes]:
+    """The pieces of ``head``, each dropped from it as it is handed out."""
+    head.reverse()
+    while head:
+        yield head.pop()

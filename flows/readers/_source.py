@@ -77,7 +77,7 @@ def load(path: str | Path, stop_at_long_line: bool = False) -> Source:
     ``stop_at_long_line`` (for a reader that fails on its first bad line): a gzip
     input is inflated no further than its first line over :data:`MAX_LINE_BYTES`.
     """
-    # TODO(gap): only Zeek TSV files are read in pieces (Blocks); other formats, whole.
+    # TODO(gap): pipes, stdin and formats but Zeek TSV/JSON are read whole here.
     name = str(path)
     try:
         mode = os.stat(path).st_mode
@@ -470,7 +470,8 @@ class Blocks:
     cut at the same place. Each piece ends at a newline (only the last may not) and
     holds at least :data:`CHUNK_BYTES` bytes unless the text ends first. Once the
     last piece is out, ``cut`` is what ``Source.cut`` would be. Held at a time: a
-    piece and the line it stops inside; a plain file's line is held whole however
+    piece and the line it stops inside (twice that while a piece is joined; a
+    piece handed out is not kept); a plain file's line is held whole however
     long it is, a gzip line only up to the limit (see :class:`_LineGuard`).
     """
 
@@ -495,7 +496,7 @@ class Blocks:
             ) from exc
 
     def _plain(self, fh: BinaryIO) -> Iterator[bytes]:
-        size = max(1, CHUNK_BYTES)
+        size = max(1, min(CHUNK_BYTES, _BLOCK))  # _pieces joins these into pieces
         while piece := fh.read(size):
             yield piece
 
@@ -534,17 +535,34 @@ class Blocks:
             # Only a piece with a newline can end one of ours.
             if held < size or b"\n" not in piece:
                 continue
+            one = _cut_last(parts, held, size)
+            if one is not None:  # the usual case: one piece, joined once
+                (out, rest), one = one, None
+                parts, held = ([rest] if rest else []), len(rest)
+                lines += out.count(b"\n")
+                yield out
+                del out
+                continue
             buf = b"".join(parts)
+            ends = []
             at = 0
             while len(buf) - at >= size:
                 end = buf.find(b"\n", at + size - 1) + 1
                 if not end:
                     break
-                lines += buf.count(b"\n", at, end)
-                yield buf[at:end]
+                ends.append(end)
                 at = end
             parts = [buf[at:]] if at < len(buf) else []
             held = len(buf) - at
+            at = 0
+            for end in ends:
+                out = buf[at:end] if at or end < len(buf) else buf
+                lines += out.count(b"\n")
+                at = end
+                if end == ends[-1]:
+                    buf = b""  # the joined text is not held while the last goes out
+                yield out
+                del out  # nor a piece while the next is read
         rest = b"".join(parts)
         if start:
             rest = rest.removeprefix(UTF8_BOM)
@@ -560,3 +578,20 @@ class Blocks:
             self.cut = self._note
         if rest:
             yield rest
+
+
+def _cut_last(parts: list[bytes], held: int, size: int) -> tuple[bytes, bytes] | None:
+    """The piece :meth:`Blocks._pieces` cuts from ``parts`` (``held`` bytes in
+    all), and the rest, when the cut falls in the last part and the rest is too
+    short for another piece; else None. The piece is joined without first
+    joining all the parts, so the text is copied once."""
+    last = parts[-1]
+    before = held - len(last)
+    if before >= size:
+        return None
+    end = last.find(b"\n", size - 1 - before) + 1
+    if not end or len(last) - end >= size:
+        return None
+    if end == len(last):
+        return b"".join(parts), b""
+    return b"".join(parts[:-1] + [last[:end]]), last[end:]

@@ -384,7 +384,7 @@ def iter_records(
     name = str(path)
     fmt = stream_format(name)
     if fmt not in ("zeek-tsv", "zeek-json"):
-        # TODO(gap): other formats are read whole first, then yielded row by row.
+        # TODO(gap): formats other than Zeek TSV/JSON are read whole, then by row.
         result = read(
             name, on_error=on_error, drop_unlabeled=drop_unlabeled, timezone=timezone
         )

@@ -7,7 +7,9 @@ reads as the empty string in string columns and as null in the label columns.
 ``\\xHH`` escapes are undone. ``#close`` and other ``#`` lines end a block of rows; a
 new ``#fields`` line (concatenated logs) starts one with its own columns.
 The rows of a block are split in C by pyarrow.csv; the exact line of any bad row is
-still known and reported.
+still known and reported. A last row with all its fields but no newline, in a log
+without any ``#close`` line, is kept with a warning: Zeek may still be writing the
+log, so its last value may be cut.
 
 Labels: Stratosphere's separate ``label``/``detailedlabel`` columns, and IoT-23's
 layout where ``tunnel_parents   label   detailed-label`` share the last field joined by
@@ -18,6 +20,10 @@ values as written in the file, in the rows kept.
 
 JSON: ``ts`` may be epoch seconds, ISO-8601 text (``JSON::TS_ISO8601``) or integer
 milliseconds (``JSON::TS_MILLIS``, told apart by size); omitted keys read as null.
+
+Both formats are read from pieces of whole lines (a regular file in pieces of about
+``flows.readers._source.CHUNK_BYTES``, other input as one piece): the result is the
+same however the text is cut.
 
 Zeek's test harness masks times as ``XXXXXXXXXX.XXXXXX``; such a ``ts`` reads as null
 and is counted in ``stats["masked_ts"]`` (in the rows kept). A ``ts`` that is not
@@ -32,6 +38,7 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
@@ -197,6 +204,7 @@ def read_tsv_blocks(
     reader = _TsvReader(path)
     for data in blocks:
         reader.feed(data)
+        del data  # not held while the next piece is read
     return reader.result(on_error, cut())
 
 
@@ -255,6 +263,8 @@ class _TsvReader:
         self.offset = 0
         self.cut: str | None = None
         self.stats: dict = {"labels": {}, "masked_ts": 0, "labeled": False}
+        self.closed = False  # a #close line was seen
+        self.open_row: int | None = None  # a whole last row without its newline
         self.warnings: list[str] = []
         # Per row of every block: the label as written, and whether ts was masked.
         self.per_row: dict[str, list] = {"label": [], "masked": []}
@@ -274,6 +284,7 @@ class _TsvReader:
                         Problem(self.line_no, None, too_long(end - pos))
                     )
                 else:
+                    self.closed = self.closed or data.startswith(b"#close", pos)
                     text = data[pos:end].decode("utf-8", "replace")
                     self.header = _directive(
                         self.header, text, self.line_no, self.path
@@ -344,6 +355,7 @@ class _TsvReader:
             self.failed = exc
             return
         self.cut = self.cut or cut
+        self._note_open_row(piece, start, lines, rows)
         self.tables.append(part)
         self.line_arrays.append(lines)
         self.problems.extend(problems)
@@ -353,6 +365,18 @@ class _TsvReader:
             state.fast_notes.setdefault(column, []).append((self.offset + row, text))
         state.new_notes = []
         self.offset += len(part)
+
+    def _note_open_row(
+        self, piece: bytes, start: int, lines: np.ndarray, rows: dict
+    ) -> None:
+        """Remember the last line when the text ends inside it (no newline) and it
+        still became a good row: all its fields are there, but not maybe all of
+        its last value."""
+        if piece.endswith(b"\n") or not len(lines):
+            return
+        last = start + piece.count(b"\n")
+        if int(lines[-1]) == last and len(lines) - 1 not in rows:
+            self.open_row = last
 
     def result(self, on_error: str, src_cut: str | None) -> ReadResult:
         """Check the end of the text and build the result of the whole read."""
@@ -377,6 +401,12 @@ class _TsvReader:
                 f"{path}: the name says labeled, but no label column was found "
                 "(looked for label, detailedlabel and IoT-23's joined field); "
                 "labels are null, not benign"
+            )
+        if self.open_row is not None and not self.closed:
+            warnings.append(
+                f"{path}: line {self.open_row} has no newline at its end and the log "
+                "no #close line: Zeek may still be writing it, and the last value "
+                "may be cut short (the row is kept)"
             )
         per_row = self.per_row
         masked = (
@@ -686,36 +716,117 @@ def _type(kind: str) -> pa.DataType:
 def read_json(src: Source, on_error: str) -> ReadResult:
     """Read a Zeek JSON conn.log (one object per line) into canonical records.
 
-    A clean file is parsed in C by pyarrow.json; anything the fast path cannot
-    take exactly as the line-by-line path would (ISO times, nested ``id``, odd
-    types, bad lines, unknown labels) is read line by line, naming bad lines.
+    A clean piece of text is parsed in C by pyarrow.json; anything the fast path
+    cannot take exactly as the line-by-line path would (ISO times, nested ``id``,
+    odd types, bad lines, unknown labels) is read line by line, naming bad lines.
     """
-    fast = _read_json_fast(src)
-    if fast is not None:
-        table, stats, label_raw = fast
+    return read_json_blocks([src.data], src.path, on_error, lambda: src.cut)
+
+
+def read_json_blocks(
+    blocks: Iterable[bytes],
+    path: str,
+    on_error: str,
+    cut: Callable[[], str | None],
+) -> ReadResult:
+    """Read a Zeek JSON conn.log given as pieces of whole lines, one at a time.
+
+    The pieces (each ending at a newline, but the last) joined are the text a
+    whole read takes, and the result, errors included, is the same: every line
+    stands alone, so each piece is read by the fast path when it can be, else line
+    by line. ``cut()`` is the input's cut (``Source.cut``), asked once every piece
+    is read; it comes before the note of a last line cut short, as in a whole read.
+    """
+    reader = _JsonReader(path)
+    for data in blocks:
+        reader.feed(data)
+        del data  # not held while the next piece is read
+    return reader.result(on_error, cut())
+
+
+class _JsonReader:
+    """What a Zeek JSON read keeps between pieces of text (see read_json_blocks).
+
+    Every piece is read to its end, also after a bad line that stops a read with
+    ``on_error="fail"``: ``stats["labeled"]`` says whether any line of the whole
+    text carries a label, as a whole read says.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.line_no = 1  # the line the next piece starts on
+        self.tables: list[pa.Table] = []
+        self.line_arrays: list[np.ndarray] = []
+        self.problems: list[Problem] = []
+        self.labels: list[pa.Array] = []  # each row's label as written, per piece
+        self.labeled = False
+        self.cut: str | None = None  # the last line, cut short
+
+    def feed(self, data: bytes) -> None:
+        """Read the next piece of text (whole lines, but for the last piece)."""
+        fast = _json_fast(data)
+        if fast is not None:
+            table, label_raw = fast
+            lines = np.arange(self.line_no, self.line_no + len(table))
+            labeled = label_raw.null_count < len(label_raw)
+        else:
+            part = _json_lines(data, self.line_no, self.path)
+            table, lines = part.table, part.lines
+            label_raw, labeled = part.labels
+            self.problems += part.problems
+            self.cut = self.cut or part.cut
+
+        self.tables.append(table)
+        self.line_arrays.append(lines)
+        self.labels.append(label_raw)
+        self.labeled = self.labeled or labeled
+        self.line_no += data.count(b"\n")
+
+    def result(self, on_error: str, src_cut: str | None) -> ReadResult:
+        """The result of the whole read, once every piece is in."""
+        tables = self.tables
+        table = pa.concat_tables(tables) if tables else conn_schema().empty_table()
+        lines = (
+            np.concatenate(self.line_arrays)
+            if self.line_arrays
+            else np.zeros(0, np.int64)
+        )
         return finish(
             table,
-            np.arange(1, len(table) + 1),
-            [],
-            path=src.path,
+            lines,
+            self.problems,
+            path=self.path,
             on_error=on_error,
             fmt="zeek-json",
             family="conn",
-            cut=src.cut,
-            stats=stats,
-            label_text=label_raw,
+            cut=src_cut or self.cut,
+            stats={"labels": {}, "labeled": self.labeled},
+            label_text=pa.chunked_array(self.labels, type=pa.string()),
         )
-    return _read_json_lines(src, on_error)
 
 
 _JSON_LABELS = ("label",) + DETAIL_NAMES
 
 
 def _read_json_fast(src: Source) -> tuple[pa.Table, dict, pa.Array] | None:
-    """The pyarrow.json path; None whenever it could differ from the slow path."""
+    """The pyarrow.json path on a whole text: the table, its stats and its labels
+    as written; None whenever it could differ from the line-by-line path."""
+    fast = _json_fast(src.data)
+    if fast is None:
+        return None
+    table, label_raw = fast
+    stats = {
+        "labels": value_counts(label_raw),  # every row is kept on this path
+        "labeled": label_raw.null_count < len(label_raw),
+    }
+    return table, stats, label_raw
+
+
+def _json_fast(data: bytes) -> tuple[pa.Table, pa.Array] | None:
+    """The pyarrow.json path on whole lines: the table and each row's label as
+    written; None whenever it could differ from the line-by-line path."""
     import pyarrow.json as pajson
 
-    data = src.data
     if (
         not data.endswith(b"\n")
         or b"\n\n" in data
@@ -732,9 +843,7 @@ def _read_json_fast(src: Source) -> tuple[pa.Table, dict, pa.Array] | None:
         return None
     if not isinstance(first, dict) or not isinstance(first.get("ts"), (int, float)):
         return None
-    if "id" in first or any(
-        k.lower() in LABEL_NAMES + DETAIL_NAMES and k not in _JSON_LABELS for k in first
-    ):
+    if "id" in first:
         return None
 
     fields = [
@@ -747,11 +856,17 @@ def _read_json_fast(src: Source) -> tuple[pa.Table, dict, pa.Array] | None:
             read_options=pajson.ReadOptions(use_threads=False, block_size=1 << 24),
             parse_options=pajson.ParseOptions(
                 explicit_schema=pa.schema(fields),
-                unexpected_field_behavior="ignore",
+                unexpected_field_behavior="infer",  # to see every key's name
                 newlines_in_values=False,
             ),
         )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if any(_other_label_key(name) for name in raw.column_names):
+        return None
+    # pyarrow skips a line of spaces and reads `{..} {..}` as two rows; the line
+    # path skips the one and refuses the other: one row per line, or that path.
+    if len(raw) != data.count(b"\n"):
         return None
     if any(raw.column(name).null_count for name in REQUIRED if name != "proto"):
         return None
@@ -777,40 +892,84 @@ def _read_json_fast(src: Source) -> tuple[pa.Table, dict, pa.Array] | None:
         return None  # the line-by-line path names each bad line
 
     label_raw = raw.column("label").combine_chunks()
-    detail = None
-    for name in DETAIL_NAMES:
-        column = raw.column(name).combine_chunks()
-        detail = column if detail is None else pc.coalesce(detail, column)
+    details = [raw.column(name).combine_chunks() for name in DETAIL_NAMES]
+    given = [column for column in details if column.null_count < len(column)]
+    if len(given) > 1:
+        # Two spellings in one object: the line path takes the one written first.
+        spelled = sum(np.asarray(pc.is_valid(c), dtype=np.int8) for c in given)
+        if spelled.max() > 1:
+            return None
+    detail = details[0]
+    for column in details[1:]:
+        detail = pc.coalesce(detail, column)
     bad = BadRows()
     text = null_tokens(label_raw, _JSON_NULLS)
     arrays["label"] = labelmod.zeek_label(text, "label", bad)
     if bad.rows:
         return None
     arrays["label_detail"] = pc.coalesce(null_tokens(detail, _JSON_NULLS), text)
-    stats = {
-        "labels": value_counts(label_raw),  # every row is kept on this path
-        "labeled": label_raw.null_count < len(label_raw),
-    }
     table = pa.Table.from_arrays(
         [arrays[name] for name in CONN_FIELD_NAMES], schema=conn_schema()
     )
-    return table, stats, label_raw
+    return table, label_raw
+
+
+def _other_label_key(name: str) -> bool:
+    """Whether a key is one the line path reads and the fast path would not: a
+    label key in another case (``Label``, ``Detailed-Label``; the line path takes
+    any case) or a nested ``id``."""
+    lowered = name.lower()
+    return name == "id" or (
+        lowered in LABEL_NAMES + DETAIL_NAMES and name not in _JSON_LABELS
+    )
+
+
+@dataclass
+class _JsonPart:
+    """What the line-by-line path read from one piece of text."""
+
+    table: pa.Table
+    lines: np.ndarray  # the line of each row
+    problems: list[Problem]
+    labels: tuple[pa.Array, bool]  # each row's label as written; any label seen
+    cut: str | None  # the note of a last line cut short
 
 
 def _read_json_lines(src: Source, on_error: str) -> ReadResult:
-    """The line-by-line JSON path, which names the line of every bad object."""
+    """The line-by-line JSON path on a whole text, naming every bad line."""
+    part = _json_lines(src.data, 1, src.path)
+    label_text, labeled = part.labels
+    return finish(
+        part.table,
+        part.lines,
+        part.problems,
+        path=src.path,
+        on_error=on_error,
+        fmt="zeek-json",
+        family="conn",
+        cut=src.cut or part.cut,
+        stats={"labels": {}, "labeled": labeled},
+        label_text=label_text,
+    )
+
+
+def _json_lines(data: bytes, first_line: int, path: str) -> _JsonPart:
+    """Read whole lines of JSON (the first is line ``first_line``) one by one.
+
+    Only a last line without its newline that does not parse is cut, not bad: the
+    text ends inside it.
+    """
     cols: dict[str, list] = {name: [] for name in CONN_FIELD_NAMES}
     lines: list[int] = []
     label_texts: list[str | None] = []  # each row's label as written
     problems: list[Problem] = []
-    stats: dict = {"labels": {}, "labeled": False}
-    data = src.data
+    labeled = False
     text_lines = data.split(b"\n")
-    cut = src.cut
+    cut = None
     last = len(text_lines) - 1
 
     for index, raw in enumerate(text_lines):
-        line_no = index + 1
+        line_no = first_line + index
         if len(raw) > MAX_LINE_BYTES:
             problems.append(Problem(line_no, None, too_long(len(raw))))
             continue
@@ -823,15 +982,14 @@ def _read_json_lines(src: Source, on_error: str) -> ReadResult:
                 raise ValueError("not an object")
         except (ValueError, RecursionError) as exc:
             if index == last and not data.endswith(b"\n"):
-                cut = cut or f"{src.path}: the last line ({line_no}) is cut short"
+                cut = f"{path}: the last line ({line_no}) is cut short"
                 continue
             # RecursionError: a nesting bomb ("[" * 100000) is one bad line.
             problems.append(Problem(line_no, None,
                                     f"expected one JSON object ({json_problem(exc)})"))
             continue
         text = _label_text(obj)
-        if text is not None:
-            stats["labeled"] = True
+        labeled = labeled or text is not None
         try:
             record = json_record(obj)
         except _FieldError as exc:
@@ -844,18 +1002,12 @@ def _read_json_lines(src: Source, on_error: str) -> ReadResult:
 
     from flows.record import columns_to_table
 
-    table = columns_to_table(cols)
-    return finish(
-        table,
+    return _JsonPart(
+        columns_to_table(cols),
         np.array(lines, dtype=np.int64),
         problems,
-        path=src.path,
-        on_error=on_error,
-        fmt="zeek-json",
-        family="conn",
-        cut=cut,
-        stats=stats,
-        label_text=pa.array(label_texts, type=pa.string()),
+        (pa.array(label_texts, type=pa.string()), labeled),
+        cut,
     )
 
 
