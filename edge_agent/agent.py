@@ -331,11 +331,15 @@ class Agent:
         track_latency: bool = False,
         status_interval: float = 60.0,
         max_queue: int = 4096,
+        max_awaiting: int | None = None,
+        resend_after: float = 10.0,
     ) -> None:
         if max_batch < 1 or max_wait_ms < 0 or max_queue < max_batch:
             raise UsageError(
                 "max_batch must be >= 1, max_wait_ms >= 0 and max_queue >= max_batch"
             )
+        if (max_awaiting is not None and max_awaiting < 1) or not resend_after > 0:
+            raise UsageError("max_awaiting must be >= 1 and resend_after above 0 s")
         self.site = proto.validate_id(site, "site")
         self.gateway = proto.validate_id(gateway, "gateway")
         self.topics = {ch: proto.topic(site, gateway, ch) for ch in proto.Channel}
@@ -347,6 +351,20 @@ class Agent:
         self.max_wait = max_wait_ms / 1000.0
         self.max_hosts = max_hosts
         self.status_interval = status_interval
+        # Flow control towards the re-scorer (None: off). At most ``max_awaiting``
+        # escalations of this run are out without an answer, so that a burst does
+        # not overflow the broker's queue for the re-scorer (mosquitto drops what
+        # is past max_queued_messages, 1000 by default, after acknowledging it to
+        # us); answers that stop for ``resend_after`` seconds while some are
+        # awaited put the unanswered ones back to be published again.
+        self.max_awaiting = max_awaiting
+        self.resend_after = resend_after
+        self._quiet_since = time.monotonic()
+        self._quiet_limit = resend_after
+        self._answers = 0
+        self._answers_at_resend = -1
+        self._resend_rounds = 0
+        self._resend_due = False  # awaited ones were put back in the outbox
         self.counters = Counters()
         self.first_bad_record: str | None = None  # why the encoder refused the first
         # A broker tried in the background that refused us for good, and who to tell.
@@ -459,6 +477,13 @@ class Agent:
 
     def start(self, connect_timeout: float = 10.0) -> None:
         """Connect, subscribe to verdicts, publish status online, start sending."""
+        if self.link is not None and self.max_awaiting is not None:
+            # Sent by an earlier run, acknowledged and never answered: awaited
+            # here too (before the session brings their verdicts), so that they
+            # are published again if no answer comes.
+            with self._out_lock:
+                for msg_id in self.outbox.sent_ids():
+                    self._awaiting.setdefault(msg_id, None)
         if self.link is not None:
             self.link.on_message = self._on_message
             self.link.on_connect = self._wake.set
@@ -887,10 +912,22 @@ class Agent:
                     self._outbox_failed(exc)
             if self._retry_at and time.monotonic() >= self._retry_at:
                 self._retry_at, last_seq = 0.0, 0  # publish the unrouted ones again
+            try:
+                if self._resend_if_unanswered(link):
+                    last_seq = 0
+            except OutboxError as exc:
+                self._outbox_failed(exc)
             room = _TRACKED_PER_INFLIGHT * link.max_inflight - len(self._tracked)
             if room <= 0:
                 continue
+            window = self._window_left()
             try:
+                published = self._publish_awaited(link, room) if window is not None \
+                    and self._resend_due else 0
+                if window is not None and window <= 0:
+                    if published:
+                        self._wake.set()
+                    continue  # new ones wait until answers make room
                 rows = self.outbox.pending(limit=min(room, 500), after_seq=last_seq)
             except OutboxError as exc:
                 self._outbox_failed(exc)
@@ -899,25 +936,116 @@ class Agent:
             for msg in rows:
                 if not link.connected:
                     break
-                last_seq = msg.seq
                 if msg.id in self._tracked:
+                    last_seq = msg.seq
                     continue
-                self._remember_replayed(msg)
-                try:
-                    delivery = link.publish(
-                        msg.topic, proto.resendable(msg.payload), qos=1
-                    )
-                except MessageTooLargeError as exc:
-                    self._drop_oversized(msg.id, exc)
-                    continue
-                except TransportError as exc:
-                    logger.warning("escalation not published yet: %s", exc)
+                if window is not None and msg.id not in self._awaiting:
+                    if window <= 0:
+                        break  # from this one on when answers make room
+                    window -= 1
+                last_seq = msg.seq
+                sent = self._publish_one(link, msg)
+                if sent is None:
                     break
-                if delivery.lost:
-                    break
-                self._tracked[msg.id] = delivery
-            if rows:
-                self._wake.set()
+                published += sent
+            if published:
+                self._wake.set()  # more may wait behind them
+
+    def _publish_one(self, link: MqttLink, msg: Any) -> int | None:
+        """Publish one outbox message (QoS 1) and track it: 1 when handed to the
+        link, 0 when dropped as too large, None when the link cannot take more
+        now (the caller stops this round)."""
+        self._remember_replayed(msg)
+        try:
+            delivery = link.publish(msg.topic, proto.resendable(msg.payload), qos=1)
+        except MessageTooLargeError as exc:
+            self._drop_oversized(msg.id, exc)
+            return 0
+        except TransportError as exc:
+            logger.warning("escalation not published yet: %s", exc)
+            return None
+        if delivery.lost:
+            return None
+        self._tracked[msg.id] = delivery
+        return 1
+
+    def _publish_awaited(self, link: MqttLink, room: int) -> int:
+        """Publish again the awaited escalations back in the outbox (put there by
+        a re-send or a lost session), ahead of new ones and outside the window
+        (they were counted in it when first sent); how many went out. Once none
+        is left the re-send is over."""
+        with self._out_lock:
+            ids = [i for i in self._awaiting if i not in self._tracked]
+        rows = self.outbox.pending_of(ids)[:room] if ids else []
+        if not rows:
+            self._resend_due = False
+            return 0
+        published = 0
+        for msg in rows:
+            if not link.connected:
+                break
+            if msg.id in self._tracked:
+                continue
+            sent = self._publish_one(link, msg)
+            if sent is None:
+                break
+            published += sent
+        return published
+
+    def _window_left(self) -> int | None:
+        """How many more escalations may go out before answers come back (None:
+        no limit): ``max_awaiting`` less those awaited (rejected ones aside) and
+        those handed to the link and not acknowledged yet."""
+        if self.max_awaiting is None:
+            return None
+        with self._out_lock:
+            rejected = sum(1 for i in self._rejected if i in self._awaiting)
+            out = len(self._awaiting) - rejected + len(self._tracked)
+        return self.max_awaiting - out
+
+    def _resend_if_unanswered(self, link: MqttLink) -> bool:
+        """Publish again the acknowledged escalations still unanswered when no
+        answer came for a while; True if any went back into the outbox.
+
+        A broker acknowledges an escalation and may still drop it before the
+        re-scorer takes it (a queue over its cap), so an acknowledgement does not
+        mean it arrives. When some are awaited (rejected ones aside) and neither an
+        answer nor an acknowledgement came for ``resend_after`` seconds, the
+        outbox's ``sent`` table goes back into the queue; the re-scorer answers a
+        copy of one it already stored with the stored verdict. The wait doubles
+        (up to 5 minutes) after a round that brought no answer at all.
+        """
+        if self.max_awaiting is None or not link.connected:
+            return False
+        now = time.monotonic()
+        with self._out_lock:
+            rejected = sum(1 for i in self._rejected if i in self._awaiting)
+            waiting = len(self._awaiting) - rejected > 0
+        if not waiting or self._tracked:
+            self._quiet_since = now
+            return False
+        waited = now - self._quiet_since
+        if waited < self._quiet_limit:
+            return False
+        if self._answers == self._answers_at_resend:
+            self._quiet_limit = min(2 * self._quiet_limit, 300.0)
+        else:
+            self._quiet_limit = self.resend_after
+        self._answers_at_resend = self._answers
+        self._quiet_since = now
+        moved = self.outbox.requeue_sent()
+        if not moved:
+            return False
+        self._resend_due = True
+        with self._out_lock:
+            self._requeued += moved
+            self._resend_rounds += 1
+            first = self._resend_rounds == 1
+        log = logger.warning if first else logger.info
+        log("no answer from the re-scorer for %.0f s: %d escalations the broker "
+            "acknowledged and nobody answered are published again (a broker drops "
+            "what is past its queue cap; see --max-awaiting)", waited, moved)
+        return True
 
     def _drop_oversized(self, msg_id: str, exc: MessageTooLargeError) -> None:
         """Drop a message the broker can never take; count it, log the first one.
@@ -966,6 +1094,7 @@ class Agent:
                 delivery.forget()
                 done.append(msg_id)
                 self._retry_delay = 1.0  # a re-scorer listens again
+                self._quiet_since = time.monotonic()
         try:
             removed = self.outbox.ack_many(done)
             self.counters.escalations_sent += len(done)
@@ -999,6 +1128,7 @@ class Agent:
             return
         self._sessions_absent_seen = absent
         moved = self.outbox.requeue_sent()
+        self._resend_due = bool(moved)
         if moved:
             with self._out_lock:
                 self._requeued += moved
@@ -1060,6 +1190,9 @@ class Agent:
         esc_id = verdict["escalation_id"]
         with self._out_lock:
             ours = esc_id in self._tracked or esc_id in self._awaiting
+            if ours:
+                self._answers += 1
+                self._quiet_since = time.monotonic()
             self._awaiting.pop(esc_id, None)
             self._rejected.pop(esc_id, None)  # answered after all, by another
             if esc_id in self._verdict_ids:

@@ -514,6 +514,27 @@ def acl_text(dep: Deployment) -> str:
     return "\n".join(lines)
 
 
+# The broker's queue per client (see mosquitto_conf_text): room for the bursts of
+# 200 gateways at the agents' default --max-awaiting.
+MAX_QUEUED_MESSAGES = 100_000
+# mosquitto's log_dest values; "file" takes an absolute path after it.
+_LOG_DESTS = ("stdout", "stderr", "syslog", "topic", "dlt", "none")
+
+
+def check_log_dest(value: str) -> str:
+    """UsageError unless ``value`` is a log_dest mosquitto accepts: stdout, stderr,
+    syslog, topic, dlt, none, or ``file /absolute/path``."""
+    if value in _LOG_DESTS:
+        return value
+    kind, _, path = value.partition(" ")
+    if kind == "file" and path.strip() and Path(path.strip()).is_absolute():
+        return value
+    raise UsageError(
+        f"log_dest {value!r} is not one mosquitto takes: one of "
+        f"{', '.join(_LOG_DESTS)}, or 'file /absolute/path'"
+    )
+
+
 def mosquitto_conf_text(
     dep: Deployment,
     files_dir: str | Path,
@@ -531,6 +552,7 @@ def mosquitto_conf_text(
     for value in (str(files_dir), str(persistence_location or ""), log_dest):
         if any(c in value for c in "\r\n\0") or value != value.strip():
             raise UsageError(f"{value!r} cannot go into mosquitto.conf as one value")
+    check_log_dest(log_dest)
     d = Path(files_dir)
     lines = [
         "# gatewatch locked-down broker for mosquitto 2.0, written by",
@@ -547,6 +569,13 @@ def mosquitto_conf_text(
         "# used, as mosquitto 2.0.11 answers it with a PUBACK code paho-mqtt 2.2",
         "# rejects as malformed, which ends in a reconnect loop.",
         f"max_packet_size {dep.max_packet_size}",
+        "",
+        "# Each client's queue of QoS 1 messages it has not taken yet. mosquitto",
+        "# drops what is past max_queued_messages (1000 by default) after it has",
+        "# acknowledged it to the sender: the re-scorer's queue holds the bursts",
+        "# of every gateway at once. Agents keep at most --max-awaiting (500)",
+        "# escalations out each, and publish again those left unanswered.",
+        f"max_queued_messages {MAX_QUEUED_MESSAGES}",
         "",
     ]
     if persistence_location is None:
@@ -1204,7 +1233,9 @@ def _parser() -> argparse.ArgumentParser:
         help="the listener of the re-scorer and the operator, 1..65535")
     add("--install-dir", help="where broker/ will be installed on the broker host")
     add("--persistence-location", help="folder for the broker's state")
-    add("--log-dest", default="stdout", help="mosquitto log_dest (e.g. syslog)")
+    add("--log-dest", default="stdout",
+        help="mosquitto log_dest: stdout, stderr, syslog, topic, dlt, none, or "
+        "'file /absolute/path' (default: stdout)")
     add("--group", help="group that may read broker/ (e.g. mosquitto)")
     add("--client-certs", action="store_true", help="require client certificates")
     add("--max-packet-size", type=int, default=DEFAULT_MAX_PACKET_SIZE)
@@ -1235,6 +1266,7 @@ def _parser() -> argparse.ArgumentParser:
 def _write_command(args: argparse.Namespace) -> dict[str, Any]:
     if not args.gateway:
         raise UsageError("give at least one --gateway SITE/GATEWAY")
+    check_log_dest(args.log_dest)  # before any file is written
     dep = Deployment(
         gateways=tuple(args.gateway),
         host_names=tuple(args.host or ([] if args.ip else ["localhost"])),

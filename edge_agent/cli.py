@@ -218,6 +218,21 @@ _RUN_NUMBERS = {
         float,
         "seconds between retained status updates (default: 60)",
     ),
+    "max_awaiting": (
+        int,
+        "most escalations out at once without a verdict; the rest wait in the "
+        "outbox. Keep it under the broker's queue per re-scorer divided by the "
+        "gateways that burst at once: mosquitto drops messages past "
+        "max_queued_messages (default 1000) after acknowledging them "
+        "(default: 500)",
+    ),
+    "resend_after": (
+        float,
+        "seconds without any verdict, while some are awaited, after which the "
+        "escalations the broker acknowledged and nobody answered are published "
+        "again (the re-scorer answers a copy with the verdict it stored); the "
+        "wait doubles, up to 300 s, after a round that brought none (default: 10)",
+    ),
 }
 
 
@@ -622,7 +637,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     password = cfg.secret() if cfg.broker else None
     alerts, close_alerts = _open_alerts(cfg.alerts)
     outbox = Outbox(cfg.outbox_path(), cfg.outbox_max,
-                    keep_sent=RESEND_WINDOW if cfg.broker else 0)
+                    keep_sent=max(RESEND_WINDOW, 2 * cfg.max_awaiting)
+                    if cfg.broker else 0)
     dropped_before = outbox.dropped  # the outbox counts its cap's drops for good
     agent = Agent(
         scorer,
@@ -635,6 +651,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_hosts=cfg.max_hosts,
         thresholds=thresholds,
         status_interval=cfg.status_interval,
+        max_awaiting=cfg.max_awaiting if cfg.wait_verdicts else None,
+        resend_after=cfg.resend_after,
     )
     if cfg.broker:
         agent.link = MqttLink(
@@ -801,6 +819,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                     f"the connection to the broker {shown} was lost during "
                     f"the run and was not back within the {drain_for:g} s drain"
                 )
+            elif not unrouted and cfg.wait_verdicts and summary["verdicts_awaited"]:
+                why = (
+                    f"held back while {summary['verdicts_awaited']} sent ones waited "
+                    f"for verdicts (at most --max-awaiting {cfg.max_awaiting} are out "
+                    f"at once), and the {drain_for:g} s drain ended first"
+                )
             else:
                 why = (
                     f"not delivered to a subscriber within the {drain_for:g} s "
@@ -893,11 +917,13 @@ def _unanswered(summary: dict, agent: Any, drain_for: float) -> str:
     rejected = agent.unanswered_rejections()
     if rejected:
         return f"{text}; {_rejections(rejected)}"
+    resent = summary.get("escalations_requeued", 0)
+    again = f"; {resent} were published again after answers stopped" if resent else ""
     return (
-        f"{text}: no re-scorer answered them in time (is teacher serve running "
-        "and keeping up? --drain-timeout waits longer); the broker took them, "
-        "and a verdict sent later waits in this gateway's MQTT session for the "
-        "next run"
+        f"{text}{again}: no re-scorer answered them in time (is teacher serve "
+        "running and keeping up? --drain-timeout waits longer). The outbox keeps "
+        "the unanswered ones: the next run with this outbox awaits them and "
+        "publishes them again when no verdict comes (--resend-after)"
     )
 
 

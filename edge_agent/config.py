@@ -57,7 +57,8 @@ def default_state_dir() -> Path:
 
 # Float settings that must be finite and >= 0 (nan, inf or a negative wait are
 # usage errors, not a broker "unreachable within nan s").
-_FINITE_SECONDS = ("connect_timeout", "drain_timeout", "max_wait_ms", "status_interval")
+_FINITE_SECONDS = ("connect_timeout", "drain_timeout", "max_wait_ms", "status_interval",
+                   "resend_after")
 # Their upper bounds: a year (a wait the clock functions can still add to now),
 # an hour for the batching wait in milliseconds.
 _YEAR = 366 * 24 * 3600.0
@@ -66,6 +67,8 @@ _MOST_SECONDS = {"max_wait_ms": 3_600_000.0}
 # session_expiry: MQTT 5's 32-bit interval).
 _INT_RANGES = {
     "max_batch": (1, 4096),  # at most the agent's queue of parsed flows
+    # Escalations out without an answer; the outbox keeps twice as many sent ones.
+    "max_awaiting": (1, 100_000),
     "outbox_max": (1, (1 << 63) - 1),
     "max_hosts": (1, (1 << 63) - 1),
     "keepalive": (0, 65535),
@@ -167,6 +170,8 @@ class AgentConfig:
     thresholds: str | None = None
     status_interval: float = 60.0
     timezone: str = "UTC"
+    max_awaiting: int = 500
+    resend_after: float = 10.0
 
     # The config file the settings came from and the keys read from it that no
     # flag replaced, so that an error names a setting where it was given: its
@@ -266,11 +271,12 @@ class AgentConfig:
                     f"--{name.replace('_', '-')} must be a number from 0 to "
                     f"{most:,.0f}, got {redact_value(value)}"
                 )
-        if self.status_interval <= 0:
-            raise UsageError(
-                "--status-interval must be above 0 s, got "
-                f"{redact_value(self.status_interval)}"
-            )
+        for name in ("status_interval", "resend_after"):
+            if getattr(self, name) <= 0:
+                raise UsageError(
+                    f"--{name.replace('_', '-')} must be above 0 s, got "
+                    f"{redact_value(getattr(self, name))}"
+                )
         for name, (low, high) in _INT_RANGES.items():
             value = getattr(self, name)
             if not low <= value <= high:

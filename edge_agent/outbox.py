@@ -362,6 +362,24 @@ class Outbox:
                 raise self._failure("read", exc) from exc
         return [OutboxMessage(r[0], r[1], r[2], bytes(r[3]), bool(r[4])) for r in rows]
 
+    def pending_of(self, ids: list[str]) -> list[OutboxMessage]:
+        """The messages among ``ids`` still waiting in the outbox, oldest first
+        (an agent publishing again the ones it awaits answers for)."""
+        rows: list = []
+        with self._lock:
+            try:
+                for i in range(0, len(ids), 500):
+                    part = ids[i : i + 500]
+                    rows += self._db.execute(
+                        "SELECT seq, id, topic, payload, alert FROM outbox WHERE id "
+                        f"IN ({', '.join('?' * len(part))})",
+                        part,
+                    ).fetchall()
+            except sqlite3.Error as exc:
+                raise self._failure("read", exc) from exc
+        rows.sort(key=lambda r: r[0])
+        return [OutboxMessage(r[0], r[1], r[2], bytes(r[3]), bool(r[4])) for r in rows]
+
     def ack(self, msg_id: str) -> bool:
         """Forget one acknowledged message; False if it was not (or no longer) here."""
         return self.ack_many([msg_id]) == 1

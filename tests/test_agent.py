@@ -1192,8 +1192,9 @@ def test_a_run_whose_verdicts_never_come_exits_6(
     assert _error_lines(capsys.readouterr().err) == [
         f"error: {n} escalations got no verdict within the 2 s drain: no re-scorer "
         "answered them in time (is teacher serve running and keeping up? "
-        "--drain-timeout waits longer); the broker took them, and a verdict sent "
-        "later waits in this gateway's MQTT session for the next run"
+        "--drain-timeout waits longer). The outbox keeps the unanswered ones: the "
+        "next run with this outbox awaits them and publishes them again when no "
+        "verdict comes (--resend-after)"
     ]
     summary = json.loads((tmp_path / "s.json").read_text())
     assert (summary["verdicts_awaited"], summary["outbox_pending"]) == (n, 0)

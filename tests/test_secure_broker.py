@@ -25,6 +25,7 @@ from edge_agent.broker_config import (
     MessageTooLargeError,
     acl_text,
     check_broker_login,
+    check_log_dest,
     check_publish_size,
     check_tls_connect,
     connack_packet_limit,
@@ -221,6 +222,26 @@ def test_command_line_writes_a_deployment_and_refuses_bad_names(tmp_path, capsys
 
     assert main(["write", "--out", str(out), "--gateway", "s1/#"]) == EXIT_USAGE
     assert capsys.readouterr().err.startswith("error: gateway '#'")
+
+    # The broker's queue per client holds every gateway's burst (mosquitto drops
+    # past it what it has already acknowledged).
+    conf = (out / "broker" / "mosquitto.conf").read_text().splitlines()
+    assert "max_queued_messages 100000" in conf
+
+
+def test_a_log_dest_mosquitto_refuses_is_a_usage_error_before_any_file(
+    tmp_path, capsys
+):
+    """Found: ``--log-dest file:/x`` was written, and mosquitto refused to start."""
+    out = tmp_path / "d"
+    for bad in ("file:/tmp/x.log", "file relative.log", "file", "syslog2"):
+        assert main(["write", "--out", str(out), "--gateway", "s1/g1",
+                     "--log-dest", bad]) == EXIT_USAGE
+        assert f"log_dest {bad!r} is not one mosquitto takes" in \
+            capsys.readouterr().err
+    assert not out.exists()
+    for good in ("syslog", "none", "file /var/log/mosquitto/mosquitto.log"):
+        assert check_log_dest(good) == good
 
 
 @pytest.mark.broker
