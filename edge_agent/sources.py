@@ -287,23 +287,37 @@ def iter_conn(
     on_error: str = "fail",
     damage: list | None = None,
     timezone: str = "UTC",
+    on_skip: Any = None,
 ) -> Iterator[dict]:
     """Canonical records of a Zeek conn.log, streamed by ``flows.readers``; the
     damage it read past or stopped at goes to ``damage`` (see ``iter_records``).
-    ``timezone``: the zone of times written without one (:func:`open_source`)."""
+    ``timezone``: the zone of times written without one (:func:`open_source`);
+    ``on_skip``: called with each bad Zeek line skipped (``on_error`` "skip")."""
     from flows.readers import iter_records
 
     for rec in iter_records(path, on_error=on_error, damage=damage,
-                            timezone=timezone):
+                            timezone=timezone, on_skip=on_skip):
         yield canonical(rec)
 
 
 def _zeek(src: Source, timezone: str = "UTC") -> Iterator[dict]:
     """A conn.log read once; a record the stdin check refuses (no address: ``-``
     in a Zeek TSV log, a binetflow row that is no IP flow) is rejected, counted
-    by its record number (the readers give no line) and skipped."""
+    by its record number (the readers give no line) and skipped. A Zeek line the
+    reader refuses (a port over 65535, a cut value) is rejected by its line and
+    skipped, as with --follow, so that the flows after it are still scored; other
+    conn-family files stop at their first bad row (they are read whole first)."""
+    from flows.readers.stream import stream_format
+
     found: list[Damage] = []
-    records = iter_conn(src.target, damage=found, timezone=timezone)
+    zeek = stream_format(src.target) in ("zeek-tsv", "zeek-json")
+
+    def skipped(exc: BadInputError) -> None:
+        src.reject("bad_line", _line_problem(exc), exc.line)
+
+    records = iter_conn(src.target, on_error="skip" if zeek else "fail",
+                        damage=found, timezone=timezone,
+                        on_skip=skipped if zeek else None)
     try:
         for number, rec in enumerate(records, start=1):
             problem = _record_problem(rec)

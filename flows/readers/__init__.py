@@ -27,7 +27,7 @@ use it. An unknown name is a :class:`~flows.errors.UsageError`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from flows.errors import BadInputError, PartialInputError
@@ -456,14 +456,16 @@ def iter_records(
     drop_unlabeled: bool = False,
     timezone: str = "UTC",
     damage: list | None = None,
+    on_skip: Callable[[BadInputError], None] | None = None,
 ) -> Iterator[dict]:
     """Yield the canonical records of a conn-family file one by one, as dicts;
-    ``damage`` (a list) receives what was found damaged, by kind."""
+    ``damage`` (a list) receives what was found damaged, by kind; ``on_skip`` is
+    called with the error of each Zeek line ``on_error`` "skip" passes over."""
     from flows.readers.stream import iter_records as _iter
 
     yield from _iter(
         path, on_error=on_error, drop_unlabeled=drop_unlabeled, timezone=timezone,
-        damage=damage,
+        damage=damage, on_skip=on_skip,
     )
 
 

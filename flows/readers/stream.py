@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from flows import logger
@@ -367,8 +367,12 @@ def iter_records(
     drop_unlabeled: bool = False,
     timezone: str = "UTC",
     damage: list | None = None,
+    on_skip: Callable[[BadInputError], None] | None = None,
 ) -> Iterator[dict]:
     """Yield canonical records one by one (Zeek TSV/JSON line by line).
+
+    With ``on_error`` "skip", ``on_skip`` (when given) is called with the error of
+    each Zeek line skipped, so that a caller can count it by its line.
 
     ``timezone``: the zone of binetflow start times (see :func:`flows.readers.read`).
     Damage the read stops at or goes past without raising (a gzip stream or last
@@ -409,7 +413,10 @@ def iter_records(
             exc = BadInputError(too_long(line), path=name, line=line_no)
             if on_error == "fail":
                 _stop(exc, yielded)
-            logger.warning("%s", exc)
+            if on_skip is None:
+                logger.warning("%s", exc)
+            else:
+                on_skip(exc)
             skipped += 1
             continue
         stripped = line.strip()
@@ -433,6 +440,8 @@ def iter_records(
                 break
             if on_error == "fail":
                 _stop(exc, yielded)
+            if on_skip is not None:
+                on_skip(exc)
             skipped += 1
             continue
 
