@@ -78,6 +78,9 @@ MODELS_DIR = f"{OPT_DIR}/models"
 MODEL_LINK = f"{MODELS_DIR}/current"  # the active model slot: the config's artifact
 CONFIG_FILE = f"{ETC_DIR}/gateway.toml"
 UPDATE_KEY_FILE = f"{ETC_DIR}/update.pub"  # the config's update_public_key
+# The flashed agent's state folder (systemd StateDirectory): the outbox and any
+# alerts or summary file must lie in it, the unit lets it write nowhere else.
+STATE_DIR = "var/lib/gatewatch"
 
 # What ``edge-agent calibrate`` writes into an artifact folder; the agent prefers it
 # to the artifact's own thresholds (edge_agent.agent.SITE_THRESHOLDS).
@@ -712,8 +715,11 @@ def systemd_unit() -> str:
         "ProtectSystem=strict\n"
         "ProtectHome=yes\n"
         "PrivateTmp=yes\n"
-        f"ReadWritePaths=/{OPT_DIR}/models /var/lib/gatewatch\n"
+        f"ReadWritePaths=/{OPT_DIR}/models /{STATE_DIR}\n"
         "StateDirectory=gatewatch\n"
+        # The default outbox ($XDG_STATE_HOME/gatewatch/outbox-S-G.sqlite) then
+        # lies in the state folder, the one place besides the models it may write.
+        "Environment=XDG_STATE_HOME=/var/lib\n"
         "\n"
         "[Install]\n"
         "WantedBy=multi-user.target\n"
@@ -848,6 +854,38 @@ def check_flashed_paths(
                 f"{gateway_path!r}{under_root}; set {key} = "
                 f'"{gateway_path}"'
             )
+    for key in ("outbox", "alerts", "summary_json"):
+        value = settings.get(key)
+        if value is None or (key == "alerts" and value in ("-", "")):
+            continue  # the default outbox, alerts to the journal or none
+        if not isinstance(value, str) or not _is_under_state(value, root):
+            from edge_agent.mqtt import redact_value
+
+            raise UsageError(
+                f"config {where}: {key} is {redact_value(value)}, but the flashed "
+                f"agent may write only under /{STATE_DIR} (systemd ProtectSystem); "
+                f"put it there (e.g. /{STATE_DIR}/{key.replace('_', '.')}) or leave "
+                "it out"
+                + (" (alerts: - for the journal)" if key == "alerts" else "")
+            )
+
+
+def _is_under_state(value: str, root: Path | None) -> bool:
+    """Whether a config path lies in the flashed state folder: ``/var/lib/
+    gatewatch/...``, or the same under ROOT; without ``root`` (building a bundle)
+    under any folder ending in var/lib/gatewatch, as :func:`_is_flashed_path`."""
+    path = PurePosixPath(os.path.normpath(value))
+    if not path.is_absolute():
+        return False
+    state = PurePosixPath(STATE_DIR).parts
+    if root is None:
+        parents = [p.parts[-len(state):] for p in path.parents]
+        return state in parents
+    bases = [PurePosixPath("/", STATE_DIR)] + [
+        PurePosixPath(r, STATE_DIR)
+        for r in {Path(root).absolute(), Path(root).resolve()}
+    ]
+    return any(path != base and path.is_relative_to(base) for base in bases)
 
 
 def _is_flashed_path(value: str, relative: str, root: Path | None) -> bool:

@@ -198,6 +198,21 @@ WRONG_PATHS = {
         "[agent]\n" + CONFIG.replace("models/current", "model"),
         "artifact is '/opt/gatewatch/model'",
     ),
+    # Found: an outbox outside the unit's writable folders (ProtectHome/System).
+    "outbox in a home": (
+        CONFIG + 'outbox = "/home/pi/outbox.sqlite"\n',
+        "outbox is '/home/pi/outbox.sqlite', but the flashed agent may write only "
+        "under /var/lib/gatewatch",
+    ),
+    "alerts under /var/log": (
+        CONFIG + 'alerts = "/var/log/gatewatch/alerts.jsonl"\n',
+        "alerts is '/var/log/gatewatch/alerts.jsonl', but the flashed agent may "
+        "write only under /var/lib/gatewatch",
+    ),
+    "the state folder itself": (
+        CONFIG + 'summary_json = "/var/lib/gatewatch"\n',
+        "summary_json is '/var/lib/gatewatch', but",
+    ),
 }
 
 
@@ -248,6 +263,8 @@ def test_the_flashed_layout_and_the_config_without_key_pass(tmp_path, keys):
         CONFIG.replace('"/opt', f'"{tmp_path}/root/opt').replace(
             '"/etc', f'"{tmp_path}/root/etc'
         ),
+        CONFIG + 'outbox = "/var/lib/gatewatch/outbox.sqlite"\nalerts = "-"\n',
+        CONFIG + 'alerts = "/var/lib/gatewatch/alerts.jsonl"\n',
     ):
         config.write_text(text)
         manifest = bundle.build_bundle(
@@ -453,3 +470,18 @@ def test_a_config_the_agent_would_refuse_is_refused_at_bundle_time(
     assert message in str(caught.value)
     assert "the flashed agent runs with this config alone" in str(caught.value)
     assert not (tmp_path / "gw.tar.gz").exists()
+
+
+def test_the_unit_puts_the_default_outbox_in_its_state_folder(monkeypatch):
+    """Found: the unit hid $HOME (ProtectHome) and set no XDG_STATE_HOME, so the
+    default outbox (~/.local/state/gatewatch) could not be written."""
+    from edge_agent.config import default_state_dir
+
+    unit = bundle.systemd_unit().splitlines()
+    env = [line for line in unit if line.startswith("Environment=XDG_STATE_HOME=")]
+    assert len(env) == 1
+    monkeypatch.setenv("XDG_STATE_HOME", env[0].split("=", 2)[2])
+    state = default_state_dir()
+    writable = next(line for line in unit if line.startswith("ReadWritePaths="))
+    assert str(state) in writable.split("=", 1)[1].split()
+    assert "StateDirectory=gatewatch" in unit and state == Path("/var/lib/gatewatch")
