@@ -1315,6 +1315,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        # run says so itself with what it kept; the other commands say it here.
+        print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -49,6 +49,19 @@ from edge_agent.protocol import validate_id
 from flows.errors import BadInputError, UsageError
 
 
+def _did_you_mean(unknown: list[str], known: list[str]) -> str:
+    """``; did you mean ...?`` naming the known settings closest to misspelt
+    ones (difflib's ratio), or nothing when none is close."""
+    import difflib
+
+    near = [
+        f"{name} -> {match[0]}"
+        for name in unknown
+        if (match := difflib.get_close_matches(name, known, n=1, cutoff=0.75))
+    ]
+    return f"; did you mean {', '.join(near)}?" if near else ""
+
+
 def default_state_dir() -> Path:
     """Where the outbox lives by default: ``$XDG_STATE_HOME/gatewatch``."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -194,7 +207,10 @@ class AgentConfig:
                 raise UsageError(f"config {path}: [agent] must be a table")
             unknown = sorted(set(data) - set(cls.names()))
             if unknown:
-                raise UsageError(f"config {path}: unknown settings {unknown}")
+                raise UsageError(
+                    f"config {path}: unknown settings {unknown}"
+                    + _did_you_mean(unknown, cls.names())
+                )
             cls._check_types(path, data)
             values.update(data)
         flags = {k: v for k, v in overrides.items() if v is not None}

@@ -367,3 +367,32 @@ def test_pack_update_refuses_a_missing_folder_before_signing(tmp_path, capsys,
     assert err == (f"error: --out {out}: the folder {out.parent} does not exist; "
                    "make it first\n")
     assert signed == []
+
+
+def test_a_misspelt_config_setting_gets_the_near_one_named(tmp_path, capsys):
+    config = tmp_path / "agent.toml"
+    config.write_text('[agent]\nbrokr = "mqtt://127.0.0.1:1"\nzzz = 1\n')
+
+    code, err = _agent(capsys, "run", "--config", str(config), "--artifact",
+                       str(tmp_path / "no-art"), "--source", "-", "--site", "s",
+                       "--gateway", "g")
+
+    assert code == 2
+    assert err == (f"error: config {config}: unknown settings ['brokr', 'zzz']; "
+                   "did you mean brokr -> broker?\n")
+
+
+def test_ctrl_c_in_a_command_other_than_run_says_interrupted(tmp_path, capsys,
+                                                             monkeypatch):
+    """Found: Ctrl-C during flash or bundle exited 130 without a word."""
+    import edge_agent.bundle
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(edge_agent.bundle, "_cmd_keygen", interrupted)
+
+    code, err = _agent(capsys, "keygen", "-o", str(tmp_path / "keys"))
+
+    assert code == 130
+    assert err == "error: interrupted\n"
