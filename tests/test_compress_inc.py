@@ -15,26 +15,32 @@ pytest.importorskip("neural_compressor")
 W, F = 4, 6
 
 
-def test_inc_int8_teacher_agrees_with_fp32(tmp_path, capfd) -> None:
-    from compress.inc import _probs, quantize_teacher, save_program
+def fit_tiny_teacher(x: np.ndarray, y: np.ndarray):
+    """A small CNN-BiLSTM trained 30 full-batch steps on the first 400 windows of
+    ``x`` (``[n, W, F]``), so that its scores mean something; in eval mode."""
     from teacher.model import TeacherConfig, TeacherNet
 
     torch.manual_seed(0)
-    torch.set_num_threads(1)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(600, W, F)).astype(np.float32)
-    y = (x[:, -1, 0] + x[:, :, 1].mean(axis=1) > 0).astype(np.int64)
-    net = TeacherNet(TeacherConfig(n_features=F, window=W, conv_filters=(8,),
-                                   lstm_hidden=8, dense=(8,), dropout=0.0))
-
-    # A few quick epochs so the scores mean something.
+    net = TeacherNet(TeacherConfig(n_features=x.shape[2], window=x.shape[1],
+                                   conv_filters=(8,), lstm_hidden=8, dense=(8,),
+                                   dropout=0.0))
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     xt, yt = torch.from_numpy(x[:400]), torch.from_numpy(y[:400]).float()
     for _ in range(30):
         opt.zero_grad()
         torch.nn.functional.binary_cross_entropy_with_logits(net(xt), yt).backward()
         opt.step()
-    net.eval()
+    return net.eval()
+
+
+def test_inc_int8_teacher_agrees_with_fp32(tmp_path, capfd) -> None:
+    from compress.inc import _probs, quantize_teacher, save_program
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, W, F)).astype(np.float32)
+    y = (x[:, -1, 0] + x[:, :, 1].mean(axis=1) > 0).astype(np.int64)
+    net = fit_tiny_teacher(x, y)
 
     capfd.readouterr()
     q, info = quantize_teacher(net, x[:128], x[400:500], y[400:500], 0.05)

@@ -44,23 +44,12 @@ def made(tmp_path_factory) -> SimpleNamespace:
     from compress.inc import torch_int8_artifact
     from teacher.checkpoint import load_teacher, save_checkpoint
     from teacher.metrics import binary_metrics
-    from teacher.model import TeacherConfig, TeacherNet
+    from tests.test_compress_inc import fit_tiny_teacher
 
-    torch.manual_seed(0)
     rng = np.random.default_rng(0)
     x = rng.random(size=(600, W, F)).astype(np.float32)
     y = (x[:, -1, 0] + x[:, :, 1].mean(axis=1) > 1.0).astype(np.int64)
-    net = TeacherNet(TeacherConfig(n_features=F, window=W, conv_filters=(8,),
-                                   lstm_hidden=8, dense=(8,), dropout=0.0))
-
-    # A few quick epochs so the scores mean something.
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    xt, yt = torch.from_numpy(x[:400]), torch.from_numpy(y[:400]).float()
-    for _ in range(30):
-        opt.zero_grad()
-        torch.nn.functional.binary_cross_entropy_with_logits(net(xt), yt).backward()
-        opt.step()
-    net.eval()
+    net = fit_tiny_teacher(x, y)
 
     # The checkpoint, and the artifact compress writes from it (one thread).
     root = tmp_path_factory.mktemp("int8")
