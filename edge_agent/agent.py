@@ -359,6 +359,12 @@ class Agent:
         # awaited put the unanswered ones back to be published again.
         self.max_awaiting = max_awaiting
         self.resend_after = resend_after
+        # The window in use: max_awaiting at first, halved at each re-send (a
+        # broker dropped some), grown back by one per window of answers; and the
+        # ids published again since the last re-send, not answered yet, which
+        # it paces as well.
+        self._window = float(max_awaiting or 0)
+        self._resending: set[str] = set()
         self._quiet_since = time.monotonic()
         self._quiet_limit = resend_after
         self._answers = 0
@@ -975,10 +981,16 @@ class Agent:
         (they were counted in it when first sent); how many went out. Once none
         is left the re-send is over."""
         with self._out_lock:
-            ids = [i for i in self._awaiting if i not in self._tracked]
+            ids = [i for i in self._awaiting
+                   if i not in self._tracked and i not in self._resending]
+            # Paced like new ones: at most a window of them out unanswered.
+            room = min(room, int(self._window) - len(self._resending))
+        if room <= 0:
+            return 0
         rows = self.outbox.pending_of(ids)[:room] if ids else []
         if not rows:
-            self._resend_due = False
+            if not self._resending:
+                self._resend_due = False
             return 0
         published = 0
         for msg in rows:
@@ -989,6 +1001,9 @@ class Agent:
             sent = self._publish_one(link, msg)
             if sent is None:
                 break
+            if sent:
+                with self._out_lock:
+                    self._resending.add(msg.id)
             published += sent
         return published
 
@@ -1001,7 +1016,7 @@ class Agent:
         with self._out_lock:
             rejected = sum(1 for i in self._rejected if i in self._awaiting)
             out = len(self._awaiting) - rejected + len(self._tracked)
-        return self.max_awaiting - out
+        return int(self._window) - out
 
     def _resend_if_unanswered(self, link: MqttLink) -> bool:
         """Publish again the acknowledged escalations still unanswered when no
@@ -1034,9 +1049,12 @@ class Agent:
         self._answers_at_resend = self._answers
         self._quiet_since = now
         moved = self.outbox.requeue_sent()
+        with self._out_lock:
+            self._resending.clear()  # what is unanswered goes out again, paced
         if not moved:
             return False
         self._resend_due = True
+        self._window = max(min(8.0, float(self.max_awaiting)), self._window / 2)
         with self._out_lock:
             self._requeued += moved
             self._resend_rounds += 1
@@ -1128,6 +1146,8 @@ class Agent:
             return
         self._sessions_absent_seen = absent
         moved = self.outbox.requeue_sent()
+        with self._out_lock:
+            self._resending.clear()  # gone with the session: out again
         self._resend_due = bool(moved)
         if moved:
             with self._out_lock:
@@ -1193,6 +1213,10 @@ class Agent:
             if ours:
                 self._answers += 1
                 self._quiet_since = time.monotonic()
+                self._resending.discard(esc_id)
+                if self.max_awaiting is not None and self._window < self.max_awaiting:
+                    self._window = min(float(self.max_awaiting),
+                                       self._window + 1.0 / self._window)
             self._awaiting.pop(esc_id, None)
             self._rejected.pop(esc_id, None)  # answered after all, by another
             if esc_id in self._verdict_ids:
@@ -1248,6 +1272,7 @@ class Agent:
         why = (rejection["reason"], rejection["detail"], rejection["teacher_version"])
         with self._out_lock:
             ours = esc_id in self._tracked or esc_id in self._awaiting
+            self._resending.discard(esc_id)  # answered, if not with a verdict
             if not ours or esc_id in self._rejected:
                 return
             self._rejected[esc_id] = why

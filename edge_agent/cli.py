@@ -230,8 +230,10 @@ _RUN_NUMBERS = {
         float,
         "seconds without any verdict, while some are awaited, after which the "
         "escalations the broker acknowledged and nobody answered are published "
-        "again (the re-scorer answers a copy with the verdict it stored); the "
-        "wait doubles, up to 300 s, after a round that brought none (default: 10)",
+        "again, a window at a time, and the window in use (--max-awaiting at "
+        "first) is halved, then grown back by one per window of verdicts (the "
+        "re-scorer answers a copy with the verdict it stored); the wait doubles, "
+        "up to 300 s, after a round that brought none (default: 10)",
     ),
 }
 

@@ -411,8 +411,12 @@ class Outbox:
                     "DELETE FROM outbox WHERE id = ?", (msg_id,)
                 ).rowcount
             if self.keep_sent and gone:
+                # The newest keep_sent rows stay, however far apart their seqs
+                # (answered ones left gaps: trimming by seq distance dropped old
+                # unanswered ones while few rows were held).
                 self._db.execute(
-                    "DELETE FROM sent WHERE seq <= (SELECT MAX(seq) FROM sent) - ?",
+                    "DELETE FROM sent WHERE seq IN (SELECT seq FROM sent ORDER BY "
+                    "seq DESC LIMIT -1 OFFSET ?)",
                     (self.keep_sent,),
                 )
             self._db.execute("COMMIT")

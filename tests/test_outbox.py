@@ -192,6 +192,24 @@ def test_sent_messages_are_kept_until_answered_and_can_be_requeued(
     assert len(box) == 3
     box.close()
 
+    # Found: the trim went by seq distance, so once keep_sent later messages were
+    # acknowledged (and answered) an old unanswered one was dropped, with only a
+    # few rows held. It keeps the newest keep_sent rows, whatever their seqs.
+    many = Outbox(tmp_path / "m.sqlite", keep_sent=3)
+    for i in range(10):
+        many.add(f"m{i}", "t", b"p", alert=False)
+    many.ack_many(["m0"])
+    for i in range(1, 10):
+        many.ack_many([f"m{i}"])
+        many.answered_many([f"m{i}"])
+    assert many.sent_ids() == ["m0"]
+    many.ack_many([])
+    for i in range(10, 14):
+        many.add(f"m{i}", "t", b"p", alert=False)
+        many.ack_many([f"m{i}"])
+    assert many.sent_ids() == ["m11", "m12", "m13"]
+    many.close()
+
     # Without keep_sent an acknowledged message is gone, as before.
     plain = Outbox(tmp_path / "p.sqlite")
     plain.add("x", "t", b"1", alert=False)
