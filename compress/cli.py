@@ -110,7 +110,8 @@ exit codes:
 """
 EVAL_DESCRIPTION = """\
 Score an artifact in its own runtime (ONNX Runtime or TFLite; with --micro, a
-tflite-micro C array in the TFLite Micro interpreter) on a labeled split of
+tflite-micro C array in the TFLite Micro interpreter; torch for a torch-int8
+teacher, on the CPU, as teacher serve runs it) on a labeled split of
 --dataset or on every labeled row of --data, at the artifact's own decision
 threshold, and print the same metrics as teacher eval (--json: every key). The
 artifact's files are checked against the sha256 in its manifest, and its probe
@@ -583,6 +584,17 @@ def _artifact_table(arts: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _target_of(artifact: Path) -> str | None:
+    """The ``target`` an artifact's manifest names, or None when it cannot be
+    read (the loader then says what is wrong with it)."""
+    try:
+        target = json.loads((Path(artifact) / "manifest.json").read_text()).get(
+            "target")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return target if isinstance(target, str) else None
+
+
 def evaluate_artifact(
     artifact: Path, source: str, split: str | None, data_dir: Path | None = None,
     timing: bool = True, micro: bool = False, timezone: str = "UTC",
@@ -598,7 +610,13 @@ def evaluate_artifact(
     from teacher.data import prepare, trained_on
     from teacher.metrics import binary_metrics, time_scorer
 
-    scorer = load_artifact(artifact, prefer_micro=micro)
+    if _target_of(artifact) == "torch-int8":
+        # The re-scorer's int8 teacher: no edge runtime, torch's own.
+        from compress.inc import load_int8_teacher
+
+        scorer = load_int8_teacher(artifact)
+    else:
+        scorer = load_artifact(artifact, prefer_micro=micro)
     prep = prepare(source, encoder=scorer.encoder, data_dir=data_dir,
                    need_split=False, encoder_of="the artifact", timezone=timezone)
     rows = prep.rows(split)

@@ -8,8 +8,9 @@ convolutions and dense layers (the LSTM stays float). Its accuracy-driven
 measured against the float teacher on the test split (F1, decision agreement,
 |Δprob|, latency on one thread) and saved as a ``torch.export`` program
 (``model.pt2``, dynamic batch axis: any batch from 1 to 65536) with a manifest.
-It is not an edge target: the gateway never runs torch; ``compress eval`` does not
-load it. Load it with :func:`load_program`: the program calls the
+It is not an edge target: the gateway never runs torch; ``compress eval`` scores it
+with torch through :class:`Int8Teacher`, as the re-scorer does. Load the program
+with :func:`load_program`: it calls the
 ``quantized_decomposed`` ops, which ``torch.export.load`` cannot resolve until
 torchao (or ``torch.ao.quantization``) has registered them in the process.
 
@@ -345,6 +346,18 @@ class Int8Teacher:
         if len(arr) == 0:
             return np.zeros(0, dtype=np.float32)
         return _probs(self.program, arr, self.batch_size)
+
+    # What ``compress eval`` asks of an artifact's scorer (edge_agent.runtime).
+    target = "torch-int8"
+
+    def score(self, windows: Any) -> np.ndarray:
+        """:meth:`predict_proba`, by the name edge scorers give it."""
+        return self.predict_proba(windows)
+
+    @property
+    def model_version(self) -> str:
+        """The artifact's manifest ``model_version``, as edge scorers report it."""
+        return str(self.manifest.get("model_version") or self.version)
 
 
 def load_int8_teacher(folder: str | os.PathLike[str]) -> Int8Teacher:

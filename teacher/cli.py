@@ -1137,6 +1137,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.data and args.split not in (None, "all"):
         raise UsageError(f"--split {args.split} picks rows of a --dataset; a --data "
                          "file is scored whole (leave --split out)")
+    if (Path(args.checkpoint) / "manifest.json").is_file():
+        raise UsageError(f"--checkpoint {args.checkpoint} is a compress artifact "
+                         "(it holds manifest.json), not a teacher checkpoint; score "
+                         "it with compress eval --artifact")
     teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
     prep = _prepare(args, encoder=teacher.encoder, data_dir=args.data_dir,
                     seed=args.seed, need_split=False)

@@ -305,3 +305,46 @@ def test_serve_help_says_it_takes_a_torch_int8_artifact(capsys) -> None:
     assert "teacher_version torch-int8:sha256:HEX" in out
     assert "checkpoint or torch-int8 artifact that cannot be loaded" in out
 
+
+
+def test_compress_eval_scores_the_int8_teacher_with_torch(made, monkeypatch) -> None:
+    """Found: the model the re-scorer runs could not be measured on a user's file
+    (``compress eval`` said torch-int8 has no edge runtime)."""
+    import compress.cli
+    import teacher.data
+    from compress.inc import load_int8_teacher
+    from teacher.data import Prepared
+    from teacher.metrics import binary_metrics
+
+    windows = made.windows
+    n = len(windows)
+    y = (windows[:, -1, 0] > 0.5).astype(np.int8)
+    rows = np.arange(n * W).reshape(n, W)  # each row's window: its own W rows
+    int8 = load_int8_teacher(made.art)
+
+    def prepared(source, encoder=None, **kw):
+        assert source == "flows.log"
+        return Prepared(X=windows.reshape(n * W, F), idx=rows, y=y,
+                        split=np.zeros(n, np.int8), encoder=encoder,
+                        name="flows.log", family="unsw-nb15")
+
+    monkeypatch.setattr(teacher.data, "prepare", prepared)
+    out = compress.cli.evaluate_artifact(made.art, "flows.log", None, timing=False,
+                                         source_is_dataset=False)
+
+    want = binary_metrics(y, measured(made.art, windows), int8.threshold)
+    assert out["target"] == "torch-int8"
+    assert out["confusion"] == want["confusion"] and out["n"] == n
+    assert out["f1"] == pytest.approx(want["f1"])
+
+
+def test_teacher_eval_on_an_artifact_points_to_compress_eval(made, capsys) -> None:
+    """Found: teacher eval named a missing config.json, though serve takes the
+    folder."""
+    from teacher.cli import main
+
+    code = main(["eval", "--checkpoint", str(made.art), "--data", "x.log", "-q"])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "is a compress artifact" in err and "compress eval --artifact" in err
