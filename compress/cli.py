@@ -670,6 +670,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
     else:
+        print(f"{'artifact':>13}: {out['artifact']} ({out['target']}, model "
+              f"{out['model_version']})")
+        print(f"{'data':>13}: {out['data']}, split {out['split']}, {out['n']} rows")
+        print(f"{'threshold':>13}: {out['threshold']:.4f}")
         for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "fpr"):
             value = out.get(key)
             print(f"{key:>13}: {value:.4f}" if value is not None else f"{key:>13}: -")
@@ -679,6 +683,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if recall:
             print(f"{'family recall':>13}: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in recall.items()))
+        if "latency_us_p50" in out:
+            print(f"{'latency':>13}: p50 {out['latency_us_p50']:.1f} µs, p99 "
+                  f"{out['latency_us_p99']:.1f} µs (batch 1), "
+                  f"{out['throughput_flows_s']:,.0f} flows/s (batch 256)")
         for text in out.get("warnings", []):
             print(f"      warning: {text}")
     return _finished(out.get("partial", False))
