@@ -228,6 +228,8 @@ def check_teacher_files(
             )
 
 
+# TODO(gap): files are matched by the sha256 of their bytes: a gzipped copy of a
+# training file, or one of several files joined for training, is not recognised.
 def trained_on(files: dict[str, Any], provenance: dict[str, Any] | None) -> list[str]:
     """The files of ``files`` (path -> sha256, as :attr:`Prepared.files`) whose
     rows the teacher trained on, by digest, for a warning when one is scored whole.

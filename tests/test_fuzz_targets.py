@@ -740,6 +740,7 @@ TARGETS = {
     "zeek-tsv": (t_reader, lambda: [seed_zeek_tsv()]),
     "zeek-tsv-pieces": (t_zeek_pieces, lambda: [seed_zeek_tsv()]),
     "zeek-json": (t_reader, lambda: [seed_zeek_json()]),
+    "zeek-json-pieces": (t_zeek_pieces, lambda: [seed_zeek_json()]),
     "binetflow": (
         lambda d, s: t_reader(d, s, "input.binetflow"),
         lambda: [seed_binetflow()],
