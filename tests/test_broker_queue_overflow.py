@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import tests.test_faults as faults
 from tests.conftest import Mosquitto
 from tests.test_faults import Serve, feed, shifted, start_agent, store_ids, summary_of
 
@@ -25,18 +26,9 @@ pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
 SMALL_QUEUE = "max_queued_messages 20\nmax_inflight_messages 20\n"
 
 
-@pytest.fixture
-def tm(data_dir, tmp_path_factory):
-    from tests.test_agent_fixtures import tiny
-
-    return tiny(data_dir, tmp_path_factory)
-
-
-@pytest.fixture
-def teacher(tm):
-    from tests.test_agent_fixtures import make_teacher
-
-    return make_teacher(tm, tm.artifact.parent / "teacher")
+# The tiny conn model and its teacher, as the fault tests make them.
+tm = faults.tm
+teacher = faults.teacher
 
 
 def _burst(
