@@ -590,8 +590,8 @@ def _target_of(artifact: Path) -> str | None:
     try:
         target = json.loads((Path(artifact) / "manifest.json").read_text()).get(
             "target")
-    except (OSError, ValueError, AttributeError):
-        return None
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None  # a manifest nested past Python's stack, too
     return target if isinstance(target, str) else None
 
 
