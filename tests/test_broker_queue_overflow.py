@@ -83,8 +83,12 @@ def test_a_burst_past_the_brokers_queue_loses_escalations_without_flow_control(
 
     assert len(expected) > 300
     assert rc == 6
-    assert len(stored) < len(expected)
-    assert summary["verdicts_awaited"] == len(expected) - len(stored)
+    # The broker kept at most its queue and in-flight window (20 + 20) for the
+    # re-scorer that was away; every other escalation it acknowledged is gone.
+    assert len(stored) <= 40 < len(expected)
+    # Unanswered at the end: at least the lost ones (a stored one's verdict may
+    # still be on its way when the 5 s drain ends).
+    assert summary["verdicts_awaited"] >= len(expected) - len(stored)
 
 
 def test_the_awaiting_window_keeps_a_burst_inside_the_brokers_queue(
