@@ -1007,6 +1007,11 @@ class Agent:
             published += sent
         return published
 
+    def _rejected_awaited(self) -> int:
+        """Escalations a re-scorer rejected that still await a verdict (call with
+        ``_out_lock`` held)."""
+        return sum(1 for i in self._rejected if i in self._awaiting)
+
     def _window_left(self) -> int | None:
         """How many more escalations may go out before answers come back (None:
         no limit): ``max_awaiting`` less those awaited (rejected ones aside) and
@@ -1014,8 +1019,7 @@ class Agent:
         if self.max_awaiting is None:
             return None
         with self._out_lock:
-            rejected = sum(1 for i in self._rejected if i in self._awaiting)
-            out = len(self._awaiting) - rejected + len(self._tracked)
+            out = len(self._awaiting) - self._rejected_awaited() + len(self._tracked)
         return int(self._window) - out
 
     def _resend_if_unanswered(self, link: MqttLink) -> bool:
@@ -1034,8 +1038,7 @@ class Agent:
             return False
         now = time.monotonic()
         with self._out_lock:
-            rejected = sum(1 for i in self._rejected if i in self._awaiting)
-            waiting = len(self._awaiting) - rejected > 0
+            waiting = len(self._awaiting) - self._rejected_awaited() > 0
         if not waiting or self._tracked:
             self._quiet_since = now
             return False
@@ -1381,9 +1384,7 @@ class Agent:
         with self._out_lock:
             out["escalations_resent"] = self._resent
             out["verdicts_awaited"] = len(self._awaiting) + self._awaiting_evicted
-            out["escalations_rejected"] = sum(
-                i in self._awaiting for i in self._rejected
-            )
+            out["escalations_rejected"] = self._rejected_awaited()
             out["escalations_requeued"] = self._requeued
         out["broker_sessions_lost"] = getattr(self.link, "sessions_lost", 0)
         try:
