@@ -238,6 +238,9 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
                    help="windows a made-up anomaly takes its swapped-in features "
                         "from: any window of the batch (default), or only its "
                         "malicious or only its benign ones")
+    p.add_argument("--benign-mixup", type=real(0, 1, hi_open=True), default=None,
+                   help="share of each training batch turned into blends of two "
+                        "benign windows, labelled benign (default 0: off)")
     p.add_argument("--type-power", type=real(0, 1), default=None,
                    help="the malicious half of balanced sampling shared among "
                         "attack types by (type rows)^P: 1 as the data holds them "
@@ -540,7 +543,7 @@ def _train_config(args: argparse.Namespace, **defaults: Any) -> Any:
     for name in ("lr", "weight_decay", "batch_size", "input_noise", "label_smoothing",
                  "ema", "feature_dropout", "stop_on", "stop_rows", "schedule",
                  "keep", "outliers", "outlier_swap", "outlier_unit", "outlier_donors",
-                 "type_power"):
+                 "benign_mixup", "type_power"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return TrainConfig(**kw)

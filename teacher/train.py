@@ -82,6 +82,10 @@ class TrainConfig:
     malicious windows only, so that a made-up anomaly is a window with some of an
     attack's features, never a mix of benign windows; "benign" from its benign
     windows only ("any", the default, takes them from every window).
+    ``benign_mixup`` turns that share of each batch (its last windows, apart from
+    the made-up anomalies) into blends of two of the batch's benign windows,
+    ``l * a + (1 - l) * b`` with ``l`` uniform in [0, 1], labelled benign, so that
+    what lies between benign windows is not taken for an attack.
     """
 
     epochs: int = 50
@@ -111,6 +115,7 @@ class TrainConfig:
     outlier_swap: float = 0.3
     outlier_unit: str = "column"
     outlier_donors: str = "any"
+    benign_mixup: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -136,6 +141,8 @@ class TrainConfig:
             problems.append("type_power needs balanced sampling and no SMOTE")
         if not 0.0 <= self.outliers < 1.0 or not 0.0 < self.outlier_swap <= 1.0:
             problems.append("outliers must be in [0, 1), outlier_swap in (0, 1]")
+        if not 0.0 <= self.benign_mixup < 1.0 - self.outliers:
+            problems.append("benign_mixup must be in [0, 1 - outliers)")
         if not 0.0 <= self.feature_dropout < 1.0:
             problems.append("feature_dropout must be in [0, 1)")
         if self.epochs < 1 or self.patience < 1:
@@ -334,6 +341,27 @@ def _with_outliers(
     return x, target
 
 
+def _with_benign_mixup(
+    x: torch.Tensor, target: torch.Tensor, share: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch with its last ``share`` of windows replaced by blends of two of its
+    benign windows (see TrainConfig.benign_mixup), labelled 0; unchanged when the
+    batch holds no benign window."""
+    n = int(round(share * x.shape[0]))
+    benign = torch.nonzero(target <= 0.5).flatten()
+    if n == 0 or len(benign) == 0:
+        return x, target
+
+    a = x[benign[torch.randint(0, len(benign), (n,), device=x.device)]]
+    b = x[benign[torch.randint(0, len(benign), (n,), device=x.device)]]
+    weight = torch.rand(n, 1, 1, device=x.device, dtype=x.dtype)
+    x = x.clone()
+    x[-n:] = weight * a + (1 - weight) * b
+    target = target.clone()
+    target[-n:] = 0.0
+    return x, target
+
+
 def fit(
     prep: Prepared,
     model_config: TeacherConfig | None = None,
@@ -484,6 +512,8 @@ def fit(
             if tc.outliers > 0:
                 x, target = _with_outliers(x, target, tc.outliers, tc.outlier_swap,
                                            fields, tc.outlier_donors)
+            if tc.benign_mixup > 0:
+                x, target = _with_benign_mixup(x, target, tc.benign_mixup)
             if tc.input_noise > 0:
                 x = x + tc.input_noise * torch.randn_like(x)
             if tc.feature_dropout > 0:

@@ -15,6 +15,7 @@ from teacher.train import (
     TrainConfig,
     _epoch_order,
     _smote,
+    _with_benign_mixup,
     _with_outliers,
     fit,
     watched_rows,
@@ -170,6 +171,38 @@ def test_outlier_donors_take_features_from_the_named_class_only():
         assert donors and all(j < 30 for j in donors)
     with pytest.raises(UsageError, match="outlier_donors"):
         TrainConfig(outlier_donors="attack")
+
+
+def test_benign_mixup_blends_two_benign_windows_into_the_tail_of_the_batch():
+    torch.manual_seed(0)
+    x = torch.rand(40, 2, 6)
+    target = torch.zeros(40)
+    target[:15] = 1.0  # windows 0-14 malicious
+    out, labels = _with_benign_mixup(x, target, 0.25)
+
+    assert torch.equal(out[:30], x[:30]) and torch.equal(labels[:30], target[:30])
+    assert labels[30:].sum() == 0 and target[30:].sum() == 0  # inputs untouched
+    benign = x[15:].reshape(25, -1)
+    for window in out[30:].reshape(10, -1):
+        # Some pair (a, b) of benign windows and one weight in [0, 1] give it.
+        found = False
+        for a in benign:
+            for b in benign:
+                d = a - b
+                w = float((window - b) @ d / (d @ d)) if float(d @ d) > 0 else 0.0
+                if -1e-6 <= w <= 1 + 1e-6 and torch.allclose(
+                        window, w * a + (1 - w) * b, atol=1e-5):
+                    found = True
+                    break
+            if found:
+                break
+        assert found, "a blended window is a mix of two benign windows"
+
+    all_bad = torch.ones(40)
+    same, labels = _with_benign_mixup(x, all_bad, 0.25)
+    assert same is x and labels is all_bad  # no benign window: nothing made up
+    with pytest.raises(UsageError, match="benign_mixup"):
+        TrainConfig(outliers=0.5, benign_mixup=0.5)
 
 
 def test_type_power_is_refused_without_balanced_sampling():
