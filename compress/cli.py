@@ -607,7 +607,7 @@ def evaluate_artifact(
     import numpy as np
 
     from edge_agent.runtime import load_artifact
-    from teacher.data import prepare, trained_on
+    from teacher.data import prepare, warn_trained_on
     from teacher.metrics import binary_metrics, time_scorer
 
     if _target_of(artifact) == "torch-int8":
@@ -621,14 +621,8 @@ def evaluate_artifact(
                    need_split=False, encoder_of="the artifact", timezone=timezone)
     rows = prep.rows(split)
     if not source_is_dataset:
-        for path in trained_on(prep.files, scorer.manifest.get("provenance", {})
-                               .get("data")):
-            text = (f"{path}: the artifact's teacher and student were trained on "
-                    "this file (same sha256 as in its manifest), so these numbers "
-                    "count rows they trained on; for held-out numbers score the "
-                    "test split (--dataset NAME --split test)")
-            logger.warning("%s", text)
-            prep.warnings.append(text)
+        warn_trained_on(prep, scorer.manifest.get("provenance", {}).get("data"),
+                        "the artifact's teacher", "its manifest")
     if rows.size == 0:
         where = "the file" if split is None else f"split {split!r}"
         raise BadInputError(

@@ -1151,7 +1151,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     split = None if (asked == "all" or args.data) else asked
     rows = prep.rows(split)
     if args.data:
-        _warn_trained_on(prep, teacher)
+        from teacher.data import warn_trained_on
+
+        warn_trained_on(prep, teacher.provenance)
     if rows.size == 0:
         where = "the file" if args.data else f"split {asked!r}"
         raise BadInputError(
@@ -1164,19 +1166,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out["warnings"] = prep.warnings
     _print(out, args.json)
     return _finished(prep)
-
-
-def _warn_trained_on(prep: Any, teacher: Any) -> None:
-    """Warn (log and the JSON's ``warnings``) when a --data file scored whole is one
-    the teacher trained on: its numbers then count training rows, not a test."""
-    from teacher.data import trained_on
-
-    for path in trained_on(prep.files, teacher.provenance):
-        text = (f"{path}: the teacher was trained on this file (same sha256 as in "
-                "its provenance), so these numbers count rows it trained on; for "
-                "held-out numbers score its test split (--dataset NAME --split test)")
-        logger.warning("%s", text)
-        prep.warnings.append(text)
 
 
 def cmd_baselines(args: argparse.Namespace) -> int:

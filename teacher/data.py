@@ -28,6 +28,7 @@ __all__ = [
     "prepare",
     "stratified_split",
     "trained_on",
+    "warn_trained_on",
 ]
 
 _FAMILY_COLUMN = {"nsl-kdd": "attack_family"}
@@ -248,6 +249,18 @@ def trained_on(files: dict[str, Any], provenance: dict[str, Any] | None) -> list
     if spec is not None and spec.split == "official":
         digests &= {f.sha256 for f in spec.files if f.role == "train"}
     return [path for path, digest in files.items() if str(digest) in digests]
+
+
+def warn_trained_on(prep: Prepared, provenance: dict[str, Any] | None,
+                    model: str = "the teacher", where: str = "its provenance") -> None:
+    """Warn (log and ``prep.warnings``, which eval prints) for each file of ``prep``
+    that ``model`` trained on: numbers on it count training rows, not a test."""
+    for path in trained_on(prep.files, provenance):
+        text = (f"{path}: {model} trained on this file (same sha256 as in {where}), "
+                "so these numbers count rows it trained on; for held-out numbers "
+                "score the test split (--dataset NAME --split test)")
+        logger.warning("%s", text)
+        prep.warnings.append(text)
 
 
 def prepare(
