@@ -1051,15 +1051,12 @@ class Agent:
             self._quiet_limit = self.resend_after
         self._answers_at_resend = self._answers
         self._quiet_since = now
-        moved = self.outbox.requeue_sent()
-        with self._out_lock:
-            self._resending.clear()  # what is unanswered goes out again, paced
+        moved = self._requeue_sent()
         if not moved:
             return False
-        self._resend_due = True
+
         self._window = max(min(8.0, float(self.max_awaiting)), self._window / 2)
         with self._out_lock:
-            self._requeued += moved
             self._resend_rounds += 1
             first = self._resend_rounds == 1
         log = logger.warning if first else logger.info
@@ -1148,17 +1145,25 @@ class Agent:
         if absent == self._sessions_absent_seen:
             return
         self._sessions_absent_seen = absent
-        moved = self.outbox.requeue_sent()
-        with self._out_lock:
-            self._resending.clear()  # gone with the session: out again
-        self._resend_due = bool(moved)
+        moved = self._requeue_sent()
         if moved:
-            with self._out_lock:
-                self._requeued += moved
             logger.warning(
                 "broker %s had no session for this gateway: %d escalations sent "
                 "earlier and not answered yet are published again",
                 link.url, moved)
+
+    def _requeue_sent(self) -> int:
+        """Put the outbox's acknowledged, unanswered escalations back in its queue
+        to be published again, paced by the window (``_publish_awaited``), and
+        count them; how many moved. Shared by the re-send after a quiet spell and
+        the re-send after a lost session."""
+        moved = self.outbox.requeue_sent()
+        with self._out_lock:
+            self._resending.clear()  # every unanswered one goes out again
+            self._requeued += moved
+        if moved:
+            self._resend_due = True
+        return moved
 
     def _note_sent(self, ids: list[str]) -> None:
         """Await one verdict per escalation id just acknowledged by the broker.
