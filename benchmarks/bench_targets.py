@@ -1,11 +1,13 @@
 """Measure every artifact of a ``compress run --target all`` folder in its runtime.
 
-For each ``<folder>/<target>/manifest.json``: parameters, model size, F1 on the test
-split (re-scored here with ``compress eval``'s code, in the artifact's runtime), p50
-latency at batch 1 and throughput at batch 256 on one thread. ``tflite-micro`` runs
-in the TFLite Micro interpreter on the host when it is installed. ``torch-int8``
-(the teacher quantized by Neural Compressor) is read from its manifest, next to the
-float teacher it was measured against.
+For each ``<folder>/<target>/manifest.json``: parameters (as the manifest records
+them), model size (measured here: the bytes of the model file the manifest names; for
+``tflite-micro`` the flatbuffer held in ``model.cc``, as ``compress run`` counts it),
+F1 on the test split (re-scored here with ``compress eval``'s code, in the artifact's
+runtime), p50 latency at batch 1 and throughput at batch 256 on one thread.
+``tflite-micro`` runs in the TFLite Micro interpreter on the host when it is
+installed. The metrics of ``torch-int8`` (the teacher quantized by Neural Compressor)
+are read from its manifest, next to the float teacher it was measured against.
 
     python -m benchmarks.bench_targets --artifacts runs/c-nsl-all --dataset nsl-kdd \
         --out benchmarks/results/targets-nsl-kdd.md
@@ -50,9 +52,24 @@ def measure(folder: Path, dataset: str, data_dir: Path | None) -> list[dict[str,
                                   micro=target == "tflite-micro")
             runtime = "tflite-micro" if target == "tflite-micro" else (
                 "onnxruntime" if target.startswith("onnx") else "ai-edge-litert")
-        rows.append(_row(target, name, manifest["params"], manifest["size_bytes"], m,
-                         runtime, manifest["input"]["dtype"]))
+        rows.append(_row(target, name, manifest["params"], model_size(path, manifest),
+                         m, runtime, manifest["input"]["dtype"]))
     return rows
+
+
+def model_size(folder: Path, manifest: dict[str, Any]) -> int:
+    """Bytes of the artifact's model, read from its model file (not the manifest).
+
+    Counted as ``compress run`` writes ``size_bytes`` for an artifact as built: the
+    model file, and for ``tflite-micro`` the flatbuffer its ``model.cc`` holds (the
+    bytes the device stores), not the C source.
+    """
+    path = folder / str(manifest["model_file"])
+    if manifest.get("target") == "tflite-micro":
+        from edge_agent.runtime import c_array_bytes
+
+        return len(c_array_bytes(path.read_text()))
+    return path.stat().st_size
 
 
 def _row(target: str, name: str, params: int, size: int | None, m: dict[str, Any],
@@ -68,7 +85,8 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
         return format(v, fmt) if isinstance(v, int | float) else "-"
 
     out = [f"### {title}", "",
-           "| target | model | params | size (B) | I/O | F1 (test) | b1 p50 (µs) "
+           "| target | model | params (manifest) | size (B) | I/O | F1 (test) "
+           "| b1 p50 (µs) "
            "| b256 (flows/s) | runtime |",
            "|---|---|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:

@@ -316,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--micro", action="store_true",
                     help="run a tflite-micro C array in the TFLite Micro interpreter")
     ev.add_argument("--no-timing", action="store_true", help="skip latency timing")
+    ev.add_argument("--threads", type=integer(1, 1024), default=1, metavar="N",
+                    help="CPU threads of the runtime (torch, onnxruntime or the "
+                         "TFLite interpreter) for scoring; latency and throughput "
+                         "are measured on N threads (default 1, as teacher eval; "
+                         "TFLite Micro always runs on one)")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ev.add_argument("-q", "--quiet", action="store_true",
                     default=argparse.SUPPRESS,
@@ -598,25 +603,29 @@ def _target_of(artifact: Path) -> str | None:
 def evaluate_artifact(
     artifact: Path, source: str, split: str | None, data_dir: Path | None = None,
     timing: bool = True, micro: bool = False, timezone: str = "UTC",
-    source_is_dataset: bool = True,
+    source_is_dataset: bool = True, threads: int = 1,
 ) -> dict[str, Any]:
     """Metrics of an artifact run in its runtime (same keys as ``teacher eval``);
     ``timezone`` is the zone of a binetflow file's start times (as in
     :func:`teacher.data.prepare`). A flow file (``source_is_dataset`` false) that
-    the artifact was trained on is scored with a warning saying so."""
+    the artifact was trained on is scored with a warning saying so. The runtime
+    scores, and the latency is timed, on ``threads`` CPU threads: torch's, and
+    those of the onnxruntime or TFLite session (the key ``threads``)."""
     import numpy as np
+    import torch
 
     from edge_agent.runtime import load_artifact
     from teacher.data import prepare, warn_trained_on
     from teacher.metrics import binary_metrics, time_scorer
 
+    torch.set_num_threads(threads)
     if _target_of(artifact) == "torch-int8":
         # The re-scorer's int8 teacher: no edge runtime, torch's own.
         from compress.inc import load_int8_teacher
 
         scorer = load_int8_teacher(artifact)
     else:
-        scorer = load_artifact(artifact, prefer_micro=micro)
+        scorer = load_artifact(artifact, prefer_micro=micro, threads=threads)
     prep = prepare(source, encoder=scorer.encoder, data_dir=data_dir,
                    need_split=False, encoder_of="the artifact", timezone=timezone)
     rows = prep.rows(split)
@@ -637,6 +646,7 @@ def evaluate_artifact(
     out = binary_metrics(prep.y[rows], prob, scorer.thresholds["decision"], fams)
     out["threshold_rule"] = "best-f1"
     out["scoring_s"] = scored_s
+    out["threads"] = threads
     if timing:
         out.update(time_scorer(scorer.score, windows[:512]))
     out.update({"artifact": str(artifact), "target": scorer.target,
@@ -660,7 +670,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = evaluate_artifact(args.artifact, source, split, args.data_dir,
                             timing=not args.no_timing, micro=args.micro,
                             timezone=args.timezone,
-                            source_is_dataset=not args.data)
+                            source_is_dataset=not args.data, threads=args.threads)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -680,7 +690,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if "latency_us_p50" in out:
             print(f"{'latency':>13}: p50 {out['latency_us_p50']:.1f} µs, p99 "
                   f"{out['latency_us_p99']:.1f} µs (batch 1), "
-                  f"{out['throughput_flows_s']:,.0f} flows/s (batch 256)")
+                  f"{out['throughput_flows_s']:,.0f} flows/s (batch 256), "
+                  f"{out['threads']} thread{'s' if out['threads'] > 1 else ''}")
         for text in out.get("warnings", []):
             print(f"      warning: {text}")
     return _finished(out.get("partial", False))

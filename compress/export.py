@@ -70,8 +70,12 @@ def export_onnx(
     model: nn.Module, path: Path, window: int, n_features: int,
     output: str = "probability",
 ) -> Path:
-    """Write the model as ONNX with a dynamic batch axis (``output``: or "logit")."""
+    """Write the model as ONNX with a dynamic batch axis (``output``: or "logit").
+
+    The graph's output is named after what it holds: ``prob`` or ``logit``.
+    """
     wrapped = ProbabilityModel(model, output).eval()
+    out_name = "logit" if output == "logit" else "prob"
     example = torch.zeros(2, window, n_features)
     try:
         import warnings
@@ -83,8 +87,8 @@ def export_onnx(
                 (example,),
                 str(path),
                 input_names=["x"],
-                output_names=["prob"],
-                dynamic_axes={"x": {0: "batch"}, "prob": {0: "batch"}},
+                output_names=[out_name],
+                dynamic_axes={"x": {0: "batch"}, out_name: {0: "batch"}},
                 opset_version=17,
                 dynamo=False,
             )

@@ -121,18 +121,13 @@ def health_check(scorer: Any, *, tolerance: float | None = None) -> float:
     shape, that the thresholds are usable, and that the probe windows score within
     ``tolerance`` of the manifest's expected scores.
     """
+    from edge_agent.runtime import check_encoder_fits
     from edge_agent.sources import artifact_problem
 
-    encoder = scorer.encoder
-    problem = artifact_problem(encoder, None)
+    problem = artifact_problem(scorer.encoder, None)
     if problem is not None:
         raise ModelError(f"the artifact {problem}")
-    if (encoder.window, encoder.n_features) != (scorer.window, scorer.n_features):
-        raise ModelError(
-            f"the encoder makes windows [{encoder.window}, {encoder.n_features}] but "
-            f"the model takes [{scorer.window}, {scorer.n_features}]; refusing an "
-            "artifact whose model does not match its encoder"
-        )
+    check_encoder_fits(scorer)  # load_artifact checked it too; kept for any scorer
     probe = scorer.manifest.get("probe") or {}
     try:
         windows = np.asarray(probe.get("windows", []), dtype=np.float32)

@@ -4,7 +4,8 @@ An artifact is a folder written by ``compress run``: a model file (``model.onnx`
 ``model.tflite`` or the ``model.cc`` C array of a TFLite Micro build), ``encoder.json``,
 ``thresholds.json`` and ``manifest.json``. :func:`load_artifact` checks the sha256 of
 every file against the manifest before it loads anything, checks that the model's input
-is the one the manifest declares, and returns a :class:`Scorer` whose ``score`` maps
+and output are the ones the manifest declares and that the encoder makes the windows
+the model takes, and returns a :class:`Scorer` whose ``score`` maps
 float32 windows ``[B, W, F]`` to float32 probabilities ``[B]`` (higher means more
 anomalous).
 
@@ -47,7 +48,9 @@ _NP_DTYPES = {"float32": np.float32, "int8": np.int8, "uint8": np.uint8}
 # tools that onnxruntime 1.32 runs. Anything else is refused by name before loading.
 ONNX_IR_VERSIONS = range(7, 11)
 ONNX_OPSETS = range(13, 22)
-_ONNX_DTYPES = {"tensor(float)": "float32", "tensor(int8)": "int8"}
+_ONNX_DTYPES = {
+    "tensor(float)": "float32", "tensor(int8)": "int8", "tensor(uint8)": "uint8"
+}
 
 
 @dataclass(frozen=True)
@@ -341,6 +344,10 @@ class _Backend:
     name = "?"
     input_shape: tuple[Any, ...] = ()
     input_dtype = "float32"
+    # The model's own output: dtype and, for an integer output, (scale, zero point);
+    # None where the runtime does not say.
+    output_dtype: str | None = None
+    out_quant: tuple[float, int] | None = None
 
     def run(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -373,6 +380,10 @@ class _OnnxBackend(_Backend):
         self.input_name = inp.name
         self.input_shape = tuple(d if isinstance(d, int) else None for d in inp.shape)
         self.input_dtype = _ONNX_DTYPES.get(inp.type, inp.type)
+        out = self.session.get_outputs()[0]
+        self.output_dtype = _ONNX_DTYPES.get(out.type, out.type)
+        if self.output_dtype != "float32":
+            self.out_quant = onnx_output_quantization(Path(path).read_bytes())
 
     def run(self, x: np.ndarray) -> np.ndarray:
         try:
@@ -418,6 +429,87 @@ def check_onnx_versions(path: Path) -> None:
             f"{path}: ONNX opset {opset} of domain ai.onnx is not supported (gatewatch "
             f"loads opsets {ONNX_OPSETS.start}-{ONNX_OPSETS.stop - 1})"
         )
+
+
+def onnx_output_quantization(data: bytes) -> tuple[float, int] | None:
+    """The (scale, zero point) of an ONNX model's first output, when a
+    ``QuantizeLinear`` whose scale and zero point are initializers makes it.
+
+    Read with the protobuf walk of :func:`onnx_versions` (graph: field 7; in it
+    nodes 1, initializers 5, outputs 12). None when the output is made some
+    other way: there is then nothing to compare the manifest with.
+    """
+    graph = next((v for n, w, v in _proto_fields(data) if n == 7 and w == 2), b"")
+    nodes, inits, output = [], {}, None
+    for number, wire, value in _proto_fields(graph):
+        if wire != 2:
+            continue
+        if number == 1:
+            nodes.append(value)
+        elif number == 5:
+            name, tensor = _onnx_tensor(value)
+            inits[name] = tensor
+        elif number == 12 and output is None:
+            output = _proto_string(value, 1)
+    for node in nodes:
+        fields = [(n, v) for n, w, v in _proto_fields(node) if w == 2]
+        outs = [v.decode("utf-8", "replace") for n, v in fields if n == 2]
+        if output not in outs:
+            continue
+        ins = [v.decode("utf-8", "replace") for n, v in fields if n == 1]
+        op = next((v for n, v in fields if n == 4), b"").decode("utf-8", "replace")
+        if op != "QuantizeLinear" or len(ins) < 3:
+            return None
+        scale, zero_point = inits.get(ins[1]), inits.get(ins[2])
+        if scale is None or zero_point is None or not (scale.size == zero_point.size
+                                                       == 1):
+            return None
+        return float(scale.ravel()[0]), int(zero_point.ravel()[0])
+    return None
+
+
+# ONNX TensorProto data types read by _onnx_tensor: FLOAT, UINT8, INT8, INT32.
+_ONNX_TENSOR_TYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32}
+
+
+def _onnx_tensor(data: bytes) -> tuple[str, np.ndarray | None]:
+    """Name and values of a small ONNX TensorProto (None: a type not read here)."""
+    name, dtype, raw, floats, ints = "", 0, None, [], []
+    for number, wire, value in _proto_fields(data):
+        if number == 8 and wire == 2:
+            name = value.decode("utf-8", "replace")
+        elif number == 2 and wire == 0:
+            dtype = value
+        elif number == 9 and wire == 2:
+            raw = value
+        elif number == 4:  # float_data: packed, or one fixed32 a field
+            floats.append(np.frombuffer(value, "<f4"))
+        elif number == 5:  # int32_data (int8/uint8 too): packed varints, or one
+            if wire == 0:
+                ints.append(value)
+            else:
+                pos = 0
+                while pos < len(value):
+                    item, pos = _varint(value, pos)
+                    ints.append(item)
+    np_type = _ONNX_TENSOR_TYPES.get(dtype)
+    if np_type is None:
+        return name, None
+    if raw is not None:
+        return name, np.frombuffer(raw, np.dtype(np_type).newbyteorder("<"))
+    if np_type is np.float32:
+        return name, np.concatenate(floats) if floats else np.zeros(0, np.float32)
+    # A negative int32 is written as a 64-bit two's complement varint.
+    signed = [v - (1 << 64) if v >= 1 << 63 else v for v in ints]
+    return name, np.asarray(signed, dtype=np.int64)
+
+
+def _proto_string(data: bytes, field: int) -> str | None:
+    """The first length-delimited field ``field`` of a message, as text."""
+    for number, wire, value in _proto_fields(data):
+        if number == field and wire == 2:
+            return value.decode("utf-8", "replace")
+    return None
 
 
 def _proto_fields(data: bytes):
@@ -490,7 +582,9 @@ class _TfliteBackend(_Backend):
         self.input_shape = tuple(None if int(d) < 0 else int(d) for d in sig)
         self.input_dtype = np.dtype(self.inp["dtype"]).name
         self.quant = self.inp.get("quantization", (0.0, 0))
-        self.out_quant = self.out.get("quantization", (0.0, 0))
+        self.output_dtype = np.dtype(self.out["dtype"]).name
+        scale, zero_point = self.out.get("quantization", (0.0, 0))
+        self.out_quant = (float(scale), int(zero_point)) if scale else None
         self._batch = int(self.inp["shape"][0])
         self._resizable = True
 
@@ -550,6 +644,15 @@ class _MicroBackend(_Backend):
         detail = self.interp.get_input_details(0)
         self.input_shape = tuple(int(d) for d in detail["shape"])
         self.input_dtype = np.dtype(detail["dtype"]).name
+        try:
+            out = self.interp.get_output_details(0)
+            params = out.get("quantization_parameters") or {}
+            scales, zero_points = params.get("scales"), params.get("zero_points")
+            self.output_dtype = np.dtype(out["dtype"]).name
+            if scales is not None and len(scales) == 1 and float(scales[0]):
+                self.out_quant = (float(scales[0]), int(zero_points[0]))
+        except Exception:  # an older interpreter that does not say: not compared
+            self.output_dtype, self.out_quant = None, None
 
     def run(self, x: np.ndarray) -> np.ndarray:
         outs = []
@@ -563,7 +666,7 @@ class _MicroBackend(_Backend):
         return np.concatenate(outs)
 
 
-def _micro_backend(content: bytes, prefer_micro: bool) -> _Backend:
+def _micro_backend(content: bytes, prefer_micro: bool, threads: int = 1) -> _Backend:
     if prefer_micro:
         try:
             import tflite_micro  # noqa: F401
@@ -571,7 +674,7 @@ def _micro_backend(content: bytes, prefer_micro: bool) -> _Backend:
             logger.info("tflite-micro is not installed; running the C array in LiteRT")
         else:
             return _MicroBackend(content)
-    return _TfliteBackend(content)
+    return _TfliteBackend(content, threads)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -678,6 +781,53 @@ def _check_input(folder: Path, spec: TensorSpec, backend: _Backend) -> None:
             )
 
 
+def _check_output(folder: Path, spec: TensorSpec, backend: _Backend) -> None:
+    """ModelError naming manifest.json unless its output dtype, scale and zero
+    point are the model's own (where the runtime says what they are).
+
+    The manifest is not in its own sha256 list, and the probe tolerates a few
+    quantization steps: an output zero point edited by 3 changes decisions yet
+    still passes the probe. So the manifest is compared with the model itself.
+    """
+    where = f"{folder / MANIFEST}"
+    got = backend.output_dtype
+    if got is not None and got != spec.dtype:
+        raise ModelError(
+            f"{where}: output dtype {spec.dtype} does not match the model's output "
+            f"tensor, which is {got}; refusing an edited or mismatched manifest"
+        )
+    quant = backend.out_quant
+    if spec.dtype == "float32" or quant is None:
+        return
+    scale, zero_point = quant
+    same = spec.scale is not None and bool(np.isclose(scale, spec.scale, rtol=1e-6))
+    if not same or spec.zero_point != zero_point:
+        raise ModelError(
+            f"{where}: output quantization scale {spec.scale} zero point "
+            f"{spec.zero_point} does not match the model's output tensor, which has "
+            f"scale {scale} zero point {zero_point}; refusing an edited or "
+            "mismatched manifest"
+        )
+
+
+def check_encoder_fits(scorer: Scorer) -> None:
+    """ModelError naming encoder.json unless the encoder's windows are the model's
+    input: ``[window, n_features]`` of the encoder against the model's ``[W, F]``.
+
+    Every command that scores flows encodes them with this encoder first; one of
+    another shape would make windows the model refuses, flow after flow.
+    """
+    encoder = scorer.encoder
+    made = [int(encoder.window), int(encoder.n_features)]
+    taken = [scorer.window, scorer.n_features]
+    if made != taken:
+        raise ModelError(
+            f"{scorer.folder / 'encoder.json'}: the encoder makes windows {made} but "
+            f"the model takes {taken}; refusing an artifact whose model does not "
+            "match its encoder"
+        )
+
+
 def _backend_for(
     folder: Path, target: str, model_path: Path, threads: int, prefer_micro: bool
 ) -> _Backend:
@@ -687,7 +837,9 @@ def _backend_for(
     if target in _TFLITE_TARGETS:
         return _TfliteBackend(model_path.read_bytes(), threads)
     if target in _MICRO_TARGETS:
-        return _micro_backend(c_array_bytes(model_path.read_text()), prefer_micro)
+        return _micro_backend(
+            c_array_bytes(model_path.read_text()), prefer_micro, threads
+        )
     raise ModelError(
         f"{folder}: target {target!r} has no edge runtime (expected one of "
         f"{sorted(_ONNX_TARGETS | _TFLITE_TARGETS | _MICRO_TARGETS)})"
@@ -705,7 +857,11 @@ def load_artifact(
 
     Raises :class:`~flows.errors.ModelError` when a file is missing or modified (sha256
     differs from the manifest), when the model's input does not match the manifest
-    (shape or dtype), when the runtime cannot load it, or when the manifest's probe
+    (shape, dtype, int8 scale and zero point), when the manifest's output dtype or
+    int8 scale and zero point are not the model's own, when ``encoder.json`` is not
+    an encoder or makes windows of another shape than the model takes
+    (:func:`check_encoder_fits`), when the runtime cannot load it, or when the
+    manifest's probe
     windows do not score as recorded (an edited manifest, a misbehaving runtime);
     :class:`~flows.errors.BadInputError` (exit 3) naming ``manifest.json`` when the
     manifest is not valid JSON or not a JSON object of objects, or when its
@@ -736,7 +892,11 @@ def load_artifact(
     _check_input(folder, spec, backend)
     if spec.dtype != "float32" and (spec.scale is None or spec.zero_point is None):
         raise ModelError(f"{folder}: int8 input needs scale and zero_point")
+    _check_output(folder, TensorSpec.from_manifest(manifest["output"], "output"),
+                  backend)
     scorer = Scorer(folder, manifest, backend)
+    # Once here, so that no command reads a flow with an encoder that does not fit.
+    check_encoder_fits(scorer)
 
     # The manifest itself is not in its sha256 list: an edited output scale or kind
     # would change every score silently. Its probe windows catch that at load.

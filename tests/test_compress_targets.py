@@ -80,11 +80,14 @@ def _make(target: str, kind: str, folder: Path):
     from compress.artifact import write_manifest, write_thresholds
     from compress.pipeline import MODEL_FILES, io_specs, write_model
     from edge_agent.runtime import load_artifact
+    from flows.encoder import Encoder, NumericField
 
     folder.mkdir(parents=True)
     calib, _ = _toy(128, seed=2)
     details = write_model(target, kind, _student(kind), folder, calib, W, F)
-    (folder / "encoder.json").write_text("{}")
+    # The loader checks the encoder's windows against the model's input.
+    fields = [NumericField(f"f{i}", False, 0.0, 1.0, False) for i in range(F)]
+    Encoder("cic", fields, [], None, W, "stream").save(folder / "encoder.json")
     write_thresholds(folder, 0.5, 0.4, 0.6)
     inp, out = io_specs(folder, target, W, F)
     fields = {"target": target, "model_file": MODEL_FILES[target][0],

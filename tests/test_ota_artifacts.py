@@ -237,12 +237,16 @@ def test_probe_off_by_more_than_tolerance_fails(tmp_path: Path) -> None:
 
 
 def test_model_not_matching_its_encoder_fails(tmp_path: Path) -> None:
-    scorer = load_artifact(make_artifact(tmp_path / "a", model_window=W + 2))
+    folder = make_artifact(tmp_path / "a", model_window=W + 2)
 
+    # The loader refuses it (edge_agent.runtime.check_encoder_fits), so every
+    # install path does.
     f = fit_conn_encoder().n_features
     shapes = rf"encoder makes windows \[4, {f}\].*\[6, {f}\]"
     with pytest.raises(ModelError, match=shapes):
-        health_check(scorer)
+        load_artifact(folder)
+    with pytest.raises(ModelError, match=shapes):
+        load_checked(folder)
 
 
 def test_an_artifact_for_other_records_than_conn_fails(tmp_path: Path) -> None:

@@ -92,6 +92,15 @@ def _int8_model() -> bytes:
     return model.SerializeToString()
 
 
+def tiny_encoder(window: int = W, n_features: int = F):
+    """A real encoder of ``n_features`` plain numeric fields, windows of ``window``:
+    what the loader checks against the model's input."""
+    from flows.encoder import Encoder, NumericField
+
+    fields = [NumericField(f"f{i}", False, 0.0, 1.0, False) for i in range(n_features)]
+    return Encoder("cic", fields, [], None, window, "stream")
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -108,7 +117,7 @@ def write_artifact(
     """An artifact folder by hand: model, encoder, thresholds, manifest with sha256."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.onnx").write_bytes(model)
-    (folder / "encoder.json").write_text(json.dumps({"window": W}))
+    tiny_encoder().save(folder / "encoder.json")
     thresholds = {"decision": 0.5, "escalate_low": 0.3, "alert": 0.8}
     (folder / "thresholds.json").write_text(json.dumps(thresholds))
     probe = RNG.normal(size=(3, W, F)).astype(np.float32)
@@ -237,12 +246,20 @@ def test_probe_mismatch_is_reported(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("zero_point", 100), ("scale", 1 / 64), ("kind", "logit")]
+    ("key", "value", "message"),
+    [
+        ("zero_point", 100, "output quantization .* does not match the model's"),
+        ("scale", 1 / 64, "output quantization .* does not match the model's"),
+        ("kind", "logit", "probe scores differ from the manifest"),
+    ],
 )
-def test_an_edited_manifest_output_is_caught_at_load(tmp_path: Path, key, value):
+def test_an_edited_manifest_output_is_caught_at_load(
+    tmp_path: Path, key, value, message
+):
     """Found: manifest.json is not in its own sha256 list, and an edited output
     zero point changed every score silently (an agent with no alerts at all).
-    The probe windows, scored at every load, refuse it by name."""
+    The model's own output quantization, compared at every load, refuses an
+    edited scale or zero point; the probe windows refuse an edited kind."""
     folder = write_artifact(tmp_path / "q", _int8_model(), dtype="int8",
                             in_q=(IN_SCALE, IN_ZP), out_q=(OUT_SCALE, OUT_ZP))
     load_artifact(folder)  # as written: the probe passes
@@ -250,7 +267,7 @@ def test_an_edited_manifest_output_is_caught_at_load(tmp_path: Path, key, value)
     manifest["output"][key] = value
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
-    with pytest.raises(ModelError, match="probe scores differ from the manifest"):
+    with pytest.raises(ModelError, match=message):
         load_artifact(folder)
 
 
