@@ -509,6 +509,27 @@ def _check_encoder_fits(encoder: Any, config: TeacherConfig, encoder_path: Path,
             "come from different checkpoints")
 
 
+def _check_complete(path: Path) -> None:
+    """Refuse (BadInputError, exit 3) a folder without ``checksums.json`` that lacks
+    any of :data:`CHECKPOINT_FILES`, naming them all. :func:`save_checkpoint`
+    writes the checksums last, so such a folder is one whose write stopped part
+    way (or no checkpoint at all); --allow-unverified could not load it, so that
+    is said before the missing checksums are."""
+    if (path / CHECKSUMS_FILE).exists():
+        return  # what it lists is checked, file by file, by verify_checksums
+    missing = [n for n in CHECKPOINT_FILES
+               if not ((path / n).exists() or (path / n).is_symlink())]
+    if len(missing) == len(CHECKPOINT_FILES):
+        raise BadInputError(
+            "not a teacher checkpoint: it holds none of a checkpoint's files "
+            f"({', '.join(CHECKPOINT_FILES)})", path=str(path))
+    if missing:
+        raise BadInputError(
+            f"not a complete teacher checkpoint: it has no {', '.join(missing)} "
+            f"(nor {CHECKSUMS_FILE}), as a write that stopped part way leaves "
+            "it; train or update again to write it whole", path=str(path))
+
+
 def load_teacher(
     ckpt_dir: str | os.PathLike[str],
     device: str | torch.device | None = None,
@@ -518,9 +539,11 @@ def load_teacher(
     """Load a checkpoint folder; the network is in eval mode on ``device``.
 
     ``device`` defaults to CUDA when present, else CPU. Raises ModelError when a
-    file is missing, differs from its recorded sha256 or does not match the config;
-    BadInputError (exit 3) for a folder without ``checksums.json`` unless
-    ``allow_unverified`` (default ``$GATEWATCH_ALLOW_UNVERIFIED``).
+    file listed in ``checksums.json`` is missing, differs from its recorded sha256
+    or does not match the config; BadInputError (exit 3) for a folder without
+    ``checksums.json`` that lacks a checkpoint file (one written part way), or
+    that has them all, unless ``allow_unverified`` (default
+    ``$GATEWATCH_ALLOW_UNVERIFIED``).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -533,7 +556,11 @@ def load_teacher(
 
     # Config first: it says which network the weights belong to. Only parsed (and
     # its sizes bounded) here; nothing is built before the checksums are checked.
+    # Then a folder written part way is said to be one, before its checksums are
+    # looked for (without config.json, that comes first).
     config_path = path / "config.json"
+    if not (config_path.exists() or config_path.is_symlink()):
+        _check_complete(path)
     try:
         config = TeacherConfig.from_dict(_config_keys(_read_json(config_path),
                                                       config_path))
@@ -541,6 +568,7 @@ def load_teacher(
         if str(config_path) in str(exc):
             raise
         raise ModelError(f"{config_path}: {exc}") from exc
+    _check_complete(path)
     verify_checksums(path, allow_unverified)
     net = TeacherNet(config)
     weights = path / "model.safetensors"

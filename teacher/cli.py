@@ -42,7 +42,6 @@ with loading():
         integers,
         nearest_existing,
         real,
-        reals,
         zone_name,
     )
     from flows.encoder import DEFAULT_KNOTS, SCALINGS
@@ -82,7 +81,9 @@ exit codes:
   {EXIT_BAD_INPUT}    bad input: nothing usable read. A --data file that does not
        exist; a dataset file that is missing, fails its checksum or cannot
        be read; a checkpoint folder without checksums.json (its files
-       cannot be verified; --allow-unverified loads a trusted old one);
+       cannot be verified; --allow-unverified loads a trusted old one),
+       or without them and a file a checkpoint must have (written part
+       way);
        data with too few labeled rows (label 0 or 1) to train or evaluate
        on (an unlabeled conn.log, say), or training rows all of one class;
        an update --old-data that cannot be read or is of another feature
@@ -111,6 +112,47 @@ FAMILY_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
 TRAIN_MEMBERS = 3
 # What `teacher tune` writes into its --out folder (teacher.tune.write_table).
 TUNE_FILES = ("tune.json", "tune.csv", "tune.md")
+# The range of each setting `teacher train` takes as one value and `teacher tune`
+# as a grid, kept in one place so that both refuse the same values when the flags
+# are parsed (TrainConfig and TeacherConfig check them again when the work starts).
+SETTING_TYPES: dict[str, Callable[[str], Any]] = {
+    "lr": real(0, 10, lo_open=True),
+    "weight_decay": real(0, 10),
+    "batch_size": integer(2, 1_000_000),
+    "input_noise": real(0, 1),
+    "label_smoothing": real(0, 1, hi_open=True),
+    "ema": real(0, 1, hi_open=True),
+    "dropout": real(0, 1, hi_open=True),
+    "window": integer(1, MAX_WINDOW),
+    "filters": integer(1, MAX_SIZE),
+    # Not a train flag: --conv-filters gives one count per block.
+    "conv_layers": integer(1, MAX_SIZE),
+}
+# `teacher tune`'s grid flags: flag, the setting it lists, what its help calls it.
+GRID_FLAGS = (("--windows", "window", "window lengths"),
+              ("--lrs", "lr", "learning rates"),
+              ("--conv-layers", "conv_layers", "conv block counts"),
+              ("--filters", "filters", "conv filter counts"),
+              ("--batch-sizes", "batch_size", "batch sizes"),
+              ("--dropouts", "dropout", "dropouts"),
+              ("--weight-decays", "weight_decay", "weight decays"),
+              ("--input-noises", "input_noise", "input-noise stds"),
+              ("--label-smoothings", "label_smoothing", "label smoothings"),
+              ("--emas", "ema", "weight-average decays"))
+
+
+def _grid_of(one: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    """An argparse type for a ``teacher tune`` grid flag: comma-separated values,
+    each checked by ``one``, the type of the same setting in ``teacher train``."""
+
+    def parse(text: str) -> list[Any]:
+        values = [one(v.strip()) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated values like 1,2, got {text!r}")
+        return values
+
+    return parse
 
 
 def _add_source(p: argparse.ArgumentParser, required: bool = True,
@@ -192,11 +234,11 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
     p.add_argument("--patience", type=integer(1), default=5,
                    help="epochs without a better validation score before stopping "
                         "(default 5)")
-    p.add_argument("--lr", type=real(0, 10, lo_open=True), default=None,
+    p.add_argument("--lr", type=SETTING_TYPES["lr"], default=None,
                    help="Adam learning rate (default 3e-4)")
-    p.add_argument("--weight-decay", type=real(0, 10), default=None,
+    p.add_argument("--weight-decay", type=SETTING_TYPES["weight_decay"], default=None,
                    help="Adam weight decay (default 1e-3)")
-    p.add_argument("--batch-size", type=integer(2, 1_000_000), default=None,
+    p.add_argument("--batch-size", type=SETTING_TYPES["batch_size"], default=None,
                    help="training batch size (default 128)")
     p.add_argument("--samples-per-epoch", type=integer(1), default=None,
                    help="training samples drawn per epoch (default: the train "
@@ -218,7 +260,7 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (cuda only where torch sees a GPU; "
                         "default: cuda when present, else cpu)")
-    p.add_argument("--input-noise", type=real(0, 1), default=None,
+    p.add_argument("--input-noise", type=SETTING_TYPES["input_noise"], default=None,
                    help="std of Gaussian noise on training inputs (default 0.05 "
                         "for nsl-kdd, else 0.02)")
     p.add_argument("--outliers", type=real(0, 1, hi_open=True), default=None,
@@ -245,10 +287,11 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
                    help="the malicious half of balanced sampling shared among "
                         "attack types by (type rows)^P: 1 as the data holds them "
                         "(default), 0.5 square root, 0 every type alike")
-    p.add_argument("--label-smoothing", type=real(0, 1, hi_open=True), default=None,
+    p.add_argument("--label-smoothing",
+                   type=SETTING_TYPES["label_smoothing"], default=None,
                    help="share by which training targets are pulled towards 0.5 "
                         "(default 0.1)")
-    p.add_argument("--ema", type=real(0, 1, hi_open=True), default=None,
+    p.add_argument("--ema", type=SETTING_TYPES["ema"], default=None,
                    help="decay of a moving average of the weights (default 0: off)")
     p.add_argument("--feature-dropout", type=real(0, 1, hi_open=True), default=None,
                    help="chance of zeroing each input feature in training "
@@ -312,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint to fine-tune, same feature family (default: "
                         "train from scratch)")
     add_allow_unverified(p)
-    p.add_argument("--window", type=integer(1, MAX_WINDOW), default=None,
+    p.add_argument("--window", type=SETTING_TYPES["window"], default=None,
                    help="window length W (default: the dataset's)")
     p.add_argument("--group-by", choices=("src_ip", "stream"), default=None,
                    help="how windows are grouped: per source host or in stream "
@@ -328,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stacked BiLSTM layers (default 1)")
     p.add_argument("--dense", type=integers(1, MAX_SIZE), default=None,
                    help="dense layer sizes, e.g. 64 (default 64)")
-    p.add_argument("--dropout", type=real(0, 1, hi_open=True), default=None,
+    p.add_argument("--dropout", type=SETTING_TYPES["dropout"], default=None,
                    help="dropout before the dense layers (default 0.3)")
     p.add_argument("--members", type=integer(1, 64), default=None,
                    help="seeds trained apart and averaged (default "
@@ -387,7 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoding(p)
     _add_common(p)
 
-    p = _sub(sub, "tune", help="grid search scored on validation data")
+    p = _sub(sub, "tune", help="grid search scored on validation data",
+             description="Grid search scored on validation data. A grid flag "
+                         "takes the values train takes for the same setting "
+                         "(checked before any work, exit 2); a value listed "
+                         "twice is tried once, with a note.")
     _add_source(p)
     p.add_argument("--budget", type=real(0, lo_open=True), required=True,
                    help="minutes the grid may take (required)")
@@ -400,25 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="let --out overwrite the tables it holds (default: "
                         "refuse them)")
-    p.add_argument("--windows", type=integers(1, MAX_WINDOW), default=None,
-                   help="window lengths to try, e.g. 1,4 (default 1)")
     p.add_argument("--holdout-types", type=real(0, 1), default=None,
                    help="share of attack types moved whole into validation "
                         f"(default {NSL_KDD_HOLDOUT} for nsl-kdd, else 0)")
-    for flag, what in (("--lrs", "learning rates"), ("--dropouts", "dropouts"),
-                       ("--weight-decays", "weight decays"),
-                       ("--input-noises", "input-noise stds"),
-                       ("--label-smoothings", "label smoothings"),
-                       ("--emas", "weight-average decays")):
-        p.add_argument(flag, type=reals(0, 10), default=None,
+    for flag, key, what in GRID_FLAGS:
+        default = "1" if key == "window" else _grid_default(flag)
+        p.add_argument(flag, type=_grid_of(SETTING_TYPES[key]), default=None,
                        help=f"grid of {what}, comma-separated (default: "
-                            f"{_grid_default(flag)})")
-    for flag, what in (("--conv-layers", "conv block counts"),
-                       ("--filters", "conv filter counts"),
-                       ("--batch-sizes", "batch sizes")):
-        p.add_argument(flag, type=integers(1, MAX_SIZE), default=None,
-                       help=f"grid of {what}, comma-separated (default: "
-                            f"{_grid_default(flag)})")
+                            f"{default})")
     p.add_argument("--trial-epochs", type=integer(1), default=8,
                    help="most epochs per trial (default 8)")
     p.add_argument("--trial-samples", type=integer(1), default=40000,
@@ -1215,6 +1251,17 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     return _finished(prep)
 
 
+def _drop_repeats(flag: str, values: list[Any]) -> list[Any]:
+    """``values`` with repeats dropped, first-seen order kept, and a note naming
+    them: a grid point is worth one trial, and a repeat is most likely a slip."""
+    kept = list(dict.fromkeys(values))
+    if len(kept) < len(values):
+        again = [v for i, v in enumerate(values) if v in values[:i]]
+        logger.warning("%s lists %s more than once; each value is tried once",
+                       flag, ", ".join(f"{v:g}" for v in dict.fromkeys(again)))
+    return kept
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     """``teacher tune``: grid over lr, layers, filters, batch size on val only."""
     from teacher.train import TrainConfig
@@ -1222,7 +1269,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     _check_out_folder(args.out)
     _check_tables(args.out, args.force)
-    windows = args.windows or [1]
+    grid = {k: list(v) for k, v in DEFAULT_GRID.items()}
+    for flag, key, _ in GRID_FLAGS:
+        given = getattr(args, flag[2:].replace("-", "_"))
+        if given:
+            grid[key] = _drop_repeats(flag, given)
+    windows = grid.pop("window", [1])
     preps = {}
     for w in windows:
         prep = _prepare(args, data_dir=args.data_dir, window=w,
@@ -1230,14 +1282,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         knots=args.knots)
         _holdout(args, prep)
         preps[w] = prep
-    grid = {k: list(v) for k, v in DEFAULT_GRID.items()}
-    for key, flag in (("lr", "lrs"), ("conv_layers", "conv_layers"),
-                      ("filters", "filters"), ("batch_size", "batch_sizes"),
-                      ("dropout", "dropouts"), ("weight_decay", "weight_decays"),
-                      ("input_noise", "input_noises"),
-                      ("label_smoothing", "label_smoothings"), ("ema", "emas")):
-        if getattr(args, flag):
-            grid[key] = getattr(args, flag)
     grid["window"] = windows
     family = next(iter(preps.values())).family
     base = TrainConfig(epochs=args.trial_epochs, patience=3,

@@ -84,6 +84,37 @@ def _f1(teacher_like: Any, prep: Prepared | None, threshold: float) -> float | N
     return binary_metrics(prep.y[rows], prob, threshold)["f1"]
 
 
+def _check_labels(
+    new: Prepared,
+    n_train: int,
+    n_val: int,
+    replay: tuple[np.ndarray, np.ndarray] | None,
+    old: Prepared | None,
+) -> None:
+    """Refuse (BadInputError) an update without the labeled rows it needs: two
+    training rows of the new data, and one validation row of the new or old data.
+    The message counts the new file's rows; the replay buffer and the old data only
+    keep the old traffic in mind, so they are named apart."""
+    if n_train >= 2 and n_val >= 1:
+        return
+    labeled = int((new.y >= 0).sum())
+    rows = len(new.y)
+    have = (f"none of its {rows} rows has a label (0/1)" if not labeled
+            else f"{labeled} of its {rows} rows are labeled, {n_train} in its "
+                 f"training part and {int(new.rows('val').size)} in its "
+                 "validation part")
+    if n_train < 2:
+        need = "an update needs at least 2 labeled training rows of the new data"
+        kept = [f"the checkpoint's {len(replay[1])} replay rows"] if replay else []
+        kept += [f"the old data, {old.name},"] if old is not None else []
+        if kept:
+            need += f" ({' and '.join(kept)} only guard against forgetting)"
+    else:
+        where = "the new data" + (f" or {old.name}" if old is not None else "")
+        need = f"an update needs a labeled validation row of {where}"
+    raise BadInputError(f"{new.name}: {have}; {need}")
+
+
 def update(
     teacher: Teacher,
     new: Prepared,
@@ -109,10 +140,6 @@ def update(
                             getattr(teacher, "path", None))
     tc = train_config or TrainConfig(epochs=10, patience=3, lr=3e-4)
 
-    # Before: the checkpoint as it is.
-    before = {"old_test_f1": _f1(teacher.predict_proba, old, teacher.threshold),
-              "new_test_f1": _f1(teacher.predict_proba, new, teacher.threshold)}
-
     # Data: new train + replay; validation on new val (and old val when known).
     parts = [new] if old is None else [new, old]
     both = concat(parts, name=new.name) if old is not None else new
@@ -120,6 +147,11 @@ def update(
     train_rows = np.flatnonzero((both.split == "train") & (both.y >= 0)
                                 & (np.arange(len(both.y)) < n_new))
     val_rows = both.rows("val")
+    _check_labels(new, train_rows.size, val_rows.size, replay, old)
+
+    # Before: the checkpoint as it is.
+    before = {"old_test_f1": _f1(teacher.predict_proba, old, teacher.threshold),
+              "new_test_f1": _f1(teacher.predict_proba, new, teacher.threshold)}
     if replay is None and old is not None:
         replay = make_replay(old, seed=tc.seed)
     start = time.monotonic()

@@ -844,3 +844,105 @@ def test_trained_on_counts_only_the_files_that_held_training_rows():
     assert trained_on({"/e/copy.log": "bb", "/e/other.log": "cc"}, from_file) == \
         ["/e/copy.log"]
     assert trained_on(scored, None) == [] and trained_on(scored, {"files": 3}) == []
+
+
+@pytest.mark.parametrize(("flag", "value", "bound"), [
+    ("--dropouts", "0.3,1.5", "[0, 1)"),
+    ("--lrs", "0", "(0, 10]"),
+    ("--batch-sizes", "1", "[2, 1000000]"),
+    ("--emas", "1", "[0, 1)"),
+    ("--label-smoothings", "1", "[0, 1)"),
+    ("--input-noises", "2", "[0, 1]"),
+])
+def test_tune_grid_values_are_checked_as_train_checks_them(
+        flag, value, bound, tmp_path, capsys, monkeypatch):
+    # Found: --dropouts 1.5 failed with exit 1 once the data was loaded, and
+    # --lrs 0 was taken though train refuses --lr 0.
+    _no_prepare(monkeypatch)
+    bad = value.split(",")[-1]
+    code = main(["tune", "--data", str(tmp_path / "never-read.log"), "--budget", "1",
+                 "--out", str(tmp_path / "tune"), flag, value])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"argument {flag}: must be a number {'in ' + bound}, got '{bad}'" in err
+    # The same value is refused by train's flag for the same setting.
+    single = {"--dropouts": "--dropout", "--lrs": "--lr", "--emas": "--ema",
+              "--batch-sizes": "--batch-size",
+              "--label-smoothings": "--label-smoothing",
+              "--input-noises": "--input-noise"}[flag]
+    assert main(["train", "--data", "x", "--out", str(tmp_path / "t"),
+                 single, bad]) == 2
+    assert f"got '{bad}'" in capsys.readouterr().err
+    assert not (tmp_path / "tune").exists()
+
+
+def test_tune_runs_a_repeated_grid_value_once(slices, tmp_path, caplog,
+                                               monkeypatch):
+    # Found: --lrs 1e-3,1e-3 ran the same grid point twice.
+    import teacher.tune
+
+    seen = {}
+
+    def tune(preps, budget, grid, **kwargs):
+        seen.update(grid=grid, windows=sorted(preps))
+        return []
+
+    monkeypatch.setattr(teacher.tune, "tune", tune)
+    with caplog.at_level("WARNING", logger="gatewatch.teacher"):
+        assert main(["tune", "--data", str(slices[0]), "--budget", "1",
+                     "--out", str(tmp_path / "tune"), "--lrs", "1e-3,3e-4,0.001",
+                     "--batch-sizes", "64,64", "--windows", "1,1", "-q"]) == 0
+    assert seen["grid"]["lr"] == [1e-3, 3e-4]
+    assert seen["grid"]["batch_size"] == [64]
+    assert seen["grid"]["window"] == [1] and seen["windows"] == [1]
+    err = caplog.text
+    assert "--lrs lists 0.001 more than once; each value is tried once" in err
+    assert "--batch-sizes lists 64 more than once" in err
+
+
+def test_update_on_an_unlabeled_file_counts_that_file_rows(data_dir, tmp_path,
+                                                           tmp_path_factory,
+                                                           capsys):
+    # Found: an unlabeled 361-row conn.log was said to have "5856 of its 7016 rows
+    # labeled": the old data's rows were counted as the new file's.
+    from tests.conftest import data_file
+    from tests.test_agent_fixtures import CTU_NORMAL, make_teacher, tiny
+
+    new = data_file(data_dir, "zeek-conn/android-mischief-rat01-androidtester.conn.log")
+    old = data_file(data_dir, CTU_NORMAL)
+    folder, _ = make_teacher(tiny(data_dir, tmp_path_factory),
+                             tmp_path_factory.mktemp("t") / "teacher")
+    code = main(["update", "--checkpoint", str(folder), "--data", str(new),
+                 "--old-data", str(old), "--out", str(tmp_path / "up"),
+                 "--epochs", "1", "-q"])
+    errors = [ln for ln in capsys.readouterr().err.splitlines()
+              if ln.startswith("error:")]
+    assert code == 3 and len(errors) == 1
+    assert errors[0].startswith(f"error: {new.name}: none of its 361 rows has a "
+                                "label (0/1); an update needs at least 2 labeled "
+                                "training rows of the new data")
+    assert f"the old data, {old.name}," in errors[0]
+    assert not (tmp_path / "up").exists()
+
+
+@pytest.mark.parametrize("unverified", [[], ["--allow-unverified"]])
+def test_eval_names_the_files_a_half_written_checkpoint_lacks(
+        checkpoint, unverified, tmp_path, capsys, monkeypatch):
+    # Found: a folder holding only config.json was said to lack checksums.json
+    # (exit 3, "load it with --allow-unverified"), and with that flag it failed
+    # with exit 1 for the missing weights.
+    _no_prepare(monkeypatch)
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.json").write_bytes((checkpoint / "config.json").read_bytes())
+    capsys.readouterr()
+    code = main(["eval", "--checkpoint", str(half), "--data", str(tmp_path / "x"),
+                 *unverified, "-q"])
+    errors = [ln for ln in capsys.readouterr().err.splitlines()
+              if ln.startswith("error:")]
+    assert code == 3 and len(errors) == 1
+    assert errors[0].startswith(
+        f"error: {half}: not a complete teacher checkpoint: it has no "
+        "model.safetensors, encoder.json, threshold.json, history.json, "
+        "metrics.json, provenance.json (nor checksums.json)")
+    assert "--allow-unverified" not in errors[0]
