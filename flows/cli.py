@@ -39,6 +39,8 @@ from flows.errors import (
     GatewatchError,
     PartialInputError,
     UsageError,
+    one_line,
+    printable,
 )
 from flows.outfile import (
     check_output,
@@ -232,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         _failed_json(args, str(exc), exc.exit_code, getattr(exc, "result", None))
         return exc.exit_code
+    except MemoryError:
+        # Past the readers' own checks (an input read whole says so itself): a
+        # failure, not a traceback.
+        error = f"{_where(args)}: ran out of memory while reading or writing it"
+        print(f"error: {error}", file=sys.stderr)
+        _failed_json(args, error, EXIT_FAILURE)
+        return EXIT_FAILURE
 
 
 def _wants_json(argv: list[str]) -> bool:
@@ -280,8 +289,9 @@ def _read(args):
         unread = _after(files, exc.path)
         if unread:
             print(
-                f"warning: {len(unread)} input(s) after {exc.path} were not read: "
-                f"{', '.join(unread)} (--on-error skip reads past bad rows)",
+                f"warning: {len(unread)} input(s) after {printable(exc.path)} were "
+                f"not read: {', '.join(map(printable, unread))} (--on-error skip "
+                "reads past bad rows)",
                 file=sys.stderr,
             )
         return exc.result, exc
@@ -406,7 +416,7 @@ def _print_text(summary: dict) -> None:
     if summary["skipped"]:
         print(f"skipped:  {summary['skipped']} bad {_unit(summary['format'])}")
     for note in summary["warnings"]:
-        print(f"warning:  {note}")
+        print(f"warning:  {one_line(note)}")
 
 
 def _plain(value) -> str:
@@ -454,7 +464,7 @@ def _ending(
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT, error
     if result.partial:
-        error = _damage_sentence(result, where, empty)
+        error = one_line(_damage_sentence(result, where, empty))
         print(f"error: {error}", file=sys.stderr)
         return (EXIT_BAD_INPUT if empty else EXIT_PARTIAL_INPUT), error
     return EXIT_OK, None
@@ -470,7 +480,7 @@ def _damage_sentence(result, where: str, empty: bool) -> str:
     stopped_in = {found.path for found in result.damage if found.stopped}
     parts, last_path = [], None
     for found in result.damage:
-        who = "then" if found.path == last_path else found.path + ":"
+        who = "then" if found.path == last_path else printable(found.path) + ":"
         last_path = found.path
         at = f" at {found.place}" if found.place else ""
         if found.stopped:
@@ -501,7 +511,7 @@ def _damage_sentence(result, where: str, empty: bool) -> str:
 
 def _where(args) -> str:
     """The inputs as the user named them, for messages."""
-    return ", ".join("standard input" if f == "-" else f for f in args.files)
+    return ", ".join("standard input" if f == "-" else printable(f) for f in args.files)
 
 
 def _output_path(name: str) -> Path:
@@ -630,9 +640,10 @@ def _convert(args) -> int:
     finally:
         _discard(tmp)
     for note in result.warnings:
-        print(f"warning: {note}", file=sys.stderr)
+        print(f"warning: {one_line(note)}", file=sys.stderr)
     print(
-        f"wrote {result.table.num_rows} rows ({result.format} -> {fmt}) to {out}",
+        f"wrote {result.table.num_rows} rows ({result.format} -> {fmt}) to "
+        f"{printable(out)}",
         file=sys.stderr,
     )
     return _finish_code(result, partial, _where(args))

@@ -34,15 +34,25 @@ EXIT_INTERRUPTED = 130
 
 
 class GatewatchError(Exception):
-    """Root of every error gatewatch raises on purpose."""
+    """Root of every error gatewatch raises on purpose.
+
+    Its text is always one line without control characters (see :func:`one_line`):
+    every tool prints it as ``error: <text>``, and a file name or a quoted value in
+    a message must not break that line or reach the terminal as an escape code.
+    """
 
     exit_code = EXIT_FAILURE
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 _LINE_BREAK = re.compile(r"\s*[\r\n]+\s*")
 _BREAK_AFTER_STOP = re.compile(r"(?<=[.,;:!?])\s*[\r\n]+\s*")
 _BREAK_BEFORE_CLOSE = re.compile(r"\s*[\r\n]+\s*(?=[)\]]|$)")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0 and C1 controls (U+009B is an 8-bit CSI, a terminal escape on its own), DEL,
+# and the line and paragraph separators, which split what a terminal or log shows.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def json_problem(exc: BaseException) -> str:
@@ -67,7 +77,29 @@ def one_line(text: object) -> str:
     text = _BREAK_BEFORE_CLOSE.sub("", str(text))
     text = _BREAK_AFTER_STOP.sub(" ", text)
     text = _LINE_BREAK.sub("; ", text)
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _CONTROL.sub(_escape_control, text)
+
+
+def printable(text: object) -> str:
+    """``text`` (a file name, most often) with every control character escaped.
+
+    A name is quoted exactly, so nothing in it becomes a line break: a newline is
+    written ``\\x0a`` (not joined as :func:`one_line` joins a library's lines),
+    ESC ``\\x1b``, a C1 control ``\\x9b``, the line and paragraph separators
+    ``\\u2028`` and ``\\u2029``; a file named to forge a second ``error:`` line, or
+    to colour the terminal, shows as what it is. Other text is returned unchanged.
+    """
+    text = str(text)
+    if not _CONTROL.search(text):
+        return text
+    return _CONTROL.sub(_escape_control, text)
+
+
+def _escape_control(match: re.Match) -> str:
+    """One control character as ``\\xNN`` (``\\uNNNN`` past U+00FF), as Zeek and
+    the edge agent's ``escape_text`` write it."""
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 class UsageError(GatewatchError):
@@ -102,7 +134,7 @@ class BadInputError(GatewatchError):
     def _where(self) -> str:
         parts = []
         if self.path is not None:
-            parts.append(str(self.path))
+            parts.append(printable(self.path))
         if self.line is not None:
             parts.append(f"line {self.line}")
         if getattr(self, "row", None) is not None:
@@ -156,4 +188,4 @@ class OutboxError(GatewatchError):
 
     def __init__(self, message: str, *, path: str | None = None) -> None:
         self.path = path
-        super().__init__(f"{path}: {message}" if path else message)
+        super().__init__(f"{printable(path)}: {message}" if path else message)

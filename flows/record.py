@@ -286,6 +286,23 @@ def packet_time_problem(value: float) -> str | None:
     return time_problem(value)
 
 
+def field_value_problem(name: str, value: Any) -> str | None:
+    """:func:`value_problem` for the canonical field ``name``, worded for what the
+    field holds: a number out of a port's range is "expected a port from 0 to
+    65535", one out of a packet or byte count's range "expected a non-negative
+    count", not the bounds of a 64-bit integer, which mean nothing to a user."""
+    kind = CONN_FIELD_KINDS[name]
+    problem = value_problem(kind, value)
+    if problem is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return problem
+    if name in PORT_FIELDS:
+        return port_problem(value) or problem
+    if name in COUNT_FIELDS and kind in INT_RANGES:
+        high = INT_RANGES[kind][1]
+        return f"expected a non-negative count (0 to {high}), found {_short(value)}"
+    return problem
+
+
 def field_problem(name: str, value: Any) -> str | None:
     """Why ``value`` cannot be the canonical field ``name``, or None when it can.
 
@@ -294,7 +311,7 @@ def field_problem(name: str, value: Any) -> str | None:
     name a protocol (:func:`proto_problem`), durations and counts must not be
     negative. Null is allowed.
     """
-    problem = value_problem(CONN_FIELD_KINDS[name], value)
+    problem = field_value_problem(name, value)
     if problem is not None or value is None:
         return problem
     if name in ADDRESS_FIELDS:

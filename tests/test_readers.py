@@ -664,8 +664,9 @@ def test_zeek_json_time_past_9999_is_a_bad_row(tmp_path, ts, found):
     lines = [JSON_FLOW, dict(JSON_FLOW, ts=ts), dict(JSON_FLOW, ts=last)]
     path = write(tmp_path, "j.log", "".join(json.dumps(o) + "\n" for o in lines))
     problem = (
-        "expected a time in epoch milliseconds below 253402300800000 (before the "
-        f"year 10000), found {found}"
+        "expected a time in epoch seconds before the year 10000 (from 100000000000 "
+        "on, Zeek's JSON::TS_MILLIS milliseconds, below 253402300800000), found "
+        f"{found}"
     )
     for attempt in (read, lambda p: list(iter_records(p))):
         with pytest.raises(PartialInputError) as info:

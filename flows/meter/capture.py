@@ -10,13 +10,17 @@ and records it in :attr:`CaptureReader.damage` (a :class:`Damage`), so the calle
 keeps every packet before it. ``kind`` is ``"cut"`` when the file ends inside a
 header, a record or a block (a capture still being written, a copy cut short, an
 empty file) and ``"garbage"`` when the bytes cannot be a record or block at all.
+A pcapng packet block that is whole and framed right but names an interface the
+section does not describe is one damaged packet, not the end: it is skipped,
+counted in :attr:`CaptureReader.skipped_blocks` and reported through
+:attr:`CaptureReader.on_damaged`, and the read goes on with the next block.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 PCAP_MAGIC_US = 0xA1B2C3D4
@@ -43,12 +47,23 @@ class Damage:
     message: str
 
 
+@dataclass(frozen=True)
+class _Skip:
+    """A packet block that is damaged alone: skipped, and the read goes on."""
+
+    reason: str  # the key it is counted under in ``skipped`` (``bad_interface``)
+    message: str
+
+
 class CaptureReader:
     """Iterate over the packets of one pcap or pcapng file (see the module doc).
 
     After iteration, :attr:`damage` says whether and where the file was damaged,
     :attr:`format` is ``"pcap"`` or ``"pcapng"``, :attr:`link_types` counts packets
     per link type and :attr:`packets` counts the packets yielded.
+    :attr:`skipped_blocks` counts by reason the packet blocks skipped as damaged
+    (not yielded, not in :attr:`packets`); :attr:`on_damaged`, when set, is called
+    with the offset, reason and message of each (the meter's ``_damaged``).
     """
 
     def __init__(self, path: str, fh=None) -> None:
@@ -60,6 +75,8 @@ class CaptureReader:
         self.packets = 0
         self.interfaces: list[tuple[int, int]] = []  # (link type, snap length)
         self.snaplens: dict[int, int] = {}  # link type -> largest snap length
+        self.skipped_blocks: Counter = Counter()
+        self.on_damaged: Callable[[int, str, str], None] | None = None
 
     # The buffer: ``_buf[_pos:]`` holds unread bytes starting at file offset _base.
     def _fill(self, need: int) -> bool:
@@ -314,6 +331,11 @@ class CaptureReader:
                 if isinstance(packet, str):
                     self._stop("garbage", packet, offset)
                     return
+                if isinstance(packet, _Skip):
+                    self.skipped_blocks[packet.reason] += 1
+                    if self.on_damaged is not None:
+                        self.on_damaged(offset, packet.reason, packet.message)
+                    continue
                 ts, link, data, wire = packet
                 self.packets += 1
                 self.link_types[link] += 1
@@ -411,7 +433,9 @@ def _twice(name: str, first: tuple[int, str], second: tuple[int, str]) -> str:
 
 
 def _parse_packet_block(btype: int, body: bytes, order: str, ifaces: list):
-    """``(ts, link, data, wire_len)`` of an EPB, OPB or SPB; a message if it is bad."""
+    """``(ts, link, data, wire_len)`` of an EPB, OPB or SPB; a message if it is bad,
+    or a :class:`_Skip` if only this packet is (it names an interface the section
+    does not describe: the blocks after it can still be read)."""
     if btype == 3:
         if not ifaces:
             return "simple packet block before any interface description block"
@@ -433,7 +457,15 @@ def _parse_packet_block(btype: int, body: bytes, order: str, ifaces: list):
         data_at = 20
     if iface >= len(ifaces):
         n = len(ifaces)
-        return f"packet block names interface {iface}, but only {n} are described"
+        described = (
+            "no interface is described before it"
+            if n == 0
+            else f"only interface{'s 0 to' if n > 1 else ''} {n - 1} "
+            f"{'are' if n > 1 else 'is'} described"
+        )
+        return _Skip(
+            "bad_interface", f"packet block names interface {iface}, but {described}"
+        )
     if data_at + cap > len(body):
         return (
             f"packet block claims {cap} captured bytes but holds {len(body) - data_at}"

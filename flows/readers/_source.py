@@ -23,6 +23,7 @@ yields the text :func:`load` would return, in pieces of whole lines of about
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import zlib
@@ -40,6 +41,8 @@ MAX_LINE_BYTES = 1 << 20
 MAX_INFLATED_ENV = "GATEWATCH_MAX_INFLATED"
 UTF8_BOM = b"\xef\xbb\xbf"
 _MAX_INFLATED_DEFAULT = 2 << 30
+# The most bytes one read of a pipe or standard input asks for (see _read_within).
+_PIPE_PIECE = 1 << 26
 # About how much text a chunked read (Blocks) hands a reader at a time; the pieces
 # end at a newline, so one may be longer. Tests lower it to cut inputs anywhere.
 CHUNK_BYTES = 1 << 24
@@ -90,13 +93,40 @@ def load(path: str | Path, stop_at_long_line: bool = False) -> Source:
         else:  # a pipe (<(zcat ...)): it has no size, so read it within the limit
             with open(path, "rb") as fh:
                 return read_stream(name, fh, stop_at_long_line)
+    except MemoryError:  # a plain file is read whole, whatever the limit
+        raise _no_room(name, capped=False) from None
     except FileNotFoundError:
         raise BadInputError("no such file", path=name) from None
     except IsADirectoryError:
         raise BadInputError("is a folder, expected a file", path=name) from None
     except OSError as exc:
         raise BadInputError(f"cannot be read ({exc.strerror})", path=name) from exc
-    return from_bytes(name, raw, stop_at_long_line)
+    try:
+        return from_bytes(name, raw, stop_at_long_line)
+    except MemoryError:  # inflating gzip text, which the limit caps
+        del raw
+        raise _no_room(name, capped=True) from None
+
+
+def _no_room(name: str, capped: bool) -> BadInputError:
+    """The error for an input that did not fit in memory while it was read whole.
+
+    Bad input (exit 3), as nothing of it was read. ``capped``: the read stops at
+    :func:`max_inflated` bytes (standard input, a pipe, gzip text), so a lower
+    ``$GATEWATCH_MAX_INFLATED`` lets part of it be read; a plain file is read
+    whole, and only a smaller file helps.
+    """
+    if capped:
+        fix = (
+            f"set ${MAX_INFLATED_ENV} (now {max_inflated()} bytes) lower to read "
+            "only its start, or split the input"
+        )
+    else:
+        fix = "split the input into smaller files"
+    return BadInputError(
+        f"did not fit in memory when read whole, so nothing of it was read; {fix}",
+        path=name,
+    )
 
 
 def read_stream(name: str, fh: BinaryIO, stop_at_long_line: bool = False) -> Source:
@@ -107,14 +137,39 @@ def read_stream(name: str, fh: BinaryIO, stop_at_long_line: bool = False) -> Sou
     ``stop_at_long_line`` is as for :func:`load`.
     """
     limit = max_inflated()
-    raw = fh.read(limit + 1)
-    if len(raw) <= limit:
-        return from_bytes(name, raw, stop_at_long_line)
-    raw = raw[:limit]
-    too_much = f"more than {limit} bytes (${MAX_INFLATED_ENV} sets the limit)"
-    if raw[:2] == GZIP_MAGIC:
-        return gunzip(name, raw, limit, stop_at_long_line, stopped=too_much)
-    return _cut(name, raw, too_much, compressed=False)
+    try:
+        raw, more = _read_within(fh, limit)
+        if not more:
+            return from_bytes(name, raw, stop_at_long_line)
+        too_much = f"more than {limit} bytes (${MAX_INFLATED_ENV} sets the limit)"
+        if raw[:2] == GZIP_MAGIC:
+            return gunzip(name, raw, limit, stop_at_long_line, stopped=too_much)
+        return _cut(name, raw, too_much, compressed=False)
+    except MemoryError:
+        raise _no_room(name, capped=True) from None
+
+
+def _read_within(fh: BinaryIO, limit: int) -> tuple[bytes, bool]:
+    """The first ``limit`` bytes of ``fh`` (all of it when shorter), and whether
+    more followed.
+
+    Read in pieces, so only what the input holds is taken (one read of
+    ``limit + 1`` bytes would claim the whole limit at once, 2 GiB by default,
+    for a few lines), and at most one byte past the limit is read.
+    """
+    held = io.BytesIO()  # grows in place; getvalue() hands its buffer over
+    size = _BLOCK
+    while (room := limit + 1 - held.tell()) > 0:
+        piece = fh.read(min(size, room))
+        if not piece:
+            break
+        held.write(piece)
+        del piece
+        size = min(size * 2, _PIPE_PIECE)
+    more = held.tell() > limit
+    if more:
+        held.truncate(limit)
+    return held.getvalue(), more
 
 
 def from_bytes(name: str, raw: bytes, stop_at_long_line: bool = False) -> Source:

@@ -31,7 +31,11 @@ number 0..255 (``bogus proto`` or ``300`` is a bad row), CICFlowMeter's
 ``Protocol`` a whole number 0..255 (``300``, ``6.5`` or ``-4`` is a bad row).
 A UNSW-NB15 header without ``proto``, ``service`` or ``state`` whose rows hold
 text in a column read as numbers (``proto`` renamed ``protocol``) is refused
-for the missing column, the cause, not for each row's text. A file that is not
+for the missing column, the cause, not for each row's text. One without
+``label`` or ``attack_cat`` is refused; one without another of the features
+every UNSW-NB15 file has (:data:`UNSW_CORE`: ``spkts``, ``sbytes``...) is read,
+with a warning naming them, as an encoder fitted on the data set would find
+them missing. A file that is not
 UTF-8 is read as Windows-1252 (CIC-IDS2017's Thursday file is).
 """
 
@@ -60,6 +64,9 @@ from flows.readers.result import ReadResult
 UNSW_TEXT = ("proto", "service", "state", "srcip", "dstip")
 # The text features every UNSW-NB15 file has (the partitions and the full files).
 UNSW_FEATURE_TEXT = ("proto", "service", "state")
+# Every feature the partitions and the full files both have (matched in any case:
+# the full files write ``Spkts``); a file without one is read with a warning.
+UNSW_CORE = ("dur", "proto", "service", "state", "spkts", "dpkts", "sbytes", "dbytes")
 CIC_TEXT = {
     "flow id",
     "source ip",
@@ -168,6 +175,15 @@ def read_unsw(src: Source, on_error: str) -> ReadResult:
     _check_endpoints(arrays, fields, bad)
     table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
     stats = {"labels": {}, "labeled": True}
+    lower = {name.lower() for name in names}
+    missing = [name for name in UNSW_CORE if name not in lower]
+    warnings = []
+    if missing:
+        warnings.append(
+            f"{src.path}: header has no {', '.join(map(repr, missing))} column"
+            f"{'s' if len(missing) > 1 else ''}, which every UNSW-NB15 file has; "
+            "an encoder or model made on the data set cannot score these rows"
+        )
     return finish(
         table,
         lines,
@@ -178,6 +194,7 @@ def read_unsw(src: Source, on_error: str) -> ReadResult:
         family="unsw-nb15",
         cut=src.cut or cut,
         stats=stats,
+        warnings=warnings,
         row_problems=_row_problems(bad, lines),
         label_text=detail,
     )

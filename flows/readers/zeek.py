@@ -74,6 +74,7 @@ from flows.record import (
     TS_LIMIT,
     conn_schema,
     field_problem,
+    field_value_problem,
     proto_text,
     time_problem,
     value_problem,
@@ -1130,14 +1131,18 @@ def _json_value(name: str, kind: str, value):
         expected = "a number" if kind == "f64" else "an integer"
         raise _FieldError(name, f"expected {expected}, found {json_shown(value)}")
     # Range first: an integer past float64 or int64 must not reach Arrow.
-    problem = value_problem(kind, value)
+    canon = ZEEK_TO_CANON.get(name)
+    problem = (
+        field_value_problem(canon, value) if canon else value_problem(kind, value)
+    )
     if problem is not None:
         raise _FieldError(name, problem)
     if name == "ts" and value >= MILLIS_LIMIT:
         raise _FieldError(
             name,
-            f"expected a time in epoch milliseconds below {MILLIS_LIMIT:.0f} "
-            f"(before the year 10000), found {value!r}",
+            f"expected a time in epoch seconds before the year 10000 (from "
+            f"{MILLIS_FROM} on, Zeek's JSON::TS_MILLIS milliseconds, below "
+            f"{MILLIS_LIMIT:.0f}), found {value!r}",
         )
     if name == "ts" and value >= MILLIS_FROM:
         return value / 1000.0
