@@ -117,6 +117,9 @@ _MAX_VERDICT_IDS = 10_000  # verdict ids remembered to drop a redelivered copy
 # Escalations whose verdict may still come, remembered for the verdict line (their
 # 5-tuple, and whether they were written as local alerts).
 _MAX_RECENT = 10_000
+# After a stop, how long a live interface may take to hand over its open
+# connections (a unit's stop timeout is larger: systemd's default is 90 s).
+_REST_MAX_S = 30.0
 
 
 @dataclass
@@ -269,6 +272,24 @@ def load_thresholds(scorer: Any) -> tuple[dict[str, float], str]:
     out = {k: float(t[k]) for k in ("decision", "escalate_low", "alert")}
     where = str(Path(folder) / "thresholds.json") if folder is not None else "artifact"
     return check_thresholds(out, where), "artifact"
+
+
+def switched_off(thresholds: dict[str, float]) -> str | None:
+    """What checked thresholds leave of detection, when they switch (most of) it
+    off: ``escalate_low`` at 1 or above (no flow scored below 1 is escalated or
+    alerted), or ``alert`` above 1 (no flow is alerted locally); None otherwise.
+    """
+    if thresholds["escalate_low"] >= 1.0:
+        return (
+            f"escalate_low {thresholds['escalate_low']!r} is at or above 1, so no "
+            "flow scored below 1 is escalated or alerted: detection is switched off"
+        )
+    if thresholds["alert"] > 1.0:
+        return (
+            f"alert {thresholds['alert']!r} is above 1, so no flow is alerted "
+            "locally (doubtful ones are still escalated)"
+        )
+    return None
 
 
 def decide(scores: np.ndarray, thresholds: dict[str, float]) -> np.ndarray:
@@ -427,6 +448,7 @@ class Agent:
             check_thresholds(thresholds, "--thresholds")
         else:
             thresholds, origin = load_thresholds(scorer)
+        self._say_thresholds(scorer, thresholds, origin)
         windower = StreamWindower(enc.window, enc.n_features, max_hosts=self.max_hosts)
         with self._lock:
             self.scorer = scorer
@@ -442,6 +464,30 @@ class Agent:
             enc.window,
             enc.n_features,
         )
+
+    @staticmethod
+    def _say_thresholds(scorer: Any, thresholds: dict[str, float], origin: str) -> None:
+        """One warning (shown without -v) when a site's own thresholds replace the
+        artifact's, naming the file, and one when thresholds other than the
+        artifact's rule switch detection off (:func:`switched_off`)."""
+        folder = getattr(scorer, "folder", None)
+        where = {
+            "site": str(Path(folder or ".") / SITE_THRESHOLDS),
+            "given": "the thresholds given (--thresholds)",
+        }.get(origin)
+        if origin == "site":
+            logger.warning(
+                "thresholds from %s (edge-agent calibrate), not the artifact's "
+                "thresholds.json: escalate_low %.6g, alert %.6g",
+                where,
+                thresholds["escalate_low"],
+                thresholds["alert"],
+            )
+        off = switched_off(thresholds)
+        # The artifact's own rule may set alert past 1 on purpose ("never alert");
+        # a site's file, or flags, that silence it are worth a line.
+        if off is not None and (where is not None or thresholds["escalate_low"] >= 1):
+            logger.warning("thresholds of %s: %s", where or "the artifact", off)
 
     def swap_scorer(self, scorer: Any) -> None:
         """Replace the running model between two batches; windows restart empty.
@@ -818,7 +864,7 @@ class Agent:
             try:
                 for rec in records:
                     q.put((time.monotonic(), rec))
-                    if stop.is_set():
+                    if stop.is_set() and not getattr(records, "finishing", False):
                         break
             finally:
                 q.put((0.0, done))
@@ -862,11 +908,14 @@ class Agent:
         """After a stop, score the flows the reader had already taken from the source.
 
         The reader ends after its next flow once ``stop`` is set; one blocked in the
-        source itself (no data on a pipe or interface) is given two seconds.
+        source itself (no data on a pipe or interface) is given two seconds, and a
+        source that yields what it holds (a live interface's open connections)
+        that long after its last flow, for at most ``_REST_MAX_S`` in all.
         """
         batch: list[dict[str, Any]] = []
         arrived: list[float] = []
-        deadline = time.monotonic() + 2.0
+        start = time.monotonic()
+        deadline = start + 2.0
         while time.monotonic() < deadline:
             try:
                 t, rec = q.get(timeout=0.1)
@@ -876,6 +925,7 @@ class Agent:
                 continue
             if rec is done:
                 break
+            deadline = min(max(deadline, time.monotonic() + 2.0), start + _REST_MAX_S)
             batch.append(rec)
             arrived.append(t)
             if len(batch) >= self.max_batch:

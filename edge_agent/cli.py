@@ -82,15 +82,18 @@ exit codes:
        on a pipe whose reader went away are only a warning; a summary
        that cannot be written is only a warning when the run fails
        for another reason); an --artifact that is missing,
-       lacks a file, was modified after it was written (sha256) or
-       fails its probe (the model is unusable, whatever named it)
+       lacks a file, was modified after it was written (sha256),
+       fails its probe, or whose encoder reads fields no source of the
+       agent gives (an NSL-KDD artifact: conn records only here; as
+       edge-agent bundle refuses it) (the model is unusable, whatever
+       named it)
   {EXIT_USAGE}    usage: bad flags, arguments or settings, a --config file that
        is missing, a folder, unreadable, not UTF-8 or not TOML (the
        config is settings, like flags; the files it names are judged
        as if given by flags), an empty --outbox (the default path is
-       --outbox left out), a broker password (--password-file)
-       without a user name, or an artifact whose encoder reads fields
-       the source does not give (an NSL-KDD artifact on a conn.log, say)
+       --outbox left out), an --outbox another edge-agent run holds
+       (its lock file OUTBOX.lock names the pid), a broker password (--password-file)
+       without a user name
   {EXIT_BAD_INPUT}    bad input: a source that gave no usable flow (stdin whose
        lines held no record, a damaged file with nothing usable), a
        source, a thresholds file or a --password-file that is a folder
@@ -144,15 +147,18 @@ exit codes:
   {EXIT_FAILURE}    failure: the --out file (or the artifact's
        site_thresholds.json) cannot be written, or the artifact cannot
        be loaded (a missing or modified file, a model its runtime
-       refuses, probe windows that do not score as built)
+       refuses, probe windows that do not score as built, an encoder
+       that reads fields the source does not give: an NSL-KDD
+       artifact, as edge-agent bundle refuses it)
   {EXIT_USAGE}    usage: bad flags (--target-fpr outside 0..1, a live source, an
-       empty --out), or an artifact whose encoder reads fields the
-       source does not give
+       empty --out)
   {EXIT_BAD_INPUT}    bad input: an artifact manifest that is not valid JSON, not a
        JSON object, or whose model_version the re-scorer would refuse, an unreadable
        source, a source with no flow, or one with fewer than
        {MIN_CALIBRATION_FLOWS} benign flows (labeled benign,
-       or when none is labeled, not labeled malicious). The flags are
+       or when none is labeled benign, not labeled malicious: an
+       unlabeled source is taken as benign whole, with a warning, and
+       its attacks would pass the thresholds). The flags are
        right but the input cannot set thresholds: too few flows is
        too little input, like none, so both are bad input, not usage
   {EXIT_PARTIAL_INPUT}    partial input: the source is damaged part way, or a
@@ -171,7 +177,9 @@ _RUN_FLAGS = {
     "are kept in the outbox)",
     "site": "site id (letters, digits, . _ -); required here or in --config",
     "gateway": "gateway id (letters, digits, . _ -); required here or in --config",
-    "outbox": "outbox file; an empty name is refused, exit 2 (default: "
+    "outbox": "outbox file; an empty name is refused, exit 2. A run holds a lock "
+    "on OUTBOX.lock beside it until it ends: a second run on the same outbox is "
+    "refused, exit 2, naming the pid of the first (default: "
     "$XDG_STATE_HOME/gatewatch/outbox-S-G.sqlite)",
     "alerts": "where local alerts go as JSON lines, with a verdict line for each "
     "escalation the re-scorer finds malicious and each local alert it overrules "
@@ -196,6 +204,14 @@ _RUN_NUMBERS = {
     "connect_timeout": (float, "seconds to wait for the broker at start (default: 10)"),
     "max_batch": (int, "largest micro-batch of flows scored at once, 1..4096 "
                   "(default: 256)"),
+    "max_flows": (
+        int,
+        "most connections a pcap: or iface: source tracks at once; past it the "
+        "least recently active are ended early (counted as evictions). About 1 KB "
+        "of memory each (0.9 KB measured with 200,000 open SYN-only connections), "
+        "so the default bounds what a flood of spoofed SYNs can take to about "
+        "100 MB (default: 100000)",
+    ),
     "max_wait_ms": (
         float,
         "longest a flow waits for its batch to fill, in ms (default: 20)",
@@ -203,7 +219,11 @@ _RUN_NUMBERS = {
     "outbox_max": (
         int,
         "most escalations kept unacknowledged; past it the oldest uncertain ones "
-        "are dropped first, alerts last, and the run exits 6 (default: 100000)",
+        "are dropped first, alerts last, and the run exits 6. On disk an "
+        "escalation of a conn-log flow takes about 5 KB (measured with a window of "
+        "8 x 93 features, the ctu-conn artifacts; it grows with the window), so a "
+        "full default outbox is about 500 MB, plus about 5 MB of sent ones kept "
+        "for their verdicts (default: 100000)",
     ),
     "keepalive": (int, "MQTT keepalive in seconds (default: 30)"),
     "max_packet_size": (
@@ -628,7 +648,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k, None) for k in AgentConfig.names()}
     cfg = AgentConfig.load(args.config, overrides)
     scorer = load_artifact(cfg.artifact)
-    source = open_source(cfg.source, follow=cfg.follow, timezone=cfg.timezone)
+    source = open_source(cfg.source, follow=cfg.follow, timezone=cfg.timezone,
+                         max_flows=cfg.max_flows)
     _check_fit(scorer, source, cfg.artifact)
     thresholds = (
         _read_thresholds(cfg.thresholds, scorer.model_version)
@@ -638,40 +659,53 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Read now, so that a bad password file is refused before anything is opened.
     password = cfg.secret() if cfg.broker else None
     alerts, close_alerts = _open_alerts(cfg.alerts)
+    # Locked for the run (OUTBOX.lock), before the broker is connected: a second
+    # run on this outbox is refused, exit 2, instead of sharing it.
     outbox = Outbox(cfg.outbox_path(), cfg.outbox_max,
                     keep_sent=max(RESEND_WINDOW, 2 * cfg.max_awaiting)
-                    if cfg.broker else 0)
-    dropped_before = outbox.dropped  # the outbox counts its cap's drops for good
-    agent = Agent(
-        scorer,
-        site=cfg.site,
-        gateway=cfg.gateway,
-        outbox=outbox,
-        alerts=alerts,
-        max_batch=cfg.max_batch,
-        max_wait_ms=cfg.max_wait_ms,
-        max_hosts=cfg.max_hosts,
-        thresholds=thresholds,
-        status_interval=cfg.status_interval,
-        max_awaiting=cfg.max_awaiting if cfg.wait_verdicts else None,
-        resend_after=cfg.resend_after,
-    )
-    if cfg.broker:
-        agent.link = MqttLink(
-            cfg.broker,
-            f"gatewatch-{cfg.site}-{cfg.gateway}",
-            username=cfg.username,
-            password=password,
-            tls=cfg.tls(),
-            keepalive=cfg.keepalive,
-            protocol=cfg.protocol,
-            will=agent.will(),
-            session_expiry=cfg.session_expiry,
-            max_packet_size=cfg.max_packet_size or None,
+                    if cfg.broker else 0, lock=True)
+    try:
+        dropped_before = outbox.dropped  # the outbox counts its cap's drops for good
+        agent = Agent(
+            scorer,
+            site=cfg.site,
+            gateway=cfg.gateway,
+            outbox=outbox,
+            alerts=alerts,
+            max_batch=cfg.max_batch,
+            max_wait_ms=cfg.max_wait_ms,
+            max_hosts=cfg.max_hosts,
+            thresholds=thresholds,
+            status_interval=cfg.status_interval,
+            max_awaiting=cfg.max_awaiting if cfg.wait_verdicts else None,
+            resend_after=cfg.resend_after,
         )
+        if cfg.broker:
+            agent.link = MqttLink(
+                cfg.broker,
+                f"gatewatch-{cfg.site}-{cfg.gateway}",
+                username=cfg.username,
+                password=password,
+                tls=cfg.tls(),
+                keepalive=cfg.keepalive,
+                protocol=cfg.protocol,
+                will=agent.will(),
+                session_expiry=cfg.session_expiry,
+                max_packet_size=cfg.max_packet_size or None,
+            )
+    except BaseException:
+        # Refused before the run (thresholds, broker settings): the outbox and
+        # its lock are let go at once, not at exit.
+        outbox.close()
+        raise
     stop = threading.Event()
     interrupted = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    def on_sigterm(*_) -> None:
+        stop.set()
+        if source.kind == "iface":
+            source.end.set()  # the open connections are ended and scored
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     previous_sigint = signal.getsignal(signal.SIGINT)
     previous_sighup = _reload_on_sighup(agent, cfg.artifact)
     # Errors of the source are kept and raised after the flows before them were
@@ -736,6 +770,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if close_alerts:
             alerts.close()
     summary["source_rejected"] = dict(source.rejected)
+    # Flows kept as unlabeled whose label no table names (noted once in the log).
+    summary["source_unknown_labels"] = source.unknown_labels
     summary["outbox_dropped_now"] = {
         kind: count - dropped_before.get(kind, 0)
         for kind, count in (summary.get("outbox_dropped") or {}).items()
@@ -997,14 +1033,17 @@ def _check_fit(scorer, source, artifact: str) -> None:
     Every source of the agent gives conn records (``flows.record.CONN_FIELDS``: a
     capture, an interface, a conn.log, and stdin or Parquet records cut down to
     those fields); an artifact made from NSL-KDD or UNSW records would refuse every
-    flow and leave the gateway blind while looking busy, so this is a usage error
-    at start.
+    flow and leave the gateway blind while looking busy, so it is refused at start.
+    It is unusable on every source of the agent, whatever named it: a failure
+    (exit 1), as ``edge-agent bundle``, ``flash`` and a model update refuse it
+    (:func:`edge_agent.ota.health_check`), not a usage error.
     """
     from edge_agent.sources import artifact_problem
+    from flows.errors import ModelError
 
     problem = artifact_problem(scorer.encoder, source.kind)
     if problem is not None:
-        raise UsageError(f"the artifact {artifact} {problem}")
+        raise ModelError(f"the artifact {artifact} {problem}")
 
 
 def _input_problem(
@@ -1188,7 +1227,7 @@ def fpr_threshold(scores: np.ndarray, fpr: float) -> float:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """``edge-agent calibrate``: write site thresholds from this site's benign flows."""
-    from edge_agent.agent import SITE_THRESHOLDS
+    from edge_agent.agent import _MAX_THRESHOLD, SITE_THRESHOLDS, switched_off
     from edge_agent.runtime import load_artifact
     from edge_agent.sources import open_source
     from flows.windows import StreamWindower
@@ -1250,7 +1289,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         )
     s = np.concatenate(scores)
     lab = np.array([-1 if v is None else int(v) for v in labels])
+    # Labeled benign flows only, when there are some; else every flow not labeled
+    # malicious, which for an unlabeled capture is all of them: say so.
     benign = s[lab == 0] if np.any(lab == 0) else s[lab != 1]
+    _warn_unlabeled(args.source, lab)
     if len(benign) < MIN_CALIBRATION_FLOWS:
         raise BadInputError(
             f"only {len(benign)} benign flows of the {len(s)} read; calibrate needs "
@@ -1258,9 +1300,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             "site's traffic)",
             path=args.source,
         )
-    lo = fpr_threshold(benign, args.target_fpr)
-    hi = max(
-        float(scorer.thresholds["alert"]), fpr_threshold(benign, args.target_fpr / 10)
+    # A float32 score of 1.0 puts the next value past 1, which run refuses: "never"
+    # is the largest threshold it takes (one ulp above 1 in float64).
+    lo = min(fpr_threshold(benign, args.target_fpr), _MAX_THRESHOLD)
+    hi = min(
+        max(
+            float(scorer.thresholds["alert"]),
+            fpr_threshold(benign, args.target_fpr / 10),
+        ),
+        _MAX_THRESHOLD,
     )
     out = {
         "decision": lo,
@@ -1286,6 +1334,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise GatewatchError(
             f"cannot write {path}: {exc.strerror or exc}{hint}"
         ) from exc
+    off = switched_off(out)
+    if off is not None:
+        logger.warning(
+            "the thresholds written to %s switch detection off: %s (the benign "
+            "flows of %s score that high)", path, off, args.source,
+        )
     print(
         f"wrote {path}: escalate_low {lo:.6g}, alert {out['alert']:.6g}, benign "
         f"flows {len(benign)}, measured fpr {out['measured_fpr']:.4g}"
@@ -1300,6 +1354,29 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if problem is not None:
         raise problem
     return EXIT_OK
+
+
+def _warn_unlabeled(source: str, labels: np.ndarray) -> None:
+    """Warn when calibrate takes flows as benign that no label says are (labels:
+    1 malicious, 0 benign, -1 none): with no label at all every flow counts, so
+    thresholds set on a capture that holds an attack pass that attack."""
+    if np.any(labels == 0):
+        return
+    if not np.any(labels >= 0):
+        logger.warning(
+            "%s holds no labels: every one of its %d flows is taken as benign, so "
+            "the thresholds will pass whatever the capture holds, attacks included "
+            "(calibrate on traffic known to be clean, or on a labeled log)",
+            source,
+            len(labels),
+        )
+        return
+    logger.warning(
+        "no flow of %s is labeled benign: its %d flows not labeled malicious are "
+        "taken as benign, so the thresholds will pass whatever they hold",
+        source,
+        int(np.sum(labels != 1)),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

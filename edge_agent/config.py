@@ -84,6 +84,7 @@ _INT_RANGES = {
     "max_awaiting": (1, 100_000),
     "outbox_max": (1, (1 << 63) - 1),
     "max_hosts": (1, (1 << 63) - 1),
+    "max_flows": (1, 100_000_000),
     "keepalive": (0, 65535),
     "session_expiry": (0, (1 << 32) - 1),
     # 0: none assumed; else MQTT's largest packet (a 4-byte remaining length).
@@ -177,6 +178,10 @@ class AgentConfig:
     max_batch: int = 256
     max_wait_ms: float = 20.0
     max_hosts: int = 10_000
+    # Open connections a capture source (pcap:, iface:) tracks at once; past it the
+    # least recently active are ended early. About 1 KB each: a bound on memory
+    # a flood of spoofed SYNs cannot raise.
+    max_flows: int = 100_000
     session_expiry: int = 3600
     max_packet_size: int = 0
     update_public_key: str | None = None

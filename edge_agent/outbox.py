@@ -28,6 +28,16 @@ file system, no permission) is refused at open as an output that cannot be opene
 (:class:`~flows.errors.GatewatchError`, exit 1); a full disk or an I/O error at open
 is :class:`~flows.errors.OutboxError` (exit 6), as later.
 
+One run at a time: :class:`Outbox` opened with ``lock=True`` (``edge-agent run``)
+holds an exclusive ``flock`` on ``<outbox>.lock`` beside the file until it is
+closed (or the process ends, however it ends: the kernel drops the lock), with
+the holder's pid written in it. A second run on the same outbox is refused at
+open with :class:`OutboxInUseError` (exit 2) naming the file and that pid: two
+agents on one outbox share its messages and, with the same site and gateway,
+take the same MQTT client id, so the broker keeps disconnecting one for the
+other. The lock file is left in place (removing it would let a third run lock a
+new file while the second still holds the old one).
+
 Damage and a failing disk: at open the file is checked (``PRAGMA quick_check``, which
 reads every page, so a large outbox takes a moment); a damaged file is refused with
 :class:`~flows.errors.BadInputError` naming it, and left as it is for the operator.
@@ -39,6 +49,7 @@ damage that appeared since) is rolled back and raised as
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
 import threading
@@ -49,6 +60,11 @@ from pathlib import Path
 from edge_agent import logger
 from flows.argtypes import nearest_existing
 from flows.errors import BadInputError, GatewatchError, OutboxError, UsageError
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): runs on one outbox are not refused
+    fcntl = None  # type: ignore[assignment]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -82,6 +98,71 @@ _COLUMNS = {
 _ADDED_LATER = {"sent"}
 
 
+class OutboxInUseError(UsageError):
+    """Another process (an ``edge-agent run``) holds the outbox's lock: exit 2, a
+    setting that clashes with a running agent, as a client id another re-scorer
+    holds is for ``teacher serve``."""
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file of the outbox at ``path``: ``<outbox>.lock`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+def _holder(lock: Path) -> str:
+    """Who holds ``lock``, from the pid its holder wrote there: ``pid 123``, or
+    ``pid unknown`` when none can be read (written a moment later, say)."""
+    try:
+        text = lock.read_text(encoding="ascii", errors="replace")[:32].strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "pid unknown"
+
+
+def claim(path: str | Path) -> int | None:
+    """Lock the outbox at ``path`` for this process: an open descriptor holding an
+    exclusive ``flock`` on :func:`lock_path`, with this pid written in the file;
+    None where there is no ``flock``. Closing the descriptor releases it.
+
+    :class:`OutboxInUseError` (exit 2) when another process holds it; a lock
+    file that cannot be made fails as the outbox itself would (exit 1, or 6 for
+    a full disk or an I/O error).
+    """
+    if fcntl is None:
+        return None
+    path = Path(path)
+    lock = lock_path(path)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as exc:
+        reason = f"its lock file {lock}: {exc.strerror or exc}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            raise OutboxError(
+                f"cannot open the outbox: {reason}", path=str(path)
+            ) from None
+        raise GatewatchError(f"cannot open the outbox {path}: {reason}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutboxInUseError(
+            f"the outbox {path} is in use by another edge-agent run ({_holder(lock)} "
+            f"holds {lock}); stop that run, or give this one its own --outbox "
+            "(and --site/--gateway: the MQTT client id is made from them)"
+        ) from None
+    except OSError as exc:  # a file system without flock: not refused, as Windows
+        os.close(fd)
+        logger.debug("outbox %s not locked: %s", path, exc)
+        return None
+    try:  # the holder's pid, for the error line of a second run
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        logger.debug("could not note the pid in %s: %s", lock, exc)
+    return fd
+
+
 @dataclass(frozen=True)
 class OutboxMessage:
     """One message waiting for its PUBACK."""
@@ -97,8 +178,14 @@ class Outbox:
     """SQLite-backed FIFO of unacknowledged messages, bounded by ``max_messages``."""
 
     def __init__(
-        self, path: str | Path, max_messages: int = 100_000, keep_sent: int = 0
+        self,
+        path: str | Path,
+        max_messages: int = 100_000,
+        keep_sent: int = 0,
+        lock: bool = False,
     ) -> None:
+        """Open (or create) the outbox at ``path``; with ``lock``, hold its lock
+        file (:func:`claim`) until :meth:`close`, refusing a second holder."""
         if max_messages < 1:
             raise UsageError("outbox max_messages must be at least 1")
         if keep_sent < 0:
@@ -110,6 +197,10 @@ class Outbox:
         self.merged = 0
         self._lock = threading.Lock()
         self._check_place()
+        # A lock file made only for an outbox then refused (damaged, another
+        # program's) is taken away again: a refused open leaves nothing behind.
+        made_lock = lock and not lock_path(self.path).exists()
+        self._lock_fd = claim(self.path) if lock else None
         existed = self.path.is_file() and self.path.stat().st_size > 0
         try:
             self._db = sqlite3.connect(
@@ -128,6 +219,12 @@ class Outbox:
         except BadInputError:
             self._db_close_quietly()
             raise
+        finally:
+            if getattr(self, "_size", None) is None:  # not opened: let go of the lock
+                if made_lock and self._lock_fd is not None:
+                    with contextlib.suppress(OSError):
+                        lock_path(self.path).unlink()
+                self._release()
         if self._size:
             logger.info("outbox %s holds %d unacknowledged messages", path, self._size)
 
@@ -512,7 +609,15 @@ class Outbox:
                 counts[name.removeprefix("dropped_")] = value
         return counts
 
+    def _release(self) -> None:
+        """Let another run take the outbox (idempotent)."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the last descriptor drops the flock
+
     def close(self) -> None:
-        """Close the file; what is pending stays on disk for the next start."""
+        """Close the file and release its lock; what is pending stays on disk for
+        the next start."""
         with self._lock:
             self._db.close()
+            self._release()

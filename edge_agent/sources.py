@@ -8,7 +8,11 @@ as ``LogAscii::use_json=T`` writes them, ``id.orig_h``...). :func:`open_source`
 returns a :class:`Source` whose iterator yields canonical records as dicts.
 
 A stdin record's text ``label`` is read as the Zeek readers read it
-(``Malicious``/``Benign``/``Background``/``Unknown``, any case). A ``proto`` given
+(``Malicious``/``Benign``/``Background``/``Unknown``, any case). Labels are not
+used for scoring, so on stdin a label none of those name costs the flow nothing:
+it is taken as no label (its text kept in ``label_detail``), counted in
+``Source.unknown_labels`` and noted once with its value and line (a ``zeek:``
+log's reader still skips and counts such a line). A ``proto`` given
 as a number (``"proto": 6`` on stdin, an integer column in Parquet) is protocol
 number 6, held as the text ``"6"`` as ``flows`` reads it (``flows.record.proto_text``);
 like a protocol name, it must then pass the record check (a number 0..255).
@@ -87,6 +91,14 @@ class Source:
     capture_errors: bool = False
     error: GatewatchError | None = None
     end: threading.Event = field(default_factory=threading.Event)
+    unknown_labels: int = 0  # flows kept with a label no table names, as unlabeled
+
+    @property
+    def finishing(self) -> bool:
+        """True once ``end`` is set on a source that then yields what it still
+        holds and stops by itself: a live interface, whose connections still open
+        are ended and yielded (a stop must read them, not cut them off)."""
+        return self.kind == "iface" and self.end.is_set()
 
     def __iter__(self) -> Iterator[dict]:
         try:
@@ -107,6 +119,21 @@ class Source:
             logger.debug("source %s failed", self.target, exc_info=True)
             self.error = GatewatchError(
                 f"source {self.target} failed: {type(exc).__name__}: {exc}"
+            )
+
+    def unknown_label(self, text: str, line: int | None = None) -> None:
+        """Count a flow kept, as unlabeled, whose label no table names; note the
+        first with its value and line."""
+        self.unknown_labels += 1
+        if self.unknown_labels == 1:
+            where = f"line {line}: " if line is not None else ""
+            logger.warning(
+                "source %s: %sunknown label %r taken as no label (expected "
+                "Malicious, Benign, Background or Unknown); the flow is scored, as "
+                "labels are not used for scoring; further ones only counted",
+                self.target,
+                where,
+                text[:40],
             )
 
     def reject(
@@ -163,6 +190,7 @@ def open_source(
     poll: float = 0.25,
     stdin: io.TextIOBase | None = None,
     timezone: str = "UTC",
+    max_flows: int = 1_000_000,
 ) -> Source:
     """Build the source a spec names (files are checked now, read lazily).
 
@@ -170,7 +198,8 @@ def open_source(
     times written without one, as ``flows`` reads them: an Argus binetflow
     StartTime (a ``zeek:`` file read once may be any conn-family file) and a
     Parquet ``ts`` held as a timestamp without a zone. The other sources carry
-    epoch times.
+    epoch times. ``max_flows``: the open connections a capture (``pcap:``,
+    ``iface:``) tracks at once (:class:`flows.meter.FlowMeter`).
     """
     kind, target = parse_spec(spec)
     if follow and kind != "zeek":
@@ -178,9 +207,9 @@ def open_source(
     if kind in _EXPECTED:
         _check_file(kind, Path(target), follow)
     if kind == "pcap":
-        return Source(kind, target, True, lambda s: _pcap(s))
+        return Source(kind, target, True, lambda s: _pcap(s, max_flows))
     if kind == "iface":
-        return Source(kind, target, False, lambda s: _iface(s))
+        return Source(kind, target, False, lambda s: _iface(s, max_flows))
     if kind == "parquet":
         return Source(kind, target, True, lambda s: _parquet(s, timezone))
     if kind == "zeek" and follow:
@@ -237,7 +266,7 @@ def _check_file(kind: str, path: Path, follow: bool) -> None:
     raise BadInputError(f"{what}; {kind}: expects {expected}", path=str(path))
 
 
-def _pcap(src: Source) -> Iterator[dict]:
+def _pcap(src: Source, max_flows: int = 1_000_000) -> Iterator[dict]:
     """Flows of a capture file through the packet flow meter, as connections end.
 
     The damage the meter found (and logged) is kept by kind in ``src.damage``
@@ -250,7 +279,7 @@ def _pcap(src: Source) -> Iterator[dict]:
 
     found: list[Damage] = []
     try:
-        for rec in iter_flows(src.target, damage=found):
+        for rec in iter_flows(src.target, damage=found, max_flows=max_flows):
             yield canonical(rec)
     finally:
         src.damage = found
@@ -271,14 +300,15 @@ def damage_sentence(damage: list[Damage]) -> str:
     return "; then ".join(parts)
 
 
-def _iface(src: Source) -> Iterator[dict]:
+def _iface(src: Source, max_flows: int = 1_000_000) -> Iterator[dict]:
     """Flows of a live interface as connections end (libpcap, needs privilege).
 
     A missing binding or privilege is a UsageError whose message says how to get it.
     """
     from flows.meter import iter_flows
 
-    for rec in iter_flows(f"iface:{src.target}"):
+    # Setting ``end`` (a stop) ends the capture; its open connections come last.
+    for rec in iter_flows(f"iface:{src.target}", end=src.end, max_flows=max_flows):
         yield canonical(rec)
 
 
@@ -312,6 +342,8 @@ def _zeek(src: Source, timezone: str = "UTC") -> Iterator[dict]:
     found: list[Damage] = []
     zeek = stream_format(src.target) in ("zeek-tsv", "zeek-json")
 
+    # TODO(gap): a line whose label the tables do not know is skipped and counted
+    # (exit 4), though labels are not used for scoring; stdin keeps such a flow.
     def skipped(exc: BadInputError) -> None:
         src.reject("bad_line", _line_problem(exc), exc.line)
 
@@ -447,10 +479,13 @@ def _json_lines(src: Source, stream) -> Iterator[dict]:
             continue
         rec = canonical(rec)
         rec["proto"] = proto_text(rec["proto"])  # "proto": 6, as Zeek's JSON gives
-        problem = _text_label(rec) or _record_problem(rec)
+        unknown = _text_label(rec)
+        problem = _record_problem(rec)
         if problem is not None:
             src.reject("bad_value", problem, line_no)
             continue
+        if unknown is not None:
+            src.unknown_label(unknown, line_no)
         yield rec
 
 
@@ -488,7 +523,9 @@ def _text_label(rec: dict[str, Any]) -> str | None:
     ``Malicious``/``Benign`` (any case, spaces trimmed) become 1/0, ``Background``
     and ``Unknown`` null, a null spelling (``-``, ``(empty)``, empty) null, each
     by the Zeek JSON reader's tables; the text is kept in ``label_detail`` unless
-    the record has one. Returns why the label cannot be read, or None.
+    the record has one. A text none of these names is taken as no label, as
+    labels are not used for scoring: it is returned (for the caller to count),
+    else None.
     """
     text = rec.get("label")
     if not isinstance(text, str):
@@ -500,15 +537,10 @@ def _text_label(rec: dict[str, Any]) -> str | None:
     if text in _JSON_NULLS:
         return None
     mapped = ZEEK_LABELS.get(text.strip().lower(), "?")
-    if mapped == "?":
-        return (
-            f"field 'label': unknown label {text[:40]!r} (expected Malicious, Benign, "
-            "Background or Unknown, or 1, 0 or null)"
-        )
-    rec["label"] = mapped
+    rec["label"] = None if mapped == "?" else mapped
     if rec.get("label_detail") is None:
         rec["label_detail"] = text
-    return None
+    return text if mapped == "?" else None
 
 
 def artifact_problem(encoder: Any, kind: str | None) -> str | None:

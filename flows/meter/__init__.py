@@ -16,13 +16,17 @@ offset. Damaged packets inside a readable file (headers cut, impossible header
 fields, an unknown link type, a record cut below the snap length, a time before
 1970 or past year 9999 that a pcapng ``if_tsoffset`` gives) are counted and
 skipped or kept as far as they go, with the same single warning; no record has a
-``ts`` below 0 or past 9999. Bytes
+``ts`` below 0 or past 9999. So is a pcapng packet block naming an interface the
+file does not describe (``bad_interface``): the read goes on after it. Bytes
 that cannot be a record or block at all stop the read there: with
 ``on_error="skip"`` the result is returned as partial; with ``on_error="fail"`` a
 :class:`~flows.errors.PartialInputError` is raised that carries it as ``exc.result``
 (exit code 4). A file that is no capture from its first bytes on (no packet could
 be read before the garbage) raises :class:`~flows.errors.BadInputError` (exit code
-3) with either ``on_error``: there is nothing to keep.
+3) with either ``on_error``: there is nothing to keep. So does, in
+:func:`read_capture`, a file whose packets were all read but gave no flow (all
+non-IP, all fragments never made whole...): nothing usable came of it. A live
+interface with no IP traffic is no error.
 
 Two packet paths give the same records: a compiled one (``flows.meter._fast``,
 built at install time) and the pure-Python reference; see :func:`make_meter` and
@@ -32,12 +36,14 @@ built at install time) and the pure-Python reference; see :func:`make_meter` and
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from flows import logger
 from flows.errors import BadInputError, PartialInputError, UsageError
 from flows.meter.capture import CaptureReader, Damage
+from flows.meter.decode import LINK_NAMES
 from flows.meter.meter import FlowMeter, Timeouts
 
 __all__ = [
@@ -108,6 +114,7 @@ def _feed_all(reader: CaptureReader, meter) -> Iterator[None]:
     the read buffer; everything else goes packet by packet through ``feed``.
     """
     snaps = reader.snaplens
+    reader.on_damaged = meter._damaged  # packet blocks skipped as damaged
     feed = meter.feed
     bulk = meter if hasattr(meter, "pcapng_bulk") else None
     for item in reader.packets_or_runs(bulk):
@@ -171,18 +178,23 @@ def read_capture(
         records.extend(meter.pop_done())
     records.extend(meter.flush())
     _nothing_read(path, reader)
+    if not records:
+        _no_flow(path, reader, meter)
     records.sort(key=lambda r: r["ts"])
 
     columns = {name: [r[name] for r in records] for name in CONN_FIELD_NAMES}
     table = columns_to_table(columns)
     stats = meter.stats
+    if reader.skipped_blocks:
+        stats["packets"] += sum(reader.skipped_blocks.values())
+        stats["skipped"].update(reader.skipped_blocks)
     stats["format"] = reader.format
     stats["interfaces"] = [
         {"link_type": link, "snaplen": snap} for link, snap in reader.interfaces
     ]
     warning, damage = _damage_note(path, reader.damage, meter)
     stats["damage"] = damage
-    skipped = _damaged_skipped(meter)
+    skipped = _damaged_skipped(meter, reader)
     result = ReadResult(
         table,
         reader.format or "pcap",
@@ -223,6 +235,7 @@ def iter_flows(
     check_checksums: bool = False,
     engine: str | None = None,
     damage: list | None = None,
+    end: threading.Event | None = None,
 ) -> Iterator[dict]:
     """Yield canonical records as connections end, from a capture or ``iface:NAME``.
 
@@ -233,7 +246,8 @@ def iter_flows(
     flow before them was yielded, unless ``on_error="skip"``. A list given as
     ``damage`` receives, once the file is read, what was found damaged by kind
     (``ReadResult.damage`` entries: packets the read went on past, then where it
-    stopped), before that error is raised.
+    stopped), before that error is raised. ``end`` (a ``threading.Event``) stops
+    a live capture, whose open connections are then yielded; files ignore it.
     """
     text = str(source)
     if text.startswith("iface:"):
@@ -243,6 +257,7 @@ def iter_flows(
             max_flows=max_flows,
             check_checksums=check_checksums,
             engine=engine,
+            end=end,
         )
         return
     if text.startswith("pcap:"):
@@ -257,12 +272,19 @@ def iter_flows(
     for _ in _feed_all(reader, meter):
         yield from meter.pop_done()
     yield from meter.flush()
+    if meter.evicted:
+        from flows.meter.live import table_full
+
+        logger.warning("%s (%d ended early)", table_full(text, max_flows),
+                       meter.evicted)
     _nothing_read(text, reader)
     warning, _ = _damage_note(text, reader.damage, meter)
     if warning:
         logger.warning(warning)
     if damage is not None:
-        damage.extend(_damage_list(text, reader.damage, meter, _damaged_skipped(meter)))
+        damage.extend(
+            _damage_list(text, reader.damage, meter, _damaged_skipped(meter, reader))
+        )
     if (
         reader.damage is not None
         and reader.damage.kind == "garbage"
@@ -291,14 +313,56 @@ def _open(path: str) -> CaptureReader:
     return CaptureReader(path)
 
 
-def _damaged_skipped(meter: FlowMeter) -> int:
-    """Packets the meter skipped as damaged (not those it does not meter: non-IP,
-    fragments still held, other IP protocols)."""
+def _damaged_skipped(meter: FlowMeter, reader: CaptureReader) -> int:
+    """Packets skipped as damaged, by the meter or (packet blocks) the reader; not
+    those the meter does not meter: non-IP, fragments still held, other IP
+    protocols."""
     return (
         sum(meter.skipped.values())
+        + sum(reader.skipped_blocks.values())
         - meter.skipped.get("non_ip", 0)
         - meter.skipped.get("fragments_held", 0)
         - meter.skipped.get("other_ip_protocol", 0)
+    )
+
+
+# Why a packet that is not damaged gave no flow, for the message of a capture
+# whose packets all went that way.
+_NOT_METERED = {
+    "non_ip": "not IPv4 or IPv6",
+    "fragments_held": "IP fragments of datagrams never made whole",
+    "other_ip_protocol": "IP protocols the meter does not count",
+}
+
+
+def _no_flow(path: str, reader: CaptureReader, meter) -> None:
+    """Raise a bad-input error when packets were read but none made a flow.
+
+    Only for a file read whole without damage (a damaged one is reported as
+    such): every packet was non-IP (a link type patched to one whose frames are
+    not IP), a fragment never made whole, or the like. Nothing usable was read, as
+    for an empty file (exit 3); the message counts why the packets were skipped.
+    """
+    packets = meter.packets + sum(reader.skipped_blocks.values())
+    if not packets or reader.damage is not None or meter.damage is not None:
+        return
+    reasons = {**meter.skipped, **reader.skipped_blocks}
+    why = ", ".join(
+        f"{count} {reason}"
+        + (f" ({_NOT_METERED[reason]})" if reason in _NOT_METERED else "")
+        for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1])
+        if count
+    )
+    links = [
+        f"{link} ({LINK_NAMES[link]})" if link in LINK_NAMES else str(link)
+        for link in sorted(reader.link_types)
+    ]
+    on = f" on link type {', '.join(links)}" if links else ""
+    raise BadInputError(
+        f"{packets} packets{on}, all skipped: "
+        f"{why or 'none gave a flow'}; no flow came of them, so nothing usable "
+        "was read",
+        path=path,
     )
 
 

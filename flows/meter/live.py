@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import select
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -72,6 +73,14 @@ def open_live(
     return cap
 
 
+def table_full(name: str, max_flows: int) -> str:
+    """The warning for a capture whose connection table filled up."""
+    return (f"{name}: the connection table is full ({max_flows} open connections, "
+            "max_flows): the least recently active are ended early to make room; "
+            "a flood of new connections (spoofed SYNs, a scan) does this, or a "
+            "max_flows too small for this network")
+
+
 def iter_live(
     name: str,
     *,
@@ -83,11 +92,14 @@ def iter_live(
     check_checksums: bool = False,
     promisc: bool = False,
     engine: str | None = None,
+    end: threading.Event | None = None,
 ) -> Iterator[dict]:
     """Yield canonical records from interface ``name`` as connections end.
 
-    Runs until interrupted, or for ``duration`` seconds, or ``max_packets``
-    packets; then ends every open connection and yields it.
+    Runs until ``end`` is set (checked at least every 0.2 s), a Ctrl-C, or for
+    ``duration`` seconds, or ``max_packets`` packets; then ends every open
+    connection and yields it, so a stop does not lose the connections still
+    open (a Ctrl-C is raised again once they are yielded).
     """
     cap = open_live(name, bpf=bpf, promisc=promisc)
     link = cap.datalink()
@@ -112,24 +124,34 @@ def iter_live(
         seen[0] += 1
         meter.feed(sec + usec * 1e-6, link, data, hdr.getlen(), None, SNAPLEN)
 
-    while True:
-        if deadline is not None and time.monotonic() >= deadline:
-            break
-        if max_packets is not None and seen[0] >= max_packets:
-            break
-        wait = (
-            0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
-        )
-        ready, _, _ = select.select([fd], [], [], wait)
-        got = 0
-        if ready:
-            try:
-                budget = -1 if max_packets is None else max_packets - seen[0]
-                got = cap.dispatch(budget, on_packet)
-            except Exception as exc:  # noqa: BLE001 - pcapy raises PcapError
-                raise BadInputError(f"live capture on {name!r} failed: {exc}") from exc
-        if not got:
-            meter._sweep(time.time())  # idle: let the timers run on the wall clock
-        if meter.done:
-            yield from meter.pop_done()
+    interrupted, warned_full = None, False
+    try:
+        while end is None or not end.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if max_packets is not None and seen[0] >= max_packets:
+                break
+            wait = 0.2 if deadline is None else max(
+                0.0, min(0.2, deadline - time.monotonic()))
+            ready, _, _ = select.select([fd], [], [], wait)
+            got = 0
+            if ready:
+                try:
+                    budget = -1 if max_packets is None else max_packets - seen[0]
+                    got = cap.dispatch(budget, on_packet)
+                except Exception as exc:  # noqa: BLE001 - pcapy raises PcapError
+                    raise BadInputError(
+                        f"live capture on {name!r} failed: {exc}") from exc
+            if not got:
+                meter._sweep(time.time())  # idle: let the timers run on wall time
+            if meter.done:
+                yield from meter.pop_done()
+            if meter.evicted and not warned_full:
+                warned_full = True
+                logger.warning(table_full(name, max_flows))
+    except KeyboardInterrupt as exc:
+        interrupted = exc  # the open connections first, then the interrupt
+
     yield from meter.flush()
+    if interrupted is not None:
+        raise interrupted

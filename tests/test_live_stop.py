@@ -1,0 +1,125 @@
+"""A stop ends a live capture without losing the connections still open.
+
+Found: an agent on ``iface:NAME`` stopped by Ctrl-C or SIGTERM scored none of the
+connections open at that moment (``summary: flows 0`` while a TCP connection was
+up and UDP datagrams had been sent), though the capture's own docstring promised
+to end and yield them. The agent runs in a network namespace made by the test, so
+its loopback holds only the test's traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.test_agent_fixtures import tiny
+from tests.test_faults import netns_unavailable
+
+REPO = Path(__file__).resolve().parent.parent
+pcapy = pytest.importorskip("pcapy", reason="pcapy-ng is not installed")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="capturing on lo needs root here")
+def test_iter_live_yields_the_open_connections_once_told_to_end():
+    from flows.meter.live import iter_live
+
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    port = receiver.getsockname()[1]
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    end = threading.Event()
+
+    def talk():
+        time.sleep(0.5)
+        for i in range(3):
+            sender.sendto(b"x" * (20 + i), ("127.0.0.1", port))
+            receiver.recvfrom(100)
+        time.sleep(0.3)
+        end.set()  # the UDP flow is still open (its idle timeout is far off)
+
+    thread = threading.Thread(target=talk)
+    thread.start()
+    started = time.monotonic()
+    # duration: a bound, so that a capture deaf to ``end`` fails the test below
+    # instead of hanging it.
+    records = list(iter_live("lo", bpf=f"udp and port {port}", end=end,
+                             duration=15.0))
+    thread.join()
+    sender.close()
+    receiver.close()
+
+    assert time.monotonic() - started < 10
+    assert len(records) == 1
+    assert records[0]["orig_pkts"] == 3 and records[0]["dst_port"] == port
+    assert records[0]["orig_bytes"] == 20 + 21 + 22
+
+
+_TRAFFIC = """
+import socket, sys, time
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+client = socket.create_connection(srv.getsockname()); peer, _ = srv.accept()
+client.sendall(b"hello"); peer.recv(10)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(5):
+    udp.sendto(b"ping", ("127.0.0.1", 5353))
+print("sent", flush=True)
+time.sleep(float(sys.argv[1]))  # the TCP connection stays open meanwhile
+"""
+
+
+@pytest.fixture
+def namespace():
+    why = netns_unavailable()
+    if why:
+        pytest.skip(why)
+    name = f"gwls{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_agent_scores_the_connections_still_open(
+    namespace, data_dir, tmp_path_factory, tmp_path, sig
+):
+    tm = tiny(data_dir, tmp_path_factory)
+    summary = tmp_path / "summary.json"
+    agent = subprocess.Popen(
+        ["ip", "netns", "exec", namespace, sys.executable, "-m", "edge_agent.cli",
+         "run", "--artifact", str(tm.artifact), "--source", "iface:lo",
+         "--site", "s1", "--gateway", "g1", "--outbox", str(tmp_path / "o.db"),
+         "--alerts", "", "--summary-json", str(summary)],
+        cwd=REPO, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(3.0)  # the capture is open
+        traffic = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, sys.executable, "-c", _TRAFFIC, "20"],
+            stdout=subprocess.PIPE, text=True)
+        assert traffic.stdout.readline().strip() == "sent"
+        time.sleep(1.0)
+        agent.send_signal(sig)
+        _, err = agent.communicate(timeout=60)
+    finally:
+        agent.kill()
+        traffic.kill()
+        traffic.wait()
+
+    assert agent.returncode in (0, 130), err
+    assert "Traceback" not in err
+    got = json.loads(summary.read_text())
+    # The open TCP connection and the UDP datagrams: two flows, scored.
+    assert got["flows"] >= 2, err
