@@ -1165,8 +1165,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f'artifact = "/{MODEL_LINK}" and, for model updates, update_public_key = '
         f'"/{UPDATE_KEY_FILE}". Exit codes: 0 written, 1 the wheel build or '
         "download failed, the model fails its health check or -o cannot be "
-        "written, 2 wrong flags (an -o that is a folder or whose folder does not "
-        "exist) or a config path that is not the flashed layout's, 3 an "
+        "written, 2 wrong flags (an -o that is a folder, whose folder does not "
+        "exist, or that exists, without --force) or a config path that is not "
+        "the flashed layout's, 3 an "
         "unreadable artifact, site thresholds or config.",
     )
     p.add_argument(
@@ -1193,7 +1194,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out",
         required=True,
         type=Path,
-        help="bundle file to write, a signed tar.gz (required)",
+        help="bundle file to write, a signed tar.gz; an existing file is "
+        "replaced only with --force (required)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing -o file (default: refuse, before any work)",
     )
     p.add_argument(
         "--wheel-cache",
@@ -1242,7 +1249,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "install or the model's health check failed (the previous install is "
         "kept), 2 wrong flags (a --root that does not exist included: flash "
         "makes no root), another Python, a config path that is not the "
-        "flashed layout's, or a refused downgrade, 3 a damaged, altered or "
+        "flashed layout's, a refused downgrade, or a root that trusts another "
+        "update key (without --replace-key), 3 a damaged, altered or "
         "wrongly signed bundle, or a damaged install under --root.",
     )
     p.add_argument("bundle", type=Path, help="the bundle file to install")
@@ -1268,6 +1276,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--allow-downgrade",
         action="store_true",
         help="install a bundle built before the running model (default: refuse)",
+    )
+    p.add_argument(
+        "--replace-key",
+        action="store_true",
+        help="install --pubkey although the root trusts another update key "
+        "(default: refuse, so that a re-flash does not change which model "
+        "updates the gateway takes)",
     )
     p.set_defaults(func=_cmd_flash)
 
@@ -1366,6 +1381,10 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
+    # Checked before the wheels are built: a folder or missing folder first, then
+    # a bundle already there (never replaced unasked: it may be the one flashed).
+    check_bundle_out(args.out)
+    refuse_existing(args.out, "-o", args.force)
     manifest = build_bundle(
         args.artifact,
         args.config,
@@ -1408,6 +1427,7 @@ def _cmd_flash(args: argparse.Namespace) -> int:
         args.pubkey,
         python=args.python,
         allow_downgrade=args.allow_downgrade,
+        replace_key=args.replace_key,
     )
     print(
         f"flashed {args.root}: agent {result.agent_version}, model "

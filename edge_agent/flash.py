@@ -419,6 +419,7 @@ def flash(
     python: str | None = None,
     tolerance: float | None = None,
     allow_downgrade: bool = False,
+    replace_key: bool = False,
 ) -> FlashResult:
     """Verify ``bundle`` and install it into the gateway root ``root``.
 
@@ -426,8 +427,11 @@ def flash(
     interpreter of this one); it must be the Python version the bundle was built
     for. A bundle built before the running model was issued is refused (UsageError)
     unless ``allow_downgrade``. ``root`` must be an existing folder (UsageError
-    otherwise: a mistyped root is not made). Any failure leaves the previous
-    install as it was and raises.
+    otherwise: a mistyped root is not made). A root whose update key is another
+    key than ``pubkey`` (or cannot be read as one) is refused (UsageError) unless
+    ``replace_key``: the key decides which model updates the gateway takes, so
+    it is not swapped as a side effect of a re-flash. Any failure leaves the
+    previous install as it was and raises.
     """
     bundle, root = Path(bundle), Path(root)
     layout = GatewayLayout(root)
@@ -448,6 +452,8 @@ def flash(
         manifest = bundle_mod.verify_bundle(bundle, public_key, extract_to=staged)
         _check_staged(staged, manifest, interpreter, root)
         _check_not_older(layout, manifest, bundle, allow_downgrade)
+        if not replace_key:  # a verified bundle, before anything is installed
+            _check_same_update_key(layout, public_key, pubkey)
 
         # 2. The release venv, built beside the active one from the bundled wheels;
         # 3. the model, checked by that venv, into the inactive slot.
@@ -495,6 +501,31 @@ def flash(
         model_version=manifest.model_version,
         python=layout.venv / "bin" / "python",
     )
+
+
+def _check_same_update_key(layout: GatewayLayout, public_key: Any,
+                           pubkey: str | Path) -> None:
+    """UsageError when the root already trusts another update key than the one
+    being flashed (or a key file that cannot be read): the caller asks for
+    ``--replace-key`` before the gateway's trust changes."""
+    installed = layout.pubkey
+    if not (installed.exists() or installed.is_symlink()):
+        return
+
+    try:
+        current = signing.load_public_key(installed)
+    except (BadInputError, OSError) as exc:
+        raise UsageError(
+            f"{installed} cannot be read as the gateway's update key ({exc}); "
+            "give --replace-key to install --pubkey in its place"
+        ) from exc
+    if signing.key_id(current) != signing.key_id(public_key):
+        raise UsageError(
+            f"{installed} holds update key {signing.key_id(current)} and --pubkey "
+            f"{pubkey} is another key ({signing.key_id(public_key)}): after this "
+            "flash, updates signed with the old key would be refused; give "
+            "--replace-key to change the gateway's key"
+        )
 
 
 def _base_python() -> str:

@@ -325,6 +325,18 @@ def test_bundle_out_is_checked_before_the_build(tmp_path, agent_wheel, capsys,
     assert err.startswith("error: -o") and "Traceback" not in err
     assert list(folder.iterdir()) == []
 
+    # A bundle already there (perhaps the one flashed) is kept unless --force.
+    earlier = tmp_path / "gw.tar.gz"
+    earlier.write_bytes(b"the bundle flashed last week")
+    args = ["bundle", "--artifact", str(artifact), "--config", str(config),
+            "--key", str(private), "-o", str(earlier)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: -o {earlier} already exists; pass --force")
+    assert earlier.read_bytes() == b"the bundle flashed last week"
+    with pytest.raises(AssertionError, match="wheels were built"):
+        main([*args, "--force"])  # past the check, to the build
+
 
 def test_bundle_write_failure_leaves_no_partial_file(tmp_path, agent_wheel,
                                                      monkeypatch):

@@ -485,3 +485,38 @@ def test_the_unit_puts_the_default_outbox_in_its_state_folder(monkeypatch):
     writable = next(line for line in unit if line.startswith("ReadWritePaths="))
     assert str(state) in writable.split("=", 1)[1].split()
     assert "StateDirectory=gatewatch" in unit and state == Path("/var/lib/gatewatch")
+
+
+def test_flash_keeps_the_gateway_update_key_unless_told_to_replace_it(
+    tmp_path, keys, agent_wheel, no_install, capsys
+):
+    out, _ = _build(tmp_path, keys, agent_wheel)
+    root = tmp_path / "root"
+    _flashed_root(root, issued_at=None)
+    installed = root / bundle.UPDATE_KEY_FILE
+    installed.parent.mkdir(parents=True, exist_ok=True)
+    other = signing.generate_keypair(tmp_path / "other-keys")
+    installed.write_bytes(Path(other[1]).read_bytes())
+    before = snapshot(root)
+
+    # Another key than the one the root trusts: refused before anything changes.
+    args = ["flash", str(out), "--root", str(root), "--pubkey", str(keys[1])]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    old_id = signing.key_id(signing.load_public_key(other[1]))
+    new_id = signing.key_id(signing.load_public_key(keys[1]))
+    assert err.startswith(f"error: {installed} holds update key {old_id} ")
+    assert f"is another key ({new_id})" in err and "--replace-key" in err
+    assert snapshot(root) == before
+
+    # The same key, or --replace-key, gets past the check (to the install).
+    with pytest.raises(_ReachedInstall):
+        flash_mod.flash(out, root, keys[1], replace_key=True)
+    installed.write_bytes(Path(keys[1]).read_bytes())
+    with pytest.raises(_ReachedInstall):
+        flash_mod.flash(out, root, keys[1])
+
+    # A key file that is not a key is not replaced silently either.
+    installed.write_text("not a key\n")
+    with pytest.raises(UsageError, match="cannot be read as the gateway's update"):
+        flash_mod.flash(out, root, keys[1])
