@@ -392,6 +392,7 @@ class Agent:
         self._answers_at_resend = -1
         self._resend_rounds = 0
         self._resend_due = False  # awaited ones were put back in the outbox
+        self._live: tuple | None = None  # a live source read since begin_live
         self.counters = Counters()
         self.first_bad_record: str | None = None  # why the encoder refused the first
         # A broker tried in the background that refused us for good, and who to tell.
@@ -852,10 +853,15 @@ class Agent:
                 batch = []
         self.process(batch)
 
-    def run_live(
+    def begin_live(
         self, records: Iterable[dict[str, Any]], stop: threading.Event | None = None
     ) -> None:
-        """Score a live source: micro-batches when fast, single flows when slow."""
+        """Start reading a live source now, in a worker thread, into the queue
+        :meth:`run_live` scores from (at most ``max_queue`` flows wait there).
+
+        Called before :meth:`start`, so that a capture is open while the broker
+        is tried: a broker that does not answer at start blinds nothing.
+        """
         q: queue.Queue = queue.Queue(maxsize=self.max_queue)
         done = object()
         stop = stop or threading.Event()
@@ -871,6 +877,19 @@ class Agent:
 
         thread = threading.Thread(target=reader, name="source-reader", daemon=True)
         thread.start()
+        self._live = (records, q, done, thread)
+
+    def run_live(
+        self, records: Iterable[dict[str, Any]], stop: threading.Event | None = None
+    ) -> None:
+        """Score a live source: micro-batches when fast, single flows when slow
+        (read from the start of :meth:`begin_live` when that was called for it)."""
+        stop = stop or threading.Event()
+        live = getattr(self, "_live", None)
+        if live is None or live[0] is not records:
+            self.begin_live(records, stop)
+        _, q, done, thread = self._live
+        self._live = None
         finished = False
         while not finished and not stop.is_set():
             try:

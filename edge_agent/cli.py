@@ -736,6 +736,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     drained = False
     drain_for = cfg.drain_timeout
     try:
+        if not source.finite:
+            # Read (a capture opened) while the broker is tried, not after.
+            agent.begin_live(source, stop)
         agent.start(cfg.connect_timeout)
         if cfg.update_public_key:
             agent.enable_model_updates(_model_updater(cfg, scorer))

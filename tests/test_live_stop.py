@@ -123,3 +123,38 @@ def test_a_stopped_agent_scores_the_connections_still_open(
     got = json.loads(summary.read_text())
     # The open TCP connection and the UDP datagrams: two flows, scored.
     assert got["flows"] >= 2, err
+
+
+def test_a_capture_is_open_while_a_silent_broker_is_tried(
+    namespace, data_dir, tmp_path_factory, tmp_path
+):
+    """Found: with the broker down at start, the capture opened only once the
+    connect timeout ran out (10 s by default), and flows in that time were lost."""
+    tm = tiny(data_dir, tmp_path_factory)
+    summary = tmp_path / "summary.json"
+    agent = subprocess.Popen(
+        ["ip", "netns", "exec", namespace, sys.executable, "-m", "edge_agent.cli",
+         "run", "--artifact", str(tm.artifact), "--source", "iface:lo",
+         "--broker", "mqtt://127.0.0.1:1", "--connect-timeout", "30",
+         "--site", "s1", "--gateway", "g1", "--outbox", str(tmp_path / "o.db"),
+         "--alerts", "", "--summary-json", str(summary), "--drain-timeout", "1"],
+        cwd=REPO, stderr=subprocess.PIPE, text=True,
+    )
+    traffic = None
+    try:
+        time.sleep(4.0)  # well inside the 30 s the broker is waited for
+        traffic = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, sys.executable, "-c", _TRAFFIC, "20"],
+            stdout=subprocess.PIPE, text=True)
+        assert traffic.stdout.readline().strip() == "sent"
+        time.sleep(1.0)
+        agent.send_signal(signal.SIGTERM)
+        _, err = agent.communicate(timeout=90)
+    finally:
+        agent.kill()
+        if traffic is not None:
+            traffic.kill()
+            traffic.wait()
+
+    assert "Traceback" not in err
+    assert json.loads(summary.read_text())["flows"] >= 2, err
