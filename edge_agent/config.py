@@ -182,6 +182,7 @@ class AgentConfig:
     # least recently active are ended early. About 1 KB each: a bound on memory
     # a flood of spoofed SYNs cannot raise.
     max_flows: int = 100_000
+    capture_filter: str | None = None  # libpcap filter of an iface: source
     session_expiry: int = 3600
     max_packet_size: int = 0
     update_public_key: str | None = None

@@ -191,6 +191,7 @@ def open_source(
     stdin: io.TextIOBase | None = None,
     timezone: str = "UTC",
     max_flows: int = 1_000_000,
+    bpf: str | None = None,
 ) -> Source:
     """Build the source a spec names (files are checked now, read lazily).
 
@@ -199,7 +200,8 @@ def open_source(
     StartTime (a ``zeek:`` file read once may be any conn-family file) and a
     Parquet ``ts`` held as a timestamp without a zone. The other sources carry
     epoch times. ``max_flows``: the open connections a capture (``pcap:``,
-    ``iface:``) tracks at once (:class:`flows.meter.FlowMeter`).
+    ``iface:``) tracks at once (:class:`flows.meter.FlowMeter`); ``bpf``: the
+    libpcap filter of an ``iface:`` capture (the packets it takes).
     """
     kind, target = parse_spec(spec)
     if follow and kind != "zeek":
@@ -209,7 +211,7 @@ def open_source(
     if kind == "pcap":
         return Source(kind, target, True, lambda s: _pcap(s, max_flows))
     if kind == "iface":
-        return Source(kind, target, False, lambda s: _iface(s, max_flows))
+        return Source(kind, target, False, lambda s: _iface(s, max_flows, bpf))
     if kind == "parquet":
         return Source(kind, target, True, lambda s: _parquet(s, timezone))
     if kind == "zeek" and follow:
@@ -300,7 +302,8 @@ def damage_sentence(damage: list[Damage]) -> str:
     return "; then ".join(parts)
 
 
-def _iface(src: Source, max_flows: int = 1_000_000) -> Iterator[dict]:
+def _iface(src: Source, max_flows: int = 1_000_000,
+           bpf: str | None = None) -> Iterator[dict]:
     """Flows of a live interface as connections end (libpcap, needs privilege).
 
     A missing binding or privilege is a UsageError whose message says how to get it.
@@ -308,7 +311,8 @@ def _iface(src: Source, max_flows: int = 1_000_000) -> Iterator[dict]:
     from flows.meter import iter_flows
 
     # Setting ``end`` (a stop) ends the capture; its open connections come last.
-    for rec in iter_flows(f"iface:{src.target}", end=src.end, max_flows=max_flows):
+    for rec in iter_flows(f"iface:{src.target}", end=src.end, max_flows=max_flows,
+                          bpf=bpf):
         yield canonical(rec)
 
 

@@ -10,6 +10,7 @@ its loopback holds only the test's traffic.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -158,3 +159,99 @@ def test_a_capture_is_open_while_a_silent_broker_is_tried(
 
     assert "Traceback" not in err
     assert json.loads(summary.read_text())["flows"] >= 2, err
+
+
+def test_the_capture_filter_leaves_out_the_agents_own_broker_connection(
+    monkeypatch, caplog
+):
+    from edge_agent.cli import capture_filter
+
+    own = "tcp and port 1883 and (host 127.0.0.1)"
+    assert capture_filter(None, "mqtt://127.0.0.1:1883") == f"not ({own})"
+    assert capture_filter("not port 22", "mqtt://127.0.0.1") == (
+        f"(not port 22) and not ({own})")
+    assert capture_filter("udp", None) == "udp"
+    assert capture_filter(None, None) is None
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    assert capture_filter("udp", "mqtts://broker.example:8883") == "udp"
+    assert "broker host broker.example does not resolve" in caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="capturing on lo needs root here")
+def test_a_capture_with_that_filter_sees_other_connections_only():
+    """Found: the agent scored (and escalated) its own MQTT connection, and each
+    failed reconnect to a broker that was down became a flow."""
+    from edge_agent.cli import capture_filter
+    from flows.meter.live import iter_live
+
+    servers = [socket.socket() for _ in range(2)]
+    for srv in servers:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+    broker_port, other_port = (srv.getsockname()[1] for srv in servers)
+    bpf = capture_filter(f"tcp and (port {broker_port} or port {other_port})",
+                         f"mqtt://127.0.0.1:{broker_port}")
+    end = threading.Event()
+
+    def talk():
+        time.sleep(0.5)
+        for srv in servers:
+            client = socket.create_connection(srv.getsockname())
+            peer, _ = srv.accept()
+            client.sendall(b"hello")
+            peer.recv(10)
+            client.close()
+            peer.close()
+        time.sleep(0.3)
+        end.set()
+
+    thread = threading.Thread(target=talk)
+    thread.start()
+    records = list(iter_live("lo", bpf=bpf, end=end, duration=15.0))
+    thread.join()
+    for srv in servers:
+        srv.close()
+
+    assert [r["dst_port"] for r in records] == [other_port]
+
+
+def test_packets_libpcap_dropped_are_warned_once_per_new_drop(caplog):
+    """Found: packets the capture could not keep up with were never reported
+    (libpcap's drop counters were not read), so flows went missing silently."""
+    from flows.meter.live import _note_drops
+
+    class Cap:
+        counts = (100, 3, 1)
+
+        def stats(self):
+            return self.counts
+
+    cap = Cap()
+    with caplog.at_level(logging.WARNING, logger="gatewatch"):
+        seen = _note_drops(cap, "eth0")
+        assert seen == 4 and _note_drops(cap, "eth0", seen) == 4
+        cap.counts = (200, 10, 1)
+        assert _note_drops(cap, "eth0", seen) == 11
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0].startswith("eth0: 4 packets dropped before the flow meter")
+    assert "(3 by libpcap, 1 by the interface)" in messages[0]
+    assert messages[1].startswith("eth0: 11 packets dropped")
+
+
+def test_a_capture_filter_for_a_file_source_is_a_usage_error(
+    data_dir, tmp_path_factory, tmp_path, capsys
+):
+    from edge_agent.cli import main
+
+    tm = tiny(data_dir, tmp_path_factory)
+    code = main(["run", "--artifact", str(tm.artifact), "--source", "-",
+                 "--site", "s1", "--gateway", "g1", "--outbox",
+                 str(tmp_path / "o.db"), "--capture-filter", "udp"])
+    assert code == 2
+    assert "--capture-filter applies to iface:NAME sources only" in (
+        capsys.readouterr().err)

@@ -236,6 +236,7 @@ def iter_flows(
     engine: str | None = None,
     damage: list | None = None,
     end: threading.Event | None = None,
+    bpf: str | None = None,
 ) -> Iterator[dict]:
     """Yield canonical records as connections end, from a capture or ``iface:NAME``.
 
@@ -247,7 +248,8 @@ def iter_flows(
     ``damage`` receives, once the file is read, what was found damaged by kind
     (``ReadResult.damage`` entries: packets the read went on past, then where it
     stopped), before that error is raised. ``end`` (a ``threading.Event``) stops
-    a live capture, whose open connections are then yielded; files ignore it.
+    a live capture, whose open connections are then yielded; files ignore it, as
+    they do ``bpf``, a libpcap filter of the packets a live capture takes.
     """
     text = str(source)
     if text.startswith("iface:"):
@@ -258,6 +260,7 @@ def iter_flows(
             check_checksums=check_checksums,
             engine=engine,
             end=end,
+            bpf=bpf,
         )
         return
     if text.startswith("pcap:"):

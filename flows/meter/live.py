@@ -73,6 +73,23 @@ def open_live(
     return cap
 
 
+def _note_drops(cap, name: str, warned: int = 0) -> int:
+    """Warn when libpcap or the interface dropped packets since ``warned`` were
+    reported (the capture could not keep up: the flows they belonged to are
+    short or missing); the number dropped so far."""
+    try:
+        _, dropped, if_dropped = cap.stats()
+    except Exception:  # noqa: BLE001 - pcapy raises PcapError; no stats: nothing
+        return warned
+    total = int(dropped) + int(if_dropped)
+    if total > warned:
+        logger.warning(
+            "%s: %d packets dropped before the flow meter saw them (%d by libpcap, "
+            "%d by the interface): the capture cannot keep up; flows they belonged "
+            "to are short or missing", name, total, dropped, if_dropped)
+    return max(total, warned)
+
+
 def table_full(name: str, max_flows: int) -> str:
     """The warning for a capture whose connection table filled up."""
     return (f"{name}: the connection table is full ({max_flows} open connections, "
@@ -112,6 +129,16 @@ def iter_live(
         check_checksums=check_checksums,
     )
     logger.info("capturing on %s (link type %d)", name, link)
+    from flows.meter import fast_available
+
+    if not fast_available():
+        # TODO(gap): agent bundles carry a pure-Python wheel, so a flashed gateway
+        # meters live traffic this way unless the compiled path is built there.
+        logger.warning(
+            "%s: the flow meter runs on its pure-Python packet path (about 10x "
+            "slower than the compiled one, which is not built here: pip install "
+            "with a C compiler and Cython builds it); a busy link may drop packets",
+            name)
     deadline = time.monotonic() + duration if duration is not None else None
     # Non-blocking reads behind select(): a blocking read may never return when
     # the filter lets nothing through, and idle timers must still run.
@@ -125,6 +152,7 @@ def iter_live(
         meter.feed(sec + usec * 1e-6, link, data, hdr.getlen(), None, SNAPLEN)
 
     interrupted, warned_full = None, False
+    next_drops, warned_drops = time.monotonic() + 10.0, 0
     try:
         while end is None or not end.is_set():
             if deadline is not None and time.monotonic() >= deadline:
@@ -146,6 +174,9 @@ def iter_live(
                 meter._sweep(time.time())  # idle: let the timers run on wall time
             if meter.done:
                 yield from meter.pop_done()
+            if time.monotonic() >= next_drops:
+                next_drops = time.monotonic() + 10.0
+                warned_drops = _note_drops(cap, name, warned_drops)
             if meter.evicted and not warned_full:
                 warned_full = True
                 logger.warning(table_full(name, max_flows))
@@ -153,5 +184,6 @@ def iter_live(
         interrupted = exc  # the open connections first, then the interrupt
 
     yield from meter.flush()
+    _note_drops(cap, name)
     if interrupted is not None:
         raise interrupted
