@@ -342,7 +342,12 @@ def _add_calibrate(subparsers) -> None:
         "--target-fpr",
         required=True,
         type=float,
-        help="share of benign flows allowed to escalate, e.g. 0.01 (required)",
+        help="share of benign flows at or above the decision, e.g. 0.01: at "
+        "most the highest tenth of them are alerted locally, the rest escalated; "
+        "below "
+        "the decision the next 1 %% (up to 2.5 %%, a tie group whole) are "
+        "escalated too, so the teacher still sees what the student doubts "
+        "(required)",
     )
     p.add_argument(
         "--out",
@@ -1234,6 +1239,35 @@ def fpr_threshold(scores: np.ndarray, fpr: float) -> float:
     return float(np.nextafter(s[n - allowed - 1], s.dtype.type(np.inf)))
 
 
+# Calibrated thresholds keep the artifact's doubt floor: at least this share of the
+# site's flows, the highest-scoring below the decision, go to the re-scorer, at most
+# CALIBRATION_DOUBT_MOST (a tie group right below the decision is taken whole).
+CALIBRATION_DOUBT_SHARE = 0.01
+CALIBRATION_DOUBT_MOST = 0.025
+
+
+def escalation_floor(scores: np.ndarray, decision: float) -> float:
+    """``escalate_low`` for calibrated thresholds: low enough that the highest
+    :data:`CALIBRATION_DOUBT_SHARE` of ``scores`` below ``decision`` are escalated,
+    a tie group whole, or left out when taking it would escalate more than
+    :data:`CALIBRATION_DOUBT_MOST` (unless it is the group right below the
+    decision: leaving that out would close the band). Without it a site's
+    thresholds would send the teacher nothing the student doubts."""
+    s = np.asarray(scores, dtype=np.float64)
+    below = np.sort(s[s < decision])
+    want = int(np.ceil(CALIBRATION_DOUBT_SHARE * max(len(s), 1)))
+    if below.size == 0 or want == 0:
+        return float(decision)
+
+    cut = below[max(below.size - want, 0)]
+    taken = below.size - np.searchsorted(below, cut, "left")
+    if taken / len(s) > CALIBRATION_DOUBT_MOST:
+        right = np.searchsorted(below, cut, "right")
+        if right < below.size:
+            cut = below[right]
+    return float(min(decision, cut))
+
+
 def capture_filter(given: str | None, broker: str | None) -> str | None:
     """The libpcap filter of an ``iface:`` source: ``given`` (the operator's), and
     never the agent's own connection to ``broker`` (every address its host name
@@ -1352,7 +1386,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     )
     out = {
         "decision": lo,
-        "escalate_low": lo,
+        "escalate_low": escalation_floor(benign, lo),
         "alert": max(hi, lo),
         "target_fpr": args.target_fpr,
         "measured_fpr": float(np.mean(benign >= lo)),
@@ -1374,6 +1408,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise GatewatchError(
             f"cannot write {path}: {exc.strerror or exc}{hint}"
         ) from exc
+    wide = benign.astype(np.float64)  # as the agent compares: no rounding
+    doubted = float(np.mean((wide >= out["escalate_low"]) & (wide < out["alert"])))
+    if doubted > CALIBRATION_DOUBT_MOST:
+        logger.warning(
+            "the thresholds written to %s send %.1f%% of the benign flows of %s to "
+            "the re-scorer: the student scores most of them alike, so the teacher "
+            "decides them (mind its load)", path, 100 * doubted, args.source)
     off = switched_off(out)
     if off is not None:
         logger.warning(
@@ -1381,7 +1422,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             "flows of %s score that high)", path, off, args.source,
         )
     print(
-        f"wrote {path}: escalate_low {lo:.6g}, alert {out['alert']:.6g}, benign "
+        f"wrote {path}: escalate_low {out['escalate_low']:.6g}, decision {lo:.6g}, "
+        f"alert {out['alert']:.6g}, benign "
         f"flows {len(benign)}, measured fpr {out['measured_fpr']:.4g}"
     )
     # Written from what came before any damage; a damaged source still exits 4.

@@ -248,9 +248,14 @@ def test_calibrate_writes_site_thresholds_the_agent_prefers(tm, tmp_path: Path) 
     site = json.loads((art / "site_thresholds.json").read_text())
     labels = np.array([r["label"] for r in tm.records], dtype=object)
     benign = tm.scores[labels == 0]
-    assert np.mean(benign >= site["escalate_low"]) <= 0.01
-    assert np.mean(benign >= np.nextafter(site["escalate_low"], -1)) > 0.0
-    assert site["alert"] >= site["escalate_low"]
+    # The decision holds the benign flows flagged to the target rate, tightly.
+    assert np.mean(benign >= site["decision"]) <= 0.01
+    assert np.mean(benign >= np.nextafter(site["decision"], -1)) > 0.0
+    # Below it the doubt floor: the next 1 % of them (up to 2.5 %) go to the
+    # teacher, as the artifact's own thresholds send some (it was 0 before).
+    doubted = np.mean((benign >= site["escalate_low"]) & (benign < site["decision"]))
+    assert 0.01 <= doubted <= 0.025
+    assert site["escalate_low"] < site["decision"] <= site["alert"]
     thresholds, origin = load_thresholds(load_artifact(art))
     assert origin == "site" and thresholds["escalate_low"] == site["escalate_low"]
 

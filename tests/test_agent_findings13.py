@@ -162,8 +162,13 @@ def test_calibrate_whose_benign_flows_score_1_writes_thresholds_run_takes(
                    f"zeek:{tm.conn_log}", "--target-fpr", "0.01"])
     assert rc == 0
     assert any("switch detection off" in r.getMessage() for r in caplog.records)
+    # Every flow ties at 1.0 right below the decision: the doubt floor takes the
+    # group whole, so the teacher decides them all, and says so.
+    assert any("send 100.0% of the benign flows" in r.getMessage()
+               for r in caplog.records)
     thresholds, origin = load_thresholds(real(art))
-    assert origin == "site" and thresholds["escalate_low"] > 1.0
+    assert origin == "site" and thresholds["alert"] > 1.0
+    assert thresholds["escalate_low"] == 1.0
 
 
 def _site(art: Path, **values) -> Path:
