@@ -1245,7 +1245,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"in /{OPT_DIR}/releases, the model in a free slot of /{MODELS_DIR} (made "
         f"active through /{MODEL_LINK}), the config as /{CONFIG_FILE}, the "
         f"--pubkey as /{UPDATE_KEY_FILE}. A bundle built before the running model "
-        "is refused unless --allow-downgrade is given. Exit codes: 0 flashed, 1 the "
+        "is refused unless --allow-downgrade is given; one whose model is already "
+        "active leaves the model slots as they are. Exit codes: 0 flashed, 1 the "
         "install or the model's health check failed (the previous install is "
         "kept), 2 wrong flags (a --root that does not exist included: flash "
         "makes no root), another Python, a config path that is not the "
@@ -1429,10 +1430,17 @@ def _cmd_flash(args: argparse.Namespace) -> int:
         allow_downgrade=args.allow_downgrade,
         replace_key=args.replace_key,
     )
-    print(
-        f"flashed {args.root}: agent {result.agent_version}, model "
-        f"{result.model_version} in slot {result.slot}"
-    )
+    if result.model_kept:
+        print(
+            f"flashed {args.root}: agent {result.agent_version}; model "
+            f"{result.model_version} was already active in slot {result.slot}, so the "
+            "model slots are unchanged (the other slot keeps its model for rollback)"
+        )
+    else:
+        print(
+            f"flashed {args.root}: agent {result.agent_version}, model "
+            f"{result.model_version} in slot {result.slot}"
+        )
     return 0
 
 

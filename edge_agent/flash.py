@@ -23,6 +23,13 @@ not older than the running one (unless ``allow_downgrade``), the venv is install
 from the bundled wheels with no index, and the bundled model passes its health check
 inside that venv. Switches are symlink renames, so a reader sees the old target or
 the new one, never a mix.
+
+A bundle whose model is the one already active (same ``model_version``) leaves the
+model slots as they are, so the other slot keeps the model a rollback goes back to;
+the release, config, key and unit are installed as ever. Every Python that flash
+runs gets an environment without the ``PYTHON*`` variables that change what it
+imports (:func:`_clean_env`), and a release is used only once its venv has its own
+``bin/edge-agent`` and imports ``edge_agent`` from itself (:func:`_release_problem`).
 """
 
 from __future__ import annotations
@@ -406,6 +413,8 @@ class FlashResult:
     agent_version: str
     model_version: str
     python: Path
+    # The model was already active, so the model slots were left as they were.
+    model_kept: bool = False
 
 
 # ------------------------------------------------------------------------------ flash
@@ -463,7 +472,7 @@ def flash(
             os.readlink(layout.venv) if layout.venv.is_symlink() else None
         )
         try:
-            slot, slots = _install_model(
+            slot, slots, kept = _install_model(
                 layout, staged, manifest, bundle, venv_python, tolerance
             )
         except BaseException:
@@ -482,16 +491,18 @@ def flash(
     # The operator installs this model on purpose: a rollback mark no longer holds
     # its updates back.
     slots.clear_rolled_back(manifest.model_version)
-    slots.switch(slot)
+    if not kept:
+        slots.switch(slot)
     _prune_releases(layout, keep={release.name, _release_name(previous)})
 
     logger.info(
-        "flashed %s: agent %s (%s), model %s in slot %s",
+        "flashed %s: agent %s (%s), model %s in slot %s%s",
         root,
         manifest.agent_version,
         release.name,
         manifest.model_version,
         slot,
+        " (already active; kept)" if kept else "",
     )
     return FlashResult(
         root=root,
@@ -500,6 +511,7 @@ def flash(
         agent_version=manifest.agent_version,
         model_version=manifest.model_version,
         python=layout.venv / "bin" / "python",
+        model_kept=kept,
     )
 
 
@@ -543,10 +555,11 @@ def _check_staged(
     """
     try:
         proc = subprocess.run(
-            [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            [python, "-I", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
             capture_output=True,
             text=True,
             timeout=60,
+            env=_clean_env(),
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise UsageError(f"cannot run the gateway Python {python!r}: {exc}") from exc
@@ -630,20 +643,33 @@ def _install_release(
     name = f"{manifest.agent_version}-{manifest.wheels_digest[:12]}"
     release = layout.releases / name
     if (release / COMPLETE).is_file():
-        logger.info("release %s is already installed; reusing it", name)
-        return release
+        problem = _release_problem(release)
+        if problem is None:
+            logger.info("release %s is already installed; reusing it", name)
+            return release
+        # An install that cannot run is never reused, or a re-flash would not fix it.
+        logger.warning(
+            "release %s is installed but cannot run the agent (%s); rebuilding it",
+            name,
+            problem,
+        )
 
     # The venv's scripts name their interpreter by absolute path, so it is built at
-    # its final place; the name is new, so the active release is never touched.
+    # its final place; the name is new (or its release cannot run), so a working
+    # active release is never touched.
     if release.exists():
         shutil.rmtree(release)
     release.mkdir(parents=True)
-    venv = release / "venv"
+    # Absolute paths: the steps run from "/".
+    venv = release.absolute() / "venv"
+    if os.sep in python:
+        python = str(Path(python).absolute())
     try:
-        _run([python, "-m", "venv", str(venv)], "creating the gateway venv")
+        _run([python, "-I", "-m", "venv", str(venv)], "creating the gateway venv")
         _run(
             [
                 str(venv / "bin" / "python"),
+                "-I",
                 "-m",
                 "pip",
                 "install",
@@ -652,17 +678,59 @@ def _install_release(
                 "--disable-pip-version-check",
                 "--quiet",
                 "--find-links",
-                str(staged / bundle_mod.WHEEL_DIR),
+                str(staged.absolute() / bundle_mod.WHEEL_DIR),
                 manifest.requirement,
             ],
             "installing the bundled wheels (offline)",
             env=_offline_pip_env(),
         )
+
+        # pip may skip a package it sees elsewhere; the venv must hold the agent.
+        problem = _release_problem(release)
+        if problem is not None:
+            raise FlashError(
+                f"the agent release installed from the bundled wheels cannot run: "
+                f"{problem}; removed {release}"
+            )
         (release / COMPLETE).write_text(manifest.digest + "\n")
     except BaseException:
         shutil.rmtree(release, ignore_errors=True)
         raise
     return release
+
+
+def _release_problem(release: Path) -> str | None:
+    """Why ``release`` cannot run the agent, or None when it can.
+
+    Its venv must have ``bin/edge-agent`` and its python must import ``edge_agent``
+    from inside the venv: pip skips a package that it sees through an inherited
+    PYTHONPATH, and such a release runs only while that path is set.
+    """
+    venv = release.absolute() / "venv"
+    script = venv / "bin" / "edge-agent"
+    if not script.is_file():
+        return f"{script} is missing"
+
+    python = venv / "bin" / "python"
+    code = "import edge_agent; print(edge_agent.__file__)"
+    try:
+        proc = subprocess.run(
+            [str(python), "-I", "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_clean_env(),
+            cwd="/",
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{python} cannot be run ({exc})"
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+        return f"{python} cannot import edge_agent ({' '.join(tail)})"
+    found = Path(proc.stdout.strip()).resolve()
+    if not found.is_relative_to(venv.resolve()):
+        return f"{python} imports edge_agent from {found}, not from its venv"
+    return None
 
 
 def _install_model(
@@ -672,10 +740,31 @@ def _install_model(
     bundle: Path,
     venv_python: Path,
     tolerance: float | None,
-) -> tuple[str, ModelSlots]:
-    """Health-check the bundled model in the new venv, then put it in a free slot."""
+) -> tuple[str, ModelSlots, bool]:
+    """Health-check the bundled model in the new venv, then put it in a free slot.
+
+    Returns the slot, the slots and whether the model was kept: a model already
+    active (same ``model_version``) is not installed again, so the other slot
+    keeps the model a rollback goes back to. The same model in the inactive slot
+    is installed there again, as any other model, and becomes active.
+    """
     _health_check_in(venv_python, staged / bundle_mod.MODEL_DIR, tolerance)
     slots = ModelSlots(layout.models)
+    active = slots.active()
+    running = slots.info(active).get("model_version")
+    if running == manifest.model_version and slots.path(active).is_dir():
+        other = slots.inactive()
+        logger.info(
+            "model %s is already active in slot %s of %s; the model slots are left "
+            "as they are (slot %s keeps model %s for rollback)",
+            running,
+            active,
+            layout.models,
+            other,
+            slots.info(other).get("model_version") or "none",
+        )
+        return active, slots, True
+
     slot = slots.inactive()
     incoming = slots.staging()
     try:
@@ -693,7 +782,7 @@ def _install_model(
         )
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
-    return slot, slots
+    return slot, slots, False
 
 
 def _issued_at(manifest: bundle_mod.BundleManifest) -> float | None:
@@ -702,18 +791,42 @@ def _issued_at(manifest: bundle_mod.BundleManifest) -> float | None:
     return None if built is None else float(built)
 
 
+# PYTHON* variables a subprocess keeps: they change its output, not its imports.
+_HARMLESS_PYTHON_VARS = frozenset(
+    {"PYTHONIOENCODING", "PYTHONUTF8", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"}
+)
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment for a Python that flash runs, without what would make it
+    import from elsewhere than its own install: PYTHONPATH, PYTHONHOME,
+    PYTHONUSERBASE, PYTHONSTARTUP and every other ``PYTHON*`` variable but
+    :data:`_HARMLESS_PYTHON_VARS`, and the marks of the venv flash runs in."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not (k.startswith("PYTHON") and k not in _HARMLESS_PYTHON_VARS)
+        and k not in ("VIRTUAL_ENV", "__PYVENV_LAUNCHER__")
+    }
+
+
 def _offline_pip_env() -> dict[str, str]:
-    """The environment for pip on the gateway: no config files, no index settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    """The environment for pip on the gateway: :func:`_clean_env` with no pip
+    config files and no index settings."""
+    env = {k: v for k, v in _clean_env().items() if not k.startswith("PIP_")}
     env["PIP_CONFIG_FILE"] = os.devnull
     env["PIP_NO_INPUT"] = "1"
     return env
 
 
 def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
-    """Run an install step; FlashError with the tail of its output on failure."""
+    """Run an install step in ``env`` (default :func:`_offline_pip_env`), from the root
+    folder so that the working folder adds nothing to its imports; FlashError with
+    the tail of its output on failure."""
     logger.debug("running %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env or _offline_pip_env(), cwd="/"
+    )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
         raise FlashError(f"{what} failed (exit {proc.returncode}): " + " | ".join(tail))
@@ -721,10 +834,13 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
 
 def _health_check_in(python: Path, artifact: Path, tolerance: float | None) -> None:
     """Load ``artifact`` and score its probe windows with the gateway's own venv."""
-    cmd = [str(python), "-m", "edge_agent.ota", "check", str(artifact)]
+    python, artifact = python.absolute(), artifact.absolute()  # run from "/"
+    cmd = [str(python), "-I", "-m", "edge_agent.ota", "check", str(artifact)]
     if tolerance is not None:
         cmd += ["--tolerance", repr(tolerance)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_offline_pip_env())
+    # Isolated (-I) and from "/": the check sees the venv's agent, not this tree's.
+    env = _offline_pip_env()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/")
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise ModelError(

@@ -283,3 +283,39 @@ def test_flash_offline_switch_refuse_and_roll_back(
 def test_rollback_without_a_second_model_is_refused(tmp_path: Path, capsys) -> None:
     assert main(["rollback", "--root", str(tmp_path / "empty")]) == 2
     assert "no flashed model" in capsys.readouterr().err
+
+
+def test_flash_installs_the_agent_although_pythonpath_sees_this_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With this tree on PYTHONPATH (its gatewatch.egg-info included), pip once took
+    # the agent for installed and skipped it, and the health check passed anyway.
+    wheels = all_wheels(tmp_path)
+    private, public = signing.generate_keypair(tmp_path / "keys")
+    root = tmp_path / "root"
+    root.mkdir()
+    config = tmp_path / "gateway.toml"
+    config.write_text(gateway_config(root))
+    artifact = make_artifact(tmp_path / "art", version="p1", seed=1)
+    out = tmp_path / "p1.tar.gz"
+    bundle.build_bundle(artifact, config, private, out, wheels=wheels)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.chdir(REPO)
+
+    flash(out, root, public)
+
+    venv = GatewayLayout(root).venv
+    assert (venv / "bin" / "edge-agent").is_file()
+    proc = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-I",
+            "-c",
+            "import edge_agent as e; print(e.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).resolve().is_relative_to(venv.resolve())
