@@ -174,7 +174,11 @@ def update(
         "before": before, "after": after,
         "replay_size": 0 if replay is None else int(len(replay[1])),
         "new_train_rows": int(train_rows.size), "val_rows": int(val_rows.size),
-        "epochs": result.epochs_run, "best_epoch": result.best_epoch,
+        # As teacher train reports them: "epochs" per member (the longest run),
+        # the ensemble's total apart.
+        "epochs": len(result.history),
+        "members": int(getattr(teacher.config, "members", 1) or 1),
+        "epochs_all_members": result.epochs_run, "best_epoch": result.best_epoch,
         "wall_s": wall, "threshold": result.threshold,
     }
     logger.info("update: %s -> %s", before, after)
