@@ -412,7 +412,9 @@ def _print_text(summary: dict) -> None:
         # files: one line per input would swamp the rest; format and the first
         # and last ts are shown above already.
         if key not in ("files", "format", "first_ts", "last_ts"):
-            print(f"{key}: {_plain(value)}")
+            # A list of line numbers must not read as a count ("18").
+            label = {"skipped_lines": "skipped at lines (first 20)"}.get(key, key)
+            print(f"{label}: {_plain(value)}")
     if summary["skipped"]:
         print(f"skipped:  {summary['skipped']} bad {_unit(summary['format'])}")
     for note in summary["warnings"]:

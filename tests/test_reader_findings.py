@@ -317,3 +317,21 @@ def test_unsw_csv_without_spkts_warns_naming_it(tmp_path, capsys):
     code, out, _ = run(capsys, "inspect", str(path))
     assert code == 0 and f"warning:  {warning}" in out
 
+
+
+def test_inspect_text_names_skipped_lines_as_lines_not_a_count(tmp_path, capsys):
+    """Found: ``skipped_lines: 18`` beside ``skipped: 1 bad line(s)`` read as a
+    count of 18; it is the line number of the one skipped."""
+    from flows.cli import main as flows_main
+
+    log = tmp_path / "bad.log"
+    log.write_text(
+        "#separator \\x09\n#path\tconn\n"
+        "#fields\tts\tuid\tid.orig_h\tid.orig_p\tid.resp_h\tid.resp_p\tproto\n"
+        "#types\ttime\tstring\taddr\tport\taddr\tport\tenum\n"
+        "1.0\tC1\t10.0.0.1\t1\t10.0.0.2\t80\ttcp\n"
+        "2.0\tC2\t10.0.0.1\t99999\t10.0.0.2\t80\ttcp\n")
+    assert flows_main(["inspect", "--on-error", "skip", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped at lines (first 20): 6" in out
+    assert "skipped_lines" not in out
