@@ -19,25 +19,19 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from edge_agent import bundle, signing  # noqa: E402
+from edge_agent import bundle  # noqa: E402
 from edge_agent import flash as flash_mod  # noqa: E402
 from edge_agent.cli import main  # noqa: E402
+from tests import test_bundle_layout as layout_tests  # noqa: E402
 from tests.test_bundle import CONFIG  # noqa: E402
 from tests.test_flash import snapshot  # noqa: E402
 from tests.test_ota_artifacts import make_artifact  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+# The bundle tests' fixtures: the agent's wheel (built once) and a fresh key pair.
+agent_wheel = layout_tests.agent_wheel
+keys = layout_tests.keys
 
 
-@pytest.fixture(scope="module")
-def agent_wheel(tmp_path_factory) -> Path:
-    """The agent's wheel, built once for this module from the working tree."""
-    return bundle.build_agent_wheel(REPO, tmp_path_factory.mktemp("wheel"))
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Path, Path]:
-    return signing.generate_keypair(tmp_path / "keys")
 
 
 @pytest.fixture
@@ -132,16 +126,17 @@ class _Rebuilt(Exception):
     """Raised in place of the venv creation: the release was not reused."""
 
 
+def _release_manifest() -> SimpleNamespace:
+    """The fields of a bundle manifest that _install_release reads."""
+    return SimpleNamespace(agent_version="1.0", wheels_digest="0" * 64,
+                           requirement="gatewatch[edge]", digest="1" * 64)
+
+
 def test_a_release_that_cannot_run_the_agent_is_rebuilt_not_reused(
     tmp_path, monkeypatch, caplog
 ):
     layout = flash_mod.GatewayLayout(tmp_path / "root")
-    manifest = SimpleNamespace(
-        agent_version="1.0",
-        wheels_digest="0" * 64,
-        requirement="gatewatch[edge]",
-        digest="1" * 64,
-    )
+    manifest = _release_manifest()
     release = layout.releases / "1.0-000000000000"
     (release / "venv" / "bin").mkdir(parents=True)  # no edge-agent: pip skipped it
     (release / flash_mod.COMPLETE).write_text("digest\n")
@@ -159,12 +154,7 @@ def test_a_release_that_cannot_run_the_agent_is_rebuilt_not_reused(
 
 def test_a_release_without_the_agent_is_removed_and_named(tmp_path, monkeypatch):
     layout = flash_mod.GatewayLayout(tmp_path / "root")
-    manifest = SimpleNamespace(
-        agent_version="1.0",
-        wheels_digest="0" * 64,
-        requirement="gatewatch[edge]",
-        digest="1" * 64,
-    )
+    manifest = _release_manifest()
     # venv and pip "succeed" and install nothing, as pip does when it sees the agent
     # through an inherited PYTHONPATH.
     monkeypatch.setattr(flash_mod, "_run", lambda *args, **kwargs: None)
