@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.runtime import SCHEMA_VERSION, sha256_file
+from edge_agent.runtime import SCHEMA_VERSION, doubt_floor, sha256_file
 
 __all__ = [
     "escalation_band",
@@ -81,7 +81,7 @@ def escalation_band(
             break
     else:
         lo = decision
-    lo = _doubt_floor(p, decision, lo, min(min_doubt_share, half), half)
+    lo = doubt_floor(p, decision, lo, min(min_doubt_share, half), half)
     above = np.unique(np.r_[p[(p > decision) & (p <= hi)], hi])
     cap = decision
     for value in above:  # ascending: keep the last cut that still fits
@@ -89,29 +89,6 @@ def escalation_band(
             break
         cap = float(value)
     return float(lo), float(max(decision, min(hi, cap)))
-
-
-def _doubt_floor(
-    p: np.ndarray, decision: float, lo: float, share: float, most: float
-) -> float:
-    """``lo``, lowered where needed so that at least ``share`` of all windows fall
-    in ``[lo, decision)``: the highest scores below the decision, a tie group whole
-    (or left out, if taking it would put more than ``most`` of them there, unless
-    it is the group right below the decision: then it is taken whole all the same,
-    since leaving it out would close the band)."""
-    n = max(len(p), 1)
-    below = np.sort(p[p < decision])
-    want = int(np.ceil(share * n))
-    if want == 0 or below.size == 0:
-        return lo
-    if below.size - np.searchsorted(below, lo, "left") >= want:
-        return lo
-    cut = below[max(below.size - want, 0)]
-    if (below.size - np.searchsorted(below, cut, "left")) / n > most:
-        right = np.searchsorted(below, cut, "right")
-        if right < below.size:
-            cut = below[right]
-    return float(min(lo, cut))
 
 
 def write_thresholds(folder: Path, decision: float, lo: float, hi: float) -> Path:

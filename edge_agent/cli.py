@@ -1249,23 +1249,15 @@ CALIBRATION_DOUBT_MOST = 0.025
 def escalation_floor(scores: np.ndarray, decision: float) -> float:
     """``escalate_low`` for calibrated thresholds: low enough that the highest
     :data:`CALIBRATION_DOUBT_SHARE` of ``scores`` below ``decision`` are escalated,
-    a tie group whole, or left out when taking it would escalate more than
-    :data:`CALIBRATION_DOUBT_MOST` (unless it is the group right below the
-    decision: leaving that out would close the band). Without it a site's
-    thresholds would send the teacher nothing the student doubts."""
-    s = np.asarray(scores, dtype=np.float64)
-    below = np.sort(s[s < decision])
-    want = int(np.ceil(CALIBRATION_DOUBT_SHARE * max(len(s), 1)))
-    if below.size == 0 or want == 0:
-        return float(decision)
+    by the artifact's own doubt floor (:func:`edge_agent.runtime.doubt_floor`).
+    Without it a site's thresholds would send the teacher nothing the student
+    doubts."""
+    from edge_agent.runtime import doubt_floor
 
-    cut = below[max(below.size - want, 0)]
-    taken = below.size - np.searchsorted(below, cut, "left")
-    if taken / len(s) > CALIBRATION_DOUBT_MOST:
-        right = np.searchsorted(below, cut, "right")
-        if right < below.size:
-            cut = below[right]
-    return float(min(decision, cut))
+    s = np.asarray(scores, dtype=np.float64)
+    return doubt_floor(
+        s, decision, decision, CALIBRATION_DOUBT_SHARE, CALIBRATION_DOUBT_MOST
+    )
 
 
 def capture_filter(given: str | None, broker: str | None) -> str | None:

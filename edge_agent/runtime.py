@@ -920,3 +920,26 @@ def load_artifact(
         spec.dtype,
     )
     return scorer
+
+
+def doubt_floor(
+    p: np.ndarray, decision: float, lo: float, share: float, most: float
+) -> float:
+    """``lo``, lowered where needed so that at least ``share`` of all windows fall
+    in ``[lo, decision)``: the highest scores below the decision, a tie group whole
+    (or left out, if taking it would put more than ``most`` of them there, unless
+    it is the group right below the decision: then it is taken whole all the same,
+    since leaving it out would close the band)."""
+    n = max(len(p), 1)
+    below = np.sort(p[p < decision])
+    want = int(np.ceil(share * n))
+    if want == 0 or below.size == 0:
+        return lo
+    if below.size - np.searchsorted(below, lo, "left") >= want:
+        return lo
+    cut = below[max(below.size - want, 0)]
+    if (below.size - np.searchsorted(below, cut, "left")) / n > most:
+        right = np.searchsorted(below, cut, "right")
+        if right < below.size:
+            cut = below[right]
+    return float(min(lo, cut))
