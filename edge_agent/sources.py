@@ -11,8 +11,9 @@ A stdin record's text ``label`` is read as the Zeek readers read it
 (``Malicious``/``Benign``/``Background``/``Unknown``, any case). Labels are not
 used for scoring, so on stdin a label none of those name costs the flow nothing:
 it is taken as no label (its text kept in ``label_detail``), counted in
-``Source.unknown_labels`` and noted once with its value and line (a ``zeek:``
-log's reader still skips and counts such a line). A ``proto`` given
+``Source.unknown_labels`` and noted once with its value and line. A ``zeek:``
+log, read once or followed, and a stdin object with Zeek's JSON names keep such
+a flow the same way. A ``proto`` given
 as a number (``"proto": 6`` on stdin, an integer column in Parquet) is protocol
 number 6, held as the text ``"6"`` as ``flows`` reads it (``flows.record.proto_text``);
 like a protocol name, it must then pass the record check (a number 0..255).
@@ -92,6 +93,10 @@ class Source:
     error: GatewatchError | None = None
     end: threading.Event = field(default_factory=threading.Event)
     unknown_labels: int = 0  # flows kept with a label no table names, as unlabeled
+    # A capture's flow meter (pcap:, iface:), kept up to date as it reads:
+    # ``evicted``, connections ended early because the table held max_flows, and
+    # ``dropped``, packets libpcap or the interface dropped (iface: only).
+    meter_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def finishing(self) -> bool:
@@ -281,7 +286,8 @@ def _pcap(src: Source, max_flows: int = 1_000_000) -> Iterator[dict]:
 
     found: list[Damage] = []
     try:
-        for rec in iter_flows(src.target, damage=found, max_flows=max_flows):
+        for rec in iter_flows(src.target, damage=found, max_flows=max_flows,
+                              counts=src.meter_counts):
             yield canonical(rec)
     finally:
         src.damage = found
@@ -312,7 +318,7 @@ def _iface(src: Source, max_flows: int = 1_000_000,
 
     # Setting ``end`` (a stop) ends the capture; its open connections come last.
     for rec in iter_flows(f"iface:{src.target}", end=src.end, max_flows=max_flows,
-                          bpf=bpf):
+                          bpf=bpf, counts=src.meter_counts):
         yield canonical(rec)
 
 
@@ -322,15 +328,19 @@ def iter_conn(
     damage: list | None = None,
     timezone: str = "UTC",
     on_skip: Any = None,
+    on_unknown_label: Any = None,
 ) -> Iterator[dict]:
     """Canonical records of a Zeek conn.log, streamed by ``flows.readers``; the
     damage it read past or stopped at goes to ``damage`` (see ``iter_records``).
     ``timezone``: the zone of times written without one (:func:`open_source`);
-    ``on_skip``: called with each bad Zeek line skipped (``on_error`` "skip")."""
+    ``on_skip``: called with each bad Zeek line skipped (``on_error`` "skip");
+    ``on_unknown_label``: called for each Zeek line kept unlabeled because no
+    table names its label (by default such a line is bad)."""
     from flows.readers import iter_records
 
     for rec in iter_records(path, on_error=on_error, damage=damage,
-                            timezone=timezone, on_skip=on_skip):
+                            timezone=timezone, on_skip=on_skip,
+                            on_unknown_label=on_unknown_label):
         yield canonical(rec)
 
 
@@ -346,14 +356,14 @@ def _zeek(src: Source, timezone: str = "UTC") -> Iterator[dict]:
     found: list[Damage] = []
     zeek = stream_format(src.target) in ("zeek-tsv", "zeek-json")
 
-    # TODO(gap): a line whose label the tables do not know is skipped and counted
-    # (exit 4), though labels are not used for scoring; stdin keeps such a flow.
     def skipped(exc: BadInputError) -> None:
         src.reject("bad_line", _line_problem(exc), exc.line)
 
+    # A Zeek line whose label no table names is kept unlabeled, as on stdin.
     records = iter_conn(src.target, on_error="skip" if zeek else "fail",
                         damage=found, timezone=timezone,
-                        on_skip=skipped if zeek else None)
+                        on_skip=skipped if zeek else None,
+                        on_unknown_label=src.unknown_label if zeek else None)
     try:
         for number, rec in enumerate(records, start=1):
             problem = _record_problem(rec)
@@ -474,7 +484,7 @@ def _json_lines(src: Source, stream) -> Iterator[dict]:
             continue
         if isinstance(rec, dict) and "src_ip" not in rec and _zeek_shaped(rec):
             try:
-                rec = zeek_json_record(rec, "-", line_no)
+                rec = zeek_json_record(rec, "-", line_no, src.unknown_label)
             except BadInputError as exc:
                 src.reject("bad_value", _line_problem(exc), line_no)
                 continue
@@ -514,11 +524,15 @@ def _zeek_shaped(rec: dict[str, Any]) -> bool:
     return "id.orig_h" in rec or isinstance(rec.get("id"), dict)
 
 
-def zeek_json_record(obj: dict, path: str, line_no: int) -> dict:
-    """One Zeek JSON object -> canonical record, by the Zeek JSON reader's mapping."""
+def zeek_json_record(
+    obj: dict, path: str, line_no: int, on_unknown_label: Any = None
+) -> dict:
+    """One Zeek JSON object -> canonical record, by the Zeek JSON reader's mapping
+    (``on_unknown_label``: keep a label no table names as no label, see
+    :func:`flows.readers.stream.zeek_json_record`)."""
     from flows.readers.stream import zeek_json_record as convert
 
-    return convert(obj, path, line_no)
+    return convert(obj, path, line_no, on_unknown_label)
 
 
 def _text_label(rec: dict[str, Any]) -> str | None:
@@ -620,7 +634,8 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
             try:
                 handle = open(path, encoding="utf-8", errors="replace", newline="")
                 inode = os.fstat(handle.fileno()).st_ino
-                parser, partial, line_no, skipping = TsvLineParser(str(path)), "", 0, 0
+                parser = TsvLineParser(str(path), src.unknown_label)
+                partial, line_no, skipping = "", 0, 0
                 waiting = vanished = False
             except FileNotFoundError:
                 if src.end.is_set():
@@ -680,7 +695,8 @@ def _rotated(path: Path, inode: int | None, handle) -> bool:
 
 
 def _parse_line(src: Source, parser, line: str, line_no: int) -> dict | None:
-    """One followed line: a header line, a TSV or JSON record, or a rejection."""
+    """One followed line: a header line, a TSV or JSON record, or a rejection (a
+    label no table names costs the label only, as on stdin)."""
     from flows.readers.stream import parse_json_line
 
     if line_no == 1:
@@ -692,9 +708,10 @@ def _parse_line(src: Source, parser, line: str, line_no: int) -> dict | None:
             parser.header_line(line, line_no)
             return None
         if line.lstrip().startswith("{"):
-            rec = canonical(parse_json_line(line, src.target, line_no))
+            rec = parse_json_line(line, src.target, line_no, src.unknown_label)
         else:
-            rec = canonical(parser.parse(line, line_no))
+            rec = parser.parse(line, line_no)
+        rec = canonical(rec)
     except BadInputError as exc:
         src.reject("bad_line", _line_problem(exc), line_no)
         return None

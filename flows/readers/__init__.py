@@ -457,15 +457,18 @@ def iter_records(
     timezone: str = "UTC",
     damage: list | None = None,
     on_skip: Callable[[BadInputError], None] | None = None,
+    on_unknown_label: Callable[[str, int], None] | None = None,
 ) -> Iterator[dict]:
     """Yield the canonical records of a conn-family file one by one, as dicts;
     ``damage`` (a list) receives what was found damaged, by kind; ``on_skip`` is
-    called with the error of each Zeek line ``on_error`` "skip" passes over."""
+    called with the error of each Zeek line ``on_error`` "skip" passes over;
+    ``on_unknown_label`` keeps a Zeek line whose label no table names, unlabeled
+    (see :func:`flows.readers.stream.iter_records`)."""
     from flows.readers.stream import iter_records as _iter
 
     yield from _iter(
         path, on_error=on_error, drop_unlabeled=drop_unlabeled, timezone=timezone,
-        damage=damage, on_skip=on_skip,
+        damage=damage, on_skip=on_skip, on_unknown_label=on_unknown_label,
     )
 
 

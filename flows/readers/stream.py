@@ -67,10 +67,20 @@ class TsvLineParser:
 
     At each ``#fields`` line it works out, once, where every canonical field and
     label sits, so that a data line costs one split and a pass over the fields.
+
+    ``on_unknown_label``: by default a label no table names refuses the line; when
+    given, the flow is kept without a label (the label's text in
+    ``label_detail``) and this is called with the text and the line number, for
+    readers that do not use labels (the edge agent scores flows, labels or not).
     """
 
-    def __init__(self, path: str = "<stream>") -> None:
+    def __init__(
+        self,
+        path: str = "<stream>",
+        on_unknown_label: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.path = path
+        self.on_unknown_label = on_unknown_label
         self.header = _Header()
         self._fields: list[str] | None = None
         self._plan: list[tuple[str, int | None, str, str]] = []
@@ -231,7 +241,7 @@ class TsvLineParser:
         if text not in nulls:
             text = _unescape(text)
             mapped = ZEEK_LABELS.get(text.strip().lower(), "?")
-            if mapped == "?":
+            if mapped == "?" and self.on_unknown_label is None:
                 raise BadInputError(
                     f"unknown label {text!r} (expected Malicious, Benign, Background "
                     "or Unknown)",
@@ -239,6 +249,9 @@ class TsvLineParser:
                     line=line_no,
                     column=label[1],
                 )
+            if mapped == "?":
+                self.on_unknown_label(text, line_no)
+                mapped = None
             record["label"] = mapped
             record["label_detail"] = text
         if detail is not None and values[detail] not in nulls:
@@ -246,8 +259,14 @@ class TsvLineParser:
         return record
 
 
-def parse_json_line(line: str, path: str = "<stream>", line_no: int = 0) -> dict:
-    """One Zeek JSON line -> canonical record; BadInputError names line and key."""
+def parse_json_line(
+    line: str,
+    path: str = "<stream>",
+    line_no: int = 0,
+    on_unknown_label: Callable[[str, int], None] | None = None,
+) -> dict:
+    """One Zeek JSON line -> canonical record; BadInputError names line and key.
+    ``on_unknown_label`` as for :class:`TsvLineParser`."""
     try:
         obj = json.loads(line)
         if not isinstance(obj, dict):
@@ -257,17 +276,27 @@ def parse_json_line(line: str, path: str = "<stream>", line_no: int = 0) -> dict
         raise BadInputError(
             f"expected one JSON object ({json_problem(exc)})", path=path, line=line_no
         ) from None
-    return zeek_json_record(obj, path, line_no)
+    return zeek_json_record(obj, path, line_no, on_unknown_label)
 
 
-def zeek_json_record(obj: dict, path: str = "<stream>", line_no: int = 0) -> dict:
+def zeek_json_record(
+    obj: dict,
+    path: str = "<stream>",
+    line_no: int = 0,
+    on_unknown_label: Callable[[str, int], None] | None = None,
+) -> dict:
     """One parsed Zeek JSON object -> canonical record, by the Zeek JSON reader's rules.
 
     Keys as Zeek writes them with ``LogAscii::use_json=T`` (``id.orig_h``...,
     or a nested ``id`` object); BadInputError names the line and the key.
     """
+    keep = None
+    if on_unknown_label is not None:
+        def keep(text: str) -> None:
+            on_unknown_label(text, line_no)
+
     try:
-        return json_record(obj)
+        return json_record(obj, on_unknown_label=keep)
     except _FieldError as exc:
         raise BadInputError(
             exc.message, path=path, line=line_no, column=exc.column
@@ -368,11 +397,15 @@ def iter_records(
     timezone: str = "UTC",
     damage: list | None = None,
     on_skip: Callable[[BadInputError], None] | None = None,
+    on_unknown_label: Callable[[str, int], None] | None = None,
 ) -> Iterator[dict]:
     """Yield canonical records one by one (Zeek TSV/JSON line by line).
 
     With ``on_error`` "skip", ``on_skip`` (when given) is called with the error of
     each Zeek line skipped, so that a caller can count it by its line.
+    ``on_unknown_label`` (Zeek TSV/JSON only): keep a flow whose label no table
+    names, without a label, and call it with the text and line (see
+    :class:`TsvLineParser`); by default such a line is bad.
 
     ``timezone``: the zone of binetflow start times (see :func:`flows.readers.read`).
     Damage the read stops at or goes past without raising (a gzip stream or last
@@ -404,7 +437,7 @@ def iter_records(
             damage.extend(result.damage)
         return
 
-    parser = TsvLineParser(name)
+    parser = TsvLineParser(name, on_unknown_label)
     skipped = yielded = 0
     for line_no, line in enumerate(_lines(name, damage), start=1):
         if line_no == 1 and isinstance(line, str):
@@ -428,7 +461,7 @@ def iter_records(
 
         try:
             if fmt == "zeek-json":
-                record = parse_json_line(stripped, name, line_no)
+                record = parse_json_line(stripped, name, line_no, on_unknown_label)
             else:
                 record = parser.parse(line, line_no)
         except BadInputError as exc:

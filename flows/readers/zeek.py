@@ -1045,8 +1045,16 @@ class _FieldError(Exception):
         self.message = message
 
 
-def json_record(obj: dict, stats: dict | None = None) -> dict:
-    """One Zeek JSON object -> a canonical record dict (omitted keys -> None)."""
+def json_record(
+    obj: dict,
+    stats: dict | None = None,
+    on_unknown_label: Callable[[str], None] | None = None,
+) -> dict:
+    """One Zeek JSON object -> a canonical record dict (omitted keys -> None).
+
+    A label no table names is a bad field, unless ``on_unknown_label`` is given:
+    then it is called with the label's text and the record is kept unlabeled,
+    that text in ``label_detail``."""
     record: dict = {}
     for zeek_name, canon in ZEEK_TO_CANON.items():
         value = obj.get(zeek_name)
@@ -1081,6 +1089,9 @@ def json_record(obj: dict, stats: dict | None = None) -> dict:
             stats["labels"][text] = stats["labels"].get(text, 0) + 1
         if text not in _JSON_NULLS:
             mapped = labelmod.ZEEK_LABELS.get(text.strip().lower(), "?")
+            if mapped == "?" and on_unknown_label is not None:
+                on_unknown_label(text)
+                mapped = None
             if mapped == "?":
                 raise _FieldError(
                     label_key,
