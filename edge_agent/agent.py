@@ -81,7 +81,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import queue
+import stat
+import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
@@ -105,6 +108,11 @@ from flows.errors import (
     json_problem,
 )
 from flows.windows import StreamWindower, record_key
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; two agents on one client id not refused
+    fcntl = None  # type: ignore[assignment]
 
 SITE_THRESHOLDS = "site_thresholds.json"
 _FIVE_TUPLE = ("ts", "src_ip", "src_port", "dst_ip", "dst_port", "proto")
@@ -354,6 +362,7 @@ class Agent:
         max_queue: int = 4096,
         max_awaiting: int | None = None,
         resend_after: float = 10.0,
+        thresholds_from: str | None = None,
     ) -> None:
         if max_batch < 1 or max_wait_ms < 0 or max_queue < max_batch:
             raise UsageError(
@@ -407,6 +416,8 @@ class Agent:
         )
         self._created: dict[str, float] = {}
         self._fixed_thresholds = thresholds
+        # The file ``thresholds`` came from (--thresholds), named in the log line.
+        self._thresholds_from = thresholds_from
         self._lock = threading.Lock()
         self._out_lock = threading.Lock()
         self._verdict_ids: OrderedDict[str, None] = OrderedDict()
@@ -449,7 +460,7 @@ class Agent:
             check_thresholds(thresholds, "--thresholds")
         else:
             thresholds, origin = load_thresholds(scorer)
-        self._say_thresholds(scorer, thresholds, origin)
+        self._say_thresholds(scorer, thresholds, origin, self._thresholds_from)
         windower = StreamWindower(enc.window, enc.n_features, max_hosts=self.max_hosts)
         with self._lock:
             self.scorer = scorer
@@ -467,20 +478,28 @@ class Agent:
         )
 
     @staticmethod
-    def _say_thresholds(scorer: Any, thresholds: dict[str, float], origin: str) -> None:
-        """One warning (shown without -v) when a site's own thresholds replace the
-        artifact's, naming the file, and one when thresholds other than the
-        artifact's rule switch detection off (:func:`switched_off`)."""
+    def _say_thresholds(
+        scorer: Any,
+        thresholds: dict[str, float],
+        origin: str,
+        given_from: str | None = None,
+    ) -> None:
+        """One warning (shown without -v) when thresholds other than the
+        artifact's replace them, naming where they came from (a site's own file,
+        or ``given_from``, the --thresholds file), and one when thresholds other
+        than the artifact's rule switch detection off (:func:`switched_off`)."""
         folder = getattr(scorer, "folder", None)
         where = {
             "site": str(Path(folder or ".") / SITE_THRESHOLDS),
-            "given": "the thresholds given (--thresholds)",
+            "given": given_from or "the thresholds given (--thresholds)",
         }.get(origin)
-        if origin == "site":
+        how = {"site": "edge-agent calibrate", "given": "--thresholds"}.get(origin)
+        if how is not None:
             logger.warning(
-                "thresholds from %s (edge-agent calibrate), not the artifact's "
-                "thresholds.json: escalate_low %.6g, alert %.6g",
+                "thresholds from %s (%s), not the artifact's thresholds.json: "
+                "escalate_low %.6g, alert %.6g",
                 where,
+                how,
                 thresholds["escalate_low"],
                 thresholds["alert"],
             )
@@ -1469,3 +1488,112 @@ class Agent:
         out["model_version"] = self.model_version
         out["thresholds"] = dict(self.thresholds)
         return out
+
+
+# -- one MQTT client id per host -------------------------------------------------------
+
+RUN_DIR_ENV = "GATEWATCH_RUN_DIR"  # where the locks of the client ids in use live
+
+
+class ClientIdInUseError(UsageError):
+    """Another process on this host holds the MQTT client id this agent would
+    connect with: exit 2, a setting that clashes with a running agent, as an
+    outbox another run holds is."""
+
+
+def client_id(site: str, gateway: str) -> str:
+    """The MQTT client id of the agent of ``site`` and ``gateway``."""
+    return f"gatewatch-{site}-{gateway}"
+
+
+def run_folder() -> Path:
+    """Where the locks of the client ids in use live: ``$GATEWATCH_RUN_DIR`` (an
+    absolute path), else ``/tmp/gatewatch-<uid>``, as for the re-scorer's ids
+    (``teacher serve``), so an agent and a re-scorer see each other's too.
+
+    A relative ``$GATEWATCH_RUN_DIR`` would differ with the working folder and is
+    refused (UsageError). Units with ``PrivateTmp=`` each see a /tmp of their own:
+    they need ``$GATEWATCH_RUN_DIR`` set to one folder they share.
+    """
+    given = os.environ.get(RUN_DIR_ENV)
+    if given:
+        if not os.path.isabs(given):
+            raise UsageError(
+                f"{RUN_DIR_ENV}={given!r} is a relative path; agents started from "
+                "other folders would not see its locks: give an absolute one"
+            )
+        return Path(given)
+    if not hasattr(os, "getuid"):  # no POSIX users: the platform's temp folder
+        return Path(tempfile.gettempdir()) / "gatewatch"
+    return Path("/tmp") / f"gatewatch-{os.getuid()}"
+
+
+def claim_client_id(name: str) -> int | None:
+    """Hold the MQTT client id ``name`` for this process: an open descriptor with
+    an exclusive ``flock`` on ``<run folder>/<name>.lock`` (this pid written in
+    it), which the kernel drops when the process ends, however it ends; closing
+    the descriptor lets it go. None where there is no ``flock``.
+
+    Two agents connected under one id would take turns kicking each other off
+    the broker, so a second one is refused at start (:class:`ClientIdInUseError`,
+    naming the holder's pid). A lock folder that is not this user's own, or is
+    writable by others (who could then hold the id), is a UsageError naming it.
+    """
+    if fcntl is None:
+        return None
+    folder = run_folder()
+    hint = f"set {RUN_DIR_ENV} to a folder of your own"
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise UsageError(
+                f"{folder} (for the lock of the MQTT client id {name}) is not a "
+                f"folder of this user; {hint}"
+            )
+        if info.st_mode & 0o022:
+            raise UsageError(
+                f"{folder} (for the lock of the MQTT client id {name}) is writable "
+                f"by other users (mode {stat.S_IMODE(info.st_mode):o}); chmod 700 "
+                f"it or {hint}"
+            )
+        lock = folder / f"{name}.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot lock {folder / (name + '.lock')} for the MQTT client id "
+            f"({exc.strerror or exc}); {hint}"
+        ) from None
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = _lock_holder(lock)
+        raise ClientIdInUseError(
+            f"the MQTT client id {name} is in use by another process on this host "
+            f"({holder} holds {lock}): the broker would keep one connection and "
+            "the two would take turns kicking each other off; stop that agent, or "
+            "give this one its own --site/--gateway"
+        ) from None
+    except OSError as exc:  # a file system without flock: not refused
+        os.close(fd)
+        logger.debug("client id %s not locked: %s", name, exc)
+        return None
+
+    try:  # the holder's pid, for the error line of a second agent
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        logger.debug("could not note the pid in %s: %s", lock, exc)
+    return fd
+
+
+def _lock_holder(lock: Path) -> str:
+    """``pid 123`` from the pid the holder of ``lock`` wrote there, else
+    ``pid unknown`` (written a moment later, say)."""
+    try:
+        text = lock.read_text(encoding="ascii", errors="replace")[:32].strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "pid unknown"

@@ -92,8 +92,11 @@ exit codes:
        config is settings, like flags; the files it names are judged
        as if given by flags), an empty --outbox (the default path is
        --outbox left out), an --outbox another edge-agent run holds
-       (its lock file OUTBOX.lock names the pid), a broker password (--password-file)
-       without a user name
+       (its lock file OUTBOX.lock names the pid), an MQTT client id
+       (gatewatch-SITE-GATEWAY, with --broker) another process on
+       this host holds (its lock file in $GATEWATCH_RUN_DIR, default
+       /tmp/gatewatch-UID, names the pid), a broker password
+       (--password-file) without a user name
   {EXIT_BAD_INPUT}    bad input: a source that gave no usable flow (stdin whose
        lines held no record, a damaged file with nothing usable), a
        source, a thresholds file or a --password-file that is a folder
@@ -644,9 +647,16 @@ def _reload_on_sighup(agent: Any, artifact: str) -> Any:
     return previous
 
 
+def _let_go(lock: int | None) -> None:
+    """Let another agent take the MQTT client id this run held (its lock's
+    descriptor, from :func:`edge_agent.agent.claim_client_id`)."""
+    if lock is not None:
+        os.close(lock)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``edge-agent run``."""
-    from edge_agent.agent import Agent
+    from edge_agent.agent import Agent, claim_client_id, client_id
     from edge_agent.config import AgentConfig
     from edge_agent.mqtt import MqttLink, redact_url
     from edge_agent.outbox import Outbox
@@ -675,6 +685,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     outbox = Outbox(cfg.outbox_path(), cfg.outbox_max,
                     keep_sent=max(RESEND_WINDOW, 2 * cfg.max_awaiting)
                     if cfg.broker else 0, lock=True)
+    client_lock: int | None = None
     try:
         dropped_before = outbox.dropped  # the outbox counts its cap's drops for good
         agent = Agent(
@@ -690,11 +701,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             status_interval=cfg.status_interval,
             max_awaiting=cfg.max_awaiting if cfg.wait_verdicts else None,
             resend_after=cfg.resend_after,
+            thresholds_from=cfg.thresholds,
         )
         if cfg.broker:
+            # Held for the run, before the broker is connected: a second agent
+            # on this host with this client id is refused, exit 2, instead of
+            # the two kicking each other off the broker.
+            client_lock = claim_client_id(client_id(cfg.site, cfg.gateway))
             agent.link = MqttLink(
                 cfg.broker,
-                f"gatewatch-{cfg.site}-{cfg.gateway}",
+                client_id(cfg.site, cfg.gateway),
                 username=cfg.username,
                 password=password,
                 tls=cfg.tls(),
@@ -708,6 +724,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Refused before the run (thresholds, broker settings): the outbox and
         # its lock are let go at once, not at exit.
         outbox.close()
+        _let_go(client_lock)
         raise
     stop = threading.Event()
     interrupted = threading.Event()
@@ -781,11 +798,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         # not sent better than "no subscriber".
         link_up = agent.link is not None and agent.link.connected
         agent.close()
+        _let_go(client_lock)
         if close_alerts:
             alerts.close()
     summary["source_rejected"] = dict(source.rejected)
     # Flows kept as unlabeled whose label no table names (noted once in the log).
     summary["source_unknown_labels"] = source.unknown_labels
+    # What a capture's flow meter could not keep whole (each warned once as well):
+    # connections ended early by a full table (--max-flows), each still scored as
+    # a flow, and packets libpcap or the interface dropped before the meter.
+    summary["flows_evicted"] = source.meter_counts.get("evicted", 0)
+    summary["packets_dropped"] = source.meter_counts.get("dropped", 0)
     summary["outbox_dropped_now"] = {
         kind: count - dropped_before.get(kind, 0)
         for kind, count in (summary.get("outbox_dropped") or {}).items()
@@ -1182,6 +1205,18 @@ def _report(summary: dict[str, Any], path: str | None) -> GatewatchError | None:
         + (
             f", rejected by the re-scorer {summary['rejections_received']}"
             if summary.get("rejections_received")
+            else ""
+        )
+        + (
+            ", connections ended early as the connection table was full "
+            f"(--max-flows) {summary['flows_evicted']}"
+            if summary.get("flows_evicted")
+            else ""
+        )
+        + (
+            ", packets dropped by the capture before the flow meter "
+            f"{summary['packets_dropped']}"
+            if summary.get("packets_dropped")
             else ""
         ),
         file=sys.stderr,

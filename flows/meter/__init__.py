@@ -237,6 +237,7 @@ def iter_flows(
     damage: list | None = None,
     end: threading.Event | None = None,
     bpf: str | None = None,
+    counts: dict[str, int] | None = None,
 ) -> Iterator[dict]:
     """Yield canonical records as connections end, from a capture or ``iface:NAME``.
 
@@ -250,6 +251,10 @@ def iter_flows(
     stopped), before that error is raised. ``end`` (a ``threading.Event``) stops
     a live capture, whose open connections are then yielded; files ignore it, as
     they do ``bpf``, a libpcap filter of the packets a live capture takes.
+    A dict given as ``counts`` is kept up to date as the read goes: ``evicted``,
+    the connections ended early because the table held ``max_flows``, and, for a
+    live capture, ``dropped``, the packets libpcap or the interface dropped
+    before the meter saw them (both warned once in the log as well).
     """
     text = str(source)
     if text.startswith("iface:"):
@@ -261,6 +266,7 @@ def iter_flows(
             engine=engine,
             end=end,
             bpf=bpf,
+            counts=counts,
         )
         return
     if text.startswith("pcap:"):
@@ -272,8 +278,11 @@ def iter_flows(
         check_checksums=check_checksums,
     )
     reader = _open(text)
+    counts = {} if counts is None else counts
     for _ in _feed_all(reader, meter):
+        counts["evicted"] = meter.evicted
         yield from meter.pop_done()
+    counts["evicted"] = meter.evicted
     yield from meter.flush()
     if meter.evicted:
         from flows.meter.live import table_full

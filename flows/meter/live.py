@@ -110,14 +110,18 @@ def iter_live(
     promisc: bool = False,
     engine: str | None = None,
     end: threading.Event | None = None,
+    counts: dict[str, int] | None = None,
 ) -> Iterator[dict]:
     """Yield canonical records from interface ``name`` as connections end.
 
     Runs until ``end`` is set (checked at least every 0.2 s), a Ctrl-C, or for
     ``duration`` seconds, or ``max_packets`` packets; then ends every open
     connection and yields it, so a stop does not lose the connections still
-    open (a Ctrl-C is raised again once they are yielded).
+    open (a Ctrl-C is raised again once they are yielded). ``counts`` (a dict)
+    is kept up to date with ``evicted`` (connections ended early by a full
+    table) and ``dropped`` (packets libpcap or the interface dropped).
     """
+    counts = {} if counts is None else counts
     cap = open_live(name, bpf=bpf, promisc=promisc)
     link = cap.datalink()
     from flows.meter import make_meter
@@ -177,13 +181,16 @@ def iter_live(
             if time.monotonic() >= next_drops:
                 next_drops = time.monotonic() + 10.0
                 warned_drops = _note_drops(cap, name, warned_drops)
+                counts["dropped"] = warned_drops
+            counts["evicted"] = meter.evicted
             if meter.evicted and not warned_full:
                 warned_full = True
                 logger.warning(table_full(name, max_flows))
     except KeyboardInterrupt as exc:
         interrupted = exc  # the open connections first, then the interrupt
 
+    counts["evicted"] = meter.evicted
     yield from meter.flush()
-    _note_drops(cap, name)
+    counts["dropped"] = max(_note_drops(cap, name), warned_drops)
     if interrupted is not None:
         raise interrupted
