@@ -24,9 +24,13 @@ from the bundled wheels with no index, and the bundled model passes its health c
 inside that venv. Switches are symlink renames, so a reader sees the old target or
 the new one, never a mix.
 
-A bundle whose model is the one already active (same ``model_version``) leaves the
-model slots as they are, so the other slot keeps the model a rollback goes back to;
-the release, config, key and unit are installed as ever. Every Python that flash
+A bundle whose model is the one already active (same ``model_version`` and the
+same model files, compared by sha256: the bundle's from its signed manifest, the
+slot's hashed on disk) leaves the model slots as they are, so the other slot keeps
+the model a rollback goes back to; the release, config, key and unit are installed
+as ever. Same ``model_version`` but other files (new site thresholds, another
+build) is another model: installed into the other slot, with a warning naming the
+files that differ. Every Python that flash
 runs gets an environment without the ``PYTHON*`` variables that change what it
 imports (:func:`_clean_env`), and a release is used only once its venv has its own
 ``bin/edge-agent`` and imports ``edge_agent`` from itself (:func:`_release_problem`).
@@ -744,15 +748,37 @@ def _install_model(
     """Health-check the bundled model in the new venv, then put it in a free slot.
 
     Returns the slot, the slots and whether the model was kept: a model already
-    active (same ``model_version``) is not installed again, so the other slot
-    keeps the model a rollback goes back to. The same model in the inactive slot
-    is installed there again, as any other model, and becomes active.
+    active (same ``model_version`` and the same files, by their sha256) is not
+    installed again, so the other slot keeps the model a rollback goes back to.
+    One of the same ``model_version`` whose files differ (new site thresholds,
+    another build) is installed as any other model, with a warning naming the
+    files that differ. The same model in the inactive slot is installed there
+    again, as any other model, and becomes active.
     """
     _health_check_in(venv_python, staged / bundle_mod.MODEL_DIR, tolerance)
     slots = ModelSlots(layout.models)
     active = slots.active()
     running = slots.info(active).get("model_version")
+    differs = None
     if running == manifest.model_version and slots.path(active).is_dir():
+        differs = _model_difference(manifest, slots.path(active))
+    if running == manifest.model_version and differs is not None:
+        # Same name, other content (new thresholds, another build): installed as
+        # any other model, and said, since escalations will not tell them apart.
+        logger.warning(
+            "model %s of bundle %s has the model_version of the model active in "
+            "slot %s of %s, but other content (%s): it is installed into slot %s "
+            "and made active; slot %s keeps the earlier %s for rollback",
+            manifest.model_version,
+            bundle.name,
+            active,
+            layout.models,
+            differs,
+            slots.inactive(),
+            active,
+            running,
+        )
+    elif running == manifest.model_version and slots.path(active).is_dir():
         other = slots.inactive()
         logger.info(
             "model %s is already active in slot %s of %s; the model slots are left "
@@ -783,6 +809,42 @@ def _install_model(
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
     return slot, slots, False
+
+
+def _model_difference(
+    manifest: bundle_mod.BundleManifest, slot: Path, shown: int = 4
+) -> str | None:
+    """What differs between the bundle's model files (their sha256 in the signed
+    manifest) and those of the model ``slot`` (hashed on disk), or None when the
+    two hold the same files with the same content: ``site_thresholds.json
+    differs``, ``only in the bundle: ...``, ``only in the slot: ...``."""
+    prefix = f"{bundle_mod.MODEL_DIR}/"
+    bundled = {
+        name[len(prefix) :]: entry.sha256.lower()
+        for name, entry in manifest.files.items()
+        if name.startswith(prefix)
+    }
+    installed = {
+        path.relative_to(slot).as_posix(): bundle_mod.sha256_path(path)
+        for path in sorted(slot.rglob("*"))
+        if path.is_file() and not path.is_symlink()
+    }
+
+    def names(found: list[str]) -> str:
+        more = f" and {len(found) - shown} more" if len(found) > shown else ""
+        return ", ".join(found[:shown]) + more
+
+    changed = sorted(n for n in bundled if installed.get(n, bundled[n]) != bundled[n])
+    added = sorted(n for n in bundled if n not in installed)
+    gone = sorted(n for n in installed if n not in bundled)
+    parts = []
+    if changed:
+        parts.append(f"{names(changed)} differ{'s' if len(changed) == 1 else ''}")
+    if added:
+        parts.append(f"only in the bundle: {names(added)}")
+    if gone:
+        parts.append(f"only in the slot: {names(gone)}")
+    return "; ".join(parts) or None
 
 
 def _issued_at(manifest: bundle_mod.BundleManifest) -> float | None:
