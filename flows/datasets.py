@@ -21,12 +21,13 @@ with :func:`flows.readers.read`, and returns one table with two extra columns:
 ``ctu-conn`` keeps the Background rows with a null label: they are context inside
 windows, not training targets.
 
-Window defaults: ``ctu-conn`` is in time order and is windowed per source host with
-W = 8 (short enough that a host's first flows are not mostly padding; the teacher
-tunes it). NSL-KDD and UNSW-NB15 records are not in time order, so they default to
-W = 1 in stream order. In the UNSW-NB15 CSV the rows are even sorted by class (four
-label runs in 82,332 rows), so stream windows with W > 1 would let a row's
-neighbours give its label away.
+Window defaults: ``ctu-conn`` is in capture order (Zeek's: each connection as it
+ends; windows keep that order, see ``flows.windows``) and is windowed per source
+host with W = 8 (short enough that a host's first flows are not mostly padding;
+the teacher tunes it). NSL-KDD and UNSW-NB15 records are not in time order, so
+they default to W = 1 in stream order. In the UNSW-NB15 CSV the rows are even
+sorted by class (four label runs in 82,332 rows), so stream windows with W > 1
+would let a row's neighbours give its label away.
 
 :func:`download` fetches missing files from the registry's addresses with urllib,
 unpacks zip members and gzips where the registry's copy is gzipped, and checks the

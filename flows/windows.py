@@ -3,11 +3,15 @@
 A flow's window is the flow itself preceded by the W-1 flows before it *with the same
 key*. The key is the source host (``group_by="src_ip"``) or one key for the whole
 stream (``group_by="stream"``); a ``capture`` column, when present, is part of the key
-so windows never span two capture files. "Before" means time order: rows are sorted
-by ``ts`` with a stable sort when ``ts`` is present (ties and nulls keep file order,
-nulls last), else file order. A window shorter than W (the first flows of a key) is
-padded with zero rows on the left. A window's label is its last flow's label, i.e.
-the label of the row the window belongs to.
+so windows never span two capture files. "Before" means the order the flows were
+recorded in, the file's (or table's) row order: that is the order an edge agent
+reading the same file, or metering the same traffic, gets them in (Zeek writes a
+connection when it ends, and so does the flow meter), so that training, evaluation
+and the gateway see the same windows. Sorting by ``ts`` instead would give windows
+the agent can never build: a flow's predecessors would include connections that
+started before it but had not ended when it did. A window shorter than W (the
+first flows of a key) is padded with zero rows on the left. A window's label is its
+last flow's label, i.e. the label of the row the window belongs to.
 
 The batch form (:func:`window_index` + :func:`gather_windows`) and the streaming form
 (:class:`StreamWindower`, used by the edge agent) give the same windows for the same
@@ -90,10 +94,9 @@ _ABSENT = object()
 
 
 def time_order(columns: Mapping[str, Any]) -> np.ndarray | None:
-    """Row order for windows: a stable sort by ``ts``, or None (file order) without ts.
-
-    Null ``ts`` values sort last, in file order.
-    """
+    """Rows in ``ts`` order (a stable sort), or None without ``ts``; null ``ts``
+    values sort last, in file order. Not the order of windows (see the module
+    docstring): for callers that want the rows by start time."""
     columns = _as_columns(columns)
     if "ts" not in columns:
         return None
@@ -155,9 +158,10 @@ def gather_windows(X: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def window_index_for(columns: Mapping[str, Any], enc: Any) -> np.ndarray:
-    """Window indices of a table under an encoder's settings (keys, ts order, W)."""
+    """Window indices of a table under an encoder's settings (keys, W), in the
+    order its rows were recorded (the module docstring says why not by ``ts``)."""
     columns = _as_columns(columns)
-    return window_index(window_keys(columns, enc), enc.window, time_order(columns))
+    return window_index(window_keys(columns, enc), enc.window)
 
 
 # Below this many rows a batch is cheaper row by row (measured: about 20 on x86).

@@ -140,7 +140,9 @@ def test_window_keys_from_an_arrow_table():
     pa = pytest.importorskip("pyarrow")
     table = pa.table({"src_ip": ["h1", "h2", "h1"], "ts": [3.0, 2.0, 1.0]})
     idx = window_index_for(table, Settings("src_ip", window=2))
-    np.testing.assert_array_equal(idx, [[2, 0], [-1, 1], [-1, 2]])
+    # The rows' order, not ts: row 2 (ts 1.0) was recorded after row 0 (ts 3.0),
+    # as a connection that started first but ended last is, so row 0 comes first.
+    np.testing.assert_array_equal(idx, [[-1, 0], [-1, 1], [0, 2]])
 
 
 def test_stream_windower_equals_batch_windows():
@@ -294,8 +296,8 @@ def test_real_ctu_conn_stream_equals_batch(data_dir):
     X = enc.transform(columns)
     batch = gather_windows(X, window_index_for(columns, enc))
 
-    # The agent's view: flows arrive in time order, one by one, keyed by host.
-    order = time_order(columns)
+    # The agent's view: flows arrive in the file's order, one by one, keyed by host.
+    order = np.arange(len(ds.table))
     keys = window_keys(columns, enc)
     records = ds.table.to_pylist()
     stream = StreamWindower(enc.window, enc.n_features, max_hosts=10_000)
@@ -313,3 +315,50 @@ def test_real_ctu_conn_stream_equals_batch(data_dir):
         rows = order[start : start + 256]
         again[rows] = stream.push_many([keys[r] for r in rows], X[rows])
     assert again.tobytes() == batch.tobytes()
+
+
+def test_batch_windows_of_a_conn_log_out_of_ts_order_are_the_agents(data_dir):
+    """Found: training and evaluation (``window_index_for``) sorted a table by ts
+    while the edge agent windows flows as it reads them. A Zeek conn.log is written
+    as connections end, so its rows are not in ts order (this log has a few hundred
+    rows out of it), and the two disagreed: the gateway scored windows that
+    ``compress eval`` never saw. Both follow the file's order now; the agent's
+    windows here are built independently of both, in file order per source host."""
+    from flows.encoder import Encoder
+    from flows.readers import read
+    from flows.record import table_to_columns
+    from tests.conftest import data_file
+    from tests.test_agent_fixtures import numpy_windows, read_records
+
+    log = data_file(
+        data_dir, "zeek-conn/ctu-malware-botnet-230-1-njrat-first1000.conn.log.labeled"
+    )
+    columns = table_to_columns(read(str(log)).table)
+    ts = np.asarray(columns["ts"], dtype=np.float64)
+    assert np.sum(np.diff(ts) < 0) > 100  # the premise: rows not in ts order
+    enc = Encoder.fit(columns, "conn", window=8, group_by="src_ip")
+
+    batch = gather_windows(enc.transform(columns), window_index_for(columns, enc))
+
+    agent = numpy_windows(read_records(log), enc, window=8)
+    np.testing.assert_allclose(batch, agent, atol=1e-6)
+
+
+def test_a_captures_table_keeps_the_order_the_agent_gets_its_flows_in(data_dir):
+    """``read_capture`` (``flows convert``, ``compress eval --data X.pcap``) gave
+    its flows sorted by ts, the agent (``iter_flows``) as the connections end; the
+    windows of one differed from the other's. Both give the meter's order now."""
+    from flows.meter import iter_flows, read_capture
+    from tests.conftest import data_file
+
+    pcap = data_file(data_dir, "pcap/test7-malicious.pcap")
+    key = ("ts", "src_ip", "src_port", "dst_ip", "dst_port", "proto", "duration")
+
+    table = read_capture(str(pcap)).table.to_pylist()
+    streamed = list(iter_flows(str(pcap)))
+
+    assert [tuple(r[k] for k in key) for r in table] == [
+        tuple(r[k] for k in key) for r in streamed
+    ]
+    ts = [r["ts"] for r in streamed]
+    assert ts != sorted(ts)  # the premise: connections do not end in start order

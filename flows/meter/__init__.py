@@ -43,6 +43,7 @@ from pathlib import Path
 from flows import logger
 from flows.errors import BadInputError, PartialInputError, UsageError
 from flows.meter.capture import CaptureReader, Damage
+from flows.meter.conn import whole_microseconds
 from flows.meter.decode import LINK_NAMES
 from flows.meter.meter import FlowMeter, Timeouts
 
@@ -175,12 +176,13 @@ def read_capture(
     reader = _open(path)
     records: list[dict] = []
     for _ in _feed_all(reader, meter):
-        records.extend(meter.pop_done())
-    records.extend(meter.flush())
+        records.extend(map(whole_microseconds, meter.pop_done()))
+    records.extend(map(whole_microseconds, meter.flush()))
     _nothing_read(path, reader)
     if not records:
         _no_flow(path, reader, meter)
-    records.sort(key=lambda r: r["ts"])
+    # In the order the connections ended (as Zeek writes conn.log, and as the agent
+    # gets them from iter_flows), not by ts: windows follow the rows' order.
 
     columns = {name: [r[name] for r in records] for name in CONN_FIELD_NAMES}
     table = columns_to_table(columns)
@@ -281,9 +283,9 @@ def iter_flows(
     counts = {} if counts is None else counts
     for _ in _feed_all(reader, meter):
         counts["evicted"] = meter.evicted
-        yield from meter.pop_done()
+        yield from map(whole_microseconds, meter.pop_done())
     counts["evicted"] = meter.evicted
-    yield from meter.flush()
+    yield from map(whole_microseconds, meter.flush())
     if meter.evicted:
         from flows.meter.live import table_full
 
@@ -313,7 +315,7 @@ def iter_live(name: str, **kwargs) -> Iterator[dict]:
     """Yield records from a live interface (needs a libpcap binding and privilege)."""
     from flows.meter.live import iter_live as _iter_live
 
-    yield from _iter_live(name, **kwargs)
+    yield from map(whole_microseconds, _iter_live(name, **kwargs))
 
 
 def _open(path: str) -> CaptureReader:

@@ -18,6 +18,7 @@ from Zeek's documented behaviour and its logs, not a translation of its source.
 
 from __future__ import annotations
 
+import math
 import socket
 
 from flows.meter.service import identify
@@ -595,3 +596,26 @@ def _absorb(ep: Endpoint) -> None:
         else:
             keep.append([lo, hi])
     ep.segs = keep or None
+
+
+def whole_microseconds(record: dict) -> dict:
+    """``record`` with its ``duration`` snapped to whole microseconds where the
+    difference is float noise, as Zeek writes it; returns the same dict.
+
+    Packet times are held as float epoch seconds, good to about 0.24 us near 2020,
+    so ``last_ts - start_ts`` of two microsecond stamps comes out as
+    38.05562496185303 rather than the 38.055625 the capture says. When the
+    nearest whole microsecond lies within the rounding error the two stamps can
+    carry, that is the duration; a finer difference that is really there (a
+    nanosecond capture with times small enough to hold it) is kept.
+    """
+    duration = record.get("duration")
+    if not duration:
+        return record
+
+    start = record["ts"]
+    snapped = round(duration, 6)
+    noise = math.ulp(start) + math.ulp(start + duration) + math.ulp(duration)
+    if abs(snapped - duration) <= noise:
+        record["duration"] = snapped
+    return record
