@@ -72,6 +72,9 @@ exit codes:
        9999, cut headers) are skipped and the read goes on: exit 4
        too, the error line saying how many and where the first was
   {EXIT_INTERRUPTED}  interrupted
+a standard output whose reader went away (| head, a closed pipe) is not an
+error: the rest of the output is dropped, errors still go to stderr and
+the exit code is the read's own (0 when nothing else went wrong)
 inspect --json prints one JSON object on stdout with every exit code:
 "error" (null, or the error line, also on stderr), "exit_code", and
 what was read so far where anything was
@@ -210,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    except BrokenPipeError:  # --help into a closed pipe
+        _drop_stdout()
+        return EXIT_OK
     except _ArgumentError as exc:
         # As argparse itself reports one: usage, then "PROG: error: MESSAGE".
         exc.parser.print_usage(sys.stderr)
@@ -225,11 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         _failed_json(args, "interrupted", EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader of our output (``| head``) went away: not an error of ours.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
     except GatewatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         _failed_json(args, str(exc), exc.exit_code, getattr(exc, "result", None))
@@ -268,7 +269,30 @@ def _failed_json(args, error: str, code: int, result=None) -> None:
 
 def _print_json(summary: dict) -> None:
     """Print one JSON object on standard output (``inspect --json``)."""
-    print(json.dumps(_jsonable(summary), indent=2, sort_keys=False))
+    _emit(json.dumps(_jsonable(summary), indent=2, sort_keys=False))
+
+
+def _emit(text: str) -> None:
+    """Write ``text`` and a line end on standard output, flushed at once.
+
+    When the reader of standard output went away (``| head``, ``| true``) the
+    rest of the output is dropped and the run goes on, so what it has to say on
+    standard error and its exit code do not depend on who reads standard output.
+    """
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_stdout()
+
+
+def _drop_stdout() -> None:
+    """Point standard output at the null device: the reader of the pipe is gone,
+    and what is still buffered, or written later, must not fail again (nor at
+    exit, where Python would print "Exception ignored" and exit 120)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _read(args):
@@ -392,33 +416,37 @@ def _inspect(args) -> int:
 
 
 def _print_text(summary: dict) -> None:
-    print(f"format:   {summary['format']} (family {summary['family']})")
-    print(f"rows:     {summary['rows']}")
+    """Print the summary for people on standard output (``inspect``)."""
+    lines: list[str] = []
+    add = lines.append
+    add(f"format:   {summary['format']} (family {summary['family']})")
+    add(f"rows:     {summary['rows']}")
     if summary.get("time_span"):
         span = summary["time_span"]
-        print(f"ts:       {span['first']} .. {span['last']} ({span['seconds']} s)")
+        add(f"ts:       {span['first']} .. {span['last']} ({span['seconds']} s)")
     if summary["labels"]:
-        print("labels:")
+        add("labels:")
         for key, count in summary["labels"].items():
-            print(f"  {key!s:<40} {count}")
+            add(f"  {key!s:<40} {count}")
     if summary["label_values"]:
         values = summary["label_values"]
-        print(f"label:    1={values['1']} 0={values['0']} null={values['null']}")
+        add(f"label:    1={values['1']} 0={values['0']} null={values['null']}")
     if summary["nulls"]:
-        print("nulls:")
+        add("nulls:")
         for key, count in summary["nulls"].items():
-            print(f"  {key:<40} {count}")
+            add(f"  {key:<40} {count}")
     for key, value in summary.get("stats", {}).items():
         # files: one line per input would swamp the rest; format and the first
         # and last ts are shown above already.
         if key not in ("files", "format", "first_ts", "last_ts"):
             # A list of line numbers must not read as a count ("18").
             label = {"skipped_lines": "skipped at lines (first 20)"}.get(key, key)
-            print(f"{label}: {_plain(value)}")
+            add(f"{label}: {_plain(value)}")
     if summary["skipped"]:
-        print(f"skipped:  {summary['skipped']} bad {_unit(summary['format'])}")
+        add(f"skipped:  {summary['skipped']} bad {_unit(summary['format'])}")
     for note in summary["warnings"]:
-        print(f"warning:  {one_line(note)}")
+        add(f"warning:  {one_line(note)}")
+    _emit("\n".join(lines))
 
 
 def _plain(value) -> str:
@@ -461,7 +489,7 @@ def _ending(
     if empty and result.skipped:
         error = (
             f"{where}: every one of the {result.skipped} {unit} read was bad "
-            "and skipped; nothing usable was read"
+            "and skipped; nothing usable was read" + _first_damage(result)
         )
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT, error
@@ -470,6 +498,25 @@ def _ending(
         print(f"error: {error}", file=sys.stderr)
         return (EXIT_BAD_INPUT if empty else EXIT_PARTIAL_INPUT), error
     return EXIT_OK, None
+
+
+def _first_damage(result) -> str:
+    """Why a capture's packets were skipped, for the error line of a read that
+    kept none: ``; the first at byte offset 24: unknown link type 65535``, and the
+    counts by reason when there are several; empty when no damaged packet was
+    recorded."""
+    # TODO(gap): skipped text lines (--on-error skip) are named only in the warning
+    # line; tests/test_flows_cli.py pins that error line word for word.
+    for found in result.damage:
+        if not found.stopped and found.records:
+            at = f" at {found.place}" if found.place else ""
+            reasons = result.stats.get("skipped")
+            counts = (
+                f" (skipped by reason: {_plain(reasons)})"
+                if isinstance(reasons, dict) and len(reasons) > 1 else ""
+            )
+            return f"; the first{at}: {found.what}{counts}"
+    return ""
 
 
 def _damage_sentence(result, where: str, empty: bool) -> str:
