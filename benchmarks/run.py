@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -56,6 +57,8 @@ class Settings:
     """What one run measures and how hard it tries."""
 
     quick: bool = False
+    # The command line that started the run, for the report's "Reproduce with".
+    command: str = ""
     datasets: tuple[str, ...] = ("ctu-conn", "nsl-kdd", "unsw-nb15")
     targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     teacher_epochs: int = 15
@@ -774,8 +777,10 @@ def main(argv: list[str] | None = None) -> int:
     from flows.datasets import data_dir
     from flows.errors import EXIT_INTERRUPTED, GatewatchError
 
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(words)
     settings = Settings.quick_settings() if args.quick else Settings()
+    settings.command = shlex.join(["python", "-m", "benchmarks", "run", *words])
     if args.datasets:
         settings.datasets = tuple(d.strip() for d in args.datasets.split(",") if d)
     if args.repeats:
