@@ -404,7 +404,7 @@ def bench_rss(art: Path, conn_log: Path, tmp: Path, thresholds: dict) -> dict:
                 str(tmp / f"rss-{name}.db"),
                 "--alerts",
                 "",
-                "--no-wait-verdicts",
+                "--no-wait-verdicts", "--max-awaiting", "0",
                 "--drain-timeout",
                 "60",
                 "--thresholds",

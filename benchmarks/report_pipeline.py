@@ -424,7 +424,8 @@ def agent_process(
                 "--source", f"zeek:{conn_log}", "--broker", url, "--site", "bench",
                 "--gateway", gateway, "--outbox", str(work / f"outbox{r}.sqlite"),
                 "--alerts", os.devnull, "--summary-json", str(summary),
-                "--no-wait-verdicts", "--drain-timeout", "20"]
+                "--no-wait-verdicts", "--max-awaiting", "0",
+                "--drain-timeout", "20"]
         log = open(work / f"agent{r}.log", "wb")
         t0 = time.perf_counter()
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)

@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 "",
                 "--summary-json",
                 str(summary_path),
-                "--no-wait-verdicts",
+                "--no-wait-verdicts", "--max-awaiting", "0",
                 "--drain-timeout",
                 str(args.drain_timeout),
             ],

@@ -53,7 +53,11 @@ agent stored unescaped are escaped as they are replayed (:func:`~edge_agent.prot
 resendable`). A verdict delivered twice
 (at-least-once) is handled once: the agent remembers the last ``_MAX_VERDICT_IDS``
 (10 000) escalation ids answered, far more than the messages it keeps in flight
-(``_TRACKED_PER_INFLIGHT`` times the link's in-flight window).
+(``_TRACKED_PER_INFLIGHT`` times the link's in-flight window). A verdict that
+answers an id already answered otherwise (another verdict or teacher version) is
+ignored, and one for an id this gateway has no escalation of is handled as before;
+both are counted in ``verdicts_unexpected`` and the first is logged at WARNING, as
+a forged or stale verdict on a broker without access control would be.
 
 When the outbox cannot store a batch (disk full, I/O error) the agent goes on: the
 batch's escalations are dropped and counted (``outbox_failed``, the first
@@ -146,7 +150,17 @@ class Counters:
     escalations_sent: int = 0
     verdicts_received: int = 0
     verdicts_unmatched: int = 0  # for no escalation sent in this run
+    # What the teacher decided, over every verdict handled (received and
+    # unmatched alike): the verdict lines of the alerts output.
     verdicts_malicious: int = 0
+    verdicts_benign: int = 0
+    # Verdicts ignored or taken with doubt, as a forged or stale one would be: one
+    # for an id already answered whose verdict or teacher version differs from
+    # the first answer (ignored), and one for an id this gateway has no
+    # escalation of (neither sent in this run nor kept in the outbox). A copy
+    # that repeats the first answer (QoS 1 redelivery, the re-scorer answering a
+    # copy sent again) is no surprise and is not counted.
+    verdicts_unexpected: int = 0
     # Escalations of this run a re-scorer refused (a rejection on the verdicts
     # topic: another teacher's window shape, say); no verdict comes from it.
     rejections_received: int = 0
@@ -420,7 +434,9 @@ class Agent:
         self._thresholds_from = thresholds_from
         self._lock = threading.Lock()
         self._out_lock = threading.Lock()
-        self._verdict_ids: OrderedDict[str, None] = OrderedDict()
+        # Escalation ids answered, with the first answer (verdict, teacher
+        # version), so that a copy that says otherwise is noticed.
+        self._verdict_ids: OrderedDict[str, tuple[str, str]] = OrderedDict()
         # Escalations acknowledged in this run whose verdict has not come yet, by id
         # (one entry per id: the same flow sent twice is answered once); ids pushed
         # out of this bounded map are counted so the drain still waits for them.
@@ -807,20 +823,19 @@ class Agent:
                 return
         self._remember(msg.id, _stored_flow(msg.payload), msg.alert)
 
-    def _stored_escalation(self, esc_id: str) -> tuple[dict[str, Any], bool]:
+    def _stored_escalation(self, esc_id: str) -> tuple[dict[str, Any], bool] | None:
         """The flow and alert mark of an escalation this run did not score, from
         the outbox file (waiting, or sent and kept for a re-send): a verdict for
-        an earlier run's escalation still names its flow. ``({}, False)`` when
-        the file no longer holds it or cannot be read."""
-        if self.alerts is None:
-            return {}, False
+        an earlier run's escalation still names its flow. None when the file does
+        not hold it; ``({}, False)`` when it cannot be read (not taken as
+        unknown)."""
         try:
             msg = self.outbox.find(esc_id)
         except OutboxError as exc:
             logger.debug("verdict %s: outbox lookup failed: %s", esc_id, exc)
             return {}, False
         if msg is None:
-            return {}, False
+            return None
         return _stored_flow(msg.payload), msg.alert
 
     def _outbox_failed(
@@ -1304,6 +1319,7 @@ class Agent:
             self._on_rejection(verdict)
             return
         esc_id = verdict["escalation_id"]
+        answer = (verdict["verdict"], verdict["teacher_version"])
         with self._out_lock:
             ours = esc_id in self._tracked or esc_id in self._awaiting
             if ours:
@@ -1315,11 +1331,18 @@ class Agent:
                                        self._window + 1.0 / self._window)
             self._awaiting.pop(esc_id, None)
             self._rejected.pop(esc_id, None)  # answered after all, by another
-            if esc_id in self._verdict_ids:
-                return
-            self._verdict_ids[esc_id] = None
-            if len(self._verdict_ids) > _MAX_VERDICT_IDS:
-                self._verdict_ids.popitem(last=False)
+            first = self._verdict_ids.get(esc_id)
+            if first is None:
+                self._verdict_ids[esc_id] = answer
+                if len(self._verdict_ids) > _MAX_VERDICT_IDS:
+                    self._verdict_ids.popitem(last=False)
+        if first is not None:
+            if first != answer:
+                self._unexpected_verdict(
+                    esc_id, answer,
+                    f"already answered {first[0]} by teacher {first[1]}; ignored",
+                )
+            return
         # A verdict for an id this run did not send answers an earlier run's
         # escalation (a persistent session) or is forged (an open broker): counted
         # apart, so "verdicts received" only counts answers to this run.
@@ -1333,7 +1356,18 @@ class Agent:
             self.round_trips.append(time.monotonic() - self._created.pop(esc_id))
         with self._out_lock:
             remembered = self._recent.pop(esc_id, None)
-        flow, alerted = remembered or self._stored_escalation(esc_id)
+        stored = None
+        if remembered is None and (self.alerts is not None or not ours):
+            # Looked up for its verdict line, or to tell an earlier run's
+            # escalation from an id this gateway never escalated.
+            stored = self._stored_escalation(esc_id)
+            if stored is None and not ours:
+                self._unexpected_verdict(
+                    esc_id, answer,
+                    "for no escalation of this gateway (not sent in this run, not "
+                    "kept in the outbox)",
+                )
+        flow, alerted = remembered or stored or ({}, False)
         if verdict["verdict"] == proto.Verdict.MALICIOUS.value:
             self.counters.verdicts_malicious += 1
             self._write_line(
@@ -1344,7 +1378,9 @@ class Agent:
                 escalation_id=esc_id,
                 teacher_version=verdict["teacher_version"],
             )
-        elif alerted:
+            return
+        self.counters.verdicts_benign += 1
+        if alerted:
             # The teacher rejects a local alert: the alerts output says so.
             self.counters.alerts_overruled += 1
             self._write_line(
@@ -1355,6 +1391,24 @@ class Agent:
                 score=verdict["score"],
                 escalation_id=esc_id,
                 teacher_version=verdict["teacher_version"],
+            )
+
+    def _unexpected_verdict(
+        self, esc_id: str, answer: tuple[str, str], why: str
+    ) -> None:
+        """Count a verdict no re-scorer of this gateway should have sent
+        (``verdicts_unexpected``) and log the first at WARNING: on a broker
+        without access control anyone may publish verdicts."""
+        with self._out_lock:
+            self.counters.verdicts_unexpected += 1
+            first = self.counters.verdicts_unexpected == 1
+        if first:
+            logger.warning(
+                "unexpected verdict %s (teacher %s) for escalation %s: %s; a "
+                "forged or stale verdict, or another publisher on the verdicts "
+                "topic (is the broker's access control on?); further ones only "
+                "counted (verdicts_unexpected)",
+                answer[0], answer[1], esc_id, why,
             )
 
     def _on_rejection(self, rejection: dict[str, Any]) -> None:

@@ -117,9 +117,11 @@ exit codes:
   {EXIT_UNAVAILABLE}    broker unavailable (refused credentials or certificate; one
        that does not answer at start is retried in the background
        while flows are scored), escalations left unacknowledged in
-       the outbox, an outbox that cannot be opened for a full disk or
-       an I/O error, or escalations dropped because the outbox could
-       not store them (disk full, I/O error) or by its cap
+       the outbox (those --max-awaiting held back while earlier ones
+       waited for verdicts included, with --no-wait-verdicts too: they
+       stay for the next run), an outbox that cannot be opened for a
+       full disk or an I/O error, or escalations dropped because the
+       outbox could not store them (disk full, I/O error) or by its cap
        (--outbox-max: it drops the oldest uncertain escalations
        first, alerts last; alerts keep their local lines unless
        --alerts is empty), or
@@ -247,10 +249,12 @@ _RUN_NUMBERS = {
     "max_awaiting": (
         int,
         "most escalations out at once without a verdict; the rest wait in the "
-        "outbox. Keep it under the broker's queue per re-scorer divided by the "
-        "gateways that burst at once: mosquitto drops messages past "
-        "max_queued_messages (default 1000) after acknowledging them "
-        "(default: 500)",
+        "outbox (with --no-wait-verdicts too) and go out as verdicts come. Keep it "
+        "under the broker's queue per re-scorer divided by the gateways that burst "
+        "at once: mosquitto drops messages past max_queued_messages (default "
+        "1000) after acknowledging them. 0 turns this off: every escalation is "
+        "published at once, for a broker whose queue takes any burst, or a "
+        "subscriber that sends no verdicts (default: 500)",
     ),
     "resend_after": (
         float,
@@ -297,9 +301,12 @@ def _add_run(subparsers) -> None:
         dest="wait_verdicts",
         action="store_const",
         const=False,
-        help="at the end wait for PUBACKs only, not verdicts (default: wait for "
-        "verdicts too, and exit 6 when some have not come by the end of the "
-        "drain)",
+        help="at the end, do not wait for the last verdicts: the drain ends once "
+        "every escalation was sent and acknowledged. --max-awaiting still holds "
+        "back those past its window until verdicts come; any not sent by the end "
+        "of the drain stay in the outbox for the next run (exit 6, as for any "
+        "escalation left unsent) (default: wait for verdicts too, and exit 6 when "
+        "some have not come by the end of the drain)",
     )
     p.set_defaults(func=cmd_run)
 
@@ -699,7 +706,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             max_hosts=cfg.max_hosts,
             thresholds=thresholds,
             status_interval=cfg.status_interval,
-            max_awaiting=cfg.max_awaiting if cfg.wait_verdicts else None,
+            # Flow control holds with --no-wait-verdicts too (that only ends the
+            # drain without the last verdicts); 0 turns it off.
+            max_awaiting=cfg.max_awaiting or None,
             resend_after=cfg.resend_after,
             thresholds_from=cfg.thresholds,
         )
@@ -804,6 +813,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary["source_rejected"] = dict(source.rejected)
     # Flows kept as unlabeled whose label no table names (noted once in the log).
     summary["source_unknown_labels"] = source.unknown_labels
+    # Records with no IP flow (Argus management records): not damage, skipped.
+    summary["source_non_ip"] = getattr(source, "non_ip", 0)
     # What a capture's flow meter could not keep whole (each warned once as well):
     # connections ended early by a full table (--max-flows), each still scored as
     # a flow, and packets libpcap or the interface dropped before the meter.
@@ -894,7 +905,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     f"the connection to the broker {shown} was lost during "
                     f"the run and was not back within the {drain_for:g} s drain"
                 )
-            elif not unrouted and cfg.wait_verdicts and summary["verdicts_awaited"]:
+            elif (not unrouted and agent.max_awaiting is not None
+                  and summary["verdicts_awaited"]):
                 why = (
                     f"held back while {summary['verdicts_awaited']} sent ones waited "
                     f"for verdicts (at most --max-awaiting {cfg.max_awaiting} are out "
@@ -1045,6 +1057,14 @@ def _kept_before(flows: int) -> str:
     return f"the {flows} flows read before it were scored and kept"
 
 
+def _scored(flows: int) -> str:
+    """What became of the flows read, for the end of an error line about input
+    rejected along the way: ``the 3 flows read were scored and kept``."""
+    if flows == 1:
+        return "the 1 flow read was scored and kept"
+    return f"the {flows} flows read were scored and kept"
+
+
 def _as_partial(
     exc: GatewatchError, flows: int, kept: str | None = None
 ) -> GatewatchError:
@@ -1109,25 +1129,21 @@ def _input_problem(
         )
         if not flows:
             return BadInputError(f"no usable flow was read: {why}")
-        return PartialInputError(
-            f"{why}; the {flows} flows read were scored and kept"
-        )
+        return PartialInputError(f"{why}; {_scored(flows)}")
     if damage:
         said = damage_sentence(damage)
         if not flows:
+            from edge_agent.sources import no_flow_hint
+
             return BadInputError(
-                f"no usable flow was read: {said}; expected "
-                f"{_expected_of(source.kind)}",
+                f"no usable flow was read: {said}; {no_flow_hint(source.kind, damage)}",
                 path=spec,
             )
         if any(found.stopped for found in damage):
             kept = _kept_before(flows)
         else:  # damaged packets a capture read went on past: no stop part way
             them = "it" if sum(found.records for found in damage) == 1 else "them"
-            kept = (
-                f"the read went on past {them}; the {flows} flows read were scored "
-                "and kept"
-            )
+            kept = f"the read went on past {them}; {_scored(flows)}"
         return PartialInputError(f"{said}; {kept}", path=spec)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(source.rejected.items()))
     first = f"; the first: {source.first_rejected}" if source.first_rejected else ""
@@ -1148,16 +1164,9 @@ def _input_problem(
         return BadInputError(f"no usable flow record was read from {where}: {held}"
                              f"{said}")
     return PartialInputError(
-        f"{rejected} input line(s) of {where} were rejected ({counts}){first}; the "
-        f"{flows} flows read were scored and kept"
+        f"{rejected} input line(s) of {where} were rejected ({counts}){first}; "
+        f"{_scored(flows)}"
     )
-
-
-def _expected_of(kind: str) -> str:
-    """What a source of this kind should hold, for an error message."""
-    from edge_agent.sources import _EXPECTED
-
-    return _EXPECTED.get(kind, "flow records")
 
 
 def _report(summary: dict[str, Any], path: str | None) -> GatewatchError | None:
@@ -1166,13 +1175,20 @@ def _report(summary: dict[str, Any], path: str | None) -> GatewatchError | None:
         "escalations sent {escalations_sent}, verdicts received {verdicts_received}, "
         "outbox pending {outbox_pending}".format(**summary)
         + (
-            f", sent again (one verdict per id) {summary['escalations_resent']}"
+            f", teacher verdicts malicious {summary.get('verdicts_malicious', 0)}, "
+            f"benign {summary.get('verdicts_benign', 0)}"
+            if summary.get("verdicts_received") or summary.get("verdicts_unmatched")
+            else ""
+        )
+        + (
+            ", escalations sent again for flows read again (each answered once) "
+            f"{summary['escalations_resent']}"
             if summary.get("escalations_resent")
             else ""
         )
         + (
-            ", read again while waiting in the outbox (merged, one verdict per id) "
-            f"{summary['escalations_merged']}"
+            ", flows read again while their escalation waited in the outbox (merged "
+            f"with it) {summary['escalations_merged']}"
             if summary.get("escalations_merged")
             else ""
         )
@@ -1200,6 +1216,12 @@ def _report(summary: dict[str, Any], path: str | None) -> GatewatchError | None:
         + (
             f", verdicts for no escalation of this run {summary['verdicts_unmatched']}"
             if summary.get("verdicts_unmatched")
+            else ""
+        )
+        + (
+            ", unexpected verdicts (forged or stale; the log names the first) "
+            f"{summary['verdicts_unexpected']}"
+            if summary.get("verdicts_unexpected")
             else ""
         )
         + (

@@ -49,17 +49,19 @@ from edge_agent.protocol import validate_id
 from flows.errors import BadInputError, UsageError
 
 
-def _did_you_mean(unknown: list[str], known: list[str]) -> str:
-    """``; did you mean ...?`` naming the known settings closest to misspelt
-    ones (difflib's ratio), or nothing when none is close."""
+def _unknown_keys(unknown: list[str], known: list[str]) -> str:
+    """The unknown settings of a config file, each with the known setting
+    closest to it when one is close (difflib's ratio): ``unknown key
+    'max_batchh' (did you mean 'max_batch'?)``."""
     import difflib
 
-    near = [
-        f"{name} -> {match[0]}"
-        for name in unknown
-        if (match := difflib.get_close_matches(name, known, n=1, cutoff=0.75))
-    ]
-    return f"; did you mean {', '.join(near)}?" if near else ""
+    said = []
+    for name in unknown:
+        match = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hint = f" (did you mean {match[0]!r}?)" if match else ""
+        said.append(f"{name!r}{hint}")
+    keys = "key" if len(said) == 1 else "keys"
+    return f"unknown {keys} {', '.join(said)}"
 
 
 def default_state_dir() -> Path:
@@ -80,8 +82,9 @@ _MOST_SECONDS = {"max_wait_ms": 3_600_000.0}
 # session_expiry: MQTT 5's 32-bit interval).
 _INT_RANGES = {
     "max_batch": (1, 4096),  # at most the agent's queue of parsed flows
-    # Escalations out without an answer; the outbox keeps twice as many sent ones.
-    "max_awaiting": (1, 100_000),
+    # Escalations out without an answer (0: no flow control); the outbox keeps
+    # twice as many sent ones.
+    "max_awaiting": (0, 100_000),
     "outbox_max": (1, (1 << 63) - 1),
     "max_hosts": (1, (1 << 63) - 1),
     "max_flows": (1, 100_000_000),
@@ -214,8 +217,7 @@ class AgentConfig:
             unknown = sorted(set(data) - set(cls.names()))
             if unknown:
                 raise UsageError(
-                    f"config {path}: unknown settings {unknown}"
-                    + _did_you_mean(unknown, cls.names())
+                    f"config {path}: {_unknown_keys(unknown, cls.names())}"
                 )
             cls._check_types(path, data)
             values.update(data)
@@ -290,28 +292,37 @@ class AgentConfig:
             most = _MOST_SECONDS.get(name, _YEAR)
             if not (math.isfinite(value) and 0 <= value <= most):
                 raise UsageError(
-                    f"--{name.replace('_', '-')} must be a number from 0 to "
+                    f"{self._setting(name)} must be a number from 0 to "
                     f"{most:,.0f}, got {redact_value(value)}"
                 )
         for name in ("status_interval", "resend_after"):
             if getattr(self, name) <= 0:
                 raise UsageError(
-                    f"--{name.replace('_', '-')} must be above 0 s, got "
+                    f"{self._setting(name)} must be above 0 s, got "
                     f"{redact_value(getattr(self, name))}"
                 )
         for name, (low, high) in _INT_RANGES.items():
             value = getattr(self, name)
             if not low <= value <= high:
                 raise UsageError(
-                    f"--{name.replace('_', '-')} must be {low}..{high}, got "
+                    f"{self._setting(name)} must be {low}..{high}, got "
                     f"{redact_value(value)}"
                 )
         if 0 < self.max_packet_size < MIN_PACKET_SIZE:
             raise UsageError(
-                f"--max-packet-size must be 0 (none assumed) or at least "
-                f"{MIN_PACKET_SIZE} bytes, got {self.max_packet_size}"
+                f"{self._setting('max_packet_size')} must be 0 (none assumed) or at "
+                f"least {MIN_PACKET_SIZE} bytes, got {self.max_packet_size}"
             )
         return self
+
+    def _setting(self, name: str) -> str:
+        """The start of a range error for ``name``: ``config FILE: key`` when the
+        value came from the config file (as its type errors read), else its flag
+        (``--max-batch``)."""
+        path, keys = self._config
+        if name in keys:
+            return f"config {path}: {name}"
+        return f"--{name.replace('_', '-')}"
 
     def _given_as(self, name: str) -> str:
         """How an error names the setting ``name``: by its key in the config file

@@ -285,7 +285,8 @@ def test_flows_read_again_are_merged_and_counted_in_the_summary(
     assert data["escalations_queued"] == data["outbox_pending"] == 21
     [line] = [x for x in err.splitlines() if x.startswith("summary:")]
     assert line.endswith(
-        ", read again while waiting in the outbox (merged, one verdict per id) 2"
+        ", flows read again while their escalation waited in the outbox (merged "
+        "with it) 2"
     )
     pending = {m.id for m in Outbox(tmp_path / "o.db").pending()}
     assert pending == {flow_id("s1", "g1", r) for r in [*base, shares_uid]}

@@ -453,9 +453,9 @@ def test_an_empty_root_is_refused_not_read_as_the_current_folder(
          "--source is required"),
         (('site = "plant-3"', 'site = "plant 3"'), "site"),
         (('follow = true', 'follow = true\nmax_batch = 99999'),
-         "--max-batch must be 1..4096"),
+         "max_batch must be 1..4096"),
         (('follow = true', 'follow = true\ncolour = "red"'),
-         "unknown settings ['colour']"),
+         "unknown key 'colour'"),
     ],
     ids=["no-source", "bad-site", "max-batch", "unknown-key"],
 )

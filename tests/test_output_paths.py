@@ -378,8 +378,8 @@ def test_a_misspelt_config_setting_gets_the_near_one_named(tmp_path, capsys):
                        "--gateway", "g")
 
     assert code == 2
-    assert err == (f"error: config {config}: unknown settings ['brokr', 'zzz']; "
-                   "did you mean brokr -> broker?\n")
+    assert err == (f"error: config {config}: unknown keys 'brokr' (did you mean "
+                   "'broker'?), 'zzz'\n")
 
 
 def test_ctrl_c_in_a_command_other_than_run_says_interrupted(tmp_path, capsys,
