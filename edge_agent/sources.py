@@ -23,11 +23,18 @@ that does not fit its field (a dict, an integer past int64, text in a number
 field, an address that is no IP address, a port outside 0..65535, a ``ts`` before
 1970 or from the year 10000 on, as ``flows`` refuses it) are rejected,
 counted in ``Source.rejected`` (with the line of the first in ``first_rejected``)
-and logged once; the source goes on. A ``zeek:`` source (read once or followed)
+and logged once; the source goes on. A line holding bytes that are not UTF-8 is a
+``bad_line`` (``bytes that are not UTF-8``) in every text source (stdin, a
+``zeek:`` file read once or followed), by its line, as ``flows`` refuses it: never
+read with U+FFFD in a field. A ``zeek:`` source (read once or followed)
 applies the same record check to what the readers give, so a flow with no address
-(``-`` in a Zeek TSV log, a binetflow row that is no IP flow) is rejected the same
-way (by line when followed, by record number when read once), not escalated for
-the re-scorer to refuse. A ``parquet:`` file stops at its first such row, as a
+(``-`` in a Zeek TSV log) is rejected the same way (by its file line; by its row
+number in a file without lines), not escalated for the re-scorer to refuse. An
+Argus record of no IP flow (a ``man`` management record, a layer-2 flow: what
+``flows inspect`` counts as ``non_ip``) is no damage: it is skipped and counted
+in ``Source.non_ip``. A ``parquet:`` file whose number field is a column of
+another type (``ts`` as text, even of digits) is refused by that column before
+any row, as ``flows`` refuses it; otherwise it stops at its first bad row, as a
 ``zeek:`` file read once stops at a row its reader refuses (a ``ts`` out of range):
 the rows before it are scored, the row is named, and the run exits 4 (3 when it was
 the first). Every record has every canonical field (missing ones null).
@@ -52,8 +59,14 @@ from typing import Any
 
 from edge_agent import logger
 from edge_agent.protocol import ENDPOINTS
-from flows.errors import BadInputError, GatewatchError, UsageError, one_line
-from flows.readers._source import MAX_LINE_BYTES, too_long
+from flows.errors import (
+    BadInputError,
+    GatewatchError,
+    UsageError,
+    json_problem,
+    one_line,
+)
+from flows.readers._source import MAX_LINE_BYTES, NOT_UTF8, not_utf8_text, too_long
 from flows.readers.result import Damage, damaged_packets
 from flows.record import CONN_FIELD_NAMES, field_problem, proto_text, time_problem
 
@@ -93,6 +106,9 @@ class Source:
     error: GatewatchError | None = None
     end: threading.Event = field(default_factory=threading.Event)
     unknown_labels: int = 0  # flows kept with a label no table names, as unlabeled
+    # Records of no IP flow (Argus ``man`` management records, layer-2 flows)
+    # skipped as no damage: there is no address to score or escalate.
+    non_ip: int = 0
     # A capture's flow meter (pcap:, iface:), kept up to date as it reads:
     # ``evicted``, connections ended early because the table held max_flows, and
     # ``dropped``, packets libpcap or the interface dropped (iface: only).
@@ -139,6 +155,21 @@ class Source:
                 self.target,
                 where,
                 text[:40],
+            )
+
+    def skip_non_ip(self, line: int | None = None) -> None:
+        """Count one record of no IP flow (an Argus ``man`` management record, a
+        layer-2 flow) skipped: no damage, so not rejected; the first is noted at
+        INFO level with its line."""
+        self.non_ip += 1
+        if self.non_ip == 1:
+            where = f"line {line}: " if line is not None else ""
+            logger.info(
+                "source %s: %sa record of no IP flow (an Argus management record or "
+                "layer-2 flow) skipped, as no flow to score; further ones counted "
+                "as non_ip",
+                self.target,
+                where,
             )
 
     def reject(
@@ -228,8 +259,10 @@ def open_source(
 
 
 def _text_stdin():
-    """Standard input as UTF-8 text whose bad bytes read as U+FFFD (the line is then
-    rejected as malformed JSON), never a UnicodeDecodeError that ends the source.
+    """Standard input as UTF-8 text whose bytes that are not UTF-8 are kept as
+    ``surrogateescape`` gives them, so that their line is rejected as a bad line
+    (:data:`~flows.readers._source.NOT_UTF8`, as ``flows`` refuses it), never read
+    with U+FFFD in a field, and never a UnicodeDecodeError that ends the source.
 
     The descriptor is read through an unbuffered file object of its own, not
     ``sys.stdin.buffer``: the agent reads stdin in a daemon thread, and one waiting
@@ -244,7 +277,9 @@ def _text_stdin():
         raw = io.FileIO(sys.stdin.fileno(), "r", closefd=False)
     except (OSError, ValueError, io.UnsupportedOperation):
         raw = buffer  # no descriptor (an embedding's stream): read it as it is
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=None)
+    return io.TextIOWrapper(
+        raw, encoding="utf-8", errors="surrogateescape", newline=None
+    )
 
 
 _EXPECTED = {
@@ -308,6 +343,40 @@ def damage_sentence(damage: list[Damage]) -> str:
     return "; then ".join(parts)
 
 
+def no_flow_hint(kind: str, damage: list[Damage]) -> str:
+    """The end of the line saying that a file source gave no usable flow because
+    of the ``damage`` it found (after :func:`damage_sentence`): what to fix.
+
+    A capture whose read went on past every damaged packet (no stop) is a capture
+    all right, so it is not told what a capture file is: it is told that its
+    packets made no flow, and why (a link type the flow meter does not read, or
+    every packet damaged). Otherwise what the source expects (``a pcap or pcapng
+    capture file``...).
+    """
+    expected = f"expected {_EXPECTED.get(kind, 'flow records')}"
+    if kind != "pcap" or not damage or any(found.stopped for found in damage):
+        return expected
+    links = [
+        found.what.removeprefix("unknown link type ")
+        for found in damage
+        if found.what.startswith("unknown link type ")
+    ]
+    if links and len(links) == len(damage):
+        from flows.meter.decode import LINK_NAMES
+
+        known = ", ".join(sorted({f"{n} ({name})" for n, name in LINK_NAMES.items()},
+                                 key=lambda text: int(text.split()[0])))
+        shown = ", ".join(dict.fromkeys(links))
+        return (
+            f"the file is a capture, but its link type {shown} is not one the flow "
+            f"meter reads (it reads {known})"
+        )
+    return (
+        "the file is a capture, but every packet of it that could make a flow was "
+        "damaged (cut short or malformed), so no flow could be metered"
+    )
+
+
 def _iface(src: Source, max_flows: int = 1_000_000,
            bpf: str | None = None) -> Iterator[dict]:
     """Flows of a live interface as connections end (libpcap, needs privilege).
@@ -329,31 +398,39 @@ def iter_conn(
     timezone: str = "UTC",
     on_skip: Any = None,
     on_unknown_label: Any = None,
+    place: Any = None,
+    on_non_ip: Any = None,
 ) -> Iterator[dict]:
     """Canonical records of a Zeek conn.log, streamed by ``flows.readers``; the
     damage it read past or stopped at goes to ``damage`` (see ``iter_records``).
     ``timezone``: the zone of times written without one (:func:`open_source`);
     ``on_skip``: called with each bad Zeek line skipped (``on_error`` "skip");
     ``on_unknown_label``: called for each Zeek line kept unlabeled because no
-    table names its label (by default such a line is bad)."""
+    table names its label (by default such a line is bad); ``place`` and
+    ``on_non_ip`` as :func:`flows.readers.stream.iter_records` takes them."""
     from flows.readers import iter_records
 
     for rec in iter_records(path, on_error=on_error, damage=damage,
                             timezone=timezone, on_skip=on_skip,
-                            on_unknown_label=on_unknown_label):
+                            on_unknown_label=on_unknown_label, place=place,
+                            on_non_ip=on_non_ip):
         yield canonical(rec)
 
 
 def _zeek(src: Source, timezone: str = "UTC") -> Iterator[dict]:
     """A conn.log read once; a record the stdin check refuses (no address: ``-``
-    in a Zeek TSV log, a binetflow row that is no IP flow) is rejected, counted
-    by its record number (the readers give no line) and skipped. A Zeek line the
-    reader refuses (a port over 65535, a cut value) is rejected by its line and
-    skipped, as with --follow, so that the flows after it are still scored; other
-    conn-family files stop at their first bad row (they are read whole first)."""
-    from flows.readers.stream import stream_format
+    in a Zeek TSV log) is rejected, counted by its file line (by its row number
+    in a file without lines) and skipped. A record of no IP flow (an Argus
+    ``man`` management record, a layer-2 flow: ``non_ip`` of ``flows inspect``)
+    is no damage: it is skipped and counted in ``Source.non_ip``. A Zeek line the
+    reader refuses (a port over 65535, a cut value, bytes that are not UTF-8) is
+    rejected by its line and skipped, as with --follow, so that the flows after
+    it are still scored; other conn-family files stop at their first bad row
+    (they are read whole first)."""
+    from flows.readers.stream import Place, stream_format
 
     found: list[Damage] = []
+    place = Place()
     zeek = stream_format(src.target) in ("zeek-tsv", "zeek-json")
 
     def skipped(exc: BadInputError) -> None:
@@ -363,14 +440,17 @@ def _zeek(src: Source, timezone: str = "UTC") -> Iterator[dict]:
     records = iter_conn(src.target, on_error="skip" if zeek else "fail",
                         damage=found, timezone=timezone,
                         on_skip=skipped if zeek else None,
-                        on_unknown_label=src.unknown_label if zeek else None)
+                        on_unknown_label=src.unknown_label if zeek else None,
+                        place=place, on_non_ip=src.skip_non_ip)
     try:
         for number, rec in enumerate(records, start=1):
             problem = _record_problem(rec)
-            if problem is not None:
-                src.reject("bad_value", problem, record=number)
-                continue
-            yield rec
+            if problem is None:
+                yield rec
+            elif place.number is not None and place.unit == "line":
+                src.reject("bad_value", problem, place.number)
+            else:  # a file without lines (Parquet): its row number
+                src.reject("bad_value", problem, record=place.number or number)
     finally:
         src.damage = found
 
@@ -378,7 +458,9 @@ def _zeek(src: Source, timezone: str = "UTC") -> Iterator[dict]:
 def _parquet(src: Source, timezone: str = "UTC") -> Iterator[dict]:
     """Canonical records of a Parquet file, row group by row group; a ``ts`` held
     as a timestamp becomes epoch seconds as ``flows`` reads it (``timezone``: the
-    zone of one without a zone)."""
+    zone of one without a zone). A number field whose column is not of a number
+    type (text, even of digits) refuses the file by its column before any row, as
+    ``flows`` refuses it (:func:`flows.readers.parquet.number_column_problem`)."""
     import pyarrow.parquet as pq
 
     try:
@@ -392,6 +474,11 @@ def _parquet(src: Source, timezone: str = "UTC") -> Iterator[dict]:
         raise BadInputError(
             f"Parquet file lacks canonical columns {missing}", path=src.target
         )
+    from flows.readers.parquet import number_column_problem
+
+    wrong = number_column_problem(pf.schema_arrow)
+    if wrong is not None:  # refused by its type before any row, as flows refuses it
+        raise BadInputError(wrong[1], path=src.target, column=wrong[0])
     # Row group by row group, so that damage is named by its group (as flows
     # names it) and every record of the groups before it is scored first.
     row = 0
@@ -476,11 +563,18 @@ def _json_lines(src: Source, stream) -> Iterator[dict]:
         line = line.strip()
         if not line:
             continue
+
+        if not_utf8_text(line):
+            src.reject("bad_line", NOT_UTF8, line_no)  # as flows and zeek: refuse it
+            continue
+
         try:
             rec = json.loads(line)
         except (RecursionError, ValueError) as exc:
-            # RecursionError: a nesting bomb ("[" * 100000) must cost only its line.
-            src.reject("malformed_json", f"{type(exc).__name__}: {exc}"[:200], line_no)
+            # RecursionError: a nesting bomb ("[" * 100000) must cost only its line;
+            # worded as the zeek: JSON reader words it.
+            what = f"expected one JSON object ({json_problem(exc)})"
+            src.reject("malformed_json", what[:200], line_no)
             continue
         if isinstance(rec, dict) and "src_ip" not in rec and _zeek_shaped(rec):
             try:
@@ -632,7 +726,9 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
     while True:
         if handle is None:
             try:
-                handle = open(path, encoding="utf-8", errors="replace", newline="")
+                handle = open(
+                    path, encoding="utf-8", errors="surrogateescape", newline=""
+                )
                 inode = os.fstat(handle.fileno()).st_ino
                 parser = TsvLineParser(str(path), src.unknown_label)
                 partial, line_no, skipping = "", 0, 0
@@ -702,6 +798,12 @@ def _parse_line(src: Source, parser, line: str, line_no: int) -> dict | None:
     if line_no == 1:
         line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark (Windows)
     if not line.strip():
+        return None
+    undecodable = not_utf8_text(line)
+    if undecodable and line.startswith("#"):  # as the whole-file reader decodes it
+        line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    elif undecodable:
+        src.reject("bad_line", NOT_UTF8, line_no)  # as flows refuses the line
         return None
     try:
         if line.startswith("#"):

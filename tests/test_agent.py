@@ -910,7 +910,7 @@ def test_stdin_bytes_that_are_not_utf8_are_a_rejected_line(tm, tmp_path: Path):
     err = done.stderr.decode()
     assert done.returncode == 4, err
     assert "Traceback" not in err and "summary: flows 1," in err
-    assert "the first: line 1: malformed_json" in err
+    assert "the first: line 1: bad_line: bytes that are not UTF-8" in err
 
 
 def _log_with_controls(tm, folder: Path, n: int = 2500) -> Path:

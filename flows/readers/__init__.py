@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from flows.errors import BadInputError, PartialInputError
 from flows.readers._finish import check_on_error
@@ -385,6 +386,13 @@ def _drop_unlabeled(
     _recount_tallies(parts or [result], keep, result)
     result.table = table.filter(keep)
     result.stats["dropped_unlabeled"] = dropped
+    import numpy as np
+
+    kept = np.asarray(keep.to_numpy(zero_copy_only=False), dtype=bool)
+    if result.row_lines is not None and len(result.row_lines) == len(kept):
+        result.row_lines = result.row_lines[kept]
+    if result.non_ip is not None and len(result.non_ip) == len(kept):
+        result.non_ip = result.non_ip[kept]
     if result.label_text is not None:
         # The label counts describe the rows kept: not the ones dropped here.
         result.label_text = result.label_text.filter(keep)
@@ -458,17 +466,22 @@ def iter_records(
     damage: list | None = None,
     on_skip: Callable[[BadInputError], None] | None = None,
     on_unknown_label: Callable[[str, int], None] | None = None,
+    place: Any = None,
+    on_non_ip: Callable[[int | None], None] | None = None,
 ) -> Iterator[dict]:
     """Yield the canonical records of a conn-family file one by one, as dicts;
     ``damage`` (a list) receives what was found damaged, by kind; ``on_skip`` is
     called with the error of each Zeek line ``on_error`` "skip" passes over;
     ``on_unknown_label`` keeps a Zeek line whose label no table names, unlabeled
-    (see :func:`flows.readers.stream.iter_records`)."""
+    (see :func:`flows.readers.stream.iter_records`); ``place`` (a
+    :class:`flows.readers.stream.Place`) is kept at the line of the record yielded
+    last; ``on_non_ip`` takes records of no IP flow out, called with their line."""
     from flows.readers.stream import iter_records as _iter
 
     yield from _iter(
         path, on_error=on_error, drop_unlabeled=drop_unlabeled, timezone=timezone,
         damage=damage, on_skip=on_skip, on_unknown_label=on_unknown_label,
+        place=place, on_non_ip=on_non_ip,
     )
 
 

@@ -58,6 +58,7 @@ def finish(
     unit: str = "line",
     label_text: pa.Array | pa.ChunkedArray | None = None,
     tally: Callable[[np.ndarray], tuple[dict, list[str]]] | None = None,
+    non_ip: np.ndarray | None = None,
 ) -> ReadResult:
     """Apply ``on_error`` to the problems found in one file and return its result.
 
@@ -70,6 +71,9 @@ def finish(
     it over the rows kept). ``tally(keep)`` is given a mask of the rows kept (one
     entry per row of ``table``) and returns the stats it counts over them and the
     warnings that say so; they follow the reader's own ``warnings``.
+
+    ``non_ip`` marks the rows of ``table`` that are records of no IP flow; the
+    result keeps it, and ``lines``, for the rows it holds (``row_lines``).
     """
     stats = dict(stats or {})
     warnings = list(warnings or [])
@@ -107,6 +111,7 @@ def finish(
             label_text=labels,
         )
         result.recount = Recount.of(tally, keep, notes)
+        _place_rows(result, lines, keep, unit, non_ip)
         logger.info("read %s: stopped at %s %d", path, unit, first.line)
         cls = PartialInputError if len(kept) else BadInputError
         where = {"row": first.line} if unit == "row" else {"line": first.line}
@@ -158,7 +163,26 @@ def finish(
         label_text=labels,
     )
     result.recount = Recount.of(tally, keep, notes)
+    _place_rows(result, lines, keep, unit, non_ip)
     return result
+
+
+def _place_rows(
+    result: ReadResult,
+    lines: np.ndarray,
+    keep: np.ndarray,
+    unit: str,
+    non_ip: np.ndarray | None,
+) -> None:
+    """Keep the line (or row number) of each row ``result`` holds, and which of
+    them are records of no IP flow, for callers that name rows one by one."""
+    lines = np.asarray(lines)
+    if len(lines) != len(keep):
+        return  # a reader that numbers its rows otherwise: no places to give
+    result.row_lines = lines[keep]
+    result.row_unit = unit
+    if non_ip is not None and len(non_ip) == len(keep):
+        result.non_ip = np.asarray(non_ip, dtype=bool)[keep]
 
 
 @dataclass

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import zlib
 from collections.abc import Generator, Iterator
@@ -40,6 +41,11 @@ _OUT = 1 << 22  # most inflated bytes one step may produce
 MAX_LINE_BYTES = 1 << 20
 MAX_INFLATED_ENV = "GATEWATCH_MAX_INFLATED"
 UTF8_BOM = b"\xef\xbb\xbf"
+# The problem of a line holding bytes that are not UTF-8: a bad line in every
+# reader, the whole-file readers (flows) and the agent's sources alike.
+NOT_UTF8 = "bytes that are not UTF-8"
+# What ``surrogateescape`` decoding makes of a byte that is not UTF-8.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 _MAX_INFLATED_DEFAULT = 2 << 30
 # The most bytes one read of a pipe or standard input asks for (see _read_within).
 _PIPE_PIECE = 1 << 26
@@ -650,3 +656,11 @@ def _cut_last(parts: list[bytes], held: int, size: int) -> tuple[bytes, bytes] |
     if end == len(last):
         return b"".join(parts), b""
     return b"".join(parts[:-1] + [last[:end]]), last[end:]
+
+
+def not_utf8_text(text: str) -> bool:
+    """Whether ``text``, decoded with ``errors="surrogateescape"``, held bytes that
+    are not UTF-8 (each became a lone surrogate U+DC80..U+DCFF), so that a line
+    read as text can be refused as :data:`NOT_UTF8`, as the whole-file readers
+    refuse it, instead of being read with U+FFFD in a field."""
+    return not text.isascii() and _ESCAPED_BYTE.search(text) is not None

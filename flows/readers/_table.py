@@ -10,7 +10,7 @@ import numpy as np
 from flows.errors import BadInputError
 from flows.readers._finish import Problem
 from flows.readers._lazy import LazyModule
-from flows.readers._source import MAX_LINE_BYTES, long_lines, too_long
+from flows.readers._source import MAX_LINE_BYTES, NOT_UTF8, long_lines, too_long
 
 pa = LazyModule("pyarrow")
 pacsv = LazyModule("pyarrow.csv")
@@ -101,7 +101,7 @@ def split_rows(
         body, line_map, removed = _drop_lines(
             body, _numbering(line_map, first_line), not_utf8
         )
-        problems += [Problem(n, None, "bytes that are not UTF-8") for n in removed]
+        problems += [Problem(n, None, NOT_UTF8) for n in removed]
 
     try:
         if body.strip(b"\n"):

@@ -232,6 +232,7 @@ def read_binetflow(
         row_problems=row_problems,
         label_text=written,
         tally=tally,
+        non_ip=np.asarray(non_ip.fill_null(False)),
     )
 
 

@@ -15,6 +15,12 @@ digit the float can hold (:func:`epoch_seconds`). A timestamp with a zone is an
 instant already; one without a zone is the wall-clock time of the ``timezone``
 the reader is given (an IANA name; default UTC), read as Argus binetflow start
 times are (a time the clock shows twice is the first of the two).
+
+A number field (``ts``, ``duration``, the ports and counts, ``label``) must be a
+column of a number type (integer, floating point or decimal; a ``ts`` timestamp
+too): one of another type (text, even of digits; booleans) refuses the file by
+its column and type (:func:`number_column_problem`), in ``flows`` and the edge
+agent's ``parquet:`` source alike, before any row is read.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from flows.errors import BadInputError, PartialInputError, one_line
 from flows.readers._convert import BadRows, value_counts
 from flows.readers._finish import Problem, finish
 from flows.readers.result import Damage, ReadResult
-from flows.record import CONN_FIELD_NAMES, conn_schema
+from flows.record import CONN_FIELD_NAMES, CONN_FIELDS, conn_schema
 
 FAMILY_KEY = b"gatewatch.family"
 
@@ -174,6 +180,10 @@ def to_conn_table(
             path=path or None,
             column=missing[0],
         )
+    wrong = number_column_problem(table.schema)
+    if wrong is not None:
+        name, problem = wrong
+        raise BadInputError(problem, path=path or None, column=name)
     ts = table.column("ts")
     if pa.types.is_timestamp(ts.type):
         table = table.set_column(
@@ -195,6 +205,37 @@ def to_conn_table(
             arrays.append(table.column(name))
             fields.append(table.schema.field(name))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _is_number_type(kind, name: str) -> bool:
+    """Whether a column of Arrow type ``kind`` holds numbers for the field ``name``
+    (a ``ts`` timestamp is turned into numbers; an all-null column fits any)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return (
+        pa.types.is_integer(kind)
+        or pa.types.is_floating(kind)
+        or pa.types.is_decimal(kind)
+        or pa.types.is_null(kind)
+        or (name == "ts" and pa.types.is_timestamp(kind))
+    )
+
+
+def number_column_problem(schema: pa.Schema) -> tuple[str, str] | None:
+    """The first canonical number field whose column in ``schema`` is not of a
+    number type, and what is wrong with it (``is string, expected a number
+    type ...``); None when every one present is. The rule for ``flows`` and the
+    edge agent's ``parquet:`` source alike: the column's type is refused, not a
+    value of it that may look like a number (``'35740'``)."""
+    kinds = dict(zip(schema.names, schema.types, strict=True))
+    for name, kind in CONN_FIELDS:
+        if kind == "str" or name not in kinds or _is_number_type(kinds[name], name):
+            continue
+        return name, (
+            f"is {kinds[name]}, expected a number type (integer or floating point); "
+            "a column of numbers held as text is not read as numbers"
+        )
+    return None
 
 
 # Ticks per second of each Arrow timestamp unit.

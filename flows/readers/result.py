@@ -51,6 +51,13 @@ class ReadResult:
     ``stats["labels"]`` counts it. ``recount`` (a
     :class:`flows.readers._finish.Recount`, None when the reader counts nothing
     per row) counts the reader's other per-row stats again over fewer rows.
+
+    ``row_lines`` (one file read, None when unknown) is where each row of
+    ``table`` was in the input: its file line, or its 1-based row number where
+    ``row_unit`` is ``"row"`` (Parquet), for a caller that takes the rows one by
+    one to name one by its place. ``non_ip`` (None when the reader marks none)
+    is true for each row that is a record of no IP flow (an Argus management
+    record, a layer-2 flow), whose addresses the reader left null.
     """
 
     table: Any  # pyarrow.Table
@@ -63,3 +70,6 @@ class ReadResult:
     damage: list[Damage] = field(default_factory=list)
     label_text: Any = field(default=None, repr=False, compare=False)
     recount: Any = field(default=None, repr=False, compare=False)
+    row_lines: Any = field(default=None, repr=False, compare=False)
+    row_unit: str = "line"
+    non_ip: Any = field(default=None, repr=False, compare=False)

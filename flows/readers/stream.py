@@ -14,13 +14,21 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from flows import logger
 from flows.errors import BadInputError, PartialInputError, json_problem
 from flows.readers._convert import _ESCAPE, _parse_one, parse_problem
 from flows.readers._finish import check_on_error
-from flows.readers._source import GZIP_MAGIC, MAX_LINE_BYTES, iter_gunzip, too_long
+from flows.readers._source import (
+    GZIP_MAGIC,
+    MAX_LINE_BYTES,
+    NOT_UTF8,
+    iter_gunzip,
+    not_utf8_text,
+    too_long,
+)
 from flows.readers._table import _CR_INSIDE
 from flows.readers.labels import ZEEK_LABELS
 from flows.readers.result import Damage
@@ -309,7 +317,9 @@ def _lines(path: str, damage: list | None = None) -> Iterator[str | int]:
 
     Gzip is inflated with :func:`flows.readers._source.iter_gunzip`, the same way as
     the batch reader, so a cut stream gives the same complete lines in both, and
-    the cut line itself is dropped (with a warning) rather than half read. A line
+    the cut line itself is dropped (with a warning) rather than half read. Bytes
+    that are not UTF-8 are decoded with ``surrogateescape``, for the caller to
+    refuse the line (:func:`~flows.readers._source.not_utf8_text`). A line
     longer than ``MAX_LINE_BYTES`` is not held: its length (an int) is yielded in
     its place, so memory stays bounded whatever the file holds.
     """
@@ -339,7 +349,7 @@ def _lines(path: str, damage: list | None = None) -> Iterator[str | int]:
                 if len(raw) > MAX_LINE_BYTES:
                     yield len(raw)
                 else:
-                    yield raw.decode("utf-8", "replace") + "\n"
+                    yield raw.decode("utf-8", "surrogateescape") + "\n"
             if len(rest) > MAX_LINE_BYTES:
                 skipping, rest = len(rest), b""
         if skipping:
@@ -349,7 +359,18 @@ def _lines(path: str, damage: list | None = None) -> Iterator[str | int]:
             if damage is not None:
                 damage.append(Damage(path, cut, stopped=True))
         elif rest:
-            yield rest.decode("utf-8", "replace")
+            yield rest.decode("utf-8", "surrogateescape")
+
+
+@dataclass
+class Place:
+    """Where the record :func:`iter_records` yielded last was in its file, for a
+    caller that refuses a record to name it: ``number``, a file line (``unit``
+    ``"line"``) or a 1-based row number (``"row"``: Parquet, which has no lines);
+    None when the reader does not say."""
+
+    number: int | None = None
+    unit: str = "line"
 
 
 # sniff_text looks at no more than this many bytes of (gunzipped) text.
@@ -398,8 +419,17 @@ def iter_records(
     damage: list | None = None,
     on_skip: Callable[[BadInputError], None] | None = None,
     on_unknown_label: Callable[[str, int], None] | None = None,
+    place: Place | None = None,
+    on_non_ip: Callable[[int | None], None] | None = None,
 ) -> Iterator[dict]:
     """Yield canonical records one by one (Zeek TSV/JSON line by line).
+
+    ``place`` (when given) is updated before each record is yielded to where the
+    record was (:class:`Place`). ``on_non_ip`` (when given): a record the reader
+    marks as one of no IP flow (an Argus ``man`` management record, a layer-2
+    flow; ``stats["non_ip"]`` of :func:`flows.readers.read`) is not yielded, and
+    this is called with its line instead; without it such a record is yielded
+    with null addresses, as ``flows`` keeps it.
 
     With ``on_error`` "skip", ``on_skip`` (when given) is called with the error of
     each Zeek line skipped, so that a caller can count it by its line.
@@ -429,8 +459,21 @@ def iter_records(
             raise BadInputError(
                 f"is {result.format}, not a conn-family input", path=name
             )
+        lines, non_ip = result.row_lines, result.non_ip
+        if place is not None:
+            place.unit = result.row_unit
+        row = 0
         for batch in result.table.to_batches(max_chunksize=4096):
-            yield from batch.to_pylist()
+            for record in batch.to_pylist():
+                at = int(lines[row]) if lines is not None else None
+                skip = on_non_ip is not None and non_ip is not None and non_ip[row]
+                row += 1
+                if skip:
+                    on_non_ip(at)
+                    continue
+                if place is not None:
+                    place.number = at
+                yield record
         for warning in result.warnings:
             logger.warning("%s", warning)
         if damage is not None:
@@ -455,11 +498,20 @@ def iter_records(
         stripped = line.strip()
         if not stripped or (fmt == "zeek-json" and stripped.startswith("#")):
             continue
+        undecodable = not_utf8_text(line)
         if fmt == "zeek-tsv" and line.startswith("#"):
+            if undecodable:  # as the whole-file reader decodes a # line
+                line = line.encode("utf-8", "surrogateescape").decode(
+                    "utf-8", "replace"
+                )
             parser.header_line(line.rstrip("\r\n"), line_no)
             continue
 
         try:
+            if undecodable:
+                # A bad line, as the whole-file reader refuses it (never a field
+                # read with U+FFFD in it).
+                raise BadInputError(NOT_UTF8, path=name, line=line_no)
             if fmt == "zeek-json":
                 record = parse_json_line(stripped, name, line_no, on_unknown_label)
             else:
@@ -481,6 +533,8 @@ def iter_records(
         if drop_unlabeled and record["label"] is None:
             continue
         yielded += 1
+        if place is not None:
+            place.number = line_no
         yield record
     if skipped:
         logger.warning("%s: skipped %d bad line(s)", name, skipped)
