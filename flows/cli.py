@@ -551,8 +551,8 @@ def _damage_sentence(result, where: str, empty: bool) -> str:
         tail = "nothing usable came before it" if stopped_in else (
             "nothing usable was read"
         )
-    elif stopped_in:
-        tail = "the rows before it were kept"
+    elif stopped_in and not any("complete line" in part for part in parts):
+        tail = "the rows before it were kept"  # unless the place said so already
     else:
         return "; ".join(parts)
     return "; ".join(parts) + "; " + tail

@@ -127,3 +127,24 @@ def test_a_finer_duration_that_is_really_there_is_kept():
     start, last = 1329843175.736107, 1329843175.848539
     noisy = whole_microseconds({"ts": start, "duration": last - start})
     assert last - start != 0.112432 and noisy["duration"] == 0.112432
+
+
+def test_a_cut_input_is_said_kept_once_in_words_that_count_right(data_dir, tmp_path):
+    """Found: "kept the 370 complete lines before it; the rows before it were kept"
+    (said twice), and "kept the 1 complete lines", "a cut line of 1 bytes"."""
+    from flows.readers._source import kept_lines
+
+    cut = _cut_gzip(data_dir, tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "inspect", str(cut)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+    assert out.returncode == EXIT_PARTIAL_INPUT, out.stderr
+    [line] = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+    assert line.count("kept the") == 1 and "were kept" not in line, line
+    assert [kept_lines(n) for n in (0, 1, 2)] == [
+        "no complete line came before it",
+        "kept the one complete line before it",
+        "kept the 2 complete lines before it",
+    ]

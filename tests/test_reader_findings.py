@@ -132,7 +132,7 @@ def test_stdin_past_the_limit_reads_one_byte_more_and_keeps_whole_lines(
     assert src.data == b"abc\ndefg\n"
     assert src.cut == (
         "<stdin>: more than 10 bytes ($GATEWATCH_MAX_INFLATED sets the limit); kept "
-        "the 2 complete lines before it and dropped a cut line of 1 bytes"
+        "the 2 complete lines before it and dropped a cut line of 1 byte"
     )
 
 

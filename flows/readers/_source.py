@@ -206,10 +206,24 @@ def _cut(
     keep = data.rfind(b"\n") + 1
     lines = data.count(b"\n", 0, keep)
     dropped = len(data) - keep if tail is None else tail
-    note = f"{name}: {cut}; kept the {lines} complete lines before it"
+    note = f"{name}: {cut}; {kept_lines(lines)}"
     if dropped:
-        note += f" and dropped a cut line of {dropped} bytes"
+        note += f" and dropped a cut line of {_bytes(dropped)}"
     return Source(name, data[:keep], compressed=compressed, cut=note)
+
+
+def _bytes(n: int) -> str:
+    """``1 byte``, ``7 bytes``."""
+    return "1 byte" if n == 1 else f"{n} bytes"
+
+
+def kept_lines(lines: int) -> str:
+    """What a cut input kept, in words: ``kept the 3 complete lines before it``."""
+    if lines == 0:
+        return "no complete line came before it"
+    if lines == 1:
+        return "kept the one complete line before it"
+    return f"kept the {lines} complete lines before it"
 
 
 def gunzip(
@@ -631,9 +645,9 @@ class Blocks:
             why, tail = self._stopped
             rest = rest[: rest.rfind(b"\n") + 1]
             lines += rest.count(b"\n")
-            note = f"{self.path}: {why}; kept the {lines} complete lines before it"
+            note = f"{self.path}: {why}; {kept_lines(lines)}"
             if tail:
-                note += f" and dropped a cut line of {tail} bytes"
+                note += f" and dropped a cut line of {_bytes(tail)}"
             self.cut = note
         else:
             self.cut = self._note
