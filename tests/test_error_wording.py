@@ -79,8 +79,8 @@ def test_a_date_ts_in_parquet_is_shown_as_iso_time_and_type(
 
     assert rc == 3
     assert errors == [
-        f"error: {path}, row 1: field 'ts': expected a number, found "
-        "2022-06-12 (a date)"
+        f"error: {path}, column 'ts': is date32[day], a calendar date, which names "
+        "no time; expected epoch seconds (a number type) or a timestamp"
     ]
 
 

@@ -231,11 +231,23 @@ def number_column_problem(schema: pa.Schema) -> tuple[str, str] | None:
     for name, kind in CONN_FIELDS:
         if kind == "str" or name not in kinds or _is_number_type(kinds[name], name):
             continue
-        return name, (
-            f"is {kinds[name]}, expected a number type (integer or floating point); "
-            "a column of numbers held as text is not read as numbers"
-        )
+        return name, f"is {kinds[name]}, " + _number_type_wanted(kinds[name], name)
     return None
+
+
+def _number_type_wanted(kind: pa.DataType, name: str) -> str:
+    """What a number field's column should be, for one of type ``kind``."""
+    if pa.types.is_date(kind):
+        return (
+            "a calendar date, which names no time; expected epoch seconds (a number "
+            "type) or a timestamp"
+        )
+    wanted = "expected a number type (integer or floating point)"
+    if name == "ts":
+        wanted += " or a timestamp"
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        wanted += "; a column of numbers held as text is not read as numbers"
+    return wanted
 
 
 # Ticks per second of each Arrow timestamp unit.
