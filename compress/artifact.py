@@ -91,15 +91,28 @@ def escalation_band(
     return float(lo), float(max(decision, min(hi, cap)))
 
 
-def write_thresholds(folder: Path, decision: float, lo: float, hi: float) -> Path:
-    """``thresholds.json`` per docs/contracts.md, plus the rule that chose it."""
+# How each --threshold-rule chose the decision threshold, in thresholds.json's words.
+DECISION_RULES = {
+    "f1": "best F1 on validation",
+    "teacher-rate": "the cut flagging as large a share of validation windows as "
+                    "the teacher flags (teacher-rate)",
+}
+
+
+def write_thresholds(folder: Path, decision: float, lo: float, hi: float,
+                     rule: str = "f1") -> Path:
+    """``thresholds.json`` per docs/contracts.md, plus the rule that chose it:
+    ``rule`` is the run's ``--threshold-rule`` (f1 or teacher-rate)."""
+    if rule not in DECISION_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; expected one of "
+                         f"{', '.join(DECISION_RULES)}")
     path = folder / "thresholds.json"
     data = {
         "decision": float(decision),
         "escalate_low": float(lo),
         "alert": float(hi),
         "rule": (
-            f"decision: best F1 on validation; escalate_low >= {MISS_SHARE:.0%} "
+            f"decision: {DECISION_RULES[rule]}; escalate_low >= {MISS_SHARE:.0%} "
             f"quantile of malicious validation scores; alert <= lowest cut with "
             f"validation precision >= {ALERT_PRECISION:.0%}; at most "
             f"{ESCALATE_SHARE / 2:.1%} of validation windows on each side of "

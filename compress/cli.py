@@ -16,6 +16,7 @@ from teacher.interrupts import held, loading
 # command in one line, exit 130 (teacher.interrupts).
 with loading():
     import argparse
+    import contextlib
     import json
     import logging
     import time
@@ -53,7 +54,8 @@ EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok
   {EXIT_FAILURE}    failure: a model, checkpoint or artifact is unusable, or an
-       export failed
+       export failed; or this is a gateway install (gatewatch[edge], no
+       torch): pip install 'gatewatch[compress]' for compress
   {EXIT_USAGE}    usage: bad flags or arguments
   {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read; data
        with too few labeled rows (label 0 or 1) to train or evaluate on
@@ -85,7 +87,8 @@ exit codes:
        target; the others are listed as not made)
   {EXIT_FAILURE}    failure: the teacher checkpoint or a model is unusable, or an
        export failed
-  {EXIT_USAGE}    usage: bad flags or arguments; an --out that is a file, lies
+  {EXIT_USAGE}    usage: bad flags or arguments; a --teacher that is a compress
+       artifact, not a checkpoint; an --out that is a file, lies
        under a file or in a folder that cannot be written (checked
        before any work), lies in
        the teacher's checkpoint or holds another target's artifact or
@@ -113,9 +116,10 @@ Score an artifact in its own runtime (ONNX Runtime or TFLite; with --micro, a
 tflite-micro C array in the TFLite Micro interpreter; torch for a torch-int8
 teacher, on the CPU, as teacher serve runs it) on a labeled split of
 --dataset or on every labeled row of --data, at the artifact's own decision
-threshold, and print the same metrics as teacher eval (--json: every key). The
-artifact's files are checked against the sha256 in its manifest, and its probe
-windows scored, before any flow is."""
+threshold (the split drawn with the seed the artifact records, its teacher's, so
+the test rows are held out), and print the same metrics as teacher eval (--json:
+every key). The artifact's files are checked against the sha256 in its manifest,
+and its probe windows scored, before any flow is."""
 EVAL_EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok
@@ -123,11 +127,14 @@ exit codes:
        missing, a file modified after it was written (sha256), a model
        its runtime refuses, probe windows that do not score as recorded
   {EXIT_USAGE}    usage: bad flags or arguments; a --dataset or --data that is
-       neither a registered dataset nor an existing file
+       neither a registered dataset nor an existing file; an --artifact
+       that is a teacher checkpoint (score it with teacher eval)
   {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read, the
        data is of another family than the artifact's encoder, the split
        has no labeled rows, the manifest is not valid JSON or not a JSON
-       object, or the artifact holds a thresholds.json whose values break
+       object, or a field of it has the wrong type (a model_version that
+       is no string, an input/output scale or zero_point that is no
+       number), or the artifact holds a thresholds.json whose values break
        the contract (not JSON, a key missing, a value that is no number
        in 0..1, escalate_low <= decision <= alert not holding)
   {EXIT_PARTIAL_INPUT}    partial input: a --data file was damaged part way. A file
@@ -466,6 +473,7 @@ def _once(flag: str, values: list | None) -> list | None:
 def cmd_run(args: argparse.Namespace) -> int:
     """``compress run``."""
     _check_torch_int8_flags(args)  # before torch is imported: a usage error is quick
+    _refuse_artifact(args.teacher)
     if args.no_prune and args.prune_ratios is not None:
         raise UsageError("--no-prune and --prune-ratios contradict each other; "
                          "give one of them")
@@ -600,17 +608,80 @@ def _target_of(artifact: Path) -> str | None:
     return target if isinstance(target, str) else None
 
 
+class _Drop(logging.Filter):
+    """A log filter that lets nothing through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def _unlogged(quiet: bool):
+    """With ``quiet``, the gatewatch.teacher logger says nothing inside (for a
+    warning the caller prints itself, so that it is said once)."""
+    if not quiet:
+        yield
+        return
+    teacher_log, drop = logging.getLogger("gatewatch.teacher"), _Drop()
+    teacher_log.addFilter(drop)
+    try:
+        yield
+    finally:
+        teacher_log.removeFilter(drop)
+
+
+def _threshold_rule(manifest: dict[str, Any]) -> str:
+    """The rule that chose the artifact's decision threshold, as its manifest
+    records it (``threshold_rule.rule``): ``best-f1`` (the run's ``f1``, and
+    torch-int8 and older artifacts, which record none) or ``teacher-rate``."""
+    rule = manifest.get("threshold_rule")
+    rule = rule.get("rule") if isinstance(rule, dict) else None
+    return "teacher-rate" if rule == "teacher-rate" else "best-f1"
+
+
+def _split_seed(provenance: dict[str, Any], artifact: Path, source: str,
+                split: str | None) -> int:
+    """The seed of the train/val/test split to score ``source`` on: the one the
+    artifact records (its teacher's split, ``provenance.data.split_seed``).
+
+    An artifact written before artifacts recorded it gets seed 0, with a warning
+    where the seed moves the rows scored (a registered dataset's seeded split, or
+    the validation/training rows of an official one): its teacher's split was
+    drawn with seed 0 only if it was trained with ``--seed 0``."""
+    from flows.datasets import REGISTRY
+
+    data = provenance.get("data")
+    seed = data.get("split_seed") if isinstance(data, dict) else None
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0:
+        return seed
+    spec = REGISTRY.get(source)
+    if spec is not None and split is not None and (
+            spec.split != "official" or split != "test"):
+        logger.warning(
+            "%s: the manifest records no split seed (provenance.data.split_seed; "
+            "written before artifacts recorded it): split %r is drawn with seed 0, "
+            "which holds out the teacher's rows only if the teacher was trained "
+            "with --seed 0 (its provenance.json says); run compress run again for "
+            "an artifact that records it", artifact, split)
+    return 0
+
+
 def evaluate_artifact(
     artifact: Path, source: str, split: str | None, data_dir: Path | None = None,
     timing: bool = True, micro: bool = False, timezone: str = "UTC",
-    source_is_dataset: bool = True, threads: int = 1,
+    source_is_dataset: bool = True, threads: int = 1, log_trained_on: bool = True,
 ) -> dict[str, Any]:
     """Metrics of an artifact run in its runtime (same keys as ``teacher eval``);
     ``timezone`` is the zone of a binetflow file's start times (as in
     :func:`teacher.data.prepare`). A flow file (``source_is_dataset`` false) that
     the artifact was trained on is scored with a warning saying so. The runtime
     scores, and the latency is timed, on ``threads`` CPU threads: torch's, and
-    those of the onnxruntime or TFLite session (the key ``threads``)."""
+    those of the onnxruntime or TFLite session (the key ``threads``).
+
+    A registered dataset is split with the seed the artifact records
+    (``provenance.data.split_seed``, the teacher's split), so its test rows are
+    the held-out ones ``compress run`` scored. The trained-on warning is logged
+    unless ``log_trained_on`` is false (the text output prints it itself)."""
     import numpy as np
     import torch
 
@@ -626,12 +697,16 @@ def evaluate_artifact(
         scorer = load_int8_teacher(artifact)
     else:
         scorer = load_artifact(artifact, prefer_micro=micro, threads=threads)
-    prep = prepare(source, encoder=scorer.encoder, data_dir=data_dir,
+    provenance = scorer.manifest.get("provenance")
+    provenance = provenance if isinstance(provenance, dict) else {}
+    seed = _split_seed(provenance, artifact, source, split)
+    prep = prepare(source, encoder=scorer.encoder, data_dir=data_dir, seed=seed,
                    need_split=False, encoder_of="the artifact", timezone=timezone)
     rows = prep.rows(split)
     if not source_is_dataset:
-        warn_trained_on(prep, scorer.manifest.get("provenance", {}).get("data"),
-                        "the artifact's teacher", "its manifest")
+        with _unlogged(not log_trained_on):
+            warn_trained_on(prep, provenance.get("data"), "the artifact's teacher",
+                            "its manifest")
     if rows.size == 0:
         where = "the file" if split is None else f"split {split!r}"
         raise BadInputError(
@@ -644,7 +719,7 @@ def evaluate_artifact(
     scored_s = time.perf_counter() - start
     fams = prep.families[rows] if prep.families is not None else None
     out = binary_metrics(prep.y[rows], prob, scorer.thresholds["decision"], fams)
-    out["threshold_rule"] = "best-f1"
+    out["threshold_rule"] = _threshold_rule(scorer.manifest)
     out["scoring_s"] = scored_s
     out["threads"] = threads
     if timing:
@@ -659,18 +734,47 @@ def evaluate_artifact(
     return out
 
 
+def _refuse_checkpoint(artifact: Path) -> None:
+    """Refuse (exit 2) an ``--artifact`` that is a teacher checkpoint: it holds
+    no manifest.json but a checkpoint's config.json and model.safetensors."""
+    folder = Path(artifact)
+    if (folder / "manifest.json").exists() or not all(
+            (folder / name).is_file() for name in ("config.json", "model.safetensors")):
+        return  # an artifact, or neither: the loader says what is wrong
+    raise UsageError(
+        f"--artifact {artifact} is a teacher checkpoint (it holds config.json and "
+        "model.safetensors, no manifest.json), not a compress artifact; score it "
+        "with teacher eval --checkpoint, or make an artifact of it with compress "
+        "run --teacher")
+
+
+def _refuse_artifact(teacher: Path) -> None:
+    """Refuse (exit 2) a ``--teacher`` that is a compress artifact (it holds
+    manifest.json): students are distilled from a teacher checkpoint."""
+    if (Path(teacher) / "manifest.json").is_file():
+        raise UsageError(
+            f"--teacher {teacher} is a compress artifact (it holds manifest.json), "
+            "not a teacher checkpoint; give the teacher checkpoint folder it was "
+            "made from (teacher train --out), or score the artifact with compress "
+            "eval --artifact")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``compress eval``."""
     if args.data and args.split not in (None, "all"):
         raise UsageError(f"--split {args.split} picks rows of a --dataset; a --data "
                          "file is scored whole (leave --split out)")
+    _refuse_checkpoint(args.artifact)
     source = args.dataset if args.dataset else str(args.data)
     asked = args.split or "test"
     split = None if (asked == "all" or args.data) else asked
+    # The text output prints the trained-on warning itself (once); with --json
+    # it is logged on stderr and is in the JSON's warnings.
     out = evaluate_artifact(args.artifact, source, split, args.data_dir,
                             timing=not args.no_timing, micro=args.micro,
                             timezone=args.timezone,
-                            source_is_dataset=not args.data, threads=args.threads)
+                            source_is_dataset=not args.data, threads=args.threads,
+                            log_trained_on=args.json)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -712,12 +816,20 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``compress``; returns the exit code.
 
     A Ctrl-C anywhere (building the parser, loading torch, the work) ends in one
-    line, ``error: interrupted``, and exit 130."""
+    line, ``error: interrupted``, and exit 130. On a gateway install (no torch)
+    the command ends in one line saying so, exit 1."""
     try:
         return _main(argv)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:
+        # TODO(gap): compress eval of an ONNX/TFLite artifact needs torch and
+        # scikit-learn only through teacher.data/teacher.metrics; a gateway install
+        # could score --data files with edge-agent's runtime if those were split off.
+        from teacher.cli import missing_full_install
+
+        return missing_full_install(exc, "compress", "compress")
 
 
 def _main(argv: list[str] | None) -> int:

@@ -253,6 +253,7 @@ def torch_int8_artifact(ctx: Any, folder: Path) -> Path:
     save_program(q, ctx.calibration[:4], folder / "model.pt2")
     ctx.teacher.encoder.save(folder / "encoder.json")
     from compress.artifact import escalation_band
+    from compress.pipeline import split_seed
 
     lo, hi = escalation_band(y_val, p_val, decision)
     write_thresholds(folder, decision, lo, hi)
@@ -282,6 +283,8 @@ def torch_int8_artifact(ctx: Any, folder: Path) -> Path:
         "export": {"quantization": info},
         "provenance": {"teacher": portable_path(str(Path(ctx.cfg.teacher).resolve()),
                                                 folder, ctx.cfg.data_dir),
+                       "data": {"split_seed": split_seed(ctx.teacher.provenance
+                                                         or {})},
                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "probe": {"windows": ctx.val_windows[:4].tolist(),
                   "expected": p_val[:4].tolist(), "atol": 1e-3},

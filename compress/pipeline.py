@@ -390,7 +390,7 @@ def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
     prov = teacher.provenance or {}
     zone = cfg.timezone or (None if cfg.dataset else prov.get("timezone")) or "UTC"
     prep = prepare(dataset, encoder=teacher.encoder, data_dir=cfg.data_dir,
-                   seed=int(prov.get("seed") or 0), need_split=True, timezone=zone)
+                   seed=split_seed(prov), need_split=True, timezone=zone)
     # A file changed since the teacher was trained gives other rows and splits.
     check_teacher_files(prep.files, prov, cfg.teacher)
 
@@ -451,6 +451,15 @@ def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
         val_windows=prep.windows(val), test_windows=prep.windows(test),
         progress=progress,
     )
+
+
+def split_seed(provenance: dict[str, Any]) -> int:
+    """The seed the teacher's train/val/test split was drawn with (its provenance's
+    ``seed``; 0 when none is recorded): the split its students are scored on, and
+    that an artifact records (``provenance.data.split_seed``) so that ``compress
+    eval`` scores the same held-out rows."""
+    seed = provenance.get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
 
 
 def with_search_defaults(cfg: RunConfig, provenance: dict[str, Any]) -> RunConfig:
@@ -765,7 +774,7 @@ def export_candidate(
         test_m.update(time_scorer(scorer.score, ctx.test_windows[:512]))
 
     # Final thresholds, probe and manifest.
-    write_thresholds(folder, decision, lo, hi)
+    write_thresholds(folder, decision, lo, hi, rule=ctx.threshold_rule)
     probe_x = ctx.val_windows[:4]
     probe = {"windows": probe_x.tolist(), "expected": scorer.score(probe_x).tolist(),
              "atol": 1.0 / 256 if out["dtype"] != "float32" else 1e-4}
@@ -883,6 +892,7 @@ def _provenance(ctx: _Context, dest: Path) -> dict[str, Any]:
         },
         "data": {"dataset": where(ctx.prep.name), "files": files,
                  "timezone": ctx.prep.timezone,
+                 "split_seed": split_seed(ctx.teacher.provenance or {}),
                  "rows": {"train": len(ctx.train), "val": len(ctx.val),
                           "test": len(ctx.test)}},
         "distill": {**ctx.distill.__dict__,

@@ -225,6 +225,17 @@ class Scorer:
         expected = np.asarray(probe.get("expected", []), dtype=np.float32)
         if windows.size == 0:
             raise ModelError(f"{self.folder}: manifest has no probe windows")
+        want = [self.window, self.n_features]
+        if windows.ndim != 3 or list(windows.shape[1:]) != want:
+            raise ModelError(
+                f"{self.folder}: the probe's windows have shape "
+                f"{list(windows.shape)}; expected [n, {want[0]}, {want[1]}], the "
+                "model input's window x features")
+        if expected.shape != (len(windows),):
+            raise ModelError(
+                f"{self.folder}: the probe's expected scores have shape "
+                f"{list(expected.shape)}; expected [{len(windows)}], one score per "
+                f"probe window (its windows are {list(windows.shape)})")
         if not np.all(np.isfinite(expected)):
             raise ModelError(f"{self.folder}: the probe's expected scores are not all "
                              "finite numbers")
@@ -721,7 +732,37 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     if missing:
         raise ModelError(f"{path}: manifest lacks {', '.join(missing)}")
     check_model_version(manifest, path)
+    for key in ("input", "output"):
+        _check_quant_fields(manifest[key], key, path)
     return manifest
+
+
+def _check_quant_fields(entry: dict[str, Any], what: str, path: Path) -> None:
+    """BadInputError (exit 3) naming ``path`` unless the ``scale`` and
+    ``zero_point`` of a manifest's ``input``/``output`` entry are null or JSON
+    numbers: a positive finite scale, a whole zero point in the dtype's range. A
+    string such as "-128" would otherwise be turned into a number silently (the
+    manifest is not in its own sha256 list, so anyone can edit it)."""
+    scale, zero = entry.get("scale"), entry.get("zero_point")
+    if scale is not None and (
+            isinstance(scale, bool) or not isinstance(scale, int | float)
+            or not math.isfinite(scale) or scale <= 0):
+        raise BadInputError(
+            f"manifest field '{what}.scale' {str(scale)[:40]!r} is a JSON "
+            f"{_json_type(scale)}; expected null or a positive finite number",
+            path=str(path))
+    dtype = _NP_DTYPES.get(str(entry.get("dtype")))
+    if dtype is not None and np.issubdtype(dtype, np.integer):
+        lo, hi = int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
+    else:
+        lo, hi = -(2**31), 2**31 - 1
+    whole = (isinstance(zero, int) and not isinstance(zero, bool)) or (
+        isinstance(zero, float) and zero.is_integer())
+    if zero is not None and not (whole and lo <= zero <= hi):
+        raise BadInputError(
+            f"manifest field '{what}.zero_point' {str(zero)[:40]!r} is a JSON "
+            f"{_json_type(zero)}; expected null or a whole number in {lo}..{hi}",
+            path=str(path))
 
 
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:

@@ -191,7 +191,10 @@ def save_checkpoint(
     _write_json(out / "metrics.json", metrics or {})
     _write_json(out / "provenance.json", provenance or make_provenance(None))
     write_checksums(out)
-    logger.info("saved teacher checkpoint to %s (%d params)", out, net.n_params())
+    # Often a temporary folder the caller then renames into place, which logs
+    # the final path (teacher.cli._write_out).
+    logger.debug("wrote teacher checkpoint files to %s (%d params)", out,
+                 net.n_params())
     return out
 
 
@@ -281,13 +284,23 @@ def verify_checksums(ckpt_dir: str | os.PathLike[str],
             "are not verified; train or save it again to add them", path,
             CHECKSUMS_FILE)
         return False
-    data = _read_json(sums_path)
+    shape = '{"algorithm": "sha256", "files": {name: hex digest}}'
+    try:
+        data = json.loads(_read_text(sums_path))
+    except json.JSONDecodeError as exc:
+        # Bad input like a missing checksums.json (exit 3): nothing is verified.
+        raise BadInputError(
+            f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+            f"expected {shape}, as teacher train writes it",
+            path=str(sums_path)) from exc
+    except RecursionError as exc:  # arrays or objects nested ~1,000 deep
+        raise ModelError(
+            f"cannot read {sums_path}: nested too deeply to be a checkpoint file"
+        ) from exc
     files = data.get("files") if isinstance(data, dict) else None
     if (not isinstance(files, dict) or data.get("algorithm") != "sha256"
             or not all(isinstance(v, str) for v in files.values())):
-        raise ModelError(
-            f"{sums_path}: expected {{\"algorithm\": \"sha256\", \"files\": "
-            "{name: hex digest}}")
+        raise ModelError(f"{sums_path}: expected {shape}")
     # Every file a checkpoint must have, and any optional one present, is covered:
     # dropping a file from the list must not be a way to change it unnoticed.
     present = [n for n in OPTIONAL_FILES if (path / n).is_file()]
@@ -517,6 +530,11 @@ def _check_complete(path: Path) -> None:
     is said before the missing checksums are."""
     if (path / CHECKSUMS_FILE).exists():
         return  # what it lists is checked, file by file, by verify_checksums
+    if (path / "manifest.json").is_file():
+        raise BadInputError(
+            "is a compress artifact (it holds manifest.json), not a teacher "
+            "checkpoint; give the teacher checkpoint folder (teacher train --out), "
+            "or score the artifact with compress eval --artifact", path=str(path))
     missing = [n for n in CHECKPOINT_FILES
                if not ((path / n).exists() or (path / n).is_symlink())]
     if len(missing) == len(CHECKPOINT_FILES):

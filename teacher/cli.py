@@ -68,7 +68,8 @@ exit codes:
   {EXIT_OK}    ok
   {EXIT_FAILURE}    failure: a model or checkpoint is unusable (NaN weights, an
        encoder.json that does not fit its config.json, ...), or an output
-       cannot be written once the work is done
+       cannot be written once the work is done; or this is a gateway
+       install (gatewatch[edge], no torch): pip install 'gatewatch[train]'
   {EXIT_USAGE}    usage: bad flags or arguments (a --dataset name that is not
        registered included); an --out that cannot be made or written in
        (a file in its path, a read-only folder), or a train/update --out
@@ -77,11 +78,13 @@ exit codes:
        --out file or tune --out tables already there (without --force), or
        one that could not be written (a folder in its place, a read-only
        file; with --force too); train size flags that make a network of
-       more than 50,000,000 weights; checked before any work
+       more than 50,000,000 weights; checked before any work; an eval
+       --seed other than the checkpoint's on the dataset it trained on
   {EXIT_BAD_INPUT}    bad input: nothing usable read. A --data file that does not
        exist; a dataset file that is missing, fails its checksum or cannot
        be read; a checkpoint folder without checksums.json (its files
-       cannot be verified; --allow-unverified loads a trusted old one),
+       cannot be verified; --allow-unverified loads a trusted old one) or
+       with one that is not valid JSON, a compress artifact in its place,
        or without them and a file a checkpoint must have (written part
        way);
        data with too few labeled rows (label 0 or 1) to train or evaluate
@@ -180,8 +183,21 @@ def _add_timezone(p: argparse.ArgumentParser, which: str, note: str = "") -> Non
                         f"carry epoch times{note} (default: UTC)")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=integer(0), default=0, help="seed (default 0)")
+EVAL_SEED_HELP = (
+    "seed of the train/val/test split of a --dataset (default: the seed the "
+    "checkpoint's provenance.json records, the split it trained on, so the test "
+    "and val rows are held out; 0 when it records none). Another seed than the "
+    "recorded one is refused (exit 2) for the dataset the teacher trained on: its "
+    "split would hold rows the teacher trained on")
+
+
+def _add_common(p: argparse.ArgumentParser, seed_help: str | None = None) -> None:
+    """--seed, --threads, -v/-q. With ``seed_help`` (eval), --seed has no default
+    (None: the checkpoint's own, :func:`_eval_seed`)."""
+    if seed_help is None:
+        p.add_argument("--seed", type=integer(0), default=0, help="seed (default 0)")
+    else:
+        p.add_argument("--seed", type=integer(0), default=None, help=seed_help)
     p.add_argument("--threads", type=integer(1, 1024), default=None,
                    help="CPU threads for torch (default 1 on CPU: the model is "
                         "small and extra threads mostly wait on shared cores; use "
@@ -401,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object (default: text)")
     p.add_argument("--no-timing", action="store_true",
                    help="skip latency timing (default: timed)")
-    _add_common(p)
+    _add_common(p, seed_help=EVAL_SEED_HELP)
 
     p = _sub(sub, "baselines", help="RF, SVM and kNN on the same features")
     _add_source(p)
@@ -841,6 +857,7 @@ def _write_out(out: str | Path, write: Callable[[Path], Any],
                              f"place ({exc.strerror or exc}); {kept}") from exc
     if closing is not None:
         closing.placed()
+    logger.info("saved teacher checkpoint to %s", target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
         if old.exists():
@@ -1168,6 +1185,31 @@ def _warn_small_splits(prep: Any) -> None:
                 rows.size)
 
 
+def _eval_seed(args: argparse.Namespace, provenance: dict[str, Any] | None) -> int:
+    """The split seed ``teacher eval`` draws a registered dataset's split with:
+    ``--seed`` when given, else the one the checkpoint's provenance records (its
+    training split), else 0. A ``--seed`` other than the recorded one is refused
+    (exit 2) for the registered dataset the teacher trained on: that split's test
+    and validation rows would include rows it trained on."""
+    from flows.datasets import REGISTRY
+
+    prov = provenance if isinstance(provenance, dict) else {}
+    recorded = prov.get("seed")
+    if not isinstance(recorded, int) or isinstance(recorded, bool):
+        recorded = None
+    if args.seed is None:
+        return 0 if recorded is None else recorded
+    source = args.dataset or args.data
+    if (recorded is not None and args.seed != recorded and source in REGISTRY
+            and source == prov.get("dataset")):
+        raise UsageError(
+            f"--seed {args.seed}: checkpoint {args.checkpoint} was trained on "
+            f"{source} split with seed {recorded} (its provenance.json); a split "
+            f"drawn with seed {args.seed} holds rows it trained on, so its numbers "
+            f"would not be held out. Leave --seed out (or give --seed {recorded})")
+    return args.seed
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``teacher eval``: metrics and CPU latency of a checkpoint on a split or file."""
     from teacher.checkpoint import load_teacher
@@ -1182,7 +1224,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          "it with compress eval --artifact")
     teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
     prep = _prepare(args, encoder=teacher.encoder, data_dir=args.data_dir,
-                    seed=args.seed, need_split=False)
+                    seed=_eval_seed(args, teacher.provenance), need_split=False)
     asked = args.split or "test"
     split = None if (asked == "all" or args.data) else asked
     rows = prep.rows(split)
@@ -1466,6 +1508,27 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "baselines": cmd_baselines,
             "tune": cmd_tune, "update": cmd_update}
 
 
+# Top-level modules only the full install has (the train and compress extras),
+# none of which a gateway install (the edge extra) brings.
+FULL_INSTALL_MODULES = frozenset({
+    "torch", "torchao", "sklearn", "safetensors", "tensorflow", "onnx",
+    "onnxscript", "neural_compressor", "torch_pruning", "tqdm", "scipy",
+})
+
+
+def missing_full_install(exc: ModuleNotFoundError, command: str, extra: str) -> int:
+    """Say in one line that ``command`` needs the full install (exit 1), for a
+    module of :data:`FULL_INSTALL_MODULES` that is not installed; any other
+    missing module is raised again (a broken install, not a gateway one)."""
+    name = (exc.name or "").split(".")[0]
+    if name not in FULL_INSTALL_MODULES:
+        raise exc
+    print(f"error: {command} needs the full install, and {name} is not installed "
+          "here (a gateway install, gatewatch[edge], has no torch); install it with "
+          f"pip install 'gatewatch[{extra}]'", file=sys.stderr)
+    return EXIT_FAILURE
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``teacher``; returns the exit code.
 
@@ -1474,6 +1537,9 @@ def main(argv: list[str] | None = None) -> int:
     imports load is handled where they are."""
     try:
         return _main(argv)
+    except ModuleNotFoundError as exc:
+        # A gateway install (gatewatch[edge]) has the command but no torch.
+        return missing_full_install(exc, "teacher", "train")
     except KeyboardInterrupt as exc:
         # A message says what the interrupt left behind (see _Closing).
         said = f" {exc}" if str(exc) else ""
