@@ -85,10 +85,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import queue
-import stat
-import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
@@ -101,6 +98,15 @@ import numpy as np
 
 from edge_agent import logger
 from edge_agent import protocol as proto
+from edge_agent.locks import (
+    NO_FLOCK,
+    RUN_DIR_ENV,
+    fcntl,
+    holder,
+    own_folder,
+    run_folder,
+    try_lock,
+)
 from edge_agent.mqtt import BrokerUnreachable, MessageTooLargeError, MqttLink
 from edge_agent.outbox import Outbox
 from flows.errors import (
@@ -112,11 +118,6 @@ from flows.errors import (
     json_problem,
 )
 from flows.windows import StreamWindower, record_key
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; two agents on one client id not refused
-    fcntl = None  # type: ignore[assignment]
 
 SITE_THRESHOLDS = "site_thresholds.json"
 _FIVE_TUPLE = ("ts", "src_ip", "src_port", "dst_ip", "dst_port", "proto")
@@ -1546,9 +1547,6 @@ class Agent:
 
 # -- one MQTT client id per host -------------------------------------------------------
 
-RUN_DIR_ENV = "GATEWATCH_RUN_DIR"  # where the locks of the client ids in use live
-
-
 class ClientIdInUseError(UsageError):
     """Another process on this host holds the MQTT client id this agent would
     connect with: exit 2, a setting that clashes with a running agent, as an
@@ -1558,28 +1556,6 @@ class ClientIdInUseError(UsageError):
 def client_id(site: str, gateway: str) -> str:
     """The MQTT client id of the agent of ``site`` and ``gateway``."""
     return f"gatewatch-{site}-{gateway}"
-
-
-def run_folder() -> Path:
-    """Where the locks of the client ids in use live: ``$GATEWATCH_RUN_DIR`` (an
-    absolute path), else ``/tmp/gatewatch-<uid>``, as for the re-scorer's ids
-    (``teacher serve``), so an agent and a re-scorer see each other's too.
-
-    A relative ``$GATEWATCH_RUN_DIR`` would differ with the working folder and is
-    refused (UsageError). Units with ``PrivateTmp=`` each see a /tmp of their own:
-    they need ``$GATEWATCH_RUN_DIR`` set to one folder they share.
-    """
-    given = os.environ.get(RUN_DIR_ENV)
-    if given:
-        if not os.path.isabs(given):
-            raise UsageError(
-                f"{RUN_DIR_ENV}={given!r} is a relative path; agents started from "
-                "other folders would not see its locks: give an absolute one"
-            )
-        return Path(given)
-    if not hasattr(os, "getuid"):  # no POSIX users: the platform's temp folder
-        return Path(tempfile.gettempdir()) / "gatewatch"
-    return Path("/tmp") / f"gatewatch-{os.getuid()}"
 
 
 def claim_client_id(name: str) -> int | None:
@@ -1597,57 +1573,23 @@ def claim_client_id(name: str) -> int | None:
         return None
     folder = run_folder()
     hint = f"set {RUN_DIR_ENV} to a folder of your own"
+    own_folder(folder, f"the lock of the MQTT client id {name}", hint)
+    lock = folder / f"{name}.lock"
     try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = folder.lstat()
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-            raise UsageError(
-                f"{folder} (for the lock of the MQTT client id {name}) is not a "
-                f"folder of this user; {hint}"
-            )
-        if info.st_mode & 0o022:
-            raise UsageError(
-                f"{folder} (for the lock of the MQTT client id {name}) is writable "
-                f"by other users (mode {stat.S_IMODE(info.st_mode):o}); chmod 700 "
-                f"it or {hint}"
-            )
-        lock = folder / f"{name}.lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        fd = try_lock(lock)
     except OSError as exc:
+        if exc.errno in NO_FLOCK:  # a file system without flock: not refused
+            logger.debug("client id %s not locked: %s", name, exc)
+            return None
         raise UsageError(
-            f"cannot lock {folder / (name + '.lock')} for the MQTT client id "
-            f"({exc.strerror or exc}); {hint}"
+            f"cannot lock {lock} for the MQTT client id ({exc.strerror or exc}); "
+            f"{hint}"
         ) from None
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        holder = _lock_holder(lock)
+    if fd is None:
         raise ClientIdInUseError(
             f"the MQTT client id {name} is in use by another process on this host "
-            f"({holder} holds {lock}): the broker would keep one connection and "
-            "the two would take turns kicking each other off; stop that agent, or "
-            "give this one its own --site/--gateway"
-        ) from None
-    except OSError as exc:  # a file system without flock: not refused
-        os.close(fd)
-        logger.debug("client id %s not locked: %s", name, exc)
-        return None
-
-    try:  # the holder's pid, for the error line of a second agent
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-    except OSError as exc:
-        logger.debug("could not note the pid in %s: %s", lock, exc)
+            f"({holder(lock)} holds {lock}): the broker would keep one connection "
+            "and the two would take turns kicking each other off; stop that agent, "
+            "or give this one its own --site/--gateway"
+        )
     return fd
-
-
-def _lock_holder(lock: Path) -> str:
-    """``pid 123`` from the pid the holder of ``lock`` wrote there, else
-    ``pid unknown`` (written a moment later, say)."""
-    try:
-        text = lock.read_text(encoding="ascii", errors="replace")[:32].strip()
-    except OSError:
-        text = ""
-    return f"pid {text}" if text.isdigit() else "pid unknown"

@@ -58,13 +58,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent import logger
+from edge_agent.locks import NO_FLOCK, fcntl, holder, try_lock
 from flows.argtypes import nearest_existing
 from flows.errors import BadInputError, GatewatchError, OutboxError, UsageError
-
-try:
-    import fcntl
-except ImportError:  # no flock (Windows): runs on one outbox are not refused
-    fcntl = None  # type: ignore[assignment]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -110,16 +106,6 @@ def lock_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
-def _holder(lock: Path) -> str:
-    """Who holds ``lock``, from the pid its holder wrote there: ``pid 123``, or
-    ``pid unknown`` when none can be read (written a moment later, say)."""
-    try:
-        text = lock.read_text(encoding="ascii", errors="replace")[:32].strip()
-    except OSError:
-        text = ""
-    return f"pid {text}" if text.isdigit() else "pid unknown"
-
-
 def claim(path: str | Path) -> int | None:
     """Lock the outbox at ``path`` for this process: an open descriptor holding an
     exclusive ``flock`` on :func:`lock_path`, with this pid written in the file;
@@ -134,32 +120,23 @@ def claim(path: str | Path) -> int | None:
     path = Path(path)
     lock = lock_path(path)
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        fd = try_lock(lock)
     except OSError as exc:
+        if exc.errno in NO_FLOCK:  # a file system without flock: not refused
+            logger.debug("outbox %s not locked: %s", path, exc)
+            return None
         reason = f"its lock file {lock}: {exc.strerror or exc}"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
             raise OutboxError(
                 f"cannot open the outbox: {reason}", path=str(path)
             ) from None
         raise GatewatchError(f"cannot open the outbox {path}: {reason}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    if fd is None:
         raise OutboxInUseError(
-            f"the outbox {path} is in use by another edge-agent run ({_holder(lock)} "
+            f"the outbox {path} is in use by another edge-agent run ({holder(lock)} "
             f"holds {lock}); stop that run, or give this one its own --outbox "
             "(and --site/--gateway: the MQTT client id is made from them)"
-        ) from None
-    except OSError as exc:  # a file system without flock: not refused, as Windows
-        os.close(fd)
-        logger.debug("outbox %s not locked: %s", path, exc)
-        return None
-    try:  # the holder's pid, for the error line of a second run
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-    except OSError as exc:
-        logger.debug("could not note the pid in %s: %s", lock, exc)
+        )
     return fd
 
 

@@ -105,7 +105,6 @@ import shutil
 import signal
 import socket
 import sqlite3
-import stat
 import sys
 import tempfile
 import threading
@@ -116,12 +115,8 @@ from typing import Any
 
 import numpy as np
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock
-    fcntl = None  # type: ignore[assignment]
-
 from edge_agent import protocol as proto
+from edge_agent.locks import RUN_DIR_ENV, fcntl, own_folder, run_folder, try_lock
 from edge_agent.mqtt import (
     BrokerAddress,
     MessageTooLargeError,
@@ -166,7 +161,6 @@ DEFAULT_GROUP = "gatewatch"
 DEFAULT_SESSION_EXPIRY = 3600  # seconds the broker keeps a dead re-scorer's session
 MAX_CLIENT_ID_BYTES = 65_535  # MQTT writes the client id with a 16-bit length
 MAX_CLIENT_ID_SLOTS = 64  # default client ids per host and share group
-RUN_DIR_ENV = "GATEWATCH_RUN_DIR"  # where the default client ids' locks live
 MAX_DURATION = 366 * 86_400  # --duration: at most a year (and a day)
 MAX_CONNECT_TIMEOUT = 3600  # --connect-timeout: at most an hour
 MAX_LIMIT = 2**63 - 1  # --limit: SQLite's LIMIT is a signed 64-bit integer
@@ -271,76 +265,6 @@ class ClientIdClaim:
             os.close(fd)  # closing the last descriptor drops the flock
 
 
-def run_folder() -> Path:
-    """Where the default client ids' lock files live: ``$GATEWATCH_RUN_DIR`` (an
-    absolute path), else ``/tmp/gatewatch-<uid>``.
-
-    One place whatever the session: a re-scorer started from a login shell
-    (``$XDG_RUNTIME_DIR``, ``$TMPDIR`` set) and one started by cron must find
-    each other's locks, so neither variable moves it; a relative
-    ``$GATEWATCH_RUN_DIR`` would differ with the working folder and is refused.
-    """
-    given = os.environ.get(RUN_DIR_ENV)
-    if given:
-        if not os.path.isabs(given):
-            raise UsageError(
-                f"{RUN_DIR_ENV}={given!r} is a relative path; re-scorers started "
-                "from other folders would not see its locks: give an absolute one"
-            )
-        return Path(given)
-    if not hasattr(os, "getuid"):  # no POSIX users: the platform's temp folder
-        return Path(tempfile.gettempdir()) / "gatewatch"
-    return Path("/tmp") / f"gatewatch-{os.getuid()}"
-
-
-def _own_folder(folder: Path) -> None:
-    """Make ``folder`` (mode 0700) if absent; UsageError unless it is then a real
-    folder of this user (not a link, not another user's: someone else must not
-    be able to hold or steal the ids)."""
-    hint = f"set {RUN_DIR_ENV} to a folder of your own, or give --client-id"
-    try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = folder.lstat()
-    except OSError as exc:
-        raise UsageError(
-            f"cannot use {folder} for the default client id's lock "
-            f"({exc.strerror or exc}); {hint}"
-        ) from exc
-    if not stat.S_ISDIR(info.st_mode) or (
-        hasattr(os, "getuid") and info.st_uid != os.getuid()
-    ):
-        raise UsageError(
-            f"{folder} (for the default client id's lock) is not a folder of this "
-            f"user; {hint}"
-        )
-    if hasattr(os, "getuid") and info.st_mode & 0o022:
-        # Others could put lock files of their own there and take the ids.
-        raise UsageError(
-            f"{folder} (for the default client id's lock) is writable by other "
-            f"users (mode {stat.S_IMODE(info.st_mode):o}); chmod 700 it or {hint}"
-        )
-
-
-def _try_lock(path: Path) -> int | None:
-    """An open descriptor holding an exclusive ``flock`` on ``path``, or None when
-    another process holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    try:  # who holds it, for a person looking; the lock is what counts
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-    except OSError as exc:
-        logger.debug("could not note the pid in %s: %s", path, exc)
-    return fd
-
-
 def claim_client_id(share_group: str | None, session_expiry: int) -> ClientIdClaim:
     """The default client id of a re-scorer: unique per process on this host, and
     the same after a restart where a kept session makes that matter.
@@ -363,12 +287,15 @@ def claim_client_id(share_group: str | None, session_expiry: int) -> ClientIdCla
     if fcntl is None:  # no flock (Windows): one re-scorer per host and group
         return ClientIdClaim(base)
     folder = run_folder()
-    _own_folder(folder)
+    own_folder(
+        folder, "the default client id's lock",
+        f"set {RUN_DIR_ENV} to a folder of your own, or give --client-id",
+    )
     for slot in range(1, MAX_CLIENT_ID_SLOTS + 1):
         client_id = base if slot == 1 else f"{base}-{slot}"
         path = folder / f"{client_id}.lock"
         try:
-            fd = _try_lock(path)
+            fd = try_lock(path)
         except OSError as exc:
             raise UsageError(
                 f"cannot lock {path} for the default client id "
