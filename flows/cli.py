@@ -277,13 +277,19 @@ def _emit(text: str) -> None:
 
     When the reader of standard output went away (``| head``, ``| true``) the
     rest of the output is dropped and the run goes on, so what it has to say on
-    standard error and its exit code do not depend on who reads standard output.
+    standard error and its exit code do not depend on who reads standard output;
+    so is it when standard output was closed before the start (``>&-``: Python
+    then has no ``sys.stdout``, or one whose descriptor is not open).
     """
+    if sys.stdout is None:
+        return
     try:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
     except BrokenPipeError:
         _drop_stdout()
+    except (OSError, ValueError):  # a closed descriptor (EBADF), a closed file
+        sys.stdout = None
 
 
 def _drop_stdout() -> None:

@@ -148,3 +148,30 @@ def test_a_cut_input_is_said_kept_once_in_words_that_count_right(data_dir, tmp_p
         "kept the one complete line before it",
         "kept the 2 complete lines before it",
     ]
+
+
+def test_a_stdout_closed_before_the_start_keeps_the_error_and_exit_4(tmp_path):
+    """Found: ``flows inspect CUT >&-`` (no standard output at all, not a pipe
+    whose reader left) tracebacked, exit 1; a clean file exited 1 too."""
+    rows = [f"{1.5 + i}\tC{i}\t10.0.0.1\t{40000 + i}\t10.0.0.2\t80\ttcp"
+            for i in range(3)]
+    head = ["#separator \\x09", "#fields\tts\tuid\tid.orig_h\tid.orig_p\tid.resp_h"
+            "\tid.resp_p\tproto", "#types\ttime\tstring\taddr\tport\taddr\tport\tenum"]
+    clean = tmp_path / "clean.log"
+    clean.write_text("\n".join(head + rows) + "\n")
+    cut = tmp_path / "cut.log"
+    cut.write_text("\n".join(head + rows) + "\n" + rows[0][:9])
+
+    def closed(path: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "flows.cli",
+             "inspect", str(path)],
+            capture_output=False, stderr=subprocess.PIPE, text=True, timeout=120,
+        )
+
+    done = closed(cut)
+    assert done.returncode == EXIT_PARTIAL_INPUT, done.stderr
+    assert "damaged part way" in done.stderr and "Traceback" not in done.stderr
+    done = closed(clean)
+    assert done.returncode == EXIT_OK, done.stderr
+    assert "Traceback" not in done.stderr
