@@ -1185,6 +1185,15 @@ def _warn_small_splits(prep: Any) -> None:
                 rows.size)
 
 
+def _recorded_seed(provenance: dict[str, Any] | None) -> int | None:
+    """The split seed a checkpoint's provenance records, or None."""
+    prov = provenance if isinstance(provenance, dict) else {}
+    recorded = prov.get("seed")
+    if not isinstance(recorded, int) or isinstance(recorded, bool):
+        return None
+    return recorded
+
+
 def _eval_seed(args: argparse.Namespace, provenance: dict[str, Any] | None) -> int:
     """The split seed ``teacher eval`` draws a registered dataset's split with:
     ``--seed`` when given, else the one the checkpoint's provenance records (its
@@ -1194,9 +1203,7 @@ def _eval_seed(args: argparse.Namespace, provenance: dict[str, Any] | None) -> i
     from flows.datasets import REGISTRY
 
     prov = provenance if isinstance(provenance, dict) else {}
-    recorded = prov.get("seed")
-    if not isinstance(recorded, int) or isinstance(recorded, bool):
-        recorded = None
+    recorded = _recorded_seed(prov)
     if args.seed is None:
         return 0 if recorded is None else recorded
     source = args.dataset or args.data
@@ -1378,20 +1385,25 @@ def cmd_update(args: argparse.Namespace) -> int:
     new = _prepare(args, encoder=teacher.encoder, data_dir=args.data_dir,
                    seed=args.seed, need_split=True)
     old_source = args.old_data or teacher.provenance.get("dataset")
-    # The checkpoint's own data is read in the zone it was trained with.
+    # The checkpoint's own data is read in the zone it was trained with, and split
+    # with the seed it was trained with: another split's test and validation rows
+    # would hold rows it trained on, and "old F1" would not be held out.
     old_zone = args.timezone if args.old_data else (
         teacher.provenance.get("timezone") or "UTC")
+    recorded = _recorded_seed(teacher.provenance)
+    old_seed = (recorded if recorded is not None
+                and old_source == teacher.provenance.get("dataset") else args.seed)
     old = None
     if args.old_data:
         # Asked for by name: refused like --data when it cannot be read or is of
         # another feature family (the reader's error, exit 3), before training.
         old = prepare(args.old_data, encoder=teacher.encoder,
-                      data_dir=args.data_dir, seed=args.seed, need_split=True,
+                      data_dir=args.data_dir, seed=old_seed, need_split=True,
                       timezone=old_zone)
     elif old_source:
         try:
             old = prepare(old_source, encoder=teacher.encoder, data_dir=args.data_dir,
-                          seed=args.seed, need_split=True, timezone=old_zone)
+                          seed=old_seed, need_split=True, timezone=old_zone)
         except GatewatchError as exc:
             logger.warning("old data %s not available (%s); no forgetting check",
                            old_source, exc)
