@@ -521,17 +521,29 @@ def _parquet_group(
 
 
 def _with_epoch_ts(batch, timezone: str):
-    """``batch`` with a timestamp ``ts`` column turned into epoch seconds, as
-    :func:`flows.readers.parquet.epoch_seconds` does for ``flows``."""
+    """``batch`` as ``flows`` reads it: a timestamp ``ts`` column turned into
+    epoch seconds (:func:`flows.readers.parquet.epoch_seconds`), and a decimal
+    column of a number field cast to the field's type, as ``flows`` casts every
+    column (a decimal value would otherwise reach the record check as a
+    ``Decimal`` and be refused, where ``flows`` reads the file)."""
     import pyarrow as pa
 
-    names = batch.schema.names
-    if "ts" not in names or not pa.types.is_timestamp(batch.schema.field("ts").type):
-        return batch
-    from flows.readers.parquet import epoch_seconds
+    from flows.record import conn_schema
 
-    where = names.index("ts")
-    return batch.set_column(where, "ts", epoch_seconds(batch.column(where), timezone))
+    names = batch.schema.names
+    if "ts" in names and pa.types.is_timestamp(batch.schema.field("ts").type):
+        from flows.readers.parquet import epoch_seconds
+
+        where = names.index("ts")
+        batch = batch.set_column(
+            where, "ts", epoch_seconds(batch.column(where), timezone)
+        )
+    for wanted in conn_schema():
+        name = wanted.name
+        if name in names and pa.types.is_decimal(batch.schema.field(name).type):
+            where = names.index(name)
+            batch = batch.set_column(where, name, batch.column(where).cast(wanted.type))
+    return batch
 
 
 def _bounded_lines(stream) -> Iterator[str | int]:

@@ -284,3 +284,39 @@ def test_the_hint_for_bytes_that_are_no_capture_still_says_what_is_expected() ->
     stopped = [Damage("x.pcap", "bytes that are no packet record", "byte offset 24")]
     assert no_flow_hint("pcap", stopped) == "expected a pcap or pcapng capture file"
     assert no_flow_hint("zeek", []).startswith("expected a Zeek conn.log")
+
+
+def test_a_decimal_number_column_is_read_by_the_agent_as_flows_reads_it(tmp_path):
+    """Found: a Parquet ``orig_bytes`` held as decimal128(20,0), and a ``ts`` as
+    decimal128(20,6), were read by ``flows`` (it casts every column to the
+    canonical type) and refused by the agent (``expected a number, found 1596
+    (a Decimal)``, exit 3)."""
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from edge_agent.sources import open_source
+    from flows.readers import read
+    from flows.record import conn_schema
+
+    rows = 5
+    columns = {f.name: pa.nulls(rows, f.type) for f in conn_schema()}
+    columns.update({
+        "ts": pa.array([decimal.Decimal(f"1596790164.{i:06d}") for i in range(rows)],
+                       pa.decimal128(20, 6)),
+        "src_ip": ["10.0.0.1"] * rows, "src_port": list(range(40000, 40000 + rows)),
+        "dst_ip": ["10.0.0.2"] * rows, "dst_port": [80] * rows, "proto": ["tcp"] * rows,
+        "orig_bytes": pa.array([decimal.Decimal(1596 + i) for i in range(rows)],
+                               pa.decimal128(20, 0)),
+    })
+    table = pa.table(columns)
+    path = tmp_path / "decimal.parquet"
+    pq.write_table(table, path)
+
+    expected = read(str(path)).table.to_pylist()
+    got = list(open_source(f"parquet:{path}"))
+
+    assert [r["orig_bytes"] for r in got] == [r["orig_bytes"] for r in expected]
+    assert [r["orig_bytes"] for r in got] == [1596 + i for i in range(rows)]
+    assert [r["ts"] for r in got] == [r["ts"] for r in expected]
