@@ -742,6 +742,14 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
                     path, encoding="utf-8", errors="surrogateescape", newline=""
                 )
                 inode = os.fstat(handle.fileno()).st_ino
+                if os.pread(handle.fileno(), 2, 0) == b"\x1f\x8b":
+                    handle.close()
+                    raise BadInputError(
+                        "is gzip-compressed: a compressed log cannot be followed "
+                        "as it grows; follow the uncompressed log Zeek is writing "
+                        "(current/conn.log), or read this one whole without --follow",
+                        path=str(path),
+                    )
                 parser = TsvLineParser(str(path), src.unknown_label)
                 partial, line_no, skipping = "", 0, 0
                 waiting = vanished = False

@@ -320,3 +320,33 @@ def test_a_decimal_number_column_is_read_by_the_agent_as_flows_reads_it(tmp_path
     assert [r["orig_bytes"] for r in got] == [r["orig_bytes"] for r in expected]
     assert [r["orig_bytes"] for r in got] == [1596 + i for i in range(rows)]
     assert [r["ts"] for r in got] == [r["ts"] for r in expected]
+
+
+def test_following_a_gzip_log_is_refused_saying_why(tmp_path):
+    """Found: ``--follow`` on a ``.gz`` log rejected every line as "bytes that are
+    not UTF-8" and ended "no usable flow record"; it says what is wrong now."""
+    import gzip
+    import threading
+
+    from edge_agent.sources import open_source
+    from flows.errors import BadInputError
+
+    log = tmp_path / "conn.log.gz"
+    log.write_bytes(gzip.compress(b"#separator \\x09\n#fields\tts\n"))
+    src = open_source(f"zeek:{log}", follow=True, poll=0.05)
+    got: list[Exception] = []
+
+    def read() -> None:
+        try:
+            list(src)
+        except BadInputError as exc:
+            got.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    if not got:  # a source may keep the error instead of raising it
+        got.append(src.error)
+    assert got[0] is not None and "gzip-compressed" in str(got[0])
+    assert "cannot be followed" in str(got[0])

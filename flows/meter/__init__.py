@@ -181,8 +181,9 @@ def read_capture(
     _nothing_read(path, reader)
     if not records:
         _no_flow(path, reader, meter)
-    # In the order the connections ended (as Zeek writes conn.log, and as the agent
-    # gets them from iter_flows), not by ts: windows follow the rows' order.
+    # In the order the meter gives them, as the agent gets them from iter_flows
+    # (each connection as it ends, then the ones still open at the end), not by
+    # ts: windows follow the rows' order.
 
     columns = {name: [r[name] for r in records] for name in CONN_FIELD_NAMES}
     table = columns_to_table(columns)
