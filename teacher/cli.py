@@ -80,6 +80,7 @@ exit codes:
        file; with --force too); train size flags that make a network of
        more than 50,000,000 weights; checked before any work; an eval
        --seed other than the checkpoint's on the dataset it trained on
+       (checked once the checkpoint is read, before any row is scored)
   {EXIT_BAD_INPUT}    bad input: nothing usable read. A --data file that does not
        exist; a dataset file that is missing, fails its checksum or cannot
        be read; a checkpoint folder without checksums.json (its files
@@ -237,7 +238,7 @@ def _add_encoding(p: argparse.ArgumentParser) -> None:
                    help="how numeric fields map to 0..1 when the encoder is fitted: "
                         "minmax (log1p on heavy tails, then min-max) or quantile "
                         "(training quantiles); default: the feature family's "
-                        "(quantile for nsl-kdd, else minmax)")
+                        "(quantile for nsl-kdd and unsw-nb15, else minmax)")
     p.add_argument("--knots", type=integer(2, 100_000), default=None,
                    help=f"quantiles kept per field with --scaling quantile "
                         f"(default {DEFAULT_KNOTS})")
