@@ -55,9 +55,11 @@ resendable`). A verdict delivered twice
 (10 000) escalation ids answered, far more than the messages it keeps in flight
 (``_TRACKED_PER_INFLIGHT`` times the link's in-flight window). A verdict that
 answers an id already answered otherwise (another verdict or teacher version) is
-ignored, and one for an id this gateway has no escalation of is handled as before;
-both are counted in ``verdicts_unexpected`` and the first is logged at WARNING, as
-a forged or stale verdict on a broker without access control would be.
+ignored, and one for an id this gateway has no escalation of (not sent in this run,
+not kept in the outbox) is ignored too: neither counted as the teacher's verdict nor
+written as an alert line. Both are counted in ``verdicts_unexpected`` only and the
+first is logged at WARNING, as a forged or stale verdict on a broker without access
+control would be.
 
 When the outbox cannot store a batch (disk full, I/O error) the agent goes on: the
 batch's escalations are dropped and counted (``outbox_failed``, the first
@@ -150,7 +152,10 @@ class Counters:
     escalations_merged: int = 0
     escalations_sent: int = 0
     verdicts_received: int = 0
-    verdicts_unmatched: int = 0  # for no escalation sent in this run
+    # For an escalation an earlier run sent that the outbox still keeps (answered
+    # through the persistent session); not for ids this gateway has no
+    # escalation of, which are verdicts_unexpected only.
+    verdicts_unmatched: int = 0
     # What the teacher decided, over every verdict handled (received and
     # unmatched alike): the verdict lines of the alerts output.
     verdicts_malicious: int = 0
@@ -443,6 +448,9 @@ class Agent:
         # out of this bounded map are counted so the drain still waits for them.
         self._awaiting: OrderedDict[str, None] = OrderedDict()
         self._awaiting_evicted = 0
+        # The awaited ids an earlier run sent (kept in the outbox's sent table):
+        # told apart in the summary, as this run's window waits on them too.
+        self._earlier: set[str] = set()
         # Escalations of this run a re-scorer rejected, by id: (reason, detail,
         # teacher version). They stay awaited (another re-scorer may still answer
         # one with a verdict, which takes it out of here); those still unanswered
@@ -573,6 +581,7 @@ class Agent:
             with self._out_lock:
                 for msg_id in self.outbox.sent_ids():
                     self._awaiting.setdefault(msg_id, None)
+                    self._earlier.add(msg_id)
         if self.link is not None:
             self.link.on_message = self._on_message
             self.link.on_connect = self._wake.set
@@ -632,12 +641,16 @@ class Agent:
             logger.warning("status not published: %s", exc)
 
     def status_payload(self, state: str, **extra: Any) -> dict[str, Any]:
-        """The status message for ``state``."""
+        """The status message for ``state``; a refused model update is in every
+        one while its retained message stays (``ModelUpdater.last_refusal``)."""
+        updater = self._model_updater
+        fields = dict(getattr(updater, "last_refusal", None) or {})
+        fields.update(extra)
         return proto.build_status(
             state=state,
             model_version=self.model_version,
             counters=self.counters.as_dict(),
-            **extra,
+            **fields,
         )
 
     def will(self) -> tuple[str, bytes]:
@@ -1344,9 +1357,37 @@ class Agent:
                     f"already answered {first[0]} by teacher {first[1]}; ignored",
                 )
             return
+        with self._out_lock:
+            remembered = self._recent.pop(esc_id, None)
+        stored = None
+        if remembered is None and (self.alerts is not None or not ours):
+            # Looked up for its verdict line, or to tell an earlier run's
+            # escalation from an id this gateway never escalated.
+            stored = self._stored_escalation(esc_id)
+        if not ours and remembered is None and stored is None:
+            with self._out_lock:
+                self._verdict_ids.pop(esc_id, None)  # a copy is counted again
+                late = esc_id in self._sent_ids
+            if late:
+                # Sent in this run and answered so long ago that the answer is
+                # forgotten: a late copy, already counted and written once.
+                logger.debug("verdict %s: a late copy for an escalation this run "
+                             "had answered; ignored", esc_id)
+                return
+            # Forged, or stale past what the outbox keeps: not the teacher's word
+            # on any flow of this gateway, so neither counted as its verdict nor
+            # written as an alert line.
+            self._unexpected_verdict(
+                esc_id, answer,
+                "for no escalation of this gateway (not sent in this run, not kept "
+                "in the outbox); not counted as the teacher's and no alert line "
+                "written",
+            )
+            return
+
         # A verdict for an id this run did not send answers an earlier run's
-        # escalation (a persistent session) or is forged (an open broker): counted
-        # apart, so "verdicts received" only counts answers to this run.
+        # escalation (a persistent session): counted apart, so "verdicts
+        # received" only counts answers to this run.
         if ours:
             self.counters.verdicts_received += 1
             with self._out_lock:
@@ -1355,19 +1396,6 @@ class Agent:
             self.counters.verdicts_unmatched += 1
         if self.round_trips is not None and esc_id in self._created:
             self.round_trips.append(time.monotonic() - self._created.pop(esc_id))
-        with self._out_lock:
-            remembered = self._recent.pop(esc_id, None)
-        stored = None
-        if remembered is None and (self.alerts is not None or not ours):
-            # Looked up for its verdict line, or to tell an earlier run's
-            # escalation from an id this gateway never escalated.
-            stored = self._stored_escalation(esc_id)
-            if stored is None and not ours:
-                self._unexpected_verdict(
-                    esc_id, answer,
-                    "for no escalation of this gateway (not sent in this run, not "
-                    "kept in the outbox)",
-                )
         flow, alerted = remembered or stored or ({}, False)
         if verdict["verdict"] == proto.Verdict.MALICIOUS.value:
             self.counters.verdicts_malicious += 1
@@ -1532,6 +1560,9 @@ class Agent:
         with self._out_lock:
             out["escalations_resent"] = self._resent
             out["verdicts_awaited"] = len(self._awaiting) + self._awaiting_evicted
+            out["verdicts_awaited_earlier"] = sum(
+                1 for i in self._earlier if i in self._awaiting
+            )
             out["escalations_rejected"] = self._rejected_awaited()
             out["escalations_requeued"] = self._requeued
         out["broker_sessions_lost"] = getattr(self.link, "sessions_lost", 0)

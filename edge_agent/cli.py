@@ -909,8 +909,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                   and summary["verdicts_awaited"]):
                 why = (
                     f"held back while {summary['verdicts_awaited']} sent ones waited "
-                    f"for verdicts (at most --max-awaiting {cfg.max_awaiting} are out "
-                    f"at once), and the {drain_for:g} s drain ended first"
+                    f"for verdicts{_earlier_awaited(summary, cfg)} (at most "
+                    f"--max-awaiting {cfg.max_awaiting} are out at once), and the "
+                    f"{drain_for:g} s drain ended first"
                 )
             else:
                 why = (
@@ -991,6 +992,22 @@ def _outbox_failed_text(
     return (
         f"{lost} escalations were dropped because the outbox could not store "
         f"them{kinds}; last error: {error}"
+    )
+
+
+def _earlier_awaited(summary: dict, cfg: Any) -> str:
+    """Of the escalations a run's window waits on, those an earlier run sent, and
+    how they clear: a note for the hold-back message, empty when there are none.
+    The outbox keeps them until a verdict comes, so the next run awaits them too
+    and publishes them again when no answer comes for ``--resend-after`` s."""
+    earlier = summary.get("verdicts_awaited_earlier") or 0
+    if not earlier:
+        return ""
+    return (
+        f", {earlier} of them sent by an earlier run and kept in the outbox until "
+        "their verdicts arrive (the re-scorer answers them; unanswered ones are "
+        f"published again after {cfg.resend_after:g} s without an answer, "
+        "--resend-after)"
     )
 
 
@@ -1175,6 +1192,12 @@ def _report(summary: dict[str, Any], path: str | None) -> GatewatchError | None:
         "escalations sent {escalations_sent}, verdicts received {verdicts_received}, "
         "outbox pending {outbox_pending}".format(**summary)
         + (
+            ", sent and still awaiting a verdict (kept in the outbox for the next "
+            f"run) {summary['verdicts_awaited']}"
+            if summary.get("verdicts_awaited")
+            else ""
+        )
+        + (
             f", teacher verdicts malicious {summary.get('verdicts_malicious', 0)}, "
             f"benign {summary.get('verdicts_benign', 0)}"
             if summary.get("verdicts_received") or summary.get("verdicts_unmatched")
@@ -1214,7 +1237,8 @@ def _report(summary: dict[str, Any], path: str | None) -> GatewatchError | None:
             else ""
         )
         + (
-            f", verdicts for no escalation of this run {summary['verdicts_unmatched']}"
+            ", verdicts for escalations an earlier run sent "
+            f"{summary['verdicts_unmatched']}"
             if summary.get("verdicts_unmatched")
             else ""
         )

@@ -31,8 +31,11 @@ an unknown or mistyped setting) is a usage error, exit 2 (:func:`read_config_fil
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -62,6 +65,49 @@ def _unknown_keys(unknown: list[str], known: list[str]) -> str:
         said.append(f"{name!r}{hint}")
     keys = "key" if len(said) == 1 else "keys"
     return f"unknown {keys} {', '.join(said)}"
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def toml_value(value: object, limit: int = 200) -> str:
+    """``value`` as a TOML file spells it, for an error about a config setting:
+    ``true``/``false`` for a boolean (not Python's ``True``), ``inf``/``nan``,
+    ``[1, 2]`` for an array and ``{ a = 1 }`` for a table, dates in ISO form;
+    strings quoted and passed through :func:`~edge_agent.mqtt.redact_value`, so a
+    broker URL under the wrong key does not print its password. Cut to about
+    ``limit`` characters."""
+
+    def spell(item: object, depth: int = 0) -> str:
+        if depth > 20:
+            return "..."
+        if isinstance(item, bool):
+            return "true" if item else "false"
+        if isinstance(item, float):
+            if math.isnan(item):
+                return "nan"
+            if math.isinf(item):
+                return "inf" if item > 0 else "-inf"
+            return repr(item)
+        if isinstance(item, int):
+            return str(item)
+        if isinstance(item, str):
+            return redact_value(item, limit)
+        if isinstance(item, (list, tuple)):
+            return "[" + ", ".join(spell(x, depth + 1) for x in item) + "]"
+        if isinstance(item, dict):
+            pairs = ", ".join(
+                f"{k if _BARE_KEY.fullmatch(str(k)) else json.dumps(str(k))} = "
+                f"{spell(v, depth + 1)}"
+                for k, v in item.items()
+            )
+            return "{ " + pairs + " }" if pairs else "{}"
+        if isinstance(item, (datetime.date, datetime.time)):
+            return item.isoformat()
+        return redact_value(item, limit)
+
+    text = spell(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def default_state_dir() -> Path:
@@ -250,7 +296,7 @@ class AgentConfig:
             if not ok:
                 raise UsageError(
                     f"config {path}: {key} must be {wanted}, got "
-                    f"{redact_value(value)}"
+                    f"{toml_value(value)}"
                 )
 
     def validate(self) -> AgentConfig:
@@ -293,20 +339,20 @@ class AgentConfig:
             if not (math.isfinite(value) and 0 <= value <= most):
                 raise UsageError(
                     f"{self._setting(name)} must be a number from 0 to "
-                    f"{most:,.0f}, got {redact_value(value)}"
+                    f"{most:,.0f}, got {toml_value(value)}"
                 )
         for name in ("status_interval", "resend_after"):
             if getattr(self, name) <= 0:
                 raise UsageError(
                     f"{self._setting(name)} must be above 0 s, got "
-                    f"{redact_value(getattr(self, name))}"
+                    f"{toml_value(getattr(self, name))}"
                 )
         for name, (low, high) in _INT_RANGES.items():
             value = getattr(self, name)
             if not low <= value <= high:
                 raise UsageError(
                     f"{self._setting(name)} must be {low}..{high}, got "
-                    f"{redact_value(value)}"
+                    f"{toml_value(value)}"
                 )
         if 0 < self.max_packet_size < MIN_PACKET_SIZE:
             raise UsageError(

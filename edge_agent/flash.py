@@ -817,7 +817,12 @@ def _model_difference(
     """What differs between the bundle's model files (their sha256 in the signed
     manifest) and those of the model ``slot`` (hashed on disk), or None when the
     two hold the same files with the same content: ``site_thresholds.json
-    differs``, ``only in the bundle: ...``, ``only in the slot: ...``."""
+    differs``, ``only in the bundle: ...``, ``only in the slot: ...``.
+
+    Files the gateway writes into a slot itself (see :func:`_written_on_gateway`)
+    count only when the bundle brings its own: a ``site_thresholds.json`` that
+    ``edge-agent calibrate`` wrote into the active slot does not make the running
+    model another one, as it does not for model updates."""
     prefix = f"{bundle_mod.MODEL_DIR}/"
     bundled = {
         name[len(prefix) :]: entry.sha256.lower()
@@ -836,7 +841,9 @@ def _model_difference(
 
     changed = sorted(n for n in bundled if installed.get(n, bundled[n]) != bundled[n])
     added = sorted(n for n in bundled if n not in installed)
-    gone = sorted(n for n in installed if n not in bundled)
+    gone = sorted(
+        n for n in installed if n not in bundled and not _written_on_gateway(n)
+    )
     parts = []
     if changed:
         parts.append(f"{names(changed)} differ{'s' if len(changed) == 1 else ''}")
@@ -845,6 +852,20 @@ def _model_difference(
     if gone:
         parts.append(f"only in the slot: {names(gone)}")
     return "; ".join(parts) or None
+
+
+def _written_on_gateway(name: str) -> bool:
+    """True for a file of a model slot that the gateway writes itself, not a
+    bundle: the site thresholds of ``edge-agent calibrate`` (which writes
+    ``site_thresholds.json`` into the artifact folder, the active slot on a
+    flashed gateway) and the hidden part file such a write leaves behind when it
+    is cut short (``.site_thresholds.json.PID.part``)."""
+    site = bundle_mod.SITE_THRESHOLDS
+    if name == site:
+        return True
+    if name.startswith(f".{site}.") and name.endswith(".part"):
+        return name[len(site) + 2 : -len(".part")].isdigit()
+    return False
 
 
 def _issued_at(manifest: bundle_mod.BundleManifest) -> float | None:

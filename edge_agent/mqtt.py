@@ -59,6 +59,9 @@ __all__ = [
 # PUBACK reason code (MQTT v5): accepted, but no subscriber matched the topic.
 NO_MATCHING_SUBSCRIBERS = 16
 
+# DISCONNECT reason code (MQTT v5): another client connected with this client id.
+SESSION_TAKEN_OVER = 142
+
 # The ports a server can listen on (0 asks the system for any free one).
 MIN_PORT, MAX_PORT = 1, 65535
 
@@ -683,9 +686,35 @@ class MqttLink:
         was = self._connected.is_set()
         self._connected.clear()
         if was and not self._closing:
-            logger.warning("lost broker %s (%s); reconnecting", self.url, reason_code)
+            logger.warning("%s; reconnecting", self.loss_words(flags, reason_code))
         if not self._closing and self._client_certificate_in_use():
             self._recheck_after_loss()
+
+    def loss_words(self, flags: object, reason_code: object) -> str:
+        """Why the connection ended, as the log says it: the broker's own reason
+        when it sent one (an MQTT v5 DISCONNECT), a takeover of this client id
+        named as such; otherwise "lost broker" (a closed socket, the broker gone).
+
+        MQTT 3.1.1 has no DISCONNECT from the broker, and mosquitto 2.0.11 sends
+        none to a v5 client either when it closes an old connection for a new
+        one with the same id: that takeover reads as a plain loss here (the
+        broker's log says "already connected, closing old connection").
+        """
+        value = getattr(reason_code, "value", reason_code)
+        if value == SESSION_TAKEN_OVER:
+            return (
+                f"the broker {self.url} closed this session: another client "
+                f"connected with the client id {self.client_id} (a second agent "
+                "with the same --site/--gateway on another host, or in a unit with "
+                "PrivateTmp=)"
+            )
+
+        if getattr(flags, "is_disconnect_packet_from_server", False):
+            return (
+                f"lost broker {self.url} (it closed this session: "
+                f"{reason_words(reason_code)})"
+            )
+        return f"lost broker {self.url} ({reason_code})"
 
     def _handle_connect_fail(self, client, userdata) -> None:
         # paho's own reconnect failed before any MQTT packet (a TLS 1.2 handshake

@@ -32,6 +32,11 @@ not verified or unpacked again: its result stands, and it is logged at DEBUG onl
 Failing to fetch an update by reference is not remembered so: the next copy of the
 message tries again.
 
+The last refusal stays in :attr:`ModelUpdater.last_refusal` (why, when, which
+model version and message) while the refused update stays retained, for every
+status the agent publishes: it is cleared when an update is installed (or names
+the running model) and when the retained update is withdrawn (an empty message).
+
 Run as ``python -m edge_agent.ota check DIR`` it health-checks one artifact folder
 (flash uses this inside a freshly installed venv).
 """
@@ -318,6 +323,38 @@ class ModelUpdater:
         # (sha256 of the last message handled, its result): the retained update
         # comes again after every reconnect and is not worked through again.
         self._last: tuple[str, UpdateResult] | None = None
+        # The status fields of the refusal in force (see last_refusal).
+        self._refusal: dict[str, Any] = {}
+
+    @property
+    def last_refusal(self) -> dict[str, Any]:
+        """The refusal of the retained update, as status fields; empty when none.
+
+        ``update_refused`` (why), ``update_refused_at`` (Unix seconds, when it was
+        first refused), ``update_refused_model_version`` (as the message claims
+        it; None when it could not be read) and ``update_refused_sha256`` (of the
+        message). It holds until an update is installed or names the running
+        model, or the retained update is withdrawn; the agent puts it in every
+        status, so a refusal does not vanish at the next status interval.
+        """
+        with self._lock:
+            return dict(self._refusal)
+
+    def _note(self, digest: str, message: Any, result: UpdateResult) -> None:
+        """Keep or clear the refusal in force after ``result`` (the lock held)."""
+        if result.ok:
+            self._refusal = {}
+            return
+
+        version = message.get("model_version") if isinstance(message, dict) else None
+        self._refusal = {
+            "update_refused": result.reason,
+            "update_refused_at": time.time(),
+            "update_refused_model_version": (
+                None if version is None else str(version)[:200]
+            ),
+            "update_refused_sha256": digest,
+        }
 
     def handle(self, payload: bytes) -> UpdateResult:
         """Verify, install and activate the update in ``payload``, or refuse it.
@@ -330,6 +367,7 @@ class ModelUpdater:
                         "message); the running model stays")
             with self._lock:
                 self._last = None  # an update published again is handled anew
+                self._refusal = {}
             return UpdateResult(ok=False, withdrawn=True)
         digest = hashlib.sha256(payload).hexdigest()
         with self._lock:
@@ -346,6 +384,7 @@ class ModelUpdater:
                 )
             update_id = None
             remember = True
+            message = None
             try:
                 message = _parse_message(payload)
                 update_id = message.get("id")
@@ -362,6 +401,7 @@ class ModelUpdater:
                 )
                 remember = False
             result.update_id = update_id
+            self._note(digest, message, result)
             if remember:
                 self._last = (digest, dataclasses.replace(result, scorer=None))
             return result

@@ -44,6 +44,21 @@ reads every page, so a large outbox takes a moment); a damaged file is refused w
 A read or a write that SQLite refuses later (database or disk full, an I/O error,
 damage that appeared since) is rolled back and raised as
 :class:`~flows.errors.OutboxError`; what the outbox held before is unchanged.
+
+Space goes back to the disk: a new file is made with ``auto_vacuum = INCREMENTAL``,
+and whenever the queue (waiting and sent rows together) is down to
+:data:`SMALL_QUEUE` rows or fewer after an acknowledgement or an answer, at most
+:data:`RECLAIM_PAGES` free pages are cut off the end of the file (tens of
+milliseconds); when it is empty, the write-ahead log is checkpointed and truncated
+too, so an outage that filled the outbox leaves an empty-sized file once its
+escalations are answered. The write-ahead log is kept to :data:`WAL_LIMIT` bytes
+after each checkpoint. A file written before this (``auto_vacuum`` off: SQLite
+turns it on only with a ``VACUUM``) is converted with one ``VACUUM`` the first
+time it is empty, at open or later, which copies an empty database only. An
+empty queue gets further steps for :data:`EMPTY_BUDGET_S` (each then only cuts the
+file); :meth:`Outbox.reclaim` (and :meth:`Outbox.close`) does the same work on
+request. A failure to give space back (a full disk) is logged and changes nothing
+else.
 """
 
 from __future__ import annotations
@@ -53,6 +68,7 @@ import errno
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +108,17 @@ _COLUMNS = {
 }
 # Tables an outbox written before they existed may lack (created at open).
 _ADDED_LATER = {"sent"}
+
+# Giving space back (see the module doc): at most this many rows waiting and sent
+# together, at least MIN_FREE_PAGES free pages, at most RECLAIM_PAGES cut per call.
+SMALL_QUEUE = 1000
+MIN_FREE_PAGES = 64
+RECLAIM_PAGES = 2048
+WAL_LIMIT = 4 << 20
+# Seconds of further steps when the queue is empty (each step then only truncates).
+EMPTY_BUDGET_S = 0.25
+# PRAGMA auto_vacuum: 2 is INCREMENTAL.
+_INCREMENTAL = 2
 
 
 class OutboxInUseError(UsageError):
@@ -172,6 +199,7 @@ class Outbox:
         self.keep_sent = keep_sent
         # Messages added since open whose id was already waiting: stored once.
         self.merged = 0
+        self._closed = False
         self._lock = threading.Lock()
         self._check_place()
         # A lock file made only for an outbox then refused (damaged, another
@@ -186,10 +214,17 @@ class Outbox:
             if existed:  # before anything could write to the file
                 self._check_pages()
                 self._check_columns()
+            else:  # only before the first table: an existing file needs a VACUUM
+                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             self._db.executescript(_SCHEMA)
             self._size = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            self._incremental = (
+                self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == _INCREMENTAL
+            )
+            self._reclaim(at_open=True)
         except sqlite3.DatabaseError as exc:
             self._db_close_quietly()
             raise self._open_failure(exc) from exc
@@ -417,6 +452,74 @@ class Outbox:
     def _count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
 
+    def _reclaim(self, at_open: bool = False) -> None:
+        """Give free pages back to the disk when the queue is small (the lock
+        held, no transaction open); bounded, see the module doc.
+
+        A file without incremental vacuum is converted by one ``VACUUM`` when
+        the queue is empty (at open whatever it holds free, later once the free
+        pages are worth it). A failure is logged and otherwise ignored: the
+        messages are safe, only the space stays taken.
+        """
+        if self._size > SMALL_QUEUE:
+            return
+
+        try:
+            rows = self._size + self._db.execute(
+                "SELECT COUNT(*) FROM sent"
+            ).fetchone()[0]
+            if rows > SMALL_QUEUE:
+                return
+            free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+            if not self._incremental:
+                if rows == 0 and (at_open or free >= MIN_FREE_PAGES):
+                    self._convert()
+                return
+            if free < MIN_FREE_PAGES:
+                return
+
+            # executescript steps the pragma to its end (execute frees one page).
+            # An empty queue relocates nothing: further steps, for EMPTY_BUDGET_S.
+            deadline = time.monotonic() + EMPTY_BUDGET_S
+            while True:
+                self._db.executescript(f"PRAGMA incremental_vacuum({RECLAIM_PAGES});")
+                free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+                if rows or free < MIN_FREE_PAGES or time.monotonic() > deadline:
+                    break
+            if rows == 0:  # the file shrinks when the log is copied back
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:
+            self._rollback()
+            logger.warning(
+                "outbox %s: free space not given back to the disk (%s); the "
+                "messages are unaffected",
+                self.path,
+                exc,
+            )
+
+    def reclaim(self) -> None:
+        """Give free pages back to the disk now if the queue is small (bounded as
+        after an acknowledgement): for an agent with nothing to do, and at close."""
+        with self._lock:
+            self._reclaim()
+
+    def _convert(self) -> None:
+        """Turn on incremental vacuum in an empty outbox written before it was
+        used: SQLite takes the setting only with a ``VACUUM``."""
+        before = self.path.stat().st_size
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        self._db.execute("VACUUM")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        self._incremental = (
+            self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == _INCREMENTAL
+        )
+        logger.info(
+            "outbox %s: converted to give free space back (%d bytes before, %d now)",
+            self.path,
+            before,
+            self.path.stat().st_size,
+        )
+
     def pending(
         self, limit: int | None = None, after_seq: int = 0
     ) -> list[OutboxMessage]:
@@ -464,9 +567,11 @@ class Outbox:
             return 0
         with self._lock:
             try:
-                return self._delete_many(ids)
+                gone = self._delete_many(ids)
             except sqlite3.Error as exc:
                 raise self._failure(f"forget {len(ids)} messages in", exc) from exc
+            self._reclaim()
+        return gone
 
     def _delete_many(self, ids: list[str]) -> int:
         """The transaction of :meth:`ack_many` (the lock held). With ``keep_sent``
@@ -526,6 +631,8 @@ class Outbox:
                 self._db.execute("DELETE FROM sent WHERE id = ?", (i,)).rowcount
                 for i in ids
             )
+        with self._lock:
+            self._reclaim()
         return gone
 
     def requeue_sent(self) -> int:
@@ -596,5 +703,8 @@ class Outbox:
         """Close the file and release its lock; what is pending stays on disk for
         the next start."""
         with self._lock:
+            if not self._closed:
+                self._reclaim()
+            self._closed = True
             self._db.close()
             self._release()

@@ -403,6 +403,52 @@ def encode(payload: Mapping[str, Any]) -> bytes:
 # parsing
 
 
+def _json_kind(value: Any) -> str:
+    """What JSON value ``value`` is, in JSON's words (an array, a string, null)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    return "a number"
+
+
+def payload_problem(data: bytes | str) -> str:
+    """What is wrong with a payload that is not JSON, worded for an operator as
+    both sides of the protocol word it (``payload is empty; expected one JSON
+    object``, ``payload is not UTF-8 (byte 0xff at 6)``) rather than with the
+    parser's exception. Called once a parse failed, on a payload within the size
+    limit."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raw = bytes(data)
+        if not raw.strip():
+            return "payload is empty; expected one JSON object"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return f"payload is not UTF-8 (byte 0x{raw[err.start]:02x} at {err.start})"
+    elif isinstance(data, str):
+        text = data
+        if not text.strip():
+            return "payload is empty; expected one JSON object"
+    else:
+        return f"expected one JSON object in bytes or text, got {type(data).__name__}"
+
+    try:
+        json.loads(text)
+    except RecursionError:
+        return "expected one JSON object (arrays or objects nested too deeply)"
+    except json.JSONDecodeError as err:
+        where = f"line {err.lineno} column {err.colno}"
+        return f"expected one JSON object ({err.msg.lower()} at {where})"
+    except ValueError as err:
+        return f"expected one JSON object ({str(err)[:120].lower()})"
+    return "expected one JSON object"
+
+
 def decode(data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
     """Parse a payload's JSON and envelope; raise ProtocolError on any defect."""
     if len(data) > max_bytes:
@@ -411,11 +457,12 @@ def decode(data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, A
         body = json.loads(data)
     except (RecursionError, ValueError, TypeError, UnicodeError) as exc:
         # RecursionError: a nesting bomb (b"[" * 100000) fits in the size limit.
-        raise ProtocolError(
-            RejectKind.MALFORMED_JSON, f"{type(exc).__name__}: {exc}"[:200]
-        ) from exc
+        raise ProtocolError(RejectKind.MALFORMED_JSON, payload_problem(data)) from exc
     if not isinstance(body, dict):
-        raise ProtocolError(RejectKind.MALFORMED_JSON, "payload is not a JSON object")
+        raise ProtocolError(
+            RejectKind.MALFORMED_JSON,
+            f"expected one JSON object, got {_json_kind(body)}",
+        )
     if body.get("schema") != SCHEMA:
         raise ProtocolError(
             RejectKind.WRONG_SCHEMA, f"schema {body.get('schema')!r}, expected {SCHEMA}"

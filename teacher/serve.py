@@ -665,8 +665,6 @@ class ReScorer:
                     proto.RejectKind.BAD_VALUE, f"field 'model_version' {problem}"
                 )
         except proto.ProtocolError as exc:
-            if exc.kind is proto.RejectKind.MALFORMED_JSON:
-                exc = proto.ProtocolError(exc.kind, payload_problem(payload, exc))
             self._reject(exc, topic, payload, token)
             return
         except Exception as exc:  # noqa: BLE001 - must not stop paho's thread
@@ -1321,32 +1319,6 @@ def _store_stop_reason(
 
 
 MAX_SHOWN = 64  # characters of one stored text field that ``teacher alerts`` prints
-
-
-def payload_problem(payload: bytes, exc: proto.ProtocolError) -> str:
-    """What is wrong with a payload that is not one JSON object, worded as the
-    rest of the product words it (``payload is not UTF-8 (byte 0xff at 6)``),
-    rather than the parser's exception; ``exc``'s own words where none fits.
-
-    Called only once a parse failed, on a payload within the size limit.
-    """
-    if not payload.strip():
-        return "payload is empty; expected one JSON object"
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return f"payload is not UTF-8 (byte 0x{payload[err.start]:02x} at {err.start})"
-
-    try:
-        json.loads(text)
-    except RecursionError:
-        return "expected one JSON object (arrays or objects nested too deeply)"
-    except ValueError as err:
-        where = f"line {err.lineno} column {err.colno}" if isinstance(
-            err, json.JSONDecodeError) else "the payload"
-        problem = err.msg if isinstance(err, json.JSONDecodeError) else str(err)
-        return f"expected one JSON object ({problem.lower()} at {where})"
-    return str(exc).removeprefix(f"{exc.kind.value}: ")
 
 
 def _unquoted(detail: str) -> str:
