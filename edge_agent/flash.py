@@ -406,6 +406,13 @@ class GatewayLayout:
         """The systemd unit."""
         return self.root / bundle_mod.UNIT_FILE
 
+    @property
+    def state(self) -> Path:
+        """``/var/lib/gatewatch``: the outbox, the alerts file (the unit's
+        ``StateDirectory=`` makes it under systemd; flash makes it too, so an agent
+        run from the flashed folder by hand finds it)."""
+        return self.root / bundle_mod.STATE_DIR
+
 
 @dataclass(frozen=True)
 class FlashResult:
@@ -488,6 +495,7 @@ def flash(
         _write_atomic(layout.config, (staged / bundle_mod.CONFIG_PATH).read_bytes())
         _write_atomic(layout.pubkey, Path(pubkey).read_bytes())
         _write_atomic(layout.unit, (staged / bundle_mod.UNIT_PATH).read_bytes())
+        layout.state.mkdir(mode=0o750, parents=True, exist_ok=True)
 
     # 5. Switch the release and the model slot, then drop releases no longer used.
     previous = os.readlink(layout.venv) if layout.venv.is_symlink() else None
@@ -956,6 +964,8 @@ def rollback(root: str | Path, *, tolerance: float | None = None) -> tuple[str, 
     """
     from edge_agent import ota
 
+    if not Path(root).is_dir():
+        raise UsageError(f"--root {root} does not exist or is not a folder")
     slots = ModelSlots(GatewayLayout(Path(root)).models)
     active = slots.active()
     if active is None:
@@ -966,7 +976,13 @@ def rollback(root: str | Path, *, tolerance: float | None = None) -> tuple[str, 
         raise UsageError(f"model slot {other} holds no model to roll back to")
 
     # The previous model must still be intact and healthy before it is trusted.
-    scorer = ota.load_checked(slots.path(other), tolerance=tolerance)
+    try:
+        scorer = ota.load_checked(slots.path(other), tolerance=tolerance)
+    except ModelError as exc:
+        running = slots.info(active).get("model_version") or "its model"
+        raise ModelError(
+            f"rollback refused, slot {active} ({running}) stays active: {exc}"
+        ) from exc
     # The mark before the switch: a crash between the two leaves the model running
     # with a mark that does not hold back its own updates (ModelSlots.held_back).
     left = {**slots.info(active), "slot": active}

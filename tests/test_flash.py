@@ -281,6 +281,7 @@ def test_flash_offline_switch_refuse_and_roll_back(
 
 
 def test_rollback_without_a_second_model_is_refused(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
     assert main(["rollback", "--root", str(tmp_path / "empty")]) == 2
     assert "no flashed model" in capsys.readouterr().err
 
