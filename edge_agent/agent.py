@@ -58,8 +58,10 @@ answers an id already answered otherwise (another verdict or teacher version) is
 ignored, and one for an id this gateway has no escalation of (not sent in this run,
 not kept in the outbox) is ignored too: neither counted as the teacher's verdict nor
 written as an alert line. Both are counted in ``verdicts_unexpected`` only and the
-first is logged at WARNING, as a forged or stale verdict on a broker without access
-control would be.
+first is logged at WARNING. The second may be forged (a broker without access
+control) or answer an earlier run's escalation that the outbox let go (its ``sent``
+table keeps the newest ``keep_sent``; :attr:`~edge_agent.outbox.Outbox.forgotten`
+counts the others): the two look alike, and the warning names both.
 
 When the outbox cannot store a batch (disk full, I/O error) the agent goes on: the
 batch's escalations are dropped and counted (``outbox_failed``, the first
@@ -462,6 +464,14 @@ class Agent:
         self._answered: list[str] = []
         self._sessions_absent_seen = 0
         self._requeued = 0
+        # Ids put back in the queue by a re-send or a lost session and not yet
+        # acknowledged again: their second acknowledgement is a republish
+        # (escalations_requeued), not a flow read again (escalations_resent).
+        self._republishing: set[str] = set()
+        # Ids published as alerts and not acknowledged yet, so that those the
+        # outbox cap dropped while in flight are counted by decision.
+        self._alerts_out: set[str] = set()
+        self.delivered_after_drop_alerts = 0
         self._sent_ids: OrderedDict[str, None] = OrderedDict()
         self._resent = 0
         self._outbox_error: OutboxError | None = None
@@ -1090,6 +1100,8 @@ class Agent:
         if delivery.lost:
             return None
         self._tracked[msg.id] = delivery
+        if msg.alert:
+            self._alerts_out.add(msg.id)
         return 1
 
     def _publish_awaited(self, link: MqttLink, room: int) -> int:
@@ -1231,11 +1243,15 @@ class Agent:
                 self._retry_delay = 1.0  # a re-scorer listens again
                 self._quiet_since = time.monotonic()
         try:
-            removed = self.outbox.ack_many(done)
+            missing: list[str] = []
+            self.outbox.ack_many(done, missing)
             self.counters.escalations_sent += len(done)
             # Handed to the link before the outbox cap dropped them from the file:
             # the broker has them all the same, so they were not lost.
-            self.counters.delivered_after_drop += len(done) - removed
+            self.counters.delivered_after_drop += len(missing)
+            self.delivered_after_drop_alerts += sum(
+                1 for i in missing if i in self._alerts_out)
+            self._alerts_out.difference_update(done)
             self._note_sent(done)
         finally:
             # Only now out of _tracked: until it is awaited, a verdict that comes
@@ -1274,10 +1290,12 @@ class Agent:
         to be published again, paced by the window (``_publish_awaited``), and
         count them; how many moved. Shared by the re-send after a quiet spell and
         the re-send after a lost session."""
+        ids = self.outbox.sent_ids()  # the sender's thread alone moves them
         moved = self.outbox.requeue_sent()
         with self._out_lock:
             self._resending.clear()  # every unanswered one goes out again
             self._requeued += moved
+            self._republishing.update(ids)
         if moved:
             self._resend_due = True
         return moved
@@ -1285,14 +1303,18 @@ class Agent:
     def _note_sent(self, ids: list[str]) -> None:
         """Await one verdict per escalation id just acknowledged by the broker.
 
-        An id already acknowledged in this run was sent again (the same flow read
-        twice, or replayed from the outbox and read again): it is counted in
-        ``escalations_resent`` and needs no second verdict. An id whose verdict came
-        before its acknowledgement was collected is not awaited.
+        An id already acknowledged in this run was sent again: one the outbox put
+        back in the queue (a re-send, a lost session) is counted in
+        ``escalations_requeued`` already; any other is the same flow read again
+        (twice in the input, or replayed from the outbox and read again), counted
+        in ``escalations_resent``. Neither needs a second verdict. An id whose
+        verdict came before its acknowledgement was collected is not awaited.
         """
         with self._out_lock:
             for msg_id in ids:
-                if msg_id in self._sent_ids:
+                republished = msg_id in self._republishing
+                self._republishing.discard(msg_id)
+                if msg_id in self._sent_ids and not republished:
                     self._resent += 1
                 else:
                     self._sent_ids[msg_id] = None
@@ -1354,7 +1376,9 @@ class Agent:
             if first != answer:
                 self._unexpected_verdict(
                     esc_id, answer,
-                    f"already answered {first[0]} by teacher {first[1]}; ignored",
+                    f"already answered {first[0]} by teacher {first[1]}; ignored: "
+                    "a forged verdict, or another publisher on the verdicts topic "
+                    "(is the broker's access control on?)",
                 )
             return
         with self._out_lock:
@@ -1374,15 +1398,10 @@ class Agent:
                 logger.debug("verdict %s: a late copy for an escalation this run "
                              "had answered; ignored", esc_id)
                 return
-            # Forged, or stale past what the outbox keeps: not the teacher's word
-            # on any flow of this gateway, so neither counted as its verdict nor
-            # written as an alert line.
-            self._unexpected_verdict(
-                esc_id, answer,
-                "for no escalation of this gateway (not sent in this run, not kept "
-                "in the outbox); not counted as the teacher's and no alert line "
-                "written",
-            )
+            # An earlier run's escalation past what the outbox keeps, or forged:
+            # the two look alike here, so it is neither counted as the teacher's
+            # verdict nor written as an alert line, and the warning names both.
+            self._unexpected_verdict(esc_id, answer, self._unknown_id_causes)
             return
 
         # A verdict for an id this run did not send answers an earlier run's
@@ -1422,22 +1441,41 @@ class Agent:
                 teacher_version=verdict["teacher_version"],
             )
 
+    def _unknown_id_causes(self) -> str:
+        """Why a verdict for an id this gateway keeps no escalation of may have
+        come, for the warning: an earlier run's escalation the outbox let go (it
+        keeps only its newest ``keep_sent`` sent ones), or a forged verdict."""
+        try:
+            forgotten = self.outbox.forgotten
+        except OutboxError:
+            forgotten = None
+        let_go = (
+            f"; this outbox has let {forgotten} unanswered ones go so far"
+            if forgotten else ""
+        )
+        return (
+            "for no escalation this gateway keeps (not sent in this run, not in the "
+            f"outbox, which keeps the newest {self.outbox.keep_sent} sent and "
+            f"unanswered ones{let_go}): an answer to an earlier run's escalation "
+            "past the outbox's kept window, or a forged verdict (is the broker's "
+            "access control on?); not counted as the teacher's and no alert line "
+            "written"
+        )
+
     def _unexpected_verdict(
-        self, esc_id: str, answer: tuple[str, str], why: str
+        self, esc_id: str, answer: tuple[str, str], why: str | Any
     ) -> None:
-        """Count a verdict no re-scorer of this gateway should have sent
-        (``verdicts_unexpected``) and log the first at WARNING: on a broker
-        without access control anyone may publish verdicts."""
+        """Count a verdict no re-scorer of this gateway is known to have been
+        asked for (``verdicts_unexpected``) and log the first at WARNING with
+        ``why`` (a text, or a callable that makes it, only for the first)."""
         with self._out_lock:
             self.counters.verdicts_unexpected += 1
             first = self.counters.verdicts_unexpected == 1
         if first:
             logger.warning(
-                "unexpected verdict %s (teacher %s) for escalation %s: %s; a "
-                "forged or stale verdict, or another publisher on the verdicts "
-                "topic (is the broker's access control on?); further ones only "
-                "counted (verdicts_unexpected)",
-                answer[0], answer[1], esc_id, why,
+                "unexpected verdict %s (teacher %s) for escalation %s: %s; further "
+                "ones only counted (verdicts_unexpected)",
+                answer[0], answer[1], esc_id, why() if callable(why) else why,
             )
 
     def _on_rejection(self, rejection: dict[str, Any]) -> None:
@@ -1565,6 +1603,16 @@ class Agent:
             )
             out["escalations_rejected"] = self._rejected_awaited()
             out["escalations_requeued"] = self._requeued
+            awaited = list(self._awaiting)
+        # Of those awaited, the ones the outbox still holds for the next run (its
+        # sent table keeps only the newest keep_sent; ids evicted from memory
+        # cannot be checked and count as not kept).
+        try:
+            held = self.outbox.held_ids() if awaited else set()
+            out["verdicts_awaited_kept"] = sum(1 for i in awaited if i in held)
+        except OutboxError as exc:
+            self._outbox_failed(exc)
+            out["verdicts_awaited_kept"] = None
         out["broker_sessions_lost"] = getattr(self.link, "sessions_lost", 0)
         try:
             out["outbox_dropped"] = self.outbox.dropped

@@ -13,7 +13,9 @@ given no new input replays and drains its outbox and exits 0), 4 partial input
 rejected input lines; the flows read were scored and sent), 6 broker
 unavailable (a broker that does not answer at start is retried in the background
 while the flows are scored and their alerts written), escalations left
-unacknowledged in the outbox, or escalations dropped because the outbox could not
+unacknowledged in the outbox (with ``--broker``: a run without one is offline,
+keeps its escalations in the outbox for a run with a broker and exits 0), or
+escalations dropped because the outbox could not
 store them (disk full, I/O error: the agent scores on,
 writes its local alerts and counts ``outbox_failed``) or by its cap
 (``--outbox-max``, counted in ``outbox_dropped_now``), or escalations still without
@@ -117,7 +119,9 @@ exit codes:
   {EXIT_UNAVAILABLE}    broker unavailable (refused credentials or certificate; one
        that does not answer at start is retried in the background
        while flows are scored), escalations left unacknowledged in
-       the outbox (those --max-awaiting held back while earlier ones
+       the outbox with --broker given (a run without --broker is
+       offline: it keeps its escalations in the outbox for a run with
+       --broker and exits 0; those --max-awaiting held back while earlier ones
        waited for verdicts included, with --no-wait-verdicts too: they
        stay for the next run), an outbox that cannot be opened for a
        full disk or an I/O error, or escalations dropped because the
@@ -820,13 +824,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     # a flow, and packets libpcap or the interface dropped before the meter.
     summary["flows_evicted"] = source.meter_counts.get("evicted", 0)
     summary["packets_dropped"] = source.meter_counts.get("dropped", 0)
-    summary["outbox_dropped_now"] = {
-        kind: count - dropped_before.get(kind, 0)
-        for kind, count in (summary.get("outbox_dropped") or {}).items()
-    }
+    summary["outbox_dropped_now"] = _dropped_now(
+        summary, dropped_before, agent.delivered_after_drop_alerts)
     summary["seconds"] = round(time.monotonic() - started, 3)
     summary["drained"] = drained
-    summary_error = _report(summary, cfg.summary_json)
+    summary_error = _report(summary, cfg.summary_json, broker=bool(cfg.broker))
     try:
         if interrupted.is_set():
             print(
@@ -858,22 +860,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise OutboxError(
                 _outbox_failed_text(summary, agent.outbox_error, alerts is not None)
             )
-        capped = sum((summary.get("outbox_dropped_now") or {}).values())
-        # Some were already with the link when the cap dropped them: the broker
-        # acknowledged those, so only the rest are lost.
-        lost = capped - summary.get("delivered_after_drop", 0)
-        if lost > 0:
-            delivered = (
-                f" ({capped - lost} more were dropped from the file while already in "
-                "flight and reached the broker)"
-                if lost < capped
-                else ""
-            )
+        if sum((summary.get("outbox_dropped_now") or {}).values()) > 0:
             raise OutboxCapError(
-                f"{lost} escalations were dropped by the outbox cap (outbox_max "
-                f"{cfg.outbox_max}) in this run and are lost{delivered}; "
-                f"{summary['outbox_pending']} stay in the outbox {cfg.outbox_path()}"
-            )
+                _cap_loss(summary, cfg.outbox_max, cfg.outbox_path()))
         if summary.get("dropped_oversized"):
             from edge_agent.protocol import MAX_PAYLOAD_BYTES
 
@@ -1025,9 +1014,30 @@ def _unanswered(summary: dict, agent: Any, drain_for: float) -> str:
     again = f"; {resent} were published again after answers stopped" if resent else ""
     return (
         f"{text}{again}: no re-scorer answered them in time (is teacher serve "
-        "running and keeping up? --drain-timeout waits longer). The outbox keeps "
-        "the unanswered ones: the next run with this outbox awaits them and "
-        "publishes them again when no verdict comes (--resend-after)"
+        "running and keeping up? --drain-timeout waits longer). "
+        f"{_kept(summary, agent)}"
+    )
+
+
+def _kept(summary: dict, agent: Any) -> str:
+    """What the outbox keeps of the escalations still without a verdict, for the
+    exit 6 error: those the next run awaits, and those past the sent table's
+    ``keep_sent`` newest, which no run can send again."""
+    awaited = summary["verdicts_awaited"]
+    kept = summary.get("verdicts_awaited_kept")
+    later = (
+        "the next run with this outbox awaits them and publishes them again when "
+        "no verdict comes (--resend-after)"
+    )
+    if kept is None or kept >= awaited:
+        return f"The outbox keeps the unanswered ones: {later}"
+    gone = awaited - kept
+    return (
+        f"The outbox keeps {kept} of the {awaited}: {later}. It could not keep the "
+        f"other {gone} (it keeps only the newest {agent.outbox.keep_sent} sent and "
+        "unanswered escalations; --max-awaiting holds the rest back unsent, and "
+        "0 turns that off): they are lost unless the broker still delivers them "
+        "to a re-scorer"
     )
 
 
@@ -1052,6 +1062,43 @@ def _rejections(rejected: list[tuple[str, str, str]]) -> str:
             "its store lists them)"
         )
     return text
+
+
+def _dropped_now(
+    summary: dict, before: dict[str, int], reached_alerts: int
+) -> dict[str, int]:
+    """``outbox_dropped_now``: the escalations the outbox cap dropped in this run
+    and lost, by decision. The cap's drops in this run (``outbox_dropped`` less
+    ``before``, the file's count at open) less those it took out of the file while
+    they were with the link, which the broker acknowledged all the same
+    (``delivered_after_drop``, of them ``reached_alerts`` alerts)."""
+    reached = {
+        "alert": reached_alerts,
+        "escalate": (summary.get("delivered_after_drop") or 0) - reached_alerts,
+    }
+    return {
+        kind: max(0, count - before.get(kind, 0) - reached.get(kind, 0))
+        for kind, count in (summary.get("outbox_dropped") or {}).items()
+    }
+
+
+def _cap_loss(summary: dict, outbox_max: int, path: Any) -> str:
+    """The exit 6 error for escalations the outbox cap dropped in this run: those
+    lost (``outbox_dropped_now``), and those dropped from the file after they
+    reached the broker (``delivered_after_drop``), which are not lost."""
+    lost = sum((summary.get("outbox_dropped_now") or {}).values())
+    reached = summary.get("delivered_after_drop") or 0
+    delivered = (
+        f" ({reached} more were dropped from the file while already in flight and "
+        "reached the broker)"
+        if reached
+        else ""
+    )
+    return (
+        f"{lost} escalations were dropped by the outbox cap (outbox_max "
+        f"{outbox_max}) in this run and are lost{delivered}; "
+        f"{summary['outbox_pending']} stay in the outbox {path}"
+    )
 
 
 class OutboxCapError(GatewatchError):
@@ -1186,15 +1233,36 @@ def _input_problem(
     )
 
 
-def _report(summary: dict[str, Any], path: str | None) -> GatewatchError | None:
+def _report(
+    summary: dict[str, Any], path: str | None, broker: bool = True
+) -> GatewatchError | None:
+    """Print the ``summary:`` line (and the outbox cap's warning) on stderr and
+    write the JSON to ``path``; the error writing it, if any. ``broker`` False is
+    an offline run, whose escalations wait in the outbox for a run with one."""
+    awaited = summary.get("verdicts_awaited") or 0
+    kept = summary.get("verdicts_awaited_kept")
+    lost = sum((summary.get("outbox_dropped_now") or {}).values())
+    reached = summary.get("delivered_after_drop") or 0
     print(
         "summary: flows {flows}, benign {benign}, escalate {escalate}, alert {alert}, "
         "escalations sent {escalations_sent}, verdicts received {verdicts_received}, "
         "outbox pending {outbox_pending}".format(**summary)
         + (
+            f", no broker given: {summary['outbox_pending']} escalations kept in the "
+            "outbox for a run with --broker"
+            if not broker and summary.get("outbox_pending")
+            else ""
+        )
+        + (
             ", sent and still awaiting a verdict (kept in the outbox for the next "
-            f"run) {summary['verdicts_awaited']}"
-            if summary.get("verdicts_awaited")
+            f"run) {awaited}"
+            if awaited and (kept is None or kept >= awaited)
+            else ""
+        )
+        + (
+            f", sent and still awaiting a verdict {awaited} (kept in the outbox for "
+            f"the next run {kept}, not kept {awaited - kept})"
+            if awaited and kept is not None and kept < awaited
             else ""
         )
         + (
@@ -1207,6 +1275,13 @@ def _report(summary: dict[str, Any], path: str | None) -> GatewatchError | None:
             ", escalations sent again for flows read again (each answered once) "
             f"{summary['escalations_resent']}"
             if summary.get("escalations_resent")
+            else ""
+        )
+        + (
+            ", sent escalations published again from the outbox (no verdict came "
+            "in time, or the broker lost this gateway's session) "
+            f"{summary['escalations_requeued']}"
+            if summary.get("escalations_requeued")
             else ""
         )
         + (
@@ -1226,8 +1301,10 @@ def _report(summary: dict[str, Any], path: str | None) -> GatewatchError | None:
             else ""
         )
         + (
-            f", dropped by the outbox cap {capped}"
-            if (capped := sum((summary.get("outbox_dropped_now") or {}).values()))
+            f", dropped by the outbox cap {lost}"
+            + (f" (and {reached} more that reached the broker first)"
+               if reached else "")
+            if lost or reached
             else ""
         )
         + (
@@ -1243,8 +1320,9 @@ def _report(summary: dict[str, Any], path: str | None) -> GatewatchError | None:
             else ""
         )
         + (
-            ", unexpected verdicts (forged or stale; the log names the first) "
-            f"{summary['verdicts_unexpected']}"
+            ", unexpected verdicts (for an earlier run's escalation past the "
+            "outbox's kept window, forged, or contradicting a first answer; the log "
+            f"names the first) {summary['verdicts_unexpected']}"
             if summary.get("verdicts_unexpected")
             else ""
         )
@@ -1267,11 +1345,12 @@ def _report(summary: dict[str, Any], path: str | None) -> GatewatchError | None:
         ),
         file=sys.stderr,
     )
-    if capped:
+    if lost or reached:
+        also = f", and {reached} more that reached the broker first" if reached else ""
         print(
-            f"warning: the outbox was full ({capped} escalations dropped by its cap "
-            f"in this run, by kind: {summary['outbox_dropped_now']}); raise "
-            "--outbox-max, or check that the broker and re-scorer keep up",
+            f"warning: the outbox was full ({lost} escalations dropped by its cap "
+            f"and lost in this run, by kind: {summary['outbox_dropped_now']}{also}); "
+            "raise --outbox-max, or check that the broker and re-scorer keep up",
             file=sys.stderr,
         )
     if path:

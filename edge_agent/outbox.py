@@ -8,7 +8,8 @@ PUBACK arrived. The same message may be published twice (once before a crash, on
 replay); the re-scorer de-duplicates by message id.
 
 With ``keep_sent`` an acknowledged message moves to a ``sent`` table instead (its
-newest ``keep_sent`` kept) until :meth:`Outbox.answered_many` says its verdict came.
+newest ``keep_sent`` kept) until :meth:`Outbox.answered_many` says its verdict came;
+older unanswered ones are let go and counted for good (:attr:`Outbox.forgotten`).
 A broker that dies without its saved state forgets what it had acknowledged; the
 agent then puts the unanswered ones back with :meth:`Outbox.requeue_sent`.
 
@@ -442,11 +443,12 @@ class Outbox:
         self._db.execute("DELETE FROM outbox WHERE seq = ?", row)
         return True
 
-    def _bump(self, name: str) -> None:
+    def _bump(self, name: str, by: int = 1) -> None:
+        """Add ``by`` to the file's counter ``name`` (inside a transaction)."""
         self._db.execute(
-            "INSERT INTO counters (name, value) VALUES (?, 1) "
-            "ON CONFLICT(name) DO UPDATE SET value = value + 1",
-            (name,),
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (name, by),
         )
 
     def _count(self) -> int:
@@ -561,19 +563,21 @@ class Outbox:
         """Forget one acknowledged message; False if it was not (or no longer) here."""
         return self.ack_many([msg_id]) == 1
 
-    def ack_many(self, ids: list[str]) -> int:
-        """Forget acknowledged messages in one transaction; how many were here."""
+    def ack_many(self, ids: list[str], missing: list[str] | None = None) -> int:
+        """Forget acknowledged messages in one transaction; how many were here.
+        ``missing``, when given, gets the ids the file did not hold (dropped by
+        the cap while in flight, say)."""
         if not ids:
             return 0
         with self._lock:
             try:
-                gone = self._delete_many(ids)
+                gone = self._delete_many(ids, missing)
             except sqlite3.Error as exc:
                 raise self._failure(f"forget {len(ids)} messages in", exc) from exc
             self._reclaim()
         return gone
 
-    def _delete_many(self, ids: list[str]) -> int:
+    def _delete_many(self, ids: list[str], missing: list[str] | None = None) -> int:
         """The transaction of :meth:`ack_many` (the lock held). With ``keep_sent``
         the messages move to the ``sent`` table (its newest ``keep_sent`` kept)."""
         self._db.execute("BEGIN IMMEDIATE")
@@ -586,18 +590,25 @@ class Outbox:
                         "SELECT id, topic, payload, alert FROM outbox WHERE id = ?",
                         (msg_id,),
                     )
-                gone += self._db.execute(
+                here = self._db.execute(
                     "DELETE FROM outbox WHERE id = ?", (msg_id,)
                 ).rowcount
+                gone += here
+                if not here and missing is not None:
+                    missing.append(msg_id)
             if self.keep_sent and gone:
                 # The newest keep_sent rows stay, however far apart their seqs
                 # (answered ones left gaps: trimming by seq distance dropped old
                 # unanswered ones while few rows were held).
-                self._db.execute(
+                trimmed = self._db.execute(
                     "DELETE FROM sent WHERE seq IN (SELECT seq FROM sent ORDER BY "
                     "seq DESC LIMIT -1 OFFSET ?)",
                     (self.keep_sent,),
-                )
+                ).rowcount
+                if trimmed > 0:
+                    # Counted for good: a verdict for one of them later looks
+                    # like one for an id this gateway never escalated.
+                    self._bump("sent_forgotten", trimmed)
             self._db.execute("COMMIT")
         except BaseException:
             self._rollback()
@@ -678,6 +689,32 @@ class Outbox:
             except sqlite3.Error as exc:
                 raise self._failure("read", exc) from exc
         return [r[0] for r in rows]
+
+    def held_ids(self) -> set[str]:
+        """Ids of every message the file holds, waiting or sent and kept for a
+        re-send: the escalations a later run can still send or await."""
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    "SELECT id FROM outbox UNION SELECT id FROM sent"
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise self._failure("read", exc) from exc
+        return {r[0] for r in rows}
+
+    @property
+    def forgotten(self) -> int:
+        """Sent, unanswered messages let go over the file's whole life because the
+        ``sent`` table keeps only its newest ``keep_sent``: a verdict for one of
+        them can no longer be matched to its escalation."""
+        with self._lock:
+            try:
+                row = self._db.execute(
+                    "SELECT value FROM counters WHERE name = 'sent_forgotten'"
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise self._failure("read the counters of", exc) from exc
+        return row[0] if row else 0
 
     @property
     def dropped(self) -> dict[str, int]:

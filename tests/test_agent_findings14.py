@@ -294,10 +294,9 @@ def test_forged_and_unknown_verdicts_are_counted_and_the_first_warned(
               and "unexpected verdict" in r.getMessage()]
     assert warned == [
         f"unexpected verdict benign (teacher sha256:evil) for escalation {ours}: "
-        "already answered malicious by teacher sha256:t1; ignored; a forged or "
-        "stale verdict, or another publisher on the verdicts topic (is the "
-        "broker's access control on?); further ones only counted "
-        "(verdicts_unexpected)"
+        "already answered malicious by teacher sha256:t1; ignored: a forged "
+        "verdict, or another publisher on the verdicts topic (is the broker's "
+        "access control on?); further ones only counted (verdicts_unexpected)"
     ]
     summary = agent.summary()
     assert summary["verdicts_unexpected"] == 3
@@ -308,8 +307,9 @@ def test_unexpected_verdicts_are_named_in_the_summary_line(capsys):
     _report(_summary(verdicts_received=3, verdicts_malicious=1, verdicts_benign=2,
                      verdicts_unexpected=2), None)
     line = capsys.readouterr().err.splitlines()[0]
-    assert line.endswith(", unexpected verdicts (forged or stale; the log names the "
-                         "first) 2")
+    assert line.endswith(", unexpected verdicts (for an earlier run's escalation "
+                         "past the outbox's kept window, forged, or contradicting a "
+                         "first answer; the log names the first) 2")
 
 
 # -- 4. config-file range errors name the file and the key ----------------------------

@@ -75,7 +75,7 @@ def test_a_verdict_for_no_escalation_is_unexpected_only(tm, tmp_path, caplog):
     warned = [r.getMessage() for r in caplog.records
               if "unexpected verdict" in r.getMessage()]
     assert len(warned) == 1 and forged in warned[0]
-    assert "for no escalation of this gateway" in warned[0]
+    assert "for no escalation this gateway keeps" in warned[0]
     agent.outbox.close()
 
 
