@@ -589,8 +589,10 @@ def test_agent_kill_9_while_replaying_to_a_live_broker(tm, teacher, tmp_path):
     again = summary.get("escalations_requeued", 0)
     assert summary["escalations_sent"] == len(left) + again
     stats = json.loads((tmp_path / "stats.json").read_text())
-    # Copies: messages acked by the broker but still in the outbox at the kill.
-    assert stats["duplicates"] == len(left & set(stored))
+    # Copies: messages acked by the broker but still in the outbox at the kill,
+    # and those published again that the re-scorer had already stored.
+    copies = len(left & set(stored))
+    assert copies <= stats["duplicates"] <= copies + again
 
 
 # ---------------------------------------------------------------------------------
