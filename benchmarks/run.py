@@ -772,6 +772,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _portable(words: list[str]) -> list[str]:
+    """The command line's words as the report may show them: an absolute path
+    (``--out /tmp/x``) written relative to the working folder when it lies
+    inside it, else as ``PATH``, so that no path of this machine is committed
+    with the results."""
+    out = []
+    for word in words:
+        if os.path.isabs(word):
+            rel = os.path.relpath(word)
+            word = rel if not rel.startswith("..") else "PATH"
+        out.append(word)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     from flows.datasets import data_dir
@@ -780,7 +794,9 @@ def main(argv: list[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(words)
     settings = Settings.quick_settings() if args.quick else Settings()
-    settings.command = shlex.join(["python", "-m", "benchmarks", "run", *words])
+    settings.command = shlex.join(
+        ["python", "-m", "benchmarks", "run", *_portable(words)]
+    )
     if args.datasets:
         settings.datasets = tuple(d.strip() for d in args.datasets.split(",") if d)
     if args.repeats:

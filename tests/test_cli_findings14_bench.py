@@ -24,3 +24,14 @@ def test_reproduce_names_the_arguments_given():
     command = "python -m benchmarks run --quick --datasets ctu-conn --out OUT"
     text = report_md.render({"quick": True, "settings": {"command": command}})
     assert f"Reproduce with `{command}`" in text
+
+
+def test_the_recorded_command_names_no_path_of_this_machine(tmp_path, monkeypatch):
+    """The report's "Reproduce with" line (committed with the results) showed
+    ``--out /tmp/bench-full``: an absolute path of the machine that ran it."""
+    from benchmarks.run import _portable
+
+    monkeypatch.chdir(tmp_path)
+    words = ["--out", "/tmp/elsewhere/x", "--work", str(tmp_path / "w"), "--quick"]
+
+    assert _portable(words) == ["--out", "PATH", "--work", "w", "--quick"]
