@@ -519,6 +519,14 @@ class Encoder:
         """Width F of each encoded flow."""
         return len(self.feature_names)
 
+    def category_block(self, name: str) -> tuple[int, int] | None:
+        """The output columns ``[start, stop)`` of categorical field ``name``'s
+        one-hot block, or None when the encoder has no such categorical field."""
+        for f, offset in zip(self.categorical, self._cat_offsets, strict=True):
+            if f.name == name:
+                return offset, offset + f.width()
+        return None
+
     @property
     def field_of_column(self) -> list[int]:
         """For each output column, the number of the input field it comes from.

@@ -304,6 +304,13 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
                    help="the malicious half of balanced sampling shared among "
                         "attack types by (type rows)^P: 1 as the data holds them "
                         "(default), 0.5 square root, 0 every type alike")
+    p.add_argument("--benign-power", type=real(0, 1), default=None,
+                   help="the benign half of balanced sampling shared among the "
+                        "values of --benign-group by (rows with that value)^P: 1 "
+                        "as the data holds them (default), 0.5 square root")
+    p.add_argument("--benign-group", default=None, metavar="FIELD",
+                   help="categorical field whose values --benign-power shares "
+                        "the benign half among (default: service)")
     p.add_argument("--label-smoothing",
                    type=SETTING_TYPES["label_smoothing"], default=None,
                    help="share by which training targets are pulled towards 0.5 "
@@ -596,7 +603,7 @@ def _train_config(args: argparse.Namespace, **defaults: Any) -> Any:
     for name in ("lr", "weight_decay", "batch_size", "input_noise", "label_smoothing",
                  "ema", "feature_dropout", "stop_on", "stop_rows", "schedule",
                  "keep", "outliers", "outlier_swap", "outlier_unit", "outlier_donors",
-                 "benign_mixup", "type_power"):
+                 "benign_mixup", "type_power", "benign_power", "benign_group"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return TrainConfig(**kw)

@@ -86,6 +86,10 @@ class TrainConfig:
     the made-up anomalies) into blends of two of the batch's benign windows,
     ``l * a + (1 - l) * b`` with ``l`` uniform in [0, 1], labelled benign, so that
     what lies between benign windows is not taken for an attack.
+    ``benign_power`` shares the benign half of balanced sampling among the values
+    of the categorical field ``benign_group`` (``service`` by default) of each
+    window's last flow, by (rows with that value)^P: 1 as the data holds them, 0.5
+    by the square root, so that rarer benign connections are drawn more often.
     """
 
     epochs: int = 50
@@ -111,6 +115,8 @@ class TrainConfig:
     schedule: str = "constant"
     keep: str = "best"
     type_power: float = 1.0
+    benign_power: float = 1.0
+    benign_group: str = "service"
     outliers: float = 0.0
     outlier_swap: float = 0.3
     outlier_unit: str = "column"
@@ -139,6 +145,10 @@ class TrainConfig:
             problems.append("type_power must be in [0, 1]")
         if self.type_power != 1.0 and (self.smote or not self.balance):
             problems.append("type_power needs balanced sampling and no SMOTE")
+        if not 0.0 <= self.benign_power <= 1.0:
+            problems.append("benign_power must be in [0, 1]")
+        if self.benign_power != 1.0 and (self.smote or not self.balance):
+            problems.append("benign_power needs balanced sampling and no SMOTE")
         if not 0.0 <= self.outliers < 1.0 or not 0.0 < self.outlier_swap <= 1.0:
             problems.append("outliers must be in [0, 1), outlier_swap in (0, 1]")
         if not 0.0 <= self.benign_mixup < 1.0 - self.outliers:
@@ -280,14 +290,29 @@ def watched_rows(
     return mask
 
 
+def _category_codes(prep: Prepared, rows: np.ndarray, name: str) -> np.ndarray:
+    """The category of field ``name`` in the last flow of each row's window, as the
+    column of its one-hot block that is set (for benign_power)."""
+    block = getattr(prep.encoder, "category_block", lambda _: None)(name)
+    if block is None:
+        names = [f.name for f in getattr(prep.encoder, "categorical", [])]
+        raise UsageError(
+            f"benign_group {name!r} is not a categorical field of the {prep.family} "
+            f"encoder (its categorical fields: {', '.join(names) or 'none'})")
+    start, stop = block
+    return np.argmax(prep.X[prep.idx[rows, -1], start:stop], axis=1).astype(np.int64)
+
+
 def _epoch_order(
     y: np.ndarray, n: int, balance: bool, seed: int, epoch: int,
     types: np.ndarray | None = None, type_power: float = 1.0,
+    groups: np.ndarray | None = None, benign_power: float = 1.0,
 ) -> np.ndarray:
     """The seeded sample of training positions for one epoch (same on every rank).
 
     Balanced: half benign, half malicious; ``types`` (a label per row) and
-    ``type_power`` share the malicious half among types (see TrainConfig).
+    ``type_power`` share the malicious half among types, ``groups`` (a category
+    per row) and ``benign_power`` the benign half among groups (see TrainConfig).
     """
     rng = np.random.default_rng([seed, epoch])
     if not balance:
@@ -302,6 +327,12 @@ def _epoch_order(
                                        return_counts=True)
         share = per_type.astype(np.float64) ** type_power
         weights[bad] = (share / share.sum())[which] / per_type[which]
+    good = y == 0
+    if groups is not None and benign_power != 1.0 and good.any():
+        _, which, per_group = np.unique(groups[good], return_inverse=True,
+                                        return_counts=True)
+        share = per_group.astype(np.float64) ** benign_power
+        weights[good] = (share / share.sum())[which] / per_group[which]
     weights /= weights.sum()
     return rng.choice(len(y), size=n, replace=True, p=weights)
 
@@ -432,6 +463,15 @@ def fit(
             types_tr = np.concatenate(
                 [types_tr, np.full(len(extra_train[1]), "(replay)")])
 
+    # Categories of the training rows' last flows, for benign_power (replay rows:
+    # a group of their own).
+    groups_tr = None
+    if tc.benign_power != 1.0:
+        groups_tr = _category_codes(prep, tr, tc.benign_group)
+        if extra_train is not None:
+            groups_tr = np.concatenate(
+                [groups_tr, np.full(len(extra_train[1]), -1, dtype=np.int64)])
+
     # Training windows: gathered on demand, or materialised for SMOTE and replay.
     train_x: np.ndarray | None = None
     if tc.smote or extra_train is not None:
@@ -502,7 +542,8 @@ def fit(
         t0 = time.monotonic()
         net.train()
         order = _epoch_order(y_tr, steps * per_rank * world, tc.balance, tc.seed,
-                             epoch, types_tr, tc.type_power)
+                             epoch, types_tr, tc.type_power, groups_tr,
+                             tc.benign_power)
         total, seen = 0.0, 0
         for step in range(steps):
             chunk = order[step * per_rank * world:(step + 1) * per_rank * world]

@@ -477,6 +477,28 @@ def test_old_specs_without_scaling_still_load():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def test_category_block_holds_the_one_hot_columns_of_a_field() -> None:
+    cols = {
+        "duration": [0.0, 1.0, None] * 7, "orig_bytes": [1.0, 5.0, 9.0] * 7,
+        "resp_bytes": [5.0] * 21, "orig_pkts": list(range(21)),
+        "resp_pkts": [1.0] * 21, "orig_ip_bytes": [1.0] * 21,
+        "resp_ip_bytes": [1.0] * 21, "missed_bytes": [0.0] * 21,
+        "proto": ["tcp", "udp", None] * 7, "service": ["dns", "http", "-"] * 7,
+        "conn_state": ["SF"] * 21, "dst_port": [53] * 21, "history": ["ShAD"] * 21,
+    }
+    enc = Encoder.fit(cols, "conn")
+    start, stop = enc.category_block("service")
+
+    # Independently: the columns whose names are "service=..." or "service:...".
+    named = [i for i, n in enumerate(enc.feature_names)
+             if n.startswith(("service=", "service:"))]
+    assert list(range(start, stop)) == named
+    x = enc.transform(cols)
+    assert enc.feature_names[start + int(np.argmax(x[0, start:stop]))] == "service=dns"
+    assert enc.category_block("duration") is None  # numeric, not categorical
+    assert enc.category_block("nope") is None
+
+
 def test_field_of_column_follows_the_feature_names() -> None:
     cols = {
         "duration": [0.0, 1.0, None] * 7, "orig_bytes": [1.0, 5.0, 9.0] * 7,

@@ -123,6 +123,27 @@ def test_type_power_shares_the_malicious_half_among_types(power):
     assert abs((drawn == "small").sum() / (y[order] == 1).sum() - expected_small) < 0.01
 
 
+@pytest.mark.parametrize("power", [0.0, 0.5])
+def test_benign_power_shares_the_benign_half_among_groups(power):
+    # Benign rows of two services (90 and 10 rows); 100 malicious rows.
+    y = np.r_[np.zeros(100, dtype=np.int64), np.ones(100, dtype=np.int64)]
+    groups = np.r_[np.zeros(90), np.ones(10), np.full(100, 2)].astype(np.int64)
+    order = _epoch_order(y, 100_000, True, 0, 1, None, 1.0, groups, power)
+
+    expected_rare = 10**power / (10**power + 90**power)
+    drawn = groups[order]
+    assert abs((drawn == 2).mean() - 0.5) < 0.01
+    assert abs((drawn == 1).sum() / (y[order] == 0).sum() - expected_rare) < 0.01
+
+
+def test_benign_group_must_be_a_categorical_field_of_the_encoder():
+    prep = synthetic(n=200)
+    with pytest.raises(UsageError, match="benign_group 'service'"):
+        fit(prep, _config(prep), TrainConfig(epochs=1, benign_power=0.5))
+    with pytest.raises(UsageError, match="benign_power"):
+        TrainConfig(benign_power=0.5, smote=True)
+
+
 def test_outliers_relabel_a_share_of_the_batch_with_features_of_other_windows():
     torch.manual_seed(0)
     x = torch.arange(40 * 2 * 50, dtype=torch.float32).reshape(40, 2, 50)
