@@ -534,28 +534,31 @@ class Outbox:
         if limit is not None:
             sql += " LIMIT ?"
             args = (after_seq, limit)
+        rows = self._read([(sql, args)])
+        return [OutboxMessage(r[0], r[1], r[2], bytes(r[3]), bool(r[4])) for r in rows]
+
+    def _read(self, queries: list[tuple[str, tuple | list]],
+              what: str = "read") -> list[tuple]:
+        """The rows of each query in turn, read under the lock; a failure raised
+        as :class:`OutboxError` (``what`` the outbox failed to do)."""
+        rows: list[tuple] = []
         with self._lock:
             try:
-                rows = self._db.execute(sql, args).fetchall()
+                for sql, args in queries:
+                    rows += self._db.execute(sql, args).fetchall()
             except sqlite3.Error as exc:
-                raise self._failure("read", exc) from exc
-        return [OutboxMessage(r[0], r[1], r[2], bytes(r[3]), bool(r[4])) for r in rows]
+                raise self._failure(what, exc) from exc
+        return rows
 
     def pending_of(self, ids: list[str]) -> list[OutboxMessage]:
         """The messages among ``ids`` still waiting in the outbox, oldest first
         (an agent publishing again the ones it awaits answers for)."""
-        rows: list = []
-        with self._lock:
-            try:
-                for i in range(0, len(ids), 500):
-                    part = ids[i : i + 500]
-                    rows += self._db.execute(
-                        "SELECT seq, id, topic, payload, alert FROM outbox WHERE id "
-                        f"IN ({', '.join('?' * len(part))})",
-                        part,
-                    ).fetchall()
-            except sqlite3.Error as exc:
-                raise self._failure("read", exc) from exc
+        parts = [ids[i : i + 500] for i in range(0, len(ids), 500)]
+        rows = self._read([
+            ("SELECT seq, id, topic, payload, alert FROM outbox WHERE id "
+             f"IN ({', '.join('?' * len(part))})", part)
+            for part in parts
+        ])
         rows.sort(key=lambda r: r[0])
         return [OutboxMessage(r[0], r[1], r[2], bytes(r[3]), bool(r[4])) for r in rows]
 
@@ -664,42 +667,25 @@ class Outbox:
     def find(self, msg_id: str) -> OutboxMessage | None:
         """One message by id, waiting or sent and kept for a re-send; None if
         the file no longer holds it (acknowledged, answered or dropped)."""
-        with self._lock:
-            try:
-                row = None
-                for table in ("outbox", "sent"):
-                    row = self._db.execute(
-                        f"SELECT seq, id, topic, payload, alert FROM {table} "
-                        "WHERE id = ?",
-                        (msg_id,),
-                    ).fetchone()
-                    if row is not None:
-                        break
-            except sqlite3.Error as exc:
-                raise self._failure("read", exc) from exc
-        if row is None:
+        rows = self._read([
+            (f"SELECT seq, id, topic, payload, alert FROM {table} WHERE id = ?",
+             (msg_id,))
+            for table in ("outbox", "sent")
+        ])
+        if not rows:
             return None
+        row = rows[0]  # a message is in one table at a time; "outbox" is read first
         return OutboxMessage(row[0], row[1], row[2], bytes(row[3]), bool(row[4]))
 
     def sent_ids(self) -> list[str]:
         """Ids of sent messages kept for a re-send, oldest first."""
-        with self._lock:
-            try:
-                rows = self._db.execute("SELECT id FROM sent ORDER BY seq").fetchall()
-            except sqlite3.Error as exc:
-                raise self._failure("read", exc) from exc
+        rows = self._read([("SELECT id FROM sent ORDER BY seq", ())])
         return [r[0] for r in rows]
 
     def held_ids(self) -> set[str]:
         """Ids of every message the file holds, waiting or sent and kept for a
         re-send: the escalations a later run can still send or await."""
-        with self._lock:
-            try:
-                rows = self._db.execute(
-                    "SELECT id FROM outbox UNION SELECT id FROM sent"
-                ).fetchall()
-            except sqlite3.Error as exc:
-                raise self._failure("read", exc) from exc
+        rows = self._read([("SELECT id FROM outbox UNION SELECT id FROM sent", ())])
         return {r[0] for r in rows}
 
     @property
@@ -707,23 +693,16 @@ class Outbox:
         """Sent, unanswered messages let go over the file's whole life because the
         ``sent`` table keeps only its newest ``keep_sent``: a verdict for one of
         them can no longer be matched to its escalation."""
-        with self._lock:
-            try:
-                row = self._db.execute(
-                    "SELECT value FROM counters WHERE name = 'sent_forgotten'"
-                ).fetchone()
-            except sqlite3.Error as exc:
-                raise self._failure("read the counters of", exc) from exc
-        return row[0] if row else 0
+        rows = self._read(
+            [("SELECT value FROM counters WHERE name = 'sent_forgotten'", ())],
+            "read the counters of")
+        return rows[0][0] if rows else 0
 
     @property
     def dropped(self) -> dict[str, int]:
         """Messages dropped by the size bound, per decision (alert, escalate)."""
-        with self._lock:
-            try:
-                rows = self._db.execute("SELECT name, value FROM counters").fetchall()
-            except sqlite3.Error as exc:
-                raise self._failure("read the counters of", exc) from exc
+        rows = self._read([("SELECT name, value FROM counters", ())],
+                          "read the counters of")
         counts = {"alert": 0, "escalate": 0}
         for name, value in rows:
             if name.startswith("dropped_"):
