@@ -202,6 +202,12 @@ def portable_path(
     text = os.fspath(value)
     if not text or (os.sep not in text and not Path(text).exists()):
         return text
+    if not Path(text).is_absolute():
+        # A teacher's provenance names registered data files relative to the
+        # data folder (zeek-conn/...), whatever the folder it ran in.
+        for root in _data_roots(data_dir):
+            if (root / text).exists() and not Path(text).exists():
+                return f"${DATA_VAR}/{Path(text).as_posix()}"
     path = Path(text).resolve()
     for root in _data_roots(data_dir):
         if path == root or root in path.parents:

@@ -44,6 +44,10 @@ def structured_prune(
     except Exception as exc:
         raise ModelError(f"Torch-Pruning failed at ratio {ratio}: {exc}") from exc
     after = sum(p.numel() for p in pruned.parameters())
+    if after >= before:
+        # Torch-Pruning leaves a layer whole rather than remove every channel.
+        raise ModelError(f"not pruned: ratio {ratio} would remove every channel "
+                         f"of a layer, so none was removed ({before} params)")
     logger.info("pruned %.0f%% of channels: %d -> %d params", ratio * 100, before,
                 after)
     return pruned

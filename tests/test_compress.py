@@ -437,6 +437,13 @@ def test_portable_paths_use_the_data_folder_or_the_artifact(tmp_path, monkeypatc
     assert portable_path(str(tmp_path / "ck"), art) == "../../ck"
     assert portable_path("nsl-kdd", art) == "nsl-kdd"  # a dataset name stays
     assert portable_path(None, art) is None
+
+    # A teacher's provenance names data files relative to the data folder; run
+    # from any other folder they still become $GATEWATCH_DATA/... (were ../../).
+    (data / "nsl-kdd" / "KDDTest+.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    assert portable_path("nsl-kdd/KDDTest+.txt", art) == (
+        "$GATEWATCH_DATA/nsl-kdd/KDDTest+.txt")
     argv = ["/usr/local/bin/compress", "run", "--teacher", str(tmp_path / "ck"),
             f"--data={data}/x.parquet", "--epochs", "3"]
     assert portable_argv(argv, art) == [

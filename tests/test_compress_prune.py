@@ -31,6 +31,13 @@ def test_structured_pruning_removes_half_the_hidden_channels(kind: str) -> None:
     assert model.fc.weight.shape == (1, 16)  # the original is untouched
 
 
+def test_a_ratio_that_would_empty_a_layer_is_refused_not_silently_skipped() -> None:
+    # cnn-4 at 0.99: Torch-Pruning keeps every layer whole rather than empty one.
+    model = build_student("cnn", F, W, width=4, seed=0).eval()
+    with pytest.raises(ModelError, match="not pruned: ratio 0.99"):
+        structured_prune(model, 0.99, torch.zeros(2, W, F))
+
+
 def test_recurrent_students_are_not_pruned() -> None:
     model = build_student("lstm", F, W, width=8)
     with pytest.raises(ModelError, match="recurrent"):
