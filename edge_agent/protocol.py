@@ -41,6 +41,9 @@ SCHEMA = "gatewatch/v1"
 TOPIC_ROOT = "gatewatch/v1"
 MAX_ID_LENGTH = 64
 MAX_PAYLOAD_BYTES = 256 * 1024
+# The longest model_version an escalation may carry (the runtime refuses longer
+# names in a manifest; compress writes names of a few dozen characters).
+MAX_MODEL_VERSION = 256
 # The range of a window's values. Every feature the encoder writes is in 0..1
 # (min-max clipped, quantile levels, flags, one-hot), so a value outside it is a
 # buggy or hostile sender: scored, it would buy a confident verdict far from any
@@ -611,7 +614,11 @@ def parse_escalation(
         raise ProtocolError(RejectKind.BAD_VALUE, str(exc)) from exc
     if body["decision"] == Decision.BENIGN.value:
         raise ProtocolError(RejectKind.BAD_VALUE, "a benign flow is not an escalation")
-    _require(body, "model_version", str)
+    version = _require(body, "model_version", str)
+    problem = (f"is {len(version)} characters long, more than {MAX_MODEL_VERSION}"
+               if len(version) > MAX_MODEL_VERSION else text_problem(version))
+    if problem is not None:
+        raise ProtocolError(RejectKind.BAD_VALUE, f"field 'model_version' {problem}")
     body["flow"] = flow
     return body
 

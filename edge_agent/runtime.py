@@ -27,15 +27,12 @@ from typing import Any
 import numpy as np
 
 from edge_agent import logger
-from edge_agent.protocol import text_problem
+from edge_agent.protocol import MAX_MODEL_VERSION, text_problem
 from flows.errors import BadInputError, ModelError, json_problem
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 MAX_PROBE_ATOL = 0.05  # the most a manifest may allow its probe scores to differ
-# The longest model_version accepted: it travels in every escalation and status
-# message (compress writes names of a few dozen characters).
-MAX_MODEL_VERSION = 256
 
 _ONNX_TARGETS = {"onnx-fp32", "onnx-int8"}
 _TFLITE_TARGETS = {"tflite-fp32", "tflite-int8"}

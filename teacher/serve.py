@@ -659,11 +659,6 @@ class ReScorer:
                     proto.RejectKind.BAD_TOPIC,
                     f"escalation of {esc['site']}/{esc['gateway']} arrived on {topic}",
                 )
-            problem = proto.text_problem(esc["model_version"])
-            if problem is not None:
-                raise proto.ProtocolError(
-                    proto.RejectKind.BAD_VALUE, f"field 'model_version' {problem}"
-                )
         except proto.ProtocolError as exc:
             self._reject(exc, topic, payload, token)
             return

@@ -1069,6 +1069,29 @@ def test_a_model_version_with_control_characters_is_rejected(tm, teacher, tmp_pa
     store.close()
 
 
+def test_a_model_version_longer_than_an_artifact_may_carry_is_rejected(
+    tm, teacher, tmp_path
+):
+    """Found: a 100,000-character model_version was answered and stored whole (the
+    runtime refuses names over 256 characters in a manifest; a hostile gateway
+    inflated the store 250-fold). 256 characters pass, 257 are bad_value."""
+    from edge_agent.protocol import MAX_MODEL_VERSION
+
+    _, teacher_obj = teacher
+    store = AlertStore(tmp_path / "alerts.sqlite")
+    server = ReScorer(teacher_obj, broker="mqtt://127.0.0.1:1", store=store)
+    server.link.ack = lambda token: None
+    topic = "gatewatch/v1/s1/g1/escalations"
+    for n, version in enumerate(["m" * 100_000, "m" * (MAX_MODEL_VERSION + 1)]):
+        server._on_message(topic, proto.encode(_escalation(tm, n, version)), (n, 1))
+    assert server.rejects.counts == {"bad_value": 2}
+    assert server._queue.empty()
+    longest = "m" * MAX_MODEL_VERSION
+    server._on_message(topic, proto.encode(_escalation(tm, 9, longest)), (9, 1))
+    assert server._queue.qsize() == 1 and server.rejects.counts == {"bad_value": 2}
+    store.close()
+
+
 def test_a_client_id_mqtt_cannot_carry_is_refused_before_connecting(teacher, tmp_path):
     """Found: a 70,000-character id reached paho and failed there (struct.error)."""
     _, teacher_obj = teacher
