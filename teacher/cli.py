@@ -580,15 +580,15 @@ def _data_ref(source: str) -> str:
     return str(path.resolve()) if path.exists() else source
 
 
-def _holdout(args: argparse.Namespace, prep: Any) -> list[str]:
-    from teacher.data import holdout_types
-
+def _holdout(args: argparse.Namespace) -> float | dict[str, float]:
+    """What ``prepare`` holds out for validation: ``--holdout-types``, else the
+    family's default (half of NSL-KDD's attack types, none elsewhere)."""
     frac = args.holdout_types
     if frac is None:
-        frac = NSL_KDD_HOLDOUT if prep.family == "nsl-kdd" else 0.0
+        return {"nsl-kdd": NSL_KDD_HOLDOUT}
     if not 0.0 <= frac < 1.0:
         raise UsageError(f"--holdout-types must be in [0, 1), got {frac}")
-    return holdout_types(prep, frac, seed=args.seed) if frac > 0 else []
+    return frac
 
 
 def _train_config(args: argparse.Namespace, **defaults: Any) -> Any:
@@ -1045,8 +1045,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         _network_config(args, n_features=1, window=1)
     prep = _prepare(args, encoder=encoder, data_dir=args.data_dir,
                     window=args.window, group_by=args.group_by, seed=args.seed,
-                    need_split=True, scaling=args.scaling, knots=args.knots)
-    held = _holdout(args, prep)
+                    need_split=True, scaling=args.scaling, knots=args.knots,
+                    holdout=_holdout(args))
+    held = prep.held
 
     # Network sizes: the pretrained ones, else the flags over the defaults.
     if base is not None:
@@ -1280,8 +1281,8 @@ def cmd_baselines(args: argparse.Namespace) -> int:
         _check_out_file(args.out, force=args.force)
     prep = _prepare(args, data_dir=args.data_dir, window=args.window,
                     seed=args.seed, need_split=True, scaling=args.scaling,
-                    knots=args.knots)
-    held = _holdout(args, prep)
+                    knots=args.knots, holdout=_holdout(args))
+    held = prep.held
     out = {"data": prep.name, "window": prep.window, "n_features": prep.n_features,
            "scaling": prep.encoder.scaling, "held_out_types": held,
            "baselines": run_baselines(prep, names, svm_cap=args.svm_cap,
@@ -1336,8 +1337,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     for w in windows:
         prep = _prepare(args, data_dir=args.data_dir, window=w,
                         seed=args.seed, need_split=True, scaling=args.scaling,
-                        knots=args.knots)
-        _holdout(args, prep)
+                        knots=args.knots, holdout=_holdout(args))
         preps[w] = prep
     grid["window"] = windows
     family = next(iter(preps.values())).family

@@ -11,6 +11,7 @@ demand, so large sets never hold W copies of every row.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,8 @@ class Prepared:
     damage are here, and commands exit 4 after their work. ``timezone`` is the zone
     an Argus binetflow file's start times were read in (files of other formats and
     registered datasets carry epoch times, which it leaves alone); provenance
-    records it with the files.
+    records it with the files. ``held`` names the attack types ``prepare`` moved
+    to validation before it fitted the encoder (``holdout``).
     """
 
     X: np.ndarray
@@ -62,6 +64,7 @@ class Prepared:
     warnings: list[str] = field(default_factory=list)
     partial: bool = False
     timezone: str = "UTC"
+    held: list[str] = field(default_factory=list)
 
     @property
     def window(self) -> int:
@@ -116,12 +119,29 @@ def holdout_types(
     candidates; a seeded draw holds out about ``fraction`` of them (at least one
     per family with a candidate). Every row of a held-out type, train or val, ends
     up in val. Returns the held-out type names. Test rows are never touched.
+
+    This moves the rows of an encoded ``prep``, whose encoder was fitted with the
+    held-out types among its training rows (their value ranges and quantiles, not
+    their labels); ``prepare(..., holdout=...)`` holds them out before the encoder
+    is fitted, as the teacher commands do.
     """
     if prep.details is None:
         return []
-    details = prep.details.astype(str)
-    fams = prep.families.astype(str) if prep.families is not None else details
-    dev = np.isin(prep.split, ("train", "val")) & (prep.y == 1)
+    prep.split, held = _held_out_split(prep.split, prep.y, prep.details,
+                                       prep.families, fraction, seed, min_rows)
+    return held
+
+
+def _held_out_split(
+    split: np.ndarray, y: np.ndarray, details: Any, families: Any,
+    fraction: float, seed: int, min_rows: int = 20,
+) -> tuple[np.ndarray, list[str]]:
+    """The split with whole attack types moved to val (see :func:`holdout_types`),
+    and their names."""
+    details = np.asarray(details, dtype=object).astype(str)
+    fams = (np.asarray(families, dtype=object).astype(str) if families is not None
+            else details)
+    dev = np.isin(split, ("train", "val")) & (np.asarray(y) == 1)
     rng = np.random.default_rng(seed)
     held: list[str] = []
     for fam in sorted(set(fams[dev])):
@@ -132,11 +152,11 @@ def holdout_types(
             continue
         k = max(1, int(round(fraction * len(candidates))))
         held += sorted(rng.choice(candidates, size=k, replace=False).tolist())
-    moving = np.isin(details, held) & np.isin(prep.split, ("train", "val"))
-    prep.split = prep.split.copy()
-    prep.split[moving] = "val"
+    moving = np.isin(details, held) & np.isin(split, ("train", "val"))
+    split = np.asarray(split, dtype=object).copy()
+    split[moving] = "val"
     logger.info("held out %d attack types for validation: %s", len(held), held)
-    return held
+    return split, held
 
 
 def _registry() -> dict[str, Any]:
@@ -276,6 +296,7 @@ def prepare(
     knots: int | None = None,
     encoder_of: str = "the checkpoint",
     timezone: str = "UTC",
+    holdout: float | Mapping[str, float] = 0.0,
 ) -> Prepared:
     """Encode a dataset name or a flow file into a :class:`Prepared`.
 
@@ -289,8 +310,11 @@ def prepare(
     ``encoder_of`` names whose encoder was given, for that mismatch's message.
     ``timezone`` (an IANA name, default UTC) is the zone an Argus binetflow file's
     StartTime is written in, as in :func:`flows.readers.read`; other formats and
-    the registered datasets carry epoch times and ignore it. An unknown name is a
-    UsageError.
+    the registered datasets carry epoch times and ignore it. ``holdout`` (a share,
+    or a share per family) moves that share of the attack types to validation
+    (:func:`holdout_types`, seeded with ``seed``) before the encoder is fitted, so
+    that their value ranges do not shape it; their names are in ``Prepared.held``.
+    An unknown name is a UsageError.
     """
     from flows.encoder import Encoder
     from flows.record import table_to_columns
@@ -322,6 +346,11 @@ def prepare(
         split = stratified_split(y, seed=seed)
     else:
         split = np.full(table.num_rows, "test", dtype=object)
+    share = (holdout.get(loaded["family"], 0.0) if isinstance(holdout, Mapping)
+             else holdout)
+    held: list[str] = []
+    if share > 0 and details is not None:
+        split, held = _held_out_split(split, y, details, families, share, seed)
 
     # Encoder: fit on labeled training rows, or check the given one fits the data.
     if encoder is None:
@@ -352,7 +381,7 @@ def prepare(
         families=None if families is None else np.asarray(families, dtype=object),
         details=None if details is None else np.asarray(details, dtype=object),
         files=loaded["files"], warnings=loaded["warnings"],
-        partial=loaded["partial"], timezone=timezone,
+        partial=loaded["partial"], timezone=timezone, held=held,
     )
 
 

@@ -388,3 +388,30 @@ def test_field_outliers_need_an_encoder_that_names_fields():
                                              outlier_unit="field"))
     with pytest.raises(UsageError, match="outlier_unit"):
         TrainConfig(outlier_unit="row")
+
+
+@pytest.mark.data
+def test_held_out_types_do_not_shape_the_encoder(data_dir):
+    """KDDTrain+'s held-out attack types (seed 0) are moved to validation before
+    the encoder is fitted: their value ranges and quantiles are not in it."""
+    from flows.encoder import Encoder
+    from flows.readers import read
+    from teacher.data import prepare
+
+    prep = prepare("nsl-kdd", data_dir=data_dir, seed=0, need_split=True,
+                   holdout={"nsl-kdd": 0.5})
+    assert prep.held == ["pod", "teardrop", "ipsweep", "nmap", "guess_passwd"]
+
+    # Independently: the encoder fitted on the training rows without those types.
+    table = read(data_dir / "nsl-kdd" / "KDDTrain+.txt.gz").table
+    columns = {k: np.asarray(v) for k, v in table.to_pydict().items()}
+    details = columns["label_detail"].astype(str)
+    train = prep.split[: len(details)] == "train"
+    assert not np.isin(details[train], prep.held).any()
+    expected = Encoder.fit({k: v[train] for k, v in columns.items()}, "nsl-kdd")
+    assert prep.encoder.to_dict() == expected.to_dict()
+
+    # wrong_fragment is non-zero only in pod and teardrop rows: constant here.
+    field = next(f for f in prep.encoder.numeric if f.name == "wrong_fragment")
+    assert field.hi == field.lo == 0.0
+    assert columns["wrong_fragment"][np.isin(details, ["pod", "teardrop"])].max() > 0
