@@ -129,8 +129,10 @@ class OutboxInUseError(UsageError):
 
 
 def lock_path(path: str | Path) -> Path:
-    """The lock file of the outbox at ``path``: ``<outbox>.lock`` beside it."""
-    path = Path(path)
+    """The lock file of the outbox at ``path``: ``<outbox>.lock`` beside the file
+    itself, symbolic links followed, so that two names of one outbox share a
+    lock (a link to a running agent's outbox mixed two gateways' escalations)."""
+    path = Path(os.path.realpath(path))
     return path.with_name(path.name + ".lock")
 
 
@@ -209,8 +211,11 @@ class Outbox:
         self._lock_fd = claim(self.path) if lock else None
         existed = self.path.is_file() and self.path.stat().st_size > 0
         try:
+            # The file itself, links followed: SQLite names its -wal file after
+            # the path it is given, and two names must share one.
             self._db = sqlite3.connect(
-                str(self.path), check_same_thread=False, isolation_level=None
+                os.path.realpath(self.path), check_same_thread=False,
+                isolation_level=None,
             )
             if existed:  # before anything could write to the file
                 self._check_pages()
