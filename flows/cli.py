@@ -69,7 +69,8 @@ exit codes:
        gzip text past $GATEWATCH_MAX_INFLATED bytes, 2 GiB by
        default); the rows read before it are still shown or written.
        Damaged packets in a capture (a time before 1970 or past
-       9999, cut headers) are skipped and the read goes on: exit 4
+       9999, a fraction of a second of a whole second or more,
+       cut headers) are skipped and the read goes on: exit 4
        too, the error line saying how many and where the first was
   {EXIT_INTERRUPTED}  interrupted
 a standard output whose reader went away (| head, a closed pipe) is not an

@@ -1967,6 +1967,10 @@ cdef class FastMeter:
         cdef uint32_t sec, frac, incl, orig
         cdef int64_t count = 0
         cdef const uint8_t* r
+        # The fraction of a second counts micro- or nanoseconds (the scale says
+        # which): a record with a whole second or more there is left to the reader,
+        # which skips it as damaged (bad_time).
+        cdef uint32_t frac_limit = 1000000000 if scale < 1e-7 else 1000000
         if hdr < 16 or pos < 0:
             raise ValueError(f"pcap record header of {hdr} bytes at {pos}: not a pcap")
         while size - pos >= hdr:
@@ -1977,7 +1981,7 @@ cdef class FastMeter:
                 sec, frac, incl, orig = le32(r), le32(r + 4), le32(r + 8), le32(r + 12)
             if incl > MAX_RECORD or (
                 orig and <int64_t>incl > <int64_t>orig + hdr and incl > snaplen
-            ):
+            ) or frac >= frac_limit:
                 break
             if size - pos < hdr + <int64_t>incl:
                 break

@@ -13,7 +13,11 @@ empty file) and ``"garbage"`` when the bytes cannot be a record or block at all.
 A pcapng packet block that is whole and framed right but names an interface the
 section does not describe is one damaged packet, not the end: it is skipped,
 counted in :attr:`CaptureReader.skipped_blocks` and reported through
-:attr:`CaptureReader.on_damaged`, and the read goes on with the next block.
+:attr:`CaptureReader.on_damaged`, and the read goes on with the next block. So is
+a classic pcap record whose fraction of a second is a whole second or more (1e6
+microseconds, or 1e9 in a nanosecond pcap): its lengths still frame it, but its
+time is no time, so it is skipped as ``bad_time`` (the meter's reason for a time
+before 1970 or past 9999) rather than read as a time seconds or hours later.
 """
 
 from __future__ import annotations
@@ -61,9 +65,10 @@ class CaptureReader:
     After iteration, :attr:`damage` says whether and where the file was damaged,
     :attr:`format` is ``"pcap"`` or ``"pcapng"``, :attr:`link_types` counts packets
     per link type and :attr:`packets` counts the packets yielded.
-    :attr:`skipped_blocks` counts by reason the packet blocks skipped as damaged
-    (not yielded, not in :attr:`packets`); :attr:`on_damaged`, when set, is called
-    with the offset, reason and message of each (the meter's ``_damaged``).
+    :attr:`skipped_blocks` counts by reason the packet blocks and pcap records
+    skipped as damaged (not yielded, not in :attr:`packets`); :attr:`on_damaged`,
+    when set, is called with the offset, reason and message of each (the meter's
+    ``_damaged``).
     """
 
     def __init__(self, path: str, fh=None) -> None:
@@ -159,6 +164,13 @@ class CaptureReader:
             order = ">"
             magic = struct.unpack_from(">I", buf, pos)[0]
         scale = 1e-9 if magic == PCAP_MAGIC_NS else 1e-6
+        # The record header's fraction of a second counts micro- or nanoseconds:
+        # a count of a whole second or more is damage, not a later time.
+        frac_limit, frac_unit = (
+            (1_000_000_000, "nanoseconds")
+            if magic == PCAP_MAGIC_NS
+            else (1_000_000, "microseconds")
+        )
         hdr = 24 if magic == PCAP_MAGIC_KUZNETZOV else 16
         _, _, _, _, snaplen, link_raw = struct.unpack_from(
             order + "HHiIII", buf, pos + 4
@@ -212,6 +224,9 @@ class CaptureReader:
                     buf, pos = self._buf, self._pos
                 offset = self._base + pos
                 self._pos = pos + hdr + incl
+                if frac >= frac_limit:
+                    self._bad_record_time(offset, frac, frac_limit, frac_unit)
+                    continue
                 counts += 1
                 yield (
                     sec + frac * scale,
@@ -224,6 +239,21 @@ class CaptureReader:
             self.packets += counts
             if counts:
                 self.link_types[link] += counts
+
+    def _bad_record_time(self, offset: int, frac: int, limit: int, unit: str) -> None:
+        """Skip one whole pcap record whose fraction of a second is out of range.
+
+        The record's lengths still frame it, so the read goes on after it, as
+        after a pcapng block naming no interface. Skip reason ``bad_time``, the
+        meter's own for a packet time it cannot use (before 1970, past 9999).
+        """
+        message = (
+            f"packet time stamp is unusable: expected a fraction of a second "
+            f"below {limit} {unit}, found {frac}"
+        )
+        self.skipped_blocks["bad_time"] += 1
+        if self.on_damaged is not None:
+            self.on_damaged(offset, "bad_time", message)
 
     # -- pcapng -----------------------------------------------------------------------
 

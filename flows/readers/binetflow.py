@@ -8,7 +8,9 @@ Mapping onto the canonical conn record:
   time the clock shows twice (the hour repeated when summer time ends) is read as
   the first of the two, and a time it skips (the hour lost when summer time starts)
   with the offset from before the change (Python's ``fold=0``). A ``ts`` before 1970
-  (below 0) makes the row a bad row, named ``StartTime``.
+  (below 0) makes the row a bad row, named ``StartTime``; so does a date that does
+  not exist (``2011/02/30``, or ``2011/02/29`` in a year that is no leap year), as
+  a month 13 or an hour 25 does: it is not moved on into the next month.
   ``Dur`` -> ``duration``; ``Proto`` -> ``proto`` (lower case; one that is neither
   a protocol name nor a number 0..255 makes the row a bad row);
   ``SrcAddr``/``Sport`` -> ``src_ip``/``src_port`` and ``DstAddr``/``Dport`` ->
@@ -39,6 +41,7 @@ Mapping onto the canonical conn record:
 
 from __future__ import annotations
 
+import calendar
 import functools
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -279,10 +282,37 @@ def _start_time(arr: pa.Array, bad: BadRows, zone: ZoneInfo | None) -> pa.Array:
                 "StartTime",
                 f"expected YYYY/MM/DD HH:MM:SS.ffffff, found {arr[row].as_py()!r}",
             )
+    _impossible_dates(whole, secs, arr, bad)
     seconds = pc.cast(secs, pa.int64())
     if zone is not None:
         seconds = _local_to_utc(seconds, zone)
     return pc.add(pc.cast(seconds, pa.float64()), fraction)
+
+
+def _impossible_dates(
+    whole: pa.Array, secs: pa.Array, arr: pa.Array, bad: BadRows
+) -> None:
+    """Note the rows whose StartTime names a day its month does not have.
+
+    Arrow's ``strptime`` takes any day from 1 to 31 and rolls the surplus into
+    the next month (``2011/02/30`` reads as 2011-03-02): a parsed day that differs
+    from the day written is such a date, and the row is a bad row named
+    ``StartTime``, as a month 13 is.
+    """
+    day_written = r"^\d+/\d+/(?P<day>\d+) "
+    written = pc.struct_field(pc.extract_regex(whole, day_written), "day")
+    shifted = pc.not_equal(pc.day(secs), pc.cast(written, pa.int64()))
+    rows = np.flatnonzero(np.asarray(shifted.fill_null(False)))
+    for row in rows:
+        text = arr[row].as_py()
+        year, month = (int(part) for part in whole[row].as_py().split("/")[:2])
+        days = calendar.monthrange(year, month)[1]
+        bad.add(
+            int(row),
+            "StartTime",
+            f"expected YYYY/MM/DD HH:MM:SS.ffffff with a day its month has, found "
+            f"{text!r} ({year:04d}/{month:02d} has {days} days)",
+        )
 
 
 _EPOCH = datetime(1970, 1, 1)
