@@ -210,6 +210,7 @@ def iter_members(
     """
     seen: set[str] = set()
     gz = gzip.GzipFile(fileobj=fileobj, mode="rb")
+    draining = False
     try:
         with tarfile.open(fileobj=gz, mode="r|") as tar:
             for count, member in enumerate(tar, start=1):
@@ -234,9 +235,17 @@ def iter_members(
 
         # Read to the end of the gzip stream, so its length and CRC are checked too:
         # a file cut inside the tar's zero padding still has members that all pass.
+        draining = True
         while gz.read(1 << 20):
             pass
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        # Past a whole, checked gzip stream, bytes that start no other one.
+        if draining and str(exc).startswith("Not a gzipped file"):
+            raise BadInputError(
+                f"not a single gzip tar (damaged, or with bytes after its end): "
+                f"{exc}",
+                path=where,
+            ) from exc
         raise BadInputError(
             f"not a complete gzip tar (truncated or damaged): {exc}", path=where
         ) from exc

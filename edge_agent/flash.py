@@ -7,6 +7,7 @@
     opt/gatewatch/models/{A,B}/                                    model slots
     opt/gatewatch/models/current -> A | B                          the active slot
     opt/gatewatch/models/slots.json                                what each slot holds
+    opt/gatewatch/flashed.json, opt/gatewatch/.flash.lock          last bundle; lock
     etc/gatewatch/gateway.toml, etc/gatewatch/update.pub           config, OTA key
     etc/systemd/system/gatewatch-agent.service                     the unit
 
@@ -42,6 +43,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -68,6 +70,12 @@ COMPLETE = ".complete"
 # slots.json's list of the models an operator rolled back from (see ModelSlots).
 ROLLED_BACK = "rolled_back"
 MAX_ROLLED_BACK = 16  # the newest marks kept; older ones name long-gone models
+# A slot record's mark of a model installed and never yet made active (see install).
+PENDING = "never_active"
+STAGING_PREFIX = ".incoming-"  # + pid + "-": a folder being filled next to the slots
+UNPACK_PREFIX = "gatewatch-flash-"  # + pid + "-": a bundle unpacked in the temp folder
+FLASHED_FILE = "flashed.json"  # in /opt/gatewatch: the last bundle flashed (flash)
+LOCK_FILE = ".flash.lock"  # in /opt/gatewatch: held while a flash installs
 
 
 class FlashError(GatewatchError):
@@ -180,12 +188,24 @@ class ModelSlots:
         return dict(self.state().get(slot) or {})
 
     def staging(self) -> Path:
-        """A fresh folder next to the slots (same file system, so a rename moves it)."""
+        """A fresh folder next to the slots (same file system, so a rename moves it),
+        named ``.incoming-<pid>-...`` so that :meth:`remove_stale_staging` knows
+        whose it is."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.dir))
+        prefix = f"{STAGING_PREFIX}{os.getpid()}-"
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.dir))
+
+    def remove_stale_staging(self) -> list[Path]:
+        """Remove the staging folders that a killed flash or update left: those
+        whose pid no longer runs, and those of the older unnamed kind
+        (``.incoming-XXXX``, from before the pid was in the name). Returns them."""
+        return _remove_dead(self.dir, STAGING_PREFIX, unnamed_too=True)
 
     def install(self, slot: str, staged: Path, info: dict[str, Any]) -> Path:
-        """Move ``staged`` into ``slot`` (which must not be active) and record it."""
+        """Move ``staged`` into ``slot`` (which must not be active) and record it,
+        marked as never active (``never_active``) until :meth:`switch` makes it
+        active: a rollback refuses such a slot (a flash or update killed between
+        the install and the switch leaves one)."""
         if slot == self.active():
             raise UsageError(f"model slot {slot} is active; refusing to overwrite it")
         target = self.path(slot)
@@ -195,12 +215,15 @@ class ModelSlots:
         if target.exists():
             shutil.rmtree(target)
         os.replace(staged, target)
-        self._record(slot, {**info, "installed_at": time.time()})
+        self._record(slot, {**info, "installed_at": time.time(), PENDING: True})
         return target
 
     def switch(self, slot: str) -> None:
-        """Make ``slot`` the active one with one atomic rename of ``current``."""
+        """Make ``slot`` the active one with one atomic rename of ``current``,
+        then drop the never-active mark of it and of the slot it leaves (best
+        effort: a mark left on the active slot is dropped at the next switch)."""
         self.path(slot)
+        left = self.active()
         tmp = self.dir / f".{CURRENT}-{os.getpid()}"
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
@@ -208,6 +231,26 @@ class ModelSlots:
         os.replace(tmp, self.current_path)
         _fsync_dir(self.dir)
         logger.info("model slot %s is active in %s", slot, self.dir)
+        try:
+            state = self.state()
+            marked = [
+                s for s in {slot, left} - {None} if (state.get(s) or {}).get(PENDING)
+            ]
+            for name in marked:
+                state[name] = {
+                    k: v for k, v in state[name].items() if k != PENDING
+                }
+            if marked:
+                _write_atomic(
+                    self.dir / STATE_FILE, json.dumps(state, indent=1).encode()
+                )
+        except (OSError, GatewatchError) as exc:
+            logger.warning(
+                "model slot %s is active, but %s could not be updated (%s)",
+                slot,
+                self.dir / STATE_FILE,
+                exc,
+            )
 
     def rolled_back(self) -> list[dict[str, Any]]:
         """The marks of the models an operator rolled back from, oldest first
@@ -306,6 +349,51 @@ def _rolled_back_problem(marks: Any) -> str | None:
                 "a time in seconds"
             )
     return None
+
+
+def _pid_runs(pid: int) -> bool:
+    """Whether a process ``pid`` runs (one of another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs, as someone else
+        return True
+    return True
+
+
+def _remove_dead(folder: Path, prefix: str, *, unnamed_too: bool) -> list[Path]:
+    """Remove the folders ``<prefix><pid>-...`` in ``folder`` whose pid no longer
+    runs (and, with ``unnamed_too``, those with no pid after the prefix), never
+    through a link, only this user's; returns those removed."""
+    removed: list[Path] = []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return removed
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        pid_text = entry.name[len(prefix) :].partition("-")
+        named = pid_text[1] == "-" and pid_text[0].isdigit()
+        if named and _pid_runs(int(pid_text[0])):
+            continue
+        if not named and not unnamed_too:
+            continue
+        try:
+            st = entry.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or (uid is not None and st.st_uid != uid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+            logger.info("removed %s, left by a flash or update that was killed", entry)
+    return removed
 
 
 def _is_finite_number(value: Any) -> bool:
@@ -445,13 +533,19 @@ def flash(
 
     ``python`` is the interpreter the gateway venv is made from (default: the base
     interpreter of this one); it must be the Python version the bundle was built
-    for. A bundle built before the running model was issued is refused (UsageError)
-    unless ``allow_downgrade``. ``root`` must be an existing folder (UsageError
-    otherwise: a mistyped root is not made). A root whose update key is another
-    key than ``pubkey`` (or cannot be read as one) is refused (UsageError) unless
-    ``replace_key``: the key decides which model updates the gateway takes, so
-    it is not swapped as a side effect of a re-flash. Any failure leaves the
-    previous install as it was and raises.
+    for. A bundle built before the running model was issued, or before the last
+    bundle flashed on this root (``/opt/gatewatch/flashed.json``), is refused
+    (UsageError) unless ``allow_downgrade``. ``root`` must be an existing folder
+    (UsageError otherwise: a mistyped root is not made). A root whose update key
+    is another key than ``pubkey`` (or cannot be read as one) is refused
+    (UsageError) unless ``replace_key``: the key decides which model updates the
+    gateway takes, so it is not swapped as a side effect of a re-flash.
+
+    Everything that takes room is written first (release, model copy, config,
+    key and unit beside their names); only then are they renamed into place. A
+    failure before that, a full disk or a read-only root included (FlashError
+    naming the path and the reason), leaves the previous install, its rollback
+    target included, as it was.
     """
     bundle, root = Path(bundle), Path(root)
     layout = GatewayLayout(root)
@@ -466,7 +560,11 @@ def flash(
         raise UsageError(f"--root {root} is not a folder")
     interpreter = python or _base_python()
 
-    with tempfile.TemporaryDirectory(prefix="gatewatch-flash-") as tmp:
+    # Bundles unpacked by flashes that were killed: their pid no longer runs.
+    temp = Path(tempfile.gettempdir())
+    _remove_dead(temp, UNPACK_PREFIX, unnamed_too=False)
+    tmp = tempfile.mkdtemp(prefix=f"{UNPACK_PREFIX}{os.getpid()}-", dir=temp)
+    try:
         # 1. Verify and unpack outside the root: nothing there has changed yet.
         staged = Path(tmp) / "bundle"
         manifest = bundle_mod.verify_bundle(bundle, public_key, extract_to=staged)
@@ -475,41 +573,158 @@ def flash(
         if not replace_key:  # a verified bundle, before anything is installed
             _check_same_update_key(layout, public_key, pubkey)
 
+        lock = _take_flash_lock(layout)
+        try:
+            if not allow_downgrade:  # again, now that no other flash runs
+                _check_not_older(layout, manifest, bundle, allow_downgrade)
+            ModelSlots(layout.models).remove_stale_staging()
+            return _install(
+                layout, staged, manifest, bundle, pubkey, interpreter, tolerance
+            )
+        finally:
+            os.close(lock)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _take_flash_lock(layout: GatewayLayout) -> int:
+    """Hold ``/opt/gatewatch/.flash.lock`` (a descriptor to close): one flash of a
+    root at a time. The file is made once and never written, so a refused flash
+    changes nothing under the root. UsageError when another flash holds it;
+    FlashError when it cannot be made (a read-only root)."""
+    from edge_agent import locks
+
+    path = layout.opt / LOCK_FILE
+    try:
+        layout.opt.mkdir(parents=True, exist_ok=True)
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise _cannot_write(exc, path) from exc
+    if locks.fcntl is None:  # no flock (Windows): nothing is refused
+        return fd
+    try:
+        locks.fcntl.flock(fd, locks.fcntl.LOCK_EX | locks.fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(
+            f"another flash of {layout.root} is running (it holds {path}); wait "
+            "for it to end"
+        ) from None
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in locks.NO_FLOCK:
+            raise _cannot_write(exc, path) from exc
+    return fd
+
+
+def _cannot_write(exc: OSError, path: Path, committing: bool = False) -> FlashError:
+    """A FlashError for an OSError met while writing ``path`` (or the file the
+    error names), with the OS's reason: one ``error:`` line, exit 1.
+    ``committing``: some renames were done already (the message says so)."""
+    where: Any = exc.filename or path
+    reason = exc.strerror
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
+        first = exc.args[0][0] if exc.args[0] else None
+        if isinstance(first, tuple) and len(first) == 3:
+            where, reason = first[1], first[2]
+    kept = (
+        "the model and agent that ran are still active; flash it again"
+        if committing
+        else "nothing was switched, the previous install is kept"
+    )
+    return FlashError(f"cannot write {where}: {reason or exc}; {kept}")
+
+
+def _install(
+    layout: GatewayLayout,
+    staged: Path,
+    manifest: bundle_mod.BundleManifest,
+    bundle: Path,
+    pubkey: str | Path,
+    interpreter: str,
+    tolerance: float | None,
+) -> FlashResult:
+    """Install a verified, unpacked bundle (``staged``) into ``layout``, holding
+    the flash lock: first everything that takes room, then the renames."""
+    slots = ModelSlots(layout.models)
+    active_release = _release_name(
+        os.readlink(layout.venv) if layout.venv.is_symlink() else None
+    )
+    release: Path | None = None
+    incoming: Path | None = None
+    written: list[tuple[Path, Path]] = []  # (temporary file, its final name)
+    step = layout.releases
+    step_done: list[str] = []  # what is switched already, for the error line
+    try:
         # 2. The release venv, built beside the active one from the bundled wheels;
-        # 3. the model, checked by that venv, into the inactive slot.
+        # 3. the model, checked by that venv, copied next to the slots (no slot
+        # is touched yet, so the rollback target stays as it is).
         release = _install_release(layout, staged, manifest, interpreter)
         venv_python = release / "venv" / "bin" / "python"
-        active_release = _release_name(
-            os.readlink(layout.venv) if layout.venv.is_symlink() else None
-        )
-        try:
-            slot, slots, kept = _install_model(
-                layout, staged, manifest, bundle, venv_python, tolerance
-            )
-        except BaseException:
-            if release.name != active_release:
-                shutil.rmtree(release, ignore_errors=True)
-            raise
+        slot, kept = _pick_slot(layout, staged, manifest, bundle, venv_python,
+                                tolerance)
+        if not kept:
+            step = layout.models
+            incoming = slots.staging()
+            os.rmdir(incoming)
+            shutil.copytree(staged / bundle_mod.MODEL_DIR, incoming)
 
-        # 4. Config, update key and unit, each by rename.
-        _write_atomic(layout.config, (staged / bundle_mod.CONFIG_PATH).read_bytes())
-        _write_atomic(layout.pubkey, Path(pubkey).read_bytes())
-        _write_atomic(layout.unit, (staged / bundle_mod.UNIT_PATH).read_bytes())
+        # 4. Config, update key and unit, each beside its name.
+        for path, data in (
+            (layout.config, (staged / bundle_mod.CONFIG_PATH).read_bytes()),
+            (layout.pubkey, Path(pubkey).read_bytes()),
+            (layout.unit, (staged / bundle_mod.UNIT_PATH).read_bytes()),
+        ):
+            step = path
+            written.append((_write_beside(path, data), path))
+        step = layout.state
         layout.state.mkdir(mode=0o750, parents=True, exist_ok=True)
 
-    # 5. Switch the release and the model slot, then drop releases no longer used.
-    previous = os.readlink(layout.venv) if layout.venv.is_symlink() else None
-    _symlink_atomic(layout.venv, f"releases/{release.name}/venv")
-    # The operator installs this model on purpose: a rollback mark no longer holds
-    # its updates back.
-    slots.clear_rolled_back(manifest.model_version)
-    if not kept:
-        slots.switch(slot)
+        # 5. The switches: the model into its slot (marked never active until it
+        # is), the files renamed, the release and the model slot switched.
+        if incoming is not None:
+            step = layout.models
+            slots.install(slot, incoming, _slot_record(manifest, bundle))
+            step_done.append(f"model {manifest.model_version} into slot {slot}")
+        for tmp, path in written:
+            step = path
+            os.replace(tmp, path)
+            step_done.append(str(path))
+        written = []
+        step = layout.venv
+        previous = os.readlink(layout.venv) if layout.venv.is_symlink() else None
+        _symlink_atomic(layout.venv, f"releases/{release.name}/venv")
+    except BaseException as exc:
+        if release is not None and release.name != active_release:
+            shutil.rmtree(release, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _cannot_write(exc, step, committing=bool(step_done)) from exc
+        raise
+    finally:
+        if incoming is not None:
+            shutil.rmtree(incoming, ignore_errors=True)
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+
+    try:
+        # The operator installs this model on purpose: a rollback mark no longer
+        # holds its updates back.
+        slots.clear_rolled_back(manifest.model_version)
+        if not kept:
+            slots.switch(slot)
+        _record_flashed(layout, manifest, bundle)
+    except OSError as exc:
+        raise FlashError(
+            f"flash of {layout.root} stopped after the release, config, key and "
+            f"unit were switched: {exc.filename or layout.models}: "
+            f"{exc.strerror or exc}; flash it again"
+        ) from exc
     _prune_releases(layout, keep={release.name, _release_name(previous)})
 
     logger.info(
         "flashed %s: agent %s (%s), model %s in slot %s%s",
-        root,
+        layout.root,
         manifest.agent_version,
         release.name,
         manifest.model_version,
@@ -517,7 +732,7 @@ def flash(
         " (already active; kept)" if kept else "",
     )
     return FlashResult(
-        root=root,
+        root=layout.root,
         release=release,
         slot=slot,
         agent_version=manifest.agent_version,
@@ -525,6 +740,82 @@ def flash(
         python=layout.venv / "bin" / "python",
         model_kept=kept,
     )
+
+
+def _write_beside(path: Path, data: bytes, mode: int = 0o644) -> Path:
+    """Write ``data`` to a fresh temporary file next to ``path``, flushed to disk,
+    for a later rename onto ``path``; returns it (removed again on failure)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def _slot_record(
+    manifest: bundle_mod.BundleManifest, bundle: Path
+) -> dict[str, Any]:
+    """What ``slots.json`` records of a model flashed from ``bundle``."""
+    return {
+        "model_version": manifest.model_version,
+        "sha256": manifest.digest,
+        "issued_at": _issued_at(manifest),
+        "source": f"bundle {bundle.name}",
+    }
+
+
+def flashed(layout: GatewayLayout) -> dict[str, Any] | None:
+    """The record of the last bundle flashed on ``layout``'s root
+    (``/opt/gatewatch/flashed.json``: ``created_ts``, ``sha256``, ``bundle``,
+    ``model_version``, ``flashed_at``), or None for a root flashed before the
+    record existed. A record that is not such an object is a BadInputError."""
+    path = layout.opt / FLASHED_FILE
+    if not (path.exists() or path.is_symlink()):
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, RecursionError, ValueError) as exc:
+        raise BadInputError(
+            f"the record of the last flash is unreadable ({json_problem(exc)})",
+            path=str(path),
+        ) from exc
+    built = data.get("created_ts") if isinstance(data, dict) else None
+    if built is not None and not _is_finite_number(built):
+        built = None
+    if built is None:
+        raise BadInputError(
+            "the record of the last flash has no created_ts (the build time in "
+            "seconds of the bundle flashed); expected a JSON object as flash "
+            "writes it",
+            path=str(path),
+        )
+    return data
+
+
+def _record_flashed(
+    layout: GatewayLayout, manifest: bundle_mod.BundleManifest, bundle: Path
+) -> None:
+    """Record ``bundle`` as the last one flashed on the root (see :func:`flashed`),
+    so that a bundle built before it is refused as a downgrade."""
+    built = manifest.data.get("created_ts")
+    if built is None:
+        return  # nothing to compare a later bundle with
+    record = {
+        "created_ts": float(built),
+        "sha256": manifest.digest,
+        "bundle": bundle.name,
+        "agent_version": manifest.agent_version,
+        "model_version": manifest.model_version,
+        "flashed_at": time.time(),
+    }
+    _write_atomic(layout.opt / FLASHED_FILE, json.dumps(record, indent=1).encode())
 
 
 def _check_same_update_key(layout: GatewayLayout, public_key: Any,
@@ -597,31 +888,43 @@ def _check_not_older(
     bundle: Path,
     allow_downgrade: bool,
 ) -> None:
-    """UsageError when the bundle was built before the running model was issued.
+    """UsageError when the bundle was built before the running model was issued,
+    or before the last bundle flashed on this root was built.
 
-    The same rule as a model update's (:class:`edge_agent.ota.ModelUpdater`), so an
-    old bundle cannot quietly undo a newer model; ``allow_downgrade`` lets a
-    deliberate one through with a warning.
+    The first is the rule of a model update (:class:`edge_agent.ota.ModelUpdater`),
+    so an old bundle cannot quietly undo a newer model; the second catches an old
+    bundle with the running model, whose config, agent and unit would otherwise
+    undo newer ones (a root flashed before :func:`flashed` records existed has
+    only the first). ``allow_downgrade`` lets a deliberate one through with a
+    warning.
     """
     slots = ModelSlots(layout.models)
     running = slots.info(slots.active())
     running_issued = running.get("issued_at")
-    if running_issued is None:
-        return  # nothing flashed yet, or a model of unknown age
+    last = flashed(layout)
     built = manifest.data.get("created_ts")
-    if built is not None and float(built) >= float(running_issued):
-        return
-
-    running_model = running.get("model_version")
     when = (
         "has no build time (created_ts)"
         if built is None
         else f"was built {_utc(float(built))}"
     )
-    problem = (
-        f"bundle {bundle} (model {manifest.model_version}) {when}, before the "
-        f"running model {running_model} was issued {_utc(float(running_issued))}"
-    )
+    problem = None
+    if running_issued is not None and (
+        built is None or float(built) < float(running_issued)
+    ):
+        problem = (
+            f"bundle {bundle} (model {manifest.model_version}) {when}, before the "
+            f"running model {running.get('model_version')} was issued "
+            f"{_utc(float(running_issued))}"
+        )
+    elif last is not None and (built is None or float(built) < last["created_ts"]):
+        problem = (
+            f"bundle {bundle} (model {manifest.model_version}) {when}, before "
+            f"bundle {last.get('bundle')} (model {last.get('model_version')}), "
+            f"flashed on this root, was built {_utc(float(last['created_ts']))}"
+        )
+    if problem is None:
+        return
     if allow_downgrade:
         logger.warning("%s; installing it anyway (--allow-downgrade)", problem)
         return
@@ -745,23 +1048,23 @@ def _release_problem(release: Path) -> str | None:
     return None
 
 
-def _install_model(
+def _pick_slot(
     layout: GatewayLayout,
     staged: Path,
     manifest: bundle_mod.BundleManifest,
     bundle: Path,
     venv_python: Path,
     tolerance: float | None,
-) -> tuple[str, ModelSlots, bool]:
-    """Health-check the bundled model in the new venv, then put it in a free slot.
+) -> tuple[str, bool]:
+    """Health-check the bundled model in the new venv, then say where it goes.
 
-    Returns the slot, the slots and whether the model was kept: a model already
-    active (same ``model_version`` and the same files, by their sha256) is not
-    installed again, so the other slot keeps the model a rollback goes back to.
-    One of the same ``model_version`` whose files differ (new site thresholds,
-    another build) is installed as any other model, with a warning naming the
-    files that differ. The same model in the inactive slot is installed there
-    again, as any other model, and becomes active.
+    Returns the slot and whether the model is kept: a model already active (same
+    ``model_version`` and the same files, by their sha256) is not installed again,
+    so the other slot keeps the model a rollback goes back to. One of the same
+    ``model_version`` whose files differ (new site thresholds, another build) goes
+    to the inactive slot as any other model, with a warning naming the files that
+    differ. The same model in the inactive slot is installed there again, as any
+    other model, and becomes active. Nothing is written here.
     """
     _health_check_in(venv_python, staged / bundle_mod.MODEL_DIR, tolerance)
     slots = ModelSlots(layout.models)
@@ -797,26 +1100,8 @@ def _install_model(
             other,
             slots.info(other).get("model_version") or "none",
         )
-        return active, slots, True
-
-    slot = slots.inactive()
-    incoming = slots.staging()
-    try:
-        os.rmdir(incoming)
-        shutil.copytree(staged / bundle_mod.MODEL_DIR, incoming)
-        slots.install(
-            slot,
-            incoming,
-            {
-                "model_version": manifest.model_version,
-                "sha256": manifest.digest,
-                "issued_at": _issued_at(manifest),
-                "source": f"bundle {bundle.name}",
-            },
-        )
-    finally:
-        shutil.rmtree(incoming, ignore_errors=True)
-    return slot, slots, False
+        return active, True
+    return slots.inactive(), False
 
 
 def _model_difference(
@@ -960,7 +1245,9 @@ def rollback(root: str | Path, *, tolerance: float | None = None) -> tuple[str, 
     left is marked in ``slots.json`` as rolled back (:class:`ModelSlots`): model
     updates of it are refused from then on, also a retained one handled again at
     the agent's next start, until it is flashed again; a newer model's update is
-    installed as ever.
+    installed as ever. A slot whose model was never active (``never_active``: a
+    flash or update killed between its install and its switch) is refused
+    (UsageError): rollback never activates a model that never ran.
     """
     from edge_agent import ota
 
@@ -974,6 +1261,14 @@ def rollback(root: str | Path, *, tolerance: float | None = None) -> tuple[str, 
     info = slots.info(other)
     if not info or not slots.path(other).is_dir():
         raise UsageError(f"model slot {other} holds no model to roll back to")
+    if info.get(PENDING):
+        running = slots.info(active).get("model_version") or "its model"
+        raise UsageError(
+            f"rollback refused, slot {active} ({running}) stays active: slot "
+            f"{other} holds model {info.get('model_version')}, which was never "
+            "active (installed by a flash or model update that did not finish); "
+            "flash the bundle to install it"
+        )
 
     # The previous model must still be intact and healthy before it is trusted.
     try:
