@@ -717,12 +717,21 @@ def _record_problem(rec: dict[str, Any]) -> str | None:
 # ---------------------------------------------------------------------------------
 # following a growing conn.log
 
+# How many of a followed file's first bytes are kept, to notice that the file was
+# rewritten in place (same inode) when its size alone does not say so.
+_HEAD_BYTES = 4096
+
 
 def _follow(src: Source, poll: float) -> Iterator[dict]:
     """Tail ``src.target``: new complete lines as they come, across rotations.
 
-    Rotation is noticed when the path names a new file (another inode) or the file
-    shrank; the old file is read to its end first, then the new one from its start.
+    Rotation is noticed when the path names a new file (another inode); the old
+    file is read to its end first, then the new one from its start with its own
+    header. The same file truncated or rewritten in place (logrotate's
+    ``copytruncate``, a tool writing it again) is read again from its start, as
+    :func:`_changed_in_place` tells: until a ``#`` line comes, its rows keep the
+    ``#fields`` layout read before (Zeek goes on writing rows, with no new header,
+    to the file it holds open), and a new header replaces that layout.
     A path that is missing (not yet written, or removed and not yet recreated) is
     waited for, with one warning. Lines are parsed one by one by
     ``flows.readers.stream`` (the same rules as a whole-file read); a line it
@@ -733,14 +742,14 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
 
     path = Path(src.target)
     handle, inode, parser = None, None, None
-    partial, line_no, skipping = "", 0, 0
+    partial, line_no, skipping = b"", 0, 0
+    offset, head = 0, b""  # bytes read so far; the file's first bytes, as read
+    carried = False  # read again in place: the earlier #fields hold until a # line
     waiting = vanished = False
     while True:
         if handle is None:
             try:
-                handle = open(
-                    path, encoding="utf-8", errors="surrogateescape", newline=""
-                )
+                handle = open(path, "rb")
                 inode = os.fstat(handle.fileno()).st_ino
                 if os.pread(handle.fileno(), 2, 0) == b"\x1f\x8b":
                     handle.close()
@@ -751,8 +760,8 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
                         path=str(path),
                     )
                 parser = TsvLineParser(str(path), src.unknown_label)
-                partial, line_no, skipping = "", 0, 0
-                waiting = vanished = False
+                partial, line_no, skipping, offset, head = b"", 0, 0, 0, b""
+                carried = waiting = vanished = False
             except FileNotFoundError:
                 if src.end.is_set():
                     return
@@ -765,28 +774,43 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
                 raise BadInputError(
                     f"is a directory; zeek: expects {_EXPECTED['zeek']}", path=str(path)
                 ) from None
+        before, at_line_start = offset, not partial and not skipping
         chunk = handle.read(1 << 16)
+        offset += len(chunk)
+        change = _changed_in_place(handle.fileno(), head, before, offset, at_line_start)
+        if change is not None:
+            _say_read_again(path, change)
+            handle.seek(0)
+            partial, line_no, skipping, offset, head = b"", 0, 0, 0, b""
+            carried = True
+            continue
+        if len(head) < _HEAD_BYTES and len(head) == before:
+            head += chunk[: _HEAD_BYTES - len(head)]
         if chunk:
             if skipping:
-                end = chunk.find("\n")
+                end = chunk.find(b"\n")
                 if end < 0:
                     skipping += len(chunk)
                     continue
                 line_no += 1
                 src.reject("line_too_long", too_long(skipping + end), line_no)
                 skipping, chunk = 0, chunk[end + 1 :]
-            lines = (partial + chunk).split("\n")
+            lines = (partial + chunk).split(b"\n")
             partial = lines.pop()
-            for line in lines:
+            for raw in lines:
                 line_no += 1
-                if len(line) > MAX_LINE_BYTES:
-                    src.reject("line_too_long", too_long(len(line)), line_no)
+                if len(raw) > MAX_LINE_BYTES:
+                    src.reject("line_too_long", too_long(len(raw)), line_no)
                     continue
-                rec = _parse_line(src, parser, line.rstrip("\r"), line_no)
+                line = raw.decode("utf-8", "surrogateescape").rstrip("\r")
+                if carried and line.strip():
+                    carried = False
+                    parser = _parser_after_restart(src, parser, line, line_no)
+                rec = _parse_line(src, parser, line, line_no)
                 if rec is not None:
                     yield rec
             if len(partial) > MAX_LINE_BYTES:
-                skipping, partial = len(partial), ""
+                skipping, partial = len(partial), b""
             continue
         if src.end.is_set():
             return  # asked to end: all the file held has been yielded
@@ -795,19 +819,79 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
                 "source %s: the file was removed; waiting for a new one", path
             )
             vanished = True
-        if _rotated(path, inode, handle):
+        if _rotated(path, inode):
             handle.close()
             handle = None
             continue
         time.sleep(poll)
 
 
-def _rotated(path: Path, inode: int | None, handle) -> bool:
+def _changed_in_place(
+    fd: int, head: bytes, before: int, offset: int, at_line_start: bool
+) -> str | None:
+    """Whether the followed file was truncated or rewritten under the same inode,
+    checked after each read: ``"truncated"``, ``"rewritten"`` or None.
+
+    ``before`` and ``offset`` are the bytes read before and after the read,
+    ``head`` the file's first bytes as read, and ``at_line_start`` says the read
+    before ended a line. The file is truncated when it is now shorter than what
+    was read; rewritten when its first bytes changed, or when the byte before
+    ``before`` is no longer the end of a line (the read went on mid-line in new
+    text). A rewrite that keeps the first bytes and puts a line end at that same
+    byte cannot be told from growth.
+    """
+    if os.fstat(fd).st_size < offset:
+        return "truncated"
+    if head and os.pread(fd, len(head), 0) != head:
+        return "rewritten"
+    if at_line_start and before and os.pread(fd, 1, before - 1) != b"\n":
+        return "rewritten"
+    return None
+
+
+def _say_read_again(path: Path, change: str) -> None:
+    """Log that the followed file is read again from its start, and why."""
+    if change == "truncated":
+        logger.info(
+            "source %s: the file was truncated in place (a copytruncate rotation); "
+            "reading it from its start",
+            path,
+        )
+        return
+    logger.warning(
+        "source %s: the file was rewritten in place (its first bytes, or the end of "
+        "the last line read, changed); reading it again from its start, so flows "
+        "read before may be scored again",
+        path,
+    )
+
+
+def _parser_after_restart(src: Source, parser, line: str, line_no: int):
+    """The parser for a file read again in place, given its first non-blank line:
+    a new one when the line is a ``#`` line (the new header replaces the old),
+    else the earlier one, whose ``#fields`` the rows keep (said once)."""
+    from flows.readers.stream import TsvLineParser
+
+    if line_no == 1:
+        line = line.removeprefix("\ufeff")
+    if line.startswith("#"):
+        return TsvLineParser(src.target, src.unknown_label)
+    if parser.header.fields is not None and not line.lstrip().startswith("{"):
+        logger.warning(
+            "source %s: the file was truncated in place; reading on with its "
+            "earlier #fields",
+            src.target,
+        )
+    return parser
+
+
+def _rotated(path: Path, inode: int | None) -> bool:
+    """Whether the path now names another file than the one being read."""
     try:
         st = path.stat()
     except FileNotFoundError:
         return False
-    return st.st_ino != inode or st.st_size < handle.tell()
+    return st.st_ino != inode
 
 
 def _parse_line(src: Source, parser, line: str, line_no: int) -> dict | None:
