@@ -181,6 +181,11 @@ class Counters:
     # Of outbox_failed, the alerts (their alert lines are written); the rest are
     # uncertain escalations, of which no record is left.
     outbox_failed_alerts: int = 0
+    # Escalations the broker took (or a re-scorer answered) that the outbox could
+    # not remove (a full disk): none is lost, they stay in it and go out again.
+    outbox_unforgotten: int = 0
+    # Of outbox_unforgotten, those a re-scorer answered in this run.
+    outbox_unforgotten_answered: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -462,6 +467,9 @@ class Agent:
         # table keeps the unanswered ones for a re-send), and the link's count of
         # connects without a session when the sender last looked.
         self._answered: list[str] = []
+        # Ids the outbox failed to remove once sent or answered (see
+        # Counters.outbox_unforgotten), each counted once.
+        self._unforgotten: set[str] = set()
         self._sessions_absent_seen = 0
         self._requeued = 0
         # Ids put back in the queue by a re-send or a lost session and not yet
@@ -1244,7 +1252,11 @@ class Agent:
                 self._quiet_since = time.monotonic()
         try:
             missing: list[str] = []
-            self.outbox.ack_many(done, missing)
+            try:
+                self.outbox.ack_many(done, missing)
+            except OutboxError:
+                self._note_unforgotten(done)
+                raise
             self.counters.escalations_sent += len(done)
             # Handed to the link before the outbox cap dropped them from the file:
             # the broker has them all the same, so they were not lost.
@@ -1263,7 +1275,19 @@ class Agent:
         with self._out_lock:
             answered, self._answered = self._answered, []
             answered += [i for i in done if i in self._verdict_ids]
-        self.outbox.answered_many(answered)
+        try:
+            self.outbox.answered_many(answered)
+        except OutboxError:
+            self._note_unforgotten(answered)
+            raise
+
+    def _note_unforgotten(self, ids: list[str]) -> None:
+        """Count escalations the outbox could not remove after the broker took
+        them or a re-scorer answered them (``outbox_unforgotten``): they stay in
+        the outbox and the next run sends them again."""
+        with self._out_lock:
+            self._unforgotten.update(ids)
+            self.counters.outbox_unforgotten = len(self._unforgotten)
 
     def _requeue_if_session_lost(self, link: MqttLink) -> None:
         """Publish again what the broker may have lost with our session.
@@ -1604,6 +1628,8 @@ class Agent:
             out["escalations_rejected"] = self._rejected_awaited()
             out["escalations_requeued"] = self._requeued
             awaited = list(self._awaiting)
+            out["outbox_unforgotten_answered"] = sum(
+                1 for i in self._unforgotten if i in self._verdict_ids)
         # Of those awaited, the ones the outbox still holds for the next run (its
         # sent table keeps only the newest keep_sent; ids evicted from memory
         # cannot be checked and count as not kept).

@@ -113,9 +113,13 @@ exit codes:
   {EXIT_PARTIAL_INPUT}    partial input: damage part way (a cut file: the read
        stopped there), damaged packets of a capture (skipped, the
        read went on), input lines rejected, or records the
-       artifact's encoder refused; the flows read were scored and
-       sent (calibrate: its thresholds were set from the flows read
-       before a bad row, 100 or more); the error line says which
+       artifact's encoder refused, or a live capture (iface:) that
+       failed part way (its interface went down or was removed: the
+       connections it held were ended and scored, as on SIGTERM, and
+       the error line names the interface and the reason); the flows
+       read were scored and sent (calibrate: its thresholds were set
+       from the flows read before a bad row, 100 or more); the error
+       line says which
   {EXIT_UNAVAILABLE}    broker unavailable (refused credentials or certificate; one
        that does not answer at start is retried in the background
        while flows are scored), escalations left unacknowledged in
@@ -125,7 +129,10 @@ exit codes:
        waited for verdicts included, with --no-wait-verdicts too: they
        stay for the next run), an outbox that cannot be opened for a
        full disk or an I/O error, or escalations dropped because the
-       outbox could not store them (disk full, I/O error) or by its cap
+       outbox could not store them (disk full, I/O error), or sent
+       ones it could not remove once the broker took them or a
+       re-scorer answered them (disk full: none is lost, they stay and
+       the next run sends them again, as duplicates), or dropped by its cap
        (--outbox-max: it drops the oldest uncertain escalations
        first, alerts last; alerts keep their local lines unless
        --alerts is empty), or
@@ -840,6 +847,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"warning: {summary_error}", file=sys.stderr)
             return EXIT_INTERRUPTED
         if failure is not None:
+            from flows.meter.live import CaptureFailedError
+
+            if not summary["flows"] and isinstance(failure, CaptureFailedError):
+                # The capture worked, then failed: partial input (exit 4) still.
+                raise CaptureFailedError(f"{failure}; no flow was read before it")
             raise _as_partial(failure, summary["flows"])
         if agent.link_error is not None:
             raise TransportError(
@@ -953,8 +965,15 @@ def _outbox_failed_text(
 ) -> str:
     """Why the run exits 6 after the outbox refused writes: how many escalations
     were dropped, and of them which left an alert line and which no record (none
-    did without an alert log: ``alert_log`` False, ``--alerts ""``)."""
+    did without an alert log: ``alert_log`` False, ``--alerts ""``); how many it
+    could not remove once sent or answered (they stay and go out again). Only
+    what happened is named: nothing is called dropped when none was."""
     lost = summary["outbox_failed"]
+    stuck = summary.get("outbox_unforgotten") or 0
+    if not lost:
+        if not stuck:
+            return f"the outbox refused a read or a write: {error}"
+        return f"{_unforgotten_text(summary)} (last error: {error}){_AGAIN}"
     alerts = summary.get("outbox_failed_alerts", 0)
     uncertain = lost - alerts
     if not alert_log:
@@ -978,10 +997,33 @@ def _outbox_failed_text(
                 f"{uncertain} uncertain escalations, of which no record is left"
             )
         kinds = f" ({', and '.join(parts)})" if parts else ""
+    stuck_text = f"; {_unforgotten_text(summary)}{_AGAIN}" if stuck else ""
     return (
         f"{lost} escalations were dropped because the outbox could not store "
-        f"them{kinds}; last error: {error}"
+        f"them{kinds}{stuck_text}; last error: {error}"
     )
+
+
+# What becomes of escalations the outbox could not remove, for the error line.
+_AGAIN = (
+    "; they stay in it and are sent again by the next run, as duplicates the "
+    "re-scorer answers again"
+)
+
+
+def _unforgotten_text(summary: dict) -> str:
+    """``N answered escalations could not be removed from the outbox``, naming
+    those the broker took and no re-scorer answered yet when there are some."""
+    stuck = summary.get("outbox_unforgotten") or 0
+    answered = summary.get("outbox_unforgotten_answered") or 0
+    if answered >= stuck:
+        what = f"{stuck} answered escalations"
+    elif not answered:
+        what = f"{stuck} escalations the broker acknowledged"
+    else:
+        what = (f"{stuck} escalations the broker acknowledged ({answered} of them "
+                "answered)")
+    return f"{what} could not be removed from the outbox"
 
 
 def _earlier_awaited(summary: dict, cfg: Any) -> str:
@@ -1298,6 +1340,12 @@ def _report(
         + (
             f", dropped as the outbox could not store them {summary['outbox_failed']}"
             if summary.get("outbox_failed")
+            else ""
+        )
+        + (
+            ", sent but not removed from the outbox (sent again next run) "
+            f"{summary['outbox_unforgotten']}"
+            if summary.get("outbox_unforgotten")
             else ""
         )
         + (

@@ -17,10 +17,17 @@ import time
 from collections.abc import Iterator
 
 from flows import logger
-from flows.errors import BadInputError, UsageError
+from flows.errors import BadInputError, PartialInputError, UsageError
 from flows.meter.meter import Timeouts
 
 SNAPLEN = 65535
+
+
+class CaptureFailedError(PartialInputError):
+    """A live capture that was open and then failed part way (the interface went
+    down or was removed): partial input, exit 4. :func:`iter_live` raises it only
+    after it has ended and yielded the connections it still held, so what was
+    metered before the failure is scored and kept, as on a stop."""
 
 
 def privilege_hint() -> str:
@@ -117,9 +124,12 @@ def iter_live(
     Runs until ``end`` is set (checked at least every 0.2 s), a Ctrl-C, or for
     ``duration`` seconds, or ``max_packets`` packets; then ends every open
     connection and yields it, so a stop does not lose the connections still
-    open (a Ctrl-C is raised again once they are yielded). ``counts`` (a dict)
-    is kept up to date with ``evicted`` (connections ended early by a full
-    table) and ``dropped`` (packets libpcap or the interface dropped).
+    open (a Ctrl-C is raised again once they are yielded). A capture that fails
+    part way (the interface went down or was removed) ends and yields them too,
+    then raises :class:`CaptureFailedError` naming the interface and the reason.
+    ``counts`` (a dict) is kept up to date with ``evicted`` (connections ended
+    early by a full table) and ``dropped`` (packets libpcap or the interface
+    dropped).
     """
     counts = {} if counts is None else counts
     cap = open_live(name, bpf=bpf, promisc=promisc)
@@ -156,6 +166,7 @@ def iter_live(
         meter.feed(sec + usec * 1e-6, link, data, hdr.getlen(), None, SNAPLEN)
 
     interrupted, warned_full = None, False
+    failed: CaptureFailedError | None = None
     next_drops, warned_drops = time.monotonic() + 10.0, 0
     try:
         while end is None or not end.is_set():
@@ -165,15 +176,18 @@ def iter_live(
                 break
             wait = 0.2 if deadline is None else max(
                 0.0, min(0.2, deadline - time.monotonic()))
-            ready, _, _ = select.select([fd], [], [], wait)
             got = 0
-            if ready:
-                try:
+            try:
+                ready, _, _ = select.select([fd], [], [], wait)
+                if ready:
                     budget = -1 if max_packets is None else max_packets - seen[0]
                     got = cap.dispatch(budget, on_packet)
-                except Exception as exc:  # noqa: BLE001 - pcapy raises PcapError
-                    raise BadInputError(
-                        f"live capture on {name!r} failed: {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - pcapy raises PcapError
+                # The open connections are ended and yielded below, then this.
+                failed = CaptureFailedError(
+                    f"live capture on {name!r} failed: {_reason(exc)}")
+                failed.__cause__ = exc
+                break
             if not got:
                 meter._sweep(time.time())  # idle: let the timers run on wall time
             if meter.done:
@@ -194,3 +208,12 @@ def iter_live(
     counts["dropped"] = max(_note_drops(cap, name), warned_drops)
     if interrupted is not None:
         raise interrupted
+    if failed is not None:
+        raise failed
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a capture failed, in one piece of text (an OSError's strerror, else
+    the library's message, else the exception's type)."""
+    text = getattr(exc, "strerror", None) or str(exc)
+    return text or type(exc).__name__
