@@ -1253,13 +1253,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Verify a bundle and install it under --root: the agent venv "
         f"in /{OPT_DIR}/releases, the model in a free slot of /{MODELS_DIR} (made "
         f"active through /{MODEL_LINK}), the config as /{CONFIG_FILE}, the "
-        f"--pubkey as /{UPDATE_KEY_FILE}. A bundle built before the running model "
-        "is refused unless --allow-downgrade is given; one whose model is already "
+        f"--pubkey as /{UPDATE_KEY_FILE}. A bundle built before the running model, "
+        "or before the last bundle flashed on the root, is refused unless "
+        "--allow-downgrade is given; one whose model is already "
         "active leaves the model slots as they are. Exit codes: 0 flashed, 1 the "
         "install or the model's health check failed (the previous install is "
         "kept), 2 wrong flags (a --root that does not exist included: flash "
         "makes no root), another Python, a config path that is not the "
-        "flashed layout's, a refused downgrade, or a root that trusts another "
+        "flashed layout's, a refused downgrade, another flash of the root "
+        "running, or a root that trusts another "
         "update key (without --replace-key), 3 a damaged, altered or "
         "wrongly signed bundle, or a damaged install under --root.",
     )
@@ -1285,7 +1287,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--allow-downgrade",
         action="store_true",
-        help="install a bundle built before the running model (default: refuse)",
+        help="install a bundle built before the running model or the last "
+        "bundle flashed (default: refuse)",
     )
     p.add_argument(
         "--replace-key",
@@ -1305,8 +1308,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "refuses model updates of it (also the retained one at its next start) "
         "until a newer model is published or it is flashed again. Exit "
         "codes: 0 switched, 1 the other model fails its health check, 2 nothing "
-        "to roll back to, 3 a damaged install (models/slots.json or the "
-        "models/current link).",
+        "to roll back to (the other slot empty, or holding a model that was "
+        "never active: a flash or update that did not finish), 3 a damaged "
+        "install (models/slots.json or the models/current link).",
     )
     p.add_argument(
         "--root",
