@@ -504,7 +504,15 @@ class Agent:
         else:
             thresholds, origin = load_thresholds(scorer)
         self._say_thresholds(scorer, thresholds, origin, self._thresholds_from)
-        windower = StreamWindower(enc.window, enc.n_features, max_hosts=self.max_hosts)
+        # A model with the very encoder of the running one (the same artifact
+        # reloaded, a retrained network on the same encoder) reads the windows
+        # built so far as they are; another encoder needs them rebuilt.
+        windower = getattr(self, "windower", None)
+        running = getattr(self, "encoder", None)
+        if windower is None or running is None or running.to_dict() != enc.to_dict():
+            windower = StreamWindower(
+                enc.window, enc.n_features, max_hosts=self.max_hosts
+            )
         with self._lock:
             self.scorer = scorer
             self.encoder = enc
@@ -553,11 +561,12 @@ class Agent:
             logger.warning("thresholds of %s: %s", where or "the artifact", off)
 
     def swap_scorer(self, scorer: Any) -> None:
-        """Replace the running model between two batches; windows restart empty.
+        """Replace the running model between two batches.
 
         The swap is atomic: a batch is scored either wholly by the old model or wholly
-        by the new one. A new encoder may have another width, so the host windows are
-        rebuilt from nothing.
+        by the new one. A model with the running one's encoder keeps the host windows
+        built so far (a reload of the same artifact decides as if none happened);
+        another encoder may have another width, so its windows restart empty.
         """
         self._install(scorer)
         self.publish_status("online")

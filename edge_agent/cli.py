@@ -152,7 +152,9 @@ never 130.
 
 SIGHUP (systemctl reload) loads --artifact again, e.g. the models/current link
 after edge-agent rollback: the model is health-checked and swapped in between
-two batches; one that fails is logged and the running model stays.
+two batches; one that fails is logged and the running model stays. A model
+with the running one's encoder keeps the windows built so far (a reload of the
+same model decides as if there was none); another encoder starts them empty.
 """
 
 MIN_CALIBRATION_FLOWS = 100  # benign flows calibrate needs to set thresholds
