@@ -744,7 +744,9 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
     handle, inode, parser = None, None, None
     partial, line_no, skipping = b"", 0, 0
     offset, head = 0, b""  # bytes read so far; the file's first bytes, as read
-    carried = False  # read again in place: the earlier #fields hold until a # line
+    # Read again in place ("truncated" or "rewritten"): the earlier #fields hold
+    # until a # line comes.
+    carried: str | None = None
     waiting = vanished = False
     while True:
         if handle is None:
@@ -761,7 +763,7 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
                     )
                 parser = TsvLineParser(str(path), src.unknown_label)
                 partial, line_no, skipping, offset, head = b"", 0, 0, 0, b""
-                carried = waiting = vanished = False
+                carried, waiting, vanished = None, False, False
             except FileNotFoundError:
                 if src.end.is_set():
                     return
@@ -782,7 +784,7 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
             _say_read_again(path, change)
             handle.seek(0)
             partial, line_no, skipping, offset, head = b"", 0, 0, 0, b""
-            carried = True
+            carried = change
             continue
         if len(head) < _HEAD_BYTES and len(head) == before:
             head += chunk[: _HEAD_BYTES - len(head)]
@@ -804,8 +806,9 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
                     continue
                 line = raw.decode("utf-8", "surrogateescape").rstrip("\r")
                 if carried and line.strip():
-                    carried = False
-                    parser = _parser_after_restart(src, parser, line, line_no)
+                    parser = _parser_after_restart(src, parser, line, line_no,
+                                                   carried)
+                    carried = None
                 rec = _parse_line(src, parser, line, line_no)
                 if rec is not None:
                     yield rec
@@ -866,10 +869,12 @@ def _say_read_again(path: Path, change: str) -> None:
     )
 
 
-def _parser_after_restart(src: Source, parser, line: str, line_no: int):
-    """The parser for a file read again in place, given its first non-blank line:
-    a new one when the line is a ``#`` line (the new header replaces the old),
-    else the earlier one, whose ``#fields`` the rows keep (said once)."""
+def _parser_after_restart(src: Source, parser, line: str, line_no: int,
+                          change: str = "truncated"):
+    """The parser for a file read again in place (``change``: "truncated" or
+    "rewritten"), given its first non-blank line: a new one when the line is a
+    ``#`` line (the new header replaces the old), else the earlier one, whose
+    ``#fields`` the rows keep (said once)."""
     from flows.readers.stream import TsvLineParser
 
     if line_no == 1:
@@ -878,9 +883,10 @@ def _parser_after_restart(src: Source, parser, line: str, line_no: int):
         return TsvLineParser(src.target, src.unknown_label)
     if parser.header.fields is not None and not line.lstrip().startswith("{"):
         logger.warning(
-            "source %s: the file was truncated in place; reading on with its "
-            "earlier #fields",
+            "source %s: the file was %s in place; reading on with its earlier "
+            "#fields",
             src.target,
+            change,
         )
     return parser
 

@@ -297,6 +297,7 @@ def prepare(
     encoder_of: str = "the checkpoint",
     timezone: str = "UTC",
     holdout: float | Mapping[str, float] = 0.0,
+    holdout_seed: int | None = None,
 ) -> Prepared:
     """Encode a dataset name or a flow file into a :class:`Prepared`.
 
@@ -312,8 +313,10 @@ def prepare(
     StartTime is written in, as in :func:`flows.readers.read`; other formats and
     the registered datasets carry epoch times and ignore it. ``holdout`` (a share,
     or a share per family) moves that share of the attack types to validation
-    (:func:`holdout_types`, seeded with ``seed``) before the encoder is fitted, so
-    that their value ranges do not shape it; their names are in ``Prepared.held``.
+    (:func:`holdout_types`, seeded with ``holdout_seed``, else ``seed``) before
+    the encoder is fitted, so that their value ranges do not shape it; their names
+    are in ``Prepared.held`` (a fold of the rounds' scripts: split seed 0, the fold
+    as ``holdout_seed``).
     An unknown name is a UsageError.
     """
     from flows.encoder import Encoder
@@ -350,7 +353,9 @@ def prepare(
              else holdout)
     held: list[str] = []
     if share > 0 and details is not None:
-        split, held = _held_out_split(split, y, details, families, share, seed)
+        split, held = _held_out_split(
+            split, y, details, families, share,
+            seed if holdout_seed is None else holdout_seed)
 
     # Encoder: fit on labeled training rows, or check the given one fits the data.
     if encoder is None:

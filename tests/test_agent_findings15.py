@@ -126,6 +126,44 @@ def test_a_capture_that_fails_part_way_yields_its_open_connections_first(
         ("tcp", 80), ("tcp", 80), ("tcp", 80), ("udp", 5353), ("udp", 5354)]
 
 
+def test_an_error_of_the_meter_is_not_reported_as_the_capture_failing(monkeypatch):
+    """Found in review: an exception inside the meter (a bug, not the interface)
+    was wrapped as "live capture ... failed" (exit 4, read as a link down)."""
+    import flows.meter
+    from flows.meter import live
+
+    class MeterBug(RuntimeError):
+        pass
+
+    def broken_feed(*_a, **_k):
+        raise MeterBug("meter bug")
+
+    cap = FailingCapture(open_frames())
+    monkeypatch.setattr(live, "open_live", lambda *a, **k: cap)
+    real_make = flows.meter.make_meter
+
+    class BrokenMeter:
+        """The real meter, whose feed fails as a bug in it would."""
+
+        def __init__(self, meter) -> None:
+            self._meter = meter
+
+        def __getattr__(self, name):
+            return getattr(self._meter, name)
+
+        feed = staticmethod(broken_feed)
+
+    def make(*a, **k):
+        return BrokenMeter(real_make(*a, **k))
+
+    monkeypatch.setattr(flows.meter, "make_meter", make)
+    try:
+        with pytest.raises(MeterBug, match="meter bug"):
+            list(live.iter_live("gwfake0", duration=10.0))
+    finally:
+        cap.close()
+
+
 def test_an_agent_whose_capture_fails_scores_and_keeps_what_it_metered(
     monkeypatch, data_dir, tmp_path_factory, tmp_path, capsys
 ):

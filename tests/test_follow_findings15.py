@@ -133,3 +133,26 @@ def test_a_rewrite_with_the_same_first_bytes_is_noticed_by_its_line_end(
     assert [r["service"] for r in got[160:162]] == ["http", "http"]
     assert src.rejected == {} and src.error is None
     assert caplog.text.count(_REWRITTEN) == 1
+
+
+def test_a_rewrite_without_a_header_says_rewritten_not_truncated(
+    tmp_path: Path, caplog
+):
+    """Found in review: rows read on with the earlier #fields after a rewrite were
+    said to follow a truncation."""
+    log = tmp_path / "conn.log"
+    log.write_text(_text([*_HEADER, *map(_row, range(1, 101))]))
+    src = open_source(f"zeek:{log}", follow=True, poll=0.05)
+    records = iter(src)
+    with caplog.at_level(logging.WARNING, logger="gatewatch"):
+        got = [next(records) for _ in range(100)]
+        with log.open("r+") as fh:  # rows only, larger than before, no header
+            fh.truncate(0)
+            fh.write(_text(list(map(_row, range(101, 301)))))
+        src.end.set()
+        got.extend(records)
+    assert [r["uid"] for r in got] == _uids(1, 300)
+    assert src.rejected == {} and src.error is None
+    assert caplog.text.count(
+        "the file was rewritten in place; reading on with its earlier #fields") == 1
+    assert _TRUNCATED not in caplog.text

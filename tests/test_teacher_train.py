@@ -411,6 +411,13 @@ def test_held_out_types_do_not_shape_the_encoder(data_dir):
     expected = Encoder.fit({k: v[train] for k, v in columns.items()}, "nsl-kdd")
     assert prep.encoder.to_dict() == expected.to_dict()
 
+    # Another fold on the same split: the types drawn with holdout_seed.
+    fold1 = prepare("nsl-kdd", data_dir=data_dir, seed=0, need_split=True,
+                    holdout=0.5, holdout_seed=1)
+    assert fold1.held == ["back", "teardrop", "ipsweep", "portsweep", "warezmaster"]
+    same = np.isin(fold1.split, ("train", "val"))
+    assert (same == np.isin(prep.split, ("train", "val"))).all()
+
     # wrong_fragment is non-zero only in pod and teardrop rows: constant here.
     field = next(f for f in prep.encoder.numeric if f.name == "wrong_fragment")
     assert field.hi == field.lo == 0.0

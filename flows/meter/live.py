@@ -159,11 +159,18 @@ def iter_live(
     cap.setnonblock(1)
     fd = cap.getfd()
     seen = [0]
+    # An error of the meter itself (not of the capture) is kept here and raised
+    # as it is, not reported as the interface failing.
+    meter_error: list[BaseException] = []
 
     def on_packet(hdr, data) -> None:
         sec, usec = hdr.getts()
         seen[0] += 1
-        meter.feed(sec + usec * 1e-6, link, data, hdr.getlen(), None, SNAPLEN)
+        try:
+            meter.feed(sec + usec * 1e-6, link, data, hdr.getlen(), None, SNAPLEN)
+        except Exception as exc:
+            meter_error.append(exc)
+            raise
 
     interrupted, warned_full = None, False
     failed: CaptureFailedError | None = None
@@ -183,6 +190,8 @@ def iter_live(
                     budget = -1 if max_packets is None else max_packets - seen[0]
                     got = cap.dispatch(budget, on_packet)
             except Exception as exc:  # noqa: BLE001 - pcapy raises PcapError
+                if meter_error:
+                    raise meter_error[0] from None
                 # The open connections are ended and yielded below, then this.
                 failed = CaptureFailedError(
                     f"live capture on {name!r} failed: {_reason(exc)}")
