@@ -1260,8 +1260,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "install or the model's health check failed (the previous install is "
         "kept), 2 wrong flags (a --root that does not exist included: flash "
         "makes no root), another Python, a config path that is not the "
-        "flashed layout's, a refused downgrade, another flash of the root "
-        "running, or a root that trusts another "
+        "flashed layout's, a refused downgrade, another flash of the root (or a "
+        "model update of its agent) running, or a root that trusts another "
         "update key (without --replace-key), 3 a damaged, altered or "
         "wrongly signed bundle, or a damaged install under --root.",
     )

@@ -73,6 +73,9 @@ MAX_ROLLED_BACK = 16  # the newest marks kept; older ones name long-gone models
 # A slot record's mark of a model installed and never yet made active (see install).
 PENDING = "never_active"
 STAGING_PREFIX = ".incoming-"  # + pid + "-": a folder being filled next to the slots
+# A staging folder with no pid in its name (``.incoming-XXXX``: agents of earlier
+# versions name their model-update staging so) is removed only once it is this old.
+UNNAMED_STAGING_AGE = 3600.0
 UNPACK_PREFIX = "gatewatch-flash-"  # + pid + "-": a bundle unpacked in the temp folder
 FLASHED_FILE = "flashed.json"  # in /opt/gatewatch: the last bundle flashed (flash)
 LOCK_FILE = ".flash.lock"  # in /opt/gatewatch: held while a flash installs
@@ -198,24 +201,31 @@ class ModelSlots:
     def remove_stale_staging(self) -> list[Path]:
         """Remove the staging folders that a killed flash or update left: those
         whose pid no longer runs, and those of the older unnamed kind
-        (``.incoming-XXXX``, from before the pid was in the name). Returns them."""
-        return _remove_dead(self.dir, STAGING_PREFIX, unnamed_too=True)
+        (``.incoming-XXXX``, from before the pid was in the name) last changed
+        more than :data:`UNNAMED_STAGING_AGE` seconds ago: an agent of an earlier
+        version may be filling a younger one with a model update. Returns them."""
+        return _remove_dead(
+            self.dir, STAGING_PREFIX, unnamed_older_than=UNNAMED_STAGING_AGE
+        )
 
     def install(self, slot: str, staged: Path, info: dict[str, Any]) -> Path:
         """Move ``staged`` into ``slot`` (which must not be active) and record it,
         marked as never active (``never_active``) until :meth:`switch` makes it
         active: a rollback refuses such a slot (a flash or update killed between
-        the install and the switch leaves one)."""
+        the install and the switch leaves one).
+
+        The record comes first, before the slot's folder is touched: a failure or
+        a kill at any later step (the old model half removed, the new one not yet
+        renamed in) leaves a slot marked never active, which rollback refuses,
+        never the new model under the old model's record."""
         if slot == self.active():
             raise UsageError(f"model slot {slot} is active; refusing to overwrite it")
         target = self.path(slot)
 
-        # Mark the slot empty first, so a crash between the steps leaves no claim.
-        self._record(slot, None)
+        self._record(slot, {**info, "installed_at": time.time(), PENDING: True})
         if target.exists():
             shutil.rmtree(target)
         os.replace(staged, target)
-        self._record(slot, {**info, "installed_at": time.time(), PENDING: True})
         return target
 
     def switch(self, slot: str) -> None:
@@ -364,16 +374,19 @@ def _pid_runs(pid: int) -> bool:
     return True
 
 
-def _remove_dead(folder: Path, prefix: str, *, unnamed_too: bool) -> list[Path]:
-    """Remove the folders ``<prefix><pid>-...`` in ``folder`` whose pid no longer
-    runs (and, with ``unnamed_too``, those with no pid after the prefix), never
-    through a link, only this user's; returns those removed."""
-    removed: list[Path] = []
+def _dead_entries(
+    folder: Path, prefix: str, unnamed_older_than: float | None
+) -> list[tuple[Path, os.stat_result]]:
+    """The entries ``<prefix><pid>-...`` of ``folder`` whose pid no longer runs
+    (and, with ``unnamed_older_than``, those with no pid after the prefix that
+    were last changed more than that many seconds ago), this user's only, each
+    with its ``lstat`` (links are not followed)."""
     try:
         entries = sorted(folder.iterdir())
     except OSError:
-        return removed
+        return []
     uid = os.getuid() if hasattr(os, "getuid") else None
+    found = []
     for entry in entries:
         if not entry.name.startswith(prefix):
             continue
@@ -381,18 +394,50 @@ def _remove_dead(folder: Path, prefix: str, *, unnamed_too: bool) -> list[Path]:
         named = pid_text[1] == "-" and pid_text[0].isdigit()
         if named and _pid_runs(int(pid_text[0])):
             continue
-        if not named and not unnamed_too:
+        if not named and unnamed_older_than is None:
             continue
         try:
             st = entry.lstat()
         except OSError:
             continue
-        if not stat.S_ISDIR(st.st_mode) or (uid is not None and st.st_uid != uid):
+        if uid is not None and st.st_uid != uid:
+            continue
+        if not named and time.time() - st.st_mtime <= unnamed_older_than:
+            continue
+        found.append((entry, st))
+    return found
+
+
+def _remove_dead(
+    folder: Path, prefix: str, *, unnamed_older_than: float | None = None
+) -> list[Path]:
+    """Remove the folders of :func:`_dead_entries` (never through a link, only
+    this user's); returns those removed."""
+    removed: list[Path] = []
+    for entry, st in _dead_entries(folder, prefix, unnamed_older_than):
+        if not stat.S_ISDIR(st.st_mode):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         if not entry.exists():
             removed.append(entry)
             logger.info("removed %s, left by a flash or update that was killed", entry)
+    return removed
+
+
+def _remove_dead_files(path: Path) -> list[Path]:
+    """Remove the temporary files :func:`_write_beside` made for ``path``
+    (``.<name>-<pid>-...`` beside it) whose pid no longer runs: plain files of
+    this user only, never a link or a folder; returns those removed."""
+    removed: list[Path] = []
+    for entry, st in _dead_entries(path.parent, f".{path.name}-", None):
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        try:
+            entry.unlink()
+        except OSError:
+            continue
+        removed.append(entry)
+        logger.info("removed %s, left by a flash or update that was killed", entry)
     return removed
 
 
@@ -421,18 +466,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    """Write ``data`` to ``path`` through a temporary file (:func:`_write_beside`)
+    and a rename."""
+    tmp = _write_beside(path, data, mode)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -562,7 +602,7 @@ def flash(
 
     # Bundles unpacked by flashes that were killed: their pid no longer runs.
     temp = Path(tempfile.gettempdir())
-    _remove_dead(temp, UNPACK_PREFIX, unnamed_too=False)
+    _remove_dead(temp, UNPACK_PREFIX)
     tmp = tempfile.mkdtemp(prefix=f"{UNPACK_PREFIX}{os.getpid()}-", dir=temp)
     try:
         # 1. Verify and unpack outside the root: nothing there has changed yet.
@@ -578,6 +618,8 @@ def flash(
             if not allow_downgrade:  # again, now that no other flash runs
                 _check_not_older(layout, manifest, bundle, allow_downgrade)
             ModelSlots(layout.models).remove_stale_staging()
+            for path in _written_by_flash(layout):
+                _remove_dead_files(path)
             return _install(
                 layout, staged, manifest, bundle, pubkey, interpreter, tolerance
             )
@@ -587,11 +629,25 @@ def flash(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _written_by_flash(layout: GatewayLayout) -> list[Path]:
+    """The files that flash (or a model update) writes through a temporary file
+    beside them: a killed one may leave such a file (see :func:`_write_beside`)."""
+    return [
+        layout.config,
+        layout.pubkey,
+        layout.unit,
+        layout.models / STATE_FILE,
+        layout.opt / FLASHED_FILE,
+    ]
+
+
 def _take_flash_lock(layout: GatewayLayout) -> int:
     """Hold ``/opt/gatewatch/.flash.lock`` (a descriptor to close): one flash of a
-    root at a time. The file is made once and never written, so a refused flash
-    changes nothing under the root. UsageError when another flash holds it;
-    FlashError when it cannot be made (a read-only root)."""
+    root at a time, and no model update of the agent meanwhile
+    (:func:`hold_flash_lock`). The file is made once and never written, so a
+    refused flash changes nothing under the root. UsageError when another flash
+    (or a model update) holds it; FlashError when it cannot be made (a read-only
+    root)."""
     from edge_agent import locks
 
     path = layout.opt / LOCK_FILE
@@ -608,13 +664,43 @@ def _take_flash_lock(layout: GatewayLayout) -> int:
     except BlockingIOError:
         os.close(fd)
         raise UsageError(
-            f"another flash of {layout.root} is running (it holds {path}); wait "
-            "for it to end"
+            f"another flash of {layout.root} (or a model update of its agent) is "
+            f"running (it holds {path}); wait for it to end"
         ) from None
     except OSError as exc:
         os.close(fd)
         if exc.errno not in locks.NO_FLOCK:
             raise _cannot_write(exc, path) from exc
+    return fd
+
+
+def hold_flash_lock(models_dir: str | Path) -> int | None:
+    """For a model update of the agent: take the flash lock of the root whose
+    model slots are ``models_dir`` (``.flash.lock`` in the folder above) without
+    waiting, so that a flash and an update never write the inactive slot at once.
+
+    Returns a descriptor to close, or None when there is nothing to hold: no lock
+    file (no flash of this version made one there; the unit may not create it,
+    as it may write only in the slots) or one that cannot be opened or locked.
+    BlockingIOError when a flash holds it. Opened read-only, never through a
+    link, and never written."""
+    from edge_agent import locks
+
+    if locks.fcntl is None:
+        return None
+    path = Path(models_dir).parent / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        locks.fcntl.flock(fd, locks.fcntl.LOCK_EX | locks.fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:
+        os.close(fd)
+        return None
     return fd
 
 
@@ -744,9 +830,11 @@ def _install(
 
 def _write_beside(path: Path, data: bytes, mode: int = 0o644) -> Path:
     """Write ``data`` to a fresh temporary file next to ``path``, flushed to disk,
-    for a later rename onto ``path``; returns it (removed again on failure)."""
+    for a later rename onto ``path``; returns it (removed again on failure). Its
+    name, ``.<name>-<pid>-...``, tells a later flash whose it is: one left by a
+    process killed before its rename is removed then (:func:`_remove_dead_files`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -771,11 +859,19 @@ def _slot_record(
     }
 
 
-def flashed(layout: GatewayLayout) -> dict[str, Any] | None:
+# What a refusal for a damaged flashed.json says to do.
+_RECORD_HINT = (
+    "; pass --allow-downgrade to flash anyway (the flash writes a new record), or "
+    "remove the file"
+)
+
+
+def flashed(layout: GatewayLayout, hint: str = "") -> dict[str, Any] | None:
     """The record of the last bundle flashed on ``layout``'s root
     (``/opt/gatewatch/flashed.json``: ``created_ts``, ``sha256``, ``bundle``,
     ``model_version``, ``flashed_at``), or None for a root flashed before the
-    record existed. A record that is not such an object is a BadInputError."""
+    record existed. A record that is not such an object is a BadInputError,
+    whose message ends with ``hint``."""
     path = layout.opt / FLASHED_FILE
     if not (path.exists() or path.is_symlink()):
         return None
@@ -783,7 +879,8 @@ def flashed(layout: GatewayLayout) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except (OSError, RecursionError, ValueError) as exc:
         raise BadInputError(
-            f"the record of the last flash is unreadable ({json_problem(exc)})",
+            f"the record of the last flash is unreadable ({json_problem(exc)})"
+            f"{hint}",
             path=str(path),
         ) from exc
     built = data.get("created_ts") if isinstance(data, dict) else None
@@ -793,7 +890,7 @@ def flashed(layout: GatewayLayout) -> dict[str, Any] | None:
         raise BadInputError(
             "the record of the last flash has no created_ts (the build time in "
             "seconds of the bundle flashed); expected a JSON object as flash "
-            "writes it",
+            f"writes it{hint}",
             path=str(path),
         )
     return data
@@ -805,8 +902,13 @@ def _record_flashed(
     """Record ``bundle`` as the last one flashed on the root (see :func:`flashed`),
     so that a bundle built before it is refused as a downgrade."""
     built = manifest.data.get("created_ts")
-    if built is None:
-        return  # nothing to compare a later bundle with
+    if built is None:  # nothing to compare a later bundle with
+        try:
+            flashed(layout)
+        except BadInputError as exc:  # let through by --allow-downgrade
+            (layout.opt / FLASHED_FILE).unlink(missing_ok=True)
+            logger.warning("removed %s: %s", layout.opt / FLASHED_FILE, exc)
+        return
     record = {
         "created_ts": float(built),
         "sha256": manifest.digest,
@@ -896,12 +998,22 @@ def _check_not_older(
     bundle with the running model, whose config, agent and unit would otherwise
     undo newer ones (a root flashed before :func:`flashed` records existed has
     only the first). ``allow_downgrade`` lets a deliberate one through with a
-    warning.
+    warning; it also lets a damaged ``flashed.json`` be ignored with a warning
+    (the flash writes a new one), which is otherwise a BadInputError (exit 3)
+    saying so: flash is what repairs a damaged install.
     """
     slots = ModelSlots(layout.models)
     running = slots.info(slots.active())
     running_issued = running.get("issued_at")
-    last = flashed(layout)
+    try:
+        last = flashed(layout, hint="" if allow_downgrade else _RECORD_HINT)
+    except BadInputError as exc:
+        if not allow_downgrade:
+            raise
+        logger.warning(
+            "%s; ignoring it (--allow-downgrade): this flash writes a new one", exc
+        )
+        last = None
     built = manifest.data.get("created_ts")
     when = (
         "has no build time (created_ts)"

@@ -30,7 +30,9 @@ installs nothing and is no refusal: the retained message comes again after every
 reconnect. A message byte for byte the same as the last one handled (its sha256) is
 not verified or unpacked again: its result stands, and it is logged at DEBUG only.
 Failing to fetch an update by reference is not remembered so: the next copy of the
-message tries again.
+message tries again. Neither is an update that came while a flash of the gateway
+held its flash lock (:func:`edge_agent.flash.hold_flash_lock`, taken from the
+install to the switch): a flash and an update never write the inactive slot at once.
 
 The last refusal stays in :attr:`ModelUpdater.last_refusal` (why, when, which
 model version and message) while the refused update stays retained, for every
@@ -51,6 +53,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import shutil
 import sys
 import tarfile
@@ -67,7 +70,7 @@ import numpy as np
 
 from edge_agent import bundle as bundle_mod
 from edge_agent import logger, signing
-from edge_agent.flash import CURRENT, SLOTS, ModelSlots
+from edge_agent.flash import CURRENT, LOCK_FILE, SLOTS, ModelSlots, hold_flash_lock
 from flows.errors import BadInputError, GatewatchError, ModelError, UsageError
 
 MESSAGE_SCHEMA = "gatewatch/v1"
@@ -392,8 +395,9 @@ class ModelUpdater:
             except GatewatchError as exc:
                 logger.warning("model update refused: %s", exc)
                 result = UpdateResult(ok=False, reason=str(exc))
-                # A fetch that failed may work next time: tried again then.
-                remember = not isinstance(exc, FetchError)
+                # A fetch that failed, or an update that met a flash, may work
+                # next time: tried again then.
+                remember = not isinstance(exc, FetchError | FlashRunningError)
             except Exception as exc:  # the agent must survive any update
                 logger.exception("model update failed unexpectedly")
                 result = UpdateResult(
@@ -434,6 +438,7 @@ class ModelUpdater:
 
         # 3. Unpack and health-check beside the slots; only then take a slot.
         staging = self.slots.staging()
+        lock = None
         try:
             _unpack(archive, staging)
             # The running model packed again, or flashed from a bundle (whose
@@ -447,6 +452,9 @@ class ModelUpdater:
                     "rollback)"
                 )
             load_checked(staging, tolerance=self.tolerance)
+            # The flash lock, from the install to the switch: a flash writes the
+            # inactive slot too.
+            lock = self._hold_flash_lock(version)
             slot = self.slots.inactive()
             path = self.slots.install(
                 slot,
@@ -458,12 +466,14 @@ class ModelUpdater:
                     "source": f"update {message.get('id')}",
                 },
             )
+
+            # 4. Load from the slot itself, check again, then switch.
+            scorer = load_checked(path, tolerance=self.tolerance)
+            self.slots.switch(slot)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-
-        # 4. Load from the slot itself, check again, then switch.
-        scorer = load_checked(path, tolerance=self.tolerance)
-        self.slots.switch(slot)
+            if lock is not None:
+                os.close(lock)
         logger.info("model update %s active in slot %s", version, slot)
         return UpdateResult(
             ok=True,
@@ -472,6 +482,20 @@ class ModelUpdater:
             slot=slot,
             changed=True,
         )
+
+    def _hold_flash_lock(self, version: str) -> int | None:
+        """The flash lock of the gateway root (see
+        :func:`edge_agent.flash.hold_flash_lock`), or FlashRunningError when a
+        flash holds it: the update is refused now and handled anew when it
+        comes again."""
+        try:
+            return hold_flash_lock(self.slots.dir)
+        except BlockingIOError:
+            raise FlashRunningError(
+                f"model update {version} not installed: a flash of this gateway "
+                f"is running (it holds {self.slots.dir.parent / LOCK_FILE}); the "
+                "update is tried again when it comes again"
+            ) from None
 
     def _already_running(
         self, message: dict[str, Any], version: str, slot: str
@@ -592,6 +616,12 @@ def _rolled_back_reason(version: str, mark: dict[str, Any]) -> str:
 class FetchError(BadInputError):
     """An update by reference whose archive could not be fetched (the server or
     the network may be back for the next copy of the message)."""
+
+
+class FlashRunningError(GatewatchError):
+    """An update that came while a flash of the gateway held its flash lock:
+    refused, and not remembered, so that the next copy of the message (the
+    retained update, after a reconnect or restart) is handled anew."""
 
 
 def slots_of(artifact: str | Path) -> Path:

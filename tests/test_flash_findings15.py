@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -26,11 +27,12 @@ pytest.importorskip("onnxruntime")
 from edge_agent import bundle  # noqa: E402
 from edge_agent import flash as flash_mod  # noqa: E402
 from edge_agent.cli import main  # noqa: E402
+from edge_agent.ota import ModelUpdater, pack_update  # noqa: E402
 from tests import test_bundle_layout as layout_tests  # noqa: E402
 from tests import test_flash_reflash as reflash_tests  # noqa: E402
 from tests.test_bundle import CONFIG  # noqa: E402
 from tests.test_flash import snapshot  # noqa: E402
-from tests.test_ota_artifacts import make_artifact  # noqa: E402
+from tests.test_ota_artifacts import flashed_slots, make_artifact  # noqa: E402
 
 agent_wheel = layout_tests.agent_wheel
 keys = layout_tests.keys
@@ -62,8 +64,9 @@ def _root(tmp_path: Path) -> Path:
 
 def _files(root: Path) -> dict[str, tuple]:
     """:func:`snapshot` of the files and links under ``root``, but the flash lock
-    (a flash writes its pid there) and folders (whose times a staging folder made
-    and removed again changes)."""
+    (made empty by the first flash and never written; left out all the same, so
+    that a test need not care which flash made it) and folders (whose times a
+    staging folder made and removed again changes)."""
     return {
         name: entry
         for name, entry in snapshot(root).items()
@@ -294,16 +297,21 @@ def test_a_later_flash_removes_what_killed_flashes_left(
     alive = [
         models / f".incoming-{os.getppid()}-efgh",
         temp / f"gatewatch-flash-{os.getppid()}-efgh",
+        # Unnamed and young: an agent of an earlier version may be filling it.
+        models / ".incoming-y0ung123",
     ]
     for folder in left + alive:
         (folder / "model").mkdir(parents=True)
         (folder / "model" / "x").write_bytes(b"x" * 64)
+    hour_and_more = time.time() - flash_mod.UNNAMED_STAGING_AGE - 60
+    os.utime(left[1], (hour_and_more, hour_and_more))
 
     flash_mod.flash(v1, root, keys[1])
 
     assert [p.exists() for p in left] == [False, False, False]
-    assert [p.exists() for p in alive] == [True, True]
+    assert [p.exists() for p in alive] == [True, True, True]
     assert sorted(p.name for p in temp.iterdir()) == [alive[1].name]
+    assert flash_mod.UNNAMED_STAGING_AGE == 3600.0
 
 
 # ---------------------------------------------------------- 5. appended bytes
@@ -322,3 +330,196 @@ def test_a_bundle_with_bytes_appended_says_so(tmp_path, keys, agent_wheel, capsy
         "end): Not a gzipped file (b'ga')\n"
     )
     assert list(root.iterdir()) == []
+
+
+# ------------------------------------------------- 6. review of round 15's changes
+
+
+def test_a_damaged_flash_record_says_what_to_do_and_allow_downgrade_repairs_it(
+    tmp_path, keys, agent_wheel, empty_release, capsys, caplog
+):
+    v1 = _bundle(tmp_path, keys, agent_wheel, "v1", "v1")
+    root = _root(tmp_path)
+    layout = flash_mod.GatewayLayout(root)
+    assert main(_flash_args(v1, root, keys)) == 0
+    record = layout.opt / "flashed.json"
+    record.write_text("{not json")
+    capsys.readouterr()
+    before = _files(root)
+
+    assert main(_flash_args(v1, root, keys)) == 3
+
+    damaged = (
+        f"{record}: the record of the last flash is unreadable (Expecting property "
+        "name enclosed in double quotes: line 1 column 2 (char 1))"
+    )
+    assert capsys.readouterr().err == (
+        f"error: {damaged}; pass --allow-downgrade to flash anyway (the flash "
+        "writes a new record), or remove the file\n"
+    )
+    assert _files(root) == before
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gatewatch.edge_agent"):
+        assert main([*_flash_args(v1, root, keys), "--allow-downgrade"]) == 0
+
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"{damaged}; ignoring it (--allow-downgrade): this flash writes a new one"
+    ]
+    written = json.loads(record.read_text())
+    assert (written["bundle"], written["created_ts"]) == ("v1.tar.gz", _built(v1, keys))
+    assert main(_flash_args(v1, root, keys)) == 0
+
+
+def test_a_model_update_and_a_flash_do_not_run_at_once(
+    tmp_path, keys, agent_wheel, empty_release, capsys
+):
+    root = _root(tmp_path)
+    layout = flash_mod.GatewayLayout(root)
+    v1 = make_artifact(tmp_path / "art-v1", version="v1", seed=1)
+    slots = flashed_slots(layout.models, v1, issued_at=1000.0)
+    updater = ModelUpdater(keys[1], slots.dir, tolerance=1e-5)
+    v2 = make_artifact(tmp_path / "art-v2", version="v2", seed=2)
+    package = pack_update(v2, keys[0], issued_at=2000.0)
+    lock = layout.opt / ".flash.lock"
+
+    held = flash_mod._take_flash_lock(layout)  # a flash installing
+    try:
+        refused = updater.handle(package.message)
+    finally:
+        os.close(held)
+
+    assert (refused.ok, refused.reason) == (
+        False,
+        f"model update v2 not installed: a flash of this gateway is running (it "
+        f"holds {lock}); the update is tried again when it comes again",
+    )
+    assert (slots.active(), slots.info("B")) == ("A", {})
+    assert sorted(p.name for p in layout.models.iterdir()) == [
+        "A", "current", "slots.json"
+    ]
+
+    # An update holds the lock from its install to its switch: a flash waits.
+    bundle_v3 = _bundle(tmp_path, keys, agent_wheel, "v3", "v3")
+    held = flash_mod.hold_flash_lock(layout.models)
+    try:
+        assert main(_flash_args(bundle_v3, root, keys)) == 2
+    finally:
+        os.close(held)
+    assert capsys.readouterr().err == (
+        f"error: another flash of {root} (or a model update of its agent) is "
+        f"running (it holds {lock}); wait for it to end\n"
+    )
+
+    # Not remembered as handled: the same message, once the flash is over, installs.
+    installed = updater.handle(package.message)
+    assert (installed.ok, installed.repeated, installed.slot) == (True, False, "B")
+    assert slots.active() == "B"
+
+
+def test_a_later_flash_removes_the_temporary_files_of_killed_flashes(
+    tmp_path, keys, agent_wheel, empty_release
+):
+    v1 = _bundle(tmp_path, keys, agent_wheel, "v1", "v1")
+    root = _root(tmp_path)
+    layout = flash_mod.GatewayLayout(root)
+    dead = _dead_pid()
+    left = [
+        layout.config.with_name(f".gateway.toml-{dead}-a1"),
+        layout.pubkey.with_name(f".update.pub-{dead}-a2"),
+        layout.unit.with_name(f".gatewatch-agent.service-{dead}-a3"),
+        layout.models / f".slots.json-{dead}-a4",
+        layout.opt / f".flashed.json-{dead}-a5",
+    ]
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    kept = [
+        layout.config.with_name(f".gateway.toml-{os.getppid()}-b1"),  # runs
+        layout.config.with_name(".gateway.toml-k3j2h1g0"),  # no pid: whose?
+        layout.pubkey.with_name(f".update.pub-{dead}-b2"),  # a link
+        layout.unit.with_name(f".gatewatch-agent.service-{dead}-b3"),  # a folder
+    ]
+    for path in left + kept[:2]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 64)
+    kept[2].symlink_to(outside)
+    kept[3].mkdir()
+
+    flash_mod.flash(v1, root, keys[1])
+
+    assert [p.exists() for p in left] == [False] * 5
+    assert [p.is_symlink() or p.exists() for p in kept] == [True] * 4
+    assert outside.read_text() == "keep"
+
+    # The names that flash and model updates write now carry the pid.
+    made = flash_mod._write_beside(tmp_path / "x.json", b"{}")
+    assert made.name.startswith(f".x.json-{os.getpid()}-")
+    calls = []
+    real = flash_mod._write_beside
+
+    def spy(path, data, mode=0o644):
+        calls.append(path)
+        return real(path, data, mode)
+
+    flash_mod_write = flash_mod._write_atomic
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(flash_mod, "_write_beside", spy)
+        flash_mod_write(tmp_path / "y.json", b"{}")
+    assert calls == [tmp_path / "y.json"]
+    assert (tmp_path / "y.json").read_bytes() == b"{}"
+
+
+def test_a_slot_install_cut_short_leaves_a_slot_rollback_refuses(
+    tmp_path, keys, agent_wheel, empty_release, monkeypatch, capsys
+):
+    v1 = _bundle(tmp_path, keys, agent_wheel, "v1", "v1")
+    v2 = _bundle(tmp_path, keys, agent_wheel, "v2", "v2")
+    v3 = _bundle(tmp_path, keys, agent_wheel, "v3", "v3")
+    root = _root(tmp_path)
+    layout = flash_mod.GatewayLayout(root)
+    assert main(_flash_args(v1, root, keys)) == 0
+    assert main(_flash_args(v2, root, keys)) == 0  # A: v1, for rollback; B: v2
+    capsys.readouterr()
+    before = _files(layout.models)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_record = flash_mod.ModelSlots._record
+
+    def record_fails(self, slot, info):
+        if info is not None and info.get("never_active"):
+            raise full
+        real_record(self, slot, info)
+
+    # The record cannot be written: the slot and its record stay as they were.
+    with monkeypatch.context() as patch:
+        patch.setattr(flash_mod.ModelSlots, "_record", record_fails)
+        assert main(_flash_args(v3, root, keys)) == 1
+    assert capsys.readouterr().err == (
+        f"error: cannot write {layout.models}: No space left on device; nothing "
+        "was switched, the previous install is kept\n"
+    )
+    assert _files(layout.models) == before
+
+    # Killed right after the model is renamed into its slot: the slot is already
+    # recorded as the new model, never active, which rollback refuses.
+    real_replace = os.replace
+
+    def killed_after(src, dst):
+        real_replace(src, dst)
+        if Path(dst) == layout.models / "A":
+            raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(flash_mod.os, "replace", killed_after)
+        with pytest.raises(_Killed):
+            flash_mod.flash(v3, root, keys[1])
+    state = json.loads((layout.models / "slots.json").read_text())
+    assert (state["A"]["model_version"], state["A"]["never_active"]) == ("v3", True)
+
+    assert main(["rollback", "--root", str(root)]) == 2
+
+    assert capsys.readouterr().err == (
+        "error: rollback refused, slot B (v2) stays active: slot A holds model v3, "
+        "which was never active (installed by a flash or model update that did "
+        "not finish); flash the bundle to install it\n"
+    )
+    assert os.readlink(layout.models / "current") == "B"
