@@ -75,7 +75,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent import logger
-from edge_agent.locks import NO_FLOCK, fcntl, holder, try_lock
+from edge_agent.locks import NO_FLOCK, fcntl, holder, own_folder, run_folder, try_lock
 from flows.argtypes import nearest_existing
 from flows.errors import BadInputError, GatewatchError, OutboxError, UsageError
 
@@ -136,17 +136,19 @@ def lock_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
-def claim(path: str | Path) -> int | None:
-    """Lock the outbox at ``path`` for this process: an open descriptor holding an
-    exclusive ``flock`` on :func:`lock_path`, with this pid written in the file;
-    None where there is no ``flock``. Closing the descriptor releases it.
+def claim(path: str | Path) -> list[int]:
+    """Lock the outbox at ``path`` for this process: an open descriptor (in a
+    list) holding an exclusive ``flock`` on :func:`lock_path` (this pid written
+    in it); empty where there is no ``flock``. Closing it releases the lock. Once
+    the file exists, :func:`claim_file` adds a lock named by its device and inode
+    in the run folder (``$GATEWATCH_RUN_DIR``), so that a hard link is refused too.
 
     :class:`OutboxInUseError` (exit 2) when another process holds it; a lock
-    file that cannot be made fails as the outbox itself would (exit 1, or 6 for
-    a full disk or an I/O error).
+    file beside the outbox that cannot be made fails as the outbox itself would
+    (exit 1, or 6 for a full disk or an I/O error).
     """
     if fcntl is None:
-        return None
+        return []
     path = Path(path)
     lock = lock_path(path)
     try:
@@ -154,7 +156,7 @@ def claim(path: str | Path) -> int | None:
     except OSError as exc:
         if exc.errno in NO_FLOCK:  # a file system without flock: not refused
             logger.debug("outbox %s not locked: %s", path, exc)
-            return None
+            return []
         reason = f"its lock file {lock}: {exc.strerror or exc}"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
             raise OutboxError(
@@ -162,12 +164,52 @@ def claim(path: str | Path) -> int | None:
             ) from None
         raise GatewatchError(f"cannot open the outbox {path}: {reason}") from None
     if fd is None:
-        raise OutboxInUseError(
-            f"the outbox {path} is in use by another edge-agent run ({holder(lock)} "
-            f"holds {lock}); stop that run, or give this one its own --outbox "
-            "(and --site/--gateway: the MQTT client id is made from them)"
-        )
-    return fd
+        raise _in_use(path, lock)
+    return [fd]
+
+
+def claim_file(path: str | Path) -> list[int]:
+    """The second lock of :func:`claim`, taken once the outbox file exists: a
+    descriptor holding the run folder's lock named by the file's device and
+    inode, or none (no ``flock``, no run folder of this user's own).
+    :class:`OutboxInUseError` when another process holds it."""
+    if fcntl is None:
+        return []
+    path = Path(path)
+    by_inode = _inode_lock(path)
+    if by_inode is None:
+        return []
+    try:
+        fd = try_lock(by_inode)
+    except OSError as exc:
+        logger.debug("outbox %s not locked by inode: %s", path, exc)
+        return []
+    if fd is None:
+        raise _in_use(path, by_inode)
+    return [fd]
+
+
+def _inode_lock(path: Path) -> Path | None:
+    """The run folder's lock of the outbox file at ``path`` by device and inode
+    (the same for every name of the file), or None: no such file yet, or no run
+    folder of this user's own to put it in."""
+    try:
+        info = os.stat(path)
+        folder = run_folder()
+        own_folder(folder, "the locks of outboxes", "")
+    except (OSError, UsageError) as exc:
+        logger.debug("no inode lock for the outbox %s: %s", path, exc)
+        return None
+    return folder / f"outbox-{info.st_dev}-{info.st_ino}.lock"
+
+
+def _in_use(path: Path, lock: Path) -> OutboxInUseError:
+    """The error for an outbox whose lock ``lock`` another process holds."""
+    return OutboxInUseError(
+        f"the outbox {path} is in use by another edge-agent run ({holder(lock)} "
+        f"holds {lock}); stop that run, or give this one its own --outbox "
+        "(and --site/--gateway: the MQTT client id is made from them)"
+    )
 
 
 @dataclass(frozen=True)
@@ -208,7 +250,7 @@ class Outbox:
         # A lock file made only for an outbox then refused (damaged, another
         # program's) is taken away again: a refused open leaves nothing behind.
         made_lock = lock and not lock_path(self.path).exists()
-        self._lock_fd = claim(self.path) if lock else None
+        self._lock_fds = claim(self.path) if lock else []
         existed = self.path.is_file() and self.path.stat().st_size > 0
         try:
             # The file itself, links followed: SQLite names its -wal file after
@@ -217,6 +259,12 @@ class Outbox:
                 os.path.realpath(self.path), check_same_thread=False,
                 isolation_level=None,
             )
+            if lock:  # the file exists now: its other names are held too
+                try:
+                    self._lock_fds += claim_file(self.path)
+                except OutboxInUseError:
+                    self._db_close_quietly()
+                    raise
             if existed:  # before anything could write to the file
                 self._check_pages()
                 self._check_columns()
@@ -239,7 +287,7 @@ class Outbox:
             raise
         finally:
             if getattr(self, "_size", None) is None:  # not opened: let go of the lock
-                if made_lock and self._lock_fd is not None:
+                if made_lock and self._lock_fds:
                     with contextlib.suppress(OSError):
                         lock_path(self.path).unlink()
                 self._release()
@@ -716,8 +764,8 @@ class Outbox:
 
     def _release(self) -> None:
         """Let another run take the outbox (idempotent)."""
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
+        fds, self._lock_fds = self._lock_fds, []
+        for fd in fds:
             os.close(fd)  # closing the last descriptor drops the flock
 
     def close(self) -> None:

@@ -32,3 +32,22 @@ def test_a_symlink_to_a_held_outbox_is_refused(tmp_path):
         assert not (tmp_path / "obl.sqlite-wal").exists()
     finally:
         second.close()
+
+
+def test_a_hard_link_to_a_held_outbox_is_refused(tmp_path):
+    """Found by an operator tester: a hard link (another name of the same file in
+    another folder) got past the lock, and two agents corrupted the outbox."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    real = tmp_path / "a" / "ob.sqlite"
+    first = Outbox(real, lock=True)
+    os.link(real, tmp_path / "b" / "hard.sqlite")
+    try:
+        with pytest.raises(OutboxInUseError, match=r"outbox-\d+-\d+\.lock"):
+            Outbox(tmp_path / "b" / "hard.sqlite", lock=True)
+    finally:
+        first.close()
+
+    # Released, the other name opens it (and the lock beside it was not left held).
+    second = Outbox(tmp_path / "b" / "hard.sqlite", lock=True)
+    second.close()
