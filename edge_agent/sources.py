@@ -747,6 +747,7 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
     # Read again in place ("truncated" or "rewritten"): the earlier #fields hold
     # until a # line comes.
     carried: str | None = None
+    nuls = 0  # NUL bytes skipped at the start of a file read again in place
     waiting = vanished = False
     while True:
         if handle is None:
@@ -788,6 +789,20 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
             continue
         if len(head) < _HEAD_BYTES and len(head) == before:
             head += chunk[: _HEAD_BYTES - len(head)]
+        if carried and not partial and not skipping and chunk[:1] == b"\x00":
+            # A writer that does not append goes on at its own offset after a
+            # copytruncate: the file starts with a hole of NUL bytes. Skipped.
+            rest = chunk.lstrip(b"\x00")
+            nuls += len(chunk) - len(rest)
+            chunk = rest
+            if not chunk:
+                continue
+        if nuls and chunk:
+            logger.warning(
+                "source %s: skipped %d NUL bytes at the start of the file read "
+                "again (its writer does not append, so a copytruncate left a "
+                "hole where the old rows were)", path, nuls)
+            nuls = 0
         if chunk:
             if skipping:
                 end = chunk.find(b"\n")

@@ -156,3 +156,35 @@ def test_a_rewrite_without_a_header_says_rewritten_not_truncated(
     assert caplog.text.count(
         "the file was rewritten in place; reading on with its earlier #fields") == 1
     assert _TRUNCATED not in caplog.text
+
+
+def test_a_writer_that_does_not_append_leaves_a_hole_that_is_skipped(
+    tmp_path: Path, caplog
+):
+    """Found: a writer that keeps its own offset (no O_APPEND) goes on past the
+    truncation point after a copytruncate, so the file starts with a hole of NUL
+    bytes; its first row after the hole was rejected (exit 4). It is read."""
+    log = tmp_path / "conn.log"
+    writer = log.open("wb")  # no O_APPEND: writes go at this handle's own offset
+    writer.write(_text([*_HEADER, *map(_row, range(1, 101))]).encode())
+    writer.flush()
+    size = writer.tell()
+    src = open_source(f"zeek:{log}", follow=True, poll=0.05)
+    got: list[dict] = []
+    thread = threading.Thread(target=lambda: got.extend(src), daemon=True)
+    with caplog.at_level(logging.INFO, logger="gatewatch"):
+        thread.start()
+        assert _wait(lambda: len(got) == 100)
+        with log.open("r+b") as fh:  # copytruncate's cut, through another handle
+            fh.truncate(0)
+        assert _wait(lambda: "truncated in place" in caplog.text)
+        writer.write(_text([_row(i) for i in range(101, 151)]).encode())
+        writer.close()
+        assert log.read_bytes()[:size] == b"\x00" * size  # the hole
+        assert _wait(lambda: len(got) == 150)
+        src.end.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert [r["uid"] for r in got] == _uids(1, 150)
+    assert src.rejected == {} and src.error is None
+    assert caplog.text.count(f"skipped {size} NUL bytes") == 1
