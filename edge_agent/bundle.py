@@ -60,6 +60,7 @@ MODEL_DIR = "model"
 CONFIG_PATH = "config/gateway.toml"
 UNIT_PATH = "systemd/gatewatch-agent.service"
 WHEEL_DIR = "wheels"
+WHEEL_EPOCH = 315532800  # 1980-01-01, the earliest zip time: the agent wheel's files
 
 # Limits that keep a hostile archive from filling the disk or memory.
 MAX_MANIFEST_BYTES = 1 << 20
@@ -613,7 +614,12 @@ def build_agent_wheel(source: Path, outdir: Path) -> Path:
             str(outdir),
             str(tree),
         ]
-        _run(cmd, "building the agent wheel")
+        # A fixed time for the wheel's zip entries, unless one is given: the same
+        # source tree then gives the same wheel, so a re-flash of an unchanged
+        # agent finds its release (named by the wheels' digest) already built.
+        env = {**os.environ}
+        env.setdefault("SOURCE_DATE_EPOCH", str(WHEEL_EPOCH))
+        _run(cmd, "building the agent wheel", env=env)
     wheels = sorted(outdir.glob(f"{AGENT_PACKAGE}-*.whl"))
     if not wheels:
         raise BundleError(f"pip wheel wrote no {AGENT_PACKAGE} wheel into {outdir}")
@@ -690,10 +696,10 @@ def default_wheel_cache() -> Path:
     return Path(base) / "gatewatch" / "wheels"
 
 
-def _run(cmd: list[str], what: str) -> None:
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
     """Run a pip command; BundleError with its output when it fails."""
     logger.debug("running %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
         raise BundleError(
