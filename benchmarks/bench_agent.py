@@ -141,28 +141,24 @@ def bench_throughput(
 
     tag = "site" if thresholds else "artifact"
     scorer = load_artifact(art, threads=1)
-    agent = Agent(
-        scorer,
-        site="bench",
-        gateway="g1",
-        outbox=Outbox(tmp / f"tp-{tag}.sqlite"),
-        max_batch=batch,
-        thresholds=thresholds,
-    )
-    agent.run_file(records[:2000])  # warm-up (first ONNX runs, caches)
+
+    def fresh_agent(name: str) -> Agent:
+        return Agent(
+            scorer,
+            site="bench",
+            gateway="g1",
+            outbox=Outbox(tmp / f"{name}-{tag}.sqlite"),
+            max_batch=batch,
+            thresholds=thresholds,
+        )
+
+    fresh_agent("tp").run_file(records[:2000])  # warm-up (first ONNX runs, caches)
 
     # The whole path and its parts, each the best of REPEATS timings, so that the
     # parts and the whole are measured alike and can be compared.
     total = math.inf
     for i in range(REPEATS):
-        agent = Agent(
-            scorer,
-            site="bench",
-            gateway="g1",
-            outbox=Outbox(tmp / f"tp{i}-{tag}.sqlite"),
-            max_batch=batch,
-            thresholds=thresholds,
-        )
+        agent = fresh_agent(f"tp{i}")
         t0 = time.perf_counter()
         agent.run_file(records)
         total = min(total, time.perf_counter() - t0)

@@ -542,7 +542,7 @@ class Agent:
         folder = getattr(scorer, "folder", None)
         where = {
             "site": str(Path(folder or ".") / SITE_THRESHOLDS),
-            "given": given_from or "the thresholds given (--thresholds)",
+            "given": given_from or "the thresholds given",
         }.get(origin)
         how = {"site": "edge-agent calibrate", "given": "--thresholds"}.get(origin)
         if how is not None:

@@ -321,18 +321,14 @@ def _epoch_order(
         return rng.integers(0, len(y), n)
     counts = np.bincount(y, minlength=2).astype(np.float64)
     weights = np.where(counts[y] > 0, 1.0 / np.maximum(counts[y], 1), 0.0)
-    bad = y == 1
-    if types is not None and type_power != 1.0 and bad.any():
-        _, which, per_type = np.unique(types[bad], return_inverse=True,
-                                       return_counts=True)
-        share = per_type.astype(np.float64) ** type_power
-        weights[bad] = (share / share.sum())[which] / per_type[which]
-    good = y == 0
-    if groups is not None and benign_power != 1.0 and good.any():
-        _, which, per_group = np.unique(groups[good], return_inverse=True,
-                                        return_counts=True)
-        share = per_group.astype(np.float64) ** benign_power
-        weights[good] = (share / share.sum())[which] / per_group[which]
+    for label, kinds, power in ((1, types, type_power), (0, groups, benign_power)):
+        rows = y == label
+        if kinds is not None and power != 1.0 and rows.any():
+            # This class's half shared among its kinds by (rows of the kind)^power.
+            _, which, per_kind = np.unique(kinds[rows], return_inverse=True,
+                                           return_counts=True)
+            share = per_kind.astype(np.float64) ** power
+            weights[rows] = (share / share.sum())[which] / per_kind[which]
     weights /= weights.sum()
     return rng.choice(len(y), size=n, replace=True, p=weights)
 
