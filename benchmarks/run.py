@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -641,12 +642,12 @@ def run_benchmarks(settings: Settings, out: Path, work: Path, data: Path) -> Pat
     _save_samples(run.samples, work / "samples.npz")
     with run.step("plots"):
         run.results["plots"] = plots.write_all(run.results, run.samples, out)
-    (out / "results.json").write_text(json.dumps(run.results, indent=1) + "\n")
+    (out / "results.json").write_text(_dump(run.results))
     with run.step("report"):
         (out / "report.md").write_text(report_md.render(run.results))
         (out / "headline.md").write_text(report_md.headline(
             run.results, prefix=_rel_prefix(out)))
-    (out / "results.json").write_text(json.dumps(run.results, indent=1) + "\n")
+    (out / "results.json").write_text(_dump(run.results))
     run.say(f"done in {run.results['wall_s'] / 60:.1f} min; report in {out}")
     return out
 
@@ -685,7 +686,7 @@ def pipeline_again(settings: Settings, out: Path, work: Path, data: Path) -> Pat
     results["steps"] = [e for e in results.get("steps", [])
                         if not e["step"].startswith("pipeline")] + run.results["steps"]
     results["pipeline_measured"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    path.write_text(_dump(results))
     return rerender(out, work)
 
 
@@ -712,7 +713,7 @@ def merge_datasets(settings: Settings, out: Path, work: Path, data: Path) -> Pat
     samples = _load_samples(work / "samples.npz")
     samples.update(run.samples)
     _save_samples(samples, work / "samples.npz")
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    path.write_text(_dump(results))
     return rerender(out, work)
 
 
@@ -732,7 +733,7 @@ def rerender(out: Path, work: Path) -> Path:
     (out / "report.md").write_text(report_md.render(results))
     (out / "headline.md").write_text(report_md.headline(results,
                                                         prefix=_rel_prefix(out)))
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.json").write_text(_dump(results))
     return out
 
 
@@ -770,6 +771,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-only", action="store_true",
                         help="only redraw the plots and report.md of OUT/NAME")
     return parser
+
+
+def _dump(results: dict) -> str:
+    """results.json's text, with no path of this machine in it: every string that
+    names a file under the data folder says ``$GATEWATCH_DATA/...``, and one under
+    the repository the path relative to it (the stages record their commands,
+    artifacts and checkpoints by absolute path)."""
+    # (the folder, what it becomes alone, what a path below it starts with)
+    roots = []
+    given = os.environ.get("GATEWATCH_DATA")
+    if given:
+        roots.append((str(Path(given).resolve()), "$GATEWATCH_DATA",
+                      "$GATEWATCH_DATA/"))
+    roots.append((str(REPO), ".", ""))
+    patterns = [(re.compile(re.escape(root) + r"(/|(?=[\s'\"]|$))"), alone, below)
+                for root, alone, below in roots]
+
+    def scrub(value):
+        if isinstance(value, str):
+            for pattern, alone, below in patterns:
+                value = pattern.sub(
+                    lambda m, a=alone, b=below: b if m.group(1) else a, value)
+            return value
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        return value
+
+    return json.dumps(scrub(results), indent=1) + "\n"
 
 
 def _portable(words: list[str]) -> list[str]:

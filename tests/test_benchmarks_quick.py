@@ -151,3 +151,23 @@ def test_quick_run_writes_report_results_and_plots(tmp_path):
         assert pipe["broker"]["round_trip_ms"]["n"] > 0
     for name in results["plots"].values():
         assert (out / name).stat().st_size > 1000
+
+
+def test_results_name_no_path_of_this_machine(monkeypatch, tmp_path):
+    """Found: the committed results.json held the stages' absolute paths (their
+    commands, artifacts, checkpoints and sources) under the repository and data."""
+    from benchmarks.run import REPO, _dump
+
+    data = tmp_path / "data"
+    monkeypatch.setenv("GATEWATCH_DATA", str(data))
+    results = {"agent": {"command": f"bench_agent.py --data-dir {data} "
+                                    f"--artifact {REPO}/runs/b/a --work {REPO}",
+                         "runs": [{"source": f"zeek:{data}/zeek-conn/c.log"}]},
+               "n": 3}
+    text = _dump(results)
+    assert str(REPO) not in text and str(data) not in text
+    assert json.loads(text) == {
+        "agent": {"command": "bench_agent.py --data-dir $GATEWATCH_DATA "
+                             "--artifact runs/b/a --work .",
+                  "runs": [{"source": "zeek:$GATEWATCH_DATA/zeek-conn/c.log"}]},
+        "n": 3}
