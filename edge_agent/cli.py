@@ -155,6 +155,7 @@ after edge-agent rollback: the model is health-checked and swapped in between
 two batches; one that fails is logged and the running model stays. A model
 with the running one's encoder keeps the windows built so far (a reload of the
 same model decides as if there was none); another encoder starts them empty.
+A SIGHUP before the agent is ready to reload (while it starts) is ignored.
 """
 
 MIN_CALIBRATION_FLOWS = 100  # benign flows calibrate needs to set thresholds
@@ -1667,6 +1668,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``edge-agent``."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(signal, "SIGHUP") and getattr(args, "func", None) is not cmd_run:
+        # edge_agent.entry held SIGHUP off for run's start; the others end on it.
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     level = (
         logging.ERROR if args.quiet and not args.verbose
         else logging.WARNING - 10 * min(args.verbose, 2)

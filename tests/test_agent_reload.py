@@ -120,3 +120,30 @@ def test_sighup_reloads_the_current_link_and_refuses_a_failing_model(tmp_path):
     first_b = versions.index("vb")
     assert set(versions[first_b:]) == {"vb"}
     assert json.loads((tmp_path / "s.json").read_text())["model_version"] == "vb"
+
+
+def test_a_sighup_while_the_agent_starts_does_not_end_it(tmp_path):
+    """Found by an operator tester: SIGHUP in the agent's first half second (while
+    it imports numpy and loads its model) ended it, and systemd counts an end by
+    SIGHUP as clean, so Restart=on-failure would not start it again."""
+    enc = fit_conn_encoder()
+    art = make_artifact(tmp_path / "a", version="va", seed=1, encoder=enc)
+    agent = subprocess.Popen(
+        [str(BIN / "edge-agent"), "run", "--artifact", str(art), "--source", "-",
+         "--site", "s1", "--gateway", "g1", "--outbox", str(tmp_path / "o.db"),
+         "--alerts", ""],
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for _ in range(5):  # over the start, before the reload handler exists
+            time.sleep(0.05)
+            agent.send_signal(signal.SIGHUP)
+        agent.stdin.write("".join(json.dumps(r) + "\n" for r in conn_records(20)))
+        agent.stdin.close()
+        rc = agent.wait(60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert rc == 0, agent.stderr.read()
+    assert "summary: flows 20" in agent.stderr.read()
