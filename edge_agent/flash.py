@@ -1393,8 +1393,22 @@ def rollback(root: str | Path, *, tolerance: float | None = None) -> tuple[str, 
     # The mark before the switch: a crash between the two leaves the model running
     # with a mark that does not hold back its own updates (ModelSlots.held_back).
     left = {**slots.info(active), "slot": active}
-    slots.mark_rolled_back(left, info.get("model_version") or scorer.model_version)
-    slots.switch(other)
+    try:
+        slots.mark_rolled_back(left, info.get("model_version") or scorer.model_version)
+    except OSError as exc:  # nothing was switched: the mark comes first
+        running = left.get("model_version") or "its model"
+        raise FlashError(
+            f"rollback refused, slot {active} ({running}) stays active: cannot "
+            f"write {exc.filename or slots.dir}: {exc.strerror or exc}"
+        ) from None
+    try:
+        slots.switch(other)
+    except OSError as exc:
+        running = left.get("model_version") or "its model"
+        raise FlashError(
+            f"rollback not done, slot {active} ({running}) stays active: cannot "
+            f"switch {slots.current_path}: {exc.strerror or exc}"
+        ) from None
     logger.info(
         "rolled back %s to slot %s (model %s); updates of model %s are refused "
         "until a newer model is published or it is flashed again",

@@ -318,11 +318,20 @@ class ModelUpdater:
         self.public_key = signing.load_public_key(key_path)
         self.key_id = signing.key_id(self.public_key)
         self.slots = ModelSlots(slots_dir)
+        # What an update killed part way (kill -9, power loss) left beside the
+        # slots: its pid no longer runs. A crash loop would fill the slots folder.
+        try:
+            self.slots.remove_stale_staging()
+        except OSError as exc:
+            logger.debug("leftovers in %s not removed: %s", self.slots.dir, exc)
         self.tolerance = tolerance
         self.max_bytes = int(max_bytes)
         self.fetch_timeout = float(fetch_timeout)
         self.current_version = current_version
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while one update is worked through
+        # The refusal in force has a lock of its own: the agent's status reads it
+        # while an update (a slow download, say) holds the one above.
+        self._refusal_lock = threading.Lock()
         # (sha256 of the last message handled, its result): the retained update
         # comes again after every reconnect and is not worked through again.
         self._last: tuple[str, UpdateResult] | None = None
@@ -340,17 +349,18 @@ class ModelUpdater:
         model, or the retained update is withdrawn; the agent puts it in every
         status, so a refusal does not vanish at the next status interval.
         """
-        with self._lock:
+        with self._refusal_lock:
             return dict(self._refusal)
 
     def _note(self, digest: str, message: Any, result: UpdateResult) -> None:
         """Keep or clear the refusal in force after ``result`` (the lock held)."""
         if result.ok:
-            self._refusal = {}
+            with self._refusal_lock:
+                self._refusal = {}
             return
 
         version = message.get("model_version") if isinstance(message, dict) else None
-        self._refusal = {
+        refusal = {
             "update_refused": result.reason,
             "update_refused_at": time.time(),
             "update_refused_model_version": (
@@ -358,6 +368,8 @@ class ModelUpdater:
             ),
             "update_refused_sha256": digest,
         }
+        with self._refusal_lock:
+            self._refusal = refusal
 
     def handle(self, payload: bytes) -> UpdateResult:
         """Verify, install and activate the update in ``payload``, or refuse it.
@@ -368,7 +380,7 @@ class ModelUpdater:
         if not payload.strip():
             logger.info("the retained model update was withdrawn (an empty "
                         "message); the running model stays")
-            with self._lock:
+            with self._lock, self._refusal_lock:
                 self._last = None  # an update published again is handled anew
                 self._refusal = {}
             return UpdateResult(ok=False, withdrawn=True)
@@ -398,6 +410,12 @@ class ModelUpdater:
                 # A fetch that failed, or an update that met a flash, may work
                 # next time: tried again then.
                 remember = not isinstance(exc, FetchError | FlashRunningError)
+            except OSError as exc:  # a full disk, a read-only slots folder
+                logger.warning("model update not installed: %s", _os_reason(exc))
+                result = UpdateResult(ok=False, reason=(
+                    f"model update not installed: {_os_reason(exc)}; the running "
+                    "model stays, and the update is tried again when it comes again"))
+                remember = False
             except Exception as exc:  # the agent must survive any update
                 logger.exception("model update failed unexpectedly")
                 result = UpdateResult(
@@ -582,14 +600,42 @@ class ModelUpdater:
         return archive
 
     def _fetch(self, url: str, size: int) -> bytes:
-        """Download an archive by reference, reading at most one byte past ``size``."""
+        """Download an archive by reference, reading at most one byte past ``size``,
+        within ``fetch_timeout`` seconds in all (not per read: a server sending a
+        byte a second would hold the update for hours); a download cut short or
+        too slow is a FetchError, so the update is tried again when it comes
+        again."""
         if url.split(":", 1)[0] not in URL_SCHEMES:
             raise BadInputError(f"update URL scheme is not allowed: {url!r}")
+        deadline = time.monotonic() + self.fetch_timeout
+        parts: list[bytes] = []
+        got = 0
         try:
             with urllib.request.urlopen(url, timeout=self.fetch_timeout) as resp:
-                return resp.read(size + 1)
+                while got <= size:
+                    if time.monotonic() > deadline:
+                        raise FetchError(
+                            f"cannot fetch the update from {url}: {got} of {size} "
+                            f"bytes came in {self.fetch_timeout:g} s")
+                    read = getattr(resp, "read1", resp.read)  # what has come
+                    part = read(min(1 << 16, size + 1 - got))
+                    if not part:
+                        break
+                    parts.append(part)
+                    got += len(part)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise FetchError(f"cannot fetch the update from {url}: {exc}") from exc
+        if got < size:
+            raise FetchError(
+                f"cannot fetch the update from {url}: the download ended after "
+                f"{got} of {size} bytes")
+        return b"".join(parts)
+
+
+def _os_reason(exc: OSError) -> str:
+    """An OSError as one phrase: the file and the system's reason."""
+    where = f"cannot write {exc.filename}: " if exc.filename else ""
+    return where + (exc.strerror or str(exc))
 
 
 class RolledBackError(BadInputError):
