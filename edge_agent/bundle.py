@@ -1313,7 +1313,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "model left is marked as rolled back in models/slots.json: the agent "
         "refuses model updates of it (also the retained one at its next start) "
         "until a newer model is published or it is flashed again. Exit "
-        "codes: 0 switched, 1 the other model fails its health check, 2 nothing "
+        "codes: 0 switched, 1 the other model fails its health check or the "
+        "switch cannot be written (a full disk: nothing switched), 2 nothing "
         "to roll back to (the other slot empty, or holding a model that was "
         "never active: a flash or update that did not finish), 3 a damaged "
         "install (models/slots.json or the models/current link).",
