@@ -409,6 +409,21 @@ def _context(cfg: RunConfig, progress: Callable[[str], None]) -> _Context:
             "0 or 1 (score unlabeled flows with edge-agent or teacher serve)"
         )
     y = prep.y.astype(np.int64)
+    one_class = [name for name, rows in (("validation", val), ("train", train))
+                 if np.unique(y[rows]).size < 2]
+    if one_class:
+        which = one_class[0]
+        rows = val if which == "validation" else train
+        kind = "malicious" if y[rows][0] == 1 else "benign"
+        updated = prov.get("updated_from")
+        raise BadInputError(
+            f"{dataset}: its {len(rows)} {which} rows are all {kind}; the gate, "
+            "the thresholds and distillation need benign and malicious rows (a "
+            "student that flags everything would pass). Give --dataset or --data "
+            "with both"
+            + (f" (this teacher was updated from {updated} with this file alone: "
+               "its provenance names only the update's data)" if updated else "")
+        )
 
     # The teacher runs once; every student reuses its logits.
     key = sha256_file(Path(cfg.teacher) / "model.safetensors")

@@ -1306,3 +1306,29 @@ def test_no_prune_with_prune_ratios_is_a_usage_error(tmp_path: Path, capsys) -> 
     err = capsys.readouterr().err
     assert "--no-prune and --prune-ratios" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_validation_split_of_one_class_is_refused(teacher_dir: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture
+                                                    ) -> None:
+    """Found: compress run on data whose validation rows were all malicious (an
+    updated teacher's new file) kept a student that flagged every benign flow, at
+    validation F1 1.0; the gate means nothing on one class."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from compress.cli import main
+
+    table = pq.read_table(synthetic_flows(tmp_path / "all.parquet"))
+    bad = table.filter(pc.equal(table["label"], 1))
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    code = main(["run", "--target", "onnx-fp32", "--teacher", str(teacher_dir),
+                 "--data", str(tmp_path / "bad.parquet"),
+                 "--out", str(tmp_path / "out"), "--student", "mlp", "--widths", "2",
+                 "--epochs", "1", "--no-prune", "-q"])
+
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "validation rows are all malicious; the gate, the thresholds and " \
+        "distillation need benign and malicious rows" in err
+    assert not (tmp_path / "out").exists()
