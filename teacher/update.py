@@ -74,14 +74,32 @@ def load_replay(ckpt_dir: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
     return data["windows"], data["labels"]
 
 
-def _f1(teacher_like: Any, prep: Prepared | None, threshold: float) -> float | None:
+def _scores(teacher_like: Any, prep: Prepared | None, threshold: float,
+            name: str) -> dict[str, float | None]:
+    """F1 and false-positive rate on the test rows of ``prep`` (``name``: old or
+    new), as ``{name}_test_f1`` and ``{name}_test_fpr``; None where the rows
+    cannot give one: no test rows, no malicious rows (F1), no benign rows (FPR)."""
+    out: dict[str, float | None] = {f"{name}_test_f1": None, f"{name}_test_fpr": None}
     if prep is None:
-        return None
+        return out
     rows = prep.rows("test")
     if rows.size == 0:
+        return out
+    y = prep.y[rows]
+    m = binary_metrics(y, teacher_like(prep.windows(rows)), threshold)
+    if (y == 1).any():
+        out[f"{name}_test_f1"] = m["f1"]
+    if (y == 0).any():
+        out[f"{name}_test_fpr"] = m["fpr"]
+    return out
+
+
+def _test_rows(prep: Prepared | None) -> dict[str, int] | None:
+    """How many benign and malicious test rows ``prep`` holds (None: no data)."""
+    if prep is None:
         return None
-    prob = teacher_like(prep.windows(rows))
-    return binary_metrics(prep.y[rows], prob, threshold)["f1"]
+    y = prep.y[prep.rows("test")]
+    return {"benign": int((y == 0).sum()), "malicious": int((y == 1).sum())}
 
 
 def _check_labels(
@@ -126,7 +144,9 @@ def update(
     """Fine-tune ``teacher`` on ``new`` with a replay buffer; returns (result, report).
 
     ``new`` and ``old`` must be encoded with the teacher's encoder. The report
-    holds F1 on old and new test rows before and after, the replay size and the
+    holds F1 and the false-positive rate on old and new test rows before and
+    after (None where the rows hold no malicious, or no benign, row), how many
+    of each the test rows hold, the replay size and the
     wall time. ``target_f1`` is passed to :func:`~teacher.train.fit` (benchmarks).
     A file of ``old`` that the teacher's provenance records with another sha256
     (changed since it was trained) is a BadInputError: its test rows would not be
@@ -150,8 +170,8 @@ def update(
     _check_labels(new, train_rows.size, val_rows.size, replay, old)
 
     # Before: the checkpoint as it is.
-    before = {"old_test_f1": _f1(teacher.predict_proba, old, teacher.threshold),
-              "new_test_f1": _f1(teacher.predict_proba, new, teacher.threshold)}
+    before = {**_scores(teacher.predict_proba, old, teacher.threshold, "old"),
+              **_scores(teacher.predict_proba, new, teacher.threshold, "new")}
     if replay is None and old is not None:
         replay = make_replay(old, seed=tc.seed)
     start = time.monotonic()
@@ -168,10 +188,11 @@ def update(
                              threshold=result.threshold["threshold"],
                              config=teacher.config)
     cut = after_teacher.threshold
-    after = {"old_test_f1": _f1(after_teacher.predict_proba, old, cut),
-             "new_test_f1": _f1(after_teacher.predict_proba, new, cut)}
+    after = {**_scores(after_teacher.predict_proba, old, cut, "old"),
+             **_scores(after_teacher.predict_proba, new, cut, "new")}
     report = {
         "before": before, "after": after,
+        "old_test_rows": _test_rows(old), "new_test_rows": _test_rows(new),
         "replay_size": 0 if replay is None else int(len(replay[1])),
         "new_train_rows": int(train_rows.size), "val_rows": int(val_rows.size),
         # As teacher train reports them: "epochs" per member (the longest run),

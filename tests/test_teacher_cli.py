@@ -950,3 +950,30 @@ def test_eval_names_the_files_a_half_written_checkpoint_lacks(
         "model.safetensors, encoder.json, threshold.json, history.json, "
         "metrics.json, provenance.json (nor checksums.json)")
     assert "--allow-unverified" not in errors[0]
+
+
+def test_update_on_benign_only_data_reports_the_false_positive_rate(
+    checkpoint, slices, tmp_path, capsys
+):
+    """Found by an ML tester: new data with no malicious row reported F1 0.0 before
+    and after, hiding that the false positives fell to none. F1 is None there (no
+    malicious row to find); the FPR and the test rows' make-up are reported."""
+    lines = slices[1].read_text().splitlines(keepends=True)
+    benign = [line for line in lines if line.split(",")[41] == "normal"]
+    new = tmp_path / "benign.txt"
+    new.write_text("".join(benign))
+    capsys.readouterr()
+    assert main(["update", "--checkpoint", str(checkpoint), "--data", str(new),
+                 "--old-data", str(slices[0]), "--out", str(tmp_path / "u"),
+                 "--epochs", "1", "--batch-size", "64", "--samples-per-epoch", "640",
+                 "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+
+    rows = report["new_test_rows"]
+    assert rows["malicious"] == 0
+    assert 0.08 * len(benign) <= rows["benign"] <= 0.12 * len(benign)
+    for when in ("before", "after"):
+        assert report[when]["new_test_f1"] is None
+        assert 0.0 <= report[when]["new_test_fpr"] <= 1.0
+        assert 0.0 <= report[when]["old_test_f1"] <= 1.0
+    assert report["old_test_rows"]["malicious"] > 0
