@@ -99,7 +99,8 @@ exit codes:
        --distill-swap, --distill-swap-rows, --distill-alpha, --qat, --qat-epochs),
        --threshold-rule teacher-rate or --gate split (the teacher itself
        is quantized: no student is made, its threshold is the best
-       validation F1 one and its gate validation F1)
+       validation F1 one and its gate validation F1); --qat always with
+       a float target (onnx-fp32, tflite-fp32)
   {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read; data
        with too few labeled rows (label 0 or 1) to train or evaluate on
        (an unlabeled conn.log, say)
@@ -473,6 +474,11 @@ def _once(flag: str, values: list | None) -> list | None:
 def cmd_run(args: argparse.Namespace) -> int:
     """``compress run``."""
     _check_torch_int8_flags(args)  # before torch is imported: a usage error is quick
+    if args.qat == "always" and args.target in ("onnx-fp32", "tflite-fp32"):
+        raise UsageError(
+            f"--qat always does not apply to --target {args.target}: a float "
+            "artifact has no int8 quantization to fine-tune for; drop it, or give "
+            "an int8 target (or --target all, where it applies to those)")
     _refuse_artifact(args.teacher)
     if args.no_prune and args.prune_ratios is not None:
         raise UsageError("--no-prune and --prune-ratios contradict each other; "

@@ -1332,3 +1332,21 @@ def test_a_validation_split_of_one_class_is_refused(teacher_dir: Path, tmp_path:
     assert "validation rows are all malicious; the gate, the thresholds and " \
         "distillation need benign and malicious rows" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target", ["onnx-fp32", "tflite-fp32"])
+def test_qat_always_with_a_float_target_is_refused(target, tmp_path, capsys):
+    """Found by an ML tester: --qat always with a float target was taken and did
+    nothing (no int8 model to fine-tune for)."""
+    from compress.cli import main
+
+    code = main(["run", "--target", target, "--teacher", str(tmp_path / "teacher"),
+                 "--out", str(tmp_path / "out"), "--qat", "always"])
+
+    [line] = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert line == (f"error: --qat always does not apply to --target {target}: a "
+                    "float artifact has no int8 quantization to fine-tune for; drop "
+                    "it, or give an int8 target (or --target all, where it applies "
+                    "to those)")
+    assert not (tmp_path / "out").exists()
