@@ -1039,6 +1039,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                            allow_unverified=args.allow_unverified)
         encoder, base = pre.encoder, pre.config
         init_state = {k: v.clone() for k, v in pre.model.state_dict().items()}
+        # A registered dataset's family is known before its rows are read.
+        from flows.datasets import REGISTRY
+
+        spec = REGISTRY.get(getattr(args, "dataset", None) or "")
+        if spec is not None and spec.family != encoder.family:
+            raise BadInputError(
+                f"{spec.name} holds {spec.family!r} records but the checkpoint's "
+                f"encoder was fitted on {encoder.family!r}", path=str(args.init_from))
     else:
         # Sizes past the limit are refused before the data is read: with one input
         # feature the network is the smallest these flags can make.

@@ -977,3 +977,23 @@ def test_update_on_benign_only_data_reports_the_false_positive_rate(
         assert 0.0 <= report[when]["new_test_fpr"] <= 1.0
         assert 0.0 <= report[when]["old_test_f1"] <= 1.0
     assert report["old_test_rows"]["malicious"] > 0
+
+
+def test_init_from_of_another_family_is_refused_before_the_data_is_read(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    """Found by an ML tester: a conn checkpoint fine-tuned on nsl-kdd was refused
+    only after all 148,517 rows were read and encoded."""
+    import teacher.cli as cli
+
+    def no_read(*_a, **_k):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(cli, "_prepare", no_read)
+    code = main(["train", "--dataset", "ctu-conn", "--init-from", str(checkpoint),
+                 "--out", str(tmp_path / "ft"), "-q"])
+
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert code == 3
+    assert line.endswith("ctu-conn holds 'conn' records but the checkpoint's encoder "
+                         "was fitted on 'nsl-kdd'")
