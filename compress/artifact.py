@@ -202,6 +202,8 @@ def portable_path(
     text = os.fspath(value)
     if not text or (os.sep not in text and not Path(text).exists()):
         return text
+    if text.startswith(f"${DATA_VAR}/"):  # a teacher's provenance, portable already
+        return text
     if not Path(text).is_absolute():
         # A teacher's provenance names registered data files relative to the
         # data folder (zeek-conn/...), whatever the folder it ran in.

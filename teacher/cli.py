@@ -573,11 +573,13 @@ def _check_old_data(old_data: str | None) -> None:
             "taken too)")
 
 
-def _data_ref(source: str) -> str:
-    """What provenance records as the data: a dataset name, or a resolved path
-    (so ``compress`` finds the file from any working directory)."""
-    path = Path(source)
-    return str(path.resolve()) if path.exists() else source
+def _data_ref(source: str, data_dir: str | None = None) -> str:
+    """What provenance records as the data: a dataset name, else the file as
+    :func:`teacher.data.data_ref` names it (``$GATEWATCH_DATA/...`` under the data
+    folder, so ``compress`` finds it after the folder moved; else resolved)."""
+    from teacher.data import data_ref
+
+    return data_ref(source, data_dir) if Path(source).exists() else source
 
 
 def _holdout(args: argparse.Namespace) -> float | dict[str, float]:
@@ -1098,7 +1100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if prep.rows("test").size:
         metrics["test"] = evaluate(teacher, prep, prep.rows("test"), timing=False)
     provenance = make_provenance(
-        args.dataset or _data_ref(args.data), prep.files, args.seed,
+        args.dataset or _data_ref(args.data, args.data_dir), prep.files, args.seed,
         family=prep.family, world_size=world,
         held_out_types=held, init_from=args.init_from, timezone=prep.timezone,
         train_config=result.train_config, best_epoch=result.best_epoch,
@@ -1427,7 +1429,8 @@ def cmd_update(args: argparse.Namespace) -> int:
     tc = _train_config(args, lr=3e-4)
     result, report = update(teacher, new, old, replay, tc)
 
-    provenance = make_provenance(_data_ref(args.data), new.files, args.seed,
+    provenance = make_provenance(_data_ref(args.data, args.data_dir), new.files,
+                                 args.seed,
                                  updated_from=str(args.checkpoint), update=report,
                                  timezone=new.timezone)
     metrics = {"val": result.val_metrics, "update": report}

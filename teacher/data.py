@@ -179,6 +179,26 @@ def _entry_files(entry: Any) -> dict[str, str]:
     return out
 
 
+DATA_REF = "$GATEWATCH_DATA/"  # how provenance names a file under the data folder
+
+
+def data_ref(path: str | os.PathLike[str], data_dir: Any = None) -> str:
+    """How provenance names the flow file at ``path``: ``$GATEWATCH_DATA/<rel>``
+    when it lies under the data folder (``data_dir``, else ``$GATEWATCH_DATA``),
+    so a checkpoint still finds it after the folder moved; else its resolved
+    path (found from any working folder)."""
+    from flows.datasets import data_dir as find_data_dir
+
+    resolved = Path(path).resolve()
+    try:
+        root = find_data_dir(data_dir).resolve()
+    except UsageError:  # no data folder known: the path as it is
+        return str(resolved)
+    if root in resolved.parents:
+        return DATA_REF + resolved.relative_to(root).as_posix()
+    return str(resolved)
+
+
 def _load(
     source: str | os.PathLike[str], data_dir: Any, seed: int, timezone: str = "UTC"
 ) -> dict[str, Any]:
@@ -201,7 +221,12 @@ def _load(
 
     from flows.readers import read
 
-    path = Path(text)
+    if text.startswith(DATA_REF):  # a file under the data folder, wherever it is
+        from flows.datasets import data_dir as find_data_dir
+
+        path = find_data_dir(data_dir) / text[len(DATA_REF):]
+    else:
+        path = Path(text)
     if not path.exists():
         raise UsageError(
             f"{text!r} is neither a dataset name ({', '.join(sorted(registry))}) "
@@ -213,8 +238,9 @@ def _load(
     return {
         "table": result.table, "family": result.family, "name": path.name,
         "group_by": "src_ip" if result.family == "conn" else "stream",
-        # Resolved: provenance must name the file from any working directory.
-        "window": None, "files": {str(path.resolve()): sha256_file(path)},
+        # Provenance must name the file from any working folder, and after the
+        # data folder moved (data_ref).
+        "window": None, "files": {data_ref(path, data_dir): sha256_file(path)},
         "warnings": list(result.warnings), "partial": bool(result.partial),
     }
 

@@ -422,3 +422,32 @@ def test_held_out_types_do_not_shape_the_encoder(data_dir):
     field = next(f for f in prep.encoder.numeric if f.name == "wrong_fragment")
     assert field.hi == field.lo == 0.0
     assert columns["wrong_fragment"][np.isin(details, ["pod", "teardrop"])].max() > 0
+
+
+def test_a_file_under_the_data_folder_is_named_so_it_is_found_after_a_move(
+    tmp_path, monkeypatch
+):
+    """Found by an ML tester: a teacher trained with --data FILE recorded the
+    file's absolute path, so compress run could not find it once the data folder
+    moved (artifacts already wrote $GATEWATCH_DATA/...)."""
+    import shutil
+
+    from teacher.checkpoint import sha256_file
+    from teacher.data import data_ref, prepare
+    from tests.test_compress import synthetic_flows
+
+    before = tmp_path / "a"
+    (before / "sub").mkdir(parents=True)
+    flows_file = synthetic_flows(before / "sub" / "flows.parquet", n=400)
+    monkeypatch.setenv("GATEWATCH_DATA", str(before))
+    ref = data_ref(flows_file)
+    assert ref == "$GATEWATCH_DATA/sub/flows.parquet"
+    assert data_ref(tmp_path / "elsewhere.parquet") == str(
+        (tmp_path / "elsewhere.parquet").resolve())
+    first = prepare(str(flows_file), window=4, group_by="src_ip", need_split=True)
+    assert first.files == {ref: sha256_file(flows_file)}
+
+    shutil.move(before, tmp_path / "b")
+    monkeypatch.setenv("GATEWATCH_DATA", str(tmp_path / "b"))
+    again = prepare(ref, encoder=first.encoder, need_split=True)
+    assert again.files == first.files and len(again.y) == len(first.y)
