@@ -477,8 +477,9 @@ def test_old_specs_without_scaling_still_load():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-def test_category_block_holds_the_one_hot_columns_of_a_field() -> None:
-    cols = {
+def _small_conn_columns() -> dict[str, list]:
+    """21 conn records whose fields take a few values each (nulls among them)."""
+    return {
         "duration": [0.0, 1.0, None] * 7, "orig_bytes": [1.0, 5.0, 9.0] * 7,
         "resp_bytes": [5.0] * 21, "orig_pkts": list(range(21)),
         "resp_pkts": [1.0] * 21, "orig_ip_bytes": [1.0] * 21,
@@ -486,6 +487,10 @@ def test_category_block_holds_the_one_hot_columns_of_a_field() -> None:
         "proto": ["tcp", "udp", None] * 7, "service": ["dns", "http", "-"] * 7,
         "conn_state": ["SF"] * 21, "dst_port": [53] * 21, "history": ["ShAD"] * 21,
     }
+
+
+def test_category_block_holds_the_one_hot_columns_of_a_field() -> None:
+    cols = _small_conn_columns()
     enc = Encoder.fit(cols, "conn")
     start, stop = enc.category_block("service")
 
@@ -500,14 +505,7 @@ def test_category_block_holds_the_one_hot_columns_of_a_field() -> None:
 
 
 def test_field_of_column_follows_the_feature_names() -> None:
-    cols = {
-        "duration": [0.0, 1.0, None] * 7, "orig_bytes": [1.0, 5.0, 9.0] * 7,
-        "resp_bytes": [5.0] * 21, "orig_pkts": list(range(21)),
-        "resp_pkts": [1.0] * 21, "orig_ip_bytes": [1.0] * 21,
-        "resp_ip_bytes": [1.0] * 21, "missed_bytes": [0.0] * 21,
-        "proto": ["tcp", "udp", None] * 7, "service": ["dns", "http", "-"] * 7,
-        "conn_state": ["SF"] * 21, "dst_port": [53] * 21, "history": ["ShAD"] * 21,
-    }
+    cols = _small_conn_columns()
     enc = Encoder.fit(cols, "conn")
 
     # Independently: a column belongs to the field its name starts with
