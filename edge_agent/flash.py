@@ -704,22 +704,29 @@ def hold_flash_lock(models_dir: str | Path) -> int | None:
     return fd
 
 
-def _cannot_write(exc: OSError, path: Path, committing: bool = False) -> FlashError:
-    """A FlashError for an OSError met while writing ``path`` (or the file the
-    error names), with the OS's reason: one ``error:`` line, exit 1.
-    ``committing``: some renames were done already (the message says so)."""
+def write_problem(exc: OSError, path: Path | None = None) -> str:
+    """An OSError met while writing ``path`` as one phrase: ``cannot write WHERE:
+    REASON``, WHERE the file the error names (a ``shutil.Error``'s first failed
+    file), else ``path``; the OS's reason alone when neither is known."""
     where: Any = exc.filename or path
     reason = exc.strerror
     if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
         first = exc.args[0][0] if exc.args[0] else None
         if isinstance(first, tuple) and len(first) == 3:
             where, reason = first[1], first[2]
+    return f"cannot write {where}: {reason or exc}" if where else str(reason or exc)
+
+
+def _cannot_write(exc: OSError, path: Path, committing: bool = False) -> FlashError:
+    """A FlashError for an OSError met while writing ``path`` (or the file the
+    error names), with the OS's reason: one ``error:`` line, exit 1.
+    ``committing``: some renames were done already (the message says so)."""
     kept = (
         "the model and agent that ran are still active; flash it again"
         if committing
         else "nothing was switched, the previous install is kept"
     )
-    return FlashError(f"cannot write {where}: {reason or exc}; {kept}")
+    return FlashError(f"{write_problem(exc, path)}; {kept}")
 
 
 def _install(
@@ -1398,8 +1405,8 @@ def rollback(root: str | Path, *, tolerance: float | None = None) -> tuple[str, 
     except OSError as exc:  # nothing was switched: the mark comes first
         running = left.get("model_version") or "its model"
         raise FlashError(
-            f"rollback refused, slot {active} ({running}) stays active: cannot "
-            f"write {exc.filename or slots.dir}: {exc.strerror or exc}"
+            f"rollback refused, slot {active} ({running}) stays active: "
+            f"{write_problem(exc, slots.dir)}"
         ) from None
     try:
         slots.switch(other)

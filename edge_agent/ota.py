@@ -70,7 +70,14 @@ import numpy as np
 
 from edge_agent import bundle as bundle_mod
 from edge_agent import logger, signing
-from edge_agent.flash import CURRENT, LOCK_FILE, SLOTS, ModelSlots, hold_flash_lock
+from edge_agent.flash import (
+    CURRENT,
+    LOCK_FILE,
+    SLOTS,
+    ModelSlots,
+    hold_flash_lock,
+    write_problem,
+)
 from flows.errors import BadInputError, GatewatchError, ModelError, UsageError
 
 MESSAGE_SCHEMA = "gatewatch/v1"
@@ -411,10 +418,11 @@ class ModelUpdater:
                 # next time: tried again then.
                 remember = not isinstance(exc, FetchError | FlashRunningError)
             except OSError as exc:  # a full disk, a read-only slots folder
-                logger.warning("model update not installed: %s", _os_reason(exc))
+                problem = write_problem(exc)
+                logger.warning("model update not installed: %s", problem)
                 result = UpdateResult(ok=False, reason=(
-                    f"model update not installed: {_os_reason(exc)}; the running "
-                    "model stays, and the update is tried again when it comes again"))
+                    f"model update not installed: {problem}; the running model "
+                    "stays, and the update is tried again when it comes again"))
                 remember = False
             except Exception as exc:  # the agent must survive any update
                 logger.exception("model update failed unexpectedly")
@@ -630,12 +638,6 @@ class ModelUpdater:
                 f"cannot fetch the update from {url}: the download ended after "
                 f"{got} of {size} bytes")
         return b"".join(parts)
-
-
-def _os_reason(exc: OSError) -> str:
-    """An OSError as one phrase: the file and the system's reason."""
-    where = f"cannot write {exc.filename}: " if exc.filename else ""
-    return where + (exc.strerror or str(exc))
 
 
 class RolledBackError(BadInputError):
