@@ -136,10 +136,10 @@ def lock_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
-def claim(path: str | Path) -> list[int]:
-    """Lock the outbox at ``path`` for this process: an open descriptor (in a
-    list) holding an exclusive ``flock`` on :func:`lock_path` (this pid written
-    in it); empty where there is no ``flock``. Closing it releases the lock. Once
+def claim(path: str | Path) -> int | None:
+    """Lock the outbox at ``path`` for this process: an open descriptor holding an
+    exclusive ``flock`` on :func:`lock_path` (this pid written in it); None where
+    there is no ``flock``. Closing it releases the lock. Once
     the file exists, :func:`claim_file` adds a lock named by its device and inode
     in the run folder (``$GATEWATCH_RUN_DIR``), so that a hard link is refused too.
 
@@ -148,7 +148,7 @@ def claim(path: str | Path) -> list[int]:
     (exit 1, or 6 for a full disk or an I/O error).
     """
     if fcntl is None:
-        return []
+        return None
     path = Path(path)
     lock = lock_path(path)
     try:
@@ -156,7 +156,7 @@ def claim(path: str | Path) -> list[int]:
     except OSError as exc:
         if exc.errno in NO_FLOCK:  # a file system without flock: not refused
             logger.debug("outbox %s not locked: %s", path, exc)
-            return []
+            return None
         reason = f"its lock file {lock}: {exc.strerror or exc}"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
             raise OutboxError(
@@ -165,28 +165,28 @@ def claim(path: str | Path) -> list[int]:
         raise GatewatchError(f"cannot open the outbox {path}: {reason}") from None
     if fd is None:
         raise _in_use(path, lock)
-    return [fd]
+    return fd
 
 
-def claim_file(path: str | Path) -> list[int]:
+def claim_file(path: str | Path) -> int | None:
     """The second lock of :func:`claim`, taken once the outbox file exists: a
     descriptor holding the run folder's lock named by the file's device and
-    inode, or none (no ``flock``, no run folder of this user's own).
+    inode, or None (no ``flock``, no run folder of this user's own).
     :class:`OutboxInUseError` when another process holds it."""
     if fcntl is None:
-        return []
+        return None
     path = Path(path)
     by_inode = _inode_lock(path)
     if by_inode is None:
-        return []
+        return None
     try:
         fd = try_lock(by_inode)
     except OSError as exc:
         logger.debug("outbox %s not locked by inode: %s", path, exc)
-        return []
+        return None
     if fd is None:
         raise _in_use(path, by_inode)
-    return [fd]
+    return fd
 
 
 def _inode_lock(path: Path) -> Path | None:
@@ -250,7 +250,8 @@ class Outbox:
         # A lock file made only for an outbox then refused (damaged, another
         # program's) is taken away again: a refused open leaves nothing behind.
         made_lock = lock and not lock_path(self.path).exists()
-        self._lock_fds = claim(self.path) if lock else []
+        fd = claim(self.path) if lock else None
+        self._lock_fds = [] if fd is None else [fd]
         existed = self.path.is_file() and self.path.stat().st_size > 0
         try:
             # The file itself, links followed: SQLite names its -wal file after
@@ -261,10 +262,12 @@ class Outbox:
             )
             if lock:  # the file exists now: its other names are held too
                 try:
-                    self._lock_fds += claim_file(self.path)
+                    fd = claim_file(self.path)
                 except OutboxInUseError:
                     self._db_close_quietly()
                     raise
+                if fd is not None:
+                    self._lock_fds.append(fd)
             if existed:  # before anything could write to the file
                 self._check_pages()
                 self._check_columns()
