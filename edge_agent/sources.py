@@ -885,7 +885,7 @@ def _say_read_again(path: Path, change: str) -> None:
 
 
 def _parser_after_restart(src: Source, parser, line: str, line_no: int,
-                          change: str = "truncated"):
+                          change: str):
     """The parser for a file read again in place (``change``: "truncated" or
     "rewritten"), given its first non-blank line: a new one when the line is a
     ``#`` line (the new header replaces the old), else the earlier one, whose

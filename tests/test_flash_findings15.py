@@ -140,20 +140,26 @@ def test_a_root_without_a_flash_record_keeps_the_model_rule_only(
     )
 
 
+def _flashed_v1_v2(tmp_path, keys, agent_wheel, capsys):
+    """A root flashed with bundle v1, then v2 (slot A: v1, kept for rollback; slot
+    B: v2, active), what that printed read away; with bundle v3 built to flash."""
+    v1 = _bundle(tmp_path, keys, agent_wheel, "v1", "v1")
+    v2 = _bundle(tmp_path, keys, agent_wheel, "v2", "v2")
+    v3 = _bundle(tmp_path, keys, agent_wheel, "v3", "v3")
+    root = _root(tmp_path)
+    assert main(_flash_args(v1, root, keys)) == 0
+    assert main(_flash_args(v2, root, keys)) == 0
+    capsys.readouterr()
+    return root, flash_mod.GatewayLayout(root), v3
+
+
 # ------------------------------------------- 2. a full disk, a read-only root, order
 
 
 def test_a_full_disk_at_the_config_is_one_error_line_and_keeps_the_install(
     tmp_path, keys, agent_wheel, empty_release, monkeypatch, capsys
 ):
-    v1 = _bundle(tmp_path, keys, agent_wheel, "v1", "v1")
-    v2 = _bundle(tmp_path, keys, agent_wheel, "v2", "v2")
-    v3 = _bundle(tmp_path, keys, agent_wheel, "v3", "v3")
-    root = _root(tmp_path)
-    layout = flash_mod.GatewayLayout(root)
-    assert main(_flash_args(v1, root, keys)) == 0
-    assert main(_flash_args(v2, root, keys)) == 0
-    capsys.readouterr()
+    root, layout, v3 = _flashed_v1_v2(tmp_path, keys, agent_wheel, capsys)
     before = _files(root)
     real = flash_mod._write_beside
 
@@ -474,14 +480,7 @@ def test_a_later_flash_removes_the_temporary_files_of_killed_flashes(
 def test_a_slot_install_cut_short_leaves_a_slot_rollback_refuses(
     tmp_path, keys, agent_wheel, empty_release, monkeypatch, capsys
 ):
-    v1 = _bundle(tmp_path, keys, agent_wheel, "v1", "v1")
-    v2 = _bundle(tmp_path, keys, agent_wheel, "v2", "v2")
-    v3 = _bundle(tmp_path, keys, agent_wheel, "v3", "v3")
-    root = _root(tmp_path)
-    layout = flash_mod.GatewayLayout(root)
-    assert main(_flash_args(v1, root, keys)) == 0
-    assert main(_flash_args(v2, root, keys)) == 0  # A: v1, for rollback; B: v2
-    capsys.readouterr()
+    root, layout, v3 = _flashed_v1_v2(tmp_path, keys, agent_wheel, capsys)
     before = _files(layout.models)
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     real_record = flash_mod.ModelSlots._record

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
 
 from edge_agent.sources import open_source
+from tests.conftest import wait_for
 from tests.test_agent_imports import _HEADER
 
 _TRUNCATED = "the file was truncated in place; reading on with its earlier #fields"
@@ -38,14 +38,12 @@ def _uids(first: int, last: int) -> list[str]:
     return [f"C{i}" for i in range(first, last + 1)]
 
 
-def _wait(predicate, seconds: float = 10.0) -> bool:
-    """Poll ``predicate`` for at most ``seconds``; its last answer."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+def _follow(log: Path) -> tuple[object, list[dict], threading.Thread]:
+    """``log`` followed by a source whose records a thread (not started yet)
+    gathers into the list."""
+    src = open_source(f"zeek:{log}", follow=True, poll=0.05)
+    got: list[dict] = []
+    return src, got, threading.Thread(target=lambda: got.extend(src), daemon=True)
 
 
 def test_rows_after_a_copytruncate_keep_the_earlier_fields(tmp_path: Path, caplog):
@@ -54,18 +52,16 @@ def test_rows_after_a_copytruncate_keep_the_earlier_fields(tmp_path: Path, caplo
     once; a later header replaces it (here one without the label column)."""
     log = tmp_path / "conn.log"
     log.write_text(_text([*_HEADER, *map(_row, range(1, 101))]))
-    src = open_source(f"zeek:{log}", follow=True, poll=0.05)
-    got: list[dict] = []
-    thread = threading.Thread(target=lambda: got.extend(src), daemon=True)
+    src, got, thread = _follow(log)
     with caplog.at_level(logging.INFO, logger="gatewatch"):
         thread.start()
-        assert _wait(lambda: len(got) == 100)
+        wait_for(lambda: len(got) == 100, 10, "100 records")
         (tmp_path / "conn.log.1").write_bytes(log.read_bytes())
         with log.open("r+b") as fh:  # copytruncate: the same inode, cut to 0
             fh.truncate(0)
         with log.open("a") as fh:
             fh.write(_text([_row(i) for i in range(101, 201)]))
-        assert _wait(lambda: len(got) == 200)
+        wait_for(lambda: len(got) == 200, 10, "200 records")
         no_label = [
             line.removesuffix("\tlabel").removesuffix("\tstring") for line in _HEADER
         ]
@@ -73,7 +69,7 @@ def test_rows_after_a_copytruncate_keep_the_earlier_fields(tmp_path: Path, caplo
             fh.truncate(0)
         with log.open("a") as fh:
             fh.write(_text([*no_label, *(_row(i)[:-7] for i in range(201, 204))]))
-        assert _wait(lambda: len(got) == 203)
+        wait_for(lambda: len(got) == 203, 10, "203 records")
         src.end.set()
         thread.join(10)
     assert not thread.is_alive()
@@ -169,19 +165,17 @@ def test_a_writer_that_does_not_append_leaves_a_hole_that_is_skipped(
     writer.write(_text([*_HEADER, *map(_row, range(1, 101))]).encode())
     writer.flush()
     size = writer.tell()
-    src = open_source(f"zeek:{log}", follow=True, poll=0.05)
-    got: list[dict] = []
-    thread = threading.Thread(target=lambda: got.extend(src), daemon=True)
+    src, got, thread = _follow(log)
     with caplog.at_level(logging.INFO, logger="gatewatch"):
         thread.start()
-        assert _wait(lambda: len(got) == 100)
+        wait_for(lambda: len(got) == 100, 10, "100 records")
         with log.open("r+b") as fh:  # copytruncate's cut, through another handle
             fh.truncate(0)
-        assert _wait(lambda: "truncated in place" in caplog.text)
+        wait_for(lambda: "truncated in place" in caplog.text, 10, "the truncation")
         writer.write(_text([_row(i) for i in range(101, 151)]).encode())
         writer.close()
         assert log.read_bytes()[:size] == b"\x00" * size  # the hole
-        assert _wait(lambda: len(got) == 150)
+        wait_for(lambda: len(got) == 150, 10, "150 records")
         src.end.set()
         thread.join(10)
     assert not thread.is_alive()
