@@ -14,8 +14,10 @@ ROUND is the round's folder (``teacher/results/round5``). CAND is a line of its
 ``train`` (TrainConfig overrides), ``model`` (TeacherConfig overrides; ``bins``
 expands the encoder's quantile columns) and ``seeds`` (default 0, 1, 2).
 ``member`` trains one network (one seed) on KDDTrain+ with
-``holdout_types(prep, 0.5, seed=FOLD)`` as validation and saves its validation
-logits; ``rf`` fits the Random Forest of teacher.baselines on the candidate's
+fold FOLD's attack types (``holdout=0.5, holdout_seed=FOLD``) as validation and
+saves its validation logits (from round 21 the types are moved before the encoder
+is fitted, as ``teacher train`` does; rounds up to 20 fitted it first, see
+``_fold``); ``rf`` fits the Random Forest of teacher.baselines on the candidate's
 encoded features. Members are stored under a key of the spec
 without its seeds, so candidates that differ only in member count share them.
 ``score`` averages each candidate's member logits per fold (the shipped ensemble),
@@ -49,23 +51,52 @@ def candidates() -> dict[str, dict]:
 
 def _encoder(spec: dict) -> dict:
     enc = spec.get("encoder", {})
-    return {"scaling": enc.get("scaling", "minmax"), "knots": enc.get("knots")}
+    out = {"scaling": enc.get("scaling", "minmax"), "knots": enc.get("knots")}
+    out["encoder_first"] = bool(enc.get("encoder_first", _round_number() <= 20))
+    return out
+
+
+def _fit_args(spec: dict) -> dict:
+    """The arguments of ``prepare`` that shape the encoder."""
+    enc = _encoder(spec)
+    return {"scaling": enc["scaling"], "knots": enc["knots"]}
+
+
+def _round_number() -> int:
+    """The number of the round folder (``round21`` -> 21; other names: 99)."""
+    digits = ROUND.name.removeprefix("round")
+    return int(digits) if digits.isdigit() else 99
 
 
 def _key(spec: dict, rf: bool = False) -> str:
     """File key: what determines a member (or the RF), seeds left out."""
-    what = {"encoder": _encoder(spec)} if rf else {
-        "encoder": _encoder(spec), "train": spec.get("train", {}),
+    enc = _encoder(spec)
+    if not enc.pop("encoder_first"):  # rounds up to 20 keep the keys they had
+        enc["holdout_first"] = True
+    what = {"encoder": enc} if rf else {
+        "encoder": enc, "train": spec.get("train", {}),
         "model": spec.get("model", {})}
     text = json.dumps(what, sort_keys=True)
     return ("rf-" if rf else "m-") + hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def _fold(spec: dict, fold: int):
+    """KDDTrain+ with fold ``fold``'s attack types moved to validation.
+
+    Rounds up to 20 fitted the encoder before moving them (``holdout_types`` after
+    ``prepare``), so the held-out types shaped the features; ``"encoder_first":
+    true`` in a spec's ``encoder`` keeps that for re-scoring those rounds. Without
+    it the types are moved first, as ``teacher train`` does since session 15.
+    """
     from teacher.data import holdout_types, prepare
 
-    prep = prepare("nsl-kdd", seed=0, need_split=True, **_encoder(spec))
-    held = holdout_types(prep, 0.5, seed=fold)
+    if _encoder(spec)["encoder_first"]:
+        prep = prepare("nsl-kdd", seed=0, need_split=True, **_fit_args(spec))
+        held = holdout_types(prep, 0.5, seed=fold)
+    else:
+        prep = prepare("nsl-kdd", seed=0, need_split=True, holdout=0.5,
+                       holdout_seed=fold, **_fit_args(spec))
+        held = prep.held
     return prep, held, prep.rows("val")
 
 
@@ -113,7 +144,7 @@ def rf(name: str, fold: int, out: Path) -> dict:
     p = np.clip(p, 1e-7, 1 - 1e-7)
     z = np.log(p / (1 - p))  # stored as logits like the members
     np.save(stem.with_suffix(".npy"), z)
-    info = {"encoder": _encoder(spec), "fold": fold, "held": held,
+    info = {"encoder": _fit_args(spec), "fold": fold, "held": held,
             "wall_s": time.time() - start, **_scores(prep, va, z)}
     stem.with_suffix(".json").write_text(json.dumps(info))
     return info
@@ -177,9 +208,9 @@ def score(out: Path) -> dict:
                 for k in ("val_f1", "val_acc", "val_auc"):
                     entry[f"mean_{k}"] = float(np.mean([r[k] for r in rows.values()]))
             if kind == "rf":
-                table["rf"][json.dumps(_encoder(spec), sort_keys=True)] = entry
+                table["rf"][json.dumps(_fit_args(spec), sort_keys=True)] = entry
                 table["candidates"].setdefault(name, {})["rf_key"] = json.dumps(
-                    _encoder(spec), sort_keys=True)
+                    _fit_args(spec), sort_keys=True)
             else:
                 table["candidates"].setdefault(name, {}).update(entry)
     return table
