@@ -90,8 +90,10 @@ exit codes:
        way);
        data with too few labeled rows (label 0 or 1) to train or evaluate
        on (an unlabeled conn.log, say), or training rows all of one class;
-       an update --old-data that cannot be read or is of another feature
-       family
+       data of another feature family than the checkpoint's (--init-from,
+       eval, update --data and --old-data; a file's family is told from its
+       first 64 KiB, before its rows are read); an update --old-data that
+       cannot be read
   {EXIT_PARTIAL_INPUT}    partial input: a data file damaged part way. A file cut short
        (a cut gzip stream or last line) is used up to the cut and the
        results are written; a bad row (a value that does not fit its
@@ -407,8 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of input columns each member sees, drawn from its "
                         "seed (default 1.0: all)")
     p.add_argument("--replay-size", type=integer(0), default=5000,
-                   help="training windows kept in the replay buffer (0: none; "
-                        "default 5000)")
+                   help="training windows kept in the replay buffer, half of "
+                        "each class where possible, drawn with --seed; each row "
+                        "names the data it came from, and teacher update adds "
+                        "its data to it (0: none; default 5000)")
     _add_encoding(p)
     _add_training(p)
     _add_common(p)
@@ -497,7 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "file, refused before training (exit 3) when it cannot "
                         "be read or is of another feature family than the "
                         "checkpoint (default: the checkpoint's dataset, skipped "
-                        "with a warning when not available)")
+                        "with a warning when not available). Every dataset the "
+                        "checkpoint learned before (its provenance) is scored "
+                        "too, each named in the report's sources; one that can "
+                        "no longer be read or has changed is listed as missing")
     p.add_argument("--data-dir", help="data folder (default: $GATEWATCH_DATA)")
     _add_timezone(p, "--data and --old-data",
                   "; without --old-data the checkpoint's own data is read in the "
@@ -510,6 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (default: text)")
+    p.add_argument("--replay-size", type=integer(0), default=5000,
+                   help="rows of the updated checkpoint's replay buffer: the "
+                        "checkpoint's buffer plus the new training rows, an "
+                        "equal share for each dataset learned so far, half of "
+                        "each class where possible, drawn with --seed (0: none; "
+                        "default 5000)")
     _add_training(p, epochs=10)
     _add_common(p)
 
@@ -1010,6 +1023,7 @@ def _finished(*preps: Any) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``teacher train``: fit on train, stop and threshold on val, save a folder."""
+    import numpy as np
     import torch
 
     from teacher.checkpoint import load_teacher, make_provenance, save_checkpoint
@@ -1115,8 +1129,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                         threshold=result.threshold, history=result.history,
                         metrics=metrics, provenance=provenance)
         if args.replay_size > 0:
-            save_replay(folder,
-                        *make_replay(prep, args.replay_size, seed=args.seed))
+            # Each row names the data it came from; updates add theirs.
+            windows, labels = make_replay(prep, args.replay_size, seed=args.seed)
+            save_replay(folder, windows, labels,
+                        np.zeros(len(labels), dtype=np.int32),
+                        [str(provenance["dataset"])])
 
     # Once the checkpoint is in place the run has finished: a Ctrl-C during the
     # closing steps is noted, not turned into exit 130 (_Closing).
@@ -1387,9 +1404,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_update(args: argparse.Namespace) -> int:
     """``teacher update``: fine-tune on new data with replay; F1 before and after."""
+    import numpy as np
+
     from teacher.checkpoint import load_teacher, make_provenance, save_checkpoint
     from teacher.data import prepare
-    from teacher.update import load_replay, save_replay, update
+    from teacher.update import (
+        ReplayBuffer,
+        grow_replay,
+        learned_sources,
+        make_replay,
+        read_replay,
+        save_replay,
+        update,
+    )
 
     _check_device(args.device)
     if _same_folder(args.out, args.checkpoint):
@@ -1411,7 +1438,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     recorded = _recorded_seed(teacher.provenance)
     old_seed = (recorded if recorded is not None
                 and old_source == teacher.provenance.get("dataset") else args.seed)
-    old = None
+    old, old_missing = None, None
     if args.old_data:
         # Asked for by name: refused like --data when it cannot be read or is of
         # another feature family (the reader's error, exit 3), before training.
@@ -1423,16 +1450,41 @@ def cmd_update(args: argparse.Namespace) -> int:
             old = prepare(old_source, encoder=teacher.encoder, data_dir=args.data_dir,
                           seed=old_seed, need_split=True, timezone=old_zone)
         except GatewatchError as exc:
+            old_missing = str(exc)
             logger.warning("old data %s not available (%s); no forgetting check",
                            old_source, exc)
-    replay = load_replay(args.checkpoint)
-    tc = _train_config(args, lr=3e-4)
-    result, report = update(teacher, new, old, replay, tc)
+    chain = learned_sources(teacher.provenance)
+    # The old data as provenance names data (a dataset name, $GATEWATCH_DATA/...
+    # or a resolved path), to be matched with the datasets the checkpoint learned.
+    old_ref = _data_ref(old_source, args.data_dir) if old_source else None
+    earlier = _earlier_sources(args, teacher, chain, old_ref, old, old_missing)
 
-    provenance = make_provenance(_data_ref(args.data, args.data_dir), new.files,
-                                 args.seed,
+    # The buffer trained on: the checkpoint's, else a sample of the old data. One
+    # without sources holds the first dataset's rows (before this round an update
+    # copied its checkpoint's buffer as it was).
+    first = chain[0].get("data") if chain else None
+    buffer = read_replay(args.checkpoint, name=str(first or args.checkpoint))
+    if buffer is None and old is not None:
+        windows, labels = make_replay(old, seed=args.seed)
+        buffer = ReplayBuffer(windows, labels,
+                              np.zeros(len(labels), dtype=np.int32), [str(old_ref)])
+    replay = None if buffer is None else buffer.pair()
+    tc = _train_config(args, lr=3e-4)
+    new_ref = _data_ref(args.data, args.data_dir)
+    result, report = update(teacher, new, old, replay, tc, earlier=earlier,
+                            new_name=new_ref)
+
+    # The updated checkpoint's buffer holds every dataset learned so far, and its
+    # provenance lists them, for the next update's forgetting check.
+    grown = grow_replay(buffer, new, new_ref, args.replay_size, seed=args.seed)
+    report["replay_out"] = (None if grown is None else
+                            {"size": int(len(grown.labels)), "sources": grown.counts()})
+    learned = [*chain]
+    learned.append({"data": new_ref, "files": dict(new.files), "seed": args.seed,
+                    "timezone": new.timezone})
+    provenance = make_provenance(new_ref, new.files, args.seed,
                                  updated_from=str(args.checkpoint), update=report,
-                                 timezone=new.timezone)
+                                 timezone=new.timezone, learned=learned)
     metrics = {"val": result.val_metrics, "update": report}
     _replace_out(args.out, args.force)
 
@@ -1440,16 +1492,86 @@ def cmd_update(args: argparse.Namespace) -> int:
         save_checkpoint(folder, result.model, encoder=teacher.encoder,
                         threshold=result.threshold, history=result.history,
                         metrics=metrics, provenance=provenance)
-        if replay is not None:
-            save_replay(folder, *replay)
+        if grown is not None:
+            save_replay(folder, grown.windows, grown.labels, grown.sources,
+                        grown.names)
 
     with _Closing(args.out) as closing:
         out = _write_out(args.out, write, closing)
         report["checkpoint"] = str(out)
-        _print(report, args.json)
+        shown = report if args.json else {
+            **report, "sources": [_source_line(e) for e in report["sources"]]}
+        _print(shown, args.json)
         code = _finished(new, old)
     closing.note()
     return code
+
+
+def _earlier_sources(
+    args: argparse.Namespace,
+    teacher: Any,
+    chain: list[dict[str, Any]],
+    old_ref: str | None,
+    old: Any,
+    old_missing: str | None,
+) -> list[dict[str, Any]]:
+    """The datasets ``teacher update`` scores besides the new data: each one the
+    checkpoint learned (``chain``, oldest first), then ``--old-data`` when it is
+    none of them (``old_ref``: the old data, named as provenance names data, read
+    as ``old``, or why not, ``old_missing``). Each is ``{"data", "role"}`` with
+    ``"prep"`` (read again with the seed and zone it was learned with) or
+    ``"missing"`` (why it cannot be scored: not readable, or changed since it was
+    learned)."""
+    from teacher.data import check_teacher_files, prepare
+
+    listed: list[dict[str, Any]] = []
+    for place, entry in enumerate(chain):
+        data = entry.get("data")
+        role = "trained" if place == 0 else f"update {place}"
+        if data is None:
+            where = entry.get("checkpoint")
+            listed.append({"data": f"(data learned by {where})", "role": "earlier",
+                           "missing": f"{where}/provenance.json cannot be read, so "
+                                      "the data it learned is not known"})
+            continue
+        item: dict[str, Any] = {"data": data, "role": role}
+        if data == old_ref and old is not None:
+            listed.append({**item, "prep": old})
+            continue
+        if data == old_ref and old_missing:
+            listed.append({**item, "missing": old_missing})
+            continue
+        seed = _recorded_seed(entry)
+        try:
+            prep = prepare(data, encoder=teacher.encoder, data_dir=args.data_dir,
+                           seed=args.seed if seed is None else seed,
+                           need_split=True, timezone=entry.get("timezone") or "UTC")
+            check_teacher_files(prep.files, entry, None)
+        except GatewatchError as exc:
+            logger.warning("%s (learned by the checkpoint) not scored: %s", data, exc)
+            item["missing"] = str(exc)
+        else:
+            item["prep"] = prep
+        listed.append(item)
+    if args.old_data and old is not None and all(
+            item["data"] != old_ref for item in listed):
+        listed.append({"data": old_ref, "role": "--old-data", "prep": old})
+    return listed
+
+
+def _source_line(entry: dict[str, Any]) -> str:
+    """One dataset of ``teacher update``'s sources as a line of the text output."""
+    head = f"{entry['role']}: {entry['data']}"
+    if "missing" in entry:
+        return f"{head}: missing ({entry['missing']})"
+    numbers = []
+    for key, label in (("test_f1", "F1"), ("test_fpr", "FPR")):
+        was = entry.get("before", {}).get(key)
+        now = entry.get("after", {}).get(key)
+        numbers.append(f"{label} {_as_text(was)} -> {_as_text(now)}")
+    rows = entry.get("test_rows") or {}
+    return (f"{head}: {', '.join(numbers)} ({rows.get('benign', 0)} benign, "
+            f"{rows.get('malicious', 0)} malicious test rows)")
 
 
 def _print(data: dict[str, Any], as_json: bool) -> None:

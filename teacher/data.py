@@ -27,6 +27,7 @@ __all__ = [
     "concat",
     "holdout_types",
     "prepare",
+    "sniff_family",
     "stratified_split",
     "trained_on",
     "warn_trained_on",
@@ -199,16 +200,72 @@ def data_ref(path: str | os.PathLike[str], data_dir: Any = None) -> str:
     return str(resolved)
 
 
+# The feature family each format of flows.readers is read into (a Parquet file's
+# is in its schema: _parquet_family).
+_FORMAT_FAMILY = {
+    "zeek-tsv": "conn", "zeek-json": "conn", "binetflow": "conn", "pcap": "conn",
+    "pcapng": "conn", "nsl-kdd": "nsl-kdd", "unsw-nb15": "unsw-nb15",
+    "cic-csv": "cic",
+}
+
+
+def sniff_family(path: str | os.PathLike[str]) -> str | None:
+    """The feature family of the flow file at ``path``, from its first 64 KiB
+    (gunzipped; a Parquet file's schema), without reading the rest; None where the
+    head does not tell (then only a whole read can say, and name the problem)."""
+    from flows.errors import GatewatchError
+    from flows.readers.stream import stream_format
+
+    try:
+        found = stream_format(str(path))
+    except (GatewatchError, OSError, EOFError, ValueError):
+        return None
+    if found == "parquet":
+        return _parquet_family(path)
+    return _FORMAT_FAMILY.get(found)
+
+
+def _parquet_family(path: str | os.PathLike[str]) -> str | None:
+    """A Parquet file's feature family from its schema, as the reader finds it
+    (the family in the file's metadata, else its column names); None if unsure."""
+    try:
+        import pyarrow.parquet as pq
+
+        from flows.readers.parquet import FAMILY_KEY, _family_from_columns
+
+        schema = pq.read_schema(str(path))
+        family = (schema.metadata or {}).get(FAMILY_KEY, b"").decode()
+        return family or _family_from_columns(schema.empty_table(), str(path))
+    except Exception:  # noqa: BLE001 - unsure: the whole read names the problem
+        return None
+
+
+def _family_mismatch(source: Any, found: str, encoder: Any,
+                     encoder_of: str) -> BadInputError:
+    """The error for data of another feature family than a given encoder's."""
+    return BadInputError(
+        f"{source} holds {found!r} records but {encoder_of}'s encoder was fitted "
+        f"on {encoder.family!r}"
+    )
+
+
 def _load(
-    source: str | os.PathLike[str], data_dir: Any, seed: int, timezone: str = "UTC"
+    source: str | os.PathLike[str], data_dir: Any, seed: int, timezone: str = "UTC",
+    encoder: Any = None, encoder_of: str = "the checkpoint",
 ) -> dict[str, Any]:
     """The table, family and files of a dataset name or a flow file; ``timezone``
-    is the zone of a binetflow file's start times (see :func:`prepare`)."""
+    is the zone of a binetflow file's start times (see :func:`prepare`). Data of
+    another family than ``encoder``'s (when given) is refused before its rows are
+    read: a registered dataset's family is in the registry, a file's in its head
+    (:func:`sniff_family`)."""
     from flows.readers import check_timezone
 
     check_timezone(timezone)  # refused for a dataset name too, as read() does
     registry = _registry()
     text = str(source)
+    known = getattr(registry.get(text), "family", None)
+    if encoder is not None and known is not None and known != encoder.family:
+        raise _family_mismatch(source, known, encoder, encoder_of)
     if text in registry:
         from flows.datasets import load_dataset
 
@@ -232,6 +289,10 @@ def _load(
             f"{text!r} is neither a dataset name ({', '.join(sorted(registry))}) "
             "nor an existing file"
         )
+    if encoder is not None and path.is_file():  # not a pipe: its head is its data
+        sniffed = sniff_family(path)
+        if sniffed is not None and sniffed != encoder.family:
+            raise _family_mismatch(source, sniffed, encoder, encoder_of)
     result = read(str(path), timezone=timezone)
     from teacher.checkpoint import sha256_file
 
@@ -349,7 +410,7 @@ def prepare(
     from flows.record import table_to_columns
     from flows.windows import window_index_for
 
-    loaded = _load(source, data_dir, seed, timezone)
+    loaded = _load(source, data_dir, seed, timezone, encoder, encoder_of)
     table = loaded["table"]
     if table.num_rows == 0:
         raise BadInputError(f"{source}: no rows to prepare")
@@ -395,11 +456,8 @@ def prepare(
             group_by=group_by or loaded["group_by"],
             scaling=scaling, knots=knots,
         )
-    elif encoder.family != loaded["family"]:
-        raise BadInputError(
-            f"{source} holds {loaded['family']!r} records but {encoder_of}'s "
-            f"encoder was fitted on {encoder.family!r}"
-        )
+    elif encoder.family != loaded["family"]:  # a head that did not tell
+        raise _family_mismatch(source, loaded["family"], encoder, encoder_of)
     X = np.ascontiguousarray(encoder.transform(columns), dtype=np.float32)
     idx = window_index_for(columns, encoder)
 
