@@ -23,7 +23,7 @@ with loading():
     from pathlib import Path
     from typing import Any
 
-    from compress import logger
+    from compress import QAT_KINDS, logger
     from flows.argtypes import (
         check_writable_above,
         integer,
@@ -43,6 +43,7 @@ with loading():
         BadInputError,
         GateError,
         GatewatchError,
+        ModelError,
         UsageError,
     )
     from student import MAX_WIDTH
@@ -100,7 +101,8 @@ exit codes:
        --threshold-rule teacher-rate or --gate split (the teacher itself
        is quantized: no student is made, its threshold is the best
        validation F1 one and its gate validation F1); --qat always with
-       a float target (onnx-fp32, tflite-fp32)
+       a float target (onnx-fp32, tflite-fp32) or with --student lstm
+       (QAT exists for mlp and cnn students only)
   {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read; data
        with too few labeled rows (label 0 or 1) to train or evaluate on
        (an unlabeled conn.log, say)
@@ -120,13 +122,17 @@ teacher, on the CPU, as teacher serve runs it) on a labeled split of
 threshold (the split drawn with the seed the artifact records, its teacher's, so
 the test rows are held out), and print the same metrics as teacher eval (--json:
 every key). The artifact's files are checked against the sha256 in its manifest,
-and its probe windows scored, before any flow is."""
+and its probe windows scored, before any flow is. Only a torch-int8 artifact
+needs torch: the others are read, encoded (numpy) and scored in their runtime
+without importing it (on a --dataset; see compress/README.md for --data and
+scikit-learn)."""
 EVAL_EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok
   {EXIT_FAILURE}    failure: the artifact is unusable: its folder or a file
        missing, a file modified after it was written (sha256), a model
-       its runtime refuses, probe windows that do not score as recorded
+       its runtime refuses, probe windows that do not score as recorded;
+       a torch-int8 artifact where torch is not installed
   {EXIT_USAGE}    usage: bad flags or arguments; a --dataset or --data that is
        neither a registered dataset nor an existing file; an --artifact
        that is a teacher checkpoint (score it with teacher eval)
@@ -291,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "unseen-type gap is over --max-f1-drop is not fine-tuned "
                           "(a generalization gap, not a quantization loss); "
                           "always: also after a passing one, whatever the float "
-                          "student's gap (kept if its validation F1 is higher); "
-                          "off: never")
+                          "student's gap (kept if its validation F1 is higher; "
+                          "refused, exit 2, with a float target or --student "
+                          "lstm, which has no QAT); off: never")
     run.add_argument("--qat-epochs", type=integer(1, 1000),
                      help="epochs of quantization-aware fine-tuning (default 3)")
     run.add_argument("--no-timing", action="store_true", help="skip latency timing")
@@ -479,6 +486,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"--qat always does not apply to --target {args.target}: a float "
             "artifact has no int8 quantization to fine-tune for; drop it, or give "
             "an int8 target (or --target all, where it applies to those)")
+    if args.qat == "always" and args.student not in (None, *QAT_KINDS):
+        raise UsageError(
+            f"--qat always does not apply to --student {args.student}: "
+            f"quantization-aware fine-tuning exists for {' and '.join(QAT_KINDS)} "
+            "students only (nothing mirrors the int8 graph of an "
+            f"{args.student}); drop it, or give --student "
+            f"{' or '.join(QAT_KINDS)}")
     _refuse_artifact(args.teacher)
     if args.no_prune and args.prune_ratios is not None:
         raise UsageError("--no-prune and --prune-ratios contradict each other; "
@@ -672,6 +686,28 @@ def _split_seed(provenance: dict[str, Any], artifact: Path, source: str,
     return 0
 
 
+def _torch_int8_scorer(artifact: Path, threads: int) -> Any:
+    """The scorer of a torch-int8 artifact (the re-scorer's int8 teacher), which
+    runs in torch itself on ``threads`` threads. Without torch (a gateway install)
+    it is one ModelError line saying so (exit 1), where the other targets, which
+    run in onnxruntime or a TFLite runtime, are scored without torch."""
+    try:
+        import torch
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "torch":
+            raise
+        raise ModelError(
+            f"--artifact {artifact} is a torch-int8 artifact, which runs in torch, "
+            "and torch is not installed here; score it where torch is (pip install "
+            "'gatewatch[compress]'), or score an onnx-* or tflite-* artifact, which "
+            "needs no torch") from None
+
+    from compress.inc import load_int8_teacher
+
+    torch.set_num_threads(threads)
+    return load_int8_teacher(artifact)
+
+
 def evaluate_artifact(
     artifact: Path, source: str, split: str | None, data_dir: Path | None = None,
     timing: bool = True, micro: bool = False, timezone: str = "UTC",
@@ -681,27 +717,25 @@ def evaluate_artifact(
     ``timezone`` is the zone of a binetflow file's start times (as in
     :func:`teacher.data.prepare`). A flow file (``source_is_dataset`` false) that
     the artifact was trained on is scored with a warning saying so. The runtime
-    scores, and the latency is timed, on ``threads`` CPU threads: torch's, and
-    those of the onnxruntime or TFLite session (the key ``threads``).
+    scores, and the latency is timed, on ``threads`` CPU threads: those of the
+    onnxruntime or TFLite session, or torch's for torch-int8 (the key
+    ``threads``). Only a torch-int8 artifact imports torch; the others are read,
+    encoded (numpy) and scored without it, as on a gateway.
 
     A registered dataset is split with the seed the artifact records
     (``provenance.data.split_seed``, the teacher's split), so its test rows are
     the held-out ones ``compress run`` scored. The trained-on warning is logged
     unless ``log_trained_on`` is false (the text output prints it itself)."""
     import numpy as np
-    import torch
 
     from edge_agent.runtime import load_artifact
     from teacher.data import prepare, warn_trained_on
     from teacher.metrics import binary_metrics, time_scorer
 
-    torch.set_num_threads(threads)
     if _target_of(artifact) == "torch-int8":
-        # The re-scorer's int8 teacher: no edge runtime, torch's own.
-        from compress.inc import load_int8_teacher
-
-        scorer = load_int8_teacher(artifact)
+        scorer = _torch_int8_scorer(artifact, threads)
     else:
+        # ONNX Runtime or TFLite, with numpy around them: no torch is imported.
         scorer = load_artifact(artifact, prefer_micro=micro, threads=threads)
     provenance = scorer.manifest.get("provenance")
     provenance = provenance if isinstance(provenance, dict) else {}
@@ -830,9 +864,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ModuleNotFoundError as exc:
-        # TODO(gap): compress eval of an ONNX/TFLite artifact needs torch and
-        # scikit-learn only through teacher.data/teacher.metrics; a gateway install
-        # could score --data files with edge-agent's runtime if those were split off.
+        # compress run needs torch. compress eval of an onnx-*/tflite-* artifact
+        # imports none itself; teacher.data still does for a --data file (its
+        # sha256 from teacher.checkpoint), and teacher.metrics needs scikit-learn.
         from teacher.cli import missing_full_install
 
         return missing_full_install(exc, "compress", "compress")

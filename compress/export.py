@@ -9,8 +9,9 @@
   converted in a child process (:mod:`compress.tflite_worker`); int8 is full-integer
   (int8 input and output, every tensor int8/int32, which :func:`check_full_int8`
   verifies).
-* ``tflite-micro``: the int8 model as a C array (``model.cc`` + ``model.h``) and the
-  list of builtin ops a TFLite Micro op resolver must register.
+* ``tflite-micro``: the int8 model as a C array (``model.cc`` + ``model.h``), the
+  list of builtin ops a TFLite Micro op resolver must register, and the tensor
+  arena it needs as measured on the host (:func:`micro_arena`).
 
 Float models end in a sigmoid and output the probability of anomaly ``[B, 1]``. int8
 models output the logit instead (``output.kind = "logit"`` in the manifest; the
@@ -25,6 +26,7 @@ import contextlib
 import io
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -36,6 +38,7 @@ import torch
 from torch import nn
 
 from compress import logger
+from compress.tflite_worker import NO_MICRO
 from flows.errors import ExportError
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "check_full_int8",
     "export_onnx",
     "export_tflite",
+    "micro_arena",
     "micro_resolver_ops",
     "quantize_onnx",
     "tflite_ops",
@@ -300,6 +304,67 @@ def tflite_ops(content: bytes) -> list[str]:
     return sorted({op["op_name"] for op in interp._get_ops_details()})
 
 
+# The tensor arena search: 16-byte steps (TFLite Micro aligns what it places in
+# the arena to 16 bytes) up to 1 MiB, one child process per size tried.
+ARENA_STEP = 16
+ARENA_LIMIT = 1 << 20
+
+
+def micro_arena(content: bytes, timeout: float = 60.0) -> dict[str, Any]:
+    """The tensor arena a TFLite Micro build of ``content`` needs, as measured here.
+
+    ``bytes`` is the smallest arena (a multiple of :data:`ARENA_STEP`) with which
+    the host's TFLite Micro interpreter allocates the model's tensors and runs a
+    window, found by bisection; each size is tried in a child process
+    (``compress.tflite_worker --arena``), because some sizes that are too small
+    crash that interpreter. More arena never hurts (checked on cnn, mlp and lstm
+    students), so the search is sound. ``bytes`` is None, with ``why``, when
+    tflite-micro is not installed or the model does not run in
+    :data:`ARENA_LIMIT`. The interpreter's reference kernels on a 64-bit host:
+    a device's own build can differ (``compress/README.md``)."""
+    from compress.artifact import library_versions
+
+    how = (f"smallest arena in {ARENA_STEP}-byte steps with which tflite-micro "
+           f"{library_versions().get('tflite-micro', '?')} (reference kernels, "
+           f"{platform.machine() or 'this host'}) allocated and ran the model")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model.tflite"
+        model.write_bytes(content)
+
+        def fits(size: int) -> int:
+            return _arena_probe(model, size, timeout)
+
+        top = fits(ARENA_LIMIT)
+        if top != 0:
+            why = ("tflite-micro is not installed" if top == NO_MICRO else
+                   f"the model does not run in TFLite Micro with {ARENA_LIMIT} bytes")
+            return {"bytes": None, "why": why}
+        lo, hi = 0, ARENA_LIMIT // ARENA_STEP  # in steps: lo fails, hi fits
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(mid * ARENA_STEP) == 0:
+                hi = mid
+            else:
+                lo = mid
+    return {"bytes": hi * ARENA_STEP, "measured": how}
+
+
+def _arena_probe(model: Path, size: int, timeout: float) -> int:
+    """Exit status of ``compress.tflite_worker --arena MODEL SIZE`` (0: it fits;
+    a crash or a run past ``timeout`` counts as not fitting)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "compress.tflite_worker", "--arena", str(model),
+             str(size)],
+            capture_output=True, timeout=timeout, env=env, cwd=str(REPO))
+    except subprocess.TimeoutExpired:
+        return 1
+    return done.returncode
+
+
 def _camel(op: str) -> str:
     return "".join(part.capitalize() for part in op.lower().split("_"))
 
@@ -311,10 +376,16 @@ def micro_resolver_ops(ops: list[str]) -> list[str]:
 
 
 def write_c_array(
-    content: bytes, folder: Path, ops: list[str], name: str = "g_gatewatch_model"
+    content: bytes, folder: Path, ops: list[str], name: str = "g_gatewatch_model",
+    arena: int | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``model.cc`` (the bytes, 16-byte aligned) and ``model.h``."""
+    """Write ``model.cc`` (the bytes, 16-byte aligned) and ``model.h``; with
+    ``arena`` (:func:`micro_arena`'s bytes) the header states it too."""
     calls = micro_resolver_ops(ops)
+    arena_lines = "" if arena is None else (
+        "// Tensor arena: the smallest that ran on the host's TFLite Micro\n"
+        "// (64-bit, reference kernels); give a device build some headroom.\n"
+        f"constexpr int kGatewatchTensorArenaBytes = {arena};\n\n")
     header = (
         "// gatewatch student model for TensorFlow Lite Micro (generated).\n"
         "#ifndef GATEWATCH_MODEL_H_\n#define GATEWATCH_MODEL_H_\n\n"
@@ -323,7 +394,8 @@ def write_c_array(
         f"// Ops to register: tflite::MicroMutableOpResolver<{len(calls)}> resolver;\n"
         + "".join(f"//   resolver.{c}();\n" for c in calls)
         + f"constexpr int kGatewatchModelOpCount = {len(calls)};\n\n"
-        "#endif  // GATEWATCH_MODEL_H_\n"
+        + arena_lines
+        + "#endif  // GATEWATCH_MODEL_H_\n"
     )
     rows = []
     for start in range(0, len(content), 12):

@@ -63,6 +63,7 @@ from compress.export import (
     check_full_int8,
     export_onnx,
     export_tflite,
+    micro_arena,
     quantize_onnx,
     tflite_ops,
     write_c_array,
@@ -686,7 +687,9 @@ def write_model(
         }
     details["ops"] = tflite_ops(content)
     if target == "tflite-micro":
-        write_c_array(content, folder, details["ops"])
+        details["arena"] = micro_arena(content)
+        write_c_array(content, folder, details["ops"],
+                      arena=details["arena"]["bytes"])
         details["flatbuffer_bytes"] = len(content)
         path.unlink()
     return details

@@ -33,16 +33,12 @@ import torch
 from torch import nn
 from torch.nn import functional as nnf
 
-from compress import logger
+from compress import QAT_KINDS, logger
 from flows.errors import ModelError
 from student.distill import DistillConfig, WindowSource, distill
 
 __all__ = ["QAT_KINDS", "WEIGHT_RANGE", "FakeQuantStudent", "qat_finetune"]
 
-# Students whose converter graph FakeQuantStudent mirrors.
-# TODO(gap): no QAT for the LSTM student (its unrolled int8 graph quantizes every
-# gate product separately; nothing here mirrors that).
-QAT_KINDS = ("mlp", "cnn")
 WEIGHT_RANGE = (-127, 127)
 ACT_RANGE = (-128, 127)
 # Activation points per kind, in forward order.

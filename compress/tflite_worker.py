@@ -10,6 +10,12 @@ convert as they are. On success it prints one JSON line with the layer list.
 
 The models take one window (static batch 1) and output the probability of anomaly
 (a final sigmoid), or its logit when the spec says ``"output": "logit"``.
+
+``python -m compress.tflite_worker --arena MODEL.tflite BYTES`` is the other use: it
+loads the model in the TFLite Micro interpreter with a tensor arena of BYTES and runs
+one window, exiting 0 when that works, 1 when the interpreter refuses, and
+:data:`NO_MICRO` when tflite-micro is not installed. It is a child process too,
+because that interpreter crashes (SIGSEGV) with some arenas that are too small.
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ def _lstm(keras: Any, w: dict[str, np.ndarray], W: int, F: int, act: Any) -> Any
 
 
 BUILDERS = {"mlp": _mlp, "cnn": _cnn, "lstm": _lstm}
+NO_MICRO = 3  # exit status of an arena probe where tflite-micro is not installed
 
 
 def convert(spec: dict[str, Any]) -> dict[str, Any]:
@@ -114,9 +121,32 @@ def convert(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def arena_probe(model: Path, arena_bytes: int) -> int:
+    """Exit status of one arena probe: 0 when the model allocates its tensors in
+    an arena of ``arena_bytes`` and runs a window of zeros, 1 when the TFLite
+    Micro interpreter refuses, :data:`NO_MICRO` without tflite-micro."""
+    try:
+        from tflite_micro import runtime as tflm
+    except ImportError:
+        return NO_MICRO
+
+    try:
+        interp = tflm.Interpreter.from_bytes(model.read_bytes(),
+                                             arena_size=arena_bytes)
+        detail = interp.get_input_details(0)
+        interp.set_input(np.zeros(detail["shape"], dtype=detail["dtype"]), 0)
+        interp.invoke()
+    except Exception:  # the interpreter's refusals are plain RuntimeErrors
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the child process: ``SPEC.json`` in, one JSON line out."""
+    """Entry point of the child process: ``SPEC.json`` in, one JSON line out; or
+    ``--arena MODEL BYTES``, an arena probe (:func:`arena_probe`)."""
     args = sys.argv[1:] if argv is None else argv
+    if args[0] == "--arena":
+        return arena_probe(Path(args[1]), int(args[2]))
     spec = json.loads(Path(args[0]).read_text())
     report = convert(spec)
     print("GATEWATCH-RESULT " + json.dumps(report), flush=True)

@@ -294,14 +294,16 @@ def _load(
         if sniffed is not None and sniffed != encoder.family:
             raise _family_mismatch(source, sniffed, encoder, encoder_of)
     result = read(str(path), timezone=timezone)
-    from teacher.checkpoint import sha256_file
+    # flows' digest, not teacher.checkpoint's: that module imports torch, and an
+    # ONNX/TFLite student is evaluated on a --data file without it.
+    from flows.datasets import sha256_of
 
     return {
         "table": result.table, "family": result.family, "name": path.name,
         "group_by": "src_ip" if result.family == "conn" else "stream",
         # Provenance must name the file from any working folder, and after the
         # data folder moved (data_ref).
-        "window": None, "files": {data_ref(path, data_dir): sha256_file(path)},
+        "window": None, "files": {data_ref(path, data_dir): sha256_of(path)},
         "warnings": list(result.warnings), "partial": bool(result.partial),
     }
 

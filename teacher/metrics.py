@@ -1,4 +1,4 @@
-"""Binary detection metrics, threshold rules and latency timing (numpy + sklearn).
+"""Binary detection metrics, threshold rules and latency timing (numpy only).
 
 One implementation for the teacher, the shallow baselines, the compressed students and
 the benchmarks, so their numbers are comparable. Scores are probabilities of anomaly:
@@ -45,6 +45,30 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den else 0.0
 
 
+def roc_auc(y: np.ndarray, prob: np.ndarray) -> float:
+    """Area under the ROC curve of 0/1 labels ``y`` (both classes present) and
+    scores ``prob``: the chance that a malicious row scores above a benign one,
+    ties counted half (the rank-sum form, so no scikit-learn is needed: an ONNX or
+    TFLite student is evaluated on a gateway install).
+
+    >>> roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+    0.75
+    """
+    order = np.argsort(prob, kind="mergesort")
+    ranked = prob[order]
+
+    # Rank of each row (1-based), rows of one score sharing their mean rank.
+    edges = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1], True])
+    starts, stops = edges[:-1], edges[1:]
+    ranks = np.empty(prob.size, dtype=np.float64)
+    ranks[order] = np.repeat((starts + stops + 1) / 2.0, stops - starts)
+
+    positive = y == 1
+    n_pos = int(positive.sum())
+    n_neg = prob.size - n_pos
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def binary_metrics(
     y: Any,
     prob: Any,
@@ -63,8 +87,6 @@ def binary_metrics(
     >>> m["accuracy"], m["confusion"]
     (0.5, {'tn': 1, 'fp': 1, 'fn': 1, 'tp': 1})
     """
-    from sklearn.metrics import roc_auc_score
-
     y_arr, p_arr = _as_arrays(y, prob)
     pred = (p_arr >= threshold).astype(np.int64)
 
@@ -84,7 +106,7 @@ def binary_metrics(
         "precision": precision,
         "recall": recall,
         "f1": f1,
-        "roc_auc": float(roc_auc_score(y_arr, p_arr)) if both else None,
+        "roc_auc": roc_auc(y_arr, p_arr) if both else None,
         "fpr": _ratio(fp, fp + tn),
         "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
     }

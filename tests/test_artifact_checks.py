@@ -161,9 +161,13 @@ def test_compress_eval_refuses_a_misfit_encoder_before_reading_flows(tmp_path):
 def test_compress_eval_threads_reach_the_runtime(tmp_path, monkeypatch):
     """Found: compress eval timed on as many threads as torch and onnxruntime
     chose (throughput 637-9,523 flows/s between runs); --threads N (default 1)
-    sets torch's and the loader's."""
+    sets the loader's (onnxruntime, TFLite), and torch's for a torch-int8
+    artifact, the one kind that runs in torch."""
+    import json
+
     import torch
 
+    import compress.inc as inc
     import edge_agent.runtime as runtime
     from compress.cli import build_parser, evaluate_artifact
 
@@ -182,14 +186,24 @@ def test_compress_eval_threads_reach_the_runtime(tmp_path, monkeypatch):
         seen.update(kwargs, torch=torch.get_num_threads())
         raise Stop
 
+    def fake_int8(folder):
+        seen.update(int8_torch=torch.get_num_threads())
+        raise Stop
+
     before = torch.get_num_threads()
     monkeypatch.setattr(runtime, "load_artifact", fake_load)
+    monkeypatch.setattr(inc, "load_int8_teacher", fake_int8)
+    int8 = tmp_path / "int8"
+    int8.mkdir()
+    (int8 / "manifest.json").write_text(json.dumps({"target": "torch-int8"}))
     try:
         with pytest.raises(Stop):
             evaluate_artifact(tmp_path, "f", None, threads=2)
+        with pytest.raises(Stop):
+            evaluate_artifact(int8, "f", None, threads=3)
     finally:
         torch.set_num_threads(before)
-    assert seen["threads"] == 2 and seen["torch"] == 2
+    assert seen["threads"] == 2 and seen["int8_torch"] == 3
 
 
 def test_compress_eval_help_says_latency_is_on_n_threads():
