@@ -340,7 +340,7 @@ _MANIFEST_FIELDS: tuple[tuple[tuple[str, ...], type | tuple[type, ...]], ...] = 
     (("unit",), str),
     (("files",), dict),
 )
-_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")  # whole value: fullmatch
 
 
 def _manifest_field(data: dict[str, Any], keys: tuple[str, ...], where: str) -> Any:
@@ -380,7 +380,7 @@ def _file_entry(name: str, entry: Any, where: str) -> FileEntry:
     if not isinstance(entry, dict):
         entry = {}
     sha, size = entry.get("sha256"), entry.get("size")
-    if not isinstance(sha, str) or not _SHA256_RE.match(sha):
+    if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
         raise BadInputError(
             f"bundle manifest entry {name!r} lacks a sha256 of 64 hex digits",
             path=where,
@@ -952,13 +952,20 @@ def build_bundle(
     wheel_cache: str | Path | None = None,
     source: str | Path | None = None,
     platform_tag: str | None = None,
+    created_ts: float | None = None,
 ) -> BundleManifest:
     """Write a signed bundle to ``out`` and return its manifest.
 
     ``wheels`` (every wheel the gateway needs) skips the build and the download;
     otherwise the agent wheel is built from ``source`` (default: this tree) and the
     runtime wheels come from ``wheel_cache`` (downloaded there once).
+    ``created_ts``: the build time the manifest records, in seconds with their
+    fraction (default: now, to the microsecond), which flash orders bundles by:
+    two bundles built within one second are still told apart. Bundles of older
+    versions that recorded whole seconds are read as they are.
     """
+    if created_ts is not None and not _finite_or_null(float(created_ts)):
+        raise UsageError(f"build time {created_ts!r} is not a finite number")
     artifact, config, out = Path(artifact), Path(config), Path(out)
     check_bundle_out(out)
     private_key = signing.load_private_key(key)
@@ -1026,10 +1033,11 @@ def build_bundle(
             )
             files[name] = {"sha256": data_hash, "size": size}
 
+        built = time.time() if created_ts is None else float(created_ts)
         manifest = {
             "schema": BUNDLE_SCHEMA,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "created_ts": time.time(),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(built)),
+            "created_ts": built,
             "key_id": signing.key_id(private_key.public_key()),
             "python": f"{sys.version_info.major}.{sys.version_info.minor}",
             "platform": platform_tag or f"{sys.platform}-{platform.machine()}",
@@ -1336,14 +1344,22 @@ calibrate, when the folder holds one) as a model update message, to publish
 retained on the gateways' model topic. The artifact must first pass the health
 check each gateway runs before it switches (its files match their sha256, its
 model matches its encoder, its probe windows score as built): an update that
-fails it would be refused by every gateway, so it is not signed.""",
+fails it would be refused by every gateway, so it is not signed.
+
+The update names its targets, inside what is signed: --site and either each
+--gateway it is for or --all-gateways of the site. A gateway installs it only
+when it names the gateway's own site and lists the gateway (or all of the
+site's); other gateways refuse it, whatever topic it reaches them on, and so
+does every gateway for an update signed before updates named their targets.""",
         epilog="""\
 exit codes:
   0  written
   1  the model fails its health check; --out or --archive-out cannot be
      written (an existing file is then kept as it was)
   2  wrong flags (--url without --archive-out, a URL scheme other than
-     https, http or file); a key file that does not exist; an --out or
+     https, http or file; no --site, neither --gateway nor --all-gateways or
+     both, a site or gateway id that is not a topic segment); a key file
+     that does not exist; an --out or
      --archive-out file that already exists, without --force; one that is
      empty, -, a folder, a device, FIFO or socket, or in a folder that does
      not exist or cannot be written in, with --force too (all checked before
@@ -1370,6 +1386,27 @@ exit codes:
         "existing folder; an existing file is refused before anything is signed, "
         "unless --force; an empty name, - (no standard output), a folder, and a "
         "device, FIFO or socket are refused, with --force too (required)",
+    )
+    p.add_argument(
+        "--site",
+        required=True,
+        help="the site the update is for; it is signed into the update, and a "
+        "gateway of another site refuses it (required)",
+    )
+    p.add_argument(
+        "--gateway",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a gateway of --site the update is for (repeat for more); it is "
+        "signed into the update, and the site's other gateways refuse it "
+        "(one of --gateway and --all-gateways is required)",
+    )
+    p.add_argument(
+        "--all-gateways",
+        action="store_true",
+        help="the update is for every gateway of --site, now and later (instead "
+        "of --gateway; one of the two is required)",
     )
     p.add_argument(
         "--url",
@@ -1515,7 +1552,14 @@ def _cmd_pack_update(args: argparse.Namespace) -> int:
     if args.url:
         refuse_existing(args.archive_out, "--archive-out", args.force)
     # Health-checked before it is signed (ModelError, exit 1, when it fails).
-    payload = pack_update(args.artifact, args.key, url=args.url)
+    payload = pack_update(
+        args.artifact,
+        args.key,
+        site=args.site,
+        gateways=args.gateway,
+        all_gateways=args.all_gateways,
+        url=args.url,
+    )
     if args.url:
         archive = payload.archive
         _write_output(args.archive_out, archive, "--archive-out", args.force)

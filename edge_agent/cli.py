@@ -25,7 +25,8 @@ the flows in hand are scored and the outbox is kept). SIGTERM is the orderly sto
 of a service: reading ends (a file part way), the flows read are scored, the outbox
 is drained for at most 2 s, and the exit code is the one the input read so far
 earned (0, 3, 4 or 6, as at the end of a file; verdicts still awaited are only a
-warning then), never 130. Alerts on stdout
+warning then), never 130; before the first flow is read it ends the start (exit
+0, :mod:`edge_agent.entry`), and after the drain it is ignored. Alerts on stdout
 whose reader went away (``| head``) cost one warning, not the run.
 """
 
@@ -47,8 +48,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from edge_agent import logger
-from flows.argtypes import nearest_existing, zone_name
+from edge_agent import entry, logger
+from flows.argtypes import nearest_existing, real, zone_name
 from flows.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -80,7 +81,8 @@ exit codes:
        --out file, that cannot be opened or written included (calibrate
        --out in a missing folder, a device or a FIFO: usage, 2), and an
        --outbox that cannot be created or opened: a folder, a path
-       under a file, a read-only file system, no permission; alerts
+       under a file, a symbolic link loop or a path under one (the
+       error names the link), a read-only file system, no permission; alerts
        on a pipe whose reader went away are only a warning; a summary
        that cannot be written is only a warning when the run fails
        for another reason); an --artifact that is missing,
@@ -102,7 +104,9 @@ exit codes:
   {EXIT_BAD_INPUT}    bad input: a source that gave no usable flow (stdin whose
        lines held no record, a damaged file with nothing usable), a
        source, a thresholds file or a --password-file that is a folder
-       or missing (a password file also when empty or not UTF-8), a
+       or missing (a password file also when empty or not UTF-8), an
+       iface: interface that is missing or not up at start (once
+       --wait-interface seconds have passed, when given), a
        damaged outbox file (left untouched), an artifact manifest
        that is not valid JSON, not a JSON object, or whose
        model_version the re-scorer would refuse (a control
@@ -148,7 +152,17 @@ exit codes:
 SIGTERM stops reading (a file part way), scores the flows read, drains the
 outbox for at most 2 s and exits as at the end of the input: 0, 3, 4 or 6 by
 the rules above (escalations still without a verdict are a warning, not 6),
-never 130.
+never 130. A SIGTERM at any other moment ends with a code above too:
+  - while the agent starts (imports, model load, opening the outbox),
+    before it reads anything: 0, with one line "stopped: SIGTERM came
+    while the agent was starting, ...": nothing was read or lost, the
+    outbox is as it was, and no summary is written (a Ctrl-C then: 130);
+  - while --wait-interface waits: the run stops with no flow read (0);
+  - once the drain is over (the summary line, and after it): ignored, as
+    is a Ctrl-C; the exit code is the run's.
+Only in the first few tens of milliseconds, while Python itself starts and
+before any line of edge-agent runs, does a SIGTERM end the process by the
+signal (status 143 in a shell; systemd counts a stop it asked for as clean).
 
 SIGHUP (systemctl reload) loads --artifact again, e.g. the models/current link
 after edge-agent rollback: the model is health-checked and swapped in between
@@ -309,6 +323,18 @@ def _add_run(subparsers) -> None:
         help="tail a growing zeek: log, surviving rotation, until Ctrl-C (exit 130) "
         "or SIGTERM (exit as at the end of a file, e.g. 4 when lines were "
         "rejected) (default: read the file once)",
+    )
+    p.add_argument(
+        "--wait-interface",
+        dest="wait_interface",
+        type=real(0.0),
+        metavar="SECONDS",
+        help="an iface: source whose interface is not there or not up yet at start "
+        "(a boot where the agent comes first) is tried again every 0.25 s for this "
+        "long, with one warning that it waits, while the broker is connected and "
+        "the outbox replayed; still missing then: exit 3, as without a wait. A "
+        "SIGTERM meanwhile stops the run with nothing read (exit 0); in --config: "
+        "wait_interface (default: 0, no wait)",
     )
     p.add_argument(
         "--no-wait-verdicts",
@@ -646,6 +672,8 @@ def _model_updater(cfg, scorer) -> Any:
         public_key=Path(cfg.update_public_key),
         artifact=Path(cfg.artifact),
         current_version=scorer.model_version,
+        site=cfg.site,
+        gateway=cfg.gateway,
     )
 
 
@@ -691,7 +719,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--capture-filter applies to iface:NAME sources only")
     source = open_source(cfg.source, follow=cfg.follow, timezone=cfg.timezone,
                          max_flows=cfg.max_flows,
-                         bpf=capture_filter(cfg.capture_filter, cfg.broker))
+                         bpf=capture_filter(cfg.capture_filter, cfg.broker),
+                         wait_interface=cfg.wait_interface)
     _check_fit(scorer, source, cfg.artifact)
     thresholds = (
         _read_thresholds(cfg.thresholds, scorer.model_version)
@@ -700,6 +729,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     # Read now, so that a bad password file is refused before anything is opened.
     password = cfg.secret() if cfg.broker else None
+    # A SIGTERM or Ctrl-C from here until the run's own handlers are in place is
+    # held, not raised between two steps of opening the outbox (a new file cut off
+    # half made would be refused as damaged by the next run); acted on below.
+    entry.hold_stops()
     alerts, close_alerts = _open_alerts(cfg.alerts)
     # Locked for the run (OUTBOX.lock), before the broker is connected: a second
     # run on this outbox is refused, exit 2, instead of sharing it.
@@ -782,6 +815,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         source.end.set()
 
     agent.on_link_failed = on_link_failed
+    held = entry.release_stops()
+    if held is not None:
+        # Stopped before anything was read: let everything go as it was opened.
+        signal.signal(signal.SIGINT, previous_sigint)
+        if previous_sighup is not None:
+            signal.signal(signal.SIGHUP, previous_sighup)
+        outbox.close()
+        _let_go(client_lock)
+        if close_alerts:
+            alerts.close()
+        if held == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise entry.StoppedWhileStarting
     failure: GatewatchError | None = None
     started = time.monotonic()
     drained = False
@@ -812,6 +858,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted.set()  # a second Ctrl-C during the drain: stop draining
     finally:
+        # The run's work is over: a SIGTERM or Ctrl-C from now on (the summary
+        # line printed) does not change its exit code (edge_agent.entry).
+        entry.settle()
         signal.signal(signal.SIGINT, previous_sigint)
         if previous_sighup is not None:
             signal.signal(signal.SIGHUP, previous_sighup)
@@ -1677,14 +1726,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except GatewatchError as exc:
+        entry.settle()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        entry.settle()
         # run says so itself with what it kept; the other commands say it here.
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except entry.StoppedWhileStarting:
+        # A SIGTERM while run started (edge_agent.entry): nothing was read.
+        entry.settle()
+        print(entry.STOPPED_WHILE_STARTING, file=sys.stderr)
+        return EXIT_OK
+    entry.settle()
+    return code
 
 
 if __name__ == "__main__":

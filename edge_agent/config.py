@@ -119,7 +119,7 @@ def default_state_dir() -> Path:
 # Float settings that must be finite and >= 0 (nan, inf or a negative wait are
 # usage errors, not a broker "unreachable within nan s").
 _FINITE_SECONDS = ("connect_timeout", "drain_timeout", "max_wait_ms", "status_interval",
-                   "resend_after")
+                   "resend_after", "wait_interface")
 # Their upper bounds: a year (a wait the clock functions can still add to now),
 # an hour for the batching wait in milliseconds.
 _YEAR = 366 * 24 * 3600.0
@@ -232,6 +232,8 @@ class AgentConfig:
     # a flood of spoofed SYNs cannot raise.
     max_flows: int = 100_000
     capture_filter: str | None = None  # libpcap filter of an iface: source
+    # Seconds an iface: source waits for its interface to appear or come up.
+    wait_interface: float = 0.0
     session_expiry: int = 3600
     max_packet_size: int = 0
     update_public_key: str | None = None

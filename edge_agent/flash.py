@@ -72,6 +72,8 @@ ROLLED_BACK = "rolled_back"
 MAX_ROLLED_BACK = 16  # the newest marks kept; older ones name long-gone models
 # A slot record's mark of a model installed and never yet made active (see install).
 PENDING = "never_active"
+# slots.json's record of the newest model ever made active: the downgrade floor.
+NEWEST = "newest_active"
 STAGING_PREFIX = ".incoming-"  # + pid + "-": a folder being filled next to the slots
 # A staging folder with no pid in its name (``.incoming-XXXX``: agents of earlier
 # versions name their model-update staging so) is removed only once it is this old.
@@ -100,6 +102,9 @@ class ModelSlots:
     so that a retained update does not undo the rollback at the agent's next
     start; flashing that model, or rolling back to it, clears its mark. A file
     without the list (written before it existed) holds nothing back.
+    ``newest_active`` (``{"model_version", "issued_at"}``) records the newest
+    model (by issue time) ever made active: the floor under which model updates
+    are refused as downgrades (:meth:`floor`), which a rollback does not lower.
     """
 
     def __init__(self, models_dir: str | Path) -> None:
@@ -250,7 +255,12 @@ class ModelSlots:
                 state[name] = {
                     k: v for k, v in state[name].items() if k != PENDING
                 }
-            if marked:
+            # The floor of later updates: a rollback never lowers it.
+            newest = self._floor(state)
+            moved = newest is not None and newest != state.get(NEWEST)
+            if moved:
+                state[NEWEST] = newest
+            if marked or moved:
                 _write_atomic(
                     self.dir / STATE_FILE, json.dumps(state, indent=1).encode()
                 )
@@ -261,6 +271,29 @@ class ModelSlots:
                 self.dir / STATE_FILE,
                 exc,
             )
+
+    def floor(self) -> dict[str, Any] | None:
+        """The newest model (by ``issued_at``) ever made active in these slots,
+        as ``{"model_version", "issued_at"}``; None when no slot records an
+        issue time. A model update issued before it is a downgrade, also after
+        a rollback made an older model active: the updates published between
+        the two stay refused. A ``slots.json`` written before the record existed
+        gives the newest of the slots that were active (not ``never_active``)."""
+        return self._floor(self.state())
+
+    @staticmethod
+    def _floor(state: dict[str, Any]) -> dict[str, Any] | None:
+        """:meth:`floor` of a read ``state``."""
+        newest = state.get(NEWEST)
+        if not (
+            isinstance(newest, dict) and _is_finite_number(newest.get("issued_at"))
+        ):
+            newest = None
+        for slot in SLOTS:
+            info = state.get(slot) or {}
+            if not info.get(PENDING):
+                newest = _newer_floor(newest, info)
+        return newest
 
     def rolled_back(self) -> list[dict[str, Any]]:
         """The marks of the models an operator rolled back from, oldest first
@@ -328,6 +361,19 @@ class ModelSlots:
         state = self.state()
         state[slot] = info
         _write_atomic(self.dir / STATE_FILE, json.dumps(state, indent=1).encode())
+
+
+def _newer_floor(
+    floor: dict[str, Any] | None, info: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The newer of a downgrade ``floor`` and a slot record ``info`` (by their
+    ``issued_at``), as a floor record; ``floor`` when ``info`` has no time."""
+    issued = (info or {}).get("issued_at")
+    if not _is_finite_number(issued):
+        return floor
+    if floor is not None and float(floor["issued_at"]) >= float(issued):
+        return floor
+    return {"model_version": info.get("model_version"), "issued_at": float(issued)}
 
 
 def _rolled_back_problem(marks: Any) -> str | None:
@@ -624,7 +670,8 @@ def flash(
                 layout, staged, manifest, bundle, pubkey, interpreter, tolerance
             )
         finally:
-            os.close(lock)
+            if lock is not None:
+                os.close(lock)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -641,36 +688,34 @@ def _written_by_flash(layout: GatewayLayout) -> list[Path]:
     ]
 
 
-def _take_flash_lock(layout: GatewayLayout) -> int:
+def _take_flash_lock(layout: GatewayLayout) -> int | None:
     """Hold ``/opt/gatewatch/.flash.lock`` (a descriptor to close): one flash of a
     root at a time, and no model update of the agent meanwhile
-    (:func:`hold_flash_lock`). The file is made once and never written, so a
-    refused flash changes nothing under the root. UsageError when another flash
-    (or a model update) holds it; FlashError when it cannot be made (a read-only
-    root)."""
+    (:func:`hold_flash_lock`). The file is made once and never written
+    (:func:`edge_agent.locks.try_lock` without its pid), so a refused flash
+    changes nothing under the root. None where nothing can be locked (no flock:
+    Windows, or a file system without locks): the flash runs unlocked.
+    UsageError when another flash (or a model update) holds it; FlashError when
+    it cannot be made (a read-only root)."""
     from edge_agent import locks
 
     path = layout.opt / LOCK_FILE
     try:
         layout.opt.mkdir(parents=True, exist_ok=True)
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-        fd = os.open(path, flags, 0o600)
+        if locks.fcntl is None:  # no flock (Windows): made, and nothing is refused
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))
+            return None
+        fd = locks.try_lock(path, write_pid=False)
     except OSError as exc:
+        if exc.errno in locks.NO_FLOCK:
+            return None
         raise _cannot_write(exc, path) from exc
-    if locks.fcntl is None:  # no flock (Windows): nothing is refused
-        return fd
-    try:
-        locks.fcntl.flock(fd, locks.fcntl.LOCK_EX | locks.fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+
+    if fd is None:
         raise UsageError(
             f"another flash of {layout.root} (or a model update of its agent) is "
             f"running (it holds {path}); wait for it to end"
-        ) from None
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno not in locks.NO_FLOCK:
-            raise _cannot_write(exc, path) from exc
+        )
     return fd
 
 
@@ -683,24 +728,20 @@ def hold_flash_lock(models_dir: str | Path) -> int | None:
     file (no flash of this version made one there; the unit may not create it,
     as it may write only in the slots) or one that cannot be opened or locked.
     BlockingIOError when a flash holds it. Opened read-only, never through a
-    link, and never written."""
+    link, and never written (:func:`edge_agent.locks.try_lock` without its pid
+    and without making the file)."""
     from edge_agent import locks
 
     if locks.fcntl is None:
         return None
     path = Path(models_dir).parent / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = locks.try_lock(path, write_pid=False, create=False)
     except OSError:
         return None
-    try:
-        locks.fcntl.flock(fd, locks.fcntl.LOCK_EX | locks.fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise
-    except OSError:
-        os.close(fd)
-        return None
+
+    if fd is None:
+        raise BlockingIOError(f"{path} is held by a flash")
     return fd
 
 
@@ -1022,25 +1063,24 @@ def _check_not_older(
         )
         last = None
     built = manifest.data.get("created_ts")
-    when = (
-        "has no build time (created_ts)"
-        if built is None
-        else f"was built {_utc(float(built))}"
-    )
     problem = None
     if running_issued is not None and (
         built is None or float(built) < float(running_issued)
     ):
+        fine = _same_second(built, running_issued)
         problem = (
-            f"bundle {bundle} (model {manifest.model_version}) {when}, before the "
-            f"running model {running.get('model_version')} was issued "
-            f"{_utc(float(running_issued))}"
+            f"bundle {bundle} (model {manifest.model_version}) "
+            f"{_built_when(built, fine)}, before the running model "
+            f"{running.get('model_version')} was issued "
+            f"{_utc(float(running_issued), fine)}"
         )
     elif last is not None and (built is None or float(built) < last["created_ts"]):
+        fine = _same_second(built, last["created_ts"])
         problem = (
-            f"bundle {bundle} (model {manifest.model_version}) {when}, before "
-            f"bundle {last.get('bundle')} (model {last.get('model_version')}), "
-            f"flashed on this root, was built {_utc(float(last['created_ts']))}"
+            f"bundle {bundle} (model {manifest.model_version}) "
+            f"{_built_when(built, fine)}, before bundle {last.get('bundle')} (model "
+            f"{last.get('model_version')}), flashed on this root, was built "
+            f"{_utc(float(last['created_ts']), fine)}"
         )
     if problem is None:
         return
@@ -1053,9 +1093,26 @@ def _check_not_older(
     )
 
 
-def _utc(ts: float) -> str:
-    """A time in seconds as ``2024-05-01T12:00:00Z``."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+def _same_second(one: Any, other: Any) -> bool:
+    """Whether two build or issue times (None: unknown) fall in one second: a
+    refusal then gives them to the millisecond, or both would read the same."""
+    return one is not None and int(float(one)) == int(float(other))
+
+
+def _built_when(built: Any, fine: bool) -> str:
+    """``was built <time>``, or that the bundle has no build time."""
+    if built is None:
+        return "has no build time (created_ts)"
+    return f"was built {_utc(float(built), fine)}"
+
+
+def _utc(ts: float, fine: bool = False) -> str:
+    """A time in seconds as ``2024-05-01T12:00:00Z`` (``fine``: with its
+    milliseconds, ``2024-05-01T12:00:00.250Z``)."""
+    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
+    if not fine:
+        return f"{whole}Z"
+    return f"{whole}.{int((ts % 1) * 1000):03d}Z"
 
 
 def _release_name(venv_target: str | None) -> str | None:

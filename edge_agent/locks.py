@@ -81,13 +81,24 @@ def own_folder(folder: Path, purpose: str, hint: str) -> None:
         )
 
 
-def try_lock(path: Path) -> int | None:
-    """An open descriptor holding an exclusive ``flock`` on ``path`` (made if
-    absent, never through a symlink), this pid written in it; None when another
-    process holds it. OSError when the file cannot be made, opened or locked
-    (``errno`` in :data:`NO_FLOCK` where the file system has no locks). Closing
-    the descriptor lets the lock go."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+def try_lock(
+    path: Path, *, write_pid: bool = True, create: bool = True
+) -> int | None:
+    """An open descriptor holding an exclusive ``flock`` on ``path`` (never
+    through a symlink); None when another process holds it. OSError when the
+    file cannot be made, opened or locked (``errno`` in :data:`NO_FLOCK` where
+    the file system has no locks). Closing the descriptor lets the lock go.
+
+    ``write_pid``: write this pid in the file, for the error line of a second
+    process (:func:`holder`). Without it the file is opened read-only and never
+    written: a lock whose file must stay as it was made (a gateway's flash
+    lock). ``create``: make the file when it is absent (mode 0600); without it
+    a missing file is an OSError (``FileNotFoundError``).
+    """
+    flags = (os.O_RDWR if write_pid else os.O_RDONLY) | getattr(os, "O_NOFOLLOW", 0)
+    if create:
+        flags |= os.O_CREAT
+    fd = os.open(path, flags, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -97,6 +108,8 @@ def try_lock(path: Path) -> int | None:
         os.close(fd)
         raise
 
+    if not write_pid:
+        return fd
     try:  # who holds it, for the error line of a second process
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

@@ -7,9 +7,17 @@ An update is one JSON message on the gateway's model topic (retained)::
      "payload": <base64 tar.gz of the artifact>}          # or no payload: by reference
 
 ``statement`` is the exact signed JSON (``gatewatch-update/1``): ``model_version``,
-``sha256`` and ``size`` of the artifact archive, ``issued_at``, ``key_id`` and, for
-an update by reference, the ``url`` the archive is fetched from. Only the signed
-statement is trusted; the outer fields are for people reading the topic.
+``sha256`` and ``size`` of the artifact archive, ``issued_at``, ``key_id``,
+``targets`` and, for an update by reference, the ``url`` the archive is fetched
+from. Only the signed statement is trusted; the outer fields are for people
+reading the topic.
+
+``targets`` names the gateways the update is for: ``{"site": S, "gateways": [...]}``
+or ``{"site": S, "all_gateways": true}`` (``pack-update --site S --gateway ID`` or
+``--all-gateways``). A gateway refuses an update for another site, one that does
+not list it, and one whose statement has no ``targets`` (signed before updates
+named them: "sign it again with --site"), whatever topic it came on: the broker's
+ACL is not the only thing that keeps an update off the other gateways.
 
 :class:`ModelUpdater` checks the signature, fetches and checks the archive, unpacks
 it (plain files only) next to the slots, loads it with
@@ -20,7 +28,10 @@ active slot and the running model untouched and returns the reason. The archive
 holds the artifact's manifest, its listed files and, when the artifact folder has
 one, the site's ``site_thresholds.json`` (checked like the rest before the switch).
 
-An update issued before the running model is refused as a downgrade. An update
+An update issued before the newest model this gateway ever ran is refused as a
+downgrade (the floor is kept in ``slots.json``:
+:meth:`~edge_agent.flash.ModelSlots.floor`): after a rollback to an older model,
+the updates issued between the two stay refused, and a newer one installs. An update
 of a model an operator rolled back from (``edge-agent rollback`` marks it in
 ``slots.json``: :class:`~edge_agent.flash.ModelSlots`) is refused too ("model X was
 rolled back by the operator; ..."), at the agent's next start as well, until a
@@ -78,6 +89,7 @@ from edge_agent.flash import (
     hold_flash_lock,
     write_problem,
 )
+from edge_agent.protocol import validate_id
 from flows.errors import BadInputError, GatewatchError, ModelError, UsageError
 
 MESSAGE_SCHEMA = "gatewatch/v1"
@@ -215,10 +227,14 @@ def pack_update(
     artifact: str | Path,
     key: str | Path | signing.Ed25519PrivateKey,
     *,
+    site: str | None = None,
+    gateways: list[str] | tuple[str, ...] = (),
+    all_gateways: bool = False,
     url: str | None = None,
     issued_at: float | None = None,
 ) -> UpdatePackage:
-    """Sign an artifact folder as an update message (see :func:`sign_archive`).
+    """Sign an artifact folder as an update message (see :func:`sign_archive`)
+    for ``gateways`` of ``site`` (or every gateway of it: ``all_gateways``).
 
     The folder's files must match its manifest (BadInputError, exit 3, as
     :func:`pack_artifact` checks them) and it must pass the health check every
@@ -226,6 +242,7 @@ def pack_update(
     update that fails it would be refused everywhere, so it is not signed.
     :func:`sign_archive` alone does no such check.
     """
+    targets = update_targets(site, gateways, all_gateways)
     archive, model_version = pack_artifact(artifact)
     try:
         load_checked(artifact)
@@ -234,7 +251,48 @@ def pack_update(
             f"{exc}; not signed: every gateway's health check would refuse this "
             "update"
         ) from exc
-    return sign_archive(archive, model_version, key, url=url, issued_at=issued_at)
+    return sign_archive(
+        archive,
+        model_version,
+        key,
+        site=targets["site"],
+        gateways=targets.get("gateways", ()),
+        all_gateways=bool(targets.get("all_gateways")),
+        url=url,
+        issued_at=issued_at,
+    )
+
+
+def update_targets(
+    site: str | None,
+    gateways: list[str] | tuple[str, ...] = (),
+    all_gateways: bool = False,
+) -> dict[str, Any]:
+    """The ``targets`` of a signed statement: ``{"site": S, "gateways": [...]}``,
+    or ``{"site": S, "all_gateways": true}``; UsageError (exit 2) unless the site
+    and either some gateways or ``all_gateways`` are given, as topic-safe ids
+    (:func:`edge_agent.protocol.validate_id`)."""
+    if site is None:
+        raise UsageError(
+            "an update must name the site it is for (--site SITE) and its "
+            "gateways (--gateway ID, or --all-gateways)"
+        )
+    validate_id(site, "--site")
+    if isinstance(gateways, str):
+        gateways = [gateways]
+    if all_gateways and gateways:
+        raise UsageError("give --gateway or --all-gateways, not both")
+    if all_gateways:
+        return {"site": site, "all_gateways": True}
+
+    if not gateways:
+        raise UsageError(
+            f"an update for site {site} must name its gateways (--gateway ID, "
+            "repeated) or be for all of them (--all-gateways)"
+        )
+    for gateway in gateways:
+        validate_id(gateway, "--gateway")
+    return {"site": site, "gateways": sorted(set(gateways))}
 
 
 def sign_archive(
@@ -242,14 +300,20 @@ def sign_archive(
     model_version: str,
     key: str | Path | signing.Ed25519PrivateKey,
     *,
+    site: str | None = None,
+    gateways: list[str] | tuple[str, ...] = (),
+    all_gateways: bool = False,
     url: str | None = None,
     issued_at: float | None = None,
 ) -> UpdatePackage:
-    """Sign an artifact archive as an update message.
+    """Sign an artifact archive as an update message for ``gateways`` of
+    ``site`` (or all of its gateways: ``all_gateways``); the targets are part of
+    the signed statement (:func:`update_targets`, UsageError without them).
 
     With ``url`` the archive is left out of the message and fetched from there (the
     caller uploads ``UpdatePackage.archive``); otherwise it travels inline.
     """
+    targets = update_targets(site, gateways, all_gateways)
     private_key = (
         key
         if isinstance(key, signing.Ed25519PrivateKey)
@@ -265,6 +329,7 @@ def sign_archive(
         "size": len(archive),
         "issued_at": time.time() if issued_at is None else float(issued_at),
         "key_id": signing.key_id(private_key.public_key()),
+        "targets": targets,
     }
     if url is not None:
         statement["url"] = url
@@ -294,7 +359,10 @@ def sign_archive(
 class ModelUpdater:
     """Apply update messages to the A/B model slots in ``slots_dir``.
 
-    ``pubkey_path``: the Ed25519 key updates must be signed with. ``tolerance``:
+    ``pubkey_path``: the Ed25519 key updates must be signed with. ``site`` and
+    ``gateway``: this gateway's ids (required): an update is installed only when
+    its signed statement names this site and lists this gateway (or all of the
+    site's gateways). ``tolerance``:
     the probe tolerance (default: the manifest's ``probe.atol``, else 1e-4).
     ``max_bytes``: the largest archive accepted. ``fetch_timeout``: seconds for an
     update by reference. :meth:`handle` never raises for a bad message; it returns
@@ -312,6 +380,8 @@ class ModelUpdater:
         public_key: str | Path | None = None,
         artifact: str | Path | None = None,
         current_version: str | None = None,
+        site: str | None = None,
+        gateway: str | None = None,
     ) -> None:
         # ``public_key``/``artifact`` are the agent's names for the same two things:
         # the key file, and the ``current`` link of the slots the model runs from.
@@ -322,6 +392,13 @@ class ModelUpdater:
             if artifact is None:
                 raise UsageError("model updates need the model slots folder")
             slots_dir = slots_of(artifact)
+        if site is None or gateway is None:
+            raise UsageError(
+                "model updates need this gateway's site and gateway id: an update "
+                "is installed only where its signed statement names them"
+            )
+        self.site = validate_id(site, "site")
+        self.gateway = validate_id(gateway, "gateway")
         self.public_key = signing.load_public_key(key_path)
         self.key_id = signing.key_id(self.public_key)
         self.slots = ModelSlots(slots_dir)
@@ -441,6 +518,7 @@ class ModelUpdater:
         # 1. The signed statement is the only thing trusted.
         statement = self._verified_statement(message)
         version = str(statement["model_version"])
+        self._check_targets(statement, version)
         active = self.slots.active()
         info = self.slots.info(active)
         if active is not None and info.get("sha256") == statement["sha256"]:
@@ -452,12 +530,12 @@ class ModelUpdater:
             raise RolledBackError(_rolled_back_reason(version, held))
         issued = float(statement["issued_at"])
         running = info.get("model_version")
-        older = info.get("issued_at") is not None and issued < float(info["issued_at"])
+        # The floor is the newest model ever active, not the running one: after
+        # a rollback the updates issued between the two stay refused.
+        floor = self.slots.floor()
+        older = floor is not None and issued < float(floor["issued_at"])
         if older and version != running:
-            raise BadInputError(
-                f"update {version} was issued before the running model "
-                f"{running}; refusing a downgrade (use rollback)"
-            )
+            raise BadInputError(_downgrade_reason(version, running, floor))
 
         # 2. The archive, by value or by reference, must be the one signed for.
         archive = self._archive(message, statement)
@@ -473,9 +551,7 @@ class ModelUpdater:
                 return self._already_running(message, version, active)
             if older:
                 raise BadInputError(
-                    f"update {version} was issued before the running model "
-                    f"{running} and holds other files; refusing a downgrade (use "
-                    "rollback)"
+                    _downgrade_reason(version, running, floor, other_files=True)
                 )
             load_checked(staging, tolerance=self.tolerance)
             # The flash lock, from the install to the switch: a flash writes the
@@ -570,6 +646,9 @@ class ModelUpdater:
                 raise ValueError(f"size {size!r} is not a whole number of bytes >= 0")
             if not math.isfinite(float(statement["issued_at"])):
                 raise ValueError(f"issued_at {statement['issued_at']!r} is no time")
+            problem = _targets_problem(statement.get("targets"))
+            if problem is not None:
+                raise ValueError(problem)
         except BadInputError:
             raise
         except (
@@ -578,6 +657,33 @@ class ModelUpdater:
         ) as exc:
             raise BadInputError(f"update statement is malformed: {exc}") from exc
         return statement
+
+    def _check_targets(self, statement: dict[str, Any], version: str) -> None:
+        """NotForThisGateway unless the signed statement names this site and
+        lists this gateway (or all of its gateways); a statement that names no
+        targets (signed by an earlier pack-update) is refused too."""
+        targets = statement.get("targets")
+        if targets is None:
+            raise NotForThisGateway(
+                f"update {version} names no site or gateway: signed before updates "
+                "named their targets; sign it again with --site"
+            )
+        site = targets.get("site")
+        if site != self.site:
+            raise NotForThisGateway(
+                f"update {version} is for site {site}, not this "
+                f"gateway's site {self.site}"
+            )
+        if targets.get("all_gateways") is True:
+            return
+        if self.gateway not in targets["gateways"]:
+            named = ", ".join(targets["gateways"][:8])
+            more = len(targets["gateways"]) - 8
+            named += f" and {more} more" if more > 0 else ""
+            raise NotForThisGateway(
+                f"update {version} is for gateways {named} of site {site}, not "
+                f"{self.gateway}"
+            )
 
     def _archive(self, message: dict[str, Any], statement: dict[str, Any]) -> bytes:
         """The archive bytes, checked against the signed size and sha256."""
@@ -659,6 +765,60 @@ def _rolled_back_reason(version: str, mark: dict[str, Any]) -> str:
         f"model {model} was rolled back by the operator (edge-agent rollback{at})"
         f"{same}; publish a newer update or flash to install it again"
     )
+
+
+def _downgrade_reason(
+    version: str,
+    running: Any,
+    floor: dict[str, Any] | None,
+    other_files: bool = False,
+) -> str:
+    """Why an update issued before the downgrade ``floor`` (see
+    :meth:`edge_agent.flash.ModelSlots.floor`) is refused."""
+    files = " and holds other files" if other_files else ""
+    newest = (floor or {}).get("model_version")
+    if newest == running:
+        return (
+            f"update {version} was issued before the running model {running}"
+            f"{files}; refusing a downgrade (use rollback)"
+        )
+    return (
+        f"update {version} was issued before model {newest}, the newest this "
+        f"gateway has run (it now runs the older {running}){files}; refusing a "
+        "downgrade: publish a newer update"
+    )
+
+
+class NotForThisGateway(BadInputError):
+    """An update whose signed statement names another site, does not list this
+    gateway, or names no targets at all."""
+
+
+def _targets_problem(targets: Any) -> str | None:
+    """What is wrong with a statement's ``targets`` (None: absent or sound)."""
+    if targets is None:
+        return None  # refused by _check_targets, with a hint
+    if not isinstance(targets, dict) or not isinstance(targets.get("site"), str):
+        return "targets is not an object with a text site"
+    gateways = targets.get("gateways")
+    if targets.get("all_gateways") is True and gateways is None:
+        gateways = []
+    elif (
+        "all_gateways" in targets
+        or not isinstance(gateways, list)
+        or not gateways
+        or not all(isinstance(g, str) for g in gateways)
+    ):
+        return "targets names neither a list of gateways nor all_gateways: true"
+
+    # Ids as the agent's config takes them: the names go into refusals as they are.
+    try:
+        validate_id(targets["site"], "site")
+        for gateway in gateways:
+            validate_id(gateway, "gateway")
+    except UsageError as exc:
+        return f"targets names a {exc}"
+    return None
 
 
 class FetchError(BadInputError):

@@ -212,6 +212,24 @@ def _in_use(path: Path, lock: Path) -> OutboxInUseError:
     )
 
 
+def _link_loop(path: Path) -> Path | None:
+    """The symbolic link at or above ``path`` that never leads anywhere (a loop,
+    or a chain longer than the system follows), or None.
+
+    Such a name exists only as a link, so the usual checks take it for a file
+    that cannot be written (or one in the way of a folder); it is named as
+    what it is instead."""
+    for name in (path, *path.parents):
+        if not name.is_symlink():
+            continue
+        try:
+            os.stat(name)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return name
+    return None
+
+
 @dataclass(frozen=True)
 class OutboxMessage:
     """One message waiting for its PUBACK."""
@@ -299,8 +317,17 @@ class Outbox:
 
     def _check_place(self) -> None:
         """Make the outbox's folder; refuse a path that is a folder, or under a
-        file, or a folder that cannot be made, with one error naming the path
-        (exit 1, as for any output that cannot be opened)."""
+        file, or a symbolic link loop (or under one), or a folder that cannot be
+        made, with one error naming the path (exit 1, as for any output that
+        cannot be opened)."""
+        loop = _link_loop(self.path)
+        if loop is not None:
+            what = "a file" if loop == self.path else "a folder"
+            raise GatewatchError(
+                f"cannot open the outbox {self.path}: {loop} is a symbolic link "
+                "loop (its links lead back to themselves, or run longer than the "
+                f"system follows); point it at {what}, or remove it"
+            )
         if self.path.is_dir():
             raise GatewatchError(
                 f"cannot open the outbox {self.path}: it is a folder, not a file; "

@@ -50,7 +50,7 @@ MAX_MODEL_VERSION = 256
 # training data. The slack covers float32 rounding on the way to JSON.
 WINDOW_RANGE = (0.0, 1.0)
 WINDOW_SLACK = 1e-6
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # whole value: fullmatch
 # An escalation's id as the agent makes it (uuid4 or blake2b-16 hex); the re-scorer
 # echoes it in the verdict and stores it, so nothing else is let through.
 _ESCALATION_ID_RE = re.compile(r"[0-9a-f]{32}")
@@ -141,7 +141,7 @@ def validate_id(value: str, what: str = "id") -> str:
     """
     if not isinstance(value, str) or not value:
         raise UsageError(f"{what} must be a non-empty string")
-    if len(value) > MAX_ID_LENGTH or not _ID_RE.match(value):
+    if len(value) > MAX_ID_LENGTH or not _ID_RE.fullmatch(value):
         # Imported here: edge_agent.mqtt imports this module.
         from edge_agent.mqtt import redact_value
 

@@ -228,6 +228,7 @@ def open_source(
     timezone: str = "UTC",
     max_flows: int = 1_000_000,
     bpf: str | None = None,
+    wait_interface: float = 0.0,
 ) -> Source:
     """Build the source a spec names (files are checked now, read lazily).
 
@@ -237,17 +238,22 @@ def open_source(
     Parquet ``ts`` held as a timestamp without a zone. The other sources carry
     epoch times. ``max_flows``: the open connections a capture (``pcap:``,
     ``iface:``) tracks at once (:class:`flows.meter.FlowMeter`); ``bpf``: the
-    libpcap filter of an ``iface:`` capture (the packets it takes).
+    libpcap filter of an ``iface:`` capture (the packets it takes);
+    ``wait_interface``: the seconds an ``iface:`` capture waits for an interface
+    that is not there or not up yet when it starts (0: not at all).
     """
     kind, target = parse_spec(spec)
     if follow and kind != "zeek":
         raise UsageError("--follow applies to zeek:PATH sources only")
+    if wait_interface and kind != "iface":
+        raise UsageError("--wait-interface applies to iface:NAME sources only")
     if kind in _EXPECTED:
         _check_file(kind, Path(target), follow)
     if kind == "pcap":
         return Source(kind, target, True, lambda s: _pcap(s, max_flows))
     if kind == "iface":
-        return Source(kind, target, False, lambda s: _iface(s, max_flows, bpf))
+        return Source(kind, target, False,
+                      lambda s: _iface(s, max_flows, bpf, wait_interface))
     if kind == "parquet":
         return Source(kind, target, True, lambda s: _parquet(s, timezone))
     if kind == "zeek" and follow:
@@ -378,12 +384,27 @@ def no_flow_hint(kind: str, damage: list[Damage]) -> str:
 
 
 def _iface(src: Source, max_flows: int = 1_000_000,
-           bpf: str | None = None) -> Iterator[dict]:
+           bpf: str | None = None, wait: float = 0.0) -> Iterator[dict]:
     """Flows of a live interface as connections end (libpcap, needs privilege).
 
     A missing binding or privilege is a UsageError whose message says how to get it.
+    With ``wait`` an interface not there or not up yet is waited for that long
+    (logged once); a stop meanwhile ends the source with no flow, and one still
+    missing then is refused as without a wait (bad input), naming the wait.
     """
     from flows.meter import iter_flows
+    from flows.meter.live import open_live, wait_for_interface
+
+    if wait > 0 and not wait_for_interface(src.target, wait, end=src.end):
+        if src.end.is_set():
+            return  # stopped while it waited: nothing was read
+
+        try:
+            open_live(src.target, bpf=bpf).close()  # there at the last moment?
+        except BadInputError as exc:
+            raise BadInputError(
+                f"{exc}; waited {wait:g} s for it (--wait-interface)"
+            ) from exc
 
     # Setting ``end`` (a stop) ends the capture; its open connections come last.
     for rec in iter_flows(f"iface:{src.target}", end=src.end, max_flows=max_flows,
@@ -717,6 +738,10 @@ def _record_problem(rec: dict[str, Any]) -> str | None:
 # ---------------------------------------------------------------------------------
 # following a growing conn.log
 
+# Polls a followed path may be missing before the warning that its file was
+# removed: a rename rotation in two steps leaves it missing for a moment.
+_GONE_GRACE_POLLS = 2
+
 # How many of a followed file's first bytes are kept, to notice that the file was
 # rewritten in place (same inode) when its size alone does not say so.
 _HEAD_BYTES = 4096
@@ -733,10 +758,13 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
     ``#fields`` layout read before (Zeek goes on writing rows, with no new header,
     to the file it holds open), and a new header replaces that layout.
     A path that is missing (not yet written, or removed and not yet recreated) is
-    waited for, with one warning. Lines are parsed one by one by
-    ``flows.readers.stream`` (the same rules as a whole-file read); a line it
-    cannot parse, one over ``MAX_LINE_BYTES``, or a record :func:`_record_problem`
-    refuses (no address) is rejected, counted and skipped.
+    waited for, with one warning; a path that goes missing while its file is read
+    is warned about only once it stays missing for :data:`_GONE_GRACE_POLLS`
+    polls, as a rename rotation done in two steps (``mv conn.log conn.log.1``,
+    then a new ``conn.log``) leaves it missing for a moment. Lines are parsed
+    one by one by ``flows.readers.stream`` (the same rules as a whole-file read);
+    a line it cannot parse, one over ``MAX_LINE_BYTES``, or a record
+    :func:`_record_problem` refuses (no address) is rejected, counted and skipped.
     """
     from flows.readers.stream import TsvLineParser
 
@@ -749,6 +777,7 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
     carried: str | None = None
     nuls = 0  # NUL bytes skipped at the start of a file read again in place
     waiting = vanished = False
+    gone_since: float | None = None  # when the path was first seen missing
     while True:
         if handle is None:
             try:
@@ -764,7 +793,7 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
                     )
                 parser = TsvLineParser(str(path), src.unknown_label)
                 partial, line_no, skipping, offset, head = b"", 0, 0, 0, b""
-                carried, waiting, vanished = None, False, False
+                carried, waiting, vanished, gone_since = None, False, False, None
             except FileNotFoundError:
                 if src.end.is_set():
                     return
@@ -832,11 +861,16 @@ def _follow(src: Source, poll: float) -> Iterator[dict]:
             continue
         if src.end.is_set():
             return  # asked to end: all the file held has been yielded
-        if not vanished and not path.exists():
-            logger.warning(
-                "source %s: the file was removed; waiting for a new one", path
-            )
-            vanished = True
+        if path.exists():
+            gone_since = None
+        elif not vanished:
+            now = time.monotonic()
+            gone_since = now if gone_since is None else gone_since
+            if now - gone_since >= _GONE_GRACE_POLLS * poll:
+                logger.warning(
+                    "source %s: the file was removed; waiting for a new one", path
+                )
+                vanished = True
         if _rotated(path, inode):
             handle.close()
             handle = None

@@ -39,6 +39,13 @@ pytest.importorskip("onnx")
 
 from tests.test_ota_artifacts import make_artifact  # noqa: E402
 
+# The gateway the updates here are signed for, and the updater's own ids.
+TARGET = {"site": "plant-3", "gateways": ["gw-17"]}
+HERE = {"site": "plant-3", "gateway": "gw-17"}
+
+# pack-update's flags naming the gateways an update is for.
+PACK = ["pack-update", "--site", "plant-3", "--gateway", "gw-17"]
+
 FIVE = ("ts", "src_ip", "src_port", "dst_ip", "dst_port", "proto")
 
 
@@ -142,7 +149,7 @@ def test_pack_update_and_bundle_refuse_the_edited_model_version(
     out = tmp_path / "update.json"
 
     rc, err = _main(
-        ["pack-update", "--artifact", str(art), "--key", str(keys[0]), "-o", str(out)],
+        [*PACK, "--artifact", str(art), "--key", str(keys[0]), "-o", str(out)],
         capsys,
     )
     assert rc == 3, err
@@ -167,8 +174,11 @@ def test_a_signed_update_with_the_edited_model_version_is_refused(
     gateway's own load refuses it and keeps the running model."""
     from edge_agent.ota import ModelUpdater, pack_update, sign_archive
 
-    updater = ModelUpdater(keys[1], tmp_path / "models", tolerance=1e-5)
-    v1 = pack_update(make_artifact(tmp_path / "v1", version="v1", seed=1), keys[0])
+    updater = ModelUpdater(keys[1], tmp_path / "models", tolerance=1e-5, **HERE)
+    v1 = pack_update(
+        make_artifact(tmp_path / "v1", version="v1", seed=1), keys[0],
+        **TARGET,
+    )
     assert updater.handle(v1.message).ok
     art = make_artifact(tmp_path / "v2", version="v2", seed=2)
     _edit_manifest(art, model_version=BAD_TEXT["escape sequence"])
@@ -179,7 +189,8 @@ def test_a_signed_update_with_the_edited_model_version_is_refused(
             info.size = path.stat().st_size
             tar.addfile(info, io.BytesIO(path.read_bytes()))
 
-    result = updater.handle(sign_archive(archive.getvalue(), "v2", keys[0]).message)
+    message = sign_archive(archive.getvalue(), "v2", keys[0], **TARGET).message
+    result = updater.handle(message)
 
     assert not result.ok
     assert "manifest field 'model_version'" in result.reason
@@ -542,7 +553,7 @@ def test_pack_update_refuses_an_artifact_that_fails_its_health_check(
     out = tmp_path / "update.json"
 
     rc, err = _main(
-        ["pack-update", "--artifact", str(art), "--key", str(keys[0]), "-o", str(out)],
+        [*PACK, "--artifact", str(art), "--key", str(keys[0]), "-o", str(out)],
         capsys,
     )
 
@@ -560,7 +571,7 @@ def test_pack_update_cannot_write_its_output_is_one_error(
     out = tmp_path / "missing" / "update.json"
 
     rc, err = _main(
-        ["pack-update", "--artifact", str(art), "--key", str(keys[0]), "-o", str(out)],
+        [*PACK, "--artifact", str(art), "--key", str(keys[0]), "-o", str(out)],
         capsys,
     )
 

@@ -34,6 +34,10 @@ from tests.test_bundle import CONFIG  # noqa: E402
 from tests.test_flash import snapshot  # noqa: E402
 from tests.test_ota_artifacts import flashed_slots, make_artifact  # noqa: E402
 
+# The gateway the updates here are signed for, and the updater's own ids.
+TARGET = {"site": "plant-3", "gateways": ["gw-17"]}
+HERE = {"site": "plant-3", "gateway": "gw-17"}
+
 agent_wheel = layout_tests.agent_wheel
 keys = layout_tests.keys
 empty_release = reflash_tests.empty_release
@@ -385,9 +389,9 @@ def test_a_model_update_and_a_flash_do_not_run_at_once(
     layout = flash_mod.GatewayLayout(root)
     v1 = make_artifact(tmp_path / "art-v1", version="v1", seed=1)
     slots = flashed_slots(layout.models, v1, issued_at=1000.0)
-    updater = ModelUpdater(keys[1], slots.dir, tolerance=1e-5)
+    updater = ModelUpdater(keys[1], slots.dir, tolerance=1e-5, **HERE)
     v2 = make_artifact(tmp_path / "art-v2", version="v2", seed=2)
-    package = pack_update(v2, keys[0], issued_at=2000.0)
+    package = pack_update(v2, keys[0], issued_at=2000.0, **TARGET)
     lock = layout.opt / ".flash.lock"
 
     held = flash_mod._take_flash_lock(layout)  # a flash installing

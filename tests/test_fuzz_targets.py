@@ -32,6 +32,10 @@ import pytest
 
 from flows.errors import GatewatchError
 
+# The gateway the updates here are signed for, and the updater's own ids.
+TARGET = {"site": "plant-3", "gateways": ["gw-17"]}
+HERE = {"site": "plant-3", "gateway": "gw-17"}
+
 # ---------------------------------------------------------------------------------
 # seeds: captures
 
@@ -657,7 +661,8 @@ def _ota_updater(scratch: Scratch):
     _, pub = _ota_key()
     key = ("updater", str(scratch.root))
     if key not in _OTA:
-        _OTA[key] = ModelUpdater(pub, scratch.root / "ota-slots", tolerance=1e-4)
+        slots = scratch.root / "ota-slots"
+        _OTA[key] = ModelUpdater(pub, slots, tolerance=1e-4, **HERE)
     return _OTA[key]
 
 
@@ -685,7 +690,7 @@ def _ota_wrap(archive: bytes, statement: bytes | None = None) -> bytes:
     from edge_agent import ota, signing
 
     priv, _ = _ota_key()
-    message = json.loads(ota.sign_archive(archive, "fz-2", priv).message)
+    message = json.loads(ota.sign_archive(archive, "fz-2", priv, **TARGET).message)
     if statement is not None:
         message["statement"] = base64.b64encode(statement).decode()
         message["signature"] = base64.b64encode(signing.sign(priv, statement)).decode()
@@ -921,7 +926,7 @@ def test_built_ota_seeds_install_and_score_like_the_seed_artifact(tmp_path):
         "ota-archive": _ota_wrap(gzip.compress(seed_ota_archive(), mtime=0)),
     }
     for kind, message in messages.items():
-        updater = ModelUpdater(pub, tmp_path / kind, tolerance=1e-4)
+        updater = ModelUpdater(pub, tmp_path / kind, tolerance=1e-4, **HERE)
         result = updater.handle(message)
         assert result.ok and result.changed, (kind, result.reason)
         scorer = load_artifact(updater.slots.current_path)

@@ -22,6 +22,10 @@ from edge_agent import signing  # noqa: E402
 from edge_agent.ota import ModelUpdater, pack_update  # noqa: E402
 from tests.test_ota_artifacts import flashed_slots, make_artifact  # noqa: E402
 
+# The gateway the updates here are signed for, and the updater's own ids.
+TARGET = {"site": "plant-3", "gateways": ["gw-17"]}
+HERE = {"site": "plant-3", "gateway": "gw-17"}
+
 
 @pytest.fixture
 def keys(tmp_path: Path) -> tuple[Path, Path]:
@@ -33,13 +37,13 @@ def updater(tmp_path: Path, keys) -> ModelUpdater:
     """Slots whose active slot A holds v1, trusting ``keys``."""
     v1 = make_artifact(tmp_path / "v1", version="v1", seed=1)
     slots = flashed_slots(tmp_path / "models", v1)
-    return ModelUpdater(keys[1], slots.dir, tolerance=1e-5)
+    return ModelUpdater(keys[1], slots.dir, tolerance=1e-5, **HERE)
 
 
 def test_a_wrong_key_refusal_holds_until_withdrawn(tmp_path, updater) -> None:
     other = signing.generate_keypair(tmp_path / "other")
     v2 = make_artifact(tmp_path / "v2", version="v2", seed=2)
-    message = pack_update(v2, other[0]).message
+    message = pack_update(v2, other[0], **TARGET).message
     assert updater.last_refusal == {}
 
     before = time.time()
@@ -76,7 +80,7 @@ def test_an_installed_update_clears_the_refusal(tmp_path, keys, updater) -> None
     assert updater.last_refusal["update_refused"]
 
     v2 = make_artifact(tmp_path / "v2", version="v2", seed=2)
-    result = updater.handle(pack_update(v2, keys[0]).message)
+    result = updater.handle(pack_update(v2, keys[0], **TARGET).message)
 
     assert result.ok and result.changed
     assert updater.last_refusal == {}
@@ -100,7 +104,7 @@ def test_every_status_of_the_agent_carries_the_refusal(tmp_path, updater, tm) ->
 
     other = signing.generate_keypair(tmp_path / "other")
     message = pack_update(make_artifact(tmp_path / "v2", version="v2", seed=2),
-                          other[0]).message
+                          other[0], **TARGET).message
     agent = Agent(load_artifact(tm.artifact), site="s1", gateway="g1",
                   outbox=Outbox(tmp_path / "o.sqlite"), alerts=io.StringIO())
     agent.enable_model_updates(updater)

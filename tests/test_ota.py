@@ -36,6 +36,10 @@ from tests.test_ota_artifacts import (  # noqa: E402
     numpy_scores,
 )
 
+# The gateway the updates here are signed for, and the updater's own ids.
+TARGET = {"site": "plant-3", "gateways": ["gw-17"]}
+HERE = {"site": "plant-3", "gateway": "gw-17"}
+
 # Windows of the default test artifact's shape (a conn-family encoder).
 F = fit_conn_encoder().n_features
 WINDOWS = np.random.default_rng(11).uniform(0, 1, (16, W, F)).astype(np.float32)
@@ -49,8 +53,11 @@ def keys(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def updater(tmp_path: Path, keys) -> ModelUpdater:
     """An updater whose slots already run model v1 (seed 1), installed over the air."""
-    up = ModelUpdater(keys[1], tmp_path / "models", tolerance=1e-5)
-    v1 = pack_update(make_artifact(tmp_path / "v1", version="v1", seed=1), keys[0])
+    up = ModelUpdater(keys[1], tmp_path / "models", tolerance=1e-5, **HERE)
+    v1 = pack_update(
+        make_artifact(tmp_path / "v1", version="v1", seed=1), keys[0],
+        **TARGET,
+    )
     result = up.handle(v1.message)
     assert result.ok, result.reason
     return up
@@ -73,7 +80,10 @@ def _assert_still_v1(up: ModelUpdater, before) -> None:
 
 def test_update_installs_into_the_other_slot_and_switches(tmp_path, keys, updater):
     assert updater.slots.active() == "A"
-    v2 = pack_update(make_artifact(tmp_path / "v2", version="v2", seed=2), keys[0])
+    v2 = pack_update(
+        make_artifact(tmp_path / "v2", version="v2", seed=2), keys[0],
+        **TARGET,
+    )
 
     result = updater.handle(v2.message)
 
@@ -100,6 +110,7 @@ def test_update_by_reference(tmp_path, keys, updater):
         make_artifact(tmp_path / "v2", version="v2", seed=2),
         keys[0],
         url=archive_path.as_uri(),
+        **TARGET,
     )
     archive_path.write_bytes(package.archive)
     assert "payload" not in json.loads(package.message)
@@ -114,6 +125,7 @@ def test_update_by_reference(tmp_path, keys, updater):
         make_artifact(tmp_path / "v3", version="v3", seed=3),
         keys[0],
         url=archive_path.as_uri(),
+        **TARGET,
     )
     archive_path.write_bytes(v3.archive[:-1] + bytes([v3.archive[-1] ^ 1]))
     refused = updater.handle(v3.message)
@@ -126,7 +138,10 @@ def _message(package) -> dict:
 
 
 def _tampered_payload(tmp_path, keys):
-    package = pack_update(make_artifact(tmp_path / "v2", version="v2", seed=2), keys[0])
+    package = pack_update(
+        make_artifact(tmp_path / "v2", version="v2", seed=2), keys[0],
+        **TARGET,
+    )
     msg = _message(package)
     archive = bytearray(base64.b64decode(msg["payload"]))
     archive[len(archive) // 2] ^= 0x40
@@ -135,14 +150,20 @@ def _tampered_payload(tmp_path, keys):
 
 
 def _truncated_payload(tmp_path, keys):
-    package = pack_update(make_artifact(tmp_path / "v2", version="v2", seed=2), keys[0])
+    package = pack_update(
+        make_artifact(tmp_path / "v2", version="v2", seed=2), keys[0],
+        **TARGET,
+    )
     msg = _message(package)
     msg["payload"] = base64.b64encode(package.archive[:-100]).decode()
     return msg
 
 
 def _edited_statement(tmp_path, keys):
-    package = pack_update(make_artifact(tmp_path / "v2", version="v2", seed=2), keys[0])
+    package = pack_update(
+        make_artifact(tmp_path / "v2", version="v2", seed=2), keys[0],
+        **TARGET,
+    )
     msg = _message(package)
     statement = json.loads(base64.b64decode(msg["statement"]))
     statement["model_version"] = "v9"
@@ -152,19 +173,22 @@ def _edited_statement(tmp_path, keys):
 
 def _wrong_key(tmp_path, keys):
     other, _ = signing.generate_keypair(tmp_path / "other")
-    package = pack_update(make_artifact(tmp_path / "v2", version="v2", seed=2), other)
+    package = pack_update(
+        make_artifact(tmp_path / "v2", version="v2", seed=2), other,
+        **TARGET,
+    )
     return _message(package)
 
 
 def _bad_probe(tmp_path, keys):
     folder = make_artifact(tmp_path / "v2", version="v2", seed=2, expected_shift=0.05)
     # Packed by hand: pack_update itself refuses an artifact that fails its check.
-    return _message(sign_archive(*pack_artifact(folder), keys[0]))
+    return _message(sign_archive(*pack_artifact(folder), keys[0], **TARGET))
 
 
 def _model_not_matching_encoder(tmp_path, keys):
     folder = make_artifact(tmp_path / "v2", version="v2", seed=2, model_window=W + 1)
-    return _message(sign_archive(*pack_artifact(folder), keys[0]))
+    return _message(sign_archive(*pack_artifact(folder), keys[0], **TARGET))
 
 
 def _modified_artifact_file(tmp_path, keys):
@@ -179,7 +203,7 @@ def _modified_artifact_file(tmp_path, keys):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     # Signed by the right key: the artifact's own sha256 list must still catch it.
-    return _message(sign_archive(archive.getvalue(), "v2", keys[0]))
+    return _message(sign_archive(archive.getvalue(), "v2", keys[0], **TARGET))
 
 
 def _signed_archive_with(member: tarfile.TarInfo, data: bytes, keys, tmp_path):
@@ -191,7 +215,7 @@ def _signed_archive_with(member: tarfile.TarInfo, data: bytes, keys, tmp_path):
             info.size = path.stat().st_size
             tar.addfile(info, io.BytesIO(path.read_bytes()))
         tar.addfile(member, io.BytesIO(data) if data else None)
-    return _message(sign_archive(archive.getvalue(), "v2", keys[0]))
+    return _message(sign_archive(archive.getvalue(), "v2", keys[0], **TARGET))
 
 
 def _path_traversal(tmp_path, keys):
@@ -209,7 +233,7 @@ def _symlink_member(tmp_path, keys):
 
 def _downgrade(tmp_path, keys):
     folder = make_artifact(tmp_path / "v0", version="v0", seed=2)
-    return _message(pack_update(folder, keys[0], issued_at=1.0))
+    return _message(pack_update(folder, keys[0], issued_at=1.0, **TARGET))
 
 
 def _not_json(tmp_path, keys):
@@ -291,7 +315,10 @@ def test_a_signed_statement_with_an_impossible_number_is_malformed(
     """Found by the long fuzz run: a validly signed statement whose size was
     1e999 (infinity to Python's JSON) raised OverflowError, which the updater
     could only report as an internal error. Such numbers are malformed now."""
-    package = pack_update(make_artifact(tmp_path / "v2", version="v2", seed=2), keys[0])
+    package = pack_update(
+        make_artifact(tmp_path / "v2", version="v2", seed=2), keys[0],
+        **TARGET,
+    )
     msg = _message(package)
     statement = json.loads(base64.b64decode(msg["statement"]))
     statement[field] = "@@"
@@ -313,11 +340,12 @@ def test_agent_style_construction_finds_the_slots(tmp_path, keys, updater):
         public_key=keys[1],
         artifact=updater.slots.current_path,
         current_version="v1",
+        **HERE,
     )
     assert up.slots.dir == updater.slots.dir
 
     with pytest.raises(UsageError, match="'current' link of a model slots folder"):
-        ModelUpdater(public_key=keys[1], artifact=tmp_path / "v1")
+        ModelUpdater(public_key=keys[1], artifact=tmp_path / "v1", **HERE)
 
 
 def test_pack_update_cli_writes_a_message_the_updater_takes(tmp_path, keys, updater):
@@ -329,6 +357,10 @@ def test_pack_update_cli_writes_a_message_the_updater_takes(tmp_path, keys, upda
         main(
             [
                 "pack-update",
+                "--site",
+                "plant-3",
+                "--gateway",
+                "gw-17",
                 "--artifact",
                 str(folder),
                 "--key",

@@ -44,6 +44,10 @@ from tests.test_ota_artifacts import (  # noqa: E402
     numpy_scores,
 )
 
+# The gateway the updates here are signed for, and the updater's own ids.
+TARGET = {"site": "plant-3", "gateways": ["gw-17"]}
+HERE = {"site": "plant-3", "gateway": "gw-17"}
+
 SITE, GATEWAY = "plant-3", "gw-17"
 TOPIC = f"gatewatch/v1/{SITE}/{GATEWAY}"
 ALL_ESCALATE = {"decision": 0.5, "escalate_low": 0.0, "alert": 1.0}
@@ -320,7 +324,7 @@ def test_flashed_agent_takes_a_signed_update_and_refuses_a_tampered_one(
     feed_and_check(seed=10, version="v1", model_seed=1)
 
     # 3. A signed update: the status reports v2 and the flows are scored by it.
-    watcher.publish_model(pack_update(artifact("v2", 2), private).message)
+    watcher.publish_model(pack_update(artifact("v2", 2), private, **TARGET).message)
     watcher.wait(
         lambda: latest_status().get("model_version") == "v2", what="status with v2"
     )
@@ -328,7 +332,7 @@ def test_flashed_agent_takes_a_signed_update_and_refuses_a_tampered_one(
     feed_and_check(seed=11, version="v2", model_seed=2)
 
     # 4. A tampered update: refused and reported; v2 keeps scoring.
-    message = json.loads(pack_update(artifact("v3", 3), private).message)
+    message = json.loads(pack_update(artifact("v3", 3), private, **TARGET).message)
     archive = bytearray(base64.b64decode(message["payload"]))
     archive[len(archive) // 2] ^= 0x01
     message["payload"] = base64.b64encode(bytes(archive)).decode()

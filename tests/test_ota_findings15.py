@@ -19,6 +19,10 @@ from edge_agent import signing  # noqa: E402
 from edge_agent.ota import ModelUpdater, pack_update  # noqa: E402
 from tests.test_ota_artifacts import flashed_slots, make_artifact  # noqa: E402
 
+# The gateway the updates here are signed for, and the updater's own ids.
+TARGET = {"site": "plant-3", "gateways": ["gw-17"]}
+HERE = {"site": "plant-3", "gateway": "gw-17"}
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -71,8 +75,11 @@ def setup(tmp_path: Path):
 
 def _update(setup, url: str):
     priv, pub, slots, v2 = setup
-    package = pack_update(v2, priv, url=url)
-    return package, ModelUpdater(pub, slots.dir, tolerance=1e-5, fetch_timeout=1.0)
+    package = pack_update(v2, priv, url=url, **TARGET)
+    return package, ModelUpdater(
+        pub, slots.dir, tolerance=1e-5, fetch_timeout=1.0,
+        **HERE,
+    )
 
 
 def test_a_slow_download_ends_at_the_timeout_and_does_not_hold_the_status(setup):
@@ -162,5 +169,5 @@ def test_an_updater_removes_what_a_killed_update_left(setup, tmp_path):
     left = slots.dir / f".incoming-{dead}-abc"
     left.mkdir()
     ours = slots.staging()  # this process runs: kept
-    ModelUpdater(pub, slots.dir, tolerance=1e-5)
+    ModelUpdater(pub, slots.dir, tolerance=1e-5, **HERE)
     assert not left.exists() and ours.exists()

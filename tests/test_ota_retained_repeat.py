@@ -28,6 +28,10 @@ from edge_agent import signing  # noqa: E402
 from edge_agent.ota import ModelUpdater, pack_update  # noqa: E402
 from tests.test_ota_artifacts import flashed_slots, make_artifact  # noqa: E402
 
+# The gateway the updates here are signed for, and the updater's own ids.
+TARGET = {"site": "plant-3", "gateways": ["gw-17"]}
+HERE = {"site": "plant-3", "gateway": "gw-17"}
+
 LOGGER = "gatewatch.edge_agent"
 
 
@@ -75,18 +79,18 @@ def flashed(tmp_path: Path, keys, v1) -> ModelUpdater:
     bundle's digest, so the retained update of v1 is only known for the running
     model once unpacked and its files compared (the costly case)."""
     slots = flashed_slots(tmp_path / "models", v1)
-    return ModelUpdater(keys[1], slots.dir, tolerance=1e-5)
+    return ModelUpdater(keys[1], slots.dir, tolerance=1e-5, **HERE)
 
 
 def _package(tmp_path: Path, keys, version: str, seed: int, **kwargs):
     art = make_artifact(tmp_path / version, version=version, seed=seed)
-    return pack_update(art, keys[0], **kwargs)
+    return pack_update(art, keys[0], **kwargs, **TARGET)
 
 
 def test_the_same_message_again_is_not_unpacked_again(
     tmp_path, keys, v1, flashed, unpacked, verified, caplog
 ):
-    running = pack_update(v1, keys[0], issued_at=2000.0).message
+    running = pack_update(v1, keys[0], issued_at=2000.0, **TARGET).message
     first = flashed.handle(running)
     assert first.ok and not first.changed and first.reason == (
         "already running this model")
@@ -128,7 +132,7 @@ def test_a_refused_message_again_is_refused_without_unpacking(
     manifest["probe"]["expected"] = [x + 0.5 for x in manifest["probe"]["expected"]]
     (art / "manifest.json").write_text(json.dumps(manifest))
     archive, version = ota.pack_artifact(art)
-    message = ota.sign_archive(archive, version, keys[0]).message
+    message = ota.sign_archive(archive, version, keys[0], **TARGET).message
 
     first = flashed.handle(message)
     again = flashed.handle(message)
@@ -140,7 +144,7 @@ def test_a_refused_message_again_is_refused_without_unpacking(
 
 
 def test_a_withdrawal_forgets_the_last_message(keys, v1, flashed, unpacked):
-    running = pack_update(v1, keys[0], issued_at=2000.0).message
+    running = pack_update(v1, keys[0], issued_at=2000.0, **TARGET).message
     assert flashed.handle(running).ok and len(unpacked) == 1
     assert flashed.handle(b"").withdrawn
 
@@ -210,7 +214,7 @@ def test_a_reconnect_brings_the_retained_update_without_unpacking_it_again(
 
     try:
         operator.connect(10)
-        publish_retained(pack_update(v1, keys[0], issued_at=2000.0).message)
+        publish_retained(pack_update(v1, keys[0], issued_at=2000.0, **TARGET).message)
         agent.start(10)
         agent.enable_model_updates(updater)
         wait_for(1)

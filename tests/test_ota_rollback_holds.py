@@ -31,6 +31,10 @@ from edge_agent.flash import GatewayLayout, ModelSlots  # noqa: E402
 from edge_agent.ota import ModelUpdater, pack_update, sign_archive  # noqa: E402
 from tests.test_ota_artifacts import flashed_slots, make_artifact  # noqa: E402
 
+# The gateway the updates here are signed for, and the updater's own ids.
+TARGET = {"site": "plant-3", "gateways": ["gw-17"]}
+HERE = {"site": "plant-3", "gateway": "gw-17"}
+
 LOGGER = "gatewatch.edge_agent"
 HELD = "was rolled back by the operator"
 ADVICE = "publish a newer update or flash to install it again"
@@ -56,12 +60,12 @@ def _slots(root: Path) -> ModelSlots:
 
 def _updater(root: Path, keys) -> ModelUpdater:
     """A fresh updater, as an agent (re)start makes one: it remembers nothing."""
-    return ModelUpdater(keys[1], _slots(root).dir, tolerance=1e-5)
+    return ModelUpdater(keys[1], _slots(root).dir, tolerance=1e-5, **HERE)
 
 
 def _package(tmp_path: Path, keys, version: str, seed: int, **kwargs):
     art = make_artifact(tmp_path / f"art-{version}", version=version, seed=seed)
-    return pack_update(art, keys[0], **kwargs)
+    return pack_update(art, keys[0], **kwargs, **TARGET)
 
 
 def test_a_rolled_back_update_is_refused_after_a_restart(
@@ -97,7 +101,7 @@ def test_a_rolled_back_update_is_refused_after_a_restart(
     assert resigned.sha256 != v2.sha256
     refused = _updater(root, keys).handle(resigned.message)
     assert not refused.ok and f"model v2 {HELD}" in refused.reason
-    renamed = sign_archive(v2.archive, "v2-hotfix", keys[0])
+    renamed = sign_archive(v2.archive, "v2-hotfix", keys[0], **TARGET)
     refused = _updater(root, keys).handle(renamed.message)
     assert not refused.ok and f"model v2 {HELD}" in refused.reason
     assert "update v2-hotfix is its very archive" in refused.reason
@@ -265,7 +269,7 @@ def test_a_flashed_agent_keeps_the_rollback_across_a_restart(
                      what=what)
 
     # 1. The agent installs the retained v2 update.
-    v2 = pack_update(artifact("v2", 2), private)
+    v2 = pack_update(artifact("v2", 2), private, **TARGET)
     watcher.publish_model(v2.message)
     agent = start_agent(1)
     wait_status("v2 installed", state="online", model_version="v2")
@@ -289,7 +293,7 @@ def test_a_flashed_agent_keeps_the_rollback_across_a_restart(
     assert slots.active() == "A" and os.readlink(layout.models / "current") == "A"
 
     # 4. A newer model is installed.
-    watcher.publish_model(pack_update(artifact("v3", 3), private).message)
+    watcher.publish_model(pack_update(artifact("v3", 3), private, **TARGET).message)
     wait_status("v3 installed", state="online", model_version="v3")
     assert slots.active() == "B" and slots.info("B")["model_version"] == "v3"
     log = stop_agent(agent, 2)

@@ -25,6 +25,10 @@ from edge_agent.runtime import load_artifact  # noqa: E402
 from flows.errors import BadInputError  # noqa: E402
 from tests.test_ota_artifacts import flashed_slots, make_artifact  # noqa: E402
 
+# The gateway the updates here are signed for, and the updater's own ids.
+TARGET = {"site": "plant-3", "gateways": ["gw-17"]}
+HERE = {"site": "plant-3", "gateway": "gw-17"}
+
 DEEP = 100_000
 LOGGER = "gatewatch.edge_agent"
 
@@ -43,7 +47,7 @@ def _flashed(tmp_path: Path, artifact: Path, keys, issued_at: float) -> ModelUpd
     """Slots whose slot A holds ``artifact`` the way flash records a bundle: the
     bundle's digest (not an update archive's sha256) and its build time."""
     slots = flashed_slots(tmp_path / "models", artifact, issued_at)
-    return ModelUpdater(keys[1], slots.dir, tolerance=1e-5)
+    return ModelUpdater(keys[1], slots.dir, tolerance=1e-5, **HERE)
 
 
 def _unchanged(up: ModelUpdater) -> None:
@@ -75,7 +79,7 @@ def _nested_statement(keys) -> bytes:
     """A well-formed message whose (unsigned) statement is nested too deep."""
     message = json.loads(
         pack_update(make_artifact(Path(keys[0]).parent / "v9", version="v9"),
-                    keys[0]).message
+                    keys[0], **TARGET).message
     )
     message["statement"] = base64.b64encode(b"[" * DEEP).decode()
     return json.dumps(message).encode()
@@ -118,7 +122,7 @@ def test_the_update_of_a_flashed_model_is_already_running(
     signed) read the retained update of v1 as "issued before the running model
     v1; refusing a downgrade"."""
     up = _flashed(tmp_path, v1, keys, issued_at=2000.0)
-    package = pack_update(v1, keys[0], issued_at=1000.0)
+    package = pack_update(v1, keys[0], issued_at=1000.0, **TARGET)
 
     with caplog.at_level(logging.INFO, logger=LOGGER):
         result = up.handle(package.message)
@@ -139,7 +143,7 @@ def test_the_same_model_packed_again_is_not_installed_again(
     up = _flashed(tmp_path, v1, keys, issued_at=2000.0)
     site = up.slots.path("A") / "site_thresholds.json"
     site.write_text('{"escalate_low": 0.3, "alert": 0.8, "model_version": "v1"}')
-    package = pack_update(v1, keys[0], issued_at=3000.0)
+    package = pack_update(v1, keys[0], issued_at=3000.0, **TARGET)
     assert package.sha256 != up.slots.info("A")["sha256"]
 
     with caplog.at_level(logging.INFO, logger=LOGGER):
@@ -157,7 +161,7 @@ def test_an_older_build_under_the_running_version_is_still_a_downgrade(
     up = _flashed(tmp_path, v1, keys, issued_at=2000.0)
     other = make_artifact(tmp_path / "v1-other", version="v1", seed=2)
 
-    result = up.handle(pack_update(other, keys[0], issued_at=1000.0).message)
+    result = up.handle(pack_update(other, keys[0], issued_at=1000.0, **TARGET).message)
 
     assert not result.ok
     assert "issued before the running model v1 and holds other files" in result.reason
@@ -178,7 +182,10 @@ def test_the_agent_keeps_its_model_and_windows_for_the_running_update(
     agent.enable_model_updates(up)
     try:
         with caplog.at_level(logging.DEBUG, logger=LOGGER):
-            agent._model_message(pack_update(v1, keys[0], issued_at=1000.0).message)
+            agent._model_message(pack_update(
+                v1, keys[0], issued_at=1000.0,
+                **TARGET,
+            ).message)
     finally:
         agent.close()
 

@@ -25,6 +25,10 @@ from edge_agent.ota import ModelUpdater, pack_update, sign_archive  # noqa: E402
 from flows.errors import BadInputError  # noqa: E402
 from tests.test_ota_artifacts import make_artifact  # noqa: E402
 
+# The gateway the updates here are signed for, and the updater's own ids.
+TARGET = {"site": "plant-3", "gateways": ["gw-17"]}
+HERE = {"site": "plant-3", "gateway": "gw-17"}
+
 SITE = {"decision": 0.3, "escalate_low": 0.3, "alert": 0.97, "model_version": "v2"}
 
 
@@ -36,8 +40,11 @@ def keys(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def updater(tmp_path: Path, keys) -> ModelUpdater:
     """An updater whose slot A runs model v1 (no site thresholds)."""
-    up = ModelUpdater(keys[1], tmp_path / "models", tolerance=1e-5)
-    v1 = pack_update(make_artifact(tmp_path / "v1", version="v1", seed=1), keys[0])
+    up = ModelUpdater(keys[1], tmp_path / "models", tolerance=1e-5, **HERE)
+    v1 = pack_update(
+        make_artifact(tmp_path / "v1", version="v1", seed=1), keys[0],
+        **TARGET,
+    )
     assert up.handle(v1.message).ok
     return up
 
@@ -51,7 +58,7 @@ def _v2_with_site(tmp_path: Path, site: dict) -> Path:
 def test_an_update_carries_the_site_thresholds_into_the_slot(tmp_path, keys, updater):
     folder = _v2_with_site(tmp_path, SITE)
 
-    result = updater.handle(pack_update(folder, keys[0]).message)
+    result = updater.handle(pack_update(folder, keys[0], **TARGET).message)
 
     assert result.ok and result.changed, result.reason
     assert (result.version, result.slot) == ("v2", "B")
@@ -85,7 +92,7 @@ def test_an_update_with_unusable_site_thresholds_is_refused(
             info = tarfile.TarInfo(path.name)
             info.size = path.stat().st_size
             tar.addfile(info, io.BytesIO(path.read_bytes()))
-    message = sign_archive(archive.getvalue(), "v2", keys[0]).message
+    message = sign_archive(archive.getvalue(), "v2", keys[0], **TARGET).message
 
     result = updater.handle(message)
 
@@ -95,4 +102,4 @@ def test_an_update_with_unusable_site_thresholds_is_refused(
     assert os.readlink(updater.slots.current_path) == "A"
     assert updater.slots.info("B") == {}
     with pytest.raises(BadInputError, match=reason):
-        pack_update(folder, keys[0])
+        pack_update(folder, keys[0], **TARGET)

@@ -18,6 +18,9 @@ from flows.cli import main as flows_main
 from flows.readers import read
 from tests.test_readers import ROW_A, ROW_B, zeek_text
 
+# pack-update's flags naming the gateways an update is for.
+PACK = ["pack-update", "--site", "plant-3", "--gateway", "gw-17"]
+
 
 def _conn_log(tmp_path: Path) -> Path:
     path = tmp_path / "c.log"
@@ -175,7 +178,7 @@ def test_pack_update_refuses_an_existing_out_before_signing(
     out = tmp_path / "update.json"
     out.write_text("the update already published\n")
 
-    code, err = _agent(capsys, "pack-update", "--artifact", str(art), "--key",
+    code, err = _agent(capsys, *PACK, "--artifact", str(art), "--key",
                        str(key), "-o", str(out))
 
     assert code == 2
@@ -191,7 +194,7 @@ def test_pack_update_refuses_an_existing_archive_out(tmp_path, capsys, packing):
     archive.write_bytes(b"served now")
     out = tmp_path / "update.json"
 
-    code, err = _agent(capsys, "pack-update", "--artifact", str(art), "--key",
+    code, err = _agent(capsys, *PACK, "--artifact", str(art), "--key",
                        str(key), "-o", str(out), "--url",
                        "https://example.invalid/v2.tar.gz", "--archive-out",
                        str(archive))
@@ -205,7 +208,7 @@ def test_pack_update_force_replaces_the_out(tmp_path, capsys, packing):
     out = tmp_path / "update.json"
     out.write_text("old\n")
 
-    code, err = _agent(capsys, "pack-update", "--artifact", str(art), "--key",
+    code, err = _agent(capsys, *PACK, "--artifact", str(art), "--key",
                        str(key), "-o", str(out), "--force")
 
     assert code == 0, err
@@ -228,7 +231,7 @@ def test_pack_update_force_keeps_the_old_out_when_the_write_fails(
 
     monkeypatch.setattr(outfile.os, "fsync", full_disk)
 
-    code, err = _agent(capsys, "pack-update", "--artifact", str(art), "--key",
+    code, err = _agent(capsys, *PACK, "--artifact", str(art), "--key",
                        str(key), "-o", str(out), "--force")
 
     assert code == 1

@@ -37,7 +37,7 @@ def signed(monkeypatch):
 
     calls = []
 
-    def fake_pack_update(artifact, key, url=None):
+    def fake_pack_update(artifact, key, url=None, **targets):
         calls.append((artifact, key, url))
         return SimpleNamespace(message=b'{"kind": "model_update"}\n',
                                archive=b"the archive", model_version="v2")
@@ -47,7 +47,8 @@ def signed(monkeypatch):
 
 
 def _pack(tmp_path: Path, *extra: str) -> list[str]:
-    return ["pack-update", "--artifact", str(tmp_path / "art"), "--key",
+    return ["pack-update", "--site", "plant-3", "--gateway", "gw-17",
+            "--artifact", str(tmp_path / "art"), "--key",
             str(tmp_path / "signing.key"), *extra]
 
 

@@ -63,7 +63,7 @@ def open_live(
             raise UsageError(
                 f"cannot capture on {name!r}: {text}. " + privilege_hint()
             ) from exc
-        if "no such device" in low or "doesn't exist" in low:
+        if _not_there(text) == "missing":
             try:
                 names = ", ".join(pcapy.findalldevs())
             except pcapy.PcapError:
@@ -78,6 +78,69 @@ def open_live(
         except pcapy.PcapError as exc:
             raise UsageError(f"capture filter {bpf!r} is not valid: {exc}") from exc
     return cap
+
+
+def _not_there(text: str) -> str | None:
+    """What libpcap's error ``text`` says of an interface that cannot be captured
+    on yet: ``"missing"`` (no such interface), ``"down"`` (it is not up), or None
+    for any other error (no privilege, a bad name)."""
+    low = text.lower()
+    if "no such device" in low or "doesn't exist" in low:
+        return "missing"
+    if "not up" in low:
+        return "down"
+    return None
+
+
+def wait_for_interface(
+    name: str,
+    seconds: float,
+    *,
+    end: threading.Event | None = None,
+    poll: float = 0.25,
+) -> bool:
+    """Wait at most ``seconds`` for interface ``name`` to be there and up, as for
+    an agent that starts at boot before its interface does: True once libpcap can
+    open it, False when the time ran out or ``end`` was set first.
+
+    The interface is tried every ``poll`` seconds, and the wait is logged once.
+    Any other error (no privilege, no pcapy) ends the wait at once: the capture
+    opened next reports it, as without a wait.
+    """
+    try:
+        import pcapy
+    except ImportError:
+        return True
+
+    started = time.monotonic()
+    deadline = started + seconds
+    said = False
+    while True:
+        try:
+            cap = pcapy.open_live(name, 64, 0, 100)
+        except pcapy.PcapError as exc:
+            state = _not_there(str(exc))
+            if state is None:
+                return True
+        else:
+            cap.close()
+            if said:
+                logger.info("%s: the interface is up after %.1f s", name,
+                            time.monotonic() - started)
+            return True
+
+        left = deadline - time.monotonic()
+        if left <= 0 or (end is not None and end.is_set()):
+            return False
+        if not said:
+            what = "no such interface yet" if state == "missing" else "it is not up"
+            logger.warning("%s: %s; waiting up to %g s for it", name, what, seconds)
+            said = True
+        if end is not None:
+            if end.wait(min(poll, left)):
+                return False
+        else:
+            time.sleep(min(poll, left))
 
 
 def _note_drops(cap, name: str, warned: int = 0) -> int:
