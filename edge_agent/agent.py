@@ -493,6 +493,10 @@ class Agent:
         self._sender: threading.Thread | None = None
         self._install(scorer)
         self._model_updater = None
+        # Held from an update's handling to its swap: each update message has its
+        # own thread, and without it a thread that handled an older update could
+        # swap its model in after a newer one's (the slots naming the newer).
+        self._model_update_lock = threading.Lock()
 
     # -- model ------------------------------------------------------------------------
 
@@ -1546,6 +1550,12 @@ class Agent:
             return [why for i, why in self._rejected.items() if i in self._awaiting]
 
     def _model_message(self, payload: bytes) -> None:
+        """Hand one message of the model topic to the updater, then swap the
+        model it installed in, or publish why it was refused; one at a time."""
+        with self._model_update_lock:
+            self._handle_model_message(payload)
+
+    def _handle_model_message(self, payload: bytes) -> None:
         updater = self._model_updater
         if updater is None:
             return

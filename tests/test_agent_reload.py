@@ -21,6 +21,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
+from tests.conftest import wait_for  # noqa: E402
 from tests.test_ota_artifacts import (  # noqa: E402
     conn_records,
     fit_conn_encoder,
@@ -122,6 +123,18 @@ def test_sighup_reloads_the_current_link_and_refuses_a_failing_model(tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["model_version"] == "vb"
 
 
+def _ignores(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` ignores ``signum`` (Linux: /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
 def test_a_sighup_while_the_agent_starts_does_not_end_it(tmp_path):
     """Found by an operator tester: SIGHUP in the agent's first half second (while
     it imports numpy and loads its model) ended it, and systemd counts an end by
@@ -135,6 +148,10 @@ def test_a_sighup_while_the_agent_starts_does_not_end_it(tmp_path):
         stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
+        # Python's own start (before the entry point's first line) cannot be
+        # guarded: the signals begin once the process ignores SIGHUP.
+        wait_for(lambda: _ignores(agent.pid, signal.SIGHUP), 30, "SIGHUP ignored",
+                 poll=0.005)
         for _ in range(5):  # over the start, before the reload handler exists
             time.sleep(0.05)
             agent.send_signal(signal.SIGHUP)

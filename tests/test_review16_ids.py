@@ -27,3 +27,4 @@ def test_a_bundle_file_digest_with_a_trailing_newline_is_refused() -> None:
         _file_entry("agent.whl", {"sha256": digest + "\n", "size": 1}, "bundle.tar.gz")
 
     assert _file_entry("agent.whl", {"sha256": digest, "size": 1}, "b").sha256 == digest
+
