@@ -1327,6 +1327,11 @@ def _input_problem(
     )
 
 
+def _kinds(counts: dict[str, int]) -> str:
+    """``{"bad_json": 8, "oversized": 1}`` as ``bad_json 8, oversized 1``."""
+    return ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
+
+
 def _report(
     summary: dict[str, Any], path: str | None, broker: bool = True
 ) -> GatewatchError | None:
@@ -1429,6 +1434,14 @@ def _report(
         + (
             f", rejected by the re-scorer {summary['rejections_received']}"
             if summary.get("rejections_received")
+            else ""
+        )
+        + (
+            ", messages rejected as malformed (answers from the broker this agent "
+            "could not read, or an escalation it could not encode; the log names "
+            f"the first of each kind: {_kinds(summary['rejected'])}) "
+            f"{sum(summary['rejected'].values())}"
+            if summary.get("rejected")
             else ""
         )
         + (

@@ -28,3 +28,25 @@ def test_a_bundle_file_digest_with_a_trailing_newline_is_refused() -> None:
 
     assert _file_entry("agent.whl", {"sha256": digest, "size": 1}, "b").sha256 == digest
 
+
+
+def test_the_summary_line_counts_rejected_messages(capsys) -> None:
+    """Found by a tester: malformed or oversized verdicts were counted only in
+    --summary-json; the summary line now gives their number and kinds."""
+    from edge_agent.cli import _report
+
+    summary = dict(flows=3, benign=3, escalate=0, alert=0, escalations_sent=0,
+                   verdicts_received=0, outbox_pending=0,
+                   rejected={"oversized": 1, "bad_json": 8})
+    capsys.readouterr()
+
+    _report(summary, None)
+
+    line = capsys.readouterr().err.splitlines()[0]
+    assert line.endswith(
+        ", messages rejected as malformed (answers from the broker this agent could "
+        "not read, or an escalation it could not encode; the log names the first "
+        "of each kind: bad_json 8, oversized 1) 9")
+    summary["rejected"] = {}
+    _report(summary, None)
+    assert "rejected" not in capsys.readouterr().err
