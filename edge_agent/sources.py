@@ -446,8 +446,10 @@ def _zeek(src: Source, timezone: str = "UTC") -> Iterator[dict]:
     is no damage: it is skipped and counted in ``Source.non_ip``. A Zeek line the
     reader refuses (a port over 65535, a cut value, bytes that are not UTF-8) is
     rejected by its line and skipped, as with --follow, so that the flows after
-    it are still scored; other conn-family files stop at their first bad row
-    (they are read whole first)."""
+    it are still scored; other conn-family files stop at their first bad row (a
+    binetflow file is read a few thousand lines at a time, so the flows before
+    that row are yielded and scored first; a capture or Parquet file named here is
+    read whole)."""
     from flows.readers.stream import Place, stream_format
 
     found: list[Damage] = []

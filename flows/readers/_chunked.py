@@ -5,6 +5,11 @@ are read so; for any other input :func:`read_in_pieces` gives None and the calle
 reads the file whole. The checks that a whole read makes on the start of the text
 (empty, UTF-16, a gzip-compressed binary, the format) are made on the first
 pieces, so every error and result is the same as a whole read's.
+
+:func:`stream_blocks` gives the smaller pieces a reader takes that yields records
+as it goes (an Argus binetflow file streamed by
+:func:`flows.readers.stream.iter_records`), so that a file of any size is held a
+few thousand lines at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +27,32 @@ from flows.readers.result import ReadResult
 _HEAD_BYTES = 65536
 # The formats read in pieces, and the function of flows.readers.zeek that does it.
 _READERS = {"zeek-tsv": "read_tsv_blocks", "zeek-json": "read_json_blocks"}
+# About how much text a streaming reader converts at a time: a few thousand lines
+# of a flow file. Read at each call, so that tests can lower it to put the edges
+# of the blocks anywhere.
+STREAM_BYTES = 1 << 19
+
+
+def is_regular(path: str | Path) -> bool:
+    """Whether ``path`` is a regular file (which can be read more than once);
+    False for a pipe, a device, or a path that cannot be looked at (the whole read
+    names that problem)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def stream_blocks(path: str | Path, on_error: str) -> Blocks:
+    """The text of the regular file ``path`` in pieces of about
+    :data:`STREAM_BYTES`, for a reader that yields records as it goes.
+
+    The pieces joined are the text a whole read of ``path`` with ``on_error``
+    takes (:func:`flows.readers._source.load`): a gzip input is inflated under the
+    same limits and cut at the same place, and, failing at the first bad line, no
+    further than a line over the length limit.
+    """
+    return Blocks(path, stop_at_long_line=on_error == "fail", size=STREAM_BYTES)
 
 
 def read_in_pieces(
@@ -34,11 +65,8 @@ def read_in_pieces(
     from flows.readers import check_wide_text
     from flows.readers.detect import sniff_binary, sniff_text
 
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return None
-    except OSError:
-        return None  # the whole read names the problem
+    if not is_regular(path):
+        return None  # the whole read names the problem, or reads the pipe
     blocks = Blocks(path, stop_at_long_line=on_error == "fail")
     pieces = iter(blocks)
     try:

@@ -548,11 +548,19 @@ class Blocks:
     piece and the line it stops inside (twice that while a piece is joined; a
     piece handed out is not kept); a plain file's line is held whole however
     long it is, a gzip line only up to the limit (see :class:`_LineGuard`).
+    ``size``, when given, is the piece size to use instead of :data:`CHUNK_BYTES`
+    (a reader that yields records as it goes takes smaller pieces).
     """
 
-    def __init__(self, path: str | Path, stop_at_long_line: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        stop_at_long_line: bool = False,
+        size: int | None = None,
+    ) -> None:
         self.path = str(path)
         self.stop = stop_at_long_line
+        self.size = size
         self.compressed = False
         self.cut: str | None = None
         self._note: str | None = None  # a cut that ends on a whole line already
@@ -570,8 +578,13 @@ class Blocks:
                 f"cannot be read ({exc.strerror})", path=self.path
             ) from exc
 
+    def _size(self) -> int:
+        """The size of a piece: ``size``, else :data:`CHUNK_BYTES` (read now, as
+        tests lower it)."""
+        return max(1, CHUNK_BYTES if self.size is None else self.size)
+
     def _plain(self, fh: BinaryIO) -> Iterator[bytes]:
-        size = max(1, min(CHUNK_BYTES, _BLOCK))  # _pieces joins these into pieces
+        size = min(self._size(), _BLOCK)  # _pieces joins these into pieces
         while piece := fh.read(size):
             yield piece
 
@@ -594,7 +607,7 @@ class Blocks:
 
     def _pieces(self, text: Iterator[bytes]) -> Iterator[bytes]:
         """Regroup ``text`` into pieces of whole lines; then set ``cut``."""
-        size = max(1, CHUNK_BYTES)
+        size = self._size()
         parts: list[bytes] = []
         held = 0
         lines = 0  # newlines handed out

@@ -1,12 +1,15 @@
-"""Record-at-a-time reading of Zeek logs, for the edge agent's streaming sources.
+"""Record-at-a-time reading of flow files, for the edge agent's streaming sources.
 
 :class:`TsvLineParser` turns one TSV line into a canonical record dict, following
 the ``#`` header lines it was fed, with the same rules as the batch reader
 (:mod:`flows.readers.zeek`); :func:`parse_json_line` does the same for a JSON line.
-:func:`iter_records` reads a file line by line with them; other formats are read
-whole and then yielded row by row. Memory stays bounded whatever the file holds
-(gzip is inflated in bounded steps, a line over ``MAX_LINE_BYTES`` is a bad line
-that is never held); a stream has no total size cap, unlike a whole-file read.
+:func:`iter_records` reads a Zeek log line by line with them, and an Argus
+binetflow file a block of a few thousand lines at a time
+(:class:`flows.readers.binetflow.BinetflowStream`); Parquet, packet captures
+and pipes are read whole and then yielded row by row. Memory stays bounded
+whatever a Zeek or binetflow file holds (gzip is inflated in bounded steps, a line
+over ``MAX_LINE_BYTES`` is a bad line); a stream has no total size cap, unlike a
+whole-file read.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from flows import logger
 from flows.errors import BadInputError, PartialInputError, json_problem
+from flows.readers._chunked import is_regular
 from flows.readers._convert import _ESCAPE, _parse_one, parse_problem
 from flows.readers._finish import check_on_error
 from flows.readers._source import (
@@ -375,6 +379,8 @@ class Place:
 
 # sniff_text looks at no more than this many bytes of (gunzipped) text.
 _SNIFF_BYTES = 65536
+# The formats of other families than conn: iter_records refuses them by their head.
+_NOT_CONN = ("nsl-kdd", "unsw-nb15", "cic-csv")
 
 
 def _head(path: str) -> bytes:
@@ -422,7 +428,15 @@ def iter_records(
     place: Place | None = None,
     on_non_ip: Callable[[int | None], None] | None = None,
 ) -> Iterator[dict]:
-    """Yield canonical records one by one (Zeek TSV/JSON line by line).
+    """Yield canonical records one by one (Zeek TSV/JSON line by line, Argus
+    binetflow block by block; see the module doc).
+
+    The records, their lines, and the errors are those of
+    :func:`flows.readers.read` on the same file. Failing at a bad line, the
+    records before it are yielded first (Zeek and binetflow files), then its error
+    is raised: a :class:`PartialInputError` when records came before it. A file
+    of another family than conn (NSL-KDD, UNSW-NB15, CICFlowMeter) is refused from
+    its head.
 
     ``place`` (when given) is updated before each record is yielded to where the
     record was (:class:`Place`). ``on_non_ip`` (when given): a record the reader
@@ -450,8 +464,27 @@ def iter_records(
     check_timezone(timezone)
     name = str(path)
     fmt = stream_format(name)
+    if fmt in _NOT_CONN:
+        # Refused from its head, before the whole file is read for nothing.
+        raise BadInputError(f"is {fmt}, not a conn-family input", path=name)
+
+    if fmt == "binetflow" and is_regular(name):
+        from flows.readers.binetflow import BinetflowStream  # pyarrow: not for Zeek
+
+        stream = BinetflowStream(name, on_error, timezone, drop_unlabeled)
+        if place is not None:
+            place.unit = "line"
+        for block in stream:
+            yield from _rows(block.table, block.lines, block.non_ip, place, on_non_ip)
+        for warning in stream.warnings:
+            logger.warning("%s", warning)
+        if damage is not None:
+            damage.extend(stream.damage)
+        return
+
     if fmt not in ("zeek-tsv", "zeek-json"):
-        # TODO(gap): formats other than Zeek TSV/JSON are read whole, then by row.
+        # TODO(gap): Parquet, captures and pipes are read whole, then by row
+        # (flows.meter.iter_flows reads a capture as it goes, for pcap: sources).
         result = read(
             name, on_error=on_error, drop_unlabeled=drop_unlabeled, timezone=timezone
         )
@@ -459,21 +492,11 @@ def iter_records(
             raise BadInputError(
                 f"is {result.format}, not a conn-family input", path=name
             )
-        lines, non_ip = result.row_lines, result.non_ip
         if place is not None:
             place.unit = result.row_unit
-        row = 0
-        for batch in result.table.to_batches(max_chunksize=4096):
-            for record in batch.to_pylist():
-                at = int(lines[row]) if lines is not None else None
-                skip = on_non_ip is not None and non_ip is not None and non_ip[row]
-                row += 1
-                if skip:
-                    on_non_ip(at)
-                    continue
-                if place is not None:
-                    place.number = at
-                yield record
+        yield from _rows(
+            result.table, result.row_lines, result.non_ip, place, on_non_ip
+        )
         for warning in result.warnings:
             logger.warning("%s", warning)
         if damage is not None:
@@ -538,6 +561,30 @@ def iter_records(
         yield record
     if skipped:
         logger.warning("%s: skipped %d bad line(s)", name, skipped)
+
+
+def _rows(
+    table,
+    lines,
+    non_ip,
+    place: Place | None,
+    on_non_ip: Callable[[int | None], None] | None,
+) -> Iterator[dict]:
+    """The records of ``table`` one by one, ``place`` kept at each one's line
+    (``lines[i]``, when known); with ``on_non_ip``, the records ``non_ip`` marks
+    are not yielded but passed to it by their line."""
+    row = 0
+    for batch in table.to_batches(max_chunksize=4096):
+        for record in batch.to_pylist():
+            at = int(lines[row]) if lines is not None else None
+            skip = on_non_ip is not None and non_ip is not None and non_ip[row]
+            row += 1
+            if skip:
+                on_non_ip(at)
+                continue
+            if place is not None:
+                place.number = at
+            yield record
 
 
 def _stop(exc: BadInputError, yielded: int) -> None:
