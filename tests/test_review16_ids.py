@@ -50,3 +50,24 @@ def test_the_summary_line_counts_rejected_messages(capsys) -> None:
     summary["rejected"] = {}
     _report(summary, None)
     assert "rejected" not in capsys.readouterr().err
+
+
+def test_a_unsw_header_that_names_a_column_twice_is_refused(tmp_path) -> None:
+    """Found by a tester: ``id`` twice and ``dur`` missing was read with only a
+    warning about ``dur``; which copy held the values was a guess."""
+    from flows.readers import read
+
+    head = "id,id,proto,service,state,spkts,dpkts,sbytes,dbytes,rate,attack_cat,label"
+    row = "1,0.5,tcp,-,FIN,2,2,100,200,4.0,Normal,0"
+    path = tmp_path / "u.csv"
+    path.write_text(f"{head}\n{row}\n")
+
+    with pytest.raises(BadInputError) as info:
+        read(str(path))
+
+    assert str(info.value) == (
+        f"{path}, line 1, column 'id': header names 'id' more than once; a "
+        "UNSW-NB15 header names each column once")
+    assert info.value.exit_code == 3
+    path.write_text(f"{head.replace('id,id', 'id,dur')}\n{row}\n")
+    assert read(str(path)).table.column("dur").to_pylist() == [0.5]

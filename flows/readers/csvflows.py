@@ -120,6 +120,15 @@ def read_unsw(src: Source, on_error: str) -> ReadResult:
     """Read a UNSW-NB15 CSV into the unsw-nb15 feature family."""
     first, body = header_and_body(src.data)
     names = [n.strip() for n in first.split(",")]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        # No UNSW-NB15 file repeats a column: which copy holds the values is
+        # unknown, so the header is refused rather than one copy kept.
+        raise BadInputError(
+            f"header names {', '.join(map(repr, twice))} more than once; a "
+            "UNSW-NB15 header names each column once",
+            path=src.path, line=1, column=twice[0],
+        )
     for name in ("label", "attack_cat"):
         if name not in names:
             raise BadInputError(
