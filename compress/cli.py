@@ -19,6 +19,8 @@ with loading():
     import contextlib
     import json
     import logging
+    import os
+    import tempfile
     import time
     from pathlib import Path
     from typing import Any
@@ -28,6 +30,7 @@ with loading():
         check_writable_above,
         integer,
         integers,
+        nearest_existing,
         real,
         reals,
         zone_name,
@@ -87,11 +90,13 @@ exit codes:
   {EXIT_OK}    ok: an artifact was written (with --target all, for at least one
        target; the others are listed as not made)
   {EXIT_FAILURE}    failure: the teacher checkpoint or a model is unusable, or an
-       export failed
+       export failed; or a file under --out could not be written (a full
+       disk): one line naming --out and the reason, at the first such
+       failure; the artifact --out held is kept whole
   {EXIT_USAGE}    usage: bad flags or arguments; a --teacher that is a compress
        artifact, not a checkpoint; an --out that is a file, lies
-       under a file or in a folder that cannot be written (checked
-       before any work), lies in
+       under a file or in a folder where nothing can be made (checked
+       before any work, by making and removing a probe there), lies in
        the teacher's checkpoint or holds another target's artifact or
        other files; --gate split with a teacher that held out no types;
        --target torch-int8 with --student, --widths, a distillation,
@@ -112,7 +117,10 @@ exit codes:
   {EXIT_GATE}    gate: no candidate passed the gate; the error line says which
        rule they missed (validation F1, or the unseen-type gap). An --out
        folder the run made is removed again; one that existed is kept
-  {EXIT_INTERRUPTED}  interrupted
+  {EXIT_INTERRUPTED}  interrupted: the artifact --out held is kept whole. Once the new
+       artifact is being put in place, a Ctrl-C is noted instead: the run
+       finishes (its exit code, and a note saying the artifact is
+       complete)
 """
 EVAL_DESCRIPTION = """\
 Score an artifact in its own runtime (ONNX Runtime or TFLite; with --micro, a
@@ -409,8 +417,9 @@ def _progress(quiet: bool):
 
 
 def _check_out(out: Path, teacher: Path | None = None) -> None:
-    """Refuse up front an ``--out`` that exists and is not a folder, or that is
-    the teacher's checkpoint folder or lies inside it (exit 2)."""
+    """Refuse up front an ``--out`` that exists and is not a folder, that is the
+    teacher's checkpoint folder or lies inside it, or where nothing can be made
+    (:func:`_probe_out`) (exit 2)."""
     try:
         bad = out.exists() and not out.is_dir()
         inside = teacher is not None and (
@@ -425,6 +434,34 @@ def _check_out(out: Path, teacher: Path | None = None) -> None:
         raise UsageError(
             f"--out {out} is the --teacher folder {teacher} or inside it; the "
             "artifact's files would mix with the teacher's (name another folder)")
+    _probe_out(out)
+
+
+def _probe_out(out: Path) -> None:
+    """Refuse (exit 2) an ``--out`` where the run could make no folder or file:
+    one of each is made, then removed, in the nearest existing folder at or above
+    it (``out`` itself when it exists). Permission bits are not enough: for root
+    they allow /proc and /sys, which refuse new entries all the same, and a
+    read-only mount passes them too."""
+    from flows.readers.writers import write_problem
+
+    above = nearest_existing(out)
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".compress-probe-", dir=above))
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot make a folder in {above} "
+                         f"({write_problem(exc, above / '.probe')})") from exc
+    try:
+        fd = os.open(probe / "file", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot make a file in {above} "
+                         f"({write_problem(exc, probe / 'file')})") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            (probe / "file").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            probe.rmdir()
 
 
 def _check_torch_int8_flags(args: argparse.Namespace) -> None:
@@ -507,13 +544,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         import numpy  # noqa: F401
         import torch
 
-    from compress.pipeline import (
-        UNSEEN_LEGEND,
-        GateMissed,
-        RunConfig,
-        frontier_table,
-        run,
-    )
+    from compress.pipeline import RunConfig, run
     from student.distill import DistillConfig
 
     _check_out(args.out, args.teacher)  # what the --out folder holds: run() checks
@@ -548,6 +579,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         time_latency=not args.no_timing,
         argv=["compress", *sys.argv[1:]],
     )
+    # Once the new artifacts are in place the run has finished: a Ctrl-C from the
+    # first rename on is noted, not turned into exit 130 (_placing).
+    with _placing(args.out) as closing:
+        cfg.closing = closing
+        code = _run_and_report(cfg, args, run)
+    closing.note()
+    return code
+
+
+def _run_and_report(cfg: Any, args: argparse.Namespace, run: Any) -> int:
+    """Run the pipeline with ``cfg`` and print what it made (``args``: the
+    command line's flags); returns the exit code."""
+    from compress.pipeline import UNSEEN_LEGEND, GateMissed, frontier_table
+
     try:
         result = run(cfg, progress=_progress(args.quiet))
     except GateMissed as exc:
@@ -571,6 +616,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         for target, why in result.failed.items():
             print(f"{target}: not made ({why})")
     return _finished(result.partial)
+
+
+def _placing(out: Path) -> Any:
+    """Teacher train's :class:`~teacher.cli._Closing` in an artifact's words: from
+    the first rename that puts the new artifacts in place (``hold``), a Ctrl-C is
+    noted, and once they are all in place (``placed``) the run ends as finished,
+    with a note saying so; a second Ctrl-C then stops the report (exit 130, its
+    line saying the artifact is complete). Before the hold, Ctrl-C is exit 130 with
+    the old artifact kept whole."""
+    from teacher.cli import _Closing
+
+    class _Placing(_Closing):
+        def _on_interrupt(self, signum: int, frame: Any) -> None:
+            if self.interrupted and self.in_place:
+                raise KeyboardInterrupt(
+                    f"after the artifact in {self.out} was written (it is complete)")
+            self.interrupted = True
+
+        def note(self) -> None:
+            if self.interrupted and self.in_place:
+                print(f"note: interrupted after the artifact in {self.out} was "
+                      "written; it is complete and the run has finished",
+                      file=sys.stderr)
+
+    return _Placing(out)
 
 
 def _summary(result: Any) -> dict[str, Any]:
@@ -860,8 +930,10 @@ def main(argv: list[str] | None = None) -> int:
     the command ends in one line saying so, exit 1."""
     try:
         return _main(argv)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # A message says what the interrupt left behind (see _placing).
+        said = f" {exc}" if str(exc) else ""
+        print(f"error: interrupted{said}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ModuleNotFoundError as exc:
         # compress run needs torch. compress eval of an onnx-*/tflite-* artifact

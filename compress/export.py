@@ -96,6 +96,8 @@ def export_onnx(
                 opset_version=17,
                 dynamo=False,
             )
+    except OSError:
+        raise  # the file could not be written (a full disk): not the model's fault
     except Exception as exc:
         raise ExportError(
             f"onnx-fp32: torch.onnx.export failed for {_layers(model)}: {exc}"
@@ -172,6 +174,8 @@ def quantize_onnx(
                 )
             if chatter.getvalue().strip():
                 logger.debug("onnxruntime calibration: %s", chatter.getvalue().strip())
+        except OSError:
+            raise  # a file could not be written (a full disk): not the model's fault
         except Exception as exc:
             raise ExportError(
                 f"onnx-int8: onnxruntime quantization failed for {fp32_path.name}: "
@@ -256,6 +260,7 @@ def export_tflite(
                 f"{target}: the TFLite converter ran past {timeout:.0f} s for the "
                 f"{kind} student ({_layers(model)})"
             ) from exc
+    _raise_write_failure(done)
     if done.returncode != 0:
         how = (
             f"crashed with signal {-done.returncode}"
@@ -279,6 +284,21 @@ def export_tflite(
         )
     logger.info("exported %s (%d bytes)", path, path.stat().st_size)
     return report
+
+
+def _raise_write_failure(done: subprocess.CompletedProcess) -> None:
+    """Raise the OSError the TFLite worker met writing the model (it exits
+    :data:`~compress.tflite_worker.WRITE_FAILED` with a ``GATEWATCH-OSERROR`` line):
+    a full disk is the output's problem, not a failed conversion."""
+    from compress.tflite_worker import WRITE_FAILED, WRITE_FAILED_TAG
+
+    if done.returncode != WRITE_FAILED:
+        return
+    for line in (done.stdout or "").splitlines():
+        if line.startswith(WRITE_FAILED_TAG):
+            said = json.loads(line.split(" ", 1)[1])
+            raise OSError(said.get("errno"), said.get("strerror") or "write failed",
+                          said.get("filename"))
 
 
 def _interpreter(content: bytes):

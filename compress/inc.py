@@ -195,6 +195,8 @@ def save_program(q: Any, example: np.ndarray, path: Path) -> Path:
         program = torch.export.export(q, (torch.from_numpy(example),),
                                       dynamic_shapes=_batch_dims())
         torch.export.save(program, str(path))
+    except OSError:
+        raise  # the file could not be written (a full disk): not the model's fault
     except Exception as exc:
         raise ExportError(f"torch-int8: saving the quantized teacher failed: {exc}") \
             from exc
@@ -224,8 +226,12 @@ def load_program(path: Path) -> Any:
         ) from exc
 
 
-def torch_int8_artifact(ctx: Any, folder: Path) -> Path:
-    """Quantize the teacher with INC, measure it against fp32, write the folder."""
+def torch_int8_artifact(ctx: Any, folder: Path, dest: Path | None = None) -> Path:
+    """Quantize the teacher with INC, measure it against fp32, write the folder.
+
+    ``dest`` is where the folder will be moved once written (``compress run``
+    stages it first); the provenance's paths are relative to it (default:
+    ``folder``)."""
     from teacher.metrics import binary_metrics, choose_threshold
 
     ctx.progress("torch-int8: quantizing the teacher with Neural Compressor")
@@ -282,7 +288,7 @@ def torch_int8_artifact(ctx: Any, folder: Path) -> Path:
                  "passed": bool(gate_ok)},
         "export": {"quantization": info},
         "provenance": {"teacher": portable_path(str(Path(ctx.cfg.teacher).resolve()),
-                                                folder, ctx.cfg.data_dir),
+                                                dest or folder, ctx.cfg.data_dir),
                        "data": {"split_seed": split_seed(ctx.teacher.provenance
                                                          or {})},
                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},

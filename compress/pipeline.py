@@ -37,8 +37,10 @@ the :class:`GateMissed` error when none passes; it keeps the run's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -74,9 +76,11 @@ from flows.errors import (
     BadInputError,
     ExportError,
     GateError,
+    GatewatchError,
     ModelError,
     UsageError,
 )
+from flows.readers.writers import write_problem
 from student.distill import DistillConfig, TeacherCache, distill, student_logits
 from student.zoo import KINDS, build_student, student_targets
 from teacher.metrics import score_pairs, type_split_pairs
@@ -200,6 +204,11 @@ class RunConfig:
     threshold_rule: str | None = None
     gate: str = "same"
     argv: list[str] = field(default_factory=list)
+    # What holds Ctrl-C while the new artifacts are put in place: an object with
+    # hold() (from the first rename on, Ctrl-C is noted, not raised) and placed()
+    # (they are all in place: the run has finished). None: nothing is held, and a
+    # Ctrl-C part way moves the old files back before it goes on.
+    closing: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.target != "all" and self.target not in TARGETS:
@@ -1013,7 +1022,8 @@ def check_out(out: str | Path, target: str) -> None:
 
 def _drop_stale(dest: Path, old: set[str]) -> None:
     """Remove the files of the artifact ``dest`` held before that the new one does
-    not list (another model file name, stale site thresholds)."""
+    not list (another model file name, stale site thresholds). The new artifact is
+    in place by then: a file that cannot be removed is a warning."""
     found = artifact_files_in(dest)
     keep = set() if found is None else found[1] - set(ARTIFACT_EXTRAS)
     for name in sorted(old - keep):
@@ -1022,7 +1032,11 @@ def _drop_stale(dest: Path, old: set[str]) -> None:
             if name in ARTIFACT_EXTRAS:
                 logger.warning("%s: removed %s, made for the replaced model; "
                                "calibrate again", dest, name)
-            path.unlink()
+            try:
+                path.unlink()
+            except OSError as exc:
+                logger.warning("%s: could not remove %s of the replaced artifact "
+                               "(%s)", dest, name, write_problem(exc, path))
 
 
 def artifact_dest(cfg: RunConfig, target: str) -> Path:
@@ -1213,9 +1227,13 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunRes
     """Run the pipeline for ``cfg.target`` (or all); writes artifacts under ``out``.
 
     With one target, ``out`` is the artifact folder; with ``all``, ``out/<target>``.
-    Raises :class:`GateMissed` (a GateError) when no candidate of any requested
-    target passes; a run that writes no artifact removes the ``out`` folder (and
-    its parents) again where it made them.
+    Every artifact is made in the staging folder first and put in place only once
+    all targets are done (:func:`_place`), so an error or a Ctrl-C before that
+    leaves the old artifacts whole. A file that cannot be written (a full disk) stops
+    the run at once: a GatewatchError naming ``out`` and the reason (exit 1), not a
+    candidate that failed. Raises :class:`GateMissed` (a GateError) when no
+    candidate of any requested target passes; a run that writes no artifact removes
+    the ``out`` folder (and its parents) again where it made them.
     """
     say = progress or (lambda msg: logger.info("%s", msg))
     made = _first_missing(Path(cfg.out))  # removed again if nothing is written
@@ -1226,34 +1244,44 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunRes
     targets = list(TARGETS) if cfg.target == "all" else [cfg.target]
     out = Path(cfg.out)
     stage = out / STAGE_NAME
+    kept = _kept(cfg, targets)
     artifacts: dict[str, Path] = {}
     frontier: list[Candidate] = []
     failed: dict[str, str] = {}
+    # Per target: the staged artifact folder and where it goes.
+    ready: dict[str, tuple[Path, Path]] = {}
     # The staging folder goes whatever happens: a gate miss, an error, Ctrl-C.
     try:
-        for target in targets:
-            if target == "torch-int8":
-                from compress.inc import torch_int8_artifact
+        try:
+            for target in targets:
+                dest = artifact_dest(cfg, target)
+                if target == "torch-int8":
+                    from compress.inc import torch_int8_artifact
 
-                dest = out / target if cfg.target == "all" else out
-                old = _old_files(dest)
-                try:
-                    artifacts[target] = torch_int8_artifact(ctx, dest)
-                except (ExportError, ModelError) as exc:
-                    failed[target] = str(exc)
+                    src = stage / target / "artifact"
+                    try:
+                        torch_int8_artifact(ctx, src, dest)
+                    except (ExportError, ModelError) as exc:
+                        failed[target] = str(exc)
+                        continue
+                    ready[target] = (src, dest)
                     continue
-                _drop_stale(dest, old)
-                continue
-            best, rows = _search(ctx, target, stage / target)
-            frontier.extend(rows)
-            if best is None:
-                failed[target] = f"no candidate passed the gate ({_tried(ctx, rows)})"
-                continue
-            dest = out / target if cfg.target == "all" else out
-            old = _old_files(dest)
-            _publish(best.folder, dest, _report_sparsity(ctx, best))
-            _drop_stale(dest, old)
-            artifacts[target] = dest
+                best, rows = _search(ctx, target, stage / target)
+                frontier.extend(rows)
+                if best is None:
+                    tried = _tried(ctx, rows)
+                    failed[target] = f"no candidate passed the gate ({tried})"
+                    continue
+                _publish(best.folder, dest, _report_sparsity(ctx, best))
+                ready[target] = (best.folder, dest)
+            old = {target: _old_files(dest) for target, (_, dest) in ready.items()}
+            if ready:
+                _place(list(ready.values()), stage, cfg.closing)
+        except OSError as exc:
+            raise write_failed(out, exc, kept) from exc
+        artifacts = {target: dest for target, (_, dest) in ready.items()}
+        for target, dest in artifacts.items():
+            _drop_stale(dest, old[target])
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         if not artifacts and made is not None:
@@ -1267,10 +1295,37 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunRes
                          if t not in {c.target for c in frontier}
                          and not why.startswith("no candidate passed"))
         reason = (f"no artifact passed the gate for {', '.join(targets)}: "
-                  f"{_gate_rule(ctx)} ({_tried(ctx, frontier)}){others}")
+                  f"{_why_none(ctx, frontier)}{others}")
         raise GateMissed(reason, result,
                          f"{frontier_table(frontier)}\n{UNSEEN_LEGEND}")
     return result
+
+
+def _kept(cfg: RunConfig, targets: list[str]) -> str:
+    """What a run that fails before its artifacts are in place leaves in ``out``:
+    the artifacts it held (kept whole), or nothing."""
+    held = [t for t in targets if artifact_files_in(artifact_dest(cfg, t))]
+    if not held:
+        return "nothing was written"
+    return ("the artifact it held is kept" if cfg.target != "all"
+            else f"the artifacts it held ({', '.join(held)}) are kept")
+
+
+def write_failed(out: Path, exc: OSError, kept: str) -> GatewatchError:
+    """The one-line error (exit 1) of a file under ``out`` that could not be
+    written (a full disk, a folder that refuses new files): ``out``, the reason and
+    what is left there. A file elsewhere (the temporary folder) is named too."""
+    name = exc.filename
+    where = Path(os.fsdecode(name)) if isinstance(name, str | bytes) else None
+    reason = write_problem(exc, where or out)
+    try:
+        inside = where is None or Path(os.path.abspath(out)) in [
+            Path(os.path.abspath(where)), *Path(os.path.abspath(where)).parents]
+    except (OSError, ValueError):
+        inside = True
+    if not inside:
+        reason = f"{where}: {reason}"
+    return GatewatchError(f"--out {out}: cannot write the artifact ({reason}); {kept}")
 
 
 def _gate_rule(ctx: _Context) -> str:
@@ -1283,14 +1338,45 @@ def _gate_rule(ctx: _Context) -> str:
     return rule
 
 
+def _at_gate(c: Candidate) -> bool:
+    """Whether ``c`` was measured against the gate: exported and scored, or a float
+    student already below the floor (the others failed before: an export the
+    converter or the runtime refused)."""
+    return c.val_f1 is not None or c.note == FLOAT_MISSES
+
+
+def _why_none(ctx: _Context, rows: list[Candidate]) -> str:
+    """Why none of ``rows`` passed, for the error line: the gate's rule and what
+    the candidates came to; or, when none was measured against that rule, that
+    every export failed, with the first one's reason."""
+    if not rows:
+        return "no candidate was made"
+    if any(_at_gate(c) for c in rows):
+        return f"{_gate_rule(ctx)} ({_tried(ctx, rows)})"
+    first = rows[0]
+    return (f"no candidate reached it, every export failed ({_count(rows)}; the "
+            f"first, {first.label} {first.quant or 'float'}: {first.note})")
+
+
+def _count(rows: list[Candidate]) -> str:
+    """``N candidates tried``."""
+    return f"{len(rows)} candidate{'' if len(rows) == 1 else 's'} tried"
+
+
 def _tried(ctx: _Context, rows: list[Candidate]) -> str:
-    """What the candidates tried came to: how many, the best validation F1, and with
-    ``--gate split`` the smallest unseen-type gap and how many missed on it alone."""
-    parts = [f"{len(rows)} candidate{'' if len(rows) == 1 else 's'} tried"]
-    scores = [c.val_f1 if c.val_f1 is not None else c.float_val_f1 for c in rows]
+    """What the candidates tried came to: how many, the best validation F1 of those
+    measured against the gate, how many failed before it (an export refused) with
+    the first one's reason, and with ``--gate split`` the smallest unseen-type gap
+    and how many missed on it alone."""
+    parts = [_count(rows)]
+    gated = [c for c in rows if _at_gate(c)]
+    scores = [c.val_f1 if c.val_f1 is not None else c.float_val_f1 for c in gated]
     scores = [s for s in scores if s is not None]
     if scores:
         parts.append(f"best validation F1 {max(scores):.4f}")
+    broken = [c for c in rows if not _at_gate(c)]
+    if broken:
+        parts.append(f"{len(broken)} failed before the gate (first: {broken[0].note})")
     if ctx.cfg.gate == "split":
         gaps = [c.split_gap for c in rows if c.split_gap is not None]
         if gaps:
@@ -1346,14 +1432,66 @@ def _old_files(dest: Path) -> set[str]:
 
 
 def _publish(src: Path, dest: Path, sparsity: dict[str, Any]) -> None:
-    """Move a staged artifact folder to its final place (model files are unchanged)."""
+    """Finish the staged artifact ``src`` that is to go to ``dest``: its manifest's
+    pruning entry (model files are unchanged). :func:`_place` moves it there."""
     manifest = json.loads((src / "manifest.json").read_text())
     manifest["pruning"] = {"structured_ratio": manifest["student"]["prune_ratio"],
                            "unstructured": sparsity}
     (src / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ["manifest.json", *manifest["sha256"]]:
-        shutil.copy2(src / name, dest / name)
+
+
+class _Unheld:
+    """Ctrl-C held by nobody while artifacts are put in place (a library call):
+    :func:`_place` moves the old files back when one comes part way."""
+
+    def hold(self) -> None:
+        """Nothing to hold."""
+
+    def placed(self) -> None:
+        """Nothing to say."""
+
+
+def _move(src: Path, dest: Path) -> None:
+    """One rename of :func:`_place` (a test waits in it to send a Ctrl-C)."""
+    os.replace(src, dest)
+
+
+def _place(ready: list[tuple[Path, Path]], stage: Path, closing: Any) -> None:
+    """Put each staged artifact ``(src, dest)`` in place: its files renamed into
+    ``dest``, the old artifact's files of the same names first moved aside (into
+    ``stage``, removed with it). Renames only, on the one file system of ``out``:
+    no copy that a full disk could cut short.
+
+    ``closing`` holds Ctrl-C from the first rename (``hold``) and hears when the
+    last is done (``placed``): from then on the run has finished. An OSError part
+    way (or, with nothing holding it, a Ctrl-C) moves every file back where it was,
+    so the old artifacts stay whole, and is raised again."""
+    closing = closing or _Unheld()
+    aside = stage / "replaced"
+    for _, dest in ready:
+        dest.mkdir(parents=True, exist_ok=True)
+    aside.mkdir(parents=True, exist_ok=True)
+    done: list[tuple[Path, Path]] = []  # the renames made, to undo in reverse
+    closing.hold()
+    try:
+        for i, (src, dest) in enumerate(ready):
+            manifest = json.loads((src / "manifest.json").read_text())
+            names = ["manifest.json", *manifest["sha256"]]
+            old = aside / str(i)
+            old.mkdir()
+            for name in names:
+                if (dest / name).exists() or (dest / name).is_symlink():
+                    _move(dest / name, old / name)
+                    done.append((dest / name, old / name))
+            for name in names:
+                _move(src / name, dest / name)
+                done.append((src / name, dest / name))
+    except BaseException:
+        for before, after in reversed(done):
+            with contextlib.suppress(OSError):
+                os.replace(after, before)
+        raise
+    closing.placed()
 
 
 FLOAT_MISSES = "float student below the gate"  # the note of one never quantized

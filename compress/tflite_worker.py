@@ -6,7 +6,10 @@ that is not unrolled segfaults the int8 converter). The spec names the student k
 a ``.npz`` of its torch weights (state-dict names), the window and feature count, the
 calibration windows (``.npy``, float32 ``[N, W, F]``), whether to make full-int8, and
 where to write the model. Layer widths are read from the weights, so pruned students
-convert as they are. On success it prints one JSON line with the layer list.
+convert as they are. On success it prints one JSON line with the layer list; when
+the model cannot be written (a full disk) it exits :data:`WRITE_FAILED` with the
+OSError on a ``GATEWATCH-OSERROR`` line, so the parent reports the output's
+problem, not a failed conversion.
 
 The models take one window (static batch 1) and output the probability of anomaly
 (a final sigmoid), or its logit when the spec says ``"output": "logit"``.
@@ -82,6 +85,10 @@ def _lstm(keras: Any, w: dict[str, np.ndarray], W: int, F: int, act: Any) -> Any
 
 BUILDERS = {"mlp": _mlp, "cnn": _cnn, "lstm": _lstm}
 NO_MICRO = 3  # exit status of an arena probe where tflite-micro is not installed
+# Exit status when the model could not be written (a full disk), with a line
+# starting with WRITE_FAILED_TAG that holds the OSError's errno, text and file.
+WRITE_FAILED = 4
+WRITE_FAILED_TAG = "GATEWATCH-OSERROR "
 
 
 def convert(spec: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] == "--arena":
         return arena_probe(Path(args[1]), int(args[2]))
     spec = json.loads(Path(args[0]).read_text())
-    report = convert(spec)
+    try:
+        report = convert(spec)
+    except OSError as exc:
+        # Said to the parent as it is, so that it can tell a full disk from a
+        # converter that failed.
+        print(WRITE_FAILED_TAG + json.dumps({
+            "errno": exc.errno, "strerror": exc.strerror,
+            "filename": None if exc.filename is None else str(exc.filename),
+        }), flush=True)
+        return WRITE_FAILED
     print("GATEWATCH-RESULT " + json.dumps(report), flush=True)
     return 0
 
