@@ -77,6 +77,11 @@ verdict at the end, ``escalations_rejected``), logs the first, and keeps waiting
 for a verdict, which another re-scorer may still send; ``edge-agent run`` exits 6
 when verdicts are missing at the end of its drain and says why.
 
+A batch's counting, outbox commit and alert lines are one step: a Ctrl-C
+(SIGINT) that comes inside it is acted on once the batch is in the outbox with its
+alert lines (a second Ctrl-C there stops at once), so every flow the summary counts
+is kept in the outbox, with its alert line when it is an alert.
+
 An escalation too large to send, over the protocol's cap
 (:data:`~edge_agent.protocol.MAX_PAYLOAD_BYTES`, when it is built) or over the
 broker's packet limit (when it is published), is dropped and counted
@@ -90,6 +95,7 @@ import hashlib
 import json
 import math
 import queue
+import signal
 import threading
 import time
 from collections import OrderedDict, deque
@@ -335,6 +341,51 @@ def decide(scores: np.ndarray, thresholds: dict[str, float]) -> np.ndarray:
 
 
 _DECISIONS = (proto.Decision.BENIGN, proto.Decision.ESCALATE, proto.Decision.ALERT)
+
+
+class _CtrlCAfterStep:
+    """Hold a Ctrl-C (SIGINT) that comes inside the ``with`` block until it ends,
+    then hand it to the handler that was in place, as if it came then.
+
+    For one batch's counting, outbox commit and alert lines: a KeyboardInterrupt
+    between them would leave flows counted in the summary but kept nowhere, or
+    stored in the outbox with no alert line. A second Ctrl-C inside the block
+    is handed on at once (the user insists: a stuck disk or a stalled reader of
+    the alerts). Only in the main thread, where signal handlers run, and only
+    over a handler set from Python (an ignored SIGINT stays ignored).
+    """
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+        self._held: list[Any] = []
+
+    def __enter__(self) -> _CtrlCAfterStep:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        previous = signal.getsignal(signal.SIGINT)
+        if callable(previous):
+            self._previous = previous
+            signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self._held.append(frame)
+        if len(self._held) > 1:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Put the handler back and give it the Ctrl-Cs held, in order (the
+        first that raises ends it)."""
+        previous, self._previous = self._previous, None
+        if previous is None:
+            return
+        signal.signal(signal.SIGINT, previous)
+        held, self._held = self._held, []
+        for frame in held:
+            previous(signal.SIGINT, frame)
+
+    def __exit__(self, *_exc: object) -> None:
+        self._hand_on()
 
 
 _NOT_IN_ID = ("uid", "label", "label_detail")
@@ -714,6 +765,16 @@ class Agent:
         now = time.monotonic()
         if self.latencies is not None and arrived is not None:
             self.latencies.extend(now - t for t in arrived[: len(records)])
+
+        # Counted, stored and written as one step: a Ctrl-C inside it is acted on
+        # once the batch is in the outbox with its alert lines, so every flow the
+        # summary counts is kept (a second Ctrl-C still stops at once).
+        with _CtrlCAfterStep():
+            self._count_and_escalate(records, windows, scores, codes, version)
+        return codes
+
+    def _count_and_escalate(self, records, windows, scores, codes, version) -> None:
+        """Count a scored batch's decisions and escalate those not benign."""
         c = self.counters
         c.flows += len(records)
         n_esc = int(np.count_nonzero(codes == 1))
@@ -730,7 +791,6 @@ class Agent:
                 [_DECISIONS[codes[i]] for i in escalated],
                 version,
             )
-        return codes
 
     def _encode_one_by_one(self, enc, records, arrived):
         good, rows = [], []

@@ -147,7 +147,9 @@ exit codes:
        shape, say: the error line counts them and says why), or the broker
        lost this gateway's session (restarted without its saved state)
        and the unanswered ones were published again
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGINT)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGINT); one that comes while a batch is
+       counted, stored in the outbox and written to --alerts takes
+       effect once that batch is whole (a second one at once)
 
 SIGTERM stops reading (a file part way), scores the flows read, drains the
 outbox for at most 2 s and exits as at the end of the input: 0, 3, 4 or 6 by

@@ -9,6 +9,12 @@ An ``-o`` file that already exists is refused (exit 2) unless ``--force`` is
 given; the output is written beside it and renamed into place, so a failed write
 keeps the old file.
 
+Ctrl-C (SIGINT, exit 130) and SIGTERM (exit 143) end a run with one ``error:``
+line; before ``convert``'s output is complete they leave an existing ``-o`` file
+as it was and no temporary file. One that comes as the finished output is renamed
+into place is dropped: the output is written, and the run ends as finished (its
+``wrote`` line and exit code).
+
 ``flows inspect --json`` prints one JSON object on standard output whatever the
 exit code: ``error`` (null, or the error line's text, which still goes to
 standard error too), ``exit_code``, and what was read so far (``format``,
@@ -21,7 +27,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import NoReturn
 
@@ -50,6 +58,11 @@ from flows.outfile import (
 )
 from flows.readers.result import damaged_packets
 
+# 128 + SIGTERM: what a shell reports for a process the signal ended, so a
+# caller sees the same status whether the signal came before flows could
+# handle it (while Python starts) or after.
+EXIT_TERMINATED = 128 + int(signal.SIGTERM)
+
 EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok (with --on-error skip, skipped lines are counted on stderr)
@@ -72,7 +85,13 @@ exit codes:
        9999, a fraction of a second of a whole second or more,
        cut headers) are skipped and the read goes on: exit 4
        too, the error line saying how many and where the first was
-  {EXIT_INTERRUPTED}  interrupted
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGINT)
+  {EXIT_TERMINATED}  stopped by SIGTERM (in the first moments, while Python itself
+       starts, SIGTERM ends the process by the signal: also {EXIT_TERMINATED})
+a Ctrl-C or SIGTERM before convert's output is complete leaves an existing
+-o file as it was and no temporary file; one that comes as the finished
+output is renamed into place changes nothing: it is written, and the run
+ends as finished (its "wrote" line and exit code)
 a standard output whose reader went away (| head, a closed pipe) is not an
 error: the rest of the output is dropped, errors still go to stderr and
 the exit code is the read's own (0 when nothing else went wrong)
@@ -224,10 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         if _wants_json(argv):
             _print_json({"error": exc.message, "exit_code": EXIT_USAGE})
         return EXIT_USAGE
+    before = _stop_on_sigterm()
     try:
         if args.command == "inspect":
             return _inspect(args)
         return _convert(args)
+    except _Terminated:
+        print("error: stopped by SIGTERM", file=sys.stderr)
+        _failed_json(args, "stopped by SIGTERM", EXIT_TERMINATED)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         _failed_json(args, "interrupted", EXIT_INTERRUPTED)
@@ -243,6 +267,64 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         _failed_json(args, error, EXIT_FAILURE)
         return EXIT_FAILURE
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+class _Terminated(KeyboardInterrupt):
+    """A SIGTERM: raised where it lands, as a Ctrl-C is, so that the same
+    clean-up runs (no temporary output left) and :func:`main` ends with one line
+    and :data:`EXIT_TERMINATED`."""
+
+
+def _raise_terminated(_signum: int, _frame: object) -> None:
+    raise _Terminated
+
+
+def _stop_on_sigterm():
+    """Make a SIGTERM raise :class:`_Terminated` from now on; return the handler
+    it replaced, for :func:`main` to put back (None where nothing was replaced:
+    outside the main thread, or a SIGTERM the process was started ignoring)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    before = signal.getsignal(signal.SIGTERM)
+    if before in (signal.SIG_IGN, None):
+        return None
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    return before
+
+
+class _StopsHeld:
+    """Inside the ``with`` block a Ctrl-C (SIGINT) or SIGTERM is dropped, not
+    acted on; the handlers in place before are put back as it ends. For steps a
+    stop must not split, after which nothing is left to stop: the finished
+    output renamed into place and reported, a temporary file removed. Only in
+    the main thread, and an ignored signal stays ignored."""
+
+    def __init__(self) -> None:
+        self._before: dict[int, object] = {}
+
+    def __enter__(self) -> _StopsHeld:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                before = signal.getsignal(signum)
+                if before not in (signal.SIG_IGN, None):
+                    self._before[signum] = before
+                    signal.signal(signum, self._drop)
+        except BaseException:
+            self.__exit__()  # stopped half way in: the handlers are put back
+            raise
+        return self
+
+    def _drop(self, _signum: int, _frame: object) -> None:
+        """The handler while held: the stop changes nothing."""
+
+    def __exit__(self, *_exc: object) -> None:
+        for signum, before in self._before.items():
+            signal.signal(signum, before)
 
 
 def _wants_json(argv: list[str]) -> bool:
@@ -679,30 +761,45 @@ def _convert(args) -> int:
     # One temporary name per process: two converts to one output must not share it.
     tmp = temporary_beside(out)
     try:
-        if fmt == "zeek":
-            write_conn_log(result.table, tmp, name=out)
-        else:
-            write_parquet(result.table, tmp, family=result.family, name=out)
-        put_in_place(tmp, out, args.force)
-    except FileExistsError as exc:
-        raise GatewatchError(
-            f"{out}: a file appeared there while the input was read; not "
-            "overwritten (--force overwrites it)"
-        ) from exc
-    except OSError as exc:
-        raise GatewatchError(
-            f"{out}: cannot be written ({write_problem(exc, out)})"
-        ) from exc
+        try:
+            if fmt == "zeek":
+                write_conn_log(result.table, tmp, name=out)
+            else:
+                write_parquet(result.table, tmp, family=result.family, name=out)
+        except OSError as exc:
+            raise GatewatchError(
+                f"{out}: cannot be written ({write_problem(exc, out)})"
+            ) from exc
+
+        # The output is complete: renamed into place and reported as one step. A
+        # Ctrl-C or SIGTERM now is dropped; the run ends as finished, as it is.
+        with _StopsHeld():
+            try:
+                put_in_place(tmp, out, args.force)
+            except FileExistsError as exc:
+                raise GatewatchError(
+                    f"{out}: a file appeared there while the input was read; not "
+                    "overwritten (--force overwrites it)"
+                ) from exc
+            except OSError as exc:
+                raise GatewatchError(
+                    f"{out}: cannot be written ({write_problem(exc, out)})"
+                ) from exc
+            finally:
+                _discard(tmp)
+            for note in result.warnings:
+                print(f"warning: {one_line(note)}", file=sys.stderr)
+            print(
+                f"wrote {result.table.num_rows} rows ({result.format} -> {fmt}) to "
+                f"{printable(out)}",
+                file=sys.stderr,
+            )
+            return _finish_code(result, partial, _where(args))
     finally:
-        _discard(tmp)
-    for note in result.warnings:
-        print(f"warning: {one_line(note)}", file=sys.stderr)
-    print(
-        f"wrote {result.table.num_rows} rows ({result.format} -> {fmt}) to "
-        f"{printable(out)}",
-        file=sys.stderr,
-    )
-    return _finish_code(result, partial, _where(args))
+        # A failed or stopped write: the old output stays and the temporary
+        # goes (a second Ctrl-C or a SIGTERM does not cut that short).
+        with _StopsHeld():
+            _discard(tmp)
 
 
 if __name__ == "__main__":

@@ -1078,12 +1078,24 @@ def _since(text: str | None) -> float | None:
 
 
 def _password(args: argparse.Namespace) -> str | None:
+    """The broker password: the first line of ``--password-file``, or None.
+
+    Read by ``edge-agent run``'s own reader (:meth:`edge_agent.config.AgentConfig.
+    secret`), so the two commands take and refuse the same files: one that is not
+    UTF-8, is empty or starts with an empty line, is a folder, FIFO or device, or
+    cannot be read is bad input (BadInputError, exit 3), never an empty password
+    sent. A file that is not there is a usage error (exit 2), as a missing TLS
+    file is here.
+    """
     if not args.password_file:
         return None
-    try:
-        return Path(args.password_file).read_text().splitlines()[0]
-    except (OSError, IndexError) as exc:
-        raise UsageError(f"cannot read --password-file: {exc}") from exc
+    from edge_agent.config import AgentConfig
+
+    if not os.path.exists(args.password_file):  # a dangling link included
+        raise UsageError(
+            f"cannot read --password-file {args.password_file}: no such file"
+        )
+    return AgentConfig(password_file=args.password_file).secret()
 
 
 def _check_stats_path(path: str | None) -> None:
@@ -1856,7 +1868,10 @@ exit codes:
        no default client id free ({MAX_CLIENT_ID_SLOTS} re-scorers of the group
        on this host) or its lock folder not usable
   {EXIT_BAD_INPUT}    bad input: --store is not an alert store (an agent outbox,
-       say); a checkpoint without checksums.json
+       say); a checkpoint without checksums.json; a --password-file
+       that is not UTF-8 text, is empty or starts with an empty line,
+       is a folder, FIFO or device, or cannot be read (as edge-agent
+       run refuses it)
   {EXIT_UNAVAILABLE}    broker: cannot reach the MQTT broker, or it refused us
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C), after storing and answering what came
 """
@@ -1984,7 +1999,9 @@ def register(subparsers) -> None:
     p.add_argument("--username", help="broker user name (default: none)")
     p.add_argument(
         "--password-file",
-        help="file whose first line is the broker password (default: none)",
+        help="file whose first line is the broker password, read as edge-agent "
+        "run reads it: one that is not UTF-8, is empty or starts with an empty "
+        "line is refused, exit 3; one not there, exit 2 (default: none)",
     )
     p.add_argument(
         "--tls-ca", help="CA certificate to verify the broker with (default: none)"
