@@ -619,28 +619,15 @@ def _run_and_report(cfg: Any, args: argparse.Namespace, run: Any) -> int:
 
 
 def _placing(out: Path) -> Any:
-    """Teacher train's :class:`~teacher.cli._Closing` in an artifact's words: from
-    the first rename that puts the new artifacts in place (``hold``), a Ctrl-C is
-    noted, and once they are all in place (``placed``) the run ends as finished,
-    with a note saying so; a second Ctrl-C then stops the report (exit 130, its
-    line saying the artifact is complete). Before the hold, Ctrl-C is exit 130 with
-    the old artifact kept whole."""
-    from teacher.cli import _Closing
+    """Teacher train's :class:`~teacher.interrupts.Closing` in an artifact's
+    words: from the first rename that puts the new artifacts in place (``hold``),
+    a Ctrl-C is noted, and once they are all in place (``placed``) the run ends as
+    finished, with a note saying so; a second Ctrl-C then stops the report (exit
+    130, its line saying the artifact is complete). Before the hold, Ctrl-C is
+    exit 130 with the old artifact kept whole."""
+    from teacher.interrupts import Closing
 
-    class _Placing(_Closing):
-        def _on_interrupt(self, signum: int, frame: Any) -> None:
-            if self.interrupted and self.in_place:
-                raise KeyboardInterrupt(
-                    f"after the artifact in {self.out} was written (it is complete)")
-            self.interrupted = True
-
-        def note(self) -> None:
-            if self.interrupted and self.in_place:
-                print(f"note: interrupted after the artifact in {self.out} was "
-                      "written; it is complete and the run has finished",
-                      file=sys.stderr)
-
-    return _Placing(out)
+    return Closing(out, thing=f"the artifact in {out}")
 
 
 def _summary(result: Any) -> dict[str, Any]:

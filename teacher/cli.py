@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import sys
 
-from teacher.interrupts import held, loading
+from teacher.interrupts import Closing, held, loading
 
 # A Ctrl-C while the libraries load (numpy, a second or more) is held until they
 # are loaded, then ends the command in one line, exit 130 (teacher.interrupts).
 with loading():
     import argparse
-    import atexit
     import contextlib
     import importlib
     import importlib.util
@@ -28,9 +27,7 @@ with loading():
     import logging
     import os
     import shutil
-    import signal
     import tempfile
-    import threading
     import time
     from collections.abc import Callable
     from pathlib import Path
@@ -749,77 +746,8 @@ def _replace_out(out: str | Path, force: bool) -> None:
         raise UsageError(f"--out {out}: cannot be used ({exc})") from exc
 
 
-class _Closing:
-    """Ctrl-C once a command's checkpoint is in place: noted, not raised.
-
-    Used as ``with _Closing(out) as closing:`` around :func:`_write_out` and the
-    steps after it (the summary line, cleanup). Until :func:`_write_out` calls
-    :meth:`hold`, just before it swaps the new checkpoint in, Ctrl-C stops the
-    command as ever (exit 130, the new files removed). From then on the run's work
-    is done: a Ctrl-C is noted and the closing steps go on, so the command ends
-    with the finished run's exit code and :meth:`note` says that the checkpoint is
-    complete. A second Ctrl-C, once the checkpoint is in place, stops the closing
-    steps (exit 130, its message saying the same). Python's teardown after the
-    command (over a second with torch loaded) then ignores Ctrl-C, as a signal
-    there would end the finished run as killed by it (130 to the shell). Only in
-    the main thread, where Python's signal handlers live.
-    """
-
-    def __init__(self, out: str | Path) -> None:
-        self.out = out
-        self.interrupted = False
-        self.in_place = False
-        self._previous: Any = None
-        self._held = False
-
-    def __enter__(self) -> _Closing:
-        return self
-
-    def hold(self) -> None:
-        """From now on a Ctrl-C is noted, not raised (until the ``with`` ends)."""
-        if self._held or threading.current_thread() is not threading.main_thread():
-            return
-        self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
-        self._held = True
-
-    def placed(self) -> None:
-        """The checkpoint is in place: the run has finished, whatever comes next."""
-        self.in_place = True
-        if self._held:
-            _ignore_interrupts_at_exit()
-
-    def _on_interrupt(self, signum: int, frame: Any) -> None:
-        if self.interrupted and self.in_place:
-            raise KeyboardInterrupt(
-                f"after the checkpoint {self.out} was written (it is complete)")
-        self.interrupted = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._held:
-            signal.signal(signal.SIGINT, self._previous)
-            self._held = False
-
-    def note(self) -> None:
-        """Say on stderr that a Ctrl-C came once the checkpoint was in place."""
-        if self.interrupted and self.in_place:
-            print(f"note: interrupted after the checkpoint {self.out} was written; "
-                  "it is complete and the run has finished", file=sys.stderr)
-
-
-_IGNORING_AT_EXIT: list[bool] = []
-
-
-def _ignore_interrupts_at_exit() -> None:
-    """Make Python's teardown, once a checkpoint is written, ignore Ctrl-C (see
-    :class:`_Closing`). Registered once per process; it acts only at exit, after
-    the command has returned."""
-    if not _IGNORING_AT_EXIT:
-        _IGNORING_AT_EXIT.append(True)
-        atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
-
-
 def _write_out(out: str | Path, write: Callable[[Path], Any],
-               closing: _Closing | None = None) -> Path:
+               closing: Closing | None = None) -> Path:
     """Write a checkpoint to ``out`` with ``write(folder)`` and return ``out``.
 
     ``write`` fills a new hidden folder beside ``out``; only once it returns is
@@ -827,7 +755,7 @@ def _write_out(out: str | Path, write: Callable[[Path], Any],
     by :func:`_replace_out`) removed. A failed write (a full disk, say) removes
     the new folder, leaves the old checkpoint as it was and ends in one error line
     (exit 1): never half a checkpoint whose checksums.json lists what was written.
-    With ``closing``, Ctrl-C is held from the swap on (:class:`_Closing`): an
+    With ``closing``, Ctrl-C is held from the swap on (:class:`Closing`): an
     interrupt between the two renames would leave ``out`` without a checkpoint.
     """
     from safetensors import SafetensorError
@@ -1136,8 +1064,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                         [str(provenance["dataset"])])
 
     # Once the checkpoint is in place the run has finished: a Ctrl-C during the
-    # closing steps is noted, not turned into exit 130 (_Closing).
-    with _Closing(args.out) as closing:
+    # closing steps is noted, not turned into exit 130 (Closing).
+    with Closing(args.out) as closing:
         out = _write_out(args.out, write, closing)
         # "epochs" per member (the longest run); an ensemble's total is apart.
         summary = {"checkpoint": str(out), "epochs": len(result.history),
@@ -1496,7 +1424,7 @@ def cmd_update(args: argparse.Namespace) -> int:
             save_replay(folder, grown.windows, grown.labels, grown.sources,
                         grown.names)
 
-    with _Closing(args.out) as closing:
+    with Closing(args.out) as closing:
         out = _write_out(args.out, write, closing)
         report["checkpoint"] = str(out)
         shown = report if args.json else {
@@ -1694,7 +1622,7 @@ def main(argv: list[str] | None = None) -> int:
         # A gateway install (gatewatch[edge]) has the command but no torch.
         return missing_full_install(exc, "teacher", "train")
     except KeyboardInterrupt as exc:
-        # A message says what the interrupt left behind (see _Closing).
+        # A message says what the interrupt left behind (see Closing).
         said = f" {exc}" if str(exc) else ""
         print(f"error: interrupted{said}", file=sys.stderr)
         return EXIT_INTERRUPTED

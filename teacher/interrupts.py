@@ -13,13 +13,16 @@ before anything else is imported.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-__all__ = ["held", "loading"]
+__all__ = ["Closing", "held", "loading"]
 
 
 @contextlib.contextmanager
@@ -62,3 +65,74 @@ def loading() -> Iterator[None]:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+class Closing:
+    """Ctrl-C once a command's checkpoint is in place: noted, not raised.
+
+    Used as ``with Closing(out) as closing:`` around ``teacher.cli._write_out``
+    and the steps after it (the summary line, cleanup); ``thing`` names what is
+    written in its messages (default ``the checkpoint OUT``; ``compress run``
+    says ``the artifact in OUT``). Until :func:`_write_out` calls
+    :meth:`hold`, just before it swaps the new checkpoint in, Ctrl-C stops the
+    command as ever (exit 130, the new files removed). From then on the run's work
+    is done: a Ctrl-C is noted and the closing steps go on, so the command ends
+    with the finished run's exit code and :meth:`note` says that the checkpoint is
+    complete. A second Ctrl-C, once the checkpoint is in place, stops the closing
+    steps (exit 130, its message saying the same). Python's teardown after the
+    command (over a second with torch loaded) then ignores Ctrl-C, as a signal
+    there would end the finished run as killed by it (130 to the shell). Only in
+    the main thread, where Python's signal handlers live.
+    """
+
+    def __init__(self, out: str | Path, thing: str | None = None) -> None:
+        self.out = out
+        self.thing = thing or f"the checkpoint {out}"
+        self.interrupted = False
+        self.in_place = False
+        self._previous: Any = None
+        self._held = False
+
+    def __enter__(self) -> Closing:
+        return self
+
+    def hold(self) -> None:
+        """From now on a Ctrl-C is noted, not raised (until the ``with`` ends)."""
+        if self._held or threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        self._held = True
+
+    def placed(self) -> None:
+        """The checkpoint is in place: the run has finished, whatever comes next."""
+        self.in_place = True
+        if self._held:
+            _ignore_interrupts_at_exit()
+
+    def _on_interrupt(self, signum: int, frame: Any) -> None:
+        if self.interrupted and self.in_place:
+            raise KeyboardInterrupt(f"after {self.thing} was written (it is complete)")
+        self.interrupted = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._held:
+            signal.signal(signal.SIGINT, self._previous)
+            self._held = False
+
+    def note(self) -> None:
+        """Say on stderr that a Ctrl-C came once the checkpoint was in place."""
+        if self.interrupted and self.in_place:
+            print(f"note: interrupted after {self.thing} was written; it is "
+                  "complete and the run has finished", file=sys.stderr)
+
+
+_IGNORING_AT_EXIT: list[bool] = []
+
+
+def _ignore_interrupts_at_exit() -> None:
+    """Make Python's teardown, once a checkpoint is written, ignore Ctrl-C (see
+    :class:`Closing`). Registered once per process; it acts only at exit, after
+    the command has returned."""
+    if not _IGNORING_AT_EXIT:
+        _IGNORING_AT_EXIT.append(True)
+        atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
