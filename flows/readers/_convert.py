@@ -22,8 +22,15 @@ pc = LazyModule("pyarrow.compute")
 
 # Record kind -> name of the pyarrow type factory (looked up on use: see _lazy).
 _ARROW_TYPES = {"f64": "float64", "i64": "int64", "i8": "int8", "str": "string"}
-_INT_TEXT = re.compile(r"[+-]?\d+\Z")
+# Numbers as the writers write them: ASCII digits only. Python's int() and float()
+# also take ``1_000`` and other scripts' digits (``４４３``, ``٤٤٣``), and Arrow's
+# cast to an integer takes ``0x1bb``: none of them is a value these files hold.
+_INT_TEXT = re.compile(r"[+-]?[0-9]+\Z")
+_FLOAT_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 _HEX_TEXT = re.compile(r"0[xX][0-9a-fA-F]+\Z")
+# The spaces around a value that the slow parse drops (str.strip() would drop
+# other scripts' spaces and the ASCII separators \x1c..\x1f too).
+_SPACES = " \t\n\r\f\v"
 _ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
 
 
@@ -234,7 +241,9 @@ def to_number(
     With ``non_finite_null`` the texts Infinity, -Infinity, inf, NaN and the empty
     string read as null (the second value returned counts them, and each row's
     count is added to ``non_finite_rows`` when given); without it they are bad
-    values. ``hex_ok`` also accepts integers written ``0x...``.
+    values. A number is ASCII decimal (``443``, ``-1.5e3``; spaces around it are
+    dropped): ``1_000``, ``４４３`` and ``0x1bb`` are bad values, but for
+    ``hex_ok``, which also accepts integers written ``0x...``.
     """
     target = arrow_type(kind)
     if non_finite_null:
@@ -243,11 +252,14 @@ def to_number(
         n_non_finite = 0
     try:
         out = pc.cast(arr, target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        out = None
+    if out is not None and kind != "f64" and not hex_ok and _any_hex(arr):
+        out = None  # Arrow read 0x... as a number: parse one by one, naming it
+    if out is not None:
         if kind == "f64" and not non_finite_null:
             out = _reject_non_finite(arr, out, column, bad)
         return out, n_non_finite
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
     if hex_ok and kind != "f64":
         out = _with_hex(arr, target)
         if out is not None:
@@ -263,6 +275,26 @@ def to_number(
             bad.add(row, column, parse_problem(text, kind, hex_ok))
         values.append(value)
     return pa.array(values, type=target), n_non_finite
+
+
+def _any_hex(arr: pa.Array | pa.ChunkedArray) -> bool:
+    """Whether a column Arrow cast to integers holds a ``0x...`` value (Arrow
+    reads ``0x1bb`` as 443, and only text that starts so).
+
+    The text bytes of the column are searched for an ``x`` first (memchr speed:
+    a column of numbers has none), and only then every value's start.
+    """
+    chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+    for chunk in chunks:
+        if not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):
+            break  # another type: look at every value
+        text = chunk.buffers()[2]
+        raw = text.to_pybytes() if text is not None else b""
+        if b"x" in raw or b"X" in raw:
+            break
+    else:
+        return False
+    return bool(pc.any(pc.starts_with(arr, "0x", ignore_case=True)).as_py())
 
 
 def _with_hex(arr: pa.Array, target: pa.DataType) -> pa.Array | None:
@@ -288,12 +320,11 @@ def _with_hex(arr: pa.Array, target: pa.DataType) -> pa.Array | None:
 
 def _parse_one(text: str, kind: str, hex_ok: bool) -> int | float | None:
     """Parse one value the slow way; None when it is not a number of that kind."""
-    text = text.strip()
+    text = text.strip(_SPACES)
     if kind == "f64":
-        try:
-            value = float(text)
-        except ValueError:
+        if not _FLOAT_TEXT.match(text):
             return None
+        value = float(text)
         return value if np.isfinite(value) else None
     if _INT_TEXT.match(text):
         value = int(text)
@@ -312,14 +343,11 @@ def parse_problem(text: str, kind: str, hex_ok: bool = False) -> str:
     thing)."""
     from flows.record import INT_RANGES, _short
 
-    stripped = text.strip()
+    stripped = text.strip(_SPACES)
     if kind == "f64":
-        try:
-            value = float(stripped)
-        except ValueError:
-            value = None
-        spelled = stripped.lstrip("+-").lower() in ("inf", "infinity", "nan")
-        if value is not None and not np.isfinite(value) and not spelled:
+        # inf and nan spelled out do not match: only digits can run past float64.
+        value = float(stripped) if _FLOAT_TEXT.match(stripped) else None
+        if value is not None and not np.isfinite(value):
             return (f"number out of range, found {_short(text)}: a 64-bit float "
                     "holds at most about 1.8e308")
         return f"expected a number, found {_short(text)}"

@@ -18,8 +18,14 @@ values carry the extra parts). ``label_detail`` is the detailed label when set, 
 the label text (``Benign``, ``Background``...). ``stats["labels"]`` counts the label
 values as written in the file, in the rows kept.
 
+TSV numbers are ASCII decimal, as Zeek writes them (``443``, ``0.017912``; an
+exponent, ``1.6e9``, reads too): ``0x1bb``, ``1_000`` or other scripts' digits
+(``４４３``) are bad values (see ``flows.readers._convert.to_number``).
+
 JSON: ``ts`` may be epoch seconds, ISO-8601 text (``JSON::TS_ISO8601``) or integer
 milliseconds (``JSON::TS_MILLIS``, told apart by size); omitted keys read as null.
+A line nested too deeply for Python's json is a bad line; pyarrow.json never sees
+a piece with a line of many brackets (it would crash on it, see ``_FAST_OPENS``).
 
 Both formats are read from pieces of whole lines (a regular file in pieces of about
 ``flows.readers._source.CHUNK_BYTES``, other input as one piece): the result is the
@@ -117,6 +123,12 @@ MILLIS_LIMIT = TS_LIMIT * 1000
 _JSON_NULLS = ("", "-", "(empty)")
 _JSON_ADDRESSES = ("id.orig_h", "id.resp_h")
 _MASKED_TS = re.compile(r"X+\.X+")
+# pyarrow.json parses nested values by recursion in C: a line nested some 20,000
+# deep overflows the stack and kills the process. A conn.log line opens one object
+# and an array or two; a piece with a line that opens more brackets than this
+# (``{`` and ``[``, in strings too) is read line by line, which names a line nested
+# too deeply as a bad line.
+_FAST_OPENS = 64
 _SPACES = re.compile(r"\s+")
 
 
@@ -719,7 +731,8 @@ def read_json(src: Source, on_error: str) -> ReadResult:
 
     A clean piece of text is parsed in C by pyarrow.json; anything the fast path
     cannot take exactly as the line-by-line path would (ISO times, nested ``id``,
-    odd types, bad lines, unknown labels) is read line by line, naming bad lines.
+    odd types, bad lines, deep nesting, unknown labels) is read line by line,
+    naming bad lines.
     """
     return read_json_blocks([src.data], src.path, on_error, lambda: src.cut)
 
@@ -836,6 +849,7 @@ def _json_fast(data: bytes) -> tuple[pa.Table, pa.Array] | None:
         or not data.startswith(b"{")
         or long_lines(data)
         or (not data.isascii() and not_utf8(data))
+        or _many_opens(data)
     ):
         return None  # the line path names bad lines (pyarrow.json keeps bad UTF-8)
     try:
@@ -913,6 +927,34 @@ def _json_fast(data: bytes) -> tuple[pa.Table, pa.Array] | None:
         [arrays[name] for name in CONN_FIELD_NAMES], schema=conn_schema()
     )
     return table, label_raw
+
+
+def _many_opens(data: bytes, limit: int = _FAST_OPENS) -> bool:
+    """Whether a line of ``data`` holds more than ``limit`` opening brackets
+    (``{`` or ``[``): too deep, maybe, for pyarrow.json (see ``_FAST_OPENS``).
+
+    Scanned in C (numpy). A line that starts with a bracket holds at least that
+    one, so no line holds more than the brackets of the text less those of the
+    other lines that start with one: for a conn.log (one ``{`` a line) that bound
+    settles it, and only otherwise are the brackets of each line counted.
+    """
+    buf = np.frombuffer(data, np.uint8)
+    opens = buf == 0x7B
+    opens |= buf == 0x5B
+    total = np.count_nonzero(opens)
+    if total <= limit:
+        return False
+
+    ends = np.flatnonzero(buf == 0x0A)
+    ends = ends[ends + 1 < len(buf)]
+    starting = np.count_nonzero(opens[ends + 1]) + bool(opens[0])
+    if total - starting + 1 <= limit:
+        return False
+
+    # A line holds more than ``limit`` when the bracket ``limit`` places after
+    # one of its brackets lies on it too.
+    line_of = np.searchsorted(ends, np.flatnonzero(opens))
+    return bool(np.any(line_of[limit:] == line_of[:-limit]))
 
 
 def _other_label_key(name: str) -> bool:
