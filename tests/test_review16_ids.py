@@ -71,3 +71,18 @@ def test_a_unsw_header_that_names_a_column_twice_is_refused(tmp_path) -> None:
     assert info.value.exit_code == 3
     path.write_text(f"{head.replace('id,id', 'id,dur')}\n{row}\n")
     assert read(str(path)).table.column("dur").to_pylist() == [0.5]
+
+
+@pytest.mark.parametrize("bad", [b"a\rb,c\n", b"x" * 2_000_000 + b",c\n"],
+                         ids=["cr-inside", "too-long"])
+def test_a_piece_whose_every_line_is_bad_splits_to_no_rows(bad: bytes) -> None:
+    """Found by a helper: a piece of a file whose every line was dropped as bad
+    (a CR inside it, or too long), after an earlier piece had an empty line,
+    raised IndexError instead of naming its bad line."""
+    from flows.readers._table import split_rows
+
+    table, lines, problems, cut = split_rows(
+        bad, ["x", "y"], ",", path="p", first_line=5, blank={"drop": True})
+
+    assert table.num_rows == 0 and lines.size == 0 and cut is None
+    assert [problem.line for problem in problems] == [5]

@@ -197,6 +197,8 @@ def _drop_lines(body: bytes, number_of, drop) -> tuple[bytes, np.ndarray, list[i
     (still unterminated when the old one was), the file line of each kept line, and
     the file lines removed.
     """
+    if not body:  # every line went already (all of them bad, say): none to drop
+        return body, np.zeros(0, dtype=np.int64), []
     parts = body.split(b"\n")
     terminated = body.endswith(b"\n")
     if terminated:
