@@ -48,6 +48,10 @@ SCRIPT = textwrap.dedent(
                   os.path.join(out, "init.safetensors"))
         with open(os.path.join(out, "f1.txt"), "w") as fh:
             fh.write(str(res.val_metrics["f1"]))
+    # Both ranks leave together: rank 1 tearing gloo down while rank 0 still
+    # wrote its files aborted it once on a loaded machine ("terminate called
+    # without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
     """
 )
