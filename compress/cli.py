@@ -60,10 +60,12 @@ exit codes:
   {EXIT_FAILURE}    failure: a model, checkpoint or artifact is unusable, or an
        export failed; or this is a gateway install (gatewatch[edge], no
        torch): pip install 'gatewatch[compress]' for compress
-  {EXIT_USAGE}    usage: bad flags or arguments
-  {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read; data
-       with too few labeled rows (label 0 or 1) to train or evaluate on
-       (an unlabeled conn.log, say)
+  {EXIT_USAGE}    usage: bad flags or arguments; a --dataset name that is not
+       registered
+  {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read (a
+       --data file that does not exist: error: --data FILE: no such file);
+       data with too few labeled rows (label 0 or 1) to train or evaluate
+       on (an unlabeled conn.log, say)
   {EXIT_PARTIAL_INPUT}    partial input: a --dataset/--data file was damaged part way.
        A file cut short (a cut gzip stream or last line) is used up to
        the cut and the results are written; a bad row (a value that does
@@ -108,9 +110,13 @@ exit codes:
        validation F1 one and its gate validation F1); --qat always with
        a float target (onnx-fp32, tflite-fp32) or with --student lstm
        (QAT exists for mlp and cnn students only)
-  {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read; data
-       with too few labeled rows (label 0 or 1) to train or evaluate on
-       (an unlabeled conn.log, say)
+  {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read; a
+       --data file that does not exist; without --dataset/--data, the
+       teacher's recorded data file when it is no longer there (the error
+       names it and says to pass it with --data FILE, or where the data
+       folder should point); all checked before any work; data with too
+       few labeled rows (label 0 or 1) to train or evaluate on (an
+       unlabeled conn.log, say)
   {EXIT_PARTIAL_INPUT}    partial input: a --dataset/--data file was damaged part way.
        A file cut short is used up to the cut and the artifact written; a
        bad row stops the run before anything is trained or written
@@ -141,17 +147,19 @@ exit codes:
        missing, a file modified after it was written (sha256), a model
        its runtime refuses, probe windows that do not score as recorded;
        a torch-int8 artifact where torch is not installed
-  {EXIT_USAGE}    usage: bad flags or arguments; a --dataset or --data that is
-       neither a registered dataset nor an existing file; an --artifact
+  {EXIT_USAGE}    usage: bad flags or arguments; a --dataset that is neither a
+       registered dataset nor an existing file; an --artifact
        that is a teacher checkpoint (score it with teacher eval)
-  {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read, the
-       data is of another family than the artifact's encoder, the split
-       has no labeled rows, the manifest is not valid JSON or not a JSON
-       object, or a field of it has the wrong type (a model_version that
-       is no string, an input/output scale or zero_point that is no
-       number), or the artifact holds a thresholds.json whose values break
-       the contract (not JSON, a key missing, a value that is no number
-       in 0..1, escalate_low <= decision <= alert not holding)
+  {EXIT_BAD_INPUT}    bad input: a dataset file is missing or cannot be read (a
+       --data file that does not exist: error: --data FILE: no such file,
+       before the artifact is read), the data is of another family than
+       the artifact's encoder, the split has no labeled rows, the
+       manifest is not valid JSON or not a JSON object, or a field of it
+       has the wrong type (a model_version that is no string, an
+       input/output scale or zero_point that is no number), or the
+       artifact holds a thresholds.json whose values break the contract
+       (not JSON, a key missing, a value that is no number in 0..1,
+       escalate_low <= decision <= alert not holding)
   {EXIT_PARTIAL_INPUT}    partial input: a --data file was damaged part way. A file
        cut short is scored up to the cut and its metrics printed; a bad
        row stops with an error naming the file, line and column
@@ -329,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--artifact", required=True, type=Path,
                     help="artifact folder (with manifest.json)")
     src = ev.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", help="registered dataset name")
+    src.add_argument("--dataset", help="registered dataset name (a warning names "
+                     "a file of it the artifact's teacher trained on under another "
+                     "name, and counts its rows scored)")
     src.add_argument("--data", type=Path, help="a flow file flows can read")
     ev.add_argument("--split", default=None, choices=("train", "val", "test", "all"),
                     help="split of --dataset to score (default test); a --data file "
@@ -531,6 +541,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{args.student}); drop it, or give --student "
             f"{' or '.join(QAT_KINDS)}")
     _refuse_artifact(args.teacher)
+    _check_data(args.data)
+    if args.dataset is None and args.data is None:
+        _check_teacher_data(args.teacher, args.data_dir)
     if args.no_prune and args.prune_ratios is not None:
         raise UsageError("--no-prune and --prune-ratios contradict each other; "
                          "give one of them")
@@ -786,7 +799,7 @@ def evaluate_artifact(
     import numpy as np
 
     from edge_agent.runtime import load_artifact
-    from teacher.data import prepare, warn_trained_on
+    from teacher.data import prepare, warn_dataset_trained_on, warn_trained_on
     from teacher.metrics import binary_metrics, time_scorer
 
     if _target_of(artifact) == "torch-int8":
@@ -800,10 +813,15 @@ def evaluate_artifact(
     prep = prepare(source, encoder=scorer.encoder, data_dir=data_dir, seed=seed,
                    need_split=False, encoder_of="the artifact", timezone=timezone)
     rows = prep.rows(split)
-    if not source_is_dataset:
-        with _unlogged(not log_trained_on):
-            warn_trained_on(prep, provenance.get("data"), "the artifact's teacher",
-                            "its manifest")
+    data = provenance.get("data")
+    data = data if isinstance(data, dict) else {}
+    with _unlogged(not log_trained_on):
+        if not source_is_dataset:
+            warn_trained_on(prep, data, "the artifact's teacher", "its manifest")
+        else:
+            # The teacher's split seed is the artifact's split_seed.
+            warn_dataset_trained_on(prep, {**data, "seed": data.get("split_seed")},
+                                    rows, "the artifact's teacher", "its manifest")
     if rows.size == 0:
         where = "the file" if split is None else f"split {split!r}"
         raise BadInputError(
@@ -856,12 +874,57 @@ def _refuse_artifact(teacher: Path) -> None:
             "eval --artifact")
 
 
+def _check_data(data: Path | None) -> None:
+    """Refuse (exit 3) a ``--data`` FILE that is not there, in the words teacher
+    uses: nothing usable can be read (an unknown ``--dataset`` name stays a usage
+    error, exit 2)."""
+    from teacher.data import missing_data
+
+    problem = missing_data(data)
+    if problem is not None:
+        raise problem
+
+
+def _check_dataset(name: str | None) -> None:
+    """Refuse (exit 2) before the artifact is loaded a ``--dataset`` that is no
+    registered name (nor a file, which it takes too)."""
+    from flows.datasets import REGISTRY
+    from teacher.data import unknown_dataset
+
+    if name is not None and name not in REGISTRY and not Path(name).exists():
+        if "/" in name or os.sep in name:
+            return  # a path: the loader says the file is missing (exit 3)
+        raise unknown_dataset(name)
+
+
+def _check_teacher_data(teacher: Path, data_dir: Path | None) -> None:
+    """Refuse (exit 3) before any work a ``compress run`` without --dataset/--data
+    whose teacher's recorded data file is no longer where its provenance.json
+    says, naming the file and how to give it where it is now (``--data FILE``, or
+    the data folder for a file under it). A provenance that cannot be read is
+    left to the loader, which says what is wrong with the checkpoint."""
+    from teacher.data import recorded_data_missing
+
+    try:
+        prov = json.loads((Path(teacher) / "provenance.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return
+    if not isinstance(prov, dict):
+        return
+    problem = recorded_data_missing(prov.get("dataset"), data_dir, teacher,
+                                    "--data FILE")
+    if problem is not None:
+        raise problem
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``compress eval``."""
     if args.data and args.split not in (None, "all"):
         raise UsageError(f"--split {args.split} picks rows of a --dataset; a --data "
                          "file is scored whole (leave --split out)")
     _refuse_checkpoint(args.artifact)
+    _check_data(args.data)
+    _check_dataset(args.dataset)
     source = args.dataset if args.dataset else str(args.data)
     asked = args.split or "test"
     split = None if (asked == "all" or args.data) else asked

@@ -75,11 +75,14 @@ exit codes:
        --out file or tune --out tables already there (without --force), or
        one that could not be written (a folder in its place, a read-only
        file; with --force too); train size flags that make a network of
-       more than 50,000,000 weights; checked before any work; an eval
-       --seed other than the checkpoint's on the dataset it trained on
-       (checked once the checkpoint is read, before any row is scored)
+       more than 50,000,000 weights; an update --out that is a checkpoint
+       --checkpoint was updated from (--force or not); checked before any
+       work; an eval --seed other than the checkpoint's on the dataset it
+       trained on (checked once the checkpoint is read, before any row is
+       scored)
   {EXIT_BAD_INPUT}    bad input: nothing usable read. A --data file that does not
-       exist; a dataset file that is missing, fails its checksum or cannot
+       exist (error: --data FILE: no such file), checked before any work;
+       a dataset file that is missing, fails its checksum or cannot
        be read; a checkpoint folder without checksums.json (its files
        cannot be verified; --allow-unverified loads a trusted old one) or
        with one that is not valid JSON, a compress artifact in its place,
@@ -421,7 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source(p)
     p.add_argument("--split", default=None, choices=("train", "val", "test", "all"),
                    help="rows of a --dataset to score (default test); a --data file "
-                        "is scored whole, so only 'all' goes with --data")
+                        "is scored whole, so only 'all' goes with --data. A "
+                        "warning names a file of the rows scored that the teacher "
+                        "trained on (by sha256): a --data file, or a file of "
+                        "--dataset the teacher trained on under another name, "
+                        "with how many of its rows were its training and "
+                        "validation rows")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (default: text)")
     p.add_argument("--no-timing", action="store_true",
@@ -492,7 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint folder to update (required)")
     add_allow_unverified(p)
     p.add_argument("--data", required=True,
-                   help="new data: dataset name or file (required)")
+                   help="new data: dataset name or file (required; a file that "
+                        "does not exist is refused, exit 3). Data the checkpoint "
+                        "learned before is listed once, as the new data, noting "
+                        "where it was learned (learned_before)")
     p.add_argument("--old-data", default=None,
                    help="old data to measure forgetting on: a dataset name or "
                         "file, refused before training (exit 3) when it cannot "
@@ -509,8 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "updated checkpoint's provenance")
     p.add_argument("--out", required=True,
                    help="updated checkpoint folder to write: new or empty, and not "
-                        "--checkpoint (required; refused before training, exit 2; "
-                        "see --force)")
+                        "--checkpoint nor a checkpoint it was updated from "
+                        "(required; refused before training, exit 2; see --force)")
     _add_force(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (default: text)")
@@ -519,7 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint's buffer plus the new training rows, an "
                         "equal share for each dataset learned so far, half of "
                         "each class where possible, drawn with --seed (0: none; "
-                        "default 5000)")
+                        "default 5000). A dataset learned before that the "
+                        "checkpoint's buffer lacks (an update with 0 wrote none) "
+                        "gets its share drawn again from its file when it can be "
+                        "read (replay_rebuilt), else a warning names it "
+                        "(replay_dropped). The report's replayed_rows (and "
+                        "replay_size, its old name) counts the rows replayed in "
+                        "training; replay_out is the buffer written")
     _add_training(p, epochs=10)
     _add_common(p)
 
@@ -553,15 +570,12 @@ def _prepare(args: argparse.Namespace, **kwargs: Any) -> Any:
     not registered stays a usage error (exit 2). ``--data`` also takes a
     registered dataset name, as it always did.
     """
-    from flows.datasets import REGISTRY
-    from teacher.data import prepare
+    from teacher.data import missing_data, prepare
 
     data = getattr(args, "data", None)
-    if data and data not in REGISTRY and not Path(data).exists():
-        raise BadInputError(
-            f"--data {data}: no such file (a registered dataset name goes with "
-            "--dataset)"
-        )
+    problem = missing_data(data) if data else None
+    if problem is not None:
+        raise problem
     return prepare(getattr(args, "dataset", None) or data,
                    timezone=args.timezone, **kwargs)
 
@@ -712,6 +726,30 @@ def _trained_on(path: Path) -> str:
         return ""
     name = "".join(c if c.isprintable() else "?" for c in " ".join(name.split()))
     return f" (trained on {name[:77] + '...' if len(name) > 80 else name})"
+
+
+def _check_not_ancestor(out: str | Path, checkpoint: str | Path) -> None:
+    """Refuse (exit 2) a ``teacher update --out`` that is a checkpoint the one
+    being updated was updated from (its provenance's ``updated_from``, followed
+    back): replacing it would make the chain a cycle and lose the data the
+    forgetting check reads. Checked before any work."""
+    seen: set[str] = set()
+    folder = Path(checkpoint)
+    while len(seen) < 100:
+        try:
+            prov = json.loads((folder / "provenance.json").read_text())
+        except (OSError, ValueError, RecursionError):
+            return
+        parent = prov.get("updated_from") if isinstance(prov, dict) else None
+        if not isinstance(parent, str) or not parent or parent in seen:
+            return
+        seen.add(parent)
+        if _same_folder(out, parent):
+            raise UsageError(
+                f"--out {out} is a checkpoint {checkpoint} was updated from "
+                "(its provenance's updated_from); replacing it would make the "
+                "update chain a cycle. Write the update to another folder")
+        folder = Path(parent)
 
 
 def _check_not_inside(path: Path, out: str | Path) -> None:
@@ -1199,10 +1237,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     asked = args.split or "test"
     split = None if (asked == "all" or args.data) else asked
     rows = prep.rows(split)
-    if args.data:
-        from teacher.data import warn_trained_on
+    from teacher.data import warn_dataset_trained_on, warn_trained_on
 
+    if args.data:
         warn_trained_on(prep, teacher.provenance)
+    else:
+        # A registered dataset holding a file the teacher trained on under
+        # another name: its split of that file is not the teacher's.
+        warn_dataset_trained_on(prep, teacher.provenance, rows)
     if rows.size == 0:
         where = "the file" if args.data else f"split {asked!r}"
         raise BadInputError(
@@ -1352,6 +1394,7 @@ def cmd_update(args: argparse.Namespace) -> int:
             f"--out {args.out} is the checkpoint being updated; write the update to "
             "another folder (the old one is what it is compared with, and what "
             "compress and the re-scorer use until you switch)")
+    _check_not_ancestor(args.out, args.checkpoint)
     _check_out(args.out, args.force)
     _check_old_data(args.old_data)
     teacher = load_teacher(args.checkpoint, allow_unverified=args.allow_unverified)
@@ -1374,39 +1417,57 @@ def cmd_update(args: argparse.Namespace) -> int:
                       data_dir=args.data_dir, seed=old_seed, need_split=True,
                       timezone=old_zone)
     elif old_source:
+        from teacher.data import recorded_data_missing
+
         try:
+            moved = recorded_data_missing(old_source, args.data_dir,
+                                          args.checkpoint, "--old-data FILE")
+            if moved is not None:
+                raise moved
             old = prepare(old_source, encoder=teacher.encoder, data_dir=args.data_dir,
                           seed=old_seed, need_split=True, timezone=old_zone)
         except GatewatchError as exc:
             old_missing = str(exc)
             logger.warning("old data %s not available (%s); no forgetting check",
                            old_source, exc)
-    chain = learned_sources(teacher.provenance)
+    full_chain = learned_sources(teacher.provenance)
+    new_ref = _data_ref(args.data, args.data_dir)
+    # Data the chain learned before and learns again is listed once, as the new
+    # data (its earlier places noted): its rows are the new data's now.
+    again = [_chain_role(place) for place, entry in enumerate(full_chain)
+             if entry.get("data") == new_ref]
+    chain = [entry for entry in full_chain if entry.get("data") != new_ref]
     # The old data as provenance names data (a dataset name, $GATEWATCH_DATA/...
     # or a resolved path), to be matched with the datasets the checkpoint learned.
     old_ref = _data_ref(old_source, args.data_dir) if old_source else None
-    earlier = _earlier_sources(args, teacher, chain, old_ref, old, old_missing)
+    earlier = _earlier_sources(args, teacher, full_chain, old_ref, old, old_missing)
+    earlier = [item for item in earlier if item["data"] != new_ref]
 
     # The buffer trained on: the checkpoint's, else a sample of the old data. One
     # without sources holds the first dataset's rows (before this round an update
-    # copied its checkpoint's buffer as it was).
-    first = chain[0].get("data") if chain else None
+    # copied its checkpoint's buffer as it was). A dataset the chain learned that
+    # the buffer lacks (an update with --replay-size 0 wrote none) gets its share
+    # back from its file when it can still be read; else it is named in a warning.
+    first = full_chain[0].get("data") if full_chain else None
     buffer = read_replay(args.checkpoint, name=str(first or args.checkpoint))
+    buffer, rebuilt, dropped = _rebuild_replay(buffer, earlier, new_ref, args.seed)
     if buffer is None and old is not None:
         windows, labels = make_replay(old, seed=args.seed)
         buffer = ReplayBuffer(windows, labels,
                               np.zeros(len(labels), dtype=np.int32), [str(old_ref)])
     replay = None if buffer is None else buffer.pair()
     tc = _train_config(args, lr=3e-4)
-    new_ref = _data_ref(args.data, args.data_dir)
     result, report = update(teacher, new, old, replay, tc, earlier=earlier,
-                            new_name=new_ref)
+                            new_name=new_ref, learned_before=again)
 
     # The updated checkpoint's buffer holds every dataset learned so far, and its
     # provenance lists them, for the next update's forgetting check.
     grown = grow_replay(buffer, new, new_ref, args.replay_size, seed=args.seed)
     report["replay_out"] = (None if grown is None else
                             {"size": int(len(grown.labels)), "sources": grown.counts()})
+    report["replay_rebuilt"] = rebuilt
+    if dropped:
+        report["replay_dropped"] = dropped
     learned = [*chain]
     learned.append({"data": new_ref, "files": dict(new.files), "seed": args.seed,
                     "timezone": new.timezone})
@@ -1455,7 +1516,7 @@ def _earlier_sources(
     listed: list[dict[str, Any]] = []
     for place, entry in enumerate(chain):
         data = entry.get("data")
-        role = "trained" if place == 0 else f"update {place}"
+        role = _chain_role(place)
         if data is None:
             where = entry.get("checkpoint")
             listed.append({"data": f"(data learned by {where})", "role": "earlier",
@@ -1487,9 +1548,71 @@ def _earlier_sources(
     return listed
 
 
+def _chain_role(place: int) -> str:
+    """How ``teacher update``'s sources name the dataset learned ``place``-th
+    (0: the one the first checkpoint was trained on)."""
+    return "trained" if place == 0 else f"update {place}"
+
+
+def _rebuild_replay(
+    buffer: Any, earlier: list[dict[str, Any]], new_ref: str, seed: int,
+) -> tuple[Any, list[str], list[dict[str, str]]]:
+    """The checkpoint's replay buffer with a share for each dataset the chain
+    learned that it lacks (``earlier``'s entries other than ``new_ref``; with no
+    buffer at all, --old-data too, whose sample an update trained on before),
+    drawn again from that dataset's training rows (read with the seed it was
+    learned with: :func:`_earlier_sources`), as teacher train draws a buffer.
+    Returns the buffer (None when there is none and nothing to rebuild), the
+    datasets rebuilt, and those left out because they cannot be read, each
+    ``{"data", "why"}`` and named in a warning (an earlier checkpoint whose data
+    is not known is not: its rows may be in the buffer under another name)."""
+    import numpy as np
+
+    from teacher.update import REPLAY_DEFAULT, ReplayBuffer, make_replay
+
+    have = set(buffer.names) if buffer is not None else set()
+    rebuilt: list[str] = []
+    dropped: list[dict[str, str]] = []
+    parts: list[tuple[str, Any, Any]] = []
+    for item in earlier:
+        data = str(item["data"])
+        if data in have or data == new_ref or item["role"] == "earlier":
+            continue
+        if item["role"] == "--old-data" and buffer is not None:
+            continue
+        if item.get("prep") is None:
+            why = item.get("missing") or "not available"
+            logger.warning("%s (learned by the checkpoint) is not in its replay "
+                           "buffer and cannot be read again (%s): the new buffer "
+                           "holds none of its rows", data, why)
+            dropped.append({"data": data, "why": why})
+            continue
+        windows, labels = make_replay(item["prep"], REPLAY_DEFAULT, seed=seed)
+        parts.append((data, windows, labels))
+        rebuilt.append(data)
+    if not parts:
+        return buffer, rebuilt, dropped
+    if rebuilt:
+        logger.info("replay buffer: rebuilt the share of %s from their files",
+                    ", ".join(rebuilt))
+    names = list(buffer.names) if buffer is not None else []
+    windows = [buffer.windows] if buffer is not None else []
+    labels = [buffer.labels] if buffer is not None else []
+    sources = [buffer.sources] if buffer is not None else []
+    for data, w, y in parts:
+        windows.append(np.asarray(w, dtype=np.float32))
+        labels.append(np.asarray(y, dtype=np.int8))
+        sources.append(np.full(len(y), len(names), dtype=np.int32))
+        names.append(data)
+    return (ReplayBuffer(np.concatenate(windows), np.concatenate(labels),
+                         np.concatenate(sources), names), rebuilt, dropped)
+
+
 def _source_line(entry: dict[str, Any]) -> str:
     """One dataset of ``teacher update``'s sources as a line of the text output."""
     head = f"{entry['role']}: {entry['data']}"
+    if entry.get("learned_before"):
+        head += f" (learned before as {', '.join(entry['learned_before'])})"
     if "missing" in entry:
         return f"{head}: missing ({entry['missing']})"
     numbers = []

@@ -26,11 +26,15 @@ __all__ = [
     "check_teacher_files",
     "concat",
     "holdout_types",
+    "missing_data",
     "prepare",
+    "recorded_data_missing",
     "sniff_family",
     "stratified_split",
     "trained_on",
+    "unknown_dataset",
     "warn_trained_on",
+    "warn_dataset_trained_on",
 ]
 
 _FAMILY_COLUMN = {"nsl-kdd": "attack_family"}
@@ -49,7 +53,9 @@ class Prepared:
     an Argus binetflow file's start times were read in (files of other formats and
     registered datasets carry epoch times, which it leaves alone); provenance
     records it with the files. ``held`` names the attack types ``prepare`` moved
-    to validation before it fitted the encoder (``holdout``).
+    to validation before it fitted the encoder (``holdout``). ``origin`` says, per
+    row, which key of ``files`` the row was read from (None: all from the one
+    file), so a warning can count the rows scored from a file.
     """
 
     X: np.ndarray
@@ -66,6 +72,7 @@ class Prepared:
     partial: bool = False
     timezone: str = "UTC"
     held: list[str] = field(default_factory=list)
+    origin: np.ndarray | None = None
 
     @property
     def window(self) -> int:
@@ -274,6 +281,7 @@ def _load(
             "table": ds.table, "family": ds.family, "name": ds.name,
             "group_by": ds.group_by_default, "window": ds.window_default,
             "files": _entry_files(registry[text]), "warnings": [], "partial": False,
+            "origin": _origin(ds.table, registry[text]),
         }
 
     from flows.readers import read
@@ -285,10 +293,11 @@ def _load(
     else:
         path = Path(text)
     if not path.exists():
-        raise UsageError(
-            f"{text!r} is neither a dataset name ({', '.join(sorted(registry))}) "
-            "nor an existing file"
-        )
+        if text.startswith(DATA_REF) or os.sep in text or "/" in text:
+            # A path (a file provenance recorded, or one typed): a missing file,
+            # not an unknown name.
+            raise BadInputError("no such file", path=str(path))
+        raise unknown_dataset(text)
     if encoder is not None and path.is_file():  # not a pipe: its head is its data
         sniffed = sniff_family(path)
         if sniffed is not None and sniffed != encoder.family:
@@ -305,7 +314,70 @@ def _load(
         # data folder moved (data_ref).
         "window": None, "files": {data_ref(path, data_dir): sha256_of(path)},
         "warnings": list(result.warnings), "partial": bool(result.partial),
+        "origin": None,
     }
+
+
+def _origin(table: Any, spec: Any) -> np.ndarray | None:
+    """Per row of a registered dataset's table, the path (as :attr:`Prepared.files`
+    names it) of the file it was read from, from its ``capture`` column."""
+    if "capture" not in table.column_names:
+        return None
+    path_of = {f.capture: f.path for f in spec.files}
+    return np.array([path_of.get(c, c) for c in table.column("capture").to_pylist()],
+                    dtype=object)
+
+
+def unknown_dataset(name: str) -> UsageError:
+    """The error (exit 2) for a dataset name that is not registered and names no
+    file either."""
+    return UsageError(f"{name!r} is neither a dataset name "
+                      f"({', '.join(sorted(_registry()))}) nor an existing file")
+
+
+def missing_data(data: Any, flag: str = "--data") -> BadInputError | None:
+    """The error (exit 3) for a ``--data`` FILE that is not there, or None when it
+    is there or is a registered dataset name (``--data`` takes those too)."""
+    from flows.datasets import REGISTRY
+
+    if data is None or str(data) in REGISTRY or Path(data).exists():
+        return None
+    return BadInputError(f"{flag} {data}: no such file (a registered dataset name "
+                         "goes with --dataset)")
+
+
+def recorded_data_missing(ref: Any, data_dir: Any, teacher: Any,
+                          how: str) -> BadInputError | None:
+    """The error (exit 3) for a teacher whose recorded data file (``ref``, as its
+    provenance names it) is no longer there, naming the file and how to give it
+    where it is now (``how``: the command's option); None when it is there, or is
+    a registered dataset name (those are checked when loaded)."""
+    from flows.datasets import REGISTRY
+    from flows.datasets import data_dir as find_data_dir
+
+    if not isinstance(ref, str) or not ref or ref in REGISTRY:
+        return None
+    if ref.startswith(DATA_REF):
+        rel = ref[len(DATA_REF):]
+        try:
+            root = find_data_dir(data_dir)
+        except UsageError:
+            root = None
+        if root is not None and (root / rel).exists():
+            return None
+        where = (f"the data folder {root} has no {rel}" if root is not None
+                 else "no data folder is set")
+        return BadInputError(
+            f"no such file: teacher {teacher} was trained on {ref} (its "
+            f"provenance.json) and {where}; point --data-dir or ${{GATEWATCH_DATA}} "
+            f"at the folder that holds {rel}, or pass the file with {how}",
+            path=ref)
+    if Path(ref).exists():
+        return None
+    return BadInputError(
+        f"no such file: teacher {teacher} was trained on this file (its "
+        f"provenance.json); if it moved, pass it with {how} (its sha256 is in "
+        "the provenance)", path=ref)
 
 
 def check_teacher_files(
@@ -365,11 +437,90 @@ def warn_trained_on(prep: Prepared, provenance: dict[str, Any] | None,
     """Warn (log and ``prep.warnings``, which eval prints) for each file of ``prep``
     that ``model`` trained on: numbers on it count training rows, not a test."""
     for path in trained_on(prep.files, provenance):
+        registered = _registered_name(provenance)
+        held_out = (f"--dataset {registered} --split test" if registered
+                    else "--dataset NAME --split test")
         text = (f"{path}: {model} trained on this file (same sha256 as in {where}), "
                 "so these numbers count rows it trained on; for held-out numbers "
-                "score the test split (--dataset NAME --split test)")
+                f"score the test split ({held_out})")
         logger.warning("%s", text)
         prep.warnings.append(text)
+
+
+def _registered_name(provenance: dict[str, Any] | None) -> str | None:
+    """The registered dataset ``provenance`` names as its data, or None."""
+    from flows.datasets import REGISTRY
+
+    name = (provenance or {}).get("dataset")
+    return name if isinstance(name, str) and name in REGISTRY else None
+
+
+def _teacher_split(prep: Prepared, rows: np.ndarray,
+                   provenance: dict[str, Any]) -> np.ndarray:
+    """The split the teacher drew over ``rows`` (all of one file, in file order)
+    when it trained on that file alone: the seeded 80/10/10 of :func:`prepare`,
+    then the attack types its provenance says it held out moved to val."""
+    seed = provenance.get("seed")
+    seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+    split = stratified_split(prep.y[rows], seed=seed)
+    held = provenance.get("held_out_types")
+    if isinstance(held, list) and held and prep.details is not None:
+        details = np.asarray(prep.details[rows], dtype=object).astype(str)
+        split[np.isin(details, [str(h) for h in held])
+              & np.isin(split, ("train", "val"))] = "val"
+    return split
+
+
+def warn_dataset_trained_on(
+    prep: Prepared, provenance: dict[str, Any] | None, rows: Any,
+    model: str = "the teacher", where: str = "its provenance",
+) -> list[str]:
+    """Warn (log and ``prep.warnings``) when rows scored of a registered dataset
+    (``rows`` of ``prep``) come from a file ``model`` trained on, by sha256, under
+    another name than that dataset: the dataset's split of the file is not the one
+    the teacher drew, so its test rows hold the teacher's training and validation
+    rows. Each warning names the file and counts its rows scored; where the
+    teacher trained on that file alone, how many of them were its training and
+    validation rows (the teacher's split, drawn again from its seed). Nothing is
+    said for the dataset the teacher trained on itself (its own split). Returns
+    the warnings."""
+    prov = provenance if isinstance(provenance, dict) else {}
+    if prov.get("dataset") == prep.name:
+        return []
+    rows = np.asarray(rows, dtype=np.int64)
+    said: list[str] = []
+    for path in trained_on(prep.files, prov):
+        if prep.origin is None:
+            own = np.arange(len(prep.y))
+        else:
+            own = np.flatnonzero(prep.origin == path)
+        scored = np.intersect1d(rows, own)
+        if scored.size == 0:
+            continue
+        text = (f"{path} (of {prep.name}): {model} trained on this file (same "
+                f"sha256 as in {where}, which names {prov.get('dataset')}); "
+                f"{scored.size} of the {rows.size} rows scored come from it")
+        recorded = prov.get("files")
+        alone = (isinstance(recorded, dict) and len(recorded) == 1
+                 and _registered_name(prov) is None)
+        if alone:
+            split = _teacher_split(prep, own, prov)
+            picked = split[np.isin(own, scored)]
+            n_train = int((picked == "train").sum())
+            n_val = int((picked == "val").sum())
+            # Held-out types move rows from train to val only: without their
+            # names the sum is still exact.
+            text += (f", and {n_train} of those were its training rows and {n_val} "
+                     "its validation rows" if "held_out_types" in prov else
+                     f", and {n_train + n_val} of those were its training or "
+                     "validation rows")
+        text += (f" ({prep.name}'s split of the file is not the one it trained "
+                 "with), so these numbers count rows it trained on; for held-out "
+                 "numbers score data it did not train on")
+        logger.warning("%s", text)
+        prep.warnings.append(text)
+        said.append(text)
+    return said
 
 
 def prepare(
@@ -473,6 +624,7 @@ def prepare(
         details=None if details is None else np.asarray(details, dtype=object),
         files=loaded["files"], warnings=loaded["warnings"],
         partial=loaded["partial"], timezone=timezone, held=held,
+        origin=loaded["origin"],
     )
 
 
@@ -503,6 +655,12 @@ def concat(parts: list[Prepared], name: str | None = None) -> Prepared:
     for part in parts:
         files.update(part.files)
     zones = list(dict.fromkeys(p.timezone for p in parts))
+    origin = None
+    if all(p.origin is not None or len(p.files) == 1 for p in parts):
+        origin = np.concatenate([
+            np.asarray(p.origin, dtype=object) if p.origin is not None
+            else np.full(len(p.y), next(iter(p.files)), dtype=object)
+            for p in parts])
     return Prepared(
         X=np.concatenate([p.X for p in parts]), idx=idx,
         y=np.concatenate([p.y for p in parts]),
@@ -511,4 +669,5 @@ def concat(parts: list[Prepared], name: str | None = None) -> Prepared:
         families=join("families"), details=join("details"), files=files,
         warnings=[w for p in parts for w in p.warnings],
         partial=any(p.partial for p in parts), timezone="+".join(zones),
+        origin=origin,
     )

@@ -34,6 +34,7 @@ from teacher.metrics import binary_metrics
 from teacher.train import TrainConfig, TrainResult, fit
 
 __all__ = [
+    "REPLAY_DEFAULT",
     "REPLAY_FILE",
     "ReplayBuffer",
     "grow_replay",
@@ -46,6 +47,8 @@ __all__ = [
 ]
 
 REPLAY_FILE = "replay.safetensors"
+# Rows drawn for a buffer made from data (teacher train's default --replay-size).
+REPLAY_DEFAULT = 5000
 _NAMES_KEY = "sources"  # the buffer file's metadata: JSON list of source names
 _MAX_CHAIN = 100  # most earlier checkpoints followed through ``updated_from``
 
@@ -323,7 +326,9 @@ def _source_scores(
     Prepared listed twice (the old data is also an earlier source) is scored
     once."""
     out = into if into is not None else [
-        {"data": item["data"], "role": item["role"]} for item in listed]
+        {"data": item["data"], "role": item["role"],
+         **({"learned_before": item["learned_before"]}
+            if item.get("learned_before") else {})} for item in listed]
     done: dict[int, dict[str, float | None]] = {}
     for item, entry in zip(listed, out, strict=True):
         prep = item.get("prep")
@@ -377,6 +382,7 @@ def update(
     target_f1: float | None = None,
     earlier: list[dict[str, Any]] | None = None,
     new_name: str | None = None,
+    learned_before: list[str] | None = None,
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Fine-tune ``teacher`` on ``new`` with a replay buffer; returns (result, report).
 
@@ -388,7 +394,12 @@ def update(
     ``earlier`` lists the datasets learned before, each ``{"data": name, "role":
     ...}`` with ``"prep"`` (a Prepared, scored) or ``"missing"`` (why not); the
     report's ``sources`` gives each of them, then the new data (``new_name``),
-    the same numbers (:func:`_source_scores`).
+    the same numbers (:func:`_source_scores`); ``learned_before`` names the
+    places in the chain where the new data was learned before (the new data's
+    entry says so, as ``learned_before``; the caller leaves those places out of
+    ``earlier``). ``replayed_rows`` counts the replay rows trained on here
+    (``replay_size``, its old name, is kept for scripts); the buffer the updated
+    checkpoint is written with is the caller's (``replay_out``).
     A file of ``old`` that the teacher's provenance records with another sha256
     (changed since it was trained) is a BadInputError: its test rows would not be
     the teacher's, so the forgetting check would measure nothing.
@@ -414,7 +425,8 @@ def update(
     before = {**_scores(teacher.predict_proba, old, teacher.threshold, "old"),
               **_scores(teacher.predict_proba, new, teacher.threshold, "new")}
     listed = [*(earlier or []),
-              {"data": new_name or new.name, "role": "new", "prep": new}]
+              {"data": new_name or new.name, "role": "new", "prep": new,
+               "learned_before": list(learned_before or [])}]
     sources = _source_scores(listed, teacher.predict_proba, teacher.threshold)
     if replay is None and old is not None:
         replay = make_replay(old, seed=tc.seed)
@@ -439,6 +451,7 @@ def update(
         "before": before, "after": after,
         "old_test_rows": _test_rows(old), "new_test_rows": _test_rows(new),
         "sources": sources,
+        "replayed_rows": 0 if replay is None else int(len(replay[1])),
         "replay_size": 0 if replay is None else int(len(replay[1])),
         "new_train_rows": int(train_rows.size), "val_rows": int(val_rows.size),
         # As teacher train reports them: "epochs" per member (the longest run),

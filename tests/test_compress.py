@@ -186,7 +186,8 @@ def test_run_takes_data_like_the_other_tools(teacher_dir: Path, tmp_path: Path,
     missing = tmp_path / "no-such.conn.log"
     code = main([*base, "--data", str(missing)])
     err = capsys.readouterr().err
-    assert code == 2 and str(missing) in err and "existing file" in err
+    # A missing file is bad input (exit 3), as in teacher (round 16 finding).
+    assert code == 3 and f"error: --data {missing}: no such file" in err
 
     code = main([*base, "--data", str(missing), "--dataset", "ctu-conn"])
     err = capsys.readouterr().err

@@ -363,7 +363,11 @@ def test_compress_eval_refuses_a_string_zero_point(made, tmp_path, capsys):
     manifest["input"]["scale"] = "0.0039"
     (copy / "manifest.json").write_text(json.dumps(manifest))
 
-    code, _, err = _eval(capsys, "--artifact", str(copy), "--data", "x.log")
+    # The data file exists (a missing one is refused first, exit 3 too): the
+    # manifest is what is refused here.
+    data = tmp_path / "x.log"
+    data.write_text("")
+    code, _, err = _eval(capsys, "--artifact", str(copy), "--data", str(data))
 
     assert code == 3 and "'input.scale'" in err and "Traceback" not in err
 

@@ -95,7 +95,7 @@ def test_update_reports_old_and_new_f1(checkpoint, slices, tmp_path, capsys):
     for when in ("before", "after"):
         assert 0.0 <= report[when]["old_test_f1"] <= 1.0
         assert 0.0 <= report[when]["new_test_f1"] <= 1.0
-    assert report["replay_size"] == 200
+    assert report["replayed_rows"] == report["replay_size"] == 200
     assert (out_dir / "model.safetensors").is_file()
     # Counted as teacher train counts them: --epochs 1 reads 1, per member.
     members = json.loads((checkpoint / "config.json").read_text()).get("members", 1)

@@ -243,7 +243,8 @@ def test_an_earlier_dataset_no_longer_there_is_reported_missing(chain, tmp_path,
         shutil.move(moved, files["a"])
     first = report["sources"][0]
     assert first["role"] == "trained" and first["data"] == str(files["a"].resolve())
-    assert "neither a dataset name" in first["missing"] and "before" not in first
+    assert first["missing"] == f"{files['a'].resolve()}: no such file"
+    assert "before" not in first
     assert [s["role"] for s in report["sources"][1:]] == ["update 1", "new"]
     assert report["sources"][1]["before"] == chain["C"]["sources"][1]["before"]
 
