@@ -1662,20 +1662,58 @@ class Agent:
 
     # -- ending -----------------------------------------------------------------------
 
-    def drain(self, timeout: float, wait_verdicts: bool = True) -> bool:
-        """Wait until the outbox is empty (and verdicts came back); True if so."""
+    def drain(
+        self,
+        timeout: float,
+        wait_verdicts: bool = True,
+        stop: threading.Event | None = None,
+        stop_within: float = 2.0,
+    ) -> bool:
+        """Wait at the end until every escalation was sent and acknowledged (and,
+        with ``wait_verdicts``, answered), for at most ``timeout`` seconds; True if
+        so. Sent ones put back in the outbox to be published again count as
+        awaiting a verdict, not as unsent.
+
+        ``stop`` (set by SIGTERM) cuts the wait: once it is set, at most
+        ``stop_within`` more seconds, however long ``timeout`` was.
+        """
         if self.link is None:
             return len(self.outbox) == 0  # nothing can leave without a broker
         deadline = time.monotonic() + timeout
+        cut = False
         while time.monotonic() < deadline:
+            if stop is not None and not cut and stop.is_set():
+                cut = True
+                deadline = min(deadline, time.monotonic() + stop_within)
+
             self._wake.set()
-            acked = len(self.outbox) == 0 and not self._tracked
+            acked = not self._tracked and self._unsent(exact=False) == 0
             with self._out_lock:
                 answered = not self._awaiting and not self._awaiting_evicted
             if acked and (answered or not wait_verdicts):
                 return True
             time.sleep(0.05)
         return False
+
+    def _unsent(self, exact: bool = True) -> int:
+        """Escalations in the outbox's queue the broker never acknowledged: those
+        waiting there less the sent ones put back to be published again (awaited
+        ids), which the summary counts as awaiting a verdict instead. Not
+        ``exact``: any number above 0 when some are unsent, without reading the
+        file's ids when the counts alone tell (the drain asks every 50 ms)."""
+        waiting = len(self.outbox)
+        with self._out_lock:
+            awaited = set(self._awaiting)
+        if not waiting or not awaited:
+            return waiting
+        if not exact and waiting > len(awaited):
+            return waiting - len(awaited)
+        try:
+            queued = self.outbox.held_ids() - set(self.outbox.sent_ids())
+        except OutboxError as exc:
+            self._outbox_failed(exc)
+            return waiting  # not told apart: all taken as unsent
+        return max(0, waiting - len(awaited & queued))
 
     def close(self) -> None:
         """Publish status offline, stop sending and disconnect; the outbox stays."""
@@ -1698,7 +1736,19 @@ class Agent:
         out = self.counters.as_dict()
         out["rejected"] = dict(self.rejects.counts)
         out["outbox_pending"] = len(self.outbox)
+        # The queue split in two, so that no escalation is counted twice: those
+        # the broker never took, and sent ones put back to be published again
+        # (no verdict came in time, a lost session), counted in verdicts_awaited.
+        out["outbox_unsent"] = min(self._unsent(), out["outbox_pending"])
+        out["outbox_requeued"] = out["outbox_pending"] - out["outbox_unsent"]
+        # Flow control at the end: the window in use (--max-awaiting, less after
+        # re-sends) and the escalations out in it; None without flow control.
+        out["awaiting_window"] = (
+            int(self._window) if self.max_awaiting is not None else None)
         with self._out_lock:
+            out["awaiting_out"] = (
+                len(self._awaiting) - self._rejected_awaited() + len(self._tracked)
+                if self.max_awaiting is not None else None)
             out["escalations_resent"] = self._resent
             out["verdicts_awaited"] = len(self._awaiting) + self._awaiting_evicted
             out["verdicts_awaited_earlier"] = sum(

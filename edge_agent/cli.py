@@ -23,7 +23,8 @@ a verdict at the end of the drain (unless ``--no-wait-verdicts``; the error line
 counts those a re-scorer rejected and says why), 130 interrupted (Ctrl-C;
 the flows in hand are scored and the outbox is kept). SIGTERM is the orderly stop
 of a service: reading ends (a file part way), the flows read are scored, the outbox
-is drained for at most 2 s, and the exit code is the one the input read so far
+is drained for at most 2 s (from the SIGTERM, when it comes during the drain at
+the end of the input), and the exit code is the one the input read so far
 earned (0, 3, 4 or 6, as at the end of a file; verdicts still awaited are only a
 warning then), never 130; before the first flow is read it ends the start (exit
 0, :mod:`edge_agent.entry`), and after the drain it is ignored. Alerts on stdout
@@ -73,6 +74,9 @@ DESCRIPTION = (
 # Acknowledged escalations kept (in the outbox file) until their verdict comes, to
 # be sent again if the broker loses this gateway's session (about 15 kB each).
 RESEND_WINDOW = 1000
+# Seconds a SIGTERM leaves the outbox to drain, from the stop (or from the
+# drain's start, when the stop came before it).
+STOP_DRAIN_S = 2.0
 
 EPILOG = f"""\
 exit codes:
@@ -142,7 +146,9 @@ exit codes:
        --alerts is empty), or
        escalations over the broker's packet limit (dropped, not sent),
        or escalations still without a verdict at the end of the drain
-       (--drain-timeout; not awaited with --no-wait-verdicts): none came
+       (--drain-timeout; not awaited with --no-wait-verdicts; sent ones
+       queued in the outbox to be published again count here, not as
+       unsent): none came
        in time, or a re-scorer rejected them (a teacher of another window
        shape, say: the error line counts them and says why), or the broker
        lost this gateway's session (restarted without its saved state)
@@ -153,8 +159,13 @@ exit codes:
 
 SIGTERM stops reading (a file part way), scores the flows read, drains the
 outbox for at most 2 s and exits as at the end of the input: 0, 3, 4 or 6 by
-the rules above (escalations still without a verdict are a warning, not 6),
-never 130. A SIGTERM at any other moment ends with a code above too:
+the rules above (escalations still without a verdict are a warning, not 6;
+escalations the broker did not take stay in the outbox for the next run, and
+are 6 as at the end of the input), never 130. One that comes during the drain
+at the end of the input (a file read once) cuts it to at most 2 s from then,
+whatever --drain-timeout was, and the run ends as above; a Ctrl-C during the
+drain stops it at once (130). A SIGTERM at any other moment ends with a code
+above too:
   - while the agent starts (imports, model load, opening the outbox),
     before it reads anything: 0, with one line "stopped: SIGTERM came
     while the agent was starting, ...": nothing was read or lost, the
@@ -237,7 +248,8 @@ _RUN_FLAGS = {
 _RUN_NUMBERS = {
     "drain_timeout": (
         float,
-        "seconds to wait for acknowledgements at the end (default: 30)",
+        "seconds to wait for acknowledgements (and verdicts) at the end; a "
+        "SIGTERM meanwhile cuts the wait to 2 s from then (default: 30)",
     ),
     "connect_timeout": (float, "seconds to wait for the broker at start (default: 10)"),
     "max_batch": (int, "largest micro-batch of flows scored at once, 1..4096 "
@@ -786,6 +798,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
     stop = threading.Event()
     interrupted = threading.Event()
+    draining = threading.Event()  # set while the end-of-input drain runs
+
     def on_sigterm(*_) -> None:
         stop.set()
         if source.kind == "iface":
@@ -801,7 +815,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     def on_sigint(*_) -> None:
         # A followed log ends once it has yielded what the file holds now, so what
         # was read is scored; other live sources, or a second Ctrl-C, stop at once.
-        # The exit code says it was interrupted either way (130).
+        # The exit code says it was interrupted either way (130). One during the
+        # drain stops the drain at once.
+        if draining.is_set():
+            interrupted.set()
+            raise KeyboardInterrupt
         if interrupted.is_set() or source.kind != "zeek":
             stop.set()
         interrupted.set()
@@ -854,12 +872,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         if failure is None and source.error is not None:
             failure = source.error
         drain_for = (
-            cfg.drain_timeout if not (stop.is_set() or interrupted.is_set()) else 2.0
+            cfg.drain_timeout if not (stop.is_set() or interrupted.is_set())
+            else STOP_DRAIN_S
         )
-        drained = agent.drain(drain_for, wait_verdicts=cfg.wait_verdicts)
+        draining.set()
+        drain_began = time.monotonic()
+        # A SIGTERM that comes during the drain cuts it to STOP_DRAIN_S from then.
+        drained = agent.drain(drain_for, wait_verdicts=cfg.wait_verdicts,
+                              stop=stop, stop_within=STOP_DRAIN_S)
+        if stop.is_set() and drain_for > STOP_DRAIN_S:
+            drain_for = round(time.monotonic() - drain_began, 1)  # as it was
     except KeyboardInterrupt:
         interrupted.set()  # a second Ctrl-C during the drain: stop draining
     finally:
+        draining.clear()
         # The run's work is over: a SIGTERM or Ctrl-C from now on (the summary
         # line printed) does not change its exit code (edge_agent.entry).
         entry.settle()
@@ -946,37 +972,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "field, or a --max-packet-size set too low)"
             )
         shown = redact_url(cfg.broker) if cfg.broker else None  # no password
-        if cfg.broker and summary["outbox_pending"]:
-            unrouted = (
-                f" (the broker took {summary['unrouted']} publishes with \"no matching "
-                "subscribers\": no re-scorer was subscribed, so they were kept)"
-                if summary.get("unrouted")
-                else ""
-            )
-            if agent.link is not None and agent.link.generation == 0:
-                why = f"the broker {shown} did not answer during the run"
-            elif not link_up:
-                why = (
-                    f"the connection to the broker {shown} was lost during "
-                    f"the run and was not back within the {drain_for:g} s drain"
-                )
-            elif (not unrouted and agent.max_awaiting is not None
-                  and summary["verdicts_awaited"]):
-                why = (
-                    f"held back while {summary['verdicts_awaited']} sent ones waited "
-                    f"for verdicts{_earlier_awaited(summary, cfg)} (at most "
-                    f"--max-awaiting {cfg.max_awaiting} are out at once), and the "
-                    f"{drain_for:g} s drain ended first"
-                )
-            else:
-                why = (
-                    f"not delivered to a subscriber within the {drain_for:g} s "
-                    f"drain{unrouted}"
-                )
-            raise TransportError(
-                f"{summary['outbox_pending']} escalations were not sent ({why}); they "
-                f"stay in the outbox {cfg.outbox_path()} and are sent by the next run"
-            )
+        # Only those the broker never took: sent ones queued to go out again
+        # await their verdicts, as the checks below them say.
+        unsent = summary["outbox_unsent"]
+        if cfg.broker and unsent:
+            raise TransportError(_not_sent(
+                summary, cfg, drain_for, shown=shown, link_up=link_up,
+                never_up=agent.link is not None and agent.link.generation == 0,
+            ))
         lost_sessions = summary.get("broker_sessions_lost", 0)
         if not drained and cfg.wait_verdicts and lost_sessions and summary[
                 "verdicts_awaited"]:
@@ -1078,6 +1081,76 @@ def _unforgotten_text(summary: dict) -> str:
         what = (f"{stuck} escalations the broker acknowledged ({answered} of them "
                 "answered)")
     return f"{what} could not be removed from the outbox"
+
+
+def _not_sent(
+    summary: dict, cfg: Any, drain_for: float, *, shown: str | None,
+    link_up: bool, never_up: bool,
+) -> str:
+    """The exit 6 error for escalations the broker never took by the end of the
+    drain (``outbox_unsent``; sent ones queued to go out again are not among
+    them): how many, why, and that the outbox keeps them. ``never_up``: the
+    broker never answered; ``link_up``: connected as the drain ended."""
+    unrouted = (
+        f" (the broker took {summary['unrouted']} publishes with \"no matching "
+        "subscribers\": no re-scorer was subscribed, so they were kept)"
+        if summary.get("unrouted")
+        else ""
+    )
+    if never_up:
+        why = f"the broker {shown} did not answer during the run"
+    elif not link_up:
+        why = (
+            f"the connection to the broker {shown} was lost during "
+            f"the run and was not back within the {drain_for:g} s drain"
+        )
+    elif not unrouted and _window_full(summary):
+        why = _held_back(summary, cfg, drain_for)
+    else:
+        why = (
+            f"not delivered to a subscriber within the {drain_for:g} s "
+            f"drain{unrouted}"
+        )
+    return (
+        f"{summary['outbox_unsent']} escalations were not sent ({why}); they stay "
+        f"in the outbox {cfg.outbox_path()} and are sent by the next run"
+        f"{_also_awaited(summary)}"
+    )
+
+
+def _window_full(summary: dict) -> bool:
+    """Whether flow control held new escalations back as the run ended: the
+    window (``--max-awaiting``, halved after re-sends) was all taken by sent
+    ones still without a verdict."""
+    window, out = summary.get("awaiting_window"), summary.get("awaiting_out")
+    return window is not None and out is not None and out >= window > 0
+
+
+def _held_back(summary: dict, cfg: Any, drain_for: float) -> str:
+    """Why escalations were not sent when the flow control window was full:
+    how many sent ones took it, and its size now against ``--max-awaiting``."""
+    window = summary["awaiting_window"]
+    size = (
+        f"at most --max-awaiting {cfg.max_awaiting} are out at once"
+        if window >= cfg.max_awaiting
+        else f"at most {window} are out at once now: --max-awaiting "
+        f"{cfg.max_awaiting}, halved as sent ones were published again for want "
+        "of an answer"
+    )
+    return (
+        f"held back while {summary['awaiting_out']} sent ones waited for "
+        f"verdicts{_earlier_awaited(summary, cfg)} ({size}), and the "
+        f"{drain_for:g} s drain ended first"
+    )
+
+
+def _also_awaited(summary: dict) -> str:
+    """The sent escalations still without a verdict, for the end of the error
+    about unsent ones (counted apart: none is in both counts); empty if none."""
+    awaited = summary.get("verdicts_awaited") or 0
+    if not awaited:
+        return ""
+    return f"; apart from them, {awaited} sent ones still await a verdict"
 
 
 def _earlier_awaited(summary: dict, cfg: Any) -> str:
@@ -1334,6 +1407,20 @@ def _kinds(counts: dict[str, int]) -> str:
     return ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
 
 
+def _queue_split(summary: dict[str, Any]) -> str:
+    """After ``outbox pending N`` in the summary line: which of them were never
+    sent and which were sent and put back to be published again (those are
+    counted among the escalations awaiting a verdict, too); empty when none
+    was put back, as then all of them are unsent."""
+    requeued = summary.get("outbox_requeued") or 0
+    if not requeued:
+        return ""
+    return (
+        f" (not sent yet {summary.get('outbox_unsent') or 0}, sent and queued to "
+        f"be published again {requeued})"
+    )
+
+
 def _report(
     summary: dict[str, Any], path: str | None, broker: bool = True
 ) -> GatewatchError | None:
@@ -1342,6 +1429,8 @@ def _report(
     an offline run, whose escalations wait in the outbox for a run with one."""
     awaited = summary.get("verdicts_awaited") or 0
     kept = summary.get("verdicts_awaited_kept")
+    requeued = summary.get("outbox_requeued") or 0
+    among = f"; the {requeued} queued again among them" if requeued else ""
     lost = sum((summary.get("outbox_dropped_now") or {}).values())
     reached = summary.get("delivered_after_drop") or 0
     print(
@@ -1354,15 +1443,16 @@ def _report(
             if not broker and summary.get("outbox_pending")
             else ""
         )
+        + _queue_split(summary)
         + (
             ", sent and still awaiting a verdict (kept in the outbox for the next "
-            f"run) {awaited}"
+            f"run{among}) {awaited}"
             if awaited and (kept is None or kept >= awaited)
             else ""
         )
         + (
             f", sent and still awaiting a verdict {awaited} (kept in the outbox for "
-            f"the next run {kept}, not kept {awaited - kept})"
+            f"the next run {kept}, not kept {awaited - kept}{among})"
             if awaited and kept is not None and kept < awaited
             else ""
         )

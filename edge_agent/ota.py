@@ -41,9 +41,12 @@ installs nothing and is no refusal: the retained message comes again after every
 reconnect. A message byte for byte the same as the last one handled (its sha256) is
 not verified or unpacked again: its result stands, and it is logged at DEBUG only.
 Failing to fetch an update by reference is not remembered so: the next copy of the
-message tries again. Neither is an update that came while a flash of the gateway
-held its flash lock (:func:`edge_agent.flash.hold_flash_lock`, taken from the
-install to the switch): a flash and an update never write the inactive slot at once.
+message tries again, also when the file fetched is not the signed archive (its
+size or sha256 differ: a stale file at the URL, or one not uploaded yet). Nor is
+an update that came while a flash of the gateway held its flash lock
+(:func:`edge_agent.flash.hold_flash_lock`, taken from the install to the switch):
+a flash and an update never write the inactive slot at once. An inline archive
+that does not match its signed digest is refused and remembered.
 
 The last refusal stays in :attr:`ModelUpdater.last_refusal` (why, when, which
 model version and message) while the refused update stays retained, for every
@@ -488,12 +491,18 @@ class ModelUpdater:
                 message = _parse_message(payload)
                 update_id = message.get("id")
                 result = self._apply(message)
+            except FetchError as exc:
+                # The server, the network or the file at the URL (stale, not
+                # uploaded yet) may be right for the next copy: tried again then.
+                reason = f"{exc}; {_FETCH_AGAIN}"
+                logger.warning("model update not installed: %s", reason)
+                result = UpdateResult(ok=False, reason=reason)
+                remember = False
             except GatewatchError as exc:
                 logger.warning("model update refused: %s", exc)
                 result = UpdateResult(ok=False, reason=str(exc))
-                # A fetch that failed, or an update that met a flash, may work
-                # next time: tried again then.
-                remember = not isinstance(exc, FetchError | FlashRunningError)
+                # An update that met a flash may install next time: tried again.
+                remember = not isinstance(exc, FlashRunningError)
             except OSError as exc:  # a full disk, a read-only slots folder
                 problem = write_problem(exc)
                 logger.warning("model update not installed: %s", problem)
@@ -694,19 +703,32 @@ class ModelUpdater:
             )
         # TODO(gap): chunked transfer (chunks on sub-topics of the model topic) needs
         # the agent to subscribe to model/#; today it is inline or by reference.
+        url = None
         if "payload" in message:
             archive = _b64(message, "payload")
         elif "url" in statement:
-            archive = self._fetch(str(statement["url"]), size)
+            url = str(statement["url"])
+            archive = self._fetch(url, size)
         else:
             raise BadInputError("update carries neither a payload nor a signed url")
+        digest = bundle_mod.sha256_bytes(archive)
+        signed = str(statement["sha256"]).lower()
+        if url is not None and (len(archive) != size or digest != signed):
+            # The file at the URL is not (yet) the one signed: a failed fetch,
+            # tried again when the message comes again, not a refusal for good.
+            got = (f"more than {size} bytes" if len(archive) > size
+                   else f"sha256 {digest}")  # fetched at most one byte past it
+            raise FetchError(
+                f"the archive fetched from {url} is not the signed one ({got}; "
+                f"signed: {size} bytes, sha256 {signed}): the file there is stale "
+                "or not uploaded yet"
+            )
         if len(archive) != size:
             raise BadInputError(
                 f"update archive is {len(archive)} bytes, the signed size is {size}: "
                 "truncated or padded"
             )
-        digest = bundle_mod.sha256_bytes(archive)
-        if digest != str(statement["sha256"]).lower():
+        if digest != signed:
             raise BadInputError(
                 f"update archive sha256 {digest} is not the signed "
                 f"{statement['sha256']}: it was modified"
@@ -822,8 +844,15 @@ def _targets_problem(targets: Any) -> str | None:
 
 
 class FetchError(BadInputError):
-    """An update by reference whose archive could not be fetched (the server or
-    the network may be back for the next copy of the message)."""
+    """An update by reference whose archive could not be fetched, or whose file
+    at the URL is not the signed archive (the server or the network may be back,
+    and the right file uploaded, for the next copy of the message)."""
+
+
+# How a failed fetch ends, in its log line and the status's ``update_refused``.
+_FETCH_AGAIN = (
+    "the running model stays, and the update is tried again when it comes again"
+)
 
 
 class FlashRunningError(GatewatchError):
