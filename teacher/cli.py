@@ -1511,7 +1511,7 @@ def _earlier_sources(
     ``"prep"`` (read again with the seed and zone it was learned with) or
     ``"missing"`` (why it cannot be scored: not readable, or changed since it was
     learned)."""
-    from teacher.data import check_teacher_files, prepare
+    from teacher.data import check_teacher_files, move_to_val, prepare
 
     listed: list[dict[str, Any]] = []
     for place, entry in enumerate(chain):
@@ -1536,6 +1536,9 @@ def _earlier_sources(
                            seed=args.seed if seed is None else seed,
                            need_split=True, timezone=entry.get("timezone") or "UTC")
             check_teacher_files(prep.files, entry, None)
+            # Types teacher train held out were validation rows, never trained
+            # on: a buffer drawn again from the training rows leaves them out.
+            move_to_val(prep, entry.get("held_out_types") or [])
         except GatewatchError as exc:
             logger.warning("%s (learned by the checkpoint) not scored: %s", data, exc)
             item["missing"] = str(exc)

@@ -455,6 +455,18 @@ def _registered_name(provenance: dict[str, Any] | None) -> str | None:
     return name if isinstance(name, str) and name in REGISTRY else None
 
 
+def move_to_val(prep: Prepared, held: list[str]) -> None:
+    """Move the train and validation rows of the attack types ``held`` to
+    validation in ``prep`` (in place), as teacher train did with the types it held
+    out; test rows stay where they are."""
+    if not held or prep.details is None:
+        return
+    details = np.asarray(prep.details, dtype=object).astype(str)
+    moving = np.isin(details, [str(h) for h in held]) & np.isin(
+        prep.split, ("train", "val"))
+    prep.split[moving] = "val"
+
+
 def _teacher_split(prep: Prepared, rows: np.ndarray,
                    provenance: dict[str, Any]) -> np.ndarray:
     """The split the teacher drew over ``rows`` (all of one file, in file order)

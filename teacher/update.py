@@ -235,22 +235,27 @@ def grow_replay(
 def _entry(provenance: dict[str, Any]) -> dict[str, Any]:
     """What :func:`learned_sources` records of the data one provenance names."""
     files = provenance.get("files")
-    return {"data": provenance.get("dataset"),
-            "files": dict(files) if isinstance(files, dict) else {},
-            "seed": provenance.get("seed"),
-            "timezone": provenance.get("timezone") or "UTC"}
+    entry = {"data": provenance.get("dataset"),
+             "files": dict(files) if isinstance(files, dict) else {},
+             "seed": provenance.get("seed"),
+             "timezone": provenance.get("timezone") or "UTC"}
+    held = provenance.get("held_out_types")
+    if isinstance(held, list) and held:  # never trained on: not replayed either
+        entry["held_out_types"] = [str(name) for name in held]
+    return entry
 
 
 def learned_sources(provenance: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The datasets a checkpoint has learned, oldest first, its own data last.
 
     Each is ``{"data", "files", "seed", "timezone"}`` as its provenance recorded
-    them (the seed drew its split). An update records the list in its provenance
-    (``learned``); for a checkpoint without one (trained, or updated before the
-    list was recorded) it is found by following ``updated_from`` to the earlier
-    checkpoints' ``provenance.json``. An earlier checkpoint that cannot be read
-    there is an entry ``{"data": None, "checkpoint": FOLDER}``: its data is not
-    known.
+    them (the seed drew its split), with ``held_out_types`` where ``teacher
+    train`` moved attack types to validation. An update records the list in its
+    provenance (``learned``); for a checkpoint without one (trained, or updated
+    before the list was recorded) it is found by following ``updated_from`` to the
+    earlier checkpoints' ``provenance.json``. An earlier checkpoint that cannot be
+    read there is an entry ``{"data": None, "checkpoint": FOLDER}``: its data is
+    not known.
     """
     prov = provenance if isinstance(provenance, dict) else {}
     chain: list[dict[str, Any]] = []

@@ -311,3 +311,43 @@ def test_update_refuses_to_overwrite_an_ancestor(chain, capsys):
             "updated from (its provenance's updated_from); replacing it would "
             "make the update chain a cycle. Write the update to another folder"]
     assert (root / "B" / "model.safetensors").read_bytes() == before
+
+
+def test_a_rebuilt_share_leaves_out_the_types_teacher_train_held_out(tmp_path):
+    """Found by a docs tester: a share drawn again from a dataset's file took its
+    training rows without the attack types teacher train had moved to validation,
+    so the buffer replayed types the teacher never trained on."""
+    from teacher.checkpoint import load_teacher
+    from teacher.data import prepare
+    from teacher.update import read_replay
+    from tests.test_teacher_leftovers16 import kdd_rows
+
+    files = {}
+    for seed, name in enumerate("abc"):
+        text = kdd_rows(seed, 400)
+        if name == "a":  # a second DoS type besides neptune, for the hold-out
+            lines = text.splitlines(keepends=True)
+            text = "".join(line.replace(",neptune,", ",pod,") if i % 4 == 3
+                           else line for i, line in enumerate(lines))
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_text(text)
+    code, _ = _run(main, ["train", "--data", str(files["a"]), "--out",
+                          str(tmp_path / "A"), *SMALL, "--replay-size", "60", *TINY])
+    assert code == 0
+    held = json.loads((tmp_path / "A" / "provenance.json").read_text())[
+        "held_out_types"]
+    assert len(held) == 1 and held[0] in ("pod", "neptune")  # 100 rows each
+    for src, name, dst, size in (("A", "b", "B", "0"), ("B", "c", "C", "400")):
+        code, _ = _run(main, ["update", "--checkpoint", str(tmp_path / src),
+                              "--data", str(files[name]), "--out", str(tmp_path / dst),
+                              "--replay-size", size, *TINY])
+        assert code == 0
+
+    buffer = read_replay(tmp_path / "C")
+    mine = buffer.windows[buffer.sources == buffer.names.index(
+        str(files["a"].resolve()))]
+    a = prepare(files["a"], encoder=load_teacher(tmp_path / "A").encoder)
+    gone = a.windows(np.flatnonzero(a.details == held[0]))
+    flat = mine.reshape(len(mine), -1)
+    assert len(mine) > 0 and len(gone) == 100  # 100 rows of each DoS type
+    assert not any((flat == row.reshape(-1)).all(axis=1).any() for row in gone)
