@@ -573,7 +573,8 @@ def _prepare(args: argparse.Namespace, **kwargs: Any) -> Any:
     from teacher.data import missing_data, prepare
 
     data = getattr(args, "data", None)
-    problem = missing_data(data) if data else None
+    problem = (missing_data(data, dataset_flag=hasattr(args, "dataset"))
+               if data else None)
     if problem is not None:
         raise problem
     return prepare(getattr(args, "dataset", None) or data,

@@ -335,15 +335,19 @@ def unknown_dataset(name: str) -> UsageError:
                       f"({', '.join(sorted(_registry()))}) nor an existing file")
 
 
-def missing_data(data: Any, flag: str = "--data") -> BadInputError | None:
+def missing_data(data: Any, flag: str = "--data",
+                 dataset_flag: bool = True) -> BadInputError | None:
     """The error (exit 3) for a ``--data`` FILE that is not there, or None when it
-    is there or is a registered dataset name (``--data`` takes those too)."""
+    is there or is a registered dataset name (``--data`` takes those too). Its
+    hint points at ``--dataset`` where the command has one (``dataset_flag``),
+    else lists the names ``--data`` takes (``teacher update``)."""
     from flows.datasets import REGISTRY
 
     if data is None or str(data) in REGISTRY or Path(data).exists():
         return None
-    return BadInputError(f"{flag} {data}: no such file (a registered dataset name "
-                         "goes with --dataset)")
+    hint = ("a registered dataset name goes with --dataset" if dataset_flag else
+            f"nor a registered dataset name: {', '.join(sorted(REGISTRY))}")
+    return BadInputError(f"{flag} {data}: no such file ({hint})")
 
 
 def recorded_data_missing(ref: Any, data_dir: Any, teacher: Any,

@@ -351,3 +351,20 @@ def test_a_rebuilt_share_leaves_out_the_types_teacher_train_held_out(tmp_path):
     flat = mine.reshape(len(mine), -1)
     assert len(mine) > 0 and len(gone) == 100  # 100 rows of each DoS type
     assert not any((flat == row.reshape(-1)).all(axis=1).any() for row in gone)
+
+
+def test_update_names_the_datasets_its_data_takes(chain, capsys):
+    """Found by a docs tester: a misspelled dataset name in teacher update's
+    --data (which takes names and files) was told to use --dataset, which update
+    does not have."""
+    from flows.datasets import REGISTRY
+
+    capsys.readouterr()
+    code = main(["update", "--checkpoint", str(chain["root"] / "A"), "--data",
+                 "nsl-kdd-2O", "--out", str(chain["root"] / "X"), *TINY])
+
+    assert code == 3
+    assert _errors(capsys.readouterr().err) == [
+        "error: --data nsl-kdd-2O: no such file (nor a registered dataset name: "
+        f"{', '.join(sorted(REGISTRY))})"]
+    assert not (chain["root"] / "X").exists()
