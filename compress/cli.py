@@ -138,8 +138,8 @@ the test rows are held out), and print the same metrics as teacher eval (--json:
 every key). The artifact's files are checked against the sha256 in its manifest,
 and its probe windows scored, before any flow is. Only a torch-int8 artifact
 needs torch: the others are read, encoded (numpy) and scored in their runtime
-without importing it (on a --dataset; see compress/README.md for --data and
-scikit-learn)."""
+without importing torch, scikit-learn or scipy (a gateway install, on a --dataset
+or a --data file)."""
 EVAL_EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok
@@ -986,9 +986,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: interrupted{said}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ModuleNotFoundError as exc:
-        # compress run needs torch. compress eval of an onnx-*/tflite-* artifact
-        # imports none itself; teacher.data still does for a --data file (its
-        # sha256 from teacher.checkpoint), and teacher.metrics needs scikit-learn.
+        # compress run needs torch; compress eval of an onnx-*/tflite-* artifact
+        # imports neither torch nor scikit-learn, so this is a missing runtime
+        # (onnxruntime, a TFLite one) or a torch-int8 artifact's torch.
         from teacher.cli import missing_full_install
 
         return missing_full_install(exc, "compress", "compress")

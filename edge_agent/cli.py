@@ -1403,7 +1403,8 @@ def _input_problem(
 
 
 def _kinds(counts: dict[str, int]) -> str:
-    """``{"bad_json": 8, "oversized": 1}`` as ``bad_json 8, oversized 1``."""
+    """``{"malformed_json": 8, "oversized": 1}`` as ``malformed_json 8,
+    oversized 1``."""
     return ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
 
 

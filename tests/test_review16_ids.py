@@ -37,7 +37,7 @@ def test_the_summary_line_counts_rejected_messages(capsys) -> None:
 
     summary = dict(flows=3, benign=3, escalate=0, alert=0, escalations_sent=0,
                    verdicts_received=0, outbox_pending=0,
-                   rejected={"oversized": 1, "bad_json": 8})
+                   rejected={"oversized": 1, "malformed_json": 8})
     capsys.readouterr()
 
     _report(summary, None)
@@ -46,7 +46,7 @@ def test_the_summary_line_counts_rejected_messages(capsys) -> None:
     assert line.endswith(
         ", messages rejected as malformed (answers from the broker this agent could "
         "not read, or an escalation it could not encode; the log names the first "
-        "of each kind: bad_json 8, oversized 1) 9")
+        "of each kind: malformed_json 8, oversized 1) 9")
     summary["rejected"] = {}
     _report(summary, None)
     assert "rejected" not in capsys.readouterr().err
