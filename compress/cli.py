@@ -20,17 +20,16 @@ with loading():
     import json
     import logging
     import os
-    import tempfile
     import time
     from pathlib import Path
     from typing import Any
 
     from compress import QAT_KINDS, logger
     from flows.argtypes import (
+        check_can_create,
         check_writable_above,
         integer,
         integers,
-        nearest_existing,
         real,
         reals,
         zone_name,
@@ -429,7 +428,7 @@ def _progress(quiet: bool):
 def _check_out(out: Path, teacher: Path | None = None) -> None:
     """Refuse up front an ``--out`` that exists and is not a folder, that is the
     teacher's checkpoint folder or lies inside it, or where nothing can be made
-    (:func:`_probe_out`) (exit 2)."""
+    (:func:`flows.argtypes.check_can_create`) (exit 2)."""
     try:
         bad = out.exists() and not out.is_dir()
         inside = teacher is not None and (
@@ -444,34 +443,7 @@ def _check_out(out: Path, teacher: Path | None = None) -> None:
         raise UsageError(
             f"--out {out} is the --teacher folder {teacher} or inside it; the "
             "artifact's files would mix with the teacher's (name another folder)")
-    _probe_out(out)
-
-
-def _probe_out(out: Path) -> None:
-    """Refuse (exit 2) an ``--out`` where the run could make no folder or file:
-    one of each is made, then removed, in the nearest existing folder at or above
-    it (``out`` itself when it exists). Permission bits are not enough: for root
-    they allow /proc and /sys, which refuse new entries all the same, and a
-    read-only mount passes them too."""
-    from flows.readers.writers import write_problem
-
-    above = nearest_existing(out)
-    try:
-        probe = Path(tempfile.mkdtemp(prefix=".compress-probe-", dir=above))
-    except OSError as exc:
-        raise UsageError(f"--out {out}: cannot make a folder in {above} "
-                         f"({write_problem(exc, above / '.probe')})") from exc
-    try:
-        fd = os.open(probe / "file", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.close(fd)
-    except OSError as exc:
-        raise UsageError(f"--out {out}: cannot make a file in {above} "
-                         f"({write_problem(exc, probe / 'file')})") from exc
-    finally:
-        with contextlib.suppress(OSError):
-            (probe / "file").unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            probe.rmdir()
+    check_can_create(out, f"--out {out}")
 
 
 def _check_torch_int8_flags(args: argparse.Namespace) -> None:

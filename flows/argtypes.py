@@ -12,15 +12,18 @@ them refuse an unknown zone with the same words.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from flows.errors import UsageError
 
 __all__ = [
-    "check_writable_above", "integer", "integers", "real", "reals", "zone_name",
+    "check_can_create", "check_writable_above", "integer", "integers", "real",
+    "reals", "zone_name",
 ]
 
 
@@ -148,3 +151,29 @@ def check_writable_above(start: Path, label: str) -> None:
     if not os.access(above, os.W_OK | os.X_OK):
         raise UsageError(f"{label}: cannot write in {above}")
 
+
+def check_can_create(start: Path, label: str) -> None:
+    """Refuse (UsageError) an output under ``start`` where no folder or file can
+    be made: one of each is made, then removed, in the nearest existing folder at
+    or above it. Stricter than :func:`check_writable_above`, whose permission bits
+    allow /proc and /sys for root (they refuse new entries all the same), and a
+    read-only mount too; ``label`` names the flag and value (``--out X``)."""
+    from flows.readers.writers import write_problem
+
+    above = nearest_existing(start)
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".gatewatch-probe-", dir=above))
+    except OSError as exc:
+        raise UsageError(f"{label}: cannot make a folder in {above} "
+                         f"({write_problem(exc, above / '.probe')})") from exc
+    try:
+        fd = os.open(probe / "file", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+    except OSError as exc:
+        raise UsageError(f"{label}: cannot make a file in {above} "
+                         f"({write_problem(exc, probe / 'file')})") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            (probe / "file").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            probe.rmdir()
