@@ -160,11 +160,18 @@ def _held_out_split(
             continue
         k = max(1, int(round(fraction * len(candidates))))
         held += sorted(rng.choice(candidates, size=k, replace=False).tolist())
-    moving = np.isin(details, held) & np.isin(split, ("train", "val"))
     split = np.asarray(split, dtype=object).copy()
-    split[moving] = "val"
+    _types_to_val(split, details, held)
     logger.info("held out %d attack types for validation: %s", len(held), held)
     return split, held
+
+
+def _types_to_val(split: np.ndarray, details: Any, held: list[str]) -> None:
+    """Move, in ``split`` (in place), the train and val rows whose attack type
+    (``details``) is one of ``held`` to val; test rows stay where they are."""
+    names = np.asarray(details, dtype=object).astype(str)
+    split[np.isin(names, [str(h) for h in held])
+          & np.isin(split, ("train", "val"))] = "val"
 
 
 def _registry() -> dict[str, Any]:
@@ -463,12 +470,8 @@ def move_to_val(prep: Prepared, held: list[str]) -> None:
     """Move the train and validation rows of the attack types ``held`` to
     validation in ``prep`` (in place), as teacher train did with the types it held
     out; test rows stay where they are."""
-    if not held or prep.details is None:
-        return
-    details = np.asarray(prep.details, dtype=object).astype(str)
-    moving = np.isin(details, [str(h) for h in held]) & np.isin(
-        prep.split, ("train", "val"))
-    prep.split[moving] = "val"
+    if held and prep.details is not None:
+        _types_to_val(prep.split, prep.details, held)
 
 
 def _teacher_split(prep: Prepared, rows: np.ndarray,
@@ -481,9 +484,7 @@ def _teacher_split(prep: Prepared, rows: np.ndarray,
     split = stratified_split(prep.y[rows], seed=seed)
     held = provenance.get("held_out_types")
     if isinstance(held, list) and held and prep.details is not None:
-        details = np.asarray(prep.details[rows], dtype=object).astype(str)
-        split[np.isin(details, [str(h) for h in held])
-              & np.isin(split, ("train", "val"))] = "val"
+        _types_to_val(split, prep.details[rows], held)
     return split
 
 
