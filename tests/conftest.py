@@ -80,6 +80,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def signal_state(pid: int, signum: int, field: str) -> bool:
+    """Whether process ``pid`` catches (``field`` "SigCgt") or ignores ("SigIgn")
+    ``signum``, from /proc/PID/status (Linux); False once the process is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith(f"{field}:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
 def wait_for(cond, timeout: float, what: str, poll: float = 0.05) -> None:
     """Poll ``cond`` until true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

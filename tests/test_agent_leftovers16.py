@@ -34,7 +34,7 @@ from edge_agent.cli import main  # noqa: E402
 from edge_agent.outbox import Outbox  # noqa: E402
 from edge_agent.sources import open_source  # noqa: E402
 from flows.errors import GatewatchError  # noqa: E402
-from tests.conftest import wait_for  # noqa: E402
+from tests.conftest import signal_state, wait_for  # noqa: E402
 from tests.test_agent_imports import _HEADER  # noqa: E402
 from tests.test_ota_artifacts import (  # noqa: E402
     conn_records,
@@ -68,14 +68,7 @@ def _log_text(first: int, last: int) -> str:
 
 def _catches(pid: int, signum: int) -> bool:
     """Whether process ``pid`` has a handler of its own for ``signum`` (Linux)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    for line in status.splitlines():
-        if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
-    return False
+    return signal_state(pid, signum, "SigCgt")
 
 
 def _run_args(art: Path, outbox: Path, *more: str) -> list[str]:

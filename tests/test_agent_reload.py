@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from tests.conftest import wait_for  # noqa: E402
+from tests.conftest import signal_state, wait_for  # noqa: E402
 from tests.test_ota_artifacts import (  # noqa: E402
     conn_records,
     fit_conn_encoder,
@@ -125,14 +125,7 @@ def test_sighup_reloads_the_current_link_and_refuses_a_failing_model(tmp_path):
 
 def _ignores(pid: int, signum: int) -> bool:
     """Whether process ``pid`` ignores ``signum`` (Linux: /proc/PID/status)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    for line in status.splitlines():
-        if line.startswith("SigIgn:"):
-            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
-    return False
+    return signal_state(pid, signum, "SigIgn")
 
 
 def test_a_sighup_while_the_agent_starts_does_not_end_it(tmp_path):
