@@ -214,21 +214,12 @@ def data_ref(path: str | os.PathLike[str], data_dir: Any = None) -> str:
     return str(resolved)
 
 
-# The feature family each format of flows.readers is read into (a Parquet file's
-# is in its schema: _parquet_family).
-_FORMAT_FAMILY = {
-    "zeek-tsv": "conn", "zeek-json": "conn", "binetflow": "conn", "pcap": "conn",
-    "pcapng": "conn", "nsl-kdd": "nsl-kdd", "unsw-nb15": "unsw-nb15",
-    "cic-csv": "cic",
-}
-
-
 def sniff_family(path: str | os.PathLike[str]) -> str | None:
     """The feature family of the flow file at ``path``, from its first 64 KiB
     (gunzipped; a Parquet file's schema), without reading the rest; None where the
     head does not tell (then only a whole read can say, and name the problem)."""
     from flows.errors import GatewatchError
-    from flows.readers.stream import stream_format
+    from flows.readers.stream import FORMAT_FAMILY, stream_format
 
     try:
         found = stream_format(str(path))
@@ -236,7 +227,7 @@ def sniff_family(path: str | os.PathLike[str]) -> str | None:
         return None
     if found == "parquet":
         return _parquet_family(path)
-    return _FORMAT_FAMILY.get(found)
+    return FORMAT_FAMILY.get(found)
 
 
 def _parquet_family(path: str | os.PathLike[str]) -> str | None:

@@ -379,8 +379,14 @@ class Place:
 
 # sniff_text looks at no more than this many bytes of (gunzipped) text.
 _SNIFF_BYTES = 65536
-# The formats of other families than conn: iter_records refuses them by their head.
-_NOT_CONN = ("nsl-kdd", "unsw-nb15", "cic-csv")
+# The feature family each format stream_format names is read into (a Parquet
+# file's is in its schema instead). iter_records refuses, by the head, the formats
+# of other families than conn.
+FORMAT_FAMILY = {
+    "zeek-tsv": "conn", "zeek-json": "conn", "binetflow": "conn", "pcap": "conn",
+    "pcapng": "conn", "nsl-kdd": "nsl-kdd", "unsw-nb15": "unsw-nb15",
+    "cic-csv": "cic",
+}
 
 
 def _head(path: str) -> bytes:
@@ -464,7 +470,7 @@ def iter_records(
     check_timezone(timezone)
     name = str(path)
     fmt = stream_format(name)
-    if fmt in _NOT_CONN:
+    if FORMAT_FAMILY.get(fmt, "conn") != "conn":
         # Refused from its head, before the whole file is read for nothing.
         raise BadInputError(f"is {fmt}, not a conn-family input", path=name)
 
