@@ -302,6 +302,12 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 50) -> None:
     p.add_argument("--benign-mixup", type=real(0, 1, hi_open=True), default=None,
                    help="share of each training batch turned into blends of two "
                         "benign windows, labelled benign (default 0: off)")
+    p.add_argument("--forest-targets", type=real(0, 0.5, hi_open=True),
+                   default=None,
+                   help="share of a Random Forest's out-of-bag score blended into "
+                        "each training row's target (the forest of `teacher "
+                        "baselines`, fitted on the training rows first; default 0: "
+                        "off)")
     p.add_argument("--type-power", type=real(0, 1), default=None,
                    help="the malicious half of balanced sampling shared among "
                         "attack types by (type rows)^P: 1 as the data holds them "
@@ -630,7 +636,8 @@ def _train_config(args: argparse.Namespace, **defaults: Any) -> Any:
     for name in ("lr", "weight_decay", "batch_size", "input_noise", "label_smoothing",
                  "ema", "feature_dropout", "stop_on", "stop_rows", "schedule",
                  "keep", "outliers", "outlier_swap", "outlier_unit", "outlier_donors",
-                 "benign_mixup", "type_power", "benign_power", "benign_group"):
+                 "benign_mixup", "type_power", "benign_power", "benign_group",
+                 "forest_targets"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return TrainConfig(**kw)

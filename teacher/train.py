@@ -20,6 +20,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -90,6 +91,12 @@ class TrainConfig:
     of the categorical field ``benign_group`` (``service`` by default) of each
     window's last flow, by (rows with that value)^P: 1 as the data holds them, 0.5
     by the square root, so that rarer benign connections are drawn more often.
+    ``forest_targets`` blends that share of a Random Forest's out-of-bag score into
+    each training row's target: ``(1 - a) * label + a * forest``, the forest
+    (teacher.baselines' settings, seeded with ``seed``) fitted on the training
+    windows, each row scored only by the trees that did not see it; made-up
+    anomalies and benign blends keep their own targets. Below 0.5, so the label
+    still decides which side of 0.5 a target lies.
     """
 
     epochs: int = 50
@@ -122,6 +129,7 @@ class TrainConfig:
     outlier_unit: str = "column"
     outlier_donors: str = "any"
     benign_mixup: float = 0.0
+    forest_targets: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -153,6 +161,8 @@ class TrainConfig:
             problems.append("outliers must be in [0, 1), outlier_swap in (0, 1]")
         if not 0.0 <= self.benign_mixup < 1.0 - self.outliers:
             problems.append("benign_mixup must be in [0, 1 - outliers)")
+        if not 0.0 <= self.forest_targets < 0.5:
+            problems.append("forest_targets must be in [0, 0.5)")
         if not 0.0 <= self.feature_dropout < 1.0:
             problems.append("feature_dropout must be in [0, 1)")
         if self.epochs < 1 or self.patience < 1:
@@ -301,6 +311,26 @@ def _category_codes(prep: Prepared, rows: np.ndarray, name: str) -> np.ndarray:
             f"encoder (its categorical fields: {', '.join(names) or 'none'})")
     start, stop = block
     return np.argmax(prep.X[prep.idx[rows, -1], start:stop], axis=1).astype(np.int64)
+
+
+def forest_scores(x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+    """Out-of-bag probability of "malicious" for each training window ``x``.
+
+    The Random Forest of ``teacher baselines`` (same trees, seeded with ``seed``),
+    fitted on ``x`` flattened; each window is scored by the trees whose bootstrap
+    sample left it out, so the score says how a forest judges a row it has not
+    learned. A row that every tree saw (rare with 100 trees) keeps its label.
+    Float32 ``[N]``; fitted on as many threads as torch uses.
+    """
+    from teacher.baselines import _build
+
+    forest = _build("rf", seed).set_params(oob_score=True,
+                                           n_jobs=torch.get_num_threads())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "some inputs have no OOB"
+        forest.fit(x.reshape(len(x), -1), y)
+    oob = forest.oob_decision_function_[:, list(forest.classes_).index(1)]
+    return np.where(np.isnan(oob), y, oob).astype(np.float32)
 
 
 def _epoch_order(
@@ -482,6 +512,12 @@ def fit(
     def train_windows(pos: np.ndarray) -> np.ndarray:
         return train_x[pos] if train_x is not None else prep.windows(tr[pos])
 
+    # The forest's out-of-bag scores of the training rows, for forest_targets.
+    forest_tr = None
+    if tc.forest_targets > 0:
+        every = np.arange(len(y_tr))
+        forest_tr = forest_scores(train_windows(every), y_tr, tc.seed)
+
     def val_windows(pos: np.ndarray) -> np.ndarray:
         return prep.windows(pos)
 
@@ -546,6 +582,9 @@ def fit(
             mine = chunk[rank::world]
             x = torch.from_numpy(train_windows(mine)).to(device, non_blocking=True)
             target = torch.from_numpy(y_tr[mine].astype(np.float32)).to(device)
+            if forest_tr is not None:
+                forest = torch.from_numpy(forest_tr[mine]).to(device)
+                target = (1 - tc.forest_targets) * target + tc.forest_targets * forest
             if tc.outliers > 0:
                 x, target = _with_outliers(x, target, tc.outliers, tc.outlier_swap,
                                            fields, tc.outlier_donors)

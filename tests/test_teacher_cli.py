@@ -1000,3 +1000,16 @@ def test_init_from_of_another_family_is_refused_before_the_data_is_read(
     assert code == 3
     assert line.endswith("ctu-conn holds 'conn' records but the checkpoint's encoder "
                          "was fitted on 'nsl-kdd'")
+
+
+def test_forest_targets_flag_is_bounded_and_reaches_the_training_settings(
+        tmp_path, capsys):
+    from teacher.cli import _train_config, build_parser
+
+    assert main(["train", "--data", "x", "--out", str(tmp_path / "t"),
+                 "--forest-targets", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --forest-targets: must be a number in [0, 0.5), got '0.5'" in err
+    args = build_parser().parse_args(["train", "--data", "x", "--out", "t",
+                                      "--forest-targets", "0.3"])
+    assert _train_config(args).forest_targets == 0.3

@@ -451,3 +451,84 @@ def test_a_file_under_the_data_folder_is_named_so_it_is_found_after_a_move(
     monkeypatch.setenv("GATEWATCH_DATA", str(tmp_path / "b"))
     again = prepare(ref, encoder=first.encoder, need_split=True)
     assert again.files == first.files and len(again.y) == len(first.y)
+
+
+def test_forest_scores_judge_each_row_by_trees_that_did_not_see_it():
+    from teacher.train import forest_scores
+
+    # Malicious when x0 > 0.5; the labels of 8 rows deep on the benign side are
+    # flipped. A forest scoring rows it learned repeats their labels (near 1); the
+    # out-of-bag score follows their benign neighbours instead.
+    rng = np.random.default_rng(3)
+    x = rng.random((600, 1, 3)).astype(np.float32)
+    y = (x[:, 0, 0] > 0.5).astype(np.int64)
+    flipped = np.flatnonzero(x[:, 0, 0] < 0.25)[:8]
+    y[flipped] = 1
+
+    scores = forest_scores(x, y, seed=0)
+
+    assert scores.shape == (600,) and scores.dtype == np.float32
+    assert scores[flipped].max() < 0.5
+    clean = np.setdiff1d(np.arange(600), flipped)
+    assert ((scores[clean] >= 0.5) == y[clean].astype(bool)).mean() > 0.9
+
+
+def test_forest_targets_blend_the_forest_score_into_each_training_target(monkeypatch):
+    import teacher.train as train_mod
+
+    # The forest replaced by a known score (0.8 for every row) and the loss by one
+    # that records its targets: each target must be 0.75 * label + 0.25 * 0.8.
+    seen: list[torch.Tensor] = []
+
+    class Recording(torch.nn.BCEWithLogitsLoss):
+        def forward(self, logits, target):
+            seen.append(target.detach().clone())
+            return super().forward(logits, target)
+
+    fitted = []
+
+    def fake_forest(x, y, seed):
+        fitted.append((len(x), seed))
+        return np.full(len(y), 0.8, dtype=np.float32)
+
+    monkeypatch.setattr(train_mod, "forest_scores", fake_forest)
+    monkeypatch.setattr(train_mod.nn, "BCEWithLogitsLoss", Recording)
+    prep = synthetic(n=300)
+    tc = TrainConfig(epochs=1, batch_size=32, label_smoothing=0.0, input_noise=0.0,
+                     forest_targets=0.25, seed=7)
+    res = fit(prep, _config(prep), tc)
+
+    assert fitted == [(len(prep.rows("train")), 7)]
+    values = torch.cat(seen).unique().tolist()
+    assert values == pytest.approx([0.2, 0.95])
+    assert res.train_config["forest_targets"] == 0.25
+
+
+def test_forest_targets_leave_made_up_anomalies_at_one(monkeypatch):
+    import teacher.train as train_mod
+
+    seen: list[torch.Tensor] = []
+
+    class Recording(torch.nn.BCEWithLogitsLoss):
+        def forward(self, logits, target):
+            seen.append(target.detach().clone())
+            return super().forward(logits, target)
+
+    monkeypatch.setattr(train_mod, "forest_scores",
+                        lambda x, y, seed: np.zeros(len(y), dtype=np.float32))
+    monkeypatch.setattr(train_mod.nn, "BCEWithLogitsLoss", Recording)
+    prep = synthetic(n=300)
+    tc = TrainConfig(epochs=1, batch_size=40, label_smoothing=0.0, outliers=0.25,
+                     forest_targets=0.4)
+    fit(prep, _config(prep), tc)
+
+    for target in seen:
+        assert target[:10].tolist() == [1.0] * 10  # the made-up anomalies
+        assert {round(v, 6) for v in target[10:].tolist()} <= {0.0, 0.6}
+
+
+def test_forest_targets_below_one_half_only():
+    with pytest.raises(UsageError, match="forest_targets"):
+        TrainConfig(forest_targets=0.5)
+    with pytest.raises(UsageError, match="forest_targets"):
+        TrainConfig(forest_targets=-0.1)
