@@ -1038,11 +1038,13 @@ def _check_not_older(
     bundle: Path,
     allow_downgrade: bool,
 ) -> None:
-    """UsageError when the bundle was built before the running model was issued,
-    or before the last bundle flashed on this root was built.
+    """UsageError when the bundle was built before the newest model ever active on
+    this root was issued (the running one, or a newer one a rollback left), or
+    before the last bundle flashed on this root was built.
 
-    The first is the rule of a model update (:class:`edge_agent.ota.ModelUpdater`),
-    so an old bundle cannot quietly undo a newer model; the second catches an old
+    The first is the rule of a model update (:class:`edge_agent.ota.ModelUpdater`,
+    the floor of :meth:`ModelSlots.floor`), so an old bundle cannot quietly undo a
+    newer model, also after a rollback; the second catches an old
     bundle with the running model, whose config, agent and unit would otherwise
     undo newer ones (a root flashed before :func:`flashed` records existed has
     only the first). ``allow_downgrade`` lets a deliberate one through with a
@@ -1052,7 +1054,8 @@ def _check_not_older(
     """
     slots = ModelSlots(layout.models)
     running = slots.info(slots.active())
-    running_issued = running.get("issued_at")
+    floor = _newer_floor(slots.floor(), running) or {}
+    floor_issued = floor.get("issued_at")
     try:
         last = flashed(layout, hint="" if allow_downgrade else _RECORD_HINT)
     except BadInputError as exc:
@@ -1064,15 +1067,20 @@ def _check_not_older(
         last = None
     built = manifest.data.get("created_ts")
     problem = None
-    if running_issued is not None and (
-        built is None or float(built) < float(running_issued)
+    if floor_issued is not None and (
+        built is None or float(built) < float(floor_issued)
     ):
-        fine = _same_second(built, running_issued)
+        fine = _same_second(built, floor_issued)
+        newest = floor.get("model_version")
+        if float(floor_issued) == float(running.get("issued_at") or "nan"):
+            which = f"the running model {newest}"
+        else:  # a rollback made an older model active; the floor stays
+            which = (f"model {newest}, the newest ever active here (running "
+                     f"{running.get('model_version')} after a rollback),")
         problem = (
             f"bundle {bundle} (model {manifest.model_version}) "
-            f"{_built_when(built, fine)}, before the running model "
-            f"{running.get('model_version')} was issued "
-            f"{_utc(float(running_issued), fine)}"
+            f"{_built_when(built, fine)}, before {which} was issued "
+            f"{_utc(float(floor_issued), fine)}"
         )
     elif last is not None and (built is None or float(built) < last["created_ts"]):
         fine = _same_second(built, last["created_ts"])

@@ -367,6 +367,39 @@ def test_flash_refuses_a_downgrade_unless_allowed(
     assert "installing it anyway (--allow-downgrade)" in caplog.text
 
 
+def test_flash_after_a_rollback_refuses_a_bundle_older_than_the_newest_model(
+    tmp_path, keys, agent_wheel, no_install
+):
+    # Found: flash compared a bundle with the running model only, so after a
+    # rollback to an older model it installed a bundle that a model update issued
+    # at the same time is refused as (the floor: the newest model ever active).
+    out, _ = _build(tmp_path, keys, agent_wheel)
+    built = json.loads(bundle.verify_bundle(out, keys[1]).raw)["created_ts"]
+    root = tmp_path / "root"
+    models = _flashed_root(root, issued_at=built - 3600, version="b-0005")
+    (models / "B").mkdir()
+    newer = {"model_version": "b-0009", "issued_at": built + 3600, "source": "test"}
+    state = json.loads((models / "slots.json").read_text())
+    state.update(B=newer, newest_active={"model_version": "b-0009",
+                                         "issued_at": built + 3600})
+    (models / "slots.json").write_text(json.dumps(state))
+    before = snapshot(root)
+
+    with pytest.raises(UsageError) as caught:
+        flash_mod.flash(out, root, keys[1])
+
+    message = str(caught.value)
+    assert message.startswith(f"bundle {out} (model b-0001) was built ")
+    assert ("before model b-0009, the newest ever active here (running b-0005 "
+            "after a rollback), was issued ") in message
+    assert message.endswith("refusing a downgrade (pass --allow-downgrade to "
+                            "install it anyway, or use rollback to go back to the "
+                            "previous slot)")
+    assert snapshot(root) == before
+    with pytest.raises(_ReachedInstall):
+        flash_mod.flash(out, root, keys[1], allow_downgrade=True)
+
+
 def test_flash_takes_a_newer_or_the_same_bundle(
     tmp_path, keys, agent_wheel, no_install
 ):
