@@ -215,3 +215,25 @@ def test_stream_format_agrees_with_detect_format(tmp_path: Path, text: str) -> N
             assert str(err.value) == str(exc)
         else:
             assert stream_format(str(path)) == want
+
+
+def test_a_gzip_stream_cut_inside_its_first_line_is_named_as_cut(tmp_path: Path):
+    """Found: the streaming reader sniffed the cut line alone and said 'looks like
+    an Argus binetflow file but the header has no 'DstAddr' column'."""
+    import zlib
+
+    from flows.errors import BadInputError
+    from flows.readers.stream import iter_records, stream_format
+
+    header = b"StartTime,Dur,Proto,SrcAddr,Sport,Dir,DstAddr,Dport,State,Label\n"
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+    cut = deflate.compress(header[:30]) + deflate.flush(zlib.Z_SYNC_FLUSH)
+    path = tmp_path / "cut.binetflow.gz"
+    path.write_bytes(cut)  # no end marker: the stream stops inside line 1
+
+    for attempt in (lambda: stream_format(str(path)),
+                    lambda: next(iter_records(path))):
+        with pytest.raises(BadInputError) as err:
+            attempt()
+        assert "gzip stream cut at byte offset" in str(err.value)
+        assert "DstAddr" not in str(err.value)

@@ -417,8 +417,10 @@ def stream_format(path: str) -> str:
     if kind is not None:
         return kind
     head = _head(path)
-    if not head or head.isspace():
-        return detect_format(path)  # short: the whole read gives the exact error
+    if not head or head.isspace() or (b"\n" not in head and len(head) < _SNIFF_BYTES):
+        # Short, or one cut line (a gzip stream ending inside it): the whole read
+        # gives the exact error.
+        return detect_format(path)
     check_wide_text(head, path)
     return sniff_text(head, path)
 
