@@ -98,3 +98,60 @@ def test_without_privilege_the_error_says_how_to_grant_it(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "setcap cap_net_raw,cap_net_admin+eip" in proc.stdout
     assert "cannot capture on 'lo'" in proc.stdout
+
+
+class _FakeCapture:
+    """A capture handle with nothing to read (a pipe's read end as its fd), or one
+    that fails on its first read; records whether it was closed."""
+
+    def __init__(self, fail: bool = False):
+        self.read_fd, self.write_fd = os.pipe()
+        self.fail, self.closed = fail, 0
+        if fail:
+            os.write(self.write_fd, b"x")  # select says ready, dispatch fails
+
+    def datalink(self):
+        return 1
+
+    def setnonblock(self, flag):
+        pass
+
+    def getfd(self):
+        return self.read_fd
+
+    def dispatch(self, budget, callback):
+        if self.fail:
+            raise OSError(19, "No such device")
+        return 0
+
+    def stats(self):
+        return 0, 0, 0
+
+    def close(self):
+        self.closed += 1
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+@pytest.mark.parametrize("how", ["ends", "fails", "stopped"])
+def test_the_capture_handle_is_closed_however_the_capture_ends(monkeypatch, how):
+    # Found: iter_live never closed its libpcap handle; it stayed open until the
+    # garbage collector took the generator.
+    import flows.meter.live as live
+
+    cap = _FakeCapture(fail=how == "fails")
+    monkeypatch.setattr(live, "open_live", lambda *a, **k: cap)
+    monkeypatch.setattr(live, "fast_available", lambda: True, raising=False)
+    flows = live.iter_live("lo", duration=0.3)
+
+    if how == "ends":
+        assert list(flows) == []
+    elif how == "fails":
+        with pytest.raises(live.CaptureFailedError, match="No such device"):
+            list(flows)
+    else:
+        end = threading.Event()
+        flows = live.iter_live("lo", duration=5.0, end=end)
+        end.set()
+        assert list(flows) == []
+    assert cap.closed == 1

@@ -194,8 +194,20 @@ def iter_live(
     early by a full table) and ``dropped`` (packets libpcap or the interface
     dropped).
     """
-    counts = {} if counts is None else counts
     cap = open_live(name, bpf=bpf, promisc=promisc)
+    try:
+        yield from _capture(cap, name, duration, max_packets, timeouts, max_flows,
+                            check_checksums, engine, end, counts)
+    finally:
+        cap.close()  # also when the reader leaves early: not left to the collector
+
+
+def _capture(cap, name: str, duration: float | None, max_packets: int | None,
+             timeouts: Timeouts | None, max_flows: int, check_checksums: bool,
+             engine: str | None, end: threading.Event | None,
+             counts: dict[str, int] | None) -> Iterator[dict]:
+    """:func:`iter_live`'s work on the open capture ``cap`` (closed by it)."""
+    counts = {} if counts is None else counts
     link = cap.datalink()
     from flows.meter import make_meter
 
