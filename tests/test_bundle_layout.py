@@ -79,7 +79,8 @@ def test_site_thresholds_travel_signed_in_the_bundle(
     config.write_text(CONFIG)
     out = tmp_path / "gw.tar.gz"
     # The CLI path, with the wheel build and download replaced by the built wheel.
-    monkeypatch.setattr(bundle, "build_agent_wheel", lambda src, outdir: agent_wheel)
+    monkeypatch.setattr(bundle, "build_agent_wheel",
+                        lambda src, outdir, **kw: agent_wheel)
     monkeypatch.setattr(bundle, "runtime_wheels", lambda *a, **k: [])
 
     rc = main(
@@ -114,7 +115,8 @@ def test_a_bundle_without_site_thresholds_says_so(
     artifact = make_artifact(tmp_path / "artifact", version="b-0001")
     config = tmp_path / "gateway.toml"
     config.write_text(CONFIG)
-    monkeypatch.setattr(bundle, "build_agent_wheel", lambda src, outdir: agent_wheel)
+    monkeypatch.setattr(bundle, "build_agent_wheel",
+                        lambda src, outdir, **kw: agent_wheel)
     monkeypatch.setattr(bundle, "runtime_wheels", lambda *a, **k: [])
     args = ["--config", str(config), "--key", str(keys[0])]
 

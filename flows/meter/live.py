@@ -221,8 +221,8 @@ def _capture(cap, name: str, duration: float | None, max_packets: int | None,
     from flows.meter import fast_available
 
     if not fast_available():
-        # TODO(gap): agent bundles carry a pure-Python wheel, so a flashed gateway
-        # meters live traffic this way unless the compiled path is built there.
+        # TODO(gap): a bundle built with --platform (another machine's) carries a
+        # pure-Python agent wheel, so that gateway meters live traffic this way.
         logger.warning(
             "%s: the flow meter runs on its pure-Python packet path (about 10x "
             "slower than the compiled one, which is not built here: pip install "
