@@ -1070,6 +1070,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank != 0:
+        # Wait until rank 0 has written the checkpoint, then leave together: a
+        # rank tearing gloo down while the other still works can abort it.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
         return EXIT_OK
 
@@ -1128,6 +1131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         _warn_small_splits(prep)
         print(json.dumps(summary))
         if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # the other ranks wait for this one
             torch.distributed.destroy_process_group()
         code = _finished(prep)
     closing.note()

@@ -79,3 +79,35 @@ def test_two_cpu_replicas_end_with_identical_weights(tmp_path: Path):
     # They trained: the weights moved away from the shared initialisation.
     assert not all(torch.equal(a[k], init[k]) for k in a if k in init)
     assert float((tmp_path / "f1.txt").read_text()) > 0.5
+
+
+@pytest.mark.timeout(300)
+def test_teacher_train_runs_under_torchrun_and_writes_one_checkpoint(
+        tmp_path: Path, slices):
+    # The command itself under torchrun (the test above drives fit() directly):
+    # rank 0 writes the checkpoint; rank 1 waits for it and leaves with it.
+    import json
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "teacher"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+           "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "teacher.cli", "train",
+           "--data", str(slices[0]), "--out", str(out), "--epochs", "2",
+           "--members", "1", "--batch-size", "64", "--conv-filters", "8",
+           "--lstm-hidden", "8", "--dense", "8", "--samples-per-epoch", "640",
+           "--replay-size", "0", "-q"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    summaries = [json.loads(line) for line in done.stdout.splitlines()
+                 if line.startswith("{")]
+    assert len(summaries) == 1 and summaries[0]["checkpoint"] == str(out)
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["world_size"] == 2
+    assert load_file(str(out / "model.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher"]
