@@ -90,8 +90,10 @@ RUN_EPILOG = f"""\
 exit codes:
   {EXIT_OK}    ok: an artifact was written (with --target all, for at least one
        target; the others are listed as not made)
-  {EXIT_FAILURE}    failure: the teacher checkpoint or a model is unusable, or an
-       export failed; or a file under --out could not be written (a full
+  {EXIT_FAILURE}    failure: the teacher checkpoint or a model is unusable, or no
+       artifact was made because every export failed (a converter or
+       runtime refused each candidate, or torch-int8's program could not
+       be saved); or a file under --out could not be written (a full
        disk): one line naming --out and the reason, at the first such
        failure; the artifact --out held is kept whole
   {EXIT_USAGE}    usage: bad flags or arguments; a --teacher that is a compress
@@ -576,17 +578,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_and_report(cfg: Any, args: argparse.Namespace, run: Any) -> int:
     """Run the pipeline with ``cfg`` and print what it made (``args``: the
     command line's flags); returns the exit code."""
-    from compress.pipeline import UNSEEN_LEGEND, GateMissed, frontier_table
+    from compress.pipeline import (
+        UNSEEN_LEGEND,
+        ExportsFailed,
+        GateMissed,
+        frontier_table,
+    )
+    from flows.errors import one_line
 
     try:
         result = run(cfg, progress=_progress(args.quiet))
     except GateMissed as exc:
         if not args.json:
-            raise  # the error line, then the frontier table, on stderr
+            # The error line, then the frontier table (when any candidate was
+            # made) on its own lines, on stderr.
+            print(f"error: {one_line(exc.reason)}", file=sys.stderr)
+            if exc.table:
+                print(exc.table, file=sys.stderr)
+            return exc.exit_code
         # The summary on stdout as after a success (no artifacts); the error line
         # on stderr without the table, which the JSON holds.
         print(json.dumps(_summary(exc.result), indent=2))
-        raise GateError(exc.reason) from exc
+        raise (GatewatchError if isinstance(exc, ExportsFailed) else GateError)(
+            exc.reason) from exc
     summary = _summary(result)
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -73,6 +73,7 @@ from compress.export import (
 from compress.prune import magnitude_sparsity, structured_prune
 from compress.qat import ACT_RANGE, QAT_KINDS, WEIGHT_RANGE, qat_finetune
 from flows.errors import (
+    EXIT_FAILURE,
     BadInputError,
     ExportError,
     GateError,
@@ -90,6 +91,7 @@ __all__ = [
     "TARGETS",
     "UNSEEN_LEGEND",
     "Candidate",
+    "ExportsFailed",
     "GateMissed",
     "RunConfig",
     "RunResult",
@@ -328,6 +330,15 @@ class GateMissed(GateError):
         super().__init__(f"{reason}\n{table}")
         self.reason = reason
         self.result = result
+        self.table = table if result.frontier else ""
+
+
+class ExportsFailed(GateMissed):
+    """No artifact was made because every candidate failed before the gate (an
+    export the converter or its runtime refused): a failure (exit 1), not the
+    gate's rule missed. Carries the run's result as GateMissed does."""
+
+    exit_code = EXIT_FAILURE
 
 
 # ------------------------------------------------------------------ context
@@ -1294,10 +1305,18 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunRes
         others = "".join(f"; {t}: {why}" for t, why in failed.items()
                          if t not in {c.target for c in frontier}
                          and not why.startswith("no candidate passed"))
+        table = f"{frontier_table(frontier)}\n{UNSEEN_LEGEND}"
+        if failed and not any(_at_gate(c) for c in frontier):
+            whys = [f"every export failed ({_first_failure(frontier)})"] \
+                if frontier else []
+            whys += [why if why.startswith(f"{t}:") else f"{t}: {why}"
+                     for t, why in failed.items()
+                     if t not in {c.target for c in frontier}]
+            raise ExportsFailed(f"no artifact was made for {', '.join(targets)}: "
+                                f"{'; '.join(whys)}", result, table)
         reason = (f"no artifact passed the gate for {', '.join(targets)}: "
                   f"{_why_none(ctx, frontier)}{others}")
-        raise GateMissed(reason, result,
-                         f"{frontier_table(frontier)}\n{UNSEEN_LEGEND}")
+        raise GateMissed(reason, result, table)
     return result
 
 
@@ -1353,9 +1372,14 @@ def _why_none(ctx: _Context, rows: list[Candidate]) -> str:
         return "no candidate was made"
     if any(_at_gate(c) for c in rows):
         return f"{_gate_rule(ctx)} ({_tried(ctx, rows)})"
+    return f"no candidate reached it, every export failed ({_first_failure(rows)})"
+
+
+def _first_failure(rows: list[Candidate]) -> str:
+    """``N candidates tried; the first, LABEL QUANT: NOTE`` of failed ``rows``."""
     first = rows[0]
-    return (f"no candidate reached it, every export failed ({_count(rows)}; the "
-            f"first, {first.label} {first.quant or 'float'}: {first.note})")
+    return (f"{_count(rows)}; the first, {first.label} {first.quant or 'float'}: "
+            f"{first.note}")
 
 
 def _count(rows: list[Candidate]) -> str:

@@ -173,6 +173,13 @@ def test_nothing_passing_is_gate_error_exit_5(teacher_dir: Path, tmp_path: Path,
     assert code == 5
     assert err.startswith("error: no artifact passed the gate for onnx-fp32")
     assert not (tmp_path / "none" / "manifest.json").exists()
+    # The frontier table follows on lines of its own (it was folded into the
+    # error line, its rows joined by "; ").
+    lines = err.splitlines()
+    assert len([line for line in lines if line.startswith("error:")]) == 1
+    assert "target" not in lines[0] and lines[1].split()[:3] == [
+        "target", "student", "prune"]
+    assert any(line.startswith("onnx-fp32") and "mlp-2" in line for line in lines)
 
 
 def test_run_takes_data_like_the_other_tools(teacher_dir: Path, tmp_path: Path,

@@ -188,13 +188,40 @@ def test_exports_that_all_fail_say_why_not_the_f1_rule(
     code = main([*_quick(teacher_dir, tmp_path / "art", "onnx-fp32"), "--json"])
 
     captured = capsys.readouterr()
-    assert code == 5
+    # A failure (exit 1, as the help says of a failed export), not the gate (5).
+    assert code == 1
     assert captured.err.splitlines()[-1] + "\n" == (
-        "error: no artifact passed the gate for onnx-fp32: no candidate reached it, "
-        "every export failed (1 candidate tried; the first, mlp-4 float: onnx-fp32: "
-        "torch.onnx.export failed for Linear: boom)\n")
+        "error: no artifact was made for onnx-fp32: every export failed (1 "
+        "candidate tried; the first, mlp-4 float: onnx-fp32: torch.onnx.export "
+        "failed for Linear: boom)\n")
     failed = json.loads(captured.out)["failed"]["onnx-fp32"]
     assert "best validation F1" not in failed and "1 failed before the gate" in failed
+
+
+def test_a_torch_int8_save_that_fails_is_a_failure_named_once(
+        teacher_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:  # noqa: F811
+    # Found: torch reports a full disk while saving the program as a plain
+    # RuntimeError ("saving failed"); the run then said "no artifact passed the
+    # gate" with exit 5, and named the target twice.
+    import compress.inc as inc
+    from compress.cli import main
+    from flows.errors import ExportError
+
+    def full(ctx, src, dest):
+        raise ExportError("torch-int8: saving the quantized teacher failed: "
+                          "PytorchStreamWriter failed writing file data/0")
+
+    monkeypatch.setattr(inc, "torch_int8_artifact", full)
+    out = tmp_path / "art"
+    code = main(["run", "--target", "torch-int8", "--teacher", str(teacher_dir),
+                 "--out", str(out), "--no-timing", "-q"])
+
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.splitlines()[0] == (
+        "error: no artifact was made for torch-int8: torch-int8: saving the "
+        "quantized teacher failed: PytorchStreamWriter failed writing file data/0")
+    assert not out.exists()
 
 
 def test_the_best_f1_counts_only_candidates_measured_at_the_gate() -> None:
