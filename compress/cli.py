@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+from flows.stops import sigterm_stops
 from teacher.interrupts import held, loading
 
 # A Ctrl-C while the modules load is held until they are loaded, then ends the
@@ -72,6 +73,7 @@ exit codes:
        written, and the error names the file, line and column
   {EXIT_GATE}    gate: no compressed artifact met the quality gate
   {EXIT_INTERRUPTED}  interrupted
+  143  stopped by SIGTERM
 """
 
 RUN_DESCRIPTION = """\
@@ -128,6 +130,7 @@ exit codes:
        artifact is being put in place, a Ctrl-C is noted instead: the run
        finishes (its exit code, and a note saying the artifact is
        complete)
+  143  stopped by SIGTERM: as a Ctrl-C, with one line saying so
 """
 EVAL_DESCRIPTION = """\
 Score an artifact in its own runtime (ONNX Runtime or TFLite; with --micro, a
@@ -165,6 +168,7 @@ exit codes:
        cut short is scored up to the cut and its metrics printed; a bad
        row stops with an error naming the file, line and column
   {EXIT_INTERRUPTED}  interrupted
+  143  stopped by SIGTERM
 """
 
 TARGET_CHOICES = (
@@ -967,8 +971,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt as exc:
-        # A message says what the interrupt left behind (see _placing).
+        from flows.stops import EXIT_TERMINATED, Terminated
+
         said = f" {exc}" if str(exc) else ""
+        if isinstance(exc, Terminated):
+            print(f"error: stopped by SIGTERM{said}", file=sys.stderr)
+            return EXIT_TERMINATED
+        # A message says what the interrupt left behind (see _placing).
         print(f"error: interrupted{said}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ModuleNotFoundError as exc:
@@ -991,7 +1000,8 @@ def _main(argv: list[str] | None) -> int:
         return 2
     try:
         _setup(args)
-        return COMMANDS[args.command](args)
+        with sigterm_stops():
+            return COMMANDS[args.command](args)
     except GatewatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -57,11 +57,7 @@ from flows.outfile import (
     temporary_beside,
 )
 from flows.readers.result import damaged_packets
-
-# 128 + SIGTERM: what a shell reports for a process the signal ended, so a
-# caller sees the same status whether the signal came before flows could
-# handle it (while Python starts) or after.
-EXIT_TERMINATED = 128 + int(signal.SIGTERM)
+from flows.stops import EXIT_TERMINATED, Terminated, stop_on_sigterm
 
 EPILOG = f"""\
 exit codes:
@@ -243,12 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         if _wants_json(argv):
             _print_json({"error": exc.message, "exit_code": EXIT_USAGE})
         return EXIT_USAGE
-    before = _stop_on_sigterm()
+    before = stop_on_sigterm()
     try:
         if args.command == "inspect":
             return _inspect(args)
         return _convert(args)
-    except _Terminated:
+    except Terminated:
         print("error: stopped by SIGTERM", file=sys.stderr)
         _failed_json(args, "stopped by SIGTERM", EXIT_TERMINATED)
         return EXIT_TERMINATED
@@ -270,29 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if before is not None:
             signal.signal(signal.SIGTERM, before)
-
-
-class _Terminated(KeyboardInterrupt):
-    """A SIGTERM: raised where it lands, as a Ctrl-C is, so that the same
-    clean-up runs (no temporary output left) and :func:`main` ends with one line
-    and :data:`EXIT_TERMINATED`."""
-
-
-def _raise_terminated(_signum: int, _frame: object) -> None:
-    raise _Terminated
-
-
-def _stop_on_sigterm():
-    """Make a SIGTERM raise :class:`_Terminated` from now on; return the handler
-    it replaced, for :func:`main` to put back (None where nothing was replaced:
-    outside the main thread, or a SIGTERM the process was started ignoring)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    before = signal.getsignal(signal.SIGTERM)
-    if before in (signal.SIG_IGN, None):
-        return None
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    return before
 
 
 class _StopsHeld:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from flows.stops import sigterm_stops
 from teacher.interrupts import Closing, held, loading
 
 # A Ctrl-C while the libraries load (numpy, a second or more) is held until they
@@ -104,6 +105,9 @@ exit codes:
        checkpoint is in place: a Ctrl-C after that is noted on stderr and
        the run ends with its own code (0 or 4), the checkpoint complete; a
        second one stops the closing steps (130, saying the same)
+  143  stopped by SIGTERM: as a Ctrl-C (the same clean-up, the same note
+       once the checkpoint is in place), one line saying so; serve stops in
+       order on SIGTERM (exit 0)
 """
 
 NSL_KDD_HOLDOUT = 0.5
@@ -1760,8 +1764,13 @@ def main(argv: list[str] | None = None) -> int:
         # A gateway install (gatewatch[edge]) has the command but no torch.
         return missing_full_install(exc, "teacher", "train")
     except KeyboardInterrupt as exc:
-        # A message says what the interrupt left behind (see Closing).
+        from flows.stops import EXIT_TERMINATED, Terminated
+
         said = f" {exc}" if str(exc) else ""
+        if isinstance(exc, Terminated):
+            print(f"error: stopped by SIGTERM{said}", file=sys.stderr)
+            return EXIT_TERMINATED
+        # A message says what the interrupt left behind (see Closing).
         print(f"error: interrupted{said}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
@@ -1779,7 +1788,8 @@ def _main(argv: list[str] | None) -> int:
         if hasattr(args, "func"):  # subcommands registered by teacher.serve
             return int(args.func(args) or 0)
         _setup(args)
-        return COMMANDS[args.command](args)
+        with sigterm_stops():
+            return COMMANDS[args.command](args)
     except GatewatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -90,49 +90,73 @@ class Closing:
         self.thing = thing or f"the checkpoint {out}"
         self.interrupted = False
         self.in_place = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
         self._held = False
+        self._by: int | None = None  # the first stop's signal
 
     def __enter__(self) -> Closing:
         return self
 
     def hold(self) -> None:
-        """From now on a Ctrl-C is noted, not raised (until the ``with`` ends)."""
+        """From now on a Ctrl-C, or a SIGTERM that the command turned into a stop
+        (:func:`flows.stops.stop_on_sigterm`), is noted, not raised (until the
+        ``with`` ends)."""
         if self._held or threading.current_thread() is not threading.main_thread():
             return
-        self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        self._previous = {signal.SIGINT: signal.signal(signal.SIGINT,
+                                                       self._on_interrupt)}
+        if _stop_on_sigterm_is_set():
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM,
+                                                           self._on_interrupt)
         self._held = True
 
     def placed(self) -> None:
         """The checkpoint is in place: the run has finished, whatever comes next."""
         self.in_place = True
         if self._held:
-            _ignore_interrupts_at_exit()
+            _ignore_interrupts_at_exit(list(self._previous))
 
     def _on_interrupt(self, signum: int, frame: Any) -> None:
         if self.interrupted and self.in_place:
-            raise KeyboardInterrupt(f"after {self.thing} was written (it is complete)")
+            from flows.stops import Terminated
+
+            stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+            raise stop(f"after {self.thing} was written (it is complete)")
         self.interrupted = True
+        self._by = self._by or signum
 
     def __exit__(self, *exc: Any) -> None:
         if self._held:
-            signal.signal(signal.SIGINT, self._previous)
+            for signum, previous in self._previous.items():
+                signal.signal(signum, previous)
             self._held = False
 
     def note(self) -> None:
-        """Say on stderr that a Ctrl-C came once the checkpoint was in place."""
+        """Say on stderr that a stop came once the checkpoint was in place."""
         if self.interrupted and self.in_place:
-            print(f"note: interrupted after {self.thing} was written; it is "
+            how = ("stopped by SIGTERM" if self._by == signal.SIGTERM
+                   else "interrupted")
+            print(f"note: {how} after {self.thing} was written; it is "
                   "complete and the run has finished", file=sys.stderr)
 
 
-_IGNORING_AT_EXIT: list[bool] = []
+def _stop_on_sigterm_is_set() -> bool:
+    """Whether SIGTERM raises :class:`flows.stops.Terminated` now (the command
+    line set it); otherwise SIGTERM is left as it is."""
+    from flows.stops import sigterm_is_a_stop
+
+    return sigterm_is_a_stop()
 
 
-def _ignore_interrupts_at_exit() -> None:
-    """Make Python's teardown, once a checkpoint is written, ignore Ctrl-C (see
-    :class:`Closing`). Registered once per process; it acts only at exit, after
-    the command has returned."""
-    if not _IGNORING_AT_EXIT:
-        _IGNORING_AT_EXIT.append(True)
-        atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
+_IGNORING_AT_EXIT: list[int] = []
+
+
+def _ignore_interrupts_at_exit(signums: list[int] | None = None) -> None:
+    """Make Python's teardown, once a checkpoint is written, ignore Ctrl-C (and
+    SIGTERM where the command made it a stop; see :class:`Closing`). Registered
+    once per signal and process; it acts only at exit, after the command has
+    returned."""
+    for signum in signums or [signal.SIGINT]:
+        if signum not in _IGNORING_AT_EXIT:
+            _IGNORING_AT_EXIT.append(signum)
+            atexit.register(signal.signal, signum, signal.SIG_IGN)
