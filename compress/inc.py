@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,15 +122,9 @@ def quantize_teacher(
     max_f1_drop: float,
 ) -> tuple[Any, dict[str, Any]]:
     """INC PT2E static int8 of ``net``; autotune against validation F1 when it works."""
-    with _inc_quiet():
+    with _inc_quiet():  # INC's first load sets its log level (used by _tune too)
+        import neural_compressor.torch.quantization  # noqa: F401
         from neural_compressor.torch.export import export
-        from neural_compressor.torch.quantization import (
-            TuningConfig,
-            autotune,
-            convert,
-            get_default_static_config,
-            prepare,
-        )
 
     from teacher.metrics import binary_metrics, choose_threshold
 
@@ -147,6 +142,34 @@ def quantize_teacher(
         raise ExportError(
             f"torch-int8: torch.export of the teacher failed: {exc}"
         ) from exc
+
+    with _pytree_quiet():
+        return _tune(net, exported, example, dims, calibration, val_f1, max_f1_drop)
+
+
+@contextlib.contextmanager
+def _pytree_quiet() -> Iterator[None]:
+    """INC deep-copies the exported graph for every trial, and torch's pytree warns
+    on each copy (a FutureWarning on stderr) that a check inside torch itself is
+    deprecated: nothing a user can act on, so it is dropped here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`",
+                                category=FutureWarning)
+        yield
+
+
+def _tune(net: torch.nn.Module, exported: Any, example: tuple, dims: Any,
+          calibration: np.ndarray, val_f1: Any, max_f1_drop: float,
+          ) -> tuple[Any, dict[str, Any]]:
+    """:func:`quantize_teacher`'s tuning of the exported graph."""
+    from neural_compressor.torch.export import export
+    from neural_compressor.torch.quantization import (
+        TuningConfig,
+        autotune,
+        convert,
+        get_default_static_config,
+        prepare,
+    )
 
     # Accuracy-driven tuning first; a plain default static PTQ when it fails.
     info: dict[str, Any] = {"tool": "neural-compressor PT2E static (X86 inductor)"}
