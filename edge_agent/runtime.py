@@ -16,10 +16,16 @@ installed). Runtimes are imported when a model needs them. Never torch or tensor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import re
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -561,6 +567,45 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+# LiteRT's C++ runtime writes this INFO line to the process's stderr each time it
+# applies its default XNNPACK delegate (in allocate_tensors); no Python setting
+# turns it off short of turning the delegate off, which makes scoring slower.
+_DELEGATE_BANNER = b"Created TensorFlow Lite XNNPACK delegate"
+_STDERR_HELD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_delegate_banner() -> Iterator[None]:
+    """Run the block with the process's stderr (file descriptor 2) sent to a
+    temporary file, then write back to stderr everything that came but LiteRT's
+    XNNPACK line: other messages (ours from other threads too) are delayed for the
+    block's few milliseconds, not lost. Where stderr cannot be redirected (no
+    descriptor 2), the block just runs."""
+    with _STDERR_HELD:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):
+            yield
+            return
+        try:
+            with tempfile.TemporaryFile() as held:
+                os.dup2(held.fileno(), 2)
+                try:
+                    yield
+                finally:
+                    with contextlib.suppress(OSError, ValueError):
+                        sys.stderr.flush()
+                    os.dup2(saved, 2)
+                    held.seek(0)
+                    kept = b"".join(line for line in held.read().splitlines(True)
+                                    if _DELEGATE_BANNER not in line)
+                    if kept:
+                        os.write(2, kept)
+        finally:
+            os.close(saved)
+
+
 def _litert_interpreter(content: bytes, threads: int = 1):
     try:
         from ai_edge_litert.interpreter import Interpreter
@@ -587,7 +632,8 @@ class _TfliteBackend(_Backend):
     def __init__(self, content: bytes, threads: int = 1) -> None:
         self.interp = _litert_interpreter(content, threads)
         try:
-            self.interp.allocate_tensors()
+            with _without_delegate_banner():
+                self.interp.allocate_tensors()
         except Exception as exc:
             raise ModelError(f"the TFLite interpreter cannot allocate: {exc}") from exc
         self.inp = self.interp.get_input_details()[0]
@@ -615,14 +661,16 @@ class _TfliteBackend(_Backend):
         shape = [batch, *[int(d) for d in self.inp["shape"][1:]]]
         try:
             self.interp.resize_tensor_input(self.inp["index"], shape, strict=False)
-            self.interp.allocate_tensors()
+            with _without_delegate_banner():
+                self.interp.allocate_tensors()
         except Exception:
             # Graphs with a batch-1 reshape baked in cannot be resized: loop instead.
             self._resizable = False
             self.interp.resize_tensor_input(
                 self.inp["index"], [self._batch, *shape[1:]], strict=False
             )
-            self.interp.allocate_tensors()
+            with _without_delegate_banner():
+                self.interp.allocate_tensors()
             logger.debug("TFLite model cannot be resized; scoring one window at a time")
             return False
         self._batch = batch

@@ -261,3 +261,43 @@ def test_onnx_export_names_its_output_after_what_it_holds(tmp_path, output, name
                        tmp_path / "m.onnx", 4, 3, output)
 
     assert [o.name for o in onnx.load(str(path)).graph.output] == [name]
+
+
+def test_loading_a_tflite_artifact_prints_no_delegate_banner(tflite_int8, capfd,
+                                                             monkeypatch):
+    """Found: every TFLite load wrote LiteRT's "INFO: Created TensorFlow Lite
+    XNNPACK delegate for CPU." to stderr (its C++ runtime, past our logging). It is
+    dropped; whatever else reaches stderr meanwhile still comes through."""
+    import os
+
+    import edge_agent.runtime as runtime
+
+    # LiteRT says it once per process: a fresh one.
+    script = ("import sys, numpy as np\n"
+              "from edge_agent.runtime import load_artifact\n"
+              "s = load_artifact(sys.argv[1], probe=False).score(\n"
+              "    np.zeros((5, 4, 3), dtype=np.float32))\n"
+              "print(s.shape)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tflite_int8)],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert (done.returncode, done.stdout) == (0, "(5,)\n"), done.stderr
+    assert "XNNPACK" not in done.stderr
+
+    real = runtime._litert_interpreter
+
+    class Talking:
+        def __init__(self, content, threads=1):
+            self.inner = real(content, threads)
+
+        def allocate_tensors(self):
+            os.write(2, b"a message of the runtime\n")
+            self.inner.allocate_tensors()
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(runtime, "_litert_interpreter", Talking)
+    load_artifact(tflite_int8, probe=False)
+    err = capfd.readouterr().err
+    assert err == "a message of the runtime\n"
