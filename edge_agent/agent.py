@@ -1345,9 +1345,13 @@ class Agent:
                 self._tracked.pop(msg_id, None)
         # After the acks, so that a verdict that beat its ack finds its row in
         # ``sent``; an id answered before (a copy sent again) needs no re-send.
+        # One in flight now stays in the file until its acknowledgement, which
+        # finds its verdict then (above): the file must not lose it under the link.
         with self._out_lock:
             answered, self._answered = self._answered, []
             answered += [i for i in done if i in self._verdict_ids]
+            answered = [i for i in answered if i not in self._tracked]
+            self._republishing.difference_update(answered)
         try:
             self.outbox.answered_many(answered)
         except OutboxError:
@@ -1510,6 +1514,11 @@ class Agent:
                 self._answered.append(esc_id)
         else:
             self.counters.verdicts_unmatched += 1
+            if stored is not None or remembered is not None:
+                # An escalation the file still holds (an earlier run's, or this
+                # run's not yet published): answered, so not published again.
+                with self._out_lock:
+                    self._answered.append(esc_id)
         if self.round_trips is not None and esc_id in self._created:
             self.round_trips.append(time.monotonic() - self._created.pop(esc_id))
         flow, alerted = remembered or stored or ({}, False)

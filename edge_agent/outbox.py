@@ -720,15 +720,22 @@ class Outbox:
                 raise self._failure(what, exc) from exc
 
     def answered_many(self, ids: list[str]) -> int:
-        """Forget sent messages whose answer (a verdict) came; how many were kept."""
+        """Forget messages whose answer (a verdict) came; how many were held.
+
+        Sent ones, and copies waiting to be published (again): one put back in the
+        queue after a quiet spell or a lost session, or left there by an earlier
+        run, needs no publish once its verdict is here. The caller leaves out ids
+        still in flight (handed to the link, not yet acknowledged)."""
         if not ids:
             return 0
         with self._transaction(f"forget {len(ids)} answered messages in"):
-            gone = sum(
-                self._db.execute("DELETE FROM sent WHERE id = ?", (i,)).rowcount
-                for i in ids
-            )
+            gone = 0
+            for i in ids:
+                for table in ("sent", "outbox"):
+                    gone += self._db.execute(
+                        f"DELETE FROM {table} WHERE id = ?", (i,)).rowcount
         with self._lock:
+            self._size = self._count()
             self._reclaim()
         return gone
 

@@ -35,6 +35,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from edge_agent import entry  # noqa: E402
+from edge_agent import protocol as proto  # noqa: E402
 from edge_agent.agent import Agent  # noqa: E402
 from edge_agent.cli import _not_sent, _report, main  # noqa: E402
 from edge_agent.outbox import Outbox  # noqa: E402
@@ -500,3 +501,77 @@ def test_a_tampered_inline_archive_stays_refused_and_remembered(tmp_path, update
 
     assert not first.ok and first.reason.endswith("it was modified")
     assert again.repeated and again.reason == first.reason
+
+
+# ---------------------------------------------------------------------------------
+# 4. Session 17 tester: answered escalations kept as "not sent"
+
+
+def _hex(name: str) -> str:
+    """An escalation id (32 lowercase hex digits) made from ``name``."""
+    import hashlib
+
+    return hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
+def _verdict(agent, esc_id: str) -> tuple[str, bytes]:
+    """A re-scorer's verdict for ``esc_id`` on the agent's verdicts topic."""
+    body = proto.build_verdict(escalation_id=esc_id, verdict="benign", score=0.1,
+                               threshold=0.5, teacher_version="sha256:test")
+    return agent.topics[proto.Channel.VERDICTS], proto.encode(body)
+
+
+def test_a_verdict_for_a_requeued_escalation_takes_it_out_of_the_queue(
+        artifact, tmp_path):
+    """Found: sent escalations put back in the queue (a quiet spell) were answered
+    by the re-scorer's first copies, yet stayed queued: the run exited 6 calling
+    them not sent, and the next run sent them again (answers it then took for
+    forged)."""
+    box = Outbox(tmp_path / "o.db", keep_sent=100)
+    agent = Agent(load_artifact(artifact), site="s", gateway="g", outbox=box,
+                  max_awaiting=50)
+    agent.link = object()
+    ids = [_hex(f"m{i}") for i in range(6)]
+    for i in ids:
+        box.add(i, "t", b"{}", False)
+    box.ack_many(ids)
+    agent._note_sent(ids)
+    assert box.requeue_sent() == 6
+    agent._tracked[ids[5]] = _Flying()  # m5's copy is handed to the link again
+
+    for i in (0, 1, 2, 5):
+        agent._on_message(*_verdict(agent, ids[i]))
+    agent._collect_acks()
+
+    # m0-m2 answered: gone; m3, m4 await theirs; m5 stays until its ack.
+    assert [m.id for m in box.pending()] == ids[3:]
+    summary = agent.summary()
+    assert (summary["verdicts_received"], summary["outbox_pending"]) == (4, 3)
+    box.close()
+
+
+class _Flying:
+    """A delivery handed to the link and not yet acknowledged."""
+
+    lost = unrouted = False
+
+    def acked(self) -> bool:
+        return False
+
+
+def test_an_earlier_runs_queued_escalation_answered_now_is_not_sent_again(
+        artifact, tmp_path):
+    box = Outbox(tmp_path / "o.db", keep_sent=100)
+    e0, e1 = _hex("e0"), _hex("e1")
+    for i in (e0, e1):
+        box.add(i, "t", proto.encode({"flow": {"uid": i}}), False)
+    agent = Agent(load_artifact(artifact), site="s", gateway="g", outbox=box)
+    agent.link = object()
+
+    agent._on_message(*_verdict(agent, e0))
+    agent._collect_acks()
+
+    assert [m.id for m in box.pending()] == [e1]
+    assert agent.counters.verdicts_unmatched == 1
+    assert agent.counters.verdicts_unexpected == 0
+    box.close()

@@ -190,6 +190,9 @@ def test_sent_messages_are_kept_until_answered_and_can_be_requeued(
         ("id3", "t3", b"p3", False),
     ]
     assert len(box) == 3
+    # An answer for one queued again takes it out of the queue (no publish).
+    assert box.answered_many(["id1"]) == 1
+    assert [m.id for m in box.pending()] == ["id4", "id3"] and len(box) == 2
     box.close()
 
     # Found: the trim went by seq distance, so once keep_sent later messages were
