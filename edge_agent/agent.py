@@ -1493,11 +1493,11 @@ class Agent:
             with self._out_lock:
                 self._verdict_ids.pop(esc_id, None)  # a copy is counted again
                 late = esc_id in self._sent_ids
-            if late:
-                # Sent in this run and answered so long ago that the answer is
-                # forgotten: a late copy, already counted and written once.
-                logger.debug("verdict %s: a late copy for an escalation this run "
-                             "had answered; ignored", esc_id)
+            if late or self._answered_before(esc_id):
+                # Answered long ago in this run (the answer forgotten here), or
+                # in an earlier one: a late copy, already counted and written once.
+                logger.debug("verdict %s: a late copy for an escalation answered "
+                             "before; ignored", esc_id)
                 return
             # An earlier run's escalation past what the outbox keeps, or forged:
             # the two look alike here, so it is neither counted as the teacher's
@@ -1546,6 +1546,15 @@ class Agent:
                 escalation_id=esc_id,
                 teacher_version=verdict["teacher_version"],
             )
+
+    def _answered_before(self, esc_id: str) -> bool:
+        """Whether the outbox file remembers an answer for ``esc_id`` (a failed
+        read: no)."""
+        try:
+            return self.outbox.was_answered(esc_id)
+        except OutboxError as exc:
+            logger.debug("verdict %s: outbox lookup failed: %s", esc_id, exc)
+            return False
 
     def _unknown_id_causes(self) -> str:
         """Why a verdict for an id this gateway keeps no escalation of may have

@@ -51,8 +51,10 @@ and whenever the queue (waiting and sent rows together) is down to
 :data:`SMALL_QUEUE` rows or fewer after an acknowledgement or an answer, at most
 :data:`RECLAIM_PAGES` free pages are cut off the end of the file (tens of
 milliseconds); when it is empty, the write-ahead log is checkpointed and truncated
-too, so an outage that filled the outbox leaves an empty-sized file once its
-escalations are answered. The write-ahead log is kept to :data:`WAL_LIMIT` bytes
+too, so an outage that filled the outbox leaves a file near its empty size once
+its escalations are answered (plus the ids of the newest :data:`ANSWERED_KEPT`
+answered ones, about 1.3 MB: a late copy of an answer is known for one by them).
+The write-ahead log is kept to :data:`WAL_LIMIT` bytes
 after each checkpoint. A file written before this (``auto_vacuum`` off: SQLite
 turns it on only with a ``VACUUM``) is converted with one ``VACUUM`` the first
 time it is empty, at open or later, which copies an empty database only. An
@@ -98,6 +100,10 @@ CREATE TABLE IF NOT EXISTS sent (
     payload BLOB NOT NULL,
     alert INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS answered (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE
+);
 """
 
 
@@ -106,9 +112,14 @@ _COLUMNS = {
     "outbox": ("seq", "id", "topic", "payload", "alert"),
     "counters": ("name", "value"),
     "sent": ("seq", "id", "topic", "payload", "alert"),
+    "answered": ("seq", "id"),
 }
 # Tables an outbox written before they existed may lack (created at open).
-_ADDED_LATER = {"sent"}
+_ADDED_LATER = {"sent", "answered"}
+# Ids of answered escalations remembered (the newest), so that a late copy of an
+# answer (a re-scorer working through copies queued while it was away) is known
+# for one, not taken for a verdict on an escalation this gateway never sent.
+ANSWERED_KEPT = 10_000
 
 # Giving space back (see the module doc): at most this many rows waiting and sent
 # together, at least MIN_FREE_PAGES free pages, at most RECLAIM_PAGES cut per call.
@@ -734,6 +745,11 @@ class Outbox:
                 for table in ("sent", "outbox"):
                     gone += self._db.execute(
                         f"DELETE FROM {table} WHERE id = ?", (i,)).rowcount
+                self._db.execute("INSERT OR REPLACE INTO answered (id) VALUES (?)",
+                                 (i,))
+            self._db.execute(
+                "DELETE FROM answered WHERE seq IN (SELECT seq FROM answered ORDER "
+                "BY seq DESC LIMIT -1 OFFSET ?)", (ANSWERED_KEPT,))
         with self._lock:
             self._size = self._count()
             self._reclaim()
@@ -766,6 +782,12 @@ class Outbox:
             return None
         row = rows[0]  # a message is in one table at a time; "outbox" is read first
         return OutboxMessage(row[0], row[1], row[2], bytes(row[3]), bool(row[4]))
+
+    def was_answered(self, msg_id: str) -> bool:
+        """Whether an escalation of this id was answered (one of the newest
+        :data:`ANSWERED_KEPT` answered through :meth:`answered_many`)."""
+        rows = self._read([("SELECT 1 FROM answered WHERE id = ?", (msg_id,))])
+        return bool(rows)
 
     def sent_ids(self) -> list[str]:
         """Ids of sent messages kept for a re-send, oldest first."""

@@ -575,3 +575,30 @@ def test_an_earlier_runs_queued_escalation_answered_now_is_not_sent_again(
     assert agent.counters.verdicts_unmatched == 1
     assert agent.counters.verdicts_unexpected == 0
     box.close()
+
+
+def test_a_late_copy_of_an_answer_from_an_earlier_run_is_no_forgery_warning(
+        artifact, tmp_path, caplog):
+    """Found with the two tests above: a re-scorer working through copies queued
+    while it was away answered escalations an earlier run had seen answered; the
+    next run warned of a forged verdict. The outbox remembers answered ids."""
+    path = tmp_path / "o.db"
+    e0 = _hex("e0")
+    box = Outbox(path, keep_sent=100)
+    box.add(e0, "t", b"{}", False)
+    box.ack_many([e0])
+    box.answered_many([e0])  # answered in the first run: gone from the file
+    assert box.find(e0) is None and box.was_answered(e0)
+    box.close()
+
+    box = Outbox(path, keep_sent=100)  # the next run
+    agent = Agent(load_artifact(artifact), site="s", gateway="g", outbox=box)
+    agent.link = object()
+    with caplog.at_level("WARNING", logger="gatewatch.edge_agent"):
+        agent._on_message(*_verdict(agent, e0))
+        agent._on_message(*_verdict(agent, _hex("never sent")))
+
+    assert agent.counters.verdicts_unexpected == 1  # only the unknown one
+    assert caplog.text.count("unexpected verdict") == 1
+    assert _hex("never sent") in caplog.text and e0 not in caplog.text
+    box.close()
