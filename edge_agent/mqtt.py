@@ -752,11 +752,17 @@ class MqttLink:
         if waiter is not None:
             waiter[0].set()
 
+    # The retain flag of the message whose handler runs now (paho calls it on its
+    # one network thread, one message at a time): a handler that must tell a
+    # retained message apart (the re-scorer refuses retained escalations) reads it.
+    retained = False
+
     def _handle_message(self, client, userdata, msg) -> None:
         if self.on_message is None:
             if self.manual_ack:
                 client.ack(msg.mid, msg.qos)
             return
+        self.retained = bool(getattr(msg, "retain", False))
         try:
             if self.manual_ack:
                 self.on_message(msg.topic, msg.payload, (msg.mid, msg.qos))
@@ -773,6 +779,8 @@ class MqttLink:
                 )
             if self.manual_ack:
                 client.ack(msg.mid, msg.qos)
+        finally:
+            self.retained = False
 
     def ack(self, token: tuple[int, int]) -> None:
         """Acknowledge a message received with ``manual_ack`` once it is safe."""

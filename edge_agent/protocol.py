@@ -15,8 +15,10 @@ raise :class:`ProtocolError` whose ``kind`` is a :class:`RejectKind`, and a
 :class:`RejectCounter` counts rejections per kind and logs each kind once. Every
 number must be finite (an integer past float64 is BAD_VALUE too), an escalation's
 flow must fit the canonical field kinds (:func:`check_flow`; unknown keys dropped,
-text without control characters, which a sender escapes with :func:`sendable_flow`)
-and its window values must lie in :data:`WINDOW_RANGE` (the encoder's 0..1).
+text without control characters, which a sender escapes with :func:`sendable_flow`,
+and no longer than :data:`FLOW_TEXT_CAPS`, which a sender cuts to) and its window
+values must lie in :data:`WINDOW_RANGE` (the encoder's 0..1). Escalations are never
+published retained: a re-scorer refuses a retained one (:attr:`RejectKind.RETAINED`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import enum
 import json
 import math
 import re
+import sys
 import threading
 import time
 import uuid
@@ -44,6 +47,31 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 # The longest model_version an escalation may carry (the runtime refuses longer
 # names in a manifest; compress writes names of a few dozen characters).
 MAX_MODEL_VERSION = 256
+# The longest text each flow field of an escalation may hold, in characters. Real
+# values are far shorter: a Zeek uid has 18 characters, an address at most 78 (IPv6
+# text with a zone of up to 32, which :func:`flows.record.is_address` allows), a
+# proto name 32 (its pattern), a service a few analyzer names joined by commas
+# ("mysql,ssl"), a conn_state 11 (Argus's "FSRPA_FSRPA"), a history a few dozen
+# letters and a label a few dozen ("flow=Background-UDP-Attempt-NetBIOS"). Without a
+# cap one gateway could write nearly MAX_PAYLOAD_BYTES of text per message into the
+# central store. Zeek's history has no bound of its own (a SYN, FIN or RST sent
+# again with a new sequence number adds its letter each time, so a flood on one
+# connection writes "SSSS..."), so a sender cuts what is longer (:func:`sendable_flow`)
+# rather than lose the escalation.
+FLOW_TEXT_CAPS: dict[str, int] = {
+    "uid": 128,
+    "src_ip": 80,
+    "dst_ip": 80,
+    "proto": 32,
+    "service": 256,
+    "conn_state": 64,
+    "history": 256,
+    "label_detail": 256,
+}
+# The cap of a text field not named above (none today: every "str" field is).
+MAX_FLOW_TEXT = 256
+# What ends a text a sender cut to its cap.
+CUT_MARK = "..."
 # The range of a window's values. Every feature the encoder writes is in 0..1
 # (min-max clipped, quantile levels, flags, one-hot), so a value outside it is a
 # buggy or hostile sender: scored, it would buy a confident verdict far from any
@@ -118,6 +146,10 @@ class RejectKind(enum.StrEnum):
     MISSING_FIELD = "missing_field"
     BAD_VALUE = "bad_value"
     BAD_TOPIC = "bad_topic"
+    # A message delivered with the retain flag on an escalations topic. Agents never
+    # publish escalations retained, so such a message is stale or forged; it is not
+    # scored, stored as an escalation or answered (see teacher.serve).
+    RETAINED = "retained"
 
 
 class ProtocolError(BadInputError):
@@ -255,29 +287,67 @@ def _escape_one(match: re.Match) -> str:
     return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
 
 
+def text_cap(name: str) -> int:
+    """The most characters flow field ``name`` may hold in an escalation."""
+    return FLOW_TEXT_CAPS.get(name, MAX_FLOW_TEXT)
+
+
+def fitted_text(text: str, cap: int, escape: bool = True) -> str:
+    """``text`` as a sender puts it in a flow field of at most ``cap`` characters.
+
+    Escaped as :func:`escape_text` does (unless ``escape`` is false), then, only
+    when longer than ``cap``, cut to ``cap`` characters that end in
+    :data:`CUT_MARK`; the cut falls between escapes, never inside one.
+    """
+    out = escape_text(text) if escape else text
+    if len(out) <= cap:
+        return out
+    room = cap - len(CUT_MARK)
+    kept: list[str] = []
+    size = 0
+    for ch in text:
+        piece = escape_text(ch) if escape else ch
+        if size + len(piece) > room:
+            break
+        kept.append(piece)
+        size += len(piece)
+    return "".join(kept) + CUT_MARK
+
+
 def sendable_flow(flow: Mapping[str, Any]) -> dict[str, Any]:
-    """:func:`clean_flow` with every text field passed through :func:`escape_text`.
+    """:func:`clean_flow` with every text field passed through :func:`escape_text`
+    and cut to its :data:`FLOW_TEXT_CAPS` (:func:`fitted_text`).
 
     What a sender puts in an escalation: a flow read from a log or stdin may hold
     control characters (a Zeek ``\\x01`` escape decoded by the reader), which the
-    receiver refuses to protect operators' terminals.
+    receiver refuses to protect operators' terminals, or a text longer than the
+    receiver takes (a Zeek history of a SYN flood, a label from stdin), which is
+    cut rather than have the whole escalation refused.
     """
     return {
-        name: escape_text(value) if isinstance(value, str) else value
+        name: fitted_text(value, text_cap(name)) if isinstance(value, str) else value
         for name, value in clean_flow(flow).items()
     }
 
 
+# A JSON string longer than the smallest cap, without escapes: a payload without one
+# (and without a backslash) holds no flow text that :func:`resendable` must cut.
+_LONG_TEXT_RE = re.compile(rb'"[^"\\]{%d,}"' % (min(FLOW_TEXT_CAPS.values()) + 1))
+
+
 def resendable(payload: bytes) -> bytes:
-    """An outbox escalation as it may be sent now: flow text escaped where needed.
+    """An outbox escalation as it may be sent now: flow text escaped and cut where
+    needed.
 
     Agents before :func:`sendable_flow` stored flows with their control characters,
-    which the re-scorer refuses, so those escalations would never get a verdict.
-    Replayed, such a flow's offending text fields are escaped as
-    :func:`sendable_flow` would have done; every other payload (all those without a
-    JSON escape, and all those written since) is returned unchanged, byte for byte.
+    or with text longer than :data:`FLOW_TEXT_CAPS`, which the re-scorer refuses, so
+    those escalations would never get a verdict. Replayed, such a flow's offending
+    text fields are escaped and cut as :func:`sendable_flow` would have done (a
+    field that is only too long is cut, not escaped again); every other payload
+    (all those without a JSON escape or a long text, and all those written since)
+    is returned unchanged, byte for byte.
     """
-    if b"\\" not in payload:
+    if b"\\" not in payload and not _LONG_TEXT_RE.search(payload):
         return payload
 
     try:
@@ -288,14 +358,15 @@ def resendable(payload: bytes) -> bytes:
     if not isinstance(flow, dict):
         return payload
 
-    stale = [
-        name
-        for name, value in flow.items()
-        if isinstance(value, str) and text_problem(value)
-    ]
-    if not stale:
+    fixed = dict(flow)
+    for name, value in flow.items():
+        if not isinstance(value, str):
+            continue
+        unsafe = text_problem(value) is not None
+        if unsafe or len(value) > text_cap(name):
+            fixed[name] = fitted_text(value, text_cap(name), escape=unsafe)
+    if fixed == flow:
         return payload
-    fixed = {**flow, **{name: escape_text(flow[name]) for name in stale}}
     return json.dumps(
         {**body, "flow": fixed}, separators=(",", ":"), allow_nan=False
     ).encode()
@@ -448,8 +519,35 @@ def payload_problem(data: bytes | str) -> str:
         where = f"line {err.lineno} column {err.colno}"
         return f"expected one JSON object ({err.msg.lower()} at {where})"
     except ValueError as err:
+        huge = huge_number_problem(text, err)
+        if huge is not None:
+            return huge
         return f"expected one JSON object ({str(err)[:120].lower()})"
     return "expected one JSON object"
+
+
+# Python's json reads an integer through int(), which refuses more digits than
+# sys.get_int_max_str_digits() (4300 by default) with advice for programmers.
+_HUGE_INT_MESSAGE = "integer string conversion"
+
+
+def huge_number_problem(text: str, err: ValueError) -> str | None:
+    """What is wrong with a JSON text whose parse failed with ``err``, in an
+    operator's words, when ``err`` is Python's refusal of an integer with too many
+    digits (else None): the payload is JSON, but it holds a number no field takes.
+    The field is named when the number is one member's value."""
+    if _HUGE_INT_MESSAGE not in str(err):
+        return None
+    limit = sys.get_int_max_str_digits()
+    found = re.search(rf'"([^"\\]{{1,64}})"\s*:\s*-?(\d{{{limit + 1},}})', text)
+    if found is None:
+        return (
+            f"payload holds a number with more than {limit} digits; no field takes one"
+        )
+    return (
+        f"field {found.group(1)!r} holds a number with {len(found.group(2))} digits, "
+        f"more than the {limit} allowed"
+    )
 
 
 def decode(data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
@@ -460,7 +558,11 @@ def decode(data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, A
         body = json.loads(data)
     except (RecursionError, ValueError, TypeError, UnicodeError) as exc:
         # RecursionError: a nesting bomb (b"[" * 100000) fits in the size limit.
-        raise ProtocolError(RejectKind.MALFORMED_JSON, payload_problem(data)) from exc
+        problem = payload_problem(data)
+        # JSON all right, but a number past what Python reads: a value, not syntax.
+        kind = (RejectKind.BAD_VALUE if isinstance(exc, ValueError)
+                and _HUGE_INT_MESSAGE in str(exc) else RejectKind.MALFORMED_JSON)
+        raise ProtocolError(kind, problem) from exc
     if not isinstance(body, dict):
         raise ProtocolError(
             RejectKind.MALFORMED_JSON,
@@ -470,12 +572,31 @@ def decode(data: bytes | str, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, A
         raise ProtocolError(
             RejectKind.WRONG_SCHEMA, f"schema {body.get('schema')!r}, expected {SCHEMA}"
         )
-    msg_id = body.get("id")
-    if not isinstance(msg_id, str) or not 1 <= len(msg_id) <= 64:
-        raise ProtocolError(
-            RejectKind.MISSING_FIELD, "id missing or not a short string"
-        )
+    _check_message_id(body)
     return body
+
+
+def _check_message_id(body: Mapping[str, Any]) -> None:
+    """``id`` must be a string of 1 to :data:`MAX_ID_LENGTH` characters: missing
+    is MISSING_FIELD; another JSON value, empty or too long is BAD_VALUE."""
+    expected = f"expected the message id, a string of 1 to {MAX_ID_LENGTH} characters"
+    if "id" not in body:
+        raise ProtocolError(
+            RejectKind.MISSING_FIELD, f"field 'id' is missing; {expected}"
+        )
+    msg_id = body["id"]
+    if not isinstance(msg_id, str):
+        raise ProtocolError(
+            RejectKind.BAD_VALUE, f"field 'id' is {_json_kind(msg_id)}; {expected}"
+        )
+    if not msg_id:
+        raise ProtocolError(RejectKind.BAD_VALUE, f"field 'id' is empty; {expected}")
+    if len(msg_id) > MAX_ID_LENGTH:
+        raise ProtocolError(
+            RejectKind.BAD_VALUE,
+            f"field 'id' is {len(msg_id)} characters long, more than the "
+            f"{MAX_ID_LENGTH} allowed",
+        )
 
 
 def _require(body: Mapping[str, Any], name: str, types: type | tuple) -> Any:
@@ -519,7 +640,7 @@ def check_flow(flow: Mapping[str, Any]) -> dict[str, Any]:
 
     Numbers must be finite and fit their kind (``i64`` fields: integers, or
     integral floats, within int64); ``str`` fields must be strings without control
-    characters; addresses must
+    characters and at most their :data:`FLOW_TEXT_CAPS` long; addresses must
     be IPv4 or IPv6, ports lie in 0..65535 and ``proto`` name a protocol or be a
     number 0..255 (:func:`flows.record.field_problem`, the readers' rule); null is
     allowed everywhere and a missing field reads as
@@ -530,7 +651,15 @@ def check_flow(flow: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for name in CONN_FIELD_NAMES:
         value = flow.get(name)
-        problem = field_problem(name, value)
+        problem = None
+        if isinstance(value, str) and len(value) > text_cap(name):
+            # Checked first: the other checks need not read a huge text.
+            problem = (
+                f"{len(value)} characters long, more than the {text_cap(name)} "
+                "allowed"
+            )
+        if problem is None:
+            problem = field_problem(name, value)
         if problem is None and isinstance(value, str):
             problem = text_problem(value)
         if problem is None and value is None and name in ENDPOINTS:
@@ -562,7 +691,7 @@ def check_window(window: Any, shape: Sequence[int] | None) -> list[list[float]]:
             RejectKind.WRONG_WINDOW_SHAPE, f"window has {arr.ndim} dimensions, not 2"
         )
     if arr.dtype.kind not in "fiu":
-        raise ProtocolError(RejectKind.BAD_VALUE, "window holds a non-number")
+        raise ProtocolError(RejectKind.BAD_VALUE, _window_value_problem(window))
     if any(isinstance(v, bool) for row in window for v in row):
         # numpy reads JSON true as 1.0 beside floats; it is not a feature value.
         raise ProtocolError(RejectKind.BAD_VALUE, "window holds true or false")
@@ -584,6 +713,30 @@ def check_window(window: Any, shape: Sequence[int] | None) -> list[list[float]]:
             f"window shape {arr.shape}, expected {tuple(shape)}",
         )
     return window
+
+
+def _window_value_problem(window: list) -> str:
+    """Why a 2-D ``window`` that numpy could not read as numbers is refused: the
+    first value that is not a number (its position and JSON kind), or, when all
+    are numbers, the first integer too large for numpy (out of range)."""
+    low, high = WINDOW_RANGE
+    for r, row in enumerate(window):
+        for c, value in enumerate(row):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return (
+                    f"window value at [{r}][{c}] is {_json_kind(value)}; expected a "
+                    f"number in {low:g}..{high:g}"
+                )
+    for r, row in enumerate(window):
+        for c, value in enumerate(row):
+            if isinstance(value, int) and not low <= value <= high:
+                digits = len(str(abs(value)))
+                return (
+                    f"window value at [{r}][{c}] is an integer of {digits} digits, "
+                    f"outside {low:g}..{high:g} (the encoder's features are in "
+                    "that range)"
+                )
+    return "window holds a value that is not a number"
 
 
 def parse_escalation(

@@ -63,6 +63,18 @@ taken from the share group all the same (a topic does not say its shape, and the
 broker sends an escalation to one member only), and the agent exits 6 unless
 another re-scorer answers it with a verdict.
 
+An escalation delivered with the retain flag is rejected (kind ``retained``) before
+it is read: agents never publish escalations retained, so a retained one is stale
+or forged, and the broker would hand it to every re-scorer at every start (and,
+scored, it would be stored again in every new store). It is kept in the table of
+rejected messages like any other, but not answered: no agent awaits it (a rejection
+of an id an agent did send, a forged retained copy, would only make it log a
+misleading one), and an answer would be sent again at every start for as long as
+the broker keeps the message. An empty retained message on its topic clears it.
+The flag is what the broker sets: a retained message sent because of a (new)
+subscription; one published retained while the re-scorer is subscribed reaches
+it live, without the flag, and is read as any escalation.
+
 A copy whose stored row is damaged (a verdict or score that is not what the store
 writes) gets no verdict again; that is logged as one error naming the store and the
 (site, gateway, id) key, and the rest of its batch is answered. An escalation whose
@@ -166,6 +178,13 @@ MAX_CONNECT_TIMEOUT = 3600  # --connect-timeout: at most an hour
 MAX_LIMIT = 2**63 - 1  # --limit: SQLite's LIMIT is a signed 64-bit integer
 # An escalation id as agents make them (proto checks the same on escalations).
 _ESCALATION_ID = re.compile(r"[0-9a-f]{32}")
+
+
+# Why a retained escalation is refused (kept with it in the rejected table).
+RETAINED_REASON = (
+    "escalations are never published retained; a retained one is stale or forged "
+    "(an empty retained message on its topic clears it)"
+)
 
 
 def _unscored(row: dict[str, Any]) -> bool:
@@ -652,6 +671,9 @@ class ReScorer:
         self._last_message = time.monotonic()
         self.counters["received"] += 1
         try:
+            if self.link.retained:
+                # Stale or forged whatever it holds: never scored or answered.
+                raise proto.ProtocolError(proto.RejectKind.RETAINED, RETAINED_REASON)
             site, gateway, _ = proto.split_topic(topic)
             esc = proto.parse_escalation(payload, window_shape=self.window_shape)
             if (esc["site"], esc["gateway"]) != (site, gateway):
@@ -697,7 +719,9 @@ class ReScorer:
         self.rejects.reject(exc, where)
         if not first:
             logger.info(
-                "re-scorer rejected a message on %s (%s)", where, _shown(str(exc), 200)
+                "re-scorer rejected a message on %s (%s)",
+                where,
+                _shown(_unquoted(str(exc)), 200),
             )
         if self.store_error is None:
             reason = str(exc).removeprefix(f"{exc.kind.value}: ")
@@ -730,7 +754,10 @@ class ReScorer:
     ) -> None:
         """Tell the gateway that one of its escalations was refused and gets no
         verdict from here: a rejection on its ``verdicts`` topic, when the topic
-        names a gateway and the payload an escalation id (else nobody to tell)."""
+        names a gateway and the payload an escalation id (else nobody to tell).
+        A retained escalation is not answered (see the module's docstring)."""
+        if exc.kind is proto.RejectKind.RETAINED:
+            return
         try:
             site, gateway, channel = proto.split_topic(topic)
             body = proto.decode(payload)
@@ -1328,17 +1355,32 @@ def _store_stop_reason(
 MAX_SHOWN = 64  # characters of one stored text field that ``teacher alerts`` prints
 
 
+# The escapes ``repr`` writes in a string: \\ \' \" \n \r \t \xNN \uNNNN \UNNNNNNNN.
+_REPR_ESCAPE = re.compile(
+    r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}|[\\'\"nrt])"
+)
+_REPR_SIMPLE = {"\\": "\\", "'": "'", '"': '"', "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _unrepr(match: re.Match) -> str:
+    code = match.group(1)
+    if code in _REPR_SIMPLE:
+        return _REPR_SIMPLE[code]
+    try:
+        return chr(int(code[1:], 16))
+    except (ValueError, OverflowError):  # past U+10FFFF: no character
+        return match.group()
+
+
 def _unquoted(detail: str) -> str:
     """``detail`` with Python's quoting of a value (``'not-an-ip\\x1b[2J'``, as a
-    repr writes it) undone, for :func:`edge_agent.protocol.build_rejection`, which
-    escapes control characters and backslashes itself: escaped once, not twice.
-    A detail that is no such quoting (a cut escape) is returned as it is."""
+    repr writes it) undone, for what escapes control characters and backslashes
+    itself (:func:`edge_agent.protocol.build_rejection`, :func:`_shown`): escaped
+    once, not twice. Only the escapes a repr writes are read; any other backslash
+    (a cut escape, JSON's ``invalid \\escape``) is left as it is."""
     if "\\" not in detail:
         return detail
-    try:
-        return detail.encode("ascii", "backslashreplace").decode("unicode_escape")
-    except UnicodeDecodeError:
-        return detail
+    return _REPR_ESCAPE.sub(_unrepr, detail)
 
 
 def _shown(value: Any, limit: int = MAX_SHOWN) -> str:
@@ -1759,9 +1801,16 @@ def _print_rejected(rows: list[dict[str, Any]], as_json: bool) -> None:
     for r in rows:
         print(
             f"{_when(r['received_at'])}  {_shown(r['topic'], 96)}  "
-            f"{_shown(r['kind'], 24)}  {_shown(r['reason'], 120)}  "
+            f"{_shown(r['kind'], 24)}  {_reason(r['reason'])}  "
             f"{_shown(r['payload_length'], 12)} bytes{_marked(r)}"
         )
+
+
+def _reason(value: Any) -> str:
+    """A stored rejection reason as ``teacher alerts --rejected`` prints it: the
+    values it quotes (``site 's\\u202ex'``, as a repr writes them) unquoted first,
+    so that :func:`_shown` escapes them once, as it does the topic."""
+    return _shown(_unquoted(value) if isinstance(value, str) else value, 120)
 
 
 def _silence_stdout() -> None:
