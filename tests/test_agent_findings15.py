@@ -12,6 +12,7 @@ be removed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -66,8 +67,11 @@ class FailingCapture:
         return len(self.frames)
 
     def close(self) -> None:
-        os.close(self.rfd)
-        os.close(self.wfd)
+        """Idempotent, as pcapy's is: the capture closes it, and so may a test."""
+        for fd in (self.rfd, self.wfd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.rfd = self.wfd = -1
 
 
 class Header:

@@ -34,6 +34,15 @@ from tests.test_agent_fixtures import tiny
 HUGE = "x" * 300_000  # its escalation is > proto.MAX_PAYLOAD_BYTES
 
 
+@pytest.fixture(autouse=True)
+def _label_cap_raised(monkeypatch):
+    """Flow text is capped now (edge_agent.protocol.FLOW_TEXT_CAPS) and the agent
+    cuts what is longer, so one text field alone no longer makes an escalation this
+    large (a wide window does, in practice); label_detail's cap is raised here so
+    that the huge label of these tests still does."""
+    monkeypatch.setitem(proto.FLOW_TEXT_CAPS, "label_detail", 1_000_000)
+
+
 @pytest.fixture
 def tm(data_dir, tmp_path_factory):
     return tiny(data_dir, tmp_path_factory)

@@ -7,6 +7,7 @@ a gateway's report did not show how many flows were cut short or went missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -132,8 +133,11 @@ class _Capture:
         return (100, 7, 2)
 
     def close(self) -> None:
-        os.close(self._r)
-        os.close(self._w)
+        """Idempotent, as pcapy's is: the capture closes it, and so may a test."""
+        for fd in (self._r, self._w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._r = self._w = -1
 
 
 def test_packets_a_live_capture_dropped_are_counted_in_the_summary(

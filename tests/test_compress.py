@@ -909,8 +909,8 @@ def test_help_of_run_eval_verify_and_keygen_says_what_and_exit_codes() -> None:
 
     compress_cmds, agent_cmds = commands(build_parser()), commands(agent_parser())
     want = {
-        "run": (compress_cmds, "0 1 2 3 4 5 130"),
-        "eval": (compress_cmds, "0 1 2 3 4 130"),
+        "run": (compress_cmds, "0 1 2 3 4 5 130 143"),
+        "eval": (compress_cmds, "0 1 2 3 4 130 143"),
         "verify": (agent_cmds, "0 2 3 130"),
         "keygen": (agent_cmds, "0 1 2 130"),
     }
