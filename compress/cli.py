@@ -999,8 +999,10 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        _setup(args)
-        with sigterm_stops():
+        # As the command line itself (no argv given), further stops after one are
+        # only noted.
+        with sigterm_stops(exiting=argv is None):
+            _setup(args)
             return COMMANDS[args.command](args)
     except GatewatchError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -82,6 +82,7 @@ from flows.errors import (
     UsageError,
 )
 from flows.readers.writers import write_problem
+from flows.stops import deferred
 from student.distill import DistillConfig, TeacherCache, distill, student_logits
 from student.zoo import KINDS, build_student, student_targets
 from teacher.metrics import score_pairs, type_split_pairs
@@ -1294,9 +1295,10 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunRes
         for target, dest in artifacts.items():
             _drop_stale(dest, old[target])
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if not artifacts and made is not None:
-            _remove_made(out, made)
+        with deferred():  # a stop now waits: no half-removed staging folder
+            shutil.rmtree(stage, ignore_errors=True)
+            if not artifacts and made is not None:
+                _remove_made(out, made)
     result = RunResult(artifacts, frontier, {"val": ctx.teacher_val,
                                              "test": ctx.teacher_test}, failed,
                        partial=ctx.prep.partial)

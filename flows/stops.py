@@ -12,6 +12,7 @@ library only.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import Any
 __all__ = [
     "EXIT_TERMINATED",
     "Terminated",
+    "deferred",
     "sigterm_is_a_stop",
     "sigterm_stops",
     "stop_on_sigterm",
@@ -58,12 +60,71 @@ def sigterm_is_a_stop() -> bool:
 
 
 @contextlib.contextmanager
-def sigterm_stops() -> Iterator[None]:
+def sigterm_stops(exiting: bool = False) -> Iterator[None]:
     """Within the block a SIGTERM stops the command as a Ctrl-C does
-    (:func:`stop_on_sigterm`); the handler in place before is put back after it."""
+    (:func:`stop_on_sigterm`); the handler in place before is put back after it.
+
+    ``exiting``: the block is a command line's whole run, and the process ends
+    after it. When a stop (Ctrl-C or SIGTERM) ends the block, further stops are
+    then only noted (:func:`_after_the_stop`) rather than put back to their
+    default, which would end the process by the signal while it reports the first
+    one and exits (a second SIGTERM, or a SIGTERM after a Ctrl-C)."""
     before = stop_on_sigterm()
+    stopped = False
+    try:
+        yield
+    except KeyboardInterrupt:
+        stopped = True
+        raise
+    finally:
+        if stopped and exiting:
+            _after_the_stop()
+        elif before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _noted(_signum: int, _frame: object) -> None:
+    """A stop that comes while the process ends because of an earlier one."""
+
+
+def _after_the_stop() -> None:
+    """Note, and do nothing else on, every further Ctrl-C or SIGTERM (a Python
+    handler, not SIG_IGN: programs this one starts get the default back)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) not in (signal.SIG_IGN, None):
+            signal.signal(signum, _noted)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Within the block a Ctrl-C or SIGTERM is noted and acted on only once it
+    ends: for a clean-up step a stop must not cut short (removing a temporary or
+    replaced folder). The handlers in place are put back, and the first stop
+    noted is then handed to its handler (raised as it would have been, or, for a
+    signal left to its default action, sent again). Main thread only; a signal
+    that is ignored stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler in (signal.SIG_IGN, None):
+            continue
+        previous[signum] = handler
+        signal.signal(signum, lambda signum, _frame: noted.append(signum))
     try:
         yield
     finally:
-        if before is not None:
-            signal.signal(signal.SIGTERM, before)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if noted:
+            signum = noted[0]
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            else:  # SIG_DFL: what the signal would have done
+                os.kill(os.getpid(), signum)

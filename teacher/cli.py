@@ -860,7 +860,10 @@ def _write_out(out: str | Path, write: Callable[[Path], Any],
         closing.placed()
     logger.info("saved teacher checkpoint to %s", target)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        from flows.stops import deferred
+
+        with deferred():  # a second stop waits: no half-removed folder left
+            shutil.rmtree(old, ignore_errors=True)
         if old.exists():
             logger.warning("--out %s: the old checkpoint, moved to %s, could not "
                            "be removed", out, old)
@@ -1787,8 +1790,10 @@ def _main(argv: list[str] | None) -> int:
     try:
         if hasattr(args, "func"):  # subcommands registered by teacher.serve
             return int(args.func(args) or 0)
-        _setup(args)
-        with sigterm_stops():
+        # From before torch loads (held there), to the end; as the command line
+        # itself (no argv given), further stops after one are only noted.
+        with sigterm_stops(exiting=argv is None):
+            _setup(args)
             return COMMANDS[args.command](args)
     except GatewatchError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -30,41 +30,62 @@ def held() -> Iterator[None]:
     """Run the block with Ctrl-C noted, not raised; raise KeyboardInterrupt after
     it when one came (and the handler it replaced would have raised one).
 
-    Outside the main thread, where Python's signal handlers do not run, or where
-    SIGINT is ignored (a job started with ``nohup``), the block just runs."""
+    A SIGTERM is held the same way where it would end the process (its default)
+    or stop the command (:func:`flows.stops.stop_on_sigterm`), and raised after
+    the block as :class:`flows.stops.Terminated` (before a Ctrl-C that also came).
+    Outside the main thread, where Python's signal handlers do not run, or for a
+    signal that is ignored (SIGINT of a job started with ``nohup``), the block
+    just runs as far as that signal goes."""
+    from flows.stops import Terminated, sigterm_is_a_stop
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous in (signal.SIG_IGN, None):  # ignored, or set outside Python
-        yield
-        return
+    previous: dict[int, Any] = {}
+    sigint = signal.getsignal(signal.SIGINT)
+    if sigint not in (signal.SIG_IGN, None):  # ignored, or set outside Python
+        previous[signal.SIGINT] = sigint
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or sigterm_is_a_stop():
+        previous[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
     noted: list[int] = []
 
     def note(signum: int, frame: object) -> None:
         noted.append(signum)
 
-    signal.signal(signal.SIGINT, note)
+    for signum in previous:
+        signal.signal(signum, note)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if signal.SIGTERM in noted:
+        raise Terminated
     if noted:
-        if previous is signal.SIG_DFL:
+        handler = previous[signal.SIGINT]
+        if handler is signal.SIG_DFL:
             raise KeyboardInterrupt
-        previous(signal.SIGINT, None)
+        handler(signal.SIGINT, None)
 
 
 @contextlib.contextmanager
 def loading() -> Iterator[None]:
     """:func:`held` around a command line's imports, and a Ctrl-C that came
-    during them ends the command: ``error: interrupted``, exit 130."""
+    during them ends the command: ``error: interrupted``, exit 130 (a SIGTERM:
+    ``error: stopped by SIGTERM``, exit 143)."""
+    from flows.stops import EXIT_TERMINATED, Terminated
+
     try:
         with held():
             yield
+    except Terminated:
+        print("error: stopped by SIGTERM", file=sys.stderr)
+        raise SystemExit(EXIT_TERMINATED) from None
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
 
 
 class Closing:
