@@ -1351,7 +1351,11 @@ class Agent:
             answered, self._answered = self._answered, []
             answered += [i for i in done if i in self._verdict_ids]
             answered = [i for i in answered if i not in self._tracked]
-            self._republishing.difference_update(answered)
+            # Put back in the queue but answered before going out again: not
+            # published again after all (escalations_requeued counts those that go).
+            unsent_again = self._republishing.intersection(answered)
+            self._requeued -= len(unsent_again)
+            self._republishing.difference_update(unsent_again)
         try:
             self.outbox.answered_many(answered)
         except OutboxError:
