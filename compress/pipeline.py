@@ -1281,8 +1281,10 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunRes
                 best, rows = _search(ctx, target, stage / target)
                 frontier.extend(rows)
                 if best is None:
-                    tried = _tried(ctx, rows)
-                    failed[target] = f"no candidate passed the gate ({tried})"
+                    failed[target] = (
+                        f"no candidate passed the gate ({_tried(ctx, rows)})"
+                        if any(_at_gate(c) for c in rows) or not rows else
+                        f"every export failed ({_first_failure(rows)})")
                     continue
                 _publish(best.folder, dest, _report_sparsity(ctx, best))
                 ready[target] = (best.folder, dest)
@@ -1304,15 +1306,13 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunRes
                        partial=ctx.prep.partial)
     if not artifacts:
         # Targets that failed before any gate (torch-int8's export) say why.
-        others = "".join(f"; {t}: {why}" for t, why in failed.items()
-                         if t not in {c.target for c in frontier}
-                         and not why.startswith("no candidate passed"))
+        others = "".join(f"; {_named(t, why)}" for t, why in failed.items()
+                         if t not in {c.target for c in frontier})
         table = f"{frontier_table(frontier)}\n{UNSEEN_LEGEND}"
         if failed and not any(_at_gate(c) for c in frontier):
             whys = [f"every export failed ({_first_failure(frontier)})"] \
                 if frontier else []
-            whys += [why if why.startswith(f"{t}:") else f"{t}: {why}"
-                     for t, why in failed.items()
+            whys += [_named(t, why) for t, why in failed.items()
                      if t not in {c.target for c in frontier}]
             raise ExportsFailed(f"no artifact was made for {', '.join(targets)}: "
                                 f"{'; '.join(whys)}", result, table)
@@ -1320,6 +1320,12 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunRes
                   f"{_why_none(ctx, frontier)}{others}")
         raise GateMissed(reason, result, table)
     return result
+
+
+def _named(target: str, why: str) -> str:
+    """``TARGET: WHY`` for an error line, the target named once (an export error
+    already starts with it)."""
+    return why if why.startswith(f"{target}:") else f"{target}: {why}"
 
 
 def _kept(cfg: RunConfig, targets: list[str]) -> str:

@@ -1369,13 +1369,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     try:
         rows = tune(preps, args.budget, grid, base_train=base, on_trial=on_trial)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # The trials that finished are not thrown away: their table is written.
+        from flows.stops import Terminated
+
         if finished:
+            how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
             with contextlib.suppress(OSError):
                 out = write_table(rank_rows(finished), args.out)
-                logger.warning("interrupted after %d trial(s); their table is in %s",
-                               len(finished), out / "tune.md")
+                logger.warning("%s after %d trial(s); their table is in %s",
+                               how, len(finished), out / "tune.md")
         raise
     try:
         out = write_table(rows, args.out)

@@ -324,6 +324,8 @@ def forest_scores(x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
     """
     from teacher.baselines import _build
 
+    logger.info("fitting the forest of --forest-targets on %d training windows "
+                "(100 trees)", len(x))
     forest = _build("rf", seed).set_params(oob_score=True,
                                            n_jobs=torch.get_num_threads())
     with warnings.catch_warnings():
