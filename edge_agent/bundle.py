@@ -635,6 +635,58 @@ def build_agent_wheel(source: Path, outdir: Path, *, compiled: bool = False) -> 
     return wheels[-1]
 
 
+# Platform tags a gateway of a given tag also runs (PEP 600, PEP 656), as pip's
+# packaging.tags lists them for a glibc or musl of that version: a manylinux_2_N
+# gateway takes every manylinux_2_M with M <= N down to 2_17 (2_5 on x86_64 and
+# i686), and the legacy names of 2_17, 2_12 and 2_5 where those go.
+_MANYLINUX = re.compile(r"manylinux_(\d+)_(\d+)_(\w+)")
+_MUSLLINUX = re.compile(r"musllinux_(\d+)_(\d+)_(\w+)")
+_LEGACY_MANYLINUX = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+_LEGACY_TAG = re.compile(r"(manylinux2014|manylinux2010|manylinux1)_(\w+)")
+
+
+def compatible_platforms(tag: str) -> list[str]:
+    """The pip platform tags a gateway of platform ``tag`` can install, ``tag``
+    first, newest to oldest, for ``pip download --platform`` (once per tag).
+
+    Projects publish wheels for the oldest glibc they need, so one gateway's
+    requirements can span several tags: ai-edge-litert ships
+    ``manylinux_2_27_aarch64`` while pyarrow ships ``manylinux_2_28_aarch64``,
+    and pip takes a ``--platform`` tag only as written. ``manylinux_2_N_ARCH``
+    (or a legacy ``manylinux2014_ARCH`` and the like) gives every older
+    ``manylinux_2_M_ARCH`` down to 2_17 (2_5 on x86_64 and i686) with the
+    legacy names on the way; ``musllinux_1_N_ARCH`` every ``musllinux_1_M_ARCH``
+    down to 1_0. Any other tag (``linux_armv7l``, ``macosx_...``, which pip
+    widens itself) is kept as given.
+    """
+    legacy = _LEGACY_TAG.fullmatch(tag)
+    if legacy:
+        glibc = {v: k for k, v in _LEGACY_MANYLINUX.items()}[legacy.group(1)]
+        return _dedupe([tag, *compatible_platforms(f"manylinux_2_{glibc}_"
+                                                   f"{legacy.group(2)}")])
+    many = _MANYLINUX.fullmatch(tag)
+    if many and many.group(1) == "2":
+        minor, arch = int(many.group(2)), many.group(3)
+        oldest = 5 if arch in ("x86_64", "i686") else 17
+        tags = []
+        for m in range(minor, oldest - 1, -1):
+            tags.append(f"manylinux_2_{m}_{arch}")
+            if m in _LEGACY_MANYLINUX:
+                tags.append(f"{_LEGACY_MANYLINUX[m]}_{arch}")
+        return _dedupe([tag, *tags])
+    musl = _MUSLLINUX.fullmatch(tag)
+    if musl and musl.group(1) == "1":
+        arch = musl.group(3)
+        older = [f"musllinux_1_{m}_{arch}" for m in range(int(musl.group(2)), -1, -1)]
+        return _dedupe([tag, *older])
+    return [tag]
+
+
+def _dedupe(tags: list[str]) -> list[str]:
+    """``tags`` in their order, each once."""
+    return list(dict.fromkeys(tags))
+
+
 def runtime_wheels(
     requirements: list[str], cache: Path, *, platform_tag: str | None = None
 ) -> list[Path]:
@@ -643,6 +695,9 @@ def runtime_wheels(
     A cache entry is a folder named by the hash of the requirement list, the Python
     version and the platform, with a ``lock.json`` of the wheels and their sha256.
     An entry whose files all still match is reused without asking an index.
+    ``platform_tag`` (the gateway's, as given) is asked of pip together with the
+    older tags that gateway also runs (:func:`compatible_platforms`); the cache
+    entry is named by the tag as given.
     """
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     plat = platform_tag or f"{sys.platform}-{platform.machine()}"
@@ -677,8 +732,14 @@ def runtime_wheels(
             str(scratch),
         ]
         if platform_tag:
-            # TODO(gap): only the build machine's own platform is tested so far.
-            cmd += ["--platform", platform_tag, "--python-version", python]
+            # TODO(gap): only the build machine's own platform is tested end to
+            # end; a manylinux_2_28_aarch64 bundle was built and verified here,
+            # never installed and run on such a gateway.
+            # Every tag the gateway runs, not only the one given: the wheels of
+            # its requirements are built for different glibc versions.
+            for tag in compatible_platforms(platform_tag):
+                cmd += ["--platform", tag]
+            cmd += ["--python-version", python]
         _run(cmd + requirements, "downloading the edge wheels")
         wheels = sorted(scratch.glob("*.whl"))
         if not wheels:
@@ -1254,7 +1315,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="pip platform tag of the gateway, e.g. manylinux_2_28_aarch64 "
         "(default: this machine's platform; the agent wheel then carries the flow "
         "meter's compiled packet path, built here; with --platform it is pure "
-        "Python, about ten times slower on live traffic)",
+        "Python, about ten times slower on live traffic). The runtime wheels may "
+        "be of the older tags such a gateway also runs: manylinux_2_27_aarch64 "
+        "... manylinux_2_17_aarch64 and manylinux2014_aarch64 for that one, "
+        "musllinux_1_1 and 1_0 for musllinux_1_2; other tags go to pip as given",
     )
     p.set_defaults(func=_cmd_bundle)
 
