@@ -196,6 +196,18 @@ def _refuse_first(problems: list[Problem], path: str) -> None:
         raise BadInputError(problems[0].message, path=path, line=problems[0].line)
 
 
+def _no_fields(path: str, cut: str | None) -> str:
+    """Why a Zeek TSV text without a ``#fields`` line is refused: the header is
+    missing, or the input was cut (a gzip stream without its end) before the
+    header reached its ``#fields`` line, which then says where."""
+    if cut is None:
+        return "no #fields line (expected a Zeek header)"
+    return (
+        "no #fields line (expected a Zeek header) before the input was cut short: "
+        + cut.removeprefix(f"{path}: ")
+    )
+
+
 def read_tsv(src: Source, on_error: str) -> ReadResult:
     """Read a Zeek TSV conn.log (already in memory) into canonical records."""
     return read_tsv_blocks([src.data], src.path, on_error, lambda: src.cut)
@@ -397,7 +409,7 @@ class _TsvReader:
         path, header = self.path, self.header
         if header.fields is None and not self.any_rows:
             _refuse_first(self.long_heads, path)
-            raise BadInputError("no #fields line (expected a Zeek header)", path=path)
+            raise BadInputError(_no_fields(path, src_cut or self.cut), path=path)
         if self.failed is not None:
             raise self.failed
         if not self.any_rows:
