@@ -229,3 +229,13 @@ def mosquitto(tmp_path: Path):
     broker.start()
     yield broker
     broker.stop()
+
+
+def label_cap_raised(monkeypatch):
+    """Flow text is capped (edge_agent.protocol.FLOW_TEXT_CAPS) and the agent cuts
+    what is longer, so one text field alone no longer makes an oversized
+    escalation (a wide window does, in practice): raise label_detail's cap so that
+    a huge label still does. Made a fixture by the modules that need it."""
+    from edge_agent import protocol as proto
+
+    monkeypatch.setitem(proto.FLOW_TEXT_CAPS, "label_detail", 1_000_000)

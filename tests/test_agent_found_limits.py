@@ -28,19 +28,14 @@ from edge_agent.cli import main
 from edge_agent.outbox import Outbox
 from edge_agent.runtime import load_artifact
 from edge_agent.sources import open_source
-from tests.conftest import data_file
+from tests.conftest import data_file, label_cap_raised
 from tests.test_agent_fixtures import tiny
 
 HUGE = "x" * 300_000  # its escalation is > proto.MAX_PAYLOAD_BYTES
 
 
-@pytest.fixture(autouse=True)
-def _label_cap_raised(monkeypatch):
-    """Flow text is capped now (edge_agent.protocol.FLOW_TEXT_CAPS) and the agent
-    cuts what is longer, so one text field alone no longer makes an escalation this
-    large (a wide window does, in practice); label_detail's cap is raised here so
-    that the huge label of these tests still does."""
-    monkeypatch.setitem(proto.FLOW_TEXT_CAPS, "label_detail", 1_000_000)
+# The huge label of these tests must still make an oversized escalation.
+_label_cap_raised = pytest.fixture(autouse=True)(label_cap_raised)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from edge_agent.mqtt import MessageTooLargeError, MqttLink, TlsOptions
 from edge_agent.outbox import Outbox
 from edge_agent.runtime import load_artifact
 from flows.errors import EXIT_UNAVAILABLE, TransportError
-from tests.conftest import Mosquitto
+from tests.conftest import Mosquitto, label_cap_raised
 from tests.secure_broker import HOST, SecureBroker, need_mosquitto, wait_until
 from tests.test_agent_fixtures import tiny
 
@@ -35,13 +35,8 @@ G1 = "gw-s1-g1"
 PACKET_LIMIT = 8192
 
 
-@pytest.fixture(autouse=True)
-def _label_cap_raised(monkeypatch):
-    """Flow text is capped now (edge_agent.protocol.FLOW_TEXT_CAPS) and the agent
-    cuts what is longer, so one text field alone no longer makes an escalation this
-    large (a wide window does, in practice); label_detail's cap is raised here so
-    that the huge label of these tests still does."""
-    monkeypatch.setitem(proto.FLOW_TEXT_CAPS, "label_detail", 1_000_000)
+# The huge label of these tests must still make an oversized escalation.
+_label_cap_raised = pytest.fixture(autouse=True)(label_cap_raised)
 
 
 @pytest.fixture

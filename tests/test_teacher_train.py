@@ -473,17 +473,23 @@ def test_forest_scores_judge_each_row_by_trees_that_did_not_see_it():
     assert ((scores[clean] >= 0.5) == y[clean].astype(bool)).mean() > 0.9
 
 
+def _recording_loss(seen: list) -> type:
+    """A BCEWithLogitsLoss class whose every call adds its targets to ``seen``."""
+
+    class Recording(torch.nn.BCEWithLogitsLoss):
+        def forward(self, logits, target):
+            seen.append(target.detach().clone())
+            return super().forward(logits, target)
+
+    return Recording
+
+
 def test_forest_targets_blend_the_forest_score_into_each_training_target(monkeypatch):
     import teacher.train as train_mod
 
     # The forest replaced by a known score (0.8 for every row) and the loss by one
     # that records its targets: each target must be 0.75 * label + 0.25 * 0.8.
     seen: list[torch.Tensor] = []
-
-    class Recording(torch.nn.BCEWithLogitsLoss):
-        def forward(self, logits, target):
-            seen.append(target.detach().clone())
-            return super().forward(logits, target)
 
     fitted = []
 
@@ -492,7 +498,7 @@ def test_forest_targets_blend_the_forest_score_into_each_training_target(monkeyp
         return np.full(len(y), 0.8, dtype=np.float32)
 
     monkeypatch.setattr(train_mod, "forest_scores", fake_forest)
-    monkeypatch.setattr(train_mod.nn, "BCEWithLogitsLoss", Recording)
+    monkeypatch.setattr(train_mod.nn, "BCEWithLogitsLoss", _recording_loss(seen))
     prep = synthetic(n=300)
     tc = TrainConfig(epochs=1, batch_size=32, label_smoothing=0.0, input_noise=0.0,
                      forest_targets=0.25, seed=7)
@@ -509,14 +515,9 @@ def test_forest_targets_leave_made_up_anomalies_at_one(monkeypatch):
 
     seen: list[torch.Tensor] = []
 
-    class Recording(torch.nn.BCEWithLogitsLoss):
-        def forward(self, logits, target):
-            seen.append(target.detach().clone())
-            return super().forward(logits, target)
-
     monkeypatch.setattr(train_mod, "forest_scores",
                         lambda x, y, seed: np.zeros(len(y), dtype=np.float32))
-    monkeypatch.setattr(train_mod.nn, "BCEWithLogitsLoss", Recording)
+    monkeypatch.setattr(train_mod.nn, "BCEWithLogitsLoss", _recording_loss(seen))
     prep = synthetic(n=300)
     tc = TrainConfig(epochs=1, batch_size=40, label_smoothing=0.0, outliers=0.25,
                      forest_targets=0.4)
