@@ -57,7 +57,7 @@ from flows.outfile import (
     temporary_beside,
 )
 from flows.readers.result import damaged_packets
-from flows.stops import EXIT_TERMINATED, Terminated, stop_on_sigterm
+from flows.stops import EXIT_TERMINATED, stop_line, stop_on_sigterm
 
 EPILOG = f"""\
 exit codes:
@@ -244,14 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             return _inspect(args)
         return _convert(args)
-    except Terminated:
-        print("error: stopped by SIGTERM", file=sys.stderr)
-        _failed_json(args, "stopped by SIGTERM", EXIT_TERMINATED)
-        return EXIT_TERMINATED
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        _failed_json(args, "interrupted", EXIT_INTERRUPTED)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:  # a Ctrl-C, or a SIGTERM (Terminated)
+        line, code = stop_line(exc)
+        print(f"error: {line}", file=sys.stderr)
+        _failed_json(args, line, code)
+        return code
     except GatewatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         _failed_json(args, str(exc), exc.exit_code, getattr(exc, "result", None))

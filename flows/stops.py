@@ -23,6 +23,7 @@ __all__ = [
     "Terminated",
     "deferred",
     "sigterm_is_a_stop",
+    "stop_line",
     "sigterm_stops",
     "stop_on_sigterm",
 ]
@@ -34,6 +35,19 @@ EXIT_TERMINATED = 128 + int(signal.SIGTERM)
 
 class Terminated(KeyboardInterrupt):
     """A SIGTERM, raised where it lands as a Ctrl-C is (see the module)."""
+
+
+def stop_line(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """What a command line says of a stop, after ``error:``, and its exit code:
+    ``stopped by SIGTERM`` and :data:`EXIT_TERMINATED` for :class:`Terminated`,
+    ``interrupted`` and 130 for a Ctrl-C; the stop's own text after it (what it
+    left behind, from :class:`teacher.interrupts.Closing`)."""
+    from flows.errors import EXIT_INTERRUPTED
+
+    said = f" {exc}" if str(exc) else ""
+    if isinstance(exc, Terminated):
+        return f"stopped by SIGTERM{said}", EXIT_TERMINATED
+    return f"interrupted{said}", EXIT_INTERRUPTED
 
 
 def _raise_terminated(_signum: int, _frame: object) -> None:

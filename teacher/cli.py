@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from flows.stops import sigterm_stops
+from flows.stops import sigterm_stops, stop_line
 from teacher.interrupts import Closing, held, loading
 
 # A Ctrl-C while the libraries load (numpy, a second or more) is held until they
@@ -1770,15 +1770,10 @@ def main(argv: list[str] | None = None) -> int:
         # A gateway install (gatewatch[edge]) has the command but no torch.
         return missing_full_install(exc, "teacher", "train")
     except KeyboardInterrupt as exc:
-        from flows.stops import EXIT_TERMINATED, Terminated
-
-        said = f" {exc}" if str(exc) else ""
-        if isinstance(exc, Terminated):
-            print(f"error: stopped by SIGTERM{said}", file=sys.stderr)
-            return EXIT_TERMINATED
-        # A message says what the interrupt left behind (see Closing).
-        print(f"error: interrupted{said}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        # A Ctrl-C or SIGTERM; its message says what it left behind (see Closing).
+        line, code = stop_line(exc)
+        print(f"error: {line}", file=sys.stderr)
+        return code
 
 
 def _main(argv: list[str] | None) -> int:

@@ -73,19 +73,15 @@ def loading() -> Iterator[None]:
     """:func:`held` around a command line's imports, and a Ctrl-C that came
     during them ends the command: ``error: interrupted``, exit 130 (a SIGTERM:
     ``error: stopped by SIGTERM``, exit 143)."""
-    from flows.stops import EXIT_TERMINATED, Terminated
+    from flows.stops import stop_line
 
     try:
         with held():
             yield
-    except Terminated:
-        print("error: stopped by SIGTERM", file=sys.stderr)
-        raise SystemExit(EXIT_TERMINATED) from None
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-
-
+    except KeyboardInterrupt as exc:
+        line, code = stop_line(exc)
+        print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(code) from None
 
 
 class Closing:
@@ -126,7 +122,9 @@ class Closing:
             return
         self._previous = {signal.SIGINT: signal.signal(signal.SIGINT,
                                                        self._on_interrupt)}
-        if _stop_on_sigterm_is_set():
+        from flows.stops import sigterm_is_a_stop
+
+        if sigterm_is_a_stop():
             self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM,
                                                            self._on_interrupt)
         self._held = True
@@ -159,14 +157,6 @@ class Closing:
                    else "interrupted")
             print(f"note: {how} after {self.thing} was written; it is "
                   "complete and the run has finished", file=sys.stderr)
-
-
-def _stop_on_sigterm_is_set() -> bool:
-    """Whether SIGTERM raises :class:`flows.stops.Terminated` now (the command
-    line set it); otherwise SIGTERM is left as it is."""
-    from flows.stops import sigterm_is_a_stop
-
-    return sigterm_is_a_stop()
 
 
 _IGNORING_AT_EXIT: list[int] = []
