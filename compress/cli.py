@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from flows.stops import sigterm_stops
+from flows.stops import sigterm_stops, stop_line
 from teacher.interrupts import held, loading
 
 # A Ctrl-C while the modules load is held until they are loaded, then ends the
@@ -44,7 +44,6 @@ with loading():
         EXIT_PARTIAL_INPUT,
         EXIT_USAGE,
         BadInputError,
-        GateError,
         GatewatchError,
         ModelError,
         UsageError,
@@ -582,29 +581,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_and_report(cfg: Any, args: argparse.Namespace, run: Any) -> int:
     """Run the pipeline with ``cfg`` and print what it made (``args``: the
     command line's flags); returns the exit code."""
-    from compress.pipeline import (
-        UNSEEN_LEGEND,
-        ExportsFailed,
-        GateMissed,
-        frontier_table,
-    )
+    from compress.pipeline import UNSEEN_LEGEND, GateMissed, frontier_table
     from flows.errors import one_line
 
     try:
         result = run(cfg, progress=_progress(args.quiet))
     except GateMissed as exc:
-        if not args.json:
-            # The error line, then the frontier table (when any candidate was
-            # made) on its own lines, on stderr.
-            print(f"error: {one_line(exc.reason)}", file=sys.stderr)
-            if exc.table:
-                print(exc.table, file=sys.stderr)
-            return exc.exit_code
-        # The summary on stdout as after a success (no artifacts); the error line
-        # on stderr without the table, which the JSON holds.
-        print(json.dumps(_summary(exc.result), indent=2))
-        raise (GatewatchError if isinstance(exc, ExportsFailed) else GateError)(
-            exc.reason) from exc
+        # The error line on stderr; with --json the summary on stdout as after a
+        # success (no artifacts), which holds the table; else the frontier table
+        # (when any candidate was made) after the line, on lines of its own.
+        if args.json:
+            print(json.dumps(_summary(exc.result), indent=2))
+        print(f"error: {one_line(exc.reason)}", file=sys.stderr)
+        if exc.table and not args.json:
+            print(exc.table, file=sys.stderr)
+        return exc.exit_code
     summary = _summary(result)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -971,15 +962,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt as exc:
-        from flows.stops import EXIT_TERMINATED, Terminated
-
-        said = f" {exc}" if str(exc) else ""
-        if isinstance(exc, Terminated):
-            print(f"error: stopped by SIGTERM{said}", file=sys.stderr)
-            return EXIT_TERMINATED
-        # A message says what the interrupt left behind (see _placing).
-        print(f"error: interrupted{said}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        # A Ctrl-C or SIGTERM; its message says what it left behind (see _placing).
+        line, code = stop_line(exc)
+        print(f"error: {line}", file=sys.stderr)
+        return code
     except ModuleNotFoundError as exc:
         # compress run needs torch; compress eval of an onnx-*/tflite-* artifact
         # imports neither torch nor scikit-learn, so this is a missing runtime
