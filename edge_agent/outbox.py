@@ -697,11 +697,7 @@ class Outbox:
                 # The newest keep_sent rows stay, however far apart their seqs
                 # (answered ones left gaps: trimming by seq distance dropped old
                 # unanswered ones while few rows were held).
-                trimmed = self._db.execute(
-                    "DELETE FROM sent WHERE seq IN (SELECT seq FROM sent ORDER BY "
-                    "seq DESC LIMIT -1 OFFSET ?)",
-                    (self.keep_sent,),
-                ).rowcount
+                trimmed = self._keep_newest("sent", self.keep_sent)
                 if trimmed > 0:
                     # Counted for good: a verdict for one of them later looks
                     # like one for an id this gateway never escalated.
@@ -713,6 +709,14 @@ class Outbox:
         finally:
             self._size = self._count()
         return gone
+
+    def _keep_newest(self, table: str, kept: int) -> int:
+        """Delete all but the newest ``kept`` rows of ``table`` (by ``seq``,
+        however far apart: answered rows leave gaps), inside the caller's
+        transaction; how many went."""
+        return self._db.execute(
+            f"DELETE FROM {table} WHERE seq IN (SELECT seq FROM {table} ORDER BY "
+            "seq DESC LIMIT -1 OFFSET ?)", (kept,)).rowcount
 
     @contextlib.contextmanager
     def _transaction(self, what: str) -> Iterator[None]:
@@ -747,9 +751,7 @@ class Outbox:
                         f"DELETE FROM {table} WHERE id = ?", (i,)).rowcount
                 self._db.execute("INSERT OR REPLACE INTO answered (id) VALUES (?)",
                                  (i,))
-            self._db.execute(
-                "DELETE FROM answered WHERE seq IN (SELECT seq FROM answered ORDER "
-                "BY seq DESC LIMIT -1 OFFSET ?)", (ANSWERED_KEPT,))
+            self._keep_newest("answered", ANSWERED_KEPT)
         with self._lock:
             self._size = self._count()
             self._reclaim()
