@@ -137,6 +137,7 @@ _FIVE_TUPLE = ("ts", "src_ip", "src_port", "dst_ip", "dst_port", "proto")
 # showed as +6 MB of RSS in the 30-min soak).
 _TRACKED_PER_INFLIGHT = 2
 _MAX_VERDICT_IDS = 10_000  # verdict ids remembered to drop a redelivered copy
+MODEL_UPDATE_WAIT_S = 30.0  # how long close() waits for model updates being handled
 # Escalations whose verdict may still come, remembered for the verdict line (their
 # 5-tuple, and whether they were written as local alerts).
 _MAX_RECENT = 10_000
@@ -548,6 +549,9 @@ class Agent:
         # own thread, and without it a thread that handled an older update could
         # swap its model in after a newer one's (the slots naming the newer).
         self._model_update_lock = threading.Lock()
+        # Threads handling model-topic messages, waited for by close(): an agent
+        # that exits while the runtime builds a session aborts in its threads.
+        self._model_threads: list[threading.Thread] = []
 
     # -- model ------------------------------------------------------------------------
 
@@ -1434,12 +1438,16 @@ class Agent:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == self.topics[proto.Channel.MODEL]:
-            threading.Thread(
+            thread = threading.Thread(
                 target=self._model_message,
                 args=(payload,),
                 name="model-update",
                 daemon=True,
-            ).start()
+            )
+            self._model_threads = [
+                t for t in self._model_threads if t.is_alive()
+            ] + [thread]
+            thread.start()
             return
         try:
             verdict = proto.parse_answer(payload)
@@ -1751,7 +1759,21 @@ class Agent:
         if self.link is not None:
             status = proto.encode(self.status_payload("offline"))
             self.link.close(final=(self.topics[proto.Channel.STATUS], status))
+        self._wait_for_model_updates(MODEL_UPDATE_WAIT_S)
         self.outbox.close()
+
+    def _wait_for_model_updates(self, wait_s: float) -> None:
+        """Wait up to ``wait_s`` seconds in all for the model updates still being
+        handled (no more come once the link is closed)."""
+        deadline = time.monotonic() + wait_s
+        for thread in list(self._model_threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                logger.warning(
+                    "a model update is still being handled after %g s; the agent "
+                    "exits without it", wait_s,
+                )
+                return
 
     def summary(self) -> dict[str, Any]:
         """Counters plus outbox state and the model in use."""

@@ -77,6 +77,7 @@ RESEND_WINDOW = 1000
 # Seconds a SIGTERM leaves the outbox to drain, from the stop (or from the
 # drain's start, when the stop came before it).
 STOP_DRAIN_S = 2.0
+RELOAD_WAIT_S = 30.0  # how long an ending run waits for a model reload in flight
 
 EPILOG = f"""\
 exit codes:
@@ -182,7 +183,9 @@ after edge-agent rollback: the model is health-checked and swapped in between
 two batches; one that fails is logged and the running model stays. A model
 with the running one's encoder keeps the windows built so far (a reload of the
 same model decides as if there was none); another encoder starts them empty.
-A SIGHUP before the agent is ready to reload (while it starts) is ignored.
+A SIGHUP before the agent is ready to reload (while it starts) is ignored;
+SIGHUPs during a load ask for one more load after it; a load in flight when
+the input ends is waited for (up to {RELOAD_WAIT_S:.0f} s) before the agent exits.
 """
 
 MIN_CALIBRATION_FLOWS = 100  # benign flows calibrate needs to set thresholds
@@ -691,23 +694,69 @@ def _model_updater(cfg, scorer) -> Any:
     )
 
 
-def _reload_on_sighup(agent: Any, artifact: str) -> Any:
-    """Make SIGHUP reload the model from ``artifact`` (``systemctl reload``, e.g.
-    after ``edge-agent rollback``); returns the handler it replaced, None where
-    there is no SIGHUP. The load and health check run in a thread of their own,
-    so the signal never waits on a batch being scored."""
-    if not hasattr(signal, "SIGHUP"):
-        return None
+class _Reloads:
+    """SIGHUP's model reloads (``systemctl reload``, e.g. after ``edge-agent
+    rollback``), run one at a time in a thread of their own so the signal never
+    waits on a batch being scored; signals that come during a load ask for one
+    more load after it. :meth:`finish` puts the replaced handler back and waits for
+    a load in flight: a process that exits while the runtime builds a session
+    aborts in the runtime's own threads."""
 
-    def on_sighup(*_) -> None:
-        threading.Thread(
-            target=agent.reload_model, args=(artifact,), name="model-reload",
-            daemon=True,
-        ).start()
+    def __init__(self, agent: Any, artifact: str) -> None:
+        self.agent = agent
+        self.artifact = artifact
+        self.wanted = False
+        # Taken by the handler and the worker only; reentrant, as a signal may
+        # come while the handler itself holds it.
+        self.lock = threading.RLock()
+        self.worker: threading.Thread | None = None
+        self.previous: Any = None
+        self.installed = False
 
-    previous = signal.getsignal(signal.SIGHUP)
-    signal.signal(signal.SIGHUP, on_sighup)
-    return previous
+    def install(self) -> None:
+        """Make SIGHUP ask for a reload (where the platform has SIGHUP)."""
+        if not hasattr(signal, "SIGHUP"):
+            return
+        self.previous = signal.getsignal(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, self.request)
+        self.installed = True
+
+    def request(self, *_: Any) -> None:
+        with self.lock:
+            self.wanted = True
+            if self.worker is None or not self.worker.is_alive():
+                self.worker = threading.Thread(
+                    target=self._work, name="model-reload", daemon=True
+                )
+                self.worker.start()
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                if not self.wanted:
+                    return
+                self.wanted = False
+            self.agent.reload_model(self.artifact)
+
+    def finish(self, wait_s: float = RELOAD_WAIT_S) -> None:
+        """Give SIGHUP back to the handler it had and wait up to ``wait_s``
+        seconds for a reload in flight (asked-for ones that did not start are
+        dropped: the run is over)."""
+        if not self.installed:
+            return
+        signal.signal(signal.SIGHUP, self.previous)
+        self.installed = False
+        with self.lock:
+            self.wanted = False
+            worker = self.worker
+        if worker is None:
+            return
+        worker.join(wait_s)
+        if worker.is_alive():
+            logger.warning(
+                "a model reload of %s still runs after %g s; the agent exits "
+                "without it", self.artifact, wait_s,
+            )
 
 
 def _let_go(lock: int | None) -> None:
@@ -807,7 +856,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     previous_sigint = signal.getsignal(signal.SIGINT)
-    previous_sighup = _reload_on_sighup(agent, cfg.artifact)
+    reloads = _Reloads(agent, cfg.artifact)
+    reloads.install()
     # Errors of the source are kept and raised after the flows before them were
     # scored (a live source is read in a worker thread, a file one in batches).
     source.capture_errors = True
@@ -839,8 +889,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if held is not None:
         # Stopped before anything was read: let everything go as it was opened.
         signal.signal(signal.SIGINT, previous_sigint)
-        if previous_sighup is not None:
-            signal.signal(signal.SIGHUP, previous_sighup)
+        reloads.finish()
         outbox.close()
         _let_go(client_lock)
         if close_alerts:
@@ -890,8 +939,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # line printed) does not change its exit code (edge_agent.entry).
         entry.settle()
         signal.signal(signal.SIGINT, previous_sigint)
-        if previous_sighup is not None:
-            signal.signal(signal.SIGHUP, previous_sighup)
+        reloads.finish()
         summary = agent.summary()
         # Whether the broker was still connected as the drain ended (closing the
         # link disconnects it): a connection lost on the way explains what was

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -157,3 +158,140 @@ def test_a_sighup_while_the_agent_starts_does_not_end_it(tmp_path):
             agent.wait()
     assert rc == 0, agent.stderr.read()
     assert "summary: flows 20" in agent.stderr.read()
+
+
+def test_an_agent_that_ends_during_a_reload_exits_cleanly(tmp_path):
+    """Found by CI: a SIGHUP just before the input ended left the reload's thread
+    loading the model while the agent exited, and the runtime's threads were torn
+    down under it ("terminate called without an active exception", exit -6). The
+    run waits for a reload in flight before it ends."""
+    enc = fit_conn_encoder()
+    art = make_artifact(tmp_path / "a", version="va", seed=1, encoder=enc)
+    for attempt in range(8):
+        agent = subprocess.Popen(
+            [str(BIN / "edge-agent"), "run", "--artifact", str(art), "--source", "-",
+             "--site", "s1", "--gateway", "g1",
+             "--outbox", str(tmp_path / f"o{attempt}.db"), "--alerts", ""],
+            stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            wait_for(lambda a=agent: signal_state(a.pid, signal.SIGHUP, "SigCgt"), 30,
+                     "the reload handler", poll=0.002)
+            for _ in range(3):
+                agent.send_signal(signal.SIGHUP)
+            agent.stdin.write(
+                "".join(json.dumps(r) + "\n" for r in conn_records(5))
+            )
+            agent.stdin.close()
+            rc = agent.wait(60)
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+        err = agent.stderr.read()
+        assert rc == 0, err
+        assert "summary: flows 5" in err
+        assert "terminate called" not in err
+
+
+class _SlowReloads:
+    """An agent stand-in whose reload takes ``seconds`` and counts its loads."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started = threading.Event()
+        self.loads = 0
+        self.finished = 0
+
+    def reload_model(self, artifact) -> bool:
+        self.loads += 1
+        self.started.set()
+        time.sleep(self.seconds)
+        self.finished += 1
+        return True
+
+
+def test_sighups_during_a_load_ask_for_one_more_and_the_end_waits_for_it():
+    from edge_agent.cli import _Reloads
+
+    agent = _SlowReloads(0.3)
+    before = signal.getsignal(signal.SIGHUP)
+    reloads = _Reloads(agent, "models/current")
+    reloads.install()
+    try:
+        assert signal.getsignal(signal.SIGHUP) == reloads.request
+        reloads.request()
+        assert agent.started.wait(5)
+        for _ in range(4):  # while the first load runs: one more load, not four
+            reloads.request()
+        wait_for(lambda: agent.loads == 2, 5, "the second load")
+    finally:
+        reloads.finish()
+    # finish() returned only once the load in flight had ended.
+    assert (agent.loads, agent.finished) == (2, 2)
+    assert signal.getsignal(signal.SIGHUP) == before
+
+
+def test_the_end_of_a_run_waits_only_so_long_for_a_reload(caplog):
+    from edge_agent.cli import _Reloads
+
+    agent = _SlowReloads(1.5)
+    reloads = _Reloads(agent, "models/current")
+    reloads.install()
+    reloads.request()
+    assert agent.started.wait(5)
+    began = time.monotonic()
+    with caplog.at_level("WARNING", logger="edge_agent"):
+        reloads.finish(wait_s=0.2)
+    assert time.monotonic() - began < 1.2
+    assert agent.finished == 0
+    assert "a model reload of models/current still runs after 0.2 s" in caplog.text
+    reloads.worker.join(5)
+
+
+class _SlowUpdater:
+    """A model updater stand-in whose handling takes ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started = threading.Event()
+        self.done = False
+
+    def handle(self, payload: bytes):
+        self.started.set()
+        time.sleep(self.seconds)
+        self.done = True
+        return type("Refused", (), {"ok": False, "reason": "test"})()
+
+
+def test_closing_the_agent_waits_for_a_model_update_being_handled(
+    tmp_path, caplog, monkeypatch
+):
+    """As for SIGHUP: a model update still loading its model when the run ended
+    was cut off by the exit."""
+    from edge_agent import agent as agent_mod
+    from edge_agent import protocol as proto
+    from edge_agent.agent import Agent
+    from edge_agent.outbox import Outbox
+    from edge_agent.runtime import load_artifact
+
+    art = make_artifact(tmp_path / "a", version="va", seed=1,
+                        encoder=fit_conn_encoder())
+    for seconds, wait_s in ((0.4, 30.0), (1.5, 0.2)):
+        agent = Agent(load_artifact(art), site="s1", gateway="g1",
+                      outbox=Outbox(tmp_path / f"o{seconds}.db"))
+        updater = _SlowUpdater(seconds)
+        agent.enable_model_updates(updater)
+        monkeypatch.setattr(agent_mod, "MODEL_UPDATE_WAIT_S", wait_s)
+        agent._on_message(agent.topics[proto.Channel.MODEL], b"{}")
+        assert updater.started.wait(5)
+        began = time.monotonic()
+        with caplog.at_level("WARNING", logger="edge_agent"):
+            agent.close()
+        if wait_s > seconds:
+            assert updater.done
+            assert "still being handled" not in caplog.text
+        else:
+            assert not updater.done
+            assert time.monotonic() - began < 1.2
+            assert "a model update is still being handled after 0.2 s" in caplog.text
