@@ -129,6 +129,22 @@ def _ignores(pid: int, signum: int) -> bool:
     return signal_state(pid, signum, "SigIgn")
 
 
+def _end_input(agent: subprocess.Popen, records: list[dict]) -> int | None:
+    """Write ``records`` to the agent's stdin, end it and wait for the agent's exit
+    code (one that has not ended in 60 s is killed: None)."""
+    try:
+        if agent.poll() is None:
+            agent.stdin.write("".join(json.dumps(r) + "\n" for r in records))
+            agent.stdin.close()
+        return agent.wait(60)
+    except BrokenPipeError:  # it had ended already: its own exit code
+        return agent.wait(60)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+        agent.wait()
+        return None
+
+
 def test_a_sighup_while_the_agent_starts_does_not_end_it(tmp_path):
     """Found by an operator tester: SIGHUP in the agent's first half second (while
     it imports numpy and loads its model) ended it, and systemd counts an end by
@@ -149,13 +165,8 @@ def test_a_sighup_while_the_agent_starts_does_not_end_it(tmp_path):
         for _ in range(5):  # over the start, before the reload handler exists
             time.sleep(0.05)
             agent.send_signal(signal.SIGHUP)
-        agent.stdin.write("".join(json.dumps(r) + "\n" for r in conn_records(20)))
-        agent.stdin.close()
-        rc = agent.wait(60)
     finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
+        rc = _end_input(agent, conn_records(20))
     assert rc == 0, agent.stderr.read()
     assert "summary: flows 20" in agent.stderr.read()
 
@@ -179,15 +190,8 @@ def test_an_agent_that_ends_during_a_reload_exits_cleanly(tmp_path):
                      "the reload handler", poll=0.002)
             for _ in range(3):
                 agent.send_signal(signal.SIGHUP)
-            agent.stdin.write(
-                "".join(json.dumps(r) + "\n" for r in conn_records(5))
-            )
-            agent.stdin.close()
-            rc = agent.wait(60)
         finally:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
+            rc = _end_input(agent, conn_records(5))
         err = agent.stderr.read()
         assert rc == 0, err
         assert "summary: flows 5" in err
