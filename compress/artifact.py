@@ -28,7 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.runtime import SCHEMA_VERSION, doubt_floor, sha256_file
+from edge_agent.runtime import (
+    SCHEMA_VERSION,
+    doubt_floor,
+    midway_below,
+    sha256_file,
+)
 
 __all__ = [
     "escalation_band",
@@ -88,7 +93,14 @@ def escalation_band(
         if np.sum((p >= decision) & (p < value)) / n > half:
             break
         cap = float(value)
-    return float(lo), float(max(decision, min(hi, cap)))
+    hi = max(decision, min(hi, cap))
+
+    # Each edge halfway below the score it was chosen at (as the decision is).
+    if lo < decision:
+        lo = midway_below(p, lo)
+    if hi > decision:
+        hi = midway_below(p, hi, floor=decision)
+    return float(lo), float(hi)
 
 
 # How each --threshold-rule chose the decision threshold, in thresholds.json's words.

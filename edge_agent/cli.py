@@ -1666,12 +1666,13 @@ def escalation_floor(scores: np.ndarray, decision: float) -> float:
     by the artifact's own doubt floor (:func:`edge_agent.runtime.doubt_floor`).
     Without it a site's thresholds would send the teacher nothing the student
     doubts."""
-    from edge_agent.runtime import doubt_floor
+    from edge_agent.runtime import doubt_floor, midway_below
 
     s = np.asarray(scores, dtype=np.float64)
-    return doubt_floor(
+    floor = doubt_floor(
         s, decision, decision, CALIBRATION_DOUBT_SHARE, CALIBRATION_DOUBT_MOST
     )
+    return midway_below(s, floor) if floor < decision else floor
 
 
 def capture_filter(given: str | None, broker: str | None) -> str | None:

@@ -1014,6 +1014,28 @@ def load_artifact(
     return scorer
 
 
+def midway_below(p: np.ndarray, cut: float, floor: float | None = None) -> float:
+    """A threshold that flags the same scores of ``p`` as ``cut`` (``p >= cut``) but
+    lies halfway between ``cut`` and the highest score below it (or ``floor``, if
+    that is higher), not on a score itself; ``cut`` when there is neither (moving
+    it down would take in scores no window of ``p`` showed).
+
+    An int8 model's scores are a few fixed levels: a threshold on one of them keeps
+    that level flagged only where the level is computed exactly as it was here
+    (float32 here; a port that dequantizes in float64 lands just below it). Halfway
+    to the next lower level, every correct implementation flags the same windows."""
+    p = np.asarray(p, dtype=np.float64)
+    lower = p[p < cut]
+    lows = ([float(lower.max())] if lower.size else []) + (
+        [float(floor)] if floor is not None else [])
+    if not lows:
+        return float(cut)
+    low = max(lows)
+    mid = low + (float(cut) - low) / 2
+    # Two adjacent doubles have no double between them: keep the cut itself.
+    return mid if low < mid <= cut else float(cut)
+
+
 def doubt_floor(
     p: np.ndarray, decision: float, lo: float, share: float, most: float
 ) -> float:

@@ -199,10 +199,13 @@ def cut_at_rate(prob: Any, rate: float) -> float:
 
     A student given the cut at which it flags as much of the validation set as its
     teacher does copies the teacher's operating point instead of choosing its own
-    (student/results/round4). Of two equally near counts the lower cut wins.
+    (student/results/round4). Of two equally near counts the lower cut wins. The
+    threshold returned lies halfway below the chosen score, as in
+    :func:`choose_threshold` (an int8 student's score on a level exactly would be
+    lost by a port that computes the level in another precision).
 
-    >>> cut_at_rate([0.9, 0.8, 0.7, 0.1], 0.5)
-    0.8
+    >>> cut_at_rate([0.9, 0.8, 0.7, 0.1], 0.5)  # 0.8 chosen
+    0.75
     """
     p_arr = np.asarray(prob, dtype=np.float64).ravel()
     if p_arr.size == 0:
@@ -219,7 +222,7 @@ def cut_at_rate(prob: Any, rate: float) -> float:
         return float(min(1.0, p_sorted[0] + 1e-6))  # flagging nothing is nearest
     dist = np.abs(counts - want)
     best = np.flatnonzero(dist <= dist.min() + 1e-12)[-1]
-    return float(p_sorted[last][best])
+    return _below(p_sorted[last], best)
 
 
 def type_split_pairs(

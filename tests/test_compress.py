@@ -271,9 +271,43 @@ def test_escalation_band_takes_a_large_tie_group_below_the_decision_whole():
 
     lo, hi = escalation_band(y, p, 0.6)
 
-    assert lo == 0.55
+    assert lo == pytest.approx((0.1 + 0.55) / 2)  # halfway below (the next test)
     assert np.mean((p >= lo) & (p < 0.6)) == 4 / 150
-    assert hi == 0.9
+    assert hi == pytest.approx((0.6 + 0.9) / 2)  # nothing between 0.6 and 0.9
+
+
+def test_escalation_band_edges_lie_between_int8_output_levels():
+    """Found by an ML tester: an int8 student's escalate_low and alert sat exactly
+    on output levels (as float32 computed them), so a port that dequantizes in
+    float64 put those windows just below the edge and escalated or alerted other
+    windows than the artifact's own runtime. Each edge now lies halfway between
+    two levels, and flags the same validation windows as before."""
+    from compress.artifact import escalation_band
+    from teacher.metrics import choose_threshold
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.zeros(3000, int), np.ones(1500, int)]
+    logits = np.r_[rng.normal(-3, 1.5, 3000), rng.normal(3, 1.5, 1500)]
+    # An int8 logit output (scale 0.05) through a sigmoid: float32 in the artifact's
+    # runtime, float64 in a port that dequantizes by hand.
+    q = np.clip(np.round(logits / 0.05), -128, 127)
+    p = 1 / (1 + np.exp(-(q * 0.05).astype(np.float32)))
+    exact = 1 / (1 + np.exp(-q * 0.05))
+    p = p.astype(np.float64)
+    decision = choose_threshold(y, p)
+
+    lo, hi = escalation_band(y, p, decision)
+
+    grid = np.unique(p)
+    assert lo < decision < hi
+    # Each edge halfway between the level it flags and the level below.
+    for edge in (lo, hi):
+        upper, lower = grid[grid > edge].min(), grid[grid < edge].max()
+        assert edge == pytest.approx((upper + lower) / 2)
+    # Every level computed in the other precision lands on the same side of each
+    # edge as the float32 scores did.
+    for edge in (lo, decision, hi):
+        np.testing.assert_array_equal(exact >= edge, p >= edge)
 
 
 def test_eval_cli_scores_the_artifact_in_its_runtime(
