@@ -182,6 +182,41 @@ def test_int8_io_is_quantized_and_dequantized(tmp_path: Path) -> None:
     assert np.all(np.abs(got * 256 - np.round(got * 256)) < 1e-4)
 
 
+def test_int8_io_matches_the_arithmetic_compress_verified_with(tmp_path: Path) -> None:
+    """The scorer's faster int8 path (in-place rounding and bounds, a table of the
+    256 output levels' scores) gives bit for bit what the plain numpy steps give:
+    x / scale rounded half to even, plus the zero point, clipped; the output level
+    minus its zero point, times its scale, in float32."""
+    from edge_agent.runtime import _quantize
+
+    folder = write_artifact(
+        tmp_path / "q", _int8_model(), dtype="int8",
+        in_q=(IN_SCALE, IN_ZP), out_q=(OUT_SCALE, OUT_ZP),
+    )
+    scorer = load_artifact(folder)
+    windows = np.r_[
+        RNG.uniform(-4, 4, size=(200, W, F)),
+        # Exact halves (rounded to even) and values far past the int8 range.
+        np.full((1, W, F), 0.5 * IN_SCALE), np.full((1, W, F), 1.5 * IN_SCALE),
+        np.full((1, W, F), -1e6), np.full((1, W, F), 1e6),
+    ].astype(np.float32)
+
+    want_in = np.clip(
+        np.round(windows / np.float32(IN_SCALE)) + np.float32(IN_ZP), -128, 127
+    ).astype(np.int8)
+    np.testing.assert_array_equal(_quantize(windows, scorer.input_spec), want_in)
+
+    raw = scorer._backend.run(want_in).reshape(-1)
+    want_out = ((raw.astype(np.float32) - np.float32(OUT_ZP)) * np.float32(OUT_SCALE))
+    np.testing.assert_array_equal(scorer.score(windows), want_out.astype(np.float32))
+    # Every one of the 256 levels, not only those the windows reached.
+    levels = np.arange(-128, 128, dtype=np.int8)
+    np.testing.assert_array_equal(
+        scorer._levels,
+        ((levels.astype(np.float32) + np.float32(128)) * np.float32(OUT_SCALE)),
+    )
+
+
 def test_modified_file_is_refused(tmp_path: Path) -> None:
     folder = write_artifact(tmp_path / "a", _float_model())
     (folder / "thresholds.json").write_text('{"decision": 0.01}')
