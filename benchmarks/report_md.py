@@ -372,7 +372,11 @@ def render(results: dict[str, Any]) -> str:
         f"{s.get('repeats')} repeats (min–max in brackets), the repeats of all "
         "models taking turns, on one thread; ratios are taken per repeat within the "
         "run. Accuracy figures are on each dataset's test split, with decision "
-        "thresholds chosen on validation.", "",
+        "thresholds chosen on validation. Student timings are of what the edge agent "
+        "runs, `Scorer.score()`: the runtime's call plus numpy's input quantization "
+        "and output scaling (several µs of a tflite-int8 student's p50), not the "
+        "runtime's bare invoke; a TFLite graph that cannot be resized (the CNN "
+        "students' batch-1 reshape) is scored one window per call at b256.", "",
         "## Headline", "",
         *_gate_note(s),
         *_headline(results), "",
