@@ -609,7 +609,7 @@ def _run_and_report(cfg: Any, args: argparse.Namespace, run: Any) -> int:
         print(_artifact_table(summary["artifacts"]))
         for target, why in result.failed.items():
             print(f"{target}: not made ({why})")
-    return _finished(result.partial)
+    return _finished(result.partial, result.warnings)
 
 
 def _placing(out: Path) -> Any:
@@ -942,10 +942,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return _finished(out.get("partial", False))
 
 
-def _finished(partial: bool) -> int:
-    """Exit code once the work is written: 4 when the data was damaged part way."""
+def _finished(partial: bool, warnings: list[str] | None = None) -> int:
+    """Exit code once the work is written: 4 when the data was damaged part way
+    (``warnings``: the data's own, which name the file and the place)."""
     if partial:
-        logger.warning("the data was damaged part way; used the rows before it")
+        where = "; ".join(warnings or []) or "see the lines above"
+        logger.warning(
+            "the data was damaged part way; used the rows before it (%s)", where
+        )
         return EXIT_PARTIAL_INPUT
     return EXIT_OK
 

@@ -316,6 +316,7 @@ class RunResult:
     teacher_metrics: dict[str, Any]
     failed: dict[str, str] = field(default_factory=dict)
     partial: bool = False  # the data was damaged part way (see teacher.data)
+    warnings: list[str] = field(default_factory=list)  # the data's, naming places
 
 
 class GateMissed(GateError):
@@ -933,7 +934,11 @@ def _provenance(ctx: _Context, dest: Path) -> dict[str, Any]:
                  "timezone": ctx.prep.timezone,
                  "split_seed": split_seed(ctx.teacher.provenance or {}),
                  "rows": {"train": len(ctx.train), "val": len(ctx.val),
-                          "test": len(ctx.test)}},
+                          "test": len(ctx.test)},
+                 # A file damaged part way: the artifact learned from the rows
+                 # before the damage, and says so (the warnings name the place).
+                 "partial": bool(ctx.prep.partial),
+                 "warnings": list(ctx.prep.warnings)},
         "distill": {**ctx.distill.__dict__,
                     "rescored_by_teacher": _rescorer(ctx, ctx.distill) is not None},
         "versions": library_versions(),
@@ -1303,7 +1308,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunRes
                 _remove_made(out, made)
     result = RunResult(artifacts, frontier, {"val": ctx.teacher_val,
                                              "test": ctx.teacher_test}, failed,
-                       partial=ctx.prep.partial)
+                       partial=ctx.prep.partial, warnings=list(ctx.prep.warnings))
     if not artifacts:
         # Targets that failed before any gate (torch-int8's export) say why.
         others = "".join(f"; {_named(t, why)}" for t, why in failed.items()

@@ -9,6 +9,7 @@ pipeline then distills, exports, verifies and gates against it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -1392,3 +1393,38 @@ def test_qat_always_with_a_float_target_is_refused(target, tmp_path, capsys):
                     "it, or give an int8 target (or --target all, where it applies "
                     "to those)")
     assert not (tmp_path / "out").exists()
+
+
+def test_run_on_data_cut_part_way_names_the_place_and_marks_the_artifact(
+    teacher_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by an ML tester: compress run on a cut gzip said only "the data was
+    damaged part way" (no file, no place), and the artifact it shipped recorded
+    nothing of it. The warning names the file and the cut; the manifest's data
+    provenance says partial, with the same words."""
+    import gzip
+
+    from compress.cli import main
+    from flows.cli import main as flows_main
+
+    data = json.loads((teacher_dir / "provenance.json").read_text())["dataset"]
+    log = tmp_path / "conn.log"
+    assert flows_main(["convert", data, "-o", str(log), "--format", "zeek"]) == 0
+    whole = gzip.compress(log.read_bytes())
+    cut = tmp_path / "conn.log.gz"
+    cut.write_bytes(whole[: len(whole) * 9 // 10])
+    out = tmp_path / "art"
+
+    with caplog.at_level(logging.WARNING):
+        code = main(["run", "--target", "onnx-fp32", "--teacher", str(teacher_dir),
+                     "--data", str(cut), "--out", str(out), "--student", "mlp",
+                     "--widths", "8", "--epochs", "2", "--max-f1-drop", "1",
+                     "--no-prune"])
+
+    assert code == 4
+    line = next(r.getMessage() for r in caplog.records
+                if "damaged part way" in r.getMessage())
+    assert str(cut) in line and "cut" in line
+    provenance = json.loads((out / "manifest.json").read_text())["provenance"]
+    assert provenance["data"]["partial"] is True
+    assert any("cut" in w for w in provenance["data"]["warnings"])
