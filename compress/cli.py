@@ -31,6 +31,7 @@ with loading():
         check_writable_above,
         integer,
         integers,
+        named,
         real,
         reals,
         zone_name,
@@ -226,23 +227,30 @@ def build_parser() -> argparse.ArgumentParser:
                           "exit 2, as are the distillation, pruning and QAT flags, "
                           "--threshold-rule teacher-rate and --gate split); all: "
                           "every target, each in OUT/<target>")
-    run.add_argument("--teacher", required=True, type=Path, help="checkpoint folder")
-    run.add_argument("--out", required=True, type=Path,
+    run.add_argument("--teacher", required=True,
+                     type=named("a teacher checkpoint folder"),
+                     help="checkpoint folder")
+    run.add_argument("--out", required=True, type=named("an artifact folder"),
                      help="artifact folder: new, empty, or holding an artifact of "
                           "the same --target (replaced); another target's artifact "
                           "or other files there are refused (exit 2)")
     run.add_argument("--student", choices=("cnn", "mlp", "lstm"),
-                     help="only this student kind (default: search mlp and cnn); "
-                          "not with --target torch-int8 (exit 2)")
+                     help="only this student kind (default: search mlp and cnn; "
+                          "mlp only for windows shorter than 3 flows, as NSL-KDD's "
+                          "and UNSW-NB15's single-flow windows); not with --target "
+                          "torch-int8 (exit 2)")
     run.add_argument("--max-f1-drop", type=real(0, 1), default=0.01,
                      help="allowed validation F1 drop from the teacher (default 0.01)")
-    run.add_argument("--data-dir", type=Path, help="data folder ($GATEWATCH_DATA)")
+    run.add_argument("--data-dir", type=named("a data folder"),
+                     help="data folder ($GATEWATCH_DATA)")
     source = run.add_mutually_exclusive_group()
     source.add_argument(
-        "--dataset", help="dataset name or file (default: the teacher's)"
+        "--dataset", type=named("a dataset or a file", as_path=False),
+        help="dataset name or file (default: the teacher's)",
     )
     source.add_argument(
-        "--data", type=Path, help="a flow file flows can read (as in compress eval "
+        "--data", type=named("a flow file"),
+        help="a flow file flows can read (as in compress eval "
         "and teacher; the same as --dataset FILE)",
     )
     _add_timezone(run, "a --dataset/--data file", " (default: UTC; without "
@@ -338,13 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score an artifact in its runtime",
                         description=EVAL_DESCRIPTION, epilog=EVAL_EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("--artifact", required=True, type=Path,
+    ev.add_argument("--artifact", required=True, type=named("an artifact folder"),
                     help="artifact folder (with manifest.json)")
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="registered dataset name (a warning names "
                      "a file of it the artifact's teacher trained on under another "
                      "name, and counts its rows scored)")
-    src.add_argument("--data", type=Path, help="a flow file flows can read")
+    src.add_argument("--data", type=named("a flow file"),
+                     help="a flow file flows can read")
     ev.add_argument("--split", default=None, choices=("train", "val", "test", "all"),
                     help="split of --dataset to score (default test); a --data file "
                          "is scored whole, so only 'all' goes with --data")

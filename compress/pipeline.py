@@ -1205,6 +1205,10 @@ def _search(ctx: _Context, target: str, stage: Path) -> tuple[Candidate | None,
     kinds = [ctx.cfg.student] if ctx.cfg.student else [
         k for k in SEARCH_KINDS if target in student_targets(k)
         and not (k == "cnn" and ctx.prep.window < 3)]
+    if not ctx.cfg.student and ctx.prep.window < 3 and "cnn" in SEARCH_KINDS:
+        logger.info("windows of %d flow(s): cnn students are not searched (a kernel "
+                    "of 3 over them is an mlp with dead weights; --student cnn "
+                    "tries one anyway)", ctx.prep.window)
     kinds = [k for k in kinds if target in student_targets(k)]
     if not kinds:
         raise UsageError(f"student {ctx.cfg.student!r} does not support {target}")

@@ -18,12 +18,13 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from flows.errors import UsageError
 
 __all__ = [
-    "check_can_create", "check_writable_above", "integer", "integers", "real",
-    "reals", "zone_name",
+    "check_can_create", "check_writable_above", "integer", "integers", "named",
+    "real", "reals", "zone_name",
 ]
 
 
@@ -89,11 +90,18 @@ def _list_of(one: Callable[[str], float], example: str) -> Callable[[str], list]
     """An argparse type: a comma-separated list, each item checked by ``one``."""
 
     def parse(text: str) -> list:
-        values = [one(v.strip()) for v in text.split(",") if v.strip()]
-        if not values:
+        items = [v.strip() for v in text.split(",")]
+        if items and not items[-1]:
+            items.pop()  # one trailing comma, as in "64,32,"
+        if not any(items):
             raise argparse.ArgumentTypeError(
                 f"expected a list like {example}, got {text!r}")
-        return values
+        if not all(items):
+            # "4,,8" was read as 4,8 without a word: a lost value is a typo's sign.
+            raise argparse.ArgumentTypeError(
+                f"expected a list like {example}, got {text!r}: an empty item "
+                "(two commas in a row, or one at the start)")
+        return [one(v) for v in items]
 
     return parse
 
@@ -114,6 +122,19 @@ def reals(
 ) -> Callable[[str], list[float]]:
     """A comma-separated list of finite floats within the bounds, e.g. ``1e-3,3e-4``."""
     return _list_of(real(lo, hi, lo_open=lo_open, hi_open=hi_open), "0.1,0.2")
+
+
+def named(what: str, as_path: bool = True) -> Callable[[str], Any]:
+    """An argparse type for a file, folder or dataset name that must not be empty:
+    ``Path("")`` is the current folder, so ``--out ""`` (an unset shell variable)
+    would write there. ``what`` completes "name ..." in the error."""
+
+    def parse(text: str) -> Any:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"is empty; name {what}")
+        return Path(text) if as_path else text
+
+    return parse
 
 
 def zone_name(text: str) -> str:

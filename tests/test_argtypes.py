@@ -27,7 +27,9 @@ def test_integer_and_lists():
             integer(1, 10)(bad)
     assert integers(1)("64, 32,") == [64, 32]
     assert reals(0, 1)("0.1,1") == [0.1, 1.0]
-    bad_lists = ((integers(1), "8,0"), (integers(1), ","), (reals(0, 1), "0.5,nan"))
+    bad_lists = ((integers(1), "8,0"), (integers(1), ","), (reals(0, 1), "0.5,nan"),
+                 # Found by an ML tester: "4,,8" was taken as 4,8 without a word.
+                 (integers(1), "4,,8"), (integers(1), ",4"), (reals(0, 1), "0.1,,"))
     for parse, bad in bad_lists:
         with pytest.raises(argparse.ArgumentTypeError):
             parse(bad)

@@ -104,6 +104,33 @@ def test_compress_out_existing_file_exits_2_up_front(tmp_path, capsys):
     assert code == 2 and "not a folder" in err
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["run", "--target", "onnx-fp32", "--teacher", "T", "--out", ""], "--out"),
+    (["run", "--target", "onnx-fp32", "--teacher", " ", "--out", "A"], "--teacher"),
+    (["run", "--target", "onnx-fp32", "--teacher", "T", "--out", "A",
+      "--dataset", ""], "--dataset"),
+    (["run", "--target", "onnx-fp32", "--teacher", "T", "--out", "A",
+      "--data", ""], "--data"),
+    (["eval", "--artifact", "", "--dataset", "nsl-kdd"], "--artifact"),
+])
+def test_compress_refuses_an_empty_path_instead_of_the_current_folder(
+    argv, flag, tmp_path, monkeypatch, capsys
+):
+    """Found by an ML tester: ``compress run --out ""`` (an unset shell variable)
+    wrote the artifact into the current folder, exit 0; ``--teacher ""`` was
+    read as the current folder too."""
+    from compress.cli import main as compress_main
+
+    monkeypatch.chdir(tmp_path)
+
+    code = compress_main(argv)
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"argument {flag}: is empty; name " in err
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- teacher config.json ---------------------------------------------------------------
 
 
