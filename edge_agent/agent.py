@@ -184,6 +184,9 @@ class Counters:
     bad_records: int = 0
     unrouted: int = 0
     dropped_oversized: int = 0
+    # Escalations of earlier runs whose stored payload could not be read back
+    # (damaged at rest): moved to the outbox's damaged table, never sent.
+    outbox_damaged: int = 0
     outbox_failed: int = 0
     # Of outbox_failed, the alerts (their alert lines are written); the rest are
     # uncertain escalations, of which no record is left.
@@ -453,6 +456,10 @@ class Agent:
         self.gateway = proto.validate_id(gateway, "gateway")
         self.topics = {ch: proto.topic(site, gateway, ch) for ch in proto.Channel}
         self.outbox = outbox
+        self._check_outbox_identity()
+        # Queued by an earlier run (seq up to this), or sent by one and put back:
+        # read back from the file, so checked before they are published.
+        self._replay_upto = outbox.last_seq()
         self.link = link
         self.alerts = alerts
         self.max_batch = max_batch
@@ -919,6 +926,67 @@ class Agent:
             if len(self._recent) > _MAX_RECENT:
                 self._recent.popitem(last=False)
 
+    def _check_outbox_identity(self) -> None:
+        """Refuse an outbox whose escalations another site or gateway wrote: they
+        would go out on that gateway's topic and their verdicts to its topic, which
+        this run does not hear, so they would be sent again on every run."""
+        foreign: dict[tuple[str, str], int] = {}
+        for topic, count in self.outbox.topics().items():
+            try:
+                site, gateway, _ = proto.split_topic(topic)
+            except proto.ProtocolError:
+                continue  # not a gatewatch topic: the broker or re-scorer names it
+            if (site, gateway) != (self.site, self.gateway):
+                foreign[site, gateway] = foreign.get((site, gateway), 0) + count
+        if not foreign:
+            return
+        (site, gateway), count = max(foreign.items(), key=lambda item: item[1])
+        more = f" (and {len(foreign) - 1} other identities)" if len(foreign) > 1 else ""
+        raise UsageError(
+            f"outbox {self.outbox.path} holds {count} escalations of site {site} "
+            f"gateway {gateway}{more}, not of this agent's --site {self.site} "
+            f"--gateway {self.gateway}: their verdicts would go to that gateway's "
+            f"topic, which this run does not hear; run once with --site {site} "
+            f"--gateway {gateway} to send them, or give this agent another --outbox"
+        )
+
+    def _unreadable(self, msg: Any, payload: bytes) -> str | None:
+        """Why an escalation read back from the outbox file cannot be sent as
+        ``payload`` (its stored payload as :func:`proto.resendable` makes it) says
+        it, a payload damaged at rest; None when it can. Only those of earlier runs
+        are read again: this run's were built from checked flows a moment ago."""
+        if msg.seq > self._replay_upto and msg.id not in self._earlier:
+            return None
+        try:
+            # Size is not judged here: the broker's limit has its own path.
+            body = proto.parse_escalation(payload, max_bytes=len(payload) + 1)
+        except proto.ProtocolError as exc:
+            return str(exc)[:200]
+        if body.get("id") != msg.id:
+            return f"its id {str(body.get('id'))[:40]!r} is not the stored {msg.id}"
+        return None
+
+    def _set_aside(self, msg: Any, why: str) -> None:
+        """Take a damaged escalation out of the queue (kept in the outbox's
+        ``damaged`` table); count it, log the first."""
+        try:
+            moved = self.outbox.set_aside(msg.id, why)
+        except OutboxError as exc:
+            self._outbox_failed(exc)
+            return
+        if not moved:
+            return
+        with self._out_lock:
+            self.counters.outbox_damaged += 1
+            first = self.counters.outbox_damaged == 1
+            self._awaiting.pop(msg.id, None)
+        if first:
+            logger.warning(
+                "escalation %s in the outbox %s is damaged (%s): set aside in its "
+                "'damaged' table, not sent; further ones only counted",
+                msg.id, self.outbox.path, why,
+            )
+
     def _remember_replayed(self, msg: Any) -> None:
         """Remember an escalation replayed from the outbox that this run did not
         score (an earlier run stored it), so that its verdict line carries the
@@ -1171,11 +1239,16 @@ class Agent:
 
     def _publish_one(self, link: MqttLink, msg: Any) -> int | None:
         """Publish one outbox message (QoS 1) and track it: 1 when handed to the
-        link, 0 when dropped as too large, None when the link cannot take more
-        now (the caller stops this round)."""
+        link, 0 when dropped as too large or set aside as damaged, None when the
+        link cannot take more now (the caller stops this round)."""
+        payload = proto.resendable(msg.payload)
+        why = self._unreadable(msg, payload)
+        if why is not None:
+            self._set_aside(msg, why)
+            return 0
         self._remember_replayed(msg)
         try:
-            delivery = link.publish(msg.topic, proto.resendable(msg.payload), qos=1)
+            delivery = link.publish(msg.topic, payload, qos=1)
         except MessageTooLargeError as exc:
             self._drop_oversized(msg.id, exc)
             return 0

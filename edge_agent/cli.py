@@ -105,7 +105,9 @@ exit codes:
        (gatewatch-SITE-GATEWAY, with --broker) another process on
        this host holds (its lock file in $GATEWATCH_RUN_DIR, default
        /tmp/gatewatch-UID, names the pid), a broker password
-       (--password-file) without a user name
+       (--password-file) without a user name, an --outbox holding
+       escalations another --site/--gateway wrote (their verdicts go
+       to that gateway's topic)
   {EXIT_BAD_INPUT}    bad input: a source that gave no usable flow (stdin whose
        lines held no record, a damaged file with nothing usable), a
        source, a thresholds file or a --password-file that is a folder
@@ -146,6 +148,8 @@ exit codes:
        first, alerts last; alerts keep their local lines unless
        --alerts is empty), or
        escalations over the broker's packet limit (dropped, not sent),
+       or escalations of an earlier run damaged in the outbox file (set
+       aside in its 'damaged' table, not sent; not met again),
        or escalations still without a verdict at the end of the drain
        (--drain-timeout; not awaited with --no-wait-verdicts; sent ones
        queued in the outbox to be published again count here, not as
@@ -1019,6 +1023,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"and were dropped, not sent; {lines} (a record with a huge text "
                 "field, or a --max-packet-size set too low)"
             )
+        if summary.get("outbox_damaged"):
+            raise OutboxError(
+                f"{summary['outbox_damaged']} escalations of an earlier run were "
+                f"damaged in the outbox {cfg.outbox_path()} and were not sent: set "
+                "aside in its 'damaged' table (sqlite3 OUTBOX 'SELECT id, reason "
+                "FROM damaged'); their alert lines, if any, were written then"
+            )
         shown = redact_url(cfg.broker) if cfg.broker else None  # no password
         # Only those the broker never took: sent ones queued to go out again
         # await their verdicts, as the checks below them say.
@@ -1533,6 +1544,11 @@ def _report(
         + (
             f", dropped as too large to send {summary['dropped_oversized']}"
             if summary.get("dropped_oversized")
+            else ""
+        )
+        + (
+            f", set aside as damaged in the outbox {summary['outbox_damaged']}"
+            if summary.get("outbox_damaged")
             else ""
         )
         + (

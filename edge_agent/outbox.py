@@ -104,6 +104,14 @@ CREATE TABLE IF NOT EXISTS answered (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE
 );
+CREATE TABLE IF NOT EXISTS damaged (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    alert INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);
 """
 
 
@@ -113,9 +121,13 @@ _COLUMNS = {
     "counters": ("name", "value"),
     "sent": ("seq", "id", "topic", "payload", "alert"),
     "answered": ("seq", "id"),
+    "damaged": ("seq", "id", "topic", "payload", "alert", "reason"),
 }
 # Tables an outbox written before they existed may lack (created at open).
-_ADDED_LATER = {"sent", "answered"}
+_ADDED_LATER = {"sent", "answered", "damaged"}
+# Seconds a write waits for another program's lock on the file (sqlite3 busy
+# timeout; its default of 5 s dropped escalations during a 12 s backup's lock).
+BUSY_TIMEOUT_S = 60.0
 # Ids of answered escalations remembered (the newest), so that a late copy of an
 # answer (a re-scorer working through copies queued while it was away) is known
 # for one, not taken for a verdict on an escalation this gateway never sent.
@@ -287,7 +299,7 @@ class Outbox:
             # the path it is given, and two names must share one.
             self._db = sqlite3.connect(
                 os.path.realpath(self.path), check_same_thread=False,
-                isolation_level=None,
+                isolation_level=None, timeout=BUSY_TIMEOUT_S,
             )
             if lock:  # the file exists now: its other names are held too
                 try:
@@ -733,6 +745,36 @@ class Outbox:
                     raise
             except sqlite3.Error as exc:
                 raise self._failure(what, exc) from exc
+
+    def set_aside(self, msg_id: str, reason: str) -> bool:
+        """Move a message that cannot be sent as stored (its payload damaged in
+        the file) out of the queue into the ``damaged`` table, with ``reason``:
+        kept for a look (``sqlite3 OUTBOX 'SELECT id, reason FROM damaged'``),
+        never published again. False if it was no longer queued."""
+        with self._transaction(f"set escalation {msg_id} aside in"):
+            self._db.execute(
+                "INSERT OR REPLACE INTO damaged (id, topic, payload, alert, reason) "
+                "SELECT id, topic, payload, alert, ? FROM outbox WHERE id = ?",
+                (reason, msg_id),
+            )
+            here = self._db.execute(
+                "DELETE FROM outbox WHERE id = ?", (msg_id,)).rowcount
+            self._db.execute("DELETE FROM sent WHERE id = ?", (msg_id,))
+            self._size = self._count()
+        return bool(here)
+
+    def topics(self) -> dict[str, int]:
+        """How many messages, queued or sent and kept, each topic has (the site
+        and gateway that wrote them are in it)."""
+        rows = self._read([(
+            "SELECT topic, COUNT(*) FROM (SELECT topic FROM outbox UNION ALL "
+            "SELECT topic FROM sent) GROUP BY topic", ())])
+        return {str(t): int(n) for t, n in rows}
+
+    def last_seq(self) -> int:
+        """The newest queued message's ``seq`` (0 when none is queued)."""
+        rows = self._read([("SELECT COALESCE(MAX(seq), 0) FROM outbox", ())])
+        return int(rows[0][0])
 
     def answered_many(self, ids: list[str]) -> int:
         """Forget messages whose answer (a verdict) came; how many were held.
