@@ -4,8 +4,11 @@ A source spec is one string: ``pcap:FILE`` (through the flow meter), ``iface:NAM
 (live capture), ``zeek:PATH`` (a conn.log, TSV or JSON; with ``follow`` it tails the
 file and survives rotation), ``parquet:FILE`` (canonical records) or ``-`` (JSON
 lines on stdin, one record per line: canonical field names, or Zeek's JSON names
-as ``LogAscii::use_json=T`` writes them, ``id.orig_h``...). :func:`open_source`
-returns a :class:`Source` whose iterator yields canonical records as dicts.
+as ``LogAscii::use_json=T`` writes them, ``id.orig_h``...; one naming in a
+record: one naming its endpoints both ways, ``src_ip`` with ``id.resp_h``, is a
+``not_a_record`` naming the key; a UTF-8 byte-order mark before the first line is
+read past, as ``flows`` reads one). :func:`open_source` returns a :class:`Source`
+whose iterator yields canonical records as dicts.
 
 A stdin record's text ``label`` is read as the Zeek readers read it
 (``Malicious``/``Benign``/``Background``/``Unknown``, any case). Labels are not
@@ -590,11 +593,15 @@ def _bounded_lines(stream) -> Iterator[str | int]:
 
 
 def _json_lines(src: Source, stream) -> Iterator[dict]:
+    from flows.readers.stream import check_one_naming
+
     for line_no, line in enumerate(_bounded_lines(stream), start=1):
         src.lines = line_no
         if isinstance(line, int):
             src.reject("line_too_long", too_long(line), line_no)
             continue
+        if line_no == 1:
+            line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark, as flows
         line = line.strip()
         if not line:
             continue
@@ -611,6 +618,12 @@ def _json_lines(src: Source, stream) -> Iterator[dict]:
             what = f"expected one JSON object ({json_problem(exc)})"
             src.reject("malformed_json", what[:200], line_no)
             continue
+        if isinstance(rec, dict):
+            try:
+                check_one_naming(rec, "-", line_no)  # not src_ip with id.resp_h
+            except BadInputError as exc:
+                src.reject("not_a_record", _line_problem(exc), line_no)
+                continue
         if isinstance(rec, dict) and "src_ip" not in rec and _zeek_shaped(rec):
             try:
                 rec = zeek_json_record(rec, "-", line_no, src.unknown_label)

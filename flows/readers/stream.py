@@ -315,6 +315,65 @@ def zeek_json_record(
         ) from None
 
 
+# The endpoint fields by their Zeek JSON names (``id.orig_h``...): the only conn
+# fields whose canonical name (``src_ip``...) differs; the others share one name.
+_ZEEK_ENDPOINTS = {zeek: canon for zeek, canon in ZEEK_TO_CANON.items()
+                   if zeek.startswith("id.")}
+_CANON_ENDPOINTS = {canon: zeek for zeek, canon in _ZEEK_ENDPOINTS.items()}
+
+
+def _endpoint_naming(obj: dict, key: str) -> str | None:
+    """How ``key`` of a JSON record names an endpoint field: ``"canonical"``,
+    ``"zeek"`` (an ``id.*`` key, or a nested ``id`` object holding one of its
+    parts), or None when it names none."""
+    if key in _CANON_ENDPOINTS:
+        return "canonical"
+    if key in _ZEEK_ENDPOINTS:
+        return "zeek"
+    nested = obj[key] if key == "id" else None
+    if isinstance(nested, dict) and any(f"id.{part}" in _ZEEK_ENDPOINTS
+                                        for part in nested):
+        return "zeek"
+    return None
+
+
+def check_one_naming(obj: dict, path: str = "<stream>", line_no: int = 0) -> None:
+    """Refuse a JSON record that names its endpoint fields both ways.
+
+    The edge agent reads a record on stdin by canonical names (``src_ip``,
+    ``dst_port``...) or by Zeek's JSON names (``id.orig_h``, ``id.resp_p``... or a
+    nested ``id``), one or the other: the two namings read ``ts``, ``proto`` and
+    the label by different rules, so a record that mixes them has no one way to
+    be read, and taking one naming would silently drop the fields given in the
+    other. The first endpoint key of the record sets its naming; BadInputError
+    names the first key of the other naming and the keys that set it.
+    """
+    first: str | None = None
+    seen: list[str] = []
+    for key in obj:
+        naming = _endpoint_naming(obj, key)
+        if naming is None:
+            continue
+        if first is None or naming == first:
+            first = naming
+            seen.append(key)
+            continue
+        if naming == "zeek" and key == "id":
+            what = "Zeek's nested endpoints (id.orig_h, ...)"
+        elif naming == "zeek":
+            what = f"Zeek's name for {_ZEEK_ENDPOINTS[key]}"
+        else:
+            what = f"the canonical name of {_CANON_ENDPOINTS[key]}"
+        how = "canonical names" if first == "canonical" else "Zeek's names"
+        raise BadInputError(
+            f"{what}, in a record whose endpoints have {how} ({', '.join(seen)}); "
+            "expected one naming in a record, not a mix",
+            path=path,
+            line=line_no,
+            column=key,
+        )
+
+
 def _lines(path: str, damage: list | None = None) -> Iterator[str | int]:
     """The text lines of a plain or gzip file, as read; a cut gzip stops early
     (noted in ``damage`` when a list is given).

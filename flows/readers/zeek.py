@@ -24,6 +24,8 @@ exponent, ``1.6e9``, reads too): ``0x1bb``, ``1_000`` or other scripts' digits
 
 JSON: ``ts`` may be epoch seconds, ISO-8601 text (``JSON::TS_ISO8601``) or integer
 milliseconds (``JSON::TS_MILLIS``, told apart by size); omitted keys read as null.
+Every field holds one value: a list or an object (``"proto": ["tcp"]``,
+``"service": {"a": 1}``) makes the row a bad row, naming the key.
 A line nested too deeply for Python's json is a bad line; pyarrow.json never sees
 a piece with a line of many brackets (it would crash on it, see ``_FAST_OPENS``).
 
@@ -1176,8 +1178,11 @@ def _json_value(name: str, kind: str, value):
             raise _FieldError(
                 name, f"expected an IPv4 or IPv6 address, found {json_shown(value)}"
             )
-        if isinstance(value, list):
-            return ",".join(map(_as_text, value))
+        if isinstance(value, list | dict):
+            # One value per field: a list or an object is not text to keep as
+            # written (["tcp"] is no protocol "tcp", [6] no protocol 6).
+            expected = "a string or a number" if name == "proto" else "a string"
+            raise _FieldError(name, f"expected {expected}, found {json_shown(value)}")
         if name == "proto":
             value = proto_text(value)  # 6 and 6.0 are protocol 6, as in Parquet
         return _as_text(value)
