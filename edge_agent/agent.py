@@ -1886,6 +1886,9 @@ class Agent:
             self._outbox_failed(exc)
             out["verdicts_awaited_kept"] = None
         out["broker_sessions_lost"] = getattr(self.link, "sessions_lost", 0)
+        # Connection losses of a run of quick ones (edge_agent.mqtt._note_loss),
+        # counted here instead of logged one by one.
+        out["broker_losses_unlogged"] = getattr(self.link, "losses_unlogged", 0)
         try:
             out["outbox_dropped"] = self.outbox.dropped
         except OutboxError as exc:

@@ -141,6 +141,12 @@ def redact_value(value: object, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+# A connection lost within FLAP_HELD_S of being made, FLAP_COUNT times within
+# FLAP_WINDOW_S: named once as a likely client-id clash, then only counted.
+FLAP_HELD_S = 10.0
+FLAP_COUNT = 3
+FLAP_WINDOW_S = 120.0
+
 class Protocol(enum.StrEnum):
     """Which MQTT version to speak."""
 
@@ -342,6 +348,12 @@ class MqttLink:
         self.on_connect = on_connect
         self.protocol: Protocol | None = None
         self.generation = 0
+        # Connections that ended soon after they were made (see _note_loss): a
+        # run of them is named once, then counted, not logged every time.
+        self._up_at = 0.0
+        self._quick_losses: list[float] = []
+        self.flapping = False
+        self.losses_unlogged = 0
         # Reconnects after which the broker had no session for us although we asked
         # it to keep one: it restarted without its saved state, or the session
         # expired, and what it held for or from this client is gone.
@@ -677,8 +689,10 @@ class MqttLink:
         for flt, qos in self._subscriptions.items():
             client.subscribe(flt, qos)
         self.generation += 1
+        self._up_at = time.monotonic()
         self._connected.set()
-        logger.info("connected to %s (client %s)", self.url, self.client_id)
+        log = logger.debug if self.flapping else logger.info
+        log("connected to %s (client %s)", self.url, self.client_id)
         if self.on_connect is not None:
             self.on_connect()
 
@@ -686,9 +700,46 @@ class MqttLink:
         was = self._connected.is_set()
         self._connected.clear()
         if was and not self._closing:
-            logger.warning("%s; reconnecting", self.loss_words(flags, reason_code))
+            words = self.loss_words(flags, reason_code)
+            if self._note_loss(time.monotonic()):
+                logger.warning("%s; reconnecting", words)
+            else:
+                self.losses_unlogged += 1
+                logger.debug("%s; reconnecting", words)
         if not self._closing and self._client_certificate_in_use():
             self._recheck_after_loss()
+
+    def _note_loss(self, now: float) -> bool:
+        """Note a lost connection; whether to log it. One that ended within
+        FLAP_HELD_S of being made is a quick loss; FLAP_COUNT of them within
+        FLAP_WINDOW_S are named once (with mosquitto, a second client with this
+        client id is the usual cause: each connect closes the other's, and its
+        broker sends no reason) and the losses after it only counted, until a
+        connection holds FLAP_WINDOW_S."""
+        held = now - self._up_at
+        if held >= FLAP_WINDOW_S:
+            self._quick_losses.clear()
+            self.flapping = False
+        if held >= FLAP_HELD_S:
+            return True
+        self._quick_losses = [
+            t for t in self._quick_losses if now - t < FLAP_WINDOW_S] + [now]
+        if self.flapping:
+            return False
+        if len(self._quick_losses) < FLAP_COUNT:
+            return True
+        self.flapping = True
+        logger.warning(
+            "the connection to %s ended %d times in %.0f s, each within %.0f s of "
+            "being made: another client is likely using the client id %s (a second "
+            "agent with the same --site/--gateway on another host, or in a unit "
+            "with PrivateTmp=), each connect closing the other's; further losses "
+            "are only counted (the summary's broker_losses_unlogged) until a "
+            "connection holds for %.0f s",
+            self.url, len(self._quick_losses), now - self._quick_losses[0],
+            FLAP_HELD_S, self.client_id, FLAP_WINDOW_S,
+        )
+        return False
 
     def loss_words(self, flags: object, reason_code: object) -> str:
         """Why the connection ended, as the log says it: the broker's own reason
