@@ -126,11 +126,17 @@ class ModelSlots:
         link = self.current_path
         if not link.is_symlink():
             if link.exists():
-                raise BadInputError(f"{link} should be a symlink to a model slot")
+                raise BadInputError(
+                    f"not a symlink to a model slot ({' or '.join(SLOTS)})",
+                    path=str(link),
+                )
             return None
         target = os.readlink(link)
         if target not in SLOTS:
-            raise BadInputError(f"{link} points at {target!r}, not a model slot")
+            raise BadInputError(
+                f"points at {target!r}, not a model slot ({' or '.join(SLOTS)})",
+                path=str(link),
+            )
         return target
 
     def inactive(self) -> str:
@@ -1431,19 +1437,20 @@ def rollback(root: str | Path, *, tolerance: float | None = None) -> tuple[str, 
     the agent's next start, until it is flashed again; a newer model's update is
     installed as ever. A slot whose model was never active (``never_active``: a
     flash or update killed between its install and its switch) is refused
-    (UsageError): rollback never activates a model that never ran.
+    (UsageError): rollback never activates a model that never ran. A damaged
+    install (``slots.json`` or the ``current`` link missing or unreadable while
+    the other says a model was flashed) is a BadInputError naming the file and
+    its repair, found before anything is written (:func:`_rollback_from`).
     """
     from edge_agent import ota
 
     if not Path(root).is_dir():
         raise UsageError(f"--root {root} does not exist or is not a folder")
     slots = ModelSlots(GatewayLayout(Path(root)).models)
-    active = slots.active()
-    if active is None:
-        raise UsageError(f"{root} has no flashed model to roll back from")
-    other = slots.inactive()
-    info = slots.info(other)
-    if not info or not slots.path(other).is_dir():
+    active, state = _rollback_from(slots, root)
+    other = SLOTS[1] if active == SLOTS[0] else SLOTS[0]
+    info = dict(state.get(other) or {})
+    if not info:
         raise UsageError(f"model slot {other} holds no model to roll back to")
     if info.get(PENDING):
         running = slots.info(active).get("model_version") or "its model"
@@ -1452,6 +1459,13 @@ def rollback(root: str | Path, *, tolerance: float | None = None) -> tuple[str, 
             f"{other} holds model {info.get('model_version')}, which was never "
             "active (installed by a flash or model update that did not finish); "
             "flash the bundle to install it"
+        )
+
+    if not slots.path(other).is_dir():
+        raise UsageError(
+            f"model slot {other} holds no model to roll back to: "
+            f"{slots.path(other)} is missing, although {STATE_FILE} records model "
+            f"{info.get('model_version')} in it"
         )
 
     # The previous model must still be intact and healthy before it is trusted.
@@ -1490,3 +1504,83 @@ def rollback(root: str | Path, *, tolerance: float | None = None) -> tuple[str, 
         left.get("model_version"),
     )
     return other, scorer.model_version
+
+
+# What a rollback error says of a damaged install, and how to repair it.
+_DAMAGED = "a damaged install, nothing was switched"
+_FLASH_AGAIN = "flash the bundle again"
+_MOVE_ASIDE = "move it aside and flash the bundle again"
+
+
+def _rollback_from(slots: ModelSlots, root: str | Path) -> tuple[str, dict[str, Any]]:
+    """The active slot of ``slots`` and their state (``slots.json``), once the
+    install is whole enough to roll back; nothing is written.
+
+    A root never flashed (no ``current`` link, no ``slots.json`` and no slot
+    holding files), or whose first flash did not finish (``slots.json`` records
+    only a model never active), is a UsageError (exit 2). A damaged install is a
+    BadInputError (exit 3) naming the damaged file and the repair: ``slots.json``
+    unreadable, or missing while ``current`` points at a slot; ``current`` not a
+    link to a slot, a link to a slot folder that is gone, or missing while
+    ``slots.json`` records a model that was active (or slots hold files that no
+    ``slots.json`` records). A flash writes a missing ``current`` or
+    ``slots.json`` anew; one that is there but damaged stops a flash as well, so
+    it must be moved aside first.
+    """
+    state_path = slots.dir / STATE_FILE
+    try:
+        state = slots.state()
+        active = slots.active()
+    except BadInputError as exc:
+        raise BadInputError(f"{exc}; {_DAMAGED}; {_MOVE_ASIDE}") from None
+    current = str(slots.current_path)
+    if active is None:
+        ran = [
+            f"{info.get('model_version')} in slot {slot}"
+            for slot in SLOTS
+            if (info := state.get(slot)) and not info.get(PENDING)
+        ]
+        if ran:
+            raise BadInputError(
+                f"missing, although {state_path} records models made active "
+                f"({', '.join(ran)}); {_DAMAGED}; {_FLASH_AGAIN}",
+                path=current,
+            )
+        filled = [s for s in SLOTS if _holds_files(slots.path(s))]
+        if filled and not state_path.exists():
+            held = (
+                f"model slots {' and '.join(filled)} hold" if len(filled) > 1
+                else f"model slot {filled[0]} holds"
+            )
+            raise BadInputError(
+                f"missing, and so is {state_path}, although {held} files; "
+                f"{_DAMAGED}; {_FLASH_AGAIN}",
+                path=current,
+            )
+        raise UsageError(f"{root} has no flashed model to roll back from")
+    if not slots.path(active).is_dir():
+        raise BadInputError(
+            f"points at model slot {active}, but {slots.path(active)} is missing "
+            f"or not a folder; {_DAMAGED}; {_FLASH_AGAIN}",
+            path=current,
+        )
+    if not state_path.exists():
+        raise BadInputError(
+            f"missing, although {current} points at model slot {active}: what the "
+            "slots hold, and so which model to go back to, is not known; "
+            f"{_DAMAGED}; {_FLASH_AGAIN}",
+            path=str(state_path),
+        )
+    return active, state
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether ``folder`` is there and not empty (one that cannot be listed is
+    taken to hold files: something was put there)."""
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is not None
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return folder.is_dir()
