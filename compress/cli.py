@@ -616,6 +616,8 @@ def _run_and_report(cfg: Any, args: argparse.Namespace, run: Any) -> int:
         print(UNSEEN_LEGEND)
         print()
         print(_artifact_table(summary["artifacts"]))
+        for line in _larger_than_float(summary["artifacts"]):
+            print(line)
         for target, why in result.failed.items():
             print(f"{target}: not made ({why})")
     return _finished(result.partial, result.warnings)
@@ -652,10 +654,27 @@ def _summary(result: Any) -> dict[str, Any]:
             "throughput_flows_s": test.get("throughput_flows_s"),
             "input_dtype": m.get("input", {}).get("dtype"),
             "quantization": m.get("quantization"),
+            "float_size_bytes": m.get("export", {}).get("float_size_bytes"),
         }
     return {"artifacts": arts, "failed": result.failed,
             "frontier": [c.row() for c in result.frontier],
             "teacher_metrics": result.teacher_metrics}
+
+
+def _larger_than_float(arts: dict[str, dict[str, Any]]) -> list[str]:
+    """A note for each int8 ONNX artifact whose file came out no smaller than
+    the float ONNX it was quantized from (tiny students: the quantize and
+    dequantize nodes and per-channel scales outweigh the bytes int8 saves)."""
+    notes = []
+    for target, a in arts.items():
+        size, float_size = a.get("size_bytes"), a.get("float_size_bytes")
+        if isinstance(size, int) and isinstance(float_size, int) and (
+                size >= float_size):
+            notes.append(
+                f"note: the {target} file ({size:,} B) is not smaller than the float "
+                f"ONNX it was quantized from ({float_size:,} B): for a student "
+                "this small, --target onnx-fp32 gives the smaller file")
+    return notes
 
 
 def _artifact_table(arts: dict[str, dict[str, Any]]) -> str:

@@ -676,6 +676,9 @@ def write_model(
                 fp32, folder / "model.onnx", calibration,
                 recurrent=kind == "lstm", **(options or {}),
             )
+            # A very small student's int8 file can outweigh its float one (the
+            # quantize nodes and per-channel scales cost more than int8 saves).
+            details["float_size_bytes"] = fp32.stat().st_size
             fp32.unlink()
         return details
     if target not in EDGE_TARGETS:

@@ -1428,3 +1428,34 @@ def test_run_on_data_cut_part_way_names_the_place_and_marks_the_artifact(
     provenance = json.loads((out / "manifest.json").read_text())["provenance"]
     assert provenance["data"]["partial"] is True
     assert any("cut" in w for w in provenance["data"]["warnings"])
+
+
+def test_an_int8_onnx_file_no_smaller_than_its_float_one_is_pointed_out(
+    onnx_run,
+) -> None:
+    """Found by an ML tester: a tiny student's onnx-int8 file (3,908 B) was larger
+    than its onnx-fp32 one (2,948 B) and nothing said so. The float file's size
+    is kept in the manifest, and the run's output notes an int8 file no smaller."""
+    from compress.cli import _larger_than_float, _summary
+
+    out, result = onnx_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    float_size = manifest["export"]["float_size_bytes"]
+    assert isinstance(float_size, int) and float_size > 0
+    arts = _summary(result)["artifacts"]
+    assert arts["onnx-int8"]["float_size_bytes"] == float_size
+    notes = _larger_than_float(arts)
+    assert bool(notes) == (manifest["size_bytes"] >= float_size)
+
+    for size, float_size, noted in ((3908, 2948, True), (2948, 2948, True),
+                                    (9000, 21700, False)):
+        arts = {"onnx-int8": {"size_bytes": size, "float_size_bytes": float_size}}
+        notes = _larger_than_float(arts)
+        assert bool(notes) == noted
+        if noted:
+            assert notes == [
+                f"note: the onnx-int8 file ({size:,} B) is not smaller than the "
+                f"float ONNX it was quantized from ({float_size:,} B): for a "
+                "student this small, --target onnx-fp32 gives the smaller file"]
+    # Artifacts of other targets (no float size recorded) get no note.
+    assert _larger_than_float({"tflite-int8": {"size_bytes": 10}}) == []
