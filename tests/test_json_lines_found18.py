@@ -128,6 +128,7 @@ PROTO = "expected a string or a number"
         ("proto", [6], f"{PROTO}, found [6]"),
         ("proto", ["tcp", "udp"], f'{PROTO}, found ["tcp", "udp"]'),
         ("proto", {"name": "tcp"}, f'{PROTO}, found {{"name": "tcp"}}'),
+        ("proto", True, f"{PROTO}, found true"),  # no protocol named "true"
         ("service", ["dns"], f'{TEXT}, found ["dns"]'),
         ("service", {"a": 1}, f'{TEXT}, found {{"a": 1}}'),
         ("history", ["ShADad"], f'{TEXT}, found ["ShADad"]'),
@@ -174,7 +175,7 @@ def test_a_list_or_an_object_in_a_single_value_field_is_a_bad_row(
 
 def test_one_value_of_a_text_field_other_than_a_string_is_kept_as_before():
     """Numbers and booleans in text fields are still read (``"proto": 6`` is
-    protocol 6); only lists and objects are refused."""
+    protocol 6); only lists and objects are refused (and a boolean protocol)."""
     record = parse_json_line(json.dumps(dict(ZEEK, proto=6, uid=True, service=53)))
     assert (record["proto"], record["uid"], record["service"]) == ("6", "true", "53")
 

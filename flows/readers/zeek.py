@@ -1178,9 +1178,11 @@ def _json_value(name: str, kind: str, value):
             raise _FieldError(
                 name, f"expected an IPv4 or IPv6 address, found {json_shown(value)}"
             )
-        if isinstance(value, list | dict):
-            # One value per field: a list or an object is not text to keep as
-            # written (["tcp"] is no protocol "tcp", [6] no protocol 6).
+        # One value per field: a list or an object is not text to keep as
+        # written (["tcp"] is no protocol "tcp", [6] no protocol 6), nor is true a
+        # protocol named "true".
+        if isinstance(value, list | dict) or (
+                name == "proto" and isinstance(value, bool)):
             expected = "a string or a number" if name == "proto" else "a string"
             raise _FieldError(name, f"expected {expected}, found {json_shown(value)}")
         if name == "proto":
