@@ -104,6 +104,9 @@ CREATE TABLE IF NOT EXISTS answered (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE
 );
+"""
+# Made by the first set_aside only (two more pages in every file otherwise).
+_DAMAGED_SCHEMA = """
 CREATE TABLE IF NOT EXISTS damaged (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -111,11 +114,11 @@ CREATE TABLE IF NOT EXISTS damaged (
     payload BLOB NOT NULL,
     alert INTEGER NOT NULL,
     reason TEXT NOT NULL
-);
+)
 """
 
 
-# The columns of each table in _SCHEMA, in order.
+# The columns of each table in _SCHEMA and _DAMAGED_SCHEMA, in order.
 _COLUMNS = {
     "outbox": ("seq", "id", "topic", "payload", "alert"),
     "counters": ("name", "value"),
@@ -752,6 +755,7 @@ class Outbox:
         kept for a look (``sqlite3 OUTBOX 'SELECT id, reason FROM damaged'``),
         never published again. False if it was no longer queued."""
         with self._transaction(f"set escalation {msg_id} aside in"):
+            self._db.execute(_DAMAGED_SCHEMA)
             self._db.execute(
                 "INSERT OR REPLACE INTO damaged (id, topic, payload, alert, reason) "
                 "SELECT id, topic, payload, alert, ? FROM outbox WHERE id = ?",
