@@ -1055,10 +1055,15 @@ def midway_below(p: np.ndarray, cut: float, floor: float | None = None) -> float
         [float(floor)] if floor is not None else [])
     if not lows:
         return float(cut)
-    low = max(lows)
-    mid = low + (float(cut) - low) / 2
-    # Two adjacent doubles have no double between them: keep the cut itself.
-    return mid if low < mid <= cut else float(cut)
+    return halfway(max(lows), float(cut))
+
+
+def halfway(low: float, high: float) -> float:
+    """The threshold midway between two scores, ``low`` < ``high``: flags
+    ``high`` and not ``low``. Two adjacent doubles have no double between them:
+    then ``high`` itself."""
+    mid = low + (high - low) / 2
+    return mid if low < mid <= high else high
 
 
 def doubt_floor(

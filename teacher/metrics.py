@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.runtime import halfway
 from flows.errors import BadInputError, UsageError
 
 __all__ = [
@@ -189,9 +190,7 @@ def _below(cuts: np.ndarray, i: int) -> float:
     with no lower score, half of ``cuts[i]`` (0 stays 0, which flags everything)."""
     high = float(cuts[i])
     low = float(cuts[i + 1]) if i + 1 < cuts.size else min(high, 0.0)
-    mid = low + (high - low) / 2
-    # Two adjacent doubles have no double between them: keep the chosen score.
-    return mid if low < mid <= high else high
+    return halfway(low, high)
 
 
 def cut_at_rate(prob: Any, rate: float) -> float:
