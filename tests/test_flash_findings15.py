@@ -240,6 +240,19 @@ class _Killed(BaseException):
     """Stands for the SIGKILL that ends a flash after its model install."""
 
 
+def flash_killed_before_its_switch(monkeypatch, bundle: Path, root: Path, key) -> None:
+    """Flash ``bundle`` into ``root`` and kill it between its model install and
+    the switch of the ``current`` link (the model slot written, never active)."""
+
+    def killed(*args, **kwargs):
+        raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(flash_mod, "_symlink_atomic", killed)
+        with pytest.raises(_Killed):
+            flash_mod.flash(bundle, root, key)
+
+
 def test_rollback_refuses_the_model_of_a_flash_killed_after_its_install(
     tmp_path, keys, agent_wheel, empty_release, monkeypatch, capsys
 ):
@@ -250,13 +263,7 @@ def test_rollback_refuses_the_model_of_a_flash_killed_after_its_install(
     assert main(_flash_args(v1, root, keys)) == 0
     capsys.readouterr()
 
-    def killed(*args, **kwargs):
-        raise _Killed
-
-    with monkeypatch.context() as patch:
-        patch.setattr(flash_mod, "_symlink_atomic", killed)
-        with pytest.raises(_Killed):
-            flash_mod.flash(v2, root, keys[1])
+    flash_killed_before_its_switch(monkeypatch, v2, root, keys[1])
     state = json.loads((layout.models / "slots.json").read_text())
     assert state["B"]["model_version"] == "v2" and state["B"]["never_active"] is True
     before = snapshot(layout.models)

@@ -25,14 +25,13 @@ from edge_agent import flash as flash_mod  # noqa: E402
 from edge_agent.cli import main  # noqa: E402
 from tests import test_flash_reflash as reflash  # noqa: E402
 from tests.test_flash import snapshot  # noqa: E402
+from tests.test_flash_findings15 import (  # noqa: E402
+    flash_killed_before_its_switch,
+)
 
 agent_wheel = reflash.agent_wheel
 keys = reflash.keys
 empty_release = reflash.empty_release
-
-
-class _Killed(Exception):
-    """Stands for the SIGKILL that ends a flash part way."""
 
 
 @pytest.fixture
@@ -189,13 +188,7 @@ def test_a_first_flash_killed_before_its_switch_keeps_exit_2(
     root.mkdir()
     gw1 = reflash._bundle(tmp_path, keys, agent_wheel, "gw1", 1)
 
-    def killed(*args, **kwargs):
-        raise _Killed
-
-    with monkeypatch.context() as patch:
-        patch.setattr(flash_mod, "_symlink_atomic", killed)
-        with pytest.raises(_Killed):
-            flash_mod.flash(gw1, root, keys[1])
+    flash_killed_before_its_switch(monkeypatch, gw1, root, keys[1])
     models = flash_mod.GatewayLayout(root).models
     assert json.loads((models / "slots.json").read_text())["A"]["never_active"]
     assert not (models / "current").is_symlink()
